@@ -1,0 +1,272 @@
+"""Settings: a TOML file, overridden by the environment, validated once at start-up.
+
+Any problem is a `ConfigError` whose message names the offending key; the CLI prints it
+and exits — a bad config never becomes a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+BACKEND_KINDS = ("openai", "ollama", "anthropic")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says which key and why."""
+
+
+@dataclass(slots=True, frozen=True)
+class Timeouts:
+    """Seconds. `first_token` bounds the wait for the first streamed chunk, `idle` the gap
+    between chunks, `total` the whole exchange; None disables one."""
+
+    connect: float | None = 10.0
+    first_token: float | None = 300.0
+    idle: float | None = 120.0
+    total: float | None = 1800.0
+
+
+@dataclass(slots=True, frozen=True)
+class BackendConfig:
+    name: str
+    kind: str
+    base_url: str
+    api_key_env: str | None = None
+    prefixes: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    default: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 100
+    request_usage: bool = True
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    backends: tuple[BackendConfig, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 16 * 1024 * 1024
+    models_cache_seconds: float = 10.0
+    log_level: str = "info"
+    access_log: bool = True
+    data_dir: Path | None = None
+    database_url: str | None = None
+    nats_url: str | None = None
+
+    @property
+    def bind(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (if given), apply environment overrides, validate."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    settings = _parse(raw)
+    return _apply_environment(settings, env)
+
+
+def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"`{key}` must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_text)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+_TOP_KEYS = {
+    "bind", "workers", "max_body_bytes", "models_cache_seconds", "log_level", "access_log",
+    "data_dir", "database_url", "nats_url", "timeouts", "models", "backends",
+}
+_BACKEND_KEYS = {
+    "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
+    "max_connections", "request_usage",
+}
+
+
+class _Reader:
+    def __init__(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown key `{_join(where, unknown[0])}`")
+        self.data = data
+        self.where = where
+
+    def key(self, name: str) -> str:
+        return _join(self.where, name)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        value = self.data.get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            raise ConfigError(f"`{self.key(name)}` must be a number, got {value!r}")
+        if not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(f"`{self.key(name)}` must be of type {expected}, got {value!r}")
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...]:
+        value = self.get(name, list, [])
+        if not all(isinstance(item, str) and item for item in value):
+            raise ConfigError(f"`{self.key(name)}` must be a list of non-empty strings")
+        return tuple(value)
+
+    def positive(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.get(name, kind, default)
+        if value is not None and value <= 0:
+            raise ConfigError(f"`{self.key(name)}` must be positive, got {value!r}")
+        return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _parse(raw: Mapping[str, Any]) -> Settings:
+    top = _Reader(raw, "", _TOP_KEYS)
+    defaults = _parse_timeouts(top.get("timeouts", dict, {}), "timeouts", Timeouts())
+    aliases = top.get("models", dict, {})
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or not target:
+            raise ConfigError(f"`models.{alias}` must name a model (a non-empty string)")
+    backends = tuple(
+        _parse_backend(item, f"backends[{i}]", defaults)
+        for i, item in enumerate(top.get("backends", list, []))
+    )
+    _check_backends(backends)
+    host, port = parse_bind(top.get("bind", str, "0.0.0.0:8080"))
+    data_dir = top.get("data_dir", str)
+    level = top.get("log_level", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"`log_level` must be debug, info, warning or error, got {level!r}")
+    return Settings(
+        backends=backends,
+        aliases=dict(aliases),
+        host=host,
+        port=port,
+        workers=top.positive("workers", int, 1),
+        max_body_bytes=top.positive("max_body_bytes", int, 16 * 1024 * 1024),
+        models_cache_seconds=top.get("models_cache_seconds", (int, float), 10.0),
+        log_level=level,
+        access_log=top.get("access_log", bool, True),
+        data_dir=Path(data_dir).expanduser() if data_dir else None,
+        database_url=top.get("database_url", str),
+        nats_url=top.get("nats_url", str),
+    )
+
+
+def _parse_timeouts(raw: Any, where: str, base: Timeouts) -> Timeouts:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{where}` must be a table")
+    reader = _Reader(raw, where, {"connect", "first_token", "idle", "total"})
+    values = {}
+    for name in ("connect", "first_token", "idle", "total"):
+        if name in raw:
+            value = reader.positive(name, (int, float), None)
+            values[name] = float(value) if value else None
+    return replace(base, **values)
+
+
+def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{where}` must be a table")
+    reader = _Reader(raw, where, _BACKEND_KEYS)
+    name = reader.get("name", str)
+    if not name:
+        raise ConfigError(f"`{where}.name` is required")
+    kind = reader.get("kind", str, "openai")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(f"`{where}.kind` must be one of {', '.join(BACKEND_KINDS)}, got {kind!r}")
+    base_url = reader.get("base_url", str)
+    if not base_url:
+        raise ConfigError(f"`{where}.base_url` is required")
+    _check_url(base_url, f"{where}.base_url")
+    return BackendConfig(
+        name=name,
+        kind=kind,
+        base_url=base_url.rstrip("/"),
+        api_key_env=reader.get("api_key_env", str),
+        prefixes=reader.strings("prefixes"),
+        models=reader.strings("models"),
+        default=reader.get("default", bool, False),
+        timeouts=_parse_timeouts(raw.get("timeouts", {}), f"{where}.timeouts", default_timeouts),
+        max_connections=reader.positive("max_connections", int, 100),
+        request_usage=reader.get("request_usage", bool, True),
+    )
+
+
+def _check_url(url: str, key: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"`{key}` must be an http(s) URL, got {url!r}")
+
+
+def _check_backends(backends: tuple[BackendConfig, ...]) -> None:
+    seen: set[str] = set()
+    defaults = [b.name for b in backends if b.default]
+    for backend in backends:
+        if backend.name in seen:
+            raise ConfigError(f"backend name {backend.name!r} is used twice in `backends`")
+        seen.add(backend.name)
+    if len(defaults) > 1:
+        raise ConfigError(f"only one backend may set `default = true` (found {', '.join(defaults)})")
+
+
+# -- environment -------------------------------------------------------------------------------
+
+
+def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
+    changes: dict[str, Any] = {}
+    if bind := env.get("LLM_PROXY_BIND"):
+        changes["host"], changes["port"] = parse_bind(bind, "LLM_PROXY_BIND")
+    if workers := env.get("LLM_PROXY_WORKERS"):
+        if not workers.isdigit() or int(workers) < 1:
+            raise ConfigError(f"`LLM_PROXY_WORKERS` must be a positive integer, got {workers!r}")
+        changes["workers"] = int(workers)
+    if level := env.get("LLM_PROXY_LOG_LEVEL"):
+        changes["log_level"] = level.lower()
+    if data_dir := env.get("LLM_PROXY_DATA_DIR"):
+        changes["data_dir"] = Path(data_dir).expanduser()
+    if url := env.get("DATABASE_URL"):
+        changes["database_url"] = url
+    if url := env.get("NATS_URL"):
+        changes["nats_url"] = url
+    if base_url := env.get("LLM_BASE_URL"):
+        _check_url(base_url, "LLM_BASE_URL")
+        changes["backends"] = _with_env_backend(settings.backends, base_url.rstrip("/"), env)
+    return replace(settings, **changes) if changes else settings
+
+
+def _with_env_backend(
+    backends: tuple[BackendConfig, ...], base_url: str, env: Mapping[str, str]
+) -> tuple[BackendConfig, ...]:
+    """`LLM_BASE_URL` alone gives one default OpenAI-compatible backend (the seed's compose
+    set-up); with configured backends it re-points the default one."""
+    key_env = "LLM_API_KEY" if "LLM_API_KEY" in env else None
+    for i, backend in enumerate(backends):
+        if backend.default:
+            return (*backends[:i], replace(backend, base_url=base_url), *backends[i + 1 :])
+    default = BackendConfig(name="default", kind="openai", base_url=base_url, api_key_env=key_env, default=True)
+    return (*backends, default)

@@ -1,0 +1,121 @@
+"""JSON helpers shared by the codecs: compact output, and type-checked field access."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.domain.errors import invalid_request
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as every dialect's servers send it."""
+    return _encoder.encode(value).encode()
+
+
+def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any]:
+    """Parse JSON that must be an object; a clear 400 otherwise."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid_request(f"The {what} is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise invalid_request(f"The {what} must be a JSON object.", code="invalid_json")
+    return value
+
+
+class Fields:
+    """Typed reads from one JSON object, raising 400s that name the offending field."""
+
+    __slots__ = ("data", "path")
+
+    def __init__(self, data: dict[str, Any], path: str = "") -> None:
+        self.data = data
+        self.path = path
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, expected: str) -> Exception:
+        return invalid_request(f"Invalid `{self.name(key)}`: expected {expected}.", param=self.name(key))
+
+    def text(self, key: str, *, required: bool = False, nonempty: bool = False) -> str | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+            return None
+        if not isinstance(value, str) or (nonempty and not value):
+            raise self.fail(key, "a non-empty string" if nonempty else "a string")
+        return value
+
+    def boolean(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.fail(key, "a boolean")
+        return value
+
+    def integer(self, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(key, "an integer")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise self.fail(key, _range_text(minimum, maximum, "an integer"))
+        return value
+
+    def number(self, key: str, *, minimum: float | None = None, maximum: float | None = None) -> float | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.fail(key, "a number")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise self.fail(key, _range_text(minimum, maximum, "a number"))
+        return float(value)
+
+    def object(self, key: str, *, required: bool = False) -> Fields | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(key, "an object")
+        return Fields(value, self.name(key))
+
+    def array(self, key: str, *, required: bool = False, nonempty: bool = False) -> list[Any] | None:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+            return None
+        if not isinstance(value, list) or (nonempty and not value):
+            raise self.fail(key, "a non-empty array" if nonempty else "an array")
+        return value
+
+    def stop(self, key: str) -> tuple[str, ...]:
+        """A stop sequence given as one string or an array of strings."""
+        value = self.data.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise self.fail(key, "a string or an array of strings")
+
+
+def _range_text(minimum: float | None, maximum: float | None, kind: str) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{kind} between {minimum} and {maximum}"
+    if minimum is not None:
+        return f"{kind} >= {minimum}"
+    return f"{kind} <= {maximum}"

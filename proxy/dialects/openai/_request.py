@@ -1,0 +1,315 @@
+"""OpenAI chat requests: parse a client's body into the domain, render the domain for a backend."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.domain.chat import (
+    ChatRequest,
+    ContentPart,
+    GenerationParams,
+    ImagePart,
+    Message,
+    OpaquePart,
+    ResponseFormat,
+    Role,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from proxy.domain.errors import invalid_request
+
+DIALECT = "openai"
+
+_ROLES: dict[str, Role] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
+
+# Fields the domain models; everything else at the top level travels in `extra`.
+_MODELLED = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+        "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
+        "n", "response_format", "tools", "tool_choice",
+    }
+)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    """Validate an OpenAI `/v1/chat/completions` body; errors are 400s naming the field."""
+    fields = Fields(loads_object(body))
+    model = fields.text("model", required=True, nonempty=True)
+    assert model is not None
+    raw_messages = fields.array("messages", required=True, nonempty=True)
+    assert raw_messages is not None
+    messages = [_parse_message(item, f"messages[{i}]") for i, item in enumerate(raw_messages)]
+
+    stream = bool(fields.boolean("stream"))
+    include_usage: bool | None = None
+    options = fields.object("stream_options")
+    if options is not None and stream:
+        include_usage = options.boolean("include_usage")
+
+    max_tokens = fields.integer("max_completion_tokens", minimum=1)
+    if max_tokens is None:
+        max_tokens = fields.integer("max_tokens", minimum=1)
+    params = GenerationParams(
+        max_tokens=max_tokens,
+        temperature=fields.number("temperature", minimum=0, maximum=2),
+        top_p=fields.number("top_p", minimum=0, maximum=1),
+        top_k=fields.integer("top_k", minimum=-1),
+        stop=fields.stop("stop"),
+        seed=fields.integer("seed"),
+        presence_penalty=fields.number("presence_penalty", minimum=-2, maximum=2),
+        frequency_penalty=fields.number("frequency_penalty", minimum=-2, maximum=2),
+        n=fields.integer("n", minimum=1, maximum=128),
+        response_format=_parse_response_format(fields.object("response_format")),
+    )
+    tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        params=params,
+        tools=tools,
+        tool_choice=_parse_tool_choice(fields.data.get("tool_choice")),
+        stream=stream,
+        include_usage=include_usage,
+        dialect=DIALECT,
+        extra={k: v for k, v in fields.data.items() if k not in _MODELLED},
+    )
+
+
+def _parse_message(item: Any, path: str) -> Message:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    fields = Fields(item, path)
+    role_name = fields.text("role", required=True)
+    role = _ROLES.get(role_name or "")
+    if role is None:
+        raise invalid_request(
+            f"Invalid `{path}.role`: {role_name!r} is not one of system, developer, user, assistant, tool.",
+            param=f"{path}.role",
+        )
+    content = _parse_content(item.get("content"), f"{path}.content")
+    tool_calls = tuple(
+        _parse_tool_call(call, f"{path}.tool_calls[{i}]")
+        for i, call in enumerate(fields.array("tool_calls") or [])
+    )
+    tool_call_id = fields.text("tool_call_id")
+    if role_name == "tool" and not tool_call_id:
+        raise invalid_request(f"Missing required parameter `{path}.tool_call_id`.", param=f"{path}.tool_call_id")
+    if role != "assistant" and not content and role_name != "function":
+        raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
+    return Message(
+        role=role,
+        content=content,
+        tool_calls=tool_calls,
+        tool_call_id=tool_call_id,
+        name=fields.text("name"),
+        reasoning=fields.text("reasoning_content"),
+    )
+
+
+def _parse_content(value: Any, path: str) -> tuple[ContentPart, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (TextPart(value),)
+    if not isinstance(value, list):
+        raise invalid_request(f"Invalid `{path}`: expected a string or an array of content parts.", param=path)
+    parts: list[ContentPart] = []
+    for i, part in enumerate(value):
+        part_path = f"{path}[{i}]"
+        if not isinstance(part, dict):
+            raise invalid_request(f"Invalid `{part_path}`: expected an object.", param=part_path)
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise invalid_request(f"Invalid `{part_path}.text`: expected a string.", param=f"{part_path}.text")
+            parts.append(TextPart(text))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise invalid_request(
+                    f"Invalid `{part_path}.image_url.url`: expected a string.", param=f"{part_path}.image_url"
+                )
+            detail = image.get("detail") if isinstance(image, dict) else None
+            parts.append(ImagePart(url=url, detail=detail if isinstance(detail, str) else None))
+        elif isinstance(kind, str):
+            parts.append(OpaquePart(DIALECT, part))
+        else:
+            raise invalid_request(f"Invalid `{part_path}.type`: expected a string.", param=f"{part_path}.type")
+    return tuple(parts)
+
+
+def _parse_tool_call(item: Any, path: str) -> ToolCall:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    function = Fields(item, path).object("function", required=True)
+    assert function is not None
+    name = function.text("name", required=True, nonempty=True)
+    arguments = function.data.get("arguments", "")
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    elif not isinstance(arguments, str):
+        raise function.fail("arguments", "a JSON string")
+    call_id = item.get("id")
+    return ToolCall(id=call_id if isinstance(call_id, str) else "", name=name or "", arguments=arguments)
+
+
+def _parse_tool(item: Any, path: str) -> Tool:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    fields = Fields(item, path)
+    if item.get("type", "function") != "function":
+        raise fields.fail("type", '"function"')
+    function = fields.object("function", required=True)
+    assert function is not None
+    name = function.text("name", required=True, nonempty=True)
+    parameters = function.object("parameters")
+    return Tool(
+        name=name or "",
+        description=function.text("description"),
+        parameters=parameters.data if parameters else None,
+    )
+
+
+def _parse_tool_choice(value: Any) -> ToolChoice | None:
+    if value is None:
+        return None
+    if value in ("auto", "none", "required"):
+        return ToolChoice(mode=value)
+    if isinstance(value, dict):
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            return ToolChoice(mode="required", name=name)
+    raise invalid_request(
+        'Invalid `tool_choice`: expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.',
+        param="tool_choice",
+    )
+
+
+def _parse_response_format(fields: Fields | None) -> ResponseFormat | None:
+    if fields is None:
+        return None
+    kind = fields.text("type", required=True)
+    if kind == "text":
+        return ResponseFormat(kind="text")
+    if kind == "json_object":
+        return ResponseFormat(kind="json_object")
+    if kind == "json_schema":
+        spec = fields.object("json_schema", required=True)
+        assert spec is not None
+        schema = spec.object("schema")
+        return ResponseFormat(
+            kind="json_schema",
+            schema=schema.data if schema else None,
+            name=spec.text("name"),
+            strict=spec.boolean("strict"),
+        )
+    raise fields.fail("type", '"text", "json_object" or "json_schema"')
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering for OpenAI-compatible backends
+
+
+def encode_chat_request(
+    request: ChatRequest, upstream_model: str, *, stream: bool, include_usage: bool
+) -> bytes:
+    """The body for an OpenAI-compatible backend. `include_usage` asks the backend for the
+    usage chunk (the gateway asks for accounting even when the client did not)."""
+    body: dict[str, Any] = {}
+    if request.dialect == DIALECT:
+        body.update(request.extra)
+    body["model"] = upstream_model
+    body["messages"] = [render_message(message) for message in request.messages]
+    params = request.params
+    for key, value in (
+        ("max_tokens", params.max_tokens),
+        ("temperature", params.temperature),
+        ("top_p", params.top_p),
+        ("top_k", params.top_k),
+        ("seed", params.seed),
+        ("presence_penalty", params.presence_penalty),
+        ("frequency_penalty", params.frequency_penalty),
+        ("n", params.n),
+    ):
+        if value is not None:
+            body[key] = value
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.response_format is not None:
+        body["response_format"] = _render_response_format(params.response_format)
+    if request.tools:
+        body["tools"] = [_render_tool(tool) for tool in request.tools]
+    if request.tool_choice is not None:
+        choice = request.tool_choice
+        body["tool_choice"] = (
+            {"type": "function", "function": {"name": choice.name}} if choice.name else choice.mode
+        )
+    body["stream"] = stream
+    if stream and include_usage:
+        body["stream_options"] = {"include_usage": True}
+    return dumps(body)
+
+
+def render_message(message: Message) -> dict[str, Any]:
+    role = message.role
+    out: dict[str, Any] = {"role": role}
+    parts = [p for p in message.content if not (isinstance(p, OpaquePart) and p.dialect != DIALECT)]
+    if not parts:
+        out["content"] = None if message.tool_calls else ""
+    elif len(parts) == 1 and isinstance(parts[0], TextPart):
+        out["content"] = parts[0].text
+    else:
+        out["content"] = [_render_part(part) for part in parts]
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def _render_part(part: ContentPart) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ImagePart):
+        image: dict[str, Any] = {"url": part.url}
+        if part.detail:
+            image["detail"] = part.detail
+        return {"type": "image_url", "image_url": image}
+    return part.data
+
+
+def _render_tool(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    return {"type": "function", "function": function}
+
+
+def _render_response_format(fmt: ResponseFormat) -> dict[str, Any]:
+    if fmt.kind != "json_schema":
+        return {"type": fmt.kind}
+    spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema or {}}
+    if fmt.strict is not None:
+        spec["strict"] = fmt.strict
+    return {"type": "json_schema", "json_schema": spec}

@@ -1,0 +1,208 @@
+"""OpenAI completions, errors and model lists: parse a backend's, render the client's."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+
+_ERROR_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.NOT_FOUND: "invalid_request_error",
+    ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.CONFLICT: "conflict_error",
+    ErrorKind.REQUEST_TOO_LARGE: "invalid_request_error",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
+    ErrorKind.INTERNAL: "server_error",
+    ErrorKind.BACKEND: "backend_error",
+    ErrorKind.UNAVAILABLE: "service_unavailable_error",
+    ErrorKind.TIMEOUT: "timeout_error",
+}
+
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "stop": FinishReason.STOP,
+    "eos": FinishReason.STOP,
+    "eos_token": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "end_turn": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "max_tokens": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "tool_use": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+
+# Backends that end a choice with these are reporting a failure, not a finish.
+FAILED_FINISH_REASONS = frozenset({"error", "abort", "cancelled"})
+
+
+def finish_reason_from_wire(value: str) -> FinishReason:
+    """Map any backend's finish reason onto OpenAI's enum (unknown ones read as `stop`)."""
+    return _FINISH_REASONS.get(value, FinishReason.STOP)
+
+
+def error_body(error: GatewayError) -> dict[str, Any]:
+    code = error.code
+    return {
+        "error": {
+            "message": error.message,
+            "type": _ERROR_TYPES.get(error.kind, "server_error"),
+            "param": error.param,
+            "code": code,
+        }
+    }
+
+
+def render_error(error: GatewayError) -> bytes:
+    return dumps(error_body(error))
+
+
+def error_message_from_body(body: bytes) -> str | None:
+    """The message of an error body in OpenAI's (or a close cousin's) shape, if there is one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("detail")
+            if isinstance(message, str):
+                return message
+        if isinstance(error, str):
+            return error
+        detail = data.get("detail")
+        if isinstance(detail, str):
+            return detail
+    return None
+
+
+def parse_usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    prompt = data.get("prompt_tokens") or 0
+    completion = data.get("completion_tokens") or 0
+    prompt_details = data.get("prompt_tokens_details")
+    completion_details = data.get("completion_tokens_details")
+    return Usage(
+        prompt_tokens=int(prompt),
+        completion_tokens=int(completion),
+        cached_tokens=prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None,
+        reasoning_tokens=(
+            completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+        ),
+    )
+
+
+def render_usage(usage: Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+    if usage.cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
+
+
+def parse_completion(data: dict[str, Any]) -> ChatCompletion:
+    """A backend's `chat.completion` object in domain form (tolerant of missing fields)."""
+    choices = []
+    for position, item in enumerate(data.get("choices") or []):
+        if not isinstance(item, dict):
+            continue
+        message = item.get("message") or {}
+        calls = [
+            ToolCall(
+                id=str(call.get("id") or f"call_{position}_{i}"),
+                name=str((call.get("function") or {}).get("name") or ""),
+                arguments=_arguments_text((call.get("function") or {}).get("arguments")),
+            )
+            for i, call in enumerate(message.get("tool_calls") or [])
+            if isinstance(call, dict)
+        ]
+        reason = item.get("finish_reason")
+        choices.append(
+            Choice(
+                index=int(item.get("index", position)),
+                content=message.get("content") or "",
+                reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
+                tool_calls=calls,
+                finish_reason=finish_reason_from_wire(reason) if isinstance(reason, str) else None,
+            )
+        )
+    return ChatCompletion(
+        id=str(data.get("id") or ""),
+        model=str(data.get("model") or ""),
+        created=int(data.get("created") or 0),
+        choices=choices,
+        usage=parse_usage(data.get("usage")),
+        system_fingerprint=data.get("system_fingerprint"),
+    )
+
+
+def _arguments_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def completion_body(completion: ChatCompletion) -> dict[str, Any]:
+    choices = []
+    for choice in completion.choices:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.content or None}
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning
+        if choice.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in choice.tool_calls
+            ]
+        elif message["content"] is None:
+            message["content"] = ""
+        reason = choice.finish_reason or FinishReason.STOP
+        choices.append({"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason.value})
+    body: dict[str, Any] = {
+        "id": completion.id,
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": completion.model,
+        "choices": choices,
+    }
+    if completion.usage is not None:
+        body["usage"] = render_usage(completion.usage)
+    if completion.system_fingerprint is not None:
+        body["system_fingerprint"] = completion.system_fingerprint
+    return body
+
+
+def render_completion(completion: ChatCompletion) -> bytes:
+    return dumps(completion_body(completion))
+
+
+def completion_is_conformant(data: dict[str, Any]) -> bool:
+    """Whether a backend's completion can be relayed to an OpenAI client byte for byte."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or data.get("object") != "chat.completion":
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("finish_reason") not in _ENUM_VALUES:
+            return False
+    return True
+
+
+_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
+
+
+def render_model_list(models: list[dict[str, Any]]) -> bytes:
+    return dumps({"object": "list", "data": models})

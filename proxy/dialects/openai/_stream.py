@@ -1,0 +1,393 @@
+"""OpenAI chat streams, sans-IO.
+
+`StreamRelay` reads an OpenAI-compatible backend's SSE bytes and yields both the domain
+events and the bytes an OpenAI client should receive — the backend's own frames, untouched
+whenever they already conform, repaired only where they do not (the seed's StreamRaw).
+`StreamRenderer` turns domain events from any source into OpenAI SSE.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.dialects.openai._response import (
+    FAILED_FINISH_REASONS,
+    error_body,
+    error_message_from_body,
+    finish_reason_from_wire,
+    parse_usage,
+    render_usage,
+)
+from proxy.dialects.sse import SSEDecoder, encode_event
+from proxy.domain.chat import FinishReason, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+
+DONE = b"data: [DONE]\n\n"
+_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
+
+
+def error_frame(error: GatewayError) -> bytes:
+    """The in-stream error event the OpenAI SDK raises as `APIError`."""
+    return encode_event(dumps(error_body(error)))
+
+
+def new_tool_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(slots=True)
+class RelayOutput:
+    """What one `feed` produced: bytes for an OpenAI client, events for everyone else."""
+
+    raw: bytes
+    events: list[StreamEvent]
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _ToolIndexes:
+    """Maps a backend's tool-call ids/indexes onto 0..n-1 per choice, in order of appearance."""
+
+    by_id: dict[str, int] = field(default_factory=dict)
+    by_upstream: dict[int, int] = field(default_factory=dict)
+    count: int = 0
+
+
+class StreamRelay:
+    """Relays an OpenAI-compatible SSE stream to an OpenAI client, observing it on the way.
+
+    `include_usage` is what the *client* asked for: the backend may have been asked for usage
+    regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
+    """
+
+    def __init__(self, *, include_usage: bool | None) -> None:
+        self._include_usage = bool(include_usage)
+        self._decoder = SSEDecoder()
+        self._start: StreamStart | None = None
+        self._role_sent = False
+        self._finished: set[int] = set()
+        self._tools: dict[int, _ToolIndexes] = {}
+        self._usage: Usage | None = None
+        self._usage_forwarded = False
+        self.done = False
+        self.failed = False
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._finished)
+
+    def feed(self, data: bytes) -> RelayOutput:
+        out: list[bytes] = []
+        events: list[StreamEvent] = []
+        if not self.done:
+            for frame in self._decoder.feed(data):
+                if frame.is_comment or not frame.data:
+                    continue
+                self._frame(frame.data, frame.raw, out, events)
+                if self.done:
+                    break
+        return RelayOutput(b"".join(out), events, self.done)
+
+    def close(self) -> RelayOutput:
+        """The backend's body ended; finish the client's stream correctly either way."""
+        out: list[bytes] = []
+        events: list[StreamEvent] = []
+        if not self.done:
+            for frame in self._decoder.close():
+                if frame.data and not self.done:
+                    self._frame(frame.data, frame.raw, out, events)
+        if not self.done:
+            if self._finished:
+                self._end(out)
+            else:
+                self._fail(
+                    GatewayError(ErrorKind.BACKEND, "The backend closed the stream before it finished."),
+                    out,
+                    events,
+                )
+        return RelayOutput(b"".join(out), events, True)
+
+    # -- one frame ------------------------------------------------------------------------
+
+    def _frame(self, data: bytes, raw: bytes, out: list[bytes], events: list[StreamEvent]) -> None:
+        if data == b"[DONE]":
+            self._end(out)
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
+            return
+        if not isinstance(chunk, dict):
+            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
+            return
+        if chunk.get("error"):
+            message = error_message_from_body(data) or "The backend reported an error."
+            self._fail(GatewayError(ErrorKind.BACKEND, message), out, events)
+            return
+
+        rewrite = False
+        start = self._start
+        if start is None:
+            start = self._start = StreamStart(
+                id=str(chunk.get("id") or "chatcmpl-" + secrets.token_hex(12)),
+                model=str(chunk.get("model") or ""),
+                created=int(chunk.get("created") or 0),
+            )
+            events.append(start)
+            rewrite = "id" not in chunk or "created" not in chunk
+        elif chunk.get("id") != start.id or chunk.get("created") != start.created:
+            rewrite = True
+        if rewrite:
+            chunk["id"], chunk["created"] = start.id, start.created
+            chunk.setdefault("object", "chat.completion.chunk")
+            chunk.setdefault("model", start.model)
+
+        usage_value = chunk.get("usage")
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            choices = []
+        if usage_value:
+            self._usage = parse_usage(usage_value)
+            if self._usage is not None:
+                events.append(UsageReport(self._usage))
+            if not choices:
+                # The usage chunk proper: only for clients that asked for it.
+                if self._include_usage and not self._usage_forwarded:
+                    self._usage_forwarded = True
+                    out.append(raw if not rewrite else encode_event(dumps(chunk)))
+                return
+            # Usage riding on a content chunk: move it to its own chunk at the end.
+            chunk["usage"] = None
+            rewrite = True
+        elif not choices:
+            return
+
+        if not self._role_sent:
+            self._role_sent = True
+            first = choices[0] if isinstance(choices[0], dict) else {}
+            delta = first.get("delta") if isinstance(first.get("delta"), dict) else {}
+            if not delta or "role" not in delta:
+                out.append(self._role_chunk(start))
+
+        for choice in choices:
+            if isinstance(choice, dict) and self._choice(choice, events):
+                rewrite = True
+        if self.failed:
+            out.append(error_frame(self._error_of(events)))
+            self.done = True
+            return
+        if self._include_usage and "usage" not in chunk:
+            if rewrite:
+                chunk["usage"] = None
+            else:
+                raw = raw[:-3] + b',"usage":null}\n\n' if raw.endswith(b"}\n\n") else raw
+        out.append(encode_event(dumps(chunk)) if rewrite else raw)
+
+    def _choice(self, choice: dict[str, Any], events: list[StreamEvent]) -> bool:
+        """Emit one choice's events; True when the frame needs re-encoding."""
+        rewrite = False
+        index = choice.get("index", 0)
+        if not isinstance(index, int):
+            index = 0
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                events.append(ReasoningDelta(reasoning, index))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                events.append(TextDelta(content, index))
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):
+                for position, call in enumerate(calls):
+                    if isinstance(call, dict) and self._tool_call(call, position, index, events):
+                        rewrite = True
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            if reason in FAILED_FINISH_REASONS:
+                self.failed = True
+                events.append(
+                    StreamFailed(GatewayError(ErrorKind.BACKEND, f"The backend ended the stream with `{reason}`."))
+                )
+                return True
+            if index not in self._finished:
+                self._finished.add(index)
+                mapped = finish_reason_from_wire(reason)
+                if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
+                    mapped = FinishReason.TOOL_CALLS
+                events.append(Finish(mapped, index))
+                if reason != mapped.value:
+                    choice["finish_reason"] = mapped.value
+                    rewrite = True
+        return rewrite
+
+    def _tool_call(self, call: dict[str, Any], position: int, choice: int, events: list[StreamEvent]) -> bool:
+        tools = self._tools.setdefault(choice, _ToolIndexes())
+        upstream_index = call.get("index")
+        if not isinstance(upstream_index, int):
+            upstream_index = position
+        call_id = call.get("id")
+        raw_function = call.get("function")
+        function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
+        rewrite = False
+        ours: int | None = None
+        if isinstance(call_id, str) and call_id:
+            ours = tools.by_id.get(call_id)
+        elif upstream_index in tools.by_upstream:
+            ours = tools.by_upstream[upstream_index]
+        if ours is None:
+            ours = tools.count
+            tools.count += 1
+            if not isinstance(call_id, str) or not call_id:
+                call_id = new_tool_call_id()
+                call["id"] = call_id
+                call["type"] = "function"
+                rewrite = True
+            tools.by_id[call_id] = ours
+            events.append(ToolCallStart(ours, call_id, str(function.get("name") or ""), choice))
+        tools.by_upstream[upstream_index] = ours
+        if ours != call.get("index"):
+            call["index"] = ours
+            rewrite = True
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            events.append(ToolCallDelta(ours, arguments, choice))
+        return rewrite
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _end(self, out: list[bytes]) -> None:
+        if self._include_usage and not self._usage_forwarded and self._usage is not None and self._start:
+            self._usage_forwarded = True
+            out.append(_usage_chunk(self._start, self._usage))
+        out.append(DONE)
+        self.done = True
+
+    def _fail(self, error: GatewayError, out: list[bytes], events: list[StreamEvent]) -> None:
+        events.append(StreamFailed(error))
+        out.append(error_frame(error))
+        self.failed = True
+        self.done = True
+
+    @staticmethod
+    def _error_of(events: list[StreamEvent]) -> GatewayError:
+        for event in reversed(events):
+            if isinstance(event, StreamFailed):
+                return event.error
+        return GatewayError(ErrorKind.BACKEND, "The backend stream failed.")
+
+    def _role_chunk(self, start: StreamStart) -> bytes:
+        chunk: dict[str, Any] = _chunk_head(start)
+        chunk["choices"] = [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        ]
+        if self._include_usage:
+            chunk["usage"] = None
+        return encode_event(dumps(chunk))
+
+
+def _chunk_head(start: StreamStart) -> dict[str, Any]:
+    return {"id": start.id, "object": "chat.completion.chunk", "created": start.created, "model": start.model}
+
+
+def _usage_chunk(start: StreamStart, usage: Usage) -> bytes:
+    chunk = _chunk_head(start)
+    chunk["choices"] = []
+    chunk["usage"] = render_usage(usage)
+    return encode_event(dumps(chunk))
+
+
+class StreamRenderer:
+    """Renders domain events as an OpenAI chat stream (for non-OpenAI backends and replays)."""
+
+    def __init__(self, *, include_usage: bool | None) -> None:
+        self._include_usage = bool(include_usage)
+        self._start: StreamStart | None = None
+        self._prefix = b""
+        self._suffix = b"}\n\n"
+        self._usage: Usage | None = None
+        self._tool_calls: set[tuple[int, int]] = set()
+        self.done = False
+
+    def render(self, events: list[StreamEvent]) -> bytes:
+        out: list[bytes] = []
+        for event in events:
+            if self.done:
+                break
+            self._event(event, out)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """End the stream: the usage chunk if the client asked for it, then `[DONE]`."""
+        if self.done:
+            return b""
+        self.done = True
+        out = []
+        if self._include_usage and self._usage is not None and self._start is not None:
+            out.append(_usage_chunk(self._start, self._usage))
+        out.append(DONE)
+        return b"".join(out)
+
+    def _event(self, event: StreamEvent, out: list[bytes]) -> None:
+        match event:
+            case TextDelta(text, choice):
+                out.append(self._delta(choice, {"content": text}))
+            case ReasoningDelta(text, choice):
+                out.append(self._delta(choice, {"reasoning_content": text}))
+            case ToolCallStart(index, call_id, name, choice):
+                self._tool_calls.add((choice, index))
+                call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+                out.append(self._delta(choice, {"tool_calls": [call]}))
+            case ToolCallDelta(index, arguments, choice):
+                out.append(self._delta(choice, {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}))
+            case Finish(reason, choice):
+                out.append(self._delta(choice, {}, reason.value))
+            case UsageReport(usage):
+                self._usage = usage
+            case StreamStart():
+                self._begin(event)
+                out.append(self._delta(0, {"role": "assistant", "content": ""}))
+            case StreamFailed(error):
+                out.append(error_frame(error))
+                self.done = True
+
+    def _begin(self, start: StreamStart) -> None:
+        self._start = start
+        head = dumps(_chunk_head(start))
+        self._prefix = b"data: " + head[:-1] + b',"choices":[{"index":'
+        self._suffix = b',"usage":null}\n\n' if self._include_usage else b"}\n\n"
+
+    def _delta(self, choice: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        if self._start is None:
+            self._begin(StreamStart(id="chatcmpl-" + secrets.token_hex(12), model="", created=0))
+        reason = b"null" if finish is None else b'"' + finish.encode() + b'"'
+        return (
+            self._prefix
+            + str(choice).encode()
+            + b',"delta":'
+            + dumps(delta)
+            + b',"logprobs":null,"finish_reason":'
+            + reason
+            + b"}]"
+            + self._suffix
+        )

@@ -1,0 +1,165 @@
+"""Chat requests and results as the gateway understands them, whatever the dialect.
+
+Every dialect codec parses its wire format into these types and renders them back, so a
+request can arrive in one dialect and leave for a backend in another. Fields a dialect
+has and the domain does not model travel in `extra` and are forwarded only to backends
+of the same dialect.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class FinishReason(enum.Enum):
+    """OpenAI's finish_reason enum; other dialects map onto it (peers-and-protocols §4.4)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    CONTENT_FILTER = "content_filter"
+
+
+@dataclass(slots=True, frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class ImagePart:
+    """An image by URL; `data:` URLs carry inline base64 (media type in the URL)."""
+
+    url: str
+    detail: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class OpaquePart:
+    """A content part the domain does not model (audio, files, …), kept as its dialect's JSON."""
+
+    dialect: str
+    data: dict[str, Any]
+
+
+ContentPart = TextPart | ImagePart | OpaquePart
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    """A complete tool call. `arguments` is the JSON text of the arguments object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, frozen=True)
+class Message:
+    role: Role
+    content: tuple[ContentPart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The message's text parts joined; images and opaque parts are left out."""
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+@dataclass(slots=True, frozen=True)
+class Tool:
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ToolChoice:
+    """`mode` is auto, none or required; `name` forces one named tool."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    name: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseFormat:
+    """Structured output: plain JSON mode, or JSON constrained by a schema."""
+
+    kind: Literal["text", "json_object", "json_schema"]
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+    strict: bool | None = None
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    n: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A chat request after parsing and validation.
+
+    `model` is the name the client asked for; routing resolves aliases into
+    `RoutedRequest.upstream_model`. `include_usage` is the client's explicit
+    `stream_options.include_usage` (None when it did not say). `dialect` names the codec
+    the request arrived in; `extra` holds that dialect's unmodelled top-level fields.
+    """
+
+    model: str
+    messages: list[Message]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice | None = None
+    stream: bool = False
+    include_usage: bool | None = None
+    dialect: str = "openai"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int = 0
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class ChatCompletion:
+    """A finished (non-streamed or accumulated) completion."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

@@ -1,0 +1,65 @@
+"""The gateway's error vocabulary, independent of any wire dialect.
+
+Every failure a client can see is a `GatewayError` with a `kind`; each dialect codec maps
+the kind to its own status code and error shape.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, with the HTTP status every dialect uses for it."""
+
+    INVALID_REQUEST = 400
+    AUTHENTICATION = 401
+    PERMISSION = 403
+    NOT_FOUND = 404
+    METHOD_NOT_ALLOWED = 405
+    CONFLICT = 409
+    REQUEST_TOO_LARGE = 413
+    RATE_LIMITED = 429
+    INTERNAL = 500
+    BACKEND = 502
+    UNAVAILABLE = 503
+    TIMEOUT = 504
+
+    @property
+    def status(self) -> int:
+        return self.value
+
+
+class GatewayError(Exception):
+    """An error with a client-facing message.
+
+    `param` names the offending request field (OpenAI's `param`), `code` is a short
+    machine-readable string, and `retry_after` (seconds) becomes a `Retry-After` header.
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return self.kind.status
+
+    def __repr__(self) -> str:
+        return f"GatewayError({self.kind.name}, {self.message!r}, param={self.param!r})"
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)

@@ -1,0 +1,181 @@
+"""The stream of a chat completion as dialect-free events.
+
+Backends' wire formats are parsed into these events and client dialects render them; the
+seed's NATS schema (`role`, `token`, `tool_call`, `usage`, `finished`) is a projection of
+them. `choice` is the OpenAI choice index (`n > 1`, or fan-out tasks as choices).
+
+Rules every producer keeps, so that every renderer can rely on them:
+- `StreamStart` comes first, exactly once;
+- a tool call's `ToolCallStart` precedes its `ToolCallDelta`s; `index` counts from 0 per
+  choice, in order of first appearance;
+- `Finish` comes at most once per choice, after that choice's deltas;
+- `UsageReport` may come anywhere after `StreamStart`; the last one wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
+from proxy.domain.errors import GatewayError
+
+
+@dataclass(slots=True, frozen=True)
+class StreamStart:
+    id: str
+    model: str
+    created: int
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    text: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningDelta:
+    text: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallDelta:
+    index: int
+    arguments: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class UsageReport:
+    usage: Usage
+
+
+@dataclass(slots=True, frozen=True)
+class Finish:
+    reason: FinishReason
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class StreamFailed:
+    """The stream broke after it started; renderers emit their dialect's in-stream error."""
+
+    error: GatewayError
+
+
+StreamEvent = (
+    StreamStart
+    | TextDelta
+    | ReasoningDelta
+    | ToolCallStart
+    | ToolCallDelta
+    | UsageReport
+    | Finish
+    | StreamFailed
+)
+
+
+class CompletionBuilder:
+    """Folds a stream of events into the `ChatCompletion` it describes."""
+
+    def __init__(self) -> None:
+        self.start: StreamStart | None = None
+        self.usage: Usage | None = None
+        self.error: GatewayError | None = None
+        self._choices: dict[int, Choice] = {}
+        self._text: dict[int, list[str]] = {}
+        self._reasoning: dict[int, list[str]] = {}
+        self._tool_ids: dict[tuple[int, int], str] = {}
+        self._tool_names: dict[tuple[int, int], str] = {}
+        self._tool_args: dict[tuple[int, int], list[str]] = {}
+
+    def _choice(self, index: int) -> Choice:
+        choice = self._choices.get(index)
+        if choice is None:
+            choice = self._choices[index] = Choice(index=index)
+            self._text[index] = []
+            self._reasoning[index] = []
+        return choice
+
+    def add(self, event: StreamEvent) -> None:
+        match event:
+            case TextDelta(text, choice):
+                self._choice(choice)
+                self._text[choice].append(text)
+            case ReasoningDelta(text, choice):
+                self._choice(choice)
+                self._reasoning[choice].append(text)
+            case ToolCallStart(index, call_id, name, choice):
+                self._choice(choice)
+                self._tool_ids[choice, index] = call_id
+                self._tool_names[choice, index] = name
+                self._tool_args.setdefault((choice, index), [])
+            case ToolCallDelta(index, arguments, choice):
+                self._tool_args.setdefault((choice, index), []).append(arguments)
+            case Finish(reason, choice):
+                self._choice(choice).finish_reason = reason
+            case UsageReport(usage):
+                self.usage = usage
+            case StreamStart():
+                self.start = event
+            case StreamFailed(error):
+                self.error = error
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """The first choice's finish reason (None while unfinished)."""
+        choice = self._choices.get(0)
+        return choice.finish_reason if choice else None
+
+    def build(self) -> ChatCompletion:
+        choices = []
+        for index in sorted(self._choices):
+            choice = self._choices[index]
+            choice.content = "".join(self._text[index])
+            choice.reasoning = "".join(self._reasoning[index])
+            choice.tool_calls = [
+                ToolCall(
+                    id=self._tool_ids.get(key, ""),
+                    name=self._tool_names.get(key, ""),
+                    arguments="".join(parts),
+                )
+                for key, parts in sorted(self._tool_args.items())
+                if key[0] == index
+            ]
+            choices.append(choice)
+        if not choices:
+            choices.append(Choice(index=0))
+        start = self.start or StreamStart(id="", model="", created=0)
+        return ChatCompletion(
+            id=start.id, model=start.model, created=start.created, choices=choices, usage=self.usage
+        )
+
+
+def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
+    """The events that replay a finished completion as a stream (cache hits, resumes)."""
+    events: list[StreamEvent] = [
+        StreamStart(id=completion.id, model=completion.model, created=completion.created)
+    ]
+    for choice in completion.choices:
+        if choice.reasoning:
+            events.append(ReasoningDelta(choice.reasoning, choice.index))
+        if choice.content:
+            events.append(TextDelta(choice.content, choice.index))
+        for position, call in enumerate(choice.tool_calls):
+            events.append(ToolCallStart(position, call.id, call.name, choice.index))
+            if call.arguments:
+                events.append(ToolCallDelta(position, call.arguments, choice.index))
+        if choice.finish_reason is not None:
+            events.append(Finish(choice.finish_reason, choice.index))
+    if completion.usage is not None:
+        events.append(UsageReport(completion.usage))
+    return events

@@ -1,0 +1,72 @@
+"""The composition root: settings in, wired services out, resources closed on exit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from proxy.config import Settings
+from proxy.domain.errors import GatewayError
+from proxy.domain.routing import BackendRoute, Router
+from proxy.infra.backends import Backend, create_backend
+from proxy.infra.logging import RequestLog
+from proxy.services.chat import ChatService
+from proxy.services.models import ModelCatalog
+
+_PROBE_SECONDS = 3.0
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    router: Router
+    backends: dict[str, Backend]
+    chat: ChatService
+    catalog: ModelCatalog
+
+    async def readiness(self) -> dict[str, str]:
+        """Each dependency's state: "ok" or why not."""
+        states: dict[str, str] = {}
+
+        async def probe(name: str, backend: Backend) -> None:
+            states[name] = "timed out"
+            with trio.move_on_after(_PROBE_SECONDS):
+                try:
+                    await backend.check()
+                    states[name] = "ok"
+                except GatewayError as error:
+                    states[name] = error.message
+
+        async with trio.open_nursery() as nursery:
+            for name, backend in self.backends.items():
+                nursery.start_soon(probe, f"backend:{name}", backend)
+        return states
+
+
+def build_router(settings: Settings) -> Router:
+    routes = [
+        BackendRoute(name=b.name, prefixes=b.prefixes, models=b.models, default=b.default)
+        for b in settings.backends
+    ]
+    return Router(routes, settings.aliases)
+
+
+@asynccontextmanager
+async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    router = build_router(settings)
+    backends = {config.name: create_backend(config) for config in settings.backends}
+    try:
+        yield Gateway(
+            settings=settings,
+            router=router,
+            backends=backends,
+            chat=ChatService(router, backends, RequestLog(settings.access_log)),
+            catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            for backend in backends.values():
+                await backend.aclose()

@@ -1,0 +1,87 @@
+"""Running an exchange as the response: the status waits for the backend's first byte.
+
+Quart sends a response's status before it reads the body. A gateway cannot know its status
+until the backend answers (a 404, a 503 or a timeout must reach the client as such), so an
+exchange travels as an `ExchangeBody` and `GatewayConnection` hands it the raw ASGI `send`:
+the exchange's sink sends the status itself once it knows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+from hypercorn.typing import ASGISendCallable
+from quart.wrappers.response import ResponseBody
+from quart_trio.asgi import TrioASGIHTTPConnection
+
+from proxy.domain.errors import GatewayError
+from proxy.services.chat import ChatExchange, ExchangeSink
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ExchangeBody(ResponseBody):
+    def __init__(self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink]) -> None:
+        self.exchange = exchange
+        self._sink = sink
+
+    async def run(self, send: ASGISendCallable) -> None:
+        await self.exchange.run(self._sink(send))
+
+    # Quart's generic body protocol; never used for an exchange (see GatewayConnection).
+    async def __aenter__(self) -> ExchangeBody:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _empty()
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover
+
+
+class GatewayConnection(TrioASGIHTTPConnection):
+    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
+        body = getattr(response, "response", None)
+        if isinstance(body, ExchangeBody):
+            await body.run(send)
+        else:
+            await super()._send_response(send, response)
+
+
+class AsgiSink:
+    """Writes an exchange's response straight to ASGI; subclasses render their dialect."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers) -> None:
+        self._send = send
+        self._headers = headers
+
+    async def _start(self, status: int, headers: Headers) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": headers + self._headers})
+
+    async def _body(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def _end(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def _error(self, error: GatewayError, body: bytes, content_type: bytes = b"application/json") -> None:
+        headers: Headers = [(b"content-type", content_type)]
+        if error.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+        await self._start(error.status, headers)
+        await self._end(body)
+
+
+SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+JSON_HEADERS: Headers = [(b"content-type", b"application/json")]

@@ -1,0 +1,39 @@
+"""The quart-trio application."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from proxy.config import Settings
+from proxy.gateway import open_gateway
+from proxy.http import _health, _openai
+from proxy.http._context import GatewayApp
+from proxy.http._errors import install_error_handlers
+from proxy.http._exchange import GatewayConnection
+
+
+class _App(GatewayApp):
+    asgi_http_class = GatewayConnection
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    app = _App("llm_proxy")
+    # Streams may run for many minutes; Quart's 60 s default would cut them silently.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 120
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.register_blueprint(_openai.blueprint)
+    app.register_blueprint(_health.blueprint)
+    install_error_handlers(app)
+    resources = AsyncExitStack()
+
+    @app.before_serving
+    async def startup() -> None:
+        app.gateway = await resources.enter_async_context(open_gateway(settings))
+
+    @app.after_serving
+    async def shutdown() -> None:
+        await resources.aclose()
+
+    return app

@@ -1,0 +1,14 @@
+"""Backend adapters: one per wire protocol, all behind the `Backend` protocol."""
+
+from proxy.config import BackendConfig
+from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo
+from proxy.infra.backends._openai import OpenAIBackend
+
+
+def create_backend(config: BackendConfig) -> Backend:
+    if config.kind == "openai":
+        return OpenAIBackend(config)
+    raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
+
+
+__all__ = ["Backend", "BackendCall", "Batch", "ModelInfo", "OpenAIBackend", "create_backend"]

@@ -1,0 +1,137 @@
+"""Backends that speak the OpenAI API: vLLM, llama.cpp, SGLang, LM Studio, OpenAI itself."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from proxy.config import BackendConfig
+from proxy.dialects import openai
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import completion_events
+from proxy.infra.backends._base import (
+    BackendCall,
+    Batch,
+    ModelInfo,
+    create_client,
+    read_limited,
+    status_error,
+    timeout_error,
+    transport_errors,
+)
+
+# Reading what follows `[DONE]` lets the connection return to the pool; a backend that
+# dawdles over its last bytes costs a fresh connection, not the client's time.
+_DRAIN_SECONDS = 0.05
+
+
+class OpenAIBackend:
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        key = config.api_key
+        self._client = create_client(config, auth_header={"authorization": f"Bearer {key}"} if key else {})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _body(self, call: BackendCall, *, stream: bool) -> bytes:
+        include_usage = self.config.request_usage or bool(call.request.include_usage)
+        return openai.encode_chat_request(
+            call.request, call.upstream_model, stream=stream, include_usage=include_usage
+        )
+
+    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+        timeouts = self.config.timeouts
+        name = self.config.name
+        request = self._client.build_request(
+            "POST",
+            "/chat/completions",
+            content=self._body(call, stream=True),
+            headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+        )
+        with transport_errors(name):
+            response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                with transport_errors(name):
+                    body = await read_limited(response)
+                raise status_error(
+                    name, response.status_code, openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace"),
+                    response.headers.get("retry-after"),
+                )
+            relay = openai.StreamRelay(include_usage=call.request.include_usage)
+            chunks = response.aiter_raw().__aiter__()
+            wait, what = timeouts.first_token, "sent no first token"
+            while True:
+                data: bytes | None = None
+                with trio.move_on_after(wait if wait is not None else float("inf")) as scope, transport_errors(name):
+                    try:
+                        data = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        data = None
+                if scope.cancelled_caught:
+                    raise timeout_error(name, what, wait)
+                output = relay.feed(data) if data is not None else relay.close()
+                if output.events or output.raw:
+                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
+                    await send.send(Batch(output.events, output.raw if call.relay_openai else None, output.done))
+                if output.done or data is None:
+                    break
+            if data is not None and not relay.failed:
+                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
+                    async for _ in chunks:
+                        pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def complete(self, call: BackendCall) -> Batch:
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.post(
+                "/chat/completions",
+                content=self._body(call, stream=False),
+                headers={"content-type": "application/json", **call.headers},
+            )
+        if response.status_code >= 400:
+            raise status_error(
+                name, response.status_code,
+                openai.error_message_from_body(response.content) or response.text[:500],
+                response.headers.get("retry-after"),
+            )
+        try:
+            data = json.loads(response.content)
+        except ValueError:
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.") from None
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no choices.")
+        completion = openai.parse_completion(data)
+        raw = None
+        if call.relay_openai:
+            raw = response.content if openai.completion_is_conformant(data) else openai.render_completion(completion)
+        return Batch(completion_events(completion), raw=raw, done=True, completion=completion)
+
+    async def list_models(self) -> list[ModelInfo]:
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.get("/models")
+        if response.status_code >= 400:
+            raise status_error(name, response.status_code, openai.error_message_from_body(response.content))
+        try:
+            items = response.json().get("data") or []
+        except (ValueError, AttributeError):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid model list.") from None
+        return [
+            ModelInfo(
+                id=str(item["id"]),
+                backend=name,
+                created=int(item.get("created") or 0),
+                owned_by=str(item.get("owned_by") or name),
+            )
+            for item in items
+            if isinstance(item, dict) and item.get("id")
+        ]
+
+    async def check(self) -> None:
+        await self.list_models()

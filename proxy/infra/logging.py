@@ -1,0 +1,60 @@
+"""JSON logs on stderr: one object per line, one line per request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from proxy.services.chat import ExchangeRecord
+
+REQUEST_LOGGER = "llm_proxy.request"
+
+# Attributes every LogRecord has; anything else was passed in `extra` and belongs in the line.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD:
+                line[key] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # hypercorn's own access log would duplicate our per-request line.
+    logging.getLogger("hypercorn.access").disabled = True
+
+
+class RequestLog:
+    """The per-request line: trace id, model, backend, timings, tokens, outcome."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._logger = logging.getLogger(REQUEST_LOGGER)
+        self._enabled = enabled
+
+    def __call__(self, record: ExchangeRecord) -> None:
+        if not self._enabled or not self._logger.isEnabledFor(logging.INFO):
+            return
+        fields = record.as_log()
+        fields["total_ms"] = round(record.total_ms, 2)
+        if record.ttft_ms is not None:
+            fields["ttft_ms"] = round(record.ttft_ms, 2)
+        fields["at"] = time.time()
+        self._logger.info("chat", extra=fields)

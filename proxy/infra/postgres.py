@@ -1,0 +1,282 @@
+"""PostgreSQL for trio code: psycopg 3's AsyncConnectionPool behind trio-asyncio.
+
+Callers are trio tasks inside a `trio_asyncio.open_loop()` block (the app opens one around
+the server; tests do the same):
+
+    async with trio_asyncio.open_loop():
+        async with open_database(url) as db:
+            await db.execute("INSERT INTO t (a) VALUES (%s)", (1,))
+            rows = await db.fetch("SELECT a, b FROM t WHERE a > %(min)s", {"min": 0})
+            async with db.transaction() as tx:
+                n = await tx.fetchval("SELECT count(*) FROM t")
+
+Rows are plain tuples in column order (`fetch` -> list of tuples, `fetchrow` -> tuple or
+None, `fetchval` -> first column of the first row or None). Placeholders are psycopg's
+`%s` / `%(name)s`. Each call is a single trio->asyncio hop. Connections run in autocommit
+mode; `transaction()` pins one connection between BEGIN and COMMIT/ROLLBACK.
+
+Cancelling a trio scope around a query cancels it on the server too: psycopg turns the
+asyncio cancellation into a PostgreSQL cancel request and waits for it, so the call returns
+only once the server has stopped and the connection is back in the pool, idle.
+
+pgvector's adapter is registered on every connection: pass numpy float32 arrays as `vector`
+parameters; `vector` columns come back as numpy arrays. `open_database` creates the `vector`
+extension if it is missing, because the adapter can only be registered once the type exists.
+
+Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`);
+`DatabaseUnavailable` when the server cannot be reached or the connection broke (retryable),
+`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal, TypeVar
+
+import psycopg
+import psycopg.errors
+import trio
+from pgvector.psycopg import register_vector_async
+from psycopg.types import TypeInfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from trio_asyncio import aio_as_trio
+
+log = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Params = Sequence[Any] | Mapping[str, Any] | None
+_Conn = psycopg.AsyncConnection[Row]
+_Mode = Literal["execute", "all", "one", "value"]
+_T = TypeVar("_T")
+
+# Key for pg_advisory_(xact_)lock: serialises schema changes across processes
+# (extension creation here, migrations in proxy.infra.migrations).
+SCHEMA_LOCK_KEY = 0x11_0F_C0DE
+
+# Bounds cleanup that runs shielded from cancellation (rollback, pool close).
+_CLEANUP_TIMEOUT = 5.0
+_PING_TIMEOUT = 2.0
+
+
+class DatabaseError(Exception):
+    """A database operation failed. `sqlstate` is PostgreSQL's error code when it sent one."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The server could not be reached, refused us, or the connection broke. Retryable."""
+
+
+class ConstraintViolation(DatabaseError):
+    """An integrity constraint rejected the statement (SQLSTATE class 23)."""
+
+
+# SQLSTATEs that mean "the server is not there for us right now", not "your SQL is wrong".
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "53000"}
+
+
+def _translate(exc: Exception) -> DatabaseError:
+    sqlstate = getattr(exc, "sqlstate", None)
+    message = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, PoolTimeout | OSError):
+        return DatabaseUnavailable(message)
+    if isinstance(exc, psycopg.Error):
+        if sqlstate is None and isinstance(exc, psycopg.OperationalError):
+            return DatabaseUnavailable(message)  # client-side: connect failed or link broken
+        if sqlstate is not None and (sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_STATES):
+            return DatabaseUnavailable(message, sqlstate=sqlstate)
+        if sqlstate is not None and sqlstate.startswith("23"):
+            return ConstraintViolation(message, sqlstate=sqlstate)
+    return DatabaseError(message, sqlstate=sqlstate)
+
+
+async def _hop(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+    """Run one asyncio coroutine function from trio, translating psycopg errors."""
+    try:
+        result: _T = await aio_as_trio(fn)(*args)
+    except (psycopg.Error, PoolTimeout, OSError) as exc:
+        raise _translate(exc) from exc
+    return result
+
+
+async def _run_on(conn: _Conn, sql: str, params: Params, mode: _Mode) -> Any:
+    cur = await conn.execute(sql, params)
+    if mode == "execute":
+        return cur.rowcount
+    if mode == "all":
+        return await cur.fetchall() if cur.description is not None else []
+    row = await cur.fetchone() if cur.description is not None else None
+    if mode == "one":
+        return row
+    return None if row is None else row[0]
+
+
+class _Queries:
+    """The query methods shared by `Database` (any pooled connection) and `Tx` (one)."""
+
+    async def _run(self, sql: str, params: Params, mode: _Mode) -> Any:
+        raise NotImplementedError
+
+    async def execute(self, sql: str, params: Params = None) -> int:
+        """Run a statement; returns the affected row count (-1 when not applicable).
+
+        Without params, `sql` may hold several `;`-separated statements.
+        """
+        count: int = await self._run(sql, params, "execute")
+        return count
+
+    async def fetch(self, sql: str, params: Params = None) -> list[Row]:
+        rows: list[Row] = await self._run(sql, params, "all")
+        return rows
+
+    async def fetchrow(self, sql: str, params: Params = None) -> Row | None:
+        row: Row | None = await self._run(sql, params, "one")
+        return row
+
+    async def fetchval(self, sql: str, params: Params = None) -> Any:
+        return await self._run(sql, params, "value")
+
+
+class Tx(_Queries):
+    """One connection inside BEGIN ... COMMIT; only valid inside `Database.transaction()`."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn: _Conn | None = conn
+
+    async def _run(self, sql: str, params: Params, mode: _Mode) -> Any:
+        if self._conn is None:
+            raise DatabaseError("transaction already finished")
+        return await _hop(_run_on, self._conn, sql, params, mode)
+
+
+class Database(_Queries):
+    """A pool of connections to one database. Create with `open_database`."""
+
+    def __init__(self, pool: AsyncConnectionPool[_Conn]) -> None:
+        self._pool = pool
+
+    async def _run(self, sql: str, params: Params, mode: _Mode) -> Any:
+        return await _hop(self._aio_run, sql, params, mode)
+
+    async def _aio_run(self, sql: str, params: Params, mode: _Mode) -> Any:
+        async with self._pool.connection() as conn:
+            return await _run_on(conn, sql, params, mode)
+
+    async def ping(self) -> None:
+        """Round-trip `SELECT 1`; raise DatabaseUnavailable if that fails or takes > 2 s."""
+        with trio.move_on_after(_PING_TIMEOUT) as scope:
+            await self.fetchval("SELECT 1")
+        if scope.cancelled_caught:
+            raise DatabaseUnavailable(f"database did not answer within {_PING_TIMEOUT} s")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """BEGIN on a dedicated connection; COMMIT on success, ROLLBACK on any exception
+        (cancellation included)."""
+        conn = await _hop(self._aio_begin)
+        tx = Tx(conn)
+        try:
+            yield tx
+        except BaseException:
+            tx._conn = None
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT
+                try:
+                    await _hop(self._aio_finish, conn, False)
+                except DatabaseError as exc:  # the original exception matters more
+                    log.warning("rollback failed: %s", exc)
+            if scope.cancelled_caught:
+                log.warning("rollback timed out; the pool will discard the connection")
+            raise
+        tx._conn = None
+        await _hop(self._aio_finish, conn, True)
+
+    async def _aio_begin(self) -> _Conn:
+        conn = await self._pool.getconn()
+        try:
+            await conn.execute("BEGIN")
+        except BaseException:
+            await self._pool.putconn(conn)
+            raise
+        return conn
+
+    async def _aio_finish(self, conn: _Conn, commit: bool) -> None:
+        try:
+            await conn.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            # A connection left mid-transaction or broken is rolled back or discarded here.
+            await self._pool.putconn(conn)
+
+
+async def _configure(conn: _Conn) -> None:
+    try:
+        await register_vector_async(conn)
+    except psycopg.ProgrammingError:
+        log.warning("pgvector type missing in this database; vector adapter not registered")
+
+
+async def _probe(url: str, connect_timeout: float) -> None:
+    """Connect once for a quick, specific failure, and make sure `vector` exists."""
+    conn = await psycopg.AsyncConnection.connect(
+        url, autocommit=True, connect_timeout=max(1, round(connect_timeout))
+    )
+    try:
+        if await TypeInfo.fetch(conn, "vector") is None:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+                    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.errors.InsufficientPrivilege as exc:
+                log.warning("cannot create extension vector (%s); vectors unavailable", exc)
+    finally:
+        await conn.close()
+
+
+async def _open_pool(
+    url: str, min_size: int, max_size: int, connect_timeout: float, acquire_timeout: float
+) -> AsyncConnectionPool[_Conn]:
+    await _probe(url, connect_timeout)
+    pool: AsyncConnectionPool[_Conn] = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        configure=_configure,
+        kwargs={"autocommit": True},
+        timeout=acquire_timeout,
+        name="llm-proxy",
+    )
+    try:
+        await pool.open(wait=True, timeout=connect_timeout)
+    except BaseException:
+        await pool.close(timeout=1.0)
+        raise
+    return pool
+
+
+@asynccontextmanager
+async def open_database(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    connect_timeout: float = 10.0,
+    acquire_timeout: float = 10.0,
+) -> AsyncIterator[Database]:
+    """Open a connection pool; raise DatabaseUnavailable at once if `url` does not connect.
+
+    `acquire_timeout` bounds the wait for a free pooled connection. The pool is closed on
+    exit, also on cancellation (shielded, bounded).
+    """
+    pool = await _hop(_open_pool, url, min_size, max_size, connect_timeout, acquire_timeout)
+    try:
+        yield Database(pool)
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT + 1
+            await aio_as_trio(pool.close)(timeout=_CLEANUP_TIMEOUT)

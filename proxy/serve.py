@@ -1,0 +1,101 @@
+"""Running the app: one worker in this process, or N worker processes sharing the sockets."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from proxy.config import Settings
+from proxy.http.app import create_app
+from proxy.infra.logging import configure_logging
+
+log = logging.getLogger("llm_proxy.serve")
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [settings.bind]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 5.0
+    config.keep_alive_timeout = 75.0
+    config.keep_alive_max_requests = 100_000
+    config.backlog = 1024
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sockets: Sockets | None = None,
+    shutdown_trigger: Callable[[], Any] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM)."""
+    app = create_app(settings)
+    await worker_serve(
+        wrap_app(app, 0, "asgi"),
+        hypercorn_config(settings),
+        sockets=sockets,
+        shutdown_trigger=shutdown_trigger or wait_for_signal,
+        task_status=task_status,
+    )
+
+
+async def wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            return
+
+
+def run(settings: Settings) -> None:
+    """Block serving `settings` with `settings.workers` processes."""
+    if settings.workers == 1:
+        trio.run(_serve_logged, settings, None)
+        return
+    config = hypercorn_config(settings)
+    sockets = config.create_sockets()
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker_main, args=(settings, sockets), name=f"llm-proxy-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for process in workers:
+        process.start()
+    log.info("started %d workers on %s", len(workers), settings.bind)
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in workers:
+        process.join()
+    for sock in sockets.insecure_sockets:
+        sock.close()
+
+
+def _worker_main(settings: Settings, sockets: Sockets) -> None:
+    configure_logging(settings.log_level)
+    try:
+        trio.run(_serve_logged, settings, sockets)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+async def _serve_logged(settings: Settings, sockets: Sockets | None) -> None:
+    await serve(settings, sockets=sockets)
