@@ -1,0 +1,41 @@
+"""Running a real gateway inside a test's trio loop, on a loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import trio
+
+from proxy.config import BackendConfig, Settings, Timeouts
+from proxy.serve import serve
+
+
+def backend(name: str, url: str, *, kind: str = "openai", default: bool = False,
+            prefixes: tuple[str, ...] = (), timeouts: Timeouts | None = None, **extra: Any) -> BackendConfig:
+    """A backend entry for `url` (the fake's base URL; `/v1` is added for OpenAI kinds)."""
+    base_url = url.rstrip("/") + ("/v1" if kind == "openai" else "")
+    return BackendConfig(
+        name=name, kind=kind, base_url=base_url, default=default, prefixes=prefixes,
+        timeouts=timeouts or Timeouts(connect=2.0, first_token=10.0, idle=10.0, total=60.0), **extra,
+    )
+
+
+@asynccontextmanager
+async def running_gateway(
+    *backends: BackendConfig, aliases: Mapping[str, str] | None = None, **settings_fields: Any
+) -> AsyncIterator[str]:
+    """Serve a gateway for `backends` on 127.0.0.1 (a free port); yields its base URL."""
+    settings = replace(
+        Settings(), backends=tuple(backends), aliases=dict(aliases or {}), host="127.0.0.1", port=0,
+        access_log=False, **settings_fields,
+    )
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status))
+        try:
+            yield binds[0]
+        finally:
+            stop.set()
