@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import trio
 
@@ -50,8 +51,13 @@ class OpenAIBackend:
             content=self._body(call, stream=True),
             headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
         )
-        with transport_errors(name):
+        # The first-token clock covers the wait for the response head too: a backend that
+        # queues the request before answering is as silent as one that stalls after.
+        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
+        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
             response = await self._client.send(request, stream=True)
+        if head_scope.cancelled_caught:
+            raise timeout_error(name, "sent no first token", timeouts.first_token)
         try:
             if response.status_code >= 400:
                 with transport_errors(name):
@@ -62,10 +68,11 @@ class OpenAIBackend:
                 )
             relay = openai.StreamRelay(include_usage=call.request.include_usage)
             chunks = response.aiter_raw().__aiter__()
-            wait, what = timeouts.first_token, "sent no first token"
+            deadline, what = first_deadline, "sent no first token"
+            wait = timeouts.first_token
             while True:
                 data: bytes | None = None
-                with trio.move_on_after(wait if wait is not None else float("inf")) as scope, transport_errors(name):
+                with trio.move_on_at(deadline) as scope, transport_errors(name):
                     try:
                         data = await chunks.__anext__()
                     except StopAsyncIteration:
@@ -76,6 +83,8 @@ class OpenAIBackend:
                 if output.events or output.raw:
                     wait, what = timeouts.idle, "went silent for longer than the idle timeout"
                     await send.send(Batch(output.events, output.raw if call.relay_openai else None, output.done))
+                    # Started after the hand-off, so a slow client is not taken for a silent backend.
+                    deadline = trio.current_time() + (wait or math.inf)
                 if output.done or data is None:
                     break
             if data is not None and not relay.failed:

@@ -1,0 +1,342 @@
+"""The official `openai` SDK against the gateway, in front of a fake OpenAI-compatible backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.config import Timeouts
+from tests.fakes import OpenAIBackend, Script, ToolCall, Usage
+from tests.harness import backend, running_gateway
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@dataclass
+class Setup:
+    fake: OpenAIBackend
+    url: str
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield Setup(fake, url, client)
+        await client.close()
+
+
+async def test_non_streaming_completion(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["Hello", " there"], usage=Usage(11, 2)))
+    reply = await setup.client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "Hello there"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.total_tokens) == (11, 13)
+    sent = setup.fake.requests[-1]
+    assert sent.json["model"] == "qwen3-8b" and sent.json["stream"] is False
+
+
+async def test_streaming_is_openai_exact(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["a", "b", "c"]))
+    stream = await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "abc"
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.usage is None for c in chunks)
+    # The gateway asks the backend for usage for its own accounting, even unasked.
+    assert setup.fake.requests[-1].json["stream_options"] == {"include_usage": True}
+
+
+async def test_include_usage_true_gives_one_usage_chunk_before_done(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["x", "y"], usage=Usage(5, 2)))
+    stream = await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_include_usage_false_is_never_flipped(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["x"], usage=Usage(5, 1)))
+    stream = await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": False}  # type: ignore[arg-type]
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.choices for c in chunks)  # chunk.choices[0] never raises IndexError
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_parallel_tool_calls_stream_with_their_indexes(setup: Setup) -> None:
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"tz": "Europe/Paris"}')]
+    setup.fake.set_script(Script(tokens=[], tool_calls=calls, tool_arg_fragment=5, interleave_tool_calls=True))
+    stream = await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, stream=True,  # type: ignore[arg-type]
+        tools=[{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("get_weather", "get_time")],
+    )
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    finish = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                if call.function and call.function.name:
+                    names[call.index] = call.function.name
+                arguments[call.index] = arguments.get(call.index, "") + ((call.function and call.function.arguments) or "")
+            finish = choice.finish_reason or finish
+    assert names == {0: "get_weather", 1: "get_time"}
+    assert {i: json.loads(a) for i, a in arguments.items()} == {0: {"city": "Paris"}, 1: {"tz": "Europe/Paris"}}
+    assert finish == "tool_calls"
+    assert setup.fake.requests[-1].json["tools"][0]["function"]["name"] == "get_weather"
+
+
+async def test_headers_ids_and_correlation(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        body = {"model": "m", "messages": MESSAGES, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body,
+                                 headers={"x-request-id": "req-123", "x-correlation-id": "corr-9"}) as response:
+            raw = await response.aread()
+    assert response.headers["x-request-id"] == "req-123"
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "content-length" not in response.headers
+    assert raw.endswith(b"data: [DONE]\n\n")
+    forwarded = setup.fake.requests[-1].headers
+    assert forwarded["x-correlation-id"] == "corr-9" and forwarded["x-request-id"] == "req-123"
+    assert "authorization" not in forwarded  # the client's key is never passed to a backend
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+async def test_invalid_field_is_a_400_naming_it(setup: Setup) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, temperature=7)  # type: ignore[arg-type]
+    assert info.value.status_code == 400
+    assert "temperature" in info.value.message
+    assert info.value.body["param"] == "temperature"  # type: ignore[index]
+    assert setup.fake.requests == []
+
+
+async def test_malformed_json_is_a_400(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        response = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_body_too_large_is_a_413() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True), max_body_bytes=2000) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
+        assert info.value.status_code == 413
+        assert "too large" in info.value.message
+        await client.close()
+
+
+async def test_unknown_model_is_a_404() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, prefixes=("qwen3-",))) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.chat.completions.create(model="gpt-9", messages=MESSAGES)  # type: ignore[arg-type]
+        assert "gpt-9" in info.value.message
+        await client.close()
+
+
+async def test_backend_error_is_a_502_with_its_message(setup: Setup) -> None:
+    setup.fake.set_script(Script(status=500, error_message="CUDA out of memory"))
+    with pytest.raises(openai.InternalServerError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert info.value.status_code == 502
+    assert "CUDA out of memory" in info.value.message
+
+
+async def test_backend_validation_error_keeps_its_400(setup: Setup) -> None:
+    setup.fake.set_script(Script(status=400, error_message="max_tokens is too large for this model's context"))
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert "context" in info.value.message
+
+
+async def test_backend_rate_limit_passes_retry_after(setup: Setup) -> None:
+    setup.fake.set_script(Script(status=429, error_message="slow down", retry_after=7))
+    with pytest.raises(openai.RateLimitError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert info.value.response.headers["retry-after"] == "7"
+
+
+async def test_unreachable_backend_is_a_503() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        assert info.value.status_code == 503
+        assert "unreachable" in info.value.message
+        await client.close()
+
+
+async def test_first_token_timeout_is_a_504_and_closes_the_backend() -> None:
+    fake = OpenAIBackend(default=Script(stall_before_headers=True))
+    quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)
+    async with fake.serve() as server, running_gateway(backend("slow", server.url, default=True, timeouts=quick)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        assert info.value.status_code == 504
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+async def test_idle_timeout_mid_stream_ends_with_an_error_event() -> None:
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3))
+    quick = Timeouts(connect=2, first_token=5, idle=0.3, total=30)
+    async with fake.serve() as server, running_gateway(backend("slow", server.url, default=True, timeouts=quick)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        seen = []
+        with pytest.raises(openai.APIError) as info:
+            async for chunk in stream:
+                seen.append(chunk)
+        assert seen and "idle" in info.value.message
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["error", "close"])
+async def test_backend_failing_mid_stream_gives_one_error_event(setup: Setup, mode: str) -> None:
+    setup.fake.set_script(Script(tokens=["a", "b", "c", "d", "e"], fail_after=3, fail_mode=mode, error_message="engine died"))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+    assert response.status_code == 200
+    frames = [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
+    errors = [json.loads(f) for f in frames if f != "[DONE]" and "error" in json.loads(f)]
+    assert len(errors) == 1 and frames[-1] != "[DONE]"
+    assert set(errors[0]["error"]) == {"message", "type", "param", "code"}
+    if mode == "error":
+        assert "engine died" in errors[0]["error"]["message"]
+    stream = await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+
+
+# -- cancellation -------------------------------------------------------------------------------------
+
+
+async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup) -> None:
+    setup.fake.set_script(Script(n_tokens=1000, pace=0.01))
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        async with client.stream("POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}) as response:
+            lines = response.aiter_lines()
+            for _ in range(6):
+                await lines.__anext__()
+    gone = await setup.fake.wait_disconnect(2.0)
+    assert 0 < gone.frames_sent < 1000
+    await setup.fake.wait_idle(2.0)
+
+
+async def test_disconnect_before_first_token_closes_the_backend_request(setup: Setup) -> None:
+    setup.fake.set_script(Script(header_delay=30))
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        with trio.move_on_after(0.3):
+            await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+    gone = await setup.fake.wait_disconnect(2.0)
+    assert not gone.headers_sent
+
+
+async def test_disconnect_while_non_streaming_request_waits(setup: Setup) -> None:
+    setup.fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        with trio.move_on_after(0.3):
+            await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    await setup.fake.wait_disconnect(2.0)
+    await setup.fake.wait_idle(2.0)
+
+
+async def test_repeated_disconnects_leave_no_tasks_behind(setup: Setup) -> None:
+    setup.fake.set_script(Script(n_tokens=1000, pace=0.01))
+
+    def task_count() -> int:
+        def count(task: trio.lowlevel.Task) -> int:
+            return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+        return count(trio.lowlevel.current_root_task())
+
+    async def drop_one(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}) as response:
+            lines = response.aiter_lines()
+            await lines.__anext__()
+
+    async with httpx.AsyncClient(base_url=setup.url, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        await drop_one(client)
+        await setup.fake.wait_idle(2.0)
+        await trio.sleep(0.1)
+        baseline = task_count()
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(drop_one, client)
+        await setup.fake.wait_idle(2.0)
+    await trio.sleep(0.2)
+    assert setup.fake.cancelled >= 21
+    assert task_count() <= baseline
+
+
+# -- routing and catalogue ------------------------------------------------------------------------------
+
+
+async def test_prefix_routing_aliases_and_default() -> None:
+    general, coder = OpenAIBackend(name="general"), OpenAIBackend(name="coder")
+    async with general.serve() as g, coder.serve() as c, running_gateway(
+        backend("general", g.url, default=True),
+        backend("coder", c.url, prefixes=("qwen3-coder",)),
+        aliases={"gpt-4o": "qwen3-coder-30b"},
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for model in ("qwen3-coder-30b", "gpt-4o", "llama-3"):
+            await client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+        await client.close()
+    assert [r.json["model"] for r in coder.requests] == ["qwen3-coder-30b", "qwen3-coder-30b"]
+    assert [r.json["model"] for r in general.requests] == ["llama-3"]
+
+
+async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages() -> None:
+    one = OpenAIBackend(models=["qwen3-8b", "qwen3-32b"])
+    two = OpenAIBackend(models=["llama-3-8b"])
+    async with one.serve() as a, two.serve() as b:
+        dead = "http://127.0.0.1:9"
+        async with running_gateway(
+            backend("a", a.url, default=True), backend("b", b.url, prefixes=("llama",)),
+            aliases={"gpt-4o": "qwen3-32b"},
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            models = {m.id: m for m in (await client.models.list()).data}
+            assert {"qwen3-8b", "qwen3-32b", "llama-3-8b", "gpt-4o"} <= set(models)
+            assert models["llama-3-8b"].model_extra["backend"] == "b"  # type: ignore[index]
+            assert models["gpt-4o"].model_extra["backend"] == "a"  # type: ignore[index]
+            await client.close()
+            async with httpx.AsyncClient(base_url=url) as http:
+                assert (await http.get("/health")).status_code == 200
+                assert (await http.get("/ready")).status_code == 200
+        async with running_gateway(backend("a", a.url, default=True), backend("gone", dead, prefixes=("x",))) as url:
+            async with httpx.AsyncClient(base_url=url) as http:
+                ready = await http.get("/ready")
+                assert ready.status_code == 503
+                assert "gone" in ready.json()["reason"]
+                assert (await http.get("/health")).status_code == 200
