@@ -381,7 +381,7 @@ async def test_frames_per_write_coalesces_frames_into_one_socket_write() -> None
 
 
 async def test_many_concurrent_streams_are_served_and_counted() -> None:
-    backend = OpenAIBackend(default=Script(n_tokens=50))
+    backend = OpenAIBackend(default=Script(n_tokens=20))
     async with backend.serve() as server:
         limits = httpx.Limits(max_connections=32)
         async with httpx.AsyncClient(limits=limits) as http:
@@ -389,7 +389,7 @@ async def test_many_concurrent_streams_are_served_and_counted() -> None:
             async def one() -> None:
                 body = {"model": "m", "messages": USER, "stream": True}
                 r = await http.post(f"{server.url}/v1/chat/completions", json=body)
-                assert r.text.count("data: ") == 53
+                assert r.text.count("data: ") == 23
 
             async with trio.open_nursery() as nursery:
                 for _ in range(64):
@@ -397,7 +397,36 @@ async def test_many_concurrent_streams_are_served_and_counted() -> None:
         assert server.connections_total <= 32
 
     assert (backend.completed, backend.cancelled, backend.failed) == (64, 0, 0)
-    assert all(g.frames_sent == 53 for g in backend.generations)
+    assert all(g.frames_sent == 23 for g in backend.generations)
+
+
+async def test_client_closing_after_the_last_byte_is_not_a_disconnect() -> None:
+    backend = OpenAIBackend(default=Script(n_tokens=20))
+    request = json.dumps({"model": "m", "messages": USER, "stream": True}).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+    async with backend.serve() as server:
+        for _ in range(30):
+            sock = await trio.open_tcp_stream(server.host, server.port)
+            await sock.send_all(head % len(request) + request)
+            received = b""
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                received += await sock.receive_some(65536)
+            await sock.aclose()
+        await backend.wait_idle(1.0)
+    assert (backend.completed, backend.cancelled, len(backend.disconnects)) == (30, 0, 0)
+
+
+async def test_dropping_connections_cuts_streams_like_a_crash() -> None:
+    backend = OpenAIBackend(default=Script(n_tokens=1000, pace=0.01))
+    async with backend.serve() as server:
+        stream = await openai_client(server.url).chat.completions.create(
+            model="m", messages=OPENAI_USER, stream=True
+        )
+        with pytest.raises(openai.APIConnectionError):
+            async for _ in stream:
+                server.drop_connections()
+        await backend.wait_idle(1.0)
+    assert (backend.failed, backend.cancelled, backend.disconnects) == (1, 0, [])
 
 
 async def test_keep_alive_reuses_one_connection() -> None:

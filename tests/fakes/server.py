@@ -350,8 +350,10 @@ async def _watch_disconnect(
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
-            exchange.mark_disconnected()
-            handler_scope.cancel()
+            # After the last byte of the response a close is an ordinary goodbye.
+            if not exchange.finished:
+                exchange.mark_disconnected()
+                handler_scope.cancel()
             return
         # A pipelining client's next request: h11 keeps it for the next cycle.
         conn.receive_data(data)
