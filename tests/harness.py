@@ -28,9 +28,9 @@ async def running_gateway(
     *backends: BackendConfig, aliases: Mapping[str, str] | None = None, **settings_fields: Any
 ) -> AsyncIterator[str]:
     """Serve a gateway for `backends` on 127.0.0.1 (a free port); yields its base URL."""
+    fields: dict[str, Any] = {"access_log": False, **settings_fields}
     settings = replace(
-        Settings(), backends=tuple(backends), aliases=dict(aliases or {}), host="127.0.0.1", port=0,
-        access_log=False, **settings_fields,
+        Settings(), backends=tuple(backends), aliases=dict(aliases or {}), host="127.0.0.1", port=0, **fields
     )
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -340,3 +340,32 @@ async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages
                 assert ready.status_code == 503
                 assert "gone" in ready.json()["reason"]
                 assert (await http.get("/health")).status_code == 200
+
+
+async def test_backend_connections_are_reused_across_requests(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["a", "b"]))
+    for stream in (True, False, True, True, False):
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[call-overload]
+    await trio.sleep(0.1)
+    assert setup.fake.server is not None and setup.fake.server.connections_total == 1
+
+
+async def test_request_log_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["a", "b"], usage=Usage(3, 2)))
+    caplog.set_level("INFO", logger="llm_proxy.request")
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), access_log=True) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"x-request-id": "r1"})  # type: ignore[arg-type]
+        fake.set_script(Script(n_tokens=500, pace=0.01))
+        async with httpx.AsyncClient(base_url=url) as http:
+            async with http.stream("POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True},
+                                   headers={"x-request-id": "r2"}) as response:
+                await response.aiter_lines().__anext__()
+        await fake.wait_disconnect(2.0)
+        await client.close()
+    records = {r.request_id: r for r in caplog.records if r.name == "llm_proxy.request"}  # type: ignore[attr-defined]
+    done, dropped = records["r1"], records["r2"]
+    assert (done.status, done.cancelled, done.finish_reason, done.backend) == (200, False, "stop", "vllm")  # type: ignore[attr-defined]
+    assert (done.prompt_tokens, done.completion_tokens) == (3, 2)  # type: ignore[attr-defined]
+    assert done.trace_id and done.total_ms > 0 and done.ttft_ms is not None  # type: ignore[attr-defined]
+    assert dropped.cancelled is True and dropped.stream is True  # type: ignore[attr-defined]

@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
-from hypercorn.typing import ASGISendCallable
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+from quart.asgi import ASGIHTTPConnection
+from quart.wrappers import Request
 from quart.wrappers.response import ResponseBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 
@@ -47,12 +50,34 @@ async def _empty() -> AsyncIterator[bytes]:
 
 
 class GatewayConnection(TrioASGIHTTPConnection):
+    """Quart-trio's connection, with two changes for exchanges.
+
+    The exchange sends its own status (see the module docstring). And a client that hangs
+    up *after* its response was complete no longer cancels the request: hypercorn reports
+    every finished response as a disconnect, and the exchange may still be returning its
+    backend connection to the pool or writing its log row.
+    """
+
+    _response_complete = False
+
+    async def handle_messages(self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable) -> None:  # type: ignore[override]
+        await ASGIHTTPConnection.handle_messages(self, request, receive)
+        if not self._response_complete:
+            nursery.cancel_scope.cancel()
+
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
         body = getattr(response, "response", None)
-        if isinstance(body, ExchangeBody):
-            await body.run(send)
-        else:
+        if not isinstance(body, ExchangeBody):
             await super()._send_response(send, response)
+            return
+
+        async def send_tracked(message: Any) -> None:
+            # Set before sending: hypercorn reports the disconnect from inside this send.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._response_complete = True
+            await send(message)
+
+        await body.run(send_tracked)
 
 
 class AsgiSink:

@@ -14,6 +14,7 @@ from proxy.config import BackendConfig
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamEvent
+from proxy.infra.transport import PooledTransport
 
 
 @dataclass(slots=True)
@@ -69,18 +70,16 @@ class Backend(Protocol):
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> httpx.AsyncClient:
     """One pooled client per backend, kept for the process's life."""
     timeouts = config.timeouts
-    limits = httpx.Limits(
+    transport = PooledTransport(
         max_connections=config.max_connections,
-        # httpcore's pool bookkeeping is quadratic in idle connections (stack-ceiling.md):
-        # keep enough warm connections for bursts, no more.
-        max_keepalive_connections=min(config.max_connections, 32),
+        max_keepalive=config.max_connections,
         keepalive_expiry=30.0,
     )
     return httpx.AsyncClient(
+        transport=transport,
         base_url=config.base_url,
         headers={"accept-encoding": "identity", **auth_header},
         timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=timeouts.connect, pool=timeouts.connect),
-        limits=limits,
         follow_redirects=False,
     )
 

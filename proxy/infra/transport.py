@@ -1,0 +1,271 @@
+"""A lean HTTP/1.1 transport for httpx on trio, with an O(1) connection pool.
+
+httpcore's pool re-scans every connection for every request and polls each idle socket
+(encode/httpcore#1035, #928): with a few dozen warm connections that bookkeeping costs more
+than the request itself (stack-ceiling.md measured 12-15 ms of CPU per request at 256). Here
+an idle connection is a deque entry: taking one is a pop and a single readability check.
+
+Two more things a gateway needs from its transport:
+- Body reads return everything already received (several SSE frames arrive in one read and
+  leave in one write), never one chunk-encoding chunk at a time.
+- Closing a response before its end closes the socket at once, synchronously, even inside a
+  cancelled scope — that FIN is how the backend learns its client has gone.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import httpx
+import trio
+
+_RECEIVE_SIZE = 65536
+Origin = tuple[bytes, bytes, int]
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    idle_since: float = 0.0
+    reused: bool = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            return stream.transport_stream.socket
+        return stream.socket
+
+    def close(self) -> None:
+        """Close now, without a checkpoint: it must happen even when we are cancelled."""
+        self.socket.close()
+
+
+class _StaleConnection(Exception):
+    """A reused keep-alive connection turned out closed before the backend saw our request."""
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        max_keepalive: int = 32,
+        keepalive_expiry: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._slots = trio.Semaphore(max_connections)
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._max_keepalive = max_keepalive
+        self._expiry = keepalive_expiry
+        self._ssl_context = ssl_context
+        self._closed = False
+
+    # -- pool ---------------------------------------------------------------------------
+
+    def _checkout(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()
+            # A readable idle socket means the server closed it (or sent garbage).
+            if now - conn.idle_since > self._expiry or conn.socket.is_readable():
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    def _release(self, origin: Origin, conn: _Connection) -> None:
+        if self._closed or conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+            conn.close()
+            return
+        try:
+            conn.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            conn.close()
+            return
+        idle = self._idle.setdefault(origin, deque())
+        if len(idle) >= self._max_keepalive:
+            idle.popleft().close()
+        conn.idle_since = trio.current_time()
+        idle.append(conn)
+
+    async def _connect(self, origin: Origin, connect_seconds: float | None) -> _Connection:
+        scheme, host, port = origin
+        try:
+            with trio.fail_after(_seconds(connect_seconds)):
+                tcp = await trio.open_tcp_stream(host.decode(), port)
+                if scheme != b"https":
+                    return _Connection(tcp)
+                context = self._ssl_context or _default_ssl_context()
+                tls = trio.SSLStream(tcp, context, server_hostname=host.decode())
+                await tls.do_handshake()
+                return _Connection(tls)
+        except trio.TooSlowError:
+            raise httpx.ConnectTimeout(f"connecting to {host.decode()}:{port} timed out") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(f"cannot connect to {host.decode()}:{port}: {exc}") from None
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin: Origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        body = await request.aread()
+        head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
+        try:
+            with trio.fail_after(_seconds(timeouts.get("pool"))):
+                await self._slots.acquire()
+        except trio.TooSlowError:
+            raise httpx.PoolTimeout("no connection to the backend became free in time") from None
+        try:
+            for _attempt in range(2):
+                conn = self._checkout(origin) or await self._connect(origin, timeouts.get("connect"))
+                try:
+                    answer = await self._exchange(conn, head, body, timeouts)
+                except _StaleConnection:
+                    conn.close()
+                    continue
+                except BaseException:
+                    conn.close()
+                    raise
+                return httpx.Response(
+                    answer.status_code,
+                    headers=answer.headers.raw_items(),
+                    stream=_Body(self, origin, conn),
+                    request=request,
+                    extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
+                )
+            raise httpx.RemoteProtocolError("the backend closed the connection without answering")
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _exchange(
+        self, conn: _Connection, head: h11.Request, body: bytes, timeouts: dict[str, float | None]
+    ) -> h11.Response:
+        data = conn.h11.send(head) or b""
+        if body:
+            data += conn.h11.send(h11.Data(data=body)) or b""
+        data += conn.h11.send(h11.EndOfMessage()) or b""
+        try:
+            with trio.fail_after(_seconds(timeouts.get("write"))):
+                await conn.stream.send_all(data)
+        except trio.TooSlowError:
+            raise httpx.WriteTimeout("sending the request timed out") from None
+        except (trio.BrokenResourceError, OSError) as exc:
+            if conn.reused:
+                raise _StaleConnection from None
+            raise httpx.WriteError(str(exc) or type(exc).__name__) from None
+        received_any = False
+        try:
+            with trio.fail_after(_seconds(timeouts.get("read"))):
+                while True:
+                    event = conn.h11.next_event()
+                    if event is h11.NEED_DATA:
+                        chunk = await _receive(conn)
+                        if not chunk and conn.reused and not received_any:
+                            raise _StaleConnection
+                        received_any = True
+                        conn.h11.receive_data(chunk)
+                        continue
+                    if isinstance(event, h11.Response):
+                        return event
+                    if isinstance(event, h11.ConnectionClosed):
+                        raise httpx.RemoteProtocolError("the backend closed the connection without answering")
+        except trio.TooSlowError:
+            raise httpx.ReadTimeout("waiting for the response timed out") from None
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body: each step returns all the data already received."""
+
+    def __init__(self, transport: PooledTransport, origin: Origin, conn: _Connection) -> None:
+        self._transport = transport
+        self._origin = origin
+        self._conn: _Connection | None = conn
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        parts: list[bytes] = []
+        try:
+            while True:
+                event = conn.h11.next_event()
+                if event is h11.NEED_DATA:
+                    if parts:
+                        return b"".join(parts)
+                    conn.h11.receive_data(await _receive(conn))
+                elif type(event) is h11.Data:
+                    parts.append(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    self._finish(reuse=True)
+                    if parts:
+                        return b"".join(parts)
+                    raise StopAsyncIteration
+                elif isinstance(event, h11.ConnectionClosed):
+                    self._finish(reuse=False)
+                    if parts:
+                        return b"".join(parts)
+                    raise StopAsyncIteration
+        except h11.RemoteProtocolError as exc:
+            self._finish(reuse=False)
+            raise httpx.RemoteProtocolError(f"the backend broke off the response: {exc}") from None
+        except BaseException:
+            self._finish(reuse=False)
+            raise
+
+    def _finish(self, *, reuse: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if reuse:
+            self._transport._release(self._origin, conn)
+        else:
+            conn.close()
+        self._transport._slots.release()
+
+    async def aclose(self) -> None:
+        # Unread body left: the connection cannot be reused; closing it tells the backend.
+        self._finish(reuse=False)
+
+
+async def _receive(conn: _Connection) -> bytes:
+    try:
+        return bytes(await conn.stream.receive_some(_RECEIVE_SIZE))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise httpx.ReadError(str(exc) or type(exc).__name__) from None
+
+
+def _seconds(value: Any) -> float:
+    return float(value) if value is not None else float("inf")
+
+
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+        _SSL_CONTEXT.set_alpn_protocols(["http/1.1"])
+    return _SSL_CONTEXT
