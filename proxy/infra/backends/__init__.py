@@ -2,12 +2,15 @@
 
 from proxy.config import BackendConfig
 from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo
+from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
 
 
 def create_backend(config: BackendConfig) -> Backend:
     if config.kind == "openai":
         return OpenAIBackend(config)
+    if config.kind == "ollama":
+        return OllamaBackend(config)
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 

@@ -1,0 +1,91 @@
+"""What the Ollama codec's request and response halves share: tool arguments, images, JSON text.
+
+Ollama carries tool-call arguments as a JSON *object* and images as bare base64; the domain
+carries arguments as JSON text and images as URLs. These helpers convert both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+from proxy.domain.chat import ImagePart
+from proxy.domain.errors import invalid_request
+
+DIALECT = "ollama"
+
+# Arguments that are not a JSON object cannot travel as Ollama's `arguments` (clients, the
+# official SDK included, validate it as a mapping). They travel as this one string field, and
+# a request carrying exactly this shape gets the original text back.
+RAW_ARGUMENTS_KEY = "__raw_arguments"
+
+
+def arguments_object(text: str) -> dict[str, Any]:
+    """The domain's arguments text as the object Ollama wants."""
+    if not text or text.isspace():
+        return {}
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return {RAW_ARGUMENTS_KEY: text}
+    return value if isinstance(value, dict) else {RAW_ARGUMENTS_KEY: text}
+
+
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; Ollama (Go) would reject the request carrying them.
+    raise ValueError(name)
+
+
+def arguments_text(value: Any) -> str:
+    """Ollama's arguments (an object; some clients send a string) as the domain's JSON text."""
+    if isinstance(value, dict):
+        raw = value.get(RAW_ARGUMENTS_KEY)
+        if isinstance(raw, str) and len(value) == 1:
+            return raw
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "{}"
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@lru_cache(maxsize=16384)
+def json_string(text: str) -> bytes:
+    """A JSON string literal as UTF-8 (tokens repeat a lot, so encodings are cached)."""
+    try:
+        return json.dumps(text, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # Lone surrogates cannot be UTF-8; escaped they are still valid JSON.
+        return json.dumps(text).encode()
+
+
+# Magic numbers as they look in base64, for the media type of a data URL.
+_IMAGE_SIGNATURES = (
+    ("iVBORw0KGgo", "image/png"),
+    ("/9j/", "image/jpeg"),
+    ("R0lGOD", "image/gif"),
+    ("UklGR", "image/webp"),
+    ("Qk", "image/bmp"),
+)
+
+
+def image_part(data: str) -> ImagePart:
+    """An Ollama image (bare base64) as a data URL, media type sniffed from its first bytes."""
+    media = next((kind for prefix, kind in _IMAGE_SIGNATURES if data.startswith(prefix)), "image/png")
+    return ImagePart(url=f"data:{media};base64,{data}")
+
+
+def image_base64(part: ImagePart) -> str:
+    """The base64 payload Ollama wants; Ollama cannot fetch URLs, so only data URLs work."""
+    url = part.url
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if sep and header.endswith(";base64"):
+            return payload
+    raise invalid_request(
+        "Ollama backends accept only inline images (base64 `data:` URLs), not image URLs.",
+        param="messages",
+        code="unsupported_image",
+    )

@@ -1,0 +1,98 @@
+"""Ollama's model endpoints: `/api/tags`, `/api/show`, `/api/version`, and reading a backend's tags.
+
+Models served by Ollama backends keep the backend's own facts (size, digest, details). Others
+get placeholders: size 0, a digest derived from the backend and name (stable, so clients that
+key on it keep working), and a family guessed from the name's leading letters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.dialects.ollama._response import parse_timestamp, timestamp
+
+# Clients gate features on the server version (tools, thinking, structured outputs…); this is a
+# recent release whose API the gateway's Ollama surface matches.
+OLLAMA_VERSION = "0.12.6"
+ROOT_TEXT = b"Ollama is running"
+
+_TAG_FIELDS = ("modified_at", "size", "digest", "details")
+
+
+def version_body() -> bytes:
+    return dumps({"version": OLLAMA_VERSION})
+
+
+def name_variants(name: str) -> tuple[str, ...]:
+    """Ollama's naming: `llama3.2` and `llama3.2:latest` are the same model."""
+    base = name.rsplit("/", 1)[-1]
+    if ":" not in base:
+        return (name, name + ":latest")
+    if name.endswith(":latest"):
+        return (name, name.removesuffix(":latest"))
+    return (name,)
+
+
+def parse_tag(item: Any) -> tuple[str, int, dict[str, Any]] | None:
+    """One entry of a backend's `/api/tags`: its name, modification time, and the facts the
+    gateway's own `/api/tags` passes through (kept as `ModelInfo.details`)."""
+    if not isinstance(item, dict):
+        return None
+    name = item.get("model") or item.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    facts = {key: item[key] for key in _TAG_FIELDS if key in item}
+    return name, parse_timestamp(item.get("modified_at")), facts
+
+
+def placeholder_details(name: str) -> dict[str, Any]:
+    match = re.match(r"[A-Za-z]+", name.rsplit("/", 1)[-1])
+    family = match.group(0).lower() if match else ""
+    return {
+        "parent_model": "",
+        "format": "",
+        "family": family,
+        "families": [family] if family else [],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def tag_entry(name: str, *, backend: str, created: int, facts: Mapping[str, Any]) -> dict[str, Any]:
+    """One `/api/tags` entry; `facts` are an Ollama backend's (see `parse_tag`), or empty."""
+    details = facts.get("details")
+    modified = facts.get("modified_at")
+    size = facts.get("size")
+    digest = facts.get("digest")
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified if isinstance(modified, str) and modified else timestamp(created or None),
+        "size": size if isinstance(size, int) else 0,
+        "digest": digest if isinstance(digest, str) and digest else hashlib.sha256(f"{backend}/{name}".encode()).hexdigest(),
+        "details": dict(details) if isinstance(details, dict) else placeholder_details(name),
+    }
+
+
+def render_tags(entries: list[dict[str, Any]]) -> bytes:
+    return dumps({"models": entries})
+
+
+def show_body(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """`/api/show` for a model whose backend cannot say more than its tags entry."""
+    details = entry.get("details") or placeholder_details(str(entry.get("name", "")))
+    family = details.get("family") or ""
+    return {
+        "license": "",
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": details,
+        "model_info": {"general.architecture": family} if family else {},
+        "capabilities": ["completion", "tools"],
+        "modified_at": entry.get("modified_at") or timestamp(),
+    }

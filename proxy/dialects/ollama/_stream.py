@@ -1,0 +1,278 @@
+"""Ollama NDJSON streams, sans-IO.
+
+`StreamParser` reads an Ollama backend's `/api/chat` or `/api/generate` lines and yields domain
+events. `StreamRenderer` turns domain events from any backend into the lines an Ollama client
+expects; tool calls are held back until they are complete, because Ollama clients get each call
+whole, with its arguments as an object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.dialects.ollama._common import json_string
+from proxy.dialects.ollama._response import (
+    Timing,
+    done_reason,
+    error_message,
+    finish_reason,
+    new_completion_id,
+    parse_timestamp,
+    statistics,
+    timestamp,
+    tool_call_of,
+    tool_calls_body,
+    usage_of,
+)
+from proxy.domain.chat import FinishReason, ToolCall, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+
+
+class NdjsonDecoder:
+    """Splits a byte stream into lines; a partial line waits for the next `feed`."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        end = buffer.rfind(b"\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 1 :]
+        return [line for line in buffer[:end].split(b"\n") if line and not line.isspace()]
+
+    def close(self) -> list[bytes]:
+        """The last line, if the peer did not end it with a newline."""
+        line, self._buffer = self._buffer, b""
+        return [line] if line.strip() else []
+
+
+_PIECES = (TextDelta, ReasoningDelta)
+
+
+def _malformed() -> GatewayError:
+    return GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream line.")
+
+
+class StreamParser:
+    """An Ollama backend's stream as domain events.
+
+    Ollama sends no ids and no usable tool-call indexes: the stream gets a generated id, each
+    tool call a `call_…` id (unless the backend sent one) and an index counting from 0 in order
+    of appearance, and `done_reason: "stop"` after tool calls becomes `tool_calls`.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = NdjsonDecoder()
+        self._started = False
+        self._tool_count = 0
+        self._tool_ids: set[str] = set()
+        self.usage: Usage | None = None
+        self.done = False
+        self.failed = False
+
+    def feed(self, data: bytes) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if not self.done:
+            for line in self._decoder.feed(data):
+                self._line(line, events)
+                if self.done:
+                    break
+        return events
+
+    def close(self) -> list[StreamEvent]:
+        """The backend's body ended; a stream without its `done` line has failed."""
+        events: list[StreamEvent] = []
+        if not self.done:
+            for line in self._decoder.close():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    break  # cut off mid-line: reported as the early end it is
+                self._line(line, events)
+        if not self.done:
+            self._fail(GatewayError(ErrorKind.BACKEND, "The backend closed the stream before it finished."), events)
+        return events
+
+    def _fail(self, error: GatewayError, events: list[StreamEvent]) -> None:
+        events.append(StreamFailed(error))
+        self.failed = True
+        self.done = True
+
+    def _line(self, line: bytes, events: list[StreamEvent]) -> None:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            self._fail(_malformed(), events)
+            return
+        if not isinstance(data, dict):
+            self._fail(_malformed(), events)
+            return
+        if "error" in data:
+            text = error_message(data["error"]) or "The backend reported an error."
+            self._fail(GatewayError(ErrorKind.BACKEND, text), events)
+            return
+        if not self._started:
+            self._started = True
+            model = data.get("model")
+            events.append(
+                StreamStart(
+                    id=new_completion_id(),
+                    model=model if isinstance(model, str) else "",
+                    created=parse_timestamp(data.get("created_at")),
+                )
+            )
+        message = data.get("message")
+        chat = isinstance(message, dict)
+        holder: dict[str, Any] = message if isinstance(message, dict) else data
+        thinking = holder.get("thinking")
+        if thinking and isinstance(thinking, str):
+            events.append(ReasoningDelta(thinking))
+        content = holder.get("content" if chat else "response")
+        if content and isinstance(content, str):
+            events.append(TextDelta(content))
+        calls = holder.get("tool_calls") if chat else None
+        if calls and isinstance(calls, list):
+            for raw in calls:
+                call = tool_call_of(raw, self._tool_ids)
+                if call is not None:
+                    index = self._tool_count
+                    self._tool_count += 1
+                    events.append(ToolCallStart(index, call.id, call.name))
+                    events.append(ToolCallDelta(index, call.arguments))
+        if data.get("done") is True:
+            self.usage = usage_of(data)
+            if self.usage is not None:
+                events.append(UsageReport(self.usage))
+            events.append(Finish(finish_reason(data.get("done_reason"), called_tools=self._tool_count > 0)))
+            self.done = True
+
+
+class StreamRenderer:
+    """Domain events as an Ollama `/api/chat` (or, with `generate`, `/api/generate`) stream.
+
+    `model` is the name the client asked for, echoed on every line as Ollama does. `started`
+    is when the request arrived, on `clock`; the closing line's durations are measured from it.
+    Only choice 0 is rendered (an Ollama request cannot ask for more).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        generate: bool = False,
+        started: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._generate = generate
+        self._clock = clock
+        self._started = clock() if started is None else started
+        self._first: float | None = None
+        self._prefix = b'{"model":' + json_string(model) + b',"created_at":"'
+        if generate:
+            self._text_open = b'",' + b'"response":'
+            self._thinking_open = b'","response":"","thinking":'
+            self._close = b',"done":false}\n'
+        else:
+            self._text_open = b'","message":{"role":"assistant","content":'
+            self._thinking_open = b'","message":{"role":"assistant","content":"","thinking":'
+            self._close = b'},"done":false}\n'
+        self._calls: dict[int, list[str]] = {}
+        self._call_heads: dict[int, tuple[str, str]] = {}
+        self._usage: Usage | None = None
+        self._reason: FinishReason | None = None
+        self._pieces = 0
+        self.done = False
+
+    def render(self, events: list[StreamEvent]) -> bytes:
+        out: list[bytes] = []
+        stamp = b""
+        for event in events:
+            if self.done:
+                break
+            if isinstance(event, _PIECES):
+                if event.choice or not event.text:
+                    continue
+                if not stamp:
+                    stamp = timestamp().encode()
+                if self._first is None:
+                    self._first = self._clock()
+                self._pieces += 1
+                head = self._text_open if isinstance(event, TextDelta) else self._thinking_open
+                out.append(self._prefix + stamp + head + json_string(event.text) + self._close)
+            elif isinstance(event, ToolCallStart):
+                if event.choice == 0:
+                    self._call_heads[event.index] = (event.id, event.name)
+                    self._calls.setdefault(event.index, [])
+                    if self._first is None:
+                        self._first = self._clock()
+            elif isinstance(event, ToolCallDelta):
+                if event.choice == 0:
+                    self._calls.setdefault(event.index, []).append(event.arguments)
+            elif isinstance(event, UsageReport):
+                self._usage = event.usage
+            elif isinstance(event, Finish):
+                if event.choice == 0 and self._reason is None:
+                    self._reason = event.reason
+                    out.append(self._flush_calls())
+            elif isinstance(event, StreamFailed):
+                out.append(self._flush_calls())
+                out.append(dumps({"error": event.error.message}) + b"\n")
+                self.done = True
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """The closing `done: true` line (unless the stream already ended with an error)."""
+        if self.done:
+            return b""
+        self.done = True
+        calls = self._flush_calls()
+        timing = Timing(self._started, self._first, self._clock())
+        stats = statistics(self._usage, timing, eval_count=self._pieces)
+        reason = done_reason(self._reason)
+        head = self._prefix + timestamp().encode()
+        if self._generate:
+            body = b'","response":"","done":true,"done_reason":"' + reason.encode() + b'",'
+        else:
+            body = b'","message":{"role":"assistant","content":""},"done_reason":"' + reason.encode() + b'","done":true,'
+        return calls + head + body + dumps(stats)[1:] + b"\n"
+
+    def _flush_calls(self) -> bytes:
+        """All tool calls seen so far, whole, on one line (as Ollama sends them)."""
+        if not self._calls or self._generate:
+            self._calls.clear()
+            return b""
+        calls = [
+            ToolCall(id=self._call_heads.get(index, ("", ""))[0], name=self._call_heads.get(index, ("", ""))[1],
+                     arguments="".join(self._calls[index]))
+            for index in sorted(self._calls)
+        ]
+        self._calls.clear()
+        self._call_heads.clear()
+        self._pieces += len(calls)
+        return (
+            self._prefix
+            + timestamp().encode()
+            + b'","message":{"role":"assistant","content":"","tool_calls":'
+            + dumps(tool_calls_body(calls))
+            + b'},"done":false}\n'
+        )

@@ -1,0 +1,215 @@
+"""The Ollama surface: /api/chat, /api/generate, /api/tags, /api/show, /api/version and `/`.
+
+The official `ollama` clients work unmodified against the gateway (`host=<gateway url>`),
+whichever kind of backend serves the model.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hypercorn.typing import ASGISendCallable
+from quart import Blueprint, Response
+
+from proxy.dialects import ollama
+from proxy.dialects._json import dumps, loads_object
+from proxy.domain.chat import ChatRequest
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.events import CompletionBuilder
+from proxy.http._context import gateway, request_body, request_meta
+from proxy.http._errors import register_dialect_errors
+from proxy.http._exchange import AsgiSink, ExchangeBody, Headers
+from proxy.infra.backends import Batch, ModelInfo
+from proxy.infra.backends._ollama import OllamaBackend
+from proxy.services.chat import ChatExchange
+
+blueprint = Blueprint("ollama", __name__)
+
+_JSON = "application/json; charset=utf-8"
+NDJSON_HEADERS: Headers = [(b"content-type", b"application/x-ndjson")]
+JSON_HEADERS: Headers = [(b"content-type", _JSON.encode())]
+
+register_dialect_errors("ollama", ("/api/",), ollama.render_error, _JSON)
+
+
+class OllamaStreamSink(AsgiSink):
+    """NDJSON to an Ollama client, rendered from the exchange's events."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, renderer: ollama.StreamRenderer) -> None:
+        super().__init__(send, headers)
+        self._renderer = renderer
+
+    async def fail(self, error: GatewayError) -> None:
+        await self._error(error, ollama.render_error(error), _JSON.encode())
+
+    async def start(self) -> None:
+        await self._start(200, NDJSON_HEADERS)
+
+    async def write(self, batch: Batch) -> None:
+        data = self._renderer.render(batch.events)
+        if data:
+            await self._body(data)
+
+    async def finish(self) -> None:
+        await self._end(self._renderer.close())
+
+
+class OllamaJsonSink(AsgiSink):
+    """One JSON object (`"stream": false`), timed from the request's arrival."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, *, model: str, generate: bool, started: float) -> None:
+        super().__init__(send, headers)
+        self._model = model
+        self._generate = generate
+        self._started = started
+
+    async def fail(self, error: GatewayError) -> None:
+        await self._error(error, ollama.render_error(error), _JSON.encode())
+
+    async def start(self) -> None:
+        await self._start(200, JSON_HEADERS)
+
+    async def write(self, batch: Batch) -> None:
+        completion = batch.completion
+        if completion is None:
+            builder = CompletionBuilder()
+            for event in batch.events:
+                builder.add(event)
+            completion = builder.build()
+        timing = ollama.Timing(self._started, None, time.perf_counter())
+        await self._body(
+            ollama.render_completion(completion, model=self._model, generate=self._generate, timing=timing)
+        )
+
+    async def finish(self) -> None:
+        await self._end()
+
+
+def _not_found(model: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.NOT_FOUND, f'model "{model}" not found, try pulling it first', param="model", code="model_not_found"
+    )
+
+
+def _exchange(request: ChatRequest) -> tuple[ChatExchange, Headers]:
+    meta = request_meta()
+    try:
+        exchange = gateway().chat.exchange(request, meta, relay_openai=False)
+    except GatewayError as error:
+        if error.code == "model_not_found":
+            raise _not_found(request.model) from None
+        raise
+    return exchange, [(b"x-request-id", meta.request_id.encode())]
+
+
+async def _answer(request: ChatRequest, *, generate: bool) -> Response:
+    if not request.messages:
+        return _load(request, generate=generate)
+    exchange, headers = _exchange(request)
+    if generate:
+        # Chat backends have no fill-in-the-middle: answering as if there were no suffix
+        # would be a confidently wrong completion.
+        backend = exchange.route.backend
+        kind = gateway().backends[backend].config.kind
+        if kind != "ollama" and "suffix" in ollama.generate_only_fields(request):
+            raise invalid_request(
+                f"`suffix` (fill-in-the-middle) needs an Ollama backend; model `{request.model}` "
+                f"is served by backend `{backend}` ({kind}).",
+                param="suffix",
+            )
+    started = exchange.meta.received
+    if request.stream:
+        renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started)
+        return Response(ExchangeBody(exchange, lambda send: OllamaStreamSink(send, headers, renderer)))
+    return Response(
+        ExchangeBody(
+            exchange,
+            lambda send: OllamaJsonSink(send, headers, model=request.model, generate=generate, started=started),
+        )
+    )
+
+
+def _load(request: ChatRequest, *, generate: bool) -> Response:
+    """No prompt: Ollama would (un)load the model. The gateway loads nothing; it checks that the
+    model is served and answers as Ollama does."""
+    try:
+        gateway().router.resolve(request.model)
+    except GatewayError as error:
+        if error.code == "model_not_found":
+            raise _not_found(request.model) from None
+        raise
+    keep_alive = request.extra.get("keep_alive")
+    unload = keep_alive in (0, 0.0, "0", "0s")
+    return Response(ollama.load_reply(request.model, generate=generate, unload=unload), content_type=_JSON)
+
+
+@blueprint.post("/api/chat")
+async def chat() -> Response:
+    return await _answer(ollama.parse_chat_request(await request_body()), generate=False)
+
+
+@blueprint.post("/api/generate")
+async def generate() -> Response:
+    return await _answer(ollama.parse_generate_request(await request_body()), generate=True)
+
+
+@blueprint.get("/api/tags")
+async def tags() -> Response:
+    models = await gateway().catalog.models()
+    return Response(ollama.render_tags([_tag(info, models) for info in models]), content_type=_JSON)
+
+
+def _tag(info: ModelInfo, models: list[ModelInfo]) -> dict[str, object]:
+    facts = info.details
+    target = facts.get("alias_of")
+    if isinstance(target, str):
+        # An alias shows its target's facts.
+        facts = next((m.details for m in models if m.id == target), {})
+    return ollama.tag_entry(info.id, backend=info.backend, created=info.created, facts=facts)
+
+
+@blueprint.post("/api/show")
+async def show() -> Response:
+    data = loads_object(await request_body())
+    name = data.get("model") or data.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid_request("model is required", param="model")
+    models = await gateway().catalog.models()
+    variants = ollama.name_variants(name)
+    info = next((m for m in models if m.id in variants), None)
+    if info is not None:
+        alias_of = info.details.get("alias_of")
+        backend_name, upstream = info.backend, alias_of if isinstance(alias_of, str) else info.id
+    else:
+        # Not listed (its backend may be down, or it is served by prefix): ask the router.
+        try:
+            route = gateway().router.resolve(name)
+        except GatewayError:
+            raise _show_not_found(name) from None
+        backend_name, upstream = route.backend, route.upstream_model
+    backend = gateway().backends.get(backend_name)
+    if isinstance(backend, OllamaBackend):
+        try:
+            shown = await backend.show(upstream)
+        except GatewayError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                raise _show_not_found(name) from None
+            raise
+        return Response(dumps(shown), content_type=_JSON)
+    if info is None:
+        raise _show_not_found(name)
+    return Response(dumps(ollama.show_body(_tag(info, models))), content_type=_JSON)
+
+
+def _show_not_found(name: str) -> GatewayError:
+    return GatewayError(ErrorKind.NOT_FOUND, f"model '{name}' not found", param="model", code="model_not_found")
+
+
+@blueprint.get("/api/version")
+async def version() -> Response:
+    return Response(ollama.version_body(), content_type=_JSON)
+
+
+@blueprint.route("/", methods=["GET", "HEAD"])
+async def root() -> Response:
+    return Response(ollama.ROOT_TEXT, content_type="text/plain; charset=utf-8")

@@ -1,0 +1,155 @@
+"""Backends that speak Ollama's native API (`/api/chat`, `/api/generate`, `/api/tags`).
+
+`base_url` is the server root (`http://127.0.0.1:11434`). Streams are NDJSON; the first-token,
+idle and drain handling mirror the OpenAI adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import httpx
+import trio
+
+from proxy.config import BackendConfig
+from proxy.dialects import ollama
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import completion_events
+from proxy.infra.backends._base import (
+    BackendCall,
+    Batch,
+    ModelInfo,
+    create_client,
+    read_limited,
+    status_error,
+    timeout_error,
+    transport_errors,
+)
+
+# Reading what follows the `done` line lets the connection return to the pool.
+_DRAIN_SECONDS = 0.05
+
+
+class OllamaBackend:
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        key = config.api_key
+        self._client = create_client(config, auth_header={"authorization": f"Bearer {key}"} if key else {})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
+        message = ollama.error_message_from_body(body) or body[:500].decode("utf-8", "replace").strip()
+        return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
+
+    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+        timeouts = self.config.timeouts
+        name = self.config.name
+        path, body = ollama.encode_request(call.request, call.upstream_model, stream=True)
+        request = self._client.build_request(
+            "POST",
+            path,
+            content=body,
+            headers={"content-type": "application/json", "accept": "application/x-ndjson", **call.headers},
+        )
+        # The first-token clock covers the wait for the response head too: Ollama answers
+        # only once the model is loaded, and a queued request is as silent as a stalled one.
+        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
+        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
+            response = await self._client.send(request, stream=True)
+        if head_scope.cancelled_caught:
+            raise timeout_error(name, "sent no first token", timeouts.first_token)
+        try:
+            if response.status_code >= 400:
+                with transport_errors(name):
+                    raise self._error(response, await read_limited(response))
+            parser = ollama.StreamParser()
+            chunks = response.aiter_raw().__aiter__()
+            deadline, what = first_deadline, "sent no first token"
+            wait = timeouts.first_token
+            while True:
+                data: bytes | None = None
+                with trio.move_on_at(deadline) as scope, transport_errors(name):
+                    try:
+                        data = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        data = None
+                if scope.cancelled_caught:
+                    raise timeout_error(name, what, wait)
+                events = parser.feed(data) if data is not None else parser.close()
+                if events:
+                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
+                    await send.send(Batch(events, done=parser.done))
+                    # Started after the hand-off, so a slow client is not taken for a silent backend.
+                    deadline = trio.current_time() + (wait or math.inf)
+                if parser.done or data is None:
+                    break
+            if data is not None and not parser.failed:
+                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
+                    async for _ in chunks:
+                        pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def complete(self, call: BackendCall) -> Batch:
+        name = self.config.name
+        path, body = ollama.encode_request(call.request, call.upstream_model, stream=False)
+        with transport_errors(name):
+            response = await self._client.post(
+                path, content=body, headers={"content-type": "application/json", **call.headers}
+            )
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        data = _json_object(response.content, name)
+        if "error" in data:
+            message = ollama.error_message_from_body(response.content) or "The backend reported an error."
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` failed: {message}")
+        completion = ollama.parse_completion(data)
+        return Batch(completion_events(completion), done=True, completion=completion)
+
+    async def list_models(self) -> list[ModelInfo]:
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.get("/api/tags")
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        items = _json_object(response.content, name).get("models")
+        models = []
+        for item in items if isinstance(items, list) else []:
+            tag = ollama.parse_tag(item)
+            if tag is not None:
+                model, created, facts = tag
+                models.append(ModelInfo(id=model, backend=name, created=created, owned_by=name, details=facts))
+        return models
+
+    async def show(self, model: str) -> dict[str, Any]:
+        """The backend's `/api/show` for `model` (template, parameters, capabilities, …)."""
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.post(
+                "/api/show", content=json.dumps({"model": model}).encode(), headers={"content-type": "application/json"}
+            )
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        return _json_object(response.content, name)
+
+    async def check(self) -> None:
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.get("/api/version")
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+
+
+def _json_object(content: bytes, backend: str) -> dict[str, Any]:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned invalid JSON.")
+    return data

@@ -1,0 +1,469 @@
+"""The official `ollama` SDK (its AsyncClient, under trio) against the gateway's Ollama surface,
+in front of fake OpenAI, Ollama and Anthropic backends."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+import trio
+
+from proxy.config import Timeouts
+from proxy.dialects.ollama import OLLAMA_VERSION
+from tests.fakes import (
+    AnthropicBackend,
+    FakeBackend,
+    OllamaBackend,
+    OpenAIBackend,
+    Script,
+    ToolCall,
+    Usage,
+)
+from tests.harness import backend, running_gateway
+
+MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
+KINDS = ["openai", "ollama", "anthropic"]
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAghs7GQAAAABJRU5ErkJggg=="
+)
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": "d",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    for name in ("get_weather", "get_time")
+]
+
+
+@dataclass
+class Setup:
+    url: str
+    client: ollama.AsyncClient
+    fakes: dict[str, FakeBackend]
+
+    def fake(self, kind: str) -> FakeBackend:
+        return self.fakes[kind]
+
+    def sent(self, kind: str) -> dict[str, Any]:
+        """The JSON body the backend of `kind` last received."""
+        body = self.fakes[kind].requests[-1].json
+        assert isinstance(body, dict)
+        return body
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    fakes: dict[str, FakeBackend] = {"openai": OpenAIBackend(), "ollama": OllamaBackend(), "anthropic": AnthropicBackend()}
+    async with fakes["openai"].serve() as oa, fakes["ollama"].serve() as ol, fakes["anthropic"].serve() as an:
+        async with running_gateway(
+            backend("oa", oa.url, default=True),
+            backend("ol", ol.url, kind="ollama", prefixes=("llama",)),
+            backend("an", an.url, kind="anthropic", prefixes=("claude",)),
+            aliases={"my-alias": "llama3.2:latest"},
+        ) as url:
+            client = ollama.AsyncClient(host=url)
+            yield Setup(url, client, fakes)
+            await client.close()
+
+
+async def collect(stream: AsyncIterator[Any]) -> list[Any]:
+    return [part async for part in stream]
+
+
+# -- chat -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streaming_chat(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hel", "lo", " world"], usage=Usage(11, 3)))
+    model = MODELS[kind]
+    parts = await collect(await setup.client.chat(model=model, messages=MESSAGES, stream=True))
+    assert "".join(p.message.content for p in parts) == "Hello world"
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert all(p.model == model and p.message.role == "assistant" for p in parts)
+    final = parts[-1]
+    assert final.done_reason == "stop"
+    assert (final.prompt_eval_count, final.eval_count) == (11, 3)
+    assert final.total_duration > 0 and final.eval_duration > 0
+    assert final.total_duration >= final.prompt_eval_duration
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hi", " there"], reasoning=["Let me ", "think."], usage=Usage(7, 4)))
+    reply = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, think=True)
+    assert reply.message.content == "Hi there"
+    assert reply.message.thinking == "Let me think."
+    assert reply.done is True and reply.done_reason == "stop"
+    assert (reply.prompt_eval_count, reply.eval_count) == (7, 4)
+    assert setup.sent(kind)["stream"] is False
+    if kind == "ollama":
+        assert setup.sent(kind)["think"] is True
+    else:
+        assert "think" not in setup.sent(kind)  # Ollama-only fields stay with Ollama backends
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [True, False])
+async def test_parallel_tool_calls_arrive_whole_with_object_arguments(setup: Setup, kind: str, stream: bool) -> None:
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"city": "Rome", "utc": true}')]
+    setup.fake(kind).set_script(Script(tokens=["Checking."], tool_calls=calls, tool_arg_fragment=3, interleave_tool_calls=True))
+    if stream:
+        parts = await collect(await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS, stream=True))
+        with_calls = [p for p in parts if p.message.tool_calls]
+        assert len(with_calls) == 1 and not with_calls[0].done
+        got = with_calls[0].message.tool_calls
+        final = parts[-1]
+        assert "".join(p.message.content for p in parts) == "Checking."
+    else:
+        final = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS)
+        got = final.message.tool_calls
+        assert final.message.content == "Checking."
+    assert [(c.function.name, dict(c.function.arguments)) for c in got] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"city": "Rome", "utc": True}),
+    ]
+    assert final.done_reason == "stop"  # Ollama's way of ending a turn that called tools
+    tools_sent = setup.sent(kind)["tools"]
+    assert [t.get("name") or t["function"]["name"] for t in tools_sent] == ["get_weather", "get_time"]
+
+
+async def test_tool_call_ids_and_indexes_on_the_wire(setup: Setup) -> None:
+    calls = [ToolCall("get_weather", '{"city": "Paris"}', id="call_one"), ToolCall("get_weather", '{"city": "Rome"}', id="call_two")]
+    setup.fake("openai").set_script(Script(tokens=[], tool_calls=calls, tool_arg_fragment=4, interleave_tool_calls=True))
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        response = await http.post("/api/chat", json={"model": "gpt", "messages": MESSAGES, "tools": TOOLS})
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    (call_line,) = [line for line in lines if line["message"].get("tool_calls")]
+    assert call_line["message"]["tool_calls"] == [
+        {"id": "call_one", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "call_two", "function": {"index": 1, "name": "get_weather", "arguments": {"city": "Rome"}}},
+    ]
+    assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Setup, kind: str) -> None:
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+        ]},
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
+        {"role": "tool", "tool_name": "get_weather", "content": "rainy"},
+    ]
+    reply = await setup.client.chat(model=MODELS[kind], messages=history, tools=TOOLS)
+    assert reply.message.content
+    sent = setup.sent(kind)["messages"]
+    if kind == "openai":
+        ids = [c["id"] for c in sent[1]["tool_calls"]]
+        assert [json.loads(c["function"]["arguments"]) for c in sent[1]["tool_calls"]] == [{"city": "Paris"}, {"city": "Rome"}]
+        assert len(set(ids)) == 2
+        assert [(m["role"], m["tool_call_id"], m["content"]) for m in sent[2:]] == [
+            ("tool", ids[0], "sunny"), ("tool", ids[1], "rainy"),
+        ]
+    elif kind == "ollama":
+        assert sent[1]["tool_calls"][1]["function"]["arguments"] == {"city": "Rome"}
+        assert [(m["role"], m["tool_name"], m["content"]) for m in sent[2:]] == [
+            ("tool", "get_weather", "sunny"), ("tool", "get_weather", "rainy"),
+        ]
+    else:
+        uses = [b for b in sent[1]["content"] if b["type"] == "tool_use"]
+        results = [b for m in sent[2:] for b in m["content"] if b["type"] == "tool_result"]
+        assert [u["input"] for u in uses] == [{"city": "Paris"}, {"city": "Rome"}]
+        assert [r["tool_use_id"] for r in results] == [u["id"] for u in uses]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    await setup.client.chat(
+        model=MODELS[kind], messages=MESSAGES, format=schema, keep_alive="10m",
+        options={"temperature": 0.3, "top_p": 0.8, "num_predict": 64, "stop": ["END"], "seed": 42, "num_ctx": 8192},
+    )
+    sent = setup.sent(kind)
+    if kind == "openai":
+        assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"], sent["seed"]) == (0.3, 0.8, 64, ["END"], 42)
+        assert sent["response_format"]["type"] == "json_schema"
+        assert sent["response_format"]["json_schema"]["schema"] == schema
+        assert "num_ctx" not in sent and "keep_alive" not in sent and "options" not in sent
+    elif kind == "ollama":
+        assert sent["options"] == {"temperature": 0.3, "top_p": 0.8, "num_predict": 64, "stop": ["END"], "seed": 42, "num_ctx": 8192}
+        assert sent["format"] == schema and sent["keep_alive"] == "10m"
+    else:
+        assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop_sequences"]) == (0.3, 0.8, 64, ["END"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_num_predict_limit_ends_with_length(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["a", "b", "c", "d", "e"]))
+    parts = await collect(await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options={"num_predict": 2}, stream=True))
+    assert "".join(p.message.content for p in parts) == "ab"
+    assert parts[-1].done_reason == "length"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_images_become_the_backends_image_parts(setup: Setup, kind: str) -> None:
+    await setup.client.chat(model=MODELS[kind], messages=[{"role": "user", "content": "What is this?", "images": [PNG]}])
+    user = setup.sent(kind)["messages"][-1]
+    encoded = base64.b64encode(PNG).decode()
+    if kind == "openai":
+        assert user["content"] == [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}},
+        ]
+    elif kind == "ollama":
+        assert user == {"role": "user", "content": "What is this?", "images": [encoded]}
+    else:
+        image = next(b for b in user["content"] if b["type"] == "image")
+        assert image["source"] == {"type": "base64", "media_type": "image/png", "data": encoded}
+
+
+async def test_alias_is_echoed_and_resolved(setup: Setup) -> None:
+    reply = await setup.client.chat(model="my-alias", messages=MESSAGES)
+    assert reply.model == "my-alias"
+    assert setup.sent("ollama")["model"] == "llama3.2:latest"
+
+
+# -- generate --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_generate_streams_responses(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Once", " upon"], usage=Usage(5, 2)))
+    parts = await collect(await setup.client.generate(model=MODELS[kind], prompt="Tell a story", system="Be brief", stream=True))
+    assert "".join(p.response for p in parts) == "Once upon"
+    final = parts[-1]
+    assert final.done and final.done_reason == "stop" and final.eval_count == 2
+    assert final.context is None  # no real context tokens to give (see the dialect notes)
+    sent = setup.sent(kind)
+    if kind == "openai":
+        assert sent["messages"] == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Tell a story"}]
+    elif kind == "ollama":
+        assert setup.fake(kind).requests[-1].path == "/api/generate"
+        assert (sent["prompt"], sent["system"]) == ("Tell a story", "Be brief")
+
+
+async def test_generate_non_streaming(setup: Setup) -> None:
+    setup.fake("openai").set_script(Script(tokens=["4"]))
+    reply = await setup.client.generate(model="gpt", prompt="2+2?")
+    assert reply.response == "4" and reply.done and reply.done_reason == "stop"
+
+
+async def test_generate_suffix_is_native_on_ollama_and_refused_elsewhere(setup: Setup) -> None:
+    reply = await setup.client.generate(model="llama3.2", prompt="def add(a, b):", suffix="\n", raw=True)
+    assert reply.response
+    sent = setup.sent("ollama")
+    assert (sent["suffix"], sent["raw"]) == ("\n", True)
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.generate(model="gpt", prompt="def add(a, b):", suffix="\n")
+    assert info.value.status_code == 400 and "suffix" in info.value.error
+
+
+async def test_empty_prompts_load_the_model_without_calling_it(setup: Setup) -> None:
+    generated = await setup.client.generate(model="llama3.2", prompt="")
+    assert (generated.done, generated.done_reason, generated.response) == (True, "load", "")
+    chatted = await setup.client.chat(model="qwen3-8b", messages=[])
+    assert (chatted.done, chatted.done_reason) == (True, "load")
+    unloaded = await setup.client.generate(model="llama3.2", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    streamed = await collect(await setup.client.generate(model="llama3.2", prompt="", stream=True))
+    assert [p.done_reason for p in streamed] == ["load"]
+    assert setup.fake("ollama").requests == [] and setup.fake("openai").requests == []
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+async def test_unknown_model_is_ollamas_404() -> None:
+    fake = OllamaBackend()
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", prefixes=("llama",))) as url:
+        client = ollama.AsyncClient(host=url)
+        for call in (
+            client.chat(model="mistral", messages=MESSAGES),
+            client.generate(model="mistral", prompt="x"),
+            client.generate(model="mistral", prompt=""),
+        ):
+            with pytest.raises(ollama.ResponseError) as info:
+                await call
+            assert info.value.status_code == 404
+            assert info.value.error == 'model "mistral" not found, try pulling it first'
+        with pytest.raises(ollama.ResponseError) as info:
+            await client.show("mistral")
+        assert info.value.status_code == 404 and info.value.error == "model 'mistral' not found"
+        await client.close()
+
+
+async def test_model_missing_on_the_ollama_backend_keeps_its_message() -> None:
+    fake = OllamaBackend(models=["llama3.2"])
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True)) as url:
+        client = ollama.AsyncClient(host=url)
+        with pytest.raises(ollama.ResponseError) as info:
+            await collect(await client.chat(model="llama9", messages=MESSAGES, stream=True))
+        assert info.value.status_code == 404
+        assert info.value.error == 'model "llama9" not found, try pulling it first'
+        await client.close()
+
+
+async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for path, content in (
+            ("/api/chat", b"{not json"),
+            ("/api/chat", json.dumps({"model": "m", "messages": [{"role": "robot", "content": "x"}]}).encode()),
+            ("/api/chat", json.dumps({"messages": MESSAGES}).encode()),
+            ("/api/generate", json.dumps({"model": "m", "prompt": 5}).encode()),
+            ("/api/show", b"[]"),
+        ):
+            response = await http.post(path, content=content)
+            assert response.status_code == 400, (path, content)
+            assert response.headers["content-type"].startswith("application/json")
+            assert set(response.json()) == {"error"} and response.json()["error"]
+        wrong_method = await http.get("/api/chat")
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        unknown = await http.post("/api/pull", json={"model": "x"})
+        assert unknown.status_code == 404 and "error" in unknown.json()
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.chat(model="gpt", messages=MESSAGES, options={"temperature": "hot"})
+    assert info.value.status_code == 400 and "options.temperature" in info.value.error
+    assert setup.fake("openai").requests == []
+
+
+@pytest.mark.parametrize(("status", "expected"), [(500, 502), (503, 503), (429, 429), (400, 400)])
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backend_errors_before_the_stream(setup: Setup, kind: str, status: int, expected: int) -> None:
+    setup.fake(kind).set_script(Script(status=status, error_message="backend says no"))
+    for stream in (True, False):
+        with pytest.raises(ollama.ResponseError) as info:
+            reply = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, stream=stream)
+            if stream:
+                await collect(reply)  # type: ignore[arg-type]
+        assert info.value.status_code == expected
+        assert "backend says no" in info.value.error
+
+
+async def test_unreachable_backend_is_a_503() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", kind="ollama", default=True)) as url:
+        client = ollama.AsyncClient(host=url)
+        with pytest.raises(ollama.ResponseError) as info:
+            await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
+        assert info.value.status_code == 503 and "unreachable" in info.value.error
+        await client.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backend_failing_mid_stream_ends_with_an_error_line(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["a", "b", "c", "d", "e", "f"], fail_after=4, error_message="engine died"))
+    seen: list[Any] = []
+    with pytest.raises(ollama.ResponseError) as info:
+        async for part in await setup.client.chat(model=MODELS[kind], messages=MESSAGES, stream=True):
+            seen.append(part)
+    assert seen and not any(p.done for p in seen)
+    assert "engine died" in info.value.error
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        streamed = await http.post("/api/chat", json={"model": MODELS[kind], "messages": MESSAGES, "stream": True})
+    lines = streamed.text.splitlines()
+    assert streamed.status_code == 200 and streamed.text.endswith("\n")
+    assert json.loads(lines[-1]).keys() == {"error"}
+    assert all("error" not in json.loads(line) for line in lines[:-1])
+
+
+async def test_idle_timeout_mid_stream_is_an_error_line_and_closes_the_backend() -> None:
+    fake = OllamaBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=2))
+    quick = Timeouts(connect=2, first_token=5, idle=0.3, total=30)
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True, timeouts=quick)) as url:
+        client = ollama.AsyncClient(host=url)
+        seen: list[Any] = []
+        with pytest.raises(ollama.ResponseError) as info:
+            async for part in await client.chat(model="m", messages=MESSAGES, stream=True):
+                seen.append(part)
+        assert [p.message.content for p in seen] == ["a", "b"]
+        assert "idle" in info.value.error
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+async def test_first_token_timeout_is_a_504_and_closes_the_backend() -> None:
+    fake = OllamaBackend(default=Script(stall_before_headers=True))
+    quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True, timeouts=quick)) as url:
+        client = ollama.AsyncClient(host=url)
+        with pytest.raises(ollama.ResponseError) as info:
+            await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
+        assert info.value.status_code == 504
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.set_script(Script(n_tokens=1000, pace=0.01))
+    stream = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, stream=True)
+    for _ in range(3):
+        await stream.__anext__()
+    await stream.aclose()  # type: ignore[attr-defined]
+    gone = await fake.wait_disconnect(2.0)
+    assert 0 < gone.frames_sent < 1000
+    await fake.wait_idle(2.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_disconnect_while_waiting_for_a_non_streamed_reply(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
+    with trio.move_on_after(0.3):
+        await setup.client.chat(model=MODELS[kind], messages=MESSAGES)
+    await fake.wait_disconnect(2.0)
+    await fake.wait_idle(2.0)
+
+
+# -- models and probes ---------------------------------------------------------------------------
+
+
+async def test_tags_show_version_and_root(setup: Setup) -> None:
+    listed = {m.model: m for m in (await setup.client.list()).models}
+    assert {"llama3.2:latest", "fake-model", "my-alias"} <= set(listed)
+    local = listed["llama3.2:latest"]
+    assert local.details is not None and (local.details.format, local.details.quantization_level) == ("gguf", "Q4_K_M")
+    assert local.size == 2019393189 and local.modified_at is not None and local.modified_at.year == 2025
+    remote = listed["fake-model"]
+    assert remote.details is not None and remote.details.family == "fake" and remote.size == 0
+    assert remote.digest is not None and len(remote.digest) == 64
+    assert listed["my-alias"].details == local.details
+
+    shown = await setup.client.show("llama3.2")  # the backend's own answer, tag or no tag
+    assert shown.template == "{{ .Prompt }}" and shown.capabilities == ["completion", "tools"]
+    assert (await setup.client.show("my-alias")).modelinfo["general.architecture"] == "llama"  # type: ignore[index]
+    other = await setup.client.show("fake-model")
+    assert other.details is not None and other.details.family == "fake" and "tools" in (other.capabilities or [])
+
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        version = await http.get("/api/version")
+        assert version.json() == {"version": OLLAMA_VERSION}
+        root = await http.get("/")
+        assert (root.status_code, root.text) == (200, "Ollama is running")
+        head = await http.head("/")
+        assert head.status_code == 200 and head.text == ""
+        raw = (await http.get("/api/tags")).json()["models"]
+        assert set(raw[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
+
+
+async def test_stream_and_json_content_types(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        streamed = await http.post("/api/chat", json={"model": "gpt", "messages": MESSAGES}, headers={"x-request-id": "r-1"})
+        whole = await http.post("/api/chat", json={"model": "gpt", "messages": MESSAGES, "stream": False})
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    assert streamed.headers["x-request-id"] == "r-1" and "content-length" not in streamed.headers
+    assert whole.headers["content-type"].startswith("application/json")
+    assert whole.json()["done"] is True and "\n" not in whole.text.strip()
