@@ -1,6 +1,7 @@
 """Backend adapters: one per wire protocol, all behind the `Backend` protocol."""
 
 from proxy.config import BackendConfig
+from proxy.infra.backends._anthropic import AnthropicBackend
 from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
@@ -11,6 +12,8 @@ def create_backend(config: BackendConfig) -> Backend:
         return OpenAIBackend(config)
     if config.kind == "ollama":
         return OllamaBackend(config)
+    if config.kind == "anthropic":
+        return AnthropicBackend(config)
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 

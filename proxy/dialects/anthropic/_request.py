@@ -1,0 +1,473 @@
+"""Anthropic Messages requests: parse a client's body into the domain, render the domain for
+an Anthropic backend.
+
+Mapping choices (ingress):
+- `system` (a string or text blocks) becomes one leading system message;
+- a user message's `tool_result` blocks become domain `tool` messages (placed before the
+  rest of that user message, which is where Anthropic requires them to be); `is_error`
+  travels as an Anthropic-only marker part, so other backends see just the content;
+- assistant `thinking` blocks become the message's `reasoning`; signed ones are also kept
+  verbatim (an Anthropic-only part) because Anthropic needs them back unchanged to continue
+  a tool-use turn; `redacted_thinking` is kept for Anthropic backends only;
+- server tools (a `tools` entry with a `type` other than `custom`), `tool_choice`'s
+  `disable_parallel_tool_use` and every unmodelled top-level field (`thinking`, `metadata`,
+  `service_tier`, …) travel in `extra`, so only Anthropic backends see them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects.anthropic._vocabulary import DIALECT
+from proxy.domain.chat import (
+    ChatRequest,
+    ContentPart,
+    GenerationParams,
+    ImagePart,
+    Message,
+    OpaquePart,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from proxy.domain.errors import invalid_request
+
+# The gateway's marker for `is_error: true` on a tool result (an Anthropic-only part).
+IS_ERROR_MARKER = OpaquePart(DIALECT, {"is_error": True})
+
+_MODELLED = frozenset(
+    {
+        "model", "messages", "system", "max_tokens", "stop_sequences", "temperature", "top_p",
+        "top_k", "stream", "tools", "tool_choice",
+    }
+)
+# Fields Anthropic's count_tokens accepts besides the modelled ones.
+_COUNT_EXTRA = frozenset({"thinking", "mcp_servers", "context_management", "output_config", "output_format"})
+_DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+_TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequest:
+    """Validate a `/v1/messages` body (or a `/v1/messages/count_tokens` one, which has no
+    `max_tokens`); errors are 400s naming the field."""
+    fields = Fields(loads_object(body))
+    model = fields.text("model", required=True, nonempty=True)
+    assert model is not None
+    max_tokens = fields.integer("max_tokens", minimum=1)
+    if max_tokens is None and not count_only:
+        raise invalid_request("Missing required parameter `max_tokens`.", param="max_tokens")
+    raw_messages = fields.array("messages", required=True, nonempty=True)
+    assert raw_messages is not None
+
+    messages = _parse_system(fields.data.get("system"))
+    for i, item in enumerate(raw_messages):
+        messages.extend(_parse_message(item, f"messages[{i}]"))
+
+    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
+    metadata = fields.object("metadata")
+    if metadata is not None:
+        metadata.text("user_id")
+    tools, server_tools = _parse_tools(fields.array("tools") or [])
+    if server_tools:
+        extra["tools"] = server_tools
+    tool_choice = _parse_tool_choice(fields.object("tool_choice"))
+    if tool_choice is not None and "disable_parallel_tool_use" in fields.data["tool_choice"]:
+        extra["tool_choice"] = fields.data["tool_choice"]
+
+    stream = bool(fields.boolean("stream"))
+    params = GenerationParams(
+        max_tokens=max_tokens,
+        temperature=fields.number("temperature", minimum=0, maximum=1),
+        top_p=fields.number("top_p", minimum=0, maximum=1),
+        top_k=fields.integer("top_k", minimum=0),
+        stop=_parse_stop_sequences(fields),
+    )
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        params=params,
+        tools=tools,
+        tool_choice=tool_choice,
+        stream=stream and not count_only,
+        # Anthropic clients always receive usage; ask every backend for it.
+        include_usage=True if stream else None,
+        dialect=DIALECT,
+        extra=extra,
+    )
+
+
+def _parse_stop_sequences(fields: Fields) -> tuple[str, ...]:
+    value = fields.array("stop_sequences")
+    if value is None:
+        return ()
+    if not all(isinstance(item, str) for item in value):
+        raise fields.fail("stop_sequences", "an array of strings")
+    return tuple(value)
+
+
+def _parse_system(value: Any) -> list[Message]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [Message(role="system", content=(TextPart(value),))]
+    if not isinstance(value, list):
+        raise invalid_request("Invalid `system`: expected a string or an array of text blocks.", param="system")
+    parts: list[ContentPart] = []
+    for i, block in enumerate(value):
+        path = f"system[{i}]"
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise invalid_request(f"Invalid `{path}`: expected a text block.", param=path)
+        parts.append(TextPart(_text(block, path)))
+    return [Message(role="system", content=tuple(parts))] if parts else []
+
+
+def _parse_message(item: Any, path: str) -> list[Message]:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    fields = Fields(item, path)
+    role = fields.text("role", required=True)
+    if role not in ("user", "assistant"):
+        raise invalid_request(
+            f"Invalid `{path}.role`: {role!r} is not one of user, assistant "
+            "(put system prompts in the top-level `system`).",
+            param=f"{path}.role",
+        )
+    content = item.get("content")
+    if content is None:
+        raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
+    if isinstance(content, str):
+        return [Message(role="user" if role == "user" else "assistant", content=(TextPart(content),) if content else ())]
+    if not isinstance(content, list):
+        raise invalid_request(
+            f"Invalid `{path}.content`: expected a string or an array of content blocks.", param=f"{path}.content"
+        )
+    blocks = []
+    for j, block in enumerate(content):
+        block_path = f"{path}.content[{j}]"
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise invalid_request(f"Invalid `{block_path}`: expected a content block with a `type`.", param=block_path)
+        blocks.append((block, block_path))
+    if role == "user":
+        return _user_messages(blocks)
+    return [_assistant_message(blocks)]
+
+
+def _user_messages(blocks: list[tuple[dict[str, Any], str]]) -> list[Message]:
+    results: list[Message] = []
+    parts: list[ContentPart] = []
+    for block, path in blocks:
+        if block["type"] == "tool_result":
+            results.append(_tool_result(block, path))
+        else:
+            parts.append(_content_part(block, path))
+    if parts or not results:
+        results.append(Message(role="user", content=tuple(parts)))
+    return results
+
+
+def _tool_result(block: dict[str, Any], path: str) -> Message:
+    fields = Fields(block, path)
+    call_id = fields.text("tool_use_id", required=True, nonempty=True)
+    content = block.get("content")
+    parts: list[ContentPart] = []
+    if isinstance(content, str):
+        if content:
+            parts.append(TextPart(content))
+    elif isinstance(content, list):
+        for k, inner in enumerate(content):
+            inner_path = f"{path}.content[{k}]"
+            if not isinstance(inner, dict) or not isinstance(inner.get("type"), str):
+                raise invalid_request(f"Invalid `{inner_path}`: expected a content block.", param=inner_path)
+            parts.append(_content_part(inner, inner_path))
+    elif content is not None:
+        raise fields.fail("content", "a string or an array of content blocks")
+    if fields.boolean("is_error"):
+        parts.append(IS_ERROR_MARKER)
+    return Message(role="tool", content=tuple(parts), tool_call_id=call_id)
+
+
+def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
+    parts: list[ContentPart] = []
+    calls: list[ToolCall] = []
+    reasoning: list[str] = []
+    for block, path in blocks:
+        kind = block["type"]
+        if kind == "tool_use":
+            fields = Fields(block, path)
+            call_id = fields.text("id", required=True, nonempty=True)
+            name = fields.text("name", required=True, nonempty=True)
+            arguments = block.get("input", {})
+            if not isinstance(arguments, dict):
+                raise fields.fail("input", "an object")
+            calls.append(ToolCall(id=call_id or "", name=name or "", arguments=json.dumps(arguments, ensure_ascii=False)))
+        elif kind == "thinking":
+            thinking = Fields(block, path).text("thinking", required=True)
+            reasoning.append(thinking or "")
+            if block.get("signature"):
+                parts.append(OpaquePart(DIALECT, block))
+        elif kind == "redacted_thinking":
+            parts.append(OpaquePart(DIALECT, block))
+        else:
+            parts.append(_content_part(block, path))
+    return Message(
+        role="assistant",
+        content=tuple(parts),
+        tool_calls=tuple(calls),
+        reasoning="".join(reasoning) if reasoning else None,
+    )
+
+
+def _content_part(block: dict[str, Any], path: str) -> ContentPart:
+    kind = block["type"]
+    if kind == "text":
+        return TextPart(_text(block, path))
+    if kind == "image":
+        source = Fields(block, path).object("source", required=True)
+        assert source is not None
+        source_type = source.text("type", required=True)
+        if source_type == "base64":
+            media = source.text("media_type", required=True, nonempty=True)
+            data = source.text("data", required=True)
+            return ImagePart(url=f"data:{media};base64,{data}")
+        if source_type == "url":
+            url = source.text("url", required=True, nonempty=True)
+            return ImagePart(url=url or "")
+        # Files API references and the like only mean something to Anthropic.
+        return OpaquePart(DIALECT, block)
+    if kind in ("tool_use", "tool_result", "thinking"):
+        raise invalid_request(f"Invalid `{path}`: a `{kind}` block is not allowed here.", param=path)
+    return OpaquePart(DIALECT, block)
+
+
+def _text(block: dict[str, Any], path: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise invalid_request(f"Invalid `{path}.text`: expected a string.", param=f"{path}.text")
+    return text
+
+
+def _parse_tools(items: list[Any]) -> tuple[list[Tool], list[dict[str, Any]]]:
+    tools: list[Tool] = []
+    server_tools: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        path = f"tools[{i}]"
+        if not isinstance(item, dict):
+            raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+        fields = Fields(item, path)
+        if item.get("type", "custom") not in ("custom", None):
+            fields.text("name", required=True, nonempty=True)
+            server_tools.append(item)
+            continue
+        name = fields.text("name", required=True, nonempty=True)
+        schema = fields.object("input_schema", required=True)
+        assert schema is not None
+        tools.append(Tool(name=name or "", description=fields.text("description"), parameters=schema.data))
+    return tools, server_tools
+
+
+def _parse_tool_choice(fields: Fields | None) -> ToolChoice | None:
+    if fields is None:
+        return None
+    kind = fields.text("type", required=True)
+    if kind == "auto":
+        return ToolChoice(mode="auto")
+    if kind == "any":
+        return ToolChoice(mode="required")
+    if kind == "none":
+        return ToolChoice(mode="none")
+    if kind == "tool":
+        return ToolChoice(mode="required", name=fields.text("name", required=True, nonempty=True))
+    raise fields.fail("type", '"auto", "any", "tool" or "none"')
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering for Anthropic backends
+
+
+def encode_messages_request(
+    request: ChatRequest,
+    upstream_model: str,
+    *,
+    stream: bool,
+    default_max_tokens: int,
+    count_only: bool = False,
+) -> bytes:
+    """The body for an Anthropic backend's `/v1/messages` (or its `count_tokens`).
+
+    System messages are hoisted into `system` wherever they stood; consecutive messages of
+    one role are merged (tool results first); `max_tokens` defaults to `default_max_tokens`
+    because Anthropic requires it; an OpenAI temperature above 1 is clamped to Anthropic's
+    maximum of 1. `seed`, penalties and `response_format` have no Anthropic equivalent and
+    are left out.
+    """
+    params = request.params
+    if params.n is not None and params.n > 1:
+        raise invalid_request("Anthropic backends return one choice per request; `n` must be 1.", param="n")
+    same_dialect = request.dialect == DIALECT
+    extra = request.extra if same_dialect else {}
+    body: dict[str, Any] = {}
+    if count_only:
+        body.update({k: v for k, v in extra.items() if k in _COUNT_EXTRA})
+    else:
+        body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice")})
+    body["model"] = upstream_model
+    system = _render_system(request)
+    if system is not None:
+        body["system"] = system
+    body["messages"] = _render_messages(request.messages)
+    tools: list[dict[str, Any]] = [_render_tool(tool) for tool in request.tools]
+    server_tools = extra.get("tools")
+    if isinstance(server_tools, list):
+        tools.extend(server_tools)
+    if tools:
+        body["tools"] = tools
+    if request.tool_choice is not None:
+        body["tool_choice"] = _render_tool_choice(request.tool_choice, extra.get("tool_choice"))
+    if count_only:
+        return dumps(body)
+    body["max_tokens"] = params.max_tokens or default_max_tokens
+    if params.temperature is not None:
+        body["temperature"] = min(params.temperature, 1.0)
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.top_k is not None and params.top_k > 0:
+        body["top_k"] = params.top_k
+    if params.stop:
+        body["stop_sequences"] = list(params.stop)
+    body["stream"] = stream
+    return dumps(body)
+
+
+def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:
+    texts = [
+        part.text
+        for message in request.messages
+        if message.role == "system"
+        for part in message.content
+        if isinstance(part, TextPart) and part.text
+    ]
+    if not texts:
+        return None
+    if len(texts) == 1:
+        return texts[0]
+    return [{"type": "text", "text": text} for text in texts]
+
+
+def _render_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        role = "assistant" if message.role == "assistant" else "user"
+        blocks = _render_blocks(message)
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    for entry in out:
+        blocks = entry["content"]
+        if entry["role"] == "user":
+            # Anthropic wants a turn's tool results ahead of anything else the user says.
+            blocks.sort(key=lambda block: block.get("type") != "tool_result")
+        if len(blocks) == 1 and blocks[0].get("type") == "text" and set(blocks[0]) == {"type", "text"}:
+            entry["content"] = blocks[0]["text"]
+    return out
+
+
+def _render_blocks(message: Message) -> list[dict[str, Any]]:
+    if message.role == "tool":
+        return [_render_tool_result(message)]
+    blocks: list[dict[str, Any]] = []
+    if message.role == "assistant":
+        # A thinking block is only valid with the signature Anthropic gave it: reasoning
+        # from other backends (unsigned) cannot be sent back and is left out.
+        blocks.extend(
+            part.data
+            for part in message.content
+            if isinstance(part, OpaquePart) and part.dialect == DIALECT
+            and part.data.get("type") in ("thinking", "redacted_thinking")
+        )
+    for part in message.content:
+        block = _render_part(part)
+        if block is not None and block.get("type") not in ("thinking", "redacted_thinking"):
+            blocks.append(block)
+    for call in message.tool_calls:
+        blocks.append({"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": input_object(call.arguments)})
+    return blocks
+
+
+def _render_tool_result(message: Message) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id(message.tool_call_id or "")}
+    parts = [part for part in message.content if part != IS_ERROR_MARKER]
+    rendered = [b for b in (_render_part(part) for part in parts) if b is not None]
+    if len(rendered) == 1 and rendered[0]["type"] == "text":
+        block["content"] = rendered[0]["text"]
+    elif rendered:
+        block["content"] = rendered
+    if IS_ERROR_MARKER in message.content:
+        block["is_error"] = True
+    return block
+
+
+def _render_part(part: ContentPart) -> dict[str, Any] | None:
+    if isinstance(part, TextPart):
+        # Anthropic rejects empty text blocks.
+        return {"type": "text", "text": part.text} if part.text else None
+    if isinstance(part, ImagePart):
+        match = _DATA_URL.fullmatch(part.url)
+        if match:
+            source = {"type": "base64", "media_type": match["media"], "data": match["data"]}
+        else:
+            source = {"type": "url", "url": part.url}
+        return {"type": "image", "source": source}
+    if part.dialect == DIALECT and part != IS_ERROR_MARKER:
+        return part.data
+    return None
+
+
+def tool_use_id(call_id: str) -> str:
+    """Anthropic accepts tool ids of `[A-Za-z0-9_-]+` only; others are made to fit, the same
+    way for a call and its result so that they still pair up."""
+    if _TOOL_ID.fullmatch(call_id):
+        return call_id
+    return re.sub(r"[^A-Za-z0-9_-]", "_", call_id) or "toolu_"
+
+
+def input_object(arguments: str) -> dict[str, Any]:
+    """A tool call's arguments as the object Anthropic requires. Arguments that are not a
+    JSON object (a model's malformed output replayed in history) are kept as text rather
+    than lost or refused."""
+    if not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"arguments": value}
+
+
+def _render_tool(tool: Tool) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        out["description"] = tool.description
+    out["input_schema"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    return out
+
+
+def _render_tool_choice(choice: ToolChoice, raw: Any) -> dict[str, Any]:
+    out: dict[str, Any]
+    if choice.name:
+        out = {"type": "tool", "name": choice.name}
+    elif choice.mode == "required":
+        out = {"type": "any"}
+    else:
+        out = {"type": choice.mode}
+    if out["type"] != "none" and isinstance(raw, dict) and "disable_parallel_tool_use" in raw:
+        out["disable_parallel_tool_use"] = raw["disable_parallel_tool_use"]
+    return out

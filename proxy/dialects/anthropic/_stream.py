@@ -1,0 +1,492 @@
+"""Anthropic Messages streams, sans-IO.
+
+`StreamRenderer` turns domain events (from any backend) into the SSE an Anthropic client
+expects; `StreamParser` reads an Anthropic backend's SSE into domain events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.dialects.anthropic._vocabulary import (
+    SignedReasoningDelta,
+    WireUsage,
+    error_frame,
+    error_from_wire,
+    finish_from_wire,
+    message_id,
+    new_tool_use_id,
+    stop_reason_to_wire,
+    usage_to_wire,
+)
+from proxy.dialects.sse import SSEDecoder
+from proxy.domain.chat import Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT = b',"delta":{"type":"text_delta","text":'
+_THINKING = b',"delta":{"type":"thinking_delta","thinking":'
+_SIGNATURE = b',"delta":{"type":"signature_delta","signature":'
+_JSON = b',"delta":{"type":"input_json_delta","partial_json":'
+_DELTA_TAIL = b"}}\n\n"
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def _event(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + dumps(payload) + b"\n\n"
+
+
+def _json_complete(parts: list[str]) -> bool:
+    text = "".join(parts)
+    if not text.strip():
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class _PendingTool:
+    start: ToolCallStart
+    arguments: list[str] = field(default_factory=list)
+
+
+class StreamRenderer:
+    """Renders domain events as an Anthropic Messages stream.
+
+    Anthropic content blocks are strictly sequential — one closes before the next opens —
+    while OpenAI backends may interleave parallel tool calls' argument fragments. A tool
+    call that starts while another is still open is therefore held back (its fragments
+    kept, never dropped) until the open call's arguments form complete JSON or a non-tool
+    event arrives, and then streamed as its own block. Only choice 0 is rendered: an
+    Anthropic message has one.
+    """
+
+    def __init__(self, *, model: str = "") -> None:
+        self._model = model
+        self._start: StreamStart | None = None
+        self._announced = False
+        self._announced_usage: dict[str, Any] | None = None
+        self._usage: Usage | None = None
+        self._finish: Finish | None = None
+        self._next_index = 0
+        self._open: str | None = None  # "text", "thinking", "signed" (closed to more thinking), "tool"
+        self._open_index = -1
+        self._open_tool = -1
+        self._open_arguments: list[str] = []
+        self._tools_seen: set[int] = set()
+        self._pending: dict[int, _PendingTool] = {}
+        self._index_bytes = b"0"
+        self.done = False
+
+    def render(self, events: list[StreamEvent]) -> bytes:
+        out: list[bytes] = []
+        for position, event in enumerate(events):
+            if self.done:
+                break
+            if isinstance(event, StreamStart):
+                self._start = event
+                # Usage that arrives with the start (Anthropic backends, replays) belongs in
+                # message_start; look ahead in this batch for it.
+                for later in events[position + 1 :]:
+                    if isinstance(later, UsageReport):
+                        self._usage = later.usage
+                        break
+                continue
+            if isinstance(event, UsageReport):
+                self._usage = event.usage
+                continue
+            if isinstance(event, StreamFailed) and not self._announced:
+                # Nothing was said yet: the error alone is the clearest answer.
+                out.append(error_frame(event.error))
+                self.done = True
+                break
+            if not self._announced:
+                if getattr(event, "choice", 0) != 0:
+                    continue
+                self._announce(out)
+            self._event(event, out)
+        if self._start is not None and not self._announced and not self.done:
+            self._announce(out)
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """End the stream: close open blocks, then `message_delta` and `message_stop`."""
+        if self.done:
+            return b""
+        out: list[bytes] = []
+        if not self._announced:
+            self._announce(out)
+        self._close_block(out)
+        self._flush_pending(out)
+        stop_reason, stop_sequence = stop_reason_to_wire(self._finish)
+        usage = usage_to_wire(self._usage)
+        delta_usage: dict[str, Any] = {"output_tokens": usage["output_tokens"]}
+        announced = self._announced_usage or {}
+        # Counts message_start could not know yet; Anthropic's SDK merges them in.
+        for key in ("input_tokens", "cache_read_input_tokens"):
+            if usage[key] != announced.get(key):
+                delta_usage[key] = usage[key]
+        if "output_tokens_details" in usage:
+            delta_usage["output_tokens_details"] = usage["output_tokens_details"]
+        out.append(
+            _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                    "usage": delta_usage,
+                },
+            )
+        )
+        out.append(_MESSAGE_STOP)
+        self.done = True
+        return b"".join(out)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _announce(self, out: list[bytes]) -> None:
+        self._announced = True
+        start = self._start
+        usage = usage_to_wire(self._usage)
+        usage.pop("output_tokens_details", None)
+        self._announced_usage = usage
+        message: dict[str, Any] = {
+            "id": message_id(start.id if start else ""),
+            "type": "message",
+            "role": "assistant",
+            "model": (start.model if start else "") or self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        out.append(_event("message_start", {"type": "message_start", "message": message}))
+        out.append(PING)
+
+    def _event(self, event: StreamEvent, out: list[bytes]) -> None:
+        match event:
+            case TextDelta(text, choice):
+                if text and choice == 0:
+                    self._ensure_block("text", out)
+                    out.append(self._delta(_TEXT, text))
+            case ReasoningDelta(text, choice):
+                if choice == 0:
+                    self._reasoning(event, out)
+            case ToolCallStart(index, _, _, choice):
+                if choice == 0 and index not in self._tools_seen:
+                    self._tools_seen.add(index)
+                    self._tool_start(event, out)
+            case ToolCallDelta(index, arguments, choice):
+                if arguments and choice == 0:
+                    self._tool_delta(index, arguments, out)
+            case Finish(_, choice):
+                if choice == 0 and self._finish is None:
+                    self._finish = event
+                    self._close_block(out)
+                    self._flush_pending(out)
+            case StreamFailed(error):
+                out.append(error_frame(error))
+                self.done = True
+
+    def _reasoning(self, event: ReasoningDelta, out: list[bytes]) -> None:
+        signature = event.signature if isinstance(event, SignedReasoningDelta) else ""
+        if not event.text and not signature:
+            return
+        self._ensure_block("thinking", out)
+        if event.text:
+            out.append(self._delta(_THINKING, event.text))
+        if signature:
+            out.append(self._delta(_SIGNATURE, signature))
+            # A signature seals its block; more reasoning starts a new one.
+            self._open = "signed"
+
+    def _tool_start(self, start: ToolCallStart, out: list[bytes]) -> None:
+        if self._open == "tool" and (self._pending or not _json_complete(self._open_arguments)):
+            self._pending[start.index] = _PendingTool(start)
+            return
+        self._close_block(out)
+        self._open_tool_block(start, out)
+
+    def _tool_delta(self, index: int, arguments: str, out: list[bytes]) -> None:
+        if self._open == "tool" and index == self._open_tool:
+            out.append(self._delta(_JSON, arguments))
+            self._open_arguments.append(arguments)
+            if self._pending and _json_complete(self._open_arguments):
+                self._promote_pending(out)
+        elif index in self._pending:
+            self._pending[index].arguments.append(arguments)
+        # Fragments of a call whose block is closed cannot be placed any more; a producer
+        # that keeps the event invariants never sends them.
+
+    def _promote_pending(self, out: list[bytes]) -> None:
+        """The open call is complete: stream held-back calls until one is still incomplete."""
+        while self._pending:
+            self._close_block(out)
+            index = next(iter(self._pending))
+            held = self._pending.pop(index)
+            self._open_tool_block(held.start, out)
+            for fragment in held.arguments:
+                out.append(self._delta(_JSON, fragment))
+            self._open_arguments.extend(held.arguments)
+            if not _json_complete(self._open_arguments):
+                return
+
+    def _flush_pending(self, out: list[bytes]) -> None:
+        while self._pending:
+            self._close_block(out)
+            index = next(iter(self._pending))
+            held = self._pending.pop(index)
+            self._open_tool_block(held.start, out)
+            for fragment in held.arguments:
+                out.append(self._delta(_JSON, fragment))
+        self._close_block(out)
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    def _ensure_block(self, kind: str, out: list[bytes]) -> None:
+        if self._open == kind:
+            return
+        self._close_block(out)
+        self._flush_pending(out)
+        block: dict[str, Any] = (
+            {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+        )
+        self._open_block(kind, block, out)
+
+    def _open_tool_block(self, start: ToolCallStart, out: list[bytes]) -> None:
+        block = {"type": "tool_use", "id": start.id or new_tool_use_id(), "name": start.name, "input": {}}
+        self._open_block("tool", block, out)
+        self._open_tool = start.index
+        self._open_arguments = []
+
+    def _open_block(self, kind: str, block: dict[str, Any], out: list[bytes]) -> None:
+        index = self._next_index
+        self._next_index += 1
+        self._open, self._open_index = kind, index
+        self._index_bytes = str(index).encode()
+        out.append(
+            _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+        )
+
+    def _close_block(self, out: list[bytes]) -> None:
+        if self._open is None:
+            return
+        out.append(
+            b'event: content_block_stop\ndata: {"type":"content_block_stop","index":'
+            + self._index_bytes
+            + b"}\n\n"
+        )
+        self._open = None
+        self._open_tool = -1
+
+    def _delta(self, kind: bytes, value: str) -> bytes:
+        return _DELTA_HEAD + self._index_bytes + kind + dumps(value) + _DELTA_TAIL
+
+
+@dataclass(slots=True)
+class ParseOutput:
+    events: list[StreamEvent]
+    done: bool = False
+
+
+class StreamParser:
+    """Reads an Anthropic backend's SSE stream into domain events.
+
+    Tool calls are numbered 0..n-1 in order of appearance, independent of Anthropic's block
+    indexes. Usage is merged: `message_start` gives the input counts, each `message_delta`
+    the cumulative output (and any input counts it repeats). The last piece of a thinking
+    block is held until its signature or its end, so the signature can ride on it.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._decoder = SSEDecoder()
+        self._started = False
+        self._blocks: dict[int, int] = {}  # Anthropic block index -> tool index, or a _KIND
+        self._tools = 0
+        self._held: str | None = None
+        self._usage = WireUsage()
+        self._finished = False
+        self.done = False
+        self.failed = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def feed(self, data: bytes) -> ParseOutput:
+        events: list[StreamEvent] = []
+        if not self.done:
+            for frame in self._decoder.feed(data):
+                if frame.data:
+                    self._frame(frame.event, frame.data, events)
+                if self.done:
+                    break
+        return ParseOutput(events, self.done)
+
+    def close(self) -> ParseOutput:
+        """The backend's body ended; a stream that never finished is a failure."""
+        events: list[StreamEvent] = []
+        if not self.done:
+            for frame in self._decoder.close():
+                if frame.data and not self.done:
+                    self._frame(frame.event, frame.data, events)
+        if not self.done:
+            self._release_held(events)
+            if not self._finished:
+                self._fail(GatewayError(ErrorKind.BACKEND, "The backend closed the stream before it finished."), events)
+            self.done = True
+        return ParseOutput(events, True)
+
+    def _fail(self, error: GatewayError, events: list[StreamEvent]) -> None:
+        events.append(StreamFailed(error))
+        self.failed = True
+        self.done = True
+
+    def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
+        if name == "ping":
+            return
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), events)
+            return
+        if not isinstance(payload, dict):
+            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), events)
+            return
+        kind = payload.get("type") or name
+        if kind == "content_block_delta":
+            self._block_delta(payload, events)
+        elif kind == "content_block_start":
+            self._block_start(payload, events)
+        elif kind == "content_block_stop":
+            self._release_held(events)
+        elif kind == "message_start":
+            self._message_start(payload, events)
+        elif kind == "message_delta":
+            self._message_delta(payload, events)
+        elif kind == "message_stop":
+            self._release_held(events)
+            self.done = True
+        elif kind == "error":
+            self._release_held(events)
+            self._fail(error_from_wire(payload), events)
+        # `ping` and event types added after this was written are ignored, as Anthropic asks.
+
+    def _message_start(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
+        if self._started:
+            return
+        self._started = True
+        message = payload.get("message")
+        if not isinstance(message, dict):
+            message = {}
+        events.append(
+            StreamStart(
+                id=str(message.get("id") or message_id("")),
+                model=str(message.get("model") or ""),
+                created=int(self._clock()),
+            )
+        )
+        if isinstance(message.get("usage"), dict):
+            self._usage.update(message["usage"])
+            events.append(UsageReport(self._usage.domain()))
+
+    def _block_start(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
+        index = payload.get("index")
+        block = payload.get("content_block")
+        if not isinstance(index, int) or not isinstance(block, dict):
+            return
+        self._release_held(events)
+        kind = block.get("type")
+        if kind == "text":
+            self._blocks[index] = _TEXT_BLOCK
+            text = block.get("text")
+            if isinstance(text, str) and text:
+                events.append(TextDelta(text))
+        elif kind == "thinking":
+            self._blocks[index] = _THINKING_BLOCK
+            thinking = block.get("thinking")
+            if isinstance(thinking, str) and thinking:
+                self._held = thinking
+        elif kind == "tool_use":
+            tool = self._tools
+            self._tools += 1
+            self._blocks[index] = tool
+            call_id = block.get("id")
+            events.append(
+                ToolCallStart(tool, call_id if isinstance(call_id, str) and call_id else new_tool_use_id(), str(block.get("name") or ""))
+            )
+            initial = block.get("input")
+            if isinstance(initial, dict) and initial:
+                events.append(ToolCallDelta(tool, json.dumps(initial, ensure_ascii=False)))
+        else:
+            # redacted_thinking, server tools and their results: nothing the domain carries.
+            self._blocks[index] = _OTHER_BLOCK
+
+    def _block_delta(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
+        index = payload.get("index")
+        delta = payload.get("delta")
+        block = self._blocks.get(index) if isinstance(index, int) else None
+        if block is None or not isinstance(delta, dict):
+            return
+        kind = delta.get("type")
+        if kind == "text_delta":
+            text = delta.get("text")
+            if block == _TEXT_BLOCK and isinstance(text, str) and text:
+                events.append(TextDelta(text))
+        elif kind == "input_json_delta":
+            fragment = delta.get("partial_json")
+            if block >= 0 and isinstance(fragment, str) and fragment:
+                events.append(ToolCallDelta(block, fragment))
+        elif kind == "thinking_delta":
+            thinking = delta.get("thinking")
+            if block == _THINKING_BLOCK and isinstance(thinking, str) and thinking:
+                self._release_held(events)
+                self._held = thinking
+        elif kind == "signature_delta":
+            signature = delta.get("signature")
+            if block == _THINKING_BLOCK and isinstance(signature, str) and signature:
+                events.append(SignedReasoningDelta(self._held or "", 0, signature))
+                self._held = None
+
+    def _release_held(self, events: list[StreamEvent]) -> None:
+        if self._held is not None:
+            events.append(ReasoningDelta(self._held))
+            self._held = None
+
+    def _message_delta(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
+        self._release_held(events)
+        delta = payload.get("delta")
+        if isinstance(delta, dict) and not self._finished:
+            reason = delta.get("stop_reason")
+            if isinstance(reason, str):
+                self._finished = True
+                events.append(finish_from_wire(reason, delta.get("stop_sequence")))
+        if isinstance(payload.get("usage"), dict):
+            self._usage.update(payload["usage"])
+            events.append(UsageReport(self._usage.domain()))
+
+
+_TEXT_BLOCK = -1
+_THINKING_BLOCK = -2
+_OTHER_BLOCK = -3

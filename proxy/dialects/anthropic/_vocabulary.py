@@ -1,0 +1,220 @@
+"""What the Anthropic dialect shares between its parts: stop reasons, usage, errors, ids,
+and two event refinements the domain does not model yet.
+
+`SignedReasoningDelta` and `StopSequenceFinish` subclass domain events, so every other
+consumer (OpenAI renderer, `CompletionBuilder`, …) treats them as the plain event; only the
+Anthropic renderer reads the extra field. They exist because Anthropic clients need a
+thinking block's signature back to continue a tool-use turn, and `stop_sequence` to know
+which sequence matched.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.domain.chat import FinishReason, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import Finish, ReasoningDelta
+
+DIALECT = "anthropic"
+API_VERSION = "2023-06-01"
+
+
+@dataclass(slots=True, frozen=True)
+class SignedReasoningDelta(ReasoningDelta):
+    """The last piece of a thinking block, with the signature the backend gave it."""
+
+    signature: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class StopSequenceFinish(Finish):
+    """A `stop` finish known to come from this stop sequence."""
+
+    stop_sequence: str = ""
+
+
+# -- stop reasons (peers-and-protocols §4.4) -----------------------------------------------
+
+_FROM_WIRE: dict[str, FinishReason] = {
+    "end_turn": FinishReason.STOP,
+    "stop_sequence": FinishReason.STOP,
+    "pause_turn": FinishReason.STOP,
+    "max_tokens": FinishReason.LENGTH,
+    "model_context_window_exceeded": FinishReason.LENGTH,
+    "tool_use": FinishReason.TOOL_CALLS,
+    "refusal": FinishReason.CONTENT_FILTER,
+}
+_TO_WIRE: dict[FinishReason, str] = {
+    FinishReason.STOP: "end_turn",
+    FinishReason.LENGTH: "max_tokens",
+    FinishReason.TOOL_CALLS: "tool_use",
+    FinishReason.CONTENT_FILTER: "refusal",
+}
+
+
+def finish_from_wire(stop_reason: str, stop_sequence: Any = None) -> Finish:
+    """The domain finish for an Anthropic `stop_reason` (unknown ones read as a stop)."""
+    if stop_reason == "stop_sequence" and isinstance(stop_sequence, str):
+        return StopSequenceFinish(FinishReason.STOP, 0, stop_sequence)
+    return Finish(_FROM_WIRE.get(stop_reason, FinishReason.STOP))
+
+
+def stop_reason_to_wire(finish: Finish | None) -> tuple[str, str | None]:
+    """`(stop_reason, stop_sequence)` for a domain finish; no finish reads as `end_turn`."""
+    if isinstance(finish, StopSequenceFinish):
+        return "stop_sequence", finish.stop_sequence
+    if finish is None:
+        return "end_turn", None
+    return _TO_WIRE[finish.reason], None
+
+
+# -- usage ----------------------------------------------------------------------------------
+# Anthropic counts cache reads and writes apart from `input_tokens`; the domain (OpenAI)
+# counts them inside `prompt_tokens`, with `cached_tokens` the part read from cache.
+
+
+def usage_to_wire(usage: Usage | None) -> dict[str, Any]:
+    if usage is None:
+        return {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
+    cached = usage.cached_tokens or 0
+    out: dict[str, Any] = {
+        "input_tokens": max(0, usage.prompt_tokens - cached),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": usage.completion_tokens,
+    }
+    if usage.reasoning_tokens is not None:
+        out["output_tokens_details"] = {"thinking_tokens": usage.reasoning_tokens}
+    return out
+
+
+@dataclass(slots=True)
+class WireUsage:
+    """Anthropic's counters as they arrive; `message_delta` overwrites what it carries."""
+
+    input_tokens: int = 0
+    cache_read: int | None = None
+    cache_creation: int = 0
+    output_tokens: int = 0
+    thinking_tokens: int | None = None
+
+    def update(self, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        value = data.get("input_tokens")
+        if isinstance(value, int):
+            self.input_tokens = value
+        value = data.get("cache_read_input_tokens")
+        if isinstance(value, int):
+            self.cache_read = value
+        value = data.get("cache_creation_input_tokens")
+        if isinstance(value, int):
+            self.cache_creation = value
+        value = data.get("output_tokens")
+        if isinstance(value, int):
+            self.output_tokens = value
+        details = data.get("output_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("thinking_tokens"), int):
+            self.thinking_tokens = details["thinking_tokens"]
+
+    def domain(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.input_tokens + (self.cache_read or 0) + self.cache_creation,
+            completion_tokens=self.output_tokens,
+            cached_tokens=self.cache_read,
+            reasoning_tokens=self.thinking_tokens,
+        )
+
+
+# -- errors ---------------------------------------------------------------------------------
+# Statuses stay the gateway's own (a 503 is a 503: load balancers and the SDK's
+# ServiceUnavailableError/GatewayTimeoutError classes read it correctly, and the SDK retries
+# all 5xx); the error `type` tells Anthropic clients what kind of failure it is.
+
+_ERROR_TYPES: dict[ErrorKind, str] = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.CONFLICT: "invalid_request_error",
+    ErrorKind.REQUEST_TOO_LARGE: "request_too_large",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
+    ErrorKind.INTERNAL: "api_error",
+    ErrorKind.BACKEND: "api_error",
+    ErrorKind.UNAVAILABLE: "overloaded_error",
+    ErrorKind.TIMEOUT: "timeout_error",
+}
+_KINDS_OF_TYPES: dict[str, ErrorKind] = {
+    "invalid_request_error": ErrorKind.INVALID_REQUEST,
+    "not_found_error": ErrorKind.NOT_FOUND,
+    "request_too_large": ErrorKind.REQUEST_TOO_LARGE,
+    "rate_limit_error": ErrorKind.RATE_LIMITED,
+    "overloaded_error": ErrorKind.UNAVAILABLE,
+    "timeout_error": ErrorKind.TIMEOUT,
+}
+
+
+def error_body(error: GatewayError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"), "message": error.message}}
+
+
+def render_error(error: GatewayError) -> bytes:
+    return dumps(error_body(error))
+
+
+def error_frame(error: GatewayError) -> bytes:
+    """The in-stream `error` event; the SDK raises it as an `APIStatusError`."""
+    return b"event: error\ndata: " + render_error(error) + b"\n\n"
+
+
+def error_from_wire(data: Any, fallback: str = "The backend reported an error.") -> GatewayError:
+    """A backend's Anthropic error object (from a body or an `error` event) as a gateway error.
+
+    Only a backend's transient or size conditions keep their meaning; anything else it
+    reports mid-stream is a backend failure (502), not the client's fault.
+    """
+    error = data.get("error") if isinstance(data, dict) else None
+    kind_name = error.get("type") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    kind = _KINDS_OF_TYPES.get(kind_name or "", ErrorKind.BACKEND)
+    if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND):
+        kind = ErrorKind.BACKEND
+    text = message if isinstance(message, str) and message else fallback
+    return GatewayError(kind, text, code=kind_name if isinstance(kind_name, str) else None)
+
+
+def error_message_from_body(body: bytes) -> str | None:
+    """The message of an error body in Anthropic's shape (or a close cousin's)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    message = data.get("message") or data.get("detail")
+    return message if isinstance(message, str) else None
+
+
+# -- ids ------------------------------------------------------------------------------------
+
+
+def message_id(domain_id: str) -> str:
+    """Anthropic message ids start with `msg_`; other backends' ids keep their text after it."""
+    if domain_id.startswith("msg_"):
+        return domain_id
+    return "msg_" + (domain_id or secrets.token_hex(12))
+
+
+def new_tool_use_id() -> str:
+    return "toolu_" + secrets.token_hex(12)

@@ -1,0 +1,100 @@
+"""The Anthropic surface: /v1/messages and /v1/messages/count_tokens.
+
+Credentials (`x-api-key` or `Authorization: Bearer`) and `anthropic-version` are accepted
+as sent and not checked here: a missing version is fine, and authentication is the
+gateway's business elsewhere.
+"""
+
+from __future__ import annotations
+
+from hypercorn.typing import ASGISendCallable
+from quart import Blueprint, Response
+
+from proxy.dialects import anthropic
+from proxy.domain.errors import GatewayError
+from proxy.domain.events import CompletionBuilder
+from proxy.http._context import gateway, request_body, request_meta
+from proxy.http._errors import register_dialect_errors
+from proxy.http._exchange import JSON_HEADERS, SSE_HEADERS, AsgiSink, ExchangeBody, Headers
+from proxy.infra.backends import Batch
+from proxy.infra.backends._anthropic import count_tokens
+
+blueprint = Blueprint("anthropic", __name__)
+
+# Every error on these paths (ours, werkzeug's 404/405/413, unexpected 500s) in Anthropic's shape.
+register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
+
+
+class AnthropicStreamSink(AsgiSink):
+    """Anthropic SSE, rendered from domain events whatever the backend spoke."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
+        super().__init__(send, headers)
+        self._renderer = anthropic.StreamRenderer(model=model)
+
+    async def fail(self, error: GatewayError) -> None:
+        await self._error(error, anthropic.render_error(error))
+
+    async def start(self) -> None:
+        await self._start(200, SSE_HEADERS)
+
+    async def write(self, batch: Batch) -> None:
+        data = self._renderer.render(batch.events)
+        if data:
+            await self._body(data)
+
+    async def finish(self) -> None:
+        await self._end(self._renderer.close())
+
+
+class AnthropicJsonSink(AsgiSink):
+    def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
+        super().__init__(send, headers)
+        self._model = model
+
+    async def fail(self, error: GatewayError) -> None:
+        await self._error(error, anthropic.render_error(error))
+
+    async def start(self) -> None:
+        await self._start(200, JSON_HEADERS)
+
+    async def write(self, batch: Batch) -> None:
+        completion = batch.completion
+        if completion is None:
+            builder = CompletionBuilder()
+            for event in batch.events:
+                builder.add(event)
+            completion = builder.build()
+        await self._body(anthropic.render_message(completion, batch.events, model=self._model))
+
+    async def finish(self) -> None:
+        await self._end()
+
+
+def _headers(request_id: str) -> Headers:
+    value = request_id.encode()
+    return [(b"request-id", value), (b"x-request-id", value)]
+
+
+@blueprint.post("/v1/messages")
+async def messages() -> Response:
+    request = anthropic.parse_messages_request(await request_body())
+    meta = request_meta()
+    exchange = gateway().chat.exchange(request, meta, relay_openai=False)
+    headers = _headers(meta.request_id)
+    model = request.model
+    if request.stream:
+        return Response(ExchangeBody(exchange, lambda send: AnthropicStreamSink(send, headers, model)))
+    return Response(ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model)))
+
+
+@blueprint.post("/v1/messages/count_tokens")
+async def messages_count_tokens() -> Response:
+    request = anthropic.parse_messages_request(await request_body(), count_only=True)
+    meta = request_meta()
+    gw = gateway()
+    route = gw.router.resolve(request.model)
+    count = await count_tokens(gw.backends[route.backend], request, route.upstream_model)
+    response = Response(anthropic.render_token_count(count), content_type="application/json")
+    response.headers["request-id"] = meta.request_id
+    return response

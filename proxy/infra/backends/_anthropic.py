@@ -1,0 +1,253 @@
+"""Backends that speak Anthropic's Messages API (`kind = "anthropic"`), and token counting
+for the Anthropic `count_tokens` endpoint whatever the backend.
+
+`base_url` is the server root (`https://api.anthropic.com`); requests go to
+`{base_url}/v1/messages` with `x-api-key` (from `api_key_env`) and
+`anthropic-version: 2023-06-01`. Anthropic requires `max_tokens`: a request that gives
+none is sent with `DEFAULT_MAX_TOKENS`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import httpx
+import trio
+
+from proxy.config import BackendConfig
+from proxy.dialects import anthropic, openai
+from proxy.domain.chat import ChatRequest
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.infra.backends._base import (
+    Backend,
+    BackendCall,
+    Batch,
+    ModelInfo,
+    create_client,
+    read_limited,
+    status_error,
+    timeout_error,
+    transport_errors,
+)
+
+DEFAULT_MAX_TOKENS = 4096
+# As in the OpenAI adapter: reading past `message_stop` returns the connection to the pool.
+_DRAIN_SECONDS = 0.05
+_MODEL_PAGES = 20
+
+
+def backend_error(name: str, status: int, body: bytes, retry_after: str | None) -> GatewayError:
+    """A backend's HTTP error; Anthropic's 529 (overloaded) is a 503 to our clients."""
+    message = anthropic.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+    if status == 529:
+        error = status_error(name, 503, message, retry_after)
+        return GatewayError(
+            ErrorKind.UNAVAILABLE, f"Backend `{name}` returned 529: {message}", code="backend_529",
+            retry_after=error.retry_after,
+        )
+    return status_error(name, status, message, retry_after)
+
+
+class AnthropicBackend:
+    def __init__(self, config: BackendConfig, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.config = config
+        self.default_max_tokens = default_max_tokens
+        key = config.api_key
+        auth = {"x-api-key": key} if key else {}
+        self._client = create_client(config, auth_header={**auth, "anthropic-version": anthropic.API_VERSION})
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _body(self, call: BackendCall, *, stream: bool) -> bytes:
+        return anthropic.encode_messages_request(
+            call.request, call.upstream_model, stream=stream, default_max_tokens=self.default_max_tokens
+        )
+
+    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+        timeouts = self.config.timeouts
+        name = self.config.name
+        request = self._client.build_request(
+            "POST",
+            "/v1/messages",
+            content=self._body(call, stream=True),
+            headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+        )
+        with transport_errors(name):
+            response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                with transport_errors(name):
+                    body = await read_limited(response)
+                raise backend_error(name, response.status_code, body, response.headers.get("retry-after"))
+            parser = anthropic.StreamParser()
+            chunks = response.aiter_raw().__aiter__()
+            wait, what = timeouts.first_token, "sent no first token"
+            sent_any = False
+            while True:
+                data: bytes | None = None
+                with trio.move_on_after(wait if wait is not None else float("inf")) as scope, transport_errors(name):
+                    try:
+                        data = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        data = None
+                if scope.cancelled_caught:
+                    raise timeout_error(name, what, wait)
+                output = parser.feed(data) if data is not None else parser.close()
+                if output.events:
+                    if not sent_any and isinstance(output.events[0], StreamFailed):
+                        # Failed before saying anything: the client gets a real status.
+                        raise output.events[0].error
+                    sent_any = True
+                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
+                    await send.send(Batch(output.events, done=output.done))
+                elif output.done and sent_any:
+                    await send.send(Batch([], done=True))
+                if output.done or data is None:
+                    break
+            if data is not None and not parser.failed:
+                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
+                    async for _ in chunks:
+                        pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def complete(self, call: BackendCall) -> Batch:
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.post(
+                "/v1/messages",
+                content=self._body(call, stream=False),
+                headers={"content-type": "application/json", **call.headers},
+            )
+        if response.status_code >= 400:
+            raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
+        data = _json_object(response, name)
+        if data.get("type") == "error":
+            raise anthropic.error_from_wire(data)
+        events = anthropic.message_events(data)
+        builder = CompletionBuilder()
+        for event in events:
+            builder.add(event)
+        return Batch(events, done=True, completion=builder.build())
+
+    async def count_tokens(self, request: ChatRequest, upstream_model: str) -> int:
+        name = self.config.name
+        body = anthropic.encode_messages_request(
+            request, upstream_model, stream=False, default_max_tokens=self.default_max_tokens, count_only=True
+        )
+        with transport_errors(name):
+            response = await self._client.post(
+                "/v1/messages/count_tokens", content=body, headers={"content-type": "application/json"}
+            )
+        if response.status_code >= 400:
+            raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
+        count = _json_object(response, name).get("input_tokens")
+        if not isinstance(count, int):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no token count.")
+        return count
+
+    async def list_models(self) -> list[ModelInfo]:
+        name = self.config.name
+        models: list[ModelInfo] = []
+        params: dict[str, Any] = {"limit": 1000}
+        for _ in range(_MODEL_PAGES):
+            with transport_errors(name):
+                response = await self._client.get("/v1/models", params=params)
+            if response.status_code >= 400:
+                raise backend_error(name, response.status_code, response.content, None)
+            page = _json_object(response, name)
+            items = page.get("data")
+            if not isinstance(items, list):
+                raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid model list.")
+            for item in items:
+                if isinstance(item, dict) and item.get("id"):
+                    details = {"display_name": item["display_name"]} if item.get("display_name") else {}
+                    models.append(
+                        ModelInfo(
+                            id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")),
+                            owned_by=name, details=details,
+                        )
+                    )
+            last = page.get("last_id")
+            if not page.get("has_more") or not isinstance(last, str):
+                break
+            params = {"limit": 1000, "after_id": last}
+        return models
+
+    async def check(self) -> None:
+        await self.list_models()
+
+
+def _json_object(response: httpx.Response, name: str) -> dict[str, Any]:
+    try:
+        data = json.loads(response.content)
+    except ValueError:
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.") from None
+    if not isinstance(data, dict):
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.")
+    return data
+
+
+def _epoch(value: Any) -> int:
+    if not isinstance(value, str):
+        return 0
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+# -- token counting for /v1/messages/count_tokens ------------------------------------------
+
+
+async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: str) -> int:
+    """Count a request's input tokens where the backend can: Anthropic backends natively,
+    OpenAI-compatible ones through vLLM's `POST /tokenize` (at the server root, beside
+    `/v1`). Any other backend, or one without that endpoint, is a clear 400."""
+    if isinstance(backend, AnthropicBackend):
+        return await backend.count_tokens(request, upstream_model)
+    config = backend.config
+    if config.kind != "openai":
+        raise _cannot_count(config, f"`{config.kind}` backends have no token-counting endpoint")
+    chat = json.loads(openai.encode_chat_request(request, upstream_model, stream=False, include_usage=False))
+    body: dict[str, Any] = {"model": upstream_model, "messages": chat["messages"]}
+    if "tools" in chat:
+        body["tools"] = chat["tools"]
+    root = config.base_url.rstrip("/").removesuffix("/v1")
+    key = config.api_key
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    timeout = config.timeouts.connect
+    with transport_errors(config.name):
+        async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False) as client:
+            response = await client.post(root + "/tokenize", json=body)
+    if response.status_code in (404, 405):
+        raise _cannot_count(config, "it has no vLLM-style `/tokenize` endpoint")
+    if response.status_code >= 400:
+        raise status_error(
+            config.name, response.status_code,
+            openai.error_message_from_body(response.content) or response.text[:500],
+            response.headers.get("retry-after"),
+        )
+    try:
+        count = response.json().get("count")
+    except (ValueError, AttributeError):
+        count = None
+    if not isinstance(count, int):
+        raise _cannot_count(config, "its `/tokenize` answer has no `count`")
+    return count
+
+
+def _cannot_count(config: BackendConfig, why: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.INVALID_REQUEST,
+        f"Token counting is not available for this model: backend `{config.name}` cannot count tokens ({why}).",
+        code="count_tokens_unsupported",
+    )
+
+
+__all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "count_tokens"]

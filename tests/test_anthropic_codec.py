@@ -1,0 +1,763 @@
+"""The Anthropic Messages codec, without I/O: requests both ways, streams both ways, messages,
+errors. Property tests check that domain event streams survive rendering to Anthropic SSE and
+parsing back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.dialects import anthropic
+from proxy.dialects.anthropic import SignedReasoningDelta, StopSequenceFinish
+from proxy.domain.chat import (
+    ChatCompletion,
+    ChatRequest,
+    Choice,
+    FinishReason,
+    GenerationParams,
+    ImagePart,
+    Message,
+    OpaquePart,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    CompletionBuilder,
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+from tests.test_openai_roundtrip import comparable, event_streams, splits
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps({"model": "claude-x", "max_tokens": 64, **fields}).encode()
+
+
+def sse_frames(wire: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, payload) per frame, checking the framing Anthropic uses exactly."""
+    frames = []
+    assert wire.endswith(b"\n\n")
+    for block in wire[:-2].split(b"\n\n"):
+        name, data = block.split(b"\n")
+        assert name.startswith(b"event: ") and data.startswith(b"data: ")
+        payload = json.loads(data[6:])
+        assert payload["type"] == name[7:].decode()
+        frames.append((payload["type"], payload))
+    return frames
+
+
+def assert_valid_anthropic_stream(wire: bytes) -> None:
+    """The event grammar of §4.4: blocks strictly sequential with consecutive indexes, tool
+    blocks started with empty input, and the stream closed by message_delta + message_stop
+    (or cut short by one `error`)."""
+    frames = sse_frames(wire)
+    names = [name for name, _ in frames]
+    if names[-1] == "error":
+        assert names.count("error") == 1
+        frames = frames[:-1]
+        if not frames:
+            return
+    else:
+        assert names[-2:] == ["message_delta", "message_stop"]
+    assert names[:2] == ["message_start", "ping"]
+    expected_index = 0
+    open_index: int | None = None
+    open_type = ""
+    for name, payload in frames[2:]:
+        if name == "content_block_start":
+            assert open_index is None and payload["index"] == expected_index
+            open_index, open_type = expected_index, payload["content_block"]["type"]
+            if open_type == "tool_use":
+                assert payload["content_block"]["input"] == {}
+            expected_index += 1
+        elif name == "content_block_delta":
+            assert payload["index"] == open_index
+            kind = payload["delta"]["type"]
+            allowed = {"text": {"text_delta"}, "thinking": {"thinking_delta", "signature_delta"}, "tool_use": {"input_json_delta"}}
+            assert kind in allowed[open_type]
+        elif name == "content_block_stop":
+            assert payload["index"] == open_index
+            open_index = None
+        else:
+            assert name in ("message_delta", "message_stop") and open_index is None
+
+
+# -- request parsing (ingress) ----------------------------------------------------------------------
+
+
+def test_full_request_maps_onto_the_domain() -> None:
+    request = anthropic.parse_messages_request(
+        body(
+            system=[{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+            messages=[
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}},
+                    {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Two tools.", "signature": "sig1"},
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Paris"}},
+                    {"type": "tool_use", "id": "toolu_2", "name": "time", "input": {}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True,
+                     "content": [{"type": "text", "text": "clock broken"}]},
+                    {"type": "text", "text": "And tomorrow?"},
+                ]},
+            ],
+            tools=[{"name": "weather", "description": "Weather now", "input_schema": {"type": "object"}}],
+            tool_choice={"type": "any"},
+            stop_sequences=["END"],
+            temperature=0.5, top_p=0.9, top_k=40,
+            metadata={"user_id": "u1"},
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            stream=True,
+        )
+    )
+    system, user, assistant, result1, result2, follow_up = request.messages
+    assert system == Message(role="system", content=(TextPart("Be brief."), TextPart("Be kind.")))
+    assert user.content == (
+        TextPart("Look:"), ImagePart("data:image/png;base64,iVBOR"), ImagePart("https://example.com/cat.jpg"),
+    )
+    assert assistant.text == "Checking." and assistant.reasoning == "Two tools."
+    assert assistant.tool_calls == (
+        ToolCall("toolu_1", "weather", '{"city": "Paris"}'), ToolCall("toolu_2", "time", "{}"),
+    )
+    assert result1 == Message(role="tool", content=(TextPart("Sunny"),), tool_call_id="toolu_1")
+    assert result2.role == "tool" and result2.tool_call_id == "toolu_2" and result2.text == "clock broken"
+    assert follow_up == Message(role="user", content=(TextPart("And tomorrow?"),))
+    assert request.tools == [Tool("weather", "Weather now", {"type": "object"})]
+    assert request.tool_choice == ToolChoice(mode="required")
+    assert request.params.stop == ("END",) and request.params.max_tokens == 64
+    assert (request.params.temperature, request.params.top_p, request.params.top_k) == (0.5, 0.9, 40)
+    assert request.stream and request.include_usage and request.dialect == "anthropic"
+    assert request.extra == {"metadata": {"user_id": "u1"}, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, ToolChoice("auto")),
+        ({"type": "any"}, ToolChoice("required")),
+        ({"type": "none"}, ToolChoice("none")),
+        ({"type": "tool", "name": "f"}, ToolChoice("required", "f")),
+    ],
+)
+def test_tool_choice(choice: dict[str, Any], expected: ToolChoice) -> None:
+    assert anthropic.parse_messages_request(body(messages=[{"role": "user", "content": "x"}], tool_choice=choice)).tool_choice == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"model": ""}, "model"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "x"}}]}]},
+         "messages[0].content[0].source.media_type"),
+        ({"messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}, "messages[0].content[0].tool_use_id"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": []}]}]},
+         "messages[0].content[0].input"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"stop_sequences": "END"}, "stop_sequences"),
+        ({"tool_choice": {"type": "required"}}, "tool_choice.type"),
+        ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+        ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
+        ({"system": 3}, "system"),
+        ({"metadata": {"user_id": 7}}, "metadata.user_id"),
+    ],
+)
+def test_invalid_fields_are_400s_naming_them(fields: dict[str, Any], param: str) -> None:
+    data = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": "x"}], **fields}
+    data = {k: v for k, v in data.items() if v is not None}
+    with pytest.raises(GatewayError) as info:
+        anthropic.parse_messages_request(json.dumps(data).encode())
+    assert info.value.kind is ErrorKind.INVALID_REQUEST
+    assert info.value.param == param and param in info.value.message
+
+
+def test_malformed_json_is_a_400() -> None:
+    with pytest.raises(GatewayError) as info:
+        anthropic.parse_messages_request(b"{nope")
+    assert info.value.status == 400
+
+
+def test_count_tokens_body_needs_no_max_tokens() -> None:
+    request = anthropic.parse_messages_request(
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode(), count_only=True
+    )
+    assert request.params.max_tokens is None and not request.stream
+
+
+def test_history_thinking_becomes_reasoning_and_redacted_thinking_stays_anthropic_only() -> None:
+    request = anthropic.parse_messages_request(body(messages=[
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [
+            {"type": "redacted_thinking", "data": "EmwK"},
+            {"type": "thinking", "thinking": "unsigned"},
+            {"type": "text", "text": "a"},
+        ]},
+    ]))
+    assistant = request.messages[1]
+    assert assistant.reasoning == "unsigned"
+    # Unsigned thinking cannot be replayed to Anthropic; redacted thinking only to Anthropic.
+    assert assistant.content == (OpaquePart("anthropic", {"type": "redacted_thinking", "data": "EmwK"}), TextPart("a"))
+
+
+# -- request encoding (egress) ----------------------------------------------------------------------
+
+
+def encode(request: ChatRequest, **kwargs: Any) -> dict[str, Any]:
+    options = {"stream": True, "default_max_tokens": 4096, **kwargs}
+    return json.loads(anthropic.encode_messages_request(request, "claude-up", **options))
+
+
+def test_openai_shaped_conversation_becomes_an_anthropic_one() -> None:
+    request = ChatRequest(
+        model="alias",
+        messages=[
+            Message("system", (TextPart("Be brief."),)),
+            Message("user", (TextPart("Weather and time?"), ImagePart("data:image/jpeg;base64,/9j/4"))),
+            Message("assistant", (), tool_calls=(ToolCall("call_1", "weather", '{"city":"Paris"}'), ToolCall("call.2", "time", ""))),
+            Message("tool", (TextPart("Sunny"),), tool_call_id="call_1"),
+            Message("tool", (TextPart("12:00"),), tool_call_id="call.2"),
+            Message("system", (TextPart("Answer in French."),)),
+            Message("user", (TextPart("Thanks"), ImagePart("https://example.com/x.png"))),
+        ],
+        params=GenerationParams(temperature=1.7, top_k=-1, stop=("END",), seed=3, frequency_penalty=1),
+        tools=[Tool("weather", "Weather", {"type": "object", "properties": {"city": {"type": "string"}}}), Tool("time")],
+        tool_choice=ToolChoice("required", "weather"),
+        dialect="openai",
+        extra={"user": "someone", "logit_bias": {}},
+    )
+    sent = encode(request)
+    assert sent == {
+        "model": "claude-up",
+        "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Answer in French."}],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather and time?"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4"}},
+            ]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_2", "name": "time", "input": {}},
+            ]},
+            # Consecutive tool results and the user's next words share one user turn, results first.
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "Sunny"},
+                {"type": "tool_result", "tool_use_id": "call_2", "content": "12:00"},
+                {"type": "text", "text": "Thanks"},
+                {"type": "image", "source": {"type": "url", "url": "https://example.com/x.png"}},
+            ]},
+        ],
+        "tools": [
+            {"name": "weather", "description": "Weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+            {"name": "time", "input_schema": {"type": "object", "properties": {}}},
+        ],
+        "tool_choice": {"type": "tool", "name": "weather"},
+        "max_tokens": 4096,
+        "temperature": 1.0,
+        "stop_sequences": ["END"],
+        "stream": True,
+    }
+
+
+def test_anthropic_request_round_trips_to_an_anthropic_backend() -> None:
+    original = {
+        "model": "claude-x",
+        "max_tokens": 300,
+        "system": "Be brief.",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "EmwK"},
+                {"type": "text", "text": "Calling."},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1, 2]}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "failed"},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+            ]},
+        ],
+        "tools": [
+            {"name": "f", "input_schema": {"type": "object"}},
+            {"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+        ],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "thinking": {"type": "enabled", "budget_tokens": 200},
+        "service_tier": "auto",
+        "metadata": {"user_id": "u"},
+        "top_k": 5,
+        "stream": False,
+    }
+    request = anthropic.parse_messages_request(json.dumps(original).encode())
+    sent = encode(request, stream=False)
+    assert sent["messages"] == original["messages"]
+    assert sent["system"] == "Be brief." and sent["max_tokens"] == 300 and sent["top_k"] == 5
+    assert sent["tools"] == original["tools"] and sent["tool_choice"] == original["tool_choice"]
+    for key in ("thinking", "service_tier", "metadata"):
+        assert sent[key] == original[key]
+
+
+def test_anthropic_only_fields_never_reach_other_backends() -> None:
+    from proxy.dialects import openai
+
+    request = anthropic.parse_messages_request(body(
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+            ]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "no"}]},
+        ],
+        thinking={"type": "enabled", "budget_tokens": 200},
+    ))
+    sent = json.loads(openai.encode_chat_request(request, "m", stream=True, include_usage=True))
+    assert "thinking" not in sent and "metadata" not in sent
+    assert sent["messages"][1] == {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    assert sent["messages"][2] == {"role": "tool", "content": "no", "tool_call_id": "toolu_1"}
+
+
+def test_unsigned_reasoning_is_not_sent_to_anthropic() -> None:
+    request = ChatRequest("m", [Message("user", (TextPart("q"),)), Message("assistant", (TextPart("a"),), reasoning="thought")])
+    assert encode(request)["messages"][1] == {"role": "assistant", "content": "a"}
+
+
+def test_n_above_one_is_refused_for_anthropic_backends() -> None:
+    request = ChatRequest("m", [Message("user", (TextPart("q"),))], params=GenerationParams(n=2))
+    with pytest.raises(GatewayError) as info:
+        encode(request)
+    assert info.value.status == 400 and info.value.param == "n"
+
+
+def test_count_tokens_body_keeps_only_what_count_tokens_accepts() -> None:
+    request = anthropic.parse_messages_request(body(
+        messages=[{"role": "user", "content": "x"}], thinking={"type": "enabled", "budget_tokens": 100},
+        metadata={"user_id": "u"}, temperature=0.2,
+    ))
+    sent = json.loads(anthropic.encode_messages_request(request, "up", stream=False, default_max_tokens=1, count_only=True))
+    assert sent == {"thinking": {"type": "enabled", "budget_tokens": 100}, "model": "up", "messages": [{"role": "user", "content": "x"}]}
+
+
+# -- rendering streams (ingress) --------------------------------------------------------------------
+
+
+def test_text_stream_is_byte_exact() -> None:
+    renderer = anthropic.StreamRenderer(model="fallback")
+    wire = renderer.render([StreamStart("msg_1", "claude-x", 0), UsageReport(Usage(10, 1)), TextDelta("Hi")])
+    wire += renderer.render([TextDelta(" there"), Finish(FinishReason.STOP)])
+    wire += renderer.render([UsageReport(Usage(10, 2))])
+    wire += renderer.close()
+    assert wire == (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+        b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,"stop_sequence":null,'
+        b'"usage":{"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1}}}\n\n'
+        b'event: ping\ndata: {"type":"ping"}\n\n'
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}\n\n'
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+        b'"usage":{"output_tokens":2}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+
+
+def test_input_tokens_unknown_at_start_come_in_message_delta() -> None:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([StreamStart("chatcmpl-9", "m", 0)])
+    wire += renderer.render([TextDelta("x"), Finish(FinishReason.LENGTH)])
+    wire += renderer.render([UsageReport(Usage(120, 7, cached_tokens=100))])
+    wire += renderer.close()
+    frames = dict(sse_frames(wire))
+    start = frames["message_start"]["message"]
+    assert start["id"] == "msg_chatcmpl-9"
+    assert start["usage"]["input_tokens"] == 0
+    delta = frames["message_delta"]
+    assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+    # Anthropic counts cache reads apart from input_tokens.
+    assert delta["usage"] == {"output_tokens": 7, "input_tokens": 20, "cache_read_input_tokens": 100}
+
+
+@pytest.mark.parametrize(
+    ("finish", "stop_reason", "stop_sequence"),
+    [
+        (Finish(FinishReason.STOP), "end_turn", None),
+        (StopSequenceFinish(FinishReason.STOP, 0, "###"), "stop_sequence", "###"),
+        (Finish(FinishReason.LENGTH), "max_tokens", None),
+        (Finish(FinishReason.TOOL_CALLS), "tool_use", None),
+        (Finish(FinishReason.CONTENT_FILTER), "refusal", None),
+    ],
+)
+def test_stop_reasons(finish: Finish, stop_reason: str, stop_sequence: str | None) -> None:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([StreamStart("i", "m", 0), finish]) + renderer.close()
+    assert dict(sse_frames(wire))["message_delta"]["delta"] == {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+
+
+def test_thinking_then_tools_with_signature_and_streamed_arguments() -> None:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([
+        StreamStart("msg_1", "m", 0),
+        ReasoningDelta("Let me"),
+        SignedReasoningDelta(" think.", 0, "sig=="),
+        ToolCallStart(0, "toolu_a", "f"),
+        ToolCallDelta(0, '{"x":'),
+        ToolCallDelta(0, "1}"),
+        ToolCallStart(1, "toolu_b", "g"),
+        ToolCallDelta(1, "{}"),
+        Finish(FinishReason.TOOL_CALLS),
+    ]) + renderer.close()
+    assert_valid_anthropic_stream(wire)
+    frames = sse_frames(wire)
+    deltas = [(p["index"], p["delta"]) for name, p in frames if name == "content_block_delta"]
+    assert deltas == [
+        (0, {"type": "thinking_delta", "thinking": "Let me"}),
+        (0, {"type": "thinking_delta", "thinking": " think."}),
+        (0, {"type": "signature_delta", "signature": "sig=="}),
+        (1, {"type": "input_json_delta", "partial_json": '{"x":'}),
+        (1, {"type": "input_json_delta", "partial_json": "1}"}),
+        (2, {"type": "input_json_delta", "partial_json": "{}"}),
+    ]
+    starts = [p["content_block"] for name, p in frames if name == "content_block_start"]
+    assert starts == [
+        {"type": "thinking", "thinking": "", "signature": ""},
+        {"type": "tool_use", "id": "toolu_a", "name": "f", "input": {}},
+        {"type": "tool_use", "id": "toolu_b", "name": "g", "input": {}},
+    ]
+
+
+def test_interleaved_parallel_tool_calls_are_serialised_without_losing_fragments() -> None:
+    renderer = anthropic.StreamRenderer()
+    first = renderer.render([
+        StreamStart("i", "m", 0),
+        ToolCallStart(0, "call_a", "f"), ToolCallStart(1, "call_b", "g"),
+        ToolCallDelta(0, '{"a"'), ToolCallDelta(1, '{"b"'),
+        ToolCallDelta(0, ":1"), ToolCallDelta(1, ":2}"),
+    ])
+    # Call b waits while call a is incomplete; a's fragments stream live.
+    assert b'"partial_json":"{\\"b\\""' not in first
+    rest = renderer.render([ToolCallDelta(0, "}"), Finish(FinishReason.TOOL_CALLS)]) + renderer.close()
+    wire = first + rest
+    assert_valid_anthropic_stream(wire)
+    blocks: dict[int, str] = {}
+    for name, payload in sse_frames(wire):
+        if name == "content_block_delta":
+            blocks[payload["index"]] = blocks.get(payload["index"], "") + payload["delta"]["partial_json"]
+    assert blocks == {0: '{"a":1}', 1: '{"b":2}'}
+
+
+def test_error_mid_stream_is_an_error_event_and_the_end() -> None:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([StreamStart("i", "m", 0), TextDelta("par")])
+    wire += renderer.render([StreamFailed(GatewayError(ErrorKind.UNAVAILABLE, "engine gone")), TextDelta("x")])
+    wire += renderer.close()
+    assert wire.endswith(
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"engine gone"}}\n\n'
+    )
+    assert_valid_anthropic_stream(wire)
+
+
+@pytest.mark.parametrize(
+    ("kind", "wire_type"),
+    [
+        (ErrorKind.INVALID_REQUEST, "invalid_request_error"),
+        (ErrorKind.AUTHENTICATION, "authentication_error"),
+        (ErrorKind.PERMISSION, "permission_error"),
+        (ErrorKind.NOT_FOUND, "not_found_error"),
+        (ErrorKind.REQUEST_TOO_LARGE, "request_too_large"),
+        (ErrorKind.RATE_LIMITED, "rate_limit_error"),
+        (ErrorKind.INTERNAL, "api_error"),
+        (ErrorKind.BACKEND, "api_error"),
+        (ErrorKind.UNAVAILABLE, "overloaded_error"),
+        (ErrorKind.TIMEOUT, "timeout_error"),
+    ],
+)
+def test_error_shape(kind: ErrorKind, wire_type: str) -> None:
+    assert json.loads(anthropic.render_error(GatewayError(kind, "why"))) == {
+        "type": "error", "error": {"type": wire_type, "message": "why"},
+    }
+
+
+# -- parsing streams (egress) -----------------------------------------------------------------------
+
+BACKEND_STREAM = b"".join([
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_01","type":"message","role":"assistant",'
+    b'"model":"claude-up","content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":25,"cache_creation_input_tokens":5,"cache_read_input_tokens":10,"output_tokens":1}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}}\n\n',
+    b"event: ping\r\ndata: {\"type\": \"ping\"}\r\n\r\n",
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Hmm"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"."}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"S1"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"citations_delta","citation":{}}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n',
+    b'event: brand_new_event\ndata: {"type":"brand_new_event","stuff":1}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"toolu_A","name":"f","input":{}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\\"q\\":"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"1}"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":2}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":3,"content_block":{"type":"tool_use","id":"toolu_B","name":"g","input":{}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{}"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":3}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":42}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+])
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject) -> None:
+    parser = anthropic.StreamParser(clock=lambda: 1700000000)
+    events: list[StreamEvent] = []
+    done = False
+    for piece in data.draw(splits(BACKEND_STREAM)):
+        output = parser.feed(piece)
+        events.extend(output.events)
+        done = output.done
+    assert done
+    input_usage = Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=10)
+    assert events == [
+        StreamStart("msg_01", "claude-up", 1700000000),
+        UsageReport(input_usage),
+        ReasoningDelta("Hmm"),
+        SignedReasoningDelta(".", 0, "S1"),
+        TextDelta("Hi"),
+        ToolCallStart(0, "toolu_A", "f"),
+        ToolCallDelta(0, '{"q":'),
+        ToolCallDelta(0, "1}"),
+        ToolCallStart(1, "toolu_B", "g"),
+        ToolCallDelta(1, "{}"),
+        Finish(FinishReason.TOOL_CALLS),
+        # Input counts from message_start merged with message_delta's cumulative output (§3e #28).
+        UsageReport(Usage(prompt_tokens=40, completion_tokens=42, cached_tokens=10)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "expected"),
+    [
+        ("end_turn", Finish(FinishReason.STOP)),
+        ("stop_sequence", StopSequenceFinish(FinishReason.STOP, 0, "###")),
+        ("max_tokens", Finish(FinishReason.LENGTH)),
+        ("tool_use", Finish(FinishReason.TOOL_CALLS)),
+        ("refusal", Finish(FinishReason.CONTENT_FILTER)),
+        ("pause_turn", Finish(FinishReason.STOP)),
+        ("model_context_window_exceeded", Finish(FinishReason.LENGTH)),
+        ("something_new", Finish(FinishReason.STOP)),
+    ],
+)
+def test_backend_stop_reasons(stop_reason: str, expected: Finish) -> None:
+    sequence = '"###"' if stop_reason == "stop_sequence" else "null"
+    wire = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"' + stop_reason.encode()
+        + b'","stop_sequence":' + sequence.encode() + b'},"usage":{"output_tokens":3}}\n\n'
+    )
+    events = anthropic.StreamParser().feed(wire).events
+    assert [e for e in events if isinstance(e, Finish)] == [expected]
+
+
+def test_backend_error_event_fails_the_stream_with_its_kind() -> None:
+    parser = anthropic.StreamParser()
+    output = parser.feed(
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"m","usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    failure = output.events[-1]
+    assert output.done and parser.failed and isinstance(failure, StreamFailed)
+    assert (failure.error.kind, failure.error.message) == (ErrorKind.UNAVAILABLE, "Overloaded")
+
+
+def test_backend_stream_cut_short_is_a_failure() -> None:
+    parser = anthropic.StreamParser()
+    parser.feed(BACKEND_STREAM[:600])
+    closing = parser.close()
+    assert closing.done and isinstance(closing.events[-1], StreamFailed)
+    assert closing.events[-1].error.kind is ErrorKind.BACKEND
+
+
+# -- non-streamed messages ----------------------------------------------------------------------------
+
+
+def test_backend_message_and_rendered_message() -> None:
+    backend_message = {
+        "id": "msg_9", "type": "message", "role": "assistant", "model": "claude-up",
+        "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "S"},
+            {"type": "text", "text": "Result"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+        ],
+        "stop_reason": "stop_sequence", "stop_sequence": "END",
+        "usage": {"input_tokens": 5, "cache_read_input_tokens": 3, "output_tokens": 9},
+    }
+    events = anthropic.message_events(backend_message, created=7)
+    builder = CompletionBuilder()
+    for event in events:
+        builder.add(event)
+    completion = builder.build()
+    assert completion.choices[0].tool_calls == [ToolCall("toolu_1", "f", '{"a": 1}')]
+    assert completion.usage == Usage(8, 9, cached_tokens=3)
+    rendered = json.loads(anthropic.render_message(completion, events))
+    assert rendered == {
+        "id": "msg_9", "type": "message", "role": "assistant", "model": "claude-up",
+        "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "S"},
+            {"type": "text", "text": "Result"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+        ],
+        "stop_reason": "stop_sequence", "stop_sequence": "END",
+        "usage": {"input_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3, "output_tokens": 9},
+    }
+
+
+def test_rendered_message_from_another_backend() -> None:
+    completion = ChatCompletion(
+        id="chatcmpl-1", model="qwen", created=0,
+        choices=[Choice(content="", tool_calls=[ToolCall("call_1", "f", "not json")], finish_reason=FinishReason.TOOL_CALLS)],
+        usage=Usage(10, 2),
+    )
+    rendered = json.loads(anthropic.render_message(completion))
+    assert rendered["id"] == "msg_chatcmpl-1" and rendered["stop_reason"] == "tool_use"
+    # Malformed arguments are kept (as text) rather than dropped.
+    assert rendered["content"] == [{"type": "tool_use", "id": "call_1", "name": "f", "input": {"arguments": "not json"}}]
+
+
+# -- round trips (property) ---------------------------------------------------------------------------
+
+
+def _final_usage(usage: Usage | None) -> Usage:
+    """What the parser reads back from the renderer's usage (Anthropic always sends the cache
+    counters, so an unknown cache count reads as 0)."""
+    if usage is None:
+        return Usage(0, 0, cached_tokens=0)
+    cached = usage.cached_tokens or 0
+    return Usage(max(usage.prompt_tokens, cached), usage.completion_tokens, cached, usage.reasoning_tokens)
+
+
+def _expected(events: list[StreamEvent]) -> tuple[list[Any], Usage | None, bool]:
+    """Events as they come back, the final usage, and whether the stream failed.
+
+    Anthropic messages have one choice (others are not rendered); ids gain `msg_`; empty
+    deltas are not sent; the finish moves after usage-only events and a missing one reads
+    as `end_turn`; a failure before anything was said is the error alone."""
+    start = events[0]
+    assert isinstance(start, StreamStart)
+    body = [e for e in events[1:] if getattr(e, "choice", 0) == 0]
+    first = next((e for e in body if not isinstance(e, UsageReport)), None)
+    if isinstance(first, StreamFailed):
+        return [("failed", ErrorKind.BACKEND, first.error.message)], None, True
+    out: list[Any] = [StreamStart(anthropic.message_id(start.id), start.model, start.created)]
+    usage: Usage | None = None
+    finish: Finish | None = None
+    for event in body:
+        match event:
+            case TextDelta(text) | ReasoningDelta(text) if not text:
+                continue
+            case ToolCallDelta(_, arguments) if not arguments:
+                continue
+            case UsageReport(report):
+                usage = report
+            case Finish():
+                finish = event
+            case StreamFailed(error):
+                out.append(("failed", ErrorKind.BACKEND, error.message))
+                return out, None, True
+            case _:
+                out.append(event)
+    out.append(finish or Finish(FinishReason.STOP))
+    return out, usage, False
+
+
+def _round_trip(events: list[StreamEvent], pieces: list[bytes] | None = None) -> tuple[bytes, list[StreamEvent]]:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render(events) + renderer.close()
+    start = events[0]
+    assert isinstance(start, StreamStart)
+    parser = anthropic.StreamParser(clock=lambda: start.created)
+    seen: list[StreamEvent] = []
+    for piece in pieces or [wire]:
+        seen.extend(parser.feed(piece).events)
+    seen.extend(parser.close().events)
+    return wire, seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_renderer_then_parser_gives_back_the_events(data: st.DataObject) -> None:
+    events = data.draw(event_streams(max_choices=2, interleave_tools=False))
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render(events) + renderer.close()
+    wire, seen = _round_trip(events, data.draw(splits(wire)))
+    assert_valid_anthropic_stream(wire)
+    expected, usage, failed = _expected(events)
+    assert [comparable(e) for e in seen if not isinstance(e, UsageReport)] == expected
+    if not failed:
+        reports = [e.usage for e in seen if isinstance(e, UsageReport)]
+        assert reports[-1] == _final_usage(usage)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=event_streams(max_choices=1, interleave_tools=True))
+def test_interleaved_tool_calls_survive_as_sequential_blocks(events: list[StreamEvent]) -> None:
+    wire, seen = _round_trip(events)
+    assert_valid_anthropic_stream(wire)
+    if any(isinstance(e, StreamFailed) for e in events):
+        return
+    before, after = CompletionBuilder(), CompletionBuilder()
+    for event in events:
+        before.add(event)
+    for event in seen:
+        after.add(event)
+    expected, got = before.build().choices[0], after.build().choices[0]
+    assert got.tool_calls == expected.tool_calls
+    assert (got.content, got.reasoning) == (expected.content, expected.reasoning)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    signature=st.text(alphabet="ABCDEFabcdef0123456789+/=", min_size=1, max_size=20),
+    thinking=st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=4),
+    stop_sequence=st.none() | st.text(min_size=1, max_size=5),
+)
+def test_signatures_and_stop_sequences_survive(signature: str, thinking: list[str], stop_sequence: str | None) -> None:
+    events: list[StreamEvent] = [StreamStart("msg_x", "m", 1)]
+    events.extend(ReasoningDelta(piece) for piece in thinking[:-1])
+    events.append(SignedReasoningDelta(thinking[-1], 0, signature))
+    events.append(TextDelta("answer"))
+    events.append(StopSequenceFinish(FinishReason.STOP, 0, stop_sequence) if stop_sequence else Finish(FinishReason.STOP))
+    _, seen = _round_trip(events)
+    assert [e for e in seen if not isinstance(e, UsageReport)] == events
