@@ -121,10 +121,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         head = h11.Request(method=request.method, target=url.raw_path, headers=request.headers.raw)
         try:
-            with trio.fail_after(_seconds(timeouts.get("pool"))):
-                await self._slots.acquire()
-        except trio.TooSlowError:
-            raise httpx.PoolTimeout("no connection to the backend became free in time") from None
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                with trio.fail_after(_seconds(timeouts.get("pool"))):
+                    await self._slots.acquire()
+            except trio.TooSlowError:
+                raise httpx.PoolTimeout("no connection to the backend became free in time") from None
         try:
             for _attempt in range(2):
                 conn = self._checkout(origin) or await self._connect(origin, timeouts.get("connect"))
@@ -164,24 +167,31 @@ class PooledTransport(httpx.AsyncBaseTransport):
             if conn.reused:
                 raise _StaleConnection from None
             raise httpx.WriteError(str(exc) or type(exc).__name__) from None
-        received_any = False
+        read_timeout = timeouts.get("read")
+        if read_timeout is None:  # the common case: callers time their reads themselves
+            return await self._read_head(conn)
         try:
-            with trio.fail_after(_seconds(timeouts.get("read"))):
-                while True:
-                    event = conn.h11.next_event()
-                    if event is h11.NEED_DATA:
-                        chunk = await _receive(conn)
-                        if not chunk and conn.reused and not received_any:
-                            raise _StaleConnection
-                        received_any = True
-                        conn.h11.receive_data(chunk)
-                        continue
-                    if isinstance(event, h11.Response):
-                        return event
-                    if isinstance(event, h11.ConnectionClosed):
-                        raise httpx.RemoteProtocolError("the backend closed the connection without answering")
+            with trio.fail_after(read_timeout):
+                return await self._read_head(conn)
         except trio.TooSlowError:
             raise httpx.ReadTimeout("waiting for the response timed out") from None
+
+    async def _read_head(self, conn: _Connection) -> h11.Response:
+        received_any = False
+        try:
+            while True:
+                event = conn.h11.next_event()
+                if event is h11.NEED_DATA:
+                    chunk = await _receive(conn)
+                    if not chunk and conn.reused and not received_any:
+                        raise _StaleConnection
+                    received_any = True
+                    conn.h11.receive_data(chunk)
+                    continue
+                if isinstance(event, h11.Response):
+                    return event
+                if isinstance(event, h11.ConnectionClosed):
+                    raise httpx.RemoteProtocolError("the backend closed the connection without answering")
         except h11.RemoteProtocolError as exc:
             raise httpx.RemoteProtocolError(str(exc)) from None
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 import trio
 
-from proxy.config import BackendConfig
+from proxy.config import BackendConfig, Timeouts
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamEvent
@@ -50,6 +51,27 @@ class ModelInfo:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+class ParsedOutput(Protocol):
+    @property
+    def events(self) -> list[StreamEvent]: ...
+
+    @property
+    def raw(self) -> bytes | None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
+class StreamParser(Protocol):
+    """A sans-IO parser of one backend stream (e.g. `openai.StreamRelay`)."""
+
+    failed: bool
+
+    def feed(self, data: bytes) -> ParsedOutput: ...
+
+    def close(self) -> ParsedOutput: ...
+
+
 class Backend(Protocol):
     """A backend adapter. `stream` sends batches into `send` and returns when the stream is
     complete; both calls raise `GatewayError` for failures before their first batch."""
@@ -67,21 +89,69 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
-def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> httpx.AsyncClient:
+class BackendClient:
+    """One backend's pooled HTTP client: httpx's request and response models over our
+    `PooledTransport`, without httpx.AsyncClient's per-request machinery (cookies, auth
+    flows, redirects, URL merging) that a gateway calling one fixed server never needs —
+    it cost a fifth of the gateway's CPU per request."""
+
+    def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
+        timeouts = config.timeouts
+        self._transport = PooledTransport(
+            max_connections=config.max_connections, max_keepalive=config.max_connections, keepalive_expiry=30.0
+        )
+        self._base = config.base_url.rstrip("/")
+        host = httpx.URL(self._base).netloc.decode()
+        self._headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
+        self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
+        self._urls: dict[str, httpx.URL] = {}
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._base + path)
+        return url
+
+    def build_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> httpx.Request:
+        url = self._url(path)
+        if params:
+            url = url.copy_merge_params(params)
+        return httpx.Request(
+            method, url, headers={**self._headers, **headers} if headers else self._headers,
+            content=content, extensions={"timeout": self._timeout},
+        )
+
+    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        """The response with its body open (`stream=True`: the caller must `aclose()` it) or read."""
+        response = await self._transport.handle_async_request(request)
+        if not stream:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        return response
+
+    async def post(self, path: str, *, content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.send(self.build_request("POST", path, content=content, headers=headers))
+
+    async def get(self, path: str, *, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.send(self.build_request("GET", path, headers=headers, params=params))
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
     """One pooled client per backend, kept for the process's life."""
-    timeouts = config.timeouts
-    transport = PooledTransport(
-        max_connections=config.max_connections,
-        max_keepalive=config.max_connections,
-        keepalive_expiry=30.0,
-    )
-    return httpx.AsyncClient(
-        transport=transport,
-        base_url=config.base_url,
-        headers={"accept-encoding": "identity", **auth_header},
-        timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=timeouts.connect, pool=timeouts.connect),
-        follow_redirects=False,
-    )
+    return BackendClient(config, auth_header=auth_header)
 
 
 def status_error(backend: str, status: int, message: str | None, retry_after: str | None = None) -> GatewayError:
@@ -145,3 +215,54 @@ async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:
         if size >= limit:
             break
     return b"".join(parts)[:limit]
+
+
+# Reading what follows the end of a stream lets the connection return to the pool; a backend
+# that dawdles over its last bytes costs a fresh connection, not the client's time.
+DRAIN_SECONDS = 0.05
+
+
+async def pump_stream(
+    response: httpx.Response,
+    parser: StreamParser,
+    send: trio.MemorySendChannel[Batch],
+    *,
+    backend: str,
+    timeouts: Timeouts,
+    first_deadline: float,
+    relay_raw: bool,
+) -> None:
+    """Read a streamed body through `parser` into `send`, one batch per read that produced
+    something, under the first-token and idle timeouts.
+
+    One cancel scope serves every read: its deadline moves instead of a scope per chunk, and
+    it is lifted while a batch is handed over, so a slow client is never mistaken for a
+    silent backend.
+    """
+    chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+    started = finished = False
+    data: bytes | None = b""
+    with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(backend):
+        while data is not None:
+            try:
+                data = await chunks.__anext__()
+            except StopAsyncIteration:
+                data = None
+            output = parser.feed(data) if data is not None else parser.close()
+            if output.events or output.raw:
+                started = True
+                scope.deadline = math.inf
+                await send.send(Batch(output.events, output.raw if relay_raw else None, output.done))
+                scope.deadline = trio.current_time() + (timeouts.idle or math.inf)
+            if output.done:
+                finished = True
+                break
+        if data is not None and not parser.failed:
+            scope.deadline = trio.current_time() + DRAIN_SECONDS
+            async for _ in chunks:
+                pass
+            return
+    if scope.cancelled_caught and not finished:
+        if started:
+            raise timeout_error(backend, "went silent for longer than the idle timeout", timeouts.idle)
+        raise timeout_error(backend, "sent no first token", timeouts.first_token)

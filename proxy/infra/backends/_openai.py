@@ -16,15 +16,12 @@ from proxy.infra.backends._base import (
     Batch,
     ModelInfo,
     create_client,
+    pump_stream,
     read_limited,
     status_error,
     timeout_error,
     transport_errors,
 )
-
-# Reading what follows `[DONE]` lets the connection return to the pool; a backend that
-# dawdles over its last bytes costs a fresh connection, not the client's time.
-_DRAIN_SECONDS = 0.05
 
 
 class OpenAIBackend:
@@ -67,30 +64,10 @@ class OpenAIBackend:
                     response.headers.get("retry-after"),
                 )
             relay = openai.StreamRelay(include_usage=call.request.include_usage)
-            chunks = response.aiter_raw().__aiter__()
-            deadline, what = first_deadline, "sent no first token"
-            wait = timeouts.first_token
-            while True:
-                data: bytes | None = None
-                with trio.move_on_at(deadline) as scope, transport_errors(name):
-                    try:
-                        data = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        data = None
-                if scope.cancelled_caught:
-                    raise timeout_error(name, what, wait)
-                output = relay.feed(data) if data is not None else relay.close()
-                if output.events or output.raw:
-                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
-                    await send.send(Batch(output.events, output.raw if call.relay_openai else None, output.done))
-                    # Started after the hand-off, so a slow client is not taken for a silent backend.
-                    deadline = trio.current_time() + (wait or math.inf)
-                if output.done or data is None:
-                    break
-            if data is not None and not relay.failed:
-                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
-                    async for _ in chunks:
-                        pass
+            await pump_stream(
+                response, relay, send, backend=name, timeouts=timeouts,
+                first_deadline=first_deadline, relay_raw=call.relay_openai,
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
