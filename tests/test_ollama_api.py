@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
+import openai
 import pytest
 import trio
 
@@ -66,9 +68,8 @@ async def setup() -> AsyncIterator[Setup]:
             backend("an", an.url, kind="anthropic", prefixes=("claude",)),
             aliases={"my-alias": "llama3.2:latest"},
         ) as url:
-            client = ollama.AsyncClient(host=url)
-            yield Setup(url, client, fakes)
-            await client.close()
+            async with ollama.AsyncClient(host=url) as client:
+                yield Setup(url, client, fakes)
 
 
 async def collect(stream: AsyncIterator[Any]) -> list[Any]:
@@ -283,31 +284,29 @@ async def test_empty_prompts_load_the_model_without_calling_it(setup: Setup) -> 
 async def test_unknown_model_is_ollamas_404() -> None:
     fake = OllamaBackend()
     async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", prefixes=("llama",))) as url:
-        client = ollama.AsyncClient(host=url)
-        for call in (
-            client.chat(model="mistral", messages=MESSAGES),
-            client.generate(model="mistral", prompt="x"),
-            client.generate(model="mistral", prompt=""),
-        ):
+        async with ollama.AsyncClient(host=url) as client:
+            for call in (
+                client.chat(model="mistral", messages=MESSAGES),
+                client.generate(model="mistral", prompt="x"),
+                client.generate(model="mistral", prompt=""),
+            ):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "mistral" not found, try pulling it first'
             with pytest.raises(ollama.ResponseError) as info:
-                await call
-            assert info.value.status_code == 404
-            assert info.value.error == 'model "mistral" not found, try pulling it first'
-        with pytest.raises(ollama.ResponseError) as info:
-            await client.show("mistral")
-        assert info.value.status_code == 404 and info.value.error == "model 'mistral' not found"
-        await client.close()
+                await client.show("mistral")
+            assert info.value.status_code == 404 and info.value.error == "model 'mistral' not found"
 
 
 async def test_model_missing_on_the_ollama_backend_keeps_its_message() -> None:
     fake = OllamaBackend(models=["llama3.2"])
     async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True)) as url:
-        client = ollama.AsyncClient(host=url)
-        with pytest.raises(ollama.ResponseError) as info:
-            await collect(await client.chat(model="llama9", messages=MESSAGES, stream=True))
-        assert info.value.status_code == 404
-        assert info.value.error == 'model "llama9" not found, try pulling it first'
-        await client.close()
+        async with ollama.AsyncClient(host=url) as client:
+            with pytest.raises(ollama.ResponseError) as info:
+                await collect(await client.chat(model="llama9", messages=MESSAGES, stream=True))
+            assert info.value.status_code == 404
+            assert info.value.error == 'model "llama9" not found, try pulling it first'
 
 
 async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
@@ -351,11 +350,10 @@ async def test_unreachable_backend_is_a_503() -> None:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", kind="ollama", default=True)) as url:
-        client = ollama.AsyncClient(host=url)
-        with pytest.raises(ollama.ResponseError) as info:
-            await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
-        assert info.value.status_code == 503 and "unreachable" in info.value.error
-        await client.close()
+        async with ollama.AsyncClient(host=url) as client:
+            with pytest.raises(ollama.ResponseError) as info:
+                await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
+            assert info.value.status_code == 503 and "unreachable" in info.value.error
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -379,27 +377,25 @@ async def test_idle_timeout_mid_stream_is_an_error_line_and_closes_the_backend()
     fake = OllamaBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=2))
     quick = Timeouts(connect=2, first_token=5, idle=0.3, total=30)
     async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True, timeouts=quick)) as url:
-        client = ollama.AsyncClient(host=url)
-        seen: list[Any] = []
-        with pytest.raises(ollama.ResponseError) as info:
-            async for part in await client.chat(model="m", messages=MESSAGES, stream=True):
-                seen.append(part)
-        assert [p.message.content for p in seen] == ["a", "b"]
-        assert "idle" in info.value.error
-        await fake.wait_disconnect(2.0)
-        await client.close()
+        async with ollama.AsyncClient(host=url) as client:
+            seen: list[Any] = []
+            with pytest.raises(ollama.ResponseError) as info:
+                async for part in await client.chat(model="m", messages=MESSAGES, stream=True):
+                    seen.append(part)
+            assert [p.message.content for p in seen] == ["a", "b"]
+            assert "idle" in info.value.error
+            await fake.wait_disconnect(2.0)
 
 
 async def test_first_token_timeout_is_a_504_and_closes_the_backend() -> None:
     fake = OllamaBackend(default=Script(stall_before_headers=True))
     quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)
     async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True, timeouts=quick)) as url:
-        client = ollama.AsyncClient(host=url)
-        with pytest.raises(ollama.ResponseError) as info:
-            await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
-        assert info.value.status_code == 504
-        await fake.wait_disconnect(2.0)
-        await client.close()
+        async with ollama.AsyncClient(host=url) as client:
+            with pytest.raises(ollama.ResponseError) as info:
+                await collect(await client.chat(model="m", messages=MESSAGES, stream=True))
+            assert info.value.status_code == 504
+            await fake.wait_disconnect(2.0)
 
 
 # -- cancellation ------------------------------------------------------------------------------
@@ -467,3 +463,74 @@ async def test_stream_and_json_content_types(setup: Setup) -> None:
     assert streamed.headers["x-request-id"] == "r-1" and "content-length" not in streamed.headers
     assert whole.headers["content-type"].startswith("application/json")
     assert whole.json()["done"] is True and "\n" not in whole.text.strip()
+
+
+# -- other dialects' clients in front of an Ollama backend (the egress half) --------------------------
+
+
+def _ollama_tool_script() -> Script:
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_weather", '{"city": "Rome"}')]
+    return Script(tokens=["Let me check."], tool_calls=calls, usage=Usage(9, 4))
+
+
+async def test_openai_clients_get_whole_ollama_tool_calls_as_indexed_deltas(setup: Setup) -> None:
+    setup.fake("ollama").set_script(_ollama_tool_script())
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)
+    tools: Any = TOOLS
+    messages: Any = MESSAGES
+    stream = await client.chat.completions.create(
+        model="llama3.2", messages=messages, tools=tools, stream=True, stream_options={"include_usage": True}
+    )
+    text, finish, usage = "", None, None
+    ids: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                if call.id:
+                    ids[call.index] = call.id
+                arguments[call.index] = arguments.get(call.index, "") + ((call.function and call.function.arguments) or "")
+            finish = choice.finish_reason or finish
+    assert text == "Let me check."
+    assert sorted(ids) == [0, 1] and len(set(ids.values())) == 2
+    assert all(i.startswith("call_") for i in ids.values())
+    assert {i: json.loads(a) for i, a in arguments.items()} == {0: {"city": "Paris"}, 1: {"city": "Rome"}}
+    assert finish == "tool_calls"  # Ollama said "stop"
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (9, 4)
+    sent = setup.sent("ollama")
+    assert setup.fake("ollama").requests[-1].path == "/api/chat"
+    assert sent["tools"][0]["function"]["name"] == "get_weather" and sent["stream"] is True
+
+    reply = await client.chat.completions.create(model="llama3.2", messages=messages, tools=tools)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    calls = reply.choices[0].message.tool_calls or []
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}, {"city": "Rome"}]  # type: ignore[union-attr]
+    assert reply.usage is not None and reply.usage.total_tokens == 13
+    await client.close()
+
+
+async def test_anthropic_clients_get_ollama_tool_calls_as_tool_use(setup: Setup) -> None:
+    setup.fake("ollama").set_script(_ollama_tool_script())
+    client = anthropic.AsyncAnthropic(base_url=setup.url, api_key="x", max_retries=0)
+    tools: Any = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    messages: Any = MESSAGES
+    async with client.messages.stream(model="llama3.2", max_tokens=100, messages=messages, tools=tools) as stream:
+        final = await stream.get_final_message()
+    reply = await client.messages.create(model="llama3.2", max_tokens=100, messages=messages, tools=tools)
+    for message in (final, reply):
+        assert message.stop_reason == "tool_use"
+        uses = [block for block in message.content if block.type == "tool_use"]
+        assert [block.input for block in uses] == [{"city": "Paris"}, {"city": "Rome"}]
+        assert len({block.id for block in uses}) == 2
+        assert (message.usage.input_tokens, message.usage.output_tokens) == (9, 4)
+    assert setup.sent("ollama")["options"]["num_predict"] == 100
+    await client.close()
+
+
+async def test_readiness_probes_ollama_backends(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        ready = await http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["checks"]["backend:ol"] == "ok"
+    assert [r.path for r in setup.fake("ollama").requests] == ["/api/version"]

@@ -329,8 +329,8 @@ def parse_all(data: bytes, step: int | None = None) -> list[StreamEvent]:
     events: list[StreamEvent] = []
     step = step or len(data) or 1
     for i in range(0, len(data), step):
-        events.extend(parser.feed(data[i : i + step]))
-    events.extend(parser.close())
+        events.extend(parser.feed(data[i : i + step]).events)
+    events.extend(parser.close().events)
     return events
 
 

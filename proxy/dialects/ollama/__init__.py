@@ -43,7 +43,7 @@ from proxy.dialects.ollama._response import (
     statistics,
     timestamp,
 )
-from proxy.dialects.ollama._stream import NdjsonDecoder, StreamParser, StreamRenderer
+from proxy.dialects.ollama._stream import NdjsonDecoder, ParsedOutput, StreamParser, StreamRenderer
 
 __all__ = [
     "DIALECT",
@@ -51,6 +51,7 @@ __all__ = [
     "RAW_ARGUMENTS_KEY",
     "ROOT_TEXT",
     "NdjsonDecoder",
+    "ParsedOutput",
     "StreamParser",
     "StreamRenderer",
     "Timing",

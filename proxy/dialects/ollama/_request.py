@@ -165,19 +165,21 @@ def _parse_messages(items: list[Any]) -> list[Message]:
             _parse_tool_call(call, f"{path}.tool_calls[{j}]", f"call_{i}_{j}")
             for j, call in enumerate(fields.array("tool_calls") or [])
         )
-        name = fields.text("tool_name") or fields.text("name")
-        tool_call_id = fields.text("tool_call_id") or None
+        name: str | None = None
+        tool_call_id: str | None = None
         if role == "assistant":
             unanswered = list(tool_calls)
         elif role == "tool":
-            tool_call_id, name = _answer(unanswered, tool_call_id, name, i)
+            tool_call_id, name = _answer(
+                unanswered, fields.text("tool_call_id") or None, fields.text("tool_name") or fields.text("name"), i
+            )
         messages.append(
             Message(
                 role=role,
                 content=content,
                 tool_calls=tool_calls,
                 tool_call_id=tool_call_id,
-                name=name if role == "tool" else None,
+                name=name,
                 reasoning=fields.text("thinking") or None,
             )
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.dialects._json import dumps
@@ -73,6 +74,15 @@ def _malformed() -> GatewayError:
     return GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream line.")
 
 
+@dataclass(slots=True)
+class ParsedOutput:
+    """What one `feed` produced. `raw` is always None: only OpenAI streams are relayed as bytes."""
+
+    events: list[StreamEvent]
+    done: bool = False
+    raw: bytes | None = None
+
+
 class StreamParser:
     """An Ollama backend's stream as domain events.
 
@@ -90,16 +100,16 @@ class StreamParser:
         self.done = False
         self.failed = False
 
-    def feed(self, data: bytes) -> list[StreamEvent]:
+    def feed(self, data: bytes) -> ParsedOutput:
         events: list[StreamEvent] = []
         if not self.done:
             for line in self._decoder.feed(data):
                 self._line(line, events)
                 if self.done:
                     break
-        return events
+        return ParsedOutput(events, self.done)
 
-    def close(self) -> list[StreamEvent]:
+    def close(self) -> ParsedOutput:
         """The backend's body ended; a stream without its `done` line has failed."""
         events: list[StreamEvent] = []
         if not self.done:
@@ -111,7 +121,7 @@ class StreamParser:
                 self._line(line, events)
         if not self.done:
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend closed the stream before it finished."), events)
-        return events
+        return ParsedOutput(events, True)
 
     def _fail(self, error: GatewayError, events: list[StreamEvent]) -> None:
         events.append(StreamFailed(error))

@@ -22,14 +22,12 @@ from proxy.infra.backends._base import (
     Batch,
     ModelInfo,
     create_client,
+    pump_stream,
     read_limited,
     status_error,
     timeout_error,
     transport_errors,
 )
-
-# Reading what follows the `done` line lets the connection return to the pool.
-_DRAIN_SECONDS = 0.05
 
 
 class OllamaBackend:
@@ -66,31 +64,10 @@ class OllamaBackend:
             if response.status_code >= 400:
                 with transport_errors(name):
                     raise self._error(response, await read_limited(response))
-            parser = ollama.StreamParser()
-            chunks = response.aiter_raw().__aiter__()
-            deadline, what = first_deadline, "sent no first token"
-            wait = timeouts.first_token
-            while True:
-                data: bytes | None = None
-                with trio.move_on_at(deadline) as scope, transport_errors(name):
-                    try:
-                        data = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        data = None
-                if scope.cancelled_caught:
-                    raise timeout_error(name, what, wait)
-                events = parser.feed(data) if data is not None else parser.close()
-                if events:
-                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
-                    await send.send(Batch(events, done=parser.done))
-                    # Started after the hand-off, so a slow client is not taken for a silent backend.
-                    deadline = trio.current_time() + (wait or math.inf)
-                if parser.done or data is None:
-                    break
-            if data is not None and not parser.failed:
-                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
-                    async for _ in chunks:
-                        pass
+            await pump_stream(
+                response, ollama.StreamParser(), send, backend=name, timeouts=timeouts,
+                first_deadline=first_deadline, relay_raw=False,
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
