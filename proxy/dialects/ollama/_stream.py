@@ -199,7 +199,7 @@ class StreamRenderer:
         self._first: float | None = None
         self._prefix = b'{"model":' + json_string(model) + b',"created_at":"'
         if generate:
-            self._text_open = b'",' + b'"response":'
+            self._text_open = b'","response":'
             self._thinking_open = b'","response":"","thinking":'
             self._close = b',"done":false}\n'
         else:
@@ -271,11 +271,10 @@ class StreamRenderer:
         if not self._calls or self._generate:
             self._calls.clear()
             return b""
-        calls = [
-            ToolCall(id=self._call_heads.get(index, ("", ""))[0], name=self._call_heads.get(index, ("", ""))[1],
-                     arguments="".join(self._calls[index]))
-            for index in sorted(self._calls)
-        ]
+        calls = []
+        for index in sorted(self._calls):
+            call_id, name = self._call_heads.get(index, ("", ""))
+            calls.append(ToolCall(id=call_id, name=name, arguments="".join(self._calls[index])))
         self._calls.clear()
         self._call_heads.clear()
         self._pieces += len(calls)
