@@ -64,6 +64,21 @@ def timestamp(seconds: float | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_second: int = -1
+_second_text = b""
+
+
+def timestamp_bytes() -> bytes:
+    """`timestamp()` for now, as bytes, cheaply: the date and time are formatted once a second."""
+    global _second, _second_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.").encode()
+        _second = second
+    return _second_text + b"%06dZ" % int((now - second) * 1_000_000)
+
+
 _TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")
 
 

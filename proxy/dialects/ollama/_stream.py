@@ -24,7 +24,7 @@ from proxy.dialects.ollama._response import (
     new_completion_id,
     parse_timestamp,
     statistics,
-    timestamp,
+    timestamp_bytes,
     tool_call_of,
     tool_calls_body,
     usage_of,
@@ -223,7 +223,7 @@ class StreamRenderer:
                 if event.choice or not event.text:
                     continue
                 if not stamp:
-                    stamp = timestamp().encode()
+                    stamp = timestamp_bytes()
                 if self._first is None:
                     self._first = self._clock()
                 self._pieces += 1
@@ -259,7 +259,7 @@ class StreamRenderer:
         timing = Timing(self._started, self._first, self._clock())
         stats = statistics(self._usage, timing, eval_count=self._pieces)
         reason = done_reason(self._reason)
-        head = self._prefix + timestamp().encode()
+        head = self._prefix + timestamp_bytes()
         if self._generate:
             body = b'","response":"","done":true,"done_reason":"' + reason.encode() + b'",'
         else:
@@ -280,7 +280,7 @@ class StreamRenderer:
         self._pieces += len(calls)
         return (
             self._prefix
-            + timestamp().encode()
+            + timestamp_bytes()
             + b'","message":{"role":"assistant","content":"","tool_calls":'
             + dumps(tool_calls_body(calls))
             + b'},"done":false}\n'
