@@ -15,10 +15,15 @@ def dumps(value: Any) -> bytes:
     return _encoder.encode(value).encode()
 
 
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; accepting them would only fail later, on the way out.
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
 def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any]:
     """Parse JSON that must be an object; a clear 400 otherwise."""
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The {what} is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(value, dict):
