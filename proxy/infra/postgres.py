@@ -20,7 +20,7 @@ asyncio cancellation into a PostgreSQL cancel request and waits for it, so the c
 only once the server has stopped and the connection is back in the pool, idle.
 
 pgvector's adapter is registered on every connection: pass numpy float32 arrays as `vector`
-parameters; `vector` columns come back as numpy arrays. `open_database` creates the `vector`
+parameters; `vector` values come back as 1-D `numpy.float32` arrays. `open_database` creates the `vector`
 extension if it is missing, because the adapter can only be registered once the type exists.
 
 Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`);
@@ -30,20 +30,34 @@ Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import psycopg
 import psycopg.errors
+import psycopg.waiting
 import trio
+import trio_asyncio
 from pgvector.psycopg import register_vector_async
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from trio_asyncio import aio_as_trio
 
 log = logging.getLogger(__name__)
+
+# psycopg.waiting binds `asyncio.get_running_loop` at import time. Imported before trio_asyncio
+# (which patches asyncio to find its loop from trio tasks), it keeps the unpatched function and
+# every query fails with "no running event loop". Rebind it whatever the import order was.
+assert trio_asyncio  # imported for the patch above
+psycopg.waiting.get_running_loop = asyncio.get_running_loop  # type: ignore[attr-defined]
 
 Row = tuple[Any, ...]
 Params = Sequence[Any] | Mapping[str, Any] | None
@@ -213,11 +227,32 @@ class Database(_Queries):
             await self._pool.putconn(conn)
 
 
+class _VectorTextLoader(Loader):
+    def load(self, data: Buffer) -> npt.NDArray[np.float32]:
+        text = bytes(data).decode()
+        return np.array(text.strip("[]").split(","), dtype=np.float32)
+
+
+class _VectorBinaryLoader(Loader):
+    format = Format.BINARY
+
+    def load(self, data: Buffer) -> npt.NDArray[np.float32]:
+        dim = int.from_bytes(bytes(data[:2]), "big")
+        # wire format: uint16 dim, uint16 unused, dim big-endian float4
+        return np.frombuffer(data, dtype=">f4", count=dim, offset=4).astype(np.float32)
+
+
 async def _configure(conn: _Conn) -> None:
+    """Per new connection: pgvector dumpers (numpy/Vector -> vector), numpy loaders."""
     try:
         await register_vector_async(conn)
     except psycopg.ProgrammingError:
         log.warning("pgvector type missing in this database; vector adapter not registered")
+        return
+    # pgvector's own loaders return pgvector.Vector; services work with numpy.
+    oid = conn.adapters.types["vector"].oid
+    conn.adapters.register_loader(oid, _VectorTextLoader)
+    conn.adapters.register_loader(oid, _VectorBinaryLoader)
 
 
 async def _probe(url: str, connect_timeout: float) -> None:
@@ -231,6 +266,8 @@ async def _probe(url: str, connect_timeout: float) -> None:
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
                     await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            except psycopg.errors.UniqueViolation:
+                pass  # created concurrently by another process: what we wanted
             except psycopg.errors.InsufficientPrivilege as exc:
                 log.warning("cannot create extension vector (%s); vectors unavailable", exc)
     finally:
