@@ -232,7 +232,8 @@ def test_history_thinking_becomes_reasoning_and_redacted_thinking_stays_anthropi
 
 def encode(request: ChatRequest, **kwargs: Any) -> dict[str, Any]:
     options = {"stream": True, "default_max_tokens": 4096, **kwargs}
-    return json.loads(anthropic.encode_messages_request(request, "claude-up", **options))
+    sent: dict[str, Any] = json.loads(anthropic.encode_messages_request(request, "claude-up", **options))
+    return sent
 
 
 def test_openai_shaped_conversation_becomes_an_anthropic_one() -> None:

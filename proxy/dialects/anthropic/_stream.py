@@ -307,6 +307,7 @@ class StreamRenderer:
 class ParseOutput:
     events: list[StreamEvent]
     done: bool = False
+    raw: bytes | None = None  # never: Anthropic streams are not relayed byte for byte
 
 
 class StreamParser:

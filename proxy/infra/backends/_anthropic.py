@@ -10,6 +10,7 @@ none is sent with `DEFAULT_MAX_TOKENS`.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from proxy.infra.backends._base import (
     Batch,
     ModelInfo,
     create_client,
+    pump_stream,
     read_limited,
     status_error,
     timeout_error,
@@ -34,8 +36,6 @@ from proxy.infra.backends._base import (
 )
 
 DEFAULT_MAX_TOKENS = 4096
-# As in the OpenAI adapter: reading past `message_stop` returns the connection to the pool.
-_DRAIN_SECONDS = 0.05
 _MODEL_PAGES = 20
 
 
@@ -76,42 +76,21 @@ class AnthropicBackend:
             content=self._body(call, stream=True),
             headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
         )
-        with transport_errors(name):
+        # The first-token clock covers the wait for the response head too.
+        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
+        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
             response = await self._client.send(request, stream=True)
+        if head_scope.cancelled_caught:
+            raise timeout_error(name, "sent no first token", timeouts.first_token)
         try:
             if response.status_code >= 400:
                 with transport_errors(name):
                     body = await read_limited(response)
                 raise backend_error(name, response.status_code, body, response.headers.get("retry-after"))
-            parser = anthropic.StreamParser()
-            chunks = response.aiter_raw().__aiter__()
-            wait, what = timeouts.first_token, "sent no first token"
-            sent_any = False
-            while True:
-                data: bytes | None = None
-                with trio.move_on_after(wait if wait is not None else float("inf")) as scope, transport_errors(name):
-                    try:
-                        data = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        data = None
-                if scope.cancelled_caught:
-                    raise timeout_error(name, what, wait)
-                output = parser.feed(data) if data is not None else parser.close()
-                if output.events:
-                    if not sent_any and isinstance(output.events[0], StreamFailed):
-                        # Failed before saying anything: the client gets a real status.
-                        raise output.events[0].error
-                    sent_any = True
-                    wait, what = timeouts.idle, "went silent for longer than the idle timeout"
-                    await send.send(Batch(output.events, done=output.done))
-                elif output.done and sent_any:
-                    await send.send(Batch([], done=True))
-                if output.done or data is None:
-                    break
-            if data is not None and not parser.failed:
-                with trio.move_on_after(_DRAIN_SECONDS), transport_errors(name):
-                    async for _ in chunks:
-                        pass
+            await pump_stream(
+                response, _EarlyErrors(anthropic.StreamParser()), send, backend=name, timeouts=timeouts,
+                first_deadline=first_deadline, relay_raw=False,
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
@@ -181,6 +160,32 @@ class AnthropicBackend:
 
     async def check(self) -> None:
         await self.list_models()
+
+
+class _EarlyErrors:
+    """Raises an `error` event that comes before anything else (Anthropic's overloaded
+    answer, sent with a 200), so the client gets a real status instead of a stream that
+    starts and fails at once."""
+
+    def __init__(self, parser: anthropic.StreamParser) -> None:
+        self._parser = parser
+        self._started = False
+        self.failed = False
+
+    def feed(self, data: bytes) -> anthropic.ParseOutput:
+        return self._checked(self._parser.feed(data))
+
+    def close(self) -> anthropic.ParseOutput:
+        return self._checked(self._parser.close())
+
+    def _checked(self, output: anthropic.ParseOutput) -> anthropic.ParseOutput:
+        self.failed = self._parser.failed
+        if not self._started and output.events:
+            first = output.events[0]
+            if isinstance(first, StreamFailed):
+                raise first.error
+            self._started = True
+        return output
 
 
 def _json_object(response: httpx.Response, name: str) -> dict[str, Any]:

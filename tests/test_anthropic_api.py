@@ -1,0 +1,545 @@
+"""The official `anthropic` SDK (AsyncAnthropic, under trio) against the gateway, in front of
+fake OpenAI-compatible, Ollama and Anthropic backends; and the official `openai` SDK against
+the gateway in front of a fake Anthropic backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.config import Timeouts
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
+from tests.harness import backend, running_gateway
+from tests.test_anthropic_codec import assert_valid_anthropic_stream, sse_frames
+
+KINDS = ("openai", "ollama", "anthropic")
+MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
+MESSAGES: Any = [{"role": "user", "content": "Say hello"}]
+TOOLS: Any = [
+    {"name": "get_weather", "description": "Weather in a city",
+     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+]
+PARALLEL = Script(tool_calls=[("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"})], tool_arg_fragment=5)
+ANTHROPIC_KEY = "sk-ant-test-key"
+
+
+class TokenizingOpenAIBackend(OpenAIBackend):
+    """The OpenAI fake plus vLLM's `POST /tokenize` (at the server root)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/tokenize" and request.method == "POST":
+            body = request.json()
+            text = json.dumps(body["messages"])
+            await exchange.respond_json(200, {"count": len(text) // 4, "max_model_len": 8192, "tokens": []})
+            return
+        await super().route(request, exchange, call)
+
+
+@dataclass
+class Setup:
+    url: str
+    client: anthropic.AsyncAnthropic
+    fakes: dict[str, OpenAIBackend | OllamaBackend | AnthropicBackend]
+
+    def fake(self, kind: str) -> Any:
+        return self.fakes[kind]
+
+
+@pytest.fixture
+async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fakes: dict[str, Any] = {
+        "openai": TokenizingOpenAIBackend(),
+        "ollama": OllamaBackend(),
+        "anthropic": AnthropicBackend(api_key=ANTHROPIC_KEY, require_version=True),
+    }
+    async with (
+        fakes["openai"].serve() as s_openai,
+        fakes["ollama"].serve() as s_ollama,
+        fakes["anthropic"].serve() as s_anthropic,
+        running_gateway(
+            backend("vllm", s_openai.url, default=True),
+            backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)),
+            backend("claude", s_anthropic.url, kind="anthropic", prefixes=("claude",), api_key_env="TEST_ANTHROPIC_KEY"),
+        ) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="client-key", max_retries=0)
+        yield Setup(url, client, fakes)
+        await client.close()
+
+
+async def raw_stream(setup: Setup, **fields: Any) -> httpx.Response:
+    data = {"max_tokens": 256, "messages": MESSAGES, "stream": True, **fields}
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        return await http.post("/v1/messages", json=data, headers={"x-api-key": "k", "anthropic-version": "2023-06-01"})
+
+
+# -- text ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_message(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hello", " there"], usage=Usage(11, 2)))
+    raw = await setup.client.messages.with_raw_response.create(model=MODELS[kind], max_tokens=256, messages=MESSAGES)
+    message = await raw.parse()
+    assert raw.headers["request-id"] and raw.headers["content-type"] == "application/json"
+    assert message.id.startswith("msg_") and message.type == "message" and message.role == "assistant"
+    assert message.model == MODELS[kind]
+    assert [(b.type, getattr(b, "text", None)) for b in message.content] == [("text", "Hello there")]
+    assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streaming_message(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hel", "lo", " there"], usage=Usage(11, 3)))
+    texts = []
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=256, messages=MESSAGES) as stream:
+        async for event in stream:
+            if event.type == "text":
+                texts.append(event.text)
+        message = await stream.get_final_message()
+    assert texts == ["Hel", "lo", " there"]
+    assert message.content[0].type == "text" and message.content[0].text == "Hello there"
+    assert message.stop_reason == "end_turn"
+    # Input tokens arrive late from OpenAI/Ollama backends: message_delta carries them and the SDK merges.
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_stream_wire_format(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2)))
+    response = await raw_stream(setup, model=MODELS[kind])
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache" and response.headers["request-id"]
+    assert_valid_anthropic_stream(response.content)
+    frames = sse_frames(response.content)
+    start = frames[0][1]["message"]
+    assert start["id"].startswith("msg_") and start["content"] == [] and start["stop_reason"] is None
+    assert set(start["usage"]) >= {"input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"}
+    final = frames[-2][1]["usage"]
+    assert final["output_tokens"] == 2
+    # Input tokens are known at message_start from Anthropic backends; from the others they
+    # arrive at the end, so message_start says 0 and message_delta carries them.
+    if kind == "anthropic":
+        assert start["usage"]["input_tokens"] == 7 and "input_tokens" not in final
+    else:
+        assert start["usage"]["input_tokens"] == 0 and final["input_tokens"] == 7
+
+
+# -- tools -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_parallel_tool_calls_stream_their_arguments(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(PARALLEL)
+    fragments: dict[int, list[str]] = {}
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=256, messages=MESSAGES, tools=TOOLS) as stream:
+        async for event in stream:
+            if event.type == "input_json":
+                fragments.setdefault(event.index if hasattr(event, "index") else -1, []).append(event.partial_json)
+        message = await stream.get_final_message()
+    calls = [b for b in message.content if b.type == "tool_use"]
+    assert [(c.name, c.input) for c in calls] == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"})]
+    assert len({c.id for c in calls}) == 2 and all(c.id for c in calls)
+    assert message.stop_reason == "tool_use"
+    if kind != "ollama":  # Ollama sends whole calls; the others stream fragments, all relayed
+        assert sum(len(f) for f in fragments.values()) >= 4
+
+
+async def test_interleaved_parallel_tool_calls_from_an_openai_backend(setup: Setup) -> None:
+    setup.fake("openai").set_script(
+        Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)
+    )
+    response = await raw_stream(setup, model=MODELS["openai"], tools=TOOLS)
+    assert_valid_anthropic_stream(response.content)
+    arguments: dict[int, str] = {}
+    for name, payload in sse_frames(response.content):
+        if name == "content_block_delta" and payload["delta"]["type"] == "input_json_delta":
+            arguments[payload["index"]] = arguments.get(payload["index"], "") + payload["delta"]["partial_json"]
+    assert [json.loads(a) for a in arguments.values()] == [{"city": "Paris"}, {"tz": "Europe/Paris"}]
+
+
+async def test_tool_round_trip_reaches_each_backend_in_its_own_shape(setup: Setup) -> None:
+    history: Any = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_01", "content": [{"type": "text", "text": "Sunny"}]},
+            {"type": "text", "text": "Thanks"},
+        ]},
+    ]
+    for kind in KINDS:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=64, messages=history, tools=TOOLS, system="Be brief.")
+    openai_body = setup.fake("openai").requests[-1].json
+    assert openai_body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "toolu_01", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        ]},
+        {"role": "tool", "content": "Sunny", "tool_call_id": "toolu_01"},
+        {"role": "user", "content": "Thanks"},
+    ]
+    assert openai_body["tools"][0]["function"]["name"] == "get_weather"
+    anthropic_request = setup.fake("anthropic").requests[-1]
+    # Unchanged, except that a tool result's lone text block travels as the equivalent string.
+    history[2]["content"][0]["content"] = "Sunny"
+    assert anthropic_request.json["messages"] == history and anthropic_request.json["system"] == "Be brief."
+    assert anthropic_request.headers["x-api-key"] == ANTHROPIC_KEY
+    assert anthropic_request.headers["anthropic-version"] == "2023-06-01"
+    ollama_messages = setup.fake("ollama").requests[-1].json["messages"]
+    assert [m["role"] for m in ollama_messages] == ["system", "user", "assistant", "tool", "user"]
+
+
+# -- stop reasons ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_max_tokens_stop_reason(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(n_tokens=20))
+    message = await setup.client.messages.create(model=MODELS[kind], max_tokens=3, messages=MESSAGES)
+    assert message.stop_reason == "max_tokens"
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=3, messages=MESSAGES) as stream:
+        streamed = await stream.get_final_message()
+    assert streamed.stop_reason == "max_tokens"
+
+
+async def test_refusal_from_an_openai_content_filter(setup: Setup) -> None:
+    setup.fake("openai").set_script(Script(tokens=["no"], finish_reason="content_filter"))
+    message = await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES)
+    assert message.stop_reason == "refusal"
+
+
+async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
+    setup.fake("anthropic").set_script(Script(tokens=["x"], reasoning=["Let me", " think"], stop_sequence="###"))
+    request: Any = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": MESSAGES, "stop_sequences": ["###"],
+                    "thinking": {"type": "enabled", "budget_tokens": 32}}
+    message = await setup.client.messages.create(**request)
+    async with setup.client.messages.stream(**request) as stream:
+        streamed = await stream.get_final_message()
+    for reply in (message, streamed):
+        assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "###")
+        thinking = reply.content[0]
+        assert isinstance(thinking, anthropic.types.ThinkingBlock) and thinking.thinking == "Let me think"
+        assert thinking.signature.startswith("EqQB")
+    sent = setup.fake("anthropic").requests[-1].json
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 32} and sent["stop_sequences"] == ["###"]
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backend_errors_before_the_stream(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.push(Script(status=429, retry_after=3))
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, stream=True)
+    assert limited.value.type == "rate_limit_error" and limited.value.response.headers["retry-after"] == "3"
+    fake.push(Script(status=503))
+    with pytest.raises(anthropic.InternalServerError) as unavailable:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES)
+    assert unavailable.value.status_code == 503 and unavailable.value.type == "overloaded_error"
+
+
+async def test_anthropic_overloaded_529_is_a_503_overloaded_error(setup: Setup) -> None:
+    setup.fake("anthropic").push(Script(status=529))
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=30, messages=MESSAGES)
+    assert info.value.status_code == 503 and info.value.type == "overloaded_error"
+    assert "Overloaded" in str(info.value.api_message)
+    # Overloaded as the stream's very first event (after a 200): still a real status to the client.
+    setup.fake("anthropic").push(Script(fail_after=0))
+    with pytest.raises(anthropic.InternalServerError) as early:
+        await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=30, messages=MESSAGES, stream=True)
+    assert early.value.status_code == 503 and early.value.type == "overloaded_error"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_backend_failing_mid_stream_gives_one_error_event(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=list("abcdefgh"), fail_after=4, error_message="engine died"))
+    response = await raw_stream(setup, model=MODELS[kind])
+    assert response.status_code == 200
+    assert_valid_anthropic_stream(response.content)
+    name, payload = sse_frames(response.content)[-1]
+    assert name == "error" and payload["error"]["type"] in ("api_error", "overloaded_error")
+    with pytest.raises(anthropic.APIStatusError):
+        async with setup.client.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES) as stream:
+            async for _ in stream:
+                pass
+
+
+async def test_invalid_requests_are_anthropic_shaped_400s(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        missing = await http.post("/v1/messages", json={"model": "claude-x", "messages": MESSAGES})
+        malformed = await http.post("/v1/messages", content=b"{", headers={"content-type": "application/json"})
+        bad_role = await http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]})
+    for response in (missing, malformed, bad_role):
+        assert response.status_code == 400
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in missing.json()["error"]["message"]
+    assert "messages[0].role" in bad_role.json()["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError):
+        await setup.client.messages.create(model="m", max_tokens=5, messages=MESSAGES, extra_body={"temperature": 1.5})
+
+
+async def test_unknown_paths_and_methods_answer_in_anthropic_shape(setup: Setup) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        unknown = await http.post("/v1/messages/batches", json={})
+        wrong_method = await http.get("/v1/messages")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
+
+
+async def test_credentials_and_version_are_accepted_in_any_form(setup: Setup) -> None:
+    setup.fake("anthropic").set_script(Script(tokens=["ok"]))
+    data = {"model": MODELS["anthropic"], "max_tokens": 5, "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        bearer = await http.post("/v1/messages", json=data, headers={"authorization": "Bearer k"})
+        bare = await http.post("/v1/messages", json=data)
+    assert bearer.status_code == bare.status_code == 200
+    # The backend still gets its own key and a version.
+    assert setup.fake("anthropic").requests[-1].headers["anthropic-version"] == "2023-06-01"
+
+
+# -- cancellation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.set_script(Script(n_tokens=1000, pace=0.01))
+    seen = 0
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=2000, messages=MESSAGES) as stream:
+        async for event in stream:
+            if event.type == "text":
+                seen += 1
+                if seen == 5:
+                    break
+    gone = await fake.wait_disconnect(2.0)
+    assert 0 < gone.frames_sent < 1000
+    await fake.wait_idle(2.0)
+
+
+async def test_disconnect_before_first_token_closes_the_anthropic_backend_request(setup: Setup) -> None:
+    fake = setup.fake("anthropic")
+    fake.set_script(Script(header_delay=30))
+    with trio.move_on_after(0.3):
+        await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=5, messages=MESSAGES, stream=True)
+    gone = await fake.wait_disconnect(2.0)
+    assert not gone.headers_sent
+
+
+# -- timeouts and outages of an Anthropic backend -----------------------------------------------------------
+
+QUICK = Timeouts(connect=2, first_token=0.3, idle=0.3, total=30)
+
+
+async def test_anthropic_backend_first_token_timeout_is_a_504() -> None:
+    fake = AnthropicBackend(default=Script(stall_before_headers=True))
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True, timeouts=QUICK)) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as info:
+            await client.messages.create(model="claude-x", max_tokens=5, messages=MESSAGES, stream=True)
+        assert info.value.status_code == 504 and info.value.type == "timeout_error"
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+async def test_anthropic_backend_going_silent_ends_the_stream_with_an_error_event() -> None:
+    fake = AnthropicBackend(default=Script(tokens=list("abcdef"), stall_after=3))
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True, timeouts=QUICK)) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        texts = []
+        with pytest.raises(anthropic.APIStatusError) as info:
+            async with client.messages.stream(model="claude-x", max_tokens=50, messages=MESSAGES) as stream:
+                async for event in stream:
+                    if event.type == "text":
+                        texts.append(event.text)
+        assert texts == ["a"] and "idle" in str(info.value.api_message)
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+async def test_unreachable_anthropic_backend_is_a_503() -> None:
+    async with running_gateway(backend("c", "http://127.0.0.1:9", kind="anthropic", default=True, timeouts=QUICK)) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as info:
+            await client.messages.create(model="claude-x", max_tokens=5, messages=MESSAGES)
+        assert info.value.status_code == 503 and info.value.type == "overloaded_error"
+        await client.close()
+
+
+# -- count_tokens ------------------------------------------------------------------------------------------
+
+
+async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
+    counted = await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, system="Be brief.")
+    sent = setup.fake("anthropic").requests[-1]
+    assert sent.path == "/v1/messages/count_tokens" and counted.input_tokens > 0
+    assert "max_tokens" not in sent.json and sent.json["system"] == "Be brief."
+
+    vllm = await setup.client.messages.count_tokens(model=MODELS["openai"], messages=MESSAGES)
+    tokenize = setup.fake("openai").requests[-1]
+    assert tokenize.path == "/tokenize" and vllm.input_tokens == len(json.dumps(tokenize.json["messages"])) // 4
+
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await setup.client.messages.count_tokens(model=MODELS["ollama"], messages=MESSAGES)
+    assert "cannot count tokens" in str(info.value.api_message)
+
+
+async def test_count_tokens_without_a_tokenize_endpoint_is_a_clear_400() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("plain", server.url, default=True)) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as info:
+            await client.messages.count_tokens(model="m", messages=MESSAGES)
+        assert info.value.type == "invalid_request_error" and "/tokenize" in str(info.value.api_message)
+        await client.close()
+
+
+# -- the OpenAI SDK in front of an Anthropic backend -------------------------------------------------------
+
+
+@pytest.fixture
+async def openai_front(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[openai.AsyncOpenAI, AnthropicBackend]]:
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = AnthropicBackend(api_key=ANTHROPIC_KEY, require_version=True)
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY")
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield client, fake
+        await client.close()
+
+
+OPENAI_TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+async def test_openai_client_gets_parallel_tool_calls_with_streamed_arguments(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    client, fake = openai_front
+    fake.set_script(Script(tokens=["On it."], tool_calls=PARALLEL.tool_calls, tool_arg_fragment=4, usage=Usage(40, 17, cached_tokens=8)))
+    stream = await client.chat.completions.create(
+        model="claude-x", messages=MESSAGES, tools=OPENAI_TOOLS, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    calls: dict[int, dict[str, Any]] = {}
+    pieces = 0
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(call.index, {"id": call.id, "name": call.function.name, "arguments": ""})  # type: ignore[union-attr]
+            entry["arguments"] += call.function.arguments or ""  # type: ignore[union-attr]
+            pieces += 1
+    assert sorted(calls) == [0, 1]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"}),
+    ]
+    assert all(c["id"].startswith("toolu_") for c in calls.values()) and pieces > 4
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    # message_start's input (with cache reads) merged with message_delta's cumulative output.
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (48, 17, 65)
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("script", "finish_reason"),
+    [
+        (Script(tokens=["a"]), "stop"),
+        (Script(tokens=["a"], stop_sequence="###"), "stop"),
+        (Script(n_tokens=10), "length"),
+        (Script(tokens=["no"], finish_reason="content_filter"), "content_filter"),
+    ],
+)
+async def test_openai_client_finish_reasons(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend], script: Script, finish_reason: str
+) -> None:
+    client, fake = openai_front
+    fake.set_script(script)
+    reply = await client.chat.completions.create(model="claude-x", messages=MESSAGES, max_tokens=5)
+    assert reply.choices[0].finish_reason == finish_reason
+    stream = await client.chat.completions.create(model="claude-x", messages=MESSAGES, max_tokens=5, stream=True)
+    assert [c.choices[0].finish_reason async for c in stream if c.choices and c.choices[0].finish_reason] == [finish_reason]
+
+
+async def test_openai_client_non_streaming_and_the_request_anthropic_sees(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    client, fake = openai_front
+    fake.set_script(Script(tokens=["Done", "."], tool_calls=[("get_time", {"tz": "UTC"})], usage=Usage(30, 6)))
+    conversation: Any = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz":"CET"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "Sunny"},
+    ]
+    reply = await client.chat.completions.create(model="claude-x", messages=conversation, tools=OPENAI_TOOLS, temperature=1.5)
+    choice = reply.choices[0]
+    assert choice.message.content == "Done." and choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [("get_time", '{"tz": "UTC"}')]  # type: ignore[union-attr]
+    assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (30, 6)
+    sent = fake.requests[-1]
+    assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
+    assert sent.json["system"] == "Be brief." and sent.json["max_tokens"] == 4096 and sent.json["temperature"] == 1.0
+    assert sent.json["messages"][1:] == [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_time", "input": {"tz": "CET"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "12:00"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "Sunny"},
+        ]},
+    ]
+
+
+async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
+    client, fake = openai_front
+    fake.push(Script(status=529))
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="claude-x", messages=MESSAGES, stream=True)
+    assert info.value.status_code == 503
+    fake.push(Script(tokens=list("abcdef"), fail_after=4))
+    stream = await client.chat.completions.create(model="claude-x", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as failed:
+        async for _ in stream:
+            pass
+    assert "Overloaded" in failed.value.message
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="claude-x", messages=MESSAGES, n=2)
+
+
+async def test_models_of_an_anthropic_backend_are_listed(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
+    client, _ = openai_front
+    models = [m.id async for m in client.models.list()]
+    assert "claude-sonnet-4-5" in models
