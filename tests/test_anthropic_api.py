@@ -308,6 +308,15 @@ async def test_unknown_paths_and_methods_answer_in_anthropic_shape(setup: Setup)
     assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
 
 
+async def test_body_too_large_is_an_anthropic_413() -> None:
+    async with running_gateway(backend("c", "http://127.0.0.1:9", kind="anthropic", default=True), max_body_bytes=1000) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as info:
+            await client.messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x" * 5000}])
+        assert info.value.status_code == 413 and info.value.type == "request_too_large"
+        await client.close()
+
+
 async def test_credentials_and_version_are_accepted_in_any_form(setup: Setup) -> None:
     setup.fake("anthropic").set_script(Script(tokens=["ok"]))
     data = {"model": MODELS["anthropic"], "max_tokens": 5, "messages": MESSAGES}

@@ -288,25 +288,32 @@ def test_openai_shaped_conversation_becomes_an_anthropic_one() -> None:
 
 
 def test_anthropic_request_round_trips_to_an_anthropic_backend() -> None:
+    cache = {"type": "ephemeral"}
     original = {
         "model": "claude-x",
         "max_tokens": 300,
-        "system": "Be brief.",
+        "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Long rules.", "cache_control": cache}],
         "messages": [
-            {"role": "user", "content": "hi"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "hi", "cache_control": cache},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}, "cache_control": cache},
+            ]},
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hm", "signature": "sig"},
                 {"type": "redacted_thinking", "data": "EmwK"},
                 {"type": "text", "text": "Calling."},
-                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1, 2]}},
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1, 2]}, "cache_control": cache},
             ]},
             {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "failed"},
-                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "cache_control": cache,
+                 "content": [{"type": "text", "text": "failed", "cache_control": cache}, {"type": "text", "text": "twice"}]},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}, "cache_control": cache},
             ]},
         ],
         "tools": [
-            {"name": "f", "input_schema": {"type": "object"}},
+            {"name": "f", "input_schema": {"type": "object"}, "cache_control": cache},
             {"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
         ],
         "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
@@ -318,8 +325,9 @@ def test_anthropic_request_round_trips_to_an_anthropic_backend() -> None:
     }
     request = anthropic.parse_messages_request(json.dumps(original).encode())
     sent = encode(request, stream=False)
+    assert "_tool_cache_control" not in sent
     assert sent["messages"] == original["messages"]
-    assert sent["system"] == "Be brief." and sent["max_tokens"] == 300 and sent["top_k"] == 5
+    assert sent["system"] == original["system"] and sent["max_tokens"] == 300 and sent["top_k"] == 5
     assert sent["tools"] == original["tools"] and sent["tool_choice"] == original["tool_choice"]
     for key in ("thinking", "service_tier", "metadata"):
         assert sent[key] == original[key]
@@ -329,8 +337,10 @@ def test_anthropic_only_fields_never_reach_other_backends() -> None:
     from proxy.dialects import openai
 
     request = anthropic.parse_messages_request(body(
+        system=[{"type": "text", "text": "rules", "cache_control": {"type": "ephemeral"}}],
+        tools=[{"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
         messages=[
-            {"role": "user", "content": "hi"},
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "hm", "signature": "sig"},
                 {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
@@ -340,12 +350,15 @@ def test_anthropic_only_fields_never_reach_other_backends() -> None:
         thinking={"type": "enabled", "budget_tokens": 200},
     ))
     sent = json.loads(openai.encode_chat_request(request, "m", stream=True, include_usage=True))
-    assert "thinking" not in sent and "metadata" not in sent
-    assert sent["messages"][1] == {
+    assert "thinking" not in sent and "metadata" not in sent and "_tool_cache_control" not in sent
+    assert sent["messages"][0] == {"role": "system", "content": "rules"}
+    assert sent["messages"][1] == {"role": "user", "content": "hi"}
+    assert sent["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert sent["messages"][2] == {
         "role": "assistant", "content": None,
         "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
     }
-    assert sent["messages"][2] == {"role": "tool", "content": "no", "tool_call_id": "toolu_1"}
+    assert sent["messages"][3] == {"role": "tool", "content": "no", "tool_call_id": "toolu_1"}
 
 
 def test_unsigned_reasoning_is_not_sent_to_anthropic() -> None:

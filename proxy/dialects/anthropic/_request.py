@@ -9,6 +9,9 @@ Mapping choices (ingress):
 - assistant `thinking` blocks become the message's `reasoning`; signed ones are also kept
   verbatim (an Anthropic-only part) because Anthropic needs them back unchanged to continue
   a tool-use turn; `redacted_thinking` is kept for Anthropic backends only;
+- `cache_control` (prompt caching) on system, content, tool_use and tool_result blocks
+  travels as Anthropic-only marker parts placed after what they mark, and on tool
+  definitions in `extra`, so an Anthropic backend gets its cache breakpoints back;
 - server tools (a `tools` entry with a `type` other than `custom`), `tool_choice`'s
   `disable_parallel_tool_use` and every unmodelled top-level field (`thinking`, `metadata`,
   `service_tier`, …) travel in `extra`, so only Anthropic backends see them.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects._json import Fields, dumps, loads_object
@@ -38,6 +42,10 @@ from proxy.domain.errors import invalid_request
 
 # The gateway's marker for `is_error: true` on a tool result (an Anthropic-only part).
 IS_ERROR_MARKER = OpaquePart(DIALECT, {"is_error": True})
+# Markers (Anthropic-only parts without a `type`) carry what a domain part cannot:
+# {"cache_control": …} for the block rendered just before it, plus "tool_use_id" to mark a
+# tool call, or "on": "tool_result" to mark the tool result itself.
+_TOOL_CACHE = "_tool_cache_control"
 
 _MODELLED = frozenset(
     {
@@ -71,9 +79,11 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
     metadata = fields.object("metadata")
     if metadata is not None:
         metadata.text("user_id")
-    tools, server_tools = _parse_tools(fields.array("tools") or [])
+    tools, server_tools, tool_cache = _parse_tools(fields.array("tools") or [])
     if server_tools:
         extra["tools"] = server_tools
+    if tool_cache:
+        extra[_TOOL_CACHE] = tool_cache
     tool_choice = _parse_tool_choice(fields.object("tool_choice"))
     if tool_choice is not None and "disable_parallel_tool_use" in fields.data["tool_choice"]:
         extra["tool_choice"] = fields.data["tool_choice"]
@@ -122,6 +132,7 @@ def _parse_system(value: Any) -> list[Message]:
         if not isinstance(block, dict) or block.get("type") != "text":
             raise invalid_request(f"Invalid `{path}`: expected a text block.", param=path)
         parts.append(TextPart(_text(block, path)))
+        parts.extend(_cache_mark(block))
     return [Message(role="system", content=tuple(parts))] if parts else []
 
 
@@ -163,7 +174,7 @@ def _user_messages(blocks: list[tuple[dict[str, Any], str]]) -> list[Message]:
         if block["type"] == "tool_result":
             results.append(_tool_result(block, path))
         else:
-            parts.append(_content_part(block, path))
+            parts.extend(_parts(block, path))
     if parts or not results:
         results.append(Message(role="user", content=tuple(parts)))
     return results
@@ -182,11 +193,12 @@ def _tool_result(block: dict[str, Any], path: str) -> Message:
             inner_path = f"{path}.content[{k}]"
             if not isinstance(inner, dict) or not isinstance(inner.get("type"), str):
                 raise invalid_request(f"Invalid `{inner_path}`: expected a content block.", param=inner_path)
-            parts.append(_content_part(inner, inner_path))
+            parts.extend(_parts(inner, inner_path))
     elif content is not None:
         raise fields.fail("content", "a string or an array of content blocks")
     if fields.boolean("is_error"):
         parts.append(IS_ERROR_MARKER)
+    parts.extend(_cache_mark(block, on="tool_result"))
     return Message(role="tool", content=tuple(parts), tool_call_id=call_id)
 
 
@@ -204,6 +216,7 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
             if not isinstance(arguments, dict):
                 raise fields.fail("input", "an object")
             calls.append(ToolCall(id=call_id or "", name=name or "", arguments=json.dumps(arguments, ensure_ascii=False)))
+            parts.extend(_cache_mark(block, tool_use_id=call_id))
         elif kind == "thinking":
             thinking = Fields(block, path).text("thinking", required=True)
             reasoning.append(thinking or "")
@@ -212,13 +225,27 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
         elif kind == "redacted_thinking":
             parts.append(OpaquePart(DIALECT, block))
         else:
-            parts.append(_content_part(block, path))
+            parts.extend(_parts(block, path))
     return Message(
         role="assistant",
         content=tuple(parts),
         tool_calls=tuple(calls),
         reasoning="".join(reasoning) if reasoning else None,
     )
+
+
+def _parts(block: dict[str, Any], path: str) -> list[ContentPart]:
+    part = _content_part(block, path)
+    if isinstance(part, OpaquePart):
+        return [part]  # the whole block, cache_control included
+    return [part, *_cache_mark(block)]
+
+
+def _cache_mark(block: dict[str, Any], **where: Any) -> list[ContentPart]:
+    control = block.get("cache_control")
+    if control is None:
+        return []
+    return [OpaquePart(DIALECT, {"cache_control": control, **where})]
 
 
 def _content_part(block: dict[str, Any], path: str) -> ContentPart:
@@ -250,9 +277,10 @@ def _text(block: dict[str, Any], path: str) -> str:
     return text
 
 
-def _parse_tools(items: list[Any]) -> tuple[list[Tool], list[dict[str, Any]]]:
+def _parse_tools(items: list[Any]) -> tuple[list[Tool], list[dict[str, Any]], dict[str, Any]]:
     tools: list[Tool] = []
     server_tools: list[dict[str, Any]] = []
+    cache_controls: dict[str, Any] = {}
     for i, item in enumerate(items):
         path = f"tools[{i}]"
         if not isinstance(item, dict):
@@ -266,7 +294,9 @@ def _parse_tools(items: list[Any]) -> tuple[list[Tool], list[dict[str, Any]]]:
         schema = fields.object("input_schema", required=True)
         assert schema is not None
         tools.append(Tool(name=name or "", description=fields.text("description"), parameters=schema.data))
-    return tools, server_tools
+        if item.get("cache_control") is not None:
+            cache_controls[name or ""] = item["cache_control"]
+    return tools, server_tools, cache_controls
 
 
 def _parse_tool_choice(fields: Fields | None) -> ToolChoice | None:
@@ -313,13 +343,14 @@ def encode_messages_request(
     if count_only:
         body.update({k: v for k, v in extra.items() if k in _COUNT_EXTRA})
     else:
-        body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice")})
+        body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice", _TOOL_CACHE)})
     body["model"] = upstream_model
     system = _render_system(request)
     if system is not None:
         body["system"] = system
     body["messages"] = _render_messages(request.messages)
-    tools: list[dict[str, Any]] = [_render_tool(tool) for tool in request.tools]
+    tool_cache = extra.get(_TOOL_CACHE) or {}
+    tools: list[dict[str, Any]] = [_render_tool(tool, tool_cache.get(tool.name)) for tool in request.tools]
     server_tools = extra.get("tools")
     if isinstance(server_tools, list):
         tools.extend(server_tools)
@@ -343,18 +374,27 @@ def encode_messages_request(
 
 
 def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:
-    texts = [
-        part.text
-        for message in request.messages
-        if message.role == "system"
-        for part in message.content
-        if isinstance(part, TextPart) and part.text
-    ]
-    if not texts:
+    blocks: list[dict[str, Any]] = []
+    for message in request.messages:
+        if message.role == "system":
+            _append_blocks(blocks, (p for p in message.content if isinstance(p, TextPart | OpaquePart)))
+    if not blocks:
         return None
-    if len(texts) == 1:
-        return texts[0]
-    return [{"type": "text", "text": text} for text in texts]
+    if len(blocks) == 1 and "cache_control" not in blocks[0]:
+        return str(blocks[0]["text"])
+    return blocks
+
+
+def _append_blocks(blocks: list[dict[str, Any]], parts: Iterable[ContentPart]) -> None:
+    """Render parts onto `blocks`, attaching each cache marker to the block before it."""
+    for part in parts:
+        if isinstance(part, OpaquePart) and part.dialect == DIALECT and "type" not in part.data:
+            if blocks and set(part.data) == {"cache_control"}:
+                blocks[-1] = {**blocks[-1], "cache_control": part.data["cache_control"]}
+            continue
+        block = _render_part(part)
+        if block is not None:
+            blocks.append(block)
 
 
 def _render_messages(messages: list[Message]) -> list[dict[str, Any]]:
@@ -393,26 +433,44 @@ def _render_blocks(message: Message) -> list[dict[str, Any]]:
             if isinstance(part, OpaquePart) and part.dialect == DIALECT
             and part.data.get("type") in ("thinking", "redacted_thinking")
         )
-    for part in message.content:
-        block = _render_part(part)
-        if block is not None and block.get("type") not in ("thinking", "redacted_thinking"):
-            blocks.append(block)
+    _append_blocks(
+        blocks,
+        (p for p in message.content if not (isinstance(p, OpaquePart) and p.data.get("type") in ("thinking", "redacted_thinking"))),
+    )
+    marks = {
+        part.data["tool_use_id"]: part.data["cache_control"]
+        for part in message.content
+        if isinstance(part, OpaquePart) and part.dialect == DIALECT and "type" not in part.data and "tool_use_id" in part.data
+    }
     for call in message.tool_calls:
-        blocks.append({"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": input_object(call.arguments)})
+        block = {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": input_object(call.arguments)}
+        if call.id in marks:
+            block["cache_control"] = marks[call.id]
+        blocks.append(block)
     return blocks
 
 
 def _render_tool_result(message: Message) -> dict[str, Any]:
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id(message.tool_call_id or "")}
-    parts = [part for part in message.content if part != IS_ERROR_MARKER]
-    rendered = [b for b in (_render_part(part) for part in parts) if b is not None]
-    if len(rendered) == 1 and rendered[0]["type"] == "text":
+    rendered: list[dict[str, Any]] = []
+    _append_blocks(rendered, (p for p in message.content if not _marks_tool_result(p)))
+    if len(rendered) == 1 and set(rendered[0]) == {"type", "text"}:
         block["content"] = rendered[0]["text"]
     elif rendered:
         block["content"] = rendered
     if IS_ERROR_MARKER in message.content:
         block["is_error"] = True
+    for part in message.content:
+        if _marks_tool_result(part) and isinstance(part, OpaquePart) and "cache_control" in part.data:
+            block["cache_control"] = part.data["cache_control"]
     return block
+
+
+def _marks_tool_result(part: ContentPart) -> bool:
+    return part == IS_ERROR_MARKER or (
+        isinstance(part, OpaquePart) and part.dialect == DIALECT and "type" not in part.data
+        and part.data.get("on") == "tool_result"
+    )
 
 
 def _render_part(part: ContentPart) -> dict[str, Any] | None:
@@ -426,7 +484,8 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
         else:
             source = {"type": "url", "url": part.url}
         return {"type": "image", "source": source}
-    if part.dialect == DIALECT and part != IS_ERROR_MARKER:
+    # Anthropic's own blocks go back as they came; markers (no `type`) are not blocks.
+    if part.dialect == DIALECT and "type" in part.data:
         return part.data
     return None
 
@@ -452,11 +511,13 @@ def input_object(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _render_tool(tool: Tool) -> dict[str, Any]:
+def _render_tool(tool: Tool, cache_control: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         out["description"] = tool.description
     out["input_schema"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    if cache_control is not None:
+        out["cache_control"] = cache_control
     return out
 
 

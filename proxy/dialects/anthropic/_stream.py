@@ -47,6 +47,8 @@ _SIGNATURE = b',"delta":{"type":"signature_delta","signature":'
 _JSON = b',"delta":{"type":"input_json_delta","partial_json":'
 _DELTA_TAIL = b"}}\n\n"
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+# Decoding str skips json.loads's per-call encoding detection (a third of its cost here).
+_decode = json.JSONDecoder().decode
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:
@@ -368,8 +370,8 @@ class StreamParser:
         if name == "ping":
             return
         try:
-            payload = json.loads(data)
-        except ValueError:
+            payload = _decode(data.decode())
+        except ValueError:  # UnicodeDecodeError included
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), events)
             return
         if not isinstance(payload, dict):
