@@ -100,16 +100,32 @@ def _make_traversable(path: Path) -> None:
             parent.chmod(wanted)
 
 
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until `proc` has exited; True if it did within `timeout`.
+
+    A zombie counts as gone: a server we adopted is not our child, so its exit status is
+    reaped by init (or whoever inherited it), whenever that gets round to it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
 def _terminate(proc: psutil.Process, sig: int, timeout: float) -> None:
     """Send `sig`, wait up to `timeout`, then SIGKILL."""
     with contextlib.suppress(psutil.NoSuchProcess):
         proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except psutil.TimeoutExpired:
+        if not _wait_gone(proc, timeout):
             log.warning("pid %d ignored signal %d for %.0f s; killing it", proc.pid, sig, timeout)
             proc.kill()
-            proc.wait(5)
+            _wait_gone(proc, 5)
 
 
 def _free_port() -> int:
@@ -189,12 +205,12 @@ class EmbeddedPostgres:
             user = PG_SYSTEM_USER if os.geteuid() == 0 else None
             try:
                 self._pg("pg_ctl", ["-w", "-t", "15", "-m", "fast", "stop"], user=user, timeout=20)
-                proc.wait(5)  # pg_ctl returns when the pid file is gone, a moment before exit
-                return
+                # pg_ctl returns when the pid file is gone, a moment before the exit
+                if _wait_gone(proc, 5):
+                    return
+                log.warning("postmaster %d still alive after pg_ctl stop", proc.pid)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                 log.warning("pg_ctl stop failed (%s); sending SIGQUIT to the postmaster", exc)
-            except psutil.TimeoutExpired:
-                log.warning("postmaster %d still alive after pg_ctl stop", proc.pid)
             # SIGQUIT is PostgreSQL's "immediate shutdown": children exit, no checkpoint.
             _terminate(proc, signal.SIGQUIT, 10)
 
