@@ -328,6 +328,17 @@ async def test_credentials_and_version_are_accepted_in_any_form(setup: Setup) ->
     assert setup.fake("anthropic").requests[-1].headers["anthropic-version"] == "2023-06-01"
 
 
+async def test_anthropic_beta_reaches_anthropic_backends_only(setup: Setup) -> None:
+    beta = {"anthropic-beta": "interleaved-thinking-2025-05-14"}
+    for kind in ("anthropic", "openai"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=5, messages=MESSAGES, extra_headers=beta)
+    await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, extra_headers=beta)
+    to_anthropic = [r for r in setup.fake("anthropic").requests if r.path.startswith("/v1/messages")]
+    assert [r.headers.get("anthropic-beta") for r in to_anthropic] == [beta["anthropic-beta"]] * 2
+    assert all("_anthropic_beta" not in (r.json or {}) for r in to_anthropic)
+    assert "anthropic-beta" not in setup.fake("openai").requests[-1].headers
+
+
 # -- cancellation ------------------------------------------------------------------------------------------
 
 

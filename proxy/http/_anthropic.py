@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
+from quart import request as http_request
 
 from proxy.dialects import anthropic
+from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_meta
@@ -76,9 +78,17 @@ def _headers(request_id: str) -> Headers:
     return [(b"request-id", value), (b"x-request-id", value)]
 
 
+def _parse(body: bytes, *, count_only: bool = False) -> ChatRequest:
+    parsed = anthropic.parse_messages_request(body, count_only=count_only)
+    beta = http_request.headers.get("anthropic-beta")
+    if beta:
+        parsed.extra[anthropic.BETA_EXTRA] = beta
+    return parsed
+
+
 @blueprint.post("/v1/messages")
 async def messages() -> Response:
-    request = anthropic.parse_messages_request(await request_body())
+    request = _parse(await request_body())
     meta = request_meta()
     exchange = gateway().chat.exchange(request, meta, relay_openai=False)
     headers = _headers(meta.request_id)
@@ -90,7 +100,7 @@ async def messages() -> Response:
 
 @blueprint.post("/v1/messages/count_tokens")
 async def messages_count_tokens() -> Response:
-    request = anthropic.parse_messages_request(await request_body(), count_only=True)
+    request = _parse(await request_body(), count_only=True)
     meta = request_meta()
     gw = gateway()
     route = gw.router.resolve(request.model)

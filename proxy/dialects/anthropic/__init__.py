@@ -1,6 +1,8 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
 from proxy.dialects.anthropic._request import (
+    BETA_EXTRA,
+    beta_header,
     encode_messages_request,
     parse_messages_request,
     tool_use_id,
@@ -30,6 +32,7 @@ from proxy.dialects.anthropic._vocabulary import (
 
 __all__ = [
     "API_VERSION",
+    "BETA_EXTRA",
     "DIALECT",
     "PING",
     "ParseOutput",
@@ -37,6 +40,7 @@ __all__ = [
     "StopSequenceFinish",
     "StreamParser",
     "StreamRenderer",
+    "beta_header",
     "encode_messages_request",
     "error_body",
     "error_frame",

@@ -46,6 +46,8 @@ IS_ERROR_MARKER = OpaquePart(DIALECT, {"is_error": True})
 # {"cache_control": …} for the block rendered just before it, plus "tool_use_id" to mark a
 # tool call, or "on": "tool_result" to mark the tool result itself.
 _TOOL_CACHE = "_tool_cache_control"
+# The client's `anthropic-beta` header, for Anthropic backends (see `beta_header`).
+BETA_EXTRA = "_anthropic_beta"
 
 _MODELLED = frozenset(
     {
@@ -340,10 +342,11 @@ def encode_messages_request(
     same_dialect = request.dialect == DIALECT
     extra = request.extra if same_dialect else {}
     body: dict[str, Any] = {}
+    # Keys starting with `_` are the gateway's own notes, never body fields.
     if count_only:
         body.update({k: v for k, v in extra.items() if k in _COUNT_EXTRA})
     else:
-        body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice", _TOOL_CACHE)})
+        body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice") and not k.startswith("_")})
     body["model"] = upstream_model
     system = _render_system(request)
     if system is not None:
@@ -371,6 +374,14 @@ def encode_messages_request(
         body["stop_sequences"] = list(params.stop)
     body["stream"] = stream
     return dumps(body)
+
+
+def beta_header(request: ChatRequest) -> str | None:
+    """The `anthropic-beta` header an Anthropic client sent, to pass on to Anthropic backends."""
+    if request.dialect != DIALECT:
+        return None
+    value = request.extra.get(BETA_EXTRA)
+    return value if isinstance(value, str) and value else None
 
 
 def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:

@@ -74,7 +74,7 @@ class AnthropicBackend:
             "POST",
             "/v1/messages",
             content=self._body(call, stream=True),
-            headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+            headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
         )
         # The first-token clock covers the wait for the response head too.
         first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
@@ -101,7 +101,7 @@ class AnthropicBackend:
             response = await self._client.post(
                 "/v1/messages",
                 content=self._body(call, stream=False),
-                headers={"content-type": "application/json", **call.headers},
+                headers={"content-type": "application/json", **_headers(call)},
             )
         if response.status_code >= 400:
             raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
@@ -121,7 +121,7 @@ class AnthropicBackend:
         )
         with transport_errors(name):
             response = await self._client.post(
-                "/v1/messages/count_tokens", content=body, headers={"content-type": "application/json"}
+                "/v1/messages/count_tokens", content=body, headers=_beta({"content-type": "application/json"}, request)
             )
         if response.status_code >= 400:
             raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
@@ -160,6 +160,17 @@ class AnthropicBackend:
 
     async def check(self) -> None:
         await self.list_models()
+
+
+def _beta(headers: dict[str, str], request: ChatRequest) -> dict[str, str]:
+    beta = anthropic.beta_header(request)
+    if beta:
+        headers["anthropic-beta"] = beta
+    return headers
+
+
+def _headers(call: BackendCall) -> dict[str, str]:
+    return _beta(dict(call.headers), call.request)
 
 
 class _EarlyErrors:
