@@ -129,6 +129,7 @@ def test_full_request_maps_onto_the_domain() -> None:
             temperature=0.5, top_p=0.9, top_k=40,
             metadata={"user_id": "u1"},
             thinking={"type": "enabled", "budget_tokens": 1024},
+            _tool_cache_control="not the gateway's",
             stream=True,
         )
     )

@@ -77,7 +77,8 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
     for i, item in enumerate(raw_messages):
         messages.extend(_parse_message(item, f"messages[{i}]"))
 
-    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
+    # Keys starting with `_` are reserved for the gateway's own notes (Anthropic has none).
+    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED and not k.startswith("_")}
     metadata = fields.object("metadata")
     if metadata is not None:
         metadata.text("user_id")

@@ -325,7 +325,7 @@ class StreamParser:
         self._clock = clock
         self._decoder = SSEDecoder()
         self._started = False
-        self._blocks: dict[int, int] = {}  # Anthropic block index -> tool index, or a _KIND
+        self._blocks: dict[int, int] = {}  # Anthropic block index -> tool index, or a *_BLOCK kind
         self._tools = 0
         self._held: str | None = None
         self._usage = WireUsage()
