@@ -119,23 +119,27 @@ async def test_pull_consumer_ack_and_redelivery(bus: Bus, prefix: str) -> None:
     await bus.ensure_stream(prefix, [f"{prefix}.jobs.>"], retention="workqueue")
     for i in range(3):
         await bus.publish(f"{prefix}.jobs.embed", f"job{i}".encode())
+    ack_wait = 1.0
 
-    async with bus.pull(prefix, "workers", f"{prefix}.jobs.embed", ack_wait=0.5) as jobs:
+    async with bus.pull(prefix, "workers", f"{prefix}.jobs.embed", ack_wait=ack_wait) as jobs:
+        delivered_at = trio.current_time()  # the ack deadlines start after this
         first = await jobs.fetch(3, timeout=2)
         assert [j.data for j in first] == [b"job0", b"job1", b"job2"]
         assert all(j.num_delivered == 1 for j in first)
         await first[0].ack()
-        await first[1].nak()  # now
-        # job2 is neither acked nor nak'ed: redelivered once ack_wait (0.5 s) passes
+        await first[1].nak()  # redeliver now
+        # job2 is neither acked nor nak'ed: redelivered once its ack deadline passes
 
-        start = trio.current_time()
+        arrived: dict[bytes, float] = {}
         redelivered: list[JobMessage] = []
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while len(redelivered) < 2:
-                redelivered += await jobs.fetch(2, timeout=1)
-        assert sorted(j.data for j in redelivered) == [b"job1", b"job2"]
+                for job in await jobs.fetch(2, timeout=2):
+                    arrived[job.data] = trio.current_time()
+                    redelivered.append(job)
+        assert sorted(arrived) == [b"job1", b"job2"]
         assert all(j.num_delivered == 2 for j in redelivered)
-        assert trio.current_time() - start >= 0.3  # job2 waited for its ack deadline
+        assert arrived[b"job2"] - delivered_at >= ack_wait - 0.05
         for job in redelivered:
             await job.ack()
         assert await jobs.fetch(1, timeout=0.3) == []

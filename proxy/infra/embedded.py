@@ -455,10 +455,9 @@ class EmbeddedNats:
         """SIGTERM the server on `store_dir` (ours or adopted), SIGKILL after 10 s."""
         atexit.unregister(self.stop)
         self.url = None
-        if not self.store_dir.exists():
-            return
-        with _dir_lock(self.store_dir):
-            recorded = self._recorded_process()
+        exists = self.store_dir.exists()
+        with _dir_lock(self.store_dir) if exists else contextlib.nullcontext():
+            recorded = self._recorded_process() if exists else None
             if recorded is not None:
                 _terminate(recorded[0], signal.SIGTERM, 10)
             child, self._child = self._child, None
