@@ -1,8 +1,12 @@
 """Real PostgreSQL and NATS servers for the test session, plus a trio-asyncio loop fixture.
 
-Use from a test module or conftest:
+Register it once in tests/conftest.py, either way:
 
-    from tests.infra_servers import aio_loop, nats_url, pg_url, pg_database_url  # noqa: F401
+    pytest_plugins = ["tests.infra_servers"]
+    from tests.infra_servers import aio_loop, nats_url, pg_database_url, pg_url  # noqa: F401
+
+(In a test module, prefer the `pytest_plugins` line: importing the fixtures there makes ruff
+report F811 on every test that takes them as parameters.)
 
 * `pg_url`, `nats_url` (sync, session scope): one embedded server each per test session, in
   a pytest temp dir, stopped at the end of the session (no orphan processes).

@@ -13,7 +13,13 @@ import psutil  # type: ignore[import-untyped]
 import psycopg
 import pytest
 
-from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres, default_data_dir
+from proxy.infra import embedded
+from proxy.infra.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    default_data_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +101,19 @@ def test_postgres_survives_a_killed_owner_and_is_reused_then_stopped(tmp_path: P
     owner, _, pid = _run_owner("EmbeddedPostgres", data, linger=False)
     assert owner.wait(30) == 0
     assert not _alive(pid)
+    assert _postgres_on(data) == []
+
+
+def test_postgres_failing_vector_self_test_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a vector.so built for a newer CPU does to the backend: it dies mid-query.
+    monkeypatch.setattr(
+        embedded, "_VECTOR_SELF_TEST", "SELECT pg_terminate_backend(pg_backend_pid())"
+    )
+    data = tmp_path / "pgdata"
+    with pytest.raises(EmbeddedServerError, match="pgvector self-test failed"):
+        EmbeddedPostgres(data).start()
     assert _postgres_on(data) == []
 
 
