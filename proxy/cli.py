@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings, parse_bind
+from proxy.infra.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    default_data_dir,
+)
 from proxy.infra.logging import configure_logging
 
 log = logging.getLogger("llm_proxy")
@@ -20,10 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def common(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", type=Path, help="TOML configuration file")
+        command.add_argument("--data-dir", type=Path, help="where the embedded PostgreSQL and NATS keep their data")
+
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", type=Path, help="TOML configuration file")
+    common(serve)
     serve.add_argument("--bind", help="HOST:PORT to listen on (default 0.0.0.0:8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+
+    migrate = commands.add_parser("migrate", help="apply the database migrations and exit")
+    common(migrate)
     return parser
 
 
@@ -36,7 +53,39 @@ def load(args: argparse.Namespace) -> Settings:
         if args.workers < 1:
             raise ConfigError("`--workers` must be at least 1")
         changes["workers"] = args.workers
+    if getattr(args, "data_dir", None) is not None:
+        changes["data_dir"] = args.data_dir
     return replace(settings, **changes) if changes else settings  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def embedded_servers(settings: Settings) -> Iterator[Settings]:
+    """Start PostgreSQL and NATS for whichever URL is not configured; stop them on exit.
+
+    They are started once here, in the parent, and shared by every worker. A server left
+    running by a killed earlier run on the same data directory is adopted, never doubled.
+    """
+    if not settings.embedded or (settings.database_url and settings.nats_url):
+        yield settings
+        return
+    data_dir = settings.data_dir or default_data_dir()
+    with contextlib.ExitStack() as stack:
+        changes: dict[str, str] = {}
+        if not settings.database_url:
+            postgres = stack.enter_context(EmbeddedPostgres(data_dir / "pgdata"))
+            assert postgres.url is not None
+            changes["database_url"] = postgres.url
+            log.info("embedded PostgreSQL %s at %s", "adopted" if postgres.reused else "started", data_dir / "pgdata")
+        if not settings.nats_url:
+            nats = stack.enter_context(EmbeddedNats(data_dir / "nats"))
+            assert nats.url is not None
+            changes["nats_url"] = nats.url
+            log.info("embedded NATS on %s", nats.url)
+        yield replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +96,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-proxy: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if args.command == "serve":
-        from proxy.serve import run
+    # SIGTERM unwinds like Ctrl-C, so the embedded servers are stopped on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with embedded_servers(settings) as settings:
+            if args.command == "serve":
+                return _serve(settings)
+            if args.command == "migrate":
+                return _migrate(settings)
+    except KeyboardInterrupt:
+        return 130
+    except EmbeddedServerError as error:
+        print(f"llm-proxy: {error}", file=sys.stderr)
+        return 1
+    return 0
 
-        if not settings.backends:
-            log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
-        log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
-        run(settings)
+
+def _serve(settings: Settings) -> int:
+    from proxy.serve import run
+
+    if not settings.backends:
+        log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
+    log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
+    run(settings)
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    import trio
+
+    from proxy.infra.aio import asyncio_bridge
+    from proxy.infra.migrations import migrate
+    from proxy.infra.postgres import DatabaseError, open_database
+
+    if not settings.database_url:
+        print("llm-proxy: no database: set DATABASE_URL or enable the embedded one", file=sys.stderr)
+        return 2
+    url = settings.database_url
+
+    async def run() -> list[str]:
+        async with asyncio_bridge(), open_database(url) as db:
+            return await migrate(db)
+
+    try:
+        applied = trio.run(run)
+    except DatabaseError as error:
+        print(f"llm-proxy: database error: {error}", file=sys.stderr)
+        return 1
+    print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
     return 0
 
 

@@ -64,6 +64,8 @@ class Settings:
     data_dir: Path | None = None
     database_url: str | None = None
     nats_url: str | None = None
+    # Start PostgreSQL and NATS from the bundled packages when no URL is given.
+    embedded: bool = True
 
     @property
     def bind(self) -> str:
@@ -97,7 +99,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "models_cache_seconds", "log_level", "access_log",
-    "data_dir", "database_url", "nats_url", "timeouts", "models", "backends",
+    "data_dir", "database_url", "nats_url", "embedded", "timeouts", "models", "backends",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
@@ -174,6 +176,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         data_dir=Path(data_dir).expanduser() if data_dir else None,
         database_url=top.get("database_url", str),
         nats_url=top.get("nats_url", str),
+        embedded=top.get("embedded", bool, True),
     )
 
 
@@ -253,6 +256,10 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         changes["database_url"] = url
     if url := env.get("NATS_URL"):
         changes["nats_url"] = url
+    if (embedded := env.get("LLM_PROXY_EMBEDDED")) is not None:
+        if embedded.lower() not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"`LLM_PROXY_EMBEDDED` must be 0 or 1, got {embedded!r}")
+        changes["embedded"] = embedded.lower() in ("1", "true", "yes")
     if base_url := env.get("LLM_BASE_URL"):
         _check_url(base_url, "LLM_BASE_URL")
         changes["backends"] = _with_env_backend(settings.backends, base_url.rstrip("/"), env)

@@ -13,6 +13,7 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.logging import RequestLog
+from proxy.infra.resources import Resources
 from proxy.services.chat import ChatService
 from proxy.services.models import ModelCatalog
 
@@ -26,6 +27,7 @@ class Gateway:
     backends: dict[str, Backend]
     chat: ChatService
     catalog: ModelCatalog
+    resources: Resources
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not."""
@@ -40,9 +42,13 @@ class Gateway:
                 except GatewayError as error:
                     states[name] = error.message
 
+        async def dependencies() -> None:
+            states.update(await self.resources.readiness())
+
         async with trio.open_nursery() as nursery:
             for name, backend in self.backends.items():
                 nursery.start_soon(probe, f"backend:{name}", backend)
+            nursery.start_soon(dependencies)
         return states
 
 
@@ -55,9 +61,13 @@ def build_router(settings: Settings) -> Router:
 
 
 @asynccontextmanager
-async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterator[Gateway]:
+    """Wire the gateway; its long-lived tasks (connection keepers) run in `nursery`, which
+    the caller owns (the app's lifespan) and which outlives this context."""
     router = build_router(settings)
     backends = {config.name: create_backend(config) for config in settings.backends}
+    resources = Resources(settings.database_url, settings.nats_url)
+    await nursery.start(resources.run)
     try:
         yield Gateway(
             settings=settings,
@@ -65,8 +75,10 @@ async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
             backends=backends,
             chat=ChatService(router, backends, RequestLog(settings.access_log)),
             catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
+            resources=resources,
         )
     finally:
+        resources.stop()
         with trio.CancelScope(shield=True):
             for backend in backends.values():
                 await backend.aclose()

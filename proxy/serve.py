@@ -16,6 +16,7 @@ from hypercorn.utils import wrap_app
 
 from proxy.config import Settings
 from proxy.http.app import create_app
+from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
 
 log = logging.getLogger("llm_proxy.serve")
@@ -42,13 +43,15 @@ async def serve(
 ) -> None:
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM)."""
     app = create_app(settings)
-    await worker_serve(
-        wrap_app(app, 0, "asgi"),
-        hypercorn_config(settings),
-        sockets=sockets,
-        shutdown_trigger=shutdown_trigger or wait_for_signal,
-        task_status=task_status,
-    )
+    # One asyncio loop, bridged into trio, for the asyncio-only clients (psycopg, nats-py).
+    async with asyncio_bridge():
+        await worker_serve(
+            wrap_app(app, 0, "asgi"),
+            hypercorn_config(settings),
+            sockets=sockets,
+            shutdown_trigger=shutdown_trigger or wait_for_signal,
+            task_status=task_status,
+        )
 
 
 async def wait_for_signal() -> None:

@@ -32,7 +32,7 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.before_serving
     async def startup() -> None:
-        app.gateway = await resources.enter_async_context(open_gateway(settings))
+        app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))
 
     @app.after_serving
     async def shutdown() -> None:

@@ -1,0 +1,139 @@
+"""The seed's event schema on `evt.chat.{trace_id}`, sans-IO.
+
+One JSON object per NATS message, each with its sequence number `seq` (1, 2, …, per trace):
+
+    {"seq":1,"type":"role","role":"assistant","id":"chatcmpl-…","model":"m","created":1700000000}
+    {"seq":2,"type":"token","text":"Hel","task":"A"}          task: the choice or fan-out task
+    {"seq":3,"type":"reasoning","text":"…"}                    an extension: reasoning deltas
+    {"seq":4,"type":"tool_call","index":0,"id":"call_1","name":"search","arguments":""}
+    {"seq":5,"type":"tool_call","index":0,"arguments":"{\\"q\\":"}   later argument fragments
+    {"seq":6,"type":"finish","reason":"tool_calls"}             one choice finished
+    {"seq":7,"type":"usage","usage":{"prompt_tokens":5,"completion_tokens":9,"total_tokens":14}}
+    {"seq":8,"type":"error","error":{"kind":"BACKEND","message":"…"}}
+    {"seq":9,"type":"finished","reason":"tool_calls","winner":"qwen3-8b","status":"completed"}
+
+`finished` is the stream's last event, published exactly once, after the outcome is committed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.domain.chat import FinishReason, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+
+TASKS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def task_name(choice: int) -> str:
+    return TASKS[choice] if choice < len(TASKS) else str(choice)
+
+
+def task_index(task: Any) -> int:
+    if isinstance(task, int):
+        return task
+    if isinstance(task, str) and len(task) == 1 and task in TASKS:
+        return TASKS.index(task)
+    if isinstance(task, str) and task.isdigit():
+        return int(task)
+    return 0
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """The terminal event: the exchange is over and its outcome is stored."""
+
+    reason: str
+    status: str
+    winner: str | None = None
+
+
+WireEvent = StreamEvent | Finished
+
+
+def encode_event(seq: int, event: WireEvent) -> bytes:
+    body: dict[str, Any] = {"seq": seq}
+    match event:
+        case TextDelta(text, choice):
+            body |= {"type": "token", "text": text, "task": task_name(choice)}
+        case ToolCallDelta(index, arguments, choice):
+            body |= {"type": "tool_call", "index": index, "arguments": arguments, "task": task_name(choice)}
+        case StreamStart(id_, model, created):
+            body |= {"type": "role", "role": "assistant", "id": id_, "model": model, "created": created}
+        case ReasoningDelta(text, choice):
+            body |= {"type": "reasoning", "text": text, "task": task_name(choice)}
+        case ToolCallStart(index, call_id, name, choice):
+            body |= {"type": "tool_call", "index": index, "id": call_id, "name": name, "arguments": "",
+                     "task": task_name(choice)}
+        case Finish(reason, choice):
+            body |= {"type": "finish", "reason": reason.value, "task": task_name(choice)}
+        case UsageReport(usage):
+            body |= {"type": "usage", "usage": {
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.total_tokens}}
+        case StreamFailed(error):
+            body |= {"type": "error", "error": {"kind": error.kind.name, "message": error.message, "code": error.code}}
+        case Finished(reason, status, winner):
+            body |= {"type": "finished", "reason": reason, "status": status, "winner": winner}
+    return dumps(body)
+
+
+def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
+    """(seq, event); the event is None for types this version does not know (skip them)."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return 0, None
+    if not isinstance(body, dict):
+        return 0, None
+    raw_seq = body.get("seq")
+    seq = raw_seq if isinstance(raw_seq, int) else 0
+    choice = task_index(body.get("task"))
+    kind = body.get("type")
+    event: WireEvent | None = None
+    if kind == "token" and isinstance(body.get("text"), str):
+        event = TextDelta(body["text"], choice)
+    elif kind == "tool_call":
+        index = body.get("index", 0) if isinstance(body.get("index"), int) else 0
+        if isinstance(body.get("name"), str) and "id" in body:
+            event = ToolCallStart(index, str(body.get("id") or ""), body["name"], choice)
+        else:
+            event = ToolCallDelta(index, str(body.get("arguments") or ""), choice)
+    elif kind == "role":
+        event = StreamStart(str(body.get("id") or ""), str(body.get("model") or ""), int(body.get("created") or 0))
+    elif kind == "reasoning" and isinstance(body.get("text"), str):
+        event = ReasoningDelta(body["text"], choice)
+    elif kind == "finish":
+        event = Finish(_reason(body.get("reason")), choice)
+    elif kind == "usage" and isinstance(body.get("usage"), dict):
+        usage = body["usage"]
+        event = UsageReport(Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
+    elif kind == "error" and isinstance(body.get("error"), dict):
+        error = body["error"]
+        kind_name = error.get("kind")
+        error_kind = ErrorKind[kind_name] if kind_name in ErrorKind.__members__ else ErrorKind.BACKEND
+        event = StreamFailed(GatewayError(error_kind, str(error.get("message") or "stream failed"), code=error.get("code")))
+    elif kind == "finished":
+        event = Finished(str(body.get("reason") or "stop"), str(body.get("status") or "completed"), body.get("winner"))
+    return seq, event
+
+
+def _reason(value: Any) -> FinishReason:
+    try:
+        return FinishReason(value)
+    except ValueError:
+        return FinishReason.STOP
