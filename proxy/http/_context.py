@@ -26,12 +26,27 @@ def _clean_id(value: str | None) -> str | None:
 
 
 def request_meta() -> RequestMeta:
+    """Ids and route choice from the request's headers.
+
+    `x-route: direct|rag|workflow` picks the route explicitly; `x-workspace: WS` implies RAG
+    and `x-pipeline: NAME` implies a workflow. `Idempotency-Key` names the request.
+    """
     trace_id = new_trace_id()
     headers = request.headers
+    workspace = headers.get("x-workspace") or None
+    pipeline = headers.get("x-pipeline") or None
+    route = (headers.get("x-route") or "").strip().lower()
+    if not route:
+        route = "workflow" if pipeline else "rag" if workspace else "direct"
     return RequestMeta(
         trace_id=trace_id,
         request_id=_clean_id(headers.get("x-request-id")) or trace_id,
         correlation_id=_clean_id(headers.get("x-correlation-id")),
+        route=route,
+        workspace=workspace,
+        pipeline=pipeline,
+        idempotency_key=_clean_id(headers.get("idempotency-key")),
+        cache=(headers.get("x-cache") or "").strip().lower() or None,
     )
 
 

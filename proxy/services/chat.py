@@ -12,8 +12,8 @@ import contextlib
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import trio
@@ -42,10 +42,37 @@ class ExchangeSink(Protocol):
 
 @dataclass(slots=True)
 class RequestMeta:
+    """Per-request facts from the transport: ids, and the headers that pick the route.
+
+    `route` is "direct" (a backend LLM), "rag" (retrieval + context injection, with
+    `workspace`) or "workflow" (a pipeline job, with `pipeline`).
+    """
+
     trace_id: str
     request_id: str
     correlation_id: str | None = None
+    route: str = "direct"
+    workspace: str | None = None
+    pipeline: str | None = None
+    idempotency_key: str | None = None
+    cache: str | None = None
     received: float = field(default_factory=time.perf_counter)
+
+
+Producer = Callable[[trio.MemorySendChannel[Batch]], Awaitable[None]]
+
+
+class RouteHandler(Protocol):
+    """A non-direct route (RAG, workflow). `needs_backend`: whether the request's model
+    must resolve to a backend before the response starts (RAG calls an LLM; a workflow's
+    pipeline picks its own). `producer` returns what fills the exchange's stream: it sends
+    batches (events) into the channel, may call `exchange.call_backend(send, request=...)`
+    for the LLM part, and may add response headers to `exchange.response_headers` before
+    its first batch."""
+
+    needs_backend: bool
+
+    def producer(self, exchange: ChatExchange) -> Producer: ...
 
 
 @dataclass(slots=True)
@@ -90,16 +117,38 @@ def new_trace_id() -> str:
 
 
 class ChatService:
-    def __init__(self, router: Router, backends: Mapping[str, Backend], record: RecordSink) -> None:
+    def __init__(
+        self,
+        router: Router,
+        backends: Mapping[str, Backend],
+        record: RecordSink,
+        routes: Mapping[str, RouteHandler] | None = None,
+    ) -> None:
         self._router = router
         self._backends = backends
         self._record = record
+        self.routes: dict[str, RouteHandler] = dict(routes or {})
 
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
-        """Resolve the route now (an unknown model fails before any response starts)."""
-        route = self._router.resolve(request.model)
-        backend = self._backends[route.backend]
-        return ChatExchange(request, route, backend, meta, relay_openai=relay_openai, record=self._record)
+        """Resolve the route now (an unknown model or route fails before any response starts)."""
+        handler: RouteHandler | None = None
+        if meta.route != "direct":
+            handler = self.routes.get(meta.route)
+            if handler is None:
+                known = ", ".join(["direct", *sorted(self.routes)])
+                raise GatewayError(
+                    ErrorKind.INVALID_REQUEST, f"Unknown route `{meta.route}`; this gateway serves: {known}.",
+                    param="x-route",
+                )
+        backend: Backend | None = None
+        route = Route(backend="", upstream_model=request.model)
+        if handler is None or handler.needs_backend:
+            route = self._router.resolve(request.model)
+            backend = self._backends[route.backend]
+        exchange = ChatExchange(request, route, backend, meta, relay_openai=relay_openai, record=self._record)
+        if handler is not None:
+            exchange.producer = handler.producer(exchange)
+        return exchange
 
 
 class ChatExchange:
@@ -107,7 +156,7 @@ class ChatExchange:
         self,
         request: ChatRequest,
         route: Route,
-        backend: Backend,
+        backend: Backend | None,
         meta: RequestMeta,
         *,
         relay_openai: bool,
@@ -120,6 +169,8 @@ class ChatExchange:
         self._record_sink = record
         headers = {"x-request-id": meta.request_id, "x-correlation-id": meta.correlation_id or meta.request_id}
         self._call = BackendCall(request, route.upstream_model, relay_openai=relay_openai, headers=headers)
+        self.producer: Producer = self.call_backend
+        self.response_headers: list[tuple[bytes, bytes]] = []
         self.result = CompletionBuilder()
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
@@ -156,23 +207,31 @@ class ChatExchange:
 
     async def _call_backend(self, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
         async with send:
-            timeout = self._backend.config.timeouts.total
             try:
-                with trio.fail_after(timeout if timeout is not None else math.inf):
-                    if self.request.stream:
-                        await self._backend.stream(self._call, send)
-                    else:
-                        await send.send(await self._backend.complete(self._call))
-            except trio.TooSlowError:
-                await send.send(
-                    GatewayError(
-                        ErrorKind.TIMEOUT,
-                        f"Backend `{self.route.backend}` did not finish within {timeout:g}s.",
-                        code="backend_timeout",
-                    )
-                )
+                await self.producer(send)
             except GatewayError as error:
                 await send.send(error)
+
+    async def call_backend(self, send: trio.MemorySendChannel[Batch], request: ChatRequest | None = None) -> None:
+        """The direct route: this exchange's request (or `request`, e.g. with retrieved
+        context injected) to the routed backend, bounded by the backend's total timeout."""
+        backend = self._backend
+        if backend is None:
+            raise GatewayError(ErrorKind.INTERNAL, "This route has no backend.")
+        call = self._call if request is None else replace(self._call, request=request)
+        timeout = backend.config.timeouts.total
+        try:
+            with trio.fail_after(timeout if timeout is not None else math.inf):
+                if call.request.stream:
+                    await backend.stream(call, send)
+                else:
+                    await send.send(await backend.complete(call))
+        except trio.TooSlowError:
+            raise GatewayError(
+                ErrorKind.TIMEOUT,
+                f"Backend `{self.route.backend}` did not finish within {timeout:g}s.",
+                code="backend_timeout",
+            ) from None
 
     async def _relay(self, receive: trio.MemoryReceiveChannel[Batch | GatewayError], sink: ExchangeSink) -> bool:
         """Pass batches to the sink; True when the client received a complete stream."""

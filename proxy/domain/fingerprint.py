@@ -1,0 +1,53 @@
+"""`req_id`: what makes two chat requests the same request (the seed's idempotency key).
+
+sha256 over canonical JSON of the model, the messages and every parameter that changes the
+answer. Not part of it: streaming, the client's dialect, usage reporting, request ids — the
+same question asked as a stream or not, in OpenAI's or Ollama's words, is one request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+from proxy.domain.chat import ChatRequest, ImagePart, Message, OpaquePart, TextPart
+
+
+def _part(part: TextPart | ImagePart | OpaquePart) -> Any:
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, ImagePart):
+        return {"image": part.url, "detail": part.detail}
+    return {"opaque": part.dialect, "data": part.data}
+
+
+def _message(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": [_part(p) for p in message.content]}
+    if message.tool_calls:
+        out["tool_calls"] = [[c.id, c.name, c.arguments] for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def canonical_request(request: ChatRequest, upstream_model: str | None = None) -> dict[str, Any]:
+    params = asdict(request.params)
+    return {
+        "model": upstream_model or request.model,
+        "messages": [_message(m) for m in request.messages],
+        "params": {k: v for k, v in params.items() if v not in (None, (), [])},
+        "tools": [asdict(t) for t in request.tools],
+        "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
+        "extra": request.extra,
+    }
+
+
+def request_fingerprint(request: ChatRequest, upstream_model: str | None = None) -> str:
+    canonical = json.dumps(
+        canonical_request(request, upstream_model), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
