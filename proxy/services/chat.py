@@ -68,9 +68,11 @@ class RouteHandler(Protocol):
     pipeline picks its own). `producer` returns what fills the exchange's stream: it sends
     batches (events) into the channel, may call `exchange.call_backend(send, request=...)`
     for the LLM part, and may add response headers to `exchange.response_headers` before
-    its first batch."""
+    its first batch. `publishes_events`: the route's own workers publish the trace's events
+    (and its `finished`) on `evt.chat.{trace_id}`, so the gateway's journal must not."""
 
     needs_backend: bool
+    publishes_events: bool
 
     def producer(self, exchange: ChatExchange) -> Producer: ...
 
