@@ -1,0 +1,1 @@
+"""The gateway's benchmarks (`python -m bench.run`); see docs/benchmarks.md."""

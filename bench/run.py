@@ -1,0 +1,343 @@
+"""The gateway's benchmark: one command, markdown tables on stdout.
+
+    .venv/bin/python -m bench.run [--rounds 3] [--storms 5] [--peer litellm]
+
+Starts the fake OpenAI backend (core 1), the gateway with one worker (core 0), the gateway
+with ``--workers 2`` (unpinned), optionally LiteLLM's proxy (core 0), and runs every scenario
+against each of them and against the fake directly, from this process pinned to core 1.
+Progress goes to stderr; the tables (paste them into docs/benchmarks.md) to stdout.
+Everything it starts is stopped when it ends, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .load import Endpoint
+from .procs import Processes, free_port, tree_cpu, tree_fds, tree_rss
+from .report import DIRECT, GATEWAY, GATEWAY_W2, LITELLM, Results, Round, markdown
+from .scenarios import (
+    FAKE_SCRIPTS,
+    SCENARIOS,
+    Scenario,
+    Target,
+    run_scenario,
+    run_storms,
+    wait_fake_idle,
+    wait_quiet,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_VENV = REPO / "bench" / ".peer-venv"
+HOST = "127.0.0.1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--storms", type=int, default=5, help="disconnect storms per target")
+    parser.add_argument("--storm-streams", type=int, default=100)
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated scenario keys: " + ", ".join(s.key for s in SCENARIOS),
+    )
+    parser.add_argument("--no-w2", action="store_true", help="skip the --workers 2 gateway")
+    parser.add_argument(
+        "--peer",
+        choices=["litellm"],
+        default=None,
+        help=f"also run LiteLLM's proxy (installed in {PEER_VENV.relative_to(REPO)})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="the gateway's upstream pool size (must cover 256 streams)",
+    )
+    parser.add_argument("--raw", type=Path, default=None, help="also write every measure as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    scenarios = _pick(args.only)
+    # Ctrl-C and SIGTERM both unwind through the `with` blocks that stop the children.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = len(cpus) >= 2
+    server_core, load_core = (str(cpus[0]), str(cpus[1])) if pinned else (None, None)
+    both = ",".join(map(str, cpus)) if pinned else None
+    if pinned:
+        os.sched_setaffinity(0, {cpus[1]})
+    else:
+        print("fewer than 2 CPUs: nothing is pinned", file=sys.stderr)
+    load_before = os.getloadavg()
+
+    with (
+        tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp,
+        Processes(Path(tmp), REPO) as procs,
+    ):
+        work = Path(tmp)
+        python = str(REPO / ".venv" / "bin" / "python")
+        fake = procs.start(
+            "fake",
+            [
+                python,
+                "-m",
+                "bench.fake",
+                "--host",
+                HOST,
+                "--port",
+                "0",
+                "--scripts",
+                json.dumps(FAKE_SCRIPTS),
+            ],
+            cpus=load_core,
+        )
+        fake_url = procs.wait_line(fake, "READY ")
+        fake_port = int(fake_url.rsplit(":", 1)[1])
+        targets = [_target(DIRECT, fake_port, fake.pid)]
+
+        gateways = [(GATEWAY, 1, server_core)] + ([] if args.no_w2 else [(GATEWAY_W2, 2, both)])
+        for name, workers, cores in gateways:
+            config = work / f"{name.replace(' ', '-')}.toml"
+            config.write_text(_gateway_config(fake_url, args.max_connections))
+            port = free_port()
+            proc = procs.start(
+                name.replace(" ", "-"),
+                [
+                    str(REPO / ".venv" / "bin" / "llm-proxy"),
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--bind",
+                    f"{HOST}:{port}",
+                    "--workers",
+                    str(workers),
+                ],
+                cpus=cores,
+                env={"LLM_PROXY_LOG_LEVEL": "warning"},
+            )
+            procs.wait_http(proc, f"http://{HOST}:{port}/health")
+            targets.append(_target(name, port, proc.pid))
+
+        if args.peer == "litellm":
+            litellm = PEER_VENV / "bin" / "litellm"
+            if not litellm.exists():
+                print(
+                    f"LiteLLM is not installed: python3 -m venv {PEER_VENV} && "
+                    f"{PEER_VENV}/bin/pip install 'litellm[proxy]'",
+                    file=sys.stderr,
+                )
+                return 2
+            config = work / "litellm.yaml"
+            config.write_text(_litellm_config(fake_url))
+            port = free_port()
+            proc = procs.start(
+                "litellm",
+                [
+                    str(litellm),
+                    "--config",
+                    str(config),
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                    "--num_workers",
+                    "1",
+                ],
+                cpus=server_core,
+                env={
+                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                    "LITELLM_LOG": "ERROR",
+                    "LITELLM_MODE": "PRODUCTION",
+                },
+            )
+            procs.wait_http(proc, f"http://{HOST}:{port}/health/liveliness", timeout=120)
+            targets.append(_target(LITELLM, port, proc.pid))
+
+        results = trio.run(_measure, targets, scenarios, args, fake_url)
+
+    header = _header(argv, pinned, server_core, load_core, load_before, args)
+    print(markdown(results, header))
+    if args.raw is not None:
+        args.raw.write_text(json.dumps(_raw(results), indent=1))
+    return 0
+
+
+def _pick(only: str | None) -> list[Scenario]:
+    if not only:
+        return SCENARIOS
+    keys = set(only.split(","))
+    unknown = keys - {s.key for s in SCENARIOS}
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return [s for s in SCENARIOS if s.key in keys]
+
+
+def _target(name: str, port: int, pid: int) -> Target:
+    return Target(name, Endpoint(HOST, port), pid, partial(tree_cpu, pid))
+
+
+async def _measure(
+    targets: list[Target], scenarios: list[Scenario], args: argparse.Namespace, fake_url: str
+) -> Results:
+    results = Results(scenarios, [t.name for t in targets], [], {})
+    for number in range(1, args.rounds + 1):
+        round_: Round = {}
+        results.rounds.append(round_)
+        for scenario in scenarios:
+            for target in targets:
+                measure = await run_scenario(scenario, target)
+                round_[(scenario.key, target.name)] = measure
+                # A proxy that does not cancel upstream leaves the fake generating after its
+                # clients left; the next run must not pay for that.
+                drain = await wait_fake_idle(fake_url, 60.0)
+                quiet = await wait_quiet(target.cpu_clock)
+                if drain > 1.0 or quiet > 1.0:
+                    _progress(
+                        f"  ({target.name}: upstream generations ran on {drain:.1f} s "
+                        f"after its clients left; busy {quiet:.1f} s)"
+                    )
+                _progress(
+                    f"round {number} {scenario.key:<10} {target.name:<11} "
+                    f"{measure.rps:8.1f} req/s  p50 {measure.p50_ms:8.2f} ms  "
+                    f"p99 {measure.p99_ms:8.2f} ms  {measure.chunks_per_s:8.0f} chunks/s  "
+                    f"server {measure.server_cpu:4.0%}  client {measure.client_cpu:4.0%}  "
+                    f"errors {measure.errors}"
+                )
+    if args.storms > 0:
+        for target in targets:
+            run = await run_storms(
+                target,
+                fake_url,
+                storms=args.storms,
+                streams=args.storm_streams,
+                rss=partial(tree_rss, target.pid),
+                fds=partial(tree_fds, target.pid),
+            )
+            results.storms[target.name] = run
+            _progress(
+                f"storms {target.name:<11} cancelled {run.cancelled}/{run.opened} "
+                f"ran to end {run.completed}  max delay "
+                f"{max(run.delays, default=float('nan')) * 1000:.1f} ms  "
+                f"rss {[r // 2**20 for r in run.rss]} MiB  fds {run.fds}"
+            )
+    return results
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _gateway_config(fake_url: str, max_connections: int) -> str:
+    return (
+        'log_level = "warning"\naccess_log = false\n\n[[backends]]\nname = "fake"\n'
+        f'kind = "openai"\nbase_url = "{fake_url}/v1"\ndefault = true\n'
+        f"max_connections = {max_connections}\n"
+    )
+
+
+def _litellm_config(fake_url: str) -> str:
+    lines = ["model_list:"]
+    for model in FAKE_SCRIPTS:
+        lines += [
+            f"  - model_name: {model}",
+            "    litellm_params:",
+            f"      model: openai/{model}",
+            f"      api_base: {fake_url}/v1",
+            "      api_key: sk-bench",
+        ]
+    # No key, like the gateway (which has no auth): the same work on both sides.
+    lines += [
+        "litellm_settings:",
+        "  telemetry: false",
+        "  drop_params: true",
+        "general_settings:",
+        "  dangerously_permit_weak_or_unset_master_key: true",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header(
+    argv: list[str] | None,
+    pinned: bool,
+    server_core: str | None,
+    load_core: str | None,
+    load_before: tuple[float, float, float],
+    args: argparse.Namespace,
+) -> list[str]:
+    command = ".venv/bin/python -m bench.run " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = "?"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    pinning = (
+        f"gateway (1 worker) and peer pinned to core {server_core}; fake backend and "
+        f"load generator on core {load_core}; `--workers 2` unpinned"
+        if pinned
+        else "nothing pinned (fewer than 2 CPUs)"
+    )
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_after = os.getloadavg()
+    return [
+        f"`{command.strip()}` — {when}, commit `{commit}`",
+        "",
+        f"Machine: {os.cpu_count()} x {model}, Linux {platform.release()}, Python "
+        f"{platform.python_version()}. {pinning}. Load average before / after: "
+        f"{load_before[0]:.2f} / {load_after[0]:.2f}. Gateway upstream pool: "
+        f"{args.max_connections} connections.",
+    ]
+
+
+def _raw(results: Results) -> dict[str, object]:
+    return {
+        "rounds": [
+            {
+                f"{scenario}/{target}": dataclasses.asdict(measure)
+                for (scenario, target), measure in round_.items()
+            }
+            for round_ in results.rounds
+        ],
+        "storms": {name: dataclasses.asdict(run) for name, run in results.storms.items()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
