@@ -44,6 +44,7 @@ class BackendConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_connections: int = 100
     request_usage: bool = True
+    cache: bool = False
 
     @property
     def api_key(self) -> str | None:
@@ -66,6 +67,8 @@ class Settings:
     nats_url: str | None = None
     # Start PostgreSQL and NATS from the bundled packages when no URL is given.
     embedded: bool = True
+    cache_ttl_seconds: float = 3600.0
+    events_retention_seconds: float = 86400.0
 
     @property
     def bind(self) -> str:
@@ -99,11 +102,12 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "models_cache_seconds", "log_level", "access_log",
-    "data_dir", "database_url", "nats_url", "embedded", "timeouts", "models", "backends",
+    "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
+    "timeouts", "models", "backends",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
-    "max_connections", "request_usage",
+    "max_connections", "request_usage", "cache",
 }
 
 
@@ -177,6 +181,8 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         database_url=top.get("database_url", str),
         nats_url=top.get("nats_url", str),
         embedded=top.get("embedded", bool, True),
+        cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
+        events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
     )
 
 
@@ -217,6 +223,7 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
         timeouts=_parse_timeouts(raw.get("timeouts", {}), f"{where}.timeouts", default_timeouts),
         max_connections=reader.positive("max_connections", int, 100),
         request_usage=reader.get("request_usage", bool, True),
+        cache=reader.get("cache", bool, False),
     )
 
 

@@ -13,9 +13,12 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.logging import RequestLog
+from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
 from proxy.services.chat import ChatService
+from proxy.services.journal import ensure_streams
 from proxy.services.models import ModelCatalog
+from proxy.services.persistence import Persistence, PersistenceSettings
 
 _PROBE_SECONDS = 3.0
 
@@ -28,6 +31,7 @@ class Gateway:
     chat: ChatService
     catalog: ModelCatalog
     resources: Resources
+    persistence: Persistence | None
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not."""
@@ -66,18 +70,31 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     the caller owns (the app's lifespan) and which outlives this context."""
     router = build_router(settings)
     backends = {config.name: create_backend(config) for config in settings.backends}
-    resources = Resources(settings.database_url, settings.nats_url)
+
+    async def on_bus(bus: Bus) -> None:
+        await ensure_streams(bus, events_retention=settings.events_retention_seconds)
+
+    resources = Resources(settings.database_url, settings.nats_url, on_bus=on_bus)
     await nursery.start(resources.run)
+    persistence: Persistence | None = None
+    if settings.database_url or settings.nats_url:
+        persistence = Persistence(resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds))
+        await nursery.start(persistence.runs.run)
+        await nursery.start(persistence.outbox.run)
     try:
         yield Gateway(
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, RequestLog(settings.access_log)),
+            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence),
             catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
             resources=resources,
+            persistence=persistence,
         )
     finally:
+        if persistence is not None:
+            persistence.runs.stop()
+            persistence.outbox.stop()
         resources.stop()
         with trio.CancelScope(shield=True):
             for backend in backends.values():

@@ -25,16 +25,14 @@ from proxy.services.chat import ChatExchange, ExchangeSink
 Headers = list[tuple[bytes, bytes]]
 
 
-class ExchangeBody(ResponseBody):
-    def __init__(self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink]) -> None:
-        self.exchange = exchange
-        self._sink = sink
+class DirectBody(ResponseBody):
+    """A body that writes its own response (status included) to the raw ASGI `send`."""
 
     async def run(self, send: ASGISendCallable) -> None:
-        await self.exchange.run(self._sink(send))
+        raise NotImplementedError
 
-    # Quart's generic body protocol; never used for an exchange (see GatewayConnection).
-    async def __aenter__(self) -> ExchangeBody:
+    # Quart's generic body protocol; never used for direct bodies (see GatewayConnection).
+    async def __aenter__(self) -> DirectBody:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -42,6 +40,18 @@ class ExchangeBody(ResponseBody):
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return _empty()
+
+
+class ExchangeBody(DirectBody):
+    def __init__(self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink]) -> None:
+        self.exchange = exchange
+        self._sink = sink
+
+    async def run(self, send: ASGISendCallable) -> None:
+        sink = self._sink(send)
+        if isinstance(sink, AsgiSink):
+            sink.extra_headers = self.exchange.response_headers
+        await self.exchange.run(sink)
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -67,7 +77,7 @@ class GatewayConnection(TrioASGIHTTPConnection):
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
         body = getattr(response, "response", None)
-        if not isinstance(body, ExchangeBody):
+        if not isinstance(body, DirectBody):
             await super()._send_response(send, response)
             return
 
@@ -86,9 +96,13 @@ class AsgiSink:
     def __init__(self, send: ASGISendCallable, headers: Headers) -> None:
         self._send = send
         self._headers = headers
+        # Headers the exchange adds (trace id, cache status, RAG sources); read at start.
+        self.extra_headers: Headers = []
 
     async def _start(self, status: int, headers: Headers) -> None:
-        await self._send({"type": "http.response.start", "status": status, "headers": headers + self._headers})
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": headers + self._headers + self.extra_headers}
+        )
 
     async def _body(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})

@@ -6,7 +6,7 @@ from contextlib import AsyncExitStack
 
 from proxy.config import Settings
 from proxy.gateway import open_gateway
-from proxy.http import _anthropic, _health, _ollama, _openai
+from proxy.http import _anthropic, _health, _ollama, _openai, _streams
 from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._exchange import GatewayConnection
@@ -27,6 +27,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_health.blueprint)
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
+    app.register_blueprint(_streams.blueprint)
     install_error_handlers(app)
     resources = AsyncExitStack()
 

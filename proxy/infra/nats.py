@@ -328,6 +328,22 @@ class Bus:
         """Core NATS publish: buffered, fire-and-forget, delivered only to live subscribers."""
         await _hop(self._nc.publish, subject, data, headers=dict(headers) if headers else None)
 
+    async def publish_batch(self, messages: Iterable[tuple[str, bytes, str | None]]) -> None:
+        """Core-publish several (subject, data, msg_id) in one trio->asyncio hop.
+
+        Subjects captured by a JetStream stream are stored without waiting for acks (the
+        stream's duplicate window still drops repeats by msg_id); follow with a JetStream
+        `publish` on the same connection to know everything before it was stored, since a
+        connection's messages are processed in order.
+        """
+        items = list(messages)
+        if items:
+            await _hop(self._aio_publish_batch, items)
+
+    async def _aio_publish_batch(self, items: list[tuple[str, bytes, str | None]]) -> None:
+        for subject, data, msg_id in items:
+            await self._nc.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+
     # -- subscriptions ----------------------------------------------------------------------
 
     @asynccontextmanager

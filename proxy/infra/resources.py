@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -26,13 +26,21 @@ _PROBE_SECONDS = 2.0
 
 
 class Resources:
-    def __init__(self, database_url: str | None, nats_url: str | None, *, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        database_url: str | None,
+        nats_url: str | None,
+        *,
+        pool_size: int = 10,
+        on_bus: Callable[[Bus], Awaitable[None]] | None = None,
+    ) -> None:
         self.database_url = database_url
         self.nats_url = nats_url
         self.database: Database | None = None
         self.bus: Bus | None = None
         self.database_changed = trio.Event()
         self._pool_size = pool_size
+        self._on_bus = on_bus
         self._scope: trio.CancelScope | None = None
 
     async def run(self, *, startup_wait: float = 5.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -107,6 +115,8 @@ class Resources:
         while True:
             try:
                 async with open_bus(url) as bus:
+                    if self._on_bus is not None:
+                        await self._on_bus(bus)
                     self.bus = bus
                     on_ready()
                     delay = _BACKOFF_START

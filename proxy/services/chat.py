@@ -12,7 +12,7 @@ import contextlib
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -21,8 +21,12 @@ import trio
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.domain.fingerprint import canonical_request, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch
+from proxy.infra.chat_store import LogRow, completion_to_json
+from proxy.services.journal import EventLog, Journal, Outcome
+from proxy.services.persistence import Persistence, Plan, Producer, log_reader, replayer
 
 
 class ExchangeSink(Protocol):
@@ -59,7 +63,6 @@ class RequestMeta:
     received: float = field(default_factory=time.perf_counter)
 
 
-Producer = Callable[[trio.MemorySendChannel[Batch]], Awaitable[None]]
 
 
 class RouteHandler(Protocol):
@@ -96,6 +99,7 @@ class ExchangeRecord:
     finish_reason: str | None = None
     cancelled: bool = False
     error: str | None = None
+    source: str = "backend"
 
     def as_log(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__}
@@ -125,11 +129,13 @@ class ChatService:
         backends: Mapping[str, Backend],
         record: RecordSink,
         routes: Mapping[str, RouteHandler] | None = None,
+        persistence: Persistence | None = None,
     ) -> None:
         self._router = router
         self._backends = backends
         self._record = record
         self.routes: dict[str, RouteHandler] = dict(routes or {})
+        self.persistence = persistence
 
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
         """Resolve the route now (an unknown model or route fails before any response starts)."""
@@ -147,10 +153,34 @@ class ChatService:
         if handler is None or handler.needs_backend:
             route = self._router.resolve(request.model)
             backend = self._backends[route.backend]
-        exchange = ChatExchange(request, route, backend, meta, relay_openai=relay_openai, record=self._record)
+        exchange = ChatExchange(
+            request, route, backend, meta, relay_openai=relay_openai, record=self._record, persistence=self.persistence
+        )
         if handler is not None:
             exchange.producer = handler.producer(exchange)
+            exchange.publishes_events = not handler.publishes_events
         return exchange
+
+
+def _outcome(result: CompletionBuilder, complete: bool) -> Outcome:
+    error = result.error
+    if error is not None:
+        return Outcome("failed", "error", error)
+    if complete:
+        reason = result.finish_reason
+        return Outcome("completed", reason.value if reason else "stop")
+    return Outcome("cancelled", "cancelled")
+
+
+def _cacheable(request: ChatRequest, meta: RequestMeta, backend: Backend | None) -> bool:
+    """Exact caching: asked for by `x-cache: exact`, refused by `x-cache: off`; otherwise on
+    for backends configured with `cache = true`, and then only for requests that are
+    deterministic by their own statement (temperature 0)."""
+    if meta.cache in ("off", "no-cache", "no-store"):
+        return False
+    if meta.cache == "exact":
+        return True
+    return bool(backend is not None and backend.config.cache and request.params.temperature == 0)
 
 
 class ChatExchange:
@@ -163,16 +193,19 @@ class ChatExchange:
         *,
         relay_openai: bool,
         record: RecordSink,
+        persistence: Persistence | None = None,
     ) -> None:
         self.request = request
         self.route = route
         self.meta = meta
         self._backend = backend
         self._record_sink = record
+        self._persistence = persistence
         headers = {"x-request-id": meta.request_id, "x-correlation-id": meta.correlation_id or meta.request_id}
         self._call = BackendCall(request, route.upstream_model, relay_openai=relay_openai, headers=headers)
         self.producer: Producer = self.call_backend
-        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.publishes_events = True
+        self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
@@ -184,35 +217,133 @@ class ChatExchange:
             dialect=request.dialect,
         )
 
+    # -- running ---------------------------------------------------------------------------
+
     async def run(self, sink: ExchangeSink) -> None:
-        """Drive the exchange to the end, writing to `sink`; returns when the client has it all."""
+        """Drive the exchange to the end, writing to `sink`; returns when the client has it all.
+
+        One nursery: the producer (backend call, durable-run reader, replay) and, when the
+        gateway journals, the log-row writer and the event publisher run beside the client
+        writer, which runs here. The outcome is journalled after the nursery, shielded."""
+        journal: Journal | None = None
+        complete = False
         try:
+            plan = await self._plan()
+            producer = plan.producer or self.producer
+            journal = self._journal(plan) if plan.kind == "here" else None
+            if plan.kind == "durable":
+                producer = self._start_durable(plan)
+            self.response_headers.extend(plan.headers)
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._produce, send)
+                nursery.start_soon(self._feed, producer, send)
+                if journal is not None:
+                    assert self._persistence is not None
+                    self._persistence.runs.live[self.meta.trace_id] = journal.log  # for /v1/streams
+                    nursery.start_soon(journal.begin)
+                    nursery.start_soon(journal.publish_loop)
                 async with receive:
-                    complete = await self._relay(receive, sink)
+                    complete = await self._relay(receive, sink, journal.log if journal else None)
                 if not complete:
-                    # Nothing more will reach the client: stop the backend call now.
+                    # Nothing more will reach the client: stop the producer now.
                     nursery.cancel_scope.cancel()
+                elif journal is not None:
+                    journal.log.close(_outcome(self.result, complete=True))
+        except GatewayError as error:  # refused before anything started (e.g. a key conflict)
+            self._failed_before_start(error)
+            await sink.fail(error)
         except BaseException as exc:
             if is_cancellation(exc):
                 self.record.cancelled = True
             raise
         finally:
             self._finish_record()
+            if journal is not None:
+                assert self._persistence is not None
+                self._persistence.runs.live.pop(self.meta.trace_id, None)
+                await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
 
-    async def _produce(self, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
-        # BrokenResourceError: the client side finished early; there is nobody left to tell.
+    async def _plan(self) -> Plan:
+        persistence = self._persistence
+        if persistence is None:
+            return Plan("here")
+        key = self.meta.idempotency_key
+        cache = _cacheable(self.request, self.meta, self._backend)
+        if key is None and not cache:
+            return Plan("here")
+        req_id = request_fingerprint(self.request, self.route.upstream_model)
+        if cache:
+            hit = await persistence.cached(req_id)
+            if hit is not None:
+                self.record.source = "cache"
+                return Plan("replay", producer=replayer(hit[1]), req_id=req_id,
+                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", hit[0].encode())])
+        claim_key = key if key is not None else f"cache:{req_id}"
+        other = await persistence.claim(claim_key, req_id, self.meta.trace_id)
+        if other is not None:
+            self.record.source = "replay" if other.kind == "replay" else "attached"
+            return other
+        kind = "durable" if persistence.runs.available else "here"
+        return Plan(kind, req_id=req_id, key=key, cache=cache, headers=[(b"x-cache", b"miss")] if cache else [])
+
+    def _journal(self, plan: Plan) -> Journal | None:
+        persistence = self._persistence
+        if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
+            return None
+        row = self._new_row(plan)
+        return Journal(
+            row, EventLog(self.meta.trace_id), store=persistence.store, bus=persistence.bus,
+            outbox=persistence.outbox, publish_events=self.publishes_events,
+        )
+
+    def _start_durable(self, plan: Plan) -> Producer:
+        """Start this exchange's run in the app's Runs nursery; the client reads its log."""
+        persistence = self._persistence
+        assert persistence is not None
+        journal = self._journal(plan)
+        assert journal is not None
+        self._call.relay_openai = False  # readers render events; raw bytes would be wasted
+        persistence.runs.start(journal.log, lambda: self._run_detached(journal))
+        return log_reader(journal.log)
+
+    async def _run_detached(self, journal: Journal) -> None:
+        # Its own result: the attached client's relay folds the same events into self.result.
+        event_log, result = journal.log, CompletionBuilder()
+        complete = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(journal.begin)
+                nursery.start_soon(journal.publish_loop)
+                send, receive = trio.open_memory_channel[Batch | GatewayError](0)
+                nursery.start_soon(self._feed, self.producer, send)
+                async with receive:
+                    async for item in receive:
+                        if isinstance(item, GatewayError):
+                            if not event_log.events:
+                                result.error = item
+                                event_log.fail_before_start(item)
+                                break
+                            item = Batch([StreamFailed(item)], done=True)
+                        for event in item.events:
+                            result.add(event)
+                        event_log.extend(item.events)
+                        if item.done:
+                            complete = True
+                            break
+                if complete:
+                    event_log.close(_outcome(result, complete=True))
+                nursery.cancel_scope.cancel()
+        finally:
+            await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
+
+    async def _feed(self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
+        # BrokenResourceError: the reading side finished early; there is nobody left to tell.
         with contextlib.suppress(trio.BrokenResourceError):
-            await self._call_backend(send)
-
-    async def _call_backend(self, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
-        async with send:
-            try:
-                await self.producer(send)
-            except GatewayError as error:
-                await send.send(error)
+            async with send:
+                try:
+                    await producer(send)
+                except GatewayError as error:
+                    await send.send(error)
 
     async def call_backend(self, send: trio.MemorySendChannel[Batch], request: ChatRequest | None = None) -> None:
         """The direct route: this exchange's request (or `request`, e.g. with retrieved
@@ -235,14 +366,21 @@ class ChatExchange:
                 code="backend_timeout",
             ) from None
 
-    async def _relay(self, receive: trio.MemoryReceiveChannel[Batch | GatewayError], sink: ExchangeSink) -> bool:
-        """Pass batches to the sink; True when the client received a complete stream."""
+    async def _relay(
+        self,
+        receive: trio.MemoryReceiveChannel[Batch | GatewayError],
+        sink: ExchangeSink,
+        event_log: EventLog | None,
+    ) -> bool:
+        """Pass batches to the sink; True when the client received a complete answer.
+
+        A non-streaming client gets one completion at the end, whatever the producer sends."""
         started = False
+        stream = self.request.stream
         async for item in receive:
             if isinstance(item, GatewayError):
                 if not started:
-                    self.record.status = item.status
-                    self.record.error = item.message
+                    self._failed_before_start(item)
                     await sink.fail(item)
                     return False
                 item = Batch([StreamFailed(item)], done=True)
@@ -250,20 +388,69 @@ class ChatExchange:
                 started = True
                 self.record.status = 200
                 self.record.ttft_ms = (time.perf_counter() - self.meta.received) * 1000
-                await sink.start()
+                if stream:
+                    await sink.start()
             for event in item.events:
                 self.result.add(event)
-            await sink.write(item)
+            if event_log is not None:
+                event_log.extend(item.events)
+            if stream:
+                await sink.write(item)
+            elif item.done:
+                if self.result.error is not None and item.completion is None:
+                    self._failed_before_start(self.result.error)
+                    await sink.fail(self.result.error)
+                    return False
+                if item.completion is None and item.raw is None:
+                    item = Batch(item.events, done=True, completion=self.result.build())
+                await sink.start()
+                await sink.write(item)
             if item.done:
                 break
         if not started:
             error = GatewayError(ErrorKind.BACKEND, f"Backend `{self.route.backend}` returned nothing.")
-            self.record.status = error.status
-            self.record.error = error.message
+            self._failed_before_start(error)
             await sink.fail(error)
             return False
         await sink.finish()
-        return True
+        return self.result.error is None
+
+    def _failed_before_start(self, error: GatewayError) -> None:
+        self.record.status = error.status
+        self.record.error = error.message
+        if self.result.error is None:
+            self.result.error = error
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _new_row(self, plan: Plan) -> LogRow:
+        return LogRow(
+            trace_id=self.meta.trace_id,
+            req_id=plan.req_id or request_fingerprint(self.request, self.route.upstream_model),
+            idempotency_key=plan.key,
+            route=self.meta.route,
+            dialect=self.request.dialect,
+            model=self.request.model,
+            backend=self.route.backend or None,
+            upstream_model=self.route.upstream_model,
+            stream=self.request.stream,
+            request=canonical_request(self.request, self.route.upstream_model),
+            cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
+        )
+
+    def _log_row(self, base: LogRow, result: CompletionBuilder) -> LogRow:
+        outcome = _outcome(result, result.error is None and result.finish_reason is not None)
+        usage = result.usage
+        row = replace(base)
+        row.status = outcome.status
+        row.result = completion_to_json(result.build())
+        row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
+        row.finish_reason = result.finish_reason.value if result.finish_reason else None
+        row.prompt_tokens = usage.prompt_tokens if usage else None
+        row.completion_tokens = usage.completion_tokens if usage else None
+        row.ttft_ms = self.record.ttft_ms
+        row.total_ms = (time.perf_counter() - self.meta.received) * 1000
+        return row
 
     def _finish_record(self) -> None:
         record = self.record

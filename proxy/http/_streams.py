@@ -1,0 +1,86 @@
+"""Stream resume: `GET /v1/streams/{trace_id}?after=SEQ` — a trace's events as SSE.
+
+Each frame is `id: SEQ`, `event: TYPE`, `data: {event JSON}` in the seed's schema
+(`proxy/dialects/events.py`); the stream ends after `finished`. A client that lost its
+connection reads the rest from its last seen `id` (also accepted as `Last-Event-ID`), from
+any gateway instance sharing the same NATS and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from hypercorn.typing import ASGISendCallable
+from quart import Blueprint, Response, request
+
+from proxy.dialects import openai
+from proxy.dialects.events import WireEvent, encode_event
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.http._context import gateway
+from proxy.http._exchange import DirectBody
+from proxy.services.persistence import Persistence, trace_events
+
+blueprint = Blueprint("streams", __name__)
+
+
+class _EventsBody(DirectBody):
+    def __init__(self, persistence: Persistence, trace_id: str, after: int) -> None:
+        self._persistence = persistence
+        self._trace_id = trace_id
+        self._after = after
+
+    async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
+        async with send:
+            try:
+                await trace_events(self._persistence, self._trace_id, self._after, send)
+            except GatewayError as error:
+                await send.send(error)
+
+    async def run(self, send: ASGISendCallable) -> None:
+        started = False
+        async with trio.open_nursery() as nursery:
+            events_send, events = trio.open_memory_channel[tuple[int, WireEvent] | GatewayError](64)
+            nursery.start_soon(self._produce, events_send)
+            async with events:
+                async for item in events:
+                    if isinstance(item, GatewayError):
+                        if not started:
+                            await _head(send, item.status, b"application/json")
+                            await send({"type": "http.response.body", "body": openai.render_error(item), "more_body": False})
+                            return
+                        frame = b"event: error\ndata: " + openai.render_error(item) + b"\n\n"
+                        await send({"type": "http.response.body", "body": frame, "more_body": True})
+                        break
+                    if not started:
+                        started = True
+                        await _head(send, 200, b"text/event-stream; charset=utf-8")
+                    seq, event = item
+                    data = encode_event(seq, event)
+                    kind = json.loads(data)["type"]
+                    frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), data)
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+        if not started:
+            await _head(send, 200, b"text/event-stream; charset=utf-8")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _head(send: ASGISendCallable, status: int, content_type: bytes) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
+    })
+
+
+@blueprint.get("/v1/streams/<trace_id>")
+async def stream_events(trace_id: str) -> Response:
+    persistence = gateway().persistence
+    if persistence is None:
+        raise GatewayError(ErrorKind.NOT_FOUND, "Stream resume needs NATS or PostgreSQL; this gateway has neither.")
+    raw_after = request.args.get("after") or request.headers.get("last-event-id") or "0"
+    if not raw_after.isdigit():
+        raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
+    response = Response(_EventsBody(persistence, trace_id, int(raw_after)))
+    response.timeout = None
+    return response

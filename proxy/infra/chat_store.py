@@ -1,0 +1,229 @@
+"""The completion log, idempotency keys and the exact cache in PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
+from proxy.infra.postgres import Database, Tx
+
+Status = Literal["running", "completed", "failed", "cancelled"]
+
+
+def completion_to_json(completion: ChatCompletion) -> dict[str, Any]:
+    usage = completion.usage
+    return {
+        "id": completion.id,
+        "model": completion.model,
+        "created": completion.created,
+        "choices": [
+            {
+                "index": c.index,
+                "content": c.content,
+                "reasoning": c.reasoning,
+                "tool_calls": [{"id": t.id, "name": t.name, "arguments": t.arguments} for t in c.tool_calls],
+                "finish_reason": c.finish_reason.value if c.finish_reason else None,
+            }
+            for c in completion.choices
+        ],
+        "usage": None
+        if usage is None
+        else {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+        },
+    }
+
+
+def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
+    usage = data.get("usage")
+    return ChatCompletion(
+        id=str(data.get("id") or ""),
+        model=str(data.get("model") or ""),
+        created=int(data.get("created") or 0),
+        choices=[
+            Choice(
+                index=int(c.get("index") or 0),
+                content=c.get("content") or "",
+                reasoning=c.get("reasoning") or "",
+                tool_calls=[ToolCall(t["id"], t["name"], t["arguments"]) for t in c.get("tool_calls") or []],
+                finish_reason=FinishReason(c["finish_reason"]) if c.get("finish_reason") else None,
+            )
+            for c in data.get("choices") or []
+        ],
+        usage=None
+        if not usage
+        else Usage(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=usage.get("cached_tokens"),
+            reasoning_tokens=usage.get("reasoning_tokens"),
+        ),
+    )
+
+
+@dataclass(slots=True)
+class LogRow:
+    """One chat's row; written as `running` at the start and upserted with its outcome.
+
+    A complete row on its own, so an outcome queued in the outbox while PostgreSQL was down
+    can be written later even if the `running` row never was."""
+
+    trace_id: str
+    req_id: str
+    idempotency_key: str | None
+    route: str
+    dialect: str
+    model: str
+    backend: str | None
+    upstream_model: str | None
+    stream: bool
+    request: dict[str, Any]
+    status: Status = "running"
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    total_ms: float | None = None
+    last_seq: int = 0
+    cache_ttl: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LogRow:
+        fields: dict[str, Any] = {name: data[name] for name in cls.__slots__ if name in data}
+        return cls(**fields)
+
+
+@dataclass(slots=True, frozen=True)
+class Claim:
+    """Who answers a key: `owner` (this trace runs it), `running` or `completed` (another
+    trace does or did), `conflict` (the key was used for a different request)."""
+
+    outcome: Literal["owner", "running", "completed", "conflict"]
+    trace_id: str
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, default=str)
+
+
+_COLUMNS = (
+    "trace_id, req_id, idempotency_key, route, dialect, model, backend, upstream_model, stream, status, "
+    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq"
+)
+_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s"
+
+
+def _row_params(row: LogRow) -> tuple[Any, ...]:
+    return (
+        row.trace_id, row.req_id, row.idempotency_key, row.route, row.dialect, row.model, row.backend,
+        row.upstream_model, row.stream, row.status, _json(row.request), _json(row.result), _json(row.error),
+        row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms, row.last_seq,
+    )
+
+
+class ChatStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def start(self, row: LogRow) -> None:
+        # DO NOTHING: if the outcome was written first (a fast failure), it must win.
+        await self._db.execute(
+            f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO NOTHING",
+            _row_params(row),
+        )
+
+    async def finish(self, row: LogRow) -> None:
+        """The outcome, the key's status and (when asked) the cache entry, in one transaction."""
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO UPDATE SET "
+                "status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error, "
+                "finish_reason = EXCLUDED.finish_reason, prompt_tokens = EXCLUDED.prompt_tokens, "
+                "completion_tokens = EXCLUDED.completion_tokens, ttft_ms = EXCLUDED.ttft_ms, "
+                "total_ms = EXCLUDED.total_ms, last_seq = EXCLUDED.last_seq, updated_at = now()",
+                _row_params(row),
+            )
+            if row.idempotency_key is not None:
+                await _set_key_status(tx, row.idempotency_key, row.trace_id, row.status)
+            if row.cache_ttl is not None and row.status == "completed" and row.result is not None:
+                await _set_key_status(tx, f"cache:{row.req_id}", row.trace_id, row.status)
+                await tx.execute(
+                    "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
+                    "VALUES (%s, %s, %s, %s::jsonb, now() + make_interval(secs => %s)) "
+                    "ON CONFLICT (req_id) DO UPDATE SET trace_id = EXCLUDED.trace_id, result = EXCLUDED.result, "
+                    "created_at = now(), expires_at = EXCLUDED.expires_at",
+                    (row.req_id, row.model, row.trace_id, _json(row.result), row.cache_ttl),
+                )
+            elif row.cache_ttl is not None:
+                await _set_key_status(tx, f"cache:{row.req_id}", row.trace_id, row.status)
+
+    async def claim(self, key: str, req_id: str, trace_id: str, *, stale_after: float) -> Claim:
+        """Claim `key` for `trace_id` unless another trace holds it; a failed, cancelled or
+        stale (running for longer than `stale_after` seconds) holder is taken over."""
+        for _ in range(5):
+            won = await self._db.fetchval(
+                "INSERT INTO idempotency_keys (key, req_id, trace_id, status) VALUES (%s, %s, %s, 'running') "
+                "ON CONFLICT (key) DO NOTHING RETURNING trace_id",
+                (key, req_id, trace_id),
+            )
+            if won is not None:
+                return Claim("owner", trace_id)
+            row = await self._db.fetchrow(
+                "SELECT req_id, trace_id, status, extract(epoch FROM now() - updated_at) FROM idempotency_keys "
+                "WHERE key = %s",
+                (key,),
+            )
+            if row is None:
+                continue  # deleted between the two statements
+            held_req, held_trace, status, age = row
+            if held_req != req_id:
+                return Claim("conflict", held_trace)
+            if status == "completed":
+                return Claim("completed", held_trace)
+            if status == "running" and float(age) < stale_after:
+                return Claim("running", held_trace)
+            if await self.take_over(key, held_trace, trace_id):
+                return Claim("owner", trace_id)
+        return Claim("running", trace_id)
+
+    async def take_over(self, key: str, previous_trace: str, trace_id: str) -> bool:
+        taken = await self._db.execute(
+            "UPDATE idempotency_keys SET trace_id = %s, status = 'running', updated_at = now() "
+            "WHERE key = %s AND trace_id = %s",
+            (trace_id, key, previous_trace),
+        )
+        return taken == 1
+
+    async def release(self, key: str, trace_id: str, status: Status) -> None:
+        await _set_key_status(self._db, key, trace_id, status)
+
+    async def stored(self, trace_id: str) -> tuple[Status, ChatCompletion | None, dict[str, Any] | None] | None:
+        """A trace's status, its completion (if it has one) and its error (if it failed)."""
+        row = await self._db.fetchrow("SELECT status, result, error FROM chat_log WHERE trace_id = %s", (trace_id,))
+        if row is None:
+            return None
+        status, result, error = row
+        return status, completion_from_json(result) if result else None, error
+
+    async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
+        row = await self._db.fetchrow(
+            "SELECT trace_id, result FROM completions_cache WHERE req_id = %s AND expires_at > now()", (req_id,)
+        )
+        return (row[0], completion_from_json(row[1])) if row else None
+
+
+async def _set_key_status(db: Database | Tx, key: str, trace_id: str, status: Status) -> None:
+    await db.execute(
+        "UPDATE idempotency_keys SET status = %s, updated_at = now() WHERE key = %s AND trace_id = %s",
+        (status, key, trace_id),
+    )

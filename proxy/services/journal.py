@@ -1,0 +1,260 @@
+"""What becomes of a chat besides its answer: the completion log and the event stream.
+
+- `EventLog`: everything a run has produced so far, in memory. The run appends; the NATS
+  publisher and any attached readers (duplicate requests, reconnecting clients) follow it.
+  Memory is bounded by the run itself (its events are its answer).
+- `Journal`: one run's persistence. A row `running` at the start, the outcome at the end
+  (shielded, bounded), events published on `evt.chat.{trace_id}` as they come — batched per
+  wake-up, so a slow NATS never slows the client — and `finished` exactly once, after the
+  outcome is committed.
+- `Outbox`: outcomes that could not be written because PostgreSQL was down, kept in a
+  JetStream work queue (or, with NATS down too, in memory) and written when it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from proxy.dialects.events import Finished, encode_event
+from proxy.domain.errors import GatewayError
+from proxy.domain.events import StreamEvent
+from proxy.infra.chat_store import ChatStore, LogRow, Status
+from proxy.infra.nats import Bus, BusError
+from proxy.infra.postgres import DatabaseError
+
+log = logging.getLogger("llm_proxy.journal")
+
+EVENTS_STREAM = "EVENTS"
+EVENTS_SUBJECTS = ["evt.chat.>"]
+OUTBOX_STREAM = "OUTBOX"
+OUTBOX_SUBJECT = "outbox.chat_log"
+_FINISH_SECONDS = 5.0
+_MEMORY_OUTBOX = 10_000
+
+
+def events_subject(trace_id: str) -> str:
+    return f"evt.chat.{trace_id}"
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    status: Status
+    reason: str
+    error: GatewayError | None = None
+
+
+class EventLog:
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        self.events: list[StreamEvent] = []
+        self.head_error: GatewayError | None = None
+        self.outcome: Outcome | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._changed = trio.Event()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def extend(self, events: list[StreamEvent]) -> None:
+        if events:
+            self.events.extend(events)
+            self._wake()
+
+    def fail_before_start(self, error: GatewayError) -> None:
+        self.head_error = error
+        self._wake()
+
+    def close(self, outcome: Outcome) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self.outcome is not None
+
+    async def wait_beyond(self, position: int) -> None:
+        """Return once there are more than `position` events, a head error, or an outcome."""
+        while len(self.events) <= position and self.head_error is None and self.outcome is None:
+            await self._changed.wait()
+
+
+StoreGetter = Callable[[], ChatStore | None]
+BusGetter = Callable[[], Bus | None]
+
+
+class Journal:
+    def __init__(
+        self, row: LogRow, log: EventLog, *, store: StoreGetter, bus: BusGetter, outbox: Outbox, publish_events: bool
+    ) -> None:
+        self.row = row
+        self.log = log
+        self._store = store
+        self._bus = bus
+        self._outbox = outbox
+        self._publish_events = publish_events
+        self._published = 0  # events of `log` already on NATS
+        self._subject = events_subject(row.trace_id)
+
+    async def begin(self) -> None:
+        store = self._store()
+        if store is None:
+            return
+        try:
+            await store.start(self.row)
+        except DatabaseError as error:
+            log.warning("chat_log start row for %s not written: %s", self.row.trace_id, error)
+
+    async def publish_loop(self) -> None:
+        """Publish events as they come, until the log closes (then `finish` does the rest)."""
+        if not self._publish_events:
+            return
+        while not self.log.closed:
+            await self.log.wait_beyond(self._published)
+            await self._publish_pending()
+
+    async def _publish_pending(self) -> None:
+        bus = self._bus()
+        end = len(self.log.events)
+        if bus is None or end <= self._published:
+            return
+        start = self._published
+        messages = [
+            (self._subject, encode_event(seq, event), f"{self.row.trace_id}:{seq}")
+            for seq, event in enumerate(self.log.events[start:end], start=start + 1)
+        ]
+        try:
+            await bus.publish_batch(messages)
+            self._published = end
+        except BusError as error:
+            log.warning("events of %s not published: %s", self.row.trace_id, error)
+
+    async def finish(self, outcome: Outcome, row: LogRow) -> None:
+        """Commit the outcome, then publish what is left and `finished`. Shielded and bounded:
+        it runs after a client disconnect too."""
+        self.log.close(outcome)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
+            row.last_seq = len(self.log.events) + (1 if self._publish_events else 0)
+            await self._write(row)
+            if self._publish_events:
+                await self._publish_pending()
+                await self._publish_finished(outcome, row)
+
+    async def _write(self, row: LogRow) -> None:
+        store = self._store()
+        if store is not None:
+            try:
+                await store.finish(row)
+                return
+            except DatabaseError as error:
+                log.warning("chat_log outcome for %s queued in the outbox: %s", row.trace_id, error)
+        await self._outbox.put(row)
+
+    async def _publish_finished(self, outcome: Outcome, row: LogRow) -> None:
+        bus = self._bus()
+        if bus is None:
+            return
+        seq = len(self.log.events) + 1
+        event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)
+        try:
+            # A JetStream publish: once acked, every event published before it is stored too.
+            await bus.publish(self._subject, encode_event(seq, event), msg_id=f"{row.trace_id}:{seq}")
+        except BusError as error:
+            log.warning("finished of %s not published: %s", row.trace_id, error)
+
+
+class Outbox:
+    """Log rows waiting for PostgreSQL. Nothing accepted is lost while either store is up."""
+
+    def __init__(self, *, store: StoreGetter, bus: BusGetter) -> None:
+        self._store = store
+        self._bus = bus
+        self._memory: deque[LogRow] = deque()
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def pending_in_memory(self) -> int:
+        return len(self._memory)
+
+    async def put(self, row: LogRow) -> None:
+        bus = self._bus()
+        if bus is not None:
+            try:
+                await bus.publish(
+                    OUTBOX_SUBJECT, json.dumps(row.to_json(), default=str).encode(), msg_id=f"{row.trace_id}:{row.status}"
+                )
+                self._wake.set()
+                return
+            except BusError as error:
+                log.warning("outbox on NATS unavailable (%s); keeping %s in memory", error, row.trace_id)
+        if len(self._memory) >= _MEMORY_OUTBOX:
+            lost = self._memory.popleft()
+            log.error("in-memory outbox full: dropped the log row of %s", lost.trace_id)
+        self._memory.append(row)
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drain the outbox whenever PostgreSQL is reachable. Runs for the app's lifetime."""
+        with trio.CancelScope() as self._scope:
+            task_status.started()
+            await self._drain_forever()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _drain_forever(self) -> None:
+        while True:
+            with trio.move_on_after(2.0):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            store = self._store()
+            if store is None:
+                continue
+            try:
+                await self._drain_memory(store)
+                await self._drain_bus(store)
+            except DatabaseError as error:
+                log.warning("outbox drain paused: %s", error)
+
+    async def _drain_memory(self, store: ChatStore) -> None:
+        while self._memory:
+            await store.finish(self._memory[0])
+            self._memory.popleft()
+
+    async def _drain_bus(self, store: ChatStore) -> None:
+        bus = self._bus()
+        if bus is None:
+            return
+        try:
+            async with bus.pull(OUTBOX_STREAM, "outbox-writer", OUTBOX_SUBJECT, max_ack_pending=100, ack_wait=30) as consumer:
+                while True:
+                    jobs = await consumer.fetch(50, timeout=0.5)
+                    if not jobs:
+                        return
+                    for job in jobs:
+                        try:
+                            row = LogRow.from_json(json.loads(job.data))
+                        except (ValueError, TypeError):
+                            log.error("dropping an unreadable outbox message")
+                            await job.term()
+                            continue
+                        await store.finish(row)
+                        await job.ack()
+        except BusError as error:
+            log.warning("outbox on NATS not drained: %s", error)
+
+
+async def ensure_streams(bus: Bus, *, events_retention: float) -> None:
+    await bus.ensure_stream(EVENTS_STREAM, EVENTS_SUBJECTS, max_age=events_retention)
+    await bus.ensure_stream(OUTBOX_STREAM, [OUTBOX_SUBJECT], retention="workqueue", max_age=None)
+
+

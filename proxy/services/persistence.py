@@ -1,0 +1,321 @@
+"""Never lose a completion, never run the same request twice.
+
+Before an exchange produces anything, `Persistence.plan` decides where its answer comes from:
+
+- **run here** — the common case: the backend call runs in the request's own nursery (a
+  client disconnect cancels it), journalled (log row + events) when PostgreSQL/NATS exist;
+- **durable** — the request carries an `Idempotency-Key` (or is cacheable): the run is
+  claimed in PostgreSQL and started in the app's `Runs` nursery, so it completes and is
+  stored even if the client leaves; the client (and every duplicate arriving meanwhile on
+  this instance) reads its `EventLog`;
+- **follow** — the key is held by a run on another instance: read its events from JetStream
+  (`evt.chat.{trace_id}`) until `finished`;
+- **replay** — the key's run (or the cache entry for this `req_id`) is complete: replay the
+  stored completion, as a stream or as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from proxy.dialects.events import Finished, WireEvent, decode_event
+from proxy.domain.chat import ChatCompletion
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import completion_events
+from proxy.infra.backends import Batch
+from proxy.infra.chat_store import ChatStore
+from proxy.infra.nats import Bus, BusError
+from proxy.infra.postgres import DatabaseError
+from proxy.infra.resources import Resources
+from proxy.services.journal import EventLog, Outbox, events_subject
+
+log = logging.getLogger("llm_proxy.persistence")
+
+Producer = Callable[[trio.MemorySendChannel[Batch]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class PersistenceSettings:
+    cache_ttl: float = 3600.0
+    # A `running` key older than this is presumed dead (its instance crashed) and taken over.
+    stale_after: float = 1800.0
+    # Longest wait for the next event of a run followed on another instance.
+    follow_silence: float = 300.0
+
+
+class Runs:
+    """Runs that outlive their request (durable runs), in one app-lifetime nursery.
+
+    Stopping the gateway cancels them; their journals still record them (as cancelled)."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, EventLog] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def stop(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    @property
+    def available(self) -> bool:
+        return self._nursery is not None and not self._nursery.cancel_scope.cancel_called
+
+    def start(self, log: EventLog, body: Callable[[], Awaitable[None]]) -> None:
+        assert self._nursery is not None
+        self.live[log.trace_id] = log
+
+        async def supervised() -> None:
+            try:
+                await body()
+            finally:
+                self.live.pop(log.trace_id, None)
+
+        self._nursery.start_soon(supervised)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Where an exchange's answer comes from (see the module docstring)."""
+
+    kind: str  # "here" | "durable" | "follow" | "replay"
+    producer: Producer | None = None
+    req_id: str | None = None
+    key: str | None = None
+    cache: bool = False
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class Persistence:
+    def __init__(self, resources: Resources, settings: PersistenceSettings) -> None:
+        self.resources = resources
+        self.settings = settings
+        self.runs = Runs()
+        self.outbox = Outbox(store=self.store, bus=self.bus)
+
+    def store(self) -> ChatStore | None:
+        db = self.resources.database
+        return ChatStore(db) if db is not None else None
+
+    def bus(self) -> Bus | None:
+        return self.resources.bus
+
+    async def claim(self, key: str, req_id: str, trace_id: str) -> Plan | None:
+        """Claim `key`; None when this trace owns it (or no store is reachable: degraded,
+        the request runs unguarded rather than not at all)."""
+        store = self.store()
+        if store is None:
+            log.warning("PostgreSQL unavailable: key %s is not deduplicated", key)
+            return None
+        try:
+            claim = await store.claim(key, req_id, trace_id, stale_after=self.settings.stale_after)
+        except DatabaseError as error:
+            log.warning("claiming %s failed (%s): not deduplicated", key, error)
+            return None
+        if claim.outcome == "owner":
+            return None
+        if claim.outcome == "conflict":
+            raise GatewayError(
+                ErrorKind.CONFLICT,
+                "This Idempotency-Key was already used for a different request.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        if claim.outcome == "completed":
+            stored = await self._stored(store, claim.trace_id)
+            if stored is not None:
+                return Plan("replay", producer=replayer(stored), req_id=req_id, key=key,
+                            headers=[(b"idempotent-replayed", b"true"), (b"x-replay-of", claim.trace_id.encode())])
+            # Completed but its result is gone (e.g. expired): run again.
+            if await store.take_over(key, claim.trace_id, trace_id):
+                return None
+        local = self.runs.live.get(claim.trace_id)
+        if local is not None:
+            return Plan("follow", producer=log_reader(local), req_id=req_id, key=key,
+                        headers=[(b"x-attached-to", claim.trace_id.encode())])
+        return Plan("follow", producer=self.remote_reader(claim.trace_id), req_id=req_id, key=key,
+                    headers=[(b"x-attached-to", claim.trace_id.encode())])
+
+    async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
+        try:
+            stored = await store.stored(trace_id)
+        except DatabaseError:
+            return None
+        if stored is None:
+            return None
+        status, completion, _error = stored
+        return completion if status == "completed" else None
+
+    async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
+        store = self.store()
+        if store is None:
+            return None
+        try:
+            return await store.cached(req_id)
+        except DatabaseError:
+            return None
+
+    def remote_reader(self, trace_id: str) -> Producer:
+        """Follow a run on another instance through JetStream; with NATS down, wait for its
+        stored outcome in PostgreSQL instead."""
+
+        async def read(send: trio.MemorySendChannel[Batch]) -> None:
+            bus = self.bus()
+            if bus is not None:
+                try:
+                    if await self._follow_bus(bus, trace_id, send):
+                        return
+                except BusError as error:
+                    log.warning("following %s on NATS failed: %s", trace_id, error)
+            await self._wait_stored(trace_id, send)
+
+        return read
+
+    async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
+        """Relay the trace's events; True once its `finished` was seen (False: nothing stored)."""
+        silence = self.settings.follow_silence
+        with trio.CancelScope(deadline=trio.current_time() + silence) as scope:
+            async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
+                async for message in messages:
+                    scope.deadline = trio.current_time() + silence
+                    _seq, event = decode_event(message.data)
+                    if isinstance(event, Finished):
+                        await send.send(Batch([], done=True))
+                        return True
+                    if event is not None:
+                        await send.send(Batch([event]))
+        raise GatewayError(
+            ErrorKind.TIMEOUT, f"The run {trace_id} went silent for {silence:g}s.", code="run_silent"
+        )
+
+    async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
+        deadline = trio.current_time() + self.settings.follow_silence
+        while trio.current_time() < deadline:
+            store = self.store()
+            if store is not None:
+                stored = await self._stored(store, trace_id)
+                if stored is not None:
+                    await replayer(stored)(send)
+                    return
+            await trio.sleep(0.5)
+        raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
+
+
+def replayer(completion: ChatCompletion) -> Producer:
+    async def replay(send: trio.MemorySendChannel[Batch]) -> None:
+        await send.send(Batch(completion_events(completion), done=True, completion=completion))
+
+    return replay
+
+
+def log_reader(event_log: EventLog, start: int = 0) -> Producer:
+    """Read a local run's events from `start`, live, until it ends."""
+
+    async def read(send: trio.MemorySendChannel[Batch]) -> None:
+        position = start
+        while True:
+            await event_log.wait_beyond(position)
+            if event_log.head_error is not None and not event_log.events:
+                raise event_log.head_error
+            events = event_log.events[position:]
+            position += len(events)
+            if event_log.closed and position >= len(event_log.events):
+                outcome = event_log.outcome
+                if not event_log.events and outcome is not None and outcome.status != "completed":
+                    raise outcome.error or GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
+                await send.send(Batch(events, done=True))
+                return
+            if events:
+                await send.send(Batch(events))
+
+    return read
+
+
+async def trace_events(
+    persistence: Persistence, trace_id: str, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]]
+) -> None:
+    """A trace's events with their sequence numbers, from `after + 1` to `finished`: from the
+    run itself when it is on this instance, else from JetStream, else rebuilt from its row."""
+    local = persistence.runs.live.get(trace_id)
+    if local is not None:
+        await _local_events(local, after, send)
+        return
+    store = persistence.store()
+    stored = None
+    if store is not None:
+        try:
+            stored = await store.stored(trace_id)
+        except DatabaseError:
+            store = None
+    running = stored is not None and stored[0] == "running"
+    bus = persistence.bus()
+    if bus is not None:
+        # A running trace may be slow to its next event; anything else is stored already.
+        first_wait = persistence.settings.follow_silence if running or (stored is None and store is None) else 2.0
+        try:
+            if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait):
+                return
+        except BusError as error:
+            log.warning("reading %s from NATS failed: %s", trace_id, error)
+    if stored is None or running:
+        raise GatewayError(ErrorKind.NOT_FOUND, f"No stream `{trace_id}` is known here.", param="trace_id")
+    status, completion, _error = stored
+    events: list[WireEvent] = list(completion_events(completion)) if completion else []
+    events.append(Finished(reason=_reason_of(completion), status=status))
+    for seq, event in enumerate(events, start=1):
+        if seq > after:
+            await send.send((seq, event))
+
+
+async def _local_events(event_log: EventLog, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]]) -> None:
+    position = after
+    while True:
+        await event_log.wait_beyond(position)
+        for offset, event in enumerate(event_log.events[position:], start=position + 1):
+            await send.send((offset, event))
+        position = max(position, len(event_log.events))
+        outcome = event_log.outcome
+        if outcome is not None and position >= len(event_log.events):
+            await send.send((position + 1, Finished(outcome.reason, outcome.status)))
+            return
+
+
+async def _bus_events(
+    bus: Bus,
+    trace_id: str,
+    after: int,
+    send: trio.MemorySendChannel[tuple[int, WireEvent]],
+    silence: float,
+    first_wait: float,
+) -> bool:
+    """True once `finished` was relayed; False when nothing arrived within `first_wait`."""
+    seen = False
+    with trio.move_on_after(first_wait) as scope:
+        async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
+            async for message in messages:
+                seen = True
+                scope.deadline = trio.current_time() + silence
+                seq, event = decode_event(message.data)
+                if event is None or seq <= after:
+                    continue
+                await send.send((seq, event))
+                if isinstance(event, Finished):
+                    return True
+    if seen:
+        raise GatewayError(ErrorKind.TIMEOUT, f"The stream {trace_id} went silent for {silence:g}s.", code="run_silent")
+    return False
+
+
+def _reason_of(completion: ChatCompletion | None) -> str:
+    if completion is None or not completion.choices or completion.choices[0].finish_reason is None:
+        return "stop"
+    return completion.choices[0].finish_reason.value
