@@ -100,6 +100,9 @@ class ExchangeRecord:
     cancelled: bool = False
     error: str | None = None
     source: str = "backend"
+    # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
+    # limiter's usage hook and logged instead of any credential.
+    api_key_id: int | None = None
 
     def as_log(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__}
