@@ -8,6 +8,7 @@ that could fill up and stall it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,16 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = [
-    "Proc",
-    "Processes",
-    "free_port",
-    "http_json",
-    "tree_cpu",
-    "tree_fds",
-    "tree_pids",
-    "tree_rss",
-]
+__all__ = ["Family", "Proc", "Processes", "free_port", "http_json", "stop_marked"]
 
 
 @dataclass(slots=True)
@@ -69,6 +61,9 @@ class Processes:
     ) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+        # Servers that detached from their parent (a daemonized PostgreSQL) carry the work
+        # directory in their command line; a parent stopped cleanly has stopped them already.
+        stop_marked(str(self.workdir))
 
     def start(
         self, name: str, argv: list[str], *, cpus: str | None, env: dict[str, str] | None = None
@@ -90,7 +85,7 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def stop(self, proc: Proc, timeout: float = 10.0) -> None:
+    def stop(self, proc: Proc, timeout: float = 8.0) -> None:
         if proc.popen.poll() is not None:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -152,60 +147,107 @@ def http_json(url: str, body: Any = None, timeout: float = 10.0) -> Any:
         return json.loads(response.read())
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A server's processes: ``root`` and its descendants, plus helper servers it started
+    that detach from its tree (the embedded PostgreSQL daemonizes), found by ``marker``: a
+    string only their command lines contain (their data directory)."""
+
+    root: int
+    marker: str | None = None
+
+    def pids(self) -> tuple[set[int], set[int]]:
+        """(the server's own processes, its helpers' processes)."""
+        parents: dict[int, int] = {}
+        marked: list[int] = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if self.marker is not None:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    if self.marker.encode() in cmdline:
+                        marked.append(pid)
+            except OSError:
+                continue
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parents.items():
+            children.setdefault(ppid, []).append(pid)
+        helpers = _descendants(marked, children)
+        own = _descendants([self.root], children) - helpers
+        return own, helpers
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) used so far by all its live processes, helpers too."""
+        own, helpers = self.pids()
+        total = 0
+        for pid in own | helpers:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / _TICKS
+
+    def rss(self) -> int:
+        """Resident bytes of the server's own processes (helpers left out)."""
+        total = 0
+        for pid in self.pids()[0]:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                continue
+        return total
+
+    def fds(self) -> int:
+        """Open file descriptors of the server's own processes."""
+        total = 0
+        for pid in self.pids()[0]:
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
+        return total
+
+
+def _descendants(roots: list[int], children: dict[int, list[int]]) -> set[int]:
+    found: set[int] = set()
+    todo = list(roots)
     while todo:
         pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, []))
     return found
 
 
-def tree_rss(root: int) -> int:
-    """Resident memory of the process tree, in bytes."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+def stop_marked(marker: str, timeout: float = 8.0) -> None:
+    """Stop every process whose command line contains ``marker`` (a path only this run
+    created): helpers a server left behind when it was killed."""
+    me = os.getpid()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [p for p in Family(me, marker).pids()[1] if p != me]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
 
 
-def tree_fds(root: int) -> int:
-    """Open file descriptors across the process tree."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            continue
-    return total
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of the tree."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICKS

@@ -22,13 +22,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import trio
 
 from .load import Endpoint
-from .procs import Processes, free_port, tree_cpu, tree_fds, tree_rss
+from .procs import Family, Processes, free_port
 from .report import DIRECT, GATEWAY, GATEWAY_W2, LITELLM, Results, Round, markdown
 from .scenarios import (
     FAKE_SCRIPTS,
@@ -73,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         default=512,
         help="the gateway's upstream pool size (must cover 256 streams)",
     )
+    parser.add_argument(
+        "--persistence",
+        choices=["embedded", "off"],
+        default="embedded",
+        help="embedded: the gateway's default (its own PostgreSQL and NATS, on its core); "
+        "off: `embedded = false`, no database or bus (the bare relay)",
+    )
     parser.add_argument("--raw", type=Path, default=None, help="also write every measure as JSON")
     return parser
 
@@ -80,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     scenarios = _pick(args.only)
-    # Ctrl-C and SIGTERM both unwind through the `with` blocks that stop the children.
+    # Ctrl-C, SIGTERM and SIGHUP all unwind through the `with` blocks that stop the children
+    # (inside trio.run, `_until_signal` turns the latter two into KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGHUP, signal.default_int_handler)
     cpus = sorted(os.sched_getaffinity(0))
@@ -97,92 +105,104 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp,
         Processes(Path(tmp), REPO) as procs,
     ):
-        work = Path(tmp)
-        python = str(REPO / ".venv" / "bin" / "python")
-        fake = procs.start(
-            "fake",
-            [
-                python,
-                "-m",
-                "bench.fake",
-                "--host",
-                HOST,
-                "--port",
-                "0",
-                "--scripts",
-                json.dumps(FAKE_SCRIPTS),
-            ],
-            cpus=load_core,
-        )
-        fake_url = procs.wait_line(fake, "READY ")
-        fake_port = int(fake_url.rsplit(":", 1)[1])
-        targets = [_target(DIRECT, fake_port, fake.pid)]
-
-        gateways = [(GATEWAY, 1, server_core)] + ([] if args.no_w2 else [(GATEWAY_W2, 2, both)])
-        for name, workers, cores in gateways:
-            config = work / f"{name.replace(' ', '-')}.toml"
-            config.write_text(_gateway_config(fake_url, args.max_connections))
-            port = free_port()
-            proc = procs.start(
-                name.replace(" ", "-"),
-                [
-                    str(REPO / ".venv" / "bin" / "llm-proxy"),
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--bind",
-                    f"{HOST}:{port}",
-                    "--workers",
-                    str(workers),
-                ],
-                cpus=cores,
-                env={"LLM_PROXY_LOG_LEVEL": "warning"},
-            )
-            procs.wait_http(proc, f"http://{HOST}:{port}/health")
-            targets.append(_target(name, port, proc.pid))
-
-        if args.peer == "litellm":
-            litellm = PEER_VENV / "bin" / "litellm"
-            if not litellm.exists():
-                print(
-                    f"LiteLLM is not installed: python3 -m venv {PEER_VENV} && "
-                    f"{PEER_VENV}/bin/pip install 'litellm[proxy]'",
-                    file=sys.stderr,
-                )
-                return 2
-            config = work / "litellm.yaml"
-            config.write_text(_litellm_config(fake_url))
-            port = free_port()
-            proc = procs.start(
-                "litellm",
-                [
-                    str(litellm),
-                    "--config",
-                    str(config),
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(port),
-                    "--num_workers",
-                    "1",
-                ],
-                cpus=server_core,
-                env={
-                    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                    "LITELLM_LOG": "ERROR",
-                    "LITELLM_MODE": "PRODUCTION",
-                },
-            )
-            procs.wait_http(proc, f"http://{HOST}:{port}/health/liveliness", timeout=120)
-            targets.append(_target(LITELLM, port, proc.pid))
-
-        results = trio.run(_measure, targets, scenarios, args, fake_url)
+        fake_url, targets = _start(procs, Path(tmp), args, server_core, load_core, both)
+        results = trio.run(_until_signal, targets, scenarios, args, fake_url)
 
     header = _header(argv, pinned, server_core, load_core, load_before, args)
     print(markdown(results, header))
     if args.raw is not None:
         args.raw.write_text(json.dumps(_raw(results), indent=1))
     return 0
+
+
+def _start(
+    procs: Processes,
+    work: Path,
+    args: argparse.Namespace,
+    server_core: str | None,
+    load_core: str | None,
+    both: str | None,
+) -> tuple[str, list[Target]]:
+    """Start the fake, the gateways and the peer; returns the fake's URL and the targets."""
+    python = str(REPO / ".venv" / "bin" / "python")
+    fake = procs.start(
+        "fake",
+        [
+            python,
+            "-m",
+            "bench.fake",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--scripts",
+            json.dumps(FAKE_SCRIPTS),
+        ],
+        cpus=load_core,
+    )
+    fake_url = procs.wait_line(fake, "READY ")
+    targets = [_target(DIRECT, int(fake_url.rsplit(":", 1)[1]), Family(fake.pid))]
+
+    gateways = [(GATEWAY, 1, server_core)] + ([] if args.no_w2 else [(GATEWAY_W2, 2, both)])
+    for name, workers, cores in gateways:
+        slug = name.replace(" ", "-")
+        # Each gateway gets its own data directory, so its embedded servers (started on
+        # its core, as its children or daemons) are told apart by their command lines.
+        data_dir = work / f"{slug}-data"
+        config = work / f"{slug}.toml"
+        config.write_text(_gateway_config(fake_url, args, data_dir))
+        port = free_port()
+        proc = procs.start(
+            slug,
+            [
+                str(REPO / ".venv" / "bin" / "llm-proxy"),
+                "serve",
+                "--config",
+                str(config),
+                "--bind",
+                f"{HOST}:{port}",
+                "--workers",
+                str(workers),
+            ],
+            cpus=cores,
+            env={"LLM_PROXY_LOG_LEVEL": "warning"},
+        )
+        procs.wait_http(proc, f"http://{HOST}:{port}/health", timeout=120)
+        targets.append(_target(name, port, Family(proc.pid, f"{data_dir}/")))
+
+    if args.peer == "litellm":
+        litellm = PEER_VENV / "bin" / "litellm"
+        if not litellm.exists():
+            raise SystemExit(
+                f"LiteLLM is not installed: python3 -m venv {PEER_VENV} && "
+                f"{PEER_VENV}/bin/pip install 'litellm[proxy]'"
+            )
+        config = work / "litellm.yaml"
+        config.write_text(_litellm_config(fake_url))
+        port = free_port()
+        proc = procs.start(
+            "litellm",
+            [
+                str(litellm),
+                "--config",
+                str(config),
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--num_workers",
+                "1",
+            ],
+            cpus=server_core,
+            env={
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                "LITELLM_LOG": "ERROR",
+                "LITELLM_MODE": "PRODUCTION",
+            },
+        )
+        procs.wait_http(proc, f"http://{HOST}:{port}/health/liveliness", timeout=120)
+        targets.append(_target(LITELLM, port, Family(proc.pid)))
+    return fake_url, targets
 
 
 def _pick(only: str | None) -> list[Scenario]:
@@ -195,8 +215,24 @@ def _pick(only: str | None) -> list[Scenario]:
     return [s for s in SCENARIOS if s.key in keys]
 
 
-def _target(name: str, port: int, pid: int) -> Target:
-    return Target(name, Endpoint(HOST, port), pid, partial(tree_cpu, pid))
+def _target(name: str, port: int, family: Family) -> Target:
+    return Target(name, Endpoint(HOST, port), family)
+
+
+async def _until_signal(
+    targets: list[Target], scenarios: list[Scenario], args: argparse.Namespace, fake_url: str
+) -> Results:
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    raise KeyboardInterrupt
+
+        nursery.start_soon(on_signal)
+        results = await _measure(targets, scenarios, args, fake_url)
+        nursery.cancel_scope.cancel()
+    return results
 
 
 async def _measure(
@@ -213,19 +249,11 @@ async def _measure(
                 # A proxy that does not cancel upstream leaves the fake generating after its
                 # clients left; the next run must not pay for that.
                 drain = await wait_fake_idle(fake_url, 60.0)
-                quiet = await wait_quiet(target.cpu_clock)
-                if drain > 1.0 or quiet > 1.0:
-                    _progress(
-                        f"  ({target.name}: upstream generations ran on {drain:.1f} s "
-                        f"after its clients left; busy {quiet:.1f} s)"
-                    )
-                _progress(
-                    f"round {number} {scenario.key:<10} {target.name:<11} "
-                    f"{measure.rps:8.1f} req/s  p50 {measure.p50_ms:8.2f} ms  "
-                    f"p99 {measure.p99_ms:8.2f} ms  {measure.chunks_per_s:8.0f} chunks/s  "
-                    f"server {measure.server_cpu:4.0%}  client {measure.client_cpu:4.0%}  "
-                    f"errors {measure.errors}"
-                )
+                quiet = await wait_quiet(target.family.cpu)
+                if drain > 1.0:
+                    _progress(f"  {target.name}: upstream ran on {drain:.1f} s after the run")
+                if quiet > 1.0:
+                    _progress(f"  {target.name}: busy {quiet:.1f} s after the run")
     if args.storms > 0:
         for target in targets:
             run = await run_storms(
@@ -233,8 +261,6 @@ async def _measure(
                 fake_url,
                 storms=args.storms,
                 streams=args.storm_streams,
-                rss=partial(tree_rss, target.pid),
-                fds=partial(tree_fds, target.pid),
             )
             results.storms[target.name] = run
             _progress(
@@ -250,11 +276,14 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _gateway_config(fake_url: str, max_connections: int) -> str:
+def _gateway_config(fake_url: str, args: argparse.Namespace, data_dir: Path) -> str:
+    persistence = (
+        f'data_dir = "{data_dir}"\n' if args.persistence == "embedded" else "embedded = false\n"
+    )
     return (
-        'log_level = "warning"\naccess_log = false\n\n[[backends]]\nname = "fake"\n'
-        f'kind = "openai"\nbase_url = "{fake_url}/v1"\ndefault = true\n'
-        f"max_connections = {max_connections}\n"
+        f'log_level = "warning"\naccess_log = false\n{persistence}\n'
+        f'[[backends]]\nname = "fake"\nkind = "openai"\nbase_url = "{fake_url}/v1"\n'
+        f"default = true\nmax_connections = {args.max_connections}\n"
     )
 
 
@@ -321,8 +350,9 @@ def _header(
         "",
         f"Machine: {os.cpu_count()} x {model}, Linux {platform.release()}, Python "
         f"{platform.python_version()}. {pinning}. Load average before / after: "
-        f"{load_before[0]:.2f} / {load_after[0]:.2f}. Gateway upstream pool: "
-        f"{args.max_connections} connections.",
+        f"{load_before[0]:.2f} / {load_after[0]:.2f}. Gateway: upstream pool of "
+        f"{args.max_connections} connections, access log off, persistence "
+        f"{'on (embedded PostgreSQL + NATS, started by the gateway on its core)' if args.persistence == 'embedded' else 'off'}.",
     ]
 
 
@@ -339,5 +369,17 @@ def _raw(results: Results) -> dict[str, object]:
     }
 
 
+def _interrupted(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(KeyboardInterrupt)[1] is None
+    return isinstance(exc, KeyboardInterrupt)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        print("interrupted: every process it started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from .load import Endpoint, LoadResult, closed_loop, percentile, storm
-from .procs import http_json
+from .procs import Family, http_json
 
 __all__ = [
     "FAKE_SCRIPTS",
@@ -74,9 +74,8 @@ class Target:
 
     name: str
     endpoint: Endpoint
-    pid: int
-    """The process (tree) that serves it, for CPU, memory and descriptor readings."""
-    cpu_clock: Callable[[], float]
+    family: Family
+    """The processes that serve it, for CPU, memory and descriptor readings."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +116,7 @@ async def run_scenario(scenario: Scenario, target: Target) -> Measure:
         warmup=scenario.warmup,
         duration=scenario.duration,
         stagger=scenario.stagger,
-        server_clock=target.cpu_clock,
+        server_clock=target.family.cpu,
     )
     return Measure.of(result)
 
@@ -152,8 +151,6 @@ async def run_storms(
     *,
     storms: int,
     streams: int,
-    rss: Callable[[], int],
-    fds: Callable[[], int],
     hold: float = 0.3,
 ) -> StormRun:
     """``storms`` times: open ``streams`` long streams, drop them all at once, and see
@@ -163,14 +160,14 @@ async def run_storms(
     # (and counted as such) before the next storm, so storms never overlap.
     settle = FAKE_SCRIPTS[LONG]["n_tokens"] * FAKE_SCRIPTS[LONG]["pace"] + 5.0
     await wait_fake_idle(fake_url, settle)
-    await wait_quiet(target.cpu_clock)
-    run.rss.append(rss())
-    run.fds.append(fds())
+    await wait_quiet(target.family.cpu)
+    run.rss.append(target.family.rss())
+    run.fds.append(target.family.fds())
     for _ in range(storms):
         await _fake(f"{fake_url}/_bench/reset", {})
         outcome = await storm(target.endpoint, LONG, streams=streams, hold=hold)
         await wait_fake_idle(fake_url, settle, model=LONG)
-        await wait_quiet(target.cpu_clock)
+        await wait_quiet(target.family.cpu)
         stats = await _fake(f"{fake_url}/_bench/stats")
         counts = stats["models"].get(LONG, {})
         run.storms += 1
@@ -181,8 +178,8 @@ async def run_storms(
         run.delays.extend(
             at - outcome.dropped_at for at, model in stats["disconnects"] if model == LONG
         )
-        run.rss.append(rss())
-        run.fds.append(fds())
+        run.rss.append(target.family.rss())
+        run.fds.append(target.family.fds())
     return run
 
 
