@@ -254,6 +254,13 @@ async def _measure(
                     _progress(f"  {target.name}: upstream ran on {drain:.1f} s after the run")
                 if quiet > 1.0:
                     _progress(f"  {target.name}: busy {quiet:.1f} s after the run")
+                _progress(
+                    f"round {number} {scenario.key:<10} {target.name:<11} "
+                    f"{measure.rps:8.1f} req/s  p50 {measure.p50_ms:8.2f} ms  "
+                    f"p99 {measure.p99_ms:8.2f} ms  {measure.chunks_per_s:8.0f} chunks/s  "
+                    f"server {measure.server_cpu:4.0%}  client {measure.client_cpu:4.0%}  "
+                    f"errors {measure.errors:.0f}"
+                )
     if args.storms > 0:
         for target in targets:
             run = await run_storms(
