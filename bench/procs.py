@@ -66,7 +66,13 @@ class Processes:
         stop_marked(str(self.workdir))
 
     def start(
-        self, name: str, argv: list[str], *, cpus: str | None, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cpus: str | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Proc:
         """Start ``argv``, pinned with ``taskset -c cpus`` (None: inherit this process's)."""
         command = ["taskset", "-c", cpus, *argv] if cpus is not None else argv
@@ -74,7 +80,7 @@ class Processes:
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 command,
-                cwd=self.cwd,
+                cwd=cwd or self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         help="embedded: the gateway's default (its own PostgreSQL and NATS, on its core); "
         "off: `embedded = false`, no database or bus (the bare relay)",
     )
+    parser.add_argument(
+        "--commit",
+        default=None,
+        help="run the gateway as committed at this revision (a `git archive` export), not "
+        "the working tree, which others may be editing",
+    )
     parser.add_argument("--raw", type=Path, default=None, help="also write every measure as JSON")
     return parser
 
@@ -125,6 +131,7 @@ def _start(
 ) -> tuple[str, list[Target]]:
     """Start the fake, the gateways and the peer; returns the fake's URL and the targets."""
     python = str(REPO / ".venv" / "bin" / "python")
+    source = _export(args.commit, work) if args.commit else REPO
     fake = procs.start(
         "fake",
         [
@@ -155,7 +162,9 @@ def _start(
         proc = procs.start(
             slug,
             [
-                str(REPO / ".venv" / "bin" / "llm-proxy"),
+                python,
+                "-m",
+                "proxy",
                 "serve",
                 "--config",
                 str(config),
@@ -165,7 +174,8 @@ def _start(
                 str(workers),
             ],
             cpus=cores,
-            env={"LLM_PROXY_LOG_LEVEL": "warning"},
+            env={"LLM_PROXY_LOG_LEVEL": "warning", "PYTHONPATH": str(source)},
+            cwd=source,
         )
         procs.wait_http(proc, f"http://{HOST}:{port}/health", timeout=120)
         targets.append(_target(name, port, Family(proc.pid, f"{data_dir}/")))
@@ -203,6 +213,20 @@ def _start(
         procs.wait_http(proc, f"http://{HOST}:{port}/health/liveliness", timeout=120)
         targets.append(_target(LITELLM, port, Family(proc.pid)))
     return fake_url, targets
+
+
+def _export(commit: str, work: Path) -> Path:
+    """The gateway's source at ``commit``, exported into ``work`` (git state untouched)."""
+    target = work / "source"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "proxy"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
 
 
 def _pick(only: str | None) -> list[Scenario]:
@@ -327,8 +351,9 @@ def _header(
         argv if argv is not None else sys.argv[1:]
     )
     try:
+        describe = ["git", "describe", "--always"] + ([args.commit] if args.commit else ["--dirty"])
         commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
+            describe,
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -336,6 +361,11 @@ def _header(
         ).stdout.strip()
     except OSError:
         commit = "?"
+    source_note = (
+        f"commit `{commit}` (`git archive` export)"
+        if args.commit
+        else f"working tree at `{commit}`"
+    )
     model = next(
         (
             line.split(":", 1)[1].strip()
@@ -353,7 +383,7 @@ def _header(
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_after = os.getloadavg()
     return [
-        f"`{command.strip()}` — {when}, commit `{commit}`",
+        f"`{command.strip()}` — {when}, gateway source: {source_note}",
         "",
         f"Machine: {os.cpu_count()} x {model}, Linux {platform.release()}, Python "
         f"{platform.python_version()}. {pinning}. Load average before / after: "
