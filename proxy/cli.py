@@ -21,6 +21,7 @@ from proxy.infra.embedded import (
     default_data_dir,
 )
 from proxy.infra.logging import configure_logging
+from proxy.workflow import command as worker_command
 
 log = logging.getLogger("llm_proxy")
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply the database migrations and exit")
     common(migrate)
+    worker_command.add_parser(commands, common)
     return parser
 
 
@@ -90,6 +92,8 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        worker_command.default_config(args)
     try:
         settings = load(args)
     except ConfigError as error:
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the embedded servers are stopped on the way out.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if args.command == "worker":  # connects to the gateway's servers, never starts its own
+            return worker_command.run(args, settings)
         with embedded_servers(settings) as settings:
             if args.command == "serve":
                 return _serve(settings)

@@ -7,6 +7,7 @@ and exits — a bad config never becomes a traceback.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,79 @@ class BackendConfig:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+LAUNCH_MODES = ("pull", "systemd")
+
+
+@dataclass(slots=True, frozen=True)
+class PipelineConfig:
+    """A `[workflow.pipelines.NAME]` table: `function` ("package.module:function") for a
+    pipeline of your own, absent for built-in and entry-point pipelines; every other key is an
+    option the pipeline reads (a request's `workflow` object may override them)."""
+
+    function: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class WorkflowSettings:
+    """The workflow route (`x-pipeline`) and `llm-proxy worker`. Seconds throughout."""
+
+    launch: str = "pull"  # pull: resident workers; systemd: one oneshot unit per job
+    default_pipeline: str | None = None  # for `x-route: workflow` without `x-pipeline`
+    silence_seconds: float = 30.0  # the gateway's deadline on a job's silence
+    ack_wait_seconds: float = 10.0  # a job whose worker stops heartbeating is redelivered
+    max_deliver: int = 3  # deliveries of one job in all (first run + retries)
+    concurrency: int = 16  # jobs one worker process runs at once
+    job_retention_seconds: float = 86400.0  # unclaimed jobs are dropped after this
+    job_timeout_seconds: float = 1800.0  # a pipeline running longer fails with a timeout
+    unit: str = "llm-proxy-job@{trace_id}.service"
+    systemctl: str = "systemctl"
+    pipelines: Mapping[str, PipelineConfig] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class EmbeddingSettings:
+    """`[embeddings]`: the in-process model (all-minilm-l6-v2) and the embeddings endpoints."""
+
+    local_model: bool = True  # serve all-minilm-l6-v2 in-process (and list it)
+    preload: bool = False  # load the ONNX model at start (in the background) instead of on first use
+    threads: int = 1  # ONNX intra-op threads per run
+    max_inputs: int = 2048  # inputs in one embeddings request
+
+
+DEFAULT_RAG_TEMPLATE = (
+    "Answer the user's question using the numbered passages below, retrieved from the "
+    "knowledge base \"{workspace}\". Cite the passages you use by their numbers in square "
+    "brackets, like [1] or [2][3]. If the passages do not contain the answer, say so; answer "
+    "from general knowledge only if you say that you do.\n\n{passages}"
+)
+
+
+@dataclass(slots=True, frozen=True)
+class RagSettings:
+    """`[rag]`: chunking at ingest, retrieval and context injection (workspaces may override
+    `top_k`, `score_threshold` and `candidates`)."""
+
+    top_k: int = 4  # passages injected
+    score_threshold: float = 0.35  # minimum MaxSim rerank score of an injected passage
+    candidates: int = 40  # per retriever (vector, full text) before fusion
+    rerank: int = 20  # fused candidates scored by MaxSim
+    chunk_tokens: int = 200  # target chunk size, in the embedding model's tokens
+    chunk_overlap: int = 40  # tokens repeated between consecutive chunks of a section
+    template: str = DEFAULT_RAG_TEMPLATE  # the injected system text: {workspace}, {passages}
+
+
+@dataclass(slots=True, frozen=True)
+class SemanticCacheSettings:
+    """`[semantic_cache]`: answers reused for conversations that mean the same."""
+
+    enabled: bool = False  # for every model; otherwise only `models` and `x-cache: semantic`
+    models: tuple[str, ...] = ()
+    threshold: float = 0.95  # cosine similarity every message must reach
+    ttl_seconds: float = 3600.0
+
+
 @dataclass(slots=True, frozen=True)
 class Settings:
     backends: tuple[BackendConfig, ...] = ()
@@ -69,6 +143,7 @@ class Settings:
     embedded: bool = True
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
+    workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
 
     @property
     def bind(self) -> str:
@@ -103,7 +178,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "models_cache_seconds", "log_level", "access_log",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
-    "timeouts", "models", "backends",
+    "timeouts", "models", "backends", "workflow",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",

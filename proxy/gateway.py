@@ -19,6 +19,7 @@ from proxy.services.chat import ChatService
 from proxy.services.journal import ensure_streams
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Persistence, PersistenceSettings
+from proxy.services.workflow import WorkflowRoute
 
 _PROBE_SECONDS = 3.0
 
@@ -86,7 +87,8 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence),
+            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence,
+                             routes={"workflow": WorkflowRoute(settings, resources, router)}),
             catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
             resources=resources,
             persistence=persistence,

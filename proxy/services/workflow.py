@@ -1,0 +1,211 @@
+"""The workflow route (`x-pipeline: NAME`, or `x-route: workflow`): the request becomes a
+pipeline job, a worker runs it, and the worker's events are the client's stream.
+
+One producer per request, in the exchange's nursery:
+
+1. subscribe to `evt.chat.{trace_id}` (JetStream, from the start of the subject) *before*
+   the job exists, so no event can be missed;
+2. hand the job to a worker (`proxy.workflow.launchers`: resident workers pulling
+   `jobs.{pipeline}`, or a systemd unit per job) — 503 at once when no worker serves the
+   pipeline, 404 for a pipeline nobody knows;
+3. relay the events, through a `ClientView` (winner selection, redelivered attempts), as
+   batches until `finished`;
+4. a deadline on silence: nothing for `workflow.silence_seconds` is a 504 before the answer
+   starts, an in-stream error after (workers send `progress` while they think);
+5. if the relay ends before `finished` (client gone, deadline, stream lost), cancel the job:
+   a cancel mark in the jobs KV bucket and a core message on `cancel.{trace_id}`, shielded
+   and bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from proxy.config import Settings
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.events import StreamFailed
+from proxy.domain.fingerprint import request_fingerprint
+from proxy.domain.routing import Router
+from proxy.infra.backends import Batch
+from proxy.infra.nats import Bus, BusError, BusMessage
+from proxy.infra.resources import Resources
+from proxy.services.journal import EVENTS_STREAM, events_subject
+from proxy.services.persistence import Producer
+from proxy.workflow.bus import jobs_kv
+from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key, cancel_subject, valid_pipeline
+from proxy.workflow.launchers import Launcher, create_launcher
+from proxy.workflow.pipelines import PipelineRegistry
+from proxy.workflow.view import ClientView
+
+if TYPE_CHECKING:
+    from proxy.services.chat import ChatExchange
+
+log = logging.getLogger("llm_proxy.workflow")
+
+_CANCEL_SECONDS = 2.0
+_BATCH = 64
+
+
+class WorkflowRoute:
+    """`chat.routes["workflow"]`."""
+
+    needs_backend = False
+    publishes_events = True
+
+    def __init__(self, settings: Settings, resources: Resources, router: Router) -> None:
+        self._settings = settings.workflow
+        self._resources = resources
+        self._router = router
+        self.registry = PipelineRegistry(settings.workflow)
+        self.launcher: Launcher = create_launcher(settings.workflow, self.registry)
+
+    def producer(self, exchange: ChatExchange) -> Producer:
+        pipeline = exchange.meta.pipeline or self._settings.default_pipeline
+        if pipeline is None:
+            raise invalid_request(
+                "A workflow request names its pipeline in the `x-pipeline` header.", param="x-pipeline"
+            )
+        if not valid_pipeline(pipeline):
+            raise invalid_request(
+                f"`x-pipeline` must be 1-64 of A-Z a-z 0-9 _ -, got {pipeline!r}.", param="x-pipeline"
+            )
+        self._check_models(exchange)
+
+        async def produce(send: trio.MemorySendChannel[Batch]) -> None:
+            await self._produce(exchange, pipeline, send)
+
+        return produce
+
+    def _check_models(self, exchange: ChatExchange) -> None:
+        """Models the client names in its `workflow` options go through the gateway's router
+        now: an unknown one is a 404 before anything starts, and an API key's model scope
+        applies to them as it does to the request's own model. (Options named `model`,
+        `models` or `*_model` are model names, by convention.)"""
+        options = exchange.request.extra.get(OPTIONS_FIELD)
+        if options is None:
+            return
+        if not isinstance(options, dict):
+            raise invalid_request(f"`{OPTIONS_FIELD}` must be an object.", param=OPTIONS_FIELD)
+        for key, value in options.items():
+            if key == "models" or key == "model" or key.endswith("_model"):
+                for model in _names(value):
+                    self._router.resolve(model)
+
+    async def _produce(self, exchange: ChatExchange, pipeline: str, send: trio.MemorySendChannel[Batch]) -> None:
+        bus = self._resources.bus
+        if bus is None:
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE, "The workflow route needs NATS, which is unreachable right now.",
+                code="nats_unavailable", retry_after=5,
+            )
+        meta, request = exchange.meta, exchange.request
+        await self.launcher.check(bus, pipeline)
+        exchange.response_headers.append((b"x-pipeline", pipeline.encode()))
+        now = time.time()
+        silence = self._settings.silence_seconds
+        job = Job(
+            trace_id=meta.trace_id,
+            req_id=request_fingerprint(request),
+            request_id=meta.request_id,
+            pipeline=pipeline,
+            request=request,
+            submitted_at=now,
+            deadline=now + silence,
+            silence=silence,
+            correlation_id=meta.correlation_id,
+        )
+        launched = ended = False
+        try:
+            async with bus.subscribe(events_subject(job.trace_id), from_start=True, stream=EVENTS_STREAM) as events:
+                await self.launcher.launch(bus, job)
+                launched = True
+                ended = await self._relay(events, exchange, job, send)
+        except BusError as error:
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE, f"The workflow job could not be handed over: {error}",
+                code="nats_unavailable", retry_after=5,
+            ) from None
+        finally:
+            if launched and not ended:
+                await self._cancel(job.trace_id)
+
+    async def _relay(
+        self,
+        events: trio.MemoryReceiveChannel[BusMessage],
+        exchange: ChatExchange,
+        job: Job,
+        send: trio.MemorySendChannel[Batch],
+    ) -> bool:
+        """Relay until the job's end; True when the job ended by itself (nothing to cancel)."""
+        view = ClientView()
+        silence = self._settings.silence_seconds
+        heard = False
+        while not view.done:
+            with trio.move_on_after(silence) as timer:
+                try:
+                    first = await events.receive()
+                except trio.EndOfChannel:
+                    first = None
+            if timer.cancelled_caught or first is None:
+                error = self._silence_error(job.pipeline, heard, lost=first is None and not timer.cancelled_caught)
+                if not view.visible:
+                    raise error
+                await send.send(Batch([StreamFailed(error)], done=True))
+                return False
+            heard = True
+            out = view.feed_bytes(first.data)
+            for _ in range(_BATCH):
+                if view.done:
+                    break
+                try:
+                    message = events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                out.extend(view.feed_bytes(message.data))
+            if view.error is not None and not view.visible:
+                raise view.error
+            if view.done and view.winner and not exchange.request.stream:
+                exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
+            if out or view.done:
+                await send.send(Batch(out, done=view.done))
+        return view.finished is not None and not view.abandoned
+
+    def _silence_error(self, pipeline: str, heard: bool, *, lost: bool) -> GatewayError:
+        silence = self._settings.silence_seconds
+        if lost:
+            return GatewayError(ErrorKind.UNAVAILABLE, "The workflow's event stream was lost.", code="events_lost")
+        if not heard:
+            return GatewayError(
+                ErrorKind.TIMEOUT,
+                f"No worker started the `{pipeline}` job within {silence:g}s (all workers busy?).",
+                code="workflow_not_started",
+            )
+        return GatewayError(
+            ErrorKind.TIMEOUT, f"The `{pipeline}` pipeline sent nothing for {silence:g}s.", code="workflow_silent"
+        )
+
+    async def _cancel(self, trace_id: str) -> None:
+        """Tell the job's worker to stop (also a worker that has not picked it up yet)."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_SECONDS):
+            bus: Bus | None = self._resources.bus
+            if bus is None:
+                return
+            try:
+                kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
+                await kv.put(cancel_key(trace_id), b"1")
+                await bus.publish_core(cancel_subject(trace_id), b"")
+            except BusError as error:
+                log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
+
+
+def _names(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [item for item in value if isinstance(item, str)]
+    return []

@@ -1,0 +1,242 @@
+"""A workflow's events on `evt.chat.{trace_id}`, and what its client sees of them (sans-IO).
+
+The bus carries the seed's schema (`proxy.dialects.events`) plus three extension types that
+other readers skip as unknown:
+
+    {"seq":2,"type":"tasks","tasks":[{"task":"A","model":"m1"},{"task":"B","model":"m2"}],"select":true}
+    {"seq":40,"type":"winner","task":"B","model":"m2"}
+    {"seq":41,"type":"progress"}
+
+- `tasks`: the pipeline runs parallel tasks, task letter = choice index. With `select`, the
+  client gets only the winner, as choice 0; otherwise every task is a choice of its own.
+- `winner`: the task chosen (the `finished` event names its model too, seed-style).
+- `progress`: the worker is alive but has had nothing to say for a while.
+
+`ClientView` turns the bus events into the client's events: it buffers the tasks of a
+`select` run until `winner`, renumbers the winner to choice 0, and handles redelivery. A
+redelivered job starts a new attempt (its `seq`s jump to the next `ATTEMPT_SPAN`): if the
+client has seen nothing but the role yet, the view forgets the dead attempt and follows the
+new one (the client gets the completed stream); otherwise it ends the stream with an error.
+Readers that replay or follow a workflow trace (resume, attach) should read it through a
+`ClientView` too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.dialects.events import (
+    Finished,
+    WireEvent,
+    decode_event,
+    encode_event,
+    task_index,
+    task_name,
+)
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
+from proxy.workflow.job import attempt_of
+
+
+@dataclass(slots=True, frozen=True)
+class TasksAnnounced:
+    models: tuple[str, ...]  # index = task = choice
+    select: bool
+
+
+@dataclass(slots=True, frozen=True)
+class WinnerChosen:
+    choice: int
+    model: str
+
+
+@dataclass(slots=True, frozen=True)
+class Progress:
+    pass
+
+
+WorkflowEvent = WireEvent | TasksAnnounced | WinnerChosen | Progress
+ChoiceEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Finish
+
+
+def encode(seq: int, event: WorkflowEvent) -> bytes:
+    match event:
+        case TasksAnnounced(models, select):
+            tasks = [{"task": task_name(i), "model": model} for i, model in enumerate(models)]
+            return dumps({"seq": seq, "type": "tasks", "tasks": tasks, "select": select})
+        case WinnerChosen(choice, model):
+            return dumps({"seq": seq, "type": "winner", "task": task_name(choice), "model": model})
+        case Progress():
+            return dumps({"seq": seq, "type": "progress"})
+    return encode_event(seq, event)
+
+
+def decode(data: bytes) -> tuple[int, WorkflowEvent | None]:
+    seq, event = decode_event(data)
+    if event is not None:
+        return seq, event
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return seq, None
+    if not isinstance(body, dict):
+        return seq, None
+    return seq, _extension(body)
+
+
+def _extension(body: dict[str, Any]) -> WorkflowEvent | None:
+    kind = body.get("type")
+    if kind == "progress":
+        return Progress()
+    if kind == "winner":
+        return WinnerChosen(task_index(body.get("task")), str(body.get("model") or ""))
+    if kind == "tasks" and isinstance(body.get("tasks"), list):
+        models: dict[int, str] = {}
+        for item in body["tasks"]:
+            if isinstance(item, dict):
+                models[task_index(item.get("task"))] = str(item.get("model") or "")
+        ordered = tuple(models.get(i, "") for i in range(max(models, default=-1) + 1))
+        return TasksAnnounced(ordered, bool(body.get("select")))
+    return None
+
+
+def restarted_error() -> GatewayError:
+    return GatewayError(
+        ErrorKind.UNAVAILABLE,
+        "The worker running this pipeline stopped mid-stream. The job was restarted, but the "
+        "part of the answer already sent cannot be continued; retry the request.",
+        code="workflow_restarted",
+    )
+
+
+def outcome_error(finished: Finished) -> GatewayError:
+    if finished.status == "cancelled":
+        return GatewayError(ErrorKind.UNAVAILABLE, "The workflow job was cancelled.", code="workflow_cancelled")
+    return GatewayError(ErrorKind.BACKEND, "The workflow pipeline failed.", code="workflow_failed")
+
+
+class ClientView:
+    """Feed it a trace's events in bus order; it returns what the client should get.
+
+    The role event is held back until there is something to show with it, so that a job
+    failing before its answer starts gives the client a real error status, not a stream
+    that opens and then fails (the caller raises `error` when `visible` is still False).
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished: Finished | None = None
+        self.error: GatewayError | None = None
+        self.winner: str | None = None
+        self.models: tuple[str, ...] = ()
+        # True when the stream ended while the job may still run (it should be cancelled).
+        self.abandoned = False
+        self._attempt = 0
+        self._start: StreamStart | None = None
+        self._shown = False
+        self._select = False
+        self._winner_choice: int | None = None
+        self._buffers: dict[int, list[ChoiceEvent]] = {}
+
+    @property
+    def visible(self) -> bool:
+        """Whether the client has been sent anything yet."""
+        return self._shown
+
+    def feed_bytes(self, data: bytes) -> list[StreamEvent]:
+        seq, event = decode(data)
+        return self.feed(seq, event) if event is not None else []
+
+    def feed(self, seq: int, event: WorkflowEvent) -> list[StreamEvent]:
+        if self.done:
+            return []
+        out: list[StreamEvent] = []
+        attempt = attempt_of(seq)
+        if attempt < self._attempt:
+            return out  # a late event of an attempt that was already given up
+        if attempt > self._attempt and not isinstance(event, Finished):
+            if self._shown:
+                self.abandoned = True
+                return self._fail(restarted_error(), out)
+            self._restart(attempt)
+        match event:
+            case StreamStart():
+                if self._start is None:
+                    self._start = event
+            case TasksAnnounced(models, select):
+                self.models = models
+                self._select = select
+            case WinnerChosen(choice, model):
+                self._choose(choice, model, out)
+            case Progress():
+                pass
+            case UsageReport():
+                self._show(out, [event])
+            case StreamFailed(error):
+                return self._fail(error, out)
+            case Finished():
+                self.finished = event
+                if event.winner and self.winner is None:
+                    self.winner = event.winner
+                if event.status != "completed":
+                    return self._fail(outcome_error(event), out)
+                if self._select and self._winner_choice is None:
+                    self._choose(0, event.winner or "", out)
+                self._show(out, [])
+                self.done = True
+            case TextDelta() | ReasoningDelta() | ToolCallStart() | ToolCallDelta() | Finish():
+                self._content(event, out)
+        return out
+
+    def _restart(self, attempt: int) -> None:
+        self._attempt = attempt
+        self._select = False
+        self._winner_choice = None
+        self._buffers.clear()
+        self.models = ()
+
+    def _show(self, out: list[StreamEvent], events: list[StreamEvent]) -> None:
+        if not self._shown:
+            self._shown = True
+            if self._start is not None:
+                out.append(self._start)
+        out.extend(events)
+
+    def _choose(self, choice: int, model: str, out: list[StreamEvent]) -> None:
+        if model:
+            self.winner = model
+        if not self._select or self._winner_choice is not None:
+            return
+        self._winner_choice = choice
+        buffered = self._buffers.pop(choice, [])
+        self._buffers.clear()
+        if buffered:
+            self._show(out, [replace(e, choice=0) for e in buffered])
+
+    def _content(self, event: ChoiceEvent, out: list[StreamEvent]) -> None:
+        if not self._select:
+            self._show(out, [event])
+        elif self._winner_choice is None:
+            self._buffers.setdefault(event.choice, []).append(event)
+        elif event.choice == self._winner_choice:
+            self._show(out, [replace(event, choice=0)])
+
+    def _fail(self, error: GatewayError, out: list[StreamEvent]) -> list[StreamEvent]:
+        self.error = error
+        self.done = True
+        if self._shown:
+            out.append(StreamFailed(error))
+        return out
