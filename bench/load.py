@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -203,8 +203,8 @@ class LoadResult:
     frames: int = 0
     client_cpu: float = 0.0
     """CPU seconds this process spent during the window (the load generator's own cost)."""
-    server_cpu: float = 0.0
-    """CPU seconds the server under test spent during the window (from ``server_clock``)."""
+    clocks: dict[str, float] = field(default_factory=dict)
+    """How far each of the ``clocks`` given to ``closed_loop`` advanced during the window."""
 
     @property
     def rps(self) -> float:
@@ -225,7 +225,7 @@ async def closed_loop(
     duration: float,
     stagger: float = 0.0,
     grace: float = 2.0,
-    server_clock: Callable[[], float] | None = None,
+    clocks: Mapping[str, Callable[[], float]] | None = None,
 ) -> LoadResult:
     """``concurrency`` connections each sending requests back to back.
 
@@ -234,7 +234,7 @@ async def closed_loop(
     flight at the end is let finish (up to ``grace`` seconds) so connections close cleanly.
     ``stagger``: the connections' first requests are spread evenly over this many seconds,
     so that streams of equal length do not all start (and end) in the same instant.
-    ``server_clock`` reads the server's CPU seconds at the window's edges.
+    ``clocks`` (CPU-second counters, say) are read at the window's edges.
     """
     raw = endpoint.chat_request(model, stream=stream)
     tally = Tally()
@@ -279,11 +279,11 @@ async def closed_loop(
     async def window() -> None:
         await trio.sleep_until(start)
         frames0, cpu0 = tally.frames, time.process_time()
-        server0 = server_clock() if server_clock else 0.0
+        starts = {name: clock() for name, clock in (clocks or {}).items()}
         await trio.sleep_until(end)
         result.frames = tally.frames - frames0
         result.client_cpu = time.process_time() - cpu0
-        result.server_cpu = (server_clock() - server0) if server_clock else 0.0
+        result.clocks = {name: clock() - starts[name] for name, clock in (clocks or {}).items()}
 
     try:
         with trio.move_on_at(end + grace):

@@ -22,7 +22,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Family", "Proc", "Processes", "free_port", "http_json", "stop_marked"]
+__all__ = [
+    "Family",
+    "Proc",
+    "Processes",
+    "free_port",
+    "http_json",
+    "machine_busy",
+    "stop_marked",
+]
 
 
 @dataclass(slots=True)
@@ -257,3 +265,11 @@ def _alive(pid: int) -> bool:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have spent busy since boot (user, nice, system, irq, softirq,
+    steal), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICKS

@@ -80,8 +80,8 @@ def _signed(value: float, digits: int = 1) -> str:
 def _request_table(results: Results) -> list[str]:
     lines = [
         "| scenario | target | req/s | p50 ms | p99 ms | added p50 | added p99 "
-        "| server CPU | CPU ms/req | client CPU | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU | CPU ms/req | client CPU | other CPU | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in results.scenarios:
         if scenario.stream:
@@ -97,7 +97,7 @@ def _request_table(results: Results) -> list[str]:
             lines.append(
                 f"| {scenario.title} | {target} | {_f(m.rps, 0)} | {_f(m.p50_ms, 2)} "
                 f"| {_f(m.p99_ms, 2)} | {add50} | {add99} | {m.server_cpu:.0%} "
-                f"| {_f(per_req, 2)} | {m.client_cpu:.0%} | {m.errors:.0f} |"
+                f"| {_f(per_req, 2)} | {m.client_cpu:.0%} | {m.other_cpu:.0%} | {m.errors:.0f} |"
             )
     return lines
 
@@ -105,8 +105,9 @@ def _request_table(results: Results) -> list[str]:
 def _stream_table(results: Results) -> list[str]:
     lines = [
         "| scenario | target | chunks/s | TTFT p50 ms | TTFT p99 ms | added TTFT p50 "
-        "| added TTFT p99 | streams/s | server CPU | CPU µs/chunk | client CPU | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| added TTFT p99 | streams/s | server CPU | CPU µs/chunk | client CPU | other CPU "
+        "| errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario in results.scenarios:
         if not scenario.stream:
@@ -123,7 +124,7 @@ def _stream_table(results: Results) -> list[str]:
                 f"| {scenario.title} | {target} | {_f(m.chunks_per_s, 0)} | {_f(m.p50_ms, 2)} "
                 f"| {_f(m.p99_ms, 2)} | {add50} | {add99} | {_f(m.rps, 1)} "
                 f"| {m.server_cpu:.0%} | {_f(per_chunk, 0)} | {m.client_cpu:.0%} "
-                f"| {m.errors:.0f} |"
+                f"| {m.other_cpu:.0%} | {m.errors:.0f} |"
             )
     return lines
 
@@ -291,8 +292,10 @@ def markdown(results: Results, header: list[str], goals: Targets | None = None) 
         "",
         f"Medians of {len(results.rounds)} rounds; *added* = target - direct, taken within each "
         "round, then the median. Latency for non-streaming requests is the whole response; for "
-        "streams it is time to first chunk (TTFT). CPU columns are shares of one core (all the "
-        "target's processes); *client CPU* is the load generator's.",
+        "streams it is time to first chunk (TTFT). CPU columns are shares of one core: *server* "
+        "is the target (all its processes), *client* the load generator, *other* everything "
+        "else on the machine during the window (other people's work: a row with much of it "
+        "is skewed).",
         "",
         "**Requests (instant fake, non-streaming)**",
         "",

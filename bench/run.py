@@ -268,7 +268,7 @@ async def _measure(
         results.rounds.append(round_)
         for scenario in scenarios:
             for target in targets:
-                measure = await run_scenario(scenario, target)
+                measure = await run_scenario(scenario, target, targets[0].family)
                 round_[(scenario.key, target.name)] = measure
                 # A proxy that does not cancel upstream leaves the fake generating after its
                 # clients left; the next run must not pay for that.
@@ -283,6 +283,7 @@ async def _measure(
                     f"{measure.rps:8.1f} req/s  p50 {measure.p50_ms:8.2f} ms  "
                     f"p99 {measure.p99_ms:8.2f} ms  {measure.chunks_per_s:8.0f} chunks/s  "
                     f"server {measure.server_cpu:4.0%}  client {measure.client_cpu:4.0%}  "
+                    f"other {measure.other_cpu:4.0%}  "
                     f"errors {measure.errors:.0f}"
                 )
     if args.storms > 0:

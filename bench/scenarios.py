@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from .load import Endpoint, LoadResult, closed_loop, percentile, storm
-from .procs import Family, http_json
+from .procs import Family, http_json, machine_busy
 
 __all__ = [
     "FAKE_SCRIPTS",
@@ -93,9 +93,14 @@ class Measure:
     """Share of one core the load generator used."""
     server_cpu: float
     """Share of one core the server under test used (all its processes together)."""
+    other_cpu: float
+    """Share of one core used by everything else on the machine (neither the target, nor
+    the fake, nor the load generator): other people's work skewing the numbers."""
 
     @classmethod
-    def of(cls, result: LoadResult) -> Measure:
+    def of(cls, result: LoadResult, *, direct: bool) -> Measure:
+        cpu = result.clocks
+        ours = cpu["server"] + result.client_cpu + (0.0 if direct else cpu["fake"])
         return cls(
             rps=result.rps,
             p50_ms=percentile(result.latencies, 50) * 1000,
@@ -103,11 +108,13 @@ class Measure:
             chunks_per_s=result.frames_per_s,
             errors=result.errors,
             client_cpu=result.client_cpu / result.seconds,
-            server_cpu=result.server_cpu / result.seconds,
+            server_cpu=cpu["server"] / result.seconds,
+            other_cpu=max(0.0, cpu["machine"] - ours) / result.seconds,
         )
 
 
-async def run_scenario(scenario: Scenario, target: Target) -> Measure:
+async def run_scenario(scenario: Scenario, target: Target, fake: Family) -> Measure:
+    """One scenario against one target; ``fake`` is the fake backend's processes."""
     result = await closed_loop(
         target.endpoint,
         scenario.model,
@@ -116,9 +123,9 @@ async def run_scenario(scenario: Scenario, target: Target) -> Measure:
         warmup=scenario.warmup,
         duration=scenario.duration,
         stagger=scenario.stagger,
-        server_clock=target.family.cpu,
+        clocks={"server": target.family.cpu, "fake": fake.cpu, "machine": machine_busy},
     )
-    return Measure.of(result)
+    return Measure.of(result, direct=target.family == fake)
 
 
 @dataclass(slots=True)
