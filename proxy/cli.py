@@ -21,6 +21,8 @@ from proxy.infra.embedded import (
     default_data_dir,
 )
 from proxy.infra.logging import configure_logging
+from proxy.ingest_command import add_parser as add_ingest_parser
+from proxy.ingest_command import run as run_ingest
 from proxy.workflow import command as worker_command
 
 log = logging.getLogger("llm_proxy")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply the database migrations and exit")
     common(migrate)
+
+    add_ingest_parser(commands, common)
     worker_command.add_parser(commands, common)
     return parser
 
@@ -105,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":  # connects to the gateway's servers, never starts its own
             return worker_command.run(args, settings)
+        if args.command == "ingest":  # a running gateway's embedded PostgreSQL is left running
+            with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
+                return run_ingest(args, settings)
         with embedded_servers(settings) as settings:
             if args.command == "serve":
                 return _serve(settings)

@@ -141,6 +141,11 @@ class Settings:
     nats_url: str | None = None
     # Start PostgreSQL and NATS from the bundled packages when no URL is given.
     embedded: bool = True
+    # API keys (proxy.services.auth): "auto" asks for a key once any exists, "required"
+    # always, "off" never. /health is always open; these paths too.
+    auth: str = "auto"
+    auth_public_paths: tuple[str, ...] = ("/ready", "/metrics", "/openapi.json")  # = DEFAULT_PUBLIC_PATHS
+    max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
@@ -176,7 +181,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 # -- parsing ---------------------------------------------------------------------------------
 
 _TOP_KEYS = {
-    "bind", "workers", "max_body_bytes", "models_cache_seconds", "log_level", "access_log",
+    "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "models_cache_seconds", "log_level", "access_log",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "backends", "workflow",
 }
@@ -256,6 +261,9 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         database_url=top.get("database_url", str),
         nats_url=top.get("nats_url", str),
         embedded=top.get("embedded", bool, True),
+        auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
+        auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
+        max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
     )
@@ -308,6 +316,26 @@ def _check_url(url: str, key: str) -> None:
         raise ConfigError(f"`{key}` must be an http(s) URL, got {url!r}")
 
 
+AUTH_MODES = ("auto", "required", "off")
+DEFAULT_PUBLIC_PATHS = ("/ready", "/metrics", "/openapi.json")
+
+
+def _auth_mode(value: str, key: str) -> str:
+    mode = value.strip().lower()
+    if mode not in AUTH_MODES:
+        raise ConfigError(f"`{key}` must be auto, required or off, got {value!r}")
+    return mode
+
+
+def _public_paths(paths: tuple[str, ...] | None) -> tuple[str, ...]:
+    if paths is None:
+        return DEFAULT_PUBLIC_PATHS
+    for path in paths:
+        if not path.startswith("/"):
+            raise ConfigError(f"`auth_public_paths` entries must be paths starting with /, got {path!r}")
+    return paths
+
+
 def _check_backends(backends: tuple[BackendConfig, ...]) -> None:
     seen: set[str] = set()
     defaults = [b.name for b in backends if b.default]
@@ -342,6 +370,8 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         if embedded.lower() not in ("0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"`LLM_PROXY_EMBEDDED` must be 0 or 1, got {embedded!r}")
         changes["embedded"] = embedded.lower() in ("1", "true", "yes")
+    if (auth := env.get("LLM_PROXY_AUTH")) is not None:
+        changes["auth"] = _auth_mode(auth, "LLM_PROXY_AUTH")
     if base_url := env.get("LLM_BASE_URL"):
         _check_url(base_url, "LLM_BASE_URL")
         changes["backends"] = _with_env_backend(settings.backends, base_url.rstrip("/"), env)

@@ -16,9 +16,12 @@ from proxy.infra.logging import RequestLog
 from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
 from proxy.services.chat import ChatService
+from proxy.services.embeddings import CatalogWithLocalModels, EmbeddingService, LocalModel
 from proxy.services.journal import ensure_streams
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Persistence, PersistenceSettings
+from proxy.services.rag import RagRoute, RagService
+from proxy.services.semantic_cache import SemanticCache
 from proxy.services.workflow import WorkflowRoute
 
 _PROBE_SECONDS = 3.0
@@ -33,6 +36,9 @@ class Gateway:
     catalog: ModelCatalog
     resources: Resources
     persistence: Persistence | None
+    embeddings: EmbeddingService | None = None
+    rag: RagService | None = None
+    semantic_cache: SemanticCache | None = None
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not."""
@@ -82,6 +88,14 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         persistence = Persistence(resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds))
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)
+    # The local embedding model: loaded on first use (or now, in the background, with
+    # `preload`), its batcher a task of `nursery`.
+    local_model = LocalModel(nursery, threads=settings.embeddings.threads)
+    if settings.embeddings.preload and settings.embeddings.local_model:
+        nursery.start_soon(local_model.warm)
+    embeddings = EmbeddingService(settings.embeddings, router, backends, local_model)
+    rag = RagService(settings.rag, lambda: resources.database, local_model)
+    semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
     try:
         yield Gateway(
             settings=settings,

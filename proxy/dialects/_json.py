@@ -9,6 +9,10 @@ from proxy.domain.errors import invalid_request
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
+# Deeper request bodies are refused: whatever later walks them (encoders, codecs) must never
+# meet Python's recursion limit, which depends on how deep the stack already is.
+MAX_DEPTH = 128
+
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, as every dialect's servers send it."""
@@ -24,11 +28,31 @@ def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any
     """Parse JSON that must be an object; a clear 400 otherwise."""
     try:
         value = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        value = None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The {what} is not valid JSON: {exc}", code="invalid_json") from None
+    if value is None or _deeper_than(body, value, MAX_DEPTH):
+        raise invalid_request(f"The {what} is nested more than {MAX_DEPTH} levels deep.", code="json_too_deep")
     if not isinstance(value, dict):
         raise invalid_request(f"The {what} must be a JSON object.", code="invalid_json")
     return value
+
+
+def _deeper_than(raw: bytes | str, value: Any, limit: int) -> bool:
+    """Whether `value` nests containers more than `limit` deep (iteratively, so any depth
+    is safe to ask about)."""
+    if isinstance(raw, bytes) and raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # too few brackets to be that deep: the common case, at C speed
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 class Fields:

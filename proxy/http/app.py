@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from proxy.config import Settings
 from proxy.gateway import open_gateway
 from proxy.http import _anthropic, _health, _ollama, _openai, _streams
+from proxy.http import _embeddings, _workspaces
 from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._exchange import GatewayConnection
@@ -28,6 +29,8 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
     app.register_blueprint(_streams.blueprint)
+    app.register_blueprint(_embeddings.blueprint)
+    app.register_blueprint(_workspaces.blueprint)
     install_error_handlers(app)
     resources = AsyncExitStack()
 

@@ -116,8 +116,12 @@ class Journal:
         """Publish events as they come, until the log closes (then `finish` does the rest)."""
         if not self._publish_events:
             return
+        attempted = 0
         while not self.log.closed:
-            await self.log.wait_beyond(self._published)
+            # Wait for events beyond the last attempt: with NATS down, retry only when there
+            # is something new (and once more in `finish`), never in a loop.
+            await self.log.wait_beyond(max(self._published, attempted))
+            attempted = len(self.log.events)
             await self._publish_pending()
 
     async def _publish_pending(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -177,6 +178,9 @@ def status_error(backend: str, status: int, message: str | None, retry_after: st
     return GatewayError(kind, message_out, code=f"backend_{status}", retry_after=retry)
 
 
+_log = logging.getLogger("llm_proxy.backends")
+
+
 @contextmanager
 def transport_errors(backend: str) -> Iterator[None]:
     """Turn httpx's transport failures into gateway errors (503 unreachable, 504 timeout)."""
@@ -187,12 +191,15 @@ def transport_errors(backend: str) -> Iterator[None]:
             ErrorKind.TIMEOUT, f"Backend `{backend}` timed out ({type(exc).__name__}).", code="backend_timeout"
         ) from None
     except (httpx.ConnectError, httpx.ProxyError, httpx.UnsupportedProtocol) as exc:
+        # The detail names the backend's host and port: for the log, never for the client.
+        _log.warning("backend %s unreachable: %s", backend, exc)
         raise GatewayError(
-            ErrorKind.UNAVAILABLE, f"Backend `{backend}` is unreachable: {exc}", code="backend_unreachable"
+            ErrorKind.UNAVAILABLE, f"Backend `{backend}` is unreachable.", code="backend_unreachable"
         ) from None
     except httpx.TransportError as exc:
+        _log.warning("backend %s connection failed: %s", backend, exc or type(exc).__name__)
         raise GatewayError(
-            ErrorKind.BACKEND, f"Backend `{backend}` connection failed: {exc or type(exc).__name__}",
+            ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({type(exc).__name__}).",
             code="backend_connection_error",
         ) from None
 

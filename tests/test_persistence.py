@@ -1,0 +1,250 @@
+"""The completion log, idempotency, the exact cache, events and resume — on real servers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import psycopg
+import pytest
+import trio
+
+from proxy.dialects.events import Finished, decode_event
+from proxy.domain.events import TextDelta
+from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
+from proxy.infra.nats import open_bus
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
+
+pytest_plugins = ["tests.infra_servers"]
+
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+
+
+@dataclass
+class Stack:
+    fake: OpenAIBackend
+    url: str
+    db: str
+    nats: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], usage=Usage(7, 4)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        yield Stack(fake, url, pg_database_url, nats_url)
+
+
+def rows(db: str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+async def wait_for_row(db: str, trace_id: str, status: str, within: float = 5.0) -> tuple[object, ...]:
+    with trio.fail_after(within):
+        while True:
+            found = await trio.to_thread.run_sync(
+                rows, db, "SELECT status, finish_reason, prompt_tokens, completion_tokens, result, error, last_seq "
+                "FROM chat_log WHERE trace_id = %s", trace_id,
+            )
+            if found and found[0][0] == status:
+                return found[0]
+            await trio.sleep(0.05)
+
+
+def sse_payloads(text: str) -> list[str]:
+    return [block[6:] for block in text.split("\n\n") if block.startswith("data: ")]
+
+
+async def test_log_rows_for_completed_failed_and_cancelled_requests(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        done = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+        status, reason, prompt, completion, result, error, last_seq = await wait_for_row(
+            stack.db, done.headers["x-trace-id"], "completed"
+        )
+        assert (reason, prompt, completion, error) == ("stop", 7, 4, None)
+        assert result["choices"][0]["content"] == "Once upon a time"  # type: ignore[index]
+        assert last_seq and int(last_seq) > 4  # type: ignore[call-overload]
+
+        stack.fake.set_script(Script(status=500, error_message="model crashed"))
+        failed = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+        assert failed.status_code == 502
+        row = await wait_for_row(stack.db, failed.headers["x-trace-id"], "failed")
+        assert "model crashed" in row[5]["message"]  # type: ignore[index]
+
+        stack.fake.set_script(Script(n_tokens=500, pace=0.01))
+        async with client.stream("POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}) as response:
+            trace_id = response.headers["x-trace-id"]
+            lines = response.aiter_lines()
+            for _ in range(4):
+                await lines.__anext__()
+        await stack.fake.wait_disconnect(2.0)
+        row = await wait_for_row(stack.db, trace_id, "cancelled")
+        assert row[4]["choices"][0]["content"]  # type: ignore[index]  # the partial answer is kept
+
+
+async def test_events_are_published_in_the_seed_schema_with_sequence_numbers(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    trace_id = response.headers["x-trace-id"]
+    await wait_for_row(stack.db, trace_id, "completed")
+    received = []
+    async with open_bus(stack.nats) as bus, bus.subscribe(f"evt.chat.{trace_id}", from_start=True) as messages:
+        with trio.fail_after(5):
+            async for message in messages:
+                received.append(json.loads(message.data))
+                if received[-1]["type"] == "finished":
+                    break
+    assert [e["seq"] for e in received] == list(range(1, len(received) + 1))
+    assert received[0]["type"] == "role"
+    assert "".join(e["text"] for e in received if e["type"] == "token") == "Once upon a time"
+    assert [e["type"] for e in received].count("finished") == 1
+    assert received[-1] == {"seq": len(received), "type": "finished", "reason": "stop", "status": "completed", "winner": "m"}
+
+
+async def test_twenty_concurrent_duplicates_make_one_backend_call(stack: Stack) -> None:
+    stack.fake.set_script(Script(tokens=["a", "b", "c", "d"], pace=0.05))
+    key = str(uuid.uuid4())
+    bodies: list[str] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True},
+            headers={"Idempotency-Key": key},
+        )
+        assert response.status_code == 200
+        bodies.append("".join(
+            json.loads(p)["choices"][0]["delta"].get("content") or ""
+            for p in sse_payloads(response.text) if p != "[DONE]" and json.loads(p)["choices"]
+        ))
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client, trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(one, client)
+    assert bodies == ["abcd"] * 20
+    assert len(stack.fake.requests) == 1
+    assert rows(stack.db, "SELECT count(*) FROM chat_log WHERE idempotency_key = %s", key) == [(1,)]
+
+
+async def test_key_replay_after_completion_and_key_reuse_conflict(stack: Stack) -> None:
+    key = str(uuid.uuid4())
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    first = await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"Idempotency-Key": key})  # type: ignore[arg-type]
+    await trio.sleep(0.3)
+    again = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, stream=True, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    assert again.headers.get("idempotent-replayed") == "true"
+    chunks = [chunk async for chunk in again.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.choices[0].message.content
+    assert len(stack.fake.requests) == 1
+    with pytest.raises(openai.ConflictError):
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "something else"}], extra_headers={"Idempotency-Key": key}
+        )
+    await client.close()
+
+
+async def test_exact_cache_replays_as_sse_and_json(stack: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    headers = {"x-cache": "exact"}
+    miss = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
+    assert miss.headers["x-cache"] == "miss"
+    await trio.sleep(0.3)
+    hit = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
+    assert hit.headers["x-cache"] == "hit"
+    assert hit.parse().choices[0].message.content == "Once upon a time"
+    streamed = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, extra_headers=headers  # type: ignore[arg-type]
+    )
+    assert streamed.headers["x-cache"] == "hit"
+    chunks = [chunk async for chunk in streamed.parse()]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Once upon a time"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 11
+    # Without the header (and temperature unset) the same request is not served from cache.
+    plain = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert "x-cache" not in plain.headers
+    assert len(stack.fake.requests) == 2
+    await client.close()
+
+
+async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fake = OpenAIBackend(default=Script(n_tokens=40, pace=0.02))
+    key = str(uuid.uuid4())
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second, httpx.AsyncClient(timeout=20) as client:
+        async with client.stream("POST", f"{first}/v1/chat/completions", json=body, headers={"Idempotency-Key": key}) as response:
+            trace_id = response.headers["x-trace-id"]
+            lines = response.aiter_lines()
+            for _ in range(6):
+                await lines.__anext__()
+        # The connection dropped; the keyed run goes on. Reconnect to the other instance.
+        again = await client.post(f"{second}/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+        assert again.headers["x-attached-to"] == trace_id
+        payloads = [json.loads(p) for p in sse_payloads(again.text) if p != "[DONE]"]
+        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads if p["choices"])
+        assert len(text.split()) == 40
+        assert payloads[-1]["choices"][0]["finish_reason"] == "stop"
+        assert len(fake.requests) == 1  # the generation was never restarted
+
+        # The event-level resume API, from the middle.
+        resumed = await client.get(f"{second}/v1/streams/{trace_id}", params={"after": 10})
+        frames = [block for block in resumed.text.split("\n\n") if block]
+        seqs = [int(block.split("\n")[0][4:]) for block in frames]
+        assert seqs[0] == 11 and seqs == list(range(11, 11 + len(seqs)))
+        last = decode_event(frames[-1].split("data: ", 1)[1].encode())[1]
+        assert isinstance(last, Finished) and last.status == "completed"
+        assert any(isinstance(decode_event(f.split("data: ", 1)[1].encode())[1], TextDelta) for f in frames)
+        unknown = await client.get(f"{second}/v1/streams/{uuid.uuid4().hex}")
+        assert unknown.status_code == 404
+
+
+async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, nats_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
+    with EmbeddedPostgres(tmp_path / "pg") as postgres:
+        assert postgres.url is not None
+        url = postgres.url
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, default=True), database_url=url, nats_url=nats_url
+        ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+            before = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+            await wait_for_row(url, before.headers["x-trace-id"], "completed")
+            await trio.to_thread.run_sync(postgres.stop)
+            during = []
+            for _ in range(5):
+                response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+                assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+                during.append(response.headers["x-trace-id"])
+            ready = await client.get("/ready")
+            assert ready.status_code == 503 and "postgres" in ready.json()["reason"]
+            await trio.to_thread.run_sync(postgres.start)
+            for trace_id in during:
+                await wait_for_row(url, trace_id, "completed", within=30)
+
+
+async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["ok"]))
+    nats = EmbeddedNats(tmp_path / "nats")
+    nats_url = nats.start()
+    nats.stop()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+        assert response.status_code == 200 and "ok" in response.text
+        await wait_for_row(pg_database_url, response.headers["x-trace-id"], "completed")
+        ready = await client.get("/ready")
+        assert ready.status_code == 503 and "nats" in ready.json()["reason"]
