@@ -67,7 +67,7 @@ def sse_payloads(text: str) -> list[str]:
 async def test_log_rows_for_completed_failed_and_cancelled_requests(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         done = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
-        status, reason, prompt, completion, result, error, last_seq = await wait_for_row(
+        _status, reason, prompt, completion, result, error, last_seq = await wait_for_row(
             stack.db, done.headers["x-trace-id"], "completed"
         )
         assert (reason, prompt, completion, error) == ("stop", 7, 4, None)
