@@ -98,10 +98,10 @@ class Resources:
                 with trio.fail_after(_PROBE_SECONDS):
                     await db.ping()
                 failures = 0
-                self._set_database(db)  # back after a missed probe
             except (DatabaseError, trio.TooSlowError):
+                # A busy pool can miss a probe; queries fail over to the outbox on their own
+                # anyway. Three misses in a row mean the server is gone: reopen the pool.
                 failures += 1
-                self._set_database(None)
         log.warning("database stopped answering; reconnecting")
 
     def _set_database(self, db: Database | None) -> None:
