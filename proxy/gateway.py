@@ -88,6 +88,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         persistence = Persistence(resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds))
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)
+        await nursery.start(persistence.writer.run)
     # The local embedding model: loaded on first use (or now, in the background, with
     # `preload`), its batcher a task of `nursery`.
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
@@ -109,7 +110,11 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         )
     finally:
         if persistence is not None:
+            # Durable runs first: their outcomes still go through the writer.
             persistence.runs.stop()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+                await persistence.runs.stopped.wait()
+            persistence.writer.stop()
             persistence.outbox.stop()
         resources.stop()
         with trio.CancelScope(shield=True):

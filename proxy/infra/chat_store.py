@@ -131,41 +131,51 @@ def _row_params(row: LogRow) -> tuple[Any, ...]:
     )
 
 
+_INSERT_START = f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO NOTHING"
+_UPSERT_OUTCOME = (
+    f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO UPDATE SET "
+    "status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error, "
+    "finish_reason = EXCLUDED.finish_reason, prompt_tokens = EXCLUDED.prompt_tokens, "
+    "completion_tokens = EXCLUDED.completion_tokens, ttft_ms = EXCLUDED.ttft_ms, "
+    "total_ms = EXCLUDED.total_ms, last_seq = EXCLUDED.last_seq, updated_at = now()"
+)
+_SET_KEY_STATUS = "UPDATE idempotency_keys SET status = %s, updated_at = now() WHERE key = %s AND trace_id = %s"
+_PUT_CACHE = (
+    "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
+    "VALUES (%s, %s, %s, %s::jsonb, now() + make_interval(secs => %s)) "
+    "ON CONFLICT (req_id) DO UPDATE SET trace_id = EXCLUDED.trace_id, result = EXCLUDED.result, "
+    "created_at = now(), expires_at = EXCLUDED.expires_at"
+)
+
+
 class ChatStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     async def start(self, row: LogRow) -> None:
         # DO NOTHING: if the outcome was written first (a fast failure), it must win.
-        await self._db.execute(
-            f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO NOTHING",
-            _row_params(row),
-        )
+        await self._db.execute(_INSERT_START, _row_params(row))
+
+    async def write_batch(self, starts: list[LogRow], outcomes: list[LogRow]) -> None:
+        """Many rows in one transaction (group commit): starts first, so an outcome in the
+        same batch always wins."""
+        keys = [(r.status, r.idempotency_key, r.trace_id) for r in outcomes if r.idempotency_key is not None]
+        keys += [(r.status, f"cache:{r.req_id}", r.trace_id) for r in outcomes if r.cache_ttl is not None]
+        cached = [
+            (r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
+            for r in outcomes
+            if r.cache_ttl is not None and r.status == "completed" and r.result is not None
+        ]
+        await self._db.execute_batch([
+            (_INSERT_START, [_row_params(r) for r in starts]),
+            (_UPSERT_OUTCOME, [_row_params(r) for r in outcomes]),
+            (_SET_KEY_STATUS, keys),
+            (_PUT_CACHE, cached),
+        ])
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""
-        async with self._db.transaction() as tx:
-            await tx.execute(
-                f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}) ON CONFLICT (trace_id) DO UPDATE SET "
-                "status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error, "
-                "finish_reason = EXCLUDED.finish_reason, prompt_tokens = EXCLUDED.prompt_tokens, "
-                "completion_tokens = EXCLUDED.completion_tokens, ttft_ms = EXCLUDED.ttft_ms, "
-                "total_ms = EXCLUDED.total_ms, last_seq = EXCLUDED.last_seq, updated_at = now()",
-                _row_params(row),
-            )
-            if row.idempotency_key is not None:
-                await _set_key_status(tx, row.idempotency_key, row.trace_id, row.status)
-            if row.cache_ttl is not None and row.status == "completed" and row.result is not None:
-                await _set_key_status(tx, f"cache:{row.req_id}", row.trace_id, row.status)
-                await tx.execute(
-                    "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
-                    "VALUES (%s, %s, %s, %s::jsonb, now() + make_interval(secs => %s)) "
-                    "ON CONFLICT (req_id) DO UPDATE SET trace_id = EXCLUDED.trace_id, result = EXCLUDED.result, "
-                    "created_at = now(), expires_at = EXCLUDED.expires_at",
-                    (row.req_id, row.model, row.trace_id, _json(row.result), row.cache_ttl),
-                )
-            elif row.cache_ttl is not None:
-                await _set_key_status(tx, f"cache:{row.req_id}", row.trace_id, row.status)
+        await self.write_batch([], [row])
 
     async def claim(self, key: str, req_id: str, trace_id: str, *, stale_after: float) -> Claim:
         """Claim `key` for `trace_id` unless another trace holds it; a failed, cancelled or
@@ -223,7 +233,4 @@ class ChatStore:
 
 
 async def _set_key_status(db: Database | Tx, key: str, trace_id: str, status: Status) -> None:
-    await db.execute(
-        "UPDATE idempotency_keys SET status = %s, updated_at = now() WHERE key = %s AND trace_id = %s",
-        (status, key, trace_id),
-    )
+    await db.execute(_SET_KEY_STATUS, (status, key, trace_id))

@@ -181,6 +181,17 @@ class Database(_Queries):
         async with self._pool.connection() as conn:
             return await _run_on(conn, sql, params, mode)
 
+    async def execute_batch(self, steps: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        """Run each statement once per parameter set, all in one transaction and one
+        trio->asyncio hop (psycopg pipelines `executemany`): group commit for many rows."""
+        await _hop(self._aio_execute_batch, steps)
+
+    async def _aio_execute_batch(self, steps: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            for sql, params in steps:
+                if params:
+                    await cur.executemany(sql, params)
+
     async def ping(self) -> None:
         """Round-trip `SELECT 1`; raise DatabaseUnavailable if that fails or takes > 2 s."""
         with trio.move_on_after(_PING_TIMEOUT) as scope:

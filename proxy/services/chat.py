@@ -243,7 +243,7 @@ class ChatExchange:
                 if journal is not None:
                     assert self._persistence is not None
                     self._persistence.runs.live[self.meta.trace_id] = journal.log  # for /v1/streams
-                    nursery.start_soon(journal.begin)
+                    journal.begin()
                     nursery.start_soon(journal.publish_loop)
                 async with receive:
                     complete = await self._relay(receive, sink, journal.log if journal else None)
@@ -295,8 +295,8 @@ class ChatExchange:
             return None
         row = self._new_row(plan)
         return Journal(
-            row, EventLog(self.meta.trace_id), store=persistence.store, bus=persistence.bus,
-            outbox=persistence.outbox, publish_events=self.publishes_events,
+            row, EventLog(self.meta.trace_id), writer=persistence.writer, bus=persistence.bus,
+            publish_events=self.publishes_events,
         )
 
     def _start_durable(self, plan: Plan) -> Producer:
@@ -315,7 +315,7 @@ class ChatExchange:
         complete = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(journal.begin)
+                journal.begin()
                 nursery.start_soon(journal.publish_loop)
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
                 nursery.start_soon(self._feed, self.producer, send)

@@ -92,25 +92,18 @@ BusGetter = Callable[[], Bus | None]
 
 class Journal:
     def __init__(
-        self, row: LogRow, log: EventLog, *, store: StoreGetter, bus: BusGetter, outbox: Outbox, publish_events: bool
+        self, row: LogRow, log: EventLog, *, writer: LogWriter, bus: BusGetter, publish_events: bool
     ) -> None:
         self.row = row
         self.log = log
-        self._store = store
+        self._writer = writer
         self._bus = bus
-        self._outbox = outbox
         self._publish_events = publish_events
         self._published = 0  # events of `log` already on NATS
         self._subject = events_subject(row.trace_id)
 
-    async def begin(self) -> None:
-        store = self._store()
-        if store is None:
-            return
-        try:
-            await store.start(self.row)
-        except DatabaseError as error:
-            log.warning("chat_log start row for %s not written: %s", self.row.trace_id, error)
+    def begin(self) -> None:
+        self._writer.start(self.row)
 
     async def publish_loop(self) -> None:
         """Publish events as they come, until the log closes (then `finish` does the rest)."""
@@ -152,14 +145,7 @@ class Journal:
                 await self._publish_finished(outcome, row)
 
     async def _write(self, row: LogRow) -> None:
-        store = self._store()
-        if store is not None:
-            try:
-                await store.finish(row)
-                return
-            except DatabaseError as error:
-                log.warning("chat_log outcome for %s queued in the outbox: %s", row.trace_id, error)
-        await self._outbox.put(row)
+        await self._writer.commit(row)
 
     async def _publish_finished(self, outcome: Outcome, row: LogRow) -> None:
         bus = self._bus()
@@ -172,6 +158,66 @@ class Journal:
             await bus.publish(self._subject, encode_event(seq, event), msg_id=f"{row.trace_id}:{seq}")
         except BusError as error:
             log.warning("finished of %s not published: %s", row.trace_id, error)
+
+
+class LogWriter:
+    """Group commit for the completion log: every row waiting when the writer wakes up goes
+    into one transaction, however many requests wrote them — a database round trip per
+    batch, not two per request. Outcomes that cannot be written go to the outbox."""
+
+    def __init__(self, *, store: StoreGetter, outbox: Outbox) -> None:
+        self._store = store
+        self._outbox = outbox
+        self._starts: list[LogRow] = []
+        self._outcomes: list[tuple[LogRow, trio.Event]] = []
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+
+    def start(self, row: LogRow) -> None:
+        self._starts.append(row)
+        self._wake.set()
+
+    async def commit(self, row: LogRow) -> None:
+        """Return once `row` is committed (or safely in the outbox)."""
+        done = trio.Event()
+        self._outcomes.append((row, done))
+        self._wake.set()
+        await done.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            task_status.started()
+            try:
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    await self._flush()
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
+                    await self._flush()  # what arrived before shutdown is written too
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _flush(self) -> None:
+        starts, self._starts = self._starts, []
+        outcomes, self._outcomes = self._outcomes, []
+        if not starts and not outcomes:
+            return
+        try:
+            store = self._store()
+            if store is not None:
+                try:
+                    await store.write_batch(starts, [row for row, _ in outcomes])
+                    return
+                except DatabaseError as error:
+                    log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
+            for row, _ in outcomes:
+                await self._outbox.put(row)
+        finally:
+            for _, done in outcomes:
+                done.set()
 
 
 class Outbox:

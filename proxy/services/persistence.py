@@ -31,7 +31,7 @@ from proxy.infra.chat_store import ChatStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
 from proxy.infra.resources import Resources
-from proxy.services.journal import EventLog, Outbox, events_subject
+from proxy.services.journal import EventLog, LogWriter, Outbox, events_subject
 
 log = logging.getLogger("llm_proxy.persistence")
 
@@ -54,13 +54,17 @@ class Runs:
 
     def __init__(self) -> None:
         self.live: dict[str, EventLog] = {}
+        self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self.stopped.set()
 
     def stop(self) -> None:
         if self._nursery is not None:
@@ -101,6 +105,7 @@ class Persistence:
         self.settings = settings
         self.runs = Runs()
         self.outbox = Outbox(store=self.store, bus=self.bus)
+        self.writer = LogWriter(store=self.store, outbox=self.outbox)
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
