@@ -89,6 +89,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
+        await nursery.start(persistence.publisher.run)
     # The local embedding model: loaded on first use (or now, in the background, with
     # `preload`), its batcher a task of `nursery`.
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
@@ -115,6 +116,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
                 await persistence.runs.stopped.wait()
             persistence.writer.stop()
+            persistence.publisher.stop()
             persistence.outbox.stop()
         resources.stop()
         with trio.CancelScope(shield=True):

@@ -244,7 +244,6 @@ class ChatExchange:
                     assert self._persistence is not None
                     self._persistence.runs.live[self.meta.trace_id] = journal.log  # for /v1/streams
                     journal.begin()
-                    nursery.start_soon(journal.publish_loop)
                 async with receive:
                     complete = await self._relay(receive, sink, journal.log if journal else None)
                 if not complete:
@@ -295,7 +294,7 @@ class ChatExchange:
             return None
         row = self._new_row(plan)
         return Journal(
-            row, EventLog(self.meta.trace_id), writer=persistence.writer, bus=persistence.bus,
+            row, EventLog(self.meta.trace_id), writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,
         )
 
@@ -316,7 +315,6 @@ class ChatExchange:
         try:
             async with trio.open_nursery() as nursery:
                 journal.begin()
-                nursery.start_soon(journal.publish_loop)
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
                 nursery.start_soon(self._feed, self.producer, send)
                 async with receive:

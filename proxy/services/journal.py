@@ -56,6 +56,8 @@ class EventLog:
         self.head_error: GatewayError | None = None
         self.outcome: Outcome | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        # Called with (first sequence number, new events) as they are appended.
+        self.listeners: list[Callable[[int, list[StreamEvent]], None]] = []
         self._changed = trio.Event()
 
     def _wake(self) -> None:
@@ -64,7 +66,10 @@ class EventLog:
 
     def extend(self, events: list[StreamEvent]) -> None:
         if events:
+            first = len(self.events) + 1
             self.events.extend(events)
+            for listener in self.listeners:
+                listener(first, events)
             self._wake()
 
     def fail_before_start(self, error: GatewayError) -> None:
@@ -91,73 +96,85 @@ BusGetter = Callable[[], Bus | None]
 
 
 class Journal:
+    """One run's persistence: its log row (through the `LogWriter`) and its events (through
+    the `EventPublisher`, enqueued as the run appends them — no task of its own)."""
+
     def __init__(
-        self, row: LogRow, log: EventLog, *, writer: LogWriter, bus: BusGetter, publish_events: bool
+        self, row: LogRow, log: EventLog, *, writer: LogWriter, publisher: EventPublisher, publish_events: bool
     ) -> None:
         self.row = row
         self.log = log
         self._writer = writer
-        self._bus = bus
+        self._publisher = publisher
         self._publish_events = publish_events
-        self._published = 0  # events of `log` already on NATS
         self._subject = events_subject(row.trace_id)
+        if publish_events:
+            log.listeners.append(self._enqueue)
 
     def begin(self) -> None:
         self._writer.start(self.row)
 
-    async def publish_loop(self) -> None:
-        """Publish events as they come, until the log closes (then `finish` does the rest)."""
-        if not self._publish_events:
-            return
-        attempted = 0
-        while not self.log.closed:
-            # Wait for events beyond the last attempt: with NATS down, retry only when there
-            # is something new (and once more in `finish`), never in a loop.
-            await self.log.wait_beyond(max(self._published, attempted))
-            attempted = len(self.log.events)
-            await self._publish_pending()
-
-    async def _publish_pending(self) -> None:
-        bus = self._bus()
-        end = len(self.log.events)
-        if bus is None or end <= self._published:
-            return
-        start = self._published
-        messages = [
-            (self._subject, encode_event(seq, event), f"{self.row.trace_id}:{seq}")
-            for seq, event in enumerate(self.log.events[start:end], start=start + 1)
-        ]
-        try:
-            await bus.publish_batch(messages)
-            self._published = end
-        except BusError as error:
-            log.warning("events of %s not published: %s", self.row.trace_id, error)
+    def _enqueue(self, first: int, events: list[StreamEvent]) -> None:
+        trace_id = self.row.trace_id
+        self._publisher.publish([
+            (self._subject, encode_event(seq, event), f"{trace_id}:{seq}")
+            for seq, event in enumerate(events, start=first)
+        ])
 
     async def finish(self, outcome: Outcome, row: LogRow) -> None:
-        """Commit the outcome, then publish what is left and `finished`. Shielded and bounded:
-        it runs after a client disconnect too."""
+        """Commit the outcome, then publish `finished`. Shielded and bounded: it runs after a
+        client disconnect too."""
         self.log.close(outcome)
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
-            row.last_seq = len(self.log.events) + (1 if self._publish_events else 0)
-            await self._write(row)
+            seq = len(self.log.events) + 1
+            row.last_seq = seq if self._publish_events else seq - 1
+            await self._writer.commit(row)
             if self._publish_events:
-                await self._publish_pending()
-                await self._publish_finished(outcome, row)
+                event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)
+                self._publisher.publish([(self._subject, encode_event(seq, event), f"{row.trace_id}:{seq}")])
 
-    async def _write(self, row: LogRow) -> None:
-        await self._writer.commit(row)
 
-    async def _publish_finished(self, outcome: Outcome, row: LogRow) -> None:
+class EventPublisher:
+    """Every run's events onto NATS from one task: whatever is queued when it wakes goes out
+    in one hop into nats-py, in order (a connection's messages are stored in order, so a
+    trace's `finished` always lands after its events). With NATS down, events are dropped —
+    the completion log still has every answer — and `/ready` says so."""
+
+    def __init__(self, *, bus: BusGetter) -> None:
+        self._bus = bus
+        self._pending: list[tuple[str, bytes, str | None]] = []
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+
+    def publish(self, messages: list[tuple[str, bytes, str | None]]) -> None:
+        self._pending.extend(messages)
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            task_status.started()
+            try:
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    await self._flush()
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
+                    await self._flush()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
         bus = self._bus()
-        if bus is None:
+        if not batch or bus is None:
             return
-        seq = len(self.log.events) + 1
-        event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)
         try:
-            # A JetStream publish: once acked, every event published before it is stored too.
-            await bus.publish(self._subject, encode_event(seq, event), msg_id=f"{row.trace_id}:{seq}")
+            await bus.publish_batch(batch)
         except BusError as error:
-            log.warning("finished of %s not published: %s", row.trace_id, error)
+            log.warning("%d events not published: %s", len(batch), error)
 
 
 class LogWriter:

@@ -31,7 +31,7 @@ from proxy.infra.chat_store import ChatStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
 from proxy.infra.resources import Resources
-from proxy.services.journal import EventLog, LogWriter, Outbox, events_subject
+from proxy.services.journal import EventLog, EventPublisher, LogWriter, Outbox, events_subject
 
 log = logging.getLogger("llm_proxy.persistence")
 
@@ -106,6 +106,7 @@ class Persistence:
         self.runs = Runs()
         self.outbox = Outbox(store=self.store, bus=self.bus)
         self.writer = LogWriter(store=self.store, outbox=self.outbox)
+        self.publisher = EventPublisher(bus=self.bus)
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
