@@ -103,7 +103,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence,
+            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence, semantic_cache=semantic_cache,
                              routes={"workflow": WorkflowRoute(settings, resources, router)}),
             catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
             resources=resources,

@@ -248,3 +248,23 @@ async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_u
         await wait_for_row(pg_database_url, response.headers["x-trace-id"], "completed")
         ready = await client.get("/ready")
         assert ready.status_code == 503 and "nats" in ready.json()["reason"]
+
+
+async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversation(stack: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    headers = {"x-cache": "semantic"}
+    ask = [{"role": "user", "content": "How do I reset my password?"}]
+    first = await client.chat.completions.with_raw_response.create(model="m", messages=ask, extra_headers=headers)  # type: ignore[arg-type]
+    assert first.headers.get("x-cache") != "semantic"
+    await trio.sleep(0.5)
+    again = await client.chat.completions.with_raw_response.create(model="m", messages=ask, stream=True, extra_headers=headers)  # type: ignore[arg-type]
+    assert again.headers["x-cache"] == "semantic"
+    chunks = [chunk async for chunk in again.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Once upon a time"
+    # Same last message, different earlier turn: a different conversation, so a miss.
+    other = [{"role": "user", "content": "Tell me about bananas."}, {"role": "assistant", "content": "They are yellow."},
+             {"role": "user", "content": "How do I reset my password?"}]
+    third = await client.chat.completions.with_raw_response.create(model="m", messages=other, extra_headers=headers)  # type: ignore[arg-type]
+    assert third.headers.get("x-cache") != "semantic"
+    assert len(stack.fake.requests) == 2
+    await client.close()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
-from proxy.domain.chat import ChatRequest
+from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.domain.fingerprint import canonical_request, request_fingerprint
@@ -125,6 +125,16 @@ def new_trace_id() -> str:
     return secrets.token_hex(16)
 
 
+class CompletionCache(Protocol):
+    """A cache keyed by meaning rather than bytes (the semantic cache)."""
+
+    def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool: ...
+
+    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> ChatCompletion | None: ...
+
+    async def store(self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion) -> None: ...
+
+
 class ChatService:
     def __init__(
         self,
@@ -133,12 +143,14 @@ class ChatService:
         record: RecordSink,
         routes: Mapping[str, RouteHandler] | None = None,
         persistence: Persistence | None = None,
+        semantic_cache: CompletionCache | None = None,
     ) -> None:
         self._router = router
         self._backends = backends
         self._record = record
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         self.persistence = persistence
+        self.semantic_cache = semantic_cache
 
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
         """Resolve the route now (an unknown model or route fails before any response starts)."""
@@ -159,6 +171,8 @@ class ChatService:
         exchange = ChatExchange(
             request, route, backend, meta, relay_openai=relay_openai, record=self._record, persistence=self.persistence
         )
+        if self.semantic_cache is not None and self.semantic_cache.enabled_for(request, meta):
+            exchange.semantic_cache = self.semantic_cache
         if handler is not None:
             exchange.producer = handler.producer(exchange)
             exchange.publishes_events = not handler.publishes_events
@@ -208,6 +222,7 @@ class ChatExchange:
         self._call = BackendCall(request, route.upstream_model, relay_openai=relay_openai, headers=headers)
         self.producer: Producer = self.call_backend
         self.publishes_events = True
+        self.semantic_cache: CompletionCache | None = None
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
         self.record = ExchangeRecord(
@@ -264,8 +279,17 @@ class ChatExchange:
                 assert self._persistence is not None
                 self._persistence.runs.live.pop(self.meta.trace_id, None)
                 await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
+            if self.semantic_cache is not None and complete and self.result.error is None:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                    await self.semantic_cache.store(self.request, self.meta, self.result.build())
 
     async def _plan(self) -> Plan:
+        if self.semantic_cache is not None:
+            hit = await self.semantic_cache.lookup(self.request, self.meta)
+            if hit is not None:
+                self.record.source = "semantic-cache"
+                self.semantic_cache = None  # nothing new to remember
+                return Plan("replay", producer=replayer(hit), headers=[(b"x-cache", b"semantic")])
         persistence = self._persistence
         if persistence is None:
             return Plan("here")
@@ -275,11 +299,11 @@ class ChatExchange:
             return Plan("here")
         req_id = request_fingerprint(self.request, self.route.upstream_model)
         if cache:
-            hit = await persistence.cached(req_id)
-            if hit is not None:
+            cached = await persistence.cached(req_id)
+            if cached is not None:
                 self.record.source = "cache"
-                return Plan("replay", producer=replayer(hit[1]), req_id=req_id,
-                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", hit[0].encode())])
+                return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
+                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
         claim_key = key if key is not None else f"cache:{req_id}"
         other = await persistence.claim(claim_key, req_id, self.meta.trace_id)
         if other is not None:
