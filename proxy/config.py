@@ -141,6 +141,9 @@ class Settings:
     nats_url: str | None = None
     # Start PostgreSQL and NATS from the bundled packages when no URL is given.
     embedded: bool = True
+    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    rag: RagSettings = field(default_factory=RagSettings)
+    semantic_cache: SemanticCacheSettings = field(default_factory=SemanticCacheSettings)
     # API keys (proxy.services.auth): "auto" asks for a key once any exists, "required"
     # always, "off" never. /health is always open; these paths too.
     auth: str = "auto"
@@ -183,7 +186,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "models_cache_seconds", "log_level", "access_log",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
-    "timeouts", "models", "backends", "workflow",
+    "timeouts", "models", "backends", "embeddings", "rag", "semantic_cache", "workflow",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
@@ -261,6 +264,9 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         database_url=top.get("database_url", str),
         nats_url=top.get("nats_url", str),
         embedded=top.get("embedded", bool, True),
+        embeddings=_parse_embeddings(top.get("embeddings", dict, {})),
+        rag=_parse_rag(top.get("rag", dict, {})),
+        semantic_cache=_parse_semantic_cache(top.get("semantic_cache", dict, {})),
         auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
         auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
@@ -309,6 +315,60 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
         cache=reader.get("cache", bool, False),
     )
 
+
+def _parse_embeddings(raw: Mapping[str, Any]) -> EmbeddingSettings:
+    reader = _Reader(raw, "embeddings", {"local_model", "preload", "threads", "max_inputs"})
+    return EmbeddingSettings(
+        local_model=reader.get("local_model", bool, True),
+        preload=reader.get("preload", bool, False),
+        threads=reader.positive("threads", int, 1),
+        max_inputs=reader.positive("max_inputs", int, 2048),
+    )
+
+
+def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
+    reader = _Reader(
+        raw, "rag", {"top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template"}
+    )
+    top_k = reader.positive("top_k", int, 4)
+    threshold = float(reader.get("score_threshold", (int, float), 0.35))
+    if not -1.0 <= threshold <= 1.0:
+        raise ConfigError(f"`rag.score_threshold` must be between -1 and 1, got {threshold!r}")
+    chunk_tokens = reader.positive("chunk_tokens", int, 200)
+    if not 32 <= chunk_tokens <= 250:
+        raise ConfigError(f"`rag.chunk_tokens` must be between 32 and 250 (the model reads 256), got {chunk_tokens}")
+    overlap = reader.get("chunk_overlap", int, 40)
+    if not 0 <= overlap <= chunk_tokens // 2:
+        raise ConfigError(f"`rag.chunk_overlap` must be between 0 and half of `rag.chunk_tokens`, got {overlap}")
+    template = reader.get("template", str, DEFAULT_RAG_TEMPLATE)
+    try:
+        template.format(workspace="", passages="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"`rag.template` may only use {{workspace}} and {{passages}} ({exc!r})") from None
+    if "{passages}" not in template:
+        raise ConfigError("`rag.template` must contain {passages}")
+    return RagSettings(
+        top_k=top_k,
+        score_threshold=threshold,
+        candidates=reader.positive("candidates", int, 40),
+        rerank=max(top_k, reader.positive("rerank", int, 20)),
+        chunk_tokens=chunk_tokens,
+        chunk_overlap=overlap,
+        template=template,
+    )
+
+
+def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
+    reader = _Reader(raw, "semantic_cache", {"enabled", "models", "threshold", "ttl_seconds"})
+    threshold = float(reader.get("threshold", (int, float), 0.95))
+    if not 0.0 < threshold <= 1.0:
+        raise ConfigError(f"`semantic_cache.threshold` must be in (0, 1], got {threshold!r}")
+    return SemanticCacheSettings(
+        enabled=reader.get("enabled", bool, False),
+        models=reader.strings("models"),
+        threshold=threshold,
+        ttl_seconds=float(reader.positive("ttl_seconds", (int, float), 3600.0)),
+    )
 
 def _check_url(url: str, key: str) -> None:
     parts = urlsplit(url)

@@ -104,10 +104,13 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             router=router,
             backends=backends,
             chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence, semantic_cache=semantic_cache,
-                             routes={"workflow": WorkflowRoute(settings, resources, router)}),
-            catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
+                             routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router)}),
+            catalog=CatalogWithLocalModels(embeddings, backends, router, settings.models_cache_seconds),
             resources=resources,
             persistence=persistence,
+            embeddings=embeddings,
+            rag=rag,
+            semantic_cache=semantic_cache,
         )
     finally:
         if persistence is not None:
@@ -118,6 +121,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             persistence.writer.stop()
             persistence.publisher.stop()
             persistence.outbox.stop()
+        local_model.stop()
         resources.stop()
         with trio.CancelScope(shield=True):
             for backend in backends.values():

@@ -12,6 +12,35 @@ from proxy.infra.backends import Batch
 
 blueprint = Blueprint("openai", __name__)
 
+# The RAG route's sources (a response header) also travel in the body, as `rag_sources`: a
+# field OpenAI clients ignore unless they look for it.
+_SOURCES_HEADER = b"x-rag-sources"
+
+
+def _body_extras(headers: Headers) -> bytes | None:
+    for name, value in headers:
+        if name == _SOURCES_HEADER:
+            return b',"rag_sources":' + value
+    return None
+
+
+def _add_to_object(data: bytes, extras: bytes, end: int | None = None) -> bytes:
+    """`extras` added as the last members of the JSON object ending before `end`."""
+    close = data.rfind(b"}", 0, len(data) if end is None else end)
+    return data if close < 0 else data[:close] + extras + data[close:]
+
+
+def _add_to_first_event(data: bytes, extras: bytes) -> bytes | None:
+    """`data` with `extras` in its first SSE event's JSON object; None if it has no event."""
+    start = data.find(b"data:")
+    if start < 0:
+        return None
+    ends = [i for i in (data.find(b"\n\n", start), data.find(b"\r\n\r\n", start)) if i >= 0]
+    end = min(ends) if ends else len(data)
+    if data.find(b"{", start, end) < 0:
+        return None
+    return _add_to_object(data, extras, end)
+
 
 class OpenAIStreamSink(AsgiSink):
     """SSE to an OpenAI client: the backend's own frames when it speaks OpenAI, else rendered."""
@@ -20,11 +49,13 @@ class OpenAIStreamSink(AsgiSink):
         super().__init__(send, headers)  # type: ignore[arg-type]
         self._renderer = openai.StreamRenderer(include_usage=include_usage)
         self._ended = False
+        self._extras: bytes | None = None
 
     async def fail(self, error: GatewayError) -> None:
         await self._error(error, openai.render_error(error))
 
     async def start(self) -> None:
+        self._extras = _body_extras(self.extra_headers)
         await self._start(200, SSE_HEADERS)
 
     async def write(self, batch: Batch) -> None:
@@ -34,6 +65,10 @@ class OpenAIStreamSink(AsgiSink):
         else:
             data = self._renderer.render(batch.events)
             self._ended = self._ended or self._renderer.done
+        if self._extras is not None and data:
+            patched = _add_to_first_event(data, self._extras)
+            if patched is not None:
+                data, self._extras = patched, None
         if data:
             await self._body(data)
 
@@ -50,9 +85,13 @@ class OpenAIJsonSink(AsgiSink):
 
     async def write(self, batch: Batch) -> None:
         if batch.raw is not None:
-            await self._body(batch.raw)
+            data = batch.raw
         elif batch.completion is not None:
-            await self._body(openai.render_completion(batch.completion))
+            data = openai.render_completion(batch.completion)
+        else:
+            return
+        extras = _body_extras(self.extra_headers)
+        await self._body(data if extras is None else _add_to_object(data, extras))
 
     async def finish(self) -> None:
         await self._end()

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import httpx
 import trio
@@ -88,6 +88,43 @@ class Backend(Protocol):
     async def check(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class EmbeddingCall:
+    """An embeddings request for a backend: `inputs` are texts, or token-id arrays for
+    backends that take them (OpenAI-compatible ones)."""
+
+    upstream_model: str
+    inputs: list[str] | list[list[int]]
+    dimensions: int | None = None
+    truncate: bool | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend with an embeddings API; raises `GatewayError` like the chat calls."""
+
+    config: BackendConfig
+
+    async def embed(self, call: EmbeddingCall) -> EmbeddingOutput: ...
+
+
+def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[float]]:
+    """Validate a backend's list of vectors: `expected` of them, all numbers."""
+    if not isinstance(items, list) or len(items) != expected:
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned {len(items) if isinstance(items, list) else 'no'} embeddings for {expected} inputs.")
+    for vector in items:
+        if not isinstance(vector, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vector):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned an embedding that is not a list of numbers.")
+    return items
 
 
 class BackendClient:

@@ -20,8 +20,11 @@ from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
+    EmbeddingCall,
+    EmbeddingOutput,
     ModelInfo,
     create_client,
+    embedding_vectors,
     pump_stream,
     read_limited,
     status_error,
@@ -87,6 +90,36 @@ class OllamaBackend:
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` failed: {message}")
         completion = ollama.parse_completion(data)
         return Batch(completion_events(completion), done=True, completion=completion)
+
+    async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
+        """`POST /api/embed` (texts only: Ollama takes no token arrays)."""
+        name = self.config.name
+        if not all(isinstance(item, str) for item in call.inputs):
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported.",
+                param="input",
+            )
+        body: dict[str, Any] = {"model": call.upstream_model, "input": call.inputs}
+        if call.truncate is not None:
+            body["truncate"] = call.truncate
+        if call.dimensions is not None:
+            body["dimensions"] = call.dimensions
+        timeout = self.config.timeouts.total
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
+            response = await self._client.post(
+                "/api/embed", content=json.dumps(body).encode(), headers={"content-type": "application/json", **call.headers}
+            )
+        if scope.cancelled_caught:
+            raise timeout_error(name, "did not answer", timeout)
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        data = _json_object(response.content, name)
+        tokens = data.get("prompt_eval_count")
+        return EmbeddingOutput(
+            embedding_vectors(data.get("embeddings"), name, len(call.inputs)),
+            tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        )
 
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name

@@ -14,8 +14,11 @@ from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
+    EmbeddingCall,
+    EmbeddingOutput,
     ModelInfo,
     create_client,
+    embedding_vectors,
     pump_stream,
     read_limited,
     status_error,
@@ -97,6 +100,39 @@ class OpenAIBackend:
         if call.relay_openai:
             raw = response.content if openai.completion_is_conformant(data) else openai.render_completion(completion)
         return Batch(completion_events(completion), raw=raw, done=True, completion=completion)
+
+    async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
+        """`POST /embeddings`, floats requested (every OpenAI-compatible server has them)."""
+        name = self.config.name
+        body: dict[str, object] = {"model": call.upstream_model, "input": call.inputs, "encoding_format": "float"}
+        if call.dimensions is not None:
+            body["dimensions"] = call.dimensions
+        timeout = self.config.timeouts.total
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
+            response = await self._client.post(
+                "/embeddings", content=json.dumps(body).encode(),
+                headers={"content-type": "application/json", **call.headers},
+            )
+        if scope.cancelled_caught:
+            raise timeout_error(name, "did not answer", timeout)
+        if response.status_code >= 400:
+            raise status_error(
+                name, response.status_code,
+                openai.error_message_from_body(response.content) or response.text[:500],
+                response.headers.get("retry-after"),
+            )
+        try:
+            data = json.loads(response.content)
+            items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
+            vectors = [item["embedding"] for item in items]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.") from None
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        tokens = usage.get("prompt_tokens")
+        return EmbeddingOutput(
+            embedding_vectors(vectors, name, len(call.inputs)),
+            tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        )
 
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name

@@ -1,0 +1,166 @@
+"""Embeddings endpoints: OpenAI's `/v1/embeddings`, Ollama's `/api/embed` and legacy
+`/api/embeddings`. Errors come in each caller's dialect (`/api/*` paths are Ollama's)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+from quart import Blueprint, Response
+
+from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.http._context import gateway, request_body, request_meta
+from proxy.services.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
+
+blueprint = Blueprint("embeddings", __name__)
+
+_OLLAMA_JSON = "application/json; charset=utf-8"
+
+
+def _service() -> EmbeddingService:
+    service = gateway().embeddings
+    if service is None:
+        raise GatewayError(ErrorKind.UNAVAILABLE, "Embeddings are not available on this gateway.")
+    return service
+
+
+def _backend_headers() -> tuple[dict[str, str], str]:
+    meta = request_meta()
+    return {"x-request-id": meta.request_id, "x-correlation-id": meta.correlation_id or meta.request_id}, meta.request_id
+
+
+def _openai_inputs(value: Any) -> list[str] | list[list[int]]:
+    """OpenAI's `input`: a string, an array of strings, a token array or an array of them."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return list(value)
+        if all(_token_ids(item) for item in value):
+            return [list(item) for item in value]
+        if _token_ids(value):
+            return [list(value)]
+    if value is None:
+        raise invalid_request("Missing required parameter `input`.", param="input")
+    raise invalid_request(
+        "Invalid `input`: expected a non-empty string, an array of strings, an array of token ids "
+        "or an array of token-id arrays.",
+        param="input",
+    )
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value
+    )
+
+
+@blueprint.post("/v1/embeddings")
+async def openai_embeddings() -> Response:
+    fields = Fields(loads_object(await request_body()))
+    model = fields.text("model", required=True, nonempty=True)
+    assert model is not None
+    inputs = _openai_inputs(fields.data.get("input"))
+    encoding = fields.text("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid_request(
+            f"Invalid `encoding_format`: {encoding!r}; expected 'float' or 'base64'.", param="encoding_format"
+        )
+    dimensions = fields.integer("dimensions", minimum=1)
+    fields.text("user")
+    headers, request_id = _backend_headers()
+    result = await _service().embed(
+        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, headers=headers)
+    )
+    data = [
+        {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
+        for index, vector in enumerate(result.vectors)
+    ]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": result.model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
+    return _json(body, result, request_id, "application/json")
+
+
+def _encode(vector: np.ndarray[Any, Any], encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def _json(body: dict[str, Any], result: EmbeddingResponse, request_id: str, content_type: str) -> Response:
+    response = Response(dumps(body), content_type=content_type)
+    response.headers["x-request-id"] = request_id
+    response.headers["x-embedding-backend"] = result.backend
+    if result.truncated:
+        # The local model reads 256 tokens; longer inputs were embedded by their beginning.
+        response.headers["x-embeddings-truncated"] = str(result.truncated)
+    return response
+
+
+# -- Ollama ----------------------------------------------------------------------------------------
+
+
+def _ollama_model(fields: Fields) -> str:
+    model = fields.data.get("model") or fields.data.get("name")
+    if not isinstance(model, str) or not model:
+        raise invalid_request("model is required", param="model")
+    return model
+
+
+async def _ollama_embed(request: EmbeddingRequest) -> EmbeddingResponse:
+    try:
+        return await _service().embed(request)
+    except GatewayError as error:
+        if error.code == "model_not_found":
+            raise GatewayError(
+                ErrorKind.NOT_FOUND, f'model "{request.model}" not found, try pulling it first',
+                param="model", code="model_not_found",
+            ) from None
+        raise
+
+
+@blueprint.post("/api/embed")
+async def ollama_embed() -> Response:
+    fields = Fields(loads_object(await request_body()))
+    model = _ollama_model(fields)
+    raw = fields.data.get("input")
+    if raw is None or raw == "":
+        inputs: list[str] = []
+    elif isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        inputs = list(raw)
+    else:
+        raise invalid_request("invalid input type", param="input")
+    truncate = fields.boolean("truncate")
+    dimensions = fields.integer("dimensions", minimum=1)
+    headers, request_id = _backend_headers()
+    result = await _ollama_embed(
+        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
+                         headers=headers)
+    )
+    body = {
+        "model": model,
+        "embeddings": result.vectors.tolist() if inputs else [],
+        "total_duration": int(result.total_seconds * 1e9),
+        "load_duration": int(result.load_seconds * 1e9),
+        "prompt_eval_count": result.prompt_tokens,
+    }
+    return _json(body, result, request_id, _OLLAMA_JSON)
+
+
+@blueprint.post("/api/embeddings")
+async def ollama_embeddings_legacy() -> Response:
+    fields = Fields(loads_object(await request_body()))
+    model = _ollama_model(fields)
+    prompt = fields.text("prompt") or ""
+    headers, request_id = _backend_headers()
+    result = await _ollama_embed(EmbeddingRequest(model=model, inputs=[prompt] if prompt else [], headers=headers))
+    embedding = result.vectors[0].tolist() if prompt else []
+    return _json({"embedding": embedding}, result, request_id, _OLLAMA_JSON)

@@ -1,0 +1,255 @@
+"""RAG workspaces and their documents over HTTP (errors in OpenAI's shape).
+
+    GET    /v1/workspaces                          list workspaces
+    PUT    /v1/workspaces/{ws}                     create, or update retrieval settings
+    GET    /v1/workspaces/{ws}                     one workspace
+    DELETE /v1/workspaces/{ws}                     delete it with its documents
+    POST   /v1/workspaces/{ws}/documents           ingest (JSON or multipart/form-data)
+    GET    /v1/workspaces/{ws}/documents           list documents (?limit=&offset=)
+    DELETE /v1/workspaces/{ws}/documents/{id}      delete one document
+    POST   /v1/workspaces/{ws}/search              retrieval only: the passages a question gets
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any, Final
+
+from quart import Blueprint, Response, request
+from werkzeug.datastructures import FileStorage
+
+from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.http._context import gateway, request_body
+from proxy.infra.chunking import FORMATS, UnsupportedDocument, decode_text, detect_format
+from proxy.infra.rag_store import DocumentRow, LanguageLocked, WorkspaceSummary
+from proxy.services.rag import (
+    DocumentInput,
+    RagService,
+    check_workspace_name,
+    passages_json,
+    validate_overrides,
+    workspace_not_found,
+)
+
+blueprint = Blueprint("workspaces", __name__)
+
+_MAX_DOCUMENTS: Final = 1000
+_JSON: Final = "application/json"
+
+
+def _rag() -> RagService:
+    rag = gateway().rag
+    if rag is None:
+        raise GatewayError(ErrorKind.UNAVAILABLE, "RAG is not available on this gateway.")
+    return rag
+
+
+def _reply(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status=status, content_type=_JSON)
+
+
+def _workspace_json(summary: WorkspaceSummary) -> dict[str, Any]:
+    return {
+        "object": "workspace", "name": summary.name, "language": summary.language, "settings": summary.settings,
+        "documents": summary.documents, "chunks": summary.chunks,
+        "created_at": summary.created_at, "updated_at": summary.updated_at,
+    }
+
+
+def _document_json(row: DocumentRow) -> dict[str, Any]:
+    return {
+        "object": "document", "id": row.id, "source": row.source, "media_type": row.media_type,
+        "metadata": row.metadata, "sha256": row.content_hash, "chars": row.chars, "chunks": row.chunks,
+        "created_at": row.created_at, "updated_at": row.updated_at,
+    }
+
+
+async def _summary(rag: RagService, name: str) -> WorkspaceSummary:
+    for summary in await rag.store().list_workspaces():
+        if summary.name == name:
+            return summary
+    raise workspace_not_found(name)
+
+
+@blueprint.get("/v1/workspaces")
+async def list_workspaces() -> Response:
+    summaries = await _rag().store().list_workspaces()
+    return _reply({"object": "list", "data": [_workspace_json(s) for s in summaries]})
+
+
+@blueprint.get("/v1/workspaces/<ws>")
+async def get_workspace(ws: str) -> Response:
+    check_workspace_name(ws)
+    return _reply(_workspace_json(await _summary(_rag(), ws)))
+
+
+@blueprint.put("/v1/workspaces/<ws>")
+async def put_workspace(ws: str) -> Response:
+    check_workspace_name(ws)
+    body = await request_body()
+    data = loads_object(body) if body.strip() else {}
+    language = data.pop("language", None)
+    rag = _rag()
+    store = rag.store()
+    if language is not None and (not isinstance(language, str) or not await store.language_exists(language)):
+        raise invalid_request(
+            f"Invalid `language` {language!r}: a PostgreSQL text search configuration (english, simple, german, ...).",
+            param="language",
+        )
+    nested = data.get("settings")
+    settings = validate_overrides(nested if isinstance(nested, dict) else data)
+    try:
+        await store.configure_workspace(ws, settings, language=language)
+    except LanguageLocked as locked:
+        raise GatewayError(
+            ErrorKind.CONFLICT, f"Workspace `{ws}` already has documents indexed in {locked.language!r}; "
+            "its language cannot change (delete and re-create it).", param="language",
+        ) from None
+    return _reply(_workspace_json(await _summary(rag, ws)))
+
+
+@blueprint.delete("/v1/workspaces/<ws>")
+async def delete_workspace(ws: str) -> Response:
+    check_workspace_name(ws)
+    if not await _rag().store().delete_workspace(ws):
+        raise workspace_not_found(ws)
+    return _reply({"object": "workspace.deleted", "name": ws, "deleted": True})
+
+
+# -- documents -------------------------------------------------------------------------------------
+
+
+def _metadata(value: Any, param: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise invalid_request(f"Invalid `{param}`: not JSON.", param=param) from None
+    if not isinstance(value, dict):
+        raise invalid_request(f"Invalid `{param}`: expected a JSON object.", param=param)
+    return value
+
+
+def _json_document(item: Any, where: str) -> DocumentInput:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{where}`: expected an object.", param=where)
+    fields = Fields(item, where)
+    content = fields.text("content", required=True)
+    assert content is not None
+    source = fields.text("source", nonempty=True)
+    fmt = fields.text("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise invalid_request(
+            f"Invalid `{where}.format` {fmt!r}: expected one of {', '.join(FORMATS)} (PDF is not supported).",
+            param=f"{where}.format",
+        )
+    try:
+        detected = fmt or detect_format(source, None, content[:1024].encode())
+    except UnsupportedDocument as exc:
+        raise invalid_request(str(exc), param=f"{where}.format", code="unsupported_document") from None
+    return DocumentInput(content=content, format=detected, source=source,
+                         metadata=_metadata(item.get("metadata"), f"{where}.metadata"))
+
+
+async def _uploaded(files: Sequence[tuple[str, FileStorage]], metadata: dict[str, Any]) -> list[DocumentInput]:
+    documents = []
+    for field_name, upload in files:
+        name = upload.filename or field_name
+        data = upload.read()
+        try:
+            fmt = detect_format(name, upload.content_type, data)
+            text = decode_text(data, name)
+        except UnsupportedDocument as exc:
+            raise invalid_request(str(exc), param=field_name, code="unsupported_document") from None
+        documents.append(DocumentInput(content=text, format=fmt, source=name, metadata=metadata))
+    return documents
+
+
+@blueprint.post("/v1/workspaces/<ws>/documents")
+async def add_documents(ws: str) -> Response:
+    """JSON: `{"documents": [{"content", "format"?, "source"?, "metadata"?}]}` or one such
+    document as the body; multipart: one or more files (any field name), optional `metadata`
+    (a JSON object for all of them) and `language` fields."""
+    check_workspace_name(ws)
+    language: str | None = None
+    if (request.mimetype or "").startswith("multipart/"):
+        files = list((await request.files).items(multi=True))
+        form = await request.form
+        if not files:
+            raise invalid_request("The upload has no files.", param="files")
+        documents = await _uploaded(files, _metadata(form.get("metadata"), "metadata"))
+        language = form.get("language") or None
+    else:
+        data = loads_object(await request_body())
+        language = data.get("language") if isinstance(data.get("language"), str) else None
+        items = data.get("documents")
+        if items is None:
+            documents = [_json_document(data, "body")]
+        elif isinstance(items, list) and items:
+            documents = [_json_document(item, f"documents[{i}]") for i, item in enumerate(items)]
+        else:
+            raise invalid_request("Invalid `documents`: expected a non-empty array.", param="documents")
+    if len(documents) > _MAX_DOCUMENTS:
+        raise invalid_request(f"Too many documents: at most {_MAX_DOCUMENTS} per request.", param="documents")
+    rag = _rag()
+    if language is not None and not await rag.store().language_exists(language):
+        raise invalid_request(f"Invalid `language` {language!r}: not a text search configuration.", param="language")
+    results = await rag.ingest(ws, documents, language=language)
+    changed = any(result.status in ("created", "updated") for result in results)
+    return _reply({"object": "list", "workspace": ws, "data": [r.as_json() for r in results]}, 201 if changed else 200)
+
+
+@blueprint.get("/v1/workspaces/<ws>/documents")
+async def list_documents(ws: str) -> Response:
+    rag = _rag()
+    workspace = await rag.workspace(ws)
+    limit = _query_int("limit", 100, 1, 1000)
+    offset = _query_int("offset", 0, 0, 10**9)
+    store = rag.store()
+    rows = await store.list_documents(workspace.id, limit=limit, offset=offset)
+    total = await store.count_documents(workspace.id)
+    return _reply({"object": "list", "workspace": ws, "total": total, "data": [_document_json(r) for r in rows]})
+
+
+def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not minimum <= int(value) <= maximum:
+        raise invalid_request(f"Invalid `{name}`: expected an integer between {minimum} and {maximum}.", param=name)
+    return int(value)
+
+
+@blueprint.delete("/v1/workspaces/<ws>/documents/<document_id>")
+async def delete_document(ws: str, document_id: str) -> Response:
+    rag = _rag()
+    workspace = await rag.workspace(ws)
+    try:
+        uuid.UUID(document_id)
+    except ValueError:
+        deleted = False
+    else:
+        deleted = await rag.store().delete_document(workspace.id, document_id)
+    if not deleted:
+        raise GatewayError(ErrorKind.NOT_FOUND, f"Document `{document_id}` is not in workspace `{ws}`.",
+                           param="document_id", code="document_not_found")
+    return _reply({"object": "document.deleted", "id": document_id, "deleted": True})
+
+
+@blueprint.post("/v1/workspaces/<ws>/search")
+async def search(ws: str) -> Response:
+    fields = Fields(loads_object(await request_body()))
+    query = fields.text("query", required=True)
+    assert query is not None
+    overrides = validate_overrides({k: v for k, v in fields.data.items() if k != "query"})
+    retrieval = await _rag().retrieve(ws, query, overrides)
+    return _reply({
+        "object": "list", "workspace": ws, "query": query, "candidates": retrieval.candidates,
+        "data": passages_json(retrieval.passages),
+        "timings": {k: round(v, 2) for k, v in retrieval.timings.items()},
+    })

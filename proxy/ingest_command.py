@@ -1,0 +1,197 @@
+"""`llm-proxy ingest WS PATH...`: documents into a RAG workspace, straight into the database.
+
+Files are taken as given; directories are walked (hidden entries skipped) for the formats
+the gateway reads: Markdown, plain text and HTML. A document's source is its path relative
+to the directory named on the command line, prefixed with that directory's name
+(`docs/guide/install.md`), or the file's name for a file named directly, so running the
+command again from anywhere finds the same documents: unchanged ones are skipped, changed
+ones replaced.
+
+Progress goes to stderr: a bar redrawn in place on a terminal, one line per document
+otherwise. Exit status: 0 when every document was ingested (or unchanged), 1 when some
+failed, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from proxy.config import Settings
+from proxy.domain.errors import GatewayError
+from proxy.infra.aio import asyncio_bridge
+from proxy.infra.chunking import (
+    INGESTIBLE_EXTENSIONS,
+    UnsupportedDocument,
+    decode_text,
+    detect_format,
+)
+from proxy.infra.embedder import LocalEmbedder
+from proxy.infra.migrations import migrate
+from proxy.infra.postgres import DatabaseError, open_database
+from proxy.infra.rag_store import RagStore
+from proxy.services.rag import WORKSPACE_NAME, DocumentInput, RagService
+
+
+def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    ingest = commands.add_parser("ingest", help="add documents (Markdown, text, HTML) to a RAG workspace")
+    common(ingest)
+    ingest.add_argument("workspace", metavar="WS", help="the workspace (created if missing)")
+    ingest.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files and directories")
+    ingest.add_argument("--language", help="full-text search language of a new workspace (default english)")
+    ingest.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
+                        help="ONNX threads for embedding (default: up to 4 cores)")
+
+
+@dataclass(slots=True)
+class _File:
+    path: Path
+    source: str
+
+
+def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
+    """The files to ingest, and (path, reason) for what was left out."""
+    files: list[_File] = []
+    skipped: list[tuple[str, str]] = []
+    for path in paths:
+        if path.is_dir():
+            root = path.resolve()
+            for entry in sorted(root.rglob("*")):
+                relative = entry.relative_to(root)
+                if any(part.startswith(".") for part in relative.parts) or not entry.is_file():
+                    continue
+                source = f"{root.name}/{relative.as_posix()}"
+                if entry.suffix.lower() in INGESTIBLE_EXTENSIONS:
+                    files.append(_File(entry, source))
+                elif entry.suffix.lower() == ".pdf":
+                    skipped.append((source, "PDF is not supported"))
+        elif path.is_file():
+            files.append(_File(path, path.name))
+        else:
+            skipped.append((str(path), "no such file or directory"))
+    return files, skipped
+
+
+class _Progress:
+    """A progress bar on a terminal; plain lines otherwise."""
+
+    def __init__(self, out: TextIO, total_chunks: int, total_files: int) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._chunks = 0
+        self._total = max(1, total_chunks)
+        self._files = 0
+        self._total_files = total_files
+        self._current = ""
+
+    def file(self, source: str) -> None:
+        self._current = source
+        self._draw()
+
+    def chunks(self, count: int) -> None:
+        self._chunks += count
+        self._draw()
+
+    def done(self, source: str, status: str, detail: str) -> None:
+        self._files += 1
+        if self._tty:
+            self._out.write("\r\033[K")
+        self._out.write(f"{status:>9}  {source}  {detail}\n")
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self._tty:
+            return
+        width = 30
+        filled = int(width * min(self._chunks, self._total) / self._total)
+        bar = "#" * filled + "." * (width - filled)
+        name = self._current if len(self._current) <= 40 else "…" + self._current[-39:]
+        self._out.write(f"\r\033[K[{bar}] {self._chunks}/{self._total} chunks  "
+                        f"{self._files}/{self._total_files} files  {name}")
+        self._out.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            self._out.write("\r\033[K")
+        self._out.flush()
+
+
+def run(args: argparse.Namespace, settings: Settings, err: TextIO | None = None) -> int:
+    err = err or sys.stderr
+    if not WORKSPACE_NAME.match(args.workspace):
+        print(f"llm-proxy: invalid workspace name {args.workspace!r} (1-64 of A-Z a-z 0-9 . _ -)", file=err)
+        return 2
+    if not settings.database_url:
+        print("llm-proxy: no database: set DATABASE_URL or enable the embedded one", file=err)
+        return 2
+    if args.threads < 1:
+        print("llm-proxy: --threads must be at least 1", file=err)
+        return 2
+    files, skipped = collect(args.paths)
+    for source, reason in skipped:
+        print(f"{'skipped':>9}  {source}  ({reason})", file=err)
+    try:
+        return trio.run(_ingest, args, settings, settings.database_url, files, bool(skipped), err)
+    except DatabaseError as error:
+        print(f"llm-proxy: database error: {error}", file=err)
+        return 1
+    except GatewayError as error:
+        print(f"llm-proxy: {error.message}", file=err)
+        return 1
+
+
+async def _ingest(
+    args: argparse.Namespace, settings: Settings, url: str, files: list[_File], missing: bool, err: TextIO
+) -> int:
+    started = time.perf_counter()
+    statuses: Counter[str] = Counter()
+    async with asyncio_bridge(), open_database(url, max_size=2) as db:
+        await migrate(db)
+        if args.language is not None and not await RagStore(db).language_exists(args.language):
+            print(f"llm-proxy: --language {args.language!r} is not a PostgreSQL text search configuration", file=err)
+            return 2
+        async with LocalEmbedder.open(intra_op_threads=args.threads) as embedder:
+            rag = RagService(settings.rag, lambda: db, embedder)
+            documents: list[tuple[_File, DocumentInput, int]] = []
+            for item in files:
+                try:
+                    data = await trio.Path(item.path).read_bytes()
+                    fmt = detect_format(item.path.name, None, data)
+                    document = DocumentInput(decode_text(data, item.source), fmt, item.source)
+                    _, chunks = await rag.prepare(document)
+                except (UnsupportedDocument, OSError) as error:
+                    statuses["failed"] += 1
+                    print(f"{'failed':>9}  {item.source}  {error}", file=err)
+                    continue
+                documents.append((item, document, len(chunks)))
+            progress = _Progress(err, sum(count for _, _, count in documents), len(documents))
+            try:
+                for item, document, count in documents:
+                    progress.file(item.source)
+                    try:
+                        (result,) = await rag.ingest(args.workspace, [document], progress=progress.chunks,
+                                                     language=args.language)
+                    except GatewayError as error:
+                        if error.code in ("database_error", "database_unavailable"):
+                            raise
+                        statuses["failed"] += 1
+                        progress.done(item.source, "failed", error.message)
+                        continue
+                    statuses[result.status] += 1
+                    progress.done(item.source, result.status, f"({count} chunk{'' if count == 1 else 's'})")
+            finally:
+                progress.close()
+    summary = ", ".join(f"{statuses[s]} {s}" for s in ("created", "updated", "unchanged", "failed") if statuses[s])
+    total = sum(statuses.values())
+    print(f"{args.workspace}: {total} documents: {summary or 'nothing to do'} "
+          f"({time.perf_counter() - started:.1f} s)", file=err)
+    return 1 if statuses["failed"] or (missing and not files) else 0

@@ -1,0 +1,319 @@
+"""Embeddings: the in-process model as an app-lifetime service, and routing to backends.
+
+The local model (all-MiniLM-L6-v2, `LOCAL_MODEL`) answers to its own names (see
+`LOCAL_NAMES`, matched case-insensitively, after the gateway's `[models]` aliases); every
+other model name is routed like a chat model, to an OpenAI-compatible (`/v1/embeddings`) or
+Ollama (`/api/embed`) backend.
+
+The model is loaded on first use, not at start-up: loading takes ~0.5 s of CPU, which a
+gateway that never embeds (and every test that starts one) should not pay. `preload = true`
+loads it in the background right after start instead. Loaded sessions are kept for the
+process's life and reused by the next gateway started in the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import numpy as np
+import trio
+
+from proxy.config import EmbeddingSettings
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.routing import Router
+from proxy.infra.backends import Backend, ModelInfo
+from proxy.infra.backends._base import EmbeddingBackend, EmbeddingCall
+from proxy.infra.embedder import (
+    EMBEDDING_DIMENSIONS,
+    LOCAL_EMBEDDING_MODEL,
+    MAX_INPUT_TOKENS,
+    EmbeddingResult,
+    LocalEmbedder,
+    Vectors,
+)
+from proxy.services.models import ModelCatalog
+
+LOCAL_MODEL: Final = LOCAL_EMBEDDING_MODEL
+LOCAL_BACKEND: Final = "local"
+# What clients call this model: its own id, sentence-transformers' and Ollama's names.
+LOCAL_NAMES: Final = frozenset({
+    LOCAL_EMBEDDING_MODEL,
+    "all-minilm-l6-v2:latest",
+    "sentence-transformers/all-minilm-l6-v2",
+    "all-minilm",
+    "all-minilm:latest",
+    "all-minilm:l6-v2",
+    "all-minilm:22m",
+})
+
+
+class TextEncoder(Protocol):
+    """What retrieval and the semantic cache need from the local model (a `LocalEmbedder`
+    or the gateway's `LocalModel`)."""
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult: ...
+
+    async def embed_tokens(self, text: str) -> Vectors: ...
+
+
+# -- the local model as a service ----------------------------------------------------------------
+
+# Loaded embedders not being served, by thread count: the next gateway in this process
+# takes one instead of loading the model again.
+_idle: dict[int, list[LocalEmbedder]] = {}
+
+
+def _acquire(threads: int) -> LocalEmbedder:
+    pool = _idle.get(threads)
+    return pool.pop() if pool else LocalEmbedder(intra_op_threads=threads)
+
+
+def _release(threads: int, embedder: LocalEmbedder) -> None:
+    if embedder.loaded:
+        _idle.setdefault(threads, []).append(embedder)
+
+
+class LocalModel:
+    """The in-process embedding model, served from the gateway's nursery.
+
+    `embed`/`embed_tokens` start the batcher on first use (loading the model in a worker
+    thread); `stop()` ends it with the gateway, failing calls still waiting with 503.
+    """
+
+    def __init__(self, nursery: trio.Nursery, *, threads: int = 1) -> None:
+        self._nursery = nursery
+        self._threads = threads
+        self._lock = trio.Lock()
+        self._running: LocalEmbedder | None = None
+        self._scope: trio.CancelScope | None = None
+        self._stopped = False
+        self.load_seconds = 0.0
+
+    @property
+    def loaded(self) -> bool:
+        return self._running is not None
+
+    async def embedder(self) -> LocalEmbedder:
+        running = self._running
+        if running is not None:
+            return running
+        async with self._lock:
+            if self._running is None:
+                if self._stopped:
+                    raise GatewayError(ErrorKind.UNAVAILABLE, "The local embedding model is shut down.")
+                await self._nursery.start(self._serve)
+            assert self._running is not None
+            return self._running
+
+    async def warm(self) -> None:
+        """Load and start the model now (for `preload`); failures are left to the first call."""
+        with contextlib.suppress(GatewayError):
+            await self.embedder()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def embed(self, texts: Sequence[str]) -> EmbeddingResult:
+        return await (await self.embedder()).embed(texts)
+
+    async def embed_tokens(self, text: str) -> Vectors:
+        return await (await self.embedder()).embed_tokens(text)
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        embedder = _acquire(self._threads)
+        started = time.perf_counter()
+        try:
+            with trio.CancelScope() as self._scope:
+                if self._stopped:
+                    return
+
+                async def serving(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                    await embedder.serve(task_status=task_status)
+
+                async with trio.open_nursery() as inner:
+                    await inner.start(serving)
+                    self.load_seconds = time.perf_counter() - started
+                    self._running = embedder
+                    task_status.started()
+        finally:
+            self._running = None
+            self._scope = None
+            _release(self._threads, embedder)
+
+
+# -- requests and results ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class EmbeddingRequest:
+    """An embeddings request in any dialect. `inputs` are texts, or token-id arrays (only a
+    backend that takes them can serve those). `truncate`: inputs longer than the model reads
+    are cut (True) or refused (False)."""
+
+    model: str
+    inputs: list[str] | list[list[int]]
+    dimensions: int | None = None
+    truncate: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EmbeddingResponse:
+    model: str
+    vectors: Vectors  # (inputs, dimensions) float32
+    prompt_tokens: int
+    backend: str
+    truncated: int = 0  # inputs only partly embedded
+    load_seconds: float = 0.0  # the model's load time, when this request loaded it
+    total_seconds: float = 0.0
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        settings: EmbeddingSettings,
+        router: Router,
+        backends: dict[str, Backend],
+        local: LocalModel | None,
+    ) -> None:
+        self.settings = settings
+        self._router = router
+        self._backends = backends
+        self.local = local if settings.local_model else None
+
+    def is_local(self, model: str) -> bool:
+        if self.local is None:
+            return False
+        target = self._router.aliases.get(model, model)
+        return target.lower() in LOCAL_NAMES
+
+    def local_models(self) -> list[ModelInfo]:
+        if self.local is None:
+            return []
+        details = {
+            "details": {
+                "parent_model": "",
+                "format": "onnx",
+                "family": "bert",
+                "families": ["bert"],
+                "parameter_size": "22.7M",
+                "quantization_level": "Q8_0",
+            },
+            "size": 22_900_000,
+            "embedding_length": EMBEDDING_DIMENSIONS,
+            "context_length": MAX_INPUT_TOKENS,
+        }
+        return [ModelInfo(id=LOCAL_MODEL, backend=LOCAL_BACKEND, owned_by="llm-proxy", details=details)]
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        if len(request.inputs) > self.settings.max_inputs:
+            raise invalid_request(
+                f"Too many inputs: {len(request.inputs)}; at most {self.settings.max_inputs} per request.",
+                param="input",
+            )
+        started = time.perf_counter()
+        if self.is_local(request.model):
+            response = await self._embed_locally(request)
+        else:
+            response = await self._embed_on_backend(request)
+        response.total_seconds = time.perf_counter() - started
+        return response
+
+    async def _embed_locally(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        assert self.local is not None
+        if request.dimensions is not None and request.dimensions != EMBEDDING_DIMENSIONS:
+            raise invalid_request(
+                f"Model `{request.model}` produces {EMBEDDING_DIMENSIONS}-dimensional embeddings; "
+                f"`dimensions` = {request.dimensions} is not supported (omit it or pass {EMBEDDING_DIMENSIONS}).",
+                param="dimensions",
+            )
+        texts: list[str] = []
+        for item in request.inputs:
+            if not isinstance(item, str):
+                raise invalid_request(
+                    f"Model `{request.model}` embeds text; token arrays are only passed to backends that take them.",
+                    param="input",
+                )
+            texts.append(item)
+        was_loaded = self.local.loaded
+        result = await self.local.embed(texts)
+        truncated = sum(result.truncated)
+        if truncated and not request.truncate:
+            longest = max(result.token_counts)
+            raise invalid_request(
+                f"The input length exceeds the context length of `{request.model}` ({MAX_INPUT_TOKENS} tokens, "
+                f"input: {longest}+)",
+                param="input",
+            )
+        return EmbeddingResponse(
+            model=request.model,
+            vectors=result.vectors,
+            prompt_tokens=result.total_tokens,
+            backend=LOCAL_BACKEND,
+            truncated=truncated,
+            load_seconds=0.0 if was_loaded else self.local.load_seconds,
+        )
+
+    async def _embed_on_backend(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        route = self._router.resolve(request.model)
+        backend = self._backends[route.backend]
+        if not isinstance(backend, EmbeddingBackend):
+            raise invalid_request(
+                f"Model `{request.model}` is served by backend `{route.backend}` ({backend.config.kind}), "
+                "which has no embeddings API.",
+                param="model",
+            )
+        if not request.inputs:
+            return EmbeddingResponse(request.model, np.empty((0, 0), np.float32), 0, route.backend)
+        call = EmbeddingCall(
+            upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
+            truncate=None if request.truncate else False, headers=request.headers,
+        )
+        output = await backend.embed(call)
+        try:
+            vectors = np.asarray(output.vectors, dtype=np.float32)
+        except ValueError:
+            raise GatewayError(
+                ErrorKind.BACKEND, f"Backend `{route.backend}` returned embeddings of different lengths."
+            ) from None
+        return EmbeddingResponse(
+            model=request.model,
+            vectors=vectors.reshape(len(request.inputs), -1),
+            prompt_tokens=output.prompt_tokens or 0,
+            backend=route.backend,
+        )
+
+
+class CatalogWithLocalModels(ModelCatalog):
+    """The model catalogue plus the in-process embedding model."""
+
+    def __init__(
+        self, embeddings: EmbeddingService, backends: Mapping[str, Backend], router: Router, ttl: float
+    ) -> None:
+        super().__init__(backends, router, ttl)
+        self._embeddings = embeddings
+
+    async def models(self) -> list[ModelInfo]:
+        listed = await super().models()
+        local = self._embeddings.local_models()
+        names = {info.id for info in local}
+        return local + [info for info in listed if info.id not in names]
+
+
+__all__ = [
+    "LOCAL_BACKEND",
+    "LOCAL_MODEL",
+    "LOCAL_NAMES",
+    "CatalogWithLocalModels",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "EmbeddingService",
+    "LocalModel",
+    "TextEncoder",
+]

@@ -1,0 +1,442 @@
+"""Retrieval-augmented generation: ingestion, hybrid retrieval with rerank, and the RAG route.
+
+Ingest: extract text, chunk it by structure (`proxy.infra.chunking`), embed every chunk with
+the local model (its sentence vector for the HNSW index and its per-token vectors for the
+rerank), store it all in one transaction. A document is identified by its source within its
+workspace; ingesting an unchanged one again is a no-op.
+
+Retrieve: the question's vector finds the nearest chunks (pgvector HNSW, cosine), its words
+the best full-text matches (PostgreSQL, any word); the two rankings are fused by reciprocal
+rank fusion, the best fused candidates reranked by late interaction (MaxSim of the
+question's token vectors against each chunk's stored ones), and those at or above the score
+threshold kept, best `top_k` first.
+
+The RAG route (`x-workspace: WS`, or `x-route: rag`) retrieves inside the request's producer,
+so a client that goes away cancels the retrieval (and its queries) too, then injects the
+passages as a system message and calls the routed backend. The response carries
+`x-rag-sources` (compact JSON), and OpenAI clients also get `rag_sources` in the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import trio
+
+from proxy.config import RagSettings
+from proxy.domain.chat import ChatRequest, Message, TextPart
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.infra.backends import Batch
+from proxy.infra.chunking import (
+    MEDIA_TYPES,
+    ChunkerSettings,
+    Format,
+    chunk,
+    to_text,
+)
+from proxy.infra.embedder import maxsim
+from proxy.infra.postgres import Database, DatabaseError
+from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, Workspace
+from proxy.services.chat import ChatExchange
+from proxy.services.embeddings import TextEncoder
+from proxy.services.persistence import Producer
+
+log = logging.getLogger("llm_proxy.rag")
+
+WORKSPACE_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RRF_K: Final = 60
+SOURCES_HEADER: Final = b"x-rag-sources"
+# Texts embedded per call while ingesting (progress is reported after each).
+_INGEST_BATCH: Final = 16
+_MAX_SOURCE: Final = 1024
+
+
+def check_workspace_name(name: str | None, param: str = "workspace") -> str:
+    if not name or not WORKSPACE_NAME.match(name):
+        raise invalid_request(
+            f"Invalid workspace name {name!r}: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit.",
+            param=param,
+        )
+    return name
+
+
+def workspace_not_found(name: str) -> GatewayError:
+    return GatewayError(ErrorKind.NOT_FOUND, f"Workspace `{name}` does not exist.", param="x-workspace",
+                        code="workspace_not_found")
+
+
+# -- values ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInput:
+    """A document to ingest: `content` in `format`; `source` names it within the workspace
+    (default: its content hash)."""
+
+    content: str
+    format: Format = "markdown"
+    source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    id: str
+    source: str
+    status: str  # created | updated | unchanged
+    chunks: int
+    tokens: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "status": self.status, "chunks": self.chunks,
+                "tokens": self.tokens}
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalOptions:
+    top_k: int
+    score_threshold: float
+    candidates: int
+    rerank: int
+
+    @classmethod
+    def of(cls, settings: RagSettings, overrides: dict[str, Any] | None = None) -> RetrievalOptions:
+        values = {"top_k": settings.top_k, "score_threshold": settings.score_threshold,
+                  "candidates": settings.candidates, "rerank": settings.rerank}
+        values.update({k: v for k, v in (overrides or {}).items() if k in values and v is not None})
+        options = cls(top_k=int(values["top_k"]), score_threshold=float(values["score_threshold"]),
+                      candidates=int(values["candidates"]), rerank=int(values["rerank"]))
+        return replace(options, rerank=max(options.rerank, options.top_k))
+
+
+def validate_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    """Workspace or request overrides of the retrieval options, checked (400 naming the key)."""
+    checked: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("top_k", "candidates", "rerank"):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 200:
+                raise invalid_request(f"Invalid `{key}`: expected an integer between 1 and 200.", param=key)
+        elif key == "score_threshold":
+            if not isinstance(value, int | float) or isinstance(value, bool) or not -1 <= value <= 1:
+                raise invalid_request("Invalid `score_threshold`: expected a number between -1 and 1.", param=key)
+            value = float(value)
+        else:
+            raise invalid_request(
+                f"Unknown setting `{key}`; a workspace sets top_k, score_threshold, candidates and rerank.", param=key
+            )
+        checked[key] = value
+    return checked
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    chunk_id: int
+    document_id: str
+    source: str
+    ordinal: int
+    heading: str
+    content: str
+    score: float
+    metadata: dict[str, Any]
+
+    def source_entry(self, number: int) -> dict[str, Any]:
+        return {"n": number, "document": self.document_id, "chunk": self.ordinal,
+                "source": self.source[:200], "heading": self.heading[:200], "score": round(self.score, 4)}
+
+
+@dataclass(slots=True)
+class Retrieval:
+    workspace: str
+    query: str
+    passages: list[Passage]
+    candidates: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def sources(self) -> list[dict[str, Any]]:
+        return [passage.source_entry(n) for n, passage in enumerate(self.passages, 1)]
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Ids ordered by the sum of 1 / (k + rank) over the rankings they appear in (rank from 1);
+    ties keep first appearance."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, 1):
+            scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(scores.items(), key=lambda pair: -pair[1])
+
+
+# -- the service -----------------------------------------------------------------------------------
+
+DatabaseSource = Callable[[], Database | None]
+Progress = Callable[[int], None]
+
+
+class RagService:
+    def __init__(self, settings: RagSettings, database: DatabaseSource, encoder: TextEncoder) -> None:
+        self.settings = settings
+        self._database = database
+        self._encoder = encoder
+        self.chunker = ChunkerSettings(target=settings.chunk_tokens, overlap=settings.chunk_overlap,
+                                       maximum=max(settings.chunk_tokens, 250))
+
+    def store(self) -> RagStore:
+        db = self._database()
+        if db is None:
+            raise GatewayError(ErrorKind.UNAVAILABLE, "The RAG store (PostgreSQL) is unavailable; try again shortly.",
+                               code="database_unavailable", retry_after=2)
+        return RagStore(db)
+
+    # -- ingestion --
+
+    async def ingest(
+        self,
+        workspace_name: str,
+        documents: Sequence[DocumentInput],
+        *,
+        progress: Progress | None = None,
+        language: str | None = None,
+    ) -> list[IngestResult]:
+        """Ingest `documents` one by one (each in its own transaction); `progress(n)` is
+        called as chunks get embedded."""
+        check_workspace_name(workspace_name)
+        store = self.store()
+        with _database_errors():
+            workspace = await store.ensure_workspace(workspace_name, language=language)
+        return [await self._ingest_one(store, workspace, document, progress) for document in documents]
+
+    async def prepare(self, document: DocumentInput) -> tuple[str, list[Any]]:
+        """The document's extracted text and chunks (off the event loop)."""
+        def work() -> tuple[str, list[Any]]:
+            text = to_text(document.content, document.format)
+            return text, chunk(text, "text" if document.format == "text" else "markdown", self.chunker)
+
+        return await trio.to_thread.run_sync(work)
+
+    async def _ingest_one(
+        self, store: RagStore, workspace: Workspace, document: DocumentInput, progress: Progress | None
+    ) -> IngestResult:
+        text, chunks = await self.prepare(document)
+        if not chunks:
+            what = f"Document {document.source!r}" if document.source else "The document"
+            raise invalid_request(f"{what} has no text to index.", param="content")
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        source = (document.source or f"sha256:{digest[:16]}")[:_MAX_SOURCE]
+        with _database_errors():
+            state = await store.document_state(workspace.id, source)
+        if state is not None and state[1] == digest and state[2] == self.chunker.signature:
+            if state[3] != document.metadata:
+                with _database_errors():
+                    await store.update_metadata(workspace.id, state[0], document.metadata)
+                return IngestResult(state[0], source, "updated", len(chunks))
+            if progress is not None:
+                progress(len(chunks))
+            return IngestResult(state[0], source, "unchanged", len(chunks))
+        embedded = await self._embed_chunks([c.text for c in chunks], progress)
+        new = NewDocument(
+            source=source, content_hash=digest, chunker=self.chunker.signature,
+            media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
+            chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
+        )
+        with _database_errors():
+            document_id, replaced = await store.put_document(workspace, new)
+        return IngestResult(document_id, source, "updated" if replaced else "created", len(chunks),
+                            sum(c.tokens for c in chunks))
+
+    async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = []
+        for start in range(0, len(texts), _INGEST_BATCH):
+            batch = texts[start : start + _INGEST_BATCH]
+            tokens: list[Any] = [None] * len(batch)
+            vectors: list[Any] = []
+
+            async def sentence_vectors(batch: list[str] = batch, vectors: list[Any] = vectors) -> None:
+                vectors.extend((await self._encoder.embed(batch)).vectors)
+
+            async def token_vectors(i: int, text: str, tokens: list[Any] = tokens) -> None:
+                tokens[i] = await self._encoder.embed_tokens(text)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sentence_vectors)
+                for i, text in enumerate(batch):
+                    nursery.start_soon(token_vectors, i, text)
+            out.extend(zip(vectors, tokens, strict=True))
+            if progress is not None:
+                progress(len(batch))
+        return out
+
+    # -- retrieval --
+
+    async def workspace(self, name: str) -> Workspace:
+        check_workspace_name(name, "x-workspace")
+        with _database_errors():
+            workspace = await self.store().workspace(name)
+        if workspace is None:
+            raise workspace_not_found(name)
+        return workspace
+
+    async def retrieve(self, name: str, query: str, overrides: dict[str, Any] | None = None) -> Retrieval:
+        workspace = await self.workspace(name)
+        options = RetrievalOptions.of(self.settings, {**workspace.settings, **(overrides or {})})
+        retrieval = Retrieval(workspace=name, query=query, passages=[])
+        if not query.strip():
+            return retrieval
+        started = time.perf_counter()
+        query_vectors: dict[str, Any] = {}
+
+        async def sentence() -> None:
+            query_vectors["dense"] = (await self._encoder.embed([query])).vectors[0]
+
+        async def tokens() -> None:
+            query_vectors["tokens"] = await self._encoder.embed_tokens(query)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sentence)
+            nursery.start_soon(tokens)
+        embedded = time.perf_counter()
+        store = self.store()
+        with _database_errors():
+            dense, lexical = await store.candidates(workspace, query_vectors["dense"], query, options.candidates)
+            fused = reciprocal_rank_fusion([dense, lexical])[: options.rerank]
+            rows = await store.chunks(workspace.id, [item for item, _ in fused])
+        searched = time.perf_counter()
+        scored = sorted(
+            ((maxsim(query_vectors["tokens"], row.token_vectors), row) for row in rows.values()),
+            key=lambda pair: (-pair[0], pair[1].id),
+        )
+        retrieval.candidates = len(fused)
+        retrieval.passages = [
+            Passage(row.id, row.document_id, row.source, row.ordinal, row.heading, row.content, score, row.metadata)
+            for score, row in scored
+            if score >= options.score_threshold
+        ][: options.top_k]
+        retrieval.timings = {
+            "embed_ms": (embedded - started) * 1000,
+            "search_ms": (searched - embedded) * 1000,
+            "rerank_ms": (time.perf_counter() - searched) * 1000,
+        }
+        return retrieval
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    try:
+        yield
+    except DatabaseError as exc:
+        log.warning("RAG store error: %s", exc)
+        raise GatewayError(ErrorKind.UNAVAILABLE, f"The RAG store failed: {exc}", code="database_error",
+                           retry_after=2) from exc
+
+
+# -- the route -------------------------------------------------------------------------------------
+
+
+def query_text(messages: Sequence[Message]) -> str:
+    """What to search for: the last user message; a short follow-up ("and on Linux?") gets
+    the user's previous message in front of it."""
+    users = [m.text.strip() for m in messages if m.role == "user" and m.text.strip()]
+    if not users:
+        return ""
+    query = users[-1]
+    if len(query.split()) < 4 and len(users) > 1:
+        query = f"{users[-2]}\n{query}"
+    return query[:4000]
+
+
+def render_passages(passages: Sequence[Passage]) -> str:
+    blocks = []
+    for number, passage in enumerate(passages, 1):
+        where = passage.source + (f" — {passage.heading}" if passage.heading else "")
+        blocks.append(f"[{number}] {where}\n{passage.content}")
+    return "\n\n".join(blocks)
+
+
+def inject(request: ChatRequest, retrieval: Retrieval, template: str) -> ChatRequest:
+    """`request` with the passages in its system message (appended to the client's own, or a
+    new one in front of the conversation)."""
+    context = template.format(workspace=retrieval.workspace, passages=render_passages(retrieval.passages))
+    messages = list(request.messages)
+    if messages and messages[0].role == "system":
+        first = messages[0]
+        if all(isinstance(part, TextPart) for part in first.content):
+            # One text, not parts: some backends' chat templates take only a string here.
+            text = f"{first.text}\n\n{context}" if first.text else context
+            messages[0] = replace(first, content=(TextPart(text),))
+        else:
+            messages[0] = replace(first, content=(*first.content, TextPart("\n\n" + context)))
+    else:
+        messages.insert(0, Message(role="system", content=(TextPart(context),)))
+    return replace(request, messages=messages)
+
+
+def sources_header(retrieval: Retrieval) -> bytes:
+    """Compact ASCII JSON of the sources; long lists lose their headings first, then entries."""
+    sources = retrieval.sources()
+    value = json.dumps(sources, separators=(",", ":"), ensure_ascii=True)
+    if len(value) > 6000:
+        sources = [{k: v for k, v in s.items() if k != "heading"} for s in sources]
+        while sources and len(value := json.dumps(sources, separators=(",", ":"), ensure_ascii=True)) > 6000:
+            sources.pop()
+    return value.encode("ascii")
+
+
+class RagRoute:
+    """`chat.routes["rag"]`: retrieval, injection, then the routed backend."""
+
+    needs_backend = True
+    publishes_events = False
+
+    def __init__(self, rag: RagService) -> None:
+        self._rag = rag
+
+    def producer(self, exchange: ChatExchange) -> Producer:
+        async def produce(send: trio.MemorySendChannel[Batch]) -> None:
+            name = exchange.meta.workspace
+            if not name:
+                raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
+                                      param="x-workspace")
+            retrieval = await self._rag.retrieve(name, query_text(exchange.request.messages))
+            headers = exchange.response_headers
+            headers.append((b"x-rag-workspace", name.encode("ascii")))
+            headers.append((SOURCES_HEADER, sources_header(retrieval)))
+            request = exchange.request
+            if retrieval.passages:
+                headers.append((b"x-rag-context", b"injected"))
+                request = inject(request, retrieval, self._rag.settings.template)
+            else:
+                headers.append((b"x-rag-context", b"none"))
+            await exchange.call_backend(send, request=request)
+
+        return produce
+
+
+def passages_json(passages: Sequence[Passage]) -> list[dict[str, Any]]:
+    return [
+        {**passage.source_entry(n), "content": passage.content, "metadata": passage.metadata}
+        for n, passage in enumerate(passages, 1)
+    ]
+
+
+__all__ = [
+    "SOURCES_HEADER",
+    "DocumentInput",
+    "IngestResult",
+    "Passage",
+    "RagRoute",
+    "RagService",
+    "Retrieval",
+    "RetrievalOptions",
+    "check_workspace_name",
+    "inject",
+    "query_text",
+    "reciprocal_rank_fusion",
+    "validate_overrides",
+]

@@ -1,0 +1,283 @@
+"""The semantic cache: an earlier answer reused for a conversation that means the same.
+
+Opt-in: `[semantic_cache] enabled = true` (every model), `models = [...]`, or the request
+header `x-cache: semantic`; `x-cache: off`/`no-cache`/`no-store`/`exact` keep it out.
+
+What has to match, and how:
+
+- Exactly (the entry's `scope`): the routed model, every generation parameter, the tools and
+  tool choice, the dialect-specific extras, the RAG workspace and its revision (ingesting or
+  deleting a document makes the workspace's entries stale), and the conversation's *shape*:
+  the roles in order, how many segments each message has, the names of the tools called,
+  any image or opaque part (by content), every number in the text and every negation word.
+  Embeddings are poor at exactly those ("2+2" vs "2+3", "safe" vs "not safe" score 0.89
+  and 0.99 with this model), so they are compared literally.
+- By meaning: every message, role included, is embedded (a message longer than the model
+  reads is cut into segments, each embedded), and an entry matches only if *each* segment's
+  cosine similarity with its counterpart reaches the threshold (0.95 by default). Embedding
+  the conversation as one text would not do: the model reads 256 tokens, so two long
+  conversations that differ at the end would embed the same; and matching the last message
+  alone serves one conversation's answer to another (the peers' documented failure).
+
+The mean of the segment vectors is indexed (HNSW) to find candidates within a scope; the
+per-segment check decides. Entries expire after `ttl_seconds`; expired ones are purged as
+new ones are stored. The cache is best effort: a database or model failure is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import numpy as np
+import trio
+
+from proxy.config import SemanticCacheSettings
+from proxy.domain.chat import (
+    ChatCompletion,
+    ChatRequest,
+    FinishReason,
+    ImagePart,
+    Message,
+    OpaquePart,
+)
+from proxy.domain.errors import GatewayError
+from proxy.domain.routing import Router
+from proxy.infra.chat_store import completion_from_json, completion_to_json
+from proxy.infra.chunking import MODEL_TOKENS, TokenCounter, token_counter
+from proxy.infra.embedder import EMBEDDING_DIMENSIONS, Vectors
+from proxy.infra.postgres import Database, DatabaseError
+from proxy.services.chat import RequestMeta
+from proxy.services.embeddings import TextEncoder
+
+log = logging.getLogger("llm_proxy.semantic_cache")
+
+_OFF: Final = frozenset({"off", "no-cache", "no-store", "exact", "none", "bypass"})
+_IGNORED_EXTRA: Final = frozenset({"user", "metadata", "store", "keep_alive", "service_tier"})
+_NUMBER: Final = re.compile(r"\d+(?:[.,]\d+)*")
+_NEGATION: Final = re.compile(
+    r"\b(?:not|no|never|none|nor|neither|nothing|nobody|nowhere|without|cannot|can't|won't|don't|doesn't|"
+    r"didn't|isn't|aren't|wasn't|weren't|shouldn't|wouldn't|couldn't|mustn't|n't)\b",
+    re.IGNORECASE,
+)
+_CANDIDATES: Final = 5
+_SEGMENT_CACHE: Final = 4096
+_PURGE_BATCH: Final = 200
+_CACHEABLE_FINISH: Final = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS})
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A request's cache key: the exact `scope`, the text `segments`, and `digest` (the
+    segments' exact hash, one entry per conversation and scope)."""
+
+    scope: str
+    segments: list[str]
+    digest: str
+    model: str
+    workspace: str | None
+
+
+def _message_text(message: Message) -> str:
+    parts = [message.text]
+    for call in message.tool_calls:
+        parts.append(f"\n[tool call {call.name}] {call.arguments}")
+    return "".join(parts)
+
+
+def _opaque(message: Message) -> list[str]:
+    """Digests of the parts that are compared exactly (images, unmodelled parts)."""
+    out = []
+    for part in message.content:
+        if isinstance(part, ImagePart):
+            out.append(hashlib.sha256(f"{part.url}|{part.detail}".encode()).hexdigest()[:32])
+        elif isinstance(part, OpaquePart):
+            blob = json.dumps(part.data, sort_keys=True, default=str)
+            out.append(hashlib.sha256(f"{part.dialect}|{blob}".encode()).hexdigest()[:32])
+    return out
+
+
+def conversation_key(
+    request: ChatRequest, *, model: str, workspace: str | None, revision: int | None,
+    counter: TokenCounter | None = None,
+) -> Conversation:
+    """Split `request` into what is compared exactly and what by meaning (module docstring)."""
+    counter = counter or token_counter()
+    segments: list[str] = []
+    shape: list[Any] = []
+    literal: list[str] = []
+    for message in request.messages:
+        text = f"{message.role}: {_message_text(message)}"
+        pieces = counter.split(text, MODEL_TOKENS) if counter.count([text])[0] > MODEL_TOKENS else [text]
+        segments.extend(pieces)
+        shape.append([message.role, len(pieces), [call.name for call in message.tool_calls], _opaque(message),
+                      message.name])
+        literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text)))
+    params = {k: v for k, v in asdict(request.params).items() if v not in (None, (), [])}
+    extra = {k: v for k, v in request.extra.items() if k not in _IGNORED_EXTRA}
+    exact = {
+        "model": model,
+        "params": params,
+        "tools": [asdict(tool) for tool in request.tools],
+        "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
+        "extra": extra,
+        "workspace": workspace,
+        "revision": revision,
+        "shape": shape,
+        "literal": literal,
+    }
+    scope = hashlib.sha256(
+        json.dumps(exact, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    ).hexdigest()
+    digest = hashlib.sha256("\x1e".join(segments).encode()).hexdigest()
+    return Conversation(scope=scope, segments=segments, digest=digest, model=model, workspace=workspace)
+
+
+def pack_segments(vectors: Vectors) -> bytes:
+    return np.asarray(vectors, dtype="<f2").tobytes()
+
+
+def unpack_segments(data: bytes) -> Vectors:
+    rows = np.frombuffer(data, dtype="<f2").reshape(-1, EMBEDDING_DIMENSIONS).astype(np.float32)
+    return np.asarray(rows / np.clip(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12, None), dtype=np.float32)
+
+
+def _mean_vector(vectors: Vectors) -> Vectors:
+    mean = vectors.mean(axis=0)
+    return np.asarray(mean / max(float(np.linalg.norm(mean)), 1e-12), dtype=np.float32)
+
+
+class SemanticCache:
+    """`lookup` before calling the backend, `store` after a complete answer (see the module
+    docstring for what makes two conversations the same)."""
+
+    def __init__(
+        self,
+        settings: SemanticCacheSettings,
+        database: Callable[[], Database | None],
+        encoder: TextEncoder,
+        router: Router | None = None,
+    ) -> None:
+        self.settings = settings
+        self._database = database
+        self._encoder = encoder
+        self._router = router
+        self._vectors: OrderedDict[str, Vectors] = OrderedDict()
+
+    def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool:
+        if meta.cache in _OFF:
+            return False
+        if meta.cache == "semantic" or self.settings.enabled:
+            return True
+        return request.model in self.settings.models or self._model(request) in self.settings.models
+
+    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> ChatCompletion | None:
+        """The cached completion for a conversation that means the same, or None."""
+        if not self.enabled_for(request, meta) or not request.messages:
+            return None
+        db = self._database()
+        if db is None:
+            return None
+        try:
+            key = await self._key(db, request, meta)
+            vectors = await self._embed(key.segments)
+            async with db.transaction() as tx:
+                await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                rows = await tx.fetch(
+                    "SELECT id, segments, completion FROM semantic_cache"
+                    " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
+                    (key.scope, _mean_vector(vectors), _CANDIDATES),
+                )
+            best: tuple[float, Any] | None = None
+            for row_id, segments, completion in rows:
+                stored = unpack_segments(bytes(segments))
+                if stored.shape != vectors.shape:
+                    continue
+                similarity = float(np.min(np.sum(stored * vectors, axis=1)))
+                if similarity >= self.settings.threshold and (best is None or similarity > best[0]):
+                    best = (similarity, (row_id, completion))
+            if best is None:
+                return None
+            row_id, completion = best[1]
+            await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
+            return completion_from_json(completion if isinstance(completion, dict) else json.loads(completion))
+        except (DatabaseError, GatewayError) as exc:
+            log.warning("semantic cache lookup failed (a miss): %s", exc)
+            return None
+
+    async def store(self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion) -> None:
+        """Remember `completion` as the answer to `request` (complete answers only)."""
+        if not self.enabled_for(request, meta) or not request.messages or not completion.choices:
+            return
+        if any(choice.finish_reason not in _CACHEABLE_FINISH for choice in completion.choices):
+            return
+        db = self._database()
+        if db is None:
+            return
+        try:
+            key = await self._key(db, request, meta)
+            vectors = await self._embed(key.segments)
+            await db.execute(
+                "INSERT INTO semantic_cache (scope, model, workspace, embedding, segments, conversation, completion,"
+                " expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
+                " ON CONFLICT (scope, conversation) DO UPDATE SET embedding = EXCLUDED.embedding,"
+                " segments = EXCLUDED.segments, completion = EXCLUDED.completion, expires_at = EXCLUDED.expires_at,"
+                " created_at = now()",
+                (key.scope, key.model, key.workspace, _mean_vector(vectors), pack_segments(vectors), key.digest,
+                 json.dumps(completion_to_json(completion)), self.settings.ttl_seconds),
+            )
+            await db.execute(
+                "DELETE FROM semantic_cache WHERE id IN"
+                " (SELECT id FROM semantic_cache WHERE expires_at <= now() LIMIT %s)",
+                (_PURGE_BATCH,),
+            )
+        except (DatabaseError, GatewayError) as exc:
+            log.warning("semantic cache store failed: %s", exc)
+
+    # -- internals --
+
+    def _model(self, request: ChatRequest) -> str:
+        if self._router is None:
+            return request.model
+        try:
+            route = self._router.resolve(request.model)
+        except GatewayError:
+            return request.model
+        return f"{route.backend}/{route.upstream_model}"
+
+    async def _key(self, db: Database, request: ChatRequest, meta: RequestMeta) -> Conversation:
+        workspace = meta.workspace if meta.route == "rag" else None
+        revision = None
+        if workspace is not None:
+            revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = %s", (workspace,))
+        counter = token_counter()
+        return await trio.to_thread.run_sync(
+            lambda: conversation_key(request, model=self._model(request), workspace=workspace,
+                                     revision=revision, counter=counter)
+        )
+
+    async def _embed(self, segments: Sequence[str]) -> Vectors:
+        """Segment vectors, each computed once per process while it stays in the LRU (a
+        multi-turn conversation resends its history every turn)."""
+        keys = [hashlib.sha1(segment.encode()).hexdigest() for segment in segments]
+        unique = {k: segment for k, segment in zip(keys, segments, strict=True) if k not in self._vectors}
+        if unique:
+            result = await self._encoder.embed(list(unique.values()))
+            for k, vector in zip(unique, result.vectors, strict=True):
+                self._vectors[k] = vector
+        out = np.empty((len(segments), EMBEDDING_DIMENSIONS), np.float32)
+        for i, k in enumerate(keys):
+            self._vectors.move_to_end(k)
+            out[i] = self._vectors[k]
+        while len(self._vectors) > _SEGMENT_CACHE:
+            self._vectors.popitem(last=False)
+        return out
+
+
+__all__ = ["Conversation", "SemanticCache", "conversation_key"]

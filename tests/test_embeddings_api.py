@@ -1,0 +1,224 @@
+"""Embeddings through the official `openai` and `ollama` SDKs: the in-process model and
+embedding models of OpenAI-compatible and Ollama backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import ollama
+import openai
+import pytest
+import trio
+
+from proxy.infra.embedder import LocalEmbedder
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes.script import embed_text
+from tests.harness import backend, running_gateway
+
+PASSWORD = "How do I reset my password?"
+FORGOT = "I forgot my password and need to recover my account"
+CAT = "The cat sat on the mat"
+
+
+@dataclass
+class Setup:
+    url: str
+    client: openai.AsyncOpenAI
+    ollama: ollama.AsyncClient
+    openai_fake: OpenAIBackend
+    ollama_fake: OllamaBackend
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[LocalEmbedder]:
+    embedder = LocalEmbedder()
+    embedder.load()
+    yield embedder
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    oa, ol, an = OpenAIBackend(), OllamaBackend(), AnthropicBackend()
+    async with oa.serve() as oa_server, ol.serve() as ol_server, an.serve() as an_server:
+        async with running_gateway(
+            backend("oa", oa_server.url, default=True),
+            backend("ol", ol_server.url, kind="ollama", prefixes=("nomic-",)),
+            backend("an", an_server.url, kind="anthropic", prefixes=("claude",)),
+            aliases={"text-embedding-3-small": "all-minilm-l6-v2"},
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            async with ollama.AsyncClient(host=url) as ollama_client:
+                yield Setup(url, client, ollama_client, oa, ol)
+            await client.close()
+
+
+def vectors_of(response: openai.types.CreateEmbeddingResponse) -> np.ndarray:
+    return np.array([item.embedding for item in response.data], dtype=np.float32)
+
+
+# -- OpenAI ----------------------------------------------------------------------------------------
+
+
+async def test_openai_sdk_default_base64_matches_the_model(setup: Setup, reference: LocalEmbedder) -> None:
+    texts = [PASSWORD, FORGOT, CAT]
+    response = await setup.client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    vectors = vectors_of(response)
+    assert vectors.shape == (3, 384)
+    np.testing.assert_allclose(vectors, reference.embed_sync(texts).vectors, atol=1e-6)
+    assert [item.index for item in response.data] == [0, 1, 2]
+    assert response.model == "all-minilm-l6-v2"
+    expected_tokens = reference.embed_sync(texts).total_tokens
+    assert response.usage.prompt_tokens == response.usage.total_tokens == expected_tokens
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2]) + 0.3
+
+
+async def test_float_encoding_and_a_single_string(setup: Setup, reference: LocalEmbedder) -> None:
+    response = await setup.client.embeddings.create(model="all-minilm", input=PASSWORD, encoding_format="float")
+    assert len(response.data) == 1
+    np.testing.assert_allclose(vectors_of(response)[0], reference.embed_sync([PASSWORD]).vectors[0], atol=1e-6)
+    async with httpx.AsyncClient() as http:
+        raw = await http.post(f"{setup.url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "hi"})
+    body = raw.json()
+    assert raw.status_code == 200 and raw.headers["x-embedding-backend"] == "local"
+    assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
+    assert isinstance(body["data"][0]["embedding"][0], float) and len(body["data"][0]["embedding"]) == 384
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}  # [CLS] hi [SEP]
+
+
+async def test_an_alias_reaches_the_local_model(setup: Setup, reference: LocalEmbedder) -> None:
+    response = await setup.client.embeddings.create(model="text-embedding-3-small", input=[CAT])
+    np.testing.assert_allclose(vectors_of(response)[0], reference.embed_sync([CAT]).vectors[0], atol=1e-6)
+    assert setup.openai_fake.requests == []
+
+
+async def test_dimensions(setup: Setup) -> None:
+    ok = await setup.client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=384)
+    assert len(ok.data[0].embedding) == 384
+    with pytest.raises(openai.BadRequestError) as caught:
+        await setup.client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=256)
+    error = caught.value
+    assert error.status_code == 400
+    assert "384" in error.message and "dimensions" in error.message
+    assert isinstance(error.body, dict) and error.body.get("param") == "dimensions"
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"model": "all-minilm-l6-v2", "input": [1, 2, 3]}, "input"),  # token ids: text only here
+        ({"model": "all-minilm-l6-v2", "input": []}, "input"),
+        ({"model": "all-minilm-l6-v2"}, "input"),
+        ({"model": "all-minilm-l6-v2", "input": ["a", 1]}, "input"),
+        ({"model": "all-minilm-l6-v2", "input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "all-minilm-l6-v2", "input": "a", "dimensions": 0}, "dimensions"),
+        ({"input": "a"}, "model"),
+        ({"model": "all-minilm-l6-v2", "input": ["x"] * 2049}, "input"),
+        ({"model": "claude-3", "input": "a"}, "model"),  # an Anthropic backend has no embeddings
+    ],
+)
+async def test_bad_requests_are_400_naming_the_field(setup: Setup, payload: dict[str, object], param: str) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(f"{setup.url}/v1/embeddings", json=payload)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+async def test_long_input_is_truncated_and_says_so(setup: Setup) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{setup.url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["word " * 400, "short"]}
+        )
+    assert response.status_code == 200
+    assert response.headers["x-embeddings-truncated"] == "1"
+    assert response.json()["usage"]["prompt_tokens"] == 256 + 3
+
+
+async def test_backend_models_are_routed_and_token_arrays_pass_through(setup: Setup) -> None:
+    response = await setup.client.embeddings.create(model="bge-m3", input=["alpha beta", "gamma"])
+    np.testing.assert_allclose(vectors_of(response)[1], embed_text("gamma", 384), atol=1e-6)
+    assert response.model == "bge-m3"
+    sent = setup.openai_fake.requests[-1]
+    assert sent.path == "/v1/embeddings"
+    assert sent.json == {"model": "bge-m3", "input": ["alpha beta", "gamma"], "encoding_format": "float"}
+
+    tokens = await setup.client.embeddings.create(model="bge-m3", input=[[1, 2], [3]], dimensions=8)
+    assert len(tokens.data) == 2 and len(tokens.data[0].embedding) == 8
+    assert setup.openai_fake.requests[-1].json["input"] == [[1, 2], [3]]
+
+
+async def test_concurrent_callers_each_get_their_own_vectors(setup: Setup, reference: LocalEmbedder) -> None:
+    texts = [f"Question {i}: how do I {verb} my account?" for i, verb in enumerate(["open", "close", "merge"] * 4)]
+    results: dict[int, np.ndarray] = {}
+
+    async def one(i: int) -> None:
+        response = await setup.client.embeddings.create(model="all-minilm-l6-v2", input=texts[i])
+        results[i] = vectors_of(response)[0]
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(texts)):
+            nursery.start_soon(one, i)
+    expected = reference.embed_sync(texts).vectors
+    for i in range(len(texts)):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-6)
+
+
+async def test_the_local_model_is_listed(setup: Setup) -> None:
+    models = await setup.client.models.list()
+    local = [m for m in models.data if m.id == "all-minilm-l6-v2"]
+    assert len(local) == 1 and local[0].owned_by == "llm-proxy"
+    assert local[0].model_extra is not None and local[0].model_extra["backend"] == "local"
+    tags = await setup.ollama.list()
+    entry = next(m for m in tags.models if m.model == "all-minilm-l6-v2")
+    assert entry.details is not None and entry.details.family == "bert"
+
+
+# -- Ollama ----------------------------------------------------------------------------------------
+
+
+async def test_ollama_embed(setup: Setup, reference: LocalEmbedder) -> None:
+    response = await setup.ollama.embed(model="all-minilm", input=[PASSWORD, CAT])
+    vectors = np.array(response.embeddings, dtype=np.float32)
+    np.testing.assert_allclose(vectors, reference.embed_sync([PASSWORD, CAT]).vectors, atol=1e-6)
+    assert response.model == "all-minilm"
+    assert response.prompt_eval_count == reference.embed_sync([PASSWORD, CAT]).total_tokens
+    assert response.total_duration is not None and response.total_duration > 0
+    assert response.load_duration is not None and 0 <= response.load_duration <= response.total_duration
+
+    single = await setup.ollama.embed(model="all-minilm:latest", input=CAT)
+    np.testing.assert_allclose(single.embeddings[0], vectors[1], atol=1e-6)
+    empty = await setup.ollama.embed(model="all-minilm", input=[])
+    assert empty.embeddings == []
+
+
+async def test_ollama_truncate_false_refuses_long_input(setup: Setup) -> None:
+    assert len((await setup.ollama.embed(model="all-minilm", input="word " * 400)).embeddings[0]) == 384
+    with pytest.raises(ollama.ResponseError) as caught:
+        await setup.ollama.embed(model="all-minilm", input="word " * 400, truncate=False)
+    assert caught.value.status_code == 400
+    assert "context length" in caught.value.error
+
+
+async def test_ollama_legacy_embeddings(setup: Setup, reference: LocalEmbedder) -> None:
+    response = await setup.ollama.embeddings(model="all-minilm", prompt=FORGOT)
+    np.testing.assert_allclose(response.embedding, reference.embed_sync([FORGOT]).vectors[0], atol=1e-6)
+
+
+async def test_ollama_backend_embedding_model(setup: Setup) -> None:
+    response = await setup.ollama.embed(model="nomic-embed-text", input=["one two", "three"])
+    np.testing.assert_allclose(response.embeddings[0], embed_text("one two", 384), atol=1e-6)
+    sent = setup.ollama_fake.requests[-1]
+    assert sent.path == "/api/embed" and sent.json == {"model": "nomic-embed-text", "input": ["one two", "three"]}
+    legacy = await setup.ollama.embeddings(model="nomic-embed-text", prompt="three")
+    np.testing.assert_allclose(legacy.embedding, embed_text("three", 384), atol=1e-6)
+
+
+async def test_ollama_errors_are_ollama_shaped(setup: Setup) -> None:
+    async with httpx.AsyncClient() as http:
+        bad = await http.post(f"{setup.url}/api/embed", json={"model": "all-minilm", "input": [1, 2]})
+        missing = await http.post(f"{setup.url}/api/embed", json={"input": "x"})
+    assert bad.status_code == 400 and bad.json() == {"error": "invalid input type"}
+    assert missing.status_code == 400 and missing.json() == {"error": "model is required"}

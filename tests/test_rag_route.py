@@ -1,0 +1,243 @@
+"""The RAG route through every client dialect (official openai, ollama and anthropic SDKs)
+in front of fake backends: retrieved context reaches the backend, sources come back, errors
+arrive in the caller's dialect, and a client that goes away cancels the retrieval."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import httpx
+import ollama
+import openai
+import psycopg
+import pytest
+import trio
+
+from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+from tests.rag_corpus import CORPUS, UNRELATED
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+QUESTION = "How long do we keep the nightly database backups?"
+RAG = {"x-workspace": CORPUS}
+MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
+
+
+@dataclass
+class Setup:
+    url: str
+    fakes: dict[str, FakeBackend]
+
+    def system_text(self, kind: str) -> str:
+        """The system prompt the backend of `kind` received last."""
+        body = self.fakes[kind].requests[-1].json
+        if kind == "anthropic":
+            system = body.get("system") or ""
+            return system if isinstance(system, str) else "".join(block["text"] for block in system)
+        messages = body["messages"]
+        return messages[0]["content"] if messages[0]["role"] == "system" else ""
+
+
+@pytest.fixture
+async def setup(corpus_url: str) -> AsyncIterator[Setup]:
+    fakes: dict[str, FakeBackend] = {"openai": OpenAIBackend(), "ollama": OllamaBackend(), "anthropic": AnthropicBackend()}
+    for fake in fakes.values():
+        fake.set_script(Script(tokens=["Backups are kept ", "for 14 days [1]."]))
+    async with fakes["openai"].serve() as oa, fakes["ollama"].serve() as ol, fakes["anthropic"].serve() as an:
+        async with running_gateway(
+            backend("oa", oa.url, default=True),
+            backend("ol", ol.url, kind="ollama", prefixes=("llama",)),
+            backend("an", an.url, kind="anthropic", prefixes=("claude",)),
+            database_url=corpus_url,
+        ) as url:
+            yield Setup(url, fakes)
+
+
+def assert_backups_context(system: str) -> None:
+    assert "[1] runbooks/postgres.md — PostgreSQL operations > Backups" in system
+    assert "Backups are retained for 14 days" in system
+    assert "Cite the passages you use" in system
+
+
+def sources_of(headers: httpx.Headers | Any) -> list[dict[str, Any]]:
+    value = json.loads(headers["x-rag-sources"])
+    assert isinstance(value, list)
+    return value
+
+
+# -- OpenAI ----------------------------------------------------------------------------------------
+
+
+async def test_openai_non_streaming(setup: Setup) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODELS["openai"], messages=[{"role": "user", "content": QUESTION}], extra_headers=RAG
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "Backups are kept for 14 days [1]."
+    assert_backups_context(setup.system_text("openai"))
+    assert setup.fakes["openai"].requests[-1].json["messages"][-1] == {"role": "user", "content": QUESTION}
+    sources = sources_of(raw.headers)
+    assert sources[0]["n"] == 1 and sources[0]["source"] == "runbooks/postgres.md"
+    assert sources[0]["heading"] == "PostgreSQL operations > Backups" and sources[0]["score"] > 0.5
+    assert raw.headers["x-rag-context"] == "injected" and raw.headers["x-rag-workspace"] == CORPUS
+    assert reply.model_extra is not None and reply.model_extra["rag_sources"] == sources
+    await client.close()
+
+
+async def test_openai_streaming_carries_sources_in_the_first_chunk(setup: Setup) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    system = "You are terse."
+    async with client.chat.completions.with_streaming_response.create(
+        model=MODELS["openai"], stream=True, extra_headers={"x-route": "rag", **RAG},
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": QUESTION}],
+    ) as response:
+        sources = sources_of(response.headers)
+        chunks = [chunk async for chunk in await response.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Backups are kept for 14 days [1]."
+    assert chunks[0].model_extra is not None and chunks[0].model_extra["rag_sources"] == sources
+    assert all("rag_sources" not in (c.model_extra or {}) for c in chunks[1:])
+    # The client's own system prompt comes first; the context is appended to it.
+    received = setup.system_text("openai")
+    assert received.startswith(system + "\n\n")
+    assert_backups_context(received)
+    await client.close()
+
+
+async def test_plain_requests_are_untouched(setup: Setup) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(f"{setup.url}/v1/chat/completions", json={
+            "model": MODELS["openai"], "messages": [{"role": "user", "content": QUESTION}]})
+    assert response.status_code == 200
+    assert "rag_sources" not in response.json() and "x-rag-sources" not in response.headers
+    assert setup.fakes["openai"].requests[-1].json["messages"] == [{"role": "user", "content": QUESTION}]
+
+
+async def test_no_relevant_passage_answers_without_context(setup: Setup) -> None:
+    async with httpx.AsyncClient(timeout=30) as http:
+        response = await http.post(f"{setup.url}/v1/chat/completions", headers=RAG, json={
+            "model": MODELS["openai"], "messages": [{"role": "user", "content": UNRELATED}]})
+    assert response.status_code == 200
+    assert response.headers["x-rag-context"] == "none"
+    assert json.loads(response.headers["x-rag-sources"]) == [] and response.json()["rag_sources"] == []
+    assert setup.fakes["openai"].requests[-1].json["messages"] == [{"role": "user", "content": UNRELATED}]
+
+
+# -- Ollama and Anthropic clients ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
+async def test_ollama_client(setup: Setup, kind: str) -> None:
+    async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
+        parts = [part async for part in await client.chat(
+            model=MODELS[kind], messages=[{"role": "user", "content": QUESTION}], stream=True)]
+        assert "".join(p.message.content for p in parts) == "Backups are kept for 14 days [1]."
+        assert_backups_context(setup.system_text(kind))
+        reply = await client.chat(model=MODELS[kind], messages=[{"role": "user", "content": QUESTION}])
+        assert reply.message.content == "Backups are kept for 14 days [1]."
+    async with httpx.AsyncClient(timeout=30) as http:
+        raw = await http.post(f"{setup.url}/api/chat", headers=RAG, json={
+            "model": MODELS[kind], "stream": False, "messages": [{"role": "user", "content": QUESTION}]})
+    assert sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
+    assert "rag_sources" not in raw.json()  # the body stays Ollama's exactly
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
+async def test_anthropic_client(setup: Setup, kind: str) -> None:
+    client = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+    raw = await client.messages.with_raw_response.create(
+        model=MODELS[kind], max_tokens=100, system="Be brief.", extra_headers=RAG,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
+    message = await raw.parse()
+    assert "".join(block.text for block in message.content if block.type == "text") == "Backups are kept for 14 days [1]."
+    received = setup.system_text(kind)
+    assert received.startswith("Be brief.")
+    assert_backups_context(received)
+    assert sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
+    async with client.messages.stream(
+        model=MODELS[kind], max_tokens=100, extra_headers=RAG, messages=[{"role": "user", "content": QUESTION}]
+    ) as stream:
+        assert await stream.get_final_text() == "Backups are kept for 14 days [1]."
+    assert_backups_context(setup.system_text(kind))
+    await client.close()
+
+
+# -- errors in the caller's dialect ----------------------------------------------------------------
+
+
+async def test_unknown_workspace_is_a_404_in_every_dialect(setup: Setup) -> None:
+    missing = {"x-workspace": "no-such-workspace"}
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="no-such-workspace"):
+        await oa.chat.completions.create(model=MODELS["openai"], messages=messages, extra_headers=missing, stream=True)
+    an = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        await an.messages.create(model=MODELS["anthropic"], max_tokens=10, messages=messages, extra_headers=missing)
+    assert caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    async with ollama.AsyncClient(host=setup.url, headers=missing) as ol:
+        with pytest.raises(ollama.ResponseError) as ollama_error:
+            await ol.chat(model=MODELS["ollama"], messages=messages)
+    assert ollama_error.value.status_code == 404 and "no-such-workspace" in ollama_error.value.error
+    async with httpx.AsyncClient(timeout=30) as http:
+        no_workspace = await http.post(f"{setup.url}/v1/chat/completions", headers={"x-route": "rag"},
+                                       json={"model": MODELS["openai"], "messages": messages})
+        bad_name = await http.post(f"{setup.url}/api/chat", headers={"x-workspace": "../etc"},
+                                   json={"model": MODELS["ollama"], "messages": messages})
+    assert no_workspace.status_code == 400 and no_workspace.json()["error"]["param"] == "x-workspace"
+    assert bad_name.status_code == 400 and "Invalid workspace name" in bad_name.json()["error"]
+    assert all(not fake.requests for fake in setup.fakes.values())
+    await oa.close()
+    await an.close()
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+
+
+def _waiting_queries(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE %s", ("%rag_chunks%",)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+async def _poll(condition: Callable[[], bool], *, within: float) -> None:
+    with trio.fail_after(within):
+        while True:
+            if await trio.to_thread.run_sync(condition):
+                return
+            await trio.sleep(0.02)
+
+
+async def test_a_disconnect_during_retrieval_cancels_it(setup: Setup, corpus_url: str) -> None:
+    # Hold a lock that the retrieval's search must wait for, so it is in flight on the server.
+    holder = await trio.to_thread.run_sync(lambda: psycopg.connect(corpus_url))
+    try:
+        await trio.to_thread.run_sync(holder.execute, "LOCK TABLE rag_chunks IN ACCESS EXCLUSIVE MODE")
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with trio.open_nursery() as nursery:
+                async def ask() -> None:
+                    await http.post(f"{setup.url}/v1/chat/completions", headers=RAG, json={
+                        "model": MODELS["openai"], "stream": True, "messages": [{"role": "user", "content": QUESTION}]})
+
+                nursery.start_soon(ask)
+                await _poll(lambda: bool(_waiting_queries(corpus_url)), within=10)
+                nursery.cancel_scope.cancel()  # the client goes away
+            await _poll(lambda: not _waiting_queries(corpus_url), within=5)
+        # The search was cancelled on the server while the lock was still held; the backend
+        # was never called.
+        assert setup.fakes["openai"].requests == []
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    async with httpx.AsyncClient(timeout=30) as http:
+        after = await http.post(f"{setup.url}/v1/chat/completions", headers=RAG, json={
+            "model": MODELS["openai"], "messages": [{"role": "user", "content": QUESTION}]})
+    assert after.status_code == 200 and after.headers["x-rag-context"] == "injected"

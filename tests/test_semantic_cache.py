@@ -1,0 +1,181 @@
+"""The semantic cache, called directly, on real PostgreSQL + pgvector and the real model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+
+from proxy.config import SemanticCacheSettings
+from proxy.dialects import openai
+from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, Usage
+from proxy.infra.embedder import LocalEmbedder
+from proxy.infra.migrations import migrate
+from proxy.infra.postgres import Database, open_database
+from proxy.services.chat import RequestMeta
+from proxy.services.semantic_cache import SemanticCache, conversation_key
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+MODEL = "qwen3-8b"
+
+
+@pytest.fixture
+async def db(aio_loop: trio_asyncio.TrioEventLoop, pg_database_url: str) -> AsyncIterator[Database]:
+    async with open_database(pg_database_url) as database:
+        await migrate(database)
+        yield database
+
+
+def cache(db: Database | None, embedder: LocalEmbedder, **settings: Any) -> SemanticCache:
+    return SemanticCache(SemanticCacheSettings(**{"models": (MODEL,), **settings}), lambda: db, embedder)
+
+
+def chat(*turns: tuple[str, str], model: str = MODEL, **params: Any) -> ChatRequest:
+    body = {"model": model, "messages": [{"role": role, "content": text} for role, text in turns], **params}
+    return openai.parse_chat_request(json.dumps(body).encode())
+
+
+def ask(question: str, **params: Any) -> ChatRequest:
+    return chat(("user", question), **params)
+
+
+def meta(cache_header: str | None = None, workspace: str | None = None) -> RequestMeta:
+    return RequestMeta(trace_id="t", request_id="r", cache=cache_header, workspace=workspace,
+                       route="rag" if workspace else "direct")
+
+
+def answer(text: str, reason: FinishReason | None = FinishReason.STOP) -> ChatCompletion:
+    return ChatCompletion(id="chatcmpl-1", model=MODEL, created=1,
+                          choices=[Choice(content=text, finish_reason=reason)], usage=Usage(12, 3))
+
+
+async def test_identical_and_equivalent_questions_hit(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder)
+    question = ask("How do I reset my password?")
+    assert await semantic.lookup(question, meta()) is None
+    await semantic.store(question, meta(), answer("Use the Forgot password link."))
+
+    hit = await semantic.lookup(ask("How do I reset my password?"), meta())
+    assert hit is not None and hit.choices[0].content == "Use the Forgot password link."
+    assert hit.usage is not None and hit.usage.prompt_tokens == 12
+    reworded = await semantic.lookup(ask("How can I reset my password?"), meta())
+    assert reworded is not None and reworded.choices[0].content == "Use the Forgot password link."
+    assert await db.fetchval("SELECT hits FROM semantic_cache") == 2
+    assert await semantic.lookup(ask("How do I delete my account?"), meta()) is None
+
+
+async def test_conversations_sharing_the_last_message_but_not_the_history_miss(
+    db: Database, embedder: LocalEmbedder
+) -> None:
+    semantic = cache(db, embedder)
+    japan = chat(("user", "I'm planning a trip to Japan in spring."), ("assistant", "Great, how can I help?"),
+                 ("user", "What should I pack?"))
+    await semantic.store(japan, meta(), answer("Light layers and an umbrella."))
+
+    iceland = chat(("user", "I'm planning a trip to Iceland in winter."), ("assistant", "Great, how can I help?"),
+                   ("user", "What should I pack?"))
+    assert await semantic.lookup(iceland, meta()) is None
+    assert await semantic.lookup(ask("What should I pack?"), meta()) is None
+    other_reply = chat(("user", "I'm planning a trip to Japan in spring."), ("assistant", "Sorry, I can't help."),
+                       ("user", "What should I pack?"))
+    assert await semantic.lookup(other_reply, meta()) is None
+    roles_swapped = chat(("system", "I'm planning a trip to Japan in spring."), ("assistant", "Great, how can I help?"),
+                         ("user", "What should I pack?"))
+    assert await semantic.lookup(roles_swapped, meta()) is None
+
+    again = chat(("user", "I'm planning a trip to Japan in spring."), ("assistant", "Great, how can I help?"),
+                 ("user", "What should I pack?"))
+    hit = await semantic.lookup(again, meta())
+    assert hit is not None and hit.choices[0].content == "Light layers and an umbrella."
+
+
+async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder, models=(MODEL, "llama3.2"))
+    question = "What is the capital of France?"
+    await semantic.store(ask(question, temperature=0), meta(), answer("Paris"))
+    assert await semantic.lookup(ask(question, temperature=0), meta()) is not None
+    assert await semantic.lookup(ask(question, model="llama3.2", temperature=0), meta()) is None
+    assert await semantic.lookup(ask(question, temperature=0.7), meta()) is None
+    assert await semantic.lookup(ask(question, temperature=0, max_tokens=5), meta()) is None
+    assert await semantic.lookup(ask(question, temperature=0, stop=["\n"]), meta()) is None
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    assert await semantic.lookup(ask(question, temperature=0, tools=tools), meta()) is None
+
+    await semantic.store(ask(question), meta(workspace="travel"), answer("Paris [1]"))
+    assert await semantic.lookup(ask(question), meta(workspace="geography")) is None
+    assert await semantic.lookup(ask(question), meta()) is None
+    in_workspace = await semantic.lookup(ask(question), meta(workspace="travel"))
+    assert in_workspace is not None and in_workspace.choices[0].content == "Paris [1]"
+
+
+async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder)
+    await db.execute("INSERT INTO rag_workspaces (name) VALUES ('docs')")
+    question = ask("How many vacation days do I get?")
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
+    assert await semantic.lookup(question, meta(workspace="docs")) is not None
+    await db.execute("UPDATE rag_workspaces SET revision = revision + 1 WHERE name = 'docs'")
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+
+
+async def test_expired_entries_miss_and_are_purged(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder, ttl_seconds=0.3)
+    await semantic.store(ask("What is the tallest mountain?"), meta(), answer("Everest"))
+    assert await semantic.lookup(ask("What is the tallest mountain?"), meta()) is not None
+    await trio.sleep(0.5)
+    assert await semantic.lookup(ask("What is the tallest mountain?"), meta()) is None
+    await semantic.store(ask("What is the longest river?"), meta(), answer("The Nile"))
+    assert await db.fetchval("SELECT count(*) FROM semantic_cache") == 1
+
+
+async def test_numbers_and_negations_must_match_literally(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder)
+    for question, reply in (("What is 2+2?", "4"), ("Is it safe to take ibuprofen with alcohol?", "It is risky."),
+                            ("Summarize the meeting on March 3", "...")):
+        await semantic.store(ask(question), meta(), answer(reply))
+    assert await semantic.lookup(ask("What is 2+3?"), meta()) is None
+    assert await semantic.lookup(ask("Is it not safe to take ibuprofen with alcohol?"), meta()) is None
+    assert await semantic.lookup(ask("Summarize the meeting on March 4"), meta()) is None
+    assert await semantic.lookup(ask("what is 2+2?"), meta()) is not None
+
+
+async def test_long_conversations_that_differ_late_miss(db: Database, embedder: LocalEmbedder) -> None:
+    # The model reads 256 tokens: one embedding of the whole text would not see the end.
+    preamble = "Here is the background of the project. " * 60
+    semantic = cache(db, embedder)
+    await semantic.store(ask(preamble + "Now write the summary in English."), meta(), answer("Summary."))
+    assert await semantic.lookup(ask(preamble + "Now write the summary in English."), meta()) is not None
+    assert await semantic.lookup(ask(preamble + "Now translate the whole thing into Korean."), meta()) is None
+    key = conversation_key(ask(preamble + "x"), model=MODEL, workspace=None, revision=None)
+    assert len(key.segments) > 1
+
+
+async def test_opt_in_and_opt_out(db: Database, embedder: LocalEmbedder) -> None:
+    question = ask("What is the capital of Italy?", model="other-model")
+    per_model = cache(db, embedder)  # only MODEL is opted in
+    await per_model.store(question, meta(), answer("Rome"))
+    assert await db.fetchval("SELECT count(*) FROM semantic_cache") == 0
+    await per_model.store(question, meta("semantic"), answer("Rome"))
+    assert await per_model.lookup(question, meta()) is None
+    assert await per_model.lookup(question, meta("semantic")) is not None
+
+    everything = cache(db, embedder, enabled=True, models=())
+    assert await everything.lookup(question, meta()) is not None
+    for header in ("off", "no-cache", "exact"):
+        assert await everything.lookup(question, meta(header)) is None
+
+
+async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder)
+    await semantic.store(ask("Tell me a story"), meta(), answer("Once upon", reason=None))
+    await semantic.store(ask("Tell me a story"), meta(), answer("[filtered]", reason=FinishReason.CONTENT_FILTER))
+    assert await db.fetchval("SELECT count(*) FROM semantic_cache") == 0
+
+    down = cache(None, embedder)
+    assert await down.lookup(ask("Tell me a story"), meta()) is None
+    await down.store(ask("Tell me a story"), meta(), answer("Once upon a time."))
