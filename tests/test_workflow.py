@@ -3,15 +3,23 @@ official SDKs — all real, in one process (the worker is the same code `llm-pro
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
+import httpx
+import ollama
 import openai
 import pytest
 import trio
 
-from proxy.config import PipelineConfig, Timeouts
+from proxy.config import PipelineConfig, WorkflowSettings
+from proxy.infra.nats import open_bus
+from proxy.workflow.bus import workers_kv
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.workflow_support import (
@@ -27,6 +35,7 @@ from tests.workflow_support import (
 pytest_plugins = ["tests.infra_servers"]
 
 MESSAGES: Any = [{"role": "user", "content": "Name a colour"}]
+RED = ["Red", " is", " warm", "."]
 
 
 @dataclass
@@ -40,23 +49,42 @@ class Stack:
     client: openai.AsyncOpenAI
 
 
-@pytest.fixture
-async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    alpha = OpenAIBackend(default=Script(tokens=["Red", " is", " warm", "."], usage=Usage(5, 4)))
+@asynccontextmanager
+async def workflow_stack(
+    db: str, nats: str, pipelines: dict[str, PipelineConfig], *, worker: bool = True, **fields: Any
+) -> AsyncIterator[tuple[str, OpenAIBackend, OpenAIBackend, WorkflowSettings]]:
+    """Two fake OpenAI backends (models `alpha-*`, `beta-*`), a gateway, and a worker."""
+    alpha = OpenAIBackend(default=Script(tokens=RED, usage=Usage(5, 4)))
     beta = OpenAIBackend(default=Script(tokens=["Blue"], usage=Usage(5, 1), header_delay=0.3))
-    name = pipeline_name()
-    settings = workflow({name: fanout(models=["alpha-1", "beta-1"])})
+    settings = workflow(pipelines, **fields)
     async with alpha.serve() as a, beta.serve() as b:
         backends = [backend("alpha", a.url, prefixes=("alpha-",)), backend("beta", b.url, prefixes=("beta-",))]
-        worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
-        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
-            async with running_worker(worker):
-                client = openai.AsyncOpenAI(
-                    base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                    default_headers={"x-pipeline": name},
-                )
-                yield Stack(alpha, beta, url, pg_database_url, nats_url, name, client)
-                await client.close()
+        async with running_gateway(*backends, database_url=db, nats_url=nats, workflow=settings) as url:
+            if not worker:
+                yield url, alpha, beta, settings
+                return
+            worker_config = worker_settings(backends, database_url=db, nats_url=nats, workflow=settings)
+            async with running_worker(worker_config, pipelines=list(pipelines)):
+                yield url, alpha, beta, settings
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    name = pipeline_name()
+    pipelines = {name: fanout(models=["alpha-1", "beta-1"])}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, alpha, beta, _):
+        client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="unused", max_retries=0, default_headers={"x-pipeline": name}
+        )
+        yield Stack(alpha, beta, url, pg_database_url, nats_url, name, client)
+        await client.close()
+
+
+def text_of(chunks: list[Any], choice: int = 0) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == choice)
+
+
+# -- fanout through the SDKs -----------------------------------------------------------------
 
 
 async def test_fanout_streams_the_first_finisher_through_the_openai_sdk(stack: Stack) -> None:
@@ -67,24 +95,271 @@ async def test_fanout_streams_the_first_finisher_through_the_openai_sdk(stack: S
         trace_id = stream.headers["x-trace-id"]
         assert stream.headers["x-pipeline"] == stack.pipeline
         chunks = [chunk async for chunk in stream.parse()]
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Red is warm."
+    assert text_of(chunks) == "Red is warm."
     assert {c.choices[0].index for c in chunks if c.choices} == {0}
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert len({c.id for c in chunks}) == 1
+    assert len({c.id for c in chunks}) == 1 and chunks[0].model == "colours"
 
     row = await run_row(stack.db, trace_id, status="completed")
     assert (row["winner"], row["content"], row["finish_reason"], row["attempts"]) == ("alpha-1", "Red is warm.", "stop", 1)
     tasks = {t["task"]: t for t in row["data"]["tasks"]}
     assert tasks["A"]["status"] == "completed"
-    assert tasks["B"]["status"] == "cancelled"  # `first` in the winner view: nobody reads the loser
+    assert tasks["B"]["status"] == "cancelled"  # `first`, winner view: nobody will read the loser
+    await stack.beta.wait_idle()
 
     events = await bus_events(stack.nats, trace_id)
-    assert [e["type"] for e in events][:2] == ["role", "tasks"]
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["role", "tasks"]
+    assert events[1]["tasks"] == [{"task": "A", "model": "alpha-1"}, {"task": "B", "model": "beta-1"}]
     assert "".join(e["text"] for e in events if e["type"] == "token" and e["task"] == "A") == "Red is warm."
-    assert [e for e in events if e["type"] == "winner"] == [
-        {"seq": events[-2]["seq"] - 1 if events[-2]["type"] == "usage" else events[-2]["seq"],
-         "type": "winner", "task": "A", "model": "alpha-1"}
-    ]
-    assert events[-1]["type"] == "finished" and events[-1]["winner"] == "alpha-1"
+    assert [(e["task"], e["model"]) for e in events if e["type"] == "winner"] == [("A", "alpha-1")]
+    assert kinds.count("finished") == 1 and kinds[-1] == "finished"
+    assert events[-1] | {"seq": 0} == {"seq": 0, "type": "finished", "reason": "stop", "status": "completed", "winner": "alpha-1"}
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    usage = next(e for e in events if e["type"] == "usage")["usage"]
+    assert usage["prompt_tokens"] == 5  # the loser was cancelled before it reported any
+
+
+async def test_request_options_pick_the_rule_and_n_shows_every_model(stack: Stack) -> None:
+    longest: Any = {"workflow": {"rule": "longest"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=longest
+        )
+    assert reply.headers["x-workflow-winner"] == "alpha-1"
+    completion = reply.parse()
+    assert [(c.index, c.message.content) for c in completion.choices] == [(0, "Red is warm.")]
+    assert completion.usage is not None and completion.usage.completion_tokens == 5  # both models ran to the end
+
+    with trio.fail_after(10):
+        both = await stack.client.chat.completions.create(model="colours", messages=MESSAGES, n=2)
+        chunks = [c async for c in await stack.client.chat.completions.create(
+            model="colours", messages=MESSAGES, n=2, stream=True
+        )]
+    assert sorted((c.index, c.message.content) for c in both.choices) == [(0, "Red is warm."), (1, "Blue")]
+    assert (text_of(chunks, 0), text_of(chunks, 1)) == ("Red is warm.", "Blue")
+    # Live: the fast model's tokens are on the wire before the slow one has answered at all.
+    first_blue = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].index == 1)
+    assert text_of(chunks[:first_blue], 0) == "Red is warm."
+
+    with pytest.raises(openai.BadRequestError, match="`n` must be 1 or the number of fanout models"):
+        await stack.client.chat.completions.create(model="colours", messages=MESSAGES, n=3)
+
+
+async def test_judge_rule_asks_the_judge_model(stack: Stack) -> None:
+    stack.alpha.set_script(Script(tokens=["The best is B."]), model="alpha-judge")
+    judged: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=judged
+        )
+    assert reply.parse().choices[0].message.content == "Blue"
+    row = await run_row(stack.db, reply.headers["x-trace-id"], status="completed")
+    assert row["winner"] == "beta-1" and row["data"]["judge"]["reply"] == "The best is B."
+    prompt = stack.alpha.requests[-1].json["messages"][1]["content"]
+    assert "Answer A:\nRed is warm." in prompt and "Answer B:\nBlue" in prompt
+
+
+async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stack: Stack) -> None:
+    headers = {"x-pipeline": stack.pipeline}
+    client = ollama.AsyncClient(host=stack.url, headers=headers)
+    with trio.fail_after(10):
+        parts = [p async for p in await client.chat(model="colours", messages=MESSAGES, stream=True)]
+    assert "".join(p.message.content or "" for p in parts) == "Red is warm."
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+
+    claude = anthropic.AsyncAnthropic(base_url=stack.url, api_key="unused", max_retries=0, default_headers=headers)
+    with trio.fail_after(10):
+        async with claude.messages.stream(model="colours", max_tokens=64, messages=MESSAGES) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            message = await stream.get_final_message()
+    assert text == "Red is warm." and message.stop_reason == "end_turn"
+    await claude.close()
+
+
+async def test_a_failing_model_drops_out_and_all_failing_is_an_http_error(stack: Stack) -> None:
+    stack.alpha.set_script(Script(status=500, error_message="alpha is down"))
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.create(model="colours", messages=MESSAGES)
+    assert reply.choices[0].message.content == "Blue"
+
+    stack.beta.set_script(Script(tokens=["Bl"], fail_after=2, fail_mode="close"))
+    with trio.fail_after(10), pytest.raises(openai.APIStatusError) as caught:
+        await stack.client.chat.completions.create(model="colours", messages=MESSAGES, stream=True)
+    # Nothing of the answer was shown yet, so the failure is a real status, not a broken stream.
+    assert caught.value.status_code == 502
+    assert "All 2 fanout models failed" in caught.value.message and "alpha is down" in caught.value.message
+
+
+# -- errors, deadlines, cancellation ---------------------------------------------------------
+
+
+async def test_pipeline_errors_before_any_event_keep_their_status(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fan, refusing = pipeline_name(), pipeline_name("refuse")
+    pipelines = {fan: fanout(), refusing: PipelineConfig("tests.workflow_pipelines:refuse")}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            body = {"model": "m", "messages": MESSAGES}
+            missing = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": fan})
+            assert missing.status_code == 400
+            assert "The fanout pipeline needs models" in missing.json()["error"]["message"]
+            unknown_model = await client.post(
+                "/v1/chat/completions", json=body | {"workflow": {"models": ["alpha-1", "nope"]}},
+                headers={"x-pipeline": fan},
+            )
+            assert unknown_model.status_code == 404  # checked by the gateway's router, before any job
+            limited = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": refusing})
+            assert limited.status_code == 429  # (the event schema has no room for Retry-After)
+            assert limited.json()["error"]["message"] == "Too many colours today."
+            row = await run_row(pg_database_url, limited.headers["x-trace-id"], status="failed")
+            assert row["error"]["message"] == "Too many colours today."
+
+
+async def test_no_worker_is_a_clear_503_and_unknown_pipelines_a_404(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    name = pipeline_name()
+    async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False) as (url, *_):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            body = {"model": "m", "messages": MESSAGES, "stream": True}
+            started = time.monotonic()
+            idle = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": name})
+            assert time.monotonic() - started < 2.0
+            assert idle.status_code == 503 and idle.headers["retry-after"] == "5"
+            assert f"No worker is running the pipeline `{name}`" in idle.json()["error"]["message"]
+            unknown = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": "nope"})
+            assert unknown.status_code == 404 and "Unknown pipeline `nope`" in unknown.json()["error"]["message"]
+            assert "fanout" in unknown.json()["error"]["message"]
+            bad = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": "a.b"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-pipeline"
+            unnamed = await client.post("/v1/chat/completions", json=body, headers={"x-route": "workflow"})
+            assert unnamed.status_code == 400
+            ollama_style = await client.post("/api/chat", json=body, headers={"x-pipeline": name})
+            assert ollama_style.status_code == 503 and "No worker" in ollama_style.json()["error"]
+
+
+async def test_a_job_nobody_starts_times_out_within_the_silence_deadline(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    async with workflow_stack(
+        pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False, silence_seconds=1.0
+    ) as (url, *_):
+        async with open_bus(nats_url) as bus:
+            await (await workers_kv(bus)).put(name, b'{"worker":"a worker stuck elsewhere"}')
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            started = time.monotonic()
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+            )
+            elapsed = time.monotonic() - started
+    assert response.status_code == 504 and 1.0 <= elapsed < 2.5
+    assert "No worker started" in response.json()["error"]["message"]
+
+
+async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:
+    slow = Script(n_tokens=2000, pace=0.01)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        body = {"model": "m", "messages": MESSAGES, "stream": True, "n": 2}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"x-pipeline": stack.pipeline}
+        ) as response:
+            assert response.status_code == 200
+            trace_id = response.headers["x-trace-id"]
+            lines = response.aiter_lines()
+            with trio.fail_after(5):
+                while "index\":1" not in await lines.__anext__():
+                    pass  # both models are streaming to the client
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+    # The client is gone: the gateway cancels the job, the worker its two backend calls.
+    started = time.monotonic()
+    await stack.alpha.wait_disconnect(3.0)
+    await stack.beta.wait_disconnect(3.0)
+    assert time.monotonic() - started < 2.0
+    await run_row(stack.db, trace_id, status="cancelled")
+    events = await bus_events(stack.nats, trace_id)
+    assert events[-1]["type"] == "finished" and events[-1]["status"] == "cancelled"
+
+
+async def test_a_crashing_pipeline_is_a_500_and_the_worker_goes_on(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    crashing, counting = pipeline_name("crash"), pipeline_name("count")
+    pipelines = {
+        crashing: PipelineConfig("tests.workflow_pipelines:crash"),
+        counting: PipelineConfig("tests.workflow_pipelines:count", {"n": 3}),
+    }
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with trio.fail_after(10):
+            stream = await client.chat.completions.create(
+                model="m", messages=MESSAGES, stream=True, extra_headers={"x-pipeline": crashing}
+            )
+            with pytest.raises(openai.APIError, match="crashed: RuntimeError: bug in the pipeline"):
+                async for _ in stream:
+                    pass
+            reply = await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"x-pipeline": counting})
+        assert reply.choices[0].message.content == "0 1 2 "
+        await client.close()
+
+
+# -- load --------------------------------------------------------------------------------------
+
+
+async def test_200_concurrent_streams_each_get_every_token_in_order(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name("count")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:count", {"n": 30})}
+    expected = "".join(f"{i} " for i in range(30))
+    async with workflow_stack(pg_database_url, nats_url, pipelines, concurrency=256) as (url, *_):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        texts: list[str] = []
+
+        async def one() -> None:
+            texts.append(await _raw_stream(host, int(port), name))
+
+        started = time.monotonic()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(200):
+                    nursery.start_soon(one)
+        elapsed = time.monotonic() - started
+    assert texts == [expected] * 200
+    print(f"200 workflow streams in {elapsed:.2f}s")
+
+
+async def _raw_stream(host: str, port: int, pipeline: str) -> str:
+    """One streamed request over a plain socket (httpx's pool costs more CPU than the gateway
+    at this concurrency); returns the streamed text."""
+    body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        f"x-pipeline: {pipeline}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(head + body)
+        received = bytearray()
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    header, _, payload = bytes(received).partition(b"\r\n\r\n")
+    assert header.startswith(b"HTTP/1.1 200"), header
+    text = []
+    for line in _unchunk(payload).split(b"\n"):
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            text.extend(c["delta"].get("content") or "" for c in chunk["choices"])
+    return "".join(text)
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return bytes(out)

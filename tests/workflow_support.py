@@ -84,3 +84,22 @@ async def bus_events(nats_url: str, trace_id: str, within: float = 5.0) -> list[
                 if received[-1]["type"] == "finished":
                     break
     return received
+
+
+def config_toml(backends: Iterable[BackendConfig], workflow: WorkflowSettings) -> str:
+    """The TOML a worker process reads for these settings."""
+    lines = ["[workflow]"]
+    for key in ("launch", "silence_seconds", "ack_wait_seconds", "max_deliver", "concurrency", "job_timeout_seconds"):
+        lines.append(f"{key} = {json.dumps(getattr(workflow, key))}")
+    for name, pipeline in workflow.pipelines.items():
+        lines.append(f'[workflow.pipelines."{name}"]')
+        if pipeline.function:
+            lines.append(f"function = {json.dumps(pipeline.function)}")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in pipeline.options.items())
+    for config in backends:
+        lines += [
+            "[[backends]]", f"name = {json.dumps(config.name)}", f"kind = {json.dumps(config.kind)}",
+            f"base_url = {json.dumps(config.base_url)}", f"prefixes = {json.dumps(list(config.prefixes))}",
+            f"default = {json.dumps(config.default)}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ import trio
 
 from proxy.config import Settings
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import StreamFailed
+from proxy.domain.events import StreamEvent, StreamFailed
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
 from proxy.infra.backends import Batch
@@ -40,7 +40,7 @@ from proxy.workflow.bus import jobs_kv
 from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key, cancel_subject, valid_pipeline
 from proxy.workflow.launchers import Launcher, create_launcher
 from proxy.workflow.pipelines import PipelineRegistry
-from proxy.workflow.view import ClientView
+from proxy.workflow.view import ClientView, Continuity, decode
 
 if TYPE_CHECKING:
     from proxy.services.chat import ChatExchange
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_proxy.workflow")
 
 _CANCEL_SECONDS = 2.0
+# After the silence deadline, how long JetStream may take to show what the live feed missed.
+_REPLAY_GRACE = 0.5
 _BATCH = 64
 
 
@@ -120,16 +122,22 @@ class WorkflowRoute:
             correlation_id=meta.correlation_id,
         )
         launched = ended = False
+        follow = _Follow(ClientView(), Continuity())
+        subject = events_subject(job.trace_id)
         try:
-            async with bus.subscribe(events_subject(job.trace_id), from_start=True, stream=EVENTS_STREAM) as events:
+            async with bus.subscribe(subject) as live:
                 await self.launcher.launch(bus, job)
                 launched = True
-                ended = await self._relay(events, exchange, job, send)
+                ended = await self._relay(live, follow, exchange, job, send)
+            if follow.needs_replay:
+                async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as replay:
+                    follow.replaying = True
+                    ended = await self._relay(replay, follow, exchange, job, send)
         except BusError as error:
-            raise GatewayError(
-                ErrorKind.UNAVAILABLE, f"The workflow job could not be handed over: {error}",
-                code="nats_unavailable", retry_after=5,
-            ) from None
+            if follow.view.visible:
+                await send.send(Batch([StreamFailed(_lost(error))], done=True))
+                return
+            raise _lost(error) from None
         finally:
             if launched and not ended:
                 await self._cancel(job.trace_id)
@@ -137,42 +145,59 @@ class WorkflowRoute:
     async def _relay(
         self,
         events: trio.MemoryReceiveChannel[BusMessage],
+        follow: _Follow,
         exchange: ChatExchange,
         job: Job,
         send: trio.MemorySendChannel[Batch],
     ) -> bool:
-        """Relay until the job's end; True when the job ended by itself (nothing to cancel)."""
-        view = ClientView()
-        silence = self._settings.silence_seconds
-        heard = False
+        """Relay until the job's end; True when the job ended by itself (nothing to cancel).
+        Returns early with `follow.needs_replay` set when the live feed missed something."""
+        view = follow.view
+        if follow.quiet_until is None:
+            follow.quiet_until = trio.current_time() + self._settings.silence_seconds
+        deadline = follow.quiet_until
+        if follow.replaying:  # time to read what JetStream holds, even at the deadline
+            deadline = max(deadline, trio.current_time() + _REPLAY_GRACE)
         while not view.done:
-            with trio.move_on_after(silence) as timer:
+            first: BusMessage | None = None
+            with trio.move_on_at(deadline) as timer:
                 try:
                     first = await events.receive()
                 except trio.EndOfChannel:
                     first = None
-            if timer.cancelled_caught or first is None:
-                error = self._silence_error(job.pipeline, heard, lost=first is None and not timer.cancelled_caught)
+            if first is None:
+                if not follow.replaying:
+                    follow.needs_replay = True  # a lost `finished`, a dropped subscription: look it up
+                    return False
+                error = self._silence_error(job.pipeline, follow.heard, lost=not timer.cancelled_caught)
                 if not view.visible:
                     raise error
                 await send.send(Batch([StreamFailed(error)], done=True))
                 return False
-            heard = True
-            out = view.feed_bytes(first.data)
+            out: list[StreamEvent] = []
+            message: BusMessage = first
+            gap = False
             for _ in range(_BATCH):
+                if not follow.take(message.data, out):
+                    gap = True
+                    break
                 if view.done:
                     break
                 try:
                     message = events.receive_nowait()
                 except trio.WouldBlock:
                     break
-                out.extend(view.feed_bytes(message.data))
+            if follow.fresh:  # duplicates (a replay re-reading what it had) do not count
+                follow.fresh = False
+                deadline = follow.quiet_until = trio.current_time() + self._settings.silence_seconds
             if view.error is not None and not view.visible:
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
             if out or view.done:
                 await send.send(Batch(out, done=view.done))
+            if gap:
+                return False  # re-read from JetStream
         return view.finished is not None and not view.abandoned
 
     def _silence_error(self, pipeline: str, heard: bool, *, lost: bool) -> GatewayError:
@@ -201,6 +226,43 @@ class WorkflowRoute:
                 await bus.publish_core(cancel_subject(trace_id), b"")
             except BusError as error:
                 log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
+
+
+class _Follow:
+    """A relay's reading position: the client's view, and which seqs it has had. A gap on
+    the live (core NATS) feed switches the relay to a JetStream replay of the trace."""
+
+    def __init__(self, view: ClientView, continuity: Continuity) -> None:
+        self.view = view
+        self.continuity = continuity
+        self.heard = False
+        self.needs_replay = False
+        self.replaying = False
+        self.quiet_until: float | None = None  # the silence deadline
+        self.fresh = False  # something new since the deadline was last moved
+
+    def take(self, data: bytes, out: list[StreamEvent]) -> bool:
+        """Feed one message to the view; False on a gap in the live feed."""
+        seq, event = decode(data)
+        verdict = self.continuity.check(seq)
+        if verdict == "seen":
+            return True
+        if verdict == "gap":
+            if not self.replaying:
+                self.needs_replay = True
+                return False
+            self.continuity.accept(seq)  # JetStream has nothing better: go on
+        self.heard = self.fresh = True
+        if event is not None:
+            out.extend(self.view.feed(seq, event))
+        return True
+
+
+def _lost(error: BusError) -> GatewayError:
+    return GatewayError(
+        ErrorKind.UNAVAILABLE, f"The workflow job's events could not be followed: {error}",
+        code="nats_unavailable", retry_after=5,
+    )
 
 
 def _names(value: Any) -> Iterable[str]:

@@ -3,11 +3,12 @@ publisher task that numbers and publishes them in order.
 
 One publisher per job attempt. Events are queued (bounded: a stalled NATS slows the
 pipeline down rather than growing memory), and each wake-up publishes whatever is queued as
-one batch — adjacent text deltas of one task merged — with the batch's last message a
-JetStream publish, so the publisher knows the whole batch is stored before it goes on.
-Every message carries `Nats-Msg-Id: {trace_id}:{seq}`: a batch retried after a NATS error
-is stored once. When nothing was published for `keepalive` seconds, a `progress` event
-tells the gateway the job is alive.
+one batch — adjacent text deltas of one task merged — in one trio->asyncio hop, without
+waiting for JetStream's acks. Where it matters — `finished`, `flush()` — the last message
+goes out as a JetStream publish: its ack means everything before it on the connection was
+processed too. Every message carries `Nats-Msg-Id: {trace_id}:{seq}`, so a batch retried
+after a NATS error is stored once (readers drop repeats by `seq`). When nothing was published
+for `keepalive` seconds, a `progress` event tells the gateway the job is alive.
 """
 
 from __future__ import annotations
@@ -67,15 +68,24 @@ class EventPublisher:
         self._next_seq = first_seq(attempt)
         self._keepalive = keepalive
         self._send, self._receive = trio.open_memory_channel[WorkflowEvent | _Flush | _Final](_QUEUE)
+        # Only `close` stops the publisher: it must outlive a cancelled job long enough to
+        # announce the job's end (callers bound that wait with their own deadlines).
+        self._scope = trio.CancelScope(shield=True)
         self.published = 0
+
+    def close(self) -> None:
+        self._scope.cancel()
 
     async def put(self, event: WorkflowEvent) -> None:
         await self._send.send(event)
 
     async def flush(self) -> None:
-        """Return once everything put so far is stored."""
+        """Return once everything put so far is stored (at once if the publisher is closed)."""
         done = trio.Event()
-        await self._send.send(_Flush(done))
+        try:
+            await self._send.send(_Flush(done))
+        except trio.BrokenResourceError:
+            return
         await done.wait()
 
     async def finish(self, finished: Finished) -> None:
@@ -88,7 +98,7 @@ class EventPublisher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with self._receive:
+        with self._scope, self._receive:
             while True:
                 items: list[WorkflowEvent | _Flush | _Final] = []
                 with trio.move_on_after(self._keepalive if self._keepalive > 0 else math.inf):
@@ -126,7 +136,7 @@ class EventPublisher:
             self._next_seq += 1
             messages.append((self._subject, encode(seq, final.finished), f"{self._trace_id}:finished"))
         if messages:
-            await self._store(messages)
+            await self._store(messages, confirm=bool(waiters) or final is not None)
             self.published += len(messages)
         for waiter in waiters:
             waiter.set()
@@ -135,12 +145,15 @@ class EventPublisher:
             return True
         return False
 
-    async def _store(self, messages: list[tuple[str, bytes, str]]) -> None:
+    async def _store(self, messages: list[tuple[str, bytes, str]], *, confirm: bool) -> None:
         delay = _RETRY_START
         while True:
             bus = self._bus()
             if bus is not None:
                 try:
+                    if not confirm:
+                        await bus.publish_batch(messages)
+                        return
                     await bus.publish_batch(messages[:-1])
                     subject, data, msg_id = messages[-1]
                     await bus.publish(subject, data, msg_id=msg_id)

@@ -272,3 +272,7 @@ def _all_failed(tasks: list[_Task]) -> GatewayError:
         return first
     detail = "; ".join(f"{task_name(t.choice)} ({t.model}): {t.error.message}" for t in failed if t.error)
     return GatewayError(first.kind, f"All {len(failed)} fanout models failed: {detail}", code=first.code)
+
+
+# The registry validates a pipeline's config-level options through this attribute.
+fanout.check_options = check_options  # type: ignore[attr-defined]

@@ -52,19 +52,25 @@ class PullLauncher:
         self._settings = settings
         self._registry = registry
         self._alive: dict[str, float] = {}  # pipeline -> until when a worker is known alive
+        self._looking: dict[str, trio.Event] = {}
 
     async def check(self, bus: Bus, pipeline: str) -> None:
-        now = trio.current_time()
-        if self._alive.get(pipeline, 0.0) > now:
+        if self._alive.get(pipeline, 0.0) > trio.current_time():
             return
+        # One look-up at a time per pipeline: a burst of requests shares it.
+        pending = self._looking.get(pipeline)
+        if pending is not None:
+            await pending.wait()
+            if self._alive.get(pipeline, 0.0) > trio.current_time():
+                return
+        done = self._looking[pipeline] = trio.Event()
         try:
-            entry = await (await workers_kv(bus)).get(pipeline)
-        except BusError as error:
-            raise GatewayError(
-                ErrorKind.UNAVAILABLE, f"NATS did not answer: {error}", code="nats_unavailable", retry_after=5
-            ) from None
-        if entry is not None:
-            self._alive[pipeline] = now + _LIVENESS_CACHE
+            alive = await self._look_up(bus, pipeline)
+        finally:
+            del self._looking[pipeline]
+            done.set()
+        if alive:
+            self._alive[pipeline] = trio.current_time() + _LIVENESS_CACHE
             return
         if not self._registry.knows(pipeline):
             raise unknown_pipeline(pipeline, self._registry)
@@ -74,6 +80,15 @@ class PullLauncher:
             f"`llm-proxy worker --pipelines {pipeline}`.",
             code="no_worker", retry_after=5,
         )
+
+    @staticmethod
+    async def _look_up(bus: Bus, pipeline: str) -> bool:
+        try:
+            return await (await workers_kv(bus)).get(pipeline) is not None
+        except BusError as error:
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE, f"NATS did not answer: {error}", code="nats_unavailable", retry_after=5
+            ) from None
 
     async def launch(self, bus: Bus, job: Job) -> None:
         await ensure_jobs_stream(bus, retention=self._settings.job_retention_seconds)

@@ -16,6 +16,9 @@ Names resolve in this order: `[workflow.pipelines.NAME] function = "pkg.mod:fn"`
 config, then the `llm_proxy.pipelines` entry-point group, then `BUILTIN`. Only the chosen
 one is imported, when a worker starts.
 
+A pipeline function may carry a `check_options(options) -> None` attribute that raises
+ValueError for bad config options; a worker calls it at start (fail fast, naming the key).
+
 Extension point: a built-in pipeline is one line in `BUILTIN` (name -> "module:function").
 `rag-answer` belongs there once retrieval exists.
 """

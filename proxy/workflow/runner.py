@@ -47,6 +47,7 @@ log = logging.getLogger("llm_proxy.workflow")
 COMMIT_SECONDS = 20.0
 _CHECK_SECONDS = 3.0
 _ANNOUNCE_SECONDS = 10.0
+_FRESH_SECONDS = 0.5
 
 
 class Disposition(enum.Enum):
@@ -95,7 +96,7 @@ class JobRun:
                 if disposition is Disposition.RETRY:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + _ANNOUNCE_SECONDS):
                         await publisher.flush()
-                nursery.cancel_scope.cancel()
+                publisher.close()
         return disposition
 
     async def _attempt(self, publisher: EventPublisher) -> Disposition:
@@ -103,14 +104,21 @@ class JobRun:
         early = await self._refusal()
         if early is not None:
             return await self._conclude(publisher, early)
-        stored = await self._start_row()
-        if stored is not None:
-            log.info("job %s already ended (%s); re-announcing it", job.trace_id, stored.status)
-            await self._announce(publisher, stored)
-            return Disposition.ACK
         start = StreamStart(id=f"chatcmpl-{job.trace_id}", model=job.request.model, created=int(job.submitted_at))
         emitter = Emitter(publisher, start)
-        outcome = await self._run_pipeline(emitter)
+        if self.attempt > 1:
+            stored = await self._start_row()
+            if stored is not None:
+                log.info("job %s already ended (%s); re-announcing it", job.trace_id, stored.status)
+                await self._announce(publisher, stored)
+                return Disposition.ACK
+            outcome = await self._run_pipeline(emitter)
+        else:
+            # A first attempt cannot find its run ended: record the start beside the pipeline
+            # (the outcome's UPSERT wins whichever lands first).
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._start_row)
+                outcome = await self._run_pipeline(emitter)
         if outcome is None:
             return Disposition.RETRY
         return await self._conclude(publisher, outcome)
@@ -125,10 +133,13 @@ class JobRun:
                 code="workflow_retries_exhausted",
             )
             return RunOutcome("failed", "error", error=error)
+        waited = time.time() - job.submitted_at
         if self.attempt == 1 and time.time() > job.deadline:
             error = GatewayError(ErrorKind.TIMEOUT, "Nobody waits for this job any more.", code="workflow_expired")
             return RunOutcome("cancelled", "cancelled", error=error)
-        if await self._cancel_marked():
+        # A cancel sent while the job waited in the queue reached no worker; it left a mark.
+        # (A job picked up at once is not worth the round trip: its cancel is still to come.)
+        if (self.attempt > 1 or waited > _FRESH_SECONDS) and await self._cancel_marked():
             return RunOutcome("cancelled", "cancelled")
         return None
 

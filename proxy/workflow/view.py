@@ -48,7 +48,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
-from proxy.workflow.job import attempt_of
+from proxy.workflow.job import attempt_of, first_seq
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +111,32 @@ def _extension(body: dict[str, Any]) -> WorkflowEvent | None:
         ordered = tuple(models.get(i, "") for i in range(max(models, default=-1) + 1))
         return TasksAnnounced(ordered, bool(body.get("select")))
     return None
+
+
+class Continuity:
+    """Checks that a trace's events arrive complete and in order, by their `seq`.
+
+    Within an attempt seqs are consecutive; a new attempt starts at its own first seq. A
+    reader on a plain (core NATS) subscription uses this to notice what it missed — and then
+    re-reads the trace from JetStream, where nothing is missing, skipping what it had.
+    """
+
+    def __init__(self) -> None:
+        self.next_seq = first_seq(1)
+
+    def check(self, seq: int) -> str:
+        """"new" (take it), "seen" (a duplicate: skip it) or "gap" (something is missing)."""
+        if seq < self.next_seq:
+            return "seen"
+        attempt = attempt_of(seq)
+        if seq == self.next_seq or (attempt > attempt_of(self.next_seq) and seq == first_seq(attempt)):
+            self.next_seq = seq + 1
+            return "new"
+        return "gap"
+
+    def accept(self, seq: int) -> None:
+        """Take `seq` whatever came before it (a replay that has nothing better)."""
+        self.next_seq = max(self.next_seq, seq + 1)
 
 
 def restarted_error() -> GatewayError:

@@ -62,7 +62,8 @@ log = logging.getLogger("llm_proxy.worker")
 _T = TypeVar("_T")
 
 _FETCH_EXPIRES = 2.0
-_FETCH_BATCH = 16
+# Pull requests in flight per pipeline: each takes one job per round trip.
+_PULLERS = 8
 _SETTLE_SECONDS = 5.0
 _BUS_WAIT_LOG = 10.0
 
@@ -117,7 +118,8 @@ class Worker:
                     async with trio.open_nursery() as pullers:
                         pullers.start_soon(self._beacon, bus)
                         for name in self.pipelines:
-                            await pullers.start(self._pull, bus, name, jobs, env)
+                            for _ in range(min(_PULLERS, self.concurrency)):
+                                await pullers.start(self._pull, bus, name, jobs, env)
                         log.info(
                             "worker %s pulling %s (concurrency %d)",
                             self.worker_id, ", ".join(self.pipelines), self.concurrency,
@@ -176,21 +178,15 @@ class Worker:
             task_status.started()
             while True:
                 await self._slots.acquire()
-                taken = 1
-                while taken < _FETCH_BATCH:
-                    try:
-                        self._slots.acquire_nowait()
-                    except trio.WouldBlock:
-                        break
-                    taken += 1
                 messages: list[JobMessage] = []
                 try:
-                    messages = await consumer.fetch(taken, timeout=_FETCH_EXPIRES)
+                    messages = await consumer.fetch(1, timeout=_FETCH_EXPIRES)
                 except BusError as error:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # stopping: not worth a warning
                     log.warning("pulling %s failed: %s", pipeline, error)
                     await trio.sleep(1.0)
                 finally:
-                    for _ in range(taken - len(messages)):
+                    if not messages:
                         self._slots.release()
                 for message in messages:
                     self._count(+1)

@@ -1,0 +1,319 @@
+"""Workflow workers as real processes: killed mid-job, stopped with SIGTERM, and started per
+job by a (stand-in) `systemctl` as the shipped oneshot unit would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import openai
+import pytest
+import trio
+
+from proxy.config import BackendConfig, WorkflowSettings
+from proxy.infra.nats import open_bus
+from proxy.workflow.bus import jobs_kv, workers_kv
+from proxy.workflow.job import ATTEMPT_SPAN, job_key
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+from tests.workflow_support import (
+    bus_events,
+    config_toml,
+    fanout,
+    pipeline_name,
+    run_row,
+    running_worker,
+    worker_settings,
+    workflow,
+)
+
+pytest_plugins = ["tests.infra_servers"]
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES: Any = [{"role": "user", "content": "Count slowly"}]
+LONG = [f" w{i}" for i in range(40)]  # 40 tokens at 0.05 s: a job that takes 2 s
+SHORT = [" short"]
+
+
+def worker_env(db: str, nats: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": db, "NATS_URL": nats, "PYTHONPATH": str(ROOT), "LLM_PROXY_LOG_LEVEL": "info"}
+
+
+@asynccontextmanager
+async def worker_process(
+    tmp_path: Path, db: str, nats: str, backends: list[BackendConfig], settings: WorkflowSettings, *extra: str
+) -> AsyncIterator[trio.Process]:
+    """`llm-proxy worker` in a process of its own; yields once it serves its pipelines."""
+    config = tmp_path / f"worker-{time.monotonic_ns()}.toml"
+    config.write_text(config_toml(backends, settings))
+    log = _log_file(tmp_path / f"{config.stem}.log")
+    command = [sys.executable, "-m", "proxy", "worker", "--config", str(config),
+               "--pipelines", *settings.pipelines, *extra]
+    process = await trio.lowlevel.open_process(command, env=worker_env(db, nats), stdout=log, stderr=log)
+    try:
+        async with open_bus(nats) as bus:
+            kv = await workers_kv(bus)
+            with trio.fail_after(20):
+                for name in settings.pipelines:
+                    while True:
+                        if await kv.get(name) is not None:
+                            break
+                        await trio.sleep(0.05)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        log.close()
+
+
+@asynccontextmanager
+async def two_fakes() -> AsyncIterator[tuple[OpenAIBackend, OpenAIBackend, list[BackendConfig]]]:
+    alpha = OpenAIBackend(default=Script(tokens=LONG, pace=0.05))
+    beta = OpenAIBackend(default=Script(tokens=SHORT, pace=0.05))
+    async with alpha.serve() as a, beta.serve() as b:
+        yield alpha, beta, [backend("alpha", a.url, prefixes=("alpha-",)), backend("beta", b.url, prefixes=("beta-",))]
+
+
+def client(url: str, pipeline: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                              default_headers={"x-pipeline": pipeline})
+
+
+async def test_a_killed_workers_job_is_redelivered_and_the_client_gets_the_whole_answer(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    settings = workflow({name: fanout(models=["alpha-1", "beta-1"], rule="longest")},
+                        silence_seconds=10.0, ack_wait_seconds=1.0)
+    async with two_fakes() as (alpha, _beta, backends):
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            openai_client = client(url, name)
+            async with worker_process(tmp_path, pg_database_url, nats_url, backends, settings) as doomed:
+                async with trio.open_nursery() as nursery:
+                    result: dict[str, Any] = {}
+
+                    async def ask() -> None:
+                        response = await openai_client.chat.completions.with_raw_response.create(
+                            model="m", messages=MESSAGES, stream=True
+                        )
+                        result["trace_id"] = response.headers["x-trace-id"]
+                        chunks = [c async for c in response.parse()]
+                        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                        result["finish"] = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+                    nursery.start_soon(ask)
+                    await alpha.wait_active_streams(1)  # the worker is mid-job
+                    doomed.send_signal(signal.SIGKILL)
+                    await alpha.wait_disconnect(5.0)
+                    killed_at = time.monotonic()
+                    worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+                    with trio.fail_after(15):
+                        async with running_worker(worker, pipelines=[name]):
+                            await run_row(pg_database_url, await _trace(result), status="completed")
+                            await _done(result)
+            await openai_client.close()
+    # Nothing of the answer had reached the client (the winner is chosen at the end), so the
+    # second attempt's answer is the client's, whole.
+    assert result["text"] == "".join(LONG) and result["finish"] == "stop"
+    assert time.monotonic() - killed_at < 8
+    row = await run_row(pg_database_url, result["trace_id"], status="completed")
+    assert (row["attempts"], row["winner"]) == (2, "alpha-1")
+    assert len([r for r in alpha.requests if r.model == "alpha-1"]) == 2
+    events = await bus_events(nats_url, result["trace_id"])
+    roles = [e["seq"] for e in events if e["type"] == "role"]
+    assert len(roles) == 2 and roles[1] == ATTEMPT_SPAN + 1  # the retry has its own seqs
+    assert [e["type"] for e in events].count("finished") == 1
+
+
+async def test_a_killed_worker_after_the_answer_started_is_a_clear_error(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    settings = workflow({name: fanout(models=["alpha-1", "beta-1"], view="all")},
+                        silence_seconds=10.0, ack_wait_seconds=1.0)
+    async with two_fakes() as (_alpha, _beta, backends):
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            openai_client = client(url, name)
+            async with worker_process(tmp_path, pg_database_url, nats_url, backends, settings) as doomed:
+                stream = await openai_client.chat.completions.with_raw_response.create(
+                    model="m", messages=MESSAGES, stream=True
+                )
+                trace_id = stream.headers["x-trace-id"]
+                chunks = stream.parse().__aiter__()
+                seen = ""
+                while len(seen) < 10:  # some of the answer is on the client's screen
+                    chunk = await chunks.__anext__()
+                    seen += "".join(c.delta.content or "" for c in chunk.choices)
+                doomed.send_signal(signal.SIGKILL)
+                worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+                async with running_worker(worker, pipelines=[name]):
+                    with trio.fail_after(10), pytest.raises(openai.APIError, match="stopped mid-stream"):
+                        async for _ in chunks:
+                            pass
+                    # The gateway cancelled the retry: its client cannot use it.
+                    row = await run_row(pg_database_url, trace_id, status="cancelled")
+                    assert row["attempts"] == 2
+            await openai_client.close()
+
+
+async def test_sigterm_hands_a_running_job_to_another_worker_at_once(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    # ack_wait is long: only a nak (not a timeout) can bring the job back this fast.
+    settings = workflow({name: fanout(models=["alpha-1", "beta-1"], rule="longest")},
+                        silence_seconds=10.0, ack_wait_seconds=30.0)
+    async with two_fakes() as (alpha, _beta, backends):
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            openai_client = client(url, name)
+            async with worker_process(tmp_path, pg_database_url, nats_url, backends, settings, "--drain-seconds", "0.2") as leaving:
+                async with trio.open_nursery() as nursery:
+                    result: dict[str, Any] = {}
+
+                    async def ask() -> None:
+                        reply = await openai_client.chat.completions.create(model="m", messages=MESSAGES)
+                        result["text"] = reply.choices[0].message.content
+
+                    nursery.start_soon(ask)
+                    await alpha.wait_active_streams(1)
+                    leaving.send_signal(signal.SIGTERM)
+                    with trio.fail_after(10):
+                        assert await leaving.wait() == 0  # drained, handed the job back, exited cleanly
+                    started = time.monotonic()
+                    worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+                    async with running_worker(worker, pipelines=[name]):
+                        with trio.fail_after(10):
+                            await _done(result)
+                    assert time.monotonic() - started < 8
+            await openai_client.close()
+    assert result["text"] == "".join(LONG)
+
+
+# -- systemd ----------------------------------------------------------------------------------
+
+STANDIN = r'''#!{python}
+"""A stand-in `systemctl`: records its arguments, then runs what the unit would run."""
+import json, os, shlex, subprocess, sys
+
+record = os.environ["STANDIN_RECORD"]
+with open(record, "a") as handle:
+    handle.write(json.dumps(sys.argv[1:]) + "\n")
+if os.environ.get("STANDIN_FAIL"):
+    print("Failed to start llm-proxy-job@x.service: Access denied", file=sys.stderr)
+    sys.exit(4)
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+assert args[0] == "start" and "--no-block" in sys.argv, sys.argv
+template, _, instance = args[1].removesuffix(".service").partition("@")
+unit = open(os.path.join(os.environ["STANDIN_UNITS"], template + "@.service")).read()
+assert "Type=oneshot" in unit
+command = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+log = open(record + "." + instance + ".log", "wb")
+child = subprocess.Popen(shlex.split(command.replace("%i", instance)), stdout=log, stderr=log, start_new_session=True)
+with open(record + ".pids", "a") as handle:
+    handle.write(f"{{child.pid}}\n")
+'''
+
+
+async def test_systemd_launch_mode_runs_each_job_as_the_shipped_oneshot_unit(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = pipeline_name()
+    settings = workflow({name: fanout(models=["alpha-1", "beta-1"])}, launch="systemd", silence_seconds=15.0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    standin = bin_dir / "systemctl"
+    standin.write_text(STANDIN.format(python=sys.executable))
+    standin.chmod(0o755)
+    record = tmp_path / "systemctl.jsonl"
+    async with two_fakes() as (_alpha, _beta, backends):
+        config = tmp_path / "llm-proxy.toml"
+        config.write_text(config_toml(backends, settings))
+        for key, value in worker_env(pg_database_url, nats_url).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}")
+        monkeypatch.setenv("LLM_PROXY_CONFIG", str(config))  # what /etc/llm-proxy/worker.env sets
+        monkeypatch.setenv("STANDIN_RECORD", str(record))
+        monkeypatch.setenv("STANDIN_UNITS", str(ROOT / "deploy"))
+        try:
+            async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+                openai_client = client(url, name)
+                with trio.fail_after(20):
+                    reply = await openai_client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+                trace_id = reply.headers["x-trace-id"]
+                assert reply.parse().choices[0].message.content == "".join(SHORT)  # first to finish
+                calls = [json.loads(line) for line in record.read_text().splitlines()]
+                assert calls == [["start", "--no-block", f"llm-proxy-job@{trace_id}.service"]]
+                row = await run_row(pg_database_url, trace_id, status="completed")
+                assert (row["attempts"], row["winner"]) == (1, "beta-1")
+                with trio.fail_after(10):
+                    await _exited(record)
+                async with open_bus(nats_url) as bus:
+                    assert await (await jobs_kv(bus, retention=3600)).get(job_key(trace_id)) is None
+
+                monkeypatch.setenv("STANDIN_FAIL", "1")
+                with pytest.raises(openai.APIStatusError) as failed:
+                    await openai_client.chat.completions.create(model="m", messages=MESSAGES)
+                assert failed.value.status_code == 503
+                assert "Could not start the job unit" in failed.value.message and "Access denied" in failed.value.message
+                await openai_client.close()
+        finally:
+            _kill_children(record)
+
+
+async def _trace(result: dict[str, Any]) -> str:
+    while True:
+        if "trace_id" in result:
+            return str(result["trace_id"])
+        await trio.sleep(0.02)
+
+
+async def _done(result: dict[str, Any]) -> None:
+    while True:
+        if "text" in result:
+            return
+        await trio.sleep(0.02)
+
+
+async def _exited(record: Path) -> None:
+    """Wait for the unit's process (started detached, like systemd's) to exit."""
+    while True:
+        pids = _pids(record)
+        if pids and not any(map(_alive, pids)):
+            return
+        await trio.sleep(0.05)
+
+
+def _log_file(path: Path) -> BinaryIO:
+    return open(path, "wb")  # the caller closes it
+
+
+def _pids(record: Path) -> list[int]:
+    pids_file = Path(f"{record}.pids")
+    return [int(pid) for pid in pids_file.read_text().split()] if pids_file.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of ours (the stand-in exited without reaping) counts as gone.
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+
+
+def _kill_children(record: Path) -> None:
+    for pid in _pids(record):
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

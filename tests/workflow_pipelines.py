@@ -1,0 +1,37 @@
+"""Pipelines of the tests' own, loaded by `function = "tests.workflow_pipelines:NAME"`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from proxy.domain.chat import FinishReason
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import Finish
+from proxy.workflow.pipelines import PipelineContext, PipelineResult
+
+
+async def count(ctx: PipelineContext) -> None:
+    """"0 1 2 … n-1 " as fast as it can, no backend: every token must reach the client."""
+    for i in range(int(ctx.options.get("n", 20))):
+        await ctx.emit.text(f"{i} ")
+        if ctx.options.get("pace"):
+            await trio.sleep(float(ctx.options["pace"]))
+    await ctx.emit.emit(Finish(FinishReason.STOP))
+
+
+async def refuse(ctx: PipelineContext) -> None:
+    raise GatewayError(ErrorKind.RATE_LIMITED, "Too many colours today.", retry_after=7)
+
+
+async def crash(ctx: PipelineContext) -> None:
+    await ctx.emit.text("partial ")
+    raise RuntimeError("bug in the pipeline")
+
+
+async def echo(ctx: PipelineContext) -> PipelineResult:
+    """One model, streamed live (no tasks announced): the client sees tokens as they come."""
+    model = str(ctx.options.get("model", ctx.request.model))
+    answer = await ctx.llm.stream(replace(ctx.request, model=model), into=ctx.emit.task(0))
+    return PipelineResult(winner=answer.model)
