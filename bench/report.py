@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from .load import percentile
-from .scenarios import Measure, Scenario, StormRun
+from .scenarios import SCENARIOS, Measure, Scenario, StormRun
 
-__all__ = ["Results", "Targets", "markdown"]
+__all__ = ["Results", "Targets", "dump", "load", "markdown"]
 
 DIRECT = "direct"
 GATEWAY = "gateway"
@@ -67,6 +69,11 @@ def added(results: Results, scenario: str, target: str, value: Callable[[Measure
     return _median(diffs)
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is zero or either is NaN (a starved run must not end the report)."""
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else float("nan")
+
+
 def _f(value: float, digits: int = 1) -> str:
     if math.isnan(value):
         return "-"
@@ -93,7 +100,7 @@ def _request_table(results: Results) -> list[str]:
             is_direct = target == DIRECT
             add50 = "" if is_direct else _signed(added(results, scenario.key, target, _p50), 2)
             add99 = "" if is_direct else _signed(added(results, scenario.key, target, _p99), 2)
-            per_req = m.server_cpu / m.rps * 1000 if m.rps else float("nan")
+            per_req = ratio(m.server_cpu, m.rps) * 1000
             lines.append(
                 f"| {scenario.title} | {target} | {_f(m.rps, 0)} | {_f(m.p50_ms, 2)} "
                 f"| {_f(m.p99_ms, 2)} | {add50} | {add99} | {m.server_cpu:.0%} "
@@ -119,7 +126,7 @@ def _stream_table(results: Results) -> list[str]:
             is_direct = target == DIRECT
             add50 = "" if is_direct else _signed(added(results, scenario.key, target, _p50), 2)
             add99 = "" if is_direct else _signed(added(results, scenario.key, target, _p99), 2)
-            per_chunk = m.server_cpu / m.chunks_per_s * 1e6 if m.chunks_per_s else float("nan")
+            per_chunk = ratio(m.server_cpu, m.chunks_per_s) * 1e6
             lines.append(
                 f"| {scenario.title} | {target} | {_f(m.chunks_per_s, 0)} | {_f(m.p50_ms, 2)} "
                 f"| {_f(m.p99_ms, 2)} | {add50} | {add99} | {_f(m.rps, 1)} "
@@ -158,7 +165,7 @@ def _storm_table(results: Results) -> list[str]:
 
 
 def _growth(run: StormRun) -> float:
-    return (run.rss[-1] - run.rss[0]) / run.rss[0] if run.rss and run.rss[0] else float("nan")
+    return ratio(run.rss[-1] - run.rss[0], run.rss[0]) if run.rss else float("nan")
 
 
 def _peak(results: Results, target: str, stream: bool, value: Callable[[Measure], float]) -> float:
@@ -187,7 +194,7 @@ def _targets_table(results: Results, goals: Targets) -> list[str]:
         "|---|---|---|",
         _row(
             f"peak req/s on one core >= {factor:.0f}x LiteLLM's ({source}: {_f(peer_rps, 0)})",
-            f"{_f(gw_rps, 0)} req/s = {gw_rps / peer_rps:.1f}x",
+            f"{_f(gw_rps, 0)} req/s = {_f(ratio(gw_rps, peer_rps))}x",
             gw_rps >= factor * peer_rps,
         ),
     ]
@@ -204,7 +211,7 @@ def _targets_table(results: Results, goals: Targets) -> list[str]:
                 f"chunks/s on one core, {label}, >= {factor:.0f}x LiteLLM's "
                 f"({source if peer is not None else 'quoted in the issue'}: "
                 f"{_f(peer_chunks, 0)})",
-                f"{_f(gw.chunks_per_s, 0)} chunks/s = {gw.chunks_per_s / peer_chunks:.1f}x",
+                f"{_f(gw.chunks_per_s, 0)} chunks/s = {_f(ratio(gw.chunks_per_s, peer_chunks))}x",
                 gw.chunks_per_s >= factor * peer_chunks,
             )
         )
@@ -242,8 +249,9 @@ def _targets_table(results: Results, goals: Targets) -> list[str]:
         w2c = _peak(results, GATEWAY_W2, True, _chunks)
         if w1 is not None and w2 is not None:
             lines.append(
-                f"| `--workers 2` scales across cores | req/s at c=64 x{w2.rps / w1.rps:.2f}, "
-                f"peak chunks/s x{w2c / w1c:.2f} (the load shares the second core) | see ratio |"
+                f"| `--workers 2` scales across cores | req/s at c=64 "
+                f"x{_f(ratio(w2.rps, w1.rps), 2)}, peak chunks/s x{_f(ratio(w2c, w1c), 2)} "
+                "(the load shares the second core) | see ratio |"
             )
     return lines
 
@@ -275,12 +283,12 @@ def _ceiling(results: Results) -> list[str]:
             out.append(
                 f"{scenario.title}: {_f(m.chunks_per_s, 0)} chunks/s direct with the load "
                 f"generator at {m.client_cpu:.0%} of a core (≈ "
-                f"{_f(m.chunks_per_s / m.client_cpu, 0)} chunks/s alone)"
+                f"{_f(ratio(m.chunks_per_s, m.client_cpu), 0)} chunks/s alone)"
             )
         else:
             out.append(
                 f"{scenario.title}: {_f(m.rps, 0)} req/s direct with the load generator at "
-                f"{m.client_cpu:.0%} of a core (≈ {_f(m.rps / m.client_cpu, 0)} req/s alone)"
+                f"{m.client_cpu:.0%} of a core (≈ {_f(ratio(m.rps, m.client_cpu), 0)} req/s alone)"
             )
     return out
 
@@ -321,3 +329,39 @@ def markdown(results: Results, header: list[str], goals: Targets | None = None) 
         parts += ["", "**Load generator ceiling** (direct runs; the fake shares its core):", ""]
         parts += [f"- {line}" for line in ceiling]
     return "\n".join(parts) + "\n"
+
+
+def dump(results: Results, header: list[str]) -> str:
+    """Every measure of a run as JSON (``load`` turns it back into a report)."""
+    return json.dumps(
+        {
+            "header": header,
+            "scenarios": [s.key for s in results.scenarios],
+            "targets": results.targets,
+            "rounds": [
+                [
+                    {"scenario": scenario, "target": target, **dataclasses.asdict(measure)}
+                    for (scenario, target), measure in round_.items()
+                ]
+                for round_ in results.rounds
+            ],
+            "storms": {name: dataclasses.asdict(run) for name, run in results.storms.items()},
+        },
+        indent=1,
+    )
+
+
+def load(text: str) -> tuple[Results, list[str]]:
+    data = json.loads(text)
+    by_key = {s.key: s for s in SCENARIOS}
+    measure_fields = {f.name for f in dataclasses.fields(Measure)}
+    rounds: list[Round] = []
+    for entries in data["rounds"]:
+        round_: Round = {}
+        for entry in entries:
+            values = {k: v for k, v in entry.items() if k in measure_fields}
+            round_[(entry["scenario"], entry["target"])] = Measure(**values)
+        rounds.append(round_)
+    storms = {name: StormRun(**run) for name, run in data["storms"].items()}
+    scenarios = [by_key[key] for key in data["scenarios"]]
+    return Results(scenarios, data["targets"], rounds, storms), data["header"]

@@ -12,7 +12,6 @@ Everything it starts is stopped when it ends, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -22,13 +21,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
 
 from .load import Endpoint
 from .procs import Family, Processes, free_port
-from .report import DIRECT, GATEWAY, GATEWAY_W2, LITELLM, Results, Round, markdown
+from .report import DIRECT, GATEWAY, GATEWAY_W2, LITELLM, Results, Round, dump, load, markdown
 from .scenarios import (
     FAKE_SCRIPTS,
     SCENARIOS,
@@ -85,12 +85,23 @@ def _parser() -> argparse.ArgumentParser:
         help="run the gateway as committed at this revision (a `git archive` export), not "
         "the working tree, which others may be editing",
     )
-    parser.add_argument("--raw", type=Path, default=None, help="also write every measure as JSON")
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        help="where to save every measure as JSON (default: bench/results/<time>.json)",
+    )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="print the tables of a saved run; run nothing"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.report is not None:
+        print(markdown(*load(args.report.read_text())))
+        return 0
     scenarios = _pick(args.only)
     # Ctrl-C, SIGTERM and SIGHUP all unwind through the `with` blocks that stop the children
     # (inside trio.run, `_until_signal` turns the latter two into KeyboardInterrupt).
@@ -115,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         results = trio.run(_until_signal, targets, scenarios, args, fake_url)
 
     header = _header(argv, pinned, server_core, load_core, load_before, args)
+    # Saved before anything can go wrong in the report: a run takes minutes.
+    raw = args.raw or REPO / "bench" / "results" / time.strftime("%Y%m%dT%H%M%S.json")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(dump(results, header))
+    print(f"every measure saved in {raw}", file=sys.stderr)
     print(markdown(results, header))
-    if args.raw is not None:
-        args.raw.write_text(json.dumps(_raw(results), indent=1))
     return 0
 
 
@@ -392,19 +406,6 @@ def _header(
         f"{args.max_connections} connections, access log off, persistence "
         f"{'on (embedded PostgreSQL + NATS, started by the gateway on its core)' if args.persistence == 'embedded' else 'off'}.",
     ]
-
-
-def _raw(results: Results) -> dict[str, object]:
-    return {
-        "rounds": [
-            {
-                f"{scenario}/{target}": dataclasses.asdict(measure)
-                for (scenario, target), measure in round_.items()
-            }
-            for round_ in results.rounds
-        ],
-        "storms": {name: dataclasses.asdict(run) for name, run in results.storms.items()},
-    }
 
 
 def _interrupted(exc: BaseException) -> bool:
