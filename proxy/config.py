@@ -272,6 +272,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
+        workflow=_parse_workflow(top.get("workflow", dict, {})),
     )
 
 
@@ -313,6 +314,52 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
         max_connections=reader.positive("max_connections", int, 100),
         request_usage=reader.get("request_usage", bool, True),
         cache=reader.get("cache", bool, False),
+    )
+
+
+_WORKFLOW_KEYS = {
+    "launch", "default_pipeline", "silence_seconds", "ack_wait_seconds", "max_deliver", "concurrency",
+    "job_retention_seconds", "job_timeout_seconds", "unit", "systemctl", "pipelines",
+}
+_FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def _parse_workflow(raw: Mapping[str, Any]) -> WorkflowSettings:
+    reader = _Reader(raw, "workflow", _WORKFLOW_KEYS)
+    launch = reader.get("launch", str, "pull")
+    if launch not in LAUNCH_MODES:
+        raise ConfigError(f"`workflow.launch` must be one of {', '.join(LAUNCH_MODES)}, got {launch!r}")
+    default = reader.get("default_pipeline", str)
+    if default is not None and not PIPELINE_NAME.match(default):
+        raise ConfigError(f"`workflow.default_pipeline` must be a pipeline name ([A-Za-z0-9_-]), got {default!r}")
+    unit = reader.get("unit", str, "llm-proxy-job@{trace_id}.service")
+    if "{trace_id}" not in unit:
+        raise ConfigError(f"`workflow.unit` must contain {{trace_id}}, got {unit!r}")
+    pipelines: dict[str, PipelineConfig] = {}
+    for name, table in reader.get("pipelines", dict, {}).items():
+        where = f"workflow.pipelines.{name}"
+        if not PIPELINE_NAME.match(name):
+            raise ConfigError(f"`{where}`: a pipeline name is 1-64 of A-Z a-z 0-9 _ -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"`{where}` must be a table")
+        function = table.get("function")
+        if function is not None and (not isinstance(function, str) or not _FUNCTION_PATH.match(function)):
+            raise ConfigError(f"`{where}.function` must be \"package.module:function\", got {function!r}")
+        pipelines[name] = PipelineConfig(function, {k: v for k, v in table.items() if k != "function"})
+    silence = float(reader.positive("silence_seconds", (int, float), 30.0))
+    ack_wait = float(reader.positive("ack_wait_seconds", (int, float), 10.0))
+    return WorkflowSettings(
+        launch=launch,
+        default_pipeline=default,
+        silence_seconds=silence,
+        ack_wait_seconds=ack_wait,
+        max_deliver=reader.positive("max_deliver", int, 3),
+        concurrency=reader.positive("concurrency", int, 16),
+        job_retention_seconds=float(reader.positive("job_retention_seconds", (int, float), 86400.0)),
+        job_timeout_seconds=float(reader.positive("job_timeout_seconds", (int, float), 1800.0)),
+        unit=unit,
+        systemctl=reader.get("systemctl", str, "systemctl") or "systemctl",
+        pipelines=pipelines,
     )
 
 
