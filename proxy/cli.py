@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import logging
 import signal
@@ -23,6 +24,8 @@ from proxy.infra.embedded import (
 from proxy.infra.logging import configure_logging
 from proxy.ingest_command import add_parser as add_ingest_parser
 from proxy.ingest_command import run as run_ingest
+from proxy.keys_command import add_parser as add_keys_parser
+from proxy.keys_command import run as run_keys
 from proxy.workflow import command as worker_command
 
 log = logging.getLogger("llm_proxy")
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(migrate)
 
     add_ingest_parser(commands, common)
+
+    add_keys_parser(commands, common)
     worker_command.add_parser(commands, common)
     return parser
 
@@ -65,24 +70,34 @@ def load(args: argparse.Namespace) -> Settings:
 
 
 @contextlib.contextmanager
-def embedded_servers(settings: Settings) -> Iterator[Settings]:
+def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted: bool = True) -> Iterator[Settings]:
     """Start PostgreSQL and NATS for whichever URL is not configured; stop them on exit.
 
     They are started once here, in the parent, and shared by every worker. A server left
     running by a killed earlier run on the same data directory is adopted, never doubled.
+    `with_nats=False`: PostgreSQL only. `stop_adopted=False` (one-shot commands such as `keys`):
+    a server found running, most likely a live gateway's, is left running on exit.
     """
-    if not settings.embedded or (settings.database_url and settings.nats_url):
+    if not settings.embedded or (settings.database_url and (settings.nats_url or not with_nats)):
         yield settings
         return
     data_dir = settings.data_dir or default_data_dir()
     with contextlib.ExitStack() as stack:
         changes: dict[str, str] = {}
         if not settings.database_url:
-            postgres = stack.enter_context(EmbeddedPostgres(data_dir / "pgdata"))
+            postgres = EmbeddedPostgres(data_dir / "pgdata")
+            if stop_adopted:
+                stack.enter_context(postgres)
+            else:
+                postgres.start()
+                if postgres.reused:
+                    atexit.unregister(postgres.stop)
+                else:
+                    stack.callback(postgres.stop)
             assert postgres.url is not None
             changes["database_url"] = postgres.url
             log.info("embedded PostgreSQL %s at %s", "adopted" if postgres.reused else "started", data_dir / "pgdata")
-        if not settings.nats_url:
+        if with_nats and not settings.nats_url:
             nats = stack.enter_context(EmbeddedNats(data_dir / "nats"))
             assert nats.url is not None
             changes["nats_url"] = nats.url
@@ -109,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":  # connects to the gateway's servers, never starts its own
             return worker_command.run(args, settings)
+        if args.command == "keys":
+            with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
+                return run_keys(args, settings.database_url)
         if args.command == "ingest":  # a running gateway's embedded PostgreSQL is left running
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return run_ingest(args, settings)

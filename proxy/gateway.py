@@ -15,9 +15,11 @@ from proxy.infra.backends import Backend, create_backend
 from proxy.infra.logging import RequestLog
 from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
-from proxy.services.chat import ChatService
+from proxy.services.auth import Authenticator, KeyRing, ScopedCatalog, ScopedRouter
+from proxy.services.chat import ChatService, ExchangeRecord, RecordSink
 from proxy.services.embeddings import CatalogWithLocalModels, EmbeddingService, LocalModel
 from proxy.services.journal import ensure_streams
+from proxy.services.limits import RateLimiter
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Persistence, PersistenceSettings
 from proxy.services.rag import RagRoute, RagService
@@ -39,6 +41,8 @@ class Gateway:
     embeddings: EmbeddingService | None = None
     rag: RagService | None = None
     semantic_cache: SemanticCache | None = None
+    auth: Authenticator | None = None
+    limits: RateLimiter | None = None
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not."""
@@ -63,19 +67,29 @@ class Gateway:
         return states
 
 
-def build_router(settings: Settings) -> Router:
+def build_router(settings: Settings, cls: type[Router] = Router) -> Router:
     routes = [
         BackendRoute(name=b.name, prefixes=b.prefixes, models=b.models, default=b.default)
         for b in settings.backends
     ]
-    return Router(routes, settings.aliases)
+    return cls(routes, settings.aliases)
+
+
+def record_to(*sinks: RecordSink) -> RecordSink:
+    def record(entry: ExchangeRecord) -> None:
+        for sink in sinks:
+            sink(entry)
+
+    return record
 
 
 @asynccontextmanager
 async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterator[Gateway]:
     """Wire the gateway; its long-lived tasks (connection keepers) run in `nursery`, which
     the caller owns (the app's lifespan) and which outlives this context."""
-    router = build_router(settings)
+    # Requests resolve models through the scoped router (a key's model scope is checked
+    # there); the catalogue lists every model and is filtered per key on the way out.
+    router = build_router(settings, ScopedRouter)
     backends = {config.name: create_backend(config) for config in settings.backends}
 
     async def on_bus(bus: Bus) -> None:
@@ -90,6 +104,12 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
         await nursery.start(persistence.publisher.run)
+    keys = KeyRing(resources)
+    limits = RateLimiter(resources, keys)
+    if settings.database_url and settings.auth != "off":
+        await nursery.start(keys.run)
+        await nursery.start(limits.run)
+    auth = Authenticator(settings.auth, keys, has_database=settings.database_url is not None)
     # The local embedding model: loaded on first use (or now, in the background, with
     # `preload`), its batcher a task of `nursery`.
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
@@ -103,16 +123,22 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, RequestLog(settings.access_log), persistence=persistence, semantic_cache=semantic_cache,
+            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record), persistence=persistence, semantic_cache=semantic_cache,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router)}),
-            catalog=CatalogWithLocalModels(embeddings, backends, router, settings.models_cache_seconds),
+            catalog=ScopedCatalog(
+                CatalogWithLocalModels(embeddings, backends, build_router(settings), settings.models_cache_seconds)
+            ),
             resources=resources,
             persistence=persistence,
             embeddings=embeddings,
             rag=rag,
             semantic_cache=semantic_cache,
+            auth=auth,
+            limits=limits,
         )
     finally:
+        await limits.aclose()  # writes pending usage while the database is still open
+        keys.stop()
         if persistence is not None:
             # Durable runs first: their outcomes still go through the writer.
             persistence.runs.stop()

@@ -6,11 +6,12 @@ from contextlib import AsyncExitStack
 
 from proxy.config import Settings
 from proxy.gateway import open_gateway
-from proxy.http import _anthropic, _health, _ollama, _openai, _streams
-from proxy.http import _embeddings, _workspaces
+from proxy.http import _anthropic, _embeddings, _health, _ollama, _openai, _streams, _workspaces
+from proxy.http._auth import install_auth
 from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._exchange import GatewayConnection
+from proxy.http._openapi import blueprint as openapi_blueprint
 
 
 class _App(GatewayApp):
@@ -31,7 +32,9 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_streams.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
+    app.register_blueprint(openapi_blueprint)
     install_error_handlers(app)
+    install_auth(app)
     resources = AsyncExitStack()
 
     @app.before_serving

@@ -1,0 +1,554 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 description of every endpoint the gateway serves.
+
+Operations are described here, by path and method (`OPERATIONS`; a blueprint may add its
+own with `document`). The served document holds exactly the routes registered on the app,
+so it never lists an endpoint this build does not serve, and it marks the paths that need
+no key under the running configuration. `tests/test_security_openapi.py` fails when a route
+is served without a description here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from quart import Blueprint, Response, current_app
+
+from proxy import __version__
+from proxy.http._context import gateway
+
+blueprint = Blueprint("openapi", __name__)
+
+Schema = dict[str, Any]
+Operation = dict[str, Any]
+
+# -- schemas ------------------------------------------------------------------------------------
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_OBJ = {"type": "object"}
+
+_OPENAI_ERROR: Schema = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": _STR,
+                "type": _STR,
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ANTHROPIC_ERROR: Schema = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {"type": "object", "required": ["type", "message"], "properties": {"type": _STR, "message": _STR}},
+    },
+}
+_OLLAMA_ERROR: Schema = {"type": "object", "required": ["error"], "properties": {"error": _STR}}
+_ERRORS = {"openai": "OpenAIError", "anthropic": "AnthropicError", "ollama": "OllamaError"}
+
+_TOOL: Schema = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": _STR, "description": _STR, "parameters": _OBJ, "strict": _BOOL},
+        },
+    },
+}
+_CONTENT_PART: Schema = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["text", "image_url"]},
+        "text": _STR,
+        "image_url": {"type": "object", "required": ["url"], "properties": {"url": _STR, "detail": _STR}},
+    },
+}
+_OPENAI_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"oneOf": [_STR, {"type": "array", "items": _CONTENT_PART}, {"type": "null"}]},
+        "name": _STR,
+        "tool_call_id": _STR,
+        "tool_calls": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "function"],
+                "properties": {
+                    "id": _STR,
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name", "arguments"],
+                        "properties": {"name": _STR, "arguments": _STR},
+                    },
+                },
+            },
+        },
+    },
+}
+_CHAT_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {"type": "array", "items": _OPENAI_MESSAGE},
+        "stream": _BOOL,
+        "stream_options": {"type": "object", "properties": {"include_usage": _BOOL}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "n": {"type": "integer", "minimum": 1},
+        "stop": {"oneOf": [_STR, {"type": "array", "items": _STR}]},
+        "seed": _INT,
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "tools": {"type": "array", "items": _TOOL},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, _OBJ]},
+        "response_format": {"type": "object", "required": ["type"], "properties": {"type": _STR}},
+        "user": _STR,
+    },
+}
+_USAGE: Schema = {
+    "type": "object",
+    "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
+}
+_CHAT_COMPLETION: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "chat.completion"},
+        "created": _INT,
+        "model": _STR,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason"],
+                "properties": {"index": _INT, "message": _OBJ, "finish_reason": {"type": ["string", "null"]}},
+            },
+        },
+        "usage": _USAGE,
+    },
+}
+_MODEL_LIST: Schema = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object"],
+                "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
+            },
+        },
+    },
+}
+_EMBEDDINGS_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": {
+            "oneOf": [
+                _STR,
+                {"type": "array", "items": _STR, "minItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            ]
+        },
+        "encoding_format": {"enum": ["float", "base64"]},
+        "dimensions": {"type": "integer", "minimum": 1},
+        "user": _STR,
+    },
+}
+_EMBEDDINGS: Schema = {
+    "type": "object",
+    "required": ["object", "data", "model"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _OBJ}, "model": _STR, "usage": _USAGE},
+}
+
+_ANTHROPIC_BLOCK: Schema = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["text", "image", "tool_use", "tool_result", "thinking", "document"]},
+        "text": _STR,
+        "id": _STR,
+        "name": _STR,
+        "input": _OBJ,
+        "tool_use_id": _STR,
+        "content": {"oneOf": [_STR, {"type": "array", "items": _OBJ}]},
+    },
+}
+_ANTHROPIC_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": ["user", "assistant"]},
+        "content": {"oneOf": [_STR, {"type": "array", "items": _ANTHROPIC_BLOCK}]},
+    },
+}
+_ANTHROPIC_TOOL: Schema = {
+    "type": "object",
+    "required": ["name", "input_schema"],
+    "properties": {"name": _STR, "description": _STR, "input_schema": _OBJ},
+}
+_MESSAGES_COMMON: Schema = {
+    "model": {"type": "string", "minLength": 1},
+    "messages": {"type": "array", "items": _ANTHROPIC_MESSAGE},
+    "system": {"oneOf": [_STR, {"type": "array", "items": _ANTHROPIC_BLOCK}]},
+    "tools": {"type": "array", "items": _ANTHROPIC_TOOL},
+    "tool_choice": {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["auto", "any", "tool", "none"]}, "name": _STR}},
+}
+_MESSAGES_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "messages", "max_tokens"],
+    "properties": {
+        **_MESSAGES_COMMON,
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": _BOOL,
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "stop_sequences": {"type": "array", "items": _STR},
+        "metadata": {"type": "object", "properties": {"user_id": _STR}},
+    },
+}
+_COUNT_REQUEST: Schema = {"type": "object", "required": ["model", "messages"], "properties": _MESSAGES_COMMON}
+_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["id", "type", "role", "content", "model"],
+    "properties": {
+        "id": _STR,
+        "type": {"const": "message"},
+        "role": {"const": "assistant"},
+        "content": {"type": "array", "items": _OBJ},
+        "model": _STR,
+        "stop_reason": {"type": ["string", "null"]},
+        "usage": _OBJ,
+    },
+}
+
+_OLLAMA_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "user", "assistant", "tool"]},
+        "content": _STR,
+        "images": {"type": "array", "items": _STR},
+        "tool_calls": {"type": "array", "items": _OBJ},
+        "thinking": _STR,
+    },
+}
+_OLLAMA_COMMON: Schema = {
+    "model": {"type": "string", "minLength": 1},
+    "stream": _BOOL,
+    "format": {"oneOf": [{"const": "json"}, _OBJ]},
+    "options": _OBJ,
+    "keep_alive": {"oneOf": [_STR, _NUM]},
+    "think": _BOOL,
+}
+_OLLAMA_CHAT: Schema = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {**_OLLAMA_COMMON, "messages": {"type": "array", "items": _OLLAMA_MESSAGE}, "tools": {"type": "array", "items": _TOOL}},
+}
+_OLLAMA_GENERATE: Schema = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        **_OLLAMA_COMMON,
+        "prompt": _STR,
+        "suffix": _STR,
+        "system": _STR,
+        "template": _STR,
+        "raw": _BOOL,
+        "images": {"type": "array", "items": _STR},
+        "context": {"type": "array", "items": _INT},
+    },
+}
+_OLLAMA_SHOW: Schema = {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "minLength": 1}, "verbose": _BOOL}}
+_OLLAMA_EMBED: Schema = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": {"oneOf": [_STR, {"type": "array", "items": _STR}]},
+        "truncate": _BOOL,
+        "dimensions": {"type": "integer", "minimum": 1},
+        "options": _OBJ,
+        "keep_alive": {"oneOf": [_STR, _NUM]},
+    },
+}
+_OLLAMA_EMBEDDINGS: Schema = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {"model": {"type": "string", "minLength": 1}, "prompt": _STR, "options": _OBJ},
+}
+_OLLAMA_TAGS: Schema = {
+    "type": "object",
+    "required": ["models"],
+    "properties": {
+        "models": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "model"], "properties": {"name": _STR, "model": _STR}},
+        }
+    },
+}
+
+_WS: Schema = {"name": "ws", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}
+_LIST: Schema = {"type": "object", "required": ["object", "data"], "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
+_WORKSPACE: Schema = {"type": "object", "required": ["object", "name"], "properties": {"object": {"const": "workspace"}, "name": _STR}}
+_RETRIEVAL: Schema = {
+    "top_k": {"type": "integer", "minimum": 1, "maximum": 200},
+    "candidates": {"type": "integer", "minimum": 1, "maximum": 200},
+    "rerank": {"type": "integer", "minimum": 1, "maximum": 200},
+    "score_threshold": {"type": "number", "minimum": -1, "maximum": 1},
+}
+_WORKSPACE_SETTINGS: Schema = {"type": "object", "properties": {"language": _STR, "settings": {"type": "object", "properties": _RETRIEVAL}}}
+_DOCUMENT: Schema = {
+    "type": "object",
+    "required": ["content"],
+    "properties": {"content": _STR, "format": _STR, "source": {"type": "string", "minLength": 1}, "metadata": _OBJ},
+}
+_DOCUMENTS: Schema = {
+    "oneOf": [
+        _DOCUMENT,
+        {"type": "object", "required": ["documents"], "properties": {"documents": {"type": "array", "items": _DOCUMENT, "minItems": 1}, "language": _STR}},
+    ]
+}
+
+# -- operations ---------------------------------------------------------------------------------
+
+_CHAT_HEADERS = [
+    {"name": "x-route", "in": "header", "schema": {"enum": ["direct", "rag", "workflow"]},
+     "description": "Route: a backend LLM (default), RAG over `x-workspace`, or a workflow pipeline."},
+    {"name": "x-workspace", "in": "header", "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+     "description": "RAG: the workspace to retrieve from (implies `x-route: rag`)."},
+    {"name": "idempotency-key", "in": "header", "schema": {"type": "string", "maxLength": 200},
+     "description": "A repeated request with the same key gets the first one's answer."},
+    {"name": "x-request-id", "in": "header", "schema": {"type": "string", "maxLength": 200}},
+    {"name": "x-cache", "in": "header", "schema": {"enum": ["exact", "off"]}},
+]
+
+
+def _json_body(schema: Schema) -> Schema:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def _ok(schema: Schema | None = None, *, media: str = "application/json", stream: str | None = None, description: str = "OK") -> Schema:
+    content: dict[str, Any] = {media: {"schema": schema}} if schema is not None else {media: {}}
+    if stream is not None:
+        content[stream] = {"schema": _STR}
+    return {"description": description, "content": content}
+
+
+def _op(summary: str, tag: str, ok: Schema, *, body: Schema | None = None, dialect: str = "openai", parameters: list[Schema] | None = None, description: str | None = None) -> Operation:
+    error_ref = {"$ref": f"#/components/responses/{_ERRORS[dialect]}"}
+    operation: Operation = {
+        "summary": summary,
+        "tags": [tag],
+        "responses": {"200": ok, "4XX": error_ref, "5XX": error_ref},
+    }
+    if description:
+        operation["description"] = description
+    if body is not None:
+        operation["requestBody"] = _json_body(body)
+    if parameters:
+        operation["parameters"] = parameters
+    return operation
+
+
+def _health_body(statuses: list[str]) -> Schema:
+    return {"type": "object", "required": ["status"], "properties": {"status": {"enum": statuses}, "checks": _OBJ, "reason": _STR}}
+
+
+# (path in OpenAPI syntax, method) -> operation. Paths not served by this build are left out
+# of the served document.
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("/v1/chat/completions", "post"): _op(
+        "Chat completion (OpenAI)", "OpenAI",
+        _ok(_CHAT_COMPLETION, stream="text/event-stream"), body=_CHAT_REQUEST, parameters=_CHAT_HEADERS,
+        description="`stream: true` answers with server-sent events ending in `data: [DONE]`.",
+    ),
+    ("/v1/models", "get"): _op("Models this key may use (OpenAI)", "OpenAI", _ok(_MODEL_LIST)),
+    ("/v1/embeddings", "post"): _op("Embeddings (OpenAI)", "OpenAI", _ok(_EMBEDDINGS), body=_EMBEDDINGS_REQUEST),
+    ("/v1/messages", "post"): _op(
+        "Message (Anthropic)", "Anthropic", _ok(_MESSAGE, stream="text/event-stream"),
+        body=_MESSAGES_REQUEST, dialect="anthropic", parameters=_CHAT_HEADERS,
+    ),
+    ("/v1/messages/count_tokens", "post"): _op(
+        "Count a message's input tokens (Anthropic)", "Anthropic",
+        _ok({"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": _INT}}),
+        body=_COUNT_REQUEST, dialect="anthropic",
+    ),
+    ("/v1/streams/{trace_id}", "get"): _op(
+        "Resume a trace's event stream", "Streams", _ok(media="text/event-stream"),
+        parameters=[
+            {"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
+            {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+             "description": "The last sequence number seen (also `Last-Event-ID`)."},
+        ],
+        description="Server-sent events `id: SEQ`, `event: TYPE`, ending after `finished`.",
+    ),
+    ("/api/chat", "post"): _op(
+        "Chat (Ollama)", "Ollama", _ok(_OBJ, stream="application/x-ndjson"), body=_OLLAMA_CHAT, dialect="ollama",
+        parameters=_CHAT_HEADERS, description="Streams NDJSON unless `stream: false`.",
+    ),
+    ("/api/generate", "post"): _op(
+        "Generate (Ollama)", "Ollama", _ok(_OBJ, stream="application/x-ndjson"), body=_OLLAMA_GENERATE,
+        dialect="ollama", parameters=_CHAT_HEADERS,
+    ),
+    ("/api/tags", "get"): _op("Models this key may use (Ollama)", "Ollama", _ok(_OLLAMA_TAGS), dialect="ollama"),
+    ("/api/show", "post"): _op("A model's details (Ollama)", "Ollama", _ok(_OBJ), body=_OLLAMA_SHOW, dialect="ollama"),
+    ("/api/version", "get"): _op(
+        "Version (Ollama)", "Ollama", _ok({"type": "object", "required": ["version"], "properties": {"version": _STR}}),
+        dialect="ollama",
+    ),
+    ("/api/embed", "post"): _op("Embeddings (Ollama)", "Ollama", _ok(_OBJ), body=_OLLAMA_EMBED, dialect="ollama"),
+    ("/api/embeddings", "post"): _op(
+        "Embedding, legacy (Ollama)", "Ollama", _ok(_OBJ), body=_OLLAMA_EMBEDDINGS, dialect="ollama"
+    ),
+    ("/", "get"): _op("Ollama's liveness text", "Ollama", _ok(media="text/plain"), dialect="ollama"),
+    ("/", "head"): _op("Ollama's liveness probe", "Ollama", {"description": "OK"}, dialect="ollama"),
+    ("/v1/workspaces", "get"): _op("List RAG workspaces", "Workspaces", _ok(_LIST)),
+    ("/v1/workspaces/{ws}", "get"): _op("A workspace", "Workspaces", _ok(_WORKSPACE), parameters=[_WS]),
+    ("/v1/workspaces/{ws}", "put"): _op(
+        "Create a workspace, or change its retrieval settings (admin keys)", "Workspaces", _ok(_WORKSPACE),
+        body=_WORKSPACE_SETTINGS, parameters=[_WS],
+    ),
+    ("/v1/workspaces/{ws}", "delete"): _op(
+        "Delete a workspace and its documents (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS]
+    ),
+    ("/v1/workspaces/{ws}/documents", "post"): _op(
+        "Ingest documents (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS],
+        description="JSON (one document, or `documents`: [...]) or multipart/form-data files.",
+        body=_DOCUMENTS,
+    ),
+    ("/v1/workspaces/{ws}/documents", "get"): _op(
+        "List a workspace's documents", "Workspaces", _ok(_LIST),
+        parameters=[_WS, {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+    ),
+    ("/v1/workspaces/{ws}/documents/{document_id}", "delete"): _op(
+        "Delete a document (admin keys)", "Workspaces", _ok(_OBJ),
+        parameters=[_WS, {"name": "document_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+    ),
+    ("/v1/workspaces/{ws}/search", "post"): _op(
+        "Retrieval only: the passages a query gets", "Workspaces", _ok(_OBJ), parameters=[_WS],
+        body={"type": "object", "required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}, **_RETRIEVAL}},
+    ),
+    ("/health", "get"): _op("Liveness", "Operations", _ok(_health_body(["ok"]))),
+    ("/ready", "get"): _op(
+        "Readiness: backends, PostgreSQL, NATS", "Operations",
+        {"description": "Ready", "content": {"application/json": {"schema": _health_body(["ok"])}}},
+        description="503 with the failing checks when a dependency is down.",
+    ),
+    ("/openapi.json", "get"): _op("This document", "Operations", _ok(_OBJ)),
+}
+
+
+def document(path: str, method: str, operation: Operation) -> None:
+    """Describe a route (OpenAPI path syntax, lower-case method) from its own module."""
+    OPERATIONS[(path, method.lower())] = operation
+
+
+_CONVERTER = re.compile(r"<(?:[a-z_]+:)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def openapi_path(rule: str) -> str:
+    """`/v1/streams/<trace_id>` -> `/v1/streams/{trace_id}`."""
+    return _CONVERTER.sub(r"{\1}", rule)
+
+
+def served_operations(rules: list[tuple[str, set[str]]]) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every served route; HEAD only where a route asks for it."""
+    found: set[tuple[str, str]] = set()
+    for rule, methods in rules:
+        if rule.startswith("/static"):
+            continue
+        explicit_head = "HEAD" in methods and "GET" not in methods
+        for method in methods - {"OPTIONS", "HEAD"}:
+            found.add((openapi_path(rule), method.lower()))
+        if explicit_head or (rule == "/" and "HEAD" in methods):
+            found.add((openapi_path(rule), "head"))
+    return found
+
+
+def build_document(rules: list[tuple[str, set[str]]], public_paths: set[str]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Operation]] = {}
+    for path, method in sorted(served_operations(rules)):
+        operation = OPERATIONS.get((path, method))
+        if operation is None:
+            operation = {"summary": "Undocumented", "responses": {"default": {"description": "Any"}}}
+        if path in public_paths:
+            operation = {**operation, "security": []}
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llm-proxy",
+            "version": __version__,
+            "description": "An LLM gateway speaking the OpenAI, Anthropic and Ollama APIs in front of "
+            "self-hosted backends. Errors come in the dialect of the path: `/api/*` Ollama's, "
+            "`/v1/messages*` Anthropic's, everything else OpenAI's.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer sk-llmp-...`"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+            "schemas": {"OpenAIError": _OPENAI_ERROR, "AnthropicError": _ANTHROPIC_ERROR, "OllamaError": _OLLAMA_ERROR},
+            "responses": {
+                name: {
+                    "description": f"An error in {name.removesuffix('Error')}'s shape",
+                    "headers": {
+                        "retry-after": {"schema": _INT, "description": "On 429 and 503: seconds to wait."},
+                        "www-authenticate": {"schema": _STR, "description": "On 401."},
+                    },
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+                }
+                for name in _ERRORS.values()
+            },
+        },
+        "security": [{"bearer": []}, {"apiKey": []}],
+    }
+
+
+def app_rules() -> list[tuple[str, set[str]]]:
+    return [(rule.rule, set(rule.methods or ())) for rule in current_app.url_map.iter_rules()]
+
+
+@blueprint.get("/openapi.json")
+async def openapi_document() -> Response:
+    gw = gateway()
+    if gw.auth is None or gw.auth.enabled() is False:
+        public = {path for path, _ in OPERATIONS} | {openapi_path(rule) for rule, _ in app_rules()}
+    else:
+        public = {"/health", *gw.settings.auth_public_paths}
+    document_ = build_document(app_rules(), public)
+    return Response(json.dumps(document_), content_type="application/json")

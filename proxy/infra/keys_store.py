@@ -1,0 +1,288 @@
+"""API keys, their rate-limit state and their usage in PostgreSQL (migration 0004).
+
+The store never sees a key in the clear: callers pass its sha256 digest. Everything a
+gateway needs per request is held in memory by `proxy.services.auth.KeyRing`; the store is
+read when keys change (`fingerprint` + `all_keys`, woken by `KeyChanges`), and written by
+the rate limiter (`admit`, one round trip) and the usage recorder (`record_usage`, batched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import trio
+from trio_asyncio import aio_as_trio
+
+from proxy.infra.postgres import Database, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "llm_proxy_api_keys"
+_CLOSE_TIMEOUT = 5.0
+
+_COLUMNS = (
+    "id, name, prefix, digest, models, workspaces, rpm, tpm, admin, created_at, expires_at, revoked_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """One row of `api_keys`. `models`/`workspaces` None: unrestricted."""
+
+    id: int
+    name: str
+    prefix: str
+    digest: bytes
+    models: tuple[str, ...] | None
+    workspaces: tuple[str, ...] | None
+    rpm: int | None
+    tpm: int | None
+    admin: bool
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The rate limiter's answer: `allowed`, and the key's buckets after it (GCRA times,
+    epoch seconds by the database's clock `now`)."""
+
+    allowed: bool
+    now: float
+    requests_at: float
+    tokens_at: float
+
+
+@dataclass(slots=True)
+class UsageDelta:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: UsageDelta) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+
+
+def _key(row: tuple[Any, ...]) -> StoredKey:
+    (id_, name, prefix, digest, models, workspaces, rpm, tpm, admin, created, expires, revoked) = row
+    return StoredKey(
+        id=int(id_),
+        name=str(name),
+        prefix=str(prefix),
+        digest=bytes(digest),
+        models=tuple(models) if models is not None else None,
+        workspaces=tuple(workspaces) if workspaces is not None else None,
+        rpm=rpm,
+        tpm=tpm,
+        admin=bool(admin),
+        created_at=created,
+        expires_at=expires,
+        revoked_at=revoked,
+    )
+
+
+class KeysStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- management (the CLI) -------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        name: str,
+        prefix: str,
+        digest: bytes,
+        models: Sequence[str] | None,
+        workspaces: Sequence[str] | None,
+        rpm: int | None,
+        tpm: int | None,
+        admin: bool,
+        expires_at: datetime | None,
+    ) -> StoredKey:
+        """Insert a key (and its rate-limit row); ConstraintViolation if the prefix or digest
+        is taken (the caller draws a new key)."""
+        async with self._db.transaction() as tx:
+            row = await tx.fetchrow(
+                f"INSERT INTO api_keys (name, prefix, digest, models, workspaces, rpm, tpm, admin, expires_at)"
+                f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                (
+                    name, prefix, digest,
+                    list(models) if models is not None else None,
+                    list(workspaces) if workspaces is not None else None,
+                    rpm, tpm, admin, expires_at,
+                ),
+            )
+            assert row is not None
+            key = _key(row)
+            await tx.execute("INSERT INTO api_key_limits (key_id) VALUES (%s)", (key.id,))
+        return key
+
+    async def find_all(self) -> list[StoredKey]:
+        return [_key(row) for row in await self._db.fetch(f"SELECT {_COLUMNS} FROM api_keys ORDER BY id")]
+
+    async def find(self, ref: str) -> list[StoredKey]:
+        """Keys whose id is `ref`, or whose prefix starts with `ref` (at least 6 characters)."""
+        if ref.isdigit():
+            rows = await self._db.fetch(f"SELECT {_COLUMNS} FROM api_keys WHERE id = %s", (int(ref),))
+        elif len(ref) >= 6:
+            pattern = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = await self._db.fetch(
+                f"SELECT {_COLUMNS} FROM api_keys WHERE prefix LIKE %s ORDER BY id", (pattern,)
+            )
+        else:
+            rows = []
+        return [_key(row) for row in rows]
+
+    async def revoke(self, key_id: int) -> StoredKey | None:
+        """Revoke (idempotent: an already revoked key keeps its time). None: no such key."""
+        row = await self._db.fetchrow(
+            f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s RETURNING {_COLUMNS}",
+            (key_id,),
+        )
+        return _key(row) if row is not None else None
+
+    async def usage(self) -> dict[int, KeyUsage]:
+        rows = await self._db.fetch(
+            "SELECT key_id, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens),"
+            " max(last_used_at) FROM api_key_usage GROUP BY key_id"
+        )
+        return {
+            int(r[0]): KeyUsage(int(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5])
+            for r in rows
+        }
+
+    # -- the gateway's copy -----------------------------------------------------------------
+
+    async def fingerprint(self) -> tuple[int, int]:
+        """Changes whenever any key is created or changed (revisions only grow, so their sum
+        moves even when an older transaction commits after a newer one)."""
+        row = await self._db.fetchrow("SELECT count(*), coalesce(sum(revision), 0) FROM api_keys")
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def all_keys(self) -> tuple[tuple[int, int], list[StoredKey]]:
+        """Every key with the fingerprint it was read at (one consistent snapshot)."""
+        async with self._db.transaction() as tx:
+            await tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            row = await tx.fetchrow("SELECT count(*), coalesce(sum(revision), 0) FROM api_keys")
+            rows = await tx.fetch(f"SELECT {_COLUMNS} FROM api_keys")
+        assert row is not None
+        return (int(row[0]), int(row[1])), [_key(r) for r in rows]
+
+    # -- limits and usage -------------------------------------------------------------------
+
+    async def admit(self, key_id: int, rpm: int | None, tpm: int | None) -> Admission:
+        row = await self._db.fetchrow("SELECT * FROM api_key_admit(%s, %s, %s)", (key_id, rpm, tpm))
+        assert row is not None
+        return Admission(bool(row[0]), float(row[1]), float(row[2]), float(row[3]))
+
+    async def record_usage(self, deltas: Mapping[int, UsageDelta]) -> None:
+        """Add usage to the current hour and charge the tokens to each key's token bucket
+        (keys with a `tpm`), in one statement."""
+        if not deltas:
+            return
+        ids = list(deltas)
+        await self._db.execute(
+            """
+            WITH d AS (
+                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+                    AS d(key_id, requests, errors, prompt, completion)
+            ), usage AS (
+                INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
+                SELECT key_id, date_trunc('hour', now()), requests, errors, prompt, completion FROM d
+                ON CONFLICT (key_id, hour) DO UPDATE SET
+                    requests = u.requests + EXCLUDED.requests,
+                    errors = u.errors + EXCLUDED.errors,
+                    prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+                    completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens,
+                    last_used_at = now()
+            )
+            UPDATE api_key_limits l
+            SET tokens_at = greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
+                + (d.prompt + d.completion) * 60.0 / k.tpm
+            FROM d JOIN api_keys k ON k.id = d.key_id
+            WHERE l.key_id = d.key_id AND k.tpm IS NOT NULL AND d.prompt + d.completion > 0
+            """,
+            (
+                ids,
+                [deltas[i].requests for i in ids],
+                [deltas[i].errors for i in ids],
+                [deltas[i].prompt_tokens for i in ids],
+                [deltas[i].completion_tokens for i in ids],
+            ),
+        )
+
+
+# -- change notifications -----------------------------------------------------------------------
+
+
+class KeyChanges:
+    """A dedicated connection LISTENing on the keys channel (the pool's connections are
+    shared, so they cannot hold a LISTEN)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        self._conn = conn
+
+    async def wait(self, seconds: float) -> bool:
+        """True once a key changed (notifications that arrive together count once); False
+        after `seconds` without one. DatabaseUnavailable if the connection broke."""
+        try:
+            count: int = await aio_as_trio(self._aio_wait)(seconds)
+        except (psycopg.Error, OSError) as exc:
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+        return count > 0
+
+    async def _aio_wait(self, seconds: float) -> int:
+        count = 0
+        async for _ in self._conn.notifies(timeout=seconds, stop_after=1):
+            count += 1
+        if count == 0:
+            # A quiet channel says nothing about the link: ask the server.
+            await self._conn.execute("SELECT 1")
+        return count
+
+
+@asynccontextmanager
+async def key_changes(url: str, *, connect_timeout: float = 10.0) -> AsyncIterator[KeyChanges]:
+    """LISTEN for key changes on a connection of its own; DatabaseUnavailable if it cannot."""
+
+    async def connect() -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        conn = await psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=max(1, round(connect_timeout))
+        )
+        await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        return conn
+
+    try:
+        conn = await aio_as_trio(connect)()
+    except (psycopg.Error, OSError) as exc:
+        raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
+    try:
+        yield KeyChanges(conn)
+    finally:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _CLOSE_TIMEOUT
+            with contextlib.suppress(psycopg.Error, OSError):
+                await aio_as_trio(conn.close)()

@@ -1,0 +1,447 @@
+"""API keys: who is calling, and what they may see.
+
+Keys look like `sk-llmp-` + 43 URL-safe characters (256 random bits). The database holds
+only their sha256 digest and a short non-secret prefix; the key itself is shown once, when
+it is created.
+
+Every gateway process keeps the whole key table in memory (`KeyRing`): checking a key is a
+digest and a dict look-up, with no database round trip, and a gateway whose database goes
+away keeps accepting the keys it knew. The copy is reloaded when PostgreSQL notifies a change
+(a trigger on `api_keys`, so a revocation takes effect within milliseconds whoever made it)
+and, should that notification be lost, by a poll every few seconds.
+
+Scopes are enforced in two choke points every route goes through: `ScopedRouter.resolve`
+(any model a request names) and the HTTP guard (`proxy.http._auth`: workspaces). The caller's
+key travels in `current_principal`, a context variable the HTTP guard sets per request;
+code running outside a request (pipelines, the CLI) has none and is not restricted.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import trio
+
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.routing import Route, Router
+from proxy.infra.backends import ModelInfo
+from proxy.infra.keys_store import KeysStore, StoredKey, key_changes
+from proxy.infra.postgres import ConstraintViolation, DatabaseError
+from proxy.infra.resources import Resources
+from proxy.services.models import ModelCatalog
+
+log = logging.getLogger("llm_proxy.auth")
+
+KEY_PREFIX = "sk-llmp-"
+# The prefix plus eight random characters: shown in listings, never enough to use the key.
+_DISPLAY_CHARS = len(KEY_PREFIX) + 8
+_MAX_KEY_CHARS = 256
+
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    secret: str
+    prefix: str
+    digest: bytes
+
+
+def key_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+
+def new_key() -> NewKey:
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    return NewKey(secret, secret[:_DISPLAY_CHARS], key_digest(secret))
+
+
+def glob_pattern(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One regex for a list of globs in which only `*` is special (any run of characters)."""
+    parts = [".*".join(re.escape(piece) for piece in p.split("*")) for p in patterns]
+    return re.compile("|".join(f"(?:{part})" for part in parts) or "(?!)", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified key: who it is and what it may do. `models`/`workspaces` None: any."""
+
+    id: int
+    name: str
+    prefix: str
+    models: tuple[str, ...] | None = None
+    workspaces: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    admin: bool = False
+    expires_at: float | None = None
+    revoked: bool = False
+    _models_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _workspaces_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, key: StoredKey) -> Principal:
+        return cls(
+            id=key.id,
+            name=key.name,
+            prefix=key.prefix,
+            models=key.models,
+            workspaces=key.workspaces,
+            rpm=key.rpm,
+            tpm=key.tpm,
+            admin=key.admin,
+            expires_at=key.expires_at.timestamp() if key.expires_at else None,
+            revoked=key.revoked_at is not None,
+            _models_re=glob_pattern(key.models) if key.models is not None else None,
+            _workspaces_re=glob_pattern(key.workspaces) if key.workspaces is not None else None,
+        )
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
+
+    def may_use_model(self, model: str) -> bool:
+        """The name as the client sent it (an alias is checked as the alias). Ollama's
+        implicit `:latest` tag matches the bare name too."""
+        pattern = self._models_re
+        if pattern is None:
+            return True
+        if pattern.fullmatch(model):
+            return True
+        return model.endswith(":latest") and pattern.fullmatch(model.removesuffix(":latest")) is not None
+
+    def may_use_workspace(self, workspace: str) -> bool:
+        pattern = self._workspaces_re
+        return pattern is None or pattern.fullmatch(workspace) is not None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+# The calling key of the current request (None: no key, or auth off).
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "llm_proxy_principal", default=None
+)
+
+
+def check_model(model: str) -> None:
+    """403 unless the current request's key may use `model`. Routes that serve a model
+    without asking the router (e.g. an in-process model) call this themselves."""
+    principal = current_principal.get()
+    if principal is not None and not principal.may_use_model(model):
+        raise GatewayError(
+            ErrorKind.PERMISSION,
+            f"This API key may not use the model `{model}`.",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
+def check_workspace(workspace: str, *, manage: bool = False) -> None:
+    """403 unless the current request's key may use `workspace` (and, with `manage`, change
+    its contents: admin keys only)."""
+    principal = current_principal.get()
+    if principal is None:
+        return
+    if not principal.may_use_workspace(workspace):
+        raise GatewayError(
+            ErrorKind.PERMISSION,
+            f"This API key may not use the workspace `{workspace}`.",
+            param="x-workspace",
+            code="workspace_not_allowed",
+        )
+    if manage and not principal.admin:
+        raise GatewayError(
+            ErrorKind.PERMISSION,
+            "Changing a workspace's documents needs an admin key (`llm-proxy keys create --admin`).",
+            code="admin_key_required",
+        )
+
+
+# -- scope choke points -----------------------------------------------------------------------
+
+
+class ScopedRouter(Router):
+    """The router every request resolves its model with: the key's model scope is checked
+    first, against the name the client used (so an unknown model is a 403 too, and the
+    answer says nothing about which models exist)."""
+
+    def resolve(self, model: str) -> Route:
+        check_model(model)
+        return super().resolve(model)
+
+
+class ScopedCatalog(ModelCatalog):
+    """Model listings (`/v1/models`, `/api/tags`, `/api/show`) show a key only its models.
+    Wraps whichever catalogue the gateway builds."""
+
+    def __init__(self, inner: ModelCatalog) -> None:  # the inner catalogue holds the state
+        self._inner = inner
+
+    async def models(self) -> list[ModelInfo]:
+        models = await self._inner.models()
+        principal = current_principal.get()
+        if principal is None or principal.models is None:
+            return models
+        return [m for m in models if principal.may_use_model(m.id)]
+
+
+# -- the key ring -----------------------------------------------------------------------------
+
+
+class KeyRing:
+    """Every key of the database, in memory; see the module docstring."""
+
+    def __init__(self, resources: Resources, *, poll_seconds: float = 5.0) -> None:
+        self._resources = resources
+        self._poll = poll_seconds
+        self._by_digest: dict[bytes, tuple[bytes, Principal]] = {}
+        self._by_id: dict[int, Principal] = {}
+        self._fingerprint: tuple[int, int] | None = None
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._unavailable_logged = False
+        self.loaded = False
+        # Sticky: once any key was ever created (revoked ones count), auth stays on in
+        # "auto" mode, so revoking the last key never opens the gateway.
+        self.any_keys = False
+
+    def lookup(self, secret: str) -> Principal | None:
+        digest = key_digest(secret)
+        entry = self._by_digest.get(digest)
+        if entry is None:
+            return None
+        # The dict found it by the digest's hash; compare the whole digest in constant time.
+        stored, principal = entry
+        return principal if hmac.compare_digest(stored, digest) else None
+
+    def by_id(self, key_id: int) -> Principal | None:
+        return self._by_id.get(key_id)
+
+    def keys(self) -> list[Principal]:
+        return list(self._by_id.values())
+
+    def changed(self) -> None:
+        """Reload now (e.g. after this process changed a key)."""
+        self._wake.set()
+
+    async def refresh(self) -> bool:
+        """Reload if the table changed; False if the database could not be asked."""
+        db = self._resources.database
+        if db is None:
+            return False
+        store = KeysStore(db)
+        try:
+            with trio.fail_after(10):
+                if self._fingerprint is not None and await store.fingerprint() == self._fingerprint:
+                    return True
+                fingerprint, keys = await store.all_keys()
+        except (DatabaseError, trio.TooSlowError) as error:
+            if not self._unavailable_logged:
+                log.warning("cannot load API keys (%s); keeping the %d known", error, len(self._by_id))
+                self._unavailable_logged = True
+            return False
+        self._unavailable_logged = False
+        self._install(fingerprint, keys)
+        return True
+
+    def _install(self, fingerprint: tuple[int, int], keys: list[StoredKey]) -> None:
+        principals = {key.id: Principal.of(key) for key in keys}
+        self._by_digest = {key.digest: (key.digest, principals[key.id]) for key in keys}
+        self._by_id = principals
+        self._fingerprint = fingerprint
+        self.any_keys = self.any_keys or bool(keys)
+        if not self.loaded:
+            log.info("API keys loaded: %d", len(keys))
+        self.loaded = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load now, then keep the copy fresh until `stop()`."""
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen)
+                nursery.start_soon(self._follow_database)
+                await self.refresh()
+                task_status.started()
+                while True:
+                    with trio.move_on_after(self._poll):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    await self.refresh()
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _follow_database(self) -> None:
+        while True:
+            await self._resources.database_changed.wait()
+            self._wake.set()
+
+    async def _listen(self) -> None:
+        url = self._resources.database_url
+        if url is None:
+            return
+        delay = 0.5
+        while True:
+            try:
+                async with key_changes(url) as changes:
+                    delay = 0.5
+                    self._wake.set()  # whatever changed while we were not listening
+                    while True:
+                        if await changes.wait(30.0):
+                            self._wake.set()
+            except DatabaseError as error:
+                log.debug("key change listener: %s; retrying in %.1fs", error, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def _unauthorized(message: str, code: str) -> GatewayError:
+    return GatewayError(ErrorKind.AUTHENTICATION, message, code=code)
+
+
+class Authenticator:
+    """Decides, per request, whether a key is needed and whose it is.
+
+    `mode`: "off" never asks; "required" always does; "auto" does once any key exists
+    (and, with no database configured, never). While the keys cannot be known (the
+    database has been down since start-up) a request that needs a key gets a 503."""
+
+    def __init__(self, mode: str, ring: KeyRing, *, has_database: bool) -> None:
+        self.mode = mode
+        self.ring = ring
+        self._has_database = has_database
+
+    def enabled(self) -> bool | None:
+        """Whether requests need a key; None while that cannot be known yet."""
+        if self.mode == "off":
+            return False
+        if self.mode == "required":
+            return True
+        if not self._has_database:
+            return False
+        return True if self.ring.any_keys else (False if self.ring.loaded else None)
+
+    def authenticate(self, credentials: Sequence[str]) -> Principal | None:
+        """The caller's key among `credentials` (the values of `Authorization: Bearer` and
+        `x-api-key`); None when no key is needed. GatewayError 401 (or 503) otherwise."""
+        enabled = self.enabled()
+        if enabled is False:
+            return None
+        if not self.ring.loaded:
+            if not self._has_database:
+                raise _unauthorized(
+                    "API keys are required, but this gateway has no database to keep them in.",
+                    "invalid_api_key",
+                )
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE,
+                "API keys cannot be verified: the database has been unreachable since start-up.",
+                code="auth_unavailable",
+                retry_after=5,
+            )
+        if not credentials:
+            raise _unauthorized(
+                "Missing API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`.",
+                "missing_api_key",
+            )
+        now = time.time()
+        refusal: GatewayError | None = None
+        for secret in credentials:
+            principal = self.ring.lookup(secret) if len(secret) <= _MAX_KEY_CHARS else None
+            if principal is None:
+                continue
+            if principal.revoked:
+                refusal = _unauthorized("This API key has been revoked.", "revoked_api_key")
+            elif principal.expired(now):
+                refusal = _unauthorized("This API key has expired.", "expired_api_key")
+            else:
+                return principal
+        raise refusal or _unauthorized("Invalid API key.", "invalid_api_key")
+
+
+# -- management (the CLI) ---------------------------------------------------------------------
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """`2026-12-31` (that day, 00:00 UTC), an ISO date-time (UTC unless it says otherwise), or
+    a duration from now: `90d`, `12h`, `30m`. ValueError if unreadable or not in the future."""
+    now = now or datetime.now(UTC)
+    value = text.strip()
+    match = re.fullmatch(r"(\d+)\s*([dhm])", value)
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        when = now + {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+    else:
+        try:
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+                day = date.fromisoformat(value)
+                when = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            else:
+                when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=UTC)
+        except ValueError:
+            raise ValueError(
+                f"cannot read {text!r} as a date: use 2026-12-31, 2026-12-31T18:00:00Z or 90d / 12h / 30m"
+            ) from None
+    if when <= now:
+        raise ValueError(f"{text!r} is not in the future")
+    return when
+
+
+def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    cleaned = tuple(v.strip() for v in values)
+    if not cleaned or any(not v or len(v) > 200 for v in cleaned):
+        raise ValueError(f"each {what} pattern must be 1 to 200 characters")
+    return cleaned
+
+
+async def create_key(
+    store: KeysStore,
+    *,
+    name: str,
+    models: Sequence[str] | None = None,
+    workspaces: Sequence[str] | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    admin: bool = False,
+    expires_at: datetime | None = None,
+) -> tuple[StoredKey, str]:
+    """Create a key; returns its row and the key itself (the only time it is known)."""
+    name = name.strip()
+    if not 1 <= len(name) <= 200:
+        raise ValueError("the name must be 1 to 200 characters")
+    for limit, what in ((rpm, "rpm"), (tpm, "tpm")):
+        if limit is not None and limit <= 0:
+            raise ValueError(f"--{what} must be a positive integer")
+    model_patterns = _patterns(models, "model")
+    workspace_patterns = _patterns(workspaces, "workspace")
+    for _ in range(3):
+        fresh = new_key()
+        try:
+            stored = await store.create(
+                name=name, prefix=fresh.prefix, digest=fresh.digest, models=model_patterns,
+                workspaces=workspace_patterns, rpm=rpm, tpm=tpm, admin=admin, expires_at=expires_at,
+            )
+        except ConstraintViolation:
+            continue  # a prefix collision (1 in 2^48): draw again
+        return stored, fresh.secret
+    raise RuntimeError("could not draw a unique key prefix")

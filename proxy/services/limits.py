@@ -1,0 +1,237 @@
+"""Per-key rate limits (requests and tokens per minute) and per-key usage.
+
+Each limit is a bucket refilled continuously over a minute (GCRA, as OpenAI's own limits
+behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s. The state
+lives in PostgreSQL, so every process and host sharing the database counts together: a
+request is admitted by one atomic call (`api_key_admit`, one round trip, made only for keys
+that have a limit). Tokens are known only when an exchange ends: its usage is charged to
+the token bucket then (`record`, batched), and a key whose token bucket is empty is refused
+until it refills. The answer carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429
+with `Retry-After`.
+
+If the database cannot answer, the limits are enforced per process from an in-memory copy
+of the same buckets (kept in step with the database's answers), so an outage loosens them
+to "per process" instead of lifting them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import trio
+
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
+from proxy.infra.postgres import DatabaseError
+from proxy.infra.resources import Resources
+from proxy.services.auth import KeyRing, Principal
+from proxy.services.chat import ExchangeRecord
+
+log = logging.getLogger("llm_proxy.limits")
+
+WINDOW = 60.0
+_EPSILON = 1e-6
+_ADMIT_TIMEOUT = 3.0
+_FLUSH_TIMEOUT = 10.0
+_RETRY_SECONDS = 2.0
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `6s`, `1.5s`, `1m30s`."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    headers: list[tuple[str, str]]
+    retry_after: float | None = None
+    exhausted: str | None = None  # "requests" or "tokens"
+
+    def error(self, principal: Principal) -> GatewayError:
+        if self.exhausted == "tokens":
+            what = f"tokens: {principal.tpm} per minute"
+        else:
+            what = f"requests: {principal.rpm} per minute"
+        wait = duration(self.retry_after or 0)
+        return GatewayError(
+            ErrorKind.RATE_LIMITED,
+            f"Rate limit reached for {what} for this API key. Try again in {wait}.",
+            code="rate_limit_exceeded",
+            retry_after=math.ceil(self.retry_after or 1),
+        )
+
+
+def decide(principal: Principal, state: Admission) -> Decision:
+    """The answer and its headers for a key's buckets after an admission attempt."""
+    now, headers = state.now, []
+    retry = 0.0
+    exhausted: str | None = None
+    if principal.rpm is not None:
+        rpm = principal.rpm
+        interval = WINDOW / rpm
+        ahead = max(0.0, state.requests_at - now)
+        headers += [
+            ("x-ratelimit-limit-requests", str(rpm)),
+            ("x-ratelimit-remaining-requests", str(max(0, min(rpm, math.floor((WINDOW - ahead) / interval + _EPSILON))))),
+            ("x-ratelimit-reset-requests", duration(ahead)),
+        ]
+        if not state.allowed and ahead + interval > WINDOW + _EPSILON:
+            retry, exhausted = ahead + interval - WINDOW, "requests"
+    if principal.tpm is not None:
+        tpm = principal.tpm
+        ahead = max(0.0, state.tokens_at - now)
+        headers += [
+            ("x-ratelimit-limit-tokens", str(tpm)),
+            ("x-ratelimit-remaining-tokens", str(max(0, math.floor(tpm * (WINDOW - ahead) / WINDOW)))),
+            ("x-ratelimit-reset-tokens", duration(ahead)),
+        ]
+        if not state.allowed and ahead >= WINDOW and ahead - WINDOW >= retry:
+            retry, exhausted = ahead - WINDOW, "tokens"
+    if state.allowed:
+        return Decision(True, headers)
+    return Decision(False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests")
+
+
+class _LocalBuckets:
+    """The same buckets in process memory, on this process's clock: the fallback."""
+
+    def __init__(self) -> None:
+        self._state: dict[int, list[float]] = {}
+
+    def sync(self, key_id: int, state: Admission) -> None:
+        offset = time.time() - state.now
+        self._state[key_id] = [state.requests_at + offset, state.tokens_at + offset]
+
+    def admit(self, principal: Principal) -> Admission:
+        now = time.time()
+        requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
+        allowed = not (principal.tpm is not None and tokens_at - now >= WINDOW)
+        if principal.rpm is not None:
+            later = requests_at + WINDOW / principal.rpm
+            if later - now > WINDOW + _EPSILON:
+                allowed = False
+            elif allowed:
+                requests_at = later
+        self._state[principal.id] = [requests_at, tokens_at]
+        return Admission(allowed, now, requests_at, tokens_at)
+
+    def spend(self, principal: Principal, tokens: int) -> None:
+        if principal.tpm is None or tokens <= 0:
+            return
+        now = time.time()
+        state = self._state.setdefault(principal.id, [now, now])
+        state[1] = max(state[1], now) + tokens * WINDOW / principal.tpm
+
+
+class RateLimiter:
+    """Admits requests of limited keys and records every key's usage (see the module
+    docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
+
+    def __init__(self, resources: Resources, ring: KeyRing) -> None:
+        self._resources = resources
+        self._ring = ring
+        self._local = _LocalBuckets()
+        self._pending: dict[int, UsageDelta] = {}
+        self._kick = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self._degraded = False
+
+    async def admit(self, principal: Principal) -> Decision:
+        """Take one request from the key's bucket (if it has limits)."""
+        db = self._resources.database
+        state: Admission | None = None
+        if db is not None:
+            with trio.move_on_after(_ADMIT_TIMEOUT):
+                try:
+                    state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm)
+                except DatabaseError as error:
+                    self._degrade(str(error))
+        if state is None:
+            self._degrade("the database did not answer")
+            state = self._local.admit(principal)
+        else:
+            self._recover()
+            self._local.sync(principal.id, state)
+        return decide(principal, state)
+
+    def _degrade(self, why: str) -> None:
+        if not self._degraded:
+            log.warning("rate limits enforced per process until the database answers again (%s)", why)
+            self._degraded = True
+
+    def _recover(self) -> None:
+        if self._degraded:
+            log.info("rate limits shared through the database again")
+            self._degraded = False
+
+    # -- usage ------------------------------------------------------------------------------
+
+    def record(self, record: ExchangeRecord) -> None:
+        key_id = record.api_key_id
+        if key_id is None:
+            return
+        prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
+        failed = record.error is not None or record.status >= 400
+        delta = UsageDelta(requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion)
+        pending = self._pending.get(key_id)
+        if pending is None:
+            self._pending[key_id] = delta
+        else:
+            pending.add(delta)
+        principal = self._ring.by_id(key_id)
+        if principal is not None:
+            self._local.spend(principal, prompt + completion)
+        self._kick.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write recorded usage to the database (batched) until `aclose()`."""
+        try:
+            with trio.CancelScope() as self._scope:
+                task_status.started()
+                while True:
+                    with trio.move_on_after(_RETRY_SECONDS if self._pending else math.inf):
+                        await self._kick.wait()
+                    self._kick = trio.Event()
+                    # No waiting to batch: what ends while one write runs goes in the next.
+                    await self._flush()
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + _FLUSH_TIMEOUT
+                await self._flush()
+            if self._pending:
+                log.warning("usage of %d API key(s) not recorded: the database is unreachable", len(self._pending))
+            self._done.set()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        db = self._resources.database
+        if db is None:
+            return
+        batch, self._pending = self._pending, {}
+        try:
+            with trio.fail_after(_FLUSH_TIMEOUT):
+                await KeysStore(db).record_usage(batch)
+        except (DatabaseError, trio.TooSlowError) as error:
+            log.warning("recording API key usage failed (%s); will retry", error)
+            for key_id, delta in batch.items():
+                pending = self._pending.setdefault(key_id, UsageDelta())
+                pending.add(delta)
+
+    async def aclose(self) -> None:
+        """Stop, after writing what is pending (bounded)."""
+        if self._scope is None:
+            return
+        self._scope.cancel()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + _FLUSH_TIMEOUT + 1
+            await self._done.wait()

@@ -1,0 +1,164 @@
+"""Per-key rate limits on real PostgreSQL: exact under concurrency, shared by gateways,
+tokens charged after the exchange, OpenAI's headers, 429s in every dialect, usage rows."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    new_key,
+    sql,
+    wait_for_key,
+)
+
+pytest_plugins = ["tests.infra_servers"]
+
+CHAT = {"model": "qwen3-8b", "messages": MESSAGES}
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    nats: str
+    fake: OpenAIBackend
+    server_url: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(60, 10)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        yield Stack(url, pg_database_url, nats_url, fake, server.url)
+
+
+async def burst(url: str, key: str, count: int, path: str = "/v1/chat/completions") -> list[httpx.Response]:
+    answers: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=20,
+                                 limits=httpx.Limits(max_connections=count)) as client:
+
+        async def one() -> None:
+            answers.append(await client.post(path, json=CHAT | {"max_tokens": 5}))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+    return answers
+
+
+async def test_thirty_concurrent_requests_with_rpm_10_admit_exactly_10(stack: Stack) -> None:
+    key = await new_key(stack.db, "burst", "--rpm", "10")
+    await wait_for_key(stack.url, key)
+    answers = await burst(stack.url, key, 30)
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 10 + [429] * 20
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["retry-after"]) <= 6  # one request refills every 6 s
+    assert refused.headers["x-ratelimit-limit-requests"] == "10"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200)
+    assert remaining == list(range(10))  # each admitted request saw the bucket one lower
+
+
+async def test_two_gateways_sharing_the_database_share_the_limit(stack: Stack) -> None:
+    key = await new_key(stack.db, "shared", "--rpm", "10")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        both: list[httpx.Response] = []
+
+        async def run(url: str) -> None:
+            both.extend(await burst(url, key, 15))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, stack.url)
+            nursery.start_soon(run, second)
+    assert sum(a.status_code == 200 for a in both) == 10
+    assert sum(a.status_code == 429 for a in both) == 20
+
+
+async def test_headers_count_down_and_the_bucket_refills_continuously(stack: Stack) -> None:
+    key = await new_key(stack.db, "steady", "--rpm", "120", "--tpm", "100000")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        first = await client.post("/v1/chat/completions", json=CHAT)
+        second = await client.post("/v1/chat/completions", json=CHAT | {"stream": True})
+        assert first.status_code == second.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "120"
+        assert int(first.headers["x-ratelimit-remaining-requests"]) == 119
+        assert int(second.headers["x-ratelimit-remaining-requests"]) in (118, 119)  # 0.5 s refills one
+        assert first.headers["x-ratelimit-reset-requests"].endswith("ms")  # one slot: 500 ms to refill
+        assert first.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert first.headers["x-ratelimit-reset-tokens"] is not None
+        # Listing models is not a request against the limit (and carries no headers).
+        listing = await client.get("/v1/models")
+        assert "x-ratelimit-remaining-requests" not in listing.headers
+
+
+async def test_tokens_are_charged_when_the_exchange_ends(stack: Stack) -> None:
+    # 70 tokens per exchange (60 prompt + 10 completion) against 100 a minute.
+    key = await new_key(stack.db, "tokens", "--tpm", "100")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage"))  # charged
+        second = await client.post("/v1/chat/completions", json=CHAT)
+        assert second.status_code == 200  # 30 tokens were left: not yet empty
+        assert 29 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 31
+
+        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage WHERE requests = 2"))
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 429
+        assert "tokens" in answer.json()["error"]["message"]
+        assert answer.headers["x-ratelimit-remaining-tokens"] == "0"
+        # 140 tokens spent of 100: the bucket is 40 tokens (24 s) in debt.
+        assert 20 <= int(answer.headers["retry-after"]) <= 25
+
+
+async def test_429s_come_in_the_callers_dialect(stack: Stack) -> None:
+    key = await new_key(stack.db, "dialects", "--rpm", "1")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers={"x-api-key": key}, timeout=10) as client:
+        assert (await client.post("/api/chat", json=CHAT | {"stream": False})).status_code == 200
+        anthropic_429 = await client.post("/v1/messages", json=CHAT | {"max_tokens": 5})
+        assert anthropic_429.status_code == 429
+        assert anthropic_429.json()["error"]["type"] == "rate_limit_error"
+        assert int(anthropic_429.headers["retry-after"]) >= 1
+        ollama_429 = await client.post("/api/generate", json={"model": "qwen3-8b", "prompt": "hi"})
+        assert ollama_429.status_code == 429
+        assert "Rate limit reached for requests" in ollama_429.json()["error"]
+
+
+async def test_usage_is_recorded_per_key(stack: Stack) -> None:
+    key = await new_key(stack.db, "counted")
+    other = await new_key(stack.db, "idle")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        for _ in range(3):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        stack.fake.set_script(Script(status=500, error_message="boom"))
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 502
+
+    async def recorded() -> list[tuple[object, ...]]:
+        found = await sql(
+            stack.db,
+            "SELECT k.name, sum(u.requests), sum(u.errors), sum(u.prompt_tokens), sum(u.completion_tokens)"
+            " FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id GROUP BY k.name",
+        )
+        return found if found and found[0][1] == 4 else []
+
+    assert await eventually(recorded) == [("counted", 4, 1, 180, 30)]
+    assert other  # a key that made no request has no usage rows

@@ -1,0 +1,122 @@
+"""`/openapi.json` describes every served route; schemathesis fuzzes the live gateway from it
+(with a real key, PostgreSQL and NATS) and may find no 5xx and no crash."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+import trio
+from schemathesis import GenerationMode
+
+from proxy.config import Settings
+from proxy.http._openapi import OPERATIONS, served_operations
+from proxy.http.app import create_app
+from tests.fakes import Exchange, OpenAIBackend, Request, Script, Usage
+from tests.fakes.base import Call
+from tests.harness import backend
+from tests.test_auth_helpers import bearer, gateway, new_key, wait_for_key
+
+pytest_plugins = ["tests.infra_servers"]
+
+# Examples per operation and generation mode (valid and invalid data): the whole run stays
+# well under a minute on two cores.
+EXAMPLES = 6
+# Stream resume waits briefly on NATS for an unknown trace before its 404.
+SLOW = {"/v1/streams/{trace_id}": 1}
+
+
+def test_every_served_route_is_documented() -> None:
+    app = create_app(Settings())
+    served = served_operations([(rule.rule, set(rule.methods or ())) for rule in app.url_map.iter_rules()])
+    undocumented = sorted(served - set(OPERATIONS))
+    assert not undocumented, f"add these to proxy/http/_openapi.py OPERATIONS: {undocumented}"
+
+
+class SturdyOpenAIBackend(OpenAIBackend):
+    """The fake, refusing (as real servers do) embedding sizes it would choke on in-process."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/embeddings" and request.method == "POST":
+            body = request.json()
+            dimensions = body.get("dimensions") if isinstance(body, dict) else None
+            if isinstance(dimensions, int) and dimensions > 4096:
+                await self.send_error(exchange, 400, "dimensions is too large")
+                return
+        await super().route(request, exchange, call)
+
+
+def fuzz(document: dict[str, Any], url: str, key: str) -> list[str]:
+    """Run schemathesis (blocking: call it from a thread); the failures, as curl commands."""
+    config = schemathesis.Config.from_dict({"headers": bearer(key), "base-url": url, "request-timeout": 30})
+    schema = schemathesis.openapi.from_dict(document, config=config)
+    failures: list[str] = []
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @hypothesis.settings(
+                max_examples=SLOW.get(operation.path, EXAMPLES), deadline=None, database=None, derandomize=True,
+                suppress_health_check=list(hypothesis.HealthCheck), phases=[hypothesis.Phase.generate],
+            )
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def check(case: schemathesis.Case) -> None:
+                nonlocal calls
+                calls += 1
+                response = case.call()
+                # The gateway's own failures are 500s; 502-504 report the backend's state.
+                if response.status_code == 500 or response.status_code > 504:
+                    failures.append(f"{response.status_code} {response.text[:300]!r}: {case.as_curl_command()}")
+
+            try:
+                check()
+            except hypothesis.errors.Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE  # nothing to get wrong (no parameters, no body)
+    assert calls > 100
+    return failures
+
+
+async def test_schemathesis_finds_no_server_error(
+    aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    fake = SturdyOpenAIBackend(default=Script(tokens=["Hi"], usage=Usage(3, 1)))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), max_body_bytes=1 << 20
+    ) as url:
+        key = await new_key(pg_database_url, "fuzzer", "--admin")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            document = (await client.get("/openapi.json")).json()
+            assert document["openapi"] == "3.1.0"
+            failures = await trio.to_thread.run_sync(fuzz, document, url, key)
+            assert not failures, "\n".join(failures[:10])
+            assert (await client.get("/health")).status_code == 200
+    crashes = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not crashes, [r.getMessage() for r in crashes]
+
+
+async def test_the_document_is_served_without_a_key_and_lists_only_served_routes(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("b", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "any")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url) as client:
+            answer = await client.get("/openapi.json")
+            assert answer.status_code == 200
+            document = answer.json()
+            app = create_app(Settings())
+            served = served_operations([(rule.rule, set(rule.methods or ())) for rule in app.url_map.iter_rules()])
+            listed = {(path, method) for path, methods in document["paths"].items() for method in methods}
+            assert listed == served
+            assert document["paths"]["/health"]["get"]["security"] == []
+            assert "security" not in document["paths"]["/v1/chat/completions"]["post"]
+            assert document["security"] == [{"bearer": []}, {"apiKey": []}]
+            schemathesis.openapi.from_dict(document)  # loads as OpenAPI 3.1
