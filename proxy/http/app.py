@@ -19,7 +19,7 @@ class _App(GatewayApp):
 
 
 def create_app(settings: Settings) -> GatewayApp:
-    app = _App("llm_proxy")
+    app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
     # Streams may run for many minutes; Quart's 60 s default would cut them silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -35,6 +35,7 @@ from proxy.infra.embedder import (
     LocalEmbedder,
     Vectors,
 )
+from proxy.services.auth import check_model
 from proxy.services.models import ModelCatalog
 
 LOCAL_MODEL: Final = LOCAL_EMBEDDING_MODEL
@@ -212,6 +213,7 @@ class EmbeddingService:
         return [ModelInfo(id=LOCAL_MODEL, backend=LOCAL_BACKEND, owned_by="llm-proxy", details=details)]
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        check_model(request.model)  # the in-process model is not resolved through the router
         if len(request.inputs) > self.settings.max_inputs:
             raise invalid_request(
                 f"Too many inputs: {len(request.inputs)}; at most {self.settings.max_inputs} per request.",

@@ -1,0 +1,230 @@
+"""Every endpoint without a key, with a wrong key and with a key scoped elsewhere; workspace
+isolation; request limits (headers, body, JSON depth); nothing of a backend's address leaks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from proxy.config import Timeouts
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import MESSAGES, bearer, gateway, new_key, wait_for_key
+
+pytest_plugins = ["tests.infra_servers"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    body: Any = None
+    dialect: str = "openai"
+    foreign: int = 403  # what a key scoped to other models and workspaces gets
+
+
+MODEL = "qwen3-8b"
+ENDPOINTS = [
+    Endpoint("POST", "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}),
+    Endpoint("GET", "/v1/models", foreign=200),
+    Endpoint("POST", "/v1/embeddings", {"model": MODEL, "input": "hello"}),
+    Endpoint("POST", "/v1/embeddings", {"model": "all-minilm-l6-v2", "input": "hello"}),
+    Endpoint("POST", "/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": MESSAGES}, "anthropic"),
+    Endpoint("POST", "/v1/messages/count_tokens", {"model": MODEL, "messages": MESSAGES}, "anthropic"),
+    Endpoint("GET", "/v1/streams/0123456789abcdef0123456789abcdef", foreign=404),
+    Endpoint("POST", "/api/chat", {"model": MODEL, "messages": MESSAGES, "stream": False}, "ollama"),
+    Endpoint("POST", "/api/generate", {"model": MODEL, "prompt": "hi", "stream": False}, "ollama"),
+    Endpoint("POST", "/api/show", {"model": MODEL}, "ollama", foreign=404),
+    Endpoint("GET", "/api/tags", dialect="ollama", foreign=200),
+    Endpoint("GET", "/api/version", dialect="ollama", foreign=200),
+    Endpoint("GET", "/", dialect="ollama", foreign=200),
+    Endpoint("POST", "/api/embed", {"model": MODEL, "input": "hello"}, "ollama"),
+    Endpoint("POST", "/api/embeddings", {"model": MODEL, "prompt": "hello"}, "ollama"),
+    Endpoint("GET", "/v1/workspaces"),
+    Endpoint("GET", "/v1/workspaces/docs"),
+    Endpoint("PUT", "/v1/workspaces/docs", {}),
+    Endpoint("DELETE", "/v1/workspaces/docs"),
+    Endpoint("POST", "/v1/workspaces/docs/documents", {"content": "# Title\n\nSome text."}),
+    Endpoint("GET", "/v1/workspaces/docs/documents"),
+    Endpoint("DELETE", "/v1/workspaces/docs/documents/8d0c5b8e-2f5a-4a38-9a8e-0e6a1c1b9f00"),
+    Endpoint("POST", "/v1/workspaces/docs/search", {"query": "text"}),
+    Endpoint("GET", "/v1/no-such-endpoint", foreign=404),
+]
+
+
+def dialect_error(dialect: str, answer: httpx.Response, kind: str) -> str:
+    """The error message, after checking the body is the dialect's error shape of `kind`."""
+    body = answer.json()
+    if dialect == "anthropic":
+        assert body["type"] == "error" and body["error"]["type"] == kind
+        return str(body["error"]["message"])
+    if dialect == "ollama":
+        assert set(body) == {"error"} and isinstance(body["error"], str)
+        return body["error"]
+    assert body["error"]["type"] == kind and body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    good: str
+    foreign: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), max_body_bytes=64 * 1024,
+        max_header_bytes=8 * 1024,
+    ) as url:
+        good = await new_key(pg_database_url, "good", "--admin")
+        foreign = await new_key(pg_database_url, "foreign", "--models", "other-*", "--workspaces", "other")
+        await wait_for_key(url, good)
+        await wait_for_key(url, foreign)
+        yield Stack(url, pg_database_url, good, foreign)
+
+
+async def call(client: httpx.AsyncClient, endpoint: Endpoint, headers: dict[str, str]) -> httpx.Response:
+    return await client.request(endpoint.method, endpoint.path, json=endpoint.body, headers=headers)
+
+
+async def test_every_endpoint_refuses_missing_wrong_and_foreign_keys_in_its_dialect(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        for endpoint in ENDPOINTS:
+            where = f"{endpoint.method} {endpoint.path}"
+            missing = await call(client, endpoint, {})
+            assert missing.status_code == 401, where
+            assert missing.headers["www-authenticate"].startswith("Bearer"), where
+            if endpoint.path != "/":  # Ollama's `/` answers text; its 401 is still JSON
+                assert "API key" in dialect_error(endpoint.dialect, missing, "authentication_error"), where
+
+            for wrong in (bearer("sk-llmp-" + "x" * 43), {"x-api-key": stack.good[:-1]}, {"authorization": "Basic Zm9vOmJhcg=="}):
+                refused = await call(client, endpoint, wrong)
+                assert refused.status_code == 401, (where, wrong)
+
+            foreign = await call(client, endpoint, bearer(stack.foreign))
+            assert foreign.status_code == endpoint.foreign, (where, foreign.text)
+            if endpoint.foreign == 403:
+                message = dialect_error(endpoint.dialect, foreign, "permission_error")
+                assert "may not" in message, where
+
+            allowed = await call(client, endpoint, bearer(stack.good))
+            assert allowed.status_code not in (401, 403), (where, allowed.text)
+
+
+async def test_listings_show_a_scoped_key_only_its_models(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        everything = (await client.get("/v1/models", headers=bearer(stack.good))).json()["data"]
+        assert {m["id"] for m in everything} >= {"fake-model", "all-minilm-l6-v2"}
+        assert (await client.get("/v1/models", headers=bearer(stack.foreign))).json()["data"] == []
+        assert (await client.get("/api/tags", headers=bearer(stack.foreign))).json()["models"] == []
+        # No listing says where a backend lives.
+        listing = (await client.get("/v1/models", headers=bearer(stack.good))).text
+        tags = (await client.get("/api/tags", headers=bearer(stack.good))).text
+        for text in (listing, tags):
+            assert "127.0.0.1" not in text and "http://" not in text
+
+
+async def test_workspaces_are_isolated_in_rag_through_every_dialect(stack: Stack) -> None:
+    team = await new_key(stack.db, "team-a", "--workspaces", "team-a*")
+    admin = await new_key(stack.db, "team-a-admin", "--workspaces", "team-a*", "--admin")
+    await wait_for_key(stack.url, admin)
+    chats = [
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}, "openai"),
+        ("/api/chat", {"model": MODEL, "messages": MESSAGES, "stream": False}, "ollama"),
+        ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": MESSAGES}, "anthropic"),
+    ]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        # The admin may create and fill its own workspace, not another team's.
+        put = await client.put("/v1/workspaces/team-a-docs", json={}, headers=bearer(admin))
+        assert put.status_code == 200, put.text
+        added = await client.post(
+            "/v1/workspaces/team-a-docs/documents", headers=bearer(admin),
+            json={"content": "# Holidays\n\nThe office is closed on Fridays.", "source": "handbook.md"},
+        )
+        assert added.status_code in (200, 201), added.text
+        assert (await client.put("/v1/workspaces/team-b", json={}, headers=bearer(admin))).status_code == 403
+        # A plain key of the team reads and searches, but changes nothing.
+        assert (await client.get("/v1/workspaces/team-a-docs/documents", headers=bearer(team))).status_code == 200
+        search = await client.post("/v1/workspaces/team-a-docs/search", json={"query": "Friday"}, headers=bearer(team))
+        assert search.status_code == 200
+        refused = await client.post("/v1/workspaces/team-a-docs/documents", json={"content": "x"}, headers=bearer(team))
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        assert (await client.get("/v1/workspaces", headers=bearer(team))).status_code == 403
+
+        for path, body, dialect in chats:
+            mine = await client.post(path, json=body, headers=bearer(team) | {"x-workspace": "team-a-docs"})
+            assert mine.status_code == 200, (path, mine.text)
+            theirs = await client.post(path, json=body, headers=bearer(team) | {"x-workspace": "team-b-docs"})
+            assert theirs.status_code == 403, path
+            assert "team-b-docs" in dialect_error(dialect, theirs, "permission_error")
+            unnamed = await client.post(path, json=body, headers=bearer(team) | {"x-route": "rag"})
+            assert unnamed.status_code == 403, path
+
+
+async def test_oversized_headers_and_bodies_and_deep_json_are_clear_4xx(stack: Stack) -> None:
+    deep = '{"model": "m", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(stack.good), timeout=10) as client:
+        big_header = await client.get("/v1/models", headers={"x-padding": "a" * 9000})
+        assert big_header.status_code == 431
+        assert big_header.json()["error"]["code"] == "headers_too_large"
+        ollama_431 = await client.post("/api/chat", headers={"x-padding": "a" * 9000}, json={})
+        assert ollama_431.status_code == 431 and "headers" in ollama_431.json()["error"]
+
+        for path, dialect in (
+            ("/v1/chat/completions", "openai"), ("/api/chat", "ollama"), ("/api/generate", "ollama"),
+            ("/v1/messages", "anthropic"), ("/v1/messages/count_tokens", "anthropic"), ("/v1/embeddings", "openai"),
+            ("/api/embed", "ollama"), ("/api/show", "ollama"), ("/v1/workspaces/docs/search", "openai"),
+        ):
+            answer = await client.post(path, content=deep, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, (path, answer.text)
+            assert "nested more than" in dialect_error(dialect, answer, "invalid_request_error"), path
+
+            huge = await client.post(path, content=b'{"model": "' + b"x" * 70_000 + b'"}')
+            assert huge.status_code == 413, path
+
+
+async def test_public_paths_are_configurable_and_health_is_always_open(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server:
+        await new_key(pg_database_url, "exists")
+        async with gateway(pg_database_url, nats_url, backend("b", server.url, default=True)) as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                for path in ("/health", "/ready", "/openapi.json"):
+                    assert (await client.get(path)).status_code in (200, 503), path
+                assert (await client.get("/v1/models")).status_code == 401
+        async with gateway(
+            pg_database_url, nats_url, backend("b", server.url, default=True), auth_public_paths=()
+        ) as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                assert (await client.get("/health")).status_code == 200
+                for path in ("/ready", "/openapi.json"):
+                    assert (await client.get(path)).status_code == 401, path
+
+
+async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
+    with trio.socket.socket() as sock:  # a port with nobody listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = backend("lab-gpu", f"http://127.0.0.1:{port}", default=True, timeouts=Timeouts(connect=1.0, total=5.0))
+    async with running_gateway(down) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for path, body in (
+            ("/v1/chat/completions", {"model": "m", "messages": MESSAGES}),
+            ("/api/chat", {"model": "m", "messages": MESSAGES}),
+            ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": MESSAGES}),
+            ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "stream": True}),
+        ):
+            answer = await client.post(path, json=body)
+            assert answer.status_code == 503, answer.text
+            assert "lab-gpu" in answer.text  # the backend's name helps; its address does not
+            assert str(port) not in answer.text and "127.0.0.1" not in answer.text
