@@ -159,6 +159,11 @@ async def test_workspaces_are_isolated_in_rag_through_every_dialect(stack: Stack
         refused = await client.post("/v1/workspaces/team-a-docs/documents", json={"content": "x"}, headers=bearer(team))
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
         assert (await client.get("/v1/workspaces", headers=bearer(team))).status_code == 403
+        # A workspace the key may use in one place vouches for nothing elsewhere in the request.
+        vouched = bearer(team) | {"x-workspace": "team-a-docs"}
+        assert (await client.get("/v1/workspaces", headers=vouched)).status_code == 403
+        assert (await client.get("/v1/workspaces/team-b/documents", headers=vouched)).status_code == 403
+        assert (await client.get("/v1/workspaces/team-a-docs/documents", headers=vouched)).status_code == 200
 
         for path, body, dialect in chats:
             mine = await client.post(path, json=body, headers=bearer(team) | {"x-workspace": "team-a-docs"})
@@ -228,3 +233,20 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
             assert answer.status_code == 503, answer.text
             assert "lab-gpu" in answer.text  # the backend's name helps; its address does not
             assert str(port) not in answer.text and "127.0.0.1" not in answer.text
+
+
+async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stack) -> None:
+    other = await new_key(stack.db, "other-tenant")
+    await wait_for_key(stack.url, other)
+    body = {"model": MODEL, "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        first = await client.post("/v1/chat/completions", json=body, headers=bearer(stack.good) | {"idempotency-key": "k1"})
+        assert first.status_code == 200
+        again = await client.post("/v1/chat/completions", json=body, headers=bearer(stack.good) | {"idempotency-key": "k1"})
+        assert again.json()["id"] == first.json()["id"]  # the same key replays its own answer
+        theirs = await client.post("/v1/chat/completions", json=body, headers=bearer(other) | {"idempotency-key": "k1"})
+        assert theirs.status_code == 200 and theirs.json()["id"] != first.json()["id"]
+        changed = await client.post(
+            "/v1/chat/completions", json=body | {"temperature": 0.5}, headers=bearer(other) | {"idempotency-key": "k1"}
+        )
+        assert changed.status_code == 409  # the other tenant's own earlier use, not the first one's

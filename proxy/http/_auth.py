@@ -54,18 +54,20 @@ def _unauthorized(error: GatewayError, presented: bool) -> Response:
     return response
 
 
-def request_workspace() -> str | None:
-    """The workspace a request names: `x-workspace`, or the `{ws}` of a `/v1/workspaces/{ws}/...`
-    path."""
+def request_workspaces() -> list[str]:
+    """Every workspace a request names: `x-workspace`, and the `{ws}` of a
+    `/v1/workspaces/{ws}/...` path (both are checked: one must not vouch for the other)."""
+    named: list[str] = []
     header = request.headers.get("x-workspace")
     if header:
-        return header
+        named.append(header)
     path = request.path
     if path.startswith(_WORKSPACES + "/"):
         args = request.view_args or {}
-        named = args.get("workspace", args.get("ws"))
-        return str(named) if named else path[len(_WORKSPACES) + 1 :].split("/", 1)[0] or None
-    return None
+        in_path = args.get("workspace", args.get("ws")) or path[len(_WORKSPACES) + 1 :].split("/", 1)[0]
+        if in_path:
+            named.append(str(in_path))
+    return named
 
 
 def _check_scopes(principal: Principal) -> None:
@@ -75,10 +77,10 @@ def _check_scopes(principal: Principal) -> None:
     path = request.path
     in_workspaces = path == _WORKSPACES or path.startswith(_WORKSPACES + "/")
     manage = in_workspaces and request.method not in _READS and not path.endswith(_READ_POSTS)
-    workspace = request_workspace()
-    if workspace is not None:
+    workspaces = request_workspaces()
+    for workspace in workspaces:
         check_workspace(workspace, manage=manage)
-    elif path == _WORKSPACES:
+    if path == _WORKSPACES:
         if principal.workspaces is not None:
             raise GatewayError(
                 ErrorKind.PERMISSION,
@@ -87,7 +89,7 @@ def _check_scopes(principal: Principal) -> None:
             )
         if manage and not principal.admin:
             check_workspace("*", manage=True)
-    elif principal.workspaces is not None and (request.headers.get("x-route") or "").strip().lower() == "rag":
+    elif not workspaces and principal.workspaces is not None and (request.headers.get("x-route") or "").strip().lower() == "rag":
         raise GatewayError(
             ErrorKind.PERMISSION,
             "This API key is limited to some workspaces: name one with `x-workspace`.",
@@ -145,9 +147,14 @@ def install_auth(app: GatewayApp) -> None:
         body = response.response
         if isinstance(body, ExchangeBody):
             # The exchange writes its own head; its record feeds the usage hook and the log.
-            body.exchange.record.api_key_id = principal.id
+            exchange = body.exchange
+            exchange.record.api_key_id = principal.id
+            if exchange.meta.idempotency_key is not None:
+                # A client names its own requests: another key's same name must not replay
+                # (or, with another body, reveal) this key's answer.
+                exchange.meta.idempotency_key = f"key-{principal.id}:{exchange.meta.idempotency_key}"
             if decision is not None and decision.allowed:
-                body.exchange.response_headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
+                exchange.response_headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
         elif decision is not None and decision.allowed:
             response.headers.extend(decision.headers)
         return response
