@@ -107,7 +107,7 @@ class RagSettings:
     `top_k`, `score_threshold` and `candidates`)."""
 
     top_k: int = 4  # passages injected
-    score_threshold: float = 0.35  # minimum MaxSim rerank score of an injected passage
+    score_threshold: float = 0.3  # minimum MaxSim rerank score of an injected passage
     candidates: int = 40  # per retriever (vector, full text) before fusion
     rerank: int = 20  # fused candidates scored by MaxSim
     chunk_tokens: int = 200  # target chunk size, in the embedding model's tokens
@@ -378,7 +378,7 @@ def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
         raw, "rag", {"top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template"}
     )
     top_k = reader.positive("top_k", int, 4)
-    threshold = float(reader.get("score_threshold", (int, float), 0.35))
+    threshold = float(reader.get("score_threshold", (int, float), 0.3))
     if not -1.0 <= threshold <= 1.0:
         raise ConfigError(f"`rag.score_threshold` must be between -1 and 1, got {threshold!r}")
     chunk_tokens = reader.positive("chunk_tokens", int, 200)
@@ -416,6 +416,7 @@ def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
         threshold=threshold,
         ttl_seconds=float(reader.positive("ttl_seconds", (int, float), 3600.0)),
     )
+
 
 def _check_url(url: str, key: str) -> None:
     parts = urlsplit(url)

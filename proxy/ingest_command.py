@@ -192,6 +192,6 @@ async def _ingest(
                 progress.close()
     summary = ", ".join(f"{statuses[s]} {s}" for s in ("created", "updated", "unchanged", "failed") if statuses[s])
     total = sum(statuses.values())
-    print(f"{args.workspace}: {total} documents: {summary or 'nothing to do'} "
+    print(f"{args.workspace}: {total} document{'' if total == 1 else 's'}: {summary or 'nothing to do'} "
           f"({time.perf_counter() - started:.1f} s)", file=err)
     return 1 if statuses["failed"] or (missing and not files) else 0

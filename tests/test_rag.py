@@ -16,11 +16,11 @@ import trio_asyncio
 
 from proxy.cli import main
 from proxy.config import RagSettings
-from proxy.infra.embedder import LocalEmbedder
+from proxy.infra.embedder import LocalEmbedder, maxsim
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
 from proxy.infra.rag_store import pack_token_vectors, unpack_token_vectors
-from proxy.services.rag import DocumentInput, RagService, reciprocal_rank_fusion
+from proxy.services.rag import DocumentInput, RagService, pool_token_vectors, reciprocal_rank_fusion
 from tests.harness import running_gateway
 from tests.rag_corpus import API, BREAD, CORPUS, DOCUMENTS, HANDBOOK, QUESTIONS, UNRELATED
 
@@ -67,6 +67,20 @@ def test_token_vectors_survive_int8_packing() -> None:
     similarities = rows @ restored.T
     assert np.abs(np.diag(similarities) - 1).max() < 1e-3
     assert np.abs(similarities - rows @ rows.T).max() < 0.01
+
+
+def test_token_pooling_keeps_a_third_of_the_vectors_and_their_maxsim() -> None:
+    rng = np.random.default_rng(3)
+    topics = rng.standard_normal((8, 384)).astype(np.float32)
+    tokens = topics[rng.integers(0, 8, 120)] + 0.3 * rng.standard_normal((120, 384)).astype(np.float32)
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    pooled = pool_token_vectors(tokens)
+    assert pooled.shape == (40, 384)
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(pooled, pool_token_vectors(tokens))  # deterministic
+    query = topics[:2] / np.linalg.norm(topics[:2], axis=1, keepdims=True)
+    assert maxsim(query, pooled) == pytest.approx(maxsim(query, tokens), abs=0.05)
+    assert pool_token_vectors(tokens[:2]).shape == (1, 384)
 
 
 # -- retrieval quality -----------------------------------------------------------------------------
@@ -199,6 +213,10 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
             data={"metadata": '{"uploaded": true}'},
         )
         assert upload.status_code == 201, upload.text
+        # One document without text fails the request before anything is written.
+        mixed = await http.post("/v1/workspaces/docs/documents", json={"documents": [
+            {"content": "# New\n\nFresh text.", "source": "new.md"}, {"content": " ", "source": "blank.md"}]})
+        assert mixed.status_code == 400 and "blank.md" in mixed.json()["error"]["message"]
         listed = (await http.get("/v1/workspaces/docs/documents")).json()
         assert listed["total"] == 4
         by_source = {d["source"]: d for d in listed["data"]}

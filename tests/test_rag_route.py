@@ -241,3 +241,14 @@ async def test_a_disconnect_during_retrieval_cancels_it(setup: Setup, corpus_url
         after = await http.post(f"{setup.url}/v1/chat/completions", headers=RAG, json={
             "model": MODELS["openai"], "messages": [{"role": "user", "content": QUESTION}]})
     assert after.status_code == 200 and after.headers["x-rag-context"] == "injected"
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_ollama_generate(setup: Setup, kind: str) -> None:
+    async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
+        reply = await client.generate(model=MODELS[kind], prompt=QUESTION, system="Answer briefly.")
+    assert reply.response == "Backups are kept for 14 days [1]."
+    body = setup.fakes[kind].requests[-1].json
+    system = body.get("system") if kind == "ollama" and "system" in body else setup.system_text(kind)
+    assert system.startswith("Answer briefly.")
+    assert_backups_context(system)

@@ -23,6 +23,8 @@ import numpy.typing as npt
 from proxy.infra.postgres import Database, Tx
 
 DIMENSIONS: Final = 384
+# Lexemes in more than this share of all chunks are left out of full-text queries.
+COMMON_LEXEME_SHARE: Final = 0.01
 Vectors = npt.NDArray[np.float32]
 
 
@@ -279,7 +281,8 @@ class RagStore:
                 f"SET LOCAL hnsw.iterative_scan = relaxed_order; SET LOCAL hnsw.ef_search = {max(40, int(limit))}"
             )
             rows = await tx.fetch(_CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000],
-                                                    "lang": workspace.language, "n": limit})
+                                                    "lang": workspace.language, "n": limit,
+                                                    "common": COMMON_LEXEME_SHARE})
         dense = [int(r[1]) for r in rows if r[0] == "v"]
         lexical = [int(r[1]) for r in rows if r[0] == "t"]
         return dense, lexical
@@ -308,15 +311,29 @@ class LanguageLocked(Exception):
         self.language = language
 
 
-# Dense candidates are re-sorted after the relaxed-order index scan; the full-text query ORs
-# the question's lexemes (normalised by the workspace's language, stop words dropped).
+# Dense candidates are re-sorted after the relaxed-order index scan. The full-text query ORs
+# the question's lexemes (normalised by the workspace's language, stop words dropped), leaving
+# out those the planner's statistics say occur in more than `common` of all chunks: an OR of
+# common words matches most of a big table, and ranking every match is what makes full-text
+# search slow (it also adds little: the vector side covers what common words say). If every
+# lexeme is common, the least common one is kept.
 _CANDIDATES_SQL = """
 WITH dense AS MATERIALIZED (
     SELECT id, embedding <=> %(v)s AS distance FROM rag_chunks
     WHERE workspace_id = %(ws)s ORDER BY distance LIMIT %(n)s
+), common AS (
+    SELECT e.elem, e.freq
+    FROM pg_stats s, unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs) AS e(elem, freq)
+    WHERE s.schemaname = current_schema() AND s.tablename = 'rag_chunks' AND s.attname = 'tsv'
+), terms AS (
+    SELECT t.lexeme, COALESCE(c.freq, 0) AS freq
+    FROM unnest(to_tsvector(%(lang)s::regconfig, %(q)s)) AS t LEFT JOIN common c ON c.elem = t.lexeme
+), kept AS (
+    (SELECT lexeme FROM terms WHERE freq <= %(common)s ORDER BY freq LIMIT 16)
+    UNION ALL
+    (SELECT lexeme FROM terms WHERE NOT EXISTS (SELECT FROM terms WHERE freq <= %(common)s) ORDER BY freq LIMIT 1)
 ), q AS (
-    SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query
-    FROM unnest(to_tsvector(%(lang)s::regconfig, %(q)s))
+    SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM kept
 ), lexical AS (
     SELECT c.id, ts_rank(c.tsv, q.query, 1) AS rank FROM rag_chunks c, q
     WHERE q.query IS NOT NULL AND c.workspace_id = %(ws)s AND c.tsv @@ q.query
