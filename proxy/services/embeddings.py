@@ -14,9 +14,11 @@ process's life and reused by the next gateway started in the same process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Protocol
 
 import numpy as np
@@ -37,6 +39,8 @@ from proxy.infra.embedder import (
 )
 from proxy.services.auth import check_model
 from proxy.services.models import ModelCatalog
+
+log = logging.getLogger("llm_proxy.embeddings")
 
 LOCAL_MODEL: Final = LOCAL_EMBEDDING_MODEL
 LOCAL_BACKEND: Final = "local"
@@ -63,19 +67,20 @@ class TextEncoder(Protocol):
 
 # -- the local model as a service ----------------------------------------------------------------
 
-# Loaded embedders not being served, by thread count: the next gateway in this process
-# takes one instead of loading the model again.
-_idle: dict[int, list[LocalEmbedder]] = {}
+# Loaded embedders not being served, by (threads, model file): the next gateway in this
+# process takes one instead of loading the model again.
+_Key = tuple[int, Path | None]
+_idle: dict[_Key, list[LocalEmbedder]] = {}
 
 
-def _acquire(threads: int) -> LocalEmbedder:
-    pool = _idle.get(threads)
-    return pool.pop() if pool else LocalEmbedder(intra_op_threads=threads)
+def _acquire(key: _Key) -> LocalEmbedder:
+    pool = _idle.get(key)
+    return pool.pop() if pool else LocalEmbedder(intra_op_threads=key[0], model_path=key[1])
 
 
-def _release(threads: int, embedder: LocalEmbedder) -> None:
+def _release(key: _Key, embedder: LocalEmbedder) -> None:
     if embedder.loaded:
-        _idle.setdefault(threads, []).append(embedder)
+        _idle.setdefault(key, []).append(embedder)
 
 
 class LocalModel:
@@ -85,9 +90,9 @@ class LocalModel:
     thread); `stop()` ends it with the gateway, failing calls still waiting with 503.
     """
 
-    def __init__(self, nursery: trio.Nursery, *, threads: int = 1) -> None:
+    def __init__(self, nursery: trio.Nursery, *, threads: int = 1, model_path: Path | None = None) -> None:
         self._nursery = nursery
-        self._threads = threads
+        self._key: _Key = (threads, model_path)
         self._lock = trio.Lock()
         self._running: LocalEmbedder | None = None
         self._scope: trio.CancelScope | None = None
@@ -106,7 +111,13 @@ class LocalModel:
             if self._running is None:
                 if self._stopped:
                     raise GatewayError(ErrorKind.UNAVAILABLE, "The local embedding model is shut down.")
-                await self._nursery.start(self._serve)
+                try:
+                    await self._nursery.start(self._serve)
+                except Exception as exc:  # a missing or broken model file: say so, retry next time
+                    log.exception("loading the local embedding model failed")
+                    raise GatewayError(
+                        ErrorKind.UNAVAILABLE, f"The local embedding model could not be loaded: {exc}"
+                    ) from exc
             assert self._running is not None
             return self._running
 
@@ -127,7 +138,7 @@ class LocalModel:
         return await (await self.embedder()).embed_tokens(text)
 
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        embedder = _acquire(self._threads)
+        embedder = _acquire(self._key)
         started = time.perf_counter()
         try:
             with trio.CancelScope() as self._scope:
@@ -145,7 +156,7 @@ class LocalModel:
         finally:
             self._running = None
             self._scope = None
-            _release(self._threads, embedder)
+            _release(self._key, embedder)
 
 
 # -- requests and results ------------------------------------------------------------------------

@@ -175,7 +175,8 @@ class SemanticCache:
             return False
         if meta.cache == "semantic" or self.settings.enabled:
             return True
-        return request.model in self.settings.models or self._model(request) in self.settings.models
+        models = self.settings.models
+        return bool(models) and (request.model in models or self._model(request) in models)
 
     async def lookup(self, request: ChatRequest, meta: RequestMeta) -> ChatCompletion | None:
         """The cached completion for a conversation that means the same, or None."""
