@@ -77,35 +77,32 @@ async def test_every_sdk_sends_its_key_and_parses_our_401(stack: Stack) -> None:
     key = await new_key(stack.db, "sdk")
     await wait_for_key(stack.url, key)
 
-    good = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
-    reply = await good.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
-    assert reply.choices[0].message.content == "Hello"
-    bad = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="sk-wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as oai:
-        await bad.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as good:
+        reply = await good.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content == "Hello"
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="sk-wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as oai:
+            await bad.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
     assert oai.value.status_code == 401 and "Invalid API key" in oai.value.message
 
     # The Anthropic SDK sends `x-api-key`.
-    claude = anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=0)
-    message = await claude.messages.create(model="qwen3-8b", max_tokens=20, messages=MESSAGES)  # type: ignore[arg-type]
-    assert message.content[0].text == "Hello"  # type: ignore[union-attr]
-    with pytest.raises(anthropic.AuthenticationError) as ant:
-        await anthropic.AsyncAnthropic(base_url=stack.url, api_key="sk-wrong", max_retries=0).messages.create(
-            model="qwen3-8b", max_tokens=20, messages=MESSAGES  # type: ignore[arg-type]
-        )
+    async with anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=0) as claude:
+        message = await claude.messages.create(model="qwen3-8b", max_tokens=20, messages=MESSAGES)  # type: ignore[arg-type]
+        assert message.content[0].text == "Hello"  # type: ignore[union-attr]
+    async with anthropic.AsyncAnthropic(base_url=stack.url, api_key="sk-wrong", max_retries=0) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as ant:
+            await stranger.messages.create(model="qwen3-8b", max_tokens=20, messages=MESSAGES)  # type: ignore[arg-type]
     assert ant.value.status_code == 401 and ant.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
     # Ollama clients take headers; the key may come as a bearer token or as x-api-key.
     for headers in (bearer(key), {"x-api-key": key}):
-        llama = ollama.AsyncClient(host=stack.url, headers=headers)
-        chat = await llama.chat(model="qwen3-8b", messages=MESSAGES, stream=False)
-        assert chat.message.content == "Hello"
-    with pytest.raises(ollama.ResponseError) as oll:
-        await ollama.AsyncClient(host=stack.url).chat(model="qwen3-8b", messages=MESSAGES, stream=False)
+        async with ollama.AsyncClient(host=stack.url, headers=headers) as llama:
+            chat = await llama.chat(model="qwen3-8b", messages=MESSAGES, stream=False)
+            assert chat.message.content == "Hello"
+    async with ollama.AsyncClient(host=stack.url) as anonymous:
+        with pytest.raises(ollama.ResponseError) as oll:
+            await anonymous.chat(model="qwen3-8b", messages=MESSAGES, stream=False)
     assert oll.value.status_code == 401 and "Missing API key" in oll.value.error
-    await good.close()
-    await bad.close()
-    await claude.close()
 
 
 async def test_model_scope_filters_listings_and_refuses_other_models_in_each_dialect(stack: Stack) -> None:
