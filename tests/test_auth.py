@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anthropic
 import httpx
 import ollama
 import openai
+import psycopg
 import pytest
 import trio
 
+from proxy.infra.embedded import EmbeddedPostgres
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
@@ -248,3 +254,27 @@ async def test_keys_cannot_be_verified_while_the_database_has_never_answered(aio
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "auth_unavailable"
             assert answer.headers["retry-after"] == "5"
             assert (await client.get("/health")).status_code == 200
+
+
+def test_keys_commands_leave_a_running_gateways_embedded_database_running(tmp_path: Path) -> None:
+    # `serve` runs the embedded PostgreSQL on its data directory; `keys` adopts it, and must
+    # not stop it on the way out (that would take the gateway's database away).
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+    with EmbeddedPostgres(tmp_path / "pgdata") as server:
+        assert server.url is not None
+        created = subprocess.run(
+            [sys.executable, "-m", "proxy", "keys", "create", "--name", "cli", "--data-dir", str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert created.returncode == 0, created.stderr
+        assert created.stdout.startswith("sk-llmp-") and "cannot be shown again" in created.stderr
+        with psycopg.connect(server.url) as conn:  # still up
+            assert conn.execute("SELECT name FROM api_keys").fetchall() == [("cli",)]
+        listed = subprocess.run(
+            [sys.executable, "-m", "proxy", "keys", "list", "--data-dir", str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert listed.returncode == 0 and "cli" in listed.stdout
+        assert created.stdout.strip() not in listed.stdout
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
