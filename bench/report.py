@@ -211,7 +211,12 @@ def _targets_table(results: Results, goals: Targets) -> list[str]:
                 f"chunks/s on one core, {label}, >= {factor:.0f}x LiteLLM's "
                 f"({source if peer is not None else 'quoted in the issue'}: "
                 f"{_f(peer_chunks, 0)})",
-                f"{_f(gw.chunks_per_s, 0)} chunks/s = {_f(ratio(gw.chunks_per_s, peer_chunks))}x",
+                f"{_f(gw.chunks_per_s, 0)} chunks/s = "
+                + (
+                    f"{_f(ratio(gw.chunks_per_s, peer_chunks))}x"
+                    if peer_chunks
+                    else "LiteLLM relayed none in the window"
+                ),
                 gw.chunks_per_s >= factor * peer_chunks,
             )
         )
