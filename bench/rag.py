@@ -43,7 +43,7 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import open_database
-from proxy.infra.rag_store import _CANDIDATES_SQL, COMMON_LEXEME_SHARE
+from proxy.infra.rag_store import _CANDIDATES_SQL, LEXICAL_MAX_ROWS
 from proxy.services.rag import RagService
 
 WORKSPACE = "bench"
@@ -209,7 +209,7 @@ def sql_latencies(url: str, queries: int) -> list[str]:
         dense = timed(lambda i: conn.execute(dense_sql, (workspace_id, vectors[i])).fetchall())
         texts = [" ".join(zipf_words(rng, words, 8)) for _ in range(queries)]
         params = [{"ws": workspace_id, "v": vectors[i], "q": texts[i], "lang": "english", "n": 40,
-                   "common": COMMON_LEXEME_SHARE} for i in range(queries)]
+                   "max_rows": LEXICAL_MAX_ROWS} for i in range(queries)]
         both = timed(lambda i: conn.execute(_CANDIDATES_SQL, params[i]).fetchall())
         recall = []
         for i in range(min(30, queries)):

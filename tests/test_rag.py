@@ -22,7 +22,7 @@ from proxy.infra.postgres import Database, open_database
 from proxy.infra.rag_store import pack_token_vectors, unpack_token_vectors
 from proxy.services.rag import DocumentInput, RagService, pool_token_vectors, reciprocal_rank_fusion
 from tests.harness import running_gateway
-from tests.rag_corpus import API, BREAD, CORPUS, DOCUMENTS, HANDBOOK, QUESTIONS, UNRELATED
+from tests.rag_corpus import API, BREAD, CORPUS, DOCUMENTS, HANDBOOK, POSTGRES, QUESTIONS, UNRELATED
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
@@ -145,6 +145,29 @@ async def test_workspaces_are_isolated(db: Database, embedder: LocalEmbedder) ->
     assert "Vacation" in vacation.passages[0].heading
 
 
+async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEmbedder) -> None:
+    rag = service(db, embedder, score_threshold=-1.0)
+    await rag.ingest("ws", [DocumentInput(POSTGRES, "markdown", "postgres.md")])
+    # Another workspace's 3,000 chunks all mention "database": a full-text OR over that word
+    # would rank them all. Statistics tell the query to leave it out.
+    await db.execute(
+        "WITH w AS (INSERT INTO rag_workspaces (name) VALUES ('filler') RETURNING id),"
+        " d AS (INSERT INTO rag_documents (workspace_id, source, content_hash, chunker, media_type, chars, chunk_count)"
+        "       SELECT id, 'filler.md', 'x', 'x', 'text/plain', 0, 3000 FROM w RETURNING id, workspace_id)"
+        " INSERT INTO rag_chunks (workspace_id, document_id, ordinal, content, embedding, token_vectors)"
+        " SELECT d.workspace_id, d.id, g, 'Notes on database number ' || g,"
+        "        array_fill(0.05::real, ARRAY[384])::vector, ''::bytea FROM d, generate_series(1, 3000) g"
+    )
+    question = "How long do we keep the nightly database backups?"
+    workspace = await rag.workspace("ws")
+    assert "databas" in await rag.store().full_text_terms(workspace, question)  # no statistics yet
+    await db.execute("ANALYZE rag_chunks")
+    terms = await rag.store().full_text_terms(workspace, question)
+    assert terms == ["backup", "keep", "long", "night"]
+    retrieval = await rag.retrieve("ws", question)
+    assert "Backups" in retrieval.passages[0].heading
+
+
 async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder)
     first = await rag.ingest("ws", [DocumentInput(API, "markdown", "api.md", {"v": 1})])
@@ -233,8 +256,9 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
 
         settings = await http.put("/v1/workspaces/docs", json={"top_k": 1, "score_threshold": 0.2})
         assert settings.status_code == 200 and settings.json()["settings"] == {"top_k": 1, "score_threshold": 0.2}
-        found = (await search(http, url, "docs", "How hot should the oven be?")).json()["data"]
-        assert len(found) == 1 and found[0]["source"] == "bread.html"
+        found = await search(http, url, "docs", "How hot should the oven be?")
+        assert found.json()["full_text_terms"] == ["hot", "oven"]
+        assert len(found.json()["data"]) == 1 and found.json()["data"][0]["source"] == "bread.html"
         assert (await http.put("/v1/workspaces/docs", json={"top_k": 0})).status_code == 400
         assert (await http.put("/v1/workspaces/docs", json={"language": "german"})).status_code == 409
 

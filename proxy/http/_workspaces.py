@@ -247,9 +247,12 @@ async def search(ws: str) -> Response:
     query = fields.text("query", required=True)
     assert query is not None
     overrides = validate_overrides({k: v for k, v in fields.data.items() if k != "query"})
-    retrieval = await _rag().retrieve(ws, query, overrides)
+    rag = _rag()
+    retrieval = await rag.retrieve(ws, query, overrides)
+    terms = await rag.store().full_text_terms(await rag.workspace(ws), query)
     return _reply({
         "object": "list", "workspace": ws, "query": query, "candidates": retrieval.candidates,
+        "full_text_terms": terms,
         "data": passages_json(retrieval.passages),
         "timings": {k: round(v, 2) for k, v in retrieval.timings.items()},
     })

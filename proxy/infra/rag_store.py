@@ -23,8 +23,8 @@ import numpy.typing as npt
 from proxy.infra.postgres import Database, Tx
 
 DIMENSIONS: Final = 384
-# Lexemes in more than this share of all chunks are left out of full-text queries.
-COMMON_LEXEME_SHARE: Final = 0.01
+# The chunks a full-text query may be estimated to match (see `_CANDIDATES_SQL`).
+LEXICAL_MAX_ROWS: Final = 2000
 Vectors = npt.NDArray[np.float32]
 
 
@@ -282,10 +282,17 @@ class RagStore:
             )
             rows = await tx.fetch(_CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000],
                                                     "lang": workspace.language, "n": limit,
-                                                    "common": COMMON_LEXEME_SHARE})
+                                                    "max_rows": LEXICAL_MAX_ROWS})
         dense = [int(r[1]) for r in rows if r[0] == "v"]
         lexical = [int(r[1]) for r in rows if r[0] == "t"]
         return dense, lexical
+
+    async def full_text_terms(self, workspace: Workspace, query: str) -> list[str]:
+        """The lexemes of `query` a full-text search uses (see `_CANDIDATES_SQL`)."""
+        rows = await self._db.fetch(
+            _TERMS_SQL, {"q": query[:4000], "lang": workspace.language, "max_rows": LEXICAL_MAX_ROWS}
+        )
+        return [str(row[0]) for row in rows]
 
     async def chunks(self, workspace_id: int, ids: Sequence[int]) -> dict[int, ChunkRow]:
         rows = await self._db.fetch(
@@ -312,16 +319,13 @@ class LanguageLocked(Exception):
 
 
 # Dense candidates are re-sorted after the relaxed-order index scan. The full-text query ORs
-# the question's lexemes (normalised by the workspace's language, stop words dropped), leaving
-# out those the planner's statistics say occur in more than `common` of all chunks: an OR of
-# common words matches most of a big table, and ranking every match is what makes full-text
-# search slow (it also adds little: the vector side covers what common words say). If every
-# lexeme is common, the least common one is kept.
-_CANDIDATES_SQL = """
-WITH dense AS MATERIALIZED (
-    SELECT id, embedding <=> %(v)s AS distance FROM rag_chunks
-    WHERE workspace_id = %(ws)s ORDER BY distance LIMIT %(n)s
-), common AS (
+# the question's lexemes (normalised by the workspace's language, stop words dropped) — but
+# ranking every match is what makes full-text search slow, and an OR of common words matches
+# most of a big table (while adding little: the vector side covers what common words say). So
+# lexemes are taken rarest first, by the planner's statistics, while together they are
+# estimated to match at most `max_rows` chunks; a lexeme the statistics do not list as common
+# counts as rare, and a table without statistics (small, or just loaded) keeps them all.
+_LEXEMES = """common AS (
     SELECT e.elem, e.freq
     FROM pg_stats s, unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs) AS e(elem, freq)
     WHERE s.schemaname = current_schema() AND s.tablename = 'rag_chunks' AND s.attname = 'tsv'
@@ -329,10 +333,19 @@ WITH dense AS MATERIALIZED (
     SELECT t.lexeme, COALESCE(c.freq, 0) AS freq
     FROM unnest(to_tsvector(%(lang)s::regconfig, %(q)s)) AS t LEFT JOIN common c ON c.elem = t.lexeme
 ), kept AS (
-    (SELECT lexeme FROM terms WHERE freq <= %(common)s ORDER BY freq LIMIT 16)
-    UNION ALL
-    (SELECT lexeme FROM terms WHERE NOT EXISTS (SELECT FROM terms WHERE freq <= %(common)s) ORDER BY freq LIMIT 1)
-), q AS (
+    SELECT lexeme FROM (
+        SELECT lexeme, sum(freq) OVER (ORDER BY freq, lexeme)
+                       * (SELECT GREATEST(reltuples, 0) FROM pg_class WHERE oid = 'rag_chunks'::regclass) AS reach
+        FROM terms
+    ) ranked
+    WHERE reach <= %(max_rows)s ORDER BY reach LIMIT 16
+)"""
+
+_CANDIDATES_SQL = f"""
+WITH dense AS MATERIALIZED (
+    SELECT id, embedding <=> %(v)s AS distance FROM rag_chunks
+    WHERE workspace_id = %(ws)s ORDER BY distance LIMIT %(n)s
+), {_LEXEMES}, q AS (
     SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS query FROM kept
 ), lexical AS (
     SELECT c.id, ts_rank(c.tsv, q.query, 1) AS rank FROM rag_chunks c, q
@@ -343,6 +356,8 @@ WITH dense AS MATERIALIZED (
 UNION ALL
 (SELECT 't', id FROM lexical ORDER BY rank DESC, id)
 """
+
+_TERMS_SQL = f"WITH {_LEXEMES} SELECT lexeme FROM kept ORDER BY lexeme"
 
 
 async def _insert_chunks(tx: Tx, workspace: Workspace, document_id: str, chunks: list[NewChunk]) -> None:
