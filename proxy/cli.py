@@ -130,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ingest":  # a running gateway's embedded PostgreSQL is left running
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return run_ingest(args, settings)
+        if args.command == "migrate":  # like keys: a running gateway's PostgreSQL stays up
+            with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
+                return _migrate(settings)
         with embedded_servers(settings) as settings:
             if args.command == "serve":
                 return _serve(settings)
-            if args.command == "migrate":
-                return _migrate(settings)
     except KeyboardInterrupt:
         return 130
     except EmbeddedServerError as error:
