@@ -268,3 +268,26 @@ async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversat
     assert third.headers.get("x-cache") != "semantic"
     assert len(stack.fake.requests) == 2
     await client.close()
+
+
+async def test_streams_and_the_exact_cache_are_per_api_key(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    from tests.test_auth_helpers import bearer, new_key, wait_for_key
+
+    fake = OpenAIBackend(default=Script(tokens=["secret", " answer"]))
+    alice = await new_key(pg_database_url, "alice")
+    bob = await new_key(pg_database_url, "bob")
+    body = {"model": "m", "messages": MESSAGES, "temperature": 0}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        await wait_for_key(url, alice)
+        mine = await client.post("/v1/chat/completions", json=body, headers={**bearer(alice), "x-cache": "exact"})
+        trace_id = mine.headers["x-trace-id"]
+        await wait_for_row(pg_database_url, trace_id, "completed")
+        theirs = await client.post("/v1/chat/completions", json=body, headers={**bearer(bob), "x-cache": "exact"})
+        assert theirs.headers["x-cache"] == "miss"  # bob does not get alice's cached answer
+        again = await client.post("/v1/chat/completions", json=body, headers={**bearer(alice), "x-cache": "exact"})
+        assert again.headers["x-cache"] == "hit"
+        assert (await client.get(f"/v1/streams/{trace_id}", headers=bearer(bob))).status_code == 404
+        own = await client.get(f"/v1/streams/{trace_id}", headers=bearer(alice))
+        assert own.status_code == 200 and "secret" in own.text

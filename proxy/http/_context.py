@@ -8,6 +8,7 @@ from quart import current_app, request
 from quart_trio import QuartTrio
 
 from proxy.gateway import Gateway
+from proxy.services.auth import current_principal
 from proxy.services.chat import RequestMeta, new_trace_id
 
 
@@ -23,6 +24,11 @@ def _clean_id(value: str | None) -> str | None:
     if value and len(value) <= 200 and value.isascii() and value.isprintable():
         return value
     return None
+
+
+def _tenant() -> str | None:
+    principal = current_principal.get()
+    return None if principal is None else f"key-{principal.id}"
 
 
 def request_meta() -> RequestMeta:
@@ -46,6 +52,7 @@ def request_meta() -> RequestMeta:
         workspace=workspace,
         pipeline=pipeline,
         idempotency_key=_clean_id(headers.get("idempotency-key")),
+        tenant=_tenant(),
         cache=(headers.get("x-cache") or "").strip().lower() or None,
     )
 

@@ -17,7 +17,7 @@ from quart import Blueprint, Response, request
 from proxy.dialects import openai
 from proxy.dialects.events import WireEvent, encode_event
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.http._context import gateway
+from proxy.http._context import gateway, request_meta
 from proxy.http._exchange import DirectBody
 from proxy.services.persistence import Persistence, trace_events
 
@@ -25,15 +25,16 @@ blueprint = Blueprint("streams", __name__)
 
 
 class _EventsBody(DirectBody):
-    def __init__(self, persistence: Persistence, trace_id: str, after: int) -> None:
+    def __init__(self, persistence: Persistence, trace_id: str, after: int, tenant: str | None) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
         self._after = after
+        self._tenant = tenant
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
             try:
-                await trace_events(self._persistence, self._trace_id, self._after, send)
+                await trace_events(self._persistence, self._trace_id, self._after, send, self._tenant)
             except GatewayError as error:
                 await send.send(error)
 
@@ -81,6 +82,6 @@ async def stream_events(trace_id: str) -> Response:
     raw_after = request.args.get("after") or request.headers.get("last-event-id") or "0"
     if not raw_after.isdigit():
         raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
-    response = Response(_EventsBody(persistence, trace_id, int(raw_after)))
+    response = Response(_EventsBody(persistence, trace_id, int(raw_after), request_meta().tenant))
     response.timeout = None
     return response

@@ -92,7 +92,9 @@ class LogRow:
     ttft_ms: float | None = None
     total_ms: float | None = None
     last_seq: int = 0
+    tenant: str | None = None
     cache_ttl: float | None = None
+    cache_id: str | None = None  # the exact-cache key: req_id, scoped to the tenant
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -118,9 +120,9 @@ def _json(value: Any) -> str | None:
 
 _COLUMNS = (
     "trace_id, req_id, idempotency_key, route, dialect, model, backend, upstream_model, stream, status, "
-    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq"
+    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant"
 )
-_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s"
+_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s"
 
 
 def _row_params(row: LogRow) -> tuple[Any, ...]:
@@ -128,6 +130,7 @@ def _row_params(row: LogRow) -> tuple[Any, ...]:
         row.trace_id, row.req_id, row.idempotency_key, row.route, row.dialect, row.model, row.backend,
         row.upstream_model, row.stream, row.status, _json(row.request), _json(row.result), _json(row.error),
         row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms, row.last_seq,
+        row.tenant,
     )
 
 
@@ -160,9 +163,9 @@ class ChatStore:
         """Many rows in one transaction (group commit): starts first, so an outcome in the
         same batch always wins."""
         keys = [(r.status, r.idempotency_key, r.trace_id) for r in outcomes if r.idempotency_key is not None]
-        keys += [(r.status, f"cache:{r.req_id}", r.trace_id) for r in outcomes if r.cache_ttl is not None]
+        keys += [(r.status, f"cache:{r.cache_id or r.req_id}", r.trace_id) for r in outcomes if r.cache_ttl is not None]
         cached = [
-            (r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
+            (r.cache_id or r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
             for r in outcomes
             if r.cache_ttl is not None and r.status == "completed" and r.result is not None
         ]
@@ -219,11 +222,19 @@ class ChatStore:
 
     async def stored(self, trace_id: str) -> tuple[Status, ChatCompletion | None, dict[str, Any] | None] | None:
         """A trace's status, its completion (if it has one) and its error (if it failed)."""
-        row = await self._db.fetchrow("SELECT status, result, error FROM chat_log WHERE trace_id = %s", (trace_id,))
+        found = await self.stored_with_tenant(trace_id)
+        return None if found is None else (found[0], found[1], found[2])
+
+    async def stored_with_tenant(
+        self, trace_id: str
+    ) -> tuple[Status, ChatCompletion | None, dict[str, Any] | None, str | None] | None:
+        row = await self._db.fetchrow(
+            "SELECT status, result, error, tenant FROM chat_log WHERE trace_id = %s", (trace_id,)
+        )
         if row is None:
             return None
-        status, result, error = row
-        return status, completion_from_json(result) if result else None, error
+        status, result, error, tenant = row
+        return status, completion_from_json(result) if result else None, error, tenant
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

@@ -9,6 +9,7 @@ nursery, which closes the backend's HTTP stream.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import secrets
 import time
@@ -60,6 +61,8 @@ class RequestMeta:
     pipeline: str | None = None
     idempotency_key: str | None = None
     cache: str | None = None
+    # Who asks (the API key as `key-<id>`), when auth is on: caches and resume are per tenant.
+    tenant: str | None = None
     received: float = field(default_factory=time.perf_counter)
 
 
@@ -298,19 +301,21 @@ class ChatExchange:
         if key is None and not cache:
             return Plan("here")
         req_id = request_fingerprint(self.request, self.route.upstream_model)
+        cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
         if cache:
-            cached = await persistence.cached(req_id)
+            cached = await persistence.cached(cache_id)
             if cached is not None:
                 self.record.source = "cache"
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
                             headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
-        claim_key = key if key is not None else f"cache:{req_id}"
+        claim_key = key if key is not None else f"cache:{cache_id}"
         other = await persistence.claim(claim_key, req_id, self.meta.trace_id)
         if other is not None:
             self.record.source = "replay" if other.kind == "replay" else "attached"
             return other
         kind = "durable" if persistence.runs.available else "here"
-        return Plan(kind, req_id=req_id, key=key, cache=cache, headers=[(b"x-cache", b"miss")] if cache else [])
+        return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
+                    headers=[(b"x-cache", b"miss")] if cache else [])
 
     def _journal(self, plan: Plan) -> Journal | None:
         persistence = self._persistence
@@ -318,7 +323,7 @@ class ChatExchange:
             return None
         row = self._new_row(plan)
         return Journal(
-            row, EventLog(self.meta.trace_id), writer=persistence.writer, publisher=persistence.publisher,
+            row, EventLog(self.meta.trace_id, self.meta.tenant), writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,
         )
 
@@ -460,7 +465,9 @@ class ChatExchange:
             upstream_model=self.route.upstream_model,
             stream=self.request.stream,
             request=canonical_request(self.request, self.route.upstream_model),
+            tenant=self.meta.tenant,
             cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
+            cache_id=plan.cache_id,
         )
 
     def _log_row(self, base: LogRow, result: CompletionBuilder) -> LogRow:

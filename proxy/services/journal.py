@@ -50,8 +50,9 @@ class Outcome:
 
 
 class EventLog:
-    def __init__(self, trace_id: str) -> None:
+    def __init__(self, trace_id: str, tenant: str | None = None) -> None:
         self.trace_id = trace_id
+        self.tenant = tenant
         self.events: list[StreamEvent] = []
         self.head_error: GatewayError | None = None
         self.outcome: Outcome | None = None

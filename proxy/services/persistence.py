@@ -96,6 +96,7 @@ class Plan:
     req_id: str | None = None
     key: str | None = None
     cache: bool = False
+    cache_id: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
@@ -247,21 +248,33 @@ def log_reader(event_log: EventLog, start: int = 0) -> Producer:
 
 
 async def trace_events(
-    persistence: Persistence, trace_id: str, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]]
+    persistence: Persistence,
+    trace_id: str,
+    after: int,
+    send: trio.MemorySendChannel[tuple[int, WireEvent]],
+    tenant: str | None = None,
 ) -> None:
     """A trace's events with their sequence numbers, from `after + 1` to `finished`: from the
-    run itself when it is on this instance, else from JetStream, else rebuilt from its row."""
+    run itself when it is on this instance, else from JetStream, else rebuilt from its row.
+
+    With `tenant` (auth on), only that tenant's traces are found; one whose owner cannot be
+    checked (no row, not on this instance) is not found either."""
+    unknown = GatewayError(ErrorKind.NOT_FOUND, f"No stream `{trace_id}` is known here.", param="trace_id")
     local = persistence.runs.live.get(trace_id)
     if local is not None:
+        if tenant is not None and local.tenant != tenant:
+            raise unknown
         await _local_events(local, after, send)
         return
     store = persistence.store()
     stored = None
     if store is not None:
         try:
-            stored = await store.stored(trace_id)
+            stored = await store.stored_with_tenant(trace_id)
         except DatabaseError:
             store = None
+    if tenant is not None and (stored is None or stored[3] != tenant):
+        raise unknown
     running = stored is not None and stored[0] == "running"
     bus = persistence.bus()
     if bus is not None:
@@ -273,8 +286,8 @@ async def trace_events(
         except BusError as error:
             log.warning("reading %s from NATS failed: %s", trace_id, error)
     if stored is None or running:
-        raise GatewayError(ErrorKind.NOT_FOUND, f"No stream `{trace_id}` is known here.", param="trace_id")
-    status, completion, _error = stored
+        raise unknown
+    status, completion, _error, _tenant = stored
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
     events.append(Finished(reason=_reason_of(completion), status=status))
     for seq, event in enumerate(events, start=1):
