@@ -86,6 +86,7 @@ async def test_log_rows_for_completed_failed_and_cancelled_requests(stack: Stack
             lines = response.aiter_lines()
             for _ in range(4):
                 await lines.__anext__()
+            await wait_for_row(stack.db, trace_id, "running")  # a long chat is visible while it runs
         await stack.fake.wait_disconnect(2.0)
         row = await wait_for_row(stack.db, trace_id, "cancelled")
         assert row[4]["choices"][0]["content"]  # type: ignore[index]  # the partial answer is kept

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,22 +182,30 @@ class EventPublisher:
 class LogWriter:
     """Group commit for the completion log: every row waiting when the writer wakes up goes
     into one transaction, however many requests wrote them — a database round trip per
-    batch, not two per request. Outcomes that cannot be written go to the outbox."""
+    batch, not two per request. Outcomes that cannot be written go to the outbox.
+
+    A `running` row waits `START_DELAY` before it is written, and is dropped if its outcome
+    comes first: most chats finish sooner, and then one row write serves both — the
+    database work stays off the request's critical path and is halved."""
+
+    START_DELAY = 0.25
 
     def __init__(self, *, store: StoreGetter, outbox: Outbox) -> None:
         self._store = store
         self._outbox = outbox
-        self._starts: list[LogRow] = []
+        self._starts: dict[str, tuple[LogRow, float]] = {}
         self._outcomes: list[tuple[LogRow, trio.Event]] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
 
     def start(self, row: LogRow) -> None:
-        self._starts.append(row)
-        self._wake.set()
+        self._starts[row.trace_id] = (row, trio.current_time() + self.START_DELAY)
+        if len(self._starts) == 1:
+            self._wake.set()  # the writer may be sleeping without a timer
 
     async def commit(self, row: LogRow) -> None:
         """Return once `row` is committed (or safely in the outbox)."""
+        self._starts.pop(row.trace_id, None)
         done = trio.Event()
         self._outcomes.append((row, done))
         self._wake.set()
@@ -207,19 +216,23 @@ class LogWriter:
             task_status.started()
             try:
                 while True:
-                    await self._wake.wait()
+                    due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
+                    with trio.move_on_at(due):
+                        await self._wake.wait()
                     self._wake = trio.Event()
-                    await self._flush()
+                    await self._flush(trio.current_time())
             finally:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
-                    await self._flush()  # what arrived before shutdown is written too
+                    await self._flush(math.inf)  # what arrived before shutdown is written too
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def _flush(self) -> None:
-        starts, self._starts = self._starts, []
+    async def _flush(self, now: float) -> None:
+        starts = [row for row, deadline in self._starts.values() if deadline <= now]
+        for row in starts:
+            del self._starts[row.trace_id]
         outcomes, self._outcomes = self._outcomes, []
         if not starts and not outcomes:
             return
