@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.services.embeddings import LocalModel
+from proxy.services.embeddings import LocalEncoder, LocalModel
 
 
 async def test_loads_on_first_use_and_stops_cleanly() -> None:
@@ -39,3 +40,17 @@ async def test_a_broken_model_file_is_a_503_not_a_crash(tmp_path: Path) -> None:
             assert "could not be loaded" in caught.value.message
         assert not model.loaded
         model.stop()
+
+
+async def test_one_pass_sentence_and_token_vectors_match_the_two_calls() -> None:
+    texts = ["How do I reset my password?", "The cat sat on the mat", "word " * 300, ""]
+    async with LocalEncoder.open() as encoder:
+        result, tokens = await encoder.embed_with_tokens(texts)
+        sentences = await encoder.embed(texts)
+        for i, text in enumerate(texts):
+            np.testing.assert_allclose(tokens[i], await encoder.embed_tokens(text), atol=1e-5)
+        empty, none = await encoder.embed_with_tokens([])
+    np.testing.assert_allclose(result.vectors, sentences.vectors, atol=1e-5)
+    assert result.token_counts == sentences.token_counts and result.truncated == [False, False, True, False]
+    assert [len(t) for t in tokens] == [7, 6, 254, 0]
+    assert empty.vectors.shape == (0, 384) and none == []

@@ -281,24 +281,12 @@ class RagService:
         return IngestResult(document_id, source, "updated" if replaced else "created", len(chunks),
                             sum(c.tokens for c in chunks))
 
-    async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Any, Any]]:
-        out: list[tuple[Any, Any]] = []
+    async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Vectors, Vectors]]:
+        out: list[tuple[Vectors, Vectors]] = []
         for start in range(0, len(texts), _INGEST_BATCH):
             batch = texts[start : start + _INGEST_BATCH]
-            tokens: list[Any] = [None] * len(batch)
-            vectors: list[Any] = []
-
-            async def sentence_vectors(batch: list[str] = batch, vectors: list[Any] = vectors) -> None:
-                vectors.extend((await self._encoder.embed(batch)).vectors)
-
-            async def token_vectors(i: int, text: str, tokens: list[Any] = tokens) -> None:
-                tokens[i] = pool_token_vectors(await self._encoder.embed_tokens(text))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sentence_vectors)
-                for i, text in enumerate(batch):
-                    nursery.start_soon(token_vectors, i, text)
-            out.extend(zip(vectors, tokens, strict=True))
+            result, tokens = await self._encoder.embed_with_tokens(batch)
+            out.extend((vector, pool_token_vectors(rows)) for vector, rows in zip(result.vectors, tokens, strict=True))
             if progress is not None:
                 progress(len(batch))
         return out
