@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import anthropic
@@ -18,8 +19,14 @@ import pytest
 import trio
 
 from proxy.config import PipelineConfig, WorkflowSettings
-from proxy.infra.nats import open_bus
+from proxy.dialects.events import Finished
+from proxy.domain.events import StreamStart, TextDelta
+from proxy.infra.backends import Batch
+from proxy.infra.nats import BusMessage, open_bus
+from proxy.services.journal import EVENTS_STREAM, ensure_streams
+from proxy.services.workflow import WorkflowRoute, _Follow
 from proxy.workflow.bus import workers_kv
+from proxy.workflow.view import ClientView, Continuity, encode
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.workflow_support import (
@@ -363,3 +370,36 @@ def _unchunk(data: bytes) -> bytes:
         out += rest[:size]
         data = rest[size + 2 :]
     return bytes(out)
+
+
+# -- the relay's gap repair ------------------------------------------------------------------
+
+
+async def test_a_gap_in_the_live_feed_is_repaired_from_jetstream(aio_loop: object, nats_url: str) -> None:
+    trace = f"gap{time.monotonic_ns()}"
+    subject = f"evt.chat.{trace}"
+    events = [StreamStart("chatcmpl-x", "m", 1), TextDelta("one "), TextDelta("two "), TextDelta("three")]
+    wire = [encode(seq, event) for seq, event in enumerate(events, start=1)]
+    wire.append(encode(5, Finished("stop", "completed", "m")))
+    route = WorkflowRoute.__new__(WorkflowRoute)
+    route._settings = workflow({}, silence_seconds=2.0)
+    exchange: Any = SimpleNamespace(request=SimpleNamespace(stream=True), response_headers=[])
+    job: Any = SimpleNamespace(pipeline="p")
+    follow = _Follow(ClientView(), Continuity())
+    out_send, out_receive = trio.open_memory_channel[Batch](10)
+    live_send, live_receive = trio.open_memory_channel[BusMessage](10)
+    for seq in (1, 2, 4):  # the live feed lost event 3
+        live_send.send_nowait(BusMessage(subject, wire[seq - 1], {}, None))
+    assert await route._relay(live_receive, follow, exchange, job, out_send) is False
+    assert follow.needs_replay
+    async with open_bus(nats_url) as bus:
+        await ensure_streams(bus, events_retention=60)
+        for data in wire:
+            await bus.publish(subject, data)
+        async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as replay:
+            follow.replaying = True
+            with trio.fail_after(5):
+                assert await route._relay(replay, follow, exchange, job, out_send) is True
+    out_send.close()
+    received = [event async for batch in out_receive for event in batch.events]
+    assert received == events  # the role, then every token, in order, once

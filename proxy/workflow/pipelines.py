@@ -73,12 +73,16 @@ class PipelineError(Exception):
 class PipelineRegistry:
     def __init__(self, settings: WorkflowSettings) -> None:
         self._settings = settings
+        self._names: list[str] | None = None
+        self._entries: dict[str, str] | None = None
 
     def names(self) -> list[str]:
         """Every pipeline name known here, without importing any of them."""
-        names = set(BUILTIN) | set(self._entry_points())
-        names |= {name for name, config in self._settings.pipelines.items() if config.function}
-        return sorted(names)
+        if self._names is None:
+            names = set(BUILTIN) | set(self._entry_points())
+            names |= {name for name, config in self._settings.pipelines.items() if config.function}
+            self._names = sorted(names)
+        return self._names
 
     def knows(self, name: str) -> bool:
         return name in self.names()
@@ -120,6 +124,8 @@ class PipelineRegistry:
         config = self._settings.pipelines.get(name)
         return dict(config.options) if config is not None else {}
 
-    @staticmethod
-    def _entry_points() -> dict[str, str]:
-        return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    def _entry_points(self) -> dict[str, str]:
+        # Scanning the installed distributions is slow; they do not change while we run.
+        if self._entries is None:
+            self._entries = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        return self._entries
