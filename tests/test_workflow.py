@@ -199,6 +199,22 @@ async def test_a_failing_model_drops_out_and_all_failing_is_an_http_error(stack:
     assert "All 2 fanout models failed" in caught.value.message and "alpha is down" in caught.value.message
 
 
+async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack) -> None:
+    headers = {"idempotency-key": f"colours-{stack.pipeline}"}
+    with trio.fail_after(10):
+        first = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_headers=headers
+        )
+        again = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, stream=True, extra_headers=headers
+        )
+        chunks = [c async for c in again.parse()]
+    assert first.parse().choices[0].message.content == text_of(chunks) == "Red is warm."
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["x-replay-of"] == first.headers["x-trace-id"]
+    assert len(stack.alpha.requests) == 1  # one job, one model call
+
+
 # -- errors, deadlines, cancellation ---------------------------------------------------------
 
 
