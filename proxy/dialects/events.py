@@ -65,7 +65,13 @@ class Finished:
 WireEvent = StreamEvent | Finished
 
 
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def encode_event(seq: int, event: WireEvent) -> bytes:
+    if type(event) is TextDelta:  # nearly every event: formatted directly, no dict
+        text, task = _json_string(event.text), task_name(event.choice)
+        return f'{{"seq":{seq},"type":"token","text":{text},"task":"{task}"}}'.encode()
     body: dict[str, Any] = {"seq": seq}
     match event:
         case TextDelta(text, choice):

@@ -117,11 +117,9 @@ class Journal:
         self._writer.start(self.row)
 
     def _enqueue(self, first: int, events: list[StreamEvent]) -> None:
-        trace_id = self.row.trace_id
-        self._publisher.publish([
-            (self._subject, encode_event(seq, event), f"{trace_id}:{seq}")
-            for seq, event in enumerate(events, start=first)
-        ])
+        # No Nats-Msg-Id on events: nothing retries them, and the header costs on every token.
+        subject = self._subject
+        self._publisher.publish([(subject, encode_event(seq, event), None) for seq, event in enumerate(events, start=first)])
 
     async def finish(self, outcome: Outcome, row: LogRow) -> None:
         """Commit the outcome, then publish `finished`. Shielded and bounded: it runs after a

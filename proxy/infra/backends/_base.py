@@ -284,6 +284,7 @@ async def pump_stream(
     silent backend.
     """
     chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+    idle = timeouts.idle or math.inf
     started = finished = False
     data: bytes | None = b""
     with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(backend):
@@ -294,10 +295,13 @@ async def pump_stream(
                 data = None
             output = parser.feed(data) if data is not None else parser.close()
             if output.events or output.raw:
-                started = True
-                scope.deadline = math.inf
+                if not started:
+                    started = True
+                    scope.deadline = math.inf  # the first-token clock stops here
                 await send.send(Batch(output.events, output.raw if relay_raw else None, output.done))
-                scope.deadline = trio.current_time() + (timeouts.idle or math.inf)
+                # The idle clock restarts once the client took the batch: a slow client is not
+                # a silent backend (one deadline update per batch, not per read).
+                scope.deadline = trio.current_time() + idle
             if output.done:
                 finished = True
                 break
