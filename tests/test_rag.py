@@ -19,7 +19,7 @@ from proxy.config import RagSettings
 from proxy.infra.embedder import maxsim
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
-from proxy.infra.rag_store import pack_token_vectors, unpack_token_vectors
+from proxy.infra.rag_store import TokenVectorCache, pack_token_vectors, unpack_token_vectors
 from proxy.services.embeddings import LocalEncoder
 from proxy.services.rag import DocumentInput, RagService, pool_token_vectors, reciprocal_rank_fusion
 from tests.harness import running_gateway
@@ -84,6 +84,17 @@ def test_token_pooling_keeps_a_third_of_the_vectors_and_their_maxsim() -> None:
     assert pool_token_vectors(tokens[:2]).shape == (1, 384)
 
 
+def test_token_vector_cache_evicts_the_least_recently_used_by_size() -> None:
+    cache = TokenVectorCache(max_bytes=300)
+    for chunk_id in (1, 2, 3):
+        cache.put(chunk_id, bytes(100))
+    assert cache.get(1) is not None  # 1 is now the most recent
+    cache.put(4, bytes(100))
+    assert cache.known([1, 2, 3, 4]) == [1, 3, 4]
+    cache.put(5, bytes(1000))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.known([1, 3, 4, 5]) == [1, 3, 4]
+
+
 # -- retrieval quality -----------------------------------------------------------------------------
 
 
@@ -144,6 +155,13 @@ async def test_workspaces_are_isolated(db: Database, embedder: LocalEncoder) -> 
     # And the small workspace is found through the HNSW index despite the bigger neighbour.
     vacation = await rag.retrieve("small", "How many days of vacation do I get?")
     assert "Vacation" in vacation.passages[0].heading
+    # Asked again, the candidates' token vectors come from memory, with the same answer.
+    hits = rag.token_cache.hits
+    again = await rag.retrieve("small", "How many days of vacation do I get?")
+    assert rag.token_cache.hits - hits == again.candidates > 0
+    assert [(p.chunk_id, round(p.score, 5)) for p in again.passages] == [
+        (p.chunk_id, round(p.score, 5)) for p in vacation.passages
+    ]
 
 
 async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEncoder) -> None:

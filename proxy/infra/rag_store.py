@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -294,20 +295,69 @@ class RagStore:
         )
         return [str(row[0]) for row in rows]
 
-    async def chunks(self, workspace_id: int, ids: Sequence[int]) -> dict[int, ChunkRow]:
+    async def chunks(
+        self, workspace_id: int, ids: Sequence[int], cache: TokenVectorCache | None = None
+    ) -> dict[int, ChunkRow]:
+        """The chunks `ids` of the workspace, with their token vectors (from `cache` when it
+        has them: then the database does not even read them)."""
+        cached = cache.known(ids) if cache is not None else []
         rows = await self._db.fetch(
-            "SELECT c.id, c.document_id::text, d.source, c.ordinal, c.heading, c.content, d.metadata, c.token_vectors"
+            "SELECT c.id, c.document_id::text, d.source, c.ordinal, c.heading, c.content, d.metadata,"
+            " CASE WHEN c.id = ANY(%s) THEN NULL ELSE c.token_vectors END"
             " FROM rag_chunks c JOIN rag_documents d ON d.id = c.document_id"
             " WHERE c.workspace_id = %s AND c.id = ANY(%s)",
-            (workspace_id, list(ids)),
+            (cached, workspace_id, list(ids)),
         )
-        return {
-            int(r[0]): ChunkRow(
-                id=int(r[0]), document_id=r[1], source=r[2], ordinal=int(r[3]), heading=r[4], content=r[5],
-                metadata=dict(r[6] or {}), token_vectors=unpack_token_vectors(bytes(r[7])),
+        out = {}
+        for r in rows:
+            chunk_id = int(r[0])
+            packed = bytes(r[7]) if r[7] is not None else cache.get(chunk_id) if cache is not None else None
+            if packed is None:  # evicted between `known` and now: rare, and cheap to fetch alone
+                packed = bytes(await self._db.fetchval("SELECT token_vectors FROM rag_chunks WHERE id = %s", (chunk_id,)))
+            if cache is not None and r[7] is not None:
+                cache.put(chunk_id, packed)
+            out[chunk_id] = ChunkRow(
+                id=chunk_id, document_id=r[1], source=r[2], ordinal=int(r[3]), heading=r[4], content=r[5],
+                metadata=dict(r[6] or {}), token_vectors=unpack_token_vectors(packed),
             )
-            for r in rows
-        }
+        return out
+
+
+class TokenVectorCache:
+    """Packed token vectors by chunk id, least recently used out beyond `max_bytes`. Never
+    stale: a chunk's id is never reused and its content never changes (a changed document
+    gets new chunks), so a cached entry is right for as long as it is asked for."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: OrderedDict[int, bytes] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def known(self, ids: Sequence[int]) -> list[int]:
+        found = [i for i in ids if i in self._entries]
+        self.hits += len(found)
+        self.misses += len(ids) - len(found)
+        return found
+
+    def get(self, chunk_id: int) -> bytes | None:
+        packed = self._entries.get(chunk_id)
+        if packed is not None:
+            self._entries.move_to_end(chunk_id)
+        return packed
+
+    def put(self, chunk_id: int, packed: bytes) -> None:
+        if len(packed) > self._max_bytes:
+            return
+        previous = self._entries.pop(chunk_id, None)
+        if previous is not None:
+            self._bytes -= len(previous)
+        self._entries[chunk_id] = packed
+        self._bytes += len(packed)
+        while self._bytes > self._max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted)
 
 
 class LanguageLocked(Exception):
@@ -385,6 +435,7 @@ __all__ = [
     "NewChunk",
     "NewDocument",
     "RagStore",
+    "TokenVectorCache",
     "Workspace",
     "WorkspaceSummary",
     "pack_token_vectors",

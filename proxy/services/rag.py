@@ -46,7 +46,7 @@ from proxy.infra.chunking import (
 )
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.postgres import Database, DatabaseError
-from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, Workspace
+from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
 from proxy.services.chat import ChatExchange
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
@@ -57,6 +57,8 @@ WORKSPACE_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RRF_K: Final = 60
 # Stored token vectors per chunk token (see `pool_token_vectors`).
 TOKEN_POOL_FACTOR: Final = 3
+# Memory for cached token vectors (packed, ~26 KB a 200-token chunk: ~2,500 chunks).
+TOKEN_CACHE_BYTES: Final = 64 * 1024 * 1024
 SOURCES_HEADER: Final = b"x-rag-sources"
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
@@ -212,6 +214,8 @@ class RagService:
                                        maximum=max(settings.chunk_tokens, 250))
         # A document indexed with other chunking or token pooling is re-indexed on ingest.
         self.signature = f"{self.chunker.signature}/pool{TOKEN_POOL_FACTOR}"
+        # Hot chunks' token vectors stay in memory: the rerank reads them on every query.
+        self.token_cache = TokenVectorCache(TOKEN_CACHE_BYTES)
 
     def store(self) -> RagStore:
         db = self._database()
@@ -324,7 +328,7 @@ class RagService:
         with _database_errors():
             dense, lexical = await store.candidates(workspace, query_vectors["dense"], query, options.candidates)
             fused = reciprocal_rank_fusion([dense, lexical])[: options.rerank]
-            rows = await store.chunks(workspace.id, [item for item, _ in fused])
+            rows = await store.chunks(workspace.id, [item for item, _ in fused], self.token_cache)
         searched = time.perf_counter()
         scored = sorted(
             ((maxsim(query_vectors["tokens"], row.token_vectors), row) for row in rows.values()),
