@@ -62,7 +62,7 @@ async def workflow_stack(
 ) -> AsyncIterator[tuple[str, OpenAIBackend, OpenAIBackend, WorkflowSettings]]:
     """Two fake OpenAI backends (models `alpha-*`, `beta-*`), a gateway, and a worker."""
     alpha = OpenAIBackend(default=Script(tokens=RED, usage=Usage(5, 4)))
-    beta = OpenAIBackend(default=Script(tokens=["Blue"], usage=Usage(5, 1), header_delay=0.3))
+    beta = OpenAIBackend(default=Script(tokens=["Blue"], usage=Usage(5, 1), header_delay=0.8))
     settings = workflow(pipelines, **fields)
     async with alpha.serve() as a, beta.serve() as b:
         backends = [backend("alpha", a.url, prefixes=("alpha-",)), backend("beta", b.url, prefixes=("beta-",))]
@@ -246,7 +246,7 @@ async def test_no_worker_is_a_clear_503_and_unknown_pipelines_a_404(aio_loop: ob
             body = {"model": "m", "messages": MESSAGES, "stream": True}
             started = time.monotonic()
             idle = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": name})
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 3.0  # at once, not after the 5 s silence deadline
             assert idle.status_code == 503 and idle.headers["retry-after"] == "5"
             assert f"No worker is running the pipeline `{name}`" in idle.json()["error"]["message"]
             unknown = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": "nope"})
@@ -275,7 +275,7 @@ async def test_a_job_nobody_starts_times_out_within_the_silence_deadline(
                 "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
             )
             elapsed = time.monotonic() - started
-    assert response.status_code == 504 and 1.0 <= elapsed < 2.5
+    assert response.status_code == 504 and 1.0 <= elapsed < 3.5
     assert "No worker started" in response.json()["error"]["message"]
 
 
@@ -300,7 +300,7 @@ async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack)
     started = time.monotonic()
     await stack.alpha.wait_disconnect(3.0)
     await stack.beta.wait_disconnect(3.0)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0
     await run_row(stack.db, trace_id, status="cancelled")
     events = await bus_events(stack.nats, trace_id)
     assert events[-1]["type"] == "finished" and events[-1]["status"] == "cancelled"
