@@ -175,6 +175,9 @@ async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stac
         parts = [p async for p in await client.chat(model="colours", messages=MESSAGES, stream=True)]
     assert "".join(p.message.content or "" for p in parts) == "Red is warm."
     assert parts[-1].done and parts[-1].done_reason == "stop"
+    with trio.fail_after(10):
+        generated = await client.generate(model="colours", prompt="Which colour is warm?")
+    assert generated.response == "Red is warm."
 
     claude = anthropic.AsyncAnthropic(base_url=stack.url, api_key="unused", max_retries=0, default_headers=headers)
     with trio.fail_after(10):

@@ -92,7 +92,9 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
                 "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                 "total_tokens": usage.total_tokens}}
         case StreamFailed(error):
-            body |= {"type": "error", "error": {"kind": error.kind.name, "message": error.message, "code": error.code}}
+            body |= {"type": "error", "error": {
+                "kind": error.kind.name, "message": error.message, "code": error.code, "param": error.param,
+                "retry_after": error.retry_after}}
         case Finished(reason, status, winner):
             body |= {"type": "finished", "reason": reason, "status": status, "winner": winner}
     return dumps(body)
@@ -132,7 +134,11 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
         error = body["error"]
         kind_name = error.get("kind")
         error_kind = ErrorKind[kind_name] if kind_name in ErrorKind.__members__ else ErrorKind.BACKEND
-        event = StreamFailed(GatewayError(error_kind, str(error.get("message") or "stream failed"), code=error.get("code")))
+        retry_after = error.get("retry_after")
+        event = StreamFailed(GatewayError(
+            error_kind, str(error.get("message") or "stream failed"), code=error.get("code"), param=error.get("param"),
+            retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
+        ))
     elif kind == "finished":
         event = Finished(str(body.get("reason") or "stop"), str(body.get("status") or "completed"), body.get("winner"))
     return seq, event

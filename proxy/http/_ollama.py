@@ -106,10 +106,10 @@ async def _answer(request: ChatRequest, *, generate: bool) -> Response:
     if not request.messages:
         return _load(request, generate=generate)
     exchange, headers = _exchange(request)
-    if generate:
+    backend = exchange.route.backend  # "" for routes without one (workflows)
+    if generate and backend:
         # Chat backends have no fill-in-the-middle: answering as if there were no suffix
         # would be a confidently wrong completion.
-        backend = exchange.route.backend
         kind = gateway().backends[backend].config.kind
         if kind != "ollama" and "suffix" in ollama.generate_only_fields(request):
             raise invalid_request(
