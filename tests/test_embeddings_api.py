@@ -222,3 +222,9 @@ async def test_ollama_errors_are_ollama_shaped(setup: Setup) -> None:
         missing = await http.post(f"{setup.url}/api/embed", json={"input": "x"})
     assert bad.status_code == 400 and bad.json() == {"error": "invalid input type"}
     assert missing.status_code == 400 and missing.json() == {"error": "model is required"}
+
+
+async def test_absurd_dimensions_are_refused_before_any_backend(setup: Setup) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await setup.client.embeddings.create(model="text-embedding-3-small", input="x", dimensions=70_000_000)
+    assert caught.value.body.get("param") == "dimensions"  # type: ignore[union-attr]

@@ -14,6 +14,9 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body, request_meta
 from proxy.services.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
 
+# No embedding model has more; a client must not make a backend allocate at will.
+MAX_DIMENSIONS = 16384
+
 blueprint = Blueprint("embeddings", __name__)
 
 _OLLAMA_JSON = "application/json; charset=utf-8"
@@ -68,7 +71,7 @@ async def openai_embeddings() -> Response:
         raise invalid_request(
             f"Invalid `encoding_format`: {encoding!r}; expected 'float' or 'base64'.", param="encoding_format"
         )
-    dimensions = fields.integer("dimensions", minimum=1)
+    dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
     fields.text("user")
     headers, request_id = _backend_headers()
     result = await _service().embed(
@@ -139,7 +142,7 @@ async def ollama_embed() -> Response:
     else:
         raise invalid_request("invalid input type", param="input")
     truncate = fields.boolean("truncate")
-    dimensions = fields.integer("dimensions", minimum=1)
+    dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
