@@ -10,7 +10,6 @@ none is sent with `DEFAULT_MAX_TOKENS`.
 from __future__ import annotations
 
 import json
-import math
 from datetime import datetime
 from typing import Any
 
@@ -28,10 +27,7 @@ from proxy.infra.backends._base import (
     Batch,
     ModelInfo,
     create_client,
-    pump_stream,
-    read_limited,
     status_error,
-    timeout_error,
     transport_errors,
 )
 
@@ -68,32 +64,15 @@ class AnthropicBackend:
         )
 
     async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
-        timeouts = self.config.timeouts
         name = self.config.name
-        request = self._client.build_request(
-            "POST",
-            "/v1/messages",
-            content=self._body(call, stream=True),
+        await self._client.stream_into(
+            "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser()), send,
+            backend=name, timeouts=self.config.timeouts,
             headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
+            error=lambda response, body: backend_error(
+                name, response.status_code, body, response.headers.get("retry-after")
+            ),
         )
-        # The first-token clock covers the wait for the response head too.
-        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
-        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
-            response = await self._client.send(request, stream=True)
-        if head_scope.cancelled_caught:
-            raise timeout_error(name, "sent no first token", timeouts.first_token)
-        try:
-            if response.status_code >= 400:
-                with transport_errors(name):
-                    body = await read_limited(response)
-                raise backend_error(name, response.status_code, body, response.headers.get("retry-after"))
-            await pump_stream(
-                response, _EarlyErrors(anthropic.StreamParser()), send, backend=name, timeouts=timeouts,
-                first_deadline=first_deadline, relay_raw=False,
-            )
-        finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
@@ -182,6 +182,42 @@ class BackendClient:
 
     async def get(self, path: str, *, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
         return await self.send(self.build_request("GET", path, headers=headers, params=params))
+
+    async def stream_into(
+        self,
+        path: str,
+        body: bytes,
+        parser: StreamParser,
+        send: trio.MemorySendChannel[Batch],
+        *,
+        backend: str,
+        timeouts: Timeouts,
+        headers: dict[str, str],
+        error: Callable[[httpx.Response, bytes], GatewayError],
+        relay_raw: bool = False,
+    ) -> None:
+        """POST `body` to `path` and pump the streamed answer through `parser` into `send`.
+
+        The first-token clock covers the wait for the response head too: a backend that
+        queues the request before answering is as silent as one that stalls after it. An
+        error status becomes `error(response, body)`, raised before anything was sent."""
+        request = self.build_request("POST", path, content=body, headers=headers)
+        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
+        with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
+            response = await self.send(request, stream=True)
+        if head_scope.cancelled_caught:
+            raise timeout_error(backend, "sent no first token", timeouts.first_token)
+        try:
+            if response.status_code >= 400:
+                with transport_errors(backend):
+                    raise error(response, await read_limited(response))
+            await pump_stream(
+                response, parser, send, backend=backend, timeouts=timeouts,
+                first_deadline=first_deadline, relay_raw=relay_raw,
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -25,8 +25,6 @@ from proxy.infra.backends._base import (
     ModelInfo,
     create_client,
     embedding_vectors,
-    pump_stream,
-    read_limited,
     status_error,
     timeout_error,
     transport_errors,
@@ -47,33 +45,13 @@ class OllamaBackend:
         return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
 
     async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
-        timeouts = self.config.timeouts
-        name = self.config.name
+        # Ollama answers only once the model is loaded: the first-token clock covers that.
         path, body = ollama.encode_request(call.request, call.upstream_model, stream=True)
-        request = self._client.build_request(
-            "POST",
-            path,
-            content=body,
+        await self._client.stream_into(
+            path, body, ollama.StreamParser(), send, backend=self.config.name, timeouts=self.config.timeouts,
             headers={"content-type": "application/json", "accept": "application/x-ndjson", **call.headers},
+            error=self._error,
         )
-        # The first-token clock covers the wait for the response head too: Ollama answers
-        # only once the model is loaded, and a queued request is as silent as a stalled one.
-        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
-        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
-            response = await self._client.send(request, stream=True)
-        if head_scope.cancelled_caught:
-            raise timeout_error(name, "sent no first token", timeouts.first_token)
-        try:
-            if response.status_code >= 400:
-                with transport_errors(name):
-                    raise self._error(response, await read_limited(response))
-            await pump_stream(
-                response, ollama.StreamParser(), send, backend=name, timeouts=timeouts,
-                first_deadline=first_deadline, relay_raw=False,
-            )
-        finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name

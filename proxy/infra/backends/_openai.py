@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import httpx
 import trio
 
 from proxy.config import BackendConfig
@@ -19,8 +20,6 @@ from proxy.infra.backends._base import (
     ModelInfo,
     create_client,
     embedding_vectors,
-    pump_stream,
-    read_limited,
     status_error,
     timeout_error,
     transport_errors,
@@ -43,37 +42,17 @@ class OpenAIBackend:
         )
 
     async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
-        timeouts = self.config.timeouts
-        name = self.config.name
-        request = self._client.build_request(
-            "POST",
-            "/chat/completions",
-            content=self._body(call, stream=True),
+        await self._client.stream_into(
+            "/chat/completions", self._body(call, stream=True),
+            openai.StreamRelay(include_usage=call.request.include_usage), send,
+            backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
             headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+            error=self._error,
         )
-        # The first-token clock covers the wait for the response head too: a backend that
-        # queues the request before answering is as silent as one that stalls after.
-        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
-        with trio.move_on_at(first_deadline) as head_scope, transport_errors(name):
-            response = await self._client.send(request, stream=True)
-        if head_scope.cancelled_caught:
-            raise timeout_error(name, "sent no first token", timeouts.first_token)
-        try:
-            if response.status_code >= 400:
-                with transport_errors(name):
-                    body = await read_limited(response)
-                raise status_error(
-                    name, response.status_code, openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace"),
-                    response.headers.get("retry-after"),
-                )
-            relay = openai.StreamRelay(include_usage=call.request.include_usage)
-            await pump_stream(
-                response, relay, send, backend=name, timeouts=timeouts,
-                first_deadline=first_deadline, relay_raw=call.relay_openai,
-            )
-        finally:
-            with trio.CancelScope(shield=True):
-                await response.aclose()
+
+    def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
+        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+        return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
