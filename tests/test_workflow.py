@@ -208,6 +208,7 @@ async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack
         first = await stack.client.chat.completions.with_raw_response.create(
             model="colours", messages=MESSAGES, extra_headers=headers
         )
+        await trio.sleep(0.3)  # the outcome is committed (group commit lingers); until then a repeat attaches
         again = await stack.client.chat.completions.with_raw_response.create(
             model="colours", messages=MESSAGES, stream=True, extra_headers=headers
         )
