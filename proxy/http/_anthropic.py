@@ -17,7 +17,14 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_meta
 from proxy.http._errors import register_dialect_errors
-from proxy.http._exchange import JSON_HEADERS, SSE_HEADERS, AsgiSink, ExchangeBody, Headers
+from proxy.http._exchange import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    AsgiSink,
+    ExchangeBody,
+    Headers,
+    RenderedStreamSink,
+)
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
 
@@ -25,28 +32,6 @@ blueprint = Blueprint("anthropic", __name__)
 
 # Every error on these paths (ours, werkzeug's 404/405/413, unexpected 500s) in Anthropic's shape.
 register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
-
-
-class AnthropicStreamSink(AsgiSink):
-    """Anthropic SSE, rendered from domain events whatever the backend spoke."""
-
-    def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
-        super().__init__(send, headers)
-        self._renderer = anthropic.StreamRenderer(model=model)
-
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, anthropic.render_error(error))
-
-    async def start(self) -> None:
-        await self._start(200, SSE_HEADERS)
-
-    async def write(self, batch: Batch) -> None:
-        data = self._renderer.render(batch.events)
-        if data:
-            await self._body(data)
-
-    async def finish(self) -> None:
-        await self._end(self._renderer.close())
 
 
 class AnthropicJsonSink(AsgiSink):
@@ -94,7 +79,10 @@ async def messages() -> Response:
     headers = _headers(meta.request_id)
     model = request.model
     if request.stream:
-        return Response(ExchangeBody(exchange, lambda send: AnthropicStreamSink(send, headers, model)))
+        return Response(ExchangeBody(exchange, lambda send: RenderedStreamSink(
+            send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS,
+            render_error=anthropic.render_error,
+        )))
     return Response(ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model)))
 
 

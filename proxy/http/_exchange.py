@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
@@ -20,6 +20,8 @@ from quart.wrappers.response import ResponseBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from proxy.domain.errors import GatewayError
+from proxy.domain.events import StreamEvent
+from proxy.infra.backends import Batch
 from proxy.services.chat import ChatExchange, ExchangeSink
 
 Headers = list[tuple[bytes, bytes]]
@@ -116,6 +118,47 @@ class AsgiSink:
             headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
         await self._start(error.status, headers)
         await self._end(body)
+
+
+class StreamRenderer(Protocol):
+    def render(self, events: list[StreamEvent]) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+class RenderedStreamSink(AsgiSink):
+    """A stream rendered from domain events by a dialect's renderer, whatever the backend
+    spoke (Ollama NDJSON, Anthropic SSE); errors before the first byte in that dialect."""
+
+    def __init__(
+        self,
+        send: ASGISendCallable,
+        headers: Headers,
+        renderer: StreamRenderer,
+        *,
+        content_headers: Headers,
+        render_error: Callable[[GatewayError], bytes],
+        error_content_type: bytes = b"application/json",
+    ) -> None:
+        super().__init__(send, headers)
+        self._renderer = renderer
+        self._content_headers = content_headers
+        self._render_error = render_error
+        self._error_content_type = error_content_type
+
+    async def fail(self, error: GatewayError) -> None:
+        await self._error(error, self._render_error(error), self._error_content_type)
+
+    async def start(self) -> None:
+        await self._start(200, self._content_headers)
+
+    async def write(self, batch: Batch) -> None:
+        data = self._renderer.render(batch.events)
+        if data:
+            await self._body(data)
+
+    async def finish(self) -> None:
+        await self._end(self._renderer.close())
 
 
 SSE_HEADERS: Headers = [

@@ -18,7 +18,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_meta
 from proxy.http._errors import register_dialect_errors
-from proxy.http._exchange import AsgiSink, ExchangeBody, Headers
+from proxy.http._exchange import AsgiSink, ExchangeBody, Headers, RenderedStreamSink
 from proxy.infra.backends import Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.chat import ChatExchange
@@ -30,28 +30,6 @@ NDJSON_HEADERS: Headers = [(b"content-type", b"application/x-ndjson")]
 JSON_HEADERS: Headers = [(b"content-type", _JSON.encode())]
 
 register_dialect_errors("ollama", ("/api/",), ollama.render_error, _JSON)
-
-
-class OllamaStreamSink(AsgiSink):
-    """NDJSON to an Ollama client, rendered from the exchange's events."""
-
-    def __init__(self, send: ASGISendCallable, headers: Headers, renderer: ollama.StreamRenderer) -> None:
-        super().__init__(send, headers)
-        self._renderer = renderer
-
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, ollama.render_error(error), _JSON.encode())
-
-    async def start(self) -> None:
-        await self._start(200, NDJSON_HEADERS)
-
-    async def write(self, batch: Batch) -> None:
-        data = self._renderer.render(batch.events)
-        if data:
-            await self._body(data)
-
-    async def finish(self) -> None:
-        await self._end(self._renderer.close())
 
 
 class OllamaJsonSink(AsgiSink):
@@ -120,7 +98,10 @@ async def _answer(request: ChatRequest, *, generate: bool) -> Response:
     started = exchange.meta.received
     if request.stream:
         renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started)
-        return Response(ExchangeBody(exchange, lambda send: OllamaStreamSink(send, headers, renderer)))
+        return Response(ExchangeBody(exchange, lambda send: RenderedStreamSink(
+            send, headers, renderer, content_headers=NDJSON_HEADERS, render_error=ollama.render_error,
+            error_content_type=_JSON.encode(),
+        )))
     return Response(
         ExchangeBody(
             exchange,
