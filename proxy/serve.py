@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import multiprocessing
 import signal
@@ -44,14 +46,31 @@ async def serve(
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM)."""
     app = create_app(settings)
     # One asyncio loop, bridged into trio, for the asyncio-only clients (psycopg, nats-py).
-    async with asyncio_bridge():
-        await worker_serve(
-            wrap_app(app, 0, "asgi"),
-            hypercorn_config(settings),
-            sockets=sockets,
-            shutdown_trigger=shutdown_trigger or wait_for_signal,
-            task_status=task_status,
+    async with asyncio_bridge(), trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(
+                worker_serve,
+                wrap_app(app, 0, "asgi"),
+                hypercorn_config(settings),
+                sockets=sockets,
+                shutdown_trigger=shutdown_trigger or wait_for_signal,
+            )
         )
+        tune_gc()
+        task_status.started(binds)
+
+
+def tune_gc() -> None:
+    """Once the app is up: move everything alive (modules, app, pools) out of the cyclic
+    collector's sight, and collect the young generation less often.
+
+    Each request allocates thousands of objects, almost all freed by refcounting; with the
+    default threshold (700) a gen-0 pass ran every few requests and a full pass walked the
+    whole ~100k-object heap every few seconds: a fifth of the CPU at 400 req/s. Frozen
+    objects are never collected, which is right for what lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(7000, 20, 20)
 
 
 async def wait_for_signal() -> None:

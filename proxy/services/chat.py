@@ -177,7 +177,7 @@ class ChatService:
         if self.semantic_cache is not None and self.semantic_cache.enabled_for(request, meta):
             exchange.semantic_cache = self.semantic_cache
         if handler is not None:
-            exchange.producer = handler.producer(exchange)
+            exchange.handler = handler
             exchange.publishes_events = not handler.publishes_events
         return exchange
 
@@ -223,7 +223,9 @@ class ChatExchange:
         self._persistence = persistence
         headers = {"x-request-id": meta.request_id, "x-correlation-id": meta.correlation_id or meta.request_id}
         self._call = BackendCall(request, route.upstream_model, relay_openai=relay_openai, headers=headers)
-        self.producer: Producer = self.call_backend
+        # The route's handler; None: the direct route (`call_backend`). Never a stored
+        # producer: a closure over the exchange kept on it would be a reference cycle.
+        self.handler: RouteHandler | None = None
         self.publishes_events = True
         self.semantic_cache: CompletionCache | None = None
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
@@ -250,7 +252,7 @@ class ChatExchange:
         complete = False
         try:
             plan = await self._plan()
-            producer = plan.producer or self.producer
+            producer = plan.producer or self._producer()
             journal = self._journal(plan) if plan.kind == "here" else None
             if plan.kind == "durable":
                 producer = self._start_durable(plan)
@@ -345,7 +347,7 @@ class ChatExchange:
             async with trio.open_nursery() as nursery:
                 journal.begin()
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._feed, self.producer, send)
+                nursery.start_soon(self._feed, self._producer(), send)
                 async with receive:
                     async for item in receive:
                         if isinstance(item, GatewayError):
@@ -365,6 +367,9 @@ class ChatExchange:
                 nursery.cancel_scope.cancel()
         finally:
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
+
+    def _producer(self) -> Producer:
+        return self.call_backend if self.handler is None else self.handler.producer(self)
 
     async def _feed(self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
         # BrokenResourceError: the reading side finished early; there is nobody left to tell.

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -111,15 +112,12 @@ class Journal:
         self._publish_events = publish_events
         self._subject = events_subject(row.trace_id)
         if publish_events:
-            log.listeners.append(self._enqueue)
+            # Not a bound method: log -> listener -> journal -> log would be a reference
+            # cycle, leaving every request's objects to the cyclic GC instead of refcounting.
+            log.listeners.append(functools.partial(_enqueue, publisher, self._subject))
 
     def begin(self) -> None:
         self._writer.start(self.row)
-
-    def _enqueue(self, first: int, events: list[StreamEvent]) -> None:
-        # No Nats-Msg-Id on events: nothing retries them, and the header costs on every token.
-        subject = self._subject
-        self._publisher.publish([(subject, encode_event(seq, event), None) for seq, event in enumerate(events, start=first)])
 
     async def finish(self, outcome: Outcome, row: LogRow) -> None:
         """Commit the outcome, then publish `finished`. Shielded and bounded: it runs after a
@@ -132,6 +130,11 @@ class Journal:
             if self._publish_events:
                 event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)
                 self._publisher.publish([(self._subject, encode_event(seq, event), f"{row.trace_id}:{seq}")])
+
+
+def _enqueue(publisher: EventPublisher, subject: str, first: int, events: list[StreamEvent]) -> None:
+    # No Nats-Msg-Id on events: nothing retries them, and the header costs on every token.
+    publisher.publish([(subject, encode_event(seq, event), None) for seq, event in enumerate(events, start=first)])
 
 
 class EventPublisher:
