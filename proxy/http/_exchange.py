@@ -33,6 +33,9 @@ class DirectBody(ResponseBody):
     async def run(self, send: ASGISendCallable) -> None:
         raise NotImplementedError
 
+    def hang_up(self) -> None:
+        """The client disconnected mid-response (the request is being cancelled too)."""
+
     # Quart's generic body protocol; never used for direct bodies (see GatewayConnection).
     async def __aenter__(self) -> DirectBody:
         return self
@@ -55,6 +58,9 @@ class ExchangeBody(DirectBody):
             sink.extra_headers = self.exchange.response_headers
         await self.exchange.run(sink)
 
+    def hang_up(self) -> None:
+        self.exchange.hang_up()
+
 
 async def _empty() -> AsyncIterator[bytes]:
     return
@@ -64,17 +70,21 @@ async def _empty() -> AsyncIterator[bytes]:
 class GatewayConnection(TrioASGIHTTPConnection):
     """Quart-trio's connection, with two changes for exchanges.
 
-    The exchange sends its own status (see the module docstring). And a client that hangs
-    up *after* its response was complete no longer cancels the request: hypercorn reports
-    every finished response as a disconnect, and the exchange may still be returning its
-    backend connection to the pool or writing its log row.
+    The exchange sends its own status (see the module docstring); a client that hangs up
+    mid-response has the exchange's backend connections closed at once, before the request
+    is cancelled. And a client that hangs up *after* its response was complete no longer
+    cancels the request: hypercorn reports every finished response as a disconnect, and the
+    exchange may still be returning its backend connection to the pool or writing its log row.
     """
 
     _response_complete = False
+    _direct_body: DirectBody | None = None
 
     async def handle_messages(self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable) -> None:  # type: ignore[override]
         await ASGIHTTPConnection.handle_messages(self, request, receive)
         if not self._response_complete:
+            if self._direct_body is not None:
+                self._direct_body.hang_up()
             nursery.cancel_scope.cancel()
 
     async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
@@ -82,6 +92,8 @@ class GatewayConnection(TrioASGIHTTPConnection):
         if not isinstance(body, DirectBody):
             await super()._send_response(send, response)
             return
+
+        self._direct_body = body
 
         async def send_tracked(message: Any) -> None:
             # Set before sending: hypercorn reports the disconnect from inside this send.

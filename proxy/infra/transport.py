@@ -10,12 +10,15 @@ Two more things a gateway needs from its transport:
   leave in one write), never one chunk-encoding chunk at a time.
 - Closing a response before its end closes the socket at once, synchronously, even inside a
   cancelled scope — that FIN is how the backend learns its client has gone.
+- A `Hangup` (set in `current_hangup` by whoever runs the request) closes the request's
+  connection the moment the client hangs up, before any cancelled task has unwound.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +47,36 @@ class _Connection:
     def close(self) -> None:
         """Close now, without a checkpoint: it must happen even when we are cancelled."""
         self.socket.close()
+
+
+class Hangup:
+    """The upstream connections one client's request holds, closed at once by `fire()`.
+
+    Cancellation alone closes them too, but only once each cancelled task runs again and
+    unwinds; when a hundred clients leave at once, the last of those waits behind the
+    others' teardown. `fire()` sends every FIN from the disconnect handler itself."""
+
+    __slots__ = ("_held", "fired")
+
+    def __init__(self) -> None:
+        self._held: set[_Connection] = set()
+        self.fired = False
+
+    def hold(self, conn: _Connection) -> None:
+        self._held.add(conn)
+
+    def release(self, conn: _Connection) -> None:
+        """`conn` is no longer the request's: closed, or back in the pool for others."""
+        self._held.discard(conn)
+
+    def fire(self) -> None:
+        self.fired = True
+        held, self._held = self._held, set()
+        for conn in held:
+            conn.close()
+
+
+current_hangup: ContextVar[Hangup | None] = ContextVar("current_hangup", default=None)
 
 
 class _StaleConnection(Exception):
@@ -128,21 +161,26 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     await self._slots.acquire()
             except trio.TooSlowError:
                 raise httpx.PoolTimeout("no connection to the backend became free in time") from None
+        hangup = current_hangup.get()
         try:
             for _attempt in range(2):
                 conn = self._checkout(origin) or await self._connect(origin, timeouts.get("connect"))
+                if hangup is not None:
+                    hangup.hold(conn)
                 try:
                     answer = await self._exchange(conn, head, body, timeouts)
                 except _StaleConnection:
+                    _let_go(hangup, conn)
                     conn.close()
                     continue
                 except BaseException:
+                    _let_go(hangup, conn)
                     conn.close()
                     raise
                 return httpx.Response(
                     answer.status_code,
                     headers=answer.headers.raw_items(),
-                    stream=_Body(self, origin, conn),
+                    stream=_Body(self, origin, conn, hangup),
                     request=request,
                     extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
                 )
@@ -205,10 +243,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
 class _Body(httpx.AsyncByteStream):
     """The response body: each step returns all the data already received."""
 
-    def __init__(self, transport: PooledTransport, origin: Origin, conn: _Connection) -> None:
+    def __init__(self, transport: PooledTransport, origin: Origin, conn: _Connection, hangup: Hangup | None) -> None:
         self._transport = transport
         self._origin = origin
         self._conn: _Connection | None = conn
+        self._hangup = hangup
 
     def __aiter__(self) -> _Body:
         return self
@@ -248,6 +287,7 @@ class _Body(httpx.AsyncByteStream):
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        _let_go(self._hangup, conn)
         if reuse:
             self._transport._release(self._origin, conn)
         else:
@@ -257,6 +297,11 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         # Unread body left: the connection cannot be reused; closing it tells the backend.
         self._finish(reuse=False)
+
+
+def _let_go(hangup: Hangup | None, conn: _Connection) -> None:
+    if hangup is not None:
+        hangup.release(conn)
 
 
 async def _receive(conn: _Connection) -> bytes:

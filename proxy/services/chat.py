@@ -26,6 +26,7 @@ from proxy.domain.fingerprint import canonical_request, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch
 from proxy.infra.chat_store import LogRow, completion_to_json
+from proxy.infra.transport import Hangup, current_hangup
 from proxy.services.journal import EventLog, Journal, Outcome
 from proxy.services.persistence import Persistence, Plan, Producer, log_reader, replayer
 
@@ -230,6 +231,7 @@ class ChatExchange:
         self.semantic_cache: CompletionCache | None = None
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
+        self._hangup = Hangup()
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -241,6 +243,14 @@ class ChatExchange:
         )
 
     # -- running ---------------------------------------------------------------------------
+
+    def hang_up(self) -> None:
+        """The client has gone: close the backend connections this request holds, now.
+
+        The caller cancels the exchange too; this only spares the backend the wait for the
+        cancelled tasks to unwind (when many clients leave at once, that is long). A durable
+        run is not the client's: it goes on."""
+        self._hangup.fire()
 
     async def run(self, sink: ExchangeSink) -> None:
         """Drive the exchange to the end, writing to `sink`; returns when the client has it all.
@@ -259,7 +269,7 @@ class ChatExchange:
             self.response_headers.extend(plan.headers)
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._feed, producer, send)
+                nursery.start_soon(self._feed, producer, send, self._hangup)
                 if journal is not None:
                     assert self._persistence is not None
                     self._persistence.runs.live[self.meta.trace_id] = journal.log  # for /v1/streams
@@ -347,7 +357,7 @@ class ChatExchange:
             async with trio.open_nursery() as nursery:
                 journal.begin()
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._feed, self._producer(), send)
+                nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
                 async with receive:
                     async for item in receive:
                         if isinstance(item, GatewayError):
@@ -371,7 +381,10 @@ class ChatExchange:
     def _producer(self) -> Producer:
         return self.call_backend if self.handler is None else self.handler.producer(self)
 
-    async def _feed(self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError]) -> None:
+    async def _feed(
+        self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError], hangup: Hangup | None
+    ) -> None:
+        current_hangup.set(hangup)  # this task's context only
         # BrokenResourceError: the reading side finished early; there is nobody left to tell.
         with contextlib.suppress(trio.BrokenResourceError):
             async with send:
