@@ -92,6 +92,20 @@ async def test_log_rows_for_completed_failed_and_cancelled_requests(stack: Stack
         assert row[4]["choices"][0]["content"]  # type: ignore[index]  # the partial answer is kept
 
 
+async def test_a_nul_character_in_a_chat_does_not_make_its_row_unwritable(stack: Stack) -> None:
+    # PostgreSQL text/jsonb cannot hold U+0000: the row stores U+FFFD; `\\u0000` stays text.
+    stack.fake.set_script(Script(tokens=["a\u0000b"]))
+    question = [{"role": "user", "content": "x\u0000y \\u0000"}]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        done = await client.post("/v1/chat/completions", json={"model": "m", "messages": question})
+        assert done.json()["choices"][0]["message"]["content"] == "a\u0000b"  # the client gets it as sent
+        trace_id = done.headers["x-trace-id"]
+        row = await wait_for_row(stack.db, trace_id, "completed")
+    assert row[4]["choices"][0]["content"] == "a\ufffdb"  # type: ignore[index]
+    [(request,)] = await trio.to_thread.run_sync(rows, stack.db, "SELECT request FROM chat_log WHERE trace_id = %s", trace_id)
+    assert request["messages"][0]["content"] == ["x\ufffdy \\u0000"]  # type: ignore[index]
+
+
 async def test_events_are_published_in_the_seed_schema_with_sequence_numbers(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -115,7 +116,21 @@ class Claim:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, default=str)
+    if value is None:
+        return None
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _NUL_ESCAPE.sub(_REPLACEMENT_ESCAPE, text) if "\\u0000" in text else text
+
+
+# PostgreSQL's text and jsonb cannot hold U+0000, and one such character in a chat would
+# make its row unwritable (and stall the outbox behind it): it is stored as U+FFFD instead.
+# An escape is one preceded by an even number of backslashes (`\\u0000` is text).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+_REPLACEMENT_ESCAPE = r"\1\\ufffd"
+
+
+def _text(value: str | None) -> str | None:
+    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
 
 
 _COLUMNS = (
@@ -127,10 +142,10 @@ _VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jso
 
 def _row_params(row: LogRow) -> tuple[Any, ...]:
     return (
-        row.trace_id, row.req_id, row.idempotency_key, row.route, row.dialect, row.model, row.backend,
-        row.upstream_model, row.stream, row.status, _json(row.request), _json(row.result), _json(row.error),
-        row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms, row.last_seq,
-        row.tenant,
+        row.trace_id, row.req_id, _text(row.idempotency_key), _text(row.route), row.dialect, _text(row.model),
+        row.backend, _text(row.upstream_model), row.stream, row.status, _json(row.request), _json(row.result),
+        _json(row.error), row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms,
+        row.last_seq, _text(row.tenant),
     )
 
 
