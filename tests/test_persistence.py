@@ -16,8 +16,12 @@ import trio
 
 from proxy.dialects.events import Finished, decode_event
 from proxy.domain.events import TextDelta
+from proxy.infra.chat_store import ChatStore, LogRow
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
+from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
+from proxy.infra.postgres import open_database
+from proxy.services.journal import Outbox
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 
@@ -248,6 +252,26 @@ async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, na
             await trio.to_thread.run_sync(postgres.start)
             for trace_id in during:
                 await wait_for_row(url, trace_id, "completed", within=30)
+
+
+async def test_a_row_postgres_refuses_does_not_stall_the_outbox(aio_loop: object, pg_database_url: str) -> None:
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        outbox = Outbox(store=lambda: store, bus=lambda: None)
+
+        def row(trace_id: str, status: str) -> LogRow:
+            return LogRow(trace_id=trace_id, req_id="r", idempotency_key=None, route="direct", dialect="openai",
+                          model="m", backend="b", upstream_model="m", stream=False, request={}, status=status)  # type: ignore[arg-type]
+
+        await outbox.put(row("refused", "no-such-status"))  # the CHECK constraint rejects it, forever
+        await outbox.put(row("fine", "completed"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outbox.run)
+            await wait_for_row(pg_database_url, "fine", "completed")
+            nursery.cancel_scope.cancel()
+    assert outbox.pending_in_memory == 0
+    assert await trio.to_thread.run_sync(rows, pg_database_url, "SELECT 1 FROM chat_log WHERE trace_id = 'refused'") == []
 
 
 async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:

@@ -316,7 +316,7 @@ class Outbox:
 
     async def _drain_memory(self, store: ChatStore) -> None:
         while self._memory:
-            await store.finish(self._memory[0])
+            await _write_or_refuse(store, self._memory[0])
             self._memory.popleft()
 
     async def _drain_bus(self, store: ChatStore) -> None:
@@ -336,10 +336,26 @@ class Outbox:
                             log.error("dropping an unreadable outbox message")
                             await job.term()
                             continue
-                        await store.finish(row)
-                        await job.ack()
+                        if await _write_or_refuse(store, row):
+                            await job.ack()
+                        else:
+                            await job.term()
         except BusError as error:
             log.warning("outbox on NATS not drained: %s", error)
+
+
+async def _write_or_refuse(store: ChatStore, row: LogRow) -> bool:
+    """Write an outbox row; False when PostgreSQL refuses the row itself (a data or integrity
+    error: retrying cannot help, and it must not hold up the rows behind it). Any other
+    failure raises, and the drain pauses until PostgreSQL is back."""
+    try:
+        await store.finish(row)
+    except DatabaseError as error:
+        if error.sqlstate is None or error.sqlstate[:2] not in ("22", "23"):
+            raise
+        log.error("dropping the log row of %s: PostgreSQL refuses it (%s)", row.trace_id, error)
+        return False
+    return True
 
 
 async def ensure_streams(bus: Bus, *, events_retention: float) -> None:
