@@ -191,7 +191,7 @@ class PullConsumer:
     async def _aio_fetch(self, batch: int, expires: float) -> list[Msg]:
         try:
             return await self._sub.fetch(batch, timeout=expires)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py's own, or asyncio's when its deadline ran out mid-fetch
             return []
 
 
