@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any
 
-from proxy.domain.chat import ChatRequest, ImagePart, Message, OpaquePart, TextPart
+from proxy.domain.chat import (
+    ChatRequest,
+    GenerationParams,
+    ImagePart,
+    Message,
+    OpaquePart,
+    TextPart,
+)
 
 
 def _part(part: TextPart | ImagePart | OpaquePart) -> Any:
@@ -34,12 +41,21 @@ def _message(message: Message) -> dict[str, Any]:
     return out
 
 
+_PARAM_NAMES = tuple(f.name for f in fields(GenerationParams))
+
+
 def canonical_request(request: ChatRequest, upstream_model: str | None = None) -> dict[str, Any]:
-    params = asdict(request.params)
+    params = request.params
+    # Not `asdict(params)`: its recursive deep copy costs more than all the rest.
+    present = {
+        name: asdict(value) if is_dataclass(value) else value  # type: ignore[arg-type]
+        for name in _PARAM_NAMES
+        if (value := getattr(params, name)) not in (None, (), [])
+    }
     return {
         "model": upstream_model or request.model,
         "messages": [_message(m) for m in request.messages],
-        "params": {k: v for k, v in params.items() if v not in (None, (), [])},
+        "params": present,
         "tools": [asdict(t) for t in request.tools],
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
         "extra": request.extra,
@@ -47,7 +63,10 @@ def canonical_request(request: ChatRequest, upstream_model: str | None = None) -
 
 
 def request_fingerprint(request: ChatRequest, upstream_model: str | None = None) -> str:
-    canonical = json.dumps(
-        canonical_request(request, upstream_model), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return fingerprint_of(canonical_request(request, upstream_model))
+
+
+def fingerprint_of(canonical: dict[str, Any]) -> str:
+    """`req_id` of a request already in its canonical form."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -22,7 +22,7 @@ import trio
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
-from proxy.domain.fingerprint import canonical_request, request_fingerprint
+from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch
 from proxy.infra.chat_store import LogRow, completion_to_json
@@ -472,9 +472,10 @@ class ChatExchange:
     # -- records ---------------------------------------------------------------------------
 
     def _new_row(self, plan: Plan) -> LogRow:
+        canonical = canonical_request(self.request, self.route.upstream_model)
         return LogRow(
             trace_id=self.meta.trace_id,
-            req_id=plan.req_id or request_fingerprint(self.request, self.route.upstream_model),
+            req_id=plan.req_id or fingerprint_of(canonical),
             idempotency_key=plan.key,
             route=self.meta.route,
             dialect=self.request.dialect,
@@ -482,7 +483,7 @@ class ChatExchange:
             backend=self.route.backend or None,
             upstream_model=self.route.upstream_model,
             stream=self.request.stream,
-            request=canonical_request(self.request, self.route.upstream_model),
+            request=canonical,
             tenant=self.meta.tenant,
             cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
             cache_id=plan.cache_id,

@@ -61,11 +61,13 @@ class EventLog:
         self.headers: list[tuple[bytes, bytes]] = []
         # Called with (first sequence number, new events) as they are appended.
         self.listeners: list[Callable[[int, list[StreamEvent]], None]] = []
-        self._changed = trio.Event()
+        # Created by the first reader to wait: most runs have none, and appends are per chunk.
+        self._changed: trio.Event | None = None
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def extend(self, events: list[StreamEvent]) -> None:
         if events:
@@ -91,6 +93,8 @@ class EventLog:
     async def wait_beyond(self, position: int) -> None:
         """Return once there are more than `position` events, a head error, or an outcome."""
         while len(self.events) <= position and self.head_error is None and self.outcome is None:
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
 
 
