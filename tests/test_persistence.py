@@ -249,6 +249,7 @@ async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, na
                 during.append(response.headers["x-trace-id"])
             ready = await client.get("/ready")
             assert ready.status_code == 503 and "postgres" in ready.json()["reason"]
+            assert ready.json()["checks"]["postgres"] == "unreachable"  # no host, port or driver text
             await trio.to_thread.run_sync(postgres.start)
             for trace_id in during:
                 await wait_for_row(url, trace_id, "completed", within=30)

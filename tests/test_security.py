@@ -233,6 +233,9 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
             assert answer.status_code == 503, answer.text
             assert "lab-gpu" in answer.text  # the backend's name helps; its address does not
             assert str(port) not in answer.text and "127.0.0.1" not in answer.text
+        ready = await client.get("/ready")  # public by default
+        assert ready.status_code == 503 and "lab-gpu" in ready.text
+        assert str(port) not in ready.text and "127.0.0.1" not in ready.text
 
 
 async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stack) -> None:

@@ -139,7 +139,8 @@ class Resources:
                         await db.ping()
                         states["postgres"] = "ok"
                     except DatabaseError as error:
-                        states["postgres"] = f"unreachable: {error}"
+                        # The detail (hosts, ports) is for the log, not for a public probe.
+                        log.warning("readiness: PostgreSQL unreachable: %s", error)
         if self.nats_url is not None:
             bus = self.bus
             states["nats"] = "unreachable"
@@ -149,5 +150,5 @@ class Resources:
                         await bus.ping()
                         states["nats"] = "ok"
                     except BusError as error:
-                        states["nats"] = f"unreachable: {error}"
+                        log.warning("readiness: NATS unreachable: %s", error)
         return states
