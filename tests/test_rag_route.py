@@ -109,6 +109,32 @@ async def test_openai_streaming_carries_sources_in_the_first_chunk(setup: Setup)
     await client.close()
 
 
+async def test_a_semantic_cache_hit_replays_the_sources_too(setup: Setup, corpus_url: str) -> None:
+    body = {"model": MODELS["openai"], "messages": [{"role": "user", "content": QUESTION}]}
+    headers = {**RAG, "x-cache": "semantic"}
+
+    def cached() -> int:
+        with psycopg.connect(corpus_url) as conn:
+            return conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0]  # type: ignore[index,no-any-return]
+
+    async with httpx.AsyncClient(base_url=setup.url, timeout=30) as client:
+        before = await trio.to_thread.run_sync(cached)
+        first = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert first.status_code == 200 and first.headers.get("x-cache") != "semantic"
+        with trio.fail_after(10):  # the answer is stored after the client has it
+            while True:
+                if await trio.to_thread.run_sync(cached) > before:
+                    break
+                await trio.sleep(0.05)
+        calls = len(setup.fakes["openai"].requests)
+        again = await client.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.headers["x-cache"] == "semantic"
+    assert len(setup.fakes["openai"].requests) == calls  # answered from the cache
+    assert sources_of(again.headers) == sources_of(first.headers) != []
+    assert again.json()["rag_sources"] == first.json()["rag_sources"]
+    assert again.headers["x-rag-context"] == "injected" and again.headers["x-rag-workspace"] == CORPUS
+
+
 async def test_plain_requests_are_untouched(setup: Setup) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         response = await http.post(f"{setup.url}/v1/chat/completions", json={

@@ -61,10 +61,10 @@ async def test_identical_and_equivalent_questions_hit(db: Database, embedder: Lo
     await semantic.store(question, meta(), answer("Use the Forgot password link."))
 
     hit = await semantic.lookup(ask("How do I reset my password?"), meta())
-    assert hit is not None and hit.choices[0].content == "Use the Forgot password link."
-    assert hit.usage is not None and hit.usage.prompt_tokens == 12
+    assert hit is not None and hit.completion.choices[0].content == "Use the Forgot password link."
+    assert hit.completion.usage is not None and hit.completion.usage.prompt_tokens == 12
     reworded = await semantic.lookup(ask("How can I reset my password?"), meta())
-    assert reworded is not None and reworded.choices[0].content == "Use the Forgot password link."
+    assert reworded is not None and reworded.completion.choices[0].content == "Use the Forgot password link."
     assert await db.fetchval("SELECT hits FROM semantic_cache") == 2
     assert await semantic.lookup(ask("How do I delete my account?"), meta()) is None
 
@@ -91,7 +91,7 @@ async def test_conversations_sharing_the_last_message_but_not_the_history_miss(
     again = chat(("user", "I'm planning a trip to Japan in spring."), ("assistant", "Great, how can I help?"),
                  ("user", "What should I pack?"))
     hit = await semantic.lookup(again, meta())
-    assert hit is not None and hit.choices[0].content == "Light layers and an umbrella."
+    assert hit is not None and hit.completion.choices[0].content == "Light layers and an umbrella."
 
 
 async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embedder: LocalEncoder) -> None:
@@ -110,7 +110,7 @@ async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embed
     assert await semantic.lookup(ask(question), meta(workspace="geography")) is None
     assert await semantic.lookup(ask(question), meta()) is None
     in_workspace = await semantic.lookup(ask(question), meta(workspace="travel"))
-    assert in_workspace is not None and in_workspace.choices[0].content == "Paris [1]"
+    assert in_workspace is not None and in_workspace.completion.choices[0].content == "Paris [1]"
 
 
 async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEncoder) -> None:

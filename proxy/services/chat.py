@@ -13,7 +13,7 @@ import hashlib
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -129,14 +129,28 @@ def new_trace_id() -> str:
     return secrets.token_hex(16)
 
 
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    completion: ChatCompletion
+    headers: Headers
+    """Response headers that belong to the answer (the RAG route's sources)."""
+
+
 class CompletionCache(Protocol):
     """A cache keyed by meaning rather than bytes (the semantic cache)."""
 
     def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool: ...
 
-    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> ChatCompletion | None: ...
+    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None: ...
 
-    async def store(self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion) -> None: ...
+    async def store(
+        self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Remember `completion`; `headers` are all the exchange's response headers, of
+        which the cache keeps those that belong to the answer."""
 
 
 class ChatService:
@@ -296,7 +310,7 @@ class ChatExchange:
                 await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
             if self.semantic_cache is not None and complete and self.result.error is None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-                    await self.semantic_cache.store(self.request, self.meta, self.result.build())
+                    await self.semantic_cache.store(self.request, self.meta, self.result.build(), self.response_headers)
 
     async def _plan(self) -> Plan:
         if self.semantic_cache is not None:
@@ -304,7 +318,7 @@ class ChatExchange:
             if hit is not None:
                 self.record.source = "semantic-cache"
                 self.semantic_cache = None  # nothing new to remember
-                return Plan("replay", producer=replayer(hit), headers=[(b"x-cache", b"semantic")])
+                return Plan("replay", producer=replayer(hit.completion), headers=[(b"x-cache", b"semantic"), *hit.headers])
         persistence = self._persistence
         if persistence is None:
             return Plan("here")

@@ -60,6 +60,8 @@ TOKEN_POOL_FACTOR: Final = 3
 # Memory for cached token vectors (packed, ~26 KB a 200-token chunk: ~2,500 chunks).
 TOKEN_CACHE_BYTES: Final = 64 * 1024 * 1024
 SOURCES_HEADER: Final = b"x-rag-sources"
+# The response headers that describe a RAG answer: a cached replay of it carries them too.
+ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", SOURCES_HEADER, b"x-rag-context"})
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
 _MAX_SOURCE: Final = 1024
@@ -448,6 +450,7 @@ def passages_json(passages: Sequence[Passage]) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "ANSWER_HEADERS",
     "SOURCES_HEADER",
     "DocumentInput",
     "IngestResult",

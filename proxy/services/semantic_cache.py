@@ -53,8 +53,9 @@ from proxy.infra.chat_store import completion_from_json, completion_to_json
 from proxy.infra.chunking import MODEL_TOKENS, TokenCounter, token_counter
 from proxy.infra.embedder import EMBEDDING_DIMENSIONS, Vectors
 from proxy.infra.postgres import Database, DatabaseError
-from proxy.services.chat import RequestMeta
+from proxy.services.chat import CachedAnswer, RequestMeta
 from proxy.services.embeddings import TextEncoder
+from proxy.services.rag import ANSWER_HEADERS
 
 log = logging.getLogger("llm_proxy.semantic_cache")
 
@@ -139,6 +140,14 @@ def conversation_key(
     return Conversation(scope=scope, segments=segments, digest=digest, model=model, workspace=workspace)
 
 
+def _answer_json(completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, Any]:
+    stored = completion_to_json(completion)
+    kept = {name.decode(): value.decode() for name, value in headers if name in ANSWER_HEADERS}
+    if kept:
+        stored["headers"] = kept
+    return stored
+
+
 def pack_segments(vectors: Vectors) -> bytes:
     return np.asarray(vectors, dtype="<f2").tobytes()
 
@@ -178,8 +187,8 @@ class SemanticCache:
         models = self.settings.models
         return bool(models) and (request.model in models or self._model(request) in models)
 
-    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> ChatCompletion | None:
-        """The cached completion for a conversation that means the same, or None."""
+    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None:
+        """The cached answer to a conversation that means the same, or None."""
         if not self.enabled_for(request, meta) or not request.messages:
             return None
         db = self._database()
@@ -207,13 +216,18 @@ class SemanticCache:
                 return None
             row_id, completion = best[1]
             await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
-            return completion_from_json(completion if isinstance(completion, dict) else json.loads(completion))
+            answer = completion if isinstance(completion, dict) else json.loads(completion)
+            headers = [(name.encode(), value.encode()) for name, value in (answer.get("headers") or {}).items()]
+            return CachedAnswer(completion_from_json(answer), headers)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
             return None
 
-    async def store(self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion) -> None:
-        """Remember `completion` as the answer to `request` (complete answers only)."""
+    async def store(
+        self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Remember `completion` (and those of `headers` that belong to it) as the answer to
+        `request` (complete answers only)."""
         if not self.enabled_for(request, meta) or not request.messages or not completion.choices:
             return
         if any(choice.finish_reason not in _CACHEABLE_FINISH for choice in completion.choices):
@@ -231,7 +245,7 @@ class SemanticCache:
                 " segments = EXCLUDED.segments, completion = EXCLUDED.completion, expires_at = EXCLUDED.expires_at,"
                 " created_at = now()",
                 (key.scope, key.model, key.workspace, _mean_vector(vectors), pack_segments(vectors), key.digest,
-                 json.dumps(completion_to_json(completion)), self.settings.ttl_seconds),
+                 json.dumps(_answer_json(completion, headers)), self.settings.ttl_seconds),
             )
             await db.execute(
                 "DELETE FROM semantic_cache WHERE id IN"
