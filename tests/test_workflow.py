@@ -33,6 +33,7 @@ from tests.workflow_support import (
     bus_events,
     fanout,
     pipeline_name,
+    rows,
     run_row,
     running_worker,
     worker_settings,
@@ -126,6 +127,35 @@ async def test_fanout_streams_the_first_finisher_through_the_openai_sdk(stack: S
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     usage = next(e for e in events if e["type"] == "usage")["usage"]
     assert usage["prompt_tokens"] == 5  # the loser was cancelled before it reported any
+
+
+async def test_stream_resume_of_a_workflow_trace_is_the_clients_view(stack: Stack) -> None:
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(model="colours", messages=MESSAGES, stream=True)
+        trace_id = reply.headers["x-trace-id"]
+        assert text_of([chunk async for chunk in reply.parse()]) == "Red is warm."
+        while True:  # the log row is written once the client has its answer
+            if await trio.to_thread.run_sync(
+                rows, stack.db, "SELECT 1 FROM chat_log WHERE trace_id = %s AND status = 'completed'", trace_id
+            ):
+                break
+            await trio.sleep(0.05)
+
+    def frames(text: str) -> list[tuple[int, dict[str, Any]]]:
+        blocks = [block.split("\n") for block in text.split("\n\n") if block]
+        return [(int(lines[0][len("id: "):]), json.loads(lines[2][len("data: "):])) for lines in blocks]
+
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        whole = frames((await client.get(f"/v1/streams/{trace_id}")).text)
+        tail = frames((await client.get(f"/v1/streams/{trace_id}", params={"after": 3})).text)
+    # What the client saw, numbered as it saw it: no `tasks`/`winner` bookkeeping, no gaps.
+    assert [seq for seq, _ in whole] == list(range(1, len(whole) + 1))
+    kinds = [body["type"] for _, body in whole]
+    assert kinds[0] == "role" and kinds[-1] == "finished" and kinds.count("finished") == 1
+    assert "".join(body["text"] for _, body in whole if body["type"] == "token") == "Red is warm."
+    assert {body["task"] for _, body in whole if "task" in body} == {"A"}
+    assert whole[-1][1]["winner"] == "alpha-1"
+    assert tail == whole[3:]
 
 
 async def test_request_options_pick_the_rule_and_n_shows_every_model(stack: Stack) -> None:

@@ -107,6 +107,17 @@ class LogRow:
 
 
 @dataclass(slots=True, frozen=True)
+class StoredRun:
+    """A trace's row as `GET /v1/streams` needs it."""
+
+    status: Status
+    completion: ChatCompletion | None
+    error: dict[str, Any] | None
+    tenant: str | None
+    route: str
+
+
+@dataclass(slots=True, frozen=True)
 class Claim:
     """Who answers a key: `owner` (this trace runs it), `running` or `completed` (another
     trace does or did), `conflict` (the key was used for a different request)."""
@@ -257,19 +268,17 @@ class ChatStore:
 
     async def stored(self, trace_id: str) -> tuple[Status, ChatCompletion | None, dict[str, Any] | None] | None:
         """A trace's status, its completion (if it has one) and its error (if it failed)."""
-        found = await self.stored_with_tenant(trace_id)
-        return None if found is None else (found[0], found[1], found[2])
+        found = await self.stored_run(trace_id)
+        return None if found is None else (found.status, found.completion, found.error)
 
-    async def stored_with_tenant(
-        self, trace_id: str
-    ) -> tuple[Status, ChatCompletion | None, dict[str, Any] | None, str | None] | None:
+    async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant FROM chat_log WHERE trace_id = %s", (trace_id,)
+            "SELECT status, result, error, tenant, route FROM chat_log WHERE trace_id = %s", (trace_id,)
         )
         if row is None:
             return None
-        status, result, error, tenant = row
-        return status, completion_from_json(result) if result else None, error, tenant
+        status, result, error, tenant, route = row
+        return StoredRun(status, completion_from_json(result) if result else None, error, tenant, route)
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

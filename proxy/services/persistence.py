@@ -27,11 +27,12 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import completion_events
 from proxy.infra.backends import Batch
-from proxy.infra.chat_store import ChatStore
+from proxy.infra.chat_store import ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
 from proxy.infra.resources import Resources
 from proxy.services.journal import EventLog, EventPublisher, LogWriter, Outbox, events_subject
+from proxy.workflow.view import ClientView
 
 log = logging.getLogger("llm_proxy.persistence")
 
@@ -267,29 +268,32 @@ async def trace_events(
         await _local_events(local, after, send)
         return
     store = persistence.store()
-    stored = None
+    stored: StoredRun | None = None
     if store is not None:
         try:
-            stored = await store.stored_with_tenant(trace_id)
+            stored = await store.stored_run(trace_id)
         except DatabaseError:
             store = None
-    if tenant is not None and (stored is None or stored[3] != tenant):
+    if tenant is not None and (stored is None or stored.tenant != tenant):
         raise unknown
-    running = stored is not None and stored[0] == "running"
+    running = stored is not None and stored.status == "running"
     bus = persistence.bus()
     if bus is not None:
         # A running trace may be slow to its next event; anything else is stored already.
         first_wait = persistence.settings.follow_silence if running or (stored is None and store is None) else 2.0
+        # A workflow's bus events are its workers' (every task, every attempt): its client
+        # reads them through the view the workflow route gave it.
+        view = ClientView() if stored is not None and stored.route == "workflow" else None
         try:
-            if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait):
+            if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait, view):
                 return
         except BusError as error:
             log.warning("reading %s from NATS failed: %s", trace_id, error)
     if stored is None or running:
         raise unknown
-    status, completion, _error, _tenant = stored
+    completion = stored.completion
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
-    events.append(Finished(reason=_reason_of(completion), status=status))
+    events.append(Finished(reason=_reason_of(completion), status=stored.status))
     for seq, event in enumerate(events, start=1):
         if seq > after:
             await send.send((seq, event))
@@ -315,19 +319,35 @@ async def _bus_events(
     send: trio.MemorySendChannel[tuple[int, WireEvent]],
     silence: float,
     first_wait: float,
+    view: ClientView | None = None,
 ) -> bool:
-    """True once `finished` was relayed; False when nothing arrived within `first_wait`."""
+    """True once `finished` was relayed; False when nothing arrived within `first_wait`.
+
+    Through a `view`, the events are numbered as the client saw them (1, 2, ...), the same
+    numbers the trace's `EventLog` gives them while it runs."""
     seen = False
+    shown = 0
     with trio.move_on_after(first_wait) as scope:
         async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
             async for message in messages:
                 seen = True
                 scope.deadline = trio.current_time() + silence
-                seq, event = decode_event(message.data)
-                if event is None or seq <= after:
+                if view is None:
+                    seq, event = decode_event(message.data)
+                    if event is None or seq <= after:
+                        continue
+                    await send.send((seq, event))
+                    if isinstance(event, Finished):
+                        return True
                     continue
-                await send.send((seq, event))
-                if isinstance(event, Finished):
+                visible: list[WireEvent] = list(view.feed_bytes(message.data))
+                if view.done:
+                    visible.append(view.finished or Finished(reason="error", status="failed"))
+                for event in visible:
+                    shown += 1
+                    if shown > after:
+                        await send.send((shown, event))
+                if view.done:
                     return True
     if seen:
         raise GatewayError(ErrorKind.TIMEOUT, f"The stream {trace_id} went silent for {silence:g}s.", code="run_silent")
