@@ -46,7 +46,6 @@ from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import open_database
 from proxy.infra.rag_store import _CANDIDATES_SQL, LEXICAL_MAX_ROWS
-from proxy.services.embeddings import LocalEncoder
 from proxy.services.rag import RagService
 
 WORKSPACE = "bench"
@@ -252,7 +251,7 @@ async def retrieval_latencies(url: str, queries: int) -> list[str]:
     async with (
         asyncio_bridge(),
         open_database(url, max_size=10) as db,
-        LocalEncoder.open(intra_op_threads=1) as embedder,
+        LocalEmbedder.open(intra_op_threads=1) as embedder,
     ):
         rag = RagService(RagSettings(score_threshold=-1.0), lambda: db, embedder)
         await rag.retrieve(WORKSPACE, texts[0])  # warm up

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import trio
 
@@ -35,10 +35,10 @@ from proxy.infra.chunking import (
     decode_text,
     detect_format,
 )
+from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
 from proxy.infra.rag_store import RagStore
-from proxy.services.embeddings import LocalEncoder
 from proxy.services.rag import WORKSPACE_NAME, DocumentInput, RagService
 
 
@@ -159,9 +159,8 @@ async def _ingest(
         if args.language is not None and not await RagStore(db).language_exists(args.language):
             print(f"llm-proxy: --language {args.language!r} is not a PostgreSQL text search configuration", file=err)
             return 2
-        async with LocalEncoder.open(intra_op_threads=args.threads) as opened:
-            # `open` builds an instance of the class it is called on.
-            rag = RagService(settings.rag, lambda: db, cast(LocalEncoder, opened))
+        async with LocalEmbedder.open(intra_op_threads=args.threads) as opened:
+            rag = RagService(settings.rag, lambda: db, opened)
             documents: list[tuple[_File, DocumentInput, int]] = []
             for item in files:
                 try:

@@ -16,14 +16,14 @@ import trio_asyncio
 from psycopg.conninfo import make_conninfo
 
 from proxy.config import RagSettings
+from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import open_database
-from proxy.services.embeddings import LocalEncoder
 from proxy.services.rag import RagService
 from tests.rag_corpus import CORPUS, DOCUMENTS
 
 
-async def ingest_corpus(url: str, embedder: LocalEncoder) -> None:
+async def ingest_corpus(url: str, embedder: LocalEmbedder) -> None:
     async with trio_asyncio.open_loop(), open_database(url) as db, trio.open_nursery() as nursery:
         await migrate(db)
         await nursery.start(embedder.serve)
@@ -32,14 +32,14 @@ async def ingest_corpus(url: str, embedder: LocalEncoder) -> None:
 
 
 @pytest.fixture(scope="session")
-def loaded_embedder() -> Iterator[LocalEncoder]:
-    embedder = LocalEncoder()
+def loaded_embedder() -> Iterator[LocalEmbedder]:
+    embedder = LocalEmbedder()
     embedder.load()
     yield embedder
 
 
 @pytest.fixture(scope="session")
-def corpus_url(pg_url: str, loaded_embedder: LocalEncoder) -> Iterator[str]:
+def corpus_url(pg_url: str, loaded_embedder: LocalEmbedder) -> Iterator[str]:
     """A database with workspace `corpus` holding `tests.rag_corpus.DOCUMENTS` (read-only)."""
     name = f"corpus_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -54,7 +54,7 @@ def corpus_url(pg_url: str, loaded_embedder: LocalEncoder) -> Iterator[str]:
 
 
 @pytest.fixture
-async def embedder(loaded_embedder: LocalEncoder) -> AsyncIterator[LocalEncoder]:
+async def embedder(loaded_embedder: LocalEmbedder) -> AsyncIterator[LocalEmbedder]:
     async with trio.open_nursery() as nursery:
         await nursery.start(loaded_embedder.serve)
         yield loaded_embedder

@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.services.embeddings import LocalEncoder, LocalModel
+from proxy.infra.embedder import LocalEmbedder
+from proxy.services.embeddings import LocalModel
 
 
 async def test_loads_on_first_use_and_stops_cleanly() -> None:
@@ -44,7 +45,7 @@ async def test_a_broken_model_file_is_a_503_not_a_crash(tmp_path: Path) -> None:
 
 async def test_one_pass_sentence_and_token_vectors_match_the_two_calls() -> None:
     texts = ["How do I reset my password?", "The cat sat on the mat", "word " * 300, ""]
-    async with LocalEncoder.open() as encoder:
+    async with LocalEmbedder.open() as encoder:
         result, tokens = await encoder.embed_with_tokens(texts)
         sentences = await encoder.embed(texts)
         for i, text in enumerate(texts):

@@ -16,11 +16,10 @@ import trio_asyncio
 
 from proxy.cli import main
 from proxy.config import RagSettings
-from proxy.infra.embedder import maxsim
+from proxy.infra.embedder import LocalEmbedder, maxsim
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
 from proxy.infra.rag_store import TokenVectorCache, pack_token_vectors, unpack_token_vectors
-from proxy.services.embeddings import LocalEncoder
 from proxy.services.rag import DocumentInput, RagService, pool_token_vectors, reciprocal_rank_fusion
 from tests.harness import running_gateway
 from tests.rag_corpus import API, BREAD, CORPUS, DOCUMENTS, HANDBOOK, POSTGRES, QUESTIONS, UNRELATED
@@ -41,7 +40,7 @@ async def db(aio_loop: trio_asyncio.TrioEventLoop, pg_database_url: str) -> Asyn
         yield database
 
 
-def service(db: Database, embedder: LocalEncoder, **settings: Any) -> RagService:
+def service(db: Database, embedder: LocalEmbedder, **settings: Any) -> RagService:
     return RagService(RagSettings(**settings), lambda: db, embedder)
 
 
@@ -139,7 +138,7 @@ async def test_unknown_and_invalid_workspaces(gateway_url: str) -> None:
 # -- isolation, idempotency, deletion --------------------------------------------------------------
 
 
-async def test_workspaces_are_isolated(db: Database, embedder: LocalEncoder) -> None:
+async def test_workspaces_are_isolated(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder, score_threshold=-1.0, top_k=20)
     await rag.ingest("big", DOCUMENTS)
     await rag.ingest("small", [DocumentInput(HANDBOOK, "markdown", "handbook.md")])
@@ -164,7 +163,7 @@ async def test_workspaces_are_isolated(db: Database, embedder: LocalEncoder) -> 
     ]
 
 
-async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEncoder) -> None:
+async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder, score_threshold=-1.0)
     await rag.ingest("ws", [DocumentInput(POSTGRES, "markdown", "postgres.md")])
     # Another workspace's 3,000 chunks all mention "database": a full-text OR over that word
@@ -187,7 +186,7 @@ async def test_common_words_are_left_out_of_full_text_queries(db: Database, embe
     assert "Backups" in retrieval.passages[0].heading
 
 
-async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder: LocalEncoder) -> None:
+async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder)
     first = await rag.ingest("ws", [DocumentInput(API, "markdown", "api.md", {"v": 1})])
     chunk_ids = await db.fetch("SELECT id FROM rag_chunks ORDER BY id")
@@ -218,7 +217,7 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     assert nameless[0][0].source.startswith("sha256:")
 
 
-async def test_deleting_documents_and_workspaces(db: Database, embedder: LocalEncoder) -> None:
+async def test_deleting_documents_and_workspaces(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder, score_threshold=-1.0)
     results = await rag.ingest("ws", [DocumentInput(API, "markdown", "api.md"), DocumentInput(BREAD, "html", "bread.html")])
     store = rag.store()

@@ -13,10 +13,10 @@ import trio_asyncio
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
 from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, Usage
+from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
 from proxy.services.chat import RequestMeta
-from proxy.services.embeddings import LocalEncoder
 from proxy.services.semantic_cache import SemanticCache, conversation_key
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -31,7 +31,7 @@ async def db(aio_loop: trio_asyncio.TrioEventLoop, pg_database_url: str) -> Asyn
         yield database
 
 
-def cache(db: Database | None, embedder: LocalEncoder, **settings: Any) -> SemanticCache:
+def cache(db: Database | None, embedder: LocalEmbedder, **settings: Any) -> SemanticCache:
     return SemanticCache(SemanticCacheSettings(**{"models": (MODEL,), **settings}), lambda: db, embedder)
 
 
@@ -54,7 +54,7 @@ def answer(text: str, reason: FinishReason | None = FinishReason.STOP) -> ChatCo
                           choices=[Choice(content=text, finish_reason=reason)], usage=Usage(12, 3))
 
 
-async def test_identical_and_equivalent_questions_hit(db: Database, embedder: LocalEncoder) -> None:
+async def test_identical_and_equivalent_questions_hit(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     question = ask("How do I reset my password?")
     assert await semantic.lookup(question, meta()) is None
@@ -70,7 +70,7 @@ async def test_identical_and_equivalent_questions_hit(db: Database, embedder: Lo
 
 
 async def test_conversations_sharing_the_last_message_but_not_the_history_miss(
-    db: Database, embedder: LocalEncoder
+    db: Database, embedder: LocalEmbedder
 ) -> None:
     semantic = cache(db, embedder)
     japan = chat(("user", "I'm planning a trip to Japan in spring."), ("assistant", "Great, how can I help?"),
@@ -94,7 +94,7 @@ async def test_conversations_sharing_the_last_message_but_not_the_history_miss(
     assert hit is not None and hit.completion.choices[0].content == "Light layers and an umbrella."
 
 
-async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embedder: LocalEncoder) -> None:
+async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder, models=(MODEL, "llama3.2"))
     question = "What is the capital of France?"
     await semantic.store(ask(question, temperature=0), meta(), answer("Paris"))
@@ -113,7 +113,7 @@ async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embed
     assert in_workspace is not None and in_workspace.completion.choices[0].content == "Paris [1]"
 
 
-async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEncoder) -> None:
+async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     await db.execute("INSERT INTO rag_workspaces (name) VALUES ('docs')")
     question = ask("How many vacation days do I get?")
@@ -123,7 +123,7 @@ async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedde
     assert await semantic.lookup(question, meta(workspace="docs")) is None
 
 
-async def test_expired_entries_miss_and_are_purged(db: Database, embedder: LocalEncoder) -> None:
+async def test_expired_entries_miss_and_are_purged(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder, ttl_seconds=0.3)
     await semantic.store(ask("What is the tallest mountain?"), meta(), answer("Everest"))
     assert await semantic.lookup(ask("What is the tallest mountain?"), meta()) is not None
@@ -133,7 +133,7 @@ async def test_expired_entries_miss_and_are_purged(db: Database, embedder: Local
     assert await db.fetchval("SELECT count(*) FROM semantic_cache") == 1
 
 
-async def test_numbers_and_negations_must_match_literally(db: Database, embedder: LocalEncoder) -> None:
+async def test_numbers_and_negations_must_match_literally(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     for question, reply in (("What is 2+2?", "4"), ("Is it safe to take ibuprofen with alcohol?", "It is risky."),
                             ("Summarize the meeting on March 3", "...")):
@@ -144,7 +144,7 @@ async def test_numbers_and_negations_must_match_literally(db: Database, embedder
     assert await semantic.lookup(ask("what is 2+2?"), meta()) is not None
 
 
-async def test_long_conversations_that_differ_late_miss(db: Database, embedder: LocalEncoder) -> None:
+async def test_long_conversations_that_differ_late_miss(db: Database, embedder: LocalEmbedder) -> None:
     # The model reads 256 tokens: one embedding of the whole text would not see the end.
     preamble = "Here is the background of the project. " * 60
     semantic = cache(db, embedder)
@@ -155,7 +155,7 @@ async def test_long_conversations_that_differ_late_miss(db: Database, embedder: 
     assert len(key.segments) > 1
 
 
-async def test_opt_in_and_opt_out(db: Database, embedder: LocalEncoder) -> None:
+async def test_opt_in_and_opt_out(db: Database, embedder: LocalEmbedder) -> None:
     question = ask("What is the capital of Italy?", model="other-model")
     per_model = cache(db, embedder)  # only MODEL is opted in
     await per_model.store(question, meta(), answer("Rome"))
@@ -170,7 +170,7 @@ async def test_opt_in_and_opt_out(db: Database, embedder: LocalEncoder) -> None:
         assert await everything.lookup(question, meta(header)) is None
 
 
-async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Database, embedder: LocalEncoder) -> None:
+async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     await semantic.store(ask("Tell me a story"), meta(), answer("Once upon", reason=None))
     await semantic.store(ask("Tell me a story"), meta(), answer("[filtered]", reason=FinishReason.CONTENT_FILTER))

@@ -279,6 +279,16 @@ class LocalEmbedder:
         job = await self._submit(_Job(texts=[text], per_token=True))
         return job.token_vectors[0]
 
+    async def embed_with_tokens(self, texts: Sequence[str]) -> tuple[EmbeddingResult, list[Vectors]]:
+        """Each text's sentence vector *and* its per-token vectors, from one ONNX pass
+        (ingestion needs both for every chunk; `embed` then `embed_tokens` would run the
+        model twice)."""
+        _check_texts(texts)
+        if not texts:
+            return _empty_result(), []
+        job = await self._submit(_Job(texts=texts, per_token=True))
+        return job.result(), list(job.token_vectors)
+
     def embed_sync(self, texts: Sequence[str]) -> EmbeddingResult:
         """Blocking `embed` for CLI and ingest scripts; never call it from async code."""
         _check_texts(texts)

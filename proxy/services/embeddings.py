@@ -36,8 +36,6 @@ from proxy.infra.embedder import (
     EmbeddingResult,
     LocalEmbedder,
     Vectors,
-    _check_texts,
-    _Job,
 )
 from proxy.services.auth import check_model
 from proxy.services.models import ModelCatalog
@@ -59,7 +57,7 @@ LOCAL_NAMES: Final = frozenset({
 
 
 class TextEncoder(Protocol):
-    """What retrieval and the semantic cache need from the local model (a `LocalEncoder` or
+    """What retrieval and the semantic cache need from the local model (a `LocalEmbedder` or
     the gateway's `LocalModel`)."""
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingResult: ...
@@ -69,35 +67,20 @@ class TextEncoder(Protocol):
     async def embed_with_tokens(self, texts: Sequence[str]) -> tuple[EmbeddingResult, list[Vectors]]: ...
 
 
-class LocalEncoder(LocalEmbedder):
-    """`LocalEmbedder` plus `embed_with_tokens`: each text's sentence vector *and* its
-    per-token vectors from one ONNX pass. Ingestion needs both for every chunk; `embed` and
-    `embed_tokens` would run the model twice. The batcher already computes both for per-token
-    jobs, so this only submits one with several texts (`tests/test_local_model.py` checks it
-    against the two public calls)."""
-
-    async def embed_with_tokens(self, texts: Sequence[str]) -> tuple[EmbeddingResult, list[Vectors]]:
-        _check_texts(texts)
-        if not texts:
-            return await self.embed([]), []
-        job = await self._submit(_Job(texts=texts, per_token=True))
-        return job.result(), list(job.token_vectors)
-
-
 # -- the local model as a service ----------------------------------------------------------------
 
 # Loaded embedders not being served, by (threads, model file): the next gateway in this
 # process takes one instead of loading the model again.
 _Key = tuple[int, Path | None]
-_idle: dict[_Key, list[LocalEncoder]] = {}
+_idle: dict[_Key, list[LocalEmbedder]] = {}
 
 
-def _acquire(key: _Key) -> LocalEncoder:
+def _acquire(key: _Key) -> LocalEmbedder:
     pool = _idle.get(key)
-    return pool.pop() if pool else LocalEncoder(intra_op_threads=key[0], model_path=key[1])
+    return pool.pop() if pool else LocalEmbedder(intra_op_threads=key[0], model_path=key[1])
 
 
-def _release(key: _Key, embedder: LocalEncoder) -> None:
+def _release(key: _Key, embedder: LocalEmbedder) -> None:
     if embedder.loaded:
         _idle.setdefault(key, []).append(embedder)
 
@@ -113,7 +96,7 @@ class LocalModel:
         self._nursery = nursery
         self._key: _Key = (threads, model_path)
         self._lock = trio.Lock()
-        self._running: LocalEncoder | None = None
+        self._running: LocalEmbedder | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = False
         self.load_seconds = 0.0
@@ -122,7 +105,7 @@ class LocalModel:
     def loaded(self) -> bool:
         return self._running is not None
 
-    async def embedder(self) -> LocalEncoder:
+    async def embedder(self) -> LocalEmbedder:
         running = self._running
         if running is not None:
             return running
@@ -349,7 +332,7 @@ __all__ = [
     "EmbeddingRequest",
     "EmbeddingResponse",
     "EmbeddingService",
-    "LocalEncoder",
+    "LocalEmbedder",
     "LocalModel",
     "TextEncoder",
 ]
