@@ -56,11 +56,10 @@ class Hangup:
     unwinds; when a hundred clients leave at once, the last of those waits behind the
     others' teardown. `fire()` sends every FIN from the disconnect handler itself."""
 
-    __slots__ = ("_held", "fired")
+    __slots__ = ("_held",)
 
     def __init__(self) -> None:
         self._held: set[_Connection] = set()
-        self.fired = False
 
     def hold(self, conn: _Connection) -> None:
         self._held.add(conn)
@@ -70,7 +69,6 @@ class Hangup:
         self._held.discard(conn)
 
     def fire(self) -> None:
-        self.fired = True
         held, self._held = self._held, set()
         for conn in held:
             conn.close()
