@@ -44,6 +44,16 @@ async def test_non_streaming_completion(setup: Setup) -> None:
     assert sent.json["model"] == "qwen3-8b" and sent.json["stream"] is False
 
 
+async def test_whole_answers_carry_their_length(setup: Setup) -> None:
+    # Non-streaming answers and errors go out whole: Content-Length, no chunked framing.
+    setup.fake.set_script(Script(tokens=["Hello"]))
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        for body in ({"model": "m", "messages": MESSAGES}, {"model": "m"}):
+            answer = await client.post("/v1/chat/completions", json=body)
+            assert answer.headers["content-length"] == str(len(answer.content)), answer.status_code
+            assert "transfer-encoding" not in answer.headers
+
+
 async def test_streaming_is_openai_exact(setup: Setup) -> None:
     setup.fake.set_script(Script(tokens=["a", "b", "c"]))
     stream = await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]

@@ -18,11 +18,10 @@ from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_meta
 from proxy.http._errors import register_dialect_errors
 from proxy.http._exchange import (
-    JSON_HEADERS,
     SSE_HEADERS,
-    AsgiSink,
     ExchangeBody,
     Headers,
+    JsonSink,
     RenderedStreamSink,
 )
 from proxy.infra.backends import Batch
@@ -34,16 +33,13 @@ blueprint = Blueprint("anthropic", __name__)
 register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
 
 
-class AnthropicJsonSink(AsgiSink):
+class AnthropicJsonSink(JsonSink):
     def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
         super().__init__(send, headers)
         self._model = model
 
     async def fail(self, error: GatewayError) -> None:
         await self._error(error, anthropic.render_error(error))
-
-    async def start(self) -> None:
-        await self._start(200, JSON_HEADERS)
 
     async def write(self, batch: Batch) -> None:
         completion = batch.completion
@@ -52,10 +48,7 @@ class AnthropicJsonSink(AsgiSink):
             for event in batch.events:
                 builder.add(event)
             completion = builder.build()
-        await self._body(anthropic.render_message(completion, batch.events, model=self._model))
-
-    async def finish(self) -> None:
-        await self._end()
+        await self._json(anthropic.render_message(completion, batch.events, model=self._model))
 
 
 def _headers(request_id: str) -> Headers:

@@ -131,12 +131,31 @@ class AsgiSink:
     async def _end(self, data: bytes = b"") -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
+    async def _whole(self, status: int, headers: Headers, body: bytes) -> None:
+        """A response known in full: one body message and a Content-Length, so the server
+        writes headers and body and no chunked framing (one send fewer per response)."""
+        await self._start(status, [*headers, (b"content-length", b"%d" % len(body))])
+        await self._end(body)
+
     async def _error(self, error: GatewayError, body: bytes, content_type: bytes = b"application/json") -> None:
         headers: Headers = [(b"content-type", content_type)]
         if error.retry_after is not None:
             headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
-        await self._start(error.status, headers)
-        await self._end(body)
+        await self._whole(error.status, headers, body)
+
+
+class JsonSink(AsgiSink):
+    """A non-streaming answer: the whole body is sent by `write` (the relay calls it once,
+    with the completed batch), head included, since its length is known only then."""
+
+    async def start(self) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+    async def _json(self, body: bytes, content_type: bytes = b"application/json") -> None:
+        await self._whole(200, [(b"content-type", content_type)], body)
 
 
 class StreamRenderer(Protocol):
@@ -185,4 +204,3 @@ SSE_HEADERS: Headers = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-JSON_HEADERS: Headers = [(b"content-type", b"application/json")]

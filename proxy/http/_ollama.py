@@ -18,7 +18,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_meta
 from proxy.http._errors import register_dialect_errors
-from proxy.http._exchange import AsgiSink, ExchangeBody, Headers, RenderedStreamSink
+from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.infra.backends import Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.chat import ChatExchange
@@ -27,12 +27,11 @@ blueprint = Blueprint("ollama", __name__)
 
 _JSON = "application/json; charset=utf-8"
 NDJSON_HEADERS: Headers = [(b"content-type", b"application/x-ndjson")]
-JSON_HEADERS: Headers = [(b"content-type", _JSON.encode())]
 
 register_dialect_errors("ollama", ("/api/",), ollama.render_error, _JSON)
 
 
-class OllamaJsonSink(AsgiSink):
+class OllamaJsonSink(JsonSink):
     """One JSON object (`"stream": false`), timed from the request's arrival."""
 
     def __init__(self, send: ASGISendCallable, headers: Headers, *, model: str, generate: bool, started: float) -> None:
@@ -44,9 +43,6 @@ class OllamaJsonSink(AsgiSink):
     async def fail(self, error: GatewayError) -> None:
         await self._error(error, ollama.render_error(error), _JSON.encode())
 
-    async def start(self) -> None:
-        await self._start(200, JSON_HEADERS)
-
     async def write(self, batch: Batch) -> None:
         completion = batch.completion
         if completion is None:
@@ -55,12 +51,8 @@ class OllamaJsonSink(AsgiSink):
                 builder.add(event)
             completion = builder.build()
         timing = ollama.Timing(self._started, None, time.perf_counter())
-        await self._body(
-            ollama.render_completion(completion, model=self._model, generate=self._generate, timing=timing)
-        )
-
-    async def finish(self) -> None:
-        await self._end()
+        body = ollama.render_completion(completion, model=self._model, generate=self._generate, timing=timing)
+        await self._json(body, _JSON.encode())
 
 
 def _not_found(model: str) -> GatewayError:

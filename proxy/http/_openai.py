@@ -7,7 +7,7 @@ from quart import Blueprint, Response
 from proxy.dialects import openai
 from proxy.domain.errors import GatewayError
 from proxy.http._context import gateway, request_body, request_meta
-from proxy.http._exchange import JSON_HEADERS, SSE_HEADERS, AsgiSink, ExchangeBody, Headers
+from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.infra.backends import Batch
 
 blueprint = Blueprint("openai", __name__)
@@ -76,25 +76,18 @@ class OpenAIStreamSink(AsgiSink):
         await self._end(b"" if self._ended else self._renderer.close())
 
 
-class OpenAIJsonSink(AsgiSink):
+class OpenAIJsonSink(JsonSink):
     async def fail(self, error: GatewayError) -> None:
         await self._error(error, openai.render_error(error))
-
-    async def start(self) -> None:
-        await self._start(200, JSON_HEADERS)
 
     async def write(self, batch: Batch) -> None:
         if batch.raw is not None:
             data = batch.raw
-        elif batch.completion is not None:
-            data = openai.render_completion(batch.completion)
         else:
-            return
+            assert batch.completion is not None  # the relay completes non-streaming batches
+            data = openai.render_completion(batch.completion)
         extras = _body_extras(self.extra_headers)
-        await self._body(data if extras is None else _add_to_object(data, extras))
-
-    async def finish(self) -> None:
-        await self._end()
+        await self._json(data if extras is None else _add_to_object(data, extras))
 
 
 @blueprint.post("/v1/chat/completions")
