@@ -21,7 +21,7 @@ from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
 from proxy.infra.postgres import open_database
-from proxy.services.journal import Outbox
+from proxy.services.journal import EventLog, EventPublisher, Journal, LogWriter, Outbox
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 
@@ -273,6 +273,31 @@ async def test_a_row_postgres_refuses_does_not_stall_the_outbox(aio_loop: object
             nursery.cancel_scope.cancel()
     assert outbox.pending_in_memory == 0
     assert await trio.to_thread.run_sync(rows, pg_database_url, "SELECT 1 FROM chat_log WHERE trace_id = 'refused'") == []
+
+
+async def test_a_trace_whose_events_workers_publish_is_logged_as_running_at_once(aio_loop: object, pg_database_url: str) -> None:
+    # Other instances tell a workflow trace by its row (to read its workers' events through
+    # the client's view): that row cannot wait for the running-row delay.
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        writer = LogWriter(store=lambda: store, outbox=Outbox(store=lambda: store, bus=lambda: None))
+        writer.START_DELAY = 3600.0
+        publisher = EventPublisher(bus=lambda: None)
+
+        def journal(trace_id: str, *, publish_events: bool) -> Journal:
+            row = LogRow(trace_id=trace_id, req_id="r", idempotency_key=None, route="workflow", dialect="openai",
+                         model="m", backend=None, upstream_model="m", stream=True, request={})
+            return Journal(row, EventLog(trace_id), writer=writer, publisher=publisher, publish_events=publish_events)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            journal("ours", publish_events=True).begin()
+            journal("workers", publish_events=False).begin()
+            await wait_for_row(pg_database_url, "workers", "running")
+            # Written in the same flush, had it been due.
+            assert await trio.to_thread.run_sync(rows, pg_database_url, "SELECT 1 FROM chat_log WHERE trace_id = 'ours'") == []
+            nursery.cancel_scope.cancel()
 
 
 async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:

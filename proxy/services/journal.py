@@ -121,7 +121,9 @@ class Journal:
             log.listeners.append(functools.partial(_enqueue, publisher, self._subject))
 
     def begin(self) -> None:
-        self._writer.start(self.row)
+        # A trace whose events others publish (a workflow's workers) is written at once:
+        # readers on other instances need its row to read those events as its client does.
+        self._writer.start(self.row, at_once=not self._publish_events)
 
     async def finish(self, outcome: Outcome, row: LogRow) -> None:
         """Commit the outcome, then publish `finished`. Shielded and bounded: it runs after a
@@ -207,10 +209,10 @@ class LogWriter:
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
 
-    def start(self, row: LogRow) -> None:
-        self._starts[row.trace_id] = (row, trio.current_time() + self.START_DELAY)
-        if len(self._starts) == 1:
-            self._wake.set()  # the writer may be sleeping without a timer
+    def start(self, row: LogRow, *, at_once: bool = False) -> None:
+        self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
+        if at_once or len(self._starts) == 1:
+            self._wake.set()  # the writer may be sleeping without a timer, or until a later one
 
     async def commit(self, row: LogRow) -> None:
         """Return once `row` is committed (or safely in the outbox)."""
