@@ -158,6 +158,15 @@ async def test_stream_resume_of_a_workflow_trace_is_the_clients_view(stack: Stac
     assert tail == whole[3:]
 
 
+async def test_a_nul_character_does_not_make_the_run_unwritable(stack: Stack) -> None:
+    stack.alpha.set_script(Script(tokens=["Red\u0000", " is warm."], usage=Usage(5, 2)))
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(model="colours", messages=MESSAGES)
+    assert reply.parse().choices[0].message.content == "Red\u0000 is warm."  # the client gets it as sent
+    row = await run_row(stack.db, reply.headers["x-trace-id"], status="completed")
+    assert row["content"] == "Red\ufffd is warm."  # PostgreSQL text cannot hold U+0000
+
+
 async def test_request_options_pick_the_rule_and_n_shows_every_model(stack: Stack) -> None:
     longest: Any = {"workflow": {"rule": "longest"}}
     with trio.fail_after(10):

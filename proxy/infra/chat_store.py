@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
-from proxy.infra.postgres import Database, Tx
+from proxy.infra.postgres import Database, Tx, json_text, plain_text
 
 Status = Literal["running", "completed", "failed", "cancelled"]
 
@@ -127,21 +125,11 @@ class Claim:
 
 
 def _json(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return _NUL_ESCAPE.sub(_REPLACEMENT_ESCAPE, text) if "\\u0000" in text else text
-
-
-# PostgreSQL's text and jsonb cannot hold U+0000, and one such character in a chat would
-# make its row unwritable (and stall the outbox behind it): it is stored as U+FFFD instead.
-# An escape is one preceded by an even number of backslashes (`\\u0000` is text).
-_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
-_REPLACEMENT_ESCAPE = r"\1\\ufffd"
+    return None if value is None else json_text(value)
 
 
 def _text(value: str | None) -> str | None:
-    return value.replace("\x00", "\ufffd") if value is not None and "\x00" in value else value
+    return None if value is None else plain_text(value)
 
 
 _COLUMNS = (

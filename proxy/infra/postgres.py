@@ -31,7 +31,9 @@ Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
@@ -107,6 +109,24 @@ def _translate(exc: Exception) -> DatabaseError:
         if sqlstate is not None and sqlstate.startswith("23"):
             return ConstraintViolation(message, sqlstate=sqlstate)
     return DatabaseError(message, sqlstate=sqlstate)
+
+
+# PostgreSQL's text and jsonb cannot hold U+0000: one such character from a client or a
+# backend would make its whole row unwritable. Text bound for them is passed through these,
+# which store U+FFFD instead. In JSON, an escape is one preceded by an even number of
+# backslashes (`\\u0000` is text, and stays).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def json_text(value: Any) -> str:
+    """`value` as JSON text PostgreSQL's jsonb accepts."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
+
+
+def plain_text(value: str) -> str:
+    """`value` as text PostgreSQL accepts."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 async def _hop(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:

@@ -7,7 +7,6 @@ stored outcome instead — which is what they then announce.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,7 @@ from proxy.dialects.events import Finished
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import GatewayError
 from proxy.infra.chat_store import completion_to_json
-from proxy.infra.postgres import Database
+from proxy.infra.postgres import Database, json_text, plain_text
 from proxy.workflow.job import Job, request_to_json
 
 
@@ -73,7 +72,7 @@ class RunStore:
         row = await self._db.fetchrow(
             _START,
             (job.trace_id, job.req_id, job.request_id, job.correlation_id, job.pipeline, attempt, worker,
-             _json(request_to_json(job.request)), job.submitted_at),
+             json_text(request_to_json(job.request)), job.submitted_at),
         )
         return None if row is not None else await self._stored(job.trace_id)
 
@@ -88,10 +87,10 @@ class RunStore:
         row = await self._db.fetchrow(
             _FINISH,
             (job.trace_id, job.req_id, job.request_id, job.correlation_id, job.pipeline, outcome.status, attempt,
-             worker, outcome.winner, outcome.reason, choice.content if choice else None,
-             _json(completion_to_json(completion)) if completion else None, _json(outcome.data),
-             _json(error) if error else None, usage.prompt_tokens if usage else None,
-             usage.completion_tokens if usage else None, _json(request_to_json(job.request)), job.submitted_at),
+             worker, outcome.winner, outcome.reason, plain_text(choice.content) if choice else None,
+             json_text(completion_to_json(completion)) if completion else None, json_text(outcome.data),
+             json_text(error) if error else None, usage.prompt_tokens if usage else None,
+             usage.completion_tokens if usage else None, json_text(request_to_json(job.request)), job.submitted_at),
         )
         if row is not None:
             return outcome.finished
@@ -105,6 +104,3 @@ class RunStore:
         status, reason, winner = row
         return Finished(reason or ("stop" if status == "completed" else status), status, winner)
 
-
-def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
