@@ -14,7 +14,7 @@ import trio
 from schemathesis import GenerationMode
 
 from proxy.config import Settings
-from proxy.http._openapi import OPERATIONS, served_operations
+from proxy.http._openapi import OPERATIONS, app_rules, served_operations
 from proxy.http.app import create_app
 from tests.fakes import Exchange, OpenAIBackend, Request, Script, Usage
 from tests.fakes.base import Call
@@ -32,7 +32,7 @@ SLOW = {"/v1/streams/{trace_id}": 1}
 
 def test_every_served_route_is_documented() -> None:
     app = create_app(Settings())
-    served = served_operations([(rule.rule, set(rule.methods or ())) for rule in app.url_map.iter_rules()])
+    served = served_operations(app_rules(app))
     undocumented = sorted(served - set(OPERATIONS))
     assert not undocumented, f"add these to proxy/http/_openapi.py OPERATIONS: {undocumented}"
 
@@ -113,7 +113,7 @@ async def test_the_document_is_served_without_a_key_and_lists_only_served_routes
             assert answer.status_code == 200
             document = answer.json()
             app = create_app(Settings())
-            served = served_operations([(rule.rule, set(rule.methods or ())) for rule in app.url_map.iter_rules()])
+            served = served_operations(app_rules(app))
             listed = {(path, method) for path, methods in document["paths"].items() for method in methods}
             assert listed == served
             assert document["paths"]["/health"]["get"]["security"] == []

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
-from quart import request as http_request
 
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import CompletionBuilder
-from proxy.http._context import gateway, request_body, request_meta
+from proxy.http._context import gateway, request_body, request_head
 from proxy.http._errors import register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -24,9 +23,12 @@ from proxy.http._exchange import (
     JsonSink,
     RenderedStreamSink,
 )
+from proxy.http._front import FrontDoor, Incoming
+from proxy.http._head import RequestHead, request_meta
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
 
+exchanges = FrontDoor()
 blueprint = Blueprint("anthropic", __name__)
 
 # Every error on these paths (ours, werkzeug's 404/405/413, unexpected 500s) in Anthropic's shape.
@@ -56,33 +58,34 @@ def _headers(request_id: str) -> Headers:
     return [(b"request-id", value), (b"x-request-id", value)]
 
 
-def _parse(body: bytes, *, count_only: bool = False) -> ChatRequest:
+def _parse(body: bytes, head: RequestHead, *, count_only: bool = False) -> ChatRequest:
     parsed = anthropic.parse_messages_request(body, count_only=count_only)
-    beta = http_request.headers.get("anthropic-beta")
+    beta = head.header("anthropic-beta")
     if beta:
         parsed.extra[anthropic.BETA_EXTRA] = beta
     return parsed
 
 
-@blueprint.post("/v1/messages")
-async def messages() -> Response:
-    request = _parse(await request_body())
-    meta = request_meta()
-    exchange = gateway().chat.exchange(request, meta, relay_openai=False)
+@exchanges.route("/v1/messages")
+async def messages(incoming: Incoming) -> ExchangeBody:
+    request = _parse(incoming.body, incoming.head)
+    meta = request_meta(incoming.head)
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     headers = _headers(meta.request_id)
     model = request.model
     if request.stream:
-        return Response(ExchangeBody(exchange, lambda send: RenderedStreamSink(
+        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS,
             render_error=anthropic.render_error,
-        )))
-    return Response(ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model)))
+        ))
+    return ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model))
 
 
 @blueprint.post("/v1/messages/count_tokens")
 async def messages_count_tokens() -> Response:
-    request = _parse(await request_body(), count_only=True)
-    meta = request_meta()
+    head = request_head()
+    request = _parse(await request_body(), head, count_only=True)
+    meta = request_meta(head)
     gw = gateway()
     route = gw.router.resolve(request.model)
     count = await count_tokens(gw.backends[route.backend], request, route.upstream_model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
@@ -33,12 +34,40 @@ def dialect_of_path(path: str) -> str:
     return "openai"
 
 
-def error_response(error: GatewayError, dialect: str | None = None) -> Response:
-    render, content_type = _RENDERERS[dialect or dialect_of_path(request.path)]
-    response = Response(render(error), status=error.status, content_type=content_type)
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response known in full, framework-free: what the guard refuses with, and what the
+    exchange front door sends whole."""
+
+    body: bytes
+    content_type: bytes = b"application/json"
+    status: int = 200
+    headers: Headers = field(default_factory=list)
+
+    def asgi_headers(self) -> Headers:
+        return [(b"content-type", self.content_type), (b"content-length", b"%d" % len(self.body)), *self.headers]
+
+
+def error_reply(error: GatewayError, dialect: str) -> Reply:
+    render, content_type = _RENDERERS[dialect]
+    reply = Reply(render(error), content_type.encode(), error.status)
     if error.retry_after is not None:
-        response.headers["retry-after"] = str(max(1, round(error.retry_after)))
+        reply.headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    return reply
+
+
+def response_of(reply: Reply) -> Response:
+    response = Response(reply.body, status=reply.status, content_type=reply.content_type.decode())
+    for name, value in reply.headers:
+        response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
     return response
+
+
+def error_response(error: GatewayError, dialect: str | None = None) -> Response:
+    return response_of(error_reply(error, dialect or dialect_of_path(request.path)))
 
 
 _HTTP_KINDS = {

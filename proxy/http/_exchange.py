@@ -1,23 +1,17 @@
-"""Running an exchange as the response: the status waits for the backend's first byte.
+"""Exchanges as responses: the status waits for the backend's first byte.
 
-Quart sends a response's status before it reads the body. A gateway cannot know its status
-until the backend answers (a 404, a 503 or a timeout must reach the client as such), so an
-exchange travels as an `ExchangeBody` and `GatewayConnection` hands it the raw ASGI `send`:
-the exchange's sink sends the status itself once it knows it.
+A gateway cannot know its status until the backend answers (a 404, a 503 or a timeout must
+reach the client as such), so an exchange's response is a `DirectBody` that the front door
+(`_front`) hands the raw ASGI `send`: the exchange's sink sends the status itself once it
+knows it, then the body as the exchange produces it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from types import TracebackType
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
-from quart.asgi import ASGIHTTPConnection
-from quart.wrappers import Request
-from quart.wrappers.response import ResponseBody
-from quart_trio.asgi import TrioASGIHTTPConnection
+from hypercorn.typing import ASGISendCallable
 
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
@@ -27,24 +21,14 @@ from proxy.services.chat import ChatExchange, ExchangeSink
 Headers = list[tuple[bytes, bytes]]
 
 
-class DirectBody(ResponseBody):
-    """A body that writes its own response (status included) to the raw ASGI `send`."""
+class DirectBody:
+    """A response that writes itself (status included) to the raw ASGI `send`."""
 
     async def run(self, send: ASGISendCallable) -> None:
         raise NotImplementedError
 
     def hang_up(self) -> None:
         """The client disconnected mid-response (the request is being cancelled too)."""
-
-    # Quart's generic body protocol; never used for direct bodies (see GatewayConnection).
-    async def __aenter__(self) -> DirectBody:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        return None
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return _empty()
 
 
 class ExchangeBody(DirectBody):
@@ -60,55 +44,6 @@ class ExchangeBody(DirectBody):
 
     def hang_up(self) -> None:
         self.exchange.hang_up()
-
-
-async def _empty() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover
-
-
-class GatewayConnection(TrioASGIHTTPConnection):
-    """Quart-trio's connection, with two changes for exchanges.
-
-    The exchange sends its own status (see the module docstring); a client that hangs up
-    mid-response has the exchange's backend connections closed at once, before the request
-    is cancelled. And a client that hangs up *after* its response was complete no longer
-    cancels the request: hypercorn reports every finished response as a disconnect, and the
-    exchange may still be returning its backend connection to the pool or writing its log row.
-    """
-
-    _response_complete = False
-    _direct_body: DirectBody | None = None
-
-    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        # As quart-trio's, but the request is handled in this task: one task fewer per request.
-        request = self._create_request_from_scope(send)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.handle_messages, nursery, request, receive)
-            await self.handle_request(nursery, request, send)
-
-    async def handle_messages(self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable) -> None:  # type: ignore[override]
-        await ASGIHTTPConnection.handle_messages(self, request, receive)
-        if not self._response_complete:
-            if self._direct_body is not None:
-                self._direct_body.hang_up()
-            nursery.cancel_scope.cancel()
-
-    async def _send_response(self, send: ASGISendCallable, response: Any) -> None:
-        body = getattr(response, "response", None)
-        if not isinstance(body, DirectBody):
-            await super()._send_response(send, response)
-            return
-
-        self._direct_body = body
-
-        async def send_tracked(message: Any) -> None:
-            # Set before sending: hypercorn reports the disconnect from inside this send.
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._response_complete = True
-            await send(message)
-
-        await body.run(send_tracked)
 
 
 class AsgiSink:

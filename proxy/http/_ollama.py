@@ -16,13 +16,17 @@ from proxy.dialects._json import dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder
-from proxy.http._context import gateway, request_body, request_meta
-from proxy.http._errors import register_dialect_errors
+from proxy.gateway import Gateway
+from proxy.http._context import gateway, request_body
+from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
+from proxy.http._front import FrontDoor, Incoming
+from proxy.http._head import request_meta
 from proxy.infra.backends import Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.chat import ChatExchange
 
+exchanges = FrontDoor()
 blueprint = Blueprint("ollama", __name__)
 
 _JSON = "application/json; charset=utf-8"
@@ -61,10 +65,10 @@ def _not_found(model: str) -> GatewayError:
     )
 
 
-def _exchange(request: ChatRequest) -> tuple[ChatExchange, Headers]:
-    meta = request_meta()
+def _exchange(incoming: Incoming, request: ChatRequest) -> tuple[ChatExchange, Headers]:
+    meta = request_meta(incoming.head)
     try:
-        exchange = gateway().chat.exchange(request, meta, relay_openai=False)
+        exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     except GatewayError as error:
         if error.code == "model_not_found":
             raise _not_found(request.model) from None
@@ -72,15 +76,15 @@ def _exchange(request: ChatRequest) -> tuple[ChatExchange, Headers]:
     return exchange, [(b"x-request-id", meta.request_id.encode())]
 
 
-async def _answer(request: ChatRequest, *, generate: bool) -> Response:
+async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -> ExchangeBody | Reply:
     if not request.messages:
-        return _load(request, generate=generate)
-    exchange, headers = _exchange(request)
+        return _load(incoming.gateway, request, generate=generate)
+    exchange, headers = _exchange(incoming, request)
     backend = exchange.route.backend  # "" for routes without one (workflows)
     if generate and backend:
         # Chat backends have no fill-in-the-middle: answering as if there were no suffix
         # would be a confidently wrong completion.
-        kind = gateway().backends[backend].config.kind
+        kind = incoming.gateway.backends[backend].config.kind
         if kind != "ollama" and "suffix" in ollama.generate_only_fields(request):
             raise invalid_request(
                 f"`suffix` (fill-in-the-middle) needs an Ollama backend; model `{request.model}` "
@@ -90,40 +94,37 @@ async def _answer(request: ChatRequest, *, generate: bool) -> Response:
     started = exchange.meta.received
     if request.stream:
         renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started)
-        return Response(ExchangeBody(exchange, lambda send: RenderedStreamSink(
+        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, renderer, content_headers=NDJSON_HEADERS, render_error=ollama.render_error,
             error_content_type=_JSON.encode(),
-        )))
-    return Response(
-        ExchangeBody(
-            exchange,
-            lambda send: OllamaJsonSink(send, headers, model=request.model, generate=generate, started=started),
-        )
+        ))
+    return ExchangeBody(
+        exchange, lambda send: OllamaJsonSink(send, headers, model=request.model, generate=generate, started=started)
     )
 
 
-def _load(request: ChatRequest, *, generate: bool) -> Response:
+def _load(gw: Gateway, request: ChatRequest, *, generate: bool) -> Reply:
     """No prompt: Ollama would (un)load the model. The gateway loads nothing; it checks that the
     model is served and answers as Ollama does."""
     try:
-        gateway().router.resolve(request.model)
+        gw.router.resolve(request.model)
     except GatewayError as error:
         if error.code == "model_not_found":
             raise _not_found(request.model) from None
         raise
     keep_alive = request.extra.get("keep_alive")
     unload = keep_alive in (0, 0.0, "0", "0s")
-    return Response(ollama.load_reply(request.model, generate=generate, unload=unload), content_type=_JSON)
+    return Reply(ollama.load_reply(request.model, generate=generate, unload=unload), _JSON.encode())
 
 
-@blueprint.post("/api/chat")
-async def chat() -> Response:
-    return await _answer(ollama.parse_chat_request(await request_body()), generate=False)
+@exchanges.route("/api/chat")
+async def chat(incoming: Incoming) -> ExchangeBody | Reply:
+    return await _answer(incoming, ollama.parse_chat_request(incoming.body), generate=False)
 
 
-@blueprint.post("/api/generate")
-async def generate() -> Response:
-    return await _answer(ollama.parse_generate_request(await request_body()), generate=True)
+@exchanges.route("/api/generate")
+async def generate(incoming: Incoming) -> ExchangeBody | Reply:
+    return await _answer(incoming, ollama.parse_generate_request(incoming.body), generate=True)
 
 
 @blueprint.get("/api/tags")

@@ -6,10 +6,13 @@ from quart import Blueprint, Response
 
 from proxy.dialects import openai
 from proxy.domain.errors import GatewayError
-from proxy.http._context import gateway, request_body, request_meta
+from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
+from proxy.http._front import FrontDoor, Incoming
+from proxy.http._head import request_meta
 from proxy.infra.backends import Batch
 
+exchanges = FrontDoor()
 blueprint = Blueprint("openai", __name__)
 
 # The RAG route's sources (a response header) also travel in the body, as `rag_sources`: a
@@ -90,16 +93,16 @@ class OpenAIJsonSink(JsonSink):
         await self._json(data if extras is None else _add_to_object(data, extras))
 
 
-@blueprint.post("/v1/chat/completions")
-async def chat_completions() -> Response:
-    request = openai.parse_chat_request(await request_body())
-    meta = request_meta()
-    exchange = gateway().chat.exchange(request, meta, relay_openai=True)
+@exchanges.route("/v1/chat/completions")
+async def chat_completions(incoming: Incoming) -> ExchangeBody:
+    request = openai.parse_chat_request(incoming.body)
+    meta = request_meta(incoming.head)
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if request.stream:
         include_usage = request.include_usage
-        return Response(ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage)))
-    return Response(ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers)))
+        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage))
+    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
 
 
 @blueprint.get("/v1/models")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, cast
 
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Quart, Response, current_app
 
 from proxy import __version__
-from proxy.http._context import gateway
+from proxy.http._context import GatewayApp, gateway
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -539,8 +539,11 @@ def build_document(rules: list[tuple[str, set[str]]], public_paths: set[str]) ->
     }
 
 
-def app_rules() -> list[tuple[str, set[str]]]:
-    return [(rule.rule, set(rule.methods or ())) for rule in current_app.url_map.iter_rules()]
+def app_rules(app: Quart | None = None) -> list[tuple[str, set[str]]]:
+    """Every route the app serves: Quart's, and the exchange front door's."""
+    app = app or current_app
+    rules = [(rule.rule, set(rule.methods or ())) for rule in app.url_map.iter_rules()]
+    return rules + cast(GatewayApp, app).front.rules()
 
 
 @blueprint.get("/openapi.json")

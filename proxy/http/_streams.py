@@ -9,19 +9,20 @@ any gateway instance sharing the same NATS and PostgreSQL.
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs
 
 import trio
 from hypercorn.typing import ASGISendCallable
-from quart import Blueprint, Response, request
 
 from proxy.dialects import openai
 from proxy.dialects.events import WireEvent, encode_event
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.http._context import gateway, request_meta
 from proxy.http._exchange import DirectBody
+from proxy.http._front import FrontDoor, Incoming
+from proxy.http._head import current_tenant
 from proxy.services.persistence import Persistence, trace_events
 
-blueprint = Blueprint("streams", __name__)
+exchanges = FrontDoor()
 
 
 class _EventsBody(DirectBody):
@@ -74,14 +75,13 @@ async def _head(send: ASGISendCallable, status: int, content_type: bytes) -> Non
     })
 
 
-@blueprint.get("/v1/streams/<trace_id>")
-async def stream_events(trace_id: str) -> Response:
-    persistence = gateway().persistence
+@exchanges.route("/v1/streams/<trace_id>", method="GET")
+async def stream_events(incoming: Incoming) -> DirectBody:
+    persistence = incoming.gateway.persistence
     if persistence is None:
         raise GatewayError(ErrorKind.NOT_FOUND, "Stream resume needs NATS or PostgreSQL; this gateway has neither.")
-    raw_after = request.args.get("after") or request.headers.get("last-event-id") or "0"
+    query = parse_qs(incoming.head.query.decode("latin-1"))
+    raw_after = (query.get("after") or [""])[0] or incoming.head.header("last-event-id") or "0"
     if not raw_after.isdigit():
         raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
-    response = Response(_EventsBody(persistence, trace_id, int(raw_after), request_meta().tenant))
-    response.timeout = None
-    return response
+    return _EventsBody(persistence, incoming.params["trace_id"], int(raw_after), current_tenant())

@@ -4,22 +4,40 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+
 from proxy.config import Settings
 from proxy.gateway import open_gateway
-from proxy.http import _anthropic, _embeddings, _health, _ollama, _openai, _streams, _workspaces
+from proxy.http import (
+    _anthropic,
+    _embeddings,
+    _front,
+    _health,
+    _ollama,
+    _openai,
+    _streams,
+    _workspaces,
+)
 from proxy.http._auth import install_auth
 from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
-from proxy.http._exchange import GatewayConnection
 from proxy.http._openapi import blueprint as openapi_blueprint
 
 
 class _App(GatewayApp):
-    asgi_http_class = GatewayConnection
+    async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            matched = self.front.match(scope["path"])
+            if matched is not None:
+                route, params = matched
+                await _front.serve(self.gateway, route, params, scope, receive, send)
+                return
+        await super().asgi_app(scope, receive, send)
 
 
 def create_app(settings: Settings) -> GatewayApp:
     app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
+    app.front = _front.FrontDoor()
     # Streams may run for many minutes; Quart's 60 s default would cut them silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -29,10 +47,11 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_health.blueprint)
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
-    app.register_blueprint(_streams.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(openapi_blueprint)
+    for surface in (_openai, _ollama, _anthropic, _streams):
+        app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)
     resources = AsyncExitStack()

@@ -1,0 +1,209 @@
+"""The exchange front door: routes whose response is an exchange, served straight on ASGI.
+
+A chat's status waits for its backend, its body is a stream the exchange writes itself, and
+a client that hangs up must have its backend hung up at once: Quart's request/response cycle
+only gets in the way there, and costs about a fifth of a chat's CPU (building werkzeug's
+request, URL matching, hooks, the response object). So the routes registered here are
+matched before Quart sees the request; every other route is Quart's. Both kinds share the
+guard (`_auth.admit`), the header view (`_head`) and the errors in the path's dialect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
+
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.gateway import Gateway
+from proxy.http._auth import admit, granted_headers, stamp_exchange
+from proxy.http._errors import Reply, dialect_of_path, error_reply
+from proxy.http._exchange import DirectBody, ExchangeBody
+from proxy.http._head import RequestHead
+
+log = logging.getLogger("llm_proxy.http")
+
+# As Quart's BODY_TIMEOUT was: a client trickling its body must not hold a request forever.
+BODY_TIMEOUT = 120.0
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A request the front door accepted: its head, its whole body, its path parameters."""
+
+    gateway: Gateway
+    head: RequestHead
+    body: bytes
+    params: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Incoming], Awaitable[DirectBody | Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class FrontRoute:
+    rule: str  # Quart's syntax (`/v1/streams/<trace_id>`), for the OpenAPI document
+    method: str
+    handler: Handler
+
+
+class FrontDoor:
+    """Routes served without Quart: exact paths, or a prefix and one last segment. Each
+    surface module declares its own (as it does its blueprint); the app includes them."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, FrontRoute] = {}
+        self._prefixed: list[tuple[str, str, FrontRoute]] = []
+
+    def route(self, rule: str, *, method: str = "POST") -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            route = FrontRoute(rule, method, handler)
+            if rule.endswith(">"):
+                prefix, _, name = rule[:-1].rpartition("<")
+                self._prefixed.append((prefix, name, route))
+            else:
+                self._exact[rule] = route
+            return handler
+
+        return register
+
+    def include(self, other: FrontDoor) -> None:
+        self._exact.update(other._exact)
+        self._prefixed.extend(other._prefixed)
+
+    def match(self, path: str) -> tuple[FrontRoute, dict[str, str]] | None:
+        route = self._exact.get(path)
+        if route is not None:
+            return route, {}
+        for prefix, name, route in self._prefixed:
+            if path.startswith(prefix):
+                value = path[len(prefix) :]
+                if value and "/" not in value:
+                    return route, {name: value}
+        return None
+
+    def rules(self) -> list[tuple[str, set[str]]]:
+        routes = [*self._exact.values(), *(route for _, _, route in self._prefixed)]
+        return [(route.rule, {route.method}) for route in routes]
+
+
+async def serve(
+    gateway: Gateway,
+    route: FrontRoute,
+    params: dict[str, str],
+    scope: Mapping[str, Any],
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
+    """One request on a front-door route, from the guard to the last byte."""
+    head = RequestHead(scope)
+    dialect = dialect_of_path(head.path)
+    refusal = await admit(gateway, head)
+    if refusal is not None:
+        await send_reply(send, refusal)
+        return
+    try:
+        if head.method != route.method:
+            raise GatewayError(
+                ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
+            )
+        body = await _read_body(receive, head, gateway.settings.max_body_bytes)
+        if body is None:
+            return  # the client left before its request was whole
+        answer = await route.handler(Incoming(gateway, head, body, params))
+    except GatewayError as error:
+        reply = error_reply(error, dialect)
+        if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
+            reply.headers.append((b"allow", route.method.encode()))
+        await send_reply(send, reply)
+        return
+    except Exception:
+        log.exception("unhandled error on %s %s", head.method, head.path)
+        await send_reply(
+            send, error_reply(GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."), dialect)
+        )
+        return
+    if isinstance(answer, Reply):
+        answer.headers.extend(granted_headers())
+        await send_reply(send, answer)
+        return
+    if isinstance(answer, ExchangeBody):
+        stamp_exchange(answer.exchange)
+    await _respond(answer, receive, send)
+
+
+async def send_reply(send: ASGISendCallable, reply: Reply) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.asgi_headers()})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+def _too_large() -> GatewayError:
+    return GatewayError(ErrorKind.REQUEST_TOO_LARGE, "The request body is too large.", code="request_too_large")
+
+
+async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int) -> bytes | None:
+    """The whole body, or None if the client disconnected first; 413 past `limit`."""
+    declared = head.header("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large()
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(BODY_TIMEOUT) as waited:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = cast(bytes, message.get("body", b""))
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large()
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    if waited.cancelled_caught:
+        raise GatewayError(
+            ErrorKind.INVALID_REQUEST, f"The request body did not arrive within {BODY_TIMEOUT:g} s.", code="body_timeout"
+        )
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _TrackedSend:
+    """`send`, noting when the response's last byte has gone out."""
+
+    __slots__ = ("_send", "complete")
+
+    def __init__(self, send: ASGISendCallable) -> None:
+        self._send = send
+        self.complete = False
+
+    async def __call__(self, message: Any) -> None:
+        # Set before sending: hypercorn reports the disconnect from inside this send.
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+
+async def _respond(body: DirectBody, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """Run `body` as the response, beside a watcher for the client's disconnect."""
+    tracked = _TrackedSend(send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_disconnect, receive, body, tracked, nursery.cancel_scope)
+        await body.run(tracked)
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_disconnect(
+    receive: ASGIReceiveCallable, body: DirectBody, tracked: _TrackedSend, scope: trio.CancelScope
+) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    # Hypercorn reports every finished response as a disconnect: that one cancels nothing,
+    # since the exchange may still be returning its backend connection or writing its log.
+    if not tracked.complete:
+        body.hang_up()  # the backend connections close now, not once the cancellation unwinds
+        scope.cancel()

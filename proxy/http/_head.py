@@ -1,0 +1,74 @@
+"""A request's line and headers, read from its ASGI scope: what the guard and the route
+choice need, whichever layer serves the request (the exchange front door or Quart)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.services.auth import current_principal
+from proxy.services.chat import RequestMeta, new_trace_id
+
+
+class RequestHead:
+    __slots__ = ("_headers", "_size", "method", "path", "query")
+
+    def __init__(self, scope: Mapping[str, Any]) -> None:
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.query: bytes = scope.get("query_string", b"")
+        headers: dict[str, str] = {}
+        size = 0
+        for name, value in scope["headers"]:
+            size += len(name) + len(value) + 4
+            # The first of repeated headers counts, as with werkzeug's `Headers.get`.
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        self._headers = headers
+        self._size = size
+
+    def header(self, name: str) -> str | None:
+        """The header `name` (lower case), or None."""
+        return self._headers.get(name)
+
+    @property
+    def header_bytes(self) -> int:
+        """The size of the headers as sent, about: names, values and separators."""
+        return self._size
+
+
+def _clean_id(value: str | None) -> str | None:
+    if value and len(value) <= 200 and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def current_tenant() -> str | None:
+    """Who asks, for per-tenant caches and resume: the admitted key as `key-<id>`."""
+    principal = current_principal.get()
+    return None if principal is None else f"key-{principal.id}"
+
+
+def request_meta(head: RequestHead) -> RequestMeta:
+    """Ids and route choice from the request's headers.
+
+    `x-route: direct|rag|workflow` picks the route explicitly; `x-workspace: WS` implies RAG
+    and `x-pipeline: NAME` implies a workflow. `Idempotency-Key` names the request.
+    """
+    trace_id = new_trace_id()
+    header = head.header
+    workspace = header("x-workspace") or None
+    pipeline = header("x-pipeline") or None
+    route = (header("x-route") or "").strip().lower()
+    if not route:
+        route = "workflow" if pipeline else "rag" if workspace else "direct"
+    return RequestMeta(
+        trace_id=trace_id,
+        request_id=_clean_id(header("x-request-id")) or trace_id,
+        correlation_id=_clean_id(header("x-correlation-id")),
+        route=route,
+        workspace=workspace,
+        pipeline=pipeline,
+        idempotency_key=_clean_id(header("idempotency-key")),
+        tenant=current_tenant(),
+        cache=(header("x-cache") or "").strip().lower() or None,
+    )
