@@ -282,18 +282,12 @@ class ChatExchange:
                 producer = self._start_durable(plan)
             self.response_headers.extend(plan.headers)
             async with trio.open_nursery() as nursery:
+                send, receive = trio.open_memory_channel[Batch | GatewayError](0)
+                nursery.start_soon(self._feed, producer, send, self._hangup)
                 if journal is not None:
                     assert self._persistence is not None
                     self._persistence.runs.live[self.meta.trace_id] = journal.log  # for /v1/streams
                     journal.begin()
-                if self.request.stream:
-                    send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                    nursery.start_soon(self._feed, producer, send, self._hangup)
-                else:
-                    # One answer at the end: nothing to overlap with the client, so the
-                    # producer runs here, into a buffer, and spares a task and its hand-offs.
-                    send, receive = trio.open_memory_channel[Batch | GatewayError](math.inf)
-                    await self._feed(producer, send, self._hangup)
                 async with receive:
                     complete = await self._relay(receive, sink, journal.log if journal else None)
                 if not complete:
@@ -404,19 +398,14 @@ class ChatExchange:
     async def _feed(
         self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError], hangup: Hangup | None
     ) -> None:
-        # The producer's connections are the client's (whether it runs in its own task or
-        # in the exchange's), and only the producer's.
-        token = current_hangup.set(hangup)
-        try:
-            # BrokenResourceError: the reading side finished early; there is nobody left to tell.
-            with contextlib.suppress(trio.BrokenResourceError):
-                async with send:
-                    try:
-                        await producer(send)
-                    except GatewayError as error:
-                        await send.send(error)
-        finally:
-            current_hangup.reset(token)
+        current_hangup.set(hangup)  # this task's context only
+        # BrokenResourceError: the reading side finished early; there is nobody left to tell.
+        with contextlib.suppress(trio.BrokenResourceError):
+            async with send:
+                try:
+                    await producer(send)
+                except GatewayError as error:
+                    await send.send(error)
 
     async def call_backend(self, send: trio.MemorySendChannel[Batch], request: ChatRequest | None = None) -> None:
         """The direct route: this exchange's request (or `request`, e.g. with retrieved
