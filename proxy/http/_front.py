@@ -27,7 +27,7 @@ from proxy.http._head import RequestHead
 
 log = logging.getLogger("llm_proxy.http")
 
-# As Quart's BODY_TIMEOUT was: a client trickling its body must not hold a request forever.
+# A client trickling its body must not hold a request forever (Quart's routes get the same).
 BODY_TIMEOUT = 120.0
 
 

@@ -38,10 +38,10 @@ class _App(GatewayApp):
 def create_app(settings: Settings) -> GatewayApp:
     app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
     app.front = _front.FrontDoor()
-    # Streams may run for many minutes; Quart's 60 s default would cut them silently.
+    # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["BODY_TIMEOUT"] = 120
+    app.config["BODY_TIMEOUT"] = _front.BODY_TIMEOUT
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_blueprint(_openai.blueprint)
     app.register_blueprint(_health.blueprint)
