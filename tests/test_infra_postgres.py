@@ -86,6 +86,23 @@ async def test_transaction_commits_or_rolls_back(db: Database, table: str) -> No
     assert await db.fetch(f"SELECT id FROM {table}") == [(1,)]
 
 
+async def test_settings_hold_for_their_query_alone(db: Database) -> None:
+    default = await db.fetchval("SHOW work_mem")
+    rows = await db.fetch_with_settings(
+        {"work_mem": "7MB", "hnsw.ef_search": "123"},
+        "SELECT current_setting('work_mem'), current_setting('hnsw.ef_search'), %s::int",
+        (5,),
+    )
+    assert rows == [("7MB", "123", 5)]
+    assert default != "7MB"
+    # The pool may hand the same connection out next: nothing of the settings stays on it.
+    for _ in range(3):
+        assert await db.fetchval("SHOW work_mem") == default
+    with pytest.raises(DatabaseError):
+        await db.fetch_with_settings({"work_mem": "7MB"}, "SELECT no_such_column")
+    assert await db.fetchval("SELECT 1") == 1
+
+
 async def test_cancelled_query_is_cancelled_on_the_server(db: Database, pg_url: str) -> None:
     marker = f"cancel_me_{uuid.uuid4().hex[:8]}"
     start = trio.current_time()

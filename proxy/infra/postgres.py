@@ -212,6 +212,21 @@ class Database(_Queries):
                 if params:
                     await cur.executemany(sql, params)
 
+    async def fetch_with_settings(self, settings: Mapping[str, str], sql: str, params: Params = None) -> list[Row]:
+        """`sql`'s rows, run with `settings` (name -> value) in force for it alone: one
+        transaction with the settings made local to it, in one trio->asyncio hop, pipelined
+        (a round trip for BEGIN, the settings and the query, one for COMMIT)."""
+        rows: list[Row] = await _hop(self._aio_fetch_with_settings, settings, sql, params)
+        return rows
+
+    async def _aio_fetch_with_settings(self, settings: Mapping[str, str], sql: str, params: Params) -> list[Row]:
+        names = list(settings)
+        set_local = "SELECT " + ", ".join("set_config(%s, %s, true)" for _ in names)
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            await conn.execute(set_local, [item for name in names for item in (name, settings[name])])
+            cur = await conn.execute(sql, params)
+            return await cur.fetchall()
+
     async def ping(self) -> None:
         """Round-trip `SELECT 1`; raise DatabaseUnavailable if that fails or takes > 2 s."""
         with trio.move_on_after(_PING_TIMEOUT) as scope:

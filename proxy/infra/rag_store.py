@@ -275,15 +275,13 @@ class RagStore:
     ) -> tuple[list[int], list[int]]:
         """The workspace's chunk ids nearest to `vector` (HNSW, cosine) and best matching
         `query` (full text, any of its words), each best first, at most `limit` each."""
-        async with self._db.transaction() as tx:
-            # Iterative scans keep walking the HNSW graph until `limit` chunks of this
-            # workspace are found, however many other workspaces' chunks lie in between.
-            await tx.execute(
-                f"SET LOCAL hnsw.iterative_scan = relaxed_order; SET LOCAL hnsw.ef_search = {max(40, int(limit))}"
-            )
-            rows = await tx.fetch(_CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000],
-                                                    "lang": workspace.language, "n": limit,
-                                                    "max_rows": LEXICAL_MAX_ROWS})
+        # Iterative scans keep walking the HNSW graph until `limit` chunks of this
+        # workspace are found, however many other workspaces' chunks lie in between.
+        settings = {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": str(max(40, int(limit)))}
+        rows = await self._db.fetch_with_settings(
+            settings, _CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000], "lang": workspace.language,
+                                        "n": limit, "max_rows": LEXICAL_MAX_ROWS},
+        )
         dense = [int(r[1]) for r in rows if r[0] == "v"]
         lexical = [int(r[1]) for r in rows if r[0] == "t"]
         return dense, lexical
