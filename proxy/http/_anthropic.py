@@ -12,7 +12,6 @@ from quart import Blueprint, Response
 
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
-from proxy.domain.errors import GatewayError
 from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._errors import register_dialect_errors
@@ -36,12 +35,11 @@ register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
 
 
 class AnthropicJsonSink(JsonSink):
+    dialect = "anthropic"
+
     def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
         super().__init__(send, headers)
         self._model = model
-
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, anthropic.render_error(error))
 
     async def write(self, batch: Batch) -> None:
         completion = batch.completion
@@ -75,8 +73,7 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     model = request.model
     if request.stream:
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS,
-            render_error=anthropic.render_error,
+            send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS, dialect="anthropic",
         ))
     return ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model))
 

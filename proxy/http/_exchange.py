@@ -15,6 +15,7 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
+from proxy.http._errors import error_reply
 from proxy.infra.backends import Batch
 from proxy.services.chat import ChatExchange, ExchangeSink
 
@@ -49,6 +50,8 @@ class ExchangeBody(DirectBody):
 class AsgiSink:
     """Writes an exchange's response straight to ASGI; subclasses render their dialect."""
 
+    dialect = "openai"  # whose error shape `fail` answers in
+
     def __init__(self, send: ASGISendCallable, headers: Headers) -> None:
         self._send = send
         self._headers = headers
@@ -72,11 +75,10 @@ class AsgiSink:
         await self._start(status, [*headers, (b"content-length", b"%d" % len(body))])
         await self._end(body)
 
-    async def _error(self, error: GatewayError, body: bytes, content_type: bytes = b"application/json") -> None:
-        headers: Headers = [(b"content-type", content_type)]
-        if error.retry_after is not None:
-            headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
-        await self._whole(error.status, headers, body)
+    async def fail(self, error: GatewayError) -> None:
+        """The exchange failed before its first byte: the error in the sink's dialect."""
+        reply = error_reply(error, self.dialect)
+        await self._whole(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
 
 
 class JsonSink(AsgiSink):
@@ -110,17 +112,12 @@ class RenderedStreamSink(AsgiSink):
         renderer: StreamRenderer,
         *,
         content_headers: Headers,
-        render_error: Callable[[GatewayError], bytes],
-        error_content_type: bytes = b"application/json",
+        dialect: str,
     ) -> None:
         super().__init__(send, headers)
         self._renderer = renderer
         self._content_headers = content_headers
-        self._render_error = render_error
-        self._error_content_type = error_content_type
-
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, self._render_error(error), self._error_content_type)
+        self.dialect = dialect
 
     async def start(self) -> None:
         await self._start(200, self._content_headers)

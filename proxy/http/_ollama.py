@@ -38,14 +38,13 @@ register_dialect_errors("ollama", ("/api/",), ollama.render_error, _JSON)
 class OllamaJsonSink(JsonSink):
     """One JSON object (`"stream": false`), timed from the request's arrival."""
 
+    dialect = "ollama"
+
     def __init__(self, send: ASGISendCallable, headers: Headers, *, model: str, generate: bool, started: float) -> None:
         super().__init__(send, headers)
         self._model = model
         self._generate = generate
         self._started = started
-
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, ollama.render_error(error), _JSON.encode())
 
     async def write(self, batch: Batch) -> None:
         completion = batch.completion
@@ -95,8 +94,7 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     if request.stream:
         renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started)
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, renderer, content_headers=NDJSON_HEADERS, render_error=ollama.render_error,
-            error_content_type=_JSON.encode(),
+            send, headers, renderer, content_headers=NDJSON_HEADERS, dialect="ollama",
         ))
     return ExchangeBody(
         exchange, lambda send: OllamaJsonSink(send, headers, model=request.model, generate=generate, started=started)

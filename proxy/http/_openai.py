@@ -5,7 +5,6 @@ from __future__ import annotations
 from quart import Blueprint, Response
 
 from proxy.dialects import openai
-from proxy.domain.errors import GatewayError
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
@@ -54,9 +53,6 @@ class OpenAIStreamSink(AsgiSink):
         self._ended = False
         self._extras: bytes | None = None
 
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, openai.render_error(error))
-
     async def start(self) -> None:
         self._extras = _body_extras(self.extra_headers)
         await self._start(200, SSE_HEADERS)
@@ -80,9 +76,6 @@ class OpenAIStreamSink(AsgiSink):
 
 
 class OpenAIJsonSink(JsonSink):
-    async def fail(self, error: GatewayError) -> None:
-        await self._error(error, openai.render_error(error))
-
     async def write(self, batch: Batch) -> None:
         if batch.raw is not None:
             data = batch.raw
