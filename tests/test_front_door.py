@@ -96,3 +96,26 @@ async def test_a_client_leaving_mid_body_costs_no_backend_call_and_no_harm() -> 
             answer = await client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         assert answer.status_code == 200
     assert len(fake.requests) == 1
+
+
+async def test_an_unexpected_handler_error_is_a_500_in_the_dialect_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("secret internals")
+
+    from proxy.dialects import anthropic, ollama, openai
+
+    monkeypatch.setattr(openai, "parse_chat_request", broken)
+    monkeypatch.setattr(anthropic, "parse_messages_request", broken)
+    monkeypatch.setattr(ollama, "parse_chat_request", broken)
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for path, dialect in (("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic"), ("/api/chat", "ollama")):
+                answer = await client.post(path, json={"model": "m", "messages": []})
+                assert answer.status_code == 500, path
+                message = _error_message(dialect, answer)
+                assert "Internal gateway error" in message
+                assert "secret internals" not in answer.text and "Traceback" not in answer.text
+    assert fake.requests == []

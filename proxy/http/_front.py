@@ -101,7 +101,6 @@ async def serve(
 ) -> None:
     """One request on a front-door route, from the guard to the last byte."""
     head = RequestHead(scope)
-    dialect = dialect_of_path(head.path)
     refusal = await admit(gateway, head)
     if refusal is not None:
         await send_reply(send, refusal)
@@ -116,7 +115,7 @@ async def serve(
             return  # the client left before its request was whole
         answer = await route.handler(Incoming(gateway, head, body, params))
     except GatewayError as error:
-        reply = error_reply(error, dialect)
+        reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))
         await send_reply(send, reply)
@@ -124,7 +123,10 @@ async def serve(
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
         await send_reply(
-            send, error_reply(GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."), dialect)
+            send,
+            error_reply(
+                GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."), dialect_of_path(head.path)
+            ),
         )
         return
     if isinstance(answer, Reply):
