@@ -329,10 +329,13 @@ async def storm(
         counter = _SSECounter(tally)
         try:
             await conn.connect()
-            assert conn.sock is not None
-            await conn.sock.send(raw)
+            # Its own reference: the storm may close the connection (and drop `conn.sock`)
+            # while this stream has yet to start, as with a peer that queues new streams.
+            sock = conn.sock
+            assert sock is not None
+            await sock.send(raw)
             while True:
-                data = await conn.sock.recv(_RECV)
+                data = await sock.recv(_RECV)
                 if not data:
                     return
                 was = counter.frames
