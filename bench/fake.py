@@ -250,8 +250,11 @@ class FakeOpenAI:
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             data = b""
                         if not data:
-                            gone = True
-                            disconnects.append((time.monotonic(), model))
+                            # The writer may have seen the close first (and recorded it):
+                            # its cancellation reaches this task only at its next checkpoint.
+                            if not gone:
+                                gone = True
+                                disconnects.append((time.monotonic(), model))
                             nursery.cancel_scope.cancel()
                             return
                         buf.extend(data)
