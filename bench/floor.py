@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---:|---:|---:|---:|---:|---:|")
         for concurrency in (1, 16, 64):
             result = trio.run(
-                lambda c=concurrency: closed_loop(
-                    Endpoint(HOST, port), "instant", concurrency=c, stream=False,
+                partial(
+                    closed_loop, Endpoint(HOST, port), "instant", concurrency=concurrency, stream=False,
                     warmup=0.5, duration=args.seconds, clocks={"server": family.cpu},
                 )
             )

@@ -30,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ def percentile(values: Sequence[float], p: float) -> float:
 # -- 1. embeddings -----------------------------------------------------------------------------------
 
 
+def _embed_count(embedder: LocalEmbedder, inputs: list[str]) -> int:
+    return len(embedder.embed_sync(inputs).token_counts)
+
+
 def embedding_rates(seconds: float) -> list[str]:
     embedder = LocalEmbedder(intra_op_threads=1)
     started = time.perf_counter()
@@ -78,7 +83,7 @@ def embedding_rates(seconds: float) -> list[str]:
         for batch in (1, 32):
             inputs = texts[:batch]
             log(f"embeddings: {name}, batch {batch}")
-            wall, cpu = measure(lambda inputs=inputs: len(embedder.embed_sync(inputs).token_counts), seconds)
+            wall, cpu = measure(partial(_embed_count, embedder, inputs), seconds)
             rows.append(f"| {name} | {batch} | {wall:.1f} | {cpu:.1f} |")
 
     async def concurrent() -> tuple[float, float]:
@@ -119,7 +124,8 @@ def zipf_words(rng: np.random.Generator, words: list[str], count: int) -> list[s
 def cluster_centers() -> np.ndarray[Any, Any]:
     rng = np.random.default_rng(1234)
     centers = rng.standard_normal((CLUSTERS, 384)).astype(np.float32)
-    return centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    unit: np.ndarray[Any, Any] = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    return unit
 
 
 def clustered(rng: np.random.Generator, centers: np.ndarray[Any, Any], count: int) -> np.ndarray[Any, Any]:

@@ -123,16 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         Processes(Path(tmp), REPO) as procs,
     ):
         fake_url, targets = _start(procs, Path(tmp), args, server_core, load_core, both)
-        results = trio.run(_until_signal, targets, scenarios, args, fake_url)
+        results = Results(scenarios, [t.name for t in targets], [], {})
+        try:
+            trio.run(_until_signal, results, targets, args, fake_url)
+        except BaseException:
+            # What was measured before a failure (or Ctrl-C) is kept: a run takes minutes.
+            if results.rounds:
+                header = _header(argv, pinned, server_core, load_core, load_before, args)
+                _save(results, header, args.raw, suffix="-partial")
+            raise
 
     header = _header(argv, pinned, server_core, load_core, load_before, args)
-    # Saved before anything can go wrong in the report: a run takes minutes.
-    raw = args.raw or REPO / "bench" / "results" / time.strftime("%Y%m%dT%H%M%S.json")
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(dump(results, header))
-    print(f"every measure saved in {raw}", file=sys.stderr)
+    # Saved before anything can go wrong in the report.
+    _save(results, header, args.raw)
     print(markdown(results, header))
     return 0
+
+
+def _save(results: Results, header: list[str], raw: Path | None, *, suffix: str = "") -> None:
+    path = raw or REPO / "bench" / "results" / time.strftime(f"%Y%m%dT%H%M%S{suffix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump(results, header))
+    print(f"every measure saved in {path}", file=sys.stderr)
 
 
 def _start(
@@ -258,8 +270,8 @@ def _target(name: str, port: int, family: Family) -> Target:
 
 
 async def _until_signal(
-    targets: list[Target], scenarios: list[Scenario], args: argparse.Namespace, fake_url: str
-) -> Results:
+    results: Results, targets: list[Target], args: argparse.Namespace, fake_url: str
+) -> None:
     async with trio.open_nursery() as nursery:
 
         async def on_signal() -> None:
@@ -268,19 +280,17 @@ async def _until_signal(
                     raise KeyboardInterrupt
 
         nursery.start_soon(on_signal)
-        results = await _measure(targets, scenarios, args, fake_url)
+        await _measure(results, targets, args, fake_url)
         nursery.cancel_scope.cancel()
-    return results
 
 
-async def _measure(
-    targets: list[Target], scenarios: list[Scenario], args: argparse.Namespace, fake_url: str
-) -> Results:
-    results = Results(scenarios, [t.name for t in targets], [], {})
+async def _measure(results: Results, targets: list[Target], args: argparse.Namespace, fake_url: str) -> None:
+    """Every scenario against every target, round after round, then the storms, into
+    `results` as they are measured."""
     for number in range(1, args.rounds + 1):
         round_: Round = {}
         results.rounds.append(round_)
-        for scenario in scenarios:
+        for scenario in results.scenarios:
             for target in targets:
                 measure = await run_scenario(scenario, target, targets[0].family)
                 round_[(scenario.key, target.name)] = measure
@@ -315,7 +325,6 @@ async def _measure(
                 f"{max(run.delays, default=float('nan')) * 1000:.1f} ms  "
                 f"rss {[r // 2**20 for r in run.rss]} MiB  fds {run.fds}"
             )
-    return results
 
 
 def _progress(line: str) -> None:
