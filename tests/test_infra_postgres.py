@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from proxy.infra.keys_store import NOTIFY_CHANNEL, key_changes
 from proxy.infra.migrations import MigrationError, load_migrations, migrate
 from proxy.infra.postgres import (
     ConstraintViolation,
@@ -211,3 +212,32 @@ def test_misnamed_migration_file_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "2_oops.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"2_oops\.sql"):
         load_migrations(tmp_path)
+
+
+async def test_key_changes_wake_on_a_notification_and_notice_a_dropped_link(
+    aio_loop: trio_asyncio.TrioEventLoop, pg_database_url: str
+) -> None:
+    def run(sql: str) -> None:
+        with psycopg.connect(pg_database_url, autocommit=True) as conn:
+            conn.execute(sql)
+
+    async with key_changes(pg_database_url) as changes:
+        assert await changes.wait(0.2) is False  # quiet, and the link answers
+
+        async def notify_soon() -> None:
+            await trio.sleep(0.2)
+            await trio.to_thread.run_sync(run, f"NOTIFY {NOTIFY_CHANNEL}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(notify_soon)
+            with trio.fail_after(5):  # the wait allows 30 s: only the notification ends it sooner
+                assert await changes.wait(30.0) is True
+
+        # The server drops the listening connection: the wait says so at once.
+        await trio.to_thread.run_sync(
+            run,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        with trio.fail_after(5), pytest.raises(DatabaseUnavailable):
+            await changes.wait(30.0)

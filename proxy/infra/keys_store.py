@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "llm_proxy_api_keys"
 _CLOSE_TIMEOUT = 5.0
+# How long to read once the socket is readable (or the wait timed out): what arrived is
+# there at once; longer would only delay the health check.
+_READ_TIMEOUT = 0.1
 
 _COLUMNS = (
     "id, name, prefix, digest, models, workspaces, rpm, tpm, admin, created_at, expires_at, revoked_at"
@@ -248,18 +251,23 @@ class KeyChanges:
     async def wait(self, seconds: float) -> bool:
         """True once a key changed (notifications that arrive together count once); False
         after `seconds` without one. DatabaseUnavailable if the connection broke."""
+        # The socket is watched by trio, not by psycopg's wait, which wakes every 100 ms:
+        # ten wake-ups a second, through the asyncio bridge, on a channel quiet for hours.
+        with trio.move_on_after(seconds):
+            await trio.lowlevel.wait_readable(self._conn.fileno())
         try:
-            count: int = await aio_as_trio(self._aio_wait)(seconds)
+            count: int = await aio_as_trio(self._aio_read)()
         except (psycopg.Error, OSError) as exc:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
         return count > 0
 
-    async def _aio_wait(self, seconds: float) -> int:
+    async def _aio_read(self) -> int:
         count = 0
-        async for _ in self._conn.notifies(timeout=seconds, stop_after=1):
+        async for _ in self._conn.notifies(timeout=_READ_TIMEOUT, stop_after=1):
             count += 1
         if count == 0:
-            # A quiet channel says nothing about the link: ask the server.
+            # A quiet channel (or a message that was not a notification) says nothing about
+            # the link: ask the server.
             await self._conn.execute("SELECT 1")
         return count
 
