@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -21,7 +22,15 @@ from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
 from proxy.infra.postgres import open_database
-from proxy.services.journal import EventLog, EventPublisher, Journal, LogWriter, Outbox
+from proxy.services.journal import (
+    OUTBOX_SUBJECT,
+    EventLog,
+    EventPublisher,
+    Journal,
+    LogWriter,
+    Outbox,
+    ensure_streams,
+)
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 
@@ -273,6 +282,38 @@ async def test_a_row_postgres_refuses_does_not_stall_the_outbox(aio_loop: object
             nursery.cancel_scope.cancel()
     assert outbox.pending_in_memory == 0
     assert await trio.to_thread.run_sync(rows, pg_database_url, "SELECT 1 FROM chat_log WHERE trace_id = 'refused'") == []
+
+
+async def test_an_idle_outbox_does_not_poll_yet_sweeps_what_another_instance_left(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    async with open_database(pg_database_url) as db, open_bus(nats_url) as bus:
+        await migrate(db)
+        await ensure_streams(bus, events_retention=60)
+        store = ChatStore(db)
+        pulls = 0
+        pull = bus.pull
+
+        def counted_pull(*args: Any, **kwargs: Any) -> Any:
+            nonlocal pulls
+            pulls += 1
+            return pull(*args, **kwargs)
+
+        bus.pull = counted_pull  # type: ignore[method-assign]
+        outbox = Outbox(store=lambda: store, bus=lambda: bus)
+        outbox.SWEEP_SECONDS = 3.0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(outbox.run)
+            await trio.sleep(outbox.RETRY_SECONDS + 0.5)
+            assert pulls == 1  # the start-up drain found the queue empty, and nothing asked since
+
+            # A row another instance queued while its PostgreSQL was down, and then died.
+            trace_id = f"left-{uuid.uuid4().hex[:8]}"
+            left = LogRow(trace_id=trace_id, req_id="r", idempotency_key=None, route="direct", dialect="openai",
+                          model="m", backend="b", upstream_model="m", stream=False, request={}, status="completed")
+            await bus.publish(OUTBOX_SUBJECT, json.dumps(left.to_json()).encode(), msg_id=f"{trace_id}:completed")
+            await wait_for_row(pg_database_url, trace_id, "completed", within=outbox.SWEEP_SECONDS + 3)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_trace_whose_events_workers_publish_is_logged_as_running_at_once(aio_loop: object, pg_database_url: str) -> None:

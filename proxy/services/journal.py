@@ -266,7 +266,15 @@ class LogWriter:
 
 
 class Outbox:
-    """Log rows waiting for PostgreSQL. Nothing accepted is lost while either store is up."""
+    """Log rows waiting for PostgreSQL. Nothing accepted is lost while either store is up.
+
+    It drains when it has reason to: at start (rows left by an earlier run), after a `put`,
+    and every `RETRY_SECONDS` while rows are still waiting. Rows another instance left on
+    the shared NATS queue (it may have died) are swept every `SWEEP_SECONDS`; an idle
+    gateway makes no round trips in between."""
+
+    RETRY_SECONDS = 2.0
+    SWEEP_SECONDS = 30.0
 
     def __init__(self, *, store: StoreGetter, bus: BusGetter) -> None:
         self._store = store
@@ -274,12 +282,14 @@ class Outbox:
         self._memory: deque[LogRow] = deque()
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._pending = True  # until a drain has found the queue empty
 
     @property
     def pending_in_memory(self) -> int:
         return len(self._memory)
 
     async def put(self, row: LogRow) -> None:
+        self._pending = True
         bus = self._bus()
         if bus is not None:
             try:
@@ -308,16 +318,18 @@ class Outbox:
 
     async def _drain_forever(self) -> None:
         while True:
-            with trio.move_on_after(2.0):
+            with trio.move_on_after(self.RETRY_SECONDS if self._pending else self.SWEEP_SECONDS):
                 await self._wake.wait()
             self._wake = trio.Event()
             store = self._store()
             if store is None:
+                self._pending = True
                 continue
             try:
                 await self._drain_memory(store)
-                await self._drain_bus(store)
+                self._pending = not await self._drain_bus(store)
             except DatabaseError as error:
+                self._pending = True
                 log.warning("outbox drain paused: %s", error)
 
     async def _drain_memory(self, store: ChatStore) -> None:
@@ -325,16 +337,17 @@ class Outbox:
             await _write_or_refuse(store, self._memory[0])
             self._memory.popleft()
 
-    async def _drain_bus(self, store: ChatStore) -> None:
+    async def _drain_bus(self, store: ChatStore) -> bool:
+        """Write what the NATS queue holds; True once it was found empty."""
         bus = self._bus()
         if bus is None:
-            return
+            return True
         try:
             async with bus.pull(OUTBOX_STREAM, "outbox-writer", OUTBOX_SUBJECT, max_ack_pending=100, ack_wait=30) as consumer:
                 while True:
                     jobs = await consumer.fetch(50, timeout=0.5)
                     if not jobs:
-                        return
+                        return True
                     for job in jobs:
                         try:
                             row = LogRow.from_json(json.loads(job.data))
@@ -348,6 +361,7 @@ class Outbox:
                             await job.term()
         except BusError as error:
             log.warning("outbox on NATS not drained: %s", error)
+            return False
 
 
 async def _write_or_refuse(store: ChatStore, row: LogRow) -> bool:
