@@ -338,10 +338,11 @@ class Outbox:
             self._memory.popleft()
 
     async def _drain_bus(self, store: ChatStore) -> bool:
-        """Write what the NATS queue holds; True once it was found empty."""
+        """Write what the NATS queue holds; True once it was found empty (without NATS,
+        what it holds is unknown: rows queued before it went away wait for its return)."""
         bus = self._bus()
         if bus is None:
-            return True
+            return False
         try:
             async with bus.pull(OUTBOX_STREAM, "outbox-writer", OUTBOX_SUBJECT, max_ack_pending=100, ack_wait=30) as consumer:
                 while True:
