@@ -292,20 +292,24 @@ async def test_an_idle_outbox_does_not_poll_yet_sweeps_what_another_instance_lef
         await ensure_streams(bus, events_retention=60)
         store = ChatStore(db)
         pulls = 0
+        pulled = trio.Event()
         pull = bus.pull
 
         def counted_pull(*args: Any, **kwargs: Any) -> Any:
             nonlocal pulls
             pulls += 1
+            pulled.set()
             return pull(*args, **kwargs)
 
         bus.pull = counted_pull  # type: ignore[method-assign]
         outbox = Outbox(store=lambda: store, bus=lambda: bus)
-        outbox.SWEEP_SECONDS = 3.0
+        outbox.SWEEP_SECONDS = 5.0
         async with trio.open_nursery() as nursery:
             await nursery.start(outbox.run)
-            await trio.sleep(outbox.RETRY_SECONDS + 0.5)
-            assert pulls == 1  # the start-up drain found the queue empty, and nothing asked since
+            with trio.fail_after(outbox.RETRY_SECONDS + 5):
+                await pulled.wait()  # the start-up drain
+            await trio.sleep(outbox.RETRY_SECONDS + 1.0)
+            assert pulls == 1  # it found the queue empty, and nothing asked since
 
             # A row another instance queued while its PostgreSQL was down, and then died.
             trace_id = f"left-{uuid.uuid4().hex[:8]}"
