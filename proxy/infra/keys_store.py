@@ -251,11 +251,11 @@ class KeyChanges:
     async def wait(self, seconds: float) -> bool:
         """True once a key changed (notifications that arrive together count once); False
         after `seconds` without one. DatabaseUnavailable if the connection broke."""
-        # The socket is watched by trio, not by psycopg's wait, which wakes every 100 ms:
-        # ten wake-ups a second, through the asyncio bridge, on a channel quiet for hours.
-        with trio.move_on_after(seconds):
-            await trio.lowlevel.wait_readable(self._conn.fileno())
         try:
+            # The socket is watched by trio, not by psycopg's wait, which wakes every 100 ms:
+            # ten wake-ups a second, through the asyncio bridge, on a channel quiet for hours.
+            with trio.move_on_after(seconds):
+                await trio.lowlevel.wait_readable(self._conn.fileno())  # a closed one raises
             count: int = await aio_as_trio(self._aio_read)()
         except (psycopg.Error, OSError) as exc:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
