@@ -245,7 +245,10 @@ class StreamRenderer:
                     self._reason = event.reason
                     out.append(self._flush_calls())
             elif isinstance(event, StreamFailed):
-                out.append(self._flush_calls())
+                # Calls not yet finished are cut short: sent whole, a client would run one
+                # with truncated arguments. Ollama only ever sends finished calls.
+                self._calls.clear()
+                self._call_heads.clear()
                 out.append(dumps({"error": event.error.message}) + b"\n")
                 self.done = True
         return b"".join(out)
