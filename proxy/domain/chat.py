@@ -138,6 +138,9 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    # Prompt tokens written to the prompt cache (Anthropic's cache_creation_input_tokens);
+    # like cached_tokens (the part read from it), counted inside prompt_tokens.
+    cache_write_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
