@@ -207,6 +207,33 @@ async def test_tool_round_trip_reaches_each_backend_in_its_own_shape(setup: Setu
     assert [m["role"] for m in ollama_messages] == ["system", "user", "assistant", "tool", "user"]
 
 
+# -- usage -------------------------------------------------------------------------------------------------
+
+
+async def test_prompt_cache_counts_are_relayed_as_the_anthropic_backend_reported_them(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes import anthropic_backend as fake_module
+
+    def cached_usage(self: Any, *, output_tokens: int) -> dict[str, Any]:
+        return {"input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 50, "output_tokens": output_tokens}
+
+    monkeypatch.setattr(fake_module._MessageRendering, "_usage", cached_usage)
+    setup.fake("anthropic").set_script(Script(tokens=["a", "b"], usage=Usage(10, 2)))
+    message = await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=50, messages=MESSAGES)
+    async with setup.client.messages.stream(model=MODELS["anthropic"], max_tokens=50, messages=MESSAGES) as stream:
+        streamed = await stream.get_final_message()
+    for usage in (message.usage, streamed.usage):
+        assert (usage.input_tokens, usage.cache_creation_input_tokens, usage.cache_read_input_tokens, usage.output_tokens) == (
+            10, 100, 50, 2,
+        )
+    # OpenAI clients count every prompt token, cache reads and writes included.
+    async with openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="k", max_retries=0) as client:
+        completion = await client.chat.completions.create(model=MODELS["anthropic"], messages=MESSAGES)
+    assert completion.usage is not None and completion.usage.prompt_tokens == 160
+    assert completion.usage.prompt_tokens_details is not None and completion.usage.prompt_tokens_details.cached_tokens == 50
+
+
 # -- stop reasons ------------------------------------------------------------------------------------------
 
 

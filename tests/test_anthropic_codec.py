@@ -423,6 +423,17 @@ def test_input_tokens_unknown_at_start_come_in_message_delta() -> None:
     assert delta["usage"] == {"output_tokens": 7, "input_tokens": 20, "cache_read_input_tokens": 100}
 
 
+def test_cache_reads_and_writes_are_counted_apart_from_input_tokens() -> None:
+    usage = Usage(160, 2, cached_tokens=50, cache_write_tokens=100)
+    renderer = anthropic.StreamRenderer()
+    early = renderer.render([StreamStart("msg_1", "m", 0), UsageReport(usage), TextDelta("x")]) + renderer.close()
+    expected = {"input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 50}
+    assert {k: dict(sse_frames(early))["message_start"]["message"]["usage"][k] for k in expected} == expected
+    renderer = anthropic.StreamRenderer()
+    late = renderer.render([StreamStart("msg_1", "m", 0), TextDelta("x")]) + renderer.render([UsageReport(usage)]) + renderer.close()
+    assert dict(sse_frames(late))["message_delta"]["usage"] == {"output_tokens": 2, **expected}
+
+
 @pytest.mark.parametrize(
     ("finish", "stop_reason", "stop_sequence"),
     [
@@ -564,7 +575,7 @@ def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject
         events.extend(output.events)
         done = output.done
     assert done
-    input_usage = Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=10)
+    input_usage = Usage(prompt_tokens=40, completion_tokens=1, cached_tokens=10, cache_write_tokens=5)
     assert events == [
         StreamStart("msg_01", "claude-up", 1700000000),
         UsageReport(input_usage),
@@ -578,7 +589,7 @@ def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject
         ToolCallDelta(1, "{}"),
         Finish(FinishReason.TOOL_CALLS),
         # Input counts from message_start merged with message_delta's cumulative output (§3e #28).
-        UsageReport(Usage(prompt_tokens=40, completion_tokens=42, cached_tokens=10)),
+        UsageReport(Usage(prompt_tokens=40, completion_tokens=42, cached_tokens=10, cache_write_tokens=5)),
     ]
 
 
@@ -637,7 +648,7 @@ def test_backend_message_and_rendered_message() -> None:
             {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
         ],
         "stop_reason": "stop_sequence", "stop_sequence": "END",
-        "usage": {"input_tokens": 5, "cache_read_input_tokens": 3, "output_tokens": 9},
+        "usage": {"input_tokens": 5, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 3, "output_tokens": 9},
     }
     events = anthropic.message_events(backend_message, created=7)
     builder = CompletionBuilder()
@@ -645,7 +656,7 @@ def test_backend_message_and_rendered_message() -> None:
         builder.add(event)
     completion = builder.build()
     assert completion.choices[0].tool_calls == [ToolCall("toolu_1", "f", '{"a": 1}')]
-    assert completion.usage == Usage(8, 9, cached_tokens=3)
+    assert completion.usage == Usage(12, 9, cached_tokens=3, cache_write_tokens=4)
     rendered = json.loads(anthropic.render_message(completion, events))
     assert rendered == {
         "id": "msg_9", "type": "message", "role": "assistant", "model": "claude-up",
@@ -655,7 +666,7 @@ def test_backend_message_and_rendered_message() -> None:
             {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
         ],
         "stop_reason": "stop_sequence", "stop_sequence": "END",
-        "usage": {"input_tokens": 5, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3, "output_tokens": 9},
+        "usage": {"input_tokens": 5, "cache_creation_input_tokens": 4, "cache_read_input_tokens": 3, "output_tokens": 9},
     }
 
 

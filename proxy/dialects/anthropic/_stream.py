@@ -145,7 +145,7 @@ class StreamRenderer:
         delta_usage: dict[str, Any] = {"output_tokens": usage["output_tokens"]}
         announced = self._announced_usage or {}
         # Counts message_start could not know yet; Anthropic's SDK merges them in.
-        for key in ("input_tokens", "cache_read_input_tokens"):
+        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
             if usage[key] != announced.get(key):
                 delta_usage[key] = usage[key]
         if "output_tokens_details" in usage:

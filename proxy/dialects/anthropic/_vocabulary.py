@@ -75,16 +75,18 @@ def stop_reason_to_wire(finish: Finish | None) -> tuple[str, str | None]:
 
 # -- usage ----------------------------------------------------------------------------------
 # Anthropic counts cache reads and writes apart from `input_tokens`; the domain (OpenAI)
-# counts them inside `prompt_tokens`, with `cached_tokens` the part read from cache.
+# counts them inside `prompt_tokens`, with `cached_tokens` the part read from cache and
+# `cache_write_tokens` the part written to it.
 
 
 def usage_to_wire(usage: Usage | None) -> dict[str, Any]:
     if usage is None:
         return {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
     cached = usage.cached_tokens or 0
+    written = usage.cache_write_tokens or 0
     out: dict[str, Any] = {
-        "input_tokens": max(0, usage.prompt_tokens - cached),
-        "cache_creation_input_tokens": 0,
+        "input_tokens": max(0, usage.prompt_tokens - cached - written),
+        "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
         "output_tokens": usage.completion_tokens,
     }
@@ -128,6 +130,7 @@ class WireUsage:
             completion_tokens=self.output_tokens,
             cached_tokens=self.cache_read,
             reasoning_tokens=self.thinking_tokens,
+            cache_write_tokens=self.cache_creation or None,
         )
 
 
