@@ -65,6 +65,9 @@ class Message:
     tool_call_id: str | None = None
     name: str | None = None
     reasoning: str | None = None
+    # The message's fields in its request's dialect that the domain does not model (as
+    # `ChatRequest.extra` is for the top level); forwarded only to backends of that dialect.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -77,6 +80,7 @@ class Tool:
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,6 +99,7 @@ class ResponseFormat:
     schema: dict[str, Any] | None = None
     name: str | None = None
     strict: bool | None = None
+    description: str | None = None
 
 
 @dataclass(slots=True)
