@@ -73,7 +73,7 @@ def test_request_parses_params_tools_and_keeps_unknown_fields() -> None:
     assert request.params.max_tokens == 9 and request.params.stop == ("END",)
     assert request.include_usage is False  # explicit false is kept, not flattened to None
     assert request.tool_choice is not None and request.tool_choice.name == "f"
-    assert request.extra == {"repetition_penalty": 1.1}
+    assert request.extra == {"repetition_penalty": 1.1, "max_completion_tokens": 9}
     upstream = json.loads(openai.encode_chat_request(request, "qwen3-8b-awq", stream=True, include_usage=True))
     assert upstream["model"] == "qwen3-8b-awq"
     assert upstream["stream_options"] == {"include_usage": True}

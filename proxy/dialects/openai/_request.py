@@ -58,9 +58,16 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if options is not None and stream:
         include_usage = options.boolean("include_usage")
 
-    max_tokens = fields.integer("max_completion_tokens", minimum=1)
-    if max_tokens is None:
-        max_tokens = fields.integer("max_tokens", minimum=1)
+    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
+    max_tokens = fields.integer("max_tokens", minimum=1)
+    max_completion_tokens = fields.integer("max_completion_tokens", minimum=1)
+    if max_completion_tokens is not None:
+        # One limit, the newer name winning. The fields the client used stay in `extra`,
+        # to reach an OpenAI backend as sent: OpenAI's reasoning models refuse `max_tokens`.
+        extra["max_completion_tokens"] = max_completion_tokens
+        if max_tokens is not None:
+            extra["max_tokens"] = max_tokens
+        max_tokens = max_completion_tokens
     params = GenerationParams(
         max_tokens=max_tokens,
         temperature=fields.number("temperature", minimum=0, maximum=2),
@@ -83,7 +90,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         dialect=DIALECT,
-        extra={k: v for k, v in fields.data.items() if k not in _MODELLED},
+        extra=extra,
     )
 
 
@@ -236,8 +243,11 @@ def encode_chat_request(
     body["model"] = upstream_model
     body["messages"] = [render_message(message) for message in request.messages]
     params = request.params
+    # The client's `max_completion_tokens` (kept in `extra`) carries the limit; otherwise
+    # `max_tokens`, which every OpenAI-compatible server knows.
+    limit_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     for key, value in (
-        ("max_tokens", params.max_tokens),
+        (limit_key, params.max_tokens),
         ("temperature", params.temperature),
         ("top_p", params.top_p),
         ("top_k", params.top_k),

@@ -1,0 +1,75 @@
+"""OpenAI client to OpenAI backend: what the client sent reaches the backend as sent, and what
+the backend answered reaches the client, repaired only where it does not conform."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.dialects import anthropic, ollama
+from proxy.dialects import openai as openai_codec
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
+
+
+@dataclass
+class Setup:
+    fake: OpenAIBackend
+    url: str
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    def sent(self) -> dict[str, Any]:
+        """The body the backend received last."""
+        body = self.fake.requests[-1].json
+        assert isinstance(body, dict)
+        return body
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            yield Setup(fake, url, client, http)
+        await client.close()
+
+
+# -- the token limit ---------------------------------------------------------------------------------
+
+
+async def test_max_completion_tokens_reaches_the_backend_under_its_own_name(setup: Setup) -> None:
+    # OpenAI's o-series and gpt-5 refuse `max_tokens`; a client using the new name must not
+    # have it renamed on the way.
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, max_completion_tokens=7)
+    sent = setup.sent()
+    assert sent["max_completion_tokens"] == 7 and "max_tokens" not in sent
+
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=5)
+    sent = setup.sent()
+    assert sent["max_tokens"] == 5 and "max_completion_tokens" not in sent
+
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=9, max_completion_tokens=7)
+    sent = setup.sent()
+    assert (sent["max_completion_tokens"], sent["max_tokens"]) == (7, 9)
+
+
+def test_other_dialects_limits_reach_an_openai_backend_as_max_tokens() -> None:
+    from_anthropic = anthropic.parse_messages_request(
+        json.dumps({"model": "m", "max_tokens": 11, "messages": MESSAGES}).encode()
+    )
+    from_ollama = ollama.parse_chat_request(
+        json.dumps({"model": "m", "messages": MESSAGES, "options": {"num_predict": 12}}).encode()
+    )
+    for request, limit in ((from_anthropic, 11), (from_ollama, 12)):
+        body = json.loads(openai_codec.encode_chat_request(request, "m", stream=False, include_usage=False))
+        assert body["max_tokens"] == limit and "max_completion_tokens" not in body
