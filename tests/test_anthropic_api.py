@@ -247,6 +247,15 @@ async def test_max_tokens_stop_reason(setup: Setup, kind: str) -> None:
     assert streamed.stop_reason == "max_tokens"
 
 
+@pytest.mark.parametrize("stop_reason", ["pause_turn", "refusal", "model_context_window_exceeded"])
+async def test_anthropic_backend_stop_reasons_reach_anthropic_clients_as_said(setup: Setup, stop_reason: str) -> None:
+    setup.fake("anthropic").set_script(Script(tokens=["a"], finish_reason=stop_reason))
+    message = await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=30, messages=MESSAGES)
+    async with setup.client.messages.stream(model=MODELS["anthropic"], max_tokens=30, messages=MESSAGES) as stream:
+        streamed = await stream.get_final_message()
+    assert (message.stop_reason, streamed.stop_reason) == (stop_reason, stop_reason)
+
+
 async def test_refusal_from_an_openai_content_filter(setup: Setup) -> None:
     setup.fake("openai").set_script(Script(tokens=["no"], finish_reason="content_filter"))
     message = await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES)
@@ -521,6 +530,8 @@ async def test_openai_client_gets_parallel_tool_calls_with_streamed_arguments(
         (Script(tokens=["a"], stop_sequence="###"), "stop"),
         (Script(n_tokens=10), "length"),
         (Script(tokens=["no"], finish_reason="content_filter"), "content_filter"),
+        (Script(tokens=["a"], finish_reason="pause_turn"), "stop"),
+        (Script(tokens=["a"], finish_reason="model_context_window_exceeded"), "length"),
     ],
 )
 async def test_openai_client_finish_reasons(

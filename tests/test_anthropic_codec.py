@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.dialects import anthropic
-from proxy.dialects.anthropic import SignedReasoningDelta, StopSequenceFinish
+from proxy.dialects.anthropic import SignedReasoningDelta, StopReasonFinish, StopSequenceFinish
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -442,6 +442,8 @@ def test_cache_reads_and_writes_are_counted_apart_from_input_tokens() -> None:
         (Finish(FinishReason.LENGTH), "max_tokens", None),
         (Finish(FinishReason.TOOL_CALLS), "tool_use", None),
         (Finish(FinishReason.CONTENT_FILTER), "refusal", None),
+        (StopReasonFinish(FinishReason.STOP, 0, "pause_turn"), "pause_turn", None),
+        (StopReasonFinish(FinishReason.LENGTH, 0, "model_context_window_exceeded"), "model_context_window_exceeded", None),
     ],
 )
 def test_stop_reasons(finish: Finish, stop_reason: str, stop_sequence: str | None) -> None:
@@ -601,8 +603,8 @@ def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject
         ("max_tokens", Finish(FinishReason.LENGTH)),
         ("tool_use", Finish(FinishReason.TOOL_CALLS)),
         ("refusal", Finish(FinishReason.CONTENT_FILTER)),
-        ("pause_turn", Finish(FinishReason.STOP)),
-        ("model_context_window_exceeded", Finish(FinishReason.LENGTH)),
+        ("pause_turn", StopReasonFinish(FinishReason.STOP, 0, "pause_turn")),
+        ("model_context_window_exceeded", StopReasonFinish(FinishReason.LENGTH, 0, "model_context_window_exceeded")),
         ("something_new", Finish(FinishReason.STOP)),
     ],
 )

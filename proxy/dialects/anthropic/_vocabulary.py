@@ -38,6 +38,14 @@ class StopSequenceFinish(Finish):
     stop_sequence: str = ""
 
 
+@dataclass(slots=True, frozen=True)
+class StopReasonFinish(Finish):
+    """A finish whose Anthropic `stop_reason` its domain reason does not give back
+    (`pause_turn` reads as a stop, `model_context_window_exceeded` as a length)."""
+
+    stop_reason: str = ""
+
+
 # -- stop reasons (peers-and-protocols §4.4) -----------------------------------------------
 
 _FROM_WIRE: dict[str, FinishReason] = {
@@ -49,6 +57,9 @@ _FROM_WIRE: dict[str, FinishReason] = {
     "tool_use": FinishReason.TOOL_CALLS,
     "refusal": FinishReason.CONTENT_FILTER,
 }
+# Known reasons the domain maps onto a coarser one; Anthropic clients get them back as said.
+# (Unknown ones stay `end_turn`: an older client could not tell what they mean.)
+_KEPT_AS_SAID = frozenset({"pause_turn", "model_context_window_exceeded"})
 _TO_WIRE: dict[FinishReason, str] = {
     FinishReason.STOP: "end_turn",
     FinishReason.LENGTH: "max_tokens",
@@ -61,13 +72,18 @@ def finish_from_wire(stop_reason: str, stop_sequence: Any = None) -> Finish:
     """The domain finish for an Anthropic `stop_reason` (unknown ones read as a stop)."""
     if stop_reason == "stop_sequence" and isinstance(stop_sequence, str):
         return StopSequenceFinish(FinishReason.STOP, 0, stop_sequence)
-    return Finish(_FROM_WIRE.get(stop_reason, FinishReason.STOP))
+    reason = _FROM_WIRE.get(stop_reason, FinishReason.STOP)
+    if stop_reason in _KEPT_AS_SAID:
+        return StopReasonFinish(reason, 0, stop_reason)
+    return Finish(reason)
 
 
 def stop_reason_to_wire(finish: Finish | None) -> tuple[str, str | None]:
     """`(stop_reason, stop_sequence)` for a domain finish; no finish reads as `end_turn`."""
     if isinstance(finish, StopSequenceFinish):
         return "stop_sequence", finish.stop_sequence
+    if isinstance(finish, StopReasonFinish):
+        return finish.stop_reason, None
     if finish is None:
         return "end_turn", None
     return _TO_WIRE[finish.reason], None
