@@ -118,6 +118,8 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     embeddings = EmbeddingService(settings.embeddings, router, backends, local_model)
     rag = RagService(settings.rag, lambda: resources.database, local_model)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
+    # The catalogue teaches the router the names backends list (see `_front.serve`).
+    catalog = CatalogWithLocalModels(embeddings, backends, router, settings.models_cache_seconds)
     try:
         yield Gateway(
             settings=settings,
@@ -125,9 +127,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             backends=backends,
             chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record), persistence=persistence, semantic_cache=semantic_cache,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router)}),
-            catalog=ScopedCatalog(
-                CatalogWithLocalModels(embeddings, backends, build_router(settings), settings.models_cache_seconds)
-            ),
+            catalog=ScopedCatalog(catalog),
             resources=resources,
             persistence=persistence,
             embeddings=embeddings,

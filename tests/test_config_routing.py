@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ollama
+import openai
 import pytest
 
 from proxy.config import ConfigError, load_settings
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
+from tests.fakes import OllamaBackend, OpenAIBackend
+from tests.harness import backend, running_gateway
 
 CONFIG = """
 bind = "127.0.0.1:9000"
@@ -103,3 +107,57 @@ def test_unroutable_model_is_not_found() -> None:
     with pytest.raises(GatewayError) as info:
         router.resolve("llama-3")
     assert info.value.status == 404 and info.value.param == "model"
+
+
+def test_a_name_and_its_latest_tag_are_one_model_spelled_as_configured() -> None:
+    router = Router(
+        [BackendRoute("ollama", models=("llama3.2", "mistral:latest")), BackendRoute("vllm", prefixes=("qwen",))],
+        {"chat": "llama3.2:latest"},
+    )
+    for asked, upstream in [("llama3.2", "llama3.2"), ("llama3.2:latest", "llama3.2"), ("mistral", "mistral:latest"),
+                            ("chat", "llama3.2")]:
+        route = router.resolve(asked)
+        assert (route.backend, route.upstream_model) == ("ollama", upstream)
+    with pytest.raises(GatewayError):
+        router.resolve("llama3.2:3b")  # another tag is another model
+
+
+def test_listed_names_route_after_configuration_and_before_the_default() -> None:
+    router = Router([
+        BackendRoute("vllm", prefixes=("qwen",), default=True),
+        BackendRoute("ollama", models=("llama3.2",)),
+    ])
+    assert router.resolve("mistral").backend == "vllm"  # cached as the default's ...
+    router.learn({"mistral:latest": "ollama", "qwen2.5:7b": "ollama", "llama3.2:latest": "vllm"})
+    route = router.resolve("mistral")  # ... until a listing says otherwise
+    assert (route.backend, route.upstream_model) == ("ollama", "mistral:latest")
+    assert router.resolve("qwen2.5:7b").backend == "vllm"  # a configured prefix wins
+    assert router.resolve("llama3.2").backend == "ollama"  # so does a configured name
+    assert router.backend_of("mistral") == "ollama"
+    router.learn({})
+    assert router.resolve("mistral").backend == "vllm"
+
+
+async def test_every_listed_model_can_be_used_even_before_anyone_listed_them() -> None:
+    ollama_fake = OllamaBackend(models=["mistral:latest", "llama3.2"])
+    openai_fake = OpenAIBackend()
+    async with ollama_fake.serve() as ol, openai_fake.serve() as oa, running_gateway(
+        backend("oa", oa.url, prefixes=("qwen",)), backend("ol", ol.url, kind="ollama", models=("llama3.2",))
+    ) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            # Nobody has listed models yet: the unknown name makes the gateway look.
+            answer = await client.chat(model="mistral", messages=[{"role": "user", "content": "hi"}])
+            assert answer.message.content
+            answer = await client.chat(model="llama3.2:latest", messages=[{"role": "user", "content": "hi"}])
+            assert answer.message.content
+            with pytest.raises(ollama.ResponseError) as info:
+                await client.chat(model="nothing-lists-this", messages=[{"role": "user", "content": "hi"}])
+            assert info.value.status_code == 404
+        chats = [r.model for r in ollama_fake.requests if r.path == "/api/chat"]
+        assert chats == ["mistral:latest", "llama3.2"]
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc:
+            listed = [m.id async for m in oc.models.list() if m.id.startswith(("mistral", "llama"))]
+            assert sorted(listed) == ["llama3.2", "llama3.2:latest", "mistral:latest"]
+            for model in listed:
+                reply = await oc.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+                assert reply.choices[0].message.content

@@ -113,7 +113,7 @@ async def serve(
         body = await _read_body(receive, head, gateway.settings.max_body_bytes)
         if body is None:
             return  # the client left before its request was whole
-        answer = await route.handler(Incoming(gateway, head, body, params))
+        answer = await _answer(route, Incoming(gateway, head, body, params))
     except GatewayError as error:
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
@@ -136,6 +136,19 @@ async def serve(
     if isinstance(answer, ExchangeBody):
         stamp_exchange(answer.exchange)
     await _respond(answer, receive, send)
+
+
+async def _answer(route: FrontRoute, incoming: Incoming) -> DirectBody | Reply:
+    try:
+        return await route.handler(incoming)
+    except GatewayError as error:
+        if error.code != "model_not_found":
+            raise
+    # A name no backend was known to list may be one a backend lists now: the catalogue
+    # (listed afresh unless its list is recent) teaches the router, and the request is
+    # tried once more. Only unknown models pay for this.
+    await incoming.gateway.catalog.models()
+    return await route.handler(incoming)
 
 
 async def send_reply(send: ASGISendCallable, reply: Reply) -> None:

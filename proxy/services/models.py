@@ -51,11 +51,16 @@ class ModelCatalog:
                 nursery.start_soon(one, name, backend)
 
         models: dict[str, ModelInfo] = {}
+        listed: dict[str, str] = {}
         for name, backend in self._backends.items():
             for info in found.get(name, []):
                 models.setdefault(info.id, info)
+                listed.setdefault(info.id, name)
             for model in backend.config.models:
                 models.setdefault(model, ModelInfo(id=model, backend=name, owned_by=name))
+        # What a backend lists, it serves: the router sends those names there (after the
+        # configured names and prefixes), so every model listed here can be used.
+        self._router.learn(listed)
         for alias, target in self._router.aliases.items():
             origin = models.get(target)
             backend_name = origin.backend if origin else self._route_of(alias)
@@ -65,7 +70,4 @@ class ModelCatalog:
         return list(models.values())
 
     def _route_of(self, model: str) -> str:
-        try:
-            return self._router.resolve(model).backend
-        except GatewayError:
-            return ""
+        return self._router.backend_of(model) or ""
