@@ -14,7 +14,7 @@ import pytest
 
 from proxy.dialects import anthropic, ollama
 from proxy.dialects import openai as openai_codec
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import OpenAIBackend
 from tests.harness import backend, running_gateway
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
@@ -73,3 +73,38 @@ def test_other_dialects_limits_reach_an_openai_backend_as_max_tokens() -> None:
     for request, limit in ((from_anthropic, 11), (from_ollama, 12)):
         body = json.loads(openai_codec.encode_chat_request(request, "m", stream=False, include_usage=False))
         assert body["max_tokens"] == limit and "max_completion_tokens" not in body
+
+
+# -- tools and structured output -----------------------------------------------------------------------
+
+
+async def test_strict_tools_and_schema_descriptions_arrive_as_sent(setup: Setup) -> None:
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather by city", "strict": True,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                       "additionalProperties": False},
+    }}
+    response_format = {"type": "json_schema", "json_schema": {
+        "name": "weather", "description": "A forecast", "strict": True,
+        "schema": {"type": "object", "properties": {"sky": {"type": "string"}}},
+    }}
+    await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=[tool], response_format=response_format  # type: ignore[list-item, arg-type]
+    )
+    sent = setup.sent()
+    assert sent["tools"] == [tool]
+    assert sent["response_format"] == response_format
+
+
+async def test_a_json_schema_format_without_a_schema_gets_none_invented(setup: Setup) -> None:
+    response = await setup.http.post("/v1/chat/completions", json={
+        "model": "m", "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+    })
+    assert response.status_code == 200
+    assert setup.sent()["response_format"] == {"type": "json_schema", "json_schema": {"name": "x"}}
+
+
+def test_an_ollama_schema_still_reaches_an_openai_backend_with_a_name() -> None:
+    request = ollama.parse_chat_request(json.dumps({"model": "m", "messages": MESSAGES, "format": {"type": "object"}}).encode())
+    body = json.loads(openai_codec.encode_chat_request(request, "m", stream=False, include_usage=False))
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}

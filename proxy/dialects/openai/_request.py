@@ -188,6 +188,7 @@ def _parse_tool(item: Any, path: str) -> Tool:
         name=name or "",
         description=function.text("description"),
         parameters=parameters.data if parameters else None,
+        strict=function.boolean("strict"),
     )
 
 
@@ -224,6 +225,7 @@ def _parse_response_format(fields: Fields | None) -> ResponseFormat | None:
             schema=schema.data if schema else None,
             name=spec.text("name"),
             strict=spec.boolean("strict"),
+            description=spec.text("description"),
         )
     raise fields.fail("type", '"text", "json_object" or "json_schema"')
 
@@ -260,8 +262,9 @@ def encode_chat_request(
             body[key] = value
     if params.stop:
         body["stop"] = list(params.stop)
+    same_dialect = request.dialect == DIALECT
     if params.response_format is not None:
-        body["response_format"] = _render_response_format(params.response_format)
+        body["response_format"] = _render_response_format(params.response_format, as_sent=same_dialect)
     if request.tools:
         body["tools"] = [_render_tool(tool) for tool in request.tools]
     if request.tool_choice is not None:
@@ -313,13 +316,23 @@ def _render_tool(tool: Tool) -> dict[str, Any]:
     if tool.description is not None:
         function["description"] = tool.description
     function["parameters"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    if tool.strict is not None:
+        function["strict"] = tool.strict
     return {"type": "function", "function": function}
 
 
-def _render_response_format(fmt: ResponseFormat) -> dict[str, Any]:
+def _render_response_format(fmt: ResponseFormat, *, as_sent: bool) -> dict[str, Any]:
+    """`as_sent`: an OpenAI client's format goes back as it came; one from another dialect
+    gets the `name` OpenAI requires."""
     if fmt.kind != "json_schema":
         return {"type": fmt.kind}
-    spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema or {}}
+    spec: dict[str, Any] = {}
+    if fmt.name is not None or not as_sent:
+        spec["name"] = fmt.name or "response"
+    if fmt.description is not None:
+        spec["description"] = fmt.description
+    if fmt.schema is not None:
+        spec["schema"] = fmt.schema
     if fmt.strict is not None:
         spec["strict"] = fmt.strict
     return {"type": "json_schema", "json_schema": spec}
