@@ -455,6 +455,39 @@ async def test_tags_show_version_and_root(setup: Setup) -> None:
         assert set(raw[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
 
 
+async def test_show_answers_for_every_model_chat_accepts(setup: Setup) -> None:
+    # Clients (the CLI, Continue) call show before chatting: a model served by prefix or by
+    # the default backend, unlisted, must be shown as well as chatted with.
+    for model in ("qwen3-8b", "claude-test", "gpt-4o:latest"):
+        shown = await setup.client.show(model)
+        assert shown.capabilities == ["completion", "tools"], model
+        assert shown.details is not None and shown.modified_at is not None
+        await setup.client.chat(model=model, messages=MESSAGES)
+    assert (await setup.client.show("qwen3-8b")).details.family == "qwen"  # type: ignore[union-attr]
+
+
+async def test_local_embedding_model_is_shown_as_one_and_refuses_chat(setup: Setup) -> None:
+    assert "all-minilm-l6-v2" in {m.model for m in (await setup.client.list()).models}
+    for name in ("all-minilm-l6-v2", "all-minilm"):
+        shown = await setup.client.show(name)
+        assert shown.capabilities == ["embedding"]
+        assert shown.modelinfo is not None and shown.modelinfo["bert.embedding_length"] == 384
+    async def streamed_chat() -> list[Any]:
+        return await collect(await setup.client.chat(model="all-minilm-l6-v2", messages=MESSAGES, stream=True))
+
+    for call, verb in (
+        (setup.client.chat(model="all-minilm-l6-v2", messages=MESSAGES), "chat"),
+        (streamed_chat(), "chat"),
+        (setup.client.generate(model="all-minilm", prompt="hi"), "generate"),
+        (setup.client.generate(model="all-minilm", prompt=""), "generate"),
+    ):
+        with pytest.raises(ollama.ResponseError) as info:
+            await call
+        assert info.value.status_code == 400
+        assert info.value.error == f'"{"all-minilm-l6-v2" if verb == "chat" else "all-minilm"}" does not support {verb}'
+    assert [r.path for r in setup.fake("openai").requests if r.method == "POST"] == []  # not routed to the default backend
+
+
 async def test_stream_and_json_content_types(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         streamed = await http.post("/api/chat", json={"model": "gpt", "messages": MESSAGES}, headers={"x-request-id": "r-1"})

@@ -24,6 +24,7 @@ from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.infra.backends import Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
+from proxy.services.auth import check_model
 from proxy.services.chat import ChatExchange
 
 exchanges = FrontDoor()
@@ -75,7 +76,19 @@ def _exchange(incoming: Incoming, request: ChatRequest) -> tuple[ChatExchange, H
     return exchange, [(b"x-request-id", meta.request_id.encode())]
 
 
+def _refuse_embedding_model(gw: Gateway, model: str, *, generate: bool) -> None:
+    """The in-process embedding model cannot chat: Ollama's 400 for a model without the
+    `completion` capability (rather than routing the name to some backend)."""
+    if gw.embeddings is not None and gw.embeddings.is_local(model):
+        raise invalid_request(
+            f"{dumps(model).decode()} does not support {'generate' if generate else 'chat'}",
+            param="model",
+            code="model_not_supported",
+        )
+
+
 async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -> ExchangeBody | Reply:
+    _refuse_embedding_model(incoming.gateway, request.model, generate=generate)
     if not request.messages:
         return _load(incoming.gateway, request, generate=generate)
     exchange, headers = _exchange(incoming, request)
@@ -142,35 +155,48 @@ def _tag(info: ModelInfo, models: list[ModelInfo]) -> dict[str, object]:
 
 @blueprint.post("/api/show")
 async def show() -> Response:
+    """What `/api/chat` would use for the model: the Ollama backend's own answer, otherwise
+    facts from the model list (or placeholders) for models other backends serve."""
     data = loads_object(await request_body())
     name = data.get("model") or data.get("name")
     if not isinstance(name, str) or not name:
         raise invalid_request("model is required", param="model")
-    models = await gateway().catalog.models()
-    variants = ollama.name_variants(name)
-    info = next((m for m in models if m.id in variants), None)
-    if info is not None:
-        alias_of = info.details.get("alias_of")
-        backend_name, upstream = info.backend, alias_of if isinstance(alias_of, str) else info.id
-    else:
-        # Not listed (its backend may be down, or it is served by prefix): ask the router.
-        try:
-            route = gateway().router.resolve(name)
-        except GatewayError:
+    gw = gateway()
+    if gw.embeddings is not None and gw.embeddings.is_local(name):
+        check_model(name)  # the local model is not resolved through the (scoped) router
+        return Response(dumps(_local_show(gw.embeddings.local_models())), content_type=_JSON)
+    try:
+        route = gw.router.resolve(name)
+    except GatewayError as error:
+        if error.code == "model_not_found":
             raise _show_not_found(name) from None
-        backend_name, upstream = route.backend, route.upstream_model
-    backend = gateway().backends.get(backend_name)
+        raise
+    backend = gw.backends.get(route.backend)
     if isinstance(backend, OllamaBackend):
         try:
-            shown = await backend.show(upstream)
+            shown = await backend.show(route.upstream_model)
         except GatewayError as error:
             if error.kind is ErrorKind.NOT_FOUND:
                 raise _show_not_found(name) from None
             raise
         return Response(dumps(shown), content_type=_JSON)
-    if info is None:
-        raise _show_not_found(name)
-    return Response(dumps(ollama.show_body(_tag(info, models))), content_type=_JSON)
+    models = await gw.catalog.models()
+    variants = (*ollama.name_variants(name), *ollama.name_variants(route.upstream_model))
+    info = next((m for m in models if m.id in variants), None)
+    if info is not None:
+        entry = _tag(info, models)
+    else:  # served by prefix or by the default backend, without being listed
+        entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
+    return Response(dumps(ollama.show_body(entry)), content_type=_JSON)
+
+
+def _local_show(local: list[ModelInfo]) -> dict[str, object]:
+    info = local[0]
+    facts = info.details
+    family = str(facts.get("details", {}).get("family") or "bert")
+    extra = {f"{family}.{key}": facts[key] for key in ("embedding_length", "context_length") if key in facts}
+    entry = ollama.tag_entry(info.id, backend=info.backend, created=info.created, facts=facts)
+    return ollama.show_body(entry, capabilities=("embedding",), model_info=extra)
 
 
 def _show_not_found(name: str) -> GatewayError:

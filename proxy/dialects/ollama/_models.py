@@ -82,17 +82,28 @@ def render_tags(entries: list[dict[str, Any]]) -> bytes:
     return dumps({"models": entries})
 
 
-def show_body(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """`/api/show` for a model whose backend cannot say more than its tags entry."""
+def show_body(
+    entry: Mapping[str, Any],
+    *,
+    capabilities: tuple[str, ...] = ("completion", "tools"),
+    model_info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`/api/show` for a model whose backend cannot say more than its tags entry.
+
+    `capabilities` is what clients check before they call the model (`completion` for chat
+    and generate, `embedding` for an embedding model); `model_info` adds facts under
+    `model_info` (`<family>.embedding_length`, …)."""
     details = entry.get("details") or placeholder_details(str(entry.get("name", "")))
     family = details.get("family") or ""
+    info: dict[str, Any] = {"general.architecture": family} if family else {}
+    info.update(model_info or {})
     return {
         "license": "",
         "modelfile": "",
         "parameters": "",
         "template": "",
         "details": details,
-        "model_info": {"general.architecture": family} if family else {},
-        "capabilities": ["completion", "tools"],
+        "model_info": info,
+        "capabilities": list(capabilities),
         "modified_at": entry.get("modified_at") or timestamp(),
     }
