@@ -108,3 +108,30 @@ def test_an_ollama_schema_still_reaches_an_openai_backend_with_a_name() -> None:
     request = ollama.parse_chat_request(json.dumps({"model": "m", "messages": MESSAGES, "format": {"type": "object"}}).encode())
     body = json.loads(openai_codec.encode_chat_request(request, "m", stream=False, include_usage=False))
     assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
+
+
+# -- messages ---------------------------------------------------------------------------------------------
+
+
+async def test_legacy_function_calling_messages_arrive_as_sent(setup: Setup) -> None:
+    call = {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    result = {"role": "function", "name": "get_weather", "content": '{"sky":"grey"}'}
+    functions = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    response = await setup.http.post("/v1/chat/completions", json={
+        "model": "m", "messages": [MESSAGES[0], call, result], "functions": functions, "function_call": "auto",
+    })
+    assert response.status_code == 200, response.text
+    sent = setup.sent()
+    assert sent["messages"][1:] == [call, result]
+    assert sent["functions"] == functions and sent["function_call"] == "auto"
+
+
+def test_legacy_function_messages_stay_tool_results_for_other_backends() -> None:
+    request = openai_codec.parse_chat_request(json.dumps({"model": "m", "messages": [
+        MESSAGES[0],
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": "42"},
+    ]}).encode())
+    assert request.messages[2].role == "tool" and request.messages[2].text == "42"
+    # Rendered for another dialect's client (no `as_sent`), nothing OpenAI-only leaks.
+    assert openai_codec.render_message(request.messages[2]) == {"role": "tool", "content": "42", "name": "f"}

@@ -94,6 +94,10 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     )
 
 
+# A message's fields the domain models; the rest travel in `Message.extra`.
+_MESSAGE_MODELLED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"})
+
+
 def _parse_message(item: Any, path: str) -> Message:
     if not isinstance(item, dict):
         raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
@@ -115,6 +119,11 @@ def _parse_message(item: Any, path: str) -> Message:
         raise invalid_request(f"Missing required parameter `{path}.tool_call_id`.", param=f"{path}.tool_call_id")
     if role != "assistant" and not content and role_name != "function":
         raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
+    extra = {k: v for k, v in item.items() if k not in _MESSAGE_MODELLED}
+    if role_name == "function":
+        # A legacy function result is a tool result to the domain, but an OpenAI backend
+        # gets it back under its own role (it has no tool_call_id to be a `tool` message).
+        extra["role"] = role_name
     return Message(
         role=role,
         content=content,
@@ -122,6 +131,7 @@ def _parse_message(item: Any, path: str) -> Message:
         tool_call_id=tool_call_id,
         name=fields.text("name"),
         reasoning=fields.text("reasoning_content"),
+        extra=extra,
     )
 
 
@@ -243,7 +253,8 @@ def encode_chat_request(
     if request.dialect == DIALECT:
         body.update(request.extra)
     body["model"] = upstream_model
-    body["messages"] = [render_message(message) for message in request.messages]
+    same_dialect = request.dialect == DIALECT
+    body["messages"] = [render_message(message, as_sent=same_dialect) for message in request.messages]
     params = request.params
     # The client's `max_completion_tokens` (kept in `extra`) carries the limit; otherwise
     # `max_tokens`, which every OpenAI-compatible server knows.
@@ -262,7 +273,6 @@ def encode_chat_request(
             body[key] = value
     if params.stop:
         body["stop"] = list(params.stop)
-    same_dialect = request.dialect == DIALECT
     if params.response_format is not None:
         body["response_format"] = _render_response_format(params.response_format, as_sent=same_dialect)
     if request.tools:
@@ -278,12 +288,15 @@ def encode_chat_request(
     return dumps(body)
 
 
-def render_message(message: Message) -> dict[str, Any]:
+def render_message(message: Message, *, as_sent: bool = False) -> dict[str, Any]:
+    """`as_sent`: the message came from an OpenAI client, so its unmodelled fields (legacy
+    `function_call`, `prefix`, …) go with it."""
     role = message.role
     out: dict[str, Any] = {"role": role}
+    legacy_call = as_sent and "function_call" in message.extra
     parts = [p for p in message.content if not (isinstance(p, OpaquePart) and p.dialect != DIALECT)]
     if not parts:
-        out["content"] = None if message.tool_calls else ""
+        out["content"] = None if message.tool_calls or legacy_call else ""
     elif len(parts) == 1 and isinstance(parts[0], TextPart):
         out["content"] = parts[0].text
     else:
@@ -297,6 +310,8 @@ def render_message(message: Message) -> dict[str, Any]:
         out["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         out["name"] = message.name
+    if as_sent:
+        out.update(message.extra)
     return out
 
 
