@@ -324,7 +324,7 @@ async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
             assert set(response.json()) == {"error"} and response.json()["error"]
         wrong_method = await http.get("/api/chat")
         assert wrong_method.status_code == 405 and "error" in wrong_method.json()
-        unknown = await http.post("/api/pull", json={"model": "x"})
+        unknown = await http.post("/api/no-such-endpoint", json={"model": "x"})
         assert unknown.status_code == 404 and "error" in unknown.json()
     with pytest.raises(ollama.ResponseError) as info:
         await setup.client.chat(model="gpt", messages=MESSAGES, options={"temperature": "hot"})
@@ -486,6 +486,42 @@ async def test_local_embedding_model_is_shown_as_one_and_refuses_chat(setup: Set
         assert info.value.status_code == 400
         assert info.value.error == f'"{"all-minilm-l6-v2" if verb == "chat" else "all-minilm"}" does not support {verb}'
     assert [r.path for r in setup.fake("openai").requests if r.method == "POST"] == []  # not routed to the default backend
+
+
+async def test_ps_and_pull_answer_as_ollama_does(setup: Setup) -> None:
+    assert (await setup.client.ps()).models == []
+    for model in ("llama3.2", "qwen3-8b", "all-minilm"):  # an Ollama backend's, a default backend's, the local one
+        assert (await setup.client.pull(model)).status == "success"
+        progress = await collect(await setup.client.pull(model, stream=True))
+        assert progress[-1].status == "success"
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        streamed = await http.post("/api/pull", json={"model": "llama3.2"})
+        assert streamed.headers["content-type"] == "application/x-ndjson"
+        assert json.loads(streamed.text.splitlines()[-1]) == {"status": "success"}
+    fake = OllamaBackend()
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", prefixes=("llama",))) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            with pytest.raises(ollama.ResponseError) as info:
+                await client.pull("mistral")
+            assert info.value.status_code == 404 and "file does not exist" in info.value.error
+
+
+async def test_model_management_is_refused_in_ollamas_shape(setup: Setup) -> None:
+    async def pushed() -> list[Any]:
+        return await collect(await setup.client.push("llama3.2", stream=True))
+
+    for call in (
+        setup.client.delete("llama3.2"),
+        setup.client.copy("llama3.2", "mine"),
+        setup.client.create("mine", from_="llama3.2"),
+        setup.client.push("llama3.2"),
+        pushed(),
+    ):
+        with pytest.raises(ollama.ResponseError) as info:
+            await call
+        assert info.value.status_code == 403
+        assert "not available through the gateway" in info.value.error
+    assert [r for r in setup.fake("ollama").requests if r.method != "GET"] == []
 
 
 async def test_stream_and_json_content_types(setup: Setup) -> None:

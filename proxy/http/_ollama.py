@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 from hypercorn.typing import ASGISendCallable
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from proxy.dialects import ollama
-from proxy.dialects._json import dumps, loads_object
+from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder
@@ -201,6 +201,54 @@ def _local_show(local: list[ModelInfo]) -> dict[str, object]:
 
 def _show_not_found(name: str) -> GatewayError:
     return GatewayError(ErrorKind.NOT_FOUND, f"model '{name}' not found", param="model", code="model_not_found")
+
+
+@blueprint.get("/api/ps")
+async def ps() -> Response:
+    return Response(ollama.ps_body(), content_type=_JSON)
+
+
+@blueprint.post("/api/pull")
+async def pull() -> Response:
+    """A model the gateway serves is already "pulled"; any other cannot be (it has no store
+    to pull into): Ollama's answer for a model the registry does not have."""
+    fields = Fields(loads_object(await request_body()))
+    name = fields.text("model") or fields.text("name")
+    if not name:
+        raise invalid_request("model is required", param="model")
+    stream = fields.boolean("stream") is not False
+    gw = gateway()
+    if gw.embeddings is not None and gw.embeddings.is_local(name):
+        check_model(name)
+    else:
+        try:
+            gw.router.resolve(name)
+        except GatewayError as error:
+            if error.code == "model_not_found":
+                raise GatewayError(
+                    ErrorKind.NOT_FOUND, "pull model manifest: file does not exist", param="model", code="model_not_found"
+                ) from None
+            raise
+    return Response(ollama.pull_reply(stream=stream), content_type="application/x-ndjson" if stream else _JSON)
+
+
+_MANAGEMENT = {"/api/delete": "delete", "/api/copy": "copy", "/api/create": "create", "/api/push": "push"}
+
+
+@blueprint.route("/api/delete", methods=["DELETE", "POST"])
+@blueprint.post("/api/copy")
+@blueprint.post("/api/create")
+@blueprint.post("/api/push")
+@blueprint.route("/api/blobs/<path:digest>", methods=["HEAD", "POST"])
+async def manage(digest: str | None = None) -> Response:
+    """The gateway fronts other servers' models: it cannot change them."""
+    what = _MANAGEMENT.get(request.path, "upload blobs for")
+    raise GatewayError(
+        ErrorKind.PERMISSION,
+        f"Model management is not available through the gateway: it cannot {what} models. "
+        "Manage models on the Ollama server behind it.",
+        code="model_management_unavailable",
+    )
 
 
 @blueprint.get("/api/version")

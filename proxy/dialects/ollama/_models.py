@@ -82,6 +82,19 @@ def render_tags(entries: list[dict[str, Any]]) -> bytes:
     return dumps({"models": entries})
 
 
+def ps_body() -> bytes:
+    """`/api/ps`: the gateway keeps no model loaded (its backends load and unload their own)."""
+    return dumps({"models": []})
+
+
+def pull_reply(*, stream: bool) -> bytes:
+    """`/api/pull` of a model the gateway already serves: nothing to fetch, so the progress
+    Ollama streams for a model it has is its first and last line."""
+    if not stream:
+        return dumps({"status": "success"})
+    return dumps({"status": "pulling manifest"}) + b"\n" + dumps({"status": "success"}) + b"\n"
+
+
 def show_body(
     entry: Mapping[str, Any],
     *,
