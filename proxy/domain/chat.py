@@ -114,6 +114,9 @@ class GenerationParams:
     frequency_penalty: float | None = None
     n: int | None = None
     response_format: ResponseFormat | None = None
+    # "low", "medium" or "high" from a dialect that says how hard to think (Ollama's `think`
+    # levels); OpenAI backends get it as `reasoning_effort`.
+    reasoning_effort: str | None = None
 
 
 @dataclass(slots=True)
