@@ -268,6 +268,7 @@ def encode_chat_request(
         ("presence_penalty", params.presence_penalty),
         ("frequency_penalty", params.frequency_penalty),
         ("n", params.n),
+        ("reasoning_effort", params.reasoning_effort),
     ):
         if value is not None:
             body[key] = value
