@@ -14,7 +14,7 @@ import pytest
 
 from proxy.dialects import anthropic, ollama
 from proxy.dialects import openai as openai_codec
-from tests.fakes import OpenAIBackend
+from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
@@ -135,3 +135,43 @@ def test_legacy_function_messages_stay_tool_results_for_other_backends() -> None
     assert request.messages[2].role == "tool" and request.messages[2].text == "42"
     # Rendered for another dialect's client (no `as_sent`), nothing OpenAI-only leaks.
     assert openai_codec.render_message(request.messages[2]) == {"role": "tool", "content": "42", "name": "f"}
+
+
+# -- answers ----------------------------------------------------------------------------------------------
+
+
+async def test_a_non_conformant_answer_is_repaired_and_keeps_everything_else(setup: Setup) -> None:
+    # TGI ends with `eos_token`: the gateway maps it onto OpenAI's enum but must not rebuild
+    # the answer from what it understands, losing what it does not.
+    setup.fake.set_script(Script(tokens=["Hi"], finish_reason="eos_token", system_fingerprint="3.0.0-native"))
+    response = await setup.http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert response.status_code == 200
+    answer = response.json()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "Hi", "refusal": None}
+    assert answer["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 0
+    assert answer["usage"]["prompt_tokens_details"]["audio_tokens"] == 0
+    assert answer["system_fingerprint"] == "3.0.0-native"
+
+
+def test_repair_touches_only_what_does_not_conform() -> None:
+    logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}], "refusal": None}
+    backend_answer = {
+        "object": "text_completion", "id": "", "created": 1, "model": "tgi", "service_tier": "default",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi", "annotations": []},
+             "logprobs": logprobs, "finish_reason": "eos_token"},
+            {"index": 1, "message": {"role": "assistant", "content": "Yo"}, "logprobs": None, "finish_reason": "length"},
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 0}},
+    }
+    raw = json.dumps(backend_answer).encode()
+    relayed = json.loads(openai_codec.relay_completion(json.loads(raw), raw))
+    expected = json.loads(raw)
+    expected["object"] = "chat.completion"
+    expected["choices"][0]["finish_reason"] = "stop"
+    assert relayed == expected
+
+    conformant = json.dumps({**expected, "choices": expected["choices"][1:]}, indent=1).encode()
+    assert openai_codec.relay_completion(json.loads(conformant), conformant) is conformant

@@ -201,6 +201,27 @@ def completion_is_conformant(data: dict[str, Any]) -> bool:
     return True
 
 
+def relay_completion(data: dict[str, Any], raw: bytes) -> bytes:
+    """The body an OpenAI client gets for a backend's completion (`raw`, parsed as `data`):
+    its own bytes when they conform, else its own JSON repaired where a client could not
+    read it (`object`, finish reasons off OpenAI's enum, choices that are not objects).
+    Everything else it said (logprobs, refusal, annotations, service_tier, usage details…)
+    is kept. `data` is changed in place."""
+    return raw if completion_is_conformant(data) else dumps(_conform(data))
+
+
+def _conform(data: dict[str, Any]) -> dict[str, Any]:
+    data["object"] = "chat.completion"
+    choices = data.get("choices")
+    data["choices"] = [choice for choice in choices if isinstance(choice, dict)] if isinstance(choices, list) else []
+    for choice in data["choices"]:
+        reason = choice.get("finish_reason")
+        if reason not in _ENUM_VALUES:
+            mapped = finish_reason_from_wire(reason) if isinstance(reason, str) else FinishReason.STOP
+            choice["finish_reason"] = mapped.value
+    return data
+
+
 _ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
 
 

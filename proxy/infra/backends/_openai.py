@@ -77,7 +77,7 @@ class OpenAIBackend:
         completion = openai.parse_completion(data)
         raw = None
         if call.relay_openai:
-            raw = response.content if openai.completion_is_conformant(data) else openai.render_completion(completion)
+            raw = openai.relay_completion(data, response.content)
         return Batch(completion_events(completion), raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
