@@ -207,6 +207,61 @@ async def test_tool_round_trip_reaches_each_backend_in_its_own_shape(setup: Setu
     assert [m["role"] for m in ollama_messages] == ["system", "user", "assistant", "tool", "user"]
 
 
+async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent_is_a_400(setup: Setup) -> None:
+    document: Any = {
+        "type": "document", "title": "Memo", "context": "From the archive",
+        "source": {"type": "text", "media_type": "text/plain", "data": "The secret code is 4711."},
+    }
+    question: Any = [{"role": "user", "content": [document, {"type": "text", "text": "What is the code?"}]}]
+    for kind in KINDS:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=20, messages=question)
+    assert setup.fake("openai").requests[-1].json["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Document: Memo\nContext: From the archive\n\n"},
+        {"type": "text", "text": "The secret code is 4711."},
+        {"type": "text", "text": "What is the code?"},
+    ]}]
+    assert "4711" in setup.fake("ollama").requests[-1].json["messages"][0]["content"]
+    # An Anthropic backend gets the block itself (citations and all).
+    assert setup.fake("anthropic").requests[-1].json["messages"] == question
+    pdf: Any = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}}
+    search: Any = {"type": "search_result", "source": "https://x", "title": "t", "content": [{"type": "text", "text": "body"}]}
+    for kind in ("openai", "ollama"):
+        sent = len(setup.fake(kind).requests)
+        for block, named in ((pdf, "`document` blocks with a `base64` source"), (search, "`search_result` blocks")):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                await setup.client.messages.create(
+                    model=MODELS[kind], max_tokens=20, messages=[{"role": "user", "content": [block, {"type": "text", "text": "q"}]}],
+                )
+            assert caught.value.status_code == 400 and named in caught.value.message
+        assert len(setup.fake(kind).requests) == sent
+    await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=20, messages=[{"role": "user", "content": [pdf, search]}])
+
+
+async def test_an_image_read_by_a_tool_reaches_an_openai_backend_in_the_next_user_message(setup: Setup) -> None:
+    """Claude Code's Read tool returns an image inside tool_result; OpenAI tool messages are text only."""
+    image: Any = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    history: Any = [
+        {"role": "user", "content": "What does shot.png show?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "shot.png"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [image]},
+            {"type": "text", "text": "Describe it."},
+        ]},
+    ]
+    tools: Any = [{"name": "Read", "input_schema": {"type": "object"}}]
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=20, messages=history, tools=tools)
+    assert setup.fake("openai").requests[-1].json["messages"][2:] == [
+        {"role": "tool", "content": "[1 image attached in the next user message]", "tool_call_id": "toolu_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Image returned by tool call toolu_1:"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "Describe it."},
+        ]},
+    ]
+    await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=20, messages=history, tools=tools)
+    assert setup.fake("anthropic").requests[-1].json["messages"][2]["content"][0]["content"] == [image]
+
+
 # -- usage -------------------------------------------------------------------------------------------------
 
 

@@ -362,6 +362,81 @@ def test_anthropic_only_fields_never_reach_other_backends() -> None:
     assert sent["messages"][3] == {"role": "tool", "content": "no", "tool_call_id": "toolu_1"}
 
 
+def _adapted(target: str, messages: Any) -> list[Message]:
+    request = anthropic.parse_messages_request(body(messages=messages))
+    anthropic.adapt_for_dialect(request, target)
+    return request.messages
+
+
+def test_markers_and_thinking_need_no_adapting_for_other_backends() -> None:
+    request = anthropic.parse_messages_request(body(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "sig"}, {"type": "redacted_thinking", "data": "xx"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "no"}]},
+    ]))
+    before = list(request.messages)
+    anthropic.adapt_for_dialect(request, "openai")
+    assert request.messages == before
+
+
+def test_document_content_sources_become_text_and_images() -> None:
+    messages = _adapted("ollama", [{"role": "user", "content": [{"type": "document", "source": {"type": "content", "content": [
+        {"type": "text", "text": "page 1"},
+        {"type": "image", "source": {"type": "url", "url": "https://x/p2.png"}},
+    ]}}]}])
+    assert messages == [Message("user", (TextPart("page 1"), ImagePart("https://x/p2.png")))]
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ({"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}}, "`document` blocks with a `url` source"),
+        ({"type": "image", "source": {"type": "file", "file_id": "file_1"}}, "`image` blocks with a `file` source"),
+        ({"type": "search_result", "source": "s", "title": "t", "content": []}, "`search_result` blocks"),
+        ({"type": "container_upload", "file_id": "file_1"}, "`container_upload` blocks"),
+    ],
+)
+def test_blocks_without_an_equivalent_are_refused_for_other_backends(block: dict[str, Any], named: str) -> None:
+    for target in ("openai", "ollama"):
+        with pytest.raises(GatewayError) as info:
+            _adapted(target, [{"role": "user", "content": [block]}])
+        assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.message.startswith(named)
+    # Inside a tool result too.
+    with pytest.raises(GatewayError):
+        _adapted("openai", [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [block]}]},
+        ])
+    assert _adapted("anthropic", [{"role": "user", "content": [block]}])[0].content == (OpaquePart("anthropic", block),)
+
+
+def test_tool_result_images_follow_the_turn_for_openai_backends_only() -> None:
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    history: Any = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "Read", "input": {}},
+            {"type": "tool_use", "id": "t2", "name": "Read", "input": {}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "two pages"}, png, png]},
+            {"type": "tool_result", "tool_use_id": "t2", "content": "plain"},
+        ]},
+    ]
+    image = ImagePart("data:image/png;base64,AAAA")
+    assert _adapted("openai", history)[2:] == [
+        Message("tool", (TextPart("two pages"), TextPart("[2 images attached in the next user message]")), tool_call_id="t1"),
+        Message("tool", (TextPart("plain"),), tool_call_id="t2"),
+        Message("user", (TextPart("Images returned by tool call t1:"), image, image)),
+    ]
+    # Ollama messages take images whatever their role.
+    assert _adapted("ollama", history)[2].content == (TextPart("two pages"), image, image)
+
+
 def test_unsigned_reasoning_is_not_sent_to_anthropic() -> None:
     request = ChatRequest("m", [Message("user", (TextPart("q"),)), Message("assistant", (TextPart("a"),), reasoning="thought")])
     assert encode(request)["messages"][1] == {"role": "assistant", "content": "a"}

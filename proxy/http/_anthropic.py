@@ -69,6 +69,10 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     request = _parse(incoming.body, incoming.head)
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    backend = incoming.gateway.backends.get(exchange.route.backend)
+    if backend is not None:
+        # Anthropic-only content: translated for other backends, or a 400 (never dropped).
+        anthropic.adapt_for_dialect(request, backend.config.kind)
     headers = _headers(meta.request_id)
     model = request.model
     if request.stream:
@@ -85,7 +89,9 @@ async def messages_count_tokens() -> Response:
     meta = request_meta(head)
     gw = gateway()
     route = gw.router.resolve(request.model)
-    count = await count_tokens(gw.backends[route.backend], request, route.upstream_model)
+    backend = gw.backends[route.backend]
+    anthropic.adapt_for_dialect(request, backend.config.kind)
+    count = await count_tokens(backend, request, route.upstream_model)
     response = Response(anthropic.render_token_count(count), content_type="application/json")
     response.headers["request-id"] = meta.request_id
     return response

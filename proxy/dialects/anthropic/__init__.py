@@ -1,5 +1,6 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
+from proxy.dialects.anthropic._foreign import adapt_for_dialect
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
     beta_header,
@@ -42,6 +43,7 @@ __all__ = [
     "StopSequenceFinish",
     "StreamParser",
     "StreamRenderer",
+    "adapt_for_dialect",
     "beta_header",
     "encode_messages_request",
     "error_body",
