@@ -138,6 +138,8 @@ class ChatRequest:
     include_usage: bool | None = None
     dialect: str = "openai"
     extra: dict[str, Any] = field(default_factory=dict)
+    # False: the client wants at most one tool call per turn (None: it did not say).
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass(slots=True)
