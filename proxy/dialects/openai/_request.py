@@ -278,6 +278,8 @@ def encode_chat_request(
         body["response_format"] = _render_response_format(params.response_format, as_sent=same_dialect)
     if request.tools:
         body["tools"] = [_render_tool(tool) for tool in request.tools]
+        if request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.tool_choice is not None:
         choice = request.tool_choice
         body["tool_choice"] = (
