@@ -175,3 +175,34 @@ def test_repair_touches_only_what_does_not_conform() -> None:
 
     conformant = json.dumps({**expected, "choices": expected["choices"][1:]}, indent=1).encode()
     assert openai_codec.relay_completion(json.loads(conformant), conformant) is conformant
+
+
+# -- backend errors in unexpected places ----------------------------------------------------------------------
+
+
+async def test_an_error_object_under_200_is_a_502_with_its_message(setup: Setup) -> None:
+    setup.fake.set_script(Script(status=200, error_message="model overloaded"))
+    with pytest.raises(openai.InternalServerError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert "model overloaded" in info.value.message
+
+
+async def test_a_plain_json_answer_to_a_stream_request_says_why(setup: Setup) -> None:
+    setup.fake.set_script(Script(status=200, error_message="model overloaded"))
+    with pytest.raises(openai.APIError) as info:
+        stream = await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+        [chunk async for chunk in stream]
+    assert "model overloaded" in info.value.message
+
+
+def test_a_json_answer_without_an_error_to_a_stream_request_is_named() -> None:
+    completion = {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+    relay = openai_codec.StreamRelay(include_usage=None)
+    body = json.dumps(completion, indent=2).encode()
+    assert relay.feed(body[:10]).raw == b""
+    assert relay.feed(body[10:]).raw == b""
+    closed = relay.close()
+    error = json.loads(closed.raw.removeprefix(b"data: "))["error"]
+    assert error["message"] == "The backend answered with JSON, not a stream."

@@ -38,6 +38,8 @@ from proxy.domain.events import (
 )
 
 DONE = b"data: [DONE]\n\n"
+# Enough of a body that is not a stream to read an error object's message from.
+_HEAD_LIMIT = 65536
 _ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
 
 
@@ -84,6 +86,9 @@ class StreamRelay:
         self._tools: dict[int, _ToolIndexes] = {}
         self._usage: Usage | None = None
         self._usage_forwarded = False
+        # The body until its first event: a backend answering a stream request with plain
+        # JSON (an error object, mostly) sends no event at all, and that JSON says why.
+        self._head: bytearray | None = bytearray()
         self.done = False
         self.failed = False
 
@@ -98,6 +103,8 @@ class StreamRelay:
     def feed(self, data: bytes) -> RelayOutput:
         out: list[bytes] = []
         events: list[StreamEvent] = []
+        if self._head is not None and len(self._head) < _HEAD_LIMIT:
+            self._head += data[: _HEAD_LIMIT - len(self._head)]
         if not self.done:
             for frame in self._decoder.feed(data):
                 if frame.is_comment or not frame.data:
@@ -119,16 +126,22 @@ class StreamRelay:
             if self._finished:
                 self._end(out)
             else:
-                self._fail(
-                    GatewayError(ErrorKind.BACKEND, "The backend closed the stream before it finished."),
-                    out,
-                    events,
-                )
+                self._fail(GatewayError(ErrorKind.BACKEND, self._unfinished_reason()), out, events)
         return RelayOutput(b"".join(out), events, True)
+
+    def _unfinished_reason(self) -> str:
+        head = bytes(self._head or b"").lstrip()
+        if self._head is None or not head.startswith(b"{"):
+            return "The backend closed the stream before it finished."
+        message = error_message_from_body(head)
+        if message:
+            return message
+        return "The backend answered with JSON, not a stream."
 
     # -- one frame ------------------------------------------------------------------------
 
     def _frame(self, data: bytes, raw: bytes, out: list[bytes], events: list[StreamEvent]) -> None:
+        self._head = None
         if data == b"[DONE]":
             self._end(out)
             return

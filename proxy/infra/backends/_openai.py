@@ -73,6 +73,10 @@ class OpenAIBackend:
         except ValueError:
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.") from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            # Some servers report a failure as an error object under a 200.
+            message = openai.error_message_from_body(response.content)
+            if message:
+                raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` reported an error: {message}")
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no choices.")
         completion = openai.parse_completion(data)
         raw = None
