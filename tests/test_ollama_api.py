@@ -111,6 +111,37 @@ async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stream", [True, False])
+async def test_think_false_leaves_thinking_out(setup: Setup, kind: str, stream: bool) -> None:
+    # The backend reasons anyway (an OpenAI backend's model is not told not to think).
+    setup.fake(kind).set_script(Script(tokens=["Hi"], reasoning=["secret ", "chain"]))
+    model = MODELS[kind]
+    if stream:
+        parts = await collect(await setup.client.chat(model=model, messages=MESSAGES, think=False, stream=True))
+        assert "".join(p.message.content for p in parts) == "Hi"
+        assert all(not p.message.thinking for p in parts)
+        generated = await collect(await setup.client.generate(model=model, prompt="p", think=False, stream=True))
+        assert "".join(p.response for p in generated) == "Hi" and all(not p.thinking for p in generated)
+    else:
+        reply = await setup.client.chat(model=model, messages=MESSAGES, think=False)
+        assert (reply.message.content, reply.message.thinking) == ("Hi", None)
+        answer = await setup.client.generate(model=model, prompt="p", think=False)
+        assert (answer.response, answer.thinking) == ("Hi", None)
+
+
+@pytest.mark.parametrize("level", ["low", "medium", "high"])
+async def test_think_levels_reach_openai_backends_as_reasoning_effort(setup: Setup, level: str) -> None:
+    setup.fake("openai").set_script(Script(tokens=["Hi"], reasoning=["hmm"]))
+    reply = await setup.client.chat(model=MODELS["openai"], messages=MESSAGES, think=level)  # type: ignore[arg-type]
+    assert reply.message.thinking == "hmm"
+    assert setup.sent("openai")["reasoning_effort"] == level
+    await setup.client.chat(model=MODELS["openai"], messages=MESSAGES, think=True)
+    assert "reasoning_effort" not in setup.sent("openai")
+    await setup.client.chat(model=MODELS["ollama"], messages=MESSAGES, think=level)  # type: ignore[arg-type]
+    assert setup.sent("ollama")["think"] == level and "reasoning_effort" not in setup.sent("ollama")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [True, False])
 async def test_parallel_tool_calls_arrive_whole_with_object_arguments(setup: Setup, kind: str, stream: bool) -> None:
     calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"city": "Rome", "utc": true}')]
     setup.fake(kind).set_script(Script(tokens=["Checking."], tool_calls=calls, tool_arg_fragment=3, interleave_tool_calls=True))

@@ -41,11 +41,14 @@ class OllamaJsonSink(JsonSink):
 
     dialect = "ollama"
 
-    def __init__(self, send: ASGISendCallable, headers: Headers, *, model: str, generate: bool, started: float) -> None:
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, *, model: str, generate: bool, started: float, thinking: bool
+    ) -> None:
         super().__init__(send, headers)
         self._model = model
         self._generate = generate
         self._started = started
+        self._thinking = thinking
 
     async def write(self, batch: Batch) -> None:
         completion = batch.completion
@@ -55,7 +58,9 @@ class OllamaJsonSink(JsonSink):
                 builder.add(event)
             completion = builder.build()
         timing = ollama.Timing(self._started, None, time.perf_counter())
-        body = ollama.render_completion(completion, model=self._model, generate=self._generate, timing=timing)
+        body = ollama.render_completion(
+            completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking
+        )
         await self._json(body, _JSON.encode())
 
 
@@ -104,14 +109,15 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
                 param="suffix",
             )
     started = exchange.meta.received
+    thinking = ollama.wants_thinking(request)
     if request.stream:
-        renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started)
+        renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started, thinking=thinking)
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, renderer, content_headers=NDJSON_HEADERS, dialect="ollama",
         ))
-    return ExchangeBody(
-        exchange, lambda send: OllamaJsonSink(send, headers, model=request.model, generate=generate, started=started)
-    )
+    return ExchangeBody(exchange, lambda send: OllamaJsonSink(
+        send, headers, model=request.model, generate=generate, started=started, thinking=thinking,
+    ))
 
 
 def _load(gw: Gateway, request: ChatRequest, *, generate: bool) -> Reply:

@@ -30,6 +30,7 @@ from proxy.dialects.ollama._request import (
     parse_generate_request,
     render_messages,
     unmodelled_options,
+    wants_thinking,
 )
 from proxy.dialects.ollama._response import (
     Timing,
@@ -88,4 +89,5 @@ __all__ = [
     "timestamp",
     "unmodelled_options",
     "version_body",
+    "wants_thinking",
 ]

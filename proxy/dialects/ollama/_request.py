@@ -61,7 +61,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     request = ChatRequest(
         model=model,
         messages=_parse_messages(raw_messages),
-        params=_parse_options(fields),
+        params=_parse_options(fields, fields.data.get("think")),
         tools=[_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])],
         stream=fields.boolean("stream") is not False,
         dialect=DIALECT,
@@ -96,7 +96,7 @@ def parse_generate_request(body: bytes) -> ChatRequest:
     return ChatRequest(
         model=model,
         messages=messages,
-        params=_parse_options(fields),
+        params=_parse_options(fields, fields.data.get("think")),
         stream=fields.boolean("stream") is not False,
         dialect=DIALECT,
         extra=extra,
@@ -106,6 +106,12 @@ def parse_generate_request(body: bytes) -> ChatRequest:
 def is_generate(request: ChatRequest) -> bool:
     """Whether the request arrived on /api/generate (its replies use `response`, not `message`)."""
     return request.dialect == DIALECT and request.extra.get(ENDPOINT_KEY) == "generate"
+
+
+def wants_thinking(request: ChatRequest) -> bool:
+    """False when the client said `think: false`: no thinking in the answer, whatever the
+    backend sends (an OpenAI backend's model may reason regardless)."""
+    return not (request.dialect == DIALECT and request.extra.get("think") is False)
 
 
 def generate_only_fields(request: ChatRequest) -> list[str]:
@@ -137,7 +143,7 @@ def _check_extra(fields: Fields) -> None:
     if keep_alive is not None and (isinstance(keep_alive, bool) or not isinstance(keep_alive, int | float | str)):
         raise fields.fail("keep_alive", 'a duration (seconds, or a string such as "5m")')
     think = fields.data.get("think")
-    if think is not None and not isinstance(think, bool) and think not in ("low", "medium", "high"):
+    if think is not None and not isinstance(think, bool) and think not in _THINK_LEVELS:
         raise fields.fail("think", 'a boolean or "low", "medium", "high"')
 
 
@@ -240,7 +246,12 @@ def _parse_tool(item: Any, path: str) -> Tool:
 # -- options and format ------------------------------------------------------------------
 
 
-def _parse_options(fields: Fields) -> GenerationParams:
+_THINK_LEVELS = ("low", "medium", "high")
+
+
+def _parse_options(fields: Fields, think: Any) -> GenerationParams:
+    """Options and format; a `think` level (validated by `_check_extra`) is also the domain's
+    `reasoning_effort`, for backends that are not Ollama."""
     options = fields.object("options") or Fields({}, "options")
     num_predict = options.integer("num_predict")
     return GenerationParams(
@@ -254,6 +265,7 @@ def _parse_options(fields: Fields) -> GenerationParams:
         presence_penalty=options.number("presence_penalty"),
         frequency_penalty=options.number("frequency_penalty"),
         response_format=_parse_format(fields.data.get("format")),
+        reasoning_effort=think if think in _THINK_LEVELS else None,
     )
 
 

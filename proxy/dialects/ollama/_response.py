@@ -143,22 +143,30 @@ def tool_calls_body(calls: list[ToolCall]) -> list[dict[str, Any]]:
 
 
 def completion_body(
-    completion: ChatCompletion, *, model: str, generate: bool, timing: Timing, created_at: str | None = None
+    completion: ChatCompletion,
+    *,
+    model: str,
+    generate: bool,
+    timing: Timing,
+    created_at: str | None = None,
+    thinking: bool = True,
 ) -> dict[str, Any]:
-    """A non-streamed reply (`stream: false`) in Ollama's shape, from the first choice."""
+    """A non-streamed reply (`stream: false`) in Ollama's shape, from the first choice;
+    without `thinking` (the client said `think: false`) the reasoning is left out."""
     choice = completion.choices[0] if completion.choices else Choice()
+    reasoning = choice.reasoning if thinking else ""
     body: dict[str, Any] = {"model": model, "created_at": created_at or timestamp()}
     reason = done_reason(choice.finish_reason)
     if generate:
         body["response"] = choice.content
-        if choice.reasoning:
-            body["thinking"] = choice.reasoning
+        if reasoning:
+            body["thinking"] = reasoning
         body["done"] = True
         body["done_reason"] = reason
     else:
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
-        if choice.reasoning:
-            message["thinking"] = choice.reasoning
+        if reasoning:
+            message["thinking"] = reasoning
         if choice.tool_calls:
             message["tool_calls"] = tool_calls_body(choice.tool_calls)
         body["message"] = message
@@ -170,9 +178,19 @@ def completion_body(
 
 
 def render_completion(
-    completion: ChatCompletion, *, model: str, generate: bool, timing: Timing, created_at: str | None = None
+    completion: ChatCompletion,
+    *,
+    model: str,
+    generate: bool,
+    timing: Timing,
+    created_at: str | None = None,
+    thinking: bool = True,
 ) -> bytes:
-    return dumps(completion_body(completion, model=model, generate=generate, timing=timing, created_at=created_at))
+    return dumps(
+        completion_body(
+            completion, model=model, generate=generate, timing=timing, created_at=created_at, thinking=thinking
+        )
+    )
 
 
 def load_reply(model: str, *, generate: bool, unload: bool) -> bytes:

@@ -182,7 +182,8 @@ class StreamRenderer:
 
     `model` is the name the client asked for, echoed on every line as Ollama does. `started`
     is when the request arrived, on `clock`; the closing line's durations are measured from it.
-    Only choice 0 is rendered (an Ollama request cannot ask for more).
+    Without `thinking` (the client said `think: false`) reasoning is dropped. Only choice 0
+    is rendered (an Ollama request cannot ask for more).
     """
 
     def __init__(
@@ -192,8 +193,11 @@ class StreamRenderer:
         generate: bool = False,
         started: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        thinking: bool = True,
     ) -> None:
         self._generate = generate
+        # Reasoning not wanted is simply not a piece: it falls through the event dispatch.
+        self._pieces_rendered: tuple[type[TextDelta | ReasoningDelta], ...] = _PIECES if thinking else (TextDelta,)
         self._clock = clock
         self._started = clock() if started is None else started
         self._first: float | None = None
@@ -219,7 +223,7 @@ class StreamRenderer:
         for event in events:
             if self.done:
                 break
-            if isinstance(event, _PIECES):
+            if isinstance(event, self._pieces_rendered):
                 if event.choice or not event.text:
                     continue
                 if not stamp:
