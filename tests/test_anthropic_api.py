@@ -262,6 +262,17 @@ async def test_an_image_read_by_a_tool_reaches_an_openai_backend_in_the_next_use
     assert setup.fake("anthropic").requests[-1].json["messages"][2]["content"][0]["content"] == [image]
 
 
+@pytest.mark.parametrize(("disable", "parallel"), [(True, False), (False, True), (None, None)])
+async def test_disable_parallel_tool_use_reaches_openai_backends_as_parallel_tool_calls(
+    setup: Setup, disable: bool | None, parallel: bool | None
+) -> None:
+    choice: Any = {"type": "auto"} if disable is None else {"type": "auto", "disable_parallel_tool_use": disable}
+    for kind in ("openai", "anthropic"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=20, messages=MESSAGES, tools=TOOLS, tool_choice=choice)
+    assert setup.fake("openai").requests[-1].json.get("parallel_tool_calls") == parallel
+    assert setup.fake("anthropic").requests[-1].json["tool_choice"] == choice
+
+
 # -- usage -------------------------------------------------------------------------------------------------
 
 

@@ -186,6 +186,7 @@ def test_tool_choice(choice: dict[str, Any], expected: ToolChoice) -> None:
         ({"stop_sequences": "END"}, "stop_sequences"),
         ({"tool_choice": {"type": "required"}}, "tool_choice.type"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+        ({"tool_choice": {"type": "auto", "disable_parallel_tool_use": "yes"}}, "tool_choice.disable_parallel_tool_use"),
         ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
         ({"system": 3}, "system"),
         ({"metadata": {"user_id": 7}}, "metadata.user_id"),

@@ -12,9 +12,10 @@ Mapping choices (ingress):
 - `cache_control` (prompt caching) on system, content, tool_use and tool_result blocks
   travels as Anthropic-only marker parts placed after what they mark, and on tool
   definitions in `extra`, so an Anthropic backend gets its cache breakpoints back;
-- server tools (a `tools` entry with a `type` other than `custom`), `tool_choice`'s
-  `disable_parallel_tool_use` and every unmodelled top-level field (`thinking`, `metadata`,
-  `service_tier`, …) travel in `extra`, so only Anthropic backends see them.
+- server tools (a `tools` entry with a `type` other than `custom`) and every unmodelled
+  top-level field (`thinking`, `metadata`, `service_tier`, …) travel in `extra`, so only
+  Anthropic backends see them; `tool_choice`'s `disable_parallel_tool_use` does too (sent
+  back as written) and is also the domain's `parallel_tool_calls`, for other backends.
 """
 
 from __future__ import annotations
@@ -88,8 +89,12 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
     if tool_cache:
         extra[_TOOL_CACHE] = tool_cache
     tool_choice = _parse_tool_choice(fields.object("tool_choice"))
+    parallel_tool_calls: bool | None = None
     if tool_choice is not None and "disable_parallel_tool_use" in fields.data["tool_choice"]:
         extra["tool_choice"] = fields.data["tool_choice"]
+        disable = Fields(fields.data["tool_choice"], "tool_choice").boolean("disable_parallel_tool_use")
+        if disable is not None:
+            parallel_tool_calls = not disable
 
     stream = bool(fields.boolean("stream"))
     params = GenerationParams(
@@ -110,6 +115,7 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
         include_usage=True if stream else None,
         dialect=DIALECT,
         extra=extra,
+        parallel_tool_calls=parallel_tool_calls,
     )
 
 
