@@ -297,6 +297,24 @@ async def test_generate_suffix_is_native_on_ollama_and_refused_elsewhere(setup: 
     assert info.value.status_code == 400 and "suffix" in info.value.error
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_generate_raw_and_template_are_refused_off_ollama(setup: Setup, kind: str) -> None:
+    # Silently wrapping a raw prompt in a chat message would answer a different question.
+    for field, value in (("raw", True), ("template", "{{ .Prompt }}")):
+        for stream in (True, False):
+            with pytest.raises(ollama.ResponseError) as info:
+                reply = await setup.client.generate(model=MODELS[kind], prompt="<s>[INST] hi", stream=stream, **{field: value})
+                if stream:
+                    await collect(reply)  # type: ignore[arg-type]
+            assert info.value.status_code == 400 and f"`{field}`" in info.value.error
+            assert "Ollama backend" in info.value.error
+    assert [r for r in setup.fake(kind).requests if r.method == "POST"] == []
+    reply = await setup.client.generate(model=MODELS[kind], prompt="hi", raw=False)  # says nothing special
+    assert reply.done
+    native = await setup.client.generate(model="llama3.2", prompt="hi", raw=True, template="{{ .Prompt }}")
+    assert native.done and (setup.sent("ollama")["raw"], setup.sent("ollama")["template"]) == (True, "{{ .Prompt }}")
+
+
 async def test_empty_prompts_load_the_model_without_calling_it(setup: Setup) -> None:
     generated = await setup.client.generate(model="llama3.2", prompt="")
     assert (generated.done, generated.done_reason, generated.response) == (True, "load", "")

@@ -92,6 +92,14 @@ def _refuse_embedding_model(gw: Gateway, model: str, *, generate: bool) -> None:
         )
 
 
+# /api/generate fields only an Ollama backend can honour, and what they ask for.
+_OLLAMA_ONLY = {
+    "suffix": "fill-in-the-middle",
+    "raw": "a prompt sent without the model's template",
+    "template": "a custom prompt template",
+}
+
+
 async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -> ExchangeBody | Reply:
     _refuse_embedding_model(incoming.gateway, request.model, generate=generate)
     if not request.messages:
@@ -99,15 +107,18 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     exchange, headers = _exchange(incoming, request)
     backend = exchange.route.backend  # "" for routes without one (workflows)
     if generate and backend:
-        # Chat backends have no fill-in-the-middle: answering as if there were no suffix
-        # would be a confidently wrong completion.
+        # Chat backends have no fill-in-the-middle and apply their own chat template: answering
+        # as if these fields were not there would be a confidently wrong completion.
         kind = incoming.gateway.backends[backend].config.kind
-        if kind != "ollama" and "suffix" in ollama.generate_only_fields(request):
-            raise invalid_request(
-                f"`suffix` (fill-in-the-middle) needs an Ollama backend; model `{request.model}` "
-                f"is served by backend `{backend}` ({kind}).",
-                param="suffix",
-            )
+        if kind != "ollama":
+            used = ollama.generate_only_fields(request)
+            field = next((name for name in _OLLAMA_ONLY if name in used), None)
+            if field is not None:
+                raise invalid_request(
+                    f"`{field}` ({_OLLAMA_ONLY[field]}) needs an Ollama backend; model `{request.model}` "
+                    f"is served by backend `{backend}` ({kind}).",
+                    param=field,
+                )
     started = exchange.meta.received
     thinking = ollama.wants_thinking(request)
     if request.stream:
