@@ -206,3 +206,62 @@ def test_a_json_answer_without_an_error_to_a_stream_request_is_named() -> None:
     closed = relay.close()
     error = json.loads(closed.raw.removeprefix(b"data: "))["error"]
     assert error["message"] == "The backend answered with JSON, not a stream."
+
+
+# -- fields below the top level ---------------------------------------------------------------------------------
+
+
+async def test_message_level_fields_arrive_as_sent(setup: Setup) -> None:
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "user", "content": "Say hello"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "They want a greeting.", "refusal": None},
+        {"role": "user", "content": "Again, in French"},
+        {"role": "assistant", "content": "Bon", "prefix": True},
+    ]
+    response = await setup.http.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+    assert response.status_code == 200, response.text
+    assert setup.sent()["messages"] == messages
+
+
+def test_content_the_gateway_changed_is_sent_as_changed() -> None:
+    from dataclasses import replace
+
+    from proxy.domain.chat import TextPart
+
+    request = openai_codec.parse_chat_request(json.dumps({"model": "m", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]},
+        MESSAGES[0],
+    ]}).encode())
+    request.messages[0] = replace(request.messages[0], content=(TextPart("Be brief.\n\nContext: …"),))
+    body = json.loads(openai_codec.encode_chat_request(request, "m", stream=False, include_usage=False))
+    assert body["messages"][0] == {"role": "system", "content": "Be brief.\n\nContext: …"}
+
+
+async def test_stream_options_beyond_include_usage_arrive_as_sent(setup: Setup) -> None:
+    response = await setup.http.post("/v1/chat/completions", json={
+        "model": "m", "messages": MESSAGES, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    })
+    assert response.status_code == 200
+    assert setup.sent()["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    # Asked without usage, the gateway still asks for it (its accounting) and keeps the rest.
+    await setup.http.post("/v1/chat/completions", json={
+        "model": "m", "messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": True},
+    })
+    assert setup.sent()["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+
+
+def test_continuous_usage_stays_on_every_chunk_when_asked() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    frames = [
+        {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}], "usage": usage},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
+        {**head, "choices": [], "usage": usage},
+    ]
+    upstream = b"".join(b"data: " + json.dumps(f).encode() + b"\n\n" for f in frames) + b"data: [DONE]\n\n"
+    kept = openai_codec.StreamRelay(include_usage=True, chunk_usage=True).feed(upstream).raw
+    assert kept == upstream
+    moved = openai_codec.StreamRelay(include_usage=True).feed(upstream).raw
+    assert moved.count(b'"usage":null') == 2

@@ -5,6 +5,7 @@ from proxy.dialects.openai._request import (
     encode_chat_request,
     parse_chat_request,
     render_message,
+    wants_chunk_usage,
 )
 from proxy.dialects.openai._response import (
     completion_body,
@@ -52,4 +53,5 @@ __all__ = [
     "render_message",
     "render_model_list",
     "render_usage",
+    "wants_chunk_usage",
 ]

@@ -54,11 +54,14 @@ def parse_chat_request(body: bytes) -> ChatRequest:
 
     stream = bool(fields.boolean("stream"))
     include_usage: bool | None = None
+    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
     options = fields.object("stream_options")
     if options is not None and stream:
         include_usage = options.boolean("include_usage")
-
-    extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
+        # The rest (vLLM's `continuous_usage_stats`, …) is for an OpenAI backend to read.
+        other_options = {k: v for k, v in options.data.items() if k != "include_usage"}
+        if other_options:
+            extra["stream_options"] = other_options
     max_tokens = fields.integer("max_tokens", minimum=1)
     max_completion_tokens = fields.integer("max_completion_tokens", minimum=1)
     if max_completion_tokens is not None:
@@ -120,6 +123,10 @@ def _parse_message(item: Any, path: str) -> Message:
     if role != "assistant" and not content and role_name != "function":
         raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
     extra = {k: v for k, v in item.items() if k not in _MESSAGE_MODELLED}
+    raw_content = item.get("content")
+    if isinstance(raw_content, list) and any(_has_unmodelled_fields(part) for part in raw_content):
+        # Parts carrying more than the domain keeps (`cache_control`, …) go back as sent.
+        extra["content"] = raw_content
     if role_name == "function":
         # A legacy function result is a tool result to the domain, but an OpenAI backend
         # gets it back under its own role (it has no tool_call_id to be a `tool` message).
@@ -167,6 +174,16 @@ def _parse_content(value: Any, path: str) -> tuple[ContentPart, ...]:
         else:
             raise invalid_request(f"Invalid `{part_path}.type`: expected a string.", param=f"{part_path}.type")
     return tuple(parts)
+
+
+def _has_unmodelled_fields(part: dict[str, Any]) -> bool:
+    kind = part.get("type")
+    if kind == "text":
+        return len(part) > 2
+    if kind == "image_url":
+        image = part.get("image_url")
+        return len(part) > 2 or (isinstance(image, dict) and not image.keys() <= {"url", "detail"})
+    return False  # kept whole as an OpaquePart
 
 
 def _parse_tool_call(item: Any, path: str) -> ToolCall:
@@ -286,9 +303,20 @@ def encode_chat_request(
             {"type": "function", "function": {"name": choice.name}} if choice.name else choice.mode
         )
     body["stream"] = stream
-    if stream and include_usage:
-        body["stream_options"] = {"include_usage": True}
+    options = body.pop("stream_options", None)  # the client's own, from `extra`
+    if stream:
+        options = dict(options) if isinstance(options, dict) else {}
+        if include_usage:
+            options["include_usage"] = True
+        if options:
+            body["stream_options"] = options
     return dumps(body)
+
+
+def wants_chunk_usage(request: ChatRequest) -> bool:
+    """Whether an OpenAI client asked for usage on every chunk (vLLM's `continuous_usage_stats`)."""
+    options = request.extra.get("stream_options") if request.dialect == DIALECT else None
+    return isinstance(options, dict) and options.get("continuous_usage_stats") is True
 
 
 def render_message(message: Message, *, as_sent: bool = False) -> dict[str, Any]:
@@ -314,7 +342,13 @@ def render_message(message: Message, *, as_sent: bool = False) -> dict[str, Any]
     if message.name is not None:
         out["name"] = message.name
     if as_sent:
-        out.update(message.extra)
+        if message.reasoning is not None:
+            out["reasoning_content"] = message.reasoning
+        sent = message.extra
+        if "content" in sent and _parse_content(sent["content"], "content") != message.content:
+            # The gateway changed the content since (retrieval context, …): its version wins.
+            sent = {k: v for k, v in sent.items() if k != "content"}
+        out.update(sent)
     return out
 
 

@@ -75,10 +75,13 @@ class StreamRelay:
 
     `include_usage` is what the *client* asked for: the backend may have been asked for usage
     regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
+    `chunk_usage`: the client also asked for usage on every chunk (vLLM's
+    `continuous_usage_stats`), so usage riding on content chunks stays there.
     """
 
-    def __init__(self, *, include_usage: bool | None) -> None:
+    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False) -> None:
         self._include_usage = bool(include_usage)
+        self._chunk_usage = self._include_usage and chunk_usage
         self._decoder = SSEDecoder()
         self._start: StreamStart | None = None
         self._role_sent = False
@@ -189,9 +192,10 @@ class StreamRelay:
                     self._usage_forwarded = True
                     out.append(raw if not rewrite else encode_event(dumps(chunk)))
                 return
-            # Usage riding on a content chunk: move it to its own chunk at the end.
-            chunk["usage"] = None
-            rewrite = True
+            if not self._chunk_usage:
+                # Usage riding on a content chunk: move it to its own chunk at the end.
+                chunk["usage"] = None
+                rewrite = True
         elif not choices:
             return
 

@@ -44,7 +44,10 @@ class OpenAIBackend:
     async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
-            openai.StreamRelay(include_usage=call.request.include_usage), send,
+            openai.StreamRelay(
+                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request)
+            ),
+            send,
             backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
             headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
             error=self._error,
