@@ -100,6 +100,9 @@ class EmbeddingCall:
     dimensions: int | None = None
     truncate: bool | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # An OpenAI client's other fields (`user`, vLLM's `truncate_prompt_tokens`, …), for an
+    # OpenAI-compatible backend only.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
