@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import trio
@@ -171,13 +171,15 @@ class LocalModel:
 class EmbeddingRequest:
     """An embeddings request in any dialect. `inputs` are texts, or token-id arrays (only a
     backend that takes them can serve those). `truncate`: inputs longer than the model reads
-    are cut (True) or refused (False)."""
+    are cut (True) or refused (False). `extra`: an OpenAI client's other fields, passed on
+    to an OpenAI-compatible backend (the local model and Ollama have no use for them)."""
 
     model: str
     inputs: list[str] | list[list[int]]
     dimensions: int | None = None
     truncate: bool = True
     headers: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -291,7 +293,7 @@ class EmbeddingService:
             return EmbeddingResponse(request.model, np.empty((0, 0), np.float32), 0, route.backend)
         call = EmbeddingCall(
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
-            truncate=None if request.truncate else False, headers=request.headers,
+            truncate=None if request.truncate else False, headers=request.headers, extra=request.extra,
         )
         output = await backend.embed(call)
         try:
