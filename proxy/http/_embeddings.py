@@ -60,6 +60,11 @@ def _token_ids(value: Any) -> bool:
     )
 
 
+# The rest of an OpenAI client's fields (`user`, vLLM's `truncate_prompt_tokens`, …) go to
+# an OpenAI-compatible backend as sent.
+_OPENAI_MODELLED = frozenset({"model", "input", "encoding_format", "dimensions"})
+
+
 @blueprint.post("/v1/embeddings")
 async def openai_embeddings() -> Response:
     fields = Fields(loads_object(await request_body()))
@@ -73,9 +78,10 @@ async def openai_embeddings() -> Response:
         )
     dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
     fields.text("user")
+    extra = {k: v for k, v in fields.data.items() if k not in _OPENAI_MODELLED}
     headers, request_id = _backend_headers()
     result = await _service().embed(
-        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, headers=headers)
+        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra)
     )
     data = [
         {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
