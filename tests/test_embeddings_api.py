@@ -145,6 +145,14 @@ async def test_backend_models_are_routed_and_token_arrays_pass_through(setup: Se
     assert sent.path == "/v1/embeddings"
     assert sent.json == {"model": "bge-m3", "input": ["alpha beta", "gamma"], "encoding_format": "float"}
 
+    # The client's other fields reach the backend as sent (vLLM reads `truncate_prompt_tokens`).
+    await setup.client.embeddings.create(
+        model="bge-m3", input="alpha", user="user-7", extra_body={"truncate_prompt_tokens": 64}
+    )
+    assert setup.openai_fake.requests[-1].json == {
+        "model": "bge-m3", "input": ["alpha"], "encoding_format": "float", "user": "user-7", "truncate_prompt_tokens": 64,
+    }
+
     tokens = await setup.client.embeddings.create(model="bge-m3", input=[[1, 2], [3]], dimensions=8)
     assert len(tokens.data) == 2 and len(tokens.data[0].embedding) == 8
     assert setup.openai_fake.requests[-1].json["input"] == [[1, 2], [3]]

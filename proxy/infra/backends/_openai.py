@@ -90,7 +90,9 @@ class OpenAIBackend:
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /embeddings`, floats requested (every OpenAI-compatible server has them)."""
         name = self.config.name
-        body: dict[str, object] = {"model": call.upstream_model, "input": call.inputs, "encoding_format": "float"}
+        body: dict[str, object] = {
+            **call.extra, "model": call.upstream_model, "input": call.inputs, "encoding_format": "float",
+        }
         if call.dimensions is not None:
             body["dimensions"] = call.dimensions
         timeout = self.config.timeouts.total
