@@ -272,7 +272,8 @@ async def test_generate_streams_responses(setup: Setup, kind: str) -> None:
     assert "".join(p.response for p in parts) == "Once upon"
     final = parts[-1]
     assert final.done and final.done_reason == "stop" and final.eval_count == 2
-    assert final.context is None  # no real context tokens to give (see the dialect notes)
+    # An Ollama backend's context is relayed (the fake's: one number per token); others have none.
+    assert final.context == (list(range(1, 8)) if kind == "ollama" else None)
     sent = setup.sent(kind)
     if kind == "openai":
         assert sent["messages"] == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Tell a story"}]
@@ -285,6 +286,18 @@ async def test_generate_non_streaming(setup: Setup) -> None:
     setup.fake("openai").set_script(Script(tokens=["4"]))
     reply = await setup.client.generate(model="gpt", prompt="2+2?")
     assert reply.response == "4" and reply.done and reply.done_reason == "stop"
+
+
+async def test_generate_context_from_an_ollama_backend_continues_the_conversation(setup: Setup) -> None:
+    setup.fake("ollama").set_script(Script(tokens=["4"], usage=Usage(3, 1)))
+    reply = await setup.client.generate(model="llama3.2", prompt="2+2?")
+    assert reply.context == [1, 2, 3, 4]
+    await setup.client.generate(model="llama3.2", prompt="and 3+3?", context=reply.context)
+    assert setup.sent("ollama")["context"] == [1, 2, 3, 4]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        streamed = await http.post("/api/generate", json={"model": "llama3.2", "prompt": "hi"})
+        lines = [json.loads(item) for item in streamed.text.splitlines()]
+        assert [item.get("context") for item in lines] == [None] * (len(lines) - 1) + [[1, 2, 3, 4]]
 
 
 async def test_generate_suffix_is_native_on_ollama_and_refused_elsewhere(setup: Setup) -> None:

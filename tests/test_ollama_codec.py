@@ -39,6 +39,7 @@ from proxy.domain.events import (
     ToolCallDelta,
     ToolCallStart,
     UsageReport,
+    completion_events,
 )
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAghs7GQAAAABJRU5ErkJggg=="
@@ -367,7 +368,27 @@ def test_parser_gives_tool_calls_ids_indexes_and_tool_calls_reason() -> None:
 def test_parser_maps_length_and_generate_lines() -> None:
     data = line(response="Hi", done=False) + line(response="", done=True, done_reason="length", context=[1, 2], eval_count=1)
     events = parse_all(data)
-    assert events[1:] == [TextDelta("Hi"), UsageReport(Usage(0, 1)), Finish(FinishReason.LENGTH)]
+    assert events[1:] == [TextDelta("Hi"), UsageReport(Usage(0, 1)), ollama.FinishWithContext(FinishReason.LENGTH, 0, (1, 2))]
+
+
+def test_generate_context_is_relayed_on_the_closing_line_only() -> None:
+    # A client continuing a conversation through `context` needs the backend's array back.
+    data = line(response="Hi", done=False) + line(response="", done=True, done_reason="stop", context=[7, 8, 9])
+    renderer = ollama.StreamRenderer(model="m", generate=True)
+    rendered = lines_of(renderer.render(parse_all(data)) + renderer.close())
+    assert [item.get("context") for item in rendered] == [None, [7, 8, 9]]
+    assert rendered[-1]["done"] is True
+    chat = ollama.StreamRenderer(model="m")  # /api/chat replies have no context
+    assert "context" not in lines_of(chat.render(parse_all(data)) + chat.close())[-1]
+    completion = ollama.parse_completion(json.loads(data.splitlines()[-1]))
+    events = ollama.with_context(completion_events(completion), ollama.context_of(json.loads(data.splitlines()[-1])))
+    sent = ollama.render_completion(completion, model="m", generate=True, timing=ollama.Timing(1.0, None, 2.0),
+                                    context=ollama.finish_context(events))
+    assert json.loads(sent)["context"] == [7, 8, 9]
+    builder = CompletionBuilder()  # other dialects' renderers see a plain finish
+    for event in events:
+        builder.add(event)
+    assert builder.finish_reason is FinishReason.STOP
 
 
 def test_parser_turns_error_lines_and_truncation_into_failures() -> None:

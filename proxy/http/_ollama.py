@@ -58,8 +58,10 @@ class OllamaJsonSink(JsonSink):
                 builder.add(event)
             completion = builder.build()
         timing = ollama.Timing(self._started, None, time.perf_counter())
+        context = ollama.finish_context(batch.events) if self._generate else None
         body = ollama.render_completion(
-            completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking
+            completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking,
+            context=context,
         )
         await self._json(body, _JSON.encode())
 

@@ -33,10 +33,13 @@ from proxy.dialects.ollama._request import (
     wants_thinking,
 )
 from proxy.dialects.ollama._response import (
+    FinishWithContext,
     Timing,
     completion_body,
+    context_of,
     done_reason,
     error_message_from_body,
+    finish_context,
     finish_reason,
     load_reply,
     parse_completion,
@@ -45,6 +48,7 @@ from proxy.dialects.ollama._response import (
     render_error,
     statistics,
     timestamp,
+    with_context,
 )
 from proxy.dialects.ollama._stream import NdjsonDecoder, ParsedOutput, StreamParser, StreamRenderer
 
@@ -53,6 +57,7 @@ __all__ = [
     "OLLAMA_VERSION",
     "RAW_ARGUMENTS_KEY",
     "ROOT_TEXT",
+    "FinishWithContext",
     "NdjsonDecoder",
     "ParsedOutput",
     "StreamParser",
@@ -61,9 +66,11 @@ __all__ = [
     "arguments_object",
     "arguments_text",
     "completion_body",
+    "context_of",
     "done_reason",
     "encode_request",
     "error_message_from_body",
+    "finish_context",
     "finish_reason",
     "generate_only_fields",
     "image_base64",
@@ -90,4 +97,5 @@ __all__ = [
     "unmodelled_options",
     "version_body",
     "wants_thinking",
+    "with_context",
 ]

@@ -19,6 +19,38 @@ from proxy.dialects._json import dumps
 from proxy.dialects.ollama._common import arguments_object, arguments_text
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import GatewayError
+from proxy.domain.events import Finish, StreamEvent
+
+
+@dataclass(slots=True, frozen=True)
+class FinishWithContext(Finish):
+    """An Ollama backend's `/api/generate` finish with its `context` (the conversation's
+    tokens, which a client sends back to continue it). Any renderer sees a `Finish`; the
+    Ollama one also relays the context, on the closing line."""
+
+    context: tuple[int, ...] = ()
+
+
+def context_of(data: dict[str, Any]) -> tuple[int, ...] | None:
+    """The `context` of a backend's closing line, if it sent one."""
+    context = data.get("context")
+    if isinstance(context, list) and context:
+        return tuple(context)
+    return None
+
+
+def with_context(events: list[StreamEvent], context: tuple[int, ...] | None) -> list[StreamEvent]:
+    """`events` whose first choice's `Finish` carries `context` (a no-op without one)."""
+    if context is None:
+        return events
+    return [
+        FinishWithContext(event.reason, event.choice, context) if type(event) is Finish and event.choice == 0 else event
+        for event in events
+    ]
+
+
+def finish_context(events: list[StreamEvent]) -> tuple[int, ...] | None:
+    return next((event.context for event in events if isinstance(event, FinishWithContext)), None)
 
 
 def render_error(error: GatewayError) -> bytes:
@@ -150,9 +182,11 @@ def completion_body(
     timing: Timing,
     created_at: str | None = None,
     thinking: bool = True,
+    context: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """A non-streamed reply (`stream: false`) in Ollama's shape, from the first choice;
-    without `thinking` (the client said `think: false`) the reasoning is left out."""
+    without `thinking` (the client said `think: false`) the reasoning is left out. A generate
+    reply carries the backend's `context` when it sent one."""
     choice = completion.choices[0] if completion.choices else Choice()
     reasoning = choice.reasoning if thinking else ""
     body: dict[str, Any] = {"model": model, "created_at": created_at or timestamp()}
@@ -163,6 +197,8 @@ def completion_body(
             body["thinking"] = reasoning
         body["done"] = True
         body["done_reason"] = reason
+        if context:
+            body["context"] = list(context)
     else:
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
         if reasoning:
@@ -185,10 +221,12 @@ def render_completion(
     timing: Timing,
     created_at: str | None = None,
     thinking: bool = True,
+    context: tuple[int, ...] | None = None,
 ) -> bytes:
     return dumps(
         completion_body(
-            completion, model=model, generate=generate, timing=timing, created_at=created_at, thinking=thinking
+            completion, model=model, generate=generate, timing=timing, created_at=created_at, thinking=thinking,
+            context=context,
         )
     )
 

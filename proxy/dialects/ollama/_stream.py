@@ -17,7 +17,9 @@ from typing import Any
 from proxy.dialects._json import dumps
 from proxy.dialects.ollama._common import json_string
 from proxy.dialects.ollama._response import (
+    FinishWithContext,
     Timing,
+    context_of,
     done_reason,
     error_message,
     finish_reason,
@@ -173,7 +175,9 @@ class StreamParser:
             self.usage = usage_of(data)
             if self.usage is not None:
                 events.append(UsageReport(self.usage))
-            events.append(Finish(finish_reason(data.get("done_reason"), called_tools=self._tool_count > 0)))
+            reason = finish_reason(data.get("done_reason"), called_tools=self._tool_count > 0)
+            context = context_of(data)
+            events.append(Finish(reason) if context is None else FinishWithContext(reason, 0, context))
             self.done = True
 
 
@@ -214,6 +218,7 @@ class StreamRenderer:
         self._call_heads: dict[int, tuple[str, str]] = {}
         self._usage: Usage | None = None
         self._reason: FinishReason | None = None
+        self._context: tuple[int, ...] | None = None
         self._pieces = 0
         self.done = False
 
@@ -247,6 +252,8 @@ class StreamRenderer:
             elif isinstance(event, Finish):
                 if event.choice == 0 and self._reason is None:
                     self._reason = event.reason
+                    if isinstance(event, FinishWithContext):
+                        self._context = event.context
                     out.append(self._flush_calls())
             elif isinstance(event, StreamFailed):
                 # Calls not yet finished are cut short: sent whole, a client would run one
@@ -269,6 +276,8 @@ class StreamRenderer:
         head = self._prefix + timestamp_bytes()
         if self._generate:
             body = b'","response":"","done":true,"done_reason":"' + reason.encode() + b'",'
+            if self._context:
+                body += b'"context":' + dumps(list(self._context)) + b","
         else:
             body = b'","message":{"role":"assistant","content":""},"done_reason":"' + reason.encode() + b'","done":true,'
         return calls + head + body + dumps(stats)[1:] + b"\n"

@@ -67,7 +67,8 @@ class OllamaBackend:
             message = ollama.error_message_from_body(response.content) or "The backend reported an error."
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` failed: {message}")
         completion = ollama.parse_completion(data)
-        return Batch(completion_events(completion), done=True, completion=completion)
+        events = ollama.with_context(completion_events(completion), ollama.context_of(data))
+        return Batch(events, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /api/embed` (texts only: Ollama takes no token arrays)."""
