@@ -5,6 +5,7 @@ the gateway in front of a fake Anthropic backend."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -445,7 +446,10 @@ async def test_anthropic_beta_reaches_anthropic_backends_only(setup: Setup) -> N
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup, kind: str) -> None:
+async def test_disconnect_mid_stream_closes_the_backend_request(
+    setup: Setup, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.backends")
     fake = setup.fake(kind)
     fake.set_script(Script(n_tokens=1000, pace=0.01))
     seen = 0
@@ -458,6 +462,8 @@ async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup, ki
     gone = await fake.wait_disconnect(2.0)
     assert 0 < gone.frames_sent < 1000
     await fake.wait_idle(2.0)
+    # Our client hanging up is no backend fault.
+    assert [r.getMessage() for r in caplog.records if r.name == "llm_proxy.backends"] == []
 
 
 async def test_disconnect_before_first_token_closes_the_anthropic_backend_request(setup: Setup) -> None:

@@ -259,7 +259,12 @@ _log = logging.getLogger("llm_proxy.backends")
 
 @contextmanager
 def transport_errors(backend: str) -> Iterator[None]:
-    """Turn httpx's transport failures into gateway errors (503 unreachable, 504 timeout)."""
+    """Turn httpx's transport failures into gateway errors (503 unreachable, 504 timeout).
+
+    A failure met while this task is being cancelled is our own doing, not the backend's:
+    the client hung up, and its `Hangup` closed the connection under a pending read
+    ("another task closed this fd"). It is not logged; the error still propagates, and the
+    cancellation ends the task at its next checkpoint."""
     try:
         yield
     except httpx.TimeoutException as exc:
@@ -268,16 +273,23 @@ def transport_errors(backend: str) -> Iterator[None]:
         ) from None
     except (httpx.ConnectError, httpx.ProxyError, httpx.UnsupportedProtocol) as exc:
         # The detail names the backend's host and port: for the log, never for the client.
-        _log.warning("backend %s unreachable: %s", backend, exc)
+        if not _cancelled():
+            _log.warning("backend %s unreachable: %s", backend, exc)
         raise GatewayError(
             ErrorKind.UNAVAILABLE, f"Backend `{backend}` is unreachable.", code="backend_unreachable"
         ) from None
     except httpx.TransportError as exc:
-        _log.warning("backend %s connection failed: %s", backend, exc or type(exc).__name__)
+        if not _cancelled():
+            _log.warning("backend %s connection failed: %s", backend, exc or type(exc).__name__)
         raise GatewayError(
             ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({type(exc).__name__}).",
             code="backend_connection_error",
         ) from None
+
+
+def _cancelled() -> bool:
+    """This task is in a cancelled scope (its next checkpoint raises `Cancelled`)."""
+    return trio.current_effective_deadline() == -math.inf
 
 
 def timeout_error(backend: str, what: str, seconds: float | None) -> GatewayError:
