@@ -371,6 +371,26 @@ async def test_model_missing_on_the_ollama_backend_keeps_its_message() -> None:
             assert info.value.error == 'model "llama9" not found, try pulling it first'
 
 
+async def test_model_unknown_to_an_openai_backend_is_ollamas_404() -> None:
+    fake = OpenAIBackend(models=["qwen3-8b"])
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+
+            async def streamed() -> list[Any]:
+                return await collect(await client.chat(model="qwen9", messages=MESSAGES, stream=True))
+
+            for call in (
+                client.chat(model="qwen9", messages=MESSAGES),
+                streamed(),
+                client.generate(model="qwen9", prompt="x"),
+            ):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "qwen9" not found, try pulling it first'
+            assert (await client.chat(model="qwen3-8b", messages=MESSAGES)).done
+
+
 async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         for path, content in (

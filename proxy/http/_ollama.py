@@ -65,11 +65,33 @@ class OllamaJsonSink(JsonSink):
         )
         await self._json(body, _JSON.encode())
 
+    async def fail(self, error: GatewayError) -> None:
+        await super().fail(_as_ollama(error, self._model))
+
+
+class OllamaStreamSink(RenderedStreamSink):
+    """An NDJSON stream; a model the backend does not have is Ollama's 404, as for the router."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, renderer: ollama.StreamRenderer, *, model: str) -> None:
+        super().__init__(send, headers, renderer, content_headers=NDJSON_HEADERS, dialect="ollama")
+        self._model = model
+
+    async def fail(self, error: GatewayError) -> None:
+        await super().fail(_as_ollama(error, self._model))
+
 
 def _not_found(model: str) -> GatewayError:
     return GatewayError(
         ErrorKind.NOT_FOUND, f'model "{model}" not found, try pulling it first', param="model", code="model_not_found"
     )
+
+
+def _as_ollama(error: GatewayError, model: str) -> GatewayError:
+    """A backend's 404 (its own wording: "The model `x` does not exist", …) in Ollama's words,
+    which Ollama clients recognise (and offer to pull)."""
+    if error.kind is ErrorKind.NOT_FOUND and error.code == "backend_404":
+        return _not_found(model)
+    return error
 
 
 def _exchange(incoming: Incoming, request: ChatRequest) -> tuple[ChatExchange, Headers]:
@@ -125,9 +147,7 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     thinking = ollama.wants_thinking(request)
     if request.stream:
         renderer = ollama.StreamRenderer(model=request.model, generate=generate, started=started, thinking=thinking)
-        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, renderer, content_headers=NDJSON_HEADERS, dialect="ollama",
-        ))
+        return ExchangeBody(exchange, lambda send: OllamaStreamSink(send, headers, renderer, model=request.model))
     return ExchangeBody(exchange, lambda send: OllamaJsonSink(
         send, headers, model=request.model, generate=generate, started=started, thinking=thinking,
     ))
