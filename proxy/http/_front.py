@@ -11,7 +11,7 @@ guard (`_auth.admit`), the header view (`_head`) and the errors in the path's di
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -101,9 +101,10 @@ async def serve(
 ) -> None:
     """One request on a front-door route, from the guard to the last byte."""
     head = RequestHead(scope)
+    out = ResponseSend(send, scope, head)
     refusal = await admit(gateway, head)
     if refusal is not None:
-        await send_reply(send, refusal)
+        await send_reply(out, refusal)
         return
     try:
         if head.method != route.method:
@@ -118,12 +119,12 @@ async def serve(
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))
-        await send_reply(send, reply)
+        await send_reply(out, reply)
         return
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
         await send_reply(
-            send,
+            out,
             error_reply(
                 GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."), dialect_of_path(head.path)
             ),
@@ -131,11 +132,11 @@ async def serve(
         return
     if isinstance(answer, Reply):
         answer.headers.extend(granted_headers())
-        await send_reply(send, answer)
+        await send_reply(out, answer)
         return
     if isinstance(answer, ExchangeBody):
         stamp_exchange(answer.exchange)
-    await _respond(answer, receive, send)
+    await _respond(answer, receive, out)
 
 
 async def _answer(route: FrontRoute, incoming: Incoming) -> DirectBody | Reply:
@@ -187,25 +188,45 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-class _TrackedSend:
-    """`send`, noting when the response's last byte has gone out."""
+class ResponseSend:
+    """`send` for one request, whichever layer serves it: the response's head gets the
+    request's id (`x-request-id`, and Anthropic's `request-id` for Anthropic clients) unless
+    the route set it, and `complete` notes when the last byte has gone out."""
 
-    __slots__ = ("_send", "complete")
+    __slots__ = ("_head", "_scope", "_send", "complete")
 
-    def __init__(self, send: ASGISendCallable) -> None:
+    def __init__(self, send: ASGISendCallable, scope: Mapping[str, Any], head: RequestHead | None = None) -> None:
         self._send = send
+        self._scope = scope
+        self._head = head  # made on demand for Quart's routes, which parse their own
         self.complete = False
 
     async def __call__(self, message: Any) -> None:
-        # Set before sending: hypercorn reports the disconnect from inside this send.
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.complete = True
+        kind = message["type"]
+        if kind == "http.response.body":
+            # Set before sending: hypercorn reports the disconnect from inside this send.
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.start":
+            message["headers"] = self._with_ids(message.get("headers", ()))
         await self._send(message)
 
+    def _with_ids(self, headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        stamped = list(headers)
+        names = {name for name, _ in stamped}
+        head = self._head or RequestHead(self._scope)
+        request_id = head.request_id().encode()
+        if b"x-request-id" not in names:
+            stamped.append((b"x-request-id", request_id))
+        if b"request-id" not in names and (
+            head.header("anthropic-version") is not None or dialect_of_path(head.path) == "anthropic"
+        ):
+            stamped.append((b"request-id", request_id))
+        return stamped
 
-async def _respond(body: DirectBody, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+
+async def _respond(body: DirectBody, receive: ASGIReceiveCallable, tracked: ResponseSend) -> None:
     """Run `body` as the response, beside a watcher for the client's disconnect."""
-    tracked = _TrackedSend(send)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_disconnect, receive, body, tracked, nursery.cancel_scope)
         await body.run(tracked)
@@ -213,7 +234,7 @@ async def _respond(body: DirectBody, receive: ASGIReceiveCallable, send: ASGISen
 
 
 async def _watch_disconnect(
-    receive: ASGIReceiveCallable, body: DirectBody, tracked: _TrackedSend, scope: trio.CancelScope
+    receive: ASGIReceiveCallable, body: DirectBody, tracked: ResponseSend, scope: trio.CancelScope
 ) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass

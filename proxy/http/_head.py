@@ -4,16 +4,21 @@ choice need, whichever layer serves the request (the exchange front door or Quar
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from proxy.services.auth import current_principal
 from proxy.services.chat import RequestMeta, new_trace_id
 
+# Where a request's id lives once chosen: in its ASGI scope, which every layer that serves
+# the request (the front door, Quart, the hooks, the response's stamp) sees the same.
+_REQUEST_ID = "llm_proxy.request_id"
+
 
 class RequestHead:
-    __slots__ = ("_headers", "_size", "method", "path", "query")
+    __slots__ = ("_headers", "_scope", "_size", "method", "path", "query")
 
     def __init__(self, scope: Mapping[str, Any]) -> None:
+        self._scope = scope
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self.query: bytes = scope.get("query_string", b"")
@@ -34,6 +39,15 @@ class RequestHead:
     def header_bytes(self) -> int:
         """The size of the headers as sent, about: names, values and separators."""
         return self._size
+
+    def request_id(self, minted: str | None = None) -> str:
+        """The request's id, which its response carries as `x-request-id`: the client's
+        `x-request-id` if usable, else `minted` (or a new id); chosen once per request."""
+        chosen = self._scope.get(_REQUEST_ID)
+        if chosen is None:
+            chosen = _clean_id(self.header("x-request-id")) or minted or new_trace_id()
+            cast(dict[str, Any], self._scope)[_REQUEST_ID] = chosen
+        return cast(str, chosen)
 
 
 def _clean_id(value: str | None) -> str | None:
@@ -63,7 +77,7 @@ def request_meta(head: RequestHead) -> RequestMeta:
         route = "workflow" if pipeline else "rag" if workspace else "direct"
     return RequestMeta(
         trace_id=trace_id,
-        request_id=_clean_id(header("x-request-id")) or trace_id,
+        request_id=head.request_id(trace_id),
         correlation_id=_clean_id(header("x-correlation-id")),
         route=route,
         workspace=workspace,

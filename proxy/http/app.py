@@ -32,6 +32,9 @@ class _App(GatewayApp):
                 route, params = matched
                 await _front.serve(self.gateway, route, params, scope, receive, send)
                 return
+            # Every response carries the request's id, whatever made it: a route, a hook, an
+            # error handler, werkzeug's 404/405/413.
+            send = _front.ResponseSend(send, scope)
         await super().asgi_app(scope, receive, send)
 
 
