@@ -36,6 +36,7 @@ class _Connection:
     h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
     reused: bool = False
+    closed: bool = False
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -46,6 +47,7 @@ class _Connection:
 
     def close(self) -> None:
         """Close now, without a checkpoint: it must happen even when we are cancelled."""
+        self.closed = True
         self.socket.close()
 
 
@@ -105,7 +107,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()
             # A readable idle socket means the server closed it (or sent garbage).
-            if now - conn.idle_since > self._expiry or conn.socket.is_readable():
+            if conn.closed or now - conn.idle_since > self._expiry or conn.socket.is_readable():
                 conn.close()
                 continue
             conn.reused = True
@@ -113,7 +115,9 @@ class PooledTransport(httpx.AsyncBaseTransport):
         return None
 
     def _release(self, origin: Origin, conn: _Connection) -> None:
-        if self._closed or conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+        # A connection a hang-up closed may still have parsed its whole response from
+        # what it had buffered: it is closed all the same, and never pooled.
+        if self._closed or conn.closed or conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
             conn.close()
             return
         try:
