@@ -8,18 +8,22 @@ knows it, then the body as the exchange produces it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from hypercorn.typing import ASGISendCallable
+import trio
+from hypercorn.typing import ASGISendCallable, HTTPResponseStartEvent
 
-from proxy.domain.errors import GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.http._errors import error_reply
 from proxy.infra.backends import Batch
 from proxy.services.chat import ChatExchange, ExchangeSink
 
 Headers = list[tuple[bytes, bytes]]
+
+log = logging.getLogger("llm_proxy.http")
 
 
 class DirectBody:
@@ -41,7 +45,14 @@ class ExchangeBody(DirectBody):
         sink = self._sink(send)
         if isinstance(sink, AsgiSink):
             sink.extra_headers = self.exchange.response_headers
-        await self.exchange.run(sink)
+        try:
+            await self.exchange.run(sink)
+        except Exception:
+            # A bug must cost this request only: escaping, it would reach hypercorn, which
+            # answers a 500 even mid-response.
+            log.exception("exchange %s failed", self.exchange.meta.trace_id)
+            if isinstance(sink, AsgiSink) and not sink.started:
+                await sink.fail(GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."))
 
     def hang_up(self) -> None:
         self.exchange.hang_up()
@@ -55,13 +66,21 @@ class AsgiSink:
     def __init__(self, send: ASGISendCallable, headers: Headers) -> None:
         self._send = send
         self._headers = headers
+        self.started = False
         # Headers the exchange adds (trace id, cache status, RAG sources); read at start.
         self.extra_headers: Headers = []
 
     async def _start(self, status: int, headers: Headers) -> None:
-        await self._send(
-            {"type": "http.response.start", "status": status, "headers": headers + self._headers + self.extra_headers}
-        )
+        self.started = True
+        message: HTTPResponseStartEvent = {
+            "type": "http.response.start", "status": status, "headers": headers + self._headers + self.extra_headers,
+            "trailers": False,
+        }
+        # Shielded: cancelled between hypercorn's h11 state change and its own bookkeeping,
+        # hypercorn would later answer a 500 on a response already begun, and that error
+        # escapes into its server nursery — one client's hang-up would stop the gateway.
+        with trio.CancelScope(shield=True):
+            await self._send(message)
 
     async def _body(self, data: bytes) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
