@@ -102,3 +102,24 @@ async def test_anthropic_clients_get_request_id_on_errors_too() -> None:
             await client.messages.create(model="m", max_tokens=5, messages=[])
         assert caught.value.status_code == 400
         assert caught.value.request_id
+
+
+async def test_the_openai_sdk_retrieves_listed_models_and_aliases() -> None:
+    fake = OpenAIBackend(models=["m-1", "org/m-2"])
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, prefixes=("m",)), aliases={"fast": "m-1"}
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        model = await client.models.retrieve("m-1")
+        assert (model.id, model.object, model.created, model.owned_by) == ("m-1", "model", 1700000000, fake.name)
+        assert (await client.models.retrieve("org/m-2")).id == "org/m-2"  # sent as org%2Fm-2
+        alias = await client.models.retrieve("fast")
+        assert alias.id == "fast" and alias.model_extra == {"backend": "b", "alias_of": "m-1"}
+        listed = {m.id async for m in client.models.list()}
+        assert {"m-1", "org/m-2", "fast"} <= listed
+        for model_id in listed:
+            assert (await client.models.retrieve(model_id)).id == model_id
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.models.retrieve("m-unknown")
+        assert caught.value.code == "model_not_found" and caught.value.type == "invalid_request_error"
+        assert "`m-unknown` does not exist" in caught.value.message

@@ -1,15 +1,19 @@
-"""The OpenAI surface: /v1/chat/completions and /v1/models."""
+"""The OpenAI surface: /v1/chat/completions, /v1/models and /v1/models/{id}."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from quart import Blueprint, Response
 
 from proxy.dialects import openai
+from proxy.dialects._json import dumps
+from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch
+from proxy.infra.backends import Batch, ModelInfo
 
 exchanges = FrontDoor()
 blueprint = Blueprint("openai", __name__)
@@ -98,12 +102,31 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
 
 
+def _model_object(model: ModelInfo) -> dict[str, Any]:
+    return {
+        "id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by or model.backend,
+        "backend": model.backend,
+    } | ({"alias_of": model.details["alias_of"]} if "alias_of" in model.details else {})
+
+
+def model_not_found(model_id: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.NOT_FOUND,
+        f"The model `{model_id}` does not exist or you do not have access to it.",
+        code="model_not_found",
+    )
+
+
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
     models = await gateway().catalog.models()
-    data = [
-        {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by or m.backend, "backend": m.backend}
-        | ({"alias_of": m.details["alias_of"]} if "alias_of" in m.details else {})
-        for m in models
-    ]
-    return Response(openai.render_model_list(data), content_type="application/json")
+    return Response(openai.render_model_list([_model_object(m) for m in models]), content_type="application/json")
+
+
+# `path:`: model ids may hold slashes (`org/model`), which the SDKs send percent-encoded.
+@blueprint.get("/v1/models/<path:model_id>")
+async def retrieve_model(model_id: str) -> Response:
+    for model in await gateway().catalog.models():  # the key's models only: others are unknown
+        if model.id == model_id:
+            return Response(dumps(_model_object(model)), content_type="application/json")
+    raise model_not_found(model_id)

@@ -151,20 +151,15 @@ _CHAT_COMPLETION: Schema = {
         "usage": _USAGE,
     },
 }
+_MODEL: Schema = {
+    "type": "object",
+    "required": ["id", "object"],
+    "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
+}
 _MODEL_LIST: Schema = {
     "type": "object",
     "required": ["object", "data"],
-    "properties": {
-        "object": {"const": "list"},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["id", "object"],
-                "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
-            },
-        },
-    },
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _MODEL}},
 }
 _EMBEDDINGS_REQUEST: Schema = {
     "type": "object",
@@ -395,6 +390,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="`stream: true` answers with server-sent events ending in `data: [DONE]`.",
     ),
     ("/v1/models", "get"): _op("Models this key may use (OpenAI)", "OpenAI", _ok(_MODEL_LIST)),
+    ("/v1/models/{model_id}", "get"): _op(
+        "A model this key may use (OpenAI)", "OpenAI", _ok(_MODEL),
+        parameters=[{"name": "model_id", "in": "path", "required": True, "schema": _STR}],
+        description="An id not listed by `GET /v1/models` is a 404 `model_not_found`.",
+    ),
     ("/v1/embeddings", "post"): _op("Embeddings (OpenAI)", "OpenAI", _ok(_EMBEDDINGS), body=_EMBEDDINGS_REQUEST),
     ("/v1/messages", "post"): _op(
         "Message (Anthropic)", "Anthropic", _ok(_MESSAGE, stream="text/event-stream"),
