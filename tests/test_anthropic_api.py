@@ -543,6 +543,111 @@ async def test_count_tokens_without_a_tokenize_endpoint_is_a_clear_400() -> None
         await client.close()
 
 
+# -- blocks the domain does not model, Anthropic backend to Anthropic client ------------------------------
+
+SERVER_TOOL_CONTENT: Any = [
+    {"type": "thinking", "thinking": "plan", "signature": "SIG1"},
+    {"type": "redacted_thinking", "data": "ENCRYPTED"},
+    {"type": "text", "text": "Let me look."},
+    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "weather paris"}},
+    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+        {"type": "web_search_result", "url": "https://w.example", "title": "W", "encrypted_content": "EC", "page_age": None},
+    ]},
+    {"type": "text", "text": "It is sunny.", "citations": [
+        {"type": "web_search_result_location", "url": "https://w.example", "title": "W", "encrypted_index": "EI", "cited_text": "sunny"},
+    ]},
+    {"type": "text", "text": " Anything else?"},
+    {"type": "tool_use", "id": "toolu_9", "name": "get_time", "input": {"tz": "CET"}},
+]
+
+
+def _server_tool_stream() -> bytes:
+    def event(payload: dict[str, Any]) -> bytes:
+        return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+    usage = {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1}
+    out = [event({"type": "message_start", "message": {
+        "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": usage,
+    }})]
+    for index, block in enumerate(SERVER_TOOL_CONTENT):
+        def delta(body: dict[str, Any], index: int = index) -> bytes:
+            return event({"type": "content_block_delta", "index": index, "delta": body})
+
+        kind = block["type"]
+        start = {**block, "text": ""} if kind == "text" else {**block, "input": {}} if "input" in block else block
+        if kind == "thinking":
+            start = {**block, "thinking": "", "signature": ""}
+        out.append(event({"type": "content_block_start", "index": index, "content_block": {
+            k: v for k, v in start.items() if k != "citations"
+        }}))
+        if kind == "thinking":
+            out += [delta({"type": "thinking_delta", "thinking": block["thinking"]}),
+                    delta({"type": "signature_delta", "signature": block["signature"]})]
+        for citation in block.get("citations", []):
+            out.append(delta({"type": "citations_delta", "citation": citation}))
+        if kind == "text":
+            out.append(delta({"type": "text_delta", "text": block["text"]}))
+        if "input" in block:
+            out.append(delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])}))
+        out.append(event({"type": "content_block_stop", "index": index}))
+    out.append(event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                      "usage": {"output_tokens": 42}}))
+    out.append(event({"type": "message_stop"}))
+    return b"".join(out)
+
+
+class ServerToolAnthropicBackend(AnthropicBackend):
+    """Answers every message with web-search blocks, as Anthropic's API does."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path != "/v1/messages":
+            await super().route(request, exchange, call)
+        elif request.json().get("stream"):
+            await exchange.start(200, content_type="text/event-stream", first_chunk=_server_tool_stream())
+            await exchange.finish()
+        else:
+            await exchange.respond_json(200, {
+                "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1",
+                "content": SERVER_TOOL_CONTENT, "stop_reason": "tool_use", "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 42},
+            })
+
+
+async def test_server_tool_blocks_and_citations_reach_anthropic_clients_as_the_backend_sent_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake, openai_fake = ServerToolAnthropicBackend(), OpenAIBackend()
+    async with fake.serve() as server, openai_fake.serve() as openai_server, running_gateway(
+        backend("claude", server.url, kind="anthropic", prefixes=("claude",), api_key_env="TEST_ANTHROPIC_KEY"),
+        backend("vllm", openai_server.url, default=True),
+    ) as url:
+        request: Any = {"model": "claude-fake-1", "max_tokens": 1024, "messages": MESSAGES,
+                        "tools": [{"type": "web_search_20250305", "name": "web_search"}, TOOLS[1]]}
+        async with httpx.AsyncClient(base_url=url) as http:
+            message = (await http.post("/v1/messages", json=request)).json()
+            streamed = await http.post("/v1/messages", json={**request, "stream": True})
+        assert message["content"] == SERVER_TOOL_CONTENT
+        assert_valid_anthropic_stream(streamed.content)
+        async with anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+            async with client.messages.stream(**request) as stream:
+                final = await stream.get_final_message()
+            assert [block.to_dict() for block in final.content] == SERVER_TOOL_CONTENT
+            # The next turn gives them back: an Anthropic backend gets them all, another model
+            # the conversation without them (the text written from them stays).
+            history = [*MESSAGES, {"role": "assistant", "content": SERVER_TOOL_CONTENT},
+                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "12:00"}]}]
+            await client.messages.create(**{**request, "messages": history})
+            assert fake.requests[-1].json["messages"][1]["content"] == SERVER_TOOL_CONTENT
+            await client.messages.create(**{**request, "model": "qwen3-8b", "messages": history})
+        assert openai_fake.requests[-1].json["messages"][1] == {
+            "role": "assistant",
+            "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
+            "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
+        }
+
+
 # -- the OpenAI SDK in front of an Anthropic backend -------------------------------------------------------
 
 

@@ -82,14 +82,17 @@ def assert_valid_anthropic_stream(wire: bytes) -> None:
         if name == "content_block_start":
             assert open_index is None and payload["index"] == expected_index
             open_index, open_type = expected_index, payload["content_block"]["type"]
-            if open_type == "tool_use":
+            if open_type.endswith("tool_use"):
                 assert payload["content_block"]["input"] == {}
             expected_index += 1
         elif name == "content_block_delta":
             assert payload["index"] == open_index
             kind = payload["delta"]["type"]
-            allowed = {"text": {"text_delta"}, "thinking": {"thinking_delta", "signature_delta"}, "tool_use": {"input_json_delta"}}
-            assert kind in allowed[open_type]
+            allowed = {
+                "text": {"text_delta", "citations_delta"}, "thinking": {"thinking_delta", "signature_delta"},
+                "tool_use": {"input_json_delta"}, "server_tool_use": {"input_json_delta"}, "mcp_tool_use": {"input_json_delta"},
+            }
+            assert kind in allowed.get(open_type, set())
         elif name == "content_block_stop":
             assert payload["index"] == open_index
             open_index = None
@@ -669,6 +672,72 @@ def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject
         # Input counts from message_start merged with message_delta's cumulative output (§3e #28).
         UsageReport(Usage(prompt_tokens=40, completion_tokens=42, cached_tokens=10, cache_write_tokens=5)),
     ]
+
+
+RELAYED_STREAM = b"".join([
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_02","model":"claude-up","usage":{"input_tokens":5,"output_tokens":1}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"redacted_thinking","data":"XX"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"server_tool_use","id":"srvtoolu_1","name":"web_search","input":{}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\\"query\\":\\"x\\"}"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":2,"content_block":{"type":"text","text":"","citations":[]}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,"delta":{"type":"citations_delta","citation":{"type":"char_location","cited_text":"c"}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":2,"delta":{"type":"text_delta","text":"Cited."}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":2}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":3,"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":3,"delta":{"type":"text_delta","text":" Plain."}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":3}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":9}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+])
+
+
+def test_blocks_the_domain_does_not_model_are_relayed_between_anthropic_ends_only() -> None:
+    def blocks(wire: bytes) -> list[tuple[str, Any]]:
+        return [(name, p.get("content_block") or p.get("delta")) for name, p in sse_frames(wire) if name.startswith("content_block_")]
+
+    renderer = anthropic.StreamRenderer()
+    relayed = renderer.render(anthropic.StreamParser(relay_blocks=True).feed(RELAYED_STREAM).events) + renderer.close()
+    assert_valid_anthropic_stream(relayed)
+    assert blocks(relayed) == [(n, b) for n, b in blocks(RELAYED_STREAM)]
+    # Without relaying (a client of another dialect), the same stream is plain text.
+    events = anthropic.StreamParser().feed(RELAYED_STREAM).events
+    assert [e for e in events if isinstance(e, TextDelta | ReasoningDelta | ToolCallStart)] == [TextDelta("Cited."), TextDelta(" Plain.")]
+
+
+def test_relayed_message_keeps_its_blocks_in_order() -> None:
+    content = [
+        {"type": "text", "text": "A"},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+        {"type": "text", "text": "B", "citations": [{"type": "char_location", "cited_text": "c"}]},
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}},
+    ]
+    data = {"id": "msg_1", "model": "m", "content": content, "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 2}}
+    events = anthropic.message_events(data, relay_blocks=True)
+    builder = CompletionBuilder()
+    for event in events:
+        builder.add(event)
+    completion = builder.build()
+    assert completion.choices[0].content == "AB"
+    assert anthropic.message_body(completion, events)["content"] == content
+    assert anthropic.message_body(completion, anthropic.message_events(data))["content"] == [
+        {"type": "text", "text": "AB"}, content[3],
+    ]
+
+
+def test_citations_given_back_reach_anthropic_backends_only() -> None:
+    from proxy.dialects import openai
+
+    cited = {"type": "text", "text": "Sunny.", "citations": [{"type": "char_location", "cited_text": "c"}]}
+    server = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}}
+    request = anthropic.parse_messages_request(body(messages=[
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": [server, cited]}, {"role": "user", "content": "more"},
+    ]))
+    assert encode(request)["messages"][1]["content"] == [server, cited]
+    anthropic.adapt_for_dialect(request, "openai")
+    sent = json.loads(openai.encode_chat_request(request, "m", stream=False, include_usage=False))
+    assert sent["messages"][1] == {"role": "assistant", "content": "Sunny."}
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ from proxy.dialects.anthropic._stream import PING, ParseOutput, StreamParser, St
 from proxy.dialects.anthropic._vocabulary import (
     API_VERSION,
     DIALECT,
+    BlockDelta,
+    BlockStart,
     SignedReasoningDelta,
     StopReasonFinish,
     StopSequenceFinish,
@@ -37,6 +39,8 @@ __all__ = [
     "BETA_EXTRA",
     "DIALECT",
     "PING",
+    "BlockDelta",
+    "BlockStart",
     "ParseOutput",
     "SignedReasoningDelta",
     "StopReasonFinish",

@@ -5,8 +5,12 @@ Anthropic needs back (signed thinking, cache and `is_error` markers) but would s
 lose content the model is meant to read. So, before such a request leaves:
 - a `document` whose source is plain text (or text and image blocks) becomes that text,
   headed by its title and context;
-- any other block the backend cannot take (PDF documents, `search_result`, server tool
-  blocks, Files API references, …) is a 400 naming the block type, never dropped;
+- any other block the backend cannot take (PDF documents, `search_result`, Files API
+  references, …) is a 400 naming the block type, never dropped;
+- in the assistant's own turns, Anthropic-only blocks (server tool uses and their results,
+  encrypted for Anthropic; redacted thinking) are left out like thinking: the text the
+  model wrote from them is there, and a conversation that used web search on Claude can
+  go on with another model;
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -42,7 +46,7 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     messages: list[Message] = []
     moved: list[ContentPart] = []
     for message in request.messages:
-        content = tuple(_translated(message.content, request.model, backend))
+        content = tuple(_translated(message, request.model, backend))
         if move_images and message.role == "tool" and any(isinstance(p, ImagePart) for p in content):
             images = [p for p in content if isinstance(p, ImagePart)]
             moved.append(TextPart(f"Image{'s' if len(images) > 1 else ''} returned by tool call {message.tool_call_id}:"))
@@ -61,25 +65,26 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     request.messages = messages
 
 
-def _anthropic_content(part: ContentPart) -> bool:
-    """An Anthropic-only block the model reads (not a marker, not thinking)."""
+def _anthropic_content(part: ContentPart, role: str) -> bool:
+    """An Anthropic-only block the model reads (not a marker, thinking, or the assistant's
+    own server tool traffic)."""
     return (
-        isinstance(part, OpaquePart) and part.dialect == DIALECT
+        isinstance(part, OpaquePart) and part.dialect == DIALECT and role != "assistant"
         and "type" in part.data and part.data["type"] not in _NEEDLESS
     )
 
 
 def _needs_work(message: Message, move_images: bool) -> bool:
     return any(
-        _anthropic_content(part) or (move_images and message.role == "tool" and isinstance(part, ImagePart))
+        _anthropic_content(part, message.role) or (move_images and message.role == "tool" and isinstance(part, ImagePart))
         for part in message.content
     )
 
 
-def _translated(parts: tuple[ContentPart, ...], model: str, backend: str) -> list[ContentPart]:
+def _translated(message: Message, model: str, backend: str) -> list[ContentPart]:
     out: list[ContentPart] = []
-    for part in parts:
-        if isinstance(part, OpaquePart) and _anthropic_content(part):
+    for part in message.content:
+        if isinstance(part, OpaquePart) and _anthropic_content(part, message.role):
             out.extend(_document(part.data, model, backend))
         else:
             out.append(part)

@@ -11,7 +11,8 @@ Mapping choices (ingress):
   a tool-use turn; `redacted_thinking` is kept for Anthropic backends only;
 - `cache_control` (prompt caching) on system, content, tool_use and tool_result blocks
   travels as Anthropic-only marker parts placed after what they mark, and on tool
-  definitions in `extra`, so an Anthropic backend gets its cache breakpoints back;
+  definitions in `extra`, so an Anthropic backend gets its cache breakpoints back; a text
+  block's `citations` (an earlier answer's, given back) travel the same way;
 - server tools (a `tools` entry with a `type` other than `custom`) and every unmodelled
   top-level field (`thinking`, `metadata`, `service_tier`, …) travel in `extra`, so only
   Anthropic backends see them; `tool_choice`'s `disable_parallel_tool_use` does too (sent
@@ -247,6 +248,10 @@ def _parts(block: dict[str, Any], path: str) -> list[ContentPart]:
     part = _content_part(block, path)
     if isinstance(part, OpaquePart):
         return [part]  # the whole block, cache_control included
+    if block.get("citations") is not None:
+        # An answer's cited text, given back: Anthropic wants the citations with it.
+        marks = {"citations": block["citations"], **({"cache_control": block["cache_control"]} if "cache_control" in block else {})}
+        return [part, OpaquePart(DIALECT, marks)]
     return [part, *_cache_mark(block)]
 
 
@@ -407,8 +412,8 @@ def _append_blocks(blocks: list[dict[str, Any]], parts: Iterable[ContentPart]) -
     """Render parts onto `blocks`, attaching each cache marker to the block before it."""
     for part in parts:
         if isinstance(part, OpaquePart) and part.dialect == DIALECT and "type" not in part.data:
-            if blocks and set(part.data) == {"cache_control"}:
-                blocks[-1] = {**blocks[-1], "cache_control": part.data["cache_control"]}
+            if blocks and set(part.data) <= {"cache_control", "citations"}:
+                blocks[-1] = {**blocks[-1], **part.data}
             continue
         block = _render_part(part)
         if block is not None:

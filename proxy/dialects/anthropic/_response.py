@@ -11,6 +11,8 @@ from typing import Any
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic._request import input_object
 from proxy.dialects.anthropic._vocabulary import (
+    BlockDelta,
+    BlockStart,
     SignedReasoningDelta,
     WireUsage,
     finish_from_wire,
@@ -40,18 +42,23 @@ def render_message(completion: ChatCompletion, events: Iterable[StreamEvent] = (
 
 
 def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "") -> dict[str, Any]:
+    events = list(events)
     signature = ""
     finish: Finish | None = None
+    relayed = False
     for event in events:
         if isinstance(event, SignedReasoningDelta) and event.choice == 0:
             signature = event.signature
         elif isinstance(event, Finish) and event.choice == 0:
             finish = event
+        elif isinstance(event, BlockStart):
+            relayed = True
     choice = completion.choices[0] if completion.choices else None
     content: list[dict[str, Any]] = []
-    if choice is not None:
-        if finish is None and choice.finish_reason is not None:
-            finish = Finish(choice.finish_reason)
+    if relayed:
+        # An Anthropic backend's message for an Anthropic client: its blocks as they came.
+        content = _blocks_in_order(events)
+    elif choice is not None:
         if choice.reasoning:
             content.append({"type": "thinking", "thinking": choice.reasoning, "signature": signature})
         if choice.content:
@@ -60,6 +67,8 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
             content.append(
                 {"type": "tool_use", "id": call.id or new_tool_use_id(), "name": call.name, "input": input_object(call.arguments)}
             )
+    if finish is None and choice is not None and choice.finish_reason is not None:
+        finish = Finish(choice.finish_reason)
     stop_reason, stop_sequence = stop_reason_to_wire(finish)
     usage = usage_to_wire(completion.usage)
     return {
@@ -74,8 +83,47 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
     }
 
 
-def message_events(data: dict[str, Any], *, created: int | None = None) -> list[StreamEvent]:
-    """A backend's `message` object as the events that describe it (tolerant of gaps)."""
+def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
+    """Choice 0's content blocks rebuilt from its events in their order."""
+    blocks: list[dict[str, Any]] = []
+    arguments: dict[int, list[str]] = {}  # position in `blocks` -> tool input fragments
+    tools: dict[int, int] = {}  # tool call index -> position in `blocks`
+    for event in events:
+        if getattr(event, "choice", 0) != 0:
+            continue
+        last = blocks[-1] if blocks else None
+        if isinstance(event, BlockStart):
+            blocks.append(dict(event.block))
+        elif isinstance(event, BlockDelta):
+            if event.on_text and last is not None and last.get("type") == "text" and "citation" in event.delta:
+                last["citations"] = [*(last.get("citations") or []), event.delta["citation"]]
+        elif isinstance(event, TextDelta):
+            if last is not None and last.get("type") == "text":
+                last["text"] += event.text
+            elif event.text:
+                blocks.append({"type": "text", "text": event.text})
+        elif isinstance(event, ReasoningDelta):
+            if last is None or last.get("type") != "thinking" or last["signature"]:
+                last = {"type": "thinking", "thinking": "", "signature": ""}
+                blocks.append(last)
+            last["thinking"] += event.text
+            if isinstance(event, SignedReasoningDelta):
+                last["signature"] = event.signature
+        elif isinstance(event, ToolCallStart):
+            tools[event.index] = len(blocks)
+            arguments[len(blocks)] = []
+            blocks.append({"type": "tool_use", "id": event.id or new_tool_use_id(), "name": event.name, "input": {}})
+        elif isinstance(event, ToolCallDelta) and event.index in tools:
+            arguments[tools[event.index]].append(event.arguments)
+    for position, parts in arguments.items():
+        blocks[position]["input"] = input_object("".join(parts))
+    return blocks
+
+
+def message_events(data: dict[str, Any], *, created: int | None = None, relay_blocks: bool = False) -> list[StreamEvent]:
+    """A backend's `message` object as the events that describe it (tolerant of gaps).
+    `relay_blocks` (the client speaks Anthropic): blocks the domain does not model, and
+    each text block's boundary and citations, come along as `BlockStart`s."""
     events: list[StreamEvent] = [
         StreamStart(
             id=str(data.get("id") or message_id("")),
@@ -89,8 +137,11 @@ def message_events(data: dict[str, Any], *, created: int | None = None) -> list[
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"]:
-            events.append(TextDelta(block["text"]))
+        if kind == "text" and isinstance(block.get("text"), str):
+            if relay_blocks:
+                events.append(BlockStart("", 0, {**block, "text": ""}))
+            if block["text"]:
+                events.append(TextDelta(block["text"]))
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             signature = block.get("signature")
             if isinstance(signature, str) and signature:
@@ -105,6 +156,8 @@ def message_events(data: dict[str, Any], *, created: int | None = None) -> list[
             arguments = block.get("input")
             events.append(ToolCallDelta(tools, json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)))
             tools += 1
+        elif relay_blocks and kind not in ("text", "thinking"):
+            events.append(BlockStart("", 0, block))
     reason = data.get("stop_reason")
     if isinstance(reason, str):
         events.append(finish_from_wire(reason, data.get("stop_sequence")))

@@ -14,6 +14,8 @@ from typing import Any
 
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic._vocabulary import (
+    BlockDelta,
+    BlockStart,
     SignedReasoningDelta,
     WireUsage,
     error_frame,
@@ -91,7 +93,8 @@ class StreamRenderer:
         self._usage: Usage | None = None
         self._finish: Finish | None = None
         self._next_index = 0
-        self._open: str | None = None  # "text", "thinking", "signed" (closed to more thinking), "tool"
+        # "text", "thinking", "signed" (closed to more thinking), "tool", "relayed" (a BlockStart's)
+        self._open: str | None = None
         self._open_index = -1
         self._open_tool = -1
         self._open_arguments: list[str] = []
@@ -191,6 +194,14 @@ class StreamRenderer:
                 if text and choice == 0:
                     self._ensure_block("text", out)
                     out.append(self._delta(_TEXT, text))
+            case BlockStart(_, choice, block):
+                if choice == 0:
+                    self._close_block(out)
+                    self._flush_pending(out)
+                    self._open_block("text" if block.get("type") == "text" else "relayed", block, out)
+            case BlockDelta(_, choice, delta, on_text):
+                if choice == 0:
+                    self._relayed_delta(delta, on_text, out)
             case ReasoningDelta(text, choice):
                 if choice == 0:
                     self._reasoning(event, out)
@@ -221,6 +232,15 @@ class StreamRenderer:
             out.append(self._delta(_SIGNATURE, signature))
             # A signature seals its block; more reasoning starts a new one.
             self._open = "signed"
+
+    def _relayed_delta(self, delta: dict[str, Any], on_text: bool, out: list[bytes]) -> None:
+        if on_text:
+            self._ensure_block("text", out)
+        elif self._open != "relayed":
+            return  # its block is closed: nowhere to put it
+        out.append(
+            _event("content_block_delta", {"type": "content_block_delta", "index": self._open_index, "delta": delta})
+        )
 
     def _tool_start(self, start: ToolCallStart, out: list[bytes]) -> None:
         if self._open == "tool" and (self._pending or not _json_complete(self._open_arguments)):
@@ -319,10 +339,14 @@ class StreamParser:
     indexes. Usage is merged: `message_start` gives the input counts, each `message_delta`
     the cumulative output (and any input counts it repeats). The last piece of a thinking
     block is held until its signature or its end, so the signature can ride on it.
+    `relay_blocks` (the client speaks Anthropic too): blocks the domain does not model,
+    their deltas, text block boundaries and citations come along as `BlockStart` and
+    `BlockDelta`, so the client gets the blocks the backend sent.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time, relay_blocks: bool = False) -> None:
         self._clock = clock
+        self._relay = relay_blocks
         self._decoder = SSEDecoder()
         self._started = False
         self._blocks: dict[int, int] = {}  # Anthropic block index -> tool index, or a *_BLOCK kind
@@ -423,6 +447,8 @@ class StreamParser:
         kind = block.get("type")
         if kind == "text":
             self._blocks[index] = _TEXT_BLOCK
+            if self._relay:
+                events.append(BlockStart("", 0, {**block, "text": ""}))
             text = block.get("text")
             if isinstance(text, str) and text:
                 events.append(TextDelta(text))
@@ -443,14 +469,21 @@ class StreamParser:
             if isinstance(initial, dict) and initial:
                 events.append(ToolCallDelta(tool, json.dumps(initial, ensure_ascii=False)))
         else:
-            # redacted_thinking, server tools and their results: nothing the domain carries.
+            # redacted_thinking, server tools and their results: nothing the domain carries,
+            # so only an Anthropic client gets them.
             self._blocks[index] = _OTHER_BLOCK
+            if self._relay:
+                events.append(BlockStart("", 0, block))
 
     def _block_delta(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
         index = payload.get("index")
         delta = payload.get("delta")
         block = self._blocks.get(index) if isinstance(index, int) else None
         if block is None or not isinstance(delta, dict):
+            return
+        if block == _OTHER_BLOCK:
+            if self._relay:
+                events.append(BlockDelta("", 0, delta))
             return
         kind = delta.get("type")
         if kind == "text_delta":
@@ -471,6 +504,8 @@ class StreamParser:
             if block == _THINKING_BLOCK and isinstance(signature, str) and signature:
                 events.append(SignedReasoningDelta(self._held or "", 0, signature))
                 self._held = None
+        elif kind == "citations_delta" and block == _TEXT_BLOCK and self._relay:
+            events.append(BlockDelta("", 0, delta, on_text=True))
 
     def _release_held(self, events: list[StreamEvent]) -> None:
         if self._held is not None:

@@ -1,18 +1,20 @@
 """What the Anthropic dialect shares between its parts: stop reasons, usage, errors, ids,
-and two event refinements the domain does not model yet.
+and event refinements the domain does not model.
 
-`SignedReasoningDelta` and `StopSequenceFinish` subclass domain events, so every other
-consumer (OpenAI renderer, `CompletionBuilder`, …) treats them as the plain event; only the
-Anthropic renderer reads the extra field. They exist because Anthropic clients need a
-thinking block's signature back to continue a tool-use turn, and `stop_sequence` to know
-which sequence matched.
+`SignedReasoningDelta`, `StopSequenceFinish`, `StopReasonFinish`, `BlockStart` and
+`BlockDelta` subclass domain events, so every other consumer (OpenAI renderer,
+`CompletionBuilder`, …) treats them as the plain event; only the Anthropic renderer reads
+the extra fields. They exist because Anthropic clients need a thinking block's signature
+back to continue a tool-use turn, `stop_sequence` to know which sequence matched, the
+backend's own `stop_reason` (`pause_turn`: continue the server tool loop), and the blocks
+of server tools and citations as the backend sent them.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.dialects._json import dumps
@@ -44,6 +46,29 @@ class StopReasonFinish(Finish):
     (`pause_turn` reads as a stop, `model_context_window_exceeded` as a length)."""
 
     stop_reason: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class BlockStart(ReasoningDelta):
+    """A content block as an Anthropic backend opened it, for an Anthropic client only.
+
+    Blocks the domain does not model (`redacted_thinking`, server tool uses and their
+    results, …) travel whole in `block`; a text block's start (carrying nothing but its
+    boundary, its text follows as `TextDelta`s) keeps consecutive text blocks apart, so
+    each keeps its own citations. Everyone else reads an empty reasoning piece: nothing.
+    The parser emits these only when the client speaks Anthropic.
+    """
+
+    block: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class BlockDelta(ReasoningDelta):
+    """A delta the domain does not model, for the block open last: a server tool use's
+    `input_json_delta`, or (`on_text`) a text block's `citations_delta`."""
+
+    delta: dict[str, Any] = field(default_factory=dict)
+    on_text: bool = False
 
 
 # -- stop reasons (peers-and-protocols §4.4) -----------------------------------------------
