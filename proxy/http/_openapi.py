@@ -383,6 +383,12 @@ def _health_body(statuses: list[str]) -> Schema:
 
 # (path in OpenAPI syntax, method) -> operation. Paths not served by this build are left out
 # of the served document.
+def _refused(operation: Operation) -> Operation:
+    """An operation that always fails: it has no success response to describe."""
+    responses = {status: answer for status, answer in operation["responses"].items() if status != "200"}
+    return {**operation, "responses": responses}
+
+
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/v1/chat/completions", "post"): _op(
         "Chat completion (OpenAI)", "OpenAI",
@@ -424,6 +430,33 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("/api/tags", "get"): _op("Models this key may use (Ollama)", "Ollama", _ok(_OLLAMA_TAGS), dialect="ollama"),
     ("/api/show", "post"): _op("A model's details (Ollama)", "Ollama", _ok(_OBJ), body=_OLLAMA_SHOW, dialect="ollama"),
+    ("/api/ps", "get"): _op(
+        "Running models (Ollama): always none", "Ollama",
+        _ok({"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "maxItems": 0}}}),
+        dialect="ollama",
+    ),
+    ("/api/pull", "post"): _op(
+        "Pull a model (Ollama): succeeds at once for a served model", "Ollama",
+        _ok({"type": "object", "required": ["status"], "properties": {"status": _STR}}, stream="application/x-ndjson"),
+        body={"type": "object", "properties": {"model": _STR, "name": _STR, "stream": _BOOL, "insecure": _BOOL}},
+        dialect="ollama", description="A model the gateway does not serve is a 404, as Ollama's for an unknown model.",
+    ),
+    **{
+        (path, method): _refused(_op(
+            f"{what} (Ollama): not available through the gateway (a 403)", "Ollama", {},
+            body=_OBJ if method == "post" else None, dialect="ollama",
+            parameters=[{"name": "digest", "in": "path", "required": True, "schema": _STR}] if "{digest}" in path else None,
+        ))
+        for path, method, what in (
+            ("/api/delete", "delete", "Delete a model"),
+            ("/api/delete", "post", "Delete a model"),
+            ("/api/copy", "post", "Copy a model"),
+            ("/api/create", "post", "Create a model"),
+            ("/api/push", "post", "Push a model"),
+            ("/api/blobs/{digest}", "head", "Check a blob"),
+            ("/api/blobs/{digest}", "post", "Upload a blob"),
+        )
+    },
     ("/api/version", "get"): _op(
         "Version (Ollama)", "Ollama", _ok({"type": "object", "required": ["version"], "properties": {"version": _STR}}),
         dialect="ollama",
