@@ -592,7 +592,7 @@ def _server_tool_stream() -> bytes:
             out.append(delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])}))
         out.append(event({"type": "content_block_stop", "index": index}))
     out.append(event({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                      "usage": {"output_tokens": 42}}))
+                      "usage": {"output_tokens": 42, "server_tool_use": {"web_search_requests": 1}}}))
     out.append(event({"type": "message_stop"}))
     return b"".join(out)
 
@@ -610,11 +610,11 @@ class ServerToolAnthropicBackend(AnthropicBackend):
             await exchange.respond_json(200, {
                 "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1",
                 "content": SERVER_TOOL_CONTENT, "stop_reason": "tool_use", "stop_sequence": None,
-                "usage": {"input_tokens": 10, "output_tokens": 42},
+                "usage": {"input_tokens": 10, "output_tokens": 42, "server_tool_use": {"web_search_requests": 1}},
             })
 
 
-async def test_server_tool_blocks_and_citations_reach_anthropic_clients_as_the_backend_sent_them(
+async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as_the_backend_sent_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
@@ -629,11 +629,13 @@ async def test_server_tool_blocks_and_citations_reach_anthropic_clients_as_the_b
             message = (await http.post("/v1/messages", json=request)).json()
             streamed = await http.post("/v1/messages", json={**request, "stream": True})
         assert message["content"] == SERVER_TOOL_CONTENT
+        assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
         assert_valid_anthropic_stream(streamed.content)
         async with anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
             async with client.messages.stream(**request) as stream:
                 final = await stream.get_final_message()
             assert [block.to_dict() for block in final.content] == SERVER_TOOL_CONTENT
+            assert final.usage.server_tool_use is not None and final.usage.server_tool_use.web_search_requests == 1
             # The next turn gives them back: an Anthropic backend gets them all, another model
             # the conversation without them (the text written from them stays).
             history = [*MESSAGES, {"role": "assistant", "content": SERVER_TOOL_CONTENT},

@@ -675,7 +675,7 @@ def test_backend_stream_parses_into_events_however_it_is_cut(data: st.DataObject
 
 
 RELAYED_STREAM = b"".join([
-    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_02","model":"claude-up","usage":{"input_tokens":5,"output_tokens":1}}}\n\n',
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_02","model":"claude-up","usage":{"input_tokens":5,"output_tokens":1,"service_tier":"standard"}}}\n\n',
     b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"redacted_thinking","data":"XX"}}\n\n',
     b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
     b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"server_tool_use","id":"srvtoolu_1","name":"web_search","input":{}}}\n\n',
@@ -701,9 +701,11 @@ def test_blocks_the_domain_does_not_model_are_relayed_between_anthropic_ends_onl
     relayed = renderer.render(anthropic.StreamParser(relay_blocks=True).feed(RELAYED_STREAM).events) + renderer.close()
     assert_valid_anthropic_stream(relayed)
     assert blocks(relayed) == [(n, b) for n, b in blocks(RELAYED_STREAM)]
+    assert dict(sse_frames(relayed))["message_start"]["message"]["usage"]["service_tier"] == "standard"
     # Without relaying (a client of another dialect), the same stream is plain text.
     events = anthropic.StreamParser().feed(RELAYED_STREAM).events
     assert [e for e in events if isinstance(e, TextDelta | ReasoningDelta | ToolCallStart)] == [TextDelta("Cited."), TextDelta(" Plain.")]
+    assert all(type(e) is UsageReport for e in events if isinstance(e, UsageReport))
 
 
 def test_relayed_message_keeps_its_blocks_in_order() -> None:

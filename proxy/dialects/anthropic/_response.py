@@ -15,6 +15,7 @@ from proxy.dialects.anthropic._vocabulary import (
     BlockStart,
     SignedReasoningDelta,
     WireUsage,
+    WireUsageReport,
     finish_from_wire,
     message_id,
     new_tool_use_id,
@@ -30,7 +31,6 @@ from proxy.domain.events import (
     TextDelta,
     ToolCallDelta,
     ToolCallStart,
-    UsageReport,
 )
 
 
@@ -46,8 +46,11 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
     signature = ""
     finish: Finish | None = None
     relayed = False
+    unmodelled_usage: dict[str, Any] | None = None
     for event in events:
-        if isinstance(event, SignedReasoningDelta) and event.choice == 0:
+        if isinstance(event, WireUsageReport):
+            unmodelled_usage = event.unmodelled
+        elif isinstance(event, SignedReasoningDelta) and event.choice == 0:
             signature = event.signature
         elif isinstance(event, Finish) and event.choice == 0:
             finish = event
@@ -70,7 +73,7 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
     if finish is None and choice is not None and choice.finish_reason is not None:
         finish = Finish(choice.finish_reason)
     stop_reason, stop_sequence = stop_reason_to_wire(finish)
-    usage = usage_to_wire(completion.usage)
+    usage = usage_to_wire(completion.usage, unmodelled_usage)
     return {
         "id": message_id(completion.id),
         "type": "message",
@@ -164,7 +167,7 @@ def message_events(data: dict[str, Any], *, created: int | None = None, relay_bl
     if isinstance(data.get("usage"), dict):
         usage = WireUsage()
         usage.update(data["usage"])
-        events.append(UsageReport(usage.domain()))
+        events.append(usage.report(relay=relay_blocks))
     return events
 
 

@@ -18,6 +18,7 @@ from proxy.dialects.anthropic._vocabulary import (
     BlockStart,
     SignedReasoningDelta,
     WireUsage,
+    WireUsageReport,
     error_frame,
     error_from_wire,
     finish_from_wire,
@@ -91,6 +92,7 @@ class StreamRenderer:
         self._announced = False
         self._announced_usage: dict[str, Any] | None = None
         self._usage: Usage | None = None
+        self._unmodelled_usage: dict[str, Any] | None = None
         self._finish: Finish | None = None
         self._next_index = 0
         # "text", "thinking", "signed" (closed to more thinking), "tool", "relayed" (a BlockStart's)
@@ -114,11 +116,11 @@ class StreamRenderer:
                 # message_start; look ahead in this batch for it.
                 for later in events[position + 1 :]:
                     if isinstance(later, UsageReport):
-                        self._usage = later.usage
+                        self._take_usage(later)
                         break
                 continue
             if isinstance(event, UsageReport):
-                self._usage = event.usage
+                self._take_usage(event)
                 continue
             if isinstance(event, StreamFailed) and not self._announced:
                 # Nothing was said yet: the error alone is the clearest answer.
@@ -144,15 +146,13 @@ class StreamRenderer:
         self._close_block(out)
         self._flush_pending(out)
         stop_reason, stop_sequence = stop_reason_to_wire(self._finish)
-        usage = usage_to_wire(self._usage)
-        delta_usage: dict[str, Any] = {"output_tokens": usage["output_tokens"]}
+        usage = usage_to_wire(self._usage, self._unmodelled_usage)
+        delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
         announced = self._announced_usage or {}
         # Counts message_start could not know yet; Anthropic's SDK merges them in.
-        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"):
-            if usage[key] != announced.get(key):
-                delta_usage[key] = usage[key]
-        if "output_tokens_details" in usage:
-            delta_usage["output_tokens_details"] = usage["output_tokens_details"]
+        for key, value in usage.items():
+            if value != announced.get(key) or key == "output_tokens_details":
+                delta_usage[key] = value
         out.append(
             _event(
                 "message_delta",
@@ -169,10 +169,15 @@ class StreamRenderer:
 
     # -- events ---------------------------------------------------------------------------
 
+    def _take_usage(self, report: UsageReport) -> None:
+        self._usage = report.usage
+        if isinstance(report, WireUsageReport):
+            self._unmodelled_usage = report.unmodelled
+
     def _announce(self, out: list[bytes]) -> None:
         self._announced = True
         start = self._start
-        usage = usage_to_wire(self._usage)
+        usage = usage_to_wire(self._usage, self._unmodelled_usage)
         usage.pop("output_tokens_details", None)
         self._announced_usage = usage
         message: dict[str, Any] = {
@@ -436,7 +441,7 @@ class StreamParser:
         )
         if isinstance(message.get("usage"), dict):
             self._usage.update(message["usage"])
-            events.append(UsageReport(self._usage.domain()))
+            events.append(self._usage.report(relay=self._relay))
 
     def _block_start(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
         index = payload.get("index")
@@ -522,7 +527,7 @@ class StreamParser:
                 events.append(finish_from_wire(reason, delta.get("stop_sequence")))
         if isinstance(payload.get("usage"), dict):
             self._usage.update(payload["usage"])
-            events.append(UsageReport(self._usage.domain()))
+            events.append(self._usage.report(relay=self._relay))
 
 
 _TEXT_BLOCK = -1

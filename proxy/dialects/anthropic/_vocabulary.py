@@ -20,7 +20,7 @@ from typing import Any
 from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import Finish, ReasoningDelta
+from proxy.domain.events import Finish, ReasoningDelta, UsageReport
 
 DIALECT = "anthropic"
 API_VERSION = "2023-06-01"
@@ -120,7 +120,8 @@ def stop_reason_to_wire(finish: Finish | None) -> tuple[str, str | None]:
 # `cache_write_tokens` the part written to it.
 
 
-def usage_to_wire(usage: Usage | None) -> dict[str, Any]:
+def usage_to_wire(usage: Usage | None, unmodelled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Anthropic's `usage`; `unmodelled` (a `WireUsageReport`'s) adds what the domain lacks."""
     if usage is None:
         return {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
     cached = usage.cached_tokens or 0
@@ -133,7 +134,22 @@ def usage_to_wire(usage: Usage | None) -> dict[str, Any]:
     }
     if usage.reasoning_tokens is not None:
         out["output_tokens_details"] = {"thinking_tokens": usage.reasoning_tokens}
+    if unmodelled:
+        out.update(unmodelled)
     return out
+
+
+@dataclass(slots=True, frozen=True)
+class WireUsageReport(UsageReport):
+    """Usage with what an Anthropic backend counts beyond the domain (`server_tool_use`,
+    `service_tier`, the cache-write breakdown, …), for Anthropic clients only."""
+
+    unmodelled: dict[str, Any] = field(default_factory=dict)
+
+
+_USAGE_MODELLED = frozenset(
+    {"input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens", "output_tokens_details"}
+)
 
 
 @dataclass(slots=True)
@@ -145,10 +161,14 @@ class WireUsage:
     cache_creation: int = 0
     output_tokens: int = 0
     thinking_tokens: int | None = None
+    unmodelled: dict[str, Any] = field(default_factory=dict)
 
     def update(self, data: Any) -> None:
         if not isinstance(data, dict):
             return
+        for key, item in data.items():
+            if key not in _USAGE_MODELLED and item is not None:
+                self.unmodelled[key] = item
         value = data.get("input_tokens")
         if isinstance(value, int):
             self.input_tokens = value
@@ -173,6 +193,12 @@ class WireUsage:
             reasoning_tokens=self.thinking_tokens,
             cache_write_tokens=self.cache_creation or None,
         )
+
+    def report(self, *, relay: bool) -> UsageReport:
+        """The usage event; `relay` (an Anthropic client) keeps the unmodelled counters."""
+        if relay and self.unmodelled:
+            return WireUsageReport(self.domain(), dict(self.unmodelled))
+        return UsageReport(self.domain())
 
 
 # -- errors ---------------------------------------------------------------------------------
