@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from proxy import __version__
-from proxy.config import ConfigError, Settings, load_settings, parse_bind
+from proxy.config import ConfigError, Settings, check_data_dir, load_settings, parse_bind
 from proxy.infra.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -65,7 +65,7 @@ def load(args: argparse.Namespace) -> Settings:
             raise ConfigError("`--workers` must be at least 1")
         changes["workers"] = args.workers
     if getattr(args, "data_dir", None) is not None:
-        changes["data_dir"] = args.data_dir
+        changes["data_dir"] = check_data_dir(args.data_dir.expanduser(), "--data-dir")
     return replace(settings, **changes) if changes else settings  # type: ignore[arg-type]
 
 
@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":  # like keys: a running gateway's PostgreSQL stays up
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return _migrate(settings)
-        with embedded_servers(settings) as settings:
-            if args.command == "serve":
-                return _serve(settings)
+        if args.command == "serve":
+            return _serve(settings)
     except KeyboardInterrupt:
         return 130
     except EmbeddedServerError as error:
@@ -145,12 +144,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from proxy.serve import run
+    from proxy.serve import ListenError, close_sockets, open_sockets, run
 
-    if not settings.backends:
-        log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
-    log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
-    run(settings)
+    # The port first: a taken or wrong address must not start (or adopt, then stop) the
+    # embedded servers of a gateway that is still running there.
+    try:
+        sockets = open_sockets(settings)
+    except ListenError as error:
+        print(f"llm-proxy: {error}", file=sys.stderr)
+        return 2
+    try:
+        with embedded_servers(settings) as settings:
+            if not settings.backends:
+                log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
+            log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
+            run(settings, sockets)
+    finally:
+        close_sockets(sockets)
     return 0
 
 

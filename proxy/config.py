@@ -168,6 +168,14 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
                 raw = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory, not a file") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     settings = _parse(raw)
@@ -247,9 +255,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
     _check_backends(backends)
     host, port = parse_bind(top.get("bind", str, "0.0.0.0:8080"))
     data_dir = top.get("data_dir", str)
-    level = top.get("log_level", str, "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"`log_level` must be debug, info, warning or error, got {level!r}")
+    level = _log_level(top.get("log_level", str, "info"), "log_level")
     return Settings(
         backends=backends,
         aliases=dict(aliases),
@@ -260,7 +266,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         models_cache_seconds=top.get("models_cache_seconds", (int, float), 10.0),
         log_level=level,
         access_log=top.get("access_log", bool, True),
-        data_dir=Path(data_dir).expanduser() if data_dir else None,
+        data_dir=check_data_dir(Path(data_dir).expanduser(), "data_dir") if data_dir else None,
         database_url=top.get("database_url", str),
         nats_url=top.get("nats_url", str),
         embedded=top.get("embedded", bool, True),
@@ -420,8 +426,36 @@ def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
 
 def _check_url(url: str, key: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"`{key}` must be an http(s) URL, got {url!r}")
+    try:
+        port = parts.port  # parsed lazily: "abc" or 99999 raise only here
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"`{key}` has an invalid port (1-65535), got {url!r}")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: str, key: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"`{key}` must be debug, info, warning or error, got {value!r}")
+    return level
+
+
+def check_data_dir(path: Path, key: str) -> Path:
+    """The embedded servers create their directories under `path`: refuse, naming `key`, a path
+    that is (or lies under) something other than a directory."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                what = "is" if existing == path else f"lies under {existing}, which is"
+                raise ConfigError(f"`{key}` must be a directory, but {path} {what} not a directory")
+            break
+    return path
 
 
 AUTH_MODES = ("auto", "required", "off")
@@ -467,9 +501,9 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
             raise ConfigError(f"`LLM_PROXY_WORKERS` must be a positive integer, got {workers!r}")
         changes["workers"] = int(workers)
     if level := env.get("LLM_PROXY_LOG_LEVEL"):
-        changes["log_level"] = level.lower()
+        changes["log_level"] = _log_level(level, "LLM_PROXY_LOG_LEVEL")
     if data_dir := env.get("LLM_PROXY_DATA_DIR"):
-        changes["data_dir"] = Path(data_dir).expanduser()
+        changes["data_dir"] = check_data_dir(Path(data_dir).expanduser(), "LLM_PROXY_DATA_DIR")
     if url := env.get("DATABASE_URL"):
         changes["database_url"] = url
     if url := env.get("NATS_URL"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import logging
 import multiprocessing
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -80,15 +82,36 @@ async def wait_for_signal() -> None:
             return
 
 
-def run(settings: Settings) -> None:
-    """Block serving `settings` with `settings.workers` processes."""
-    if settings.workers == 1:
-        trio.run(_serve_logged, settings, None)
-        return
+class ListenError(Exception):
+    """The listening socket cannot be opened; the message says where and why."""
+
+
+def open_sockets(settings: Settings) -> Sockets:
+    """Bind and listen on `settings.bind`, before anything else starts, so that a wrong or
+    taken address stops start-up with one line instead of a traceback from inside a worker."""
     config = hypercorn_config(settings)
-    sockets = config.create_sockets()
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
+    try:
+        sockets = config.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {settings.bind}: unknown host ({exc.strerror})") from None
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
+        raise ListenError(f"cannot listen on {settings.bind}: {reason}") from None
+    return sockets
+
+
+def close_sockets(sockets: Sockets) -> None:
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets, *sockets.quic_sockets):
+        sock.close()
+
+
+def run(settings: Settings, sockets: Sockets) -> None:
+    """Block serving `settings` on `sockets` (from `open_sockets`) with `settings.workers` processes."""
+    if settings.workers == 1:
+        trio.run(_serve_logged, settings, sockets)
+        return
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker_main, args=(settings, sockets), name=f"llm-proxy-worker-{i}")
@@ -107,8 +130,6 @@ def run(settings: Settings) -> None:
     signal.signal(signal.SIGINT, forward)
     for process in workers:
         process.join()
-    for sock in sockets.insecure_sockets:
-        sock.close()
 
 
 def _worker_main(settings: Settings, sockets: Sockets) -> None:

@@ -1,0 +1,99 @@
+"""Start-up as a user meets it: `llm-proxy serve` with a bad config, environment or address stops
+with one line naming the culprit (exit status 2), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import free_port
+
+OK = "embedded = false\n"
+
+
+def serve(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{free_port()}", *args],
+        env={**base, **(env or {})}, capture_output=True, text=True, timeout=30,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_config_that_is_a_directory(tmp_path: Path) -> None:
+    assert_one_line(serve(["--config", str(tmp_path)]), str(tmp_path), "is a directory")
+
+
+def test_config_that_is_not_utf8(tmp_path: Path) -> None:
+    config = write(tmp_path / "bad.toml", b'embedded = false\nlog_level = "\xff\xfe"\n')
+    assert_one_line(serve(["--config", str(config)]), str(config), "UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"LLM_PROXY_LOG_LEVEL": "verbose"}, "LLM_PROXY_LOG_LEVEL"),
+        ({"LLM_PROXY_DATA_DIR": "/etc/passwd"}, "LLM_PROXY_DATA_DIR"),
+        ({"LLM_PROXY_DATA_DIR": "/etc/passwd/sub"}, "LLM_PROXY_DATA_DIR"),
+        ({"LLM_BASE_URL": "http://127.0.0.1:abc/v1"}, "LLM_BASE_URL"),
+        ({"LLM_BASE_URL": "http://127.0.0.1:99999/v1"}, "LLM_BASE_URL"),
+    ],
+)
+def test_bad_environment_value(tmp_path: Path, env: dict[str, str], key: str) -> None:
+    config = write(tmp_path / "ok.toml", OK)
+    assert_one_line(serve(["--config", str(config)], env), key)
+
+
+def test_data_dir_option_that_is_a_file(tmp_path: Path) -> None:
+    config = write(tmp_path / "ok.toml", OK)
+    assert_one_line(serve(["--config", str(config), "--data-dir", str(config)]), "--data-dir")
+
+
+@pytest.mark.parametrize("port", ["abc", "99999", "0"])
+def test_backend_url_with_a_bad_port(tmp_path: Path, port: str) -> None:
+    config = write(
+        tmp_path / "g.toml",
+        f'{OK}[[backends]]\nname = "a"\nbase_url = "http://127.0.0.1:{port}/v1"\n',
+    )
+    assert_one_line(serve(["--config", str(config)]), "backends[0].base_url", "port")
+
+
+def test_bind_host_that_does_not_exist(tmp_path: Path) -> None:
+    config = write(tmp_path / "g.toml", f'{OK}bind = "999.999.1.1:{free_port()}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert_one_line(result, "cannot listen on 999.999.1.1:")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bind_port_already_in_use(tmp_path: Path, workers: int) -> None:
+    config = write(tmp_path / "ok.toml", OK)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(["--config", str(config), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)])
+    assert_one_line(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
