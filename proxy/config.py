@@ -524,10 +524,12 @@ def _with_env_backend(
     backends: tuple[BackendConfig, ...], base_url: str, env: Mapping[str, str]
 ) -> tuple[BackendConfig, ...]:
     """`LLM_BASE_URL` alone gives one default OpenAI-compatible backend (the seed's compose
-    set-up); with configured backends it re-points the default one."""
+    set-up); with configured backends it re-points the default one. `LLM_API_KEY`, when set,
+    is the key for that URL either way."""
     key_env = "LLM_API_KEY" if "LLM_API_KEY" in env else None
     for i, backend in enumerate(backends):
         if backend.default:
-            return (*backends[:i], replace(backend, base_url=base_url), *backends[i + 1 :])
+            repointed = replace(backend, base_url=base_url, api_key_env=key_env or backend.api_key_env)
+            return (*backends[:i], repointed, *backends[i + 1 :])
     default = BackendConfig(name="default", kind="openai", base_url=base_url, api_key_env=key_env, default=True)
     return (*backends, default)

@@ -3,12 +3,17 @@ with one line naming the culprit (exit status 2), never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.test_cli import free_port
@@ -97,3 +102,53 @@ def test_bind_port_already_in_use(tmp_path: Path, workers: int) -> None:
         port = taken.getsockname()[1]
         result = serve(["--config", str(config), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)])
     assert_one_line(result, f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+
+@contextlib.contextmanager
+def running(command: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became healthy")
+
+
+def test_llm_api_key_reaches_the_default_backend_that_llm_base_url_repoints(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "g.toml",
+        f'{OK}[[backends]]\nname = "main"\nbase_url = "http://127.0.0.1:1/v1"\ndefault = true\n',
+    )
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--api-key", "sk-backend-secret"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+        env |= {"LLM_BASE_URL": f"{ready[1]}/v1", "LLM_API_KEY": "sk-backend-secret"}
+        command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"]
+        with running(command, env) as gateway:
+            wait_healthy(f"http://127.0.0.1:{port}", gateway)
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, timeout=10,
+            )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"]
