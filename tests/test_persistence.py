@@ -16,8 +16,10 @@ import pytest
 import trio
 
 from proxy.dialects.events import Finished, decode_event
+from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall
+from proxy.domain.chat import Usage as DomainUsage
 from proxy.domain.events import TextDelta
-from proxy.infra.chat_store import ChatStore, LogRow
+from proxy.infra.chat_store import ChatStore, LogRow, completion_from_json, completion_to_json
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
@@ -401,3 +403,16 @@ async def test_streams_and_the_exact_cache_are_per_api_key(aio_loop: object, pg_
         assert (await client.get(f"/v1/streams/{trace_id}", headers=bearer(bob))).status_code == 404
         own = await client.get(f"/v1/streams/{trace_id}", headers=bearer(alice))
         assert own.status_code == 200 and "secret" in own.text
+
+
+def test_a_stored_completion_reads_back_whole_usage_included() -> None:
+    """What a cache hit or a resumed stream replays is what the backend answered: the
+    prompt cache's reads and writes too (an Anthropic client is billed by them)."""
+    completion = ChatCompletion(
+        id="chatcmpl-1", model="m", created=7,
+        choices=[Choice(index=0, content="hi", reasoning="r", tool_calls=[ToolCall("c1", "f", "{}")],
+                        finish_reason=FinishReason.TOOL_CALLS)],
+        usage=DomainUsage(prompt_tokens=160, completion_tokens=5, cached_tokens=50, cache_write_tokens=100,
+                          reasoning_tokens=2),
+    )
+    assert completion_from_json(json.loads(json.dumps(completion_to_json(completion)))) == completion
