@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.dialects import anthropic
+from proxy.dialects import anthropic, openai
 from proxy.dialects.anthropic import SignedReasoningDelta, StopReasonFinish, StopSequenceFinish
 from proxy.domain.chat import (
     ChatCompletion,
@@ -339,8 +339,6 @@ def test_anthropic_request_round_trips_to_an_anthropic_backend() -> None:
 
 
 def test_anthropic_only_fields_never_reach_other_backends() -> None:
-    from proxy.dialects import openai
-
     request = anthropic.parse_messages_request(body(
         system=[{"type": "text", "text": "rules", "cache_control": {"type": "ephemeral"}}],
         tools=[{"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
@@ -729,8 +727,6 @@ def test_relayed_message_keeps_its_blocks_in_order() -> None:
 
 
 def test_citations_given_back_reach_anthropic_backends_only() -> None:
-    from proxy.dialects import openai
-
     cited = {"type": "text", "text": "Sunny.", "citations": [{"type": "char_location", "cited_text": "c"}]}
     server = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}}
     request = anthropic.parse_messages_request(body(messages=[
@@ -936,3 +932,29 @@ def test_signatures_and_stop_sequences_survive(signature: str, thinking: list[st
     events.append(StopSequenceFinish(FinishReason.STOP, 0, stop_sequence) if stop_sequence else Finish(FinishReason.STOP))
     _, seen = _round_trip(events)
     assert [e for e in seen if not isinstance(e, UsageReport)] == events
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "expected"),
+    [
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
+        ("auto", True, {"type": "auto", "disable_parallel_tool_use": False}),
+        ("none", False, {"type": "none"}),
+        (None, None, None),
+    ],
+)
+def test_an_openai_clients_parallel_tool_calls_reach_an_anthropic_backend(
+    tool_choice: str | None, parallel: bool | None, expected: dict[str, Any] | None
+) -> None:
+    body: dict[str, Any] = {
+        "model": "claude-x", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    }
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    if parallel is not None:
+        body["parallel_tool_calls"] = parallel
+    request = openai.parse_chat_request(json.dumps(body).encode())
+    sent = json.loads(anthropic.encode_messages_request(request, "up", stream=False, default_max_tokens=10))
+    assert sent.get("tool_choice") == expected

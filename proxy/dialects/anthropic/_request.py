@@ -371,8 +371,11 @@ def encode_messages_request(
         tools.extend(server_tools)
     if tools:
         body["tools"] = tools
-    if request.tool_choice is not None:
-        body["tool_choice"] = _render_tool_choice(request.tool_choice, extra.get("tool_choice"))
+    choice = request.tool_choice
+    if choice is None and request.parallel_tool_calls is False and tools:
+        choice = ToolChoice()  # Anthropic says "no parallel calls" only inside `tool_choice`
+    if choice is not None:
+        body["tool_choice"] = _render_tool_choice(choice, extra.get("tool_choice"), request.parallel_tool_calls)
     if count_only:
         return dumps(body)
     body["max_tokens"] = params.max_tokens or default_max_tokens
@@ -544,7 +547,7 @@ def _render_tool(tool: Tool, cache_control: Any = None) -> dict[str, Any]:
     return out
 
 
-def _render_tool_choice(choice: ToolChoice, raw: Any) -> dict[str, Any]:
+def _render_tool_choice(choice: ToolChoice, raw: Any, parallel: bool | None) -> dict[str, Any]:
     out: dict[str, Any]
     if choice.name:
         out = {"type": "tool", "name": choice.name}
@@ -552,6 +555,9 @@ def _render_tool_choice(choice: ToolChoice, raw: Any) -> dict[str, Any]:
         out = {"type": "any"}
     else:
         out = {"type": choice.mode}
-    if out["type"] != "none" and isinstance(raw, dict) and "disable_parallel_tool_use" in raw:
-        out["disable_parallel_tool_use"] = raw["disable_parallel_tool_use"]
+    if out["type"] != "none":
+        if isinstance(raw, dict) and "disable_parallel_tool_use" in raw:
+            out["disable_parallel_tool_use"] = raw["disable_parallel_tool_use"]
+        elif parallel is not None:
+            out["disable_parallel_tool_use"] = not parallel
     return out

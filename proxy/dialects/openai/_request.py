@@ -90,6 +90,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         params=params,
         tools=tools,
         tool_choice=_parse_tool_choice(fields.data.get("tool_choice")),
+        parallel_tool_calls=fields.boolean("parallel_tool_calls"),
         stream=stream,
         include_usage=include_usage,
         dialect=DIALECT,
