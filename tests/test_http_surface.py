@@ -3,15 +3,19 @@ model lookups (OpenAI's and Anthropic's shapes), and `Allow` on every 405."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
 
-from tests.fakes import OpenAIBackend
+from proxy.dialects.anthropic import _models as anthropic_models
+from proxy.domain.errors import GatewayError
+from tests.fakes import AnthropicBackend, OpenAIBackend
 from tests.harness import backend, running_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -94,8 +98,6 @@ async def test_the_openai_sdk_reports_the_request_id_of_errors() -> None:
 
 
 async def test_anthropic_clients_get_request_id_on_errors_too() -> None:
-    import anthropic
-
     async with gateway() as url:
         client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
         with pytest.raises(anthropic.APIStatusError) as caught:
@@ -123,3 +125,70 @@ async def test_the_openai_sdk_retrieves_listed_models_and_aliases() -> None:
             await client.models.retrieve("m-unknown")
         assert caught.value.code == "model_not_found" and caught.value.type == "invalid_request_error"
         assert "`m-unknown` does not exist" in caught.value.message
+
+
+@asynccontextmanager
+async def two_dialects(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    """OpenAI-speaking `qwen-*` models, Anthropic's `claude-*`, an alias, the local embedder."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-test")
+    qwen = OpenAIBackend(models=["qwen-a", "qwen-b"])
+    claude = AnthropicBackend(api_key="sk-ant-test", require_version=True, models=["claude-x", "claude-y"])
+    async with qwen.serve() as s1, claude.serve() as s2, running_gateway(
+        backend("vllm", s1.url, prefixes=("qwen",)),
+        backend("claude", s2.url, kind="anthropic", prefixes=("claude",), api_key_env="TEST_ANTHROPIC_KEY"),
+        aliases={"fast": "claude-x"},
+    ) as url:
+        yield url
+
+
+async def test_the_anthropic_sdk_lists_and_retrieves_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with two_dialects(monkeypatch) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        everything = [m async for m in client.models.list()]
+        ids = [m.id for m in everything]
+        assert sorted(ids) == ["claude-x", "claude-y", "fast", "qwen-a", "qwen-b"]  # no embedding model
+        assert all(m.type == "model" and m.display_name for m in everything)
+        claude_x = await client.models.retrieve("claude-x")
+        assert claude_x.display_name == "Claude X" and claude_x.created_at.year == 2025  # the backend's facts
+        qwen_a = await client.models.retrieve("qwen-a")
+        assert qwen_a.display_name == "qwen-a" and qwen_a.created_at.tzinfo is not None
+        assert (await client.models.retrieve("fast")).id == "fast"
+
+        first = await client.models.list(limit=2)
+        assert [m.id for m in first.data] == ids[:2] and first.has_more and first.last_id == ids[1]
+        assert [m.id async for m in await client.models.list(limit=2)] == ids  # the SDK follows the cursor
+        after = await client.models.list(limit=2, after_id=ids[3])
+        assert [m.id for m in after.data] == ids[4:] and after.has_more is False
+        before = await client.models.list(limit=2, before_id=ids[3])
+        assert [m.id for m in before.data] == ids[1:3] and before.has_more and before.first_id == ids[1]
+
+        for unknown in ("all-minilm-l6-v2", "claude-nope"):
+            with pytest.raises(anthropic.NotFoundError) as missing:
+                await client.models.retrieve(unknown)
+            assert missing.value.body == {"type": "error", "error": {"type": "not_found_error", "message": f"model: {unknown}"}}
+            assert missing.value.request_id
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            await client.models.list(limit=0)
+        assert isinstance(bad.value.body, dict) and bad.value.body["error"]["type"] == "invalid_request_error"
+
+        # OpenAI's clients, on the same paths, still get OpenAI's shapes and the whole catalogue.
+        oa = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        assert "all-minilm-l6-v2" in {m.id async for m in oa.models.list()}
+        assert (await oa.models.retrieve("claude-x")).object == "model"
+
+
+def test_model_pages_follow_anthropics_cursors() -> None:
+    models = [anthropic_models.model_object(name) for name in "abcde"]
+
+    def page(**query: str) -> dict[str, Any]:
+        return dict(json.loads(anthropic_models.render_model_page(models, anthropic_models.parse_page_query(query))))
+
+    assert page() == {"data": models, "has_more": False, "first_id": "a", "last_id": "e"}
+    assert page(limit="2", after_id="c")["data"] == models[3:5]
+    assert page(limit="2", after_id="e") == {"data": [], "has_more": False, "first_id": None, "last_id": None}
+    assert page(limit="2", before_id="b") == {"data": models[:1], "has_more": False, "first_id": "a", "last_id": "a"}
+    assert page(limit="3", before_id="e")["has_more"] is True
+    assert models[0]["created_at"] == "1970-01-01T00:00:00Z"
+    for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"after_id": "a", "before_id": "b"}, {"after_id": "zz"}):
+        with pytest.raises(GatewayError):
+            page(**bad)

@@ -66,8 +66,20 @@ def response_of(reply: Reply) -> Response:
     return response
 
 
+# Paths both OpenAI's and Anthropic's APIs have: Anthropic's clients, which always send
+# `anthropic-version`, get their errors in Anthropic's shape there.
+_SHARED_PATHS = "/v1/models"
+
+
+def _dialect_of_request() -> str:
+    path = request.path
+    if path.startswith(_SHARED_PATHS) and "anthropic-version" in request.headers:
+        return "anthropic"
+    return dialect_of_path(path)
+
+
 def error_response(error: GatewayError, dialect: str | None = None) -> Response:
-    return response_of(error_reply(error, dialect or dialect_of_path(request.path)))
+    return response_of(error_reply(error, dialect or _dialect_of_request()))
 
 
 _HTTP_KINDS = {

@@ -1,19 +1,22 @@
-"""The OpenAI surface: /v1/chat/completions, /v1/models and /v1/models/{id}."""
+"""The OpenAI surface: /v1/chat/completions, /v1/models and /v1/models/{id} (the model
+endpoints in Anthropic's shapes for Anthropic's clients, which share their paths)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
+from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.infra.backends import Batch, ModelInfo
+from proxy.services.embeddings import LOCAL_BACKEND
 
 exchanges = FrontDoor()
 blueprint = Blueprint("openai", __name__)
@@ -117,8 +120,27 @@ def model_not_found(model_id: str) -> GatewayError:
     )
 
 
+def _for_anthropic() -> bool:
+    """Anthropic's SDK shares these paths and always sends `anthropic-version`: its clients
+    get Anthropic's shapes (errors too, see `_errors`)."""
+    return "anthropic-version" in request.headers
+
+
+async def _anthropic_models() -> list[dict[str, Any]]:
+    # The in-process embedding model cannot chat: no use to an Anthropic client.
+    return [
+        anthropic_models.model_object(m.id, created=m.created, display_name=m.details.get("display_name"))
+        for m in await gateway().catalog.models()
+        if m.backend != LOCAL_BACKEND
+    ]
+
+
 @blueprint.get("/v1/models")
 async def list_models() -> Response:
+    if _for_anthropic():
+        query = anthropic_models.parse_page_query(request.args)
+        body = anthropic_models.render_model_page(await _anthropic_models(), query)
+        return Response(body, content_type="application/json")
     models = await gateway().catalog.models()
     return Response(openai.render_model_list([_model_object(m) for m in models]), content_type="application/json")
 
@@ -126,7 +148,13 @@ async def list_models() -> Response:
 # `path:`: model ids may hold slashes (`org/model`), which the SDKs send percent-encoded.
 @blueprint.get("/v1/models/<path:model_id>")
 async def retrieve_model(model_id: str) -> Response:
-    for model in await gateway().catalog.models():  # the key's models only: others are unknown
+    # The key's models only (the catalogue is filtered per key): others are unknown.
+    if _for_anthropic():
+        for entry in await _anthropic_models():
+            if entry["id"] == model_id:
+                return Response(anthropic_models.render_model(entry), content_type="application/json")
+        raise anthropic_models.model_not_found(model_id)
+    for model in await gateway().catalog.models():
         if model.id == model_id:
             return Response(dumps(_model_object(model)), content_type="application/json")
     raise model_not_found(model_id)

@@ -156,6 +156,25 @@ _MODEL: Schema = {
     "required": ["id", "object"],
     "properties": {"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
 }
+_ANTHROPIC_MODEL: Schema = {
+    "type": "object",
+    "required": ["type", "id", "display_name", "created_at"],
+    "properties": {"type": {"const": "model"}, "id": _STR, "display_name": _STR, "created_at": {"type": "string", "format": "date-time"}},
+}
+_ANTHROPIC_MODEL_PAGE: Schema = {
+    "type": "object",
+    "required": ["data", "has_more", "first_id", "last_id"],
+    "properties": {
+        "data": {"type": "array", "items": _ANTHROPIC_MODEL},
+        "has_more": _BOOL,
+        "first_id": {"type": ["string", "null"]},
+        "last_id": {"type": ["string", "null"]},
+    },
+}
+_ANTHROPIC_VERSION: Schema = {
+    "name": "anthropic-version", "in": "header", "schema": _STR,
+    "description": "Sent by Anthropic's SDK: answers (errors too) in Anthropic's shapes.",
+}
 _MODEL_LIST: Schema = {
     "type": "object",
     "required": ["object", "data"],
@@ -395,11 +414,25 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         _ok(_CHAT_COMPLETION, stream="text/event-stream"), body=_CHAT_REQUEST, parameters=_CHAT_HEADERS,
         description="`stream: true` answers with server-sent events ending in `data: [DONE]`.",
     ),
-    ("/v1/models", "get"): _op("Models this key may use (OpenAI)", "OpenAI", _ok(_MODEL_LIST)),
+    ("/v1/models", "get"): _op(
+        "Models this key may use (OpenAI; Anthropic's with `anthropic-version`)", "OpenAI",
+        _ok({"oneOf": [_MODEL_LIST, _ANTHROPIC_MODEL_PAGE]}),
+        parameters=[
+            _ANTHROPIC_VERSION,
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+             "description": "Anthropic's shape only: models per page (20 by default)."},
+            {"name": "after_id", "in": "query", "schema": _STR, "description": "Anthropic's shape only: the page after this model."},
+            {"name": "before_id", "in": "query", "schema": _STR, "description": "Anthropic's shape only: the page before this model."},
+        ],
+        description="With `anthropic-version` (Anthropic's SDK sends it) the list is Anthropic's cursor page, "
+        "without the in-process embedding model, and errors come in Anthropic's shape.",
+    ),
     ("/v1/models/{model_id}", "get"): _op(
-        "A model this key may use (OpenAI)", "OpenAI", _ok(_MODEL),
-        parameters=[{"name": "model_id", "in": "path", "required": True, "schema": _STR}],
-        description="An id not listed by `GET /v1/models` is a 404 `model_not_found`.",
+        "A model this key may use (OpenAI; Anthropic's with `anthropic-version`)", "OpenAI",
+        _ok({"oneOf": [_MODEL, _ANTHROPIC_MODEL]}),
+        parameters=[{"name": "model_id", "in": "path", "required": True, "schema": _STR}, _ANTHROPIC_VERSION],
+        description="An id not listed by `GET /v1/models` is a 404: `model_not_found` (OpenAI), "
+        "`not_found_error` (Anthropic).",
     ),
     ("/v1/embeddings", "post"): _op("Embeddings (OpenAI)", "OpenAI", _ok(_EMBEDDINGS), body=_EMBEDDINGS_REQUEST),
     ("/v1/messages", "post"): _op(
