@@ -192,3 +192,23 @@ def test_model_pages_follow_anthropics_cursors() -> None:
     for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"after_id": "a", "before_id": "b"}, {"after_id": "zz"}):
         with pytest.raises(GatewayError):
             page(**bad)
+
+
+async def test_every_405_names_the_allowed_methods() -> None:
+    async with gateway() as url, httpx.AsyncClient(base_url=url) as client:
+        for method, path, allowed in (
+            ("GET", "/v1/embeddings", "POST"),
+            ("POST", "/v1/models", "GET, HEAD"),
+            ("DELETE", "/v1/models/m", "GET, HEAD"),
+            ("POST", "/v1/workspaces/ws1", "DELETE, GET, HEAD, PUT"),
+            ("GET", "/api/chat", "POST"),
+            ("GET", "/v1/chat/completions", "POST"),
+            ("OPTIONS", "/v1/chat/completions", "POST"),
+        ):
+            answer = await client.request(method, path)
+            assert answer.status_code == 405, (method, path)
+            assert answer.headers["allow"] == allowed, (method, path)
+            assert method in answer.text
+        anthropic_client = await client.post("/v1/models", headers={"anthropic-version": "2023-06-01"})
+        assert anthropic_client.status_code == 405 and anthropic_client.headers["allow"] == "GET, HEAD"
+        assert anthropic_client.json()["type"] == "error"

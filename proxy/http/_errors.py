@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quart import Quart, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -107,7 +107,10 @@ def install_error_handlers(app: Quart) -> None:
             message = "The request body is too large."
         else:
             message = error.description or error.name
-        return error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))
+        response = error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 §15.5.6
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:
