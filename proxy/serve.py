@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -114,7 +116,7 @@ def run(settings: Settings, sockets: Sockets) -> None:
         return
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker_main, args=(settings, sockets), name=f"llm-proxy-worker-{i}")
+        context.Process(target=_worker_main, args=(settings, sockets, os.getpid()), name=f"llm-proxy-worker-{i}")
         for i in range(settings.workers)
     ]
     for process in workers:
@@ -132,12 +134,53 @@ def run(settings: Settings, sockets: Sockets) -> None:
         process.join()
 
 
-def _worker_main(settings: Settings, sockets: Sockets) -> None:
+def _worker_main(settings: Settings, sockets: Sockets, parent_pid: int) -> None:
     configure_logging(settings.log_level)
+    # A worker outliving its parent (kill -9, OOM killer) would keep serving on the shared
+    # port, unsupervised, and make a restart fail with "address already in use".
+    watched_by_kernel = _terminate_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the kernel was told to watch
+        log.warning("the gateway process %d is gone; worker exiting", parent_pid)
+        return
+    trigger = functools.partial(_until_signal_or_orphaned, parent_pid, poll=not watched_by_kernel)
     try:
-        trio.run(_serve_logged, settings, sockets)
+        trio.run(functools.partial(serve, settings, sockets=sockets, shutdown_trigger=trigger))
     except KeyboardInterrupt:
         sys.exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> bool:
+    """Ask Linux to send this process SIGTERM (a graceful shutdown) when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+async def _until_signal_or_orphaned(parent_pid: int, *, poll: bool, poll_seconds: float = 1.0) -> None:
+    """`wait_for_signal` (the kernel's SIGTERM when the parent dies included), or, where the
+    kernel cannot tell us (`poll`), until the parent is seen gone."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch_parent() -> None:
+            while True:
+                await trio.sleep(poll_seconds)
+                if os.getppid() != parent_pid:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        if poll:
+            nursery.start_soon(watch_parent)
+        await wait_for_signal()
+        nursery.cancel_scope.cancel()
+    if os.getppid() != parent_pid:
+        log.warning("the gateway process %d is gone; worker shutting down", parent_pid)
 
 
 async def _serve_logged(settings: Settings, sockets: Sockets | None) -> None:

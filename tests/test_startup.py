@@ -152,3 +152,50 @@ def test_llm_api_key_reaches_the_default_backend_that_llm_base_url_repoints(tmp_
             )
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"]
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                # the command may hold spaces and parentheses: the fields after the last ")" are safe
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_workers_exit_when_the_gateway_process_is_killed(tmp_path: Path) -> None:
+    config = write(tmp_path / "ok.toml", OK)
+    port = free_port()
+    command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+               "--workers", "2"]
+    with running(command) as parent:
+        wait_healthy(f"http://127.0.0.1:{port}", parent)
+        workers = {pid for pid in children_of(parent.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        assert len(workers) == 2, workers
+        parent.kill()
+        parent.wait()
+        try:
+            deadline = time.monotonic() + 8
+            while any(map(alive, workers)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(map(alive, workers)), "workers outlived the gateway process"
+        finally:
+            for pid in filter(alive, workers):  # leave no orphan behind if they did
+                os.kill(pid, signal.SIGKILL)
+    # The port is free again: a restart serves.
+    with running(command[:-2]) as restarted:
+        wait_healthy(f"http://127.0.0.1:{port}", restarted)
