@@ -147,7 +147,7 @@ class Settings:
     # API keys (proxy.services.auth): "auto" asks for a key once any exists, "required"
     # always, "off" never. /health is always open; these paths too.
     auth: str = "auto"
-    auth_public_paths: tuple[str, ...] = ("/ready", "/metrics", "/openapi.json")  # = DEFAULT_PUBLIC_PATHS
+    auth_public_paths: tuple[str, ...] = ("/ready", "/openapi.json")  # = DEFAULT_PUBLIC_PATHS
     max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
@@ -459,7 +459,7 @@ def check_data_dir(path: Path, key: str) -> Path:
 
 
 AUTH_MODES = ("auto", "required", "off")
-DEFAULT_PUBLIC_PATHS = ("/ready", "/metrics", "/openapi.json")
+DEFAULT_PUBLIC_PATHS = ("/ready", "/openapi.json")
 
 
 def _auth_mode(value: str, key: str) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from proxy.config import Settings
+from tests.harness import running_gateway
 from tests.test_cli import free_port
 
 OK = "embedded = false\n"
@@ -199,3 +201,11 @@ def test_workers_exit_when_the_gateway_process_is_killed(tmp_path: Path) -> None
     # The port is free again: a restart serves.
     with running(command[:-2]) as restarted:
         wait_healthy(f"http://127.0.0.1:{port}", restarted)
+
+
+async def test_every_default_public_path_is_a_served_route() -> None:
+    """A path listed open by default but not served would open silently once a route appears."""
+    async with running_gateway() as url, httpx.AsyncClient(base_url=url) as client:
+        for path in Settings().auth_public_paths:
+            reply = await client.get(path)
+            assert reply.status_code != 404, (path, reply.text)
