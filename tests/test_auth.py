@@ -225,7 +225,11 @@ async def test_the_request_log_names_the_key_and_never_contains_it(
         await client.post("/v1/messages", json=chat_body(max_tokens=5), headers={"x-api-key": key[:-1]})
     await trio.sleep(0.1)
     lines = [record for record in caplog.records if record.name == REQUEST_LOGGER]
-    assert lines and all(getattr(r, "api_key_id", None) is not None for r in lines)
+    served = [r for r in lines if getattr(r, "source", None) != "refused"]
+    refused = [r for r in lines if getattr(r, "source", None) == "refused"]
+    assert served and all(getattr(r, "api_key_id", None) is not None for r in served)
+    # The two bad keys were turned away: logged, with no key to name.
+    assert [(getattr(r, "status", None), getattr(r, "api_key_id", 0)) for r in refused] == [(401, None), (401, None)]
     everything = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert key not in everything and key[:-1] not in everything and key[16:30] not in everything
 

@@ -379,3 +379,23 @@ async def test_request_log_line_per_request(caplog: pytest.LogCaptureFixture) ->
     assert (done.prompt_tokens, done.completion_tokens) == (3, 2)  # type: ignore[attr-defined]
     assert done.trace_id and done.total_ms > 0 and done.ttft_ms is not None  # type: ignore[attr-defined]
     assert dropped.cancelled is True and dropped.stream is True  # type: ignore[attr-defined]
+
+
+async def test_refused_requests_get_their_log_line_too(caplog: pytest.LogCaptureFixture) -> None:
+    """An operator sees the clients the gateway turned away, not only the answered ones."""
+    fake = OpenAIBackend()
+    caplog.set_level("INFO", logger="llm_proxy.request")
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",)), access_log=True) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            bad_json = await http.post("/v1/chat/completions", content=b"{nope", headers={"x-request-id": "bad"})
+            unknown = await http.post("/v1/chat/completions", headers={"x-request-id": "unknown"},
+                                      json={"model": "mistral", "messages": MESSAGES, "stream": True})
+            ollama_bad = await http.post("/api/chat", json={"model": "qwen3", "messages": "hi"}, headers={"x-request-id": "ol"})
+    assert (bad_json.status_code, unknown.status_code, ollama_bad.status_code) == (400, 404, 400)
+    records = {r.request_id: r for r in caplog.records if r.name == "llm_proxy.request"}  # type: ignore[attr-defined]
+    bad, missing, ollama_line = records["bad"], records["unknown"], records["ol"]
+    assert (bad.status, bad.source, bad.model, bad.dialect) == (400, "refused", "", "openai")  # type: ignore[attr-defined]
+    assert "JSON" in bad.error  # type: ignore[attr-defined]
+    assert (missing.status, missing.model, missing.stream) == (404, "mistral", True)  # type: ignore[attr-defined]
+    assert "mistral" in missing.error  # type: ignore[attr-defined]
+    assert (ollama_line.status, ollama_line.dialect, ollama_line.model) == (400, "ollama", "qwen3")  # type: ignore[attr-defined]

@@ -10,7 +10,9 @@ guard (`_auth.admit`), the header view (`_head`) and the errors in the path's di
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -24,6 +26,7 @@ from proxy.http._auth import admit, granted_headers, stamp_exchange
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
 from proxy.http._head import RequestHead
+from proxy.services.auth import current_principal
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -102,8 +105,11 @@ async def serve(
     """One request on a front-door route, from the guard to the last byte."""
     head = RequestHead(scope)
     out = ResponseSend(send, scope, head)
+    started = time.perf_counter()
+    body: bytes | None = None
     refusal = await admit(gateway, head)
     if refusal is not None:
+        _log_refusal(gateway, head, refusal, body, started)
         await send_reply(out, refusal)
         return
     try:
@@ -119,16 +125,15 @@ async def serve(
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))
+        _log_refusal(gateway, head, reply, body, started, error.message)
         await send_reply(out, reply)
         return
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
-        await send_reply(
-            out,
-            error_reply(
-                GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."), dialect_of_path(head.path)
-            ),
-        )
+        internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
+        reply = error_reply(internal, dialect_of_path(head.path))
+        _log_refusal(gateway, head, reply, body, started, internal.message)
+        await send_reply(out, reply)
         return
     if isinstance(answer, Reply):
         answer.headers.extend(granted_headers())
@@ -137,6 +142,39 @@ async def serve(
     if isinstance(answer, ExchangeBody):
         stamp_exchange(answer.exchange)
     await _respond(answer, receive, out)
+
+
+def _log_refusal(
+    gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None = None
+) -> None:
+    """A request that got no exchange still gets its line in the request log (and counts
+    as a failed request of its key). Only refusals pay for reading the body's model."""
+    model, stream = "", False
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        model = data["model"] if isinstance(data.get("model"), str) else ""
+        stream = data.get("stream") is True
+    principal = current_principal.get()
+    gateway.chat.refused(
+        request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
+        status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
+        api_key_id=principal.id if principal is not None else None,
+    )
+
+
+def _message_of(body: bytes) -> str:
+    """The message of an error body in any dialect's shape."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else ""
 
 
 async def _answer(route: FrontRoute, incoming: Incoming) -> DirectBody | Reply:

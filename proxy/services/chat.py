@@ -170,6 +170,17 @@ class ChatService:
         self.persistence = persistence
         self.semantic_cache = semantic_cache
 
+    def refused(
+        self, *, request_id: str, dialect: str, model: str, stream: bool, status: int, error: str, total_ms: float,
+        api_key_id: int | None,
+    ) -> None:
+        """A request refused before it became an exchange (bad input, unknown model, the
+        guard): its log line all the same, and a failed request in its key's usage."""
+        self._record(ExchangeRecord(
+            trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
+            dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
+        ))
+
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
         """Resolve the route now (an unknown model or route fails before any response starts)."""
         handler: RouteHandler | None = None
