@@ -201,13 +201,15 @@ async def show() -> Response:
     if not isinstance(name, str) or not name:
         raise invalid_request("model is required", param="model")
     gw = gateway()
-    if gw.embeddings is not None and gw.embeddings.is_local(name):
-        check_model(name)  # the local model is not resolved through the (scoped) router
-        return Response(dumps(_local_show(gw.embeddings.local_models())), content_type=_JSON)
+    # A model outside the key's scope is answered as one that does not exist (as the
+    # scoped listings leave it out), not with chat's 403.
     try:
+        if gw.embeddings is not None and gw.embeddings.is_local(name):
+            check_model(name)  # the local model is not resolved through the (scoped) router
+            return Response(dumps(_local_show(gw.embeddings.local_models())), content_type=_JSON)
         route = gw.router.resolve(name)
     except GatewayError as error:
-        if error.code == "model_not_found":
+        if error.code == "model_not_found" or error.kind is ErrorKind.PERMISSION:
             raise _show_not_found(name) from None
         raise
     backend = gw.backends.get(route.backend)
