@@ -212,3 +212,19 @@ async def test_every_405_names_the_allowed_methods() -> None:
         anthropic_client = await client.post("/v1/models", headers={"anthropic-version": "2023-06-01"})
         assert anthropic_client.status_code == 405 and anthropic_client.headers["allow"] == "GET, HEAD"
         assert anthropic_client.json()["type"] == "error"
+
+
+async def test_a_refused_body_closes_its_connection_so_the_next_request_is_answered() -> None:
+    big = {"model": "m", "input": "x" * 5000, "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with gateway(max_body_bytes=2000) as url, httpx.AsyncClient(base_url=url, timeout=5) as client:
+        for path in ("/v1/embeddings", "/v1/chat/completions", "/v1/messages", "/api/chat"):
+            for _ in range(3):
+                refused = await client.post(path, json=big)
+                assert refused.status_code == 413 and refused.headers["connection"] == "close", path
+                # The same client's next request (a connection from its pool) is answered.
+                assert (await client.get("/v1/models")).status_code == 200, path
+        wrong_method = await client.put("/v1/chat/completions", json=big)
+        assert wrong_method.status_code == 405 and wrong_method.headers["connection"] == "close"
+        assert (await client.get("/v1/models")).status_code == 200
+        # A refusal without a body keeps the connection.
+        assert "connection" not in (await client.get("/v1/chat/completions")).headers

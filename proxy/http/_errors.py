@@ -110,6 +110,10 @@ def install_error_handlers(app: Quart) -> None:
         response = error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             response.headers["allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 §15.5.6
+        if status == 413:
+            # The body was refused unread: the connection cannot carry another request (left
+            # open, hypercorn would leave the client's next request on it unanswered).
+            response.headers["connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

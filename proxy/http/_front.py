@@ -110,7 +110,7 @@ async def serve(
     refusal = await admit(gateway, head)
     if refusal is not None:
         _log_refusal(gateway, head, refusal, body, started)
-        await send_reply(out, refusal)
+        await send_reply(out, _closing_if_unread(refusal, head, body))
         return
     try:
         if head.method != route.method:
@@ -126,14 +126,14 @@ async def serve(
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))
         _log_refusal(gateway, head, reply, body, started, error.message)
-        await send_reply(out, reply)
+        await send_reply(out, _closing_if_unread(reply, head, body))
         return
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
         internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
         reply = error_reply(internal, dialect_of_path(head.path))
         _log_refusal(gateway, head, reply, body, started, internal.message)
-        await send_reply(out, reply)
+        await send_reply(out, _closing_if_unread(reply, head, body))
         return
     if isinstance(answer, Reply):
         answer.headers.extend(granted_headers())
@@ -142,6 +142,17 @@ async def serve(
     if isinstance(answer, ExchangeBody):
         stamp_exchange(answer.exchange)
     await _respond(answer, receive, out)
+
+
+def _closing_if_unread(reply: Reply, head: RequestHead, body: bytes | None) -> Reply:
+    """`reply`, telling the client to close the connection if the request's body was left
+    unread: the server closes it after the reply, and a client that does not know would
+    send its next request into a closing connection."""
+    if body is None:
+        length = head.header("content-length")
+        if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
+            reply.headers.append((b"connection", b"close"))
+    return reply
 
 
 def _log_refusal(
