@@ -163,7 +163,7 @@ def _log_refusal(
     model, stream = "", False
     try:
         data = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # what made it a refusal, maybe (deep nesting)
         data = None
     if isinstance(data, dict):
         model = data["model"] if isinstance(data.get("model"), str) else ""
@@ -180,7 +180,7 @@ def _message_of(body: bytes) -> str:
     """The message of an error body in any dialect's shape."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
