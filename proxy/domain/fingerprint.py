@@ -38,6 +38,8 @@ def _message(message: Message) -> dict[str, Any]:
         out["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         out["name"] = message.name
+    if message.extra:  # a legacy `function_call`, a `prefix` flag...: they change the answer
+        out["extra"] = message.extra
     return out
 
 
@@ -58,6 +60,7 @@ def canonical_request(request: ChatRequest, upstream_model: str | None = None) -
         "params": present,
         "tools": [asdict(t) for t in request.tools],
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
+        **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
         "extra": request.extra,
     }
 
