@@ -99,6 +99,12 @@ async def test_every_sdk_sends_its_key_and_parses_our_401(stack: Stack) -> None:
         with pytest.raises(anthropic.AuthenticationError) as ant:
             await stranger.messages.create(model="qwen3-8b", max_tokens=20, messages=MESSAGES)  # type: ignore[arg-type]
     assert ant.value.status_code == 401 and ant.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    # On the paths both APIs share, an Anthropic client is refused in Anthropic's shape too.
+    async with anthropic.AsyncAnthropic(base_url=stack.url, api_key="sk-wrong", max_retries=0) as stranger:
+        with pytest.raises(anthropic.AuthenticationError) as listing:
+            await stranger.models.list()
+    assert listing.value.body["type"] == "error"  # type: ignore[index]
+    assert listing.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
 
     # Ollama clients take headers; the key may come as a bearer token or as x-api-key.
     for headers in (bearer(key), {"x-api-key": key}):

@@ -18,7 +18,7 @@ from quart import Response
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
-from proxy.http._errors import Reply, dialect_of_path, error_reply, response_of
+from proxy.http._errors import Reply, dialect_of, error_reply, response_of
 from proxy.http._head import RequestHead
 from proxy.services.auth import Principal, check_workspace, current_principal
 from proxy.services.chat import ChatExchange
@@ -44,7 +44,7 @@ def credentials(head: RequestHead) -> list[str]:
 
 
 def _refusal(error: GatewayError, head: RequestHead, presented: bool = False) -> Reply:
-    reply = error_reply(error, dialect_of_path(head.path))
+    reply = error_reply(error, dialect_of(head.path, head.header("anthropic-version")))
     if error.kind is ErrorKind.AUTHENTICATION:
         challenge = 'Bearer realm="llm-proxy"'
         if presented:

@@ -71,11 +71,16 @@ def response_of(reply: Reply) -> Response:
 _SHARED_PATHS = "/v1/models"
 
 
-def _dialect_of_request() -> str:
-    path = request.path
-    if path.startswith(_SHARED_PATHS) and "anthropic-version" in request.headers:
+def dialect_of(path: str, anthropic_version: str | None) -> str:
+    """Whose error shape a request gets: its path's, or Anthropic's on the shared paths
+    for a client that sends `anthropic-version`."""
+    if anthropic_version is not None and path.startswith(_SHARED_PATHS):
         return "anthropic"
     return dialect_of_path(path)
+
+
+def _dialect_of_request() -> str:
+    return dialect_of(request.path, request.headers.get("anthropic-version"))
 
 
 def error_response(error: GatewayError, dialect: str | None = None) -> Response:
