@@ -273,3 +273,25 @@ async def test_rejects_a_bare_string_and_handles_an_empty_list(embedder: LocalEm
     empty = await embedder.embed([])
     assert empty.vectors.shape == (0, EMBEDDING_DIMENSIONS)
     assert empty.token_counts == []
+
+
+async def test_a_text_the_tokenizer_refuses_fails_its_own_call_only(embedder: LocalEmbedder) -> None:
+    """A lone surrogate cannot be tokenised: that call fails, the calls batched with it and
+    every later call are answered (it once failed them all, forever)."""
+    results: dict[str, EmbeddingResult] = {}
+    failed: list[GatewayError] = []
+
+    async def call(name: str, text: str) -> None:
+        try:
+            results[name] = await embedder.embed([text])
+        except GatewayError as error:
+            failed.append(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "before", PASSWORD)
+        nursery.start_soon(call, "bad", "bad \ud800 text")
+        nursery.start_soon(call, "with", CAT)
+    assert len(failed) == 1 and set(results) == {"before", "with"}
+    with trio.fail_after(5):
+        later = await embedder.embed([PASSWORD, CAT])
+    np.testing.assert_allclose(later.vectors[0], results["before"].vectors[0], atol=1e-5)

@@ -338,7 +338,7 @@ class LocalEmbedder:
             # Tokenising takes a thread hop; callers arriving meanwhile join this run too.
             while True:
                 tracked.extend(_drain(receive))
-                fresh = [job for job in tracked if not job.prepared and not job.abandoned]
+                fresh = [job for job in tracked if not (job.prepared or job.abandoned or job.done.is_set())]
                 if not fresh:
                     break
                 await self._tokenize(fresh)
@@ -352,8 +352,12 @@ class LocalEmbedder:
         try:
             encodings = await trio.to_thread.run_sync(self._encode, texts)
         except Exception as exc:
+            if len(jobs) == 1:
+                _fail(jobs[0], _internal_error(exc))
+                return
+            # One caller's text must not fail the others batched with it: each on its own.
             for job in jobs:
-                _fail(job, _internal_error(exc))
+                await self._tokenize([job])
             return
         start = 0
         for job in jobs:
