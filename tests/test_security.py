@@ -197,6 +197,29 @@ async def test_oversized_headers_and_bodies_and_deep_json_are_clear_4xx(stack: S
             assert huge.status_code == 413, path
 
 
+async def test_a_lone_surrogate_is_a_clear_400_on_every_json_route(stack: Stack) -> None:
+    """Half a UTF-16 pair, legal JSON but not text: refused up front, in the path's dialect
+    (it used to fail deep inside as a 500, and break the local embedding model)."""
+    bad = '"say \\ud800 hi"'
+    bodies = {
+        "/v1/chat/completions": '{"model": "m", "messages": [{"role": "user", "content": %s}]}',
+        "/api/chat": '{"model": "m", "messages": [{"role": "user", "content": %s}]}',
+        "/v1/messages": '{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": %s}]}',
+        "/v1/embeddings": '{"model": "all-minilm-l6-v2", "input": %s}',
+        "/api/embed": '{"model": "all-minilm-l6-v2", "input": %s}',
+        "/v1/workspaces/docs/documents": '{"source": "a.md", "content": %s}',
+    }
+    dialects = {"/api": "ollama", "/v1/messages": "anthropic"}
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(stack.good), timeout=30) as client:
+        for path, template in bodies.items():
+            answer = await client.post(path, content=template % bad, headers={"content-type": "application/json"})
+            assert answer.status_code == 400, (path, answer.text)
+            dialect = next((d for prefix, d in dialects.items() if path.startswith(prefix)), "openai")
+            assert "surrogate" in dialect_error(dialect, answer, "invalid_request_error"), path
+        paired = await client.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "emoji \U0001f600"})
+        assert paired.status_code == 200 and len(paired.json()["data"][0]["embedding"]) == 384
+
+
 async def test_public_paths_are_configurable_and_health_is_always_open(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

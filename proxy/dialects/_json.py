@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from proxy.domain.errors import invalid_request
@@ -36,7 +37,36 @@ def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any
         raise invalid_request(f"The {what} is nested more than {MAX_DEPTH} levels deep.", code="json_too_deep")
     if not isinstance(value, dict):
         raise invalid_request(f"The {what} must be a JSON object.", code="invalid_json")
+    escape = _SURROGATE_ESCAPE.search(body) if isinstance(body, bytes) else _SURROGATE_ESCAPE_TEXT.search(body)
+    if escape is not None and _has_lone_surrogate(value):
+        raise invalid_request(
+            f"The {what} has a lone UTF-16 surrogate escape (\\ud800-\\udfff): it is not valid Unicode text.",
+            code="invalid_json",
+        )
     return value
+
+
+# JSON may spell half a surrogate pair (`"\ud800"`): Python parses it into a str no encoder,
+# tokenizer or database accepts. Only bodies with such an escape are walked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_TEXT = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _deeper_than(raw: bytes | str, value: Any, limit: int) -> bool:
