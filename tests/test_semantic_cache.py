@@ -44,9 +44,9 @@ def ask(question: str, **params: Any) -> ChatRequest:
     return chat(("user", question), **params)
 
 
-def meta(cache_header: str | None = None, workspace: str | None = None) -> RequestMeta:
+def meta(cache_header: str | None = None, workspace: str | None = None, tenant: str | None = None) -> RequestMeta:
     return RequestMeta(trace_id="t", request_id="r", cache=cache_header, workspace=workspace,
-                       route="rag" if workspace else "direct")
+                       route="rag" if workspace else "direct", tenant=tenant)
 
 
 def answer(text: str, reason: FinishReason | None = FinishReason.STOP) -> ChatCompletion:
@@ -179,3 +179,12 @@ async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Data
     down = cache(None, embedder)
     assert await down.lookup(ask("Tell me a story"), meta()) is None
     await down.store(ask("Tell me a story"), meta(), answer("Once upon a time."))
+
+
+async def test_one_keys_answers_are_never_anothers(db: Database, embedder: LocalEmbedder) -> None:
+    semantic = cache(db, embedder)
+    question = ask("What did our Q3 board memo conclude?")
+    await semantic.store(question, meta(tenant="key-1"), answer("Key 1's confidential summary."))
+    assert await semantic.lookup(question, meta(tenant="key-1")) is not None
+    assert await semantic.lookup(question, meta(tenant="key-2")) is None
+    assert await semantic.lookup(question, meta()) is None

@@ -106,7 +106,7 @@ def _opaque(message: Message) -> list[str]:
 
 def conversation_key(
     request: ChatRequest, *, model: str, workspace: str | None, revision: int | None,
-    counter: TokenCounter | None = None,
+    tenant: str | None = None, counter: TokenCounter | None = None,
 ) -> Conversation:
     """Split `request` into what is compared exactly and what by meaning (module docstring)."""
     counter = counter or token_counter()
@@ -130,6 +130,7 @@ def conversation_key(
         "extra": extra,
         "workspace": workspace,
         "revision": revision,
+        "tenant": tenant,  # one key's answers are never another's (as with the exact cache)
         "shape": shape,
         "literal": literal,
     }
@@ -274,7 +275,7 @@ class SemanticCache:
         counter = token_counter()
         return await trio.to_thread.run_sync(
             lambda: conversation_key(request, model=self._model(request), workspace=workspace,
-                                     revision=revision, counter=counter)
+                                     revision=revision, tenant=meta.tenant, counter=counter)
         )
 
     async def _embed(self, segments: Sequence[str]) -> Vectors:
