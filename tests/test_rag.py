@@ -271,6 +271,12 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "body.format"
         empty = await http.post("/v1/workspaces/docs/documents", json={"content": "   "})
         assert empty.status_code == 400
+        # PostgreSQL stores no NUL: the client's mistake, named, not a 503 that invites retries.
+        for document, field in (({"content": "x", "source": "a\x00.md"}, "source"),
+                                ({"content": "x", "metadata": {"team": ["a\x00b"]}}, "metadata")):
+            nul = await http.post("/v1/workspaces/docs/documents", json=document)
+            assert nul.status_code == 400, nul.text
+            assert nul.json()["error"]["param"].startswith(f"documents[0].{field}") and "NUL" in nul.text
 
         settings = await http.put("/v1/workspaces/docs", json={"top_k": 1, "score_threshold": 0.2})
         assert settings.status_code == 200 and settings.json()["settings"] == {"top_k": 1, "score_threshold": 0.2}

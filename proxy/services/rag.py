@@ -241,7 +241,8 @@ class RagService:
         without text fails the call before anything is written."""
         check_workspace_name(workspace_name)
         prepared = []
-        for document in documents:
+        for index, document in enumerate(documents):
+            _check_storable(document, index)
             text, chunks = await self.prepare(document)
             if not chunks:
                 what = f"Document {document.source!r}" if document.source else "The document"
@@ -350,13 +351,40 @@ class RagService:
         return retrieval
 
 
+def _check_storable(document: DocumentInput, index: int) -> None:
+    """PostgreSQL stores no NUL character, in text or in JSON: a 400 naming the field, not
+    a database failure."""
+    fields: list[tuple[str, Any]] = [("source", document.source), ("content", document.content)]
+    stack: list[tuple[str, Any]] = [("metadata", document.metadata)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                fields.append((f"{where} key", key))
+                stack.append((f"{where}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        else:
+            fields.append((where, value))
+    for where, value in fields:
+        if isinstance(value, str) and "\x00" in value:
+            raise invalid_request(
+                f"Document {index}: `{where}` contains a NUL character (\\u0000), which cannot be stored.",
+                param=f"documents[{index}].{where.split(' ')[0]}",
+            )
+
+
 @contextmanager
 def _database_errors() -> Iterator[None]:
     try:
         yield
     except DatabaseError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if exc.sqlstate is not None and exc.sqlstate.startswith("22"):
+            # A value PostgreSQL refuses (bad text, out of range): the request's fault.
+            raise invalid_request(f"The RAG store refused a value: {reason}", code="invalid_value") from exc
         log.warning("RAG store error: %s", exc)
-        raise GatewayError(ErrorKind.UNAVAILABLE, f"The RAG store failed: {exc}", code="database_error",
+        raise GatewayError(ErrorKind.UNAVAILABLE, f"The RAG store failed: {reason}", code="database_error",
                            retry_after=2) from exc
 
 
