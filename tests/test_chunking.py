@@ -86,6 +86,18 @@ def test_a_huge_sentence_and_cjk_text_are_cut_by_tokens() -> None:
         assert "".join(c.content for c in chunks).replace(" ", "") == text.replace(" ", "")
 
 
+def test_a_word_longer_than_bert_reads_is_cut_too() -> None:
+    """An inline base64 image or a minified line is one 'word' of thousands of characters:
+    it must not become one chunk of any length (BERT would count it as a single [UNK])."""
+    blob = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" * 2000
+    text = "# Logo\n\nThe logo is below.\n\n" + blob
+    chunks = chunk(text)
+    assert len(chunks) > 100
+    assert max(len(c.content) for c in chunks) < 2000
+    assert max(token_counter().count([c.text for c in chunks])) <= ChunkerSettings().maximum
+    assert "".join(c.content for c in chunks[1:]).replace(" ", "").endswith(blob[-500:])
+
+
 def test_html_becomes_markdown_like_text() -> None:
     html = (
         "<html><head><title>T</title><style>p { color: red }</style></head><body>"

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import PurePath
 from typing import Final, Literal
 
+from tokenizers import Regex, pre_tokenizers
 from tokenizers.implementations.bert_wordpiece import BertWordPieceTokenizer
 
 Format = Literal["markdown", "text", "html"]
@@ -247,6 +248,13 @@ class TokenCounter:
         vocab_text = resources.files("proxy.infra").joinpath("data", "vocab.txt").read_text("utf-8")
         vocab = {token: index for index, token in enumerate(vocab_text.splitlines())}
         self._tokenizer = BertWordPieceTokenizer(vocab, lowercase=True)
+        # BERT reads a word of more than 100 characters as one [UNK]: a base64 image or a
+        # minified line would count as a single token and make a chunk of any length. Here
+        # words are first cut into runs of at most 64 characters (offsets kept), so such a
+        # word counts, and splits, by its pieces (WordPiece is quadratic in a word's length).
+        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Split(Regex(".{1,64}"), behavior="isolated")]
+        )
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
@@ -260,6 +268,17 @@ class TokenCounter:
         offsets = encoding.offsets
         if len(offsets) <= size:
             return [text]
+        step = size
+        while True:
+            pieces = self._cut(text, offsets, step)
+            # A piece cut inside a long word is pre-split afresh and may count a few more.
+            excess = max(self.count(pieces)) - size
+            if excess <= 0 or step <= 1:
+                return pieces
+            step = max(1, step - excess)
+
+    @staticmethod
+    def _cut(text: str, offsets: list[tuple[int, int]], size: int) -> list[str]:
         pieces = []
         start = 0
         for first in range(size, len(offsets), size):
