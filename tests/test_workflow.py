@@ -258,6 +258,28 @@ async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack
     assert len(stack.alpha.requests) == 1  # one job, one model call
 
 
+async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
+    """The same key and body sent to the direct route is another request: a 409, never the
+    pipeline's answer replayed; nor does the exact cache serve one route's answer to another."""
+    headers = {"idempotency-key": f"route-{stack.pipeline}"}
+    with trio.fail_after(10):
+        first = await stack.client.chat.completions.create(model="alpha-1", messages=MESSAGES, extra_headers=headers)
+        assert first.choices[0].message.content == "Red is warm."
+        await trio.sleep(0.3)
+        with pytest.raises(openai.ConflictError):
+            await stack.client.chat.completions.create(
+                model="alpha-1", messages=MESSAGES, extra_headers={**headers, "x-route": "direct"}
+            )
+    with trio.fail_after(10):
+        cached = await stack.client.chat.completions.with_raw_response.create(
+            model="alpha-1", messages=MESSAGES, temperature=0, extra_headers={"x-cache": "exact"}
+        )
+        plain = await stack.client.chat.completions.with_raw_response.create(
+            model="alpha-1", messages=MESSAGES, temperature=0, extra_headers={"x-cache": "exact", "x-route": "direct"}
+        )
+    assert cached.headers["x-cache"] == "miss" and plain.headers["x-cache"] == "miss"
+
+
 # -- errors, deadlines, cancellation ---------------------------------------------------------
 
 

@@ -46,7 +46,11 @@ def _message(message: Message) -> dict[str, Any]:
 _PARAM_NAMES = tuple(f.name for f in fields(GenerationParams))
 
 
-def canonical_request(request: ChatRequest, upstream_model: str | None = None) -> dict[str, Any]:
+def canonical_request(
+    request: ChatRequest, upstream_model: str | None = None, route: tuple[str, str | None] | None = None
+) -> dict[str, Any]:
+    """`route`: a route that answers otherwise than the model alone would (RAG with its
+    workspace, a workflow with its pipeline); None for the direct route."""
     params = request.params
     # Not `asdict(params)`: its recursive deep copy costs more than all the rest.
     present = {
@@ -62,11 +66,14 @@ def canonical_request(request: ChatRequest, upstream_model: str | None = None) -
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
         **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
         "extra": request.extra,
+        **({"route": list(route)} if route is not None else {}),
     }
 
 
-def request_fingerprint(request: ChatRequest, upstream_model: str | None = None) -> str:
-    return fingerprint_of(canonical_request(request, upstream_model))
+def request_fingerprint(
+    request: ChatRequest, upstream_model: str | None = None, route: tuple[str, str | None] | None = None
+) -> str:
+    return fingerprint_of(canonical_request(request, upstream_model, route))
 
 
 def fingerprint_of(canonical: dict[str, Any]) -> str:

@@ -337,7 +337,7 @@ class ChatExchange:
         cache = _cacheable(self.request, self.meta, self._backend)
         if key is None and not cache:
             return Plan("here")
-        req_id = request_fingerprint(self.request, self.route.upstream_model)
+        req_id = request_fingerprint(self.request, self.route.upstream_model, self._route_identity())
         cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
         if cache:
             cached = await persistence.cached(cache_id)
@@ -497,7 +497,7 @@ class ChatExchange:
     # -- records ---------------------------------------------------------------------------
 
     def _new_row(self, plan: Plan) -> LogRow:
-        canonical = canonical_request(self.request, self.route.upstream_model)
+        canonical = canonical_request(self.request, self.route.upstream_model, self._route_identity())
         return LogRow(
             trace_id=self.meta.trace_id,
             req_id=plan.req_id or fingerprint_of(canonical),
@@ -513,6 +513,17 @@ class ChatExchange:
             cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
             cache_id=plan.cache_id,
         )
+
+    def _route_identity(self) -> tuple[str, str | None] | None:
+        """What besides the request decides the answer: the workspace a RAG answer drew on,
+        the pipeline that made a workflow's. Part of `req_id`, so idempotency and the exact
+        cache never give one route's answer for another's."""
+        meta = self.meta
+        if meta.route == "rag":
+            return ("rag", meta.workspace)
+        if meta.route == "workflow":
+            return ("workflow", meta.pipeline)
+        return None
 
     def _log_row(self, base: LogRow, result: CompletionBuilder) -> LogRow:
         outcome = _outcome(result, result.error is None and result.finish_reason is not None)
