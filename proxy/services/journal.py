@@ -58,6 +58,8 @@ class EventLog:
         self.events: list[StreamEvent] = []
         self.head_error: GatewayError | None = None
         self.outcome: Outcome | None = None
+        # The model that answered: the `finished` event's `winner`, however it is read.
+        self.winner: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         # Called with (first sequence number, new events) as they are appended.
         self.listeners: list[Callable[[int, list[StreamEvent]], None]] = []
@@ -115,6 +117,7 @@ class Journal:
         self._publisher = publisher
         self._publish_events = publish_events
         self._subject = events_subject(row.trace_id)
+        log.winner = row.upstream_model
         if publish_events:
             # Not a bound method: log -> listener -> journal -> log would be a reference
             # cycle, leaving every request's objects to the cyclic GC instead of refcounting.
