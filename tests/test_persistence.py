@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -240,6 +241,48 @@ async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: st
         assert any(isinstance(decode_event(f.split("data: ", 1)[1].encode())[1], TextDelta) for f in frames)
         unknown = await client.get(f"{second}/v1/streams/{uuid.uuid4().hex}")
         assert unknown.status_code == 404
+
+
+def stream_frames(text: str) -> list[tuple[int, object]]:
+    """`/v1/streams` SSE frames as (seq, event)."""
+    found = []
+    for block in text.split("\n\n"):
+        if block:
+            seq, event = decode_event(block.split("data: ", 1)[1].encode())
+            found.append((seq, event))
+    return found
+
+
+async def test_a_client_that_saw_the_end_reconnects_and_the_stream_closes_at_once(stack: Stack) -> None:
+    stack.fake.set_script(Script(n_tokens=30, pace=0.02))
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            trace_id = response.headers["x-trace-id"]
+            with trio.fail_after(5):
+                # Read from the run itself while it is live on this instance.
+                async with trio.open_nursery() as nursery:
+                    results: dict[str, httpx.Response] = {}
+
+                    async def get(name: str, **headers: str) -> None:
+                        results[name] = await client.get(f"/v1/streams/{trace_id}", headers=headers)
+
+                    nursery.start_soon(get, "live")
+                    nursery.start_soon(functools.partial(get, "live-past-end", **{"Last-Event-ID": "1000"}))
+            await response.aread()
+        live = stream_frames(results["live"].text)
+        end_seq, finished = live[-1]
+        assert isinstance(finished, Finished) and finished.winner == "m"
+        assert results["live-past-end"].status_code == 200 and results["live-past-end"].text == ""
+        await wait_for_row(stack.db, trace_id, "completed")
+        with trio.fail_after(5):
+            stored = stream_frames((await client.get(f"/v1/streams/{trace_id}")).text)
+            assert stored[-1] == (end_seq, finished)  # the same end, live or stored
+            for after in (end_seq, end_seq + 7):
+                again = await client.get(f"/v1/streams/{trace_id}", headers={"Last-Event-ID": str(after)})
+                assert again.status_code == 200 and again.text == ""
+            just_end = await client.get(f"/v1/streams/{trace_id}", params={"after": end_seq - 1})
+            assert stream_frames(just_end.text) == [(end_seq, finished)]
 
 
 async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, nats_url: str) -> None:

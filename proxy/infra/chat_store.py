@@ -115,6 +115,7 @@ class StoredRun:
     error: dict[str, Any] | None
     tenant: str | None
     route: str
+    upstream_model: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -263,12 +264,14 @@ class ChatStore:
 
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant, route FROM chat_log WHERE trace_id = %s", (trace_id,)
+            "SELECT status, result, error, tenant, route, upstream_model FROM chat_log WHERE trace_id = %s",
+            (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route = row
-        return StoredRun(status, completion_from_json(result) if result else None, error, tenant, route)
+        status, result, error, tenant, route, upstream_model = row
+        completion = completion_from_json(result) if result else None
+        return StoredRun(status, completion, error, tenant, route, upstream_model)
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

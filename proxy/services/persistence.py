@@ -293,7 +293,7 @@ async def trace_events(
         raise unknown
     completion = stored.completion
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
-    events.append(Finished(reason=_reason_of(completion), status=stored.status))
+    events.append(Finished(reason=_reason_of(completion), status=stored.status, winner=stored.upstream_model))
     for seq, event in enumerate(events, start=1):
         if seq > after:
             await send.send((seq, event))
@@ -308,7 +308,9 @@ async def _local_events(event_log: EventLog, after: int, send: trio.MemorySendCh
         position = max(position, len(event_log.events))
         outcome = event_log.outcome
         if outcome is not None and position >= len(event_log.events):
-            await send.send((position + 1, Finished(outcome.reason, outcome.status)))
+            end = len(event_log.events) + 1
+            if end > after:  # a client that saw the end already just gets the stream closed
+                await send.send((end, Finished(outcome.reason, outcome.status, event_log.winner)))
             return
 
 
@@ -334,10 +336,11 @@ async def _bus_events(
                 scope.deadline = trio.current_time() + silence
                 if view is None:
                     seq, event = decode_event(message.data)
-                    if event is None or seq <= after:
+                    if event is None:
                         continue
-                    await send.send((seq, event))
-                    if isinstance(event, Finished):
+                    if seq > after:
+                        await send.send((seq, event))
+                    if isinstance(event, Finished):  # the end, even for a client that saw it
                         return True
                     continue
                 visible: list[WireEvent] = list(view.feed_bytes(message.data))
