@@ -469,15 +469,57 @@ class Bus:
             )
 
     async def ping(self) -> None:
-        """Round trip to the server and JetStream; BusUnavailable if that takes > 2 s."""
+        """Round trip to the server and JetStream; BusUnavailable if that takes > 2 s or the
+        connection is down (nats-py reconnecting, or its reader stopped)."""
+        if not self._nc.is_connected or self._reader_stopped():
+            raise BusUnavailable("not connected to NATS")
         with trio.move_on_after(_PING_TIMEOUT) as scope:
-            await _hop(self._aio_ping)
+            # A request, not `nc.flush()`: a flush given up on leaves its cancelled future in
+            # nats-py's PONG queue, and the late PONG then kills the connection's reader
+            # (InvalidStateError). A request given up on just forgets its reply inbox.
+            await _hop(self._js.account_info)
         if scope.cancelled_caught:
             raise BusUnavailable(f"NATS did not answer within {_PING_TIMEOUT} s")
 
-    async def _aio_ping(self) -> None:
-        await self._nc.flush(timeout=int(_PING_TIMEOUT))
-        await self._js.account_info()
+    async def watch(self, *, interval: float = 1.0, misses: int = 3) -> None:
+        """Keep the connection working; return once it is closed for good.
+
+        nats-py reconnects by itself after a lost TCP connection, but not when its reader
+        task has died, nor (for minutes) when the server holds the connection open without
+        answering. Either way this forces nats-py's own reconnect, which keeps the `Bus` and
+        re-creates its subscriptions, so holders of this `Bus` carry on.
+        """
+        failures = 0
+        while not self._nc.is_closed:
+            await trio.sleep(interval)
+            if self._nc.is_closed:
+                return
+            if not self._nc.is_connected:  # nats-py is reconnecting
+                failures = 0
+                continue
+            if self._reader_stopped():
+                log.warning("nats: the connection's reader stopped; reconnecting")
+                await self._force_reconnect()
+                failures = 0
+                continue
+            try:
+                await self.ping()
+                failures = 0
+            except BusUnavailable:
+                failures += 1
+            if failures >= misses:
+                log.warning("nats: no answer to %d probes in a row; reconnecting", failures)
+                await self._force_reconnect()
+                failures = 0
+
+    def _reader_stopped(self) -> bool:
+        """Connected, but nothing reads the socket: no reply or message will ever arrive."""
+        reader = self._nc._reading_task
+        return self._nc.is_connected and (reader is None or reader.done())
+
+    async def _force_reconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            await aio_as_trio(self._nc._process_op_err)(nats.errors.StaleConnectionError())
 
     async def _aio_close(self) -> None:
         for sub in list(self._subs):

@@ -9,7 +9,6 @@ unreachable. Callers read the handle at the moment they need it and treat None a
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -120,7 +119,10 @@ class Resources:
                     self.bus = bus
                     on_ready()
                     delay = _BACKOFF_START
-                    await trio.sleep(math.inf)  # nats-py reconnects by itself once connected
+                    # Repairs a connected-but-stuck connection in place; returns only once
+                    # the connection is closed for good, so it is reopened below.
+                    await bus.watch()
+                    log.warning("NATS connection closed; reconnecting")
             except BusError as error:
                 log.warning("NATS unavailable (%s); retrying in %.1fs", error, delay)
             finally:

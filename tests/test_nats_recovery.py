@@ -1,0 +1,123 @@
+"""The bus recovers from a NATS server that stalls for a few seconds (a GC pause, a VM hiccup):
+readiness probes during the stall must not break the connection, and a connection that broke
+anyway is repaired without restarting the gateway. Real nats-server, paused with SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nats.errors
+import pytest
+import trio
+import trio_asyncio
+from trio_asyncio import aio_as_trio
+
+from proxy.infra.embedded import EmbeddedNats
+from proxy.infra.nats import Bus, BusUnavailable, open_bus
+from proxy.infra.resources import Resources
+
+pytest_plugins = ["tests.infra_servers"]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A server of our own: pausing the session's shared one would stall other tests."""
+    with EmbeddedNats(tmp_path / "nats") as started:
+        yield started
+
+
+@contextmanager
+def paused(server: EmbeddedNats) -> Iterator[None]:
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+async def _ready_within(resources: Resources, seconds: float) -> None:
+    with trio.fail_after(seconds):
+        while True:
+            if (await resources.readiness()).get("nats") == "ok":
+                return
+            await trio.sleep(0.2)
+
+
+async def _round_trip(bus: Bus) -> None:
+    """A JetStream publish and a core message to a live subscriber both get through."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    await bus.ensure_stream(prefix, [f"{prefix}.>"], storage="memory")
+    assert await bus.publish(f"{prefix}.a", b"stored") >= 1
+    async with bus.subscribe(f"{prefix}.core") as messages:
+        await bus.publish_core(f"{prefix}.core", b"hello")
+        with trio.fail_after(5):
+            assert (await messages.receive()).data == b"hello"
+
+
+async def test_probing_a_paused_server_does_not_break_the_bus(
+    aio_loop: trio_asyncio.TrioEventLoop, server: EmbeddedNats
+) -> None:
+    assert server.url is not None
+    async with open_bus(server.url) as bus:
+        await bus.ping()
+        with paused(server):
+            for _ in range(2):  # each probe gives up after 2 s
+                with pytest.raises(BusUnavailable):
+                    await bus.ping()
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await bus.ping()
+                    break
+                except BusUnavailable:
+                    await trio.sleep(0.2)
+        await _round_trip(bus)
+
+
+async def test_gateway_readiness_recovers_after_a_nats_pause(
+    aio_loop: trio_asyncio.TrioEventLoop, server: EmbeddedNats
+) -> None:
+    resources = Resources(None, server.url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(resources.run)
+        assert await resources.readiness() == {"nats": "ok"}
+        with paused(server):
+            assert await resources.readiness() == {"nats": "unreachable"}
+            await trio.sleep(2)
+        await _ready_within(resources, 5)
+        assert resources.bus is not None
+        await _round_trip(resources.bus)
+        resources.stop()
+
+
+async def test_a_connection_whose_reader_died_is_repaired(
+    aio_loop: trio_asyncio.TrioEventLoop, server: EmbeddedNats
+) -> None:
+    """nats-py 2.16 kills its reader when a PONG arrives for a flush that timed out; whatever
+    stops the reader, the keeper notices and reconnects, and existing subscriptions keep
+    working on the same Bus."""
+    resources = Resources(None, server.url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(resources.run)
+        bus = resources.bus
+        assert bus is not None
+        prefix = f"t{uuid.uuid4().hex[:10]}"
+        async with bus.subscribe(f"{prefix}.live") as live:
+            client = bus._nc
+            with paused(server):
+                with pytest.raises(nats.errors.TimeoutError):
+                    await aio_as_trio(client.flush)(timeout=1)
+            await trio.sleep(0.5)  # the late PONG arrives and the reader dies on it
+            await _ready_within(resources, 6)
+            assert resources.bus is bus
+            await bus.publish_core(f"{prefix}.live", b"still subscribed")
+            with trio.fail_after(5):
+                assert (await live.receive()).data == b"still subscribed"
+        await _round_trip(bus)
+        resources.stop()
