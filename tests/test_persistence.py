@@ -208,6 +208,47 @@ async def test_exact_cache_replays_as_sse_and_json(stack: Stack) -> None:
     await client.close()
 
 
+async def test_an_expired_cache_entry_is_a_miss_that_calls_the_backend_again(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["fresh"], pace=0.05))
+    body = {"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}
+    headers = {"x-cache": "exact"}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+        cache_ttl_seconds=1.0,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def ask() -> httpx.Response:
+            response = await client.post("/v1/chat/completions", json=body, headers=headers)
+            assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fresh"
+            return response
+
+        assert (await ask()).headers["x-cache"] == "miss"
+        await trio.sleep(0.3)
+        assert (await ask()).headers["x-cache"] == "hit"
+        assert len(fake.requests) == 1
+        await trio.sleep(1.2)  # past the TTL
+        again = await ask()
+        assert again.headers.get("x-cache") == "miss" and "idempotent-replayed" not in again.headers
+        assert len(fake.requests) == 2
+        await trio.sleep(0.3)
+        assert (await ask()).headers["x-cache"] == "hit"  # cached again
+        await trio.sleep(1.2)
+        # Two identical requests at once after expiry still make one backend call.
+        answers: list[httpx.Response] = []
+
+        async def collect() -> None:
+            answers.append(await ask())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            nursery.start_soon(collect)
+        assert len(fake.requests) == 3
+        ran, attached = sorted(answers, key=lambda r: "x-attached-to" in r.headers)
+        assert ran.headers["x-cache"] == "miss" and attached.headers["x-attached-to"] == ran.headers["x-trace-id"]
+
+
 async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
     fake = OpenAIBackend(default=Script(n_tokens=40, pace=0.02))
     key = str(uuid.uuid4())

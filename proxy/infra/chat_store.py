@@ -217,9 +217,14 @@ class ChatStore:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""
         await self.write_batch([], [row])
 
-    async def claim(self, key: str, req_id: str, trace_id: str, *, stale_after: float) -> Claim:
+    async def claim(
+        self, key: str, req_id: str, trace_id: str, *, stale_after: float, cache_id: str | None = None
+    ) -> Claim:
         """Claim `key` for `trace_id` unless another trace holds it; a failed, cancelled or
-        stale (running for longer than `stale_after` seconds) holder is taken over."""
+        stale (running for longer than `stale_after` seconds) holder is taken over.
+
+        With `cache_id` (the key guards an exact-cache entry), a completed holder counts only
+        while that entry lives: an expired one is taken over, so the request runs again."""
         for _ in range(5):
             won = await self._db.fetchval(
                 "INSERT INTO idempotency_keys (key, req_id, trace_id, status) VALUES (%s, %s, %s, 'running') "
@@ -229,16 +234,17 @@ class ChatStore:
             if won is not None:
                 return Claim("owner", trace_id)
             row = await self._db.fetchrow(
-                "SELECT req_id, trace_id, status, extract(epoch FROM now() - updated_at) FROM idempotency_keys "
-                "WHERE key = %s",
-                (key,),
+                "SELECT req_id, trace_id, status, extract(epoch FROM now() - updated_at), "
+                "EXISTS (SELECT 1 FROM completions_cache WHERE req_id = %s AND expires_at > now()) "
+                "FROM idempotency_keys WHERE key = %s",
+                (cache_id, key),
             )
             if row is None:
                 continue  # deleted between the two statements
-            held_req, held_trace, status, age = row
+            held_req, held_trace, status, age, cached = row
             if held_req != req_id:
                 return Claim("conflict", held_trace)
-            if status == "completed":
+            if status == "completed" and (cache_id is None or cached):
                 return Claim("completed", held_trace)
             if status == "running" and float(age) < stale_after:
                 return Claim("running", held_trace)

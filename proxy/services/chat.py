@@ -346,9 +346,10 @@ class ChatExchange:
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
                             headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
         claim_key = key if key is not None else f"cache:{cache_id}"
-        other = await persistence.claim(claim_key, req_id, self.meta.trace_id)
+        other = await persistence.claim(claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id)
         if other is not None:
-            self.record.source = "replay" if other.kind == "replay" else "attached"
+            replayed = "replay" if key is not None else "cache"
+            self.record.source = replayed if other.kind == "replay" else "attached"
             return other
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,

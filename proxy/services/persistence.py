@@ -117,15 +117,20 @@ class Persistence:
     def bus(self) -> Bus | None:
         return self.resources.bus
 
-    async def claim(self, key: str, req_id: str, trace_id: str) -> Plan | None:
+    async def claim(self, key: str, req_id: str, trace_id: str, *, cache_id: str | None = None) -> Plan | None:
         """Claim `key`; None when this trace owns it (or no store is reachable: degraded,
-        the request runs unguarded rather than not at all)."""
+        the request runs unguarded rather than not at all).
+
+        With `cache_id`, `key` guards that exact-cache entry (identical cacheable requests
+        at once make one backend call) and holds no longer than the entry lives."""
         store = self.store()
         if store is None:
             log.warning("PostgreSQL unavailable: key %s is not deduplicated", key)
             return None
         try:
-            claim = await store.claim(key, req_id, trace_id, stale_after=self.settings.stale_after)
+            claim = await store.claim(
+                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id
+            )
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
             return None
@@ -141,8 +146,10 @@ class Persistence:
         if claim.outcome == "completed":
             stored = await self._stored(store, claim.trace_id)
             if stored is not None:
+                # A cache entry that appeared since the lookup missed is a cache hit.
+                label = (b"x-cache", b"hit") if cache_id is not None else (b"idempotent-replayed", b"true")
                 return Plan("replay", producer=replayer(stored), req_id=req_id, key=key,
-                            headers=[(b"idempotent-replayed", b"true"), (b"x-replay-of", claim.trace_id.encode())])
+                            headers=[label, (b"x-replay-of", claim.trace_id.encode())])
             # Completed but its result is gone (e.g. expired): run again.
             if await store.take_over(key, claim.trace_id, trace_id):
                 return None
