@@ -417,6 +417,37 @@ async def test_200_concurrent_streams_each_get_every_token_in_order(
     print(f"200 workflow streams in {elapsed:.2f}s")
 
 
+async def test_an_idle_worker_serving_many_pipelines_starts_any_job_at_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    names = [pipeline_name("count") for _ in range(12)]
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:count", {"n": 3}) for name in names}
+    async with workflow_stack(pg_database_url, nats_url, pipelines, concurrency=2) as (url, *_):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+            async def ask(name: str, **options: Any) -> float:
+                started = time.monotonic()
+                reply = await client.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "workflow": options},
+                    headers={"x-pipeline": name},
+                )
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["message"]["content"] == "".join(f"{i} " for i in range(options.get("n", 3)))
+                return time.monotonic() - started
+
+            # Idle pullers of eleven other pipelines must not keep the twelfth's job waiting.
+            latencies = [await ask(name) for name in (names[-1], names[5], names[-1], names[0], names[-1], names[7])]
+            assert max(latencies) < 1.0, latencies
+
+            # Yet no more than `concurrency` jobs run at once: four jobs of 0.6 s take two rounds.
+            started = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                for name in names[:4]:
+                    nursery.start_soon(lambda name=name: ask(name, n=3, pace=0.2))
+            elapsed = time.monotonic() - started
+            assert 1.15 <= elapsed < 3.0, elapsed
+
+
 async def _raw_stream(host: str, port: int, pipeline: str) -> str:
     """One streamed request over a plain socket (httpx's pool costs more CPU than the gateway
     at this concurrency); returns the streamed text."""

@@ -6,6 +6,13 @@ stops heartbeating (`in_progress` every third of `ack_wait`) is redelivered afte
 `ack_wait`, at most `max_deliver` times in all. A process runs at most `concurrency` jobs at
 once, each a trio task with its own nursery.
 
+Pulling holds no job slot: a puller only opens a pull request while a slot is free, and takes
+a slot for what it fetched. Were the slot taken before the long poll, idle pipelines' pullers
+would hold every slot while the pipeline that has work had no request open. Pullers of
+several pipelines may fetch for the same free slot; a job that finds none waits for one (its
+ack deadline kept alive by heartbeats) and its pipeline pulls no more until it starts, so at
+most one job per pipeline waits that way.
+
 Cancels: one core subscription on `cancel.*` reaches the running job of that trace.
 Liveness: every few seconds the worker refreshes its pipelines' keys in the workers KV
 bucket; the gateway answers 503 at once for a pipeline no live worker serves.
@@ -62,7 +69,8 @@ log = logging.getLogger("llm_proxy.worker")
 _T = TypeVar("_T")
 
 _FETCH_EXPIRES = 2.0
-# Pull requests in flight per pipeline: each takes one job per round trip.
+# Pull requests in flight per pipeline at most: each takes one job per round trip. Puller `i`
+# pulls only while more than `i` slots are free.
 _PULLERS = 8
 _SETTLE_SECONDS = 5.0
 _BUS_WAIT_LOG = 10.0
@@ -91,7 +99,7 @@ class Worker:
         self.options_by_pipeline = {name: registry.options(name) for name in names}
         self.concurrency = self.options.concurrency or settings.workflow.concurrency
         self.running: dict[str, JobRun] = {}
-        self._slots = trio.Semaphore(self.concurrency)
+        self._slots = _Slots(self.concurrency)
         self._active = 0  # job tasks started and not yet settled
         self._changed = trio.Event()
 
@@ -118,8 +126,8 @@ class Worker:
                     async with trio.open_nursery() as pullers:
                         pullers.start_soon(self._beacon, bus)
                         for name in self.pipelines:
-                            for _ in range(min(_PULLERS, self.concurrency)):
-                                await pullers.start(self._pull, bus, name, jobs, env)
+                            for rank in range(min(_PULLERS, self.concurrency)):
+                                await pullers.start(self._pull, bus, name, rank, jobs, env)
                         log.info(
                             "worker %s pulling %s (concurrency %d)",
                             self.worker_id, ", ".join(self.pipelines), self.concurrency,
@@ -161,6 +169,7 @@ class Worker:
         self,
         bus: Bus,
         pipeline: str,
+        rank: int,
         jobs: trio.Nursery,
         env: WorkerEnv,
         *,
@@ -177,7 +186,7 @@ class Worker:
         ) as consumer:
             task_status.started()
             while True:
-                await self._slots.acquire()
+                await self._slots.wait_free(more_than=rank)
                 messages: list[JobMessage] = []
                 try:
                     messages = await consumer.fetch(1, timeout=_FETCH_EXPIRES)
@@ -185,12 +194,25 @@ class Worker:
                     await trio.lowlevel.checkpoint_if_cancelled()  # stopping: not worth a warning
                     log.warning("pulling %s failed: %s", pipeline, error)
                     await trio.sleep(1.0)
-                finally:
-                    if not messages:
-                        self._slots.release()
                 for message in messages:
-                    self._count(+1)
-                    jobs.start_soon(self._job, message, env)
+                    await self._start(message, jobs, env)
+
+    async def _start(self, message: JobMessage, jobs: trio.Nursery, env: WorkerEnv) -> None:
+        """Start a fetched job once it has a slot; hand it back to the queue if the worker
+        stops before then."""
+        started = False
+        try:
+            if not self._slots.try_take():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_heartbeat, message, self.settings.workflow.ack_wait_seconds / 3)
+                    await self._slots.take()
+                    nursery.cancel_scope.cancel()
+            started = True
+            self._count(+1)
+            jobs.start_soon(self._job, message, env)
+        finally:
+            if not started:
+                await _settle(message, Disposition.RETRY)
 
     async def _job(self, message: JobMessage, env: WorkerEnv) -> None:
         run: JobRun | None = None
@@ -213,7 +235,7 @@ class Worker:
         finally:
             if run is not None and self.running.get(run.job.trace_id) is run:
                 del self.running[run.job.trace_id]
-            self._slots.release()
+            self._slots.give()
             self._count(-1)
 
     async def _cancels(self, bus: Bus, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -236,6 +258,34 @@ class Worker:
             except BusError as error:
                 log.warning("worker beacon not written: %s", error)
             await trio.sleep(WORKERS_REFRESH)
+
+
+class _Slots:
+    """The worker's job slots: taken by a job when it starts, given back when it ends.
+    Unlike a semaphore, it also lets a puller wait for a free slot without taking one."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._freed = trio.Event()
+
+    def try_take(self) -> bool:
+        if self.free == 0:
+            return False
+        self.free -= 1
+        return True
+
+    async def take(self) -> None:
+        while not self.try_take():
+            await self._freed.wait()
+
+    async def wait_free(self, *, more_than: int = 0) -> None:
+        while self.free <= more_than:
+            await self._freed.wait()
+
+    def give(self) -> None:
+        self.free += 1
+        self._freed.set()
+        self._freed = trio.Event()
 
 
 # -- the systemd launch mode ----------------------------------------------------------------
