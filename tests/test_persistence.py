@@ -350,6 +350,30 @@ async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, na
                 await wait_for_row(url, trace_id, "completed", within=30)
 
 
+async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(
+    aio_loop: object, tmp_path: Path, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["only", " once"]))
+    key = str(uuid.uuid4())
+    body = {"model": "m", "messages": MESSAGES}
+    with EmbeddedPostgres(tmp_path / "pg") as postgres:
+        assert postgres.url is not None
+        url = postgres.url
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, default=True), database_url=url, nats_url=nats_url
+        ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+            await trio.to_thread.run_sync(postgres.stop)
+            during = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+            assert during.status_code == 200  # not deduplicated, but served
+            await trio.to_thread.run_sync(postgres.start)
+            await wait_for_row(url, during.headers["x-trace-id"], "completed", within=30)
+            retry = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+            assert retry.headers.get("idempotent-replayed") == "true"
+            assert retry.headers["x-replay-of"] == during.headers["x-trace-id"]
+            assert retry.json()["choices"][0]["message"]["content"] == "only once"
+            assert len(fake.requests) == 1
+
+
 async def test_a_row_postgres_refuses_does_not_stall_the_outbox(aio_loop: object, pg_database_url: str) -> None:
     async with open_database(pg_database_url) as db:
         await migrate(db)

@@ -175,6 +175,13 @@ _UPSERT_OUTCOMES = (
 
 
 _SET_KEY_STATUS = "UPDATE idempotency_keys SET status = %s, updated_at = now() WHERE key = %s AND trace_id = %s"
+# An outcome's key: its status if the key is still this trace's; the key itself if nobody holds
+# it (the run was not claimed: PostgreSQL was down), so a retry after the outage replays it.
+_PUT_KEY_STATUS = (
+    "INSERT INTO idempotency_keys (key, req_id, trace_id, status) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, updated_at = now() "
+    "WHERE idempotency_keys.trace_id = EXCLUDED.trace_id"
+)
 _PUT_CACHE = (
     "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
     "VALUES (%s, %s, %s, %s::jsonb, now() + make_interval(secs => %s)) "
@@ -194,8 +201,10 @@ class ChatStore:
     async def write_batch(self, starts: list[LogRow], outcomes: list[LogRow]) -> None:
         """Many rows in one transaction (group commit): starts first, so an outcome in the
         same batch always wins."""
-        keys = [(r.status, r.idempotency_key, r.trace_id) for r in outcomes if r.idempotency_key is not None]
-        keys += [(r.status, f"cache:{r.cache_id or r.req_id}", r.trace_id) for r in outcomes if r.cache_ttl is not None]
+        keys = [(r.idempotency_key, r.req_id, r.trace_id, r.status) for r in outcomes if r.idempotency_key is not None]
+        keys += [
+            (f"cache:{r.cache_id or r.req_id}", r.req_id, r.trace_id, r.status) for r in outcomes if r.cache_ttl is not None
+        ]
         cached = [
             (r.cache_id or r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
             for r in outcomes
@@ -209,7 +218,7 @@ class ChatStore:
         await self._db.execute_batch([
             (_INSERT_START, [_row_params(r) for r in starts]),
             (_UPSERT_OUTCOME, [_row_params(r) for r in outcomes]),
-            (_SET_KEY_STATUS, keys),
+            (_PUT_KEY_STATUS, keys),
             (_PUT_CACHE, cached),
         ])
 

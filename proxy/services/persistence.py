@@ -1,4 +1,4 @@
-"""Never lose a completion, never run the same request twice.
+"""Never lose a completion; run a keyed (or cacheable) request once while PostgreSQL is up.
 
 Before an exchange produces anything, `Persistence.plan` decides where its answer comes from:
 
