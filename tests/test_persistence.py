@@ -249,6 +249,46 @@ async def test_an_expired_cache_entry_is_a_miss_that_calls_the_backend_again(
         assert ran.headers["x-cache"] == "miss" and attached.headers["x-attached-to"] == ran.headers["x-trace-id"]
 
 
+async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+
+        async def resumable(trace_id: str) -> None:
+            resumed = await client.get(f"/v1/streams/{trace_id}")
+            assert resumed.status_code == 200
+            assert isinstance(stream_frames(resumed.text)[-1][1], Finished)
+            assert rows(stack.db, "SELECT count(*) FROM chat_log WHERE trace_id = %s", trace_id) == [(1,)]
+
+        cached_body = {"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}
+        miss = await client.post("/v1/chat/completions", json=cached_body, headers={"x-cache": "exact"})
+        await trio.sleep(0.3)
+        hit = await client.post("/v1/chat/completions", json=cached_body, headers={"x-cache": "exact"})
+        assert hit.headers["x-cache"] == "hit" and hit.headers["x-trace-id"] == miss.headers["x-trace-id"]
+        await resumable(hit.headers["x-trace-id"])
+
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        first = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key)
+        await trio.sleep(0.3)
+        replayed = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key)
+        assert replayed.headers["idempotent-replayed"] == "true"
+        assert replayed.headers["x-trace-id"] == first.headers["x-trace-id"]
+        await resumable(replayed.headers["x-trace-id"])
+
+        stack.fake.set_script(Script(tokens=["a", "b", "c"], pace=0.1))
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(0.1)
+            nursery.start_soon(ask)
+        ran, attached = answers
+        assert attached.headers["x-attached-to"] == ran.headers["x-trace-id"] == attached.headers["x-trace-id"]
+        await resumable(attached.headers["x-trace-id"])
+
+
 async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
     fake = OpenAIBackend(default=Script(n_tokens=40, pace=0.02))
     key = str(uuid.uuid4())

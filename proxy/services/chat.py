@@ -343,6 +343,7 @@ class ChatExchange:
             cached = await persistence.cached(cache_id)
             if cached is not None:
                 self.record.source = "cache"
+                self._answered_by(cached[0])
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
                             headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
         claim_key = key if key is not None else f"cache:{cache_id}"
@@ -350,10 +351,18 @@ class ChatExchange:
         if other is not None:
             replayed = "replay" if key is not None else "cache"
             self.record.source = replayed if other.kind == "replay" else "attached"
+            if other.answered_by is not None:
+                self._answered_by(other.answered_by)
             return other
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
                     headers=[(b"x-cache", b"miss")] if cache else [])
+
+    def _answered_by(self, trace_id: str) -> None:
+        """An answer replayed or attached to is that trace's: `x-trace-id` names it, so its row
+        and `/v1/streams/{x-trace-id}` are found. This exchange's own id stays in its record."""
+        headers = self.response_headers  # in place: the sink holds this list
+        headers[:] = [(name, trace_id.encode() if name == b"x-trace-id" else value) for name, value in headers]
 
     def _journal(self, plan: Plan) -> Journal | None:
         persistence = self._persistence

@@ -99,6 +99,8 @@ class Plan:
     cache: bool = False
     cache_id: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # The trace whose run answers (replay, follow): the response's `x-trace-id`.
+    answered_by: str | None = None
 
 
 class Persistence:
@@ -149,16 +151,14 @@ class Persistence:
                 # A cache entry that appeared since the lookup missed is a cache hit.
                 label = (b"x-cache", b"hit") if cache_id is not None else (b"idempotent-replayed", b"true")
                 return Plan("replay", producer=replayer(stored), req_id=req_id, key=key,
-                            headers=[label, (b"x-replay-of", claim.trace_id.encode())])
+                            headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id)
             # Completed but its result is gone (e.g. expired): run again.
             if await store.take_over(key, claim.trace_id, trace_id):
                 return None
         local = self.runs.live.get(claim.trace_id)
-        if local is not None:
-            return Plan("follow", producer=log_reader(local), req_id=req_id, key=key,
-                        headers=[(b"x-attached-to", claim.trace_id.encode())])
-        return Plan("follow", producer=self.remote_reader(claim.trace_id), req_id=req_id, key=key,
-                    headers=[(b"x-attached-to", claim.trace_id.encode())])
+        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
+        return Plan("follow", producer=producer, req_id=req_id, key=key,
+                    headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
     async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
         try:
