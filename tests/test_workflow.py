@@ -20,7 +20,8 @@ import trio
 
 from proxy.config import PipelineConfig, WorkflowSettings
 from proxy.dialects.events import Finished
-from proxy.domain.events import StreamStart, TextDelta
+from proxy.domain.chat import FinishReason
+from proxy.domain.events import Finish, StreamStart, TextDelta
 from proxy.infra.backends import Batch
 from proxy.infra.nats import BusMessage, open_bus
 from proxy.services.journal import EVENTS_STREAM, ensure_streams
@@ -280,6 +281,55 @@ async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
     assert cached.headers["x-cache"] == "miss" and plain.headers["x-cache"] == "miss"
 
 
+async def test_a_pipeline_that_just_returns_gives_every_dialect_a_well_formed_answer(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    plain, nothing = pipeline_name("plain"), pipeline_name("nothing")
+    pipelines = {
+        plain: PipelineConfig("tests.workflow_pipelines:plain"),
+        nothing: PipelineConfig("tests.workflow_pipelines:nothing"),
+    }
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as raw:
+            for name, text in ((plain, "Just text."), (nothing, "")):
+                headers = {"x-pipeline": name}
+                with trio.fail_after(10):
+                    reply = await client.chat.completions.create(
+                        model="asked-for", messages=MESSAGES, extra_headers=headers
+                    )
+                    chunks = [c async for c in await client.chat.completions.create(
+                        model="asked-for", messages=MESSAGES, stream=True, extra_headers=headers
+                    )]
+                    sse = await raw.post(
+                        "/v1/chat/completions", headers=headers,
+                        json={"model": "asked-for", "messages": MESSAGES, "stream": True},
+                    )
+                assert reply.id.startswith("chatcmpl-") and reply.created > 0 and reply.model == "asked-for"
+                assert reply.choices[0].message.content == text and reply.choices[0].finish_reason == "stop"
+                assert chunks[0].choices[0].delta.role == "assistant"
+                assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+                assert {c.model for c in chunks} == {"asked-for"}
+                assert text_of(chunks) == text
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+                events = [line[6:] for line in sse.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+
+                claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0, default_headers=headers)
+                with trio.fail_after(10):
+                    async with claude.messages.stream(model="asked-for", max_tokens=64, messages=MESSAGES) as stream:
+                        streamed = "".join([t async for t in stream.text_stream])
+                        message = await stream.get_final_message()
+                await claude.close()
+                assert streamed == text and message.stop_reason == "end_turn" and message.model == "asked-for"
+                ollama_client = ollama.AsyncClient(host=url, headers=headers)
+                with trio.fail_after(10):
+                    parts = [p async for p in await ollama_client.chat(model="asked-for", messages=MESSAGES, stream=True)]
+                assert "".join(p.message.content or "" for p in parts) == text
+                assert parts[-1].done and parts[-1].done_reason == "stop"
+        await client.close()
+
+
 # -- errors, deadlines, cancellation ---------------------------------------------------------
 
 
@@ -514,4 +564,4 @@ async def test_a_gap_in_the_live_feed_is_repaired_from_jetstream(aio_loop: objec
                 assert await route._relay(replay, follow, exchange, job, out_send) is True
     out_send.close()
     received = [event async for batch in out_receive for event in batch.events]
-    assert received == events  # the role, then every token, in order, once
+    assert received == [*events, Finish(FinishReason.STOP)]  # the role, then every token, in order, once

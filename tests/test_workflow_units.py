@@ -86,7 +86,23 @@ def test_without_a_selection_every_task_is_a_live_choice() -> None:
 def test_a_run_finishing_without_a_winner_shows_task_a() -> None:
     view = ClientView()
     feed(view, START, TasksAnnounced(("m1",), select=True), TextDelta("x", 0))
-    assert view.feed(4, Finished("stop", "completed", "m1")) == [START, TextDelta("x", 0)]
+    assert view.feed(4, Finished("stop", "completed", "m1")) == [START, TextDelta("x", 0), Finish(FinishReason.STOP, 0)]
+
+
+def test_a_completed_run_always_ends_each_choice_and_has_a_role_event() -> None:
+    open_choices = ClientView()
+    feed(open_choices, START, TasksAnnounced(("m1", "m2"), select=False), TextDelta("a", 0), TextDelta("b", 1))
+    assert open_choices.feed(5, Finish(FinishReason.LENGTH, 1)) == [Finish(FinishReason.LENGTH, 1)]
+    assert open_choices.feed(6, Finished("stop", "completed")) == [Finish(FinishReason.STOP, 0)]
+    finished = ClientView()
+    feed(finished, START, TextDelta("a"), Finish(FinishReason.STOP))
+    assert finished.feed(4, Finished("stop", "completed")) == []  # nothing ended twice
+    own = StreamStart("chatcmpl-job", "asked-for", 1_700_000_000)
+    silent = ClientView(own)
+    assert silent.feed(1, Finished("stop", "completed")) == [own, Finish(FinishReason.STOP, 0)]
+    assert ClientView(own).feed(2, Finished("stop", "completed")) == [own, Finish(FinishReason.STOP, 0)]
+    announced = ClientView(own)
+    assert feed(announced, START, Finished("stop", "completed")) == [START, Finish(FinishReason.STOP, 0)]
 
 
 def test_an_error_before_anything_was_shown_is_left_to_the_caller_as_a_status() -> None:
@@ -117,7 +133,7 @@ def test_a_redelivered_job_continues_silently_while_the_client_has_seen_nothing(
         view, START, TasksAnnounced(("m1", "m2"), select=True), TextDelta("new", 0), WinnerChosen(0, "m1"),
         Finished("stop", "completed", "m1"), attempt=2,
     )
-    assert out == [START, TextDelta("new", 0)]  # nothing of the dead attempt
+    assert out == [START, TextDelta("new", 0), Finish(FinishReason.STOP, 0)]  # nothing of the dead attempt
     assert view.done and not view.abandoned
 
 

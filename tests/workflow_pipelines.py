@@ -35,3 +35,12 @@ async def echo(ctx: PipelineContext) -> PipelineResult:
     model = str(ctx.options.get("model", ctx.request.model))
     answer = await ctx.llm.stream(replace(ctx.request, model=model), into=ctx.emit.task(0))
     return PipelineResult(winner=answer.model)
+
+
+async def plain(ctx: PipelineContext) -> None:
+    """README's minimal pipeline: text, then return (no `Finish`)."""
+    await ctx.emit.text("Just text.")
+
+
+async def nothing(ctx: PipelineContext) -> None:
+    """Returns without emitting anything: an empty answer."""

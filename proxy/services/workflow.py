@@ -122,7 +122,7 @@ class WorkflowRoute:
             correlation_id=meta.correlation_id,
         )
         launched = ended = False
-        follow = _Follow(ClientView(), Continuity())
+        follow = _Follow(ClientView(job.stream_start()), Continuity())
         subject = events_subject(job.trace_id)
         try:
             async with bus.subscribe(subject) as live:

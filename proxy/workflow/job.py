@@ -34,6 +34,7 @@ from proxy.domain.chat import (
     ToolCall,
     ToolChoice,
 )
+from proxy.domain.events import StreamStart
 
 JOBS_STREAM = "WORKFLOW_JOBS"
 JOBS_SUBJECTS = ["jobs.>"]
@@ -115,6 +116,11 @@ class Job:
     def options(self) -> dict[str, Any]:
         value = self.request.extra.get(OPTIONS_FIELD)
         return dict(value) if isinstance(value, dict) else {}
+
+    def stream_start(self) -> StreamStart:
+        """The run's role event: the worker announces it, and the gateway shows it even for a
+        pipeline that returned without emitting anything."""
+        return StreamStart(id=f"chatcmpl-{self.trace_id}", model=self.request.model, created=int(self.submitted_at))
 
     def encode(self) -> bytes:
         body = {

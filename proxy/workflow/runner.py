@@ -28,7 +28,7 @@ from proxy.config import Settings
 from proxy.dialects.events import Finished
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamFailed, StreamStart
+from proxy.domain.events import StreamFailed
 from proxy.domain.routing import Router
 from proxy.infra.backends import Backend
 from proxy.infra.nats import BusError
@@ -104,8 +104,7 @@ class JobRun:
         early = await self._refusal()
         if early is not None:
             return await self._conclude(publisher, early)
-        start = StreamStart(id=f"chatcmpl-{job.trace_id}", model=job.request.model, created=int(job.submitted_at))
-        emitter = Emitter(publisher, start)
+        emitter = Emitter(publisher, job.stream_start())
         if self.attempt > 1:
             stored = await self._start_row()
             if stored is not None:
@@ -188,6 +187,9 @@ class JobRun:
             try:
                 with trio.fail_after(timeout):
                     result = await pipeline(ctx)
+                    # A pipeline that emitted nothing still answers: an empty message, whose
+                    # role event every reader of the trace (resume, attach) needs.
+                    await emitter.emit()
                 outcome = _completed(result, emitter, job.request)
             except trio.TooSlowError:
                 error = GatewayError(

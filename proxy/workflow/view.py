@@ -36,6 +36,7 @@ from proxy.dialects.events import (
     task_index,
     task_name,
 )
+from proxy.domain.chat import FinishReason
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     Finish,
@@ -160,9 +161,14 @@ class ClientView:
     The role event is held back until there is something to show with it, so that a job
     failing before its answer starts gives the client a real error status, not a stream
     that opens and then fails (the caller raises `error` when `visible` is still False).
+
+    A completed run always ends well-formed: a pipeline may just emit text and return
+    (no `Finish`), or return without emitting anything (no role event either). The view
+    then adds a `stop` finish for each choice left open (choice 0 when there was none) and,
+    failing the trace's own, the role event `start` (the job's id, model and time).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: StreamStart | None = None) -> None:
         self.done = False
         self.finished: Finished | None = None
         self.error: GatewayError | None = None
@@ -172,7 +178,10 @@ class ClientView:
         self.abandoned = False
         self._attempt = 0
         self._start: StreamStart | None = None
+        self._default_start = start
         self._shown = False
+        self._open: set[int] = set()  # client choices shown content but no finish yet
+        self._ended: set[int] = set()
         self._select = False
         self._winner_choice: int | None = None
         self._buffers: dict[int, list[ChoiceEvent]] = {}
@@ -221,7 +230,10 @@ class ClientView:
                     return self._fail(outcome_error(event), out)
                 if self._select and self._winner_choice is None:
                     self._choose(0, event.winner or "", out)
-                self._show(out, [])
+                if self._start is None and not self._shown:
+                    self._start = self._default_start
+                unfinished = self._open if self._open or self._ended else {0}
+                self._show(out, [Finish(FinishReason.STOP, choice) for choice in sorted(unfinished)])
                 self.done = True
             case TextDelta() | ReasoningDelta() | ToolCallStart() | ToolCallDelta() | Finish():
                 self._content(event, out)
@@ -229,6 +241,8 @@ class ClientView:
 
     def _restart(self, attempt: int) -> None:
         self._attempt = attempt
+        self._open.clear()
+        self._ended.clear()
         self._select = False
         self._winner_choice = None
         self._buffers.clear()
@@ -239,6 +253,12 @@ class ClientView:
             self._shown = True
             if self._start is not None:
                 out.append(self._start)
+        for event in events:
+            if isinstance(event, Finish):
+                self._open.discard(event.choice)
+                self._ended.add(event.choice)
+            elif not isinstance(event, UsageReport | StreamFailed | StreamStart):
+                self._open.add(event.choice)
         out.extend(events)
 
     def _choose(self, choice: int, model: str, out: list[StreamEvent]) -> None:
