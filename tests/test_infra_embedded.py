@@ -171,3 +171,34 @@ def test_default_data_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert default_data_dir() == tmp_path / "llm-proxy"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_data_dir() == Path.home() / ".local" / "share" / "llm-proxy"
+
+
+def test_nats_keeps_its_port_across_restarts_of_the_same_store(tmp_path: Path) -> None:
+    store = tmp_path / "nats"
+    with EmbeddedNats(store) as first:
+        url, pid = first.url, first.pid
+    assert not _alive(pid)
+    with EmbeddedNats(store) as second:
+        assert not second.reused
+        assert second.url == url
+        port = int(url.rsplit(":", 1)[1]) if url else 0
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            assert conn.recv(5) == b"INFO "
+
+
+def test_nats_takes_a_new_port_when_its_old_one_is_taken(tmp_path: Path) -> None:
+    store = tmp_path / "nats"
+    with EmbeddedNats(store) as first:
+        assert first.url is not None
+        old_port = int(first.url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", old_port))
+        squatter.listen()
+        with EmbeddedNats(store) as second:
+            assert second.url is not None
+            new_port = int(second.url.rsplit(":", 1)[1])
+            assert new_port != old_port
+            with socket.create_connection(("127.0.0.1", new_port), timeout=2) as conn:
+                assert conn.recv(5) == b"INFO "
+    with EmbeddedNats(store) as third:  # the port it got last is the one remembered now
+        assert third.url == f"nats://127.0.0.1:{new_port}"

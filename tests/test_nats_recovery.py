@@ -127,3 +127,26 @@ async def test_a_connection_whose_reader_died_is_repaired(
         await _round_trip(bus)
         resources.stop()
 
+
+async def test_a_client_reconnects_after_the_embedded_server_restarts(
+    aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path
+) -> None:
+    """A worker keeps the NATS_URL it was given: a restarted gateway's embedded server must
+    come back on the same URL for the worker's connection to find it again."""
+    server = EmbeddedNats(tmp_path / "nats")
+    url = await trio.to_thread.run_sync(server.start)
+    try:
+        async with open_bus(url) as bus:
+            await bus.ping()
+            await trio.to_thread.run_sync(server.stop)
+            assert await trio.to_thread.run_sync(server.start) == url
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await bus.ping()
+                        break
+                    except BusUnavailable:
+                        await trio.sleep(0.2)
+            await _round_trip(bus)
+    finally:
+        await trio.to_thread.run_sync(server.stop)

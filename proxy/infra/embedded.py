@@ -135,6 +135,18 @@ def _free_port() -> int:
         return port
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As the servers bind (Go and PostgreSQL set SO_REUSEADDR): connections left in
+        # TIME_WAIT by a server that just stopped do not make its port look taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 # --------------------------------------------------------------------------------------------
 # PostgreSQL
 
@@ -414,12 +426,15 @@ def nats_server_binary() -> Path:
 class EmbeddedNats:
     """nats-server with JetStream, listening on 127.0.0.1, storing under `store_dir`.
 
-    `port=None` picks a free port. A pid file in `store_dir` lets a later `start()` adopt a
-    server whose owner was killed; the adopted server keeps its original port.
+    `port=None` reuses the port this `store_dir` had last time (remembered in a file there),
+    so clients configured with the URL (workers' NATS_URL) reconnect after a restart; a new
+    free port, with a warning, when that one is taken. A pid file in `store_dir` lets a later
+    `start()` adopt a server whose owner was killed; the adopted server keeps its port.
     """
 
     PID_FILE = "nats-server.pid.json"
     LOG_FILE = "nats-server.log"
+    PORT_FILE = "nats-server.port"
 
     def __init__(
         self, store_dir: Path, port: int | None = None, *, start_timeout: float = 10.0
@@ -521,8 +536,20 @@ class EmbeddedNats:
     def _spawn(self) -> int:
         binary = nats_server_binary()
         attempts = 1 if self.port is not None else 3  # a picked free port can be raced
+        remembered = self._remembered_port() if self.port is None else None
         for attempt in range(attempts):
-            port = self.port if self.port is not None else _free_port()
+            if self.port is not None:
+                port = self.port
+            elif attempt == 0 and remembered is not None and _port_is_free(remembered):
+                port = remembered
+            else:
+                port = _free_port()
+                if remembered is not None:
+                    log.warning(
+                        "nats-server port %d of %s is taken; using %d (clients configured "
+                        "with the old URL must be given the new one)",
+                        remembered, self.store_dir, port,
+                    )
             with open(self.store_dir / self.LOG_FILE, "ab") as logf:
                 child = subprocess.Popen(
                     [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js",
@@ -541,6 +568,7 @@ class EmbeddedNats:
             if self._wait_accepting(port, child):
                 self._child = child
                 self.pid = child.pid
+                (self.store_dir / self.PORT_FILE).write_text(f"{port}\n")
                 return port
             if child.poll() is None:
                 child.kill()
@@ -550,6 +578,13 @@ class EmbeddedNats:
         raise EmbeddedServerError(
             f"nats-server did not start; see {self.store_dir / self.LOG_FILE}:\n{self._log_tail()}"
         )
+
+    def _remembered_port(self) -> int | None:
+        try:
+            port = int((self.store_dir / self.PORT_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return port if 0 < port < 65536 else None
 
     def _wait_accepting(self, port: int, child: subprocess.Popen[bytes] | None) -> bool:
         """Poll until the port greets us with NATS INFO; False if the child died or time ran out.
