@@ -481,15 +481,18 @@ class Bus:
         if scope.cancelled_caught:
             raise BusUnavailable(f"NATS did not answer within {_PING_TIMEOUT} s")
 
-    async def watch(self, *, interval: float = 1.0, misses: int = 3) -> None:
+    async def watch(self, *, interval: float = 1.0, probe_every: int = 10, misses: int = 3) -> None:
         """Keep the connection working; return once it is closed for good.
 
         nats-py reconnects by itself after a lost TCP connection, but not when its reader
         task has died, nor (for minutes) when the server holds the connection open without
         answering. Either way this forces nats-py's own reconnect, which keeps the `Bus` and
-        re-creates its subscriptions, so holders of this `Bus` carry on.
+        re-creates its subscriptions, so holders of this `Bus` carry on. The reader is
+        checked every `interval` (no I/O); the server is asked only every `probe_every`
+        intervals, so an idle gateway stays idle.
         """
         failures = 0
+        tick = 0
         while not self._nc.is_closed:
             await trio.sleep(interval)
             if self._nc.is_closed:
@@ -501,6 +504,9 @@ class Bus:
                 log.warning("nats: the connection's reader stopped; reconnecting")
                 await self._force_reconnect()
                 failures = 0
+                continue
+            tick += 1
+            if tick % probe_every:
                 continue
             try:
                 await self.ping()
