@@ -133,6 +133,8 @@ async def test_unknown_and_invalid_workspaces(gateway_url: str) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "workspace_not_found"
     assert invalid.status_code == 400
     assert documents.status_code == 404
+    # The name came from the URL, not from an `x-workspace` header: no header is blamed.
+    assert missing.json()["error"]["param"] is None and documents.json()["error"]["param"] is None
 
 
 # -- isolation, idempotency, deletion --------------------------------------------------------------

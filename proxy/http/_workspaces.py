@@ -71,7 +71,7 @@ async def _summary(rag: RagService, name: str) -> WorkspaceSummary:
     for summary in await rag.store().list_workspaces():
         if summary.name == name:
             return summary
-    raise workspace_not_found(name)
+    raise workspace_not_found(name, param=None)
 
 
 @blueprint.get("/v1/workspaces")
@@ -115,7 +115,7 @@ async def put_workspace(ws: str) -> Response:
 async def delete_workspace(ws: str) -> Response:
     check_workspace_name(ws)
     if not await _rag().store().delete_workspace(ws):
-        raise workspace_not_found(ws)
+        raise workspace_not_found(ws, param=None)
     return _reply({"object": "workspace.deleted", "name": ws, "deleted": True})
 
 
@@ -207,7 +207,7 @@ async def add_documents(ws: str) -> Response:
 @blueprint.get("/v1/workspaces/<ws>/documents")
 async def list_documents(ws: str) -> Response:
     rag = _rag()
-    workspace = await rag.workspace(ws)
+    workspace = await rag.workspace(ws, None)
     limit = _query_int("limit", 100, 1, 1000)
     offset = _query_int("offset", 0, 0, 10**9)
     store = rag.store()
@@ -228,7 +228,7 @@ def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
 @blueprint.delete("/v1/workspaces/<ws>/documents/<document_id>")
 async def delete_document(ws: str, document_id: str) -> Response:
     rag = _rag()
-    workspace = await rag.workspace(ws)
+    workspace = await rag.workspace(ws, None)
     try:
         uuid.UUID(document_id)
     except ValueError:
@@ -248,8 +248,8 @@ async def search(ws: str) -> Response:
     assert query is not None
     overrides = validate_overrides({k: v for k, v in fields.data.items() if k != "query"})
     rag = _rag()
-    retrieval = await rag.retrieve(ws, query, overrides)
-    terms = await rag.store().full_text_terms(await rag.workspace(ws), query)
+    retrieval = await rag.retrieve(ws, query, overrides, param=None)
+    terms = await rag.store().full_text_terms(await rag.workspace(ws, None), query)
     return _reply({
         "object": "list", "workspace": ws, "query": query, "candidates": retrieval.candidates,
         "full_text_terms": terms,

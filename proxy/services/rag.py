@@ -76,8 +76,9 @@ def check_workspace_name(name: str | None, param: str = "workspace") -> str:
     return name
 
 
-def workspace_not_found(name: str) -> GatewayError:
-    return GatewayError(ErrorKind.NOT_FOUND, f"Workspace `{name}` does not exist.", param="x-workspace",
+def workspace_not_found(name: str, param: str | None = "x-workspace") -> GatewayError:
+    """`param`: where the name came from (the header on chat routes; None for a URL path)."""
+    return GatewayError(ErrorKind.NOT_FOUND, f"Workspace `{name}` does not exist.", param=param,
                         code="workspace_not_found")
 
 
@@ -300,16 +301,19 @@ class RagService:
 
     # -- retrieval --
 
-    async def workspace(self, name: str) -> Workspace:
-        check_workspace_name(name, "x-workspace")
+    async def workspace(self, name: str, param: str | None = "x-workspace") -> Workspace:
+        """`param`: where the name came from, for errors (None: the URL path)."""
+        check_workspace_name(name, param or "workspace")
         with _database_errors():
             workspace = await self.store().workspace(name)
         if workspace is None:
-            raise workspace_not_found(name)
+            raise workspace_not_found(name, param)
         return workspace
 
-    async def retrieve(self, name: str, query: str, overrides: dict[str, Any] | None = None) -> Retrieval:
-        workspace = await self.workspace(name)
+    async def retrieve(
+        self, name: str, query: str, overrides: dict[str, Any] | None = None, param: str | None = "x-workspace"
+    ) -> Retrieval:
+        workspace = await self.workspace(name, param)
         options = RetrievalOptions.of(self.settings, {**workspace.settings, **(overrides or {})})
         retrieval = Retrieval(workspace=name, query=query, passages=[])
         if not query.strip():
