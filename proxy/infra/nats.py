@@ -541,7 +541,7 @@ class Bus:
 
 async def _connect(url: str, name: str, connect_timeout: float) -> Client:
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc or type(exc).__name__)
+        log.warning("nats: %s", str(exc) or type(exc).__name__)  # a timeout's text is empty
 
     async def on_disconnected() -> None:
         log.warning("nats: disconnected from %s", url)
