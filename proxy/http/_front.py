@@ -109,8 +109,7 @@ async def serve(
     body: bytes | None = None
     refusal = await admit(gateway, head)
     if refusal is not None:
-        _log_refusal(gateway, head, refusal, body, started)
-        await send_reply(out, _closing_if_unread(refusal, head, body))
+        await _refuse(out, gateway, head, refusal, body, started)
         return
     try:
         if head.method != route.method:
@@ -125,15 +124,12 @@ async def serve(
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))
-        _log_refusal(gateway, head, reply, body, started, error.message)
-        await send_reply(out, _closing_if_unread(reply, head, body))
+        await _refuse(out, gateway, head, reply, body, started, error.message)
         return
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
         internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-        reply = error_reply(internal, dialect_of_path(head.path))
-        _log_refusal(gateway, head, reply, body, started, internal.message)
-        await send_reply(out, _closing_if_unread(reply, head, body))
+        await _refuse(out, gateway, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
         return
     if isinstance(answer, Reply):
         answer.headers.extend(granted_headers())
@@ -144,19 +140,24 @@ async def serve(
     await _respond(answer, receive, out)
 
 
-def _closing_if_unread(reply: Reply, head: RequestHead, body: bytes | None) -> Reply:
-    """`reply`, telling the client to close the connection if the request's body was left
-    unread: the server closes it after the reply, and a client that does not know would
-    send its next request into a closing connection."""
+async def _refuse(
+    out: ResponseSend, gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float,
+    message: str | None = None,
+) -> None:
+    """Answer a request that got no exchange with `reply`, and log it.
+
+    A body left unread makes the server close the connection after the reply; the client is
+    told (`Connection: close`), or it would send its next request into a closing connection."""
     if body is None:
         length = head.header("content-length")
         if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
             reply.headers.append((b"connection", b"close"))
-    return reply
+    _log_refusal(gateway, head, reply, body, started, message)
+    await send_reply(out, reply)
 
 
 def _log_refusal(
-    gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None = None
+    gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None
 ) -> None:
     """A request that got no exchange still gets its line in the request log (and counts
     as a failed request of its key). Only refusals pay for reading the body's model."""
