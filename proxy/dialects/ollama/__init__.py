@@ -35,7 +35,6 @@ from proxy.dialects.ollama._request import (
 from proxy.dialects.ollama._response import (
     FinishWithContext,
     Timing,
-    completion_body,
     context_of,
     done_reason,
     error_message_from_body,
@@ -65,7 +64,6 @@ __all__ = [
     "Timing",
     "arguments_object",
     "arguments_text",
-    "completion_body",
     "context_of",
     "done_reason",
     "encode_request",

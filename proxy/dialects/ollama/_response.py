@@ -174,7 +174,7 @@ def tool_calls_body(calls: list[ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
-def completion_body(
+def render_completion(
     completion: ChatCompletion,
     *,
     model: str,
@@ -183,7 +183,7 @@ def completion_body(
     created_at: str | None = None,
     thinking: bool = True,
     context: tuple[int, ...] | None = None,
-) -> dict[str, Any]:
+) -> bytes:
     """A non-streamed reply (`stream: false`) in Ollama's shape, from the first choice;
     without `thinking` (the client said `think: false`) the reasoning is left out. A generate
     reply carries the backend's `context` when it sent one."""
@@ -210,25 +210,7 @@ def completion_body(
         body["done"] = True
     pieces = int(bool(choice.content)) + int(bool(choice.reasoning)) + len(choice.tool_calls)
     body.update(statistics(completion.usage, timing, eval_count=pieces))
-    return body
-
-
-def render_completion(
-    completion: ChatCompletion,
-    *,
-    model: str,
-    generate: bool,
-    timing: Timing,
-    created_at: str | None = None,
-    thinking: bool = True,
-    context: tuple[int, ...] | None = None,
-) -> bytes:
-    return dumps(
-        completion_body(
-            completion, model=model, generate=generate, timing=timing, created_at=created_at, thinking=thinking,
-            context=context,
-        )
-    )
+    return dumps(body)
 
 
 def load_reply(model: str, *, generate: bool, unload: bool) -> bytes:
