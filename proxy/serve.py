@@ -112,7 +112,7 @@ def close_sockets(sockets: Sockets) -> None:
 def run(settings: Settings, sockets: Sockets) -> None:
     """Block serving `settings` on `sockets` (from `open_sockets`) with `settings.workers` processes."""
     if settings.workers == 1:
-        trio.run(_serve_logged, settings, sockets)
+        trio.run(functools.partial(serve, settings, sockets=sockets))
         return
     context = multiprocessing.get_context("spawn")
     workers = [
@@ -181,7 +181,3 @@ async def _until_signal_or_orphaned(parent_pid: int, *, poll: bool, poll_seconds
         nursery.cancel_scope.cancel()
     if os.getppid() != parent_pid:
         log.warning("the gateway process %d is gone; worker shutting down", parent_pid)
-
-
-async def _serve_logged(settings: Settings, sockets: Sockets | None) -> None:
-    await serve(settings, sockets=sockets)
