@@ -176,6 +176,16 @@ async def test_backend_error_is_a_502_with_its_message(setup: Setup) -> None:
     assert "CUDA out of memory" in info.value.message
 
 
+@pytest.mark.parametrize("reason", ["error", "abort"])
+async def test_a_whole_answer_the_backend_ended_in_failure_is_a_502_not_a_stop(setup: Setup, reason: str) -> None:
+    # vLLM ends an aborted or failed request this way; streamed, it is already an error event.
+    setup.fake.set_script(Script(tokens=["half an ans"], finish_reason=reason))
+    with pytest.raises(openai.InternalServerError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert info.value.status_code == 502
+    assert f"`{reason}`" in info.value.message
+
+
 async def test_backend_validation_error_keeps_its_400(setup: Setup) -> None:
     setup.fake.set_script(Script(status=400, error_message="max_tokens is too large for this model's context"))
     with pytest.raises(openai.BadRequestError) as info:

@@ -42,6 +42,15 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 FAILED_FINISH_REASONS = frozenset({"error", "abort", "cancelled"})
 
 
+def failed_finish_reason(data: dict[str, Any]) -> str | None:
+    """The finish reason by which a backend's completion reports a failure, if one does."""
+    for choice in data.get("choices") or ():
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if isinstance(reason, str) and reason in FAILED_FINISH_REASONS:
+            return reason
+    return None
+
+
 def finish_reason_from_wire(value: str) -> FinishReason:
     """Map any backend's finish reason onto OpenAI's enum (unknown ones read as `stop`)."""
     return _FINISH_REASONS.get(value, FinishReason.STOP)

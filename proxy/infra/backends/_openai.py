@@ -81,6 +81,9 @@ class OpenAIBackend:
             if message:
                 raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` reported an error: {message}")
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no choices.")
+        failed = openai.failed_finish_reason(data)
+        if failed is not None:  # as in a stream: a failure, not an answer cut short
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` ended the answer with `{failed}`.")
         completion = openai.parse_completion(data)
         raw = None
         if call.relay_openai:
