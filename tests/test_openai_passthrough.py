@@ -14,7 +14,7 @@ import pytest
 
 from proxy.dialects import anthropic, ollama
 from proxy.dialects import openai as openai_codec
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
@@ -124,6 +124,21 @@ async def test_legacy_function_calling_messages_arrive_as_sent(setup: Setup) -> 
     sent = setup.sent()
     assert sent["messages"][1:] == [call, result]
     assert sent["functions"] == functions and sent["function_call"] == "auto"
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_legacy_functions_for_a_backend_without_them_are_a_400_naming_the_field(kind: str) -> None:
+    # Dropped on the way, they would leave the model answering as if it had no functions.
+    fake = OllamaBackend() if kind == "ollama" else AnthropicBackend()
+    functions = [{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, functions=functions)  # type: ignore[arg-type]
+        await client.close()
+    assert info.value.status_code == 400
+    assert info.value.param == "functions" and "tools" in info.value.message
+    assert fake.requests == []
 
 
 def test_legacy_function_messages_stay_tool_results_for_other_backends() -> None:

@@ -10,7 +10,7 @@ from quart import Blueprint, Response, request
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
@@ -98,11 +98,26 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     request = openai.parse_chat_request(incoming.body)
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
+    if request.extra.get("functions"):
+        _refuse_legacy_functions(incoming, request.model, exchange.route.backend)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if request.stream:
         include_usage = request.include_usage
         return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage))
     return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
+
+
+def _refuse_legacy_functions(incoming: Incoming, model: str, backend: str) -> None:
+    """Legacy `functions` reach OpenAI-compatible backends as sent; no other backend (nor a
+    workflow) has them, and answering without them would be a silently wrong answer."""
+    kind = incoming.gateway.backends[backend].config.kind if backend else None
+    if kind != "openai":
+        served = f"is served by backend `{backend}` ({kind})" if backend else "is answered by a workflow"
+        raise invalid_request(
+            f"`functions` (legacy function calling) needs an OpenAI-compatible backend; model `{model}` "
+            f"{served}. Send the functions as `tools` instead.",
+            param="functions",
+        )
 
 
 def _model_object(model: ModelInfo) -> dict[str, Any]:
