@@ -80,6 +80,11 @@ def sse_payloads(text: str) -> list[str]:
     return [block[6:] for block in text.split("\n\n") if block.startswith("data: ")]
 
 
+def resumed_payloads(text: str) -> list[str]:
+    """The `data` of each frame of `/v1/streams` (frames there start with `id:`)."""
+    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
 async def test_log_rows_for_completed_failed_and_cancelled_requests(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
         done = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
@@ -509,6 +514,41 @@ async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_u
         await wait_for_row(pg_database_url, response.headers["x-trace-id"], "completed")
         ready = await client.get("/ready")
         assert ready.status_code == 503 and "nats" in ready.json()["reason"]
+
+
+async def test_resume_while_nats_is_down_never_skips_part_of_the_answer(
+    aio_loop: object, pg_database_url: str, tmp_path: Path
+) -> None:
+    # The row holds the answer whole; the live stream had it token by token, so the two are
+    # numbered differently, and a position in one is not the same place in the other.
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"]))
+    nats = EmbeddedNats(tmp_path / "nats")
+    nats_url = nats.start()
+    nats.stop()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+        trace_id = response.headers["x-trace-id"]
+        await wait_for_row(pg_database_url, trace_id, "completed")
+        [(live_end,)] = rows(pg_database_url, "SELECT last_seq FROM chat_log WHERE trace_id = %s", trace_id)
+        assert isinstance(live_end, int) and live_end > 5
+
+        whole = await client.get(f"/v1/streams/{trace_id}?after=0")
+        assert whole.status_code == 200, whole.text
+        assert "".join(json.loads(p).get("text", "") for p in resumed_payloads(whole.text)) == "abcd"
+
+        midway = await client.get(f"/v1/streams/{trace_id}?after=2")
+        assert midway.status_code == 409
+        assert midway.json()["error"]["param"] == "after" and "after=0" in midway.json()["error"]["message"]
+
+        # A client that saw every event but the end gets the end, numbered as it was live.
+        last = await client.get(f"/v1/streams/{trace_id}", headers={"last-event-id": str(live_end - 1)})
+        assert last.status_code == 200
+        assert [decode_event(p.encode())[0] for p in resumed_payloads(last.text)] == [live_end]
+        assert isinstance(decode_event(resumed_payloads(last.text)[0].encode())[1], Finished)
+        done = await client.get(f"/v1/streams/{trace_id}?after={live_end}")
+        assert done.status_code == 200 and resumed_payloads(done.text) == []
 
 
 async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversation(stack: Stack) -> None:

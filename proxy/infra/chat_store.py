@@ -116,6 +116,8 @@ class StoredRun:
     tenant: str | None
     route: str
     upstream_model: str | None = None
+    # The sequence number of the run's `finished` as its clients saw it (0: not recorded).
+    finished_seq: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -279,14 +281,14 @@ class ChatStore:
 
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant, route, upstream_model FROM chat_log WHERE trace_id = %s",
+            "SELECT status, result, error, tenant, route, upstream_model, last_seq FROM chat_log WHERE trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model = row
+        status, result, error, tenant, route, upstream_model, last_seq = row
         completion = completion_from_json(result) if result else None
-        return StoredRun(status, completion, error, tenant, route, upstream_model)
+        return StoredRun(status, completion, error, tenant, route, upstream_model, last_seq)
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

@@ -134,7 +134,7 @@ class Journal:
         self.log.close(outcome)
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
             seq = len(self.log.events) + 1
-            row.last_seq = seq if self._publish_events else seq - 1
+            row.last_seq = seq  # `finished` as every client numbers it (a rebuilt stream needs it)
             await self._writer.commit(row)
             if self._publish_events:
                 event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)

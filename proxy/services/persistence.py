@@ -298,9 +298,31 @@ async def trace_events(
             log.warning("reading %s from NATS failed: %s", trace_id, error)
     if stored is None or running:
         raise unknown
+    await _rebuilt_events(trace_id, stored, after, send)
+
+
+async def _rebuilt_events(
+    trace_id: str, stored: StoredRun, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]]
+) -> None:
+    """A finished trace's events rebuilt from its row: the answer whole, not piece by piece
+    as it streamed, so numbered like the live stream only when there are as many. A client
+    that saw part of a stream numbered otherwise cannot be given just the rest."""
     completion = stored.completion
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
-    events.append(Finished(reason=_reason_of(completion), status=stored.status, winner=stored.upstream_model))
+    finished = Finished(reason=_reason_of(completion), status=stored.status, winner=stored.upstream_model)
+    events.append(finished)
+    live_end = stored.finished_seq
+    if after > 0 and live_end and live_end != len(events):
+        if after >= live_end - 1:  # it saw every event; maybe not the end
+            if after < live_end:
+                await send.send((live_end, finished))
+            return
+        raise GatewayError(
+            ErrorKind.CONFLICT,
+            f"The events of `{trace_id}` are not available (NATS is down, or they are older than its "
+            f"retention), so its stream cannot resume after event {after}; read it whole with `after=0`.",
+            param="after", code="resume_unavailable",
+        )
     for seq, event in enumerate(events, start=1):
         if seq > after:
             await send.send((seq, event))
