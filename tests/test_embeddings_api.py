@@ -224,6 +224,27 @@ async def test_ollama_backend_embedding_model(setup: Setup) -> None:
     np.testing.assert_allclose(legacy.embedding, embed_text("three", 384), atol=1e-6)
 
 
+async def test_ollama_options_and_keep_alive_reach_an_ollama_backend_only(setup: Setup) -> None:
+    # `options.num_ctx` changes where Ollama truncates; `keep_alive: 0` unloads the model.
+    options = {"num_ctx": 512}
+    await setup.ollama.embed(model="nomic-embed-text", input=["one two"], options=options, keep_alive=0)
+    assert setup.ollama_fake.requests[-1].json == {
+        "model": "nomic-embed-text", "input": ["one two"], "options": options, "keep_alive": 0,
+    }
+    await setup.ollama.embeddings(model="nomic-embed-text", prompt="three", options=options, keep_alive="10m")
+    sent = setup.ollama_fake.requests[-1].json
+    assert sent["options"] == options and sent["keep_alive"] == "10m"
+
+    # An OpenAI-compatible server refuses fields it does not know: they stay behind.
+    await setup.ollama.embed(model="bge-m3", input="one", options=options, keep_alive=0)
+    assert setup.openai_fake.requests[-1].json == {"model": "bge-m3", "input": ["one"], "encoding_format": "float"}
+    # The local model has no use for them; an OpenAI client's extras are not Ollama's.
+    local = await setup.ollama.embed(model="all-minilm", input="one", options=options, keep_alive=0)
+    assert len(local.embeddings[0]) == 384
+    await setup.client.embeddings.create(model="nomic-embed-text", input="one", user="user-7")
+    assert setup.ollama_fake.requests[-1].json == {"model": "nomic-embed-text", "input": ["one"]}
+
+
 async def test_ollama_errors_are_ollama_shaped(setup: Setup) -> None:
     async with httpx.AsyncClient() as http:
         bad = await http.post(f"{setup.url}/api/embed", json={"model": "all-minilm", "input": [1, 2]})

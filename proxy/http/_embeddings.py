@@ -115,6 +115,16 @@ def _json(body: dict[str, Any], result: EmbeddingResponse, request_id: str, cont
 # -- Ollama ----------------------------------------------------------------------------------------
 
 
+# The rest of an Ollama client's fields (`options` such as `num_ctx`, `keep_alive`, …) go to an
+# Ollama backend as sent; the local model and OpenAI-compatible backends have no use for them.
+_OLLAMA_EMBED_MODELLED = frozenset({"model", "name", "input", "truncate", "dimensions"})
+_OLLAMA_LEGACY_MODELLED = frozenset({"model", "name", "prompt"})
+
+
+def _ollama_extra(fields: Fields, modelled: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in fields.data.items() if k not in modelled}
+
+
 def _ollama_model(fields: Fields) -> str:
     model = fields.data.get("model") or fields.data.get("name")
     if not isinstance(model, str) or not model:
@@ -152,7 +162,7 @@ async def ollama_embed() -> Response:
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
-                         headers=headers)
+                         headers=headers, dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED))
     )
     body = {
         "model": model,
@@ -170,6 +180,9 @@ async def ollama_embeddings_legacy() -> Response:
     model = _ollama_model(fields)
     prompt = fields.text("prompt") or ""
     headers, request_id = _backend_headers()
-    result = await _ollama_embed(EmbeddingRequest(model=model, inputs=[prompt] if prompt else [], headers=headers))
+    result = await _ollama_embed(
+        EmbeddingRequest(model=model, inputs=[prompt] if prompt else [], headers=headers, dialect="ollama",
+                         extra=_ollama_extra(fields, _OLLAMA_LEGACY_MODELLED))
+    )
     embedding = result.vectors[0].tolist() if prompt else []
     return _json({"embedding": embedding}, result, request_id, _OLLAMA_JSON)

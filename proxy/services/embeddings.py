@@ -171,8 +171,9 @@ class LocalModel:
 class EmbeddingRequest:
     """An embeddings request in any dialect. `inputs` are texts, or token-id arrays (only a
     backend that takes them can serve those). `truncate`: inputs longer than the model reads
-    are cut (True) or refused (False). `extra`: an OpenAI client's other fields, passed on
-    to an OpenAI-compatible backend (the local model and Ollama have no use for them)."""
+    are cut (True) or refused (False). `extra`: the client's other fields, in its `dialect`
+    ("openai" or "ollama"): passed on as sent to a backend of that kind only (an OpenAI
+    server refuses Ollama's `options`; the local model has no use for either)."""
 
     model: str
     inputs: list[str] | list[list[int]]
@@ -180,6 +181,7 @@ class EmbeddingRequest:
     truncate: bool = True
     headers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    dialect: str = "openai"
 
 
 @dataclass(slots=True)
@@ -293,7 +295,8 @@ class EmbeddingService:
             return EmbeddingResponse(request.model, np.empty((0, 0), np.float32), 0, route.backend)
         call = EmbeddingCall(
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
-            truncate=None if request.truncate else False, headers=request.headers, extra=request.extra,
+            truncate=None if request.truncate else False, headers=request.headers,
+            extra=request.extra if backend.config.kind == request.dialect else {},
         )
         output = await backend.embed(call)
         try:

@@ -100,8 +100,9 @@ class EmbeddingCall:
     dimensions: int | None = None
     truncate: bool | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    # An OpenAI client's other fields (`user`, vLLM's `truncate_prompt_tokens`, …), for an
-    # OpenAI-compatible backend only.
+    # The client's other fields when it speaks this backend's dialect (an OpenAI client's
+    # `user`, vLLM's `truncate_prompt_tokens`, …; an Ollama client's `options`, `keep_alive`),
+    # sent as they came.
     extra: dict[str, Any] = field(default_factory=dict)
 
 

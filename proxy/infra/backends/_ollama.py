@@ -79,7 +79,7 @@ class OllamaBackend:
                 f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported.",
                 param="input",
             )
-        body: dict[str, Any] = {"model": call.upstream_model, "input": call.inputs}
+        body: dict[str, Any] = {**call.extra, "model": call.upstream_model, "input": call.inputs}
         if call.truncate is not None:
             body["truncate"] = call.truncate
         if call.dimensions is not None:
