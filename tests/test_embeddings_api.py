@@ -224,6 +224,22 @@ async def test_ollama_backend_embedding_model(setup: Setup) -> None:
     np.testing.assert_allclose(legacy.embedding, embed_text("three", 384), atol=1e-6)
 
 
+async def test_ollama_legacy_embeddings_on_an_ollama_backend_are_its_raw_vector(setup: Setup) -> None:
+    # Ollama's legacy endpoint answers with the model's raw vector, /api/embed normalises it:
+    # a legacy client must get through the gateway what it gets from Ollama directly.
+    setup.ollama_fake.legacy_embedding_scale = 3.0
+    legacy = await setup.ollama.embeddings(model="nomic-embed-text", prompt="three", options={"num_ctx": 512})
+    np.testing.assert_allclose(legacy.embedding, np.array(embed_text("three", 384)) * 3.0, atol=1e-5)
+    sent = setup.ollama_fake.requests[-1]
+    assert sent.path == "/api/embeddings"
+    assert sent.json == {"model": "nomic-embed-text", "prompt": "three", "options": {"num_ctx": 512}}
+    # /api/embed stays normalised, and other backends keep their one embeddings API.
+    modern = await setup.ollama.embed(model="nomic-embed-text", input="three")
+    np.testing.assert_allclose(modern.embeddings[0], embed_text("three", 384), atol=1e-6)
+    await setup.ollama.embeddings(model="bge-m3", prompt="three")
+    assert setup.openai_fake.requests[-1].path == "/v1/embeddings"
+
+
 async def test_ollama_options_and_keep_alive_reach_an_ollama_backend_only(setup: Setup) -> None:
     # `options.num_ctx` changes where Ollama truncates; `keep_alive: 0` unloads the model.
     options = {"num_ctx": 512}

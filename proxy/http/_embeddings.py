@@ -182,7 +182,7 @@ async def ollama_embeddings_legacy() -> Response:
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=[prompt] if prompt else [], headers=headers, dialect="ollama",
-                         extra=_ollama_extra(fields, _OLLAMA_LEGACY_MODELLED))
+                         extra=_ollama_extra(fields, _OLLAMA_LEGACY_MODELLED), legacy=True)
     )
     embedding = result.vectors[0].tolist() if prompt else []
     return _json({"embedding": embedding}, result, request_id, _OLLAMA_JSON)

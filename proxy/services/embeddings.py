@@ -3,7 +3,7 @@
 The local model (all-MiniLM-L6-v2, `LOCAL_MODEL`) answers to its own names (see
 `LOCAL_NAMES`, matched case-insensitively, after the gateway's `[models]` aliases); every
 other model name is routed like a chat model, to an OpenAI-compatible (`/v1/embeddings`) or
-Ollama (`/api/embed`) backend.
+Ollama (`/api/embed`; `/api/embeddings` for a legacy request) backend.
 
 The model is loaded on first use, not at start-up: loading takes ~0.5 s of CPU, which a
 gateway that never embeds (and every test that starts one) should not pay. `preload = true`
@@ -173,7 +173,8 @@ class EmbeddingRequest:
     backend that takes them can serve those). `truncate`: inputs longer than the model reads
     are cut (True) or refused (False). `extra`: the client's other fields, in its `dialect`
     ("openai" or "ollama"): passed on as sent to a backend of that kind only (an OpenAI
-    server refuses Ollama's `options`; the local model has no use for either)."""
+    server refuses Ollama's `options`; the local model has no use for either). `legacy`:
+    Ollama's `/api/embeddings`, whose vector an Ollama backend computes on that endpoint too."""
 
     model: str
     inputs: list[str] | list[list[int]]
@@ -182,6 +183,7 @@ class EmbeddingRequest:
     headers: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     dialect: str = "openai"
+    legacy: bool = False
 
 
 @dataclass(slots=True)
@@ -296,7 +298,7 @@ class EmbeddingService:
         call = EmbeddingCall(
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
             truncate=None if request.truncate else False, headers=request.headers,
-            extra=request.extra if backend.config.kind == request.dialect else {},
+            extra=request.extra if backend.config.kind == request.dialect else {}, legacy=request.legacy,
         )
         output = await backend.embed(call)
         try:

@@ -179,6 +179,9 @@ class OllamaBackend(FakeBackend):
 
     dialect = "ollama"
     default_model = "llama3.2:latest"
+    # Real Ollama's legacy /api/embeddings returns the model's raw vector, /api/embed the same
+    # one normalised: a test that must tell the two apart sets this to scale the legacy one.
+    legacy_embedding_scale = 1.0
 
     def model_known(self, model: str) -> bool:
         if self.models is None:
@@ -344,7 +347,8 @@ class OllamaBackend(FakeBackend):
         if legacy:
             prompt = body.get("prompt")
             text = prompt if isinstance(prompt, str) else ""
-            await exchange.respond_json(200, {"embedding": embed_text(text, self.embedding_dim)})
+            raw = [x * self.legacy_embedding_scale for x in embed_text(text, self.embedding_dim)]
+            await exchange.respond_json(200, {"embedding": raw})
             return
         raw = body.get("input")
         texts = [raw] if isinstance(raw, str) else raw

@@ -104,6 +104,9 @@ class EmbeddingCall:
     # `user`, vLLM's `truncate_prompt_tokens`, …; an Ollama client's `options`, `keep_alive`),
     # sent as they came.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Ollama's legacy `/api/embeddings` (one prompt, the model's raw vector): an Ollama backend
+    # is asked there too; other backends have one embeddings API.
+    legacy: bool = False
 
 
 @dataclass(slots=True)

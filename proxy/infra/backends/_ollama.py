@@ -71,32 +71,43 @@ class OllamaBackend:
         return Batch(events, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
-        """`POST /api/embed` (texts only: Ollama takes no token arrays)."""
+        """`POST /api/embed` (texts only: Ollama takes no token arrays); a legacy call goes to
+        `/api/embeddings`, which answers with the model's raw vector where `/api/embed`
+        normalises it, so a legacy client gets what it would get from Ollama directly."""
         name = self.config.name
-        if not all(isinstance(item, str) for item in call.inputs):
+        texts = [item for item in call.inputs if isinstance(item, str)]
+        if len(texts) != len(call.inputs):
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
                 f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported.",
                 param="input",
             )
-        body: dict[str, Any] = {**call.extra, "model": call.upstream_model, "input": call.inputs}
-        if call.truncate is not None:
-            body["truncate"] = call.truncate
-        if call.dimensions is not None:
-            body["dimensions"] = call.dimensions
+        body: dict[str, Any] = {**call.extra, "model": call.upstream_model}
+        if call.legacy and len(texts) == 1:
+            path = "/api/embeddings"
+            body["prompt"] = texts[0]
+        else:
+            path = "/api/embed"
+            body["input"] = texts
+            if call.truncate is not None:
+                body["truncate"] = call.truncate
+            if call.dimensions is not None:
+                body["dimensions"] = call.dimensions
         timeout = self.config.timeouts.total
         with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
-                "/api/embed", content=json.dumps(body).encode(), headers={"content-type": "application/json", **call.headers}
+                path, content=json.dumps(body).encode(), headers={"content-type": "application/json", **call.headers}
             )
         if scope.cancelled_caught:
             raise timeout_error(name, "did not answer", timeout)
         if response.status_code >= 400:
             raise self._error(response, response.content)
         data = _json_object(response.content, name)
+        if path == "/api/embeddings":
+            return EmbeddingOutput(embedding_vectors([data.get("embedding")], name, 1))
         tokens = data.get("prompt_eval_count")
         return EmbeddingOutput(
-            embedding_vectors(data.get("embeddings"), name, len(call.inputs)),
+            embedding_vectors(data.get("embeddings"), name, len(texts)),
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
