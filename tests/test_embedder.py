@@ -120,6 +120,41 @@ async def test_long_input_is_truncated_at_256_tokens_and_reported(embedder: Loca
     np.testing.assert_allclose(result.vectors[0], result.vectors[1], atol=1e-5)
 
 
+# Long texts of every shape a cut could get wrong: words, punctuation glued to words, one
+# giant word, CJK (a token per character), accents, and a window left unfilled by whitespace.
+HUGE_TEXTS = [
+    "lorem ipsum dolor " * 200_000,
+    "don't-stop: a.b,c;d! " * 50_000,
+    "QUJD" * 400_000 + " tail",  # one word: a single [UNK]
+    "数据库连接失败\uff0c请稍后再试。" * 20_000,
+    "café naïve résumé " * 50_000,
+    "start" + " " * 40_000 + "the rest " * 1000,
+]
+
+
+def test_a_huge_text_is_tokenised_from_its_start_only_and_exactly_as_whole(
+    loaded: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokenising megabytes the model cannot see held every caller batched with it for seconds.
+    tokenizer = loaded._tokenizer
+    assert tokenizer is not None
+    whole = [tokenizer.encode(text) for text in HUGE_TEXTS]
+    seen: list[int] = []
+    original = tokenizer.encode_batch
+
+    def spy(texts: list[str]) -> object:
+        seen.extend(len(text) for text in texts)
+        return original(texts)
+
+    monkeypatch.setattr(tokenizer, "encode_batch", spy)
+    cut = loaded._encode(HUGE_TEXTS)
+    assert [e.ids for e in cut] == [e.ids for e in whole]
+    assert [bool(e.overflowing) for e in cut] == [bool(e.overflowing) for e in whole]
+    # Read whole: only the texts whose start does not fill the window (one giant word, which
+    # is a single [UNK]; a mostly blank start).
+    assert sorted(length for length in seen if length > 20_000) == sorted(len(HUGE_TEXTS[i]) for i in (2, 5))
+
+
 async def test_concurrent_calls_share_onnx_runs_and_match_single_calls(
     embedder: LocalEmbedder,
 ) -> None:

@@ -19,6 +19,7 @@ ONNX runs and executes each run in a worker thread:
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -402,8 +403,17 @@ class LocalEmbedder:
     # -- worker-thread side ------------------------------------------------------------------
 
     def _encode(self, texts: Sequence[str]) -> list[Encoding]:
-        assert self._tokenizer is not None
-        encodings: list[Encoding] = self._tokenizer.encode_batch(list(texts))
+        """Tokenise `texts`, reading of a long text only the start the model can see: a
+        megabyte would otherwise hold every caller batched with it for seconds."""
+        tokenizer = self._tokenizer
+        assert tokenizer is not None
+        starts = [_start_of(text) for text in texts]
+        encodings: list[Encoding] = tokenizer.encode_batch(starts)
+        # A start that does not fill the model's window says nothing of what follows it.
+        unfilled = [i for i, encoding in enumerate(encodings) if starts[i] is not texts[i] and not encoding.overflowing]
+        if unfilled:
+            for i, encoding in zip(unfilled, tokenizer.encode_batch([texts[i] for i in unfilled]), strict=True):
+                encodings[i] = encoding
         return encodings
 
     def _run(self, picked: list[tuple[_Job, int]]) -> None:
@@ -478,6 +488,25 @@ def _empty_result() -> EmbeddingResult:
     return EmbeddingResult(
         vectors=np.empty((0, EMBEDDING_DIMENSIONS), np.float32), token_counts=[], truncated=[]
     )
+
+
+# Far more text than 256 tokens ever take (a few thousand characters in any language), so a
+# cut there almost always leaves the window full.
+_READ_CHARS: Final = 16_384
+# Where a token always ends, for BERT's tokenizer: before whitespace, ASCII punctuation or a
+# CJK ideograph (each one a token of its own).
+_TOKEN_EDGE: Final = re.compile(r"[\s!-/:-@\[-`{-~\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _start_of(text: str) -> str:
+    """`text` itself when short; else its first `_READ_CHARS` or so, cut at a token edge, so
+    that its tokens are the first tokens of `text`. A text with no edge in the second half of
+    that span is returned whole."""
+    if len(text) <= _READ_CHARS:
+        return text
+    half = _READ_CHARS // 2
+    edge = _TOKEN_EDGE.search(text[half:_READ_CHARS][::-1])
+    return text if edge is None else text[: _READ_CHARS - edge.start() - 1]
 
 
 __all__ = [
