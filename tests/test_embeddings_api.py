@@ -127,6 +127,20 @@ async def test_bad_requests_are_400_naming_the_field(setup: Setup, payload: dict
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
+async def test_an_empty_string_is_refused_as_openai_does(setup: Setup) -> None:
+    for payload, param in [("", "input"), (["a", ""], "input[1]")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await setup.client.embeddings.create(model="all-minilm-l6-v2", input=payload)
+        assert caught.value.status_code == 400
+        assert isinstance(caught.value.body, dict) and caught.value.body.get("param") == param
+        assert "non-empty string" in caught.value.message
+    with pytest.raises(openai.BadRequestError):
+        await setup.client.embeddings.create(model="bge-m3", input=[""])
+    assert setup.openai_fake.requests == []
+    # Ollama embeds nothing for an empty input, without complaint.
+    assert (await setup.ollama.embed(model="all-minilm", input="")).embeddings == []
+
+
 async def test_long_input_is_truncated_and_says_so(setup: Setup) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(

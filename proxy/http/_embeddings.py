@@ -35,11 +35,17 @@ def _backend_headers() -> tuple[dict[str, str], str]:
 
 
 def _openai_inputs(value: Any) -> list[str] | list[list[int]]:
-    """OpenAI's `input`: a string, an array of strings, a token array or an array of them."""
-    if isinstance(value, str):
+    """OpenAI's `input`: a string, an array of strings, a token array or an array of them.
+    An empty string is refused, as OpenAI does (it has no embedding)."""
+    if isinstance(value, str) and value:
         return [value]
     if isinstance(value, list) and value:
         if all(isinstance(item, str) for item in value):
+            empty = next((index for index, item in enumerate(value) if not item), None)
+            if empty is not None:
+                raise invalid_request(
+                    f"Invalid `input[{empty}]`: expected a non-empty string.", param=f"input[{empty}]"
+                )
             return list(value)
         if all(_token_ids(item) for item in value):
             return [list(item) for item in value]
