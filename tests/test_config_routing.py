@@ -138,6 +138,24 @@ def test_listed_names_route_after_configuration_and_before_the_default() -> None
     assert router.resolve("mistral").backend == "vllm"
 
 
+async def test_a_listed_embedding_model_can_be_used_before_anyone_listed_models() -> None:
+    ollama_fake = OllamaBackend(models=["nomic-embed-text:latest"])
+    openai_fake = OpenAIBackend()
+    async with ollama_fake.serve() as ol, openai_fake.serve() as oa, running_gateway(
+        backend("oa", oa.url, prefixes=("qwen",)), backend("ol", ol.url, kind="ollama", models=("llama3.2",))
+    ) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            embedded = await client.embed(model="nomic-embed-text", input="hi")
+            assert len(embedded.embeddings) == 1 and embedded.embeddings[0]
+            with pytest.raises(ollama.ResponseError) as info:
+                await client.embed(model="nothing-lists-this", input="hi")
+            assert info.value.status_code == 404
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc:
+            reply = await oc.embeddings.create(model="nomic-embed-text:latest", input="hi")
+            assert reply.data[0].embedding
+    assert [r.model for r in ollama_fake.requests if r.path == "/api/embed"] == ["nomic-embed-text:latest"] * 2
+
+
 async def test_every_listed_model_can_be_used_even_before_anyone_listed_them() -> None:
     ollama_fake = OllamaBackend(models=["mistral:latest", "llama3.2"])
     openai_fake = OpenAIBackend()

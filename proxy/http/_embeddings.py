@@ -86,7 +86,7 @@ async def openai_embeddings() -> Response:
     fields.text("user")
     extra = {k: v for k, v in fields.data.items() if k not in _OPENAI_MODELLED}
     headers, request_id = _backend_headers()
-    result = await _service().embed(
+    result = await _embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra)
     )
     data = [
@@ -138,9 +138,21 @@ def _ollama_model(fields: Fields) -> str:
     return model
 
 
-async def _ollama_embed(request: EmbeddingRequest) -> EmbeddingResponse:
+async def _embed(request: EmbeddingRequest) -> EmbeddingResponse:
     try:
         return await _service().embed(request)
+    except GatewayError as error:
+        if error.code != "model_not_found":
+            raise
+    # As for chat: a name no backend was known to list may be one a backend lists now (the
+    # catalogue, listed afresh unless its list is recent, teaches the router).
+    await gateway().catalog.models()
+    return await _service().embed(request)
+
+
+async def _ollama_embed(request: EmbeddingRequest) -> EmbeddingResponse:
+    try:
+        return await _embed(request)
     except GatewayError as error:
         if error.code == "model_not_found":
             raise GatewayError(
