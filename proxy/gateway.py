@@ -126,7 +126,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             router=router,
             backends=backends,
             chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record), persistence=persistence, semantic_cache=semantic_cache,
-                             routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router)}),
+                             routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),
             resources=resources,
             persistence=persistence,

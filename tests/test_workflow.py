@@ -242,6 +242,32 @@ async def test_a_failing_model_drops_out_and_all_failing_is_an_http_error(stack:
     assert "All 2 fanout models failed" in caught.value.message and "alpha is down" in caught.value.message
 
 
+async def test_a_model_only_a_backends_listing_names_works_in_a_pipeline(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # No prefix or default sends `teal-7b` anywhere; the backend lists it. The gateway (which
+    # checks the client's models) and the worker (which calls them) each learn it from the
+    # listings, as the chat routes do, instead of answering 404.
+    alpha = OpenAIBackend(default=Script(tokens=["Teal"], usage=Usage(5, 1)), models=["alpha-1", "teal-7b"])
+    name = pipeline_name()
+    pipelines = {name: fanout()}
+    settings = workflow(pipelines)
+    async with alpha.serve() as a:
+        backends = [backend("alpha", a.url, prefixes=("alpha-",))]
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            worker_config = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+            async with running_worker(worker_config, pipelines=list(pipelines)), httpx.AsyncClient(base_url=url, timeout=10) as client:
+                body = {"model": "m", "messages": MESSAGES, "workflow": {"models": ["teal-7b"]}}
+                reply = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": name})
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["choices"][0]["message"]["content"] == "Teal"
+                unknown = await client.post(
+                    "/v1/chat/completions", json=body | {"workflow": {"models": ["mauve-1"]}}, headers={"x-pipeline": name}
+                )
+                assert unknown.status_code == 404
+    assert [r.json["model"] for r in alpha.requests if r.path == "/v1/chat/completions"] == ["teal-7b"]  # type: ignore[index]
+
+
 async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack) -> None:
     headers = {"idempotency-key": f"colours-{stack.pipeline}"}
     with trio.fail_after(10):

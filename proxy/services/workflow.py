@@ -35,6 +35,7 @@ from proxy.infra.backends import Batch
 from proxy.infra.nats import Bus, BusError, BusMessage
 from proxy.infra.resources import Resources
 from proxy.services.journal import EVENTS_STREAM, events_subject
+from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
 from proxy.workflow.bus import jobs_kv
 from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key, cancel_subject, valid_pipeline
@@ -59,10 +60,11 @@ class WorkflowRoute:
     needs_backend = False
     publishes_events = True
 
-    def __init__(self, settings: Settings, resources: Resources, router: Router) -> None:
+    def __init__(self, settings: Settings, resources: Resources, router: Router, catalog: ModelCatalog) -> None:
         self._settings = settings.workflow
         self._resources = resources
         self._router = router
+        self._catalog = catalog
         self.registry = PipelineRegistry(settings.workflow)
         self.launcher: Launcher = create_launcher(settings.workflow, self.registry)
 
@@ -76,14 +78,14 @@ class WorkflowRoute:
             raise invalid_request(
                 f"`x-pipeline` must be 1-64 of A-Z a-z 0-9 _ -, got {pipeline!r}.", param="x-pipeline"
             )
-        self._check_models(exchange)
 
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
+            await self._check_models(exchange)
             await self._produce(exchange, pipeline, send)
 
         return produce
 
-    def _check_models(self, exchange: ChatExchange) -> None:
+    async def _check_models(self, exchange: ChatExchange) -> None:
         """Models the client names in its `workflow` options go through the gateway's router
         now: an unknown one is a 404 before anything starts, and an API key's model scope
         applies to them as it does to the request's own model. (Options named `model`,
@@ -96,7 +98,18 @@ class WorkflowRoute:
         for key, value in options.items():
             if key == "models" or key == "model" or key.endswith("_model"):
                 for model in _names(value):
-                    self._router.resolve(model)
+                    await self._resolve(model)
+
+    async def _resolve(self, model: str) -> None:
+        try:
+            self._router.resolve(model)
+            return
+        except GatewayError as error:
+            if error.code != "model_not_found":
+                raise
+        # A name only a backend's listing has: the catalogue teaches the router (see `_front`).
+        await self._catalog.models()
+        self._router.resolve(model)
 
     async def _produce(self, exchange: ChatExchange, pipeline: str, send: trio.MemorySendChannel[Batch]) -> None:
         bus = self._resources.bus

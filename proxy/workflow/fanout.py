@@ -136,7 +136,7 @@ async def fanout(ctx: PipelineContext) -> PipelineResult:
     if not options.models:
         raise invalid_request("`models` is empty.", param=f"{_PARAM}.models")
     for model in (*options.models, *([options.judge_model] if options.judge_model else [])):
-        ctx.llm.resolve(model)  # an unknown model is a 404 before anything streams
+        await ctx.llm.resolve(model)  # an unknown model is a 404 before anything streams
     select = options.view == "winner"
     await ctx.emit.announce_tasks(options.models, select=select)
     tasks = [_Task(i, model) for i, model in enumerate(options.models)]

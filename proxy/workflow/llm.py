@@ -1,7 +1,8 @@
 """Backends for pipelines, through the gateway's own routing layer.
 
-A worker builds the same `Router` and backend clients as the gateway (from the same
-settings), so a pipeline names models exactly as clients do — aliases, prefixes, defaults.
+A worker builds the same `Router`, backend clients and model catalogue as the gateway (from
+the same settings), so a pipeline names models exactly as clients do — aliases, prefixes,
+defaults, names the backends list.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed, StreamStart, UsageReport
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch
+from proxy.services.models import ModelCatalog
 from proxy.workflow.emitter import TaskEmitter
 from proxy.workflow.job import OPTIONS_FIELD
 
@@ -39,20 +41,32 @@ class Answer:
 class LLM:
     """Model calls for one job: routed like the gateway routes, tagged with the job's ids."""
 
-    def __init__(self, router: Router, backends: Mapping[str, Backend], *, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, router: Router, backends: Mapping[str, Backend], *, headers: Mapping[str, str],
+        catalog: ModelCatalog | None = None,
+    ) -> None:
         self._router = router
         self._backends = backends
         self._headers = dict(headers)
+        self._catalog = catalog
 
-    def resolve(self, model: str) -> Route:
-        """The backend route for `model`; GatewayError (404) for a model no backend serves."""
+    async def resolve(self, model: str) -> Route:
+        """The backend route for `model`; GatewayError (404) for a model no backend serves.
+        As in the gateway, a name no backend was known to list makes the worker look at the
+        backends' listings (once per `models_cache_seconds`) before it is refused."""
+        try:
+            return self._router.resolve(model)
+        except GatewayError as error:
+            if error.code != "model_not_found" or self._catalog is None:
+                raise
+        await self._catalog.models()
         return self._router.resolve(model)
 
     async def stream(self, request: ChatRequest, *, into: TaskEmitter | None = None) -> Answer:
         """Run `request` (its `model` picks the backend) as a stream; every content event goes
         to `into` as it arrives. Raises GatewayError when the call fails, before or during
         the stream."""
-        route = self.resolve(request.model)
+        route = await self.resolve(request.model)
         backend = self._backends[route.backend]
         call = BackendCall(_for_backend(request, stream=True), route.upstream_model, headers=self._headers)
         started = time.perf_counter()

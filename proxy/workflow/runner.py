@@ -34,6 +34,7 @@ from proxy.infra.backends import Backend
 from proxy.infra.nats import BusError
 from proxy.infra.postgres import DatabaseError
 from proxy.infra.resources import Resources
+from proxy.services.models import ModelCatalog
 from proxy.workflow.bus import jobs_kv
 from proxy.workflow.emitter import Emitter, EventPublisher
 from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key
@@ -64,6 +65,7 @@ class WorkerEnv:
     options: Mapping[str, Mapping[str, object]]  # per pipeline, from the config
     router: Router
     backends: Mapping[str, Backend]
+    catalog: ModelCatalog
     resources: Resources
     worker_id: str
 
@@ -177,7 +179,7 @@ class JobRun:
             request=request,
             options=options,
             emit=emitter,
-            llm=LLM(env.router, env.backends, headers=headers),
+            llm=LLM(env.router, env.backends, headers=headers, catalog=env.catalog),
             resources=env.resources,
             settings=env.settings,
         )

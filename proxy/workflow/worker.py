@@ -46,6 +46,7 @@ from proxy.infra.backends import Backend, create_backend
 from proxy.infra.nats import Bus, BusError, JobMessage, KeyConflict
 from proxy.infra.resources import Resources
 from proxy.services.journal import ensure_streams
+from proxy.services.models import ModelCatalog
 from proxy.workflow.bus import ensure_jobs_stream, jobs_kv, workers_kv
 from proxy.workflow.emitter import EventPublisher
 from proxy.workflow.job import (
@@ -367,12 +368,14 @@ async def _with_env(
         await ensure_streams(bus, events_retention=settings.events_retention_seconds)
 
     backends: dict[str, Backend] = {config.name: create_backend(config) for config in settings.backends}
+    router = build_router(settings)
     env = WorkerEnv(
         settings=settings,
         pipelines=pipelines,
         options=options,
-        router=build_router(settings),
+        router=router,
         backends=backends,
+        catalog=ModelCatalog(backends, router, settings.models_cache_seconds),
         resources=Resources(settings.database_url, settings.nats_url, on_bus=prepare),
         worker_id=worker_id,
     )
