@@ -202,15 +202,17 @@ def _request() -> ChatRequest:
                              OpaquePart("openai", {"type": "input_audio", "x": [1]}))),
             Message("assistant", (), tool_calls=(ToolCall("c1", "f", '{"a":1}'),), reasoning="hm"),
             Message("tool", (TextPart("42"),), tool_call_id="c1", name="f"),
+            Message("assistant", (TextPart("The answer is"),), extra={"prefix": True, "cache_control": {"type": "x"}}),
         ],
         params=GenerationParams(max_tokens=5, temperature=0.5, stop=("x", "y"), seed=3, n=2,
                                 response_format=ResponseFormat("json_schema", {"type": "object"}, "s", True)),
-        tools=[Tool("f", "does f", {"type": "object"})],
+        tools=[Tool("f", "does f", {"type": "object"}, strict=True)],
         tool_choice=ToolChoice("required", "f"),
         stream=True,
         include_usage=True,
         dialect="anthropic",
         extra={"workflow": {"models": ["a"]}, "metadata": {"k": "v"}},
+        parallel_tool_calls=False,
     )
 
 

@@ -219,6 +219,7 @@ def request_to_json(request: ChatRequest) -> dict[str, Any]:
         "include_usage": request.include_usage,
         "dialect": request.dialect,
         "extra": request.extra,
+        "parallel_tool_calls": request.parallel_tool_calls,
     }
 
 
@@ -230,6 +231,7 @@ def _message_to_json(message: Message) -> dict[str, Any]:
         "tool_call_id": message.tool_call_id,
         "name": message.name,
         "reasoning": message.reasoning,
+        "extra": message.extra,
     }
 
 
@@ -261,6 +263,7 @@ def request_from_json(body: dict[str, Any]) -> ChatRequest:
             include_usage=body.get("include_usage"),
             dialect=str(body.get("dialect") or "openai"),
             extra=dict(body.get("extra") or {}),
+            parallel_tool_calls=body.get("parallel_tool_calls"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise JobError(f"job request is malformed: {exc!r}") from None
@@ -274,6 +277,7 @@ def _message_from_json(body: dict[str, Any]) -> Message:
         tool_call_id=body.get("tool_call_id"),
         name=body.get("name"),
         reasoning=body.get("reasoning"),
+        extra=dict(body.get("extra") or {}),
     )
 
 
