@@ -12,6 +12,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+import trio
 
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.errors import GatewayError
@@ -228,3 +229,28 @@ async def test_a_refused_body_closes_its_connection_so_the_next_request_is_answe
         assert (await client.get("/v1/models")).status_code == 200
         # A refusal without a body keeps the connection.
         assert "connection" not in (await client.get("/v1/chat/completions")).headers
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+async def test_a_connection_the_response_says_is_closing_is_closed(request_head: bytes) -> None:
+    # An HTTP/1.0 client (or one that asked for `Connection: close`) reads to the end of the
+    # connection; on Quart's routes the server kept it open until its idle timeout.
+    async with gateway() as url:
+        host, port = url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(request_head)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                received += chunk
+        await stream.aclose()
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 ") and b"connection: close" in head

@@ -254,9 +254,15 @@ class ResponseSend:
     async def __call__(self, message: Any) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            # Set before sending: hypercorn reports the disconnect from inside this send.
             if not message.get("more_body", False):
+                # Set before sending: hypercorn reports the disconnect from inside this send.
                 self.complete = True
+                # It also closes a `Connection: close` connection from inside it: cancelled
+                # there (Quart cancels its request's tasks once it hears that disconnect), the
+                # close never happened and the client waited for the idle timeout.
+                with trio.CancelScope(shield=True):
+                    await self._send(message)
+                return
         elif kind == "http.response.start":
             message["headers"] = self._with_ids(message.get("headers", ()))
         await self._send(message)
