@@ -115,7 +115,9 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
     if settings.embeddings.preload and settings.embeddings.local_model:
         nursery.start_soon(local_model.warm)
-    embeddings = EmbeddingService(settings.embeddings, router, backends, local_model)
+    # Embeddings count in their key's usage and token limit as chats do (not in the request
+    # log, which is one line per chat).
+    embeddings = EmbeddingService(settings.embeddings, router, backends, local_model, record=limits.record)
     rag = RagService(settings.rag, lambda: resources.database, local_model)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
     # The catalogue teaches the router the names backends list (see `_front.serve`).

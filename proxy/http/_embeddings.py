@@ -1,9 +1,17 @@
 """Embeddings endpoints: OpenAI's `/v1/embeddings`, Ollama's `/api/embed` and legacy
-`/api/embeddings`. Errors come in each caller's dialect (`/api/*` paths are Ollama's)."""
+`/api/embeddings`. Errors come in each caller's dialect (`/api/*` paths are Ollama's).
+
+Every request of these routes, answered or refused (the guard's refusals too), is recorded
+in its API key's usage as a chat exchange is: one request, an error at status >= 400, and
+the prompt tokens the answer reports, charged to the key's token limit."""
 
 from __future__ import annotations
 
 import base64
+import contextvars
+import json
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -11,7 +19,8 @@ from quart import Blueprint, Response
 
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.http._context import gateway, request_body, request_meta
+from proxy.http._context import gateway, request_body, request_head, request_meta
+from proxy.services.auth import current_principal
 from proxy.services.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
 
 # No embedding model has more; a client must not make a backend allocate at will.
@@ -20,6 +29,63 @@ MAX_DIMENSIONS = 16384
 blueprint = Blueprint("embeddings", __name__)
 
 _OLLAMA_JSON = "application/json; charset=utf-8"
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What the current request got to, for its record."""
+
+    started: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    result: EmbeddingResponse | None = None
+
+
+_attempt: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar("llm_proxy_embedding", default=None)
+
+
+@blueprint.before_request
+async def _begin() -> None:
+    # Runs once the app's guard admitted the request (a refused one never gets here).
+    _attempt.set(_Attempt())
+
+
+@blueprint.after_request
+async def _account(response: Response) -> Response:
+    """Every response of these routes, errors and the guard's refusals included."""
+    service = gateway().embeddings
+    if service is None:
+        return response
+    attempt = _attempt.get() or _Attempt()
+    principal = current_principal.get()
+    status = response.status_code
+    head = request_head()
+    service.record(
+        request_id=head.request_id(),
+        dialect="ollama" if head.path.startswith("/api/") else "openai",
+        model=attempt.model, status=status, error=await _error_message(response) if status >= 400 else None,
+        total_ms=(time.perf_counter() - attempt.started) * 1000,
+        api_key_id=principal.id if principal is not None else None,
+        response=attempt.result if status < 400 else None,
+    )
+    return response
+
+
+async def _error_message(response: Response) -> str:
+    """The message of an error body, in either dialect's shape."""
+    try:
+        data = json.loads(await response.get_data(as_text=False))
+    except (ValueError, RecursionError):
+        return f"HTTP {response.status_code}"
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else f"HTTP {response.status_code}"
+
+
+def _note_model(model: str) -> None:
+    attempt = _attempt.get()
+    if attempt is not None:
+        attempt.model = model
 
 
 def _service() -> EmbeddingService:
@@ -76,6 +142,7 @@ async def openai_embeddings() -> Response:
     fields = Fields(loads_object(await request_body()))
     model = fields.text("model", required=True, nonempty=True)
     assert model is not None
+    _note_model(model)
     inputs = _openai_inputs(fields.data.get("input"))
     encoding = fields.text("encoding_format") or "float"
     if encoding not in ("float", "base64"):
@@ -135,10 +202,19 @@ def _ollama_model(fields: Fields) -> str:
     model = fields.data.get("model") or fields.data.get("name")
     if not isinstance(model, str) or not model:
         raise invalid_request("model is required", param="model")
+    _note_model(model)
     return model
 
 
 async def _embed(request: EmbeddingRequest) -> EmbeddingResponse:
+    result = await _embed_or_relist(request)
+    attempt = _attempt.get()
+    if attempt is not None:
+        attempt.result = result
+    return result
+
+
+async def _embed_or_relist(request: EmbeddingRequest) -> EmbeddingResponse:
     try:
         return await _service().embed(request)
     except GatewayError as error:

@@ -38,6 +38,7 @@ from proxy.infra.embedder import (
     Vectors,
 )
 from proxy.services.auth import check_model
+from proxy.services.chat import ExchangeRecord, RecordSink
 from proxy.services.models import ModelCatalog
 
 log = logging.getLogger("llm_proxy.embeddings")
@@ -193,6 +194,10 @@ class EmbeddingResponse:
     prompt_tokens: int
     backend: str
     truncated: int = 0  # inputs only partly embedded
+    upstream_model: str = ""
+    # A backend that reports no usage (Ollama's legacy endpoint, some OpenAI-compatible
+    # servers): what its key is charged instead, an estimate (the client is told nothing).
+    estimated_tokens: int | None = None
     load_seconds: float = 0.0  # the model's load time, when this request loaded it
     total_seconds: float = 0.0
 
@@ -204,11 +209,32 @@ class EmbeddingService:
         router: Router,
         backends: dict[str, Backend],
         local: LocalModel | None,
+        record: RecordSink | None = None,
     ) -> None:
         self.settings = settings
         self._router = router
         self._backends = backends
         self.local = local if settings.local_model else None
+        self._record = record
+
+    def record(
+        self, *, request_id: str, dialect: str, model: str, status: int, error: str | None, total_ms: float,
+        api_key_id: int | None, response: EmbeddingResponse | None,
+    ) -> None:
+        """One embeddings request, answered or refused, as the chat service records an
+        exchange: its key's usage counts one request (an error at status >= 400), and the
+        prompt tokens `response` reports are charged to the key's token limit."""
+        if self._record is None:
+            return
+        self._record(ExchangeRecord(
+            trace_id="", request_id=request_id, model=model,
+            backend=response.backend if response is not None else "",
+            upstream_model=response.upstream_model if response is not None else "",
+            stream=False, dialect=dialect, status=status, total_ms=total_ms,
+            prompt_tokens=_charged(response) if response is not None else None,
+            completion_tokens=0 if response is not None else None,
+            error=error, source="backend" if response is not None else "refused", api_key_id=api_key_id,
+        ))
 
     def is_local(self, model: str) -> bool:
         if self.local is None:
@@ -281,6 +307,7 @@ class EmbeddingService:
             prompt_tokens=result.total_tokens,
             backend=LOCAL_BACKEND,
             truncated=truncated,
+            upstream_model=LOCAL_MODEL,
             load_seconds=0.0 if was_loaded else self.local.load_seconds,
         )
 
@@ -294,7 +321,9 @@ class EmbeddingService:
                 param="model",
             )
         if not request.inputs:
-            return EmbeddingResponse(request.model, np.empty((0, 0), np.float32), 0, route.backend)
+            return EmbeddingResponse(
+                request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
+            )
         call = EmbeddingCall(
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
             truncate=None if request.truncate else False, headers=request.headers,
@@ -312,7 +341,23 @@ class EmbeddingService:
             vectors=vectors.reshape(len(request.inputs), -1),
             prompt_tokens=output.prompt_tokens or 0,
             backend=route.backend,
+            upstream_model=route.upstream_model,
+            estimated_tokens=_estimate(request.inputs) if output.prompt_tokens is None else None,
         )
+
+
+# About four characters a token, as OpenAI-compatible tokenizers roughly count English text.
+_CHARS_PER_TOKEN = 4
+
+
+def _estimate(inputs: list[str] | list[list[int]]) -> int:
+    return sum(len(item) if isinstance(item, list) else -(-len(item) // _CHARS_PER_TOKEN) for item in inputs)
+
+
+def _charged(response: EmbeddingResponse) -> int:
+    if response.estimated_tokens is not None:
+        return response.estimated_tokens
+    return response.prompt_tokens
 
 
 class CatalogWithLocalModels(ModelCatalog):

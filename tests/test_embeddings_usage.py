@@ -1,0 +1,101 @@
+"""Embeddings in an API key's usage and token limit, as chats are: through the `openai` and
+`ollama` SDKs against a gateway on real PostgreSQL, checked with `llm-proxy keys list`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ollama
+import openai
+import pytest
+import trio
+
+from tests.fakes import OllamaBackend, OpenAIBackend
+from tests.harness import backend
+from tests.test_auth_helpers import (
+    bearer,
+    eventually,
+    gateway,
+    keys_cli,
+    new_key,
+    sql,
+    wait_for_key,
+)
+
+pytest_plugins = ["tests.infra_servers"]
+
+LONG = " ".join(["word"] * 300)  # past the local model's 256 tokens: 256 are read and counted
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    oa, ol = OpenAIBackend(), OllamaBackend()
+    async with oa.serve() as oa_server, ol.serve() as ol_server, gateway(
+        pg_database_url, nats_url,
+        backend("oa", oa_server.url, prefixes=("text-embedding-",)),
+        backend("ol", ol_server.url, kind="ollama", prefixes=("nomic-",)),
+    ) as url:
+        yield Stack(url, pg_database_url)
+
+
+async def listed(db: str, name: str) -> dict[str, int]:
+    """The key's line of `llm-proxy keys list --json`."""
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(db, "list", "--json"))
+    assert code == 0, err
+    entry = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == name)
+    return {k: entry[k] for k in ("requests", "errors", "prompt_tokens", "completion_tokens")}
+
+
+async def test_every_embeddings_request_is_in_its_keys_usage(stack: Stack) -> None:
+    key = await new_key(stack.db, "embedder")
+    await wait_for_key(stack.url, key)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as ollama_client:
+        local = await client.embeddings.create(model="all-minilm-l6-v2", input=["hello world", "foo"])
+        remote = await client.embeddings.create(model="text-embedding-3-small", input=["hello world", "foo"])
+        embed = await ollama_client.embed(model="nomic-embed-text", input=["hello world"])
+        legacy = await ollama_client.embeddings(model="nomic-embed-text", prompt="hello world")
+        # An Ollama backend's legacy answer reports no tokens: the key is charged an estimate
+        # (about four characters a token: 11 characters, 3 tokens).
+        assert len(legacy.embedding) == 384
+        with pytest.raises(openai.BadRequestError):
+            await client.embeddings.create(model="all-minilm-l6-v2", input="")
+        with pytest.raises(ollama.ResponseError) as unknown:
+            await ollama_client.embed(model="no-such-model", input=["hello"])
+        assert unknown.value.status_code == 404
+    await client.close()
+    tokens = local.usage.prompt_tokens + remote.usage.prompt_tokens + (embed.prompt_eval_count or 0) + 3
+    assert local.usage.prompt_tokens > 0 and remote.usage.prompt_tokens > 0 and embed.prompt_eval_count
+    expected = {"requests": 6, "errors": 2, "prompt_tokens": tokens, "completion_tokens": 0}
+
+    async def recorded() -> bool:
+        return await listed(stack.db, "embedder") == expected
+
+    await eventually(recorded)
+
+
+async def test_embeddings_tokens_are_charged_to_the_keys_token_limit(stack: Stack) -> None:
+    key = await new_key(stack.db, "bulk", "--tpm", "100")
+    await wait_for_key(stack.url, key)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as ollama_client:
+        first = await client.embeddings.create(model="all-minilm-l6-v2", input=[LONG, LONG, LONG])
+        assert first.usage.prompt_tokens == 3 * 256  # far past the 100 a minute
+        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id"
+                                               " WHERE k.name = 'bulk' AND u.prompt_tokens > 0"))
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.embeddings.create(model="all-minilm-l6-v2", input="hello")
+        assert "tokens" in refused.value.message
+        assert refused.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+        with pytest.raises(ollama.ResponseError) as ollama_refused:
+            await ollama_client.embed(model="all-minilm", input=["hello"])
+        assert ollama_refused.value.status_code == 429
+    await client.close()
