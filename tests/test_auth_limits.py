@@ -162,3 +162,34 @@ async def test_usage_is_recorded_per_key(stack: Stack) -> None:
 
     assert await eventually(recorded) == [("counted", 4, 1, 180, 30)]
     assert other  # a key that made no request has no usage rows
+
+
+async def test_a_stream_the_client_leaves_early_is_still_charged(stack: Stack) -> None:
+    # Leaving before the backend's usage chunk used to charge nothing: a key with a token
+    # limit could read whole answers for free. The gateway charges its estimate instead.
+    key = await new_key(stack.db, "leaver")
+    await wait_for_key(stack.url, key)
+    stack.fake.set_script(Script(tokens=["Hello there "] * 40, usage=Usage(60, 40), pace=0.01))
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += "Hello" in line
+                if seen == 10:
+                    break  # and hang up
+        stack.fake.set_script(Script(tokens=["Hi"], usage=Usage(60, 10)))
+        after = await client.post("/v1/chat/completions", json=CHAT)
+
+    async def recorded() -> list[tuple[object, ...]]:
+        found = await sql(
+            stack.db,
+            "SELECT sum(u.requests), sum(u.prompt_tokens), sum(u.completion_tokens)"
+            " FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'leaver'",
+        )
+        return found if found and found[0][0] == 2 else []
+
+    [(_requests, prompt, completion)] = await eventually(recorded)
+    # The finished request's own 60 + 10, and for the one left early: its prompt and at least
+    # the ten pieces it read ("Hello there " is 12 characters, about 3 tokens).
+    assert int(str(prompt)) > 60 and int(str(completion)) >= 10 + 10 * 3
+    assert after.status_code == 200

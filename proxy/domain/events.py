@@ -130,6 +130,11 @@ class CompletionBuilder:
             case StreamFailed(error):
                 self.error = error
 
+    def generated_chars(self) -> int:
+        """How much was generated so far (text, reasoning, tool-call arguments), in characters."""
+        parts = (*self._text.values(), *self._reasoning.values(), *self._tool_args.values())
+        return sum(len(piece) for pieces in parts for piece in pieces)
+
     @property
     def finish_reason(self) -> FinishReason | None:
         """The first choice's finish reason (None while unfinished)."""

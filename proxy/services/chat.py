@@ -24,6 +24,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
+from proxy.domain.tokens import estimated_usage
 from proxy.infra.backends import Backend, BackendCall, Batch
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.infra.transport import Hangup, current_hangup
@@ -104,6 +105,9 @@ class ExchangeRecord:
     cancelled: bool = False
     error: str | None = None
     source: str = "backend"
+    # The tokens are the gateway's estimate: the backend's usage never came (the client left
+    # before the end of the stream, or the backend does not report usage).
+    usage_estimated: bool = False
     # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
     # limiter's usage hook and logged instead of any credential.
     api_key_id: int | None = None
@@ -553,9 +557,13 @@ class ChatExchange:
         record = self.record
         record.total_ms = (time.perf_counter() - self.meta.received) * 1000
         result = self.result
-        if result.usage is not None:
-            record.prompt_tokens = result.usage.prompt_tokens
-            record.completion_tokens = result.usage.completion_tokens
+        usage = result.usage
+        if usage is None and record.source == "backend":
+            usage = estimated_usage(self.request, result)
+            record.usage_estimated = usage is not None
+        if usage is not None:
+            record.prompt_tokens = usage.prompt_tokens
+            record.completion_tokens = usage.completion_tokens
         if result.finish_reason is not None:
             record.finish_reason = result.finish_reason.value
         if result.error is not None and record.error is None:
