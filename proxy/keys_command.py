@@ -20,7 +20,7 @@ from proxy.infra.aio import asyncio_bridge
 from proxy.infra.keys_store import KeysStore, KeyUsage, StoredKey
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
-from proxy.services.auth import create_key, parse_expiry
+from proxy.services.auth import _DISPLAY_CHARS, create_key, key_digest, parse_expiry
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -44,9 +44,10 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
     common(listing)
     listing.add_argument("--json", action="store_true", help="one JSON object per key")
 
-    revoke = actions.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke = actions.add_parser("revoke", help="revoke a key by id, prefix or the key itself")
     common(revoke)
-    revoke.add_argument("key", metavar="ID|PREFIX", help="the key's id, or the start of its prefix (at least 6 characters)")
+    revoke.add_argument("key", metavar="ID|PREFIX|KEY",
+                        help="the key's id, the start of its prefix (at least 6 characters), or the whole key")
 
 
 def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -124,18 +125,32 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
 
 
 async def _revoke(store: KeysStore, ref: str, out: TextIO, err: TextIO) -> int:
-    matches = await store.find(ref.strip())
+    ref = ref.strip()
+    if len(ref) > _DISPLAY_CHARS:
+        # Longer than any prefix: the key itself (a leaked one, say), found by its digest.
+        found = await store.find_by_digest(key_digest(ref))
+        matches = [found] if found is not None else []
+    else:
+        matches = await store.find(ref)
     if not matches:
-        print(f"llm-proxy: no key with id or prefix {ref!r} (a prefix needs at least 6 characters)", file=err)
+        print(
+            f"llm-proxy: no key with id, prefix or value {_shown(ref)!r} (a prefix needs at least 6 characters)",
+            file=err,
+        )
         return 1
     if len(matches) > 1:
         ids = ", ".join(f"{k.id} ({k.prefix})" for k in matches)
-        print(f"llm-proxy: {ref!r} matches several keys: {ids}; use the id", file=err)
+        print(f"llm-proxy: {_shown(ref)!r} matches several keys: {ids}; use the id", file=err)
         return 1
     key = await store.revoke(matches[0].id)
     assert key is not None
     print(f"revoked key {key.id} ({key.prefix}...) {key.name!r}", file=out)
     return 0
+
+
+def _shown(ref: str) -> str:
+    """A reference as messages may show it: no more of a key than listings show."""
+    return ref if len(ref) <= _DISPLAY_CHARS else ref[:_DISPLAY_CHARS] + "..."
 
 
 def _status(key: StoredKey, now: datetime) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+pytest_plugins = ["tests.infra_servers"]
 
 
 def free_port() -> int:
@@ -85,3 +88,29 @@ def test_migrate_command(tmp_path: Path) -> None:
                             env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "up to date" in second.stdout
     assert processes_using(tmp_path) == []
+
+
+def test_keys_revoke_takes_the_leaked_key_itself_and_never_echoes_a_key(pg_database_url: str) -> None:
+    env = os.environ | {"DATABASE_URL": pg_database_url}
+
+    def keys(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "proxy", "keys", *argv],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    created = keys("create", "--name", "leaked")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("sk-llmp-") and len(key) > 40
+
+    # Someone else's key (the same but its last character): not found, and not repeated.
+    other = key[:-1] + ("A" if key[-1] != "A" else "B")
+    missing = keys("revoke", other)
+    assert missing.returncode == 1
+    assert other not in missing.stderr + missing.stdout
+    assert key[:16] in missing.stderr  # as much as listings show: the user sees which one it was
+
+    revoked = keys("revoke", key)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked key" in revoked.stdout and key not in revoked.stdout + revoked.stderr
+    listed = keys("list", "--json")
+    assert [json.loads(line)["status"] for line in listed.stdout.splitlines()] == ["revoked"]

@@ -158,6 +158,11 @@ class KeysStore:
             rows = []
         return [_key(row) for row in rows]
 
+    async def find_by_digest(self, digest: bytes) -> StoredKey | None:
+        """The key whose sha256 digest is `digest` (a whole key, as a client presents it)."""
+        row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE digest = %s", (digest,))
+        return _key(row) if row is not None else None
+
     async def revoke(self, key_id: int) -> StoredKey | None:
         """Revoke (idempotent: an already revoked key keeps its time). None: no such key."""
         row = await self._db.fetchrow(
