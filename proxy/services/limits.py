@@ -11,7 +11,11 @@ with `Retry-After`.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
-to "per process" instead of lifting them.
+to "per process" instead of lifting them. A request waits for the database at most
+`_ADMIT_TIMEOUT` (3 s), whatever the database does: the call runs as a task of the limiter (a
+cancelled psycopg query can take ten seconds more to give up on a stalled server), and while
+one call is overdue, requests do not start another: they are admitted locally at once, until
+that call returns (the database answers again) or gives up.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import outcome
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
 from proxy.services.auth import KeyRing, Principal
 from proxy.services.chat import ExchangeRecord
@@ -35,6 +40,9 @@ log = logging.getLogger("llm_proxy.limits")
 WINDOW = 60.0
 _EPSILON = 1e-6
 _ADMIT_TIMEOUT = 3.0
+# How long an overdue admission call may wait for a stalled database before it is cancelled
+# and the next request tries again (the database answering ends it sooner).
+_CALL_TIMEOUT = 30.0
 _FLUSH_TIMEOUT = 10.0
 _RETRY_SECONDS = 2.0
 
@@ -131,6 +139,18 @@ class _LocalBuckets:
         state[1] = max(state[1], now) + tokens * WINDOW / principal.tpm
 
 
+class _Call:
+    """One admission call in the database and its outcome, handed from the limiter's task
+    to the request waiting for it."""
+
+    __slots__ = ("abandoned", "done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: outcome.Outcome[Admission] | None = None
+        self.abandoned = False  # its request stopped waiting and was answered locally
+
+
 class RateLimiter:
     """Admits requests of limited keys and records every key's usage (see the module
     docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
@@ -144,24 +164,76 @@ class RateLimiter:
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self._degraded = False
+        # Admission calls run here, not in the requests' tasks (see `_shared_admission`).
+        self._calls: trio.Nursery | None = None
+        self._overdue = 0  # calls whose request stopped waiting and that have not returned
 
     async def admit(self, principal: Principal) -> Decision:
         """Take one request from the key's bucket (if it has limits)."""
-        db = self._resources.database
-        state: Admission | None = None
-        if db is not None:
-            with trio.move_on_after(_ADMIT_TIMEOUT):
-                try:
-                    state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm)
-                except DatabaseError as error:
-                    self._degrade(str(error))
+        state = await self._shared_admission(principal)
         if state is None:
-            self._degrade("the database did not answer")
             state = self._local.admit(principal)
         else:
-            self._recover()
             self._local.sync(principal.id, state)
         return decide(principal, state)
+
+    async def _shared_admission(self, principal: Principal) -> Admission | None:
+        """The database's answer, or None when it has none within `_ADMIT_TIMEOUT`."""
+        db = self._resources.database
+        calls = self._calls
+        if db is None or calls is None:
+            self._degrade("the database is not connected")
+            return None
+        if self._overdue:
+            return None  # a call already waits on the database: another would only hang too
+        call = _Call()
+        calls.start_soon(self._call, call, db, principal)
+        with trio.move_on_after(_ADMIT_TIMEOUT):
+            await call.done.wait()
+        if not call.done.is_set():
+            call.abandoned = True
+            self._overdue += 1
+            self._degrade(f"the database did not answer within {_ADMIT_TIMEOUT:g} s")
+            return None
+        if call.result is None:
+            return None  # the limiter is shutting down
+        try:
+            state = call.result.unwrap()
+        except DatabaseError as error:
+            self._degrade(str(error))
+            return None
+        self._recover()
+        return state
+
+    async def _call(self, call: _Call, db: Database, principal: Principal) -> None:
+        """One admission in the database, for a request that waits at most `_ADMIT_TIMEOUT`.
+
+        Its errors go to the request (a bug surfaces there, not as the end of the limiter).
+        """
+        try:
+            with trio.fail_after(_CALL_TIMEOUT):
+                state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm)
+            call.result = outcome.Value(state)
+        except trio.TooSlowError:
+            call.result = outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
+        except Exception as error:
+            call.result = outcome.Error(error)
+        finally:
+            call.done.set()
+            if call.abandoned:
+                self._overdue -= 1
+        if call.abandoned:
+            self._late(call.result)
+
+    def _late(self, result: outcome.Outcome[Admission]) -> None:
+        """An overdue call returned. Its request was admitted locally meanwhile, and the local
+        buckets have counted this process's requests since: only the database's coming back
+        matters now."""
+        if isinstance(result, outcome.Error):
+            if not isinstance(result.error, DatabaseError):
+                log.error("rate limit admission failed", exc_info=result.error)
+        else:
+            self._recover()
 
     def _degrade(self, why: str) -> None:
         if not self._degraded:
@@ -193,17 +265,20 @@ class RateLimiter:
         self._kick.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write recorded usage to the database (batched) until `aclose()`."""
+        """Run admissions' database calls, and write recorded usage to the database
+        (batched), until `aclose()`."""
         try:
             with trio.CancelScope() as self._scope:
-                task_status.started()
-                while True:
-                    with trio.move_on_after(_RETRY_SECONDS if self._pending else math.inf):
-                        await self._kick.wait()
-                    self._kick = trio.Event()
-                    # No waiting to batch: what ends while one write runs goes in the next.
-                    await self._flush()
+                async with trio.open_nursery() as self._calls:
+                    task_status.started()
+                    while True:
+                        with trio.move_on_after(_RETRY_SECONDS if self._pending else math.inf):
+                            await self._kick.wait()
+                        self._kick = trio.Event()
+                        # No waiting to batch: what ends while one write runs goes in the next.
+                        await self._flush()
         finally:
+            self._calls = None
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _FLUSH_TIMEOUT
                 await self._flush()

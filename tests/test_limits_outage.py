@@ -1,0 +1,127 @@
+"""Rate limits while PostgreSQL stalls (every postgres process paused with SIGSTOP, as in a
+frozen VM or a storage hang): a limited key's request is admitted from the gateway's own
+buckets within the admission timeout instead of hanging on the database, the limit still
+holds per process, and once the database answers again the limit is shared again."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import pytest
+import trio
+
+from proxy.infra.embedded import EmbeddedPostgres
+from proxy.services.limits import _ADMIT_TIMEOUT
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import MESSAGES, bearer, eventually, gateway, new_key, wait_for_key
+
+pytest_plugins = ["tests.infra_servers"]
+
+CHAT = {"model": "qwen3-8b", "messages": MESSAGES, "max_tokens": 5}
+# What a user would call "answered promptly" next to the old 13 s hang.
+SLACK = 1.5
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A server of our own: pausing the session's shared one would stall other tests."""
+    with EmbeddedPostgres(tmp_path / "pgdata") as started:
+        yield started
+
+
+@contextmanager
+def stalled(server: EmbeddedPostgres) -> Iterator[None]:
+    """Every process of `server` paused: connections stay open, nothing answers."""
+    assert server.pid is not None
+    postmaster = psutil.Process(server.pid)
+    processes = [postmaster, *postmaster.children(recursive=True)]
+    stopped: list[psutil.Process] = []
+    try:
+        for process in processes:
+            process.send_signal(signal.SIGSTOP)
+            stopped.append(process)
+        yield
+    finally:
+        for process in stopped:
+            with suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
+
+@dataclass
+class Stack:
+    url: str
+    second: str
+    postgres: EmbeddedPostgres
+    db: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, postgres: EmbeddedPostgres, nats_url: str) -> AsyncIterator[Stack]:
+    """Two gateways sharing the paused-to-be database."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(postgres.url, nats_url, config) as url, gateway(postgres.url, nats_url, config) as second:
+            yield Stack(url, second, postgres, postgres.url)
+
+
+async def _timed_post(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
+    started = trio.current_time()
+    answer = await client.post("/v1/chat/completions", json=CHAT)
+    return answer, trio.current_time() - started
+
+
+async def _collect(client: httpx.AsyncClient, into: list[tuple[httpx.Response, float]]) -> None:
+    into.append(await _timed_post(client))
+
+
+async def test_a_stalled_database_delays_a_limited_request_by_the_admit_timeout_at_most(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.limits")
+    key = await new_key(stack.db, "stalled", "--rpm", "2")
+    shared = await new_key(stack.db, "shared", "--rpm", "2")
+    for url in (stack.url, stack.second):
+        await wait_for_key(url, key)
+        await wait_for_key(url, shared)
+
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as client:
+        with stalled(stack.postgres):
+            # Three at once, the key's first requests: each answered within the admission
+            # timeout (it used to hang ~13 s), and the limit holds, counted by this gateway.
+            first: list[tuple[httpx.Response, float]] = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(lambda: _collect(client, first))
+            assert sorted(answer.status_code for answer, _ in first) == [200, 200, 429]
+            assert max(took for _, took in first) < _ADMIT_TIMEOUT + SLACK
+            # Later requests do not wait for the stuck database again.
+            later, took = await _timed_post(client)
+            assert later.status_code == 429
+            assert later.json()["error"]["code"] == "rate_limit_exceeded"
+            assert took < SLACK
+
+    # The database answers again: the limit is shared by both gateways once more.
+    def recovered() -> bool:
+        return any("shared through the database again" in r.getMessage() for r in caplog.records)
+
+    async def check() -> bool:
+        return recovered()
+
+    await eventually(check, within=15)
+    async with httpx.AsyncClient(headers=bearer(shared), timeout=10) as client:
+        on_first = await client.post(f"{stack.url}/v1/chat/completions", json=CHAT)
+        on_second = await client.post(f"{stack.second}/v1/chat/completions", json=CHAT)
+        assert on_first.status_code == on_second.status_code == 200
+        assert on_second.headers["x-ratelimit-remaining-requests"] == "0"  # saw the first's request
+        refused = await client.post(f"{stack.url}/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 429
