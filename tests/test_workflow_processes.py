@@ -317,3 +317,31 @@ def _kill_children(record: Path) -> None:
     for pid in _pids(record):
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_sigterm_stops_a_worker_still_waiting_for_nats(tmp_path: Path) -> None:
+    # It logged "finishing running jobs" and went on waiting for NATS, forever: only SIGKILL
+    # could stop it (systemd's stop timeout, every time NATS was down).
+    settings = workflow({pipeline_name(): fanout()})
+    config = tmp_path / "worker.toml"
+    config.write_text(config_toml([backend("alpha", "http://127.0.0.1:9")], settings))
+    log = _log_file(tmp_path / "worker.log")
+    environment = {**worker_env("", "nats://127.0.0.1:9"), "DATABASE_URL": ""}
+    command = [sys.executable, "-m", "proxy", "worker", "--config", str(config), "--pipelines", *settings.pipelines]
+    process = await trio.lowlevel.open_process(command, env=environment, stdout=log, stderr=log)
+    try:
+        with trio.fail_after(20):
+            while True:  # a log file, not an event: polled
+                if "NATS unavailable" in (tmp_path / "worker.log").read_text():
+                    break
+                await trio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            await process.wait()
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        log.close()

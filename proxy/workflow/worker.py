@@ -115,11 +115,11 @@ class Worker:
         started once it pulls every pipeline."""
         stop = shutdown if shutdown is not None else trio.Event()
         hurry = trio.Event()
+        pulling = False
 
         async def serve(env: WorkerEnv) -> None:
+            nonlocal pulling
             async with trio.open_nursery() as outer:
-                if handle_signals:
-                    outer.start_soon(_signals, stop, hurry)
                 bus = await _wait_for_bus(env.resources)
                 await ensure_jobs_stream(bus, retention=self.settings.workflow.job_retention_seconds)
                 await outer.start(self._cancels, bus)
@@ -133,13 +133,27 @@ class Worker:
                             "worker %s pulling %s (concurrency %d)",
                             self.worker_id, ", ".join(self.pipelines), self.concurrency,
                         )
+                        pulling = True
                         task_status.started()
                         await stop.wait()
                         pullers.cancel_scope.cancel()
                     await self._drain(hurry)
                 outer.cancel_scope.cancel()
 
-        await _with_env(self.settings, self.worker_id, self.pipelines, self.options_by_pipeline, serve)
+        async def stop_starting(starting: trio.CancelScope) -> None:
+            # Told to stop before it pulls anything (NATS or PostgreSQL not answering yet):
+            # there is no job to finish, so the start itself is abandoned.
+            await stop.wait()
+            if not pulling:
+                starting.cancel()
+
+        async with trio.open_nursery() as guard:
+            if handle_signals:
+                guard.start_soon(_signals, stop, hurry)
+            with trio.CancelScope() as starting:
+                guard.start_soon(stop_starting, starting)
+                await _with_env(self.settings, self.worker_id, self.pipelines, self.options_by_pipeline, serve)
+            guard.cancel_scope.cancel()
 
     def _count(self, delta: int) -> None:
         self._active += delta
