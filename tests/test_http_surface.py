@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import anthropic
@@ -14,9 +15,11 @@ import openai
 import pytest
 import trio
 
+from proxy.config import Settings
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.errors import GatewayError
-from tests.fakes import AnthropicBackend, OpenAIBackend
+from proxy.serve import serve
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -254,3 +257,39 @@ async def test_a_connection_the_response_says_is_closing_is_closed(request_head:
         await stream.aclose()
     head = received.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 ") and b"connection: close" in head
+
+
+async def test_stopping_the_gateway_tells_clients_still_waiting_instead_of_cutting_them_off() -> None:
+    # Once its graceful timeout is over, the server cancels what still runs: a stream used to
+    # stop mid-answer with no error and no [DONE], and was logged as the client's hang-up.
+    slow = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(400)], pace=0.05))
+    mute = OpenAIBackend(default=Script(tokens=["late"], header_delay=30))
+    stop = trio.Event()
+    answers: dict[str, Any] = {}
+    async with slow.serve() as s, mute.serve() as m, trio.open_nursery() as nursery:
+        settings = replace(
+            Settings(), backends=(backend("slow", s.url, prefixes=("slow",)), backend("mute", m.url, prefixes=("mute",))),
+            host="127.0.0.1", port=0, access_log=False,
+        )
+        [url] = await nursery.start(lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def waiting() -> None:
+                answers["waiting"] = await client.post("/v1/chat/completions", json={"model": "mute", "messages": MESSAGES})
+
+            nursery.start_soon(waiting)
+            body = {"model": "slow", "messages": MESSAGES, "stream": True}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                frames = []
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        frames.append(line[6:])
+                    if len(frames) == 3:
+                        stop.set()
+                answers["stream"] = frames
+    waiting_answer = answers["waiting"]
+    assert waiting_answer.status_code == 503
+    assert waiting_answer.json()["error"]["code"] == "gateway_shutting_down"
+    frames = answers["stream"]
+    assert len(frames) > 3 and frames[-1] != "[DONE]"
+    assert json.loads(frames[-1])["error"]["code"] == "gateway_shutting_down"

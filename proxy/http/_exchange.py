@@ -16,10 +16,10 @@ import trio
 from hypercorn.typing import ASGISendCallable, HTTPResponseStartEvent
 
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamEvent
+from proxy.domain.events import StreamEvent, StreamFailed
 from proxy.http._errors import error_reply
 from proxy.infra.backends import Batch
-from proxy.services.chat import ChatExchange, ExchangeSink
+from proxy.services.chat import SHUTTING_DOWN, ChatExchange, ExchangeSink, is_cancellation
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -53,9 +53,26 @@ class ExchangeBody(DirectBody):
             log.exception("exchange %s failed", self.exchange.meta.trace_id)
             if isinstance(sink, AsgiSink) and not sink.started:
                 await sink.fail(GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log."))
+        except BaseException as exc:
+            if is_cancellation(exc) and not self.exchange.hung_up and isinstance(sink, AsgiSink) and not sink.ended:
+                # The server is stopping: a client still there is told, not just cut off.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _LAST_WORDS_SECONDS):
+                    await _tell_shutdown(sink, started=sink.started, stream=self.exchange.request.stream)
+            raise
 
     def hang_up(self) -> None:
         self.exchange.hang_up()
+
+
+_LAST_WORDS_SECONDS = 1.0
+
+
+async def _tell_shutdown(sink: ExchangeSink, *, started: bool, stream: bool) -> None:
+    if not started:
+        await sink.fail(SHUTTING_DOWN)
+    elif stream:
+        await sink.write(Batch([StreamFailed(SHUTTING_DOWN)], done=True))
+        await sink.finish()
 
 
 class AsgiSink:
@@ -67,6 +84,7 @@ class AsgiSink:
         self._send = send
         self._headers = headers
         self.started = False
+        self.ended = False
         # Headers the exchange adds (trace id, cache status, RAG sources); read at start.
         self.extra_headers: Headers = []
 
@@ -86,6 +104,7 @@ class AsgiSink:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _end(self, data: bytes = b"") -> None:
+        self.ended = True
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def _whole(self, status: int, headers: Headers, body: bytes) -> None:

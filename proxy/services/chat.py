@@ -119,6 +119,14 @@ class ExchangeRecord:
 RecordSink = Callable[[ExchangeRecord], None]
 
 
+# What a client still connected hears when the server stops before its answer is complete
+# (hypercorn cancels what is still running once its graceful timeout is over).
+SHUTTING_DOWN = GatewayError(
+    ErrorKind.UNAVAILABLE, "The gateway is shutting down; the answer was not completed. Retry the request.",
+    code="gateway_shutting_down",
+)
+
+
 def is_cancellation(exc: BaseException) -> bool:
     """True for trio.Cancelled, bare or grouped by nurseries."""
     if isinstance(exc, trio.Cancelled):
@@ -261,6 +269,7 @@ class ChatExchange:
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
         self._hangup = Hangup()
+        self.hung_up = False
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -279,6 +288,7 @@ class ChatExchange:
         The caller cancels the exchange too; this only spares the backend the wait for the
         cancelled tasks to unwind (when many clients leave at once, that is long). A durable
         run is not the client's: it goes on."""
+        self.hung_up = True
         self._hangup.fire()
 
     async def run(self, sink: ExchangeSink) -> None:
@@ -315,7 +325,11 @@ class ChatExchange:
             await sink.fail(error)
         except BaseException as exc:
             if is_cancellation(exc):
-                self.record.cancelled = True
+                if self.hung_up:
+                    self.record.cancelled = True
+                else:  # cancelled with its client still there: the server is stopping
+                    self.record.error = SHUTTING_DOWN.message
+                    self.record.status = self.record.status or SHUTTING_DOWN.status
             raise
         finally:
             self._finish_record()
