@@ -6,6 +6,7 @@ and exits — a bad config never becomes a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -222,6 +223,10 @@ class _Reader:
         if not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise ConfigError(f"`{self.key(name)}` must be of type {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # TOML has nan and inf; neither is a size, a count or a number of seconds (trio
+            # refuses a NaN deadline at the first request, long after start-up).
+            raise ConfigError(f"`{self.key(name)}` must be a finite number, got {value!r}")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -234,6 +239,12 @@ class _Reader:
         value = self.get(name, kind, default)
         if value is not None and value <= 0:
             raise ConfigError(f"`{self.key(name)}` must be positive, got {value!r}")
+        return value
+
+    def non_negative(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.get(name, kind, default)
+        if value is not None and value < 0:
+            raise ConfigError(f"`{self.key(name)}` must not be negative, got {value!r}")
         return value
 
 
@@ -263,7 +274,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         port=port,
         workers=top.positive("workers", int, 1),
         max_body_bytes=top.positive("max_body_bytes", int, 16 * 1024 * 1024),
-        models_cache_seconds=top.get("models_cache_seconds", (int, float), 10.0),
+        models_cache_seconds=float(top.non_negative("models_cache_seconds", (int, float), 10.0)),
         log_level=level,
         access_log=top.get("access_log", bool, True),
         data_dir=check_data_dir(Path(data_dir).expanduser(), "data_dir") if data_dir else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config import Settings
+from proxy.config import Settings, load_settings
 from tests.harness import running_gateway
 from tests.test_cli import free_port
 
@@ -70,6 +70,32 @@ def test_config_that_is_not_utf8(tmp_path: Path) -> None:
 def test_bad_environment_value(tmp_path: Path, env: dict[str, str], key: str) -> None:
     config = write(tmp_path / "ok.toml", OK)
     assert_one_line(serve(["--config", str(config)], env), key)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[timeouts]\ntotal = nan\n", "`timeouts.total` must be a finite number, got nan"),
+        ("[timeouts]\ntotal = inf\n", "`timeouts.total` must be a finite number, got inf"),
+        ('[[backends]]\nname = "a"\nbase_url = "http://127.0.0.1:9/v1"\ntimeouts = { idle = -inf }\n',
+         "`backends[0].timeouts.idle` must be a finite number"),
+        ("cache_ttl_seconds = nan\n", "`cache_ttl_seconds` must be a finite number"),
+        ("events_retention_seconds = inf\n", "`events_retention_seconds` must be a finite number"),
+        ("models_cache_seconds = -5\n", "`models_cache_seconds` must not be negative"),
+        ("models_cache_seconds = nan\n", "`models_cache_seconds` must be a finite number"),
+        ("[workflow]\njob_timeout_seconds = inf\n", "`workflow.job_timeout_seconds` must be a finite number"),
+        ("[semantic_cache]\nttl_seconds = nan\n", "`semantic_cache.ttl_seconds` must be a finite number"),
+    ],
+)
+def test_numbers_that_are_not_finite_or_negative_stop_start_up(tmp_path: Path, text: str, key: str) -> None:
+    """TOML has nan and inf; `total = nan` used to load and then fail every chat with a 502."""
+    config = write(tmp_path / "n.toml", OK + text)
+    assert_one_line(serve(["--config", str(config)]), key)
+
+
+def test_a_cache_of_model_listings_may_be_switched_off(tmp_path: Path) -> None:
+    config = write(tmp_path / "z.toml", OK + "models_cache_seconds = 0\n")
+    assert load_settings(config, {}).models_cache_seconds == 0
 
 
 def test_data_dir_option_that_is_a_file(tmp_path: Path) -> None:
