@@ -179,8 +179,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    settings = _parse(raw)
-    return _apply_environment(settings, env)
+    settings = _apply_environment(_parse(raw), env)
+    _check_backends(settings.backends)  # again: the environment may have added one
+    return settings
 
 
 def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
@@ -535,12 +536,20 @@ def _with_env_backend(
     backends: tuple[BackendConfig, ...], base_url: str, env: Mapping[str, str]
 ) -> tuple[BackendConfig, ...]:
     """`LLM_BASE_URL` alone gives one default OpenAI-compatible backend (the seed's compose
-    set-up); with configured backends it re-points the default one. `LLM_API_KEY`, when set,
-    is the key for that URL either way."""
+    set-up); with configured backends it re-points the default one, or, when none is the
+    default, adds that backend as the default (named "default", so no configured backend may
+    bear that name). `LLM_API_KEY`, when set, is the key for that URL either way."""
     key_env = "LLM_API_KEY" if "LLM_API_KEY" in env else None
     for i, backend in enumerate(backends):
         if backend.default:
             repointed = replace(backend, base_url=base_url, api_key_env=key_env or backend.api_key_env)
             return (*backends[:i], repointed, *backends[i + 1 :])
+    if any(backend.name == "default" for backend in backends):
+        # Two backends of one name: the gateway would keep one and send the other's models to it.
+        raise ConfigError(
+            "`LLM_BASE_URL` adds a backend named 'default', but `backends` already has one of that name "
+            "and none sets `default = true`: rename it, or mark the backend `LLM_BASE_URL` should re-point "
+            "`default = true`"
+        )
     default = BackendConfig(name="default", kind="openai", base_url=base_url, api_key_env=key_env, default=True)
     return (*backends, default)

@@ -58,6 +58,13 @@ def test_llm_base_url_alone_gives_a_default_backend() -> None:
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
 
 
+def test_llm_base_url_adds_the_default_when_no_configured_backend_is_one(tmp_path: Path) -> None:
+    config = write(tmp_path, "[[backends]]\nname = 'ol'\nkind = 'ollama'\nbase_url = 'http://127.0.0.1:9'\n")
+    ol, added = load_settings(config, {"LLM_BASE_URL": "http://127.0.0.1:8000/v1/"}).backends
+    assert (ol.name, ol.base_url, ol.default) == ("ol", "http://127.0.0.1:9", False)
+    assert (added.name, added.kind, added.base_url, added.default) == ("default", "openai", "http://127.0.0.1:8000/v1", True)
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

@@ -98,6 +98,17 @@ def test_a_cache_of_model_listings_may_be_switched_off(tmp_path: Path) -> None:
     assert load_settings(config, {}).models_cache_seconds == 0
 
 
+def test_llm_base_url_cannot_add_a_second_backend_named_default(tmp_path: Path) -> None:
+    """No backend sets `default = true`, so `LLM_BASE_URL` adds one named "default": with a configured
+    backend of that name, one of the two used to vanish and its models went to the other."""
+    config = write(
+        tmp_path / "g.toml",
+        f'{OK}[[backends]]\nname = "default"\nkind = "ollama"\nbase_url = "http://127.0.0.1:9"\nprefixes = ["llama"]\n',
+    )
+    result = serve(["--config", str(config)], {"LLM_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert_one_line(result, "`LLM_BASE_URL`", "'default'")
+
+
 def test_data_dir_option_that_is_a_file(tmp_path: Path) -> None:
     config = write(tmp_path / "ok.toml", OK)
     assert_one_line(serve(["--config", str(config), "--data-dir", str(config)]), "--data-dir")
