@@ -4,6 +4,7 @@ with one line naming the culprit (exit status 2), never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -191,6 +192,52 @@ def test_llm_api_key_reaches_the_default_backend_that_llm_base_url_repoints(tmp_
             )
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize(("settings", "logged"), [
+    ('log_level = "warning"\n', 1),
+    ('log_level = "error"\naccess_log = true\n', 1),
+    ('log_level = "debug"\naccess_log = false\n', 0),
+])
+def test_access_log_has_its_own_switch_whatever_the_log_level(tmp_path: Path, settings: str, logged: int) -> None:
+    config = write(tmp_path / "g.toml", OK + settings)
+    with running([sys.executable, "-m", "tests.fakes", "openai"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+        env["LLM_BASE_URL"] = f"{ready[1]}/v1"
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert gateway.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                time.sleep(0.1)
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, timeout=10,
+            )
+            assert reply.status_code == 200, reply.text
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            try:
+                stderr = gateway.communicate(timeout=15)[1]
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                stderr = gateway.communicate()[1]
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    chats = [line for line in lines if line["logger"] == "llm_proxy.request"]
+    assert len(chats) == logged, stderr
+    assert all(chat["status"] == 200 and chat["model"] == "m" for chat in chats)
+    if "debug" not in settings:  # the level still governs every other message
+        assert not [line for line in lines if line["logger"] != "llm_proxy.request" and line["level"] == "info"], stderr
 
 
 def children_of(pid: int) -> set[int]:

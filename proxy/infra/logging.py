@@ -38,6 +38,9 @@ def configure_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The per-request line has its own switch (`access_log`), as in uvicorn and nginx: a quieter
+    # `log_level` must not turn it off.
+    logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO)
     # hypercorn's own access log would duplicate our per-request line.
     logging.getLogger("hypercorn.access").disabled = True
 
