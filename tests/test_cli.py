@@ -114,3 +114,17 @@ def test_keys_revoke_takes_the_leaked_key_itself_and_never_echoes_a_key(pg_datab
     assert "revoked key" in revoked.stdout and key not in revoked.stdout + revoked.stderr
     listed = keys("list", "--json")
     assert [json.loads(line)["status"] for line in listed.stdout.splitlines()] == ["revoked"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["keys", "list"], ["keys", "create", "--name", "x"], ["migrate"], ["ingest", "docs", "README.md"]]
+)
+@pytest.mark.parametrize("database_url", ["postgresql://nobody@127.0.0.1:{port}/x", "not-a-url"])
+def test_database_commands_say_in_one_line_that_the_database_cannot_be_reached(
+    argv: list[str], database_url: str
+) -> None:
+    env = {**os.environ, "DATABASE_URL": database_url.format(port=free_port())}
+    done = subprocess.run([sys.executable, "-m", "proxy", *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("llm-proxy: database error: ")
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2  # libpq's own two lines

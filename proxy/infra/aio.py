@@ -13,5 +13,16 @@ import trio_asyncio
 
 @asynccontextmanager
 async def asyncio_bridge() -> AsyncIterator[None]:
-    async with trio_asyncio.open_loop():
-        yield
+    """The loop for the block. What the block raises comes out as itself: the loop's nursery
+    wraps it in an exception group, which callers' `except DatabaseError` would not match
+    (the CLI printed tracebacks instead of its one-line errors)."""
+    try:
+        async with trio_asyncio.open_loop():
+            yield
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]  # one per nursery the loop has
+        if error is group or isinstance(error, BaseExceptionGroup):
+            raise
+        raise error from error.__cause__
