@@ -65,6 +65,37 @@ def test_llm_base_url_adds_the_default_when_no_configured_backend_is_one(tmp_pat
     assert (added.name, added.kind, added.base_url, added.default) == ("default", "openai", "http://127.0.0.1:8000/v1", True)
 
 
+def test_readme_documents_every_command_and_environment_variable() -> None:
+    """The README's synopsis and override table are how users find these; they had fallen behind."""
+    import argparse
+    import re
+
+    import proxy.config
+    from proxy.cli import build_parser
+    from proxy.workflow.command import CONFIG_ENV
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    synopsis = section.split("```", 2)[1]
+
+    def commands(parser: argparse.ArgumentParser, prefix: str) -> dict[str, argparse.ArgumentParser]:
+        found = {prefix: parser}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found |= commands(sub, f"{prefix} {name}")
+        return found
+
+    for name, command in commands(build_parser(), "llm-proxy").items():
+        assert name in synopsis, name
+        options = {o for a in command._actions for o in a.option_strings if o.startswith("--")}
+        assert {o for o in options - {"--help", "--version"} if o not in section} == set(), name
+    table = readme.split("Environment overrides:", 1)[1].split("\n## ", 1)[0]
+    source = Path(proxy.config.__file__).read_text()
+    variables = set(re.findall(r'env\.get\("([A-Z_]+)"\)', source)) | {CONFIG_ENV}
+    assert {v for v in variables if f"`{v}`" not in table} == set()
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
