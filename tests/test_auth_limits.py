@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
@@ -193,3 +193,35 @@ async def test_a_stream_the_client_leaves_early_is_still_charged(stack: Stack) -
     # the ten pieces it read ("Hello there " is 12 characters, about 3 tokens).
     assert int(str(prompt)) > 60 and int(str(completion)) >= 10 + 10 * 3
     assert after.status_code == 200
+
+
+async def test_a_stream_from_an_anthropic_backend_left_early_is_charged_more_than_its_opening_usage(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # Anthropic's stream opens with `output_tokens: 1`; left before its end, that placeholder
+    # was charged as the whole answer.
+    fake = AnthropicBackend(default=Script(tokens=["Hello there "] * 40, usage=Usage(60, 40), pace=0.01))
+    key = await new_key(pg_database_url, "anthropic-leaver")
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("claude", server.url, kind="anthropic", default=True)
+    ) as url:
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=10) as client:
+            async with client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+                seen = 0
+                async for line in response.aiter_lines():
+                    seen += "Hello" in line
+                    if seen == 10:
+                        break
+
+        async def recorded() -> list[tuple[object, ...]]:
+            found = await sql(
+                pg_database_url,
+                "SELECT sum(u.prompt_tokens), sum(u.completion_tokens)"
+                " FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'anthropic-leaver'",
+            )
+            return found if found and found[0][0] is not None else []  # sum() of no rows is NULL
+
+        [(prompt, completion)] = await eventually(recorded)
+    assert int(str(prompt)) == 60  # the prompt's count the stream opened with is real
+    assert int(str(completion)) >= 10 * 3  # at least the ten pieces read, not the placeholder 1

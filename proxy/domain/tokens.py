@@ -1,7 +1,9 @@
-"""Token counts when a backend gave none: an estimate, for accounting only.
+"""Token counts when a backend gave none, or not yet its final ones: an estimate, for
+accounting only.
 
 A stream the client leaves before its end never reads the backend's usage (the backend call
-is cancelled with it), and some servers never send usage at all. Charging nothing for such
+is cancelled with it), some servers never send usage at all, and Anthropic's stream opens
+with a usage of one output token that only its end makes true. Charging nothing for such
 an answer would let a key with a token limit read whole answers for free; charging by size
 is what every OpenAI-compatible tokenizer roughly does (about four characters a token for
 English text and code).
@@ -10,7 +12,7 @@ English text and code).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from proxy.domain.chat import ChatRequest, Usage
 from proxy.domain.events import CompletionBuilder
@@ -32,3 +34,21 @@ def estimated_usage(request: ChatRequest, answer: CompletionBuilder) -> Usage | 
     if request.tools:
         prompt += len(json.dumps([asdict(tool) for tool in request.tools]))
     return Usage(prompt_tokens=estimate_tokens(prompt), completion_tokens=estimate_tokens(generated))
+
+
+def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usage | None, bool]:
+    """What an answer costs, and whether that is (partly) an estimate: the backend's usage once
+    the answer ended; before that, what it reported so far raised to the estimate."""
+    reported = answer.usage
+    if reported is not None and answer.finish_reason is not None:
+        return reported, False
+    estimate = estimated_usage(request, answer)
+    if estimate is None:
+        return reported, False
+    if reported is None:
+        return estimate, True
+    prompt = reported.prompt_tokens or estimate.prompt_tokens
+    completion = max(reported.completion_tokens, estimate.completion_tokens)
+    if (prompt, completion) == (reported.prompt_tokens, reported.completion_tokens):
+        return reported, False
+    return replace(reported, prompt_tokens=prompt, completion_tokens=completion), True

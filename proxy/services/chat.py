@@ -24,7 +24,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
-from proxy.domain.tokens import estimated_usage
+from proxy.domain.tokens import charged_usage
 from proxy.infra.backends import Backend, BackendCall, Batch
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.infra.transport import Hangup, current_hangup
@@ -572,9 +572,8 @@ class ChatExchange:
         record.total_ms = (time.perf_counter() - self.meta.received) * 1000
         result = self.result
         usage = result.usage
-        if usage is None and record.source == "backend":
-            usage = estimated_usage(self.request, result)
-            record.usage_estimated = usage is not None
+        if record.source == "backend":
+            usage, record.usage_estimated = charged_usage(self.request, result)
         if usage is not None:
             record.prompt_tokens = usage.prompt_tokens
             record.completion_tokens = usage.completion_tokens
