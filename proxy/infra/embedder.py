@@ -493,9 +493,14 @@ def _empty_result() -> EmbeddingResult:
 # Far more text than 256 tokens ever take (a few thousand characters in any language), so a
 # cut there almost always leaves the window full.
 _READ_CHARS: Final = 16_384
-# Where a token always ends, for BERT's tokenizer: before whitespace, ASCII punctuation or a
-# CJK ideograph (each one a token of its own).
-_TOKEN_EDGE: Final = re.compile(r"[\s!-/:-@\[-`{-~\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Where a token always ends, for BERT's tokenizer: before the whitespace it keeps (space, tab,
+# newline, carriage return and Unicode's space separators; other controls such as a form feed
+# it deletes, joining the words around them), ASCII punctuation or a CJK ideograph (each one a
+# token of its own).
+_TOKEN_EDGE: Final = re.compile(
+    "[ \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+    "!-/:-@\\[-`{-~\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+)
 
 
 def _start_of(text: str) -> str:
