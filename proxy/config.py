@@ -228,6 +228,10 @@ class _Reader:
             # TOML has nan and inf; neither is a size, a count or a number of seconds (trio
             # refuses a NaN deadline at the first request, long after start-up).
             raise ConfigError(f"`{self.key(name)}` must be a finite number, got {value!r}")
+        if name.endswith("_seconds") and isinstance(value, (int, float)) and value > _MAX_SECONDS:
+            # NATS refuses a stream's max_age past ~292 years (it kept the bus down, retrying),
+            # PostgreSQL an interval past ~178 million years.
+            raise ConfigError(f"`{self.key(name)}` must be at most {_MAX_SECONDS:g} (about 31 years), got {value!r}")
         return value
 
     def strings(self, name: str) -> tuple[str, ...]:
@@ -247,6 +251,9 @@ class _Reader:
         if value is not None and value < 0:
             raise ConfigError(f"`{self.key(name)}` must not be negative, got {value!r}")
         return value
+
+
+_MAX_SECONDS = 1e9
 
 
 def _join(where: str, name: str) -> str:

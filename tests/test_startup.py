@@ -86,9 +86,11 @@ def test_bad_environment_value(tmp_path: Path, env: dict[str, str], key: str) ->
         ("models_cache_seconds = nan\n", "`models_cache_seconds` must be a finite number"),
         ("[workflow]\njob_timeout_seconds = inf\n", "`workflow.job_timeout_seconds` must be a finite number"),
         ("[semantic_cache]\nttl_seconds = nan\n", "`semantic_cache.ttl_seconds` must be a finite number"),
+        ("events_retention_seconds = 1e30\n", "`events_retention_seconds` must be at most 1e+09"),
+        ("[workflow]\njob_retention_seconds = 1e12\n", "`workflow.job_retention_seconds` must be at most 1e+09"),
     ],
 )
-def test_numbers_that_are_not_finite_or_negative_stop_start_up(tmp_path: Path, text: str, key: str) -> None:
+def test_numbers_that_are_not_finite_negative_or_too_large_stop_start_up(tmp_path: Path, text: str, key: str) -> None:
     """TOML has nan and inf; `total = nan` used to load and then fail every chat with a 502."""
     config = write(tmp_path / "n.toml", OK + text)
     assert_one_line(serve(["--config", str(config)]), key)
