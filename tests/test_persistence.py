@@ -6,6 +6,7 @@ import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -501,14 +502,21 @@ async def test_a_trace_whose_events_workers_publish_is_logged_as_running_at_once
             nursery.cancel_scope.cancel()
 
 
-async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:
-    fake = OpenAIBackend(default=Script(tokens=["ok"]))
+@asynccontextmanager
+async def gateway_without_nats(script: Script, db: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A gateway on PostgreSQL whose NATS has stopped (it was there once: its URL is real)."""
+    fake = OpenAIBackend(default=script)
     nats = EmbeddedNats(tmp_path / "nats")
     nats_url = nats.start()
     nats.stop()
     async with fake.serve() as server, running_gateway(
-        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+        backend("vllm", server.url, default=True), database_url=db, nats_url=nats_url
     ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        yield client
+
+
+async def test_nats_down_direct_chat_still_works(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:
+    async with gateway_without_nats(Script(tokens=["ok"]), pg_database_url, tmp_path) as client:
         response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
         assert response.status_code == 200 and "ok" in response.text
         await wait_for_row(pg_database_url, response.headers["x-trace-id"], "completed")
@@ -521,13 +529,7 @@ async def test_resume_while_nats_is_down_never_skips_part_of_the_answer(
 ) -> None:
     # The row holds the answer whole; the live stream had it token by token, so the two are
     # numbered differently, and a position in one is not the same place in the other.
-    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"]))
-    nats = EmbeddedNats(tmp_path / "nats")
-    nats_url = nats.start()
-    nats.stop()
-    async with fake.serve() as server, running_gateway(
-        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
-    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+    async with gateway_without_nats(Script(tokens=["a", "b", "c", "d"]), pg_database_url, tmp_path) as client:
         response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
         trace_id = response.headers["x-trace-id"]
         await wait_for_row(pg_database_url, trace_id, "completed")

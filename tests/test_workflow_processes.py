@@ -47,17 +47,33 @@ def worker_env(db: str, nats: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def worker_process(
+async def spawned_worker(
     tmp_path: Path, db: str, nats: str, backends: list[BackendConfig], settings: WorkflowSettings, *extra: str
-) -> AsyncIterator[trio.Process]:
-    """`llm-proxy worker` in a process of its own; yields once it serves its pipelines."""
+) -> AsyncIterator[tuple[trio.Process, Path]]:
+    """`llm-proxy worker` in a process of its own, and its log file; killed on exit if alive."""
     config = tmp_path / f"worker-{time.monotonic_ns()}.toml"
     config.write_text(config_toml(backends, settings))
-    log = _log_file(tmp_path / f"{config.stem}.log")
+    log_path = tmp_path / f"{config.stem}.log"
+    log = _log_file(log_path)
     command = [sys.executable, "-m", "proxy", "worker", "--config", str(config),
                "--pipelines", *settings.pipelines, *extra]
     process = await trio.lowlevel.open_process(command, env=worker_env(db, nats), stdout=log, stderr=log)
     try:
+        yield process, log_path
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        log.close()
+
+
+@asynccontextmanager
+async def worker_process(
+    tmp_path: Path, db: str, nats: str, backends: list[BackendConfig], settings: WorkflowSettings, *extra: str
+) -> AsyncIterator[trio.Process]:
+    """`llm-proxy worker` in a process of its own; yields once it serves its pipelines."""
+    async with spawned_worker(tmp_path, db, nats, backends, settings, *extra) as (process, _log):
         async with open_bus(nats) as bus:
             kv = await workers_kv(bus)
             with trio.fail_after(20):
@@ -67,12 +83,6 @@ async def worker_process(
                             break
                         await trio.sleep(0.05)
         yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        log.close()
 
 
 @asynccontextmanager
@@ -323,25 +333,14 @@ async def test_sigterm_stops_a_worker_still_waiting_for_nats(tmp_path: Path) -> 
     # It logged "finishing running jobs" and went on waiting for NATS, forever: only SIGKILL
     # could stop it (systemd's stop timeout, every time NATS was down).
     settings = workflow({pipeline_name(): fanout()})
-    config = tmp_path / "worker.toml"
-    config.write_text(config_toml([backend("alpha", "http://127.0.0.1:9")], settings))
-    log = _log_file(tmp_path / "worker.log")
-    environment = {**worker_env("", "nats://127.0.0.1:9"), "DATABASE_URL": ""}
-    command = [sys.executable, "-m", "proxy", "worker", "--config", str(config), "--pipelines", *settings.pipelines]
-    process = await trio.lowlevel.open_process(command, env=environment, stdout=log, stderr=log)
-    try:
+    backends = [backend("alpha", "http://127.0.0.1:9")]
+    async with spawned_worker(tmp_path, "", "nats://127.0.0.1:9", backends, settings) as (process, log):
         with trio.fail_after(20):
             while True:  # a log file, not an event: polled
-                if "NATS unavailable" in (tmp_path / "worker.log").read_text():
+                if "NATS unavailable" in log.read_text():
                     break
                 await trio.sleep(0.1)
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(5):
             await process.wait()
         assert process.returncode == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        log.close()
