@@ -500,10 +500,20 @@ def _public_paths(paths: tuple[str, ...] | None) -> tuple[str, ...]:
 def _check_backends(backends: tuple[BackendConfig, ...]) -> None:
     seen: set[str] = set()
     defaults = [b.name for b in backends if b.default]
-    for backend in backends:
+    # A prefix or model claimed twice would silently go to whichever backend came first.
+    claimed: dict[tuple[str, str], str] = {}
+    for index, backend in enumerate(backends):
         if backend.name in seen:
             raise ConfigError(f"backend name {backend.name!r} is used twice in `backends`")
         seen.add(backend.name)
+        claims = [("prefixes", p) for p in backend.prefixes]
+        claims += [("models", m.removesuffix(":latest")) for m in backend.models]
+        for key, value in claims:
+            owner = claimed.setdefault((key, value), backend.name)
+            if owner != backend.name:
+                raise ConfigError(
+                    f"`backends[{index}].{key}`: {value!r} is already claimed by backend {owner!r}"
+                )
     if len(defaults) > 1:
         raise ConfigError(f"only one backend may set `default = true` (found {', '.join(defaults)})")
 

@@ -107,6 +107,16 @@ def test_readme_documents_every_command_and_environment_variable() -> None:
         ("bind = 'nope'\n", "bind"),
         ("colour = 'blue'\n", "colour"),
         ("[models]\nx = 3\n", "models.x"),
+        (
+            "[[backends]]\nname='a'\nbase_url='http://x'\nprefixes=['q-']\n"
+            "[[backends]]\nname='b'\nbase_url='http://y'\nprefixes=['q-']\n",
+            "backends[1].prefixes",
+        ),
+        (
+            "[[backends]]\nname='a'\nbase_url='http://x'\nmodels=['m']\n"
+            "[[backends]]\nname='b'\nbase_url='http://y'\nmodels=['m:latest']\n",
+            "backends[1].models",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
