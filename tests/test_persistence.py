@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import psycopg
@@ -35,7 +36,7 @@ from proxy.services.journal import (
     Outbox,
     ensure_streams,
 )
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 
 pytest_plugins = ["tests.infra_servers"]
@@ -551,6 +552,28 @@ async def test_resume_while_nats_is_down_never_skips_part_of_the_answer(
         assert isinstance(decode_event(resumed_payloads(last.text)[0].encode())[1], Finished)
         done = await client.get(f"/v1/streams/{trace_id}?after={live_end}")
         assert done.status_code == 200 and resumed_payloads(done.text) == []
+
+
+async def test_a_keyed_anthropic_answer_keeps_its_signature_and_stop_sequence(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A keyed run's events reach its client in several batches; the whole answer's
+    signature and stop sequence are in the message, not only the last batch's."""
+    fake = AnthropicBackend(default=Script(tokens=["a", "b", "c"], reasoning=["Let", " me", " think"], stop_sequence="###"))
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        for attempt in range(5):
+            message = await client.messages.create(
+                model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "Think"}],
+                stop_sequences=["###"], thinking={"type": "enabled", "budget_tokens": 32},
+                extra_headers={"Idempotency-Key": f"key-{attempt}"},
+            )
+            thinking = message.content[0]
+            assert isinstance(thinking, anthropic.types.ThinkingBlock) and thinking.signature.startswith("EqQB")
+            assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "###")
+        await client.close()
 
 
 async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversation(stack: Stack) -> None:

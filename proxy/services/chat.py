@@ -21,7 +21,7 @@ import trio
 
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.domain.tokens import charged_usage
@@ -478,6 +478,10 @@ class ChatExchange:
         A non-streaming client gets one completion at the end, whatever the producer sends."""
         started = False
         stream = self.request.stream
+        # A non-streaming client's renderer reads what the completion cannot hold (a thinking
+        # signature, a stop sequence, relayed blocks) from the events: all of them, not the
+        # last batch's (a durable run's log arrives in several).
+        events: list[StreamEvent] = []
         async for item in receive:
             if isinstance(item, GatewayError):
                 if not started:
@@ -497,15 +501,17 @@ class ChatExchange:
                 event_log.extend(item.events)
             if stream:
                 await sink.write(item)
-            elif item.done:
-                if self.result.error is not None and item.completion is None:
-                    self._failed_before_start(self.result.error)
-                    await sink.fail(self.result.error)
-                    return False
-                if item.completion is None and item.raw is None:
-                    item = Batch(item.events, done=True, completion=self.result.build())
-                await sink.start()
-                await sink.write(item)
+            else:
+                events.extend(item.events)
+                if item.done:
+                    if self.result.error is not None and item.completion is None:
+                        self._failed_before_start(self.result.error)
+                        await sink.fail(self.result.error)
+                        return False
+                    if item.completion is None and item.raw is None:
+                        item = Batch(events, done=True, completion=self.result.build())
+                    await sink.start()
+                    await sink.write(item)
             if item.done:
                 break
         if not started:
