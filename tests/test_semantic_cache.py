@@ -113,6 +113,20 @@ async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embed
     assert in_workspace is not None and in_workspace.completion.choices[0].content == "Paris [1]"
 
 
+def test_a_messages_own_fields_are_exact_keys() -> None:
+    """DeepSeek's `prefix: true` makes the last assistant message a prefix to continue: not
+    the same request as that message without it."""
+
+    def scope(**fields: Any) -> str:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a haiku"},
+                                             {"role": "assistant", "content": "Autumn", **fields}]}
+        request = openai.parse_chat_request(json.dumps(body).encode())
+        return conversation_key(request, model=MODEL, workspace=None, revision=None).scope
+
+    assert scope() == scope()
+    assert scope(prefix=True) != scope()
+
+
 async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     await db.execute("INSERT INTO rag_workspaces (name) VALUES ('docs')")

@@ -9,7 +9,8 @@ What has to match, and how:
   tool choice, the dialect-specific extras, the RAG workspace and its revision (ingesting or
   deleting a document makes the workspace's entries stale), and the conversation's *shape*:
   the roles in order, how many segments each message has, the names of the tools called,
-  any image or opaque part (by content), every number in the text and every negation word.
+  each message's own extras, any image or opaque part (by content), every number in the
+  text and every negation word.
   Embeddings are poor at exactly those ("2+2" vs "2+3", "safe" vs "not safe" score 0.89
   and 0.99 with this model), so they are compared literally.
 - By meaning: every message, role included, is embedded (a message longer than the model
@@ -117,17 +118,19 @@ def conversation_key(
         text = f"{message.role}: {_message_text(message)}"
         pieces = counter.split(text, MODEL_TOKENS) if counter.count([text])[0] > MODEL_TOKENS else [text]
         segments.extend(pieces)
+        # A message's own extra fields (DeepSeek's `prefix`, a legacy `function` role, …) may
+        # change the answer; its raw `content` is already compared as text and opaque parts.
+        extra = {k: v for k, v in message.extra.items() if k != "content"}
         shape.append([message.role, len(pieces), [call.name for call in message.tool_calls], _opaque(message),
-                      message.name])
+                      message.name, extra])
         literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text)))
     params = {k: v for k, v in asdict(request.params).items() if v not in (None, (), [])}
-    extra = {k: v for k, v in request.extra.items() if k not in _IGNORED_EXTRA}
     exact = {
         "model": model,
         "params": params,
         "tools": [asdict(tool) for tool in request.tools],
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
-        "extra": extra,
+        "extra": {k: v for k, v in request.extra.items() if k not in _IGNORED_EXTRA},
         "workspace": workspace,
         "revision": revision,
         "tenant": tenant,  # one key's answers are never another's (as with the exact cache)
