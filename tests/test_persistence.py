@@ -576,6 +576,48 @@ async def test_a_keyed_anthropic_answer_keeps_its_signature_and_stop_sequence(
         await client.close()
 
 
+async def test_caches_never_replay_an_answer_without_what_it_carried(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A thinking block's signature (which Anthropic wants back with the block on the next
+    turn) or a stop sequence is not in a cached `ChatCompletion`: such answers are not cached,
+    by either cache; a plain answer from the same backend is."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def ask(cache: str, **extra: Any) -> tuple[httpx.Response, dict[str, Any]]:
+            body = {"model": "claude-x", "max_tokens": 64, "messages": [{"role": "user", "content": f"{cache} please"}], **extra}
+            reply = await client.post("/v1/messages", json=body, headers={"x-cache": cache})
+            assert reply.status_code == 200, reply.text
+            return reply, reply.json()
+
+        for cache in ("exact", "semantic"):
+            fake.set_script(Script(tokens=["ok"], reasoning=["Let me", " think"]))
+            thinking = {"thinking": {"type": "enabled", "budget_tokens": 32}}
+            _, first = await ask(cache, **thinking)
+            assert first["content"][0]["signature"]
+            await trio.sleep(0.5)
+            again, second = await ask(cache, **thinking)
+            assert again.headers.get("x-cache") not in ("hit", "semantic")
+            assert second["content"][0]["signature"]
+
+            fake.set_script(Script(tokens=["x"], stop_sequence="###"))
+            await ask(cache, stop_sequences=["###"])
+            await trio.sleep(0.5)
+            again, second = await ask(cache, stop_sequences=["###"])
+            assert again.headers.get("x-cache") not in ("hit", "semantic")
+            assert (second["stop_reason"], second["stop_sequence"]) == ("stop_sequence", "###")
+
+            fake.set_script(Script(tokens=["plain"]))
+            await ask(cache, temperature=0)
+            await trio.sleep(0.5)
+            again, second = await ask(cache, temperature=0)
+            assert again.headers["x-cache"] in ("hit", "semantic") and second["content"][0]["text"] == "plain"
+        assert len(fake.requests) == 10
+
+
 async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversation(stack: Stack) -> None:
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
     headers = {"x-cache": "semantic"}

@@ -15,6 +15,7 @@ Rules every producer keeps, so that every renderer can rely on them:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import GatewayError
@@ -37,6 +38,10 @@ class TextDelta:
 class ReasoningDelta:
     text: str
     choice: int = 0
+
+    # False for a dialect's subclass carrying what a `ChatCompletion` cannot keep (a
+    # signature, a block the domain does not model): a replay of the answer would lack it.
+    replayable: ClassVar[bool] = True
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +68,8 @@ class UsageReport:
 class Finish:
     reason: FinishReason
     choice: int = 0
+
+    replayable: ClassVar[bool] = True  # as `ReasoningDelta.replayable`
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +98,8 @@ class CompletionBuilder:
         self.start: StreamStart | None = None
         self.usage: Usage | None = None
         self.error: GatewayError | None = None
+        # Whether `build()` holds the whole answer, so that a cache may replay it for it.
+        self.replayable = True
         self._choices: dict[int, Choice] = {}
         self._text: dict[int, list[str]] = {}
         self._reasoning: dict[int, list[str]] = {}
@@ -114,6 +123,8 @@ class CompletionBuilder:
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
+                if not event.replayable:
+                    self.replayable = False
             case ToolCallStart(index, call_id, name, choice):
                 self._choice(choice)
                 self._tool_ids[choice, index] = call_id
@@ -123,6 +134,8 @@ class CompletionBuilder:
                 self._tool_args.setdefault((choice, index), []).append(arguments)
             case Finish(reason, choice):
                 self._choice(choice).finish_reason = reason
+                if not event.replayable:
+                    self.replayable = False
             case UsageReport(usage):
                 self.usage = usage
             case StreamStart():

@@ -96,6 +96,7 @@ class LogRow:
     tenant: str | None = None
     cache_ttl: float | None = None
     cache_id: str | None = None  # the exact-cache key: req_id, scoped to the tenant
+    replayable: bool = True  # `result` is the whole answer (else it is not cached)
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -210,7 +211,7 @@ class ChatStore:
         cached = [
             (r.cache_id or r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
             for r in outcomes
-            if r.cache_ttl is not None and r.status == "completed" and r.result is not None
+            if r.cache_ttl is not None and r.status == "completed" and r.result is not None and r.replayable
         ]
         if outcomes and not starts and not keys and not cached:
             # The common batch: plain outcomes. One statement, atomic on its own, costs one

@@ -337,7 +337,7 @@ class ChatExchange:
                 assert self._persistence is not None
                 self._persistence.runs.live.pop(self.meta.trace_id, None)
                 await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
-            if self.semantic_cache is not None and complete and self.result.error is None:
+            if self.semantic_cache is not None and complete and self.result.error is None and self.result.replayable:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     await self.semantic_cache.store(self.request, self.meta, self.result.build(), self.response_headers)
 
@@ -565,6 +565,7 @@ class ChatExchange:
         row = replace(base)
         row.status = outcome.status
         row.result = completion_to_json(result.build())
+        row.replayable = result.replayable
         row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
         row.finish_reason = result.finish_reason.value if result.finish_reason else None
         row.prompt_tokens = usage.prompt_tokens if usage else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
@@ -32,12 +32,16 @@ class SignedReasoningDelta(ReasoningDelta):
 
     signature: str = ""
 
+    replayable: ClassVar[bool] = False
+
 
 @dataclass(slots=True, frozen=True)
 class StopSequenceFinish(Finish):
     """A `stop` finish known to come from this stop sequence."""
 
     stop_sequence: str = ""
+
+    replayable: ClassVar[bool] = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +50,8 @@ class StopReasonFinish(Finish):
     (`pause_turn` reads as a stop, `model_context_window_exceeded` as a length)."""
 
     stop_reason: str = ""
+
+    replayable: ClassVar[bool] = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,6 +67,11 @@ class BlockStart(ReasoningDelta):
 
     block: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        # A plain text block's start marks only a boundary; anything else is lost on replay.
+        return self.block.get("type") == "text" and not self.block.get("citations")
+
 
 @dataclass(slots=True, frozen=True)
 class BlockDelta(ReasoningDelta):
@@ -69,6 +80,8 @@ class BlockDelta(ReasoningDelta):
 
     delta: dict[str, Any] = field(default_factory=dict)
     on_text: bool = False
+
+    replayable: ClassVar[bool] = False
 
 
 # -- stop reasons (peers-and-protocols §4.4) -----------------------------------------------
