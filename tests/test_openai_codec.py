@@ -131,6 +131,16 @@ def test_frames_split_across_reads_and_crlf_are_reassembled() -> None:
     assert client_frames(raw)[-1] == "[DONE]"
 
 
+def test_a_crlf_split_between_reads_ends_one_line_not_the_frame() -> None:
+    """sse-starlette's CRLF line ends, a read ending between CR and LF: the event's lines
+    stay one frame (a multi-line `data:` too)."""
+    stream = b"event: message\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n"
+    for cut in range(1, len(stream)):
+        decoder = SSEDecoder()
+        frames = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert [(f.event, f.data) for f in frames] == [("message", b'{"a":\n1}')], cut
+
+
 def test_usage_chunk_is_stripped_unless_the_client_asked() -> None:
     upstream = frame(ROLE) + frame(chunk(finish="stop")) + frame(USAGE) + frame("[DONE]")
     silent = openai.StreamRelay(include_usage=None).feed(upstream)

@@ -26,13 +26,21 @@ class SSEFrame:
 class SSEDecoder:
     """Splits a byte stream into frames; partial frames wait for the next `feed`."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_after_cr", "_buffer")
 
     def __init__(self) -> None:
         self._buffer = b""
+        # The last chunk ended in CR: a LF opening this one completes that CRLF, it is no
+        # second line end (which would cut a frame in two).
+        self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[SSEFrame]:
+        if self._after_cr:
+            self._after_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
         if b"\r" in chunk:
+            self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
         frames: list[SSEFrame] = []
