@@ -27,6 +27,7 @@ import httpx
 import trio
 
 _RECEIVE_SIZE = 65536
+_EARLY_ANSWER_SECONDS = 1.0
 Origin = tuple[bytes, bytes, int]
 
 
@@ -37,6 +38,7 @@ class _Connection:
     idle_since: float = 0.0
     reused: bool = False
     closed: bool = False
+    reusable: bool = True  # False once the request could not be sent whole
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -89,7 +91,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         *,
         max_connections: int = 100,
         max_keepalive: int = 32,
-        keepalive_expiry: float = 30.0,
+        keepalive_expiry: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._slots = trio.Semaphore(max_connections)
@@ -117,7 +119,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
     def _release(self, origin: Origin, conn: _Connection) -> None:
         # A connection a hang-up closed may still have parsed its whole response from
         # what it had buffered: it is closed all the same, and never pooled.
-        if self._closed or conn.closed or conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE:
+        # Bytes past the response's end (a stray CRLF, a miscounted Content-Length) would be
+        # read as the next request's answer.
+        if (
+            self._closed or conn.closed or not conn.reusable
+            or conn.h11.our_state is not h11.DONE or conn.h11.their_state is not h11.DONE
+            or conn.h11.trailing_data[0]
+        ):
             conn.close()
             return
         try:
@@ -206,7 +214,14 @@ class PooledTransport(httpx.AsyncBaseTransport):
         except (trio.BrokenResourceError, OSError) as exc:
             if conn.reused:
                 raise _StaleConnection from None
-            raise httpx.WriteError(str(exc) or type(exc).__name__) from None
+            # A server may answer early and close without reading the rest (a 413 for a
+            # large body): its answer, when there is one, says more than our write error.
+            conn.reusable = False
+            try:
+                with trio.fail_after(_EARLY_ANSWER_SECONDS):
+                    return await self._read_head(conn)
+            except (trio.TooSlowError, httpx.TransportError):
+                raise httpx.WriteError(str(exc) or type(exc).__name__) from None
         read_timeout = timeouts.get("read")
         if read_timeout is None:  # the common case: callers time their reads themselves
             return await self._read_head(conn)
@@ -222,7 +237,14 @@ class PooledTransport(httpx.AsyncBaseTransport):
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    chunk = await _receive(conn)
+                    try:
+                        chunk = await _receive(conn)
+                    except httpx.ReadError:
+                        # A reset before any answer on a reused connection: the server closed
+                        # it idle with our request unread (uvicorn does, under load).
+                        if conn.reused and not received_any and not conn.closed:
+                            raise _StaleConnection from None
+                        raise
                     if not chunk and conn.reused and not received_any:
                         raise _StaleConnection
                     received_any = True

@@ -142,9 +142,12 @@ class BackendClient:
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
+        # Under uvicorn's (vLLM's) and cpp-httplib's (llama.cpp's) 5 s keep-alive: a connection
+        # they may be closing right now is not taken.
         self._transport = PooledTransport(
-            max_connections=config.max_connections, max_keepalive=config.max_connections, keepalive_expiry=30.0
+            max_connections=config.max_connections, max_keepalive=config.max_connections, keepalive_expiry=4.0
         )
+        self._name = config.name
         self._base = config.base_url.rstrip("/")
         host = httpx.URL(self._base).netloc.decode()
         self._headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
