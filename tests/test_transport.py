@@ -210,3 +210,22 @@ async def test_an_answer_sent_before_the_body_was_read_is_the_answer() -> None:
             assert raised.value.status_code == 413 and "max 1 MiB" in raised.value.message
         await client.close()
 
+
+async def test_a_redirect_from_the_backend_is_a_502_that_names_it() -> None:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            await read_request(stream, buffer)
+            await stream.send_all(
+                b"HTTP/1.1 307 Temporary Redirect\r\nlocation: http://elsewhere:8000/v1/chat/completions\r\n"
+                b"content-length: 0\r\n\r\n"
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("oa", url, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as raised:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
+            assert raised.value.status_code == 502
+            assert "307" in raised.value.message and "http://elsewhere:8000" in raised.value.message
+        await client.close()

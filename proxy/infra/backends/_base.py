@@ -180,6 +180,16 @@ class BackendClient:
     async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
         """The response with its body open (`stream=True`: the caller must `aclose()` it) or read."""
         response = await self._transport.handle_async_request(request)
+        if 300 <= response.status_code < 400:
+            # Following it would re-send a POST where the configuration did not say: name it.
+            await response.aclose()
+            location = response.headers.get("location") or "nowhere"
+            raise GatewayError(
+                ErrorKind.BACKEND,
+                f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
+                "the gateway does not follow redirects: set its `base_url` to where it points.",
+                code=f"backend_{response.status_code}",
+            )
         if not stream:
             try:
                 await response.aread()
