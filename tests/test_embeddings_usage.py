@@ -7,12 +7,15 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import httpx
 import ollama
 import openai
 import pytest
 import trio
 
 from tests.fakes import OllamaBackend, OpenAIBackend
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
 from tests.harness import backend
 from tests.test_auth_helpers import (
     bearer,
@@ -99,3 +102,32 @@ async def test_embeddings_tokens_are_charged_to_the_keys_token_limit(stack: Stac
             await ollama_client.embed(model="all-minilm", input=["hello"])
         assert ollama_refused.value.status_code == 429
     await client.close()
+
+
+class SlowEmbeddings(OpenAIBackend):
+    """Embeds nothing before the client gives up."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/embeddings":
+            await trio.sleep(30)
+        await super().route(request, exchange, call)
+
+
+async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """Hanging up while the backend embeds is no way around the key's usage and `--tpm`."""
+    slow = SlowEmbeddings()
+    async with slow.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "leaver")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=0.5) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": ["x" * 400]})
+
+        async def recorded() -> bool:
+            return await listed(pg_database_url, "leaver") == {
+                "requests": 1, "errors": 1, "prompt_tokens": 100, "completion_tokens": 0
+            }
+
+        await eventually(recorded)

@@ -21,6 +21,7 @@ from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body, request_head, request_meta
 from proxy.services.auth import current_principal
+from proxy.services.chat import is_cancellation
 from proxy.services.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingService
 
 # No embedding model has more; a client must not make a backend allocate at will.
@@ -207,8 +208,21 @@ def _ollama_model(fields: Fields) -> str:
 
 
 async def _embed(request: EmbeddingRequest) -> EmbeddingResponse:
-    result = await _embed_or_relist(request)
     attempt = _attempt.get()
+    try:
+        result = await _embed_or_relist(request)
+    except BaseException as exc:
+        # A cancelled handler never reaches `_account`: the hang-up is recorded here.
+        service = gateway().embeddings
+        if attempt is not None and service is not None and is_cancellation(exc):
+            principal = current_principal.get()
+            head = request_head()
+            service.record_hangup(
+                request_id=head.request_id(), dialect=request.dialect, request=request,
+                total_ms=(time.perf_counter() - attempt.started) * 1000,
+                api_key_id=principal.id if principal is not None else None,
+            )
+        raise
     if attempt is not None:
         attempt.result = result
     return result

@@ -27,6 +27,7 @@ import trio
 from proxy.config import EmbeddingSettings
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.routing import Router
+from proxy.domain.tokens import estimate_tokens
 from proxy.infra.backends import Backend, ModelInfo
 from proxy.infra.backends._base import EmbeddingBackend, EmbeddingCall
 from proxy.infra.embedder import (
@@ -234,6 +235,23 @@ class EmbeddingService:
             prompt_tokens=_charged(response) if response is not None else None,
             completion_tokens=0 if response is not None else None,
             error=error, source="backend" if response is not None else "refused", api_key_id=api_key_id,
+        ))
+
+    def record_hangup(
+        self, *, request_id: str, dialect: str, request: EmbeddingRequest, total_ms: float, api_key_id: int | None
+    ) -> None:
+        """A request its client left (or the server's shutdown cut) while it was being
+        embedded: one request, an error, and its input's estimated tokens, since the work
+        was asked for and may well have been done (leaving must not be a way around `--tpm`)."""
+        if self._record is None:
+            return
+        inputs = request.inputs
+        tokens = sum(len(ids) for ids in inputs if isinstance(ids, list))
+        tokens += estimate_tokens(sum(len(text) for text in inputs if isinstance(text, str)))
+        self._record(ExchangeRecord(
+            trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
+            stream=False, dialect=dialect, status=499, total_ms=total_ms, prompt_tokens=tokens, completion_tokens=0,
+            cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id,
         ))
 
     def is_local(self, model: str) -> bool:
