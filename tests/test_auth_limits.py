@@ -225,3 +225,20 @@ async def test_a_stream_from_an_anthropic_backend_left_early_is_charged_more_tha
         [(prompt, completion)] = await eventually(recorded)
     assert int(str(prompt)) == 60  # the prompt's count the stream opened with is real
     assert int(str(completion)) >= 10 * 3  # at least the ten pieces read, not the placeholder 1
+
+
+async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(stack: Stack) -> None:
+    """The scope is checked once the body is read, after admission: a 403 gives the
+    admission back, so refused requests never exhaust the key's requests (in any process)."""
+    key = await new_key(stack.db, "scoped", "--rpm", "2", "--models", "qwen3-*", "--workspaces", "docs")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=20) as client:
+        for _ in range(4):
+            refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "llama-3"})
+            assert refused.status_code == 403, refused.text
+            embed = await client.post("/v1/embeddings", json={"model": "llama-embed", "input": "x"})
+            assert embed.status_code == 403, embed.text
+        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                                               " WHERE k.name = 'scoped' AND l.requests_at < extract(epoch FROM now())"))
+        answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]

@@ -137,6 +137,16 @@ async def admit(gw: Gateway, head: RequestHead) -> Reply | None:
     return None
 
 
+def give_back_admission(gw: Gateway) -> None:
+    """The admitted request was refused 403 (a model or workspace outside its key's scope,
+    known only from its body): its admission goes back to the key's request bucket."""
+    decision, principal, limiter = _decision.get(), current_principal.get(), gw.limits
+    if decision is None or not decision.allowed or principal is None or limiter is None:
+        return
+    _decision.set(None)  # once
+    limiter.give_back(principal)
+
+
 def granted_headers() -> list[tuple[bytes, bytes]]:
     """The `x-ratelimit-*` headers of the admitted request, if a limit applied."""
     decision = _decision.get()
@@ -168,6 +178,8 @@ def install_auth(app: GatewayApp) -> None:
 
     @app.after_request
     async def stamp(response: Response) -> Response:
+        if response.status_code == 403:
+            give_back_admission(gateway())
         for name, value in granted_headers():
             response.headers.add(name.decode(), value.decode())
         return response

@@ -22,7 +22,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
-from proxy.http._auth import admit, granted_headers, stamp_exchange
+from proxy.http._auth import admit, give_back_admission, granted_headers, stamp_exchange
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
 from proxy.http._head import RequestHead
@@ -121,6 +121,8 @@ async def serve(
             return  # the client left before its request was whole
         answer = await _answer(route, Incoming(gateway, head, body, params))
     except GatewayError as error:
+        if error.kind is ErrorKind.PERMISSION:
+            give_back_admission(gateway)
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.method.encode()))

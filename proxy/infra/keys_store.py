@@ -79,12 +79,14 @@ class UsageDelta:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    refunds: int = 0  # admissions given back to the request bucket (requests refused 403)
 
     def add(self, other: UsageDelta) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.refunds += other.refunds
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
@@ -207,16 +209,17 @@ class KeysStore:
         return Admission(bool(row[0]), float(row[1]), float(row[2]), float(row[3]))
 
     async def record_usage(self, deltas: Mapping[int, UsageDelta]) -> None:
-        """Add usage to the current hour and charge the tokens to each key's token bucket
-        (keys with a `tpm`), in one statement."""
+        """Add usage to the current hour, charge the tokens to each key's token bucket (keys
+        with a `tpm`) and give back refunded admissions to its request bucket (keys with an
+        `rpm`), in one statement."""
         if not deltas:
             return
         ids = list(deltas)
         await self._db.execute(
             """
             WITH d AS (
-                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
-                    AS d(key_id, requests, errors, prompt, completion)
+                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
+                    AS d(key_id, requests, errors, prompt, completion, refunds)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
                 SELECT key_id, date_trunc('hour', now()), requests, errors, prompt, completion FROM d
@@ -228,10 +231,16 @@ class KeysStore:
                     last_used_at = now()
             )
             UPDATE api_key_limits l
-            SET tokens_at = greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
-                + (d.prompt + d.completion) * 60.0 / k.tpm
+            SET tokens_at = CASE WHEN k.tpm IS NOT NULL AND d.prompt + d.completion > 0
+                    THEN greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
+                        + (d.prompt + d.completion) * 60.0 / k.tpm
+                    ELSE l.tokens_at END,
+                requests_at = CASE WHEN k.rpm IS NOT NULL AND d.refunds > 0
+                    THEN l.requests_at - d.refunds * 60.0 / k.rpm
+                    ELSE l.requests_at END
             FROM d JOIN api_keys k ON k.id = d.key_id
-            WHERE l.key_id = d.key_id AND k.tpm IS NOT NULL AND d.prompt + d.completion > 0
+            WHERE l.key_id = d.key_id
+                AND ((k.tpm IS NOT NULL AND d.prompt + d.completion > 0) OR (k.rpm IS NOT NULL AND d.refunds > 0))
             """,
             (
                 ids,
@@ -239,6 +248,7 @@ class KeysStore:
                 [deltas[i].errors for i in ids],
                 [deltas[i].prompt_tokens for i in ids],
                 [deltas[i].completion_tokens for i in ids],
+                [deltas[i].refunds for i in ids],
             ),
         )
 

@@ -131,6 +131,13 @@ class _LocalBuckets:
         self._state[principal.id] = [requests_at, tokens_at]
         return Admission(allowed, now, requests_at, tokens_at)
 
+    def give_back(self, principal: Principal) -> None:
+        if principal.rpm is None:
+            return
+        state = self._state.get(principal.id)
+        if state is not None:
+            state[0] -= WINDOW / principal.rpm
+
     def spend(self, principal: Principal, tokens: int) -> None:
         if principal.tpm is None or tokens <= 0:
             return
@@ -262,6 +269,17 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, prompt + completion)
+        self._kick.set()
+
+    def give_back(self, principal: Principal) -> None:
+        """Return an admission to the key's request bucket: the request was refused for
+        what the key may not do (a model or workspace outside its scope), which is checked
+        only once its body is read, after admission. Such a refusal takes nothing from `rpm`."""
+        if principal.rpm is None:
+            return
+        self._local.give_back(principal)
+        pending = self._pending.setdefault(principal.id, UsageDelta())
+        pending.refunds += 1
         self._kick.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
