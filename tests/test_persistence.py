@@ -332,6 +332,48 @@ async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: st
         assert unknown.status_code == 404
 
 
+async def test_a_keyed_run_that_failed_before_it_started_fails_its_followers_on_any_instance(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A duplicate following the run from another instance gets the run's error, not an
+    empty 200 (the run published nothing but its `finished`)."""
+    fake = OpenAIBackend(default=Script(status=500, header_delay=0.5))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second, httpx.AsyncClient(timeout=20) as client:
+        for stream in (False, True):
+            headers = {"Idempotency-Key": str(uuid.uuid4())}
+            body = {"model": "m", "messages": MESSAGES, "stream": stream}
+            answers: dict[str, httpx.Response] = {}
+
+            async def ask(name: str, url: str, delay: float) -> None:
+                await trio.sleep(delay)
+                answers[name] = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)  # noqa: B023
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "owner", first, 0.0)
+                nursery.start_soon(ask, "follower", second, 0.2)
+            assert answers["owner"].status_code == 502
+            follower = answers["follower"]
+            assert follower.headers["x-attached-to"] == answers["owner"].headers["x-trace-id"]
+            assert follower.status_code == 502 and "500" in follower.json()["error"]["message"], follower.text
+        assert len(fake.requests) == 2
+
+
+async def test_a_keyed_run_that_failed_may_be_retried_at_once(stack: Stack) -> None:
+    stack.fake.push(Script(status=500))
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        failed = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=headers)
+        assert failed.status_code == 502
+        retried = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=headers)
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["choices"][0]["message"]["content"] == "Once upon a time"
+    assert len(stack.fake.requests) == 2
+
+
 def stream_frames(text: str) -> list[tuple[int, object]]:
     """`/v1/streams` SSE frames as (seq, event)."""
     found = []

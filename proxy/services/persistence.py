@@ -16,6 +16,7 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -156,6 +157,10 @@ class Persistence:
             if await store.take_over(key, claim.trace_id, trace_id):
                 return None
         local = self.runs.live.get(claim.trace_id)
+        if local is not None and _failed(local) and await _take_over(store, key, claim.trace_id, trace_id):
+            # Its outcome is not committed yet, but the run is over and failed: a retry runs
+            # again, as it would a moment later.
+            return None
         producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
         return Plan("follow", producer=producer, req_id=req_id, key=key,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
@@ -198,18 +203,38 @@ class Persistence:
     async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
         """Relay the trace's events; True once its `finished` was seen (False: nothing stored)."""
         silence = self.settings.follow_silence
+        relayed = False
         with trio.CancelScope(deadline=trio.current_time() + silence) as scope:
             async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
                 async for message in messages:
                     scope.deadline = trio.current_time() + silence
                     _seq, event = decode_event(message.data)
                     if isinstance(event, Finished):
+                        if not relayed and event.status != "completed":
+                            raise await self._stored_error(trace_id)  # it failed before it started
                         await send.send(Batch([], done=True))
                         return True
                     if event is not None:
+                        relayed = True
                         await send.send(Batch([event]))
         raise GatewayError(
             ErrorKind.TIMEOUT, f"The run {trace_id} went silent for {silence:g}s.", code="run_silent"
+        )
+
+    async def _stored_error(self, trace_id: str) -> GatewayError:
+        """The error a finished, failed run stored (committed before its `finished`)."""
+        store = self.store()
+        stored = None
+        if store is not None:
+            with contextlib.suppress(DatabaseError):
+                stored = await store.stored(trace_id)
+        error = stored[2] if stored is not None else None
+        if error is None:
+            return GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
+        kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.BACKEND)
+        return GatewayError(
+            kind,
+            str(error.get("message") or "The run failed."),
         )
 
     async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
@@ -223,6 +248,18 @@ class Persistence:
                     return
             await trio.sleep(0.5)
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
+
+
+def _failed(event_log: EventLog) -> bool:
+    outcome = event_log.outcome
+    return event_log.head_error is not None or (outcome is not None and outcome.status != "completed")
+
+
+async def _take_over(store: ChatStore, key: str, previous_trace: str, trace_id: str) -> bool:
+    try:
+        return await store.take_over(key, previous_trace, trace_id)
+    except DatabaseError:
+        return False
 
 
 def replayer(completion: ChatCompletion) -> Producer:
