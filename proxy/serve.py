@@ -77,11 +77,23 @@ def tune_gc() -> None:
     gc.set_threshold(7000, 20, 20)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 async def wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Until SIGINT or SIGTERM; from then on both are ignored. The shutdown is graceful and
+    bounded, and second signals are common: Ctrl-C reaches a worker and its parent forwards
+    SIGTERM; the kernel's parent-death SIGTERM comes once per exiting thread. The default
+    action of a second one killed the process mid-drain, rows left `running`."""
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("received %s, shutting down", signal.Signals(signum).name)
-            return
+            # Blocked while the receiver hands the handlers back: none may land in between.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            break
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 class ListenError(Exception):

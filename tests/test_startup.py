@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,3 +296,49 @@ async def test_every_default_public_path_is_a_served_route() -> None:
         for path in Settings().auth_public_paths:
             reply = await client.get(path)
             assert reply.status_code != 404, (path, reply.text)
+
+
+def stream_in_thread(url: str, received: list[str], started: threading.Event) -> threading.Thread:
+    def read() -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=20) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    received.append(line[6:])
+                    started.set()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["SIGINT twice", "SIGTERM twice", "parent killed"])
+def test_a_second_signal_never_cuts_the_graceful_shutdown_short(tmp_path: Path, how: str) -> None:
+    """A stream running when the gateway is told to stop ends whole within the grace, however
+    many stop signals follow: Ctrl-C plus the parent's forwarded SIGTERM, or the kernel's
+    parent-death SIGTERM, which comes once per thread of the dying parent."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "20", "--pace", "0.1"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+        config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        workers = ["--workers", "2"] if how == "parent killed" else []
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                      *workers]) as gateway:
+            wait_healthy(url, gateway)
+            received: list[str] = []
+            started = threading.Event()
+            reader = stream_in_thread(url, received, started)
+            assert started.wait(10)
+            if how == "parent killed":
+                gateway.kill()
+            else:
+                signum = signal.SIGINT if how == "SIGINT twice" else signal.SIGTERM
+                gateway.send_signal(signum)
+                time.sleep(0.2)
+                gateway.send_signal(signum)
+            reader.join(15)
+    assert received[-1] == "[DONE]", received
+    assert "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
