@@ -374,6 +374,34 @@ async def test_a_keyed_run_that_failed_may_be_retried_at_once(stack: Stack) -> N
     assert len(stack.fake.requests) == 2
 
 
+async def test_answers_the_shutdown_cut_are_stored_failed_with_its_error(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`cancelled` means the client left; a run the server stopped is `failed`, with why
+    (and its key may be retried)."""
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(400)], pace=0.05))
+    traces: dict[str, str] = {}
+    async with fake.serve() as server, httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        async with running_gateway(
+            backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+        ) as url:
+            for name, headers in (("plain", {}), ("keyed", {"Idempotency-Key": str(uuid.uuid4())})):
+                started = trio.Event()
+
+                async def read(name: str, headers: dict[str, str], started: trio.Event) -> None:
+                    body = {"model": "m", "messages": MESSAGES, "stream": True}
+                    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+                        traces[name] = response.headers["x-trace-id"]
+                        async for _ in response.aiter_lines():
+                            started.set()
+
+                nursery.start_soon(read, name, headers, started)
+                await started.wait()
+    for name, trace_id in traces.items():
+        [(status, error)] = rows(pg_database_url, "SELECT status, error FROM chat_log WHERE trace_id = %s", trace_id)
+        assert status == "failed" and "shutting down" in error["message"], (name, status, error)  # type: ignore[index]
+
+
 def stream_frames(text: str) -> list[tuple[int, object]]:
     """`/v1/streams` SSE frames as (seq, event)."""
     found = []

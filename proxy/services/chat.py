@@ -330,6 +330,7 @@ class ChatExchange:
                 else:  # cancelled with its client still there: the server is stopping
                     self.record.error = SHUTTING_DOWN.message
                     self.record.status = self.record.status or SHUTTING_DOWN.status
+                    self.result.error = self.result.error or SHUTTING_DOWN  # the row: failed, not cancelled
             raise
         finally:
             self._finish_record()
@@ -428,6 +429,11 @@ class ChatExchange:
                 if complete:
                     event_log.close(_outcome(result, complete=True))
                 nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # Nothing cancels a durable run but the server's shutdown: its row says so.
+            if is_cancellation(exc) and result.error is None:
+                result.error = SHUTTING_DOWN
+            raise
         finally:
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
 
