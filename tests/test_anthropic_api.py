@@ -780,3 +780,17 @@ async def test_models_of_an_anthropic_backend_are_listed(openai_front: tuple[ope
     client, _ = openai_front
     models = [m.id async for m in client.models.list()]
     assert "claude-sonnet-4-5" in models
+
+
+async def test_text_blocks_reach_an_ollama_backend_one_per_line(setup: Setup) -> None:
+    """An Ollama message is one string: Claude Code's system blocks and a user turn's blocks
+    keep a line between them instead of running their words together."""
+    await setup.client.messages.create(
+        model=MODELS["ollama"], max_tokens=30,
+        system=[{"type": "text", "text": "You are Claude Code."},
+                {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "<task>fix</task>"},
+                                                {"type": "text", "text": "# Files"}]}],
+    )
+    sent = setup.fake("ollama").requests[-1].json
+    assert [m["content"] for m in sent["messages"]] == ["You are Claude Code.\nBe brief.", "<task>fix</task>\n# Files"]

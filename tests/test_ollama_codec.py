@@ -232,7 +232,7 @@ def openai_style_request(**changes: Any) -> ChatRequest:
         "model": "alias",
         "messages": [
             Message(role="system", content=(TextPart("sys"),)),
-            Message(role="user", content=(TextPart("look"), TextPart(" here"), ImagePart(f"data:image/png;base64,{PNG}"))),
+            Message(role="user", content=(TextPart("look"), TextPart("here"), ImagePart(f"data:image/png;base64,{PNG}"))),
             Message(role="assistant", tool_calls=(ToolCall("call_1", "weather", '{"city": "Paris"}'),
                                                   ToolCall("call_2", "broken", '{"city": '))),
             Message(role="tool", content=(TextPart("sunny"),), tool_call_id="call_1"),
@@ -256,7 +256,7 @@ def test_egress_chat_body_speaks_ollama() -> None:
     assert "user" not in sent and "logit_bias" not in sent  # OpenAI-only fields stay behind
     system, user, assistant, tool1, tool2 = sent["messages"]
     assert system == {"role": "system", "content": "sys"}
-    assert user == {"role": "user", "content": "look here", "images": [PNG]}
+    assert user == {"role": "user", "content": "look\nhere", "images": [PNG]}
     assert assistant["tool_calls"] == [
         {"id": "call_1", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
         {"id": "call_2", "function": {"name": "broken", "arguments": {ollama.RAW_ARGUMENTS_KEY: '{"city": '}}},

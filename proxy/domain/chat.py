@@ -71,8 +71,10 @@ class Message:
 
     @property
     def text(self) -> str:
-        """The message's text parts joined; images and opaque parts are left out."""
-        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+        """The message's text parts, one per line (as vLLM joins them for a chat template:
+        glued, a system array's blocks or a tool result's ran their words together);
+        images and opaque parts are left out."""
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
 
 
 @dataclass(slots=True, frozen=True)
