@@ -794,3 +794,39 @@ async def test_text_blocks_reach_an_ollama_backend_one_per_line(setup: Setup) ->
     )
     sent = setup.fake("ollama").requests[-1].json
     assert [m["content"] for m in sent["messages"]] == ["You are Claude Code.\nBe brief.", "<task>fix</task>\n# Files"]
+
+
+async def test_how_hard_to_think_reaches_every_backend_in_its_own_words(setup: Setup) -> None:
+    """OpenAI's `reasoning_effort`, Anthropic's `thinking` budget and Ollama's `think` level
+    are one setting: each backend gets it as it says it (LiteLLM's budgets for Anthropic)."""
+
+    def sent(kind: str) -> dict[str, Any]:
+        body: dict[str, Any] = setup.fake(kind).requests[-1].json
+        return body
+
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as client:
+        thinking = {"type": "enabled", "budget_tokens": 4096}
+        for kind in ("ollama", "openai"):
+            reply = await client.post("/v1/messages", json={"model": MODELS[kind], "max_tokens": 8000, "messages": MESSAGES,
+                                                            "thinking": thinking})
+            assert reply.status_code == 200, reply.text
+        assert sent("ollama")["think"] == "high" and sent("openai")["reasoning_effort"] == "high"
+        assert "thinking" not in sent("ollama") and "thinking" not in sent("openai")
+
+        for kind in ("ollama", "anthropic"):
+            reply = await client.post("/v1/chat/completions", json={"model": MODELS[kind], "messages": MESSAGES,
+                                                                    "reasoning_effort": "high", "max_tokens": 8000})
+            assert reply.status_code == 200, reply.text
+        assert sent("ollama")["think"] == "high" and "reasoning_effort" not in sent("ollama")
+        assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+        none = await client.post("/v1/chat/completions", json={"model": MODELS["ollama"], "messages": MESSAGES,
+                                                               "reasoning_effort": "none"})
+        assert none.status_code == 200 and sent("ollama")["think"] is False
+        short = await client.post("/v1/chat/completions", json={"model": MODELS["anthropic"], "messages": MESSAGES,
+                                                                "reasoning_effort": "low", "max_tokens": 500})
+        assert short.status_code == 400 and short.json()["error"]["param"] == "reasoning_effort"
+
+        reply = await client.post("/api/chat", json={"model": MODELS["anthropic"], "messages": MESSAGES, "think": "low",
+                                                     "stream": False, "options": {"num_predict": 3000}})
+        assert reply.status_code == 200, reply.text
+        assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 1024}

@@ -116,8 +116,9 @@ class GenerationParams:
     frequency_penalty: float | None = None
     n: int | None = None
     response_format: ResponseFormat | None = None
-    # "low", "medium" or "high" from a dialect that says how hard to think (Ollama's `think`
-    # levels); OpenAI backends get it as `reasoning_effort`.
+    # How hard to think, as OpenAI says it ("low", "medium", "high"; OpenAI's own models know
+    # more): OpenAI's `reasoning_effort`, Ollama's `think`, Anthropic's `thinking` budget, each
+    # read and rendered in its own words.
     reasoning_effort: str | None = None
 
 

@@ -104,6 +104,7 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
         top_p=fields.number("top_p", minimum=0, maximum=1),
         top_k=fields.integer("top_k", minimum=0),
         stop=_parse_stop_sequences(fields),
+        reasoning_effort=_effort_of(fields.object("thinking")),
     )
     return ChatRequest(
         model=model,
@@ -118,6 +119,42 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
         extra=extra,
         parallel_tool_calls=parallel_tool_calls,
     )
+
+
+# A `thinking` budget and OpenAI's `reasoning_effort`, each way (LiteLLM's budgets).
+_BUDGET_FOR_EFFORT = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192}
+_MIN_BUDGET = 1024
+
+
+def _effort_of(thinking: Fields | None) -> str | None:
+    """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's."""
+    if thinking is None:
+        return None
+    kind = thinking.text("type")
+    if kind == "adaptive":
+        return "medium"
+    if kind != "enabled":
+        return None
+    budget = thinking.data.get("budget_tokens")  # its checks are the Anthropic backend's to make
+    if not isinstance(budget, int):
+        budget = _MIN_BUDGET
+    return "low" if budget <= 1024 else "medium" if budget <= 2048 else "high"
+
+
+def _thinking_for(effort: str | None, max_tokens: int) -> dict[str, Any] | None:
+    """`thinking` for another dialect's `reasoning_effort`: a budget within `max_tokens`,
+    which Anthropic counts the thinking in (at least 1024 tokens, or none)."""
+    budget = _BUDGET_FOR_EFFORT.get(effort or "")
+    if budget is None:
+        return None
+    budget = min(budget, max_tokens - 1)
+    if budget < _MIN_BUDGET:
+        raise invalid_request(
+            f"An Anthropic backend thinks with at least {_MIN_BUDGET} tokens, counted in the answer's limit: "
+            f"`reasoning_effort` {effort!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
+            param="reasoning_effort",
+        )
+    return {"type": "enabled", "budget_tokens": budget}
 
 
 def _parse_stop_sequences(fields: Fields) -> tuple[str, ...]:
@@ -379,6 +416,10 @@ def encode_messages_request(
     if count_only:
         return dumps(body)
     body["max_tokens"] = params.max_tokens or default_max_tokens
+    if not same_dialect:
+        thinking = _thinking_for(params.reasoning_effort, body["max_tokens"])
+        if thinking is not None:
+            body["thinking"] = thinking
     if params.temperature is not None:
         body["temperature"] = min(params.temperature, 1.0)
     if params.top_p is not None:

@@ -332,8 +332,19 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
     options = _render_options(request)
     if options:
         body["options"] = options
+    if "think" not in body:
+        think = _THINK_FOR_EFFORT.get(request.params.reasoning_effort or "")
+        if think is not None:
+            body["think"] = think
     body["stream"] = stream
     return path, dumps(body)
+
+
+# What Ollama's own OpenAI-compatible endpoint does with `reasoning_effort`: a level for
+# models that have levels, thinking on (off for "none") for the others.
+_THINK_FOR_EFFORT: dict[str, bool | str] = {
+    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
+}
 
 
 def _generate_prompt(request: ChatRequest) -> tuple[Message | None, Message] | None:

@@ -38,7 +38,7 @@ _MODELLED = frozenset(
     {
         "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
         "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
-        "n", "response_format", "tools", "tool_choice",
+        "n", "response_format", "tools", "tool_choice", "reasoning_effort",
     }
 )
 
@@ -82,6 +82,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         frequency_penalty=fields.number("frequency_penalty", minimum=-2, maximum=2),
         n=fields.integer("n", minimum=1, maximum=128),
         response_format=_parse_response_format(fields.object("response_format")),
+        reasoning_effort=fields.text("reasoning_effort", nonempty=True),
     )
     tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
     return ChatRequest(
