@@ -830,3 +830,15 @@ async def test_how_hard_to_think_reaches_every_backend_in_its_own_words(setup: S
                                                      "stream": False, "options": {"num_predict": 3000}})
         assert reply.status_code == 200, reply.text
         assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+
+
+async def test_a_json_schema_response_format_is_anthropics_structured_output(setup: Setup) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(
+        model=MODELS["anthropic"], messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}},
+    )
+    await client.close()
+    assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}

@@ -382,8 +382,9 @@ def encode_messages_request(
     System messages are hoisted into `system` wherever they stood; consecutive messages of
     one role are merged (tool results first); `max_tokens` defaults to `default_max_tokens`
     because Anthropic requires it; an OpenAI temperature above 1 is clamped to Anthropic's
-    maximum of 1. `seed`, penalties and `response_format` have no Anthropic equivalent and
-    are left out.
+    maximum of 1. A `json_schema` response format is Anthropic's structured output
+    (`output_config.format`); `seed`, penalties and a schemaless JSON mode have no Anthropic
+    equivalent and are left out.
     """
     params = request.params
     if params.n is not None and params.n > 1:
@@ -420,6 +421,9 @@ def encode_messages_request(
         thinking = _thinking_for(params.reasoning_effort, body["max_tokens"])
         if thinking is not None:
             body["thinking"] = thinking
+        fmt = params.response_format
+        if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
+            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
     if params.temperature is not None:
         body["temperature"] = min(params.temperature, 1.0)
     if params.top_p is not None:
