@@ -104,6 +104,8 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
         await nursery.start(persistence.publisher.run)
+        if settings.database_url:
+            await nursery.start(persistence.keep_alive)
     keys = KeyRing(resources)
     limits = RateLimiter(resources, keys)
     if settings.database_url and settings.auth != "off":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +42,7 @@ from proxy.services.journal import (
 )
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_cli import free_port
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -742,3 +747,93 @@ def test_a_stored_completion_reads_back_whole_usage_included() -> None:
                           reasoning_tokens=2),
     )
     assert completion_from_json(json.loads(json.dumps(completion_to_json(completion)))) == completion
+
+
+async def test_a_keyed_run_whose_gateway_was_killed_is_failed_and_may_run_again(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """SIGKILL leaves a keyed run `running` with nobody to finish it. Once its process is
+    silent past `dead_after` (aged here in the database rather than waited for), a live
+    gateway fails its row and key: a follower learns it within a heartbeat, and a retry with
+    the key runs again, instead of waiting 300 s then 1800 s."""
+    fake = OpenAIBackend(default=Script(n_tokens=400, pace=0.05))
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    async with fake.serve() as server, httpx.AsyncClient(timeout=30) as client:
+        env |= {"LLM_BASE_URL": f"{server.url}/v1", "DATABASE_URL": pg_database_url, "NATS_URL": nats_url}
+        doomed = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            with trio.fail_after(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                            break
+                    await trio.sleep(0.1)
+            async with client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=key) as first:
+                trace_id = first.headers["x-trace-id"]
+                lines = first.aiter_lines()
+                for _ in range(4):
+                    await lines.__anext__()
+                doomed.kill()
+        finally:
+            doomed.kill()
+            await doomed.wait()
+
+        async with running_gateway(
+            backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+        ) as url:
+            followed: list[str] = []
+
+            async def follow() -> None:
+                async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=key) as response:
+                    assert response.headers["x-attached-to"] == trace_id
+                    followed.extend([line async for line in response.aiter_lines() if line.startswith("data: ")])
+
+            with trio.fail_after(20):  # a heartbeat or two, not `follow_silence` (300 s)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(follow)
+                    await trio.sleep(1)
+                    aged = await trio.to_thread.run_sync(
+                        rows, pg_database_url, "UPDATE gateway_instances SET seen_at = now() - interval '1 hour'"
+                        " WHERE id = (SELECT owner FROM idempotency_keys WHERE trace_id = %s) RETURNING id", trace_id,
+                    )
+                    assert len(aged) == 1
+            # The key is failed (and the row, if the run lived long enough to write one).
+            assert rows(pg_database_url, "SELECT status FROM idempotency_keys WHERE trace_id = %s", trace_id) == [("failed",)]
+            assert rows(pg_database_url, "SELECT status FROM chat_log WHERE trace_id = %s", trace_id) in ([], [("failed",)])
+            assert "stopped (killed or crashed)" in json.loads(followed[-1][6:])["error"]["message"]
+
+            fake.push(Script(n_tokens=400))
+            again = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, headers=key)
+            assert again.status_code == 200 and "x-attached-to" not in again.headers
+            assert len(again.json()["choices"][0]["message"]["content"].split()) == 400
+    assert len(fake.requests) == 2
+
+
+async def test_only_instances_gone_silent_have_their_running_chats_failed(aio_loop: object, pg_database_url: str) -> None:
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        for instance in ("alive", "dead"):
+            await store.heartbeat(instance)
+            for n in range(2):
+                trace_id = f"{instance}-{n}"
+                await store.start(LogRow(trace_id=trace_id, req_id="r", idempotency_key=f"k-{trace_id}", route="direct",
+                                         dialect="openai", model="m", backend="b", upstream_model="m", stream=True,
+                                         request={}, owner=instance))
+                claim = await store.claim(f"k-{trace_id}", "r", trace_id, stale_after=1800, owner=instance)
+                assert claim.outcome == "owner"
+        await db.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds' WHERE id = 'dead'")
+        assert await store.sweep_dead_instances(30) == 2
+        assert await store.sweep_dead_instances(30) == 0  # swept once, and forgotten
+        found = await db.fetch("SELECT trace_id, status, error->>'message' FROM chat_log ORDER BY trace_id")
+        keys = await db.fetch("SELECT trace_id, status FROM idempotency_keys ORDER BY trace_id")
+    assert [(t, s) for t, s, _ in found] == [("alive-0", "running"), ("alive-1", "running"),
+                                              ("dead-0", "failed"), ("dead-1", "failed")]
+    assert all("killed or crashed" in message for t, _, message in found if t.startswith("dead"))
+    assert keys == [("alive-0", "running"), ("alive-1", "running"), ("dead-0", "failed"), ("dead-1", "failed")]

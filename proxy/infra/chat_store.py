@@ -96,6 +96,7 @@ class LogRow:
     tenant: str | None = None
     cache_ttl: float | None = None
     cache_id: str | None = None  # the exact-cache key: req_id, scoped to the tenant
+    owner: str | None = None  # the gateway instance running it (see `sweep_dead_instances`)
     replayable: bool = True  # `result` is the whole answer (else it is not cached)
 
     def to_json(self) -> dict[str, Any]:
@@ -140,9 +141,9 @@ def _text(value: str | None) -> str | None:
 
 _COLUMNS = (
     "trace_id, req_id, idempotency_key, route, dialect, model, backend, upstream_model, stream, status, "
-    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant"
+    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant, owner"
 )
-_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s"
+_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s"
 
 
 def _row_params(row: LogRow) -> tuple[Any, ...]:
@@ -150,7 +151,7 @@ def _row_params(row: LogRow) -> tuple[Any, ...]:
         row.trace_id, row.req_id, _text(row.idempotency_key), _text(row.route), row.dialect, _text(row.model),
         row.backend, _text(row.upstream_model), row.stream, row.status, _json(row.request), _json(row.result),
         _json(row.error), row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms,
-        row.last_seq, _text(row.tenant),
+        row.last_seq, _text(row.tenant), row.owner,
     )
 
 
@@ -173,7 +174,7 @@ _UPSERT_OUTCOMES = (
     "trace_id text, req_id text, idempotency_key text, route text, dialect text, model text, backend text, "
     "upstream_model text, stream boolean, status text, request jsonb, result jsonb, error jsonb, "
     "finish_reason text, prompt_tokens integer, completion_tokens integer, ttft_ms real, total_ms real, "
-    f"last_seq integer, tenant text){_OUTCOME_UPDATE}"
+    f"last_seq integer, tenant text, owner text){_OUTCOME_UPDATE}"
 )
 
 
@@ -191,6 +192,22 @@ _PUT_CACHE = (
     "ON CONFLICT (req_id) DO UPDATE SET trace_id = EXCLUDED.trace_id, result = EXCLUDED.result, "
     "created_at = now(), expires_at = EXCLUDED.expires_at"
 )
+
+
+INTERRUPTED_MESSAGE = "The gateway process running it stopped (killed or crashed) before it completed."
+_INTERRUPTED = json_text({"kind": "UNAVAILABLE", "message": INTERRUPTED_MESSAGE})
+_SWEEP_DEAD = """
+WITH dead AS (
+    DELETE FROM gateway_instances WHERE seen_at < now() - make_interval(secs => %s) RETURNING id
+), keys AS (
+    UPDATE idempotency_keys SET status = 'failed', updated_at = now()
+    WHERE status = 'running' AND owner IN (SELECT id FROM dead)
+), rows AS (
+    UPDATE chat_log SET status = 'failed', error = %s::jsonb, updated_at = now()
+    WHERE status = 'running' AND owner IN (SELECT id FROM dead) RETURNING 1
+)
+SELECT count(*) FROM rows
+"""
 
 
 class ChatStore:
@@ -230,18 +247,20 @@ class ChatStore:
         await self.write_batch([], [row])
 
     async def claim(
-        self, key: str, req_id: str, trace_id: str, *, stale_after: float, cache_id: str | None = None
+        self, key: str, req_id: str, trace_id: str, *, stale_after: float, cache_id: str | None = None,
+        owner: str | None = None,
     ) -> Claim:
-        """Claim `key` for `trace_id` unless another trace holds it; a failed, cancelled or
-        stale (running for longer than `stale_after` seconds) holder is taken over.
+        """Claim `key` for `trace_id` (run by gateway instance `owner`) unless another trace
+        holds it; a failed, cancelled or stale (running for longer than `stale_after` seconds)
+        holder is taken over.
 
         With `cache_id` (the key guards an exact-cache entry), a completed holder counts only
         while that entry lives: an expired one is taken over, so the request runs again."""
         for _ in range(5):
             won = await self._db.fetchval(
-                "INSERT INTO idempotency_keys (key, req_id, trace_id, status) VALUES (%s, %s, %s, 'running') "
+                "INSERT INTO idempotency_keys (key, req_id, trace_id, status, owner) VALUES (%s, %s, %s, 'running', %s) "
                 "ON CONFLICT (key) DO NOTHING RETURNING trace_id",
-                (key, req_id, trace_id),
+                (key, req_id, trace_id, owner),
             )
             if won is not None:
                 return Claim("owner", trace_id)
@@ -260,17 +279,36 @@ class ChatStore:
                 return Claim("completed", held_trace)
             if status == "running" and float(age) < stale_after:
                 return Claim("running", held_trace)
-            if await self.take_over(key, held_trace, trace_id):
+            if await self.take_over(key, held_trace, trace_id, owner=owner):
                 return Claim("owner", trace_id)
         return Claim("running", trace_id)
 
-    async def take_over(self, key: str, previous_trace: str, trace_id: str) -> bool:
+    async def take_over(self, key: str, previous_trace: str, trace_id: str, *, owner: str | None = None) -> bool:
         taken = await self._db.execute(
-            "UPDATE idempotency_keys SET trace_id = %s, status = 'running', updated_at = now() "
+            "UPDATE idempotency_keys SET trace_id = %s, status = 'running', owner = %s, updated_at = now() "
             "WHERE key = %s AND trace_id = %s",
-            (trace_id, key, previous_trace),
+            (trace_id, owner, key, previous_trace),
         )
         return taken == 1
+
+    async def key_failed(self, key: str, trace_id: str) -> bool:
+        """Whether `key`, still held by `trace_id`, says its run failed or was cancelled."""
+        status = await self._db.fetchval(
+            "SELECT status FROM idempotency_keys WHERE key = %s AND trace_id = %s", (key, trace_id)
+        )
+        return status in ("failed", "cancelled")
+
+    async def heartbeat(self, instance: str) -> None:
+        await self._db.execute(
+            "INSERT INTO gateway_instances (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+            (instance,),
+        )
+
+    async def sweep_dead_instances(self, silent_for: float) -> int:
+        """Fail the running rows and keys of every instance silent for `silent_for` seconds
+        (and forget it); how many rows that was."""
+        swept = await self._db.fetchval(_SWEEP_DEAD, (silent_for, _INTERRUPTED))
+        return int(swept or 0)
 
     async def release(self, key: str, trace_id: str, status: Status) -> None:
         await _set_key_status(self._db, key, trace_id, status)

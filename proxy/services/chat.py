@@ -366,7 +366,9 @@ class ChatExchange:
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
                             headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
         claim_key = key if key is not None else f"cache:{cache_id}"
-        other = await persistence.claim(claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id)
+        other = await persistence.claim(
+            claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id, runs_here=self.meta.route != "workflow"
+        )
         if other is not None:
             replayed = "replay" if key is not None else "cache"
             self.record.source = replayed if other.kind == "replay" else "attached"
@@ -552,6 +554,8 @@ class ChatExchange:
             tenant=self.meta.tenant,
             cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
             cache_id=plan.cache_id,
+            # A workflow's job lives on in its worker whatever becomes of this process.
+            owner=self._persistence.instance_id if self._persistence and self.meta.route != "workflow" else None,
         )
 
     def _route_identity(self) -> tuple[str, str | None] | None:

@@ -16,8 +16,8 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,9 +26,9 @@ import trio
 from proxy.dialects.events import Finished, WireEvent, decode_event
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import completion_events
+from proxy.domain.events import StreamFailed, completion_events
 from proxy.infra.backends import Batch
-from proxy.infra.chat_store import ChatStore, StoredRun
+from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
 from proxy.infra.resources import Resources
@@ -47,6 +47,10 @@ class PersistenceSettings:
     stale_after: float = 1800.0
     # Longest wait for the next event of a run followed on another instance.
     follow_silence: float = 300.0
+    # Each instance's heartbeat period, and the silence after which it is presumed dead (its
+    # running chats and keys are then failed, see `ChatStore.sweep_dead_instances`).
+    heartbeat: float = 5.0
+    dead_after: float = 30.0
 
 
 class Runs:
@@ -112,6 +116,24 @@ class Persistence:
         self.outbox = Outbox(store=self.store, bus=self.bus)
         self.writer = LogWriter(store=self.store, outbox=self.outbox)
         self.publisher = EventPublisher(bus=self.bus)
+        # This process, as the owner of its running rows and keys.
+        self.instance_id = secrets.token_hex(8)
+
+    async def keep_alive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Beat this instance's heartbeat, and sweep instances whose heartbeat stopped."""
+        task_status.started()
+        while True:
+            store = self.store()
+            if store is not None:
+                try:
+                    await store.heartbeat(self.instance_id)
+                    swept = await store.sweep_dead_instances(self.settings.dead_after)
+                except DatabaseError as error:
+                    log.debug("heartbeat failed: %s", error)
+                else:
+                    if swept:
+                        log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
+            await trio.sleep(self.settings.heartbeat)
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
@@ -120,19 +142,23 @@ class Persistence:
     def bus(self) -> Bus | None:
         return self.resources.bus
 
-    async def claim(self, key: str, req_id: str, trace_id: str, *, cache_id: str | None = None) -> Plan | None:
+    async def claim(
+        self, key: str, req_id: str, trace_id: str, *, cache_id: str | None = None, runs_here: bool = True
+    ) -> Plan | None:
         """Claim `key`; None when this trace owns it (or no store is reachable: degraded,
-        the request runs unguarded rather than not at all).
+        the request runs unguarded rather than not at all). `runs_here`: the run lives and
+        dies with this process (a workflow's job lives in its worker: its key has no owner).
 
         With `cache_id`, `key` guards that exact-cache entry (identical cacheable requests
         at once make one backend call) and holds no longer than the entry lives."""
+        owner = self.instance_id if runs_here else None
         store = self.store()
         if store is None:
             log.warning("PostgreSQL unavailable: key %s is not deduplicated", key)
             return None
         try:
             claim = await store.claim(
-                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id
+                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner
             )
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
@@ -154,14 +180,14 @@ class Persistence:
                 return Plan("replay", producer=replayer(stored), req_id=req_id, key=key,
                             headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id)
             # Completed but its result is gone (e.g. expired): run again.
-            if await store.take_over(key, claim.trace_id, trace_id):
+            if await store.take_over(key, claim.trace_id, trace_id, owner=owner):
                 return None
         local = self.runs.live.get(claim.trace_id)
-        if local is not None and _failed(local) and await _take_over(store, key, claim.trace_id, trace_id):
+        if local is not None and _failed(local) and await _take_over(store, key, claim.trace_id, trace_id, owner):
             # Its outcome is not committed yet, but the run is over and failed: a retry runs
             # again, as it would a moment later.
             return None
-        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
+        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id, key)
         return Plan("follow", producer=producer, req_id=req_id, key=key,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
@@ -184,7 +210,7 @@ class Persistence:
         except DatabaseError:
             return None
 
-    def remote_reader(self, trace_id: str) -> Producer:
+    def remote_reader(self, trace_id: str, key: str | None = None) -> Producer:
         """Follow a run on another instance through JetStream; with NATS down, wait for its
         stored outcome in PostgreSQL instead."""
 
@@ -192,7 +218,7 @@ class Persistence:
             bus = self.bus()
             if bus is not None:
                 try:
-                    if await self._follow_bus(bus, trace_id, send):
+                    if await self._follow_bus(bus, trace_id, key, send):
                         return
                 except BusError as error:
                     log.warning("following %s on NATS failed: %s", trace_id, error)
@@ -200,42 +226,66 @@ class Persistence:
 
         return read
 
-    async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
-        """Relay the trace's events; True once its `finished` was seen (False: nothing stored)."""
+    async def _follow_bus(self, bus: Bus, trace_id: str, key: str | None, send: trio.MemorySendChannel[Batch]) -> bool:
+        """Relay the trace's events; True once its `finished` was seen (False: nothing stored).
+
+        While the run is silent, its row is looked at every heartbeat: a run whose process
+        died never publishes `finished`, but its row is failed once that process is swept."""
         silence = self.settings.follow_silence
         relayed = False
-        with trio.CancelScope(deadline=trio.current_time() + silence) as scope:
-            async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
-                async for message in messages:
-                    scope.deadline = trio.current_time() + silence
-                    _seq, event = decode_event(message.data)
-                    if isinstance(event, Finished):
-                        if not relayed and event.status != "completed":
-                            raise await self._stored_error(trace_id)  # it failed before it started
-                        await send.send(Batch([], done=True))
-                        return True
-                    if event is not None:
-                        relayed = True
-                        await send.send(Batch([event]))
+        async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
+            heard = trio.current_time()
+            while True:
+                with trio.move_on_after(self.settings.heartbeat) as quiet:
+                    try:
+                        message = await messages.receive()
+                    except trio.EndOfChannel:
+                        break
+                if quiet.cancelled_caught:
+                    if trio.current_time() - heard >= silence:
+                        break
+                    error = await self._stored_failure(trace_id, key)
+                    if error is None:
+                        continue
+                    if not relayed:
+                        raise error
+                    await send.send(Batch([StreamFailed(error)], done=True))
+                    return True
+                heard = trio.current_time()
+                _seq, event = decode_event(message.data)
+                if isinstance(event, Finished):
+                    if not relayed and event.status != "completed":
+                        raise await self._stored_error(trace_id)  # it failed before it started
+                    await send.send(Batch([], done=True))
+                    return True
+                if event is not None:
+                    relayed = True
+                    await send.send(Batch([event]))
         raise GatewayError(
             ErrorKind.TIMEOUT, f"The run {trace_id} went silent for {silence:g}s.", code="run_silent"
         )
 
     async def _stored_error(self, trace_id: str) -> GatewayError:
         """The error a finished, failed run stored (committed before its `finished`)."""
+        return await self._stored_failure(trace_id) or GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
+
+    async def _stored_failure(self, trace_id: str, key: str | None = None) -> GatewayError | None:
+        """The error of a run whose row (or, with no row yet, whose `key`) says it failed or
+        was cancelled; None otherwise."""
         store = self.store()
-        stored = None
-        if store is not None:
-            with contextlib.suppress(DatabaseError):
-                stored = await store.stored(trace_id)
-        error = stored[2] if stored is not None else None
-        if error is None:
-            return GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
-        kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.BACKEND)
-        return GatewayError(
-            kind,
-            str(error.get("message") or "The run failed."),
-        )
+        if store is None:
+            return None
+        try:
+            stored = await store.stored(trace_id)
+            if stored is None and key is not None and await store.key_failed(key, trace_id):
+                return GatewayError(ErrorKind.UNAVAILABLE, INTERRUPTED_MESSAGE)
+        except DatabaseError:
+            return None
+        if stored is None or stored[0] not in ("failed", "cancelled"):
+            return None
+        error = stored[2] or {}
+        kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
+        return GatewayError(kind, str(error.get("message") or "The run was interrupted."))
 
     async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
         deadline = trio.current_time() + self.settings.follow_silence
@@ -255,9 +305,9 @@ def _failed(event_log: EventLog) -> bool:
     return event_log.head_error is not None or (outcome is not None and outcome.status != "completed")
 
 
-async def _take_over(store: ChatStore, key: str, previous_trace: str, trace_id: str) -> bool:
+async def _take_over(store: ChatStore, key: str, previous_trace: str, trace_id: str, owner: str | None) -> bool:
     try:
-        return await store.take_over(key, previous_trace, trace_id)
+        return await store.take_over(key, previous_trace, trace_id, owner=owner)
     except DatabaseError:
         return False
 
