@@ -98,8 +98,9 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     request = openai.parse_chat_request(incoming.body)
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
-    if request.extra.get("functions"):
-        _refuse_legacy_functions(incoming, request.model, exchange.route.backend)
+    asked = [name for name in _OPENAI_ONLY if request.extra.get(name)]
+    if asked:
+        _refuse_openai_only(incoming, request.model, exchange.route.backend, asked[0])
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if request.stream:
         include_usage = request.include_usage
@@ -107,16 +108,24 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
 
 
-def _refuse_legacy_functions(incoming: Incoming, model: str, backend: str) -> None:
-    """Legacy `functions` reach OpenAI-compatible backends as sent; no other backend (nor a
-    workflow) has them, and answering without them would be a silently wrong answer."""
+# Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a
+# workflow) there is nothing they could become, and an answer without them would be silently
+# wrong (LiteLLM refuses them too, unless told to drop them).
+_OPENAI_ONLY = {
+    "functions": "Send the functions as `tools` instead.",
+    "logprobs": "Ask without `logprobs`.",
+    "top_logprobs": "Ask without `top_logprobs`.",
+}
+
+
+def _refuse_openai_only(incoming: Incoming, model: str, backend: str, name: str) -> None:
     kind = incoming.gateway.backends[backend].config.kind if backend else None
     if kind != "openai":
         served = f"is served by backend `{backend}` ({kind})" if backend else "is answered by a workflow"
+        what = "legacy function calling" if name == "functions" else "token log probabilities"
         raise invalid_request(
-            f"`functions` (legacy function calling) needs an OpenAI-compatible backend; model `{model}` "
-            f"{served}. Send the functions as `tools` instead.",
-            param="functions",
+            f"`{name}` ({what}) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
+            param=name,
         )
 
 
