@@ -842,3 +842,13 @@ async def test_a_json_schema_response_format_is_anthropics_structured_output(set
     )
     await client.close()
     assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+
+
+async def test_the_stop_string_vllm_names_reaches_an_anthropic_client(setup: Setup) -> None:
+    setup.fake("openai").set_script(Script(tokens=["x"], stop_sequence="###"))
+    request: Any = {"model": MODELS["openai"], "max_tokens": 64, "messages": MESSAGES, "stop_sequences": ["###"]}
+    message = await setup.client.messages.create(**request)
+    async with setup.client.messages.stream(**request) as stream:
+        streamed = await stream.get_final_message()
+    for reply in (message, streamed):
+        assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "###")

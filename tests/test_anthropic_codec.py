@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.dialects import anthropic, openai
-from proxy.dialects.anthropic import SignedReasoningDelta, StopReasonFinish, StopSequenceFinish
+from proxy.dialects.anthropic import SignedReasoningDelta, StopReasonFinish
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -33,6 +33,7 @@ from proxy.domain.events import (
     CompletionBuilder,
     Finish,
     ReasoningDelta,
+    StopSequenceFinish,
     StreamEvent,
     StreamFailed,
     StreamStart,

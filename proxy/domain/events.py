@@ -73,6 +73,16 @@ class Finish:
 
 
 @dataclass(slots=True, frozen=True)
+class StopSequenceFinish(Finish):
+    """A `stop` finish known to come from this stop sequence (Anthropic's `stop_sequence`,
+    vLLM's `stop_reason`); an Anthropic client is told which."""
+
+    stop_sequence: str = ""
+
+    replayable: ClassVar[bool] = False
+
+
+@dataclass(slots=True, frozen=True)
 class StreamFailed:
     """The stream broke after it started; renderers emit their dialect's in-stream error."""
 

@@ -119,6 +119,7 @@ class _ChatRendering:
             + delta
             + b',"logprobs":null,"finish_reason":'
             + reason
+            + (b',"stop_reason":' + _js(self.script.stop_sequence) if self.script.stop_sequence else b"")
             + b"}]"
             + self._usage_tail
             + b"}\n\n"
@@ -213,9 +214,10 @@ class _ChatRendering:
         }
         if self.script.system_fingerprint is not None:
             body["system_fingerprint"] = self.script.system_fingerprint
-        body["choices"] = [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}
-        ]
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}
+        if self.script.stop_sequence:
+            choice["stop_reason"] = self.script.stop_sequence  # vLLM's: the stop string that matched
+        body["choices"] = [choice]
         body["usage"] = _usage_object(plan.usage)
         return json_bytes(body)
 

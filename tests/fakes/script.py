@@ -103,7 +103,8 @@ class Script:
     finish_reason: str | None = None
     """Override the finish reason (OpenAI terms). Default: stop / length / tool_calls."""
     stop_sequence: str | None = None
-    """Anthropic: end with ``stop_reason: "stop_sequence"`` and this sequence."""
+    """Anthropic: end with ``stop_reason: "stop_sequence"`` and this sequence. OpenAI: end with
+    vLLM's ``stop_reason``: this sequence."""
     usage: Usage | None = None
     """Override token counts. Default: estimated from the prompt and the pieces sent."""
 

@@ -1,13 +1,13 @@
 """What the Anthropic dialect shares between its parts: stop reasons, usage, errors, ids,
 and event refinements the domain does not model.
 
-`SignedReasoningDelta`, `StopSequenceFinish`, `StopReasonFinish`, `BlockStart` and
-`BlockDelta` subclass domain events, so every other consumer (OpenAI renderer,
-`CompletionBuilder`, …) treats them as the plain event; only the Anthropic renderer reads
-the extra fields. They exist because Anthropic clients need a thinking block's signature
-back to continue a tool-use turn, `stop_sequence` to know which sequence matched, the
-backend's own `stop_reason` (`pause_turn`: continue the server tool loop), and the blocks
-of server tools and citations as the backend sent them.
+`SignedReasoningDelta`, `StopReasonFinish`, `BlockStart` and `BlockDelta` subclass domain
+events, so every other consumer (OpenAI renderer, `CompletionBuilder`, …) treats them as the
+plain event; only the Anthropic renderer reads the extra fields. They exist because Anthropic
+clients need a thinking block's signature back to continue a tool-use turn, the backend's own
+`stop_reason` (`pause_turn`: continue the server tool loop), and the blocks of server tools
+and citations as the backend sent them. (Which stop sequence matched is the domain's
+`StopSequenceFinish`: vLLM reports it too.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import Finish, ReasoningDelta, UsageReport
+from proxy.domain.events import Finish, ReasoningDelta, StopSequenceFinish, UsageReport
 
 DIALECT = "anthropic"
 API_VERSION = "2023-06-01"
@@ -31,15 +31,6 @@ class SignedReasoningDelta(ReasoningDelta):
     """The last piece of a thinking block, with the signature the backend gave it."""
 
     signature: str = ""
-
-    replayable: ClassVar[bool] = False
-
-
-@dataclass(slots=True, frozen=True)
-class StopSequenceFinish(Finish):
-    """A `stop` finish known to come from this stop sequence."""
-
-    stop_sequence: str = ""
 
     replayable: ClassVar[bool] = False
 

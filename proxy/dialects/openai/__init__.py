@@ -9,6 +9,7 @@ from proxy.dialects.openai._request import (
 )
 from proxy.dialects.openai._response import (
     completion_body,
+    completion_events_of,
     completion_is_conformant,
     error_body,
     error_message_from_body,
@@ -38,6 +39,7 @@ __all__ = [
     "StreamRelay",
     "StreamRenderer",
     "completion_body",
+    "completion_events_of",
     "completion_is_conformant",
     "encode_chat_request",
     "error_body",

@@ -8,6 +8,7 @@ from typing import Any
 from proxy.dialects._json import dumps
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import Finish, StopSequenceFinish, StreamEvent, completion_events
 
 _ERROR_TYPES = {
     ErrorKind.INVALID_REQUEST: "invalid_request_error",
@@ -49,6 +50,27 @@ def failed_finish_reason(data: dict[str, Any]) -> str | None:
         if isinstance(reason, str) and reason in FAILED_FINISH_REASONS:
             return reason
     return None
+
+
+def finish_event(reason: FinishReason, choice: int, stop_reason: Any) -> Finish:
+    """A choice's finish; vLLM's `stop_reason` names the stop string that ended it (an int
+    is a stop token's id, no sequence the client sent)."""
+    if reason is FinishReason.STOP and isinstance(stop_reason, str) and stop_reason:
+        return StopSequenceFinish(reason, choice, stop_reason)
+    return Finish(reason, choice)
+
+
+def completion_events_of(data: dict[str, Any], completion: ChatCompletion) -> list[StreamEvent]:
+    """The events replaying a backend's `chat.completion`, its stop strings included."""
+    events = completion_events(completion)
+    stops = {
+        int(item.get("index", position)): item.get("stop_reason")
+        for position, item in enumerate(data.get("choices") or [])
+        if isinstance(item, dict) and isinstance(item.get("stop_reason"), str)
+    }
+    if not stops:
+        return events
+    return [finish_event(e.reason, e.choice, stops.get(e.choice)) if type(e) is Finish else e for e in events]
 
 
 def finish_reason_from_wire(value: str) -> FinishReason:

@@ -18,6 +18,7 @@ from proxy.dialects.openai._response import (
     FAILED_FINISH_REASONS,
     error_body,
     error_message_from_body,
+    finish_event,
     finish_reason_from_wire,
     parse_usage,
     render_usage,
@@ -252,7 +253,7 @@ class StreamRelay:
                 mapped = finish_reason_from_wire(reason)
                 if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
                     mapped = FinishReason.TOOL_CALLS
-                events.append(Finish(mapped, index))
+                events.append(finish_event(mapped, index, choice.get("stop_reason")))
                 if reason != mapped.value:
                     choice["finish_reason"] = mapped.value
                     rewrite = True

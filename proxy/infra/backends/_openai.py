@@ -11,7 +11,6 @@ import trio
 from proxy.config import BackendConfig
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
@@ -88,7 +87,7 @@ class OpenAIBackend:
         raw = None
         if call.relay_openai:
             raw = openai.relay_completion(data, response.content)
-        return Batch(completion_events(completion), raw=raw, done=True, completion=completion)
+        return Batch(openai.completion_events_of(data, completion), raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /embeddings`, floats requested (every OpenAI-compatible server has them)."""
