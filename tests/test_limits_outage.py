@@ -21,7 +21,15 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.limits import _ADMIT_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import MESSAGES, bearer, eventually, gateway, new_key, wait_for_key
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    new_key,
+    sql,
+    wait_for_key,
+)
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -125,3 +133,27 @@ async def test_a_stalled_database_delays_a_limited_request_by_the_admit_timeout_
         assert on_second.headers["x-ratelimit-remaining-requests"] == "0"  # saw the first's request
         refused = await client.post(f"{stack.url}/v1/chat/completions", json=CHAT)
         assert refused.status_code == 429
+
+
+async def test_what_a_gateway_admitted_alone_in_an_outage_is_charged_to_the_shared_bucket_after(stack: Stack) -> None:
+    """PostgreSQL down: each gateway admits from its own buckets. Once it is back, those
+    admissions are charged to the shared bucket, so the other gateway, which saw none of
+    them, does not admit the key's whole limit again."""
+    key = await new_key(stack.db, "outage", "--rpm", "3")
+    for url in (stack.url, stack.second):
+        await wait_for_key(url, key)
+    await trio.to_thread.run_sync(stack.postgres.stop)
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as client:
+            assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 200]
+    finally:
+        await trio.to_thread.run_sync(stack.postgres.start)
+
+    async def charged() -> bool:
+        ahead = await sql(stack.db, "SELECT l.requests_at - extract(epoch FROM now()) FROM api_key_limits l"
+                                    " JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'outage'")
+        return bool(ahead) and float(ahead[0][0]) > 30  # two requests at 20 s each
+
+    await eventually(charged, within=30, every=0.5)
+    async with httpx.AsyncClient(base_url=stack.second, headers=bearer(key), timeout=30) as client:
+        assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 429]

@@ -79,14 +79,16 @@ class UsageDelta:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    refunds: int = 0  # admissions given back to the request bucket (requests refused 403)
+    # Admissions the shared request bucket has not counted: + taken while it could not be
+    # asked (a database outage), - given back (requests refused 403 after admission).
+    admissions: int = 0
 
     def add(self, other: UsageDelta) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
-        self.refunds += other.refunds
+        self.admissions += other.admissions
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
@@ -210,7 +212,7 @@ class KeysStore:
 
     async def record_usage(self, deltas: Mapping[int, UsageDelta]) -> None:
         """Add usage to the current hour, charge the tokens to each key's token bucket (keys
-        with a `tpm`) and give back refunded admissions to its request bucket (keys with an
+        with a `tpm`) and settle admissions the request bucket has not counted (keys with an
         `rpm`), in one statement."""
         if not deltas:
             return
@@ -219,7 +221,7 @@ class KeysStore:
             """
             WITH d AS (
                 SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
-                    AS d(key_id, requests, errors, prompt, completion, refunds)
+                    AS d(key_id, requests, errors, prompt, completion, admissions)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
                 SELECT key_id, date_trunc('hour', now()), requests, errors, prompt, completion FROM d
@@ -235,12 +237,14 @@ class KeysStore:
                     THEN greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
                         + (d.prompt + d.completion) * 60.0 / k.tpm
                     ELSE l.tokens_at END,
-                requests_at = CASE WHEN k.rpm IS NOT NULL AND d.refunds > 0
-                    THEN l.requests_at - d.refunds * 60.0 / k.rpm
-                    ELSE l.requests_at END
+                requests_at = CASE
+                    WHEN k.rpm IS NULL OR d.admissions = 0 THEN l.requests_at
+                    WHEN d.admissions > 0 THEN greatest(l.requests_at, extract(epoch FROM clock_timestamp()))
+                        + d.admissions * 60.0 / k.rpm
+                    ELSE l.requests_at + d.admissions * 60.0 / k.rpm END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
-                AND ((k.tpm IS NOT NULL AND d.prompt + d.completion > 0) OR (k.rpm IS NOT NULL AND d.refunds > 0))
+                AND ((k.tpm IS NOT NULL AND d.prompt + d.completion > 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0))
             """,
             (
                 ids,
@@ -248,7 +252,7 @@ class KeysStore:
                 [deltas[i].errors for i in ids],
                 [deltas[i].prompt_tokens for i in ids],
                 [deltas[i].completion_tokens for i in ids],
-                [deltas[i].refunds for i in ids],
+                [deltas[i].admissions for i in ids],
             ),
         )
 

@@ -11,7 +11,8 @@ with `Retry-After`.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
-to "per process" instead of lifting them. A request waits for the database at most
+to "per process" instead of lifting them; what a process admitted alone is charged to the
+shared buckets once the database answers again. A request waits for the database at most
 `_ADMIT_TIMEOUT` (3 s), whatever the database does: the call runs as a task of the limiter (a
 cancelled psycopg query can take ten seconds more to give up on a stalled server), and while
 one call is overdue, requests do not start another: they are admitted locally at once, until
@@ -180,6 +181,11 @@ class RateLimiter:
         state = await self._shared_admission(principal)
         if state is None:
             state = self._local.admit(principal)
+            if state.allowed and principal.rpm is not None:
+                # Counted by this process only: the shared bucket is charged once it answers
+                # again, so keys do not exceed their limit across processes after an outage.
+                self._pending.setdefault(principal.id, UsageDelta()).admissions += 1
+                self._kick.set()
         else:
             self._local.sync(principal.id, state)
         return decide(principal, state)
@@ -230,16 +236,18 @@ class RateLimiter:
             if call.abandoned:
                 self._overdue -= 1
         if call.abandoned:
-            self._late(call.result)
+            self._late(call.result, principal)
 
-    def _late(self, result: outcome.Outcome[Admission]) -> None:
+    def _late(self, result: outcome.Outcome[Admission], principal: Principal) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
-        buckets have counted this process's requests since: only the database's coming back
-        matters now."""
+        buckets have counted this process's requests since: what matters now is the database's
+        coming back, and that, if the call took its admission there, it is not charged twice."""
         if isinstance(result, outcome.Error):
             if not isinstance(result.error, DatabaseError):
                 log.error("rate limit admission failed", exc_info=result.error)
         else:
+            if result.value.allowed and principal.rpm is not None:
+                self._pending.setdefault(principal.id, UsageDelta()).admissions -= 1
             self._recover()
 
     def _degrade(self, why: str) -> None:
@@ -278,8 +286,7 @@ class RateLimiter:
         if principal.rpm is None:
             return
         self._local.give_back(principal)
-        pending = self._pending.setdefault(principal.id, UsageDelta())
-        pending.refunds += 1
+        self._pending.setdefault(principal.id, UsageDelta()).admissions -= 1
         self._kick.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
