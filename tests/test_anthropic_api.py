@@ -22,6 +22,7 @@ from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
 from tests.test_anthropic_codec import assert_valid_anthropic_stream, sse_frames
+from tests.test_transport import raw_server, read_request
 
 KINDS = ("openai", "ollama", "anthropic")
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
@@ -852,3 +853,42 @@ async def test_the_stop_string_vllm_names_reaches_an_anthropic_client(setup: Set
         streamed = await stream.get_final_message()
     for reply in (message, streamed):
         assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "###")
+
+
+async def test_pings_while_a_server_tool_runs_keep_the_stream_alive() -> None:
+    """While a server tool runs, Anthropic sends only `ping`s: the backend is not silent, and
+    the stream is not cut by the idle timeout (0.3 s here, pinged for 1.2 s)."""
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    def text(piece: str) -> bytes:
+        return event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": piece}})
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream, bytearray())
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        usage = {"input_tokens": 3, "output_tokens": 1}
+        await stream.send_all(event("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": usage}}))
+        await stream.send_all(event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                            "content_block": {"type": "text", "text": ""}}) + text("a"))
+        for _ in range(12):
+            await trio.sleep(0.1)
+            await stream.send_all(event("ping", {"type": "ping"}))
+        await stream.send_all(text("b") + event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                              + event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2},
+                                                        "delta": {"stop_reason": "end_turn", "stop_sequence": None}})
+                              + event("message_stop", {"type": "message_stop"}))
+        await stream.aclose()
+
+    async with raw_server(handler) as (url, _), running_gateway(
+        backend("c", url, kind="anthropic", default=True, timeouts=QUICK)
+    ) as gateway:
+        client = anthropic.AsyncAnthropic(base_url=gateway, api_key="k", max_retries=0)
+        async with client.messages.stream(model="claude-x", max_tokens=50, messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+        await client.close()
+    assert [block.text for block in final.content if block.type == "text"] == ["ab"]

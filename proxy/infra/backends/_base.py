@@ -370,6 +370,10 @@ async def pump_stream(
                 # The idle clock restarts once the client took the batch: a slow client is not
                 # a silent backend (one deadline update per batch, not per read).
                 scope.deadline = trio.current_time() + idle
+            elif started and data:
+                # Bytes that make no event yet (Anthropic's pings while a server tool runs, an
+                # SSE comment, half a frame): the backend is not silent.
+                scope.deadline = trio.current_time() + idle
             if output.done:
                 finished = True
                 break
