@@ -242,13 +242,12 @@ class RateLimiter:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
         buckets have counted this process's requests since: what matters now is the database's
         coming back, and that, if the call took its admission there, it is not charged twice."""
-        if isinstance(result, outcome.Error):
-            if not isinstance(result.error, DatabaseError):
-                log.error("rate limit admission failed", exc_info=result.error)
-        else:
+        if isinstance(result, outcome.Value):
             if result.value.allowed and principal.rpm is not None:
                 self._pending.setdefault(principal.id, UsageDelta()).admissions -= 1
             self._recover()
+        elif isinstance(result, outcome.Error) and not isinstance(result.error, DatabaseError):
+            log.error("rate limit admission failed", exc_info=result.error)
 
     def _degrade(self, why: str) -> None:
         if not self._degraded:
