@@ -892,3 +892,28 @@ async def test_pings_while_a_server_tool_runs_keep_the_stream_alive() -> None:
             final = await stream.get_final_message()
         await client.close()
     assert [block.text for block in final.content if block.type == "text"] == ["ab"]
+
+
+async def test_thinking_the_gateway_switches_on_keeps_to_anthropics_rules(setup: Setup) -> None:
+    """Thinking asked in another dialect's words: the sampling settings Anthropic refuses next
+    to it are left out; with a forced tool, or inside a tool loop (whose last assistant turn
+    would need its signed thinking block, which such a client never has), none is asked."""
+
+    async def sent(body: dict[str, Any]) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=setup.url, timeout=10) as client:
+            reply = await client.post("/v1/chat/completions", json={"model": MODELS["anthropic"], "max_tokens": 8000,
+                                                                    "reasoning_effort": "medium", **body})
+        assert reply.status_code == 200, reply.text
+        request: dict[str, Any] = setup.fake("anthropic").requests[-1].json
+        return request
+
+    sampled = await sent({"messages": MESSAGES, "temperature": 0.7, "top_p": 0.9, "top_k": 40})
+    assert sampled["thinking"]["budget_tokens"] == 2048
+    assert not {"temperature", "top_p", "top_k"} & set(sampled)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    forced = await sent({"messages": MESSAGES, "tools": [tool], "tool_choice": "required", "temperature": 0.7})
+    assert "thinking" not in forced and forced["tool_choice"]["type"] == "any" and forced["temperature"] == 0.7
+    loop = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    assert "thinking" not in await sent({"messages": loop, "tools": [tool]})

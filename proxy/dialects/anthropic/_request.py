@@ -157,6 +157,18 @@ def _thinking_for(effort: str | None, max_tokens: int) -> dict[str, Any] | None:
     return {"type": "enabled", "budget_tokens": budget}
 
 
+def _may_think(request: ChatRequest) -> bool:
+    """Whether thinking can be switched on for another dialect's request: not with a forced
+    tool, which Anthropic refuses with thinking, and not inside a tool loop, whose last
+    assistant turn would have to open with its signed thinking block (another dialect's
+    client never has one)."""
+    choice = request.tool_choice
+    if choice is not None and (choice.name or choice.mode == "required"):
+        return False
+    last = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
+    return last is None or not last.tool_calls
+
+
 def _parse_stop_sequences(fields: Fields) -> tuple[str, ...]:
     value = fields.array("stop_sequences")
     if value is None:
@@ -417,13 +429,6 @@ def encode_messages_request(
     if count_only:
         return dumps(body)
     body["max_tokens"] = params.max_tokens or default_max_tokens
-    if not same_dialect:
-        thinking = _thinking_for(params.reasoning_effort, body["max_tokens"])
-        if thinking is not None:
-            body["thinking"] = thinking
-        fmt = params.response_format
-        if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
-            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
     if params.temperature is not None:
         body["temperature"] = min(params.temperature, 1.0)
     if params.top_p is not None:
@@ -432,6 +437,19 @@ def encode_messages_request(
         body["top_k"] = params.top_k
     if params.stop:
         body["stop_sequences"] = list(params.stop)
+    if not same_dialect:
+        thinking = _thinking_for(params.reasoning_effort, body["max_tokens"]) if _may_think(request) else None
+        if thinking is not None:
+            body["thinking"] = thinking
+            # Anthropic refuses these next to thinking; the client asked for thinking, and
+            # did not ask for it in Anthropic's terms.
+            body.pop("temperature", None)
+            body.pop("top_k", None)
+            if body.get("top_p", 1.0) < 0.95:
+                del body["top_p"]
+        fmt = params.response_format
+        if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
+            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
     body["stream"] = stream
     return dumps(body)
 
