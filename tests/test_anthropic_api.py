@@ -441,6 +441,15 @@ async def test_anthropic_beta_reaches_anthropic_backends_only(setup: Setup) -> N
     assert [r.headers.get("anthropic-beta") for r in to_anthropic] == [beta["anthropic-beta"]] * 2
     assert all("_anthropic_beta" not in (r.json or {}) for r in to_anthropic)
     assert "anthropic-beta" not in setup.fake("openai").requests[-1].headers
+    # Two header lines are one list, as RFC 9110 reads them.
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as client:
+        reply = await client.post(
+            "/v1/messages", json={"model": MODELS["anthropic"], "max_tokens": 5, "messages": MESSAGES},
+            headers=[("anthropic-beta", "files-api-2025-04-14"), ("anthropic-beta", "interleaved-thinking-2025-05-14")],
+        )
+    assert reply.status_code == 200
+    sent = setup.fake("anthropic").requests[-1].headers["anthropic-beta"]
+    assert sent == "files-api-2025-04-14, interleaved-thinking-2025-05-14"
 
 
 # -- cancellation ------------------------------------------------------------------------------------------

@@ -35,6 +35,13 @@ class RequestHead:
         """The header `name` (lower case), or None."""
         return self._headers.get(name)
 
+    def header_list(self, name: str) -> str | None:
+        """Every `name` header (lower case) joined with ", ", as repeated lines of a list
+        header mean (RFC 9110 §5.3); None without one."""
+        key = name.encode("latin-1")
+        values = [value.decode("latin-1") for found, value in self._scope["headers"] if found.lower() == key]
+        return ", ".join(values) if values else None
+
     @property
     def header_bytes(self) -> int:
         """The size of the headers as sent, about: names, values and separators."""
