@@ -926,3 +926,26 @@ async def test_thinking_the_gateway_switches_on_keeps_to_anthropics_rules(setup:
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
     assert "thinking" not in await sent({"messages": loop, "tools": [tool]})
+
+
+async def test_an_anthropic_clients_assistant_turns_reach_an_anthropic_backend_in_their_order(setup: Setup) -> None:
+    """Interleaved thinking and server tools: Anthropic wants the blocks back as they were;
+    unsigned thinking (another backend's, rendered for the client) is still left out."""
+    turn = [
+        {"type": "thinking", "thinking": "first", "signature": "SIG-A"},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "x"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+        {"type": "thinking", "thinking": "second", "signature": "SIG-B"},
+        {"type": "text", "text": "Found it."},
+        {"type": "tool_use", "id": "functions.lookup:0", "name": "lookup", "input": {"q": "y"}},
+        {"type": "text", "text": "And more."},
+        {"type": "thinking", "thinking": "unsigned", "signature": ""},
+    ]
+    messages = [{"role": "user", "content": "Search"}, {"role": "assistant", "content": turn},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "functions.lookup:0", "content": "ok"}]}]
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=30, messages=messages, tools=tools)  # type: ignore[arg-type]
+    sent = setup.fake("anthropic").requests[-1].json["messages"]
+    fitted = {**turn[5], "id": "functions_lookup_0"}
+    assert sent[1]["content"] == [*turn[:5], fitted, turn[6]]
+    assert sent[2]["content"][0]["tool_use_id"] == "functions_lookup_0"

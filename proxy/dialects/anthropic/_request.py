@@ -290,6 +290,9 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
         content=tuple(parts),
         tool_calls=tuple(calls),
         reasoning="".join(reasoning) if reasoning else None,
+        # The blocks as sent, in their order, for an Anthropic backend: interleaved thinking
+        # must come back exactly as it was (the domain keeps reasoning, text and calls apart).
+        extra={"content": [block for block, _ in blocks]},
     )
 
 
@@ -413,7 +416,7 @@ def encode_messages_request(
     system = _render_system(request)
     if system is not None:
         body["system"] = system
-    body["messages"] = _render_messages(request.messages)
+    body["messages"] = _render_messages(request.messages, as_sent=same_dialect)
     tool_cache = extra.get(_TOOL_CACHE) or {}
     tools: list[dict[str, Any]] = [_render_tool(tool, tool_cache.get(tool.name)) for tool in request.tools]
     server_tools = extra.get("tools")
@@ -486,13 +489,15 @@ def _append_blocks(blocks: list[dict[str, Any]], parts: Iterable[ContentPart]) -
             blocks.append(block)
 
 
-def _render_messages(messages: list[Message]) -> list[dict[str, Any]]:
+def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[dict[str, Any]]:
+    """`as_sent`: an Anthropic client's assistant turns go back block for block as it sent them."""
     out: list[dict[str, Any]] = []
     for message in messages:
         if message.role == "system":
             continue
         role = "assistant" if message.role == "assistant" else "user"
-        blocks = _render_blocks(message)
+        raw = message.extra.get("content") if as_sent and role == "assistant" else None
+        blocks = _as_sent(raw) if isinstance(raw, list) else _render_blocks(message)
         if not blocks:
             continue
         if out and out[-1]["role"] == role:
@@ -506,6 +511,21 @@ def _render_messages(messages: list[Message]) -> list[dict[str, Any]]:
             blocks.sort(key=lambda block: block.get("type") != "tool_result")
         if len(blocks) == 1 and blocks[0].get("type") == "text" and set(blocks[0]) == {"type", "text"}:
             entry["content"] = blocks[0]["text"]
+    return out
+
+
+def _as_sent(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn's blocks as its client sent them, less what `_render_blocks` would
+    not send either: a thinking block without its signature (another backend's reasoning
+    rendered for the client), and tool ids Anthropic refuses, made to fit as their results' are."""
+    out = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "thinking" and not block.get("signature"):
+            continue
+        if kind == "tool_use" and isinstance(block.get("id"), str):
+            block = {**block, "id": tool_use_id(block["id"])}
+        out.append(block)
     return out
 
 
