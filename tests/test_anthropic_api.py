@@ -949,3 +949,23 @@ async def test_an_anthropic_clients_assistant_turns_reach_an_anthropic_backend_i
     fitted = {**turn[5], "id": "functions_lookup_0"}
     assert sent[1]["content"] == [*turn[:5], fitted, turn[6]]
     assert sent[2]["content"][0]["tool_use_id"] == "functions_lookup_0"
+
+
+async def test_an_anthropic_clients_tools_reach_an_anthropic_backend_as_sent(setup: Setup) -> None:
+    """In their order, server tools among them, with every field (`strict`, `input_examples`,
+    `defer_loading`, cache breakpoints, …), on messages and on count_tokens."""
+    tools: Any = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+        {"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}},
+         "strict": True, "input_examples": [{"q": "x"}], "defer_loading": True},
+        {"name": "weather", "description": "Weather", "input_schema": {"type": "object"},
+         "cache_control": {"type": "ephemeral"}},
+    ]
+    await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=30, messages=MESSAGES, tools=tools)
+    assert setup.fake("anthropic").requests[-1].json["tools"] == tools
+    await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, tools=tools)
+    assert setup.fake("anthropic").requests[-1].json["tools"] == tools
+    # Another backend gets the custom tools' core, and no server tool.
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES, tools=tools)
+    sent = setup.fake("openai").requests[-1].json["tools"]
+    assert [tool["function"]["name"] for tool in sent] == ["lookup", "weather"]

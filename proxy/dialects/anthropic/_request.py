@@ -47,7 +47,6 @@ IS_ERROR_MARKER = OpaquePart(DIALECT, {"is_error": True})
 # Markers (Anthropic-only parts without a `type`) carry what a domain part cannot:
 # {"cache_control": …} for the block rendered just before it, plus "tool_use_id" to mark a
 # tool call, or "on": "tool_result" to mark the tool result itself.
-_TOOL_CACHE = "_tool_cache_control"
 # The client's `anthropic-beta` header, for Anthropic backends (see `beta_header`).
 BETA_EXTRA = "_anthropic_beta"
 
@@ -84,11 +83,12 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
     metadata = fields.object("metadata")
     if metadata is not None:
         metadata.text("user_id")
-    tools, server_tools, tool_cache = _parse_tools(fields.array("tools") or [])
-    if server_tools:
-        extra["tools"] = server_tools
-    if tool_cache:
-        extra[_TOOL_CACHE] = tool_cache
+    raw_tools = fields.array("tools") or []
+    tools = _parse_tools(raw_tools)
+    if raw_tools:
+        # For an Anthropic backend, every tool as sent and in its order: server tools, cache
+        # breakpoints, `strict`, `defer_loading`, … (the domain keeps the custom tools' core).
+        extra["tools"] = raw_tools
     tool_choice = _parse_tool_choice(fields.object("tool_choice"))
     parallel_tool_calls: bool | None = None
     if tool_choice is not None and "disable_parallel_tool_use" in fields.data["tool_choice"]:
@@ -343,26 +343,40 @@ def _text(block: dict[str, Any], path: str) -> str:
     return text
 
 
-def _parse_tools(items: list[Any]) -> tuple[list[Tool], list[dict[str, Any]], dict[str, Any]]:
+def _parse_tools(items: list[Any]) -> list[Tool]:
+    """The custom tools (server tools are Anthropic's alone: they stay in `extra`)."""
     tools: list[Tool] = []
-    server_tools: list[dict[str, Any]] = []
-    cache_controls: dict[str, Any] = {}
     for i, item in enumerate(items):
         path = f"tools[{i}]"
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
         fields = Fields(item, path)
-        if item.get("type", "custom") not in ("custom", None):
+        if not _is_custom(item):
             fields.text("name", required=True, nonempty=True)
-            server_tools.append(item)
             continue
         name = fields.text("name", required=True, nonempty=True)
         schema = fields.object("input_schema", required=True)
         assert schema is not None
-        tools.append(Tool(name=name or "", description=fields.text("description"), parameters=schema.data))
-        if item.get("cache_control") is not None:
-            cache_controls[name or ""] = item["cache_control"]
-    return tools, server_tools, cache_controls
+        tools.append(Tool(name=name or "", description=fields.text("description"), parameters=schema.data,
+                          strict=fields.boolean("strict")))
+    return tools
+
+
+def _is_custom(tool: dict[str, Any]) -> bool:
+    return tool.get("type", "custom") in ("custom", None)
+
+
+def _render_tools(request: ChatRequest, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """An Anthropic client's tools as it sent them, unless the gateway changed the custom
+    ones (then those are rendered, its server tools after them); others' tools rendered."""
+    raw = extra.get("tools")
+    server: list[dict[str, Any]] = []
+    if isinstance(raw, list):
+        custom = [tool.get("name") for tool in raw if _is_custom(tool)]
+        if custom == [tool.name for tool in request.tools]:
+            return list(raw)
+        server = [tool for tool in raw if not _is_custom(tool)]
+    return [_render_tool(tool) for tool in request.tools] + server
 
 
 def _parse_tool_choice(fields: Fields | None) -> ToolChoice | None:
@@ -417,11 +431,7 @@ def encode_messages_request(
     if system is not None:
         body["system"] = system
     body["messages"] = _render_messages(request.messages, as_sent=same_dialect)
-    tool_cache = extra.get(_TOOL_CACHE) or {}
-    tools: list[dict[str, Any]] = [_render_tool(tool, tool_cache.get(tool.name)) for tool in request.tools]
-    server_tools = extra.get("tools")
-    if isinstance(server_tools, list):
-        tools.extend(server_tools)
+    tools = _render_tools(request, extra)
     if tools:
         body["tools"] = tools
     choice = request.tool_choice
@@ -620,13 +630,11 @@ def input_object(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _render_tool(tool: Tool, cache_control: Any = None) -> dict[str, Any]:
+def _render_tool(tool: Tool) -> dict[str, Any]:
     out: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         out["description"] = tool.description
     out["input_schema"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
-    if cache_control is not None:
-        out["cache_control"] = cache_control
     return out
 
 
