@@ -969,3 +969,53 @@ async def test_an_anthropic_clients_tools_reach_an_anthropic_backend_as_sent(set
     await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES, tools=tools)
     sent = setup.fake("openai").requests[-1].json["tools"]
     assert [tool["function"]["name"] for tool in sent] == ["lookup", "weather"]
+
+
+async def test_a_messages_own_fields_reach_an_anthropic_client(setup: Setup) -> None:
+    """A code execution's `container` (the client reuses it by id) and `context_management`'s
+    applied edits, non-streamed and streamed, where Anthropic puts them."""
+    container = {"id": "container_1", "expires_at": "2026-11-26T21:00:00Z"}
+    edits = {"applied_edits": [{"type": "clear_tool_uses_20250919", "cleared_tool_uses": 2}]}
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        request = json.loads((await read_request(stream, bytearray())).split(b"\r\n\r\n", 1)[1])
+        usage = {"input_tokens": 3, "output_tokens": 1}
+        if request.get("stream"):
+            body = (event("message_start", {"type": "message_start", "message": {
+                        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+                        "stop_reason": None, "stop_sequence": None, "usage": usage}})
+                    + event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                    "content_block": {"type": "text", "text": ""}})
+                    + event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "text_delta", "text": "ok"}})
+                    + event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                    + event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2},
+                                              "delta": {"stop_reason": "end_turn", "stop_sequence": None,
+                                                        "container": container},
+                                              "context_management": edits})
+                    + event("message_stop", {"type": "message_stop"}))
+            head = b"content-type: text/event-stream"
+        else:
+            body = json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                               "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                               "stop_sequence": None, "usage": usage, "container": container,
+                               "context_management": edits}).encode()
+            head = b"content-type: application/json"
+        await stream.send_all(b"HTTP/1.1 200 OK\r\n" + head + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+                              % len(body) + body)
+        await stream.aclose()
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("c", url, kind="anthropic", default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        body = {"model": "claude-x", "max_tokens": 30, "messages": MESSAGES}
+        whole = (await client.post("/v1/messages", json=body)).json()
+        assert whole["container"] == container and whole["context_management"] == edits
+        streamed = await client.post("/v1/messages", json={**body, "stream": True})
+        [delta] = [frame for name, frame in sse_frames(streamed.content) if name == "message_delta"]
+        assert delta["delta"]["container"] == container and delta["context_management"] == edits
+        # Another dialect's client has no such fields.
+        other = (await client.post("/v1/chat/completions", json={"model": "claude-x", "messages": MESSAGES})).json()
+        assert "container" not in json.dumps(other)

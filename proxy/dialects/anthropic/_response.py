@@ -47,9 +47,11 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
     finish: Finish | None = None
     relayed = False
     unmodelled_usage: dict[str, Any] | None = None
+    fields: dict[str, Any] = {}
     for event in events:
         if isinstance(event, WireUsageReport):
             unmodelled_usage = event.unmodelled
+            fields = event.message
         elif isinstance(event, SignedReasoningDelta) and event.choice == 0:
             signature = event.signature
         elif isinstance(event, Finish) and event.choice == 0:
@@ -83,6 +85,7 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": usage,
+        **fields,
     }
 
 
@@ -164,9 +167,11 @@ def message_events(data: dict[str, Any], *, created: int | None = None, relay_bl
     reason = data.get("stop_reason")
     if isinstance(reason, str):
         events.append(finish_from_wire(reason, data.get("stop_sequence")))
+    usage = WireUsage()
+    usage.take_message_fields(data)
     if isinstance(data.get("usage"), dict):
-        usage = WireUsage()
         usage.update(data["usage"])
+    if isinstance(data.get("usage"), dict) or usage.message:
         events.append(usage.report(relay=relay_blocks))
     return events
 

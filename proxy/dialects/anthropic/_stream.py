@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic._vocabulary import (
+    MESSAGE_DELTA_FIELDS,
     BlockDelta,
     BlockStart,
     SignedReasoningDelta,
@@ -93,6 +94,7 @@ class StreamRenderer:
         self._announced_usage: dict[str, Any] | None = None
         self._usage: Usage | None = None
         self._unmodelled_usage: dict[str, Any] | None = None
+        self._message_fields: dict[str, Any] = {}
         self._finish: Finish | None = None
         self._next_index = 0
         # "text", "thinking", "signed" (closed to more thinking), "tool", "relayed" (a BlockStart's)
@@ -147,6 +149,9 @@ class StreamRenderer:
         self._flush_pending(out)
         stop_reason, stop_sequence = stop_reason_to_wire(self._finish)
         usage = usage_to_wire(self._usage, self._unmodelled_usage)
+        fields = self._message_fields
+        delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+        delta.update((k, v) for k, v in fields.items() if k in MESSAGE_DELTA_FIELDS)
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
         announced = self._announced_usage or {}
         # Counts message_start could not know yet; Anthropic's SDK merges them in.
@@ -158,8 +163,9 @@ class StreamRenderer:
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                    "delta": delta,
                     "usage": delta_usage,
+                    **{k: v for k, v in fields.items() if k not in MESSAGE_DELTA_FIELDS},
                 },
             )
         )
@@ -173,6 +179,7 @@ class StreamRenderer:
         self._usage = report.usage
         if isinstance(report, WireUsageReport):
             self._unmodelled_usage = report.unmodelled
+            self._message_fields = report.message
 
     def _announce(self, out: list[bytes]) -> None:
         self._announced = True
@@ -439,6 +446,7 @@ class StreamParser:
                 created=int(self._clock()),
             )
         )
+        self._usage.take_message_fields(message)
         if isinstance(message.get("usage"), dict):
             self._usage.update(message["usage"])
             events.append(self._usage.report(relay=self._relay))
@@ -525,6 +533,10 @@ class StreamParser:
             if isinstance(reason, str):
                 self._finished = True
                 events.append(finish_from_wire(reason, delta.get("stop_sequence")))
+        # A code execution's `container` (in the delta), `context_management` (on the event).
+        self._usage.take_message_fields({k: v for k, v in payload.items() if k not in ("type", "delta")})
+        if isinstance(delta, dict):
+            self._usage.take_message_fields(delta)
         if isinstance(payload.get("usage"), dict):
             self._usage.update(payload["usage"])
             events.append(self._usage.report(relay=self._relay))

@@ -146,9 +146,20 @@ def usage_to_wire(usage: Usage | None, unmodelled: dict[str, Any] | None = None)
 @dataclass(slots=True, frozen=True)
 class WireUsageReport(UsageReport):
     """Usage with what an Anthropic backend counts beyond the domain (`server_tool_use`,
-    `service_tier`, the cache-write breakdown, …), for Anthropic clients only."""
+    `service_tier`, the cache-write breakdown, …), for Anthropic clients only; and the
+    message's own fields the domain has no place for (`container`, `context_management`)."""
 
     unmodelled: dict[str, Any] = field(default_factory=dict)
+    message: dict[str, Any] = field(default_factory=dict)
+
+
+# A message's fields the gateway renders itself; any other is the backend's to pass on.
+MESSAGE_MODELLED = frozenset(
+    {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
+)
+# Of those others, the ones a stream carries inside `message_delta.delta` (the rest ride on
+# the `message_delta` event itself).
+MESSAGE_DELTA_FIELDS = frozenset({"container"})
 
 
 _USAGE_MODELLED = frozenset(
@@ -166,6 +177,12 @@ class WireUsage:
     output_tokens: int = 0
     thinking_tokens: int | None = None
     unmodelled: dict[str, Any] = field(default_factory=dict)
+    message: dict[str, Any] = field(default_factory=dict)  # see `WireUsageReport.message`
+
+    def take_message_fields(self, data: dict[str, Any]) -> None:
+        for key, item in data.items():
+            if key not in MESSAGE_MODELLED and item is not None:
+                self.message[key] = item
 
     def update(self, data: Any) -> None:
         if not isinstance(data, dict):
@@ -200,8 +217,8 @@ class WireUsage:
 
     def report(self, *, relay: bool) -> UsageReport:
         """The usage event; `relay` (an Anthropic client) keeps the unmodelled counters."""
-        if relay and self.unmodelled:
-            return WireUsageReport(self.domain(), dict(self.unmodelled))
+        if relay and (self.unmodelled or self.message):
+            return WireUsageReport(self.domain(), dict(self.unmodelled), dict(self.message))
         return UsageReport(self.domain())
 
 
