@@ -1019,3 +1019,27 @@ async def test_a_messages_own_fields_reach_an_anthropic_client(setup: Setup) -> 
         # Another dialect's client has no such fields.
         other = (await client.post("/v1/chat/completions", json={"model": "claude-x", "messages": MESSAGES})).json()
         assert "container" not in json.dumps(other)
+
+
+async def test_json_mode_without_a_schema_is_a_forced_tool_whose_input_is_the_answer(setup: Setup) -> None:
+    """Anthropic has no schemaless JSON mode: OpenAI's `json_object` and Ollama's
+    `format: "json"` ask for the answer as the input of one forced tool, read back as text."""
+    setup.fake("anthropic").set_script(Script(tokens=[], tool_calls=[("json_answer", {"city": "Paris", "sunny": True})],
+                                              tool_arg_fragment=4))
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)
+    whole = await client.chat.completions.create(
+        model=MODELS["anthropic"], messages=MESSAGES, response_format={"type": "json_object"}, temperature=0.2,
+    )
+    sent = setup.fake("anthropic").requests[-1].json
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_answer"} and len(sent["tools"]) == 1
+    assert json.loads(whole.choices[0].message.content or "") == {"city": "Paris", "sunny": True}
+    assert whole.choices[0].finish_reason == "stop" and not whole.choices[0].message.tool_calls
+    chunks = [c async for c in await client.chat.completions.create(
+        model=MODELS["anthropic"], messages=MESSAGES, response_format={"type": "json_object"}, stream=True)]
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)) == {"city": "Paris", "sunny": True}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    await client.close()
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        reply = await http.post("/api/chat", json={"model": MODELS["anthropic"], "messages": MESSAGES, "format": "json",
+                                                  "stream": False})
+    assert json.loads(reply.json()["message"]["content"]) == {"city": "Paris", "sunny": True}

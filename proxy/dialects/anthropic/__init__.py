@@ -3,8 +3,10 @@
 from proxy.dialects.anthropic._foreign import adapt_for_dialect
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
+    JSON_TOOL,
     beta_header,
     encode_messages_request,
+    json_mode,
     parse_messages_request,
     tool_use_id,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "API_VERSION",
     "BETA_EXTRA",
     "DIALECT",
+    "JSON_TOOL",
     "PING",
     "BlockDelta",
     "BlockStart",
@@ -53,6 +56,7 @@ __all__ = [
     "error_from_wire",
     "error_message_from_body",
     "finish_from_wire",
+    "json_mode",
     "message_body",
     "message_events",
     "message_id",

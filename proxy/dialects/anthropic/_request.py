@@ -157,13 +157,31 @@ def _thinking_for(effort: str | None, max_tokens: int) -> dict[str, Any] | None:
     return {"type": "enabled", "budget_tokens": budget}
 
 
+# JSON mode without a schema has no Anthropic equivalent: the answer is asked for as the
+# input of this one forced tool, and read back as the text (LiteLLM does the same).
+JSON_TOOL = "json_answer"
+_JSON_TOOL_SPEC = {
+    "name": JSON_TOOL, "description": "Give your whole answer as this JSON object.", "input_schema": {"type": "object"},
+}
+
+
+def json_mode(request: ChatRequest) -> bool:
+    """Whether another dialect's JSON mode (OpenAI's `json_object`, Ollama's `format: "json"`)
+    is asked of an Anthropic backend through `JSON_TOOL` (not beside the client's own tools)."""
+    fmt = request.params.response_format
+    return (
+        request.dialect != DIALECT and fmt is not None and not request.tools
+        and (fmt.kind == "json_object" or (fmt.kind == "json_schema" and fmt.schema is None))
+    )
+
+
 def _may_think(request: ChatRequest) -> bool:
     """Whether thinking can be switched on for another dialect's request: not with a forced
     tool, which Anthropic refuses with thinking, and not inside a tool loop, whose last
     assistant turn would have to open with its signed thinking block (another dialect's
     client never has one)."""
     choice = request.tool_choice
-    if choice is not None and (choice.name or choice.mode == "required"):
+    if (choice is not None and (choice.name or choice.mode == "required")) or json_mode(request):
         return False
     last = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
     return last is None or not last.tool_calls
@@ -439,6 +457,9 @@ def encode_messages_request(
         choice = ToolChoice()  # Anthropic says "no parallel calls" only inside `tool_choice`
     if choice is not None:
         body["tool_choice"] = _render_tool_choice(choice, extra.get("tool_choice"), request.parallel_tool_calls)
+    if json_mode(request):
+        body["tools"] = [_JSON_TOOL_SPEC]
+        body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
     if count_only:
         return dumps(body)
     body["max_tokens"] = params.max_tokens or default_max_tokens

@@ -126,10 +126,13 @@ def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
     return blocks
 
 
-def message_events(data: dict[str, Any], *, created: int | None = None, relay_blocks: bool = False) -> list[StreamEvent]:
+def message_events(
+    data: dict[str, Any], *, created: int | None = None, relay_blocks: bool = False, json_tool: str | None = None
+) -> list[StreamEvent]:
     """A backend's `message` object as the events that describe it (tolerant of gaps).
     `relay_blocks` (the client speaks Anthropic): blocks the domain does not model, and
-    each text block's boundary and citations, come along as `BlockStart`s."""
+    each text block's boundary and citations, come along as `BlockStart`s. `json_tool`:
+    that tool's input is the answer's text (see `json_mode`)."""
     events: list[StreamEvent] = [
         StreamStart(
             id=str(data.get("id") or message_id("")),
@@ -138,6 +141,7 @@ def message_events(data: dict[str, Any], *, created: int | None = None, relay_bl
         )
     ]
     tools = 0
+    json_answer = False
     content = data.get("content")
     for block in content if isinstance(content, list) else []:
         if not isinstance(block, dict):
@@ -154,6 +158,10 @@ def message_events(data: dict[str, Any], *, created: int | None = None, relay_bl
                 events.append(SignedReasoningDelta(block["thinking"], 0, signature))
             elif block["thinking"]:
                 events.append(ReasoningDelta(block["thinking"]))
+        elif kind == "tool_use" and json_tool is not None and block.get("name") == json_tool:
+            json_answer = True
+            answer = block.get("input")
+            events.append(TextDelta(json.dumps(answer if isinstance(answer, dict) else {}, ensure_ascii=False)))
         elif kind == "tool_use":
             call_id = block.get("id")
             events.append(
@@ -166,6 +174,8 @@ def message_events(data: dict[str, Any], *, created: int | None = None, relay_bl
             events.append(BlockStart("", 0, block))
     reason = data.get("stop_reason")
     if isinstance(reason, str):
+        if reason == "tool_use" and json_answer:
+            reason = "end_turn"  # the forced JSON tool was the answer, not a call
         events.append(finish_from_wire(reason, data.get("stop_sequence")))
     usage = WireUsage()
     usage.take_message_fields(data)

@@ -356,9 +356,13 @@ class StreamParser:
     `BlockDelta`, so the client gets the blocks the backend sent.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time, relay_blocks: bool = False) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.time, relay_blocks: bool = False, json_tool: str | None = None
+    ) -> None:
         self._clock = clock
         self._relay = relay_blocks
+        self._json_tool = json_tool  # a tool whose input is the answer's text (see `json_mode`)
+        self._json_answer = False
         self._decoder = SSEDecoder()
         self._started = False
         self._blocks: dict[int, int] = {}  # Anthropic block index -> tool index, or a *_BLOCK kind
@@ -470,6 +474,12 @@ class StreamParser:
             thinking = block.get("thinking")
             if isinstance(thinking, str) and thinking:
                 self._held = thinking
+        elif kind == "tool_use" and self._json_tool is not None and block.get("name") == self._json_tool:
+            self._blocks[index] = _JSON_BLOCK
+            self._json_answer = True
+            initial = block.get("input")
+            if isinstance(initial, dict) and initial:
+                events.append(TextDelta(json.dumps(initial, ensure_ascii=False)))
         elif kind == "tool_use":
             tool = self._tools
             self._tools += 1
@@ -507,6 +517,8 @@ class StreamParser:
             fragment = delta.get("partial_json")
             if block >= 0 and isinstance(fragment, str) and fragment:
                 events.append(ToolCallDelta(block, fragment))
+            elif block == _JSON_BLOCK and isinstance(fragment, str) and fragment:
+                events.append(TextDelta(fragment))
         elif kind == "thinking_delta":
             thinking = delta.get("thinking")
             if block == _THINKING_BLOCK and isinstance(thinking, str) and thinking:
@@ -532,6 +544,8 @@ class StreamParser:
             reason = delta.get("stop_reason")
             if isinstance(reason, str):
                 self._finished = True
+                if reason == "tool_use" and self._json_answer:
+                    reason = "end_turn"  # the forced JSON tool was the answer, not a call
                 events.append(finish_from_wire(reason, delta.get("stop_sequence")))
         # A code execution's `container` (in the delta), `context_management` (on the event).
         self._usage.take_message_fields({k: v for k, v in payload.items() if k not in ("type", "delta")})
@@ -545,3 +559,4 @@ class StreamParser:
 _TEXT_BLOCK = -1
 _THINKING_BLOCK = -2
 _OTHER_BLOCK = -3
+_JSON_BLOCK = -4

@@ -66,7 +66,7 @@ class AnthropicBackend:
     async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
         name = self.config.name
         await self._client.stream_into(
-            "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call))), send,
+            "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,
             backend=name, timeouts=self.config.timeouts,
             headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
             error=lambda response, body: backend_error(
@@ -87,7 +87,7 @@ class AnthropicBackend:
         data = _json_object(response, name)
         if data.get("type") == "error":
             raise anthropic.error_from_wire(data)
-        events = anthropic.message_events(data, relay_blocks=_relays(call))
+        events = anthropic.message_events(data, relay_blocks=_relays(call), json_tool=_json_tool(call))
         builder = CompletionBuilder()
         for event in events:
             builder.add(event)
@@ -144,6 +144,11 @@ class AnthropicBackend:
 def _relays(call: BackendCall) -> bool:
     """Blocks the domain does not model can reach the client as they came: it speaks Anthropic."""
     return call.request.dialect == anthropic.DIALECT
+
+
+def _json_tool(call: BackendCall) -> str | None:
+    """The tool whose input is the answer, when JSON mode is asked through one."""
+    return anthropic.JSON_TOOL if anthropic.json_mode(call.request) else None
 
 
 def _beta(headers: dict[str, str], request: ChatRequest) -> dict[str, str]:
