@@ -28,7 +28,7 @@ from proxy.domain.chat import Usage as DomainUsage
 from proxy.domain.events import TextDelta
 from proxy.infra.chat_store import ChatStore, LogRow, completion_from_json, completion_to_json
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
-from proxy.infra.migrations import migrate
+from proxy.infra.migrations import load_migrations, migrate
 from proxy.infra.nats import open_bus
 from proxy.infra.postgres import open_database
 from proxy.services.journal import (
@@ -807,6 +807,13 @@ async def test_a_keyed_run_whose_gateway_was_killed_is_failed_and_may_run_again(
             assert rows(pg_database_url, "SELECT status FROM idempotency_keys WHERE trace_id = %s", trace_id) == [("failed",)]
             assert rows(pg_database_url, "SELECT status FROM chat_log WHERE trace_id = %s", trace_id) in ([], [("failed",)])
             assert "stopped (killed or crashed)" in json.loads(followed[-1][6:])["error"]["message"]
+            # Its events can be read, and end (within a heartbeat, not `follow_silence`) with
+            # what its row says, though its process never published `finished`.
+            with trio.fail_after(15):
+                resumed = await client.get(f"{url}/v1/streams/{trace_id}")
+            frames = stream_frames(resumed.text)
+            assert [seq for seq, _ in frames] == list(range(1, len(frames) + 1)) and len(frames) >= 2
+            assert isinstance(frames[-1][1], Finished) and frames[-1][1].status == "failed"
 
             fake.push(Script(n_tokens=400))
             again = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, headers=key)
@@ -837,3 +844,32 @@ async def test_only_instances_gone_silent_have_their_running_chats_failed(aio_lo
                                               ("dead-0", "failed"), ("dead-1", "failed")]
     assert all("killed or crashed" in message for t, _, message in found if t.startswith("dead"))
     assert keys == [("alive-0", "running"), ("alive-1", "running"), ("dead-0", "failed"), ("dead-1", "failed")]
+
+
+async def test_an_upgrade_fails_what_the_previous_version_left_running(
+    aio_loop: object, pg_database_url: str, tmp_path: Path
+) -> None:
+    """Rows and keys a gateway from before the instance heartbeat left running have no owner
+    to be swept by: the migration that brings owners fails them (not a workflow's, whose job
+    lives on in its worker)."""
+    shipped = load_migrations()
+    before = tmp_path / "sql"
+    before.mkdir()
+    for migration in shipped:
+        if migration.name < "0007":
+            (before / f"{migration.name}.sql").write_text(migration.sql)
+    async with open_database(pg_database_url) as db:
+        await migrate(db, directory=before)
+        for trace_id, route in (("direct-1", "direct"), ("flow-1", "workflow"), ("done-1", "direct")):
+            await db.execute(
+                "INSERT INTO chat_log (trace_id, req_id, route, dialect, model, stream, status, request)"
+                " VALUES (%s, 'r', %s, 'openai', 'm', true, %s, '{}')",
+                (trace_id, route, "completed" if trace_id == "done-1" else "running"),
+            )
+            await db.execute("INSERT INTO idempotency_keys (key, req_id, trace_id, status) VALUES (%s, 'r', %s, %s)",
+                             (f"k-{trace_id}", trace_id, "completed" if trace_id == "done-1" else "running"))
+        await migrate(db)
+        found = await db.fetch("SELECT trace_id, status FROM chat_log ORDER BY trace_id")
+        keys = await db.fetch("SELECT trace_id, status FROM idempotency_keys ORDER BY trace_id")
+    assert found == [("direct-1", "failed"), ("done-1", "completed"), ("flow-1", "running")]
+    assert keys == [("direct-1", "failed"), ("done-1", "completed"), ("flow-1", "running")]

@@ -298,6 +298,12 @@ class ChatStore:
         )
         return status in ("failed", "cancelled")
 
+    async def trace_failed(self, trace_id: str) -> bool:
+        """Whether the key `trace_id` holds says its run failed or was cancelled (a run whose
+        process died before writing its row has only its key to say so)."""
+        status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
+        return status in ("failed", "cancelled")
+
     async def heartbeat(self, instance: str) -> None:
         await self._db.execute(
             "INSERT INTO gateway_instances (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET seen_at = now()",

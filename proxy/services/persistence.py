@@ -378,8 +378,21 @@ async def trace_events(
         # A workflow's bus events are its workers' (every task, every attempt): its client
         # reads them through the view the workflow route gave it.
         view = ClientView() if stored is not None and stored.route == "workflow" else None
+        async def row() -> StoredRun | None:
+            current = persistence.store()
+            if current is None:
+                return None
+            try:
+                found = await current.stored_run(trace_id)
+                if found is None and await current.trace_failed(trace_id):
+                    return StoredRun(status="failed", completion=None, error=None, tenant=None, route="direct")
+                return found
+            except DatabaseError:
+                return None
+
         try:
-            if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait, view):
+            if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait, view,
+                                 row=row, check_every=persistence.settings.heartbeat):
                 return
         except BusError as error:
             log.warning("reading %s from NATS failed: %s", trace_id, error)
@@ -438,36 +451,63 @@ async def _bus_events(
     silence: float,
     first_wait: float,
     view: ClientView | None = None,
+    *,
+    row: Callable[[], Awaitable[StoredRun | None]] | None = None,
+    check_every: float = 5.0,
 ) -> bool:
     """True once `finished` was relayed; False when nothing arrived within `first_wait`.
 
     Through a `view`, the events are numbered as the client saw them (1, 2, ...), the same
-    numbers the trace's `EventLog` gives them while it runs."""
+    numbers the trace's `EventLog` gives them while it runs. `row` reads the trace's row
+    again while the events are quiet: a run whose process died never publishes `finished`,
+    but once its row is no longer running the stream ends with the row's outcome."""
     seen = False
     shown = 0
-    with trio.move_on_after(first_wait) as scope:
-        async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
-            async for message in messages:
-                seen = True
-                scope.deadline = trio.current_time() + silence
-                if view is None:
-                    seq, event = decode_event(message.data)
-                    if event is None:
-                        continue
-                    if seq > after:
-                        await send.send((seq, event))
-                    if isinstance(event, Finished):  # the end, even for a client that saw it
-                        return True
+    async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
+        heard = trio.current_time()
+        while True:
+            with trio.move_on_after(min(check_every, first_wait if not seen else silence)) as quiet:
+                try:
+                    message = await messages.receive()
+                except trio.EndOfChannel:
+                    break
+            if quiet.cancelled_caught:
+                waited = trio.current_time() - heard
+                if not seen:
+                    if waited >= first_wait:
+                        return False
                     continue
-                visible: list[WireEvent] = list(view.feed_bytes(message.data))
-                if view.done:
-                    visible.append(view.finished or Finished(reason="error", status="failed"))
-                for event in visible:
-                    shown += 1
-                    if shown > after:
-                        await send.send((shown, event))
-                if view.done:
+                stored = await row() if row is not None else None
+                if stored is not None and stored.status != "running":
+                    end = shown + 1
+                    if end > after:
+                        await send.send((end, Finished(reason=_reason_of(stored.completion), status=stored.status,
+                                                       winner=stored.upstream_model)))
                     return True
+                if waited >= silence:
+                    break
+                continue
+            seen = True
+            heard = trio.current_time()
+            if view is None:
+                seq, event = decode_event(message.data)
+                if event is None:
+                    continue
+                shown = max(shown, seq)
+                if seq > after:
+                    await send.send((seq, event))
+                if isinstance(event, Finished):  # the end, even for a client that saw it
+                    return True
+                continue
+            visible: list[WireEvent] = list(view.feed_bytes(message.data))
+            if view.done:
+                visible.append(view.finished or Finished(reason="error", status="failed"))
+            for event in visible:
+                shown += 1
+                if shown > after:
+                    await send.send((shown, event))
+            if view.done:
+                return True
     if seen:
         raise GatewayError(ErrorKind.TIMEOUT, f"The stream {trace_id} went silent for {silence:g}s.", code="run_silent")
     return False
