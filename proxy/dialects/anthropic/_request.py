@@ -429,9 +429,10 @@ def encode_messages_request(
     System messages are hoisted into `system` wherever they stood; consecutive messages of
     one role are merged (tool results first); `max_tokens` defaults to `default_max_tokens`
     because Anthropic requires it; an OpenAI temperature above 1 is clamped to Anthropic's
-    maximum of 1. A `json_schema` response format is Anthropic's structured output
-    (`output_config.format`); `seed`, penalties and a schemaless JSON mode have no Anthropic
-    equivalent and are left out.
+    maximum of 1. For another dialect's client: a `json_schema` response format is Anthropic's
+    structured output (`output_config.format`), a schemaless JSON mode a forced tool
+    (`json_mode`), `reasoning_effort` a `thinking` budget; `seed` and penalties have no
+    Anthropic equivalent and are left out.
     """
     params = request.params
     if params.n is not None and params.n > 1:
