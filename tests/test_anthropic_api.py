@@ -864,9 +864,11 @@ async def test_the_stop_string_vllm_names_reaches_an_anthropic_client(setup: Set
         assert (reply.stop_reason, reply.stop_sequence) == ("stop_sequence", "###")
 
 
-async def test_pings_while_a_server_tool_runs_keep_the_stream_alive() -> None:
-    """While a server tool runs, Anthropic sends only `ping`s: the backend is not silent, and
-    the stream is not cut by the idle timeout (0.3 s here, pinged for 1.2 s)."""
+async def test_pings_while_a_server_tool_runs_keep_the_stream_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a server tool runs, Anthropic sends only `ping`s: the backend is not silent, so
+    the stream is not cut by the idle timeout (0.3 s here, pinged for 1.2 s), and its client
+    hears a keep-alive now and then (every 0.4 s here), in its dialect."""
+    monkeypatch.setattr("proxy.infra.backends._base.KEEPALIVE_SECONDS", 0.4)
 
     def event(name: str, data: dict[str, Any]) -> bytes:
         return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
@@ -900,7 +902,14 @@ async def test_pings_while_a_server_tool_runs_keep_the_stream_alive() -> None:
         async with client.messages.stream(model="claude-x", max_tokens=50, messages=MESSAGES) as stream:
             final = await stream.get_final_message()
         await client.close()
+        async with httpx.AsyncClient(base_url=gateway, timeout=10) as http:
+            body = {"model": "claude-x", "max_tokens": 50, "messages": MESSAGES, "stream": True}
+            anthropic_wire = (await http.post("/v1/messages", json=body)).text
+            openai_wire = (await http.post("/v1/chat/completions", json={**body, "max_tokens": 50})).text
     assert [block.text for block in final.content if block.type == "text"] == ["ab"]
+    between = anthropic_wire.split('"text":"a"', 1)[1].split('"text":"b"', 1)[0]
+    assert between.count("event: ping") >= 2
+    assert openai_wire.count(": keep-alive\n\n") >= 2 and openai_wire.endswith("data: [DONE]\n\n")
 
 
 async def test_thinking_the_gateway_switches_on_keeps_to_anthropics_rules(setup: Setup) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import trio
 from hypercorn.typing import ASGISendCallable, HTTPResponseStartEvent
@@ -134,6 +134,8 @@ class JsonSink(AsgiSink):
 
 
 class StreamRenderer(Protocol):
+    keepalive: ClassVar[bytes]  # what the dialect's client skips, sent for a keep-alive batch
+
     def render(self, events: list[StreamEvent]) -> bytes: ...
 
     def close(self) -> bytes: ...
@@ -161,7 +163,7 @@ class RenderedStreamSink(AsgiSink):
         await self._start(200, self._content_headers)
 
     async def write(self, batch: Batch) -> None:
-        data = self._renderer.render(batch.events)
+        data = self._renderer.render(batch.events) if batch.events or batch.done else self._renderer.keepalive
         if data:
             await self._body(data)
 

@@ -68,6 +68,8 @@ class OpenAIStreamSink(AsgiSink):
         if batch.raw is not None:
             data = batch.raw
             self._ended = self._ended or batch.done
+        elif not batch.events and not batch.done:
+            data = openai.KEEPALIVE
         else:
             data = self._renderer.render(batch.events)
             self._ended = self._ended or self._renderer.done

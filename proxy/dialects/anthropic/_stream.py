@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic._vocabulary import (
@@ -86,6 +86,9 @@ class StreamRenderer:
     event arrives, and then streamed as its own block. Only choice 0 is rendered: an
     Anthropic message has one.
     """
+
+    # Said while the backend is alive but has nothing new (its own pings, a server tool running).
+    keepalive: ClassVar[bytes] = PING
 
     def __init__(self, *, model: str = "") -> None:
         self._model = model

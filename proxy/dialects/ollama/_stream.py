@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.dialects.ollama._common import json_string
@@ -189,6 +189,8 @@ class StreamRenderer:
     Without `thinking` (the client said `think: false`) reasoning is dropped. Only choice 0
     is rendered (an Ollama request cannot ask for more).
     """
+
+    keepalive: ClassVar[bytes] = b""  # NDJSON has no line a client would skip
 
     def __init__(
         self,

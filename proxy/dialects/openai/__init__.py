@@ -25,6 +25,7 @@ from proxy.dialects.openai._response import (
 )
 from proxy.dialects.openai._stream import (
     DONE,
+    KEEPALIVE,
     RelayOutput,
     StreamRelay,
     StreamRenderer,
@@ -35,6 +36,7 @@ from proxy.dialects.openai._stream import (
 __all__ = [
     "DIALECT",
     "DONE",
+    "KEEPALIVE",
     "RelayOutput",
     "StreamRelay",
     "StreamRenderer",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.dialects.openai._response import (
@@ -39,6 +39,8 @@ from proxy.domain.events import (
 )
 
 DONE = b"data: [DONE]\n\n"
+# An SSE comment: every SSE client skips it; proxies in between see the stream is alive.
+KEEPALIVE = b": keep-alive\n\n"
 # Enough of a body that is not a stream to read an error object's message from.
 _HEAD_LIMIT = 65536
 _ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
@@ -337,6 +339,8 @@ def _usage_chunk(start: StreamStart, usage: Usage) -> bytes:
 
 class StreamRenderer:
     """Renders domain events as an OpenAI chat stream (for non-OpenAI backends and replays)."""
+
+    keepalive: ClassVar[bytes] = KEEPALIVE
 
     def __init__(self, *, include_usage: bool | None) -> None:
         self._include_usage = bool(include_usage)

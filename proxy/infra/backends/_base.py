@@ -26,7 +26,8 @@ class Batch:
     `raw` is the same content already rendered as OpenAI SSE, present only when the backend
     speaks OpenAI and the caller asked for it (the byte-exact relay). `done` marks the batch
     after which the client's stream is complete. A non-streaming exchange yields a single
-    batch carrying `completion` (and `raw` JSON when relayable).
+    batch carrying `completion` (and `raw` JSON when relayable). An empty batch (no event, no
+    raw, not done) is a keep-alive: the backend is alive with nothing new to say.
     """
 
     events: list[StreamEvent]
@@ -329,6 +330,9 @@ async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:
     return b"".join(parts)[:limit]
 
 
+# At most one keep-alive to the client this often, while the backend sends bytes but no event.
+KEEPALIVE_SECONDS = 5.0
+
 # Reading what follows the end of a stream lets the connection return to the pool; a backend
 # that dawdles over its last bytes costs a fresh connection, not the client's time.
 DRAIN_SECONDS = 0.05
@@ -354,6 +358,7 @@ async def pump_stream(
     chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
     idle = timeouts.idle or math.inf
     started = finished = False
+    next_keepalive = 0.0
     data: bytes | None = b""
     with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(backend):
         while data is not None:
@@ -372,7 +377,12 @@ async def pump_stream(
                 scope.deadline = trio.current_time() + idle
             elif started and data:
                 # Bytes that make no event yet (Anthropic's pings while a server tool runs, an
-                # SSE comment, half a frame): the backend is not silent.
+                # SSE comment, half a frame): the backend is not silent, and the client (and
+                # any proxy on its way, with its own read timeout) is told so now and then.
+                now = trio.current_time()
+                if now >= next_keepalive:
+                    next_keepalive = now + KEEPALIVE_SECONDS
+                    await send.send(Batch([]))
                 scope.deadline = trio.current_time() + idle
             if output.done:
                 finished = True
