@@ -960,3 +960,20 @@ def test_an_openai_clients_parallel_tool_calls_reach_an_anthropic_backend(
     request = openai.parse_chat_request(json.dumps(body).encode())
     sent = json.loads(anthropic.encode_messages_request(request, "up", stream=False, default_max_tokens=10))
     assert sent.get("tool_choice") == expected
+
+
+def test_an_assistant_turns_blocks_are_kept_as_sent_only_when_their_order_needs_it() -> None:
+    """Kept, they travel twice (the canonical request, the log row): only for an order the
+    domain's rendering (thinking, the rest, tool calls) would change."""
+    thinking = {"type": "thinking", "thinking": "t", "signature": "S"}
+    text = {"type": "text", "text": "x"}
+    call = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+
+    def kept(turn: list[dict[str, Any]]) -> bool:
+        body = {"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": turn}]}
+        request = anthropic.parse_messages_request(json.dumps(body).encode())
+        return "content" in request.messages[-1].extra
+
+    assert not kept([thinking, text, call]) and not kept([text]) and not kept([thinking, call])
+    assert kept([thinking, text, thinking, text]) and kept([text, call, text])

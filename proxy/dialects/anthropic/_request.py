@@ -308,10 +308,22 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
         content=tuple(parts),
         tool_calls=tuple(calls),
         reasoning="".join(reasoning) if reasoning else None,
-        # The blocks as sent, in their order, for an Anthropic backend: interleaved thinking
-        # must come back exactly as it was (the domain keeps reasoning, text and calls apart).
-        extra={"content": [block for block, _ in blocks]},
+        extra=_order_kept(blocks),
     )
+
+
+def _order_kept(blocks: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """The blocks as sent, for an Anthropic backend, when their order is one the domain's
+    rendering (thinking, then the rest, then tool calls) would change: interleaved thinking
+    must come back exactly as it was. Kept only then: the canonical request (the log row,
+    the fingerprints) carries them a second time."""
+    ranks = [_RENDER_RANK.get(block["type"], 1) for block, _ in blocks]
+    if ranks == sorted(ranks):
+        return {}
+    return {"content": [block for block, _ in blocks]}
+
+
+_RENDER_RANK = {"thinking": 0, "redacted_thinking": 0, "tool_use": 2}
 
 
 def _parts(block: dict[str, Any], path: str) -> list[ContentPart]:
