@@ -155,7 +155,7 @@ def test_full_request_maps_onto_the_domain() -> None:
     assert (request.params.temperature, request.params.top_p, request.params.top_k) == (0.5, 0.9, 40)
     assert request.stream and request.include_usage and request.dialect == "anthropic"
     assert request.extra == {"metadata": {"user_id": "u1"}, "thinking": {"type": "enabled", "budget_tokens": 1024},
-                             "tools": [{"name": "weather", "description": "Weather now", "input_schema": {"type": "object"}}]}
+                             "tools": [{"name": "weather"}]}  # in its place; its description and schema are the domain's
 
 
 @pytest.mark.parametrize(

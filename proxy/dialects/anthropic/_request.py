@@ -86,9 +86,13 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
     raw_tools = fields.array("tools") or []
     tools = _parse_tools(raw_tools)
     if raw_tools:
-        # For an Anthropic backend, every tool as sent and in its order: server tools, cache
-        # breakpoints, `strict`, `defer_loading`, … (the domain keeps the custom tools' core).
-        extra["tools"] = raw_tools
+        # For an Anthropic backend, every tool in its order: server tools whole, custom ones
+        # with what the domain does not keep (cache breakpoints, `strict`, `defer_loading`,
+        # …); their description and schema are the domain's, not carried twice.
+        extra["tools"] = [
+            {k: v for k, v in tool.items() if k not in _TOOL_MODELLED} if _is_custom(tool) else tool
+            for tool in raw_tools
+        ]
     tool_choice = _parse_tool_choice(fields.object("tool_choice"))
     parallel_tool_calls: bool | None = None
     if tool_choice is not None and "disable_parallel_tool_use" in fields.data["tool_choice"]:
@@ -396,16 +400,19 @@ def _is_custom(tool: dict[str, Any]) -> bool:
     return tool.get("type", "custom") in ("custom", None)
 
 
+_TOOL_MODELLED = frozenset({"description", "input_schema"})
+
+
 def _render_tools(request: ChatRequest, extra: dict[str, Any]) -> list[dict[str, Any]]:
     """An Anthropic client's tools as it sent them, unless the gateway changed the custom
     ones (then those are rendered, its server tools after them); others' tools rendered."""
-    raw = extra.get("tools")
+    kept = extra.get("tools")
     server: list[dict[str, Any]] = []
-    if isinstance(raw, list):
-        custom = [tool.get("name") for tool in raw if _is_custom(tool)]
-        if custom == [tool.name for tool in request.tools]:
-            return list(raw)
-        server = [tool for tool in raw if not _is_custom(tool)]
+    if isinstance(kept, list):
+        if [tool.get("name") for tool in kept if _is_custom(tool)] == [tool.name for tool in request.tools]:
+            domain = iter(request.tools)
+            return [{**_render_tool(next(domain)), **tool} if _is_custom(tool) else tool for tool in kept]
+        server = [tool for tool in kept if not _is_custom(tool)]
     return [_render_tool(tool) for tool in request.tools] + server
 
 
