@@ -291,13 +291,6 @@ class ChatStore:
         )
         return taken == 1
 
-    async def key_failed(self, key: str, trace_id: str) -> bool:
-        """Whether `key`, still held by `trace_id`, says its run failed or was cancelled."""
-        status = await self._db.fetchval(
-            "SELECT status FROM idempotency_keys WHERE key = %s AND trace_id = %s", (key, trace_id)
-        )
-        return status in ("failed", "cancelled")
-
     async def trace_failed(self, trace_id: str) -> bool:
         """Whether the key `trace_id` holds says its run failed or was cancelled (a run whose
         process died before writing its row has only its key to say so)."""

@@ -187,7 +187,7 @@ class Persistence:
             # Its outcome is not committed yet, but the run is over and failed: a retry runs
             # again, as it would a moment later.
             return None
-        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id, key)
+        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
         return Plan("follow", producer=producer, req_id=req_id, key=key,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
@@ -210,7 +210,7 @@ class Persistence:
         except DatabaseError:
             return None
 
-    def remote_reader(self, trace_id: str, key: str | None = None) -> Producer:
+    def remote_reader(self, trace_id: str) -> Producer:
         """Follow a run on another instance through JetStream; with NATS down, wait for its
         stored outcome in PostgreSQL instead."""
 
@@ -218,7 +218,7 @@ class Persistence:
             bus = self.bus()
             if bus is not None:
                 try:
-                    if await self._follow_bus(bus, trace_id, key, send):
+                    if await self._follow_bus(bus, trace_id, send):
                         return
                 except BusError as error:
                     log.warning("following %s on NATS failed: %s", trace_id, error)
@@ -226,7 +226,7 @@ class Persistence:
 
         return read
 
-    async def _follow_bus(self, bus: Bus, trace_id: str, key: str | None, send: trio.MemorySendChannel[Batch]) -> bool:
+    async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
         """Relay the trace's events; True once its `finished` was seen (False: nothing stored).
 
         While the run is silent, its row is looked at every heartbeat: a run whose process
@@ -244,7 +244,7 @@ class Persistence:
                 if quiet.cancelled_caught:
                     if trio.current_time() - heard >= silence:
                         break
-                    error = await self._stored_failure(trace_id, key)
+                    error = await self._stored_failure(trace_id)
                     if error is None:
                         continue
                     if not relayed:
@@ -269,15 +269,15 @@ class Persistence:
         """The error a finished, failed run stored (committed before its `finished`)."""
         return await self._stored_failure(trace_id) or GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
 
-    async def _stored_failure(self, trace_id: str, key: str | None = None) -> GatewayError | None:
-        """The error of a run whose row (or, with no row yet, whose `key`) says it failed or
+    async def _stored_failure(self, trace_id: str) -> GatewayError | None:
+        """The error of a run whose row (or, with no row yet, whose key) says it failed or
         was cancelled; None otherwise."""
         store = self.store()
         if store is None:
             return None
         try:
             stored = await store.stored(trace_id)
-            if stored is None and key is not None and await store.key_failed(key, trace_id):
+            if stored is None and await store.trace_failed(trace_id):
                 return GatewayError(ErrorKind.UNAVAILABLE, INTERRUPTED_MESSAGE)
         except DatabaseError:
             return None
