@@ -65,7 +65,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-async def wait_for_key(url: str, key: str) -> None:
+async def wait_for_key(url: str, key: str, within: float = 5.0) -> None:
     """Until the gateway knows the key (before that, with no key at all, auth is still off)."""
 
     async def known() -> bool:
@@ -74,4 +74,4 @@ async def wait_for_key(url: str, key: str) -> None:
             keyed = await client.get("/v1/models", headers=bearer(key))
             return anonymous.status_code == 401 and keyed.status_code == 200
 
-    await eventually(known)
+    await eventually(known, within=within)

@@ -158,15 +158,17 @@ async def test_what_a_gateway_admitted_alone_in_an_outage_is_charged_to_the_shar
 
     await eventually(charged, within=30, every=0.5)
     # The second gateway's pooled connections died with the server: until it has new ones, its
-    # admissions are local. Its own requests (another key's) get it there first.
-    warm = await new_key(stack.db, "warm", "--rpm", "1000")
-    await wait_for_key(stack.second, warm)
-    async with httpx.AsyncClient(base_url=stack.second, headers=bearer(warm), timeout=30) as client:
+    # admissions are local (and it learns no new key). Its own requests (another key's) get
+    # it there first.
+    async with httpx.AsyncClient(base_url=stack.second, timeout=30) as client:
 
         async def ready() -> bool:
             return (await client.get("/ready")).status_code == 200
 
         await eventually(ready, within=30, every=0.5)
+    warm = await new_key(stack.db, "warm", "--rpm", "1000")
+    await wait_for_key(stack.second, warm, within=15)  # the key ring polls every 5 s
+    async with httpx.AsyncClient(base_url=stack.second, headers=bearer(warm), timeout=30) as client:
         for _ in range(3):
             await client.post("/v1/chat/completions", json=CHAT)
     async with httpx.AsyncClient(base_url=stack.second, headers=bearer(key), timeout=30) as client:
