@@ -47,10 +47,18 @@ class BackendConfig:
     max_connections: int = 100
     request_usage: bool = True
     cache: bool = False
+    # Further base URLs of the same server (`base_url = [...]` in TOML): replicas serving the
+    # same models, which share the requests and stand in for one another.
+    replicas: tuple[str, ...] = ()
 
     @property
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every replica's base URL, `base_url` first."""
+        return (self.base_url, *self.replicas)
 
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -323,14 +331,12 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
     kind = reader.get("kind", str, "openai")
     if kind not in BACKEND_KINDS:
         raise ConfigError(f"`{where}.kind` must be one of {', '.join(BACKEND_KINDS)}, got {kind!r}")
-    base_url = reader.get("base_url", str)
-    if not base_url:
-        raise ConfigError(f"`{where}.base_url` is required")
-    _check_url(base_url, f"{where}.base_url")
+    urls = _base_urls(reader.get("base_url", (str, list)), f"{where}.base_url")
     return BackendConfig(
         name=name,
         kind=kind,
-        base_url=base_url.rstrip("/"),
+        base_url=urls[0],
+        replicas=urls[1:],
         api_key_env=reader.get("api_key_env", str),
         prefixes=reader.strings("prefixes"),
         models=reader.strings("models"),
@@ -443,6 +449,25 @@ def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
     )
 
 
+def _base_urls(value: str | list[Any] | None, key: str) -> tuple[str, ...]:
+    """A backend's `base_url`: one URL, or a list of the replicas' URLs (a comma-separated
+    list in the environment)."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")] if "," in value else [value]
+    if not value:
+        raise ConfigError(f"`{key}` is required")
+    urls: list[str] = []
+    for url in value:
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"`{key}` must be a URL or a list of URLs, got {value!r}")
+        _check_url(url, key)
+        url = url.rstrip("/")
+        if url in urls:
+            raise ConfigError(f"`{key}` lists {url!r} twice")
+        urls.append(url)
+    return tuple(urls)
+
+
 def _check_url(url: str, key: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -544,13 +569,12 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
     if (auth := env.get("LLM_PROXY_AUTH")) is not None:
         changes["auth"] = _auth_mode(auth, "LLM_PROXY_AUTH")
     if base_url := env.get("LLM_BASE_URL"):
-        _check_url(base_url, "LLM_BASE_URL")
-        changes["backends"] = _with_env_backend(settings.backends, base_url.rstrip("/"), env)
+        changes["backends"] = _with_env_backend(settings.backends, _base_urls(base_url, "LLM_BASE_URL"), env)
     return replace(settings, **changes) if changes else settings
 
 
 def _with_env_backend(
-    backends: tuple[BackendConfig, ...], base_url: str, env: Mapping[str, str]
+    backends: tuple[BackendConfig, ...], urls: tuple[str, ...], env: Mapping[str, str]
 ) -> tuple[BackendConfig, ...]:
     """`LLM_BASE_URL` alone gives one default OpenAI-compatible backend (the seed's compose
     set-up); with configured backends it re-points the default one, or, when none is the
@@ -559,7 +583,9 @@ def _with_env_backend(
     key_env = "LLM_API_KEY" if "LLM_API_KEY" in env else None
     for i, backend in enumerate(backends):
         if backend.default:
-            repointed = replace(backend, base_url=base_url, api_key_env=key_env or backend.api_key_env)
+            repointed = replace(
+                backend, base_url=urls[0], replicas=urls[1:], api_key_env=key_env or backend.api_key_env
+            )
             return (*backends[:i], repointed, *backends[i + 1 :])
     if any(backend.name == "default" for backend in backends):
         # Two backends of one name: the gateway would keep one and send the other's models to it.
@@ -568,5 +594,7 @@ def _with_env_backend(
             "and none sets `default = true`: rename it, or mark the backend `LLM_BASE_URL` should re-point "
             "`default = true`"
         )
-    default = BackendConfig(name="default", kind="openai", base_url=base_url, api_key_env=key_env, default=True)
+    default = BackendConfig(
+        name="default", kind="openai", base_url=urls[0], replicas=urls[1:], api_key_env=key_env, default=True
+    )
     return (*backends, default)

@@ -135,33 +135,92 @@ def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[floa
     return items
 
 
+# A replica that could not be reached is set aside this long, doubled for each failure in a
+# row up to the maximum; its next request afterwards is the probe that brings it back.
+SET_ASIDE_SECONDS = 5.0
+SET_ASIDE_MAX_SECONDS = 60.0
+
+
+@dataclass(slots=True, eq=False)
+class _Replica:
+    """One base URL of a backend, with its own connection pool."""
+
+    base: str
+    transport: PooledTransport
+    headers: dict[str, str]
+    urls: dict[str, httpx.URL] = field(default_factory=dict)
+    in_flight: int = 0
+    failures: int = 0
+    set_aside_until: float = -math.inf
+
+    def url(self, path: str) -> httpx.URL:
+        url = self.urls.get(path)
+        if url is None:
+            url = self.urls[path] = httpx.URL(self.base + path)
+        return url
+
+    def set_aside(self, now: float) -> float:
+        self.failures += 1
+        seconds = min(SET_ASIDE_SECONDS * 2.0 ** (self.failures - 1), SET_ASIDE_MAX_SECONDS)
+        self.set_aside_until = now + seconds
+        return seconds
+
+
 class BackendClient:
     """One backend's pooled HTTP client: httpx's request and response models over our
     `PooledTransport`, without httpx.AsyncClient's per-request machinery (cookies, auth
     flows, redirects, URL merging) that a gateway calling one fixed server never needs —
-    it cost a fifth of the gateway's CPU per request."""
+    it cost a fifth of the gateway's CPU per request.
+
+    A backend with replicas (several base URLs) sends each request to the replica with the
+    fewest requests in flight (streams count until they end). One that cannot be reached or
+    answers 503 is set aside for a while, and the request goes to the next one: nothing was
+    generated there, so nothing is done twice."""
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
+        self._name = config.name
+        self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
+        self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
+        self._turn = 0
+
+    @staticmethod
+    def _replica(base: str, config: BackendConfig, auth_header: dict[str, str]) -> _Replica:
         # Under uvicorn's (vLLM's) and cpp-httplib's (llama.cpp's) 5 s keep-alive: a connection
         # they may be closing right now is not taken.
-        self._transport = PooledTransport(
+        transport = PooledTransport(
             max_connections=config.max_connections, max_keepalive=config.max_connections, keepalive_expiry=4.0
         )
-        self._name = config.name
-        self._base = config.base_url.rstrip("/")
-        host = httpx.URL(self._base).netloc.decode()
-        self._headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
-        self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
-        self._urls: dict[str, httpx.URL] = {}
+        host = httpx.URL(base).netloc.decode()
+        headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
+        return _Replica(base.rstrip("/"), transport, headers)
 
-    def _url(self, path: str) -> httpx.URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self._base + path)
-        return url
+    def _pick(self, tried: list[_Replica]) -> _Replica | None:
+        """The replica for the next attempt: one that is not set aside, with the fewest
+        requests in flight (ties go round in turn), not tried yet for this request. A first
+        attempt goes to the one whose time is nearest up when every one is set aside; a
+        second one only to a replica that is up (None: there is none)."""
+        replicas = self._replicas
+        count = len(replicas)
+        if count == 1:
+            return None if tried else replicas[0]
+        now = trio.current_time()
+        self._turn = turn = (self._turn + 1) % count
+        best: _Replica | None = None
+        best_rank = (True, 0, 0.0)
+        for offset in range(count):
+            replica = replicas[(turn + offset) % count]
+            if replica in tried:
+                continue
+            aside = replica.set_aside_until > now
+            if aside and tried:
+                continue
+            rank = (aside, replica.in_flight if not aside else 0, replica.set_aside_until if aside else 0.0)
+            if best is None or rank < best_rank:
+                best, best_rank = replica, rank
+        return best
 
-    def build_request(
+    async def send(
         self,
         method: str,
         path: str,
@@ -169,40 +228,89 @@ class BackendClient:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
         params: dict[str, Any] | None = None,
-    ) -> httpx.Request:
-        url = self._url(path)
-        if params:
-            url = url.copy_merge_params(params)
-        return httpx.Request(
-            method, url, headers={**self._headers, **headers} if headers else self._headers,
-            content=content, extensions={"timeout": self._timeout},
-        )
-
-    async def send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
+        stream: bool = False,
+    ) -> httpx.Response:
         """The response with its body open (`stream=True`: the caller must `aclose()` it) or read."""
-        response = await self._transport.handle_async_request(request)
-        if 300 <= response.status_code < 400:
-            # Following it would re-send a POST where the configuration did not say: name it.
+        response, replica = await self._open(method, path, content, headers, params)
+        if stream:
+            # The replica's count of requests in flight drops when the stream is closed.
+            response.extensions["llm_proxy.replica"] = replica
+            return response
+        try:
+            await response.aread()
+        finally:
+            replica.in_flight -= 1
             await response.aclose()
-            location = response.headers.get("location") or "nowhere"
-            raise GatewayError(
-                ErrorKind.BACKEND,
-                f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
-                "the gateway does not follow redirects: set its `base_url` to where it points.",
-                code=f"backend_{response.status_code}",
-            )
-        if not stream:
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
         return response
 
+    async def _open(
+        self, method: str, path: str, content: bytes | None, headers: dict[str, str] | None, params: dict[str, Any] | None
+    ) -> tuple[httpx.Response, _Replica]:
+        tried: list[_Replica] = []
+        replica = self._pick(tried)
+        assert replica is not None  # a first attempt always has one
+        while True:
+            tried.append(replica)
+            url = replica.url(path)
+            if params:
+                url = url.copy_merge_params(params)
+            request = httpx.Request(
+                method, url, headers={**replica.headers, **headers} if headers else replica.headers,
+                content=content, extensions={"timeout": self._timeout},
+            )
+            replica.in_flight += 1
+            try:
+                response = await replica.transport.handle_async_request(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                replica.in_flight -= 1
+                standby = self._pick(tried)
+                if standby is None:
+                    raise
+                self._set_aside(replica, exc)
+                replica = standby
+                continue
+            except BaseException:
+                replica.in_flight -= 1
+                raise
+            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
+                replica.in_flight -= 1
+                await response.aclose()
+                self._set_aside(replica, "it answered 503")
+                replica = standby
+                continue
+            replica.failures, replica.set_aside_until = 0, -math.inf
+            if 300 <= response.status_code < 400:
+                # Following it would re-send a POST where the configuration did not say: name it.
+                replica.in_flight -= 1
+                await response.aclose()
+                location = response.headers.get("location") or "nowhere"
+                raise GatewayError(
+                    ErrorKind.BACKEND,
+                    f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
+                    "the gateway does not follow redirects: set its `base_url` to where it points.",
+                    code=f"backend_{response.status_code}",
+                )
+            return response, replica
+
+    def _set_aside(self, replica: _Replica, why: object) -> None:
+        seconds = replica.set_aside(trio.current_time())
+        _log.warning(
+            "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
+        )
+
+    @staticmethod
+    async def close(response: httpx.Response) -> None:
+        """Close a response `send(stream=True)` returned."""
+        replica = response.extensions.pop("llm_proxy.replica", None)
+        if replica is not None:
+            replica.in_flight -= 1
+        await response.aclose()
+
     async def post(self, path: str, *, content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
-        return await self.send(self.build_request("POST", path, content=content, headers=headers))
+        return await self.send("POST", path, content=content, headers=headers)
 
     async def get(self, path: str, *, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
-        return await self.send(self.build_request("GET", path, headers=headers, params=params))
+        return await self.send("GET", path, headers=headers, params=params)
 
     async def stream_into(
         self,
@@ -222,10 +330,9 @@ class BackendClient:
         The first-token clock covers the wait for the response head too: a backend that
         queues the request before answering is as silent as one that stalls after it. An
         error status becomes `error(response, body)`, raised before anything was sent."""
-        request = self.build_request("POST", path, content=body, headers=headers)
         first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
         with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
-            response = await self.send(request, stream=True)
+            response = await self.send("POST", path, content=body, headers=headers, stream=True)
         if head_scope.cancelled_caught:
             raise timeout_error(backend, "sent no first token", timeouts.first_token)
         try:
@@ -238,10 +345,11 @@ class BackendClient:
             )
         finally:
             with trio.CancelScope(shield=True):
-                await response.aclose()
+                await self.close(response)
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        for replica in self._replicas:
+            await replica.transport.aclose()
 
 
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:

@@ -1,0 +1,135 @@
+"""A backend with replicas: requests shared by load, and a replica that is down or full
+stood in for by another — on real servers (fake backends on loopback, the official SDK)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.config import ConfigError, load_settings
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
+from tests.test_cli import free_port
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _chats(fake: OpenAIBackend) -> int:
+    return sum(1 for request in fake.requests if request.path.endswith("/chat/completions"))
+
+
+@asynccontextmanager
+async def _replicated(*fakes: OpenAIBackend, extra_urls: tuple[str, ...] = ()) -> AsyncIterator[str]:
+    """A gateway whose one backend has a replica per fake (then `extra_urls`)."""
+    async with AsyncExitStack() as stack:
+        urls = [f"{(await stack.enter_async_context(fake.serve())).url}/v1" for fake in fakes]
+        urls += extra_urls
+        config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=tuple(urls[1:]))
+        yield await stack.enter_async_context(running_gateway(config))
+
+
+async def test_requests_are_shared_between_replicas() -> None:
+    first, second = OpenAIBackend(), OpenAIBackend()
+    async with _replicated(first, second) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(10):
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    assert (_chats(first), _chats(second)) == (5, 5)
+
+
+async def test_a_replica_busy_with_a_stream_gets_no_new_request_until_it_ends() -> None:
+    busy, idle = OpenAIBackend(), OpenAIBackend()
+    busy.set_script(Script(n_tokens=30, pace=0.05))
+    idle.set_script(Script(n_tokens=30, pace=0.05))
+    async with _replicated(busy, idle) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        streamed: list[str] = []
+
+        async def stream() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+                streamed.append((await response.aread()).decode())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+
+            async def flowing() -> bool:
+                return busy.active_streams + idle.active_streams > 0
+
+            await eventually(flowing)
+            streaming, other = (busy, idle) if busy.active_streams else (idle, busy)
+            other.set_script(Script(tokens=["quick"]))
+            for _ in range(4):
+                answer = await client.post("/v1/chat/completions", json=CHAT)
+                assert answer.json()["choices"][0]["message"]["content"] == "quick"
+            assert (_chats(streaming), _chats(other)) == (1, 4)
+        assert streamed and streamed[0].endswith("data: [DONE]\n\n")
+        # The stream's end counts: the two replicas share the requests evenly again.
+        streaming.set_script(Script(tokens=["quick"]))
+        for _ in range(4):
+            await client.post("/v1/chat/completions", json=CHAT)
+    assert (_chats(streaming), _chats(other)) == (3, 6)
+
+
+async def test_a_replica_that_is_down_is_stood_in_for_and_then_left_alone(caplog: pytest.LogCaptureFixture) -> None:
+    up = OpenAIBackend(default=Script(tokens=["fine"]))
+    down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    async with _replicated(up, extra_urls=(down,)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            answer = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content == "fine"
+            chunks = [c async for c in await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True)]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+    assert _chats(up) == 6
+    # Tried once, then set aside: one warning, not one per request.
+    aside = [r for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(aside) == 1 and down in aside[0].getMessage()
+
+
+async def test_a_replica_that_answers_503_is_stood_in_for() -> None:
+    full, free = OpenAIBackend(), OpenAIBackend(default=Script(tokens=["here"]))
+    full.set_script(Script(status=503))
+    async with _replicated(full, free) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(4):
+            answer = await client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "here"
+    assert _chats(free) == 4
+    assert _chats(full) == 1  # set aside after its 503
+
+
+async def test_every_replica_down_is_a_503_in_the_callers_dialect() -> None:
+    urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
+    config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])
+    async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for _ in range(2):
+            answer = await client.post("/v1/chat/completions", json=CHAT)
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "backend_unreachable"
+
+
+def test_base_url_takes_a_list_of_replicas_in_toml_and_a_comma_separated_one_in_the_environment(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    config = tmp_path / "llm-proxy.toml"  # type: ignore[operator]
+    config.write_text(
+        '[[backends]]\nname = "vllm"\nbase_url = ["http://gpu1:8000/v1/", "http://gpu2:8000/v1"]\ndefault = true\n'
+    )
+    [vllm] = load_settings(config, environ={}).backends
+    assert vllm.urls == ("http://gpu1:8000/v1", "http://gpu2:8000/v1")
+    [default] = load_settings(None, environ={"LLM_BASE_URL": "http://a:8000/v1, http://b:8000/v1"}).backends
+    assert default.urls == ("http://a:8000/v1", "http://b:8000/v1")
+    for bad, message in (
+        ('["http://gpu1:8000/v1", "http://gpu1:8000/v1/"]', "lists 'http://gpu1:8000/v1' twice"),
+        ("[]", "`backends[0].base_url` is required"),
+        ('["http://gpu1:8000/v1", 3]', "`backends[0].base_url` must be a URL or a list of URLs"),
+        ('["http://gpu1:8000/v1", "gpu2"]', "`backends[0].base_url` must be an http(s) URL"),
+    ):
+        config.write_text(f'[[backends]]\nname = "vllm"\nbase_url = {bad}\ndefault = true\n')
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            load_settings(config, environ={})
