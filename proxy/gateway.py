@@ -13,6 +13,7 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.logging import RequestLog
+from proxy.infra.metrics import Metrics
 from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
 from proxy.services.auth import Authenticator, KeyRing, ScopedCatalog, ScopedRouter
@@ -43,6 +44,7 @@ class Gateway:
     semantic_cache: SemanticCache | None = None
     auth: Authenticator | None = None
     limits: RateLimiter | None = None
+    metrics: Metrics | None = None
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not."""
@@ -118,8 +120,11 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     if settings.embeddings.preload and settings.embeddings.local_model:
         nursery.start_soon(local_model.warm)
     # Embeddings count in their key's usage and token limit as chats do (not in the request
-    # log, which is one line per chat).
-    embeddings = EmbeddingService(settings.embeddings, router, backends, local_model, record=limits.record)
+    # log, which is one line per chat), and in the metrics.
+    metrics = Metrics()
+    embeddings = EmbeddingService(
+        settings.embeddings, router, backends, local_model, record=record_to(limits.record, metrics.sink("embeddings"))
+    )
     rag = RagService(settings.rag, lambda: resources.database, local_model)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
     # The catalogue teaches the router the names backends list (see `_front.serve`).
@@ -129,7 +134,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record), persistence=persistence, semantic_cache=semantic_cache,
+            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink("chat")), persistence=persistence, semantic_cache=semantic_cache,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),
             resources=resources,
@@ -139,6 +144,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             semantic_cache=semantic_cache,
             auth=auth,
             limits=limits,
+            metrics=metrics,
         )
     finally:
         await limits.aclose()  # writes pending usage while the database is still open

@@ -24,6 +24,7 @@ from proxy.config import Settings
 from proxy.http.app import create_app
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
+from proxy.infra.metrics import multiprocess_dir
 
 log = logging.getLogger("llm_proxy.serve")
 
@@ -126,6 +127,11 @@ def run(settings: Settings, sockets: Sockets) -> None:
     if settings.workers == 1:
         trio.run(functools.partial(serve, settings, sockets=sockets))
         return
+    with multiprocess_dir():
+        _run_workers(settings, sockets)
+
+
+def _run_workers(settings: Settings, sockets: Sockets) -> None:
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker_main, args=(settings, sockets, os.getpid()), name=f"llm-proxy-worker-{i}")

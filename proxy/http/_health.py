@@ -1,4 +1,4 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from quart import Blueprint, Response
 
 from proxy.http._context import gateway
+from proxy.infra.metrics import CONTENT_TYPE
 
 blueprint = Blueprint("health", __name__)
 
@@ -24,3 +25,11 @@ async def ready() -> Response:
     if failing:
         body["reason"] = "; ".join(f"{name}: {state}" for name, state in failing.items())
     return Response(json.dumps(body), status=200 if not failing else 503, content_type="application/json")
+
+
+@blueprint.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus's text format (see `proxy.infra.metrics`)."""
+    counted = gateway().metrics
+    body = counted.render() if counted is not None else b""
+    return Response(body, content_type=CONTENT_TYPE)

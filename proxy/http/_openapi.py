@@ -533,6 +533,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {"description": "Ready", "content": {"application/json": {"schema": _health_body(["ok"])}}},
         description="503 with the failing checks when a dependency is down.",
     ),
+    ("/metrics", "get"): _op(
+        "Prometheus metrics: requests, durations, time to first token, tokens", "Operations",
+        {"description": "Prometheus's text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+    ),
     ("/openapi.json", "get"): _op("This document", "Operations", _ok(_OBJ)),
 }
 

@@ -1,0 +1,115 @@
+"""Prometheus metrics: what every request did, counted from its request-log record.
+
+One `Metrics` per process. With `--workers N` each worker counts into files of a directory
+the parent made (prometheus_client's multiprocess mode, `multiprocess_dir`), and whichever
+worker a scrape reaches sums them all, so a scrape through the shared port sees the whole
+gateway. A bound child of a metric is kept per label set: a record costs a dict lookup and
+an increment or two, never a `labels()` call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.services.chat import ExchangeRecord, RecordSink
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # Its own registry: two gateways in one process (the tests) do not share counts.
+        self._registry = CollectorRegistry(auto_describe=True)
+        registry = self._registry
+        self._requests = Counter(
+            "llm_proxy_requests", "Requests answered, by what they asked for and how they ended.",
+            ["kind", "dialect", "model", "backend", "source", "status", "outcome"], registry=registry,
+        )
+        self._duration = Histogram(
+            "llm_proxy_request_duration_seconds", "Time from the request's arrival to its last byte.",
+            ["kind", "model", "backend", "stream"], buckets=_DURATION_BUCKETS, registry=registry,
+        )
+        self._ttft = Histogram(
+            "llm_proxy_time_to_first_token_seconds", "Time from a streamed request's arrival to its first token.",
+            ["model", "backend"], buckets=_TTFT_BUCKETS, registry=registry,
+        )
+        self._prompt = Counter(
+            "llm_proxy_prompt_tokens", "Prompt tokens (the backend's count, else the gateway's estimate).",
+            ["kind", "model", "backend"], registry=registry,
+        )
+        self._completion = Counter(
+            "llm_proxy_completion_tokens", "Completion tokens (the backend's count, else the gateway's estimate).",
+            ["model", "backend"], registry=registry,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def sink(self, kind: str) -> RecordSink:
+        """The record sink for requests of `kind` ("chat" or "embeddings")."""
+
+        def record(entry: ExchangeRecord) -> None:
+            self.observe(kind, entry)
+
+        return record
+
+    def observe(self, kind: str, entry: ExchangeRecord) -> None:
+        # A model no backend serves is the client's free text: as a label it would make one
+        # series per typo, without bound.
+        model = entry.model if entry.backend else ""
+        backend = entry.backend
+        outcome = "cancelled" if entry.cancelled else "error" if entry.error or entry.status >= 400 else "ok"
+        child = self._child
+        child(self._requests, kind, entry.dialect, model, backend, entry.source, str(entry.status), outcome).inc()
+        child(self._duration, kind, model, backend, "true" if entry.stream else "false").observe(entry.total_ms / 1000)
+        if entry.ttft_ms is not None and entry.stream:
+            child(self._ttft, model, backend).observe(entry.ttft_ms / 1000)
+        if entry.prompt_tokens:
+            child(self._prompt, kind, model, backend).inc(entry.prompt_tokens)
+        if entry.completion_tokens:
+            child(self._completion, model, backend).inc(entry.completion_tokens)
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def render(self) -> bytes:
+        """The exposition text: this process's counts, or every worker's in multiprocess mode."""
+        if os.environ.get(_MULTIPROCESS_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self._registry)
+
+
+@contextmanager
+def multiprocess_dir() -> Iterator[None]:
+    """For a parent about to start workers: a fresh directory for their counts, named in the
+    environment they inherit (before any of them imports prometheus_client), removed after.
+    One the operator named already is used as it is."""
+    if os.environ.get(_MULTIPROCESS_ENV):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.environ[_MULTIPROCESS_ENV] = path
+    try:
+        yield
+    finally:
+        del os.environ[_MULTIPROCESS_ENV]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["CONTENT_TYPE", "Metrics", "multiprocess_dir"]

@@ -1,0 +1,116 @@
+"""`GET /metrics`: Prometheus's view of what the gateway served — on a real gateway, and
+through `--workers 2`, where a scrape reaching either worker sees them both."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
+from tests.test_cli import free_port
+from tests.test_startup import running, wait_healthy
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    return sum(value for found, value in samples(text, name) if all(found.get(k) == v for k, v in labels.items()))
+
+
+async def test_metrics_count_requests_outcomes_latency_and_tokens() -> None:
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c"], usage=Usage(7, 3)))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, models=("m",))) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        for _ in range(2):
+            async for _chunk in await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            ):
+                pass
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            missing = await http.post("/v1/chat/completions", json={**CHAT, "model": "no-such-model-xyz"})
+            assert missing.status_code == 404
+            # A client that leaves in the middle of a stream.
+            fake.set_script(Script(n_tokens=200, pace=0.02))
+            async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+                async for _line in response.aiter_lines():
+                    break
+
+            async def counted() -> str | None:
+                text = (await http.get("/metrics")).text
+                return text if total(text, "llm_proxy_requests_total", outcome="cancelled") else None
+
+            text = await eventually(counted)
+            assert (await http.get("/metrics")).headers["content-type"].startswith("text/plain")
+
+    served = {"kind": "chat", "dialect": "openai", "model": "m", "backend": "vllm", "source": "backend"}
+    assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="ok") == 5
+    assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="cancelled") == 1
+    # An unknown model is counted, but its name is not a label (one series per typo, unbounded).
+    assert total(text, "llm_proxy_requests_total", model="", backend="", status="404", outcome="error") == 1
+    assert "no-such-model-xyz" not in text
+    assert total(text, "llm_proxy_request_duration_seconds_count", model="m", stream="false") == 3
+    assert total(text, "llm_proxy_request_duration_seconds_count", model="m", stream="true") == 3
+    assert total(text, "llm_proxy_time_to_first_token_seconds_count", model="m", backend="vllm") == 3
+    assert total(text, "llm_proxy_prompt_tokens_total", model="m", backend="vllm") >= 5 * 7
+    assert total(text, "llm_proxy_completion_tokens_total", model="m", backend="vllm") >= 5 * 3
+
+
+async def test_embeddings_are_counted_as_their_own_kind() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answer = await http.post("/v1/embeddings", json={"model": "m", "input": ["one", "two"]})
+            assert answer.status_code == 200, answer.text
+            text = (await http.get("/metrics")).text
+    assert total(text, "llm_proxy_requests_total", kind="embeddings", model="m", status="200", outcome="ok") == 1
+    assert total(text, "llm_proxy_requests_total", kind="chat") == 0
+    assert total(text, "llm_proxy_prompt_tokens_total", kind="embeddings", model="m") > 0
+
+
+def test_with_two_workers_every_scrape_counts_both(tmp_path: Path) -> None:
+    fake_command = [sys.executable, "-m", "tests.fakes", "openai"]
+    with running(fake_command) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+        config = tmp_path / "g.toml"
+        config.write_text(f'embedded = false\n[[backends]]\nname = "vllm"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL", "PROMETHEUS"))}
+        env["TMPDIR"] = str(tmp_path)
+        command = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                   "--workers", "2"]
+        url = f"http://127.0.0.1:{port}"
+        with running(command, env) as gateway:
+            wait_healthy(url, gateway)
+            for _ in range(20):  # a connection each: the kernel spreads them over both workers
+                with httpx.Client(base_url=url, timeout=10) as http:
+                    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+            for _ in range(8):
+                with httpx.Client(base_url=url, timeout=10) as http:
+                    text = http.get("/metrics").text
+                    assert total(text, "llm_proxy_requests_total", status="200") == 20
+            # Both workers served some: each counted into its own file.
+            [directory] = tmp_path.glob("llm-proxy-metrics-*")
+            assert len(list(directory.glob("counter_*.db"))) == 2
+    # The workers' count files go with the gateway.
+    assert not list(tmp_path.glob("llm-proxy-metrics-*"))
+
