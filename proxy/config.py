@@ -134,6 +134,16 @@ class SemanticCacheSettings:
     ttl_seconds: float = 3600.0
 
 
+# Ollama's default (`OLLAMA_ORIGINS`), plus IPv6's loopback: pages served from this machine
+# and desktop-app webviews.
+DEFAULT_CORS_ORIGINS = (
+    "http://localhost:*", "https://localhost:*",
+    "http://127.0.0.1:*", "https://127.0.0.1:*",
+    "http://0.0.0.0:*", "https://0.0.0.0:*",
+    "http://[::1]:*", "https://[::1]:*",
+    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
+)
+
 @dataclass(slots=True, frozen=True)
 class Settings:
     backends: tuple[BackendConfig, ...] = ()
@@ -157,6 +167,10 @@ class Settings:
     # always, "off" never. /health is always open; these paths too.
     auth: str = "auto"
     auth_public_paths: tuple[str, ...] = ("/ready", "/openapi.json")  # = DEFAULT_PUBLIC_PATHS
+    # Browser origins that may call the gateway (see `parse_origin_pattern`); the default is
+    # Ollama's: local pages and desktop-app schemes only, since the gateway listens on every
+    # interface and asks no key until one exists.
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
@@ -202,7 +216,8 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 # -- parsing ---------------------------------------------------------------------------------
 
 _TOP_KEYS = {
-    "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "models_cache_seconds", "log_level", "access_log",
+    "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
+    "models_cache_seconds", "log_level", "access_log",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "backends", "embeddings", "rag", "semantic_cache", "workflow",
 }
@@ -303,6 +318,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
         auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
+        cors_origins=cors_origins(top.strings("cors_origins"), "cors_origins") if "cors_origins" in raw else DEFAULT_CORS_ORIGINS,
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
         workflow=_parse_workflow(top.get("workflow", dict, {})),
@@ -522,6 +538,45 @@ def _public_paths(paths: tuple[str, ...] | None) -> tuple[str, ...]:
     return paths
 
 
+# scheme://host[:port], no path: the shape of a browser's `Origin` header. In a pattern the
+# host may be `*` (any host and port of the scheme) or start with `*.` (any subdomain), and
+# the port may be `*` (any port, or none).
+_ORIGIN = re.compile(r"^([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\s/:?#@\[\]]+)(?::(\d{1,5}|\*))?$")
+
+OriginParts = tuple[str, str, str | None]
+
+
+def parse_origin_pattern(text: str) -> OriginParts | None:
+    """`(scheme, host, port)` of an origin or origin pattern (lower case; port None when
+    absent), or None if `text` is neither. `*` alone is not parsed here: it is any origin."""
+    found = _ORIGIN.match(text.lower())
+    if found is None:
+        return None
+    scheme, host, port = found.groups()
+    wildcard_host = host.removeprefix("*.")
+    if "*" in wildcard_host and host != "*":
+        return None
+    if host == "*" and port is not None:
+        return None
+    if port is not None and port != "*" and not 0 < int(port) <= 65535:
+        return None
+    return scheme, host, port
+
+
+def cors_origins(entries: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """Validated `cors_origins` entries, in lower case (origins compare without case)."""
+    checked: list[str] = []
+    for entry in entries:
+        if entry != "*" and parse_origin_pattern(entry) is None:
+            raise ConfigError(
+                f"`{key}` entries must be `*` or an origin (scheme://host[:port], no path or trailing slash), "
+                f"where the port may be `*` (any port) and the host `*` (any host of the scheme) or start with `*.` "
+                f"(any subdomain), got {entry!r}"
+            )
+        checked.append(entry.lower())
+    return tuple(checked)
+
+
 def _check_backends(backends: tuple[BackendConfig, ...]) -> None:
     seen: set[str] = set()
     defaults = [b.name for b in backends if b.default]
@@ -568,6 +623,9 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         changes["embedded"] = embedded.lower() in ("1", "true", "yes")
     if (auth := env.get("LLM_PROXY_AUTH")) is not None:
         changes["auth"] = _auth_mode(auth, "LLM_PROXY_AUTH")
+    if origins := env.get("LLM_PROXY_CORS_ORIGINS"):
+        entries = tuple(entry.strip() for entry in origins.split(",") if entry.strip())
+        changes["cors_origins"] = cors_origins(entries, "LLM_PROXY_CORS_ORIGINS")
     if base_url := env.get("LLM_BASE_URL"):
         changes["backends"] = _with_env_backend(settings.backends, _base_urls(base_url, "LLM_BASE_URL"), env)
     return replace(settings, **changes) if changes else settings

@@ -10,6 +10,7 @@ from proxy.config import Settings
 from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
+    _cors,
     _embeddings,
     _front,
     _health,
@@ -25,8 +26,18 @@ from proxy.http._openapi import blueprint as openapi_blueprint
 
 
 class _App(GatewayApp):
+    cors: _cors.Cors
+
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
+            # Before anything else, the guard included: a preflight carries no key, and a
+            # page from an origin not allowed must not make any route run.
+            origin = _cors.origin_of(scope)
+            if origin is not None:
+                with_cors = await self.cors.admit(origin, scope, send)
+                if with_cors is None:
+                    return
+                send = with_cors
             matched = self.front.match(scope["path"])
             if matched is not None:
                 route, params = matched
@@ -41,6 +52,7 @@ class _App(GatewayApp):
 def create_app(settings: Settings) -> GatewayApp:
     app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
     app.front = _front.FrontDoor()
+    app.cors = _cors.Cors(settings.cors_origins)
     # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
