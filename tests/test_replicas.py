@@ -72,7 +72,10 @@ async def test_a_replica_busy_with_a_stream_gets_no_new_request_until_it_ends() 
         streaming.set_script(Script(tokens=["quick"]))
         for _ in range(4):
             await client.post("/v1/chat/completions", json=CHAT)
+        metrics = (await client.get("/metrics")).text
     assert (_chats(streaming), _chats(other)) == (3, 6)
+    in_flight = [line for line in metrics.splitlines() if line.startswith("llm_proxy_backend_replica_in_flight{")]
+    assert len(in_flight) == 2 and all(line.endswith(" 0.0") for line in in_flight)
 
 
 async def test_a_replica_that_is_down_is_stood_in_for_and_then_left_alone(caplog: pytest.LogCaptureFixture) -> None:
@@ -86,10 +89,20 @@ async def test_a_replica_that_is_down_is_stood_in_for_and_then_left_alone(caplog
             chunks = [c async for c in await client.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}], stream=True)]
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            ready = await http.get("/ready")
+            metrics = (await http.get("/metrics")).text
     assert _chats(up) == 6
     # Tried once, then set aside: one warning, not one per request.
     aside = [r for r in caplog.records if "set aside" in r.getMessage()]
     assert len(aside) == 1 and down in aside[0].getMessage()
+    # The backend serves, so it is ready; the replica that does not is shown, with why.
+    assert ready.status_code == 200
+    states = ready.json()["replicas"]["vllm"]
+    assert states[down].startswith("set aside for ") and "cannot connect" in states[down]
+    assert [v for k, v in states.items() if k != down] == ["ok"]
+    assert f'llm_proxy_backend_replica_up{{backend="vllm",replica="{down}"}} 0.0' in metrics
+    assert metrics.count("llm_proxy_backend_replica_up{") == 2
 
 
 async def test_a_replica_that_answers_503_is_stood_in_for() -> None:

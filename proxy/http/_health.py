@@ -21,9 +21,20 @@ async def health() -> Response:
 async def ready() -> Response:
     states = await gateway().readiness()
     failing = {name: state for name, state in states.items() if state != "ok"}
-    body = {"status": "ok" if not failing else "unavailable", "checks": states}
+    body: dict[str, object] = {"status": "ok" if not failing else "unavailable", "checks": states}
     if failing:
         body["reason"] = "; ".join(f"{name}: {state}" for name, state in failing.items())
+    # A replica set aside does not make its backend unready while another serves: shown, not failed.
+    replicas = {
+        name: {
+            replica.url: f"set aside for {replica.set_aside_for:.1f}s ({replica.reason})" if replica.set_aside_for else "ok"
+            for replica in backend.replicas()
+        }
+        for name, backend in gateway().backends.items()
+        if len(backend.replicas()) > 1
+    }
+    if replicas:
+        body["replicas"] = replicas
     return Response(json.dumps(body), status=200 if not failing else 503, content_type="application/json")
 
 

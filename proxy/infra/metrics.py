@@ -12,13 +12,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from proxy.infra.backends import Backend
 from proxy.services.chat import ExchangeRecord, RecordSink
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -28,11 +31,37 @@ _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class _ReplicaCollector(Collector):
+    """Each backend replica's state, read when scraped (nothing on the request path). With
+    `--workers N` it is the view of the worker that answers the scrape."""
+
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "llm_proxy_backend_replica_up", "1 while a backend replica gets requests, 0 while it is set aside.",
+            labels=["backend", "replica"],
+        )
+        in_flight = GaugeMetricFamily(
+            "llm_proxy_backend_replica_in_flight", "Requests a backend replica is serving (streams until they end).",
+            labels=["backend", "replica"],
+        )
+        for name, backend in self._backends.items():
+            for replica in backend.replicas():
+                up.add_metric([name, replica.url], 0 if replica.set_aside_for else 1)
+                in_flight.add_metric([name, replica.url], replica.in_flight)
+        yield up
+        yield in_flight
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
         # Its own registry: two gateways in one process (the tests) do not share counts.
         self._registry = CollectorRegistry(auto_describe=True)
         registry = self._registry
+        self._replicas = _ReplicaCollector(backends)
+        registry.register(self._replicas)
         self._requests = Counter(
             "llm_proxy_requests", "Requests answered, by what they asked for and how they ended.",
             ["kind", "dialect", "model", "backend", "source", "status", "outcome"], registry=registry,
@@ -91,6 +120,7 @@ class Metrics:
         if os.environ.get(_MULTIPROCESS_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(self._replicas)
             return generate_latest(registry)
         return generate_latest(self._registry)
 

@@ -2,7 +2,7 @@
 
 from proxy.config import BackendConfig
 from proxy.infra.backends._anthropic import AnthropicBackend
-from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo
+from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo, ReplicaState
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
 
@@ -17,4 +17,4 @@ def create_backend(config: BackendConfig) -> Backend:
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 
-__all__ = ["Backend", "BackendCall", "Batch", "ModelInfo", "OpenAIBackend", "create_backend"]
+__all__ = ["Backend", "BackendCall", "Batch", "ModelInfo", "OpenAIBackend", "ReplicaState", "create_backend"]

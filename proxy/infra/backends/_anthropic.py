@@ -26,6 +26,7 @@ from proxy.infra.backends._base import (
     BackendCall,
     Batch,
     ModelInfo,
+    ReplicaState,
     create_client,
     status_error,
     transport_errors,
@@ -57,6 +58,9 @@ class AnthropicBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def replicas(self) -> list[ReplicaState]:
+        return self._client.replicas()
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         return anthropic.encode_messages_request(

@@ -88,6 +88,8 @@ class Backend(Protocol):
 
     async def check(self) -> None: ...
 
+    def replicas(self) -> list[ReplicaState]: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -141,6 +143,16 @@ SET_ASIDE_SECONDS = 5.0
 SET_ASIDE_MAX_SECONDS = 60.0
 
 
+@dataclass(slots=True, frozen=True)
+class ReplicaState:
+    """One replica as the gateway sees it now: for `/ready` and the metrics."""
+
+    url: str
+    in_flight: int
+    set_aside_for: float  # seconds until it gets requests again; 0 when it does
+    reason: str  # why it was set aside last ("" if never)
+
+
 @dataclass(slots=True, eq=False)
 class _Replica:
     """One base URL of a backend, with its own connection pool."""
@@ -152,6 +164,7 @@ class _Replica:
     in_flight: int = 0
     failures: int = 0
     set_aside_until: float = -math.inf
+    reason: str = ""
 
     def url(self, path: str) -> httpx.URL:
         url = self.urls.get(path)
@@ -292,8 +305,16 @@ class BackendClient:
                 )
             return response, replica
 
+    def replicas(self) -> list[ReplicaState]:
+        now = trio.current_time()
+        return [
+            ReplicaState(replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason)
+            for replica in self._replicas
+        ]
+
     def _set_aside(self, replica: _Replica, why: object) -> None:
         seconds = replica.set_aside(trio.current_time())
+        replica.reason = str(why)
         _log.warning(
             "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
         )

@@ -23,6 +23,7 @@ from proxy.infra.backends._base import (
     EmbeddingCall,
     EmbeddingOutput,
     ModelInfo,
+    ReplicaState,
     create_client,
     embedding_vectors,
     status_error,
@@ -39,6 +40,9 @@ class OllamaBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def replicas(self) -> list[ReplicaState]:
+        return self._client.replicas()
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = ollama.error_message_from_body(body) or body[:500].decode("utf-8", "replace").strip()

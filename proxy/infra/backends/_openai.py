@@ -17,6 +17,7 @@ from proxy.infra.backends._base import (
     EmbeddingCall,
     EmbeddingOutput,
     ModelInfo,
+    ReplicaState,
     create_client,
     embedding_vectors,
     status_error,
@@ -33,6 +34,9 @@ class OpenAIBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    def replicas(self) -> list[ReplicaState]:
+        return self._client.replicas()
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         include_usage = self.config.request_usage or bool(call.request.include_usage)
