@@ -148,6 +148,9 @@ DEFAULT_CORS_ORIGINS = (
 class Settings:
     backends: tuple[BackendConfig, ...] = ()
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # A model's stand-ins (client-facing names), tried in order when its backend fails before
+    # answering: `[fallbacks] "qwen3-32b" = ["qwen3-8b"]`.
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     host: str = "0.0.0.0"
     port: int = 8080
     workers: int = 1
@@ -219,7 +222,7 @@ _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
     "models_cache_seconds", "log_level", "access_log",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
-    "timeouts", "models", "backends", "embeddings", "rag", "semantic_cache", "workflow",
+    "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
@@ -290,6 +293,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
     for alias, target in aliases.items():
         if not isinstance(target, str) or not target:
             raise ConfigError(f"`models.{alias}` must name a model (a non-empty string)")
+    fallbacks = _parse_fallbacks(top.get("fallbacks", dict, {}))
     backends = tuple(
         _parse_backend(item, f"backends[{i}]", defaults)
         for i, item in enumerate(top.get("backends", list, []))
@@ -301,6 +305,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
     return Settings(
         backends=backends,
         aliases=dict(aliases),
+        fallbacks=fallbacks,
         host=host,
         port=port,
         workers=top.positive("workers", int, 1),
@@ -323,6 +328,22 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
         workflow=_parse_workflow(top.get("workflow", dict, {})),
     )
+
+
+def _parse_fallbacks(raw: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """`[fallbacks]`: a model's stand-ins, tried in order when its backend cannot answer."""
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    reader = _Reader(raw, "fallbacks", set(raw))
+    for model in raw:
+        models = reader.strings(model)
+        if not models:
+            raise ConfigError(f"`fallbacks.{model}` must list at least one model")
+        if model in models:
+            raise ConfigError(f"`fallbacks.{model}` lists the model itself")
+        if len(set(models)) != len(models):
+            raise ConfigError(f"`fallbacks.{model}` lists a model twice")
+        fallbacks[model] = models
+    return fallbacks
 
 
 def _parse_timeouts(raw: Any, where: str, base: Timeouts) -> Timeouts:

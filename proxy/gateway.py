@@ -134,7 +134,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink("chat")), persistence=persistence, semantic_cache=semantic_cache,
+            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink("chat")), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),
             resources=resources,

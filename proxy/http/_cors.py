@@ -35,7 +35,7 @@ EXPOSED_HEADERS = b", ".join(
         b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests",
         b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens",
         b"x-cache", b"x-replay-of", b"x-attached-to", b"idempotent-replayed",
-        b"x-rag-workspace", b"x-rag-sources", b"x-rag-context", b"x-pipeline", b"x-workflow-winner",
+        b"x-rag-workspace", b"x-rag-sources", b"x-rag-context", b"x-pipeline", b"x-workflow-winner", b"x-fallback-model",
         b"x-embedding-backend", b"x-embeddings-truncated",
     )
 )

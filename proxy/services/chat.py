@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import secrets
 import time
@@ -25,11 +26,13 @@ from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.domain.tokens import charged_usage
-from proxy.infra.backends import Backend, BackendCall, Batch
+from proxy.infra.backends import Backend, BackendCall, Batch, BatchSink
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services.journal import EventLog, Journal, Outcome
 from proxy.services.persistence import Persistence, Plan, Producer, log_reader, replayer
+
+log = logging.getLogger("llm_proxy.chat")
 
 
 class ExchangeSink(Protocol):
@@ -165,6 +168,35 @@ class CompletionCache(Protocol):
         which the cache keeps those that belong to the answer."""
 
 
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """A stand-in model for when the requested one's backend cannot answer, routed."""
+
+    model: str
+    route: Route
+    backend: Backend
+
+
+# What makes a request go to a stand-in: the backend could not answer (down, overloaded,
+# broken, silent), never the request itself (invalid, too long, unknown to the backend).
+_FALLBACK_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.BACKEND, ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED})
+
+
+class _Watched:
+    """The producer's channel, noting whether anything went through it: a stand-in may only
+    answer a client that has received nothing yet."""
+
+    __slots__ = ("_send", "sent")
+
+    def __init__(self, send: trio.MemorySendChannel[Batch]) -> None:
+        self._send = send
+        self.sent = False
+
+    async def send(self, value: Batch, /) -> None:
+        self.sent = True
+        await self._send.send(value)
+
+
 class ChatService:
     def __init__(
         self,
@@ -174,10 +206,12 @@ class ChatService:
         routes: Mapping[str, RouteHandler] | None = None,
         persistence: Persistence | None = None,
         semantic_cache: CompletionCache | None = None,
+        fallbacks: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._router = router
         self._backends = backends
         self._record = record
+        self._fallbacks = fallbacks or {}
         self.routes: dict[str, RouteHandler] = dict(routes or {})
         self.persistence = persistence
         self.semantic_cache = semantic_cache
@@ -217,7 +251,22 @@ class ChatService:
         if handler is not None:
             exchange.handler = handler
             exchange.publishes_events = not handler.publishes_events
+        if backend is not None and (stand_ins := self._fallbacks.get(request.model)):
+            exchange.fallbacks = self._resolve_fallbacks(stand_ins)
         return exchange
+
+    def _resolve_fallbacks(self, models: Sequence[str]) -> list[Fallback]:
+        """The stand-ins this caller may use, routed now (with its key's scope): one that no
+        backend serves, or that the key may not use, is left out."""
+        resolved: list[Fallback] = []
+        for model in models:
+            try:
+                route = self._router.resolve(model)
+            except GatewayError as error:
+                log.warning("fallback %s left out: %s", model, error.message)
+                continue
+            resolved.append(Fallback(model, route, self._backends[route.backend]))
+        return resolved
 
 
 def _outcome(result: CompletionBuilder, complete: bool) -> Outcome:
@@ -268,6 +317,7 @@ class ChatExchange:
         self.semantic_cache: CompletionCache | None = None
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
+        self.fallbacks: list[Fallback] = []
         self._hangup = Hangup()
         self.hung_up = False
         self.record = ExchangeRecord(
@@ -456,7 +506,40 @@ class ChatExchange:
 
     async def call_backend(self, send: trio.MemorySendChannel[Batch], request: ChatRequest | None = None) -> None:
         """The direct route: this exchange's request (or `request`, e.g. with retrieved
-        context injected) to the routed backend, bounded by the backend's total timeout."""
+        context injected) to the routed backend, bounded by the backend's total timeout.
+        Should that backend fail before answering, the model's stand-ins are tried in turn."""
+        if not self.fallbacks:
+            await self._call_routed(send, request)
+            return
+        watched = _Watched(send)
+        stand_ins = iter(self.fallbacks)
+        while True:
+            try:
+                await self._call_routed(watched, request)
+                return
+            except GatewayError as error:
+                stand_in = next(stand_ins, None)
+                if watched.sent or error.kind not in _FALLBACK_KINDS or stand_in is None:
+                    raise
+                log.warning(
+                    "%s: %s; falling back to %s (backend %s)", self.meta.trace_id, error.message, stand_in.model,
+                    stand_in.route.backend,
+                )
+                self._switch_to(stand_in)
+
+    def _switch_to(self, stand_in: Fallback) -> None:
+        self.route = stand_in.route
+        self._backend = stand_in.backend
+        self._call = replace(self._call, upstream_model=stand_in.route.upstream_model)
+        self.record.backend = stand_in.route.backend
+        self.record.upstream_model = stand_in.route.upstream_model
+        # In place: the sink holds this list, and sends it with the first byte.
+        self.response_headers[:] = [
+            *((name, value) for name, value in self.response_headers if name != b"x-fallback-model"),
+            (b"x-fallback-model", stand_in.model.encode()),
+        ]
+
+    async def _call_routed(self, send: BatchSink, request: ChatRequest | None) -> None:
         backend = self._backend
         if backend is None:
             raise GatewayError(ErrorKind.INTERNAL, "This route has no backend.")
@@ -573,6 +656,8 @@ class ChatExchange:
         outcome = _outcome(result, result.error is None and result.finish_reason is not None)
         usage = result.usage
         row = replace(base)
+        row.backend = self.route.backend or None  # a stand-in's, when one answered
+        row.upstream_model = self.route.upstream_model
         row.status = outcome.status
         row.result = completion_to_json(result.build())
         row.replayable = result.replayable

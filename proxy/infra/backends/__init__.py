@@ -2,7 +2,14 @@
 
 from proxy.config import BackendConfig
 from proxy.infra.backends._anthropic import AnthropicBackend
-from proxy.infra.backends._base import Backend, BackendCall, Batch, ModelInfo, ReplicaState
+from proxy.infra.backends._base import (
+    Backend,
+    BackendCall,
+    Batch,
+    BatchSink,
+    ModelInfo,
+    ReplicaState,
+)
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
 
@@ -17,4 +24,4 @@ def create_backend(config: BackendConfig) -> Backend:
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 
-__all__ = ["Backend", "BackendCall", "Batch", "ModelInfo", "OpenAIBackend", "ReplicaState", "create_backend"]
+__all__ = ["Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "create_backend"]

@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-import trio
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
@@ -25,6 +24,7 @@ from proxy.infra.backends._base import (
     Backend,
     BackendCall,
     Batch,
+    BatchSink,
     ModelInfo,
     ReplicaState,
     create_client,
@@ -67,7 +67,7 @@ class AnthropicBackend:
             call.request, call.upstream_model, stream=stream, default_max_tokens=self.default_max_tokens
         )
 
-    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+    async def stream(self, call: BackendCall, send: BatchSink) -> None:
         name = self.config.name
         await self._client.stream_into(
             "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,

@@ -74,13 +74,19 @@ class StreamParser(Protocol):
     def close(self) -> ParsedOutput: ...
 
 
+class BatchSink(Protocol):
+    """Where a backend's batches go: the exchange's memory channel, or a wrapper around it."""
+
+    async def send(self, value: Batch, /) -> None: ...
+
+
 class Backend(Protocol):
     """A backend adapter. `stream` sends batches into `send` and returns when the stream is
     complete; both calls raise `GatewayError` for failures before their first batch."""
 
     config: BackendConfig
 
-    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None: ...
+    async def stream(self, call: BackendCall, send: BatchSink) -> None: ...
 
     async def complete(self, call: BackendCall) -> Batch: ...
 
@@ -338,7 +344,7 @@ class BackendClient:
         path: str,
         body: bytes,
         parser: StreamParser,
-        send: trio.MemorySendChannel[Batch],
+        send: BatchSink,
         *,
         backend: str,
         timeouts: Timeouts,
@@ -470,7 +476,7 @@ DRAIN_SECONDS = 0.05
 async def pump_stream(
     response: httpx.Response,
     parser: StreamParser,
-    send: trio.MemorySendChannel[Batch],
+    send: BatchSink,
     *,
     backend: str,
     timeouts: Timeouts,

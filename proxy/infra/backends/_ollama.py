@@ -20,6 +20,7 @@ from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
+    BatchSink,
     EmbeddingCall,
     EmbeddingOutput,
     ModelInfo,
@@ -48,7 +49,7 @@ class OllamaBackend:
         message = ollama.error_message_from_body(body) or body[:500].decode("utf-8", "replace").strip()
         return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
 
-    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+    async def stream(self, call: BackendCall, send: BatchSink) -> None:
         # Ollama answers only once the model is loaded: the first-token clock covers that.
         path, body = ollama.encode_request(call.request, call.upstream_model, stream=True)
         await self._client.stream_into(

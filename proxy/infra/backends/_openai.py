@@ -14,6 +14,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
+    BatchSink,
     EmbeddingCall,
     EmbeddingOutput,
     ModelInfo,
@@ -44,7 +45,7 @@ class OpenAIBackend:
             call.request, call.upstream_model, stream=stream, include_usage=include_usage
         )
 
-    async def stream(self, call: BackendCall, send: trio.MemorySendChannel[Batch]) -> None:
+    async def stream(self, call: BackendCall, send: BatchSink) -> None:
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
             openai.StreamRelay(

@@ -1,0 +1,130 @@
+"""`[fallbacks]`: a model whose backend cannot answer is stood in for by another model, on
+another backend, as long as the client has received nothing yet — on real servers."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.config import ConfigError, load_settings
+from tests.fakes import OllamaBackend, OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+from tests.test_cli import free_port
+from tests.test_persistence import rows, wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+ASK = [{"role": "user", "content": "hi"}]
+
+
+def _chats(fake: OpenAIBackend) -> list[str]:
+    return [r.json["model"] for r in fake.requests if r.path.endswith("/chat/completions")]
+
+
+async def test_a_model_whose_backend_is_down_is_answered_by_its_stand_in() -> None:
+    small = OpenAIBackend(default=Script(tokens=["from", " small"]))
+    down = f"http://127.0.0.1:{free_port()}"
+    async with small.serve() as server, running_gateway(
+        backend("big", down, models=("qwen3-32b",)),
+        backend("small", server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(model="qwen3-32b", messages=ASK)
+        assert raw.headers["x-fallback-model"] == "qwen3-8b"
+        assert raw.parse().choices[0].message.content == "from small"
+        stream = await client.chat.completions.create(model="qwen3-32b", messages=ASK, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "from small"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            # The metrics count the answer where it was made.
+            metrics = (await http.get("/metrics")).text
+            # A model that has no stand-in fails as before.
+            alone = await http.post("/v1/chat/completions", json={"model": "qwen3-32b-solo", "messages": ASK})
+    assert _chats(small) == ["qwen3-8b", "qwen3-8b"]
+    assert 'backend="small",dialect="openai",kind="chat",model="qwen3-32b"' in metrics
+    assert alone.status_code == 404
+
+
+@pytest.mark.parametrize(("status", "falls_back"), [(500, True), (502, True), (503, True), (429, True), (400, False)])
+async def test_which_backend_errors_make_a_request_fall_back(status: int, falls_back: bool) -> None:
+    big, small = OpenAIBackend(default=Script(status=status)), OpenAIBackend(default=Script(tokens=["small"]))
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, default=True),
+        backend("small", small_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answer = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK})
+    if falls_back:
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "small"
+    else:  # the request itself is at fault: another model would refuse it too
+        assert answer.status_code == 400 and "x-fallback-model" not in answer.headers
+        assert _chats(small) == []
+
+
+async def test_a_stream_that_broke_after_its_first_byte_is_not_restarted_elsewhere() -> None:
+    big = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], fail_after=3))
+    small = OpenAIBackend(default=Script(tokens=["small"]))
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, default=True),
+        backend("small", small_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = (await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "stream": True})).text
+    assert '"error"' in body and "small" not in body
+    assert _chats(small) == []
+
+
+async def test_stand_ins_are_tried_in_order_from_any_dialect() -> None:
+    last = OllamaBackend(default=Script(tokens=["last", " resort"]))
+    downs = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    async with last.serve() as server, running_gateway(
+        backend("big", downs[0], models=("big",)),
+        backend("mid", downs[1], models=("mid",)),
+        backend("local", server.url, kind="ollama", models=("llama3.2",)),
+        fallbacks={"big": ("mid", "llama3.2")},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answer = await http.post("/api/chat", json={"model": "big", "messages": ASK, "stream": False})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["message"]["content"] == "last resort"
+    assert answer.headers["x-fallback-model"] == "llama3.2"
+
+
+def test_fallbacks_are_validated_at_start_up(tmp_path: pytest.TempPathFactory) -> None:
+    config = tmp_path / "g.toml"  # type: ignore[operator]
+    config.write_text('[fallbacks]\n"qwen3-32b" = ["qwen3-8b", "llama3.2"]\n')
+    assert load_settings(config, environ={}).fallbacks == {"qwen3-32b": ("qwen3-8b", "llama3.2")}
+    for bad, message in (
+        ('"a" = ["a"]', "`fallbacks.a` lists the model itself"),
+        ('"a" = ["b", "b"]', "`fallbacks.a` lists a model twice"),
+        ('"a" = []', "`fallbacks.a` must list at least one model"),
+        ('"a" = "b"', "`fallbacks.a` must be of type list"),
+    ):
+        config.write_text(f"[fallbacks]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_settings(config, environ={})
+
+
+async def test_the_completion_log_names_the_backend_that_answered(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    small = OpenAIBackend(default=Script(tokens=["logged"]))
+    async with small.serve() as server, running_gateway(
+        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("small", server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+        database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        keyed = {"idempotency-key": "fallback-1"}
+        first = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK}, headers=keyed)
+        again = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK}, headers=keyed)
+        row = await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        [(logged_backend, upstream)] = await trio.to_thread.run_sync(
+            rows, pg_database_url, "SELECT backend, upstream_model FROM chat_log WHERE trace_id = %s",
+            first.headers["x-trace-id"],
+        )
+    assert first.json()["choices"][0]["message"]["content"] == "logged" == again.json()["choices"][0]["message"]["content"]
+    assert row[0] == "completed"
+    assert (logged_backend, upstream) == ("small", "qwen3-8b")
+    assert _chats(small) == ["qwen3-8b"]  # the replay made no second call
