@@ -135,13 +135,14 @@ class SemanticCacheSettings:
 
 
 # Ollama's default (`OLLAMA_ORIGINS`), plus IPv6's loopback: pages served from this machine
-# and desktop-app webviews.
+# and desktop-app webviews. Not Ollama's `file://*`: browsers send a file:// page's requests
+# as `Origin: null`, which any site's sandboxed frame can send too, so it cannot be allowed.
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:*", "https://localhost:*",
     "http://127.0.0.1:*", "https://127.0.0.1:*",
     "http://0.0.0.0:*", "https://0.0.0.0:*",
     "http://[::1]:*", "https://[::1]:*",
-    "app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
+    "app://*", "tauri://*", "vscode-webview://*", "vscode-file://*",
 )
 
 @dataclass(slots=True, frozen=True)
@@ -499,10 +500,24 @@ def _base_urls(value: str | list[Any] | None, key: str) -> tuple[str, ...]:
             raise ConfigError(f"`{key}` must be a URL or a list of URLs, got {value!r}")
         _check_url(url, key)
         url = url.rstrip("/")
-        if url in urls:
-            raise ConfigError(f"`{key}` lists {url!r} twice")
+        twin = next((other for other in urls if _same_server(other, url)), None)
+        if twin is not None:
+            raise ConfigError(f"`{key}` lists one server twice: {twin!r} and {url!r}")
         urls.append(url)
     return tuple(urls)
+
+
+def _same_server(first: str, second: str) -> bool:
+    """Two base URLs of one server: hosts compare without case, a default port as written
+    or left out."""
+
+    def key(url: str) -> tuple[str, str, int, str]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+        return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+    return key(first) == key(second)
 
 
 def _check_url(url: str, key: str) -> None:
@@ -644,8 +659,10 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         changes["embedded"] = embedded.lower() in ("1", "true", "yes")
     if (auth := env.get("LLM_PROXY_AUTH")) is not None:
         changes["auth"] = _auth_mode(auth, "LLM_PROXY_AUTH")
-    if origins := env.get("LLM_PROXY_CORS_ORIGINS"):
-        entries = tuple(entry.strip() for entry in origins.split(",") if entry.strip())
+    if origins := env.get("LLM_PROXY_CORS_ORIGINS", "").strip():
+        entries = tuple(entry.strip() for entry in origins.split(","))
+        if not all(entries):
+            raise ConfigError(f"`LLM_PROXY_CORS_ORIGINS` has an empty entry, got {origins!r}")
         changes["cors_origins"] = cors_origins(entries, "LLM_PROXY_CORS_ORIGINS")
     if base_url := env.get("LLM_BASE_URL"):
         changes["backends"] = _with_env_backend(settings.backends, _base_urls(base_url, "LLM_BASE_URL"), env)

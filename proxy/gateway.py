@@ -121,7 +121,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         nursery.start_soon(local_model.warm)
     # Embeddings count in their key's usage and token limit as chats do (not in the request
     # log, which is one line per chat), and in the metrics.
-    metrics = Metrics(backends)
+    metrics = Metrics(backends, known=lambda model: router.knows(model) or embeddings.is_local(model))
     embeddings = EmbeddingService(
         settings.embeddings, router, backends, local_model, record=record_to(limits.record, metrics.sink("embeddings"))
     )

@@ -204,6 +204,13 @@ def test_the_setting_defaults_to_local_origins_and_is_overridden_by_the_environm
     assert override.cors_origins == ("https://a.example", "*")
     config.write_text("cors_origins = []\n")
     assert load_settings(config, {}).cors_origins == ()  # no page may call
+    # A file:// page's requests come as `Origin: null`, which only `*` allows: no dead entry.
+    assert not any(entry.startswith("file:") for entry in DEFAULT_CORS_ORIGINS)
+    # Blank is unset (the default stays); blank entries are a mistake, not "no page at all".
+    assert load_settings(None, {"LLM_PROXY_CORS_ORIGINS": "  "}).cors_origins == DEFAULT_CORS_ORIGINS
+    for blanks in (" , ", "http://localhost:*,"):
+        with pytest.raises(ConfigError, match="`LLM_PROXY_CORS_ORIGINS` has an empty entry"):
+            load_settings(None, {"LLM_PROXY_CORS_ORIGINS": blanks})
 
 
 @pytest.mark.parametrize(

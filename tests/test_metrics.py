@@ -75,7 +75,7 @@ async def test_metrics_count_requests_outcomes_latency_and_tokens() -> None:
 
 async def test_embeddings_are_counted_as_their_own_kind() -> None:
     fake = OpenAIBackend()
-    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, models=("m",))) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             answer = await http.post("/v1/embeddings", json={"model": "m", "input": ["one", "two"]})
             assert answer.status_code == 200, answer.text
@@ -83,6 +83,20 @@ async def test_embeddings_are_counted_as_their_own_kind() -> None:
     assert total(text, "llm_proxy_requests_total", kind="embeddings", model="m", status="200", outcome="ok") == 1
     assert total(text, "llm_proxy_requests_total", kind="chat") == 0
     assert total(text, "llm_proxy_prompt_tokens_total", kind="embeddings", model="m") > 0
+
+
+async def test_only_model_names_the_gateway_knows_become_labels() -> None:
+    # A default backend that takes any name (as llama.cpp's server does) and lists one.
+    fake = OpenAIBackend(models=None, scripts={"qwen3-8b": Script(tokens=["hi"])})
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await http.get("/metrics")  # a scrape reads the backends' lists: qwen3-8b is known from now on
+            for model in ["qwen3-8b", "typo-1", "typo-2", "gpt-made-up"]:
+                assert (await http.post("/v1/chat/completions", json={**CHAT, "model": model})).status_code == 200
+            text = (await http.get("/metrics")).text
+    assert total(text, "llm_proxy_requests_total", model="qwen3-8b", backend="vllm") == 1
+    assert total(text, "llm_proxy_requests_total", model="", backend="vllm") == 3
+    assert "typo" not in text and "made-up" not in text
 
 
 def test_with_two_workers_every_scrape_counts_both(tmp_path: Path) -> None:

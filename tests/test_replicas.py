@@ -138,7 +138,8 @@ def test_base_url_takes_a_list_of_replicas_in_toml_and_a_comma_separated_one_in_
     [default] = load_settings(None, environ={"LLM_BASE_URL": "http://a:8000/v1, http://b:8000/v1"}).backends
     assert default.urls == ("http://a:8000/v1", "http://b:8000/v1")
     for bad, message in (
-        ('["http://gpu1:8000/v1", "http://gpu1:8000/v1/"]', "lists 'http://gpu1:8000/v1' twice"),
+        ('["http://gpu1:8000/v1", "http://gpu1:8000/v1/"]', "lists one server twice"),
+        ('["http://GPU1:80/v1", "http://gpu1/v1"]', "lists one server twice: 'http://GPU1:80/v1' and 'http://gpu1/v1'"),
         ("[]", "`backends[0].base_url` is required"),
         ('["http://gpu1:8000/v1", 3]', "`backends[0].base_url` must be a URL or a list of URLs"),
         ('["http://gpu1:8000/v1", "gpu2"]', "`backends[0].base_url` must be an http(s) URL"),
@@ -146,3 +147,22 @@ def test_base_url_takes_a_list_of_replicas_in_toml_and_a_comma_separated_one_in_
         config.write_text(f'[[backends]]\nname = "vllm"\nbase_url = {bad}\ndefault = true\n')
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
             load_settings(config, environ={})
+
+
+async def test_requests_in_flight_when_a_replica_fails_count_as_one_failure(caplog: pytest.LogCaptureFixture) -> None:
+    up, full = OpenAIBackend(default=Script(tokens=["fine"])), OpenAIBackend()
+    full.set_script(Script(status=503, header_delay=0.3))  # every request reaches it before it answers
+    async with _replicated(up, full) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def chat() -> None:
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(chat)
+        states = (await client.get("/ready")).json()["replicas"]["vllm"]
+    aside = [r for r in caplog.records if "set aside" in r.getMessage()]
+    assert len(aside) == 1 and "for 5s" in aside[0].getMessage()
+    [state] = [state for state in states.values() if state != "ok"]
+    assert float(state.removeprefix("set aside for ").split("s")[0]) <= 5.0
+    assert _chats(full) >= 2 and _chats(up) == 20

@@ -84,6 +84,11 @@ class Router:
             self._cache[model] = route
         return route
 
+    def knows(self, model: str) -> bool:
+        """Whether `model` is a name the gateway knows (an alias, a configured model, one a
+        backend lists), not one that only matched a prefix or fell to the default backend."""
+        return any(_lookup(table, model) is not None for table in (self._aliases, self._exact, self._listed))
+
     def backend_of(self, model: str) -> str | None:
         """The backend `model` goes to, or None; whoever asks (no key scope, no error)."""
         route = self._match(model)

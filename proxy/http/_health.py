@@ -41,6 +41,7 @@ async def ready() -> Response:
 @blueprint.get("/metrics")
 async def metrics() -> Response:
     """Prometheus's text format (see `proxy.infra.metrics`)."""
-    counted = gateway().metrics
-    body = counted.render() if counted is not None else b""
+    serving = gateway()
+    await serving.catalog.models()  # names a backend listed since: known, so labelled from now on
+    body = serving.metrics.render() if serving.metrics is not None else b""
     return Response(body, content_type=CONTENT_TYPE)

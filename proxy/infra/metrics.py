@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,7 +56,10 @@ class _ReplicaCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
+    """`known(model)` tells a model name the gateway knows from a client's free text (a typo,
+    or any name a default backend accepts): only known names become a `model` label."""
+
+    def __init__(self, backends: Mapping[str, Backend], known: Callable[[str], bool]) -> None:
         # Its own registry: two gateways in one process (the tests) do not share counts.
         self._registry = CollectorRegistry(auto_describe=True)
         registry = self._registry
@@ -83,6 +86,7 @@ class Metrics:
             ["model", "backend"], registry=registry,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._known = known
 
     def sink(self, kind: str) -> RecordSink:
         """The record sink for requests of `kind` ("chat" or "embeddings")."""
@@ -93,13 +97,15 @@ class Metrics:
         return record
 
     def observe(self, kind: str, entry: ExchangeRecord) -> None:
-        # A model no backend serves is the client's free text: as a label it would make one
-        # series per typo, without bound.
-        model = entry.model if entry.backend else ""
+        # A name the gateway does not know is the client's free text: as a label it would make
+        # one series per typo, without bound.
+        model = entry.model if self._known(entry.model) else ""
         backend = entry.backend
         outcome = "cancelled" if entry.cancelled else "error" if entry.error or entry.status >= 400 else "ok"
+        # A client that left before the response began got no status: nginx's 499 says so.
+        status = str(entry.status) if entry.status else "499"
         child = self._child
-        child(self._requests, kind, entry.dialect, model, backend, entry.source, str(entry.status), outcome).inc()
+        child(self._requests, kind, entry.dialect, model, backend, entry.source, status, outcome).inc()
         child(self._duration, kind, model, backend, "true" if entry.stream else "false").observe(entry.total_ms / 1000)
         if entry.ttft_ms is not None and entry.stream:
             child(self._ttft, model, backend).observe(entry.ttft_ms / 1000)

@@ -319,7 +319,11 @@ class BackendClient:
         ]
 
     def _set_aside(self, replica: _Replica, why: object) -> None:
-        seconds = replica.set_aside(trio.current_time())
+        now = trio.current_time()
+        if replica.set_aside_until > now:
+            # The requests it had in flight when it failed fail too: one incident, counted once.
+            return
+        seconds = replica.set_aside(now)
         replica.reason = str(why)
         _log.warning(
             "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
