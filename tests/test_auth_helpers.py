@@ -65,8 +65,10 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-async def wait_for_key(url: str, key: str, within: float = 5.0) -> None:
-    """Until the gateway knows the key (before that, with no key at all, auth is still off)."""
+async def wait_for_key(url: str, key: str, within: float = 15.0) -> None:
+    """Until the gateway knows the key (before that, with no key at all, auth is still off).
+    Told of the change, a gateway reloads at once; when it missed the notice, its key ring's
+    5 s poll finds it."""
 
     async def known() -> bool:
         async with httpx.AsyncClient(base_url=url) as client:

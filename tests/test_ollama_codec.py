@@ -583,7 +583,7 @@ def split_batches(draw: Any, events: list[StreamEvent]) -> list[list[StreamEvent
     return [events[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams(), data=st.data(), generate=st.booleans())
 def test_rendered_streams_parse_back_to_the_same_events(events: list[StreamEvent], data: st.DataObject, generate: bool) -> None:
     """Render any valid event stream as Ollama NDJSON and parse it back (split anywhere).
@@ -691,7 +691,7 @@ def ollama_requests(draw: st.DrawFn) -> ChatRequest:
                        dialect="ollama", extra=extra)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(request=ollama_requests())
 def test_egress_bodies_parse_back_to_the_same_request(request: ChatRequest) -> None:
     """What the gateway sends an Ollama backend is what an Ollama client would have sent:
@@ -710,7 +710,7 @@ def test_egress_bodies_parse_back_to_the_same_request(request: ChatRequest) -> N
     assert ollama.unmodelled_options(back) == ollama.unmodelled_options(request)
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(content=texts, reasoning=texts, calls=st.lists(st.tuples(names, argument_texts), max_size=3),
        reason=st.sampled_from(FinishReason), usage=st.none() | st.builds(Usage, st.integers(0, 999), st.integers(0, 999)))
 def test_completions_round_trip(content: str, reasoning: str, calls: list[tuple[str, str]], reason: FinishReason,

@@ -476,7 +476,11 @@ async def test_200_concurrent_streams_each_get_every_token_in_order(
     name = pipeline_name("count")
     pipelines = {name: PipelineConfig("tests.workflow_pipelines:count", {"n": 30})}
     expected = "".join(f"{i} " for i in range(30))
-    async with workflow_stack(pg_database_url, nats_url, pipelines, concurrency=256) as (url, *_):
+    # The gateway, the worker and 200 streams share one process: on a loaded machine a job
+    # may wait longer than the other tests' 5 s for its worker.
+    async with workflow_stack(
+        pg_database_url, nats_url, pipelines, concurrency=256, silence_seconds=30.0, ack_wait_seconds=10.0
+    ) as (url, *_):
         host, port = url.removeprefix("http://").rsplit(":", 1)
         texts: list[str] = []
 
