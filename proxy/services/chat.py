@@ -263,7 +263,8 @@ class ChatService:
             try:
                 route = self._router.resolve(model)
             except GatewayError as error:
-                log.warning("fallback %s left out: %s", model, error.message)
+                # Per request (a key's scope may leave it out every time): not worth a warning.
+                log.debug("fallback %s left out: %s", model, error.message)
                 continue
             resolved.append(Fallback(model, route, self._backends[route.backend]))
         return resolved
