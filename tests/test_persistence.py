@@ -42,6 +42,7 @@ from proxy.services.journal import (
 )
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
 
 pytest_plugins = ["tests.infra_servers"]
@@ -180,8 +181,9 @@ async def test_twenty_concurrent_duplicates_make_one_backend_call(stack: Stack) 
 async def test_key_replay_after_completion_and_key_reuse_conflict(stack: Stack) -> None:
     key = str(uuid.uuid4())
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
-    first = await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"Idempotency-Key": key})  # type: ignore[arg-type]
-    await trio.sleep(0.3)
+    answered = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, extra_headers={"Idempotency-Key": key})  # type: ignore[arg-type]
+    first = answered.parse()
+    await wait_for_row(stack.db, answered.headers["x-trace-id"], "completed")
     again = await client.chat.completions.with_raw_response.create(
         model="m", messages=MESSAGES, stream=True, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
     )
@@ -201,7 +203,7 @@ async def test_exact_cache_replays_as_sse_and_json(stack: Stack) -> None:
     headers = {"x-cache": "exact"}
     miss = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
     assert miss.headers["x-cache"] == "miss"
-    await trio.sleep(0.3)
+    await wait_for_row(stack.db, miss.headers["x-trace-id"], "completed")
     hit = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
     assert hit.headers["x-cache"] == "hit"
     assert hit.parse().choices[0].message.content == "Once upon a time"
@@ -236,15 +238,16 @@ async def test_an_expired_cache_entry_is_a_miss_that_calls_the_backend_again(
             assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "fresh"
             return response
 
-        assert (await ask()).headers["x-cache"] == "miss"
-        await trio.sleep(0.3)
+        first = await ask()
+        assert first.headers["x-cache"] == "miss"
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
         assert (await ask()).headers["x-cache"] == "hit"
         assert len(fake.requests) == 1
         await trio.sleep(1.2)  # past the TTL
         again = await ask()
         assert again.headers.get("x-cache") == "miss" and "idempotent-replayed" not in again.headers
         assert len(fake.requests) == 2
-        await trio.sleep(0.3)
+        await wait_for_row(pg_database_url, again.headers["x-trace-id"], "completed")
         assert (await ask()).headers["x-cache"] == "hit"  # cached again
         await trio.sleep(1.2)
         # Two identical requests at once after expiry still make one backend call.
@@ -272,14 +275,14 @@ async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it
 
         cached_body = {"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}
         miss = await client.post("/v1/chat/completions", json=cached_body, headers={"x-cache": "exact"})
-        await trio.sleep(0.3)
+        await wait_for_row(stack.db, miss.headers["x-trace-id"], "completed")
         hit = await client.post("/v1/chat/completions", json=cached_body, headers={"x-cache": "exact"})
         assert hit.headers["x-cache"] == "hit" and hit.headers["x-trace-id"] == miss.headers["x-trace-id"]
         await resumable(hit.headers["x-trace-id"])
 
         key = {"Idempotency-Key": str(uuid.uuid4())}
         first = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key)
-        await trio.sleep(0.3)
+        await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
         replayed = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key)
         assert replayed.headers["idempotent-replayed"] == "true"
         assert replayed.headers["x-trace-id"] == first.headers["x-trace-id"]
@@ -668,6 +671,9 @@ async def test_caches_never_replay_an_answer_without_what_it_carried(
             assert reply.status_code == 200, reply.text
             return reply, reply.json()
 
+        async def more_cached(before: list[tuple[object, ...]]) -> bool:
+            return await trio.to_thread.run_sync(rows, pg_database_url, "SELECT count(*) FROM semantic_cache") > before
+
         for cache in ("exact", "semantic"):
             fake.set_script(Script(tokens=["ok"], reasoning=["Let me", " think"]))
             thinking = {"thinking": {"type": "enabled", "budget_tokens": 32}}
@@ -686,8 +692,11 @@ async def test_caches_never_replay_an_answer_without_what_it_carried(
             assert (second["stop_reason"], second["stop_sequence"]) == ("stop_sequence", "###")
 
             fake.set_script(Script(tokens=["plain"]))
-            await ask(cache, temperature=0)
-            await trio.sleep(0.5)
+            stored_before = await trio.to_thread.run_sync(rows, pg_database_url, "SELECT count(*) FROM semantic_cache")
+            plain, _ = await ask(cache, temperature=0)
+            await wait_for_row(pg_database_url, plain.headers["x-trace-id"], "completed")  # the exact cache's commit
+            if cache == "semantic":  # stored once the client has its answer
+                await eventually(functools.partial(more_cached, stored_before), within=10)
             again, second = await ask(cache, temperature=0)
             assert again.headers["x-cache"] in ("hit", "semantic") and second["content"][0]["text"] == "plain"
         assert len(fake.requests) == 10
@@ -697,9 +706,14 @@ async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversat
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
     headers = {"x-cache": "semantic"}
     ask = [{"role": "user", "content": "How do I reset my password?"}]
+    stored_before = rows(stack.db, "SELECT count(*) FROM semantic_cache")
     first = await client.chat.completions.with_raw_response.create(model="m", messages=ask, extra_headers=headers)  # type: ignore[arg-type]
     assert first.headers.get("x-cache") != "semantic"
-    await trio.sleep(0.5)
+
+    async def stored() -> bool:  # the answer is stored once the client has it
+        return await trio.to_thread.run_sync(rows, stack.db, "SELECT count(*) FROM semantic_cache") > stored_before
+
+    await eventually(stored, within=10)
     again = await client.chat.completions.with_raw_response.create(model="m", messages=ask, stream=True, extra_headers=headers)  # type: ignore[arg-type]
     assert again.headers["x-cache"] == "semantic"
     chunks = [chunk async for chunk in again.parse()]

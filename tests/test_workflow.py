@@ -30,6 +30,7 @@ from proxy.workflow.bus import workers_kv
 from proxy.workflow.view import ClientView, Continuity, encode
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
     fanout,
@@ -274,7 +275,8 @@ async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack
         first = await stack.client.chat.completions.with_raw_response.create(
             model="colours", messages=MESSAGES, extra_headers=headers
         )
-        await trio.sleep(0.3)  # the outcome is committed (group commit lingers); until then a repeat attaches
+        # Until the outcome is committed (group commit lingers) a repeat attaches instead.
+        await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
         again = await stack.client.chat.completions.with_raw_response.create(
             model="colours", messages=MESSAGES, stream=True, extra_headers=headers
         )
