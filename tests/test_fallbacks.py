@@ -3,12 +3,14 @@ another backend, as long as the client has received nothing yet — on real serv
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import httpx
 import openai
 import pytest
 import trio
 
-from proxy.config import ConfigError, load_settings
+from proxy.config import ConfigError, Timeouts, load_settings
 from tests.fakes import OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_cli import free_port
@@ -124,7 +126,79 @@ async def test_the_completion_log_names_the_backend_that_answered(
             rows, pg_database_url, "SELECT backend, upstream_model FROM chat_log WHERE trace_id = %s",
             first.headers["x-trace-id"],
         )
+        # A stand-in's answer is not the model's: the exact cache does not keep it.
+        cached = {"x-cache": "exact"}
+        for _ in range(2):
+            answer = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK}, headers=cached)
+            assert answer.headers["x-cache"] == "miss"
+            await wait_for_row(pg_database_url, answer.headers["x-trace-id"], "completed")
     assert first.json()["choices"][0]["message"]["content"] == "logged" == again.json()["choices"][0]["message"]["content"]
     assert row[0] == "completed"
     assert (logged_backend, upstream) == ("small", "qwen3-8b")
-    assert _chats(small) == ["qwen3-8b"]  # the replay made no second call
+    assert _chats(small) == ["qwen3-8b"] * 3  # the replay made no call; each cache miss one
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_a_backend_that_fails_before_its_first_token_with_a_200_falls_back(kind: str) -> None:
+    # Ollama answers 200 and then `{"error": ...}` when a model cannot load.
+    fake = OpenAIBackend if kind == "openai" else OllamaBackend
+    big = fake(default=Script(tokens=["a", "b"], fail_after=0))
+    small = OpenAIBackend(default=Script(tokens=["small"]))
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, kind=kind, default=True),
+        backend("small", small_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        streamed = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "stream": True})
+    assert streamed.headers["x-fallback-model"] == "qwen3-8b"
+    assert "small" in streamed.text and '"error"' not in streamed.text
+
+
+async def test_an_alias_or_the_latest_tag_finds_the_models_stand_ins() -> None:
+    small = OpenAIBackend(default=Script(tokens=["small"]))
+    down = f"http://127.0.0.1:{free_port()}"
+    async with small.serve() as server, running_gateway(
+        backend("big", down, kind="ollama", models=("llama3.2", "qwen3-32b")),
+        backend("small", server.url, models=("qwen3-8b",)),
+        aliases={"gpt-4o": "qwen3-32b"},
+        fallbacks={"llama3.2": ("qwen3-8b",), "qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for model in ("llama3.2:latest", "gpt-4o"):
+            answer = await http.post("/v1/chat/completions", json={"model": model, "messages": ASK})
+            assert answer.status_code == 200, (model, answer.text)
+            assert answer.headers["x-fallback-model"] == "qwen3-8b"
+
+
+async def test_a_client_that_leaves_while_the_model_is_silent_is_not_handed_to_a_stand_in() -> None:
+    big = OpenAIBackend(default=Script(stall_before_headers=True))
+    small = OpenAIBackend(default=Script(tokens=["small"]))
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, default=True),
+        backend("small", small_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            with trio.move_on_after(0.5):
+                await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK})
+            await big.wait_disconnect()
+            await trio.sleep(0.2)  # what a stand-in call would have taken to start
+            metrics = (await http.get("/metrics")).text
+    assert _chats(small) == []
+    [counted] = [line for line in metrics.splitlines() if line.startswith("llm_proxy_requests_total{")]
+    assert 'backend="big"' in counted and 'outcome="cancelled"' in counted
+
+
+async def test_the_first_backends_total_timeout_bounds_its_stand_ins_too() -> None:
+    big, small = OpenAIBackend(default=Script(stall_before_headers=True)), OpenAIBackend(default=Script(stall_before_headers=True))
+    quick = Timeouts(connect=2.0, first_token=0.5, idle=10.0, total=1.5)
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, default=True, timeouts=quick),
+        backend("small", small_server.url, models=("qwen3-8b",), timeouts=replace(quick, first_token=30.0, total=30.0)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        started = trio.current_time()
+        answer = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "stream": True})
+        took = trio.current_time() - started
+    assert answer.status_code == 504 and answer.headers["x-fallback-model"] == "qwen3-8b"
+    assert _chats(small) == ["qwen3-8b"]
+    assert took < 10  # not the stand-in's own 30 s

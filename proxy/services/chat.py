@@ -22,7 +22,15 @@ import trio
 
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
+from proxy.domain.events import (
+    CompletionBuilder,
+    ReasoningDelta,
+    StreamEvent,
+    StreamFailed,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.domain.tokens import charged_usage
@@ -193,8 +201,17 @@ class _Watched:
         self.sent = False
 
     async def send(self, value: Batch, /) -> None:
+        if not self.sent:
+            # A backend that answered 200 and then failed before its first token (Ollama's
+            # in-band `{"error"}` when a model cannot load) has told the client nothing yet.
+            failed = next((event for event in value.events if isinstance(event, StreamFailed)), None)
+            if failed is not None and not any(isinstance(event, _CONTENT) for event in value.events):
+                raise failed.error
         self.sent = True
         await self._send.send(value)
+
+
+_CONTENT = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
 
 
 class ChatService:
@@ -251,9 +268,20 @@ class ChatService:
         if handler is not None:
             exchange.handler = handler
             exchange.publishes_events = not handler.publishes_events
-        if backend is not None and (stand_ins := self._fallbacks.get(request.model)):
+        if backend is not None and self._fallbacks and (stand_ins := self._stand_ins_for(request.model)):
             exchange.fallbacks = self._resolve_fallbacks(stand_ins)
         return exchange
+
+    def _stand_ins_for(self, model: str) -> Sequence[str] | None:
+        """The `[fallbacks]` entry of `model` as the router reads names: by its alias's target
+        too, and `name` and `name:latest` alike."""
+        target = self._router.aliases.get(model)
+        for name in (model, target) if target is not None else (model,):
+            for spelling in (name, name.removesuffix(":latest") if name.endswith(":latest") else f"{name}:latest"):
+                found = self._fallbacks.get(spelling)
+                if found is not None:
+                    return found
+        return None
 
     def _resolve_fallbacks(self, models: Sequence[str]) -> list[Fallback]:
         """The stand-ins this caller may use, routed now (with its key's scope): one that no
@@ -319,6 +347,8 @@ class ChatExchange:
         self.response_headers: list[tuple[bytes, bytes]] = [(b"x-trace-id", meta.trace_id.encode())]
         self.result = CompletionBuilder()
         self.fallbacks: list[Fallback] = []
+        # A stand-in's answer is not the model's: neither cache gives it to later requests.
+        self.fell_back = False
         self._hangup = Hangup()
         self.hung_up = False
         self.record = ExchangeRecord(
@@ -389,7 +419,10 @@ class ChatExchange:
                 assert self._persistence is not None
                 self._persistence.runs.live.pop(self.meta.trace_id, None)
                 await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
-            if self.semantic_cache is not None and complete and self.result.error is None and self.result.replayable:
+            if (
+                self.semantic_cache is not None and complete and self.result.error is None and self.result.replayable
+                and not self.fell_back
+            ):
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
                     await self.semantic_cache.store(self.request, self.meta, self.result.build(), self.response_headers)
 
@@ -514,14 +547,22 @@ class ChatExchange:
             return
         watched = _Watched(send)
         stand_ins = iter(self.fallbacks)
+        # The first backend's `total` bounds the whole exchange, stand-ins included.
+        assert self._backend is not None
+        total = self._backend.config.timeouts.total
+        deadline = trio.current_time() + total if total is not None else math.inf
         while True:
             try:
-                await self._call_routed(watched, request)
+                await self._call_routed(watched, request, deadline)
                 return
             except GatewayError as error:
                 stand_in = next(stand_ins, None)
                 if watched.sent or error.kind not in _FALLBACK_KINDS or stand_in is None:
                     raise
+                if self.hung_up or trio.current_effective_deadline() == -math.inf:
+                    raise  # the client left (closing the backend is what failed it), or the server stops
+                if trio.current_time() >= deadline:
+                    raise  # no time left for a stand-in
                 log.warning(
                     "%s: %s; falling back to %s (backend %s)", self.meta.trace_id, error.message, stand_in.model,
                     stand_in.route.backend,
@@ -529,6 +570,7 @@ class ChatExchange:
                 self._switch_to(stand_in)
 
     def _switch_to(self, stand_in: Fallback) -> None:
+        self.fell_back = True
         self.route = stand_in.route
         self._backend = stand_in.backend
         self._call = replace(self._call, upstream_model=stand_in.route.upstream_model)
@@ -540,24 +582,26 @@ class ChatExchange:
             (b"x-fallback-model", stand_in.model.encode()),
         ]
 
-    async def _call_routed(self, send: BatchSink, request: ChatRequest | None) -> None:
+    async def _call_routed(self, send: BatchSink, request: ChatRequest | None, deadline: float = math.inf) -> None:
+        """One backend call, under its backend's `total` and the exchange's `deadline`."""
         backend = self._backend
         if backend is None:
             raise GatewayError(ErrorKind.INTERNAL, "This route has no backend.")
         call = self._call if request is None else replace(self._call, request=request)
         timeout = backend.config.timeouts.total
+        own = trio.current_time() + timeout if timeout is not None else math.inf
         try:
-            with trio.fail_after(timeout if timeout is not None else math.inf):
+            with trio.fail_at(min(deadline, own)):
                 if call.request.stream:
                     await backend.stream(call, send)
                 else:
                     await send.send(await backend.complete(call))
         except trio.TooSlowError:
-            raise GatewayError(
-                ErrorKind.TIMEOUT,
-                f"Backend `{self.route.backend}` did not finish within {timeout:g}s.",
-                code="backend_timeout",
-            ) from None
+            if self.fell_back and deadline < own:
+                message = f"Backend `{self.route.backend}` did not finish within what the first backend's `total` timeout left."
+            else:
+                message = f"Backend `{self.route.backend}` did not finish within {timeout:g}s."
+            raise GatewayError(ErrorKind.TIMEOUT, message, code="backend_timeout") from None
 
     async def _relay(
         self,
@@ -661,7 +705,7 @@ class ChatExchange:
         row.upstream_model = self.route.upstream_model
         row.status = outcome.status
         row.result = completion_to_json(result.build())
-        row.replayable = result.replayable
+        row.replayable = result.replayable and not self.fell_back
         row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
         row.finish_reason = result.finish_reason.value if result.finish_reason else None
         row.prompt_tokens = usage.prompt_tokens if usage else None
