@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -232,13 +233,17 @@ async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(s
     admission back, so refused requests never exhaust the key's requests (in any process)."""
     key = await new_key(stack.db, "scoped", "--rpm", "2", "--models", "qwen3-*", "--workspaces", "docs")
     await wait_for_key(stack.url, key)
+    def given_back() -> Any:
+        return sql(stack.db, "SELECT 1 FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                             " WHERE k.name = 'scoped' AND l.requests_at < extract(epoch FROM now())")
+
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=20) as client:
         for _ in range(4):
             refused = await client.post("/v1/chat/completions", json=CHAT | {"model": "llama-3"})
             assert refused.status_code == 403, refused.text
             embed = await client.post("/v1/embeddings", json={"model": "llama-embed", "input": "x"})
             assert embed.status_code == 403, embed.text
-        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
-                                               " WHERE k.name = 'scoped' AND l.requests_at < extract(epoch FROM now())"))
+            # The admissions come back through the usage writer, a moment after the refusals.
+            await eventually(given_back)
         answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [200, 200, 429]

@@ -246,7 +246,8 @@ class RateLimiter:
             if result.value.allowed and principal.rpm is not None:
                 self._pending.setdefault(principal.id, UsageDelta()).admissions -= 1
                 self._kick.set()  # written now, not whenever the key's next request comes
-            self._recover()
+            if not self._overdue:  # admissions stay local while another call still hangs
+                self._recover()
         elif isinstance(result, outcome.Error) and not isinstance(result.error, DatabaseError):
             log.error("rate limit admission failed", exc_info=result.error)
 
