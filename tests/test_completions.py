@@ -249,3 +249,30 @@ async def test_ollama_backend_is_asked_on_its_openai_endpoint() -> None:
         await client.close()
     sent = [r for r in fake.requests if r.path == "/v1/completions"]
     assert len(sent) == 2 and sent[0].json["suffix"] == "):"
+
+
+async def test_every_ending_gives_its_backend_connection_back(setup: Setup) -> None:
+    # The replica's count of requests in flight picks the next replica: it must come back to
+    # zero however a completion ended (whole, streamed, refused by the backend, client gone).
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as client:
+        request = {"model": "m", "prompt": "x"}
+        answer = await client.post("/v1/completions", json=request, headers={"x-request-id": "fim-42"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "fim-42"
+        assert setup.fake.requests[-1].headers["x-request-id"] == "fim-42"
+        assert (await client.post("/v1/completions", json={**request, "stream": True})).status_code == 200
+        setup.fake.set_script(Script(status=429, error_message="slow down"))
+        refused = await client.post("/v1/completions", json=request)
+        assert refused.status_code == 429 and refused.json()["error"]["message"] == "slow down"
+        setup.fake.set_script(Script(n_tokens=500, pace=0.01))
+        async with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+            async for _line in response.aiter_lines():
+                break
+        await setup.fake.wait_disconnect(2.0)
+
+        async def settled() -> str | None:
+            text = (await client.get("/metrics")).text
+            return text if total(text, "llm_proxy_requests_total", outcome="cancelled") else None
+
+        text = await eventually(settled)
+    in_flight = [line for line in text.splitlines() if line.startswith("llm_proxy_backend_replica_in_flight{")]
+    assert in_flight and all(line.endswith(" 0.0") for line in in_flight)
