@@ -15,8 +15,10 @@ import trio
 from proxy.config import Timeouts
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_auth_helpers import eventually
+from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
+
+pytest_plugins = ["tests.infra_servers"]
 
 
 @dataclass
@@ -276,3 +278,28 @@ async def test_every_ending_gives_its_backend_connection_back(setup: Setup) -> N
         text = await eventually(settled)
     in_flight = [line for line in text.splitlines() if line.startswith("llm_proxy_backend_replica_in_flight{")]
     assert in_flight and all(line.endswith(" 0.0") for line in in_flight)
+
+
+async def test_the_guard_applies_and_a_key_is_charged_its_tokens(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["a", "b"], usage=Usage(9, 2)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "fim", "--models", "coder-*")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            body = {"model": "coder-7b", "prompt": "def f(", "suffix": "):"}
+            assert (await client.post("/v1/completions", json=body)).status_code == 401
+            other = await client.post("/v1/completions", json={**body, "model": "llama3"}, headers=bearer(key))
+            assert other.status_code == 403, other.text  # the key's model scope
+            answer = await client.post("/v1/completions", json=body, headers=bearer(key))
+            assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "ab"
+            streamed = await client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}, headers=bearer(key))
+            assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+
+    async def listed() -> dict[str, object] | None:
+        code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
+        assert code == 0
+        entry: dict[str, object] = json.loads(out.splitlines()[0])
+        return entry if entry["prompt_tokens"] == 18 else None
+
+    entry = await eventually(listed)
+    assert entry["completion_tokens"] == 4
