@@ -235,8 +235,9 @@ async def test_metrics_count_completions_with_their_tokens() -> None:
     served = {"dialect": "openai", "model": "m", "backend": "vllm", "source": "backend"}
     assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="ok") == 2
     assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="cancelled") == 1
-    assert total(text, "llm_proxy_prompt_tokens_total", model="m", backend="vllm") == 2 * 7
-    assert total(text, "llm_proxy_completion_tokens_total", model="m", backend="vllm") == 2 * 3
+    # The backend's usage for the two it answered; the one left early is charged an estimate.
+    assert total(text, "llm_proxy_prompt_tokens_total", model="m", backend="vllm") == 2 * 7 + 1
+    assert total(text, "llm_proxy_completion_tokens_total", model="m", backend="vllm") > 2 * 3
     assert total(text, "llm_proxy_time_to_first_token_seconds_count", model="m", backend="vllm") >= 1
 
 
@@ -303,3 +304,19 @@ async def test_the_guard_applies_and_a_key_is_charged_its_tokens(aio_loop: objec
 
     entry = await eventually(listed)
     assert entry["completion_tokens"] == 4
+
+
+async def test_a_stream_without_usage_is_charged_an_estimate(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["a", "b", "c"], usage=Usage(50, 3)))
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as client:
+        body = {"model": "m", "prompt": "x" * 40, "suffix": "y" * 8, "stream": True}
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 200 and '"usage"' not in response.text  # not asked, not sent
+
+        async def charged() -> str | None:
+            text = (await client.get("/metrics")).text
+            return text if total(text, "llm_proxy_prompt_tokens_total") else None
+
+        text = await eventually(charged)
+    assert total(text, "llm_proxy_prompt_tokens_total") == 12  # 48 characters
+    assert total(text, "llm_proxy_completion_tokens_total") >= 3

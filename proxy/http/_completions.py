@@ -22,6 +22,7 @@ from hypercorn.typing import ASGISendCallable
 from proxy.dialects import openai
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import GatewayError, invalid_request
+from proxy.domain.tokens import estimate_tokens
 from proxy.http._auth import granted_headers
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, DirectBody, Headers
@@ -59,9 +60,9 @@ async def completions(incoming: Incoming) -> DirectBody:
     fields = Fields(data)
     model = fields.text("model", required=True, nonempty=True)
     assert model is not None
-    _check_prompt(fields)
+    prompt_size = _check_prompt(fields)
     stream = bool(fields.boolean("stream"))
-    fields.text("suffix")
+    suffix = fields.text("suffix")
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
     backend = gateway.backends[route.backend]
@@ -79,23 +80,29 @@ async def completions(incoming: Incoming) -> DirectBody:
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
         api_key_id=principal.id if principal is not None else None,
     )
-    return CompletionBody(backend, body, meta, record, gateway.chat, stream=stream, headers=granted_headers())
+    prompt_tokens = prompt_size[1] + estimate_tokens(prompt_size[0] + len(suffix or ""))
+    return CompletionBody(
+        backend, body, meta, record, gateway.chat, stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens
+    )
 
 
-def _check_prompt(fields: Fields) -> None:
-    """`prompt`: text, texts, a token array or token arrays (forwarded as sent)."""
+def _check_prompt(fields: Fields) -> tuple[int, int]:
+    """`prompt`: text, texts, a token array or token arrays (forwarded as sent). Its size,
+    for an estimate should the backend's usage never come: (characters, token ids)."""
     prompt = fields.data.get("prompt")
     if prompt is None:
         if "prompt_embeds" in fields.data:  # vLLM's alternative to a prompt: its business
-            return
+            return 0, 0
         raise invalid_request("Missing required parameter `prompt`.", param="prompt")
     if isinstance(prompt, str):
-        return
+        return len(prompt), 0
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(item, str) for item in prompt) or all(_is_token(item) for item in prompt):
-            return
+        if all(isinstance(item, str) for item in prompt):
+            return sum(len(item) for item in prompt), 0
+        if all(_is_token(item) for item in prompt):
+            return 0, len(prompt)
         if all(isinstance(item, list) and item and all(_is_token(t) for t in item) for item in prompt):
-            return
+            return 0, sum(len(item) for item in prompt)
     raise fields.fail("prompt", "a string, an array of strings, an array of tokens or an array of token arrays")
 
 
@@ -116,6 +123,7 @@ class CompletionBody(DirectBody):
         *,
         stream: bool,
         headers: Headers,
+        prompt_tokens: int,
     ) -> None:
         self._backend = backend
         self._body = body
@@ -124,6 +132,8 @@ class CompletionBody(DirectBody):
         self._chat = chat
         self._stream = stream
         self._headers = headers
+        self._prompt_tokens = prompt_tokens  # estimated
+        self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
         self.hung_up = False
         self.started = False  # the response's head has gone to the client
@@ -156,6 +166,11 @@ class CompletionBody(DirectBody):
             if self.hung_up:
                 record.cancelled = True
                 record.status = record.status or 499
+            if record.prompt_tokens is None and record.completion_tokens is None and self._frames:
+                # A stream without its usage (the client left, or did not ask for it): charged
+                # an estimate, or leaving early would be a way around a key's token limit.
+                record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
+                record.usage_estimated = True
             record.total_ms = (time.perf_counter() - self._meta.received) * 1000
             self._chat.record_completion(record)
 
@@ -245,6 +260,7 @@ class CompletionBody(DirectBody):
                         continue
                     if record.ttft_ms is None:
                         record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
+                    self._frames += data.count(b"data:") - data.count(b"data: [DONE]")
                     tail.append(data)
                     kept += len(data)
                     while kept - len(tail[0]) >= _USAGE_TAIL_BYTES:
