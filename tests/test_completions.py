@@ -296,13 +296,13 @@ async def test_the_guard_applies_and_a_key_is_charged_its_tokens(aio_loop: objec
             streamed = await client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}, headers=bearer(key))
             assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
 
-    async def listed() -> dict[str, object] | None:
-        code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
-        assert code == 0
-        entry: dict[str, object] = json.loads(out.splitlines()[0])
-        return entry if entry["prompt_tokens"] == 18 else None
+        async def listed() -> dict[str, object] | None:
+            code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
+            assert code == 0
+            entry: dict[str, object] = json.loads(out.splitlines()[0])
+            return entry if entry["prompt_tokens"] == 18 else None
 
-    entry = await eventually(listed)
+        entry = await eventually(listed, within=10.0)
     assert entry["completion_tokens"] == 4
 
 
@@ -320,3 +320,17 @@ async def test_a_stream_without_usage_is_charged_an_estimate(setup: Setup) -> No
         text = await eventually(charged)
     assert total(text, "llm_proxy_prompt_tokens_total") == 12  # 48 characters
     assert total(text, "llm_proxy_completion_tokens_total") >= 3
+
+
+async def test_the_total_timeout_bounds_whole_answers_and_streams() -> None:
+    fake = OpenAIBackend(default=Script(n_tokens=100, pace=0.05))  # 5 s of generation
+    quick = Timeouts(connect=2, first_token=5, idle=5, total=0.5)
+    async with fake.serve() as server, running_gateway(backend("slow", server.url, default=True, timeouts=quick)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            whole = await client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+            assert whole.status_code == 504 and "did not finish" in whole.json()["error"]["message"]
+            await fake.wait_disconnect(2.0)
+            streamed = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+    assert streamed.status_code == 200
+    frames = [json.loads(line[6:]) for line in streamed.text.split("\n\n") if line.startswith("data: ")]
+    assert frames[0]["choices"][0]["text"] and "did not finish" in frames[-1]["error"]["message"]

@@ -175,20 +175,26 @@ class CompletionBody(DirectBody):
             self._chat.record_completion(record)
 
     async def _relay(self) -> None:
+        """The whole relay, as a chat's backend call, under the backend's `total` timeout."""
+        config = self._backend.config
+        total = config.timeouts.total
+        with trio.move_on_after(total if total is not None else math.inf) as scope:
+            await self._relay_answer()
+        if scope.cancelled_caught:
+            await self._fail(timeout_error(config.name, "did not finish", total))
+
+    async def _relay_answer(self) -> None:
         config = self._backend.config
         name, timeouts = config.name, config.timeouts
         headers = {"x-request-id": self._meta.request_id, "x-correlation-id": self._meta.correlation_id or self._meta.request_id}
-        if self._stream:
-            # As for chats: the first-token clock covers the wait for the response head.
-            deadline = trio.current_time() + (timeouts.first_token or math.inf)
-        else:  # the head comes with the whole answer: the total timeout bounds it
-            deadline = trio.current_time() + (timeouts.total or math.inf)
+        # As for chats: a stream's first-token clock covers the wait for the response head. A
+        # whole answer's head comes with its end: only the total timeout bounds it.
+        deadline = trio.current_time() + (timeouts.first_token or math.inf) if self._stream else math.inf
         try:
             with trio.move_on_at(deadline) as head_scope, transport_errors(name):
                 response = await self._backend.open_completions(self._body, headers, stream=self._stream)
             if head_scope.cancelled_caught:
-                raise timeout_error(name, "sent no first token" if self._stream else "did not answer",
-                                    timeouts.first_token if self._stream else timeouts.total)
+                raise timeout_error(name, "sent no first token", timeouts.first_token)
         except GatewayError as error:
             await self._fail(error)
             return
@@ -198,7 +204,7 @@ class CompletionBody(DirectBody):
             elif self._stream:
                 await self._relay_stream(response, deadline)
             else:
-                await self._relay_whole(response, deadline)
+                await self._relay_whole(response)
         finally:
             with trio.CancelScope(shield=True):
                 await BackendClient.close(response)
@@ -209,7 +215,7 @@ class CompletionBody(DirectBody):
             with trio.move_on_at(deadline) as scope, transport_errors(name):
                 body = await read_limited(response)
             if scope.cancelled_caught:
-                raise timeout_error(name, "did not finish its error", None)
+                raise timeout_error(name, "sent no first token", self._backend.config.timeouts.first_token)
         except GatewayError as error:
             await self._fail(error)
             return
@@ -227,13 +233,10 @@ class CompletionBody(DirectBody):
         message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
         await self._fail(status_error(name, status, message, retry_after))
 
-    async def _relay_whole(self, response: httpx.Response, deadline: float) -> None:
-        name = self._backend.config.name
+    async def _relay_whole(self, response: httpx.Response) -> None:
         try:
-            with trio.move_on_at(deadline) as scope, transport_errors(name):
+            with transport_errors(self._backend.config.name):
                 body = await response.aread()
-            if scope.cancelled_caught:
-                raise timeout_error(name, "did not answer", self._backend.config.timeouts.total)
         except GatewayError as error:
             await self._fail(error)
             return
