@@ -151,6 +151,42 @@ _CHAT_COMPLETION: Schema = {
         "usage": _USAGE,
     },
 }
+_TOKENS: Schema = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+_COMPLETIONS_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "prompt": {
+            "oneOf": [_STR, {"type": "array", "items": _STR, "minItems": 1}, _TOKENS, {"type": "array", "items": _TOKENS, "minItems": 1}]
+        },
+        "suffix": _STR,
+        "stream": _BOOL,
+        "max_tokens": _INT,
+        "temperature": _NUM,
+        "stop": {"oneOf": [_STR, {"type": "array", "items": _STR}]},
+    },
+    "additionalProperties": True,
+}
+_TEXT_COMPLETION: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "text_completion"},
+        "created": _INT,
+        "model": _STR,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "text", "finish_reason"],
+                "properties": {"index": _INT, "text": _STR, "finish_reason": {"type": ["string", "null"]}},
+            },
+        },
+        "usage": _USAGE,
+    },
+}
 _MODEL: Schema = {
     "type": "object",
     "required": ["id", "object"],
@@ -413,6 +449,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Chat completion (OpenAI)", "OpenAI",
         _ok(_CHAT_COMPLETION, stream="text/event-stream"), body=_CHAT_REQUEST, parameters=_CHAT_HEADERS,
         description="`stream: true` answers with server-sent events ending in `data: [DONE]`.",
+    ),
+    ("/v1/completions", "post"): _op(
+        "Text completion (OpenAI's legacy API; fill-in-the-middle with `suffix`)", "OpenAI",
+        _ok(_TEXT_COMPLETION, stream="text/event-stream"), body=_COMPLETIONS_REQUEST,
+        parameters=[{"name": name, "in": "header", "schema": {"type": "string", "maxLength": 200},
+                     "description": "Passed on to the backend."} for name in ("x-request-id", "x-correlation-id")],
+        description="Relayed as is to the model's OpenAI-compatible or Ollama backend (the body with `model` "
+        "replaced by the backend's name for it; the answer, `stream: true` SSE included, byte for byte). "
+        "A model on an Anthropic backend is a 400. No completion log, idempotency, caches or fallbacks.",
     ),
     ("/v1/models", "get"): _op(
         "Models this key may use (OpenAI; Anthropic's with `anthropic-version`)", "OpenAI",

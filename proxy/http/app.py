@@ -10,6 +10,7 @@ from proxy.config import Settings
 from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
+    _completions,
     _cors,
     _embeddings,
     _front,
@@ -65,7 +66,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _ollama, _anthropic, _streams):
+    for surface in (_openai, _completions, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)

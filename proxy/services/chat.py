@@ -244,6 +244,11 @@ class ChatService:
             dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
         ))
 
+    def record_completion(self, record: ExchangeRecord) -> None:
+        """A legacy text completion (`/v1/completions`, relayed without an exchange): its log
+        line, its key's usage and its metrics, as a chat's."""
+        self._record(record)
+
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
         """Resolve the route now (an unknown model or route fails before any response starts)."""
         handler: RouteHandler | None = None

@@ -2,7 +2,8 @@
 
 Routes: ``POST /api/chat``, ``POST /api/generate`` (both stream by default, honour
 ``"stream": false``), ``GET /api/tags``, ``POST /api/show``, ``POST /api/embed``, legacy
-``POST /api/embeddings``, ``GET /api/version``, ``GET /`` ("Ollama is running").
+``POST /api/embeddings``, ``GET /api/version``, ``GET /`` ("Ollama is running"), and the
+OpenAI-compatible ``POST /v1/completions`` (legacy text completions, OpenAI's SSE).
 
 Ollama's quirks are kept on purpose: tool calls arrive whole in one ``done: false`` line as
 ``{"function": {"name", "arguments": {object}}}`` without ids, ``done_reason`` stays
@@ -22,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 from .base import Call, FakeBackend, json_bytes
+from .openai_backend import run_text_completion
 from .script import (
     Plan,
     Script,
@@ -228,6 +230,8 @@ class OllamaBackend(FakeBackend):
             await self._embed(request, exchange, legacy=False)
         elif path == "/api/embeddings" and method == "POST":
             await self._embed(request, exchange, legacy=True)
+        elif path == "/v1/completions" and method == "POST":
+            await run_text_completion(self, request, exchange, call)
         else:
             await exchange.respond(404, b"404 page not found", content_type="text/plain")
 

@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible server, speaking like vLLM / llama.cpp / api.openai.com.
 
-Routes: ``POST /v1/chat/completions`` (stream and non-stream), ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions`` and the legacy ``POST /v1/completions`` (stream and
+non-stream), ``GET /v1/models``,
 ``POST /v1/embeddings`` (float or base64), ``GET /health``.
 
 Stream chunks are assembled from pre-encoded byte templates (one id/created per response),
@@ -222,6 +223,105 @@ class _ChatRendering:
         return json_bytes(body)
 
 
+class TextRendering:
+    """One legacy text completion (``/v1/completions``) as SSE chunks carrying
+    ``choices[].text``, or as a ``text_completion`` object (vLLM's and llama.cpp's shapes)."""
+
+    content_type = "text/event-stream; charset=utf-8"
+
+    def __init__(self, plan: Plan, script: Script, *, include_usage: bool, request_id: str) -> None:
+        self.plan = plan
+        self.script = script
+        self.include_usage = include_usage
+        self.completion_id = "cmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.headers = [("x-request-id", request_id), *_STREAM_HEADERS, *script.headers]
+        self._envelope = (
+            b'{"id":"' + self.completion_id.encode() + b'","object":"text_completion","created":'
+            + str(self.created).encode() + b',"model":' + _js(plan.model)
+        )
+
+    def _chunk(self, text: str, finish: str | None) -> bytes:
+        reason = b"null" if finish is None else _js(finish)
+        usage = b',"usage":null' if self.include_usage else b""
+        return (
+            b"data: " + self._envelope + b',"choices":[{"index":0,"text":' + _js(text)
+            + b',"logprobs":null,"finish_reason":' + reason + b"}]" + usage + b"}\n\n"
+        )
+
+    def frames(self) -> Iterator[bytes]:
+        for piece in self.plan.content:
+            yield self._chunk(piece, None)
+        yield self._chunk("", self.plan.finish_reason)
+        if self.include_usage:
+            usage = json_bytes(_usage_object(self.plan.usage))
+            yield b"data: " + self._envelope + b',"choices":[],"usage":' + usage + b"}\n\n"
+        yield b"data: [DONE]\n\n"
+
+    def error_frame(self) -> bytes:
+        error = self.script.fail_body or openai_error(500, self.script.error_message or "The server had an error.")
+        return b"data: " + json_bytes(error) + b"\n\n"
+
+    def keepalive(self) -> bytes:
+        return b": ping\n\n"
+
+    def full_body(self) -> bytes:
+        plan = self.plan
+        return json_bytes({
+            "id": self.completion_id, "object": "text_completion", "created": self.created, "model": plan.model,
+            "choices": [{"index": 0, "text": plan.text, "logprobs": None, "finish_reason": plan.finish_reason}],
+            "usage": _usage_object(plan.usage),
+        })
+
+
+def prompt_text(prompt: Any) -> str | None:
+    """A legacy completion's prompt as text (token ids as words); None if malformed."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return "\n".join(prompt)
+        if all(isinstance(p, int) for p in prompt):
+            return " ".join(map(str, prompt))
+        if all(isinstance(p, list) for p in prompt):
+            return "\n".join(" ".join(map(str, p)) for p in prompt)
+    return None
+
+
+async def run_text_completion(backend: FakeBackend, request: Request, exchange: Exchange, call: Call) -> None:
+    """``POST /v1/completions`` as vLLM answers it (Ollama's ``/v1/completions`` too)."""
+    try:
+        body = request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        await backend.send_error(exchange, 400, "We could not parse the JSON body of your request.")
+        return
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        await backend.send_error(exchange, 400, "you must provide a model parameter")
+        return
+    text = prompt_text(body.get("prompt"))
+    if text is None:
+        await backend.send_error(exchange, 400, "'prompt' must be a string or an array")
+        return
+    if not backend.model_known(model):
+        await backend.send_error(exchange, 404, f"The model `{model}` does not exist.")
+        return
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    max_tokens = body.get("max_tokens")
+    script = backend.script_for(model)
+    plan = make_plan(
+        script, model=model, prompt_text=text, last_user_text=text,
+        max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+    )
+    request_id = request.header("x-request-id") or "req_" + secrets.token_hex(16)
+    rendering = TextRendering(plan, script, include_usage=include_usage, request_id=request_id)
+    await backend.run_generation(exchange, call, script=script, plan=plan, stream=stream, rendering=rendering)
+
+
 class OpenAIBackend(FakeBackend):
     """A scriptable OpenAI-compatible backend. ``api_key``: require ``Bearer <api_key>``."""
 
@@ -257,6 +357,8 @@ class OpenAIBackend(FakeBackend):
             return
         if path == "/v1/chat/completions" and method == "POST":
             await self._chat(request, exchange, call)
+        elif path == "/v1/completions" and method == "POST":
+            await run_text_completion(self, request, exchange, call)
         elif path == "/v1/embeddings" and method == "POST":
             await self._embeddings(request, exchange)
         elif path == "/v1/models" and method == "GET":

@@ -133,6 +133,19 @@ class EmbeddingBackend(Protocol):
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput: ...
 
 
+@runtime_checkable
+class CompletionsBackend(Protocol):
+    """A backend with OpenAI's legacy text completions API (`/v1/completions`), relayed as is.
+
+    `open_completions` sends `body` (the client's, its model already the upstream one) and
+    returns the response with its body open, whatever its status; the caller must close it
+    with `BackendClient.close`. Transport failures are httpx's: the caller maps them."""
+
+    config: BackendConfig
+
+    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
+
+
 def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[float]]:
     """Validate a backend's list of vectors: `expected` of them, all numbers."""
     if not isinstance(items, list) or len(items) != expected:

@@ -116,6 +116,15 @@ class OllamaBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
+    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
+        """`POST /v1/completions`: Ollama's own OpenAI-compatible text completions (FIM with
+        `suffix`), the response left open; `base_url` is the server root."""
+        accept = "text/event-stream" if stream else "application/json"
+        return await self._client.send(
+            "POST", "/v1/completions", content=body,
+            headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
+        )
+
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
         with transport_errors(name):

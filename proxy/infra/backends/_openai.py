@@ -129,6 +129,14 @@ class OpenAIBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
+    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
+        """`POST /completions` (OpenAI's legacy text completions), the response left open."""
+        accept = "text/event-stream" if stream else "application/json"
+        return await self._client.send(
+            "POST", "/completions", content=body,
+            headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
+        )
+
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
         with transport_errors(name):
