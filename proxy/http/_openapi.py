@@ -132,25 +132,32 @@ _USAGE: Schema = {
     "type": "object",
     "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
 }
-_CHAT_COMPLETION: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
-    "properties": {
-        "id": _STR,
-        "object": {"const": "chat.completion"},
-        "created": _INT,
-        "model": _STR,
-        "choices": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["index", "message", "finish_reason"],
-                "properties": {"index": _INT, "message": _OBJ, "finish_reason": {"type": ["string", "null"]}},
+
+
+def _completion(kind: str, content: str, content_schema: Schema) -> Schema:
+    """A whole completion: a chat's (`message`) or a legacy text completion's (`text`)."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": _STR,
+            "object": {"const": kind},
+            "created": _INT,
+            "model": _STR,
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", content, "finish_reason"],
+                    "properties": {"index": _INT, content: content_schema, "finish_reason": {"type": ["string", "null"]}},
+                },
             },
+            "usage": _USAGE,
         },
-        "usage": _USAGE,
-    },
-}
+    }
+
+
+_CHAT_COMPLETION = _completion("chat.completion", "message", _OBJ)
 _TOKENS: Schema = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 _COMPLETIONS_REQUEST: Schema = {
     "type": "object",
@@ -168,25 +175,7 @@ _COMPLETIONS_REQUEST: Schema = {
     },
     "additionalProperties": True,
 }
-_TEXT_COMPLETION: Schema = {
-    "type": "object",
-    "required": ["id", "object", "created", "model", "choices"],
-    "properties": {
-        "id": _STR,
-        "object": {"const": "text_completion"},
-        "created": _INT,
-        "model": _STR,
-        "choices": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["index", "text", "finish_reason"],
-                "properties": {"index": _INT, "text": _STR, "finish_reason": {"type": ["string", "null"]}},
-            },
-        },
-        "usage": _USAGE,
-    },
-}
+_TEXT_COMPLETION = _completion("text_completion", "text", _STR)
 _MODEL: Schema = {
     "type": "object",
     "required": ["id", "object"],
