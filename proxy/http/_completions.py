@@ -25,7 +25,7 @@ from proxy.domain.errors import GatewayError, invalid_request
 from proxy.domain.tokens import estimate_tokens
 from proxy.http._auth import granted_headers
 from proxy.http._errors import error_reply
-from proxy.http._exchange import SSE_HEADERS, DirectBody, Headers
+from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.infra.backends._base import (
@@ -136,9 +136,7 @@ class CompletionBody(DirectBody):
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
         self.hung_up = False
-        self.started = False  # the response's head has gone to the client
-        self.ended = False
-        self._send: ASGISendCallable | None = None
+        self._out: _Writer | None = None
 
     def hang_up(self) -> None:
         """The client has gone: its backend connection closes now, not once we unwind."""
@@ -146,7 +144,7 @@ class CompletionBody(DirectBody):
         self._hangup.fire()
 
     async def run(self, send: ASGISendCallable) -> None:
-        self._send = send
+        self._out = _Writer(send, self._headers, self.record)
         token = current_hangup.set(self._hangup)
         try:
             await self._relay()
@@ -228,7 +226,7 @@ class CompletionBody(DirectBody):
             if retry_after is not None:
                 headers.append((b"retry-after", retry_after.encode("latin-1")))
             self.record.error = openai.error_message_from_body(body) or f"HTTP {status}"
-            await self._whole(status, headers, body)
+            await self._writer().whole(status, headers, body)
             return
         message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
         await self._fail(status_error(name, status, message, retry_after))
@@ -242,15 +240,14 @@ class CompletionBody(DirectBody):
             return
         self._note_usage(_usage_of(body))
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
-        await self._whole(response.status_code, [(b"content-type", content_type)], body)
+        await self._writer().whole(response.status_code, [(b"content-type", content_type)], body)
 
     async def _relay_stream(self, response: httpx.Response, first_deadline: float) -> None:
         """The backend's bytes as they arrive, under the first-token then the idle clock."""
         config = self._backend.config
         name, idle = config.name, config.timeouts.idle or math.inf
-        await self._start(response.status_code, list(SSE_HEADERS))
+        await self._writer().head(response.status_code, list(SSE_HEADERS))
         record = self.record
-        record.status = response.status_code
         chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
         tail: deque[bytes] = deque()
         kept = 0
@@ -269,7 +266,7 @@ class CompletionBody(DirectBody):
                     while kept - len(tail[0]) >= _USAGE_TAIL_BYTES:
                         kept -= len(tail.popleft())
                     scope.deadline = math.inf
-                    await self._body_part(data)
+                    await self._writer().part(data)
                     scope.deadline = trio.current_time() + idle
             if scope.cancelled_caught:
                 if record.ttft_ms is None:
@@ -279,7 +276,7 @@ class CompletionBody(DirectBody):
             await self._fail(error)
             return
         self._note_usage(_stream_usage(b"".join(tail)))
-        await self._end()
+        await self._writer().end()
 
     def _note_usage(self, found: tuple[dict[str, Any] | None, str | None]) -> None:
         usage, finish = found
@@ -297,37 +294,42 @@ class CompletionBody(DirectBody):
         if self.hung_up:  # the failure is the hang-up's doing, and there is nobody to tell
             return
         self.record.error = self.record.error or error.message
-        if self.ended:
+        out = self._writer()
+        if out.ended:
             return
-        if self.started:
-            await self._end(b"data: " + error_reply(error, "openai").body + b"\n\n")
+        if out.started:
+            await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
             return
-        reply = error_reply(error, "openai")
-        await self._whole(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
+        await out.fail(error)
+
+    def _writer(self) -> _Writer:
+        assert self._out is not None  # made by `run`
+        return self._out
+
+
+class _Writer(AsgiSink):
+    """The response to the client, with the exchange's writer (the head shielded, the length
+    of a whole answer given); the status it sends is noted in the request's record."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, record: ExchangeRecord) -> None:
+        super().__init__(send, headers)
+        self._record = record
 
     async def _start(self, status: int, headers: Headers) -> None:
-        assert self._send is not None
-        self.started = True
-        self.record.status = status
-        # Shielded, as an exchange's head: cancelled inside hypercorn's send, the response
-        # would be half begun and hypercorn would answer a 500 over it.
-        with trio.CancelScope(shield=True):
-            await self._send({
-                "type": "http.response.start", "status": status, "headers": headers + self._headers, "trailers": False,
-            })
+        self._record.status = status
+        await super()._start(status, headers)
 
-    async def _body_part(self, data: bytes) -> None:
-        assert self._send is not None
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+    async def head(self, status: int, headers: Headers) -> None:
+        await self._start(status, headers)
 
-    async def _end(self, data: bytes = b"") -> None:
-        assert self._send is not None
-        self.ended = True
-        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+    async def part(self, data: bytes) -> None:
+        await self._body(data)
 
-    async def _whole(self, status: int, headers: Headers, body: bytes) -> None:
-        await self._start(status, [*headers, (b"content-length", b"%d" % len(body))])
-        await self._end(body)
+    async def end(self, data: bytes = b"") -> None:
+        await self._end(data)
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        await self._whole(status, headers, body)
 
 
 def _is_openai_error(body: bytes) -> bool:
