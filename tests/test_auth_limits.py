@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 
@@ -72,6 +73,45 @@ async def test_thirty_concurrent_requests_with_rpm_10_admit_exactly_10(stack: St
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200)
     assert remaining == list(range(10))  # each admitted request saw the bucket one lower
+
+
+async def test_an_admission_queued_behind_another_gateways_sees_the_bucket_after_it(stack: Stack) -> None:
+    # Another gateway holds the key's bucket row while this one's admission queues for it,
+    # then takes one request. This one must report 8 of 10 left, not 7: its clock is read
+    # once it holds the row, never before the other's took its request.
+    key = await new_key(stack.db, "queued", "--rpm", "10")
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await sql(stack.db, "SELECT id FROM api_keys WHERE name = 'queued'")
+    await sql(stack.db, "INSERT INTO api_key_limits (key_id) VALUES (%s) ON CONFLICT DO NOTHING", key_id)
+    other = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+    try:
+        await trio.to_thread.run_sync(
+            lambda: other.execute("SELECT 1 FROM api_key_limits WHERE key_id = %s FOR UPDATE", (key_id,))
+        )
+        async with trio.open_nursery() as nursery:
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.extend(await burst(stack.url, key, 1))
+
+            nursery.start_soon(ask)
+
+            async def queued() -> bool:
+                waiting = await sql(stack.db, "SELECT count(*) FROM pg_stat_activity"
+                                    " WHERE wait_event_type = 'Lock' AND query LIKE '%%api_key_admit%%'")
+                return bool(waiting[0][0])
+
+            await eventually(queued)
+            await trio.sleep(0.3)  # the queued admission's old clock falls 0.3 s behind
+            await trio.to_thread.run_sync(
+                lambda: other.execute("SELECT * FROM api_key_admit(%s, 10, NULL)", (key_id,))
+            )
+            await trio.to_thread.run_sync(other.commit)
+    finally:
+        await trio.to_thread.run_sync(other.close)
+    [answer] = answers
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining-requests"] == "8"
 
 
 async def test_two_gateways_sharing_the_database_share_the_limit(stack: Stack) -> None:
