@@ -134,16 +134,19 @@ class EmbeddingBackend(Protocol):
 
 
 @runtime_checkable
-class CompletionsBackend(Protocol):
-    """A backend with OpenAI's legacy text completions API (`/v1/completions`), relayed as is.
+class RelayBackend(Protocol):
+    """A backend with OpenAI-compatible APIs the gateway relays as they are, without domain
+    translation: legacy text completions (`/completions`), rerank (`/rerank`).
 
-    `open_completions` sends `body` (the client's, its model already the upstream one) and
-    returns the response with its body open, whatever its status; the caller must close it
-    with `BackendClient.close`. Transport failures are httpx's: the caller maps them."""
+    `relays` names the API paths it serves. `open_relay` sends `body` (the client's, its
+    model already the upstream one) to `path` under the backend's OpenAI-compatible API root
+    and returns the response with its body open, whatever its status; the caller must close
+    it with `BackendClient.close`. Transport failures are httpx's: the caller maps them."""
 
     config: BackendConfig
+    relays: frozenset[str]
 
-    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
+    async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
 
 
 def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[float]]:

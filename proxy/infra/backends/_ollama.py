@@ -116,12 +116,15 @@ class OllamaBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
-    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST /v1/completions`: Ollama's own OpenAI-compatible text completions (FIM with
-        `suffix`), the response left open; `base_url` is the server root."""
+    # Ollama's OpenAI-compatible API has text completions (FIM with `suffix`), no rerank.
+    relays = frozenset({"/completions"})
+
+    async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
+        """`POST /v1{path}`: Ollama's own OpenAI-compatible API (`base_url` is the server
+        root), the response left open."""
         accept = "text/event-stream" if stream else "application/json"
         return await self._client.send(
-            "POST", "/v1/completions", content=body,
+            "POST", "/v1" + path, content=body,
             headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
         )
 

@@ -129,11 +129,13 @@ class OpenAIBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
-    async def open_completions(self, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST /completions` (OpenAI's legacy text completions), the response left open."""
+    relays = frozenset({"/completions", "/rerank"})
+
+    async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
+        """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open."""
         accept = "text/event-stream" if stream else "application/json"
         return await self._client.send(
-            "POST", "/completions", content=body,
+            "POST", path, content=body,
             headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
         )
 

@@ -1,0 +1,376 @@
+"""Relaying an OpenAI-compatible API call to the routed backend as it is: its status, then
+its bytes as they come (legacy text completions, rerank). No domain translation, completion
+log, caches or fallbacks; the request is guarded, timed, logged, metered and charged like a
+chat, and a client that leaves closes the backend connection at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from typing import Any, cast
+
+import httpx
+import trio
+from hypercorn.typing import ASGISendCallable
+
+from proxy.dialects import openai
+from proxy.dialects._json import dumps
+from proxy.domain.errors import GatewayError, invalid_request
+from proxy.http._auth import granted_headers
+from proxy.http._errors import error_reply
+from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
+from proxy.http._front import Incoming
+from proxy.http._head import request_meta
+from proxy.infra.backends._base import (
+    BackendClient,
+    RelayBackend,
+    read_limited,
+    status_error,
+    timeout_error,
+    transport_errors,
+)
+from proxy.infra.transport import Hangup, current_hangup
+from proxy.services.auth import current_principal
+from proxy.services.chat import (
+    SHUTTING_DOWN,
+    ChatService,
+    ExchangeRecord,
+    RequestMeta,
+    is_cancellation,
+)
+
+# The usage of a stream is in one of its last chunks: only this much of its end is kept.
+_USAGE_TAIL_BYTES = 16384
+# A client still there when the server stops is told so, within this long.
+_LAST_WORDS_SECONDS = 1.0
+
+
+def relay(
+    incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
+    stream: bool, prompt_tokens: int, refusal: str, instead: str = "",
+) -> RelayBody:
+    """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
+    to the backend's `path`. `prompt_tokens` is charged should the answer carry no usage.
+    A model whose backend does not serve `path` is refused with `refusal`."""
+    gateway = incoming.gateway
+    route = gateway.router.resolve(model)
+    backend = gateway.backends[route.backend]
+    if not isinstance(backend, RelayBackend) or path not in backend.relays:
+        raise invalid_request(
+            f"{refusal}; model `{model}` is served by backend `{route.backend}` ({backend.config.kind}).{instead}",
+            param="model",
+        )
+    meta = request_meta(incoming.head)
+    principal = current_principal.get()
+    record = ExchangeRecord(
+        trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
+        upstream_model=route.upstream_model, stream=stream, dialect="openai",
+        api_key_id=principal.id if principal is not None else None,
+    )
+    body = dumps({**data, "model": route.upstream_model})
+    return RelayBody(
+        backend, path, body, meta, record, gateway.chat,
+        stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens,
+    )
+
+
+class RelayBody(DirectBody):
+    """One relayed call: the backend's status, then its bytes as they come."""
+
+    def __init__(
+        self,
+        backend: RelayBackend,
+        path: str,
+        body: bytes,
+        meta: RequestMeta,
+        record: ExchangeRecord,
+        chat: ChatService,
+        *,
+        stream: bool,
+        headers: Headers,
+        prompt_tokens: int,
+    ) -> None:
+        self._backend = backend
+        self._path = path
+        self._body = body
+        self._meta = meta
+        self.record = record
+        self._chat = chat
+        self._stream = stream
+        self._headers = headers
+        self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage
+        self._frames = 0  # SSE events relayed: about one token each
+        self._hangup = Hangup()
+        self.hung_up = False
+        self._out: _Writer | None = None
+
+    def hang_up(self) -> None:
+        """The client has gone: its backend connection closes now, not once we unwind."""
+        self.hung_up = True
+        self._hangup.fire()
+
+    async def run(self, send: ASGISendCallable) -> None:
+        self._out = _Writer(send, self._headers, self.record)
+        token = current_hangup.set(self._hangup)
+        try:
+            await self._relay()
+        except BaseException as exc:
+            if is_cancellation(exc) and not self.hung_up:
+                # Cancelled with its client still there: the server is stopping.
+                self.record.error = SHUTTING_DOWN.message
+                self.record.status = self.record.status or SHUTTING_DOWN.status
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _LAST_WORDS_SECONDS):
+                    await self._fail(SHUTTING_DOWN)
+            raise
+        finally:
+            current_hangup.reset(token)
+            record = self.record
+            # The hang-up closed the backend connection: the relay may have ended on that
+            # read's failure before its cancellation came.
+            if self.hung_up:
+                record.cancelled = True
+                record.status = record.status or 499
+            if record.prompt_tokens is None and record.completion_tokens is None and self._frames:
+                # A stream without its usage (the client left, or did not ask for it): charged
+                # an estimate, or leaving early would be a way around a key's token limit.
+                record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
+                record.usage_estimated = True
+            record.total_ms = (time.perf_counter() - self._meta.received) * 1000
+            self._chat.record_completion(record)
+
+    async def _relay(self) -> None:
+        """The whole relay, as a chat's backend call, under the backend's `total` timeout."""
+        config = self._backend.config
+        total = config.timeouts.total
+        with trio.move_on_after(total if total is not None else math.inf) as scope:
+            await self._relay_answer()
+        if scope.cancelled_caught:
+            await self._fail(timeout_error(config.name, "did not finish", total))
+
+    async def _relay_answer(self) -> None:
+        config = self._backend.config
+        name, timeouts = config.name, config.timeouts
+        headers = {"x-request-id": self._meta.request_id, "x-correlation-id": self._meta.correlation_id or self._meta.request_id}
+        # As for chats: a stream's first-token clock covers the wait for the response head. A
+        # whole answer's head comes with its end: only the total timeout bounds it.
+        deadline = trio.current_time() + (timeouts.first_token or math.inf) if self._stream else math.inf
+        try:
+            with trio.move_on_at(deadline) as head_scope, transport_errors(name):
+                response = await self._backend.open_relay(self._path, self._body, headers, stream=self._stream)
+            if head_scope.cancelled_caught:
+                raise timeout_error(name, "sent no first token", timeouts.first_token)
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        try:
+            if response.status_code >= 400:
+                await self._relay_error(response, deadline)
+            elif self._stream:
+                await self._relay_stream(response, deadline)
+            else:
+                await self._relay_whole(response)
+        finally:
+            with trio.CancelScope(shield=True):
+                await BackendClient.close(response)
+
+    async def _relay_error(self, response: httpx.Response, deadline: float) -> None:
+        name = self._backend.config.name
+        try:
+            with trio.move_on_at(deadline) as scope, transport_errors(name):
+                body = await read_limited(response)
+            if scope.cancelled_caught:
+                raise timeout_error(name, "sent no first token", self._backend.config.timeouts.first_token)
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        status = response.status_code
+        retry_after = response.headers.get("retry-after")
+        # The backend refusing the gateway's own credentials is the gateway's fault, never
+        # the client's 401/403: those are mapped, as for chats.
+        if status not in (401, 403) and _is_openai_error(body):
+            headers: Headers = [(b"content-type", b"application/json")]
+            if retry_after is not None:
+                headers.append((b"retry-after", retry_after.encode("latin-1")))
+            self.record.error = openai.error_message_from_body(body) or f"HTTP {status}"
+            await self._writer().whole(status, headers, body)
+            return
+        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+        await self._fail(status_error(name, status, message, retry_after))
+
+    async def _relay_whole(self, response: httpx.Response) -> None:
+        try:
+            with transport_errors(self._backend.config.name):
+                body = await response.aread()
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        self._note_usage(_usage_of(body))
+        record = self.record
+        if record.prompt_tokens is None and record.completion_tokens is None:
+            # An answer without usage (servers differ, rerank most): charged its input.
+            record.prompt_tokens, record.completion_tokens = self._prompt_tokens, 0
+            record.usage_estimated = True
+        content_type = response.headers.get("content-type", "application/json").encode("latin-1")
+        await self._writer().whole(response.status_code, [(b"content-type", content_type)], body)
+
+    async def _relay_stream(self, response: httpx.Response, first_deadline: float) -> None:
+        """The backend's bytes as they arrive, under the first-token then the idle clock."""
+        config = self._backend.config
+        name, idle = config.name, config.timeouts.idle or math.inf
+        await self._writer().head(response.status_code, list(SSE_HEADERS))
+        record = self.record
+        chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+        tail: deque[bytes] = deque()
+        kept = 0
+        try:
+            # One scope for every read: its deadline moves, and is lifted while the client
+            # takes a chunk, so a slow client is never mistaken for a silent backend.
+            with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(name):
+                async for data in chunks:
+                    if not data:
+                        continue
+                    if record.ttft_ms is None:
+                        record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
+                    self._frames += data.count(b"data:") - data.count(b"data: [DONE]")
+                    tail.append(data)
+                    kept += len(data)
+                    while kept - len(tail[0]) >= _USAGE_TAIL_BYTES:
+                        kept -= len(tail.popleft())
+                    scope.deadline = math.inf
+                    await self._writer().part(data)
+                    scope.deadline = trio.current_time() + idle
+            if scope.cancelled_caught:
+                if record.ttft_ms is None:
+                    raise timeout_error(name, "sent no first token", config.timeouts.first_token)
+                raise timeout_error(name, "went silent for longer than the idle timeout", config.timeouts.idle)
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        self._note_usage(_stream_usage(b"".join(tail)))
+        await self._writer().end()
+
+    def _note_usage(self, found: tuple[dict[str, Any] | None, str | None]) -> None:
+        usage, finish = found
+        record = self.record
+        if usage is not None:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            completion = completion if _is_token(completion) else None
+            if not _is_token(prompt):
+                # Rerank and embedding servers may count only `total_tokens`: all input.
+                total = usage.get("total_tokens")
+                prompt = cast(int, total) - (completion or 0) if _is_token(total) else None
+            record.prompt_tokens = prompt
+            record.completion_tokens = completion
+        record.finish_reason = finish
+
+    # -- to the client ---------------------------------------------------------------------
+
+    async def _fail(self, error: GatewayError) -> None:
+        """`error` in OpenAI's shape: the response, or its last event once it has begun."""
+        if self.hung_up:  # the failure is the hang-up's doing, and there is nobody to tell
+            return
+        self.record.error = self.record.error or error.message
+        out = self._writer()
+        if out.ended:
+            return
+        if out.started:
+            await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
+            return
+        await out.fail(error)
+
+    def _writer(self) -> _Writer:
+        assert self._out is not None  # made by `run`
+        return self._out
+
+
+class _Writer(AsgiSink):
+    """The response to the client, with the exchange's writer (the head shielded, the length
+    of a whole answer given); the status it sends is noted in the request's record."""
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, record: ExchangeRecord) -> None:
+        super().__init__(send, headers)
+        self._record = record
+
+    async def _start(self, status: int, headers: Headers) -> None:
+        self._record.status = status
+        await super()._start(status, headers)
+
+    async def head(self, status: int, headers: Headers) -> None:
+        await self._start(status, headers)
+
+    async def part(self, data: bytes) -> None:
+        await self._body(data)
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._end(data)
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        await self._whole(status, headers, body)
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_openai_error(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("message"), str)
+
+
+def _usage_of(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """A whole answer's `usage` and first choice's `finish_reason`, if it has them."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    usage = data.get("usage")
+    choices = data.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    finish = first.get("finish_reason")
+    return (usage if isinstance(usage, dict) else None), (finish if isinstance(finish, str) else None)
+
+
+_decoder = json.JSONDecoder()
+
+
+def _stream_usage(tail: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The last non-null `usage` in a stream's last bytes: one search from the end, not a
+    parse of every chunk (a usage chunk comes last, or every chunk carries one)."""
+    text = tail.decode("utf-8", "replace")
+    usage: dict[str, Any] | None = None
+    end = len(text)
+    for _ in range(8):
+        at = text.rfind('"usage"', 0, end)
+        if at < 0:
+            break
+        end = at
+        rest = text[at + 7 :].lstrip()
+        if not rest.startswith(":"):
+            continue
+        try:
+            value, _ = _decoder.raw_decode(rest[1:].lstrip())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            usage = value
+            break
+    finish: str | None = None
+    at = text.rfind('"finish_reason"')
+    if at >= 0:
+        rest = text[at + 15 :].lstrip()
+        if rest.startswith(":"):
+            try:
+                value, _ = _decoder.raw_decode(rest[1:].lstrip())
+            except ValueError:
+                value = None
+            finish = value if isinstance(value, str) else None
+    return usage, finish
