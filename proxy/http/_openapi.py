@@ -176,6 +176,36 @@ _COMPLETIONS_REQUEST: Schema = {
     "additionalProperties": True,
 }
 _TEXT_COMPLETION = _completion("text_completion", "text", _STR)
+_RERANK_DOCUMENT: Schema = {"oneOf": [_STR, {"type": "object", "properties": {"text": _STR}, "additionalProperties": True}]}
+_RERANK_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "query", "documents"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "query": _RERANK_DOCUMENT,
+        "documents": {"type": "array", "items": _RERANK_DOCUMENT, "minItems": 1},
+        "top_n": {"type": "integer", "minimum": 0},
+        "return_documents": _BOOL,
+    },
+    "additionalProperties": True,
+}
+_RERANK: Schema = {
+    "type": "object",
+    "required": ["results"],
+    "properties": {
+        "id": _STR,
+        "model": _STR,
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "relevance_score"],
+                "properties": {"index": _INT, "relevance_score": _NUM, "document": _OBJ},
+            },
+        },
+        "usage": _OBJ,
+    },
+}
 _MODEL: Schema = {
     "type": "object",
     "required": ["id", "object"],
@@ -447,6 +477,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Relayed as is to the model's OpenAI-compatible or Ollama backend (the body with `model` "
         "replaced by the backend's name for it; the answer, `stream: true` SSE included, byte for byte). "
         "A model on an Anthropic backend is a 400. No completion log, idempotency, caches or fallbacks.",
+    ),
+    ("/v1/rerank", "post"): _op(
+        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
+        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
+        "a model on an Ollama or Anthropic backend is a 400.",
+    ),
+    ("/v2/rerank", "post"): _op(
+        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
+        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
+        "a model on an Ollama or Anthropic backend is a 400.",
+    ),
+    ("/rerank", "post"): _op(
+        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
+        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
+        "a model on an Ollama or Anthropic backend is a 400.",
     ),
     ("/v1/models", "get"): _op(
         "Models this key may use (OpenAI; Anthropic's with `anthropic-version`)", "OpenAI",

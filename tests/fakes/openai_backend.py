@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/chat/completions`` and the legacy ``POST /v1/completions`` (stream and
 non-stream), ``GET /v1/models``,
-``POST /v1/embeddings`` (float or base64), ``GET /health``.
+``POST /v1/embeddings`` (float or base64), ``POST /v1/rerank``, ``GET /health``.
 
 Stream chunks are assembled from pre-encoded byte templates (one id/created per response),
 so the fake can push many thousands of chunks per second from one core.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import struct
 import time
@@ -322,6 +323,84 @@ async def run_text_completion(backend: FakeBackend, request: Request, exchange: 
     await backend.run_generation(exchange, call, script=script, plan=plan, stream=stream, rendering=rendering)
 
 
+class RerankRendering:
+    """A rerank answer as vLLM writes it: documents scored by the share of the query's
+    words they contain, best first, ``top_n`` of them; ``usage`` counts ``total_tokens``."""
+
+    content_type = "application/json"
+
+    def __init__(self, plan: Plan, script: Script, body: dict[str, Any], request_id: str) -> None:
+        self.plan = plan
+        self.script = script
+        self.body = body
+        self.headers = [("x-request-id", request_id), *script.headers]
+
+    def frames(self) -> Iterator[bytes]:
+        return iter(())
+
+    def error_frame(self) -> bytes:
+        return json_bytes(openai_error(500, self.script.error_message or "The server had an error."))
+
+    def keepalive(self) -> None:
+        return None
+
+    def full_body(self) -> bytes:
+        query, documents = self.body["query"], self.body["documents"]
+        words = set(re.findall(r"\w+", _rerank_text(query).lower()))
+        results = []
+        for index, document in enumerate(documents):
+            text = _rerank_text(document)
+            found = words & set(re.findall(r"\w+", text.lower()))
+            result: dict[str, Any] = {"index": index, "relevance_score": len(found) / max(1, len(words))}
+            if self.body.get("return_documents", True):
+                result["document"] = {"text": text}
+            results.append(result)
+        results.sort(key=lambda r: (-r["relevance_score"], r["index"]))
+        top_n = self.body.get("top_n")
+        if isinstance(top_n, int) and top_n > 0:
+            results = results[:top_n]
+        answer: dict[str, Any] = {"id": "rerank-" + secrets.token_hex(8), "model": self.plan.model, "results": results}
+        if not self.script.omit_usage:
+            tokens = self.script.usage.prompt_tokens if self.script.usage is not None else sum(
+                estimate_tokens(_rerank_text(query) + _rerank_text(d)) for d in documents
+            )
+            answer["usage"] = {"total_tokens": tokens}
+        return json_bytes(answer)
+
+
+def _rerank_text(item: Any) -> str:
+    if isinstance(item, dict):
+        return str(item.get("text", ""))
+    return str(item)
+
+
+async def run_rerank(backend: FakeBackend, request: Request, exchange: Exchange, call: Call) -> None:
+    """``POST /v1/rerank`` as vLLM answers it (Jina's and Cohere's shape)."""
+    try:
+        body = request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        await backend.send_error(exchange, 400, "We could not parse the JSON body of your request.")
+        return
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        await backend.send_error(exchange, 400, "you must provide a model parameter")
+        return
+    if not isinstance(body.get("query"), str | dict) or not isinstance(body.get("documents"), list):
+        await backend.send_error(exchange, 400, "'query' and 'documents' are required")
+        return
+    if not backend.model_known(model):
+        await backend.send_error(exchange, 404, f"The model `{model}` does not exist.")
+        return
+    script = backend.script_for(model)
+    text = _rerank_text(body["query"])
+    plan = make_plan(script, model=model, prompt_text=text, last_user_text=text, max_tokens=None)
+    request_id = request.header("x-request-id") or "req_" + secrets.token_hex(16)
+    rendering = RerankRendering(plan, script, body, request_id)
+    await backend.run_generation(exchange, call, script=script, plan=plan, stream=False, rendering=rendering)
+
+
 class OpenAIBackend(FakeBackend):
     """A scriptable OpenAI-compatible backend. ``api_key``: require ``Bearer <api_key>``."""
 
@@ -361,6 +440,8 @@ class OpenAIBackend(FakeBackend):
             await run_text_completion(self, request, exchange, call)
         elif path == "/v1/embeddings" and method == "POST":
             await self._embeddings(request, exchange)
+        elif path == "/v1/rerank" and method == "POST":
+            await run_rerank(self, request, exchange, call)
         elif path == "/v1/models" and method == "GET":
             await exchange.respond_json(
                 200,

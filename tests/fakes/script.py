@@ -146,6 +146,8 @@ class Script:
     """Extra response headers."""
     model_name: str | None = None
     """Model name reported in responses (default: the requested model)."""
+    omit_usage: bool = False
+    """Rerank: answer without ``usage`` (servers differ)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Script:
