@@ -123,7 +123,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     # log, which is one line per chat), and in the metrics.
     metrics = Metrics(backends, known=lambda model: router.knows(model) or embeddings.is_local(model))
     embeddings = EmbeddingService(
-        settings.embeddings, router, backends, local_model, record=record_to(limits.record, metrics.sink("embeddings"))
+        settings.embeddings, router, backends, local_model, record=record_to(limits.record, metrics.sink())
     )
     rag = RagService(settings.rag, lambda: resources.database, local_model)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
@@ -134,7 +134,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink("chat")), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
+            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink()), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),
             resources=resources,

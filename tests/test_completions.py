@@ -232,7 +232,7 @@ async def test_metrics_count_completions_with_their_tokens() -> None:
 
             text = await eventually(counted)
         await client.close()
-    served = {"dialect": "openai", "model": "m", "backend": "vllm", "source": "backend"}
+    served = {"kind": "completion", "dialect": "openai", "model": "m", "backend": "vllm", "source": "backend"}
     assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="ok") == 2
     assert total(text, "llm_proxy_requests_total", **served, status="200", outcome="cancelled") == 1
     # The backend's usage for the two it answered; the one left early is charged an estimate.

@@ -4,6 +4,7 @@ routing, the fields the gateway checks, errors, hang-ups, metering and a key's c
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
+from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
@@ -68,6 +70,21 @@ async def test_documents_come_back_ranked_from_the_backend(setup: Setup, path: s
     [sent] = reranks(setup.fake)
     assert sent.json == {**RERANK, "top_n": 2, "return_documents": True}
     assert response.headers["x-request-id"] == sent.headers["x-request-id"]
+
+
+async def test_the_request_log_line_says_it_was_a_rerank(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    fake = OpenAIBackend()
+    async with (
+        fake.serve() as server,
+        running_gateway(backend("vllm", server.url, default=True), aliases={"reranker": "bge-m3"}, access_log=True) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        assert (await client.post("/v1/rerank", json={**RERANK, "model": "reranker"})).status_code == 200
+    [line] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    logged = {name: getattr(line, name, None) for name in ("kind", "model", "upstream_model", "backend", "status")}
+    assert logged == {"kind": "rerank", "model": "reranker", "upstream_model": "bge-m3", "backend": "vllm", "status": 200}
+    assert line.prompt_tokens > 0 and line.completion_tokens is None  # type: ignore[attr-defined]
 
 
 async def test_the_answer_is_the_backends_bytes(setup: Setup) -> None:
@@ -176,6 +193,7 @@ async def test_metrics_count_reranks_with_the_backends_tokens_or_an_estimate(set
         return text if total(text, "llm_proxy_requests_total", status="200") == 2 else None
 
     text = await eventually(counted)
+    assert total(text, "llm_proxy_requests_total", kind="rerank", status="200", outcome="ok") == 2
     assert total(text, "llm_proxy_prompt_tokens_total") == 40 + 2 * 5  # 20 characters a pair
     assert total(text, "llm_proxy_completion_tokens_total") == 0
 

@@ -31,7 +31,7 @@ async def completions(incoming: Incoming) -> DirectBody:
     suffix = fields.text("suffix")
     prompt_tokens = prompt_size[1] + estimate_tokens(prompt_size[0] + len(suffix or ""))
     return relay(
-        incoming, data, model, "/completions", stream=stream, prompt_tokens=prompt_tokens,
+        incoming, data, model, "/completions", kind="completion", stream=stream, prompt_tokens=prompt_tokens,
         refusal="Text completions (`/v1/completions`) need an OpenAI-compatible or Ollama backend",
         instead=" Use `/v1/chat/completions` instead.",
     )

@@ -50,10 +50,11 @@ _LAST_WORDS_SECONDS = 1.0
 
 def relay(
     incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
-    stream: bool, prompt_tokens: int, refusal: str, instead: str = "",
+    kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "",
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
-    to the backend's `path`. `prompt_tokens` is charged should the answer carry no usage.
+    to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
+    should the answer carry no usage.
     A model whose backend does not serve `path` is refused with `refusal`."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
@@ -68,7 +69,7 @@ def relay(
     record = ExchangeRecord(
         trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
-        api_key_id=principal.id if principal is not None else None,
+        api_key_id=principal.id if principal is not None else None, kind=kind,
     )
     body = dumps({**data, "model": route.upstream_model})
     return RelayBody(
@@ -139,7 +140,7 @@ class RelayBody(DirectBody):
                 record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
                 record.usage_estimated = True
             record.total_ms = (time.perf_counter() - self._meta.received) * 1000
-            self._chat.record_completion(record)
+            self._chat.record_relayed(record)
 
     async def _relay(self) -> None:
         """The whole relay, as a chat's backend call, under the backend's `total` timeout."""

@@ -41,7 +41,7 @@ async def rerank(incoming: Incoming) -> DirectBody:
     # A reranker reads the query with each document.
     prompt_tokens = sum(estimate_tokens(len(query) + len(text)) for text in texts)
     return relay(
-        incoming, data, model, "/rerank", stream=False, prompt_tokens=prompt_tokens,
+        incoming, data, model, "/rerank", kind="rerank", stream=False, prompt_tokens=prompt_tokens,
         refusal="Rerank needs an OpenAI-compatible backend that serves `/rerank` (vLLM, llama.cpp, Infinity)",
     )
 

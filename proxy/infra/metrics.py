@@ -88,15 +88,11 @@ class Metrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         self._known = known
 
-    def sink(self, kind: str) -> RecordSink:
-        """The record sink for requests of `kind` ("chat" or "embeddings")."""
+    def sink(self) -> RecordSink:
+        """The record sink for every request's record."""
+        return self.observe
 
-        def record(entry: ExchangeRecord) -> None:
-            self.observe(kind, entry)
-
-        return record
-
-    def observe(self, kind: str, entry: ExchangeRecord) -> None:
+    def observe(self, entry: ExchangeRecord) -> None:
         # A name the gateway does not know is the client's free text: as a label it would make
         # one series per typo, without bound.
         model = entry.model if self._known(entry.model) else ""
@@ -104,7 +100,7 @@ class Metrics:
         outcome = "cancelled" if entry.cancelled else "error" if entry.error or entry.status >= 400 else "ok"
         # A client that left before the response began got no status: nginx's 499 says so.
         status = str(entry.status) if entry.status else "499"
-        child = self._child
+        child, kind = self._child, entry.kind
         child(self._requests, kind, entry.dialect, model, backend, entry.source, status, outcome).inc()
         child(self._duration, kind, model, backend, "true" if entry.stream else "false").observe(entry.total_ms / 1000)
         if entry.ttft_ms is not None and entry.stream:

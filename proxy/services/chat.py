@@ -122,6 +122,8 @@ class ExchangeRecord:
     # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
     # limiter's usage hook and logged instead of any credential.
     api_key_id: int | None = None
+    # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
+    kind: str = "chat"
 
     def as_log(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__}
@@ -244,8 +246,8 @@ class ChatService:
             dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
         ))
 
-    def record_completion(self, record: ExchangeRecord) -> None:
-        """A legacy text completion (`/v1/completions`, relayed without an exchange): its log
+    def record_relayed(self, record: ExchangeRecord) -> None:
+        """A call relayed as is, without an exchange (text completion, rerank): its log
         line, its key's usage and its metrics, as a chat's."""
         self._record(record)
 

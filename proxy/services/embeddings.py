@@ -235,6 +235,7 @@ class EmbeddingService:
             prompt_tokens=_charged(response) if response is not None else None,
             completion_tokens=0 if response is not None else None,
             error=error, source="backend" if response is not None else "refused", api_key_id=api_key_id,
+            kind="embeddings",
         ))
 
     def record_hangup(
@@ -251,7 +252,7 @@ class EmbeddingService:
         self._record(ExchangeRecord(
             trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
             stream=False, dialect=dialect, status=499, total_ms=total_ms, prompt_tokens=tokens, completion_tokens=0,
-            cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id,
+            cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",
         ))
 
     def is_local(self, model: str) -> bool:
