@@ -463,6 +463,11 @@ def _refused(operation: Operation) -> Operation:
     return {**operation, "responses": responses}
 
 
+_RERANK_OPERATION = _op(
+    "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
+    description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
+    "a model on an Ollama or Anthropic backend is a 400.",
+)
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/v1/chat/completions", "post"): _op(
         "Chat completion (OpenAI)", "OpenAI",
@@ -478,21 +483,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "replaced by the backend's name for it; the answer, `stream: true` SSE included, byte for byte). "
         "A model on an Anthropic backend is a 400. No completion log, idempotency, caches or fallbacks.",
     ),
-    ("/v1/rerank", "post"): _op(
-        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
-        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
-        "a model on an Ollama or Anthropic backend is a 400.",
-    ),
-    ("/v2/rerank", "post"): _op(
-        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
-        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
-        "a model on an Ollama or Anthropic backend is a 400.",
-    ),
-    ("/rerank", "post"): _op(
-        "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
-        description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
-        "a model on an Ollama or Anthropic backend is a 400.",
-    ),
+    **{(path, "post"): _RERANK_OPERATION for path in ("/v1/rerank", "/v2/rerank", "/rerank")},
     ("/v1/models", "get"): _op(
         "Models this key may use (OpenAI; Anthropic's with `anthropic-version`)", "OpenAI",
         _ok({"oneOf": [_MODEL_LIST, _ANTHROPIC_MODEL_PAGE]}),

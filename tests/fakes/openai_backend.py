@@ -275,6 +275,18 @@ class TextRendering:
         })
 
 
+async def json_body(backend: FakeBackend, request: Request, exchange: Exchange) -> dict[str, Any] | None:
+    """The request's JSON object, or None once a 400 has been sent."""
+    try:
+        body = request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        await backend.send_error(exchange, 400, "We could not parse the JSON body of your request.")
+        return None
+    return body
+
+
 def prompt_text(prompt: Any) -> str | None:
     """A legacy completion's prompt as text (token ids as words); None if malformed."""
     if isinstance(prompt, str):
@@ -291,12 +303,8 @@ def prompt_text(prompt: Any) -> str | None:
 
 async def run_text_completion(backend: FakeBackend, request: Request, exchange: Exchange, call: Call) -> None:
     """``POST /v1/completions`` as vLLM answers it (Ollama's ``/v1/completions`` too)."""
-    try:
-        body = request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        await backend.send_error(exchange, 400, "We could not parse the JSON body of your request.")
+    body = await json_body(backend, request, exchange)
+    if body is None:
         return
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -376,12 +384,8 @@ def _rerank_text(item: Any) -> str:
 
 async def run_rerank(backend: FakeBackend, request: Request, exchange: Exchange, call: Call) -> None:
     """``POST /v1/rerank`` as vLLM answers it (Jina's and Cohere's shape)."""
-    try:
-        body = request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        await backend.send_error(exchange, 400, "We could not parse the JSON body of your request.")
+    body = await json_body(backend, request, exchange)
+    if body is None:
         return
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -465,20 +469,8 @@ class OpenAIBackend(FakeBackend):
         else:
             await self.send_error(exchange, 404, f"Unknown request URL: {method} {path}.")
 
-    async def _json_body(self, request: Request, exchange: Exchange) -> dict[str, Any] | None:
-        try:
-            body = request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            await self.send_error(
-                exchange, 400, "We could not parse the JSON body of your request."
-            )
-            return None
-        return body
-
     async def _chat(self, request: Request, exchange: Exchange, call: Call) -> None:
-        body = await self._json_body(request, exchange)
+        body = await json_body(self, request, exchange)
         if body is None:
             return
         model = body.get("model")
@@ -513,7 +505,7 @@ class OpenAIBackend(FakeBackend):
         )
 
     async def _embeddings(self, request: Request, exchange: Exchange) -> None:
-        body = await self._json_body(request, exchange)
+        body = await json_body(self, request, exchange)
         if body is None:
             return
         model = body.get("model")
