@@ -268,6 +268,30 @@ async def test_a_stream_from_an_anthropic_backend_left_early_is_charged_more_tha
     assert int(str(completion)) >= 10 * 3  # at least the ten pieces read, not the placeholder 1
 
 
+async def test_a_request_right_after_refused_ones_finds_their_admissions_given_back(stack: Stack) -> None:
+    # The usage writer is slow (its table locked for a moment): the admissions that 403s
+    # gave back must count for the requests that follow at once all the same.
+    key = await new_key(stack.db, "eager", "--rpm", "2", "--models", "qwen3-*")
+    await wait_for_key(stack.url, key)
+    blocker = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+    try:
+        await trio.to_thread.run_sync(lambda: blocker.execute("LOCK TABLE api_key_usage IN EXCLUSIVE MODE"))
+        async with trio.open_nursery() as nursery:
+
+            async def release_soon() -> None:
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(blocker.commit)
+
+            nursery.start_soon(release_soon)
+            async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=20) as client:
+                refused = [await client.post("/v1/chat/completions", json=CHAT | {"model": "llama-3"}) for _ in range(3)]
+                answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
+    finally:
+        await trio.to_thread.run_sync(blocker.close)
+    assert [answer.status_code for answer in refused] == [403, 403, 403]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+
+
 async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(stack: Stack) -> None:
     """The scope is checked once the body is read, after admission: a 403 gives the
     admission back, so refused requests never exhaust the key's requests (in any process)."""

@@ -4,7 +4,8 @@ Each limit is a bucket refilled continuously over a minute (GCRA, as OpenAI's ow
 behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s. The state
 lives in PostgreSQL, so every process and host sharing the database counts together: a
 request is admitted by one atomic call (`api_key_admit`, one round trip, made only for keys
-that have a limit). Tokens are known only when an exchange ends: its usage is charged to
+that have a limit, which also settles the admissions this process holds for the key: given
+back after a 403, or made alone in an outage). Tokens are known only when an exchange ends: its usage is charged to
 the token bucket then (`record`, batched), and a key whose token bucket is empty is refused
 until it refills. The answer carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429
 with `Retry-After`.
@@ -168,6 +169,9 @@ class RateLimiter:
         self._ring = ring
         self._local = _LocalBuckets()
         self._pending: dict[int, UsageDelta] = {}
+        # The batch the usage writer is writing, and the event that says it is written.
+        self._flushing: dict[int, UsageDelta] = {}
+        self._flushed = trio.Event()
         self._kick = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._done = trio.Event()
@@ -221,22 +225,43 @@ class RateLimiter:
     async def _call(self, call: _Call, db: Database, principal: Principal) -> None:
         """One admission in the database, for a request that waits at most `_ADMIT_TIMEOUT`.
 
+        The admissions this process holds for the key (given back, or made alone in an
+        outage) are settled by the same call, so that the request sees the bucket with them.
         Its errors go to the request (a bug surfaces there, not as the end of the limiter).
         """
+        settle = 0
         try:
             with trio.fail_after(_CALL_TIMEOUT):
-                state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm)
+                await self._settled_elsewhere(principal)
+                settle = self._take_admissions(principal)
+                state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm, settle)
             call.result = outcome.Value(state)
         except trio.TooSlowError:
             call.result = outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
         except Exception as error:
             call.result = outcome.Error(error)
         finally:
+            if settle and not isinstance(call.result, outcome.Value):
+                self._pending.setdefault(principal.id, UsageDelta()).admissions += settle  # for the writer
+                self._kick.set()
             call.done.set()
             if call.abandoned:
                 self._overdue -= 1
         if call.abandoned:
             self._late(call.result, principal)
+
+    async def _settled_elsewhere(self, principal: Principal) -> None:
+        """Until the usage writer has written the key's admissions it is writing (a few
+        milliseconds, unless the database stalls): this admission must see them."""
+        while (writing := self._flushing.get(principal.id)) is not None and writing.admissions:
+            await self._flushed.wait()
+
+    def _take_admissions(self, principal: Principal) -> int:
+        pending = self._pending.get(principal.id)
+        if pending is None or principal.rpm is None:
+            return 0
+        settle, pending.admissions = pending.admissions, 0
+        return settle
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
@@ -319,6 +344,7 @@ class RateLimiter:
         if db is None:
             return
         batch, self._pending = self._pending, {}
+        self._flushing = batch
         try:
             with trio.fail_after(_FLUSH_TIMEOUT):
                 await KeysStore(db).record_usage(batch)
@@ -327,6 +353,11 @@ class RateLimiter:
             for key_id, delta in batch.items():
                 pending = self._pending.setdefault(key_id, UsageDelta())
                 pending.add(delta)
+        finally:
+            # Written, or back in `_pending` for the next admission or write to settle.
+            self._flushing = {}
+            self._flushed.set()
+            self._flushed = trio.Event()
 
     async def aclose(self) -> None:
         """Stop, after writing what is pending (bounded)."""
