@@ -5,9 +5,9 @@ behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s.
 lives in PostgreSQL, so every process and host sharing the database counts together: a
 request is admitted by one atomic call (`api_key_admit`, one round trip, made only for keys
 that have a limit, which also settles the admissions this process holds for the key: given
-back after a 403, or made alone in an outage). Tokens are known only when an exchange ends: its usage is charged to
-the token bucket then (`record`, batched), and a key whose token bucket is empty is refused
-until it refills. The answer carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429
+back after a 403, or made alone in an outage). Tokens are known only when an exchange ends:
+its usage is charged to the token bucket then (`record`, batched), and a key whose token
+bucket is empty is refused until it refills. The answer carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429
 with `Retry-After`.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
