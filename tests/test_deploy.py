@@ -1,0 +1,31 @@
+"""The systemd units in deploy/ start commands the CLI accepts (they drift silently otherwise)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import build_parser
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def exec_start(unit: Path) -> list[str]:
+    [line] = [line for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+    argv = shlex.split(line.removeprefix("ExecStart="))
+    return argv[argv.index("llm-proxy") + 1 :]
+
+
+@pytest.mark.parametrize("unit", sorted(DEPLOY.glob("*.service")), ids=lambda path: path.name)
+def test_the_unit_runs_a_command_the_cli_accepts(unit: Path) -> None:
+    argv = [arg.replace("%i", "0123abcd") for arg in exec_start(unit)]
+    args = build_parser().parse_args(argv)
+    assert args.command in ("serve", "worker")
+
+
+def test_the_gateway_unit_keeps_its_embedded_servers_in_its_state_directory() -> None:
+    text = (DEPLOY / "llm-proxy.service").read_text()
+    assert "StateDirectory=llm-proxy" in text and "LLM_PROXY_DATA_DIR=/var/lib/llm-proxy" in text
+    assert "KillMode=mixed" in text  # SIGTERM to the gateway alone: it stops the servers in order
