@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anthropic
@@ -551,6 +551,26 @@ async def test_count_tokens_without_a_tokenize_endpoint_is_a_clear_400() -> None
             await client.messages.count_tokens(model="m", messages=MESSAGES)
         assert info.value.type == "invalid_request_error" and "/tokenize" in str(info.value.api_message)
         await client.close()
+
+
+async def test_count_tokens_goes_through_the_backends_pool_and_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENIZE_TEST_KEY", "sk-vllm")
+    fake = TokenizingOpenAIBackend()
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # bound, never listening: refused
+    async with fake.serve() as server:
+        live = backend("vllm", server.url, default=True, api_key_env="TOKENIZE_TEST_KEY")
+        config = replace(live, base_url=dead, replicas=(live.base_url,))
+        async with running_gateway(config) as url:
+            client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+            for _ in range(3):
+                counted = await client.messages.count_tokens(model="m", messages=MESSAGES)
+                assert counted.input_tokens > 0
+            await client.close()
+    sent = [r for r in fake.requests if r.path == "/tokenize"]
+    assert len(sent) == 3 and all(r.headers["authorization"] == "Bearer sk-vllm" for r in sent)
+    assert server.connections_total == 1  # pooled: no client, no connection per request
 
 
 # -- blocks the domain does not model, Anthropic backend to Anthropic client ------------------------------

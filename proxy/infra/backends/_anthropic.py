@@ -31,6 +31,7 @@ from proxy.infra.backends._base import (
     status_error,
     transport_errors,
 )
+from proxy.infra.backends._openai import OpenAIBackend
 
 DEFAULT_MAX_TOKENS = 4096
 _MODEL_PAGES = 20
@@ -221,19 +222,13 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     if isinstance(backend, AnthropicBackend):
         return await backend.count_tokens(request, upstream_model)
     config = backend.config
-    if config.kind != "openai":
+    if not isinstance(backend, OpenAIBackend):
         raise _cannot_count(config, f"`{config.kind}` backends have no token-counting endpoint")
     chat = json.loads(openai.encode_chat_request(request, upstream_model, stream=False, include_usage=False))
     body: dict[str, Any] = {"model": upstream_model, "messages": chat["messages"]}
     if "tools" in chat:
         body["tools"] = chat["tools"]
-    root = config.base_url.rstrip("/").removesuffix("/v1")
-    key = config.api_key
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    timeout = config.timeouts.connect
-    with transport_errors(config.name):
-        async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False) as client:
-            response = await client.post(root + "/tokenize", json=body)
+    response = await backend.tokenize(json.dumps(body).encode())
     if response.status_code in (404, 405):
         raise _cannot_count(config, "it has no vLLM-style `/tokenize` endpoint")
     if response.status_code >= 400:

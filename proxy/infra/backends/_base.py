@@ -189,9 +189,12 @@ class _Replica:
     reason: str = ""
 
     def url(self, path: str) -> httpx.URL:
+        """`path` under the base URL; one starting `/../` under the server's root instead
+        (the base without its `/v1`), where vLLM serves `/tokenize`."""
         url = self.urls.get(path)
         if url is None:
-            url = self.urls[path] = httpx.URL(self.base + path)
+            at_root = path.startswith("/../")
+            url = self.urls[path] = httpx.URL(self.base.removesuffix("/v1") + path[3:] if at_root else self.base + path)
         return url
 
     def set_aside(self, now: float) -> float:

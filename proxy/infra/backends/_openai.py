@@ -139,6 +139,18 @@ class OpenAIBackend:
             headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
         )
 
+    async def tokenize(self, body: bytes) -> httpx.Response:
+        """vLLM's `POST /tokenize` (at the server root, beside `/v1`), read whole within the
+        first-token timeout."""
+        timeouts = self.config.timeouts
+        with trio.move_on_after(timeouts.first_token or math.inf) as scope, transport_errors(self.config.name):
+            response = await self._client.send(
+                "POST", "/../tokenize", content=body, headers={"content-type": "application/json"}
+            )
+        if scope.cancelled_caught:
+            raise timeout_error(self.config.name, "did not answer", timeouts.first_token)
+        return response
+
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
         with transport_errors(name):
