@@ -172,12 +172,20 @@ async def test_a_backend_slower_than_its_total_timeout_is_a_504() -> None:
         await fake.wait_disconnect(2.0)
 
 
-async def test_a_client_that_hangs_up_closes_the_backend_request(setup: Setup) -> None:
+async def test_a_client_that_hangs_up_closes_the_backend_request_and_is_charged(setup: Setup) -> None:
     setup.fake.set_script(Script(header_delay=20))
     with trio.move_on_after(0.3):
-        await setup.client.post("/v1/rerank", json=RERANK)
+        await setup.client.post("/v1/rerank", json={**RERANK, "query": "q" * 8, "documents": ["d" * 12]})
     await setup.fake.wait_disconnect(2.0)
     await setup.fake.wait_idle(2.0)
+
+    async def counted() -> str | None:
+        text = (await setup.client.get("/metrics")).text
+        return text if total(text, "llm_proxy_requests_total", outcome="cancelled") else None
+
+    text = await eventually(counted)
+    # Leaving is no way around a key's token limit: the reranker's input is charged.
+    assert total(text, "llm_proxy_prompt_tokens_total", kind="rerank") == 5
 
 
 async def test_metrics_count_reranks_with_the_backends_tokens_or_an_estimate(setup: Setup) -> None:

@@ -134,9 +134,10 @@ class RelayBody(DirectBody):
             if self.hung_up:
                 record.cancelled = True
                 record.status = record.status or 499
-            if record.prompt_tokens is None and record.completion_tokens is None and self._frames:
-                # A stream without its usage (the client left, or did not ask for it): charged
-                # an estimate, or leaving early would be a way around a key's token limit.
+            if record.prompt_tokens is None and record.completion_tokens is None and (self._frames or self.hung_up):
+                # A stream without its usage (the client left, or did not ask for it), or an
+                # answer its client did not wait for: charged an estimate, or leaving early
+                # would be a way around a key's token limit.
                 record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
                 record.usage_estimated = True
             record.total_ms = (time.perf_counter() - self._meta.received) * 1000
