@@ -202,3 +202,15 @@ def test_nats_takes_a_new_port_when_its_old_one_is_taken(tmp_path: Path) -> None
                 assert conn.recv(5) == b"INFO "
     with EmbeddedNats(store) as third:  # the port it got last is the one remembered now
         assert third.url == f"nats://127.0.0.1:{new_port}"
+
+
+def test_nats_never_takes_another_nats_server_on_its_port_for_its_own(tmp_path: Path) -> None:
+    # Another nats-server won the port (a second gateway or test run starting at the same
+    # moment). It answers INFO too; ours cannot listen, and must not pass for started.
+    with EmbeddedNats(tmp_path / "other") as other:
+        assert other.url is not None
+        port = int(other.url.rsplit(":", 1)[1])
+        ours = EmbeddedNats(tmp_path / "ours", port=port, start_timeout=2.0)
+        with pytest.raises(EmbeddedServerError):
+            ours.start()
+        assert ours.pid is None

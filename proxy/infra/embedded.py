@@ -65,6 +65,15 @@ class EmbeddedServerError(RuntimeError):
     """An embedded server could not be started, checked or stopped."""
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the listening TCP socket on `port`."""
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets)
+
+
 def default_data_dir() -> Path:
     """Where the embedded servers keep their data: `$XDG_DATA_HOME/llm-proxy`."""
     xdg = os.environ.get("XDG_DATA_HOME", "")
@@ -590,7 +599,8 @@ class EmbeddedNats:
         """Poll until the port greets us with NATS INFO; False if the child died or time ran out.
 
         Reading INFO (not just connecting) tells nats-server apart from another process that
-        won the race for the port.
+        won the race for the port; and another nats-server that won it (a second gateway or
+        test run starting at the same moment) is told apart by who listens: our child must.
         """
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -598,7 +608,7 @@ class EmbeddedNats:
                 return False
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                    if s.recv(5) == b"INFO ":
+                    if s.recv(5) == b"INFO " and (child is None or _listens(child.pid, port)):
                         return child is None or child.poll() is None
             except OSError:
                 pass
