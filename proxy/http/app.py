@@ -17,6 +17,7 @@ from proxy.http import (
     _health,
     _ollama,
     _openai,
+    _responses,
     _streams,
     _workspaces,
 )
@@ -63,10 +64,11 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_health.blueprint)
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
+    app.register_blueprint(_responses.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _completions, _ollama, _anthropic, _streams):
+    for surface in (_openai, _completions, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)
