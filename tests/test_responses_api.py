@@ -4,6 +4,7 @@ gateway, in front of fake OpenAI-compatible, Ollama and Anthropic backends."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,10 @@ import trio
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_persistence import rows, wait_for_row
 from tests.test_responses_codec import assert_items_nest, frames
+
+pytest_plugins = ["tests.infra_servers"]
 
 KINDS = ("openai", "ollama", "anthropic")
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
@@ -430,3 +434,29 @@ async def test_disconnect_while_a_whole_response_waits_closes_the_backend_reques
             await client.post("/v1/responses", json={"model": MODELS["anthropic"], "input": "x"})
     await fake.wait_disconnect(2.0)
     await fake.wait_idle(2.0)
+
+
+# -- what an exchange brings -------------------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_dialect(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], usage=Usage(7, 4)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        answered = await client.responses.with_raw_response.create(model="m", input="A story", extra_headers=key)
+        first = answered.parse()
+        trace = answered.headers["x-trace-id"]
+        await wait_for_row(pg_database_url, trace, "completed")
+        assert rows(pg_database_url, "SELECT dialect, model FROM chat_log WHERE trace_id = %s", trace) == [("responses", "m")]
+        again = await client.responses.with_raw_response.create(model="m", input="A story", stream=True, extra_headers=key)
+        assert again.headers.get("idempotent-replayed") == "true"
+        events = [event async for event in again.parse()]
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output_text == first.output_text == "Once upon a time"
+        assert len(fake.requests) == 1
+        await client.close()

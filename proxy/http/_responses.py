@@ -13,9 +13,10 @@ from typing import Any
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
-from proxy.dialects import responses
+from proxy.dialects import openai, responses
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder
+from proxy.http._errors import register_dialect_errors
 from proxy.http._exchange import SSE_HEADERS, ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
@@ -24,8 +25,14 @@ from proxy.infra.backends import Batch
 exchanges = FrontDoor()
 blueprint = Blueprint("responses", __name__)
 
+# Errors in OpenAI's shape, as on every OpenAI path; the registration names the dialect, so a
+# request refused before its exchange is logged and counted as this surface's too.
+register_dialect_errors(responses.DIALECT, ("/v1/responses",), openai.render_error)
+
 
 class ResponsesJsonSink(JsonSink):
+    dialect = responses.DIALECT
+
     def __init__(
         self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
         created_at: int,
@@ -63,7 +70,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     if request.stream:
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
-            content_headers=SSE_HEADERS, dialect="openai",
+            content_headers=SSE_HEADERS, dialect=responses.DIALECT,
         ))
     created_at = int(time.time())
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
