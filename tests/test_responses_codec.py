@@ -10,7 +10,8 @@ from typing import Any
 
 import pydantic
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
@@ -43,6 +44,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from tests.test_fuzz_parsers import check, json_values
 from tests.test_openai_roundtrip import event_streams
 
 EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
@@ -518,3 +520,79 @@ def test_any_event_stream_is_a_stream_the_sdk_accepts(events: list[StreamEvent])
     assert reasoning == expected.reasoning
     calls = [(i.call_id, i.name, i.arguments) for i in final.output if i.type == "function_call"]
     assert calls == [(c.id, c.name, c.arguments) for c in expected.tool_calls]
+
+
+# -- fuzzing the parser ------------------------------------------------------------------------------
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Valid values 19 times in 20, any JSON value otherwise."""
+    return st.sampled_from(range(20)).flatmap(lambda i: json_values if i == 7 else valid)
+
+
+_texts = st.text(max_size=12)
+_parts = st.fixed_dictionaries(
+    {"type": _mostly(st.sampled_from(["input_text", "output_text", "input_image", "refusal", "input_file"]))},
+    optional={"text": _mostly(_texts), "image_url": _mostly(_texts), "detail": _mostly(_texts),
+              "refusal": _mostly(_texts), "file_id": json_values},
+)
+_items = st.one_of(
+    st.fixed_dictionaries(
+        {"role": _mostly(st.sampled_from(["user", "system", "developer", "assistant", "tool"])),
+         "content": _mostly(_texts | st.lists(_parts, max_size=3))},
+        optional={"type": _mostly(st.just("message"))},
+    ),
+    st.fixed_dictionaries({
+        "type": st.just("function_call"), "call_id": _mostly(st.text(min_size=1, max_size=6)),
+        "name": _mostly(st.text(min_size=1, max_size=6)), "arguments": _mostly(st.just('{"a":1}') | _texts),
+    }),
+    st.fixed_dictionaries({
+        "type": st.just("function_call_output"), "call_id": _mostly(st.text(min_size=1, max_size=6)),
+        "output": _mostly(_texts | st.lists(_parts, max_size=2)),
+    }),
+    st.fixed_dictionaries({"type": _mostly(st.sampled_from(["reasoning", "item_reference", "web_search_call"]))}),
+)
+_tools = st.fixed_dictionaries(
+    {"type": _mostly(st.just("function")), "name": _mostly(st.text(min_size=1, max_size=8))},
+    optional={"parameters": _mostly(st.just({"type": "object"})), "description": _mostly(_texts),
+              "strict": _mostly(st.booleans())},
+)
+_near_valid = st.fixed_dictionaries(
+    {"model": _mostly(st.text(min_size=1, max_size=20)), "input": _mostly(_texts | st.lists(_items, min_size=1, max_size=4))},
+    optional={
+        "instructions": _mostly(_texts), "tools": _mostly(st.lists(_tools, max_size=2)),
+        "tool_choice": _mostly(st.sampled_from(["auto", "none", "required"]) | st.builds(
+            lambda name: {"type": "function", "name": name}, st.text(max_size=6))),
+        "parallel_tool_calls": _mostly(st.booleans()), "max_output_tokens": _mostly(st.integers(0, 10**6)),
+        "temperature": _mostly(st.floats(0, 2)), "top_p": _mostly(st.floats(0, 1)), "stream": _mostly(st.booleans()),
+        "store": _mostly(st.booleans()), "metadata": _mostly(st.dictionaries(_texts, _texts, max_size=3)),
+        "user": _mostly(_texts), "truncation": _mostly(st.sampled_from(["auto", "disabled"])),
+        "include": _mostly(st.lists(_texts, max_size=2)), "service_tier": _mostly(_texts),
+        "background": _mostly(st.just(False)), "previous_response_id": _mostly(st.none()),
+        "text": _mostly(st.fixed_dictionaries({}, optional={
+            "format": _mostly(st.sampled_from([{"type": "text"}, {"type": "json_object"},
+                                               {"type": "json_schema", "name": "n", "schema": {}}])),
+            "verbosity": _mostly(st.sampled_from(["low", "medium", "high"])),
+        })),
+        "reasoning": _mostly(st.fixed_dictionaries({}, optional={
+            "effort": _mostly(st.sampled_from(["low", "medium", "high"])), "summary": _mostly(st.just("auto")),
+        })),
+    },
+)
+
+
+def _parse_chat(body: bytes) -> Any:
+    parsed = responses.parse_responses_request(body)
+    json.dumps(parsed.settings)  # what the Response echoes is JSON
+    return parsed.chat
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_near_valid)
+def test_near_valid_bodies_are_a_request_every_encoder_takes_or_a_4xx(value: dict[str, Any]) -> None:
+    check(_parse_chat, json.dumps(value).encode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_body_is_a_request_or_a_4xx(body: bytes) -> None:
+    check(_parse_chat, body)
