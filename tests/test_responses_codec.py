@@ -469,6 +469,10 @@ def test_a_rate_limit_mid_stream_keeps_its_code() -> None:
 def test_an_empty_answer_is_one_empty_message() -> None:
     _payloads, final = replay(stream([START, Finish(FinishReason.STOP)]))
     assert [item.type for item in final.output] == ["message"] and final.output_text == ""
+    _payloads, thought = replay(stream([START, ReasoningDelta("hm"), Finish(FinishReason.STOP)]))
+    whole = render(completion(reasoning="hm", finish_reason=FinishReason.STOP))
+    # Streamed or whole, the same items.
+    assert [item.type for item in thought.output] == [item["type"] for item in whole["output"]] == ["reasoning", "message"]
 
 
 def test_other_choices_and_empty_deltas_are_left_out() -> None:

@@ -117,8 +117,9 @@ class StreamRenderer:
         out: list[bytes] = []
         if not self._announced:
             self._announce(out)
-        if not self._items:
-            # An answer with nothing in it is still one (empty) message.
+        if not any(item.kind != "reasoning" for item in self._items):
+            # An answer that said nothing (reasoning aside) still has its (empty) message, as
+            # a whole Response does.
             self._open_message(out)
         self._close_all(out)
         status, incomplete = status_of(self._finish)
