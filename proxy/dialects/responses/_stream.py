@@ -249,16 +249,17 @@ class StreamRenderer:
         item.done = True
         out.append(
             self._event_frame(
-                "response.output_item.done", {"output_index": item.output_index, "item": self._wire(item, final=True)}
+                "response.output_item.done", {"output_index": item.output_index, "item": self._wire(item)}
             )
         )
 
-    def _wire(self, item: _Item, *, final: bool) -> dict[str, Any]:
-        """The item as the Response holds it: finished, or cut short (`incomplete`)."""
+    def _wire(self, item: _Item) -> dict[str, Any]:
+        """The item as the Response holds it: finished, or cut short (`incomplete`: by a
+        failure, or a message by the answer's limit)."""
         if not item.done:
             status = "incomplete"
-        elif item.kind == "message" and final:
-            status = status_of(self._finish)[0] if self._finish is not None else "completed"
+        elif item.kind == "message":
+            status = status_of(self._finish)[0]
         else:
             status = "completed"
         if item.kind == "message":
@@ -277,7 +278,7 @@ class StreamRenderer:
     def _object(
         self, status: str, *, incomplete_details: dict[str, str] | None = None, error: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        output = [self._wire(item, final=True) for item in self._items] if status != "in_progress" else []
+        output = [self._wire(item) for item in self._items] if status != "in_progress" else []
         usage = usage_to_wire(self._usage) if status != "in_progress" else None
         return response_object(
             response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
