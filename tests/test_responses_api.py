@@ -17,10 +17,11 @@ import trio
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.rag_corpus import CORPUS
 from tests.test_persistence import rows, wait_for_row
 from tests.test_responses_codec import assert_items_nest, frames
 
-pytest_plugins = ["tests.infra_servers"]
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
 KINDS = ("openai", "ollama", "anthropic")
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
@@ -459,4 +460,24 @@ async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_diale
         assert events[-1].type == "response.completed"
         assert events[-1].response.output_text == first.output_text == "Once upon a time"
         assert len(fake.requests) == 1
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_rag_route_answers_a_responses_client(corpus_url: str, stream: bool) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Backups are kept ", "for 14 days [1]."]))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), database_url=corpus_url) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        question = "How long do we keep the nightly database backups?"
+        raw = await client.responses.with_raw_response.create(
+            model="m", input=question, instructions="You are terse.", stream=stream, extra_headers={"x-workspace": CORPUS},
+        )
+        parsed: Any = raw.parse()
+        text = [event async for event in parsed][-1].response.output_text if stream else parsed.output_text
+        assert text == "Backups are kept for 14 days [1]."
+        assert json.loads(raw.headers["x-rag-sources"])[0]["source"] == "runbooks/postgres.md"
+        system = fake.requests[-1].json["messages"][0]
+        # The client's instructions first, the retrieved passages appended to them.
+        assert system["role"] == "system" and system["content"].startswith("You are terse.\n\n")
+        assert "Backups are retained for 14 days" in system["content"]
         await client.close()
