@@ -320,6 +320,67 @@ _MESSAGE: Schema = {
     },
 }
 
+_RESPONSES_PART: Schema = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"enum": ["input_text", "input_image", "output_text", "refusal"]},
+        "text": _STR, "image_url": _STR, "detail": _STR, "refusal": _STR,
+    },
+}
+_RESPONSES_ITEM: Schema = {
+    "type": "object",
+    "properties": {
+        "type": {"enum": ["message", "function_call", "function_call_output", "reasoning"]},
+        "role": {"enum": ["user", "system", "developer", "assistant"]},
+        "content": {"oneOf": [_STR, {"type": "array", "items": _RESPONSES_PART}]},
+        "call_id": _STR, "name": _STR, "arguments": _STR,
+        "output": {"oneOf": [_STR, {"type": "array", "items": _RESPONSES_PART}]},
+    },
+}
+_RESPONSES_REQUEST: Schema = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "input": {"oneOf": [_STR, {"type": "array", "minItems": 1, "items": _RESPONSES_ITEM}]},
+        "instructions": _STR,
+        "stream": _BOOL,
+        "tools": {
+            "type": "array",
+            "items": {
+                "type": "object", "required": ["type", "name"],
+                "properties": {"type": {"const": "function"}, "name": _STR, "description": _STR, "parameters": _OBJ, "strict": _BOOL},
+            },
+        },
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, _OBJ]},
+        "parallel_tool_calls": _BOOL,
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "text": {"type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {"type": _STR}}}},
+        "reasoning": {"type": "object", "properties": {"effort": _STR}},
+        "metadata": {"type": "object", "additionalProperties": _STR},
+        "store": _BOOL, "user": _STR, "truncation": {"enum": ["auto", "disabled"]},
+        "include": {"type": "array", "items": _STR}, "service_tier": _STR,
+    },
+}
+_RESPONSE: Schema = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output"],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "response"},
+        "created_at": _INT,
+        "status": {"enum": ["completed", "incomplete"]},
+        "incomplete_details": {"type": ["object", "null"]},
+        "model": _STR,
+        "output": {"type": "array", "items": _OBJ},
+        "usage": {"type": ["object", "null"]},
+    },
+}
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": _STR}
+
 _OLLAMA_MESSAGE: Schema = {
     "type": "object",
     "required": ["role"],
@@ -514,6 +575,21 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         _ok({"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": _INT}}),
         body=_COUNT_REQUEST, dialect="anthropic",
     ),
+    ("/v1/responses", "post"): _op(
+        "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
+        body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
+        description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
+        "server-sent events. Stateless: `previous_response_id`, `conversation`, `background` and `prompt` are 400s.",
+    ),
+    **{
+        (path, method): _refused(_op(
+            "A stored response: always 404 (the gateway stores none)", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
+        ))
+        for path, method in (
+            ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete"),
+            ("/v1/responses/{response_id}/cancel", "post"), ("/v1/responses/{response_id}/input_items", "get"),
+        )
+    },
     ("/v1/streams/{trace_id}", "get"): _op(
         "Resume a trace's event stream", "Streams", _ok(media="text/event-stream"),
         parameters=[

@@ -18,6 +18,7 @@ from proxy.http import (
     _ollama,
     _openai,
     _rerank,
+    _responses,
     _streams,
     _workspaces,
 )
@@ -64,10 +65,11 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_health.blueprint)
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
+    app.register_blueprint(_responses.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _completions, _rerank, _ollama, _anthropic, _streams):
+    for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)

@@ -1,0 +1,29 @@
+"""The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
+
+from proxy.dialects.responses._request import DIALECT, ResponsesRequest, parse_responses_request
+from proxy.dialects.responses._response import (
+    error_to_wire,
+    item_id,
+    output_of,
+    render_response,
+    response_id,
+    response_object,
+    status_of,
+    usage_to_wire,
+)
+from proxy.dialects.responses._stream import StreamRenderer
+
+__all__ = [
+    "DIALECT",
+    "ResponsesRequest",
+    "StreamRenderer",
+    "error_to_wire",
+    "item_id",
+    "output_of",
+    "parse_responses_request",
+    "render_response",
+    "response_id",
+    "response_object",
+    "status_of",
+    "usage_to_wire",
+]

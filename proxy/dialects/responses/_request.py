@@ -1,0 +1,366 @@
+"""OpenAI Responses requests (`POST /v1/responses`): a client's body as a domain chat request.
+
+The gateway keeps no responses, so a request must carry its whole conversation in `input`:
+the stateful fields (`previous_response_id`, `conversation`, `background`, `prompt`) are
+400s saying so. Only function tools are served; OpenAI's built-in tools run on OpenAI's
+servers and have nothing to become here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.dialects._json import Fields, loads_object
+from proxy.domain.chat import (
+    ChatRequest,
+    ContentPart,
+    GenerationParams,
+    ImagePart,
+    Message,
+    ResponseFormat,
+    Role,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from proxy.domain.errors import invalid_request
+
+DIALECT = "responses"
+
+_ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+_NOT_STORED = "this gateway stores no responses or conversations: send the whole conversation in `input`"
+# Field -> what it would need, for the 400 that refuses it.
+_STATEFUL = {
+    "previous_response_id": "continues a stored response",
+    "conversation": "continues a stored conversation",
+    "prompt": "names a stored prompt template",
+}
+_BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
+
+
+@dataclass(slots=True)
+class ResponsesRequest:
+    """A parsed request: the chat for the backend, and the settings the Response echoes
+    (in wire form, computed once per request)."""
+
+    chat: ChatRequest
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_responses_request(body: bytes) -> ResponsesRequest:
+    """Validate a `/v1/responses` body; every bad input is a 400 naming its field."""
+    fields = Fields(loads_object(body))
+    data = fields.data
+    model = fields.text("model", required=True, nonempty=True)
+    assert model is not None
+    for name, what in _STATEFUL.items():
+        if data.get(name) is not None:
+            raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
+    if fields.boolean("background"):
+        raise invalid_request(
+            f"`background: true` needs a stored response to poll: {_NOT_STORED}, and read the answer as it comes "
+            "(`stream: true`).",
+            param="background", code="unsupported_parameter",
+        )
+
+    messages: list[Message] = []
+    instructions = fields.text("instructions")
+    if instructions:
+        messages.append(Message(role="system", content=(TextPart(instructions),)))
+    raw_input = data.get("input")
+    if raw_input is None:
+        raise invalid_request("Missing required parameter `input`.", param="input")
+    if isinstance(raw_input, str):
+        messages.append(Message(role="user", content=(TextPart(raw_input),)))
+    elif isinstance(raw_input, list) and raw_input:
+        _parse_items(raw_input, messages)
+    else:
+        raise fields.fail("input", "a string or a non-empty array of input items")
+    if not messages:
+        raise invalid_request(
+            "`input` holds no message (only reasoning items): nothing to answer.", param="input"
+        )
+
+    tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
+    tool_choice, tool_choice_wire = _parse_tool_choice(data.get("tool_choice"))
+    text = fields.object("text")
+    response_format, text_wire = _parse_text(text)
+    reasoning = fields.object("reasoning")
+    effort = reasoning.text("effort", nonempty=True) if reasoning is not None else None
+    if reasoning is not None:
+        reasoning.text("summary")
+    max_output_tokens = fields.integer("max_output_tokens", minimum=1)
+    temperature = fields.number("temperature", minimum=0, maximum=2)
+    top_p = fields.number("top_p", minimum=0, maximum=1)
+    parallel = fields.boolean("parallel_tool_calls")
+    metadata = _parse_metadata(fields.object("metadata"))
+    user = fields.text("user")
+    truncation = fields.text("truncation")
+    if truncation is not None and truncation not in ("auto", "disabled"):
+        raise fields.fail("truncation", '"auto" or "disabled"')
+    include = fields.array("include")
+    if include is not None and not all(isinstance(item, str) for item in include):
+        raise fields.fail("include", "an array of strings")
+    service_tier = fields.text("service_tier")
+    fields.boolean("store")
+    stream = bool(fields.boolean("stream"))
+    options = fields.object("stream_options")
+    if options is not None:
+        options.boolean("include_obfuscation")
+
+    chat = ChatRequest(
+        model=model,
+        messages=messages,
+        params=GenerationParams(
+            max_tokens=max_output_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            response_format=response_format,
+            reasoning_effort=effort,
+        ),
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+        stream=stream,
+        # The gateway's accounting asks every backend for usage; the Response carries it.
+        include_usage=True if stream else None,
+        dialect=DIALECT,
+    )
+    settings: dict[str, Any] = {
+        "instructions": instructions,
+        "metadata": metadata,
+        "parallel_tool_calls": True if parallel is None else parallel,
+        "temperature": temperature,
+        "top_p": top_p,
+        "tool_choice": tool_choice_wire,
+        "tools": [_tool_to_wire(tool) for tool in tools],
+        "max_output_tokens": max_output_tokens,
+        "text": text_wire,
+        "reasoning": {"effort": effort, "summary": None} if reasoning is not None else None,
+        "truncation": truncation or "disabled",
+        "user": user,
+        "service_tier": service_tier or "default",
+        "background": False,
+        "previous_response_id": None,
+    }
+    return ResponsesRequest(chat, settings)
+
+
+# -- input items ---------------------------------------------------------------------------------------
+
+
+def _parse_items(items: list[Any], messages: list[Message]) -> None:
+    for i, item in enumerate(items):
+        path = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append(_parse_message(item, path))
+        elif kind == "function_call":
+            _add_call(messages, _parse_call(item, path))
+        elif kind == "function_call_output":
+            messages.append(_parse_call_output(item, path))
+        elif kind == "reasoning":
+            # The model's own reasoning handed back: chat backends do not take it as input.
+            continue
+        elif kind == "item_reference":
+            raise invalid_request(
+                f"`{path}` is an `item_reference`, a stored item: {_NOT_STORED}.", param=path,
+                code="unsupported_parameter",
+            )
+        elif isinstance(kind, str):
+            raise invalid_request(
+                f"Invalid `{path}.type`: {kind!r} is not an input item this gateway takes (message, function_call, "
+                f"function_call_output, reasoning); {_BUILT_IN_TOOLS}.",
+                param=f"{path}.type",
+            )
+        else:
+            raise invalid_request(f"Invalid `{path}.type`: expected a string.", param=f"{path}.type")
+
+
+def _parse_message(item: dict[str, Any], path: str) -> Message:
+    fields = Fields(item, path)
+    role_name = fields.text("role", required=True)
+    role = _ROLES.get(role_name or "")
+    if role is None:
+        raise invalid_request(
+            f"Invalid `{path}.role`: {role_name!r} is not one of user, system, developer, assistant.",
+            param=f"{path}.role",
+        )
+    value = item.get("content")
+    content_path = f"{path}.content"
+    if isinstance(value, str):
+        content: tuple[ContentPart, ...] = (TextPart(value),)
+    elif isinstance(value, list):
+        content = tuple(_parse_part(part, f"{content_path}[{j}]") for j, part in enumerate(value))
+    elif value is None:
+        raise invalid_request(f"Missing required parameter `{content_path}`.", param=content_path)
+    else:
+        raise invalid_request(
+            f"Invalid `{content_path}`: expected a string or an array of content parts.", param=content_path
+        )
+    return Message(role=role, content=content)
+
+
+def _parse_part(part: Any, path: str) -> ContentPart:
+    if not isinstance(part, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    fields = Fields(part, path)
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        text = fields.text("text", required=True)
+        return TextPart(text or "")
+    if kind == "refusal":
+        return TextPart(fields.text("refusal", required=True) or "")
+    if kind == "input_image":
+        if part.get("file_id") is not None:
+            raise invalid_request(
+                f"`{path}.file_id` names an uploaded file: this gateway stores no files; send the image as "
+                "`image_url` (an https URL or a `data:` URL).",
+                param=f"{path}.file_id", code="unsupported_parameter",
+            )
+        url = fields.text("image_url", required=True, nonempty=True)
+        return ImagePart(url=url or "", detail=fields.text("detail"))
+    if isinstance(kind, str):
+        raise invalid_request(
+            f"Invalid `{path}.type`: {kind!r} is not a content part this gateway takes "
+            "(input_text, input_image, output_text, refusal).",
+            param=f"{path}.type",
+        )
+    raise invalid_request(f"Invalid `{path}.type`: expected a string.", param=f"{path}.type")
+
+
+def _parse_call(item: dict[str, Any], path: str) -> ToolCall:
+    fields = Fields(item, path)
+    call_id = fields.text("call_id", required=True, nonempty=True)
+    name = fields.text("name", required=True, nonempty=True)
+    arguments = item.get("arguments")
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    elif not isinstance(arguments, str):
+        raise fields.fail("arguments", "a JSON string")
+    return ToolCall(id=call_id or "", name=name or "", arguments=arguments)
+
+
+def _add_call(messages: list[Message], call: ToolCall) -> None:
+    """Calls of one turn are one assistant message to a chat backend (its text, if it said
+    any, included): a parallel call's results must follow the message holding all of them."""
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant":
+        messages[-1] = Message(
+            role="assistant", content=last.content, tool_calls=(*last.tool_calls, call), reasoning=last.reasoning
+        )
+    else:
+        messages.append(Message(role="assistant", tool_calls=(call,)))
+
+
+def _parse_call_output(item: dict[str, Any], path: str) -> Message:
+    fields = Fields(item, path)
+    call_id = fields.text("call_id", required=True, nonempty=True)
+    output = item.get("output")
+    output_path = f"{path}.output"
+    if isinstance(output, str):
+        content: tuple[ContentPart, ...] = (TextPart(output),)
+    elif isinstance(output, list):
+        content = tuple(_parse_part(part, f"{output_path}[{j}]") for j, part in enumerate(output))
+    elif output is None:
+        raise invalid_request(f"Missing required parameter `{output_path}`.", param=output_path)
+    else:
+        raise invalid_request(f"Invalid `{output_path}`: expected a string or an array of content parts.", param=output_path)
+    return Message(role="tool", content=content, tool_call_id=call_id)
+
+
+# -- tools and settings ----------------------------------------------------------------------------------
+
+
+def _parse_tool(item: Any, path: str) -> Tool:
+    if not isinstance(item, dict):
+        raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+    fields = Fields(item, path)
+    kind = fields.text("type", required=True)
+    if kind != "function":
+        raise invalid_request(
+            f"Invalid `{path}.type`: {kind!r} is one of OpenAI's built-in tools; {_BUILT_IN_TOOLS}.",
+            param=f"{path}.type", code="unsupported_tool",
+        )
+    name = fields.text("name", required=True, nonempty=True)
+    parameters = fields.object("parameters")
+    return Tool(
+        name=name or "",
+        description=fields.text("description"),
+        parameters=parameters.data if parameters is not None else None,
+        strict=fields.boolean("strict"),
+    )
+
+
+def _tool_to_wire(tool: Tool) -> dict[str, Any]:
+    return {
+        "type": "function", "name": tool.name, "description": tool.description, "parameters": tool.parameters,
+        "strict": tool.strict,
+    }
+
+
+def _parse_tool_choice(value: Any) -> tuple[ToolChoice | None, Any]:
+    if value is None:
+        return None, "auto"
+    if value in ("auto", "none", "required"):
+        return ToolChoice(mode=value), value
+    if isinstance(value, dict) and value.get("type") == "function":
+        name = value.get("name")
+        if isinstance(name, str) and name:
+            return ToolChoice(mode="required", name=name), {"type": "function", "name": name}
+        raise invalid_request("Invalid `tool_choice.name`: expected a non-empty string.", param="tool_choice.name")
+    raise invalid_request(
+        'Invalid `tool_choice`: expected "none", "auto", "required" or {"type": "function", "name": ...}; '
+        + _BUILT_IN_TOOLS + ".",
+        param="tool_choice",
+    )
+
+
+def _parse_text(text: Fields | None) -> tuple[ResponseFormat | None, dict[str, Any]]:
+    """`text.format` as the domain's response format, and the `text` the Response echoes."""
+    wire: dict[str, Any] = {"format": {"type": "text"}}
+    if text is None:
+        return None, wire
+    verbosity = text.text("verbosity")
+    if verbosity is not None:
+        if verbosity not in ("low", "medium", "high"):
+            raise text.fail("verbosity", '"low", "medium" or "high"')
+        wire["verbosity"] = verbosity
+    fmt = text.object("format")
+    if fmt is None:
+        return None, wire
+    kind = fmt.text("type", required=True)
+    if kind == "text":
+        return ResponseFormat(kind="text"), wire
+    if kind == "json_object":
+        wire["format"] = {"type": "json_object"}
+        return ResponseFormat(kind="json_object"), wire
+    if kind == "json_schema":
+        name = fmt.text("name", required=True, nonempty=True)
+        schema = fmt.object("schema", required=True)
+        assert schema is not None
+        description = fmt.text("description")
+        strict = fmt.boolean("strict")
+        wire["format"] = {"type": "json_schema", "name": name, "schema": schema.data, "strict": strict} | (
+            {"description": description} if description is not None else {}
+        )
+        return ResponseFormat(
+            kind="json_schema", schema=schema.data, name=name, strict=strict, description=description
+        ), wire
+    raise fmt.fail("type", '"text", "json_object" or "json_schema"')
+
+
+def _parse_metadata(fields: Fields | None) -> dict[str, str] | None:
+    if fields is None:
+        return None
+    if len(fields.data) > 16 or not all(isinstance(v, str) for v in fields.data.values()):
+        raise invalid_request(
+            "Invalid `metadata`: expected at most 16 keys with string values.", param="metadata"
+        )
+    return dict(fields.data)

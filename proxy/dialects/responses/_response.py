@@ -1,0 +1,135 @@
+"""OpenAI Response objects: a finished (or failed) answer in the Responses API's wire form.
+
+Output items come in the order a model produces them: its reasoning, its message, its
+function calls. Ids are the response's own (`resp_<trace id>`) with the item's kind and
+position, so a streamed answer and its final Response name the same items.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
+from proxy.domain.errors import ErrorKind, GatewayError
+
+# FinishReason -> the `incomplete_details.reason` of an incomplete Response.
+_INCOMPLETE = {FinishReason.LENGTH: "max_output_tokens", FinishReason.CONTENT_FILTER: "content_filter"}
+
+
+def response_id(trace_id: str) -> str:
+    return "resp_" + trace_id
+
+
+def item_id(response: str, kind: str, output_index: int) -> str:
+    """`msg_…`, `rs_…`, `fc_…`: the item's kind, then the response's id and its position."""
+    return f"{kind}_{response.removeprefix('resp_')}_{output_index}"
+
+
+def status_of(finish: FinishReason | None) -> tuple[str, dict[str, str] | None]:
+    """The Response's `status` and `incomplete_details` for how its answer ended."""
+    reason = _INCOMPLETE.get(finish) if finish is not None else None
+    return ("incomplete", {"reason": reason}) if reason is not None else ("completed", None)
+
+
+def usage_to_wire(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_tokens or 0,
+            "cache_write_tokens": usage.cache_write_tokens or 0,
+        },
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def error_to_wire(error: GatewayError) -> dict[str, Any]:
+    """A failed Response's `error`: the SDK's codes name no gateway condition but a rate
+    limit, so every other failure is OpenAI's `server_error`, its message kept."""
+    code = "rate_limit_exceeded" if error.kind is ErrorKind.RATE_LIMITED else "server_error"
+    return {"code": code, "message": error.message}
+
+
+def response_object(
+    *,
+    response: str,
+    created_at: int,
+    model: str,
+    settings: dict[str, Any],
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    incomplete_details: dict[str, str] | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": response,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "completed_at": None,
+        "error": error,
+        "incomplete_details": incomplete_details,
+        "model": model,
+        "output": output,
+        "usage": usage,
+        **settings,
+    }
+
+
+def reasoning_item(item: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if text or status != "in_progress" else []
+    return {"id": item, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def message_item(item: str, text: str | None, status: str) -> dict[str, Any]:
+    """`text` None: the message as just opened, before its first part."""
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {"id": item, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def call_item(item: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
+        "status": status,
+    }
+
+
+def output_of(completion: ChatCompletion, response: str, status: str) -> list[dict[str, Any]]:
+    """The first choice as output items (a Response has one answer)."""
+    choice = completion.choices[0] if completion.choices else None
+    output: list[dict[str, Any]] = []
+    if choice is None:
+        return [message_item(item_id(response, "msg", 0), "", status)]
+    if choice.reasoning:
+        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed"))
+    if choice.content or not choice.tool_calls:
+        output.append(message_item(item_id(response, "msg", len(output)), choice.content, status))
+    for call in choice.tool_calls:
+        output.append(_call(response, len(output), call))
+    return output
+
+
+def _call(response: str, index: int, call: ToolCall) -> dict[str, Any]:
+    return call_item(item_id(response, "fc", index), call.id, call.name, call.arguments, "completed")
+
+
+def render_response(
+    completion: ChatCompletion, *, response: str, model: str, settings: dict[str, Any], created_at: int,
+    completed_at: int,
+) -> bytes:
+    """The whole Response of a non-streaming request (`model` as the client named it)."""
+    choice = completion.choices[0] if completion.choices else None
+    status, incomplete = status_of(choice.finish_reason if choice else None)
+    body = response_object(
+        response=response, created_at=created_at, model=model, settings=settings,
+        status=status, output=output_of(completion, response, status), usage=usage_to_wire(completion.usage),
+        incomplete_details=incomplete,
+    )
+    if status == "completed":
+        body["completed_at"] = completed_at
+    return dumps(body)

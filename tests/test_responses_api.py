@@ -1,0 +1,483 @@
+"""The official `openai` SDK's Responses API (`client.responses`, under trio) against the
+gateway, in front of fake OpenAI-compatible, Ollama and Anthropic backends."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.config import Timeouts
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
+from tests.rag_corpus import CORPUS
+from tests.test_persistence import rows, wait_for_row
+from tests.test_responses_codec import assert_items_nest, frames
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+KINDS = ("openai", "ollama", "anthropic")
+MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
+TOOLS: Any = [
+    {"type": "function", "name": "get_weather", "description": "Weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
+]
+PARALLEL = Script(tool_calls=[("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"})], tool_arg_fragment=5)
+ANTHROPIC_KEY = "sk-ant-test-key"
+
+
+@dataclass
+class Setup:
+    url: str
+    client: openai.AsyncOpenAI
+    fakes: dict[str, Any]
+
+    def fake(self, kind: str) -> Any:
+        return self.fakes[kind]
+
+
+@pytest.fixture
+async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fakes: dict[str, Any] = {
+        "openai": OpenAIBackend(),
+        "ollama": OllamaBackend(),
+        "anthropic": AnthropicBackend(api_key=ANTHROPIC_KEY, require_version=True),
+    }
+    async with (
+        fakes["openai"].serve() as s_openai,
+        fakes["ollama"].serve() as s_ollama,
+        fakes["anthropic"].serve() as s_anthropic,
+        running_gateway(
+            backend("vllm", s_openai.url, prefixes=("qwen",)),
+            backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)),
+            backend("claude", s_anthropic.url, kind="anthropic", prefixes=("claude",), api_key_env="TEST_ANTHROPIC_KEY"),
+        ) as url,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="client-key", max_retries=0)
+        yield Setup(url, client, fakes)
+        await client.close()
+
+
+async def raw_post(setup: Setup, body: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        return await http.post("/v1/responses", json=body)
+
+
+def sent(setup: Setup, kind: str) -> dict[str, Any]:
+    """The body the backend of `kind` received last."""
+    body = setup.fake(kind).requests[-1].json
+    assert isinstance(body, dict)
+    return body
+
+
+# -- text ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_non_streaming_response(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hello", " there"], usage=Usage(11, 2)))
+    raw = await setup.client.responses.with_raw_response.create(
+        model=MODELS[kind], input="Say hello", instructions="Be brief.", metadata={"team": "a"},
+    )
+    response = raw.parse()
+    assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]
+    assert response.id == "resp_" + raw.headers["x-trace-id"] and response.object == "response"
+    assert response.status == "completed" and response.model == MODELS[kind]
+    assert response.output_text == "Hello there"
+    assert [item.type for item in response.output] == ["message"]
+    assert response.instructions == "Be brief." and response.metadata == {"team": "a"}
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (11, 2, 13)
+    # Instructions reach every backend as its system prompt, before the input.
+    body = sent(setup, kind)
+    if kind == "anthropic":
+        assert body["system"] == "Be brief." and body["messages"] == [{"role": "user", "content": "Say hello"}]
+    else:
+        assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+        assert body["messages"][1]["role"] == "user" and body["messages"][1]["content"] == "Say hello"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_streamed_response_through_the_sdk_accumulator(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Hel", "lo", " there"], usage=Usage(11, 3)))
+    deltas = []
+    async with setup.client.responses.stream(model=MODELS[kind], input="Say hello") as stream:
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        response = await stream.get_final_response()
+    assert deltas == ["Hel", "lo", " there"]
+    assert response.output_text == "Hello there" and response.status == "completed"
+    assert response.usage is not None and (response.usage.input_tokens, response.usage.output_tokens) == (11, 3)
+    assert sent(setup, kind)["stream"] is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_create_with_stream_true_yields_every_event_in_order(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(5, 2)))
+    events = [event async for event in await setup.client.responses.create(model=MODELS[kind], input="x", stream=True)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed",
+    ]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == "ab" and final.usage.total_tokens == 7  # type: ignore[union-attr]
+
+
+async def test_the_stream_on_the_wire(setup: Setup) -> None:
+    setup.fake("openai").set_script(Script(tokens=["a", "b"], usage=Usage(5, 2)))
+    response = await raw_post(setup, {"model": MODELS["openai"], "input": "x", "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert b"[DONE]" not in response.content
+    payloads = frames(response.content)  # `event: TYPE` naming each payload's type
+    assert_items_nest(payloads)
+    assert payloads[-1]["type"] == "response.completed"
+
+
+# -- tools -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_function_call_not_streamed(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    response = await setup.client.responses.create(model=MODELS[kind], input="Weather?", tools=TOOLS)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert calls[0].call_id and calls[0].status == "completed" and response.status == "completed"
+    body = sent(setup, kind)
+    names = [t["name"] if kind == "anthropic" else t["function"]["name"] for t in body["tools"]]
+    assert names == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_parallel_calls_streamed(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(PARALLEL)
+    argument_deltas = 0
+    async with setup.client.responses.stream(model=MODELS[kind], input="Weather and time?", tools=TOOLS) as stream:
+        async for event in stream:
+            if event.type == "response.function_call_arguments.delta":
+                argument_deltas += 1
+        response = await stream.get_final_response()
+    calls = [(item.name, json.loads(item.arguments)) for item in response.output if item.type == "function_call"]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"})]
+    assert argument_deltas >= 2
+    ids = [item.call_id for item in response.output if item.type == "function_call"]
+    assert len(set(ids)) == 2 and all(ids)
+
+
+async def test_interleaved_parallel_calls_from_an_openai_backend(setup: Setup) -> None:
+    setup.fake("openai").set_script(
+        Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)
+    )
+    async with setup.client.responses.stream(model=MODELS["openai"], input="both", tools=TOOLS) as stream:
+        response = await stream.get_final_response()
+    calls = [(item.name, json.loads(item.arguments)) for item in response.output if item.type == "function_call"]
+    assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "Europe/Paris"})]
+
+
+def follow_up_input() -> Any:
+    return [
+        {"role": "user", "content": "Weather in Paris and the time?"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "function_call", "call_id": "call_w", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "call_id": "call_t", "name": "get_time", "arguments": '{"tz":"Europe/Paris"}'},
+        {"type": "function_call_output", "call_id": "call_w", "output": "Sunny"},
+        {"type": "function_call_output", "call_id": "call_t", "output": "12:00"},
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_follow_up_turn_reaches_each_backend_in_its_own_shape(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=["Sunny", " at noon"]))
+    response = await setup.client.responses.create(
+        model=MODELS[kind], input=follow_up_input(), tools=TOOLS, instructions="Be brief.",
+    )
+    assert response.output_text == "Sunny at noon"
+    body = sent(setup, kind)
+    if kind == "openai":
+        assert body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris and the time?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_w", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "call_t", "type": "function", "function": {"name": "get_time", "arguments": '{"tz":"Europe/Paris"}'}},
+            ]},
+            {"role": "tool", "content": "Sunny", "tool_call_id": "call_w"},
+            {"role": "tool", "content": "12:00", "tool_call_id": "call_t"},
+        ]
+    elif kind == "anthropic":
+        assert body["system"] == "Be brief."
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+        uses = body["messages"][1]["content"]
+        assert [(b["type"], b["id"], b["input"]) for b in uses] == [
+            ("tool_use", "call_w", {"city": "Paris"}), ("tool_use", "call_t", {"tz": "Europe/Paris"}),
+        ]
+        results = body["messages"][2]["content"]
+        assert [(b["type"], b["tool_use_id"]) for b in results] == [("tool_result", "call_w"), ("tool_result", "call_t")]
+    else:
+        messages = body["messages"]
+        assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "tool"]
+        assert [c["function"]["name"] for c in messages[2]["tool_calls"]] == ["get_weather", "get_time"]
+        assert [m["content"] for m in messages[3:]] == ["Sunny", "12:00"]
+
+
+async def test_tool_choice_and_parallel_setting_reach_the_backend(setup: Setup) -> None:
+    await setup.client.responses.create(
+        model=MODELS["openai"], input="x", tools=TOOLS, tool_choice={"type": "function", "name": "get_time"},
+        parallel_tool_calls=False,
+    )
+    body = sent(setup, "openai")
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+    assert body["parallel_tool_calls"] is False
+
+
+# -- settings, reasoning, limits ---------------------------------------------------------------------------
+
+
+async def test_settings_reach_an_openai_backend(setup: Setup) -> None:
+    response = await setup.client.responses.create(
+        model=MODELS["openai"], input="x", temperature=0.3, top_p=0.8, max_output_tokens=64,
+        reasoning={"effort": "low"},
+        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": True}},
+    )
+    body = sent(setup, "openai")
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["reasoning_effort"]) == (0.3, 0.8, 64, "low")
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+    }
+    # The Response echoes what was asked.
+    assert (response.temperature, response.top_p, response.max_output_tokens) == (0.3, 0.8, 64)
+    assert response.text is not None and response.text.format is not None and response.text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_reasoning_is_a_reasoning_item(setup: Setup, kind: str) -> None:
+    script = Script(reasoning=["Let me ", "think."], tokens=["42"], usage=Usage(9, 6, reasoning_tokens=3))
+    setup.fake(kind).set_script(script)
+    response = await setup.client.responses.create(model=MODELS[kind], input="Answer?", reasoning={"effort": "high"})
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    reasoning = response.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content is not None
+    assert reasoning.content[0].text == "Let me think." and response.output_text == "42"
+    setup.fake(kind).set_script(script)
+    deltas = []
+    async with setup.client.responses.stream(model=MODELS[kind], input="Answer?") as stream:
+        async for event in stream:
+            if event.type == "response.reasoning_text.delta":
+                deltas.append(event.delta)
+        streamed = await stream.get_final_response()
+    assert "".join(deltas) == "Let me think." and streamed.output_text == "42"
+    if kind == "openai":
+        assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens == 3
+
+
+async def test_cached_and_reasoning_token_counts(setup: Setup) -> None:
+    setup.fake("openai").set_script(Script(tokens=["x"], usage=Usage(100, 20, cached_tokens=64, reasoning_tokens=12)))
+    response = await setup.client.responses.create(model=MODELS["openai"], input="x")
+    usage = response.usage
+    assert usage is not None
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (100, 20, 120)
+    assert (usage.input_tokens_details.cached_tokens, usage.output_tokens_details.reasoning_tokens) == (64, 12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(n_tokens=10))
+    response = await setup.client.responses.create(model=MODELS[kind], input="Go on", max_output_tokens=3)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "w0 w1 w2 "
+    events = [e async for e in await setup.client.responses.create(
+        model=MODELS[kind], input="Go on", max_output_tokens=3, stream=True,
+    )]
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
+    assert events[-1].response.output_text == "w0 w1 w2 "
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"input": 5}, "input"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"previous_response_id": "resp_abc"}, "previous_response_id"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"background": True}, "background"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+])
+async def test_bad_input_is_a_400_in_openais_shape(setup: Setup, fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(**{"model": MODELS["openai"], "input": "x", **fields})
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param and body["type"] == "invalid_request_error"
+    assert setup.fake("openai").requests == []  # refused before any backend heard of it
+
+
+async def test_stateful_requests_say_to_send_the_whole_conversation(setup: Setup) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="more", previous_response_id="resp_1")
+    assert "send the whole conversation in `input`" in info.value.message
+    with pytest.raises(openai.BadRequestError) as tools:
+        await setup.client.responses.create(model=MODELS["openai"], input="x", tools=[{"type": "file_search", "vector_store_ids": ["vs"]}])
+    assert "function tools only" in tools.value.message
+
+
+async def test_stored_responses_are_404s(setup: Setup) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await setup.client.responses.retrieve("resp_123")
+    assert "does not store responses" in info.value.message
+    for call in (
+        setup.client.responses.delete("resp_123"),
+        setup.client.responses.cancel("resp_123"),
+        setup.client.responses.input_items.list("resp_123"),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await call
+
+
+async def test_unknown_model_is_a_404(setup: Setup) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await setup.client.responses.create(model="gpt-9", input="x")
+    assert "gpt-9" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await setup.client.responses.create(model="gpt-9", input="x", stream=True)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_backend_error_before_the_answer_is_a_502_with_its_message(setup: Setup, stream: bool) -> None:
+    setup.fake("openai").set_script(Script(status=500, error_message="CUDA out of memory"))
+    with pytest.raises(openai.InternalServerError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="x", stream=stream)
+    assert info.value.status_code == 502 and "CUDA out of memory" in info.value.message
+
+
+async def test_first_token_timeout_is_a_504_and_closes_the_backend() -> None:
+    fake = OpenAIBackend(default=Script(stall_before_headers=True))
+    quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)
+    async with fake.serve() as server, running_gateway(backend("slow", server.url, default=True, timeouts=quick)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.responses.create(model="m", input="x", stream=True)
+        assert info.value.status_code == 504
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_failure_mid_stream_is_response_failed(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=list("abcdefgh"), fail_after=4, error_message="engine died"))
+    events = []
+    async with setup.client.responses.stream(model=MODELS[kind], input="x") as stream:
+        async for event in stream:
+            events.append(event)
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            await stream.get_final_response()
+    failed = events[-1]
+    assert failed.type == "response.failed"
+    assert failed.response.status == "failed" and failed.response.error is not None
+    assert failed.response.error.code == "server_error"
+    assert "engine died" in failed.response.error.message
+    said = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert said and failed.response.output[0].content[0].text == "".join(said)  # type: ignore[union-attr,index]
+
+
+async def test_idle_timeout_mid_stream_is_response_failed_and_closes_the_backend() -> None:
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3))
+    quick = Timeouts(connect=2, first_token=5, idle=0.3, total=30)
+    async with fake.serve() as server, running_gateway(backend("slow", server.url, default=True, timeouts=quick)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        events = [e async for e in await client.responses.create(model="m", input="x", stream=True)]
+        assert events[-1].type == "response.failed"
+        assert "idle" in events[-1].response.error.message  # type: ignore[union-attr]
+        await fake.wait_disconnect(2.0)
+        await client.close()
+
+
+# -- cancellation ------------------------------------------------------------------------------------------
+
+
+async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup) -> None:
+    fake = setup.fake("openai")
+    fake.set_script(Script(n_tokens=1000, pace=0.01))
+    body = {"model": MODELS["openai"], "input": "x", "stream": True}
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        async with client.stream("POST", "/v1/responses", json=body) as response:
+            lines = response.aiter_lines()
+            for _ in range(12):
+                await lines.__anext__()
+    gone = await fake.wait_disconnect(2.0)
+    assert 0 < gone.frames_sent < 1000
+    await fake.wait_idle(2.0)
+
+
+async def test_disconnect_while_a_whole_response_waits_closes_the_backend_request(setup: Setup) -> None:
+    fake = setup.fake("anthropic")
+    fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        with trio.move_on_after(0.3):
+            await client.post("/v1/responses", json={"model": MODELS["anthropic"], "input": "x"})
+    await fake.wait_disconnect(2.0)
+    await fake.wait_idle(2.0)
+
+
+# -- what an exchange brings -------------------------------------------------------------------------------
+
+
+async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_dialect(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], usage=Usage(7, 4)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        key = {"Idempotency-Key": str(uuid.uuid4())}
+        answered = await client.responses.with_raw_response.create(model="m", input="A story", extra_headers=key)
+        first = answered.parse()
+        trace = answered.headers["x-trace-id"]
+        await wait_for_row(pg_database_url, trace, "completed")
+        assert rows(pg_database_url, "SELECT dialect, model FROM chat_log WHERE trace_id = %s", trace) == [("responses", "m")]
+        again = await client.responses.with_raw_response.create(model="m", input="A story", stream=True, extra_headers=key)
+        assert again.headers.get("idempotent-replayed") == "true"
+        events = [event async for event in again.parse()]
+        assert events[-1].type == "response.completed"
+        assert events[-1].response.output_text == first.output_text == "Once upon a time"
+        assert len(fake.requests) == 1
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_rag_route_answers_a_responses_client(corpus_url: str, stream: bool) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Backups are kept ", "for 14 days [1]."]))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), database_url=corpus_url) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        question = "How long do we keep the nightly database backups?"
+        raw = await client.responses.with_raw_response.create(
+            model="m", input=question, instructions="You are terse.", stream=stream, extra_headers={"x-workspace": CORPUS},
+        )
+        parsed: Any = raw.parse()
+        text = [event async for event in parsed][-1].response.output_text if stream else parsed.output_text
+        assert text == "Backups are kept for 14 days [1]."
+        assert json.loads(raw.headers["x-rag-sources"])[0]["source"] == "runbooks/postgres.md"
+        system = fake.requests[-1].json["messages"][0]
+        # The client's instructions first, the retrieved passages appended to them.
+        assert system["role"] == "system" and system["content"].startswith("You are terse.\n\n")
+        assert "Backups are retained for 14 days" in system["content"]
+        await client.close()
