@@ -339,17 +339,22 @@ async def test_stateful_requests_say_to_send_the_whole_conversation(setup: Setup
     assert "function tools only" in tools.value.message
 
 
-async def test_stored_responses_are_404s(setup: Setup) -> None:
-    with pytest.raises(openai.NotFoundError) as info:
-        await setup.client.responses.retrieve("resp_123")
-    assert "does not store responses" in info.value.message
-    for call in (
-        setup.client.responses.delete("resp_123"),
-        setup.client.responses.cancel("resp_123"),
-        setup.client.responses.input_items.list("resp_123"),
-    ):
+async def test_responses_outside_the_journal_are_404s(setup: Setup) -> None:
+    for missing in ("resp_123", "not-a-response-id"):
+        with pytest.raises(openai.NotFoundError) as info:
+            await setup.client.responses.retrieve(missing)
+        assert "keeps responses only in its journal" in info.value.message
+    with pytest.raises(openai.BadRequestError):
+        await setup.client.responses.delete("resp_123")
+    for call in (setup.client.responses.cancel("resp_123"), setup.client.responses.input_items.list("resp_123")):
         with pytest.raises(openai.NotFoundError):
             await call
+
+
+async def test_background_needs_a_journal(setup: Setup) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="x", background=True, stream=True)
+    assert info.value.param == "background" and "journal" in info.value.message
 
 
 async def test_unknown_model_is_a_404(setup: Setup) -> None:
@@ -461,6 +466,54 @@ async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_diale
         assert events[-1].response.output_text == first.output_text == "Once upon a time"
         assert len(fake.requests) == 1
         await client.close()
+
+
+async def test_a_response_is_read_back_whole_from_the_journal(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], usage=Usage(7, 4)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        first = await client.responses.create(model="m", input="A story")
+        await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+        again = await client.responses.retrieve(first.id)
+        await client.close()
+    assert (again.id, again.status, again.model) == (first.id, "completed", "m")
+    assert again.output_text == first.output_text == "Once upon a time"
+    assert again.usage is not None and (again.usage.input_tokens, again.usage.output_tokens) == (7, 4)
+
+
+async def test_a_background_stream_goes_on_without_its_client_and_resumes_after_its_last_event(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    tokens = [f" w{i}" for i in range(40)]
+    fake = OpenAIBackend(default=Script(tokens=tokens, usage=Usage(5, 40), pace=0.02))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        seen: list[Any] = []
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) >= 10:
+                break
+        await stream.close()  # the connection drops mid-answer
+        response_id = seen[0].response.id
+        assert seen[0].response.background is True
+        rest = await client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number)
+        resumed = [event async for event in rest]
+        await client.close()
+    assert resumed[0].sequence_number == seen[-1].sequence_number + 1
+    events = seen + resumed
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[-1].type == "response.completed" and events[-1].response.id == response_id
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == "".join(tokens) == events[-1].response.output_text
+    # The backend was never told to stop: the run outlived its first client.
+    assert [generation.outcome for generation in fake.recorder.generations] == ["completed"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -229,13 +229,19 @@ def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"conversation": {"id": "conv_1"}}, "conversation"),
-    ({"background": True}, "background"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
 ])
 def test_stateful_features_are_refused_with_what_to_do_instead(fields: dict[str, Any], param: str) -> None:
     error = refused(**fields)
     assert error.param == param
     assert "send the whole conversation in `input`" in error.message
+
+
+def test_background_is_served_with_stream_only() -> None:
+    error = refused(background=True)
+    assert error.param == "background" and "`stream: true`" in error.message
+    assert parse(background=True, stream=True).background
+    assert not parse(background=False).background
 
 
 def test_built_in_tools_are_refused_saying_only_function_tools_are_served() -> None:

@@ -50,8 +50,11 @@ Handler = Callable[[Incoming], Awaitable[DirectBody | Reply]]
 @dataclass(frozen=True, slots=True)
 class FrontRoute:
     rule: str  # Quart's syntax (`/v1/streams/<trace_id>`), for the OpenAPI document
-    method: str
-    handler: Handler
+    handlers: dict[str, Handler]  # by method
+
+    @property
+    def allow(self) -> bytes:
+        return ", ".join(sorted(self.handlers)).encode()
 
 
 class FrontDoor:
@@ -64,7 +67,11 @@ class FrontDoor:
 
     def route(self, rule: str, *, method: str = "POST") -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
-            route = FrontRoute(rule, method, handler)
+            known = self._routes_by_rule().get(rule)
+            if known is not None:
+                known.handlers[method] = handler
+                return handler
+            route = FrontRoute(rule, {method: handler})
             if rule.endswith(">"):
                 prefix, _, name = rule[:-1].rpartition("<")
                 self._prefixed.append((prefix, name, route))
@@ -90,8 +97,10 @@ class FrontDoor:
         return None
 
     def rules(self) -> list[tuple[str, set[str]]]:
-        routes = [*self._exact.values(), *(route for _, _, route in self._prefixed)]
-        return [(route.rule, {route.method}) for route in routes]
+        return [(route.rule, set(route.handlers)) for route in self._routes_by_rule().values()]
+
+    def _routes_by_rule(self) -> dict[str, FrontRoute]:
+        return {route.rule: route for route in [*self._exact.values(), *(route for _, _, route in self._prefixed)]}
 
 
 async def serve(
@@ -112,20 +121,21 @@ async def serve(
         await _refuse(out, gateway, head, refusal, body, started)
         return
     try:
-        if head.method != route.method:
+        handler = route.handlers.get(head.method)
+        if handler is None:
             raise GatewayError(
                 ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
             )
         body = await _read_body(receive, head, gateway.settings.max_body_bytes)
         if body is None:
             return  # the client left before its request was whole
-        answer = await _answer(route, Incoming(gateway, head, body, params))
+        answer = await _answer(handler, Incoming(gateway, head, body, params))
     except GatewayError as error:
         if error.kind is ErrorKind.PERMISSION:
             give_back_admission(gateway)
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
-            reply.headers.append((b"allow", route.method.encode()))
+            reply.headers.append((b"allow", route.allow))
         await _refuse(out, gateway, head, reply, body, started, error.message)
         return
     except Exception:
@@ -191,9 +201,9 @@ def _message_of(body: bytes) -> str:
     return error if isinstance(error, str) else ""
 
 
-async def _answer(route: FrontRoute, incoming: Incoming) -> DirectBody | Reply:
+async def _answer(handler: Handler, incoming: Incoming) -> DirectBody | Reply:
     try:
-        return await route.handler(incoming)
+        return await handler(incoming)
     except GatewayError as error:
         if error.code != "model_not_found":
             raise
@@ -201,7 +211,7 @@ async def _answer(route: FrontRoute, incoming: Incoming) -> DirectBody | Reply:
     # (listed afresh unless its list is recent) teaches the router, and the request is
     # tried once more. Only unknown models pay for this.
     await incoming.gateway.catalog.models()
-    return await route.handler(incoming)
+    return await handler(incoming)
 
 
 async def send_reply(send: ASGISendCallable, reply: Reply) -> None:

@@ -579,14 +579,27 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
-        "server-sent events. Stateless: `previous_response_id`, `conversation`, `background` and `prompt` are 400s.",
+        "server-sent events. `previous_response_id`, `conversation` and `prompt` are 400s (send the whole "
+        "conversation); `background: true` (with `stream: true`) runs on when the connection drops.",
+    ),
+    ("/v1/responses/{response_id}", "get"): _op(
+        "A response read back from the journal (OpenAI's retrieve; with `stream=true`, its resume)", "OpenAI",
+        _ok(_RESPONSE, stream="text/event-stream"),
+        parameters=[
+            _RESPONSE_ID,
+            {"name": "stream", "in": "query", "schema": _BOOL, "description": "The response's events again, as SSE."},
+            {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": 0},
+             "description": "With `stream=true`: the last `sequence_number` seen; the events after it."},
+        ],
+        description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
+        "it echoes are the defaults, not the request's.",
     ),
     **{
         (path, method): _refused(_op(
-            "A stored response: always 404 (the gateway stores none)", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
+            "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
         ))
         for path, method in (
-            ("/v1/responses/{response_id}", "get"), ("/v1/responses/{response_id}", "delete"),
+            ("/v1/responses/{response_id}", "delete"),
             ("/v1/responses/{response_id}/cancel", "post"), ("/v1/responses/{response_id}/input_items", "get"),
         )
     },

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs
 
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
 from proxy.dialects import openai, responses
-from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import CompletionBuilder
-from proxy.http._errors import register_dialect_errors
-from proxy.http._exchange import SSE_HEADERS, ExchangeBody, Headers, JsonSink, RenderedStreamSink
+from proxy.dialects._json import dumps
+from proxy.dialects.events import Finished, WireEvent
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
+from proxy.http._errors import Reply, register_dialect_errors
+from proxy.http._exchange import (
+    SSE_HEADERS,
+    DirectBody,
+    ExchangeBody,
+    Headers,
+    JsonSink,
+    RenderedStreamSink,
+)
 from proxy.http._front import FrontDoor, Incoming
-from proxy.http._head import request_meta
+from proxy.http._head import current_tenant, request_meta
+from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
+from proxy.infra.chat_store import StoredRun
+from proxy.infra.postgres import DatabaseError
+from proxy.services.persistence import Persistence
 
 exchanges = FrontDoor()
 blueprint = Blueprint("responses", __name__)
@@ -63,9 +77,18 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body)
     request = parsed.chat
     meta = request_meta(incoming.head)
+    response = responses.response_id(meta.trace_id)
+    if parsed.background:
+        if incoming.gateway.persistence is None:
+            raise invalid_request(
+                "`background: true` needs the gateway's journal (PostgreSQL and NATS), and this gateway runs without.",
+                param="background", code="unsupported_parameter",
+            )
+        # A keyed run is durable: it goes on when its client leaves, and its journal holds
+        # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
+        meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
-    response = responses.response_id(meta.trace_id)
     model, settings = request.model, parsed.settings
     if request.stream:
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
@@ -78,25 +101,133 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     ))
 
 
-def _not_stored(response_id: str) -> GatewayError:
+# -- reading a response back ------------------------------------------------------------------------
+
+
+@exchanges.route("/v1/responses/<response_id>", method="GET")
+async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
+    """A response read back from the journal while it keeps it: whole (its row), or with
+    `stream=true` its stream again, from the event after `starting_after` (OpenAI's resume)."""
+    response = incoming.params["response_id"]
+    trace_id = response.removeprefix("resp_")
+    persistence = incoming.gateway.persistence
+    if persistence is None or trace_id == response or not trace_id:
+        raise _not_found(response)
+    query = parse_qs(incoming.head.query.decode("latin-1"))
+    if (query.get("stream") or ["false"])[0].lower() != "true":
+        return await _whole(persistence, trace_id, response)
+    raw_after = (query.get("starting_after") or ["-1"])[0]
+    if not raw_after.lstrip("-").isdigit() or int(raw_after) < -1:
+        raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
+    stored = await _stored(persistence, trace_id)
+    framer = _ResumeFramer(response, stored.model if stored else "", int(raw_after))
+    return EventsBody(persistence, trace_id, 0, current_tenant(), framer)
+
+
+async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
+    store = persistence.store()
+    if store is None:
+        return None
+    try:
+        return await store.stored_run(trace_id)
+    except DatabaseError:
+        return None
+
+
+async def _whole(persistence: Persistence, trace_id: str, response: str) -> Reply:
+    stored = await _stored(persistence, trace_id)
+    tenant = current_tenant()
+    if stored is None or (tenant is not None and stored.tenant != tenant):
+        raise _not_found(response)
+    completion = stored.completion
+    settings = responses.default_settings()
+    if stored.status == "completed" and completion is not None:
+        return Reply(responses.render_response(
+            completion, response=response, model=stored.model or completion.model, settings=settings,
+            created_at=completion.created, completed_at=completion.created,
+        ))
+    status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
+    error = None
+    if status == "failed":
+        message = (stored.error or {}).get("message") or "The response failed."
+        error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
+    return Reply(dumps(responses.response_object(
+        response=response, created_at=completion.created if completion else 0, model=stored.model,
+        settings=settings, status=status, output=[], error=error,
+    )))
+
+
+class _ResumeFramer:
+    """A Response's stream rendered again from its trace's events, from the first (the
+    sequence numbers are the renderer's, and it numbers the same events the same way), and
+    written from the frame after `starting_after` on."""
+
+    def __init__(self, response: str, model: str, starting_after: int) -> None:
+        self._response = response
+        self._model = model
+        self._after = starting_after
+        self._renderer: responses.StreamRenderer | None = None
+
+    def frame(self, seq: int, event: WireEvent) -> bytes:
+        if isinstance(event, Finished):
+            if event.status == "completed":
+                return self._written(self._render_close())
+            # A run that ended without its answer (cancelled, or it failed without saying).
+            return self._written(self._render([StreamFailed(GatewayError(
+                ErrorKind.UNAVAILABLE, f"The response ended without completing ({event.status}).",
+            ))]))
+        if isinstance(event, StreamStart) and not self._model:
+            self._model = event.model
+        return self._written(self._render([event]))
+
+    def error(self, error: GatewayError) -> bytes:
+        return self._written(self._render([StreamFailed(error)]))
+
+    def _render(self, events: list[StreamEvent]) -> bytes:
+        if self._renderer is None:
+            self._renderer = responses.StreamRenderer(
+                response=self._response, model=self._model, settings=responses.default_settings(),
+            )
+        return self._renderer.render(events)
+
+    def _render_close(self) -> bytes:
+        self._render([])
+        assert self._renderer is not None
+        return self._renderer.close()
+
+    def _written(self, frames: bytes) -> bytes:
+        if self._after < 0 or not frames:
+            return frames
+        return b"".join(frame + b"\n\n" for frame in frames.split(b"\n\n") if frame and _number(frame) > self._after)
+
+
+def _number(frame: bytes) -> int:
+    """A frame's `sequence_number` (the renderer writes it last)."""
+    tail = frame.rpartition(b'"sequence_number":')[2]
+    return int(tail.rstrip(b"}"))
+
+
+@exchanges.route("/v1/responses/<response_id>", method="DELETE")
+async def delete_response(incoming: Incoming) -> Reply:
+    raise invalid_request(
+        "Responses cannot be deleted here: the journal keeps them for its retention time.", param="response_id",
+    )
+
+
+def _not_found(response_id: str) -> GatewayError:
     return GatewayError(
         ErrorKind.NOT_FOUND,
-        f"Response with id '{response_id}' not found: this gateway does not store responses "
-        "(send the whole conversation in `input` of each request).",
+        f"Response with id '{response_id}' not found: this gateway keeps responses only in its journal, for its "
+        "retention time (send the whole conversation in `input` of each request).",
         param="response_id", code="response_not_found",
     )
 
 
-@blueprint.route("/v1/responses/<response_id>", methods=["GET", "DELETE"])
-async def stored_response(response_id: str) -> Response:
-    raise _not_stored(response_id)
-
-
 @blueprint.post("/v1/responses/<response_id>/cancel")
 async def cancel_response(response_id: str) -> Response:
-    raise _not_stored(response_id)
+    raise _not_found(response_id)
 
 
 @blueprint.get("/v1/responses/<response_id>/input_items")
 async def response_input_items(response_id: str) -> Response:
-    raise _not_stored(response_id)
+    raise _not_found(response_id)

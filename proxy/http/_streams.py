@@ -9,6 +9,7 @@ any gateway instance sharing the same NATS and PostgreSQL.
 from __future__ import annotations
 
 import json
+from typing import Protocol
 from urllib.parse import parse_qs
 
 import trio
@@ -25,12 +26,40 @@ from proxy.services.persistence import Persistence, trace_events
 exchanges = FrontDoor()
 
 
-class _EventsBody(DirectBody):
-    def __init__(self, persistence: Persistence, trace_id: str, after: int, tenant: str | None) -> None:
+class Framer(Protocol):
+    """How a trace's events are written to the client reading them back."""
+
+    def frame(self, seq: int, event: WireEvent) -> bytes: ...
+
+    def error(self, error: GatewayError) -> bytes:
+        """The stream broke after it began: its last frame."""
+        ...
+
+
+class SeedFramer:
+    """The seed's schema: `id: SEQ`, `event: TYPE`, `data: {event JSON}` per event."""
+
+    def frame(self, seq: int, event: WireEvent) -> bytes:
+        data = encode_event(seq, event)
+        kind = json.loads(data)["type"]
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), data)
+
+    def error(self, error: GatewayError) -> bytes:
+        return b"event: error\ndata: " + openai.render_error(error) + b"\n\n"
+
+
+class EventsBody(DirectBody):
+    """A trace's events after `after`, as SSE written by `framer`; an error before the first
+    one is a status and OpenAI's error JSON."""
+
+    def __init__(
+        self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer
+    ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
         self._after = after
         self._tenant = tenant
+        self._framer = framer
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
@@ -51,17 +80,14 @@ class _EventsBody(DirectBody):
                             await _head(send, item.status, b"application/json")
                             await send({"type": "http.response.body", "body": openai.render_error(item), "more_body": False})
                             return
-                        frame = b"event: error\ndata: " + openai.render_error(item) + b"\n\n"
-                        await send({"type": "http.response.body", "body": frame, "more_body": True})
+                        await send({"type": "http.response.body", "body": self._framer.error(item), "more_body": True})
                         break
                     if not started:
                         started = True
                         await _head(send, 200, b"text/event-stream; charset=utf-8")
-                    seq, event = item
-                    data = encode_event(seq, event)
-                    kind = json.loads(data)["type"]
-                    frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, kind.encode(), data)
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    frame = self._framer.frame(*item)
+                    if frame:
+                        await send({"type": "http.response.body", "body": frame, "more_body": True})
         if not started:
             await _head(send, 200, b"text/event-stream; charset=utf-8")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -84,4 +110,4 @@ async def stream_events(incoming: Incoming) -> DirectBody:
     raw_after = (query.get("after") or [""])[0] or incoming.head.header("last-event-id") or "0"
     if not raw_after.isdigit():
         raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
-    return _EventsBody(persistence, incoming.params["trace_id"], int(raw_after), current_tenant())
+    return EventsBody(persistence, incoming.params["trace_id"], int(raw_after), current_tenant(), SeedFramer())

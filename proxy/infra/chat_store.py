@@ -120,6 +120,7 @@ class StoredRun:
     upstream_model: str | None = None
     # The sequence number of the run's `finished` as its clients saw it (0: not recorded).
     finished_seq: int = 0
+    model: str = ""  # as the client named it
 
 
 @dataclass(slots=True, frozen=True)
@@ -319,14 +320,14 @@ class ChatStore:
 
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant, route, upstream_model, last_seq FROM chat_log WHERE trace_id = %s",
+            "SELECT status, result, error, tenant, route, upstream_model, last_seq, model FROM chat_log WHERE trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model, last_seq = row
+        status, result, error, tenant, route, upstream_model, last_seq, model = row
         completion = completion_from_json(result) if result else None
-        return StoredRun(status, completion, error, tenant, route, upstream_model, last_seq)
+        return StoredRun(status, completion, error, tenant, route, upstream_model, last_seq, model or "")
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

@@ -1,6 +1,11 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
-from proxy.dialects.responses._request import DIALECT, ResponsesRequest, parse_responses_request
+from proxy.dialects.responses._request import (
+    DIALECT,
+    ResponsesRequest,
+    default_settings,
+    parse_responses_request,
+)
 from proxy.dialects.responses._response import (
     error_to_wire,
     item_id,
@@ -17,6 +22,7 @@ __all__ = [
     "DIALECT",
     "ResponsesRequest",
     "StreamRenderer",
+    "default_settings",
     "error_to_wire",
     "item_id",
     "output_of",

@@ -1,8 +1,9 @@
 """OpenAI Responses requests (`POST /v1/responses`): a client's body as a domain chat request.
 
-The gateway keeps no responses, so a request must carry its whole conversation in `input`:
-the stateful fields (`previous_response_id`, `conversation`, `background`, `prompt`) are
-400s saying so. Only function tools are served; OpenAI's built-in tools run on OpenAI's
+The gateway keeps no conversations, so a request must carry its whole conversation in
+`input`: the stateful fields (`previous_response_id`, `conversation`, `prompt`) are 400s
+saying so. `background: true` is served with `stream: true` (a run that outlives its
+connection, read back from the journal). Only function tools are served; OpenAI's built-in tools run on OpenAI's
 servers and have nothing to become here.
 """
 
@@ -50,6 +51,11 @@ class ResponsesRequest:
     chat: ChatRequest
     settings: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def background(self) -> bool:
+        """The run must outlive its connection (and be read back from the journal)."""
+        return bool(self.settings.get("background"))
+
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
     """Validate a `/v1/responses` body; every bad input is a 400 naming its field."""
@@ -60,10 +66,12 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     for name, what in _STATEFUL.items():
         if data.get(name) is not None:
             raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
-    if fields.boolean("background"):
+    background = bool(fields.boolean("background"))
+    if background and not fields.boolean("stream"):
         raise invalid_request(
-            f"`background: true` needs a stored response to poll: {_NOT_STORED}, and read the answer as it comes "
-            "(`stream: true`).",
+            "`background: true` is served with `stream: true`: the run goes on if the connection drops, and "
+            "`GET /v1/responses/{id}?stream=true&starting_after=N` reads the rest (polling a queued response "
+            "is not supported).",
             param="background", code="unsupported_parameter",
         )
 
@@ -144,10 +152,16 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         "truncation": truncation or "disabled",
         "user": user,
         "service_tier": service_tier or "default",
-        "background": False,
+        "background": background,
         "previous_response_id": None,
     }
     return ResponsesRequest(chat, settings)
+
+
+def default_settings() -> dict[str, Any]:
+    """What a Response echoes of a request that set nothing: for one read back later (the
+    gateway keeps the answer, not the settings it was asked with)."""
+    return parse_responses_request(b'{"model": "-", "input": ""}').settings
 
 
 # -- input items ---------------------------------------------------------------------------------------
