@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ollama
 import openai
 import pytest
 
@@ -56,3 +57,29 @@ async def test_audio_parts_still_reach_an_openai_backend_as_sent() -> None:
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": [part]}])  # type: ignore[list-item]
         await client.close()
     assert fake.requests[-1].json["messages"][0]["content"] == [part]
+
+
+# -- thinking asked of Claude in another dialect's words --------------------------------------------
+
+
+async def test_thinking_without_a_limit_leaves_the_answer_its_default_room_on_an_anthropic_backend() -> None:
+    """Open WebUI's `think: "high"` or an agent's `reasoning_effort` with no token limit: the
+    thinking budget comes on top of the default limit (4096), not out of it, where a full
+    budget of 4095 would leave the answer one token."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("claude", server.url, kind="anthropic", default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="claude-x", messages=[{"role": "user", "content": "hi"}], think="high")
+        high = fake.requests[-1].json
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await agent.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hi"}], reasoning_effort="low")
+        low = fake.requests[-1].json
+        await agent.chat.completions.create(
+            model="claude-x", messages=[{"role": "user", "content": "hi"}], reasoning_effort="high", max_completion_tokens=3000
+        )
+        capped = fake.requests[-1].json
+        await agent.close()
+    assert (high["thinking"]["budget_tokens"], high["max_tokens"]) == (4096, 4096 + 4096)
+    assert (low["thinking"]["budget_tokens"], low["max_tokens"]) == (1024, 4096 + 1024)
+    # A limit the client set is kept, and the thinking fits within it.
+    assert (capped["thinking"]["budget_tokens"], capped["max_tokens"]) == (2999, 3000)
