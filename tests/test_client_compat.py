@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -83,3 +84,35 @@ async def test_thinking_without_a_limit_leaves_the_answer_its_default_room_on_an
     assert (low["thinking"]["budget_tokens"], low["max_tokens"]) == (1024, 4096 + 1024)
     # A limit the client set is kept, and the thinking fits within it.
     assert (capped["thinking"]["budget_tokens"], capped["max_tokens"]) == (2999, 3000)
+
+
+# -- a tool choice with no tools to choose from -----------------------------------------------------
+
+
+async def test_a_tool_choice_left_without_tools_is_not_sent() -> None:
+    """vLLM refuses `tool_choice` without `tools` ("When using `tool_choice`, `tools` must be
+    set"), Anthropic any `tool_choice` without tools. An OpenAI client's `tools: []` (which the
+    gateway does not forward) or an Anthropic client's server-only tools (which other backends
+    do not get) must not leave the backend such a choice."""
+    fakes = {"openai": OpenAIBackend(), "anthropic": AnthropicBackend()}
+    async with (
+        fakes["openai"].serve() as vllm,
+        fakes["anthropic"].serve() as claude,
+        running_gateway(
+            backend("vllm", vllm.url, default=True), backend("claude", claude.url, kind="anthropic", prefixes=("claude",))
+        ) as url,
+    ):
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model, kind in (("qwen3-8b", "openai"), ("claude-x", "anthropic")):
+            await agent.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], tools=[], tool_choice="auto"
+            )
+            assert not {"tools", "tool_choice"} & set(fakes[kind].requests[-1].json), kind
+        await agent.close()
+        claude_client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        await claude_client.messages.create(
+            model="qwen3-8b", max_tokens=100, messages=[{"role": "user", "content": "news?"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], tool_choice={"type": "auto"},
+        )
+        await claude_client.close()
+    assert not {"tools", "tool_choice"} & set(fakes["openai"].requests[-1].json)

@@ -477,7 +477,7 @@ def encode_messages_request(
     choice = request.tool_choice
     if choice is None and request.parallel_tool_calls is False and tools:
         choice = ToolChoice()  # Anthropic says "no parallel calls" only inside `tool_choice`
-    if choice is not None:
+    if choice is not None and tools:  # Anthropic refuses any `tool_choice` without tools
         body["tool_choice"] = _render_tool_choice(choice, extra.get("tool_choice"), request.parallel_tool_calls)
     if json_mode(request):
         body["tools"] = [_JSON_TOOL_SPEC]

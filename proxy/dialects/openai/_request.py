@@ -299,7 +299,10 @@ def encode_chat_request(
         body["tools"] = [_render_tool(tool) for tool in request.tools]
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
-    if request.tool_choice is not None:
+    # A choice among no tools is a 400 at vLLM ("When using `tool_choice`, `tools` must be
+    # set") and OpenAI; it can be left without them when the client's tools were an empty
+    # list or only Anthropic server tools, which other backends do not get.
+    if request.tool_choice is not None and request.tools:
         choice = request.tool_choice
         body["tool_choice"] = (
             {"type": "function", "function": {"name": choice.name}} if choice.name else choice.mode
