@@ -116,3 +116,28 @@ async def test_a_tool_choice_left_without_tools_is_not_sent() -> None:
         )
         await claude_client.close()
     assert not {"tools", "tool_choice"} & set(fakes["openai"].requests[-1].json)
+
+
+# -- Ollama clients' model names ---------------------------------------------------------------------
+
+
+async def test_an_ollama_clients_latest_tag_reaches_a_prefix_routed_backend_as_that_backend_lists_the_model() -> None:
+    """Open WebUI lists models from `/api/tags`, then chats with every untagged name as
+    `name:latest` (Ollama takes both as one model; only Ollama does). A model routed by prefix
+    to an Anthropic or OpenAI-compatible backend that lists it goes there under the listed
+    name, not as an unknown `…:latest` (a 404)."""
+    claude = AnthropicBackend(models=["claude-sonnet-4-5"])
+    vllm = OpenAIBackend(models=["qwen3-8b"])
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(
+            backend("claude", an.url, kind="anthropic", prefixes=("claude",)), backend("vllm", oa.url, prefixes=("qwen",))
+        ) as url,
+    ):
+        async with ollama.AsyncClient(host=url) as client:
+            assert {"claude-sonnet-4-5", "qwen3-8b"} <= {m.model for m in (await client.list()).models}
+            for name, fake in (("claude-sonnet-4-5:latest", claude), ("qwen3-8b:latest", vllm)):
+                reply = await client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert reply.model == name and reply.message.content
+                assert fake.requests[-1].json["model"] == name.removesuffix(":latest")
