@@ -141,3 +141,21 @@ async def test_an_ollama_clients_latest_tag_reaches_a_prefix_routed_backend_as_t
                 reply = await client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
                 assert reply.model == name and reply.message.content
                 assert fake.requests[-1].json["model"] == name.removesuffix(":latest")
+
+
+async def test_show_says_a_claude_model_reads_images() -> None:
+    """Copilot's and Zed's Ollama providers offer image input only when `/api/show` lists
+    `vision`; every Claude model reads images and the gateway sends them on, so a model on an
+    Anthropic backend says so. An OpenAI-compatible backend's model may or may not: unsaid."""
+    claude, vllm = AnthropicBackend(), OpenAIBackend()
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        assert (await client.show("claude-sonnet-4-5")).capabilities == ["completion", "tools", "vision"]
+        assert (await client.show("qwen3-8b")).capabilities == ["completion", "tools"]
+        png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAghs7GQAAAABJRU5ErkJggg=="
+        await client.chat(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "what is this?", "images": [png]}])
+    assert claude.requests[-1].json["messages"][0]["content"][1]["source"]["data"] == png

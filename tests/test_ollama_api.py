@@ -542,7 +542,8 @@ async def test_show_answers_for_every_model_chat_accepts(setup: Setup) -> None:
     # the default backend, unlisted, must be shown as well as chatted with.
     for model in ("qwen3-8b", "claude-test", "gpt-4o:latest"):
         shown = await setup.client.show(model)
-        assert shown.capabilities == ["completion", "tools"], model
+        vision = ["vision"] if model.startswith("claude") else []  # every Claude model reads images
+        assert shown.capabilities == ["completion", "tools", *vision], model
         assert shown.details is not None and shown.modified_at is not None
         await setup.client.chat(model=model, messages=MESSAGES)
     assert (await setup.client.show("qwen3-8b")).details.family == "qwen"  # type: ignore[union-attr]

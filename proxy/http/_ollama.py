@@ -228,7 +228,11 @@ async def show() -> Response:
         entry = _tag(info, models)
     else:  # served by prefix or by the default backend, without being listed
         entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
-    return Response(dumps(ollama.show_body(entry)), content_type=_JSON)
+    # Clients offer image input only to models whose capabilities say `vision` (Copilot's and
+    # Zed's Ollama providers): every Claude model reads images, and the gateway sends them on.
+    anthropic = backend is not None and backend.config.kind == "anthropic"
+    capabilities = ("completion", "tools", "vision") if anthropic else ("completion", "tools")
+    return Response(dumps(ollama.show_body(entry, capabilities=capabilities)), content_type=_JSON)
 
 
 def _local_show(local: list[ModelInfo]) -> dict[str, object]:
