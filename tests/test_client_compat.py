@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
 
 WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
@@ -141,6 +143,36 @@ async def test_an_ollama_clients_latest_tag_reaches_a_prefix_routed_backend_as_t
                 reply = await client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
                 assert reply.model == name and reply.message.content
                 assert fake.requests[-1].json["model"] == name.removesuffix(":latest")
+
+
+class VLLMBackend(OpenAIBackend):
+    """The OpenAI fake whose `/v1/models` entries carry vLLM's `max_model_len`."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "max_model_len": 32768}
+                    for m in self.listed_models()]
+            await exchange.respond_json(200, {"object": "list", "data": data})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_show_gives_the_context_window_where_clients_read_it() -> None:
+    """Copilot's Ollama provider reads `<architecture>.context_length` from `/api/show` and,
+    without it, budgets 4096 tokens, all of them for output: no room for any prompt. A vLLM
+    model's `max_model_len` and a Claude model's 200k window are where it looks."""
+    claude, vllm = AnthropicBackend(), VLLMBackend(models=["qwen3-8b"])
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, prefixes=("qwen",)), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        for name, window in (("qwen3-8b", 32768), ("claude-sonnet-4-5", 200_000)):
+            info: Any = (await client.show(name)).modelinfo
+            assert info[f"{info['general.architecture']}.context_length"] == window, name
+        unlisted: Any = (await client.show("qwen-unlisted")).modelinfo
+        assert "qwen.context_length" not in unlisted  # a window nobody said is not made up
 
 
 async def test_show_says_a_claude_model_reads_images() -> None:

@@ -232,7 +232,14 @@ async def show() -> Response:
     # Zed's Ollama providers): every Claude model reads images, and the gateway sends them on.
     anthropic = backend is not None and backend.config.kind == "anthropic"
     capabilities = ("completion", "tools", "vision") if anthropic else ("completion", "tools")
-    return Response(dumps(ollama.show_body(entry, capabilities=capabilities)), content_type=_JSON)
+    window = info.details.get("max_model_len") if info is not None else None  # vLLM's /v1/models says it
+    context = window if isinstance(window, int) else _CLAUDE_CONTEXT if anthropic else None
+    body = ollama.show_body(entry, capabilities=capabilities, context_length=context)
+    return Response(dumps(body), content_type=_JSON)
+
+
+# Every Claude model's context window (Anthropic's Models API does not list it).
+_CLAUDE_CONTEXT = 200_000
 
 
 def _local_show(local: list[ModelInfo]) -> dict[str, object]:

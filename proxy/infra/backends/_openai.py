@@ -155,6 +155,8 @@ class OpenAIBackend:
                 backend=name,
                 created=int(item.get("created") or 0),
                 owned_by=str(item.get("owned_by") or name),
+                # vLLM's context window, for Ollama clients' `/api/show`.
+                details={"max_model_len": item["max_model_len"]} if isinstance(item.get("max_model_len"), int) else {},
             )
             for item in items
             if isinstance(item, dict) and item.get("id")
