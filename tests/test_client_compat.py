@@ -11,7 +11,7 @@ import ollama
 import openai
 import pytest
 
-from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
@@ -191,3 +191,24 @@ async def test_show_says_a_claude_model_reads_images() -> None:
         png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAghs7GQAAAABJRU5ErkJggg=="
         await client.chat(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "what is this?", "images": [png]}])
     assert claude.requests[-1].json["messages"][0]["content"][1]["source"]["data"] == png
+
+
+# -- an OpenAI-compatible backend's own error words -------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_openai_backends_error_code_and_param_reach_an_openai_client(stream: bool) -> None:
+    """SDK users tell a prompt too long for the model by `code: "context_length_exceeded"`
+    (LangChain, Codex, the Agents SDK); the backend said it, so the client hears it, with its
+    `param`, not the gateway's generic `backend_400`."""
+    error = {"error": {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                                  "resulted in 130000 tokens.", "type": "invalid_request_error", "param": "messages",
+                       "code": "context_length_exceeded"}}
+    fake = OpenAIBackend(default=Script(status=400, error_body=error))
+    async with fake.serve() as server, running_gateway(backend("openai", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "long"}], stream=stream)
+        await client.close()
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 128000 tokens" in info.value.message
