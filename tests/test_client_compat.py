@@ -212,3 +212,34 @@ async def test_an_openai_backends_error_code_and_param_reach_an_openai_client(st
         await client.close()
     assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
     assert "maximum context length is 128000 tokens" in info.value.message
+
+
+# -- prompt caching asked in OpenAI's shape ---------------------------------------------------------
+
+
+async def test_cache_control_on_openai_content_parts_is_an_anthropic_backends_cache_breakpoint() -> None:
+    """aider (through LiteLLM) and Cline mark what Claude should cache with `cache_control` on
+    OpenAI content parts, as LiteLLM and OpenRouter take it. An Anthropic backend gets the
+    breakpoints on the blocks they mark (else nothing is cached, at full price every turn);
+    an OpenAI-compatible backend still gets the parts as sent."""
+    ephemeral = {"type": "ephemeral"}
+    messages: Any = [
+        {"role": "system", "content": [{"type": "text", "text": "You are aider.", "cache_control": ephemeral}]},
+        {"role": "user", "content": [{"type": "text", "text": "repo map", "cache_control": ephemeral},
+                                     {"type": "text", "text": "fix the bug"}]},
+    ]
+    claude, vllm = AnthropicBackend(), OpenAIBackend()
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(model="claude-x", messages=messages)
+        await client.chat.completions.create(model="qwen3-8b", messages=messages)
+        await client.close()
+    sent = claude.requests[-1].json
+    assert sent["system"] == [{"type": "text", "text": "You are aider.", "cache_control": ephemeral}]
+    assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "repo map", "cache_control": ephemeral},
+                                                             {"type": "text", "text": "fix the bug"}]}]
+    assert vllm.requests[-1].json["messages"] == messages
