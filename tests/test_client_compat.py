@@ -54,10 +54,10 @@ async def test_audio_and_file_parts_for_a_backend_without_them_are_a_400_not_dro
 
 async def test_audio_parts_still_reach_an_openai_backend_as_sent() -> None:
     fake = OpenAIBackend()
-    part = {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}}
+    part: Any = {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}}
     async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": [part]}])  # type: ignore[list-item]
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": [part]}])
         await client.close()
     assert fake.requests[-1].json["messages"][0]["content"] == [part]
 
