@@ -243,3 +243,38 @@ async def test_cache_control_on_openai_content_parts_is_an_anthropic_backends_ca
     assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "repo map", "cache_control": ephemeral},
                                                              {"type": "text", "text": "fix the bug"}]}]
     assert vllm.requests[-1].json["messages"] == messages
+
+
+# -- sampling settings Claude takes one at a time ----------------------------------------------------
+
+
+async def test_temperature_and_top_p_from_other_dialects_reach_an_anthropic_backend_one_at_a_time() -> None:
+    """Claude 4.5 models answer 400 "`temperature` and `top_p` cannot both be specified for this
+    model" (Anthropic asks for one or the other on every model); OpenAI clients (LangChain4j,
+    ragas) and Open WebUI presets often send both. The temperature is kept; top_p alone is
+    kept too; an Anthropic client's own request is its business and goes as sent."""
+    claude = AnthropicBackend()
+    async with (
+        claude.serve() as an,
+        running_gateway(backend("claude", an.url, kind="anthropic", default=True)) as url,
+    ):
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await agent.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                                            temperature=0.7, top_p=0.9)
+        both = claude.requests[-1].json
+        await agent.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], top_p=0.9)
+        alone = claude.requests[-1].json
+        await agent.close()
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                              options={"temperature": 0.2, "top_p": 0.8})
+        preset = claude.requests[-1].json
+        native = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        await native.messages.create(model="claude-3-haiku", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                                     extra_body={"temperature": 0.5, "top_p": 0.9})  # this SDK no longer types them
+        await native.close()
+        as_sent = claude.requests[-1].json
+    assert (both["temperature"], "top_p" in both) == (0.7, False)
+    assert alone["top_p"] == 0.9 and "temperature" not in alone
+    assert (preset["temperature"], "top_p" in preset) == (0.2, False)
+    assert (as_sent["temperature"], as_sent["top_p"]) == (0.5, 0.9)

@@ -494,6 +494,11 @@ def encode_messages_request(
     if params.stop:
         body["stop_sequences"] = list(params.stop)
     if not same_dialect:
+        if "temperature" in body and "top_p" in body:
+            # Claude 4.5 models refuse the two together ("`temperature` and `top_p` cannot both
+            # be specified for this model"), and Anthropic asks for one or the other on every
+            # model; OpenAI and Ollama clients often send both (LangChain4j, ragas, presets).
+            del body["top_p"]
         thinking = _thinking_for(params.reasoning_effort, params.max_tokens) if _may_think(request) else None
         if thinking is not None:
             body["thinking"] = thinking
