@@ -157,6 +157,40 @@ class VLLMBackend(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
+class ModelsAPIBackend(AnthropicBackend):
+    """The Anthropic fake whose `/v1/models` says each model's window and capabilities, as
+    Anthropic's Models API does: `claude-old` reads no images and does not think."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            def entry(model: str, window: int, images: bool, thinking: bool) -> dict[str, Any]:
+                return {"type": "model", "id": model, "display_name": model, "created_at": "2026-01-01T00:00:00Z",
+                        "max_input_tokens": window, "max_tokens": 64000,
+                        "capabilities": {"image_input": {"supported": images},
+                                         "thinking": {"supported": thinking, "types": {}}}}
+            data = [entry("claude-new", 1_000_000, True, True), entry("claude-old", 100_000, False, False)]
+            await exchange.respond_json(200, {"data": data, "has_more": False, "first_id": "claude-new",
+                                              "last_id": "claude-old"})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_show_says_what_anthropics_models_api_says_a_model_can_do() -> None:
+    """Clients offer images and thinking only where `/api/show` says `vision` and `thinking`,
+    and size prompts by `<architecture>.context_length`: for Claude, what the Models API says."""
+    claude = ModelsAPIBackend()
+    async with (
+        claude.serve() as an,
+        running_gateway(backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        new, old = await client.show("claude-new"), await client.show("claude-old")
+    assert new.capabilities == ["completion", "tools", "vision", "thinking"]
+    assert old.capabilities == ["completion", "tools"]
+    assert (new.modelinfo or {})["claude.context_length"] == 1_000_000
+    assert (old.modelinfo or {})["claude.context_length"] == 100_000
+
+
 async def test_show_gives_the_context_window_where_clients_read_it() -> None:
     """Copilot's Ollama provider reads `<architecture>.context_length` from `/api/show` and,
     without it, budgets 4096 tokens, all of them for output: no room for any prompt. A vLLM
