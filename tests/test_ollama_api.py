@@ -228,7 +228,8 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
         assert sent["options"] == {"temperature": 0.3, "top_p": 0.8, "num_predict": 64, "stop": ["END"], "seed": 42, "num_ctx": 8192}
         assert sent["format"] == schema and sent["keep_alive"] == "10m"
     else:
-        assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop_sequences"]) == (0.3, 0.8, 64, ["END"])
+        # Claude takes temperature or top_p, not both: the temperature is kept.
+        assert (sent["temperature"], "top_p" in sent, sent["max_tokens"], sent["stop_sequences"]) == (0.3, False, 64, ["END"])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -542,7 +543,8 @@ async def test_show_answers_for_every_model_chat_accepts(setup: Setup) -> None:
     # the default backend, unlisted, must be shown as well as chatted with.
     for model in ("qwen3-8b", "claude-test", "gpt-4o:latest"):
         shown = await setup.client.show(model)
-        assert shown.capabilities == ["completion", "tools"], model
+        vision = ["vision"] if model.startswith("claude") else []  # every Claude model reads images
+        assert shown.capabilities == ["completion", "tools", *vision], model
         assert shown.details is not None and shown.modified_at is not None
         await setup.client.chat(model=model, messages=MESSAGES)
     assert (await setup.client.show("qwen3-8b")).details.family == "qwen"  # type: ignore[union-attr]

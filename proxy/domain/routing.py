@@ -101,9 +101,12 @@ class Router:
         if exact is not None:
             return Route(backend=exact[1], upstream_model=exact[0])
         backend = next((name for prefix, name in self._prefixes if target.startswith(prefix)), None)
-        if backend is not None:
-            return Route(backend=backend, upstream_model=target)
         listed = _lookup(self._listed, target)
+        if backend is not None:
+            # The backend's own spelling when it lists the model (`claude-sonnet-4-5` for an
+            # Ollama client's `claude-sonnet-4-5:latest`): only Ollama knows both as one.
+            spelled = listed[0] if listed is not None and listed[1] == backend else target
+            return Route(backend=backend, upstream_model=spelled)
         if listed is not None:
             return Route(backend=listed[1], upstream_model=listed[0])
         if self._default is not None:

@@ -7,6 +7,8 @@ whichever kind of backend serves the model.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
@@ -228,7 +230,44 @@ async def show() -> Response:
         entry = _tag(info, models)
     else:  # served by prefix or by the default backend, without being listed
         entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
-    return Response(dumps(ollama.show_body(entry)), content_type=_JSON)
+    kind = backend.config.kind if backend is not None else ""
+    capabilities, context = _model_facts(kind, info.details if info is not None else {})
+    body = ollama.show_body(entry, capabilities=capabilities, context_length=context)
+    return Response(dumps(body), content_type=_JSON)
+
+
+def _model_facts(kind: str, details: Mapping[str, Any]) -> tuple[tuple[str, ...], int | None]:
+    """The capabilities and context window `/api/show` gives a model of a non-Ollama backend.
+
+    Clients offer image input and thinking only where the capabilities say `vision` and
+    `thinking` (Copilot's and Zed's Ollama providers), and size prompts by the context window.
+    vLLM lists its window (`max_model_len`); Anthropic's Models API the window and what each
+    model accepts; otherwise every Claude model reads images and has 200k tokens."""
+    capabilities = ["completion", "tools"]
+    context: int | None = None
+    if kind == "openai":
+        window = details.get("max_model_len")
+        context = window if isinstance(window, int) else None
+    elif kind == "anthropic":
+        said = details.get("capabilities")
+        said = said if isinstance(said, Mapping) else {}
+        if _supported(said.get("image_input"), default=True):
+            capabilities.append("vision")
+        if _supported(said.get("thinking"), default=False):
+            capabilities.append("thinking")
+        window = details.get("max_input_tokens")
+        context = window if isinstance(window, int) else _CLAUDE_CONTEXT
+    return tuple(capabilities), context
+
+
+def _supported(capability: object, *, default: bool) -> bool:
+    if isinstance(capability, Mapping) and isinstance(capability.get("supported"), bool):
+        return bool(capability["supported"])
+    return default
+
+
+# Claude's context window where the Models API does not say it.
+_CLAUDE_CONTEXT = 200_000
 
 
 def _local_show(local: list[ModelInfo]) -> dict[str, object]:

@@ -10,6 +10,7 @@ from quart import Blueprint, Response, request
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
+from proxy.domain.chat import ChatRequest, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
@@ -103,6 +104,7 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     asked = [name for name in _OPENAI_ONLY if request.extra.get(name)]
     if asked:
         _refuse_openai_only(incoming, request.model, exchange.route.backend, asked[0])
+    _refuse_parts_without_equivalent(incoming, request, exchange.route.backend)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if request.stream:
         include_usage = request.include_usage
@@ -129,6 +131,30 @@ def _refuse_openai_only(incoming: Incoming, model: str, backend: str, name: str)
             f"`{name}` ({what}) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
             param=name,
         )
+
+
+def _refuse_parts_without_equivalent(incoming: Incoming, request: ChatRequest, backend: str) -> None:
+    """Content parts other backends have no counterpart for (`input_audio`, `file`, …): their
+    encoders leave them out, so the model would answer without the audio or file the client
+    sent (or, with nothing else in the message, an Anthropic backend would get no message).
+    A 400 naming the part instead. The assistant's own parts (`refusal`) carry nothing the
+    model must read and stay dropped."""
+    kind = incoming.gateway.backends[backend].config.kind if backend else None
+    if kind == "openai":
+        return
+    for i, message in enumerate(request.messages):
+        if message.role == "assistant":
+            continue
+        for j, part in enumerate(message.content):
+            if isinstance(part, OpaquePart) and part.dialect == openai.DIALECT:
+                served = f"is served by backend `{backend}` ({kind})" if backend else "is answered by a workflow"
+                raise invalid_request(
+                    f"`messages[{i}].content[{j}]` is a `{part.data.get('type')}` part, which model "
+                    f"`{request.model}` cannot be given: it {served}, which has no equivalent. "
+                    "Only OpenAI-compatible backends accept it.",
+                    param=f"messages[{i}].content[{j}]",
+                    code="unsupported_content_part",
+                )
 
 
 def _model_object(model: ModelInfo) -> dict[str, Any]:

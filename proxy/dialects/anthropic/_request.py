@@ -145,13 +145,15 @@ def _effort_of(thinking: Fields | None) -> str | None:
     return "low" if budget <= 1024 else "medium" if budget <= 2048 else "high"
 
 
-def _thinking_for(effort: str | None, max_tokens: int) -> dict[str, Any] | None:
-    """`thinking` for another dialect's `reasoning_effort`: a budget within `max_tokens`,
-    which Anthropic counts the thinking in (at least 1024 tokens, or none)."""
+def _thinking_for(effort: str | None, max_tokens: int | None) -> dict[str, Any] | None:
+    """`thinking` for another dialect's `reasoning_effort`: a budget within the client's
+    `max_tokens`, which Anthropic counts the thinking in (at least 1024 tokens, or none).
+    Without a client limit the budget is whole (the limit is then made to fit it)."""
     budget = _BUDGET_FOR_EFFORT.get(effort or "")
     if budget is None:
         return None
-    budget = min(budget, max_tokens - 1)
+    if max_tokens is not None:
+        budget = min(budget, max_tokens - 1)
     if budget < _MIN_BUDGET:
         raise invalid_request(
             f"An Anthropic backend thinks with at least {_MIN_BUDGET} tokens, counted in the answer's limit: "
@@ -475,7 +477,7 @@ def encode_messages_request(
     choice = request.tool_choice
     if choice is None and request.parallel_tool_calls is False and tools:
         choice = ToolChoice()  # Anthropic says "no parallel calls" only inside `tool_choice`
-    if choice is not None:
+    if choice is not None and tools:  # Anthropic refuses any `tool_choice` without tools
         body["tool_choice"] = _render_tool_choice(choice, extra.get("tool_choice"), request.parallel_tool_calls)
     if json_mode(request):
         body["tools"] = [_JSON_TOOL_SPEC]
@@ -492,9 +494,18 @@ def encode_messages_request(
     if params.stop:
         body["stop_sequences"] = list(params.stop)
     if not same_dialect:
-        thinking = _thinking_for(params.reasoning_effort, body["max_tokens"]) if _may_think(request) else None
+        if "temperature" in body and "top_p" in body:
+            # Claude 4.5 models refuse the two together ("`temperature` and `top_p` cannot both
+            # be specified for this model"), and Anthropic asks for one or the other on every
+            # model; OpenAI and Ollama clients often send both (LangChain4j, ragas, presets).
+            del body["top_p"]
+        thinking = _thinking_for(params.reasoning_effort, params.max_tokens) if _may_think(request) else None
         if thinking is not None:
             body["thinking"] = thinking
+            if params.max_tokens is None:
+                # The client set no limit: the default is the answer's, the thinking comes on
+                # top (within it, a full budget would leave the answer a single token).
+                body["max_tokens"] = default_max_tokens + thinking["budget_tokens"]
             # Anthropic refuses these next to thinking; the client asked for thinking, and
             # did not ask for it in Anthropic's terms.
             body.pop("temperature", None)

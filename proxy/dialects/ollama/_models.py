@@ -100,15 +100,20 @@ def show_body(
     *,
     capabilities: tuple[str, ...] = ("completion", "tools"),
     model_info: Mapping[str, Any] | None = None,
+    context_length: int | None = None,
 ) -> dict[str, Any]:
     """`/api/show` for a model whose backend cannot say more than its tags entry.
 
     `capabilities` is what clients check before they call the model (`completion` for chat
     and generate, `embedding` for an embedding model); `model_info` adds facts under
-    `model_info` (`<family>.embedding_length`, …)."""
+    `model_info` (`<family>.embedding_length`, …); `context_length` is the model's window,
+    as `<family>.context_length` (where clients read it: Copilot's Ollama provider budgets
+    its prompts from it, and takes a model without one for 4096 tokens, all of them output)."""
     details = entry.get("details") or placeholder_details(str(entry.get("name", "")))
     family = details.get("family") or ""
     info: dict[str, Any] = {"general.architecture": family} if family else {}
+    if family and context_length:
+        info[f"{family}.context_length"] = context_length
     info.update(model_info or {})
     return {
         "license": "",

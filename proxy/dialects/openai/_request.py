@@ -175,7 +175,17 @@ def _parse_content(value: Any, path: str) -> tuple[ContentPart, ...]:
             parts.append(OpaquePart(DIALECT, part))
         else:
             raise invalid_request(f"Invalid `{part_path}.type`: expected a string.", param=f"{part_path}.type")
+        control = part.get("cache_control")
+        if kind in ("text", "image_url") and isinstance(control, dict):
+            parts.append(OpaquePart(_ANTHROPIC, {"cache_control": control}))
     return tuple(parts)
+
+
+# A text or image part's `cache_control` (LiteLLM's and OpenRouter's convention for Claude,
+# which aider and Cline send) is an Anthropic backend's cache breakpoint: kept as the marker
+# the Anthropic dialect puts after the part it applies to (other backends leave it out; an
+# OpenAI-compatible one gets the part as sent).
+_ANTHROPIC = "anthropic"
 
 
 def _has_unmodelled_fields(part: dict[str, Any]) -> bool:
@@ -299,7 +309,10 @@ def encode_chat_request(
         body["tools"] = [_render_tool(tool) for tool in request.tools]
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
-    if request.tool_choice is not None:
+    # A choice among no tools is a 400 at vLLM ("When using `tool_choice`, `tools` must be
+    # set") and OpenAI; it can be left without them when the client's tools were an empty
+    # list or only Anthropic server tools, which other backends do not get.
+    if request.tool_choice is not None and request.tools:
         choice = request.tool_choice
         body["tool_choice"] = (
             {"type": "function", "function": {"name": choice.name}} if choice.name else choice.mode

@@ -114,6 +114,20 @@ def error_message_from_body(body: bytes) -> str | None:
     return None
 
 
+def error_code_and_param_from_body(body: bytes) -> tuple[str | None, str | None]:
+    """The `code` and `param` strings of an error body in OpenAI's shape (vLLM's numeric
+    `code` is the status again, not a code)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code, param = error.get("code"), error.get("param")
+    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
+
+
 def parse_usage(data: Any) -> Usage | None:
     if not isinstance(data, dict):
         return None

@@ -130,6 +130,11 @@ class AnthropicBackend:
             for item in items:
                 if isinstance(item, dict) and item.get("id"):
                     details = {"display_name": item["display_name"]} if item.get("display_name") else {}
+                    # What the Models API says the model can do, for Ollama clients' `/api/show`.
+                    if isinstance(item.get("max_input_tokens"), int):
+                        details["max_input_tokens"] = item["max_input_tokens"]
+                    if isinstance(item.get("capabilities"), dict):
+                        details["capabilities"] = item["capabilities"]
                     models.append(
                         ModelInfo(
                             id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")),

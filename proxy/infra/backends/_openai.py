@@ -26,6 +26,8 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 
+_CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
+
 
 class OpenAIBackend:
     def __init__(self, config: BackendConfig) -> None:
@@ -59,7 +61,15 @@ class OpenAIBackend:
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
-        return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
+        error = status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
+        if error.kind in _CLIENT_MISTAKES:
+            # The backend's own words for the client's mistake reach the client: SDK users
+            # branch on them (`context_length_exceeded` is how LangChain, Codex and the
+            # Agents SDK tell a prompt too long for the model).
+            code, param = openai.error_code_and_param_from_body(body)
+            error.code = code or error.code
+            error.param = param or error.param
+        return error
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
@@ -70,11 +80,7 @@ class OpenAIBackend:
                 headers={"content-type": "application/json", **call.headers},
             )
         if response.status_code >= 400:
-            raise status_error(
-                name, response.status_code,
-                openai.error_message_from_body(response.content) or response.text[:500],
-                response.headers.get("retry-after"),
-            )
+            raise self._error(response, response.content)
         try:
             data = json.loads(response.content)
         except ValueError:
@@ -167,6 +173,8 @@ class OpenAIBackend:
                 backend=name,
                 created=int(item.get("created") or 0),
                 owned_by=str(item.get("owned_by") or name),
+                # vLLM's context window, for Ollama clients' `/api/show`.
+                details={"max_model_len": item["max_model_len"]} if isinstance(item.get("max_model_len"), int) else {},
             )
             for item in items
             if isinstance(item, dict) and item.get("id")

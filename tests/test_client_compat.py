@@ -1,0 +1,314 @@
+"""Request shapes real clients send (Claude Code, Open WebUI and the `ollama` SDK, OpenAI-SDK
+agents) through the gateway to backends of another dialect: what the backend receives and
+what the client gets back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
+from tests.harness import backend, running_gateway
+
+WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
+
+
+# -- OpenAI-SDK agents -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_audio_and_file_parts_for_a_backend_without_them_are_a_400_not_dropped(kind: str) -> None:
+    fake = OllamaBackend() if kind == "ollama" else AnthropicBackend()
+    parts: list[Any] = [
+        {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}},
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
+    ]
+    async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for part in parts:
+            messages: Any = [
+                {"role": "system", "content": "Transcribe."},
+                {"role": "user", "content": [{"type": "text", "text": "What is said here?"}, part]},
+            ]
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="m", messages=messages)
+            assert info.value.param == "messages[1].content[1]"
+            assert f"`{part['type']}`" in info.value.message and "OpenAI-compatible" in info.value.message
+        # The assistant's own refusal parts carry nothing the model must read: still accepted.
+        history: Any = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+            {"role": "user", "content": "hi again"},
+        ]
+        answer = await client.chat.completions.create(model="m", messages=history)
+        assert answer.choices[0].message.content
+        await client.close()
+    assert len(fake.requests) == 1
+
+
+async def test_audio_parts_still_reach_an_openai_backend_as_sent() -> None:
+    fake = OpenAIBackend()
+    part: Any = {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}}
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": [part]}])
+        await client.close()
+    assert fake.requests[-1].json["messages"][0]["content"] == [part]
+
+
+# -- thinking asked of Claude in another dialect's words --------------------------------------------
+
+
+async def test_thinking_without_a_limit_leaves_the_answer_its_default_room_on_an_anthropic_backend() -> None:
+    """Open WebUI's `think: "high"` or an agent's `reasoning_effort` with no token limit: the
+    thinking budget comes on top of the default limit (4096), not out of it, where a full
+    budget of 4095 would leave the answer one token."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("claude", server.url, kind="anthropic", default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="claude-x", messages=[{"role": "user", "content": "hi"}], think="high")
+        high = fake.requests[-1].json
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await agent.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "hi"}], reasoning_effort="low")
+        low = fake.requests[-1].json
+        await agent.chat.completions.create(
+            model="claude-x", messages=[{"role": "user", "content": "hi"}], reasoning_effort="high", max_completion_tokens=3000
+        )
+        capped = fake.requests[-1].json
+        await agent.close()
+    assert (high["thinking"]["budget_tokens"], high["max_tokens"]) == (4096, 4096 + 4096)
+    assert (low["thinking"]["budget_tokens"], low["max_tokens"]) == (1024, 4096 + 1024)
+    # A limit the client set is kept, and the thinking fits within it.
+    assert (capped["thinking"]["budget_tokens"], capped["max_tokens"]) == (2999, 3000)
+
+
+# -- a tool choice with no tools to choose from -----------------------------------------------------
+
+
+async def test_a_tool_choice_left_without_tools_is_not_sent() -> None:
+    """vLLM refuses `tool_choice` without `tools` ("When using `tool_choice`, `tools` must be
+    set"), Anthropic any `tool_choice` without tools. An OpenAI client's `tools: []` (which the
+    gateway does not forward) or an Anthropic client's server-only tools (which other backends
+    do not get) must not leave the backend such a choice."""
+    fakes = {"openai": OpenAIBackend(), "anthropic": AnthropicBackend()}
+    async with (
+        fakes["openai"].serve() as vllm,
+        fakes["anthropic"].serve() as claude,
+        running_gateway(
+            backend("vllm", vllm.url, default=True), backend("claude", claude.url, kind="anthropic", prefixes=("claude",))
+        ) as url,
+    ):
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model, kind in (("qwen3-8b", "openai"), ("claude-x", "anthropic")):
+            await agent.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], tools=[], tool_choice="auto"
+            )
+            assert not {"tools", "tool_choice"} & set(fakes[kind].requests[-1].json), kind
+        await agent.close()
+        claude_client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        await claude_client.messages.create(
+            model="qwen3-8b", max_tokens=100, messages=[{"role": "user", "content": "news?"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], tool_choice={"type": "auto"},
+        )
+        await claude_client.close()
+    assert not {"tools", "tool_choice"} & set(fakes["openai"].requests[-1].json)
+
+
+# -- Ollama clients' model names ---------------------------------------------------------------------
+
+
+async def test_an_ollama_clients_latest_tag_reaches_a_prefix_routed_backend_as_that_backend_lists_the_model() -> None:
+    """Open WebUI lists models from `/api/tags`, then chats with every untagged name as
+    `name:latest` (Ollama takes both as one model; only Ollama does). A model routed by prefix
+    to an Anthropic or OpenAI-compatible backend that lists it goes there under the listed
+    name, not as an unknown `…:latest` (a 404)."""
+    claude = AnthropicBackend(models=["claude-sonnet-4-5"])
+    vllm = OpenAIBackend(models=["qwen3-8b"])
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(
+            backend("claude", an.url, kind="anthropic", prefixes=("claude",)), backend("vllm", oa.url, prefixes=("qwen",))
+        ) as url,
+    ):
+        async with ollama.AsyncClient(host=url) as client:
+            assert {"claude-sonnet-4-5", "qwen3-8b"} <= {m.model for m in (await client.list()).models}
+            for name, fake in (("claude-sonnet-4-5:latest", claude), ("qwen3-8b:latest", vllm)):
+                reply = await client.chat(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert reply.model == name and reply.message.content
+                assert fake.requests[-1].json["model"] == name.removesuffix(":latest")
+
+
+class VLLMBackend(OpenAIBackend):
+    """The OpenAI fake whose `/v1/models` entries carry vLLM's `max_model_len`."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "max_model_len": 32768}
+                    for m in self.listed_models()]
+            await exchange.respond_json(200, {"object": "list", "data": data})
+            return
+        await super().route(request, exchange, call)
+
+
+class ModelsAPIBackend(AnthropicBackend):
+    """The Anthropic fake whose `/v1/models` says each model's window and capabilities, as
+    Anthropic's Models API does: `claude-old` reads no images and does not think."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            def entry(model: str, window: int, images: bool, thinking: bool) -> dict[str, Any]:
+                return {"type": "model", "id": model, "display_name": model, "created_at": "2026-01-01T00:00:00Z",
+                        "max_input_tokens": window, "max_tokens": 64000,
+                        "capabilities": {"image_input": {"supported": images},
+                                         "thinking": {"supported": thinking, "types": {}}}}
+            data = [entry("claude-new", 1_000_000, True, True), entry("claude-old", 100_000, False, False)]
+            await exchange.respond_json(200, {"data": data, "has_more": False, "first_id": "claude-new",
+                                              "last_id": "claude-old"})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_show_says_what_anthropics_models_api_says_a_model_can_do() -> None:
+    """Clients offer images and thinking only where `/api/show` says `vision` and `thinking`,
+    and size prompts by `<architecture>.context_length`: for Claude, what the Models API says."""
+    claude = ModelsAPIBackend()
+    async with (
+        claude.serve() as an,
+        running_gateway(backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        new, old = await client.show("claude-new"), await client.show("claude-old")
+    assert new.capabilities == ["completion", "tools", "vision", "thinking"]
+    assert old.capabilities == ["completion", "tools"]
+    assert (new.modelinfo or {})["claude.context_length"] == 1_000_000
+    assert (old.modelinfo or {})["claude.context_length"] == 100_000
+
+
+async def test_show_gives_the_context_window_where_clients_read_it() -> None:
+    """Copilot's Ollama provider reads `<architecture>.context_length` from `/api/show` and,
+    without it, budgets 4096 tokens, all of them for output: no room for any prompt. A vLLM
+    model's `max_model_len` and a Claude model's 200k window are where it looks."""
+    claude, vllm = AnthropicBackend(), VLLMBackend(models=["qwen3-8b"])
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, prefixes=("qwen",)), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        for name, window in (("qwen3-8b", 32768), ("claude-sonnet-4-5", 200_000)):
+            info: Any = (await client.show(name)).modelinfo
+            assert info[f"{info['general.architecture']}.context_length"] == window, name
+        unlisted: Any = (await client.show("qwen-unlisted")).modelinfo
+        assert "qwen.context_length" not in unlisted  # a window nobody said is not made up
+
+
+async def test_show_says_a_claude_model_reads_images() -> None:
+    """Copilot's and Zed's Ollama providers offer image input only when `/api/show` lists
+    `vision`; every Claude model reads images and the gateway sends them on, so a model on an
+    Anthropic backend says so. An OpenAI-compatible backend's model may or may not: unsaid."""
+    claude, vllm = AnthropicBackend(), OpenAIBackend()
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        assert (await client.show("claude-sonnet-4-5")).capabilities == ["completion", "tools", "vision"]
+        assert (await client.show("qwen3-8b")).capabilities == ["completion", "tools"]
+        png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAghs7GQAAAABJRU5ErkJggg=="
+        await client.chat(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "what is this?", "images": [png]}])
+    assert claude.requests[-1].json["messages"][0]["content"][1]["source"]["data"] == png
+
+
+# -- an OpenAI-compatible backend's own error words -------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_openai_backends_error_code_and_param_reach_an_openai_client(stream: bool) -> None:
+    """SDK users tell a prompt too long for the model by `code: "context_length_exceeded"`
+    (LangChain, Codex, the Agents SDK); the backend said it, so the client hears it, with its
+    `param`, not the gateway's generic `backend_400`."""
+    error = {"error": {"message": "This model's maximum context length is 128000 tokens. However, your messages "
+                                  "resulted in 130000 tokens.", "type": "invalid_request_error", "param": "messages",
+                       "code": "context_length_exceeded"}}
+    fake = OpenAIBackend(default=Script(status=400, error_body=error))
+    async with fake.serve() as server, running_gateway(backend("openai", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "long"}], stream=stream)
+        await client.close()
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 128000 tokens" in info.value.message
+
+
+# -- prompt caching asked in OpenAI's shape ---------------------------------------------------------
+
+
+async def test_cache_control_on_openai_content_parts_is_an_anthropic_backends_cache_breakpoint() -> None:
+    """aider (through LiteLLM) and Cline mark what Claude should cache with `cache_control` on
+    OpenAI content parts, as LiteLLM and OpenRouter take it. An Anthropic backend gets the
+    breakpoints on the blocks they mark (else nothing is cached, at full price every turn);
+    an OpenAI-compatible backend still gets the parts as sent."""
+    ephemeral = {"type": "ephemeral"}
+    messages: Any = [
+        {"role": "system", "content": [{"type": "text", "text": "You are aider.", "cache_control": ephemeral}]},
+        {"role": "user", "content": [{"type": "text", "text": "repo map", "cache_control": ephemeral},
+                                     {"type": "text", "text": "fix the bug"}]},
+    ]
+    claude, vllm = AnthropicBackend(), OpenAIBackend()
+    async with (
+        claude.serve() as an,
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True), backend("claude", an.url, kind="anthropic", prefixes=("claude",))) as url,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(model="claude-x", messages=messages)
+        await client.chat.completions.create(model="qwen3-8b", messages=messages)
+        await client.close()
+    sent = claude.requests[-1].json
+    assert sent["system"] == [{"type": "text", "text": "You are aider.", "cache_control": ephemeral}]
+    assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "repo map", "cache_control": ephemeral},
+                                                             {"type": "text", "text": "fix the bug"}]}]
+    assert vllm.requests[-1].json["messages"] == messages
+
+
+# -- sampling settings Claude takes one at a time ----------------------------------------------------
+
+
+async def test_temperature_and_top_p_from_other_dialects_reach_an_anthropic_backend_one_at_a_time() -> None:
+    """Claude 4.5 models answer 400 "`temperature` and `top_p` cannot both be specified for this
+    model" (Anthropic asks for one or the other on every model); OpenAI clients (LangChain4j,
+    ragas) and Open WebUI presets often send both. The temperature is kept; top_p alone is
+    kept too; an Anthropic client's own request is its business and goes as sent."""
+    claude = AnthropicBackend()
+    async with (
+        claude.serve() as an,
+        running_gateway(backend("claude", an.url, kind="anthropic", default=True)) as url,
+    ):
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await agent.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                                            temperature=0.7, top_p=0.9)
+        both = claude.requests[-1].json
+        await agent.chat.completions.create(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], top_p=0.9)
+        alone = claude.requests[-1].json
+        await agent.close()
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                              options={"temperature": 0.2, "top_p": 0.8})
+        preset = claude.requests[-1].json
+        native = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        await native.messages.create(model="claude-3-haiku", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                                     extra_body={"temperature": 0.5, "top_p": 0.9})  # this SDK no longer types them
+        await native.close()
+        as_sent = claude.requests[-1].json
+    assert (both["temperature"], "top_p" in both) == (0.7, False)
+    assert alone["top_p"] == 0.9 and "temperature" not in alone
+    assert (preset["temperature"], "top_p" in preset) == (0.2, False)
+    assert (as_sent["temperature"], as_sent["top_p"]) == (0.5, 0.9)
