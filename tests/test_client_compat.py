@@ -312,3 +312,47 @@ async def test_temperature_and_top_p_from_other_dialects_reach_an_anthropic_back
     assert alone["top_p"] == 0.9 and "temperature" not in alone
     assert (preset["temperature"], "top_p" in preset) == (0.2, False)
     assert (as_sent["temperature"], as_sent["top_p"]) == (0.5, 0.9)
+
+
+# -- a prompt longer than the model's window, in each client's words ------------------------------------
+
+VLLM_TOO_LONG = (
+    "This model's maximum context length is 4096 tokens. However, you requested 5120 tokens "
+    "(5000 in the messages, 120 in the completion). Please reduce the length of the messages or completion."
+)
+LLAMA_CPP_TOO_LONG = "the request exceeds the available context size, try increasing it"
+ANTHROPIC_TOO_LONG = "prompt is too long: 210345 tokens > 200000 maximum"
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("openai", VLLM_TOO_LONG), ("openai", LLAMA_CPP_TOO_LONG), ("anthropic", ANTHROPIC_TOO_LONG),
+])
+async def test_a_prompt_too_long_for_the_model_is_said_the_way_each_client_acts_on(kind: str, message: str) -> None:
+    fake = OpenAIBackend() if kind == "openai" else AnthropicBackend()
+    fake.set_script(Script(status=400, error_message=message))
+    history: Any = [{"role": "user", "content": "a very long history"}]
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind=kind, default=True)) as url:
+        # OpenAI SDK users (LangChain, Codex, the Agents SDK) branch on the code.
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="m", messages=history, stream=stream)
+            assert info.value.code == "context_length_exceeded" and message in info.value.message
+        await client.close()
+        # Claude Code compacts its conversation when Anthropic says the prompt is too long.
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await claude.messages.create(model="m", max_tokens=100, messages=history)
+        said = refused.value.body["error"]["message"]  # type: ignore[index]
+        assert said.startswith("prompt is too long") and message in said
+        await claude.close()
+
+
+async def test_another_bad_request_keeps_its_own_code() -> None:
+    fake = OpenAIBackend(default=Script(status=400, error_message="temperature must be at most 2"))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.code == "backend_400"
+        await client.close()

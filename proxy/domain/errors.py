@@ -7,6 +7,7 @@ the kind to its own status code and error shape.
 from __future__ import annotations
 
 import enum
+import re
 
 
 class ErrorKind(enum.Enum):
@@ -63,3 +64,21 @@ class GatewayError(Exception):
 
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)
+
+
+# A prompt longer than the model's window, in each server's words: OpenAI and vLLM ("maximum
+# context length is N tokens"), newer vLLM ("longer than the maximum model length", "exceeds
+# the max_model_len"), llama.cpp ("exceeds the available context size"), SGLang ("exceeds the
+# maximum allowed length"), Anthropic ("prompt is too long", "exceed context limit").
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+_CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length|context (?:size|limit|window)|prompt is too long|maximum model length"
+    r"|max_model_len|exceeds the maximum allowed length",
+    re.IGNORECASE,
+)
+
+
+def is_context_overflow(message: str) -> bool:
+    """Whether a backend's 400 says the prompt does not fit the model: every client dialect
+    has its own way to say so, which clients act on (trim the history, compact it)."""
+    return _CONTEXT_OVERFLOW.search(message) is not None

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.events import Finish, ReasoningDelta, StopSequenceFinish, UsageReport
 
 DIALECT = "anthropic"
@@ -252,7 +252,14 @@ _KINDS_OF_TYPES: dict[str, ErrorKind] = {
 
 
 def error_body(error: GatewayError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"), "message": error.message}}
+    message = error.message
+    if error.code == CONTEXT_LENGTH_EXCEEDED and not message.lower().startswith(_TOO_LONG):
+        # Anthropic's words, which clients act on (Claude Code compacts the conversation).
+        message = f"{_TOO_LONG}: {message}"
+    return {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"), "message": message}}
+
+
+_TOO_LONG = "prompt is too long"
 
 
 def render_error(error: GatewayError) -> bytes:

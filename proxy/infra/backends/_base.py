@@ -14,7 +14,12 @@ import trio
 
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.chat import ChatCompletion, ChatRequest
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    GatewayError,
+    is_context_overflow,
+)
 from proxy.domain.events import StreamEvent
 from proxy.infra.transport import PooledTransport
 
@@ -427,6 +432,8 @@ def status_error(backend: str, status: int, message: str | None, retry_after: st
         except ValueError:
             retry = None
     message_out = text if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND) else detail
+    if kind is ErrorKind.INVALID_REQUEST and is_context_overflow(text):
+        return GatewayError(kind, message_out, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
     return GatewayError(kind, message_out, code=f"backend_{status}", retry_after=retry)
 
 
