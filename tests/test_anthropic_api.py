@@ -540,19 +540,26 @@ async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
     tokenize = setup.fake("openai").requests[-1]
     assert tokenize.path == "/tokenize" and vllm.input_tokens == len(json.dumps(tokenize.json["messages"])) // 4
 
-    with pytest.raises(anthropic.BadRequestError) as info:
-        await setup.client.messages.count_tokens(model=MODELS["ollama"], messages=MESSAGES)
-    assert "cannot count tokens" in str(info.value.api_message)
+    # Ollama cannot count: the gateway's estimate, said to be one.
+    ollama = await setup.client.messages.with_raw_response.count_tokens(model=MODELS["ollama"], messages=MESSAGES)
+    assert ollama.headers["x-token-count"] == "estimate" and (await ollama.parse()).input_tokens > 0
+    assert "x-token-count" not in (
+        await setup.client.messages.with_raw_response.count_tokens(model=MODELS["openai"], messages=MESSAGES)
+    ).headers
 
 
-async def test_count_tokens_without_a_tokenize_endpoint_is_a_clear_400() -> None:
+async def test_count_tokens_without_a_tokenize_endpoint_is_an_estimate() -> None:
     fake = OpenAIBackend()
+    text = "word " * 400  # 2000 characters: about 500 tokens
     async with fake.serve() as server, running_gateway(backend("plain", server.url, default=True)) as url:
         client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
-        with pytest.raises(anthropic.BadRequestError) as info:
-            await client.messages.count_tokens(model="m", messages=MESSAGES)
-        assert info.value.type == "invalid_request_error" and "/tokenize" in str(info.value.api_message)
+        counted = await client.messages.with_raw_response.count_tokens(
+            model="m", messages=[{"role": "user", "content": text}]
+        )
+        assert counted.headers["x-token-count"] == "estimate"
+        assert (await counted.parse()).input_tokens == 500
         await client.close()
+    assert [r.path for r in fake.requests] == ["/tokenize"]  # asked first
 
 
 async def test_count_tokens_goes_through_the_backends_pool_and_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:

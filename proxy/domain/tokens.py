@@ -29,11 +29,16 @@ def estimated_usage(request: ChatRequest, answer: CompletionBuilder) -> Usage | 
     generated = answer.generated_chars()
     if not generated:
         return None
+    return Usage(prompt_tokens=estimated_prompt_tokens(request), completion_tokens=estimate_tokens(generated))
+
+
+def estimated_prompt_tokens(request: ChatRequest) -> int:
+    """The request's input: its messages' text, reasoning and tool calls, and its tools."""
     prompt = sum(len(message.text) + len(message.reasoning or "") for message in request.messages)
     prompt += sum(len(call.arguments) for message in request.messages for call in message.tool_calls)
     if request.tools:
         prompt += len(json.dumps([asdict(tool) for tool in request.tools]))
-    return Usage(prompt_tokens=estimate_tokens(prompt), completion_tokens=estimate_tokens(generated))
+    return estimate_tokens(prompt)
 
 
 def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usage | None, bool]:

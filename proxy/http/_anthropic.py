@@ -92,6 +92,8 @@ async def messages_count_tokens() -> Response:
     backend = gw.backends[route.backend]
     anthropic.adapt_for_dialect(request, backend.config.kind)
     count = await count_tokens(backend, request, route.upstream_model)
-    response = Response(anthropic.render_token_count(count), content_type="application/json")
+    response = Response(anthropic.render_token_count(count.input_tokens), content_type="application/json")
     response.headers["request-id"] = meta.request_id
+    if count.estimated:
+        response.headers["x-token-count"] = "estimate"
     return response

@@ -10,6 +10,7 @@ none is sent with `DEFAULT_MAX_TOKENS`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from proxy.dialects import anthropic, openai
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.domain.tokens import estimated_prompt_tokens
 from proxy.infra.backends._base import (
     Backend,
     BackendCall,
@@ -220,22 +222,30 @@ def _epoch(value: Any) -> int:
 # -- token counting for /v1/messages/count_tokens ------------------------------------------
 
 
-async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: str) -> int:
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    input_tokens: int
+    estimated: bool  # the backend cannot count: the gateway's estimate (about 4 characters a token)
+
+
+async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: str) -> TokenCount:
     """Count a request's input tokens where the backend can: Anthropic backends natively,
     OpenAI-compatible ones through vLLM's `POST /tokenize` (at the server root, beside
-    `/v1`). Any other backend, or one without that endpoint, is a clear 400."""
+    `/v1`). For any other backend, or one without that endpoint, the gateway's estimate:
+    clients call this to budget their context (Claude Code), and an error would stop them."""
     if isinstance(backend, AnthropicBackend):
-        return await backend.count_tokens(request, upstream_model)
-    config = backend.config
+        return TokenCount(await backend.count_tokens(request, upstream_model), estimated=False)
+    estimate = TokenCount(estimated_prompt_tokens(request), estimated=True)
     if not isinstance(backend, OpenAIBackend):
-        raise _cannot_count(config, f"`{config.kind}` backends have no token-counting endpoint")
+        return estimate
+    config = backend.config
     chat = json.loads(openai.encode_chat_request(request, upstream_model, stream=False, include_usage=False))
     body: dict[str, Any] = {"model": upstream_model, "messages": chat["messages"]}
     if "tools" in chat:
         body["tools"] = chat["tools"]
     response = await backend.tokenize(json.dumps(body).encode())
-    if response.status_code in (404, 405):
-        raise _cannot_count(config, "it has no vLLM-style `/tokenize` endpoint")
+    if response.status_code in (404, 405):  # not vLLM: no `/tokenize`
+        return estimate
     if response.status_code >= 400:
         raise status_error(
             config.name, response.status_code,
@@ -246,17 +256,7 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
         count = response.json().get("count")
     except (ValueError, AttributeError):
         count = None
-    if not isinstance(count, int):
-        raise _cannot_count(config, "its `/tokenize` answer has no `count`")
-    return count
+    return TokenCount(count, estimated=False) if isinstance(count, int) else estimate
 
 
-def _cannot_count(config: BackendConfig, why: str) -> GatewayError:
-    return GatewayError(
-        ErrorKind.INVALID_REQUEST,
-        f"Token counting is not available for this model: backend `{config.name}` cannot count tokens ({why}).",
-        code="count_tokens_unsupported",
-    )
-
-
-__all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "count_tokens"]
+__all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "TokenCount", "count_tokens"]
