@@ -3,9 +3,11 @@ stood in for by another — on real servers (fake backends on loopback, the offi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import openai
@@ -13,6 +15,7 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, load_settings
+from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
@@ -26,13 +29,29 @@ def _chats(fake: OpenAIBackend) -> int:
 
 
 @asynccontextmanager
-async def _replicated(*fakes: OpenAIBackend, extra_urls: tuple[str, ...] = ()) -> AsyncIterator[str]:
+async def _replicated(*fakes: OpenAIBackend, extra_urls: tuple[str, ...] = (), **settings: Any) -> AsyncIterator[str]:
     """A gateway whose one backend has a replica per fake (then `extra_urls`)."""
     async with AsyncExitStack() as stack:
         urls = [f"{(await stack.enter_async_context(fake.serve())).url}/v1" for fake in fakes]
         urls += extra_urls
         config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=tuple(urls[1:]))
-        yield await stack.enter_async_context(running_gateway(config))
+        yield await stack.enter_async_context(running_gateway(config, **settings))
+
+
+async def test_the_request_log_names_the_replica_that_answered(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    first, second = OpenAIBackend(), OpenAIBackend()
+    async with _replicated(first, second, access_log=True) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            for body in (CHAT, {**CHAT, "stream": True}, {"model": "m", "prompt": "def f("}):
+                path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+                for _ in range(2):
+                    assert (await client.post(path, json=body)).status_code == 200
+        replicas = {f"{server.url}/v1" for server in (first.server, second.server) if server is not None}
+    logged = [getattr(r, "replica", None) for r in caplog.records if r.name == REQUEST_LOGGER]
+    # Each pair of requests went to both replicas, and each line says which one answered it.
+    assert len(logged) == 6 and set(logged) == replicas
+    assert all(set(logged[i : i + 2]) == replicas for i in (0, 2, 4))
 
 
 async def test_requests_are_shared_between_replicas() -> None:

@@ -27,6 +27,8 @@ from proxy.http._head import request_meta
 from proxy.infra.backends._base import (
     BackendClient,
     RelayBackend,
+    Served,
+    current_served,
     read_limited,
     status_error,
     timeout_error,
@@ -105,6 +107,7 @@ class RelayBody(DirectBody):
         self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
+        self._served = Served()
         self.hung_up = False
         self._out: _Writer | None = None
 
@@ -116,6 +119,7 @@ class RelayBody(DirectBody):
     async def run(self, send: ASGISendCallable) -> None:
         self._out = _Writer(send, self._headers, self.record)
         token = current_hangup.set(self._hangup)
+        served_token = current_served.set(self._served)
         try:
             await self._relay()
         except BaseException as exc:
@@ -128,7 +132,9 @@ class RelayBody(DirectBody):
             raise
         finally:
             current_hangup.reset(token)
+            current_served.reset(served_token)
             record = self.record
+            record.replica = self._served.replica
             # The hang-up closed the backend connection: the relay may have ended on that
             # read's failure before its cancellation came.
             if self.hung_up:

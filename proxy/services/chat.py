@@ -34,7 +34,7 @@ from proxy.domain.events import (
 from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.domain.tokens import charged_usage
-from proxy.infra.backends import Backend, BackendCall, Batch, BatchSink
+from proxy.infra.backends import Backend, BackendCall, Batch, BatchSink, Served, current_served
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services.journal import EventLog, Journal, Outcome
@@ -122,6 +122,8 @@ class ExchangeRecord:
     # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
     # limiter's usage hook and logged instead of any credential.
     api_key_id: int | None = None
+    # The base URL of the replica that answered, for a backend with several.
+    replica: str | None = None
     # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
     kind: str = "chat"
 
@@ -357,6 +359,7 @@ class ChatExchange:
         # A stand-in's answer is not the model's: neither cache gives it to later requests.
         self.fell_back = False
         self._hangup = Hangup()
+        self._served = Served()
         self.hung_up = False
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
@@ -537,6 +540,7 @@ class ChatExchange:
         self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError], hangup: Hangup | None
     ) -> None:
         current_hangup.set(hangup)  # this task's context only
+        current_served.set(self._served)
         # BrokenResourceError: the reading side finished early; there is nobody left to tell.
         with contextlib.suppress(trio.BrokenResourceError):
             async with send:
@@ -724,6 +728,7 @@ class ChatExchange:
     def _finish_record(self) -> None:
         record = self.record
         record.total_ms = (time.perf_counter() - self.meta.received) * 1000
+        record.replica = self._served.replica
         result = self.result
         usage = result.usage
         if record.source == "backend":

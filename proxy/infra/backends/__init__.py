@@ -9,6 +9,8 @@ from proxy.infra.backends._base import (
     BatchSink,
     ModelInfo,
     ReplicaState,
+    Served,
+    current_served,
 )
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
@@ -24,4 +26,7 @@ def create_backend(config: BackendConfig) -> Backend:
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 
-__all__ = ["Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "create_backend"]
+__all__ = [
+    "Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "Served",
+    "create_backend", "current_served",
+]

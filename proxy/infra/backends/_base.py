@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -209,6 +210,20 @@ class _Replica:
         return seconds
 
 
+class Served:
+    """Which replica answered a request's last backend call, for its log line (set only for
+    backends with several)."""
+
+    __slots__ = ("replica",)
+
+    def __init__(self) -> None:
+        self.replica: str | None = None
+
+
+# Set by whoever runs a request's backend calls (in the task that makes them).
+current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
+
+
 class BackendClient:
     """One backend's pooled HTTP client: httpx's request and response models over our
     `PooledTransport`, without httpx.AsyncClient's per-request machinery (cookies, auth
@@ -322,6 +337,8 @@ class BackendClient:
                 replica = standby
                 continue
             replica.failures, replica.set_aside_until = 0, -math.inf
+            if len(self._replicas) > 1 and (served := current_served.get()) is not None:
+                served.replica = replica.base
             if 300 <= response.status_code < 400:
                 # Following it would re-send a POST where the configuration did not say: name it.
                 replica.in_flight -= 1
