@@ -7,8 +7,8 @@ request is admitted by one atomic call (`api_key_admit`, one round trip, made on
 that have a limit, which also settles the admissions this process holds for the key: given
 back after a 403, or made alone in an outage). Tokens are known only when an exchange ends:
 its usage is charged to the token bucket then (`record`, batched), and a key whose token
-bucket is empty is refused until it refills. The answer carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429
-with `Retry-After`.
+bucket is empty is refused until it refills. The answer carries OpenAI's `x-ratelimit-*`
+headers; a refusal is a 429 with `Retry-After`.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
