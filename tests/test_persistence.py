@@ -452,7 +452,12 @@ async def test_a_client_that_saw_the_end_reconnects_and_the_stream_closes_at_onc
             assert stream_frames(just_end.text) == [(end_seq, finished)]
 
 
-async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, nats_url: str) -> None:
+async def test_postgres_outage_loses_no_row(
+    aio_loop: object, tmp_path: Path, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def drain_failed() -> bool:
+        return any("outbox drain paused" in record.getMessage() for record in caplog.records)
+
     fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
     with EmbeddedPostgres(tmp_path / "pg") as postgres:
         assert postgres.url is not None
@@ -471,9 +476,13 @@ async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, na
             ready = await client.get("/ready")
             assert ready.status_code == 503 and "postgres" in ready.json()["reason"]
             assert ready.json()["checks"]["postgres"] == "unreachable"  # no host, port or driver text
+            # The outbox took the rows off the NATS queue and failed to write them: they must
+            # be back for its next drain, not in 30 s (the consumer's ack_wait) or later.
+            await eventually(drain_failed, within=20)
             await trio.to_thread.run_sync(postgres.start)
-            for trace_id in during:
-                await wait_for_row(url, trace_id, "completed", within=30)
+            with trio.fail_after(20):
+                for trace_id in during:
+                    await wait_for_row(url, trace_id, "completed", within=20)
 
 
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(
