@@ -13,7 +13,7 @@ import trio
 
 from proxy.config import Timeouts
 from tests.fakes import OpenAIBackend, Script, ToolCall, Usage
-from tests.harness import backend, running_gateway
+from tests.harness import backend, hang_up_once_received, running_gateway
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -276,8 +276,9 @@ async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup) ->
 async def test_disconnect_before_first_token_closes_the_backend_request(setup: Setup) -> None:
     setup.fake.set_script(Script(header_delay=30))
     async with httpx.AsyncClient(base_url=setup.url) as client:
-        with trio.move_on_after(0.3):
-            await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+        await hang_up_once_received(setup.fake, lambda: client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}
+        ))
     gone = await setup.fake.wait_disconnect(2.0)
     assert not gone.headers_sent
 
@@ -285,8 +286,7 @@ async def test_disconnect_before_first_token_closes_the_backend_request(setup: S
 async def test_disconnect_while_non_streaming_request_waits(setup: Setup) -> None:
     setup.fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
     async with httpx.AsyncClient(base_url=setup.url) as client:
-        with trio.move_on_after(0.3):
-            await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+        await hang_up_once_received(setup.fake, lambda: client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}))
     await setup.fake.wait_disconnect(2.0)
     await setup.fake.wait_idle(2.0)
 
