@@ -288,16 +288,19 @@ async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it
         assert replayed.headers["x-trace-id"] == first.headers["x-trace-id"]
         await resumable(replayed.headers["x-trace-id"])
 
-        stack.fake.set_script(Script(tokens=["a", "b", "c"], pace=0.1))
+        stack.fake.set_script(Script(tokens=["a", "b", "c"], pace=0.2))
         key = {"Idempotency-Key": str(uuid.uuid4())}
         answers: list[httpx.Response] = []
+        seen = stack.fake.recorder.requests_total
 
         async def ask() -> None:
             answers.append(await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask)
-            await trio.sleep(0.1)
+            # The second comes while the first is at its backend (0.6 s), not after a fixed
+            # 0.1 s that a loaded machine may spend before the first has even claimed the key.
+            await stack.fake.wait_requests(seen + 1)
             nursery.start_soon(ask)
         # Both end together, in either order: the attached one is the one that says so.
         attached, ran = sorted(answers, key=lambda answer: "x-attached-to" not in answer.headers)
