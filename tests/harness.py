@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -11,6 +11,7 @@ import trio
 
 from proxy.config import BackendConfig, Settings, Timeouts
 from proxy.serve import serve
+from tests.fakes import FakeBackend
 
 
 def backend(name: str, url: str, *, kind: str = "openai", default: bool = False,
@@ -39,3 +40,13 @@ async def running_gateway(
             yield binds[0]
         finally:
             stop.set()
+
+
+async def hang_up_once_received(fake: FakeBackend, request: Callable[[], Awaitable[object]], within: float = 10.0) -> None:
+    """Run a client's `request` and leave as soon as `fake` has the backend call it causes.
+    (A fixed client timeout can end before a loaded gateway has called the backend at all.)"""
+    seen = fake.recorder.requests_total
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request)
+        await fake.wait_requests(seen + 1, within)
+        nursery.cancel_scope.cancel()

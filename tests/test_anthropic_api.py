@@ -20,7 +20,7 @@ from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
-from tests.harness import backend, running_gateway
+from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_anthropic_codec import assert_valid_anthropic_stream, sse_frames
 from tests.test_transport import raw_server, read_request
 
@@ -481,8 +481,9 @@ async def test_disconnect_mid_stream_closes_the_backend_request(
 async def test_disconnect_before_first_token_closes_the_anthropic_backend_request(setup: Setup) -> None:
     fake = setup.fake("anthropic")
     fake.set_script(Script(header_delay=30))
-    with trio.move_on_after(0.3):
-        await setup.client.messages.create(model=MODELS["anthropic"], max_tokens=5, messages=MESSAGES, stream=True)
+    await hang_up_once_received(fake, lambda: setup.client.messages.create(
+        model=MODELS["anthropic"], max_tokens=5, messages=MESSAGES, stream=True
+    ))
     gone = await fake.wait_disconnect(2.0)
     assert not gone.headers_sent
 

@@ -14,7 +14,7 @@ import trio
 
 from proxy.config import Timeouts
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
-from tests.harness import backend, running_gateway
+from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -205,8 +205,7 @@ async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup) ->
 async def test_disconnect_while_waiting_closes_the_backend_request(setup: Setup) -> None:
     setup.fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
     async with httpx.AsyncClient(base_url=setup.url) as client:
-        with trio.move_on_after(0.3):
-            await client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        await hang_up_once_received(setup.fake, lambda: client.post("/v1/completions", json={"model": "m", "prompt": "x"}))
     await setup.fake.wait_disconnect(2.0)
     await setup.fake.wait_idle(2.0)
 

@@ -12,7 +12,8 @@ import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
 from tests.fakes import OllamaBackend, OpenAIBackend, Script
-from tests.harness import backend, running_gateway
+from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
 from tests.test_persistence import rows, wait_for_row
 
@@ -178,13 +179,16 @@ async def test_a_client_that_leaves_while_the_model_is_silent_is_not_handed_to_a
         fallbacks={"qwen3-32b": ("qwen3-8b",)},
     ) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            with trio.move_on_after(0.5):
-                await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK})
+            await hang_up_once_received(big, lambda: http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK}))
             await big.wait_disconnect()
             await trio.sleep(0.2)  # what a stand-in call would have taken to start
-            metrics = (await http.get("/metrics")).text
+
+            async def counted_lines() -> list[str]:
+                metrics = (await http.get("/metrics")).text
+                return [line for line in metrics.splitlines() if line.startswith("llm_proxy_requests_total{")]
+
+            [counted] = await eventually(counted_lines)  # counted once the cancelled handler has ended
     assert _chats(small) == []
-    [counted] = [line for line in metrics.splitlines() if line.startswith("llm_proxy_requests_total{")]
     assert 'backend="big"' in counted and 'outcome="cancelled"' in counted
 
 

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from proxy.infra import keys_store
 from proxy.infra.keys_store import NOTIFY_CHANNEL, key_changes
 from proxy.infra.migrations import MigrationError, load_migrations, migrate
 from proxy.infra.postgres import (
@@ -243,3 +244,22 @@ async def test_key_changes_wake_on_a_notification_and_notice_a_dropped_link(
             await changes.wait(30.0)
         with trio.fail_after(5), pytest.raises(DatabaseUnavailable):  # and again, not a driver error
             await changes.wait(30.0)
+
+
+async def test_a_notification_the_liveness_query_read_still_wakes_the_wait(
+    aio_loop: trio_asyncio.TrioEventLoop, pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a busy loop the short read after the socket turned readable can give up before it
+    # has read the notification; the liveness query then reads it. It used to be kept
+    # unseen until the next message (30 s later): a key change took effect that late.
+    monkeypatch.setattr(keys_store, "_READ_TIMEOUT", 0.0)  # the read gives up at once
+
+    def notify() -> None:
+        with psycopg.connect(pg_database_url, autocommit=True) as conn:
+            conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
+    async with key_changes(pg_database_url) as changes:
+        for _ in range(5):
+            await trio.to_thread.run_sync(notify)
+            with trio.fail_after(5):
+                assert await changes.wait(30.0) is True

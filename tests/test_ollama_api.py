@@ -27,7 +27,7 @@ from tests.fakes import (
     ToolCall,
     Usage,
 )
-from tests.harness import backend, running_gateway
+from tests.harness import backend, hang_up_once_received, running_gateway
 
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
 KINDS = ["openai", "ollama", "anthropic"]
@@ -501,8 +501,7 @@ async def test_disconnect_mid_stream_closes_the_backend_request(setup: Setup, ki
 async def test_disconnect_while_waiting_for_a_non_streamed_reply(setup: Setup, kind: str) -> None:
     fake = setup.fake(kind)
     fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
-    with trio.move_on_after(0.3):
-        await setup.client.chat(model=MODELS[kind], messages=MESSAGES)
+    await hang_up_once_received(fake, lambda: setup.client.chat(model=MODELS[kind], messages=MESSAGES))
     await fake.wait_disconnect(2.0)
     await fake.wait_idle(2.0)
 

@@ -288,16 +288,19 @@ async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it
         assert replayed.headers["x-trace-id"] == first.headers["x-trace-id"]
         await resumable(replayed.headers["x-trace-id"])
 
-        stack.fake.set_script(Script(tokens=["a", "b", "c"], pace=0.1))
+        stack.fake.set_script(Script(tokens=["a", "b", "c"], pace=0.2))
         key = {"Idempotency-Key": str(uuid.uuid4())}
         answers: list[httpx.Response] = []
+        seen = stack.fake.recorder.requests_total
 
         async def ask() -> None:
             answers.append(await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers=key))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask)
-            await trio.sleep(0.1)
+            # The second comes while the first is at its backend (0.6 s), not after a fixed
+            # 0.1 s that a loaded machine may spend before the first has even claimed the key.
+            await stack.fake.wait_requests(seen + 1)
             nursery.start_soon(ask)
         # Both end together, in either order: the attached one is the one that says so.
         attached, ran = sorted(answers, key=lambda answer: "x-attached-to" not in answer.headers)
@@ -452,7 +455,12 @@ async def test_a_client_that_saw_the_end_reconnects_and_the_stream_closes_at_onc
             assert stream_frames(just_end.text) == [(end_seq, finished)]
 
 
-async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, nats_url: str) -> None:
+async def test_postgres_outage_loses_no_row(
+    aio_loop: object, tmp_path: Path, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def drain_failed() -> bool:
+        return any("outbox drain paused" in record.getMessage() for record in caplog.records)
+
     fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
     with EmbeddedPostgres(tmp_path / "pg") as postgres:
         assert postgres.url is not None
@@ -471,9 +479,13 @@ async def test_postgres_outage_loses_no_row(aio_loop: object, tmp_path: Path, na
             ready = await client.get("/ready")
             assert ready.status_code == 503 and "postgres" in ready.json()["reason"]
             assert ready.json()["checks"]["postgres"] == "unreachable"  # no host, port or driver text
+            # The outbox took the rows off the NATS queue and failed to write them: they must
+            # be back for its next drain, not in 30 s (the consumer's ack_wait) or later.
+            await eventually(drain_failed, within=20)
             await trio.to_thread.run_sync(postgres.start)
-            for trace_id in during:
-                await wait_for_row(url, trace_id, "completed", within=30)
+            with trio.fail_after(20):
+                for trace_id in during:
+                    await wait_for_row(url, trace_id, "completed", within=20)
 
 
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(

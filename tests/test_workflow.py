@@ -292,9 +292,11 @@ async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
     pipeline's answer replayed; nor does the exact cache serve one route's answer to another."""
     headers = {"idempotency-key": f"route-{stack.pipeline}"}
     with trio.fail_after(10):
-        first = await stack.client.chat.completions.create(model="alpha-1", messages=MESSAGES, extra_headers=headers)
-        assert first.choices[0].message.content == "Red is warm."
-        await trio.sleep(0.3)
+        first = await stack.client.chat.completions.with_raw_response.create(
+            model="alpha-1", messages=MESSAGES, extra_headers=headers
+        )
+        assert first.parse().choices[0].message.content == "Red is warm."
+        await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")  # the key's run is over
         with pytest.raises(openai.ConflictError):
             await stack.client.chat.completions.create(
                 model="alpha-1", messages=MESSAGES, extra_headers={**headers, "x-route": "direct"}

@@ -290,6 +290,12 @@ class KeyChanges:
             # A quiet channel (or a message that was not a notification) says nothing about
             # the link: ask the server.
             await self._conn.execute("SELECT 1")
+            # On a busy loop the read above can give up before it has read a notification
+            # that was already on the socket; the query then reads it and psycopg keeps it
+            # for the next `notifies()`. Take it now: the socket is drained, so the next
+            # wait would sleep on it until some later message (30 s, or another change).
+            async for _ in self._conn.notifies(timeout=0):
+                count += 1
         return count
 
 

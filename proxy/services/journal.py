@@ -27,7 +27,7 @@ from proxy.dialects.events import Finished, encode_event
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
-from proxy.infra.nats import Bus, BusError
+from proxy.infra.nats import Bus, BusError, JobMessage
 from proxy.infra.postgres import DatabaseError
 
 log = logging.getLogger("llm_proxy.journal")
@@ -352,20 +352,38 @@ class Outbox:
                     jobs = await consumer.fetch(50, timeout=0.5)
                     if not jobs:
                         return True
-                    for job in jobs:
+                    for index, job in enumerate(jobs):
                         try:
                             row = LogRow.from_json(json.loads(job.data))
                         except (ValueError, TypeError):
                             log.error("dropping an unreadable outbox message")
                             await job.term()
                             continue
-                        if await _write_or_refuse(store, row):
+                        try:
+                            written = await _write_or_refuse(store, row)
+                        except DatabaseError:
+                            # Left unsettled, the fetched rows would come back only after
+                            # the consumer's ack_wait (30 s): a drain after PostgreSQL's
+                            # return would find the queue empty and sleep for a sweep.
+                            await _give_back(jobs[index:])
+                            raise
+                        if written:
                             await job.ack()
                         else:
                             await job.term()
         except BusError as error:
             log.warning("outbox on NATS not drained: %s", error)
             return False
+
+
+async def _give_back(jobs: list[JobMessage]) -> None:
+    """Make fetched outbox rows available to the next drain at once."""
+    for job in jobs:
+        try:
+            await job.nak()
+        except BusError as error:  # they come back after ack_wait instead
+            log.warning("outbox row not given back: %s", error)
+            return
 
 
 async def _write_or_refuse(store: ChatStore, row: LogRow) -> bool:
