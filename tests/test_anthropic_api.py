@@ -942,6 +942,44 @@ async def test_pings_while_a_server_tool_runs_keep_the_stream_alive(monkeypatch:
     assert openai_wire.count(": keep-alive\n\n") >= 2 and openai_wire.endswith("data: [DONE]\n\n")
 
 
+async def test_half_a_frame_right_after_an_event_sends_no_keep_alive() -> None:
+    """A read that makes no event (here: half a frame, the rest 0.2 s later) is no reason for
+    a keep-alive when the client has just heard an event: only silence is."""
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    def text(piece: str) -> bytes:
+        return event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": piece}})
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream, bytearray())
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        await stream.send_all(event("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}}}))
+        await stream.send_all(event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                            "content_block": {"type": "text", "text": ""}}) + text("a"))
+        await trio.sleep(0.2)
+        second = text("b")
+        await stream.send_all(second[:20])
+        await trio.sleep(0.2)
+        await stream.send_all(second[20:] + event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                              + event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2},
+                                                        "delta": {"stop_reason": "end_turn", "stop_sequence": None}})
+                              + event("message_stop", {"type": "message_stop"}))
+        await stream.aclose()
+
+    async with raw_server(handler) as (url, _), running_gateway(
+        backend("c", url, kind="anthropic", default=True, timeouts=QUICK)
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as http:
+        body = {"model": "claude-x", "max_tokens": 50, "messages": MESSAGES, "stream": True}
+        wire = (await http.post("/v1/messages", json=body)).text
+    assert_valid_anthropic_stream(wire.encode())
+    assert wire.count("event: ping") == 1  # the one after message_start, as Anthropic sends it
+
+
 async def test_thinking_the_gateway_switches_on_keeps_to_anthropics_rules(setup: Setup) -> None:
     """Thinking asked in another dialect's words: the sampling settings Anthropic refuses next
     to it are left out; with a forced tool, or inside a tool loop (whose last assistant turn

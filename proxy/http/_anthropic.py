@@ -12,7 +12,6 @@ from quart import Blueprint, Response
 
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
-from proxy.domain.events import CompletionBuilder
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._errors import register_dialect_errors
 from proxy.http._exchange import (
@@ -42,12 +41,7 @@ class AnthropicJsonSink(JsonSink):
         self._model = model
 
     async def write(self, batch: Batch) -> None:
-        completion = batch.completion
-        if completion is None:
-            builder = CompletionBuilder()
-            for event in batch.events:
-                builder.add(event)
-            completion = builder.build()
+        completion = batch.whole()
         await self._json(anthropic.render_message(completion, batch.events, model=self._model))
 
 

@@ -17,7 +17,6 @@ from proxy.dialects import ollama
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import CompletionBuilder
 from proxy.gateway import Gateway
 from proxy.http._context import gateway, request_body
 from proxy.http._errors import Reply, register_dialect_errors
@@ -53,12 +52,7 @@ class OllamaJsonSink(JsonSink):
         self._thinking = thinking
 
     async def write(self, batch: Batch) -> None:
-        completion = batch.completion
-        if completion is None:
-            builder = CompletionBuilder()
-            for event in batch.events:
-                builder.add(event)
-            completion = builder.build()
+        completion = batch.whole()
         timing = ollama.Timing(self._started, None, time.perf_counter())
         context = ollama.finish_context(batch.events) if self._generate else None
         body = ollama.render_completion(

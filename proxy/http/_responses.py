@@ -18,7 +18,7 @@ from proxy.dialects import openai, responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import Finished, WireEvent
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
+from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
 from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -58,12 +58,7 @@ class ResponsesJsonSink(JsonSink):
         self._created_at = created_at
 
     async def write(self, batch: Batch) -> None:
-        completion = batch.completion
-        if completion is None:
-            builder = CompletionBuilder()
-            for event in batch.events:
-                builder.add(event)
-            completion = builder.build()
+        completion = batch.whole()
         await self._json(
             responses.render_response(
                 completion, response=self._response, model=self._model, settings=self._settings,

@@ -21,7 +21,7 @@ from proxy.domain.errors import (
     GatewayError,
     is_context_overflow,
 )
-from proxy.domain.events import StreamEvent
+from proxy.domain.events import CompletionBuilder, StreamEvent
 from proxy.infra.transport import PooledTransport
 
 
@@ -40,6 +40,16 @@ class Batch:
     raw: bytes | None = None
     done: bool = False
     completion: ChatCompletion | None = None
+
+    def whole(self) -> ChatCompletion:
+        """The answer of a non-streaming exchange's batch: as the backend gave it, or folded
+        from its events (a replay, a route's producer)."""
+        if self.completion is not None:
+            return self.completion
+        builder = CompletionBuilder()
+        for event in self.events:
+            builder.add(event)
+        return builder.build()
 
 
 @dataclass(slots=True)
@@ -512,7 +522,8 @@ async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:
     return b"".join(parts)[:limit]
 
 
-# At most one keep-alive to the client this often, while the backend sends bytes but no event.
+# While the backend sends bytes but no event, a keep-alive to the client once it has heard
+# nothing for this long, and then at most this often.
 KEEPALIVE_SECONDS = 5.0
 
 # Reading what follows the end of a stream lets the connection return to the pool; a backend
@@ -555,8 +566,11 @@ async def pump_stream(
                     scope.deadline = math.inf  # the first-token clock stops here
                 await send.send(Batch(output.events, output.raw if relay_raw else None, output.done))
                 # The idle clock restarts once the client took the batch: a slow client is not
-                # a silent backend (one deadline update per batch, not per read).
-                scope.deadline = trio.current_time() + idle
+                # a silent backend (one deadline update per batch, not per read). The client
+                # has just heard something: no keep-alive for a while.
+                now = trio.current_time()
+                scope.deadline = now + idle
+                next_keepalive = now + KEEPALIVE_SECONDS
             elif started and data:
                 # Bytes that make no event yet (Anthropic's pings while a server tool runs, an
                 # SSE comment, half a frame): the backend is not silent, and the client (and
