@@ -50,15 +50,38 @@ class BackendConfig:
     # Further base URLs of the same server (`base_url = [...]` in TOML): replicas serving the
     # same models, which share the requests and stand in for one another.
     replicas: tuple[str, ...] = ()
+    # An OpenAI-compatible backend's chat-template fields (vLLM's and SGLang's) for other
+    # dialects' clients: None is on, except for hosted APIs that refuse unknown fields.
+    chat_template_fields: bool | None = None
 
     @property
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
     @property
+    def sends_template_fields(self) -> bool:
+        """Whether an OpenAI-compatible backend gets `continue_final_message`,
+        `add_generation_prompt` and `chat_template_kwargs` where another dialect's request
+        needs them (vLLM and SGLang read them, llama.cpp and LM Studio ignore what they do not
+        know; the hosted APIs in `_STRICT_HOSTS` answer 400 to any field they do not know)."""
+        if self.chat_template_fields is not None:
+            return self.chat_template_fields
+        return not any(_strict_host(url) for url in self.urls)
+
+    @property
     def urls(self) -> tuple[str, ...]:
         """Every replica's base URL, `base_url` first."""
         return (self.base_url, *self.replicas)
+
+
+# Hosted OpenAI-compatible APIs that refuse a request with a field they do not know.
+_STRICT_HOSTS = ("api.openai.com", ".openai.azure.com", "api.mistral.ai", "api.groq.com",
+                 "generativelanguage.googleapis.com")
+
+
+def _strict_host(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return any(host == name or (name.startswith(".") and host.endswith(name)) for name in _STRICT_HOSTS)
 
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -227,7 +250,7 @@ _TOP_KEYS = {
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
-    "max_connections", "request_usage", "cache",
+    "max_connections", "request_usage", "cache", "chat_template_fields",
 }
 
 
@@ -383,6 +406,7 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
         max_connections=reader.positive("max_connections", int, 100),
         request_usage=reader.get("request_usage", bool, True),
         cache=reader.get("cache", bool, False),
+        chat_template_fields=reader.get("chat_template_fields", bool, None),
     )
 
 

@@ -4,6 +4,7 @@ what the client gets back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -11,6 +12,7 @@ import ollama
 import openai
 import pytest
 
+from proxy.config import load_settings
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
@@ -356,3 +358,58 @@ async def test_another_bad_request_keeps_its_own_code() -> None:
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert info.value.code == "backend_400"
         await client.close()
+
+
+# -- a prefill: the answer's beginning, for the model to go on with ----------------------------------
+
+PREFILL: Any = [{"role": "user", "content": "The capital of France, as JSON."}, {"role": "assistant", "content": '{"capital": "'}]
+
+
+async def test_a_prefill_is_continued_by_an_openai_compatible_backend_not_answered_anew() -> None:
+    """Anthropic clients end `messages` with an assistant turn to have the model go on from it
+    (Claude Code opens JSON answers so); an Ollama client's chat may end the same way. vLLM
+    continues a last message only when asked (`continue_final_message` without a generation
+    prompt): otherwise it closes the prefill and the model starts a new turn. A backend that
+    refuses unknown fields (`chat_template_fields = false`) gets the turn as before, and an
+    Ollama backend, which continues a last assistant message by itself, gets it last."""
+    vllm, hosted, local = OpenAIBackend(), OpenAIBackend(), OllamaBackend()
+    async with (
+        vllm.serve() as v,
+        hosted.serve() as h,
+        local.serve() as o,
+        running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+            backend("ollama", o.url, kind="ollama", prefixes=("llama",)),
+        ) as url,
+    ):
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        for model in ("qwen3-8b", "gpt-4o", "llama3.2"):
+            await claude.messages.create(model=model, max_tokens=50, messages=PREFILL)
+        continued = vllm.requests[-1].json
+        await claude.messages.create(model="qwen3-8b", max_tokens=50, messages=PREFILL[:1])
+        asked = vllm.requests[-1].json
+        await claude.close()
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="qwen3-8b", messages=PREFILL)
+        from_ollama = vllm.requests[-1].json
+    assert continued["messages"][-1] == {"role": "assistant", "content": '{"capital": "'}
+    assert (continued["continue_final_message"], continued["add_generation_prompt"]) == (True, False)
+    assert (from_ollama["continue_final_message"], from_ollama["add_generation_prompt"]) == (True, False)
+    assert not {"continue_final_message", "add_generation_prompt"} & set(asked)
+    assert not {"continue_final_message", "add_generation_prompt"} & set(hosted.requests[-1].json)
+    assert hosted.requests[-1].json["messages"][-1]["role"] == "assistant"
+    assert local.requests[-1].json["messages"][-1] == {"role": "assistant", "content": '{"capital": "'}
+
+
+def test_chat_template_fields_are_off_by_default_for_hosted_apis_that_refuse_unknown_fields(tmp_path: Path) -> None:
+    config = tmp_path / "llm-proxy.toml"
+    config.write_text(
+        '[[backends]]\nname = "openai"\nbase_url = "https://api.openai.com/v1"\nprefixes = ["gpt-"]\n'
+        '[[backends]]\nname = "vllm"\nbase_url = "http://127.0.0.1:8000/v1"\ndefault = true\n'
+        '[[backends]]\nname = "azure"\nbase_url = "https://me.openai.azure.com/openai/v1"\nprefixes = ["az-"]\n'
+        '[[backends]]\nname = "proxied"\nbase_url = "https://api.openai.com/v1"\nprefixes = ["o-"]\n'
+        "chat_template_fields = true\n"
+    )
+    backends = {b.name: b.sends_template_fields for b in load_settings(config, {}).backends}
+    assert backends == {"openai": False, "vllm": True, "azure": False, "proxied": True}

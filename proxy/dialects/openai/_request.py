@@ -274,16 +274,19 @@ def _parse_response_format(fields: Fields | None) -> ResponseFormat | None:
 
 
 def encode_chat_request(
-    request: ChatRequest, upstream_model: str, *, stream: bool, include_usage: bool
+    request: ChatRequest, upstream_model: str, *, stream: bool, include_usage: bool, template_fields: bool = False
 ) -> bytes:
     """The body for an OpenAI-compatible backend. `include_usage` asks the backend for the
-    usage chunk (the gateway asks for accounting even when the client did not)."""
+    usage chunk (the gateway asks for accounting even when the client did not).
+    `template_fields`: the backend takes vLLM's chat-template fields (see `_template_fields`)."""
     body: dict[str, Any] = {}
     if request.dialect == DIALECT:
         body.update(request.extra)
     body["model"] = upstream_model
     same_dialect = request.dialect == DIALECT
     body["messages"] = [render_message(message, as_sent=same_dialect) for message in request.messages]
+    if template_fields:
+        body.update(_template_fields(request))
     params = request.params
     # The client's `max_completion_tokens` (kept in `extra`) carries the limit; otherwise
     # `max_tokens`, which every OpenAI-compatible server knows.
@@ -326,6 +329,31 @@ def encode_chat_request(
         if options:
             body["stream_options"] = options
     return dumps(body)
+
+
+# Dialects in which a conversation ending with an assistant message asks the model to go on
+# with that message (Anthropic's prefill; Ollama continues one too).
+_PREFILL_DIALECTS = frozenset({"anthropic", "ollama"})
+
+
+def is_prefill(request: ChatRequest) -> bool:
+    """Whether another dialect's client asks the model to continue the last assistant message."""
+    last = request.messages[-1] if request.messages else None
+    return (
+        request.dialect in _PREFILL_DIALECTS and last is not None and last.role == "assistant" and not last.tool_calls
+    )
+
+
+def _template_fields(request: ChatRequest) -> dict[str, Any]:
+    """vLLM's (and SGLang's) fields for what another dialect's client asked in its own terms:
+    a prefill is continued where it stops (without them vLLM closes the message and starts a
+    new turn; llama.cpp continues one by itself and ignores them). An OpenAI client's request
+    says what it means in these fields itself."""
+    fields: dict[str, Any] = {}
+    if is_prefill(request):
+        fields["continue_final_message"] = True
+        fields["add_generation_prompt"] = False  # vLLM refuses it next to continue_final_message
+    return fields
 
 
 def wants_chunk_usage(request: ChatRequest) -> bool:

@@ -239,10 +239,14 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     if not isinstance(backend, OpenAIBackend):
         return estimate
     config = backend.config
-    chat = json.loads(openai.encode_chat_request(request, upstream_model, stream=False, include_usage=False))
+    chat = json.loads(openai.encode_chat_request(
+        request, upstream_model, stream=False, include_usage=False, template_fields=config.sends_template_fields
+    ))
     body: dict[str, Any] = {"model": upstream_model, "messages": chat["messages"]}
-    if "tools" in chat:
-        body["tools"] = chat["tools"]
+    # The prompt as the chat would render it (a prefill without the generation prompt, …).
+    for key in ("tools", "continue_final_message", "add_generation_prompt", "chat_template_kwargs"):
+        if key in chat:
+            body[key] = chat[key]
     response = await backend.tokenize(json.dumps(body).encode())
     if response.status_code in (404, 405):  # not vLLM: no `/tokenize`
         return estimate

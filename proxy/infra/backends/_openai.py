@@ -44,7 +44,8 @@ class OpenAIBackend:
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         include_usage = self.config.request_usage or bool(call.request.include_usage)
         return openai.encode_chat_request(
-            call.request, call.upstream_model, stream=stream, include_usage=include_usage
+            call.request, call.upstream_model, stream=stream, include_usage=include_usage,
+            template_fields=self.config.sends_template_fields,
         )
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
