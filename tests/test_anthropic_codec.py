@@ -379,11 +379,26 @@ def test_markers_and_thinking_need_no_adapting_for_other_backends() -> None:
             {"type": "thinking", "thinking": "hm", "signature": "sig"}, {"type": "redacted_thinking", "data": "xx"},
             {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
         ]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "no"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "no"}]},
     ]))
     before = list(request.messages)
     anthropic.adapt_for_dialect(request, "openai")
     assert request.messages == before
+
+
+def test_a_failed_tool_results_text_says_it_failed_for_other_backends() -> None:
+    messages = [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "no"}]},
+    ]
+    for target in ("openai", "ollama"):
+        assert _adapted(target, messages)[1].text == "Error: no"
+    said = _adapted("openai", [messages[0], {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "error: no such file"}]}])
+    assert said[1].text == "error: no such file"  # it says so already
+    request = anthropic.parse_messages_request(body(messages=messages))
+    anthropic.adapt_for_dialect(request, "anthropic")
+    assert request.messages[1].text == "no"  # Anthropic has the flag
 
 
 def test_document_content_sources_become_text_and_images() -> None:

@@ -413,3 +413,39 @@ def test_chat_template_fields_are_off_by_default_for_hosted_apis_that_refuse_unk
     )
     backends = {b.name: b.sends_template_fields for b in load_settings(config, {}).backends}
     assert backends == {"openai": False, "vllm": True, "azure": False, "proxied": True}
+
+
+# -- a failed tool call ----------------------------------------------------------------------------------
+
+
+async def test_a_failed_tool_call_says_so_to_a_model_on_another_backend() -> None:
+    """Claude Code marks a tool call that failed (a command that exited non-zero, a file not
+    found) `is_error: true`; an OpenAI or Ollama tool message has no such flag, so the text
+    says it, else the model takes the error message for the tool's output."""
+    vllm, local = OpenAIBackend(), OllamaBackend()
+    history: Any = [
+        {"role": "user", "content": "Run the tests."},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "pytest"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "/nope"}},
+            {"type": "tool_use", "id": "toolu_3", "name": "Bash", "input": {"command": "ls"}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": "exit code 2: 3 tests failed"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": True},
+            {"type": "tool_result", "tool_use_id": "toolu_3", "content": [{"type": "text", "text": "README.md"}]},
+        ]},
+    ]
+    tools: Any = [{"name": "Bash", "input_schema": {"type": "object"}}, {"name": "Read", "input_schema": {"type": "object"}}]
+    async with (
+        vllm.serve() as v,
+        local.serve() as o,
+        running_gateway(backend("vllm", v.url, default=True), backend("ollama", o.url, kind="ollama", prefixes=("llama",))) as url,
+    ):
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        for model in ("qwen3-8b", "llama3.2"):
+            await claude.messages.create(model=model, max_tokens=50, messages=history, tools=tools)
+        await claude.close()
+    expected = ["Error: exit code 2: 3 tests failed", "Error: the tool call failed.", "README.md"]
+    for fake in (vllm, local):
+        assert [m["content"] for m in fake.requests[-1].json["messages"] if m["role"] == "tool"] == expected

@@ -11,6 +11,9 @@ lose content the model is meant to read. So, before such a request leaves:
   encrypted for Anthropic; redacted thinking) are left out like thinking: the text the
   model wrote from them is there, and a conversation that used web search on Claude can
   go on with another model;
+- a tool result marked `is_error` says so in its text ("Error: …"), the only way an
+  OpenAI or Ollama tool message can: else the model takes a failed call's message for its
+  output (LiteLLM drops the flag);
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from proxy.dialects.anthropic._request import IS_ERROR_MARKER
 from proxy.dialects.anthropic._vocabulary import DIALECT
 from proxy.domain.chat import ChatRequest, ContentPart, ImagePart, Message, OpaquePart, TextPart
 from proxy.domain.errors import invalid_request
@@ -75,10 +79,14 @@ def _anthropic_content(part: ContentPart, role: str) -> bool:
 
 
 def _needs_work(message: Message, move_images: bool) -> bool:
-    return any(
+    return _failed(message) or any(
         _anthropic_content(part, message.role) or (move_images and message.role == "tool" and isinstance(part, ImagePart))
         for part in message.content
     )
+
+
+def _failed(message: Message) -> bool:
+    return message.role == "tool" and IS_ERROR_MARKER in message.content
 
 
 def _translated(message: Message, model: str, backend: str) -> list[ContentPart]:
@@ -88,7 +96,22 @@ def _translated(message: Message, model: str, backend: str) -> list[ContentPart]
             out.extend(_document(part.data, model, backend))
         else:
             out.append(part)
-    return out
+    return _said_failed(out) if _failed(message) else out
+
+
+ERROR_PREFIX = "Error: "
+
+
+def _said_failed(parts: list[ContentPart]) -> list[ContentPart]:
+    """A failed tool call's result, its first text headed `Error: ` (unless it already says
+    so); one that has no text says only that the call failed. The marker stays, for the
+    record; other backends leave it out."""
+    for i, part in enumerate(parts):
+        if isinstance(part, TextPart):
+            if part.text.lstrip().lower().startswith("error"):
+                return parts
+            return [*parts[:i], TextPart(ERROR_PREFIX + part.text), *parts[i + 1:]]
+    return [TextPart(ERROR_PREFIX + "the tool call failed."), *parts]
 
 
 def _document(block: dict[str, Any], model: str, backend: str) -> list[ContentPart]:
