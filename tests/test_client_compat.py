@@ -449,3 +449,46 @@ async def test_a_failed_tool_call_says_so_to_a_model_on_another_backend() -> Non
     expected = ["Error: exit code 2: 3 tests failed", "Error: the tool call failed.", "README.md"]
     for fake in (vllm, local):
         assert [m["content"] for m in fake.requests[-1].json["messages"] if m["role"] == "tool"] == expected
+
+
+# -- thinking switched off ---------------------------------------------------------------------------
+
+
+async def test_thinking_switched_off_reaches_ollama_and_vllm_as_their_switch() -> None:
+    """Qwen3 and other models think unless told not to, on Ollama (`think: false`) as on vLLM
+    (the chat template's `enable_thinking: false`). Anthropic's `thinking: {type: "disabled"}`,
+    OpenAI's `reasoning_effort` "none" or "minimal" and Ollama's `think: false` are that: said
+    in the backend's words, not lost (and no effort "none", which vLLM refuses). A backend
+    without chat-template fields gets neither; `think: true` is the templates' default."""
+    vllm, hosted, local = OpenAIBackend(), OpenAIBackend(), OllamaBackend()
+    async with (
+        vllm.serve() as v,
+        hosted.serve() as h,
+        local.serve() as o,
+        running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+            backend("ollama", o.url, kind="ollama", prefixes=("llama",)),
+        ) as url,
+    ):
+        hi: Any = [{"role": "user", "content": "hi"}]
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        for model in ("llama3.2", "qwen3-8b", "gpt-4o"):
+            await claude.messages.create(model=model, max_tokens=50, messages=hi, thinking={"type": "disabled"})
+        await claude.close()
+        assert local.requests[-1].json["think"] is False
+        assert vllm.requests[-1].json["chat_template_kwargs"] == {"enable_thinking": False}
+        assert not {"chat_template_kwargs", "reasoning_effort"} & set(hosted.requests[-1].json)
+        assert "reasoning_effort" not in vllm.requests[-1].json
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for effort in ("minimal", "none"):
+            await agent.chat.completions.create(model="llama3.2", messages=hi, reasoning_effort=effort)  # type: ignore[arg-type]
+            assert local.requests[-1].json["think"] is False, effort
+        await agent.close()
+        async with ollama.AsyncClient(host=url) as client:
+            await client.chat(model="qwen3-8b", messages=hi, think=False)
+            off = vllm.requests[-1].json
+            await client.chat(model="qwen3-8b", messages=hi, think=True)
+            on = vllm.requests[-1].json
+    assert off["chat_template_kwargs"] == {"enable_thinking": False} and "reasoning_effort" not in off
+    assert not {"chat_template_kwargs", "reasoning_effort"} & set(on)

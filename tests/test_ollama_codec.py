@@ -687,6 +687,8 @@ def ollama_requests(draw: st.DrawFn) -> ChatRequest:
     extra = draw(st.fixed_dictionaries({}, optional={"keep_alive": st.sampled_from(["5m", 0, 300]),
                                                      "think": st.booleans(),
                                                      "options": st.just({"num_ctx": 2048})}))
+    if extra.get("think") is False:
+        params.reasoning_effort = "none"  # as the parser says `think: false` for other backends
     return ChatRequest(model="m", messages=messages, params=params, tools=tools, stream=draw(st.booleans()),
                        dialect="ollama", extra=extra)
 

@@ -137,6 +137,8 @@ def _effort_of(thinking: Fields | None) -> str | None:
     kind = thinking.text("type")
     if kind == "adaptive":
         return "medium"
+    if kind == "disabled":
+        return "none"  # OpenAI's word for it: Ollama's `think: false`, vLLM's template switch
     if kind != "enabled":
         return None
     budget = thinking.data.get("budget_tokens")  # its checks are the Anthropic backend's to make

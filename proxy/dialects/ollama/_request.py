@@ -251,7 +251,7 @@ _THINK_LEVELS = ("low", "medium", "high")
 
 def _parse_options(fields: Fields, think: Any) -> GenerationParams:
     """Options and format; a `think` level (validated by `_check_extra`) is also the domain's
-    `reasoning_effort`, for backends that are not Ollama."""
+    `reasoning_effort`, for backends that are not Ollama, and `think: false` is "none"."""
     options = fields.object("options") or Fields({}, "options")
     num_predict = options.integer("num_predict")
     return GenerationParams(
@@ -265,7 +265,7 @@ def _parse_options(fields: Fields, think: Any) -> GenerationParams:
         presence_penalty=options.number("presence_penalty"),
         frequency_penalty=options.number("frequency_penalty"),
         response_format=_parse_format(fields.data.get("format")),
-        reasoning_effort=think if think in _THINK_LEVELS else None,
+        reasoning_effort=think if think in _THINK_LEVELS else "none" if think is False else None,
     )
 
 
@@ -341,9 +341,10 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
 
 
 # What Ollama's own OpenAI-compatible endpoint does with `reasoning_effort`: a level for
-# models that have levels, thinking on (off for "none") for the others.
+# models that have levels, thinking on (off for "none") for the others. "minimal" is off too:
+# a level would have Qwen3 and the other models without levels think in full.
 _THINK_FOR_EFFORT: dict[str, bool | str] = {
-    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
+    "none": False, "minimal": False, "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
 }
 
 

@@ -291,6 +291,11 @@ def encode_chat_request(
     # The client's `max_completion_tokens` (kept in `extra`) carries the limit; otherwise
     # `max_tokens`, which every OpenAI-compatible server knows.
     limit_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    effort = params.reasoning_effort
+    if effort == "none" and request.dialect in _SWITCH_DIALECTS:
+        # Thinking switched off: vLLM knows no such effort (a 400), OpenAI's older models
+        # neither; the template switch says it where the backend takes one.
+        effort = None
     for key, value in (
         (limit_key, params.max_tokens),
         ("temperature", params.temperature),
@@ -300,7 +305,7 @@ def encode_chat_request(
         ("presence_penalty", params.presence_penalty),
         ("frequency_penalty", params.frequency_penalty),
         ("n", params.n),
-        ("reasoning_effort", params.reasoning_effort),
+        ("reasoning_effort", effort),
     ):
         if value is not None:
             body[key] = value
@@ -334,6 +339,9 @@ def encode_chat_request(
 # Dialects in which a conversation ending with an assistant message asks the model to go on
 # with that message (Anthropic's prefill; Ollama continues one too).
 _PREFILL_DIALECTS = frozenset({"anthropic", "ollama"})
+# Dialects that switch thinking off (Anthropic's `thinking: {type: "disabled"}`, Ollama's
+# `think: false`), which their parsers say as the effort "none".
+_SWITCH_DIALECTS = frozenset({"anthropic", "ollama"})
 
 
 def is_prefill(request: ChatRequest) -> bool:
@@ -347,12 +355,18 @@ def is_prefill(request: ChatRequest) -> bool:
 def _template_fields(request: ChatRequest) -> dict[str, Any]:
     """vLLM's (and SGLang's) fields for what another dialect's client asked in its own terms:
     a prefill is continued where it stops (without them vLLM closes the message and starts a
-    new turn; llama.cpp continues one by itself and ignores them). An OpenAI client's request
-    says what it means in these fields itself."""
+    new turn; llama.cpp continues one by itself and ignores them), and thinking switched off
+    is the templates' `enable_thinking: false` (Qwen3's, GLM's, …, which think unless told;
+    vLLM's reasoning parser and llama.cpp read it too). Thinking switched on is left to the
+    template's default, on for those models: llama.cpp refuses a prefill next to
+    `enable_thinking: true`. An OpenAI client's request says what it means in these fields
+    itself."""
     fields: dict[str, Any] = {}
     if is_prefill(request):
         fields["continue_final_message"] = True
         fields["add_generation_prompt"] = False  # vLLM refuses it next to continue_final_message
+    if request.params.reasoning_effort == "none" and request.dialect in _SWITCH_DIALECTS:
+        fields["chat_template_kwargs"] = {"enable_thinking": False}
     return fields
 
 
