@@ -677,12 +677,13 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             assert [block.to_dict() for block in final.content] == SERVER_TOOL_CONTENT
             assert final.usage.server_tool_use is not None and final.usage.server_tool_use.web_search_requests == 1
             # The next turn gives them back: an Anthropic backend gets them all, another model
-            # the conversation without them (the text written from them stays).
+            # (offered the client's own tools: web search itself would be a 400 there) the
+            # conversation without them (the text written from them stays).
             history = [*MESSAGES, {"role": "assistant", "content": SERVER_TOOL_CONTENT},
                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "12:00"}]}]
             await client.messages.create(**{**request, "messages": history})
             assert fake.requests[-1].json["messages"][1]["content"] == SERVER_TOOL_CONTENT
-            await client.messages.create(**{**request, "model": "qwen3-8b", "messages": history})
+            await client.messages.create(**{**request, "model": "qwen3-8b", "messages": history, "tools": [TOOLS[1]]})
         assert openai_fake.requests[-1].json["messages"][1] == {
             "role": "assistant",
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
@@ -1042,8 +1043,10 @@ async def test_an_anthropic_clients_tools_reach_an_anthropic_backend_as_sent(set
     assert setup.fake("anthropic").requests[-1].json["tools"] == tools
     await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, tools=tools)
     assert setup.fake("anthropic").requests[-1].json["tools"] == tools
-    # Another backend gets the custom tools' core, and no server tool.
-    await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES, tools=tools)
+    # Another backend gets the custom tools' core; a server tool is a 400 there, not dropped.
+    with pytest.raises(anthropic.BadRequestError):
+        await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES, tools=tools)
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES, tools=tools[1:])
     sent = setup.fake("openai").requests[-1].json["tools"]
     assert [tool["function"]["name"] for tool in sent] == ["lookup", "weather"]
 

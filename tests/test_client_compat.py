@@ -96,8 +96,8 @@ async def test_thinking_without_a_limit_leaves_the_answer_its_default_room_on_an
 async def test_a_tool_choice_left_without_tools_is_not_sent() -> None:
     """vLLM refuses `tool_choice` without `tools` ("When using `tool_choice`, `tools` must be
     set"), Anthropic any `tool_choice` without tools. An OpenAI client's `tools: []` (which the
-    gateway does not forward) or an Anthropic client's server-only tools (which other backends
-    do not get) must not leave the backend such a choice."""
+    gateway does not forward) or an Anthropic client's `tools: []` must not leave the backend
+    such a choice."""
     fakes = {"openai": OpenAIBackend(), "anthropic": AnthropicBackend()}
     async with (
         fakes["openai"].serve() as vllm,
@@ -116,7 +116,7 @@ async def test_a_tool_choice_left_without_tools_is_not_sent() -> None:
         claude_client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
         await claude_client.messages.create(
             model="qwen3-8b", max_tokens=100, messages=[{"role": "user", "content": "news?"}],
-            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], tool_choice={"type": "auto"},
+            tools=[], tool_choice={"type": "auto"},
         )
         await claude_client.close()
     assert not {"tools", "tool_choice"} & set(fakes["openai"].requests[-1].json)
@@ -492,3 +492,79 @@ async def test_thinking_switched_off_reaches_ollama_and_vllm_as_their_switch() -
             on = vllm.requests[-1].json
     assert off["chat_template_kwargs"] == {"enable_thinking": False} and "reasoning_effort" not in off
     assert not {"chat_template_kwargs", "reasoning_effort"} & set(on)
+
+
+# -- Anthropic-defined tools -------------------------------------------------------------------------
+
+BASH: Any = {"type": "bash_20250124", "name": "bash"}
+EDITOR: Any = {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool", "max_characters": 10000}
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_anthropics_bash_and_text_editor_tools_reach_a_local_model_as_function_tools(kind: str) -> None:
+    """An agent built on Anthropic's bash and text editor tools, pointed at a local model: the
+    model gets them as function tools of their published schemas, in the client's order, and
+    its calls come back as `tool_use` blocks of the same names, which the client runs."""
+    fake = OpenAIBackend() if kind == "openai" else OllamaBackend()
+    fake.set_script(Script(tool_calls=[("bash", {"command": "ls -la"}),
+                                       ("str_replace_based_edit_tool", {"command": "view", "path": "/repo/README.md"})]))
+    lookup: Any = {"name": "lookup", "description": "Find a symbol", "input_schema": {"type": "object"}}
+    old_editor: Any = {"type": "text_editor_20250124", "name": "str_replace_editor"}
+    async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        reply = await claude.messages.create(model="qwen3-coder", max_tokens=200, tools=[BASH, lookup, EDITOR],
+                                             messages=[{"role": "user", "content": "What is in this repo?"}])
+        streamed = await claude.messages.create(model="qwen3-coder", max_tokens=200, tools=[old_editor], stream=True,
+                                                tool_choice={"type": "tool", "name": "str_replace_editor"},
+                                                messages=[{"role": "user", "content": "Undo that."}])
+        events = [event async for event in streamed]
+        await claude.close()
+    sent = [tool["function"] for tool in fake.requests[0].json["tools"]]
+    assert [f["name"] for f in sent] == ["bash", "lookup", "str_replace_based_edit_tool"]
+    assert set(sent[0]["parameters"]["properties"]) == {"command", "restart"}
+    editor = sent[2]["parameters"]
+    assert set(editor["properties"]) == {"command", "path", "file_text", "old_str", "new_str", "insert_line", "view_range"}
+    assert editor["properties"]["command"]["enum"] == ["view", "create", "str_replace", "insert"]
+    assert editor["required"] == ["command", "path"]
+    assert [(b.type, getattr(b, "name", None), getattr(b, "input", None)) for b in reply.content] == [
+        ("text", None, None), ("tool_use", "bash", {"command": "ls -la"}),
+        ("tool_use", "str_replace_based_edit_tool", {"command": "view", "path": "/repo/README.md"}),
+    ]
+    assert reply.stop_reason == "tool_use"
+    older = fake.requests[1].json["tools"][0]["function"]
+    assert older["name"] == "str_replace_editor" and "undo_edit" in older["parameters"]["properties"]["command"]["enum"]
+    if kind == "openai":
+        assert fake.requests[1].json["tool_choice"] == {"type": "function", "function": {"name": "str_replace_editor"}}
+    names = [e.content_block.name for e in events if e.type == "content_block_start" and e.content_block.type == "tool_use"]
+    assert names == ["bash", "str_replace_based_edit_tool"]
+
+
+@pytest.mark.parametrize("tool", [
+    {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+    {"type": "code_execution_20250825", "name": "code_execution"},
+    {"type": "computer_20250124", "name": "computer", "display_width_px": 1024, "display_height_px": 768},
+])
+async def test_anthropic_tools_a_local_model_cannot_have_are_a_400_naming_the_tool(tool: Any) -> None:
+    """Server tools run on Anthropic's servers, and computer use needs a model trained for it:
+    offered to a model on another backend they would be dropped, and the model would answer
+    as if it had searched or run nothing. The client hears which tool cannot go, before any
+    backend call; on an Anthropic backend they go as sent."""
+    vllm, claude_backend = OpenAIBackend(), AnthropicBackend()
+    async with (
+        vllm.serve() as v,
+        claude_backend.serve() as c,
+        running_gateway(backend("vllm", v.url, default=True), backend("claude", c.url, kind="anthropic", prefixes=("claude",))) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(anthropic.BadRequestError) as info:
+                await client.messages.create(model="qwen3-8b", max_tokens=100, tools=[BASH, tool], stream=stream,
+                                             messages=[{"role": "user", "content": "go"}])
+            error: Any = info.value.body
+            assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+            assert f"`{tool['name']}` (`{tool['type']}`)" in error["error"]["message"]
+        await client.messages.create(model="claude-x", max_tokens=100, tools=[BASH, tool],
+                                     messages=[{"role": "user", "content": "go"}])
+        await client.close()
+    assert vllm.requests == []
+    assert claude_backend.requests[-1].json["tools"] == [BASH, tool]

@@ -14,6 +14,10 @@ lose content the model is meant to read. So, before such a request leaves:
 - a tool result marked `is_error` says so in its text ("Error: …"), the only way an
   OpenAI or Ollama tool message can: else the model takes a failed call's message for its
   output (LiteLLM drops the flag);
+- Anthropic-defined client tools with a published input schema (bash, the text editor) are
+  function tools of that schema under the client's name for them, so the model's calls come
+  back as `tool_use` blocks the client runs; server tools (web search, code execution, …),
+  computer use and any other Anthropic-defined tool are a 400 naming the tool, never dropped;
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -26,9 +30,17 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from proxy.dialects.anthropic._request import IS_ERROR_MARKER
+from proxy.dialects.anthropic._request import IS_ERROR_MARKER, is_custom_tool
 from proxy.dialects.anthropic._vocabulary import DIALECT
-from proxy.domain.chat import ChatRequest, ContentPart, ImagePart, Message, OpaquePart, TextPart
+from proxy.domain.chat import (
+    ChatRequest,
+    ContentPart,
+    ImagePart,
+    Message,
+    OpaquePart,
+    TextPart,
+    Tool,
+)
 from proxy.domain.errors import invalid_request
 
 # Anthropic-only blocks other backends do without: the domain carries their meaning already
@@ -43,10 +55,11 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     and for requests without Anthropic-only content."""
     if target == DIALECT or request.dialect != DIALECT:
         return
+    backend = _BACKEND_NAMES.get(target, f"a `{target}` backend")
+    _adapt_tools(request, backend)
     move_images = target == "openai"
     if not any(_needs_work(message, move_images) for message in request.messages):
         return
-    backend = _BACKEND_NAMES.get(target, f"a `{target}` backend")
     messages: list[Message] = []
     moved: list[ContentPart] = []
     for message in request.messages:
@@ -177,3 +190,98 @@ def _images_message(moved: list[ContentPart], following: Message | None) -> Mess
 
 def _replace_content(message: Message, content: tuple[ContentPart, ...]) -> Message:
     return replace(message, content=content)
+
+
+# -- Anthropic-defined tools -------------------------------------------------------------------
+
+_BASH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "string", "description": "The bash command to run."},
+        "restart": {"type": "boolean", "description": "Restart the bash session (no command is needed then)."},
+    },
+}
+_BASH_DESCRIPTION = (
+    "Run a command in a persistent bash session (its working directory and environment carry over "
+    "from one call to the next) and read its output."
+)
+_EDITOR_DESCRIPTION = (
+    "View, create and edit text files. `view` shows a file with line numbers (`view_range` [start, end] "
+    "for some lines, end -1 for the rest) or lists a directory; `create` writes `file_text` to a new "
+    "file; `str_replace` replaces `old_str`, which must occur in the file exactly once, with `new_str`; "
+    "`insert` inserts `new_str` after line `insert_line` (0 for the top of the file)."
+)
+# The editor versions of Claude 3.x, which also undo (Claude 4's have no `undo_edit`).
+_EDITORS_WITH_UNDO = frozenset({"text_editor_20241022", "text_editor_20250124"})
+
+
+def _editor(kind: str) -> tuple[str, dict[str, Any]]:
+    commands = ["view", "create", "str_replace", "insert"]
+    description = _EDITOR_DESCRIPTION
+    if kind in _EDITORS_WITH_UNDO:
+        commands.append("undo_edit")
+        description += " `undo_edit` reverts the last edit of the file at `path`."
+    schema = {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string", "enum": commands, "description": "The command to run."},
+            "path": {"type": "string", "description": "Absolute path of the file or directory."},
+            "file_text": {"type": "string", "description": "The new file's content (`create`)."},
+            "old_str": {"type": "string", "description": "The text to replace (`str_replace`)."},
+            "new_str": {"type": "string", "description": "The replacement (`str_replace`) or the text to insert (`insert`)."},
+            "insert_line": {"type": "integer", "description": "The line to insert after (`insert`)."},
+            "view_range": {
+                "type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2,
+                "description": "First and last line to show (`view`).",
+            },
+        },
+        "required": ["command", "path"],
+    }
+    return description, schema
+
+
+def _client_tool(kind: str) -> tuple[str, dict[str, Any]] | None:
+    """The description and input schema of an Anthropic-defined tool the client runs, by its
+    `type`, where Anthropic publishes the schema."""
+    if kind.startswith("bash_"):
+        return _BASH_DESCRIPTION, _BASH_SCHEMA
+    if kind.startswith("text_editor_"):
+        return _editor(kind)
+    return None
+
+
+# Types of the tools Anthropic runs on its own servers.
+_SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_", "tool_search_tool_", "mcp_toolset")
+
+
+def _adapt_tools(request: ChatRequest, backend: str) -> None:
+    """Another backend's tools: the client's own, and function tools for the Anthropic-defined
+    ones it can run (in the order the client gave them); a 400 for the others."""
+    kept = request.extra.get("tools")
+    if not isinstance(kept, list) or all(is_custom_tool(tool) for tool in kept):
+        return
+    custom = iter(request.tools)
+    tools: list[Tool] = []
+    for i, raw in enumerate(kept):
+        if is_custom_tool(raw):
+            tools.append(next(custom))
+            continue
+        kind, name = str(raw.get("type")), str(raw.get("name"))
+        known = _client_tool(kind)
+        if known is None:
+            raise invalid_request(
+                f"Tool `{name}` (`{kind}`) {_what_it_is(kind)}; model `{request.model}` is served by {backend}, "
+                "which cannot offer it. Only Anthropic backends accept it.",
+                param=f"tools[{i}]", code="unsupported_tool",
+            )
+        description, schema = known
+        tools.append(Tool(name=name, description=description, parameters=schema))
+    request.tools = tools
+
+
+def _what_it_is(kind: str) -> str:
+    if kind.startswith(_SERVER_TOOLS):
+        return "is a server tool, which Anthropic runs itself"
+    if kind.startswith("computer_"):
+        return "is computer use, which needs a model trained on its screenshots and actions"
+    return "is an Anthropic-defined tool without a published schema"

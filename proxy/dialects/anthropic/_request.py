@@ -13,9 +13,10 @@ Mapping choices (ingress):
   travels as Anthropic-only marker parts placed after what they mark, and on tool
   definitions in `extra`, so an Anthropic backend gets its cache breakpoints back; a text
   block's `citations` (an earlier answer's, given back) travel the same way;
-- server tools (a `tools` entry with a `type` other than `custom`) and every unmodelled
-  top-level field (`thinking`, `metadata`, `service_tier`, …) travel in `extra`, so only
-  Anthropic backends see them; `tool_choice`'s `disable_parallel_tool_use` does too (sent
+- Anthropic-defined tools (a `tools` entry with a `type` other than `custom`: server tools,
+  bash, the text editor, …) and every unmodelled top-level field (`thinking`, `metadata`,
+  `service_tier`, …) travel in `extra`, for Anthropic backends (`adapt_for_dialect` makes
+  function tools of the ones other backends can be given); `tool_choice`'s `disable_parallel_tool_use` does too (sent
   back as written) and is also the domain's `parallel_tool_calls`, for other backends.
 """
 
@@ -90,7 +91,7 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
         # with what the domain does not keep (cache breakpoints, `strict`, `defer_loading`,
         # …); their description and schema are the domain's, not carried twice.
         extra["tools"] = [
-            {k: v for k, v in tool.items() if k not in _TOOL_MODELLED} if _is_custom(tool) else tool
+            {k: v for k, v in tool.items() if k not in _TOOL_MODELLED} if is_custom_tool(tool) else tool
             for tool in raw_tools
         ]
     tool_choice = _parse_tool_choice(fields.object("tool_choice"))
@@ -389,7 +390,7 @@ def _parse_tools(items: list[Any]) -> list[Tool]:
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
         fields = Fields(item, path)
-        if not _is_custom(item):
+        if not is_custom_tool(item):
             fields.text("name", required=True, nonempty=True)
             continue
         name = fields.text("name", required=True, nonempty=True)
@@ -400,7 +401,8 @@ def _parse_tools(items: list[Any]) -> list[Tool]:
     return tools
 
 
-def _is_custom(tool: dict[str, Any]) -> bool:
+def is_custom_tool(tool: dict[str, Any]) -> bool:
+    """A tool the client defined (not one Anthropic defined: a server tool, bash, …)."""
     return tool.get("type", "custom") in ("custom", None)
 
 
@@ -413,10 +415,10 @@ def _render_tools(request: ChatRequest, extra: dict[str, Any]) -> list[dict[str,
     kept = extra.get("tools")
     server: list[dict[str, Any]] = []
     if isinstance(kept, list):
-        if [tool.get("name") for tool in kept if _is_custom(tool)] == [tool.name for tool in request.tools]:
+        if [tool.get("name") for tool in kept if is_custom_tool(tool)] == [tool.name for tool in request.tools]:
             domain = iter(request.tools)
-            return [{**_render_tool(next(domain)), **tool} if _is_custom(tool) else tool for tool in kept]
-        server = [tool for tool in kept if not _is_custom(tool)]
+            return [{**_render_tool(next(domain)), **tool} if is_custom_tool(tool) else tool for tool in kept]
+        server = [tool for tool in kept if not is_custom_tool(tool)]
     return [_render_tool(tool) for tool in request.tools] + server
 
 
