@@ -393,6 +393,11 @@ async def test_a_prefill_is_continued_by_an_openai_compatible_backend_not_answer
         async with ollama.AsyncClient(host=url) as client:
             await client.chat(model="qwen3-8b", messages=PREFILL)
         from_ollama = vllm.requests[-1].json
+        agent = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await agent.chat.completions.create(model="qwen3-8b", messages=PREFILL)
+        await agent.close()
+    # An OpenAI client says what it means in vLLM's own fields (its request goes as sent).
+    assert not {"continue_final_message", "add_generation_prompt"} & set(vllm.requests[-1].json)
     assert continued["messages"][-1] == {"role": "assistant", "content": '{"capital": "'}
     assert (continued["continue_final_message"], continued["add_generation_prompt"]) == (True, False)
     assert (from_ollama["continue_final_message"], from_ollama["add_generation_prompt"]) == (True, False)
