@@ -284,4 +284,4 @@ def _what_it_is(kind: str) -> str:
         return "is a server tool, which Anthropic runs itself"
     if kind.startswith("computer_"):
         return "is computer use, which needs a model trained on its screenshots and actions"
-    return "is an Anthropic-defined tool without a published schema"
+    return "is an Anthropic-defined tool the gateway has no input schema for"
