@@ -432,9 +432,11 @@ async def _local_events(event_log: EventLog, after: int, send: trio.MemorySendCh
     position = after
     while True:
         await event_log.wait_beyond(position)
-        for offset, event in enumerate(event_log.events[position:], start=position + 1):
+        events = event_log.events[position:]
+        for offset, event in enumerate(events, start=position + 1):
             await send.send((offset, event))
-        position = max(position, len(event_log.events))
+        # What the run appended while a send waited for the reader is read next time round.
+        position += len(events)
         outcome = event_log.outcome
         if outcome is not None and position >= len(event_log.events):
             end = len(event_log.events) + 1
