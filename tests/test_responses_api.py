@@ -317,7 +317,7 @@ async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(set
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"previous_response_id": "resp_abc"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "store"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),

@@ -237,10 +237,11 @@ def test_stateful_features_are_refused_with_what_to_do_instead(fields: dict[str,
     assert "send the whole conversation in `input`" in error.message
 
 
-def test_background_is_served_with_stream_only() -> None:
-    error = refused(background=True)
-    assert error.param == "background" and "`stream: true`" in error.message
+def test_background_needs_store() -> None:
+    error = refused(background=True, store=False)
+    assert error.param == "store" and "`background: true`" in error.message
     assert parse(background=True, stream=True).background
+    assert parse(background=True).background and parse(background=True, store=True).background
     assert not parse(background=False).background
 
 

@@ -58,12 +58,13 @@ class FrontRoute:
 
 
 class FrontDoor:
-    """Routes served without Quart: exact paths, or a prefix and one last segment. Each
-    surface module declares its own (as it does its blueprint); the app includes them."""
+    """Routes served without Quart: exact paths, or paths with one parameter segment
+    (`/v1/streams/<trace_id>`, `/v1/responses/<response_id>/cancel`). Each surface module
+    declares its own (as it does its blueprint); the app includes them."""
 
     def __init__(self) -> None:
         self._exact: dict[str, FrontRoute] = {}
-        self._prefixed: list[tuple[str, str, FrontRoute]] = []
+        self._with_param: list[tuple[str, str, str, FrontRoute]] = []  # prefix, name, suffix
 
     def route(self, rule: str, *, method: str = "POST") -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
@@ -72,9 +73,10 @@ class FrontDoor:
                 known.handlers[method] = handler
                 return handler
             route = FrontRoute(rule, {method: handler})
-            if rule.endswith(">"):
-                prefix, _, name = rule[:-1].rpartition("<")
-                self._prefixed.append((prefix, name, route))
+            if "<" in rule:
+                prefix, _, rest = rule.partition("<")
+                name, _, suffix = rest.partition(">")
+                self._with_param.append((prefix, name, suffix, route))
             else:
                 self._exact[rule] = route
             return handler
@@ -83,16 +85,16 @@ class FrontDoor:
 
     def include(self, other: FrontDoor) -> None:
         self._exact.update(other._exact)
-        self._prefixed.extend(other._prefixed)
+        self._with_param.extend(other._with_param)
 
     def match(self, path: str) -> tuple[FrontRoute, dict[str, str]] | None:
         route = self._exact.get(path)
         if route is not None:
             return route, {}
-        for prefix, name, route in self._prefixed:
-            if path.startswith(prefix):
-                value = path[len(prefix) :]
-                if value and "/" not in value:
+        for prefix, name, suffix, route in self._with_param:
+            if path.startswith(prefix) and path.endswith(suffix) and len(path) > len(prefix) + len(suffix):
+                value = path[len(prefix) : len(path) - len(suffix)]
+                if "/" not in value:
                     return route, {name: value}
         return None
 
@@ -100,7 +102,7 @@ class FrontDoor:
         return [(route.rule, set(route.handlers)) for route in self._routes_by_rule().values()]
 
     def _routes_by_rule(self) -> dict[str, FrontRoute]:
-        return {route.rule: route for route in [*self._exact.values(), *(route for _, _, route in self._prefixed)]}
+        return {route.rule: route for route in [*self._exact.values(), *(route for *_, route in self._with_param)]}
 
 
 async def serve(

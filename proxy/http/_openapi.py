@@ -580,7 +580,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
         "server-sent events. `previous_response_id`, `conversation` and `prompt` are 400s (send the whole "
-        "conversation); `background: true` (with `stream: true`) runs on when the connection drops.",
+        "conversation); `background: true` runs on when the connection drops (without `stream`, answered "
+        "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
     ("/v1/responses/{response_id}", "get"): _op(
         "A response read back from the journal (OpenAI's retrieve; with `stream=true`, its resume)", "OpenAI",
@@ -599,10 +600,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
         ))
         for path, method in (
-            ("/v1/responses/{response_id}", "delete"),
-            ("/v1/responses/{response_id}/cancel", "post"), ("/v1/responses/{response_id}/input_items", "get"),
+            ("/v1/responses/{response_id}", "delete"), ("/v1/responses/{response_id}/input_items", "get"),
         )
     },
+    ("/v1/responses/{response_id}/cancel", "post"): _op(
+        "Cancel a background response (OpenAI's cancel)", "OpenAI", _ok(_RESPONSE), parameters=[_RESPONSE_ID],
+        description="Stops a response running on this instance (409 for another instance's) and answers it "
+        "`cancelled`; one that has ended is answered as it stands.",
+    ),
     ("/v1/streams/{trace_id}", "get"): _op(
         "Resume a trace's event stream", "Streams", _ok(media="text/event-stream"),
         parameters=[

@@ -1,8 +1,10 @@
 """The OpenAI Responses surface: `POST /v1/responses`, translated to a chat exchange.
 
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
-with everything an exchange brings (idempotency, caches, the journal, limits, metrics). The
-gateway stores no responses: the paths that read one back are 404s saying so.
+with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
+response is read back from the journal while it keeps it (whole, or its stream resumed); a
+background one runs durably, polled for, and can be cancelled on the instance running it. The
+gateway keeps no conversations: `/input_items` is a 404 saying so.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects.events import Finished, WireEvent
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
-from proxy.http._errors import Reply, register_dialect_errors
+from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
     DirectBody,
@@ -28,12 +30,13 @@ from proxy.http._exchange import (
     JsonSink,
     RenderedStreamSink,
 )
-from proxy.http._front import FrontDoor, Incoming
+from proxy.http._front import FrontDoor, Incoming, send_reply
 from proxy.http._head import current_tenant, request_meta
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.chat_store import StoredRun
 from proxy.infra.postgres import DatabaseError
+from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.persistence import Persistence
 
 exchanges = FrontDoor()
@@ -85,6 +88,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     model, settings = request.model, parsed.settings
+    if parsed.background and not request.stream:
+        return _Background(exchange, headers, response=response, model=model, settings=settings)
     if request.stream:
         return ExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
@@ -94,6 +99,36 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
     ))
+
+
+class _Background(ExchangeBody):
+    """A background response (`background: true` without `stream`): its run started in the
+    app's Runs nursery, and answered at once, queued; the client polls `GET /v1/responses/{id}`."""
+
+    def __init__(
+        self, exchange: ChatExchange, headers: Headers, *, response: str, model: str, settings: dict[str, Any]
+    ) -> None:
+        super().__init__(exchange, _no_sink)
+        self._headers = headers
+        self._response = response
+        self._model = model
+        self._settings = settings
+
+    async def run(self, send: ASGISendCallable) -> None:
+        try:
+            await self.exchange.detach()
+        except GatewayError as error:
+            await send_reply(send, error_reply(error, responses.DIALECT))
+            return
+        queued = responses.response_object(
+            response=self._response, created_at=int(time.time()), model=self._model, settings=self._settings,
+            status="queued", output=[],
+        )
+        await send_reply(send, Reply(dumps(queued), headers=[*self._headers, *self.exchange.response_headers]))
+
+
+def _no_sink(send: ASGISendCallable) -> ExchangeSink:
+    raise AssertionError("a background response writes no stream")
 
 
 # -- reading a response back ------------------------------------------------------------------------
@@ -130,10 +165,23 @@ async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
 
 
 async def _whole(persistence: Persistence, trace_id: str, response: str) -> Reply:
+    return _rendered(await _found(persistence, trace_id, response), response)
+
+
+async def _found(persistence: Persistence, trace_id: str, response: str) -> StoredRun:
     stored = await _stored(persistence, trace_id)
     tenant = current_tenant()
+    if stored is None:
+        live = persistence.runs.live.get(trace_id)
+        if live is not None:
+            # Polled before its `running` row is written (a moment after its creation).
+            stored = StoredRun(status="running", completion=None, error=None, tenant=live.tenant, route="direct")
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
+    return stored
+
+
+def _rendered(stored: StoredRun, response: str) -> Reply:
     completion = stored.completion
     settings = responses.default_settings()
     if stored.status == "completed" and completion is not None:
@@ -218,9 +266,24 @@ def _not_found(response_id: str) -> GatewayError:
     )
 
 
-@blueprint.post("/v1/responses/<response_id>/cancel")
-async def cancel_response(response_id: str) -> Response:
-    raise _not_found(response_id)
+@exchanges.route("/v1/responses/<response_id>/cancel")
+async def cancel_response(incoming: Incoming) -> Reply:
+    """Stop a background response running on this instance: the Response as it then stands
+    (`cancelled`). One that has ended already is answered as it is."""
+    response = incoming.params["response_id"]
+    trace_id = response.removeprefix("resp_")
+    persistence = incoming.gateway.persistence
+    if persistence is None or trace_id == response or not trace_id:
+        raise _not_found(response)
+    stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    if stored.status == "running":
+        if not await persistence.runs.cancel(trace_id):
+            raise GatewayError(
+                ErrorKind.CONFLICT, f"Response '{response}' runs on another gateway instance: cancel it there.",
+                param="response_id", code="response_elsewhere",
+            )
+        stored = await _found(persistence, trace_id, response)
+    return _rendered(stored, response)
 
 
 @blueprint.get("/v1/responses/<response_id>/input_items")

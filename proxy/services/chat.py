@@ -361,6 +361,7 @@ class ChatExchange:
         self._hangup = Hangup()
         self._served = Served()
         self.hung_up = False
+        self._detached = False  # run by `detach`: its run writes the record
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -479,6 +480,28 @@ class ChatExchange:
         headers = self.response_headers  # in place: the sink holds this list
         headers[:] = [(name, trace_id.encode() if name == b"x-trace-id" else value) for name, value in headers]
 
+    async def detach(self) -> None:
+        """Start this exchange's run with nobody reading it (a background response): return
+        once it runs, in the app's Runs nursery, journalled like any durable run. Its record
+        (log line, usage, the key's charge) is written when the run ends, from what it made.
+
+        Refused (the record written, the error raised) when the request cannot run durably:
+        no journal, or the gateway is stopping."""
+        try:
+            plan = await self._plan()
+            if plan.kind != "durable":
+                raise GatewayError(
+                    ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
+                    "not available now.", code="journal_unavailable", retry_after=2,
+                )
+        except GatewayError as error:
+            self._failed_before_start(error)
+            self._finish_record()
+            raise
+        self.response_headers.extend(plan.headers)
+        self._detached = True
+        self._start_durable(plan)
+
     def _journal(self, plan: Plan) -> Journal | None:
         persistence = self._persistence
         if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
@@ -505,7 +528,8 @@ class ChatExchange:
         complete = False
         try:
             async with trio.open_nursery() as nursery:
-                journal.begin()
+                # A background run is polled for from the moment its creation is answered.
+                journal.begin(at_once=self._detached)
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
                 nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
                 async with receive:
@@ -526,12 +550,24 @@ class ChatExchange:
                     event_log.close(_outcome(result, complete=True))
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
-            # Nothing cancels a durable run but the server's shutdown: its row says so.
-            if is_cancellation(exc) and result.error is None:
+            # A durable run is cancelled by the server's shutdown (its row: failed, retry) or
+            # by its client's explicit cancel (its row: cancelled).
+            if is_cancellation(exc) and result.error is None and not self._cancelled_by_client():
                 result.error = SHUTTING_DOWN
             raise
         finally:
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
+            if self._detached:  # no client relay folded the run into this exchange's result
+                self.result = result
+                if result.error is not None and not event_log.events:
+                    self._failed_before_start(result.error)
+                else:
+                    self.record.status = 200
+                    self.record.cancelled = not complete and result.error is None
+                self._finish_record()
+
+    def _cancelled_by_client(self) -> bool:
+        return self._persistence is not None and self._persistence.runs.cancelled(self.meta.trace_id)
 
     def _producer(self) -> Producer:
         return self.call_backend if self.handler is None else self.handler.producer(self)

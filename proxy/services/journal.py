@@ -123,10 +123,12 @@ class Journal:
             # cycle, leaving every request's objects to the cyclic GC instead of refcounting.
             log.listeners.append(functools.partial(_enqueue, publisher, self._subject))
 
-    def begin(self) -> None:
-        # A trace whose events others publish (a workflow's workers) is written at once:
-        # readers on other instances need its row to read those events as its client does.
-        self._writer.start(self.row, at_once=not self._publish_events)
+    def begin(self, *, at_once: bool = False) -> None:
+        """Write the `running` row: `at_once` when readers may look for it right away (else it
+        waits, and is never written for a run that ends first). A trace whose events others
+        publish (a workflow's workers) is always written at once: readers on other instances
+        need its row to read those events as its client does."""
+        self._writer.start(self.row, at_once=at_once or not self._publish_events)
 
     async def finish(self, outcome: Outcome, row: LogRow) -> None:
         """Commit the outcome, then publish `finished`. Shielded and bounded: it runs after a

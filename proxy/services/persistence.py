@@ -62,6 +62,7 @@ class Runs:
         self.live: dict[str, EventLog] = {}
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -82,15 +83,36 @@ class Runs:
 
     def start(self, log: EventLog, body: Callable[[], Awaitable[None]]) -> None:
         assert self._nursery is not None
-        self.live[log.trace_id] = log
+        trace_id = log.trace_id
+        scope, ended = self._scopes[trace_id] = (trio.CancelScope(), trio.Event())
+        self.live[trace_id] = log
 
         async def supervised() -> None:
             try:
-                await body()
+                with scope:
+                    await body()
             finally:
-                self.live.pop(log.trace_id, None)
+                self.live.pop(trace_id, None)
+                self._scopes.pop(trace_id, None)
+                ended.set()
 
         self._nursery.start_soon(supervised)
+
+    async def cancel(self, trace_id: str) -> bool:
+        """Stop a run of this instance on its client's request and return once it has ended
+        (its row written: `cancelled`); False when no such run is going on here."""
+        found = self._scopes.get(trace_id)
+        if found is None:
+            return False
+        scope, ended = found
+        scope.cancel()
+        await ended.wait()  # bounded: a cancelled run only writes its row (shielded, with a deadline)
+        return True
+
+    def cancelled(self, trace_id: str) -> bool:
+        """Whether the run was stopped by `cancel` (not by the gateway stopping)."""
+        found = self._scopes.get(trace_id)
+        return found is not None and found[0].cancel_called
 
 
 @dataclass(slots=True)
@@ -432,9 +454,11 @@ async def _local_events(event_log: EventLog, after: int, send: trio.MemorySendCh
     position = after
     while True:
         await event_log.wait_beyond(position)
-        for offset, event in enumerate(event_log.events[position:], start=position + 1):
+        events = event_log.events[position:]
+        for offset, event in enumerate(events, start=position + 1):
             await send.send((offset, event))
-        position = max(position, len(event_log.events))
+        # What the run appended while a send waited for the reader is read next time round.
+        position += len(events)
         outcome = event_log.outcome
         if outcome is not None and position >= len(event_log.events):
             end = len(event_log.events) + 1

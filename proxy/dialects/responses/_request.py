@@ -2,8 +2,8 @@
 
 The gateway keeps no conversations, so a request must carry its whole conversation in
 `input`: the stateful fields (`previous_response_id`, `conversation`, `prompt`) are 400s
-saying so. `background: true` is served with `stream: true` (a run that outlives its
-connection, read back from the journal). Only function tools are served; OpenAI's built-in tools run on OpenAI's
+saying so. `background: true` makes a run that outlives its connection, read back (polled,
+or streamed again) from the journal. Only function tools are served; OpenAI's built-in tools run on OpenAI's
 servers and have nothing to become here.
 """
 
@@ -67,12 +67,9 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         if data.get(name) is not None:
             raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
     background = bool(fields.boolean("background"))
-    if background and not fields.boolean("stream"):
+    if background and fields.data.get("store") is False:
         raise invalid_request(
-            "`background: true` is served with `stream: true`: the run goes on if the connection drops, and "
-            "`GET /v1/responses/{id}?stream=true&starting_after=N` reads the rest (polling a queued response "
-            "is not supported).",
-            param="background", code="unsupported_parameter",
+            "`background: true` needs `store`: a background response is read back by its id.", param="store",
         )
 
     messages: list[Message] = []

@@ -1,0 +1,145 @@
+"""Background responses (`background: true` without `stream`), as the official `openai` SDK
+uses them: created and answered at once `queued`, polled with `responses.retrieve` until they
+end, cancelled with `responses.cancel`. On real PostgreSQL and NATS."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+TOKENS = [f" w{i}" for i in range(20)]
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    fake: OpenAIBackend
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    # An answer that takes the backend 2 s (a background run streams it from the backend, for
+    # its journal): long enough to poll and to cancel.
+    fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Stack(url, pg_database_url, fake, client)
+        await client.close()
+
+
+async def poll_until_ended(client: openai.AsyncOpenAI, response_id: str, within: float = 15.0) -> list[str]:
+    """Poll as the SDK's users do; the statuses seen, in order."""
+    seen: list[str] = []
+    with trio.fail_after(within):
+        while not seen or seen[-1] in ("queued", "in_progress"):
+            seen.append((await client.responses.retrieve(response_id)).status or "")
+            await trio.sleep(0.1)
+    return seen
+
+
+async def test_a_background_response_is_answered_queued_at_once_and_polled_to_its_end(stack: Stack) -> None:
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    # Answered while the backend is still generating, not once it is done.
+    assert created.status == "queued" and created.background is True
+    assert [g.outcome for g in stack.fake.recorder.generations] in ([], ["running"])
+    statuses = await poll_until_ended(stack.client, created.id)
+    assert statuses[0] == "in_progress" and statuses[-1] == "completed"
+    done = await stack.client.responses.retrieve(created.id)
+    assert done.output_text == "".join(TOKENS)
+    assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (6, 20)
+    assert [g.outcome for g in stack.fake.recorder.generations] == ["completed"]
+
+
+async def test_a_background_response_is_polled_at_once_after_its_creation(stack: Stack) -> None:
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    # Before its `running` row can have been written: the live run answers for it.
+    assert (await stack.client.responses.retrieve(created.id)).status == "in_progress"
+
+
+async def test_cancelling_a_background_response_stops_its_backend_and_records_it_cancelled(stack: Stack) -> None:
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    await stack.fake.wait_requests(1, 10)
+    cancelled = await stack.client.responses.cancel(created.id)
+    assert (cancelled.id, cancelled.status) == (created.id, "cancelled")
+    await eventually(lambda: _ended(stack.fake))
+    assert [g.outcome for g in stack.fake.recorder.generations] == ["cancelled"]
+    assert (await stack.client.responses.retrieve(created.id)).status == "cancelled"
+    await wait_for_row(stack.db, created.id.removeprefix("resp_"), "cancelled")
+    # Cancelling again, or cancelling an ended response, answers it as it stands.
+    assert (await stack.client.responses.cancel(created.id)).status == "cancelled"
+
+
+async def _ended(fake: OpenAIBackend) -> bool:
+    return all(g.outcome != "running" for g in fake.recorder.generations)
+
+
+async def test_a_finished_response_is_not_cancelled(stack: Stack) -> None:
+    stack.fake.default = Script(tokens=["Done."], usage=Usage(3, 1))
+    answered = await stack.client.responses.create(model="m", input="Hi")
+    await wait_for_row(stack.db, answered.id.removeprefix("resp_"), "completed")
+    again = await stack.client.responses.cancel(answered.id)
+    assert (again.status, again.output_text) == ("completed", "Done.")
+
+
+async def test_cancelling_an_unknown_response_is_a_404(stack: Stack) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await stack.client.responses.cancel("resp_0123456789abcdef0123456789abcdef")
+    assert info.value.status_code == 404
+
+
+async def test_background_without_store_is_a_400_naming_store(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.client.responses.create(model="m", input="x", background=True, store=False)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "store"
+    assert stack.fake.requests == []
+
+
+async def test_a_background_run_is_charged_to_its_key_when_it_ends(stack: Stack) -> None:
+    key = await new_key(stack.db, "background")
+    await wait_for_key(stack.url, key)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+    created = await client.responses.create(model="m", input="Count", background=True)
+    assert (await poll_until_ended(client, created.id))[-1] == "completed"
+    await client.close()
+
+    async def charged() -> dict[str, int] | None:
+        code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "list", "--json"))
+        assert code == 0, err
+        entry = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "background")
+        return entry if entry["completion_tokens"] else None
+
+    entry = await eventually(charged, within=10)
+    # The creating request and the polls are not chats; the run is, with the backend's usage.
+    assert (entry["requests"], entry["prompt_tokens"], entry["completion_tokens"]) == (1, 6, 20)
+
+
+async def test_a_key_cannot_poll_or_cancel_another_keys_response(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    await wait_for_key(stack.url, other)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    created = await mine.responses.create(model="m", input="Count", background=True)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.cancel(created.id)
+    assert (await mine.responses.cancel(created.id)).status == "cancelled"
+    await mine.close()
+    await theirs.close()
+    assert bearer(owner) != bearer(other)
+
