@@ -124,6 +124,8 @@ class ExchangeRecord:
     api_key_id: int | None = None
     # The base URL of the replica that answered, for a backend with several.
     replica: str | None = None
+    # The replicas the request left for another on the way there (down, full or silent).
+    passed_over: list[str] | None = None
     # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
     kind: str = "chat"
 
@@ -729,6 +731,7 @@ class ChatExchange:
         record = self.record
         record.total_ms = (time.perf_counter() - self.meta.received) * 1000
         record.replica = self._served.replica
+        record.passed_over = self._served.passed_over or None
         result = self.result
         usage = result.usage
         if record.source == "backend":
