@@ -139,6 +139,35 @@ async def test_the_completion_log_names_the_backend_that_answered(
     assert _chats(small) == ["qwen3-8b"] * 3  # the replay made no call; each cache miss one
 
 
+async def test_an_idempotent_replay_of_a_stand_ins_answer_names_the_stand_in(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    small = OpenAIBackend(default=Script(tokens=["stood", " in"]))
+    # The stand-in is an alias: the journal keeps the upstream model, the header the name.
+    async with small.serve() as server, running_gateway(
+        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("small", server.url, models=("qwen3-8b",)),
+        aliases={"small-model": "qwen3-8b"},
+        fallbacks={"qwen3-32b": ("small-model",)},
+        database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answers = []
+        for stream in (False, True):
+            body = {"model": "qwen3-32b", "messages": ASK, "stream": stream}
+            keyed = {"idempotency-key": f"replayed-stand-in-{stream}"}
+            first = await http.post("/v1/chat/completions", json=body, headers=keyed)
+            await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+            again = await http.post("/v1/chat/completions", json=body, headers=keyed)
+            answers.append((first, again))
+    for first, again in answers:
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert first.headers["x-fallback-model"] == "small-model" == again.headers.get("x-fallback-model")
+    (whole, whole_again), (streamed, streamed_again) = answers
+    assert whole.json()["choices"][0]["message"]["content"] == "stood in" == whole_again.json()["choices"][0]["message"]["content"]
+    assert "stood" in streamed.text and "stood" in streamed_again.text
+    assert _chats(small) == ["qwen3-8b"] * 2  # the replays made no call
+
+
 @pytest.mark.parametrize("kind", ["openai", "ollama"])
 async def test_a_backend_that_fails_before_its_first_token_with_a_200_falls_back(kind: str) -> None:
     # Ollama answers 200 and then `{"error": ...}` when a model cannot load.

@@ -470,10 +470,20 @@ class ChatExchange:
             self.record.source = replayed if other.kind == "replay" else "attached"
             if other.answered_by is not None:
                 self._answered_by(other.answered_by)
+            if other.kind == "replay" and (stand_in := self._stand_in_named(other.winner)) is not None:
+                other.headers.append((b"x-fallback-model", stand_in.encode()))  # as the first answer said
             return other
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
                     headers=[(b"x-cache", b"miss")] if cache else [])
+
+    def _stand_in_named(self, winner: str | None) -> str | None:
+        """The stand-in whose answer a replay gives (its `[fallbacks]` name, found by the
+        upstream model the journal says answered); None when the model itself answered. Only
+        a model with stand-ins can have had its answer from one."""
+        if winner is None or winner == self.route.upstream_model or not self.fallbacks:
+            return None
+        return next((f.model for f in self.fallbacks if f.route.upstream_model == winner), winner)
 
     def _answered_by(self, trace_id: str) -> None:
         """An answer replayed or attached to is that trace's: `x-trace-id` names it, so its row
