@@ -196,9 +196,11 @@ async def test_requests_in_flight_when_a_replica_fails_count_as_one_failure(capl
     assert _chats(full) >= 2 and _chats(up) == 20
 
 
-# Two replicas and a 4 s first-token budget: each replica may stay silent for 2 s. The
+# Two replicas and a 6 s first-token budget: each replica may stay silent for 3 s. The
 # client's own timeout (20 s) is far from both.
-SHARED = Timeouts(connect=2.0, first_token=4.0, idle=10.0, total=60.0)
+SHARED = Timeouts(connect=2.0, first_token=6.0, idle=10.0, total=60.0)
+# A replica may stay silent for 1 s, whatever the budget.
+QUICK = replace(SHARED, first_token=20.0, total=20.0, failover=1.0)
 ASK = [{"role": "user", "content": "hi"}]
 
 
@@ -236,8 +238,8 @@ async def test_a_stream_from_a_replica_that_accepts_and_hangs_goes_to_another(
 
 async def test_a_whole_answer_from_a_replica_that_accepts_and_hangs_comes_from_another() -> None:
     hung, healthy = OpenAIBackend(default=Script(stall_before_headers=True)), OpenAIBackend(default=Script(tokens=["fine"]))
-    # A whole answer's head comes with the answer: its share is of `total` (half of 4 s here).
-    async with _replicated(hung, healthy, timeouts=replace(SHARED, total=4.0)) as url:
+    # A whole answer's head comes with the answer: its share is of `total` (half of 6 s here).
+    async with _replicated(hung, healthy, timeouts=replace(SHARED, total=6.0)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
         for _ in range(3):
             answer = await client.chat.completions.create(model="m", messages=ASK)
@@ -301,7 +303,7 @@ async def test_a_hung_replica_is_stood_in_for_by_its_twin_before_any_fallback_mo
     hung, healthy = OpenAIBackend(default=Script(stall_after=0)), OpenAIBackend(default=Script(tokens=["twin"]))
     stand_in = OpenAIBackend(default=Script(tokens=["stand-in"]))
     async with hung.serve() as a, healthy.serve() as b, stand_in.serve() as c, running_gateway(
-        replace(backend("vllm", a.url, default=True, timeouts=replace(SHARED, total=4.0)), replicas=(f"{b.url}/v1",)),
+        replace(backend("vllm", a.url, default=True, timeouts=QUICK), replicas=(f"{b.url}/v1",)),
         backend("small", c.url, models=("qwen3-8b",)),
         fallbacks={"qwen3-32b": ("qwen3-8b",)},
     ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
@@ -311,3 +313,33 @@ async def test_a_hung_replica_is_stood_in_for_by_its_twin_before_any_fallback_mo
             assert answer.status_code == 200 and "twin" in answer.text
             assert "x-fallback-model" not in answer.headers
     assert (_chats(hung), _chats(healthy), _chats(stand_in)) == (1, 3, 0)
+
+
+async def test_a_replica_whose_server_accepts_but_never_reads_is_left_and_its_connection_closed() -> None:
+    # A paused container: the kernel completes the handshake, nobody reads the request.
+    paused = trio.socket.socket()
+    await paused.bind(("127.0.0.1", 0))
+    paused.listen(8)
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    paused_url = f"http://127.0.0.1:{paused.getsockname()[1]}/v1"
+    with paused:
+        async with _replicated(healthy, extra_urls=(paused_url,), timeouts=QUICK) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+            for stream in (True, False, True):
+                if stream:
+                    chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+                    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+                else:
+                    answer = await client.chat.completions.create(model="m", messages=ASK)
+                    assert answer.choices[0].message.content == "fine"
+            # Its one connection holds the request the gateway sent, then the gateway's close.
+            conn, _ = await paused.accept()
+            with conn, trio.fail_after(2):
+                received = b""
+                while data := await conn.recv(65536):
+                    received += data
+            with trio.move_on_after(0.2) as nothing_more:
+                await paused.accept()
+    assert received.startswith(b"POST /v1/chat/completions ")
+    assert nothing_more.cancelled_caught  # set aside: no further request went there
+    assert _chats(healthy) == 3
