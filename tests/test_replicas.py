@@ -16,7 +16,7 @@ import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
 from proxy.infra.logging import REQUEST_LOGGER
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
@@ -343,3 +343,23 @@ async def test_a_replica_whose_server_accepts_but_never_reads_is_left_and_its_co
     assert received.startswith(b"POST /v1/chat/completions ")
     assert nothing_more.cancelled_caught  # set aside: no further request went there
     assert _chats(healthy) == 3
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_replicas_of_other_dialects_that_hang_are_left_too(kind: str) -> None:
+    fake, path = {"ollama": (OllamaBackend, "/api/chat"), "anthropic": (AnthropicBackend, "/v1/messages")}[kind]
+    hung, healthy = fake(default=Script(stall_after=0)), fake(default=Script(tokens=["fine"]))
+    async with hung.serve() as a, healthy.serve() as b, running_gateway(
+        replace(backend("x", a.url, kind=kind, default=True, timeouts=QUICK), replicas=(b.url,)),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for stream in (True, False, True):
+            if stream:
+                chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+            else:
+                answer = await client.chat.completions.create(model="m", messages=ASK)
+                assert answer.choices[0].message.content == "fine"
+        await hung.wait_disconnect(1.0)
+    chats = [sum(1 for r in fake.requests if r.path == path) for fake in (hung, healthy)]
+    assert chats == [1, 3]
