@@ -363,6 +363,8 @@ class ChatExchange:
         self._hangup = Hangup()
         self._served = Served()
         self.hung_up = False
+        # The journalled run's event log: readers of the live run learn from it which model answers.
+        self._live_log: EventLog | None = None
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -470,7 +472,7 @@ class ChatExchange:
             self.record.source = replayed if other.kind == "replay" else "attached"
             if other.answered_by is not None:
                 self._answered_by(other.answered_by)
-            if other.kind == "replay" and (stand_in := self._stand_in_named(other.winner)) is not None:
+            if (stand_in := self._stand_in_named(other.winner)) is not None:
                 other.headers.append((b"x-fallback-model", stand_in.encode()))  # as the first answer said
             return other
         kind = "durable" if persistence.runs.available else "here"
@@ -496,8 +498,9 @@ class ChatExchange:
         if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
             return None
         row = self._new_row(plan)
+        self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
         return Journal(
-            row, EventLog(self.meta.trace_id, self.meta.tenant), writer=persistence.writer, publisher=persistence.publisher,
+            row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,
         )
 
@@ -594,6 +597,8 @@ class ChatExchange:
 
     def _switch_to(self, stand_in: Fallback) -> None:
         self.fell_back = True
+        if self._live_log is not None:
+            self._live_log.winner = stand_in.route.upstream_model
         self.route = stand_in.route
         self._backend = stand_in.backend
         self._call = replace(self._call, upstream_model=stand_in.route.upstream_model)

@@ -106,7 +106,8 @@ class Plan:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # The trace whose run answers (replay, follow): the response's `x-trace-id`.
     answered_by: str | None = None
-    # The upstream model whose answer a replay gives (a stand-in's, when one answered).
+    # The upstream model whose answer a replay (or a run here that is followed) gives: a
+    # stand-in's, when one answered. None: not known (a run on another instance).
     winner: str | None = None
 
 
@@ -191,7 +192,8 @@ class Persistence:
             # again, as it would a moment later.
             return None
         producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
-        return Plan("follow", producer=producer, req_id=req_id, key=key,
+        # A run here says which model answers once a stand-in took over (before its first byte).
+        return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
     async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
