@@ -363,3 +363,29 @@ async def test_replicas_of_other_dialects_that_hang_are_left_too(kind: str) -> N
         await hung.wait_disconnect(1.0)
     chats = [sum(1 for r in fake.requests if r.path == path) for fake in (hung, healthy)]
     assert chats == [1, 3]
+
+
+@pytest.mark.parametrize("hang", [Script(stall_before_headers=True), Script(stall_after=0)], ids=["no-head", "no-event"])
+async def test_one_request_at_a_time_tests_whether_a_hung_replica_is_back(
+    hang: Script, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("proxy.infra.backends._base.SET_ASIDE_SECONDS", 0.5)
+    hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(hung, healthy, timeouts=QUICK) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        body = {**CHAT, "stream": True}
+        while _chats(hung) == 0:
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        await trio.sleep(0.6)  # its time set aside is over: the next request tests it
+
+        async def chat() -> None:
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and "fine" in answer.text
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(chat)
+    # One request tested it (and waited its patience); the five others went to the healthy one.
+    assert _chats(hung) == 2
+    # Still hung: set aside for twice as long (a response head alone did not show it well).
+    aside = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert [message.split(" for ")[1].split("s ")[0] for message in aside] == ["0.5", "1"]

@@ -205,6 +205,13 @@ class _Replica:
     set_aside_until: float = -math.inf
     reason: str = ""
     failovers: int = 0
+    # Requests in flight that test whether it is back, its time set aside over: until one has
+    # answered, the others go elsewhere (a hung replica would hold them all for its patience).
+    probes: int = 0
+
+    def resting(self, now: float) -> bool:
+        """Gets no request now (but a first attempt, when every replica rests)."""
+        return self.set_aside_until > now or (self.failures > 0 and self.probes > 0)
 
     def url(self, path: str) -> httpx.URL:
         """`path` under the base URL; one starting `/../` under the server's root instead
@@ -289,7 +296,7 @@ class BackendClient:
             replica = replicas[(turn + offset) % count]
             if replica in tried:
                 continue
-            aside = replica.set_aside_until > now
+            aside = replica.resting(now)
             if aside and tried:
                 continue
             rank = (aside, replica.in_flight if not aside else 0, replica.set_aside_until if aside else 0.0)
@@ -300,7 +307,7 @@ class BackendClient:
     def _standby_exists(self, tried: list[_Replica]) -> bool:
         """Another replica, not tried yet for this request and not set aside, could take it."""
         now = trio.current_time()
-        return any(replica not in tried and replica.set_aside_until <= now for replica in self._replicas)
+        return any(replica not in tried and not replica.resting(now) for replica in self._replicas)
 
     def _patience(self, budget: float) -> float:
         """How long one replica may stay silent (no response head; for a stream, no byte)
@@ -331,7 +338,7 @@ class BackendClient:
         patience = math.inf
         if not stream and len(self._replicas) > 1:
             patience = self._patience(trio.current_effective_deadline() - trio.current_time())
-        response, replica, _ = await self._open(method, path, content, headers, params, [], patience)
+        response, replica, _ = await self._open(method, path, content, headers, params, [], patience, settle=True)
         if stream:
             # The replica's count of requests in flight drops when the stream is closed.
             response.extensions["llm_proxy.replica"] = replica
@@ -352,12 +359,16 @@ class BackendClient:
         params: dict[str, Any] | None,
         tried: list[_Replica],
         patience: float = math.inf,
+        *,
+        settle: bool,
     ) -> tuple[httpx.Response, _Replica, float]:
         """The response head from the first replica that gives one, and until when (if
         another replica could stand in) it may stay silent after it.
 
         `tried` (the replicas this request has been to, extended here) lets a caller that
-        gave up on a replica after its head ask again elsewhere."""
+        gave up on a replica after its head ask again elsewhere. Its head shows the replica
+        well (`settle`), unless it may still be found silent: then the caller says so
+        (`_settle`) once it knows."""
         replica = self._pick(tried)
         if replica is None:  # every other replica was set aside meanwhile
             raise timeout_error(self._name, "sent nothing, and no other replica could take the request", None)
@@ -375,11 +386,14 @@ class BackendClient:
             if patience < math.inf and self._standby_exists(tried):
                 quiet_until = trio.current_time() + patience
             replica.in_flight += 1
+            probing = replica.failures > 0
+            replica.probes += probing
             try:
                 with trio.move_on_at(quiet_until) as quiet:
                     response = await replica.transport.handle_async_request(request)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 replica.in_flight -= 1
+                replica.probes -= probing
                 standby = self._pick(tried)
                 if standby is None:
                     raise
@@ -388,10 +402,12 @@ class BackendClient:
                 continue
             except BaseException:
                 replica.in_flight -= 1
+                replica.probes -= probing
                 raise
             if quiet.cancelled_caught:
                 # Cancelling the request closed its connection: the replica sees its client go.
                 replica.in_flight -= 1
+                replica.probes -= probing
                 standby = self._pick(tried)
                 self._move_off(replica, f"it sent no response head within {patience:g}s")
                 if standby is None:
@@ -400,16 +416,22 @@ class BackendClient:
                 continue
             if response.status_code == 503 and (standby := self._pick(tried)) is not None:
                 replica.in_flight -= 1
+                replica.probes -= probing
                 await response.aclose()
                 self._move_off(replica, "it answered 503")
                 replica = standby
                 continue
-            replica.failures, replica.set_aside_until = 0, -math.inf
+            if settle or quiet_until == math.inf:
+                self._settle(replica, probing, well=True)
+            elif probing:
+                response.extensions["llm_proxy.probe"] = True
             if len(self._replicas) > 1 and (served := current_served.get()) is not None:
                 served.replica = replica.base
             if 300 <= response.status_code < 400:
                 # Following it would re-send a POST where the configuration did not say: name it.
                 replica.in_flight -= 1
+                if response.extensions.pop("llm_proxy.probe", False):
+                    self._settle(replica, True, well=True)
                 await response.aclose()
                 location = response.headers.get("location") or "nowhere"
                 raise GatewayError(
@@ -429,6 +451,15 @@ class BackendClient:
             )
             for replica in self._replicas
         ]
+
+    @staticmethod
+    def _settle(replica: _Replica, probing: bool, *, well: bool) -> None:
+        """A request to `replica` has shown whether it is well (its head, or for a stream
+        that could be found silent, its first byte): a probe is over, and a well replica's
+        failures are forgotten."""
+        replica.probes -= probing
+        if well:
+            replica.failures, replica.set_aside_until = 0, -math.inf
 
     def _move_off(self, replica: _Replica, why: object) -> None:
         """This request leaves `replica` for another one: counted, named in its log line,
@@ -492,23 +523,36 @@ class BackendClient:
         while True:
             with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
                 response, replica, quiet_until = await self._open(
-                    "POST", path, body, headers, None, tried, patience
+                    "POST", path, body, headers, None, tried, patience, settle=False
                 )
                 response.extensions["llm_proxy.replica"] = replica
             if head_scope.cancelled_caught:
                 raise timeout_error(backend, "sent no first token", timeouts.first_token)
+            unsettled = quiet_until < math.inf
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+
+            def heard(replica: _Replica = replica, probing: bool = probing) -> None:
+                nonlocal unsettled
+                unsettled = False
+                self._settle(replica, probing, well=True)
+
             try:
+                if response.status_code >= 400 or quiet_until >= first_deadline:
+                    heard()  # an answer (an error's too), or a replica never to be left
                 if response.status_code >= 400:
                     with transport_errors(backend):
                         raise error(response, await read_limited(response))
                 await pump_stream(
                     response, parser, send, backend=backend, timeouts=timeouts,
-                    first_deadline=first_deadline, relay_raw=relay_raw, quiet_until=quiet_until,
+                    first_deadline=first_deadline, relay_raw=relay_raw,
+                    quiet_until=quiet_until if unsettled else math.inf, on_heard=heard,
                 )
                 return
             except _Silent:
                 pass
             finally:
+                if unsettled:  # silent, or gone before a byte: not shown well
+                    self._settle(replica, probing, well=False)
                 with trio.CancelScope(shield=True):
                     await self.close(response)
             # Closed above, unread: the replica saw its client go. Nothing reached ours.
@@ -626,12 +670,13 @@ async def pump_stream(
     first_deadline: float,
     relay_raw: bool,
     quiet_until: float = math.inf,
+    on_heard: Callable[[], None] | None = None,
 ) -> None:
     """Read a streamed body through `parser` into `send`, one batch per read that produced
     something, under the first-token and idle timeouts.
 
     A backend that has sent no byte by `quiet_until` raises `_Silent` (its replica is given
-    up on); once one came, the first-token clock alone applies.
+    up on); once one came (`on_heard` is told), the first-token clock alone applies.
 
     One cancel scope serves every read: its deadline moves instead of a scope per chunk, and
     it is lifted while a batch is handed over, so a slow client is never mistaken for a
@@ -653,6 +698,8 @@ async def pump_stream(
                 # Alive, if slow to its first token: it keeps the request.
                 heard = True
                 scope.deadline = first_deadline
+                if on_heard is not None:
+                    on_heard()
             output = parser.feed(data) if data is not None else parser.close()
             if output.events or output.raw:
                 if not started:
