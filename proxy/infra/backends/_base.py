@@ -409,9 +409,11 @@ class BackendClient:
                 replica.in_flight -= 1
                 replica.probes -= probing
                 standby = self._pick(tried)
-                self._move_off(replica, f"it sent no response head within {patience:g}s")
-                if standby is None:
+                why = f"it sent no response head within {patience:g}s"
+                if standby is None:  # the others were set aside meanwhile: nowhere to go
+                    self._set_aside(replica, why)
                     raise timeout_error(self._name, "sent no response head", patience)
+                self._move_off(replica, why)
                 replica = standby
                 continue
             if response.status_code == 503 and (standby := self._pick(tried)) is not None:
