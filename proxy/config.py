@@ -26,12 +26,16 @@ class ConfigError(Exception):
 @dataclass(slots=True, frozen=True)
 class Timeouts:
     """Seconds. `first_token` bounds the wait for the first streamed chunk, `idle` the gap
-    between chunks, `total` the whole exchange; None disables one."""
+    between chunks, `total` the whole exchange; None disables one. `failover` (a backend
+    with replicas) is how long a replica may send nothing before the request goes to
+    another; None: the first-token (a stream) or total (a whole answer) budget shared
+    evenly among the replicas."""
 
     connect: float | None = 10.0
     first_token: float | None = 300.0
     idle: float | None = 120.0
     total: float | None = 1800.0
+    failover: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -373,9 +377,9 @@ def _parse_fallbacks(raw: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
 def _parse_timeouts(raw: Any, where: str, base: Timeouts) -> Timeouts:
     if not isinstance(raw, dict):
         raise ConfigError(f"`{where}` must be a table")
-    reader = _Reader(raw, where, {"connect", "first_token", "idle", "total"})
+    reader = _Reader(raw, where, {"connect", "first_token", "idle", "total", "failover"})
     values = {}
-    for name in ("connect", "first_token", "idle", "total"):
+    for name in ("connect", "first_token", "idle", "total", "failover"):
         if name in raw:
             value = reader.positive(name, (int, float), None)
             values[name] = float(value) if value else None

@@ -11,11 +11,12 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
+from proxy.dialects.events import Finished
 from tests.fakes import OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
-from tests.test_persistence import rows, wait_for_row
+from tests.test_persistence import rows, stream_frames, wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -137,6 +138,72 @@ async def test_the_completion_log_names_the_backend_that_answered(
     assert row[0] == "completed"
     assert (logged_backend, upstream) == ("small", "qwen3-8b")
     assert _chats(small) == ["qwen3-8b"] * 3  # the replay made no call; each cache miss one
+
+
+async def test_an_idempotent_replay_of_a_stand_ins_answer_names_the_stand_in(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    small = OpenAIBackend(default=Script(tokens=["stood", " in"]))
+    # The stand-in is an alias: the journal keeps the upstream model, the header the name.
+    async with small.serve() as server, running_gateway(
+        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("small", server.url, models=("qwen3-8b",)),
+        aliases={"small-model": "qwen3-8b"},
+        fallbacks={"qwen3-32b": ("small-model",)},
+        database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answers = []
+        for stream in (False, True):
+            body = {"model": "qwen3-32b", "messages": ASK, "stream": stream}
+            keyed = {"idempotency-key": f"replayed-stand-in-{stream}"}
+            first = await http.post("/v1/chat/completions", json=body, headers=keyed)
+            await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+            again = await http.post("/v1/chat/completions", json=body, headers=keyed)
+            answers.append((first, again))
+    for first, again in answers:
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert first.headers["x-fallback-model"] == "small-model" == again.headers.get("x-fallback-model")
+    (whole, whole_again), (streamed, streamed_again) = answers
+    assert whole.json()["choices"][0]["message"]["content"] == "stood in" == whole_again.json()["choices"][0]["message"]["content"]
+    assert "stood" in streamed.text and "stood" in streamed_again.text
+    assert _chats(small) == ["qwen3-8b"] * 2  # the replays made no call
+
+
+async def test_a_live_run_a_stand_in_answers_is_named_to_those_who_follow_it(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    small = OpenAIBackend(default=Script(n_tokens=20, pace=0.05))
+    async with small.serve() as server, running_gateway(
+        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("small", server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+        database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = {"model": "qwen3-32b", "messages": ASK, "stream": True}
+        keyed = {"idempotency-key": "followed-stand-in"}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=keyed) as first:
+            chunks = first.aiter_bytes()
+            await chunks.__anext__()  # the stand-in has begun
+            trace_id = first.headers["x-trace-id"]
+            followers: dict[str, httpx.Response] = {}
+
+            async def attach() -> None:
+                followers["attached"] = await http.post("/v1/chat/completions", json=body, headers=keyed)
+
+            async def resume() -> None:
+                followers["resumed"] = await http.get(f"/v1/streams/{trace_id}")
+
+            async with trio.open_nursery() as nursery:  # while the run is live
+                nursery.start_soon(attach)
+                nursery.start_soon(resume)
+                async for _ in chunks:
+                    pass
+    attached, resumed = followers["attached"], followers["resumed"]
+    assert first.headers["x-fallback-model"] == "qwen3-8b"
+    assert attached.headers["x-attached-to"] == trace_id and attached.headers.get("x-fallback-model") == "qwen3-8b"
+    finished = stream_frames(resumed.text)[-1][1]
+    assert isinstance(finished, Finished) and finished.winner == "qwen3-8b"
+    assert _chats(small) == ["qwen3-8b"]
 
 
 @pytest.mark.parametrize("kind", ["openai", "ollama"])

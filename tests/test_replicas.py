@@ -14,9 +14,9 @@ import openai
 import pytest
 import trio
 
-from proxy.config import ConfigError, load_settings
+from proxy.config import ConfigError, Timeouts, load_settings
 from proxy.infra.logging import REQUEST_LOGGER
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
@@ -29,13 +29,22 @@ def _chats(fake: OpenAIBackend) -> int:
 
 
 @asynccontextmanager
-async def _replicated(*fakes: OpenAIBackend, extra_urls: tuple[str, ...] = (), **settings: Any) -> AsyncIterator[str]:
+async def _replicated(
+    *fakes: OpenAIBackend, extra_urls: tuple[str, ...] = (), timeouts: Timeouts | None = None, **settings: Any
+) -> AsyncIterator[str]:
     """A gateway whose one backend has a replica per fake (then `extra_urls`)."""
     async with AsyncExitStack() as stack:
         urls = [f"{(await stack.enter_async_context(fake.serve())).url}/v1" for fake in fakes]
         urls += extra_urls
-        config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=tuple(urls[1:]))
+        config = replace(
+            backend("vllm", "http://unused", default=True, timeouts=timeouts), base_url=urls[0], replicas=tuple(urls[1:])
+        )
         yield await stack.enter_async_context(running_gateway(config, **settings))
+
+
+def _url(fake: OpenAIBackend) -> str:
+    assert fake.server is not None
+    return f"{fake.server.url}/v1"
 
 
 async def test_the_request_log_names_the_replica_that_answered(caplog: pytest.LogCaptureFixture) -> None:
@@ -185,3 +194,198 @@ async def test_requests_in_flight_when_a_replica_fails_count_as_one_failure(capl
     [state] = [state for state in states.values() if state != "ok"]
     assert float(state.removeprefix("set aside for ").split("s")[0]) <= 5.0
     assert _chats(full) >= 2 and _chats(up) == 20
+
+
+# Two replicas and a 6 s first-token budget: each replica may stay silent for 3 s. The
+# client's own timeout (20 s) is far from both.
+SHARED = Timeouts(connect=2.0, first_token=6.0, idle=10.0, total=60.0)
+# A replica may stay silent for 1 s, whatever the budget.
+QUICK = replace(SHARED, first_token=20.0, total=20.0, failover=1.0)
+ASK = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "hang",
+    [Script(stall_before_headers=True), Script(stall_after=0)],
+    ids=["no-response-head", "head-then-no-event"],
+)
+async def test_a_stream_from_a_replica_that_accepts_and_hangs_goes_to_another(
+    hang: Script, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(hung, healthy, timeouts=SHARED, access_log=True) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for _ in range(4):
+            chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+            metrics = (await http.get("/metrics")).text
+        # The abandoned request was closed: the hung replica saw its client go.
+        gone = await hung.wait_disconnect(1.0)
+        hung_url, healthy_url = _url(hung), _url(healthy)
+    assert gone.path == "/v1/chat/completions" and gone.frames_sent == 0
+    # Set aside after it hung once: the following requests went straight to the other one.
+    assert (_chats(hung), _chats(healthy)) == (1, 4)
+    assert states[hung_url].startswith("set aside for ") and "sent no" in states[hung_url]
+    assert f'llm_proxy_backend_replica_failovers_total{{backend="vllm",replica="{hung_url}"}} 1.0' in metrics
+    assert f'llm_proxy_backend_replica_failovers_total{{backend="vllm",replica="{healthy_url}"}} 0.0' in metrics
+    lines = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert [(getattr(r, "status", None), getattr(r, "replica", None)) for r in lines] == [(200, healthy_url)] * 4
+    assert [getattr(r, "passed_over", None) for r in lines].count([hung_url]) == 1
+
+
+async def test_a_whole_answer_from_a_replica_that_accepts_and_hangs_comes_from_another() -> None:
+    hung, healthy = OpenAIBackend(default=Script(stall_before_headers=True)), OpenAIBackend(default=Script(tokens=["fine"]))
+    # A whole answer's head comes with the answer: its share is of `total` (half of 6 s here).
+    async with _replicated(hung, healthy, timeouts=replace(SHARED, total=6.0)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for _ in range(3):
+            answer = await client.chat.completions.create(model="m", messages=ASK)
+            assert answer.choices[0].message.content == "fine"
+        gone = await hung.wait_disconnect(1.0)
+    assert not gone.headers_sent
+    assert (_chats(hung), _chats(healthy)) == (1, 3)
+
+
+async def test_timeouts_failover_sets_how_long_a_replica_may_stay_silent(tmp_path: pytest.TempPathFactory) -> None:
+    config = tmp_path / "llm-proxy.toml"  # type: ignore[operator]
+    config.write_text(
+        '[timeouts]\nfailover = 20\n[[backends]]\nname = "vllm"\nbase_url = ["http://a/v1", "http://b/v1"]\n'
+        'default = true\ntimeouts = { failover = 0.5 }\n'
+    )
+    [vllm] = load_settings(config, environ={}).backends
+    assert vllm.timeouts.failover == 0.5 and vllm.timeouts.first_token == 300.0
+    config.write_text('[timeouts]\nfailover = 20\n[[backends]]\nname = "vllm"\nbase_url = "http://a/v1"\ndefault = true\n')
+    assert load_settings(config, environ={}).backends[0].timeouts.failover == 20.0
+    assert Timeouts().failover is None  # not set: a share of the budget
+    hung, healthy = OpenAIBackend(default=Script(stall_after=0)), OpenAIBackend(default=Script(tokens=["fine"]))
+    # A 300 s first-token budget; the configured 0.5 s is what the hung replica gets.
+    async with _replicated(hung, healthy, timeouts=replace(SHARED, first_token=300.0, failover=0.5)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            for body in ({**CHAT, "stream": True}, CHAT):
+                assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+    assert (_chats(hung), _chats(healthy)) == (1, 2)
+
+
+async def test_a_replica_that_sent_its_first_event_is_never_left_for_another() -> None:
+    stalling = OpenAIBackend(default=Script(tokens=["a", "b", "c"], stall_after=2))
+    other = OpenAIBackend(default=Script(tokens=["other"]))
+    async with _replicated(stalling, other, timeouts=replace(SHARED, idle=1.0)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for _ in range(2):
+                async with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+                    body = (await response.aread()).decode()
+                if "other" not in body:
+                    break
+    # The client heard the role chunk and "a": the stall ends that stream with an error event;
+    # the request is not sent again (the other replica got only the request that went there).
+    assert response.status_code == 200 and '"a"' in body and '"b"' not in body
+    assert body.rstrip().splitlines()[-1].startswith('data: {"error"') and "idle timeout" in body
+    assert _chats(stalling) == 1 and _chats(other) <= 1
+
+
+async def test_every_replica_silent_is_a_504_within_the_first_token_timeout() -> None:
+    first, second = OpenAIBackend(default=Script(stall_before_headers=True)), OpenAIBackend(default=Script(stall_after=0))
+    async with _replicated(first, second, timeouts=replace(SHARED, first_token=2.0)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        # Both were asked in turn, and both requests closed.
+        await first.wait_disconnect(1.0)
+        await second.wait_disconnect(1.0)
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "backend_timeout"
+    assert "first token within 2s" in answer.json()["error"]["message"]
+    assert (_chats(first), _chats(second)) == (1, 1)
+
+
+async def test_a_hung_replica_is_stood_in_for_by_its_twin_before_any_fallback_model() -> None:
+    hung, healthy = OpenAIBackend(default=Script(stall_after=0)), OpenAIBackend(default=Script(tokens=["twin"]))
+    stand_in = OpenAIBackend(default=Script(tokens=["stand-in"]))
+    async with hung.serve() as a, healthy.serve() as b, stand_in.serve() as c, running_gateway(
+        replace(backend("vllm", a.url, default=True, timeouts=QUICK), replicas=(f"{b.url}/v1",)),
+        backend("small", c.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        for stream in (True, False, True):
+            body = {"model": "qwen3-32b", "messages": ASK, "stream": stream}
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and "twin" in answer.text
+            assert "x-fallback-model" not in answer.headers
+    assert (_chats(hung), _chats(healthy), _chats(stand_in)) == (1, 3, 0)
+
+
+async def test_a_replica_whose_server_accepts_but_never_reads_is_left_and_its_connection_closed() -> None:
+    # A paused container: the kernel completes the handshake, nobody reads the request.
+    paused = trio.socket.socket()
+    await paused.bind(("127.0.0.1", 0))
+    paused.listen(8)
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    paused_url = f"http://127.0.0.1:{paused.getsockname()[1]}/v1"
+    with paused:
+        async with _replicated(healthy, extra_urls=(paused_url,), timeouts=QUICK) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+            for stream in (True, False, True):
+                if stream:
+                    chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+                    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+                else:
+                    answer = await client.chat.completions.create(model="m", messages=ASK)
+                    assert answer.choices[0].message.content == "fine"
+            # Its one connection holds the request the gateway sent, then the gateway's close.
+            conn, _ = await paused.accept()
+            with conn, trio.fail_after(2):
+                received = b""
+                while data := await conn.recv(65536):
+                    received += data
+            with trio.move_on_after(0.2) as nothing_more:
+                await paused.accept()
+    assert received.startswith(b"POST /v1/chat/completions ")
+    assert nothing_more.cancelled_caught  # set aside: no further request went there
+    assert _chats(healthy) == 3
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_replicas_of_other_dialects_that_hang_are_left_too(kind: str) -> None:
+    fake, path = {"ollama": (OllamaBackend, "/api/chat"), "anthropic": (AnthropicBackend, "/v1/messages")}[kind]
+    hung, healthy = fake(default=Script(stall_after=0)), fake(default=Script(tokens=["fine"]))
+    async with hung.serve() as a, healthy.serve() as b, running_gateway(
+        replace(backend("x", a.url, kind=kind, default=True, timeouts=QUICK), replicas=(b.url,)),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for stream in (True, False, True):
+            if stream:
+                chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+            else:
+                answer = await client.chat.completions.create(model="m", messages=ASK)
+                assert answer.choices[0].message.content == "fine"
+        await hung.wait_disconnect(1.0)
+    chats = [sum(1 for r in fake.requests if r.path == path) for fake in (hung, healthy)]
+    assert chats == [1, 3]
+
+
+@pytest.mark.parametrize("hang", [Script(stall_before_headers=True), Script(stall_after=0)], ids=["no-head", "no-event"])
+async def test_one_request_at_a_time_tests_whether_a_hung_replica_is_back(
+    hang: Script, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("proxy.infra.backends._base.SET_ASIDE_SECONDS", 0.5)
+    hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(hung, healthy, timeouts=QUICK) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        body = {**CHAT, "stream": True}
+        while _chats(hung) == 0:
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 200
+        await trio.sleep(0.6)  # its time set aside is over: the next request tests it
+
+        async def chat() -> None:
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200 and "fine" in answer.text
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(chat)
+    # One request tested it (and waited its patience); the five others went to the healthy one.
+    assert _chats(hung) == 2
+    # Still hung: set aside for twice as long (a response head alone did not show it well).
+    aside = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+    assert [message.split(" for ")[1].split("s ")[0] for message in aside] == ["0.5", "1"]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -47,12 +47,19 @@ class _ReplicaCollector(Collector):
             "llm_proxy_backend_replica_in_flight", "Requests a backend replica is serving (streams until they end).",
             labels=["backend", "replica"],
         )
+        failovers = CounterMetricFamily(
+            "llm_proxy_backend_replica_failovers",
+            "Requests moved from a backend replica to another: unreachable, 503, or silent past its patience.",
+            labels=["backend", "replica"],
+        )
         for name, backend in self._backends.items():
             for replica in backend.replicas():
                 up.add_metric([name, replica.url], 0 if replica.set_aside_for else 1)
                 in_flight.add_metric([name, replica.url], replica.in_flight)
+                failovers.add_metric([name, replica.url], replica.failovers)
         yield up
         yield in_flight
+        yield failovers
 
 
 class Metrics:

@@ -124,6 +124,8 @@ class ExchangeRecord:
     api_key_id: int | None = None
     # The base URL of the replica that answered, for a backend with several.
     replica: str | None = None
+    # The replicas the request left for another on the way there (down, full or silent).
+    passed_over: list[str] | None = None
     # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
     kind: str = "chat"
 
@@ -362,6 +364,8 @@ class ChatExchange:
         self._served = Served()
         self.hung_up = False
         self._detached = False  # run by `detach`: its run writes the record
+        # The journalled run's event log: readers of the live run learn from it which model answers.
+        self._live_log: EventLog | None = None
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -469,10 +473,20 @@ class ChatExchange:
             self.record.source = replayed if other.kind == "replay" else "attached"
             if other.answered_by is not None:
                 self._answered_by(other.answered_by)
+            if (stand_in := self._stand_in_named(other.winner)) is not None:
+                other.headers.append((b"x-fallback-model", stand_in.encode()))  # as the first answer said
             return other
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
                     headers=[(b"x-cache", b"miss")] if cache else [])
+
+    def _stand_in_named(self, winner: str | None) -> str | None:
+        """The stand-in whose answer a replay gives (its `[fallbacks]` name, found by the
+        upstream model the journal says answered); None when the model itself answered. Only
+        a model with stand-ins can have had its answer from one."""
+        if winner is None or winner == self.route.upstream_model or not self.fallbacks:
+            return None
+        return next((f.model for f in self.fallbacks if f.route.upstream_model == winner), winner)
 
     def _answered_by(self, trace_id: str) -> None:
         """An answer replayed or attached to is that trace's: `x-trace-id` names it, so its row
@@ -507,8 +521,9 @@ class ChatExchange:
         if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
             return None
         row = self._new_row(plan)
+        self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
         return Journal(
-            row, EventLog(self.meta.trace_id, self.meta.tenant), writer=persistence.writer, publisher=persistence.publisher,
+            row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,
         )
 
@@ -618,6 +633,8 @@ class ChatExchange:
 
     def _switch_to(self, stand_in: Fallback) -> None:
         self.fell_back = True
+        if self._live_log is not None:
+            self._live_log.winner = stand_in.route.upstream_model
         self.route = stand_in.route
         self._backend = stand_in.backend
         self._call = replace(self._call, upstream_model=stand_in.route.upstream_model)
@@ -765,6 +782,7 @@ class ChatExchange:
         record = self.record
         record.total_ms = (time.perf_counter() - self.meta.received) * 1000
         record.replica = self._served.replica
+        record.passed_over = self._served.passed_over or None
         result = self.result
         usage = result.usage
         if record.source == "backend":

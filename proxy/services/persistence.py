@@ -128,6 +128,9 @@ class Plan:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # The trace whose run answers (replay, follow): the response's `x-trace-id`.
     answered_by: str | None = None
+    # The upstream model whose answer a replay (or a run here that is followed) gives: a
+    # stand-in's, when one answered. None: not known (a run on another instance).
+    winner: str | None = None
 
 
 class Persistence:
@@ -195,12 +198,13 @@ class Persistence:
                 code="idempotency_key_reused",
             )
         if claim.outcome == "completed":
-            stored = await self._stored(store, claim.trace_id)
-            if stored is not None:
+            run = await self._completed_run(store, claim.trace_id)
+            if run is not None and run.completion is not None:
                 # A cache entry that appeared since the lookup missed is a cache hit.
                 label = (b"x-cache", b"hit") if cache_id is not None else (b"idempotent-replayed", b"true")
-                return Plan("replay", producer=replayer(stored), req_id=req_id, key=key,
-                            headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id)
+                return Plan("replay", producer=replayer(run.completion), req_id=req_id, key=key,
+                            headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id,
+                            winner=run.upstream_model)
             # Completed but its result is gone (e.g. expired): run again.
             if await store.take_over(key, claim.trace_id, trace_id, owner=owner):
                 return None
@@ -210,18 +214,22 @@ class Persistence:
             # again, as it would a moment later.
             return None
         producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
-        return Plan("follow", producer=producer, req_id=req_id, key=key,
+        # A run here says which model answers once a stand-in took over (before its first byte).
+        return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
     async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
+        run = await self._completed_run(store, trace_id)
+        return None if run is None else run.completion
+
+    @staticmethod
+    async def _completed_run(store: ChatStore, trace_id: str) -> StoredRun | None:
+        """The trace's stored run if it completed (its answer, and which model gave it)."""
         try:
-            stored = await store.stored(trace_id)
+            run = await store.stored_run(trace_id)
         except DatabaseError:
             return None
-        if stored is None:
-            return None
-        status, completion, _error = stored
-        return completion if status == "completed" else None
+        return run if run is not None and run.status == "completed" else None
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         store = self.store()

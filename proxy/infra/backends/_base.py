@@ -189,6 +189,7 @@ class ReplicaState:
     in_flight: int
     set_aside_for: float  # seconds until it gets requests again; 0 when it does
     reason: str  # why it was set aside last ("" if never)
+    failovers: int = 0  # requests moved from it to another replica, since the start
 
 
 @dataclass(slots=True, eq=False)
@@ -203,6 +204,14 @@ class _Replica:
     failures: int = 0
     set_aside_until: float = -math.inf
     reason: str = ""
+    failovers: int = 0
+    # Requests in flight that test whether it is back, its time set aside over: until one has
+    # answered, the others go elsewhere (a hung replica would hold them all for its patience).
+    probes: int = 0
+
+    def resting(self, now: float) -> bool:
+        """Gets no request now (but a first attempt, when every replica rests)."""
+        return self.set_aside_until > now or (self.failures > 0 and self.probes > 0)
 
     def url(self, path: str) -> httpx.URL:
         """`path` under the base URL; one starting `/../` under the server's root instead
@@ -221,13 +230,19 @@ class _Replica:
 
 
 class Served:
-    """Which replica answered a request's last backend call, for its log line (set only for
-    backends with several)."""
+    """Which replica answered a request's last backend call, and the ones it left for another
+    on the way (down, full or silent), for its log line (set only for backends with several)."""
 
-    __slots__ = ("replica",)
+    __slots__ = ("passed_over", "replica")
 
     def __init__(self) -> None:
         self.replica: str | None = None
+        self.passed_over: list[str] = []
+
+
+class _Silent(Exception):
+    """The replica of a stream's attempt sent no byte within its patience, and another one
+    can take the request."""
 
 
 # Set by whoever runs a request's backend calls (in the task that makes them).
@@ -250,6 +265,7 @@ class BackendClient:
         self._name = config.name
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
+        self._failover = timeouts.failover
         self._turn = 0
 
     @staticmethod
@@ -280,13 +296,30 @@ class BackendClient:
             replica = replicas[(turn + offset) % count]
             if replica in tried:
                 continue
-            aside = replica.set_aside_until > now
+            aside = replica.resting(now)
             if aside and tried:
                 continue
             rank = (aside, replica.in_flight if not aside else 0, replica.set_aside_until if aside else 0.0)
             if best is None or rank < best_rank:
                 best, best_rank = replica, rank
         return best
+
+    def _standby_exists(self, tried: list[_Replica]) -> bool:
+        """Another replica, not tried yet for this request and not set aside, could take it."""
+        now = trio.current_time()
+        return any(replica not in tried and not replica.resting(now) for replica in self._replicas)
+
+    def _patience(self, budget: float) -> float:
+        """How long one replica may stay silent (no response head; for a stream, no byte)
+        before the request goes to another: `timeouts.failover`, or else the request's
+        `budget` (seconds) shared evenly among the replicas, so that a hung replica costs
+        one share and trying every replica in turn still fits in the time one server would
+        have had. A single replica waits as long as it always has."""
+        if len(self._replicas) == 1:
+            return math.inf
+        if self._failover is not None:
+            return self._failover
+        return max(budget, 0.0) / len(self._replicas)
 
     async def send(
         self,
@@ -298,8 +331,14 @@ class BackendClient:
         params: dict[str, Any] | None = None,
         stream: bool = False,
     ) -> httpx.Response:
-        """The response with its body open (`stream=True`: the caller must `aclose()` it) or read."""
-        response, replica = await self._open(method, path, content, headers, params)
+        """The response with its body open (`stream=True`: the caller must `aclose()` it) or read.
+
+        A whole answer (`stream=False`) from a replica that has not sent its response head
+        within its share of the caller's deadline is asked of another replica instead."""
+        patience = math.inf
+        if not stream and len(self._replicas) > 1:
+            patience = self._patience(trio.current_effective_deadline() - trio.current_time())
+        response, replica, _ = await self._open(method, path, content, headers, params, [], patience, settle=True)
         if stream:
             # The replica's count of requests in flight drops when the stream is closed.
             response.extensions["llm_proxy.replica"] = replica
@@ -312,11 +351,27 @@ class BackendClient:
         return response
 
     async def _open(
-        self, method: str, path: str, content: bytes | None, headers: dict[str, str] | None, params: dict[str, Any] | None
-    ) -> tuple[httpx.Response, _Replica]:
-        tried: list[_Replica] = []
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        params: dict[str, Any] | None,
+        tried: list[_Replica],
+        patience: float = math.inf,
+        *,
+        settle: bool,
+    ) -> tuple[httpx.Response, _Replica, float]:
+        """The response head from the first replica that gives one, and until when (if
+        another replica could stand in) it may stay silent after it.
+
+        `tried` (the replicas this request has been to, extended here) lets a caller that
+        gave up on a replica after its head ask again elsewhere. Its head shows the replica
+        well (`settle`), unless it may still be found silent: then the caller says so
+        (`_settle`) once it knows."""
         replica = self._pick(tried)
-        assert replica is not None  # a first attempt always has one
+        if replica is None:  # every other replica was set aside meanwhile
+            raise timeout_error(self._name, "sent nothing, and no other replica could take the request", None)
         while True:
             tried.append(replica)
             url = replica.url(path)
@@ -326,32 +381,59 @@ class BackendClient:
                 method, url, headers={**replica.headers, **headers} if headers else replica.headers,
                 content=content, extensions={"timeout": self._timeout},
             )
+            # Only while another replica could take the request is a silent one given up on.
+            quiet_until = math.inf
+            if patience < math.inf and self._standby_exists(tried):
+                quiet_until = trio.current_time() + patience
             replica.in_flight += 1
+            probing = replica.failures > 0
+            replica.probes += probing
             try:
-                response = await replica.transport.handle_async_request(request)
+                with trio.move_on_at(quiet_until) as quiet:
+                    response = await replica.transport.handle_async_request(request)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 replica.in_flight -= 1
+                replica.probes -= probing
                 standby = self._pick(tried)
                 if standby is None:
                     raise
-                self._set_aside(replica, exc)
+                self._move_off(replica, exc)
                 replica = standby
                 continue
             except BaseException:
                 replica.in_flight -= 1
+                replica.probes -= probing
                 raise
-            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
+            if quiet.cancelled_caught:
+                # Cancelling the request closed its connection: the replica sees its client go.
                 replica.in_flight -= 1
-                await response.aclose()
-                self._set_aside(replica, "it answered 503")
+                replica.probes -= probing
+                standby = self._pick(tried)
+                why = f"it sent no response head within {patience:g}s"
+                if standby is None:  # the others were set aside meanwhile: nowhere to go
+                    self._set_aside(replica, why)
+                    raise timeout_error(self._name, "sent no response head", patience)
+                self._move_off(replica, why)
                 replica = standby
                 continue
-            replica.failures, replica.set_aside_until = 0, -math.inf
+            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
+                replica.in_flight -= 1
+                replica.probes -= probing
+                await response.aclose()
+                self._move_off(replica, "it answered 503")
+                replica = standby
+                continue
+            if settle or quiet_until == math.inf:
+                self._settle(replica, probing, well=True)
+            elif probing:
+                response.extensions["llm_proxy.probe"] = True
             if len(self._replicas) > 1 and (served := current_served.get()) is not None:
                 served.replica = replica.base
             if 300 <= response.status_code < 400:
                 # Following it would re-send a POST where the configuration did not say: name it.
                 replica.in_flight -= 1
+                if response.extensions.pop("llm_proxy.probe", False):
+                    self._settle(replica, True, well=True)
                 await response.aclose()
                 location = response.headers.get("location") or "nowhere"
                 raise GatewayError(
@@ -360,14 +442,34 @@ class BackendClient:
                     "the gateway does not follow redirects: set its `base_url` to where it points.",
                     code=f"backend_{response.status_code}",
                 )
-            return response, replica
+            return response, replica, quiet_until
 
     def replicas(self) -> list[ReplicaState]:
         now = trio.current_time()
         return [
-            ReplicaState(replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason)
+            ReplicaState(
+                replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
+                replica.failovers,
+            )
             for replica in self._replicas
         ]
+
+    @staticmethod
+    def _settle(replica: _Replica, probing: bool, *, well: bool) -> None:
+        """A request to `replica` has shown whether it is well (its head, or for a stream
+        that could be found silent, its first byte): a probe is over, and a well replica's
+        failures are forgotten."""
+        replica.probes -= probing
+        if well:
+            replica.failures, replica.set_aside_until = 0, -math.inf
+
+    def _move_off(self, replica: _Replica, why: object) -> None:
+        """This request leaves `replica` for another one: counted, named in its log line,
+        and the replica set aside."""
+        replica.failovers += 1
+        if (served := current_served.get()) is not None:
+            served.passed_over.append(replica.base)
+        self._set_aside(replica, why)
 
     def _set_aside(self, replica: _Replica, why: object) -> None:
         now = trio.current_time()
@@ -411,23 +513,52 @@ class BackendClient:
 
         The first-token clock covers the wait for the response head too: a backend that
         queues the request before answering is as silent as one that stalls after it. An
-        error status becomes `error(response, body)`, raised before anything was sent."""
-        first_deadline = trio.current_time() + (timeouts.first_token or math.inf)
-        with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
-            response = await self.send("POST", path, content=body, headers=headers, stream=True)
-        if head_scope.cancelled_caught:
-            raise timeout_error(backend, "sent no first token", timeouts.first_token)
-        try:
-            if response.status_code >= 400:
-                with transport_errors(backend):
-                    raise error(response, await read_limited(response))
-            await pump_stream(
-                response, parser, send, backend=backend, timeouts=timeouts,
-                first_deadline=first_deadline, relay_raw=relay_raw,
-            )
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.close(response)
+        error status becomes `error(response, body)`, raised before anything was sent.
+
+        With replicas, one that has sent no byte of its answer (head or body) within its
+        patience is left, its request closed, and the stream asked of another replica,
+        within the same first-token clock: the client has received nothing yet."""
+        now = trio.current_time()
+        first_deadline = now + (timeouts.first_token or math.inf)
+        patience = self._patience(min(first_deadline, trio.current_effective_deadline()) - now)
+        tried: list[_Replica] = []
+        while True:
+            with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
+                response, replica, quiet_until = await self._open(
+                    "POST", path, body, headers, None, tried, patience, settle=False
+                )
+                response.extensions["llm_proxy.replica"] = replica
+            if head_scope.cancelled_caught:
+                raise timeout_error(backend, "sent no first token", timeouts.first_token)
+            unsettled = quiet_until < math.inf
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+
+            def heard(replica: _Replica = replica, probing: bool = probing) -> None:
+                nonlocal unsettled
+                unsettled = False
+                self._settle(replica, probing, well=True)
+
+            try:
+                if response.status_code >= 400 or quiet_until >= first_deadline:
+                    heard()  # an answer (an error's too), or a replica never to be left
+                if response.status_code >= 400:
+                    with transport_errors(backend):
+                        raise error(response, await read_limited(response))
+                await pump_stream(
+                    response, parser, send, backend=backend, timeouts=timeouts,
+                    first_deadline=first_deadline, relay_raw=relay_raw,
+                    quiet_until=quiet_until if unsettled else math.inf, on_heard=heard,
+                )
+                return
+            except _Silent:
+                pass
+            finally:
+                if unsettled:  # silent, or gone before a byte: not shown well
+                    self._settle(replica, probing, well=False)
+                with trio.CancelScope(shield=True):
+                    await self.close(response)
+            # Closed above, unread: the replica saw its client go. Nothing reached ours.
+            self._move_off(replica, f"it sent no first byte within {patience:g}s")
 
     async def aclose(self) -> None:
         for replica in self._replicas:
@@ -540,9 +671,14 @@ async def pump_stream(
     timeouts: Timeouts,
     first_deadline: float,
     relay_raw: bool,
+    quiet_until: float = math.inf,
+    on_heard: Callable[[], None] | None = None,
 ) -> None:
     """Read a streamed body through `parser` into `send`, one batch per read that produced
     something, under the first-token and idle timeouts.
+
+    A backend that has sent no byte by `quiet_until` raises `_Silent` (its replica is given
+    up on); once one came (`on_heard` is told), the first-token clock alone applies.
 
     One cancel scope serves every read: its deadline moves instead of a scope per chunk, and
     it is lifted while a batch is handed over, so a slow client is never mistaken for a
@@ -551,14 +687,21 @@ async def pump_stream(
     chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
     idle = timeouts.idle or math.inf
     started = finished = False
+    heard = quiet_until >= first_deadline
     next_keepalive = 0.0
     data: bytes | None = b""
-    with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(backend):
+    with trio.CancelScope(deadline=min(first_deadline, quiet_until)) as scope, transport_errors(backend):
         while data is not None:
             try:
                 data = await chunks.__anext__()
             except StopAsyncIteration:
                 data = None
+            if not heard:
+                # Alive, if slow to its first token: it keeps the request.
+                heard = True
+                scope.deadline = first_deadline
+                if on_heard is not None:
+                    on_heard()
             output = parser.feed(data) if data is not None else parser.close()
             if output.events or output.raw:
                 if not started:
@@ -591,4 +734,6 @@ async def pump_stream(
     if scope.cancelled_caught and not finished:
         if started:
             raise timeout_error(backend, "went silent for longer than the idle timeout", timeouts.idle)
+        if not heard:
+            raise _Silent
         raise timeout_error(backend, "sent no first token", timeouts.first_token)
