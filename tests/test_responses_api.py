@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
+from proxy.services.journal import LogWriter
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.rag_corpus import CORPUS
@@ -514,6 +515,29 @@ async def test_a_background_stream_goes_on_without_its_client_and_resumes_after_
     assert text == "".join(tokens) == events[-1].response.output_text
     # The backend was never told to stop: the run outlived its first client.
     assert [generation.outcome for generation in fake.recorder.generations] == ["completed"]
+
+
+async def test_a_background_response_read_back_at_once_is_in_progress(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log writer holds a run's `running` row back for a moment; here, for the whole run.
+    monkeypatch.setattr(LogWriter, "START_DELAY", 60.0)
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(20)], pace=0.05))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            response_id = event.response.id
+            break
+        await stream.close()
+        polled = await client.responses.retrieve(response_id)
+        assert (polled.id, polled.status, polled.output) == (response_id, "in_progress", [])
+        await wait_for_row(pg_database_url, response_id.removeprefix("resp_"), "completed")
+        done = await client.responses.retrieve(response_id)
+        await client.close()
+    assert done.status == "completed" and done.output_text == "".join(f" w{i}" for i in range(20))
 
 
 @pytest.mark.parametrize("stream", [False, True])

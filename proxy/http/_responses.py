@@ -132,10 +132,12 @@ async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
 async def _whole(persistence: Persistence, trace_id: str, response: str) -> Reply:
     stored = await _stored(persistence, trace_id)
     tenant = current_tenant()
-    if stored is None or (tenant is not None and stored.tenant != tenant):
+    settings = responses.default_settings()
+    if stored is None:
+        return _running_here(persistence, trace_id, response, tenant, settings)
+    if tenant is not None and stored.tenant != tenant:
         raise _not_found(response)
     completion = stored.completion
-    settings = responses.default_settings()
     if stored.status == "completed" and completion is not None:
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
@@ -149,6 +151,22 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
     return Reply(dumps(responses.response_object(
         response=response, created_at=completion.created if completion else 0, model=stored.model,
         settings=settings, status=status, output=[], error=error,
+    )))
+
+
+def _running_here(
+    persistence: Persistence, trace_id: str, response: str, tenant: str | None, settings: dict[str, Any]
+) -> Reply:
+    """A run of this instance whose row is not written yet: the writer holds a `running`
+    row back for a moment (most runs end sooner), so a client reading right after its
+    `response.created` would be told its response does not exist."""
+    live = persistence.runs.live.get(trace_id)
+    if live is None or (tenant is not None and live.tenant != tenant):
+        raise _not_found(response)
+    start = next((event for event in live.events if isinstance(event, StreamStart)), None)
+    return Reply(dumps(responses.response_object(
+        response=response, created_at=start.created if start else int(time.time()), model=start.model if start else "",
+        settings=settings, status="in_progress", output=[],
     )))
 
 
