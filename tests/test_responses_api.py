@@ -465,6 +465,12 @@ async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_diale
         events = [event async for event in again.parse()]
         assert events[-1].type == "response.completed"
         assert events[-1].response.output_text == first.output_text == "Once upon a time"
+        # The replay is the first run's Response, by its id too: the id reads it back.
+        assert {event.response.id for event in events if hasattr(event, "response")} == {first.id}
+        assert events[-1].response.output[0].id == first.output[0].id
+        whole = await client.responses.create(model="m", input="A story", extra_headers=key)
+        assert whole.id == first.id and whole.output_text == first.output_text
+        assert (await client.responses.retrieve(whole.id)).output_text == first.output_text
         assert len(fake.requests) == 1
         await client.close()
 

@@ -61,10 +61,41 @@ class ResponsesJsonSink(JsonSink):
         completion = batch.whole()
         await self._json(
             responses.render_response(
-                completion, response=self._response, model=self._model, settings=self._settings,
+                completion, response=_answering(self.extra_headers, self._response), model=self._model,
+                settings=self._settings,
                 created_at=self._created_at, completed_at=int(time.time()),
             )
         )
+
+
+class ResponsesStreamSink(RenderedStreamSink):
+    """The stream's renderer is made when it starts: by then the exchange knows which run
+    answers (its own, or the one it replays or attaches to)."""
+
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any]
+    ) -> None:
+        super().__init__(
+            send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
+            content_headers=SSE_HEADERS, dialect=responses.DIALECT,
+        )
+        self._response = response
+        self._model = model
+        self._settings = settings
+
+    async def start(self) -> None:
+        answering = _answering(self.extra_headers, self._response)
+        if answering != self._response:
+            self._renderer = responses.StreamRenderer(response=answering, model=self._model, settings=self._settings)
+        await super().start()
+
+
+def _answering(headers: Headers, own: str) -> str:
+    """The Response's id: its run's trace (`x-trace-id`), which an idempotent replay, a
+    cache hit or a duplicate attached to a running request takes from the run answering it,
+    so that the id reads that run back (`GET /v1/responses/{id}`)."""
+    trace = next((value for name, value in headers if name == b"x-trace-id"), None)
+    return responses.response_id(trace.decode("latin-1")) if trace else own
 
 
 @exchanges.route("/v1/responses")
@@ -86,9 +117,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     model, settings = request.model, parsed.settings
     if request.stream:
-        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
-            content_headers=SSE_HEADERS, dialect=responses.DIALECT,
+        return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
+            send, headers, response=response, model=model, settings=settings,
         ))
     created_at = int(time.time())
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
