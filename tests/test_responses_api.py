@@ -546,6 +546,28 @@ async def test_a_background_response_read_back_at_once_is_in_progress(
     assert done.status == "completed" and done.output_text == "".join(f" w{i}" for i in range(20))
 
 
+@pytest.mark.parametrize("background", [False, True])
+async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alives(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """A background run's client reads the run's journal, not the backend: it hears the
+    keep-alives all the same (every 0.4 s here) while the backend sends only comments."""
+    monkeypatch.setattr("proxy.infra.backends._base.KEEPALIVE_SECONDS", 0.4)
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3, keepalive_interval=0.1))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = {"model": "m", "input": "x", "stream": True, "background": background}
+        wire = b""
+        with trio.move_on_after(3):
+            async with http.stream("POST", "/v1/responses", json=body) as response:
+                async for chunk in response.aiter_bytes():
+                    wire += chunk
+                    if wire.count(b": keep-alive\n\n") >= 2:
+                        break
+    assert b"response.output_text.delta" in wire and wire.count(b": keep-alive\n\n") >= 2
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_rag_route_answers_a_responses_client(corpus_url: str, stream: bool) -> None:
     fake = OpenAIBackend(default=Script(tokens=["Backups are kept ", "for 14 days [1]."]))

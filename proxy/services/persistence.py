@@ -17,6 +17,7 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed, completion_events
 from proxy.infra.backends import Batch
+from proxy.infra.backends import _base as backend_base
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
@@ -325,7 +327,14 @@ def log_reader(event_log: EventLog, start: int = 0) -> Producer:
     async def read(send: trio.MemorySendChannel[Batch]) -> None:
         position = start
         while True:
-            await event_log.wait_beyond(position)
+            # The run's backend keep-alives stay with the run: once its client has had an
+            # event, a silence of KEEPALIVE_SECONDS is a keep-alive (its head is not sent
+            # early), as it is for a client that reads its backend itself.
+            with trio.move_on_after(backend_base.KEEPALIVE_SECONDS if position else math.inf) as silence:
+                await event_log.wait_beyond(position)
+            if silence.cancelled_caught:
+                await send.send(Batch([]))
+                continue
             if event_log.head_error is not None and not event_log.events:
                 raise event_log.head_error
             events = event_log.events[position:]
