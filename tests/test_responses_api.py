@@ -475,6 +475,27 @@ async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_diale
         await client.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_is_read_back_the_moment_its_client_has_it(
+    aio_loop: object, pg_database_url: str, nats_url: str, stream: bool
+) -> None:
+    """Its row is written once the client has the answer: a read right after waits for it."""
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon"], usage=Usage(7, 2)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for _ in range(3):
+            if stream:
+                events = [event async for event in await client.responses.create(model="m", input="A story", stream=True)]
+                first = events[-1].response
+            else:
+                first = await client.responses.create(model="m", input="A story")
+            again = await client.responses.retrieve(first.id)
+            assert (again.id, again.status, again.model, again.output_text) == (first.id, "completed", "m", "Once upon")
+        await client.close()
+
+
 async def test_a_response_is_read_back_whole_from_the_journal(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

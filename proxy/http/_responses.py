@@ -1,8 +1,9 @@
 """The OpenAI Responses surface: `POST /v1/responses`, translated to a chat exchange.
 
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
-with everything an exchange brings (idempotency, caches, the journal, limits, metrics). The
-gateway stores no responses: the paths that read one back are 404s saying so.
+with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
+response is read back (`GET /v1/responses/{id}`, whole or resumed) from the journal while it
+keeps it; the other stored-response paths are 404s saying so.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+import trio
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
@@ -38,6 +40,9 @@ from proxy.services.persistence import Persistence
 
 exchanges = FrontDoor()
 blueprint = Blueprint("responses", __name__)
+
+# Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
+_ROW_WAIT_SECONDS = 5.0
 
 # Errors in OpenAI's shape, as on every OpenAI path; the registration names the dialect, so a
 # request refused before its exchange is logged and counted as this surface's too.
@@ -160,6 +165,7 @@ async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
 
 
 async def _whole(persistence: Persistence, trace_id: str, response: str) -> Reply:
+    await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
     tenant = current_tenant()
     settings = responses.default_settings()
@@ -184,6 +190,15 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
     )))
 
 
+async def _row_written(persistence: Persistence, trace_id: str) -> None:
+    """A run of this instance that has ended is read from its row, written a moment after
+    its client had the answer: a client reading it back at once waits for it (bounded)."""
+    live = persistence.runs.live.get(trace_id)
+    if live is not None and live.closed:
+        with trio.move_on_after(_ROW_WAIT_SECONDS):
+            await live.written.wait()
+
+
 def _running_here(
     persistence: Persistence, trace_id: str, response: str, tenant: str | None, settings: dict[str, Any]
 ) -> Reply:
@@ -191,7 +206,7 @@ def _running_here(
     row back for a moment (most runs end sooner), so a client reading right after its
     `response.created` would be told its response does not exist."""
     live = persistence.runs.live.get(trace_id)
-    if live is None or (tenant is not None and live.tenant != tenant):
+    if live is None or live.closed or (tenant is not None and live.tenant != tenant):
         raise _not_found(response)
     start = next((event for event in live.events if isinstance(event, StreamStart)), None)
     return Reply(dumps(responses.response_object(
