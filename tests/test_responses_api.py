@@ -567,6 +567,37 @@ async def test_a_background_response_read_back_at_once_is_in_progress(
     assert done.status == "completed" and done.output_text == "".join(f" w{i}" for i in range(20))
 
 
+async def test_a_resume_the_journal_cannot_number_as_the_stream_was_is_a_409_not_a_cut_answer(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """Without NATS (or past its retention) a finished run's events are rebuilt from its row,
+    the answer whole: numbered otherwise than the stream its client saw part of."""
+    tokens = [f" w{i}" for i in range(30)]
+    fake = OpenAIBackend(default=Script(tokens=tokens, usage=Usage(5, 30), pace=0.02))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        seen: list[Any] = []
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) >= 10:
+                break
+        await stream.close()
+        response_id = seen[0].response.id
+        await wait_for_row(pg_database_url, response_id.removeprefix("resp_"), "completed")
+        with pytest.raises(openai.ConflictError) as refused:
+            rest = await client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number)
+            [event async for event in rest]
+        assert refused.value.code == "resume_unavailable" and f"GET /v1/responses/{response_id}" in refused.value.message
+        # Read whole, or from the start, it is all there.
+        whole = await client.responses.retrieve(response_id)
+        replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
+        await client.close()
+    assert whole.output_text == replayed[-1].response.output_text == "".join(tokens)
+
+
 @pytest.mark.parametrize("background", [False, True])
 async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alives(
     aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, background: bool

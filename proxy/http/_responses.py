@@ -150,8 +150,12 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if not raw_after.lstrip("-").isdigit() or int(raw_after) < -1:
         raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
     stored = await _stored(persistence, trace_id)
-    framer = _ResumeFramer(response, stored.model if stored else "", int(raw_after))
-    return EventsBody(persistence, trace_id, 0, current_tenant(), framer)
+    after = int(raw_after)
+    framer = _ResumeFramer(response, stored.model if stored else "", after)
+    # From the start, its events rebuilt from its row are its stream; after an event, only
+    # the events as they streamed are numbered as its client saw them.
+    resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
+    return EventsBody(persistence, trace_id, 0, current_tenant(), framer, resumed=resumed)
 
 
 async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:

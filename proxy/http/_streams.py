@@ -53,18 +53,22 @@ class EventsBody(DirectBody):
     one is a status and OpenAI's error JSON."""
 
     def __init__(
-        self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer
+        self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer,
+        *, resumed: str | None = None,
     ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
         self._after = after
         self._tenant = tenant
         self._framer = framer
+        self._resumed = resumed  # see `trace_events`
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
             try:
-                await trace_events(self._persistence, self._trace_id, self._after, send, self._tenant)
+                await trace_events(
+                    self._persistence, self._trace_id, self._after, send, self._tenant, resumed=self._resumed,
+                )
             except GatewayError as error:
                 await send.send(error)
 
