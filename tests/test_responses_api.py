@@ -598,6 +598,20 @@ async def test_a_resume_the_journal_cannot_number_as_the_stream_was_is_a_409_not
     assert whole.output_text == replayed[-1].response.output_text == "".join(tokens)
 
 
+async def test_an_unknown_response_is_the_same_404_whole_or_streamed(aio_loop: object, pg_database_url: str) -> None:
+    async with running_gateway(backend("vllm", "http://127.0.0.1:9", default=True), database_url=pg_database_url) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as missing:
+                if stream:
+                    [event async for event in await client.responses.retrieve("resp_0123456789abcdef", stream=True)]
+                else:
+                    await client.responses.retrieve("resp_0123456789abcdef")
+            assert (missing.value.code, missing.value.param) == ("response_not_found", "response_id")
+            assert "'resp_0123456789abcdef' not found" in missing.value.message
+        await client.close()
+
+
 @pytest.mark.parametrize("background", [False, True])
 async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alives(
     aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, background: bool

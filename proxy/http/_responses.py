@@ -155,7 +155,9 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     # From the start, its events rebuilt from its row are its stream; after an event, only
     # the events as they streamed are numbered as its client saw them.
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
-    return EventsBody(persistence, trace_id, 0, current_tenant(), framer, resumed=resumed)
+    return EventsBody(
+        persistence, trace_id, 0, current_tenant(), framer, resumed=resumed, not_found=_not_found(response),
+    )
 
 
 async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:

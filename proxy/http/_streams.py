@@ -54,7 +54,7 @@ class EventsBody(DirectBody):
 
     def __init__(
         self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer,
-        *, resumed: str | None = None,
+        *, resumed: str | None = None, not_found: GatewayError | None = None,
     ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
@@ -62,6 +62,7 @@ class EventsBody(DirectBody):
         self._tenant = tenant
         self._framer = framer
         self._resumed = resumed  # see `trace_events`
+        self._not_found = not_found  # a trace not known, in the words of the path that asked
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
@@ -70,6 +71,8 @@ class EventsBody(DirectBody):
                     self._persistence, self._trace_id, self._after, send, self._tenant, resumed=self._resumed,
                 )
             except GatewayError as error:
+                if error.kind is ErrorKind.NOT_FOUND and self._not_found is not None:
+                    error = self._not_found
                 await send.send(error)
 
     async def run(self, send: ASGISendCallable) -> None:
