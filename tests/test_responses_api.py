@@ -544,6 +544,25 @@ async def test_a_background_stream_goes_on_without_its_client_and_resumes_after_
     assert [generation.outcome for generation in fake.recorder.generations] == ["completed"]
 
 
+async def test_a_running_response_read_back_says_when_it_was_created(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(40)], pace=0.05))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            created = event.response
+            break
+        await stream.close()
+        await wait_for_row(pg_database_url, created.id.removeprefix("resp_"), "running")
+        polled = await client.responses.retrieve(created.id)
+        await client.close()
+    assert polled.status == "in_progress" and abs(polled.created_at - created.created_at) <= 2
+
+
 async def test_a_background_response_read_back_at_once_is_in_progress(
     aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -191,7 +191,7 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
         message = (stored.error or {}).get("message") or "The response failed."
         error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
     return Reply(dumps(responses.response_object(
-        response=response, created_at=completion.created if completion else 0, model=stored.model,
+        response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
         settings=settings, status=status, output=[], error=error,
     )))
 
