@@ -544,6 +544,23 @@ async def test_a_background_stream_goes_on_without_its_client_and_resumes_after_
     assert [generation.outcome for generation in fake.recorder.generations] == ["completed"]
 
 
+async def test_a_failed_response_read_back_holds_what_was_said_before_the_failure(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], fail_after=3))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        events = [event async for event in await client.responses.create(model="m", input="A story", stream=True)]
+        failed = events[-1].response
+        again = await client.responses.retrieve(failed.id)
+        await client.close()
+    assert events[-1].type == "response.failed" and failed.output_text == "Once upon"
+    assert (again.status, again.output_text) == ("failed", "Once upon")
+    assert again.error is not None and again.error.code == "server_error"
+
+
 async def test_a_running_response_read_back_says_when_it_was_created(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

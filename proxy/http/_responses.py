@@ -19,6 +19,7 @@ from quart import Blueprint, Response
 from proxy.dialects import openai, responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import Finished, WireEvent
+from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
 from proxy.http._errors import Reply, register_dialect_errors
@@ -192,8 +193,18 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
         error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
-        settings=settings, status=status, output=[], error=error,
+        settings=settings, status=status, output=_said(completion, response) if status != "in_progress" else [],
+        error=error,
     )))
+
+
+def _said(completion: ChatCompletion | None, response: str) -> list[dict[str, Any]]:
+    """What a run that ended without its answer had said, as its stream's last event held
+    it: its items cut short (`incomplete`), for the row cannot tell which were whole."""
+    choice = completion.choices[0] if completion is not None and completion.choices else None
+    if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
+        return []
+    return [item | {"status": "incomplete"} for item in responses.output_of(completion, response, "incomplete")]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
