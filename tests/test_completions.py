@@ -165,6 +165,23 @@ async def test_backend_error_is_relayed_with_its_status(setup: Setup) -> None:
     assert answer.value.status_code == 502 and "bad gateway" in answer.value.message
 
 
+@pytest.mark.parametrize("error_body", [
+    # vLLM: OpenAI's shape, with its own type and the status as `code`.
+    {"error": {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.",
+               "type": "BadRequestError", "param": None, "code": 400}},
+    # llama.cpp
+    {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",
+               "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}},
+])
+async def test_a_prompt_too_long_is_context_length_exceeded(setup: Setup, error_body: dict[str, object]) -> None:
+    setup.fake.set_script(Script(status=400, error_body=error_body))
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await setup.client.completions.create(model="m", prompt="x" * 100, stream=stream)
+        assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
+        assert isinstance(info.value.body, dict) and "context" in info.value.body["message"]
+
+
 async def test_first_token_timeout_is_a_504() -> None:
     fake = OpenAIBackend(default=Script(stall_before_headers=True))
     quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)

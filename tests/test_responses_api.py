@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
+from proxy.services.journal import LogWriter
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.rag_corpus import CORPUS
@@ -464,7 +465,34 @@ async def test_an_idempotency_key_replays_the_answer_and_the_log_names_the_diale
         events = [event async for event in again.parse()]
         assert events[-1].type == "response.completed"
         assert events[-1].response.output_text == first.output_text == "Once upon a time"
+        # The replay is the first run's Response, by its id too: the id reads it back.
+        assert {event.response.id for event in events if hasattr(event, "response")} == {first.id}
+        assert events[-1].response.output[0].id == first.output[0].id
+        whole = await client.responses.create(model="m", input="A story", extra_headers=key)
+        assert whole.id == first.id and whole.output_text == first.output_text
+        assert (await client.responses.retrieve(whole.id)).output_text == first.output_text
         assert len(fake.requests) == 1
+        await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_response_is_read_back_the_moment_its_client_has_it(
+    aio_loop: object, pg_database_url: str, nats_url: str, stream: bool
+) -> None:
+    """Its row is written once the client has the answer: a read right after waits for it."""
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon"], usage=Usage(7, 2)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for _ in range(3):
+            if stream:
+                events = [event async for event in await client.responses.create(model="m", input="A story", stream=True)]
+                first = events[-1].response
+            else:
+                first = await client.responses.create(model="m", input="A story")
+            again = await client.responses.retrieve(first.id)
+            assert (again.id, again.status, again.model, again.output_text) == (first.id, "completed", "m", "Once upon")
         await client.close()
 
 
@@ -514,6 +542,132 @@ async def test_a_background_stream_goes_on_without_its_client_and_resumes_after_
     assert text == "".join(tokens) == events[-1].response.output_text
     # The backend was never told to stop: the run outlived its first client.
     assert [generation.outcome for generation in fake.recorder.generations] == ["completed"]
+
+
+async def test_a_failed_response_read_back_holds_what_was_said_before_the_failure(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"], fail_after=3))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        events = [event async for event in await client.responses.create(model="m", input="A story", stream=True)]
+        failed = events[-1].response
+        again = await client.responses.retrieve(failed.id)
+        await client.close()
+    assert events[-1].type == "response.failed" and failed.output_text == "Once upon"
+    assert (again.status, again.output_text) == ("failed", "Once upon")
+    assert again.error is not None and again.error.code == "server_error"
+
+
+async def test_a_running_response_read_back_says_when_it_was_created(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(40)], pace=0.05))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            created = event.response
+            break
+        await stream.close()
+        await wait_for_row(pg_database_url, created.id.removeprefix("resp_"), "running")
+        polled = await client.responses.retrieve(created.id)
+        await client.close()
+    assert polled.status == "in_progress" and abs(polled.created_at - created.created_at) <= 2
+
+
+async def test_a_background_response_read_back_at_once_is_in_progress(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The log writer holds a run's `running` row back for a moment; here, for the whole run.
+    monkeypatch.setattr(LogWriter, "START_DELAY", 60.0)
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(20)], pace=0.05))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            response_id = event.response.id
+            break
+        await stream.close()
+        polled = await client.responses.retrieve(response_id)
+        assert (polled.id, polled.status, polled.output) == (response_id, "in_progress", [])
+        await wait_for_row(pg_database_url, response_id.removeprefix("resp_"), "completed")
+        done = await client.responses.retrieve(response_id)
+        await client.close()
+    assert done.status == "completed" and done.output_text == "".join(f" w{i}" for i in range(20))
+
+
+async def test_a_resume_the_journal_cannot_number_as_the_stream_was_is_a_409_not_a_cut_answer(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """Without NATS (or past its retention) a finished run's events are rebuilt from its row,
+    the answer whole: numbered otherwise than the stream its client saw part of."""
+    tokens = [f" w{i}" for i in range(30)]
+    fake = OpenAIBackend(default=Script(tokens=tokens, usage=Usage(5, 30), pace=0.02))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        seen: list[Any] = []
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True)
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) >= 10:
+                break
+        await stream.close()
+        response_id = seen[0].response.id
+        await wait_for_row(pg_database_url, response_id.removeprefix("resp_"), "completed")
+        with pytest.raises(openai.ConflictError) as refused:
+            rest = await client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number)
+            [event async for event in rest]
+        assert refused.value.code == "resume_unavailable" and f"GET /v1/responses/{response_id}" in refused.value.message
+        # Read whole, or from the start, it is all there.
+        whole = await client.responses.retrieve(response_id)
+        replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
+        await client.close()
+    assert whole.output_text == replayed[-1].response.output_text == "".join(tokens)
+
+
+async def test_an_unknown_response_is_the_same_404_whole_or_streamed(aio_loop: object, pg_database_url: str) -> None:
+    async with running_gateway(backend("vllm", "http://127.0.0.1:9", default=True), database_url=pg_database_url) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as missing:
+                if stream:
+                    [event async for event in await client.responses.retrieve("resp_0123456789abcdef", stream=True)]
+                else:
+                    await client.responses.retrieve("resp_0123456789abcdef")
+            assert (missing.value.code, missing.value.param) == ("response_not_found", "response_id")
+            assert "'resp_0123456789abcdef' not found" in missing.value.message
+        await client.close()
+
+
+@pytest.mark.parametrize("background", [False, True])
+async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alives(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """A background run's client reads the run's journal, not the backend: it hears the
+    keep-alives all the same (every 0.4 s here) while the backend sends only comments."""
+    monkeypatch.setattr("proxy.infra.backends._base.KEEPALIVE_SECONDS", 0.4)
+    fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3, keepalive_interval=0.1))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = {"model": "m", "input": "x", "stream": True, "background": background}
+        wire = b""
+        with trio.move_on_after(3):
+            async with http.stream("POST", "/v1/responses", json=body) as response:
+                async for chunk in response.aiter_bytes():
+                    wire += chunk
+                    if wire.count(b": keep-alive\n\n") >= 2:
+                        break
+    assert b"response.output_text.delta" in wire and wire.count(b": keep-alive\n\n") >= 2
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -18,7 +18,13 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
-from proxy.domain.errors import GatewayError, invalid_request
+from proxy.domain.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    GatewayError,
+    invalid_request,
+    is_context_overflow,
+)
 from proxy.http._auth import granted_headers
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
@@ -52,11 +58,11 @@ _LAST_WORDS_SECONDS = 1.0
 
 def relay(
     incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
-    kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "",
+    kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "", prompt_param: str | None = None,
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
     to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
-    should the answer carry no usage.
+    should the answer carry no usage; `prompt_param` is the field a prompt too long is.
     A model whose backend does not serve `path` is refused with `refusal`."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
@@ -76,7 +82,7 @@ def relay(
     body = dumps({**data, "model": route.upstream_model})
     return RelayBody(
         backend, path, body, meta, record, gateway.chat,
-        stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens,
+        stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens, prompt_param=prompt_param,
     )
 
 
@@ -95,6 +101,7 @@ class RelayBody(DirectBody):
         stream: bool,
         headers: Headers,
         prompt_tokens: int,
+        prompt_param: str | None = None,
     ) -> None:
         self._backend = backend
         self._path = path
@@ -105,6 +112,7 @@ class RelayBody(DirectBody):
         self._stream = stream
         self._headers = headers
         self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage
+        self._prompt_param = prompt_param
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
         self._served = Served()
@@ -196,6 +204,14 @@ class RelayBody(DirectBody):
             return
         status = response.status_code
         retry_after = response.headers.get("retry-after")
+        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+        if status == 400 and is_context_overflow(message):
+            # Said in each server's words (vLLM's `code: 400`, llama.cpp's own type): OpenAI's
+            # code is what clients act on, as for chats.
+            await self._fail(GatewayError(
+                ErrorKind.INVALID_REQUEST, message, code=CONTEXT_LENGTH_EXCEEDED, param=self._prompt_param,
+            ))
+            return
         # The backend refusing the gateway's own credentials is the gateway's fault, never
         # the client's 401/403: those are mapped, as for chats.
         if status not in (401, 403) and _is_openai_error(body):
@@ -205,7 +221,6 @@ class RelayBody(DirectBody):
             self.record.error = openai.error_message_from_body(body) or f"HTTP {status}"
             await self._writer().whole(status, headers, body)
             return
-        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
         await self._fail(status_error(name, status, message, retry_after))
 
     async def _relay_whole(self, response: httpx.Response) -> None:

@@ -13,12 +13,14 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+import trio
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
 from proxy.dialects import openai, responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import Finished, WireEvent
+from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
@@ -42,6 +44,9 @@ from proxy.services.persistence import Persistence
 exchanges = FrontDoor()
 blueprint = Blueprint("responses", __name__)
 
+# Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
+_ROW_WAIT_SECONDS = 5.0
+
 # Errors in OpenAI's shape, as on every OpenAI path; the registration names the dialect, so a
 # request refused before its exchange is logged and counted as this surface's too.
 register_dialect_errors(responses.DIALECT, ("/v1/responses",), openai.render_error)
@@ -64,10 +69,41 @@ class ResponsesJsonSink(JsonSink):
         completion = batch.whole()
         await self._json(
             responses.render_response(
-                completion, response=self._response, model=self._model, settings=self._settings,
+                completion, response=_answering(self.extra_headers, self._response), model=self._model,
+                settings=self._settings,
                 created_at=self._created_at, completed_at=int(time.time()),
             )
         )
+
+
+class ResponsesStreamSink(RenderedStreamSink):
+    """The stream's renderer is made when it starts: by then the exchange knows which run
+    answers (its own, or the one it replays or attaches to)."""
+
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any]
+    ) -> None:
+        super().__init__(
+            send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
+            content_headers=SSE_HEADERS, dialect=responses.DIALECT,
+        )
+        self._response = response
+        self._model = model
+        self._settings = settings
+
+    async def start(self) -> None:
+        answering = _answering(self.extra_headers, self._response)
+        if answering != self._response:
+            self._renderer = responses.StreamRenderer(response=answering, model=self._model, settings=self._settings)
+        await super().start()
+
+
+def _answering(headers: Headers, own: str) -> str:
+    """The Response's id: its run's trace (`x-trace-id`), which an idempotent replay, a
+    cache hit or a duplicate attached to a running request takes from the run answering it,
+    so that the id reads that run back (`GET /v1/responses/{id}`)."""
+    trace = next((value for name, value in headers if name == b"x-trace-id"), None)
+    return responses.response_id(trace.decode("latin-1")) if trace else own
 
 
 @exchanges.route("/v1/responses")
@@ -91,9 +127,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     if parsed.background and not request.stream:
         return _Background(exchange, headers, response=response, model=model, settings=settings)
     if request.stream:
-        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, responses.StreamRenderer(response=response, model=model, settings=settings),
-            content_headers=SSE_HEADERS, dialect=responses.DIALECT,
+        return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
+            send, headers, response=response, model=model, settings=settings,
         ))
     created_at = int(time.time())
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
@@ -150,8 +185,14 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if not raw_after.lstrip("-").isdigit() or int(raw_after) < -1:
         raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
     stored = await _stored(persistence, trace_id)
-    framer = _ResumeFramer(response, stored.model if stored else "", int(raw_after))
-    return EventsBody(persistence, trace_id, 0, current_tenant(), framer)
+    after = int(raw_after)
+    framer = _ResumeFramer(response, stored.model if stored else "", after)
+    # From the start, its events rebuilt from its row are its stream; after an event, only
+    # the events as they streamed are numbered as its client saw them.
+    resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
+    return EventsBody(
+        persistence, trace_id, 0, current_tenant(), framer, resumed=resumed, not_found=_not_found(response),
+    )
 
 
 async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
@@ -169,13 +210,13 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
 
 
 async def _found(persistence: Persistence, trace_id: str, response: str) -> StoredRun:
+    """The response's row, if it is the tenant's; for a run of this instance whose row is
+    not written yet, the run as it stands."""
+    await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
-    tenant = current_tenant()
     if stored is None:
-        live = persistence.runs.live.get(trace_id)
-        if live is not None:
-            # Polled before its `running` row is written (a moment after its creation).
-            stored = StoredRun(status="running", completion=None, error=None, tenant=live.tenant, route="direct")
+        stored = _running_here(persistence, trace_id)
+    tenant = current_tenant()
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
     return stored
@@ -195,9 +236,43 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         message = (stored.error or {}).get("message") or "The response failed."
         error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
     return Reply(dumps(responses.response_object(
-        response=response, created_at=completion.created if completion else 0, model=stored.model,
-        settings=settings, status=status, output=[], error=error,
+        response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
+        settings=settings, status=status, output=_said(completion, response) if status != "in_progress" else [],
+        error=error,
     )))
+
+
+def _said(completion: ChatCompletion | None, response: str) -> list[dict[str, Any]]:
+    """What a run that ended without its answer had said, as its stream's last event held
+    it: its items cut short (`incomplete`), for the row cannot tell which were whole."""
+    choice = completion.choices[0] if completion is not None and completion.choices else None
+    if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
+        return []
+    return [item | {"status": "incomplete"} for item in responses.output_of(completion, response, "incomplete")]
+
+
+async def _row_written(persistence: Persistence, trace_id: str) -> None:
+    """A run of this instance that has ended is read from its row, written a moment after
+    its client had the answer: a client reading it back at once waits for it (bounded)."""
+    live = persistence.runs.live.get(trace_id)
+    if live is not None and live.closed:
+        with trio.move_on_after(_ROW_WAIT_SECONDS):
+            await live.written.wait()
+
+
+def _running_here(persistence: Persistence, trace_id: str) -> StoredRun | None:
+    """A run of this instance whose row is not written yet: the writer holds a `running`
+    row back for a moment (most runs end sooner), so a client reading right after its
+    `response.created` (or its background response's creation) would be told its response
+    does not exist."""
+    live = persistence.runs.live.get(trace_id)
+    if live is None or live.closed:
+        return None
+    start = next((event for event in live.events if isinstance(event, StreamStart)), None)
+    return StoredRun(
+        status="running", completion=None, error=None, tenant=live.tenant, route="direct",
+        model=start.model if start else "", created_at=start.created if start else time.time(),
+    )
 
 
 class _ResumeFramer:

@@ -53,19 +53,26 @@ class EventsBody(DirectBody):
     one is a status and OpenAI's error JSON."""
 
     def __init__(
-        self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer
+        self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer,
+        *, resumed: str | None = None, not_found: GatewayError | None = None,
     ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
         self._after = after
         self._tenant = tenant
         self._framer = framer
+        self._resumed = resumed  # see `trace_events`
+        self._not_found = not_found  # a trace not known, in the words of the path that asked
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
             try:
-                await trace_events(self._persistence, self._trace_id, self._after, send, self._tenant)
+                await trace_events(
+                    self._persistence, self._trace_id, self._after, send, self._tenant, resumed=self._resumed,
+                )
             except GatewayError as error:
+                if error.kind is ErrorKind.NOT_FOUND and self._not_found is not None:
+                    error = self._not_found
                 await send.send(error)
 
     async def run(self, send: ASGISendCallable) -> None:

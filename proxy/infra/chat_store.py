@@ -121,6 +121,7 @@ class StoredRun:
     # The sequence number of the run's `finished` as its clients saw it (0: not recorded).
     finished_seq: int = 0
     model: str = ""  # as the client named it
+    created_at: float = 0.0  # when its row was first written (Unix seconds)
 
 
 @dataclass(slots=True, frozen=True)
@@ -320,14 +321,17 @@ class ChatStore:
 
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant, route, upstream_model, last_seq, model FROM chat_log WHERE trace_id = %s",
+            "SELECT status, result, error, tenant, route, upstream_model, last_seq, model, "
+            "extract(epoch FROM created_at)::float8 FROM chat_log WHERE trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model, last_seq, model = row
+        status, result, error, tenant, route, upstream_model, last_seq, model, created_at = row
         completion = completion_from_json(result) if result else None
-        return StoredRun(status, completion, error, tenant, route, upstream_model, last_seq, model or "")
+        return StoredRun(
+            status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0)
+        )
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

@@ -432,8 +432,12 @@ class ChatExchange:
             self._finish_record()
             if journal is not None:
                 assert self._persistence is not None
-                self._persistence.runs.live.pop(self.meta.trace_id, None)
-                await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
+                try:
+                    await journal.finish(_outcome(self.result, complete), self._log_row(journal.row, self.result))
+                finally:
+                    # Only now: until its row is written, readers (`GET /v1/responses/{id}`
+                    # right after its client had the answer) find the run here.
+                    self._persistence.runs.live.pop(self.meta.trace_id, None)
             if (
                 self.semantic_cache is not None and complete and self.result.error is None and self.result.replayable
                 and not self.fell_back

@@ -65,6 +65,9 @@ class EventLog:
         self.listeners: list[Callable[[int, list[StreamEvent]], None]] = []
         # Created by the first reader to wait: most runs have none, and appends are per chunk.
         self._changed: trio.Event | None = None
+        # Set once its outcome's row is committed (or in the outbox): what a reader of the
+        # row right after the run waits for.
+        self.written = trio.Event()
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -137,7 +140,10 @@ class Journal:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
             seq = len(self.log.events) + 1
             row.last_seq = seq  # `finished` as every client numbers it (a rebuilt stream needs it)
-            await self._writer.commit(row)
+            try:
+                await self._writer.commit(row)
+            finally:
+                self.log.written.set()
             if self._publish_events:
                 event = Finished(reason=outcome.reason, status=outcome.status, winner=row.upstream_model)
                 self._publisher.publish([(self._subject, encode_event(seq, event), f"{row.trace_id}:{seq}")])

@@ -17,6 +17,7 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed, completion_events
 from proxy.infra.backends import Batch
+from proxy.infra.backends import _base as backend_base
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
@@ -355,7 +357,14 @@ def log_reader(event_log: EventLog, start: int = 0) -> Producer:
     async def read(send: trio.MemorySendChannel[Batch]) -> None:
         position = start
         while True:
-            await event_log.wait_beyond(position)
+            # The run's backend keep-alives stay with the run: once its client has had an
+            # event, a silence of KEEPALIVE_SECONDS is a keep-alive (its head is not sent
+            # early), as it is for a client that reads its backend itself.
+            with trio.move_on_after(backend_base.KEEPALIVE_SECONDS if position else math.inf) as silence:
+                await event_log.wait_beyond(position)
+            if silence.cancelled_caught:
+                await send.send(Batch([]))
+                continue
             if event_log.head_error is not None and not event_log.events:
                 raise event_log.head_error
             events = event_log.events[position:]
@@ -378,12 +387,16 @@ async def trace_events(
     after: int,
     send: trio.MemorySendChannel[tuple[int, WireEvent]],
     tenant: str | None = None,
+    *,
+    resumed: str | None = None,
 ) -> None:
     """A trace's events with their sequence numbers, from `after + 1` to `finished`: from the
     run itself when it is on this instance, else from JetStream, else rebuilt from its row.
 
     With `tenant` (auth on), only that tenant's traces are found; one whose owner cannot be
-    checked (no row, not on this instance) is not found either."""
+    checked (no row, not on this instance) is not found either. `resumed` (how to read it
+    whole instead): the caller resumes a stream by its own numbering of these events, which
+    events rebuilt otherwise than they streamed cannot serve (a 409 then)."""
     unknown = GatewayError(ErrorKind.NOT_FOUND, f"No stream `{trace_id}` is known here.", param="trace_id")
     local = persistence.runs.live.get(trace_id)
     if local is not None:
@@ -428,11 +441,12 @@ async def trace_events(
             log.warning("reading %s from NATS failed: %s", trace_id, error)
     if stored is None or running:
         raise unknown
-    await _rebuilt_events(trace_id, stored, after, send)
+    await _rebuilt_events(trace_id, stored, after, send, resumed)
 
 
 async def _rebuilt_events(
-    trace_id: str, stored: StoredRun, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]]
+    trace_id: str, stored: StoredRun, after: int, send: trio.MemorySendChannel[tuple[int, WireEvent]],
+    resumed: str | None = None,
 ) -> None:
     """A finished trace's events rebuilt from its row: the answer whole, not piece by piece
     as it streamed, so numbered like the live stream only when there are as many. A client
@@ -452,6 +466,13 @@ async def _rebuilt_events(
             f"The events of `{trace_id}` are not available (NATS is down, or they are older than its "
             f"retention), so its stream cannot resume after event {after}; read it whole with `after=0`.",
             param="after", code="resume_unavailable",
+        )
+    if resumed is not None and live_end and live_end != len(events):
+        raise GatewayError(
+            ErrorKind.CONFLICT,
+            f"The events of `{trace_id}` are not available (NATS is down, or they are older than its "
+            f"retention), so its stream cannot resume where its client stopped; {resumed}.",
+            param="starting_after", code="resume_unavailable",
         )
     for seq, event in enumerate(events, start=1):
         if seq > after:
