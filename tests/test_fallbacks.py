@@ -12,7 +12,7 @@ import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
 from proxy.dialects.events import Finished
-from tests.fakes import OllamaBackend, OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
@@ -273,3 +273,102 @@ async def test_the_first_backends_total_timeout_bounds_its_stand_ins_too() -> No
     assert answer.status_code == 504 and answer.headers["x-fallback-model"] == "qwen3-8b"
     assert _chats(small) == ["qwen3-8b"]
     assert took < 10  # not the stand-in's own 30 s
+
+
+# An agent's turn after a failed bash command, with an Anthropic-defined tool and its own.
+_LOOKUP = {"name": "lookup", "description": "Look a word up.", "input_schema": {"type": "object", "properties": {}}}
+_AGENT_TURN = {
+    "max_tokens": 100,
+    "tools": [{"type": "bash_20250124", "name": "bash"}, _LOOKUP],
+    "messages": [
+        {"role": "user", "content": "list /nope"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "bash", "input": {"command": "ls /nope"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ls: cannot access '/nope'", "is_error": True},
+        ]},
+    ],
+}
+
+
+def _down() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def test_an_anthropic_clients_request_is_translated_for_a_stand_in_of_another_kind() -> None:
+    vllm = OpenAIBackend(default=Script(tokens=["no such directory"]))
+    async with vllm.serve() as server, running_gateway(
+        backend("claude", _down(), kind="anthropic", models=("claude-sonnet-4-5",)),
+        backend("vllm", server.url, models=("qwen3-8b",)),
+        fallbacks={"claude-sonnet-4-5": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answer = await http.post("/v1/messages", json={"model": "claude-sonnet-4-5", **_AGENT_TURN})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-fallback-model"] == "qwen3-8b"
+    [sent] = [r.json for r in vllm.requests if r.path.endswith("/chat/completions")]
+    # The bash tool as the function tool the model can call, not dropped; the failed call said.
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["bash", "lookup"]
+    assert "command" in sent["tools"][0]["function"]["parameters"]["properties"]
+    [result] = [m for m in sent["messages"] if m["role"] == "tool"]
+    assert str(result["content"]).startswith("Error: ls: cannot access")
+
+
+async def test_a_claude_stand_in_gets_the_anthropic_clients_request_as_sent() -> None:
+    claude = AnthropicBackend(default=Script(tokens=["no such directory"]))
+    async with claude.serve() as server, running_gateway(
+        backend("vllm", _down(), models=("qwen3-32b",)),
+        backend("claude", server.url, kind="anthropic", models=("claude-sonnet-4-5",)),
+        fallbacks={"qwen3-32b": ("claude-sonnet-4-5",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        answer = await http.post("/v1/messages", json={"model": "qwen3-32b", **_AGENT_TURN})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-fallback-model"] == "claude-sonnet-4-5"
+    [sent] = [r.json for r in claude.requests if r.path == "/v1/messages"]
+    # Claude runs its bash tool natively: it gets the tool's type, not a function tool of its schema.
+    assert sent["tools"][0] == {"type": "bash_20250124", "name": "bash"}
+    assert [tool["name"] for tool in sent["tools"]] == ["bash", "lookup"]
+    [result] = [block for block in sent["messages"][-1]["content"] if block["type"] == "tool_result"]
+    assert result["is_error"] is True
+    assert "Error:" not in str(result["content"])
+
+
+async def test_a_stand_in_that_cannot_be_given_the_request_is_passed_over() -> None:
+    vllm, claude = OpenAIBackend(default=Script(tokens=["vllm"])), AnthropicBackend(default=Script(tokens=["searched"]))
+    web_search = {**_AGENT_TURN, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    async with vllm.serve() as vllm_server, claude.serve() as claude_server, running_gateway(
+        backend("claude", _down(), kind="anthropic", models=("claude-sonnet-4-5", "claude-solo")),
+        backend("vllm", vllm_server.url, models=("qwen3-8b",)),
+        backend("claude-too", claude_server.url, kind="anthropic", models=("claude-haiku-4-5",)),
+        fallbacks={"claude-sonnet-4-5": ("qwen3-8b", "claude-haiku-4-5"), "claude-solo": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        # A server tool: vLLM cannot offer it, so the next stand-in (Claude) answers.
+        answer = await http.post("/v1/messages", json={"model": "claude-sonnet-4-5", **web_search})
+        # With no stand-in able to take it, the model's own failure is the answer, not the stand-in's 400.
+        alone = await http.post("/v1/messages", json={"model": "claude-solo", **web_search})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-fallback-model"] == "claude-haiku-4-5"
+    assert answer.json()["content"][0]["text"] == "searched"
+    assert alone.status_code >= 500 and alone.json()["error"]["type"] != "invalid_request_error", alone.text
+    assert "x-fallback-model" not in alone.headers
+    assert vllm.requests == []
+
+
+async def test_openai_and_ollama_clients_requests_are_checked_for_each_stand_in() -> None:
+    local, vllm = OllamaBackend(default=Script(tokens=["local"])), OpenAIBackend(default=Script(tokens=["vllm"]))
+    async with local.serve() as local_server, vllm.serve() as vllm_server, running_gateway(
+        backend("big", _down(), models=("qwen3-32b",)),
+        backend("ollama-big", _down(), kind="ollama", models=("codellama",)),
+        backend("local", local_server.url, kind="ollama", models=("llama3.2",)),
+        backend("vllm", vllm_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("llama3.2", "qwen3-8b"), "codellama": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        # Log probabilities only an OpenAI-compatible backend gives: the Ollama stand-in is passed over.
+        logprobs = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "logprobs": True})
+        # Fill-in-the-middle only Ollama does: a vLLM stand-in would complete the wrong text.
+        suffix = await http.post(
+            "/api/generate", json={"model": "codellama", "prompt": "def f(", "suffix": "return x", "stream": False},
+        )
+    assert logprobs.status_code == 200, logprobs.text
+    assert logprobs.headers["x-fallback-model"] == "qwen3-8b"
+    assert local.requests == []
+    assert suffix.status_code >= 500 and "suffix" not in suffix.text, suffix.text
+    assert [r.json["model"] for r in vllm.requests if r.path.endswith("/chat/completions")] == ["qwen3-8b"]

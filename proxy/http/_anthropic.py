@@ -10,6 +10,7 @@ from __future__ import annotations
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
+from proxy.config import BackendConfig
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
 from proxy.http._context import gateway, request_body, request_head
@@ -58,15 +59,18 @@ def _parse(body: bytes, head: RequestHead, *, count_only: bool = False) -> ChatR
     return parsed
 
 
+def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
+    """Anthropic-only content translated for each backend of another kind the request goes
+    to (the model's, a stand-in's), or a 400 (never dropped)."""
+    return request if backend is None else anthropic.adapted_for_dialect(request, backend.kind)
+
+
 @exchanges.route("/v1/messages")
 async def messages(incoming: Incoming) -> ExchangeBody:
     request = _parse(incoming.body, incoming.head)
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
-    backend = incoming.gateway.backends.get(exchange.route.backend)
-    if backend is not None:
-        # Anthropic-only content: translated for other backends, or a 400 (never dropped).
-        anthropic.adapt_for_dialect(request, backend.config.kind)
+    exchange.adapt_with(_for_backend)
     headers = _headers(meta.request_id)
     model = request.model
     if request.stream:

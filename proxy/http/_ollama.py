@@ -13,6 +13,7 @@ from typing import Any
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
 
+from proxy.config import BackendConfig
 from proxy.dialects import ollama
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
@@ -120,25 +121,31 @@ _OLLAMA_ONLY = {
 }
 
 
+def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
+    """An /api/generate request as is for each backend it goes to (the model's, a stand-in's),
+    or a 400 for a field only Ollama honours: chat backends have no fill-in-the-middle and
+    apply their own chat template, so answering as if these fields were not there would be a
+    confidently wrong completion. (A route without a backend, a workflow, gets it as is.)"""
+    if backend is None or backend.kind == "ollama":
+        return request
+    used = ollama.generate_only_fields(request)
+    field = next((name for name in _OLLAMA_ONLY if name in used), None)
+    if field is not None:
+        raise invalid_request(
+            f"`{field}` ({_OLLAMA_ONLY[field]}) needs an Ollama backend; model `{request.model}` "
+            f"is served by backend `{backend.name}` ({backend.kind}).",
+            param=field,
+        )
+    return request
+
+
 async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -> ExchangeBody | Reply:
     _refuse_embedding_model(incoming.gateway, request.model, generate=generate)
     if not request.messages:
         return _load(incoming.gateway, request, generate=generate)
     exchange, headers = _exchange(incoming, request)
-    backend = exchange.route.backend  # "" for routes without one (workflows)
-    if generate and backend:
-        # Chat backends have no fill-in-the-middle and apply their own chat template: answering
-        # as if these fields were not there would be a confidently wrong completion.
-        kind = incoming.gateway.backends[backend].config.kind
-        if kind != "ollama":
-            used = ollama.generate_only_fields(request)
-            field = next((name for name in _OLLAMA_ONLY if name in used), None)
-            if field is not None:
-                raise invalid_request(
-                    f"`{field}` ({_OLLAMA_ONLY[field]}) needs an Ollama backend; model `{request.model}` "
-                    f"is served by backend `{backend}` ({kind}).",
-                    param=field,
-                )
+    if generate:
+        exchange.adapt_with(_for_backend)
     started = exchange.meta.received
     thinking = ollama.wants_thinking(request)
     if request.stream:

@@ -7,6 +7,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from proxy.config import BackendConfig
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
@@ -101,10 +102,7 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     request = openai.parse_chat_request(incoming.body)
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
-    asked = [name for name in _OPENAI_ONLY if request.extra.get(name)]
-    if asked:
-        _refuse_openai_only(incoming, request.model, exchange.route.backend, asked[0])
-    _refuse_parts_without_equivalent(incoming, request, exchange.route.backend)
+    exchange.adapt_with(_for_backend)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if request.stream:
         include_usage = request.include_usage
@@ -122,32 +120,38 @@ _OPENAI_ONLY = {
 }
 
 
-def _refuse_openai_only(incoming: Incoming, model: str, backend: str, name: str) -> None:
-    kind = incoming.gateway.backends[backend].config.kind if backend else None
-    if kind != "openai":
-        served = f"is served by backend `{backend}` ({kind})" if backend else "is answered by a workflow"
-        what = "legacy function calling" if name == "functions" else "token log probabilities"
-        raise invalid_request(
-            f"`{name}` ({what}) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
-            param=name,
-        )
+def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
+    """The request as is for each backend it goes to (the model's, a stand-in's), or a 400
+    for what only an OpenAI-compatible backend can be given."""
+    if backend is not None and backend.kind == "openai":
+        return request
+    served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
+    asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
+    if asked is not None:
+        _refuse_openai_only(request.model, served, asked)
+    _refuse_parts_without_equivalent(request, served)
+    return request
 
 
-def _refuse_parts_without_equivalent(incoming: Incoming, request: ChatRequest, backend: str) -> None:
+def _refuse_openai_only(model: str, served: str, name: str) -> None:
+    what = "legacy function calling" if name == "functions" else "token log probabilities"
+    raise invalid_request(
+        f"`{name}` ({what}) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
+        param=name,
+    )
+
+
+def _refuse_parts_without_equivalent(request: ChatRequest, served: str) -> None:
     """Content parts other backends have no counterpart for (`input_audio`, `file`, …): their
     encoders leave them out, so the model would answer without the audio or file the client
     sent (or, with nothing else in the message, an Anthropic backend would get no message).
     A 400 naming the part instead. The assistant's own parts (`refusal`) carry nothing the
     model must read and stay dropped."""
-    kind = incoming.gateway.backends[backend].config.kind if backend else None
-    if kind == "openai":
-        return
     for i, message in enumerate(request.messages):
         if message.role == "assistant":
             continue
         for j, part in enumerate(message.content):
             if isinstance(part, OpaquePart) and part.dialect == openai.DIALECT:
-                served = f"is served by backend `{backend}` ({kind})" if backend else "is answered by a workflow"
                 raise invalid_request(
                     f"`messages[{i}].content[{j}]` is a `{part.data.get('type')}` part, which model "
                     f"`{request.model}` cannot be given: it {served}, which has no equivalent. "

@@ -1,6 +1,6 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
-from proxy.dialects.anthropic._foreign import adapt_for_dialect
+from proxy.dialects.anthropic._foreign import adapt_for_dialect, adapted_for_dialect
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
     JSON_TOOL,
@@ -49,6 +49,7 @@ __all__ = [
     "StreamParser",
     "StreamRenderer",
     "adapt_for_dialect",
+    "adapted_for_dialect",
     "beta_header",
     "encode_messages_request",
     "error_body",

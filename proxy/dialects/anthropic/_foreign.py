@@ -49,6 +49,17 @@ _NEEDLESS = frozenset({"thinking", "redacted_thinking"})
 _BACKEND_NAMES = {"openai": "an OpenAI-compatible backend", "ollama": "an Ollama backend"}
 
 
+def adapted_for_dialect(request: ChatRequest, target: str) -> ChatRequest:
+    """`request` as a backend speaking `target` must be given it: the request itself when
+    nothing changes, else a changed copy (the client's request stays as sent, for a stand-in
+    of another kind); raises a 400 for content that backend cannot be given."""
+    if target == DIALECT or request.dialect != DIALECT:
+        return request
+    adapted = replace(request)  # `adapt_for_dialect` assigns new lists, never changes the old ones
+    adapt_for_dialect(adapted, target)
+    return adapted
+
+
 def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     """Make an Anthropic client's `request` fit a backend speaking `target` (in place);
     raises a 400 for content that backend cannot be given. A no-op for Anthropic backends
