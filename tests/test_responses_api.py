@@ -688,3 +688,49 @@ async def test_the_rag_route_answers_a_responses_client(corpus_url: str, stream:
         assert system["role"] == "system" and system["content"].startswith("You are terse.\n\n")
         assert "Backups are retained for 14 days" in system["content"]
         await client.close()
+
+
+def echoed(response: Any) -> tuple[Any, ...]:
+    """What a Response echoes of the request that made it."""
+    return (
+        response.instructions, [tool.name for tool in response.tools], response.metadata, response.temperature,
+        response.max_output_tokens, response.background,
+    )
+
+
+async def test_a_response_read_back_echoes_the_settings_it_was_asked_with(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No `running` row while it runs: the first reads find the live run, the later ones its row.
+    monkeypatch.setattr(LogWriter, "START_DELAY", 60.0)
+    tokens = [f" w{i}" for i in range(20)]
+    fake = OpenAIBackend(default=Script(tokens=tokens, pace=0.05))
+    asked: dict[str, Any] = {
+        "instructions": "Count slowly.", "tools": TOOLS, "metadata": {"ticket": "T-1"}, "temperature": 0.3,
+        "max_output_tokens": 500,
+    }
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        seen: list[Any] = []
+        stream = await client.responses.create(model="m", input="Count", stream=True, background=True, **asked)
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta":
+                break
+        await stream.close()
+        response_id = seen[0].response.id
+        polled = await client.responses.retrieve(response_id)
+        rest = [e async for e in await client.responses.retrieve(response_id, stream=True, starting_after=seen[-1].sequence_number)]
+        await wait_for_row(pg_database_url, response_id.removeprefix("resp_"), "completed")
+        whole = await client.responses.retrieve(response_id)
+        replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
+        await client.close()
+    live = echoed(seen[0].response)
+    assert live == ("Count slowly.", ["get_weather", "get_time"], {"ticket": "T-1"}, 0.3, 500, True)
+    assert polled.status == "in_progress" and echoed(polled) == live
+    assert rest[-1].type == "response.completed" and echoed(rest[-1].response) == live
+    assert whole.output_text == "".join(tokens) and echoed(whole) == live
+    assert replayed[0].type == "response.created" and echoed(replayed[0].response) == live
+    assert echoed(replayed[-1].response) == live

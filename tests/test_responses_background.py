@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 import pytest
@@ -143,3 +144,20 @@ async def test_a_key_cannot_poll_or_cancel_another_keys_response(stack: Stack) -
     await theirs.close()
     assert bearer(owner) != bearer(other)
 
+
+
+async def test_a_polled_background_response_echoes_what_it_was_created_with(stack: Stack) -> None:
+    tool: Any = {"type": "function", "name": "count", "parameters": {"type": "object", "properties": {}}}
+    created = await stack.client.responses.create(
+        model="m", input="Count", background=True, instructions="Count slowly.", tools=[tool],
+        metadata={"ticket": "T-2"}, temperature=0.4,
+    )
+    asked = (created.instructions, [t.name for t in created.tools], created.metadata, created.temperature, created.background)
+    assert asked == ("Count slowly.", ["count"], {"ticket": "T-2"}, 0.4, True)
+    polled = await stack.client.responses.retrieve(created.id)
+    await poll_until_ended(stack.client, created.id)
+    done = await stack.client.responses.retrieve(created.id)
+    for response in (polled, done):
+        assert (response.instructions, [t.name for t in response.tools], response.metadata, response.temperature,
+                response.background) == asked
+    assert done.status == "completed"

@@ -122,8 +122,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
-    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     model, settings = request.model, parsed.settings
+    exchange.settings = settings  # journalled: the Response read back echoes them too
+    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if parsed.background and not request.stream:
         return _Background(exchange, headers, response=response, model=model, settings=settings)
     if request.stream:
@@ -185,8 +186,11 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if not raw_after.lstrip("-").isdigit() or int(raw_after) < -1:
         raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
     stored = await _stored(persistence, trace_id)
+    live = persistence.runs.live.get(trace_id)
+    # A run of this instance whose row is not written yet has its settings with its events.
+    settings = stored.settings if stored is not None else live.settings if live is not None else None
     after = int(raw_after)
-    framer = _ResumeFramer(response, stored.model if stored else "", after)
+    framer = _ResumeFramer(response, stored.model if stored else "", after, _echoed(settings))
     # From the start, its events rebuilt from its row are its stream; after an event, only
     # the events as they streamed are numbered as its client saw them.
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
@@ -222,9 +226,16 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     return stored
 
 
+def _echoed(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What the Response echoes of its request: as the request set them (kept with its run),
+    or the defaults for a run that does not have them (not a Responses request, or one
+    journalled before they were kept; a run of another instance whose row is not written yet)."""
+    return settings if settings is not None else responses.default_settings()
+
+
 def _rendered(stored: StoredRun, response: str) -> Reply:
     completion = stored.completion
-    settings = responses.default_settings()
+    settings = _echoed(stored.settings)
     if stored.status == "completed" and completion is not None:
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
@@ -272,6 +283,7 @@ def _running_here(persistence: Persistence, trace_id: str) -> StoredRun | None:
     return StoredRun(
         status="running", completion=None, error=None, tenant=live.tenant, route="direct",
         model=start.model if start else "", created_at=start.created if start else time.time(),
+        settings=live.settings,
     )
 
 
@@ -280,10 +292,11 @@ class _ResumeFramer:
     sequence numbers are the renderer's, and it numbers the same events the same way), and
     written from the frame after `starting_after` on."""
 
-    def __init__(self, response: str, model: str, starting_after: int) -> None:
+    def __init__(self, response: str, model: str, starting_after: int, settings: dict[str, Any]) -> None:
         self._response = response
         self._model = model
         self._after = starting_after
+        self._settings = settings
         self._renderer: responses.StreamRenderer | None = None
 
     def frame(self, seq: int, event: WireEvent) -> bytes:
@@ -303,9 +316,7 @@ class _ResumeFramer:
 
     def _render(self, events: list[StreamEvent]) -> bytes:
         if self._renderer is None:
-            self._renderer = responses.StreamRenderer(
-                response=self._response, model=self._model, settings=responses.default_settings(),
-            )
+            self._renderer = responses.StreamRenderer(response=self._response, model=self._model, settings=self._settings)
         return self._renderer.render(events)
 
     def _render_close(self) -> bytes:

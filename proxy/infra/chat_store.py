@@ -98,6 +98,9 @@ class LogRow:
     cache_id: str | None = None  # the exact-cache key: req_id, scoped to the tenant
     owner: str | None = None  # the gateway instance running it (see `sweep_dead_instances`)
     replayable: bool = True  # `result` is the whole answer (else it is not cached)
+    # What the answer echoes of the request when read back (a Response's settings, in wire
+    # form); None for dialects that echo nothing. Not part of `request`, whose hash is `req_id`.
+    settings: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -122,6 +125,7 @@ class StoredRun:
     finished_seq: int = 0
     model: str = ""  # as the client named it
     created_at: float = 0.0  # when its row was first written (Unix seconds)
+    settings: dict[str, Any] | None = None  # see `LogRow.settings`
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,9 +147,12 @@ def _text(value: str | None) -> str | None:
 
 _COLUMNS = (
     "trace_id, req_id, idempotency_key, route, dialect, model, backend, upstream_model, stream, status, "
-    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant, owner"
+    "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant, owner, "
+    "settings"
 )
-_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s"
+_VALUES = (
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb"
+)
 
 
 def _row_params(row: LogRow) -> tuple[Any, ...]:
@@ -153,7 +160,7 @@ def _row_params(row: LogRow) -> tuple[Any, ...]:
         row.trace_id, row.req_id, _text(row.idempotency_key), _text(row.route), row.dialect, _text(row.model),
         row.backend, _text(row.upstream_model), row.stream, row.status, _json(row.request), _json(row.result),
         _json(row.error), row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms,
-        row.last_seq, _text(row.tenant), row.owner,
+        row.last_seq, _text(row.tenant), row.owner, _json(row.settings),
     )
 
 
@@ -176,7 +183,7 @@ _UPSERT_OUTCOMES = (
     "trace_id text, req_id text, idempotency_key text, route text, dialect text, model text, backend text, "
     "upstream_model text, stream boolean, status text, request jsonb, result jsonb, error jsonb, "
     "finish_reason text, prompt_tokens integer, completion_tokens integer, ttft_ms real, total_ms real, "
-    f"last_seq integer, tenant text, owner text){_OUTCOME_UPDATE}"
+    f"last_seq integer, tenant text, owner text, settings jsonb){_OUTCOME_UPDATE}"
 )
 
 
@@ -322,15 +329,16 @@ class ChatStore:
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
             "SELECT status, result, error, tenant, route, upstream_model, last_seq, model, "
-            "extract(epoch FROM created_at)::float8 FROM chat_log WHERE trace_id = %s",
+            "extract(epoch FROM created_at)::float8, settings FROM chat_log WHERE trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model, last_seq, model, created_at = row
+        status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings = row
         completion = completion_from_json(result) if result else None
         return StoredRun(
-            status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0)
+            status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
+            settings,
         )
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:

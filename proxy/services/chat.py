@@ -366,6 +366,9 @@ class ChatExchange:
         self.result = CompletionBuilder()
         self.fallbacks: list[Fallback] = []
         self._adapter: Adapter | None = None
+        # What the client's dialect echoes of the request when its run is read back later (a
+        # Response's settings, in wire form): kept in the run's journal row.
+        self.settings: dict[str, Any] | None = None
         # A stand-in's answer is not the model's: neither cache gives it to later requests.
         self.fell_back = False
         self._hangup = Hangup()
@@ -534,6 +537,7 @@ class ChatExchange:
             return None
         row = self._new_row(plan)
         self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
+        self._live_log.settings = self.settings
         return Journal(
             row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,
@@ -797,6 +801,7 @@ class ChatExchange:
             cache_id=plan.cache_id,
             # A workflow's job lives on in its worker whatever becomes of this process.
             owner=self._persistence.instance_id if self._persistence and self.meta.route != "workflow" else None,
+            settings=self.settings,
         )
 
     def _route_identity(self) -> tuple[str, str | None] | None:

@@ -20,6 +20,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -61,6 +62,9 @@ class EventLog:
         # The model that answered: the `finished` event's `winner`, however it is read.
         self.winner: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        # What its answer echoes of the request (`LogRow.settings`), for readers of a run
+        # whose row is not written yet.
+        self.settings: dict[str, Any] | None = None
         # Called with (first sequence number, new events) as they are appended.
         self.listeners: list[Callable[[int, list[StreamEvent]], None]] = []
         # Created by the first reader to wait: most runs have none, and appends are per chunk.
