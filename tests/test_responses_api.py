@@ -734,3 +734,15 @@ async def test_a_response_read_back_echoes_the_settings_it_was_asked_with(
     assert whole.output_text == "".join(tokens) and echoed(whole) == live
     assert replayed[0].type == "response.created" and echoed(replayed[0].response) == live
     assert echoed(replayed[-1].response) == live
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_too_long_names_the_responses_field_input(setup: Setup, stream: bool) -> None:
+    """The backend refused the translated chat's `messages`; the client sent `input`."""
+    setup.fake("openai").set_script(Script(status=400, error_message=(
+        "This model's maximum context length is 4096 tokens. However, you requested 5120 tokens "
+        "(5000 in the messages, 120 in the completion). Please reduce the length of the messages or completion."
+    )))
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="a very long history", stream=stream)
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")

@@ -17,7 +17,7 @@ import trio
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response
 
-from proxy.dialects import openai, responses
+from proxy.dialects import responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
@@ -47,9 +47,10 @@ blueprint = Blueprint("responses", __name__)
 # Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
 _ROW_WAIT_SECONDS = 5.0
 
-# Errors in OpenAI's shape, as on every OpenAI path; the registration names the dialect, so a
-# request refused before its exchange is logged and counted as this surface's too.
-register_dialect_errors(responses.DIALECT, ("/v1/responses",), openai.render_error)
+# Errors in OpenAI's shape, as on every OpenAI path, naming the Responses request's fields; the
+# registration names the dialect, so a request refused before its exchange is logged and counted
+# as this surface's too.
+register_dialect_errors(responses.DIALECT, ("/v1/responses",), responses.render_error)
 
 
 class ResponsesJsonSink(JsonSink):

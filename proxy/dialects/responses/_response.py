@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -45,6 +46,26 @@ def usage_to_wire(usage: Usage | None) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens or 0},
         "total_tokens": usage.total_tokens,
     }
+
+
+# A refusal made after translation (by the chat codecs, a backend's encoder, a backend) names
+# the chat field; a Responses client sent it under its own name.
+_CHAT_FIELDS = {
+    "messages": "input", "reasoning_effort": "reasoning.effort", "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+}
+
+
+def render_error(error: GatewayError) -> bytes:
+    """An error in OpenAI's shape, its `param` named as in the Responses request."""
+    param = error.param
+    if param is not None:
+        field = param.split("[", 1)[0].split(".", 1)[0]
+        if field in _CHAT_FIELDS:
+            error = GatewayError(
+                error.kind, error.message, param=_CHAT_FIELDS[field], code=error.code, retry_after=error.retry_after,
+            )
+    return openai.render_error(error)
 
 
 def error_to_wire(error: GatewayError) -> dict[str, Any]:
