@@ -42,13 +42,17 @@ _MODEL_PAGES = 20
 def backend_error(name: str, status: int, body: bytes, retry_after: str | None) -> GatewayError:
     """A backend's HTTP error; Anthropic's 529 (overloaded) is a 503 to our clients."""
     message = anthropic.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+    param = None
+    if (validation := openai.validation_error_from_body(body)) is not None:
+        # An Anthropic-compatible FastAPI server's (vLLM's Messages API) 422: its words, its field.
+        message, param = validation
     if status == 529:
         error = status_error(name, 503, message, retry_after)
         return GatewayError(
             ErrorKind.UNAVAILABLE, f"Backend `{name}` returned 529: {message}", code="backend_529",
             retry_after=error.retry_after,
         )
-    return status_error(name, status, message, retry_after)
+    return status_error(name, status, message, retry_after, param=param)
 
 
 class AnthropicBackend:

@@ -570,12 +570,15 @@ def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> Back
     return BackendClient(config, auth_header=auth_header)
 
 
-def status_error(backend: str, status: int, message: str | None, retry_after: str | None = None) -> GatewayError:
+def status_error(
+    backend: str, status: int, message: str | None, retry_after: str | None = None, *, param: str | None = None
+) -> GatewayError:
     """Map a backend's HTTP error onto the client-facing one.
 
-    Client mistakes the backend caught (400, 404, 413, 422) keep their meaning; a backend
-    refusing the gateway's own credentials is a gateway-side fault (502), never a 401/403
-    to the client, whose auth is the gateway's business.
+    Client mistakes the backend caught (400, 404, 413, 422) keep their meaning, and the
+    field it named (`param`: a FastAPI 422's `loc`) reaches the client; a backend refusing
+    the gateway's own credentials is a gateway-side fault (502), never a 401/403 to the
+    client, whose auth is the gateway's business.
     """
     text = message or f"HTTP {status}"
     detail = f"Backend `{backend}` returned {status}: {text}"
@@ -592,7 +595,10 @@ def status_error(backend: str, status: int, message: str | None, retry_after: st
     message_out = text if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND) else detail
     if kind is ErrorKind.INVALID_REQUEST and is_context_overflow(text):
         return GatewayError(kind, message_out, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
-    return GatewayError(kind, message_out, code=f"backend_{status}", retry_after=retry)
+    return GatewayError(
+        kind, message_out, code=f"backend_{status}", retry_after=retry,
+        param=param if kind is ErrorKind.INVALID_REQUEST else None,
+    )
 
 
 _log = logging.getLogger("llm_proxy.backends")

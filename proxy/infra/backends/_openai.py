@@ -122,6 +122,7 @@ class OpenAIBackend:
                 name, response.status_code,
                 openai.error_message_from_body(response.content) or response.text[:500],
                 response.headers.get("retry-after"),
+                param=openai.error_code_and_param_from_body(response.content)[1],
             )
         try:
             data = json.loads(response.content)
