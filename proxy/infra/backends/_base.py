@@ -22,7 +22,7 @@ from proxy.domain.errors import (
     is_context_overflow,
 )
 from proxy.domain.events import CompletionBuilder, StreamEvent
-from proxy.infra.transport import PooledTransport
+from proxy.infra.transport import PooledTransport, current_hangup
 
 
 @dataclass(slots=True)
@@ -256,9 +256,9 @@ class BackendClient:
     it cost a fifth of the gateway's CPU per request.
 
     A backend with replicas (several base URLs) sends each request to the replica with the
-    fewest requests in flight (streams count until they end). One that cannot be reached or
-    answers 503 is set aside for a while, and the request goes to the next one: nothing was
-    generated there, so nothing is done twice."""
+    fewest requests in flight (streams count until they end). One that cannot be reached,
+    drops the connection before its response head, or answers 503 is set aside for a while,
+    and the request goes to the next one: nothing of it reached the client."""
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
@@ -398,6 +398,19 @@ class BackendClient:
                 if standby is None:
                     raise
                 self._move_off(replica, exc)
+                replica = standby
+                continue
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection went before a response head (a crashed worker behind a load
+                # balancer, a restarting container; a stale pooled one is retried below us):
+                # nothing reached the client, so another replica may answer, as nginx's
+                # `proxy_next_upstream error` does. Not when our client's leaving closed it.
+                replica.in_flight -= 1
+                replica.probes -= probing
+                standby = None if _client_gone() else self._pick(tried)
+                if standby is None:
+                    raise
+                self._move_off(replica, f"it closed the connection before answering ({exc or type(exc).__name__})")
                 replica = standby
                 continue
             except BaseException:
@@ -632,6 +645,13 @@ def transport_errors(backend: str) -> Iterator[None]:
             ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({type(exc).__name__}).",
             code="backend_connection_error",
         ) from None
+
+
+def _client_gone() -> bool:
+    """This request's client has left: its hang-up closed our connections, or it is being
+    cancelled (a failure now is our doing, not the backend's)."""
+    hangup = current_hangup.get()
+    return (hangup is not None and hangup.fired) or _cancelled()
 
 
 def _cancelled() -> bool:
