@@ -488,3 +488,67 @@ async def test_a_client_leaving_before_the_answer_sets_no_replica_aside(path: st
         states = (await http.get("/ready")).json()["replicas"]["vllm"]
     assert list(states.values()) == ["ok", "ok"]
     assert len(asked()) == 1
+
+
+def _asked(fake: OpenAIBackend, path: str) -> int:
+    return sum(1 for request in fake.requests if request.path == path)
+
+
+@pytest.mark.parametrize(
+    "hang",
+    [Script(stall_before_headers=True), Script(stall_after=0)],
+    ids=["no-response-head", "head-then-no-byte"],
+)
+async def test_a_relayed_stream_from_a_replica_that_accepts_and_hangs_comes_from_another(
+    hang: Script, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(hung, healthy, timeouts=SHARED, access_log=True) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        started = trio.current_time()
+        for _ in range(3):
+            chunks = [c async for c in await client.completions.create(model="m", prompt="x", stream=True)]
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == "fine"
+        elapsed = trio.current_time() - started
+        gone = await hung.wait_disconnect(1.0)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        hung_url, healthy_url = _url(hung), _url(healthy)
+    assert gone.path == "/v1/completions" and gone.frames_sent == 0
+    assert (_asked(hung, "/v1/completions"), _asked(healthy, "/v1/completions")) == (1, 3)
+    assert elapsed < SHARED.first_token  # one share of the first-token budget, not all of it
+    assert states[hung_url].startswith("set aside for ") and "sent no" in states[hung_url]
+    lines = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert [(getattr(r, "status", None), getattr(r, "replica", None)) for r in lines] == [(200, healthy_url)] * 3
+    assert [getattr(r, "passed_over", None) for r in lines].count([hung_url]) == 1
+
+
+async def test_a_relayed_whole_answer_from_a_replica_that_accepts_and_hangs_comes_from_another() -> None:
+    hung = OpenAIBackend(default=Script(stall_before_headers=True))
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    rerank = {"model": "m", "query": "q", "documents": ["a", "b"]}
+    # A whole answer's head comes with the answer: its share is of `total` (half of 6 s here).
+    async with _replicated(hung, healthy, timeouts=replace(SHARED, total=6.0)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            answer = await client.completions.create(model="m", prompt="x")
+            assert answer.choices[0].text == "fine"
+            ranked = await http.post("/v1/rerank", json=rerank)
+            assert ranked.status_code == 200 and len(ranked.json()["results"]) == 2
+        gone = await hung.wait_disconnect(1.0)
+    assert not gone.headers_sent
+    assert _asked(hung, "/v1/completions") + _asked(hung, "/v1/rerank") == 1
+    assert (_asked(healthy, "/v1/completions"), _asked(healthy, "/v1/rerank")) == (1, 1)
+
+
+async def test_a_relayed_stream_with_every_replica_silent_is_a_504_within_the_first_token_timeout() -> None:
+    fakes = [OpenAIBackend(default=Script(stall_before_headers=True)) for _ in range(2)]
+    async with _replicated(*fakes, timeouts=replace(SHARED, first_token=2.0)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            started = trio.current_time()
+            answer = await http.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+            elapsed = trio.current_time() - started
+    assert answer.status_code == 504 and "first token" in answer.json()["error"]["message"]
+    assert 1.8 < elapsed < 4.0
+    assert sum(_asked(fake, "/v1/completions") for fake in fakes) == 2

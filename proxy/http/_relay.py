@@ -143,6 +143,7 @@ class RelayBody(DirectBody):
             current_served.reset(served_token)
             record = self.record
             record.replica = self._served.replica
+            record.passed_over = self._served.passed_over or None
             # The hang-up closed the backend connection: the relay may have ended on that
             # read's failure before its cancellation came.
             if self.hung_up:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -157,7 +157,9 @@ class RelayBackend(Protocol):
     `relays` names the API paths it serves. `open_relay` sends `body` (the client's, its
     model already the upstream one) to `path` under the backend's OpenAI-compatible API root
     and returns the response with its body open, whatever its status; the caller must close
-    it with `BackendClient.close`. Transport failures are httpx's: the caller maps them."""
+    it with `BackendClient.close`. A replica silent for its share of the caller's deadline is
+    left for another (`BackendClient.open_heard`). Transport failures are httpx's: the
+    caller maps them."""
 
     config: BackendConfig
     relays: frozenset[str]
@@ -243,6 +245,26 @@ class Served:
 class _Silent(Exception):
     """The replica of a stream's attempt sent no byte within its patience, and another one
     can take the request."""
+
+
+class _Prefixed(httpx.AsyncByteStream):
+    """A response body whose first chunk was read already: that chunk, then the rest."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Prefixed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await cast(httpx.AsyncByteStream, self._rest).aclose()
 
 
 # Set by whoever runs a request's backend calls (in the task that makes them).
@@ -349,6 +371,48 @@ class BackendClient:
             replica.in_flight -= 1
             await response.aclose()
         return response
+
+    async def open_heard(
+        self, method: str, path: str, *, content: bytes, headers: dict[str, str], stream: bool
+    ) -> httpx.Response:
+        """The response, its body open (the caller must `close` it), of the first replica
+        heard from: a whole answer's head, or a stream's first byte (read, and given back
+        first by the response's stream), within the replica's share of the caller's deadline
+        (its first-token clock, for a stream). One silent that long, while another could take
+        the request, is left for it, as `stream_into` does for chats: the caller relays the
+        bytes as they come, so nothing has reached its client yet."""
+        now = trio.current_time()
+        patience = self._patience(trio.current_effective_deadline() - now)
+        tried: list[_Replica] = []
+        while True:
+            response, replica, quiet_until = await self._open(
+                method, path, content, headers, None, tried, patience, settle=not stream
+            )
+            response.extensions["llm_proxy.replica"] = replica
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+            if not stream or quiet_until == math.inf or response.status_code >= 400:
+                if probing:  # an answer (an error's too): the replica is well
+                    self._settle(replica, True, well=True)
+                return response
+            chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+            heard = False
+            try:
+                with trio.move_on_at(quiet_until):
+                    try:
+                        first = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        first = b""
+                    heard = True
+            finally:
+                self._settle(replica, probing, well=heard)
+                if not heard:
+                    with trio.CancelScope(shield=True):
+                        await self.close(response)
+            if heard:
+                response.stream = _Prefixed(first, chunks)
+                return response
+            # Closed above, unread: the replica saw its client go. Nothing reached ours.
+            self._move_off(replica, f"it sent no first byte within {patience:g}s")
 
     async def _open(
         self,

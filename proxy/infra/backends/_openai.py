@@ -142,9 +142,9 @@ class OpenAIBackend:
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
         """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open."""
         accept = "text/event-stream" if stream else "application/json"
-        return await self._client.send(
+        return await self._client.open_heard(
             "POST", path, content=body,
-            headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
+            headers={"content-type": "application/json", "accept": accept, **headers}, stream=stream,
         )
 
     async def tokenize(self, body: bytes) -> httpx.Response:
