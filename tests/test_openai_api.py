@@ -457,3 +457,37 @@ async def test_a_validation_error_of_vllms_messages_api_names_its_field() -> Non
     assert isinstance(info.value.body, dict)
     assert info.value.body["message"] == "repetition_penalty: Input should be greater than 0"
     assert info.value.param == "repetition_penalty"
+
+
+async def test_a_prefill_ending_in_whitespace_reaches_an_anthropic_backend_without_it() -> None:
+    # Anthropic refuses "final assistant content cannot end with trailing whitespace".
+    fake = AnthropicBackend(default=Script(tokens=[" 42"]))
+    question = {"role": "user", "content": "What is six times seven?"}
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = await client.chat.completions.create(
+            model="m", messages=[question, {"role": "assistant", "content": "The answer is "}],  # type: ignore[list-item]
+        )
+        assert answer.choices[0].message.content == " 42"
+        # Text parts: the one left empty goes, the one before loses its trailing space.
+        parts = [{"type": "text", "text": "The answer is "}, {"type": "text", "text": "\n\n"}]
+        await client.chat.completions.create(model="m", messages=[question, {"role": "assistant", "content": parts}])  # type: ignore[list-item]
+        await client.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            ollama = {"model": "m", "stream": False, "messages": [question, {"role": "assistant", "content": "The answer is\n"}]}
+            assert (await http.post("/api/chat", json=ollama)).status_code == 200
+            # Nothing but whitespace: no prefill at all; the question ends the conversation.
+            await http.post("/v1/chat/completions", json={"model": "m", "messages": [question, {"role": "assistant", "content": " "}]})
+            claude = {"model": "m", "max_tokens": 9, "messages": [question, {"role": "assistant", "content": [{"type": "text", "text": "The answer is "}]}]}
+            assert (await http.post("/v1/messages", json=claude)).status_code == 200
+            # A conversation that does not end with the assistant is sent as it came.
+            await http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi "}]})
+    last = [request.json["messages"][-1] for request in fake.requests if request.path == "/v1/messages"]
+    assert last == [
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "user", "content": "What is six times seven?"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "user", "content": "hi "},
+    ]
