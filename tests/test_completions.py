@@ -182,6 +182,17 @@ async def test_a_prompt_too_long_is_context_length_exceeded(setup: Setup, error_
         assert isinstance(info.value.body, dict) and "context" in info.value.body["message"]
 
 
+async def test_a_fastapi_validation_error_is_said_with_its_field(setup: Setup) -> None:
+    body = {"detail": [{"loc": ["body", "logprobs"], "msg": "Input should be less than or equal to 20", "type": "x"}]}
+    setup.fake.set_script(Script(status=422, error_body=body))
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await setup.client.completions.create(model="m", prompt="x", logprobs=99, stream=stream)
+        assert isinstance(info.value.body, dict)
+        assert info.value.body["message"] == "logprobs: Input should be less than or equal to 20"
+        assert info.value.param == "logprobs"
+
+
 async def test_first_token_timeout_is_a_504() -> None:
     fake = OpenAIBackend(default=Script(stall_before_headers=True))
     quick = Timeouts(connect=2, first_token=0.3, idle=5, total=30)

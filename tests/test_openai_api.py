@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import OpenAIBackend, Script, ToolCall, Usage
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script, ToolCall, Usage
 from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_auth_helpers import eventually
 
@@ -414,3 +414,80 @@ async def test_refused_requests_get_their_log_line_too(caplog: pytest.LogCapture
     assert (missing.status, missing.model, missing.stream) == (404, "mistral", True)  # type: ignore[attr-defined]
     assert "mistral" in missing.error  # type: ignore[attr-defined]
     assert (ollama_line.status, ollama_line.dialect, ollama_line.model) == (400, "ollama", "qwen3")  # type: ignore[attr-defined]
+
+
+# What vLLM, TGI and Infinity answer when pydantic refuses a field: FastAPI's 422, and
+# vLLM's own 400 that prints pydantic's errors in its message.
+FASTAPI_422 = {"detail": [{"loc": ["body", "repetition_penalty"], "msg": "Input should be greater than 0", "type": "greater_than"}]}
+VLLM_400 = {
+    "object": "error", "type": "BadRequestError", "param": None, "code": 400,
+    "message": "1 validation error:\n  {'type': 'greater_than', 'loc': ('body', 'repetition_penalty'), "
+               "'msg': 'Input should be greater than 0', 'input': -1, 'ctx': {'gt': 0}}",
+}
+
+
+@pytest.mark.parametrize(("status", "body"), [(422, FASTAPI_422), (400, VLLM_400)])
+async def test_a_backend_validation_error_names_its_field_in_every_dialect(
+    setup: Setup, status: int, body: dict[str, object]
+) -> None:
+    setup.fake.set_script(Script(status=status, error_body=body))
+    said = "repetition_penalty: Input should be greater than 0"
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await setup.client.chat.completions.create(
+                model="m", messages=MESSAGES, stream=stream, extra_body={"repetition_penalty": -1}  # type: ignore[arg-type]
+            )
+        assert isinstance(info.value.body, dict) and info.value.body["message"] == said
+        assert info.value.param == "repetition_penalty"
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        claude = await http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES})
+        ollama = await http.post("/api/chat", json={"model": "m", "stream": False, "messages": MESSAGES})
+    assert claude.status_code == 400 and claude.json()["error"]["message"] == said
+    assert ollama.status_code == 400 and ollama.json() == {"error": said}
+
+
+async def test_a_validation_error_of_vllms_messages_api_names_its_field() -> None:
+    # vLLM serves Anthropic's Messages API too, with the same FastAPI 422s.
+    fake = AnthropicBackend(default=Script(status=422, error_body=FASTAPI_422))
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+        await client.close()
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["message"] == "repetition_penalty: Input should be greater than 0"
+    assert info.value.param == "repetition_penalty"
+
+
+async def test_a_prefill_ending_in_whitespace_reaches_an_anthropic_backend_without_it() -> None:
+    # Anthropic refuses "final assistant content cannot end with trailing whitespace".
+    fake = AnthropicBackend(default=Script(tokens=[" 42"]))
+    question = {"role": "user", "content": "What is six times seven?"}
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = await client.chat.completions.create(
+            model="m", messages=[question, {"role": "assistant", "content": "The answer is "}],  # type: ignore[list-item]
+        )
+        assert answer.choices[0].message.content == " 42"
+        # Text parts: the one left empty goes, the one before loses its trailing space.
+        parts = [{"type": "text", "text": "The answer is "}, {"type": "text", "text": "\n\n"}]
+        await client.chat.completions.create(model="m", messages=[question, {"role": "assistant", "content": parts}])  # type: ignore[list-item]
+        await client.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            ollama = {"model": "m", "stream": False, "messages": [question, {"role": "assistant", "content": "The answer is\n"}]}
+            assert (await http.post("/api/chat", json=ollama)).status_code == 200
+            # Nothing but whitespace: no prefill at all; the question ends the conversation.
+            await http.post("/v1/chat/completions", json={"model": "m", "messages": [question, {"role": "assistant", "content": " "}]})
+            claude = {"model": "m", "max_tokens": 9, "messages": [question, {"role": "assistant", "content": [{"type": "text", "text": "The answer is "}]}]}
+            assert (await http.post("/v1/messages", json=claude)).status_code == 200
+            # A conversation that does not end with the assistant is sent as it came.
+            await http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi "}]})
+    last = [request.json["messages"][-1] for request in fake.requests if request.path == "/v1/messages"]
+    assert last == [
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "user", "content": "What is six times seven?"},
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "user", "content": "hi "},
+    ]

@@ -250,3 +250,18 @@ def test_renderer_produces_what_the_sdk_expects() -> None:
     assert frames[5] == {"id": "id1", "object": "chat.completion.chunk", "created": 3, "model": "m", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
     assert frames[6] == "[DONE]"
     assert all(f["usage"] is None for f in frames[:5])
+
+
+def test_fastapi_validation_errors_are_said_readably_with_their_field() -> None:
+    many = {"detail": [{"loc": ["body", "messages", i, "content"], "msg": "Field required"} for i in range(5)]}
+    assert openai.validation_error_from_body(json.dumps(many).encode()) == (
+        "messages[0].content: Field required; messages[1].content: Field required; "
+        "messages[2].content: Field required (and 2 more)",
+        "messages[0].content",
+    )
+    # Pydantic v1, printed: the message quoted with double quotes for its apostrophe.
+    printed = {"object": "error", "message": """[{'loc': ('body', 'n'), 'msg': "can't be 0", 'type': 'x'}]"""}
+    assert openai.validation_error_from_body(json.dumps(printed).encode()) == ("n: can't be 0", "n")
+    # Not a validation error: nothing is made up.
+    assert openai.validation_error_from_body(b'{"detail": "Not Found"}') is None
+    assert openai.validation_error_from_body(b'{"error": {"message": "bad"}}') is None

@@ -20,6 +20,7 @@ from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
+from tests.test_transport import raw_server, read_request, reset
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -389,3 +390,165 @@ async def test_one_request_at_a_time_tests_whether_a_hung_replica_is_back(
     # Still hung: set aside for twice as long (a response head alone did not show it well).
     aside = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
     assert [message.split(" for ")[1].split("s ")[0] for message in aside] == ["0.5", "1"]
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+async def test_a_replica_that_drops_the_connection_before_its_answer_is_stood_in_for(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A crashed vLLM worker behind a load balancer, a restarting container: the request is
+    # read, then the connection goes (a RST, or a FIN) before any response head.
+    async def crash(stream: trio.SocketStream, _: int) -> None:
+        await read_request(stream, bytearray())
+        if how == "reset":
+            reset(stream)
+        else:
+            await stream.aclose()
+
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    async with raw_server(crash) as (crashing, served):
+        async with _replicated(healthy, extra_urls=(f"{crashing}/v1",)) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+            for stream in (False, True, False, True):
+                if stream:
+                    chunks = [c async for c in await client.chat.completions.create(model="m", messages=ASK, stream=True)]
+                    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "fine"
+                else:
+                    answer = await client.chat.completions.create(model="m", messages=ASK)
+                    assert answer.choices[0].message.content == "fine"
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    # Tried once, then set aside: the other requests went straight to the healthy one.
+    assert len(served) == 1 and _chats(healthy) == 4
+    assert states[f"{crashing}/v1"].startswith("set aside for ")
+    assert len([r for r in caplog.records if "set aside" in r.getMessage()]) == 1
+
+
+async def test_a_single_backend_that_drops_the_connection_is_still_a_502() -> None:
+    async def crash(stream: trio.SocketStream, _: int) -> None:
+        await read_request(stream, bytearray())
+        reset(stream)
+
+    async with raw_server(crash) as (crashing, _), running_gateway(backend("vllm", f"{crashing}/v1", default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answer = await http.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
+
+
+async def test_a_relayed_call_to_a_replica_that_drops_the_connection_is_stood_in_for() -> None:
+    async def crash(stream: trio.SocketStream, _: int) -> None:
+        await read_request(stream, bytearray())
+        reset(stream)
+
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    async with raw_server(crash) as (crashing, served), _replicated(healthy, extra_urls=(f"{crashing}/v1",)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for stream in (False, True, False):
+            if stream:
+                chunks = [c async for c in await client.completions.create(model="m", prompt="x", stream=True)]
+                assert "".join(c.choices[0].text for c in chunks if c.choices) == "fine"
+            else:
+                answer = await client.completions.create(model="m", prompt="x")
+                assert answer.choices[0].text == "fine"
+    assert len(served) == 1
+    assert sum(1 for request in healthy.requests if request.path.endswith("/completions")) == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_a_client_leaving_before_the_answer_sets_no_replica_aside(path: str) -> None:
+    # Its leaving closes the backend connection under the pending read: no replica failed,
+    # and nothing is asked of another one.
+    slow = [OpenAIBackend(default=Script(header_delay=30)) for _ in range(2)]
+    body = {"model": "m", "messages": ASK} if path.endswith("/chat/completions") else {"model": "m", "prompt": "x"}
+
+    def asked() -> list[Any]:
+        return [request for fake in slow for request in fake.requests if request.path == path]
+
+    async with (
+        _replicated(*slow, timeouts=replace(SHARED, failover=30.0)) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        async def ask() -> None:
+            await http.post(path, json=body)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+
+            async def reached() -> bool:
+                return bool(asked())
+
+            await eventually(reached)
+            nursery.cancel_scope.cancel()
+
+        async def closed() -> bool:
+            return sum(fake.recorder.disconnects_total for fake in slow) >= 1
+
+        await eventually(closed, within=2.0)
+        await trio.sleep(0.3)  # time for a wrong failover to show
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    assert list(states.values()) == ["ok", "ok"]
+    assert len(asked()) == 1
+
+
+def _asked(fake: OpenAIBackend, path: str) -> int:
+    return sum(1 for request in fake.requests if request.path == path)
+
+
+@pytest.mark.parametrize(
+    "hang",
+    [Script(stall_before_headers=True), Script(stall_after=0)],
+    ids=["no-response-head", "head-then-no-byte"],
+)
+async def test_a_relayed_stream_from_a_replica_that_accepts_and_hangs_comes_from_another(
+    hang: Script, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(hung, healthy, timeouts=SHARED, access_log=True) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        started = trio.current_time()
+        for _ in range(3):
+            chunks = [c async for c in await client.completions.create(model="m", prompt="x", stream=True)]
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == "fine"
+        elapsed = trio.current_time() - started
+        gone = await hung.wait_disconnect(1.0)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        hung_url, healthy_url = _url(hung), _url(healthy)
+    assert gone.path == "/v1/completions" and gone.frames_sent == 0
+    assert (_asked(hung, "/v1/completions"), _asked(healthy, "/v1/completions")) == (1, 3)
+    assert elapsed < SHARED.first_token  # one share of the first-token budget, not all of it
+    assert states[hung_url].startswith("set aside for ") and "sent no" in states[hung_url]
+    lines = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert [(getattr(r, "status", None), getattr(r, "replica", None)) for r in lines] == [(200, healthy_url)] * 3
+    assert [getattr(r, "passed_over", None) for r in lines].count([hung_url]) == 1
+
+
+async def test_a_relayed_whole_answer_from_a_replica_that_accepts_and_hangs_comes_from_another() -> None:
+    hung = OpenAIBackend(default=Script(stall_before_headers=True))
+    healthy = OpenAIBackend(default=Script(tokens=["fine"]))
+    rerank = {"model": "m", "query": "q", "documents": ["a", "b"]}
+    # A whole answer's head comes with the answer: its share is of `total` (half of 6 s here).
+    async with _replicated(hung, healthy, timeouts=replace(SHARED, total=6.0)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            answer = await client.completions.create(model="m", prompt="x")
+            assert answer.choices[0].text == "fine"
+            ranked = await http.post("/v1/rerank", json=rerank)
+            assert ranked.status_code == 200 and len(ranked.json()["results"]) == 2
+        gone = await hung.wait_disconnect(1.0)
+    assert not gone.headers_sent
+    assert _asked(hung, "/v1/completions") + _asked(hung, "/v1/rerank") == 1
+    assert (_asked(healthy, "/v1/completions"), _asked(healthy, "/v1/rerank")) == (1, 1)
+
+
+async def test_a_relayed_stream_with_every_replica_silent_is_a_504_within_the_first_token_timeout() -> None:
+    fakes = [OpenAIBackend(default=Script(stall_before_headers=True)) for _ in range(2)]
+    async with _replicated(*fakes, timeouts=replace(SHARED, first_token=2.0)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            started = trio.current_time()
+            answer = await http.post("/v1/completions", json={"model": "m", "prompt": "x", "stream": True})
+            elapsed = trio.current_time() - started
+    assert answer.status_code == 504 and "first token" in answer.json()["error"]["message"]
+    assert 1.8 < elapsed < 4.0
+    assert sum(_asked(fake, "/v1/completions") for fake in fakes) == 2

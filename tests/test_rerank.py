@@ -159,6 +159,29 @@ async def test_backend_errors_keep_their_status(setup: Setup) -> None:
     assert down.status_code == 503 and "overloaded" in down.json()["error"]["message"]
 
 
+async def test_a_rerank_servers_validation_error_is_said_with_its_field(setup: Setup) -> None:
+    # Infinity and TEI's FastAPI cousins: pydantic's 422, a field deep in the body.
+    detail = [
+        {"loc": ["body", "documents", 1], "msg": "String should have at most 512 characters", "type": "string_too_long"},
+        {"loc": ["body", "query"], "msg": "Field required", "type": "missing"},
+    ]
+    setup.fake.set_script(Script(status=422, error_body={"detail": detail}))
+    refused = await setup.client.post("/v1/rerank", json=RERANK)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == (
+        "documents[1]: String should have at most 512 characters; query: Field required"
+    )
+    assert refused.json()["error"]["param"] == "documents[1]"
+    # vLLM's newer shape: OpenAI's error object, pydantic's errors printed in its message.
+    printed = "[{'type': 'missing', 'loc': ('body', 'query'), 'msg': 'Field required', 'input': {}}]"
+    vllm = {"error": {"message": printed, "type": "BadRequestError", "param": None, "code": 400}}
+    setup.fake.set_script(Script(status=400, error_body=vllm))
+    refused = await setup.client.post("/v1/rerank", json=RERANK)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "query: Field required"
+    assert refused.json()["error"]["param"] == "query"
+
+
 async def test_a_backend_slower_than_its_total_timeout_is_a_504() -> None:
     fake = OpenAIBackend(default=Script(header_delay=5))
     quick = Timeouts(connect=2, first_token=5, idle=5, total=0.3)

@@ -143,6 +143,7 @@ class RelayBody(DirectBody):
             current_served.reset(served_token)
             record = self.record
             record.replica = self._served.replica
+            record.passed_over = self._served.passed_over or None
             # The hang-up closed the backend connection: the relay may have ended on that
             # read's failure before its cancellation came.
             if self.hung_up:
@@ -214,14 +215,18 @@ class RelayBody(DirectBody):
             return
         # The backend refusing the gateway's own credentials is the gateway's fault, never
         # the client's 401/403: those are mapped, as for chats.
-        if status not in (401, 403) and _is_openai_error(body):
+        # A validation error printed by Python (vLLM's) is made readable rather than relayed.
+        validation = openai.validation_error_from_body(body) is not None
+        if status not in (401, 403) and _is_openai_error(body) and not validation:
             headers: Headers = [(b"content-type", b"application/json")]
             if retry_after is not None:
                 headers.append((b"retry-after", retry_after.encode("latin-1")))
             self.record.error = openai.error_message_from_body(body) or f"HTTP {status}"
             await self._writer().whole(status, headers, body)
             return
-        await self._fail(status_error(name, status, message, retry_after))
+        # A FastAPI validation error (vLLM, TGI, Infinity) is said in its words, with its field.
+        param = openai.error_code_and_param_from_body(body)[1]
+        await self._fail(status_error(name, status, message, retry_after, param=param))
 
     async def _relay_whole(self, response: httpx.Response) -> None:
         try:

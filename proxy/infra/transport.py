@@ -60,10 +60,12 @@ class Hangup:
     unwinds; when a hundred clients leave at once, the last of those waits behind the
     others' teardown. `fire()` sends every FIN from the disconnect handler itself."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "fired")
 
     def __init__(self) -> None:
         self._held: set[_Connection] = set()
+        # A read that fails from now on failed because of the client, not the backend.
+        self.fired = False
 
     def hold(self, conn: _Connection) -> None:
         self._held.add(conn)
@@ -73,6 +75,7 @@ class Hangup:
         self._held.discard(conn)
 
     def fire(self) -> None:
+        self.fired = True
         held, self._held = self._held, set()
         for conn in held:
             conn.close()

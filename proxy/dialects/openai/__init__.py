@@ -23,6 +23,7 @@ from proxy.dialects.openai._response import (
     render_error,
     render_model_list,
     render_usage,
+    validation_error_from_body,
 )
 from proxy.dialects.openai._stream import (
     DONE,
@@ -61,5 +62,6 @@ __all__ = [
     "render_message",
     "render_model_list",
     "render_usage",
+    "validation_error_from_body",
     "wants_chunk_usage",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from proxy.dialects._json import dumps
@@ -95,37 +96,124 @@ def render_error(error: GatewayError) -> bytes:
 
 
 def error_message_from_body(body: bytes) -> str | None:
-    """The message of an error body in OpenAI's (or a close cousin's) shape, if there is one."""
+    """The message of an error body in OpenAI's (or a close cousin's) shape, if there is one:
+    a FastAPI validation error's (vLLM, TGI, Infinity) made readable (`validation_error`)."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict):
             message = error.get("message") or error.get("detail")
             if isinstance(message, str):
-                return message
+                readable = _validation_of_repr(message)
+                return readable[0] if readable is not None else message
         if isinstance(error, str):
             return error
         detail = data.get("detail")
         if isinstance(detail, str):
             return detail
+        readable = _validation_of_list(detail)
+        if readable is not None:
+            return readable[0]
     return None
 
 
 def error_code_and_param_from_body(body: bytes) -> tuple[str | None, str | None]:
     """The `code` and `param` strings of an error body in OpenAI's shape (vLLM's numeric
-    `code` is the status again, not a code)."""
+    `code` is the status again, not a code); a validation error's `param` is its field."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None, None
-    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None, None
+    error = data.get("error", data)
     if not isinstance(error, dict):
         return None, None
     code, param = error.get("code"), error.get("param")
-    return (code if isinstance(code, str) and code else None), (param if isinstance(param, str) and param else None)
+    code = code if isinstance(code, str) and code else None
+    if isinstance(param, str) and param:
+        return code, param
+    message, detail = error.get("message"), data.get("detail")
+    readable = _validation_of_repr(message) if isinstance(message, str) else _validation_of_list(detail)
+    return code, readable[1] if readable is not None else None
+
+
+# A FastAPI validation error lists pydantic's errors; it says the first few, in a line.
+_VALIDATION_ERRORS_SAID = 3
+# Where FastAPI found the field: not part of its name.
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+# pydantic's errors as Python prints them, inside vLLM's `{"object": "error", "message": ...}`.
+_ERROR_REPR = re.compile(r"""'loc': \((?P<loc>[^)]*)\), 'msg': (?P<msg>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+_LOC_PART = re.compile(r"""'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)"|(-?\d+)""")
+
+
+def validation_error_from_body(body: bytes) -> tuple[str, str | None] | None:
+    """A FastAPI validation error's message made readable, and its field, whatever the
+    dialect around it (a 422's `detail` list, or vLLM's 400 printing pydantic's errors)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data)
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return _validation_of_repr(message)
+    return _validation_of_list(data.get("detail"))
+
+
+def _validation_of_list(detail: Any) -> tuple[str, str | None] | None:
+    """FastAPI's 422 body `{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`: the
+    message (`top_n: Input should be greater than 0`) and the field (`top_n`)."""
+    if not isinstance(detail, list) or not detail:
+        return None
+    errors: list[tuple[list[Any], str]] = []
+    for item in detail:
+        if not isinstance(item, dict) or not isinstance(item.get("msg"), str):
+            return None
+        loc = item.get("loc")
+        errors.append((loc if isinstance(loc, list) else [], item["msg"]))
+    return _validation_said(errors)
+
+
+def _validation_of_repr(message: str) -> tuple[str, str | None] | None:
+    """The same errors printed by Python, as vLLM words its validation 400s."""
+    errors: list[tuple[list[Any], str]] = []
+    for match in _ERROR_REPR.finditer(message):
+        loc: list[Any] = [
+            int(number) if number else (single or double)
+            for single, double, number in _LOC_PART.findall(match["loc"])
+        ]
+        errors.append((loc, match["msg"][1:-1]))
+    return _validation_said(errors) if errors else None
+
+
+def _validation_said(errors: list[tuple[list[Any], str]]) -> tuple[str, str | None] | None:
+    if not errors:
+        return None
+    said = []
+    for loc, msg in errors[:_VALIDATION_ERRORS_SAID]:
+        field = _field_name(loc)
+        said.append(f"{field}: {msg}" if field else msg)
+    more = len(errors) - _VALIDATION_ERRORS_SAID
+    message = "; ".join(said) + (f" (and {more} more)" if more > 0 else "")
+    return message, _field_name(errors[0][0]) or None
+
+
+def _field_name(loc: list[Any]) -> str:
+    """`["body", "messages", 0, "content"]` is `messages[0].content`."""
+    parts = loc[1:] if loc and loc[0] in _LOCATIONS else loc
+    name = ""
+    for part in parts:
+        if isinstance(part, int) and not isinstance(part, bool):
+            name += f"[{part}]"
+        elif isinstance(part, str) and part:
+            name += f".{part}" if name else part
+    return name
 
 
 def parse_usage(data: Any) -> Usage | None:

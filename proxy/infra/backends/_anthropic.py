@@ -10,7 +10,7 @@ none is sent with `DEFAULT_MAX_TOKENS`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +18,7 @@ import httpx
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
-from proxy.domain.chat import ChatRequest
+from proxy.domain.chat import ChatRequest, Message, OpaquePart, TextPart
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.domain.tokens import estimated_prompt_tokens
@@ -42,13 +42,85 @@ _MODEL_PAGES = 20
 def backend_error(name: str, status: int, body: bytes, retry_after: str | None) -> GatewayError:
     """A backend's HTTP error; Anthropic's 529 (overloaded) is a 503 to our clients."""
     message = anthropic.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+    param = None
+    if (validation := openai.validation_error_from_body(body)) is not None:
+        # An Anthropic-compatible FastAPI server's (vLLM's Messages API) 422: its words, its field.
+        message, param = validation
     if status == 529:
         error = status_error(name, 503, message, retry_after)
         return GatewayError(
             ErrorKind.UNAVAILABLE, f"Backend `{name}` returned 529: {message}", code="backend_529",
             retry_after=error.retry_after,
         )
-    return status_error(name, status, message, retry_after)
+    return status_error(name, status, message, retry_after, param=param)
+
+
+def prefill_trimmed(request: ChatRequest) -> ChatRequest:
+    """`request` without the trailing whitespace of its final assistant turn (a prefill).
+
+    Anthropic refuses one that ends in whitespace ("final assistant content cannot end with
+    trailing whitespace"), and OpenAI and Ollama clients send such prefills ("The answer
+    is "): its last text loses it, and text left empty goes (Anthropic refuses empty text
+    blocks too), then the text before it is looked at. Any other request is returned as is."""
+    messages = request.messages
+    at = len(messages) - 1
+    while at >= 0 and messages[at].role == "system":  # hoisted into `system`: not a turn
+        at -= 1
+    if at < 0 or messages[at].role != "assistant":
+        return request
+    as_sent = request.dialect == anthropic.DIALECT
+    kept = list(messages)
+    while at >= 0 and kept[at].role in ("assistant", "system"):
+        message = kept[at]
+        trimmed = message if message.role == "system" else _trimmed_turn(message, as_sent=as_sent)
+        if trimmed is None:  # nothing left of it: the turn before it ends the conversation
+            del kept[at]
+        elif trimmed is not message:
+            kept[at] = trimmed
+            break
+        elif message.role == "assistant":
+            break
+        at -= 1
+    return request if len(kept) == len(messages) and all(a is b for a, b in zip(kept, messages, strict=True)) \
+        else replace(request, messages=kept)
+
+
+def _trimmed_turn(message: Message, *, as_sent: bool) -> Message | None:
+    """`message` (an assistant turn) without the whitespace its content ends with: the same
+    message when it has none, None when nothing is left of it. `as_sent`: an Anthropic
+    client's, whose blocks go back as it sent them."""
+    if message.tool_calls:  # it ends with a tool_use block
+        return message
+    raw = message.extra.get("content") if as_sent else None
+    if isinstance(raw, list):
+        blocks = list(raw)
+        while blocks and isinstance(last := blocks[-1], dict) and last.get("type") == "text":
+            text = last.get("text")
+            if not isinstance(text, str) or text == text.rstrip():
+                break
+            if text.rstrip():
+                blocks[-1] = {**last, "text": text.rstrip()}
+                break
+            blocks.pop()
+        if blocks == raw:
+            return message
+        return replace(message, extra={**message.extra, "content": blocks}) if blocks else None
+    parts = list(message.content)
+    end = len(parts)
+    # A cache marker (no block of its own) belongs to the part before it.
+    while end > 0 and isinstance(marker := parts[end - 1], OpaquePart) and "type" not in marker.data:
+        end -= 1
+    changed = False
+    while end > 0 and isinstance(part := parts[end - 1], TextPart) and part.text != part.text.rstrip():
+        changed = True
+        if part.text.rstrip():
+            parts[end - 1] = TextPart(part.text.rstrip())
+            break
+        del parts[end - 1]
+        end -= 1
+    if not changed:
+        return message
+    return replace(message, content=tuple(parts)) if parts else None
 
 
 class AnthropicBackend:
@@ -67,7 +139,8 @@ class AnthropicBackend:
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         return anthropic.encode_messages_request(
-            call.request, call.upstream_model, stream=stream, default_max_tokens=self.default_max_tokens
+            prefill_trimmed(call.request), call.upstream_model, stream=stream,
+            default_max_tokens=self.default_max_tokens,
         )
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
@@ -103,7 +176,8 @@ class AnthropicBackend:
     async def count_tokens(self, request: ChatRequest, upstream_model: str) -> int:
         name = self.config.name
         body = anthropic.encode_messages_request(
-            request, upstream_model, stream=False, default_max_tokens=self.default_max_tokens, count_only=True
+            prefill_trimmed(request), upstream_model, stream=False, default_max_tokens=self.default_max_tokens,
+            count_only=True,
         )
         with transport_errors(name):
             response = await self._client.post(

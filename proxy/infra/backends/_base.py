@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from proxy.domain.errors import (
     is_context_overflow,
 )
 from proxy.domain.events import CompletionBuilder, StreamEvent
-from proxy.infra.transport import PooledTransport
+from proxy.infra.transport import PooledTransport, current_hangup
 
 
 @dataclass(slots=True)
@@ -157,7 +157,9 @@ class RelayBackend(Protocol):
     `relays` names the API paths it serves. `open_relay` sends `body` (the client's, its
     model already the upstream one) to `path` under the backend's OpenAI-compatible API root
     and returns the response with its body open, whatever its status; the caller must close
-    it with `BackendClient.close`. Transport failures are httpx's: the caller maps them."""
+    it with `BackendClient.close`. A replica silent for its share of the caller's deadline is
+    left for another (`BackendClient.open_heard`). Transport failures are httpx's: the
+    caller maps them."""
 
     config: BackendConfig
     relays: frozenset[str]
@@ -245,6 +247,26 @@ class _Silent(Exception):
     can take the request."""
 
 
+class _Prefixed(httpx.AsyncByteStream):
+    """A response body whose first chunk was read already: that chunk, then the rest."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Prefixed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await cast(httpx.AsyncByteStream, self._rest).aclose()
+
+
 # Set by whoever runs a request's backend calls (in the task that makes them).
 current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
 
@@ -256,9 +278,9 @@ class BackendClient:
     it cost a fifth of the gateway's CPU per request.
 
     A backend with replicas (several base URLs) sends each request to the replica with the
-    fewest requests in flight (streams count until they end). One that cannot be reached or
-    answers 503 is set aside for a while, and the request goes to the next one: nothing was
-    generated there, so nothing is done twice."""
+    fewest requests in flight (streams count until they end). One that cannot be reached,
+    drops the connection before its response head, or answers 503 is set aside for a while,
+    and the request goes to the next one: nothing of it reached the client."""
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
@@ -350,6 +372,48 @@ class BackendClient:
             await response.aclose()
         return response
 
+    async def open_heard(
+        self, method: str, path: str, *, content: bytes, headers: dict[str, str], stream: bool
+    ) -> httpx.Response:
+        """The response, its body open (the caller must `close` it), of the first replica
+        heard from: a whole answer's head, or a stream's first byte (read, and given back
+        first by the response's stream), within the replica's share of the caller's deadline
+        (its first-token clock, for a stream). One silent that long, while another could take
+        the request, is left for it, as `stream_into` does for chats: the caller relays the
+        bytes as they come, so nothing has reached its client yet."""
+        now = trio.current_time()
+        patience = self._patience(trio.current_effective_deadline() - now)
+        tried: list[_Replica] = []
+        while True:
+            response, replica, quiet_until = await self._open(
+                method, path, content, headers, None, tried, patience, settle=not stream
+            )
+            response.extensions["llm_proxy.replica"] = replica
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+            if not stream or quiet_until == math.inf or response.status_code >= 400:
+                if probing:  # an answer (an error's too): the replica is well
+                    self._settle(replica, True, well=True)
+                return response
+            chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+            heard = False
+            try:
+                with trio.move_on_at(quiet_until):
+                    try:
+                        first = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        first = b""
+                    heard = True
+            finally:
+                self._settle(replica, probing, well=heard)
+                if not heard:
+                    with trio.CancelScope(shield=True):
+                        await self.close(response)
+            if heard:
+                response.stream = _Prefixed(first, chunks)
+                return response
+            # Closed above, unread: the replica saw its client go. Nothing reached ours.
+            self._move_off(replica, f"it sent no first byte within {patience:g}s")
+
     async def _open(
         self,
         method: str,
@@ -398,6 +462,19 @@ class BackendClient:
                 if standby is None:
                     raise
                 self._move_off(replica, exc)
+                replica = standby
+                continue
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection went before a response head (a crashed worker behind a load
+                # balancer, a restarting container; a stale pooled one is retried below us):
+                # nothing reached the client, so another replica may answer, as nginx's
+                # `proxy_next_upstream error` does. Not when our client's leaving closed it.
+                replica.in_flight -= 1
+                replica.probes -= probing
+                standby = None if _client_gone() else self._pick(tried)
+                if standby is None:
+                    raise
+                self._move_off(replica, f"it closed the connection before answering ({exc or type(exc).__name__})")
                 replica = standby
                 continue
             except BaseException:
@@ -570,12 +647,15 @@ def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> Back
     return BackendClient(config, auth_header=auth_header)
 
 
-def status_error(backend: str, status: int, message: str | None, retry_after: str | None = None) -> GatewayError:
+def status_error(
+    backend: str, status: int, message: str | None, retry_after: str | None = None, *, param: str | None = None
+) -> GatewayError:
     """Map a backend's HTTP error onto the client-facing one.
 
-    Client mistakes the backend caught (400, 404, 413, 422) keep their meaning; a backend
-    refusing the gateway's own credentials is a gateway-side fault (502), never a 401/403
-    to the client, whose auth is the gateway's business.
+    Client mistakes the backend caught (400, 404, 413, 422) keep their meaning, and the
+    field it named (`param`: a FastAPI 422's `loc`) reaches the client; a backend refusing
+    the gateway's own credentials is a gateway-side fault (502), never a 401/403 to the
+    client, whose auth is the gateway's business.
     """
     text = message or f"HTTP {status}"
     detail = f"Backend `{backend}` returned {status}: {text}"
@@ -592,7 +672,10 @@ def status_error(backend: str, status: int, message: str | None, retry_after: st
     message_out = text if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND) else detail
     if kind is ErrorKind.INVALID_REQUEST and is_context_overflow(text):
         return GatewayError(kind, message_out, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
-    return GatewayError(kind, message_out, code=f"backend_{status}", retry_after=retry)
+    return GatewayError(
+        kind, message_out, code=f"backend_{status}", retry_after=retry,
+        param=param if kind is ErrorKind.INVALID_REQUEST else None,
+    )
 
 
 _log = logging.getLogger("llm_proxy.backends")
@@ -626,6 +709,13 @@ def transport_errors(backend: str) -> Iterator[None]:
             ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({type(exc).__name__}).",
             code="backend_connection_error",
         ) from None
+
+
+def _client_gone() -> bool:
+    """This request's client has left: its hang-up closed our connections, or it is being
+    cancelled (a failure now is our doing, not the backend's)."""
+    hangup = current_hangup.get()
+    return (hangup is not None and hangup.fired) or _cancelled()
 
 
 def _cancelled() -> bool:

@@ -123,9 +123,9 @@ class OllamaBackend:
         """`POST /v1{path}`: Ollama's own OpenAI-compatible API (`base_url` is the server
         root), the response left open."""
         accept = "text/event-stream" if stream else "application/json"
-        return await self._client.send(
+        return await self._client.open_heard(
             "POST", "/v1" + path, content=body,
-            headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
+            headers={"content-type": "application/json", "accept": accept, **headers}, stream=stream,
         )
 
     async def list_models(self) -> list[ModelInfo]:

@@ -122,6 +122,7 @@ class OpenAIBackend:
                 name, response.status_code,
                 openai.error_message_from_body(response.content) or response.text[:500],
                 response.headers.get("retry-after"),
+                param=openai.error_code_and_param_from_body(response.content)[1],
             )
         try:
             data = json.loads(response.content)
@@ -141,9 +142,9 @@ class OpenAIBackend:
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
         """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open."""
         accept = "text/event-stream" if stream else "application/json"
-        return await self._client.send(
+        return await self._client.open_heard(
             "POST", path, content=body,
-            headers={"content-type": "application/json", "accept": accept, **headers}, stream=True,
+            headers={"content-type": "application/json", "accept": accept, **headers}, stream=stream,
         )
 
     async def tokenize(self, body: bytes) -> httpx.Response:
