@@ -14,10 +14,13 @@ import socket
 import sys
 from collections.abc import Callable
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.run import worker_serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from proxy.config import Settings
@@ -41,6 +44,44 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+# What a cancelled response may still say (see `_exchange._LAST_WORDS_SECONDS`), and a
+# margin, before the connections still open after the graceful timeout are closed.
+_CUT_AFTER_GRACE = 1.5
+
+# The connections each server (by its `Config`) has open, while they run.
+_connections: WeakKeyDictionary[Config, set[trio.abc.AsyncResource]] = WeakKeyDictionary()
+
+
+class _KnownTCPServer(TCPServer):
+    """hypercorn's connection, known to its server while it runs. hypercorn shields every
+    write to the socket from cancellation, so the graceful timeout's cancel does not end a
+    response whose client reads slowly (or not at all): its write waits for that client,
+    and the process with it. Such connections are closed instead (`_cut_stragglers`)."""
+
+    async def run(self) -> None:
+        open_here = _connections.setdefault(self.config, set())
+        open_here.add(self.stream)
+        try:
+            await super().run()
+        finally:
+            open_here.discard(self.stream)
+
+
+hypercorn_run.TCPServer = _KnownTCPServer  # type: ignore[attr-defined]  # worker_serve has no other hook
+
+
+async def _cut_stragglers(config: Config, done: trio.CancelScope) -> None:
+    """Once the graceful timeout (and the last words of what it cancelled) is over, close
+    every connection still open: a socket closed under a write ends that write."""
+    with done:
+        await trio.sleep(config.graceful_timeout + _CUT_AFTER_GRACE)
+        stragglers = list(_connections.get(config, ()))
+        if stragglers:
+            log.warning("closing %d connection(s) still writing to slow clients after the graceful timeout", len(stragglers))
+        for stream in stragglers:
+            await trio.aclose_forcefully(stream)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -48,19 +89,29 @@ async def serve(
     shutdown_trigger: Callable[[], Any] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM)."""
+    """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM), then for at
+    most the graceful timeout (and the last words of what it cuts)."""
     app = create_app(settings)
+    config = hypercorn_config(settings)
+    trigger = shutdown_trigger or wait_for_signal
     # One asyncio loop, bridged into trio, for the asyncio-only clients (psycopg, nats-py).
     async with asyncio_bridge(), trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            functools.partial(
-                worker_serve,
-                wrap_app(app, 0, "asgi"),
-                hypercorn_config(settings),
-                sockets=sockets,
-                shutdown_trigger=shutdown_trigger or wait_for_signal,
-            )
-        )
+        stopped = trio.CancelScope()
+
+        async def triggered() -> None:
+            await trigger()
+            nursery.start_soon(_cut_stragglers, config, stopped)
+
+        async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await worker_serve(
+                    wrap_app(app, 0, "asgi"), config, sockets=sockets, shutdown_trigger=triggered,
+                    task_status=task_status,
+                )
+            finally:
+                stopped.cancel()  # nothing left to cut: no waiting out the grace period
+
+        binds = await nursery.start(serving)
         tune_gc()
         task_status.started(binds)
 

@@ -364,6 +364,38 @@ async def test_backend_errors_before_the_stream(setup: Setup, kind: str) -> None
     assert unavailable.value.status_code == 503 and unavailable.value.type == "overloaded_error"
 
 
+LIMITS = [("anthropic-ratelimit-requests-remaining", "49"), ("anthropic-ratelimit-tokens-reset", "2026-01-01T00:00:05Z")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_backends_request_id_and_rate_limits_reach_anthropic_clients(setup: Setup, stream: bool) -> None:
+    """Claude Code shows the backend's request id in errors, and clients back off by its
+    rate-limit headers: both come with the answer (the gateway's `request-id` is its trace)."""
+    fake = setup.fake("anthropic")
+    data = {"model": MODELS["anthropic"], "max_tokens": 30, "messages": MESSAGES, "stream": stream}
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        fake.push(Script(headers=LIMITS))
+        answer = await http.post("/v1/messages", json=data)
+        assert answer.status_code == 200
+        upstream = answer.headers["x-upstream-request-id"]
+        assert upstream.startswith("req_") and answer.headers["request-id"] != upstream
+        assert answer.headers["anthropic-ratelimit-requests-remaining"] == "49"
+        assert answer.headers["anthropic-ratelimit-tokens-reset"] == "2026-01-01T00:00:05Z"
+
+        fake.push(Script(status=429, retry_after=3, headers=LIMITS))
+        limited = await http.post("/v1/messages", json=data)
+        assert limited.status_code == 429 and limited.headers.get_list("retry-after") == ["3"]
+        assert limited.headers["x-upstream-request-id"].startswith("req_")
+        assert limited.headers["anthropic-ratelimit-requests-remaining"] == "49"
+
+        # Another kind of backend answering an Anthropic client: nothing of the sort is made up.
+        setup.fake("openai").push(Script(headers=[("request-id", "not-anthropic"), *LIMITS]))
+        other = await http.post("/v1/messages", json={**data, "model": MODELS["openai"]})
+        assert other.status_code == 200
+        assert "x-upstream-request-id" not in other.headers
+        assert "anthropic-ratelimit-requests-remaining" not in other.headers
+
+
 async def test_anthropic_overloaded_529_is_a_503_overloaded_error(setup: Setup) -> None:
     setup.fake("anthropic").push(Script(status=529))
     with pytest.raises(anthropic.InternalServerError) as info:

@@ -18,7 +18,7 @@ import trio
 from proxy.config import Settings
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.errors import GatewayError
-from proxy.serve import serve
+from proxy.serve import hypercorn_config, serve
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 
@@ -293,3 +293,60 @@ async def test_stopping_the_gateway_tells_clients_still_waiting_instead_of_cutti
     frames = answers["stream"]
     assert len(frames) > 3 and frames[-1] != "[DONE]"
     assert json.loads(frames[-1])["error"]["code"] == "gateway_shutting_down"
+
+
+async def test_a_client_reading_slowly_does_not_keep_the_gateway_past_its_graceful_timeout() -> None:
+    """The server's writes wait for their client, and hypercorn shields them from the graceful
+    timeout's cancel: a client reading a long answer a byte a second kept the process alive
+    for as long as it read. Its connection is now closed once the grace (and last words) is over."""
+    big = OpenAIBackend(default=Script(tokens=["x" * 16384] * 1000))  # 16 MB, as fast as it goes
+    stop, finished = trio.Event(), trio.Event()
+    async with big.serve() as b, trio.open_nursery() as nursery:
+        settings = replace(
+            Settings(), backends=(backend("big", b.url, default=True),), host="127.0.0.1", port=0, access_log=False,
+        )
+        config = hypercorn_config(settings)
+
+        async def gateway(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
+            finished.set()
+
+        [url] = await nursery.start(gateway)
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        client = trio.SocketStream(sock)
+        body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True}).encode()
+        await client.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+        async def trickle(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                while True:  # a byte a second
+                    if not await client.receive_some(1):
+                        return
+                    await trio.sleep(1)
+
+        try:
+            reading = await nursery.start(trickle)
+            await big.wait_requests(1)
+            await trio.sleep(1.0)  # the answer fills every buffer between the gateway and its reader
+            stop.set()
+            stopped_at = trio.current_time()
+            with trio.fail_after(config.graceful_timeout + 6):
+                await finished.wait()
+            took = trio.current_time() - stopped_at
+            reading.cancel()
+            with trio.fail_after(5):  # what the connection still held, then its end
+                try:
+                    while await client.receive_some():
+                        pass
+                except trio.BrokenResourceError:
+                    pass
+        finally:
+            await client.aclose()  # (without the fix, what lets the gateway stop at all)
+    assert took < config.graceful_timeout + 3, took

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import trio
 
+import proxy.gateway
 from proxy.dialects.events import Finished, decode_event
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall
 from proxy.domain.chat import Usage as DomainUsage
@@ -40,6 +41,7 @@ from proxy.services.journal import (
     Outbox,
     ensure_streams,
 )
+from proxy.services.persistence import PersistenceSettings
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
@@ -900,3 +902,27 @@ async def test_an_upgrade_fails_what_the_previous_version_left_running(
         keys = await db.fetch("SELECT trace_id, status FROM idempotency_keys ORDER BY trace_id")
     assert found == [("direct-1", "failed"), ("done-1", "completed"), ("flow-1", "running")]
     assert keys == [("direct-1", "failed"), ("done-1", "completed"), ("flow-1", "running")]
+
+
+async def test_a_keyless_run_killed_before_its_row_ends_its_readers_soon(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyless run killed within its first quarter second published events but never its
+    `running` row, and nothing holds a key the heartbeat sweep could fail. With PostgreSQL
+    up, a reader on another instance ends the stream `failed` once the trace is still
+    rowless `dead_after` past its first event, instead of waiting `follow_silence` (300 s)."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
+    trace_id = uuid.uuid4().hex
+    fake = OpenAIBackend(default=Script(tokens=["hi"]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(timeout=30) as client:
+        async with open_bus(nats_url) as bus:
+            await bus.publish(f"evt.chat.{trace_id}", b'{"seq":1,"type":"role","role":"assistant"}')
+            await bus.publish(f"evt.chat.{trace_id}", b'{"seq":2,"type":"token","text":"Once","task":"main"}')
+        with trio.fail_after(15):
+            resumed = await client.get(f"{url}/v1/streams/{trace_id}")
+    frames = stream_frames(resumed.text)
+    assert [seq for seq, _ in frames] == [1, 2, 3]
+    assert isinstance(frames[-1][1], Finished) and frames[-1][1].status == "failed"

@@ -30,6 +30,7 @@ from proxy.workflow.bus import workers_kv
 from proxy.workflow.view import ClientView, Continuity, encode
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import bearer, new_key, wait_for_key
 from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
@@ -267,6 +268,45 @@ async def test_a_model_only_a_backends_listing_names_works_in_a_pipeline(
                 )
                 assert unknown.status_code == 404
     assert [r.json["model"] for r in alpha.requests if r.path == "/v1/chat/completions"] == ["teal-7b"]  # type: ignore[index]
+
+
+async def test_a_keys_model_scope_covers_the_models_its_pipeline_is_configured_with(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A key limited to `alpha-*` may not reach `beta-1` by running a pipeline configured with
+    it: a 403 naming it, in the caller's dialect, before any model is called. Its own models
+    in the request's options replace the configured ones; an unscoped key runs the pipeline."""
+    name = pipeline_name()
+    async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1", "beta-1"])}) as (
+        url, alpha, beta, _,
+    ):
+        scoped = await new_key(pg_database_url, "scoped", "--models", "alpha-*", "m")
+        free = await new_key(pg_database_url, "free")
+        await wait_for_key(url, scoped)
+        await wait_for_key(url, free)
+        body = {"model": "m", "messages": MESSAGES}
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            refused = await client.post(
+                "/v1/chat/completions", json=body, headers={"x-pipeline": name, **bearer(scoped)}
+            )
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"]["code"] == "model_not_allowed"
+            assert "`beta-1`" in refused.json()["error"]["message"]
+            in_anthropic = await client.post(
+                "/v1/messages", json={**body, "max_tokens": 20}, headers={"x-pipeline": name, **bearer(scoped)}
+            )
+            assert in_anthropic.status_code == 403 and in_anthropic.json()["type"] == "error"
+            assert in_anthropic.json()["error"]["type"] == "permission_error"
+            assert "`beta-1`" in in_anthropic.json()["error"]["message"]
+            assert not [r for fake in (alpha, beta) for r in fake.requests if r.path == "/v1/chat/completions"]
+
+            own = await client.post(
+                "/v1/chat/completions", json=body | {"workflow": {"models": ["alpha-1"]}},
+                headers={"x-pipeline": name, **bearer(scoped)},
+            )
+            assert own.status_code == 200, own.text
+            unscoped = await client.post("/v1/chat/completions", json=body, headers={"x-pipeline": name, **bearer(free)})
+            assert unscoped.status_code == 200, unscoped.text
 
 
 async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack) -> None:

@@ -7,7 +7,9 @@ gateway's business elsewhere.
 
 from __future__ import annotations
 
-from hypercorn.typing import ASGISendCallable
+from collections.abc import Callable, Iterable, Mapping
+
+from hypercorn.typing import ASGISendCallable, ASGISendEvent
 from quart import Blueprint, Response
 
 from proxy.config import BackendConfig
@@ -24,8 +26,10 @@ from proxy.http._exchange import (
 )
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import RequestHead, request_meta
-from proxy.infra.backends import Batch
+from proxy.infra.backends import Backend, Batch
 from proxy.infra.backends._anthropic import count_tokens
+from proxy.infra.transport import ResponseHeads, current_heads
+from proxy.services.chat import ChatExchange, ExchangeSink
 
 exchanges = FrontDoor()
 blueprint = Blueprint("anthropic", __name__)
@@ -44,6 +48,46 @@ class AnthropicJsonSink(JsonSink):
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
         await self._json(anthropic.render_message(completion, batch.events, model=self._model))
+
+
+class AnthropicExchangeBody(ExchangeBody):
+    """An exchange whose response head also carries, when an Anthropic backend answered, that
+    backend's `request-id` (as `x-upstream-request-id`: the gateway's own `request-id` is the
+    trace) and its `anthropic-ratelimit-*` and `retry-after` headers, which Anthropic clients
+    show in errors and back off by. Only its response head's: they go with the first byte."""
+
+    def __init__(
+        self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
+    ) -> None:
+        super().__init__(exchange, sink)
+        self._backends = backends
+
+    async def run(self, send: ASGISendCallable) -> None:
+        heads = ResponseHeads()
+
+        async def with_upstream(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], *self._upstream(heads, message["headers"])]}
+            await send(message)
+
+        token = current_heads.set(heads)  # the exchange's backend calls inherit it
+        try:
+            await super().run(with_upstream)
+        finally:
+            current_heads.reset(token)
+
+    def _upstream(self, heads: ResponseHeads, own: Iterable[tuple[bytes, bytes]]) -> Headers:
+        backend = self._backends.get(self.exchange.route.backend)
+        if backend is None or backend.config.kind != "anthropic":
+            return []  # another kind answered (a stand-in): what an Anthropic call heard is not its
+        taken = {name.lower() for name, _ in own}
+        passed: Headers = []
+        for name, value in heads.headers:
+            if name == b"request-id":
+                passed.append((b"x-upstream-request-id", value))
+            elif (name.startswith(b"anthropic-ratelimit-") or name == b"retry-after") and name not in taken:
+                passed.append((name, value))  # (an error's own `retry-after` says it already)
+        return passed
 
 
 def _headers(request_id: str) -> Headers:
@@ -74,10 +118,12 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     headers = _headers(meta.request_id)
     model = request.model
     if request.stream:
-        return ExchangeBody(exchange, lambda send: RenderedStreamSink(
+        return AnthropicExchangeBody(exchange, lambda send: RenderedStreamSink(
             send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS, dialect="anthropic",
-        ))
-    return ExchangeBody(exchange, lambda send: AnthropicJsonSink(send, headers, model))
+        ), incoming.gateway.backends)
+    return AnthropicExchangeBody(
+        exchange, lambda send: AnthropicJsonSink(send, headers, model), incoming.gateway.backends,
+    )
 
 
 @blueprint.post("/v1/messages/count_tokens")

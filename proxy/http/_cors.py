@@ -36,7 +36,13 @@ EXPOSED_HEADERS = b", ".join(
         b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens",
         b"x-cache", b"x-replay-of", b"x-attached-to", b"idempotent-replayed",
         b"x-rag-workspace", b"x-rag-sources", b"x-rag-context", b"x-pipeline", b"x-workflow-winner", b"x-fallback-model",
-        b"x-embedding-backend", b"x-embeddings-truncated", b"x-token-count",
+        b"x-embedding-backend", b"x-embeddings-truncated", b"x-token-count", b"x-upstream-request-id",
+        # An Anthropic backend's, passed on to Anthropic clients.
+        *(
+            b"anthropic-ratelimit-%s-%s" % (what, field)
+            for what in (b"requests", b"tokens", b"input-tokens", b"output-tokens")
+            for field in (b"limit", b"remaining", b"reset")
+        ),
     )
 )
 _PREFLIGHT_VARY = b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers, Access-Control-Request-Private-Network"

@@ -12,12 +12,16 @@ Two more things a gateway needs from its transport:
   cancelled scope — that FIN is how the backend learns its client has gone.
 - A `Hangup` (set in `current_hangup` by whoever runs the request) closes the request's
   connection the moment the client hangs up, before any cancelled task has unwound.
+- `ResponseHeads` (in `current_heads`) keeps the latest response head of a client request's
+  backend calls, for a surface that passes some of its headers on.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +86,47 @@ class Hangup:
 
 
 current_hangup: ContextVar[Hangup | None] = ContextVar("current_hangup", default=None)
+
+
+class ResponseHeads:
+    """The response head of the latest backend request heard for one client request (set in
+    `current_heads` by a surface that passes some of it on). Only requests made under
+    `listening()` are heard: the backend calls whose headers mean something to that client,
+    not an embedding lookup on the way."""
+
+    __slots__ = ("_listening", "headers")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._listening = False
+
+    def heard(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self._listening:
+            self.headers = headers
+
+    @contextmanager
+    def listening(self) -> Iterator[None]:
+        """Hear the heads of the requests made inside; what an earlier call heard is forgotten."""
+        self.headers = []
+        self._listening = True
+        try:
+            yield
+        finally:
+            self._listening = False
+
+
+current_heads: ContextVar[ResponseHeads | None] = ContextVar("current_heads", default=None)
+
+
+@contextmanager
+def heads_heard() -> Iterator[None]:
+    """Around a backend call whose response head the client's surface may pass on."""
+    heads = current_heads.get()
+    if heads is None:
+        yield
+        return
+    with heads.listening():
+        yield
 
 
 class _StaleConnection(Exception):
@@ -190,6 +235,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     _let_go(hangup, conn)
                     conn.close()
                     raise
+                if (heads := current_heads.get()) is not None:
+                    heads.heard(list(answer.headers))  # names in lower case
                 return httpx.Response(
                     answer.status_code,
                     headers=answer.headers.raw_items(),

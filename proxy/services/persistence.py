@@ -421,7 +421,7 @@ async def trace_events(
         # A workflow's bus events are its workers' (every task, every attempt): its client
         # reads them through the view the workflow route gave it.
         view = ClientView() if stored is not None and stored.route == "workflow" else None
-        async def row() -> StoredRun | None:
+        async def row(since_first_event: float) -> StoredRun | None:
             current = persistence.store()
             if current is None:
                 return None
@@ -429,9 +429,13 @@ async def trace_events(
                 found = await current.stored_run(trace_id)
                 if found is None and await current.trace_failed(trace_id):
                     return StoredRun(status="failed", completion=None, error=None, tenant=None, route="direct")
-                return found
             except DatabaseError:
-                return None
+                return None  # PostgreSQL down: a live run's row may be held back, so keep waiting
+            if found is None and since_first_event >= persistence.settings.dead_after:
+                # A live run has its row within a second of its start; a keyless run killed
+                # before its row was written has nothing the heartbeat sweep could fail.
+                return StoredRun(status="failed", completion=None, error=None, tenant=None, route="direct")
+            return found
 
         try:
             if await _bus_events(bus, trace_id, after, send, persistence.settings.follow_silence, first_wait, view,
@@ -505,16 +509,18 @@ async def _bus_events(
     first_wait: float,
     view: ClientView | None = None,
     *,
-    row: Callable[[], Awaitable[StoredRun | None]] | None = None,
+    row: Callable[[float], Awaitable[StoredRun | None]] | None = None,
     check_every: float = 5.0,
 ) -> bool:
     """True once `finished` was relayed; False when nothing arrived within `first_wait`.
 
     Through a `view`, the events are numbered as the client saw them (1, 2, ...), the same
     numbers the trace's `EventLog` gives them while it runs. `row` reads the trace's row
-    again while the events are quiet: a run whose process died never publishes `finished`,
-    but once its row is no longer running the stream ends with the row's outcome."""
+    again while the events are quiet (given the seconds since the first event was heard): a
+    run whose process died never publishes `finished`, but once its row is no longer running
+    the stream ends with the row's outcome."""
     seen = False
+    first_heard = math.inf
     shown = 0
     async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
         heard = trio.current_time()
@@ -530,7 +536,7 @@ async def _bus_events(
                     if waited >= first_wait:
                         return False
                     continue
-                stored = await row() if row is not None else None
+                stored = await row(trio.current_time() - first_heard) if row is not None else None
                 if stored is not None and stored.status != "running":
                     end = shown + 1
                     if end > after:
@@ -540,6 +546,8 @@ async def _bus_events(
                 if waited >= silence:
                     break
                 continue
+            if not seen:
+                first_heard = trio.current_time()
             seen = True
             heard = trio.current_time()
             if view is None:

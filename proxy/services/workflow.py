@@ -34,6 +34,7 @@ from proxy.domain.routing import Router
 from proxy.infra.backends import Batch
 from proxy.infra.nats import Bus, BusError, BusMessage
 from proxy.infra.resources import Resources
+from proxy.services.auth import check_model
 from proxy.services.journal import EVENTS_STREAM, events_subject
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
@@ -80,25 +81,31 @@ class WorkflowRoute:
             )
 
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
-            await self._check_models(exchange)
+            await self._check_models(exchange, pipeline)
             await self._produce(exchange, pipeline, send)
 
         return produce
 
-    async def _check_models(self, exchange: ChatExchange) -> None:
+    async def _check_models(self, exchange: ChatExchange, pipeline: str) -> None:
         """Models the client names in its `workflow` options go through the gateway's router
         now: an unknown one is a 404 before anything starts, and an API key's model scope
-        applies to them as it does to the request's own model. (Options named `model`,
-        `models` or `*_model` are model names, by convention.)"""
+        applies to them as it does to the request's own model. The models the pipeline's
+        config names (those the client's options do not replace) are called for this key
+        too: outside its scope, they are a 403 as well. (Options named `model`, `models` or
+        `*_model` are model names, by convention.)"""
         options = exchange.request.extra.get(OPTIONS_FIELD)
         if options is None:
-            return
+            options = {}
         if not isinstance(options, dict):
             raise invalid_request(f"`{OPTIONS_FIELD}` must be an object.", param=OPTIONS_FIELD)
         for key, value in options.items():
-            if key == "models" or key == "model" or key.endswith("_model"):
+            if _names_models(key):
                 for model in _names(value):
                     await self._resolve(model)
+        for key, value in self.registry.options(pipeline).items():
+            if _names_models(key) and key not in options:
+                for model in _names(value):
+                    check_model(model)
 
     async def _resolve(self, model: str) -> None:
         try:
@@ -276,6 +283,10 @@ def _lost(error: BusError) -> GatewayError:
         ErrorKind.UNAVAILABLE, f"The workflow job's events could not be followed: {error}",
         code="nats_unavailable", retry_after=5,
     )
+
+
+def _names_models(option: str) -> bool:
+    return option == "models" or option == "model" or option.endswith("_model")
 
 
 def _names(value: Any) -> Iterable[str]:

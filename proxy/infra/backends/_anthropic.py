@@ -34,6 +34,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.backends._openai import OpenAIBackend
+from proxy.infra.transport import heads_heard
 
 DEFAULT_MAX_TOKENS = 4096
 _MODEL_PAGES = 20
@@ -145,18 +146,19 @@ class AnthropicBackend:
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         name = self.config.name
-        await self._client.stream_into(
-            "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,
-            backend=name, timeouts=self.config.timeouts,
-            headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
-            error=lambda response, body: backend_error(
-                name, response.status_code, body, response.headers.get("retry-after")
-            ),
-        )
+        with heads_heard():
+            await self._client.stream_into(
+                "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,
+                backend=name, timeouts=self.config.timeouts,
+                headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
+                error=lambda response, body: backend_error(
+                    name, response.status_code, body, response.headers.get("retry-after")
+                ),
+            )
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
-        with transport_errors(name):
+        with transport_errors(name), heads_heard():
             response = await self._client.post(
                 "/v1/messages",
                 content=self._body(call, stream=False),
