@@ -8,7 +8,6 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,11 +23,9 @@ from proxy.domain.events import (
 )
 from proxy.domain.routing import Route
 from proxy.infra.backends import Backend, BackendCall, Batch, BatchSink
+from proxy.services._contracts import RequestMeta
 from proxy.services._records import ExchangeRecord
 from proxy.services.journal import EventLog
-
-if TYPE_CHECKING:
-    from proxy.services.chat import RequestMeta
 
 log = logging.getLogger("llm_proxy.chat")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proxy.domain.chat import ChatRequest
 from proxy.domain.events import CompletionBuilder
@@ -15,11 +15,9 @@ from proxy.domain.routing import Route
 from proxy.domain.tokens import charged_usage
 from proxy.infra.backends import Served
 from proxy.infra.chat_store import LogRow, completion_to_json
+from proxy.services._contracts import RequestMeta
 from proxy.services.journal import Outcome
 from proxy.services.persistence import Persistence, Plan
-
-if TYPE_CHECKING:
-    from proxy.services.chat import RequestMeta
 
 
 @dataclass(slots=True)

@@ -4,6 +4,10 @@ Each exchange is one trio nursery. The backend call is a task that sends batches
 memory channel; the client-facing writer (the `ExchangeSink`, supplied by the HTTP layer)
 runs in the exchange's own task. A client disconnect cancels the caller, which cancels the
 nursery, which closes the backend's HTTP stream.
+
+This module is the face of the exchange's parts, each in its own: `_contracts` (what its
+callers supply and are told), `_fallback` (the walk over a model's stand-ins), `_durable`
+(its journalled runs) and `_records` (its log line and journal row).
 """
 
 from __future__ import annotations
@@ -11,25 +15,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from proxy.domain.chat import ChatCompletion, ChatRequest
+from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_served
 from proxy.infra.transport import Hangup, current_hangup
+from proxy.services._contracts import (
+    SHUTTING_DOWN,
+    CachedAnswer,
+    CompletionCache,
+    ExchangeSink,
+    Headers,
+    RequestMeta,
+    RouteHandler,
+    is_cancellation,
+    new_trace_id,
+)
+from proxy.services._durable import DurableRun
 from proxy.services._fallback import Adapter, Fallback, FallbackWalk
-from proxy.services._records import ExchangeRecord, Recording, RecordSink, _outcome
+from proxy.services._records import ExchangeRecord, RecordSink, _outcome
 from proxy.services.journal import EventLog, Journal
-from proxy.services.persistence import Persistence, Plan, Producer, log_reader, replayer
+from proxy.services.persistence import Persistence, Plan, Producer, replayer
 
 log = logging.getLogger("llm_proxy.chat")
 
@@ -39,107 +53,6 @@ __all__ = [
     "ExchangeSink", "Fallback", "Headers", "RecordSink", "RequestMeta", "RouteHandler", "is_cancellation",
     "new_trace_id",
 ]
-
-
-class ExchangeSink(Protocol):
-    """The client side of an exchange, in the client's dialect."""
-
-    async def fail(self, error: GatewayError) -> None:
-        """The exchange failed before its first byte: answer with the error's status."""
-
-    async def start(self) -> None:
-        """The first batch is ready: commit the success status and headers."""
-
-    async def write(self, batch: Batch) -> None: ...
-
-    async def finish(self) -> None:
-        """The stream is complete; end the body."""
-
-
-@dataclass(slots=True)
-class RequestMeta:
-    """Per-request facts from the transport: ids, and the headers that pick the route.
-
-    `route` is "direct" (a backend LLM), "rag" (retrieval + context injection, with
-    `workspace`) or "workflow" (a pipeline job, with `pipeline`).
-    """
-
-    trace_id: str
-    request_id: str
-    correlation_id: str | None = None
-    route: str = "direct"
-    workspace: str | None = None
-    pipeline: str | None = None
-    idempotency_key: str | None = None
-    cache: str | None = None
-    # Who asks (the API key as `key-<id>`), when auth is on: caches and resume are per tenant.
-    tenant: str | None = None
-    received: float = field(default_factory=time.perf_counter)
-
-
-
-
-class RouteHandler(Protocol):
-    """A non-direct route (RAG, workflow). `needs_backend`: whether the request's model
-    must resolve to a backend before the response starts (RAG calls an LLM; a workflow's
-    pipeline picks its own). `producer` returns what fills the exchange's stream: it sends
-    batches (events) into the channel, may call `exchange.call_backend(send, request=...)`
-    for the LLM part, and may add response headers to `exchange.response_headers` before
-    its first batch. `publishes_events`: the route's own workers publish the trace's events
-    (and its `finished`) on `evt.chat.{trace_id}`, so the gateway's journal must not."""
-
-    needs_backend: bool
-    publishes_events: bool
-
-    def producer(self, exchange: ChatExchange) -> Producer: ...
-
-
-
-# What a client still connected hears when the server stops before its answer is complete
-# (hypercorn cancels what is still running once its graceful timeout is over).
-SHUTTING_DOWN = GatewayError(
-    ErrorKind.UNAVAILABLE, "The gateway is shutting down; the answer was not completed. Retry the request.",
-    code="gateway_shutting_down",
-)
-
-
-def is_cancellation(exc: BaseException) -> bool:
-    """True for trio.Cancelled, bare or grouped by nurseries."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(trio.Cancelled)
-        return matched is not None and rest is None
-    return False
-
-
-def new_trace_id() -> str:
-    return secrets.token_hex(16)
-
-
-Headers = list[tuple[bytes, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    completion: ChatCompletion
-    headers: Headers
-    """Response headers that belong to the answer (the RAG route's sources)."""
-
-
-class CompletionCache(Protocol):
-    """A cache keyed by meaning rather than bytes (the semantic cache)."""
-
-    def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool: ...
-
-    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None: ...
-
-    async def store(
-        self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()
-    ) -> None:
-        """Remember `completion`; `headers` are all the exchange's response headers, of
-        which the cache keeps those that belong to the answer."""
-
 
 
 class ChatService:
@@ -243,7 +156,7 @@ def _cacheable(request: ChatRequest, meta: RequestMeta, backend: Backend | None)
     return bool(backend is not None and backend.config.cache and request.params.temperature == 0)
 
 
-class ChatExchange(FallbackWalk, Recording):
+class ChatExchange(FallbackWalk, DurableRun):
     def __init__(
         self,
         request: ChatRequest,
@@ -414,97 +327,6 @@ class ChatExchange(FallbackWalk, Recording):
         and `/v1/streams/{x-trace-id}` are found. This exchange's own id stays in its record."""
         headers = self.response_headers  # in place: the sink holds this list
         headers[:] = [(name, trace_id.encode() if name == b"x-trace-id" else value) for name, value in headers]
-
-    async def detach(self) -> None:
-        """Start this exchange's run with nobody reading it (a background response): return
-        once it runs, in the app's Runs nursery, journalled like any durable run. Its record
-        (log line, usage, the key's charge) is written when the run ends, from what it made.
-
-        Refused (the record written, the error raised) when the request cannot run durably:
-        no journal, or the gateway is stopping."""
-        try:
-            plan = await self._plan()
-            if plan.kind != "durable":
-                raise GatewayError(
-                    ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
-                    "not available now.", code="journal_unavailable", retry_after=2,
-                )
-        except GatewayError as error:
-            self._failed_before_start(error)
-            self._finish_record()
-            raise
-        self.response_headers.extend(plan.headers)
-        self._detached = True
-        self._start_durable(plan)
-
-    def _journal(self, plan: Plan) -> Journal | None:
-        persistence = self._persistence
-        if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
-            return None
-        row = self._new_row(plan)
-        self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
-        self._live_log.settings = self.settings
-        return Journal(
-            row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
-            publish_events=self.publishes_events,
-        )
-
-    def _start_durable(self, plan: Plan) -> Producer:
-        """Start this exchange's run in the app's Runs nursery; the client reads its log."""
-        persistence = self._persistence
-        assert persistence is not None
-        journal = self._journal(plan)
-        assert journal is not None
-        self._call.relay_openai = False  # readers render events; raw bytes would be wasted
-        persistence.runs.start(journal.log, lambda: self._run_detached(journal))
-        return log_reader(journal.log)
-
-    async def _run_detached(self, journal: Journal) -> None:
-        # Its own result: the attached client's relay folds the same events into self.result.
-        event_log, result = journal.log, CompletionBuilder()
-        complete = False
-        try:
-            async with trio.open_nursery() as nursery:
-                # A background run is polled for from the moment its creation is answered.
-                journal.begin(at_once=self._detached)
-                send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
-                async with receive:
-                    async for item in receive:
-                        if isinstance(item, GatewayError):
-                            if not event_log.events:
-                                result.error = item
-                                event_log.fail_before_start(item)
-                                break
-                            item = Batch([StreamFailed(item)], done=True)
-                        for event in item.events:
-                            result.add(event)
-                        event_log.extend(item.events)
-                        if item.done:
-                            complete = True
-                            break
-                if complete:
-                    event_log.close(_outcome(result, complete=True))
-                nursery.cancel_scope.cancel()
-        except BaseException as exc:
-            # A durable run is cancelled by the server's shutdown (its row: failed, retry) or
-            # by its client's explicit cancel (its row: cancelled).
-            if is_cancellation(exc) and result.error is None and not self._cancelled_by_client():
-                result.error = SHUTTING_DOWN
-            raise
-        finally:
-            await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
-            if self._detached:  # no client relay folded the run into this exchange's result
-                self.result = result
-                if result.error is not None and not event_log.events:
-                    self._failed_before_start(result.error)
-                else:
-                    self.record.status = 200
-                    self.record.cancelled = not complete and result.error is None
-                self._finish_record()
-
-    def _cancelled_by_client(self) -> bool:
-        return self._persistence is not None and self._persistence.runs.cancelled(self.meta.trace_id)
 
     def _producer(self) -> Producer:
         return self.call_backend if self.handler is None else self.handler.producer(self)
