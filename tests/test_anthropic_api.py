@@ -931,7 +931,7 @@ async def test_pings_while_a_server_tool_runs_keep_the_stream_alive(monkeypatch:
     """While a server tool runs, Anthropic sends only `ping`s: the backend is not silent, so
     the stream is not cut by the idle timeout (0.3 s here, pinged for 1.2 s), and its client
     hears a keep-alive now and then (every 0.4 s here), in its dialect."""
-    monkeypatch.setattr("proxy.infra.backends._base.KEEPALIVE_SECONDS", 0.4)
+    monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.4)
 
     def event(name: str, data: dict[str, Any]) -> bytes:
         return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()

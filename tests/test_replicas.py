@@ -370,7 +370,7 @@ async def test_replicas_of_other_dialects_that_hang_are_left_too(kind: str) -> N
 async def test_one_request_at_a_time_tests_whether_a_hung_replica_is_back(
     hang: Script, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("proxy.infra.backends._base.SET_ASIDE_SECONDS", 0.5)
+    monkeypatch.setattr("proxy.infra.backends._replicas.SET_ASIDE_SECONDS", 0.5)
     hung, healthy = OpenAIBackend(default=hang), OpenAIBackend(default=Script(tokens=["fine"]))
     async with _replicated(hung, healthy, timeouts=QUICK) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
         body = {**CHAT, "stream": True}

@@ -4,6 +4,10 @@ Each exchange is one trio nursery. The backend call is a task that sends batches
 memory channel; the client-facing writer (the `ExchangeSink`, supplied by the HTTP layer)
 runs in the exchange's own task. A client disconnect cancels the caller, which cancels the
 nursery, which closes the backend's HTTP stream.
+
+This module is the face of the exchange's parts, each in its own: `_contracts` (what its
+callers supply and are told), `_fallback` (the walk over a model's stand-ins), `_durable`
+(its journalled runs) and `_records` (its log line and journal row).
 """
 
 from __future__ import annotations
@@ -11,220 +15,44 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
-import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import trio
 
-from proxy.config import BackendConfig
-from proxy.domain.chat import ChatCompletion, ChatRequest
+from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import (
-    CompletionBuilder,
-    ReasoningDelta,
-    StreamEvent,
-    StreamFailed,
-    TextDelta,
-    ToolCallDelta,
-    ToolCallStart,
-)
-from proxy.domain.fingerprint import canonical_request, fingerprint_of, request_fingerprint
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
+from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Route, Router
-from proxy.domain.tokens import charged_usage
-from proxy.infra.backends import Backend, BackendCall, Batch, BatchSink, Served, current_served
-from proxy.infra.chat_store import LogRow, completion_to_json
+from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_served
 from proxy.infra.transport import Hangup, current_hangup
-from proxy.services.journal import EventLog, Journal, Outcome
-from proxy.services.persistence import Persistence, Plan, Producer, log_reader, replayer
+from proxy.services._contracts import (
+    SHUTTING_DOWN,
+    CachedAnswer,
+    CompletionCache,
+    ExchangeSink,
+    Headers,
+    RequestMeta,
+    RouteHandler,
+    is_cancellation,
+    new_trace_id,
+)
+from proxy.services._durable import DurableRun
+from proxy.services._fallback import Adapter, Fallback, FallbackWalk
+from proxy.services._records import ExchangeRecord, RecordSink, _outcome
+from proxy.services.journal import EventLog, Journal
+from proxy.services.persistence import Persistence, Plan, Producer, replayer
 
 log = logging.getLogger("llm_proxy.chat")
 
-
-class ExchangeSink(Protocol):
-    """The client side of an exchange, in the client's dialect."""
-
-    async def fail(self, error: GatewayError) -> None:
-        """The exchange failed before its first byte: answer with the error's status."""
-
-    async def start(self) -> None:
-        """The first batch is ready: commit the success status and headers."""
-
-    async def write(self, batch: Batch) -> None: ...
-
-    async def finish(self) -> None:
-        """The stream is complete; end the body."""
-
-
-@dataclass(slots=True)
-class RequestMeta:
-    """Per-request facts from the transport: ids, and the headers that pick the route.
-
-    `route` is "direct" (a backend LLM), "rag" (retrieval + context injection, with
-    `workspace`) or "workflow" (a pipeline job, with `pipeline`).
-    """
-
-    trace_id: str
-    request_id: str
-    correlation_id: str | None = None
-    route: str = "direct"
-    workspace: str | None = None
-    pipeline: str | None = None
-    idempotency_key: str | None = None
-    cache: str | None = None
-    # Who asks (the API key as `key-<id>`), when auth is on: caches and resume are per tenant.
-    tenant: str | None = None
-    received: float = field(default_factory=time.perf_counter)
-
-
-
-
-class RouteHandler(Protocol):
-    """A non-direct route (RAG, workflow). `needs_backend`: whether the request's model
-    must resolve to a backend before the response starts (RAG calls an LLM; a workflow's
-    pipeline picks its own). `producer` returns what fills the exchange's stream: it sends
-    batches (events) into the channel, may call `exchange.call_backend(send, request=...)`
-    for the LLM part, and may add response headers to `exchange.response_headers` before
-    its first batch. `publishes_events`: the route's own workers publish the trace's events
-    (and its `finished`) on `evt.chat.{trace_id}`, so the gateway's journal must not."""
-
-    needs_backend: bool
-    publishes_events: bool
-
-    def producer(self, exchange: ChatExchange) -> Producer: ...
-
-
-@dataclass(slots=True)
-class ExchangeRecord:
-    """What one exchange did, for the request log (one JSON line per request)."""
-
-    trace_id: str
-    request_id: str
-    model: str
-    backend: str
-    upstream_model: str
-    stream: bool
-    dialect: str
-    status: int = 0
-    ttft_ms: float | None = None
-    total_ms: float = 0.0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
-    cancelled: bool = False
-    error: str | None = None
-    source: str = "backend"
-    # The tokens are the gateway's estimate: the backend's usage never came (the client left
-    # before the end of the stream, or the backend does not report usage).
-    usage_estimated: bool = False
-    # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
-    # limiter's usage hook and logged instead of any credential.
-    api_key_id: int | None = None
-    # The base URL of the replica that answered, for a backend with several.
-    replica: str | None = None
-    # The replicas the request left for another on the way there (down, full or silent).
-    passed_over: list[str] | None = None
-    # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
-    kind: str = "chat"
-
-    def as_log(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.__slots__}
-
-
-RecordSink = Callable[[ExchangeRecord], None]
-
-
-# What a client still connected hears when the server stops before its answer is complete
-# (hypercorn cancels what is still running once its graceful timeout is over).
-SHUTTING_DOWN = GatewayError(
-    ErrorKind.UNAVAILABLE, "The gateway is shutting down; the answer was not completed. Retry the request.",
-    code="gateway_shutting_down",
-)
-
-
-def is_cancellation(exc: BaseException) -> bool:
-    """True for trio.Cancelled, bare or grouped by nurseries."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(trio.Cancelled)
-        return matched is not None and rest is None
-    return False
-
-
-def new_trace_id() -> str:
-    return secrets.token_hex(16)
-
-
-Headers = list[tuple[bytes, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    completion: ChatCompletion
-    headers: Headers
-    """Response headers that belong to the answer (the RAG route's sources)."""
-
-
-class CompletionCache(Protocol):
-    """A cache keyed by meaning rather than bytes (the semantic cache)."""
-
-    def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool: ...
-
-    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None: ...
-
-    async def store(
-        self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()
-    ) -> None:
-        """Remember `completion`; `headers` are all the exchange's response headers, of
-        which the cache keeps those that belong to the answer."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fallback:
-    """A stand-in model for when the requested one's backend cannot answer, routed."""
-
-    model: str
-    route: Route
-    backend: Backend
-
-
-# A client's request made to fit one backend (`None`: a route without one): the request itself,
-# a changed copy (never the request changed in place: a stand-in of another kind needs it as
-# sent), or a GatewayError (a 400) for what that backend cannot be given.
-Adapter = Callable[[ChatRequest, BackendConfig | None], ChatRequest]
-
-
-# What makes a request go to a stand-in: the backend could not answer (down, overloaded,
-# broken, silent), never the request itself (invalid, too long, unknown to the backend).
-_FALLBACK_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.BACKEND, ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED})
-
-
-class _Watched:
-    """The producer's channel, noting whether anything went through it: a stand-in may only
-    answer a client that has received nothing yet."""
-
-    __slots__ = ("_send", "sent")
-
-    def __init__(self, send: trio.MemorySendChannel[Batch]) -> None:
-        self._send = send
-        self.sent = False
-
-    async def send(self, value: Batch, /) -> None:
-        if not self.sent:
-            # A backend that answered 200 and then failed before its first token (Ollama's
-            # in-band `{"error"}` when a model cannot load) has told the client nothing yet.
-            failed = next((event for event in value.events if isinstance(event, StreamFailed)), None)
-            if failed is not None and not any(isinstance(event, _CONTENT) for event in value.events):
-                raise failed.error
-        self.sent = True
-        await self._send.send(value)
-
-
-_CONTENT = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
+# Its parts' public names are imported from here: the exchange's face is this module.
+__all__ = [
+    "SHUTTING_DOWN", "Adapter", "CachedAnswer", "ChatExchange", "ChatService", "CompletionCache", "ExchangeRecord",
+    "ExchangeSink", "Fallback", "Headers", "RecordSink", "RequestMeta", "RouteHandler", "is_cancellation",
+    "new_trace_id",
+]
 
 
 class ChatService:
@@ -316,15 +144,6 @@ class ChatService:
         return resolved
 
 
-def _outcome(result: CompletionBuilder, complete: bool) -> Outcome:
-    error = result.error
-    if error is not None:
-        return Outcome("failed", "error", error)
-    if complete:
-        reason = result.finish_reason
-        return Outcome("completed", reason.value if reason else "stop")
-    return Outcome("cancelled", "cancelled")
-
 
 def _cacheable(request: ChatRequest, meta: RequestMeta, backend: Backend | None) -> bool:
     """Exact caching: asked for by `x-cache: exact`, refused by `x-cache: off`; otherwise on
@@ -337,7 +156,7 @@ def _cacheable(request: ChatRequest, meta: RequestMeta, backend: Backend | None)
     return bool(backend is not None and backend.config.cache and request.params.temperature == 0)
 
 
-class ChatExchange:
+class ChatExchange(FallbackWalk, DurableRun):
     def __init__(
         self,
         request: ChatRequest,
@@ -509,97 +328,6 @@ class ChatExchange:
         headers = self.response_headers  # in place: the sink holds this list
         headers[:] = [(name, trace_id.encode() if name == b"x-trace-id" else value) for name, value in headers]
 
-    async def detach(self) -> None:
-        """Start this exchange's run with nobody reading it (a background response): return
-        once it runs, in the app's Runs nursery, journalled like any durable run. Its record
-        (log line, usage, the key's charge) is written when the run ends, from what it made.
-
-        Refused (the record written, the error raised) when the request cannot run durably:
-        no journal, or the gateway is stopping."""
-        try:
-            plan = await self._plan()
-            if plan.kind != "durable":
-                raise GatewayError(
-                    ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
-                    "not available now.", code="journal_unavailable", retry_after=2,
-                )
-        except GatewayError as error:
-            self._failed_before_start(error)
-            self._finish_record()
-            raise
-        self.response_headers.extend(plan.headers)
-        self._detached = True
-        self._start_durable(plan)
-
-    def _journal(self, plan: Plan) -> Journal | None:
-        persistence = self._persistence
-        if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
-            return None
-        row = self._new_row(plan)
-        self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
-        self._live_log.settings = self.settings
-        return Journal(
-            row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
-            publish_events=self.publishes_events,
-        )
-
-    def _start_durable(self, plan: Plan) -> Producer:
-        """Start this exchange's run in the app's Runs nursery; the client reads its log."""
-        persistence = self._persistence
-        assert persistence is not None
-        journal = self._journal(plan)
-        assert journal is not None
-        self._call.relay_openai = False  # readers render events; raw bytes would be wasted
-        persistence.runs.start(journal.log, lambda: self._run_detached(journal))
-        return log_reader(journal.log)
-
-    async def _run_detached(self, journal: Journal) -> None:
-        # Its own result: the attached client's relay folds the same events into self.result.
-        event_log, result = journal.log, CompletionBuilder()
-        complete = False
-        try:
-            async with trio.open_nursery() as nursery:
-                # A background run is polled for from the moment its creation is answered.
-                journal.begin(at_once=self._detached)
-                send, receive = trio.open_memory_channel[Batch | GatewayError](0)
-                nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
-                async with receive:
-                    async for item in receive:
-                        if isinstance(item, GatewayError):
-                            if not event_log.events:
-                                result.error = item
-                                event_log.fail_before_start(item)
-                                break
-                            item = Batch([StreamFailed(item)], done=True)
-                        for event in item.events:
-                            result.add(event)
-                        event_log.extend(item.events)
-                        if item.done:
-                            complete = True
-                            break
-                if complete:
-                    event_log.close(_outcome(result, complete=True))
-                nursery.cancel_scope.cancel()
-        except BaseException as exc:
-            # A durable run is cancelled by the server's shutdown (its row: failed, retry) or
-            # by its client's explicit cancel (its row: cancelled).
-            if is_cancellation(exc) and result.error is None and not self._cancelled_by_client():
-                result.error = SHUTTING_DOWN
-            raise
-        finally:
-            await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
-            if self._detached:  # no client relay folded the run into this exchange's result
-                self.result = result
-                if result.error is not None and not event_log.events:
-                    self._failed_before_start(result.error)
-                else:
-                    self.record.status = 200
-                    self.record.cancelled = not complete and result.error is None
-                self._finish_record()
-
-    def _cancelled_by_client(self) -> bool:
-        return self._persistence is not None and self._persistence.runs.cancelled(self.meta.trace_id)
-
     def _producer(self) -> Producer:
         return self.call_backend if self.handler is None else self.handler.producer(self)
 
@@ -615,110 +343,6 @@ class ChatExchange:
                     await producer(send)
                 except GatewayError as error:
                     await send.send(error)
-
-    def adapt_with(self, adapter: Adapter) -> None:
-        """Fit the request with `adapter` to each backend it goes to: the model's (now: its
-        400 is raised before any response starts) and, should that one fail, each stand-in's
-        (one that cannot be given the request is passed over). `self.request` stays as the
-        client sent it (its fingerprint, caches and journal row are the client's request)."""
-        self._adapter = adapter
-        fitted = adapter(self.request, self._backend.config if self._backend is not None else None)
-        if fitted is not self.request:
-            self._call = replace(self._call, request=fitted)
-
-    def _fitted(self, request: ChatRequest, backend: Backend | None) -> ChatRequest:
-        if self._adapter is None or backend is None:
-            return request
-        return self._adapter(request, backend.config)
-
-    async def call_backend(self, send: trio.MemorySendChannel[Batch], request: ChatRequest | None = None) -> None:
-        """The direct route: this exchange's request (or `request`, e.g. with retrieved
-        context injected) to the routed backend, bounded by the backend's total timeout.
-        Should that backend fail before answering, the model's stand-ins are tried in turn."""
-        if request is self.request:
-            request = None  # fitted already
-        call = self._call if request is None else replace(self._call, request=self._fitted(request, self._backend))
-        if not self.fallbacks:
-            await self._call_routed(send, call)
-            return
-        watched = _Watched(send)
-        stand_ins = iter(self.fallbacks)
-        # The first backend's `total` bounds the whole exchange, stand-ins included.
-        assert self._backend is not None
-        total = self._backend.config.timeouts.total
-        deadline = trio.current_time() + total if total is not None else math.inf
-        while True:
-            try:
-                await self._call_routed(watched, call, deadline)
-                return
-            except GatewayError as error:
-                if watched.sent or error.kind not in _FALLBACK_KINDS:
-                    raise
-                if self.hung_up or trio.current_effective_deadline() == -math.inf:
-                    raise  # the client left (closing the backend is what failed it), or the server stops
-                if trio.current_time() >= deadline:
-                    raise  # no time left for a stand-in
-                found = self._next_stand_in(stand_ins, request)
-                if found is None:
-                    raise
-                stand_in, own, given = found
-                log.warning(
-                    "%s: %s; falling back to %s (backend %s)", self.meta.trace_id, error.message, stand_in.model,
-                    stand_in.route.backend,
-                )
-                self._switch_to(stand_in, own)
-                call = self._call if given is None else replace(self._call, request=given)
-
-    def _next_stand_in(
-        self, stand_ins: Iterator[Fallback], request: ChatRequest | None
-    ) -> tuple[Fallback, ChatRequest, ChatRequest | None] | None:
-        """The next stand-in whose backend can be given the request, with the exchange's
-        request (and `request`, when the route passed one) fitted to that backend."""
-        for stand_in in stand_ins:
-            try:
-                own = self._fitted(self.request, stand_in.backend)
-                given = None if request is None else self._fitted(request, stand_in.backend)
-            except GatewayError as refusal:
-                # Like a stand-in that cannot answer: the first backend's error stands if none can.
-                log.info("%s: stand-in %s passed over: %s", self.meta.trace_id, stand_in.model, refusal.message)
-                continue
-            return stand_in, own, given
-        return None
-
-    def _switch_to(self, stand_in: Fallback, request: ChatRequest) -> None:
-        self.fell_back = True
-        if self._live_log is not None:
-            self._live_log.winner = stand_in.route.upstream_model
-        self.route = stand_in.route
-        self._backend = stand_in.backend
-        self._call = replace(self._call, request=request, upstream_model=stand_in.route.upstream_model)
-        self.record.backend = stand_in.route.backend
-        self.record.upstream_model = stand_in.route.upstream_model
-        # In place: the sink holds this list, and sends it with the first byte.
-        self.response_headers[:] = [
-            *((name, value) for name, value in self.response_headers if name != b"x-fallback-model"),
-            (b"x-fallback-model", stand_in.model.encode()),
-        ]
-
-    async def _call_routed(self, send: BatchSink, call: BackendCall, deadline: float = math.inf) -> None:
-        """One backend call, under its backend's `total` and the exchange's `deadline`."""
-        backend = self._backend
-        if backend is None:
-            raise GatewayError(ErrorKind.INTERNAL, "This route has no backend.")
-        timeout = backend.config.timeouts.total
-        own = trio.current_time() + timeout if timeout is not None else math.inf
-        try:
-            with trio.fail_at(min(deadline, own)):
-                if call.request.stream:
-                    await backend.stream(call, send)
-                else:
-                    await send.send(await backend.complete(call))
-        except trio.TooSlowError:
-            if self.fell_back and deadline < own:
-                message = f"Backend `{self.route.backend}` did not finish within what the first backend's `total` timeout left."
-            else:
-                message = f"Backend `{self.route.backend}` did not finish within {timeout:g}s."
-            raise GatewayError(ErrorKind.TIMEOUT, message, code="backend_timeout") from None
 
     async def _relay(
         self,
@@ -780,72 +404,3 @@ class ChatExchange:
         self.record.error = error.message
         if self.result.error is None:
             self.result.error = error
-
-    # -- records ---------------------------------------------------------------------------
-
-    def _new_row(self, plan: Plan) -> LogRow:
-        canonical = canonical_request(self.request, self.route.upstream_model, self._route_identity())
-        return LogRow(
-            trace_id=self.meta.trace_id,
-            req_id=plan.req_id or fingerprint_of(canonical),
-            idempotency_key=plan.key,
-            route=self.meta.route,
-            dialect=self.request.dialect,
-            model=self.request.model,
-            backend=self.route.backend or None,
-            upstream_model=self.route.upstream_model,
-            stream=self.request.stream,
-            request=canonical,
-            tenant=self.meta.tenant,
-            cache_ttl=self._persistence.settings.cache_ttl if plan.cache and self._persistence else None,
-            cache_id=plan.cache_id,
-            # A workflow's job lives on in its worker whatever becomes of this process.
-            owner=self._persistence.instance_id if self._persistence and self.meta.route != "workflow" else None,
-            settings=self.settings,
-        )
-
-    def _route_identity(self) -> tuple[str, str | None] | None:
-        """What besides the request decides the answer: the workspace a RAG answer drew on,
-        the pipeline that made a workflow's. Part of `req_id`, so idempotency and the exact
-        cache never give one route's answer for another's."""
-        meta = self.meta
-        if meta.route == "rag":
-            return ("rag", meta.workspace)
-        if meta.route == "workflow":
-            return ("workflow", meta.pipeline)
-        return None
-
-    def _log_row(self, base: LogRow, result: CompletionBuilder) -> LogRow:
-        outcome = _outcome(result, result.error is None and result.finish_reason is not None)
-        usage = result.usage
-        row = replace(base)
-        row.backend = self.route.backend or None  # a stand-in's, when one answered
-        row.upstream_model = self.route.upstream_model
-        row.status = outcome.status
-        row.result = completion_to_json(result.build())
-        row.replayable = result.replayable and not self.fell_back
-        row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
-        row.finish_reason = result.finish_reason.value if result.finish_reason else None
-        row.prompt_tokens = usage.prompt_tokens if usage else None
-        row.completion_tokens = usage.completion_tokens if usage else None
-        row.ttft_ms = self.record.ttft_ms
-        row.total_ms = (time.perf_counter() - self.meta.received) * 1000
-        return row
-
-    def _finish_record(self) -> None:
-        record = self.record
-        record.total_ms = (time.perf_counter() - self.meta.received) * 1000
-        record.replica = self._served.replica
-        record.passed_over = self._served.passed_over or None
-        result = self.result
-        usage = result.usage
-        if record.source == "backend":
-            usage, record.usage_estimated = charged_usage(self.request, result)
-        if usage is not None:
-            record.prompt_tokens = usage.prompt_tokens
-            record.completion_tokens = usage.completion_tokens
-        if result.finish_reason is not None:
-            record.finish_reason = result.finish_reason.value
-        if result.error is not None and record.error is None:
-            record.error = result.error.message
-        self._record_sink(record)

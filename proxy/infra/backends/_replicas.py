@@ -1,0 +1,488 @@
+"""One backend's pooled HTTP client and its replicas: which replica takes a request, when
+one is set aside, and how a request moves off one that is down, full or silent."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import httpx
+import trio
+
+from proxy.config import BackendConfig, Timeouts
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
+from proxy.infra.backends._pump import _Silent, pump_stream
+from proxy.infra.backends._types import BatchSink, StreamParser
+from proxy.infra.transport import PooledTransport
+
+_log = logging.getLogger("llm_proxy.backends")
+
+
+# A replica that could not be reached is set aside this long, doubled for each failure in a
+# row up to the maximum; its next request afterwards is the probe that brings it back.
+SET_ASIDE_SECONDS = 5.0
+SET_ASIDE_MAX_SECONDS = 60.0
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaState:
+    """One replica as the gateway sees it now: for `/ready` and the metrics."""
+
+    url: str
+    in_flight: int
+    set_aside_for: float  # seconds until it gets requests again; 0 when it does
+    reason: str  # why it was set aside last ("" if never)
+    failovers: int = 0  # requests moved from it to another replica, since the start
+
+
+@dataclass(slots=True, eq=False)
+class _Replica:
+    """One base URL of a backend, with its own connection pool."""
+
+    base: str
+    transport: PooledTransport
+    headers: dict[str, str]
+    urls: dict[str, httpx.URL] = field(default_factory=dict)
+    in_flight: int = 0
+    failures: int = 0
+    set_aside_until: float = -math.inf
+    reason: str = ""
+    failovers: int = 0
+    # Requests in flight that test whether it is back, its time set aside over: until one has
+    # answered, the others go elsewhere (a hung replica would hold them all for its patience).
+    probes: int = 0
+
+    def resting(self, now: float) -> bool:
+        """Gets no request now (but a first attempt, when every replica rests)."""
+        return self.set_aside_until > now or (self.failures > 0 and self.probes > 0)
+
+    def url(self, path: str) -> httpx.URL:
+        """`path` under the base URL; one starting `/../` under the server's root instead
+        (the base without its `/v1`), where vLLM serves `/tokenize`."""
+        url = self.urls.get(path)
+        if url is None:
+            at_root = path.startswith("/../")
+            url = self.urls[path] = httpx.URL(self.base.removesuffix("/v1") + path[3:] if at_root else self.base + path)
+        return url
+
+    def set_aside(self, now: float) -> float:
+        self.failures += 1
+        seconds = min(SET_ASIDE_SECONDS * 2.0 ** (self.failures - 1), SET_ASIDE_MAX_SECONDS)
+        self.set_aside_until = now + seconds
+        return seconds
+
+
+class Served:
+    """Which replica answered a request's last backend call, and the ones it left for another
+    on the way (down, full or silent), for its log line (set only for backends with several)."""
+
+    __slots__ = ("passed_over", "replica")
+
+    def __init__(self) -> None:
+        self.replica: str | None = None
+        self.passed_over: list[str] = []
+
+
+class _Prefixed(httpx.AsyncByteStream):
+    """A response body whose first chunk was read already: that chunk, then the rest."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> _Prefixed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first:
+            first, self._first = self._first, b""
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await cast(httpx.AsyncByteStream, self._rest).aclose()
+
+
+# Set by whoever runs a request's backend calls (in the task that makes them).
+current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
+
+
+class BackendClient:
+    """One backend's pooled HTTP client: httpx's request and response models over our
+    `PooledTransport`, without httpx.AsyncClient's per-request machinery (cookies, auth
+    flows, redirects, URL merging) that a gateway calling one fixed server never needs —
+    it cost a fifth of the gateway's CPU per request.
+
+    A backend with replicas (several base URLs) sends each request to the replica with the
+    fewest requests in flight (streams count until they end). One that cannot be reached,
+    drops the connection before its response head, or answers 503 is set aside for a while,
+    and the request goes to the next one: nothing of it reached the client."""
+
+    def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
+        timeouts = config.timeouts
+        self._name = config.name
+        self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
+        self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
+        self._failover = timeouts.failover
+        self._turn = 0
+
+    @staticmethod
+    def _replica(base: str, config: BackendConfig, auth_header: dict[str, str]) -> _Replica:
+        # Under uvicorn's (vLLM's) and cpp-httplib's (llama.cpp's) 5 s keep-alive: a connection
+        # they may be closing right now is not taken.
+        transport = PooledTransport(
+            max_connections=config.max_connections, max_keepalive=config.max_connections, keepalive_expiry=4.0
+        )
+        host = httpx.URL(base).netloc.decode()
+        headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
+        return _Replica(base.rstrip("/"), transport, headers)
+
+    def _pick(self, tried: list[_Replica]) -> _Replica | None:
+        """The replica for the next attempt: one that is not set aside, with the fewest
+        requests in flight (ties go round in turn), not tried yet for this request. A first
+        attempt goes to the one whose time is nearest up when every one is set aside; a
+        second one only to a replica that is up (None: there is none)."""
+        replicas = self._replicas
+        count = len(replicas)
+        if count == 1:
+            return None if tried else replicas[0]
+        now = trio.current_time()
+        self._turn = turn = (self._turn + 1) % count
+        best: _Replica | None = None
+        best_rank = (True, 0, 0.0)
+        for offset in range(count):
+            replica = replicas[(turn + offset) % count]
+            if replica in tried:
+                continue
+            aside = replica.resting(now)
+            if aside and tried:
+                continue
+            rank = (aside, replica.in_flight if not aside else 0, replica.set_aside_until if aside else 0.0)
+            if best is None or rank < best_rank:
+                best, best_rank = replica, rank
+        return best
+
+    def _standby_exists(self, tried: list[_Replica]) -> bool:
+        """Another replica, not tried yet for this request and not set aside, could take it."""
+        now = trio.current_time()
+        return any(replica not in tried and not replica.resting(now) for replica in self._replicas)
+
+    def _patience(self, budget: float) -> float:
+        """How long one replica may stay silent (no response head; for a stream, no byte)
+        before the request goes to another: `timeouts.failover`, or else the request's
+        `budget` (seconds) shared evenly among the replicas, so that a hung replica costs
+        one share and trying every replica in turn still fits in the time one server would
+        have had. A single replica waits as long as it always has."""
+        if len(self._replicas) == 1:
+            return math.inf
+        if self._failover is not None:
+            return self._failover
+        return max(budget, 0.0) / len(self._replicas)
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """The response with its body open (`stream=True`: the caller must `aclose()` it) or read.
+
+        A whole answer (`stream=False`) from a replica that has not sent its response head
+        within its share of the caller's deadline is asked of another replica instead."""
+        patience = math.inf
+        if not stream and len(self._replicas) > 1:
+            patience = self._patience(trio.current_effective_deadline() - trio.current_time())
+        response, replica, _ = await self._open(method, path, content, headers, params, [], patience, settle=True)
+        if stream:
+            # The replica's count of requests in flight drops when the stream is closed.
+            response.extensions["llm_proxy.replica"] = replica
+            return response
+        try:
+            await response.aread()
+        finally:
+            replica.in_flight -= 1
+            await response.aclose()
+        return response
+
+    async def open_heard(
+        self, method: str, path: str, *, content: bytes, headers: dict[str, str], stream: bool
+    ) -> httpx.Response:
+        """The response, its body open (the caller must `close` it), of the first replica
+        heard from: a whole answer's head, or a stream's first byte (read, and given back
+        first by the response's stream), within the replica's share of the caller's deadline
+        (its first-token clock, for a stream). One silent that long, while another could take
+        the request, is left for it, as `stream_into` does for chats: the caller relays the
+        bytes as they come, so nothing has reached its client yet."""
+        now = trio.current_time()
+        patience = self._patience(trio.current_effective_deadline() - now)
+        tried: list[_Replica] = []
+        while True:
+            response, replica, quiet_until = await self._open(
+                method, path, content, headers, None, tried, patience, settle=not stream
+            )
+            response.extensions["llm_proxy.replica"] = replica
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+            if not stream or quiet_until == math.inf or response.status_code >= 400:
+                if probing:  # an answer (an error's too): the replica is well
+                    self._settle(replica, True, well=True)
+                return response
+            chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+            heard = False
+            try:
+                with trio.move_on_at(quiet_until):
+                    try:
+                        first = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        first = b""
+                    heard = True
+            finally:
+                self._settle(replica, probing, well=heard)
+                if not heard:
+                    with trio.CancelScope(shield=True):
+                        await self.close(response)
+            if heard:
+                response.stream = _Prefixed(first, chunks)
+                return response
+            # Closed above, unread: the replica saw its client go. Nothing reached ours.
+            self._move_off(replica, f"it sent no first byte within {patience:g}s")
+
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str] | None,
+        params: dict[str, Any] | None,
+        tried: list[_Replica],
+        patience: float = math.inf,
+        *,
+        settle: bool,
+    ) -> tuple[httpx.Response, _Replica, float]:
+        """The response head from the first replica that gives one, and until when (if
+        another replica could stand in) it may stay silent after it.
+
+        `tried` (the replicas this request has been to, extended here) lets a caller that
+        gave up on a replica after its head ask again elsewhere. Its head shows the replica
+        well (`settle`), unless it may still be found silent: then the caller says so
+        (`_settle`) once it knows."""
+        replica = self._pick(tried)
+        if replica is None:  # every other replica was set aside meanwhile
+            raise timeout_error(self._name, "sent nothing, and no other replica could take the request", None)
+        while True:
+            tried.append(replica)
+            url = replica.url(path)
+            if params:
+                url = url.copy_merge_params(params)
+            request = httpx.Request(
+                method, url, headers={**replica.headers, **headers} if headers else replica.headers,
+                content=content, extensions={"timeout": self._timeout},
+            )
+            # Only while another replica could take the request is a silent one given up on.
+            quiet_until = math.inf
+            if patience < math.inf and self._standby_exists(tried):
+                quiet_until = trio.current_time() + patience
+            replica.in_flight += 1
+            probing = replica.failures > 0
+            replica.probes += probing
+            try:
+                with trio.move_on_at(quiet_until) as quiet:
+                    response = await replica.transport.handle_async_request(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                replica.in_flight -= 1
+                replica.probes -= probing
+                standby = self._pick(tried)
+                if standby is None:
+                    raise
+                self._move_off(replica, exc)
+                replica = standby
+                continue
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection went before a response head (a crashed worker behind a load
+                # balancer, a restarting container; a stale pooled one is retried below us):
+                # nothing reached the client, so another replica may answer, as nginx's
+                # `proxy_next_upstream error` does. Not when our client's leaving closed it.
+                replica.in_flight -= 1
+                replica.probes -= probing
+                standby = None if _client_gone() else self._pick(tried)
+                if standby is None:
+                    raise
+                self._move_off(replica, f"it closed the connection before answering ({exc or type(exc).__name__})")
+                replica = standby
+                continue
+            except BaseException:
+                replica.in_flight -= 1
+                replica.probes -= probing
+                raise
+            if quiet.cancelled_caught:
+                # Cancelling the request closed its connection: the replica sees its client go.
+                replica.in_flight -= 1
+                replica.probes -= probing
+                standby = self._pick(tried)
+                why = f"it sent no response head within {patience:g}s"
+                if standby is None:  # the others were set aside meanwhile: nowhere to go
+                    self._set_aside(replica, why)
+                    raise timeout_error(self._name, "sent no response head", patience)
+                self._move_off(replica, why)
+                replica = standby
+                continue
+            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
+                replica.in_flight -= 1
+                replica.probes -= probing
+                await response.aclose()
+                self._move_off(replica, "it answered 503")
+                replica = standby
+                continue
+            if settle or quiet_until == math.inf:
+                self._settle(replica, probing, well=True)
+            elif probing:
+                response.extensions["llm_proxy.probe"] = True
+            if len(self._replicas) > 1 and (served := current_served.get()) is not None:
+                served.replica = replica.base
+            if 300 <= response.status_code < 400:
+                # Following it would re-send a POST where the configuration did not say: name it.
+                replica.in_flight -= 1
+                if response.extensions.pop("llm_proxy.probe", False):
+                    self._settle(replica, True, well=True)
+                await response.aclose()
+                location = response.headers.get("location") or "nowhere"
+                raise GatewayError(
+                    ErrorKind.BACKEND,
+                    f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
+                    "the gateway does not follow redirects: set its `base_url` to where it points.",
+                    code=f"backend_{response.status_code}",
+                )
+            return response, replica, quiet_until
+
+    def replicas(self) -> list[ReplicaState]:
+        now = trio.current_time()
+        return [
+            ReplicaState(
+                replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
+                replica.failovers,
+            )
+            for replica in self._replicas
+        ]
+
+    @staticmethod
+    def _settle(replica: _Replica, probing: bool, *, well: bool) -> None:
+        """A request to `replica` has shown whether it is well (its head, or for a stream
+        that could be found silent, its first byte): a probe is over, and a well replica's
+        failures are forgotten."""
+        replica.probes -= probing
+        if well:
+            replica.failures, replica.set_aside_until = 0, -math.inf
+
+    def _move_off(self, replica: _Replica, why: object) -> None:
+        """This request leaves `replica` for another one: counted, named in its log line,
+        and the replica set aside."""
+        replica.failovers += 1
+        if (served := current_served.get()) is not None:
+            served.passed_over.append(replica.base)
+        self._set_aside(replica, why)
+
+    def _set_aside(self, replica: _Replica, why: object) -> None:
+        now = trio.current_time()
+        if replica.set_aside_until > now:
+            # The requests it had in flight when it failed fail too: one incident, counted once.
+            return
+        seconds = replica.set_aside(now)
+        replica.reason = str(why)
+        _log.warning(
+            "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
+        )
+
+    @staticmethod
+    async def close(response: httpx.Response) -> None:
+        """Close a response `send(stream=True)` returned."""
+        replica = response.extensions.pop("llm_proxy.replica", None)
+        if replica is not None:
+            replica.in_flight -= 1
+        await response.aclose()
+
+    async def post(self, path: str, *, content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.send("POST", path, content=content, headers=headers)
+
+    async def get(self, path: str, *, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.send("GET", path, headers=headers, params=params)
+
+    async def stream_into(
+        self,
+        path: str,
+        body: bytes,
+        parser: StreamParser,
+        send: BatchSink,
+        *,
+        backend: str,
+        timeouts: Timeouts,
+        headers: dict[str, str],
+        error: Callable[[httpx.Response, bytes], GatewayError],
+        relay_raw: bool = False,
+    ) -> None:
+        """POST `body` to `path` and pump the streamed answer through `parser` into `send`.
+
+        The first-token clock covers the wait for the response head too: a backend that
+        queues the request before answering is as silent as one that stalls after it. An
+        error status becomes `error(response, body)`, raised before anything was sent.
+
+        With replicas, one that has sent no byte of its answer (head or body) within its
+        patience is left, its request closed, and the stream asked of another replica,
+        within the same first-token clock: the client has received nothing yet."""
+        now = trio.current_time()
+        first_deadline = now + (timeouts.first_token or math.inf)
+        patience = self._patience(min(first_deadline, trio.current_effective_deadline()) - now)
+        tried: list[_Replica] = []
+        while True:
+            with trio.move_on_at(first_deadline) as head_scope, transport_errors(backend):
+                response, replica, quiet_until = await self._open(
+                    "POST", path, body, headers, None, tried, patience, settle=False
+                )
+                response.extensions["llm_proxy.replica"] = replica
+            if head_scope.cancelled_caught:
+                raise timeout_error(backend, "sent no first token", timeouts.first_token)
+            unsettled = quiet_until < math.inf
+            probing = bool(response.extensions.pop("llm_proxy.probe", False))
+
+            def heard(replica: _Replica = replica, probing: bool = probing) -> None:
+                nonlocal unsettled
+                unsettled = False
+                self._settle(replica, probing, well=True)
+
+            try:
+                if response.status_code >= 400 or quiet_until >= first_deadline:
+                    heard()  # an answer (an error's too), or a replica never to be left
+                if response.status_code >= 400:
+                    with transport_errors(backend):
+                        raise error(response, await read_limited(response))
+                await pump_stream(
+                    response, parser, send, backend=backend, timeouts=timeouts,
+                    first_deadline=first_deadline, relay_raw=relay_raw,
+                    quiet_until=quiet_until if unsettled else math.inf, on_heard=heard,
+                )
+                return
+            except _Silent:
+                pass
+            finally:
+                if unsettled:  # silent, or gone before a byte: not shown well
+                    self._settle(replica, probing, well=False)
+                with trio.CancelScope(shield=True):
+                    await self.close(response)
+            # Closed above, unread: the replica saw its client go. Nothing reached ours.
+            self._move_off(replica, f"it sent no first byte within {patience:g}s")
+
+    async def aclose(self) -> None:
+        for replica in self._replicas:
+            await replica.transport.aclose()
+
+
+def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
+    """One pooled client per backend, kept for the process's life."""
+    return BackendClient(config, auth_header=auth_header)

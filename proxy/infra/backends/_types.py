@@ -1,0 +1,169 @@
+"""The shapes every backend adapter shares: what a call asks, what a read yields, and the
+protocols an adapter implements (chat, embeddings, relayed APIs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import httpx
+
+from proxy.config import BackendConfig
+from proxy.domain.chat import ChatCompletion, ChatRequest
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import CompletionBuilder, StreamEvent
+
+if TYPE_CHECKING:
+    from proxy.infra.backends._replicas import ReplicaState
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one read from a backend produced.
+
+    `raw` is the same content already rendered as OpenAI SSE, present only when the backend
+    speaks OpenAI and the caller asked for it (the byte-exact relay). `done` marks the batch
+    after which the client's stream is complete. A non-streaming exchange yields a single
+    batch carrying `completion` (and `raw` JSON when relayable). An empty batch (no event, no
+    raw, not done) is a keep-alive: the backend is alive with nothing new to say.
+    """
+
+    events: list[StreamEvent]
+    raw: bytes | None = None
+    done: bool = False
+    completion: ChatCompletion | None = None
+
+    def whole(self) -> ChatCompletion:
+        """The answer of a non-streaming exchange's batch: as the backend gave it, or folded
+        from its events (a replay, a route's producer)."""
+        if self.completion is not None:
+            return self.completion
+        builder = CompletionBuilder()
+        for event in self.events:
+            builder.add(event)
+        return builder.build()
+
+
+@dataclass(slots=True)
+class BackendCall:
+    request: ChatRequest
+    upstream_model: str
+    relay_openai: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    id: str
+    backend: str
+    created: int = 0
+    owned_by: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class ParsedOutput(Protocol):
+    @property
+    def events(self) -> list[StreamEvent]: ...
+
+    @property
+    def raw(self) -> bytes | None: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
+class StreamParser(Protocol):
+    """A sans-IO parser of one backend stream (e.g. `openai.StreamRelay`)."""
+
+    failed: bool
+
+    def feed(self, data: bytes) -> ParsedOutput: ...
+
+    def close(self) -> ParsedOutput: ...
+
+
+class BatchSink(Protocol):
+    """Where a backend's batches go: the exchange's memory channel, or a wrapper around it."""
+
+    async def send(self, value: Batch, /) -> None: ...
+
+
+class Backend(Protocol):
+    """A backend adapter. `stream` sends batches into `send` and returns when the stream is
+    complete; both calls raise `GatewayError` for failures before their first batch."""
+
+    config: BackendConfig
+
+    async def stream(self, call: BackendCall, send: BatchSink) -> None: ...
+
+    async def complete(self, call: BackendCall) -> Batch: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def check(self) -> None: ...
+
+    def replicas(self) -> list[ReplicaState]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class EmbeddingCall:
+    """An embeddings request for a backend: `inputs` are texts, or token-id arrays for
+    backends that take them (OpenAI-compatible ones)."""
+
+    upstream_model: str
+    inputs: list[str] | list[list[int]]
+    dimensions: int | None = None
+    truncate: bool | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # The client's other fields when it speaks this backend's dialect (an OpenAI client's
+    # `user`, vLLM's `truncate_prompt_tokens`, …; an Ollama client's `options`, `keep_alive`),
+    # sent as they came.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Ollama's legacy `/api/embeddings` (one prompt, the model's raw vector): an Ollama backend
+    # is asked there too; other backends have one embeddings API.
+    legacy: bool = False
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend with an embeddings API; raises `GatewayError` like the chat calls."""
+
+    config: BackendConfig
+
+    async def embed(self, call: EmbeddingCall) -> EmbeddingOutput: ...
+
+
+@runtime_checkable
+class RelayBackend(Protocol):
+    """A backend with OpenAI-compatible APIs the gateway relays as they are, without domain
+    translation: legacy text completions (`/completions`), rerank (`/rerank`).
+
+    `relays` names the API paths it serves. `open_relay` sends `body` (the client's, its
+    model already the upstream one) to `path` under the backend's OpenAI-compatible API root
+    and returns the response with its body open, whatever its status; the caller must close
+    it with `BackendClient.close`. A replica silent for its share of the caller's deadline is
+    left for another (`BackendClient.open_heard`). Transport failures are httpx's: the
+    caller maps them."""
+
+    config: BackendConfig
+    relays: frozenset[str]
+
+    async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
+
+
+def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[float]]:
+    """Validate a backend's list of vectors: `expected` of them, all numbers."""
+    if not isinstance(items, list) or len(items) != expected:
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned {len(items) if isinstance(items, list) else 'no'} embeddings for {expected} inputs.")
+    for vector in items:
+        if not isinstance(vector, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vector):
+            raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned an embedding that is not a list of numbers.")
+    return items

@@ -1,0 +1,118 @@
+"""What an exchange and those around it agree on: the per-request facts (`RequestMeta`),
+what the HTTP layer and the routes supply (`ExchangeSink`, `RouteHandler`), the cache it asks
+(`CompletionCache`), and how a run the server stops is told (`SHUTTING_DOWN`)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from proxy.domain.chat import ChatCompletion, ChatRequest
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.backends import Batch
+from proxy.services.persistence import Producer
+
+if TYPE_CHECKING:
+    from proxy.services.chat import ChatExchange
+
+
+class ExchangeSink(Protocol):
+    """The client side of an exchange, in the client's dialect."""
+
+    async def fail(self, error: GatewayError) -> None:
+        """The exchange failed before its first byte: answer with the error's status."""
+
+    async def start(self) -> None:
+        """The first batch is ready: commit the success status and headers."""
+
+    async def write(self, batch: Batch) -> None: ...
+
+    async def finish(self) -> None:
+        """The stream is complete; end the body."""
+
+
+@dataclass(slots=True)
+class RequestMeta:
+    """Per-request facts from the transport: ids, and the headers that pick the route.
+
+    `route` is "direct" (a backend LLM), "rag" (retrieval + context injection, with
+    `workspace`) or "workflow" (a pipeline job, with `pipeline`).
+    """
+
+    trace_id: str
+    request_id: str
+    correlation_id: str | None = None
+    route: str = "direct"
+    workspace: str | None = None
+    pipeline: str | None = None
+    idempotency_key: str | None = None
+    cache: str | None = None
+    # Who asks (the API key as `key-<id>`), when auth is on: caches and resume are per tenant.
+    tenant: str | None = None
+    received: float = field(default_factory=time.perf_counter)
+
+
+class RouteHandler(Protocol):
+    """A non-direct route (RAG, workflow). `needs_backend`: whether the request's model
+    must resolve to a backend before the response starts (RAG calls an LLM; a workflow's
+    pipeline picks its own). `producer` returns what fills the exchange's stream: it sends
+    batches (events) into the channel, may call `exchange.call_backend(send, request=...)`
+    for the LLM part, and may add response headers to `exchange.response_headers` before
+    its first batch. `publishes_events`: the route's own workers publish the trace's events
+    (and its `finished`) on `evt.chat.{trace_id}`, so the gateway's journal must not."""
+
+    needs_backend: bool
+    publishes_events: bool
+
+    def producer(self, exchange: ChatExchange) -> Producer: ...
+
+
+# What a client still connected hears when the server stops before its answer is complete
+# (hypercorn cancels what is still running once its graceful timeout is over).
+SHUTTING_DOWN = GatewayError(
+    ErrorKind.UNAVAILABLE, "The gateway is shutting down; the answer was not completed. Retry the request.",
+    code="gateway_shutting_down",
+)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True for trio.Cancelled, bare or grouped by nurseries."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(trio.Cancelled)
+        return matched is not None and rest is None
+    return False
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    completion: ChatCompletion
+    headers: Headers
+    """Response headers that belong to the answer (the RAG route's sources)."""
+
+
+class CompletionCache(Protocol):
+    """A cache keyed by meaning rather than bytes (the semantic cache)."""
+
+    def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool: ...
+
+    async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None: ...
+
+    async def store(
+        self, request: ChatRequest, meta: RequestMeta, completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Remember `completion`; `headers` are all the exchange's response headers, of
+        which the cache keeps those that belong to the answer."""

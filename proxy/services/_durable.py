@@ -1,0 +1,131 @@
+"""The exchange's journalled runs: its journal, the durable run started in the app's Runs
+nursery (its client reads the run's log) and the detached one nobody reads (a background
+response)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.infra.backends import BackendCall, Batch
+from proxy.infra.transport import Hangup
+from proxy.services._contracts import SHUTTING_DOWN, is_cancellation
+from proxy.services._records import Recording, _outcome
+from proxy.services.journal import EventLog, Journal
+from proxy.services.persistence import Plan, Producer, log_reader
+
+
+class DurableRun(Recording):
+    """The journalled runs of a `ChatExchange` (it is one): what they use of the exchange is
+    declared here, set or defined by the exchange."""
+
+    publishes_events: bool
+    response_headers: list[tuple[bytes, bytes]]
+    _call: BackendCall
+    _live_log: EventLog | None
+    _detached: bool
+
+    if TYPE_CHECKING:  # the exchange's own
+        async def _plan(self) -> Plan: ...
+
+        def _producer(self) -> Producer: ...
+
+        async def _feed(
+            self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError], hangup: Hangup | None
+        ) -> None: ...
+
+        def _failed_before_start(self, error: GatewayError) -> None: ...
+
+    async def detach(self) -> None:
+        """Start this exchange's run with nobody reading it (a background response): return
+        once it runs, in the app's Runs nursery, journalled like any durable run. Its record
+        (log line, usage, the key's charge) is written when the run ends, from what it made.
+
+        Refused (the record written, the error raised) when the request cannot run durably:
+        no journal, or the gateway is stopping."""
+        try:
+            plan = await self._plan()
+            if plan.kind != "durable":
+                raise GatewayError(
+                    ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
+                    "not available now.", code="journal_unavailable", retry_after=2,
+                )
+        except GatewayError as error:
+            self._failed_before_start(error)
+            self._finish_record()
+            raise
+        self.response_headers.extend(plan.headers)
+        self._detached = True
+        self._start_durable(plan)
+
+    def _journal(self, plan: Plan) -> Journal | None:
+        persistence = self._persistence
+        if persistence is None or (persistence.resources.database_url is None and persistence.resources.nats_url is None):
+            return None
+        row = self._new_row(plan)
+        self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
+        self._live_log.settings = self.settings
+        return Journal(
+            row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
+            publish_events=self.publishes_events,
+        )
+
+    def _start_durable(self, plan: Plan) -> Producer:
+        """Start this exchange's run in the app's Runs nursery; the client reads its log."""
+        persistence = self._persistence
+        assert persistence is not None
+        journal = self._journal(plan)
+        assert journal is not None
+        self._call.relay_openai = False  # readers render events; raw bytes would be wasted
+        persistence.runs.start(journal.log, lambda: self._run_detached(journal))
+        return log_reader(journal.log)
+
+    async def _run_detached(self, journal: Journal) -> None:
+        # Its own result: the attached client's relay folds the same events into self.result.
+        event_log, result = journal.log, CompletionBuilder()
+        complete = False
+        try:
+            async with trio.open_nursery() as nursery:
+                # A background run is polled for from the moment its creation is answered.
+                journal.begin(at_once=self._detached)
+                send, receive = trio.open_memory_channel[Batch | GatewayError](0)
+                nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
+                async with receive:
+                    async for item in receive:
+                        if isinstance(item, GatewayError):
+                            if not event_log.events:
+                                result.error = item
+                                event_log.fail_before_start(item)
+                                break
+                            item = Batch([StreamFailed(item)], done=True)
+                        for event in item.events:
+                            result.add(event)
+                        event_log.extend(item.events)
+                        if item.done:
+                            complete = True
+                            break
+                if complete:
+                    event_log.close(_outcome(result, complete=True))
+                nursery.cancel_scope.cancel()
+        except BaseException as exc:
+            # A durable run is cancelled by the server's shutdown (its row: failed, retry) or
+            # by its client's explicit cancel (its row: cancelled).
+            if is_cancellation(exc) and result.error is None and not self._cancelled_by_client():
+                result.error = SHUTTING_DOWN
+            raise
+        finally:
+            await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
+            if self._detached:  # no client relay folded the run into this exchange's result
+                self.result = result
+                if result.error is not None and not event_log.events:
+                    self._failed_before_start(result.error)
+                else:
+                    self.record.status = 200
+                    self.record.cancelled = not complete and result.error is None
+                self._finish_record()
+
+    def _cancelled_by_client(self) -> bool:
+        return self._persistence is not None and self._persistence.runs.cancelled(self.meta.trace_id)
