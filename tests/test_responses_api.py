@@ -655,8 +655,6 @@ async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alive
     """A background run's client reads the run's journal, not the backend: it hears the
     keep-alives all the same (every 0.4 s here) while the backend sends only comments."""
     monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.4)
-    # A background run's reader (persistence) takes it from the adapters' face.
-    monkeypatch.setattr("proxy.infra.backends._base.KEEPALIVE_SECONDS", 0.4)
     fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3, keepalive_interval=0.1))
     async with fake.serve() as server, running_gateway(
         backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url

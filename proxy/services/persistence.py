@@ -28,8 +28,7 @@ from proxy.dialects.events import Finished, WireEvent, decode_event
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed, completion_events
-from proxy.infra.backends import Batch
-from proxy.infra.backends import _base as backend_base
+from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError
@@ -360,7 +359,7 @@ def log_reader(event_log: EventLog, start: int = 0) -> Producer:
             # The run's backend keep-alives stay with the run: once its client has had an
             # event, a silence of KEEPALIVE_SECONDS is a keep-alive (its head is not sent
             # early), as it is for a client that reads its backend itself.
-            with trio.move_on_after(backend_base.KEEPALIVE_SECONDS if position else math.inf) as silence:
+            with trio.move_on_after(_pump.KEEPALIVE_SECONDS if position else math.inf) as silence:
                 await event_log.wait_beyond(position)
             if silence.cancelled_caught:
                 await send.send(Batch([]))
