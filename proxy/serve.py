@@ -24,6 +24,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
 from proxy.config import Settings
+from proxy.http._hangup import ClientConnection, current_connection
 from proxy.http.app import create_app
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
@@ -53,18 +54,52 @@ _connections: WeakKeyDictionary[Config, set[trio.abc.AsyncResource]] = WeakKeyDi
 
 
 class _KnownTCPServer(TCPServer):
-    """hypercorn's connection, known to its server while it runs. hypercorn shields every
-    write to the socket from cancellation, so the graceful timeout's cancel does not end a
-    response whose client reads slowly (or not at all): its write waits for that client,
-    and the process with it. Such connections are closed instead (`_cut_stragglers`)."""
+    """hypercorn's connection, known to its server while it runs, whose end its requests
+    hear the moment it is read.
+
+    - hypercorn shields every write to the socket from cancellation, so the graceful
+      timeout's cancel does not end a response whose client reads slowly (or not at all): its
+      write waits for that client, and the process with it. Such connections are closed
+      instead (`_cut_stragglers`).
+    - The connection's `ClientConnection` (see `proxy.http._hangup`) is set in this task's
+      context, which the tasks serving its requests inherit, and ended by its reads."""
 
     async def run(self) -> None:
+        stream = self.stream
         open_here = _connections.setdefault(self.config, set())
-        open_here.add(self.stream)
+        open_here.add(stream)
+        connection = ClientConnection()
+        current_connection.set(connection)
+        self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
         try:
             await super().run()
         finally:
-            open_here.discard(self.stream)
+            connection.ended()  # however the connection ended, its requests are over
+            open_here.discard(stream)
+
+
+class _EndTellingStream:
+    """A connection's stream whose reads end its `ClientConnection` at end-of-file. Every
+    other attribute is the stream's own (hypercorn tells TLS from TCP by an AttributeError)."""
+
+    __slots__ = ("_connection", "_stream")
+
+    def __init__(self, stream: trio.abc.Stream, connection: ClientConnection) -> None:
+        self._stream = stream
+        self._connection = connection
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._connection.ended()
+            raise
+        if not data:
+            self._connection.ended()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 hypercorn_run.TCPServer = _KnownTCPServer  # type: ignore[attr-defined]  # worker_serve has no other hook

@@ -292,6 +292,27 @@ async def test_disconnect_while_non_streaming_request_waits(setup: Setup) -> Non
     await setup.fake.wait_idle(2.0)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_connection_closing_is_heard_before_the_request_reads_its_disconnect(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    # When a hundred clients leave at once, a request's task reads hypercorn's
+    # `http.disconnect` only after much of the others' teardown: the connection's reader
+    # closes the backend request the moment it reads the end. Here the message never comes.
+    async def never_reads_it(*_: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr("proxy.http._front._watch_disconnect", never_reads_it)
+    setup.fake.set_script(Script(n_tokens=100, pace=0.2))  # a 20 s generation
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        await hang_up_once_received(setup.fake, lambda: client.post(
+            "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": stream}
+        ))
+    gone = await setup.fake.wait_disconnect(2.0)
+    assert gone.frames_sent < 100
+    await setup.fake.wait_idle(2.0)
+
+
 async def test_repeated_disconnects_leave_no_tasks_behind(setup: Setup) -> None:
     setup.fake.set_script(Script(n_tokens=1000, pace=0.01))
 

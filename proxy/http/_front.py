@@ -25,6 +25,7 @@ from proxy.gateway import Gateway
 from proxy.http._auth import admit, give_back_admission, granted_headers, stamp_exchange
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
+from proxy.http._hangup import on_client_gone
 from proxy.http._head import RequestHead
 from proxy.services.auth import current_principal
 
@@ -296,20 +297,25 @@ class ResponseSend:
 
 
 async def _respond(body: DirectBody, receive: ASGIReceiveCallable, tracked: ResponseSend) -> None:
-    """Run `body` as the response, beside a watcher for the client's disconnect."""
+    """Run `body` as the response, until it ends or the client leaves: its connection's end
+    is heard from the server's reader when it can be (`_hangup`), else from `receive`."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_disconnect, receive, body, tracked, nursery.cancel_scope)
-        await body.run(tracked)
+
+        def client_gone() -> None:
+            # Hypercorn reports every finished response as a disconnect: that one cancels
+            # nothing, since the exchange may still be returning its backend connection or
+            # writing its log.
+            if not tracked.complete and not nursery.cancel_scope.cancel_called:
+                body.hang_up()  # the backend connections close now, not once the cancellation unwinds
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_watch_disconnect, receive, client_gone)
+        with on_client_gone(client_gone):
+            await body.run(tracked)
         nursery.cancel_scope.cancel()
 
 
-async def _watch_disconnect(
-    receive: ASGIReceiveCallable, body: DirectBody, tracked: ResponseSend, scope: trio.CancelScope
-) -> None:
+async def _watch_disconnect(receive: ASGIReceiveCallable, client_gone: Callable[[], None]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-    # Hypercorn reports every finished response as a disconnect: that one cancels nothing,
-    # since the exchange may still be returning its backend connection or writing its log.
-    if not tracked.complete:
-        body.hang_up()  # the backend connections close now, not once the cancellation unwinds
-        scope.cancel()
+    client_gone()

@@ -1,0 +1,64 @@
+"""A client connection's end, told to its requests the moment it is read.
+
+hypercorn tells an app that its client left with an `http.disconnect` message, which the
+request reads on its task's next turn. When a hundred clients leave at once, those turns
+come behind much of the others' teardown (each cancelled request unwinding, journalling
+its outcome), and every backend goes on generating until its request's turn comes. So the
+server (`proxy.serve`) gives each connection a `ClientConnection`, visible to the tasks
+serving its requests, and calls `ended()` from the connection's reader as soon as it reads
+end-of-file: the hooks a request registered with `on_client_gone` run there, synchronously,
+before anything unwinds. The `http.disconnect` still comes, and still counts: a server
+without this hook (or a connection without a `ClientConnection`) loses only the head start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+Hook = Callable[[], None]
+
+
+class ClientConnection:
+    """The hooks the requests of one client connection run when it ends."""
+
+    __slots__ = ("_hooks", "gone")
+
+    def __init__(self) -> None:
+        self._hooks: list[Hook] = []
+        self.gone = False
+
+    def ended(self) -> None:
+        """The client closed (or broke) the connection: run every hook, once."""
+        if self.gone:
+            return
+        self.gone = True
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+
+# Set by the task that reads the connection; the tasks it starts to serve requests inherit it.
+current_connection: ContextVar[ClientConnection | None] = ContextVar("current_connection", default=None)
+
+
+@contextmanager
+def on_client_gone(hook: Hook) -> Iterator[None]:
+    """Run `hook` if the client's connection ends inside the block (at once if it has)."""
+    connection = current_connection.get()
+    if connection is None:
+        yield
+        return
+    if connection.gone:
+        hook()
+        yield
+        return
+    hooks = connection._hooks
+    hooks.append(hook)
+    try:
+        yield
+    finally:
+        # HTTP/1.1 serves one request at a time per connection: the list holds one or two.
+        if hook in hooks:
+            hooks.remove(hook)
