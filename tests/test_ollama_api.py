@@ -415,6 +415,28 @@ async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
     assert setup.fake("openai").requests == []
 
 
+async def test_a_number_too_big_for_a_float_is_a_400_naming_its_field(setup: Setup) -> None:
+    """`1e400` used to reach the backend call as infinity and fail there: a 502 and a traceback."""
+    chat = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], %s}'
+    tool = '"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maximum": 1e400}}}]'
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for path, body, field in (
+            ("/api/chat", chat % ("qwen3-8b", '"options": {"temperature": 1e400}'), "options.temperature"),
+            ("/api/chat", chat % ("llama3.2", '"keep_alive": -1e400, "stream": false'), "keep_alive"),
+            ("/api/chat", chat % ("qwen3-8b", tool), "tools[0].function.parameters.maximum"),
+            ("/api/chat", chat % ("qwen3-8b", '"format": {"type": "number", "maximum": 1e400}'), "format.maximum"),
+            ("/api/generate", '{"model": "llama3.2", "prompt": "hi", "options": {"top_p": 1.5e999}}', "options.top_p"),
+        ):
+            response = await http.post(path, content=body)
+            assert response.status_code == 400, (body, response.text)
+            assert field in response.json()["error"] and "out of range" in response.json()["error"]
+        openai_style = await http.post("/v1/chat/completions", content=chat % ("qwen3-8b", tool))
+        assert openai_style.status_code == 400, openai_style.text
+        error = openai_style.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "tools[0].function.parameters.maximum"
+    assert all(not fake.requests for fake in setup.fakes.values())
+
+
 @pytest.mark.parametrize(("status", "expected"), [(500, 502), (503, 503), (429, 429), (400, 400)])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_backend_errors_before_the_stream(setup: Setup, kind: str, status: int, expected: int) -> None:
