@@ -437,6 +437,18 @@ async def test_a_number_too_big_for_a_float_is_a_400_naming_its_field(setup: Set
     assert all(not fake.requests for fake in setup.fakes.values())
 
 
+async def test_a_null_body_must_be_a_json_object_in_every_dialect(setup: Setup) -> None:
+    """`null` used to be told it was "nested more than 128 levels deep"."""
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for path in ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/v1/chat/completions",
+                     "/v1/messages", "/v1/responses", "/v1/embeddings"):
+            response = await http.post(path, content=b"null", headers={"content-type": "application/json"})
+            assert response.status_code == 400, path
+            error = response.json()["error"]
+            message = error if isinstance(error, str) else error["message"]
+            assert message == "The request body must be a JSON object.", (path, message)
+
+
 @pytest.mark.parametrize(("status", "expected"), [(500, 502), (503, 503), (429, 429), (400, 400)])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_backend_errors_before_the_stream(setup: Setup, kind: str, status: int, expected: int) -> None:

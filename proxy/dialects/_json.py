@@ -38,17 +38,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_TOO_DEEP = object()  # how a body too deep to parse reads; JSON's own `null` parses as None
+
+
 def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any]:
     """Parse JSON that must be an object; a clear 400 otherwise."""
     try:
         value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        value = None
+        value = _TOO_DEEP
     except _OutOfRange as exc:
         raise _out_of_range(body, what, str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The {what} is not valid JSON: {exc}", code="invalid_json") from None
-    if value is None or _deeper_than(body, value, MAX_DEPTH):
+    if value is _TOO_DEEP or _deeper_than(body, value, MAX_DEPTH):
         raise invalid_request(f"The {what} is nested more than {MAX_DEPTH} levels deep.", code="json_too_deep")
     if not isinstance(value, dict):
         raise invalid_request(f"The {what} must be a JSON object.", code="invalid_json")
