@@ -164,6 +164,24 @@ async def test_parallel_tool_calls_arrive_whole_with_object_arguments(setup: Set
     assert [t.get("name") or t["function"]["name"] for t in tools_sent] == ["get_weather", "get_time"]
 
 
+# (An Anthropic reply not streamed carries `input` as an object: it cannot be cut inside one.)
+@pytest.mark.parametrize(("kind", "stream"), [("openai", True), ("openai", False), ("anthropic", True)])
+async def test_a_call_cut_off_by_the_token_limit_is_dropped(setup: Setup, kind: str, stream: bool) -> None:
+    """A backend stopping on `length` inside a call's arguments: the client used to get that call
+    as if complete (`arguments: {"__raw_arguments": "{\\"city\\": \\"Ro"}`)."""
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"city": "Ro')]
+    setup.fake(kind).set_script(Script(tokens=["Checking."], tool_calls=calls, finish_reason="length"))
+    if stream:
+        parts = await collect(await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS, stream=True))
+        got = [call for part in parts for call in part.message.tool_calls or ()]
+        content, final = "".join(p.message.content for p in parts), parts[-1]
+    else:
+        final = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS)
+        got, content = list(final.message.tool_calls or ()), final.message.content
+    assert [(c.function.name, dict(c.function.arguments)) for c in got] == [("get_weather", {"city": "Paris"})]
+    assert (content, final.done_reason) == ("Checking.", "length")
+
+
 async def test_tool_call_ids_and_indexes_on_the_wire(setup: Setup) -> None:
     calls = [ToolCall("get_weather", '{"city": "Paris"}', id="call_one"), ToolCall("get_weather", '{"city": "Rome"}', id="call_two")]
     setup.fake("openai").set_script(Script(tokens=[], tool_calls=calls, tool_arg_fragment=4, interleave_tool_calls=True))

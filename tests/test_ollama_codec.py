@@ -550,6 +550,19 @@ json_objects = st.dictionaries(texts, json_values, max_size=4)
 argument_texts = json_objects.map(json.dumps) | st.text(max_size=20)
 
 
+def sent_whole(calls: list[ToolCall], reason: FinishReason | None) -> list[ToolCall]:
+    """The calls an Ollama client gets: a turn cut off by `length` loses those whose
+    arguments do not parse (cut inside them)."""
+    def parses(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return not text.strip()
+        return True
+
+    return [c for c in calls if reason is not FinishReason.LENGTH or parses(c.arguments)]
+
+
 @st.composite
 def event_streams(draw: st.DrawFn) -> list[StreamEvent]:
     events: list[StreamEvent] = [StreamStart("chatcmpl-x", "upstream", 1)]
@@ -617,7 +630,7 @@ def test_rendered_streams_parse_back_to_the_same_events(events: list[StreamEvent
         got.add(event)
     failure = next((e for e in events if isinstance(e, StreamFailed)), None)
     # Calls of a failed stream never finished: none is sent (Ollama sends only whole calls).
-    want_calls = [] if generate or failure is not None else sent.build().choices[0].tool_calls
+    want_calls = [] if generate or failure is not None else sent_whole(sent.build().choices[0].tool_calls, sent.finish_reason)
     got_calls = got.build().choices[0].tool_calls
     assert [(c.id, c.name, ollama.arguments_object(c.arguments)) for c in got_calls] == [
         (c.id, c.name, ollama.arguments_object(c.arguments)) for c in want_calls
@@ -724,7 +737,7 @@ def test_completions_round_trip(content: str, reasoning: str, calls: list[tuple[
     back = ollama.parse_completion(json.loads(raw)).choices[0]
     assert (back.content, back.reasoning) == (content, reasoning)
     assert [(c.id, c.name, ollama.arguments_object(c.arguments)) for c in back.tool_calls] == [
-        (c.id, c.name, ollama.arguments_object(c.arguments)) for c in tool_calls
+        (c.id, c.name, ollama.arguments_object(c.arguments)) for c in sent_whole(tool_calls, reason)
     ]
     expected = FinishReason.LENGTH if reason is FinishReason.LENGTH else (
         FinishReason.TOOL_CALLS if tool_calls else FinishReason.STOP

@@ -166,6 +166,25 @@ def statistics(usage: Usage | None, timing: Timing, *, eval_count: int = 0) -> d
     return stats
 
 
+def whole_calls(calls: list[ToolCall], reason: FinishReason | None) -> list[ToolCall]:
+    """The calls an Ollama client may get: a turn cut short (`length`) can end inside a call's
+    arguments, and Ollama never sends a call whose arguments do not parse, so that one is
+    dropped (a client would run it with half its arguments). Complete turns keep every call."""
+    if reason is not FinishReason.LENGTH:
+        return calls
+    return [call for call in calls if _parses(call.arguments)]
+
+
+def _parses(text: str) -> bool:
+    if not text or text.isspace():
+        return True  # no arguments at all, which Ollama sends as {}
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def tool_calls_body(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """Tool calls as current Ollama sends them: whole, object arguments, with id and index."""
     return [
@@ -203,8 +222,9 @@ def render_completion(
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
         if reasoning:
             message["thinking"] = reasoning
-        if choice.tool_calls:
-            message["tool_calls"] = tool_calls_body(choice.tool_calls)
+        calls = whole_calls(choice.tool_calls, choice.finish_reason)
+        if calls:
+            message["tool_calls"] = tool_calls_body(calls)
         body["message"] = message
         body["done_reason"] = reason
         body["done"] = True

@@ -30,6 +30,7 @@ from proxy.dialects.ollama._response import (
     tool_call_of,
     tool_calls_body,
     usage_of,
+    whole_calls,
 )
 from proxy.domain.chat import FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -295,6 +296,9 @@ class StreamRenderer:
             calls.append(ToolCall(id=call_id, name=name, arguments="".join(self._calls[index])))
         self._calls.clear()
         self._call_heads.clear()
+        calls = whole_calls(calls, self._reason)
+        if not calls:
+            return b""
         self._pieces += len(calls)
         return (
             self._prefix
