@@ -92,6 +92,8 @@ async def test_streaming_chat(setup: Setup, kind: str) -> None:
     assert (final.prompt_eval_count, final.eval_count) == (11, 3)
     assert final.total_duration > 0 and final.eval_duration > 0
     assert final.total_duration >= final.prompt_eval_duration
+    # An Ollama backend's own figures are relayed (its model load too); elsewhere nothing loads.
+    assert final.load_duration == (2_151_625 if kind == "ollama" else None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,6 +104,7 @@ async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None
     assert reply.message.thinking == "Let me think."
     assert reply.done is True and reply.done_reason == "stop"
     assert (reply.prompt_eval_count, reply.eval_count) == (7, 4)
+    assert reply.load_duration == (2_151_625 if kind == "ollama" else None)  # the Ollama backend's own figure
     assert setup.sent(kind)["stream"] is False
     if kind == "ollama":
         assert setup.sent(kind)["think"] is True

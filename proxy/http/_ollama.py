@@ -55,10 +55,11 @@ class OllamaJsonSink(JsonSink):
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
         timing = ollama.Timing(self._started, None, time.perf_counter())
-        context = ollama.finish_context(batch.events) if self._generate else None
+        finish = ollama.backend_finish(batch.events)  # an Ollama backend's: its context, its timings
         body = ollama.render_completion(
             completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking,
-            context=context,
+            context=finish.context if finish is not None and self._generate else None,
+            backend_timings=finish.timings if finish is not None else (),
         )
         await self._json(body, _JSON.encode())
 

@@ -72,7 +72,7 @@ class OllamaBackend:
             message = ollama.error_message_from_body(response.content) or "The backend reported an error."
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` failed: {message}")
         completion = ollama.parse_completion(data)
-        events = ollama.with_context(completion_events(completion), ollama.context_of(data))
+        events = ollama.with_closing(completion_events(completion), data)
         return Batch(events, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
