@@ -413,6 +413,20 @@ async def test_model_unknown_to_an_openai_backend_is_ollamas_404() -> None:
             assert (await client.chat(model="qwen3-8b", messages=MESSAGES)).done
 
 
+async def test_embedding_model_unknown_to_an_openai_backend_is_ollamas_404() -> None:
+    """It used to read `The model \\`qwen9\\` does not exist.` (the backend's words) where
+    /api/chat says Ollama's."""
+    fake = OpenAIBackend(models=["qwen3-8b"])
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            for call in (client.embed(model="qwen9", input="x"), client.embeddings(model="qwen9", prompt="x")):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "qwen9" not found, try pulling it first'
+            assert len((await client.embed(model="qwen3-8b", input="x")).embeddings) == 1
+
+
 async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         for path, content in (
