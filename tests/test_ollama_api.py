@@ -350,16 +350,54 @@ async def test_generate_raw_and_template_are_refused_off_ollama(setup: Setup, ki
     assert native.done and (setup.sent("ollama")["raw"], setup.sent("ollama")["template"]) == (True, "{{ .Prompt }}")
 
 
-async def test_empty_prompts_load_the_model_without_calling_it(setup: Setup) -> None:
+async def test_load_and_unload_reach_an_ollama_backend_and_are_answered_for_others(setup: Setup) -> None:
+    """A request without a prompt loads the model (`ollama run`), one with `keep_alive: 0`
+    unloads it (`ollama stop`). They used to be answered by the gateway, never reaching the
+    Ollama backend: `ollama stop` freed nothing and `/api/ps` listed nothing."""
     generated = await setup.client.generate(model="llama3.2", prompt="")
     assert (generated.done, generated.done_reason, generated.response) == (True, "load", "")
-    chatted = await setup.client.chat(model="qwen3-8b", messages=[])
-    assert (chatted.done, chatted.done_reason) == (True, "load")
-    unloaded = await setup.client.generate(model="llama3.2", keep_alive=0)
-    assert unloaded.done_reason == "unload"
+    assert [r.json for r in setup.fake("ollama").requests if r.method == "POST"] == [{"model": "llama3.2", "prompt": "", "stream": False}]
+    assert [m.model for m in (await setup.client.ps()).models] == ["llama3.2:latest"]
+    chatted = await setup.client.chat(model="my-alias", messages=[])  # the alias is echoed, as for chats
+    assert (chatted.model, chatted.done_reason) == ("my-alias", "load")
     streamed = await collect(await setup.client.generate(model="llama3.2", prompt="", stream=True))
     assert [p.done_reason for p in streamed] == ["load"]
-    assert setup.fake("ollama").requests == [] and setup.fake("openai").requests == []
+    unloaded = await setup.client.generate(model="llama3.2", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert (await setup.client.ps()).models == []
+    # An OpenAI-compatible backend loads nothing on request: the gateway answers for it.
+    chatted = await setup.client.chat(model="qwen3-8b", messages=[])
+    assert (chatted.done, chatted.done_reason) == (True, "load")
+    assert (await setup.client.generate(model="qwen3-8b", keep_alive=0)).done_reason == "unload"
+    assert setup.fake("openai").requests == []
+
+
+async def test_loading_a_model_the_ollama_backend_lacks_is_its_404() -> None:
+    fake = OllamaBackend(models=["llama3.2"])
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            for call in (client.generate(model="llama9", prompt=""), client.chat(model="llama9", messages=[], keep_alive=0)):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "llama9" not found, try pulling it first'
+
+
+async def test_ps_lists_what_every_ollama_backend_holds() -> None:
+    first, second = OllamaBackend(models=["llama3.2"]), OllamaBackend(models=["mistral"])
+    async with first.serve() as one, second.serve() as two, OpenAIBackend().serve() as oa, running_gateway(
+        backend("one", one.url, kind="ollama", prefixes=("llama",)),
+        backend("two", two.url, kind="ollama", prefixes=("mistral",)),
+        backend("oa", oa.url, default=True),
+    ) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            assert (await client.ps()).models == []
+            await client.chat(model="llama3.2", messages=MESSAGES)
+            await client.generate(model="mistral", prompt="")
+            await client.generate(model="qwen3-8b", prompt="")
+            running = (await client.ps()).models
+            assert sorted(m.model for m in running) == ["llama3.2:latest", "mistral:latest"]
+            assert all(m.expires_at is not None and m.size_vram for m in running)
 
 
 # -- errors ------------------------------------------------------------------------------------
