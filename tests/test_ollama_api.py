@@ -92,6 +92,8 @@ async def test_streaming_chat(setup: Setup, kind: str) -> None:
     assert (final.prompt_eval_count, final.eval_count) == (11, 3)
     assert final.total_duration > 0 and final.eval_duration > 0
     assert final.total_duration >= final.prompt_eval_duration
+    # An Ollama backend's own figures are relayed (its model load too); elsewhere nothing loads.
+    assert final.load_duration == (2_151_625 if kind == "ollama" else None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,6 +104,7 @@ async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None
     assert reply.message.thinking == "Let me think."
     assert reply.done is True and reply.done_reason == "stop"
     assert (reply.prompt_eval_count, reply.eval_count) == (7, 4)
+    assert reply.load_duration == (2_151_625 if kind == "ollama" else None)  # the Ollama backend's own figure
     assert setup.sent(kind)["stream"] is False
     if kind == "ollama":
         assert setup.sent(kind)["think"] is True
@@ -162,6 +165,24 @@ async def test_parallel_tool_calls_arrive_whole_with_object_arguments(setup: Set
     assert final.done_reason == "stop"  # Ollama's way of ending a turn that called tools
     tools_sent = setup.sent(kind)["tools"]
     assert [t.get("name") or t["function"]["name"] for t in tools_sent] == ["get_weather", "get_time"]
+
+
+# (An Anthropic reply not streamed carries `input` as an object: it cannot be cut inside one.)
+@pytest.mark.parametrize(("kind", "stream"), [("openai", True), ("openai", False), ("anthropic", True)])
+async def test_a_call_cut_off_by_the_token_limit_is_dropped(setup: Setup, kind: str, stream: bool) -> None:
+    """A backend stopping on `length` inside a call's arguments: the client used to get that call
+    as if complete (`arguments: {"__raw_arguments": "{\\"city\\": \\"Ro"}`)."""
+    calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"city": "Ro')]
+    setup.fake(kind).set_script(Script(tokens=["Checking."], tool_calls=calls, finish_reason="length"))
+    if stream:
+        parts = await collect(await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS, stream=True))
+        got = [call for part in parts for call in part.message.tool_calls or ()]
+        content, final = "".join(p.message.content for p in parts), parts[-1]
+    else:
+        final = await setup.client.chat(model=MODELS[kind], messages=MESSAGES, tools=TOOLS)
+        got, content = list(final.message.tool_calls or ()), final.message.content
+    assert [(c.function.name, dict(c.function.arguments)) for c in got] == [("get_weather", {"city": "Paris"})]
+    assert (content, final.done_reason) == ("Checking.", "length")
 
 
 async def test_tool_call_ids_and_indexes_on_the_wire(setup: Setup) -> None:
@@ -329,16 +350,54 @@ async def test_generate_raw_and_template_are_refused_off_ollama(setup: Setup, ki
     assert native.done and (setup.sent("ollama")["raw"], setup.sent("ollama")["template"]) == (True, "{{ .Prompt }}")
 
 
-async def test_empty_prompts_load_the_model_without_calling_it(setup: Setup) -> None:
+async def test_load_and_unload_reach_an_ollama_backend_and_are_answered_for_others(setup: Setup) -> None:
+    """A request without a prompt loads the model (`ollama run`), one with `keep_alive: 0`
+    unloads it (`ollama stop`). They used to be answered by the gateway, never reaching the
+    Ollama backend: `ollama stop` freed nothing and `/api/ps` listed nothing."""
     generated = await setup.client.generate(model="llama3.2", prompt="")
     assert (generated.done, generated.done_reason, generated.response) == (True, "load", "")
-    chatted = await setup.client.chat(model="qwen3-8b", messages=[])
-    assert (chatted.done, chatted.done_reason) == (True, "load")
-    unloaded = await setup.client.generate(model="llama3.2", keep_alive=0)
-    assert unloaded.done_reason == "unload"
+    assert [r.json for r in setup.fake("ollama").requests if r.method == "POST"] == [{"model": "llama3.2", "prompt": "", "stream": False}]
+    assert [m.model for m in (await setup.client.ps()).models] == ["llama3.2:latest"]
+    chatted = await setup.client.chat(model="my-alias", messages=[])  # the alias is echoed, as for chats
+    assert (chatted.model, chatted.done_reason) == ("my-alias", "load")
     streamed = await collect(await setup.client.generate(model="llama3.2", prompt="", stream=True))
     assert [p.done_reason for p in streamed] == ["load"]
-    assert setup.fake("ollama").requests == [] and setup.fake("openai").requests == []
+    unloaded = await setup.client.generate(model="llama3.2", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert (await setup.client.ps()).models == []
+    # An OpenAI-compatible backend loads nothing on request: the gateway answers for it.
+    chatted = await setup.client.chat(model="qwen3-8b", messages=[])
+    assert (chatted.done, chatted.done_reason) == (True, "load")
+    assert (await setup.client.generate(model="qwen3-8b", keep_alive=0)).done_reason == "unload"
+    assert setup.fake("openai").requests == []
+
+
+async def test_loading_a_model_the_ollama_backend_lacks_is_its_404() -> None:
+    fake = OllamaBackend(models=["llama3.2"])
+    async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            for call in (client.generate(model="llama9", prompt=""), client.chat(model="llama9", messages=[], keep_alive=0)):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "llama9" not found, try pulling it first'
+
+
+async def test_ps_lists_what_every_ollama_backend_holds() -> None:
+    first, second = OllamaBackend(models=["llama3.2"]), OllamaBackend(models=["mistral"])
+    async with first.serve() as one, second.serve() as two, OpenAIBackend().serve() as oa, running_gateway(
+        backend("one", one.url, kind="ollama", prefixes=("llama",)),
+        backend("two", two.url, kind="ollama", prefixes=("mistral",)),
+        backend("oa", oa.url, default=True),
+    ) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            assert (await client.ps()).models == []
+            await client.chat(model="llama3.2", messages=MESSAGES)
+            await client.generate(model="mistral", prompt="")
+            await client.generate(model="qwen3-8b", prompt="")
+            running = (await client.ps()).models
+            assert sorted(m.model for m in running) == ["llama3.2:latest", "mistral:latest"]
+            assert all(m.expires_at is not None and m.size_vram for m in running)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -392,6 +451,20 @@ async def test_model_unknown_to_an_openai_backend_is_ollamas_404() -> None:
             assert (await client.chat(model="qwen3-8b", messages=MESSAGES)).done
 
 
+async def test_embedding_model_unknown_to_an_openai_backend_is_ollamas_404() -> None:
+    """It used to read `The model \\`qwen9\\` does not exist.` (the backend's words) where
+    /api/chat says Ollama's."""
+    fake = OpenAIBackend(models=["qwen3-8b"])
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            for call in (client.embed(model="qwen9", input="x"), client.embeddings(model="qwen9", prompt="x")):
+                with pytest.raises(ollama.ResponseError) as info:
+                    await call
+                assert info.value.status_code == 404
+                assert info.value.error == 'model "qwen9" not found, try pulling it first'
+            assert len((await client.embed(model="qwen3-8b", input="x")).embeddings) == 1
+
+
 async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         for path, content in (
@@ -413,6 +486,40 @@ async def test_bad_requests_are_400s_in_ollamas_shape(setup: Setup) -> None:
         await setup.client.chat(model="gpt", messages=MESSAGES, options={"temperature": "hot"})
     assert info.value.status_code == 400 and "options.temperature" in info.value.error
     assert setup.fake("openai").requests == []
+
+
+async def test_a_number_too_big_for_a_float_is_a_400_naming_its_field(setup: Setup) -> None:
+    """`1e400` used to reach the backend call as infinity and fail there: a 502 and a traceback."""
+    chat = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], %s}'
+    tool = '"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maximum": 1e400}}}]'
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for path, body, field in (
+            ("/api/chat", chat % ("qwen3-8b", '"options": {"temperature": 1e400}'), "options.temperature"),
+            ("/api/chat", chat % ("llama3.2", '"keep_alive": -1e400, "stream": false'), "keep_alive"),
+            ("/api/chat", chat % ("qwen3-8b", tool), "tools[0].function.parameters.maximum"),
+            ("/api/chat", chat % ("qwen3-8b", '"format": {"type": "number", "maximum": 1e400}'), "format.maximum"),
+            ("/api/generate", '{"model": "llama3.2", "prompt": "hi", "options": {"top_p": 1.5e999}}', "options.top_p"),
+        ):
+            response = await http.post(path, content=body)
+            assert response.status_code == 400, (body, response.text)
+            assert field in response.json()["error"] and "out of range" in response.json()["error"]
+        openai_style = await http.post("/v1/chat/completions", content=chat % ("qwen3-8b", tool))
+        assert openai_style.status_code == 400, openai_style.text
+        error = openai_style.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "tools[0].function.parameters.maximum"
+    assert all(not fake.requests for fake in setup.fakes.values())
+
+
+async def test_a_null_body_must_be_a_json_object_in_every_dialect(setup: Setup) -> None:
+    """`null` used to be told it was "nested more than 128 levels deep"."""
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for path in ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/v1/chat/completions",
+                     "/v1/messages", "/v1/responses", "/v1/embeddings"):
+            response = await http.post(path, content=b"null", headers={"content-type": "application/json"})
+            assert response.status_code == 400, path
+            error = response.json()["error"]
+            message = error if isinstance(error, str) else error["message"]
+            assert message == "The request body must be a JSON object.", (path, message)
 
 
 @pytest.mark.parametrize(("status", "expected"), [(500, 502), (503, 503), (429, 429), (400, 400)])

@@ -343,7 +343,8 @@ def test_parser_reads_text_thinking_usage_and_stop() -> None:
         assert isinstance(start, StreamStart) and start.model == "llama3.2" and start.created == 1759320000
         assert events[1:] == [
             ReasoningDelta("let me"), TextDelta("Hel"), TextDelta("lo"),
-            UsageReport(Usage(prompt_tokens=12, completion_tokens=7)), Finish(FinishReason.STOP),
+            UsageReport(Usage(prompt_tokens=12, completion_tokens=7)),
+            ollama.OllamaFinish(FinishReason.STOP, timings=(("total_duration", 5),)),  # the backend's own figure
         ]
 
 
@@ -362,13 +363,34 @@ def test_parser_gives_tool_calls_ids_indexes_and_tool_calls_reason() -> None:
     assert all(s.id.startswith("call_") for s in starts) and len({s.id for s in starts}) == 3
     assert starts[2].id == "call_x"  # kept when Ollama sends one; its repeat is dropped
     assert [json.loads(d.arguments) for d in deltas] == [{"city": "Paris"}, {"city": "Rome"}, {}]
-    assert events[-1] == Finish(FinishReason.TOOL_CALLS)
+    assert isinstance(events[-1], Finish) and events[-1].reason is FinishReason.TOOL_CALLS
 
 
 def test_parser_maps_length_and_generate_lines() -> None:
     data = line(response="Hi", done=False) + line(response="", done=True, done_reason="length", context=[1, 2], eval_count=1)
     events = parse_all(data)
-    assert events[1:] == [TextDelta("Hi"), UsageReport(Usage(0, 1)), ollama.FinishWithContext(FinishReason.LENGTH, 0, (1, 2))]
+    assert events[1:] == [TextDelta("Hi"), UsageReport(Usage(0, 1)), ollama.OllamaFinish(FinishReason.LENGTH, 0, (1, 2))]
+
+
+def test_an_ollama_backends_own_timings_reach_the_client_unchanged() -> None:
+    """The gateway's clock used to replace them: a 3 s model load vanished from the figures."""
+    figures = {"total_duration": 5_000_000_000, "load_duration": 3_000_000_000, "prompt_eval_count": 30,
+               "prompt_eval_duration": 1_000_000_000, "eval_count": 40, "eval_duration": 1_000_000_000}
+    data = chat_line("hi") + line(message={"role": "assistant", "content": ""}, done=True, done_reason="stop", **figures)
+    renderer = ollama.StreamRenderer(model="m")
+    closing = lines_of(renderer.render(parse_all(data)) + renderer.close())[-1]
+    assert {key: closing.get(key) for key in figures} == figures
+    reply = json.loads(data.splitlines()[-1])
+    events = ollama.with_closing(completion_events(ollama.parse_completion(reply)), reply)
+    finish = ollama.backend_finish(events)
+    assert finish is not None
+    whole = ollama.render_completion(ollama.parse_completion(reply), model="m", generate=False,
+                                     timing=ollama.Timing(0.0, None, 0.001), backend_timings=finish.timings)
+    assert {key: json.loads(whole).get(key) for key in figures} == figures
+    # Another kind of backend has no such figures: the gateway's clock stands in, no load time.
+    translated = ollama.StreamRenderer(model="m")
+    ending = lines_of(translated.render([TextDelta("hi"), UsageReport(Usage(30, 40)), Finish(FinishReason.STOP)]) + translated.close())[-1]
+    assert "load_duration" not in ending and ending["total_duration"] < 1_000_000_000
 
 
 def test_generate_context_is_relayed_on_the_closing_line_only() -> None:
@@ -381,9 +403,11 @@ def test_generate_context_is_relayed_on_the_closing_line_only() -> None:
     chat = ollama.StreamRenderer(model="m")  # /api/chat replies have no context
     assert "context" not in lines_of(chat.render(parse_all(data)) + chat.close())[-1]
     completion = ollama.parse_completion(json.loads(data.splitlines()[-1]))
-    events = ollama.with_context(completion_events(completion), ollama.context_of(json.loads(data.splitlines()[-1])))
+    events = ollama.with_closing(completion_events(completion), json.loads(data.splitlines()[-1]))
+    finish = ollama.backend_finish(events)
+    assert finish is not None
     sent = ollama.render_completion(completion, model="m", generate=True, timing=ollama.Timing(1.0, None, 2.0),
-                                    context=ollama.finish_context(events))
+                                    context=finish.context)
     assert json.loads(sent)["context"] == [7, 8, 9]
     builder = CompletionBuilder()  # other dialects' renderers see a plain finish
     for event in events:
@@ -407,7 +431,7 @@ def test_parser_accepts_crlf_and_a_final_line_without_newline() -> None:
     data = chat_line("a").replace(b"\n", b"\r\n") + done_line().rstrip(b"\n")
     events = parse_all(data, 5)
     assert [e for e in events if isinstance(e, TextDelta)] == [TextDelta("a")]
-    assert events[-1] == Finish(FinishReason.STOP)
+    assert isinstance(events[-1], Finish) and events[-1].reason is FinishReason.STOP
 
 
 def test_parse_completion_of_a_non_streamed_reply() -> None:
@@ -550,6 +574,19 @@ json_objects = st.dictionaries(texts, json_values, max_size=4)
 argument_texts = json_objects.map(json.dumps) | st.text(max_size=20)
 
 
+def sent_whole(calls: list[ToolCall], reason: FinishReason | None) -> list[ToolCall]:
+    """The calls an Ollama client gets: a turn cut off by `length` loses those whose
+    arguments do not parse (cut inside them)."""
+    def parses(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return not text.strip()
+        return True
+
+    return [c for c in calls if reason is not FinishReason.LENGTH or parses(c.arguments)]
+
+
 @st.composite
 def event_streams(draw: st.DrawFn) -> list[StreamEvent]:
     events: list[StreamEvent] = [StreamStart("chatcmpl-x", "upstream", 1)]
@@ -617,7 +654,7 @@ def test_rendered_streams_parse_back_to_the_same_events(events: list[StreamEvent
         got.add(event)
     failure = next((e for e in events if isinstance(e, StreamFailed)), None)
     # Calls of a failed stream never finished: none is sent (Ollama sends only whole calls).
-    want_calls = [] if generate or failure is not None else sent.build().choices[0].tool_calls
+    want_calls = [] if generate or failure is not None else sent_whole(sent.build().choices[0].tool_calls, sent.finish_reason)
     got_calls = got.build().choices[0].tool_calls
     assert [(c.id, c.name, ollama.arguments_object(c.arguments)) for c in got_calls] == [
         (c.id, c.name, ollama.arguments_object(c.arguments)) for c in want_calls
@@ -632,7 +669,7 @@ def test_rendered_streams_parse_back_to_the_same_events(events: list[StreamEvent
     expected = FinishReason.LENGTH if reason is FinishReason.LENGTH else (
         FinishReason.TOOL_CALLS if want_calls else FinishReason.STOP
     )
-    assert parsed[-1] == Finish(expected)
+    assert isinstance(parsed[-1], Finish) and (parsed[-1].reason, parsed[-1].choice) == (expected, 0)
     if sent.usage is not None:
         assert (got.usage or Usage()).prompt_tokens == sent.usage.prompt_tokens
         assert (got.usage or Usage()).completion_tokens == sent.usage.completion_tokens
@@ -724,7 +761,7 @@ def test_completions_round_trip(content: str, reasoning: str, calls: list[tuple[
     back = ollama.parse_completion(json.loads(raw)).choices[0]
     assert (back.content, back.reasoning) == (content, reasoning)
     assert [(c.id, c.name, ollama.arguments_object(c.arguments)) for c in back.tool_calls] == [
-        (c.id, c.name, ollama.arguments_object(c.arguments)) for c in tool_calls
+        (c.id, c.name, ollama.arguments_object(c.arguments)) for c in sent_whole(tool_calls, reason)
     ]
     expected = FinishReason.LENGTH if reason is FinishReason.LENGTH else (
         FinishReason.TOOL_CALLS if tool_calls else FinishReason.STOP

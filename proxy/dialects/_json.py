@@ -25,15 +25,33 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON value")
 
 
+class _OutOfRange(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    # `1e400` parses as infinity, which no JSON encoder may write back on the way to a backend.
+    # Only numbers with a fraction or an exponent come here, a handful in a usual body.
+    value = float(text)
+    if value - value:  # only infinity minus itself is not 0.0 (NaN never parses here)
+        raise _OutOfRange(text)
+    return value
+
+
+_TOO_DEEP = object()  # how a body too deep to parse reads; JSON's own `null` parses as None
+
+
 def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any]:
     """Parse JSON that must be an object; a clear 400 otherwise."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        value = None
+        value = _TOO_DEEP
+    except _OutOfRange as exc:
+        raise _out_of_range(body, what, str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid_request(f"The {what} is not valid JSON: {exc}", code="invalid_json") from None
-    if value is None or _deeper_than(body, value, MAX_DEPTH):
+    if value is _TOO_DEEP or _deeper_than(body, value, MAX_DEPTH):
         raise invalid_request(f"The {what} is nested more than {MAX_DEPTH} levels deep.", code="json_too_deep")
     if not isinstance(value, dict):
         raise invalid_request(f"The {what} must be a JSON object.", code="invalid_json")
@@ -44,6 +62,35 @@ def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any
             code="invalid_json",
         )
     return value
+
+
+def _out_of_range(body: bytes | str, what: str, number: str) -> Exception:
+    """The 400 for a number no float holds, naming where it sits (the body is parsed again,
+    only on this error path, with the number marked)."""
+    marker = object()
+    try:
+        value = json.loads(body, parse_float=lambda text: marker if text == number else 0.0)
+        field = _path_of(value, marker) if isinstance(value, dict) else None
+    except (ValueError, RecursionError):
+        field = None
+    if not field:
+        return invalid_request(f"The {what} holds a number out of range ({number}).", code="number_out_of_range")
+    return invalid_request(
+        f"Invalid `{field}`: {number} is out of range for a number.", param=field, code="number_out_of_range"
+    )
+
+
+def _path_of(value: Any, marker: object) -> str | None:
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if node is marker:
+            return path
+        if isinstance(node, dict):
+            stack.extend((child, f"{path}.{key}" if path else str(key)) for key, child in node.items())
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{index}]") for index, child in enumerate(node))
+    return None
 
 
 # JSON may spell half a surrogate pair (`"\ud800"`): Python parses it into a str no encoder,

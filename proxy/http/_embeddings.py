@@ -244,7 +244,9 @@ async def _ollama_embed(request: EmbeddingRequest) -> EmbeddingResponse:
     try:
         return await _embed(request)
     except GatewayError as error:
-        if error.code == "model_not_found":
+        # A model no backend serves, or a backend's 404 in its own words ("The model `x` does
+        # not exist"): Ollama's, which Ollama clients recognise (as /api/chat says it).
+        if error.code == "model_not_found" or (error.kind is ErrorKind.NOT_FOUND and error.code == "backend_404"):
             raise GatewayError(
                 ErrorKind.NOT_FOUND, f'model "{request.model}" not found, try pulling it first',
                 param="model", code="model_not_found",

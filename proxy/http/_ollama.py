@@ -6,10 +6,13 @@ whichever kind of backend serves the model.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import trio
 from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
 
@@ -26,8 +29,10 @@ from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.infra.backends import Batch, ModelInfo
 from proxy.infra.backends._ollama import OllamaBackend
-from proxy.services.auth import check_model
+from proxy.services.auth import check_model, current_principal
 from proxy.services.chat import ChatExchange
+
+log = logging.getLogger("llm_proxy.http")
 
 exchanges = FrontDoor()
 blueprint = Blueprint("ollama", __name__)
@@ -55,10 +60,11 @@ class OllamaJsonSink(JsonSink):
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
         timing = ollama.Timing(self._started, None, time.perf_counter())
-        context = ollama.finish_context(batch.events) if self._generate else None
+        finish = ollama.backend_finish(batch.events)  # an Ollama backend's: its context, its timings
         body = ollama.render_completion(
             completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking,
-            context=context,
+            context=finish.context if finish is not None and self._generate else None,
+            backend_timings=finish.timings if finish is not None else (),
         )
         await self._json(body, _JSON.encode())
 
@@ -142,7 +148,7 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
 async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -> ExchangeBody | Reply:
     _refuse_embedding_model(incoming.gateway, request.model, generate=generate)
     if not request.messages:
-        return _load(incoming.gateway, request, generate=generate)
+        return await _load(incoming, request, generate=generate)
     exchange, headers = _exchange(incoming, request)
     if generate:
         exchange.adapt_with(_for_backend)
@@ -156,18 +162,41 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     ))
 
 
-def _load(gw: Gateway, request: ChatRequest, *, generate: bool) -> Reply:
-    """No prompt: Ollama would (un)load the model. The gateway loads nothing; it checks that the
-    model is served and answers as Ollama does."""
+async def _load(incoming: Incoming, request: ChatRequest, *, generate: bool) -> Reply:
+    """No prompt: Ollama loads the model (`ollama run`'s preload), or unloads it with
+    `keep_alive: 0` (`ollama stop`). A model on an Ollama backend: the request goes there, and
+    the backend's answer (or its error) is the answer. Other backends load nothing on request:
+    the gateway checks that the model is served and answers as Ollama does."""
+    gw = incoming.gateway
     try:
-        gw.router.resolve(request.model)
+        route = gw.router.resolve(request.model)
     except GatewayError as error:
         if error.code == "model_not_found":
             raise _not_found(request.model) from None
         raise
+    backend = gw.backends.get(route.backend)
+    if isinstance(backend, OllamaBackend):
+        body = {**loads_object(incoming.body), "model": route.upstream_model}
+        meta = request_meta(incoming.head)
+        try:
+            content, content_type = await backend.load(
+                "/api/generate" if generate else "/api/chat", body, {"x-request-id": meta.request_id}
+            )
+        except GatewayError as error:
+            raise _as_ollama(error, request.model) from None
+        return Reply(_with_model(content, request.model), content_type.encode())
     keep_alive = request.extra.get("keep_alive")
     unload = keep_alive in (0, 0.0, "0", "0s")
     return Reply(ollama.load_reply(request.model, generate=generate, unload=unload), _JSON.encode())
+
+
+def _with_model(content: bytes, model: str) -> bytes:
+    """The backend's answer naming the model as the client did (an alias, say), as chat does."""
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return content
+    return dumps({**data, "model": model}) if isinstance(data, dict) and "model" in data else content
 
 
 @exchanges.route("/api/chat")
@@ -284,9 +313,37 @@ def _show_not_found(name: str) -> GatewayError:
     return GatewayError(ErrorKind.NOT_FOUND, f"model '{name}' not found", param="model", code="model_not_found")
 
 
+# How long `/api/ps` waits for the Ollama backends; one that has not answered by then is left out.
+_PS_SECONDS = 5.0
+
+
 @blueprint.get("/api/ps")
 async def ps() -> Response:
-    return Response(ollama.ps_body(), content_type=_JSON)
+    """The models the Ollama backends hold in memory, all in one list (the gateway itself and
+    other kinds of backend load none on request). A backend that fails or is slow is left out
+    rather than failing the listing; a key sees only the models it may use."""
+    backends = [b for b in gateway().backends.values() if isinstance(b, OllamaBackend)]
+    found: list[list[dict[str, Any]]] = [[] for _ in backends]
+
+    async def ask(index: int, backend: OllamaBackend) -> None:
+        try:
+            found[index] = await backend.running()
+        except GatewayError as error:
+            log.warning("/api/ps: backend `%s` left out: %s", backend.config.name, error.message)
+
+    with trio.move_on_after(_PS_SECONDS):
+        async with trio.open_nursery() as nursery:
+            for index, backend in enumerate(backends):
+                nursery.start_soon(ask, index, backend)
+    principal = current_principal.get()
+    models, seen = [], set()
+    for item in (item for listed in found for item in listed):
+        name = item.get("name") or item.get("model")
+        if not isinstance(name, str) or name in seen or (principal is not None and not principal.may_use_model(name)):
+            continue
+        seen.add(name)
+        models.append(item)
+    return Response(dumps({"models": models}), content_type=_JSON)
 
 
 @blueprint.post("/api/pull")

@@ -628,8 +628,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/api/tags", "get"): _op("Models this key may use (Ollama)", "Ollama", _ok(_OLLAMA_TAGS), dialect="ollama"),
     ("/api/show", "post"): _op("A model's details (Ollama)", "Ollama", _ok(_OBJ), body=_OLLAMA_SHOW, dialect="ollama"),
     ("/api/ps", "get"): _op(
-        "Running models (Ollama): always none", "Ollama",
-        _ok({"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "maxItems": 0}}}),
+        "Running models (Ollama): what the Ollama backends hold in memory", "Ollama",
+        _ok({"type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": _OBJ}}}),
         dialect="ollama",
     ),
     ("/api/pull", "post"): _op(

@@ -1,7 +1,8 @@
 """A fake Ollama server speaking the native NDJSON API.
 
 Routes: ``POST /api/chat``, ``POST /api/generate`` (both stream by default, honour
-``"stream": false``), ``GET /api/tags``, ``POST /api/show``, ``POST /api/embed``, legacy
+``"stream": false``; without a prompt they load the model, or with ``keep_alive: 0`` unload
+it), ``GET /api/ps`` (the models loaded), ``GET /api/tags``, ``POST /api/show``, ``POST /api/embed``, legacy
 ``POST /api/embeddings``, ``GET /api/version``, ``GET /`` ("Ollama is running"), and the
 OpenAI-compatible ``POST /v1/completions`` (legacy text completions, OpenAI's SSE).
 
@@ -185,6 +186,11 @@ class OllamaBackend(FakeBackend):
     # one normalised: a test that must tell the two apart sets this to scale the legacy one.
     legacy_embedding_scale = 1.0
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loaded: dict[str, float] = {}
+        """Models in memory (loaded by a request, until one with ``keep_alive: 0``): when."""
+
     def model_known(self, model: str) -> bool:
         if self.models is None:
             return True
@@ -216,6 +222,8 @@ class OllamaBackend(FakeBackend):
             await exchange.respond(200, body, content_type="text/plain; charset=utf-8")
         elif path == "/api/version" and method == "GET":
             await exchange.respond_json(200, {"version": OLLAMA_VERSION})
+        elif path == "/api/ps" and method == "GET":
+            await exchange.respond_json(200, {"models": [self._running(m) for m in sorted(self.loaded)]})
         elif path == "/api/tags" and method == "GET":
             await exchange.respond_json(
                 200, {"models": [self._tag(m) for m in self.listed_models()]}
@@ -234,6 +242,12 @@ class OllamaBackend(FakeBackend):
             await run_text_completion(self, request, exchange, call)
         else:
             await exchange.respond(404, b"404 page not found", content_type="text/plain")
+
+    def _running(self, model: str) -> dict[str, Any]:
+        entry = self._tag(model)
+        del entry["modified_at"]
+        expires = datetime.fromtimestamp(self.loaded[model] + 300, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {**entry, "expires_at": expires, "size_vram": entry["size"], "context_length": 4096}
 
     def _tag(self, model: str) -> dict[str, Any]:
         return {
@@ -271,17 +285,22 @@ class OllamaBackend(FakeBackend):
         if parsed is None:
             return
         body, model = parsed
+        unload = body.get("keep_alive") in (0, "0", "0s")
+        if unload:
+            self.loaded.pop(normalize_model(model), None)
+        else:
+            self.loaded[normalize_model(model)] = time.time()
         if generate:
             prompt = body.get("prompt")
             if not prompt:
-                await self._load_reply(exchange, model, generate=True)
+                await self._load_reply(exchange, model, generate=True, unload=unload)
                 return
             prompt_text = flatten_text([body.get("system") or "", prompt])
             user_text = prompt if isinstance(prompt, str) else flatten_text(prompt)
         else:
             messages = body.get("messages")
             if not messages:
-                await self._load_reply(exchange, model, generate=False)
+                await self._load_reply(exchange, model, generate=False, unload=unload)
                 return
             prompt_text = flatten_text(messages)
             user_text = last_user_text(messages)
@@ -307,14 +326,15 @@ class OllamaBackend(FakeBackend):
             rendering=rendering,
         )
 
-    async def _load_reply(self, exchange: Exchange, model: str, *, generate: bool) -> None:
-        """An empty prompt only loads the model: Ollama answers ``done_reason: "load"``."""
+    async def _load_reply(self, exchange: Exchange, model: str, *, generate: bool, unload: bool) -> None:
+        """An empty prompt only loads the model: Ollama answers ``done_reason: "load"`` (or
+        ``"unload"`` to ``keep_alive: 0``)."""
         reply: dict[str, Any] = {"model": model, "created_at": _now()}
         if generate:
             reply["response"] = ""
         else:
             reply["message"] = {"role": "assistant", "content": ""}
-        reply.update({"done_reason": "load", "done": True})
+        reply.update({"done_reason": "unload" if unload else "load", "done": True})
         await exchange.respond_json(200, reply)
 
     async def _show(self, request: Request, exchange: Exchange) -> None:

@@ -82,11 +82,6 @@ def render_tags(entries: list[dict[str, Any]]) -> bytes:
     return dumps({"models": entries})
 
 
-def ps_body() -> bytes:
-    """`/api/ps`: the gateway keeps no model loaded (its backends load and unload their own)."""
-    return dumps({"models": []})
-
-
 def pull_reply(*, stream: bool) -> bytes:
     """`/api/pull` of a model the gateway already serves: nothing to fetch, so the progress
     Ollama streams for a model it has is its first and last line."""

@@ -1,8 +1,9 @@
 """Ollama replies: errors, whole completions, the closing statistics, timestamps.
 
 Ollama's statistics are Go `omitempty` fields: a zero duration or count is left out, never
-sent as 0, and clients treat a missing one as unknown. The gateway fills them from its own
-clock and the backend's usage; it never loads models, so `load_duration` is always absent.
+sent as 0, and clients treat a missing one as unknown. An Ollama backend's own figures are
+relayed; for other backends the gateway fills them from its own clock and the backend's
+usage (it never loads models, so `load_duration` is then absent).
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from proxy.domain.events import Finish, StreamEvent
 
 
 @dataclass(slots=True, frozen=True)
-class FinishWithContext(Finish):
-    """An Ollama backend's `/api/generate` finish with its `context` (the conversation's
-    tokens, which a client sends back to continue it). Any renderer sees a `Finish`; the
-    Ollama one also relays the context, on the closing line."""
+class OllamaFinish(Finish):
+    """An Ollama backend's finish with what only Ollama clients use from its closing line:
+    the `context` of an `/api/generate` reply (the conversation's tokens, which a client sends
+    back to continue it) and the backend's own timing figures (`load_duration`, …, in
+    nanoseconds, as sent). Any renderer sees a `Finish`; the Ollama one relays these on the
+    closing line."""
 
     context: tuple[int, ...] = ()
+    timings: tuple[tuple[str, int], ...] = ()
 
 
 def context_of(data: dict[str, Any]) -> tuple[int, ...] | None:
@@ -39,18 +43,35 @@ def context_of(data: dict[str, Any]) -> tuple[int, ...] | None:
     return None
 
 
-def with_context(events: list[StreamEvent], context: tuple[int, ...] | None) -> list[StreamEvent]:
-    """`events` whose first choice's `Finish` carries `context` (a no-op without one)."""
-    if context is None:
-        return events
+_DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+
+
+def timings_of(data: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The durations a backend's closing line reports (Ollama leaves zero ones out)."""
+    return tuple(
+        (name, value) for name in _DURATIONS
+        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value > 0
+    )
+
+
+def closing_finish(reason: FinishReason, data: dict[str, Any]) -> Finish:
+    """The finish of an Ollama backend's closing line `data`."""
+    context = context_of(data) or ()
+    timings = timings_of(data)
+    return OllamaFinish(reason, 0, context, timings) if context or timings else Finish(reason)
+
+
+def with_closing(events: list[StreamEvent], data: dict[str, Any]) -> list[StreamEvent]:
+    """`events` whose first choice's `Finish` carries what the backend's closing line `data`
+    holds for Ollama clients (see `OllamaFinish`)."""
     return [
-        FinishWithContext(event.reason, event.choice, context) if type(event) is Finish and event.choice == 0 else event
+        closing_finish(event.reason, data) if type(event) is Finish and event.choice == 0 else event
         for event in events
     ]
 
 
-def finish_context(events: list[StreamEvent]) -> tuple[int, ...] | None:
-    return next((event.context for event in events if isinstance(event, FinishWithContext)), None)
+def backend_finish(events: list[StreamEvent]) -> OllamaFinish | None:
+    return next((event for event in events if isinstance(event, OllamaFinish)), None)
 
 
 def render_error(error: GatewayError) -> bytes:
@@ -142,10 +163,16 @@ class Timing:
     ended: float
 
 
-def statistics(usage: Usage | None, timing: Timing, *, eval_count: int = 0) -> dict[str, Any]:
+def statistics(
+    usage: Usage | None, timing: Timing, *, eval_count: int = 0, backend: tuple[tuple[str, int], ...] = ()
+) -> dict[str, Any]:
     """The closing line's statistics in Ollama's order, zero fields left out.
 
-    `eval_count` is the fallback when the backend reported no usage (the output pieces seen)."""
+    `eval_count` is the fallback when the backend reported no usage (the output pieces seen).
+    An Ollama backend's own durations (`backend`) are its figures, relayed as they are; the
+    gateway's clock stands in for backends that report none."""
+    if backend:
+        return _backend_statistics(usage, dict(backend), eval_count)
     ns = 1_000_000_000
     total = max(1, int((timing.ended - timing.started) * ns))
     if timing.first is None:
@@ -166,6 +193,39 @@ def statistics(usage: Usage | None, timing: Timing, *, eval_count: int = 0) -> d
     return stats
 
 
+_STATISTICS = (
+    "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
+)
+
+
+def _backend_statistics(usage: Usage | None, durations: dict[str, int], eval_count: int) -> dict[str, Any]:
+    counts = {
+        "prompt_eval_count": usage.prompt_tokens if usage is not None else 0,
+        "eval_count": usage.completion_tokens if usage is not None else eval_count,
+    }
+    figures = {**durations, **counts}
+    return {name: figures[name] for name in _STATISTICS if figures.get(name)}
+
+
+def whole_calls(calls: list[ToolCall], reason: FinishReason | None) -> list[ToolCall]:
+    """The calls an Ollama client may get: a turn cut short (`length`) can end inside a call's
+    arguments, and Ollama never sends a call whose arguments do not parse, so that one is
+    dropped (a client would run it with half its arguments). Complete turns keep every call."""
+    if reason is not FinishReason.LENGTH:
+        return calls
+    return [call for call in calls if _parses(call.arguments)]
+
+
+def _parses(text: str) -> bool:
+    if not text or text.isspace():
+        return True  # no arguments at all, which Ollama sends as {}
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def tool_calls_body(calls: list[ToolCall]) -> list[dict[str, Any]]:
     """Tool calls as current Ollama sends them: whole, object arguments, with id and index."""
     return [
@@ -183,10 +243,12 @@ def render_completion(
     created_at: str | None = None,
     thinking: bool = True,
     context: tuple[int, ...] | None = None,
+    backend_timings: tuple[tuple[str, int], ...] = (),
 ) -> bytes:
     """A non-streamed reply (`stream: false`) in Ollama's shape, from the first choice;
     without `thinking` (the client said `think: false`) the reasoning is left out. A generate
-    reply carries the backend's `context` when it sent one."""
+    reply carries the backend's `context` when it sent one; an Ollama backend's durations
+    (`backend_timings`) replace the gateway's clock."""
     choice = completion.choices[0] if completion.choices else Choice()
     reasoning = choice.reasoning if thinking else ""
     body: dict[str, Any] = {"model": model, "created_at": created_at or timestamp()}
@@ -203,13 +265,14 @@ def render_completion(
         message: dict[str, Any] = {"role": "assistant", "content": choice.content}
         if reasoning:
             message["thinking"] = reasoning
-        if choice.tool_calls:
-            message["tool_calls"] = tool_calls_body(choice.tool_calls)
+        calls = whole_calls(choice.tool_calls, choice.finish_reason)
+        if calls:
+            message["tool_calls"] = tool_calls_body(calls)
         body["message"] = message
         body["done_reason"] = reason
         body["done"] = True
     pieces = int(bool(choice.content)) + int(bool(choice.reasoning)) + len(choice.tool_calls)
-    body.update(statistics(completion.usage, timing, eval_count=pieces))
+    body.update(statistics(completion.usage, timing, eval_count=pieces, backend=backend_timings))
     return dumps(body)
 
 

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 from proxy.dialects._json import dumps
 from proxy.dialects.ollama._common import json_string
 from proxy.dialects.ollama._response import (
-    FinishWithContext,
+    OllamaFinish,
     Timing,
-    context_of,
+    closing_finish,
     done_reason,
     error_message,
     finish_reason,
@@ -30,6 +30,7 @@ from proxy.dialects.ollama._response import (
     tool_call_of,
     tool_calls_body,
     usage_of,
+    whole_calls,
 )
 from proxy.domain.chat import FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -176,8 +177,7 @@ class StreamParser:
             if self.usage is not None:
                 events.append(UsageReport(self.usage))
             reason = finish_reason(data.get("done_reason"), called_tools=self._tool_count > 0)
-            context = context_of(data)
-            events.append(Finish(reason) if context is None else FinishWithContext(reason, 0, context))
+            events.append(closing_finish(reason, data))
             self.done = True
 
 
@@ -221,6 +221,7 @@ class StreamRenderer:
         self._usage: Usage | None = None
         self._reason: FinishReason | None = None
         self._context: tuple[int, ...] | None = None
+        self._backend_timings: tuple[tuple[str, int], ...] = ()
         self._pieces = 0
         self.done = False
 
@@ -254,8 +255,9 @@ class StreamRenderer:
             elif isinstance(event, Finish):
                 if event.choice == 0 and self._reason is None:
                     self._reason = event.reason
-                    if isinstance(event, FinishWithContext):
+                    if isinstance(event, OllamaFinish):
                         self._context = event.context
+                        self._backend_timings = event.timings
                     out.append(self._flush_calls())
             elif isinstance(event, StreamFailed):
                 # Calls not yet finished are cut short: sent whole, a client would run one
@@ -273,7 +275,7 @@ class StreamRenderer:
         self.done = True
         calls = self._flush_calls()
         timing = Timing(self._started, self._first, self._clock())
-        stats = statistics(self._usage, timing, eval_count=self._pieces)
+        stats = statistics(self._usage, timing, eval_count=self._pieces, backend=self._backend_timings)
         reason = done_reason(self._reason)
         head = self._prefix + timestamp_bytes()
         if self._generate:
@@ -295,6 +297,9 @@ class StreamRenderer:
             calls.append(ToolCall(id=call_id, name=name, arguments="".join(self._calls[index])))
         self._calls.clear()
         self._call_heads.clear()
+        calls = whole_calls(calls, self._reason)
+        if not calls:
+            return b""
         self._pieces += len(calls)
         return (
             self._prefix

@@ -72,7 +72,7 @@ class OllamaBackend:
             message = ollama.error_message_from_body(response.content) or "The backend reported an error."
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` failed: {message}")
         completion = ollama.parse_completion(data)
-        events = ollama.with_context(completion_events(completion), ollama.context_of(data))
+        events = ollama.with_closing(completion_events(completion), data)
         return Batch(events, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
@@ -153,6 +153,32 @@ class OllamaBackend:
         if response.status_code >= 400:
             raise self._error(response, response.content)
         return _json_object(response.content, name)
+
+    async def load(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[bytes, str]:
+        """`POST path` (`/api/generate` or `/api/chat`) of a request without a prompt, which
+        Ollama answers by loading the model (or unloading it, with `keep_alive: 0`): the
+        backend's answer and its content type. A load can take as long as a model is big."""
+        name = self.config.name
+        timeout = self.config.timeouts.total
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
+            response = await self._client.post(
+                path, content=json.dumps(body).encode(), headers={"content-type": "application/json", **headers}
+            )
+        if scope.cancelled_caught:
+            raise timeout_error(name, "did not answer", timeout)
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        return response.content, response.headers.get("content-type", "application/json")
+
+    async def running(self) -> list[dict[str, Any]]:
+        """The models the backend holds in memory (its `/api/ps`)."""
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.get("/api/ps")
+        if response.status_code >= 400:
+            raise self._error(response, response.content)
+        models = _json_object(response.content, name).get("models")
+        return [item for item in models if isinstance(item, dict)] if isinstance(models, list) else []
 
     async def check(self) -> None:
         name = self.config.name
