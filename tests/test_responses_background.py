@@ -161,3 +161,23 @@ async def test_a_polled_background_response_echoes_what_it_was_created_with(stac
         assert (response.instructions, [t.name for t in response.tools], response.metadata, response.temperature,
                 response.background) == asked
     assert done.status == "completed"
+
+
+async def test_a_cancelled_background_stream_ends_cancelled_for_the_client_reading_it(stack: Stack) -> None:
+    stream = await stack.client.responses.create(model="m", input="Count", background=True, stream=True)
+    seen: list[Any] = []
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    response_id = seen[0].response.id
+    assert (await stack.client.responses.cancel(response_id)).status == "cancelled"
+    seen.extend([event async for event in stream])
+    # Its client asked for the cancel: what was said so far is no completed answer.
+    assert "response.completed" not in [event.type for event in seen]
+    last = seen[-1]
+    assert (last.type, last.response.status, last.response.error) == ("response.incomplete", "cancelled", None)
+    assert last.response.output[0].status == "incomplete" and last.response.output_text.startswith(TOKENS[0])
+    # Its stream read again ends the same way.
+    again = [event async for event in await stack.client.responses.retrieve(response_id, stream=True)]
+    assert (again[-1].type, again[-1].response.status) == ("response.incomplete", "cancelled")

@@ -19,7 +19,7 @@ from quart import Blueprint, Response
 
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
-from proxy.dialects.events import Finished, WireEvent
+from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
@@ -304,7 +304,9 @@ class _ResumeFramer:
         if isinstance(event, Finished):
             if event.status == "completed":
                 return self._written(self._render_close())
-            # A run that ended without its answer (cancelled, or it failed without saying).
+            if event.status == "cancelled":
+                return self._written(self._render([StreamFailed(RUN_CANCELLED)]))
+            # A run that ended without its answer (it failed without saying).
             return self._written(self._render([StreamFailed(GatewayError(
                 ErrorKind.UNAVAILABLE, f"The response ended without completing ({event.status}).",
             ))]))

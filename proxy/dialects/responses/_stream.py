@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects.events import RUN_CANCELLED
 from proxy.dialects.openai import KEEPALIVE
 from proxy.dialects.responses._response import (
     call_item,
@@ -162,8 +163,14 @@ class StreamRenderer:
 
     def _fail(self, error: GatewayError, out: list[bytes]) -> None:
         # What was said stays said: the failed Response holds it, its open items incomplete.
-        failed = self._object("failed", error=error_to_wire(error))
-        out.append(self._event_frame("response.failed", {"response": failed}))
+        if error.code == RUN_CANCELLED.code:
+            # The API has no `response.cancelled` stream event: the Response that ends the
+            # stream says it (`status: cancelled`), under the event for an answer cut short.
+            cancelled = self._object("cancelled")
+            out.append(self._event_frame("response.incomplete", {"response": cancelled}))
+        else:
+            failed = self._object("failed", error=error_to_wire(error))
+            out.append(self._event_frame("response.failed", {"response": failed}))
         self.done = True
 
     # -- items ----------------------------------------------------------------------------
