@@ -181,3 +181,25 @@ async def test_a_cancelled_background_stream_ends_cancelled_for_the_client_readi
     # Its stream read again ends the same way.
     again = [event async for event in await stack.client.responses.retrieve(response_id, stream=True)]
     assert (again[-1].type, again[-1].response.status) == ("response.incomplete", "cancelled")
+
+
+async def test_a_background_response_is_live_while_it_runs_and_keeps_what_it_said_when_cancelled(stack: Stack) -> None:
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    # Read back as a stream while it runs: its text as the backend generates it (2 s in all),
+    # not all of it at the end.
+    with trio.fail_after(1.0):
+        stream = await stack.client.responses.retrieve(created.id, stream=True)
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+        await stream.close()
+    # Polled: what it has said so far.
+    polled = await stack.client.responses.retrieve(created.id)
+    assert polled.status == "in_progress" and polled.output_text.startswith(TOKENS[0])
+    # Cancelled: what it said stays.
+    cancelled = await stack.client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled" and cancelled.output_text.startswith(TOKENS[0])
+    assert (await stack.client.responses.retrieve(created.id)).output_text == cancelled.output_text
+    # The backend was asked for a stream with its usage, whatever the client's `stream`.
+    body = stack.fake.recorder.requests[-1].json
+    assert body is not None and body["stream"] is True and body["stream_options"] == {"include_usage": True}

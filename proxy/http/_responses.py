@@ -10,6 +10,7 @@ gateway keeps no conversations: `/input_items` is a 404 saying so.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,7 +23,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -126,9 +127,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     model, settings = request.model, parsed.settings
     exchange.settings = settings  # journalled: the Response read back echoes them too
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
-    if parsed.background and not request.stream:
+    if parsed.background and not parsed.stream:
         return _Background(exchange, headers, response=response, model=model, settings=settings)
-    if request.stream:
+    if parsed.stream:
         return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
             send, headers, response=response, model=model, settings=settings,
         ))
@@ -219,8 +220,11 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     not written yet, the run as it stands."""
     await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
+    here = _running_here(persistence, trace_id)
     if stored is None:
-        stored = _running_here(persistence, trace_id)
+        stored = here
+    elif stored.status == "running" and here is not None:
+        stored = replace(stored, completion=here.completion)  # what it has said so far
     tenant = current_tenant()
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
@@ -249,18 +253,19 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
-        settings=settings, status=status, output=_said(completion, response) if status != "in_progress" else [],
-        error=error,
+        settings=settings, status=status, output=_said(completion, response, status), error=error,
     )))
 
 
-def _said(completion: ChatCompletion | None, response: str) -> list[dict[str, Any]]:
-    """What a run that ended without its answer had said, as its stream's last event held
-    it: its items cut short (`incomplete`), for the row cannot tell which were whole."""
+def _said(completion: ChatCompletion | None, response: str, status: str) -> list[dict[str, Any]]:
+    """What a run that has not given its answer has said: one that ended without it, as its
+    stream's last event held it, its items cut short (`incomplete`, for the row cannot tell
+    which were whole); one still running (here), so far (`in_progress`)."""
     choice = completion.choices[0] if completion is not None and completion.choices else None
     if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
         return []
-    return [item | {"status": "incomplete"} for item in responses.output_of(completion, response, "incomplete")]
+    state = "in_progress" if status == "in_progress" else "incomplete"
+    return [item | {"status": state} for item in responses.output_of(completion, response, state)]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
@@ -281,8 +286,12 @@ def _running_here(persistence: Persistence, trace_id: str) -> StoredRun | None:
     if live is None or live.closed:
         return None
     start = next((event for event in live.events if isinstance(event, StreamStart)), None)
+    said = CompletionBuilder()
+    for event in live.events:
+        said.add(event)
     return StoredRun(
-        status="running", completion=None, error=None, tenant=live.tenant, route="direct",
+        status="running", completion=said.build() if live.events else None, error=None, tenant=live.tenant,
+        route="direct",
         model=start.model if start else "", created_at=start.created if start else time.time(),
         settings=live.settings,
     )

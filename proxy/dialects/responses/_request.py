@@ -50,6 +50,9 @@ class ResponsesRequest:
 
     chat: ChatRequest
     settings: dict[str, Any] = field(default_factory=dict)
+    # The client's `stream`: a background run streams from its backend whatever the client
+    # asked (`chat.stream`), so that its journal has its events as they come.
+    stream: bool = False
 
     @property
     def background(self) -> bool:
@@ -130,9 +133,11 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
-        stream=stream,
+        # A background run's events are journalled as they come: polled, read back as a
+        # stream or cancelled, it has what it generated so far.
+        stream=stream or background,
         # The gateway's accounting asks every backend for usage; the Response carries it.
-        include_usage=True if stream else None,
+        include_usage=True if stream or background else None,
         dialect=DIALECT,
     )
     settings: dict[str, Any] = {
@@ -152,7 +157,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         "background": background,
         "previous_response_id": None,
     }
-    return ResponsesRequest(chat, settings)
+    return ResponsesRequest(chat, settings, stream=stream)
 
 
 def default_settings() -> dict[str, Any]:
