@@ -203,3 +203,20 @@ async def test_a_background_response_is_live_while_it_runs_and_keeps_what_it_sai
     # The backend was asked for a stream with its usage, whatever the client's `stream`.
     body = stack.fake.recorder.requests[-1].json
     assert body is not None and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_background_request_repeated_with_its_idempotency_key_is_answered_by_its_response(stack: Stack) -> None:
+    key = {"Idempotency-Key": "background-repeat"}
+    first = await stack.client.responses.create(model="m", input="Count", background=True, extra_headers=key)
+    # While it runs: the same response, not a second run (nor a 503).
+    again = await stack.client.responses.create(model="m", input="Count", background=True, extra_headers=key)
+    assert (again.id, again.status) == (first.id, "in_progress")
+    assert (await poll_until_ended(stack.client, first.id))[-1] == "completed"
+    # Once it has completed: that response, whole.
+    raw = await stack.client.responses.with_raw_response.create(
+        model="m", input="Count", background=True, extra_headers=key,
+    )
+    done = raw.parse()
+    assert (done.id, done.status, done.output_text) == (first.id, "completed", "".join(TOKENS))
+    assert raw.headers["idempotent-replayed"] == "true"
+    assert len(stack.fake.recorder.requests) == 1

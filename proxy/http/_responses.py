@@ -128,7 +128,10 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     exchange.settings = settings  # journalled: the Response read back echoes them too
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if parsed.background and not parsed.stream:
-        return _Background(exchange, headers, response=response, model=model, settings=settings)
+        return _Background(
+            exchange, headers, response=response, model=model, settings=settings,
+            persistence=incoming.gateway.persistence,
+        )
     if parsed.stream:
         return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
             send, headers, response=response, model=model, settings=settings,
@@ -144,9 +147,11 @@ class _Background(ExchangeBody):
     app's Runs nursery, and answered at once, queued; the client polls `GET /v1/responses/{id}`."""
 
     def __init__(
-        self, exchange: ChatExchange, headers: Headers, *, response: str, model: str, settings: dict[str, Any]
+        self, exchange: ChatExchange, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
+        persistence: Persistence | None,
     ) -> None:
         super().__init__(exchange, _no_sink)
+        self._persistence = persistence
         self._headers = headers
         self._response = response
         self._model = model
@@ -154,15 +159,28 @@ class _Background(ExchangeBody):
 
     async def run(self, send: ASGISendCallable) -> None:
         try:
-            await self.exchange.detach()
+            started = await self.exchange.detach()
         except GatewayError as error:
             await send_reply(send, error_reply(error, responses.DIALECT))
             return
+        headers = [*self._headers, *self.exchange.response_headers]
+        response = _answering(self.exchange.response_headers, self._response)
+        persistence = self._persistence
+        if not started and persistence is not None:
+            # A repeat of a keyed request: the response its first request made, as it stands.
+            try:
+                stored = await _found(persistence, response.removeprefix("resp_"), response)
+            except GatewayError:
+                pass  # a run of another instance whose row is not written yet: it is queued
+            else:
+                reply = _rendered(stored, response)
+                await send_reply(send, Reply(reply.body, headers=headers))
+                return
         queued = responses.response_object(
-            response=self._response, created_at=int(time.time()), model=self._model, settings=self._settings,
+            response=response, created_at=int(time.time()), model=self._model, settings=self._settings,
             status="queued", output=[],
         )
-        await send_reply(send, Reply(dumps(queued), headers=[*self._headers, *self.exchange.response_headers]))
+        await send_reply(send, Reply(dumps(queued), headers=headers))
 
 
 def _no_sink(send: ASGISendCallable) -> ExchangeSink:
