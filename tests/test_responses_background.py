@@ -220,3 +220,18 @@ async def test_a_background_request_repeated_with_its_idempotency_key_is_answere
     assert (done.id, done.status, done.output_text) == (first.id, "completed", "".join(TOKENS))
     assert raw.headers["idempotent-replayed"] == "true"
     assert len(stack.fake.recorder.requests) == 1
+
+
+async def test_cancelling_a_response_that_is_not_background_is_a_400_and_it_goes_on(stack: Stack) -> None:
+    stream = await stack.client.responses.create(model="m", input="Count", stream=True)
+    seen: list[Any] = []
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.client.responses.cancel(seen[0].response.id)
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "invalid_request_error"
+    assert "background" in info.value.body["message"]
+    seen.extend([event async for event in stream])
+    assert seen[-1].type == "response.completed"

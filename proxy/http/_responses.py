@@ -393,6 +393,13 @@ async def cancel_response(incoming: Incoming) -> Reply:
         raise _not_found(response)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
+        if not (stored.settings or {}).get("background"):
+            # Its client's connection is its run: closing it is how that one stops.
+            raise invalid_request(
+                f"Response '{response}' was not created with `background: true`: only background responses can be "
+                "cancelled (a streaming response stops when its client closes the stream).",
+                param="response_id",
+            )
         if not await persistence.runs.cancel(trace_id):
             raise GatewayError(
                 ErrorKind.CONFLICT, f"Response '{response}' runs on another gateway instance: cancel it there.",
