@@ -235,3 +235,17 @@ async def test_cancelling_a_response_that_is_not_background_is_a_400_and_it_goes
     assert "background" in info.value.body["message"]
     seen.extend([event async for event in stream])
     assert seen[-1].type == "response.completed"
+
+
+async def test_a_response_read_back_whole_or_as_a_stream_keeps_its_own_times(stack: Stack) -> None:
+    events = [event async for event in await stack.client.responses.create(model="m", input="Count", stream=True)]
+    created, completed = events[0].response.created_at, events[-1].response.completed_at
+    assert completed is not None and completed - created >= 1  # the answer takes the backend 2 s
+    await trio.sleep(1.5)
+    whole = await stack.client.responses.retrieve(events[0].response.id)
+    again = [event async for event in await stack.client.responses.retrieve(events[0].response.id, stream=True)]
+    # When it was created and completed, not when it was read (a second's rounding aside).
+    for response in (whole, again[0].response, again[-1].response):
+        assert abs(response.created_at - created) <= 1
+    for response in (whole, again[-1].response):
+        assert response.completed_at is not None and abs(response.completed_at - completed) <= 1

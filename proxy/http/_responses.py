@@ -210,7 +210,13 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     # A run of this instance whose row is not written yet has its settings with its events.
     settings = stored.settings if stored is not None else live.settings if live is not None else None
     after = int(raw_after)
-    framer = _ResumeFramer(response, stored.model if stored else "", after, _echoed(settings))
+    # Its own times, as read whole: not the resume's.
+    created_at = stored.completion.created if stored is not None and stored.completion is not None else None
+    completed_at = _completed_at(stored) if stored is not None and stored.status != "running" else None
+    framer = _ResumeFramer(
+        response, stored.model if stored else "", after, _echoed(settings), created_at=created_at,
+        completed_at=completed_at,
+    )
     # From the start, its events rebuilt from its row are its stream; after an event, only
     # the events as they streamed are numbered as its client saw them.
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
@@ -262,7 +268,7 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     if stored.status == "completed" and completion is not None:
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
-            created_at=completion.created, completed_at=completion.created,
+            created_at=completion.created, completed_at=_completed_at(stored),
         ))
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     error = None
@@ -273,6 +279,13 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
         settings=settings, status=status, output=_said(completion, response, status), error=error,
     )))
+
+
+def _completed_at(stored: StoredRun) -> int:
+    """When an ended run's outcome was written (its row's last write), else its start."""
+    if stored.finished_at:
+        return int(stored.finished_at)
+    return stored.completion.created if stored.completion is not None else int(stored.created_at)
 
 
 def _said(completion: ChatCompletion | None, response: str, status: str) -> list[dict[str, Any]]:
@@ -320,11 +333,16 @@ class _ResumeFramer:
     sequence numbers are the renderer's, and it numbers the same events the same way), and
     written from the frame after `starting_after` on."""
 
-    def __init__(self, response: str, model: str, starting_after: int, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, response: str, model: str, starting_after: int, settings: dict[str, Any], *,
+        created_at: int | None = None, completed_at: int | None = None,
+    ) -> None:
         self._response = response
         self._model = model
         self._after = starting_after
         self._settings = settings
+        self._created_at = created_at
+        self._completed_at = completed_at
         self._renderer: responses.StreamRenderer | None = None
 
     def frame(self, seq: int, event: WireEvent) -> bytes:
@@ -337,8 +355,10 @@ class _ResumeFramer:
             return self._written(self._render([StreamFailed(GatewayError(
                 ErrorKind.UNAVAILABLE, f"The response ended without completing ({event.status}).",
             ))]))
-        if isinstance(event, StreamStart) and not self._model:
-            self._model = event.model
+        if isinstance(event, StreamStart):
+            self._model = self._model or event.model
+            if self._created_at is None:  # a run still going on: when it started
+                self._created_at = event.created
         return self._written(self._render([event]))
 
     def error(self, error: GatewayError) -> bytes:
@@ -346,7 +366,10 @@ class _ResumeFramer:
 
     def _render(self, events: list[StreamEvent]) -> bytes:
         if self._renderer is None:
-            self._renderer = responses.StreamRenderer(response=self._response, model=self._model, settings=self._settings)
+            self._renderer = responses.StreamRenderer(
+                response=self._response, model=self._model, settings=self._settings, created_at=self._created_at,
+                completed_at=self._completed_at,
+            )
         return self._renderer.render(events)
 
     def _render_close(self) -> bytes:
