@@ -249,3 +249,11 @@ async def test_a_response_read_back_whole_or_as_a_stream_keeps_its_own_times(sta
         assert abs(response.created_at - created) <= 1
     for response in (whole, again[-1].response):
         assert response.completed_at is not None and abs(response.completed_at - completed) <= 1
+
+
+async def test_a_background_response_its_backend_rate_limited_is_polled_failed_as_rate_limited(stack: Stack) -> None:
+    stack.fake.default = Script(status=429)
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    assert (await poll_until_ended(stack.client, created.id))[-1] == "failed"
+    failed = await stack.client.responses.retrieve(created.id)
+    assert failed.error is not None and failed.error.code == "rate_limit_exceeded"

@@ -273,8 +273,11 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     error = None
     if status == "failed":
-        message = (stored.error or {}).get("message") or "The response failed."
-        error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
+        stored_error = stored.error or {}
+        message = stored_error.get("message") or "The response failed."
+        # Its kind as stored: a rate limit is told apart (`rate_limit_exceeded`), as in its stream.
+        kind = ErrorKind.__members__.get(str(stored_error.get("kind")), ErrorKind.BACKEND)
+        error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
         settings=settings, status=status, output=_said(completion, response, status), error=error,
