@@ -142,10 +142,11 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     )
     settings: dict[str, Any] = {
         "instructions": instructions,
-        "metadata": metadata,
+        "metadata": metadata if metadata is not None else {},
         "parallel_tool_calls": True if parallel is None else parallel,
-        "temperature": temperature,
-        "top_p": top_p,
+        # OpenAI's echo of what the request left unset: its defaults (1, 1, no metadata).
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
         "tool_choice": tool_choice_wire,
         "tools": [_tool_to_wire(tool) for tool in tools],
         "max_output_tokens": max_output_tokens,
