@@ -161,3 +161,99 @@ async def test_a_polled_background_response_echoes_what_it_was_created_with(stac
         assert (response.instructions, [t.name for t in response.tools], response.metadata, response.temperature,
                 response.background) == asked
     assert done.status == "completed"
+
+
+async def test_a_cancelled_background_stream_ends_cancelled_for_the_client_reading_it(stack: Stack) -> None:
+    stream = await stack.client.responses.create(model="m", input="Count", background=True, stream=True)
+    seen: list[Any] = []
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    response_id = seen[0].response.id
+    assert (await stack.client.responses.cancel(response_id)).status == "cancelled"
+    seen.extend([event async for event in stream])
+    # Its client asked for the cancel: what was said so far is no completed answer.
+    assert "response.completed" not in [event.type for event in seen]
+    last = seen[-1]
+    assert (last.type, last.response.status, last.response.error) == ("response.incomplete", "cancelled", None)
+    assert last.response.output[0].status == "incomplete" and last.response.output_text.startswith(TOKENS[0])
+    # Its stream read again ends the same way.
+    again = [event async for event in await stack.client.responses.retrieve(response_id, stream=True)]
+    assert (again[-1].type, again[-1].response.status) == ("response.incomplete", "cancelled")
+
+
+async def test_a_background_response_is_live_while_it_runs_and_keeps_what_it_said_when_cancelled(stack: Stack) -> None:
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    # Read back as a stream while it runs: its text as the backend generates it (2 s in all),
+    # not all of it at the end.
+    with trio.fail_after(1.0):
+        stream = await stack.client.responses.retrieve(created.id, stream=True)
+        async for event in stream:
+            if event.type == "response.output_text.delta":
+                break
+        await stream.close()
+    # Polled: what it has said so far.
+    polled = await stack.client.responses.retrieve(created.id)
+    assert polled.status == "in_progress" and polled.output_text.startswith(TOKENS[0])
+    # Cancelled: what it said stays.
+    cancelled = await stack.client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled" and cancelled.output_text.startswith(TOKENS[0])
+    assert (await stack.client.responses.retrieve(created.id)).output_text == cancelled.output_text
+    # The backend was asked for a stream with its usage, whatever the client's `stream`.
+    body = stack.fake.recorder.requests[-1].json
+    assert body is not None and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_background_request_repeated_with_its_idempotency_key_is_answered_by_its_response(stack: Stack) -> None:
+    key = {"Idempotency-Key": "background-repeat"}
+    first = await stack.client.responses.create(model="m", input="Count", background=True, extra_headers=key)
+    # While it runs: the same response, not a second run (nor a 503).
+    again = await stack.client.responses.create(model="m", input="Count", background=True, extra_headers=key)
+    assert (again.id, again.status) == (first.id, "in_progress")
+    assert (await poll_until_ended(stack.client, first.id))[-1] == "completed"
+    # Once it has completed: that response, whole.
+    raw = await stack.client.responses.with_raw_response.create(
+        model="m", input="Count", background=True, extra_headers=key,
+    )
+    done = raw.parse()
+    assert (done.id, done.status, done.output_text) == (first.id, "completed", "".join(TOKENS))
+    assert raw.headers["idempotent-replayed"] == "true"
+    assert len(stack.fake.recorder.requests) == 1
+
+
+async def test_cancelling_a_response_that_is_not_background_is_a_400_and_it_goes_on(stack: Stack) -> None:
+    stream = await stack.client.responses.create(model="m", input="Count", stream=True)
+    seen: list[Any] = []
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.client.responses.cancel(seen[0].response.id)
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "invalid_request_error"
+    assert "background" in info.value.body["message"]
+    seen.extend([event async for event in stream])
+    assert seen[-1].type == "response.completed"
+
+
+async def test_a_response_read_back_whole_or_as_a_stream_keeps_its_own_times(stack: Stack) -> None:
+    events = [event async for event in await stack.client.responses.create(model="m", input="Count", stream=True)]
+    created, completed = events[0].response.created_at, events[-1].response.completed_at
+    assert completed is not None and completed - created >= 1  # the answer takes the backend 2 s
+    await trio.sleep(1.5)
+    whole = await stack.client.responses.retrieve(events[0].response.id)
+    again = [event async for event in await stack.client.responses.retrieve(events[0].response.id, stream=True)]
+    # When it was created and completed, not when it was read (a second's rounding aside).
+    for response in (whole, again[0].response, again[-1].response):
+        assert abs(response.created_at - created) <= 1
+    for response in (whole, again[-1].response):
+        assert response.completed_at is not None and abs(response.completed_at - completed) <= 1
+
+
+async def test_a_background_response_its_backend_rate_limited_is_polled_failed_as_rate_limited(stack: Stack) -> None:
+    stack.fake.default = Script(status=429)
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    assert (await poll_until_ended(stack.client, created.id))[-1] == "failed"
+    failed = await stack.client.responses.retrieve(created.id)
+    assert failed.error is not None and failed.error.code == "rate_limit_exceeded"

@@ -160,6 +160,10 @@ def test_the_settings_the_response_echoes() -> None:
     assert settings["max_output_tokens"] == 9 and settings["text"] == {"format": {"type": "text"}}
     assert settings["tools"] == [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": None}]
     assert parse().settings["reasoning"] is None
+    # Unset, they echo as OpenAI's Responses do: its defaults, not null.
+    assert {name: parse().settings[name] for name in ("temperature", "top_p", "metadata")} == {
+        "temperature": 1.0, "top_p": 1.0, "metadata": {},
+    }
 
 
 @pytest.mark.parametrize(("fields", "param"), [

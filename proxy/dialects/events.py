@@ -64,6 +64,13 @@ class Finished:
 
 WireEvent = StreamEvent | Finished
 
+# How a run's readers are told it was stopped by its client's cancel (`finished` with status
+# `cancelled`) as a stream event: its renderer ends the stream as cancelled (a Response's
+# `status: cancelled`), or as an error in a dialect that has no such end.
+RUN_CANCELLED = GatewayError(
+    ErrorKind.CONFLICT, "The run was cancelled before it completed.", code="run_cancelled",
+)
+
 
 _json_string = json.JSONEncoder(ensure_ascii=False).encode
 

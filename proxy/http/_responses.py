@@ -10,6 +10,7 @@ gateway keeps no conversations: `/input_items` is a 404 saying so.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,10 +20,10 @@ from quart import Blueprint, Response
 
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
-from proxy.dialects.events import Finished, WireEvent
+from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import StreamEvent, StreamFailed, StreamStart
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -126,9 +127,12 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     model, settings = request.model, parsed.settings
     exchange.settings = settings  # journalled: the Response read back echoes them too
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
-    if parsed.background and not request.stream:
-        return _Background(exchange, headers, response=response, model=model, settings=settings)
-    if request.stream:
+    if parsed.background and not parsed.stream:
+        return _Background(
+            exchange, headers, response=response, model=model, settings=settings,
+            persistence=incoming.gateway.persistence,
+        )
+    if parsed.stream:
         return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
             send, headers, response=response, model=model, settings=settings,
         ))
@@ -143,9 +147,11 @@ class _Background(ExchangeBody):
     app's Runs nursery, and answered at once, queued; the client polls `GET /v1/responses/{id}`."""
 
     def __init__(
-        self, exchange: ChatExchange, headers: Headers, *, response: str, model: str, settings: dict[str, Any]
+        self, exchange: ChatExchange, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
+        persistence: Persistence | None,
     ) -> None:
         super().__init__(exchange, _no_sink)
+        self._persistence = persistence
         self._headers = headers
         self._response = response
         self._model = model
@@ -153,15 +159,28 @@ class _Background(ExchangeBody):
 
     async def run(self, send: ASGISendCallable) -> None:
         try:
-            await self.exchange.detach()
+            started = await self.exchange.detach()
         except GatewayError as error:
             await send_reply(send, error_reply(error, responses.DIALECT))
             return
+        headers = [*self._headers, *self.exchange.response_headers]
+        response = _answering(self.exchange.response_headers, self._response)
+        persistence = self._persistence
+        if not started and persistence is not None:
+            # A repeat of a keyed request: the response its first request made, as it stands.
+            try:
+                stored = await _found(persistence, response.removeprefix("resp_"), response)
+            except GatewayError:
+                pass  # a run of another instance whose row is not written yet: it is queued
+            else:
+                reply = _rendered(stored, response)
+                await send_reply(send, Reply(reply.body, headers=headers))
+                return
         queued = responses.response_object(
-            response=self._response, created_at=int(time.time()), model=self._model, settings=self._settings,
+            response=response, created_at=int(time.time()), model=self._model, settings=self._settings,
             status="queued", output=[],
         )
-        await send_reply(send, Reply(dumps(queued), headers=[*self._headers, *self.exchange.response_headers]))
+        await send_reply(send, Reply(dumps(queued), headers=headers))
 
 
 def _no_sink(send: ASGISendCallable) -> ExchangeSink:
@@ -191,7 +210,13 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     # A run of this instance whose row is not written yet has its settings with its events.
     settings = stored.settings if stored is not None else live.settings if live is not None else None
     after = int(raw_after)
-    framer = _ResumeFramer(response, stored.model if stored else "", after, _echoed(settings))
+    # Its own times, as read whole: not the resume's.
+    created_at = stored.completion.created if stored is not None and stored.completion is not None else None
+    completed_at = _completed_at(stored) if stored is not None and stored.status != "running" else None
+    framer = _ResumeFramer(
+        response, stored.model if stored else "", after, _echoed(settings), created_at=created_at,
+        completed_at=completed_at,
+    )
     # From the start, its events rebuilt from its row are its stream; after an event, only
     # the events as they streamed are numbered as its client saw them.
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
@@ -219,8 +244,11 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     not written yet, the run as it stands."""
     await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
+    here = _running_here(persistence, trace_id)
     if stored is None:
-        stored = _running_here(persistence, trace_id)
+        stored = here
+    elif stored.status == "running" and here is not None:
+        stored = replace(stored, completion=here.completion)  # what it has said so far
     tenant = current_tenant()
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
@@ -240,27 +268,38 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     if stored.status == "completed" and completion is not None:
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
-            created_at=completion.created, completed_at=completion.created,
+            created_at=completion.created, completed_at=_completed_at(stored),
         ))
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     error = None
     if status == "failed":
-        message = (stored.error or {}).get("message") or "The response failed."
-        error = responses.error_to_wire(GatewayError(ErrorKind.BACKEND, str(message)))
+        stored_error = stored.error or {}
+        message = stored_error.get("message") or "The response failed."
+        # Its kind as stored: a rate limit is told apart (`rate_limit_exceeded`), as in its stream.
+        kind = ErrorKind.__members__.get(str(stored_error.get("kind")), ErrorKind.BACKEND)
+        error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
-        settings=settings, status=status, output=_said(completion, response) if status != "in_progress" else [],
-        error=error,
+        settings=settings, status=status, output=_said(completion, response, status), error=error,
     )))
 
 
-def _said(completion: ChatCompletion | None, response: str) -> list[dict[str, Any]]:
-    """What a run that ended without its answer had said, as its stream's last event held
-    it: its items cut short (`incomplete`), for the row cannot tell which were whole."""
+def _completed_at(stored: StoredRun) -> int:
+    """When an ended run's outcome was written (its row's last write), else its start."""
+    if stored.finished_at:
+        return int(stored.finished_at)
+    return stored.completion.created if stored.completion is not None else int(stored.created_at)
+
+
+def _said(completion: ChatCompletion | None, response: str, status: str) -> list[dict[str, Any]]:
+    """What a run that has not given its answer has said: one that ended without it, as its
+    stream's last event held it, its items cut short (`incomplete`, for the row cannot tell
+    which were whole); one still running (here), so far (`in_progress`)."""
     choice = completion.choices[0] if completion is not None and completion.choices else None
     if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
         return []
-    return [item | {"status": "incomplete"} for item in responses.output_of(completion, response, "incomplete")]
+    state = "in_progress" if status == "in_progress" else "incomplete"
+    return [item | {"status": state} for item in responses.output_of(completion, response, state)]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
@@ -281,8 +320,12 @@ def _running_here(persistence: Persistence, trace_id: str) -> StoredRun | None:
     if live is None or live.closed:
         return None
     start = next((event for event in live.events if isinstance(event, StreamStart)), None)
+    said = CompletionBuilder()
+    for event in live.events:
+        said.add(event)
     return StoredRun(
-        status="running", completion=None, error=None, tenant=live.tenant, route="direct",
+        status="running", completion=said.build() if live.events else None, error=None, tenant=live.tenant,
+        route="direct",
         model=start.model if start else "", created_at=start.created if start else time.time(),
         settings=live.settings,
     )
@@ -293,23 +336,32 @@ class _ResumeFramer:
     sequence numbers are the renderer's, and it numbers the same events the same way), and
     written from the frame after `starting_after` on."""
 
-    def __init__(self, response: str, model: str, starting_after: int, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, response: str, model: str, starting_after: int, settings: dict[str, Any], *,
+        created_at: int | None = None, completed_at: int | None = None,
+    ) -> None:
         self._response = response
         self._model = model
         self._after = starting_after
         self._settings = settings
+        self._created_at = created_at
+        self._completed_at = completed_at
         self._renderer: responses.StreamRenderer | None = None
 
     def frame(self, seq: int, event: WireEvent) -> bytes:
         if isinstance(event, Finished):
             if event.status == "completed":
                 return self._written(self._render_close())
-            # A run that ended without its answer (cancelled, or it failed without saying).
+            if event.status == "cancelled":
+                return self._written(self._render([StreamFailed(RUN_CANCELLED)]))
+            # A run that ended without its answer (it failed without saying).
             return self._written(self._render([StreamFailed(GatewayError(
                 ErrorKind.UNAVAILABLE, f"The response ended without completing ({event.status}).",
             ))]))
-        if isinstance(event, StreamStart) and not self._model:
-            self._model = event.model
+        if isinstance(event, StreamStart):
+            self._model = self._model or event.model
+            if self._created_at is None:  # a run still going on: when it started
+                self._created_at = event.created
         return self._written(self._render([event]))
 
     def error(self, error: GatewayError) -> bytes:
@@ -317,7 +369,10 @@ class _ResumeFramer:
 
     def _render(self, events: list[StreamEvent]) -> bytes:
         if self._renderer is None:
-            self._renderer = responses.StreamRenderer(response=self._response, model=self._model, settings=self._settings)
+            self._renderer = responses.StreamRenderer(
+                response=self._response, model=self._model, settings=self._settings, created_at=self._created_at,
+                completed_at=self._completed_at,
+            )
         return self._renderer.render(events)
 
     def _render_close(self) -> bytes:
@@ -364,6 +419,13 @@ async def cancel_response(incoming: Incoming) -> Reply:
         raise _not_found(response)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
+        if not (stored.settings or {}).get("background"):
+            # Its client's connection is its run: closing it is how that one stops.
+            raise invalid_request(
+                f"Response '{response}' was not created with `background: true`: only background responses can be "
+                "cancelled (a streaming response stops when its client closes the stream).",
+                param="response_id",
+            )
         if not await persistence.runs.cancel(trace_id):
             raise GatewayError(
                 ErrorKind.CONFLICT, f"Response '{response}' runs on another gateway instance: cancel it there.",

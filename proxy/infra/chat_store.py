@@ -126,6 +126,7 @@ class StoredRun:
     model: str = ""  # as the client named it
     created_at: float = 0.0  # when its row was first written (Unix seconds)
     settings: dict[str, Any] | None = None  # see `LogRow.settings`
+    finished_at: float = 0.0  # when its row was last written: its outcome's, once it has ended (Unix seconds)
 
 
 @dataclass(slots=True, frozen=True)
@@ -329,16 +330,17 @@ class ChatStore:
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
             "SELECT status, result, error, tenant, route, upstream_model, last_seq, model, "
-            "extract(epoch FROM created_at)::float8, settings FROM chat_log WHERE trace_id = %s",
+            "extract(epoch FROM created_at)::float8, settings, extract(epoch FROM updated_at)::float8 "
+            "FROM chat_log WHERE trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings = row
+        status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings, updated_at = row
         completion = completion_from_json(result) if result else None
         return StoredRun(
             status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
-            settings,
+            settings, float(updated_at or 0.0),
         )
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:

@@ -39,15 +39,25 @@ class DurableRun(Recording):
 
         def _failed_before_start(self, error: GatewayError) -> None: ...
 
-    async def detach(self) -> None:
+    async def detach(self) -> bool:
         """Start this exchange's run with nobody reading it (a background response): return
-        once it runs, in the app's Runs nursery, journalled like any durable run. Its record
-        (log line, usage, the key's charge) is written when the run ends, from what it made.
+        True once it runs, in the app's Runs nursery, journalled like any durable run. Its
+        record (log line, usage, the key's charge) is written when the run ends, from what it
+        made.
+
+        False, with nothing started, for a repeat of a keyed request whose run goes on or has
+        completed: that run answers it (`x-trace-id` names it, as for any request attached
+        to or replaying a run).
 
         Refused (the record written, the error raised) when the request cannot run durably:
         no journal, or the gateway is stopping."""
         try:
             plan = await self._plan()
+            if plan.kind in ("follow", "replay") and self._answering_trace() != self.meta.trace_id:
+                self.response_headers.extend(plan.headers)
+                self.record.status = 200
+                self._finish_record()
+                return False
             if plan.kind != "durable":
                 raise GatewayError(
                     ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
@@ -60,6 +70,11 @@ class DurableRun(Recording):
         self.response_headers.extend(plan.headers)
         self._detached = True
         self._start_durable(plan)
+        return True
+
+    def _answering_trace(self) -> str:
+        trace = next((value for name, value in self.response_headers if name == b"x-trace-id"), None)
+        return trace.decode("latin-1") if trace is not None else self.meta.trace_id
 
     def _journal(self, plan: Plan) -> Journal | None:
         persistence = self._persistence

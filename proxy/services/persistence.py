@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from proxy.dialects.events import Finished, WireEvent, decode_event
+from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamFailed, completion_events
+from proxy.domain.events import StreamEvent, StreamFailed, completion_events
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
@@ -263,7 +263,7 @@ class Persistence:
         While the run is silent, its row is looked at every heartbeat: a run whose process
         died never publishes `finished`, but its row is failed once that process is swept."""
         silence = self.settings.follow_silence
-        relayed = False
+        relayed = failed = False
         async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
             heard = trio.current_time()
             while True:
@@ -287,10 +287,16 @@ class Persistence:
                 if isinstance(event, Finished):
                     if not relayed and event.status != "completed":
                         raise await self._stored_error(trace_id)  # it failed before it started
-                    await send.send(Batch([], done=True))
+                    end: list[StreamEvent] = []
+                    if event.status != "completed" and not failed:  # stopped, not an answer
+                        end.append(StreamFailed(
+                            RUN_CANCELLED if event.status == "cancelled" else await self._stored_error(trace_id)
+                        ))
+                    await send.send(Batch(end, done=True))
                     return True
                 if event is not None:
                     relayed = True
+                    failed = isinstance(event, StreamFailed)
                     await send.send(Batch([event]))
         raise GatewayError(
             ErrorKind.TIMEOUT, f"The run {trace_id} went silent for {silence:g}s.", code="run_silent"
@@ -329,6 +335,10 @@ class Persistence:
                     return
             await trio.sleep(0.5)
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
+
+
+def _ends_failed(events: list[StreamEvent]) -> bool:
+    return bool(events) and isinstance(events[-1], StreamFailed)
 
 
 def _failed(event_log: EventLog) -> bool:
@@ -372,6 +382,10 @@ def log_reader(event_log: EventLog, start: int = 0) -> Producer:
                 outcome = event_log.outcome
                 if not event_log.events and outcome is not None and outcome.status != "completed":
                     raise outcome.error or GatewayError(ErrorKind.UNAVAILABLE, "The run was interrupted.")
+                if outcome is not None and outcome.status != "completed" and not _ends_failed(event_log.events):
+                    # Stopped (its client's cancel, the server stopping): its readers must not
+                    # render what it said as a complete answer.
+                    events = [*events, StreamFailed(outcome.error or RUN_CANCELLED)]
                 await send.send(Batch(events, done=True))
                 return
             if events:

@@ -50,6 +50,9 @@ class ResponsesRequest:
 
     chat: ChatRequest
     settings: dict[str, Any] = field(default_factory=dict)
+    # The client's `stream`: a background run streams from its backend whatever the client
+    # asked (`chat.stream`), so that its journal has its events as they come.
+    stream: bool = False
 
     @property
     def background(self) -> bool:
@@ -130,17 +133,20 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
-        stream=stream,
+        # A background run's events are journalled as they come: polled, read back as a
+        # stream or cancelled, it has what it generated so far.
+        stream=stream or background,
         # The gateway's accounting asks every backend for usage; the Response carries it.
-        include_usage=True if stream else None,
+        include_usage=True if stream or background else None,
         dialect=DIALECT,
     )
     settings: dict[str, Any] = {
         "instructions": instructions,
-        "metadata": metadata,
+        "metadata": metadata if metadata is not None else {},
         "parallel_tool_calls": True if parallel is None else parallel,
-        "temperature": temperature,
-        "top_p": top_p,
+        # OpenAI's echo of what the request left unset: its defaults (1, 1, no metadata).
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
         "tool_choice": tool_choice_wire,
         "tools": [_tool_to_wire(tool) for tool in tools],
         "max_output_tokens": max_output_tokens,
@@ -152,7 +158,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         "background": background,
         "previous_response_id": None,
     }
-    return ResponsesRequest(chat, settings)
+    return ResponsesRequest(chat, settings, stream=stream)
 
 
 def default_settings() -> dict[str, Any]:

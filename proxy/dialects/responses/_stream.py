@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects.events import RUN_CANCELLED
 from proxy.dialects.openai import KEEPALIVE
 from proxy.dialects.responses._response import (
     call_item,
@@ -83,13 +84,17 @@ class StreamRenderer:
     keepalive: ClassVar[bytes] = KEEPALIVE  # an SSE comment: the SDK skips it
 
     def __init__(
-        self, *, response: str, model: str, settings: dict[str, Any], clock: Callable[[], float] = time.time
+        self, *, response: str, model: str, settings: dict[str, Any], clock: Callable[[], float] = time.time,
+        created_at: int | None = None, completed_at: int | None = None,
     ) -> None:
+        """`created_at`, `completed_at`: a Response's own, for its stream rendered again (by
+        default, now)."""
         self._response = response
         self._model = model
         self._settings = settings
         self._clock = clock
-        self._created_at = int(clock())
+        self._created_at = int(clock()) if created_at is None else created_at
+        self._completed_at = completed_at
         self._seq = 0
         self._announced = False
         self._items: list[_Item] = []
@@ -125,7 +130,7 @@ class StreamRenderer:
         status, incomplete = status_of(self._finish)
         final = self._object(status, incomplete_details=incomplete)
         if status == "completed":
-            final["completed_at"] = int(self._clock())
+            final["completed_at"] = int(self._clock()) if self._completed_at is None else self._completed_at
         out.append(self._event_frame("response.completed" if status == "completed" else "response.incomplete", {"response": final}))
         self.done = True
         return b"".join(out)
@@ -162,8 +167,14 @@ class StreamRenderer:
 
     def _fail(self, error: GatewayError, out: list[bytes]) -> None:
         # What was said stays said: the failed Response holds it, its open items incomplete.
-        failed = self._object("failed", error=error_to_wire(error))
-        out.append(self._event_frame("response.failed", {"response": failed}))
+        if error.code == RUN_CANCELLED.code:
+            # The API has no `response.cancelled` stream event: the Response that ends the
+            # stream says it (`status: cancelled`), under the event for an answer cut short.
+            cancelled = self._object("cancelled")
+            out.append(self._event_frame("response.incomplete", {"response": cancelled}))
+        else:
+            failed = self._object("failed", error=error_to_wire(error))
+            out.append(self._event_frame("response.failed", {"response": failed}))
         self.done = True
 
     # -- items ----------------------------------------------------------------------------
