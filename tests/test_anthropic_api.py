@@ -332,6 +332,21 @@ async def test_refusal_from_an_openai_content_filter(setup: Setup) -> None:
     assert message.stop_reason == "refusal"
 
 
+@pytest.mark.parametrize("finish_reason", ["stop", "something_new"])
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_tool_calls_after_a_plain_stop_are_tool_use_whole_or_streamed(
+    setup: Setup, kind: str, finish_reason: str
+) -> None:
+    """Local backends often say `stop` (or something of their own) after calling tools; an
+    Anthropic client must see `tool_use` either way, as Claude Code runs tools only then."""
+    setup.fake(kind).set_script(Script(tokens=["x"], tool_calls=[("get_weather", {"city": "Paris"})], finish_reason=finish_reason))
+    message = await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, tools=TOOLS)
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES, tools=TOOLS) as stream:
+        streamed = await stream.get_final_message()
+    for reply in (message, streamed):
+        assert reply.stop_reason == "tool_use" and [b.type for b in reply.content] == ["text", "tool_use"]
+
+
 async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
     setup.fake("anthropic").set_script(Script(tokens=["x"], reasoning=["Let me", " think"], stop_sequence="###"))
     request: Any = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": MESSAGES, "stop_sequences": ["###"],
