@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 
@@ -930,6 +931,43 @@ async def test_a_json_schema_response_format_is_anthropics_structured_output(set
     )
     await client.close()
     assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+
+
+class Capital(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_an_anthropic_clients_structured_output_reaches_local_backends_as_their_schema(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.set_script(Script(tokens=['{"city": "Paris"}']))
+    parsed = await setup.client.messages.parse(
+        model=MODELS[kind], max_tokens=100, messages=[{"role": "user", "content": "Capital of France?"}], output_format=Capital,
+    )
+    assert parsed.parsed_output == Capital(city="Paris")
+    schema = Capital.model_json_schema() | {"additionalProperties": False}
+    sent = fake.requests[-1].json
+    if kind == "openai":
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+    else:
+        assert sent["format"] == schema
+    # The beta's spelling, from clients that still send it.
+    beta = {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    await setup.client.messages.create(model=MODELS[kind], max_tokens=100, messages=MESSAGES, extra_body={"output_format": beta})
+    sent = fake.requests[-1].json
+    assert (sent["response_format"]["json_schema"]["schema"] if kind == "openai" else sent["format"]) == beta["schema"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+@pytest.mark.parametrize(("field", "value"), [("mcp_servers", [{"type": "url", "url": "https://mcp.example", "name": "x"}]),
+                                              ("container", "container_011")])
+async def test_what_anthropics_servers_run_is_a_400_for_local_backends(setup: Setup, kind: str, field: str, value: Any) -> None:
+    fake = setup.fake(kind)
+    before = len(fake.requests)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, extra_body={field: value})
+    assert info.value.type == "invalid_request_error" and f"`{field}`" in str(info.value.api_message)
+    assert len(fake.requests) == before
 
 
 async def test_the_stop_string_vllm_names_reaches_an_anthropic_client(setup: Setup) -> None:
