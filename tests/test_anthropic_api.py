@@ -439,6 +439,28 @@ async def test_backend_failing_mid_stream_gives_one_error_event(setup: Setup, ki
                 pass
 
 
+@pytest.mark.parametrize(("kind", "frames"), [("openai", 1), ("ollama", 0)])
+async def test_a_backend_failing_before_its_first_token_is_a_status_the_sdk_retries(
+    setup: Setup, kind: str, frames: int
+) -> None:
+    """vLLM failing right after its role chunk, Ollama's model that cannot load: a 200 whose
+    body only says it failed. The client has been told nothing yet, so it gets a real status,
+    which the SDK retries."""
+    fake = setup.fake(kind)
+    failing = Script(tokens=["a"], fail_after=frames, pace=0.05, error_message="model failed to load")
+    fake.push(failing)
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, stream=True)
+    assert info.value.status_code == 502 and "model failed to load" in str(info.value.api_message)
+    fake.push(failing)
+    before = len(fake.requests)
+    retrying = setup.client.with_options(max_retries=1)
+    async with retrying.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES) as stream:
+        message = await stream.get_final_message()
+    assert message.content[0].type == "text" and message.content[0].text
+    assert len(fake.requests) == before + 2
+
+
 async def test_invalid_requests_are_anthropic_shaped_400s(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         missing = await http.post("/v1/messages", json={"model": "claude-x", "messages": MESSAGES})
