@@ -43,6 +43,9 @@ class TokenizingOpenAIBackend(OpenAIBackend):
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.path == "/tokenize" and request.method == "POST":
             body = request.json()
+            if not self.model_known(body["model"]):
+                await self.send_error(exchange, 404, f"The model `{body['model']}` does not exist.")
+                return
             text = json.dumps(body["messages"])
             await exchange.respond_json(200, {"count": len(text) // 4, "max_model_len": 8192, "tokens": []})
             return
@@ -630,7 +633,36 @@ async def test_count_tokens_without_a_tokenize_endpoint_is_an_estimate() -> None
         assert counted.headers["x-token-count"] == "estimate"
         assert (await counted.parse()).input_tokens == 500
         await client.close()
-    assert [r.path for r in fake.requests] == ["/tokenize"]  # asked first
+    assert [r.path for r in fake.requests] == ["/tokenize", "/v1/models/m"]  # asked first; then whether it has the model
+
+
+async def test_count_tokens_for_a_model_the_backend_lacks_is_a_404_as_messages_is() -> None:
+    """vLLM (its `/tokenize`), a server with OpenAI's model lookup and no `/tokenize`, and
+    Ollama each say which models they lack; a server that takes any name keeps the estimate."""
+    vllm, plain = TokenizingOpenAIBackend(models=["qwen3-8b"]), OpenAIBackend(models=["gemma-3"])
+    ollama, lenient = OllamaBackend(models=["llama3.2"]), OpenAIBackend()
+    async with (
+        vllm.serve() as s_vllm,
+        plain.serve() as s_plain,
+        ollama.serve() as s_ollama,
+        lenient.serve() as s_lenient,
+        running_gateway(
+            backend("vllm", s_vllm.url, prefixes=("qwen",)), backend("plain", s_plain.url, prefixes=("gemma",)),
+            backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)), backend("any", s_lenient.url, default=True),
+        ) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        for missing in ("qwen3-999", "gemma-9", "llama9"):
+            with pytest.raises(anthropic.NotFoundError) as sent:
+                await client.messages.create(model=missing, max_tokens=5, messages=MESSAGES)
+            with pytest.raises(anthropic.NotFoundError) as counted:
+                await client.messages.count_tokens(model=missing, messages=MESSAGES)
+            assert counted.value.type == sent.value.type == "not_found_error"
+            assert missing in str(counted.value.api_message)
+        # Ollama lists `llama3.2` as `llama3.2:latest`; the lenient server lists only its own name.
+        for served in ("qwen3-8b", "gemma-3", "llama3.2", "whatever-it-loaded"):
+            assert (await client.messages.count_tokens(model=served, messages=MESSAGES)).input_tokens > 0
+        await client.close()
 
 
 async def test_count_tokens_goes_through_the_backends_pool_and_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
