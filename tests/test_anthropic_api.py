@@ -270,6 +270,21 @@ async def test_an_image_read_by_a_tool_reaches_an_openai_backend_in_the_next_use
     assert setup.fake("anthropic").requests[-1].json["messages"][2]["content"][0]["content"] == [image]
 
 
+@pytest.mark.parametrize(
+    ("choice", "offered"),
+    [({"type": "tool", "name": "get_time"}, ["get_time"]), ({"type": "any"}, ["get_weather", "get_time"]),
+     ({"type": "auto"}, ["get_weather", "get_time"]), ({"type": "none"}, None)],
+)
+async def test_a_forced_tool_reaches_an_ollama_backend_as_the_only_tool(
+    setup: Setup, choice: Any, offered: list[str] | None
+) -> None:
+    """Ollama has no `tool_choice`: offering the forced tool alone is the nearest it comes."""
+    await setup.client.messages.create(model=MODELS["ollama"], max_tokens=30, messages=MESSAGES, tools=TOOLS, tool_choice=choice)
+    sent = setup.fake("ollama").requests[-1].json
+    assert "tool_choice" not in sent
+    assert ([t["function"]["name"] for t in sent["tools"]] if "tools" in sent else None) == offered
+
+
 @pytest.mark.parametrize(("disable", "parallel"), [(True, False), (False, True), (None, None)])
 async def test_disable_parallel_tool_use_reaches_openai_backends_as_parallel_tool_calls(
     setup: Setup, disable: bool | None, parallel: bool | None
