@@ -107,6 +107,28 @@ async def test_non_streaming_message(setup: Setup, kind: str) -> None:
     assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 2)
 
 
+async def test_a_model_asked_for_by_an_alias_is_answered_in_the_clients_name() -> None:
+    """Claude Code pointed at local models by aliases (`claude-sonnet-4-5` = `qwen3-8b`) is
+    answered under the name it asked for, whole or streamed, as Ollama and Responses clients are."""
+    vllm, ollama = OpenAIBackend(), OllamaBackend()
+    async with (
+        vllm.serve() as s_vllm,
+        ollama.serve() as s_ollama,
+        running_gateway(
+            backend("vllm", s_vllm.url, default=True), backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)),
+            aliases={"claude-local-large": "qwen3-8b", "claude-local-small": "llama3.2"},
+        ) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        for alias, fake, upstream in (("claude-local-large", vllm, "qwen3-8b"), ("claude-local-small", ollama, "llama3.2")):
+            message = await client.messages.create(model=alias, max_tokens=20, messages=MESSAGES)
+            async with client.messages.stream(model=alias, max_tokens=20, messages=MESSAGES) as stream:
+                streamed = await stream.get_final_message()
+            assert (message.model, streamed.model) == (alias, alias)
+            assert fake.requests[-1].json["model"] == upstream
+        await client.close()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_streaming_message(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=["Hel", "lo", " there"], usage=Usage(11, 3)))
