@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 
@@ -42,6 +43,9 @@ class TokenizingOpenAIBackend(OpenAIBackend):
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.path == "/tokenize" and request.method == "POST":
             body = request.json()
+            if not self.model_known(body["model"]):
+                await self.send_error(exchange, 404, f"The model `{body['model']}` does not exist.")
+                return
             text = json.dumps(body["messages"])
             await exchange.respond_json(200, {"count": len(text) // 4, "max_model_len": 8192, "tokens": []})
             return
@@ -101,6 +105,28 @@ async def test_non_streaming_message(setup: Setup, kind: str) -> None:
     assert [(b.type, getattr(b, "text", None)) for b in message.content] == [("text", "Hello there")]
     assert (message.stop_reason, message.stop_sequence) == ("end_turn", None)
     assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 2)
+
+
+async def test_a_model_asked_for_by_an_alias_is_answered_in_the_clients_name() -> None:
+    """Claude Code pointed at local models by aliases (`claude-sonnet-4-5` = `qwen3-8b`) is
+    answered under the name it asked for, whole or streamed, as Ollama and Responses clients are."""
+    vllm, ollama = OpenAIBackend(), OllamaBackend()
+    async with (
+        vllm.serve() as s_vllm,
+        ollama.serve() as s_ollama,
+        running_gateway(
+            backend("vllm", s_vllm.url, default=True), backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)),
+            aliases={"claude-local-large": "qwen3-8b", "claude-local-small": "llama3.2"},
+        ) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        for alias, fake, upstream in (("claude-local-large", vllm, "qwen3-8b"), ("claude-local-small", ollama, "llama3.2")):
+            message = await client.messages.create(model=alias, max_tokens=20, messages=MESSAGES)
+            async with client.messages.stream(model=alias, max_tokens=20, messages=MESSAGES) as stream:
+                streamed = await stream.get_final_message()
+            assert (message.model, streamed.model) == (alias, alias)
+            assert fake.requests[-1].json["model"] == upstream
+        await client.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -266,6 +292,21 @@ async def test_an_image_read_by_a_tool_reaches_an_openai_backend_in_the_next_use
     assert setup.fake("anthropic").requests[-1].json["messages"][2]["content"][0]["content"] == [image]
 
 
+@pytest.mark.parametrize(
+    ("choice", "offered"),
+    [({"type": "tool", "name": "get_time"}, ["get_time"]), ({"type": "any"}, ["get_weather", "get_time"]),
+     ({"type": "auto"}, ["get_weather", "get_time"]), ({"type": "none"}, None)],
+)
+async def test_a_forced_tool_reaches_an_ollama_backend_as_the_only_tool(
+    setup: Setup, choice: Any, offered: list[str] | None
+) -> None:
+    """Ollama has no `tool_choice`: offering the forced tool alone is the nearest it comes."""
+    await setup.client.messages.create(model=MODELS["ollama"], max_tokens=30, messages=MESSAGES, tools=TOOLS, tool_choice=choice)
+    sent = setup.fake("ollama").requests[-1].json
+    assert "tool_choice" not in sent
+    assert ([t["function"]["name"] for t in sent["tools"]] if "tools" in sent else None) == offered
+
+
 @pytest.mark.parametrize(("disable", "parallel"), [(True, False), (False, True), (None, None)])
 async def test_disable_parallel_tool_use_reaches_openai_backends_as_parallel_tool_calls(
     setup: Setup, disable: bool | None, parallel: bool | None
@@ -330,6 +371,21 @@ async def test_refusal_from_an_openai_content_filter(setup: Setup) -> None:
     setup.fake("openai").set_script(Script(tokens=["no"], finish_reason="content_filter"))
     message = await setup.client.messages.create(model=MODELS["openai"], max_tokens=30, messages=MESSAGES)
     assert message.stop_reason == "refusal"
+
+
+@pytest.mark.parametrize("finish_reason", ["stop", "something_new"])
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_tool_calls_after_a_plain_stop_are_tool_use_whole_or_streamed(
+    setup: Setup, kind: str, finish_reason: str
+) -> None:
+    """Local backends often say `stop` (or something of their own) after calling tools; an
+    Anthropic client must see `tool_use` either way, as Claude Code runs tools only then."""
+    setup.fake(kind).set_script(Script(tokens=["x"], tool_calls=[("get_weather", {"city": "Paris"})], finish_reason=finish_reason))
+    message = await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, tools=TOOLS)
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES, tools=TOOLS) as stream:
+        streamed = await stream.get_final_message()
+    for reply in (message, streamed):
+        assert reply.stop_reason == "tool_use" and [b.type for b in reply.content] == ["text", "tool_use"]
 
 
 async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
@@ -421,6 +477,28 @@ async def test_backend_failing_mid_stream_gives_one_error_event(setup: Setup, ki
         async with setup.client.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES) as stream:
             async for _ in stream:
                 pass
+
+
+@pytest.mark.parametrize(("kind", "frames"), [("openai", 1), ("ollama", 0)])
+async def test_a_backend_failing_before_its_first_token_is_a_status_the_sdk_retries(
+    setup: Setup, kind: str, frames: int
+) -> None:
+    """vLLM failing right after its role chunk, Ollama's model that cannot load: a 200 whose
+    body only says it failed. The client has been told nothing yet, so it gets a real status,
+    which the SDK retries."""
+    fake = setup.fake(kind)
+    failing = Script(tokens=["a"], fail_after=frames, pace=0.05, error_message="model failed to load")
+    fake.push(failing)
+    with pytest.raises(anthropic.InternalServerError) as info:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, stream=True)
+    assert info.value.status_code == 502 and "model failed to load" in str(info.value.api_message)
+    fake.push(failing)
+    before = len(fake.requests)
+    retrying = setup.client.with_options(max_retries=1)
+    async with retrying.messages.stream(model=MODELS[kind], max_tokens=30, messages=MESSAGES) as stream:
+        message = await stream.get_final_message()
+    assert message.content[0].type == "text" and message.content[0].text
+    assert len(fake.requests) == before + 2
 
 
 async def test_invalid_requests_are_anthropic_shaped_400s(setup: Setup) -> None:
@@ -592,7 +670,36 @@ async def test_count_tokens_without_a_tokenize_endpoint_is_an_estimate() -> None
         assert counted.headers["x-token-count"] == "estimate"
         assert (await counted.parse()).input_tokens == 500
         await client.close()
-    assert [r.path for r in fake.requests] == ["/tokenize"]  # asked first
+    assert [r.path for r in fake.requests] == ["/tokenize", "/v1/models/m"]  # asked first; then whether it has the model
+
+
+async def test_count_tokens_for_a_model_the_backend_lacks_is_a_404_as_messages_is() -> None:
+    """vLLM (its `/tokenize`), a server with OpenAI's model lookup and no `/tokenize`, and
+    Ollama each say which models they lack; a server that takes any name keeps the estimate."""
+    vllm, plain = TokenizingOpenAIBackend(models=["qwen3-8b"]), OpenAIBackend(models=["gemma-3"])
+    ollama, lenient = OllamaBackend(models=["llama3.2"]), OpenAIBackend()
+    async with (
+        vllm.serve() as s_vllm,
+        plain.serve() as s_plain,
+        ollama.serve() as s_ollama,
+        lenient.serve() as s_lenient,
+        running_gateway(
+            backend("vllm", s_vllm.url, prefixes=("qwen",)), backend("plain", s_plain.url, prefixes=("gemma",)),
+            backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)), backend("any", s_lenient.url, default=True),
+        ) as url,
+    ):
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        for missing in ("qwen3-999", "gemma-9", "llama9"):
+            with pytest.raises(anthropic.NotFoundError) as sent:
+                await client.messages.create(model=missing, max_tokens=5, messages=MESSAGES)
+            with pytest.raises(anthropic.NotFoundError) as counted:
+                await client.messages.count_tokens(model=missing, messages=MESSAGES)
+            assert counted.value.type == sent.value.type == "not_found_error"
+            assert missing in str(counted.value.api_message)
+        # Ollama lists `llama3.2` as `llama3.2:latest`; the lenient server lists only its own name.
+        for served in ("qwen3-8b", "gemma-3", "llama3.2", "whatever-it-loaded"):
+            assert (await client.messages.count_tokens(model=served, messages=MESSAGES)).input_tokens > 0
+        await client.close()
 
 
 async def test_count_tokens_goes_through_the_backends_pool_and_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -915,6 +1022,43 @@ async def test_a_json_schema_response_format_is_anthropics_structured_output(set
     )
     await client.close()
     assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+
+
+class Capital(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_an_anthropic_clients_structured_output_reaches_local_backends_as_their_schema(setup: Setup, kind: str) -> None:
+    fake = setup.fake(kind)
+    fake.set_script(Script(tokens=['{"city": "Paris"}']))
+    parsed = await setup.client.messages.parse(
+        model=MODELS[kind], max_tokens=100, messages=[{"role": "user", "content": "Capital of France?"}], output_format=Capital,
+    )
+    assert parsed.parsed_output == Capital(city="Paris")
+    schema = Capital.model_json_schema() | {"additionalProperties": False}
+    sent = fake.requests[-1].json
+    if kind == "openai":
+        assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+    else:
+        assert sent["format"] == schema
+    # The beta's spelling, from clients that still send it.
+    beta = {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    await setup.client.messages.create(model=MODELS[kind], max_tokens=100, messages=MESSAGES, extra_body={"output_format": beta})
+    sent = fake.requests[-1].json
+    assert (sent["response_format"]["json_schema"]["schema"] if kind == "openai" else sent["format"]) == beta["schema"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+@pytest.mark.parametrize(("field", "value"), [("mcp_servers", [{"type": "url", "url": "https://mcp.example", "name": "x"}]),
+                                              ("container", "container_011")])
+async def test_what_anthropics_servers_run_is_a_400_for_local_backends(setup: Setup, kind: str, field: str, value: Any) -> None:
+    fake = setup.fake(kind)
+    before = len(fake.requests)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=30, messages=MESSAGES, extra_body={field: value})
+    assert info.value.type == "invalid_request_error" and f"`{field}`" in str(info.value.api_message)
+    assert len(fake.requests) == before
 
 
 async def test_the_stop_string_vllm_names_reaches_an_anthropic_client(setup: Setup) -> None:

@@ -259,6 +259,17 @@ async def test_backend_failing_mid_stream_gives_one_error_event(setup: Setup, mo
             pass
 
 
+@pytest.mark.parametrize("mode", ["error", "close"])
+async def test_a_backend_failing_right_after_its_role_chunk_is_a_real_status(setup: Setup, mode: str) -> None:
+    # Nothing but the role chunk came before the failure: the client has been told nothing yet.
+    setup.fake.push(Script(tokens=["a"], fail_after=1, pace=0.05, fail_mode=mode, error_message="model failed to load"))  # type: ignore[arg-type]
+    with pytest.raises(openai.APIStatusError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    assert info.value.status_code == 502
+    if mode == "error":
+        assert "model failed to load" in info.value.message
+
+
 # -- cancellation -------------------------------------------------------------------------------------
 
 

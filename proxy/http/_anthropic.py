@@ -41,13 +41,14 @@ register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
 class AnthropicJsonSink(JsonSink):
     dialect = "anthropic"
 
-    def __init__(self, send: ASGISendCallable, headers: Headers, model: str) -> None:
+    def __init__(self, send: ASGISendCallable, headers: Headers, model: str, *, as_asked: bool = False) -> None:
         super().__init__(send, headers)
         self._model = model
+        self._as_asked = as_asked
 
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
-        await self._json(anthropic.render_message(completion, batch.events, model=self._model))
+        await self._json(anthropic.render_message(completion, batch.events, model=self._model, as_asked=self._as_asked))
 
 
 class AnthropicExchangeBody(ExchangeBody):
@@ -117,12 +118,16 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     exchange.adapt_with(_for_backend)
     headers = _headers(meta.request_id)
     model = request.model
+    # A model asked for by an alias is answered in the client's name (as Ollama and Responses
+    # clients are), not the backend's; otherwise the backend's stands (Anthropic's snapshot).
+    aliased = exchange.route.upstream_model != model
     if request.stream:
         return AnthropicExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, anthropic.StreamRenderer(model=model), content_headers=SSE_HEADERS, dialect="anthropic",
+            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased), content_headers=SSE_HEADERS,
+            dialect="anthropic",
         ), incoming.gateway.backends)
     return AnthropicExchangeBody(
-        exchange, lambda send: AnthropicJsonSink(send, headers, model), incoming.gateway.backends,
+        exchange, lambda send: AnthropicJsonSink(send, headers, model, as_asked=aliased), incoming.gateway.backends,
     )
 
 

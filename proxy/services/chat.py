@@ -23,7 +23,13 @@ import trio
 
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed
+from proxy.domain.events import (
+    CompletionBuilder,
+    StreamEvent,
+    StreamFailed,
+    StreamStart,
+    UsageReport,
+)
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_served
@@ -359,6 +365,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         # signature, a stop sequence, relayed blocks) from the events: all of them, not the
         # last batch's (a durable run's log arrives in several).
         events: list[StreamEvent] = []
+        # Until the answer holds something, nothing need reach the client: a backend that says
+        # 200 and fails before its first token (Ollama's model that cannot load, vLLM failing
+        # right after its role chunk) is then answered with a real status, which SDKs retry.
+        held: Batch | None = None
         async for item in receive:
             if isinstance(item, GatewayError):
                 if not started:
@@ -367,6 +377,17 @@ class ChatExchange(FallbackWalk, DurableRun):
                     return False
                 item = Batch([StreamFailed(item)], done=True)
             if not started:
+                if held is not None:
+                    item = _joined(held, item)
+                    held = None
+                if item.events and not item.done and all(isinstance(e, _OPENING) for e in item.events):
+                    held = item  # a start (and usage) alone; a keep-alive after it sends it
+                    continue
+                failure = _failure_without_content(item.events)
+                if failure is not None:
+                    self._failed_before_start(failure)
+                    await sink.fail(failure)
+                    return False
                 started = True
                 self.record.status = 200
                 self.record.ttft_ms = (time.perf_counter() - self.meta.received) * 1000
@@ -404,3 +425,24 @@ class ChatExchange(FallbackWalk, DurableRun):
         self.record.error = error.message
         if self.result.error is None:
             self.result.error = error
+
+
+# What a stream opens with before it says anything (vLLM's role chunk; Anthropic's
+# `message_start` and its usage): not yet content a client must have.
+_OPENING = (StreamStart, UsageReport)
+
+
+def _joined(first: Batch, then: Batch) -> Batch:
+    raw = None if first.raw is None and then.raw is None else (first.raw or b"") + (then.raw or b"")
+    return Batch([*first.events, *then.events], raw, then.done, then.completion)
+
+
+def _failure_without_content(events: list[StreamEvent]) -> GatewayError | None:
+    """The failure of a batch that holds nothing else but its opening."""
+    failure: GatewayError | None = None
+    for event in events:
+        if isinstance(event, StreamFailed):
+            failure = failure or event.error
+        elif not isinstance(event, _OPENING):
+            return None
+    return failure

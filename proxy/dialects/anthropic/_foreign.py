@@ -18,6 +18,10 @@ lose content the model is meant to read. So, before such a request leaves:
   function tools of that schema under the client's name for them, so the model's calls come
   back as `tool_use` blocks the client runs; server tools (web search, code execution, …),
   computer use and any other Anthropic-defined tool are a 400 naming the tool, never dropped;
+- structured output (`output_config.format`, or the beta's `output_format`: a JSON schema)
+  is the domain's `json_schema` response format, which the backend's encoder renders in its
+  words (OpenAI's `response_format`, Ollama's `format`); `mcp_servers` and `container`
+  (what Anthropic's servers run) are a 400 naming the field, as server tools are;
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -38,6 +42,7 @@ from proxy.domain.chat import (
     ImagePart,
     Message,
     OpaquePart,
+    ResponseFormat,
     TextPart,
     Tool,
 )
@@ -68,6 +73,7 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
         return
     backend = _BACKEND_NAMES.get(target, f"a `{target}` backend")
     _adapt_tools(request, backend)
+    _adapt_output(request, backend)
     move_images = target == "openai"
     if not any(_needs_work(message, move_images) for message in request.messages):
         return
@@ -296,3 +302,38 @@ def _what_it_is(kind: str) -> str:
     if kind.startswith("computer_"):
         return "is computer use, which needs a model trained on its screenshots and actions"
     return "is an Anthropic-defined tool the gateway has no input schema for"
+
+
+# -- top-level fields ------------------------------------------------------------------------------
+
+# Fields that ask Anthropic's servers to run something of their own.
+_SERVER_FIELDS = {
+    "mcp_servers": "connects Anthropic's servers to remote MCP servers",
+    "container": "names a code execution container on Anthropic's servers",
+}
+
+
+def _adapt_output(request: ChatRequest, backend: str) -> None:
+    """Structured output as the domain's response format; a 400 for what only Anthropic's
+    servers can do."""
+    for field, what in _SERVER_FIELDS.items():
+        if request.extra.get(field):
+            raise invalid_request(
+                f"`{field}` {what}; model `{request.model}` is served by {backend}, which cannot. "
+                "Only Anthropic backends accept it.",
+                param=field, code="unsupported_parameter",
+            )
+    config = request.extra.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        param, spec = "output_config.format", config["format"]
+    elif request.extra.get("output_format") is not None:
+        param, spec = "output_format", request.extra["output_format"]
+    else:
+        return
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or spec.get("type") != "json_schema" or not isinstance(schema, dict):
+        raise invalid_request(
+            f"Invalid `{param}`: expected {{\"type\": \"json_schema\", \"schema\": {{…}}}}.", param=param,
+        )
+    # A new `params`: the client's request (shared with `adapted_for_dialect`'s copy) stays as sent.
+    request.params = replace(request.params, response_format=ResponseFormat(kind="json_schema", schema=schema))

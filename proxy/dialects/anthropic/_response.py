@@ -34,14 +34,19 @@ from proxy.domain.events import (
 )
 
 
-def render_message(completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "") -> bytes:
+def render_message(
+    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False
+) -> bytes:
     """The `message` object for a finished completion. `events` (the exchange's, when at
     hand) supply what the completion cannot hold: the thinking signature and the matched
-    stop sequence."""
-    return dumps(message_body(completion, events, model=model))
+    stop sequence. Its `model` is the backend's, else `model`; with `as_asked`, `model`
+    whatever the backend says (the client asked by an alias, and is answered in its name)."""
+    return dumps(message_body(completion, events, model=model, as_asked=as_asked))
 
 
-def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "") -> dict[str, Any]:
+def message_body(
+    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False
+) -> dict[str, Any]:
     events = list(events)
     signature = ""
     finish: Finish | None = None
@@ -80,7 +85,7 @@ def message_body(completion: ChatCompletion, events: Iterable[StreamEvent] = (),
         "id": message_id(completion.id),
         "type": "message",
         "role": "assistant",
-        "model": completion.model or model,
+        "model": model if as_asked and model else completion.model or model,
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,

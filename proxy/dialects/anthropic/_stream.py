@@ -90,8 +90,11 @@ class StreamRenderer:
     # Said while the backend is alive but has nothing new (its own pings, a server tool running).
     keepalive: ClassVar[bytes] = PING
 
-    def __init__(self, *, model: str = "") -> None:
+    def __init__(self, *, model: str = "", as_asked: bool = False) -> None:
+        """`model` names the message when the backend does not; with `as_asked`, whatever it
+        says (the client asked by an alias, and is answered in its name)."""
         self._model = model
+        self._as_asked = as_asked and bool(model)
         self._start: StreamStart | None = None
         self._announced = False
         self._announced_usage: dict[str, Any] | None = None
@@ -194,7 +197,7 @@ class StreamRenderer:
             "id": message_id(start.id if start else ""),
             "type": "message",
             "role": "assistant",
-            "model": (start.model if start else "") or self._model,
+            "model": self._model if self._as_asked else (start.model if start else "") or self._model,
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,

@@ -325,7 +325,12 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
         body["messages"] = render_messages(request.messages)
         choice = request.tool_choice
         if request.tools and not (choice is not None and choice.mode == "none"):
-            body["tools"] = [_render_tool(tool) for tool in request.tools]
+            tools = request.tools
+            if choice is not None and choice.name is not None:
+                # Ollama has no `tool_choice`: a forced tool is offered alone, the nearest it
+                # comes to forcing it (`any`/`required` has no such stand-in: every tool goes).
+                tools = [tool for tool in tools if tool.name == choice.name] or tools
+            body["tools"] = [_render_tool(tool) for tool in tools]
     fmt = request.params.response_format
     if fmt is not None and fmt.kind != "text":
         body["format"] = fmt.schema if fmt.kind == "json_schema" and fmt.schema else "json"

@@ -263,13 +263,18 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
             if isinstance(call, dict)
         ]
         reason = item.get("finish_reason")
+        finish = finish_reason_from_wire(reason) if isinstance(reason, str) else None
+        if finish is FinishReason.STOP and calls:
+            # Some backends say `stop` (or something unknown) after calling tools; the stream
+            # parser reads that as `tool_calls`, and a whole answer must end the same way.
+            finish = FinishReason.TOOL_CALLS
         choices.append(
             Choice(
                 index=int(item.get("index", position)),
                 content=message.get("content") or "",
                 reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
                 tool_calls=calls,
-                finish_reason=finish_reason_from_wire(reason) if isinstance(reason, str) else None,
+                finish_reason=finish,
             )
         )
     return ChatCompletion(

@@ -33,6 +33,7 @@ from proxy.infra.backends._base import (
     status_error,
     transport_errors,
 )
+from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
 from proxy.infra.transport import heads_heard
 
@@ -308,10 +309,14 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     """Count a request's input tokens where the backend can: Anthropic backends natively,
     OpenAI-compatible ones through vLLM's `POST /tokenize` (at the server root, beside
     `/v1`). For any other backend, or one without that endpoint, the gateway's estimate:
-    clients call this to budget their context (Claude Code), and an error would stop them."""
+    clients call this to budget their context (Claude Code), and an error would stop them.
+    A model the backend says it does not serve is a 404, as `/v1/messages` would be."""
     if isinstance(backend, AnthropicBackend):
         return TokenCount(await backend.count_tokens(request, upstream_model), estimated=False)
     estimate = TokenCount(estimated_prompt_tokens(request), estimated=True)
+    if isinstance(backend, OllamaBackend):
+        await _check_served_by_ollama(backend, upstream_model)
+        return estimate
     if not isinstance(backend, OpenAIBackend):
         return estimate
     config = backend.config
@@ -324,7 +329,8 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
         if key in chat:
             body[key] = chat[key]
     response = await backend.tokenize(json.dumps(body).encode())
-    if response.status_code in (404, 405):  # not vLLM: no `/tokenize`
+    if response.status_code in (404, 405):  # not vLLM (no `/tokenize`), or a model vLLM lacks
+        await _check_known(backend, upstream_model, response)
         return estimate
     if response.status_code >= 400:
         raise status_error(
@@ -337,6 +343,40 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     except (ValueError, AttributeError):
         count = None
     return TokenCount(count, estimated=False) if isinstance(count, int) else estimate
+
+
+async def _check_served_by_ollama(backend: OllamaBackend, model: str) -> None:
+    """Raise Ollama's own 404 for a model it does not have (`/api/show` resolves names as
+    `/api/chat` does); a backend that cannot say leaves the estimate standing."""
+    try:
+        await backend.show(model)
+    except GatewayError as error:
+        if error.kind is ErrorKind.NOT_FOUND:
+            raise
+
+
+async def _check_known(backend: OpenAIBackend, model: str, tokenized: httpx.Response) -> None:
+    """Raise the backend's 404 for a model it says it does not have: vLLM's `/tokenize` says so
+    for a model it lacks, and servers with OpenAI's `GET /v1/models/{model}` say so there. Only
+    an error naming the model counts (a 404 for a route the server lacks does not), so a server
+    that answers any name (llama.cpp) or cannot say keeps the estimate."""
+    if model in backend.config.models:
+        return
+    if _says_unknown(tokenized, model):
+        raise status_error(backend.config.name, 404, openai.error_message_from_body(tokenized.content))
+    try:
+        retrieved = await backend.retrieve_model(model)
+    except GatewayError:
+        return
+    if _says_unknown(retrieved, model):
+        raise status_error(backend.config.name, 404, openai.error_message_from_body(retrieved.content))
+
+
+def _says_unknown(response: httpx.Response, model: str) -> bool:
+    if response.status_code != 404:
+        return False
+    message = openai.error_message_from_body(response.content)
+    return message is not None and model in message
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "TokenCount", "count_tokens"]

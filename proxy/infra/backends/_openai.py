@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -158,6 +159,11 @@ class OpenAIBackend:
         if scope.cancelled_caught:
             raise timeout_error(self.config.name, "did not answer", timeouts.first_token)
         return response
+
+    async def retrieve_model(self, model: str) -> httpx.Response:
+        """OpenAI's `GET /v1/models/{model}` (OpenAI, Ollama, LiteLLM have it; vLLM does not)."""
+        with transport_errors(self.config.name):
+            return await self._client.get("/models/" + quote(model, safe=":@"))
 
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
