@@ -270,6 +270,24 @@ async def test_a_backend_failing_right_after_its_role_chunk_is_a_real_status(set
         assert "model failed to load" in info.value.message
 
 
+async def test_a_backend_alive_but_silent_after_its_role_chunk_still_gives_the_client_its_head(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The role chunk alone is held back (a failure after it would still be a real status), but
+    # not for as long as the backend thinks: its first keep-alive sends the head, and the
+    # keep-alives follow, so no client or proxy on the way times out on a silent 200.
+    monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.2)
+    setup.fake.set_script(Script(tokens=["a", "b"], stall_after=1, keepalive_interval=0.05))
+    async with httpx.AsyncClient(base_url=setup.url) as client:
+        with trio.fail_after(3):
+            async with client.stream(
+                "POST", "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True}
+            ) as response:
+                assert response.status_code == 200
+                first = await response.aiter_lines().__anext__()
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+
+
 # -- cancellation -------------------------------------------------------------------------------------
 
 

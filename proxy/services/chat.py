@@ -377,11 +377,14 @@ class ChatExchange(FallbackWalk, DurableRun):
                     return False
                 item = Batch([StreamFailed(item)], done=True)
             if not started:
+                # A keep-alive (the backend alive, silent for a while) sends what is held: the
+                # client gets its head and the keep-alives rather than nothing at all.
+                keepalive = not item.events and item.raw is None and not item.done
                 if held is not None:
                     item = _joined(held, item)
                     held = None
-                if item.events and not item.done and all(isinstance(e, _OPENING) for e in item.events):
-                    held = item  # a start (and usage) alone; a keep-alive after it sends it
+                if not keepalive and item.events and not item.done and all(isinstance(e, _OPENING) for e in item.events):
+                    held = item  # a start (and usage) alone
                     continue
                 failure = _failure_without_content(item.events)
                 if failure is not None:
