@@ -324,13 +324,15 @@ VLLM_TOO_LONG = (
 )
 LLAMA_CPP_TOO_LONG = "the request exceeds the available context size, try increasing it"
 ANTHROPIC_TOO_LONG = "prompt is too long: 210345 tokens > 200000 maximum"
+OLLAMA_TOO_LONG = "prompt too long; exceeded max context length by 17 tokens"
 
 
 @pytest.mark.parametrize(("kind", "message"), [
     ("openai", VLLM_TOO_LONG), ("openai", LLAMA_CPP_TOO_LONG), ("anthropic", ANTHROPIC_TOO_LONG),
+    ("ollama", OLLAMA_TOO_LONG),
 ])
 async def test_a_prompt_too_long_for_the_model_is_said_the_way_each_client_acts_on(kind: str, message: str) -> None:
-    fake = OpenAIBackend() if kind == "openai" else AnthropicBackend()
+    fake = {"openai": OpenAIBackend, "anthropic": AnthropicBackend, "ollama": OllamaBackend}[kind]()
     fake.set_script(Script(status=400, error_message=message))
     history: Any = [{"role": "user", "content": "a very long history"}]
     async with fake.serve() as server, running_gateway(backend("b", server.url, kind=kind, default=True)) as url:

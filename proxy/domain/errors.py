@@ -69,10 +69,11 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 # A prompt longer than the model's window, in each server's words: OpenAI and vLLM ("maximum
 # context length is N tokens"), newer vLLM ("longer than the maximum model length", "exceeds
 # the max_model_len"), llama.cpp ("exceeds the available context size"), SGLang ("exceeds the
-# maximum allowed length"), Anthropic ("prompt is too long", "exceed context limit").
+# maximum allowed length"), Anthropic ("prompt is too long", "exceed context limit"), Ollama
+# ("prompt too long; exceeded max context length by N tokens").
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 _CONTEXT_OVERFLOW = re.compile(
-    r"maximum context length|context (?:size|limit|window)|prompt is too long|maximum model length"
+    r"max(?:imum)? context length|context (?:size|limit|window)|prompt is too long|maximum model length"
     r"|max_model_len|exceeds the maximum allowed length",
     re.IGNORECASE,
 )
