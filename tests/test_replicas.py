@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
+from proxy.infra.backends._replicas import create_client
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -552,3 +553,58 @@ async def test_a_relayed_stream_with_every_replica_silent_is_a_504_within_the_fi
     assert answer.status_code == 504 and "first token" in answer.json()["error"]["message"]
     assert 1.8 < elapsed < 4.0
     assert sum(_asked(fake, "/v1/completions") for fake in fakes) == 2
+
+
+async def _hang(stream: trio.SocketStream, _: int) -> None:
+    """A server that reads the request and never answers."""
+    await read_request(stream, bytearray())
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_model_info_and_token_counts_from_a_backend_that_never_answers_end_in_time(kind: str) -> None:
+    # `/api/show` (Ollama) and `count_tokens` (Anthropic) have no chat around them to bound them.
+    fake, path, body = {
+        "ollama": (OllamaBackend, "/api/show", {"model": "m"}),
+        "anthropic": (AnthropicBackend, "/v1/messages/count_tokens", {"model": "m", "messages": ASK}),
+    }[kind]
+    quick = Timeouts(connect=1.0, first_token=2.0, idle=2.0, total=2.0)
+    async with raw_server(_hang) as (hung, _), fake().serve() as healthy:
+        async with running_gateway(backend("x", hung, kind=kind, default=True, timeouts=quick)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                started = trio.current_time()
+                answer = await http.post(path, json=body)
+                elapsed = trio.current_time() - started
+        assert answer.status_code == 504 and elapsed < 3.0
+        # With a healthy twin, the silent replica is left for it: every request is answered.
+        config = replace(backend("x", hung, kind=kind, default=True, timeouts=quick), replicas=(healthy.url,))
+        async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(3):
+                started = trio.current_time()
+                answer = await http.post(path, json=body)
+                assert answer.status_code == 200 and trio.current_time() - started < 1.5
+
+
+async def test_a_backend_call_without_a_deadline_of_its_own_leaves_a_silent_replica() -> None:
+    quick = Timeouts(connect=1.0, first_token=2.0, idle=2.0, total=2.0)
+    healthy = OpenAIBackend()
+    async with raw_server(_hang) as (hung, _), healthy.serve() as up:
+        config = replace(backend("x", f"{hung}/v1", timeouts=quick), replicas=(f"{up.url}/v1",))
+        client = create_client(config, auth_header={})
+        answered = trio.Event()
+
+        async def calls() -> None:  # outside any cancel scope with a deadline
+            for _ in range(2):
+                assert (await client.get("/models")).status_code == 200
+            answered.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(calls)
+                # Both replicas get one of the calls; the silent one is left after its share of `total`.
+                with trio.move_on_after(2.0):
+                    await answered.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            await client.aclose()
+    assert answered.is_set()

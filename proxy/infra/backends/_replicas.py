@@ -129,6 +129,8 @@ class BackendClient:
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
         self._failover = timeouts.failover
+        # The budget a call made without a deadline of its own is shared from.
+        self._budget = timeouts.total if timeouts.total is not None else timeouts.first_token
         self._turn = 0
 
     @staticmethod
@@ -177,11 +179,15 @@ class BackendClient:
         before the request goes to another: `timeouts.failover`, or else the request's
         `budget` (seconds) shared evenly among the replicas, so that a hung replica costs
         one share and trying every replica in turn still fits in the time one server would
-        have had. A single replica waits as long as it always has."""
+        have had. A call without a deadline (`budget` infinite) shares the backend's `total`
+        instead: a silent replica is still left for another. A single replica waits as long
+        as it always has."""
         if len(self._replicas) == 1:
             return math.inf
         if self._failover is not None:
             return self._failover
+        if budget == math.inf and self._budget is not None:
+            budget = self._budget
         return max(budget, 0.0) / len(self._replicas)
 
     async def send(
