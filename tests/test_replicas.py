@@ -608,3 +608,26 @@ async def test_a_backend_call_without_a_deadline_of_its_own_leaves_a_silent_repl
         finally:
             await client.aclose()
     assert answered.is_set()
+
+
+async def test_a_stream_from_a_replica_that_drops_after_its_head_comes_from_its_twin() -> None:
+    # A vLLM worker dying in prefill: its 200 head, then the connection goes before any byte.
+    dying = OpenAIBackend(default=Script(fail_after=0, fail_mode="close"))
+    twin, stand_in = OpenAIBackend(default=Script(tokens=["twin"])), OpenAIBackend(default=Script(tokens=["small"]))
+    async with dying.serve() as a, twin.serve() as b, stand_in.serve() as c, running_gateway(
+        replace(backend("vllm", a.url, default=True), replicas=(f"{b.url}/v1",)),
+        backend("small", c.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        for model in ("m", "qwen3-32b", "m", "qwen3-32b"):
+            answer = await http.post("/v1/chat/completions", json={"model": model, "messages": ASK, "stream": True})
+            assert answer.status_code == 200 and "twin" in answer.text
+            assert "x-fallback-model" not in answer.headers
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    assert (_chats(dying), _chats(twin), _chats(stand_in)) == (1, 4, 0)
+    assert states[f"{a.url}/v1"].startswith("set aside for ") and "before its first byte" in states[f"{a.url}/v1"]
+    # A single server that does so is still a 502: there is no one else to ask.
+    async with dying.serve() as a, running_gateway(backend("vllm", a.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"

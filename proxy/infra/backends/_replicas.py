@@ -16,7 +16,7 @@ import trio
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
-from proxy.infra.backends._pump import _Silent, pump_stream
+from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
 
@@ -475,14 +475,20 @@ class BackendClient:
                 )
                 return
             except _Silent:
-                pass
+                why = f"it sent no first byte within {patience:g}s"
+            except _Dropped as dropped:
+                # Its head, then the connection went (a worker dying in prefill): nothing
+                # reached the client, so another replica may answer, as before a head.
+                if _client_gone() or not self._standby_exists(tried):
+                    raise dropped.error from None
+                why = "it closed the connection after its response head, before its first byte"
             finally:
                 if unsettled:  # silent, or gone before a byte: not shown well
                     self._settle(replica, probing, well=False)
                 with trio.CancelScope(shield=True):
                     await self.close(response)
             # Closed above, unread: the replica saw its client go. Nothing reached ours.
-            self._move_off(replica, f"it sent no first byte within {patience:g}s")
+            self._move_off(replica, why)
 
     async def aclose(self) -> None:
         for replica in self._replicas:
