@@ -631,3 +631,18 @@ async def test_a_stream_from_a_replica_that_drops_after_its_head_comes_from_its_
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
+
+
+async def test_with_every_replica_down_each_one_is_shown_set_aside() -> None:
+    urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
+    config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])
+    async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        ready = await client.get("/ready")
+        metrics = (await client.get("/metrics")).text
+    assert answer.status_code == 503
+    assert ready.status_code == 503
+    states = ready.json()["replicas"]["vllm"]
+    assert all(states[replica].startswith("set aside for ") for replica in urls)
+    for replica in urls:
+        assert f'llm_proxy_backend_replica_up{{backend="vllm",replica="{replica}"}} 0.0' in metrics

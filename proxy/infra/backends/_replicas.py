@@ -307,6 +307,7 @@ class BackendClient:
                 replica.probes -= probing
                 standby = self._pick(tried)
                 if standby is None:
+                    self._set_aside(replica, exc)
                     raise
                 self._move_off(replica, exc)
                 replica = standby
@@ -318,10 +319,14 @@ class BackendClient:
                 # `proxy_next_upstream error` does. Not when our client's leaving closed it.
                 replica.in_flight -= 1
                 replica.probes -= probing
-                standby = None if _client_gone() else self._pick(tried)
-                if standby is None:
+                if _client_gone():
                     raise
-                self._move_off(replica, f"it closed the connection before answering ({exc or type(exc).__name__})")
+                why = f"it closed the connection before answering ({exc or type(exc).__name__})"
+                standby = self._pick(tried)
+                if standby is None:
+                    self._set_aside(replica, why)
+                    raise
+                self._move_off(replica, why)
                 replica = standby
                 continue
             except BaseException:
@@ -393,9 +398,14 @@ class BackendClient:
         replica.failovers += 1
         if (served := current_served.get()) is not None:
             served.passed_over.append(replica.base)
-        self._set_aside(replica, why)
+        self._set_aside(replica, why, moved=True)
 
-    def _set_aside(self, replica: _Replica, why: object) -> None:
+    def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False) -> None:
+        """`replica` failed: it gets no request for a while (the last one left, too: when
+        every replica is down, `/ready` and the metrics say so). A single server is never
+        set aside: there is no other to send its requests to."""
+        if len(self._replicas) == 1:
+            return
         now = trio.current_time()
         if replica.set_aside_until > now:
             # The requests it had in flight when it failed fail too: one incident, counted once.
@@ -403,7 +413,8 @@ class BackendClient:
         seconds = replica.set_aside(now)
         replica.reason = str(why)
         _log.warning(
-            "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
+            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.base, seconds, why,
+            "trying another" if moved else "no other replica could take the request",
         )
 
     @staticmethod
@@ -479,9 +490,12 @@ class BackendClient:
             except _Dropped as dropped:
                 # Its head, then the connection went (a worker dying in prefill): nothing
                 # reached the client, so another replica may answer, as before a head.
-                if _client_gone() or not self._standby_exists(tried):
+                if _client_gone():
                     raise dropped.error from None
                 why = "it closed the connection after its response head, before its first byte"
+                if not self._standby_exists(tried):
+                    self._set_aside(replica, why)
+                    raise dropped.error from None
             finally:
                 if unsettled:  # silent, or gone before a byte: not shown well
                     self._settle(replica, probing, well=False)
