@@ -646,3 +646,53 @@ async def test_with_every_replica_down_each_one_is_shown_set_aside() -> None:
     assert all(states[replica].startswith("set aside for ") for replica in urls)
     for replica in urls:
         assert f'llm_proxy_backend_replica_up{{backend="vllm",replica="{replica}"}} 0.0' in metrics
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 504])
+async def test_a_replica_answering_an_error_status_to_everything_is_stood_in_for(status: int) -> None:
+    failing, healthy = OpenAIBackend(default=Script(status=status)), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(failing, healthy) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for stream in (False, True) * 4:
+            answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert answer.status_code == 200 and "fine" in answer.text
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        failing_url = _url(failing)
+    # A gateway's outage sets it aside at once; a 429 or 500 only once it answered so 3 times in a row.
+    assert _chats(failing) == (3 if status in (429, 500) else 1) and _chats(healthy) == 8
+    assert states[failing_url].startswith("set aside for ") and states[failing_url].endswith(f"(it answered {status})")
+
+
+async def test_one_failed_request_does_not_set_a_replica_aside_and_a_client_error_is_not_moved() -> None:
+    first, second = OpenAIBackend(default=Script(tokens=["fine"])), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(first, second) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        first.set_script(Script(status=500))
+        second.set_script(Script(status=500))
+        # Both replicas answer 500 to it: each was asked once, and the client has the 500 (a 502).
+        answer = await http.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 502 and (_chats(first), _chats(second)) == (1, 1)
+        first.set_script(Script(tokens=["fine"]))
+        second.set_script(Script(tokens=["fine"]))
+        for _ in range(4):
+            assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert (_chats(first), _chats(second)) == (3, 3)  # still shared: neither was set aside
+        first.set_script(Script(status=400))
+        second.set_script(Script(status=400))
+        answer = await http.post("/v1/chat/completions", json=CHAT)
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    assert answer.status_code == 400 and _chats(first) + _chats(second) == 7  # the request's own fault: not moved
+    assert list(states.values()) == ["ok", "ok"]
+
+
+async def test_a_replica_answering_429_is_stood_in_for_by_its_twin_before_any_fallback_model() -> None:
+    limited, twin = OpenAIBackend(default=Script(status=429)), OpenAIBackend(default=Script(tokens=["twin"]))
+    stand_in = OpenAIBackend(default=Script(tokens=["stand-in"]))
+    async with limited.serve() as a, twin.serve() as b, stand_in.serve() as c, running_gateway(
+        replace(backend("vllm", a.url, default=True), replicas=(f"{b.url}/v1",)),
+        backend("small", c.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        for stream in (True, False, True, False):
+            answer = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "stream": stream})
+            assert answer.status_code == 200 and "twin" in answer.text
+            assert "x-fallback-model" not in answer.headers
+    assert _chats(stand_in) == 0 and _chats(twin) == 4

@@ -28,6 +28,14 @@ _log = logging.getLogger("llm_proxy.backends")
 SET_ASIDE_SECONDS = 5.0
 SET_ASIDE_MAX_SECONDS = 60.0
 
+# Answers that say the replica cannot serve now rather than that the request is wrong: the
+# request goes to another replica (nothing was generated), once per replica. A replica is set
+# aside at once for a gateway's or server's outage (502, 503, 504; Anthropic's 529 overloaded),
+# but only after this many 429s or 500s in a row, which one odd request can cause.
+_REFUSALS = frozenset({429, 500, 502, 503, 504, 529})
+_REFUSALS_TOLERATED = frozenset({429, 500})
+REFUSALS_IN_A_ROW = 3
+
 
 @dataclass(slots=True, frozen=True)
 class ReplicaState:
@@ -53,6 +61,7 @@ class _Replica:
     set_aside_until: float = -math.inf
     reason: str = ""
     failovers: int = 0
+    refusals: int = 0  # 429 and 500 answers in a row
     # Requests in flight that test whether it is back, its time set aside over: until one has
     # answered, the others go elsewhere (a hung replica would hold them all for its patience).
     probes: int = 0
@@ -120,8 +129,10 @@ class BackendClient:
 
     A backend with replicas (several base URLs) sends each request to the replica with the
     fewest requests in flight (streams count until they end). One that cannot be reached,
-    drops the connection before its response head, or answers 503 is set aside for a while,
-    and the request goes to the next one: nothing of it reached the client."""
+    drops the connection before its response head (a stream's: before its first byte), or
+    answers 502, 503, 504 or 529 is set aside for a while (one answering 429 or 500: once it
+    did so a few times in a row), and the request goes to the next one: nothing of it
+    reached the client."""
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
@@ -345,14 +356,22 @@ class BackendClient:
                 self._move_off(replica, why)
                 replica = standby
                 continue
-            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
-                replica.in_flight -= 1
-                replica.probes -= probing
-                await response.aclose()
-                self._move_off(replica, "it answered 503")
-                replica = standby
-                continue
-            if settle or quiet_until == math.inf:
+            status = response.status_code
+            if status in _REFUSALS:
+                # Not well, whatever else comes: its failures are not forgotten.
+                self._settle(replica, probing, well=False)
+                replica.refusals += 1
+                why = f"it answered {status}"
+                down = probing or status not in _REFUSALS_TOLERATED or replica.refusals >= REFUSALS_IN_A_ROW
+                if (standby := self._pick(tried)) is not None:
+                    replica.in_flight -= 1
+                    await response.aclose()
+                    self._move_off(replica, why, set_aside=down)
+                    replica = standby
+                    continue
+                if down:
+                    self._set_aside(replica, why)
+            elif settle or quiet_until == math.inf:
                 self._settle(replica, probing, well=True)
             elif probing:
                 response.extensions["llm_proxy.probe"] = True
@@ -390,15 +409,18 @@ class BackendClient:
         failures are forgotten."""
         replica.probes -= probing
         if well:
-            replica.failures, replica.set_aside_until = 0, -math.inf
+            replica.failures, replica.refusals, replica.set_aside_until = 0, 0, -math.inf
 
-    def _move_off(self, replica: _Replica, why: object) -> None:
+    def _move_off(self, replica: _Replica, why: object, *, set_aside: bool = True) -> None:
         """This request leaves `replica` for another one: counted, named in its log line,
-        and the replica set aside."""
+        and the replica set aside (unless `set_aside` is false)."""
         replica.failovers += 1
         if (served := current_served.get()) is not None:
             served.passed_over.append(replica.base)
-        self._set_aside(replica, why, moved=True)
+        if set_aside:
+            self._set_aside(replica, why, moved=True)
+        else:
+            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.base, why)
 
     def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False) -> None:
         """`replica` failed: it gets no request for a while (the last one left, too: when
@@ -474,8 +496,10 @@ class BackendClient:
                 self._settle(replica, probing, well=True)
 
             try:
-                if response.status_code >= 400 or quiet_until >= first_deadline:
-                    heard()  # an answer (an error's too), or a replica never to be left
+                if response.status_code in _REFUSALS:
+                    unsettled = False  # settled when its head came: not well
+                elif response.status_code >= 400 or quiet_until >= first_deadline:
+                    heard()  # an answer (a client error's too), or a replica never to be left
                 if response.status_code >= 400:
                     with transport_errors(backend):
                         raise error(response, await read_limited(response))
