@@ -696,3 +696,25 @@ async def test_a_replica_answering_429_is_stood_in_for_by_its_twin_before_any_fa
             assert answer.status_code == 200 and "twin" in answer.text
             assert "x-fallback-model" not in answer.headers
     assert _chats(stand_in) == 0 and _chats(twin) == 4
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_relayed_stream_whose_backend_drops_after_its_head_is_a_502_or_its_twins(how: str) -> None:
+    dying = OpenAIBackend(default=Script(fail_after=0, fail_mode=how))  # type: ignore[arg-type]
+    twin = OpenAIBackend(default=Script(tokens=["twin"]))
+    ask = {"model": "m", "prompt": "x", "stream": True}
+    async with dying.serve() as a, running_gateway(backend("vllm", a.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answer = await http.post("/v1/completions", json=ask)
+    # Nothing reached the client: a status it can act on, not a 200 whose stream is an error.
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
+    async with _replicated(dying, twin) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for _ in range(3):
+            chunks = [c async for c in await client.completions.create(model="m", prompt="x", stream=True)]
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == "twin"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        dying_url = _url(dying)
+    assert (_asked(dying, "/v1/completions"), _asked(twin, "/v1/completions")) == (2, 3)
+    assert states[dying_url].startswith("set aside for ") and "before its first byte" in states[dying_url]

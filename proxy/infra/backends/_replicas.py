@@ -254,13 +254,18 @@ class BackendClient:
                 return response
             chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
             heard = False
+            dropped: httpx.TransportError | None = None
             try:
                 with trio.move_on_at(quiet_until):
                     try:
                         first = await chunks.__anext__()
                     except StopAsyncIteration:
                         first = b""
-                    heard = True
+                    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                        if _client_gone():
+                            raise
+                        dropped = exc
+                    heard = dropped is None
             finally:
                 self._settle(replica, probing, well=heard)
                 if not heard:
@@ -269,6 +274,15 @@ class BackendClient:
             if heard:
                 response.stream = _Prefixed(first, chunks)
                 return response
+            if dropped is not None:
+                # Its head, then the connection went: as for a chat's stream, nothing reached
+                # the client, and another replica may answer.
+                why = "it closed the connection after its response head, before its first byte"
+                if not self._standby_exists(tried):
+                    self._set_aside(replica, why)
+                    raise dropped
+                self._move_off(replica, why)
+                continue
             # Closed above, unread: the replica saw its client go. Nothing reached ours.
             self._move_off(replica, f"it sent no first byte within {patience:g}s")
 
