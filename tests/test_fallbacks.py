@@ -372,3 +372,25 @@ async def test_openai_and_ollama_clients_requests_are_checked_for_each_stand_in(
     assert local.requests == []
     assert suffix.status_code >= 500 and "suffix" not in suffix.text, suffix.text
     assert [r.json["model"] for r in vllm.requests if r.path.endswith("/chat/completions")] == ["qwen3-8b"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/api/chat"])
+async def test_a_whole_answer_from_a_silent_model_comes_from_its_stand_in_after_the_first_token_timeout(
+    path: str,
+) -> None:
+    # Only `total` bounded a whole answer, and the stand-ins share it: the first-token clock
+    # now finds the silent model in time.
+    big, small = OpenAIBackend(default=Script(stall_before_headers=True)), OpenAIBackend(default=Script(tokens=["small"]))
+    quick = Timeouts(connect=2.0, first_token=1.0, idle=10.0, total=4.0)
+    body = {"model": "qwen3-32b", "messages": ASK, "stream": False, **({"max_tokens": 9} if path == "/v1/messages" else {})}
+    async with big.serve() as big_server, small.serve() as small_server, running_gateway(
+        backend("big", big_server.url, default=True, timeouts=quick),
+        backend("small", small_server.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        started = trio.current_time()
+        answer = await http.post(path, json=body)
+        took = trio.current_time() - started
+    assert answer.status_code == 200 and answer.headers["x-fallback-model"] == "qwen3-8b"
+    assert "small" in answer.text and ("usage" in answer.text or "eval_count" in answer.text)
+    assert took < 3.0

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from proxy.config import ConfigError, Timeouts, load_settings
+from proxy.infra.backends._replicas import create_client
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -552,3 +553,168 @@ async def test_a_relayed_stream_with_every_replica_silent_is_a_504_within_the_fi
     assert answer.status_code == 504 and "first token" in answer.json()["error"]["message"]
     assert 1.8 < elapsed < 4.0
     assert sum(_asked(fake, "/v1/completions") for fake in fakes) == 2
+
+
+async def _hang(stream: trio.SocketStream, _: int) -> None:
+    """A server that reads the request and never answers."""
+    await read_request(stream, bytearray())
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_model_info_and_token_counts_from_a_backend_that_never_answers_end_in_time(kind: str) -> None:
+    # `/api/show` (Ollama) and `count_tokens` (Anthropic) have no chat around them to bound them.
+    fake, path, body = {
+        "ollama": (OllamaBackend, "/api/show", {"model": "m"}),
+        "anthropic": (AnthropicBackend, "/v1/messages/count_tokens", {"model": "m", "messages": ASK}),
+    }[kind]
+    quick = Timeouts(connect=1.0, first_token=2.0, idle=2.0, total=2.0)
+    async with raw_server(_hang) as (hung, _), fake().serve() as healthy:
+        async with running_gateway(backend("x", hung, kind=kind, default=True, timeouts=quick)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                started = trio.current_time()
+                answer = await http.post(path, json=body)
+                elapsed = trio.current_time() - started
+        assert answer.status_code == 504 and elapsed < 3.0
+        # With a healthy twin, the silent replica is left for it: every request is answered.
+        config = replace(backend("x", hung, kind=kind, default=True, timeouts=quick), replicas=(healthy.url,))
+        async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(3):
+                started = trio.current_time()
+                answer = await http.post(path, json=body)
+                assert answer.status_code == 200 and trio.current_time() - started < 1.5
+
+
+async def test_a_backend_call_without_a_deadline_of_its_own_leaves_a_silent_replica() -> None:
+    quick = Timeouts(connect=1.0, first_token=2.0, idle=2.0, total=2.0)
+    healthy = OpenAIBackend()
+    async with raw_server(_hang) as (hung, _), healthy.serve() as up:
+        config = replace(backend("x", f"{hung}/v1", timeouts=quick), replicas=(f"{up.url}/v1",))
+        client = create_client(config, auth_header={})
+        answered = trio.Event()
+
+        async def calls() -> None:  # outside any cancel scope with a deadline
+            for _ in range(2):
+                assert (await client.get("/models")).status_code == 200
+            answered.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(calls)
+                # Both replicas get one of the calls; the silent one is left after its share of `total`.
+                with trio.move_on_after(2.0):
+                    await answered.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            await client.aclose()
+    assert answered.is_set()
+
+
+async def test_a_stream_from_a_replica_that_drops_after_its_head_comes_from_its_twin() -> None:
+    # A vLLM worker dying in prefill: its 200 head, then the connection goes before any byte.
+    dying = OpenAIBackend(default=Script(fail_after=0, fail_mode="close"))
+    twin, stand_in = OpenAIBackend(default=Script(tokens=["twin"])), OpenAIBackend(default=Script(tokens=["small"]))
+    async with dying.serve() as a, twin.serve() as b, stand_in.serve() as c, running_gateway(
+        replace(backend("vllm", a.url, default=True), replicas=(f"{b.url}/v1",)),
+        backend("small", c.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        for model in ("m", "qwen3-32b", "m", "qwen3-32b"):
+            answer = await http.post("/v1/chat/completions", json={"model": model, "messages": ASK, "stream": True})
+            assert answer.status_code == 200 and "twin" in answer.text
+            assert "x-fallback-model" not in answer.headers
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    assert (_chats(dying), _chats(twin), _chats(stand_in)) == (1, 4, 0)
+    assert states[f"{a.url}/v1"].startswith("set aside for ") and "before its first byte" in states[f"{a.url}/v1"]
+    # A single server that does so is still a 502: there is no one else to ask.
+    async with dying.serve() as a, running_gateway(backend("vllm", a.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
+
+
+async def test_with_every_replica_down_each_one_is_shown_set_aside() -> None:
+    urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
+    config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])
+    async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+        ready = await client.get("/ready")
+        metrics = (await client.get("/metrics")).text
+    assert answer.status_code == 503
+    assert ready.status_code == 503
+    states = ready.json()["replicas"]["vllm"]
+    assert all(states[replica].startswith("set aside for ") for replica in urls)
+    for replica in urls:
+        assert f'llm_proxy_backend_replica_up{{backend="vllm",replica="{replica}"}} 0.0' in metrics
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 504])
+async def test_a_replica_answering_an_error_status_to_everything_is_stood_in_for(status: int) -> None:
+    failing, healthy = OpenAIBackend(default=Script(status=status)), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(failing, healthy) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for stream in (False, True) * 4:
+            answer = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert answer.status_code == 200 and "fine" in answer.text
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        failing_url = _url(failing)
+    # A gateway's outage sets it aside at once; a 429 or 500 only once it answered so 3 times in a row.
+    assert _chats(failing) == (3 if status in (429, 500) else 1) and _chats(healthy) == 8
+    assert states[failing_url].startswith("set aside for ") and states[failing_url].endswith(f"(it answered {status})")
+
+
+async def test_one_failed_request_does_not_set_a_replica_aside_and_a_client_error_is_not_moved() -> None:
+    first, second = OpenAIBackend(default=Script(tokens=["fine"])), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(first, second) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        first.set_script(Script(status=500))
+        second.set_script(Script(status=500))
+        # Both replicas answer 500 to it: each was asked once, and the client has the 500 (a 502).
+        answer = await http.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 502 and (_chats(first), _chats(second)) == (1, 1)
+        first.set_script(Script(tokens=["fine"]))
+        second.set_script(Script(tokens=["fine"]))
+        for _ in range(4):
+            assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        assert (_chats(first), _chats(second)) == (3, 3)  # still shared: neither was set aside
+        first.set_script(Script(status=400))
+        second.set_script(Script(status=400))
+        answer = await http.post("/v1/chat/completions", json=CHAT)
+        states = (await http.get("/ready")).json()["replicas"]["vllm"]
+    assert answer.status_code == 400 and _chats(first) + _chats(second) == 7  # the request's own fault: not moved
+    assert list(states.values()) == ["ok", "ok"]
+
+
+async def test_a_replica_answering_429_is_stood_in_for_by_its_twin_before_any_fallback_model() -> None:
+    limited, twin = OpenAIBackend(default=Script(status=429)), OpenAIBackend(default=Script(tokens=["twin"]))
+    stand_in = OpenAIBackend(default=Script(tokens=["stand-in"]))
+    async with limited.serve() as a, twin.serve() as b, stand_in.serve() as c, running_gateway(
+        replace(backend("vllm", a.url, default=True), replicas=(f"{b.url}/v1",)),
+        backend("small", c.url, models=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+        for stream in (True, False, True, False):
+            answer = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "stream": stream})
+            assert answer.status_code == 200 and "twin" in answer.text
+            assert "x-fallback-model" not in answer.headers
+    assert _chats(stand_in) == 0 and _chats(twin) == 4
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_relayed_stream_whose_backend_drops_after_its_head_is_a_502_or_its_twins(how: str) -> None:
+    dying = OpenAIBackend(default=Script(fail_after=0, fail_mode=how))  # type: ignore[arg-type]
+    twin = OpenAIBackend(default=Script(tokens=["twin"]))
+    ask = {"model": "m", "prompt": "x", "stream": True}
+    async with dying.serve() as a, running_gateway(backend("vllm", a.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answer = await http.post("/v1/completions", json=ask)
+    # Nothing reached the client: a status it can act on, not a 200 whose stream is an error.
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
+    async with _replicated(dying, twin) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+        for _ in range(3):
+            chunks = [c async for c in await client.completions.create(model="m", prompt="x", stream=True)]
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == "twin"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        dying_url = _url(dying)
+    assert (_asked(dying, "/v1/completions"), _asked(twin, "/v1/completions")) == (2, 3)
+    assert states[dying_url].startswith("set aside for ") and "before its first byte" in states[dying_url]

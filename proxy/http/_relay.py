@@ -245,10 +245,12 @@ class RelayBody(DirectBody):
         await self._writer().whole(response.status_code, [(b"content-type", content_type)], body)
 
     async def _relay_stream(self, response: httpx.Response, first_deadline: float) -> None:
-        """The backend's bytes as they arrive, under the first-token then the idle clock."""
+        """The backend's bytes as they arrive, under the first-token then the idle clock.
+
+        The client's head goes with the first byte: a backend that fails or stays silent
+        before it is the client's error status (502, 504), as for chats."""
         config = self._backend.config
         name, idle = config.name, config.timeouts.idle or math.inf
-        await self._writer().head(response.status_code, list(SSE_HEADERS))
         record = self.record
         chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
         tail: deque[bytes] = deque()
@@ -262,6 +264,8 @@ class RelayBody(DirectBody):
                         continue
                     if record.ttft_ms is None:
                         record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
+                        scope.deadline = math.inf
+                        await self._writer().head(response.status_code, list(SSE_HEADERS))
                     self._frames += data.count(b"data:") - data.count(b"data: [DONE]")
                     tail.append(data)
                     kept += len(data)
@@ -277,6 +281,8 @@ class RelayBody(DirectBody):
         except GatewayError as error:
             await self._fail(error)
             return
+        if record.ttft_ms is None:  # an empty stream
+            await self._writer().head(response.status_code, list(SSE_HEADERS))
         self._note_usage(_stream_usage(b"".join(tail)))
         await self._writer().end()
 

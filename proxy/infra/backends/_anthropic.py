@@ -10,11 +10,13 @@ none is sent with `DEFAULT_MAX_TOKENS`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import httpx
+import trio
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
@@ -31,6 +33,7 @@ from proxy.infra.backends._base import (
     ReplicaState,
     create_client,
     status_error,
+    timeout_error,
     transport_errors,
 )
 from proxy.infra.backends._ollama import OllamaBackend
@@ -182,10 +185,14 @@ class AnthropicBackend:
             prefill_trimmed(request), upstream_model, stream=False, default_max_tokens=self.default_max_tokens,
             count_only=True,
         )
-        with transport_errors(name):
+        # As vLLM's `/tokenize` for other backends: within the first-token timeout.
+        timeout = self.config.timeouts.first_token
+        with trio.move_on_after(timeout or math.inf) as scope, transport_errors(name):
             response = await self._client.post(
                 "/v1/messages/count_tokens", content=body, headers=_beta({"content-type": "application/json"}, request)
             )
+        if scope.cancelled_caught:
+            raise timeout_error(name, "did not answer", timeout)
         if response.status_code >= 400:
             raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
         count = _json_object(response, name).get("input_tokens")

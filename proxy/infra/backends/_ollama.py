@@ -146,10 +146,13 @@ class OllamaBackend:
     async def show(self, model: str) -> dict[str, Any]:
         """The backend's `/api/show` for `model` (template, parameters, capabilities, …)."""
         name = self.config.name
-        with transport_errors(name):
+        timeout = self.config.timeouts.total
+        with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
                 "/api/show", content=json.dumps({"model": model}).encode(), headers={"content-type": "application/json"}
             )
+        if scope.cancelled_caught:
+            raise timeout_error(name, "did not answer", timeout)
         if response.status_code >= 400:
             raise self._error(response, response.content)
         return _json_object(response.content, name)

@@ -16,7 +16,7 @@ import trio
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
-from proxy.infra.backends._pump import _Silent, pump_stream
+from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
 
@@ -27,6 +27,14 @@ _log = logging.getLogger("llm_proxy.backends")
 # row up to the maximum; its next request afterwards is the probe that brings it back.
 SET_ASIDE_SECONDS = 5.0
 SET_ASIDE_MAX_SECONDS = 60.0
+
+# Answers that say the replica cannot serve now rather than that the request is wrong: the
+# request goes to another replica (nothing was generated), once per replica. A replica is set
+# aside at once for a gateway's or server's outage (502, 503, 504; Anthropic's 529 overloaded),
+# but only after this many 429s or 500s in a row, which one odd request can cause.
+_REFUSALS = frozenset({429, 500, 502, 503, 504, 529})
+_REFUSALS_TOLERATED = frozenset({429, 500})
+REFUSALS_IN_A_ROW = 3
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,6 +61,7 @@ class _Replica:
     set_aside_until: float = -math.inf
     reason: str = ""
     failovers: int = 0
+    refusals: int = 0  # 429 and 500 answers in a row
     # Requests in flight that test whether it is back, its time set aside over: until one has
     # answered, the others go elsewhere (a hung replica would hold them all for its patience).
     probes: int = 0
@@ -120,8 +129,10 @@ class BackendClient:
 
     A backend with replicas (several base URLs) sends each request to the replica with the
     fewest requests in flight (streams count until they end). One that cannot be reached,
-    drops the connection before its response head, or answers 503 is set aside for a while,
-    and the request goes to the next one: nothing of it reached the client."""
+    drops the connection before its response head (a stream's: before its first byte), or
+    answers 502, 503, 504 or 529 is set aside for a while (one answering 429 or 500: once it
+    did so a few times in a row), and the request goes to the next one: nothing of it
+    reached the client."""
 
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
@@ -129,6 +140,8 @@ class BackendClient:
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
         self._failover = timeouts.failover
+        # The budget a call made without a deadline of its own is shared from.
+        self._budget = timeouts.total if timeouts.total is not None else timeouts.first_token
         self._turn = 0
 
     @staticmethod
@@ -177,11 +190,15 @@ class BackendClient:
         before the request goes to another: `timeouts.failover`, or else the request's
         `budget` (seconds) shared evenly among the replicas, so that a hung replica costs
         one share and trying every replica in turn still fits in the time one server would
-        have had. A single replica waits as long as it always has."""
+        have had. A call without a deadline (`budget` infinite) shares the backend's `total`
+        instead: a silent replica is still left for another. A single replica waits as long
+        as it always has."""
         if len(self._replicas) == 1:
             return math.inf
         if self._failover is not None:
             return self._failover
+        if budget == math.inf and self._budget is not None:
+            budget = self._budget
         return max(budget, 0.0) / len(self._replicas)
 
     async def send(
@@ -237,13 +254,18 @@ class BackendClient:
                 return response
             chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
             heard = False
+            dropped: httpx.TransportError | None = None
             try:
                 with trio.move_on_at(quiet_until):
                     try:
                         first = await chunks.__anext__()
                     except StopAsyncIteration:
                         first = b""
-                    heard = True
+                    except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                        if _client_gone():
+                            raise
+                        dropped = exc
+                    heard = dropped is None
             finally:
                 self._settle(replica, probing, well=heard)
                 if not heard:
@@ -252,6 +274,15 @@ class BackendClient:
             if heard:
                 response.stream = _Prefixed(first, chunks)
                 return response
+            if dropped is not None:
+                # Its head, then the connection went: as for a chat's stream, nothing reached
+                # the client, and another replica may answer.
+                why = "it closed the connection after its response head, before its first byte"
+                if not self._standby_exists(tried):
+                    self._set_aside(replica, why)
+                    raise dropped
+                self._move_off(replica, why)
+                continue
             # Closed above, unread: the replica saw its client go. Nothing reached ours.
             self._move_off(replica, f"it sent no first byte within {patience:g}s")
 
@@ -301,6 +332,7 @@ class BackendClient:
                 replica.probes -= probing
                 standby = self._pick(tried)
                 if standby is None:
+                    self._set_aside(replica, exc)
                     raise
                 self._move_off(replica, exc)
                 replica = standby
@@ -312,10 +344,14 @@ class BackendClient:
                 # `proxy_next_upstream error` does. Not when our client's leaving closed it.
                 replica.in_flight -= 1
                 replica.probes -= probing
-                standby = None if _client_gone() else self._pick(tried)
-                if standby is None:
+                if _client_gone():
                     raise
-                self._move_off(replica, f"it closed the connection before answering ({exc or type(exc).__name__})")
+                why = f"it closed the connection before answering ({exc or type(exc).__name__})"
+                standby = self._pick(tried)
+                if standby is None:
+                    self._set_aside(replica, why)
+                    raise
+                self._move_off(replica, why)
                 replica = standby
                 continue
             except BaseException:
@@ -334,14 +370,22 @@ class BackendClient:
                 self._move_off(replica, why)
                 replica = standby
                 continue
-            if response.status_code == 503 and (standby := self._pick(tried)) is not None:
-                replica.in_flight -= 1
-                replica.probes -= probing
-                await response.aclose()
-                self._move_off(replica, "it answered 503")
-                replica = standby
-                continue
-            if settle or quiet_until == math.inf:
+            status = response.status_code
+            if status in _REFUSALS:
+                # Not well, whatever else comes: its failures are not forgotten.
+                self._settle(replica, probing, well=False)
+                replica.refusals += 1
+                why = f"it answered {status}"
+                down = probing or status not in _REFUSALS_TOLERATED or replica.refusals >= REFUSALS_IN_A_ROW
+                if (standby := self._pick(tried)) is not None:
+                    replica.in_flight -= 1
+                    await response.aclose()
+                    self._move_off(replica, why, set_aside=down)
+                    replica = standby
+                    continue
+                if down:
+                    self._set_aside(replica, why)
+            elif settle or quiet_until == math.inf:
                 self._settle(replica, probing, well=True)
             elif probing:
                 response.extensions["llm_proxy.probe"] = True
@@ -379,17 +423,25 @@ class BackendClient:
         failures are forgotten."""
         replica.probes -= probing
         if well:
-            replica.failures, replica.set_aside_until = 0, -math.inf
+            replica.failures, replica.refusals, replica.set_aside_until = 0, 0, -math.inf
 
-    def _move_off(self, replica: _Replica, why: object) -> None:
+    def _move_off(self, replica: _Replica, why: object, *, set_aside: bool = True) -> None:
         """This request leaves `replica` for another one: counted, named in its log line,
-        and the replica set aside."""
+        and the replica set aside (unless `set_aside` is false)."""
         replica.failovers += 1
         if (served := current_served.get()) is not None:
             served.passed_over.append(replica.base)
-        self._set_aside(replica, why)
+        if set_aside:
+            self._set_aside(replica, why, moved=True)
+        else:
+            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.base, why)
 
-    def _set_aside(self, replica: _Replica, why: object) -> None:
+    def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False) -> None:
+        """`replica` failed: it gets no request for a while (the last one left, too: when
+        every replica is down, `/ready` and the metrics say so). A single server is never
+        set aside: there is no other to send its requests to."""
+        if len(self._replicas) == 1:
+            return
         now = trio.current_time()
         if replica.set_aside_until > now:
             # The requests it had in flight when it failed fail too: one incident, counted once.
@@ -397,7 +449,8 @@ class BackendClient:
         seconds = replica.set_aside(now)
         replica.reason = str(why)
         _log.warning(
-            "backend %s: replica %s set aside for %gs (%s); trying another", self._name, replica.base, seconds, why
+            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.base, seconds, why,
+            "trying another" if moved else "no other replica could take the request",
         )
 
     @staticmethod
@@ -457,8 +510,10 @@ class BackendClient:
                 self._settle(replica, probing, well=True)
 
             try:
-                if response.status_code >= 400 or quiet_until >= first_deadline:
-                    heard()  # an answer (an error's too), or a replica never to be left
+                if response.status_code in _REFUSALS:
+                    unsettled = False  # settled when its head came: not well
+                elif response.status_code >= 400 or quiet_until >= first_deadline:
+                    heard()  # an answer (a client error's too), or a replica never to be left
                 if response.status_code >= 400:
                     with transport_errors(backend):
                         raise error(response, await read_limited(response))
@@ -469,14 +524,23 @@ class BackendClient:
                 )
                 return
             except _Silent:
-                pass
+                why = f"it sent no first byte within {patience:g}s"
+            except _Dropped as dropped:
+                # Its head, then the connection went (a worker dying in prefill): nothing
+                # reached the client, so another replica may answer, as before a head.
+                if _client_gone():
+                    raise dropped.error from None
+                why = "it closed the connection after its response head, before its first byte"
+                if not self._standby_exists(tried):
+                    self._set_aside(replica, why)
+                    raise dropped.error from None
             finally:
                 if unsettled:  # silent, or gone before a byte: not shown well
                     self._settle(replica, probing, well=False)
                 with trio.CancelScope(shield=True):
                     await self.close(response)
             # Closed above, unread: the replica saw its client go. Nothing reached ours.
-            self._move_off(replica, f"it sent no first byte within {patience:g}s")
+            self._move_off(replica, why)
 
     async def aclose(self) -> None:
         for replica in self._replicas:
