@@ -74,21 +74,6 @@ class _Watched:
 _CONTENT = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
 
 
-class _Ended:
-    """A channel noting whether the batch that ends the answer went through it: a whole
-    answer is assembled from a stream once it has."""
-
-    __slots__ = ("_send", "done")
-
-    def __init__(self, send: BatchSink) -> None:
-        self._send = send
-        self.done = False
-
-    async def send(self, value: Batch, /) -> None:
-        self.done = value.done
-        await self._send.send(value)
-
-
 class FallbackWalk:
     """The backend call of a `ChatExchange` (it is one), with the model's stand-ins: what
     the walk reads and changes of its exchange is declared here, set by the exchange."""
@@ -205,10 +190,7 @@ class FallbackWalk:
                     # A whole answer for a model with stand-ins is streamed and assembled: the
                     # first-token clock then finds a silent backend in time for a stand-in,
                     # where only `total`, which the stand-ins share, would.
-                    ended = _Ended(send)
-                    await backend.stream(replace(call, relay_openai=False), ended)
-                    if not ended.done:  # a stream's end may come without events: say it
-                        await send.send(Batch([], done=True))
+                    await backend.stream(replace(call, relay_openai=False), send)
                 else:
                     await send.send(await backend.complete(call))
         except trio.TooSlowError:

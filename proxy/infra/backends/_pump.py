@@ -83,7 +83,9 @@ async def pump_stream(
                         if on_heard is not None:
                             on_heard()
                 output = parser.feed(data) if data is not None else parser.close()
-                if output.events or output.raw:
+                # The end comes alone sometimes (Anthropic's `message_stop`, a stream closed
+                # after its last event): a whole answer assembled from the stream waits for it.
+                if output.events or output.raw or output.done:
                     if not started:
                         started = True
                         scope.deadline = math.inf  # the first-token clock stops here
