@@ -633,6 +633,31 @@ async def test_a_stream_from_a_replica_that_drops_after_its_head_comes_from_its_
     assert answer.status_code == 502 and answer.json()["error"]["code"] == "backend_connection_error"
 
 
+async def _dies_mid_answer(stream: trio.SocketStream, _: int) -> None:
+    """A replica whose worker dies while it writes a whole answer: its head, part of its body."""
+    await read_request(stream, bytearray())
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n"
+    await stream.send_all(head + b'{"id": "chatcmpl-1", "object": "chat.completion", ')
+    await stream.aclose()
+
+
+async def test_a_whole_answer_cut_off_by_its_replica_comes_from_its_twin() -> None:
+    twin = OpenAIBackend(default=Script(tokens=["twin"]))
+    async with raw_server(_dies_mid_answer) as (dying, _), twin.serve() as up:
+        config = replace(backend("vllm", dying, default=True), replicas=(f"{up.url}/v1",))
+        async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=20) as http:
+            for _ in range(3):
+                answer = await http.post("/v1/chat/completions", json=CHAT)
+                assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "twin"
+            states = (await http.get("/ready")).json()["replicas"]["vllm"]
+        assert states[f"{dying}/v1"].startswith("set aside for ") and "middle of its answer" in states[f"{dying}/v1"]
+        # A single server that does so is still a 502: there is no one else to ask.
+        async with running_gateway(backend("vllm", dying, default=True)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                answer = await http.post("/v1/chat/completions", json=CHAT)
+        assert answer.status_code == 502
+
+
 async def test_with_every_replica_down_each_one_is_shown_set_aside() -> None:
     urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
     config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])

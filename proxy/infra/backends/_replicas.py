@@ -218,17 +218,30 @@ class BackendClient:
         patience = math.inf
         if not stream and len(self._replicas) > 1:
             patience = self._patience(trio.current_effective_deadline() - trio.current_time())
-        response, replica, _ = await self._open(method, path, content, headers, params, [], patience, settle=True)
-        if stream:
-            # The replica's count of requests in flight drops when the stream is closed.
-            response.extensions["llm_proxy.replica"] = replica
+        tried: list[_Replica] = []
+        while True:
+            response, replica, _ = await self._open(method, path, content, headers, params, tried, patience, settle=True)
+            if stream:
+                # The replica's count of requests in flight drops when the stream is closed.
+                response.extensions["llm_proxy.replica"] = replica
+                return response
+            try:
+                await response.aread()
+            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                # Its head, then the connection went before the body was whole (a worker that
+                # died generating): nothing reached the client, so another replica may answer.
+                if _client_gone():
+                    raise
+                why = f"it closed the connection in the middle of its answer ({exc or type(exc).__name__})"
+                if not self._standby_exists(tried):
+                    self._set_aside(replica, why)
+                    raise
+                self._move_off(replica, why)
+                continue
+            finally:
+                replica.in_flight -= 1
+                await response.aclose()
             return response
-        try:
-            await response.aread()
-        finally:
-            replica.in_flight -= 1
-            await response.aclose()
-        return response
 
     async def open_heard(
         self, method: str, path: str, *, content: bytes, headers: dict[str, str], stream: bool
