@@ -218,14 +218,28 @@ class RagStore:
             (json.dumps(metadata), document_id, workspace_id),
         )
 
-    async def put_document(self, workspace: Workspace, document: NewDocument) -> tuple[str, bool]:
+    async def put_document(self, workspace: Workspace, document: NewDocument) -> tuple[str, str]:
         """Insert the document with its chunks, replacing an earlier one from the same source,
-        in one transaction. Returns (document id, whether it replaced one)."""
+        in one transaction. Returns (document id, "created" | "updated" | "unchanged"):
+        unchanged when the stored one already has this text, chunker and metadata."""
         async with self._db.transaction() as tx:
-            previous = await tx.fetchval(
-                "DELETE FROM rag_documents WHERE workspace_id = %s AND source = %s RETURNING id::text",
+            # Ingests of one source queue here, so each sees the one before it committed: else
+            # two would both find no row (or delete the same one) and the second insert would
+            # hit the unique (workspace, source). Held until the transaction ends.
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, %s))", (document.source, workspace.id)
+            )
+            previous = await tx.fetchrow(
+                "SELECT id::text, content_hash, chunker, metadata FROM rag_documents"
+                " WHERE workspace_id = %s AND source = %s",
                 (workspace.id, document.source),
             )
+            if previous is not None and (previous[1], previous[2], dict(previous[3] or {})) == (
+                document.content_hash, document.chunker, document.metadata
+            ):
+                return str(previous[0]), "unchanged"  # the same document, stored meanwhile
+            if previous is not None:
+                await tx.execute("DELETE FROM rag_documents WHERE id = %s", (previous[0],))
             document_id = str(uuid.uuid4())
             await tx.execute(
                 "INSERT INTO rag_documents (id, workspace_id, source, content_hash, chunker, media_type, metadata,"
@@ -237,7 +251,7 @@ class RagStore:
             await tx.execute(
                 "UPDATE rag_workspaces SET revision = revision + 1, updated_at = now() WHERE id = %s", (workspace.id,)
             )
-        return document_id, previous is not None
+        return document_id, "created" if previous is None else "updated"
 
     async def list_documents(self, workspace_id: int, *, limit: int, offset: int) -> list[DocumentRow]:
         rows = await self._db.fetch(
