@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from proxy.infra.postgres import Database, Tx
+from proxy.infra.postgres import Database, Tx, plain_text
 
 DIMENSIONS: Final = 384
 # The chunks a full-text query may be estimated to match (see `_CANDIDATES_SQL`).
@@ -293,7 +293,7 @@ class RagStore:
         # workspace are found, however many other workspaces' chunks lie in between.
         settings = {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": str(max(40, int(limit)))}
         rows = await self._db.fetch_with_settings(
-            settings, _CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000], "lang": workspace.language,
+            settings, _CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": _query(query), "lang": workspace.language,
                                         "n": limit, "max_rows": LEXICAL_MAX_ROWS},
         )
         dense = [int(r[1]) for r in rows if r[0] == "v"]
@@ -303,7 +303,7 @@ class RagStore:
     async def full_text_terms(self, workspace: Workspace, query: str) -> list[str]:
         """The lexemes of `query` a full-text search uses (see `_CANDIDATES_SQL`)."""
         rows = await self._db.fetch(
-            _TERMS_SQL, {"q": query[:4000], "lang": workspace.language, "max_rows": LEXICAL_MAX_ROWS}
+            _TERMS_SQL, {"q": _query(query), "lang": workspace.language, "max_rows": LEXICAL_MAX_ROWS}
         )
         return [str(row[0]) for row in rows]
 
@@ -420,6 +420,13 @@ UNION ALL
 """
 
 _TERMS_SQL = f"WITH {_LEXEMES} SELECT lexeme FROM kept ORDER BY lexeme"
+
+
+def _query(text: str) -> str:
+    """A question as full-text search takes it: PostgreSQL refuses a NUL in any text (a
+    client's stray `\u0000` would fail the search), and the replacement separates words as
+    the NUL did."""
+    return plain_text(text[:4000])
 
 
 async def _insert_chunks(tx: Tx, workspace: Workspace, document_id: str, chunks: list[NewChunk]) -> None:
