@@ -16,6 +16,7 @@ from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason,
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
+from proxy.infra.rag_store import RagStore
 from proxy.services.chat import RequestMeta
 from proxy.services.semantic_cache import SemanticCache, conversation_key
 
@@ -134,6 +135,26 @@ async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedde
     await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
     assert await semantic.lookup(question, meta(workspace="docs")) is not None
     await db.execute("UPDATE rag_workspaces SET revision = revision + 1 WHERE name = 'docs'")
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+
+
+async def test_changed_workspace_settings_make_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
+    # A PUT of top_k or score_threshold changes which passages an answer would be given.
+    semantic, store = cache(db, embedder), RagStore(db)
+    await store.configure_workspace("docs", {"top_k": 3}, language=None)
+    question = ask("How many vacation days do I get?")
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1][2][3]"))
+    await store.configure_workspace("docs", {"top_k": 3}, language=None)  # the same: still valid
+    assert await semantic.lookup(question, meta(workspace="docs")) is not None
+    await store.configure_workspace("docs", {"top_k": 1}, language=None)
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
+    await store.configure_workspace("docs", {"score_threshold": 0.9}, language=None)
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+    # The answer to that miss was retrieved with these settings; changed before it is stored,
+    # it must not count as the new settings' answer.
+    await store.configure_workspace("docs", {"top_k": 2}, language=None)
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
     assert await semantic.lookup(question, meta(workspace="docs")) is None
 
 

@@ -157,11 +157,14 @@ class RagStore:
 
     async def configure_workspace(self, name: str, settings: dict[str, Any], *, language: str | None) -> Workspace:
         """Create or update a workspace's retrieval settings (merged into the existing ones).
-        The language can only be chosen while the workspace has no chunks."""
+        The language can only be chosen while the workspace has no chunks. Changed settings
+        bump the revision: answers retrieved with the old ones (semantic cache) are stale."""
         async with self._db.transaction() as tx:
             row = await tx.fetchrow(
                 f"INSERT INTO rag_workspaces (name, language, settings) VALUES (%s, COALESCE(%s::regconfig, 'english'), %s)"
                 f" ON CONFLICT (name) DO UPDATE SET settings = rag_workspaces.settings || EXCLUDED.settings,"
+                f" revision = rag_workspaces.revision"
+                f" + (rag_workspaces.settings <> (rag_workspaces.settings || EXCLUDED.settings))::int,"
                 f" updated_at = now() RETURNING {_WORKSPACE_COLUMNS}",
                 (name, language, json.dumps(settings)),
             )
@@ -171,7 +174,8 @@ class RagStore:
                 if await tx.fetchval("SELECT EXISTS (SELECT FROM rag_chunks WHERE workspace_id = %s)", (workspace.id,)):
                     raise LanguageLocked(workspace.language)
                 row = await tx.fetchrow(
-                    f"UPDATE rag_workspaces SET language = %s::regconfig WHERE id = %s RETURNING {_WORKSPACE_COLUMNS}",
+                    f"UPDATE rag_workspaces SET language = %s::regconfig, revision = revision + 1 WHERE id = %s"
+                    f" RETURNING {_WORKSPACE_COLUMNS}",
                     (language, workspace.id),
                 )
                 assert row is not None
