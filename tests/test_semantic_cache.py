@@ -13,6 +13,7 @@ import trio_asyncio
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
 from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, Usage
+from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
@@ -203,6 +204,21 @@ async def test_opt_in_and_opt_out(db: Database, embedder: LocalEmbedder) -> None
     assert await everything.lookup(question, meta()) is not None
     for header in ("off", "no-cache", "exact"):
         assert await everything.lookup(question, meta(header)) is None
+
+
+async def test_listed_models_match_their_aliases_targets_and_latest_names(db: Database, embedder: LocalEmbedder) -> None:
+    router = Router([BackendRoute("oa", prefixes=("gpt-",), default=True), BackendRoute("ol", prefixes=("llama",))],
+                    aliases={"myllama": "llama3.2", "gpt-alias": "gpt-4o-mini"})
+    settings = SemanticCacheSettings(models=("llama3.2", "gpt-alias"))
+    semantic = SemanticCache(settings, lambda: db, embedder, router)
+    for model in ("llama3.2", "llama3.2:latest", "myllama", "gpt-alias", "gpt-4o-mini"):
+        assert semantic.enabled_for(ask("Hi", model=model), meta()), model
+    for model in ("gpt-4o", "llama3.1", "other-alias"):
+        assert not semantic.enabled_for(ask("Hi", model=model), meta()), model
+    # One model under two of its names shares its answers.
+    await semantic.store(ask("Which river is the longest?", model="myllama"), meta(), answer("The Nile"))
+    hit = await semantic.lookup(ask("Which river is the longest?", model="llama3.2:latest"), meta())
+    assert hit is not None and hit.completion.choices[0].content == "The Nile"
 
 
 async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Database, embedder: LocalEmbedder) -> None:

@@ -193,7 +193,10 @@ class SemanticCache:
         if meta.cache == "semantic" or self.settings.enabled:
             return True
         models = self.settings.models
-        return bool(models) and (request.model in models or self._model(request) in models)
+        if not models:
+            return False
+        listed = set().union(*(self._names(model) for model in models))
+        return not listed.isdisjoint(self._names(request.model))
 
     async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None:
         """The cached answer to a conversation that means the same, or None."""
@@ -276,13 +279,24 @@ class SemanticCache:
     # -- internals --
 
     def _model(self, request: ChatRequest) -> str:
+        return self._routed(request.model) or request.model
+
+    def _routed(self, model: str) -> str | None:
+        """`backend/model` as `model` is routed (aliases applied), or None if it is not."""
         if self._router is None:
-            return request.model
+            return None
         try:
-            route = self._router.resolve(request.model)
+            route = self._router.resolve(model)
         except GatewayError:
-            return request.model
-        return f"{route.backend}/{route.upstream_model}"
+            return None
+        return f"{route.backend}/{_untagged(route.upstream_model)}"
+
+    def _names(self, model: str) -> set[str]:
+        """What `model` is known as to `[semantic_cache] models`: its name and the model it
+        is routed to, so a listed alias, its target, and an Ollama client's `:latest` spelling
+        of either all match one another."""
+        routed = self._routed(model)
+        return {_untagged(model)} if routed is None else {_untagged(model), routed}
 
     async def _revision(self, db: Database, meta: RequestMeta) -> int | None:
         """The RAG workspace's revision (None off the RAG route, or for no such workspace)."""
@@ -315,6 +329,11 @@ class SemanticCache:
         while len(self._vectors) > _SEGMENT_CACHE:
             self._vectors.popitem(last=False)
         return out
+
+
+def _untagged(model: str) -> str:
+    """Ollama's `name:latest` is `name`, as the router takes it."""
+    return model.removesuffix(":latest")
 
 
 __all__ = ["Conversation", "SemanticCache", "conversation_key"]
