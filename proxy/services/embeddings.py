@@ -25,7 +25,7 @@ import numpy as np
 import trio
 
 from proxy.config import EmbeddingSettings
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError, invalid_request
 from proxy.domain.routing import Router
 from proxy.domain.tokens import estimate_tokens
 from proxy.infra.backends import Backend, ModelInfo
@@ -348,7 +348,12 @@ class EmbeddingService:
             truncate=None if request.truncate else False, headers=request.headers,
             extra=request.extra if backend.config.kind == request.dialect else {}, legacy=request.legacy,
         )
-        output = await backend.embed(call)
+        try:
+            output = await backend.embed(call)
+        except GatewayError as error:
+            if error.code == CONTEXT_LENGTH_EXCEEDED:
+                error.param = "input"  # the backends' mapping names a chat's `messages`
+            raise
         try:
             vectors = np.asarray(output.vectors, dtype=np.float32)
         except ValueError:
