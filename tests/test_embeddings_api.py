@@ -194,6 +194,10 @@ async def test_the_local_model_is_listed(setup: Setup) -> None:
     local = [m for m in models.data if m.id == "all-minilm-l6-v2"]
     assert len(local) == 1 and local[0].owned_by == "llm-proxy"
     assert local[0].model_extra is not None and local[0].model_extra["backend"] == "local"
+    # An alias of it is served here too, not by the default backend its name would route to.
+    (alias,) = [m for m in models.data if m.id == "text-embedding-3-small"]
+    assert alias.model_extra is not None and alias.model_extra["backend"] == "local"
+    assert alias.owned_by == "llm-proxy"
     tags = await setup.ollama.list()
     entry = next(m for m in tags.models if m.model == "all-minilm-l6-v2")
     assert entry.details is not None and entry.details.family == "bert"
