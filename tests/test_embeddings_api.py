@@ -16,6 +16,7 @@ import trio
 from proxy.infra.embedder import LocalEmbedder
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
 from tests.fakes.script import embed_text
+from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
 
 PASSWORD = "How do I reset my password?"
@@ -193,6 +194,10 @@ async def test_the_local_model_is_listed(setup: Setup) -> None:
     local = [m for m in models.data if m.id == "all-minilm-l6-v2"]
     assert len(local) == 1 and local[0].owned_by == "llm-proxy"
     assert local[0].model_extra is not None and local[0].model_extra["backend"] == "local"
+    # An alias of it is served here too, not by the default backend its name would route to.
+    (alias,) = [m for m in models.data if m.id == "text-embedding-3-small"]
+    assert alias.model_extra is not None and alias.model_extra["backend"] == "local"
+    assert alias.owned_by == "llm-proxy"
     tags = await setup.ollama.list()
     entry = next(m for m in tags.models if m.model == "all-minilm-l6-v2")
     assert entry.details is not None and entry.details.family == "bert"
@@ -287,3 +292,42 @@ async def test_absurd_dimensions_are_refused_before_any_backend(setup: Setup) ->
     with pytest.raises(openai.BadRequestError) as caught:
         await setup.client.embeddings.create(model="text-embedding-3-small", input="x", dimensions=70_000_000)
     assert caught.value.body.get("param") == "dimensions"  # type: ignore[union-attr]
+
+
+# -- an input longer than the model's window ----------------------------------------------------------
+
+VLLM_EMBEDDING_TOO_LONG = (
+    "This model's maximum context length is 512 tokens. However, you requested 900 tokens in the input for "
+    "embedding generation. Please reduce the length of the input."
+)
+OLLAMA_EMBEDDING_TOO_LONG = "the input length exceeds the context length"
+
+
+class _TooLongVLLM(OpenAIBackend):
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        await exchange.respond_json(400, {"object": "error", "message": VLLM_EMBEDDING_TOO_LONG,
+                                          "type": "BadRequestError", "param": None, "code": 400})
+
+
+class _TooLongOllama(OllamaBackend):
+    async def _embed(self, request: Request, exchange: Exchange, *, legacy: bool) -> None:
+        await exchange.respond_json(400, {"error": OLLAMA_EMBEDDING_TOO_LONG})
+
+
+async def test_an_input_too_long_for_the_model_is_context_length_exceeded_on_input() -> None:
+    vllm, ol = _TooLongVLLM(), _TooLongOllama()
+    async with vllm.serve() as vllm_server, ol.serve() as ol_server, running_gateway(
+        backend("vllm", vllm_server.url, default=True),
+        backend("ol", ol_server.url, kind="ollama", prefixes=("nomic-",)),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model, message in (("bge-m3", VLLM_EMBEDDING_TOO_LONG), ("nomic-embed-text", OLLAMA_EMBEDDING_TOO_LONG)):
+            with pytest.raises(openai.BadRequestError) as caught:
+                await client.embeddings.create(model=model, input="word " * 400)
+            assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "input"), model
+            assert message in caught.value.message
+        await client.close()
+        async with ollama.AsyncClient(host=url) as native:
+            with pytest.raises(ollama.ResponseError) as refused:
+                await native.embed(model="nomic-embed-text", input="word " * 400)
+        assert refused.value.status_code == 400 and refused.value.error == OLLAMA_EMBEDDING_TOO_LONG

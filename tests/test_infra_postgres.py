@@ -131,6 +131,10 @@ async def test_errors_are_ours(db: Database, table: str) -> None:
     with pytest.raises(ConstraintViolation) as dup:
         await db.execute(f"INSERT INTO {table} VALUES (1, 'b')")
     assert dup.value.sqlstate == "23505"
+    # psycopg refuses a NUL before sending it: a data exception (the value's fault), not an outage.
+    with pytest.raises(DatabaseError) as nul:
+        await db.fetchval("SELECT %s::text", ("a\x00b",))
+    assert nul.value.sqlstate == "22000" and not isinstance(nul.value, DatabaseUnavailable)
 
 
 async def test_wrong_url_is_database_unavailable(aio_loop: trio_asyncio.TrioEventLoop) -> None:

@@ -12,15 +12,23 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+import trio
 import trio_asyncio
 
 from proxy.cli import main
 from proxy.config import RagSettings
+from proxy.domain.errors import GatewayError
 from proxy.infra.embedder import LocalEmbedder, maxsim
 from proxy.infra.migrations import migrate
-from proxy.infra.postgres import Database, open_database
+from proxy.infra.postgres import ConstraintViolation, Database, open_database
 from proxy.infra.rag_store import TokenVectorCache, pack_token_vectors, unpack_token_vectors
-from proxy.services.rag import DocumentInput, RagService, pool_token_vectors, reciprocal_rank_fusion
+from proxy.services.rag import (
+    DocumentInput,
+    RagService,
+    _database_errors,
+    pool_token_vectors,
+    reciprocal_rank_fusion,
+)
 from tests.harness import running_gateway
 from tests.rag_corpus import API, BREAD, CORPUS, DOCUMENTS, HANDBOOK, POSTGRES, QUESTIONS, UNRELATED
 
@@ -217,6 +225,50 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     nameless = [await rag.ingest("ws", [DocumentInput(HANDBOOK)]) for _ in range(2)]
     assert [r[0].status for r in nameless] == ["created", "unchanged"]
     assert nameless[0][0].source.startswith("sha256:")
+
+
+async def test_concurrent_ingests_of_one_source_end_as_one_document(db: Database, embedder: LocalEmbedder) -> None:
+    rag = service(db, embedder)
+    await rag.ingest("ws", [DocumentInput(BREAD, "html", "other.html")])  # the workspace exists
+
+    async def ingest_all(texts: list[str]) -> list[str]:
+        statuses: list[str] = []
+
+        async def one(text: str) -> None:
+            (result,) = await rag.ingest("ws", [DocumentInput(text, "markdown", "race.md")])
+            statuses.append(result.status)
+
+        async with trio.open_nursery() as nursery:
+            for text in texts:
+                nursery.start_soon(one, text)
+        return statuses
+
+    async def race_documents() -> list[tuple[str, int]]:
+        return [(row[0], row[1]) for row in await db.fetch(
+            "SELECT d.id::text, (SELECT count(*) FROM rag_chunks c WHERE c.document_id = d.id)"
+            " FROM rag_documents d WHERE source = 'race.md'")]
+
+    # Different versions at once: each replaces the one before it (no unique violation).
+    statuses = await ingest_all([f"# Parking\n\nVersion {i}: park in spot {i}." for i in range(6)])
+    assert sorted(statuses) == ["created"] + ["updated"] * 5
+    assert len(await race_documents()) == 1
+    # The same text at once: stored once, the others find it there.
+    same = "# Parking\n\nPark anywhere on level 2."
+    statuses = await ingest_all([same] * 6)
+    assert sorted(statuses) == ["unchanged"] * 5 + ["updated"]
+    ((_, chunks),) = await race_documents()
+    assert chunks == 1
+    revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = 'ws'")
+    assert revision == 1 + 6 + 1  # an unchanged document leaves the semantic cache valid
+
+
+def test_a_conflicting_write_is_a_409_without_the_schema_in_it() -> None:
+    # A unique or foreign-key violation (a workspace deleted mid-ingest, say) is no outage:
+    # a 503 would invite the client to retry at once.
+    with pytest.raises(GatewayError) as caught, _database_errors():
+        raise ConstraintViolation('duplicate key value violates unique constraint "rag_documents_key"', sqlstate="23505")
+    assert caught.value.status == 409 and caught.value.retry_after is None
+    assert "rag_documents" not in caught.value.message
 
 
 async def test_deleting_documents_and_workspaces(db: Database, embedder: LocalEmbedder) -> None:

@@ -223,6 +223,25 @@ async def test_unknown_workspace_is_a_404_in_every_dialect(setup: Setup) -> None
     await an.close()
 
 
+async def test_a_nul_in_the_question_does_not_fail_retrieval(setup: Setup) -> None:
+    # PostgreSQL takes no NUL in text; a stray one in a question used to be a retryable 503.
+    question = QUESTION.replace("nightly", "nightly\u0000")
+    messages = [{"role": "user", "content": question}]
+    async with httpx.AsyncClient(base_url=setup.url, timeout=30) as http:
+        for path, body in (
+            ("/v1/chat/completions", {"model": MODELS["openai"], "messages": messages}),
+            ("/api/chat", {"model": MODELS["ollama"], "messages": messages, "stream": False}),
+            ("/v1/messages", {"model": MODELS["anthropic"], "max_tokens": 20, "messages": messages}),
+        ):
+            response = await http.post(path, headers=RAG, json=body)
+            assert response.status_code == 200, (path, response.text)
+            assert sources_of(response.headers)[0]["source"] == "runbooks/postgres.md"
+        found = await http.post(f"/v1/workspaces/{CORPUS}/search", json={"query": question})
+    assert found.status_code == 200, found.text
+    assert found.json()["data"][0]["source"] == "runbooks/postgres.md"
+    assert "night" in found.json()["full_text_terms"]
+
+
 # -- cancellation ----------------------------------------------------------------------------------
 
 

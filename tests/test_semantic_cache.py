@@ -13,9 +13,11 @@ import trio_asyncio
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
 from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, Usage
+from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import Database, open_database
+from proxy.infra.rag_store import RagStore
 from proxy.services.chat import RequestMeta
 from proxy.services.semantic_cache import SemanticCache, conversation_key
 
@@ -137,6 +139,26 @@ async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedde
     assert await semantic.lookup(question, meta(workspace="docs")) is None
 
 
+async def test_changed_workspace_settings_make_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
+    # A PUT of top_k or score_threshold changes which passages an answer would be given.
+    semantic, store = cache(db, embedder), RagStore(db)
+    await store.configure_workspace("docs", {"top_k": 3}, language=None)
+    question = ask("How many vacation days do I get?")
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1][2][3]"))
+    await store.configure_workspace("docs", {"top_k": 3}, language=None)  # the same: still valid
+    assert await semantic.lookup(question, meta(workspace="docs")) is not None
+    await store.configure_workspace("docs", {"top_k": 1}, language=None)
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
+    await store.configure_workspace("docs", {"score_threshold": 0.9}, language=None)
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+    # The answer to that miss was retrieved with these settings; changed before it is stored,
+    # it must not count as the new settings' answer.
+    await store.configure_workspace("docs", {"top_k": 2}, language=None)
+    await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+
+
 async def test_expired_entries_miss_and_are_purged(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder, ttl_seconds=0.3)
     await semantic.store(ask("What is the tallest mountain?"), meta(), answer("Everest"))
@@ -182,6 +204,21 @@ async def test_opt_in_and_opt_out(db: Database, embedder: LocalEmbedder) -> None
     assert await everything.lookup(question, meta()) is not None
     for header in ("off", "no-cache", "exact"):
         assert await everything.lookup(question, meta(header)) is None
+
+
+async def test_listed_models_match_their_aliases_targets_and_latest_names(db: Database, embedder: LocalEmbedder) -> None:
+    router = Router([BackendRoute("oa", prefixes=("gpt-",), default=True), BackendRoute("ol", prefixes=("llama",))],
+                    aliases={"myllama": "llama3.2", "gpt-alias": "gpt-4o-mini"})
+    settings = SemanticCacheSettings(models=("llama3.2", "gpt-alias"))
+    semantic = SemanticCache(settings, lambda: db, embedder, router)
+    for model in ("llama3.2", "llama3.2:latest", "myllama", "gpt-alias", "gpt-4o-mini"):
+        assert semantic.enabled_for(ask("Hi", model=model), meta()), model
+    for model in ("gpt-4o", "llama3.1", "other-alias"):
+        assert not semantic.enabled_for(ask("Hi", model=model), meta()), model
+    # One model under two of its names shares its answers.
+    await semantic.store(ask("Which river is the longest?", model="myllama"), meta(), answer("The Nile"))
+    hit = await semantic.lookup(ask("Which river is the longest?", model="llama3.2:latest"), meta())
+    assert hit is not None and hit.completion.choices[0].content == "The Nile"
 
 
 async def test_incomplete_answers_are_not_stored_and_outages_are_misses(db: Database, embedder: LocalEmbedder) -> None:

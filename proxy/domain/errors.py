@@ -70,11 +70,12 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 # context length is N tokens"), newer vLLM ("longer than the maximum model length", "exceeds
 # the max_model_len"), llama.cpp ("exceeds the available context size"), SGLang ("exceeds the
 # maximum allowed length"), Anthropic ("prompt is too long", "exceed context limit"), Ollama
-# ("prompt too long; exceeded max context length by N tokens").
+# ("prompt too long; exceeded max context length by N tokens"; its embed API's "the input
+# length exceeds the context length").
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 _CONTEXT_OVERFLOW = re.compile(
     r"max(?:imum)? context length|context (?:size|limit|window)|prompt is too long|maximum model length"
-    r"|max_model_len|exceeds the maximum allowed length",
+    r"|max_model_len|exceeds the maximum allowed length|exceeds the context length",
     re.IGNORECASE,
 )
 

@@ -25,7 +25,8 @@ extension if it is missing, because the adapter can only be registered once the 
 
 Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`);
 `DatabaseUnavailable` when the server cannot be reached or the connection broke (retryable),
-`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null).
+`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null); a value
+psycopg refuses to send (a NUL in text) has SQLSTATE 22000, like the server's data exceptions.
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def _translate(exc: Exception) -> DatabaseError:
             return DatabaseUnavailable(message, sqlstate=sqlstate)
         if sqlstate is not None and sqlstate.startswith("23"):
             return ConstraintViolation(message, sqlstate=sqlstate)
+        if sqlstate is None and isinstance(exc, psycopg.DataError):
+            # Refused before it was sent (a NUL in text): a data exception as the server's own
+            # would be, class 22, so callers treat it as the value's fault, not an outage.
+            return DatabaseError(message, sqlstate="22000")
     return DatabaseError(message, sqlstate=sqlstate)
 
 

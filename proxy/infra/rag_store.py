@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from proxy.infra.postgres import Database, Tx
+from proxy.infra.postgres import Database, Tx, plain_text
 
 DIMENSIONS: Final = 384
 # The chunks a full-text query may be estimated to match (see `_CANDIDATES_SQL`).
@@ -157,11 +157,14 @@ class RagStore:
 
     async def configure_workspace(self, name: str, settings: dict[str, Any], *, language: str | None) -> Workspace:
         """Create or update a workspace's retrieval settings (merged into the existing ones).
-        The language can only be chosen while the workspace has no chunks."""
+        The language can only be chosen while the workspace has no chunks. Changed settings
+        bump the revision: answers retrieved with the old ones (semantic cache) are stale."""
         async with self._db.transaction() as tx:
             row = await tx.fetchrow(
                 f"INSERT INTO rag_workspaces (name, language, settings) VALUES (%s, COALESCE(%s::regconfig, 'english'), %s)"
                 f" ON CONFLICT (name) DO UPDATE SET settings = rag_workspaces.settings || EXCLUDED.settings,"
+                f" revision = rag_workspaces.revision"
+                f" + (rag_workspaces.settings <> (rag_workspaces.settings || EXCLUDED.settings))::int,"
                 f" updated_at = now() RETURNING {_WORKSPACE_COLUMNS}",
                 (name, language, json.dumps(settings)),
             )
@@ -171,7 +174,8 @@ class RagStore:
                 if await tx.fetchval("SELECT EXISTS (SELECT FROM rag_chunks WHERE workspace_id = %s)", (workspace.id,)):
                     raise LanguageLocked(workspace.language)
                 row = await tx.fetchrow(
-                    f"UPDATE rag_workspaces SET language = %s::regconfig WHERE id = %s RETURNING {_WORKSPACE_COLUMNS}",
+                    f"UPDATE rag_workspaces SET language = %s::regconfig, revision = revision + 1 WHERE id = %s"
+                    f" RETURNING {_WORKSPACE_COLUMNS}",
                     (language, workspace.id),
                 )
                 assert row is not None
@@ -218,14 +222,28 @@ class RagStore:
             (json.dumps(metadata), document_id, workspace_id),
         )
 
-    async def put_document(self, workspace: Workspace, document: NewDocument) -> tuple[str, bool]:
+    async def put_document(self, workspace: Workspace, document: NewDocument) -> tuple[str, str]:
         """Insert the document with its chunks, replacing an earlier one from the same source,
-        in one transaction. Returns (document id, whether it replaced one)."""
+        in one transaction. Returns (document id, "created" | "updated" | "unchanged"):
+        unchanged when the stored one already has this text, chunker and metadata."""
         async with self._db.transaction() as tx:
-            previous = await tx.fetchval(
-                "DELETE FROM rag_documents WHERE workspace_id = %s AND source = %s RETURNING id::text",
+            # Ingests of one source queue here, so each sees the one before it committed: else
+            # two would both find no row (or delete the same one) and the second insert would
+            # hit the unique (workspace, source). Held until the transaction ends.
+            await tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, %s))", (document.source, workspace.id)
+            )
+            previous = await tx.fetchrow(
+                "SELECT id::text, content_hash, chunker, metadata FROM rag_documents"
+                " WHERE workspace_id = %s AND source = %s",
                 (workspace.id, document.source),
             )
+            if previous is not None and (previous[1], previous[2], dict(previous[3] or {})) == (
+                document.content_hash, document.chunker, document.metadata
+            ):
+                return str(previous[0]), "unchanged"  # the same document, stored meanwhile
+            if previous is not None:
+                await tx.execute("DELETE FROM rag_documents WHERE id = %s", (previous[0],))
             document_id = str(uuid.uuid4())
             await tx.execute(
                 "INSERT INTO rag_documents (id, workspace_id, source, content_hash, chunker, media_type, metadata,"
@@ -237,7 +255,7 @@ class RagStore:
             await tx.execute(
                 "UPDATE rag_workspaces SET revision = revision + 1, updated_at = now() WHERE id = %s", (workspace.id,)
             )
-        return document_id, previous is not None
+        return document_id, "created" if previous is None else "updated"
 
     async def list_documents(self, workspace_id: int, *, limit: int, offset: int) -> list[DocumentRow]:
         rows = await self._db.fetch(
@@ -279,7 +297,7 @@ class RagStore:
         # workspace are found, however many other workspaces' chunks lie in between.
         settings = {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": str(max(40, int(limit)))}
         rows = await self._db.fetch_with_settings(
-            settings, _CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": query[:4000], "lang": workspace.language,
+            settings, _CANDIDATES_SQL, {"ws": workspace.id, "v": vector, "q": _query(query), "lang": workspace.language,
                                         "n": limit, "max_rows": LEXICAL_MAX_ROWS},
         )
         dense = [int(r[1]) for r in rows if r[0] == "v"]
@@ -289,7 +307,7 @@ class RagStore:
     async def full_text_terms(self, workspace: Workspace, query: str) -> list[str]:
         """The lexemes of `query` a full-text search uses (see `_CANDIDATES_SQL`)."""
         rows = await self._db.fetch(
-            _TERMS_SQL, {"q": query[:4000], "lang": workspace.language, "max_rows": LEXICAL_MAX_ROWS}
+            _TERMS_SQL, {"q": _query(query), "lang": workspace.language, "max_rows": LEXICAL_MAX_ROWS}
         )
         return [str(row[0]) for row in rows]
 
@@ -406,6 +424,13 @@ UNION ALL
 """
 
 _TERMS_SQL = f"WITH {_LEXEMES} SELECT lexeme FROM kept ORDER BY lexeme"
+
+
+def _query(text: str) -> str:
+    """A question as full-text search takes it: PostgreSQL refuses a NUL in any text (a
+    client's stray `\u0000` would fail the search), and the replacement separates words as
+    the NUL did."""
+    return plain_text(text[:4000])
 
 
 async def _insert_chunks(tx: Tx, workspace: Workspace, document_id: str, chunks: list[NewChunk]) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -25,7 +25,7 @@ import numpy as np
 import trio
 
 from proxy.config import EmbeddingSettings
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError, invalid_request
 from proxy.domain.routing import Router
 from proxy.domain.tokens import estimate_tokens
 from proxy.infra.backends import Backend, ModelInfo
@@ -46,6 +46,7 @@ log = logging.getLogger("llm_proxy.embeddings")
 
 LOCAL_MODEL: Final = LOCAL_EMBEDDING_MODEL
 LOCAL_BACKEND: Final = "local"
+LOCAL_OWNER: Final = "llm-proxy"
 # What clients call this model: its own id, sentence-transformers' and Ollama's names.
 LOCAL_NAMES: Final = frozenset({
     LOCAL_EMBEDDING_MODEL,
@@ -277,7 +278,7 @@ class EmbeddingService:
             "embedding_length": EMBEDDING_DIMENSIONS,
             "context_length": MAX_INPUT_TOKENS,
         }
-        return [ModelInfo(id=LOCAL_MODEL, backend=LOCAL_BACKEND, owned_by="llm-proxy", details=details)]
+        return [ModelInfo(id=LOCAL_MODEL, backend=LOCAL_BACKEND, owned_by=LOCAL_OWNER, details=details)]
 
     async def embed(self, request: EmbeddingRequest) -> EmbeddingResponse:
         check_model(request.model)  # the in-process model is not resolved through the router
@@ -348,7 +349,12 @@ class EmbeddingService:
             truncate=None if request.truncate else False, headers=request.headers,
             extra=request.extra if backend.config.kind == request.dialect else {}, legacy=request.legacy,
         )
-        output = await backend.embed(call)
+        try:
+            output = await backend.embed(call)
+        except GatewayError as error:
+            if error.code == CONTEXT_LENGTH_EXCEEDED:
+                error.param = "input"  # the backends' mapping names a chat's `messages`
+            raise
         try:
             vectors = np.asarray(output.vectors, dtype=np.float32)
         except ValueError:
@@ -392,7 +398,14 @@ class CatalogWithLocalModels(ModelCatalog):
         listed = await super().models()
         local = self._embeddings.local_models()
         names = {info.id for info in local}
-        return local + [info for info in listed if info.id not in names]
+        return local + [self._served_where(info) for info in listed if info.id not in names]
+
+    def _served_where(self, info: ModelInfo) -> ModelInfo:
+        """An alias of the local model is served here, not by the backend its name would
+        route to (the catalogue only knows the backends)."""
+        if "alias_of" in info.details and self._embeddings.is_local(info.id):
+            return replace(info, backend=LOCAL_BACKEND, owned_by=LOCAL_OWNER)
+        return info
 
 
 __all__ = [

@@ -45,7 +45,7 @@ from proxy.infra.chunking import (
     to_text,
 )
 from proxy.infra.embedder import Vectors, maxsim
-from proxy.infra.postgres import Database, DatabaseError
+from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
 from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
 from proxy.services.chat import ChatExchange
 from proxy.services.embeddings import TextEncoder
@@ -285,9 +285,9 @@ class RagService:
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
         with _database_errors():
-            document_id, replaced = await store.put_document(workspace, new)
-        return IngestResult(document_id, source, "updated" if replaced else "created", len(chunks),
-                            sum(c.tokens for c in chunks))
+            document_id, status = await store.put_document(workspace, new)
+        return IngestResult(document_id, source, status, len(chunks),
+                            sum(c.tokens for c in chunks) if status != "unchanged" else 0)
 
     async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Vectors, Vectors]]:
         out: list[tuple[Vectors, Vectors]] = []
@@ -387,6 +387,13 @@ def _database_errors() -> Iterator[None]:
         if exc.sqlstate is not None and exc.sqlstate.startswith("22"):
             # A value PostgreSQL refuses (bad text, out of range): the request's fault.
             raise invalid_request(f"The RAG store refused a value: {reason}", code="invalid_value") from exc
+        if isinstance(exc, ConstraintViolation):
+            # A concurrent change got there first (the workspace deleted meanwhile, say):
+            # retrying the same request at once is not what fixes it, and the constraint's
+            # name is the schema's business.
+            log.warning("RAG store conflict: %s", exc)
+            raise GatewayError(ErrorKind.CONFLICT, "A concurrent change to the workspace conflicted with this one.",
+                               code="conflict") from exc
         log.warning("RAG store error: %s", exc)
         raise GatewayError(ErrorKind.UNAVAILABLE, f"The RAG store failed: {reason}", code="database_error",
                            retry_after=2) from exc

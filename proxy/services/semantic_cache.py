@@ -7,8 +7,9 @@ What has to match, and how:
 
 - Exactly (the entry's `scope`): the routed model, every generation parameter, the tools and
   tool choice, the dialect-specific extras, the RAG workspace and its revision (ingesting or
-  deleting a document makes the workspace's entries stale), and the conversation's *shape*:
-  the roles in order, how many segments each message has, the names of the tools called,
+  deleting a document, or changing its settings, makes the workspace's entries stale; an
+  answer is stored under the revision its lookup saw, from before its retrieval), and the
+  conversation's *shape*: the roles in order, how many segments each message has, the names of the tools called,
   each message's own extras, any image or opaque part (by content), every number in the
   text and every negation word.
   Embeddings are poor at exactly those ("2+2" vs "2+3", "safe" vs "not safe" score 0.89
@@ -182,6 +183,9 @@ class SemanticCache:
         self._encoder = encoder
         self._router = router
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()
+        # The workspace revision each RAG request's lookup saw, by trace id, for its store:
+        # read again after the answer, it could be a revision the answer's passages predate.
+        self._revisions: OrderedDict[str, int | None] = OrderedDict()
 
     def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool:
         if meta.cache in _OFF:
@@ -189,7 +193,10 @@ class SemanticCache:
         if meta.cache == "semantic" or self.settings.enabled:
             return True
         models = self.settings.models
-        return bool(models) and (request.model in models or self._model(request) in models)
+        if not models:
+            return False
+        listed = set().union(*(self._names(model) for model in models))
+        return not listed.isdisjoint(self._names(request.model))
 
     async def lookup(self, request: ChatRequest, meta: RequestMeta) -> CachedAnswer | None:
         """The cached answer to a conversation that means the same, or None."""
@@ -199,7 +206,12 @@ class SemanticCache:
         if db is None:
             return None
         try:
-            key = await self._key(db, request, meta)
+            revision = await self._revision(db, meta)
+            if meta.route == "rag":
+                self._revisions[meta.trace_id] = revision
+                while len(self._revisions) > _SEGMENT_CACHE:
+                    self._revisions.popitem(last=False)
+            key = await self._key(request, meta, revision)
             vectors = await self._embed(key.segments)
             async with db.transaction() as tx:
                 await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
@@ -219,6 +231,7 @@ class SemanticCache:
             if best is None:
                 return None
             row_id, completion = best[1]
+            self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
             await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
             headers = [(name.encode(), value.encode()) for name, value in (answer.get("headers") or {}).items()]
@@ -240,7 +253,11 @@ class SemanticCache:
         if db is None:
             return
         try:
-            key = await self._key(db, request, meta)
+            if meta.trace_id in self._revisions:
+                revision = self._revisions.pop(meta.trace_id)
+            else:  # stored without a lookup first
+                revision = await self._revision(db, meta)
+            key = await self._key(request, meta, revision)
             vectors = await self._embed(key.segments)
             await db.execute(
                 "INSERT INTO semantic_cache (scope, model, workspace, embedding, segments, conversation, completion,"
@@ -262,19 +279,34 @@ class SemanticCache:
     # -- internals --
 
     def _model(self, request: ChatRequest) -> str:
-        if self._router is None:
-            return request.model
-        try:
-            route = self._router.resolve(request.model)
-        except GatewayError:
-            return request.model
-        return f"{route.backend}/{route.upstream_model}"
+        return self._routed(request.model) or request.model
 
-    async def _key(self, db: Database, request: ChatRequest, meta: RequestMeta) -> Conversation:
+    def _routed(self, model: str) -> str | None:
+        """`backend/model` as `model` is routed (aliases applied), or None if it is not."""
+        if self._router is None:
+            return None
+        try:
+            route = self._router.resolve(model)
+        except GatewayError:
+            return None
+        return f"{route.backend}/{_untagged(route.upstream_model)}"
+
+    def _names(self, model: str) -> set[str]:
+        """What `model` is known as to `[semantic_cache] models`: its name and the model it
+        is routed to, so a listed alias, its target, and an Ollama client's `:latest` spelling
+        of either all match one another."""
+        routed = self._routed(model)
+        return {_untagged(model)} if routed is None else {_untagged(model), routed}
+
+    async def _revision(self, db: Database, meta: RequestMeta) -> int | None:
+        """The RAG workspace's revision (None off the RAG route, or for no such workspace)."""
+        if meta.route != "rag" or meta.workspace is None:
+            return None
+        revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = %s", (meta.workspace,))
+        return None if revision is None else int(revision)
+
+    async def _key(self, request: ChatRequest, meta: RequestMeta, revision: int | None) -> Conversation:
         workspace = meta.workspace if meta.route == "rag" else None
-        revision = None
-        if workspace is not None:
-            revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = %s", (workspace,))
         counter = token_counter()
         return await trio.to_thread.run_sync(
             lambda: conversation_key(request, model=self._model(request), workspace=workspace,
@@ -297,6 +329,11 @@ class SemanticCache:
         while len(self._vectors) > _SEGMENT_CACHE:
             self._vectors.popitem(last=False)
         return out
+
+
+def _untagged(model: str) -> str:
+    """Ollama's `name:latest` is `name`, as the router takes it."""
+    return model.removesuffix(":latest")
 
 
 __all__ = ["Conversation", "SemanticCache", "conversation_key"]
