@@ -71,6 +71,15 @@ async def test_identical_and_equivalent_questions_hit(db: Database, embedder: Lo
     assert await semantic.lookup(ask("How do I delete my account?"), meta()) is None
 
 
+async def test_an_answer_holding_a_nul_is_stored_and_served(db: Database, embedder: LocalEmbedder) -> None:
+    # PostgreSQL's jsonb refuses U+0000: a model that wrote one must not make its answer unstorable.
+    semantic = cache(db, embedder)
+    question = ask("What separates C strings?")
+    await semantic.store(question, meta(), answer("A \x00 byte."))
+    hit = await semantic.lookup(ask("What separates C strings?"), meta())
+    assert hit is not None and hit.completion.choices[0].content == "A \ufffd byte."
+
+
 async def test_conversations_sharing_the_last_message_but_not_the_history_miss(
     db: Database, embedder: LocalEmbedder
 ) -> None:

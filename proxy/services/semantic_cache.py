@@ -54,7 +54,7 @@ from proxy.domain.routing import Router
 from proxy.infra.chat_store import completion_from_json, completion_to_json
 from proxy.infra.chunking import MODEL_TOKENS, TokenCounter, token_counter
 from proxy.infra.embedder import EMBEDDING_DIMENSIONS, Vectors
-from proxy.infra.postgres import Database, DatabaseError
+from proxy.infra.postgres import Database, DatabaseError, json_text
 from proxy.services.chat import CachedAnswer, RequestMeta
 from proxy.services.embeddings import TextEncoder
 from proxy.services.rag import ANSWER_HEADERS
@@ -266,7 +266,7 @@ class SemanticCache:
                 " segments = EXCLUDED.segments, completion = EXCLUDED.completion, expires_at = EXCLUDED.expires_at,"
                 " created_at = now()",
                 (key.scope, key.model, key.workspace, _mean_vector(vectors), pack_segments(vectors), key.digest,
-                 json.dumps(_answer_json(completion, headers)), self.settings.ttl_seconds),
+                 json_text(_answer_json(completion, headers)), self.settings.ttl_seconds),
             )
             await db.execute(
                 "DELETE FROM semantic_cache WHERE id IN"
