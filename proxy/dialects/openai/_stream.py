@@ -70,6 +70,7 @@ class _ToolIndexes:
 
     by_id: dict[str, int] = field(default_factory=dict)
     by_upstream: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
     count: int = 0
 
 
@@ -284,7 +285,11 @@ class StreamRelay:
                 call["type"] = "function"
                 rewrite = True
             tools.by_id[call_id] = ours
-            events.append(ToolCallStart(ours, call_id, str(function.get("name") or ""), choice))
+            name = function.get("name")
+            tools.names[ours] = name if isinstance(name, str) else ""
+            events.append(ToolCallStart(ours, call_id, tools.names[ours], choice))
+        elif self._continuation(call, function, tools, ours):
+            rewrite = True
         tools.by_upstream[upstream_index] = ours
         if ours != call.get("index"):
             call["index"] = ours
@@ -293,6 +298,29 @@ class StreamRelay:
         if isinstance(arguments, str) and arguments:
             events.append(ToolCallDelta(ours, arguments, choice))
         return rewrite
+
+    @staticmethod
+    def _continuation(call: dict[str, Any], function: dict[str, Any], tools: _ToolIndexes, ours: int) -> bool:
+        """Strip what a fragment continuing a known call repeats; True when the frame must change.
+
+        Some servers (Fireworks, DeepSeek, Qwen) repeat `id`, `type` and `function.name` on every
+        fragment, and OpenAI clients concatenate string fields across fragments (`call_acall_a`).
+        A name that differs from the one known is a genuine next piece of it and stays.
+        """
+        call_id = call.pop("id", None)
+        call.pop("type", None)
+        repeated = isinstance(call_id, str) and bool(call_id)
+        name = function.get("name")
+        if isinstance(name, str) and name:
+            known = tools.names.get(ours, "")
+            if name == known:
+                del function["name"]
+                repeated = True
+            else:
+                tools.names[ours] = known + name
+        elif "name" in function:
+            del function["name"]
+        return repeated
 
     # -- endings --------------------------------------------------------------------------
 
