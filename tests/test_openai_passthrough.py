@@ -295,3 +295,44 @@ def test_continuous_usage_stays_on_every_chunk_when_asked() -> None:
     assert kept == upstream
     moved = openai_codec.StreamRelay(include_usage=True).feed(upstream).raw
     assert moved.count(b'"usage":null') == 2
+
+
+async def test_a_backend_without_usage_still_gives_the_client_its_usage_chunk() -> None:
+    # Some servers never report usage in a stream; a client that asked for it (to count its
+    # spending) gets the gateway's estimate, the same numbers its key is charged.
+    from tests.fakes import Exchange, Request, serve_fake
+    from tests.test_auth_helpers import eventually
+    from tests.test_metrics import total
+
+    def frame(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    async def no_usage(request: Request, exchange: Exchange) -> None:
+        if not request.path.endswith("/chat/completions"):
+            await exchange.respond_json(200, {"object": "list", "data": []})
+            return
+        await exchange.start(200, content_type="text/event-stream")
+        body = frame({"role": "assistant", "content": ""}) + frame({"content": "Hello there, friend"}) + frame({}, "stop")
+        await exchange.finish(body + b"data: [DONE]\n\n")
+
+    async with serve_fake(no_usage) as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+
+            async def charged() -> str | None:
+                text = (await http.get("/metrics")).text
+                return text if total(text, "llm_proxy_prompt_tokens_total") else None
+
+            text = await eventually(charged)
+    usage = [chunk.usage for chunk in chunks if chunk.usage is not None]
+    assert len(usage) == 1 and chunks[-1].choices == [] and chunks[-1].usage is usage[0]
+    assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (3, 5)  # "Say hello"; 19 characters
+    assert total(text, "llm_proxy_prompt_tokens_total") == usage[0].prompt_tokens
+    assert total(text, "llm_proxy_completion_tokens_total") == usage[0].completion_tokens

@@ -37,6 +37,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from proxy.domain.tokens import estimate_tokens
 
 DONE = b"data: [DONE]\n\n"
 # An SSE comment: every SSE client skips it; proxies in between see the stream is alive.
@@ -81,11 +82,15 @@ class StreamRelay:
     regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
     `chunk_usage`: the client also asked for usage on every chunk (vLLM's
     `continuous_usage_stats`), so usage riding on content chunks stays there.
+    `prompt_tokens`: the gateway's estimate of the prompt, for the usage chunk a client asked
+    for when the backend sends none (its completion tokens are estimated from what it said).
     """
 
-    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False) -> None:
+    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: int = 0) -> None:
         self._include_usage = bool(include_usage)
         self._chunk_usage = self._include_usage and chunk_usage
+        self._prompt_tokens = prompt_tokens
+        self._generated = 0  # characters of text, reasoning and tool arguments
         self._decoder = SSEDecoder()
         self._start: StreamStart | None = None
         self._role_sent = False
@@ -234,9 +239,11 @@ class StreamRelay:
         if isinstance(delta, dict):
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
+                self._generated += len(reasoning)
                 events.append(ReasoningDelta(reasoning, index))
             content = delta.get("content")
             if isinstance(content, str) and content:
+                self._generated += len(content)
                 events.append(TextDelta(content, index))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
@@ -296,6 +303,7 @@ class StreamRelay:
             rewrite = True
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
+            self._generated += len(arguments)
             events.append(ToolCallDelta(ours, arguments, choice))
         return rewrite
 
@@ -325,9 +333,12 @@ class StreamRelay:
     # -- endings --------------------------------------------------------------------------
 
     def _end(self, out: list[bytes]) -> None:
-        if self._include_usage and not self._usage_forwarded and self._usage is not None and self._start:
+        if self._include_usage and not self._usage_forwarded and self._start:
+            # A backend that reports no usage still owes the client the chunk it asked for:
+            # the gateway's estimate, the one its accounting charges.
+            usage = self._usage or Usage(self._prompt_tokens, estimate_tokens(self._generated))
             self._usage_forwarded = True
-            out.append(_usage_chunk(self._start, self._usage))
+            out.append(_usage_chunk(self._start, usage))
         out.append(DONE)
         self.done = True
 

@@ -12,6 +12,7 @@ import trio
 from proxy.config import BackendConfig
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.tokens import estimated_prompt_tokens
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
@@ -53,7 +54,8 @@ class OpenAIBackend:
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
             openai.StreamRelay(
-                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request)
+                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
+                prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
             ),
             send,
             backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
