@@ -161,11 +161,30 @@ def _refuse_parts_without_equivalent(request: ChatRequest, served: str) -> None:
                 )
 
 
+# What an OpenAI-compatible backend (vLLM) said of a model beyond OpenAI's fields, passed on.
+_BACKEND_MODEL_FIELDS = ("root", "parent", "max_model_len")
+
+
 def _model_object(model: ModelInfo) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by or model.backend,
-        "backend": model.backend,
-    } | ({"alias_of": model.details["alias_of"]} if "alias_of" in model.details else {})
+    }
+    details = model.details
+    body.update((key, details[key]) for key in _BACKEND_MODEL_FIELDS if key in details)
+    body["backend"] = model.backend
+    if "alias_of" in details:
+        body["alias_of"] = details["alias_of"]
+    return body
+
+
+def _listed_as(model_id: str, listed: list[str]) -> str | None:
+    """The listed name `model_id` means: itself, or for an untagged name its `:latest` tag
+    (Ollama's names: `llama3.2` is `llama3.2:latest`)."""
+    if model_id in listed:
+        return model_id
+    if ":" not in model_id and model_id + ":latest" in listed:
+        return model_id + ":latest"
+    return None
 
 
 def model_not_found(model_id: str) -> GatewayError:
@@ -206,11 +225,15 @@ async def list_models() -> Response:
 async def retrieve_model(model_id: str) -> Response:
     # The key's models only (the catalogue is filtered per key): others are unknown.
     if _for_anthropic():
-        for entry in await _anthropic_models():
-            if entry["id"] == model_id:
+        entries = await _anthropic_models()
+        wanted = _listed_as(model_id, [entry["id"] for entry in entries])
+        for entry in entries:
+            if entry["id"] == wanted:
                 return Response(anthropic_models.render_model(entry), content_type="application/json")
         raise anthropic_models.model_not_found(model_id)
-    for model in await gateway().catalog.models():
-        if model.id == model_id:
+    models = await gateway().catalog.models()
+    wanted = _listed_as(model_id, [model.id for model in models])
+    for model in models:
+        if model.id == wanted:
             return Response(dumps(_model_object(model)), content_type="application/json")
     raise model_not_found(model_id)
