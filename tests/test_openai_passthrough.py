@@ -110,6 +110,47 @@ def test_an_ollama_schema_still_reaches_an_openai_backend_with_a_name() -> None:
     assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
 
 
+CUSTOM_TOOL: Any = {"type": "custom", "custom": {"name": "run_sql", "description": "Runs one SQL query",
+                                                  "format": {"type": "text"}}}
+WEATHER_TOOL: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+ALLOWED: Any = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+    {"type": "function", "function": {"name": "get_weather"}}]}}
+
+
+async def test_custom_tools_and_allowed_tools_choice_arrive_as_sent(setup: Setup) -> None:
+    # GPT-5's free-form tools and its restricted choice: an OpenAI backend knows them.
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL, CUSTOM_TOOL])
+    assert setup.sent()["tools"] == [WEATHER_TOOL, CUSTOM_TOOL]
+    await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=ALLOWED, parallel_tool_calls=False
+    )
+    sent = setup.sent()
+    assert (sent["tools"], sent["tool_choice"], sent["parallel_tool_calls"]) == ([WEATHER_TOOL], ALLOWED, False)
+    choice: Any = {"type": "custom", "custom": {"name": "run_sql"}}
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, tools=[CUSTOM_TOOL], tool_choice=choice)
+    assert setup.sent()["tool_choice"] == choice
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(
+            model="m", messages=MESSAGES, tools=[{"type": "custom", "custom": {}}]  # type: ignore[typeddict-item]
+        )
+    assert info.value.param == "tools[0].custom.name"
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_custom_tools_for_a_backend_without_them_are_a_400_naming_the_field(kind: str) -> None:
+    fake = OllamaBackend() if kind == "ollama" else AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL, CUSTOM_TOOL])
+        assert info.value.param == "tools[1]" and "custom" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=ALLOWED)
+        assert info.value.param == "tool_choice" and "allowed_tools" in info.value.message
+        await client.close()
+    assert fake.requests == []
+
+
 # -- messages ---------------------------------------------------------------------------------------------
 
 

@@ -129,8 +129,30 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
     if asked is not None:
         _refuse_openai_only(request.model, served, asked)
+    _refuse_tools_without_equivalent(request, served)
     _refuse_parts_without_equivalent(request, served)
     return request
+
+
+def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
+    """Custom (free-form) tools and an `allowed_tools` or custom `tool_choice` (kept as sent in
+    `extra`): other backends have no equivalent, and without them the model would answer with
+    other tools, or none, than the client gave."""
+    tools = request.extra.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if isinstance(tool, dict) and tool.get("type") == "custom":
+            raise invalid_request(
+                f"`tools[{i}]` is a `custom` tool, which model `{request.model}` cannot be given: it {served}, "
+                "which has no equivalent. Only OpenAI-compatible backends accept it; send a `function` tool instead.",
+                param=f"tools[{i}]",
+            )
+    choice = request.extra.get("tool_choice")
+    if isinstance(choice, dict):
+        raise invalid_request(
+            f"`tool_choice` of type `{choice.get('type')}` needs an OpenAI-compatible backend; model "
+            f"`{request.model}` {served}. Send \"auto\", \"required\" or a `function` choice instead.",
+            param="tool_choice",
+        )
 
 
 def _refuse_openai_only(model: str, served: str, name: str) -> None:
