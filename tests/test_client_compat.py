@@ -373,13 +373,21 @@ async def test_a_prompt_too_long_for_the_model_is_said_the_way_each_client_acts_
         await claude.close()
 
 
-async def test_another_bad_request_keeps_its_own_code() -> None:
-    fake = OpenAIBackend(default=Script(status=400, error_message="temperature must be at most 2"))
+@pytest.mark.parametrize(("said", "code"), [
+    (None, None),  # OpenAI's own bad requests often have no code
+    (400, None),  # vLLM's: the status again, not a code
+    ("invalid_value", "invalid_value"),
+])
+async def test_another_bad_request_keeps_its_own_code(said: Any, code: str | None) -> None:
+    """Not a code the gateway made up (`backend_400`): the backend's own, or none, as OpenAI sends."""
+    error = {"error": {"message": "temperature must be at most 2", "type": "BadRequestError", "param": None, "code": said}}
+    fake = OpenAIBackend(default=Script(status=400, error_body=error))
     async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as info:
-            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        assert info.value.code == "backend_400"
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
+            assert info.value.code == code and info.value.message.endswith("temperature must be at most 2")
         await client.close()
 
 
