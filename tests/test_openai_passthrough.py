@@ -377,3 +377,32 @@ async def test_a_backend_without_usage_still_gives_the_client_its_usage_chunk() 
     assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (3, 5)  # "Say hello"; 19 characters
     assert total(text, "llm_proxy_prompt_tokens_total") == usage[0].prompt_tokens
     assert total(text, "llm_proxy_completion_tokens_total") == usage[0].completion_tokens
+
+
+# -- images for an Anthropic backend ----------------------------------------------------------------------
+
+
+async def test_image_data_urls_reach_an_anthropic_backend_as_images_or_are_a_400_naming_the_part() -> None:
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+    def asking(url: str) -> Any:
+        return [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("claude", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A data URL with parameters (browsers' FileReader, some SDKs) is still a base64 image.
+        await client.chat.completions.create(model="claude-x", messages=asking(f"data:image/gif;charset=utf-8;base64,{png}"))
+        source = fake.requests[-1].json["messages"][0]["content"][1]["source"]
+        assert source == {"type": "base64", "media_type": "image/gif", "data": png}
+        sent = len(fake.requests)
+        for refused, said in (
+            (f"data:application/octet-stream;base64,{png}", "application/octet-stream"),
+            ("data:image/jpeg,abc", ";base64"),
+            (png, "data:image/...;base64,"),
+        ):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="claude-x", messages=asking(refused))
+            assert info.value.param == "messages[0].content[1].image_url.url" and said in info.value.message
+        await client.close()
+    assert len(fake.requests) == sent  # refused by the gateway, not by Anthropic in words about its own request

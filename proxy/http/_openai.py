@@ -8,10 +8,10 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from proxy.config import BackendConfig
-from proxy.dialects import openai
+from proxy.dialects import anthropic, openai
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
-from proxy.domain.chat import ChatRequest, OpaquePart
+from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
@@ -131,7 +131,26 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
         _refuse_openai_only(request.model, served, asked)
     _refuse_tools_without_equivalent(request, served)
     _refuse_parts_without_equivalent(request, served)
+    if backend is not None and backend.kind == "anthropic":
+        _refuse_images_anthropic_cannot_take(request, served)
     return request
+
+
+def _refuse_images_anthropic_cannot_take(request: ChatRequest, served: str) -> None:
+    """An image Anthropic cannot be given (a non-image or non-base64 `data:` URL, bare base64)
+    is a 400 naming the part, not Anthropic's words about a request the client never wrote."""
+    for i, message in enumerate(request.messages):
+        # The client's parts: without the cache markers its `cache_control` became.
+        parts = (p for p in message.content if not (isinstance(p, OpaquePart) and p.dialect == anthropic.DIALECT))
+        for j, part in enumerate(parts):
+            refusal = anthropic.image_refusal(part.url) if isinstance(part, ImagePart) else None
+            if refusal is not None:
+                raise invalid_request(
+                    f"`messages[{i}].content[{j}].image_url.url` is {refusal}; model `{request.model}` {served}, "
+                    "which takes images as http(s) URLs or base64 `data:image/...` URLs.",
+                    param=f"messages[{i}].content[{j}].image_url.url",
+                    code="unsupported_image",
+                )
 
 
 def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
