@@ -152,8 +152,8 @@ class VLLMBackend(OpenAIBackend):
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.path == "/v1/models" and request.method == "GET":
-            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "max_model_len": 32768}
-                    for m in self.listed_models()]
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": f"/models/{m}",
+                     "parent": None, "max_model_len": 32768} for m in self.listed_models()]
             await exchange.respond_json(200, {"object": "list", "data": data})
             return
         await super().route(request, exchange, call)
@@ -209,6 +209,27 @@ async def test_show_gives_the_context_window_where_clients_read_it() -> None:
             assert info[f"{info['general.architecture']}.context_length"] == window, name
         unlisted: Any = (await client.show("qwen-unlisted")).modelinfo
         assert "qwen.context_length" not in unlisted  # a window nobody said is not made up
+
+
+async def test_model_objects_keep_what_vllm_and_ollama_names_say() -> None:
+    """Clients size their prompts by a vLLM model's `max_model_len` (and tell a LoRA adapter
+    by its `parent`); and Ollama's untagged name is its `:latest` tag, for retrieval too."""
+    vllm, ol = VLLMBackend(models=["qwen3-8b"]), OllamaBackend(models=["llama3.2:latest"])
+    async with (
+        vllm.serve() as oa,
+        ol.serve() as ls,
+        running_gateway(backend("vllm", oa.url, prefixes=("qwen",)), backend("ollama", ls.url, kind="ollama", prefixes=("llama",))) as url,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        listed: Any = {m.id: m async for m in client.models.list()}
+        qwen = listed["qwen3-8b"]
+        assert (qwen.max_model_len, qwen.root, qwen.parent) == (32768, "/models/qwen3-8b", None)
+        assert (await client.models.retrieve("qwen3-8b")).model_dump() == qwen.model_dump()
+        assert not hasattr(listed["llama3.2:latest"], "max_model_len")  # nothing made up
+        assert (await client.models.retrieve("llama3.2")).id == "llama3.2:latest"
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("llama3")
+        await client.close()
 
 
 async def test_show_says_a_claude_model_reads_images() -> None:
@@ -352,13 +373,21 @@ async def test_a_prompt_too_long_for_the_model_is_said_the_way_each_client_acts_
         await claude.close()
 
 
-async def test_another_bad_request_keeps_its_own_code() -> None:
-    fake = OpenAIBackend(default=Script(status=400, error_message="temperature must be at most 2"))
+@pytest.mark.parametrize(("said", "code"), [
+    (None, None),  # OpenAI's own bad requests often have no code
+    (400, None),  # vLLM's: the status again, not a code
+    ("invalid_value", "invalid_value"),
+])
+async def test_another_bad_request_keeps_its_own_code(said: Any, code: str | None) -> None:
+    """Not a code the gateway made up (`backend_400`): the backend's own, or none, as OpenAI sends."""
+    error = {"error": {"message": "temperature must be at most 2", "type": "BadRequestError", "param": None, "code": said}}
+    fake = OpenAIBackend(default=Script(status=400, error_body=error))
     async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as info:
-            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        assert info.value.code == "backend_400"
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
+            assert info.value.code == code and info.value.message.endswith("temperature must be at most 2")
         await client.close()
 
 

@@ -202,6 +202,47 @@ def test_parallel_tool_calls_get_distinct_indexes_even_when_the_backend_repeats_
     assert frames[3]["choices"][0]["delta"]["tool_calls"][0]["index"] == 1
 
 
+def sdk_tool_calls(raw: bytes) -> list[tuple[str, str, str]]:
+    """The tool calls the official SDK's stream helper accumulates from these bytes."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    state: ChatCompletionStreamState[None] = ChatCompletionStreamState()
+    for payload in client_frames(raw):
+        if payload != "[DONE]":
+            state.handle_chunk(ChatCompletionChunk.model_validate(payload))
+    calls = state.get_final_completion().choices[0].message.tool_calls or []
+    return [(c.id, c.function.name, c.function.arguments) for c in calls]
+
+
+def test_tool_call_fragments_repeating_id_and_name_reach_the_sdk_once() -> None:
+    # Fireworks, DeepSeek and Qwen servers repeat id, type and name on every fragment; the
+    # SDK concatenates string fields across fragments (`call_acall_a`, `ff`).
+    def fragment(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+        call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        return chunk({"tool_calls": [call]})
+
+    first, second = frame(fragment(0, "call_a", "f", "")), frame(fragment(1, "call_b", "g", "{}"))
+    upstream = (
+        frame(ROLE) + first + frame(fragment(0, "call_a", "f", '{"x"')) + frame(fragment(0, "call_a", "f", ":1}"))
+        + second + frame(chunk(finish="tool_calls")) + frame("[DONE]")
+    )
+    out = openai.StreamRelay(include_usage=None).feed(upstream)
+    assert sdk_tool_calls(out.raw) == [("call_a", "f", '{"x":1}'), ("call_b", "g", "{}")]
+    frames = client_frames(out.raw)
+    assert frames[2]["choices"][0]["delta"]["tool_calls"] == [{"index": 0, "function": {"arguments": '{"x"'}}]
+    # Frames that were right pass untouched.
+    assert first in out.raw and second in out.raw
+    assert [e for e in out.events if isinstance(e, ToolCallDelta)] == [
+        ToolCallDelta(0, '{"x"'), ToolCallDelta(0, ":1}"), ToolCallDelta(1, "{}"),
+    ]
+
+    # A name that really is streamed in pieces still adds up.
+    pieces = frame(fragment(0, "call_a", "get_", "")) + frame(fragment(0, "call_a", "weather", "{}"))
+    out = openai.StreamRelay(include_usage=None).feed(frame(ROLE) + pieces + frame(chunk(finish="tool_calls")))
+    assert sdk_tool_calls(out.raw) == [("call_a", "get_weather", "{}")]
+
+
 def test_tool_call_without_id_gets_one() -> None:
     upstream = frame(ROLE) + frame(chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{}"}}]})) + frame(chunk(finish="tool_calls"))
     out = openai.StreamRelay(include_usage=None).feed(upstream)

@@ -110,6 +110,47 @@ def test_an_ollama_schema_still_reaches_an_openai_backend_with_a_name() -> None:
     assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": "object"}}}
 
 
+CUSTOM_TOOL: Any = {"type": "custom", "custom": {"name": "run_sql", "description": "Runs one SQL query",
+                                                  "format": {"type": "text"}}}
+WEATHER_TOOL: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+ALLOWED: Any = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+    {"type": "function", "function": {"name": "get_weather"}}]}}
+
+
+async def test_custom_tools_and_allowed_tools_choice_arrive_as_sent(setup: Setup) -> None:
+    # GPT-5's free-form tools and its restricted choice: an OpenAI backend knows them.
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL, CUSTOM_TOOL])
+    assert setup.sent()["tools"] == [WEATHER_TOOL, CUSTOM_TOOL]
+    await setup.client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=ALLOWED, parallel_tool_calls=False
+    )
+    sent = setup.sent()
+    assert (sent["tools"], sent["tool_choice"], sent["parallel_tool_calls"]) == ([WEATHER_TOOL], ALLOWED, False)
+    choice: Any = {"type": "custom", "custom": {"name": "run_sql"}}
+    await setup.client.chat.completions.create(model="m", messages=MESSAGES, tools=[CUSTOM_TOOL], tool_choice=choice)
+    assert setup.sent()["tool_choice"] == choice
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(
+            model="m", messages=MESSAGES, tools=[{"type": "custom", "custom": {}}]  # type: ignore[typeddict-item]
+        )
+    assert info.value.param == "tools[0].custom.name"
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_custom_tools_for_a_backend_without_them_are_a_400_naming_the_field(kind: str) -> None:
+    fake = OllamaBackend() if kind == "ollama" else AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL, CUSTOM_TOOL])
+        assert info.value.param == "tools[1]" and "custom" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=ALLOWED)
+        assert info.value.param == "tool_choice" and "allowed_tools" in info.value.message
+        await client.close()
+    assert fake.requests == []
+
+
 # -- messages ---------------------------------------------------------------------------------------------
 
 
@@ -295,3 +336,73 @@ def test_continuous_usage_stays_on_every_chunk_when_asked() -> None:
     assert kept == upstream
     moved = openai_codec.StreamRelay(include_usage=True).feed(upstream).raw
     assert moved.count(b'"usage":null') == 2
+
+
+async def test_a_backend_without_usage_still_gives_the_client_its_usage_chunk() -> None:
+    # Some servers never report usage in a stream; a client that asked for it (to count its
+    # spending) gets the gateway's estimate, the same numbers its key is charged.
+    from tests.fakes import Exchange, Request, serve_fake
+    from tests.test_auth_helpers import eventually
+    from tests.test_metrics import total
+
+    def frame(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    async def no_usage(request: Request, exchange: Exchange) -> None:
+        if not request.path.endswith("/chat/completions"):
+            await exchange.respond_json(200, {"object": "list", "data": []})
+            return
+        await exchange.start(200, content_type="text/event-stream")
+        body = frame({"role": "assistant", "content": ""}) + frame({"content": "Hello there, friend"}) + frame({}, "stop")
+        await exchange.finish(body + b"data: [DONE]\n\n")
+
+    async with serve_fake(no_usage) as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        await client.close()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+
+            async def charged() -> str | None:
+                text = (await http.get("/metrics")).text
+                return text if total(text, "llm_proxy_prompt_tokens_total") else None
+
+            text = await eventually(charged)
+    usage = [chunk.usage for chunk in chunks if chunk.usage is not None]
+    assert len(usage) == 1 and chunks[-1].choices == [] and chunks[-1].usage is usage[0]
+    assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (3, 5)  # "Say hello"; 19 characters
+    assert total(text, "llm_proxy_prompt_tokens_total") == usage[0].prompt_tokens
+    assert total(text, "llm_proxy_completion_tokens_total") == usage[0].completion_tokens
+
+
+# -- images for an Anthropic backend ----------------------------------------------------------------------
+
+
+async def test_image_data_urls_reach_an_anthropic_backend_as_images_or_are_a_400_naming_the_part() -> None:
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+    def asking(url: str) -> Any:
+        return [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("claude", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A data URL with parameters (browsers' FileReader, some SDKs) is still a base64 image.
+        await client.chat.completions.create(model="claude-x", messages=asking(f"data:image/gif;charset=utf-8;base64,{png}"))
+        source = fake.requests[-1].json["messages"][0]["content"][1]["source"]
+        assert source == {"type": "base64", "media_type": "image/gif", "data": png}
+        sent = len(fake.requests)
+        for refused, said in (
+            (f"data:application/octet-stream;base64,{png}", "application/octet-stream"),
+            ("data:image/jpeg,abc", ";base64"),
+            (png, "data:image/...;base64,"),
+        ):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(model="claude-x", messages=asking(refused))
+            assert info.value.param == "messages[0].content[1].image_url.url" and said in info.value.message
+        await client.close()
+    assert len(fake.requests) == sent  # refused by the gateway, not by Anthropic in words about its own request

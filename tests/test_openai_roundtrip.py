@@ -198,4 +198,12 @@ def test_renderer_then_relay_gives_back_the_events(data: st.DataObject) -> None:
         # Nothing needed repair, so the rendered stream is conformant: the relay forwards
         # it byte for byte.
         forwarded = openai.StreamRelay(include_usage=True).feed(wire).raw
+        if not any(isinstance(e, UsageReport) for e in events) and wire.endswith(openai.DONE):
+            # Except the usage chunk the client asked for, which a stream without usage
+            # gets from the gateway's estimate.
+            head = wire.removesuffix(openai.DONE)
+            assert forwarded.startswith(head) and forwarded.endswith(openai.DONE)
+            added = json.loads(forwarded[len(head):].removesuffix(openai.DONE).removeprefix(b"data: "))
+            assert added["choices"] == [] and added["usage"]["prompt_tokens"] == 0
+            return
         assert forwarded == wire

@@ -8,10 +8,10 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from proxy.config import BackendConfig
-from proxy.dialects import openai
+from proxy.dialects import anthropic, openai
 from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
-from proxy.domain.chat import ChatRequest, OpaquePart
+from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
@@ -129,8 +129,49 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
     if asked is not None:
         _refuse_openai_only(request.model, served, asked)
+    _refuse_tools_without_equivalent(request, served)
     _refuse_parts_without_equivalent(request, served)
+    if backend is not None and backend.kind == "anthropic":
+        _refuse_images_anthropic_cannot_take(request, served)
     return request
+
+
+def _refuse_images_anthropic_cannot_take(request: ChatRequest, served: str) -> None:
+    """An image Anthropic cannot be given (a non-image or non-base64 `data:` URL, bare base64)
+    is a 400 naming the part, not Anthropic's words about a request the client never wrote."""
+    for i, message in enumerate(request.messages):
+        # The client's parts: without the cache markers its `cache_control` became.
+        parts = (p for p in message.content if not (isinstance(p, OpaquePart) and p.dialect == anthropic.DIALECT))
+        for j, part in enumerate(parts):
+            refusal = anthropic.image_refusal(part.url) if isinstance(part, ImagePart) else None
+            if refusal is not None:
+                raise invalid_request(
+                    f"`messages[{i}].content[{j}].image_url.url` is {refusal}; model `{request.model}` {served}, "
+                    "which takes images as http(s) URLs or base64 `data:image/...` URLs.",
+                    param=f"messages[{i}].content[{j}].image_url.url",
+                    code="unsupported_image",
+                )
+
+
+def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
+    """Custom (free-form) tools and an `allowed_tools` or custom `tool_choice` (kept as sent in
+    `extra`): other backends have no equivalent, and without them the model would answer with
+    other tools, or none, than the client gave."""
+    tools = request.extra.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        if isinstance(tool, dict) and tool.get("type") == "custom":
+            raise invalid_request(
+                f"`tools[{i}]` is a `custom` tool, which model `{request.model}` cannot be given: it {served}, "
+                "which has no equivalent. Only OpenAI-compatible backends accept it; send a `function` tool instead.",
+                param=f"tools[{i}]",
+            )
+    choice = request.extra.get("tool_choice")
+    if isinstance(choice, dict):
+        raise invalid_request(
+            f"`tool_choice` of type `{choice.get('type')}` needs an OpenAI-compatible backend; model "
+            f"`{request.model}` {served}. Send \"auto\", \"required\" or a `function` choice instead.",
+            param="tool_choice",
+        )
 
 
 def _refuse_openai_only(model: str, served: str, name: str) -> None:
@@ -161,11 +202,30 @@ def _refuse_parts_without_equivalent(request: ChatRequest, served: str) -> None:
                 )
 
 
+# What an OpenAI-compatible backend (vLLM) said of a model beyond OpenAI's fields, passed on.
+_BACKEND_MODEL_FIELDS = ("root", "parent", "max_model_len")
+
+
 def _model_object(model: ModelInfo) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by or model.backend,
-        "backend": model.backend,
-    } | ({"alias_of": model.details["alias_of"]} if "alias_of" in model.details else {})
+    }
+    details = model.details
+    body.update((key, details[key]) for key in _BACKEND_MODEL_FIELDS if key in details)
+    body["backend"] = model.backend
+    if "alias_of" in details:
+        body["alias_of"] = details["alias_of"]
+    return body
+
+
+def _listed_as(model_id: str, listed: list[str]) -> str | None:
+    """The listed name `model_id` means: itself, or for an untagged name its `:latest` tag
+    (Ollama's names: `llama3.2` is `llama3.2:latest`)."""
+    if model_id in listed:
+        return model_id
+    if ":" not in model_id and model_id + ":latest" in listed:
+        return model_id + ":latest"
+    return None
 
 
 def model_not_found(model_id: str) -> GatewayError:
@@ -206,11 +266,15 @@ async def list_models() -> Response:
 async def retrieve_model(model_id: str) -> Response:
     # The key's models only (the catalogue is filtered per key): others are unknown.
     if _for_anthropic():
-        for entry in await _anthropic_models():
-            if entry["id"] == model_id:
+        entries = await _anthropic_models()
+        wanted = _listed_as(model_id, [entry["id"] for entry in entries])
+        for entry in entries:
+            if entry["id"] == wanted:
                 return Response(anthropic_models.render_model(entry), content_type="application/json")
         raise anthropic_models.model_not_found(model_id)
-    for model in await gateway().catalog.models():
-        if model.id == model_id:
+    models = await gateway().catalog.models()
+    wanted = _listed_as(model_id, [model.id for model in models])
+    for model in models:
+        if model.id == wanted:
             return Response(dumps(_model_object(model)), content_type="application/json")
     raise model_not_found(model_id)

@@ -59,7 +59,8 @@ _MODELLED = frozenset(
 )
 # Fields Anthropic's count_tokens accepts besides the modelled ones.
 _COUNT_EXTRA = frozenset({"thinking", "mcp_servers", "context_management", "output_config", "output_format"})
-_DATA_URL = re.compile(r"data:(?P<media>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+# A `data:` URL (RFC 2397): its media type, its parameters (`;charset=utf-8`, then `;base64`).
+_DATA_URL = re.compile(r"(?i:data):(?P<media>[^;,]*)(?P<params>[^,]*),(?P<data>.*)", re.DOTALL)
 _TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -653,9 +654,9 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
         # Anthropic rejects empty text blocks.
         return {"type": "text", "text": part.text} if part.text else None
     if isinstance(part, ImagePart):
-        match = _DATA_URL.fullmatch(part.url)
-        if match:
-            source = {"type": "base64", "media_type": match["media"], "data": match["data"]}
+        inline = _base64_image(part.url)
+        if inline is not None:
+            source = {"type": "base64", "media_type": inline[0], "data": inline[1]}
         else:
             source = {"type": "url", "url": part.url}
         return {"type": "image", "source": source}
@@ -663,6 +664,29 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
     if part.dialect == DIALECT and "type" in part.data:
         return part.data
     return None
+
+
+def _base64_image(url: str) -> tuple[str, str] | None:
+    """A base64 image `data:` URL's media type and data (its parameters dropped: Anthropic's
+    `media_type` takes none); None for any other URL."""
+    match = _DATA_URL.fullmatch(url)
+    if match is None or not match["params"].lower().endswith(";base64"):
+        return None
+    media = match["media"].strip().lower()
+    return (media, match["data"]) if media.startswith("image/") else None
+
+
+def image_refusal(url: str) -> str | None:
+    """Why an image given by `url` cannot reach an Anthropic backend (which refuses it with
+    words about its own request), said for the client; None when it can."""
+    if url[:8].lower().startswith(("https://", "http://")) or _base64_image(url) is not None:
+        return None
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        return "neither an http(s) URL nor a `data:` URL (base64 data needs its `data:image/...;base64,` prefix)"
+    if not match["params"].lower().endswith(";base64"):
+        return "a `data:` URL without `;base64` (inline images must be base64)"
+    return f"a `data:` URL of type `{match['media'].strip() or 'text/plain'}`, not an image"
 
 
 def tool_use_id(call_id: str) -> str:

@@ -84,13 +84,22 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         response_format=_parse_response_format(fields.object("response_format")),
         reasoning_effort=fields.text("reasoning_effort", nonempty=True),
     )
-    tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
+    raw_tools = fields.array("tools") or []
+    tools = [
+        _parse_tool(item, f"tools[{i}]") for i, item in enumerate(raw_tools) if not _is_custom_tool(item, f"tools[{i}]")
+    ]
+    if len(tools) < len(raw_tools):
+        # Custom (free-form) tools have no domain form: an OpenAI backend gets the tools as sent.
+        extra["tools"] = raw_tools
+    tool_choice = _parse_tool_choice(fields.data.get("tool_choice"))
+    if tool_choice is None and fields.data.get("tool_choice") is not None:
+        extra["tool_choice"] = fields.data["tool_choice"]  # likewise: `allowed_tools`, a custom tool
     return ChatRequest(
         model=model,
         messages=messages,
         params=params,
         tools=tools,
-        tool_choice=_parse_tool_choice(fields.data.get("tool_choice")),
+        tool_choice=tool_choice,
         parallel_tool_calls=fields.boolean("parallel_tool_calls"),
         stream=stream,
         include_usage=include_usage,
@@ -213,12 +222,22 @@ def _parse_tool_call(item: Any, path: str) -> ToolCall:
     return ToolCall(id=call_id if isinstance(call_id, str) else "", name=name or "", arguments=arguments)
 
 
+def _is_custom_tool(item: Any, path: str) -> bool:
+    """Whether `item` is OpenAI's custom tool (free-form input), checked as OpenAI does."""
+    if not isinstance(item, dict) or item.get("type") != "custom":
+        return False
+    custom = Fields(item, path).object("custom", required=True)
+    assert custom is not None
+    custom.text("name", required=True, nonempty=True)
+    return True
+
+
 def _parse_tool(item: Any, path: str) -> Tool:
     if not isinstance(item, dict):
         raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
     fields = Fields(item, path)
     if item.get("type", "function") != "function":
-        raise fields.fail("type", '"function"')
+        raise fields.fail("type", '"function" or "custom"')
     function = fields.object("function", required=True)
     assert function is not None
     name = function.text("name", required=True, nonempty=True)
@@ -232,17 +251,25 @@ def _parse_tool(item: Any, path: str) -> Tool:
 
 
 def _parse_tool_choice(value: Any) -> ToolChoice | None:
+    """The domain's choice; None for none, and for the choices only OpenAI backends know
+    (`allowed_tools`, a custom tool), which the caller keeps as sent."""
     if value is None:
         return None
     if value in ("auto", "none", "required"):
         return ToolChoice(mode=value)
     if isinstance(value, dict):
-        function = value.get("function")
-        name = function.get("name") if isinstance(function, dict) else None
-        if isinstance(name, str) and name:
-            return ToolChoice(mode="required", name=name)
+        kind = value.get("type")
+        inner = value.get(kind) if kind in ("custom", "allowed_tools") else value.get("function")
+        inner = inner if isinstance(inner, dict) else {}
+        if kind == "allowed_tools":
+            if inner.get("mode") in ("auto", "required") and isinstance(inner.get("tools"), list):
+                return None
+        elif isinstance(inner.get("name"), str) and inner["name"]:
+            return None if kind == "custom" else ToolChoice(mode="required", name=inner["name"])
     raise invalid_request(
-        'Invalid `tool_choice`: expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.',
+        'Invalid `tool_choice`: expected "none", "auto", "required", {"type": "function", "function": {"name": ...}}, '
+        '{"type": "custom", "custom": {"name": ...}} or {"type": "allowed_tools", "allowed_tools": {"mode": ..., '
+        '"tools": [...]}}.',
         param="tool_choice",
     )
 
@@ -313,14 +340,17 @@ def encode_chat_request(
         body["stop"] = list(params.stop)
     if params.response_format is not None:
         body["response_format"] = _render_response_format(params.response_format, as_sent=same_dialect)
-    if request.tools:
-        body["tools"] = [_render_tool(tool) for tool in request.tools]
+    # Custom tools, when the client sent any: all its tools as sent (from `extra`).
+    tools_as_sent = same_dialect and "tools" in request.extra
+    if request.tools or tools_as_sent:
+        if not tools_as_sent:
+            body["tools"] = [_render_tool(tool) for tool in request.tools]
         if request.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = request.parallel_tool_calls
     # A choice among no tools is a 400 at vLLM ("When using `tool_choice`, `tools` must be
     # set") and OpenAI; it can be left without them when the client's tools were an empty
     # list or only Anthropic server tools, which other backends do not get.
-    if request.tool_choice is not None and request.tools:
+    if request.tool_choice is not None and (request.tools or tools_as_sent):
         choice = request.tool_choice
         body["tool_choice"] = (
             {"type": "function", "function": {"name": choice.name}} if choice.name else choice.mode

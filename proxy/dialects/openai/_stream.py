@@ -37,6 +37,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from proxy.domain.tokens import estimate_tokens
 
 DONE = b"data: [DONE]\n\n"
 # An SSE comment: every SSE client skips it; proxies in between see the stream is alive.
@@ -70,6 +71,7 @@ class _ToolIndexes:
 
     by_id: dict[str, int] = field(default_factory=dict)
     by_upstream: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
     count: int = 0
 
 
@@ -80,11 +82,15 @@ class StreamRelay:
     regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
     `chunk_usage`: the client also asked for usage on every chunk (vLLM's
     `continuous_usage_stats`), so usage riding on content chunks stays there.
+    `prompt_tokens`: the gateway's estimate of the prompt, for the usage chunk a client asked
+    for when the backend sends none (its completion tokens are estimated from what it said).
     """
 
-    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False) -> None:
+    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: int = 0) -> None:
         self._include_usage = bool(include_usage)
         self._chunk_usage = self._include_usage and chunk_usage
+        self._prompt_tokens = prompt_tokens
+        self._generated = 0  # characters of text, reasoning and tool arguments
         self._decoder = SSEDecoder()
         self._start: StreamStart | None = None
         self._role_sent = False
@@ -233,9 +239,11 @@ class StreamRelay:
         if isinstance(delta, dict):
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
+                self._generated += len(reasoning)
                 events.append(ReasoningDelta(reasoning, index))
             content = delta.get("content")
             if isinstance(content, str) and content:
+                self._generated += len(content)
                 events.append(TextDelta(content, index))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
@@ -284,22 +292,53 @@ class StreamRelay:
                 call["type"] = "function"
                 rewrite = True
             tools.by_id[call_id] = ours
-            events.append(ToolCallStart(ours, call_id, str(function.get("name") or ""), choice))
+            name = function.get("name")
+            tools.names[ours] = name if isinstance(name, str) else ""
+            events.append(ToolCallStart(ours, call_id, tools.names[ours], choice))
+        elif self._continuation(call, function, tools, ours):
+            rewrite = True
         tools.by_upstream[upstream_index] = ours
         if ours != call.get("index"):
             call["index"] = ours
             rewrite = True
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
+            self._generated += len(arguments)
             events.append(ToolCallDelta(ours, arguments, choice))
         return rewrite
+
+    @staticmethod
+    def _continuation(call: dict[str, Any], function: dict[str, Any], tools: _ToolIndexes, ours: int) -> bool:
+        """Strip what a fragment continuing a known call repeats; True when the frame must change.
+
+        Some servers (Fireworks, DeepSeek, Qwen) repeat `id`, `type` and `function.name` on every
+        fragment, and OpenAI clients concatenate string fields across fragments (`call_acall_a`).
+        A name that differs from the one known is a genuine next piece of it and stays.
+        """
+        call_id = call.pop("id", None)
+        call.pop("type", None)
+        repeated = isinstance(call_id, str) and bool(call_id)
+        name = function.get("name")
+        if isinstance(name, str) and name:
+            known = tools.names.get(ours, "")
+            if name == known:
+                del function["name"]
+                repeated = True
+            else:
+                tools.names[ours] = known + name
+        elif "name" in function:
+            del function["name"]
+        return repeated
 
     # -- endings --------------------------------------------------------------------------
 
     def _end(self, out: list[bytes]) -> None:
-        if self._include_usage and not self._usage_forwarded and self._usage is not None and self._start:
+        if self._include_usage and not self._usage_forwarded and self._start:
+            # A backend that reports no usage still owes the client the chunk it asked for:
+            # the gateway's estimate, the one its accounting charges.
+            usage = self._usage or Usage(self._prompt_tokens, estimate_tokens(self._generated))
             self._usage_forwarded = True
-            out.append(_usage_chunk(self._start, self._usage))
+            out.append(_usage_chunk(self._start, usage))
         out.append(DONE)
         self.done = True
 

@@ -29,6 +29,10 @@ def status_error(
     field it named (`param`: a FastAPI 422's `loc`) reaches the client; a backend refusing
     the gateway's own credentials is a gateway-side fault (502), never a 401/403 to the
     client, whose auth is the gateway's business.
+
+    The `code`: none for a bad request (as OpenAI's own often have none; the caller sets the
+    backend's own code when it said one), else `backend_<status>`, the backend's status where
+    the client's differs (and a backend's 404, which the Ollama surface tells apart by it).
     """
     text = message or f"HTTP {status}"
     detail = f"Backend `{backend}` returned {status}: {text}"
@@ -45,8 +49,9 @@ def status_error(
     message_out = text if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND) else detail
     if kind is ErrorKind.INVALID_REQUEST and is_context_overflow(text):
         return GatewayError(kind, message_out, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
+    mistake = kind in (ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE)
     return GatewayError(
-        kind, message_out, code=f"backend_{status}", retry_after=retry,
+        kind, message_out, code=None if mistake else f"backend_{status}", retry_after=retry,
         param=param if kind is ErrorKind.INVALID_REQUEST else None,
     )
 

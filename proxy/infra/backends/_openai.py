@@ -12,6 +12,7 @@ import trio
 from proxy.config import BackendConfig
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.tokens import estimated_prompt_tokens
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
@@ -28,6 +29,19 @@ from proxy.infra.backends._base import (
 )
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
+
+
+def _model_details(item: dict[str, object]) -> dict[str, object]:
+    """What vLLM says of a model beyond OpenAI's fields, passed on to clients: its context
+    window (Ollama clients' `/api/show` too), the weights it serves (`root`) and, for a LoRA
+    adapter, its base model (`parent`)."""
+    details: dict[str, object] = {}
+    if isinstance(item.get("max_model_len"), int):
+        details["max_model_len"] = item["max_model_len"]
+    for key in ("root", "parent"):
+        if key in item and (item[key] is None or isinstance(item[key], str)):
+            details[key] = item[key]
+    return details
 
 
 class OpenAIBackend:
@@ -53,7 +67,8 @@ class OpenAIBackend:
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
             openai.StreamRelay(
-                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request)
+                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
+                prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
             ),
             send,
             backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
@@ -181,8 +196,7 @@ class OpenAIBackend:
                 backend=name,
                 created=int(item.get("created") or 0),
                 owned_by=str(item.get("owned_by") or name),
-                # vLLM's context window, for Ollama clients' `/api/show`.
-                details={"max_model_len": item["max_model_len"]} if isinstance(item.get("max_model_len"), int) else {},
+                details=_model_details(item),
             )
             for item in items
             if isinstance(item, dict) and item.get("id")
