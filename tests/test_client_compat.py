@@ -391,6 +391,20 @@ async def test_another_bad_request_keeps_its_own_code(said: Any, code: str | Non
         await client.close()
 
 
+async def test_a_backends_quota_refusal_keeps_its_code() -> None:
+    # OpenAI's `insufficient_quota` is a 429 that will not pass by retrying: clients branch on it.
+    error = {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota", "param": None,
+                       "code": "insufficient_quota"}}
+    fake = OpenAIBackend(default=Script(status=429, error_body=error))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
+            assert info.value.code == "insufficient_quota"
+        await client.close()
+
+
 # -- a prefill: the answer's beginning, for the model to go on with ----------------------------------
 
 PREFILL: Any = [{"role": "user", "content": "The capital of France, as JSON."}, {"role": "assistant", "content": '{"capital": "'}]

@@ -86,6 +86,11 @@ class OpenAIBackend:
             code, param = openai.error_code_and_param_from_body(body)
             error.code = code or error.code
             error.param = param or error.param
+        elif error.kind is ErrorKind.RATE_LIMITED:
+            # OpenAI's `insufficient_quota` is a 429 that retrying will not cure: clients tell
+            # it from a passing limit by its code.
+            code, _ = openai.error_code_and_param_from_body(body)
+            error.code = code or error.code
         return error
 
     async def complete(self, call: BackendCall) -> Batch:
