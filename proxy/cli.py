@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -76,24 +78,29 @@ def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted
     They are started once here, in the parent, and shared by every worker. A server left
     running by a killed earlier run on the same data directory is adopted, never doubled.
     `with_nats=False`: PostgreSQL only. `stop_adopted=False` (one-shot commands such as `keys`):
-    a server found running, most likely a live gateway's, is left running on exit.
+    a server found running, most likely a live gateway's, is left running on exit, and so is
+    one it started while a gateway uses the data directory (that gateway's had stopped: the
+    gateway takes it over rather than wait for its own restart, and stops it when it stops).
+    `stop_adopted=True` (`serve`): the data directory is marked in use while this runs.
     """
     if not settings.embedded or (settings.database_url and (settings.nats_url or not with_nats)):
         yield settings
         return
     data_dir = settings.data_dir or default_data_dir()
     with contextlib.ExitStack() as stack:
-        changes: dict[str, str] = {}
+        changes: dict[str, object] = {}
+        if stop_adopted:
+            stack.enter_context(_gateway_mark(data_dir))
         if not settings.database_url:
             postgres = EmbeddedPostgres(data_dir / "pgdata")
             if stop_adopted:
                 stack.enter_context(postgres)
+                changes["embedded_pgdata"] = postgres.data_dir
             else:
                 postgres.start()
-                if postgres.reused:
-                    atexit.unregister(postgres.stop)
-                else:
-                    stack.callback(postgres.stop)
+                atexit.unregister(postgres.stop)
+                if not postgres.reused:
+                    stack.callback(_stop_unless_a_gateway_runs, postgres, data_dir)
             assert postgres.url is not None
             changes["database_url"] = postgres.url
             log.info("embedded PostgreSQL %s at %s", "adopted" if postgres.reused else "started", data_dir / "pgdata")
@@ -103,6 +110,44 @@ def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted
             changes["nats_url"] = nats.url
             log.info("embedded NATS on %s", nats.url)
         yield replace(settings, **changes)  # type: ignore[arg-type]
+
+
+# A gateway holds a shared flock on this file of its data directory while it runs; one-shot
+# commands test it before they stop a PostgreSQL they started there.
+_GATEWAY_MARK = "gateway.lock"
+
+
+@contextlib.contextmanager
+def _gateway_mark(data_dir: Path) -> Iterator[None]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / _GATEWAY_MARK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _gateway_runs_on(data_dir: Path) -> bool:
+    try:
+        fd = os.open(data_dir / _GATEWAY_MARK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _stop_unless_a_gateway_runs(postgres: EmbeddedPostgres, data_dir: Path) -> None:
+    """Asked at exit, not at start: a gateway started meanwhile has adopted the server."""
+    if _gateway_runs_on(data_dir):
+        log.info("embedded PostgreSQL left running for the gateway using %s", data_dir)
+        return
+    postgres.stop()
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:

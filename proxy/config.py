@@ -191,6 +191,9 @@ class Settings:
     nats_url: str | None = None
     # Start PostgreSQL and NATS from the bundled packages when no URL is given.
     embedded: bool = True
+    # Set by `llm-proxy serve` (never read from the config): the data directory of the
+    # embedded PostgreSQL it started, which the gateway starts again should it stop.
+    embedded_pgdata: Path | None = None
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     rag: RagSettings = field(default_factory=RagSettings)
     semantic_cache: SemanticCacheSettings = field(default_factory=SemanticCacheSettings)
@@ -234,7 +237,18 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     settings = _apply_environment(_parse(raw), env)
     _check_backends(settings.backends)  # again: the environment may have added one
+    _check_auth_has_a_database(settings, "LLM_PROXY_AUTH" if "LLM_PROXY_AUTH" in env else "auth")
     return settings
+
+
+def _check_auth_has_a_database(settings: Settings, key: str) -> None:
+    """Keys live in PostgreSQL: a gateway that must ask for one and has no database to
+    look it up in would refuse every request, for good."""
+    if settings.auth == "required" and settings.database_url is None and not settings.embedded:
+        raise ConfigError(
+            f"`{key}` is \"required\" but API keys need a database: set `database_url` (or "
+            "DATABASE_URL), or turn `embedded` back on"
+        )
 
 
 def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:

@@ -12,6 +12,7 @@ from proxy.config import Settings
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
+from proxy.infra.embedded import EmbeddedPostgres, keep_postgres_running
 from proxy.infra.logging import RequestLog
 from proxy.infra.metrics import Metrics
 from proxy.infra.nats import Bus
@@ -97,6 +98,15 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     async def on_bus(bus: Bus) -> None:
         await ensure_streams(bus, events_retention=settings.events_retention_seconds)
 
+    watchdog = trio.CancelScope()
+    if settings.embedded_pgdata is not None:
+        pgdata = settings.embedded_pgdata
+
+        async def keep_database_running() -> None:
+            with watchdog:
+                await keep_postgres_running(EmbeddedPostgres(pgdata))
+
+        nursery.start_soon(keep_database_running)
     resources = Resources(settings.database_url, settings.nats_url, on_bus=on_bus)
     await nursery.start(resources.run)
     persistence: Persistence | None = None
@@ -159,6 +169,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             persistence.outbox.stop()
         local_model.stop()
         resources.stop()
+        watchdog.cancel()
         with trio.CancelScope(shield=True):
             for backend in backends.values():
                 await backend.aclose()

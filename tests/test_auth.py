@@ -150,6 +150,26 @@ async def test_model_scope_filters_listings_and_refuses_other_models_in_each_dia
         assert hidden.status_code == 404 and hidden.json() == {"error": "model 'llama3' not found"}
 
 
+async def test_a_scope_naming_a_model_with_or_without_latest_allows_both_spellings(stack: Stack) -> None:
+    # As /api/tags lists it (`llama3.2:latest`), or as people type it (`qwen3-8b`).
+    tagged = await new_key(stack.db, "tagged", "--models", "llama3.2:latest", "fake-model:latest")
+    bare = await new_key(stack.db, "bare", "--models", "qwen3-8b")
+    await wait_for_key(stack.url, tagged)
+    await wait_for_key(stack.url, bare)
+    for key, names in ((tagged, ("llama3.2:latest", "llama3.2")), (bare, ("qwen3-8b", "qwen3-8b:latest"))):
+        async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as llama:
+            for name in names:
+                reply = await llama.chat(model=name, messages=MESSAGES, stream=False)
+                assert reply.message.content == "Hello", name
+                assert (await llama.show(name)).details is not None, name
+            with pytest.raises(ollama.ResponseError) as other:
+                await llama.chat(model="llama3.1", messages=MESSAGES, stream=False)
+            assert other.value.status_code == 403
+    # The backend lists `fake-model`; the key naming `fake-model:latest` sees it.
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=tagged, max_retries=0) as client:
+        assert [m.id async for m in client.models.list()] == ["fake-model"]
+
+
 async def test_revocation_takes_effect_at_once_on_a_running_gateway(stack: Stack) -> None:
     key = await new_key(stack.db, "doomed")
     await wait_for_key(stack.url, key)

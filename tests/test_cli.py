@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from proxy.cli import _gateway_mark
+from proxy.infra.embedded import EmbeddedPostgres
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -128,3 +132,92 @@ def test_database_commands_say_in_one_line_that_the_database_cannot_be_reached(
     assert done.returncode == 1
     assert done.stderr.startswith("llm-proxy: database error: ")
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2  # libpq's own two lines
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The live postmaster of `pgdata`, if one runs."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except (OSError, ValueError):
+        return None
+    return pid if state != "Z" else None
+
+
+def test_a_key_revoked_while_the_embedded_postgres_is_down_is_refused_by_the_running_gateway(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_BASE_URL", "DATABASE_URL", "NATS_URL")}
+
+    def keys(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "proxy", "keys", *argv, "--data-dir", str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    created = keys("create", "--name", "leaked")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+    def status_after(seconds: float, wanted: int) -> int:
+        deadline, status = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2,
+                                   headers={"authorization": f"Bearer {key}"}).status_code
+            if status == wanted:
+                break
+            time.sleep(0.2)
+        return status
+
+    pgdata = tmp_path / "pgdata"
+    try:
+        assert status_after(60, 200) == 200
+        first = _postmaster_pid(pgdata)
+        assert first is not None
+        os.kill(first, signal.SIGINT)  # the operator's (or the OOM killer's) doing
+        revoked = keys("revoke", key)
+        assert revoked.returncode == 0 and "revoked key" in revoked.stdout, revoked.stderr
+        assert status_after(20, 401) == 401  # not accepted on and on by the gateway
+        # And the gateway has a database again: it brings its PostgreSQL back itself.
+        second = _postmaster_pid(pgdata)
+        assert second is not None and second != first
+        os.kill(second, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while _postmaster_pid(pgdata) in (None, second) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _postmaster_pid(pgdata) not in (None, second)
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+        for _ in range(50):
+            if ready.json()["checks"]["postgres"] == "ok":
+                break
+            time.sleep(0.2)
+            ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+        assert ready.json()["checks"]["postgres"] == "ok"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert "started it again" in output
+    assert "Traceback" not in output, output
+    deadline = time.monotonic() + 10
+    while processes_using(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_using(tmp_path) == []  # what the gateway (or the CLI) started, it stopped
+
+
+def test_keys_leave_the_postgres_they_started_running_while_a_gateway_uses_the_data_dir(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+
+    def keys(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "proxy", "keys", *argv, "--data-dir", str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    with _gateway_mark(tmp_path):  # as `serve` holds it
+        assert keys("create", "--name", "k").returncode == 0
+        assert _postmaster_pid(tmp_path / "pgdata") is not None  # the gateway's now: it stops it
+    assert keys("list").returncode == 0  # adopted: left running
+    assert _postmaster_pid(tmp_path / "pgdata") is not None
+    EmbeddedPostgres(tmp_path / "pgdata").stop()
+    assert keys("list").returncode == 0  # no gateway: stopped again on the way out
+    assert _postmaster_pid(tmp_path / "pgdata") is None

@@ -97,6 +97,20 @@ def test_numbers_that_are_not_finite_negative_or_too_large_stop_start_up(tmp_pat
     assert_one_line(serve(["--config", str(config)]), key)
 
 
+@pytest.mark.parametrize(
+    ("text", "env", "key"),
+    [('auth = "required"\n', {}, "`auth`"), ("", {"LLM_PROXY_AUTH": "required"}, "`LLM_PROXY_AUTH`")],
+)
+def test_keys_required_without_a_database_stop_start_up(
+    tmp_path: Path, text: str, env: dict[str, str], key: str
+) -> None:
+    """It used to start, then refuse every request with a 401 no key could ever pass."""
+    config = write(tmp_path / "nodb.toml", OK + text)
+    assert_one_line(serve(["--config", str(config)], env), key, '"required"', "database")
+    # With a database to keep the keys in, the same setting is accepted.
+    assert load_settings(config, {**env, "DATABASE_URL": "postgresql://db/x"}).auth == "required"
+
+
 def test_a_cache_of_model_listings_may_be_switched_off(tmp_path: Path) -> None:
     config = write(tmp_path / "z.toml", OK + "models_cache_seconds = 0\n")
     assert load_settings(config, {}).models_cache_seconds == 0

@@ -1,7 +1,8 @@
 """Process managers for the embedded default servers: PostgreSQL (+pgvector) and NATS.
 
 Both managers are synchronous: the CLI parent starts them before any worker exists, and the
-test suite starts them from session-scoped fixtures.
+test suite starts them from session-scoped fixtures. `keep_postgres_running` is the one trio
+task here: the gateway's watchdog that starts a stopped PostgreSQL again.
 
     with EmbeddedPostgres(data / "postgres") as pg, EmbeddedNats(data / "nats") as bus:
         run_workers(db_url=pg.url, nats_url=bus.url)
@@ -47,6 +48,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import psutil  # type: ignore[import-untyped]
+import trio
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,21 @@ class EmbeddedPostgres:
             # SIGQUIT is PostgreSQL's "immediate shutdown": children exit, no checkpoint.
             _terminate(proc, signal.SIGQUIT, 10)
 
+    def revive(self) -> bool:
+        """Start the server again if none runs on `data_dir` (it crashed, or was killed);
+        True if this call started it. Unlike `start()`, the caller does not own what it
+        starts (nothing is stopped at exit): whoever started the gateway stops it."""
+        if self._live_postmaster() is not None:
+            return False
+        if not (self.data_dir / "PG_VERSION").exists():
+            raise EmbeddedServerError(f"{self.data_dir} is no longer a PostgreSQL data directory")
+        with _dir_lock(self.data_dir):
+            if self._live_postmaster() is not None:  # someone else (the CLI) was quicker
+                return False
+            self._init_and_start(self._prepare_root())
+            self._wait_ready()
+        return True
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -412,6 +429,34 @@ class EmbeddedPostgres:
         except OSError:
             return "(no server log)"
         return "server log tail:\n" + "\n".join(text.splitlines()[-lines:])
+
+
+async def keep_postgres_running(
+    postgres: EmbeddedPostgres, *, check_seconds: float = 1.0, max_backoff: float = 30.0
+) -> None:
+    """Until cancelled: start `postgres` again whenever it is found stopped.
+
+    A gateway whose embedded server died would otherwise serve on without a database for good:
+    no usage, no completion log, and no key revoked since (`llm-proxy keys revoke` writes to
+    the data directory, which the gateway no longer reads). Restarts that fail are retried
+    with a growing delay; every one is logged."""
+    delay = check_seconds
+    while True:
+        await trio.sleep(delay)
+        try:
+            # Blocking (psutil, pg_ctl): a thread; not abandoned on cancel, so a restart
+            # under way finishes (bounded by its start timeout) before the gateway stops it.
+            restarted = await trio.to_thread.run_sync(postgres.revive)
+        except (EmbeddedServerError, OSError, subprocess.SubprocessError) as error:
+            delay = min(max(delay * 2, 2.0), max_backoff)
+            log.warning(
+                "embedded PostgreSQL on %s is down and did not restart (%s); retrying in %.0f s",
+                postgres.data_dir, str(error).splitlines()[0] if str(error) else type(error).__name__, delay,
+            )
+            continue
+        delay = check_seconds
+        if restarted:
+            log.warning("embedded PostgreSQL on %s had stopped; started it again (pid %s)", postgres.data_dir, postgres.pid)
 
 
 # --------------------------------------------------------------------------------------------

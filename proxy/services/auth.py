@@ -112,14 +112,13 @@ class Principal:
         return self.rpm is not None or self.tpm is not None
 
     def may_use_model(self, model: str) -> bool:
-        """The name as the client sent it (an alias is checked as the alias). Ollama's
-        implicit `:latest` tag matches the bare name too."""
+        """The name as the client sent it (an alias is checked as the alias). As in Ollama's
+        naming, `x` and `x:latest` are one model: a scope naming either allows both (a key
+        scoped to `llama3.2:latest`, as /api/tags lists it, may use `llama3.2`)."""
         pattern = self._models_re
         if pattern is None:
             return True
-        if pattern.fullmatch(model):
-            return True
-        return model.endswith(":latest") and pattern.fullmatch(model.removesuffix(":latest")) is not None
+        return any(pattern.fullmatch(name) is not None for name in _latest_twins(model))
 
     def may_use_workspace(self, workspace: str) -> bool:
         pattern = self._workspaces_re
@@ -127,6 +126,16 @@ class Principal:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+def _latest_twins(model: str) -> tuple[str, ...]:
+    """`model` and its other spelling: without `:latest`, or with it when untagged (the
+    tag follows the last `/`: a registry host may have a port)."""
+    if model.endswith(":latest"):
+        return (model, model.removesuffix(":latest"))
+    if ":" not in model.rpartition("/")[2]:
+        return (model, model + ":latest")
+    return (model,)
 
 
 # The calling key of the current request (None: no key, or auth off).
