@@ -108,6 +108,8 @@ def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted
             nats = stack.enter_context(EmbeddedNats(data_dir / "nats"))
             assert nats.url is not None
             changes["nats_url"] = nats.url
+            if stop_adopted:
+                changes["embedded_nats"] = nats.store_dir
             log.info("embedded NATS on %s", nats.url)
         yield replace(settings, **changes)  # type: ignore[arg-type]
 

@@ -191,9 +191,10 @@ class Settings:
     nats_url: str | None = None
     # Start PostgreSQL and NATS from the bundled packages when no URL is given.
     embedded: bool = True
-    # Set by `llm-proxy serve` (never read from the config): the data directory of the
-    # embedded PostgreSQL it started, which the gateway starts again should it stop.
+    # Set by `llm-proxy serve` (never read from the config): the data directories of the
+    # embedded PostgreSQL and NATS it started, which the gateway starts again should they stop.
     embedded_pgdata: Path | None = None
+    embedded_nats: Path | None = None
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     rag: RagSettings = field(default_factory=RagSettings)
     semantic_cache: SemanticCacheSettings = field(default_factory=SemanticCacheSettings)

@@ -12,7 +12,7 @@ from proxy.config import Settings
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
-from proxy.infra.embedded import EmbeddedPostgres, keep_postgres_running
+from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres, Revivable, keep_running
 from proxy.infra.logging import RequestLog
 from proxy.infra.metrics import Metrics
 from proxy.infra.nats import Bus
@@ -99,14 +99,20 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         await ensure_streams(bus, events_retention=settings.events_retention_seconds)
 
     watchdog = trio.CancelScope()
+    embedded: list[tuple[Revivable, str]] = []
     if settings.embedded_pgdata is not None:
-        pgdata = settings.embedded_pgdata
+        embedded.append((EmbeddedPostgres(settings.embedded_pgdata), f"embedded PostgreSQL on {settings.embedded_pgdata}"))
+    if settings.embedded_nats is not None:
+        embedded.append((EmbeddedNats(settings.embedded_nats), f"embedded NATS on {settings.embedded_nats}"))
 
-        async def keep_database_running() -> None:
-            with watchdog:
-                await keep_postgres_running(EmbeddedPostgres(pgdata))
+    async def keep_servers_running() -> None:
+        with watchdog:
+            async with trio.open_nursery() as keepers:
+                for server, what in embedded:
+                    keepers.start_soon(keep_running, server, what)
 
-        nursery.start_soon(keep_database_running)
+    if embedded:
+        nursery.start_soon(keep_servers_running)
     resources = Resources(settings.database_url, settings.nats_url, on_bus=on_bus)
     await nursery.start(resources.run)
     persistence: Persistence | None = None

@@ -206,6 +206,51 @@ def test_a_key_revoked_while_the_embedded_postgres_is_down_is_refused_by_the_run
     assert processes_using(tmp_path) == []  # what the gateway (or the CLI) started, it stopped
 
 
+def test_the_gateway_starts_its_embedded_nats_again_on_its_port_when_it_dies(tmp_path: Path) -> None:
+    # Without it, a gateway whose nats-server was killed ran on without events, outbox or
+    # workflows until it was restarted itself, warning once a second.
+    env = {k: v for k, v in os.environ.items() if k not in ("LLM_BASE_URL", "DATABASE_URL", "NATS_URL")}
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    record = tmp_path / "nats" / "nats-server.pid.json"
+
+    def nats_check(wanted: str, seconds: float) -> str:
+        deadline, state = time.monotonic() + seconds, ""
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
+                state = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).json()["checks"]["nats"]
+            if state == wanted:
+                break
+            time.sleep(0.2)
+        return state
+
+    try:
+        assert nats_check("ok", 60) == "ok"
+        first = json.loads(record.read_text())
+        os.kill(first["pid"], signal.SIGKILL)
+        second, deadline = first, time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                second = json.loads(record.read_text())
+                if second["pid"] != first["pid"]:
+                    break
+            time.sleep(0.2)
+        assert second["pid"] != first["pid"] and second["port"] == first["port"]  # clients keep its URL
+        assert nats_check("ok", 30) == "ok"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert "embedded NATS" in output and "started it again" in output, output
+    assert "Traceback" not in output, output
+    deadline = time.monotonic() + 10
+    while processes_using(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_using(tmp_path) == []  # the revived server was stopped with the gateway
+
+
 def test_keys_leave_the_postgres_they_started_running_while_a_gateway_uses_the_data_dir(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
 

@@ -1,8 +1,8 @@
 """Process managers for the embedded default servers: PostgreSQL (+pgvector) and NATS.
 
 Both managers are synchronous: the CLI parent starts them before any worker exists, and the
-test suite starts them from session-scoped fixtures. `keep_postgres_running` is the one trio
-task here: the gateway's watchdog that starts a stopped PostgreSQL again.
+test suite starts them from session-scoped fixtures. `keep_running` is the one trio task
+here: the gateway's watchdog that starts a stopped server (`revive()`) again.
 
     with EmbeddedPostgres(data / "postgres") as pg, EmbeddedNats(data / "nats") as bus:
         run_workers(db_url=pg.url, nats_url=bus.url)
@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import psutil  # type: ignore[import-untyped]
 import trio
@@ -431,32 +431,38 @@ class EmbeddedPostgres:
         return "server log tail:\n" + "\n".join(text.splitlines()[-lines:])
 
 
-async def keep_postgres_running(
-    postgres: EmbeddedPostgres, *, check_seconds: float = 1.0, max_backoff: float = 30.0
-) -> None:
-    """Until cancelled: start `postgres` again whenever it is found stopped.
+class Revivable(Protocol):
+    def revive(self) -> bool: ...
 
-    A gateway whose embedded server died would otherwise serve on without a database for good:
-    no usage, no completion log, and no key revoked since (`llm-proxy keys revoke` writes to
-    the data directory, which the gateway no longer reads). Restarts that fail are retried
-    with a growing delay; every one is logged."""
+
+async def keep_running(
+    server: Revivable, what: str, *, check_seconds: float = 1.0, max_backoff: float = 30.0
+) -> None:
+    """Until cancelled: start `server` (named `what` in the log) again whenever it is found
+    stopped.
+
+    A gateway whose embedded PostgreSQL died would otherwise serve on without a database for
+    good: no usage, no completion log, and no key revoked since (`llm-proxy keys revoke`
+    writes to the data directory, which the gateway no longer reads); one whose NATS died,
+    without its event stream, outbox or workflows. Restarts that fail are retried with a
+    growing delay; every one is logged."""
     delay = check_seconds
     while True:
         await trio.sleep(delay)
         try:
             # Blocking (psutil, pg_ctl): a thread; not abandoned on cancel, so a restart
             # under way finishes (bounded by its start timeout) before the gateway stops it.
-            restarted = await trio.to_thread.run_sync(postgres.revive)
+            restarted = await trio.to_thread.run_sync(server.revive)
         except (EmbeddedServerError, OSError, subprocess.SubprocessError) as error:
             delay = min(max(delay * 2, 2.0), max_backoff)
             log.warning(
-                "embedded PostgreSQL on %s is down and did not restart (%s); retrying in %.0f s",
-                postgres.data_dir, str(error).splitlines()[0] if str(error) else type(error).__name__, delay,
+                "%s is down and did not restart (%s); retrying in %.0f s",
+                what, str(error).splitlines()[0] if str(error) else type(error).__name__, delay,
             )
             continue
         delay = check_seconds
         if restarted:
-            log.warning("embedded PostgreSQL on %s had stopped; started it again (pid %s)", postgres.data_dir, postgres.pid)
+            log.warning("%s had stopped; started it again", what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +542,26 @@ class EmbeddedNats:
                 child.wait()  # reap our own child so it does not linger as a zombie
             (self.store_dir / self.PID_FILE).unlink(missing_ok=True)
             self.pid = None
+
+    def revive(self) -> bool:
+        """Start the server again on its port if none runs on `store_dir` (it crashed, or was
+        killed); True if this call started it. Its port stays: clients hold its URL (a taken
+        port is an error, retried by `keep_running`). As with `EmbeddedPostgres.revive`,
+        whoever started the gateway stops it."""
+        port = self._remembered_port() if self.port is None else self.port
+        if port is None:
+            raise EmbeddedServerError(f"no nats-server port is remembered in {self.store_dir}")
+        with _dir_lock(self.store_dir):
+            if self._recorded_process() is not None:
+                return False
+            if self._child is not None:  # ours, dead: reaped, not left a zombie
+                self._child.wait()
+                self._child = None
+            if not _port_is_free(port):
+                raise EmbeddedServerError(f"port {port} is taken")
+            self.port = port
+            self._spawn()
+        return True
 
     def __enter__(self) -> Self:
         self.start()
