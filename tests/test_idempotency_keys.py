@@ -79,3 +79,33 @@ async def test_a_key_the_gateway_cannot_honour_is_a_400_in_the_callers_dialect(s
             )
         await client.close()
     assert stack.fake.requests == []
+
+
+def _tokens(metrics: str) -> tuple[float, float]:
+    """The prompt and completion tokens counted for the fake's model."""
+    counts = [0.0, 0.0]
+    for line in metrics.splitlines():
+        for position, name in enumerate(("llm_proxy_prompt_tokens_total{", "llm_proxy_completion_tokens_total{")):
+            if line.startswith(name):
+                counts[position] += float(line.rsplit(" ", 1)[1])
+    return counts[0], counts[1]
+
+
+async def test_replays_and_cache_hits_add_no_backend_tokens_to_the_metrics(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        key, messages = str(uuid.uuid4()), _messages()
+        first = await http.post("/v1/chat/completions", json={"model": "m", "messages": messages},
+                                headers={"Idempotency-Key": key})
+        await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
+        cache_body = {"model": "m", "messages": _messages()}
+        cached = await http.post("/v1/chat/completions", json=cache_body, headers={"x-cache": "exact"})
+        await wait_for_row(stack.db, cached.headers["x-trace-id"], "completed")
+        assert _tokens((await http.get("/metrics")).text) == (10, 4)  # the two backend calls
+        for _ in range(3):
+            again = await http.post("/v1/chat/completions", json={"model": "m", "messages": messages},
+                                    headers={"Idempotency-Key": key})
+            assert again.headers.get("idempotent-replayed") == "true"
+        hit = await http.post("/v1/chat/completions", json=cache_body, headers={"x-cache": "exact"})
+        assert hit.headers.get("x-cache") == "hit"
+        assert _tokens((await http.get("/metrics")).text) == (10, 4)
+    assert [r.path for r in stack.fake.requests if r.method == "POST"] == ["/v1/chat/completions"] * 2
