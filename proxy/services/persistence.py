@@ -535,7 +535,9 @@ async def _rebuilt_events(
     that saw part of a stream numbered otherwise cannot be given just the rest."""
     completion = stored.completion
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
-    finished = Finished(reason=_reason_of(completion), status=stored.status, winner=stored.upstream_model)
+    if stored.status == "failed":
+        events.append(StreamFailed(_error_of(stored)))
+    finished = Finished(reason=_reason_of(stored), status=stored.status, winner=stored.upstream_model)
     events.append(finished)
     live_end = stored.finished_seq
     if after > 0 and live_end and live_end != len(events):
@@ -600,6 +602,7 @@ async def _bus_events(
     seen = False
     first_heard = math.inf
     shown = 0
+    failed = False  # the last event relayed was the run's error
     async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
         heard = trio.current_time()
         while True:
@@ -616,10 +619,15 @@ async def _bus_events(
                     continue
                 stored = await row(trio.current_time() - first_heard) if row is not None else None
                 if stored is not None and stored.status != "running":
-                    end = shown + 1
-                    if end > after:
-                        await send.send((end, Finished(reason=_reason_of(stored.completion), status=stored.status,
-                                                       winner=stored.upstream_model)))
+                    # Its process died (no `finished` will come): end as a run failing live does.
+                    ending: list[WireEvent] = []
+                    if stored.status == "failed" and not failed:
+                        ending.append(StreamFailed(_error_of(stored)))
+                    ending.append(Finished(reason=_reason_of(stored), status=stored.status, winner=stored.upstream_model))
+                    for last in ending:
+                        shown += 1
+                        if shown > after:
+                            await send.send((shown, last))
                     return True
                 if waited >= silence:
                     break
@@ -633,6 +641,7 @@ async def _bus_events(
                 if event is None:
                     continue
                 shown = max(shown, seq)
+                failed = isinstance(event, StreamFailed)
                 if seq > after:
                     await send.send((seq, event))
                 if isinstance(event, Finished):  # the end, even for a client that saw it
@@ -643,6 +652,7 @@ async def _bus_events(
                 visible.append(view.finished or Finished(reason="error", status="failed"))
             for event in visible:
                 shown += 1
+                failed = isinstance(event, StreamFailed)
                 if shown > after:
                     await send.send((shown, event))
             if view.done:
@@ -652,7 +662,20 @@ async def _bus_events(
     return False
 
 
-def _reason_of(completion: ChatCompletion | None) -> str:
+def _reason_of(stored: StoredRun) -> str:
+    """A stored run's `finished.reason`, as its live run gave it (see `_records._outcome`)."""
+    if stored.status == "failed":
+        return "error"
+    if stored.status == "cancelled":
+        return "cancelled"
+    completion = stored.completion
     if completion is None or not completion.choices or completion.choices[0].finish_reason is None:
         return "stop"
     return completion.choices[0].finish_reason.value
+
+
+def _error_of(stored: StoredRun) -> GatewayError:
+    """The error a failed run stored; its process's death when it could store none."""
+    error = stored.error or {}
+    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
+    return GatewayError(kind, str(error.get("message") or INTERRUPTED_MESSAGE))
