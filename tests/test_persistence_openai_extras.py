@@ -10,11 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
 
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
 from tests.test_persistence import wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
@@ -106,3 +108,31 @@ async def test_logprobs_and_system_fingerprint_survive_a_key_and_the_cache(url: 
         assert live_chunks[0].system_fingerprint == FINGERPRINT
         assert [c.choices[0].logprobs.model_dump() for c in live_chunks if c.choices and c.choices[0].logprobs] == [expected]
     await client.close()
+
+
+async def test_each_choice_of_a_keyed_or_cached_stream_opens_with_its_role(url: str) -> None:
+    """n > 1: the SDK's stream helper builds each choice from its role chunk; a keyed or cached
+    stream (rendered from events, live or replayed) sends one per choice, as the backend did."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages = [{"role": "user", "content": f"n {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            async with client.chat.completions.stream(
+                model="m", messages=messages, n=2, extra_headers=headers  # type: ignore[arg-type]
+            ) as stream:
+                roles = [(choice.index, choice.delta.role) async for event in stream if event.type == "chunk"
+                         for choice in event.chunk.choices if choice.delta.role]
+                final = await stream.get_final_completion()
+            assert roles == [(0, "assistant"), (1, "assistant")], attempt
+            assert [(c.index, c.message.role, c.message.content) for c in final.choices] == [
+                (0, "assistant", "Hi0"), (1, "assistant", "Hi1")
+            ], attempt
+            if attempt == "live":
+                body = {"model": "m", "messages": messages, "n": 2}
+                await eventually(functools.partial(_replayed, url, body, headers), within=10)
+    await client.close()
+
+
+async def _replayed(url: str, body: dict[str, Any], headers: dict[str, str]) -> bool:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        return "x-replay-of" in (await http.post("/v1/chat/completions", json=body, headers=headers)).headers

@@ -354,6 +354,8 @@ class StreamRenderer:
         self._suffix = b"}\n\n"
         self._usage: Usage | None = None
         self._tool_calls: set[tuple[int, int]] = set()
+        # Choices past the first that had their role chunk (the first has it with the start).
+        self._roles: set[int] = set()
         self.done = False
 
     def render(self, events: list[StreamEvent]) -> bytes:
@@ -410,8 +412,13 @@ class StreamRenderer:
         if self._start is None:
             self._begin(StreamStart(id="chatcmpl-" + secrets.token_hex(12), model="", created=0))
         reason = b"null" if finish is None else b'"' + finish.encode() + b'"'
+        role = b""
+        if choice and choice not in self._roles:  # n > 1: each choice opens with its role, as a backend's do
+            self._roles.add(choice)
+            role = self._delta(choice, {"role": "assistant", "content": ""})
         return (
-            self._prefix
+            role
+            + self._prefix
             + str(choice).encode()
             + b',"delta":'
             + dumps(delta)
