@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxy.dialects import openai
+from proxy.dialects import ollama, openai
 from proxy.domain.fingerprint import request_fingerprint
 
 
@@ -35,3 +35,21 @@ def test_parallel_tool_calls_tell_requests_apart_and_streaming_does_not() -> Non
     base = _req_id(messages=messages, tools=tools)
     assert _req_id(messages=messages, tools=tools, parallel_tool_calls=False) != base
     assert _req_id(messages=messages, tools=tools, stream=True) == base
+
+
+def _ollama_req_id(**body: Any) -> str:
+    request = ollama.parse_chat_request(json.dumps({"model": "m", "stream": False, **body}).encode())
+    return request_fingerprint(request, "up")
+
+
+def test_an_ollama_option_the_domain_models_is_the_same_request_as_openais_field() -> None:
+    """`options.temperature` is OpenAI's `temperature`: the same key for both is a replay, not a 409."""
+    messages = [{"role": "user", "content": "hi"}]
+    assert _ollama_req_id(messages=messages, options={"temperature": 0, "seed": 7, "num_predict": 5}) == _req_id(
+        messages=messages, temperature=0, seed=7, max_tokens=5
+    )
+    assert _ollama_req_id(messages=messages, options={"temperature": 0}) != _req_id(messages=messages, temperature=0.5)
+    # What only Ollama understands still tells requests apart.
+    assert _ollama_req_id(messages=messages, options={"temperature": 0, "num_ctx": 4096}) != _req_id(
+        messages=messages, temperature=0
+    )

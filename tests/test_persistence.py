@@ -26,8 +26,14 @@ import proxy.gateway
 from proxy.dialects.events import Finished, decode_event
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall
 from proxy.domain.chat import Usage as DomainUsage
-from proxy.domain.events import TextDelta
-from proxy.infra.chat_store import ChatStore, LogRow, completion_from_json, completion_to_json
+from proxy.domain.events import StreamFailed, TextDelta
+from proxy.infra.chat_store import (
+    ChatStore,
+    LogRow,
+    StoredRun,
+    completion_from_json,
+    completion_to_json,
+)
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from proxy.infra.migrations import load_migrations, migrate
 from proxy.infra.nats import open_bus
@@ -41,7 +47,7 @@ from proxy.services.journal import (
     Outbox,
     ensure_streams,
 )
-from proxy.services.persistence import PersistenceSettings
+from proxy.services.persistence import PersistenceSettings, _rebuilt_events
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
@@ -927,5 +933,22 @@ async def test_a_keyless_run_killed_before_its_row_ends_its_readers_soon(
         with trio.fail_after(15):
             resumed = await client.get(f"{url}/v1/streams/{trace_id}")
     frames = stream_frames(resumed.text)
-    assert [seq for seq, _ in frames] == [1, 2, 3]
-    assert isinstance(frames[-1][1], Finished) and frames[-1][1].status == "failed"
+    # As a run failing live ends: its error, then `finished` with reason `error`.
+    assert [seq for seq, _ in frames] == [1, 2, 3, 4]
+    assert isinstance(frames[-2][1], StreamFailed) and "killed or crashed" in frames[-2][1].error.message
+    assert isinstance(frames[-1][1], Finished) and frames[-1][1].status == "failed" and frames[-1][1].reason == "error"
+
+
+async def test_a_failed_run_rebuilt_from_its_row_ends_with_its_error() -> None:
+    """Without its events (NATS down, past retention), a failed run read from its row ends as
+    it did live: its error, then `finished` with reason `error` (not `stop`)."""
+    stored = StoredRun(status="failed", completion=completion_from_json({"choices": [{"content": "Once"}]}),
+                       error={"kind": "BACKEND", "message": "The backend broke."}, tenant=None, route="direct")
+    send, receive = trio.open_memory_channel[tuple[int, object]](10)
+    async with send:
+        await _rebuilt_events("t", stored, 0, send)
+    frames = [frame async for frame in receive]
+    assert [seq for seq, _ in frames] == [1, 2, 3, 4]
+    error, finished = frames[-2][1], frames[-1][1]
+    assert isinstance(error, StreamFailed) and error.error.message == "The backend broke."
+    assert isinstance(finished, Finished) and (finished.reason, finished.status) == ("error", "failed")

@@ -167,6 +167,7 @@ class Choice:
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    logprobs: dict[str, Any] | None = None  # an OpenAI backend's, opaque (see `TextDelta`)
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ Rules every producer keeps, so that every renderer can rely on them:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import GatewayError
@@ -26,12 +26,15 @@ class StreamStart:
     id: str
     model: str
     created: int
+    system_fingerprint: str | None = None  # an OpenAI backend's, passed on to OpenAI clients
 
 
 @dataclass(slots=True, frozen=True)
 class TextDelta:
     text: str
     choice: int = 0
+    # An OpenAI backend's `logprobs` for this text (`{"content": [...]}`), opaque to the gateway.
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -116,6 +119,7 @@ class CompletionBuilder:
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
+        self._logprobs: dict[int, dict[str, Any]] = {}
 
     def _choice(self, index: int) -> Choice:
         choice = self._choices.get(index)
@@ -127,9 +131,11 @@ class CompletionBuilder:
 
     def add(self, event: StreamEvent) -> None:
         match event:
-            case TextDelta(text, choice):
+            case TextDelta(text, choice, logprobs):
                 self._choice(choice)
                 self._text[choice].append(text)
+                if logprobs is not None:
+                    _merge_logprobs(self._logprobs.setdefault(choice, {}), logprobs)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -170,6 +176,7 @@ class CompletionBuilder:
             choice = self._choices[index]
             choice.content = "".join(self._text[index])
             choice.reasoning = "".join(self._reasoning[index])
+            choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
                     id=self._tool_ids.get(key, ""),
@@ -184,20 +191,32 @@ class CompletionBuilder:
             choices.append(Choice(index=0))
         start = self.start or StreamStart(id="", model="", created=0)
         return ChatCompletion(
-            id=start.id, model=start.model, created=start.created, choices=choices, usage=self.usage
+            id=start.id, model=start.model, created=start.created, choices=choices, usage=self.usage,
+            system_fingerprint=start.system_fingerprint,
         )
+
+
+def _merge_logprobs(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """A choice's logprobs so far and one piece's: each list (`content`, `refusal`) extended."""
+    for name, value in part.items():
+        held = into.get(name)
+        if isinstance(held, list) and isinstance(value, list):
+            held.extend(value)
+        elif held is None:
+            into[name] = list(value) if isinstance(value, list) else value
 
 
 def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
     """The events that replay a finished completion as a stream (cache hits, resumes)."""
     events: list[StreamEvent] = [
-        StreamStart(id=completion.id, model=completion.model, created=completion.created)
+        StreamStart(id=completion.id, model=completion.model, created=completion.created,
+                    system_fingerprint=completion.system_fingerprint)
     ]
     for choice in completion.choices:
         if choice.reasoning:
             events.append(ReasoningDelta(choice.reasoning, choice.index))
         if choice.content:
-            events.append(TextDelta(choice.content, choice.index))
+            events.append(TextDelta(choice.content, choice.index, choice.logprobs))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:

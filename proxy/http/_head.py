@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
+from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.services.auth import current_principal
 from proxy.services.chat import RequestMeta, new_trace_id
 
@@ -63,6 +64,23 @@ def _clean_id(value: str | None) -> str | None:
     return None
 
 
+# Stripe's limit; a key the gateway cannot use is refused rather than ignored (which would
+# run the request twice).
+_KEY_LIMIT = 255
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    if not value:
+        return None
+    if len(value) <= _KEY_LIMIT and value.isascii() and value.isprintable():
+        return value
+    raise GatewayError(
+        ErrorKind.INVALID_REQUEST,
+        f"The `Idempotency-Key` header must be at most {_KEY_LIMIT} printable ASCII characters.",
+        param="Idempotency-Key", code="invalid_idempotency_key",
+    )
+
+
 def current_tenant() -> str | None:
     """Who asks, for per-tenant caches and resume: the admitted key as `key-<id>`."""
     principal = current_principal.get()
@@ -89,7 +107,7 @@ def request_meta(head: RequestHead) -> RequestMeta:
         route=route,
         workspace=workspace,
         pipeline=pipeline,
-        idempotency_key=_clean_id(header("idempotency-key")),
+        idempotency_key=_idempotency_key(header("idempotency-key")),
         tenant=current_tenant(),
         cache=(header("x-cache") or "").strip().lower() or None,
     )

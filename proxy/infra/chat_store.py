@@ -24,9 +24,11 @@ def completion_to_json(completion: ChatCompletion) -> dict[str, Any]:
                 "reasoning": c.reasoning,
                 "tool_calls": [{"id": t.id, "name": t.name, "arguments": t.arguments} for t in c.tool_calls],
                 "finish_reason": c.finish_reason.value if c.finish_reason else None,
+                **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
             }
             for c in completion.choices
         ],
+        **({"system_fingerprint": completion.system_fingerprint} if completion.system_fingerprint else {}),
         "usage": None
         if usage is None
         else {
@@ -52,6 +54,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 reasoning=c.get("reasoning") or "",
                 tool_calls=[ToolCall(t["id"], t["name"], t["arguments"]) for t in c.get("tool_calls") or []],
                 finish_reason=FinishReason(c["finish_reason"]) if c.get("finish_reason") else None,
+                logprobs=c.get("logprobs"),
             )
             for c in data.get("choices") or []
         ],
@@ -64,6 +67,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
             cache_write_tokens=usage.get("cache_write_tokens"),
             reasoning_tokens=usage.get("reasoning_tokens"),
         ),
+        system_fingerprint=data.get("system_fingerprint"),
     )
 
 

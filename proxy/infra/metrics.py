@@ -112,6 +112,8 @@ class Metrics:
         child(self._duration, kind, model, backend, "true" if entry.stream else "false").observe(entry.total_ms / 1000)
         if entry.ttft_ms is not None and entry.stream:
             child(self._ttft, model, backend).observe(entry.ttft_ms / 1000)
+        if entry.source != "backend":
+            return  # a replay, a cache hit or a follower of another's run: no backend produced its tokens
         if entry.prompt_tokens:
             child(self._prompt, kind, model, backend).inc(entry.prompt_tokens)
         if entry.completion_tokens:

@@ -21,7 +21,9 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import outcome
 import trio
 
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
@@ -31,7 +33,7 @@ from proxy.domain.events import StreamEvent, StreamFailed, completion_events
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
 from proxy.services.journal import EventLog, EventPublisher, LogWriter, Outbox, events_subject
 from proxy.workflow.view import ClientView
@@ -39,6 +41,15 @@ from proxy.workflow.view import ClientView
 log = logging.getLogger("llm_proxy.persistence")
 
 Producer = Callable[[trio.MemorySendChannel[Batch]], Awaitable[None]]
+_T = TypeVar("_T")
+
+# A request waits this long for the database to claim its key or look up its cache entry; a
+# stalled server (not down: its connections stay open, nothing answers) then counts as down.
+# The statement goes on in the background (a cancelled psycopg query can take ten seconds more
+# to give up on a stalled server) for at most `_CALL_TIMEOUT`; while one is overdue, requests
+# do not start another.
+_LOOKUP_TIMEOUT = 3.0
+_CALL_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -81,6 +92,14 @@ class Runs:
     @property
     def available(self) -> bool:
         return self._nursery is not None and not self._nursery.cancel_scope.cancel_called
+
+    def spawn(self, body: Callable[[], Awaitable[None]]) -> bool:
+        """Run `body` in this nursery (a task the gateway's stop cancels); False when stopped."""
+        if not self.available:
+            return False
+        assert self._nursery is not None
+        self._nursery.start_soon(body)
+        return True
 
     def start(self, log: EventLog, body: Callable[[], Awaitable[None]]) -> None:
         assert self._nursery is not None
@@ -144,6 +163,42 @@ class Persistence:
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
         self.instance_id = secrets.token_hex(8)
+        self._overdue = 0  # lookups whose request stopped waiting and that have not returned
+
+    async def _bounded(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """`call`'s result if the database gives it within `_LOOKUP_TIMEOUT`; else (or while
+        an earlier call is still overdue) `DatabaseUnavailable`, the request going on without."""
+        if self._overdue:
+            raise DatabaseUnavailable("an earlier statement still waits for the database")
+        done = trio.Event()
+        result: list[outcome.Outcome[_T]] = []
+        abandoned = False
+
+        async def run() -> None:
+            nonlocal abandoned
+            try:
+                with trio.fail_after(_CALL_TIMEOUT):
+                    result.append(outcome.Value(await call()))
+            except trio.TooSlowError:
+                result.append(outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s")))
+            except Exception as error:  # the request's to handle (or to surface, if a bug)
+                result.append(outcome.Error(error))
+            finally:
+                done.set()
+                if abandoned:
+                    self._overdue -= 1
+
+        if not self.runs.spawn(run):
+            with trio.move_on_after(_LOOKUP_TIMEOUT):
+                return await call()
+            raise DatabaseUnavailable(f"the database did not answer within {_LOOKUP_TIMEOUT:g} s")
+        with trio.move_on_after(_LOOKUP_TIMEOUT):
+            await done.wait()
+        if not done.is_set():
+            abandoned = True
+            self._overdue += 1
+            raise DatabaseUnavailable(f"the database did not answer within {_LOOKUP_TIMEOUT:g} s")
+        return result[0].unwrap()
 
     async def keep_alive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Beat this instance's heartbeat, and sweep instances whose heartbeat stopped."""
@@ -183,9 +238,9 @@ class Persistence:
             log.warning("PostgreSQL unavailable: key %s is not deduplicated", key)
             return None
         try:
-            claim = await store.claim(
+            claim = await self._bounded(lambda: store.claim(
                 key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner
-            )
+            ))
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
             return None
@@ -199,7 +254,10 @@ class Persistence:
                 code="idempotency_key_reused",
             )
         if claim.outcome == "completed":
-            run = await self._completed_run(store, claim.trace_id)
+            try:
+                run = await self._bounded(lambda: self._completed_run(store, claim.trace_id))
+            except DatabaseError:
+                run = None
             if run is not None and run.completion is not None:
                 # A cache entry that appeared since the lookup missed is a cache hit.
                 label = (b"x-cache", b"hit") if cache_id is not None else (b"idempotent-replayed", b"true")
@@ -207,10 +265,10 @@ class Persistence:
                             headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id,
                             winner=run.upstream_model)
             # Completed but its result is gone (e.g. expired): run again.
-            if await store.take_over(key, claim.trace_id, trace_id, owner=owner):
+            if await self._took_over(store, key, claim.trace_id, trace_id, owner):
                 return None
         local = self.runs.live.get(claim.trace_id)
-        if local is not None and _failed(local) and await _take_over(store, key, claim.trace_id, trace_id, owner):
+        if local is not None and _failed(local) and await self._took_over(store, key, claim.trace_id, trace_id, owner):
             # Its outcome is not committed yet, but the run is over and failed: a retry runs
             # again, as it would a moment later.
             return None
@@ -218,6 +276,12 @@ class Persistence:
         # A run here says which model answers once a stand-in took over (before its first byte).
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
+
+    async def _took_over(self, store: ChatStore, key: str, previous_trace: str, trace_id: str, owner: str | None) -> bool:
+        try:
+            return await self._bounded(lambda: _take_over(store, key, previous_trace, trace_id, owner))
+        except DatabaseError:
+            return False
 
     async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
         run = await self._completed_run(store, trace_id)
@@ -237,8 +301,9 @@ class Persistence:
         if store is None:
             return None
         try:
-            return await store.cached(req_id)
-        except DatabaseError:
+            return await self._bounded(lambda: store.cached(req_id))
+        except DatabaseError as error:
+            log.warning("exact cache lookup failed (%s): skipped", error)
             return None
 
     def remote_reader(self, trace_id: str) -> Producer:
@@ -470,7 +535,9 @@ async def _rebuilt_events(
     that saw part of a stream numbered otherwise cannot be given just the rest."""
     completion = stored.completion
     events: list[WireEvent] = list(completion_events(completion)) if completion else []
-    finished = Finished(reason=_reason_of(completion), status=stored.status, winner=stored.upstream_model)
+    if stored.status == "failed":
+        events.append(StreamFailed(_error_of(stored)))
+    finished = Finished(reason=_reason_of(stored), status=stored.status, winner=stored.upstream_model)
     events.append(finished)
     live_end = stored.finished_seq
     if after > 0 and live_end and live_end != len(events):
@@ -535,6 +602,7 @@ async def _bus_events(
     seen = False
     first_heard = math.inf
     shown = 0
+    failed = False  # the last event relayed was the run's error
     async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
         heard = trio.current_time()
         while True:
@@ -551,10 +619,15 @@ async def _bus_events(
                     continue
                 stored = await row(trio.current_time() - first_heard) if row is not None else None
                 if stored is not None and stored.status != "running":
-                    end = shown + 1
-                    if end > after:
-                        await send.send((end, Finished(reason=_reason_of(stored.completion), status=stored.status,
-                                                       winner=stored.upstream_model)))
+                    # Its process died (no `finished` will come): end as a run failing live does.
+                    ending: list[WireEvent] = []
+                    if stored.status == "failed" and not failed:
+                        ending.append(StreamFailed(_error_of(stored)))
+                    ending.append(Finished(reason=_reason_of(stored), status=stored.status, winner=stored.upstream_model))
+                    for last in ending:
+                        shown += 1
+                        if shown > after:
+                            await send.send((shown, last))
                     return True
                 if waited >= silence:
                     break
@@ -568,6 +641,7 @@ async def _bus_events(
                 if event is None:
                     continue
                 shown = max(shown, seq)
+                failed = isinstance(event, StreamFailed)
                 if seq > after:
                     await send.send((seq, event))
                 if isinstance(event, Finished):  # the end, even for a client that saw it
@@ -578,6 +652,7 @@ async def _bus_events(
                 visible.append(view.finished or Finished(reason="error", status="failed"))
             for event in visible:
                 shown += 1
+                failed = isinstance(event, StreamFailed)
                 if shown > after:
                     await send.send((shown, event))
             if view.done:
@@ -587,7 +662,20 @@ async def _bus_events(
     return False
 
 
-def _reason_of(completion: ChatCompletion | None) -> str:
+def _reason_of(stored: StoredRun) -> str:
+    """A stored run's `finished.reason`, as its live run gave it (see `_records._outcome`)."""
+    if stored.status == "failed":
+        return "error"
+    if stored.status == "cancelled":
+        return "cancelled"
+    completion = stored.completion
     if completion is None or not completion.choices or completion.choices[0].finish_reason is None:
         return "stop"
     return completion.choices[0].finish_reason.value
+
+
+def _error_of(stored: StoredRun) -> GatewayError:
+    """The error a failed run stored; its process's death when it could store none."""
+    error = stored.error or {}
+    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
+    return GatewayError(kind, str(error.get("message") or INTERRUPTED_MESSAGE))

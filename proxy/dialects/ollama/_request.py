@@ -129,13 +129,22 @@ def _model(fields: Fields) -> str:
 
 
 def _extra(fields: Fields, modelled: frozenset[str]) -> dict[str, Any]:
-    """Unmodelled top-level fields, plus the raw options (their unmodelled part is for
-    Ollama backends; see `unmodelled_options`)."""
+    """Unmodelled top-level fields, plus the options the domain does not model (for Ollama
+    backends; see `unmodelled_options`). The modelled ones live in the domain's fields only,
+    so `options.temperature` and OpenAI's `temperature` make the same request (`req_id`)."""
     _check_extra(fields)
     extra = {k: v for k, v in fields.data.items() if k not in modelled}
-    if isinstance(fields.data.get("options"), dict):
-        extra["options"] = fields.data["options"]
+    options = fields.data.get("options")
+    if isinstance(options, dict):
+        rest = {key: value for key, value in options.items() if not _modelled_option(key, value)}
+        if rest:
+            extra["options"] = rest
     return extra
+
+
+def _modelled_option(key: str, value: Any) -> bool:
+    """Whether the domain's fields hold this option (a non-positive num_predict they do not)."""
+    return key in _MODELLED_OPTIONS and not (key == "num_predict" and isinstance(value, int) and value <= 0)
 
 
 def _check_extra(fields: Fields) -> None:
@@ -288,11 +297,7 @@ def unmodelled_options(request: ChatRequest) -> dict[str, Any]:
     options = request.extra.get("options")
     if not isinstance(options, dict):
         return {}
-    return {
-        key: value
-        for key, value in options.items()
-        if key not in _MODELLED_OPTIONS or (key == "num_predict" and isinstance(value, int) and value <= 0)
-    }
+    return {key: value for key, value in options.items() if not _modelled_option(key, value)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -275,6 +275,7 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
                 reasoning=message.get("reasoning_content") or message.get("reasoning") or "",
                 tool_calls=calls,
                 finish_reason=finish,
+                logprobs=item["logprobs"] if isinstance(item.get("logprobs"), dict) else None,
             )
         )
     return ChatCompletion(
@@ -309,7 +310,9 @@ def completion_body(completion: ChatCompletion) -> dict[str, Any]:
         elif message["content"] is None:
             message["content"] = ""
         reason = choice.finish_reason or FinishReason.STOP
-        choices.append({"index": choice.index, "message": message, "logprobs": None, "finish_reason": reason.value})
+        choices.append(
+            {"index": choice.index, "message": message, "logprobs": choice.logprobs, "finish_reason": reason.value}
+        )
     body: dict[str, Any] = {
         "id": completion.id,
         "object": "chat.completion",

@@ -177,6 +177,7 @@ class StreamRelay:
                 id=str(chunk.get("id") or "chatcmpl-" + secrets.token_hex(12)),
                 model=str(chunk.get("model") or ""),
                 created=int(chunk.get("created") or 0),
+                system_fingerprint=fingerprint if isinstance(fingerprint := chunk.get("system_fingerprint"), str) else None,
             )
             events.append(start)
             rewrite = "id" not in chunk or "created" not in chunk
@@ -244,7 +245,8 @@ class StreamRelay:
             content = delta.get("content")
             if isinstance(content, str) and content:
                 self._generated += len(content)
-                events.append(TextDelta(content, index))
+                logprobs = choice.get("logprobs")
+                events.append(TextDelta(content, index, logprobs if isinstance(logprobs, dict) else None))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
@@ -366,7 +368,10 @@ class StreamRelay:
 
 
 def _chunk_head(start: StreamStart) -> dict[str, Any]:
-    return {"id": start.id, "object": "chat.completion.chunk", "created": start.created, "model": start.model}
+    head = {"id": start.id, "object": "chat.completion.chunk", "created": start.created, "model": start.model}
+    if start.system_fingerprint is not None:
+        head["system_fingerprint"] = start.system_fingerprint
+    return head
 
 
 def _usage_chunk(start: StreamStart, usage: Usage) -> bytes:
@@ -388,6 +393,8 @@ class StreamRenderer:
         self._suffix = b"}\n\n"
         self._usage: Usage | None = None
         self._tool_calls: set[tuple[int, int]] = set()
+        # Choices past the first that had their role chunk (the first has it with the start).
+        self._roles: set[int] = set()
         self.done = False
 
     def render(self, events: list[StreamEvent]) -> bytes:
@@ -411,8 +418,8 @@ class StreamRenderer:
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         match event:
-            case TextDelta(text, choice):
-                out.append(self._delta(choice, {"content": text}))
+            case TextDelta(text, choice, logprobs):
+                out.append(self._delta(choice, {"content": text}, logprobs=logprobs))
             case ReasoningDelta(text, choice):
                 out.append(self._delta(choice, {"reasoning_content": text}))
             case ToolCallStart(index, call_id, name, choice):
@@ -438,16 +445,25 @@ class StreamRenderer:
         self._prefix = b"data: " + head[:-1] + b',"choices":[{"index":'
         self._suffix = b',"usage":null}\n\n' if self._include_usage else b"}\n\n"
 
-    def _delta(self, choice: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def _delta(
+        self, choice: int, delta: dict[str, Any], finish: str | None = None, *, logprobs: dict[str, Any] | None = None
+    ) -> bytes:
         if self._start is None:
             self._begin(StreamStart(id="chatcmpl-" + secrets.token_hex(12), model="", created=0))
         reason = b"null" if finish is None else b'"' + finish.encode() + b'"'
+        role = b""
+        if choice and choice not in self._roles:  # n > 1: each choice opens with its role, as a backend's do
+            self._roles.add(choice)
+            role = self._delta(choice, {"role": "assistant", "content": ""})
         return (
-            self._prefix
+            role
+            + self._prefix
             + str(choice).encode()
             + b',"delta":'
             + dumps(delta)
-            + b',"logprobs":null,"finish_reason":'
+            + b',"logprobs":'
+            + (b"null" if logprobs is None else dumps(logprobs))
+            + b',"finish_reason":'
             + reason
             + b"}]"
             + self._suffix

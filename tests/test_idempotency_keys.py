@@ -1,0 +1,111 @@
+"""Which `Idempotency-Key`s the gateway honours, and when two requests are the same one."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+
+@dataclass
+class Stack:
+    fake: OpenAIBackend
+    url: str
+    db: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Hi", " there"], usage=Usage(5, 2)))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        yield Stack(fake, url, pg_database_url)
+
+
+def _messages() -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"hello {uuid.uuid4()}"}]
+
+
+async def test_a_key_of_255_printable_ascii_characters_is_honoured(stack: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    key = "k" * 219 + str(uuid.uuid4())
+    assert len(key) == 255
+    messages = _messages()
+    first = await client.chat.completions.with_raw_response.create(
+        model="m", messages=messages, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
+    again = await client.chat.completions.with_raw_response.create(
+        model="m", messages=messages, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert len(stack.fake.requests) == 1
+    await client.close()
+
+
+@pytest.mark.parametrize("key", ["k" * 256, "clé-" + "x" * 10], ids=["too long", "not ascii"])
+async def test_a_key_the_gateway_cannot_honour_is_a_400_in_the_callers_dialect(stack: Stack, key: str) -> None:
+    raw = [(b"Idempotency-Key", key.encode())]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        answer = await http.post("/v1/chat/completions", json={"model": "m", "messages": _messages()}, headers=raw)
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        assert error["param"] == "Idempotency-Key" and "Idempotency-Key" in error["message"]
+        answer = await http.post(
+            "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": _messages()}, headers=raw
+        )
+        assert answer.status_code == 400
+        assert answer.json()["type"] == "error"
+        assert "Idempotency-Key" in answer.json()["error"]["message"]
+        answer = await http.post("/api/chat", json={"model": "m", "messages": _messages(), "stream": False}, headers=raw)
+        assert answer.status_code == 400 and "Idempotency-Key" in answer.json()["error"]
+    if key.isascii():  # what an SDK user sees (httpx sends only ASCII header values from str)
+        client = anthropic.AsyncAnthropic(base_url=stack.url, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError, match="Idempotency-Key"):
+            await client.messages.create(
+                model="m", max_tokens=5, messages=_messages(), extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+            )
+        await client.close()
+    assert stack.fake.requests == []
+
+
+def _tokens(metrics: str) -> tuple[float, float]:
+    """The prompt and completion tokens counted for the fake's model."""
+    counts = [0.0, 0.0]
+    for line in metrics.splitlines():
+        for position, name in enumerate(("llm_proxy_prompt_tokens_total{", "llm_proxy_completion_tokens_total{")):
+            if line.startswith(name):
+                counts[position] += float(line.rsplit(" ", 1)[1])
+    return counts[0], counts[1]
+
+
+async def test_replays_and_cache_hits_add_no_backend_tokens_to_the_metrics(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        key, messages = str(uuid.uuid4()), _messages()
+        first = await http.post("/v1/chat/completions", json={"model": "m", "messages": messages},
+                                headers={"Idempotency-Key": key})
+        await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
+        cache_body = {"model": "m", "messages": _messages()}
+        cached = await http.post("/v1/chat/completions", json=cache_body, headers={"x-cache": "exact"})
+        await wait_for_row(stack.db, cached.headers["x-trace-id"], "completed")
+        assert _tokens((await http.get("/metrics")).text) == (10, 4)  # the two backend calls
+        for _ in range(3):
+            again = await http.post("/v1/chat/completions", json={"model": "m", "messages": messages},
+                                    headers={"Idempotency-Key": key})
+            assert again.headers.get("idempotent-replayed") == "true"
+        hit = await http.post("/v1/chat/completions", json=cache_body, headers={"x-cache": "exact"})
+        assert hit.headers.get("x-cache") == "hit"
+        assert _tokens((await http.get("/metrics")).text) == (10, 4)
+    assert [r.path for r in stack.fake.requests if r.method == "POST"] == ["/v1/chat/completions"] * 2

@@ -1,0 +1,138 @@
+"""What an OpenAI backend says beyond the domain's answer (`logprobs`, `system_fingerprint`,
+`n > 1` choices) reaches an OpenAI client of a keyed or exact-cached chat as it does a plain
+one: live, and replayed from the stored answer."""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+LOGPROBS = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+FINGERPRINT = "fp_abc123"
+
+
+def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
+    """An OpenAI server's answer to `body` (as vLLM sends `n` choices): content type, body."""
+    n = body.get("n") or 1
+    logprobs = LOGPROBS if body.get("logprobs") else None
+    base = {"id": "chatcmpl-x", "created": 1700000000, "model": body["model"], "system_fingerprint": FINGERPRINT}
+    if not body.get("stream"):
+        return b"application/json", json.dumps({
+            **base, "object": "chat.completion",
+            "choices": [{"index": i, "message": {"role": "assistant", "content": f"Hi{i}"}, "logprobs": logprobs,
+                         "finish_reason": "stop"} for i in range(n)],
+            "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n},
+        }).encode()
+    chunks: list[dict[str, Any]] = []
+    for part in ({"role": "assistant", "content": ""}, "text", {}):
+        for i in range(n):
+            delta = {"content": f"Hi{i}"} if part == "text" else part
+            chunks.append({**base, "object": "chat.completion.chunk", "choices": [{
+                "index": i, "delta": delta, "logprobs": logprobs if part == "text" else None,
+                "finish_reason": "stop" if part == {} else None}]})
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+async def _serve_one(stream: trio.SocketStream) -> None:
+    async with stream:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some()
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+        while len(rest) < length:
+            rest += await stream.receive_some()
+        kind, body = _answer(json.loads(rest)) if head.startswith(b"POST") else (b"application/json", b"{}")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ncontent-length: "
+                              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+@pytest.fixture
+async def url(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, _serve_one, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = backend("vllm", f"http://127.0.0.1:{port}", default=True)
+        async with running_gateway(config, database_url=pg_database_url, nats_url=nats_url) as gateway:
+            yield gateway
+        nursery.cancel_scope.cancel()
+
+
+async def test_logprobs_and_system_fingerprint_survive_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages = [{"role": "user", "content": f"q {uuid.uuid4()}"}]
+        first = await client.chat.completions.with_raw_response.create(
+            model="m", messages=messages, logprobs=True, extra_headers=headers  # type: ignore[arg-type]
+        )
+        live = first.parse()
+        assert live.system_fingerprint == FINGERPRINT
+        assert live.choices[0].logprobs is not None and live.choices[0].logprobs.model_dump()["content"][0]["token"] == "Hi"
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        replayed = await client.chat.completions.with_raw_response.create(
+            model="m", messages=messages, logprobs=True, extra_headers=headers  # type: ignore[arg-type]
+        )
+        assert "x-replay-of" in replayed.headers
+        again = replayed.parse()
+        assert again.system_fingerprint == FINGERPRINT
+        expected = live.choices[0].logprobs.model_dump()
+        assert again.choices[0].logprobs is not None and again.choices[0].logprobs.model_dump() == expected
+        streamed = await client.chat.completions.with_raw_response.create(
+            model="m", messages=messages, logprobs=True, stream=True, extra_headers=headers  # type: ignore[arg-type]
+        )
+        assert "x-replay-of" in streamed.headers
+        chunks = [chunk async for chunk in streamed.parse()]
+        assert {chunk.system_fingerprint for chunk in chunks} == {FINGERPRINT}
+        assert [c.choices[0].logprobs.model_dump() for c in chunks if c.choices and c.choices[0].logprobs] == [expected]
+        # Live and streamed too.
+        fresh = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": f"s {uuid.uuid4()}"}], logprobs=True, stream=True,
+            extra_headers={k: (str(uuid.uuid4()) if k == "Idempotency-Key" else v) for k, v in headers.items()},
+        )
+        live_chunks = [chunk async for chunk in fresh]
+        assert live_chunks[0].system_fingerprint == FINGERPRINT
+        assert [c.choices[0].logprobs.model_dump() for c in live_chunks if c.choices and c.choices[0].logprobs] == [expected]
+    await client.close()
+
+
+async def test_each_choice_of_a_keyed_or_cached_stream_opens_with_its_role(url: str) -> None:
+    """n > 1: the SDK's stream helper builds each choice from its role chunk; a keyed or cached
+    stream (rendered from events, live or replayed) sends one per choice, as the backend did."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages = [{"role": "user", "content": f"n {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            async with client.chat.completions.stream(
+                model="m", messages=messages, n=2, extra_headers=headers  # type: ignore[arg-type]
+            ) as stream:
+                roles = [(choice.index, choice.delta.role) async for event in stream if event.type == "chunk"
+                         for choice in event.chunk.choices if choice.delta.role]
+                final = await stream.get_final_completion()
+            assert roles == [(0, "assistant"), (1, "assistant")], attempt
+            assert [(c.index, c.message.role, c.message.content) for c in final.choices] == [
+                (0, "assistant", "Hi0"), (1, "assistant", "Hi1")
+            ], attempt
+            if attempt == "live":
+                body = {"model": "m", "messages": messages, "n": 2}
+                await eventually(functools.partial(_replayed, url, body, headers), within=10)
+    await client.close()
+
+
+async def _replayed(url: str, body: dict[str, Any], headers: dict[str, str]) -> bool:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        return "x-replay-of" in (await http.post("/v1/chat/completions", json=body, headers=headers)).headers

@@ -1,0 +1,83 @@
+"""Idempotency keys and the exact cache while PostgreSQL stalls (every postgres process paused
+with SIGSTOP: connections stay open, nothing answers): a keyed or cached chat runs, not
+deduplicated, after the lookup timeout, as it does with PostgreSQL down, instead of hanging."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from proxy.infra.embedded import EmbeddedPostgres
+from proxy.services.persistence import _LOOKUP_TIMEOUT
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import MESSAGES, eventually, gateway
+from tests.test_limits_outage import stalled
+
+pytest_plugins = ["tests.infra_servers"]
+
+SLACK = 1.5
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A server of our own: pausing the session's shared one would stall other tests."""
+    with EmbeddedPostgres(tmp_path / "pgdata") as started:
+        yield started
+
+
+@pytest.fixture
+async def stack(aio_loop: object, postgres: EmbeddedPostgres, nats_url: str) -> AsyncIterator[tuple[str, OpenAIBackend]]:
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        yield url, fake
+
+
+def _chat(text: str) -> dict[str, object]:
+    return {"model": "qwen3-8b", "messages": [*MESSAGES, {"role": "user", "content": text}], "stream": True}
+
+
+async def test_a_keyed_or_cached_chat_runs_unguarded_while_postgres_stalls(
+    stack: tuple[str, OpenAIBackend], postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, _fake = stack
+    caplog.set_level(logging.WARNING, logger="llm_proxy.persistence")
+    timings: dict[str, tuple[int, float]] = {}
+
+    async def post(label: str, headers: dict[str, str]) -> None:
+        started = trio.current_time()
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            answer = await client.post("/v1/chat/completions", json=_chat(label + str(uuid.uuid4())), headers=headers)
+        timings[label] = (answer.status_code, trio.current_time() - started)
+        assert "Hello" in answer.text
+
+    with stalled(postgres):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, "keyed", {"Idempotency-Key": str(uuid.uuid4())})
+            nursery.start_soon(post, "cached", {"x-cache": "exact"})
+        # Later ones do not wait for the stuck database again.
+        await post("keyed later", {"Idempotency-Key": str(uuid.uuid4())})
+    assert {label: status for label, (status, _) in timings.items()} == {"keyed": 200, "cached": 200, "keyed later": 200}
+    assert max(took for _, took in timings.values()) < _LOOKUP_TIMEOUT + SLACK
+    assert timings["keyed later"][1] < SLACK
+    assert any("not deduplicated" in r.getMessage() for r in caplog.records)
+
+    # The database answers again: keys are deduplicated again (the connections the stall held
+    # are usable, or replaced).
+    key = str(uuid.uuid4())
+    body = _chat("after " + key)
+
+    async def replayed() -> bool:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            first = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+            again = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+        return first.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+
+    await eventually(replayed, within=60, every=1)
