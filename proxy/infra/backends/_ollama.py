@@ -128,15 +128,20 @@ class OllamaBackend:
             headers={"content-type": "application/json", "accept": accept, **headers}, stream=stream,
         )
 
-    async def list_models(self) -> list[ModelInfo]:
-        name = self.config.name
-        with transport_errors(name):
-            response = await self._client.get("/api/tags")
+    async def _listing(self, path: str) -> list[Any]:
+        """The `models` list of a GET listing (`/api/tags`, `/api/ps`)."""
+        with transport_errors(self.config.name):
+            response = await self._client.get(path)
         if response.status_code >= 400:
             raise self._error(response, response.content)
-        items = _json_object(response.content, name).get("models")
+        items = _json_object(response.content, self.config.name).get("models")
+        return items if isinstance(items, list) else []
+
+    async def list_models(self) -> list[ModelInfo]:
+        name = self.config.name
+        items = await self._listing("/api/tags")
         models = []
-        for item in items if isinstance(items, list) else []:
+        for item in items:
             tag = ollama.parse_tag(item)
             if tag is not None:
                 model, created, facts = tag
@@ -175,13 +180,7 @@ class OllamaBackend:
 
     async def running(self) -> list[dict[str, Any]]:
         """The models the backend holds in memory (its `/api/ps`)."""
-        name = self.config.name
-        with transport_errors(name):
-            response = await self._client.get("/api/ps")
-        if response.status_code >= 400:
-            raise self._error(response, response.content)
-        models = _json_object(response.content, name).get("models")
-        return [item for item in models if isinstance(item, dict)] if isinstance(models, list) else []
+        return [item for item in await self._listing("/api/ps") if isinstance(item, dict)]
 
     async def check(self) -> None:
         name = self.config.name
