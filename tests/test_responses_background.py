@@ -13,6 +13,7 @@ import openai
 import pytest
 import trio
 
+from proxy.infra.chat_store import ChatStore
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
@@ -257,3 +258,22 @@ async def test_a_background_response_its_backend_rate_limited_is_polled_failed_a
     assert (await poll_until_ended(stack.client, created.id))[-1] == "failed"
     failed = await stack.client.responses.retrieve(created.id)
     assert failed.error is not None and failed.error.code == "rate_limit_exceeded"
+
+
+async def test_a_background_response_that_ends_while_it_is_read_back_is_found(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read that looked for its row just before the run ended, and got its answer just after,
+    # found neither the row nor the run: a 404 for a response the client had just created.
+    read = ChatStore.stored_run
+
+    async def slow_answer(self: ChatStore, trace_id: str) -> Any:
+        row = await read(self, trace_id)
+        await trio.sleep(0.5)  # the run fails and its row is written meanwhile
+        return row
+
+    monkeypatch.setattr(ChatStore, "stored_run", slow_answer)
+    stack.fake.default = Script(status=429, header_delay=0.2)
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    polled = await stack.client.responses.retrieve(created.id)
+    assert polled.status == "failed" and polled.error is not None and polled.error.code == "rate_limit_exceeded"

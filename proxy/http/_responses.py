@@ -242,8 +242,14 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
 async def _found(persistence: Persistence, trace_id: str, response: str) -> StoredRun:
     """The response's row, if it is the tenant's; for a run of this instance whose row is
     not written yet, the run as it stands."""
+    live = persistence.runs.live.get(trace_id)
     await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
+    if stored is None and live is not None and live.closed:
+        # It ended while its row was being read: read again once the row is written.
+        with trio.move_on_after(_ROW_WAIT_SECONDS):
+            await live.written.wait()
+        stored = await _stored(persistence, trace_id)
     here = _running_here(persistence, trace_id)
     if stored is None:
         stored = here
