@@ -940,6 +940,25 @@ async def test_openai_client_non_streaming_and_the_request_anthropic_sees(
     ]
 
 
+async def test_whitespace_stop_sequences_of_other_clients_are_left_out_for_anthropic(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic refuses an empty or whitespace-only stop sequence with a 400 ("each stop
+    sequence must contain non-whitespace"); OpenAI and Ollama clients send `"\n"` routinely."""
+    client, fake = openai_front
+    reply = await client.chat.completions.create(model="claude-x", messages=MESSAGES, stop=["\n", "END", " \t", ""])
+    assert reply.choices[0].message.content
+    assert fake.requests[-1].json["stop_sequences"] == ["END"]
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, stop="\n\n")
+    assert "stop_sequences" not in fake.requests[-1].json
+    async with httpx.AsyncClient(base_url=str(client.base_url).removesuffix("/v1/")) as http:
+        ollama = await http.post("/api/chat", json={
+            "model": "claude-x", "messages": MESSAGES, "stream": False, "options": {"stop": ["\n\n", "User:"]},
+        })
+    assert ollama.status_code == 200, ollama.text
+    assert fake.requests[-1].json["stop_sequences"] == ["User:"]
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

@@ -499,6 +499,15 @@ def encode_messages_request(
     if params.stop:
         body["stop_sequences"] = list(params.stop)
     if not same_dialect:
+        if "stop_sequences" in body:
+            # Anthropic refuses an empty or whitespace-only stop sequence ("each stop sequence
+            # must contain non-whitespace"), which OpenAI and Ollama clients send (`"\n"`):
+            # left out, as LiteLLM does, rather than the whole request refused.
+            kept = [stop for stop in body["stop_sequences"] if stop.strip()]
+            if kept:
+                body["stop_sequences"] = kept
+            else:
+                del body["stop_sequences"]
         if "temperature" in body and "top_p" in body:
             # Claude 4.5 models refuse the two together ("`temperature` and `top_p` cannot both
             # be specified for this model"), and Anthropic asks for one or the other on every
