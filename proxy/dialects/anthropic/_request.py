@@ -22,6 +22,7 @@ Mapping choices (ingress):
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable
@@ -677,19 +678,52 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
 
 def _base64_image(url: str) -> tuple[str, str] | None:
     """A base64 image `data:` URL's media type and data (its parameters dropped: Anthropic's
-    `media_type` takes none); None for any other URL."""
+    `media_type` takes none); None for any other URL. The type is what the image's first
+    bytes say when they say one Anthropic takes: it refuses a label that does not match the
+    data ("Image does not match the provided media type") and `image/jpg`, both common."""
     match = _DATA_URL.fullmatch(url)
     if match is None or not match["params"].lower().endswith(";base64"):
         return None
     media = match["media"].strip().lower()
-    return (media, match["data"]) if media.startswith("image/") else None
+    if not media.startswith("image/"):
+        return None
+    data = match["data"]
+    return _sniffed_image_type(data) or _IMAGE_TYPE_ALIASES.get(media, media), data
+
+
+# The image types Anthropic takes, and other names clients give two of them.
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_IMAGE_TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+
+
+def _sniffed_image_type(data: str) -> str | None:
+    """The type of a base64 image by its magic number (its first 12 bytes), if Anthropic takes it."""
+    head = data[:16]
+    try:
+        raw = base64.b64decode(head + "=" * (-len(head) % 4))
+    except ValueError:
+        return None
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if raw.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def image_refusal(url: str) -> str | None:
     """Why an image given by `url` cannot reach an Anthropic backend (which refuses it with
     words about its own request), said for the client; None when it can."""
-    if url[:8].lower().startswith(("https://", "http://")) or _base64_image(url) is not None:
+    if url[:8].lower().startswith(("https://", "http://")):
         return None
+    inline = _base64_image(url)
+    if inline is not None:
+        if inline[0] in _IMAGE_TYPES:
+            return None
+        return f"a `data:` URL of type `{inline[0]}`, which Anthropic does not take (JPEG, PNG, GIF or WebP only)"
     match = _DATA_URL.fullmatch(url)
     if match is None:
         return "neither an http(s) URL nor a `data:` URL (base64 data needs its `data:image/...;base64,` prefix)"
