@@ -959,6 +959,32 @@ async def test_whitespace_stop_sequences_of_other_clients_are_left_out_for_anthr
     assert fake.requests[-1].json["stop_sequences"] == ["User:"]
 
 
+async def test_an_openai_clients_pdf_reaches_an_anthropic_backend_as_a_document(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic reads PDFs (`document` blocks): an OpenAI `file` part carrying one inline is
+    that, with its `cache_control` (LiteLLM's convention); a Files API id has no equivalent."""
+    client, fake = openai_front
+    pdf = "JVBERi0xLjQKJcOkw7zDtsOf"
+    asked: Any = [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{pdf}", "filename": "report.pdf"},
+         "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Summarise it."},
+    ]}]
+    reply = await client.chat.completions.create(model="claude-x", messages=asked)
+    assert reply.choices[0].message.content
+    assert fake.requests[-1].json["messages"] == [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+         "title": "report.pdf", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Summarise it."},
+    ]}]
+    sent = len(fake.requests)
+    by_id: Any = [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude-x", messages=by_id)
+    assert info.value.param == "messages[0].content[0]" and len(fake.requests) == sent
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

@@ -673,7 +673,29 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
     # Anthropic's own blocks go back as they came; markers (no `type`) are not blocks.
     if part.dialect == DIALECT and "type" in part.data:
         return part.data
-    return None
+    return openai_file_document(part.data) if part.dialect == _OPENAI else None
+
+
+_OPENAI = "openai"
+_PDF_DATA_URL = re.compile(r"(?i:data:application/pdf)(?:;[^,]*)?;base64,(?P<data>.*)", re.DOTALL)
+
+
+def openai_file_document(part: dict[str, Any]) -> dict[str, Any] | None:
+    """An OpenAI client's `file` part holding a PDF inline (`file_data`, a base64 `data:` URL)
+    as the Anthropic `document` it is (its `filename` the title); None for any other part (a
+    Files API `file_id` has no equivalent)."""
+    file = part.get("file")
+    if part.get("type") != "file" or not isinstance(file, dict) or not isinstance(file.get("file_data"), str):
+        return None
+    match = _PDF_DATA_URL.fullmatch(file["file_data"])
+    if match is None:
+        return None
+    document: dict[str, Any] = {
+        "type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": match["data"]},
+    }
+    if isinstance(file.get("filename"), str) and file["filename"]:
+        document["title"] = file["filename"]
+    return document
 
 
 def _base64_image(url: str) -> tuple[str, str] | None:
