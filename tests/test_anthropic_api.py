@@ -985,6 +985,43 @@ async def test_an_openai_clients_pdf_reaches_an_anthropic_backend_as_a_document(
     assert info.value.param == "messages[0].content[0]" and len(fake.requests) == sent
 
 
+async def test_blank_text_of_other_clients_does_not_reach_an_anthropic_backend(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic refuses whitespace-only text blocks ("text content blocks must contain
+    non-whitespace text"): an assistant turn replayed from a model that wrote "\n\n" before
+    its tool calls, a blank system prompt or turn, reach it without them."""
+    client, fake = openai_front
+    conversation: Any = [
+        {"role": "system", "content": " "},
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "\n\n", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        {"role": "user", "content": [{"type": "text", "text": "\n"}, {"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": " "},
+        {"role": "user", "content": "Well?"},
+    ]
+    reply = await client.chat.completions.create(model="claude-x", messages=conversation, tools=OPENAI_TOOLS)
+    assert reply.choices[0].message.content
+    sent = fake.requests[-1].json
+    assert "system" not in sent
+    assert sent["messages"] == [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_time", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "12:00"},
+            {"type": "text", "text": "And now?"}, {"type": "text", "text": "Well?"},
+        ]},
+    ]
+    # A turn of nothing but blank text stays: without it, the one before would be continued.
+    await client.chat.completions.create(model="claude-x", messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": " "},
+    ])
+    assert fake.requests[-1].json["messages"][-1] == {"role": "user", "content": " "}
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

@@ -547,6 +547,8 @@ def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:
     for message in request.messages:
         if message.role == "system":
             _append_blocks(blocks, (p for p in message.content if isinstance(p, TextPart | OpaquePart)))
+    if request.dialect != DIALECT:
+        blocks = _without_blank_text(blocks)
     if not blocks:
         return None
     if len(blocks) == 1 and "cache_control" not in blocks[0]:
@@ -575,6 +577,10 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
         role = "assistant" if message.role == "assistant" else "user"
         raw = message.extra.get("content") if as_sent and role == "assistant" else None
         blocks = _as_sent(raw) if isinstance(raw, list) else _render_blocks(message)
+        if not as_sent and (kept := _without_blank_text(blocks)) != blocks and (kept or role == "assistant"):
+            # A user turn of nothing but blank text stays: without it the turn before would
+            # be a prefill, and the model would continue it instead of answering.
+            blocks = kept
         if not blocks:
             continue
         if out and out[-1]["role"] == role:
@@ -589,6 +595,13 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
         if len(blocks) == 1 and blocks[0].get("type") == "text" and set(blocks[0]) == {"type", "text"}:
             entry["content"] = blocks[0]["text"]
     return out
+
+
+def _without_blank_text(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`blocks` without whitespace-only text, which Anthropic refuses ("text content blocks must
+    contain non-whitespace text") and other dialects' clients send: a chat UI's blank turn, the
+    `"\n\n"` a Qwen or Llama model wrote before its tool calls, replayed to a Claude model."""
+    return [block for block in blocks if block.get("type") != "text" or str(block.get("text", "")).strip()]
 
 
 def _as_sent(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
