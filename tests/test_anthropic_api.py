@@ -1022,6 +1022,20 @@ async def test_blank_text_of_other_clients_does_not_reach_an_anthropic_backend(
     assert fake.requests[-1].json["messages"][-1] == {"role": "user", "content": " "}
 
 
+async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropic_backend(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """LiteLLM users ask a Claude model to think with `thinking` (the OpenAI SDK's `extra_body`)."""
+    client, fake = openai_front
+    thinking = {"type": "enabled", "budget_tokens": 2000}
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, temperature=0.3, extra_body={"thinking": thinking})
+    sent = fake.requests[-1].json
+    # On top of the default answer, as for `reasoning_effort`; no temperature beside thinking.
+    assert sent["thinking"] == thinking and sent["max_tokens"] == 4096 + 2000 and "temperature" not in sent
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, max_tokens=3000, extra_body={"thinking": thinking})
+    assert fake.requests[-1].json["thinking"] == thinking and fake.requests[-1].json["max_tokens"] == 3000
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

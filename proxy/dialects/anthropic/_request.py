@@ -168,6 +168,15 @@ def _thinking_for(effort: str | None, max_tokens: int | None) -> dict[str, Any] 
     return {"type": "enabled", "budget_tokens": budget}
 
 
+def _litellm_thinking(request: ChatRequest) -> dict[str, Any] | None:
+    """An OpenAI client's `thinking: {"type": "enabled", "budget_tokens": N}`, LiteLLM's way
+    of asking a Claude model to think (`extra_body` in the OpenAI SDK), as sent."""
+    asked = request.extra.get("thinking") if request.dialect == "openai" else None
+    if isinstance(asked, dict) and asked.get("type") == "enabled" and type(asked.get("budget_tokens")) is int:
+        return {"type": "enabled", "budget_tokens": asked["budget_tokens"]}
+    return None
+
+
 # JSON mode without a schema has no Anthropic equivalent: the answer is asked for as the
 # input of this one forced tool, and read back as the text (LiteLLM does the same).
 JSON_TOOL = "json_answer"
@@ -514,7 +523,10 @@ def encode_messages_request(
             # be specified for this model"), and Anthropic asks for one or the other on every
             # model; OpenAI and Ollama clients often send both (LangChain4j, ragas, presets).
             del body["top_p"]
-        thinking = _thinking_for(params.reasoning_effort, params.max_tokens) if _may_think(request) else None
+        thinking = (
+            _thinking_for(params.reasoning_effort, params.max_tokens) or _litellm_thinking(request)
+            if _may_think(request) else None
+        )
         if thinking is not None:
             body["thinking"] = thinking
             if params.max_tokens is None:
