@@ -940,6 +940,102 @@ async def test_openai_client_non_streaming_and_the_request_anthropic_sees(
     ]
 
 
+async def test_whitespace_stop_sequences_of_other_clients_are_left_out_for_anthropic(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic refuses an empty or whitespace-only stop sequence with a 400 ("each stop
+    sequence must contain non-whitespace"); OpenAI and Ollama clients send `"\n"` routinely."""
+    client, fake = openai_front
+    reply = await client.chat.completions.create(model="claude-x", messages=MESSAGES, stop=["\n", "END", " \t", ""])
+    assert reply.choices[0].message.content
+    assert fake.requests[-1].json["stop_sequences"] == ["END"]
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, stop="\n\n")
+    assert "stop_sequences" not in fake.requests[-1].json
+    async with httpx.AsyncClient(base_url=str(client.base_url).removesuffix("/v1/")) as http:
+        ollama = await http.post("/api/chat", json={
+            "model": "claude-x", "messages": MESSAGES, "stream": False, "options": {"stop": ["\n\n", "User:"]},
+        })
+    assert ollama.status_code == 200, ollama.text
+    assert fake.requests[-1].json["stop_sequences"] == ["User:"]
+
+
+async def test_an_openai_clients_pdf_reaches_an_anthropic_backend_as_a_document(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic reads PDFs (`document` blocks): an OpenAI `file` part carrying one inline is
+    that, with its `cache_control` (LiteLLM's convention); a Files API id has no equivalent."""
+    client, fake = openai_front
+    pdf = "JVBERi0xLjQKJcOkw7zDtsOf"
+    asked: Any = [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{pdf}", "filename": "report.pdf"},
+         "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Summarise it."},
+    ]}]
+    reply = await client.chat.completions.create(model="claude-x", messages=asked)
+    assert reply.choices[0].message.content
+    assert fake.requests[-1].json["messages"] == [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+         "title": "report.pdf", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "Summarise it."},
+    ]}]
+    sent = len(fake.requests)
+    by_id: Any = [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude-x", messages=by_id)
+    assert info.value.param == "messages[0].content[0]" and len(fake.requests) == sent
+
+
+async def test_blank_text_of_other_clients_does_not_reach_an_anthropic_backend(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """Anthropic refuses whitespace-only text blocks ("text content blocks must contain
+    non-whitespace text"): an assistant turn replayed from a model that wrote "\n\n" before
+    its tool calls, a blank system prompt or turn, reach it without them."""
+    client, fake = openai_front
+    conversation: Any = [
+        {"role": "system", "content": " "},
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": "\n\n", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+        {"role": "user", "content": [{"type": "text", "text": "\n"}, {"type": "text", "text": "And now?"}]},
+        {"role": "assistant", "content": " "},
+        {"role": "user", "content": "Well?"},
+    ]
+    reply = await client.chat.completions.create(model="claude-x", messages=conversation, tools=OPENAI_TOOLS)
+    assert reply.choices[0].message.content
+    sent = fake.requests[-1].json
+    assert "system" not in sent
+    assert sent["messages"] == [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_time", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "12:00"},
+            {"type": "text", "text": "And now?"}, {"type": "text", "text": "Well?"},
+        ]},
+    ]
+    # A turn of nothing but blank text stays: without it, the one before would be continued.
+    await client.chat.completions.create(model="claude-x", messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": " "},
+    ])
+    assert fake.requests[-1].json["messages"][-1] == {"role": "user", "content": " "}
+
+
+async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropic_backend(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    """LiteLLM users ask a Claude model to think with `thinking` (the OpenAI SDK's `extra_body`)."""
+    client, fake = openai_front
+    thinking = {"type": "enabled", "budget_tokens": 2000}
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, temperature=0.3, extra_body={"thinking": thinking})
+    sent = fake.requests[-1].json
+    # On top of the default answer, as for `reasoning_effort`; no temperature beside thinking.
+    assert sent["thinking"] == thinking and sent["max_tokens"] == 4096 + 2000 and "temperature" not in sent
+    await client.chat.completions.create(model="claude-x", messages=MESSAGES, max_tokens=3000, extra_body={"thinking": thinking})
+    assert fake.requests[-1].json["thinking"] == thinking and fake.requests[-1].json["max_tokens"] == 3000
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

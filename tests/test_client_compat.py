@@ -27,9 +27,11 @@ WAV = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
 @pytest.mark.parametrize("kind", ["ollama", "anthropic"])
 async def test_audio_and_file_parts_for_a_backend_without_them_are_a_400_not_dropped(kind: str) -> None:
     fake = OllamaBackend() if kind == "ollama" else AnthropicBackend()
+    # (An inline PDF is an Anthropic document: a Files API id is what Anthropic cannot be given.)
+    file = {"file_id": "file-abc"} if kind == "anthropic" else {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}
     parts: list[Any] = [
         {"type": "input_audio", "input_audio": {"data": WAV, "format": "wav"}},
-        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0xLjQK"}},
+        {"type": "file", "file": file},
     ]
     async with fake.serve() as server, running_gateway(backend("local", server.url, kind=kind, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

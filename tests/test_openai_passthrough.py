@@ -384,6 +384,7 @@ async def test_a_backend_without_usage_still_gives_the_client_its_usage_chunk() 
 
 async def test_image_data_urls_reach_an_anthropic_backend_as_images_or_are_a_400_naming_the_part() -> None:
     png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    jpeg = "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHRofHh0aHBwgJC4nICIsIxwcKDcpLDAxNDQ0Hyc5"
 
     def asking(url: str) -> Any:
         return [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]
@@ -391,15 +392,22 @@ async def test_image_data_urls_reach_an_anthropic_backend_as_images_or_are_a_400
     fake = AnthropicBackend()
     async with fake.serve() as server, running_gateway(backend("claude", server.url, kind="anthropic", default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        # A data URL with parameters (browsers' FileReader, some SDKs) is still a base64 image.
-        await client.chat.completions.create(model="claude-x", messages=asking(f"data:image/gif;charset=utf-8;base64,{png}"))
-        source = fake.requests[-1].json["messages"][0]["content"][1]["source"]
-        assert source == {"type": "base64", "media_type": "image/gif", "data": png}
+        # A data URL with parameters (browsers' FileReader, some SDKs) is still a base64 image, of
+        # the type its bytes say: Anthropic refuses a label that does not match them, and `image/jpg`.
+        for label, data, media_type in (
+            ("image/gif;charset=utf-8", png, "image/png"), ("image/jpg", jpeg, "image/jpeg"),
+            ("image/jpg", "AAAA", "image/jpeg"), ("image/webp", "UklGRg==", "image/webp"),
+        ):
+            await client.chat.completions.create(model="claude-x", messages=asking(f"data:{label};base64,{data}"))
+            source = fake.requests[-1].json["messages"][0]["content"][1]["source"]
+            assert source == {"type": "base64", "media_type": media_type, "data": data}
         sent = len(fake.requests)
         for refused, said in (
             (f"data:application/octet-stream;base64,{png}", "application/octet-stream"),
             ("data:image/jpeg,abc", ";base64"),
             (png, "data:image/...;base64,"),
+            ("data:image/bmp;base64,Qk0eAAAAAAAAABoAAAAMAAAAAQABAAEAGAAAAP8A", "`image/bmp`, which Anthropic does not take"),
+            ("data:image/svg+xml;base64,PHN2Zz48L3N2Zz4=", "`image/svg+xml`"),
         ):
             with pytest.raises(openai.BadRequestError) as info:
                 await client.chat.completions.create(model="claude-x", messages=asking(refused))

@@ -130,7 +130,7 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     if asked is not None:
         _refuse_openai_only(request.model, served, asked)
     _refuse_tools_without_equivalent(request, served)
-    _refuse_parts_without_equivalent(request, served)
+    _refuse_parts_without_equivalent(request, served, anthropic_backend=backend is not None and backend.kind == "anthropic")
     if backend is not None and backend.kind == "anthropic":
         _refuse_images_anthropic_cannot_take(request, served)
     return request
@@ -182,16 +182,18 @@ def _refuse_openai_only(model: str, served: str, name: str) -> None:
     )
 
 
-def _refuse_parts_without_equivalent(request: ChatRequest, served: str) -> None:
+def _refuse_parts_without_equivalent(request: ChatRequest, served: str, *, anthropic_backend: bool) -> None:
     """Content parts other backends have no counterpart for (`input_audio`, `file`, …): their
     encoders leave them out, so the model would answer without the audio or file the client
     sent (or, with nothing else in the message, an Anthropic backend would get no message).
     A 400 naming the part instead. The assistant's own parts (`refusal`) carry nothing the
-    model must read and stay dropped."""
+    model must read and stay dropped. An inline PDF `file` is an Anthropic backend's document."""
     for i, message in enumerate(request.messages):
         if message.role == "assistant":
             continue
         for j, part in enumerate(message.content):
+            if anthropic_backend and isinstance(part, OpaquePart) and anthropic.openai_file_document(part.data):
+                continue
             if isinstance(part, OpaquePart) and part.dialect == openai.DIALECT:
                 raise invalid_request(
                     f"`messages[{i}].content[{j}]` is a `{part.data.get('type')}` part, which model "

@@ -8,6 +8,7 @@ from proxy.dialects.anthropic._request import (
     encode_messages_request,
     image_refusal,
     json_mode,
+    openai_file_document,
     parse_messages_request,
     tool_use_id,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "message_body",
     "message_events",
     "message_id",
+    "openai_file_document",
     "parse_messages_request",
     "render_error",
     "render_message",

@@ -22,6 +22,7 @@ Mapping choices (ingress):
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable
@@ -165,6 +166,15 @@ def _thinking_for(effort: str | None, max_tokens: int | None) -> dict[str, Any] 
             param="reasoning_effort",
         )
     return {"type": "enabled", "budget_tokens": budget}
+
+
+def _litellm_thinking(request: ChatRequest) -> dict[str, Any] | None:
+    """An OpenAI client's `thinking: {"type": "enabled", "budget_tokens": N}`, LiteLLM's way
+    of asking a Claude model to think (`extra_body` in the OpenAI SDK), as sent."""
+    asked = request.extra.get("thinking") if request.dialect == "openai" else None
+    if isinstance(asked, dict) and asked.get("type") == "enabled" and type(asked.get("budget_tokens")) is int:
+        return {"type": "enabled", "budget_tokens": asked["budget_tokens"]}
+    return None
 
 
 # JSON mode without a schema has no Anthropic equivalent: the answer is asked for as the
@@ -499,12 +509,24 @@ def encode_messages_request(
     if params.stop:
         body["stop_sequences"] = list(params.stop)
     if not same_dialect:
+        if "stop_sequences" in body:
+            # Anthropic refuses an empty or whitespace-only stop sequence ("each stop sequence
+            # must contain non-whitespace"), which OpenAI and Ollama clients send (`"\n"`):
+            # left out, as LiteLLM does, rather than the whole request refused.
+            kept = [stop for stop in body["stop_sequences"] if stop.strip()]
+            if kept:
+                body["stop_sequences"] = kept
+            else:
+                del body["stop_sequences"]
         if "temperature" in body and "top_p" in body:
             # Claude 4.5 models refuse the two together ("`temperature` and `top_p` cannot both
             # be specified for this model"), and Anthropic asks for one or the other on every
             # model; OpenAI and Ollama clients often send both (LangChain4j, ragas, presets).
             del body["top_p"]
-        thinking = _thinking_for(params.reasoning_effort, params.max_tokens) if _may_think(request) else None
+        thinking = (
+            _thinking_for(params.reasoning_effort, params.max_tokens) or _litellm_thinking(request)
+            if _may_think(request) else None
+        )
         if thinking is not None:
             body["thinking"] = thinking
             if params.max_tokens is None:
@@ -537,6 +559,8 @@ def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:
     for message in request.messages:
         if message.role == "system":
             _append_blocks(blocks, (p for p in message.content if isinstance(p, TextPart | OpaquePart)))
+    if request.dialect != DIALECT:
+        blocks = _without_blank_text(blocks)
     if not blocks:
         return None
     if len(blocks) == 1 and "cache_control" not in blocks[0]:
@@ -565,6 +589,10 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
         role = "assistant" if message.role == "assistant" else "user"
         raw = message.extra.get("content") if as_sent and role == "assistant" else None
         blocks = _as_sent(raw) if isinstance(raw, list) else _render_blocks(message)
+        if not as_sent and (kept := _without_blank_text(blocks)) != blocks and (kept or role == "assistant"):
+            # A user turn of nothing but blank text stays: without it the turn before would
+            # be a prefill, and the model would continue it instead of answering.
+            blocks = kept
         if not blocks:
             continue
         if out and out[-1]["role"] == role:
@@ -579,6 +607,13 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
         if len(blocks) == 1 and blocks[0].get("type") == "text" and set(blocks[0]) == {"type", "text"}:
             entry["content"] = blocks[0]["text"]
     return out
+
+
+def _without_blank_text(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`blocks` without whitespace-only text, which Anthropic refuses ("text content blocks must
+    contain non-whitespace text") and other dialects' clients send: a chat UI's blank turn, the
+    `"\n\n"` a Qwen or Llama model wrote before its tool calls, replayed to a Claude model."""
+    return [block for block in blocks if block.get("type") != "text" or str(block.get("text", "")).strip()]
 
 
 def _as_sent(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -663,24 +698,79 @@ def _render_part(part: ContentPart) -> dict[str, Any] | None:
     # Anthropic's own blocks go back as they came; markers (no `type`) are not blocks.
     if part.dialect == DIALECT and "type" in part.data:
         return part.data
-    return None
+    return openai_file_document(part.data) if part.dialect == _OPENAI else None
+
+
+_OPENAI = "openai"
+_PDF_DATA_URL = re.compile(r"(?i:data:application/pdf)(?:;[^,]*)?;base64,(?P<data>.*)", re.DOTALL)
+
+
+def openai_file_document(part: dict[str, Any]) -> dict[str, Any] | None:
+    """An OpenAI client's `file` part holding a PDF inline (`file_data`, a base64 `data:` URL)
+    as the Anthropic `document` it is (its `filename` the title); None for any other part (a
+    Files API `file_id` has no equivalent)."""
+    file = part.get("file")
+    if part.get("type") != "file" or not isinstance(file, dict) or not isinstance(file.get("file_data"), str):
+        return None
+    match = _PDF_DATA_URL.fullmatch(file["file_data"])
+    if match is None:
+        return None
+    document: dict[str, Any] = {
+        "type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": match["data"]},
+    }
+    if isinstance(file.get("filename"), str) and file["filename"]:
+        document["title"] = file["filename"]
+    return document
 
 
 def _base64_image(url: str) -> tuple[str, str] | None:
     """A base64 image `data:` URL's media type and data (its parameters dropped: Anthropic's
-    `media_type` takes none); None for any other URL."""
+    `media_type` takes none); None for any other URL. The type is what the image's first
+    bytes say when they say one Anthropic takes: it refuses a label that does not match the
+    data ("Image does not match the provided media type") and `image/jpg`, both common."""
     match = _DATA_URL.fullmatch(url)
     if match is None or not match["params"].lower().endswith(";base64"):
         return None
     media = match["media"].strip().lower()
-    return (media, match["data"]) if media.startswith("image/") else None
+    if not media.startswith("image/"):
+        return None
+    data = match["data"]
+    return _sniffed_image_type(data) or _IMAGE_TYPE_ALIASES.get(media, media), data
+
+
+# The image types Anthropic takes, and other names clients give two of them.
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+_IMAGE_TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-png": "image/png"}
+
+
+def _sniffed_image_type(data: str) -> str | None:
+    """The type of a base64 image by its magic number (its first 12 bytes), if Anthropic takes it."""
+    head = data[:16]
+    try:
+        raw = base64.b64decode(head + "=" * (-len(head) % 4))
+    except ValueError:
+        return None
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if raw.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def image_refusal(url: str) -> str | None:
     """Why an image given by `url` cannot reach an Anthropic backend (which refuses it with
     words about its own request), said for the client; None when it can."""
-    if url[:8].lower().startswith(("https://", "http://")) or _base64_image(url) is not None:
+    if url[:8].lower().startswith(("https://", "http://")):
         return None
+    inline = _base64_image(url)
+    if inline is not None:
+        if inline[0] in _IMAGE_TYPES:
+            return None
+        return f"a `data:` URL of type `{inline[0]}`, which Anthropic does not take (JPEG, PNG, GIF or WebP only)"
     match = _DATA_URL.fullmatch(url)
     if match is None:
         return "neither an http(s) URL nor a `data:` URL (base64 data needs its `data:image/...;base64,` prefix)"

@@ -185,12 +185,12 @@ def _parse_content(value: Any, path: str) -> tuple[ContentPart, ...]:
         else:
             raise invalid_request(f"Invalid `{part_path}.type`: expected a string.", param=f"{part_path}.type")
         control = part.get("cache_control")
-        if kind in ("text", "image_url") and isinstance(control, dict):
+        if kind in ("text", "image_url", "file") and isinstance(control, dict):
             parts.append(OpaquePart(_ANTHROPIC, {"cache_control": control}))
     return tuple(parts)
 
 
-# A text or image part's `cache_control` (LiteLLM's and OpenRouter's convention for Claude,
+# A text, image or file part's `cache_control` (LiteLLM's and OpenRouter's convention for Claude,
 # which aider and Cline send) is an Anthropic backend's cache breakpoint: kept as the marker
 # the Anthropic dialect puts after the part it applies to (other backends leave it out; an
 # OpenAI-compatible one gets the part as sent).
