@@ -1022,6 +1022,23 @@ async def test_blank_text_of_other_clients_does_not_reach_an_anthropic_backend(
     assert fake.requests[-1].json["messages"][-1] == {"role": "user", "content": " "}
 
 
+async def test_an_empty_last_message_of_another_client_is_a_400_not_a_prefill(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    # Left out, the empty turn made the assistant's turn before it the last: Claude went on
+    # with "Hello" instead of answering.
+    client, fake = openai_front
+    asked = len(fake.requests)
+    for empty in ("", []):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(model="claude-x", messages=[
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": empty},  # type: ignore[misc]
+            ])
+        assert refused.value.param == "messages[2].content"
+    assert len(fake.requests) == asked
+
+
 async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropic_backend(
     openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
 ) -> None:

@@ -583,7 +583,7 @@ def _append_blocks(blocks: list[dict[str, Any]], parts: Iterable[ContentPart]) -
 def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[dict[str, Any]]:
     """`as_sent`: an Anthropic client's assistant turns go back block for block as it sent them."""
     out: list[dict[str, Any]] = []
-    for message in messages:
+    for position, message in enumerate(messages):
         if message.role == "system":
             continue
         role = "assistant" if message.role == "assistant" else "user"
@@ -594,6 +594,13 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
             # be a prefill, and the model would continue it instead of answering.
             blocks = kept
         if not blocks:
+            if role == "user" and position == len(messages) - 1 and out and out[-1]["role"] == "assistant":
+                # Left out, it would make the turn before a prefill: the model would go on
+                # with it instead of answering (and Anthropic refuses an empty turn).
+                raise invalid_request(
+                    f"Invalid `messages[{position}].content`: the last message is empty, which an Anthropic "
+                    "backend refuses.", param=f"messages[{position}].content",
+                )
             continue
         if out and out[-1]["role"] == role:
             out[-1]["content"].extend(blocks)
