@@ -424,6 +424,21 @@ async def test_pipeline_errors_before_any_event_keep_their_status(aio_loop: obje
             assert row["error"]["message"] == "Too many colours today."
 
 
+async def test_a_request_larger_than_a_nats_message_is_a_413_not_a_retryable_503(stack: Stack) -> None:
+    # A job is one NATS message (1 MiB by default); the gateway takes bodies up to 16 MiB.
+    big: Any = [{"role": "user", "content": "colour " * 200_000}]
+    with pytest.raises(openai.APIStatusError) as caught:
+        await stack.client.chat.completions.create(model="m", messages=big)
+    assert caught.value.status_code == 413
+    assert "retry-after" not in caught.value.response.headers
+    assert "too large for a workflow job" in caught.value.message
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        native = await client.post(
+            "/api/chat", json={"model": "m", "messages": big}, headers={"x-pipeline": stack.pipeline}
+        )
+    assert native.status_code == 413 and "max_payload" in native.json()["error"]
+
+
 async def test_no_worker_is_a_clear_503_and_unknown_pipelines_a_404(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
     name = pipeline_name()
     async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False) as (url, *_):

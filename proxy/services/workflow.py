@@ -32,7 +32,7 @@ from proxy.domain.events import StreamEvent, StreamFailed
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
 from proxy.infra.backends import Batch
-from proxy.infra.nats import Bus, BusError, BusMessage
+from proxy.infra.nats import Bus, BusError, BusMessage, PayloadTooLarge
 from proxy.infra.resources import Resources
 from proxy.services.auth import check_model
 from proxy.services.journal import EVENTS_STREAM, events_subject
@@ -146,7 +146,10 @@ class WorkflowRoute:
         subject = events_subject(job.trace_id)
         try:
             async with bus.subscribe(subject) as live:
-                await self.launcher.launch(bus, job)
+                try:
+                    await self.launcher.launch(bus, job)
+                except PayloadTooLarge:
+                    raise _too_large(bus) from None
                 launched = True
                 ended = await self._relay(live, follow, exchange, job, send)
             if follow.needs_replay:
@@ -282,6 +285,17 @@ def _lost(error: BusError) -> GatewayError:
     return GatewayError(
         ErrorKind.UNAVAILABLE, f"The workflow job's events could not be followed: {error}",
         code="nats_unavailable", retry_after=5,
+    )
+
+
+def _too_large(bus: Bus) -> GatewayError:
+    """A job travels as one NATS message: past the server's `max_payload`, no retry helps."""
+    limit = bus.max_payload
+    return GatewayError(
+        ErrorKind.REQUEST_TOO_LARGE,
+        f"The request is too large for a workflow job: a job travels as one NATS message, and this "
+        f"NATS server takes at most {limit} bytes (its `max_payload`).",
+        code="request_too_large",
     )
 
 
