@@ -230,6 +230,47 @@ async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stac
     await claude.close()
 
 
+async def stored_usage(db: str, trace_id: str) -> tuple[int, int]:
+    await run_row(db, trace_id, status="completed")
+    found = await trio.to_thread.run_sync(
+        rows, db, "SELECT prompt_tokens, completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    return found[0][0], found[0][1]
+
+
+async def test_usage_counts_every_model_call_the_pipeline_made(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fan, echoing = pipeline_name(), pipeline_name("echo")
+    pipelines = {
+        fan: fanout(models=["alpha-1", "beta-1"]),
+        echoing: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"}),
+    }
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, alpha, beta, _):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A pipeline of one's own that streams a model (README's example) reports no usage
+        # itself: its client gets what the model reported, not none.
+        with trio.fail_after(10):
+            reply = await client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, extra_headers={"x-pipeline": echoing}
+            )
+        usage = reply.parse().usage
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (5, 4)
+        assert await stored_usage(pg_database_url, reply.headers["x-trace-id"]) == (5, 4)
+
+        # `first`: alpha wins while beta is mid-answer; beta's tokens were spent all the same.
+        alpha.set_script(Script(tokens=RED, usage=Usage(5, 4), pace=0.2))
+        beta.set_script(Script(n_tokens=400, pace=0.01))
+        with trio.fail_after(10):
+            reply = await client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, extra_headers={"x-pipeline": fan}
+            )
+        assert reply.headers["x-workflow-winner"] == "alpha-1"
+        usage = reply.parse().usage
+        assert usage is not None and usage.prompt_tokens > 5 and usage.completion_tokens > 4 + 10
+        stored = await stored_usage(pg_database_url, reply.headers["x-trace-id"])
+        assert stored == (usage.prompt_tokens, usage.completion_tokens)
+        await client.close()
+
+
 async def test_a_failing_model_drops_out_and_all_failing_is_an_http_error(stack: Stack) -> None:
     stack.alpha.set_script(Script(status=500, error_message="alpha is down"))
     with trio.fail_after(10):
