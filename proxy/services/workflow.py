@@ -142,7 +142,7 @@ class WorkflowRoute:
             correlation_id=meta.correlation_id,
         )
         launched = ended = False
-        follow = _Follow(ClientView(job.stream_start()), Continuity())
+        follow = _Follow(ClientView(job.stream_start(), live=request.stream), Continuity())
         subject = events_subject(job.trace_id)
         try:
             async with bus.subscribe(subject) as live:
@@ -157,7 +157,7 @@ class WorkflowRoute:
                     follow.replaying = True
                     ended = await self._relay(replay, follow, exchange, job, send)
         except BusError as error:
-            if follow.view.visible:
+            if follow.view.visible and request.stream:
                 await send.send(Batch([StreamFailed(_lost(error))], done=True))
                 return
             raise _lost(error) from None
@@ -193,7 +193,7 @@ class WorkflowRoute:
                     follow.needs_replay = True  # a lost `finished`, a dropped subscription: look it up
                     return False
                 error = self._silence_error(job.pipeline, follow.heard, lost=not timer.cancelled_caught)
-                if not view.visible:
+                if not view.visible or not exchange.request.stream:  # nothing reached the client yet
                     raise error
                 await send.send(Batch([StreamFailed(error)], done=True))
                 return False
@@ -213,10 +213,14 @@ class WorkflowRoute:
             if follow.fresh:  # duplicates (a replay re-reading what it had) do not count
                 follow.fresh = False
                 deadline = follow.quiet_until = trio.current_time() + self._settings.silence_seconds
-            if view.error is not None and not view.visible:
+            if view.error is not None and (not view.visible or not exchange.request.stream):
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
+            if not exchange.request.stream:
+                # The whole answer at once: a retry after a dead worker may still replace it.
+                follow.held.extend(out)
+                out = follow.held if view.done else []
             if out or view.done:
                 await send.send(Batch(out, done=view.done))
             if gap:
@@ -263,6 +267,7 @@ class _Follow:
         self.replaying = False
         self.quiet_until: float | None = None  # the silence deadline
         self.fresh = False  # something new since the deadline was last moved
+        self.held: list[StreamEvent] = []  # a non-streamed answer, until its end
 
     def take(self, data: bytes, out: list[StreamEvent]) -> bool:
         """Feed one message to the view; False on a gap in the live feed."""
@@ -277,7 +282,12 @@ class _Follow:
             self.continuity.accept(seq)  # JetStream has nothing better: go on
         self.heard = self.fresh = True
         if event is not None:
-            out.extend(self.view.feed(seq, event))
+            restarts = self.view.restarts
+            shown = self.view.feed(seq, event)
+            if self.view.restarts != restarts:  # a retry's answer replaces the one held so far
+                out.clear()
+                self.held.clear()
+            out.extend(shown)
         return True
 
 
