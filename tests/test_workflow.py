@@ -520,6 +520,35 @@ async def test_a_job_nobody_starts_times_out_within_the_silence_deadline(
     assert "No worker started" in response.json()["error"]["message"]
 
 
+async def test_a_job_whose_last_worker_stopped_meanwhile_is_a_503_not_a_wait_for_the_silence_deadline(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    async with workflow_stack(
+        pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False, silence_seconds=30.0
+    ) as (url, *_):
+        async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=40) as client:
+            kv = await workers_kv(bus)
+            await kv.put(name, b'{"worker":"a worker about to stop"}')  # it passes the gateway's check
+            result: dict[str, httpx.Response] = {}
+
+            async def ask() -> None:
+                result["response"] = await client.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                )
+
+            started = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await trio.sleep(1.0)  # the job waits in the queue
+                await kv.delete(name)  # the worker stopped (or its key's TTL ran out)
+            elapsed = time.monotonic() - started
+    response = result["response"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert f"No worker is running the pipeline `{name}`" in response.json()["error"]["message"]
+    assert elapsed < 10  # not the 30 s silence deadline
+
+
 async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:
     slow = Script(n_tokens=2000, pace=0.01)
     stack.alpha.set_script(slow)

@@ -39,8 +39,15 @@ from proxy.services.journal import EVENTS_STREAM, events_subject
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
 from proxy.workflow.bus import jobs_kv
-from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key, cancel_subject, valid_pipeline
-from proxy.workflow.launchers import Launcher, create_launcher
+from proxy.workflow.job import (
+    OPTIONS_FIELD,
+    WORKERS_REFRESH,
+    Job,
+    cancel_key,
+    cancel_subject,
+    valid_pipeline,
+)
+from proxy.workflow.launchers import Launcher, create_launcher, no_worker
 from proxy.workflow.pipelines import PipelineRegistry
 from proxy.workflow.view import ClientView, Continuity, decode
 
@@ -151,7 +158,7 @@ class WorkflowRoute:
                 except PayloadTooLarge:
                     raise _too_large(bus) from None
                 launched = True
-                ended = await self._relay(live, follow, exchange, job, send)
+                ended = await self._first_relay(bus, live, follow, exchange, job, send)
             if follow.needs_replay:
                 async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as replay:
                     follow.replaying = True
@@ -164,6 +171,45 @@ class WorkflowRoute:
         finally:
             if launched and not ended:
                 await self._cancel(job.trace_id)
+
+    async def _first_relay(
+        self,
+        bus: Bus,
+        events: trio.MemoryReceiveChannel[BusMessage],
+        follow: _Follow,
+        exchange: ChatExchange,
+        job: Job,
+        send: trio.MemorySendChannel[Batch],
+    ) -> bool:
+        """`_relay`, and until a worker is heard from, a look every few seconds at whether any
+        still serves the pipeline: when the last one stopped just before (its key outlives
+        it by the bucket's TTL), the client gets the 503 `check` would now give, not a 504
+        after `silence_seconds`."""
+        orphaned = False
+        ended = False
+        failure: GatewayError | BusError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal orphaned
+                while not follow.heard:
+                    await trio.sleep(WORKERS_REFRESH)
+                    if not follow.heard and not await self.launcher.serving(bus, job.pipeline):
+                        orphaned = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            try:
+                ended = await self._relay(events, follow, exchange, job, send)
+            except (GatewayError, BusError) as error:  # raised below, not in the nursery's group
+                failure = error
+            nursery.cancel_scope.cancel()
+        if orphaned:
+            raise no_worker(job.pipeline)
+        if failure is not None:
+            raise failure
+        return ended
 
     async def _relay(
         self,
