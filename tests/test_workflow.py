@@ -230,6 +230,47 @@ async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stac
     await claude.close()
 
 
+async def stored_usage(db: str, trace_id: str) -> tuple[int, int]:
+    await run_row(db, trace_id, status="completed")
+    found = await trio.to_thread.run_sync(
+        rows, db, "SELECT prompt_tokens, completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    return found[0][0], found[0][1]
+
+
+async def test_usage_counts_every_model_call_the_pipeline_made(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fan, echoing = pipeline_name(), pipeline_name("echo")
+    pipelines = {
+        fan: fanout(models=["alpha-1", "beta-1"]),
+        echoing: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"}),
+    }
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, alpha, beta, _):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A pipeline of one's own that streams a model (README's example) reports no usage
+        # itself: its client gets what the model reported, not none.
+        with trio.fail_after(10):
+            reply = await client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, extra_headers={"x-pipeline": echoing}
+            )
+        usage = reply.parse().usage
+        assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (5, 4)
+        assert await stored_usage(pg_database_url, reply.headers["x-trace-id"]) == (5, 4)
+
+        # `first`: alpha wins while beta is mid-answer; beta's tokens were spent all the same.
+        alpha.set_script(Script(tokens=RED, usage=Usage(5, 4), pace=0.2))
+        beta.set_script(Script(n_tokens=400, pace=0.01))
+        with trio.fail_after(10):
+            reply = await client.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, extra_headers={"x-pipeline": fan}
+            )
+        assert reply.headers["x-workflow-winner"] == "alpha-1"
+        usage = reply.parse().usage
+        assert usage is not None and usage.prompt_tokens > 5 and usage.completion_tokens > 4 + 10
+        stored = await stored_usage(pg_database_url, reply.headers["x-trace-id"])
+        assert stored == (usage.prompt_tokens, usage.completion_tokens)
+        await client.close()
+
+
 async def test_a_failing_model_drops_out_and_all_failing_is_an_http_error(stack: Stack) -> None:
     stack.alpha.set_script(Script(status=500, error_message="alpha is down"))
     with trio.fail_after(10):
@@ -424,6 +465,21 @@ async def test_pipeline_errors_before_any_event_keep_their_status(aio_loop: obje
             assert row["error"]["message"] == "Too many colours today."
 
 
+async def test_a_request_larger_than_a_nats_message_is_a_413_not_a_retryable_503(stack: Stack) -> None:
+    # A job is one NATS message (1 MiB by default); the gateway takes bodies up to 16 MiB.
+    big: Any = [{"role": "user", "content": "colour " * 200_000}]
+    with pytest.raises(openai.APIStatusError) as caught:
+        await stack.client.chat.completions.create(model="m", messages=big)
+    assert caught.value.status_code == 413
+    assert "retry-after" not in caught.value.response.headers
+    assert "too large for a workflow job" in caught.value.message
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        native = await client.post(
+            "/api/chat", json={"model": "m", "messages": big}, headers={"x-pipeline": stack.pipeline}
+        )
+    assert native.status_code == 413 and "max_payload" in native.json()["error"]
+
+
 async def test_no_worker_is_a_clear_503_and_unknown_pipelines_a_404(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
     name = pipeline_name()
     async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False) as (url, *_):
@@ -462,6 +518,35 @@ async def test_a_job_nobody_starts_times_out_within_the_silence_deadline(
             elapsed = time.monotonic() - started
     assert response.status_code == 504 and 1.0 <= elapsed < 3.5
     assert "No worker started" in response.json()["error"]["message"]
+
+
+async def test_a_job_whose_last_worker_stopped_meanwhile_is_a_503_not_a_wait_for_the_silence_deadline(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    async with workflow_stack(
+        pg_database_url, nats_url, {name: fanout(models=["alpha-1"])}, worker=False, silence_seconds=30.0
+    ) as (url, *_):
+        async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=40) as client:
+            kv = await workers_kv(bus)
+            await kv.put(name, b'{"worker":"a worker about to stop"}')  # it passes the gateway's check
+            result: dict[str, httpx.Response] = {}
+
+            async def ask() -> None:
+                result["response"] = await client.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                )
+
+            started = time.monotonic()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await trio.sleep(1.0)  # the job waits in the queue
+                await kv.delete(name)  # the worker stopped (or its key's TTL ran out)
+            elapsed = time.monotonic() - started
+    response = result["response"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert f"No worker is running the pipeline `{name}`" in response.json()["error"]["message"]
+    assert elapsed < 10  # not the 30 s silence deadline
 
 
 async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:

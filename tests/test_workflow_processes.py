@@ -146,6 +146,41 @@ async def test_a_killed_workers_job_is_redelivered_and_the_client_gets_the_whole
     assert [e["type"] for e in events].count("finished") == 1
 
 
+async def test_a_killed_worker_mid_answer_leaves_a_non_streaming_client_the_retrys_whole_answer(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    # `all`: the first attempt's tokens are relayed as they come, but this client waits for
+    # the whole answer and has seen none of them when the worker dies.
+    settings = workflow({name: fanout(models=["alpha-1"], view="all")}, silence_seconds=10.0, ack_wait_seconds=1.0)
+    async with two_fakes() as (alpha, _beta, backends):
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            openai_client = client(url, name)
+            async with worker_process(tmp_path, pg_database_url, nats_url, backends, settings) as doomed:
+                async with trio.open_nursery() as nursery:
+                    result: dict[str, Any] = {}
+
+                    async def ask() -> None:
+                        response = await openai_client.chat.completions.with_raw_response.create(
+                            model="m", messages=MESSAGES
+                        )
+                        result["trace_id"] = response.headers["x-trace-id"]
+                        result["text"] = response.parse().choices[0].message.content
+
+                    nursery.start_soon(ask)
+                    await alpha.wait_active_streams(1)
+                    await trio.sleep(0.5)  # some of the answer is on the bus
+                    worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+                    async with running_worker(worker, pipelines=[name]):
+                        doomed.send_signal(signal.SIGKILL)
+                        with trio.fail_after(15):
+                            await _done(result)
+            await openai_client.close()
+    assert result["text"] == "".join(LONG)
+    row = await run_row(pg_database_url, result["trace_id"], status="completed")
+    assert row["attempts"] == 2
+
+
 async def test_a_killed_worker_after_the_answer_started_is_a_clear_error(
     aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
 ) -> None:

@@ -145,6 +145,14 @@ def test_a_redelivered_job_after_the_answer_started_ends_the_stream_with_an_erro
     assert view.done and view.abandoned  # the caller cancels the retry
 
 
+def test_a_view_for_a_non_streamed_reply_takes_the_retrys_answer_after_shown_text() -> None:
+    view = ClientView(live=False)
+    assert feed(view, START, TextDelta("half an ans")) == [START, TextDelta("half an ans")]
+    out = feed(view, START, TextDelta("another answer"), Finished("stop", "completed"), attempt=2)
+    assert out == [START, TextDelta("another answer"), Finish(FinishReason.STOP, 0)]
+    assert view.restarts == 1 and view.done and not view.abandoned
+
+
 def test_a_retry_that_only_re_announces_the_stored_end_is_accepted() -> None:
     view = ClientView()
     feed(view, START, TextDelta("whole answer"), Finish(FinishReason.STOP))

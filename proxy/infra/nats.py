@@ -76,6 +76,11 @@ class KeyConflict(BusError):
     """A KV create found the key present, or an update found another revision."""
 
 
+class PayloadTooLarge(BusError):
+    """The message is larger than the server's `max_payload` (1 MiB by default). Retrying
+    cannot help."""
+
+
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     nats.errors.NoServersError,
     nats.errors.ConnectionClosedError,
@@ -95,6 +100,8 @@ def _translate(exc: BaseException) -> BusError:
     message = str(exc) or type(exc).__name__
     if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
         return KeyConflict(message)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLarge(message)
     if isinstance(exc, _UNAVAILABLE):
         return BusUnavailable(message)
     return BusError(message)
@@ -267,6 +274,11 @@ class Bus:
         self._js = nc.jetstream()
         # Live subscriptions; unsubscribed before close (pull subs must go before a drain).
         self._subs: set[Subscription | JetStreamContext.PullSubscription] = set()
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes, in bytes (its `max_payload`)."""
+        return int(self._nc.max_payload)
 
     # -- streams and publishing -------------------------------------------------------------
 

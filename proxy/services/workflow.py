@@ -32,15 +32,22 @@ from proxy.domain.events import StreamEvent, StreamFailed
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
 from proxy.infra.backends import Batch
-from proxy.infra.nats import Bus, BusError, BusMessage
+from proxy.infra.nats import Bus, BusError, BusMessage, PayloadTooLarge
 from proxy.infra.resources import Resources
 from proxy.services.auth import check_model
 from proxy.services.journal import EVENTS_STREAM, events_subject
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
 from proxy.workflow.bus import jobs_kv
-from proxy.workflow.job import OPTIONS_FIELD, Job, cancel_key, cancel_subject, valid_pipeline
-from proxy.workflow.launchers import Launcher, create_launcher
+from proxy.workflow.job import (
+    OPTIONS_FIELD,
+    WORKERS_REFRESH,
+    Job,
+    cancel_key,
+    cancel_subject,
+    valid_pipeline,
+)
+from proxy.workflow.launchers import Launcher, create_launcher, no_worker
 from proxy.workflow.pipelines import PipelineRegistry
 from proxy.workflow.view import ClientView, Continuity, decode
 
@@ -142,25 +149,67 @@ class WorkflowRoute:
             correlation_id=meta.correlation_id,
         )
         launched = ended = False
-        follow = _Follow(ClientView(job.stream_start()), Continuity())
+        follow = _Follow(ClientView(job.stream_start(), live=request.stream), Continuity())
         subject = events_subject(job.trace_id)
         try:
             async with bus.subscribe(subject) as live:
-                await self.launcher.launch(bus, job)
+                try:
+                    await self.launcher.launch(bus, job)
+                except PayloadTooLarge:
+                    raise _too_large(bus) from None
                 launched = True
-                ended = await self._relay(live, follow, exchange, job, send)
+                ended = await self._first_relay(bus, live, follow, exchange, job, send)
             if follow.needs_replay:
                 async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as replay:
                     follow.replaying = True
                     ended = await self._relay(replay, follow, exchange, job, send)
         except BusError as error:
-            if follow.view.visible:
+            if follow.view.visible and request.stream:
                 await send.send(Batch([StreamFailed(_lost(error))], done=True))
                 return
             raise _lost(error) from None
         finally:
             if launched and not ended:
                 await self._cancel(job.trace_id)
+
+    async def _first_relay(
+        self,
+        bus: Bus,
+        events: trio.MemoryReceiveChannel[BusMessage],
+        follow: _Follow,
+        exchange: ChatExchange,
+        job: Job,
+        send: trio.MemorySendChannel[Batch],
+    ) -> bool:
+        """`_relay`, and until a worker is heard from, a look every few seconds at whether any
+        still serves the pipeline: when the last one stopped just before (its key outlives
+        it by the bucket's TTL), the client gets the 503 `check` would now give, not a 504
+        after `silence_seconds`."""
+        orphaned = False
+        ended = False
+        failure: GatewayError | BusError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal orphaned
+                while not follow.heard:
+                    await trio.sleep(WORKERS_REFRESH)
+                    if not follow.heard and not await self.launcher.serving(bus, job.pipeline):
+                        orphaned = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            try:
+                ended = await self._relay(events, follow, exchange, job, send)
+            except (GatewayError, BusError) as error:  # raised below, not in the nursery's group
+                failure = error
+            nursery.cancel_scope.cancel()
+        if orphaned:
+            raise no_worker(job.pipeline)
+        if failure is not None:
+            raise failure
+        return ended
 
     async def _relay(
         self,
@@ -190,7 +239,7 @@ class WorkflowRoute:
                     follow.needs_replay = True  # a lost `finished`, a dropped subscription: look it up
                     return False
                 error = self._silence_error(job.pipeline, follow.heard, lost=not timer.cancelled_caught)
-                if not view.visible:
+                if not view.visible or not exchange.request.stream:  # nothing reached the client yet
                     raise error
                 await send.send(Batch([StreamFailed(error)], done=True))
                 return False
@@ -210,10 +259,14 @@ class WorkflowRoute:
             if follow.fresh:  # duplicates (a replay re-reading what it had) do not count
                 follow.fresh = False
                 deadline = follow.quiet_until = trio.current_time() + self._settings.silence_seconds
-            if view.error is not None and not view.visible:
+            if view.error is not None and (not view.visible or not exchange.request.stream):
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
+            if not exchange.request.stream:
+                # The whole answer at once: a retry after a dead worker may still replace it.
+                follow.held.extend(out)
+                out = follow.held if view.done else []
             if out or view.done:
                 await send.send(Batch(out, done=view.done))
             if gap:
@@ -260,6 +313,7 @@ class _Follow:
         self.replaying = False
         self.quiet_until: float | None = None  # the silence deadline
         self.fresh = False  # something new since the deadline was last moved
+        self.held: list[StreamEvent] = []  # a non-streamed answer, until its end
 
     def take(self, data: bytes, out: list[StreamEvent]) -> bool:
         """Feed one message to the view; False on a gap in the live feed."""
@@ -274,7 +328,12 @@ class _Follow:
             self.continuity.accept(seq)  # JetStream has nothing better: go on
         self.heard = self.fresh = True
         if event is not None:
-            out.extend(self.view.feed(seq, event))
+            restarts = self.view.restarts
+            shown = self.view.feed(seq, event)
+            if self.view.restarts != restarts:  # a retry's answer replaces the one held so far
+                out.clear()
+                self.held.clear()
+            out.extend(shown)
         return True
 
 
@@ -282,6 +341,17 @@ def _lost(error: BusError) -> GatewayError:
     return GatewayError(
         ErrorKind.UNAVAILABLE, f"The workflow job's events could not be followed: {error}",
         code="nats_unavailable", retry_after=5,
+    )
+
+
+def _too_large(bus: Bus) -> GatewayError:
+    """A job travels as one NATS message: past the server's `max_payload`, no retry helps."""
+    limit = bus.max_payload
+    return GatewayError(
+        ErrorKind.REQUEST_TOO_LARGE,
+        f"The request is too large for a workflow job: a job travels as one NATS message, and this "
+        f"NATS server takes at most {limit} bytes (its `max_payload`).",
+        code="request_too_large",
     )
 
 

@@ -167,19 +167,19 @@ async def fanout(ctx: PipelineContext) -> PipelineResult:
     if not done:
         raise _all_failed(tasks)
     judge_data: dict[str, Any] | None = None
-    judge_usage: Usage | None = None
     if chosen:
         winner = tasks[chosen[0]]
     elif options.rule == "first":
         winner = min(done, key=lambda t: (t.finished_at or 0.0, t.choice))
     elif options.rule == "judge":
         assert options.judge_model is not None
-        winner, judge_data, judge_usage = await _judge(ctx, options.judge_model, done)
+        winner, judge_data = await _judge(ctx, options.judge_model, done)
     else:
         winner = _longest(done)
     if not chosen:
         await ctx.emit.choose(winner.choice)
-    usage = _total([*(t.answer.usage if t.answer else None for t in tasks), judge_usage])
+    # Every call, the losers a `first` winner cancelled and the judge's included: all were spent.
+    usage = ctx.llm.spent
     if usage is not None:
         await ctx.emit.usage(UsageReport(usage))
     data: dict[str, Any] = {"rule": options.rule, "view": options.view, "tasks": [t.summary() for t in tasks]}
@@ -204,7 +204,7 @@ def _content(task: _Task) -> str:
 
 async def _judge(
     ctx: PipelineContext, model: str, done: list[_Task]
-) -> tuple[_Task, dict[str, Any], Usage | None]:
+) -> tuple[_Task, dict[str, Any]]:
     question = next((m.text for m in reversed(ctx.request.messages) if m.role == "user"), "")
     letters = [task_name(t.choice) for t in done]
     parts = [f"Request:\n{question}"]
@@ -222,13 +222,13 @@ async def _judge(
         verdict = await ctx.llm.complete(request)
     except GatewayError as error:
         fallback = _longest(done)
-        return fallback, {"model": model, "error": error.message, "fallback": "longest"}, None
+        return fallback, {"model": model, "error": error.message, "fallback": "longest"}
     reply = verdict.completion.choices[0].content if verdict.completion.choices else ""
     match = next((m for m in re.finditer(r"\b([A-Z])\b", reply) if m.group(1) in letters), None)
     if match is None:
-        return _longest(done), {"model": model, "reply": reply, "fallback": "longest"}, verdict.usage
+        return _longest(done), {"model": model, "reply": reply, "fallback": "longest"}
     picked = next(t for t in done if task_name(t.choice) == match.group(1))
-    return picked, {"model": model, "reply": reply}, verdict.usage
+    return picked, {"model": model, "reply": reply}
 
 
 def _answer(
@@ -247,13 +247,6 @@ def _answer(
         choices=choices,
         usage=usage,
     )
-
-
-def _total(usages: list[Usage | None]) -> Usage | None:
-    present = [u for u in usages if u is not None]
-    if not present:
-        return None
-    return Usage(sum(u.prompt_tokens for u in present), sum(u.completion_tokens for u in present))
 
 
 def _usage_json(usage: Usage | None) -> dict[str, int] | None:

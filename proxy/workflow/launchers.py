@@ -38,6 +38,18 @@ class Launcher(Protocol):
 
     async def launch(self, bus: Bus, job: Job) -> None: ...
 
+    async def serving(self, bus: Bus, pipeline: str) -> bool:
+        """Whether a worker may still start a published job (True when it cannot tell)."""
+
+
+def no_worker(pipeline: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.UNAVAILABLE,
+        f"No worker is running the pipeline `{pipeline}`: start one with "
+        f"`llm-proxy worker --pipelines {pipeline}`.",
+        code="no_worker", retry_after=5,
+    )
+
 
 def unknown_pipeline(name: str, registry: PipelineRegistry) -> GatewayError:
     known = ", ".join(registry.names()) or "none"
@@ -74,12 +86,18 @@ class PullLauncher:
             return
         if not self._registry.knows(pipeline):
             raise unknown_pipeline(pipeline, self._registry)
-        raise GatewayError(
-            ErrorKind.UNAVAILABLE,
-            f"No worker is running the pipeline `{pipeline}`: start one with "
-            f"`llm-proxy worker --pipelines {pipeline}`.",
-            code="no_worker", retry_after=5,
-        )
+        raise no_worker(pipeline)
+
+    async def serving(self, bus: Bus, pipeline: str) -> bool:
+        """Uncached: the last worker may have stopped since `check` (its key outlives it by
+        the bucket's TTL)."""
+        try:
+            alive = await self._look_up(bus, pipeline)
+        except GatewayError:
+            return True  # NATS trouble: the relay reports it
+        if not alive:
+            self._alive.pop(pipeline, None)
+        return alive
 
     @staticmethod
     async def _look_up(bus: Bus, pipeline: str) -> bool:
@@ -103,6 +121,9 @@ class SystemdLauncher:
     async def check(self, bus: Bus, pipeline: str) -> None:
         if not self._registry.knows(pipeline):
             raise unknown_pipeline(pipeline, self._registry)
+
+    async def serving(self, bus: Bus, pipeline: str) -> bool:
+        return True  # a unit per job: nothing to watch
 
     async def launch(self, bus: Bus, job: Job) -> None:
         kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)

@@ -18,6 +18,7 @@ from proxy.domain.chat import ChatCompletion, ChatRequest, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed, StreamStart, UsageReport
 from proxy.domain.routing import Route, Router
+from proxy.domain.tokens import charged_usage
 from proxy.infra.backends import Backend, BackendCall, Batch
 from proxy.services.models import ModelCatalog
 from proxy.workflow.emitter import TaskEmitter
@@ -39,7 +40,11 @@ class Answer:
 
 
 class LLM:
-    """Model calls for one job: routed like the gateway routes, tagged with the job's ids."""
+    """Model calls for one job: routed like the gateway routes, tagged with the job's ids.
+
+    `spent` adds up what every call cost, as the gateway charges a direct call: the backend's
+    usage once an answer ended, an estimate of what a failed or cancelled one (a fan-out's
+    loser) had generated."""
 
     def __init__(
         self, router: Router, backends: Mapping[str, Backend], *, headers: Mapping[str, str],
@@ -49,6 +54,14 @@ class LLM:
         self._backends = backends
         self._headers = dict(headers)
         self._catalog = catalog
+        self._spent: list[Usage] = []
+
+    @property
+    def spent(self) -> Usage | None:
+        """Every call's tokens so far; None while no call reported or generated any."""
+        if not self._spent:
+            return None
+        return Usage(sum(u.prompt_tokens for u in self._spent), sum(u.completion_tokens for u in self._spent))
 
     async def resolve(self, model: str) -> Route:
         """The backend route for `model`; GatewayError (404) for a model no backend serves.
@@ -68,10 +81,22 @@ class LLM:
         the stream."""
         route = await self.resolve(request.model)
         backend = self._backends[route.backend]
-        call = BackendCall(_for_backend(request, stream=True), route.upstream_model, headers=self._headers)
+        sent = _for_backend(request, stream=True)
+        call = BackendCall(sent, route.upstream_model, headers=self._headers)
+        builder = CompletionBuilder()
+        try:
+            return await self._stream(backend, call, route, builder, request.model, into)
+        finally:  # also when the call failed or was cancelled: its tokens were spent all the same
+            usage, _ = charged_usage(sent, builder)
+            if usage is not None:
+                self._spent.append(usage)
+
+    async def _stream(
+        self, backend: Backend, call: BackendCall, route: Route, builder: CompletionBuilder, model: str,
+        into: TaskEmitter | None,
+    ) -> Answer:
         started = time.perf_counter()
         ttft: float | None = None
-        builder = CompletionBuilder()
         failure: GatewayError | None = None
         send, receive = trio.open_memory_channel[Batch | GatewayError](16)
 
@@ -109,7 +134,7 @@ class LLM:
             )
         if failure is not None:
             raise failure
-        return Answer(request.model, builder.build(), ttft, (time.perf_counter() - started) * 1000)
+        return Answer(model, builder.build(), ttft, (time.perf_counter() - started) * 1000)
 
     async def complete(self, request: ChatRequest) -> Answer:
         """Run `request` without streaming anything anywhere (a judge, a tool)."""

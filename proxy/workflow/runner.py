@@ -28,7 +28,7 @@ from proxy.config import Settings
 from proxy.dialects.events import Finished
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamFailed
+from proxy.domain.events import StreamFailed, UsageReport
 from proxy.domain.routing import Router
 from proxy.infra.backends import Backend
 from proxy.infra.nats import BusError
@@ -189,6 +189,7 @@ class JobRun:
             try:
                 with trio.fail_after(timeout):
                     result = await pipeline(ctx)
+                    await _report_spent(emitter, ctx.llm, result)
                     # A pipeline that emitted nothing still answers: an empty message, whose
                     # role event every reader of the trace (resume, attach) needs.
                     await emitter.emit()
@@ -253,10 +254,22 @@ def _completed(result: PipelineResult | None, emitter: Emitter, request: ChatReq
         completion = built.build()
         if not completion.model:
             completion.model = request.model
+    elif completion.usage is None:
+        completion.usage = built.usage  # what its calls spent (`_report_spent`)
     winner = result.winner if result else None
     first = completion.choices[0] if completion.choices else None
     reason = first.finish_reason.value if first and first.finish_reason else "stop"
     return RunOutcome("completed", reason, winner, completion, dict(result.data) if result else {})
+
+
+async def _report_spent(emitter: Emitter, llm: LLM, result: PipelineResult | None) -> None:
+    """A pipeline that reports no usage of its own answers with what its model calls spent
+    (the client's usage, its key's charge, the run's row), not with nothing."""
+    if emitter.result.usage is not None or (result and result.completion and result.completion.usage):
+        return
+    spent = llm.spent
+    if spent is not None:
+        await emitter.usage(UsageReport(spent))
 
 
 def _partial(emitter: Emitter) -> str:

@@ -168,7 +168,13 @@ class ClientView:
     failing the trace's own, the role event `start` (the job's id, model and time).
     """
 
-    def __init__(self, start: StreamStart | None = None) -> None:
+    def __init__(self, start: StreamStart | None = None, *, live: bool = True) -> None:
+        # `live`: what the view shows reaches the client at once (a stream). A client that
+        # waits for the whole answer has seen nothing until the end: a retry's answer is its
+        # answer, whatever the attempt before it had shown (`restarts` tells the caller to
+        # forget that).
+        self._live = live
+        self.restarts = 0
         self.done = False
         self.finished: Finished | None = None
         self.error: GatewayError | None = None
@@ -203,7 +209,7 @@ class ClientView:
         if attempt < self._attempt:
             return out  # a late event of an attempt that was already given up
         if attempt > self._attempt and not isinstance(event, Finished):
-            if self._shown:
+            if self._shown and self._live:
                 self.abandoned = True
                 return self._fail(restarted_error(), out)
             self._restart(attempt)
@@ -240,6 +246,10 @@ class ClientView:
         return out
 
     def _restart(self, attempt: int) -> None:
+        if self._shown:  # not live: the caller drops what the earlier attempt showed
+            self.restarts += 1
+            self._shown = False
+            self._start = None
         self._attempt = attempt
         self._open.clear()
         self._ended.clear()
