@@ -1039,6 +1039,16 @@ async def test_an_empty_last_message_of_another_client_is_a_400_not_a_prefill(
     assert len(fake.requests) == asked
 
 
+async def test_an_openai_clients_end_user_id_reaches_claude_as_its_metadata_user_id(
+    openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
+) -> None:
+    client, fake = openai_front
+    await client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "Hi"}], user="user-42")
+    assert fake.requests[-1].json["metadata"] == {"user_id": "user-42"}
+    await client.chat.completions.create(model="claude-x", messages=[{"role": "user", "content": "Hi"}])
+    assert "metadata" not in fake.requests[-1].json
+
+
 async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropic_backend(
     openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend],
 ) -> None:

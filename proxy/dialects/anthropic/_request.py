@@ -542,8 +542,16 @@ def encode_messages_request(
         fmt = params.response_format
         if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
             body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
+        user = request.extra.get("user")
+        if isinstance(user, str) and user.strip():
+            # OpenAI's end-user id is Anthropic's `metadata.user_id` (as LiteLLM maps it): what
+            # Anthropic's abuse detection tells one end user from another by.
+            body["metadata"] = {"user_id": user[:_USER_ID_LIMIT]}
     body["stream"] = stream
     return dumps(body)
+
+
+_USER_ID_LIMIT = 256  # Anthropic's maximum length of `metadata.user_id`
 
 
 def beta_header(request: ChatRequest) -> str | None:
