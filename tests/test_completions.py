@@ -60,6 +60,16 @@ async def test_non_streaming_text_with_suffix(setup: Setup) -> None:
     }
 
 
+@pytest.mark.parametrize(("header", "value"), [("x-pipeline", "fanout"), ("x-workspace", "docs"), ("x-route", "rag")])
+async def test_a_route_header_on_a_relayed_call_is_a_400_not_ignored(setup: Setup, header: str, value: str) -> None:
+    # Ignored, the client got the model's plain answer and took it for the pipeline's (or RAG's).
+    asked = len(setup.fake.requests)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await setup.client.completions.create(model="m", prompt="x", extra_headers={header: value})
+    assert refused.value.param == header and len(setup.fake.requests) == asked
+    await setup.client.completions.create(model="m", prompt="x", extra_headers={"x-route": "direct"})
+
+
 async def test_streaming_text_is_relayed_as_sent(setup: Setup) -> None:
     setup.fake.set_script(Script(tokens=["x", " = ", "1"], usage=Usage(5, 3)))
     stream = await setup.client.completions.create(

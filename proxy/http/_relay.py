@@ -73,6 +73,14 @@ def relay(
             param="model",
         )
     meta = request_meta(incoming.head)
+    if meta.route != "direct":
+        # A RAG workspace or a pipeline shapes a chat; asked of a relayed call, the client
+        # would get the model's plain answer and take it for the route's.
+        header = "x-pipeline" if meta.pipeline else "x-workspace" if meta.workspace else "x-route"
+        raise invalid_request(
+            f"`{header}` routes chats (`/v1/chat/completions`, `/v1/messages`, `/api/chat`, ...); `{path}` "
+            "goes straight to the model's backend.", param=header,
+        )
     principal = current_principal.get()
     record = ExchangeRecord(
         trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
