@@ -438,9 +438,10 @@ async def test_an_anthropic_backends_request_id_and_rate_limits_reach_anthropic_
         assert answer.headers["anthropic-ratelimit-requests-remaining"] == "49"
         assert answer.headers["anthropic-ratelimit-tokens-reset"] == "2026-01-01T00:00:05Z"
 
-        fake.push(Script(status=429, retry_after=3, headers=LIMITS))
+        fake.push(Script(status=429, retry_after=3, headers=[*LIMITS, ("x-should-retry", "false")]))
         limited = await http.post("/v1/messages", json=data)
         assert limited.status_code == 429 and limited.headers.get_list("retry-after") == ["3"]
+        assert limited.headers["x-should-retry"] == "false"  # the SDKs then do not retry
         assert limited.headers["x-upstream-request-id"].startswith("req_")
         assert limited.headers["anthropic-ratelimit-requests-remaining"] == "49"
 

@@ -54,8 +54,8 @@ class AnthropicJsonSink(JsonSink):
 class AnthropicExchangeBody(ExchangeBody):
     """An exchange whose response head also carries, when an Anthropic backend answered, that
     backend's `request-id` (as `x-upstream-request-id`: the gateway's own `request-id` is the
-    trace) and its `anthropic-ratelimit-*` and `retry-after` headers, which Anthropic clients
-    show in errors and back off by. Only its response head's: they go with the first byte."""
+    trace) and its `anthropic-ratelimit-*`, `retry-after` and `x-should-retry` headers, which
+    Anthropic clients show in errors and back off (or give up) by. Only its response head's: they go with the first byte."""
 
     def __init__(
         self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
@@ -86,9 +86,13 @@ class AnthropicExchangeBody(ExchangeBody):
         for name, value in heads.headers:
             if name == b"request-id":
                 passed.append((b"x-upstream-request-id", value))
-            elif (name.startswith(b"anthropic-ratelimit-") or name == b"retry-after") and name not in taken:
+            elif (name.startswith(b"anthropic-ratelimit-") or name in _PASSED_ON) and name not in taken:
                 passed.append((name, value))  # (an error's own `retry-after` says it already)
         return passed
+
+
+# How long to back off, and whether to retry at all (the SDKs obey Anthropic's `x-should-retry`).
+_PASSED_ON = frozenset({b"retry-after", b"x-should-retry"})
 
 
 def _headers(request_id: str) -> Headers:
