@@ -393,6 +393,18 @@ async def test_another_bad_request_keeps_its_own_code(said: Any, code: str | Non
         await client.close()
 
 
+async def test_a_backend_refusing_the_gateways_key_is_not_retried_by_the_sdks() -> None:
+    # A 502 the SDKs would retry twice, each time refused again: the key must be mended first.
+    fake = OpenAIBackend(default=Script(status=401, error_message="Incorrect API key provided"))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+    assert refused.value.status_code == 502 and refused.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.requests) == 1
+
+
 async def test_a_backends_quota_refusal_keeps_its_code() -> None:
     # OpenAI's `insufficient_quota` is a 429 that will not pass by retrying: clients branch on it.
     error = {"error": {"message": "You exceeded your current quota.", "type": "insufficient_quota", "param": None,

@@ -51,11 +51,18 @@ class Reply:
         return [(b"content-type", self.content_type), (b"content-length", b"%d" % len(self.body)), *self.headers]
 
 
+# A backend refusing the gateway's own credentials: no retry helps until its key is mended,
+# and the OpenAI and Anthropic SDKs would retry the 502 (they obey `x-should-retry`).
+_HOPELESS = frozenset({"backend_401", "backend_403"})
+
+
 def error_reply(error: GatewayError, dialect: str) -> Reply:
     render, content_type = _RENDERERS[dialect]
     reply = Reply(render(error), content_type.encode(), error.status)
     if error.retry_after is not None:
         reply.headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    if error.code in _HOPELESS:
+        reply.headers.append((b"x-should-retry", b"false"))
     return reply
 
 
