@@ -230,6 +230,19 @@ async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stac
     await claude.close()
 
 
+async def test_the_all_view_asked_by_a_client_without_choices_shows_it_the_winner(stack: Stack) -> None:
+    # Anthropic and Ollama answers have no choices: in the `all` view such a client got the
+    # first model's answer (task A), whichever the judge chose.
+    stack.alpha.set_script(Script(tokens=["The best is B."]), model="alpha-judge")
+    options: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge", "view": "all"}}
+    headers = {"x-pipeline": stack.pipeline}
+    claude = anthropic.AsyncAnthropic(base_url=stack.url, api_key="unused", max_retries=0, default_headers=headers)
+    with trio.fail_after(15):
+        message = await claude.messages.create(model="colours", max_tokens=64, messages=MESSAGES, extra_body=options)
+    await claude.close()
+    assert [block.text for block in message.content if block.type == "text"] == ["Blue"]
+
+
 async def stored_usage(db: str, trace_id: str) -> tuple[int, int]:
     await run_row(db, trace_id, status="completed")
     found = await trio.to_thread.run_sync(

@@ -131,8 +131,16 @@ def _parse(options: Mapping[str, Any], *, n: int | None, require_models: bool = 
     return FanoutOptions(tuple(models), rule, judge, view)
 
 
+# Client dialects whose answer has choices (`n`): the others show one answer.
+_CHOICE_DIALECTS = frozenset({"openai"})
+
+
 async def fanout(ctx: PipelineContext) -> PipelineResult:
     options = _parse(ctx.options, n=ctx.request.params.n)
+    if options.view == "all" and ctx.request.dialect not in _CHOICE_DIALECTS:
+        # Every model a choice of its own is a view an Anthropic, Ollama or Responses client
+        # cannot show: it would get the first model's answer, whichever won. It gets the winner.
+        options = replace(options, view="winner")
     if not options.models:
         raise invalid_request("`models` is empty.", param=f"{_PARAM}.models")
     for model in (*options.models, *([options.judge_model] if options.judge_model else [])):
