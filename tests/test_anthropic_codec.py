@@ -290,6 +290,7 @@ def test_openai_shaped_conversation_becomes_an_anthropic_one() -> None:
         "max_tokens": 4096,
         "temperature": 1.0,
         "stop_sequences": ["END"],
+        "metadata": {"user_id": "someone"},  # OpenAI's end-user id, as LiteLLM maps it
         "stream": True,
     }
 
