@@ -687,6 +687,18 @@ async def test_a_replica_answering_an_error_status_to_everything_is_stood_in_for
     assert states[failing_url].startswith("set aside for ") and states[failing_url].endswith(f"(it answered {status})")
 
 
+async def test_a_replica_asking_to_be_left_alone_is_set_aside_for_its_retry_after() -> None:
+    # A 503 with `Retry-After: 30` (vLLM behind a queueing balancer, a server draining) said how
+    # long; the replica was asked again after 5 s, to refuse again.
+    busy, healthy = OpenAIBackend(default=Script(status=503, retry_after=30)), OpenAIBackend(default=Script(tokens=["fine"]))
+    async with _replicated(busy, healthy) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(2):
+            assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        state = (await http.get("/ready")).json()["replicas"]["vllm"][_url(busy)]
+    seconds = float(state.removeprefix("set aside for ").split("s", 1)[0])
+    assert 25 < seconds <= 30, state
+
+
 async def test_one_failed_request_does_not_set_a_replica_aside_and_a_client_error_is_not_moved() -> None:
     first, second = OpenAIBackend(default=Script(tokens=["fine"])), OpenAIBackend(default=Script(tokens=["fine"]))
     async with _replicated(first, second) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:

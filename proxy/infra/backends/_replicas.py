@@ -79,9 +79,9 @@ class _Replica:
             url = self.urls[path] = httpx.URL(self.base.removesuffix("/v1") + path[3:] if at_root else self.base + path)
         return url
 
-    def set_aside(self, now: float) -> float:
+    def set_aside(self, now: float, at_least: float = 0.0) -> float:
         self.failures += 1
-        seconds = min(SET_ASIDE_SECONDS * 2.0 ** (self.failures - 1), SET_ASIDE_MAX_SECONDS)
+        seconds = min(max(SET_ASIDE_SECONDS * 2.0 ** (self.failures - 1), at_least), SET_ASIDE_MAX_SECONDS)
         self.set_aside_until = now + seconds
         return seconds
 
@@ -390,14 +390,16 @@ class BackendClient:
                 replica.refusals += 1
                 why = f"it answered {status}"
                 down = probing or status not in _REFUSALS_TOLERATED or replica.refusals >= REFUSALS_IN_A_ROW
+                # A 429's or 503's `Retry-After` says how long it wants to be left alone.
+                wait = _seconds(response.headers.get("retry-after"))
                 if (standby := self._pick(tried)) is not None:
                     replica.in_flight -= 1
                     await response.aclose()
-                    self._move_off(replica, why, set_aside=down)
+                    self._move_off(replica, why, set_aside=down, at_least=wait)
                     replica = standby
                     continue
                 if down:
-                    self._set_aside(replica, why)
+                    self._set_aside(replica, why, at_least=wait)
             elif settle or quiet_until == math.inf:
                 self._settle(replica, probing, well=True)
             elif probing:
@@ -438,18 +440,18 @@ class BackendClient:
         if well:
             replica.failures, replica.refusals, replica.set_aside_until = 0, 0, -math.inf
 
-    def _move_off(self, replica: _Replica, why: object, *, set_aside: bool = True) -> None:
+    def _move_off(self, replica: _Replica, why: object, *, set_aside: bool = True, at_least: float = 0.0) -> None:
         """This request leaves `replica` for another one: counted, named in its log line,
         and the replica set aside (unless `set_aside` is false)."""
         replica.failovers += 1
         if (served := current_served.get()) is not None:
             served.passed_over.append(replica.base)
         if set_aside:
-            self._set_aside(replica, why, moved=True)
+            self._set_aside(replica, why, moved=True, at_least=at_least)
         else:
             _log.info("backend %s: replica %s: %s; trying another", self._name, replica.base, why)
 
-    def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False) -> None:
+    def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False, at_least: float = 0.0) -> None:
         """`replica` failed: it gets no request for a while (the last one left, too: when
         every replica is down, `/ready` and the metrics say so). A single server is never
         set aside: there is no other to send its requests to."""
@@ -459,7 +461,7 @@ class BackendClient:
         if replica.set_aside_until > now:
             # The requests it had in flight when it failed fail too: one incident, counted once.
             return
-        seconds = replica.set_aside(now)
+        seconds = replica.set_aside(now, at_least)
         replica.reason = str(why)
         _log.warning(
             "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.base, seconds, why,
@@ -558,6 +560,14 @@ class BackendClient:
     async def aclose(self) -> None:
         for replica in self._replicas:
             await replica.transport.aclose()
+
+
+def _seconds(retry_after: str | None) -> float:
+    """A `Retry-After` in seconds (its HTTP-date form is not worth a clock: 0)."""
+    try:
+        return max(float(retry_after), 0.0) if retry_after is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
