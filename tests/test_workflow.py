@@ -589,7 +589,9 @@ async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack)
     assert events[-1]["type"] == "finished" and events[-1]["status"] == "cancelled"
 
 
-async def test_a_crashing_pipeline_is_a_500_and_the_worker_goes_on(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(
+    aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     crashing, counting = pipeline_name("crash"), pipeline_name("count")
     pipelines = {
         crashing: PipelineConfig("tests.workflow_pipelines:crash"),
@@ -597,16 +599,37 @@ async def test_a_crashing_pipeline_is_a_500_and_the_worker_goes_on(aio_loop: obj
     }
     async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
         with trio.fail_after(10):
-            stream = await client.chat.completions.create(
+            stream = await client.chat.completions.with_raw_response.create(
                 model="m", messages=MESSAGES, stream=True, extra_headers={"x-pipeline": crashing}
             )
-            with pytest.raises(openai.APIError, match="crashed: RuntimeError: bug in the pipeline"):
-                async for _ in stream:
+            streamed_trace = stream.headers["x-trace-id"]
+            with pytest.raises(openai.APIError) as streamed:
+                async for _ in stream.parse():
                     pass
+            with pytest.raises(anthropic.InternalServerError) as whole:
+                await claude.messages.create(
+                    model="m", max_tokens=16, messages=MESSAGES, extra_headers={"x-pipeline": crashing}
+                )
             reply = await client.chat.completions.create(model="m", messages=MESSAGES, extra_headers={"x-pipeline": counting})
         assert reply.choices[0].message.content == "0 1 2 "
         await client.close()
+        await claude.close()
+    # The client learns that the pipeline failed and where to look, not the exception's text.
+    whole_trace = whole.value.response.headers["x-trace-id"]
+    assert whole.value.status_code == 500
+    for error, trace_id in ((streamed.value, streamed_trace), (whole.value, whole_trace)):
+        assert f"`{crashing}` failed with an internal error" in error.message
+        assert trace_id in error.message
+        assert "bug in the pipeline" not in error.message and "RuntimeError" not in error.message
+    assert streamed.value.code == "workflow_crashed"
+    row = await run_row(pg_database_url, whole_trace, status="failed")
+    assert "bug in the pipeline" not in json.dumps(row["error"])
+    # The worker's log has it all, under the trace id.
+    crashes = [r for r in caplog.records if r.name == "llm_proxy.workflow" and "crashed" in r.getMessage()]
+    assert {getattr(r, "trace_id", None) for r in crashes} == {streamed_trace, whole_trace}
+    assert all(r.exc_info and "bug in the pipeline" in str(r.exc_info[1]) for r in crashes)
 
 
 # -- load --------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ class JobRun:
             except GatewayError as error:
                 outcome = RunOutcome("failed", "error", error=error)
             except Exception as exc:  # a pipeline bug fails its job, not the worker
-                outcome = RunOutcome("failed", "error", error=_grouped(exc) or _crash(job.pipeline, exc))
+                outcome = RunOutcome("failed", "error", error=_grouped(exc) or _crash(job, exc))
         if outcome is None or self.interrupted_by is not None:
             if self.interrupted_by == "shutdown":
                 return None
@@ -289,9 +289,20 @@ def _grouped(exc: Exception) -> GatewayError | None:
     return None
 
 
-def _crash(pipeline: str, exc: Exception) -> GatewayError:
-    log.error("pipeline %s crashed", pipeline, exc_info=exc)
-    return GatewayError(ErrorKind.INTERNAL, f"The pipeline `{pipeline}` crashed: {type(exc).__name__}: {exc}")
+def _crash(job: Job, exc: Exception) -> GatewayError:
+    """A pipeline's bug: the traceback goes to the worker's log, under the trace id the client
+    has (`x-trace-id`, the error's message); the client is not shown the pipeline's internals
+    (an exception's text may hold paths, queries, keys)."""
+    log.error(
+        "pipeline %s crashed on trace %s", job.pipeline, job.trace_id, exc_info=exc,
+        extra={"trace_id": job.trace_id, "pipeline": job.pipeline},
+    )
+    return GatewayError(
+        ErrorKind.INTERNAL,
+        f"The pipeline `{job.pipeline}` failed with an internal error; the worker's log has the details "
+        f"under trace {job.trace_id}.",
+        code="workflow_crashed",
+    )
 
 
 def _unstored() -> GatewayError:
