@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import httpx
 import openai
 import pytest
 import trio
 
-from proxy.config import BackendConfig, WorkflowSettings
+from proxy.config import BackendConfig, PipelineConfig, WorkflowSettings
 from proxy.infra.nats import open_bus
 from proxy.workflow.bus import jobs_kv, workers_kv
 from proxy.workflow.job import ATTEMPT_SPAN, job_key
@@ -210,6 +211,51 @@ async def test_a_killed_worker_after_the_answer_started_is_a_clear_error(
                     row = await run_row(pg_database_url, trace_id, status="cancelled")
                     assert row["attempts"] == 2
             await openai_client.close()
+
+
+async def test_a_job_that_kills_every_worker_fails_after_max_deliver_runs_without_a_silent_wait(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name("die")
+    # The silence deadline is far longer than a redelivery (ack_wait): only a clear failure
+    # can end the request before it.
+    settings = workflow({name: PipelineConfig("tests.workflow_pipelines:die")},
+                        silence_seconds=25.0, ack_wait_seconds=1.0, max_deliver=2)
+    async with two_fakes() as (_alpha, _beta, backends):
+        async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
+            async with (
+                worker_process(tmp_path, pg_database_url, nats_url, backends, settings) as first,
+                worker_process(tmp_path, pg_database_url, nats_url, backends, settings) as second,
+                httpx.AsyncClient(base_url=url, timeout=60) as http,
+                trio.open_nursery() as nursery,
+            ):
+                result: dict[str, Any] = {}
+                answered = trio.Event()
+
+                async def ask() -> None:
+                    response = await http.post(
+                        "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                    )
+                    result["response"] = response
+                    answered.set()
+
+                nursery.start_soon(ask)
+                with trio.fail_after(15):  # each ran the job (max_deliver = 2) and died of it
+                    assert await first.wait() == -signal.SIGKILL
+                    assert await second.wait() == -signal.SIGKILL
+                died = time.monotonic()
+                # A live worker: JetStream gives it the job once more, and it only gives up.
+                worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+                async with running_worker(worker, pipelines=[name]):
+                    with trio.fail_after(15):
+                        await answered.wait()
+    response: httpx.Response = result["response"]
+    assert time.monotonic() - died < 15  # not the 25 s silence deadline
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "workflow_retries_exhausted" and "2 times in a row" in error["message"]
+    row = await run_row(pg_database_url, response.headers["x-trace-id"], status="failed")
+    assert row["attempts"] == 3 and row["error"]["code"] == "workflow_retries_exhausted"
 
 
 async def test_sigterm_hands_a_running_job_to_another_worker_at_once(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
 import trio
@@ -44,3 +46,11 @@ async def plain(ctx: PipelineContext) -> None:
 
 async def nothing(ctx: PipelineContext) -> None:
     """Returns without emitting anything: an empty answer."""
+
+
+async def die(ctx: PipelineContext) -> None:
+    """Kills its worker process once its answer has started (a pipeline that runs the worker
+    out of memory, say): every worker that runs it dies."""
+    await ctx.emit.text("Dying ")
+    await ctx.emit.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

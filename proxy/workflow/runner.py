@@ -130,7 +130,8 @@ class JobRun:
         if self.attempt > env.settings.workflow.max_deliver:
             error = GatewayError(
                 ErrorKind.UNAVAILABLE,
-                f"The workflow job failed on {self.attempt - 1} workers in a row; giving up.",
+                f"The workflow job's worker stopped before it finished (killed, or shut down) "
+                f"{self.attempt - 1} times in a row; giving up.",
                 code="workflow_retries_exhausted",
             )
             return RunOutcome("failed", "error", error=error)

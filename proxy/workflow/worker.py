@@ -3,8 +3,9 @@
 Per pipeline, one durable pull consumer (`workflow-{pipeline}` on `jobs.{pipeline}`), shared
 by every worker process: each job goes to one of them. Explicit acks; a job whose worker
 stops heartbeating (`in_progress` every third of `ack_wait`) is redelivered after
-`ack_wait`, at most `max_deliver` times in all. A process runs at most `concurrency` jobs at
-once, each a trio task with its own nursery.
+`ack_wait`, run at most `max_deliver` times in all: JetStream delivers it once more, and
+that delivery only tells its client the job gave up (no worker runs it again). A process runs
+at most `concurrency` jobs at once, each a trio task with its own nursery.
 
 Pulling holds no job slot: a puller only opens a pull request while a slot is free, and takes
 a slot for what it fetched. Were the slot taken before the long poll, idle pipelines' pullers
@@ -197,7 +198,10 @@ class Worker:
             jobs_subject(pipeline),
             max_ack_pending=10_000,
             ack_wait=workflow.ack_wait_seconds,
-            max_deliver=workflow.max_deliver,
+            # One delivery more than the runs allowed: a job whose last worker died would
+            # otherwise never be delivered again, its client waiting out the silence deadline
+            # for a 504 and its row `running` for ever. That delivery is refused (`JobRun`).
+            max_deliver=workflow.max_deliver + 1,
         ) as consumer:
             task_status.started()
             while True:
