@@ -24,6 +24,7 @@ from proxy.workflow.bus import jobs_kv, workers_kv
 from proxy.workflow.job import ATTEMPT_SPAN, job_key
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
+from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
     config_toml,
@@ -176,10 +177,23 @@ async def test_a_killed_worker_mid_answer_leaves_a_non_streaming_client_the_retr
                         doomed.send_signal(signal.SIGKILL)
                         with trio.fail_after(15):
                             await _done(result)
+                    # Its stream read back (from NATS, once the run has left this instance) is
+                    # that answer too, not the dead attempt's part of one ended by an error.
+                    await wait_for_row(pg_database_url, result["trace_id"], "completed")
+                    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+                        events = sse_events((await http.get(f"/v1/streams/{result['trace_id']}")).text)
             await openai_client.close()
     assert result["text"] == "".join(LONG)
     row = await run_row(pg_database_url, result["trace_id"], status="completed")
     assert row["attempts"] == 2
+    assert "".join(e["text"] for e in events if e["type"] == "token") == "".join(LONG)
+    assert [e["type"] for e in events if e["type"] not in ("token", "usage")] == ["role", "finish", "finished"]
+    assert events[-1]["status"] == "completed" and [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """The events of a `/v1/streams` reply."""
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 async def test_a_killed_worker_after_the_answer_started_is_a_clear_error(

@@ -131,6 +131,9 @@ class StoredRun:
     created_at: float = 0.0  # when its row was first written (Unix seconds)
     settings: dict[str, Any] | None = None  # see `LogRow.settings`
     finished_at: float = 0.0  # when its row was last written: its outcome's, once it has ended (Unix seconds)
+    # A workflow whose client waited for the whole answer: the job's attempt whose events are
+    # that answer (a retry after a dead worker replaces the attempts before it). 0: from the first.
+    answer_attempt: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -333,18 +336,21 @@ class ChatStore:
 
     async def stored_run(self, trace_id: str) -> StoredRun | None:
         row = await self._db.fetchrow(
-            "SELECT status, result, error, tenant, route, upstream_model, last_seq, model, "
-            "extract(epoch FROM created_at)::float8, settings, extract(epoch FROM updated_at)::float8 "
-            "FROM chat_log WHERE trace_id = %s",
+            "SELECT c.status, c.result, c.error, c.tenant, c.route, c.upstream_model, c.last_seq, c.model, "
+            "extract(epoch FROM c.created_at)::float8, c.settings, extract(epoch FROM c.updated_at)::float8, "
+            "CASE WHEN c.stream THEN 0 ELSE w.attempts END "
+            "FROM chat_log c LEFT JOIN workflow_runs w ON c.route = 'workflow' AND w.trace_id = c.trace_id "
+            "WHERE c.trace_id = %s",
             (trace_id,),
         )
         if row is None:
             return None
-        status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings, updated_at = row
+        (status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings, updated_at,
+         attempt) = row
         completion = completion_from_json(result) if result else None
         return StoredRun(
             status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
-            settings, float(updated_at or 0.0),
+            settings, float(updated_at or 0.0), attempt or 0,
         )
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:

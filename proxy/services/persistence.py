@@ -497,8 +497,11 @@ async def trace_events(
         # A running trace may be slow to its next event; anything else is stored already.
         first_wait = persistence.settings.follow_silence if running or (stored is None and store is None) else 2.0
         # A workflow's bus events are its workers' (every task, every attempt): its client
-        # reads them through the view the workflow route gave it.
-        view = ClientView() if stored is not None and stored.route == "workflow" else None
+        # reads them through the view the workflow route gave it. A client that waited for
+        # the whole answer got the retry's after a dead worker: so does its reader.
+        view = None
+        if stored is not None and stored.route == "workflow":
+            view = ClientView(from_attempt=stored.answer_attempt)
         async def row(since_first_event: float) -> StoredRun | None:
             current = persistence.store()
             if current is None:

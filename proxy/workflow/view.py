@@ -168,12 +168,14 @@ class ClientView:
     failing the trace's own, the role event `start` (the job's id, model and time).
     """
 
-    def __init__(self, start: StreamStart | None = None, *, live: bool = True) -> None:
+    def __init__(self, start: StreamStart | None = None, *, live: bool = True, from_attempt: int = 0) -> None:
         # `live`: what the view shows reaches the client at once (a stream). A client that
         # waits for the whole answer has seen nothing until the end: a retry's answer is its
         # answer, whatever the attempt before it had shown (`restarts` tells the caller to
-        # forget that).
+        # forget that). `from_attempt`: the attempts before it are skipped (a reader of a
+        # run whose answer a retry replaced).
         self._live = live
+        self._from_attempt = from_attempt
         self.restarts = 0
         self.done = False
         self.finished: Finished | None = None
@@ -206,7 +208,7 @@ class ClientView:
             return []
         out: list[StreamEvent] = []
         attempt = attempt_of(seq)
-        if attempt < self._attempt:
+        if attempt < self._attempt or attempt < self._from_attempt:
             return out  # a late event of an attempt that was already given up
         if attempt > self._attempt and not isinstance(event, Finished):
             if self._shown and self._live:
