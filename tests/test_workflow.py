@@ -476,6 +476,12 @@ async def test_pipeline_errors_before_any_event_keep_their_status(aio_loop: obje
             assert limited.json()["error"]["message"] == "Too many colours today."
             row = await run_row(pg_database_url, limited.headers["x-trace-id"], status="failed")
             assert row["error"]["message"] == "Too many colours today."
+            # Its stream read back says why it failed, as a direct run's does.
+            await wait_for_row(pg_database_url, limited.headers["x-trace-id"], "failed")
+            read_back = await client.get(f"/v1/streams/{limited.headers['x-trace-id']}")
+            events = [json.loads(line[6:]) for line in read_back.text.splitlines() if line.startswith("data: ")]
+            assert [(e["type"], e.get("status")) for e in events] == [("error", None), ("finished", "failed")]
+            assert "Too many colours today." in json.dumps(events[0])
 
 
 async def test_a_request_larger_than_a_nats_message_is_a_413_not_a_retryable_503(stack: Stack) -> None:

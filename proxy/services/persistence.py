@@ -651,6 +651,10 @@ async def _bus_events(
                     return True
                 continue
             visible: list[WireEvent] = list(view.feed_bytes(message.data))
+            if view.done and view.error is not None and not view.visible:
+                # Failed before its answer began: its client had the error as a status; a
+                # reader has only this stream to learn why.
+                visible.append(StreamFailed(view.error))
             if view.done:
                 visible.append(view.finished or Finished(reason="error", status="failed"))
             for event in visible:
