@@ -266,6 +266,7 @@ async def test_a_job_that_kills_every_worker_fails_after_max_deliver_runs_withou
     response: httpx.Response = result["response"]
     assert time.monotonic() - died < 15  # not the 25 s silence deadline
     assert response.status_code == 503, response.text
+    assert response.headers["x-should-retry"] == "false"  # the SDKs would send it again otherwise
     error = response.json()["error"]
     assert error["code"] == "workflow_retries_exhausted" and "2 times in a row" in error["message"]
     row = await run_row(pg_database_url, response.headers["x-trace-id"], status="failed")

@@ -52,8 +52,10 @@ class Reply:
 
 
 # A backend refusing the gateway's own credentials: no retry helps until its key is mended,
-# and the OpenAI and Anthropic SDKs would retry the 502 (they obey `x-should-retry`).
-_HOPELESS = frozenset({"backend_401", "backend_403"})
+# and the OpenAI and Anthropic SDKs would retry the 502 (they obey `x-should-retry`). A
+# workflow job whose every run ended with its worker's death: resent, it would most likely
+# kill as many workers again (and the other jobs they ran).
+_HOPELESS = frozenset({"backend_401", "backend_403", "workflow_retries_exhausted"})
 
 
 def error_reply(error: GatewayError, dialect: str) -> Reply:
