@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import build_parser
+from proxy.config import WorkflowSettings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -29,3 +30,11 @@ def test_the_gateway_unit_keeps_its_embedded_servers_in_its_state_directory() ->
     text = (DEPLOY / "llm-proxy.service").read_text()
     assert "StateDirectory=llm-proxy" in text and "LLM_PROXY_DATA_DIR=/var/lib/llm-proxy" in text
     assert "KillMode=mixed" in text  # SIGTERM to the gateway alone: it stops the servers in order
+
+
+def test_the_job_unit_may_start_once_more_than_a_job_may_run() -> None:
+    # The start after the last run allowed fails the run; were systemd to refuse that start,
+    # the client of a job that kills its worker would wait out the silence deadline for a 504.
+    [line] = [line for line in (DEPLOY / "llm-proxy-job@.service").read_text().splitlines()
+              if line.startswith("StartLimitBurst=")]
+    assert int(line.removeprefix("StartLimitBurst=")) == WorkflowSettings().max_deliver + 1
