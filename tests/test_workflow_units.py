@@ -160,6 +160,15 @@ def test_a_retry_that_only_re_announces_the_stored_end_is_accepted() -> None:
     assert view.done and not view.abandoned
 
 
+def test_a_reader_of_a_run_a_retry_answered_sees_only_that_retry() -> None:
+    # /v1/streams of a run whose client waited for the whole answer, given by attempt 2.
+    view = ClientView(from_attempt=2)
+    assert feed(view, START, TextDelta("half an ans")) == []
+    out = feed(view, START, TextDelta("the answer"), Finished("stop", "completed"), attempt=2)
+    assert out == [START, TextDelta("the answer"), Finish(FinishReason.STOP, 0)]
+    assert view.done and not view.abandoned and view.error is None
+
+
 def test_late_events_of_an_abandoned_attempt_are_ignored() -> None:
     view = ClientView()
     feed(view, START, attempt=2)
