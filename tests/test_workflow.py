@@ -243,6 +243,31 @@ async def test_the_all_view_asked_by_a_client_without_choices_shows_it_the_winne
     assert [block.text for block in message.content if block.type == "text"] == ["Blue"]
 
 
+async def test_a_streaming_client_waiting_for_the_winner_gets_its_head_and_keep_alives(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The winner view shows nothing until every model has answered (rule longest): a stream
+    # that sent not even its head for that long would be cut by a proxy on the way.
+    monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.3)
+    words = [f" w{i}" for i in range(12)]
+    stack.alpha.set_script(Script(tokens=words, pace=0.15))
+    body = {"model": "m", "messages": MESSAGES, "stream": True, "workflow": {"rule": "longest"}}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        started = time.monotonic()
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"x-pipeline": stack.pipeline}
+        ) as response:
+            head = time.monotonic() - started
+            lines = [line async for line in response.aiter_lines()]
+        whole = time.monotonic() - started
+    assert response.status_code == 200
+    assert head < whole - 0.8  # not held back until the answer
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert ": keep-alive" in lines[:first_data]
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "".join(words)
+
+
 async def stored_usage(db: str, trace_id: str) -> tuple[int, int]:
     await run_row(db, trace_id, status="completed")
     found = await trio.to_thread.run_sync(

@@ -31,7 +31,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
-from proxy.infra.backends import Batch
+from proxy.infra.backends import Batch, _pump
 from proxy.infra.nats import Bus, BusError, BusMessage, PayloadTooLarge
 from proxy.infra.resources import Resources
 from proxy.services.auth import check_model
@@ -269,6 +269,14 @@ class WorkflowRoute:
                 out = follow.held if view.done else []
             if out or view.done:
                 await send.send(Batch(out, done=view.done))
+                follow.told = trio.current_time()
+            elif exchange.request.stream and trio.current_time() - follow.told >= _pump.KEEPALIVE_SECONDS:
+                # The job is alive (its tasks streaming to a winner not chosen yet, a worker's
+                # `progress`) with nothing to show: as for a backend that sends bytes but no
+                # event, the client gets its head and keep-alives, not a silence a proxy on
+                # its way (nginx: 60 s) would cut.
+                await send.send(Batch([]))
+                follow.told = trio.current_time()
             if gap:
                 return False  # re-read from JetStream
         return view.finished is not None and not view.abandoned
@@ -314,6 +322,7 @@ class _Follow:
         self.quiet_until: float | None = None  # the silence deadline
         self.fresh = False  # something new since the deadline was last moved
         self.held: list[StreamEvent] = []  # a non-streamed answer, until its end
+        self.told = trio.current_time()  # when the client was last sent something
 
     def take(self, data: bytes, out: list[StreamEvent]) -> bool:
         """Feed one message to the view; False on a gap in the live feed."""
