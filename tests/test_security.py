@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import MESSAGES, bearer, gateway, new_key, wait_for_key
 
@@ -259,6 +259,44 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
         ready = await client.get("/ready")  # public by default
         assert ready.status_code == 503 and "lab-gpu" in ready.text
         assert str(port) not in ready.text and "127.0.0.1" not in ready.text
+
+
+async def test_no_error_repeats_the_api_key_the_gateway_sends_its_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backend may quote the key it was sent ("Incorrect API key provided: sk-..."), before
+    # its answer or in the stream; the gateway passes its words on, never its key.
+    secret = "sk-backend-0123456789abcdef"
+    monkeypatch.setenv("SECURITY_TEST_BACKEND_KEY", secret)
+    quoted = f"Incorrect API key provided: {secret}."
+    scripts = {
+        "refused": Script(status=401, error_message=quoted),
+        "broken": Script(status=500, error_message=f"upstream said {secret}"),
+        "midway": Script(tokens=["a", "b", "c"], fail_after=2, error_message=quoted),
+    }
+    kinds = [("vllm", "openai"), ("claude", "anthropic"), ("ollama", "ollama")]
+    fakes = [
+        fake(scripts={f"{name}-{model}": script for model, script in scripts.items()})
+        for fake, (name, _) in zip((OpenAIBackend, AnthropicBackend, OllamaBackend), kinds, strict=True)
+    ]
+    async with fakes[0].serve() as s0, fakes[1].serve() as s1, fakes[2].serve() as s2:
+        configs = [
+            backend(name, server.url, kind=kind, prefixes=(f"{name}-",), api_key_env="SECURITY_TEST_BACKEND_KEY")
+            for (name, kind), server in zip(kinds, (s0, s1, s2), strict=True)
+        ]
+        async with running_gateway(*configs) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for name, _ in kinds:
+                for script in scripts:
+                    model = f"{name}-{script}"
+                    for path, body in (
+                        ("/v1/chat/completions", {"model": model, "messages": MESSAGES}),
+                        ("/v1/chat/completions", {"model": model, "messages": MESSAGES, "stream": True}),
+                        ("/v1/messages", {"model": model, "max_tokens": 5, "messages": MESSAGES, "stream": True}),
+                        ("/api/chat", {"model": model, "messages": MESSAGES}),
+                    ):
+                        answer = await client.post(path, json=body)
+                        where = (path, model, body.get("stream"))
+                        assert "Incorrect API key provided" in answer.text or "upstream said" in answer.text, where
+                        assert secret not in answer.text, where
+                        assert "[redacted]" in answer.text, where
 
 
 async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stack) -> None:

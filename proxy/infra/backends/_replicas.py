@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from proxy.config import BackendConfig, Timeouts
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
 from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
@@ -570,6 +570,14 @@ def _seconds(retry_after: str | None) -> float:
         return 0.0
 
 
+# The headers that carry a backend's API key (`Authorization: Bearer KEY`, `x-api-key: KEY`).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
-    """One pooled client per backend, kept for the process's life."""
+    """One pooled client per backend, kept for the process's life. Its credentials never
+    reach a client: a backend's error quoting them has them concealed."""
+    for name, value in auth_header.items():
+        if name.lower() in _CREDENTIAL_HEADERS:
+            conceal_in_errors(value.removeprefix("Bearer "))
     return BackendClient(config, auth_header=auth_header)
