@@ -261,6 +261,44 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
         assert str(port) not in ready.text and "127.0.0.1" not in ready.text
 
 
+async def test_ready_tells_only_a_caller_with_a_key_where_replicas_live(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    with trio.socket.socket() as sock:  # a replica with nobody listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        down = f"http://scraper:pa55word@127.0.0.1:{port}/v1"
+        config = backend("lab-gpu", server.url, default=True, replicas=(down,), timeouts=Timeouts(connect=1.0, total=5.0))
+        async with gateway(pg_database_url, nats_url, config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            key = await new_key(pg_database_url, "ops")
+            await wait_for_key(url, key)
+            for _ in range(2):  # one of them meets the replica that is down
+                answer = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers=bearer(key))
+                assert answer.status_code == 200
+
+            anonymous = await client.get("/ready")  # public by default
+            assert anonymous.status_code == 200
+            states = anonymous.json()["replicas"]["lab-gpu"]
+            assert states["1"] == "ok"
+            assert states["2"].startswith("set aside for ") and "replica 2" in states["2"], states
+            for secret in (str(port), "127.0.0.1", server.url, "pa55word"):
+                assert secret not in anonymous.text, secret
+
+            for presented in (bearer("sk-llmp-" + "x" * 43), {"x-api-key": "nonsense"}):
+                assert "127.0.0.1" not in (await client.get("/ready", headers=presented)).text
+
+            # A caller with a key (who may read /metrics) is told which replica is which;
+            # credentials written into a replica's URL are shown to nobody.
+            for who in (bearer(key), {"x-api-key": key}):
+                keyed = (await client.get("/ready", headers=who)).json()["replicas"]["lab-gpu"]
+                assert set(keyed) == {f"{server.url}/v1", f"http://127.0.0.1:{port}/v1"}, keyed
+            metrics = (await client.get("/metrics", headers=bearer(key))).text
+            assert f'replica="http://127.0.0.1:{port}/v1"' in metrics
+            assert "pa55word" not in metrics and "pa55word" not in (await client.get("/ready", headers=bearer(key))).text
+
+
 async def test_no_error_repeats_the_api_key_the_gateway_sends_its_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     # A backend may quote the key it was sent ("Incorrect API key provided: sk-..."), before
     # its answer or in the stream; the gateway passes its words on, never its key.

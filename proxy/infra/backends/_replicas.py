@@ -55,6 +55,7 @@ class _Replica:
     base: str
     transport: PooledTransport
     headers: dict[str, str]
+    shown: str  # the base as logs and metrics name it: without credentials written into it
     urls: dict[str, httpx.URL] = field(default_factory=dict)
     in_flight: int = 0
     failures: int = 0
@@ -153,7 +154,10 @@ class BackendClient:
         )
         host = httpx.URL(base).netloc.decode()
         headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
-        return _Replica(base.rstrip("/"), transport, headers)
+        base = base.rstrip("/")
+        url = httpx.URL(base)
+        shown = str(url.copy_with(username=None, password=None)) if url.userinfo else base
+        return _Replica(base, transport, headers, shown)
 
     def _pick(self, tried: list[_Replica]) -> _Replica | None:
         """The replica for the next attempt: one that is not set aside, with the fewest
@@ -405,7 +409,7 @@ class BackendClient:
             elif probing:
                 response.extensions["llm_proxy.probe"] = True
             if len(self._replicas) > 1 and (served := current_served.get()) is not None:
-                served.replica = replica.base
+                served.replica = replica.shown
             if 300 <= response.status_code < 400:
                 # Following it would re-send a POST where the configuration did not say: name it.
                 replica.in_flight -= 1
@@ -425,7 +429,7 @@ class BackendClient:
         now = trio.current_time()
         return [
             ReplicaState(
-                replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
+                replica.shown, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
                 replica.failovers,
             )
             for replica in self._replicas
@@ -445,11 +449,11 @@ class BackendClient:
         and the replica set aside (unless `set_aside` is false)."""
         replica.failovers += 1
         if (served := current_served.get()) is not None:
-            served.passed_over.append(replica.base)
+            served.passed_over.append(replica.shown)
         if set_aside:
             self._set_aside(replica, why, moved=True, at_least=at_least)
         else:
-            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.base, why)
+            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.shown, why)
 
     def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False, at_least: float = 0.0) -> None:
         """`replica` failed: it gets no request for a while (the last one left, too: when
@@ -464,7 +468,7 @@ class BackendClient:
         seconds = replica.set_aside(now, at_least)
         replica.reason = str(why)
         _log.warning(
-            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.base, seconds, why,
+            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.shown, seconds, why,
             "trying another" if moved else "no other replica could take the request",
         )
 
