@@ -416,11 +416,16 @@ class BackendClient:
                 if response.extensions.pop("llm_proxy.probe", False):
                     self._settle(replica, True, well=True)
                 await response.aclose()
-                location = response.headers.get("location") or "nowhere"
+                # Where it points is an address (a server's own redirect names its host):
+                # for the log, never for the client.
+                _log.warning(
+                    "backend %s: replica %s answered %d, a redirect to %s; set its base_url to where it points",
+                    self._name, replica.shown, response.status_code, response.headers.get("location") or "nowhere",
+                )
                 raise GatewayError(
                     ErrorKind.BACKEND,
-                    f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
-                    "the gateway does not follow redirects: set its `base_url` to where it points.",
+                    f"Backend `{self._name}` answered {response.status_code}, a redirect; the gateway does not "
+                    "follow redirects: set its `base_url` to where it points (the gateway's log names it).",
                     code=f"backend_{response.status_code}",
                 )
             return response, replica, quiet_until
