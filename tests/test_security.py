@@ -14,7 +14,7 @@ import trio
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_auth_helpers import MESSAGES, bearer, gateway, new_key, wait_for_key
+from tests.test_auth_helpers import MESSAGES, bearer, eventually, gateway, new_key, wait_for_key
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -297,6 +297,38 @@ async def test_ready_tells_only_a_caller_with_a_key_where_replicas_live(
             metrics = (await client.get("/metrics", headers=bearer(key))).text
             assert f'replica="http://127.0.0.1:{port}/v1"' in metrics
             assert "pa55word" not in metrics and "pa55word" not in (await client.get("/ready", headers=bearer(key))).text
+
+
+async def test_callers_without_a_key_cannot_make_ready_flood_the_backends() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+
+            def listings() -> int:
+                return sum(1 for request in fake.recorder.requests if request.path == "/v1/models")
+
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.append(await client.get("/ready"))
+
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(ask)
+            for _ in range(20):
+                await ask()
+            took = trio.current_time() - started
+            assert len(answers) == 70 and all(a.status_code == 200 for a in answers)
+            # One probe in flight at a time, its answer reused for a second: not one a caller.
+            assert listings() <= took + 2, (listings(), took)
+
+            # Still a readiness check: a backend that went away is reported within seconds.
+            fake.api_key = "rotated"  # it refuses the gateway from now on
+            async def unready() -> bool:
+                return (await client.get("/ready")).status_code == 503
+
+            await eventually(unready, within=10, every=0.2)
 
 
 async def test_no_error_repeats_the_api_key_the_gateway_sends_its_backends(monkeypatch: pytest.MonkeyPatch) -> None:
