@@ -19,6 +19,7 @@ from proxy.infra.backends._errors import _client_gone, read_limited, timeout_err
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
+from proxy.infra.urls import without_credentials
 
 _log = logging.getLogger("llm_proxy.backends")
 
@@ -155,9 +156,7 @@ class BackendClient:
         host = httpx.URL(base).netloc.decode()
         headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
         base = base.rstrip("/")
-        url = httpx.URL(base)
-        shown = str(url.copy_with(username=None, password=None)) if url.userinfo else base
-        return _Replica(base, transport, headers, shown)
+        return _Replica(base, transport, headers, without_credentials(base))
 
     def _pick(self, tried: list[_Replica]) -> _Replica | None:
         """The replica for the next attempt: one that is not set aside, with the fewest
