@@ -384,3 +384,39 @@ async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stac
             "/v1/chat/completions", json=body | {"temperature": 0.5}, headers=bearer(other) | {"idempotency-key": "k1"}
         )
         assert changed.status_code == 409  # the other tenant's own earlier use, not the first one's
+
+
+async def test_a_key_cannot_read_another_keys_stream_or_response_running_or_ended(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["one", " two", " three"], pace=0.3, usage=Usage(5, 3)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        owner, other = await new_key(pg_database_url, "owner"), await new_key(pg_database_url, "other")
+        await wait_for_key(url, owner)
+        await wait_for_key(url, other)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def refused_to_other(trace: str) -> None:
+                for path in (f"/v1/streams/{trace}", f"/v1/responses/resp_{trace}", f"/v1/responses/resp_{trace}?stream=true"):
+                    theirs = await client.get(path, headers=bearer(other))
+                    assert theirs.status_code == 404, (path, theirs.text)
+                    assert "one" not in theirs.text and "three" not in theirs.text, path
+                    assert (await client.get(path)).status_code == 401, path
+
+            chat = {"model": MODEL, "messages": MESSAGES, "stream": True}
+            async with client.stream("POST", "/v1/chat/completions", json=chat, headers=bearer(owner)) as live:
+                trace = live.headers["x-trace-id"]
+                checked = False
+                async for _ in live.aiter_bytes():
+                    if not checked:
+                        checked = True
+                        await refused_to_other(trace)  # while it runs, on this instance
+
+            async def stored() -> bool:
+                answer = await client.get(f"/v1/responses/resp_{trace}", headers=bearer(owner))
+                return answer.status_code == 200 and answer.json()["status"] == "completed"
+
+            await eventually(stored, within=15, every=0.2)
+            await refused_to_other(trace)  # ended, read from the journal
+            mine = await client.get(f"/v1/streams/{trace}", headers=bearer(owner))
+            assert mine.status_code == 200 and "three" in mine.text
