@@ -29,6 +29,8 @@ from proxy.services.semantic_cache import SemanticCache
 from proxy.services.workflow import WorkflowRoute
 
 _PROBE_SECONDS = 3.0
+# Under any orchestrator's probe period (Kubernetes: 10 s by default, 1 s at least).
+_READY_REUSE_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -46,9 +48,34 @@ class Gateway:
     auth: Authenticator | None = None
     limits: RateLimiter | None = None
     metrics: Metrics | None = None
+    _readiness: tuple[float, dict[str, str]] | None = None  # the last probe's end and answer
+    _probing: trio.Event | None = None  # set when the probe in flight ends
 
     async def readiness(self) -> dict[str, str]:
-        """Each dependency's state: "ok" or why not."""
+        """Each dependency's state: "ok" or why not.
+
+        `/ready` is public: however many ask, the dependencies are probed at most once per
+        `_READY_REUSE_SECONDS` (one probe in flight, its answer shared), so callers without a
+        key cannot make the gateway flood its backends and database (an Anthropic backend's
+        model listing counts against the gateway's own rate limit there)."""
+        while True:
+            last = self._readiness
+            if last is not None and trio.current_time() - last[0] < _READY_REUSE_SECONDS:
+                return dict(last[1])
+            probing = self._probing
+            if probing is None:
+                break
+            await probing.wait()  # its answer, or (its caller gone) a probe of our own
+        self._probing = done = trio.Event()
+        try:
+            states = await self._probe()
+            self._readiness = (trio.current_time(), states)
+        finally:
+            self._probing = None
+            done.set()
+        return dict(states)
+
+    async def _probe(self) -> dict[str, str]:
         states: dict[str, str] = {}
 
         async def probe(name: str, backend: Backend) -> None:

@@ -674,6 +674,23 @@ async def test_count_tokens_without_a_tokenize_endpoint_is_an_estimate() -> None
     assert [r.path for r in fake.requests] == ["/tokenize", "/v1/models/m"]  # asked first; then whether it has the model
 
 
+async def test_a_model_name_cannot_leave_the_path_it_is_looked_up_at() -> None:
+    # The name is one path segment: `..` would be a dot segment (the API root), `/`, `?` and
+    # `#` would end it; the backend is asked about that name, nowhere else.
+    fake = OpenAIBackend()
+    names = ["..", "../../admin", "m?debug=1", "m#x", "a/b"]
+    async with fake.serve() as server, running_gateway(backend("plain", server.url, default=True)) as url:
+        client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+        for name in names:
+            await client.messages.count_tokens(model=name, messages=MESSAGES)
+        await client.close()
+    asked = [r.path for r in fake.requests if r.path != "/tokenize"]
+    assert asked == [
+        "/v1/models/%2E%2E", "/v1/models/..%2F..%2Fadmin", "/v1/models/m%3Fdebug%3D1",
+        "/v1/models/m%23x", "/v1/models/a%2Fb",
+    ]
+
+
 async def test_count_tokens_for_a_model_the_backend_lacks_is_a_404_as_messages_is() -> None:
     """vLLM (its `/tokenize`), a server with OpenAI's model lookup and no `/tokenize`, and
     Ollama each say which models they lack; a server that takes any name keeps the estimate."""

@@ -159,3 +159,18 @@ async def test_a_client_reconnects_after_the_embedded_server_restarts(
             await _round_trip(bus)
     finally:
         await trio.to_thread.run_sync(server.stop)
+
+
+async def test_the_log_never_shows_credentials_written_into_the_nats_url(
+    aio_loop: trio_asyncio.TrioEventLoop, server: EmbeddedNats, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert server.url is not None
+    address = server.url.removeprefix("nats://")
+    async with open_bus(f"nats://gateway:pa55word@{address}") as bus:
+        await bus.ping()
+        await trio.to_thread.run_sync(server.stop)
+        with trio.fail_after(10):
+            while "disconnected" not in caplog.text:  # noqa: ASYNC110 (the log has no event)
+                await trio.sleep(0.2)
+    assert f"disconnected from nats://{address}" in caplog.text
+    assert "pa55word" not in caplog.text

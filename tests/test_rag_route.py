@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 import trio
 
+from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.rag_corpus import CORPUS, UNRELATED
@@ -297,3 +299,20 @@ async def test_ollama_generate(setup: Setup, kind: str) -> None:
     system = body.get("system") if kind == "ollama" and "system" in body else setup.system_text(kind)
     assert system.startswith("Answer briefly.")
     assert_backups_context(system)
+
+
+async def test_workspace_routes_answer_503_when_postgresql_goes_away(
+    aio_loop: object, tmp_path: Path, nats_url: str
+) -> None:
+    # The first requests after the server stops meet the pool's cut connections: an outage,
+    # as the later ones are told (503), never a 500.
+    with EmbeddedPostgres(tmp_path / "pg") as postgres:
+        async with running_gateway(
+            backend("vllm", "http://127.0.0.1:9", default=True), database_url=postgres.url, nats_url=nats_url,
+        ) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            assert (await client.put("/v1/workspaces/docs", json={})).status_code == 200
+            await trio.to_thread.run_sync(postgres.stop)
+            for path in ("/v1/workspaces", "/v1/workspaces/docs", "/v1/workspaces/docs/documents"):
+                answer = await client.get(path)
+                assert answer.status_code == 503, (path, answer.text)
+                assert answer.json()["error"]["code"].startswith("database_"), path

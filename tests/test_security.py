@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_auth_helpers import MESSAGES, bearer, gateway, new_key, wait_for_key
+from tests.test_auth_helpers import MESSAGES, bearer, eventually, gateway, new_key, wait_for_key
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -261,6 +261,114 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
         assert str(port) not in ready.text and "127.0.0.1" not in ready.text
 
 
+async def test_ready_tells_only_a_caller_with_a_key_where_replicas_live(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    with trio.socket.socket() as sock:  # a replica with nobody listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        down = f"http://scraper:pa55word@127.0.0.1:{port}/v1"
+        config = backend("lab-gpu", server.url, default=True, replicas=(down,), timeouts=Timeouts(connect=1.0, total=5.0))
+        async with gateway(pg_database_url, nats_url, config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            key = await new_key(pg_database_url, "ops")
+            await wait_for_key(url, key)
+            for _ in range(2):  # one of them meets the replica that is down
+                answer = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers=bearer(key))
+                assert answer.status_code == 200
+
+            anonymous = await client.get("/ready")  # public by default
+            assert anonymous.status_code == 200
+            states = anonymous.json()["replicas"]["lab-gpu"]
+            assert states["1"] == "ok"
+            assert states["2"].startswith("set aside for ") and "replica 2" in states["2"], states
+            for secret in (str(port), "127.0.0.1", server.url, "pa55word"):
+                assert secret not in anonymous.text, secret
+
+            for presented in (bearer("sk-llmp-" + "x" * 43), {"x-api-key": "nonsense"}):
+                assert "127.0.0.1" not in (await client.get("/ready", headers=presented)).text
+
+            # A caller with a key (who may read /metrics) is told which replica is which;
+            # credentials written into a replica's URL are shown to nobody.
+            for who in (bearer(key), {"x-api-key": key}):
+                keyed = (await client.get("/ready", headers=who)).json()["replicas"]["lab-gpu"]
+                assert set(keyed) == {f"{server.url}/v1", f"http://127.0.0.1:{port}/v1"}, keyed
+            metrics = (await client.get("/metrics", headers=bearer(key))).text
+            assert f'replica="http://127.0.0.1:{port}/v1"' in metrics
+            assert "pa55word" not in metrics and "pa55word" not in (await client.get("/ready", headers=bearer(key))).text
+
+
+async def test_callers_without_a_key_cannot_make_ready_flood_the_backends() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=100)) as client:
+
+            def listings() -> int:
+                return sum(1 for request in fake.recorder.requests if request.path == "/v1/models")
+
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.append(await client.get("/ready"))
+
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(ask)
+            for _ in range(20):
+                await ask()
+            took = trio.current_time() - started
+            assert len(answers) == 70 and all(a.status_code == 200 for a in answers)
+            # One probe in flight at a time, its answer reused for a second: not one a caller.
+            assert listings() <= took + 2, (listings(), took)
+
+            # Still a readiness check: a backend that went away is reported within seconds.
+            fake.api_key = "rotated"  # it refuses the gateway from now on
+            async def unready() -> bool:
+                return (await client.get("/ready")).status_code == 503
+
+            await eventually(unready, within=10, every=0.2)
+
+
+async def test_no_error_repeats_the_api_key_the_gateway_sends_its_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backend may quote the key it was sent ("Incorrect API key provided: sk-..."), before
+    # its answer or in the stream; the gateway passes its words on, never its key.
+    secret = "sk-backend-0123456789abcdef"
+    monkeypatch.setenv("SECURITY_TEST_BACKEND_KEY", secret)
+    quoted = f"Incorrect API key provided: {secret}."
+    scripts = {
+        "refused": Script(status=401, error_message=quoted),
+        "broken": Script(status=500, error_message=f"upstream said {secret}"),
+        "midway": Script(tokens=["a", "b", "c"], fail_after=2, error_message=quoted),
+    }
+    kinds = [("vllm", "openai"), ("claude", "anthropic"), ("ollama", "ollama")]
+    fakes = [
+        fake(scripts={f"{name}-{model}": script for model, script in scripts.items()})
+        for fake, (name, _) in zip((OpenAIBackend, AnthropicBackend, OllamaBackend), kinds, strict=True)
+    ]
+    async with fakes[0].serve() as s0, fakes[1].serve() as s1, fakes[2].serve() as s2:
+        configs = [
+            backend(name, server.url, kind=kind, prefixes=(f"{name}-",), api_key_env="SECURITY_TEST_BACKEND_KEY")
+            for (name, kind), server in zip(kinds, (s0, s1, s2), strict=True)
+        ]
+        async with running_gateway(*configs) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for name, _ in kinds:
+                for script in scripts:
+                    model = f"{name}-{script}"
+                    for path, body in (
+                        ("/v1/chat/completions", {"model": model, "messages": MESSAGES}),
+                        ("/v1/chat/completions", {"model": model, "messages": MESSAGES, "stream": True}),
+                        ("/v1/messages", {"model": model, "max_tokens": 5, "messages": MESSAGES, "stream": True}),
+                        ("/api/chat", {"model": model, "messages": MESSAGES}),
+                    ):
+                        answer = await client.post(path, json=body)
+                        where = (path, model, body.get("stream"))
+                        assert "Incorrect API key provided" in answer.text or "upstream said" in answer.text, where
+                        assert secret not in answer.text, where
+                        assert "[redacted]" in answer.text, where
+
+
 async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stack) -> None:
     other = await new_key(stack.db, "other-tenant")
     await wait_for_key(stack.url, other)
@@ -276,3 +384,39 @@ async def test_idempotency_keys_belong_to_the_api_key_that_used_them(stack: Stac
             "/v1/chat/completions", json=body | {"temperature": 0.5}, headers=bearer(other) | {"idempotency-key": "k1"}
         )
         assert changed.status_code == 409  # the other tenant's own earlier use, not the first one's
+
+
+async def test_a_key_cannot_read_another_keys_stream_or_response_running_or_ended(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["one", " two", " three"], pace=0.3, usage=Usage(5, 3)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        owner, other = await new_key(pg_database_url, "owner"), await new_key(pg_database_url, "other")
+        await wait_for_key(url, owner)
+        await wait_for_key(url, other)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def refused_to_other(trace: str) -> None:
+                for path in (f"/v1/streams/{trace}", f"/v1/responses/resp_{trace}", f"/v1/responses/resp_{trace}?stream=true"):
+                    theirs = await client.get(path, headers=bearer(other))
+                    assert theirs.status_code == 404, (path, theirs.text)
+                    assert "one" not in theirs.text and "three" not in theirs.text, path
+                    assert (await client.get(path)).status_code == 401, path
+
+            chat = {"model": MODEL, "messages": MESSAGES, "stream": True}
+            async with client.stream("POST", "/v1/chat/completions", json=chat, headers=bearer(owner)) as live:
+                trace = live.headers["x-trace-id"]
+                checked = False
+                async for _ in live.aiter_bytes():
+                    if not checked:
+                        checked = True
+                        await refused_to_other(trace)  # while it runs, on this instance
+
+            async def stored() -> bool:
+                answer = await client.get(f"/v1/responses/resp_{trace}", headers=bearer(owner))
+                return answer.status_code == 200 and answer.json()["status"] == "completed"
+
+            await eventually(stored, within=15, every=0.2)
+            await refused_to_other(trace)  # ended, read from the journal
+            mine = await client.get(f"/v1/streams/{trace}", headers=bearer(owner))
+            assert mine.status_code == 200 and "three" in mine.text

@@ -31,6 +31,33 @@ class ErrorKind(enum.Enum):
         return self.value
 
 
+# The gateway's own credentials (its backends' API keys). A backend may quote the key it was
+# sent in its error message ("Incorrect API key provided: sk-..."), and its messages reach
+# clients, the journal, NATS events and logs: every error's message is cleaned when made, so
+# no path can forget to.
+_concealed: tuple[str, ...] = ()
+_CONCEALED_AS = "[redacted]"
+# Shorter values ("EMPTY", "ollama": placeholders for servers that check no key) are no
+# secret, and hiding them would mangle ordinary words in messages.
+_MIN_SECRET_CHARS = 8
+
+
+def conceal_in_errors(secret: str | None) -> None:
+    """Never let `secret` appear in an error's message (from now on, in this process)."""
+    global _concealed
+    if secret and len(secret) >= _MIN_SECRET_CHARS and secret not in _concealed:
+        # Longest first: a key that contains another is hidden whole.
+        _concealed = tuple(sorted((*_concealed, secret), key=len, reverse=True))
+
+
+def conceal(text: str) -> str:
+    """`text` with every concealed secret replaced."""
+    for secret in _concealed:
+        if secret in text:
+            text = text.replace(secret, _CONCEALED_AS)
+    return text
+
+
 class GatewayError(Exception):
     """An error with a client-facing message.
 
@@ -47,6 +74,8 @@ class GatewayError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
     ) -> None:
+        if _concealed:
+            message = conceal(message)
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.postgres import DatabaseUnavailable
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -129,6 +130,16 @@ def install_error_handlers(app: Quart) -> None:
             # open, hypercorn would leave the client's next request on it unanswered).
             response.headers["connection"] = "close"
         return response
+
+    @app.errorhandler(DatabaseUnavailable)
+    async def database_down(error: DatabaseUnavailable) -> Response:
+        # A route that asked PostgreSQL just as it went away (its pooled connection cut, no
+        # other to be had): the outage every route reports once it knows, not a bug.
+        log.warning("database unavailable on %s %s: %s", request.method, request.path, error)
+        return error_response(GatewayError(
+            ErrorKind.UNAVAILABLE, "The database (PostgreSQL) is unavailable; try again shortly.",
+            code="database_unavailable", retry_after=2,
+        ))
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

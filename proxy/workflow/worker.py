@@ -46,6 +46,7 @@ from proxy.gateway import build_router
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.nats import Bus, BusError, JobMessage, KeyConflict
 from proxy.infra.resources import Resources
+from proxy.infra.urls import without_credentials
 from proxy.services.journal import ensure_streams
 from proxy.services.models import ModelCatalog
 from proxy.workflow.bus import ensure_jobs_stream, jobs_kv, workers_kv
@@ -416,7 +417,7 @@ async def _wait_for_bus(resources: Resources) -> Bus:
         await trio.sleep(0.1)
         waited += 0.1
         if waited >= _BUS_WAIT_LOG:
-            log.warning("waiting for NATS at %s", resources.nats_url)
+            log.warning("waiting for NATS at %s", without_credentials(resources.nats_url or ""))
             waited = 0.0
     return bus
 

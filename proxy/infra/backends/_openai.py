@@ -44,6 +44,13 @@ def _model_details(item: dict[str, object]) -> dict[str, object]:
     return details
 
 
+def _segment(name: str) -> str:
+    """`name` as one path segment: `/`, `?`, `#` quoted, and a dot segment (`.`, `..`), which
+    URL resolution would remove (or climb with), spelled with quoted dots."""
+    quoted = quote(name, safe=":@")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
 class OpenAIBackend:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -183,7 +190,7 @@ class OpenAIBackend:
     async def retrieve_model(self, model: str) -> httpx.Response:
         """OpenAI's `GET /v1/models/{model}` (OpenAI, Ollama, LiteLLM have it; vLLM does not)."""
         with transport_errors(self.config.name):
-            return await self._client.get("/models/" + quote(model, safe=":@"))
+            return await self._client.get("/models/" + _segment(model))
 
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name

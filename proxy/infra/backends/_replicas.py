@@ -14,11 +14,12 @@ import httpx
 import trio
 
 from proxy.config import BackendConfig, Timeouts
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
 from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
+from proxy.infra.urls import without_credentials
 
 _log = logging.getLogger("llm_proxy.backends")
 
@@ -55,6 +56,7 @@ class _Replica:
     base: str
     transport: PooledTransport
     headers: dict[str, str]
+    shown: str  # the base as logs and metrics name it: without credentials written into it
     urls: dict[str, httpx.URL] = field(default_factory=dict)
     in_flight: int = 0
     failures: int = 0
@@ -153,7 +155,8 @@ class BackendClient:
         )
         host = httpx.URL(base).netloc.decode()
         headers = {"host": host, "accept-encoding": "identity", "user-agent": "llm-proxy", **auth_header}
-        return _Replica(base.rstrip("/"), transport, headers)
+        base = base.rstrip("/")
+        return _Replica(base, transport, headers, without_credentials(base))
 
     def _pick(self, tried: list[_Replica]) -> _Replica | None:
         """The replica for the next attempt: one that is not set aside, with the fewest
@@ -405,18 +408,23 @@ class BackendClient:
             elif probing:
                 response.extensions["llm_proxy.probe"] = True
             if len(self._replicas) > 1 and (served := current_served.get()) is not None:
-                served.replica = replica.base
+                served.replica = replica.shown
             if 300 <= response.status_code < 400:
                 # Following it would re-send a POST where the configuration did not say: name it.
                 replica.in_flight -= 1
                 if response.extensions.pop("llm_proxy.probe", False):
                     self._settle(replica, True, well=True)
                 await response.aclose()
-                location = response.headers.get("location") or "nowhere"
+                # Where it points is an address (a server's own redirect names its host):
+                # for the log, never for the client.
+                _log.warning(
+                    "backend %s: replica %s answered %d, a redirect to %s; set its base_url to where it points",
+                    self._name, replica.shown, response.status_code, response.headers.get("location") or "nowhere",
+                )
                 raise GatewayError(
                     ErrorKind.BACKEND,
-                    f"Backend `{self._name}` answered {response.status_code}, a redirect to {location}; "
-                    "the gateway does not follow redirects: set its `base_url` to where it points.",
+                    f"Backend `{self._name}` answered {response.status_code}, a redirect; the gateway does not "
+                    "follow redirects: set its `base_url` to where it points (the gateway's log names it).",
                     code=f"backend_{response.status_code}",
                 )
             return response, replica, quiet_until
@@ -425,7 +433,7 @@ class BackendClient:
         now = trio.current_time()
         return [
             ReplicaState(
-                replica.base, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
+                replica.shown, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
                 replica.failovers,
             )
             for replica in self._replicas
@@ -445,11 +453,11 @@ class BackendClient:
         and the replica set aside (unless `set_aside` is false)."""
         replica.failovers += 1
         if (served := current_served.get()) is not None:
-            served.passed_over.append(replica.base)
+            served.passed_over.append(replica.shown)
         if set_aside:
             self._set_aside(replica, why, moved=True, at_least=at_least)
         else:
-            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.base, why)
+            _log.info("backend %s: replica %s: %s; trying another", self._name, replica.shown, why)
 
     def _set_aside(self, replica: _Replica, why: object, *, moved: bool = False, at_least: float = 0.0) -> None:
         """`replica` failed: it gets no request for a while (the last one left, too: when
@@ -464,7 +472,7 @@ class BackendClient:
         seconds = replica.set_aside(now, at_least)
         replica.reason = str(why)
         _log.warning(
-            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.base, seconds, why,
+            "backend %s: replica %s set aside for %gs (%s); %s", self._name, replica.shown, seconds, why,
             "trying another" if moved else "no other replica could take the request",
         )
 
@@ -570,6 +578,14 @@ def _seconds(retry_after: str | None) -> float:
         return 0.0
 
 
+# The headers that carry a backend's API key (`Authorization: Bearer KEY`, `x-api-key: KEY`).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
-    """One pooled client per backend, kept for the process's life."""
+    """One pooled client per backend, kept for the process's life. Its credentials never
+    reach a client: a backend's error quoting them has them concealed."""
+    for name, value in auth_header.items():
+        if name.lower() in _CREDENTIAL_HEADERS:
+            conceal_in_errors(value.removeprefix("Bearer "))
     return BackendClient(config, auth_header=auth_header)
