@@ -14,10 +14,18 @@ from proxy.infra.backends import Backend, ModelInfo
 log = logging.getLogger("llm_proxy.models")
 
 
+# How long one backend's listing may take; one that has not answered by then counts as failed.
+_LIST_SECONDS = 5.0
+
+
 class ModelCatalog:
-    """Lists models from all backends concurrently; a backend that is down is left out (and
-    logged) rather than failing the whole list. Configured model names and aliases are always
-    listed, so a client can discover them even while their backend is away."""
+    """Lists models from all backends concurrently. A backend whose listing fails (down, an
+    error, no answer within 5 s) keeps what it listed last: the router goes on sending those
+    names to it (a blip in `/api/tags` must not send its models to the default backend, or make
+    them 404), and a client sees the backend's own error when it really is down. A backend
+    that never listed is left out (and logged) rather than failing the whole list. Configured
+    model names and aliases are always listed, so a client can discover them even while their
+    backend is away."""
 
     def __init__(self, backends: Mapping[str, Backend], router: Router, ttl: float) -> None:
         self._backends = backends
@@ -26,6 +34,7 @@ class ModelCatalog:
         self._cached: list[ModelInfo] | None = None
         self._expires = 0.0
         self._lock = trio.Lock()
+        self._last: dict[str, list[ModelInfo]] = {}  # each backend's last successful listing
 
     async def models(self) -> list[ModelInfo]:
         if self._cached is not None and trio.current_time() < self._expires:
@@ -40,22 +49,31 @@ class ModelCatalog:
         found: dict[str, list[ModelInfo]] = {}
 
         async def one(name: str, backend: Backend) -> None:
-            with trio.move_on_after(5):
+            with trio.move_on_after(_LIST_SECONDS) as scope:
                 try:
                     found[name] = await backend.list_models()
                 except GatewayError as error:
                     log.warning("listing models of backend %s failed: %s", name, error.message)
+            if scope.cancelled_caught:
+                log.warning("listing models of backend %s failed: no answer within %g s", name, _LIST_SECONDS)
 
         async with trio.open_nursery() as nursery:
             for name, backend in self._backends.items():
                 nursery.start_soon(one, name, backend)
+        self._last.update(found)
 
-        models: dict[str, ModelInfo] = {}
         listed: dict[str, str] = {}
-        for name, backend in self._backends.items():
-            for info in found.get(name, []):
-                models.setdefault(info.id, info)
+        # Fresh listings first: a model two backends serve goes to one that just listed it,
+        # not to one known only from before its listing failed.
+        for name in sorted(self._backends, key=lambda name: name not in found):
+            for info in self._last.get(name, []):
                 listed.setdefault(info.id, name)
+        models: dict[str, ModelInfo] = {}
+        for name in self._backends:  # in configuration order, whichever listings are fresh
+            for info in self._last.get(name, []):
+                if listed[info.id] == name:
+                    models.setdefault(info.id, info)
+        for name, backend in self._backends.items():
             for model in backend.config.models:
                 models.setdefault(model, ModelInfo(id=model, backend=name, owned_by=name))
         # What a backend lists, it serves: the router sends those names there (after the

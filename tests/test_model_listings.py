@@ -1,0 +1,78 @@
+"""Model listings as clients see them while backends come and go, and what the Ollama model
+endpoints say of models the gateway does (not) serve."""
+
+from __future__ import annotations
+
+import ollama
+import openai
+
+from tests.fakes import OllamaBackend, OpenAIBackend
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
+from tests.harness import backend, running_gateway
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class FlakyTagsOllama(OllamaBackend):
+    """An Ollama whose `/api/tags` fails (500) while `tags_fail` is set; chat still works."""
+
+    tags_fail = False
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/api/tags" and self.tags_fail:
+            await exchange.respond_json(500, {"error": "listing failed"})
+            return
+        await super().route(request, exchange, call)
+
+
+class FlakyListOpenAI(OpenAIBackend):
+    """An OpenAI-compatible server whose `/v1/models` fails (503) while `list_fails` is set."""
+
+    list_fails = False
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and self.list_fails:
+            await exchange.respond_json(503, {"error": {"message": "loading"}})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_a_failed_listing_does_not_send_a_backends_models_elsewhere() -> None:
+    """An Ollama backend's models reach it by its listing only (no prefix). One failed
+    `/api/tags` (a restart, a slow answer) used to make the gateway forget them: the next
+    chat went to the default backend, a 404 ("try pulling it first") or another model's answer."""
+    ollama_fake = FlakyTagsOllama(models=["qwen2.5:7b"])
+    default = OpenAIBackend(models=["qwen3-32b"])
+    async with (
+        ollama_fake.serve() as ol, default.serve() as oa,
+        running_gateway(
+            backend("vllm", oa.url, default=True), backend("ol", ol.url, kind="ollama"), models_cache_seconds=0
+        ) as url,
+        ollama.AsyncClient(host=url) as client,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+    ):
+        assert "qwen2.5:7b" in [m.id async for m in oc.models.list()]
+        ollama_fake.tags_fail = True
+        listed = {m.id: m.model_extra["backend"] async for m in oc.models.list()}
+        assert listed["qwen2.5:7b"] == "ol" and listed["qwen3-32b"] == "vllm"
+        answer = await client.chat(model="qwen2.5:7b", messages=HI)
+        assert answer.message.content
+    assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["qwen2.5:7b"]
+    assert not [r for r in default.requests if r.path == "/v1/chat/completions"]
+
+
+async def test_a_model_two_backends_serve_goes_to_the_one_that_just_listed_it() -> None:
+    """While one of two backends serving a model fails to list, the model goes to the other."""
+    first, second = FlakyListOpenAI(models=["shared"]), OpenAIBackend(models=["shared"])
+    async with (
+        first.serve() as one, second.serve() as two,
+        running_gateway(backend("one", one.url), backend("two", two.url), models_cache_seconds=0) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+    ):
+        assert {m.id: m.model_extra["backend"] async for m in oc.models.list()}["shared"] == "one"
+        first.list_fails = True
+        assert {m.id: m.model_extra["backend"] async for m in oc.models.list()}["shared"] == "two"
+        reply = await oc.chat.completions.create(model="shared", messages=HI)
+        assert reply.choices[0].message.content
+    assert [r.path for r in second.requests] == ["/v1/models", "/v1/models", "/v1/chat/completions"]
