@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ollama
 import openai
+import pytest
 
 from tests.fakes import OllamaBackend, OpenAIBackend
 from tests.fakes.base import Call
@@ -76,3 +77,30 @@ async def test_a_model_two_backends_serve_goes_to_the_one_that_just_listed_it() 
         reply = await oc.chat.completions.create(model="shared", messages=HI)
         assert reply.choices[0].message.content
     assert [r.path for r in second.requests] == ["/v1/models", "/v1/models", "/v1/chat/completions"]
+
+
+async def test_pull_says_which_models_no_backend_has() -> None:
+    """Chat tells an Ollama client that a model its backend lacks is "not found, try pulling it
+    first"; a pull then answered "success", so the client went round that loop for good. A
+    pull is a 404 for a model the backend a prefix or the default sends it to says it lacks."""
+    ollama_fake = OllamaBackend(models=["llama3.2"])
+    default = OpenAIBackend(models=["qwen3-32b"])
+    async with (
+        ollama_fake.serve() as ol, default.serve() as oa,
+        running_gateway(
+            backend("vllm", oa.url, default=True), backend("ol", ol.url, kind="ollama", prefixes=("llama",)),
+            aliases={"fast": "llama3.2"},
+        ) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        for missing in ("llama9", "mistral-nope"):  # the Ollama backend's prefix; the default backend
+            with pytest.raises(ollama.ResponseError) as chat:
+                await client.chat(model=missing, messages=HI)
+            assert chat.value.status_code == 404 and "try pulling it first" in chat.value.error
+            with pytest.raises(ollama.ResponseError) as pulled:
+                await client.pull(missing)
+            assert pulled.value.status_code == 404 and "file does not exist" in pulled.value.error
+        for served in ("llama3.2", "llama3.2:latest", "qwen3-32b", "fast"):
+            assert (await client.pull(served)).status == "success"
+        ollama_fake.models = ["llama3.2", "llama9"]  # pulled on the Ollama server behind the gateway
+        assert (await client.pull("llama9")).status == "success"

@@ -27,7 +27,7 @@ from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch, ModelInfo
+from proxy.infra.backends import Batch, ModelInfo, OpenAIBackend
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.auth import check_model, current_principal
 from proxy.services.chat import ChatExchange
@@ -359,15 +359,39 @@ async def pull() -> Response:
     if gw.embeddings is not None and gw.embeddings.is_local(name):
         check_model(name)
     else:
-        try:
-            gw.router.resolve(name)
-        except GatewayError as error:
-            if error.code == "model_not_found":
-                raise GatewayError(
-                    ErrorKind.NOT_FOUND, "pull model manifest: file does not exist", param="model", code="model_not_found"
-                ) from None
-            raise
+        await _check_served(gw, name)
     return Response(ollama.pull_reply(stream=stream), content_type="application/x-ndjson" if stream else _JSON)
+
+
+async def _check_served(gw: Gateway, name: str) -> None:
+    """A 404 for a pull of a model no backend serves: one the gateway cannot route, or one a
+    prefix or the default backend would get but that backend says it lacks. Chat tells an
+    Ollama client "try pulling it first"; a pull answered "success" sent it round that loop."""
+    await gw.catalog.models()  # a name a backend lists since the last look is known now
+    try:
+        route = gw.router.resolve(name)
+    except GatewayError as error:
+        if error.code == "model_not_found":
+            raise _pull_not_found() from None
+        raise
+    if gw.router.knows(name):  # an alias, a configured model, one its backend lists
+        return
+    backend = gw.backends.get(route.backend)
+    if isinstance(backend, OllamaBackend):
+        try:
+            await backend.show(route.upstream_model)
+        except GatewayError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                raise _pull_not_found(f" (the gateway cannot pull models: pull it on backend `{route.backend}`)") from None
+            raise
+    elif isinstance(backend, OpenAIBackend) and await backend.lacks(route.upstream_model):
+        raise _pull_not_found()
+
+
+def _pull_not_found(hint: str = "") -> GatewayError:
+    return GatewayError(
+        ErrorKind.NOT_FOUND, "pull model manifest: file does not exist" + hint, param="model", code="model_not_found"
+    )
 
 
 _MANAGEMENT = {"/api/delete": "delete", "/api/copy": "copy", "/api/create": "create", "/api/push": "push"}

@@ -37,7 +37,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.backends._ollama import OllamaBackend
-from proxy.infra.backends._openai import OpenAIBackend
+from proxy.infra.backends._openai import OpenAIBackend, says_unknown
 from proxy.infra.transport import heads_heard
 
 DEFAULT_MAX_TOKENS = 4096
@@ -369,21 +369,14 @@ async def _check_known(backend: OpenAIBackend, model: str, tokenized: httpx.Resp
     that answers any name (llama.cpp) or cannot say keeps the estimate."""
     if model in backend.config.models:
         return
-    if _says_unknown(tokenized, model):
+    if says_unknown(tokenized, model):
         raise status_error(backend.config.name, 404, openai.error_message_from_body(tokenized.content))
     try:
         retrieved = await backend.retrieve_model(model)
     except GatewayError:
         return
-    if _says_unknown(retrieved, model):
+    if says_unknown(retrieved, model):
         raise status_error(backend.config.name, 404, openai.error_message_from_body(retrieved.content))
-
-
-def _says_unknown(response: httpx.Response, model: str) -> bool:
-    if response.status_code != 404:
-        return False
-    message = openai.error_message_from_body(response.content)
-    return message is not None and model in message
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "TokenCount", "count_tokens"]
