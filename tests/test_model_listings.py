@@ -3,6 +3,7 @@ endpoints say of models the gateway does (not) serve."""
 
 from __future__ import annotations
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -104,3 +105,47 @@ async def test_pull_says_which_models_no_backend_has() -> None:
             assert (await client.pull(served)).status == "success"
         ollama_fake.models = ["llama3.2", "llama9"]  # pulled on the Ollama server behind the gateway
         assert (await client.pull("llama9")).status == "success"
+
+
+class VLLMBackend(OpenAIBackend):
+    """The OpenAI fake whose `/v1/models` entries carry vLLM's `max_model_len`."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": m,
+                     "parent": None, "max_model_len": 32768} for m in self.listed_models()]
+            await exchange.respond_json(200, {"object": "list", "data": data})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_an_alias_is_listed_with_what_its_backend_says_of_its_target() -> None:
+    """Clients size prompts by a vLLM model's `max_model_len`, Ollama ones show its size and
+    family: under an alias they saw none of it (an epoch date, size 0, family `gpt` from
+    `gpt-4o`, and for `fast` → `llama3.2` none of the `llama3.2:latest` the backend lists)."""
+    vllm, ollama_fake = VLLMBackend(models=["qwen3-32b"]), OllamaBackend(models=["llama3.2"])
+    async with (
+        vllm.serve() as oa, ollama_fake.serve() as ol,
+        running_gateway(
+            backend("vllm", oa.url, default=True), backend("ol", ol.url, kind="ollama"),
+            aliases={"gpt-4o": "qwen3-32b", "fast": "llama3.2"},
+        ) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+        anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        alias = await oc.models.retrieve("gpt-4o")
+        assert (alias.created, alias.model_extra["max_model_len"], alias.model_extra["alias_of"]) == (
+            1700000000, 32768, "qwen3-32b"
+        )
+        tags = {m.model: m for m in (await client.list()).models}
+        fast, target = tags["fast"], tags["llama3.2:latest"]
+        assert (fast.size, fast.digest, fast.details, fast.modified_at) == (
+            target.size, target.digest, target.details, target.modified_at
+        )
+        assert fast.size and fast.details and fast.details.parameter_size
+        assert tags["gpt-4o"].details and tags["gpt-4o"].details.family == "qwen"
+        claude_view = await ac.models.retrieve("fast")
+        assert claude_view.created_at == (await ac.models.retrieve("llama3.2:latest")).created_at
+        assert claude_view.created_at.year > 1970
+        assert (await client.show("gpt-4o")).modelinfo == (await client.show("qwen3-32b")).modelinfo

@@ -212,15 +212,15 @@ async def generate(incoming: Incoming) -> ExchangeBody | Reply:
 @blueprint.get("/api/tags")
 async def tags() -> Response:
     models = await gateway().catalog.models()
-    return Response(ollama.render_tags([_tag(info, models) for info in models]), content_type=_JSON)
+    return Response(ollama.render_tags([_tag(info) for info in models]), content_type=_JSON)
 
 
-def _tag(info: ModelInfo, models: list[ModelInfo]) -> dict[str, object]:
-    facts = info.details
+def _tag(info: ModelInfo) -> dict[str, object]:
+    facts = info.details  # an alias has its target's (the catalogue copies them)
     target = facts.get("alias_of")
-    if isinstance(target, str):
-        # An alias shows its target's facts.
-        facts = next((m.details for m in models if m.id == target), {})
+    if isinstance(target, str) and not isinstance(facts.get("details"), dict):
+        # A family guessed from the alias (`gpt-4o`, `fast`) would be a made-up one.
+        facts = {**facts, "details": ollama.placeholder_details(target)}
     return ollama.tag_entry(info.id, backend=info.backend, created=info.created, facts=facts)
 
 
@@ -257,7 +257,7 @@ async def show() -> Response:
     variants = (*ollama.name_variants(name), *ollama.name_variants(route.upstream_model))
     info = next((m for m in models if m.id in variants), None)
     if info is not None:
-        entry = _tag(info, models)
+        entry = _tag(info)
     else:  # served by prefix or by the default backend, without being listed
         entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
     kind = backend.config.kind if backend is not None else ""

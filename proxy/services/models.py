@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 
 import trio
 
+from proxy.dialects.ollama import name_variants
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import Router
 from proxy.infra.backends import Backend, ModelInfo
@@ -80,11 +82,15 @@ class ModelCatalog:
         # configured names and prefixes), so every model listed here can be used.
         self._router.learn(listed)
         for alias, target in self._router.aliases.items():
-            origin = models.get(target)
-            backend_name = origin.backend if origin else self._route_of(alias)
-            models.setdefault(
-                alias, ModelInfo(id=alias, backend=backend_name, owned_by=backend_name, details={"alias_of": target})
-            )
+            origin = next((models[name] for name in name_variants(target) if name in models), None)
+            if origin is not None:
+                # What the backend says of the target (its window, dates, size) holds for the
+                # alias: clients size prompts by it whichever name they pick.
+                info = replace(origin, id=alias, details={**origin.details, "alias_of": target})
+            else:
+                backend_name = self._route_of(alias)
+                info = ModelInfo(id=alias, backend=backend_name, owned_by=backend_name, details={"alias_of": target})
+            models.setdefault(alias, info)
         return list(models.values())
 
     def _route_of(self, model: str) -> str:
