@@ -8,7 +8,7 @@ import ollama
 import openai
 import pytest
 
-from tests.fakes import OllamaBackend, OpenAIBackend
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
@@ -149,3 +149,50 @@ async def test_an_alias_is_listed_with_what_its_backend_says_of_its_target() -> 
         assert claude_view.created_at == (await ac.models.retrieve("llama3.2:latest")).created_at
         assert claude_view.created_at.year > 1970
         assert (await client.show("gpt-4o")).modelinfo == (await client.show("qwen3-32b")).modelinfo
+
+
+CLAUDE_MODELS = [
+    {"type": "model", "id": "claude-new", "display_name": "Claude New", "created_at": "2026-01-01T00:00:00Z",
+     "lifecycle": "active", "max_input_tokens": 1_000_000, "max_tokens": 64000,
+     "capabilities": {"image_input": {"supported": True}, "thinking": {"supported": True, "types": {}}}},
+    {"type": "model", "id": "claude-old", "display_name": "Claude Old", "created_at": "2024-01-01T00:00:00Z",
+     "lifecycle": "deprecated", "deprecated_at": "2026-06-01T00:00:00Z", "retires_at": "2027-01-01T00:00:00Z",
+     "max_input_tokens": 200_000, "max_tokens": 8192,
+     "capabilities": {"image_input": {"supported": False}, "thinking": {"supported": False, "types": {}}}},
+]
+
+
+class ModelsAPIBackend(AnthropicBackend):
+    """The Anthropic fake whose `/v1/models` says what Anthropic's Models API says of each model."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            await exchange.respond_json(200, {"data": CLAUDE_MODELS, "has_more": False, "first_id": "claude-new",
+                                              "last_id": "claude-old"})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_anthropic_clients_see_each_models_limits_and_lifecycle() -> None:
+    """Anthropic's Models API gives each model's window (`max_input_tokens`), output limit
+    (`max_tokens`), capabilities and retirement; clients budget and pick models by them. The
+    gateway listed a Claude backend's models without them (and a deprecated one as active),
+    and a vLLM model without the window its `max_model_len` gives."""
+    claude, vllm = ModelsAPIBackend(), VLLMBackend(models=["qwen3-32b"])
+    async with (
+        claude.serve() as an, vllm.serve() as oa,
+        running_gateway(
+            backend("claude", an.url, kind="anthropic", prefixes=("claude-",)), backend("vllm", oa.url),
+            aliases={"old": "claude-old"},
+        ) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
+    ):
+        listed = {m.id: m async for m in ac.models.list()}
+        for said in CLAUDE_MODELS:
+            model = listed[str(said["id"])]
+            assert model.model_dump(mode="json", exclude_none=True) == said
+            assert (await ac.models.retrieve(model.id)) == model
+        assert listed["claude-old"].lifecycle == "deprecated"
+        assert (listed["old"].max_input_tokens, listed["old"].lifecycle) == (200_000, "deprecated")
+        qwen = await ac.models.retrieve("qwen3-32b")
+        assert (qwen.max_input_tokens, qwen.max_tokens, qwen.capabilities) == (32768, None, None)

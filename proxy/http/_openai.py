@@ -247,7 +247,7 @@ def _for_anthropic() -> bool:
 async def _anthropic_models() -> list[dict[str, Any]]:
     # The in-process embedding model cannot chat: no use to an Anthropic client.
     return [
-        anthropic_models.model_object(m.id, created=m.created, display_name=m.details.get("display_name"))
+        anthropic_models.model_object(m.id, created=m.created, facts=m.details)
         for m in await gateway().catalog.models()
         if m.backend != LOCAL_BACKEND
     ]

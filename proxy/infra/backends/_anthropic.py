@@ -20,6 +20,7 @@ import trio
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
+from proxy.dialects.anthropic._models import MODEL_FACTS
 from proxy.domain.chat import ChatRequest, Message, OpaquePart, TextPart
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
@@ -215,12 +216,11 @@ class AnthropicBackend:
                 raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid model list.")
             for item in items:
                 if isinstance(item, dict) and item.get("id"):
-                    details = {"display_name": item["display_name"]} if item.get("display_name") else {}
-                    # What the Models API says the model can do, for Ollama clients' `/api/show`.
-                    if isinstance(item.get("max_input_tokens"), int):
-                        details["max_input_tokens"] = item["max_input_tokens"]
-                    if isinstance(item.get("capabilities"), dict):
-                        details["capabilities"] = item["capabilities"]
+                    # What the Models API says of the model (its limits, what it can do, when it
+                    # retires): for Anthropic clients' listings and Ollama clients' `/api/show`.
+                    details = {
+                        key: item[key] for key in MODEL_FACTS if item.get(key) is not None
+                    }
                     models.append(
                         ModelInfo(
                             id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")),
