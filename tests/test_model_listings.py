@@ -196,3 +196,28 @@ async def test_anthropic_clients_see_each_models_limits_and_lifecycle() -> None:
         assert (listed["old"].max_input_tokens, listed["old"].lifecycle) == (200_000, "deprecated")
         qwen = await ac.models.retrieve("qwen3-32b")
         assert (qwen.max_input_tokens, qwen.max_tokens, qwen.capabilities) == (32768, None, None)
+
+
+async def test_ollama_clients_see_the_size_a_models_name_states() -> None:
+    """Ollama clients show (and pick by) each model's parameter count and quantization; for
+    a vLLM model the gateway said `""` even where its name states them — and no more where
+    it does not (`A3B` is Qwen3-30B-A3B's active parameters, not its size)."""
+    names = {
+        "meta-llama/Llama-3.1-8B-Instruct": ("8B", ""),
+        "Qwen/Qwen3-30B-A3B": ("30B", ""),
+        "Qwen/Qwen2.5-VL-72B-Instruct-AWQ": ("72B", "AWQ"),
+        "mistralai/Mixtral-8x7B-Instruct-v0.1": ("8x7B", ""),
+        "microsoft/phi-4": ("", ""),
+    }
+    vllm = VLLMBackend(models=list(names))
+    async with (
+        vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True)) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        listed = {m.model: m.details for m in (await client.list()).models}
+        for name, (size, quantization) in names.items():
+            details = listed[name]
+            assert details is not None and (details.parameter_size, details.quantization_level) == (size, quantization)
+            shown = (await client.show(name)).details
+            assert shown is not None and (shown.parameter_size, shown.quantization_level) == (size, quantization)
