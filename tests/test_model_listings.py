@@ -4,6 +4,7 @@ endpoints say of models the gateway does (not) serve."""
 from __future__ import annotations
 
 import anthropic
+import httpx
 import ollama
 import openai
 import pytest
@@ -60,8 +61,33 @@ async def test_a_failed_listing_does_not_send_a_backends_models_elsewhere() -> N
         assert listed["qwen2.5:7b"] == "ol" and listed["qwen3-32b"] == "vllm"
         answer = await client.chat(model="qwen2.5:7b", messages=HI)
         assert answer.message.content
-    assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["qwen2.5:7b"]
+        ollama_fake.tags_fail = False
+        assert (await client.chat(model="qwen2.5:7b", messages=HI)).message.content
+    assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["qwen2.5:7b"] * 2
     assert not [r for r in default.requests if r.path == "/v1/chat/completions"]
+
+
+async def test_a_listing_names_the_backends_it_could_not_list() -> None:
+    """A backend that cannot be listed leaves its models out of the list (when it never
+    listed) or shows what it listed before: `x-unavailable-backends` tells a partial list
+    from a whole one, in every dialect's listing."""
+    ollama_fake = FlakyTagsOllama(models=["llama3.2"])
+    vllm = FlakyListOpenAI(models=["qwen3-32b"])
+    ollama_fake.tags_fail = vllm.list_fails = True
+    async with (
+        ollama_fake.serve() as ol, vllm.serve() as oa,
+        running_gateway(backend("vllm", oa.url), backend("ol", ol.url, kind="ollama"), models_cache_seconds=0) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        for path, headers in (("/v1/models", {}), ("/v1/models", {"anthropic-version": "2023-06-01"}), ("/api/tags", {})):
+            listed = await http.get(path, headers=headers)
+            assert listed.status_code == 200 and listed.headers["x-unavailable-backends"] == "vllm, ol"
+        vllm.list_fails = False
+        listed = await http.get("/api/tags")
+        assert listed.headers["x-unavailable-backends"] == "ol"
+        assert [m["name"] for m in listed.json()["models"] if m["name"] != "all-minilm-l6-v2"] == ["qwen3-32b"]
+        ollama_fake.tags_fail = False
+        assert "x-unavailable-backends" not in (await http.get("/v1/models")).headers
 
 
 async def test_a_model_two_backends_serve_goes_to_the_one_that_just_listed_it() -> None:

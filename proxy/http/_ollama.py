@@ -22,7 +22,7 @@ from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.gateway import Gateway
-from proxy.http._context import gateway, request_body
+from proxy.http._context import gateway, listing_headers, request_body
 from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
@@ -212,7 +212,7 @@ async def generate(incoming: Incoming) -> ExchangeBody | Reply:
 @blueprint.get("/api/tags")
 async def tags() -> Response:
     models = await gateway().catalog.models()
-    return Response(ollama.render_tags([_tag(info) for info in models]), content_type=_JSON)
+    return Response(ollama.render_tags([_tag(info) for info in models]), content_type=_JSON, headers=listing_headers())
 
 
 def _tag(info: ModelInfo) -> dict[str, object]:

@@ -13,7 +13,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.http._context import gateway
+from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
@@ -258,9 +258,12 @@ async def list_models() -> Response:
     if _for_anthropic():
         query = anthropic_models.parse_page_query(request.args)
         body = anthropic_models.render_model_page(await _anthropic_models(), query)
-        return Response(body, content_type="application/json")
+        return Response(body, content_type="application/json", headers=listing_headers())
     models = await gateway().catalog.models()
-    return Response(openai.render_model_list([_model_object(m) for m in models]), content_type="application/json")
+    return Response(
+        openai.render_model_list([_model_object(m) for m in models]), content_type="application/json",
+        headers=listing_headers(),
+    )
 
 
 # `path:`: model ids may hold slashes (`org/model`), which the SDKs send percent-encoded.

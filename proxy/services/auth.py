@@ -198,6 +198,10 @@ class ScopedCatalog(ModelCatalog):
     def __init__(self, inner: ModelCatalog) -> None:  # the inner catalogue holds the state
         self._inner = inner
 
+    @property
+    def unavailable(self) -> tuple[str, ...]:
+        return self._inner.unavailable
+
     async def models(self) -> list[ModelInfo]:
         models = await self._inner.models()
         principal = current_principal.get()

@@ -37,6 +37,13 @@ class ModelCatalog:
         self._expires = 0.0
         self._lock = trio.Lock()
         self._last: dict[str, list[ModelInfo]] = {}  # each backend's last successful listing
+        # The backends whose latest listing failed: the list shows what they listed before, if
+        # anything; the listings name them to clients (`x-unavailable-backends`).
+        self._unavailable: tuple[str, ...] = ()
+
+    @property
+    def unavailable(self) -> tuple[str, ...]:
+        return self._unavailable
 
     async def models(self) -> list[ModelInfo]:
         if self._cached is not None and trio.current_time() < self._expires:
@@ -63,6 +70,7 @@ class ModelCatalog:
             for name, backend in self._backends.items():
                 nursery.start_soon(one, name, backend)
         self._last.update(found)
+        self._unavailable = tuple(name for name in self._backends if name not in found)
 
         listed: dict[str, str] = {}
         # Fresh listings first: a model two backends serve goes to one that just listed it,
