@@ -247,3 +247,26 @@ async def test_ollama_clients_see_the_size_a_models_name_states() -> None:
             assert details is not None and (details.parameter_size, details.quantization_level) == (size, quantization)
             shown = (await client.show(name)).details
             assert shown is not None and (shown.parameter_size, shown.quantization_level) == (size, quantization)
+
+
+async def test_ollama_run_of_a_model_the_default_backend_lacks_is_not_found_up_front() -> None:
+    """`ollama run` asks `/api/show` first and pulls a model it says is not there. For a name
+    the default vLLM lacks, show described it, and only the chat failed; now show says "not
+    found" (and the pull the CLI then tries says no backend has it)."""
+    default = OpenAIBackend(models=["qwen3-32b"])
+    async with (
+        default.serve() as oa,
+        running_gateway(backend("vllm", oa.url, default=True)) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        with pytest.raises(ollama.ResponseError) as missing:
+            await client.show("mistral-nope")
+        assert missing.value.status_code == 404 and "not found" in missing.value.error
+        assert (await client.show("qwen3-32b")).capabilities
+    anything = OpenAIBackend()  # a server that takes any name (llama.cpp): it says nothing is missing
+    async with (
+        anything.serve() as oa,
+        running_gateway(backend("llama.cpp", oa.url, default=True)) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        assert (await client.show("whatever")).capabilities

@@ -21,6 +21,7 @@ from proxy.dialects import ollama
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.routing import Route
 from proxy.gateway import Gateway
 from proxy.http._context import gateway, listing_headers, request_body
 from proxy.http._errors import Reply, register_dialect_errors
@@ -258,6 +259,8 @@ async def show() -> Response:
     info = next((m for m in models if m.id in variants), None)
     if info is not None:
         entry = _tag(info)
+    elif await _backend_lacks(gw, name, route):  # `ollama run` pulls rather than chat with it
+        raise _show_not_found(name)
     else:  # served by prefix or by the default backend, without being listed
         entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
     kind = backend.config.kind if backend is not None else ""
@@ -384,8 +387,15 @@ async def _check_served(gw: Gateway, name: str) -> None:
             if error.kind is ErrorKind.NOT_FOUND:
                 raise _pull_not_found(f" (the gateway cannot pull models: pull it on backend `{route.backend}`)") from None
             raise
-    elif isinstance(backend, OpenAIBackend) and await backend.lacks(route.upstream_model):
+    elif await _backend_lacks(gw, name, route):
         raise _pull_not_found()
+
+
+async def _backend_lacks(gw: Gateway, name: str, route: Route) -> bool:
+    """Whether an OpenAI-compatible backend that a prefix or the default would send `name`
+    to, without anything naming it there, says it does not serve it (see `lacks`)."""
+    backend = gw.backends.get(route.backend)
+    return isinstance(backend, OpenAIBackend) and not gw.router.knows(name) and await backend.lacks(route.upstream_model)
 
 
 def _pull_not_found(hint: str = "") -> GatewayError:
