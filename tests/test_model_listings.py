@@ -270,3 +270,31 @@ async def test_ollama_run_of_a_model_the_default_backend_lacks_is_not_found_up_f
         ollama.AsyncClient(host=url) as client,
     ):
         assert (await client.show("whatever")).capabilities
+
+
+async def test_each_model_is_listed_once_under_the_backend_its_chats_go_to() -> None:
+    """A configured name its backend lists as Ollama spells it (`llama3.2`, listed as
+    `llama3.2:latest`) was listed twice, one of them with no size or details; a name configured
+    for one backend and listed by another was shown under the other, where no chat went."""
+    ollama_fake = OllamaBackend(models=["llama3.2"])
+    first, second = OpenAIBackend(models=["shared"]), VLLMBackend(models=["shared"])
+    async with (
+        ollama_fake.serve() as ol, first.serve() as one, second.serve() as two,
+        running_gateway(
+            backend("ol", ol.url, kind="ollama", models=("llama3.2",)), backend("one", one.url),
+            backend("two", two.url, models=("shared",)),
+        ) as url,
+        ollama.AsyncClient(host=url) as client,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+    ):
+        tags = [m for m in (await client.list()).models if m.model != "all-minilm-l6-v2"]
+        assert [m.model for m in tags] == ["llama3.2:latest", "shared"]
+        assert tags[0].size and tags[0].details and tags[0].details.parameter_size
+        listed = {m.id: m async for m in oc.models.list()}
+        assert sorted(listed) == ["all-minilm-l6-v2", "llama3.2:latest", "shared"]
+        assert (listed["shared"].model_extra or {})["backend"] == "two"
+        assert (listed["shared"].model_extra or {})["max_model_len"] == 32768  # what `two` says of it
+        assert (await oc.chat.completions.create(model="shared", messages=HI)).choices[0].message.content
+        assert (await client.chat(model="llama3.2", messages=HI)).message.content
+    assert [r.path for r in second.requests if r.method == "POST"] == ["/v1/chat/completions"]
+    assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["llama3.2"]

@@ -78,13 +78,24 @@ class ModelCatalog:
         for name in sorted(self._backends, key=lambda name: name not in found):
             for info in self._last.get(name, []):
                 listed.setdefault(info.id, name)
+        configured: dict[str, str] = {}  # as the router reads `models`: the first backend wins
+        for name, backend in self._backends.items():
+            for model in backend.config.models:
+                configured.setdefault(model, name)
+
+        def served_by(model: str) -> str:
+            # The backend a chat for `model` goes to: the one configured for it, in either of
+            # Ollama's spellings, else the one that lists it.
+            return next((configured[v] for v in name_variants(model) if v in configured), listed[model])
+
         models: dict[str, ModelInfo] = {}
         for name in self._backends:  # in configuration order, whichever listings are fresh
             for info in self._last.get(name, []):
-                if listed[info.id] == name:
+                if served_by(info.id) == name:
                     models.setdefault(info.id, info)
-        for name, backend in self._backends.items():
-            for model in backend.config.models:
+        for model, name in configured.items():
+            # Listed by its backend (`llama3.2` as `llama3.2:latest`): one entry, not two.
+            if not any(v in models and models[v].backend == name for v in name_variants(model)):
                 models.setdefault(model, ModelInfo(id=model, backend=name, owned_by=name))
         # What a backend lists, it serves: the router sends those names there (after the
         # configured names and prefixes), so every model listed here can be used.
