@@ -298,3 +298,41 @@ async def test_each_model_is_listed_once_under_the_backend_its_chats_go_to() -> 
         assert (await client.chat(model="llama3.2", messages=HI)).message.content
     assert [r.path for r in second.requests if r.method == "POST"] == ["/v1/chat/completions"]
     assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["llama3.2"]
+
+
+CLAUDE_ALIASES = {"claude-new-latest": "claude-new"}
+
+
+class AliasingAnthropic(ModelsAPIBackend):
+    """Anthropic's Models API, which resolves an alias to the model it stands for."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path.startswith("/v1/models/") and request.method == "GET":
+            asked = request.path.removeprefix("/v1/models/")
+            found = next((m for m in CLAUDE_MODELS if m["id"] == CLAUDE_ALIASES.get(asked, asked)), None)
+            if found is None:
+                await self.send_error(exchange, 404, f"model: {asked}")
+            else:
+                await exchange.respond_json(200, found)
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_a_model_is_found_by_the_alias_its_anthropic_backend_takes() -> None:
+    """Chats take Anthropic's aliases (`claude-sonnet-4-0`), which the Models API does not
+    list but resolves: a client that looks a model up by the name it chats with got a 404."""
+    claude = AliasingAnthropic()
+    async with (
+        claude.serve() as an,
+        running_gateway(backend("claude", an.url, kind="anthropic", prefixes=("claude-",))) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+    ):
+        assert "claude-new-latest" not in [m.id async for m in ac.models.list()]
+        resolved = await ac.models.retrieve("claude-new-latest")
+        assert (resolved.id, resolved.max_input_tokens) == ("claude-new", 1_000_000)
+        assert (await oc.models.retrieve("claude-new-latest")).id == "claude-new"
+        with pytest.raises(anthropic.NotFoundError):
+            await ac.models.retrieve("claude-nope")
+        with pytest.raises(openai.NotFoundError):
+            await oc.models.retrieve("claude-nope")

@@ -17,7 +17,7 @@ from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch, ModelInfo
+from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo
 from proxy.services.embeddings import LOCAL_BACKEND
 
 exchanges = FrontDoor()
@@ -276,10 +276,27 @@ async def retrieve_model(model_id: str) -> Response:
         for entry in entries:
             if entry["id"] == wanted:
                 return Response(anthropic_models.render_model(entry), content_type="application/json")
-        raise anthropic_models.model_not_found(model_id)
+        resolved = await _resolved_by_backend(model_id)
+        if resolved is None:
+            raise anthropic_models.model_not_found(model_id)
+        entry = anthropic_models.model_object(resolved.id, created=resolved.created, facts=resolved.details)
+        return Response(anthropic_models.render_model(entry), content_type="application/json")
     models = await gateway().catalog.models()
     wanted = _listed_as(model_id, [model.id for model in models])
-    for model in models:
-        if model.id == wanted:
-            return Response(dumps(_model_object(model)), content_type="application/json")
-    raise model_not_found(model_id)
+    found = next((model for model in models if model.id == wanted), None) or await _resolved_by_backend(model_id)
+    if found is None:
+        raise model_not_found(model_id)
+    return Response(dumps(_model_object(found)), content_type="application/json")
+
+
+async def _resolved_by_backend(model_id: str) -> ModelInfo | None:
+    """A model the list lacks but its Anthropic backend knows: Anthropic's Models API resolves
+    an alias (`claude-sonnet-4-0`, which chats take) to the model it stands for, and clients
+    look models up by the names they chat with. None for any other (or the key's scope)."""
+    gw = gateway()
+    try:
+        route = gw.router.resolve(model_id)
+    except GatewayError:
+        return None
+    backend = gw.backends.get(route.backend)
+    return await backend.retrieve_model(route.upstream_model) if isinstance(backend, AnthropicBackend) else None

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -214,24 +215,34 @@ class AnthropicBackend:
             items = page.get("data")
             if not isinstance(items, list):
                 raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid model list.")
-            for item in items:
-                if isinstance(item, dict) and item.get("id"):
-                    # What the Models API says of the model (its limits, what it can do, when it
-                    # retires): for Anthropic clients' listings and Ollama clients' `/api/show`.
-                    details = {
-                        key: item[key] for key in MODEL_FACTS if item.get(key) is not None
-                    }
-                    models.append(
-                        ModelInfo(
-                            id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")),
-                            owned_by=name, details=details,
-                        )
-                    )
+            models.extend(self._model_info(item) for item in items if isinstance(item, dict) and item.get("id"))
             last = page.get("last_id")
             if not page.get("has_more") or not isinstance(last, str):
                 break
             params = {"limit": 1000, "after_id": last}
         return models
+
+    async def retrieve_model(self, model: str) -> ModelInfo | None:
+        """The Models API's `GET /v1/models/{model}`, which resolves an alias to the model it
+        stands for (`claude-sonnet-4-0` → `claude-sonnet-4-20250514`); None for a 404."""
+        name = self.config.name
+        with transport_errors(name):
+            response = await self._client.get("/v1/models/" + quote(model, safe=""))
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise backend_error(name, response.status_code, response.content, None)
+        item = _json_object(response, name)
+        return self._model_info(item) if item.get("id") else None
+
+    def _model_info(self, item: dict[str, Any]) -> ModelInfo:
+        name = self.config.name
+        # What the Models API says of the model (its limits, what it can do, when it retires):
+        # for Anthropic clients' listings and Ollama clients' `/api/show`.
+        details = {key: item[key] for key in MODEL_FACTS if item.get(key) is not None}
+        return ModelInfo(
+            id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")), owned_by=name, details=details
+        )
 
     async def check(self) -> None:
         await self.list_models()
