@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 import trio
@@ -71,11 +71,16 @@ class ModelCatalog:
                 nursery.start_soon(one, name, backend)
         self._last.update(found)
         self._unavailable = tuple(name for name in self._backends if name not in found)
+        return self._assemble(fresh=found.keys())
 
+    def _assemble(self, *, fresh: Iterable[str]) -> list[ModelInfo]:
+        """The list from each backend's last listing (`fresh`: those that just listed), its
+        configured names and the aliases; teaches the router what the backends list."""
+        fresh = set(fresh)
         listed: dict[str, str] = {}
         # Fresh listings first: a model two backends serve goes to one that just listed it,
         # not to one known only from before its listing failed.
-        for name in sorted(self._backends, key=lambda name: name not in found):
+        for name in sorted(self._backends, key=lambda name: name not in fresh):
             for info in self._last.get(name, []):
                 listed.setdefault(info.id, name)
         configured: dict[str, str] = {}  # as the router reads `models`: the first backend wins
