@@ -336,3 +336,8 @@ async def test_a_model_is_found_by_the_alias_its_anthropic_backend_takes() -> No
             await ac.models.retrieve("claude-nope")
         with pytest.raises(openai.NotFoundError):
             await oc.models.retrieve("claude-nope")
+        async with ollama.AsyncClient(host=url) as client:  # and `ollama run` stops up front
+            with pytest.raises(ollama.ResponseError) as missing:
+                await client.show("claude-nope")
+            assert missing.value.status_code == 404
+            assert (await client.show("claude-new-latest")).capabilities

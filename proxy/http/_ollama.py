@@ -28,7 +28,7 @@ from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch, ModelInfo, OpenAIBackend
+from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo, OpenAIBackend
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.auth import check_model, current_principal
 from proxy.services.chat import ChatExchange
@@ -392,10 +392,14 @@ async def _check_served(gw: Gateway, name: str) -> None:
 
 
 async def _backend_lacks(gw: Gateway, name: str, route: Route) -> bool:
-    """Whether an OpenAI-compatible backend that a prefix or the default would send `name`
-    to, without anything naming it there, says it does not serve it (see `lacks`)."""
+    """Whether an OpenAI-compatible or Anthropic backend that a prefix or the default would
+    send `name` to, without anything naming it there, says it does not serve it (`lacks`)."""
     backend = gw.backends.get(route.backend)
-    return isinstance(backend, OpenAIBackend) and not gw.router.knows(name) and await backend.lacks(route.upstream_model)
+    return (
+        isinstance(backend, OpenAIBackend | AnthropicBackend)
+        and not gw.router.knows(name)
+        and await backend.lacks(route.upstream_model)
+    )
 
 
 def _pull_not_found(hint: str = "") -> GatewayError:

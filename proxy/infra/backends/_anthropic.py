@@ -222,18 +222,32 @@ class AnthropicBackend:
             params = {"limit": 1000, "after_id": last}
         return models
 
+    async def lacks(self, model: str) -> bool:
+        """Whether the Models API says it has no `model`: a 404 naming it (a server without
+        that API, or one that does not answer, cannot say)."""
+        if model in self.config.models:
+            return False
+        try:
+            response = await self._get_model(model)
+        except GatewayError:
+            return False
+        return says_unknown(response, model)
+
     async def retrieve_model(self, model: str) -> ModelInfo | None:
         """The Models API's `GET /v1/models/{model}`, which resolves an alias to the model it
         stands for (`claude-sonnet-4-0` → `claude-sonnet-4-20250514`); None for a 404."""
         name = self.config.name
-        with transport_errors(name):
-            response = await self._client.get("/v1/models/" + quote(model, safe=""))
+        response = await self._get_model(model)
         if response.status_code == 404:
             return None
         if response.status_code >= 400:
             raise backend_error(name, response.status_code, response.content, None)
         item = _json_object(response, name)
         return self._model_info(item) if item.get("id") else None
+
+    async def _get_model(self, model: str) -> httpx.Response:
+        with transport_errors(self.config.name):
+            return await self._client.get("/v1/models/" + quote(model, safe=""))
 
     def _model_info(self, item: dict[str, Any]) -> ModelInfo:
         name = self.config.name

@@ -227,5 +227,5 @@ def says_unknown(response: httpx.Response, model: str) -> bool:
     """Whether `response` is a 404 naming `model` (not one for a route the server lacks)."""
     if response.status_code != 404:
         return False
-    message = openai.error_message_from_body(response.content)
+    message = openai.error_message_from_body(response.content)  # Anthropic's shape too
     return message is not None and model in message
