@@ -341,3 +341,25 @@ async def test_a_model_is_found_by_the_alias_its_anthropic_backend_takes() -> No
                 await client.show("claude-nope")
             assert missing.value.status_code == 404
             assert (await client.show("claude-new-latest")).capabilities
+
+
+async def test_a_model_pulled_on_an_ollama_backend_since_the_last_listing_is_found() -> None:
+    """With a default backend, a name no backend was known to list went there: a model pulled
+    on the Ollama backend after the last listing was a 404 until some client listed models
+    again. Once the list has expired, such a name has the backends listed again first."""
+    ollama_fake = OllamaBackend(models=["llama3.2"])
+    default = OpenAIBackend(models=["qwen3-32b"])
+    async with (
+        ollama_fake.serve() as ol, default.serve() as oa,
+        running_gateway(
+            backend("vllm", oa.url, default=True), backend("ol", ol.url, kind="ollama"), models_cache_seconds=0
+        ) as url,
+        ollama.AsyncClient(host=url) as client,
+    ):
+        assert [m.model for m in (await client.list()).models][-1] == "llama3.2:latest"
+        ollama_fake.models = ["llama3.2", "phi4"]  # `ollama pull phi4` on the server behind
+        assert (await client.chat(model="phi4", messages=HI)).message.content
+        listings = len([r for r in default.requests if r.path == "/v1/models"])
+        assert (await client.chat(model="qwen3-32b", messages=HI)).message.content
+        assert len([r for r in default.requests if r.path == "/v1/models"]) == listings  # a listed name: no listing
+    assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["phi4:latest"]

@@ -202,6 +202,10 @@ class ScopedCatalog(ModelCatalog):
     def unavailable(self) -> tuple[str, ...]:
         return self._inner.unavailable
 
+    @property
+    def expired(self) -> bool:
+        return self._inner.expired
+
     async def models(self) -> list[ModelInfo]:
         models = await self._inner.models()
         principal = current_principal.get()

@@ -45,6 +45,11 @@ class ModelCatalog:
     def unavailable(self) -> tuple[str, ...]:
         return self._unavailable
 
+    @property
+    def expired(self) -> bool:
+        """Whether the backends were listed, longer ago than the list is kept."""
+        return self._cached is not None and trio.current_time() >= self._expires
+
     async def models(self) -> list[ModelInfo]:
         if self._cached is not None and trio.current_time() < self._expires:
             return self._cached
