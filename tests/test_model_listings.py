@@ -41,6 +41,58 @@ class FlakyListOpenAI(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
+class VLLMBackend(OpenAIBackend):
+    """The OpenAI fake whose `/v1/models` entries carry vLLM's `max_model_len`."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": m,
+                     "parent": None, "max_model_len": 32768} for m in self.listed_models()]
+            await exchange.respond_json(200, {"object": "list", "data": data})
+            return
+        await super().route(request, exchange, call)
+
+
+CLAUDE_MODELS = [
+    {"type": "model", "id": "claude-new", "display_name": "Claude New", "created_at": "2026-01-01T00:00:00Z",
+     "lifecycle": "active", "max_input_tokens": 1_000_000, "max_tokens": 64000,
+     "capabilities": {"image_input": {"supported": True}, "thinking": {"supported": True, "types": {}}}},
+    {"type": "model", "id": "claude-old", "display_name": "Claude Old", "created_at": "2024-01-01T00:00:00Z",
+     "lifecycle": "deprecated", "deprecated_at": "2026-06-01T00:00:00Z", "retires_at": "2027-01-01T00:00:00Z",
+     "max_input_tokens": 200_000, "max_tokens": 8192,
+     "capabilities": {"image_input": {"supported": False}, "thinking": {"supported": False, "types": {}}}},
+]
+
+
+class ModelsAPIBackend(AnthropicBackend):
+    """The Anthropic fake whose `/v1/models` says what Anthropic's Models API says of each model."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            await exchange.respond_json(200, {"data": CLAUDE_MODELS, "has_more": False, "first_id": "claude-new",
+                                              "last_id": "claude-old"})
+            return
+        await super().route(request, exchange, call)
+
+
+CLAUDE_ALIASES = {"claude-new-latest": "claude-new"}
+
+
+class AliasingAnthropic(ModelsAPIBackend):
+    """Anthropic's Models API, which resolves an alias to the model it stands for."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path.startswith("/v1/models/") and request.method == "GET":
+            asked = request.path.removeprefix("/v1/models/")
+            found = next((m for m in CLAUDE_MODELS if m["id"] == CLAUDE_ALIASES.get(asked, asked)), None)
+            if found is None:
+                await self.send_error(exchange, 404, f"model: {asked}")
+            else:
+                await exchange.respond_json(200, found)
+            return
+        await super().route(request, exchange, call)
+
+
 async def test_a_failed_listing_does_not_send_a_backends_models_elsewhere() -> None:
     """An Ollama backend's models reach it by its listing only (no prefix). One failed
     `/api/tags` (a restart, a slow answer) used to make the gateway forget them: the next
@@ -133,18 +185,6 @@ async def test_pull_says_which_models_no_backend_has() -> None:
         assert (await client.pull("llama9")).status == "success"
 
 
-class VLLMBackend(OpenAIBackend):
-    """The OpenAI fake whose `/v1/models` entries carry vLLM's `max_model_len`."""
-
-    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
-        if request.path == "/v1/models" and request.method == "GET":
-            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm", "root": m,
-                     "parent": None, "max_model_len": 32768} for m in self.listed_models()]
-            await exchange.respond_json(200, {"object": "list", "data": data})
-            return
-        await super().route(request, exchange, call)
-
-
 async def test_an_alias_is_listed_with_what_its_backend_says_of_its_target() -> None:
     """Clients size prompts by a vLLM model's `max_model_len`, Ollama ones show its size and
     family: under an alias they saw none of it (an epoch date, size 0, family `gpt` from
@@ -175,28 +215,6 @@ async def test_an_alias_is_listed_with_what_its_backend_says_of_its_target() -> 
         assert claude_view.created_at == (await ac.models.retrieve("llama3.2:latest")).created_at
         assert claude_view.created_at.year > 1970
         assert (await client.show("gpt-4o")).modelinfo == (await client.show("qwen3-32b")).modelinfo
-
-
-CLAUDE_MODELS = [
-    {"type": "model", "id": "claude-new", "display_name": "Claude New", "created_at": "2026-01-01T00:00:00Z",
-     "lifecycle": "active", "max_input_tokens": 1_000_000, "max_tokens": 64000,
-     "capabilities": {"image_input": {"supported": True}, "thinking": {"supported": True, "types": {}}}},
-    {"type": "model", "id": "claude-old", "display_name": "Claude Old", "created_at": "2024-01-01T00:00:00Z",
-     "lifecycle": "deprecated", "deprecated_at": "2026-06-01T00:00:00Z", "retires_at": "2027-01-01T00:00:00Z",
-     "max_input_tokens": 200_000, "max_tokens": 8192,
-     "capabilities": {"image_input": {"supported": False}, "thinking": {"supported": False, "types": {}}}},
-]
-
-
-class ModelsAPIBackend(AnthropicBackend):
-    """The Anthropic fake whose `/v1/models` says what Anthropic's Models API says of each model."""
-
-    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
-        if request.path == "/v1/models" and request.method == "GET":
-            await exchange.respond_json(200, {"data": CLAUDE_MODELS, "has_more": False, "first_id": "claude-new",
-                                              "last_id": "claude-old"})
-            return
-        await super().route(request, exchange, call)
 
 
 async def test_anthropic_clients_see_each_models_limits_and_lifecycle() -> None:
@@ -298,24 +316,6 @@ async def test_each_model_is_listed_once_under_the_backend_its_chats_go_to() -> 
         assert (await client.chat(model="llama3.2", messages=HI)).message.content
     assert [r.path for r in second.requests if r.method == "POST"] == ["/v1/chat/completions"]
     assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["llama3.2"]
-
-
-CLAUDE_ALIASES = {"claude-new-latest": "claude-new"}
-
-
-class AliasingAnthropic(ModelsAPIBackend):
-    """Anthropic's Models API, which resolves an alias to the model it stands for."""
-
-    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
-        if request.path.startswith("/v1/models/") and request.method == "GET":
-            asked = request.path.removeprefix("/v1/models/")
-            found = next((m for m in CLAUDE_MODELS if m["id"] == CLAUDE_ALIASES.get(asked, asked)), None)
-            if found is None:
-                await self.send_error(exchange, 404, f"model: {asked}")
-            else:
-                await exchange.respond_json(200, found)
-            return
-        await super().route(request, exchange, call)
 
 
 async def test_a_model_is_found_by_the_alias_its_anthropic_backend_takes() -> None:
