@@ -13,8 +13,12 @@ from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import bearer, new_key, wait_for_key
+from tests.test_auth_helpers import gateway as auth_gateway
 
 HI = [{"role": "user", "content": "hi"}]
+
+pytest_plugins = ["tests.infra_servers"]
 
 
 class FlakyTagsOllama(OllamaBackend):
@@ -363,3 +367,24 @@ async def test_a_model_pulled_on_an_ollama_backend_since_the_last_listing_is_fou
         assert (await client.chat(model="qwen3-32b", messages=HI)).message.content
         assert len([r for r in default.requests if r.path == "/v1/models"]) == listings  # a listed name: no listing
     assert [r.model for r in ollama_fake.requests if r.path == "/api/chat"] == ["phi4:latest"]
+
+
+async def test_a_key_limited_to_some_models_is_not_told_of_other_backends(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`x-unavailable-backends` names backends: a key that may use only some models sees a
+    list without the rest, and does not learn the other backends' names from the header."""
+    vllm, ollama_fake = OpenAIBackend(models=["qwen3-32b"]), FlakyTagsOllama(models=["llama3.2"])
+    ollama_fake.tags_fail = True
+    async with (
+        vllm.serve() as oa, ollama_fake.serve() as ol,
+        auth_gateway(pg_database_url, nats_url, backend("vllm", oa.url), backend("ol", ol.url, kind="ollama")) as url,
+    ):
+        admin, scoped = await new_key(pg_database_url, "all"), await new_key(pg_database_url, "qwen", "--models", "qwen3-*")
+        await wait_for_key(url, scoped)
+        async with httpx.AsyncClient(base_url=url) as http:
+            everything = await http.get("/v1/models", headers=bearer(admin))
+            assert everything.headers["x-unavailable-backends"] == "ol"
+            limited = await http.get("/v1/models", headers=bearer(scoped))
+            assert [m["id"] for m in limited.json()["data"]] == ["qwen3-32b"]
+            assert "x-unavailable-backends" not in limited.headers

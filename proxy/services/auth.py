@@ -200,7 +200,9 @@ class ScopedCatalog(ModelCatalog):
 
     @property
     def unavailable(self) -> tuple[str, ...]:
-        return self._inner.unavailable
+        # A key limited to some models is not told the names of backends beyond them.
+        principal = current_principal.get()
+        return self._inner.unavailable if principal is None or principal.models is None else ()
 
     @property
     def expired(self) -> bool:
