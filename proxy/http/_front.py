@@ -226,7 +226,7 @@ async def _listed_elsewhere_now(answer: DirectBody | Reply, gateway: Gateway) ->
     an Ollama backend since): they are, when their list has expired, as for unknown names.
     (A gateway that has never listed them sends such names to the default backend.) Other
     requests pay a string comparison."""
-    if not isinstance(answer, ExchangeBody):
+    if not isinstance(answer, ExchangeBody) or len(gateway.backends) < 2:  # nowhere else to go
         return False
     route, router = answer.exchange.route, gateway.router
     model = answer.exchange.request.model
