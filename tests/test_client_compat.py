@@ -199,7 +199,8 @@ async def test_show_gives_the_context_window_where_clients_read_it() -> None:
     """Copilot's Ollama provider reads `<architecture>.context_length` from `/api/show` and,
     without it, budgets 4096 tokens, all of them for output: no room for any prompt. A vLLM
     model's `max_model_len` and a Claude model's 200k window are where it looks."""
-    claude, vllm = AnthropicBackend(), VLLMBackend(models=["qwen3-8b"])
+    # A server that lists `qwen3-8b` and takes any name (one it lacks is not shown at all).
+    claude, vllm = AnthropicBackend(), VLLMBackend(scripts={"qwen3-8b": Script()})
     async with (
         claude.serve() as an,
         vllm.serve() as oa,

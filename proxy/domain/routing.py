@@ -89,6 +89,15 @@ class Router:
         backend lists), not one that only matched a prefix or fell to the default backend."""
         return any(_lookup(table, model) is not None for table in (self._aliases, self._exact, self._listed))
 
+    def by_default(self, model: str) -> bool:
+        """Whether `model` goes to the default backend only because nothing else names it
+        (no alias, configured name, prefix or listing): a backend may have listed it since."""
+        return (
+            self._default is not None
+            and not self.knows(model)
+            and not any(model.startswith(prefix) for prefix, _ in self._prefixes)
+        )
+
     def backend_of(self, model: str) -> str | None:
         """The backend `model` goes to, or None; whoever asks (no key scope, no error)."""
         route = self._match(model)

@@ -37,3 +37,11 @@ def request_meta() -> RequestMeta:
 async def request_body() -> bytes:
     """The request body; werkzeug raises 413 past MAX_CONTENT_LENGTH."""
     return cast(bytes, await request.get_data(cache=False, as_text=False))
+
+
+def listing_headers() -> dict[str, str]:
+    """A model listing's headers: `x-unavailable-backends` names the backends whose latest
+    listing failed (their models are those they listed before, if any), so a client or an
+    operator can tell a partial list from a whole one."""
+    unavailable = gateway().catalog.unavailable
+    return {"x-unavailable-backends": ", ".join(unavailable)} if unavailable else {}

@@ -37,6 +37,7 @@ EXPOSED_HEADERS = b", ".join(
         b"x-cache", b"x-replay-of", b"x-attached-to", b"idempotent-replayed",
         b"x-rag-workspace", b"x-rag-sources", b"x-rag-context", b"x-pipeline", b"x-workflow-winner", b"x-fallback-model",
         b"x-embedding-backend", b"x-embeddings-truncated", b"x-token-count", b"x-upstream-request-id",
+        b"x-unavailable-backends",
         # An Anthropic backend's, passed on to Anthropic clients.
         *(
             b"anthropic-ratelimit-%s-%s" % (what, field)

@@ -206,15 +206,34 @@ def _message_of(body: bytes) -> str:
 
 async def _answer(handler: Handler, incoming: Incoming) -> DirectBody | Reply:
     try:
-        return await handler(incoming)
+        answer = await handler(incoming)
     except GatewayError as error:
         if error.code != "model_not_found":
             raise
+    else:
+        if not await _listed_elsewhere_now(answer, incoming.gateway):
+            return answer
     # A name no backend was known to list may be one a backend lists now: the catalogue
     # (listed afresh unless its list is recent) teaches the router, and the request is
     # tried once more. Only unknown models pay for this.
     await incoming.gateway.catalog.models()
     return await handler(incoming)
+
+
+async def _listed_elsewhere_now(answer: DirectBody | Reply, gateway: Gateway) -> bool:
+    """Whether a chat that the default backend was to get only because no backend was known
+    to list its model goes elsewhere once the backends are listed again (a model pulled on
+    an Ollama backend since): they are, when their list has expired, as for unknown names.
+    (A gateway that has never listed them sends such names to the default backend.) Other
+    requests pay a string comparison."""
+    if not isinstance(answer, ExchangeBody) or len(gateway.backends) < 2:  # nowhere else to go
+        return False
+    route, router = answer.exchange.route, gateway.router
+    model = answer.exchange.request.model
+    if route.backend != router.default_backend or not gateway.catalog.expired or not router.by_default(model):
+        return False
+    await gateway.catalog.models()
+    return router.backend_of(model) != route.backend
 
 
 async def send_reply(send: ASGISendCallable, reply: Reply) -> None:

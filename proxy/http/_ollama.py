@@ -21,13 +21,14 @@ from proxy.dialects import ollama
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.routing import Route
 from proxy.gateway import Gateway
-from proxy.http._context import gateway, request_body
+from proxy.http._context import gateway, listing_headers, request_body
 from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch, ModelInfo
+from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo, OpenAIBackend
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.auth import check_model, current_principal
 from proxy.services.chat import ChatExchange
@@ -212,15 +213,15 @@ async def generate(incoming: Incoming) -> ExchangeBody | Reply:
 @blueprint.get("/api/tags")
 async def tags() -> Response:
     models = await gateway().catalog.models()
-    return Response(ollama.render_tags([_tag(info, models) for info in models]), content_type=_JSON)
+    return Response(ollama.render_tags([_tag(info) for info in models]), content_type=_JSON, headers=listing_headers())
 
 
-def _tag(info: ModelInfo, models: list[ModelInfo]) -> dict[str, object]:
-    facts = info.details
+def _tag(info: ModelInfo) -> dict[str, object]:
+    facts = info.details  # an alias has its target's (the catalogue copies them)
     target = facts.get("alias_of")
-    if isinstance(target, str):
-        # An alias shows its target's facts.
-        facts = next((m.details for m in models if m.id == target), {})
+    if isinstance(target, str) and not isinstance(facts.get("details"), dict):
+        # A family guessed from the alias (`gpt-4o`, `fast`) would be a made-up one.
+        facts = {**facts, "details": ollama.placeholder_details(target)}
     return ollama.tag_entry(info.id, backend=info.backend, created=info.created, facts=facts)
 
 
@@ -257,7 +258,9 @@ async def show() -> Response:
     variants = (*ollama.name_variants(name), *ollama.name_variants(route.upstream_model))
     info = next((m for m in models if m.id in variants), None)
     if info is not None:
-        entry = _tag(info, models)
+        entry = _tag(info)
+    elif await _backend_lacks(gw, name, route):  # `ollama run` pulls rather than chat with it
+        raise _show_not_found(name)
     else:  # served by prefix or by the default backend, without being listed
         entry = ollama.tag_entry(name, backend=route.backend, created=0, facts={})
     kind = backend.config.kind if backend is not None else ""
@@ -359,15 +362,50 @@ async def pull() -> Response:
     if gw.embeddings is not None and gw.embeddings.is_local(name):
         check_model(name)
     else:
-        try:
-            gw.router.resolve(name)
-        except GatewayError as error:
-            if error.code == "model_not_found":
-                raise GatewayError(
-                    ErrorKind.NOT_FOUND, "pull model manifest: file does not exist", param="model", code="model_not_found"
-                ) from None
-            raise
+        await _check_served(gw, name)
     return Response(ollama.pull_reply(stream=stream), content_type="application/x-ndjson" if stream else _JSON)
+
+
+async def _check_served(gw: Gateway, name: str) -> None:
+    """A 404 for a pull of a model no backend serves: one the gateway cannot route, or one a
+    prefix or the default backend would get but that backend says it lacks. Chat tells an
+    Ollama client "try pulling it first"; a pull answered "success" sent it round that loop."""
+    await gw.catalog.models()  # a name a backend lists since the last look is known now
+    try:
+        route = gw.router.resolve(name)
+    except GatewayError as error:
+        if error.code == "model_not_found":
+            raise _pull_not_found() from None
+        raise
+    if gw.router.knows(name):  # an alias, a configured model, one its backend lists
+        return
+    backend = gw.backends.get(route.backend)
+    if isinstance(backend, OllamaBackend):
+        try:
+            await backend.show(route.upstream_model)
+        except GatewayError as error:
+            if error.kind is ErrorKind.NOT_FOUND:
+                raise _pull_not_found(f" (the gateway cannot pull models: pull it on backend `{route.backend}`)") from None
+            raise
+    elif await _backend_lacks(gw, name, route):
+        raise _pull_not_found()
+
+
+async def _backend_lacks(gw: Gateway, name: str, route: Route) -> bool:
+    """Whether an OpenAI-compatible or Anthropic backend that a prefix or the default would
+    send `name` to, without anything naming it there, says it does not serve it (`lacks`)."""
+    backend = gw.backends.get(route.backend)
+    return (
+        isinstance(backend, OpenAIBackend | AnthropicBackend)
+        and not gw.router.knows(name)
+        and await backend.lacks(route.upstream_model)
+    )
+
+
+def _pull_not_found(hint: str = "") -> GatewayError:
+    return GatewayError(
+        ErrorKind.NOT_FOUND, "pull model manifest: file does not exist" + hint, param="model", code="model_not_found"
+    )
 
 
 _MANAGEMENT = {"/api/delete": "delete", "/api/copy": "copy", "/api/create": "create", "/api/push": "push"}

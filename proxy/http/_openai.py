@@ -13,11 +13,11 @@ from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.http._context import gateway
+from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
-from proxy.infra.backends import Batch, ModelInfo
+from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo
 from proxy.services.embeddings import LOCAL_BACKEND
 
 exchanges = FrontDoor()
@@ -247,7 +247,7 @@ def _for_anthropic() -> bool:
 async def _anthropic_models() -> list[dict[str, Any]]:
     # The in-process embedding model cannot chat: no use to an Anthropic client.
     return [
-        anthropic_models.model_object(m.id, created=m.created, display_name=m.details.get("display_name"))
+        anthropic_models.model_object(m.id, created=m.created, facts=m.details)
         for m in await gateway().catalog.models()
         if m.backend != LOCAL_BACKEND
     ]
@@ -258,9 +258,12 @@ async def list_models() -> Response:
     if _for_anthropic():
         query = anthropic_models.parse_page_query(request.args)
         body = anthropic_models.render_model_page(await _anthropic_models(), query)
-        return Response(body, content_type="application/json")
+        return Response(body, content_type="application/json", headers=listing_headers())
     models = await gateway().catalog.models()
-    return Response(openai.render_model_list([_model_object(m) for m in models]), content_type="application/json")
+    return Response(
+        openai.render_model_list([_model_object(m) for m in models]), content_type="application/json",
+        headers=listing_headers(),
+    )
 
 
 # `path:`: model ids may hold slashes (`org/model`), which the SDKs send percent-encoded.
@@ -273,10 +276,27 @@ async def retrieve_model(model_id: str) -> Response:
         for entry in entries:
             if entry["id"] == wanted:
                 return Response(anthropic_models.render_model(entry), content_type="application/json")
-        raise anthropic_models.model_not_found(model_id)
+        resolved = await _resolved_by_backend(model_id)
+        if resolved is None:
+            raise anthropic_models.model_not_found(model_id)
+        entry = anthropic_models.model_object(resolved.id, created=resolved.created, facts=resolved.details)
+        return Response(anthropic_models.render_model(entry), content_type="application/json")
     models = await gateway().catalog.models()
     wanted = _listed_as(model_id, [model.id for model in models])
-    for model in models:
-        if model.id == wanted:
-            return Response(dumps(_model_object(model)), content_type="application/json")
-    raise model_not_found(model_id)
+    found = next((model for model in models if model.id == wanted), None) or await _resolved_by_backend(model_id)
+    if found is None:
+        raise model_not_found(model_id)
+    return Response(dumps(_model_object(found)), content_type="application/json")
+
+
+async def _resolved_by_backend(model_id: str) -> ModelInfo | None:
+    """A model the list lacks but its Anthropic backend knows: Anthropic's Models API resolves
+    an alias (`claude-sonnet-4-0`, which chats take) to the model it stands for, and clients
+    look models up by the names they chat with. None for any other (or the key's scope)."""
+    gw = gateway()
+    try:
+        route = gw.router.resolve(model_id)
+    except GatewayError:
+        return None
+    backend = gw.backends.get(route.backend)
+    return await backend.retrieve_model(route.upstream_model) if isinstance(backend, AnthropicBackend) else None

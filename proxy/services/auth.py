@@ -198,6 +198,16 @@ class ScopedCatalog(ModelCatalog):
     def __init__(self, inner: ModelCatalog) -> None:  # the inner catalogue holds the state
         self._inner = inner
 
+    @property
+    def unavailable(self) -> tuple[str, ...]:
+        # A key limited to some models is not told the names of backends beyond them.
+        principal = current_principal.get()
+        return self._inner.unavailable if principal is None or principal.models is None else ()
+
+    @property
+    def expired(self) -> bool:
+        return self._inner.expired
+
     async def models(self) -> list[ModelInfo]:
         models = await self._inner.models()
         principal = current_principal.get()

@@ -19,16 +19,32 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 
 
-def model_object(model_id: str, *, created: int = 0, display_name: str | None = None) -> dict[str, Any]:
+# What Anthropic's Models API says of a model beyond its id and date, kept from a Claude
+# backend's listing and passed on as it said it.
+MODEL_FACTS = (
+    "display_name", "max_input_tokens", "max_tokens", "capabilities", "lifecycle", "deprecated_at", "retires_at",
+    "line",
+)
+
+
+def model_object(model_id: str, *, created: int = 0, facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A model as Anthropic describes one; `created` (Unix seconds) 0 if unknown, as the
-    API does for an unknown release date (the epoch)."""
-    return {
+    API does for an unknown release date (the epoch). `facts` are what the model's backend
+    said of it: a Claude backend's Models API fields (`MODEL_FACTS`), or vLLM's
+    `max_model_len`, the window Anthropic calls `max_input_tokens`."""
+    facts = facts or {}
+    body: dict[str, Any] = {
         "type": "model",
         "id": model_id,
-        "display_name": display_name or model_id,
+        "display_name": model_id,
         "created_at": datetime.fromtimestamp(max(created, 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lifecycle": "active",
     }
+    window = facts.get("max_model_len")
+    if isinstance(window, int) and not isinstance(window, bool):
+        body["max_input_tokens"] = window
+    body.update((key, facts[key]) for key in MODEL_FACTS if facts.get(key) is not None)
+    return body
 
 
 def render_model(model: Mapping[str, Any]) -> bytes:

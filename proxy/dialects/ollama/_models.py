@@ -49,16 +49,33 @@ def parse_tag(item: Any) -> tuple[str, int, dict[str, Any]] | None:
     return name, parse_timestamp(item.get("modified_at")), facts
 
 
+# A size in a model's name, as Hugging Face repositories and Ollama tags spell it: `8B`,
+# `1.5b`, `8x7B` (experts), `135M`; a separate word, so `A3B` (Qwen3-30B-A3B's active
+# parameters), `v2b` or a version number are not taken for one.
+_SIZE = re.compile(r"(?<![A-Za-z0-9.])((?:\d+x)?\d+(?:\.\d+)?)([bBmM])(?![A-Za-z0-9])")
+# Quantizations a name states (`-AWQ`, `-FP8`, `.Q4_K_M`), as a word of their own.
+_QUANTIZATION = re.compile(
+    r"(?<![A-Za-z0-9])(AWQ|GPTQ|FP8|FP4|NVFP4|MXFP4|INT8|INT4|W8A8|W4A16|BNB|(?:I?Q[2-8](?:_[0-9A-Z]+)*)|F16|BF16)(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+
+
 def placeholder_details(name: str) -> dict[str, Any]:
-    match = re.match(r"[A-Za-z]+", name.rsplit("/", 1)[-1])
+    """Details for a model whose backend gives none, from its name: the family from its
+    leading letters (`Qwen2.5-7B` → `qwen`), and the parameter count and quantization only
+    where the name states them (`Llama-3.1-8B-Instruct-AWQ` → `8B`, `AWQ`)."""
+    base = name.rsplit("/", 1)[-1]
+    match = re.match(r"[A-Za-z]+", base)
     family = match.group(0).lower() if match else ""
+    size = _SIZE.search(base.replace(":", "-"))
+    quantization = _QUANTIZATION.search(base)
     return {
         "parent_model": "",
         "format": "",
         "family": family,
         "families": [family] if family else [],
-        "parameter_size": "",
-        "quantization_level": "",
+        "parameter_size": size.group(1) + size.group(2).upper() if size else "",
+        "quantization_level": quantization.group(1).upper() if quantization else "",
     }
 
 

@@ -27,6 +27,6 @@ def create_backend(config: BackendConfig) -> Backend:
 
 
 __all__ = [
-    "Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "Served",
+    "AnthropicBackend", "Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "Served",
     "create_backend", "current_served",
 ]

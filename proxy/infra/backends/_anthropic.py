@@ -14,12 +14,14 @@ import math
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import trio
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
+from proxy.dialects.anthropic._models import MODEL_FACTS
 from proxy.domain.chat import ChatRequest, Message, OpaquePart, TextPart
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
@@ -37,7 +39,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.backends._ollama import OllamaBackend
-from proxy.infra.backends._openai import OpenAIBackend
+from proxy.infra.backends._openai import OpenAIBackend, says_unknown
 from proxy.infra.transport import heads_heard
 
 DEFAULT_MAX_TOKENS = 4096
@@ -213,25 +215,48 @@ class AnthropicBackend:
             items = page.get("data")
             if not isinstance(items, list):
                 raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid model list.")
-            for item in items:
-                if isinstance(item, dict) and item.get("id"):
-                    details = {"display_name": item["display_name"]} if item.get("display_name") else {}
-                    # What the Models API says the model can do, for Ollama clients' `/api/show`.
-                    if isinstance(item.get("max_input_tokens"), int):
-                        details["max_input_tokens"] = item["max_input_tokens"]
-                    if isinstance(item.get("capabilities"), dict):
-                        details["capabilities"] = item["capabilities"]
-                    models.append(
-                        ModelInfo(
-                            id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")),
-                            owned_by=name, details=details,
-                        )
-                    )
+            models.extend(self._model_info(item) for item in items if isinstance(item, dict) and item.get("id"))
             last = page.get("last_id")
             if not page.get("has_more") or not isinstance(last, str):
                 break
             params = {"limit": 1000, "after_id": last}
         return models
+
+    async def lacks(self, model: str) -> bool:
+        """Whether the Models API says it has no `model`: a 404 naming it (a server without
+        that API, or one that does not answer, cannot say)."""
+        if model in self.config.models:
+            return False
+        try:
+            response = await self._get_model(model)
+        except GatewayError:
+            return False
+        return says_unknown(response, model)
+
+    async def retrieve_model(self, model: str) -> ModelInfo | None:
+        """The Models API's `GET /v1/models/{model}`, which resolves an alias to the model it
+        stands for (`claude-sonnet-4-0` → `claude-sonnet-4-20250514`); None for a 404."""
+        name = self.config.name
+        response = await self._get_model(model)
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise backend_error(name, response.status_code, response.content, None)
+        item = _json_object(response, name)
+        return self._model_info(item) if item.get("id") else None
+
+    async def _get_model(self, model: str) -> httpx.Response:
+        with transport_errors(self.config.name):
+            return await self._client.get("/v1/models/" + quote(model, safe=""))
+
+    def _model_info(self, item: dict[str, Any]) -> ModelInfo:
+        name = self.config.name
+        # What the Models API says of the model (its limits, what it can do, when it retires):
+        # for Anthropic clients' listings and Ollama clients' `/api/show`.
+        details = {key: item[key] for key in MODEL_FACTS if item.get(key) is not None}
+        return ModelInfo(
+            id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")), owned_by=name, details=details
+        )
 
     async def check(self) -> None:
         await self.list_models()
@@ -369,21 +394,14 @@ async def _check_known(backend: OpenAIBackend, model: str, tokenized: httpx.Resp
     that answers any name (llama.cpp) or cannot say keeps the estimate."""
     if model in backend.config.models:
         return
-    if _says_unknown(tokenized, model):
+    if says_unknown(tokenized, model):
         raise status_error(backend.config.name, 404, openai.error_message_from_body(tokenized.content))
     try:
         retrieved = await backend.retrieve_model(model)
     except GatewayError:
         return
-    if _says_unknown(retrieved, model):
+    if says_unknown(retrieved, model):
         raise status_error(backend.config.name, 404, openai.error_message_from_body(retrieved.content))
-
-
-def _says_unknown(response: httpx.Response, model: str) -> bool:
-    if response.status_code != 404:
-        return False
-    message = openai.error_message_from_body(response.content)
-    return message is not None and model in message
 
 
 __all__ = ["DEFAULT_MAX_TOKENS", "AnthropicBackend", "TokenCount", "count_tokens"]

@@ -192,6 +192,18 @@ class OpenAIBackend:
         with transport_errors(self.config.name):
             return await self._client.get("/models/" + _segment(model))
 
+    async def lacks(self, model: str) -> bool:
+        """Whether the server says it does not serve `model`: vLLM's `/tokenize`, or OpenAI's
+        `GET /v1/models/{model}` (OpenAI, Ollama, LiteLLM), answered 404 naming it. A server
+        that takes any name (llama.cpp), lacks both routes or does not answer cannot say."""
+        if model in self.config.models:
+            return False
+        try:
+            tokenized = await self.tokenize(json.dumps({"model": model, "prompt": ""}).encode())
+            return says_unknown(tokenized, model) or says_unknown(await self.retrieve_model(model), model)
+        except GatewayError:
+            return False
+
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
         with transport_errors(name):
@@ -216,3 +228,11 @@ class OpenAIBackend:
 
     async def check(self) -> None:
         await self.list_models()
+
+
+def says_unknown(response: httpx.Response, model: str) -> bool:
+    """Whether `response` is a 404 naming `model` (not one for a route the server lacks)."""
+    if response.status_code != 404:
+        return False
+    message = openai.error_message_from_body(response.content)  # Anthropic's shape too
+    return message is not None and model in message
