@@ -3,7 +3,7 @@
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
-background one runs durably, polled for, and can be cancelled on the instance running it. The
+background one runs durably, polled for, and can be cancelled on any instance. The
 gateway keeps no conversations: `/input_items` is a 404 saying so.
 """
 
@@ -416,8 +416,8 @@ def _not_found(response_id: str) -> GatewayError:
 
 @exchanges.route("/v1/responses/<response_id>/cancel")
 async def cancel_response(incoming: Incoming) -> Reply:
-    """Stop a background response running on this instance: the Response as it then stands
-    (`cancelled`). One that has ended already is answered as it is."""
+    """Stop a background response, on this instance or (over NATS) the one running it: the
+    Response as it then stands (`cancelled`). One that has ended already is answered as it is."""
     response = incoming.params["response_id"]
     trace_id = response.removeprefix("resp_")
     persistence = incoming.gateway.persistence
@@ -432,12 +432,18 @@ async def cancel_response(incoming: Incoming) -> Reply:
                 "cancelled (a streaming response stops when its client closes the stream).",
                 param="response_id",
             )
-        if not await persistence.runs.cancel(trace_id):
-            raise GatewayError(
-                ErrorKind.CONFLICT, f"Response '{response}' runs on another gateway instance: cancel it there.",
-                param="response_id", code="response_elsewhere",
-            )
-        stored = await _found(persistence, trace_id, response)
+        if await persistence.runs.cancel(trace_id):
+            stored = await _found(persistence, trace_id, response)
+        else:
+            ended = await persistence.cancel_elsewhere(trace_id)
+            if ended is None:
+                raise GatewayError(
+                    ErrorKind.CONFLICT,
+                    f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
+                    "instance is gone, the response is failed within a minute).",
+                    param="response_id", code="response_elsewhere",
+                )
+            stored = ended
     return _rendered(stored, response)
 
 

@@ -51,6 +51,20 @@ _T = TypeVar("_T")
 _LOOKUP_TIMEOUT = 3.0
 _CALL_TIMEOUT = 30.0
 
+# A run's cancel asked of the instance running it, over core NATS: every instance listens, the
+# one with the run stops it; the asker learns it from the run's row.
+_CANCEL_PREFIX = "gateway.cancel."
+# How long the asker waits for the row to end, asking again now and then (core NATS drops
+# what is sent while a connection is re-established).
+_CANCEL_WAIT = 10.0
+_CANCEL_REPEAT = 2.0
+# How often the listener checks that its connection is still the gateway's.
+_BUS_CHECK = 2.0
+
+
+def cancel_subject(trace_id: str) -> str:
+    return _CANCEL_PREFIX + trace_id
+
 
 @dataclass(slots=True)
 class PersistenceSettings:
@@ -128,6 +142,12 @@ class Runs:
         scope.cancel()
         await ended.wait()  # bounded: a cancelled run only writes its row (shielded, with a deadline)
         return True
+
+    def stop_run(self, trace_id: str) -> None:
+        """`cancel` without waiting: asked by another instance, which waits for the row."""
+        found = self._scopes.get(trace_id)
+        if found is not None:
+            found[0].cancel()
 
     def cancelled(self, trace_id: str) -> bool:
         """Whether the run was stopped by `cancel` (not by the gateway stopping)."""
@@ -215,6 +235,50 @@ class Persistence:
                     if swept:
                         log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
             await trio.sleep(self.settings.heartbeat)
+
+    async def take_cancels(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stop this instance's runs whose cancel a client sent to another instance (which
+        then reads the run's row, written `cancelled` as for a cancel sent here)."""
+        task_status.started()
+        while True:
+            bus = self.bus()
+            if bus is None:
+                await trio.sleep(_BUS_CHECK / 2)
+                continue
+            try:
+                async with bus.subscribe(cancel_subject("*")) as messages:
+                    # A connection closed for good is replaced by a new `Bus`: listen there.
+                    while self.bus() is bus:
+                        with trio.move_on_after(_BUS_CHECK):
+                            message = await messages.receive()
+                            self.runs.stop_run(message.subject.removeprefix(_CANCEL_PREFIX))
+            except BusError as error:
+                log.warning("listening for cancels failed (%s); retrying", error)
+                await trio.sleep(_BUS_CHECK / 2)
+
+    async def cancel_elsewhere(self, trace_id: str) -> StoredRun | None:
+        """Ask whichever instance runs `trace_id` to stop it; its row once no longer
+        `running` (None: no instance ended it within `_CANCEL_WAIT`, or no NATS/PostgreSQL)."""
+        bus, store = self.bus(), self.store()
+        if bus is None or store is None:
+            return None
+        with trio.move_on_after(_CANCEL_WAIT):
+            while True:
+                try:
+                    await bus.publish_core(cancel_subject(trace_id), b"")
+                except BusError as error:
+                    log.warning("asking for %s's cancel failed: %s", trace_id, error)
+                    return None
+                with trio.move_on_after(_CANCEL_REPEAT):
+                    while True:
+                        await trio.sleep(0.1)
+                        try:
+                            stored = await store.stored_run(trace_id)
+                        except DatabaseError:
+                            continue
+                        if stored is not None and stored.status != "running":
+                            return stored
+        return None
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
