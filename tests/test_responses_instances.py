@@ -61,3 +61,20 @@ async def test_a_background_response_is_cancelled_through_the_instance_not_runni
         assert (await client.responses.retrieve(created.id)).status == "cancelled"
     # Cancelled again, on either: as it stands.
     assert (await pair.second.responses.cancel(created.id)).status == "cancelled"
+
+
+async def test_a_background_stream_is_found_and_cancelled_on_the_other_instance_right_after_its_creation(
+    pair: Pair,
+) -> None:
+    stream = await pair.first.responses.create(model="m", input="Count", background=True, stream=True)
+    created = await stream.__anext__()
+    assert created.type == "response.created"
+    response_id = created.response.id
+    # At once, through the other instance: the response its client was just told of.
+    polled = await pair.second.responses.retrieve(response_id)
+    assert (polled.id, polled.status) == (response_id, "in_progress")
+    with trio.fail_after(10):
+        assert (await pair.second.responses.cancel(response_id)).status == "cancelled"
+    rest = [event async for event in stream]
+    assert (rest[-1].type, rest[-1].response.status) == ("response.incomplete", "cancelled")
+    assert [g.outcome for g in pair.fake.recorder.generations] == ["cancelled"]

@@ -251,6 +251,8 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
             await live.written.wait()
         stored = await _stored(persistence, trace_id)
     here = _running_here(persistence, trace_id)
+    if stored is None and here is None:
+        stored = await _row_of_claimed(persistence, trace_id)
     if stored is None:
         stored = here
     elif stored.status == "running" and here is not None:
@@ -259,6 +261,26 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
     return stored
+
+
+async def _row_of_claimed(persistence: Persistence, trace_id: str) -> StoredRun | None:
+    """The row of a keyed run of another instance that has claimed its key but not yet
+    written its row (a background response whose creation was just answered): waited for."""
+    store = persistence.store()
+    if store is None:
+        return None
+    try:
+        if not await store.trace_claimed(trace_id):
+            return None
+    except DatabaseError:
+        return None
+    with trio.move_on_after(_ROW_WAIT_SECONDS):
+        while True:
+            stored = await _stored(persistence, trace_id)
+            if stored is not None:
+                return stored
+            await trio.sleep(0.05)  # its writer's group commit: a few milliseconds
+    return None
 
 
 def _echoed(settings: dict[str, Any] | None) -> dict[str, Any]:

@@ -311,6 +311,12 @@ class ChatStore:
         status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
         return status in ("failed", "cancelled")
 
+    async def trace_claimed(self, trace_id: str) -> bool:
+        """Whether a key is held `running` by `trace_id` (a keyed run's key is claimed before it
+        starts; its `running` row is written a moment later)."""
+        status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
+        return bool(status == "running")
+
     async def heartbeat(self, instance: str) -> None:
         await self._db.execute(
             "INSERT INTO gateway_instances (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
