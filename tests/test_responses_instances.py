@@ -3,9 +3,14 @@ NATS, each call of the official `openai` SDK landing on either of them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import httpx
 import openai
 import pytest
 import trio
@@ -13,7 +18,8 @@ import trio
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway
-from tests.test_persistence import wait_for_row
+from tests.test_cli import free_port
+from tests.test_persistence import rows, wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -78,3 +84,69 @@ async def test_a_background_stream_is_found_and_cancelled_on_the_other_instance_
     rest = [event async for event in stream]
     assert (rest[-1].type, rest[-1].response.status) == ("response.incomplete", "cancelled")
     assert [g.outcome for g in pair.fake.recorder.generations] == ["cancelled"]
+
+
+async def test_a_background_response_polled_on_the_other_instance_shows_what_it_has_said_so_far(pair: Pair) -> None:
+    created = await pair.first.responses.create(model="m", input="Count", background=True)
+    await pair.fake.wait_requests(1, 10)
+
+    async def said() -> str | None:
+        polled = await pair.second.responses.retrieve(created.id)
+        assert polled.status == "in_progress"
+        return polled.output_text if len(polled.output_text) > len(TOKENS[0]) else None
+
+    # As its own instance shows it (see test_responses_background): its text so far, its item
+    # `in_progress`, well before the answer's 4 s are up.
+    so_far = await eventually(said, within=2)
+    assert so_far is not None and "".join(TOKENS).startswith(so_far)
+    polled = await pair.second.responses.retrieve(created.id)
+    assert polled.output[-1].status == "in_progress"
+
+
+async def test_a_background_response_whose_instance_was_killed_is_polled_failed_with_what_it_had_said(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """SIGKILL leaves its run `running` with no answer in its row; once a live instance has
+    failed it (its process silent past `dead_after`, aged here in the database), a poll says
+    `failed`, and still shows the text its client could have read while it ran."""
+    fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as survivor, httpx.AsyncClient(timeout=30) as http:
+        env |= {"LLM_BASE_URL": f"{server.url}/v1", "DATABASE_URL": pg_database_url, "NATS_URL": nats_url}
+        doomed = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key="x", max_retries=0)
+        try:
+            with trio.fail_after(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                            break
+                    await trio.sleep(0.1)
+            doomed_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            created = await doomed_client.responses.create(model="m", input="Count", background=True)
+            await doomed_client.close()
+            await fake.wait_requests(1, 10)
+            await trio.sleep(1.0)  # a quarter of its answer
+            doomed.kill()
+        finally:
+            doomed.kill()
+            await doomed.wait()
+        trace_id = created.id.removeprefix("resp_")
+        aged = await trio.to_thread.run_sync(
+            rows, pg_database_url, "UPDATE gateway_instances SET seen_at = now() - interval '1 hour'"
+            " WHERE id = (SELECT owner FROM idempotency_keys WHERE trace_id = %s) RETURNING id", trace_id,
+        )
+        assert len(aged) == 1
+        await wait_for_row(pg_database_url, trace_id, "failed", within=15)  # the next heartbeat's sweep
+        polled = await client.responses.retrieve(created.id)
+        await client.close()
+    assert polled.status == "failed" and polled.error is not None and "killed or crashed" in polled.error.message
+    said = polled.output_text
+    assert said.startswith(TOKENS[0]) and "".join(TOKENS).startswith(said) and said != "".join(TOKENS)
+    assert polled.output[-1].status == "incomplete"

@@ -257,6 +257,12 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         stored = here
     elif stored.status == "running" and here is not None:
         stored = replace(stored, completion=here.completion)  # what it has said so far
+    elif stored.completion is None and stored.status in ("running", "failed") and stored.route != "workflow":
+        # Running on another instance, or failed with its process (which wrote no answer):
+        # what its events say it had said. (A workflow's events are its workers'.)
+        said = await persistence.said_so_far(trace_id)
+        if said is not None:
+            stored = replace(stored, completion=said)
     tenant = current_tenant()
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)

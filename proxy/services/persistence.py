@@ -29,13 +29,20 @@ import trio
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamEvent, StreamFailed, completion_events
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
-from proxy.services.journal import EventLog, EventPublisher, LogWriter, Outbox, events_subject
+from proxy.services.journal import (
+    EVENTS_STREAM,
+    EventLog,
+    EventPublisher,
+    LogWriter,
+    Outbox,
+    events_subject,
+)
 from proxy.workflow.view import ClientView
 
 log = logging.getLogger("llm_proxy.persistence")
@@ -255,6 +262,32 @@ class Persistence:
             except BusError as error:
                 log.warning("listening for cancels failed (%s); retrying", error)
                 await trio.sleep(_BUS_CHECK / 2)
+
+    async def said_so_far(self, trace_id: str) -> ChatCompletion | None:
+        """What a run of another instance has said so far, from its events on JetStream (its
+        row holds its answer only once it has ended); None without NATS or events."""
+        bus = self.bus()
+        if bus is None:
+            return None
+        said = CompletionBuilder()
+        subject = events_subject(trace_id)
+        try:
+            last = await bus.last_message(EVENTS_STREAM, subject)
+            if last is None:
+                return None
+            end = decode_event(last)[0]
+            # Bounded: a poll is answered with what arrived in time.
+            with trio.move_on_after(_LOOKUP_TIMEOUT):
+                async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as messages:
+                    async for message in messages:
+                        seq, event = decode_event(message.data)
+                        if event is not None and not isinstance(event, Finished):
+                            said.add(event)
+                        if seq >= end:
+                            break
+        except BusError as error:
+            log.warning("reading %s's events from NATS failed: %s", trace_id, error)
+        return said.build() if said.start is not None else None
 
     async def cancel_elsewhere(self, trace_id: str) -> StoredRun | None:
         """Ask whichever instance runs `trace_id` to stop it; its row once no longer
