@@ -150,3 +150,35 @@ async def test_a_background_response_whose_instance_was_killed_is_polled_failed_
     said = polled.output_text
     assert said.startswith(TOKENS[0]) and "".join(TOKENS).startswith(said) and said != "".join(TOKENS)
     assert polled.output[-1].status == "incomplete"
+
+
+async def test_a_responses_input_items_are_listed_by_the_other_instance(pair: Pair) -> None:
+    pair.fake.default = Script(tokens=["Sunny."], usage=Usage(9, 2))
+    created = await pair.first.responses.create(
+        model="m", instructions="Be brief.",
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "22C, sun"},
+            {"role": "user", "content": [{"type": "input_text", "text": "And so?"},
+                                         {"type": "input_image", "image_url": "https://x.test/a.png", "detail": "low"}]},
+        ],
+    )
+    await wait_for_row(pair.db, created.id.removeprefix("resp_"), "completed")
+    # OpenAI's order: newest first; its instructions are not input.
+    page = await pair.second.responses.input_items.list(created.id)
+    kinds = [item.type for item in page.data]
+    assert kinds == ["message", "function_call_output", "function_call", "message"]
+    last, output, call, first = page.data
+    assert first.type == "message" and (first.role, first.content[0].text) == ("user", "Weather in Paris?")
+    assert call.type == "function_call" and (call.call_id, call.name, call.arguments) == (
+        "call_1", "weather", '{"city":"Paris"}')
+    assert output.type == "function_call_output" and (output.call_id, output.output) == ("call_1", "22C, sun")
+    assert last.type == "message" and [part.type for part in last.content] == ["input_text", "input_image"]
+    # Paged as the SDK pages it.
+    ascending = await pair.second.responses.input_items.list(created.id, order="asc", limit=2)
+    assert [item.id for item in ascending.data] == [first.id, call.id] and ascending.has_more
+    rest = await pair.first.responses.input_items.list(created.id, order="asc", after=call.id)
+    assert [item.id for item in rest.data] == [output.id, last.id] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        await pair.second.responses.input_items.list("resp_0123456789abcdef0123456789abcdef")

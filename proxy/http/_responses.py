@@ -4,7 +4,8 @@ Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workfl
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
 background one runs durably, polled for, and can be cancelled on any instance. The
-gateway keeps no conversations: `/input_items` is a 404 saying so.
+gateway keeps no conversations (`previous_response_id` is a 400), but lists a response's input
+items from its journal row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from urllib.parse import parse_qs
 
 import trio
 from hypercorn.typing import ASGISendCallable
-from quart import Blueprint, Response
 
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
@@ -43,7 +43,6 @@ from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.persistence import Persistence
 
 exchanges = FrontDoor()
-blueprint = Blueprint("responses", __name__)
 
 # Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
 _ROW_WAIT_SECONDS = 5.0
@@ -475,6 +474,38 @@ async def cancel_response(incoming: Incoming) -> Reply:
     return _rendered(stored, response)
 
 
-@blueprint.get("/v1/responses/<response_id>/input_items")
-async def response_input_items(response_id: str) -> Response:
-    raise _not_found(response_id)
+@exchanges.route("/v1/responses/<response_id>/input_items", method="GET")
+async def response_input_items(incoming: Incoming) -> Reply:
+    """The items its request gave as `input` (OpenAI's list page), read from its journal row
+    on any instance."""
+    response = incoming.params["response_id"]
+    trace_id = response.removeprefix("resp_")
+    persistence = incoming.gateway.persistence
+    if persistence is None or trace_id == response or not trace_id:
+        raise _not_found(response)
+    query = parse_qs(incoming.head.query.decode("latin-1"))
+    stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    messages = await _stored_messages(persistence, trace_id)
+    if messages is None:
+        raise _not_found(response)
+    instructions = (stored.settings or {}).get("instructions")
+    items = responses.input_items(messages, response, instructions=instructions if isinstance(instructions, str) else None)
+    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _stored_messages(persistence: Persistence, trace_id: str) -> list[dict[str, Any]] | None:
+    """Its request's messages; for a run of this instance whose row is held back a moment
+    (most runs end sooner), once its row is written."""
+    store = persistence.store()
+    if store is None:
+        return None
+    with trio.move_on_after(_ROW_WAIT_SECONDS):
+        while True:
+            try:
+                messages = await store.stored_messages(trace_id)
+            except DatabaseError:
+                return None
+            if messages is not None or trace_id not in persistence.runs.live:
+                return messages
+            await trio.sleep(0.05)
+    return None

@@ -353,6 +353,14 @@ class ChatStore:
             settings, float(updated_at or 0.0),
         )
 
+    async def stored_messages(self, trace_id: str) -> list[dict[str, Any]] | None:
+        """The messages of the trace's request, as its row keeps them (canonical form)."""
+        request = await self._db.fetchval("SELECT request FROM chat_log WHERE trace_id = %s", (trace_id,))
+        if not isinstance(request, dict):
+            return None
+        messages = request.get("messages")
+        return messages if isinstance(messages, list) else None
+
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(
             "SELECT trace_id, result FROM completions_cache WHERE req_id = %s AND expires_at > now()", (req_id,)

@@ -1,5 +1,6 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
+from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     DIALECT,
     ResponsesRequest,
@@ -25,7 +26,9 @@ __all__ = [
     "StreamRenderer",
     "default_settings",
     "error_to_wire",
+    "input_items",
     "item_id",
+    "item_page",
     "output_of",
     "parse_responses_request",
     "render_error",
