@@ -182,3 +182,46 @@ async def test_a_responses_input_items_are_listed_by_the_other_instance(pair: Pa
     assert [item.id for item in rest.data] == [output.id, last.id] and not rest.has_more
     with pytest.raises(openai.NotFoundError):
         await pair.second.responses.input_items.list("resp_0123456789abcdef0123456789abcdef")
+
+
+async def test_previous_response_id_continues_a_response_made_on_the_other_instance(pair: Pair) -> None:
+    pair.fake.default = Script(tokens=["Hello", " Ada."], usage=Usage(9, 2))
+    first = await pair.first.responses.create(model="m", instructions="Be brief.", input="My name is Ada.")
+    await wait_for_row(pair.db, first.id.removeprefix("resp_"), "completed")
+    pair.fake.default = Script(tokens=["Ada."], usage=Usage(20, 1))
+    second = await pair.second.responses.create(
+        model="m", instructions="Answer in French.", input="What is my name?", previous_response_id=first.id,
+    )
+    assert (second.output_text, second.previous_response_id) == ("Ada.", first.id)
+    # Its conversation and answer, then the new input; the old instructions are not carried over.
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("system", "Answer in French."), ("user", "My name is Ada."), ("assistant", "Hello Ada."),
+        ("user", "What is my name?"),
+    ]
+    # A chain: the third turn has all of it, back on the first instance.
+    await wait_for_row(pair.db, second.id.removeprefix("resp_"), "completed")
+    third = await pair.first.responses.create(model="m", input="Thanks!", previous_response_id=second.id, stream=True)
+    assert [event.type async for event in third][-1] == "response.completed"
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assert [m["content"] for m in sent["messages"]] == [
+        "My name is Ada.", "Hello Ada.", "What is my name?", "Ada.", "Thanks!",
+    ]
+    # Its input items are its own input, as OpenAI lists them.
+    listed = await pair.first.responses.input_items.list(second.id)
+    assert [(item.type, item.content[0].text) for item in listed.data if item.type == "message"] == [
+        ("message", "What is my name?")]
+    with pytest.raises(openai.NotFoundError) as missing:
+        await pair.second.responses.create(model="m", input="x", previous_response_id="resp_0123456789abcdef")
+    assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "previous_response_not_found"
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+async def test_previous_response_id_of_a_response_still_running_is_a_400(pair: Pair) -> None:
+    running = await pair.first.responses.create(model="m", input="Count", background=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        await pair.second.responses.create(model="m", input="And?", previous_response_id=running.id)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "previous_response_id"
+    assert "in progress" in info.value.body["message"]

@@ -4,8 +4,8 @@ Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workfl
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
 background one runs durably, polled for, and can be cancelled on any instance. The
-gateway keeps no conversations (`previous_response_id` is a 400), but lists a response's input
-items from its journal row.
+gateway keeps no conversations, but continues a response it journalled (`previous_response_id`)
+and lists its input items.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
+from proxy.domain.fingerprint import message_from_canonical
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -110,6 +111,8 @@ def _answering(headers: Headers, own: str) -> str:
 @exchanges.route("/v1/responses")
 async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body)
+    if parsed.previous is not None:
+        await _continue(incoming.gateway.persistence, parsed, parsed.previous)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
@@ -139,6 +142,39 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
     ))
+
+
+async def _continue(persistence: Persistence | None, parsed: responses.ResponsesRequest, previous: str) -> None:
+    """`previous_response_id`: the conversation and answer of a response the journal keeps
+    (on any instance, the tenant's own) go before this request's input."""
+    trace_id = previous.removeprefix("resp_")
+    missing = GatewayError(
+        ErrorKind.NOT_FOUND,
+        f"Previous response with id '{previous}' not found: this gateway keeps responses only in its journal, for "
+        "its retention time.",
+        param="previous_response_id", code="previous_response_not_found",
+    )
+    if persistence is None or trace_id == previous or not trace_id:
+        raise missing
+    try:
+        stored = await _found(persistence, trace_id, previous)
+    except GatewayError as error:
+        raise missing if error.kind is ErrorKind.NOT_FOUND else error from None
+    if stored.status == "running":
+        raise invalid_request(
+            f"Previous response '{previous}' is still in progress: continue it once it has ended.",
+            param="previous_response_id",
+        )
+    messages = await _stored_messages(persistence, trace_id) if stored.status == "completed" else None
+    if stored.completion is None or messages is None:
+        raise invalid_request(
+            f"Previous response '{previous}' has no answer to continue (it ended {stored.status}).",
+            param="previous_response_id",
+        )
+    prior = [message_from_canonical(message) for message in messages]
+    if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
+        prior = prior[1:]  # its instructions: not carried over
+    responses.continued(parsed, prior, stored.completion)
 
 
 class _Background(ExchangeBody):
@@ -489,8 +525,31 @@ async def response_input_items(incoming: Incoming) -> Reply:
     if messages is None:
         raise _not_found(response)
     instructions = (stored.settings or {}).get("instructions")
-    items = responses.input_items(messages, response, instructions=instructions if isinstance(instructions, str) else None)
+    items = responses.input_items(
+        messages, response, instructions=instructions if isinstance(instructions, str) else None,
+        prior=await _continued_length(persistence, stored.settings),
+    )
     return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:
+    """How many of a response's messages (after its instructions) are those of the response
+    it continued, and its answer (0: it continued none, or the journal no longer has it)."""
+    previous = (settings or {}).get("previous_response_id")
+    store = persistence.store()
+    if not isinstance(previous, str) or store is None:
+        return 0
+    trace_id = previous.removeprefix("resp_")
+    try:
+        stored, messages = await store.stored_run(trace_id), await store.stored_messages(trace_id)
+    except DatabaseError:
+        return 0
+    if stored is None or messages is None or stored.completion is None:
+        return 0
+    instructions = (stored.settings or {}).get("instructions")
+    own = 1 if instructions and messages and messages[0].get("role") == "system" else 0
+    said = stored.completion.choices[0] if stored.completion.choices else None
+    return len(messages) - own + (1 if said is not None and (said.content or said.tool_calls) else 0)
 
 
 async def _stored_messages(persistence: Persistence, trace_id: str) -> list[dict[str, Any]] | None:

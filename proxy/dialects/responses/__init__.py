@@ -4,6 +4,7 @@ from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     DIALECT,
     ResponsesRequest,
+    continued,
     default_settings,
     parse_responses_request,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DIALECT",
     "ResponsesRequest",
     "StreamRenderer",
+    "continued",
     "default_settings",
     "error_to_wire",
     "input_items",

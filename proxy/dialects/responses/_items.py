@@ -11,21 +11,24 @@ from proxy.domain.errors import invalid_request
 _MAX_LIMIT = 100
 
 
-def input_items(messages: list[dict[str, Any]], response: str, *, instructions: str | None) -> list[dict[str, Any]]:
+def input_items(
+    messages: list[dict[str, Any]], response: str, *, instructions: str | None, prior: int = 0
+) -> list[dict[str, Any]]:
     """The items the request gave as `input`, in its order: messages, the assistant's
     function calls, their outputs (`instructions`, which became its first system message,
-    are not input, as OpenAI lists them)."""
+    are not input, as OpenAI lists them; nor are the `prior` messages after them, the
+    conversation of the response it continued)."""
     trace = response.removeprefix("resp_")
     items: list[dict[str, Any]] = []
 
     def named(kind: str) -> str:
         return f"{kind}_{trace}_in{len(items)}"
 
-    for index, message in enumerate(messages):
+    if messages and instructions and messages[0].get("role") == "system" and _text(messages[0].get("content") or []) == instructions:
+        messages = messages[1:]
+    for message in messages[prior:]:
         role = str(message.get("role") or "user")
         parts = message.get("content") or []
-        if index == 0 and role == "system" and instructions is not None and _text(parts) == instructions:
-            continue
         if role == "tool":
             items.append({
                 "id": named("fco"), "type": "function_call_output", "call_id": str(message.get("tool_call_id") or ""),
