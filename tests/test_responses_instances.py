@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import openai
@@ -225,3 +226,25 @@ async def test_previous_response_id_of_a_response_still_running_is_a_400(pair: P
         await pair.second.responses.create(model="m", input="And?", previous_response_id=running.id)
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "previous_response_id"
     assert "in progress" in info.value.body["message"]
+
+
+async def test_previous_response_id_carries_a_function_call_to_its_output(pair: Pair) -> None:
+    """The agent loop: the model calls a function, the client answers the call with only its
+    output and the response's id, on whichever instance."""
+    tool: Any = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+    pair.fake.default = Script(tokens=[], tool_calls=[("weather", '{"city":"Paris"}')], usage=Usage(9, 2))
+    called = await pair.first.responses.create(model="m", input="Weather in Paris?", tools=[tool])
+    call = next(item for item in called.output if item.type == "function_call")
+    await wait_for_row(pair.db, called.id.removeprefix("resp_"), "completed")
+    pair.fake.default = Script(tokens=["Sunny."], usage=Usage(20, 1))
+    answered = await pair.second.responses.create(
+        model="m", tools=[tool], previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22C, sun"}],
+    )
+    assert answered.output_text == "Sunny."
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assistant, output = sent["messages"][1:]
+    assert [c["function"]["name"] for c in assistant["tool_calls"]] == ["weather"]
+    assert assistant["tool_calls"][0]["id"] == call.call_id
+    assert (output["role"], output["tool_call_id"], output["content"]) == ("tool", call.call_id, "22C, sun")
