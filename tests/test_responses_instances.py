@@ -248,3 +248,29 @@ async def test_previous_response_id_carries_a_function_call_to_its_output(pair: 
     assert [c["function"]["name"] for c in assistant["tool_calls"]] == ["weather"]
     assert assistant["tool_calls"][0]["id"] == call.call_id
     assert (output["role"], output["tool_call_id"], output["content"]) == ("tool", call.call_id, "22C, sun")
+
+
+async def test_previous_response_id_continues_a_response_the_moment_it_has_been_answered(pair: Pair) -> None:
+    """Its row is written a moment after its client had the answer (a group commit): the next
+    turn, sent at once to another instance, still finds it."""
+    pair.fake.default = Script(tokens=["Hello."], usage=Usage(9, 2))
+    for turn in range(5):
+        first = await pair.first.responses.create(model="m", input=f"Hi {turn}", stream=turn % 2 == 1)
+        if turn % 2 == 1:  # streamed: the id of the stream's response, once it has completed
+            events = [event async for event in first]
+            assert events[-1].type == "response.completed"
+            first_id = events[-1].response.id
+        else:
+            first_id = first.id
+        second = await pair.second.responses.create(model="m", input="And?", previous_response_id=first_id)
+        assert second.status == "completed"
+
+
+async def test_a_streaming_response_is_found_on_the_other_instance_from_its_response_created(pair: Pair) -> None:
+    stream = await pair.first.responses.create(model="m", input="Count", stream=True)
+    created = await stream.__anext__()
+    await stream.__anext__()  # response.in_progress: its events are on their way to NATS
+    # Its row is held back while it is young: found anyway, running.
+    polled = await pair.second.responses.retrieve(created.response.id)
+    assert (polled.id, polled.status) == (created.response.id, "in_progress")
+    assert [event.type async for event in stream][-1] == "response.completed"

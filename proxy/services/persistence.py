@@ -263,6 +263,16 @@ class Persistence:
                 log.warning("listening for cancels failed (%s); retrying", error)
                 await trio.sleep(_BUS_CHECK / 2)
 
+    async def has_events(self, trace_id: str) -> bool:
+        """Whether the trace has published events (False without NATS)."""
+        bus = self.bus()
+        if bus is None:
+            return False
+        try:
+            return await bus.last_message(EVENTS_STREAM, events_subject(trace_id)) is not None
+        except BusError:
+            return False
+
     async def said_so_far(self, trace_id: str) -> ChatCompletion | None:
         """What a run of another instance has said so far, from its events on JetStream (its
         row holds its answer only once it has ended); None without NATS or events."""
