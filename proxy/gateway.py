@@ -149,6 +149,8 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
         await nursery.start(persistence.publisher.run)
+        if settings.nats_url:
+            await nursery.start(persistence.take_cancels)
         if settings.database_url:
             await nursery.start(persistence.keep_alive)
     keys = KeyRing(resources)

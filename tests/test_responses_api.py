@@ -316,7 +316,6 @@ async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(set
     ({"input": 5}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"previous_response_id": "resp_abc"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"background": True, "store": False}, "store"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
@@ -333,8 +332,12 @@ async def test_bad_input_is_a_400_in_openais_shape(setup: Setup, fields: dict[st
 
 async def test_stateful_requests_say_to_send_the_whole_conversation(setup: Setup) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await setup.client.responses.create(model=MODELS["openai"], input="more", previous_response_id="resp_1")
+        await setup.client.responses.create(model=MODELS["openai"], input="more", conversation="conv_1")
     assert "send the whole conversation in `input`" in info.value.message
+    # A response the journal does not keep cannot be continued.
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await setup.client.responses.create(model=MODELS["openai"], input="more", previous_response_id="resp_1")
+    assert isinstance(unknown.value.body, dict) and unknown.value.body["code"] == "previous_response_not_found"
     with pytest.raises(openai.BadRequestError) as tools:
         await setup.client.responses.create(model=MODELS["openai"], input="x", tools=[{"type": "file_search", "vector_store_ids": ["vs"]}])
     assert "function tools only" in tools.value.message

@@ -230,7 +230,6 @@ def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"conversation": {"id": "conv_1"}}, "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
@@ -257,6 +256,18 @@ def test_built_in_tools_are_refused_saying_only_function_tools_are_served() -> N
 
 def test_stateless_defaults_are_accepted() -> None:
     parse(background=False, previous_response_id=None, store=False, conversation=None)
+
+
+def test_a_continued_response_has_the_conversation_it_continues_after_its_own_instructions() -> None:
+    parsed = parse(previous_response_id="resp_1", instructions="Be brief.", input="And?")
+    assert parsed.previous == "resp_1" and parsed.settings["previous_response_id"] == "resp_1"
+    prior = [Message(role="user", content=(TextPart("Hi"),))]
+    answer = ChatCompletion(id="c", model="m", created=0, choices=[Choice(index=0, content="Hello.")])
+    responses.continued(parsed, prior, answer)
+    assert [(m.role, m.text) for m in parsed.chat.messages] == [
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "And?"),
+    ]
+    assert refused(previous_response_id="").param == "previous_response_id"
 
 
 # -- whole responses ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from proxy.domain.chat import (
     Message,
     OpaquePart,
     TextPart,
+    ToolCall,
 )
 
 
@@ -41,6 +42,26 @@ def _message(message: Message) -> dict[str, Any]:
     if message.extra:  # a legacy `function_call`, a `prefix` flag...: they change the answer
         out["extra"] = message.extra
     return out
+
+
+def message_from_canonical(data: dict[str, Any]) -> Message:
+    """A message as `_message` wrote it (a journalled request's, continued by a later one)."""
+    parts: list[TextPart | ImagePart | OpaquePart] = []
+    for part in data.get("content") or []:
+        if isinstance(part, str):
+            parts.append(TextPart(part))
+        elif isinstance(part, dict) and "image" in part:
+            parts.append(ImagePart(str(part["image"]), part.get("detail")))
+        elif isinstance(part, dict) and "opaque" in part:
+            parts.append(OpaquePart(str(part["opaque"]), dict(part.get("data") or {})))
+    return Message(
+        role=data.get("role") or "user",
+        content=tuple(parts),
+        tool_calls=tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in data.get("tool_calls") or []),
+        tool_call_id=data.get("tool_call_id"),
+        name=data.get("name"),
+        extra=dict(data.get("extra") or {}),
+    )
 
 
 _PARAM_NAMES = tuple(f.name for f in fields(GenerationParams))

@@ -579,8 +579,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
-        "server-sent events. `previous_response_id`, `conversation` and `prompt` are 400s (send the whole "
-        "conversation); `background: true` runs on when the connection drops (without `stream`, answered "
+        "server-sent events. `previous_response_id` continues a response the journal keeps; `conversation` and "
+        "`prompt` are 400s (send the whole conversation); `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
     ("/v1/responses/{response_id}", "get"): _op(
@@ -595,18 +595,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
         "it echoes are the defaults, not the request's.",
     ),
-    **{
-        (path, method): _refused(_op(
-            "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
-        ))
-        for path, method in (
-            ("/v1/responses/{response_id}", "delete"), ("/v1/responses/{response_id}/input_items", "get"),
-        )
-    },
+    ("/v1/responses/{response_id}", "delete"): _refused(_op(
+        "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
+    )),
+    ("/v1/responses/{response_id}/input_items", "get"): _op(
+        "A response's input items (OpenAI's list), from the journal", "OpenAI", _ok(_LIST),
+        parameters=[
+            _RESPONSE_ID,
+            {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}, "description": "Default `desc`."},
+            {"name": "after", "in": "query", "schema": _STR, "description": "An item's id: the items after it."},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        ],
+    ),
     ("/v1/responses/{response_id}/cancel", "post"): _op(
         "Cancel a background response (OpenAI's cancel)", "OpenAI", _ok(_RESPONSE), parameters=[_RESPONSE_ID],
-        description="Stops a response running on this instance (409 for another instance's) and answers it "
-        "`cancelled`; one that has ended is answered as it stands.",
+        description="Stops a response on whichever instance runs it (passed on over NATS; 409 when that instance "
+        "does not stop it within 10 s) and answers it `cancelled`; one that has ended is answered as it stands.",
     ),
     ("/v1/streams/{trace_id}", "get"): _op(
         "Resume a trace's event stream", "Streams", _ok(media="text/event-stream"),

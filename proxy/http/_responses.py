@@ -3,8 +3,9 @@
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
-background one runs durably, polled for, and can be cancelled on the instance running it. The
-gateway keeps no conversations: `/input_items` is a 404 saying so.
+background one runs durably, polled for, and can be cancelled on any instance. The
+gateway keeps no conversations, but continues a response it journalled (`previous_response_id`)
+and lists its input items.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from urllib.parse import parse_qs
 
 import trio
 from hypercorn.typing import ASGISendCallable
-from quart import Blueprint, Response
 
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
@@ -24,6 +24,7 @@ from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
+from proxy.domain.fingerprint import message_from_canonical
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -40,13 +41,16 @@ from proxy.infra.backends import Batch
 from proxy.infra.chat_store import StoredRun
 from proxy.infra.postgres import DatabaseError
 from proxy.services.chat import ChatExchange, ExchangeSink
+from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
 
 exchanges = FrontDoor()
-blueprint = Blueprint("responses", __name__)
 
 # Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
 _ROW_WAIT_SECONDS = 5.0
+# How long a run's row may be held back while it is young (`LogWriter.START_DELAY`), with room
+# for its group commit.
+_YOUNG_ROW_SECONDS = LogWriter.START_DELAY + 0.75
 
 # Errors in OpenAI's shape, as on every OpenAI path, naming the Responses request's fields; the
 # registration names the dialect, so a request refused before its exchange is logged and counted
@@ -111,6 +115,8 @@ def _answering(headers: Headers, own: str) -> str:
 @exchanges.route("/v1/responses")
 async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body)
+    if parsed.previous is not None:
+        await _continue(incoming.gateway.persistence, parsed, parsed.previous)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
@@ -140,6 +146,39 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
     ))
+
+
+async def _continue(persistence: Persistence | None, parsed: responses.ResponsesRequest, previous: str) -> None:
+    """`previous_response_id`: the conversation and answer of a response the journal keeps
+    (on any instance, the tenant's own) go before this request's input."""
+    trace_id = previous.removeprefix("resp_")
+    missing = GatewayError(
+        ErrorKind.NOT_FOUND,
+        f"Previous response with id '{previous}' not found: this gateway keeps responses only in its journal, for "
+        "its retention time.",
+        param="previous_response_id", code="previous_response_not_found",
+    )
+    if persistence is None or trace_id == previous or not trace_id:
+        raise missing
+    try:
+        stored = await _found(persistence, trace_id, previous)
+    except GatewayError as error:
+        raise missing if error.kind is ErrorKind.NOT_FOUND else error from None
+    if stored.status == "running":
+        raise invalid_request(
+            f"Previous response '{previous}' is still in progress: continue it once it has ended.",
+            param="previous_response_id",
+        )
+    messages = await _stored_messages(persistence, trace_id) if stored.status == "completed" else None
+    if stored.completion is None or messages is None:
+        raise invalid_request(
+            f"Previous response '{previous}' has no answer to continue (it ended {stored.status}).",
+            param="previous_response_id",
+        )
+    prior = [message_from_canonical(message) for message in messages]
+    if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
+        prior = prior[1:]  # its instructions: not carried over
+    responses.continued(parsed, prior, stored.completion)
 
 
 class _Background(ExchangeBody):
@@ -251,14 +290,44 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
             await live.written.wait()
         stored = await _stored(persistence, trace_id)
     here = _running_here(persistence, trace_id)
+    if stored is None and here is None:
+        stored = await _row_coming(persistence, trace_id)
     if stored is None:
         stored = here
     elif stored.status == "running" and here is not None:
         stored = replace(stored, completion=here.completion)  # what it has said so far
+    elif stored.completion is None and stored.status in ("running", "failed") and stored.route != "workflow":
+        # Running on another instance, or failed with its process (which wrote no answer):
+        # what its events say it had said. (A workflow's events are its workers'.)
+        said = await persistence.said_so_far(trace_id)
+        if said is not None:
+            stored = replace(stored, completion=said)
     tenant = current_tenant()
     if stored is None or (tenant is not None and stored.tenant != tenant):
         raise _not_found(response)
     return stored
+
+
+async def _row_coming(persistence: Persistence, trace_id: str) -> StoredRun | None:
+    """The row of a run that has not written it yet, waited for: a row is held back while a
+    run is young, and written a moment after its client had the whole answer (a group
+    commit), so a client may ask for its response (read it, continue it) before. Longest for
+    a run known to be one: its key claimed (a background response, claimed before it starts)
+    or its events on NATS; an id nobody made is a 404 after `_YOUNG_ROW_SECONDS`."""
+    store = persistence.store()
+    if store is None:
+        return None
+    try:
+        known = await store.trace_claimed(trace_id) or await persistence.has_events(trace_id)
+    except DatabaseError:
+        return None
+    with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
+        while True:
+            stored = await _stored(persistence, trace_id)
+            if stored is not None:
+                return stored
+            await trio.sleep(0.05)  # its writer's group commit: a few milliseconds
+    return None
 
 
 def _echoed(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -416,8 +485,8 @@ def _not_found(response_id: str) -> GatewayError:
 
 @exchanges.route("/v1/responses/<response_id>/cancel")
 async def cancel_response(incoming: Incoming) -> Reply:
-    """Stop a background response running on this instance: the Response as it then stands
-    (`cancelled`). One that has ended already is answered as it is."""
+    """Stop a background response, on this instance or (over NATS) the one running it: the
+    Response as it then stands (`cancelled`). One that has ended already is answered as it is."""
     response = incoming.params["response_id"]
     trace_id = response.removeprefix("resp_")
     persistence = incoming.gateway.persistence
@@ -432,15 +501,76 @@ async def cancel_response(incoming: Incoming) -> Reply:
                 "cancelled (a streaming response stops when its client closes the stream).",
                 param="response_id",
             )
-        if not await persistence.runs.cancel(trace_id):
-            raise GatewayError(
-                ErrorKind.CONFLICT, f"Response '{response}' runs on another gateway instance: cancel it there.",
-                param="response_id", code="response_elsewhere",
-            )
-        stored = await _found(persistence, trace_id, response)
+        if await persistence.runs.cancel(trace_id):
+            stored = await _found(persistence, trace_id, response)
+        else:
+            ended = await persistence.cancel_elsewhere(trace_id)
+            if ended is None:
+                raise GatewayError(
+                    ErrorKind.CONFLICT,
+                    f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
+                    "instance is gone, the response is failed within a minute).",
+                    param="response_id", code="response_elsewhere",
+                )
+            stored = ended
     return _rendered(stored, response)
 
 
-@blueprint.get("/v1/responses/<response_id>/input_items")
-async def response_input_items(response_id: str) -> Response:
-    raise _not_found(response_id)
+@exchanges.route("/v1/responses/<response_id>/input_items", method="GET")
+async def response_input_items(incoming: Incoming) -> Reply:
+    """The items its request gave as `input` (OpenAI's list page), read from its journal row
+    on any instance."""
+    response = incoming.params["response_id"]
+    trace_id = response.removeprefix("resp_")
+    persistence = incoming.gateway.persistence
+    if persistence is None or trace_id == response or not trace_id:
+        raise _not_found(response)
+    query = parse_qs(incoming.head.query.decode("latin-1"))
+    stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    messages = await _stored_messages(persistence, trace_id)
+    if messages is None:
+        raise _not_found(response)
+    instructions = (stored.settings or {}).get("instructions")
+    items = responses.input_items(
+        messages, response, instructions=instructions if isinstance(instructions, str) else None,
+        prior=await _continued_length(persistence, stored.settings),
+    )
+    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:
+    """How many of a response's messages (after its instructions) are those of the response
+    it continued, and its answer (0: it continued none, or the journal no longer has it)."""
+    previous = (settings or {}).get("previous_response_id")
+    store = persistence.store()
+    if not isinstance(previous, str) or store is None:
+        return 0
+    trace_id = previous.removeprefix("resp_")
+    try:
+        stored, messages = await store.stored_run(trace_id), await store.stored_messages(trace_id)
+    except DatabaseError:
+        return 0
+    if stored is None or messages is None or stored.completion is None:
+        return 0
+    instructions = (stored.settings or {}).get("instructions")
+    own = 1 if instructions and messages and messages[0].get("role") == "system" else 0
+    said = stored.completion.choices[0] if stored.completion.choices else None
+    return len(messages) - own + (1 if said is not None and (said.content or said.tool_calls) else 0)
+
+
+async def _stored_messages(persistence: Persistence, trace_id: str) -> list[dict[str, Any]] | None:
+    """Its request's messages; for a run of this instance whose row is held back a moment
+    (most runs end sooner), once its row is written."""
+    store = persistence.store()
+    if store is None:
+        return None
+    with trio.move_on_after(_ROW_WAIT_SECONDS):
+        while True:
+            try:
+                messages = await store.stored_messages(trace_id)
+            except DatabaseError:
+                return None
+            if messages is not None or trace_id not in persistence.runs.live:
+                return messages
+            await trio.sleep(0.05)
+    return None

@@ -65,7 +65,6 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_health.blueprint)
     app.register_blueprint(_ollama.blueprint)
     app.register_blueprint(_anthropic.blueprint)
-    app.register_blueprint(_responses.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(openapi_blueprint)

@@ -314,6 +314,12 @@ class ChatStore:
         status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
         return status in ("failed", "cancelled")
 
+    async def trace_claimed(self, trace_id: str) -> bool:
+        """Whether a key is held `running` by `trace_id` (a keyed run's key is claimed before it
+        starts; its `running` row is written a moment later)."""
+        status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
+        return bool(status == "running")
+
     async def heartbeat(self, instance: str) -> None:
         await self._db.execute(
             "INSERT INTO gateway_instances (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
@@ -352,6 +358,14 @@ class ChatStore:
             status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
             settings, float(updated_at or 0.0), attempt or 0,
         )
+
+    async def stored_messages(self, trace_id: str) -> list[dict[str, Any]] | None:
+        """The messages of the trace's request, as its row keeps them (canonical form)."""
+        request = await self._db.fetchval("SELECT request FROM chat_log WHERE trace_id = %s", (trace_id,))
+        if not isinstance(request, dict):
+            return None
+        messages = request.get("messages")
+        return messages if isinstance(messages, list) else None
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         row = await self._db.fetchrow(

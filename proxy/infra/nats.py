@@ -358,6 +358,17 @@ class Bus:
         for subject, data, msg_id in items:
             await self._nc.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
 
+    async def last_message(self, stream: str, subject: str) -> bytes | None:
+        """The last message `stream` holds on `subject` (None: it holds none)."""
+        return await _hop(self._aio_last_message, stream, subject)
+
+    async def _aio_last_message(self, stream: str, subject: str) -> bytes | None:
+        try:
+            message = await self._js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        return bytes(message.data or b"")
+
     # -- subscriptions ----------------------------------------------------------------------
 
     @asynccontextmanager

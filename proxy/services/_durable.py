@@ -104,8 +104,9 @@ class DurableRun(Recording):
         complete = False
         try:
             async with trio.open_nursery() as nursery:
-                # A background run is polled for from the moment its creation is answered.
-                journal.begin(at_once=self._detached)
+                # A background run is polled for (or cancelled, on any instance) from the moment
+                # its creation is answered: its `response.created` too.
+                journal.begin(at_once=self._detached or bool((self.settings or {}).get("background")))
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
                 nursery.start_soon(self._feed, self._producer(), send, None)  # not the client's
                 async with receive:

@@ -29,13 +29,20 @@ import trio
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamEvent, StreamFailed, completion_events
+from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
-from proxy.services.journal import EventLog, EventPublisher, LogWriter, Outbox, events_subject
+from proxy.services.journal import (
+    EVENTS_STREAM,
+    EventLog,
+    EventPublisher,
+    LogWriter,
+    Outbox,
+    events_subject,
+)
 from proxy.workflow.view import ClientView
 
 log = logging.getLogger("llm_proxy.persistence")
@@ -50,6 +57,20 @@ _T = TypeVar("_T")
 # do not start another.
 _LOOKUP_TIMEOUT = 3.0
 _CALL_TIMEOUT = 30.0
+
+# A run's cancel asked of the instance running it, over core NATS: every instance listens, the
+# one with the run stops it; the asker learns it from the run's row.
+_CANCEL_PREFIX = "gateway.cancel."
+# How long the asker waits for the row to end, asking again now and then (core NATS drops
+# what is sent while a connection is re-established).
+_CANCEL_WAIT = 10.0
+_CANCEL_REPEAT = 2.0
+# How often the listener checks that its connection is still the gateway's.
+_BUS_CHECK = 2.0
+
+
+def cancel_subject(trace_id: str) -> str:
+    return _CANCEL_PREFIX + trace_id
 
 
 @dataclass(slots=True)
@@ -128,6 +149,12 @@ class Runs:
         scope.cancel()
         await ended.wait()  # bounded: a cancelled run only writes its row (shielded, with a deadline)
         return True
+
+    def stop_run(self, trace_id: str) -> None:
+        """`cancel` without waiting: asked by another instance, which waits for the row."""
+        found = self._scopes.get(trace_id)
+        if found is not None:
+            found[0].cancel()
 
     def cancelled(self, trace_id: str) -> bool:
         """Whether the run was stopped by `cancel` (not by the gateway stopping)."""
@@ -215,6 +242,86 @@ class Persistence:
                     if swept:
                         log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
             await trio.sleep(self.settings.heartbeat)
+
+    async def take_cancels(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stop this instance's runs whose cancel a client sent to another instance (which
+        then reads the run's row, written `cancelled` as for a cancel sent here)."""
+        task_status.started()
+        while True:
+            bus = self.bus()
+            if bus is None:
+                await trio.sleep(_BUS_CHECK / 2)
+                continue
+            try:
+                async with bus.subscribe(cancel_subject("*")) as messages:
+                    # A connection closed for good is replaced by a new `Bus`: listen there.
+                    while self.bus() is bus:
+                        with trio.move_on_after(_BUS_CHECK):
+                            message = await messages.receive()
+                            self.runs.stop_run(message.subject.removeprefix(_CANCEL_PREFIX))
+            except BusError as error:
+                log.warning("listening for cancels failed (%s); retrying", error)
+                await trio.sleep(_BUS_CHECK / 2)
+
+    async def has_events(self, trace_id: str) -> bool:
+        """Whether the trace has published events (False without NATS)."""
+        bus = self.bus()
+        if bus is None:
+            return False
+        try:
+            return await bus.last_message(EVENTS_STREAM, events_subject(trace_id)) is not None
+        except BusError:
+            return False
+
+    async def said_so_far(self, trace_id: str) -> ChatCompletion | None:
+        """What a run of another instance has said so far, from its events on JetStream (its
+        row holds its answer only once it has ended); None without NATS or events."""
+        bus = self.bus()
+        if bus is None:
+            return None
+        said = CompletionBuilder()
+        subject = events_subject(trace_id)
+        try:
+            last = await bus.last_message(EVENTS_STREAM, subject)
+            if last is None:
+                return None
+            end = decode_event(last)[0]
+            # Bounded: a poll is answered with what arrived in time.
+            with trio.move_on_after(_LOOKUP_TIMEOUT):
+                async with bus.subscribe(subject, from_start=True, stream=EVENTS_STREAM) as messages:
+                    async for message in messages:
+                        seq, event = decode_event(message.data)
+                        if event is not None and not isinstance(event, Finished):
+                            said.add(event)
+                        if seq >= end:
+                            break
+        except BusError as error:
+            log.warning("reading %s's events from NATS failed: %s", trace_id, error)
+        return said.build() if said.start is not None else None
+
+    async def cancel_elsewhere(self, trace_id: str) -> StoredRun | None:
+        """Ask whichever instance runs `trace_id` to stop it; its row once no longer
+        `running` (None: no instance ended it within `_CANCEL_WAIT`, or no NATS/PostgreSQL)."""
+        bus, store = self.bus(), self.store()
+        if bus is None or store is None:
+            return None
+        with trio.move_on_after(_CANCEL_WAIT):
+            while True:
+                try:
+                    await bus.publish_core(cancel_subject(trace_id), b"")
+                except BusError as error:
+                    log.warning("asking for %s's cancel failed: %s", trace_id, error)
+                    return None
+                with trio.move_on_after(_CANCEL_REPEAT):
+                    while True:
+                        await trio.sleep(0.1)
+                        try:
+                            stored = await store.stored_run(trace_id)
+                        except DatabaseError:
+                            continue
+                        if stored is not None and stored.status != "running":
+                            return stored
+        return None
 
     def store(self) -> ChatStore | None:
         db = self.resources.database

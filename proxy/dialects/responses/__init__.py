@@ -1,8 +1,10 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
+from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     DIALECT,
     ResponsesRequest,
+    continued,
     default_settings,
     parse_responses_request,
 )
@@ -23,9 +25,12 @@ __all__ = [
     "DIALECT",
     "ResponsesRequest",
     "StreamRenderer",
+    "continued",
     "default_settings",
     "error_to_wire",
+    "input_items",
     "item_id",
+    "item_page",
     "output_of",
     "parse_responses_request",
     "render_error",

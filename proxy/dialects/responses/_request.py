@@ -1,10 +1,10 @@
 """OpenAI Responses requests (`POST /v1/responses`): a client's body as a domain chat request.
 
-The gateway keeps no conversations, so a request must carry its whole conversation in
-`input`: the stateful fields (`previous_response_id`, `conversation`, `prompt`) are 400s
-saying so. `background: true` makes a run that outlives its connection, read back (polled,
-or streamed again) from the journal. Only function tools are served; OpenAI's built-in tools run on OpenAI's
-servers and have nothing to become here.
+The gateway keeps no conversations or prompts (`conversation`, `prompt` are 400s saying so);
+`previous_response_id` continues a response its journal keeps (see `continued`).
+`background: true` makes a run that outlives its connection, read back (polled, or streamed
+again) from the journal. Only function tools are served; OpenAI's built-in tools run on
+OpenAI's servers and have nothing to become here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
 from proxy.domain.chat import (
+    ChatCompletion,
     ChatRequest,
     ContentPart,
     GenerationParams,
@@ -33,10 +34,9 @@ DIALECT = "responses"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
-_NOT_STORED = "this gateway stores no responses or conversations: send the whole conversation in `input`"
+_NOT_STORED = "this gateway stores no conversations, prompts or items: send the whole conversation in `input` (or continue a response with `previous_response_id`)"
 # Field -> what it would need, for the 400 that refuses it.
 _STATEFUL = {
-    "previous_response_id": "continues a stored response",
     "conversation": "continues a stored conversation",
     "prompt": "names a stored prompt template",
 }
@@ -53,6 +53,9 @@ class ResponsesRequest:
     # The client's `stream`: a background run streams from its backend whatever the client
     # asked (`chat.stream`), so that its journal has its events as they come.
     stream: bool = False
+    # The response this one continues (`previous_response_id`): its conversation and answer
+    # go before this request's input (see `continued`).
+    previous: str | None = None
 
     @property
     def background(self) -> bool:
@@ -69,6 +72,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     for name, what in _STATEFUL.items():
         if data.get(name) is not None:
             raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
+    previous = fields.text("previous_response_id", nonempty=True)
     background = bool(fields.boolean("background"))
     if background and fields.data.get("store") is False:
         raise invalid_request(
@@ -156,9 +160,23 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         "user": user,
         "service_tier": service_tier or "default",
         "background": background,
-        "previous_response_id": None,
+        "previous_response_id": previous,
     }
-    return ResponsesRequest(chat, settings, stream=stream)
+    return ResponsesRequest(chat, settings, stream=stream, previous=previous)
+
+
+def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatCompletion) -> None:
+    """Make `parsed` continue a response: the conversation that response was answered with
+    (`prior`, without its own instructions, which OpenAI does not carry over), its answer,
+    then this request's input, after this request's instructions."""
+    chat = parsed.chat
+    own = 1 if parsed.settings.get("instructions") else 0
+    said = answer.choices[0] if answer.choices else None
+    reply = (
+        [Message(role="assistant", content=(TextPart(said.content),) if said.content else (), tool_calls=tuple(said.tool_calls))]
+        if said is not None and (said.content or said.tool_calls) else []
+    )
+    chat.messages = [*chat.messages[:own], *prior, *reply, *chat.messages[own:]]
 
 
 def default_settings() -> dict[str, Any]:

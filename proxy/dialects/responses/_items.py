@@ -1,0 +1,80 @@
+"""A Response's input items (`GET /v1/responses/{id}/input_items`), read back from the
+request its journal row keeps (the canonical request of `proxy/domain/fingerprint.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.dialects.responses._response import call_item
+from proxy.domain.errors import invalid_request
+
+_MAX_LIMIT = 100
+
+
+def input_items(
+    messages: list[dict[str, Any]], response: str, *, instructions: str | None, prior: int = 0
+) -> list[dict[str, Any]]:
+    """The items the request gave as `input`, in its order: messages, the assistant's
+    function calls, their outputs (`instructions`, which became its first system message,
+    are not input, as OpenAI lists them; nor are the `prior` messages after them, the
+    conversation of the response it continued)."""
+    trace = response.removeprefix("resp_")
+    items: list[dict[str, Any]] = []
+
+    def named(kind: str) -> str:
+        return f"{kind}_{trace}_in{len(items)}"
+
+    if messages and instructions and messages[0].get("role") == "system" and _text(messages[0].get("content") or []) == instructions:
+        messages = messages[1:]
+    for message in messages[prior:]:
+        role = str(message.get("role") or "user")
+        parts = message.get("content") or []
+        if role == "tool":
+            items.append({
+                "id": named("fco"), "type": "function_call_output", "call_id": str(message.get("tool_call_id") or ""),
+                "output": _text(parts), "status": "completed",
+            })
+            continue
+        content = [part for part in (_part(p, role) for p in parts) if part is not None]
+        if content or not message.get("tool_calls"):
+            items.append({"id": named("msg"), "type": "message", "role": role, "status": "completed", "content": content})
+        for call_id, name, arguments in message.get("tool_calls") or []:
+            items.append(call_item(named("fc"), str(call_id), str(name), str(arguments), "completed"))
+    return items
+
+
+def _text(parts: list[Any]) -> str:
+    return "".join(part for part in parts if isinstance(part, str))
+
+
+def _part(part: Any, role: str) -> dict[str, Any] | None:
+    if isinstance(part, str):
+        if role == "assistant":
+            return {"type": "output_text", "text": part, "annotations": []}
+        return {"type": "input_text", "text": part}
+    if isinstance(part, dict) and "image" in part:
+        return {"type": "input_image", "image_url": part["image"], "detail": part.get("detail") or "auto"}
+    return None  # another dialect's part: not one a Responses request can have given
+
+
+def item_page(items: list[dict[str, Any]], query: dict[str, list[str]]) -> dict[str, Any]:
+    """OpenAI's list page of `items`: `order` (`desc`, the default, or `asc`), `after` an
+    item's id, `limit` (1 to 100, default 20)."""
+    order = (query.get("order") or ["desc"])[0]
+    if order not in ("asc", "desc"):
+        raise invalid_request("`order` must be `asc` or `desc`.", param="order")
+    raw_limit = (query.get("limit") or ["20"])[0]
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
+        raise invalid_request(f"`limit` must be an integer from 1 to {_MAX_LIMIT}.", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = (query.get("after") or [""])[0]
+    if after:
+        position = next((i for i, item in enumerate(ordered) if item["id"] == after), None)
+        if position is None:
+            raise invalid_request(f"No input item `{after}` in this response.", param="after")
+        ordered = ordered[position + 1 :]
+    page = ordered[: int(raw_limit)]
+    return {
+        "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page),
+    }

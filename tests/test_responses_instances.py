@@ -1,0 +1,276 @@
+"""Responses behind a load balancer: two gateway instances sharing one PostgreSQL and one
+NATS, each call of the official `openai` SDK landing on either of them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import eventually, gateway
+from tests.test_cli import free_port
+from tests.test_persistence import rows, wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+TOKENS = [f" w{i}" for i in range(40)]
+
+
+@dataclass
+class Pair:
+    db: str
+    fake: OpenAIBackend
+    first: openai.AsyncOpenAI
+    second: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def pair(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Pair]:
+    # An answer that takes the backend 4 s: long enough to reach it from the other instance.
+    fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as first, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as second:
+        clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) for url in (first, second)]
+        yield Pair(pg_database_url, fake, *clients)
+        for client in clients:
+            await client.close()
+
+
+async def _backend_done(fake: OpenAIBackend) -> bool:
+    return bool(fake.recorder.generations) and all(g.outcome != "running" for g in fake.recorder.generations)
+
+
+async def test_a_background_response_is_cancelled_through_the_instance_not_running_it(pair: Pair) -> None:
+    created = await pair.first.responses.create(model="m", input="Count", background=True)
+    await pair.fake.wait_requests(1, 10)
+    await trio.sleep(0.5)  # it has said something by now
+    with trio.fail_after(10):
+        cancelled = await pair.second.responses.cancel(created.id)
+    assert (cancelled.id, cancelled.status) == (created.id, "cancelled")
+    # Its backend stopped well before the answer's 4 s; what it said is kept.
+    await eventually(lambda: _backend_done(pair.fake), within=5)
+    assert [g.outcome for g in pair.fake.recorder.generations] == ["cancelled"]
+    assert cancelled.output_text.startswith(TOKENS[0]) and cancelled.output_text != "".join(TOKENS)
+    await wait_for_row(pair.db, created.id.removeprefix("resp_"), "cancelled")
+    for client in (pair.first, pair.second):
+        assert (await client.responses.retrieve(created.id)).status == "cancelled"
+    # Cancelled again, on either: as it stands.
+    assert (await pair.second.responses.cancel(created.id)).status == "cancelled"
+
+
+async def test_a_background_stream_is_found_and_cancelled_on_the_other_instance_right_after_its_creation(
+    pair: Pair,
+) -> None:
+    stream = await pair.first.responses.create(model="m", input="Count", background=True, stream=True)
+    created = await stream.__anext__()
+    assert created.type == "response.created"
+    response_id = created.response.id
+    # At once, through the other instance: the response its client was just told of.
+    polled = await pair.second.responses.retrieve(response_id)
+    assert (polled.id, polled.status) == (response_id, "in_progress")
+    with trio.fail_after(10):
+        assert (await pair.second.responses.cancel(response_id)).status == "cancelled"
+    rest = [event async for event in stream]
+    assert (rest[-1].type, rest[-1].response.status) == ("response.incomplete", "cancelled")
+    assert [g.outcome for g in pair.fake.recorder.generations] == ["cancelled"]
+
+
+async def test_a_background_response_polled_on_the_other_instance_shows_what_it_has_said_so_far(pair: Pair) -> None:
+    created = await pair.first.responses.create(model="m", input="Count", background=True)
+    await pair.fake.wait_requests(1, 10)
+
+    async def said() -> str | None:
+        polled = await pair.second.responses.retrieve(created.id)
+        assert polled.status == "in_progress"
+        return polled.output_text if len(polled.output_text) > len(TOKENS[0]) else None
+
+    # As its own instance shows it (see test_responses_background): its text so far, its item
+    # `in_progress`, well before the answer's 4 s are up.
+    so_far = await eventually(said, within=2)
+    assert so_far is not None and "".join(TOKENS).startswith(so_far)
+    polled = await pair.second.responses.retrieve(created.id)
+    assert polled.output[-1].status == "in_progress"
+
+
+async def test_a_background_response_whose_instance_was_killed_is_polled_failed_with_what_it_had_said(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """SIGKILL leaves its run `running` with no answer in its row; once a live instance has
+    failed it (its process silent past `dead_after`, aged here in the database), a poll says
+    `failed`, and still shows the text its client could have read while it ran."""
+    fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as survivor, httpx.AsyncClient(timeout=30) as http:
+        env |= {"LLM_BASE_URL": f"{server.url}/v1", "DATABASE_URL": pg_database_url, "NATS_URL": nats_url}
+        doomed = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key="x", max_retries=0)
+        try:
+            with trio.fail_after(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                            break
+                    await trio.sleep(0.1)
+            doomed_client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            created = await doomed_client.responses.create(model="m", input="Count", background=True)
+            await doomed_client.close()
+            await fake.wait_requests(1, 10)
+            await trio.sleep(1.0)  # a quarter of its answer
+            doomed.kill()
+        finally:
+            doomed.kill()
+            await doomed.wait()
+        trace_id = created.id.removeprefix("resp_")
+        aged = await trio.to_thread.run_sync(
+            rows, pg_database_url, "UPDATE gateway_instances SET seen_at = now() - interval '1 hour'"
+            " WHERE id = (SELECT owner FROM idempotency_keys WHERE trace_id = %s) RETURNING id", trace_id,
+        )
+        assert len(aged) == 1
+        await wait_for_row(pg_database_url, trace_id, "failed", within=15)  # the next heartbeat's sweep
+        polled = await client.responses.retrieve(created.id)
+        await client.close()
+    assert polled.status == "failed" and polled.error is not None and "killed or crashed" in polled.error.message
+    said = polled.output_text
+    assert said.startswith(TOKENS[0]) and "".join(TOKENS).startswith(said) and said != "".join(TOKENS)
+    assert polled.output[-1].status == "incomplete"
+
+
+async def test_a_responses_input_items_are_listed_by_the_other_instance(pair: Pair) -> None:
+    pair.fake.default = Script(tokens=["Sunny."], usage=Usage(9, 2))
+    created = await pair.first.responses.create(
+        model="m", instructions="Be brief.",
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "22C, sun"},
+            {"role": "user", "content": [{"type": "input_text", "text": "And so?"},
+                                         {"type": "input_image", "image_url": "https://x.test/a.png", "detail": "low"}]},
+        ],
+    )
+    await wait_for_row(pair.db, created.id.removeprefix("resp_"), "completed")
+    # OpenAI's order: newest first; its instructions are not input.
+    page = await pair.second.responses.input_items.list(created.id)
+    kinds = [item.type for item in page.data]
+    assert kinds == ["message", "function_call_output", "function_call", "message"]
+    last, output, call, first = page.data
+    assert first.type == "message" and (first.role, first.content[0].text) == ("user", "Weather in Paris?")
+    assert call.type == "function_call" and (call.call_id, call.name, call.arguments) == (
+        "call_1", "weather", '{"city":"Paris"}')
+    assert output.type == "function_call_output" and (output.call_id, output.output) == ("call_1", "22C, sun")
+    assert last.type == "message" and [part.type for part in last.content] == ["input_text", "input_image"]
+    # Paged as the SDK pages it.
+    ascending = await pair.second.responses.input_items.list(created.id, order="asc", limit=2)
+    assert [item.id for item in ascending.data] == [first.id, call.id] and ascending.has_more
+    rest = await pair.first.responses.input_items.list(created.id, order="asc", after=call.id)
+    assert [item.id for item in rest.data] == [output.id, last.id] and not rest.has_more
+    with pytest.raises(openai.NotFoundError):
+        await pair.second.responses.input_items.list("resp_0123456789abcdef0123456789abcdef")
+
+
+async def test_previous_response_id_continues_a_response_made_on_the_other_instance(pair: Pair) -> None:
+    pair.fake.default = Script(tokens=["Hello", " Ada."], usage=Usage(9, 2))
+    first = await pair.first.responses.create(model="m", instructions="Be brief.", input="My name is Ada.")
+    await wait_for_row(pair.db, first.id.removeprefix("resp_"), "completed")
+    pair.fake.default = Script(tokens=["Ada."], usage=Usage(20, 1))
+    second = await pair.second.responses.create(
+        model="m", instructions="Answer in French.", input="What is my name?", previous_response_id=first.id,
+    )
+    assert (second.output_text, second.previous_response_id) == ("Ada.", first.id)
+    # Its conversation and answer, then the new input; the old instructions are not carried over.
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assert [(m["role"], m["content"]) for m in sent["messages"]] == [
+        ("system", "Answer in French."), ("user", "My name is Ada."), ("assistant", "Hello Ada."),
+        ("user", "What is my name?"),
+    ]
+    # A chain: the third turn has all of it, back on the first instance.
+    await wait_for_row(pair.db, second.id.removeprefix("resp_"), "completed")
+    third = await pair.first.responses.create(model="m", input="Thanks!", previous_response_id=second.id, stream=True)
+    assert [event.type async for event in third][-1] == "response.completed"
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assert [m["content"] for m in sent["messages"]] == [
+        "My name is Ada.", "Hello Ada.", "What is my name?", "Ada.", "Thanks!",
+    ]
+    # Its input items are its own input, as OpenAI lists them.
+    listed = await pair.first.responses.input_items.list(second.id)
+    assert [(item.type, item.content[0].text) for item in listed.data if item.type == "message"] == [
+        ("message", "What is my name?")]
+    with pytest.raises(openai.NotFoundError) as missing:
+        await pair.second.responses.create(model="m", input="x", previous_response_id="resp_0123456789abcdef")
+    assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "previous_response_not_found"
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+async def test_previous_response_id_of_a_response_still_running_is_a_400(pair: Pair) -> None:
+    running = await pair.first.responses.create(model="m", input="Count", background=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        await pair.second.responses.create(model="m", input="And?", previous_response_id=running.id)
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "previous_response_id"
+    assert "in progress" in info.value.body["message"]
+
+
+async def test_previous_response_id_carries_a_function_call_to_its_output(pair: Pair) -> None:
+    """The agent loop: the model calls a function, the client answers the call with only its
+    output and the response's id, on whichever instance."""
+    tool: Any = {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}
+    pair.fake.default = Script(tokens=[], tool_calls=[("weather", '{"city":"Paris"}')], usage=Usage(9, 2))
+    called = await pair.first.responses.create(model="m", input="Weather in Paris?", tools=[tool])
+    call = next(item for item in called.output if item.type == "function_call")
+    await wait_for_row(pair.db, called.id.removeprefix("resp_"), "completed")
+    pair.fake.default = Script(tokens=["Sunny."], usage=Usage(20, 1))
+    answered = await pair.second.responses.create(
+        model="m", tools=[tool], previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22C, sun"}],
+    )
+    assert answered.output_text == "Sunny."
+    sent = pair.fake.recorder.requests[-1].json
+    assert sent is not None
+    assistant, output = sent["messages"][1:]
+    assert [c["function"]["name"] for c in assistant["tool_calls"]] == ["weather"]
+    assert assistant["tool_calls"][0]["id"] == call.call_id
+    assert (output["role"], output["tool_call_id"], output["content"]) == ("tool", call.call_id, "22C, sun")
+
+
+async def test_previous_response_id_continues_a_response_the_moment_it_has_been_answered(pair: Pair) -> None:
+    """Its row is written a moment after its client had the answer (a group commit): the next
+    turn, sent at once to another instance, still finds it."""
+    pair.fake.default = Script(tokens=["Hello."], usage=Usage(9, 2))
+    for turn in range(5):
+        first = await pair.first.responses.create(model="m", input=f"Hi {turn}", stream=turn % 2 == 1)
+        if turn % 2 == 1:  # streamed: the id of the stream's response, once it has completed
+            events = [event async for event in first]
+            assert events[-1].type == "response.completed"
+            first_id = events[-1].response.id
+        else:
+            first_id = first.id
+        second = await pair.second.responses.create(model="m", input="And?", previous_response_id=first_id)
+        assert second.status == "completed"
+
+
+async def test_a_streaming_response_is_found_on_the_other_instance_from_its_response_created(pair: Pair) -> None:
+    stream = await pair.first.responses.create(model="m", input="Count", stream=True)
+    created = await stream.__anext__()
+    await stream.__anext__()  # response.in_progress: its events are on their way to NATS
+    # Its row is held back while it is young: found anyway, running.
+    polled = await pair.second.responses.retrieve(created.response.id)
+    assert (polled.id, polled.status) == (created.response.id, "in_progress")
+    assert [event.type async for event in stream][-1] == "response.completed"
