@@ -3,14 +3,17 @@ or a clear error in its dialect, never a misleading one."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import zlib
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
 
+from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_transport import raw_server, read_request
 
@@ -105,3 +108,66 @@ async def test_a_corrupt_compressed_stream_is_a_clear_error() -> None:
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
         assert raised.value.status_code == 502 and "Backend `oa`" in raised.value.message
         await client.close()
+
+
+# -- clients that compress their request bodies ----------------------------------------------
+
+CHATS = {
+    "/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi there"}]},
+    "/v1/messages": {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi there"}]},
+    "/api/chat": {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": False},
+}
+
+
+async def test_a_gzip_request_body_is_inflated_in_every_dialect() -> None:
+    """`Content-Encoding: gzip` bodies (some SDKs compress large prompts) were a 400 'not valid
+    JSON: can't decode byte 0x8b'."""
+    fake = OpenAIBackend(default=Script(echo=True))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway) as client:
+        for path, body in CHATS.items():
+            for coding, packed in (("gzip", gzip.compress(json.dumps(body).encode())),
+                                   ("deflate", zlib.compress(json.dumps(body).encode()))):
+                answer = await client.post(
+                    path, content=packed, headers={"content-type": "application/json", "content-encoding": coding}
+                )
+                assert answer.status_code == 200, (path, coding, answer.text)
+                assert "hi there" in answer.text
+        # The backend got the prompt as JSON, not the client's compressed bytes.
+        assert fake.requests[-1].json["messages"][-1]["content"] == "hi there"
+        assert "content-encoding" not in fake.requests[-1].headers
+        embedded = await client.post(
+            "/v1/embeddings", content=gzip.compress(json.dumps({"model": "m", "input": "hi"}).encode()),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        assert embedded.status_code == 200, embedded.text
+
+
+async def test_a_compressed_body_is_held_to_the_size_limit_once_inflated() -> None:
+    fake = OpenAIBackend(default=Script())
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 300_000}]}
+    bomb = gzip.compress(json.dumps(body).encode())  # a few hundred bytes on the wire
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True), max_body_bytes=100_000) as gateway, \
+            httpx.AsyncClient(base_url=gateway) as client:
+        for path, error in (("/v1/chat/completions", lambda a: a.json()["error"]["message"]),
+                            ("/api/chat", lambda a: a.json()["error"]),
+                            ("/v1/embeddings", lambda a: a.json()["error"]["message"])):
+            answer = await client.post(path, content=bomb, headers={"content-type": "application/json", "content-encoding": "gzip"})
+            assert answer.status_code == 413, answer.text
+            assert "the limit is 100000 bytes" in error(answer)
+        assert fake.requests == []
+
+
+async def test_an_unknown_or_corrupt_content_encoding_is_refused_in_the_callers_dialect() -> None:
+    fake = OpenAIBackend(default=Script())
+    plain = json.dumps(CHATS["/v1/messages"]).encode()
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway) as client:
+        unknown = await client.post("/v1/messages", content=plain, headers={"content-encoding": "br"})
+        assert unknown.status_code == 415
+        assert unknown.json()["error"]["type"] == "invalid_request_error" and "`br`" in unknown.json()["error"]["message"]
+        corrupt = await client.post("/v1/chat/completions", content=plain, headers={"content-encoding": "gzip"})
+        assert corrupt.status_code == 400 and corrupt.json()["error"]["code"] == "invalid_content_encoding"
+        cut = await client.post("/api/chat", content=gzip.compress(plain)[:-12], headers={"content-encoding": "gzip"})
+        assert cut.status_code == 400 and "gzip" in cut.json()["error"]
+        assert fake.requests == []
