@@ -171,3 +171,61 @@ async def test_an_unknown_or_corrupt_content_encoding_is_refused_in_the_callers_
         cut = await client.post("/api/chat", content=gzip.compress(plain)[:-12], headers={"content-encoding": "gzip"})
         assert cut.status_code == 400 and "gzip" in cut.json()["error"]
         assert fake.requests == []
+
+
+# -- web pages where an API answer was expected ----------------------------------------------
+
+NGINX_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n"
+    b"<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n"
+)
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><meta charset=utf-8><title>Sign in &middot; Acme SSO</title></head><body>...</body></html>"
+
+
+def _page_server(status: bytes, page: bytes) -> Any:
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            await read_request(stream, buffer)
+            await stream.send_all(
+                b"HTTP/1.1 %s\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n%s" % (status, len(page), page)
+            )
+    return raw_server(handler)
+
+
+async def test_a_reverse_proxys_error_page_is_named_by_its_title_not_relayed_as_markup() -> None:
+    """nginx's 502 page in front of a restarting vLLM reached clients as 500 characters of HTML."""
+    async with _page_server(b"502 Bad Gateway", NGINX_502) as (url, _), \
+            running_gateway(backend("oa", url, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        for stream in (True, False):
+            with pytest.raises(openai.APIStatusError) as raised:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=stream)
+            assert raised.value.status_code == 502
+            assert raised.value.message.endswith('Backend `oa` returned 502: an HTML page titled "502 Bad Gateway"')
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.completions.create(model="m", prompt="hi")
+        assert raised.value.message.endswith('an HTML page titled "502 Bad Gateway"')
+        await client.close()
+
+
+async def test_a_web_page_under_a_200_is_a_clear_error_not_an_early_end() -> None:
+    """A login portal or a web UI answering 200 with a page: a stream ended as 'The backend
+    closed the stream before it finished', a relayed one gave the client the page as SSE."""
+    async with _page_server(b"200 OK", LOGIN_PAGE) as (url, _), \
+            running_gateway(backend("oa", url, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert raised.value.status_code == 502
+        assert raised.value.message.endswith('Backend `oa` answered with an HTML page titled "Sign in · Acme SSO", not a stream.')
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert raised.value.message.endswith('answered with an HTML page titled "Sign in · Acme SSO", not JSON.')
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.completions.create(model="m", prompt="hi", stream=True)
+        assert raised.value.status_code == 502 and "not a stream" in raised.value.message
+        await client.close()
+        async with httpx.AsyncClient(base_url=gateway) as raw:
+            answer = await raw.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 502 and "Acme SSO" in answer.json()["error"]

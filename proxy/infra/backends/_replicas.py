@@ -15,7 +15,14 @@ import trio
 
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
+from proxy.infra.backends._errors import (
+    _client_gone,
+    is_html,
+    page_not_stream,
+    read_limited,
+    timeout_error,
+    transport_errors,
+)
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
@@ -532,6 +539,9 @@ class BackendClient:
                 if response.status_code >= 400:
                     with transport_errors(backend):
                         raise error(response, await read_limited(response))
+                if is_html(response):
+                    heard()
+                    raise await page_not_stream(backend, response)
                 await pump_stream(
                     response, parser, send, backend=backend, timeouts=timeouts,
                     first_deadline=first_deadline, relay_raw=relay_raw,
