@@ -229,3 +229,39 @@ async def test_a_web_page_under_a_200_is_a_clear_error_not_an_early_end() -> Non
         async with httpx.AsyncClient(base_url=gateway) as raw:
             answer = await raw.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
             assert answer.status_code == 502 and "Acme SSO" in answer.json()["error"]
+
+
+# -- a stream event without an end ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_a_backend_streaming_without_a_line_end_is_cut_off_not_buffered(kind: str) -> None:
+    """A broken backend that, after its first event, streams bytes with no line end: the
+    gateway held all of it (and re-copied it at every read, quadratic time on the one event
+    loop) until the idle or total timeout. Past 64 MiB the client now gets an error."""
+    first = _chunk("Hel") if kind == "openai" else (
+        b'{"model":"m","created_at":"2024-01-01T00:00:00Z","message":{"role":"assistant","content":"Hel"},"done":false}\n'
+    )
+    endless = b"x" * 65536
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        await read_request(stream, buffer)
+        content_type = b"text/event-stream" if kind == "openai" else b"application/x-ndjson"
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % content_type
+            + _chunked(first + (b"data: " if kind == "openai" else b""))
+        )
+        for _ in range(2000):  # 125 MiB at most
+            await stream.send_all(_chunked(endless))
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("b", url, kind=kind, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        received: list[str] = []
+        with trio.fail_after(60), pytest.raises(openai.APIError) as raised:
+            chunks = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+            async for chunk in chunks:
+                received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        assert "".join(received) == "Hel"
+        assert "larger than 64 MiB" in raised.value.message
+        await client.close()
