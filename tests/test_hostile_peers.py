@@ -13,6 +13,7 @@ import openai
 import pytest
 import trio
 
+from proxy.infra.backends import _errors as backend_errors
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.test_transport import raw_server, read_request
@@ -264,4 +265,29 @@ async def test_a_backend_streaming_without_a_line_end_is_cut_off_not_buffered(ki
                 received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
         assert "".join(received) == "Hel"
         assert "larger than 64 MiB" in raised.value.message
+        await client.close()
+
+
+async def test_a_whole_answer_without_end_is_cut_off_not_buffered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that answers a whole-answer request with a body that does not end (a server
+    streaming though asked not to, a broken proxy) was read into memory until the total timeout."""
+    monkeypatch.setattr(backend_errors, "MAX_ANSWER_BYTES", 4 << 20)
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        await read_request(stream, buffer)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(2000):
+            await stream.send_all(_chunked(b" " * 65536))
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("oa", url, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        for call in (
+            lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]),
+            lambda: client.completions.create(model="m", prompt="hi"),
+        ):
+            with trio.fail_after(30), pytest.raises(openai.APIStatusError) as raised:
+                await call()
+            assert raised.value.status_code == 502
+            assert raised.value.message.endswith("Backend `oa` sent an answer larger than 4 MiB.")
         await client.close()

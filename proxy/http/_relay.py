@@ -39,6 +39,7 @@ from proxy.infra.backends._base import (
     is_html,
     page_not_stream,
     read_limited,
+    read_whole,
     status_error,
     timeout_error,
     transport_errors,
@@ -244,7 +245,7 @@ class RelayBody(DirectBody):
     async def _relay_whole(self, response: httpx.Response) -> None:
         try:
             with transport_errors(self._backend.config.name):
-                body = await response.aread()
+                body = await read_whole(response, self._backend.config.name)
         except GatewayError as error:
             await self._fail(error)
             return

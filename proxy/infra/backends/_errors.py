@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import httpx
 import trio
@@ -109,6 +110,40 @@ def timeout_error(backend: str, what: str, seconds: float | None) -> GatewayErro
         f"Backend `{backend}` {what} within {seconds:g}s." if seconds else f"Backend `{backend}` {what}.",
         code="backend_timeout",
     )
+
+
+# The largest whole answer read from a backend: far above a real one (a big embedding batch
+# is tens of MB), low enough that a broken backend sending without end cannot fill memory.
+MAX_ANSWER_BYTES = 256 << 20
+
+
+class _Bounded(httpx.AsyncByteStream):
+    def __init__(self, body: httpx.AsyncByteStream, backend: str) -> None:
+        self._body = body
+        self._chunks = body.__aiter__()
+        self._backend = backend
+        self._size = 0
+
+    def __aiter__(self) -> _Bounded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._size += len(chunk)
+        if self._size > MAX_ANSWER_BYTES:
+            raise GatewayError(
+                ErrorKind.BACKEND, f"Backend `{self._backend}` sent an answer larger than {MAX_ANSWER_BYTES >> 20} MiB."
+            )
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+async def read_whole(response: httpx.Response, backend: str) -> bytes:
+    """Read a whole answer (then `response.content`), up to `MAX_ANSWER_BYTES`."""
+    response.stream = _Bounded(cast(httpx.AsyncByteStream, response.stream), backend)
+    return await response.aread()
 
 
 async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:

@@ -20,6 +20,7 @@ from proxy.infra.backends._errors import (
     is_html,
     page_not_stream,
     read_limited,
+    read_whole,
     timeout_error,
     transport_errors,
 )
@@ -233,7 +234,7 @@ class BackendClient:
                 response.extensions["llm_proxy.replica"] = replica
                 return response
             try:
-                await response.aread()
+                await read_whole(response, self._name)
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 # Its head, then the connection went before the body was whole (a worker that
                 # died generating): nothing reached the client, so another replica may answer.
