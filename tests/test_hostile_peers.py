@@ -291,3 +291,35 @@ async def test_a_whole_answer_without_end_is_cut_off_not_buffered(monkeypatch: p
             assert raised.value.status_code == 502
             assert raised.value.message.endswith("Backend `oa` sent an answer larger than 4 MiB.")
         await client.close()
+
+
+# -- request targets as clients write them ------------------------------------------------------
+
+
+async def test_a_path_with_doubled_slashes_or_in_absolute_form_reaches_its_route() -> None:
+    """`$BASE/v1/...` with a BASE ending in `/` sends `//v1/chat/completions`: it was a 404
+    saying 'Unknown endpoint: POST /v1/chat/completions', the very endpoint asked for. Behind
+    nginx (merge_slashes) it works; an absolute-form target (`POST http://host/v1/...`, which
+    HTTP/1.1 servers must accept) was a 404 the same way."""
+    fake = OpenAIBackend(default=Script())
+    chat = json.dumps(CHATS["/api/chat"]).encode()
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient() as client:
+        for path in ("//v1/chat/completions", "/v1//chat/completions", "//api/chat", "//v1/models"):
+            answer = await (client.get(gateway + path) if path.endswith("models")
+                            else client.post(gateway + path, content=chat))
+            assert answer.status_code == 200, (path, answer.text)
+        host, port = gateway.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(
+            b"POST http://%s/api/chat HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (gateway[7:].encode(), gateway[7:].encode(), len(chat), chat)
+        )
+        answer = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some(65536):
+                answer += data
+        await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        missing = await client.post(gateway + "//v1/nothing", content=chat)
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == "Unknown endpoint: POST /v1/nothing"
