@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import zlib
 from typing import Any
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 import trio
 
+import proxy.serve
 from proxy.infra.backends import _errors as backend_errors
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -323,3 +325,47 @@ async def test_a_path_with_doubled_slashes_or_in_absolute_form_reaches_its_route
         assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
         missing = await client.post(gateway + "//v1/nothing", content=chat)
         assert missing.status_code == 404 and missing.json()["error"]["message"] == "Unknown endpoint: POST /v1/nothing"
+
+
+# -- clients that stop reading ----------------------------------------------------------------
+
+
+async def _open_stream(gateway: str, body: dict[str, Any]) -> trio.SocketStream:
+    host, port = gateway.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    data = json.dumps(body).encode()
+    await stream.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(data), data)
+    )
+    return stream
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_its_backend_call_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that asks for a stream and never reads it: hypercorn shields its writes from
+    cancellation, so the connection, its task and (until `total`) its backend call were held
+    as long as the client stayed connected: a slow-read attack's whole recipe."""
+    monkeypatch.setattr(proxy.serve, "CLIENT_STALL_SECONDS", 1.0)
+    fake = OpenAIBackend(default=Script(n_tokens=200_000, frames_per_write=100))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway:
+        stream = await _open_stream(gateway, {**CHATS["/v1/chat/completions"], "stream": True})
+        await fake.wait_disconnect(20.0)  # the backend call ends with the connection, long before `total`
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):  # reset: unread bytes are dropped
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+
+
+async def test_a_client_reading_slowly_but_steadily_gets_its_whole_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy.serve, "CLIENT_STALL_SECONDS", 1.0)
+    fake = OpenAIBackend(default=Script(n_tokens=2_500, frames_per_write=100))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway:
+        stream = await _open_stream(gateway, {**CHATS["/v1/chat/completions"], "stream": True})
+        received = bytearray()
+        with trio.fail_after(60):
+            while not received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+                await trio.sleep(0.1)  # the stream takes several times the stall limit
+                received += await stream.receive_some(65536)
+        await stream.aclose()
+        assert received.count(b'"content":"w') == 2_500
