@@ -144,6 +144,11 @@ async def test_a_gzip_request_body_is_inflated_in_every_dialect() -> None:
             headers={"content-type": "application/json", "content-encoding": "gzip"},
         )
         assert embedded.status_code == 200, embedded.text
+        # A client that labels every request, bodiless ones too.
+        listed = await client.get("/v1/models", headers={"content-encoding": "gzip"})
+        assert listed.status_code == 200, listed.text
+        empty = await client.post("/v1/chat/completions", content=b"", headers={"content-encoding": "gzip"})
+        assert empty.status_code == 400 and empty.json()["error"]["code"] == "invalid_json"
 
 
 async def test_a_compressed_body_is_held_to_the_size_limit_once_inflated() -> None:

@@ -23,7 +23,7 @@ def too_large(limit: int) -> GatewayError:
 def inflate_body(body: bytes, coding: str | None, limit: int) -> bytes:
     """`body` as sent before its `Content-Encoding` (`coding`): 413 when it inflates past
     `limit`, 415 for a coding the gateway does not speak, 400 for a corrupt one."""
-    if coding is None:
+    if coding is None or not body:  # no body (a GET from a client that labels every request)
         return body
     coding = coding.strip().lower()
     if coding in ("", "identity"):
