@@ -7,6 +7,7 @@ import gzip
 import json
 import socket
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 import trio
 
 import proxy.serve
+from proxy.http import _front
 from proxy.infra.backends import _errors as backend_errors
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -374,3 +376,29 @@ async def test_a_client_reading_slowly_but_steadily_gets_its_whole_stream(monkey
                 received += await stream.receive_some(65536)
         await stream.aclose()
         assert received.count(b'"content":"w') == 2_500
+
+
+async def test_a_large_body_over_a_slow_link_is_read_while_it_keeps_coming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body's time limit was a fixed total (120 s): a few MB of images sent from a phone at
+    1 Mbit/s were a 400 'did not arrive within 120 s' however steadily they came. A trickle is
+    still cut off at the limit."""
+    monkeypatch.setattr(_front, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(_front, "BODY_MIN_RATE", 64 * 1024)
+    fake = OpenAIBackend(default=Script())
+    body = json.dumps({**CHATS["/v1/chat/completions"], "user": "x" * 300_000}).encode()
+
+    async def steadily(piece: int, pause: float) -> AsyncIterator[bytes]:
+        for start in range(0, len(body), piece):
+            await trio.sleep(pause)
+            yield body[start : start + piece]
+
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        # ~200 KB/s, over 1.5 s: three times the base limit.
+        answer = await client.post("/v1/chat/completions", content=steadily(20_000, 0.1),
+                                   headers={"content-length": str(len(body))})
+        assert answer.status_code == 200, answer.text
+        # A few bytes at a time is no upload: refused once the base limit is over.
+        trickled = await client.post("/v1/chat/completions", content=steadily(50, 0.1),
+                                     headers={"content-length": str(len(body))})
+        assert trickled.status_code == 400 and trickled.json()["error"]["code"] == "body_timeout"

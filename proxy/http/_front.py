@@ -33,7 +33,10 @@ from proxy.services.auth import current_principal
 log = logging.getLogger("llm_proxy.http")
 
 # A client trickling its body must not hold a request forever (Quart's routes get the same).
+# One sending a large body over a slow link (a few MB of images from a phone) has more time,
+# as long as its body keeps coming at this rate (bytes per second).
 BODY_TIMEOUT = 120.0
+BODY_MIN_RATE = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -232,6 +235,7 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
+    started = trio.current_time()
     with trio.move_on_after(BODY_TIMEOUT) as waited:
         while True:
             message = await receive()
@@ -243,11 +247,14 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
                 if size > limit:
                     raise too_large(limit)
                 chunks.append(chunk)
+                waited.deadline = max(waited.deadline, started + BODY_TIMEOUT + size / BODY_MIN_RATE)
             if not message.get("more_body", False):
                 break
     if waited.cancelled_caught:
         raise GatewayError(
-            ErrorKind.INVALID_REQUEST, f"The request body did not arrive within {BODY_TIMEOUT:g} s.", code="body_timeout"
+            ErrorKind.INVALID_REQUEST,
+            f"The request body did not arrive within {BODY_TIMEOUT:g} s (and a second more per "
+            f"{BODY_MIN_RATE >> 10} KiB received).", code="body_timeout",
         )
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
