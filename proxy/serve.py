@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import gc
 import logging
@@ -11,7 +13,9 @@ import multiprocessing
 import os
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -50,7 +54,14 @@ def hypercorn_config(settings: Settings) -> Config:
 _CUT_AFTER_GRACE = 1.5
 
 # The connections each server (by its `Config`) has open, while they run.
-_connections: WeakKeyDictionary[Config, set[trio.abc.AsyncResource]] = WeakKeyDictionary()
+_connections: WeakKeyDictionary[Config, set[_KnownTCPServer]] = WeakKeyDictionary()
+
+# A client that takes none of a response's bytes for this long is gone, as far as its
+# connection goes (nginx's `send_timeout`). No timeout of ours can end such a write: hypercorn
+# shields it from cancellation, so the connection would hold its socket and its task for as
+# long as the client stays connected (a slow-read attack needs nothing more). A client
+# reading slowly but reading is left alone: what counts is the bytes it acknowledged.
+CLIENT_STALL_SECONDS = 120.0
 
 
 class _KnownTCPServer(TCPServer):
@@ -64,10 +75,15 @@ class _KnownTCPServer(TCPServer):
     - The connection's `ClientConnection` (see `proxy.http._hangup`) is set in this task's
       context, which the tasks serving its requests inherit, and ended by its reads."""
 
+    # What the last look for stalled clients saw (`_cut_stalled_readers`).
+    raw_stream: trio.abc.Stream
+    stalled_looks = 0
+    acked = -1
+
     async def run(self) -> None:
-        stream = self.stream
+        stream = self.raw_stream = self.stream
         open_here = _connections.setdefault(self.config, set())
-        open_here.add(stream)
+        open_here.add(self)
         connection = ClientConnection()
         current_connection.set(connection)
         self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
@@ -75,7 +91,7 @@ class _KnownTCPServer(TCPServer):
             await super().run()
         finally:
             connection.ended()  # however the connection ended, its requests are over
-            open_here.discard(stream)
+            open_here.discard(self)
 
 
 class _EndTellingStream:
@@ -113,8 +129,51 @@ async def _cut_stragglers(config: Config, done: trio.CancelScope) -> None:
         stragglers = list(_connections.get(config, ()))
         if stragglers:
             log.warning("closing %d connection(s) still writing to slow clients after the graceful timeout", len(stragglers))
-        for stream in stragglers:
-            await trio.aclose_forcefully(stream)
+        for connection in stragglers:
+            await trio.aclose_forcefully(connection.raw_stream)
+
+
+async def _cut_stalled_readers(config: Config) -> None:
+    """Close (with a reset: its unread bytes are dropped) each connection whose client has
+    acknowledged none of our bytes for `CLIENT_STALL_SECONDS` while some wait for it, as
+    found by a look every quarter of that time (the kernel's counts: no work per write)."""
+    while True:
+        await trio.sleep(CLIENT_STALL_SECONDS / 4)
+        for connection in list(_connections.get(config, ())):
+            sock = getattr(connection.raw_stream, "socket", None)
+            acked = _bytes_acked(sock) if sock is not None and _unacknowledged(sock) else None
+            if acked is None or acked != connection.acked:
+                connection.acked = -1 if acked is None else acked
+                connection.stalled_looks = 0
+                continue
+            connection.stalled_looks += 1
+            if connection.stalled_looks >= 4 and sock is not None:
+                log.warning("closing a connection whose client has read nothing for %gs", CLIENT_STALL_SECONDS)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await trio.aclose_forcefully(connection.raw_stream)
+
+
+# Linux's `struct tcp_info`: `tcpi_bytes_acked` (since 4.1), a u64 at this offset.
+_BYTES_ACKED = slice(120, 128)
+
+
+def _unacknowledged(sock: trio.socket.SocketType) -> bool:
+    """Bytes wait in `sock`'s send queue (sent unacknowledged, or not sent yet)."""
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # Linux's SIOCOUTQ
+    except (OSError, AttributeError):
+        return False
+    return int.from_bytes(queued, sys.byteorder) > 0
+
+
+def _bytes_acked(sock: trio.socket.SocketType) -> int | None:
+    """The bytes the peer has acknowledged on `sock` so far, where the platform says."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(info[_BYTES_ACKED], sys.byteorder) if len(info) >= _BYTES_ACKED.stop else None
 
 
 async def serve(
@@ -137,7 +196,14 @@ async def serve(
             await trigger()
             nursery.start_soon(_cut_stragglers, config, stopped)
 
+        watchdog = trio.CancelScope()
+
+        async def watching() -> None:
+            with watchdog:
+                await _cut_stalled_readers(config)
+
         async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+            nursery.start_soon(watching)
             try:
                 await worker_serve(
                     wrap_app(app, 0, "asgi"), config, sockets=sockets, shutdown_trigger=triggered,
@@ -145,6 +211,7 @@ async def serve(
                 )
             finally:
                 stopped.cancel()  # nothing left to cut: no waiting out the grace period
+                watchdog.cancel()
 
         binds = await nursery.start(serving)
         tune_gc()

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.domain.errors import ErrorKind, GatewayError
+
+# The largest event (SSE frame, NDJSON line) a backend may send: far above any real one (a
+# vLLM chunk with a long prompt's `prompt_logprobs` is a few MB), low enough that a broken
+# backend streaming without a line end cannot fill the gateway's memory.
+MAX_FRAME_BYTES = 64 << 20
+
+
+def frame_too_large() -> GatewayError:
+    return GatewayError(
+        ErrorKind.BACKEND, f"The backend sent a stream event larger than {MAX_FRAME_BYTES >> 20} MiB."
+    )
+
 
 @dataclass(slots=True)
 class SSEFrame:
@@ -24,12 +37,17 @@ class SSEFrame:
 
 
 class SSEDecoder:
-    """Splits a byte stream into frames; partial frames wait for the next `feed`."""
+    """Splits a byte stream into frames; partial frames wait for the next `feed`.
 
-    __slots__ = ("_after_cr", "_buffer")
+    A frame arriving over many reads is kept as its parts and joined once, when the blank
+    line that ends it comes: joining at every read made a large frame cost quadratic time
+    (a 50 MB line took 46 s of the event loop). A frame past `MAX_FRAME_BYTES` is refused."""
+
+    __slots__ = ("_after_cr", "_parts", "_pending")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._parts: list[bytes] = []  # the unfinished frame
+        self._pending = 0
         # The last chunk ended in CR: a LF opening this one completes that CRLF, it is no
         # second line end (which would cut a frame in two).
         self._after_cr = False
@@ -42,7 +60,14 @@ class SSEDecoder:
         if b"\r" in chunk:
             self._after_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + chunk if self._buffer else chunk
+        parts = self._parts
+        if parts:
+            if b"\n\n" not in chunk and not (chunk.startswith(b"\n") and parts[-1].endswith(b"\n")):
+                self._keep(chunk)
+                return []
+            buffer = b"".join(parts) + chunk
+        else:
+            buffer = chunk
         frames: list[SSEFrame] = []
         start = 0
         while True:
@@ -53,17 +78,29 @@ class SSEDecoder:
             start = end + 2
             if block:
                 frames.append(_parse_block(block))
-        self._buffer = buffer[start:]
+        self._parts, self._pending = [], 0
+        if start < len(buffer):
+            self._keep(buffer[start:])
         return frames
+
+    def _keep(self, part: bytes) -> None:
+        if not part:
+            return
+        self._pending += len(part)
+        if self._pending > MAX_FRAME_BYTES:
+            self._parts, self._pending = [], 0
+            raise frame_too_large()
+        self._parts.append(part)
 
     def close(self) -> list[SSEFrame]:
         """Flush a final frame the peer did not terminate with a blank line."""
-        block, self._buffer = self._buffer.strip(b"\n"), b""
+        block = b"".join(self._parts).strip(b"\n")
+        self._parts, self._pending = [], 0
         return [_parse_block(block)] if block else []
 
     @property
     def pending(self) -> bool:
-        return bool(self._buffer.strip())
+        return any(part.strip() for part in self._parts)
 
 
 def _parse_block(block: bytes) -> SSEFrame:

@@ -8,6 +8,7 @@ from quart import current_app, request
 from quart_trio import QuartTrio
 
 from proxy.gateway import Gateway
+from proxy.http._body_coding import inflate_body
 from proxy.http._head import RequestHead
 from proxy.http._head import request_meta as meta_of
 from proxy.services.chat import RequestMeta
@@ -35,8 +36,10 @@ def request_meta() -> RequestMeta:
 
 
 async def request_body() -> bytes:
-    """The request body; werkzeug raises 413 past MAX_CONTENT_LENGTH."""
-    return cast(bytes, await request.get_data(cache=False, as_text=False))
+    """The request body, inflated if it came compressed; werkzeug raises 413 past
+    MAX_CONTENT_LENGTH, and so does an inflated body past it."""
+    body = cast(bytes, await request.get_data(cache=False, as_text=False))
+    return inflate_body(body, request.headers.get("content-encoding"), gateway().settings.max_body_bytes)
 
 
 def listing_headers() -> dict[str, str]:

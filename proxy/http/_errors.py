@@ -6,11 +6,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from quart import Quart, Response, request
+from quart import Quart, Response, current_app, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.http._body_coding import too_large
 from proxy.infra.postgres import DatabaseUnavailable
 
 log = logging.getLogger("llm_proxy.http")
@@ -102,6 +103,7 @@ _HTTP_KINDS = {
     404: ErrorKind.NOT_FOUND,
     405: ErrorKind.METHOD_NOT_ALLOWED,
     413: ErrorKind.REQUEST_TOO_LARGE,
+    415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
 }
 
 
@@ -119,7 +121,7 @@ def install_error_handlers(app: Quart) -> None:
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.path}"
         elif status == 413:
-            message = "The request body is too large."
+            message = too_large(int(current_app.config["MAX_CONTENT_LENGTH"])).message
         else:
             message = error.description or error.name
         response = error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))

@@ -23,6 +23,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
 from proxy.http._auth import admit, give_back_admission, granted_headers, stamp_exchange
+from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
 from proxy.http._hangup import on_client_gone
@@ -32,7 +33,10 @@ from proxy.services.auth import current_principal
 log = logging.getLogger("llm_proxy.http")
 
 # A client trickling its body must not hold a request forever (Quart's routes get the same).
+# One sending a large body over a slow link (a few MB of images from a phone) has more time,
+# as long as its body keeps coming at this rate (bytes per second).
 BODY_TIMEOUT = 120.0
+BODY_MIN_RATE = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -129,9 +133,11 @@ async def serve(
             raise GatewayError(
                 ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
             )
-        body = await _read_body(receive, head, gateway.settings.max_body_bytes)
+        limit = gateway.settings.max_body_bytes
+        body = await _read_body(receive, head, limit)
         if body is None:
             return  # the client left before its request was whole
+        body = inflate_body(body, head.header("content-encoding"), limit)
         answer = await _answer(handler, Incoming(gateway, head, body, params))
     except GatewayError as error:
         if error.kind is ErrorKind.PERMISSION:
@@ -241,17 +247,14 @@ async def send_reply(send: ASGISendCallable, reply: Reply) -> None:
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
-def _too_large() -> GatewayError:
-    return GatewayError(ErrorKind.REQUEST_TOO_LARGE, "The request body is too large.", code="request_too_large")
-
-
 async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int) -> bytes | None:
     """The whole body, or None if the client disconnected first; 413 past `limit`."""
     declared = head.header("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large()
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
+    started = trio.current_time()
     with trio.move_on_after(BODY_TIMEOUT) as waited:
         while True:
             message = await receive()
@@ -261,13 +264,16 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
             if chunk:
                 size += len(chunk)
                 if size > limit:
-                    raise _too_large()
+                    raise too_large(limit)
                 chunks.append(chunk)
+                waited.deadline = max(waited.deadline, started + BODY_TIMEOUT + size / BODY_MIN_RATE)
             if not message.get("more_body", False):
                 break
     if waited.cancelled_caught:
         raise GatewayError(
-            ErrorKind.INVALID_REQUEST, f"The request body did not arrive within {BODY_TIMEOUT:g} s.", code="body_timeout"
+            ErrorKind.INVALID_REQUEST,
+            f"The request body did not arrive within {BODY_TIMEOUT:g} s (and a second more per "
+            f"{BODY_MIN_RATE >> 10} KiB received).", code="body_timeout",
         )
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

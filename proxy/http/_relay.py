@@ -34,8 +34,12 @@ from proxy.infra.backends._base import (
     BackendClient,
     RelayBackend,
     Served,
+    body_text,
     current_served,
+    is_html,
+    page_not_stream,
     read_limited,
+    read_whole,
     status_error,
     timeout_error,
     transport_errors,
@@ -193,6 +197,8 @@ class RelayBody(DirectBody):
         try:
             if response.status_code >= 400:
                 await self._relay_error(response, deadline)
+            elif self._stream and is_html(response):
+                await self._fail(await page_not_stream(self._backend.config.name, response))
             elif self._stream:
                 await self._relay_stream(response, deadline)
             else:
@@ -213,7 +219,7 @@ class RelayBody(DirectBody):
             return
         status = response.status_code
         retry_after = response.headers.get("retry-after")
-        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+        message = openai.error_message_from_body(body) or body_text(body)
         if status == 400 and is_context_overflow(message):
             # Said in each server's words (vLLM's `code: 400`, llama.cpp's own type): OpenAI's
             # code is what clients act on, as for chats.
@@ -239,7 +245,7 @@ class RelayBody(DirectBody):
     async def _relay_whole(self, response: httpx.Response) -> None:
         try:
             with transport_errors(self._backend.config.name):
-                body = await response.aread()
+                body = await read_whole(response, self._backend.config.name)
         except GatewayError as error:
             await self._fail(error)
             return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import AsyncExitStack
+from typing import Any, cast
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from proxy.config import Settings
 from proxy.gateway import open_gateway
@@ -33,6 +35,9 @@ class _App(GatewayApp):
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
+            path = scope["path"]
+            if not path.startswith("/") or "//" in path:
+                scope = _normalised(scope)
             # Before anything else, the guard included: a preflight carries no key, and a
             # page from an origin not allowed must not make any route run.
             origin = _cors.origin_of(scope)
@@ -50,6 +55,22 @@ class _App(GatewayApp):
             # error handler, werkzeug's 404/405/413.
             send = _front.ResponseSend(send, scope)
         await super().asgi_app(scope, receive, send)
+
+
+_SLASHES = re.compile(r"/{2,}")
+_ORIGIN = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*")
+
+
+def _normalised(scope: HTTPScope) -> HTTPScope:
+    """The path a client meant: `//v1/chat/completions` (a base URL ending in `/`, joined
+    to a path by hand) is `/v1/chat/completions`, as behind nginx (`merge_slashes`), and an
+    absolute-form target (`POST http://host/v1/...`, which HTTP/1.1 servers must accept)
+    is its path. Every layer then sees the same path: the guard, the front door, Quart, and
+    the 404 that names it."""
+    normalised: dict[str, Any] = {**scope, "path": _SLASHES.sub("/", _ORIGIN.sub("", scope["path"])) or "/"}
+    if (raw := cast(bytes | None, scope.get("raw_path"))) is not None:
+        normalised["raw_path"] = (_SLASHES.sub("/", _ORIGIN.sub("", raw.decode("latin-1"))) or "/").encode("latin-1")
+    return cast(HTTPScope, normalised)
 
 
 def create_app(settings: Settings) -> GatewayApp:

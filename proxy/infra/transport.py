@@ -30,6 +30,8 @@ import h11
 import httpx
 import trio
 
+from proxy.infra.content_coding import Decoded, decoding, identity_headers
+
 _RECEIVE_SIZE = 65536
 _EARLY_ANSWER_SECONDS = 1.0
 Origin = tuple[bytes, bytes, int]
@@ -237,10 +239,14 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     raise
                 if (heads := current_heads.get()) is not None:
                     heads.heard(list(answer.headers))  # names in lower case
+                headers = answer.headers.raw_items()
+                stream: httpx.AsyncByteStream = _Body(self, origin, conn, hangup)
+                if (coding := decoding(headers)) is not None:
+                    headers, stream = identity_headers(headers), Decoded(stream, coding)
                 return httpx.Response(
                     answer.status_code,
-                    headers=answer.headers.raw_items(),
-                    stream=_Body(self, origin, conn, hangup),
+                    headers=headers,
+                    stream=stream,
                     request=request,
                     extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
                 )

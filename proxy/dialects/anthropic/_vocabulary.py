@@ -235,6 +235,7 @@ _ERROR_TYPES: dict[ErrorKind, str] = {
     ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
     ErrorKind.CONFLICT: "invalid_request_error",
     ErrorKind.REQUEST_TOO_LARGE: "request_too_large",
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",
     ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.INTERNAL: "api_error",
     ErrorKind.BACKEND: "api_error",

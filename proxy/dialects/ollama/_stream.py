@@ -32,6 +32,7 @@ from proxy.dialects.ollama._response import (
     usage_of,
     whole_calls,
 )
+from proxy.dialects.sse import MAX_FRAME_BYTES, frame_too_large
 from proxy.domain.chat import FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
@@ -48,25 +49,36 @@ from proxy.domain.events import (
 
 
 class NdjsonDecoder:
-    """Splits a byte stream into lines; a partial line waits for the next `feed`."""
+    """Splits a byte stream into lines; a partial line waits for the next `feed`, kept as
+    its parts (joined once, when its end comes: see `SSEDecoder`)."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_parts", "_pending")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._parts: list[bytes] = []
+        self._pending = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        end = buffer.rfind(b"\n")
+        end = chunk.rfind(b"\n")
         if end < 0:
-            self._buffer = buffer
+            if chunk:
+                self._pending += len(chunk)
+                if self._pending > MAX_FRAME_BYTES:
+                    self._parts, self._pending = [], 0
+                    raise frame_too_large()
+                self._parts.append(chunk)
             return []
-        self._buffer = buffer[end + 1 :]
-        return [line for line in buffer[:end].split(b"\n") if line and not line.isspace()]
+        lines = chunk[:end]
+        if self._parts:
+            lines = b"".join(self._parts) + lines
+        rest = chunk[end + 1 :]
+        self._parts, self._pending = ([rest], len(rest)) if rest else ([], 0)
+        return [line for line in lines.split(b"\n") if line and not line.isspace()]
 
     def close(self) -> list[bytes]:
         """The last line, if the peer did not end it with a newline."""
-        line, self._buffer = self._buffer, b""
+        line = b"".join(self._parts)
+        self._parts, self._pending = [], 0
         return [line] if line.strip() else []
 
 

@@ -19,6 +19,7 @@ _ERROR_TYPES = {
     ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
     ErrorKind.CONFLICT: "conflict_error",
     ErrorKind.REQUEST_TOO_LARGE: "invalid_request_error",
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",
     ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.INTERNAL: "server_error",
     ErrorKind.BACKEND: "backend_error",

@@ -33,7 +33,9 @@ from proxy.infra.backends._base import (
     BatchSink,
     ModelInfo,
     ReplicaState,
+    body_text,
     create_client,
+    not_json,
     status_error,
     timeout_error,
     transport_errors,
@@ -48,7 +50,7 @@ _MODEL_PAGES = 20
 
 def backend_error(name: str, status: int, body: bytes, retry_after: str | None) -> GatewayError:
     """A backend's HTTP error; Anthropic's 529 (overloaded) is a 503 to our clients."""
-    message = anthropic.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+    message = anthropic.error_message_from_body(body) or body_text(body)
     param = None
     if (validation := openai.validation_error_from_body(body)) is not None:
         # An Anthropic-compatible FastAPI server's (vLLM's Messages API) 422: its words, its field.
@@ -313,9 +315,9 @@ def _json_object(response: httpx.Response, name: str) -> dict[str, Any]:
     try:
         data = json.loads(response.content)
     except ValueError:
-        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.") from None
+        raise not_json(name, response.content) from None
     if not isinstance(data, dict):
-        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.")
+        raise not_json(name, response.content)
     return data
 
 

@@ -2,7 +2,17 @@
 import from, gathered from the private modules that hold each piece (`_types`, `_replicas`,
 `_pump`, `_errors`)."""
 
-from proxy.infra.backends._errors import read_limited, status_error, timeout_error, transport_errors
+from proxy.infra.backends._errors import (
+    body_text,
+    is_html,
+    not_json,
+    page_not_stream,
+    read_limited,
+    read_whole,
+    status_error,
+    timeout_error,
+    transport_errors,
+)
 from proxy.infra.backends._pump import DRAIN_SECONDS, KEEPALIVE_SECONDS, pump_stream
 from proxy.infra.backends._replicas import (
     SET_ASIDE_MAX_SECONDS,
@@ -31,6 +41,7 @@ from proxy.infra.backends._types import (
 __all__ = [
     "DRAIN_SECONDS", "KEEPALIVE_SECONDS", "SET_ASIDE_MAX_SECONDS", "SET_ASIDE_SECONDS", "Backend", "BackendCall",
     "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput", "ModelInfo",
-    "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "create_client", "current_served",
-    "embedding_vectors", "pump_stream", "read_limited", "status_error", "timeout_error", "transport_errors",
+    "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
+    "current_served", "embedding_vectors", "is_html", "not_json", "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error",
+    "timeout_error", "transport_errors",
 ]

@@ -3,10 +3,13 @@ failures mapped onto gateway errors, and the bounded read of an error body."""
 
 from __future__ import annotations
 
+import html
 import logging
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import httpx
 import trio
@@ -109,6 +112,40 @@ def timeout_error(backend: str, what: str, seconds: float | None) -> GatewayErro
     )
 
 
+# The largest whole answer read from a backend: far above a real one (a big embedding batch
+# is tens of MB), low enough that a broken backend sending without end cannot fill memory.
+MAX_ANSWER_BYTES = 256 << 20
+
+
+class _Bounded(httpx.AsyncByteStream):
+    def __init__(self, body: httpx.AsyncByteStream, backend: str) -> None:
+        self._body = body
+        self._chunks = body.__aiter__()
+        self._backend = backend
+        self._size = 0
+
+    def __aiter__(self) -> _Bounded:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._size += len(chunk)
+        if self._size > MAX_ANSWER_BYTES:
+            raise GatewayError(
+                ErrorKind.BACKEND, f"Backend `{self._backend}` sent an answer larger than {MAX_ANSWER_BYTES >> 20} MiB."
+            )
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+async def read_whole(response: httpx.Response, backend: str) -> bytes:
+    """Read a whole answer (then `response.content`), up to `MAX_ANSWER_BYTES`."""
+    response.stream = _Bounded(cast(httpx.AsyncByteStream, response.stream), backend)
+    return await response.aread()
+
+
 async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:
     """Read an error body, bounded: a broken backend must not make us buffer gigabytes."""
     parts: list[bytes] = []
@@ -119,3 +156,52 @@ async def read_limited(response: httpx.Response, limit: int = 1 << 20) -> bytes:
         if size >= limit:
             break
     return b"".join(parts)[:limit]
+
+
+# A reverse proxy's or a web server's page (nginx's "502 Bad Gateway", a login portal, a web
+# UI where an API was expected): told by its title, not relayed as 500 characters of markup.
+_HTML_START = re.compile(rb"\s*(?:<!--.*?-->\s*)?<(?:!doctype\s+html|html|head|body)\b", re.IGNORECASE | re.DOTALL)
+_HTML_TITLE = re.compile(rb"<(title|h1)\b[^>]*>(.*?)</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
+def html_page(body: bytes) -> str | None:
+    """`an HTML page titled "..."` when `body` is an HTML page, else None."""
+    if not _HTML_START.match(body[:1024]):
+        return None
+    found = _HTML_TITLE.search(body[:65536])
+    if found is not None and (title := _text_of(found.group(2))):
+        return f"an HTML page titled \"{title[:200]}\""
+    if text := _text_of(body[:4096]):  # a page without a title: what it says
+        return f"an HTML page saying \"{text[:200]}\""
+    return "an HTML page"
+
+
+def _text_of(markup: bytes) -> str:
+    return " ".join(html.unescape(_HTML_TAG.sub(" ", markup.decode("utf-8", "replace"))).split())
+
+
+def body_text(body: bytes) -> str:
+    """What a backend's body that is no API answer says, readable in an error message."""
+    return html_page(body) or body[:500].decode("utf-8", "replace").strip()
+
+
+def not_json(backend: str, body: bytes) -> GatewayError:
+    """A whole answer that is no JSON object."""
+    page = html_page(body)
+    if page is not None:
+        return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` answered with {page}, not JSON.")
+    return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned invalid JSON.")
+
+
+async def page_not_stream(backend: str, response: httpx.Response) -> GatewayError:
+    """A web page under a 200 where a stream was asked (a login portal, a web UI at the
+    base URL): it makes no event, and would end as "closed the stream before it finished"."""
+    with transport_errors(backend):
+        page = html_page(await read_limited(response, 65536)) or "an HTML page"
+    return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` answered with {page}, not a stream.")
+
+
+def is_html(response: httpx.Response) -> bool:
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.lstrip().lower().startswith(("text/html", "application/xhtml"))

@@ -25,8 +25,10 @@ from proxy.infra.backends._base import (
     EmbeddingOutput,
     ModelInfo,
     ReplicaState,
+    body_text,
     create_client,
     embedding_vectors,
+    not_json,
     status_error,
     timeout_error,
     transport_errors,
@@ -46,7 +48,7 @@ class OllamaBackend:
         return self._client.replicas()
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
-        message = ollama.error_message_from_body(body) or body[:500].decode("utf-8", "replace").strip()
+        message = ollama.error_message_from_body(body) or body_text(body)
         return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
@@ -196,5 +198,5 @@ def _json_object(content: bytes, backend: str) -> dict[str, Any]:
     except ValueError:
         data = None
     if not isinstance(data, dict):
-        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` returned invalid JSON.")
+        raise not_json(backend, content)
     return data

@@ -21,8 +21,10 @@ from proxy.infra.backends._base import (
     EmbeddingOutput,
     ModelInfo,
     ReplicaState,
+    body_text,
     create_client,
     embedding_vectors,
+    not_json,
     status_error,
     timeout_error,
     transport_errors,
@@ -84,7 +86,7 @@ class OpenAIBackend:
         )
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
-        message = openai.error_message_from_body(body) or body[:500].decode("utf-8", "replace")
+        message = openai.error_message_from_body(body) or body_text(body)
         error = status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
         if error.kind in _CLIENT_MISTAKES:
             # The backend's own words for the client's mistake reach the client: SDK users
@@ -113,7 +115,7 @@ class OpenAIBackend:
         try:
             data = json.loads(response.content)
         except ValueError:
-            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned invalid JSON.") from None
+            raise not_json(name, response.content) from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             # Some servers report a failure as an error object under a 200.
             message = openai.error_message_from_body(response.content)

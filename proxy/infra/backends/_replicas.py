@@ -15,7 +15,15 @@ import trio
 
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
-from proxy.infra.backends._errors import _client_gone, read_limited, timeout_error, transport_errors
+from proxy.infra.backends._errors import (
+    _client_gone,
+    is_html,
+    page_not_stream,
+    read_limited,
+    read_whole,
+    timeout_error,
+    transport_errors,
+)
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
 from proxy.infra.transport import PooledTransport
@@ -229,7 +237,7 @@ class BackendClient:
                 response.extensions["llm_proxy.replica"] = replica
                 return response
             try:
-                await response.aread()
+                await read_whole(response, self._name)
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 # Its head, then the connection went before the body was whole (a worker that
                 # died generating): nothing reached the client, so another replica may answer.
@@ -540,6 +548,9 @@ class BackendClient:
                 if response.status_code >= 400:
                     with transport_errors(backend):
                         raise error(response, await read_limited(response))
+                if is_html(response):
+                    heard()
+                    raise await page_not_stream(backend, response)
                 await pump_stream(
                     response, parser, send, backend=backend, timeouts=timeouts,
                     first_deadline=first_deadline, relay_raw=relay_raw,
