@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import MESSAGES, eventually, gateway
+from tests.test_auth_helpers import MESSAGES, eventually, gateway, sql
 from tests.test_limits_outage import stalled
 
 pytest_plugins = ["tests.infra_servers"]
@@ -81,3 +82,38 @@ async def test_a_keyed_or_cached_chat_runs_unguarded_while_postgres_stalls(
         return first.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
 
     await eventually(replayed, within=60, every=1)
+
+
+async def test_a_keyed_answer_given_while_postgres_stalls_is_replayed_after_the_gateway_stopped(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """The gateway stops before the stalled database answers again: the answer's row was
+    waiting for it in memory, and was lost (the key's retry called the backend again)."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    key = str(uuid.uuid4())
+    body = {**_chat("stalled " + key), "stream": False}
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        with ExitStack() as paused:
+            async with gateway(postgres.url, nats_url, config) as url:
+                paused.enter_context(stalled(postgres))
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    first = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+                assert first.status_code == 200
+            # Stopped while the database is still paused; it answers again only now.
+        trace = first.headers["x-trace-id"]
+
+        async def stored() -> bool:
+            found = await sql(postgres.url, "SELECT status FROM chat_log WHERE trace_id = %s", trace)
+            return found == [("completed",)]
+
+        async with gateway(postgres.url, nats_url, config) as url:
+            await eventually(stored, within=30, every=0.5)
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                again = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.headers["x-trace-id"] == trace
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert fake.recorder.requests_total == 1

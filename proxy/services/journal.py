@@ -29,7 +29,7 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
 from proxy.infra.nats import Bus, BusError, JobMessage
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 
 log = logging.getLogger("llm_proxy.journal")
 
@@ -39,6 +39,7 @@ OUTBOX_STREAM = "OUTBOX"
 OUTBOX_SUBJECT = "outbox.chat_log"
 _FINISH_SECONDS = 5.0
 _MEMORY_OUTBOX = 10_000
+_CALL_TIMEOUT = 30.0  # the longest a write given up on may wait for a stalled database
 
 
 def events_subject(trace_id: str) -> str:
@@ -215,6 +216,9 @@ class LogWriter:
 
     START_DELAY = 0.25
     LINGER = 0.02
+    # A write the database has not answered by then counts as failed: its outcomes go to the
+    # outbox, within a run's `_FINISH_SECONDS`, so its `finished` is still published.
+    WRITE_TIMEOUT = 3.0
 
     def __init__(self, *, store: StoreGetter, outbox: Outbox) -> None:
         self._store = store
@@ -223,6 +227,9 @@ class LogWriter:
         self._outcomes: list[tuple[LogRow, trio.Event]] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        # Writes run here, so that one the database does not answer can be left to finish.
+        self._writes: trio.Nursery | None = None
+        self._overdue = 0  # writes given up on that have not returned
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -239,18 +246,20 @@ class LogWriter:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
-            task_status.started()
             try:
-                while True:
-                    due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
-                    with trio.move_on_at(due):
-                        await self._wake.wait()
-                    # Linger: let the next requests' rows join this transaction. Per-flush
-                    # costs (a round trip, trio->asyncio hops) dominate at low concurrency.
-                    await trio.sleep(self.LINGER)
-                    self._wake = trio.Event()
-                    await self._flush(trio.current_time())
+                async with trio.open_nursery() as self._writes:
+                    task_status.started()
+                    while True:
+                        due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
+                        with trio.move_on_at(due):
+                            await self._wake.wait()
+                        # Linger: let the next requests' rows join this transaction. Per-flush
+                        # costs (a round trip, trio->asyncio hops) dominate at low concurrency.
+                        await trio.sleep(self.LINGER)
+                        self._wake = trio.Event()
+                        await self._flush(trio.current_time())
             finally:
+                self._writes = None
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
 
@@ -269,7 +278,7 @@ class LogWriter:
             store = self._store()
             if store is not None:
                 try:
-                    await store.write_batch(starts, [row for row, _ in outcomes])
+                    await self._write(store, starts, [row for row, _ in outcomes])
                     return
                 except DatabaseError as error:
                     log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
@@ -278,6 +287,48 @@ class LogWriter:
         finally:
             for _, done in outcomes:
                 done.set()
+
+    async def _write(self, store: ChatStore, starts: list[LogRow], outcomes: list[LogRow]) -> None:
+        """Write a batch, or raise `DatabaseUnavailable` once the database has not answered
+        within `WRITE_TIMEOUT` (stalled: its connections open, nothing answering), or while an
+        earlier write still waits for it. An unanswered write goes on in the background (a
+        cancelled psycopg query waits for the stalled server) while its outcomes go to the
+        outbox, so a stall never holds them in memory, where a stop would lose them: every
+        write is an upsert, so the late write and the outbox's agree."""
+        if self._overdue:
+            raise DatabaseUnavailable("an earlier chat_log write still waits for the database")
+        writes = self._writes
+        if writes is None:  # stopping: no background left to finish a late write in
+            with trio.move_on_after(self.WRITE_TIMEOUT):
+                await store.write_batch(starts, outcomes)
+                return
+            raise DatabaseUnavailable(f"the database did not answer within {self.WRITE_TIMEOUT:g} s")
+        done = trio.Event()
+        failure: list[DatabaseError] = []
+        abandoned = False
+
+        async def write() -> None:
+            try:
+                with trio.fail_after(_CALL_TIMEOUT):  # then the next write tries again
+                    await store.write_batch(starts, outcomes)
+            except trio.TooSlowError:
+                failure.append(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
+            except DatabaseError as error:
+                failure.append(error)
+            finally:
+                done.set()
+                if abandoned:
+                    self._overdue -= 1
+
+        writes.start_soon(write)
+        with trio.move_on_after(self.WRITE_TIMEOUT):
+            await done.wait()
+        if not done.is_set():
+            abandoned = True
+            self._overdue += 1
+            raise DatabaseUnavailable(f"the database did not answer within {self.WRITE_TIMEOUT:g} s")
+        if failure:
+            raise failure[0]
 
 
 class Outbox:
