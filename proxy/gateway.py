@@ -17,6 +17,7 @@ from proxy.infra.logging import RequestLog
 from proxy.infra.metrics import Metrics
 from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
+from proxy.infra.spool import spool_directory
 from proxy.services.auth import Authenticator, KeyRing, ScopedCatalog, ScopedRouter
 from proxy.services.chat import ChatService, ExchangeRecord, RecordSink
 from proxy.services.embeddings import CatalogWithLocalModels, EmbeddingService, LocalModel
@@ -125,7 +126,12 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         if settings.database_url:
             await nursery.start(persistence.keep_alive)
     keys = KeyRing(resources)
-    limits = RateLimiter(resources, keys)
+    # Usage the database could not take is spooled in the data directory (per database).
+    spool = (
+        spool_directory(settings.data_dir, settings.database_url)
+        if settings.data_dir is not None and settings.database_url else None
+    )
+    limits = RateLimiter(resources, keys, spool=spool)
     if settings.database_url and settings.auth != "off":
         await nursery.start(keys.run)
         await nursery.start(limits.run)
