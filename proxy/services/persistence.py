@@ -239,7 +239,8 @@ class Persistence:
             return None
         try:
             claim = await self._bounded(lambda: store.claim(
-                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner
+                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner,
+                owner_silence=self.settings.dead_after,
             ))
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
