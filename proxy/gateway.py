@@ -178,7 +178,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
                 await persistence.runs.stopped.wait()
             persistence.writer.stop()
             persistence.publisher.stop()
-            persistence.outbox.stop()
+            await persistence.outbox.aclose()
         local_model.stop()
         resources.stop()
         watchdog.cancel()

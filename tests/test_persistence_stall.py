@@ -18,7 +18,15 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import MESSAGES, eventually, gateway, sql
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    new_key,
+    sql,
+    wait_for_key,
+)
 from tests.test_limits_outage import stalled
 
 pytest_plugins = ["tests.infra_servers"]
@@ -88,17 +96,20 @@ async def test_a_keyed_answer_given_while_postgres_stalls_is_replayed_after_the_
     aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
 ) -> None:
     """The gateway stops before the stalled database answers again: the answer's row was
-    waiting for it in memory, and was lost (the key's retry called the backend again)."""
+    waiting for it in memory, and was lost (the key's retry called the backend again). Its
+    row is written as soon as the next gateway starts."""
     assert postgres.url is not None
     fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
     key = str(uuid.uuid4())
     body = {**_chat("stalled " + key), "stream": False}
+    api_key = await new_key(postgres.url, "stalled", "--tpm", "100000")
     async with fake.serve() as server:
         config = backend("vllm", server.url, default=True)
         with ExitStack() as paused:
             async with gateway(postgres.url, nats_url, config) as url:
+                await wait_for_key(url, api_key)
                 paused.enter_context(stalled(postgres))
-                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(api_key)) as client:
                     first = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
                 assert first.status_code == 200
             # Stopped while the database is still paused; it answers again only now.
@@ -109,11 +120,13 @@ async def test_a_keyed_answer_given_while_postgres_stalls_is_replayed_after_the_
             return found == [("completed",)]
 
         async with gateway(postgres.url, nats_url, config) as url:
-            await eventually(stored, within=30, every=0.5)
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            # At once: the stopped gateway gave back the row its outbox drain held, rather than
+            # leave it to NATS's redelivery 30 s later (a retry meanwhile would run again).
+            await eventually(stored, within=6, every=0.2)
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(api_key)) as client:
                 again = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
     assert again.status_code == 200
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.headers["x-trace-id"] == trace
     assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
-    assert fake.recorder.requests_total == 1
+    assert [r.path for r in fake.requests if r.path.endswith("/chat/completions")] == ["/v1/chat/completions"]

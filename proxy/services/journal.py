@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,10 +206,72 @@ class EventPublisher:
             log.warning("%d events not published: %s", len(batch), error)
 
 
+class BoundedWrites:
+    """Database writes a caller waits for at most `TIMEOUT`: then (or while an earlier one is
+    still overdue) `DatabaseUnavailable`, at once, instead of hanging on a stalled database
+    (its connections open, nothing answering). A write given up on goes on in the background
+    (a cancelled psycopg query waits for the stalled server anyway) for at most
+    `_CALL_TIMEOUT`: what is written here is upserts, so the late write and the caller's
+    fallback (the outbox, a retry) agree."""
+
+    TIMEOUT = 3.0
+
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+        self._overdue = 0  # writes given up on that have not returned
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        try:
+            async with trio.open_nursery() as self._nursery:
+                yield
+        finally:
+            self._nursery = None
+
+    async def write(self, call: Callable[[], Awaitable[None]]) -> None:
+        if self._overdue:
+            raise DatabaseUnavailable("an earlier write still waits for the database")
+        nursery = self._nursery
+        if nursery is None:  # stopping: no background left to finish a late write in
+            with trio.move_on_after(self.TIMEOUT):
+                await call()
+                return
+            raise DatabaseUnavailable(f"the database did not answer within {self.TIMEOUT:g} s")
+        done = trio.Event()
+        failure: list[DatabaseError] = []
+        abandoned = False
+
+        async def run() -> None:
+            try:
+                with trio.fail_after(_CALL_TIMEOUT):  # then the next write tries again
+                    await call()
+            except trio.TooSlowError:
+                failure.append(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
+            except DatabaseError as error:
+                failure.append(error)
+            finally:
+                done.set()
+                if abandoned:
+                    self._overdue -= 1
+
+        nursery.start_soon(run)
+        with trio.move_on_after(self.TIMEOUT):
+            await done.wait()
+        if not done.is_set():
+            abandoned = True
+            self._overdue += 1
+            raise DatabaseUnavailable(f"the database did not answer within {self.TIMEOUT:g} s")
+        if failure:
+            raise failure[0]
+
+
 class LogWriter:
     """Group commit for the completion log: every row waiting when the writer wakes up goes
     into one transaction, however many requests wrote them — a database round trip per
-    batch, not two per request. Outcomes that cannot be written go to the outbox.
+    batch, not two per request. Outcomes that cannot be written go to the outbox, and so do
+    those the database has not taken within `BoundedWrites.TIMEOUT` (within a run's
+    `_FINISH_SECONDS`, so its `finished` is still published): held in memory for a stalled
+    database, they would be lost if the gateway stopped first.
 
     A `running` row waits `START_DELAY` before it is written, and is dropped if its outcome
     comes first: most chats finish sooner, and then one row write serves both — the
@@ -216,9 +279,6 @@ class LogWriter:
 
     START_DELAY = 0.25
     LINGER = 0.02
-    # A write the database has not answered by then counts as failed: its outcomes go to the
-    # outbox, within a run's `_FINISH_SECONDS`, so its `finished` is still published.
-    WRITE_TIMEOUT = 3.0
 
     def __init__(self, *, store: StoreGetter, outbox: Outbox) -> None:
         self._store = store
@@ -227,9 +287,7 @@ class LogWriter:
         self._outcomes: list[tuple[LogRow, trio.Event]] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
-        # Writes run here, so that one the database does not answer can be left to finish.
-        self._writes: trio.Nursery | None = None
-        self._overdue = 0  # writes given up on that have not returned
+        self._writes = BoundedWrites()
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -247,7 +305,7 @@ class LogWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
             try:
-                async with trio.open_nursery() as self._writes:
+                async with self._writes.open():
                     task_status.started()
                     while True:
                         due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
@@ -259,7 +317,6 @@ class LogWriter:
                         self._wake = trio.Event()
                         await self._flush(trio.current_time())
             finally:
-                self._writes = None
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
 
@@ -278,57 +335,17 @@ class LogWriter:
             store = self._store()
             if store is not None:
                 try:
-                    await self._write(store, starts, [row for row, _ in outcomes])
+                    rows = [row for row, _ in outcomes]
+                    await self._writes.write(lambda: store.write_batch(starts, rows))
                     return
                 except DatabaseError as error:
-                    log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
+                    if outcomes:  # a batch of `running` rows only is dropped: their outcomes follow
+                        log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
             for row, _ in outcomes:
                 await self._outbox.put(row)
         finally:
             for _, done in outcomes:
                 done.set()
-
-    async def _write(self, store: ChatStore, starts: list[LogRow], outcomes: list[LogRow]) -> None:
-        """Write a batch, or raise `DatabaseUnavailable` once the database has not answered
-        within `WRITE_TIMEOUT` (stalled: its connections open, nothing answering), or while an
-        earlier write still waits for it. An unanswered write goes on in the background (a
-        cancelled psycopg query waits for the stalled server) while its outcomes go to the
-        outbox, so a stall never holds them in memory, where a stop would lose them: every
-        write is an upsert, so the late write and the outbox's agree."""
-        if self._overdue:
-            raise DatabaseUnavailable("an earlier chat_log write still waits for the database")
-        writes = self._writes
-        if writes is None:  # stopping: no background left to finish a late write in
-            with trio.move_on_after(self.WRITE_TIMEOUT):
-                await store.write_batch(starts, outcomes)
-                return
-            raise DatabaseUnavailable(f"the database did not answer within {self.WRITE_TIMEOUT:g} s")
-        done = trio.Event()
-        failure: list[DatabaseError] = []
-        abandoned = False
-
-        async def write() -> None:
-            try:
-                with trio.fail_after(_CALL_TIMEOUT):  # then the next write tries again
-                    await store.write_batch(starts, outcomes)
-            except trio.TooSlowError:
-                failure.append(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
-            except DatabaseError as error:
-                failure.append(error)
-            finally:
-                done.set()
-                if abandoned:
-                    self._overdue -= 1
-
-        writes.start_soon(write)
-        with trio.move_on_after(self.WRITE_TIMEOUT):
-            await done.wait()
-        if not done.is_set():
-            abandoned = True
-            self._overdue += 1
-            raise DatabaseUnavailable(f"the database did not answer within {self.WRITE_TIMEOUT:g} s")
-        if failure:
-            raise failure[0]
 
 
 class Outbox:
@@ -349,6 +366,12 @@ class Outbox:
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._pending = True  # until a drain has found the queue empty
+        # Rows fetched from the NATS queue and not yet written: given back when the gateway
+        # stops, so the next drain (this gateway's next start, another instance) has them at
+        # once rather than after the consumer's ack_wait.
+        self._held: list[JobMessage] = []
+        # A stalled database makes a drain give its rows back within a few seconds too.
+        self._writes = BoundedWrites()
 
     @property
     def pending_in_memory(self) -> int:
@@ -375,17 +398,29 @@ class Outbox:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the outbox whenever PostgreSQL is reachable. Runs for the app's lifetime."""
         with trio.CancelScope() as self._scope:
-            task_status.started()
-            await self._drain_forever()
+            async with self._writes.open():
+                task_status.started()
+                await self._drain_forever()
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
 
+    async def aclose(self) -> None:
+        """Stop, giving back the rows a drain holds (a write of theirs may hang on a stalled
+        database; the bus is still there now, and may not be once the drain has unwound)."""
+        held, self._held = self._held, []
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+            await _give_back(held)
+        self.stop()
+
     async def _drain_forever(self) -> None:
+        first = True  # rows an earlier run left are written at start, before requests ask for them
         while True:
-            with trio.move_on_after(self.RETRY_SECONDS if self._pending else self.SWEEP_SECONDS):
-                await self._wake.wait()
+            if not first:
+                with trio.move_on_after(self.RETRY_SECONDS if self._pending else self.SWEEP_SECONDS):
+                    await self._wake.wait()
+            first = False
             self._wake = trio.Event()
             store = self._store()
             if store is None:
@@ -400,7 +435,7 @@ class Outbox:
 
     async def _drain_memory(self, store: ChatStore) -> None:
         while self._memory:
-            await _write_or_refuse(store, self._memory[0])
+            await _write_or_refuse(store, self._memory[0], self._writes)
             self._memory.popleft()
 
     async def _drain_bus(self, store: ChatStore) -> bool:
@@ -416,6 +451,7 @@ class Outbox:
                     if not jobs:
                         return True
                     for index, job in enumerate(jobs):
+                        self._held = jobs[index:]
                         try:
                             row = LogRow.from_json(json.loads(job.data))
                         except (ValueError, TypeError):
@@ -423,20 +459,27 @@ class Outbox:
                             await job.term()
                             continue
                         try:
-                            written = await _write_or_refuse(store, row)
+                            written = await _write_or_refuse(store, row, self._writes)
                         except DatabaseError:
                             # Left unsettled, the fetched rows would come back only after
                             # the consumer's ack_wait (30 s): a drain after PostgreSQL's
                             # return would find the queue empty and sleep for a sweep.
+                            self._held = []
                             await _give_back(jobs[index:])
                             raise
                         if written:
                             await job.ack()
                         else:
                             await job.term()
+                    self._held = []
         except BusError as error:
             log.warning("outbox on NATS not drained: %s", error)
             return False
+        finally:
+            held, self._held = self._held, []
+            if held:  # cancelled (the gateway stops) with rows in hand
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                    await _give_back(held)
 
 
 async def _give_back(jobs: list[JobMessage]) -> None:
@@ -449,12 +492,12 @@ async def _give_back(jobs: list[JobMessage]) -> None:
             return
 
 
-async def _write_or_refuse(store: ChatStore, row: LogRow) -> bool:
+async def _write_or_refuse(store: ChatStore, row: LogRow, writes: BoundedWrites) -> bool:
     """Write an outbox row; False when PostgreSQL refuses the row itself (a data or integrity
     error: retrying cannot help, and it must not hold up the rows behind it). Any other
     failure raises, and the drain pauses until PostgreSQL is back."""
     try:
-        await store.finish(row)
+        await writes.write(lambda: store.finish(row))
     except DatabaseError as error:
         if error.sqlstate is None or error.sqlstate[:2] not in ("22", "23"):
             raise
