@@ -118,7 +118,13 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     await nursery.start(resources.run)
     persistence: Persistence | None = None
     if settings.database_url or settings.nats_url:
-        persistence = Persistence(resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds))
+        outbox_spool = (
+            spool_directory(settings.data_dir, settings.database_url, "outbox")
+            if settings.data_dir is not None and settings.database_url else None
+        )
+        persistence = Persistence(
+            resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool)
+        )
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
@@ -176,7 +182,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             persistence.runs.stop()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
                 await persistence.runs.stopped.wait()
-            persistence.writer.stop()
+            await persistence.writer.aclose()  # its last rows may go to the outbox
             persistence.publisher.stop()
             await persistence.outbox.aclose()
         local_model.stop()

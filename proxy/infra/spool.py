@@ -1,14 +1,14 @@
-"""Usage the database has not confirmed, kept in a file of the data directory.
+"""What the database has not taken yet, kept in files of the data directory: usage batches
+(`spool/usage/`) and, with NATS down too, the completion log's outbox (`spool/outbox/`).
 
-Each process (usage writer) has its own file, `<writer>.json`, rewritten whole (a temporary
-file renamed over it) whenever its unconfirmed batches change while the database cannot take
-them, and removed once they are written. While the process lives it holds an exclusive lock
-on `<writer>.lock`; a file whose lock can be taken was left by a process that is gone
-(stopped, killed, crashed) and is adopted by a live one, which writes its batches with their
-original writer and numbers (see `KeysStore.record_usage`): a batch is never counted twice,
-whoever replays it and however often.
+Each process has its own file, `<writer>.json` (a JSON list), rewritten whole (a temporary
+file renamed over it) while the database cannot take what it holds, and removed once it has.
+While the process lives it holds an exclusive lock on `<writer>.lock`; a file whose lock can
+be taken was left by a process that is gone (stopped, killed, crashed) and is adopted by a
+live one. Replaying is safe: usage batches carry their writer and number, and a batch is
+applied once (see `KeysStore.record_usage`); log rows are upserts.
 
-The directory is per database (a hash of its URL): a spool holds key ids of that database.
+The directory is per database (a hash of its URL): a spool holds ids of that database.
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ class UsageBatch:
         return cls(str(data["writer"]), int(data["seq"]), deltas, sent=True)
 
 
-def spool_directory(data_dir: Path, database_url: str) -> Path:
-    return data_dir / "spool" / "usage" / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+def spool_directory(data_dir: Path, database_url: str, kind: str = "usage") -> Path:
+    return data_dir / "spool" / kind / hashlib.sha256(database_url.encode()).hexdigest()[:16]
 
 
-class UsageSpool:
+class Spool:
     """One process's spool file and its lock (blocking file I/O: call from a thread)."""
 
     def __init__(self, directory: Path, writer: str) -> None:
@@ -66,7 +66,8 @@ class UsageSpool:
         self.writer = writer
         self._path = directory / f"{writer}.json"
         self._lock: int | None = None
-        self.saved = False  # the file holds batches
+        self.saved = False  # the file holds items
+        self._text = ""  # what it holds
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -82,25 +83,29 @@ class UsageSpool:
             os.close(self._lock)
             self._lock = None
 
-    def save(self, batches: list[UsageBatch]) -> None:
-        """Make the file say `batches` (none: remove it), durably."""
-        if not batches:
+    def save(self, items: list[dict[str, Any]]) -> None:
+        """Make the file say `items` (none: remove it), durably."""
+        if not items:
             if self.saved:
                 self._path.unlink(missing_ok=True)
                 self.saved = False
             return
+        text = json.dumps(items, default=str)
+        if self.saved and text == self._text:
+            return  # retried every few seconds during an outage, mostly with nothing new
         temporary = self._path.with_suffix(".tmp")
         with open(temporary, "w", encoding="utf-8") as file:
-            json.dump([batch.to_json() for batch in batches], file)
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self._path)
         self.saved = True
+        self._text = text
 
-    def adopt(self) -> list[tuple[list[UsageBatch], Path]]:
-        """The batches of every spool whose process is gone, each with the lock it is held
-        by now (pass it to `release` once they are in this process's own file)."""
-        found: list[tuple[list[UsageBatch], Path]] = []
+    def adopt(self) -> list[tuple[list[dict[str, Any]], Path]]:
+        """The items of every spool whose process is gone, each with its file (pass it to
+        `release` once they are in this process's own file)."""
+        found: list[tuple[list[dict[str, Any]], Path]] = []
         for lock_path in self.directory.glob("*.lock"):
             if lock_path.stem != self.writer and not lock_path.with_suffix(".json").exists():
                 self.release(lock_path.with_suffix(".json"))  # a killed process's, with nothing spooled
@@ -114,14 +119,15 @@ class UsageSpool:
                 continue  # its process is alive
             os.close(lock)  # flock is per open file: taken again, and kept, by `release`
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                batches = [UsageBatch.from_json(item) for item in data]
+                items = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                    raise ValueError("not a list of objects")
             except FileNotFoundError:
                 continue  # another process adopted it meanwhile
-            except (ValueError, KeyError, TypeError) as error:
-                log.error("unreadable usage spool %s left as it is: %s", path, error)
+            except ValueError as error:
+                log.error("unreadable spool %s left as it is: %s", path, error)
                 continue
-            found.append((batches, path))
+            found.append((items, path))
         return found
 
     def release(self, path: Path) -> None:

@@ -18,9 +18,11 @@ import functools
 import json
 import logging
 import math
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -31,6 +33,7 @@ from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
 from proxy.infra.nats import Bus, BusError, JobMessage
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
+from proxy.infra.spool import Spool
 
 log = logging.getLogger("llm_proxy.journal")
 
@@ -288,6 +291,7 @@ class LogWriter:
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._writes = BoundedWrites()
+        self._done = trio.Event()
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -319,10 +323,19 @@ class LogWriter:
             finally:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
+                self._done.set()
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop, once what it holds is written or in the outbox (bounded): the outbox must
+        not be closed before."""
+        self.stop()
+        if self._scope is not None:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS + 1):
+                await self._done.wait()
 
     async def _flush(self, now: float) -> None:
         starts = [row for row, deadline in self._starts.values() if deadline <= now]
@@ -359,10 +372,14 @@ class Outbox:
     RETRY_SECONDS = 2.0
     SWEEP_SECONDS = 30.0
 
-    def __init__(self, *, store: StoreGetter, bus: BusGetter) -> None:
+    def __init__(self, *, store: StoreGetter, bus: BusGetter, spool: Path | None = None) -> None:
         self._store = store
         self._bus = bus
         self._memory: deque[LogRow] = deque()
+        # With NATS down too, the rows in memory are also kept in a spool file of the data
+        # directory (`spool`), so a stop or a crash loses none; the next start writes them.
+        self._spool = Spool(spool, secrets.token_hex(8)) if spool is not None else None
+        self._spool_stale = False  # the memory changed since the spool file was written
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._pending = True  # until a drain has found the queue empty
@@ -393,11 +410,13 @@ class Outbox:
             lost = self._memory.popleft()
             log.error("in-memory outbox full: dropped the log row of %s", lost.trace_id)
         self._memory.append(row)
+        self._spool_stale = True
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the outbox whenever PostgreSQL is reachable. Runs for the app's lifetime."""
         with trio.CancelScope() as self._scope:
+            await self._adopt_spools()
             async with self._writes.open():
                 task_status.started()
                 await self._drain_forever()
@@ -413,6 +432,56 @@ class Outbox:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
             await _give_back(held)
         self.stop()
+        with trio.CancelScope(shield=True):
+            await self._save_spool()
+            if self._memory:
+                where = "spooled for the next start" if self._spool is not None and self._spool.saved else "lost"
+                log.error("%d chat_log rows not written (PostgreSQL and NATS unavailable): %s", len(self._memory), where)
+            if self._spool is not None:
+                await trio.to_thread.run_sync(self._spool.close)
+
+    async def _save_spool(self) -> None:
+        spool = self._spool
+        if spool is None or not self._spool_stale:
+            return
+        self._spool_stale = False
+        rows = [row.to_json() for row in self._memory]
+        try:
+            await trio.to_thread.run_sync(spool.save, rows)
+        except OSError as error:
+            log.error("outbox spool %s not written: %s", spool.directory, error)
+
+    async def _adopt_spools(self) -> None:
+        """Open this process's spool, and take over the rows of processes gone."""
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            await trio.to_thread.run_sync(spool.open)
+            adopted = await trio.to_thread.run_sync(spool.adopt)
+        except OSError as error:
+            log.error("outbox spool %s unavailable: %s", spool.directory, error)
+            self._spool = None
+            return
+        taken: list[Path] = []
+        for items, path in adopted:
+            try:
+                rows = [LogRow.from_json(item) for item in items]
+            except (TypeError, KeyError) as error:
+                log.error("unreadable outbox spool %s left as it is: %s", path, error)
+                continue
+            self._memory.extendleft(reversed(rows))
+            taken.append(path)
+        if not taken:
+            return
+        self._spool_stale = True
+        await self._save_spool()
+        if not spool.saved:
+            return  # not in this process's file: the others stay where they are
+        for path in taken:
+            await trio.to_thread.run_sync(spool.release, path)
+        log.info("%d chat_log rows spooled by stopped gateway processes taken over", len(self._memory))
+        self._pending = True
 
     async def _drain_forever(self) -> None:
         first = True  # rows an earlier run left are written at start, before requests ask for them
@@ -422,6 +491,7 @@ class Outbox:
                     await self._wake.wait()
             first = False
             self._wake = trio.Event()
+            await self._save_spool()
             store = self._store()
             if store is None:
                 self._pending = True
@@ -437,6 +507,8 @@ class Outbox:
         while self._memory:
             await _write_or_refuse(store, self._memory[0], self._writes)
             self._memory.popleft()
+            self._spool_stale = True
+        await self._save_spool()  # written: the spool file goes
 
     async def _drain_bus(self, store: ChatStore) -> bool:
         """Write what the NATS queue holds; True once it was found empty (without NATS,

@@ -28,6 +28,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import outcome
 import trio
@@ -36,7 +37,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
-from proxy.infra.spool import UsageBatch, UsageSpool
+from proxy.infra.spool import Spool, UsageBatch
 from proxy.services.auth import KeyRing, Principal
 from proxy.services.chat import ExchangeRecord
 
@@ -178,7 +179,7 @@ class RateLimiter:
         self._writer = secrets.token_hex(8)
         self._seq = 0
         self._batches: list[UsageBatch] = []
-        self._spool = UsageSpool(spool, self._writer) if spool is not None else None
+        self._spool = Spool(spool, self._writer) if spool is not None else None
         self._failing = False  # the last write failed: spool before writing, not after
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
@@ -412,7 +413,7 @@ class RateLimiter:
         if spool is None or (not self._batches and not spool.saved):
             return
         self._cut()
-        batches = list(self._batches)
+        batches = [batch.to_json() for batch in self._batches]
         try:
             await trio.to_thread.run_sync(spool.save, batches)
         except OSError as error:
@@ -433,14 +434,20 @@ class RateLimiter:
             return
         if not adopted:
             return
-        for batches, _ in adopted:
-            self._batches[:0] = batches
+        taken: list[tuple[list[dict[str, Any]], Path]] = []
+        for items, path in adopted:
+            try:
+                self._batches[:0] = [UsageBatch.from_json(item) for item in items]
+            except (ValueError, KeyError, TypeError) as error:
+                log.error("unreadable usage spool %s left as it is: %s", path, error)
+                continue
+            taken.append((items, path))
         await self._save_spool()
         if not spool.saved:
             return  # not in this process's file: the others stay where they are
-        for batches, path in adopted:
+        for items, path in taken:
             await trio.to_thread.run_sync(spool.release, path)
-            log.info("usage spooled by a stopped gateway process (%d batch(es)) taken over from %s", len(batches), path)
+            log.info("usage spooled by a stopped gateway process (%d batch(es)) taken over from %s", len(items), path)
         self._kick.set()
 
     async def aclose(self) -> None:

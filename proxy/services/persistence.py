@@ -21,6 +21,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import outcome
@@ -63,6 +64,8 @@ class PersistenceSettings:
     # running chats and keys are then failed, see `ChatStore.sweep_dead_instances`).
     heartbeat: float = 5.0
     dead_after: float = 30.0
+    # Where log rows wait while PostgreSQL and NATS are both down (see `Outbox`); None: memory.
+    spool: Path | None = None
 
 
 class Runs:
@@ -158,7 +161,7 @@ class Persistence:
         self.resources = resources
         self.settings = settings
         self.runs = Runs()
-        self.outbox = Outbox(store=self.store, bus=self.bus)
+        self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
         self.writer = LogWriter(store=self.store, outbox=self.outbox)
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
