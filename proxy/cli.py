@@ -201,6 +201,8 @@ def _serve(settings: Settings) -> int:
         print(f"llm-proxy: {error}", file=sys.stderr)
         return 2
     try:
+        # The gateway keeps what it cannot write to the database there, too (usage spool).
+        settings = replace(settings, data_dir=settings.data_dir or default_data_dir())
         with embedded_servers(settings) as settings:
             if not settings.backends:
                 log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")

@@ -17,6 +17,7 @@ from proxy.infra.logging import RequestLog
 from proxy.infra.metrics import Metrics
 from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
+from proxy.infra.spool import spool_directory
 from proxy.services.auth import Authenticator, KeyRing, ScopedCatalog, ScopedRouter
 from proxy.services.chat import ChatService, ExchangeRecord, RecordSink
 from proxy.services.embeddings import CatalogWithLocalModels, EmbeddingService, LocalModel
@@ -144,7 +145,13 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     await nursery.start(resources.run)
     persistence: Persistence | None = None
     if settings.database_url or settings.nats_url:
-        persistence = Persistence(resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds))
+        outbox_spool = (
+            spool_directory(settings.data_dir, settings.database_url, "outbox")
+            if settings.data_dir is not None and settings.database_url else None
+        )
+        persistence = Persistence(
+            resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool)
+        )
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)
         await nursery.start(persistence.writer.run)
@@ -154,7 +161,12 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         if settings.database_url:
             await nursery.start(persistence.keep_alive)
     keys = KeyRing(resources)
-    limits = RateLimiter(resources, keys)
+    # Usage the database could not take is spooled in the data directory (per database).
+    spool = (
+        spool_directory(settings.data_dir, settings.database_url)
+        if settings.data_dir is not None and settings.database_url else None
+    )
+    limits = RateLimiter(resources, keys, spool=spool)
     if settings.database_url and settings.auth != "off":
         await nursery.start(keys.run)
         await nursery.start(limits.run)
@@ -199,9 +211,9 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             persistence.runs.stop()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
                 await persistence.runs.stopped.wait()
-            persistence.writer.stop()
+            await persistence.writer.aclose()  # its last rows may go to the outbox
             persistence.publisher.stop()
-            persistence.outbox.stop()
+            await persistence.outbox.aclose()
         local_model.stop()
         resources.stop()
         watchdog.cancel()

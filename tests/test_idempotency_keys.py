@@ -10,10 +10,11 @@ import anthropic
 import httpx
 import openai
 import pytest
+import trio
 
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_persistence import wait_for_row
+from tests.test_persistence import rows, wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -109,3 +110,49 @@ async def test_replays_and_cache_hits_add_no_backend_tokens_to_the_metrics(stack
         assert hit.headers.get("x-cache") == "hit"
         assert _tokens((await http.get("/metrics")).text) == (10, 4)
     assert [r.path for r in stack.fake.requests if r.method == "POST"] == ["/v1/chat/completions"] * 2
+
+
+async def test_a_key_still_running_after_its_run_failed_may_be_retried(stack: Stack) -> None:
+    """A claim or take-over PostgreSQL applies only after its request stopped waiting (it
+    stalled) can land after the run's outcome: the key says running though its run has
+    failed. A retry runs again, as for any failed run, instead of following the failure."""
+    stack.fake.push(Script(status=500))
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": _messages()}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        failed = await client.post("/v1/chat/completions", json=body, headers=key)
+        assert failed.status_code == 502, failed.text
+        trace = failed.headers["x-trace-id"]
+        await wait_for_row(stack.db, trace, "failed")
+        assert rows(stack.db, "UPDATE idempotency_keys SET status = 'running', updated_at = now() WHERE trace_id = %s"
+                              " RETURNING 1", trace) == [(1,)]
+        retried = await client.post("/v1/chat/completions", json=body, headers=key)
+        assert retried.status_code == 200, retried.text
+        assert "x-attached-to" not in retried.headers
+        assert retried.json()["choices"][0]["message"]["content"] == "Hi there"
+        # And the same key replays that answer from now on.
+        await wait_for_row(stack.db, retried.headers["x-trace-id"], "completed")
+        again = await client.post("/v1/chat/completions", json=body, headers=key)
+        assert again.headers.get("idempotent-replayed") == "true"
+    assert len(stack.fake.requests) == 2
+
+
+async def test_a_key_whose_owner_is_silent_is_taken_over(stack: Stack) -> None:
+    """A key held by a gateway process that has beaten no heartbeat for `dead_after` (gone
+    before it ever wrote one, so no sweep fails it) is taken over by a retry, which runs at
+    once instead of following a run nobody will finish (300 s, then a timeout)."""
+    key = str(uuid.uuid4())
+    body = {"model": "m", "messages": _messages()}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        first = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+        trace = first.headers["x-trace-id"]
+        await wait_for_row(stack.db, trace, "completed")
+        # What a process that died right after its claim leaves: a running key, no row.
+        rows(stack.db, "DELETE FROM chat_log WHERE trace_id = %s RETURNING 1", trace)
+        rows(stack.db, "UPDATE idempotency_keys SET status = 'running', owner = 'gone', "
+                       "updated_at = now() - interval '1 minute' WHERE trace_id = %s RETURNING 1", trace)
+        with trio.fail_after(10):
+            retried = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+        assert retried.status_code == 200, retried.text
+        assert "x-attached-to" not in retried.headers and retried.headers["x-trace-id"] != trace
+    assert len(stack.fake.requests) == 2

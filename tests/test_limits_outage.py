@@ -176,3 +176,48 @@ async def test_what_a_gateway_admitted_alone_in_an_outage_is_charged_to_the_shar
     await eventually(charged, within=15, every=0.5)
     async with httpx.AsyncClient(base_url=stack.second, headers=bearer(key), timeout=30) as client:
         assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 429]
+
+
+async def test_usage_recorded_while_postgres_is_down_survives_a_stop_and_counts_once(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path
+) -> None:
+    """A key's usage made while PostgreSQL is down, by a gateway stopped before it comes back,
+    is in the key's usage once the gateway runs again (it was lost), and only once, even when
+    its spool is replayed again (a gateway killed right after writing it)."""
+    assert postgres.url is not None
+    data_dir = tmp_path / "data"
+    key = await new_key(postgres.url, "spooled")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+
+    async def usage() -> list[tuple[int, int, int]]:
+        found = await sql(postgres.url or "", "SELECT requests, prompt_tokens, completion_tokens FROM api_key_usage u"
+                                              " JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'spooled'")
+        return [(int(a), int(b), int(c)) for a, b, c in found]
+
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir) as url:
+            await wait_for_key(url, key)
+            await trio.to_thread.run_sync(postgres.stop)
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 200]
+        spooled = list(data_dir.glob("spool/usage/*/*.json"))
+        assert len(spooled) == 1
+        left = spooled[0].read_bytes()
+        await trio.to_thread.run_sync(postgres.start)
+
+        async def counted() -> bool:
+            return await usage() == [(2, 10, 2)]
+
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+            await eventually(counted, within=30, every=0.5)
+        assert not list(data_dir.glob("spool/usage/*/*.json"))
+        # As if that gateway had been killed before it removed the spool it replayed.
+        spooled[0].write_bytes(left)
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+
+            async def replayed() -> bool:
+                return not spooled[0].exists()
+
+            await eventually(replayed, within=30, every=0.2)
+        assert await usage() == [(2, 10, 2)]

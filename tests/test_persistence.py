@@ -497,6 +497,42 @@ async def test_postgres_outage_loses_no_row(
                     await wait_for_row(url, trace_id, "completed", within=20)
 
 
+async def test_rows_waiting_in_memory_while_postgres_and_nats_are_down_survive_a_stop(
+    aio_loop: object, tmp_path: Path, nats_url: str
+) -> None:
+    """With both stores down the outbox holds rows in memory: a gateway stopped then lost
+    them. They are kept in a spool file of its data directory, and the next gateway started
+    on it writes them."""
+    fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
+    dead_nats = EmbeddedNats(tmp_path / "nats")
+    dead_nats_url = dead_nats.start()
+    dead_nats.stop()
+    data_dir = tmp_path / "data"
+    with EmbeddedPostgres(tmp_path / "pg") as postgres:
+        assert postgres.url is not None
+        url = postgres.url
+        async with fake.serve() as server:
+            config = backend("vllm", server.url, default=True)
+            async with running_gateway(config, database_url=url, nats_url=dead_nats_url, data_dir=data_dir) as gateway:
+                await trio.to_thread.run_sync(postgres.stop)
+                async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+                    during = []
+                    for _ in range(3):
+                        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+                        assert response.status_code == 200
+                        during.append(response.headers["x-trace-id"])
+            assert len(list(data_dir.glob("spool/outbox/*/*.json"))) == 1
+            await trio.to_thread.run_sync(postgres.start)
+            async with running_gateway(config, database_url=url, nats_url=nats_url, data_dir=data_dir):
+                for trace_id in during:
+                    await wait_for_row(url, trace_id, "completed", within=20)
+
+                async def spool_gone() -> bool:
+                    return not list(data_dir.glob("spool/outbox/*/*.json"))
+
+                await eventually(spool_gone, within=10)
+
+
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(
     aio_loop: object, tmp_path: Path, nats_url: str
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,15 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import MESSAGES, eventually, gateway
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    new_key,
+    sql,
+    wait_for_key,
+)
 from tests.test_limits_outage import stalled
 
 pytest_plugins = ["tests.infra_servers"]
@@ -81,3 +90,82 @@ async def test_a_keyed_or_cached_chat_runs_unguarded_while_postgres_stalls(
         return first.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
 
     await eventually(replayed, within=60, every=1)
+
+
+async def test_a_keyed_answer_given_while_postgres_stalls_is_replayed_after_the_gateway_stopped(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """The gateway stops before the stalled database answers again: the answer's row was
+    waiting for it in memory, and was lost (the key's retry called the backend again). Its
+    row is written as soon as the next gateway starts."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    key = str(uuid.uuid4())
+    body = {**_chat("stalled " + key), "stream": False}
+    api_key = await new_key(postgres.url, "stalled", "--tpm", "100000")
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        with ExitStack() as paused:
+            async with gateway(postgres.url, nats_url, config) as url:
+                await wait_for_key(url, api_key)
+                paused.enter_context(stalled(postgres))
+                async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(api_key)) as client:
+                    first = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+                assert first.status_code == 200
+            # Stopped while the database is still paused; it answers again only now.
+        trace = first.headers["x-trace-id"]
+
+        async def stored() -> bool:
+            found = await sql(postgres.url, "SELECT status FROM chat_log WHERE trace_id = %s", trace)
+            return found == [("completed",)]
+
+        async with gateway(postgres.url, nats_url, config) as url:
+            # At once: the stopped gateway gave back the row its outbox drain held, rather than
+            # leave it to NATS's redelivery 30 s later (a retry meanwhile would run again).
+            await eventually(stored, within=6, every=0.2)
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(api_key)) as client:
+                again = await client.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.headers["x-trace-id"] == trace
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert [r.path for r in fake.requests if r.path.endswith("/chat/completions")] == ["/v1/chat/completions"]
+
+
+async def test_reading_a_trace_back_while_postgres_stalls_is_a_prompt_503(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """With API keys, whose trace it is can only be told from its row: while PostgreSQL
+    stalls, `GET /v1/streams/{trace}` and `GET /v1/responses/{id}` hung until it answered
+    again (or said 404, for a trace that exists, while it was down). Now a 503 to retry."""
+    assert postgres.url is not None
+    api_key = await new_key(postgres.url, "reader")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        await wait_for_key(url, api_key)
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=bearer(api_key)) as client:
+            chat = await client.post("/v1/chat/completions", json={**_chat("read back"), "stream": False})
+            response = await client.post("/v1/responses", json={"model": "qwen3-8b", "input": "read back"})
+            for trace in (chat.headers["x-trace-id"], response.headers["x-trace-id"]):
+
+                async def stored(trace: str = trace) -> bool:
+                    found = await sql(postgres.url or "", "SELECT status FROM chat_log WHERE trace_id = %s", trace)
+                    return found == [("completed",)]
+
+                await eventually(stored, within=10)
+            with stalled(postgres):
+                for path in (f"/v1/streams/{chat.headers['x-trace-id']}", f"/v1/responses/{response.json()['id']}"):
+                    started = trio.current_time()
+                    with trio.fail_after(_LOOKUP_TIMEOUT + 10):
+                        answer = await client.get(path)
+                    assert answer.status_code == 503, (path, answer.text)
+                    assert answer.json()["error"]["code"] == "journal_unavailable"
+                    assert answer.headers["retry-after"] == "2"
+                    assert trio.current_time() - started < _LOOKUP_TIMEOUT + SLACK
+
+            # Answering again, the database gives them back.
+            async def back() -> bool:
+                again = await client.get(f"/v1/responses/{response.json()['id']}")
+                return again.status_code == 200 and again.json()["status"] == "completed"
+
+            await eventually(back, within=40, every=0.5)

@@ -39,7 +39,6 @@ from proxy.http._head import current_tenant, request_meta
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.chat_store import StoredRun
-from proxy.infra.postgres import DatabaseError
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
@@ -265,13 +264,13 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
 
 
 async def _stored(persistence: Persistence, trace_id: str) -> StoredRun | None:
-    store = persistence.store()
-    if store is None:
-        return None
+    """The response's row; a 503 when the journal cannot be read, unless its run is here."""
     try:
-        return await store.stored_run(trace_id)
-    except DatabaseError:
-        return None
+        return await persistence.stored_run(trace_id)
+    except GatewayError:
+        if trace_id in persistence.runs.live:
+            return None  # the run itself answers
+        raise
 
 
 async def _whole(persistence: Persistence, trace_id: str, response: str) -> Reply:

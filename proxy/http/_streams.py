@@ -84,7 +84,10 @@ class EventsBody(DirectBody):
                 async for item in events:
                     if isinstance(item, GatewayError):
                         if not started:
-                            await _head(send, item.status, b"application/json")
+                            retry = [] if item.retry_after is None else [
+                                (b"retry-after", str(max(1, round(item.retry_after))).encode())
+                            ]
+                            await _head(send, item.status, b"application/json", retry)
                             await send({"type": "http.response.body", "body": openai.render_error(item), "more_body": False})
                             return
                         await send({"type": "http.response.body", "body": self._framer.error(item), "more_body": True})
@@ -100,11 +103,16 @@ class EventsBody(DirectBody):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _head(send: ASGISendCallable, status: int, content_type: bytes) -> None:
+async def _head(
+    send: ASGISendCallable, status: int, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send({
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
+        "headers": [
+            (b"content-type", content_type), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+            *(extra or []),
+        ],
     })
 
 

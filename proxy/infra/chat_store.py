@@ -211,6 +211,19 @@ _PUT_CACHE = (
 )
 
 
+# Who holds a key: its request, trace, status and age, whether the exact-cache entry lives,
+# how its trace's row ended (NULL: no row, or running) and whether its owner is silent.
+_HOLDER = """
+SELECT k.req_id, k.trace_id, k.status, extract(epoch FROM now() - k.updated_at),
+    EXISTS (SELECT 1 FROM completions_cache WHERE req_id = %s AND expires_at > now()),
+    (SELECT c.status FROM chat_log c WHERE c.trace_id = k.trace_id AND c.status <> 'running'),
+    k.owner IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM gateway_instances g WHERE g.id = k.owner AND g.seen_at > now() - make_interval(secs => %s)
+    )
+FROM idempotency_keys k WHERE k.key = %s
+"""
+
+
 INTERRUPTED_MESSAGE = "The gateway process running it stopped (killed or crashed) before it completed."
 _INTERRUPTED = json_text({"kind": "UNAVAILABLE", "message": INTERRUPTED_MESSAGE})
 _SWEEP_DEAD = """
@@ -265,11 +278,16 @@ class ChatStore:
 
     async def claim(
         self, key: str, req_id: str, trace_id: str, *, stale_after: float, cache_id: str | None = None,
-        owner: str | None = None,
+        owner: str | None = None, owner_silence: float = 30.0,
     ) -> Claim:
         """Claim `key` for `trace_id` (run by gateway instance `owner`) unless another trace
-        holds it; a failed, cancelled or stale (running for longer than `stale_after` seconds)
-        holder is taken over.
+        holds it; a failed, cancelled or stale holder is taken over. Stale: running for longer
+        than `stale_after` seconds, or for longer than `owner_silence` with its owner silent
+        as long (no heartbeat: gone, whether or not any instance swept it).
+
+        A holder whose row has ended although its key still says running (its outcome's write
+        landed before a claim or take-over PostgreSQL applied late, after its request stopped
+        waiting) counts as its row says, and its key is set right.
 
         With `cache_id` (the key guards an exact-cache entry), a completed holder counts only
         while that entry lives: an expired one is taken over, so the request runs again."""
@@ -281,20 +299,18 @@ class ChatStore:
             )
             if won is not None:
                 return Claim("owner", trace_id)
-            row = await self._db.fetchrow(
-                "SELECT req_id, trace_id, status, extract(epoch FROM now() - updated_at), "
-                "EXISTS (SELECT 1 FROM completions_cache WHERE req_id = %s AND expires_at > now()) "
-                "FROM idempotency_keys WHERE key = %s",
-                (cache_id, key),
-            )
+            row = await self._db.fetchrow(_HOLDER, (cache_id, owner_silence, key))
             if row is None:
                 continue  # deleted between the two statements
-            held_req, held_trace, status, age, cached = row
+            held_req, held_trace, status, age, cached, ended, owner_gone = row
             if held_req != req_id:
                 return Claim("conflict", held_trace)
+            if status == "running" and ended is not None:
+                status = ended
+                await _set_key_status(self._db, key, held_trace, ended)
             if status == "completed" and (cache_id is None or cached):
                 return Claim("completed", held_trace)
-            if status == "running" and float(age) < stale_after:
+            if status == "running" and float(age) < stale_after and not (owner_gone and float(age) >= owner_silence):
                 return Claim("running", held_trace)
             if await self.take_over(key, held_trace, trace_id, owner=owner):
                 return Claim("owner", trace_id)

@@ -212,18 +212,24 @@ class KeysStore:
         assert row is not None
         return Admission(bool(row[0]), float(row[1]), float(row[2]), float(row[3]))
 
-    async def record_usage(self, deltas: Mapping[int, UsageDelta]) -> None:
+    async def record_usage(self, deltas: Mapping[int, UsageDelta], writer: str, seq: int) -> None:
         """Add usage to the current hour, charge the tokens to each key's token bucket (keys
         with a `tpm`) and settle admissions the request bucket has not counted (keys with an
-        `rpm`), in one statement."""
+        `rpm`), in one statement: batch `seq` of `writer`, applied unless that writer's
+        batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
         ids = list(deltas)
         await self._db.execute(
             """
-            WITH d AS (
+            WITH fresh AS (
+                INSERT INTO api_key_usage_writes AS w (writer, seq) VALUES (%s, %s)
+                ON CONFLICT (writer) DO UPDATE SET seq = EXCLUDED.seq, written_at = now() WHERE w.seq < EXCLUDED.seq
+                RETURNING 1
+            ), d AS (
                 SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
                     AS d(key_id, requests, errors, prompt, completion, admissions)
+                WHERE EXISTS (SELECT 1 FROM fresh)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
                 SELECT key_id, date_trunc('hour', now()), requests, errors, prompt, completion FROM d
@@ -249,6 +255,8 @@ class KeysStore:
                 AND ((k.tpm IS NOT NULL AND d.prompt + d.completion > 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0))
             """,
             (
+                writer,
+                seq,
                 ids,
                 [deltas[i].requests for i in ids],
                 [deltas[i].errors for i in ids],

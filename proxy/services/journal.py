@@ -13,13 +13,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
+import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -29,7 +32,8 @@ from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
 from proxy.infra.nats import Bus, BusError, JobMessage
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
+from proxy.infra.spool import Spool
 
 log = logging.getLogger("llm_proxy.journal")
 
@@ -39,6 +43,7 @@ OUTBOX_STREAM = "OUTBOX"
 OUTBOX_SUBJECT = "outbox.chat_log"
 _FINISH_SECONDS = 5.0
 _MEMORY_OUTBOX = 10_000
+_CALL_TIMEOUT = 30.0  # the longest a write given up on may wait for a stalled database
 
 
 def events_subject(trace_id: str) -> str:
@@ -204,10 +209,72 @@ class EventPublisher:
             log.warning("%d events not published: %s", len(batch), error)
 
 
+class BoundedWrites:
+    """Database writes a caller waits for at most `TIMEOUT`: then (or while an earlier one is
+    still overdue) `DatabaseUnavailable`, at once, instead of hanging on a stalled database
+    (its connections open, nothing answering). A write given up on goes on in the background
+    (a cancelled psycopg query waits for the stalled server anyway) for at most
+    `_CALL_TIMEOUT`: what is written here is upserts, so the late write and the caller's
+    fallback (the outbox, a retry) agree."""
+
+    TIMEOUT = 3.0
+
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+        self._overdue = 0  # writes given up on that have not returned
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        try:
+            async with trio.open_nursery() as self._nursery:
+                yield
+        finally:
+            self._nursery = None
+
+    async def write(self, call: Callable[[], Awaitable[None]]) -> None:
+        if self._overdue:
+            raise DatabaseUnavailable("an earlier write still waits for the database")
+        nursery = self._nursery
+        if nursery is None:  # stopping: no background left to finish a late write in
+            with trio.move_on_after(self.TIMEOUT):
+                await call()
+                return
+            raise DatabaseUnavailable(f"the database did not answer within {self.TIMEOUT:g} s")
+        done = trio.Event()
+        failure: list[DatabaseError] = []
+        abandoned = False
+
+        async def run() -> None:
+            try:
+                with trio.fail_after(_CALL_TIMEOUT):  # then the next write tries again
+                    await call()
+            except trio.TooSlowError:
+                failure.append(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
+            except DatabaseError as error:
+                failure.append(error)
+            finally:
+                done.set()
+                if abandoned:
+                    self._overdue -= 1
+
+        nursery.start_soon(run)
+        with trio.move_on_after(self.TIMEOUT):
+            await done.wait()
+        if not done.is_set():
+            abandoned = True
+            self._overdue += 1
+            raise DatabaseUnavailable(f"the database did not answer within {self.TIMEOUT:g} s")
+        if failure:
+            raise failure[0]
+
+
 class LogWriter:
     """Group commit for the completion log: every row waiting when the writer wakes up goes
     into one transaction, however many requests wrote them — a database round trip per
-    batch, not two per request. Outcomes that cannot be written go to the outbox.
+    batch, not two per request. Outcomes that cannot be written go to the outbox, and so do
+    those the database has not taken within `BoundedWrites.TIMEOUT` (within a run's
+    `_FINISH_SECONDS`, so its `finished` is still published): held in memory for a stalled
+    database, they would be lost if the gateway stopped first.
 
     A `running` row waits `START_DELAY` before it is written, and is dropped if its outcome
     comes first: most chats finish sooner, and then one row write serves both — the
@@ -223,6 +290,8 @@ class LogWriter:
         self._outcomes: list[tuple[LogRow, trio.Event]] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self._writes = BoundedWrites()
+        self._done = trio.Event()
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -239,24 +308,34 @@ class LogWriter:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
-            task_status.started()
             try:
-                while True:
-                    due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
-                    with trio.move_on_at(due):
-                        await self._wake.wait()
-                    # Linger: let the next requests' rows join this transaction. Per-flush
-                    # costs (a round trip, trio->asyncio hops) dominate at low concurrency.
-                    await trio.sleep(self.LINGER)
-                    self._wake = trio.Event()
-                    await self._flush(trio.current_time())
+                async with self._writes.open():
+                    task_status.started()
+                    while True:
+                        due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
+                        with trio.move_on_at(due):
+                            await self._wake.wait()
+                        # Linger: let the next requests' rows join this transaction. Per-flush
+                        # costs (a round trip, trio->asyncio hops) dominate at low concurrency.
+                        await trio.sleep(self.LINGER)
+                        self._wake = trio.Event()
+                        await self._flush(trio.current_time())
             finally:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
+                self._done.set()
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop, once what it holds is written or in the outbox (bounded): the outbox must
+        not be closed before."""
+        self.stop()
+        if self._scope is not None:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS + 1):
+                await self._done.wait()
 
     async def _flush(self, now: float) -> None:
         starts = [row for row, deadline in self._starts.values() if deadline <= now]
@@ -269,10 +348,12 @@ class LogWriter:
             store = self._store()
             if store is not None:
                 try:
-                    await store.write_batch(starts, [row for row, _ in outcomes])
+                    rows = [row for row, _ in outcomes]
+                    await self._writes.write(lambda: store.write_batch(starts, rows))
                     return
                 except DatabaseError as error:
-                    log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
+                    if outcomes:  # a batch of `running` rows only is dropped: their outcomes follow
+                        log.warning("%d chat_log outcomes queued in the outbox: %s", len(outcomes), error)
             for row, _ in outcomes:
                 await self._outbox.put(row)
         finally:
@@ -291,13 +372,23 @@ class Outbox:
     RETRY_SECONDS = 2.0
     SWEEP_SECONDS = 30.0
 
-    def __init__(self, *, store: StoreGetter, bus: BusGetter) -> None:
+    def __init__(self, *, store: StoreGetter, bus: BusGetter, spool: Path | None = None) -> None:
         self._store = store
         self._bus = bus
         self._memory: deque[LogRow] = deque()
+        # With NATS down too, the rows in memory are also kept in a spool file of the data
+        # directory (`spool`), so a stop or a crash loses none; the next start writes them.
+        self._spool = Spool(spool, secrets.token_hex(8)) if spool is not None else None
+        self._spool_stale = False  # the memory changed since the spool file was written
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._pending = True  # until a drain has found the queue empty
+        # Rows fetched from the NATS queue and not yet written: given back when the gateway
+        # stops, so the next drain (this gateway's next start, another instance) has them at
+        # once rather than after the consumer's ack_wait.
+        self._held: list[JobMessage] = []
+        # A stalled database makes a drain give its rows back within a few seconds too.
+        self._writes = BoundedWrites()
 
     @property
     def pending_in_memory(self) -> int:
@@ -319,23 +410,88 @@ class Outbox:
             lost = self._memory.popleft()
             log.error("in-memory outbox full: dropped the log row of %s", lost.trace_id)
         self._memory.append(row)
+        self._spool_stale = True
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drain the outbox whenever PostgreSQL is reachable. Runs for the app's lifetime."""
         with trio.CancelScope() as self._scope:
-            task_status.started()
-            await self._drain_forever()
+            await self._adopt_spools()
+            async with self._writes.open():
+                task_status.started()
+                await self._drain_forever()
 
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
 
+    async def aclose(self) -> None:
+        """Stop, giving back the rows a drain holds (a write of theirs may hang on a stalled
+        database; the bus is still there now, and may not be once the drain has unwound)."""
+        held, self._held = self._held, []
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+            await _give_back(held)
+        self.stop()
+        with trio.CancelScope(shield=True):
+            await self._save_spool()
+            if self._memory:
+                where = "spooled for the next start" if self._spool is not None and self._spool.saved else "lost"
+                log.error("%d chat_log rows not written (PostgreSQL and NATS unavailable): %s", len(self._memory), where)
+            if self._spool is not None:
+                await trio.to_thread.run_sync(self._spool.close)
+
+    async def _save_spool(self) -> None:
+        spool = self._spool
+        if spool is None or not self._spool_stale:
+            return
+        self._spool_stale = False
+        rows = [row.to_json() for row in self._memory]
+        try:
+            await trio.to_thread.run_sync(spool.save, rows)
+        except OSError as error:
+            log.error("outbox spool %s not written: %s", spool.directory, error)
+
+    async def _adopt_spools(self) -> None:
+        """Open this process's spool, and take over the rows of processes gone."""
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            await trio.to_thread.run_sync(spool.open)
+            adopted = await trio.to_thread.run_sync(spool.adopt)
+        except OSError as error:
+            log.error("outbox spool %s unavailable: %s", spool.directory, error)
+            self._spool = None
+            return
+        taken: list[Path] = []
+        for items, path in adopted:
+            try:
+                rows = [LogRow.from_json(item) for item in items]
+            except (TypeError, KeyError) as error:
+                log.error("unreadable outbox spool %s left as it is: %s", path, error)
+                continue
+            self._memory.extendleft(reversed(rows))
+            taken.append(path)
+        if not taken:
+            return
+        self._spool_stale = True
+        await self._save_spool()
+        if not spool.saved:
+            return  # not in this process's file: the others stay where they are
+        for path in taken:
+            await trio.to_thread.run_sync(spool.release, path)
+        log.info("%d chat_log rows spooled by stopped gateway processes taken over", len(self._memory))
+        self._pending = True
+
     async def _drain_forever(self) -> None:
+        first = True  # rows an earlier run left are written at start, before requests ask for them
         while True:
-            with trio.move_on_after(self.RETRY_SECONDS if self._pending else self.SWEEP_SECONDS):
-                await self._wake.wait()
+            if not first:
+                with trio.move_on_after(self.RETRY_SECONDS if self._pending else self.SWEEP_SECONDS):
+                    await self._wake.wait()
+            first = False
             self._wake = trio.Event()
+            await self._save_spool()
             store = self._store()
             if store is None:
                 self._pending = True
@@ -349,8 +505,10 @@ class Outbox:
 
     async def _drain_memory(self, store: ChatStore) -> None:
         while self._memory:
-            await _write_or_refuse(store, self._memory[0])
+            await _write_or_refuse(store, self._memory[0], self._writes)
             self._memory.popleft()
+            self._spool_stale = True
+        await self._save_spool()  # written: the spool file goes
 
     async def _drain_bus(self, store: ChatStore) -> bool:
         """Write what the NATS queue holds; True once it was found empty (without NATS,
@@ -365,6 +523,7 @@ class Outbox:
                     if not jobs:
                         return True
                     for index, job in enumerate(jobs):
+                        self._held = jobs[index:]
                         try:
                             row = LogRow.from_json(json.loads(job.data))
                         except (ValueError, TypeError):
@@ -372,20 +531,27 @@ class Outbox:
                             await job.term()
                             continue
                         try:
-                            written = await _write_or_refuse(store, row)
+                            written = await _write_or_refuse(store, row, self._writes)
                         except DatabaseError:
                             # Left unsettled, the fetched rows would come back only after
                             # the consumer's ack_wait (30 s): a drain after PostgreSQL's
                             # return would find the queue empty and sleep for a sweep.
+                            self._held = []
                             await _give_back(jobs[index:])
                             raise
                         if written:
                             await job.ack()
                         else:
                             await job.term()
+                    self._held = []
         except BusError as error:
             log.warning("outbox on NATS not drained: %s", error)
             return False
+        finally:
+            held, self._held = self._held, []
+            if held:  # cancelled (the gateway stops) with rows in hand
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                    await _give_back(held)
 
 
 async def _give_back(jobs: list[JobMessage]) -> None:
@@ -398,12 +564,12 @@ async def _give_back(jobs: list[JobMessage]) -> None:
             return
 
 
-async def _write_or_refuse(store: ChatStore, row: LogRow) -> bool:
+async def _write_or_refuse(store: ChatStore, row: LogRow, writes: BoundedWrites) -> bool:
     """Write an outbox row; False when PostgreSQL refuses the row itself (a data or integrity
     error: retrying cannot help, and it must not hold up the rows behind it). Any other
     failure raises, and the drain pauses until PostgreSQL is back."""
     try:
-        await store.finish(row)
+        await writes.write(lambda: store.finish(row))
     except DatabaseError as error:
         if error.sqlstate is None or error.sqlstate[:2] not in ("22", "23"):
             raise

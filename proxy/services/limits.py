@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import outcome
 import trio
@@ -34,6 +37,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
+from proxy.infra.spool import Spool, UsageBatch
 from proxy.services.auth import KeyRing, Principal
 from proxy.services.chat import ExchangeRecord
 
@@ -164,11 +168,19 @@ class RateLimiter:
     """Admits requests of limited keys and records every key's usage (see the module
     docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
 
-    def __init__(self, resources: Resources, ring: KeyRing) -> None:
+    def __init__(self, resources: Resources, ring: KeyRing, *, spool: Path | None = None) -> None:
         self._resources = resources
         self._ring = ring
         self._local = _LocalBuckets()
         self._pending: dict[int, UsageDelta] = {}
+        # Usage cut into numbered batches, oldest first, until the database confirms them
+        # (see `KeysStore.record_usage`); kept in the spool file (`spool`: its directory)
+        # while it cannot, so a stop or a crash during an outage loses none.
+        self._writer = secrets.token_hex(8)
+        self._seq = 0
+        self._batches: list[UsageBatch] = []
+        self._spool = Spool(spool, self._writer) if spool is not None else None
+        self._failing = False  # the last write failed: spool before writing, not after
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
         self._flushed = trio.Event()
@@ -257,10 +269,15 @@ class RateLimiter:
             await self._flushed.wait()
 
     def _take_admissions(self, principal: Principal) -> int:
-        pending = self._pending.get(principal.id)
-        if pending is None or principal.rpm is None:
+        if principal.rpm is None:
             return 0
-        settle, pending.admissions = pending.admissions, 0
+        settle = 0
+        # A batch never sent may give its admissions up; a sent one may have been applied.
+        held = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
+        for deltas in held:
+            pending = deltas.get(principal.id)
+            if pending is not None:
+                settle, pending.admissions = settle + pending.admissions, 0
         return settle
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal) -> None:
@@ -320,10 +337,12 @@ class RateLimiter:
         (batched), until `aclose()`."""
         try:
             with trio.CancelScope() as self._scope:
+                await self._adopt_spools()
                 async with trio.open_nursery() as self._calls:
                     task_status.started()
                     while True:
-                        with trio.move_on_after(_RETRY_SECONDS if self._pending else math.inf):
+                        waiting = self._pending or self._batches
+                        with trio.move_on_after(_RETRY_SECONDS if waiting else math.inf):
                             await self._kick.wait()
                         self._kick = trio.Event()
                         # No waiting to batch: what ends while one write runs goes in the next.
@@ -332,32 +351,104 @@ class RateLimiter:
             self._calls = None
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _FLUSH_TIMEOUT
+                self._failing = True  # stopping: spooled first, whatever the write does
                 await self._flush()
-            if self._pending:
-                log.warning("usage of %d API key(s) not recorded: the database is unreachable", len(self._pending))
+            if self._batches:
+                where = "spooled for the next start" if self._spool is not None and self._spool.saved else "not recorded"
+                log.warning("usage of %d API key batch(es) %s: the database is unreachable", len(self._batches), where)
+            if self._spool is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._spool.close)
             self._done.set()
 
-    async def _flush(self) -> None:
+    def _cut(self) -> None:
+        """Move `_pending` into the batch not yet sent, or a new one."""
         if not self._pending:
             return
+        last = self._batches[-1] if self._batches else None
+        if last is not None and not last.sent and last.writer == self._writer:
+            for key_id, delta in self._pending.items():
+                last.deltas.setdefault(key_id, UsageDelta()).add(delta)
+        else:
+            self._seq += 1
+            self._batches.append(UsageBatch(self._writer, self._seq, self._pending))
+        self._pending = {}
+
+    async def _flush(self) -> None:
+        self._cut()
+        if not self._batches:
+            return
+        if self._failing:
+            await self._save_spool()
         db = self._resources.database
         if db is None:
+            self._failing = True
+            await self._save_spool()
             return
-        batch, self._pending = self._pending, {}
-        self._flushing = batch
+        while self._batches:
+            batch = self._batches[0]
+            batch.sent = True
+            self._flushing = batch.deltas
+            try:
+                with trio.fail_after(_FLUSH_TIMEOUT):
+                    await KeysStore(db).record_usage(batch.deltas, batch.writer, batch.seq)
+            except (DatabaseError, trio.TooSlowError) as error:
+                # Kept as it is (it may have been applied): its retry, under its number, is
+                # applied only if it was not.
+                log.warning("recording API key usage failed (%s); will retry", error)
+                self._failing = True
+                await self._save_spool()
+                return
+            finally:
+                # Written, or kept for the next write to settle.
+                self._flushing = {}
+                self._flushed.set()
+                self._flushed = trio.Event()
+            self._batches.pop(0)
+        self._failing = False
+        await self._save_spool()
+
+    async def _save_spool(self) -> None:
+        spool = self._spool
+        if spool is None or (not self._batches and not spool.saved):
+            return
+        self._cut()
+        batches = [batch.to_json() for batch in self._batches]
         try:
-            with trio.fail_after(_FLUSH_TIMEOUT):
-                await KeysStore(db).record_usage(batch)
-        except (DatabaseError, trio.TooSlowError) as error:
-            log.warning("recording API key usage failed (%s); will retry", error)
-            for key_id, delta in batch.items():
-                pending = self._pending.setdefault(key_id, UsageDelta())
-                pending.add(delta)
-        finally:
-            # Written, or back in `_pending` for the next admission or write to settle.
-            self._flushing = {}
-            self._flushed.set()
-            self._flushed = trio.Event()
+            await trio.to_thread.run_sync(spool.save, batches)
+        except OSError as error:
+            log.error("usage spool %s not written: %s", spool.directory, error)
+
+    async def _adopt_spools(self) -> None:
+        """Open this process's spool, and take over those of processes gone (their batches
+        are written with the next flush, under their own numbers)."""
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            await trio.to_thread.run_sync(spool.open)
+            adopted = await trio.to_thread.run_sync(spool.adopt)
+        except OSError as error:
+            log.error("usage spool %s unavailable: %s", spool.directory, error)
+            self._spool = None
+            return
+        if not adopted:
+            return
+        taken: list[tuple[list[dict[str, Any]], Path]] = []
+        for items, path in adopted:
+            try:
+                self._batches[:0] = [UsageBatch.from_json(item) for item in items]
+            except (ValueError, KeyError, TypeError) as error:
+                log.error("unreadable usage spool %s left as it is: %s", path, error)
+                continue
+            taken.append((items, path))
+        await self._save_spool()
+        if not spool.saved:
+            return  # not in this process's file: the others stay where they are
+        for items, path in taken:
+            await trio.to_thread.run_sync(spool.release, path)
+            log.info("usage spooled by a stopped gateway process (%d batch(es)) taken over from %s", len(items), path)
+        self._kick.set()
 
     async def aclose(self) -> None:
         """Stop, after writing what is pending (bounded)."""

@@ -21,6 +21,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import outcome
@@ -84,6 +85,8 @@ class PersistenceSettings:
     # running chats and keys are then failed, see `ChatStore.sweep_dead_instances`).
     heartbeat: float = 5.0
     dead_after: float = 30.0
+    # Where log rows wait while PostgreSQL and NATS are both down (see `Outbox`); None: memory.
+    spool: Path | None = None
 
 
 class Runs:
@@ -185,7 +188,7 @@ class Persistence:
         self.resources = resources
         self.settings = settings
         self.runs = Runs()
-        self.outbox = Outbox(store=self.store, bus=self.bus)
+        self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
         self.writer = LogWriter(store=self.store, outbox=self.outbox)
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
@@ -346,7 +349,8 @@ class Persistence:
             return None
         try:
             claim = await self._bounded(lambda: store.claim(
-                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner
+                key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner,
+                owner_silence=self.settings.dead_after,
             ))
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
@@ -402,6 +406,24 @@ class Persistence:
         except DatabaseError:
             return None
         return run if run is not None and run.status == "completed" else None
+
+    async def stored_run(self, trace_id: str) -> StoredRun | None:
+        """A trace's row, read within `_LOOKUP_TIMEOUT`; None when it has none, or when the
+        gateway has no database. A 503 when its database cannot be read (down, or stalled):
+        a trace not found then may well exist."""
+        if self.resources.database_url is None:
+            return None
+        store = self.store()
+        try:
+            if store is None:
+                raise DatabaseUnavailable("not connected")
+            return await self._bounded(lambda: store.stored_run(trace_id))
+        except DatabaseError as error:
+            log.warning("reading the row of %s failed: %s", trace_id, error)
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be read now; try again shortly.",
+                code="journal_unavailable", retry_after=2,
+            ) from error
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
         store = self.store()
@@ -589,20 +611,21 @@ async def trace_events(
             raise unknown
         await _local_events(local, after, send)
         return
-    store = persistence.store()
     stored: StoredRun | None = None
-    if store is not None:
-        try:
-            stored = await store.stored_run(trace_id)
-        except DatabaseError:
-            store = None
+    readable = persistence.resources.database_url is not None
+    try:
+        stored = await persistence.stored_run(trace_id)
+    except GatewayError:
+        if tenant is not None:
+            raise  # whose trace it is cannot be told: not "not found"
+        readable = False
     if tenant is not None and (stored is None or stored.tenant != tenant):
         raise unknown
     running = stored is not None and stored.status == "running"
     bus = persistence.bus()
     if bus is not None:
         # A running trace may be slow to its next event; anything else is stored already.
-        first_wait = persistence.settings.follow_silence if running or (stored is None and store is None) else 2.0
+        first_wait = persistence.settings.follow_silence if running or (stored is None and not readable) else 2.0
         # A workflow's bus events are its workers' (every task, every attempt): its client
         # reads them through the view the workflow route gave it. A client that waited for
         # the whole answer got the retry's after a dead worker: so does its reader.
@@ -614,8 +637,8 @@ async def trace_events(
             if current is None:
                 return None
             try:
-                found = await current.stored_run(trace_id)
-                if found is None and await current.trace_failed(trace_id):
+                found = await persistence._bounded(lambda: current.stored_run(trace_id))
+                if found is None and await persistence._bounded(lambda: current.trace_failed(trace_id)):
                     return StoredRun(status="failed", completion=None, error=None, tenant=None, route="direct")
             except DatabaseError:
                 return None  # PostgreSQL down: a live run's row may be held back, so keep waiting
