@@ -39,6 +39,7 @@ from proxy.http._head import current_tenant, request_meta
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.chat_store import StoredRun
+from proxy.infra.postgres import DatabaseError
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
