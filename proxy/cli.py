@@ -205,10 +205,10 @@ def _serve(settings: Settings) -> int:
             if not settings.backends:
                 log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
             log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
-            run(settings, sockets)
+            status = run(settings, sockets)
     finally:
         close_sockets(sockets)
-    return 0
+    return status
 
 
 def _migrate(settings: Settings) -> int:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import httpx
@@ -356,3 +356,65 @@ def test_a_second_signal_never_cuts_the_graceful_shutdown_short(tmp_path: Path, 
             reader.join(15)
     assert received[-1] == "[DONE]", received
     assert "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
+
+
+def spawned_workers(parent: int) -> set[int]:
+    found = set()
+    for pid in children_of(parent):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid):
+                found.add(pid)
+    return found
+
+
+def wait_for_workers(parent: subprocess.Popen[str], count: int, not_among: Collection[int] = ()) -> set[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert parent.poll() is None, parent.communicate()[0]
+        workers = spawned_workers(parent.pid)
+        if len(workers) == count and workers.isdisjoint(not_among):
+            return workers
+        time.sleep(0.1)
+    raise AssertionError(f"never {count} workers besides {not_among}: {spawned_workers(parent.pid)}")
+
+
+def test_a_worker_that_dies_is_replaced_and_the_gateway_stops_cleanly_after(tmp_path: Path) -> None:
+    """The OOM killer (or a crash) taking one of `--workers N` must not leave the port with
+    fewer workers for the rest of the process's life, nor unnoticed."""
+    config = write(tmp_path / "ok.toml", OK)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                  "--workers", "2"]) as parent:
+        wait_healthy(url, parent)
+        first = wait_for_workers(parent, 2)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for_workers(parent, 2, not_among={victim})
+        wait_healthy(url, parent)
+        parent.send_signal(signal.SIGTERM)
+        output = parent.communicate(timeout=20)[0]
+    assert parent.returncode == 0, output
+    deaths = [json.loads(line) for line in output.splitlines() if line.startswith("{") and "SIGKILL" in line]
+    assert len(deaths) == 1 and deaths[0]["level"] == "error", output
+    assert f"pid {victim}" in deaths[0]["msg"] and "starting another" in deaths[0]["msg"], deaths
+
+
+def test_workers_that_keep_dying_stop_the_gateway_with_a_failure_status(tmp_path: Path) -> None:
+    """Exit status 0 would tell systemd (Restart=on-failure) that the gateway stopped on purpose:
+    it would stay down with its port closed."""
+    config = write(tmp_path / "ok.toml", OK)
+    port = free_port()
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                  "--workers", "2"]) as parent:
+        deadline = time.monotonic() + 60
+        while parent.poll() is None and time.monotonic() < deadline:
+            for pid in spawned_workers(parent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        output = parent.communicate(timeout=20)[0]
+    assert parent.returncode == 1, output
+    assert "died within" in output and "stopping" in output, output
+    with socket.socket() as probe:  # the port is closed: nothing serves there any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
