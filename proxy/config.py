@@ -357,8 +357,8 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         log_level=level,
         access_log=top.get("access_log", bool, True),
         data_dir=check_data_dir(Path(data_dir).expanduser(), "data_dir") if data_dir else None,
-        database_url=top.get("database_url", str),
-        nats_url=top.get("nats_url", str),
+        database_url=database_url(top.get("database_url", str), "database_url"),
+        nats_url=nats_url(top.get("nats_url", str), "nats_url"),
         embedded=top.get("embedded", bool, True),
         embeddings=_parse_embeddings(top.get("embeddings", dict, {})),
         rag=_parse_rag(top.get("rag", dict, {})),
@@ -575,6 +575,62 @@ def _check_url(url: str, key: str) -> None:
         raise ConfigError(f"`{key}` has an invalid port (1-65535), got {url!r}")
 
 
+# A password in a connection string must not reach the terminal or the journal.
+_PASSWORDS = re.compile(r"(?P<url>://[^/@:\s]*:)[^/@\s]*@|(?P<kv>password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the passwords of the connection strings it quotes replaced by `***`."""
+    return _PASSWORDS.sub(lambda m: f"{m['url']}***@" if m["url"] else f"{m['kv']}***", text)
+
+
+def database_url(value: str | None, key: str) -> str | None:
+    """A PostgreSQL connection URL or libpq key=value string, checked as libpq parses it: a typo
+    (an SQLAlchemy `postgresql+psycopg://` URL, an unknown parameter) would otherwise have the
+    gateway retry a connection that can never be made, for as long as it runs."""
+    if not value:
+        return None
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    scheme = value.partition("://")[0] if "://" in value else None
+    if scheme is not None and scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(f"`{key}` must be a postgresql:// URL (or libpq's key=value form), got scheme {scheme!r}")
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        reason = str(exc).strip().replace(value, redact(value))
+        raise ConfigError(f"`{key}` is not a PostgreSQL connection string: {redact(reason)}") from None
+    return value
+
+
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_url(value: str | None, key: str) -> str | None:
+    """One NATS server URL, or a comma-separated list of a cluster's (nats://, tls://, ws:// or
+    wss://; `host:port` means nats://), checked as the client will read it."""
+    if not value:
+        return None
+    servers = [part.strip() for part in value.split(",")]
+    kinds = set()
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if parts.scheme.lower() not in _NATS_SCHEMES or not parts.hostname or port == 0:
+            raise ConfigError(
+                f"`{key}` must be a NATS server URL (nats://host:4222; tls://, ws://, wss://), or several "
+                f"separated by commas, got {redact(server)!r}"
+            )
+        kinds.add(parts.scheme.lower() in ("ws", "wss"))
+    if len(kinds) > 1:
+        raise ConfigError(f"`{key}` mixes websocket (ws://, wss://) and nats:// servers, which the client refuses")
+    return ",".join(servers)
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -693,9 +749,9 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
     if data_dir := env.get("LLM_PROXY_DATA_DIR"):
         changes["data_dir"] = check_data_dir(Path(data_dir).expanduser(), "LLM_PROXY_DATA_DIR")
     if url := env.get("DATABASE_URL"):
-        changes["database_url"] = url
+        changes["database_url"] = database_url(url, "DATABASE_URL")
     if url := env.get("NATS_URL"):
-        changes["nats_url"] = url
+        changes["nats_url"] = nats_url(url, "NATS_URL")
     if (embedded := env.get("LLM_PROXY_EMBEDDED")) is not None:
         if embedded.lower() not in ("0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"`LLM_PROXY_EMBEDDED` must be 0 or 1, got {embedded!r}")

@@ -98,6 +98,44 @@ def test_numbers_that_are_not_finite_negative_or_too_large_stop_start_up(tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        # SQLAlchemy's spelling, copied from another service's settings
+        ('database_url = "postgresql+psycopg://app:s3cret@db/app"\n', {}, ("`database_url`", "postgresql+psycopg")),
+        ("", {"DATABASE_URL": "postgresql://app:s3cret@db/app?sslmode=require&pool_size=5"},
+         ("`DATABASE_URL`", "pool_size")),
+        ("", {"NATS_URL": "http://app:s3cret@nats:4222"}, ("`NATS_URL`", "http://app:***@nats:4222")),
+        ('nats_url = "nats://nats:422200"\n', {}, ("`nats_url`", "nats://nats:422200")),
+    ],
+)
+def test_a_database_or_nats_url_that_cannot_work_stops_start_up(
+    tmp_path: Path, text: str, env: dict[str, str], expected: tuple[str, ...]
+) -> None:
+    """Such a URL used to start a gateway that retried it, warning, for as long as it ran (and
+    refused every request with a key while it did); its password is never printed."""
+    config = write(tmp_path / "url.toml", OK + text)
+    result = serve(["--config", str(config)], env)
+    assert_one_line(result, *expected)
+    assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DATABASE_URL", "postgresql://app:s3cret@db:5432/app?sslmode=require"),
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DATABASE_URL", "host=db dbname=app user=app password=s3cret"),
+        ("NATS_URL", "nats://a:4222,nats://b:4222"),
+        ("NATS_URL", "tls://user:pw@nats.example.com:4443"),
+        ("NATS_URL", "127.0.0.1:4222"),
+    ],
+)
+def test_database_and_nats_urls_in_every_usual_form_are_accepted(key: str, value: str) -> None:
+    settings = load_settings(None, {key: value})
+    assert (settings.database_url if key == "DATABASE_URL" else settings.nats_url) == value
+
+
+@pytest.mark.parametrize(
     ("text", "env", "key"),
     [('auth = "required"\n', {}, "`auth`"), ("", {"LLM_PROXY_AUTH": "required"}, "`LLM_PROXY_AUTH`")],
 )
