@@ -249,17 +249,22 @@ def _run_workers(settings: Settings, sockets: Sockets) -> int:
                 told.add(process.pid)
                 process.terminate()
 
+    woken, wake = os.pipe()  # the handler wakes the loop below at once
+    pipe_open = True
+
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
         stop_workers()
+        if pipe_open:  # a second Ctrl-C may come while the embedded servers are being stopped
+            os.write(wake, b"\0")
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
     quick_deaths = 0
     while not stopping:
-        wait([process.sentinel for process, _ in workers], timeout=1.0)
+        wait([woken, *(process.sentinel for process, _ in workers)])
         for slot, (process, started) in enumerate(workers):
             if stopping or process.exitcode is None:
                 continue
@@ -274,8 +279,15 @@ def _run_workers(settings: Settings, sockets: Sockets) -> int:
             log.error("worker %d (pid %s) %s; starting another", slot, process.pid, _death(process.exitcode))
             workers[slot] = start(slot)
     stop_workers()  # a worker started while the signal was being forwarded, or all when giving up
+    # The workers stop listening at once; this process's copy of the sockets would keep the
+    # port open, connections queueing where no one accepts them until the workers are done
+    # (the grace period). Refused, a load balancer or client turns to another instance at once.
+    close_sockets(sockets)
     for process, _ in workers:
         process.join()
+    pipe_open = False
+    os.close(woken)
+    os.close(wake)
     return status
 
 

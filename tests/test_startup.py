@@ -456,3 +456,34 @@ def test_workers_that_keep_dying_stop_the_gateway_with_a_failure_status(tmp_path
     assert "died within" in output and "stopping" in output, output
     with socket.socket() as probe:  # the port is closed: nothing serves there any more
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_workers_refuse_new_connections_at_once_while_they_finish_their_streams(tmp_path: Path) -> None:
+    """Once told to stop, `--workers N` must refuse a new connection (a load balancer or client
+    then turns to another instance) rather than leave it queued, unanswered, on a port the
+    parent still held open until the last stream ended."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "80", "--pace", "0.1"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                      "--workers", "2"]) as gateway:
+            wait_healthy(url, gateway)
+            received: list[str] = []
+            started = threading.Event()
+            reader = stream_in_thread(url, received, started)
+            assert started.wait(10)
+            gateway.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3  # the stream holds the gateway for its 5 s grace
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    refused = probe.connect_ex(("127.0.0.1", port)) != 0
+                time.sleep(0.05)
+            assert gateway.poll() is None, "the gateway had already stopped: nothing was in flight"
+            assert refused, "a new connection was taken while the gateway was stopping"
+            reader.join(15)
+            assert gateway.wait(15) == 0
+    assert received, received
