@@ -487,3 +487,40 @@ def test_workers_refuse_new_connections_at_once_while_they_finish_their_streams(
             reader.join(15)
             assert gateway.wait(15) == 0
     assert received, received
+
+
+def test_replica_failovers_add_up_across_workers_and_never_go_down_between_scrapes(tmp_path: Path) -> None:
+    """With `--workers N` a scrape reaches one worker; each used to report its own failovers,
+    so the counter jumped between workers' counts, and Prometheus read every drop as a reset."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "2"]) as fake:
+        assert fake.stdout is not None
+        live = fake.stdout.readline().split()[1]
+        dead = f"http://127.0.0.1:{free_port()}"  # refuses: each worker moves its first request off it
+        config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = ["{dead}/v1", "{live}/v1"]\n'
+                                                 "default = true\n")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                      "--workers", "2"]) as gateway:
+            wait_healthy(url, gateway)
+            moved = 0
+            for _ in range(60):  # fresh connections, until both workers have left the dead replica
+                reply = httpx.post(f"{url}/v1/chat/completions", timeout=10, headers={"connection": "close"},
+                                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                assert reply.status_code == 200, reply.text
+                scraped = [_failovers(httpx.get(f"{url}/metrics", headers={"connection": "close"}).text, dead)
+                           for _ in range(6)]
+                assert scraped == sorted(scraped), scraped  # never down
+                moved = scraped[-1]
+                if moved >= 2:
+                    break
+            assert moved >= 2, "one worker answered every request"
+
+
+def _failovers(metrics: str, replica: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "llm_proxy_backend_replica_failovers":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["replica"] == f"{replica}/v1")
+    raise AssertionError(metrics)
