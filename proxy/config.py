@@ -256,6 +256,10 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"`{key}` must be HOST:PORT, got {value!r}")
+    if "/" in host or (host.endswith(":") and not host.startswith("[")):
+        # A URL pasted (`http://0.0.0.0:8080`), or an IPv6 address without its port or brackets
+        # (`::1`): either would be looked up as a host name, and fail as an "unknown host".
+        raise ConfigError(f"`{key}` must be HOST:PORT, with an IPv6 address in brackets ([::1]:8080), got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port_text)
 
 

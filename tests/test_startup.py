@@ -179,6 +179,24 @@ def test_backend_url_with_a_bad_port(tmp_path: Path, port: str) -> None:
     assert_one_line(serve(["--config", str(config)]), "backends[0].base_url", "port")
 
 
+@pytest.mark.parametrize(
+    ("args", "text", "key"),
+    [
+        (["--bind", "http://127.0.0.1:8080"], "", "`--bind`"),
+        (["--bind", "::1"], "", "`--bind`"),
+        ([], 'bind = "http://0.0.0.0:8080"\n', "`bind`"),
+    ],
+)
+def test_a_bind_address_that_is_a_url_or_a_bare_ipv6_address_is_named(
+    tmp_path: Path, args: list[str], text: str, key: str
+) -> None:
+    """They were looked up as host names: 'cannot listen on [http://127.0.0.1]:8080: unknown host'."""
+    config = write(tmp_path / "g.toml", OK + text)
+    assert_one_line(serve(["--config", str(config), *args]), key, "HOST:PORT")
+    for good in ("[::1]:8080", "0.0.0.0:8080", ":8080", "localhost:0"):
+        assert load_settings(write(tmp_path / "ok.toml", OK + f'bind = "{good}"\n'), {}).port in (8080, 0)
+
+
 def test_bind_host_that_does_not_exist(tmp_path: Path) -> None:
     config = write(tmp_path / "g.toml", f'{OK}bind = "999.999.1.1:{free_port()}"\n')
     result = subprocess.run(
