@@ -186,6 +186,8 @@ class Settings:
     models_cache_seconds: float = 10.0
     log_level: str = "info"
     access_log: bool = True
+    # How long requests in flight may go on once the gateway is told to stop (SIGTERM, SIGINT).
+    shutdown_grace_seconds: float = 5.0
     data_dir: Path | None = None
     database_url: str | None = None
     nats_url: str | None = None
@@ -267,7 +269,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
-    "models_cache_seconds", "log_level", "access_log",
+    "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
 }
@@ -360,6 +362,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         models_cache_seconds=float(top.non_negative("models_cache_seconds", (int, float), 10.0)),
         log_level=level,
         access_log=top.get("access_log", bool, True),
+        shutdown_grace_seconds=float(top.positive("shutdown_grace_seconds", (int, float), 5.0)),
         data_dir=check_data_dir(Path(data_dir).expanduser(), "data_dir") if data_dir else None,
         database_url=database_url(top.get("database_url", str), "database_url"),
         nats_url=nats_url(top.get("nats_url", str), "nats_url"),

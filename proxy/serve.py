@@ -41,7 +41,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = [settings.bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 5.0
+    config.graceful_timeout = settings.shutdown_grace_seconds
     config.keep_alive_timeout = 75.0
     config.keep_alive_max_requests = 100_000
     config.backlog = 1024

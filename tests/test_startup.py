@@ -542,3 +542,27 @@ def _failovers(metrics: str, replica: str) -> float:
         if family.name == "llm_proxy_backend_replica_failovers":
             return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["replica"] == f"{replica}/v1")
     raise AssertionError(metrics)
+
+
+def test_a_longer_grace_lets_the_streams_in_flight_finish_whole(tmp_path: Path) -> None:
+    """5 s cut most answers a deploy's SIGTERM found streaming (an LLM answer takes tens of
+    seconds); `shutdown_grace_seconds` gives them the time they need."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "40", "--pace", "0.2"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        config = write(tmp_path / "g.toml", OK + "shutdown_grace_seconds = 30\n"
+                       f'[[backends]]\nname = "f"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"]) as gateway:
+            wait_healthy(url, gateway)
+            received: list[str] = []
+            started = threading.Event()
+            reader = stream_in_thread(url, received, started)
+            assert started.wait(10)
+            gateway.send_signal(signal.SIGTERM)
+            reader.join(30)
+            assert gateway.wait(15) == 0
+    assert received[-1] == "[DONE]", received
+    text = "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
+    assert text.split() == [f"w{i}" for i in range(40)], text
