@@ -6,6 +6,7 @@ and exits — a bad config never becomes a traceback.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -283,7 +284,9 @@ class _Reader:
     def __init__(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ConfigError(f"unknown key `{_join(where, unknown[0])}`")
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f" (did you mean `{_join(where, close[0])}`?)" if close else ""
+            raise ConfigError(f"unknown key `{_join(where, unknown[0])}`{hint}")
         self.data = data
         self.where = where
 

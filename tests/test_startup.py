@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.config import Settings, load_settings
+from proxy.config import ConfigError, Settings, load_settings
 from tests.harness import running_gateway
 from tests.test_cli import free_port
 
@@ -195,6 +195,29 @@ def test_a_bind_address_that_is_a_url_or_a_bare_ipv6_address_is_named(
     assert_one_line(serve(["--config", str(config), *args]), key, "HOST:PORT")
     for good in ("[::1]:8080", "0.0.0.0:8080", ":8080", "localhost:0"):
         assert load_settings(write(tmp_path / "ok.toml", OK + f'bind = "{good}"\n'), {}).port in (8080, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[backend]]\nname = "x"\n', "unknown key `backend` (did you mean `backends`?)"),
+        ('[[backends]]\nname = "x"\nbase_url = "http://a/v1"\nprefix = ["qwen3-"]\n',
+         "unknown key `backends[0].prefix` (did you mean `backends[0].prefixes`?)"),
+        ("log-level = \"debug\"\n", "unknown key `log-level` (did you mean `log_level`?)"),
+        ("[timeouts]\nfirst_token_seconds = 600\n", "unknown key `timeouts.first_token_seconds` (did you mean `timeouts.first_token`?)"),
+        ("colour = 1\n", "unknown key `colour`"),
+    ],
+)
+def test_a_misspelt_key_is_named_with_the_key_it_probably_meant(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "typo.toml", OK + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, {})
+    assert str(raised.value) == message
+
+
+def test_a_misspelt_key_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    config = write(tmp_path / "typo.toml", OK + "[[backend]]\nname = \"x\"\n")
+    assert_one_line(serve(["--config", str(config)]), "unknown key `backend` (did you mean `backends`?)")
 
 
 def test_bind_host_that_does_not_exist(tmp_path: Path) -> None:
