@@ -589,3 +589,24 @@ def test_a_longer_grace_lets_the_streams_in_flight_finish_whole(tmp_path: Path) 
     assert received[-1] == "[DONE]", received
     text = "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
     assert text.split() == [f"w{i}" for i in range(40)], text
+
+
+def test_a_backend_key_variable_that_is_not_set_is_warned_of_at_start(tmp_path: Path) -> None:
+    """A systemd EnvironmentFile left unread, a variable not exported: the backend would refuse
+    every call (a 502 for each client) with nothing at start to say why."""
+    config = write(tmp_path / "g.toml", OK + '[[backends]]\nname = "vllm"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                                             'api_key_env = "LLM_PROXY_TEST_KEY_NOT_SET"\ndefault = true\n'
+                                             '[[backends]]\nname = "set"\nbase_url = "http://127.0.0.1:8/v1"\n'
+                                             'api_key_env = "LLM_PROXY_TEST_KEY_SET"\nprefixes = ["x"]\n')
+    port = free_port()
+    env = {**os.environ, "LLM_PROXY_TEST_KEY_SET": "sk-set"}
+    env.pop("LLM_PROXY_TEST_KEY_NOT_SET", None)
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+                 env=env) as gateway:
+        wait_healthy(f"http://127.0.0.1:{port}", gateway)
+        gateway.send_signal(signal.SIGTERM)
+        output = gateway.communicate(timeout=15)[0]
+    warnings = [json.loads(line)["msg"] for line in output.splitlines()
+                if line.startswith("{") and json.loads(line)["level"] == "warning" and "api_key_env" in line]
+    assert warnings == ["backend vllm: its api_key_env LLM_PROXY_TEST_KEY_NOT_SET is not set (or empty): "
+                        "it is called without a key"], output
