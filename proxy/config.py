@@ -646,6 +646,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 def _log_level(value: str, key: str) -> str:
     level = value.strip().lower()
+    level = "warning" if level == "warn" else level  # as Go's, Rust's and uvicorn's users spell it
     if level not in LOG_LEVELS:
         raise ConfigError(f"`{key}` must be debug, info, warning or error, got {value!r}")
     return level

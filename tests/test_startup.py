@@ -610,3 +610,8 @@ def test_a_backend_key_variable_that_is_not_set_is_warned_of_at_start(tmp_path: 
                 if line.startswith("{") and json.loads(line)["level"] == "warning" and "api_key_env" in line]
     assert warnings == ["backend vllm: its api_key_env LLM_PROXY_TEST_KEY_NOT_SET is not set (or empty): "
                         "it is called without a key"], output
+
+
+@pytest.mark.parametrize(("spelt", "level"), [("warn", "warning"), ("WARN", "warning"), (" Error ", "error")])
+def test_log_levels_are_read_as_other_tools_spell_them(spelt: str, level: str) -> None:
+    assert load_settings(None, {"LLM_PROXY_LOG_LEVEL": spelt}).log_level == level
