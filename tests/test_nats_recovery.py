@@ -4,6 +4,7 @@ anyway is repaired without restarting the gateway. Real nats-server, paused with
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import uuid
@@ -159,3 +160,30 @@ async def test_a_client_reconnects_after_the_embedded_server_restarts(
             await _round_trip(bus)
     finally:
         await trio.to_thread.run_sync(server.stop)
+
+
+async def test_a_password_in_the_nats_url_stays_out_of_the_log(
+    aio_loop: trio_asyncio.TrioEventLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats://user:password@host is how NATS takes credentials; every disconnect and reconnect
+    logged the whole URL."""
+    caplog.set_level(logging.INFO)
+    server = EmbeddedNats(tmp_path / "nats")
+    url = await trio.to_thread.run_sync(server.start)
+    with_password = url.replace("nats://", "nats://gateway:s3cret-pw@")
+    try:
+        async with open_bus(with_password) as bus:
+            await bus.ping()
+            await trio.to_thread.run_sync(server.stop)
+            await trio.to_thread.run_sync(server.start)
+            with trio.fail_after(10):
+                while True:
+                    try:
+                        await bus.ping()
+                        break
+                    except BusUnavailable:
+                        await trio.sleep(0.2)
+    finally:
+        await trio.to_thread.run_sync(server.stop)
+    assert "nats: disconnected from nats://gateway:***@" in caplog.text
+    assert "s3cret-pw" not in caplog.text

@@ -53,6 +53,8 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 from trio_asyncio import aio_as_trio, trio_as_aio
 
+from proxy.config import redact
+
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -555,11 +557,13 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Client:
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", str(exc) or type(exc).__name__)  # a timeout's text is empty
 
+    shown = redact(url)  # nats://user:password@host: the journal gets no password
+
     async def on_disconnected() -> None:
-        log.warning("nats: disconnected from %s", url)
+        log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnected() -> None:
-        log.info("nats: reconnected to %s", url)
+        log.info("nats: reconnected to %s", shown)
 
     nc = await nats.connect(
         url.split(","),  # a cluster's servers, comma-separated as in NATS's own tools

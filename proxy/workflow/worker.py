@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from proxy.config import Settings
+from proxy.config import Settings, redact
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed
 from proxy.gateway import build_router
@@ -412,7 +412,7 @@ async def _wait_for_bus(resources: Resources) -> Bus:
         await trio.sleep(0.1)
         waited += 0.1
         if waited >= _BUS_WAIT_LOG:
-            log.warning("waiting for NATS at %s", resources.nats_url)
+            log.warning("waiting for NATS at %s", redact(resources.nats_url or ""))
             waited = 0.0
     return bus
 
