@@ -206,11 +206,16 @@ def _serve(settings: Settings) -> int:
         with embedded_servers(settings) as settings:
             if not settings.backends:
                 log.warning("no backends configured: set LLM_BASE_URL or add [[backends]] to the config")
+            for backend in settings.backends:
+                # An EnvironmentFile not read, a variable not exported: every call would be refused.
+                if backend.api_key_env and not os.environ.get(backend.api_key_env):
+                    log.warning("backend %s: its api_key_env %s is not set (or empty): it is called without a key",
+                                backend.name, backend.api_key_env)
             log.info("serving on %s with %d worker(s)", settings.bind, settings.workers)
-            run(settings, sockets)
+            status = run(settings, sockets)
     finally:
         close_sockets(sockets)
-    return 0
+    return status
 
 
 def _migrate(settings: Settings) -> int:

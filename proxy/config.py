@@ -6,6 +6,7 @@ and exits — a bad config never becomes a traceback.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -186,6 +187,8 @@ class Settings:
     models_cache_seconds: float = 10.0
     log_level: str = "info"
     access_log: bool = True
+    # How long requests in flight may go on once the gateway is told to stop (SIGTERM, SIGINT).
+    shutdown_grace_seconds: float = 5.0
     data_dir: Path | None = None
     database_url: str | None = None
     nats_url: str | None = None
@@ -256,6 +259,10 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"`{key}` must be HOST:PORT, got {value!r}")
+    if "/" in host or (host.endswith(":") and not host.startswith("[")):
+        # A URL pasted (`http://0.0.0.0:8080`), or an IPv6 address without its port or brackets
+        # (`::1`): either would be looked up as a host name, and fail as an "unknown host".
+        raise ConfigError(f"`{key}` must be HOST:PORT, with an IPv6 address in brackets ([::1]:8080), got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port_text)
 
 
@@ -263,7 +270,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
-    "models_cache_seconds", "log_level", "access_log",
+    "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
 }
@@ -277,7 +284,9 @@ class _Reader:
     def __init__(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ConfigError(f"unknown key `{_join(where, unknown[0])}`")
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            hint = f" (did you mean `{_join(where, close[0])}`?)" if close else ""
+            raise ConfigError(f"unknown key `{_join(where, unknown[0])}`{hint}")
         self.data = data
         self.where = where
 
@@ -356,9 +365,10 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         models_cache_seconds=float(top.non_negative("models_cache_seconds", (int, float), 10.0)),
         log_level=level,
         access_log=top.get("access_log", bool, True),
+        shutdown_grace_seconds=float(top.positive("shutdown_grace_seconds", (int, float), 5.0)),
         data_dir=check_data_dir(Path(data_dir).expanduser(), "data_dir") if data_dir else None,
-        database_url=top.get("database_url", str),
-        nats_url=top.get("nats_url", str),
+        database_url=database_url(top.get("database_url", str), "database_url"),
+        nats_url=nats_url(top.get("nats_url", str), "nats_url"),
         embedded=top.get("embedded", bool, True),
         embeddings=_parse_embeddings(top.get("embeddings", dict, {})),
         rag=_parse_rag(top.get("rag", dict, {})),
@@ -575,11 +585,68 @@ def _check_url(url: str, key: str) -> None:
         raise ConfigError(f"`{key}` has an invalid port (1-65535), got {url!r}")
 
 
+# A password in a connection string must not reach the terminal or the journal.
+_PASSWORDS = re.compile(r"(?P<url>://[^/@:\s]*:)[^/@\s]*@|(?P<kv>password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the passwords of the connection strings it quotes replaced by `***`."""
+    return _PASSWORDS.sub(lambda m: f"{m['url']}***@" if m["url"] else f"{m['kv']}***", text)
+
+
+def database_url(value: str | None, key: str) -> str | None:
+    """A PostgreSQL connection URL or libpq key=value string, checked as libpq parses it: a typo
+    (an SQLAlchemy `postgresql+psycopg://` URL, an unknown parameter) would otherwise have the
+    gateway retry a connection that can never be made, for as long as it runs."""
+    if not value:
+        return None
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    scheme = value.partition("://")[0] if "://" in value else None
+    if scheme is not None and scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(f"`{key}` must be a postgresql:// URL (or libpq's key=value form), got scheme {scheme!r}")
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as exc:
+        reason = str(exc).strip().replace(value, redact(value))
+        raise ConfigError(f"`{key}` is not a PostgreSQL connection string: {redact(reason)}") from None
+    return value
+
+
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def nats_url(value: str | None, key: str) -> str | None:
+    """One NATS server URL, or a comma-separated list of a cluster's (nats://, tls://, ws:// or
+    wss://; `host:port` means nats://), checked as the client will read it."""
+    if not value:
+        return None
+    servers = [part.strip() for part in value.split(",")]
+    kinds = set()
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if parts.scheme.lower() not in _NATS_SCHEMES or not parts.hostname or port == 0:
+            raise ConfigError(
+                f"`{key}` must be a NATS server URL (nats://host:4222; tls://, ws://, wss://), or several "
+                f"separated by commas, got {redact(server)!r}"
+            )
+        kinds.add(parts.scheme.lower() in ("ws", "wss"))
+    if len(kinds) > 1:
+        raise ConfigError(f"`{key}` mixes websocket (ws://, wss://) and nats:// servers, which the client refuses")
+    return ",".join(servers)
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _log_level(value: str, key: str) -> str:
     level = value.strip().lower()
+    level = "warning" if level == "warn" else level  # as Go's, Rust's and uvicorn's users spell it
     if level not in LOG_LEVELS:
         raise ConfigError(f"`{key}` must be debug, info, warning or error, got {value!r}")
     return level
@@ -693,9 +760,9 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
     if data_dir := env.get("LLM_PROXY_DATA_DIR"):
         changes["data_dir"] = check_data_dir(Path(data_dir).expanduser(), "LLM_PROXY_DATA_DIR")
     if url := env.get("DATABASE_URL"):
-        changes["database_url"] = url
+        changes["database_url"] = database_url(url, "DATABASE_URL")
     if url := env.get("NATS_URL"):
-        changes["nats_url"] = url
+        changes["nats_url"] = nats_url(url, "NATS_URL")
     if (embedded := env.get("LLM_PROXY_EMBEDDED")) is not None:
         if embedded.lower() not in ("0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"`LLM_PROXY_EMBEDDED` must be 0 or 1, got {embedded!r}")

@@ -176,11 +176,12 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
     if settings.embeddings.preload and settings.embeddings.local_model:
         nursery.start_soon(local_model.warm)
-    # Embeddings count in their key's usage and token limit as chats do (not in the request
-    # log, which is one line per chat), and in the metrics.
+    # Embeddings count in their key's usage and token limit as chats do, in the metrics and in
+    # the request log (never their input).
     metrics = Metrics(backends, known=lambda model: router.knows(model) or embeddings.is_local(model))
+    request_log = RequestLog(settings.access_log)
     embeddings = EmbeddingService(
-        settings.embeddings, router, backends, local_model, record=record_to(limits.record, metrics.sink())
+        settings.embeddings, router, backends, local_model, record=record_to(request_log, limits.record, metrics.sink())
     )
     rag = RagService(settings.rag, lambda: resources.database, local_model)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
@@ -191,7 +192,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, record_to(RequestLog(settings.access_log), limits.record, metrics.sink()), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
+            chat=ChatService(router, backends, record_to(request_log, limits.record, metrics.sink()), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),
             resources=resources,

@@ -16,7 +16,10 @@ import socket
 import struct
 import sys
 import termios
+import time
 from collections.abc import Callable
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -42,7 +45,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = [settings.bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 5.0
+    config.graceful_timeout = settings.shutdown_grace_seconds
     config.keep_alive_timeout = 75.0
     config.keep_alive_max_requests = 100_000
     config.backlog = 1024
@@ -275,34 +278,93 @@ def close_sockets(sockets: Sockets) -> None:
         sock.close()
 
 
-def run(settings: Settings, sockets: Sockets) -> None:
-    """Block serving `settings` on `sockets` (from `open_sockets`) with `settings.workers` processes."""
+def run(settings: Settings, sockets: Sockets) -> int:
+    """Serve `settings` on `sockets` (from `open_sockets`) with `settings.workers` processes
+    until told to stop; the exit status (1: workers kept dying as they started)."""
     if settings.workers == 1:
         trio.run(functools.partial(serve, settings, sockets=sockets))
-        return
+        return 0
     with multiprocess_dir():
-        _run_workers(settings, sockets)
+        return _run_workers(settings, sockets)
 
 
-def _run_workers(settings: Settings, sockets: Sockets) -> None:
+# A worker that dies this soon after it was started is failing to start, not crashing under
+# load: after this many such deaths in a row the gateway stops with a failure status (which a
+# supervisor such as systemd's Restart=on-failure acts on) instead of starting them forever.
+_QUICK_DEATH_SECONDS = 10.0
+_QUICK_DEATHS_ALLOWED = 5
+
+
+def _run_workers(settings: Settings, sockets: Sockets) -> int:
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker_main, args=(settings, sockets, os.getpid()), name=f"llm-proxy-worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for process in workers:
+    parent = os.getpid()
+    stopping = False
+
+    def start(slot: int) -> tuple[BaseProcess, float]:
+        process = context.Process(target=_worker_main, args=(settings, sockets, parent), name=f"llm-proxy-worker-{slot}")
         process.start()
+        return process, time.monotonic()
+
+    workers = [start(slot) for slot in range(settings.workers)]
     log.info("started %d workers on %s", len(workers), settings.bind)
 
-    def forward(signum: int, _frame: object) -> None:
-        for process in workers:
-            if process.is_alive() and process.pid is not None:
+    told: set[int] = set()  # each worker is told once
+
+    def stop_workers() -> None:
+        for process, _ in workers:
+            if process.is_alive() and process.pid is not None and process.pid not in told:
+                told.add(process.pid)
                 process.terminate()
+
+    woken, wake = os.pipe()  # the handler wakes the loop below at once
+    pipe_open = True
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        stop_workers()
+        if pipe_open:  # a second Ctrl-C may come while the embedded servers are being stopped
+            os.write(wake, b"\0")
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for process in workers:
+    status = 0
+    quick_deaths = 0
+    while not stopping:
+        wait([woken, *(process.sentinel for process, _ in workers)])
+        for slot, (process, started) in enumerate(workers):
+            if stopping or process.exitcode is None:
+                continue
+            # Killed (the OOM killer), crashed or ended on its own: the port keeps its capacity
+            # only if another takes its place.
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < _QUICK_DEATH_SECONDS else 0
+            if quick_deaths >= _QUICK_DEATHS_ALLOWED:
+                log.error("worker %d (pid %s) %s: %d workers in a row died within %gs of their start; stopping",
+                          slot, process.pid, _death(process.exitcode), quick_deaths, _QUICK_DEATH_SECONDS)
+                stopping, status = True, 1
+                break
+            log.error("worker %d (pid %s) %s; starting another", slot, process.pid, _death(process.exitcode))
+            workers[slot] = start(slot)
+    stop_workers()  # a worker started while the signal was being forwarded, or all when giving up
+    # The workers stop listening at once; this process's copy of the sockets would keep the
+    # port open, connections queueing where no one accepts them until the workers are done
+    # (the grace period). Refused, a load balancer or client turns to another instance at once.
+    close_sockets(sockets)
+    for process, _ in workers:
         process.join()
+    pipe_open = False
+    os.close(woken)
+    os.close(wake)
+    return status
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
 
 
 def _worker_main(settings: Settings, sockets: Sockets, parent_pid: int) -> None:

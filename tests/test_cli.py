@@ -123,14 +123,21 @@ def test_keys_revoke_takes_the_leaked_key_itself_and_never_echoes_a_key(pg_datab
 @pytest.mark.parametrize(
     "argv", [["keys", "list"], ["keys", "create", "--name", "x"], ["migrate"], ["ingest", "docs", "README.md"]]
 )
-@pytest.mark.parametrize("database_url", ["postgresql://nobody@127.0.0.1:{port}/x", "not-a-url"])
+@pytest.mark.parametrize(
+    ("database_url", "status", "says"),
+    [
+        ("postgresql://nobody@127.0.0.1:{port}/x", 1, "llm-proxy: database error: "),
+        # not a connection string at all: the configuration is wrong, not the database
+        ("not-a-url", 2, "llm-proxy: configuration error: `DATABASE_URL` "),
+    ],
+)
 def test_database_commands_say_in_one_line_that_the_database_cannot_be_reached(
-    argv: list[str], database_url: str
+    argv: list[str], database_url: str, status: int, says: str
 ) -> None:
     env = {**os.environ, "DATABASE_URL": database_url.format(port=free_port())}
     done = subprocess.run([sys.executable, "-m", "proxy", *argv], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    assert done.stderr.startswith("llm-proxy: database error: ")
+    assert done.returncode == status, done.stderr
+    assert done.stderr.startswith(says), done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2  # libpq's own two lines
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.config import DEFAULT_CORS_ORIGINS, ConfigError, load_settings
 from tests.fakes import OpenAIBackend
+from tests.fakes.script import Script
 from tests.harness import backend, running_gateway
 
 LOCAL_PAGE = "http://localhost:5173"
@@ -228,3 +229,15 @@ def test_an_invalid_origin_fails_at_start_up_naming_the_key(tmp_path: Path, entr
     config.write_text('cors_origins = "https://app.example.com"\n')
     with pytest.raises(ConfigError, match="`cors_origins`"):
         load_settings(config, {})
+
+
+async def test_a_browser_page_can_read_that_an_error_is_not_worth_retrying() -> None:
+    """The gateway says `x-should-retry: false` when the backend refuses its own key; the
+    OpenAI and Anthropic SDKs in a page read it only if it is exposed, and retried otherwise."""
+    fake = OpenAIBackend(default=Script(status=401, error_message="Incorrect API key provided"))
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            answer = await client.post("/v1/chat/completions", json=CHAT, headers={"origin": LOCAL_PAGE})
+    assert answer.status_code == 502 and answer.headers["x-should-retry"] == "false"
+    exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
+    assert "x-should-retry" in exposed

@@ -3,6 +3,7 @@ embedding models of OpenAI-compatible and Ollama backends."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from proxy.infra.embedder import LocalEmbedder
+from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
 from tests.fakes.script import embed_text
 from tests.fakes.server import Exchange, Request
@@ -331,3 +333,29 @@ async def test_an_input_too_long_for_the_model_is_context_length_exceeded_on_inp
             with pytest.raises(ollama.ResponseError) as refused:
                 await native.embed(model="nomic-embed-text", input="word " * 400)
         assert refused.value.status_code == 400 and refused.value.error == OLLAMA_EMBEDDING_TOO_LONG
+
+
+async def test_every_embeddings_request_has_its_request_log_line_without_its_input(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator following a failing RAG client by its request id found nothing: chats,
+    completions and reranks each had their line, embeddings none."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    secret = "the quarterly numbers nobody may read"
+    oa = OpenAIBackend()
+    async with oa.serve() as server, running_gateway(backend("oa", server.url, default=True), access_log=True) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        local = await client.embeddings.with_raw_response.create(model="all-minilm-l6-v2", input=secret)
+        routed = await client.embeddings.with_raw_response.create(model="bge-m3", input=[secret, "x"])
+        with pytest.raises(openai.BadRequestError):
+            await client.embeddings.create(model="bge-m3", input="")
+        await client.close()
+    lines = {line["request_id"]: line for line in (r.__dict__ for r in caplog.records if r.name == REQUEST_LOGGER)}
+    first, second = lines[local.headers["x-request-id"]], lines[routed.headers["x-request-id"]]
+    assert (first["kind"], first["model"], first["backend"], first["status"]) == ("embeddings", "all-minilm-l6-v2", "local", 200)
+    assert (second["kind"], second["model"], second["backend"], second["status"]) == ("embeddings", "bge-m3", "oa", 200)
+    assert first["prompt_tokens"] and second["prompt_tokens"]
+    refused = [line for line in lines.values() if line["status"] == 400]
+    assert len(refused) == 1 and refused[0]["kind"] == "embeddings" and refused[0]["error"]
+    assert len(lines) == 3
+    assert secret not in "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)

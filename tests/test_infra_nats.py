@@ -194,3 +194,16 @@ async def test_unreachable_server_is_bus_unavailable(aio_loop: trio_asyncio.Trio
         with trio.fail_after(5), pytest.raises(BusUnavailable):
             async with open_bus(f"nats://127.0.0.1:{port}"):
                 pass
+
+
+async def test_a_cluster_given_as_comma_separated_servers_is_reached_past_a_dead_one(
+    aio_loop: trio_asyncio.TrioEventLoop, nats_url: str, prefix: str
+) -> None:
+    """`NATS_URL=nats://a:4222,nats://b:4222`, as NATS's own tools take it: one dead server
+    must not keep the gateway off the others (it was read as one malformed URL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"nats://127.0.0.1:{probe.getsockname()[1]}"
+    async with open_bus(f"{dead}, {nats_url}") as bus:
+        await bus.ensure_stream(prefix, [f"{prefix}.>"], max_age=60)
+        assert await bus.publish(f"{prefix}.a", b"reached") == 1

@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from proxy.config import Settings, load_settings
+from proxy.config import ConfigError, Settings, load_settings
 from tests.harness import running_gateway
 from tests.test_cli import free_port
 
@@ -98,6 +98,44 @@ def test_numbers_that_are_not_finite_negative_or_too_large_stop_start_up(tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        # SQLAlchemy's spelling, copied from another service's settings
+        ('database_url = "postgresql+psycopg://app:s3cret@db/app"\n', {}, ("`database_url`", "postgresql+psycopg")),
+        ("", {"DATABASE_URL": "postgresql://app:s3cret@db/app?sslmode=require&pool_size=5"},
+         ("`DATABASE_URL`", "pool_size")),
+        ("", {"NATS_URL": "http://app:s3cret@nats:4222"}, ("`NATS_URL`", "http://app:***@nats:4222")),
+        ('nats_url = "nats://nats:422200"\n', {}, ("`nats_url`", "nats://nats:422200")),
+    ],
+)
+def test_a_database_or_nats_url_that_cannot_work_stops_start_up(
+    tmp_path: Path, text: str, env: dict[str, str], expected: tuple[str, ...]
+) -> None:
+    """Such a URL used to start a gateway that retried it, warning, for as long as it ran (and
+    refused every request with a key while it did); its password is never printed."""
+    config = write(tmp_path / "url.toml", OK + text)
+    result = serve(["--config", str(config)], env)
+    assert_one_line(result, *expected)
+    assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DATABASE_URL", "postgresql://app:s3cret@db:5432/app?sslmode=require"),
+        ("DATABASE_URL", "postgres://db/app"),
+        ("DATABASE_URL", "host=db dbname=app user=app password=s3cret"),
+        ("NATS_URL", "nats://a:4222,nats://b:4222"),
+        ("NATS_URL", "tls://user:pw@nats.example.com:4443"),
+        ("NATS_URL", "127.0.0.1:4222"),
+    ],
+)
+def test_database_and_nats_urls_in_every_usual_form_are_accepted(key: str, value: str) -> None:
+    settings = load_settings(None, {key: value})
+    assert (settings.database_url if key == "DATABASE_URL" else settings.nats_url) == value
+
+
+@pytest.mark.parametrize(
     ("text", "env", "key"),
     [('auth = "required"\n', {}, "`auth`"), ("", {"LLM_PROXY_AUTH": "required"}, "`LLM_PROXY_AUTH`")],
 )
@@ -139,6 +177,47 @@ def test_backend_url_with_a_bad_port(tmp_path: Path, port: str) -> None:
         f'{OK}[[backends]]\nname = "a"\nbase_url = "http://127.0.0.1:{port}/v1"\n',
     )
     assert_one_line(serve(["--config", str(config)]), "backends[0].base_url", "port")
+
+
+@pytest.mark.parametrize(
+    ("args", "text", "key"),
+    [
+        (["--bind", "http://127.0.0.1:8080"], "", "`--bind`"),
+        (["--bind", "::1"], "", "`--bind`"),
+        ([], 'bind = "http://0.0.0.0:8080"\n', "`bind`"),
+    ],
+)
+def test_a_bind_address_that_is_a_url_or_a_bare_ipv6_address_is_named(
+    tmp_path: Path, args: list[str], text: str, key: str
+) -> None:
+    """They were looked up as host names: 'cannot listen on [http://127.0.0.1]:8080: unknown host'."""
+    config = write(tmp_path / "g.toml", OK + text)
+    assert_one_line(serve(["--config", str(config), *args]), key, "HOST:PORT")
+    for good in ("[::1]:8080", "0.0.0.0:8080", ":8080", "localhost:0"):
+        assert load_settings(write(tmp_path / "ok.toml", OK + f'bind = "{good}"\n'), {}).port in (8080, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[backend]]\nname = "x"\n', "unknown key `backend` (did you mean `backends`?)"),
+        ('[[backends]]\nname = "x"\nbase_url = "http://a/v1"\nprefix = ["qwen3-"]\n',
+         "unknown key `backends[0].prefix` (did you mean `backends[0].prefixes`?)"),
+        ("log-level = \"debug\"\n", "unknown key `log-level` (did you mean `log_level`?)"),
+        ("[timeouts]\nfirst_token_seconds = 600\n", "unknown key `timeouts.first_token_seconds` (did you mean `timeouts.first_token`?)"),
+        ("colour = 1\n", "unknown key `colour`"),
+    ],
+)
+def test_a_misspelt_key_is_named_with_the_key_it_probably_meant(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "typo.toml", OK + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, {})
+    assert str(raised.value) == message
+
+
+def test_a_misspelt_key_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    config = write(tmp_path / "typo.toml", OK + "[[backend]]\nname = \"x\"\n")
+    assert_one_line(serve(["--config", str(config)]), "unknown key `backend` (did you mean `backends`?)")
 
 
 def test_bind_host_that_does_not_exist(tmp_path: Path) -> None:
@@ -356,3 +435,183 @@ def test_a_second_signal_never_cuts_the_graceful_shutdown_short(tmp_path: Path, 
             reader.join(15)
     assert received[-1] == "[DONE]", received
     assert "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
+
+
+def spawned_workers(parent: int) -> set[int]:
+    found = set()
+    for pid in children_of(parent):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and alive(pid):
+                found.add(pid)
+    return found
+
+
+def wait_for_workers(parent: subprocess.Popen[str], count: int, not_among: Collection[int] = ()) -> set[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert parent.poll() is None, parent.communicate()[0]
+        workers = spawned_workers(parent.pid)
+        if len(workers) == count and workers.isdisjoint(not_among):
+            return workers
+        time.sleep(0.1)
+    raise AssertionError(f"never {count} workers besides {not_among}: {spawned_workers(parent.pid)}")
+
+
+def test_a_worker_that_dies_is_replaced_and_the_gateway_stops_cleanly_after(tmp_path: Path) -> None:
+    """The OOM killer (or a crash) taking one of `--workers N` must not leave the port with
+    fewer workers for the rest of the process's life, nor unnoticed."""
+    config = write(tmp_path / "ok.toml", OK)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                  "--workers", "2"]) as parent:
+        wait_healthy(url, parent)
+        first = wait_for_workers(parent, 2)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for_workers(parent, 2, not_among={victim})
+        wait_healthy(url, parent)
+        parent.send_signal(signal.SIGTERM)
+        output = parent.communicate(timeout=20)[0]
+    assert parent.returncode == 0, output
+    deaths = [json.loads(line) for line in output.splitlines() if line.startswith("{") and "SIGKILL" in line]
+    assert len(deaths) == 1 and deaths[0]["level"] == "error", output
+    assert f"pid {victim}" in deaths[0]["msg"] and "starting another" in deaths[0]["msg"], deaths
+
+
+def test_workers_that_keep_dying_stop_the_gateway_with_a_failure_status(tmp_path: Path) -> None:
+    """Exit status 0 would tell systemd (Restart=on-failure) that the gateway stopped on purpose:
+    it would stay down with its port closed."""
+    config = write(tmp_path / "ok.toml", OK)
+    port = free_port()
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                  "--workers", "2"]) as parent:
+        deadline = time.monotonic() + 60
+        while parent.poll() is None and time.monotonic() < deadline:
+            for pid in spawned_workers(parent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        output = parent.communicate(timeout=20)[0]
+    assert parent.returncode == 1, output
+    assert "died within" in output and "stopping" in output, output
+    with socket.socket() as probe:  # the port is closed: nothing serves there any more
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_workers_refuse_new_connections_at_once_while_they_finish_their_streams(tmp_path: Path) -> None:
+    """Once told to stop, `--workers N` must refuse a new connection (a load balancer or client
+    then turns to another instance) rather than leave it queued, unanswered, on a port the
+    parent still held open until the last stream ended."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "80", "--pace", "0.1"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                      "--workers", "2"]) as gateway:
+            wait_healthy(url, gateway)
+            received: list[str] = []
+            started = threading.Event()
+            reader = stream_in_thread(url, received, started)
+            assert started.wait(10)
+            gateway.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 3  # the stream holds the gateway for its 5 s grace
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    refused = probe.connect_ex(("127.0.0.1", port)) != 0
+                time.sleep(0.05)
+            assert gateway.poll() is None, "the gateway had already stopped: nothing was in flight"
+            assert refused, "a new connection was taken while the gateway was stopping"
+            reader.join(15)
+            assert gateway.wait(15) == 0
+    assert received, received
+
+
+def test_replica_failovers_add_up_across_workers_and_never_go_down_between_scrapes(tmp_path: Path) -> None:
+    """With `--workers N` a scrape reaches one worker; each used to report its own failovers,
+    so the counter jumped between workers' counts, and Prometheus read every drop as a reset."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "2"]) as fake:
+        assert fake.stdout is not None
+        live = fake.stdout.readline().split()[1]
+        dead = f"http://127.0.0.1:{free_port()}"  # refuses: each worker moves its first request off it
+        config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = ["{dead}/v1", "{live}/v1"]\n'
+                                                 "default = true\n")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}",
+                      "--workers", "2"]) as gateway:
+            wait_healthy(url, gateway)
+            moved = 0
+            for _ in range(60):  # fresh connections, until both workers have left the dead replica
+                reply = httpx.post(f"{url}/v1/chat/completions", timeout=10, headers={"connection": "close"},
+                                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                assert reply.status_code == 200, reply.text
+                scraped = [_failovers(httpx.get(f"{url}/metrics", headers={"connection": "close"}).text, dead)
+                           for _ in range(6)]
+                assert scraped == sorted(scraped), scraped  # never down
+                moved = scraped[-1]
+                if moved >= 2:
+                    break
+            assert moved >= 2, "one worker answered every request"
+
+
+def _failovers(metrics: str, replica: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "llm_proxy_backend_replica_failovers":
+            return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels["replica"] == f"{replica}/v1")
+    raise AssertionError(metrics)
+
+
+def test_a_longer_grace_lets_the_streams_in_flight_finish_whole(tmp_path: Path) -> None:
+    """5 s cut most answers a deploy's SIGTERM found streaming (an LLM answer takes tens of
+    seconds); `shutdown_grace_seconds` gives them the time they need."""
+    with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "40", "--pace", "0.2"]) as fake:
+        assert fake.stdout is not None
+        ready = fake.stdout.readline().split()
+        config = write(tmp_path / "g.toml", OK + "shutdown_grace_seconds = 30\n"
+                       f'[[backends]]\nname = "f"\nbase_url = "{ready[1]}/v1"\ndefault = true\n')
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"]) as gateway:
+            wait_healthy(url, gateway)
+            received: list[str] = []
+            started = threading.Event()
+            reader = stream_in_thread(url, received, started)
+            assert started.wait(10)
+            gateway.send_signal(signal.SIGTERM)
+            reader.join(30)
+            assert gateway.wait(15) == 0
+    assert received[-1] == "[DONE]", received
+    text = "".join(json.loads(r)["choices"][0]["delta"].get("content") or "" for r in received[:-1] if json.loads(r)["choices"])
+    assert text.split() == [f"w{i}" for i in range(40)], text
+
+
+def test_a_backend_key_variable_that_is_not_set_is_warned_of_at_start(tmp_path: Path) -> None:
+    """A systemd EnvironmentFile left unread, a variable not exported: the backend would refuse
+    every call (a 502 for each client) with nothing at start to say why."""
+    config = write(tmp_path / "g.toml", OK + '[[backends]]\nname = "vllm"\nbase_url = "http://127.0.0.1:9/v1"\n'
+                                             'api_key_env = "LLM_PROXY_TEST_KEY_NOT_SET"\ndefault = true\n'
+                                             '[[backends]]\nname = "set"\nbase_url = "http://127.0.0.1:8/v1"\n'
+                                             'api_key_env = "LLM_PROXY_TEST_KEY_SET"\nprefixes = ["x"]\n')
+    port = free_port()
+    env = {**os.environ, "LLM_PROXY_TEST_KEY_SET": "sk-set"}
+    env.pop("LLM_PROXY_TEST_KEY_NOT_SET", None)
+    with running([sys.executable, "-m", "proxy", "serve", "--config", str(config), "--bind", f"127.0.0.1:{port}"],
+                 env=env) as gateway:
+        wait_healthy(f"http://127.0.0.1:{port}", gateway)
+        gateway.send_signal(signal.SIGTERM)
+        output = gateway.communicate(timeout=15)[0]
+    warnings = [json.loads(line)["msg"] for line in output.splitlines()
+                if line.startswith("{") and json.loads(line)["level"] == "warning" and "api_key_env" in line]
+    assert warnings == ["backend vllm: its api_key_env LLM_PROXY_TEST_KEY_NOT_SET is not set (or empty): "
+                        "it is called without a key"], output
+
+
+@pytest.mark.parametrize(("spelt", "level"), [("warn", "warning"), ("WARN", "warning"), (" Error ", "error")])
+def test_log_levels_are_read_as_other_tools_spell_them(spelt: str, level: str) -> None:
+    assert load_settings(None, {"LLM_PROXY_LOG_LEVEL": spelt}).log_level == level

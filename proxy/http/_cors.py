@@ -31,7 +31,7 @@ MAX_AGE = b"7200"  # Chromium's ceiling; Firefox would keep a day
 # the gateway sets itself (ids, rate limits, cache and replay, RAG, workflow, embeddings).
 EXPOSED_HEADERS = b", ".join(
     (
-        b"x-request-id", b"request-id", b"x-trace-id", b"retry-after",
+        b"x-request-id", b"request-id", b"x-trace-id", b"retry-after", b"x-should-retry",
         b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests",
         b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens",
         b"x-cache", b"x-replay-of", b"x-attached-to", b"idempotent-replayed",

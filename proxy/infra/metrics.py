@@ -9,6 +9,7 @@ an increment or two, never a `labels()` call.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -47,19 +48,16 @@ class _ReplicaCollector(Collector):
             "llm_proxy_backend_replica_in_flight", "Requests a backend replica is serving (streams until they end).",
             labels=["backend", "replica"],
         )
-        failovers = CounterMetricFamily(
-            "llm_proxy_backend_replica_failovers",
-            "Requests moved from a backend replica to another: unreachable, 503, or silent past its patience.",
-            labels=["backend", "replica"],
-        )
         for name, backend in self._backends.items():
             for replica in backend.replicas():
                 up.add_metric([name, replica.url], 0 if replica.set_aside_for else 1)
                 in_flight.add_metric([name, replica.url], replica.in_flight)
-                failovers.add_metric([name, replica.url], replica.failovers)
         yield up
         yield in_flight
-        yield failovers
+
+
+def _count_failover(children: Mapping[str, Counter], url: str) -> None:
+    children[url].inc()
 
 
 class Metrics:
@@ -94,6 +92,17 @@ class Metrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._known = known
+        # Counted as they happen, not read from the replicas when scraped: with `--workers N`
+        # a scrape reaches one worker, and its own count alone would go down from one scrape
+        # to the next (a counter reset, to Prometheus).
+        failovers = Counter(
+            "llm_proxy_backend_replica_failovers",
+            "Requests moved from a backend replica to another: unreachable, 503, or silent past its patience.",
+            ["backend", "replica"], registry=registry,
+        )
+        for name, backend in backends.items():
+            children = {replica.url: failovers.labels(name, replica.url) for replica in backend.replicas()}
+            backend.watch_failovers(functools.partial(_count_failover, children))
 
     def sink(self) -> RecordSink:
         """The record sink for every request's record."""

@@ -577,7 +577,7 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Client:
         log.info("nats: reconnected to %s", shown)
 
     nc = await nats.connect(
-        url,
+        url.split(","),  # a cluster's servers, comma-separated as in NATS's own tools
         name=name,
         connect_timeout=connect_timeout,
         # nats-py retries the *initial* connect until a server exceeds max_reconnect_attempts

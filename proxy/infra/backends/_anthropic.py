@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -145,6 +146,9 @@ class AnthropicBackend:
 
     def replicas(self) -> list[ReplicaState]:
         return self._client.replicas()
+
+    def watch_failovers(self, hook: Callable[[str], None]) -> None:
+        self._client.watch_failovers(hook)
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         return anthropic.encode_messages_request(

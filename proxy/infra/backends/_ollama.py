@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -46,6 +47,9 @@ class OllamaBackend:
 
     def replicas(self) -> list[ReplicaState]:
         return self._client.replicas()
+
+    def watch_failovers(self, hook: Callable[[str], None]) -> None:
+        self._client.watch_failovers(hook)
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = ollama.error_message_from_body(body) or body_text(body)

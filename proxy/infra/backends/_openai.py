@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from urllib.parse import quote
 
 import httpx
@@ -64,6 +65,9 @@ class OpenAIBackend:
 
     def replicas(self) -> list[ReplicaState]:
         return self._client.replicas()
+
+    def watch_failovers(self, hook: Callable[[str], None]) -> None:
+        self._client.watch_failovers(hook)
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         include_usage = self.config.request_usage or bool(call.request.include_usage)

@@ -54,7 +54,6 @@ class ReplicaState:
     in_flight: int
     set_aside_for: float  # seconds until it gets requests again; 0 when it does
     reason: str  # why it was set aside last ("" if never)
-    failovers: int = 0  # requests moved from it to another replica, since the start
 
 
 @dataclass(slots=True, eq=False)
@@ -70,7 +69,6 @@ class _Replica:
     failures: int = 0
     set_aside_until: float = -math.inf
     reason: str = ""
-    failovers: int = 0
     refusals: int = 0  # 429 and 500 answers in a row
     # Requests in flight that test whether it is back, its time set aside over: until one has
     # answered, the others go elsewhere (a hung replica would hold them all for its patience).
@@ -153,6 +151,12 @@ class BackendClient:
         # The budget a call made without a deadline of its own is shared from.
         self._budget = timeouts.total if timeouts.total is not None else timeouts.first_token
         self._turn = 0
+        self._on_failover: Callable[[str], None] | None = None
+
+    def watch_failovers(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(replica_url)` whenever a request leaves a replica for another (the metrics
+        count them where every worker's counts add up)."""
+        self._on_failover = hook
 
     @staticmethod
     def _replica(base: str, config: BackendConfig, auth_header: dict[str, str]) -> _Replica:
@@ -442,7 +446,6 @@ class BackendClient:
         return [
             ReplicaState(
                 replica.shown, replica.in_flight, max(0.0, replica.set_aside_until - now), replica.reason,
-                replica.failovers,
             )
             for replica in self._replicas
         ]
@@ -459,7 +462,8 @@ class BackendClient:
     def _move_off(self, replica: _Replica, why: object, *, set_aside: bool = True, at_least: float = 0.0) -> None:
         """This request leaves `replica` for another one: counted, named in its log line,
         and the replica set aside (unless `set_aside` is false)."""
-        replica.failovers += 1
+        if self._on_failover is not None:
+            self._on_failover(replica.shown)
         if (served := current_served.get()) is not None:
             served.passed_over.append(replica.shown)
         if set_aside:

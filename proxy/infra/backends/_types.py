@@ -3,6 +3,7 @@ protocols an adapter implements (chat, embeddings, relayed APIs)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -103,6 +104,8 @@ class Backend(Protocol):
     async def check(self) -> None: ...
 
     def replicas(self) -> list[ReplicaState]: ...
+
+    def watch_failovers(self, hook: Callable[[str], None]) -> None: ...
 
     async def aclose(self) -> None: ...
 
