@@ -22,7 +22,15 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
-from proxy.http._auth import admit, give_back_admission, granted_headers, stamp_exchange
+from proxy.http._auth import (
+    admit,
+    give_back_admission,
+    granted_headers,
+    limit,
+    settle_reservation,
+    stamp_exchange,
+    take_reservation,
+)
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
 from proxy.http._hangup import on_client_gone
@@ -115,11 +123,26 @@ async def serve(
     send: ASGISendCallable,
 ) -> None:
     """One request on a front-door route, from the guard to the last byte."""
+    try:
+        await _serve(gateway, route, params, scope, receive, send)
+    finally:
+        settle_reservation(gateway)
+
+
+async def _serve(
+    gateway: Gateway,
+    route: FrontRoute,
+    params: dict[str, str],
+    scope: Mapping[str, Any],
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
     head = RequestHead(scope)
     out = ResponseSend(send, scope, head)
     started = time.perf_counter()
     body: bytes | None = None
-    refusal = await admit(gateway, head)
+    # The rate limits wait for the body: a request reserves the tokens it asks for.
+    refusal = await admit(gateway, head, limits=False)
     if refusal is not None:
         await _refuse(out, gateway, head, refusal, body, started)
         return
@@ -132,6 +155,10 @@ async def serve(
         body = await _read_body(receive, head, gateway.settings.max_body_bytes)
         if body is None:
             return  # the client left before its request was whole
+        refusal = await limit(gateway, head, body)
+        if refusal is not None:
+            await _refuse(out, gateway, head, refusal, body, started)
+            return
         answer = await _answer(handler, Incoming(gateway, head, body, params))
     except GatewayError as error:
         if error.kind is ErrorKind.PERMISSION:
@@ -188,7 +215,7 @@ def _log_refusal(
     gateway.chat.refused(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
-        api_key_id=principal.id if principal is not None else None,
+        api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(),
     )
 
 
