@@ -141,3 +141,45 @@ async def test_a_reservation_never_settled_refills_with_the_bucket(stack: Stack)
         assert 1 <= wait <= 3  # about 206 tokens to refill
         await trio.sleep(wait)
         assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+
+
+async def test_an_image_counts_as_an_image_not_as_its_base64_text(stack: Stack) -> None:
+    # 200 KB of base64 is not 50,000 tokens of prompt: two such requests asking for 100 tokens
+    # each run together under 1000 a minute.
+    key = await new_key(stack.db, "pictures", "--tpm", "1000")
+    await wait_for_key(stack.url, key)
+    image = "data:image/png;base64," + "iVBORw0KGgo" * 20_000
+    chat = {"model": "qwen3-8b", "max_tokens": 100, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"}, {"type": "image_url", "image_url": {"url": image}},
+    ]}]}
+    statuses: list[int] = []
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=20) as client:
+
+        async def one() -> None:
+            statuses.append((await client.post("/v1/chat/completions", json=chat)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(one)
+    assert statuses == [200, 200]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 900}),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 300, "n": 3}),
+    ("/v1/messages", {"messages": MESSAGES, "max_tokens": 900}),
+    ("/v1/responses", {"input": "Say hello", "max_output_tokens": 900}),
+    ("/api/chat", {"messages": MESSAGES, "stream": False, "options": {"num_predict": 900}}),
+    ("/api/generate", {"prompt": "Say hello", "stream": False, "options": {"num_predict": 900}}),
+    ("/v1/completions", {"prompt": "Say hello", "max_tokens": 900}),
+])
+async def test_each_dialect_reserves_its_own_max_output_tokens(stack: Stack, path: str, body: dict[str, object]) -> None:
+    stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(60, 10)))
+    key = await new_key(stack.db, "dialect", "--tpm", "1000")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        answer = await client.post(path, json={"model": "qwen3-8b", **body})
+    assert answer.status_code == 200, answer.text
+    # 900 and a few tokens of prompt reserved, not the 4,096 (the whole bucket) of a request
+    # that names no limit.
+    assert 85 <= int(answer.headers["x-ratelimit-remaining-tokens"]) <= 97

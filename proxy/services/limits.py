@@ -296,7 +296,9 @@ class RateLimiter:
     async def _settled_elsewhere(self, principal: Principal) -> None:
         """Until the usage writer has written the key's admissions and tokens it is writing (a
         few milliseconds, unless the database stalls): this admission must see them."""
-        while (writing := self._flushing.get(principal.id)) is not None and (writing.admissions or writing.tokens):
+        while (writing := self._flushing.get(principal.id)) is not None and (
+            (principal.rpm is not None and writing.admissions) or (principal.tpm is not None and writing.tokens)
+        ):
             await self._flushed.wait()
 
     def _take_settlements(self, principal: Principal) -> tuple[int, int]:
