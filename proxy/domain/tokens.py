@@ -69,10 +69,11 @@ _MEDIA = frozenset({"image_url", "images", "data", "file_data", "input_audio", "
 
 def requested_tokens(body: object, *, generates: bool) -> int:
     """A request body's (parsed JSON) estimated tokens, as a rate limit counts them before the
-    answer: the characters of its text, and for a call that generates, its max output tokens
+    answer: the characters of its text (and the tokens of a prompt given as token ids), and for
+    a call that generates, its max output tokens
     (`max_completion_tokens`, `max_tokens`, `max_output_tokens`, Ollama's `num_predict`, times
     `n`), `DEFAULT_MAX_OUTPUT` when it names none."""
-    chars = 0
+    chars = ids = 0
     stack = [body]  # not recursive: the body's nesting is checked later, by its codec
     while stack:
         item = stack.pop()
@@ -81,10 +82,13 @@ def requested_tokens(body: object, *, generates: bool) -> int:
         elif isinstance(item, dict):
             stack.extend(value for key, value in item.items() if key not in _MEDIA)
         elif isinstance(item, list):
-            stack.extend(item)
-    if not generates:
-        return estimate_tokens(chars)
-    return estimate_tokens(chars) + _max_output(body)
+            for element in item:
+                if type(element) is int:
+                    ids += 1
+                else:
+                    stack.append(element)
+    prompt = estimate_tokens(chars) + ids
+    return prompt + _max_output(body) if generates else prompt
 
 
 def _max_output(body: object) -> int:

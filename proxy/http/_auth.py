@@ -7,8 +7,9 @@ public paths pass without a key. A wrong or missing key is a 401 in the caller's
 `WWW-Authenticate`; anything outside the key's scope a 403; an exhausted limit a 429 with
 `Retry-After`. The exchange front door takes the rate limits (`limit`) once it has read the
 body: a request reserves its estimated tokens, known only from its body (its prompt and its
-max output tokens), and its record gives them back as it charges the real usage. An admitted answer carries the `x-ratelimit-*` headers, and an exchange's
-record the key's id (for usage accounting and the request log).
+max output tokens), and its record gives them back as it charges the real usage. An admitted
+answer carries the `x-ratelimit-*` headers, and an exchange's record the key's id (for usage
+accounting and the request log).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextvars
 import json
 
-from quart import Response
+from quart import Response, request
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.tokens import requested_tokens
@@ -35,7 +36,7 @@ _decision: contextvars.ContextVar[Decision | None] = contextvars.ContextVar("llm
 # Paths whose requests reserve tokens at admission: those that generate (prompt and max
 # output), those that only read a prompt.
 _GENERATING = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions", "/api/chat", "/api/generate"})
-_READING = frozenset({"/v1/rerank", "/v2/rerank", "/rerank"})
+_READING = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings"})
 
 
 class _Reservation:
@@ -158,6 +159,15 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     return await limit(gw, head, None) if limits else None
 
 
+def reserves_tokens(head: RequestHead) -> bool:
+    """Whether the admitted request's rate limits need its body (`limit`): it reserves tokens."""
+    principal = current_principal.get()
+    return (
+        principal is not None and principal.tpm is not None and head.method not in _READS
+        and (head.path in _GENERATING or head.path in _READING)
+    )
+
+
 async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | None:
     """Take the request of the admitted key (`admit`) from its rate limits, reserving the
     tokens `body` asks for; None: it may go on. Otherwise the 429 to send."""
@@ -165,7 +175,7 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
     if limiter is None or principal is None or not principal.limited or head.method in _READS:
         return None
     tokens = 0
-    if body and principal.tpm is not None and (head.path in _GENERATING or head.path in _READING):
+    if body and reserves_tokens(head):
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # its codec refuses it (400): nothing to reserve
@@ -233,7 +243,12 @@ def install_auth(app: GatewayApp) -> None:
 
     @app.before_request
     async def guard() -> Response | None:
-        refusal = await admit(gateway(), request_head())
+        gw, head = gateway(), request_head()
+        refusal = await admit(gw, head, limits=False)
+        if refusal is None:
+            # Kept for the route, which reads it again (embeddings: their input is reserved).
+            body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
+            refusal = await limit(gw, head, body)
         return None if refusal is None else response_of(refusal)
 
     @app.after_request
@@ -242,4 +257,5 @@ def install_auth(app: GatewayApp) -> None:
             give_back_admission(gateway())
         for name, value in granted_headers():
             response.headers.add(name.decode(), value.decode())
+        settle_reservation(gateway())  # what no record took (the routes' own run before this)
         return response
