@@ -150,23 +150,27 @@ async def test_headers_count_down_and_the_bucket_refills_continuously(stack: Sta
 
 
 async def test_tokens_are_charged_when_the_exchange_ends(stack: Stack) -> None:
-    # 70 tokens per exchange (60 prompt + 10 completion) against 100 a minute.
+    # 70 tokens per exchange (60 prompt + 10 completion) against 100 a minute; each request
+    # reserves 11 at admission (6 of prompt, 5 of max_tokens), given back as the 70 are charged.
     key = await new_key(stack.db, "tokens", "--tpm", "100")
     await wait_for_key(stack.url, key)
+    chat = CHAT | {"max_tokens": 5}
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
-        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        first = await client.post("/v1/chat/completions", json=chat)
+        assert first.status_code == 200
+        assert 88 <= int(first.headers["x-ratelimit-remaining-tokens"]) <= 90
         await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage"))  # charged
-        second = await client.post("/v1/chat/completions", json=CHAT)
-        assert second.status_code == 200  # 30 tokens were left: not yet empty
-        assert 29 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 31
+        second = await client.post("/v1/chat/completions", json=chat)
+        assert second.status_code == 200  # 30 tokens were left: 11 fit
+        assert 18 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 20
 
         await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage WHERE requests = 2"))
-        answer = await client.post("/v1/chat/completions", json=CHAT)
+        answer = await client.post("/v1/chat/completions", json=chat)
         assert answer.status_code == 429
         assert "tokens" in answer.json()["error"]["message"]
         assert answer.headers["x-ratelimit-remaining-tokens"] == "0"
-        # 140 tokens spent of 100: the bucket is 40 tokens (24 s) in debt.
-        assert 20 <= int(answer.headers["retry-after"]) <= 25
+        # 140 tokens spent of 100: the bucket is 40 tokens in debt, and 11 more must fit (31 s).
+        assert 28 <= int(answer.headers["retry-after"]) <= 31
 
 
 async def test_429s_come_in_the_callers_dialect(stack: Stack) -> None:

@@ -140,3 +140,34 @@ async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
             }
 
         await eventually(recorded)
+
+
+class PacedEmbeddings(OpenAIBackend):
+    """Embeds after a second: concurrent requests overlap."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/embeddings":
+            await trio.sleep(1)
+        await super().route(request, exchange, call)
+
+
+async def test_concurrent_embeddings_reserve_their_input_against_the_token_limit(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """Six at once, about 400 tokens of input each, against 1000 a minute: two run, as they
+    would one after the other; before, all six ran (the bucket was charged only after)."""
+    paced = PacedEmbeddings()
+    async with paced.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "concurrent-embedder", "--tpm", "1000")
+        await wait_for_key(url, key)
+        statuses: list[int] = []
+        async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+
+            async def one() -> None:
+                answer = await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x" * 1600})
+                statuses.append(answer.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(6):
+                    nursery.start_soon(one)
+    assert sorted(statuses) == [200, 200, 429, 429, 429, 429]

@@ -69,6 +69,7 @@ class Stack:
     second: str
     postgres: EmbeddedPostgres
     db: str
+    fake: OpenAIBackend
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ async def stack(aio_loop: object, postgres: EmbeddedPostgres, nats_url: str) -> 
     async with fake.serve() as server:
         config = backend("vllm", server.url, default=True)
         async with gateway(postgres.url, nats_url, config) as url, gateway(postgres.url, nats_url, config) as second:
-            yield Stack(url, second, postgres, postgres.url)
+            yield Stack(url, second, postgres, postgres.url, fake)
 
 
 async def _timed_post(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
@@ -221,3 +222,37 @@ async def test_usage_recorded_while_postgres_is_down_survives_a_stop_and_counts_
 
             await eventually(replayed, within=30, every=0.2)
         assert await usage() == [(2, 10, 2)]
+
+
+async def test_tokens_are_reserved_from_the_gateways_own_bucket_in_an_outage(stack: Stack) -> None:
+    """PostgreSQL down: a request still reserves its tokens, in the gateway's own bucket, so
+    concurrent requests cannot overspend it; once it is back, only what was used is charged
+    to the shared bucket (the reservations made alone were settled with their exchanges)."""
+    key = await new_key(stack.db, "tokens-outage", "--tpm", "1000")
+    await wait_for_key(stack.url, key)
+    stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(5, 1), pace=_ADMIT_TIMEOUT + 2))  # outlasts an admission
+    chat = CHAT | {"max_tokens": 600}
+    statuses: list[int] = []
+    await trio.to_thread.run_sync(stack.postgres.stop)
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as client:
+
+            async def one() -> None:
+                statuses.append((await client.post("/v1/chat/completions", json=chat)).status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one)
+    finally:
+        await trio.to_thread.run_sync(stack.postgres.start)
+    assert sorted(statuses) == [200, 429, 429]  # about 606 tokens each: one fits in 1000
+
+    async def charged() -> bool:
+        ahead = await sql(stack.db, "SELECT l.tokens_at - extract(epoch FROM clock_timestamp()) FROM api_key_limits l"
+                                    " JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'tokens-outage'")
+        return bool(ahead) and float(ahead[0][0]) > -3600  # written (the row starts at epoch 0)
+
+    await eventually(charged, within=30, every=0.5)
+    [(ahead,)] = await sql(stack.db, "SELECT l.tokens_at - extract(epoch FROM clock_timestamp()) FROM api_key_limits l"
+                                     " JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'tokens-outage'")
+    assert float(ahead) < 1  # 6 tokens used: 0.36 s, not the 606 reserved (36 s)

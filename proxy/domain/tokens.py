@@ -57,3 +57,47 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usag
     if (prompt, completion) == (reported.prompt_tokens, reported.completion_tokens):
         return reported, False
     return replace(reported, prompt_tokens=prompt, completion_tokens=completion), True
+
+
+# What a request reserves for its answer when it names no limit of its own (OpenAI counts a
+# request as its prompt and its `max_tokens`; without one, a chat may write this much and more).
+DEFAULT_MAX_OUTPUT = 4096
+_OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# Fields whose strings are encoded media, not text a tokenizer reads at four characters a token.
+_MEDIA = frozenset({"image_url", "images", "data", "file_data", "input_audio", "image", "audio"})
+
+
+def requested_tokens(body: object, *, generates: bool) -> int:
+    """A request body's (parsed JSON) estimated tokens, as a rate limit counts them before the
+    answer: the characters of its text (and the tokens of a prompt given as token ids), and for
+    a call that generates, its max output tokens
+    (`max_completion_tokens`, `max_tokens`, `max_output_tokens`, Ollama's `num_predict`, times
+    `n`), `DEFAULT_MAX_OUTPUT` when it names none."""
+    chars = ids = 0
+    stack = [body]  # not recursive: the body's nesting is checked later, by its codec
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            stack.extend(value for key, value in item.items() if key not in _MEDIA)
+        elif isinstance(item, list):
+            for element in item:
+                if type(element) is int:
+                    ids += 1
+                else:
+                    stack.append(element)
+    prompt = estimate_tokens(chars) + ids
+    return prompt + _max_output(body) if generates else prompt
+
+
+def _max_output(body: object) -> int:
+    if not isinstance(body, dict):
+        return DEFAULT_MAX_OUTPUT
+    options = body.get("options")
+    candidates = [body.get(name) for name in _OUTPUT_LIMITS]
+    if isinstance(options, dict):
+        candidates.append(options.get("num_predict"))  # -1, -2: until the model stops
+    limit = next((c for c in candidates if type(c) is int and c > 0), DEFAULT_MAX_OUTPUT)
+    n = body.get("n")
+    return limit * n if type(n) is int and 1 < n <= 128 else limit

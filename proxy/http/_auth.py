@@ -5,17 +5,22 @@ for its routes, from Quart's `before_request` hook for the others (an unknown pa
 caller without a key learns nothing about which paths exist). `/health` and the configured
 public paths pass without a key. A wrong or missing key is a 401 in the caller's dialect with
 `WWW-Authenticate`; anything outside the key's scope a 403; an exhausted limit a 429 with
-`Retry-After`. An admitted answer carries the `x-ratelimit-*` headers, and an exchange's
-record the key's id (for usage accounting and the request log).
+`Retry-After`. The exchange front door takes the rate limits (`limit`) once it has read the
+body: a request reserves its estimated tokens, known only from its body (its prompt and its
+max output tokens), and its record gives them back as it charges the real usage. An admitted
+answer carries the `x-ratelimit-*` headers, and an exchange's record the key's id (for usage
+accounting and the request log).
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 
-from quart import Response
+from quart import Response, request
 
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.tokens import requested_tokens
 from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
 from proxy.http._errors import Reply, dialect_of, error_reply, response_of
@@ -28,6 +33,29 @@ _WORKSPACES = "/v1/workspaces"
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _READ_POSTS = ("/search",)  # POSTs under a workspace that only read it
 _decision: contextvars.ContextVar[Decision | None] = contextvars.ContextVar("llm_proxy_rate_decision", default=None)
+# Paths whose requests reserve tokens at admission: those that generate (prompt and max
+# output), those that only read a prompt.
+_GENERATING = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions", "/api/chat", "/api/generate"})
+_READING = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings"})
+
+
+class _Reservation:
+    """The tokens an admitted request reserved, until a record (or the request's end) takes
+    them: shared by the request's tasks, so that they are settled once."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def take(self) -> int:
+        tokens, self.tokens = self.tokens, 0
+        return tokens
+
+
+_reservation: contextvars.ContextVar[_Reservation | None] = contextvars.ContextVar(
+    "llm_proxy_token_reservation", default=None
+)
 
 
 def credentials(head: RequestHead) -> list[str]:
@@ -96,17 +124,19 @@ def _check_scopes(principal: Principal, head: RequestHead) -> None:
         )
 
 
-async def admit(gw: Gateway, head: RequestHead) -> Reply | None:
+async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply | None:
     """Check a request before any route handles it; None: it may go on, with its principal
-    (if any) in `current_principal`. Otherwise the refusal to send, in the path's dialect."""
+    (if any) in `current_principal`. Otherwise the refusal to send, in the path's dialect.
+    Without `limits`, the caller takes the rate limits itself (`limit`), once it has the body."""
     current_principal.set(None)
     _decision.set(None)
-    limit = gw.settings.max_header_bytes
-    if head.header_bytes > limit:
+    _reservation.set(None)
+    most = gw.settings.max_header_bytes
+    if head.header_bytes > most:
         reply = _refusal(
             GatewayError(
                 ErrorKind.INVALID_REQUEST,
-                f"The request's headers are too large (more than {limit} bytes).",
+                f"The request's headers are too large (more than {most} bytes).",
                 code="headers_too_large",
             ),
             head,
@@ -126,15 +156,54 @@ async def admit(gw: Gateway, head: RequestHead) -> Reply | None:
         _check_scopes(principal, head)
     except GatewayError as error:
         return _refusal(error, head, bool(presented))
-    limiter = gw.limits
-    if limiter is not None and principal.limited and head.method not in _READS:
-        decision = await limiter.admit(principal)
-        _decision.set(decision)
-        if not decision.allowed:
-            reply = _refusal(decision.error(principal), head)
-            reply.headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
-            return reply
+    return await limit(gw, head, None) if limits else None
+
+
+def reserves_tokens(head: RequestHead) -> bool:
+    """Whether the admitted request's rate limits need its body (`limit`): it reserves tokens."""
+    principal = current_principal.get()
+    return (
+        principal is not None and principal.tpm is not None and head.method not in _READS
+        and (head.path in _GENERATING or head.path in _READING)
+    )
+
+
+async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | None:
+    """Take the request of the admitted key (`admit`) from its rate limits, reserving the
+    tokens `body` asks for; None: it may go on. Otherwise the 429 to send."""
+    principal, limiter = current_principal.get(), gw.limits
+    if limiter is None or principal is None or not principal.limited or head.method in _READS:
+        return None
+    tokens = 0
+    if body and reserves_tokens(head):
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):  # its codec refuses it (400): nothing to reserve
+            data = None
+        if data is not None:
+            tokens = requested_tokens(data, generates=head.path in _GENERATING)
+    decision = await limiter.admit(principal, tokens)
+    _decision.set(decision)
+    if not decision.allowed:
+        reply = _refusal(decision.error(principal), head)
+        reply.headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
+        return reply
+    if decision.reserved:
+        _reservation.set(_Reservation(decision.reserved))
     return None
+
+
+def take_reservation() -> int:
+    """The tokens the current request reserved, for the record that settles them (once)."""
+    reservation = _reservation.get()
+    return reservation.take() if reservation is not None else 0
+
+
+def settle_reservation(gw: Gateway) -> None:
+    """The request ended: a reservation no record took is given back."""
+    principal, limiter, tokens = current_principal.get(), gw.limits, take_reservation()
+    if tokens and principal is not None and limiter is not None:
+        limiter.settle(principal, tokens)
 
 
 def give_back_admission(gw: Gateway) -> None:
@@ -161,6 +230,7 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     if principal is None:
         return
     exchange.record.api_key_id = principal.id
+    exchange.record.reserved_tokens = take_reservation()
     if exchange.meta.idempotency_key is not None:
         # A client names its own requests: another key's same name must not replay
         # (or, with another body, reveal) this key's answer.
@@ -173,7 +243,12 @@ def install_auth(app: GatewayApp) -> None:
 
     @app.before_request
     async def guard() -> Response | None:
-        refusal = await admit(gateway(), request_head())
+        gw, head = gateway(), request_head()
+        refusal = await admit(gw, head, limits=False)
+        if refusal is None:
+            # Kept for the route, which reads it again (embeddings: their input is reserved).
+            body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
+            refusal = await limit(gw, head, body)
         return None if refusal is None else response_of(refusal)
 
     @app.after_request
@@ -182,4 +257,5 @@ def install_auth(app: GatewayApp) -> None:
             give_back_admission(gateway())
         for name, value in granted_headers():
             response.headers.add(name.decode(), value.decode())
+        settle_reservation(gateway())  # what no record took (the routes' own run before this)
         return response

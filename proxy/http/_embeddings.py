@@ -19,6 +19,7 @@ from quart import Blueprint, Response
 
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.http._auth import take_reservation
 from proxy.http._context import gateway, request_body, request_head, request_meta
 from proxy.services.auth import current_principal
 from proxy.services.chat import is_cancellation
@@ -66,7 +67,7 @@ async def _account(response: Response) -> Response:
         model=attempt.model, status=status, error=await _error_message(response) if status >= 400 else None,
         total_ms=(time.perf_counter() - attempt.started) * 1000,
         api_key_id=principal.id if principal is not None else None,
-        response=attempt.result if status < 400 else None,
+        response=attempt.result if status < 400 else None, reserved_tokens=take_reservation(),
     )
     return response
 
@@ -220,7 +221,7 @@ async def _embed(request: EmbeddingRequest) -> EmbeddingResponse:
             service.record_hangup(
                 request_id=head.request_id(), dialect=request.dialect, request=request,
                 total_ms=(time.perf_counter() - attempt.started) * 1000,
-                api_key_id=principal.id if principal is not None else None,
+                api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(),
             )
         raise
     if attempt is not None:

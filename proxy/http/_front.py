@@ -22,7 +22,15 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
-from proxy.http._auth import admit, give_back_admission, granted_headers, stamp_exchange
+from proxy.http._auth import (
+    admit,
+    give_back_admission,
+    granted_headers,
+    limit,
+    settle_reservation,
+    stamp_exchange,
+    take_reservation,
+)
 from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
@@ -119,11 +127,26 @@ async def serve(
     send: ASGISendCallable,
 ) -> None:
     """One request on a front-door route, from the guard to the last byte."""
+    try:
+        await _serve(gateway, route, params, scope, receive, send)
+    finally:
+        settle_reservation(gateway)
+
+
+async def _serve(
+    gateway: Gateway,
+    route: FrontRoute,
+    params: dict[str, str],
+    scope: Mapping[str, Any],
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> None:
     head = RequestHead(scope)
     out = ResponseSend(send, scope, head)
     started = time.perf_counter()
     body: bytes | None = None
-    refusal = await admit(gateway, head)
+    # The rate limits wait for the body: a request reserves the tokens it asks for.
+    refusal = await admit(gateway, head, limits=False)
     if refusal is not None:
         await _refuse(out, gateway, head, refusal, body, started)
         return
@@ -133,11 +156,15 @@ async def serve(
             raise GatewayError(
                 ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
             )
-        limit = gateway.settings.max_body_bytes
-        body = await _read_body(receive, head, limit)
+        max_body = gateway.settings.max_body_bytes
+        body = await _read_body(receive, head, max_body)
         if body is None:
             return  # the client left before its request was whole
-        body = inflate_body(body, head.header("content-encoding"), limit)
+        body = inflate_body(body, head.header("content-encoding"), max_body)
+        refusal = await limit(gateway, head, body)
+        if refusal is not None:
+            await _refuse(out, gateway, head, refusal, body, started)
+            return
         answer = await _answer(handler, Incoming(gateway, head, body, params))
     except GatewayError as error:
         if error.kind is ErrorKind.PERMISSION:
@@ -194,7 +221,7 @@ def _log_refusal(
     gateway.chat.refused(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
-        api_key_id=principal.id if principal is not None else None,
+        api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(),
     )
 
 

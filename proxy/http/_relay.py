@@ -25,7 +25,7 @@ from proxy.domain.errors import (
     invalid_request,
     is_context_overflow,
 )
-from proxy.http._auth import granted_headers
+from proxy.http._auth import granted_headers, take_reservation
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
 from proxy.http._front import Incoming
@@ -89,7 +89,7 @@ def relay(
     record = ExchangeRecord(
         trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
-        api_key_id=principal.id if principal is not None else None, kind=kind,
+        api_key_id=principal.id if principal is not None else None, kind=kind, reserved_tokens=take_reservation(),
     )
     body = dumps({**data, "model": route.upstream_model})
     return RelayBody(

@@ -82,6 +82,10 @@ class UsageDelta:
     # Admissions the shared request bucket has not counted: + taken while it could not be
     # asked (a database outage), - given back (requests refused 403 after admission).
     admissions: int = 0
+    # Tokens the shared token bucket has not counted: the usage of ended exchanges, minus what
+    # they reserved at admission (so negative: given back), plus what was reserved while the
+    # database could not be asked.
+    tokens: int = 0
 
     def add(self, other: UsageDelta) -> None:
         self.requests += other.requests
@@ -89,6 +93,7 @@ class UsageDelta:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.admissions += other.admissions
+        self.tokens += other.tokens
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
@@ -205,18 +210,23 @@ class KeysStore:
 
     # -- limits and usage -------------------------------------------------------------------
 
-    async def admit(self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0) -> Admission:
-        """Take one request from the key's buckets, after settling `settle` admissions the
-        request bucket has not counted (negative: given back), in one round trip."""
-        row = await self._db.fetchrow("SELECT * FROM api_key_admit(%s, %s, %s, %s)", (key_id, rpm, tpm, settle))
+    async def admit(
+        self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0
+    ) -> Admission:
+        """Take one request from the key's request bucket and reserve `reserve` tokens in its
+        token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
+        have not counted (negative: given back), in one round trip."""
+        row = await self._db.fetchrow(
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s)", (key_id, rpm, tpm, settle, settle_tokens, reserve)
+        )
         assert row is not None
         return Admission(bool(row[0]), float(row[1]), float(row[2]), float(row[3]))
 
     async def record_usage(self, deltas: Mapping[int, UsageDelta], writer: str, seq: int) -> None:
-        """Add usage to the current hour, charge the tokens to each key's token bucket (keys
-        with a `tpm`) and settle admissions the request bucket has not counted (keys with an
-        `rpm`), in one statement: batch `seq` of `writer`, applied unless that writer's
-        batches up to `seq` were applied already (a retry, a replayed spool)."""
+        """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
+        `tokens`, negative: given back) and settle admissions the request bucket has not
+        counted (keys with an `rpm`), in one statement: batch `seq` of `writer`, applied unless
+        that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
         ids = list(deltas)
@@ -227,8 +237,9 @@ class KeysStore:
                 ON CONFLICT (writer) DO UPDATE SET seq = EXCLUDED.seq, written_at = now() WHERE w.seq < EXCLUDED.seq
                 RETURNING 1
             ), d AS (
-                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])
-                    AS d(key_id, requests, errors, prompt, completion, admissions)
+                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
+                              %s::bigint[])
+                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens)
                 WHERE EXISTS (SELECT 1 FROM fresh)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
@@ -241,10 +252,11 @@ class KeysStore:
                     last_used_at = now()
             )
             UPDATE api_key_limits l
-            SET tokens_at = CASE WHEN k.tpm IS NOT NULL AND d.prompt + d.completion > 0
-                    THEN greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
-                        + (d.prompt + d.completion) * 60.0 / k.tpm
-                    ELSE l.tokens_at END,
+            SET tokens_at = CASE
+                    WHEN k.tpm IS NULL OR d.tokens = 0 THEN l.tokens_at
+                    WHEN d.tokens > 0 THEN greatest(l.tokens_at, extract(epoch FROM clock_timestamp()))
+                        + d.tokens * 60.0 / k.tpm
+                    ELSE l.tokens_at + d.tokens * 60.0 / k.tpm END,
                 requests_at = CASE
                     WHEN k.rpm IS NULL OR d.admissions = 0 THEN l.requests_at
                     WHEN d.admissions > 0 THEN greatest(l.requests_at, extract(epoch FROM clock_timestamp()))
@@ -252,7 +264,7 @@ class KeysStore:
                     ELSE l.requests_at + d.admissions * 60.0 / k.rpm END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
-                AND ((k.tpm IS NOT NULL AND d.prompt + d.completion > 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0))
+                AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0))
             """,
             (
                 writer,
@@ -263,6 +275,7 @@ class KeysStore:
                 [deltas[i].prompt_tokens for i in ids],
                 [deltas[i].completion_tokens for i in ids],
                 [deltas[i].admissions for i in ids],
+                [deltas[i].tokens for i in ids],
             ),
         )
 

@@ -43,7 +43,7 @@ class UsageBatch:
             "writer": self.writer,
             "seq": self.seq,
             "deltas": {
-                str(key): [d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions]
+                str(key): [d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens]
                 for key, d in self.deltas.items()
             },
         }

@@ -46,6 +46,9 @@ class ExchangeRecord:
     # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
     # limiter's usage hook and logged instead of any credential.
     api_key_id: int | None = None
+    # The tokens its admission reserved in the key's token bucket (the rate limiter gives
+    # them back as it charges the real usage).
+    reserved_tokens: int = 0
     # The base URL of the replica that answered, for a backend with several.
     replica: str | None = None
     # The replicas the request left for another on the way there (down, full or silent).

@@ -82,13 +82,15 @@ class ChatService:
 
     def refused(
         self, *, request_id: str, dialect: str, model: str, stream: bool, status: int, error: str, total_ms: float,
-        api_key_id: int | None,
+        api_key_id: int | None, reserved_tokens: int = 0,
     ) -> None:
         """A request refused before it became an exchange (bad input, unknown model, the
-        guard): its log line all the same, and a failed request in its key's usage."""
+        guard): its log line all the same, and a failed request in its key's usage (its
+        reservation of tokens, if admitted, given back)."""
         self._record(ExchangeRecord(
             trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
             dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
+            reserved_tokens=reserved_tokens,
         ))
 
     def record_relayed(self, record: ExchangeRecord) -> None:

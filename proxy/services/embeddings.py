@@ -221,7 +221,7 @@ class EmbeddingService:
 
     def record(
         self, *, request_id: str, dialect: str, model: str, status: int, error: str | None, total_ms: float,
-        api_key_id: int | None, response: EmbeddingResponse | None,
+        api_key_id: int | None, response: EmbeddingResponse | None, reserved_tokens: int = 0,
     ) -> None:
         """One embeddings request, answered or refused, as the chat service records an
         exchange: its key's usage counts one request (an error at status >= 400), and the
@@ -236,11 +236,12 @@ class EmbeddingService:
             prompt_tokens=_charged(response) if response is not None else None,
             completion_tokens=0 if response is not None else None,
             error=error, source="backend" if response is not None else "refused", api_key_id=api_key_id,
-            kind="embeddings",
+            kind="embeddings", reserved_tokens=reserved_tokens,
         ))
 
     def record_hangup(
-        self, *, request_id: str, dialect: str, request: EmbeddingRequest, total_ms: float, api_key_id: int | None
+        self, *, request_id: str, dialect: str, request: EmbeddingRequest, total_ms: float, api_key_id: int | None,
+        reserved_tokens: int = 0,
     ) -> None:
         """A request its client left (or the server's shutdown cut) while it was being
         embedded: one request, an error, and its input's estimated tokens, since the work
@@ -254,6 +255,7 @@ class EmbeddingService:
             trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
             stream=False, dialect=dialect, status=499, total_ms=total_ms, prompt_tokens=tokens, completion_tokens=0,
             cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",
+            reserved_tokens=reserved_tokens,
         ))
 
     def is_local(self, model: str) -> bool:

@@ -4,11 +4,15 @@ Each limit is a bucket refilled continuously over a minute (GCRA, as OpenAI's ow
 behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s. The state
 lives in PostgreSQL, so every process and host sharing the database counts together: a
 request is admitted by one atomic call (`api_key_admit`, one round trip, made only for keys
-that have a limit, which also settles the admissions this process holds for the key: given
-back after a 403, or made alone in an outage). Tokens are known only when an exchange ends:
-its usage is charged to the token bucket then (`record`, batched), and a key whose token
-bucket is empty is refused until it refills. The answer carries OpenAI's `x-ratelimit-*`
-headers; a refusal is a 429 with `Retry-After`.
+that have a limit, which also settles what this process holds for the key: admissions given
+back after a 403 or made alone in an outage, tokens of ended exchanges). As OpenAI's limits
+do, an admission reserves the request's estimated tokens (its prompt's estimate and its max
+output tokens, at most the key's `tpm`) in the token bucket, and is refused if they do not
+fit: concurrent requests cannot overspend the bucket they all saw not yet empty. When the
+exchange ends, its real usage is charged and its reservation given back (`record`, batched,
+or settled by the key's next admission). A reservation never settled (its process was
+killed) is a charge like any other: it refills with the bucket, within a minute. The answer
+carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429 with `Retry-After`.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -68,10 +72,13 @@ class Decision:
     headers: list[tuple[str, str]]
     retry_after: float | None = None
     exhausted: str | None = None  # "requests" or "tokens"
+    reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
 
     def error(self, principal: Principal) -> GatewayError:
         if self.exhausted == "tokens":
             what = f"tokens: {principal.tpm} per minute"
+            if self.reserved:
+                what += f" (this request needs {self.reserved}: its prompt and its max output tokens)"
         else:
             what = f"requests: {principal.rpm} per minute"
         wait = duration(self.retry_after or 0)
@@ -83,8 +90,17 @@ class Decision:
         )
 
 
-def decide(principal: Principal, state: Admission) -> Decision:
-    """The answer and its headers for a key's buckets after an admission attempt."""
+def reservation(principal: Principal, tokens: int) -> int:
+    """What a request estimated at `tokens` reserves: never more than the whole bucket, so
+    that any request fits a full one."""
+    if principal.tpm is None:
+        return 0
+    return max(0, min(tokens, principal.tpm))
+
+
+def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decision:
+    """The answer and its headers for a key's buckets after an admission attempt that
+    reserved (or, refused, asked for) `reserved` tokens."""
     now, headers = state.now, []
     retry = 0.0
     exhausted: str | None = None
@@ -107,11 +123,15 @@ def decide(principal: Principal, state: Admission) -> Decision:
             ("x-ratelimit-remaining-tokens", str(max(0, math.floor(tpm * (WINDOW - ahead) / WINDOW)))),
             ("x-ratelimit-reset-tokens", duration(ahead)),
         ]
-        if not state.allowed and ahead >= WINDOW and ahead - WINDOW >= retry:
-            retry, exhausted = ahead - WINDOW, "tokens"
+        if not state.allowed:
+            needed = ahead + reserved * WINDOW / tpm  # refused: the state is without the reservation
+            if (needed > WINDOW + _EPSILON if reserved else ahead >= WINDOW) and needed - WINDOW >= retry:
+                retry, exhausted = needed - WINDOW, "tokens"
     if state.allowed:
-        return Decision(True, headers)
-    return Decision(False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests")
+        return Decision(True, headers, reserved=reserved)
+    return Decision(
+        False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests", reserved=reserved
+    )
 
 
 class _LocalBuckets:
@@ -124,16 +144,25 @@ class _LocalBuckets:
         offset = time.time() - state.now
         self._state[key_id] = [state.requests_at + offset, state.tokens_at + offset]
 
-    def admit(self, principal: Principal) -> Admission:
+    def admit(self, principal: Principal, reserve: int) -> Admission:
+        """As `api_key_admit` does (see its migration, 0012)."""
         now = time.time()
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
-        allowed = not (principal.tpm is not None and tokens_at - now >= WINDOW)
+        allowed, reserved_at = True, tokens_at
+        if principal.tpm is not None:
+            if reserve > 0:
+                reserved_at = tokens_at + reserve * WINDOW / principal.tpm
+                allowed = reserved_at - now <= WINDOW + _EPSILON
+            else:
+                allowed = tokens_at - now < WINDOW
         if principal.rpm is not None:
             later = requests_at + WINDOW / principal.rpm
             if later - now > WINDOW + _EPSILON:
                 allowed = False
             elif allowed:
                 requests_at = later
+        if allowed:
+            tokens_at = reserved_at
         self._state[principal.id] = [requests_at, tokens_at]
         return Admission(allowed, now, requests_at, tokens_at)
 
@@ -145,11 +174,15 @@ class _LocalBuckets:
             state[0] -= WINDOW / principal.rpm
 
     def spend(self, principal: Principal, tokens: int) -> None:
-        if principal.tpm is None or tokens <= 0:
+        """Charge `tokens` to the token bucket (negative: a reservation's unused rest back)."""
+        if principal.tpm is None or tokens == 0:
             return
         now = time.time()
         state = self._state.setdefault(principal.id, [now, now])
-        state[1] = max(state[1], now) + tokens * WINDOW / principal.tpm
+        if tokens > 0:
+            state[1] = max(state[1], now) + tokens * WINDOW / principal.tpm
+        else:
+            state[1] += tokens * WINDOW / principal.tpm
 
 
 class _Call:
@@ -192,21 +225,26 @@ class RateLimiter:
         self._calls: trio.Nursery | None = None
         self._overdue = 0  # calls whose request stopped waiting and that have not returned
 
-    async def admit(self, principal: Principal) -> Decision:
-        """Take one request from the key's bucket (if it has limits)."""
-        state = await self._shared_admission(principal)
+    async def admit(self, principal: Principal, tokens: int = 0) -> Decision:
+        """Take one request from the key's request bucket and reserve the request's estimated
+        `tokens` in its token bucket (if it has limits). An admitted request's record must
+        carry `Decision.reserved` (or `settle` be called), so that its reservation is settled."""
+        reserve = reservation(principal, tokens)
+        state = await self._shared_admission(principal, reserve)
         if state is None:
-            state = self._local.admit(principal)
-            if state.allowed and principal.rpm is not None:
-                # Counted by this process only: the shared bucket is charged once it answers
+            state = self._local.admit(principal, reserve)
+            if state.allowed and (principal.rpm is not None or reserve):
+                # Counted by this process only: the shared buckets are charged once they answer
                 # again, so keys do not exceed their limit across processes after an outage.
-                self._pending.setdefault(principal.id, UsageDelta()).admissions += 1
+                pending = self._pending.setdefault(principal.id, UsageDelta())
+                pending.admissions += principal.rpm is not None
+                pending.tokens += reserve
                 self._kick.set()
         else:
             self._local.sync(principal.id, state)
-        return decide(principal, state)
+        return decide(principal, state, reserve)
 
-    async def _shared_admission(self, principal: Principal) -> Admission | None:
+    async def _shared_admission(self, principal: Principal, reserve: int) -> Admission | None:
         """The database's answer, or None when it has none within `_ADMIT_TIMEOUT`."""
         db = self._resources.database
         calls = self._calls
@@ -216,7 +254,7 @@ class RateLimiter:
         if self._overdue:
             return None  # a call already waits on the database: another would only hang too
         call = _Call()
-        calls.start_soon(self._call, call, db, principal)
+        calls.start_soon(self._call, call, db, principal, reserve)
         with trio.move_on_after(_ADMIT_TIMEOUT):
             await call.done.wait()
         if not call.done.is_set():
@@ -234,59 +272,72 @@ class RateLimiter:
         self._recover()
         return state
 
-    async def _call(self, call: _Call, db: Database, principal: Principal) -> None:
+    async def _call(self, call: _Call, db: Database, principal: Principal, reserve: int) -> None:
         """One admission in the database, for a request that waits at most `_ADMIT_TIMEOUT`.
 
-        The admissions this process holds for the key (given back, or made alone in an
-        outage) are settled by the same call, so that the request sees the bucket with them.
+        The admissions and tokens this process holds for the key (given back, made alone in an
+        outage, used by ended exchanges) are settled by the same call, so that the request sees
+        the buckets with them.
         Its errors go to the request (a bug surfaces there, not as the end of the limiter).
         """
-        settle = 0
+        settle = settle_tokens = 0
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
-                settle = self._take_admissions(principal)
-                state = await KeysStore(db).admit(principal.id, principal.rpm, principal.tpm, settle)
+                settle, settle_tokens = self._take_settlements(principal)
+                state = await KeysStore(db).admit(
+                    principal.id, principal.rpm, principal.tpm, settle, settle_tokens, reserve
+                )
             call.result = outcome.Value(state)
         except trio.TooSlowError:
             call.result = outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
         except Exception as error:
             call.result = outcome.Error(error)
         finally:
-            if settle and not isinstance(call.result, outcome.Value):
-                self._pending.setdefault(principal.id, UsageDelta()).admissions += settle  # for the writer
+            if (settle or settle_tokens) and not isinstance(call.result, outcome.Value):
+                pending = self._pending.setdefault(principal.id, UsageDelta())  # for the writer
+                pending.admissions += settle
+                pending.tokens += settle_tokens
                 self._kick.set()
             call.done.set()
             if call.abandoned:
                 self._overdue -= 1
         if call.abandoned:
-            self._late(call.result, principal)
+            self._late(call.result, principal, reserve)
 
     async def _settled_elsewhere(self, principal: Principal) -> None:
-        """Until the usage writer has written the key's admissions it is writing (a few
-        milliseconds, unless the database stalls): this admission must see them."""
-        while (writing := self._flushing.get(principal.id)) is not None and writing.admissions:
+        """Until the usage writer has written the key's admissions and tokens it is writing (a
+        few milliseconds, unless the database stalls): this admission must see them."""
+        while (writing := self._flushing.get(principal.id)) is not None and (
+            (principal.rpm is not None and writing.admissions) or (principal.tpm is not None and writing.tokens)
+        ):
             await self._flushed.wait()
 
-    def _take_admissions(self, principal: Principal) -> int:
-        if principal.rpm is None:
-            return 0
-        settle = 0
-        # A batch never sent may give its admissions up; a sent one may have been applied.
+    def _take_settlements(self, principal: Principal) -> tuple[int, int]:
+        """The admissions and tokens this process holds for the key's buckets, for its
+        admission to settle (the usage writer settles only those of keys without the limit)."""
+        settle = settle_tokens = 0
+        # A batch never sent may give its settlements up; a sent one may have been applied.
         held = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
         for deltas in held:
             pending = deltas.get(principal.id)
-            if pending is not None:
+            if pending is None:
+                continue
+            if principal.rpm is not None:
                 settle, pending.admissions = settle + pending.admissions, 0
-        return settle
+            if principal.tpm is not None:
+                settle_tokens, pending.tokens = settle_tokens + pending.tokens, 0
+        return settle, settle_tokens
 
-    def _late(self, result: outcome.Outcome[Admission], principal: Principal) -> None:
+    def _late(self, result: outcome.Outcome[Admission], principal: Principal, reserve: int) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
         buckets have counted this process's requests since: what matters now is the database's
         coming back, and that, if the call took its admission there, it is not charged twice."""
         if isinstance(result, outcome.Value):
-            if result.value.allowed and principal.rpm is not None:
-                self._pending.setdefault(principal.id, UsageDelta()).admissions -= 1
+            if result.value.allowed and (principal.rpm is not None or reserve):
+                pending = self._pending.setdefault(principal.id, UsageDelta())
+                pending.admissions -= principal.rpm is not None
+                pending.tokens -= reserve
                 self._kick.set()  # written now, not whenever the key's next request comes
             if not self._overdue:  # admissions stay local while another call still hangs
                 self._recover()
@@ -311,7 +362,11 @@ class RateLimiter:
             return
         prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
         failed = record.error is not None or record.status >= 400
-        delta = UsageDelta(requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion)
+        # Its reservation is given back as its real usage is charged: one settlement.
+        spent = prompt + completion - record.reserved_tokens
+        delta = UsageDelta(
+            requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent
+        )
         pending = self._pending.get(key_id)
         if pending is None:
             self._pending[key_id] = delta
@@ -319,7 +374,16 @@ class RateLimiter:
             pending.add(delta)
         principal = self._ring.by_id(key_id)
         if principal is not None:
-            self._local.spend(principal, prompt + completion)
+            self._local.spend(principal, spent)
+        self._kick.set()
+
+    def settle(self, principal: Principal, reserved: int) -> None:
+        """Give back the tokens an admitted request reserved that no record settled (it
+        ended without any usage to charge)."""
+        if not reserved:
+            return
+        self._local.spend(principal, -reserved)
+        self._pending.setdefault(principal.id, UsageDelta()).tokens -= reserved
         self._kick.set()
 
     def give_back(self, principal: Principal) -> None:
