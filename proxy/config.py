@@ -209,6 +209,11 @@ class Settings:
     # Ollama's: local pages and desktop-app schemes only, since the gateway listens on every
     # interface and asks no key until one exists.
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    # While no key is asked, `Host` names answered besides local ones (proxy.domain.hosts):
+    # a reverse proxy's public name; `*` turns the DNS-rebinding check off.
+    allowed_hosts: tuple[str, ...] = ()
+    # `/metrics` for admin keys only (other tenants' per-model traffic is in it).
+    metrics_admin_only: bool = False
     max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
@@ -270,6 +275,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
+    "allowed_hosts", "metrics_admin_only",
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
@@ -376,6 +382,8 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
         auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
+        allowed_hosts=allowed_hosts(top.strings("allowed_hosts"), "allowed_hosts"),
+        metrics_admin_only=top.get("metrics_admin_only", bool, False),
         cors_origins=cors_origins(top.strings("cors_origins"), "cors_origins") if "cors_origins" in raw else DEFAULT_CORS_ORIGINS,
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
@@ -723,6 +731,21 @@ def cors_origins(entries: tuple[str, ...], key: str) -> tuple[str, ...]:
     return tuple(checked)
 
 
+# A host name (`llm.example.com`), optionally `*.` for its subdomains; no scheme, port or path.
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
+
+
+def allowed_hosts(entries: tuple[str, ...], key: str) -> tuple[str, ...]:
+    """Validated `allowed_hosts` entries, in lower case (host names compare without case)."""
+    for entry in entries:
+        if entry != "*" and not _HOST_NAME.match(entry.lower()):
+            raise ConfigError(
+                f"`{key}` entries must be `*` or a host name (`llm.example.com`, `*.example.com` for its "
+                f"subdomains), without scheme, port or path, got {entry!r}"
+            )
+    return tuple(entry.lower() for entry in entries)
+
+
 def _check_backends(backends: tuple[BackendConfig, ...]) -> None:
     seen: set[str] = set()
     defaults = [b.name for b in backends if b.default]
@@ -774,6 +797,15 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         if not all(entries):
             raise ConfigError(f"`LLM_PROXY_CORS_ORIGINS` has an empty entry, got {origins!r}")
         changes["cors_origins"] = cors_origins(entries, "LLM_PROXY_CORS_ORIGINS")
+    if hosts := env.get("LLM_PROXY_ALLOWED_HOSTS", "").strip():
+        entries = tuple(entry.strip() for entry in hosts.split(","))
+        if not all(entries):
+            raise ConfigError(f"`LLM_PROXY_ALLOWED_HOSTS` has an empty entry, got {hosts!r}")
+        changes["allowed_hosts"] = allowed_hosts(entries, "LLM_PROXY_ALLOWED_HOSTS")
+    if (admin_only := env.get("LLM_PROXY_METRICS_ADMIN_ONLY")) is not None:
+        if admin_only.lower() not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"`LLM_PROXY_METRICS_ADMIN_ONLY` must be 0 or 1, got {admin_only!r}")
+        changes["metrics_admin_only"] = admin_only.lower() in ("1", "true", "yes")
     if base_url := env.get("LLM_BASE_URL"):
         changes["backends"] = _with_env_backend(settings.backends, _base_urls(base_url, "LLM_BASE_URL"), env)
     return replace(settings, **changes) if changes else settings

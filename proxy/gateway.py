@@ -10,6 +10,7 @@ import trio
 
 from proxy.config import Settings
 from proxy.domain.errors import GatewayError
+from proxy.domain.hosts import HostPolicy
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres, Revivable, keep_running
@@ -49,6 +50,7 @@ class Gateway:
     auth: Authenticator | None = None
     limits: RateLimiter | None = None
     metrics: Metrics | None = None
+    hosts: HostPolicy | None = None  # the Host names answered while no key is asked
     _readiness: tuple[float, dict[str, str]] | None = None  # the last probe's end and answer
     _probing: trio.Event | None = None  # set when the probe in flight ends
 
@@ -203,6 +205,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             auth=auth,
             limits=limits,
             metrics=metrics,
+            hosts=HostPolicy(settings.allowed_hosts, settings.host),
         )
     finally:
         await limits.aclose()  # writes pending usage while the database is still open

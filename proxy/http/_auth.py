@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 
 from quart import Response, request
 
@@ -28,6 +29,8 @@ from proxy.http._head import RequestHead
 from proxy.services.auth import Principal, check_workspace, current_principal
 from proxy.services.chat import ChatExchange
 from proxy.services.limits import Decision
+
+log = logging.getLogger("llm_proxy.http")
 
 _WORKSPACES = "/v1/workspaces"
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -145,6 +148,12 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
         return reply
     authenticator = gw.auth
     path = head.path
+    hosts = gw.hosts
+    if (
+        hosts is not None and path != "/health" and not hosts.allows(host := head.header("host"))
+        and (authenticator is None or authenticator.enabled() is False)
+    ):
+        return _refusal(_foreign_host(host or ""), head)
     if authenticator is None or path == "/health" or path in gw.settings.auth_public_paths:
         return None
     presented = credentials(head)
@@ -157,6 +166,24 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     except GatewayError as error:
         return _refusal(error, head, bool(presented))
     return await limit(gw, head, None) if limits else None
+
+
+_warned_hosts: set[str] = set()
+
+
+def _foreign_host(host: str) -> GatewayError:
+    # Behind a reverse proxy that passes its own Host this is every request: the operator
+    # must learn the setting from the log as the client does from the answer.
+    if len(_warned_hosts) < 64 and host not in _warned_hosts:  # an attacker's page may loop
+        _warned_hosts.add(host)
+        log.warning("refused requests for Host %r: no API key is asked and it is not in allowed_hosts", host)
+    return GatewayError(
+        ErrorKind.PERMISSION,
+        f"Host {host!r} is not allowed: while it asks no API key, this gateway answers only requests "
+        "addressed to this machine (localhost, an IP address, a name without a dot). Add the name to "
+        "`allowed_hosts` (LLM_PROXY_ALLOWED_HOSTS), e.g. the public name a reverse proxy passes on.",
+        code="host_not_allowed",
+    )
 
 
 def reserves_tokens(head: RequestHead) -> bool:
