@@ -247,6 +247,9 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     settings = _apply_environment(_parse(raw), env)
     _check_backends(settings.backends)  # again: the environment may have added one
     _check_auth_has_a_database(settings, "LLM_PROXY_AUTH" if "LLM_PROXY_AUTH" in env else "auth")
+    if settings.metrics_admin_only and "/metrics" in settings.auth_public_paths:
+        # Either would silently win over the other.
+        raise ConfigError("`metrics_admin_only` asks an admin key for /metrics, but `auth_public_paths` serves it without one: drop one of them")
     return settings
 
 

@@ -163,6 +163,12 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
             return None
         current_principal.set(principal)
         _check_scopes(principal, head)
+        if path == "/metrics" and gw.settings.metrics_admin_only and not principal.admin:
+            raise GatewayError(
+                ErrorKind.PERMISSION,
+                "Reading /metrics needs an admin key (`llm-proxy keys create --admin`): `metrics_admin_only` is on.",
+                code="admin_key_required",
+            )
     except GatewayError as error:
         return _refusal(error, head, bool(presented))
     return await limit(gw, head, None) if limits else None
