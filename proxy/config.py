@@ -214,6 +214,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     # `/metrics` for admin keys only (other tenants' per-model traffic is in it).
     metrics_admin_only: bool = False
+    # A chat's media URLs that point inside the network are a 400 before an OpenAI-compatible
+    # backend (vLLM) fetches them (proxy.infra.media_urls).
+    refuse_private_media_urls: bool = False
     max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
@@ -278,7 +281,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 
 _TOP_KEYS = {
     "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
-    "allowed_hosts", "metrics_admin_only",
+    "allowed_hosts", "metrics_admin_only", "refuse_private_media_urls",
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
@@ -387,6 +390,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
         allowed_hosts=allowed_hosts(top.strings("allowed_hosts"), "allowed_hosts"),
         metrics_admin_only=top.get("metrics_admin_only", bool, False),
+        refuse_private_media_urls=top.get("refuse_private_media_urls", bool, False),
         cors_origins=cors_origins(top.strings("cors_origins"), "cors_origins") if "cors_origins" in raw else DEFAULT_CORS_ORIGINS,
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
@@ -805,10 +809,12 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
         if not all(entries):
             raise ConfigError(f"`LLM_PROXY_ALLOWED_HOSTS` has an empty entry, got {hosts!r}")
         changes["allowed_hosts"] = allowed_hosts(entries, "LLM_PROXY_ALLOWED_HOSTS")
-    if (admin_only := env.get("LLM_PROXY_METRICS_ADMIN_ONLY")) is not None:
-        if admin_only.lower() not in ("0", "1", "true", "false", "yes", "no"):
-            raise ConfigError(f"`LLM_PROXY_METRICS_ADMIN_ONLY` must be 0 or 1, got {admin_only!r}")
-        changes["metrics_admin_only"] = admin_only.lower() in ("1", "true", "yes")
+    for name in ("metrics_admin_only", "refuse_private_media_urls"):
+        variable = f"LLM_PROXY_{name.upper()}"
+        if (flag := env.get(variable)) is not None:
+            if flag.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ConfigError(f"`{variable}` must be 0 or 1, got {flag!r}")
+            changes[name] = flag.lower() in ("1", "true", "yes")
     if base_url := env.get("LLM_BASE_URL"):
         changes["backends"] = _with_env_backend(settings.backends, _base_urls(base_url, "LLM_BASE_URL"), env)
     return replace(settings, **changes) if changes else settings

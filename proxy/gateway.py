@@ -123,7 +123,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     # Requests resolve models through the scoped router (a key's model scope is checked
     # there); the catalogue lists every model and is filtered per key on the way out.
     router = build_router(settings, ScopedRouter)
-    backends = {config.name: create_backend(config) for config in settings.backends}
+    backends = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
 
     async def on_bus(bus: Bus) -> None:
         await ensure_streams(bus, events_retention=settings.events_retention_seconds)

@@ -386,7 +386,7 @@ async def _with_env(
     async def prepare(bus: Bus) -> None:
         await ensure_streams(bus, events_retention=settings.events_retention_seconds)
 
-    backends: dict[str, Backend] = {config.name: create_backend(config) for config in settings.backends}
+    backends: dict[str, Backend] = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
     router = build_router(settings)
     env = WorkerEnv(
         settings=settings,

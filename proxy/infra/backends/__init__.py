@@ -16,9 +16,9 @@ from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
 
 
-def create_backend(config: BackendConfig) -> Backend:
+def create_backend(config: BackendConfig, *, refuse_private_media_urls: bool = False) -> Backend:
     if config.kind == "openai":
-        return OpenAIBackend(config)
+        return OpenAIBackend(config, refuse_private_media_urls=refuse_private_media_urls)
     if config.kind == "ollama":
         return OllamaBackend(config)
     if config.kind == "anthropic":

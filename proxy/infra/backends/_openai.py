@@ -30,6 +30,7 @@ from proxy.infra.backends._base import (
     timeout_error,
     transport_errors,
 )
+from proxy.infra.media_urls import check_media_urls
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
 
@@ -55,8 +56,9 @@ def _segment(name: str) -> str:
 
 
 class OpenAIBackend:
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, *, refuse_private_media_urls: bool = False) -> None:
         self.config = config
+        self._check_media = refuse_private_media_urls
         key = config.api_key
         self._client = create_client(config, auth_header={"authorization": f"Bearer {key}"} if key else {})
 
@@ -77,6 +79,8 @@ class OpenAIBackend:
         )
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
+        if self._check_media:
+            await check_media_urls(call.request)
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
             openai.StreamRelay(
@@ -108,6 +112,8 @@ class OpenAIBackend:
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
+        if self._check_media:
+            await check_media_urls(call.request)
         with transport_errors(name):
             response = await self._client.post(
                 "/chat/completions",

@@ -1,0 +1,86 @@
+"""`refuse_private_media_urls`: media URLs an OpenAI-compatible backend would fetch itself.
+
+vLLM downloads a chat's `image_url` (and `video_url`, `audio_url`) from inside the network it
+runs in: a client's `http://169.254.169.254/...` or `http://10.0.0.5:9200/...` is a request
+from the GPU host to a place the client cannot reach. With the setting on, a URL whose host is
+an address that is not global (private, loopback, link-local, shared, reserved), or a name
+resolving to one, is a 400 before the backend is called. The name is resolved here, not
+where the backend resolves it, and may resolve elsewhere a moment later: vLLM's own
+`--allowed-media-domains` is the stronger fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import trio
+
+from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
+from proxy.domain.errors import ErrorKind, GatewayError
+
+_RESOLVE_SECONDS = 5.0
+_MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # vLLM's URL parts
+_SCHEMES = ("http", "https")
+
+
+def _media_urls(request: ChatRequest) -> Iterator[tuple[str, str]]:
+    """(field, URL) of each media URL in `request`, `data:` URLs left out (nothing to fetch)."""
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.content):
+            url: object = None
+            if isinstance(part, ImagePart):
+                url, field = part.url, "image_url.url"
+            elif isinstance(part, OpaquePart) and (kind := part.data.get("type")) in _MEDIA_PARTS:
+                inner = part.data.get(kind)
+                url = inner.get("url") if isinstance(inner, dict) else inner
+                field = f"{kind}.url" if isinstance(inner, dict) else str(kind)
+            if isinstance(url, str) and url[:5].lower() != "data:":
+                yield f"messages[{i}].content[{j}].{field}", url
+
+
+def _refusal(field: str, why: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.INVALID_REQUEST,
+        f"`{field}` {why}: this gateway refuses media URLs its backend would fetch from inside its own "
+        "network (`refuse_private_media_urls`). Send the media inline as a base64 `data:` URL.",
+        param=field,
+        code="media_url_not_allowed",
+    )
+
+
+def _global(address: str) -> bool:
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def check_media_urls(request: ChatRequest) -> None:
+    """GatewayError 400 naming the first media URL of `request` that points inside the network."""
+    for field, url in _media_urls(request):
+        try:
+            parts = urlsplit(url.strip())
+            host = parts.hostname
+        except ValueError:
+            raise _refusal(field, "is not a valid URL") from None
+        if parts.scheme.lower() not in _SCHEMES or not host:
+            raise _refusal(field, "is not an http(s) or data: URL")
+        if "\\" in parts.netloc:  # parsers disagree about where such a host ends
+            raise _refusal(field, "is not a valid URL")
+        try:
+            addresses = [_global(host)]
+        except ValueError:  # a name (or an address in a form only the resolver reads: 2130706433)
+            addresses = []
+            with trio.move_on_after(_RESOLVE_SECONDS):
+                try:
+                    found = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+                except (OSError, UnicodeError):
+                    found = []
+                addresses = [_global(str(info[4][0])) for info in found]
+            if not addresses:
+                raise _refusal(field, f"names host `{host}`, which cannot be resolved") from None
+        if not all(addresses):
+            raise _refusal(field, f"points at a private, loopback or link-local address (host `{host}`)")
