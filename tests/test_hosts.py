@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from proxy.config import ConfigError, load_settings
+from proxy.domain.hosts import HostPolicy
 from tests.fakes import OpenAIBackend
 from tests.harness import backend, running_gateway
 
@@ -104,3 +105,11 @@ def test_an_entry_that_is_not_a_host_name_fails_at_start_up_naming_the_key(tmp_p
     config.write_text(f'allowed_hosts = ["{entry}"]\n')
     with pytest.raises(ConfigError, match="allowed_hosts"):
         load_settings(config, {})
+
+
+def test_the_bind_address_name_is_served() -> None:
+    # `bind = "gpu-box.lan:8080"`: the name the operator gave is how clients reach it.
+    policy = HostPolicy((), "GPU-box.lan")
+    assert policy.allows("gpu-box.lan:8080") and policy.allows("gpu-box.lan.")
+    assert not policy.allows("box.lan") and not policy.allows("evil.gpu-box.lan")
+    assert policy.allows(None) and policy.allows("")  # HTTP/1.0: no Host, never a browser

@@ -150,8 +150,8 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     path = head.path
     hosts = gw.hosts
     if (
-        hosts is not None and path != "/health" and not hosts.allows(host := head.header("host"))
-        and (authenticator is None or authenticator.enabled() is False)
+        hosts is not None and (authenticator is None or authenticator.enabled() is False)
+        and path != "/health" and not hosts.allows(host := head.header("host"))
     ):
         return _refusal(_foreign_host(host or ""), head)
     if authenticator is None or path == "/health" or path in gw.settings.auth_public_paths:
