@@ -28,6 +28,7 @@ from proxy.services.journal import EVENTS_STREAM, ensure_streams
 from proxy.services.workflow import WorkflowRoute, _Follow
 from proxy.workflow.bus import workers_kv
 from proxy.workflow.view import ClientView, Continuity, encode
+from proxy.workflow.worker import Worker, WorkerOptions
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import bearer, new_key, wait_for_key
@@ -591,6 +592,57 @@ async def test_a_job_whose_last_worker_stopped_meanwhile_is_a_503_not_a_wait_for
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert f"No worker is running the pipeline `{name}`" in response.json()["error"]["message"]
     assert elapsed < 10  # not the 30 s silence deadline
+
+
+async def test_a_draining_sole_worker_finishes_a_job_that_has_said_nothing_yet(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The job publishes nothing for 15 s (its keep-alive is 20 s away): only the worker's
+    # liveness tells the gateway it is being run, and the pipeline's key lapses 10 s after
+    # the SIGTERM. The job must still finish; a new job must not wait for this worker.
+    name = pipeline_name("ponder")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:ponder", {"wait": 15})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines, worker=False, silence_seconds=60.0) as (
+        url, _alpha, _beta, settings
+    ):
+        config = worker_settings([], database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        worker = Worker(config, WorkerOptions(pipelines=[name], drain_seconds=60.0))
+        shutdown = trio.Event()
+        result: dict[str, Any] = {}
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-pipeline": name})
+
+        async def ask() -> None:
+            try:
+                reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+                result["text"] = reply.choices[0].message.content
+            except openai.APIStatusError as error:
+                result["error"] = error
+
+        async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            kv = await workers_kv(bus)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: worker.run(shutdown=shutdown, task_status=task_status))
+                nursery.start_soon(ask)
+                with trio.fail_after(10):
+                    while True:
+                        if worker.running:
+                            break
+                        await trio.sleep(0.05)
+                shutdown.set()  # what SIGTERM does
+                with trio.fail_after(14):  # the pipeline's key lapses: no new job goes to this worker
+                    while True:
+                        if await kv.get(name) is None:
+                            break
+                        await trio.sleep(0.2)
+                started = time.monotonic()
+                refused = await http.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                )
+                assert refused.status_code == 503 and time.monotonic() - started < 3.0
+        await client.close()
+    assert "error" not in result, result.get("error")
+    assert result["text"] == "Pondered."
 
 
 async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:

@@ -16,10 +16,13 @@ most one job per pipeline waits that way.
 
 Cancels: one core subscription on `cancel.*` reaches the running job of that trace.
 Liveness: every few seconds the worker refreshes its pipelines' keys in the workers KV
-bucket; the gateway answers 503 at once for a pipeline no live worker serves.
+bucket; the gateway answers 503 at once for a pipeline no live worker serves. A draining
+worker refreshes, instead, one key per job it still runs: it takes no new job, but the
+gateway does not give up on those (a job that has published nothing yet is watched by that
+liveness alone).
 
-Shutdown (SIGINT/SIGTERM, or the `shutdown` event): stop pulling, let running jobs finish
-for `drain_seconds`, then interrupt the rest and nak them, so another worker takes them
+Shutdown (SIGINT/SIGTERM, or the `shutdown` event): stop pulling (and stop refreshing the
+pipelines' keys), let running jobs finish for `drain_seconds` (keeping them alive), then interrupt the rest and nak them, so another worker takes them
 over at once. A second signal skips the wait.
 
 `run_one_job` is the systemd launch mode's worker: it runs the one job stored under its
@@ -62,6 +65,7 @@ from proxy.workflow.job import (
     job_key,
     jobs_subject,
     peek_trace_id,
+    running_key,
 )
 from proxy.workflow.pipelines import Pipeline, PipelineError, PipelineRegistry
 from proxy.workflow.runner import Disposition, JobRun, WorkerEnv
@@ -105,6 +109,7 @@ class Worker:
         self._slots = _Slots(self.concurrency)
         self._active = 0  # job tasks started and not yet settled
         self._changed = trio.Event()
+        self.draining = False
 
     async def run(
         self,
@@ -125,9 +130,10 @@ class Worker:
                 bus = await _wait_for_bus(env.resources)
                 await ensure_jobs_stream(bus, retention=self.settings.workflow.job_retention_seconds)
                 await outer.start(self._cancels, bus)
+                # Beyond the pullers: while draining, it keeps the running jobs alive.
+                outer.start_soon(self._beacon, bus)
                 async with trio.open_nursery() as jobs:
                     async with trio.open_nursery() as pullers:
-                        pullers.start_soon(self._beacon, bus)
                         for name in self.pipelines:
                             for rank in range(min(_PULLERS, self.concurrency)):
                                 await pullers.start(self._pull, bus, name, rank, jobs, env)
@@ -138,6 +144,7 @@ class Worker:
                         pulling = True
                         task_status.started()
                         await stop.wait()
+                        self.draining = True
                         pullers.cancel_scope.cancel()
                     await self._drain(hurry)
                 outer.cancel_scope.cancel()
@@ -255,6 +262,8 @@ class Worker:
         finally:
             if run is not None and self.running.get(run.job.trace_id) is run:
                 del self.running[run.job.trace_id]
+                if self.draining:  # handed back: its gateway learns at once if nobody serves it now
+                    await _forget_running(env, run.job.trace_id)
             self._slots.give()
             self._count(-1)
 
@@ -273,8 +282,12 @@ class Worker:
         while True:
             try:
                 kv = await workers_kv(bus)
-                for name in self.pipelines:
-                    await kv.put(name, beacon.encode())
+                if self.draining:
+                    for trace_id in list(self.running):
+                        await kv.put(running_key(trace_id), beacon.encode())
+                else:
+                    for name in self.pipelines:
+                        await kv.put(name, beacon.encode())
             except BusError as error:
                 log.warning("worker beacon not written: %s", error)
             await trio.sleep(WORKERS_REFRESH)
@@ -429,6 +442,17 @@ async def _heartbeat(message: JobMessage, interval: float) -> None:
             await message.in_progress()
         except BusError as error:
             log.warning("job heartbeat failed: %s", error)
+
+
+async def _forget_running(env: WorkerEnv, trace_id: str) -> None:
+    bus = env.resources.bus
+    if bus is None:
+        return
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_SECONDS):
+        try:
+            await (await workers_kv(bus)).delete(running_key(trace_id))
+        except BusError as error:
+            log.warning("job %s: liveness key not removed (it lapses by itself): %s", trace_id, error)
 
 
 async def _settle(message: JobMessage, disposition: Disposition) -> None:
