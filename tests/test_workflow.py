@@ -211,6 +211,45 @@ async def test_judge_rule_asks_the_judge_model(stack: Stack) -> None:
     assert "Answer A:\nRed is warm." in prompt and "Answer B:\nBlue" in prompt
 
 
+THINKING = ["<think>", "Answer", " A", " is", " warm"] + [" hmm"] * 20 + [" but", " B", " is", " shorter", "</think>", "Answer: B"]
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        Script(tokens=["A better answer is B."]),  # the article is not task A
+        Script(tokens=THINKING),  # a thinking model: 30 tokens of thought first, weighing both
+        Script(tokens=['{"best": "B"}']),  # the structured answer
+    ],
+    ids=["prose", "thinking", "structured"],
+)
+async def test_the_judge_verdict_is_read_from_what_the_judge_means(stack: Stack, judge: Script) -> None:
+    stack.alpha.set_script(judge, model="alpha-judge")
+    judged: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=judged
+        )
+    assert reply.parse().choices[0].message.content == "Blue"
+    asked = stack.alpha.requests[-1].json
+    assert asked["response_format"]["json_schema"]["schema"]["properties"]["best"]["enum"] == ["A", "B"]
+    assert asked["max_tokens"] >= 1024
+
+
+async def test_a_judge_without_structured_output_is_asked_in_plain_words(stack: Stack) -> None:
+    stack.alpha.set_script(Script(status=400), model="alpha-judge")
+    judged: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=judged
+        )
+    assert reply.parse().choices[0].message.content == "Red is warm."  # no verdict: the longest
+    judge_calls = [r.json for r in stack.alpha.requests if r.json.get("model") == "alpha-judge"]
+    assert len(judge_calls) == 2
+    assert "response_format" in judge_calls[0] and "response_format" not in judge_calls[1]
+    assert "Answer: X" in judge_calls[1]["messages"][1]["content"]
+
+
 async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stack: Stack) -> None:
     headers = {"x-pipeline": stack.pipeline}
     client = ollama.AsyncClient(host=stack.url, headers=headers)

@@ -37,6 +37,7 @@ from proxy.domain.events import (
 from proxy.workflow.fanout import check_options
 from proxy.workflow.job import ATTEMPT_SPAN, Job, JobError, attempt_of, first_seq
 from proxy.workflow.pipelines import PipelineError, PipelineRegistry
+from proxy.workflow.verdict import parse_verdict
 from proxy.workflow.view import (
     ClientView,
     Continuity,
@@ -341,3 +342,24 @@ def test_fanout_options_are_checked() -> None:
     for bad in ({"models": "a"}, {"models": ["a"] * 27}, {"view": "some"}, {"judge_model": 3}):
         with pytest.raises(ValueError):
             check_options(bad)
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("B", "B"),
+        ("**B**", "B"),
+        ('{"best": "C"}', "C"),
+        ("A better answer is B.", "B"),
+        ("A is better than B.", "A"),
+        ("B. A solid choice.", "B"),
+        ("Comparing A and B, B is the best.", "B"),
+        ("<think>A is warm, C is short</think>\nAnswer: C", "C"),
+        ("**Answer:** A", "A"),
+        ("<think>A looks best", None),  # cut off while thinking
+        ("Neither is any good.", None),
+        ("The best answer is a long one.", None),
+    ],
+)
+def test_a_judges_verdict_is_the_letter_it_means(reply: str, letter: str | None) -> None:
+    assert parse_verdict(reply, ["A", "B", "C"]) == letter
