@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import anthropic
 import httpx
@@ -682,6 +683,104 @@ async def test_a_draining_sole_worker_finishes_a_job_that_has_said_nothing_yet(
         await client.close()
     assert "error" not in result, result.get("error")
     assert result["text"] == "Pondered."
+
+
+class CuttableLink:
+    """A TCP forwarder to NATS that the test can cut (a network partition of one worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.target = urlsplit(url)
+        self.cut = False
+        self.url = ""
+        self._links: set[trio.CancelScope] = set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"nats://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._link, listeners)
+
+    def sever(self) -> None:
+        self.cut = True
+        for link in self._links:
+            link.cancel()
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        async with client:
+            if self.cut:
+                return
+            with trio.CancelScope() as scope:
+                self._links.add(scope)
+                try:
+                    server = await trio.open_tcp_stream(self.target.hostname or "", self.target.port or 4222)
+                    async with server, trio.open_nursery() as nursery:
+                        nursery.start_soon(_pipe, client, server)
+                        nursery.start_soon(_pipe, server, client)
+                except (OSError, trio.BrokenResourceError):
+                    pass
+                finally:
+                    self._links.discard(scope)
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async for data in source:
+        await sink.send_all(data)
+
+
+async def test_a_worker_cut_off_from_nats_past_the_ack_wait_stops_the_job_another_worker_took(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name("echo")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"})}
+    settings = workflow(pipelines, silence_seconds=15.0, ack_wait_seconds=1.5)
+    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s
+    async with alpha.serve() as served:
+        backends = [backend("alpha", served.url, prefixes=("alpha-",))]
+        gateway = running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        async with gateway as url:
+            await _partitioned_worker(url, alpha, backends, settings, name, pg_database_url, nats_url)
+
+
+async def _partitioned_worker(
+    url: str, alpha: OpenAIBackend, backends: list[Any], settings: WorkflowSettings, name: str,
+    pg_database_url: str, nats_url: str,
+) -> None:
+    link = CuttableLink(nats_url)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                default_headers={"x-pipeline": name})
+    result: dict[str, Any] = {}
+
+    async def ask() -> None:
+        reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+        result["text"] = reply.choices[0].message.content
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        cut_off = worker_settings(backends, database_url=pg_database_url, nats_url=link.url, workflow=settings)
+        direct = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        async with running_worker(cut_off, pipelines=[name]) as first:
+            nursery.start_soon(ask)
+            await alpha.wait_active_streams(1)
+            link.sever()
+            async with running_worker(direct, pipelines=[name]) as second:
+                with trio.fail_after(8):  # the redelivery reaches the second worker
+                    while True:
+                        if second.running:
+                            break
+                        await trio.sleep(0.05)
+                with trio.fail_after(4):  # and the first, still cut off, has stopped its run
+                    while True:
+                        if not first.running and alpha.active_streams <= 1:
+                            break
+                        await trio.sleep(0.05)
+                with trio.fail_after(20):
+                    while True:
+                        if "text" in result:
+                            break
+                        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await client.close()
+    assert result["text"] == "".join(f" w{i}" for i in range(100))
 
 
 async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:

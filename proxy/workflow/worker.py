@@ -4,7 +4,9 @@ Per pipeline, one durable pull consumer (`workflow-{pipeline}` on `jobs.{pipelin
 by every worker process: each job goes to one of them. Explicit acks; a job whose worker
 stops heartbeating (`in_progress` every third of `ack_wait`) is redelivered after
 `ack_wait`, run at most `max_deliver` times in all: JetStream delivers it once more, and
-that delivery only tells its client the job gave up (no worker runs it again). A process runs
+that delivery only tells its client the job gave up (no worker runs it again). Heartbeats are
+confirmed by the server: a worker whose heartbeats have not got through for `ack_wait` (cut
+off from NATS) stops the job, which JetStream has given to another worker by then. A process runs
 at most `concurrency` jobs at once, each a trio task with its own nursery.
 
 Pulling holds no job slot: a puller only opens a pull request while a slot is free, and takes
@@ -252,13 +254,19 @@ class Worker:
             run = JobRun(env, job, message.num_delivered)
             self.running[job.trace_id] = run
             disposition = Disposition.RETRY
+            ack_wait = self.settings.workflow.ack_wait_seconds
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_heartbeat, message, self.settings.workflow.ack_wait_seconds / 3)
+                    nursery.start_soon(_heartbeat, message, ack_wait / 3, ack_wait, run)
                     disposition = await run.run()
                     nursery.cancel_scope.cancel()
             finally:
-                await _settle(message, disposition)
+                if run.interrupted_by == "lost":
+                    # Another worker has the job now: a nak or an ack of this stale delivery
+                    # would only meddle with its attempt.
+                    log.warning("job %s: given up, another worker runs it now", job.trace_id)
+                else:
+                    await _settle(message, disposition)
         finally:
             if run is not None and self.running.get(run.job.trace_id) is run:
                 del self.running[run.job.trace_id]
@@ -435,13 +443,30 @@ async def _wait_for_bus(resources: Resources) -> Bus:
     return bus
 
 
-async def _heartbeat(message: JobMessage, interval: float) -> None:
+async def _heartbeat(message: JobMessage, interval: float, ack_wait: float = 0.0, run: JobRun | None = None) -> None:
+    """Keep the job's ack deadline ahead. With `run`: once no heartbeat got through for
+    `ack_wait` (NATS unreachable), JetStream has handed the job to another worker, so this
+    one stops its run. (The server confirms a late heartbeat for a redelivered job too: only
+    our own clock tells whether it came in time.)"""
+    confirmed = trio.current_time()
     while True:
         await trio.sleep(interval)
+        sent = trio.current_time()
+        ok = False
         try:
-            await message.in_progress()
+            await message.in_progress(timeout=interval)
+            ok = True
         except BusError as error:
             log.warning("job heartbeat failed: %s", error)
+        if run is not None and trio.current_time() - confirmed >= ack_wait:
+            log.warning(
+                "job %s: no heartbeat reached NATS for %gs (its ack wait): it has been redelivered; stopping it",
+                run.job.trace_id, trio.current_time() - confirmed,
+            )
+            run.cancel("lost")
+            return
+        if ok:
+            confirmed = sent
 
 
 async def _forget_running(env: WorkerEnv, trace_id: str) -> None:
