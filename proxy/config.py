@@ -485,6 +485,14 @@ def _parse_workflow(raw: Mapping[str, Any]) -> WorkflowSettings:
         pipelines[name] = PipelineConfig(function, {k: v for k, v in table.items() if k != "function"})
     silence = float(reader.positive("silence_seconds", (int, float), 30.0))
     ack_wait = float(reader.positive("ack_wait_seconds", (int, float), 10.0))
+    if ack_wait >= silence:
+        # A dead worker's job would come back only after its client had its 504: the retry
+        # that `max_deliver` promises would never reach anyone.
+        raise ConfigError(
+            f"`workflow.ack_wait_seconds` ({ack_wait:g}) must be less than `workflow.silence_seconds` "
+            f"({silence:g}): a job whose worker died is redelivered after the ack wait, and its client "
+            f"has given up after the silence deadline"
+        )
     return WorkflowSettings(
         launch=launch,
         default_pipeline=default,

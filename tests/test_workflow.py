@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit
 
 import anthropic
 import httpx
@@ -28,6 +29,7 @@ from proxy.services.journal import EVENTS_STREAM, ensure_streams
 from proxy.services.workflow import WorkflowRoute, _Follow
 from proxy.workflow.bus import workers_kv
 from proxy.workflow.view import ClientView, Continuity, encode
+from proxy.workflow.worker import Worker, WorkerOptions
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import bearer, new_key, wait_for_key
@@ -208,6 +210,45 @@ async def test_judge_rule_asks_the_judge_model(stack: Stack) -> None:
     assert row["winner"] == "beta-1" and row["data"]["judge"]["reply"] == "The best is B."
     prompt = stack.alpha.requests[-1].json["messages"][1]["content"]
     assert "Answer A:\nRed is warm." in prompt and "Answer B:\nBlue" in prompt
+
+
+THINKING = ["<think>", "Answer", " A", " is", " warm"] + [" hmm"] * 20 + [" but", " B", " is", " shorter", "</think>", "Answer: B"]
+
+
+@pytest.mark.parametrize(
+    "judge",
+    [
+        Script(tokens=["A better answer is B."]),  # the article is not task A
+        Script(tokens=THINKING),  # a thinking model: 30 tokens of thought first, weighing both
+        Script(tokens=['{"best": "B"}']),  # the structured answer
+    ],
+    ids=["prose", "thinking", "structured"],
+)
+async def test_the_judge_verdict_is_read_from_what_the_judge_means(stack: Stack, judge: Script) -> None:
+    stack.alpha.set_script(judge, model="alpha-judge")
+    judged: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=judged
+        )
+    assert reply.parse().choices[0].message.content == "Blue"
+    asked = stack.alpha.requests[-1].json
+    assert asked["response_format"]["json_schema"]["schema"]["properties"]["best"]["enum"] == ["A", "B"]
+    assert asked["max_tokens"] >= 1024
+
+
+async def test_a_judge_without_structured_output_is_asked_in_plain_words(stack: Stack) -> None:
+    stack.alpha.set_script(Script(status=400), model="alpha-judge")
+    judged: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(10):
+        reply = await stack.client.chat.completions.with_raw_response.create(
+            model="colours", messages=MESSAGES, extra_body=judged
+        )
+    assert reply.parse().choices[0].message.content == "Red is warm."  # no verdict: the longest
+    judge_calls = [r.json for r in stack.alpha.requests if r.json.get("model") == "alpha-judge"]
+    assert len(judge_calls) == 2
+    assert "response_format" in judge_calls[0] and "response_format" not in judge_calls[1]
+    assert "Answer: X" in judge_calls[1]["messages"][1]["content"]
 
 
 async def test_ollama_and_anthropic_clients_get_the_winner_in_their_dialect(stack: Stack) -> None:
@@ -591,6 +632,155 @@ async def test_a_job_whose_last_worker_stopped_meanwhile_is_a_503_not_a_wait_for
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert f"No worker is running the pipeline `{name}`" in response.json()["error"]["message"]
     assert elapsed < 10  # not the 30 s silence deadline
+
+
+async def test_a_draining_sole_worker_finishes_a_job_that_has_said_nothing_yet(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The job publishes nothing for 15 s (its keep-alive is 20 s away): only the worker's
+    # liveness tells the gateway it is being run, and the pipeline's key lapses 10 s after
+    # the SIGTERM. The job must still finish; a new job must not wait for this worker.
+    name = pipeline_name("ponder")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:ponder", {"wait": 15})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines, worker=False, silence_seconds=60.0) as (
+        url, _alpha, _beta, settings
+    ):
+        config = worker_settings([], database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        worker = Worker(config, WorkerOptions(pipelines=[name], drain_seconds=60.0))
+        shutdown = trio.Event()
+        result: dict[str, Any] = {}
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-pipeline": name})
+
+        async def ask() -> None:
+            try:
+                reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+                result["text"] = reply.choices[0].message.content
+            except openai.APIStatusError as error:
+                result["error"] = error
+
+        async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            kv = await workers_kv(bus)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: worker.run(shutdown=shutdown, task_status=task_status))
+                nursery.start_soon(ask)
+                with trio.fail_after(10):
+                    while True:
+                        if worker.running:
+                            break
+                        await trio.sleep(0.05)
+                shutdown.set()  # what SIGTERM does
+                with trio.fail_after(14):  # the pipeline's key lapses: no new job goes to this worker
+                    while True:
+                        if await kv.get(name) is None:
+                            break
+                        await trio.sleep(0.2)
+                started = time.monotonic()
+                refused = await http.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                )
+                assert refused.status_code == 503 and time.monotonic() - started < 3.0
+        await client.close()
+    assert "error" not in result, result.get("error")
+    assert result["text"] == "Pondered."
+
+
+class CuttableLink:
+    """A TCP forwarder to NATS that the test can cut (a network partition of one worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.target = urlsplit(url)
+        self.cut = False
+        self.url = ""
+        self._links: set[trio.CancelScope] = set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = f"nats://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        task_status.started()
+        await trio.serve_listeners(self._link, listeners)
+
+    def sever(self) -> None:
+        self.cut = True
+        for link in self._links:
+            link.cancel()
+
+    async def _link(self, client: trio.SocketStream) -> None:
+        async with client:
+            if self.cut:
+                return
+            with trio.CancelScope() as scope:
+                self._links.add(scope)
+                try:
+                    server = await trio.open_tcp_stream(self.target.hostname or "", self.target.port or 4222)
+                    async with server, trio.open_nursery() as nursery:
+                        nursery.start_soon(_pipe, client, server)
+                        nursery.start_soon(_pipe, server, client)
+                except (OSError, trio.BrokenResourceError):
+                    pass
+                finally:
+                    self._links.discard(scope)
+
+
+async def _pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async for data in source:
+        await sink.send_all(data)
+
+
+async def test_a_worker_cut_off_from_nats_past_the_ack_wait_stops_the_job_another_worker_took(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name("echo")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"})}
+    settings = workflow(pipelines, silence_seconds=15.0, ack_wait_seconds=1.5)
+    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s
+    async with alpha.serve() as served:
+        backends = [backend("alpha", served.url, prefixes=("alpha-",))]
+        gateway = running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        async with gateway as url:
+            await _partitioned_worker(url, alpha, backends, settings, name, pg_database_url, nats_url)
+
+
+async def _partitioned_worker(
+    url: str, alpha: OpenAIBackend, backends: list[Any], settings: WorkflowSettings, name: str,
+    pg_database_url: str, nats_url: str,
+) -> None:
+    link = CuttableLink(nats_url)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                default_headers={"x-pipeline": name})
+    result: dict[str, Any] = {}
+
+    async def ask() -> None:
+        reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+        result["text"] = reply.choices[0].message.content
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        cut_off = worker_settings(backends, database_url=pg_database_url, nats_url=link.url, workflow=settings)
+        direct = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        async with running_worker(cut_off, pipelines=[name]) as first:
+            nursery.start_soon(ask)
+            await alpha.wait_active_streams(1)
+            link.sever()
+            async with running_worker(direct, pipelines=[name]) as second:
+                with trio.fail_after(8):  # the redelivery reaches the second worker
+                    while True:
+                        if second.running:
+                            break
+                        await trio.sleep(0.05)
+                with trio.fail_after(4):  # and the first, still cut off, has stopped its run
+                    while True:
+                        if not first.running and alpha.active_streams <= 1:
+                            break
+                        await trio.sleep(0.05)
+                with trio.fail_after(20):
+                    while True:
+                        if "text" in result:
+                            break
+                        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await client.close()
+    assert result["text"] == "".join(f" w{i}" for i in range(100))
 
 
 async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack) -> None:

@@ -277,9 +277,10 @@ async def test_sigterm_hands_a_running_job_to_another_worker_at_once(
     aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str
 ) -> None:
     name = pipeline_name()
-    # ack_wait is long: only a nak (not a timeout) can bring the job back this fast.
+    # ack_wait is long: only a nak (not a timeout) can bring the job back this fast. (The
+    # silence deadline is longer still: a config with ack_wait >= silence is refused.)
     settings = workflow({name: fanout(models=["alpha-1", "beta-1"], rule="longest")},
-                        silence_seconds=10.0, ack_wait_seconds=30.0)
+                        silence_seconds=40.0, ack_wait_seconds=30.0)
     async with two_fakes() as (alpha, _beta, backends):
         async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
             openai_client = client(url, name)
@@ -294,7 +295,7 @@ async def test_sigterm_hands_a_running_job_to_another_worker_at_once(
                     nursery.start_soon(ask)
                     await alpha.wait_active_streams(1)
                     # The other worker is up before the SIGTERM: on a loaded machine the first
-                    # one's exit and this one's start could use up the 10 s silence deadline.
+                    # one's exit and this one's start could take long.
                     worker = worker_settings(backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
                     async with running_worker(worker, pipelines=[name]):
                         leaving.send_signal(signal.SIGTERM)

@@ -37,6 +37,7 @@ from proxy.domain.events import (
 from proxy.workflow.fanout import check_options
 from proxy.workflow.job import ATTEMPT_SPAN, Job, JobError, attempt_of, first_seq
 from proxy.workflow.pipelines import PipelineError, PipelineRegistry
+from proxy.workflow.verdict import parse_verdict
 from proxy.workflow.view import (
     ClientView,
     Continuity,
@@ -290,6 +291,8 @@ function = "pkg.mod:run"
     [
         ('[workflow]\nlaunch = "cron"', "workflow.launch"),
         ("[workflow]\nsilence_seconds = 0", "workflow.silence_seconds"),
+        ("[workflow]\nack_wait_seconds = 30\nsilence_seconds = 10", "workflow.ack_wait_seconds.*workflow.silence_seconds"),
+        ("[workflow]\nack_wait_seconds = 30", "workflow.ack_wait_seconds.*workflow.silence_seconds"),
         ('[workflow]\nunit = "job.service"', "workflow.unit"),
         ("[workflow]\nbogus = 1", "workflow.bogus"),
         ('[workflow.pipelines."a.b"]\nfunction = "m:f"', "workflow.pipelines.a.b"),
@@ -297,7 +300,7 @@ function = "pkg.mod:run"
     ],
 )
 def test_bad_workflow_settings_name_their_key(tmp_path: Path, text: str, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace(r"\.*", ".*")):
         _load(tmp_path, text)
 
 
@@ -339,3 +342,24 @@ def test_fanout_options_are_checked() -> None:
     for bad in ({"models": "a"}, {"models": ["a"] * 27}, {"view": "some"}, {"judge_model": 3}):
         with pytest.raises(ValueError):
             check_options(bad)
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [
+        ("B", "B"),
+        ("**B**", "B"),
+        ('{"best": "C"}', "C"),
+        ("A better answer is B.", "B"),
+        ("A is better than B.", "A"),
+        ("B. A solid choice.", "B"),
+        ("Comparing A and B, B is the best.", "B"),
+        ("<think>A is warm, C is short</think>\nAnswer: C", "C"),
+        ("**Answer:** A", "A"),
+        ("<think>A looks best", None),  # cut off while thinking
+        ("Neither is any good.", None),
+        ("The best answer is a long one.", None),
+    ],
+)
+def test_a_judges_verdict_is_the_letter_it_means(reply: str, letter: str | None) -> None:
+    assert parse_verdict(reply, ["A", "B", "C"]) == letter

@@ -54,3 +54,10 @@ async def die(ctx: PipelineContext) -> None:
     await ctx.emit.text("Dying ")
     await ctx.emit.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def ponder(ctx: PipelineContext) -> None:
+    """Thinks for `wait` seconds without a word (a long non-streamed model call, say), then
+    answers."""
+    await trio.sleep(float(ctx.options.get("wait", 15)))
+    await ctx.emit.text("Pondered.")

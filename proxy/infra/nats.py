@@ -164,8 +164,11 @@ class JobMessage:
         """Ask for redelivery, after `delay` seconds if given."""
         await _hop(self._msg.nak, delay=delay)
 
-    async def in_progress(self) -> None:
-        await _hop(self._msg.in_progress)
+    async def in_progress(self, *, timeout: float = 2.0) -> None:  # noqa: ASYNC109
+        """Extend the ack deadline, and wait for the server to confirm it got that (BusError
+        if it did not answer within `timeout` s: the connection is down)."""
+        msg = self._msg
+        await _hop(msg._client.request, msg.reply, b"+WPI", timeout=timeout)
 
     async def term(self) -> None:
         """Give up on the message: never redeliver it."""

@@ -194,7 +194,7 @@ class WorkflowRoute:
                 nonlocal orphaned
                 while not follow.heard:
                     await trio.sleep(WORKERS_REFRESH)
-                    if not follow.heard and not await self.launcher.serving(bus, job.pipeline):
+                    if not follow.heard and not await self.launcher.serving(bus, job.pipeline, job.trace_id):
                         orphaned = True
                         nursery.cancel_scope.cancel()
                         return

@@ -13,14 +13,14 @@ Every model's tokens are published as its task while they stream. In the `winner
 the client gets the winner alone, as choice 0, once it is chosen; in the `all` view every
 task is its own choice, live. Rules: `first` — the first model to finish (in the winner
 view the others are then cancelled: nobody will read them); `longest` — the longest
-answer; `judge` — `judge_model` reads every answer and names the best (longest if its
-reply names none). A model that fails is out of the running; if all fail, the job fails
+answer; `judge` — `judge_model` reads every answer and names the best (a structured
+answer where the backend takes one, else read from its text: `proxy.workflow.verdict`;
+longest if its reply names none). A model that fails is out of the running; if all fail, the job fails
 with their errors.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -34,6 +34,7 @@ from proxy.domain.chat import (
     ChatRequest,
     GenerationParams,
     Message,
+    ResponseFormat,
     TextPart,
     Usage,
 )
@@ -41,6 +42,8 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import UsageReport
 from proxy.workflow.llm import Answer
 from proxy.workflow.pipelines import PipelineContext, PipelineResult
+from proxy.workflow.verdict import parse_verdict
+from proxy.workflow.verdict import schema as verdict_schema
 
 RULES = ("first", "longest", "judge")
 VIEWS = ("winner", "all")
@@ -48,9 +51,11 @@ MAX_MODELS = 26
 _PARAM = "workflow"
 
 JUDGE_SYSTEM = (
-    "You compare candidate answers to a user's request. Reply with only the letter of the "
-    "best answer."
+    "You compare candidate answers to a user's request and name the best one by its letter."
 )
+# Room for a thinking model to think before it answers (its thoughts count against this on
+# most backends); a model that does not think stops after its few tokens anyway.
+JUDGE_MAX_TOKENS = 2048
 
 
 @dataclass(slots=True, frozen=True)
@@ -217,25 +222,32 @@ async def _judge(
     letters = [task_name(t.choice) for t in done]
     parts = [f"Request:\n{question}"]
     parts += [f"Answer {task_name(t.choice)}:\n{_content(t)}" for t in done]
-    parts.append(f"Which answer is best? Reply with one letter: {', '.join(letters)}.")
+    parts.append(f"Which answer is best? End your reply with `Answer: X`, X one of {', '.join(letters)}.")
+    structured = ResponseFormat("json_schema", verdict_schema(letters), name="verdict", strict=True)
     request = ChatRequest(
         model=model,
         messages=[
             Message("system", (TextPart(JUDGE_SYSTEM),)),
             Message("user", (TextPart("\n\n".join(parts)),)),
         ],
-        params=GenerationParams(temperature=0.0, max_tokens=8),
+        params=GenerationParams(temperature=0.0, max_tokens=JUDGE_MAX_TOKENS, response_format=structured),
     )
     try:
-        verdict = await ctx.llm.complete(request)
+        try:
+            verdict = await ctx.llm.complete(request)
+        except GatewayError as error:
+            if error.kind is not ErrorKind.INVALID_REQUEST:
+                raise
+            # A backend (or model) without structured output: the plain question.
+            verdict = await ctx.llm.complete(replace(request, params=replace(request.params, response_format=None)))
     except GatewayError as error:
         fallback = _longest(done)
         return fallback, {"model": model, "error": error.message, "fallback": "longest"}
     reply = verdict.completion.choices[0].content if verdict.completion.choices else ""
-    match = next((m for m in re.finditer(r"\b([A-Z])\b", reply) if m.group(1) in letters), None)
-    if match is None:
+    letter = parse_verdict(reply, letters)
+    if letter is None:
         return _longest(done), {"model": model, "reply": reply, "fallback": "longest"}
-    picked = next(t for t in done if task_name(t.choice) == match.group(1))
+    picked = next(t for t in done if task_name(t.choice) == letter)
     return picked, {"model": model, "reply": reply}
 
 

@@ -39,7 +39,8 @@ from proxy.domain.events import StreamStart
 JOBS_STREAM = "WORKFLOW_JOBS"
 JOBS_SUBJECTS = ["jobs.>"]
 # Liveness of resident workers: one key per pipeline, refreshed by every worker serving it,
-# gone `WORKERS_TTL` seconds after the last refresh.
+# gone `WORKERS_TTL` seconds after the last refresh. A draining worker refreshes no pipeline
+# key (it takes no new job) but one key per job it still runs (`running_key`).
 WORKERS_BUCKET = "workflow_workers"
 WORKERS_TTL = 10.0
 WORKERS_REFRESH = 3.0
@@ -66,6 +67,12 @@ def cancel_subject(trace_id: str) -> str:
 
 def cancel_key(trace_id: str) -> str:
     return f"cancel.{trace_id}"
+
+
+def running_key(trace_id: str) -> str:
+    """A draining worker's liveness for one job it still runs (workers bucket; no pipeline
+    name has a dot, so it never collides with a pipeline's key)."""
+    return f"run.{trace_id}"
 
 
 def job_key(trace_id: str) -> str:

@@ -23,7 +23,7 @@ from proxy.config import WorkflowSettings
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.nats import Bus, BusError
 from proxy.workflow.bus import ensure_jobs_stream, jobs_kv, workers_kv
-from proxy.workflow.job import Job, job_key, jobs_subject
+from proxy.workflow.job import Job, job_key, jobs_subject, running_key
 from proxy.workflow.pipelines import PipelineRegistry
 
 log = logging.getLogger("llm_proxy.workflow")
@@ -38,8 +38,9 @@ class Launcher(Protocol):
 
     async def launch(self, bus: Bus, job: Job) -> None: ...
 
-    async def serving(self, bus: Bus, pipeline: str) -> bool:
-        """Whether a worker may still start a published job (True when it cannot tell)."""
+    async def serving(self, bus: Bus, pipeline: str, trace_id: str) -> bool:
+        """Whether a worker may still start (or still runs) a published job (True when it
+        cannot tell)."""
 
 
 def no_worker(pipeline: str) -> GatewayError:
@@ -88,11 +89,12 @@ class PullLauncher:
             raise unknown_pipeline(pipeline, self._registry)
         raise no_worker(pipeline)
 
-    async def serving(self, bus: Bus, pipeline: str) -> bool:
+    async def serving(self, bus: Bus, pipeline: str, trace_id: str) -> bool:
         """Uncached: the last worker may have stopped since `check` (its key outlives it by
-        the bucket's TTL)."""
+        the bucket's TTL). A draining worker that still runs this very job keeps it alive
+        (it refreshes the job's own key), though it serves the pipeline no more."""
         try:
-            alive = await self._look_up(bus, pipeline)
+            alive = await self._look_up(bus, pipeline) or await self._look_up(bus, running_key(trace_id))
         except GatewayError:
             return True  # NATS trouble: the relay reports it
         if not alive:
@@ -100,9 +102,9 @@ class PullLauncher:
         return alive
 
     @staticmethod
-    async def _look_up(bus: Bus, pipeline: str) -> bool:
+    async def _look_up(bus: Bus, key: str) -> bool:
         try:
-            return await (await workers_kv(bus)).get(pipeline) is not None
+            return await (await workers_kv(bus)).get(key) is not None
         except BusError as error:
             raise GatewayError(
                 ErrorKind.UNAVAILABLE, f"NATS did not answer: {error}", code="nats_unavailable", retry_after=5
@@ -122,7 +124,7 @@ class SystemdLauncher:
         if not self._registry.knows(pipeline):
             raise unknown_pipeline(pipeline, self._registry)
 
-    async def serving(self, bus: Bus, pipeline: str) -> bool:
+    async def serving(self, bus: Bus, pipeline: str, trace_id: str) -> bool:
         return True  # a unit per job: nothing to watch
 
     async def launch(self, bus: Bus, job: Job) -> None:

@@ -79,7 +79,9 @@ class JobRun:
         self.interrupted_by: str | None = None
 
     def cancel(self, why: str) -> None:
-        """`why`: "client" (store and announce a cancelled run) or "shutdown" (retry later)."""
+        """`why`: "client" (store and announce a cancelled run), "shutdown" (retry later) or
+        "lost" (the job was redelivered to another worker while this one was cut off from
+        NATS: stop, store and announce nothing, the other attempt owns the run)."""
         if self.interrupted_by is None:
             self.interrupted_by = why
         self.scope.cancel()
@@ -95,7 +97,7 @@ class JobRun:
             try:
                 disposition = await self._attempt(publisher)
             finally:
-                if disposition is Disposition.RETRY:
+                if disposition is Disposition.RETRY and self.interrupted_by != "lost":
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + _ANNOUNCE_SECONDS):
                         await publisher.flush()
                 publisher.close()
@@ -206,7 +208,7 @@ class JobRun:
             except Exception as exc:  # a pipeline bug fails its job, not the worker
                 outcome = RunOutcome("failed", "error", error=_grouped(exc) or _crash(job, exc))
         if outcome is None or self.interrupted_by is not None:
-            if self.interrupted_by == "shutdown":
+            if self.interrupted_by in ("shutdown", "lost"):
                 return None
             return RunOutcome("cancelled", "cancelled", data={"partial": _partial(emitter)})
         return outcome

@@ -4,7 +4,9 @@ Per pipeline, one durable pull consumer (`workflow-{pipeline}` on `jobs.{pipelin
 by every worker process: each job goes to one of them. Explicit acks; a job whose worker
 stops heartbeating (`in_progress` every third of `ack_wait`) is redelivered after
 `ack_wait`, run at most `max_deliver` times in all: JetStream delivers it once more, and
-that delivery only tells its client the job gave up (no worker runs it again). A process runs
+that delivery only tells its client the job gave up (no worker runs it again). Heartbeats are
+confirmed by the server: a worker whose heartbeats have not got through for `ack_wait` (cut
+off from NATS) stops the job, which JetStream has given to another worker by then. A process runs
 at most `concurrency` jobs at once, each a trio task with its own nursery.
 
 Pulling holds no job slot: a puller only opens a pull request while a slot is free, and takes
@@ -16,10 +18,13 @@ most one job per pipeline waits that way.
 
 Cancels: one core subscription on `cancel.*` reaches the running job of that trace.
 Liveness: every few seconds the worker refreshes its pipelines' keys in the workers KV
-bucket; the gateway answers 503 at once for a pipeline no live worker serves.
+bucket; the gateway answers 503 at once for a pipeline no live worker serves. A draining
+worker refreshes, instead, one key per job it still runs: it takes no new job, but the
+gateway does not give up on those (a job that has published nothing yet is watched by that
+liveness alone).
 
-Shutdown (SIGINT/SIGTERM, or the `shutdown` event): stop pulling, let running jobs finish
-for `drain_seconds`, then interrupt the rest and nak them, so another worker takes them
+Shutdown (SIGINT/SIGTERM, or the `shutdown` event): stop pulling (and stop refreshing the
+pipelines' keys), let running jobs finish for `drain_seconds` (keeping them alive), then interrupt the rest and nak them, so another worker takes them
 over at once. A second signal skips the wait.
 
 `run_one_job` is the systemd launch mode's worker: it runs the one job stored under its
@@ -62,6 +67,7 @@ from proxy.workflow.job import (
     job_key,
     jobs_subject,
     peek_trace_id,
+    running_key,
 )
 from proxy.workflow.pipelines import Pipeline, PipelineError, PipelineRegistry
 from proxy.workflow.runner import Disposition, JobRun, WorkerEnv
@@ -105,6 +111,7 @@ class Worker:
         self._slots = _Slots(self.concurrency)
         self._active = 0  # job tasks started and not yet settled
         self._changed = trio.Event()
+        self.draining = False
 
     async def run(
         self,
@@ -125,9 +132,10 @@ class Worker:
                 bus = await _wait_for_bus(env.resources)
                 await ensure_jobs_stream(bus, retention=self.settings.workflow.job_retention_seconds)
                 await outer.start(self._cancels, bus)
+                # Beyond the pullers: while draining, it keeps the running jobs alive.
+                outer.start_soon(self._beacon, bus)
                 async with trio.open_nursery() as jobs:
                     async with trio.open_nursery() as pullers:
-                        pullers.start_soon(self._beacon, bus)
                         for name in self.pipelines:
                             for rank in range(min(_PULLERS, self.concurrency)):
                                 await pullers.start(self._pull, bus, name, rank, jobs, env)
@@ -138,6 +146,7 @@ class Worker:
                         pulling = True
                         task_status.started()
                         await stop.wait()
+                        self.draining = True
                         pullers.cancel_scope.cancel()
                     await self._drain(hurry)
                 outer.cancel_scope.cancel()
@@ -245,16 +254,24 @@ class Worker:
             run = JobRun(env, job, message.num_delivered)
             self.running[job.trace_id] = run
             disposition = Disposition.RETRY
+            ack_wait = self.settings.workflow.ack_wait_seconds
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_heartbeat, message, self.settings.workflow.ack_wait_seconds / 3)
+                    nursery.start_soon(_heartbeat, message, ack_wait / 3, ack_wait, run)
                     disposition = await run.run()
                     nursery.cancel_scope.cancel()
             finally:
-                await _settle(message, disposition)
+                if run.interrupted_by == "lost":
+                    # Another worker has the job now: a nak or an ack of this stale delivery
+                    # would only meddle with its attempt.
+                    log.warning("job %s: given up, another worker runs it now", job.trace_id)
+                else:
+                    await _settle(message, disposition)
         finally:
             if run is not None and self.running.get(run.job.trace_id) is run:
                 del self.running[run.job.trace_id]
+                if self.draining:  # handed back: its gateway learns at once if nobody serves it now
+                    await _forget_running(env, run.job.trace_id)
             self._slots.give()
             self._count(-1)
 
@@ -273,8 +290,12 @@ class Worker:
         while True:
             try:
                 kv = await workers_kv(bus)
-                for name in self.pipelines:
-                    await kv.put(name, beacon.encode())
+                if self.draining:
+                    for trace_id in list(self.running):
+                        await kv.put(running_key(trace_id), beacon.encode())
+                else:
+                    for name in self.pipelines:
+                        await kv.put(name, beacon.encode())
             except BusError as error:
                 log.warning("worker beacon not written: %s", error)
             await trio.sleep(WORKERS_REFRESH)
@@ -422,13 +443,41 @@ async def _wait_for_bus(resources: Resources) -> Bus:
     return bus
 
 
-async def _heartbeat(message: JobMessage, interval: float) -> None:
+async def _heartbeat(message: JobMessage, interval: float, ack_wait: float = 0.0, run: JobRun | None = None) -> None:
+    """Keep the job's ack deadline ahead. With `run`: once no heartbeat got through for
+    `ack_wait` (NATS unreachable), JetStream has handed the job to another worker, so this
+    one stops its run. (The server confirms a late heartbeat for a redelivered job too: only
+    our own clock tells whether it came in time.)"""
+    confirmed = trio.current_time()
     while True:
         await trio.sleep(interval)
+        sent = trio.current_time()
+        ok = False
         try:
-            await message.in_progress()
+            await message.in_progress(timeout=interval)
+            ok = True
         except BusError as error:
             log.warning("job heartbeat failed: %s", error)
+        if run is not None and trio.current_time() - confirmed >= ack_wait:
+            log.warning(
+                "job %s: no heartbeat reached NATS for %gs (its ack wait): it has been redelivered; stopping it",
+                run.job.trace_id, trio.current_time() - confirmed,
+            )
+            run.cancel("lost")
+            return
+        if ok:
+            confirmed = sent
+
+
+async def _forget_running(env: WorkerEnv, trace_id: str) -> None:
+    bus = env.resources.bus
+    if bus is None:
+        return
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_SECONDS):
+        try:
+            await (await workers_kv(bus)).delete(running_key(trace_id))
+        except BusError as error:
+            log.warning("job %s: liveness key not removed (it lapses by itself): %s", trace_id, error)
 
 
 async def _settle(message: JobMessage, disposition: Disposition) -> None:
