@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from proxy.services.persistence import Persistence, PersistenceSettings
 from proxy.services.rag import RagRoute, RagService
 from proxy.services.semantic_cache import SemanticCache
 from proxy.services.workflow import WorkflowRoute
+
+log = logging.getLogger("llm_proxy.gateway")
 
 _PROBE_SECONDS = 3.0
 # Under any orchestrator's probe period (Kubernetes: 10 s by default, 1 s at least).
@@ -178,9 +181,22 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     local_model = LocalModel(nursery, threads=settings.embeddings.threads)
     if settings.embeddings.preload and settings.embeddings.local_model:
         nursery.start_soon(local_model.warm)
+
+    async def learn_listed_names() -> None:
+        # The metrics' records held until the backends are listed (see `Metrics`).
+        try:
+            await catalog.models()
+        except Exception:  # the gateway goes on; the held records are counted unlabelled
+            log.exception("listing the backends' models failed")
+        finally:
+            metrics.learnt()
+
     # Embeddings count in their key's usage and token limit as chats do, in the metrics and in
     # the request log (never their input).
-    metrics = Metrics(backends, known=lambda model: router.knows(model) or embeddings.is_local(model))
+    metrics = Metrics(
+        backends, known=lambda model: router.knows(model) or embeddings.is_local(model),
+        listed=lambda: catalog.listed, learn=lambda: nursery.start_soon(learn_listed_names),
+    )
     request_log = RequestLog(settings.access_log)
     embeddings = EmbeddingService(
         settings.embeddings, router, backends, local_model, record=record_to(request_log, limits.record, metrics.sink())

@@ -99,6 +99,21 @@ async def test_only_model_names_the_gateway_knows_become_labels() -> None:
     assert "typo" not in text and "made-up" not in text
 
 
+async def test_a_model_the_default_backend_lists_is_labelled_from_the_first_request() -> None:
+    # No scrape and no `/v1/models` call before the requests: the gateway has never listed its
+    # backends. Before, qwen3-8b's first requests were counted with model="" for good.
+    fake = OpenAIBackend(models=None, scripts={"qwen3-8b": Script(tokens=["hi"], usage=Usage(5, 1))})
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for model in ["qwen3-8b", "typo-1", "qwen3-8b"]:
+                assert (await http.post("/v1/chat/completions", json={**CHAT, "model": model})).status_code == 200
+            text = (await http.get("/metrics")).text
+    assert total(text, "llm_proxy_requests_total", model="qwen3-8b", backend="vllm", status="200") == 2
+    assert total(text, "llm_proxy_prompt_tokens_total", model="qwen3-8b", backend="vllm") == 10
+    assert total(text, "llm_proxy_requests_total", model="", backend="vllm") == 1
+    assert "typo" not in text
+
+
 def test_with_two_workers_every_scrape_counts_both(tmp_path: Path) -> None:
     fake_command = [sys.executable, "-m", "tests.fakes", "openai"]
     with running(fake_command) as fake:

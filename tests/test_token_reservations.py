@@ -109,10 +109,10 @@ async def test_token_refusals_come_in_the_callers_dialect_with_what_the_request_
     key = await new_key(stack.db, "dialects", "--tpm", "1000")
     await wait_for_key(stack.url, key)
     async with anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=0) as claude:
-        # max_tokens beyond the whole bucket reserves the whole bucket: it fits a full one.
-        await claude.messages.create(model="qwen3-8b", max_tokens=5000, messages=[{"role": "user", "content": "hi"}])
+        # Nearly the whole bucket: it fits a full one, not the ~930 tokens its use leaves.
+        await claude.messages.create(model="qwen3-8b", max_tokens=990, messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(anthropic.RateLimitError) as refused:
-            await claude.messages.create(model="qwen3-8b", max_tokens=5000, messages=[{"role": "user", "content": "hi"}])
+            await claude.messages.create(model="qwen3-8b", max_tokens=990, messages=[{"role": "user", "content": "hi"}])
     assert "tokens" in refused.value.message
     assert int(refused.value.response.headers["retry-after"]) >= 1
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
@@ -123,6 +123,55 @@ async def test_token_refusals_come_in_the_callers_dialect_with_what_the_request_
         assert ollama.status_code == 429
         assert "Rate limit reached for tokens" in ollama.json()["error"]
         assert ollama.headers["x-ratelimit-remaining-tokens"] != "0"  # tokens are left, not enough
+
+
+async def test_a_request_larger_than_the_whole_bucket_is_refused_at_once_and_not_retried(stack: Stack) -> None:
+    # As OpenAI does ("Request too large ... Limit N, Requested M"): no wait would let it in,
+    # so the answer says not to retry and takes nothing from the key's buckets. Before, it was
+    # capped to the whole bucket, admitted, and emptied the bucket for a minute.
+    stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(60, 10)))
+    key = await new_key(stack.db, "greedy", "--tpm", "1000", "--rpm", "100")
+    await wait_for_key(stack.url, key)
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    async with httpx.AsyncClient(event_hooks={"request": [count]}, timeout=10) as http, openai.AsyncOpenAI(
+        base_url=f"{stack.url}/v1", api_key=key, max_retries=2, http_client=http,
+    ) as client:
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=5000)
+    assert len(sent) == 1  # the SDK obeyed `x-should-retry: false`
+    error = refused.value
+    assert error.code == "rate_limit_exceeded"
+    assert "Request too large" in error.message and "Limit 1000, Requested 50" in error.message
+    assert "retry-after" not in error.response.headers
+    assert error.response.headers["x-should-retry"] == "false"
+    async with anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=2) as claude:
+        with pytest.raises(anthropic.RateLimitError) as too_large:
+            await claude.messages.create(model="qwen3-8b", max_tokens=1200, messages=[{"role": "user", "content": "hi"}])
+    assert too_large.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index, call-overload]
+    assert "Request too large" in too_large.value.message
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as http:
+        ollama = await http.post("/api/chat", json={
+            "model": "qwen3-8b", "messages": MESSAGES, "stream": False, "options": {"num_predict": 1001},
+        })
+        assert ollama.status_code == 429
+        assert "Request too large" in ollama.json()["error"]
+        assert ollama.headers["x-should-retry"] == "false"
+        # None of them took anything: the whole bucket is there for a request that fits.
+        fits = await http.post("/v1/chat/completions", json={"model": "qwen3-8b", "messages": MESSAGES, "max_tokens": 900})
+        assert fits.status_code == 200, fits.text
+        assert 85 <= int(fits.headers["x-ratelimit-remaining-tokens"]) <= 97
+        assert fits.headers["x-ratelimit-remaining-requests"] == "99"
+        # A request naming no max output tokens is given a default (a guess, capped to the
+        # bucket): it fits a full bucket, so it is only told to wait for one.
+        later = await http.post("/v1/chat/completions", json={"model": "qwen3-8b", "messages": MESSAGES})
+        assert later.status_code == 429
+        assert "Rate limit reached for tokens" in later.json()["error"]["message"]
+        assert int(later.headers["retry-after"]) >= 1
+        assert "x-should-retry" not in later.headers
 
 
 async def test_a_reservation_never_settled_refills_with_the_bucket(stack: Stack) -> None:

@@ -64,6 +64,8 @@ class GatewayError(Exception):
 
     `param` names the offending request field (OpenAI's `param`), `code` is a short
     machine-readable string, and `retry_after` (seconds) becomes a `Retry-After` header.
+    `hopeless`: sending the same request again can never succeed, and clients are told not to
+    (`x-should-retry: false`, which the OpenAI and Anthropic SDKs obey).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        hopeless: bool = False,
     ) -> None:
         if _concealed:
             message = conceal(message)
@@ -83,6 +86,7 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.hopeless = hopeless
 
     @property
     def status(self) -> int:

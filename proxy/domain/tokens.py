@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 from proxy.domain.chat import ChatRequest, Usage
 from proxy.domain.events import CompletionBuilder
@@ -67,7 +68,15 @@ _OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _MEDIA = frozenset({"image_url", "images", "data", "file_data", "input_audio", "image", "audio"})
 
 
-def requested_tokens(body: object, *, generates: bool) -> int:
+class Requested(NamedTuple):
+    """A request's estimated tokens (`tokens`), and how many of them it asks for itself
+    (`least`: its prompt and the max output tokens it names, not the default it is given)."""
+
+    tokens: int
+    least: int
+
+
+def requested_tokens(body: object, *, generates: bool) -> Requested:
     """A request body's (parsed JSON) estimated tokens, as a rate limit counts them before the
     answer: the characters of its text (and the tokens of a prompt given as token ids), and for
     a call that generates, its max output tokens
@@ -88,16 +97,22 @@ def requested_tokens(body: object, *, generates: bool) -> int:
                 else:
                     stack.append(element)
     prompt = estimate_tokens(chars) + ids
-    return prompt + _max_output(body) if generates else prompt
+    if not generates:
+        return Requested(prompt, prompt)
+    named, n = _max_output(body)
+    if named is None:
+        return Requested(prompt + DEFAULT_MAX_OUTPUT * n, prompt)
+    return Requested(prompt + named * n, prompt + named * n)
 
 
-def _max_output(body: object) -> int:
+def _max_output(body: object) -> tuple[int | None, int]:
+    """The max output tokens the request names (None: none) and its number of answers `n`."""
     if not isinstance(body, dict):
-        return DEFAULT_MAX_OUTPUT
+        return None, 1
     options = body.get("options")
     candidates = [body.get(name) for name in _OUTPUT_LIMITS]
     if isinstance(options, dict):
         candidates.append(options.get("num_predict"))  # -1, -2: until the model stops
-    limit = next((c for c in candidates if type(c) is int and c > 0), DEFAULT_MAX_OUTPUT)
+    limit = next((c for c in candidates if type(c) is int and c > 0), None)
     n = body.get("n")
-    return limit * n if type(n) is int and 1 < n <= 128 else limit
+    return limit, n if type(n) is int and 1 < n <= 128 else 1

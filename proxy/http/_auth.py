@@ -207,15 +207,15 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
     principal, limiter = current_principal.get(), gw.limits
     if limiter is None or principal is None or not principal.limited or head.method in _READS:
         return None
-    tokens = 0
+    tokens = least = 0
     if body and reserves_tokens(head):
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # its codec refuses it (400): nothing to reserve
             data = None
         if data is not None:
-            tokens = requested_tokens(data, generates=head.path in _GENERATING)
-    decision = await limiter.admit(principal, tokens)
+            tokens, least = requested_tokens(data, generates=head.path in _GENERATING)
+    decision = await limiter.admit(principal, tokens, least)
     _decision.set(decision)
     if not decision.allowed:
         reply = _refusal(decision.error(principal), head)

@@ -65,7 +65,7 @@ def error_reply(error: GatewayError, dialect: str) -> Reply:
     reply = Reply(render(error), content_type.encode(), error.status)
     if error.retry_after is not None:
         reply.headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
-    if error.code in _HOPELESS:
+    if error.hopeless or error.code in _HOPELESS:
         reply.headers.append((b"x-should-retry", b"false"))
     return reply
 

@@ -47,6 +47,19 @@ BODY_TIMEOUT = 120.0
 BODY_MIN_RATE = 16 * 1024
 
 
+def body_deadline(started: float, received: int) -> float:
+    """When a body that began arriving at `started` must have ended, `received` bytes in."""
+    return started + BODY_TIMEOUT + received / BODY_MIN_RATE
+
+
+def body_timeout() -> GatewayError:
+    return GatewayError(
+        ErrorKind.INVALID_REQUEST,
+        f"The request body did not arrive within {BODY_TIMEOUT:g} s (and a second more per "
+        f"{BODY_MIN_RATE >> 10} KiB received).", code="body_timeout",
+    )
+
+
 @dataclass(slots=True)
 class Incoming:
     """A request the front door accepted: its head, its whole body, its path parameters."""
@@ -293,15 +306,11 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
                 if size > limit:
                     raise too_large(limit)
                 chunks.append(chunk)
-                waited.deadline = max(waited.deadline, started + BODY_TIMEOUT + size / BODY_MIN_RATE)
+                waited.deadline = max(waited.deadline, body_deadline(started, size))
             if not message.get("more_body", False):
                 break
     if waited.cancelled_caught:
-        raise GatewayError(
-            ErrorKind.INVALID_REQUEST,
-            f"The request body did not arrive within {BODY_TIMEOUT:g} s (and a second more per "
-            f"{BODY_MIN_RATE >> 10} KiB received).", code="body_timeout",
-        )
+        raise body_timeout()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

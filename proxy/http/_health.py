@@ -79,5 +79,7 @@ async def metrics() -> Response:
     """Prometheus's text format (see `proxy.infra.metrics`)."""
     serving = gateway()
     await serving.catalog.models()  # names a backend listed since: known, so labelled from now on
+    if serving.metrics is not None:
+        serving.metrics.learnt()  # the records held until the backends were listed count in this scrape
     body = serving.metrics.render() if serving.metrics is not None else b""
     return Response(body, content_type=CONTENT_TYPE)

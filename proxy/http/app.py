@@ -28,10 +28,12 @@ from proxy.http._auth import install_auth
 from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._openapi import blueprint as openapi_blueprint
+from proxy.http._request import PacedRequest
 
 
 class _App(GatewayApp):
     cors: _cors.Cors
+    request_class = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -80,7 +82,6 @@ def create_app(settings: Settings) -> GatewayApp:
     # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["BODY_TIMEOUT"] = _front.BODY_TIMEOUT
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_blueprint(_openai.blueprint)
     app.register_blueprint(_health.blueprint)

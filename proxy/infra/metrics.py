@@ -60,11 +60,29 @@ def _count_failover(children: Mapping[str, Counter], url: str) -> None:
     children[url].inc()
 
 
+# Records held until the backends are first listed: past this many, counted at once (unlabelled).
+_HELD_MAX = 1000
+
+
 class Metrics:
     """`known(model)` tells a model name the gateway knows from a client's free text (a typo,
-    or any name a default backend accepts): only known names become a `model` label."""
+    or any name a default backend accepts): only known names become a `model` label.
 
-    def __init__(self, backends: Mapping[str, Backend], known: Callable[[str], bool]) -> None:
+    The names backends list are known once they are listed, which happens lazily (no backend
+    call at start-up): at a scrape, a `/v1/models` call, a name no backend was known to serve.
+    Until then (`listed()`), a record of a name not known otherwise is held, and counted once
+    they are (`learnt()`; a scrape lists them first): a model the default backend serves is
+    labelled with its name from its first request on. With `--workers N`, a scrape may reach
+    another worker than the one holding records: that one has `learn()` list them at once, in
+    the background."""
+
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        known: Callable[[str], bool],
+        listed: Callable[[], bool] | None = None,
+        learn: Callable[[], None] | None = None,
+    ) -> None:
         # Its own registry: two gateways in one process (the tests) do not share counts.
         self._registry = CollectorRegistry(auto_describe=True)
         registry = self._registry
@@ -92,6 +110,9 @@ class Metrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._known = known
+        self._listed = listed or (lambda: True)
+        self._learn = learn if os.environ.get(_MULTIPROCESS_ENV) else None
+        self._held: list[ExchangeRecord] | None = [] if listed is not None else None
         # Counted as they happen, not read from the replicas when scraped: with `--workers N`
         # a scrape reaches one worker, and its own count alone would go down from one scrape
         # to the next (a counter reset, to Prometheus).
@@ -109,6 +130,25 @@ class Metrics:
         return self.observe
 
     def observe(self, entry: ExchangeRecord) -> None:
+        held = self._held
+        if held is not None:
+            if self._listed():
+                self.learnt()
+            elif len(held) < _HELD_MAX and not self._known(entry.model):
+                if not held and self._learn is not None:
+                    self._learn()
+                held.append(entry)
+                return
+        self._count(entry)
+
+    def learnt(self) -> None:
+        """The backends were listed: count the records held until then, under the names
+        known now (a call after the first does nothing)."""
+        held, self._held = self._held, None
+        for entry in held or ():
+            self._count(entry)
+
+    def _count(self, entry: ExchangeRecord) -> None:
         # A name the gateway does not know is the client's free text: as a label it would make
         # one series per typo, without bound.
         model = entry.model if self._known(entry.model) else ""

@@ -205,6 +205,10 @@ class ScopedCatalog(ModelCatalog):
         return self._inner.unavailable if principal is None or principal.models is None else ()
 
     @property
+    def listed(self) -> bool:
+        return self._inner.listed
+
+    @property
     def expired(self) -> bool:
         return self._inner.expired
 

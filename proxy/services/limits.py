@@ -8,7 +8,9 @@ that have a limit, which also settles what this process holds for the key: admis
 back after a 403 or made alone in an outage, tokens of ended exchanges). As OpenAI's limits
 do, an admission reserves the request's estimated tokens (its prompt's estimate and its max
 output tokens, at most the key's `tpm`) in the token bucket, and is refused if they do not
-fit: concurrent requests cannot overspend the bucket they all saw not yet empty. When the
+fit: concurrent requests cannot overspend the bucket they all saw not yet empty. A request
+that asks for more than the whole bucket (its prompt and the max output tokens it names) is
+refused at once, without a call, and told not to retry: it could never fit. When the
 exchange ends, its real usage is charged and its reservation given back (`record`, batched,
 or settled by the key's next admission). A reservation never settled (its process was
 killed) is a charge like any other: it refills with the bucket, within a minute. The answer
@@ -71,10 +73,20 @@ class Decision:
     allowed: bool
     headers: list[tuple[str, str]]
     retry_after: float | None = None
-    exhausted: str | None = None  # "requests" or "tokens"
+    exhausted: str | None = None  # "requests", "tokens", or "too_large": more than the whole bucket
     reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
 
     def error(self, principal: Principal) -> GatewayError:
+        if self.exhausted == "too_large":
+            # OpenAI's words for it, and no Retry-After: waiting does not help.
+            return GatewayError(
+                ErrorKind.RATE_LIMITED,
+                f"Request too large for this API key on tokens per min (TPM): Limit {principal.tpm}, "
+                f"Requested {self.reserved}. The input or output tokens must be reduced in order to run "
+                "successfully.",
+                code="rate_limit_exceeded",
+                hopeless=True,
+            )
         if self.exhausted == "tokens":
             what = f"tokens: {principal.tpm} per minute"
             if self.reserved:
@@ -92,7 +104,7 @@ class Decision:
 
 def reservation(principal: Principal, tokens: int) -> int:
     """What a request estimated at `tokens` reserves: never more than the whole bucket, so
-    that any request fits a full one."""
+    that a request given the default max output tokens fits a full one."""
     if principal.tpm is None:
         return 0
     return max(0, min(tokens, principal.tpm))
@@ -225,10 +237,14 @@ class RateLimiter:
         self._calls: trio.Nursery | None = None
         self._overdue = 0  # calls whose request stopped waiting and that have not returned
 
-    async def admit(self, principal: Principal, tokens: int = 0) -> Decision:
+    async def admit(self, principal: Principal, tokens: int = 0, least: int = 0) -> Decision:
         """Take one request from the key's request bucket and reserve the request's estimated
         `tokens` in its token bucket (if it has limits). An admitted request's record must
-        carry `Decision.reserved` (or `settle` be called), so that its reservation is settled."""
+        carry `Decision.reserved` (or `settle` be called), so that its reservation is settled.
+        A request that asks for `least` tokens, more than the whole bucket, takes nothing and
+        is refused."""
+        if principal.tpm is not None and least > principal.tpm:
+            return Decision(False, [], exhausted="too_large", reserved=least)
         reserve = reservation(principal, tokens)
         state = await self._shared_admission(principal, reserve)
         if state is None:

@@ -46,6 +46,11 @@ class ModelCatalog:
         return self._unavailable
 
     @property
+    def listed(self) -> bool:
+        """Whether the backends were listed (once at least): the router knows their names."""
+        return self._cached is not None
+
+    @property
     def expired(self) -> bool:
         """Whether the backends were listed, longer ago than the list is kept."""
         return self._cached is not None and trio.current_time() >= self._expires
