@@ -925,7 +925,8 @@ async def test_after_a_postgres_stall_no_live_instance_is_declared_dead(aio_loop
     """A stall of PostgreSQL past `dead_after` silences every instance alike. The first to
     beat after it (aged here in the database) declared the others dead: it failed their live
     runs and a retry took their keys over, calling the backend again. Now an instance judges
-    others only once it has beaten promptly for `dead_after` since."""
+    others only once it has beaten promptly for `dead_after` since; and one declared dead all
+    the same says its runs still going on run again at its next beat."""
     async with open_database(pg_database_url) as db:
         await migrate(db)
         store = ChatStore(db)
@@ -960,8 +961,12 @@ async def test_after_a_postgres_stall_no_live_instance_is_declared_dead(aio_loop
         assert await store.sweep_dead_instances(3, judge=a, late=1) == 1
         assert (await statuses())[1::2] == [("failed",), ("failed",)]
 
-        # Back after a stall of its own, `b` does not judge others for `dead_after` either.
+        # `b` was alive after all (its heartbeat stuck behind a busy pool): its next beat learns
+        # it was declared dead, and its run still going on says running again.
         assert not await store.heartbeat(b, late=1)
+        assert await store.reassert(b, [traces[b]]) == 1
+        assert await statuses() == [("running",)] * 4
+        # Back after a stall of its own, it does not judge others for `dead_after` either.
         await db.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds' WHERE id = %s", (a,))
         assert await store.sweep_dead_instances(3, judge=b, late=1) == 0
 
@@ -1015,6 +1020,51 @@ async def test_a_gateway_out_of_a_postgres_stall_declares_no_live_instance_dead(
         nursery.cancel_scope.cancel()
     assert retried.status_code == 200, retried.text
     assert retried.headers.get("x-attached-to") == trace
+    assert len(fake.requests) == 1
+
+
+async def test_a_live_gateway_declared_dead_says_its_runs_are_running_again(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another instance declared this gateway dead (its heartbeat late past `dead_after`,
+    stuck behind a busy pool) and failed its live keyed run: the row said `failed` (and
+    followers ended with that error) while its client was still served, until its outcome
+    was written. Now the gateway's next beat learns it, and the run's row and key say
+    `running` again: a retry attaches to it."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
+    db = pg_database_url
+    fake = OpenAIBackend(default=Script(n_tokens=120, pace=0.05))
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=db, nats_url=nats_url
+    ) as url, httpx.AsyncClient(timeout=30) as client, open_database(db) as judge_db:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=key) as answer:
+            trace = answer.headers["x-trace-id"]
+            lines = answer.aiter_lines()
+            await eventually(lambda: trio.to_thread.run_sync(
+                rows, db, "SELECT 1 FROM chat_log WHERE trace_id = %s AND status = 'running'", trace))
+            # A steady instance finds the gateway's last beat 40 s old, and sweeps it.
+            async with judge_db.transaction() as tx:
+                judge = ChatStore(tx)  # type: ignore[arg-type]
+                await judge.heartbeat("judge", first=True)
+                await tx.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds'"
+                                 " WHERE id = (SELECT owner FROM chat_log WHERE trace_id = %s)", (trace,))
+                assert await judge.sweep_dead_instances(3, judge="judge") == 1
+            assert rows(db, "SELECT status FROM chat_log WHERE trace_id = %s", trace) == [("failed",)]
+
+            def running_again() -> bool:
+                found = rows(db, "SELECT c.status, k.status FROM chat_log c JOIN idempotency_keys k USING (trace_id)"
+                                 " WHERE trace_id = %s", trace)
+                return found == [("running", "running")]
+
+            await eventually(lambda: trio.to_thread.run_sync(running_again), within=3)
+            retried = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, headers=key)
+            text = "".join([line async for line in lines])
+    assert retried.status_code == 200 and retried.headers.get("x-attached-to") == trace
+    assert "[DONE]" in text and '"error"' not in text
+    assert rows(db, "SELECT status FROM chat_log WHERE trace_id = %s", trace) == [("completed",)]
     assert len(fake.requests) == 1
 
 

@@ -261,6 +261,19 @@ _FIRST_BEAT = (
     " VALUES (%(id)s, CASE WHEN %(new)s THEN '-infinity'::timestamptz ELSE now() END)"
     " ON CONFLICT (id) DO UPDATE SET seen_at = now()"
 )
+# What a sweep of a live instance failed of its runs still going on, running again: their rows
+# (unless their outcome was written since) and the keys they still hold.
+_REASSERT = """
+WITH rows AS (
+    UPDATE chat_log SET status = 'running', error = NULL, updated_at = now()
+    WHERE owner = %(id)s AND status = 'failed' AND error = %(error)s::jsonb AND trace_id = ANY(%(live)s)
+    RETURNING trace_id
+), keys AS (
+    UPDATE idempotency_keys SET status = 'running', updated_at = now()
+    WHERE owner = %(id)s AND status = 'failed' AND trace_id = ANY(%(live)s)
+)
+SELECT count(*) FROM rows
+"""
 
 
 class ChatStore:
@@ -379,6 +392,13 @@ class ChatStore:
             _SWEEP_DEAD, {"silent": silent_for, "error": _INTERRUPTED, "judge": judge, "late": late}
         )
         return int(swept or 0)
+
+    async def reassert(self, instance: str, live: list[str]) -> int:
+        """Say running again what a sweep failed of live `instance`'s runs `live` (those it
+        still runs): their rows failed as interrupted, and the keys they still hold; how many
+        rows that was."""
+        found = await self._db.fetchval(_REASSERT, {"id": instance, "error": _INTERRUPTED, "live": live})
+        return int(found or 0)
 
     async def release(self, key: str, trace_id: str, status: Status) -> None:
         await _set_key_status(self._db, key, trace_id, status)
