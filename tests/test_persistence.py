@@ -29,6 +29,7 @@ from proxy.domain.chat import Usage as DomainUsage
 from proxy.domain.events import StreamFailed, TextDelta
 from proxy.infra.chat_store import (
     ChatStore,
+    Claim,
     LogRow,
     StoredRun,
     completion_from_json,
@@ -901,7 +902,7 @@ async def test_only_instances_gone_silent_have_their_running_chats_failed(aio_lo
         await migrate(db)
         store = ChatStore(db)
         for instance in ("alive", "dead"):
-            await store.heartbeat(instance)
+            await store.heartbeat(instance, first=True)
             for n in range(2):
                 trace_id = f"{instance}-{n}"
                 await store.start(LogRow(trace_id=trace_id, req_id="r", idempotency_key=f"k-{trace_id}", route="direct",
@@ -910,14 +911,161 @@ async def test_only_instances_gone_silent_have_their_running_chats_failed(aio_lo
                 claim = await store.claim(f"k-{trace_id}", "r", trace_id, stale_after=1800, owner=instance)
                 assert claim.outcome == "owner"
         await db.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds' WHERE id = 'dead'")
-        assert await store.sweep_dead_instances(30) == 2
-        assert await store.sweep_dead_instances(30) == 0  # swept once, and forgotten
+        assert await store.sweep_dead_instances(30, judge="alive") == 2
+        assert await store.sweep_dead_instances(30, judge="alive") == 0  # swept once, and forgotten
         found = await db.fetch("SELECT trace_id, status, error->>'message' FROM chat_log ORDER BY trace_id")
         keys = await db.fetch("SELECT trace_id, status FROM idempotency_keys ORDER BY trace_id")
     assert [(t, s) for t, s, _ in found] == [("alive-0", "running"), ("alive-1", "running"),
                                               ("dead-0", "failed"), ("dead-1", "failed")]
     assert all("killed or crashed" in message for t, _, message in found if t.startswith("dead"))
     assert keys == [("alive-0", "running"), ("alive-1", "running"), ("dead-0", "failed"), ("dead-1", "failed")]
+
+
+async def test_after_a_postgres_stall_no_live_instance_is_declared_dead(aio_loop: object, pg_database_url: str) -> None:
+    """A stall of PostgreSQL past `dead_after` silences every instance alike. The first to
+    beat after it (aged here in the database) declared the others dead: it failed their live
+    runs and a retry took their keys over, calling the backend again. Now an instance judges
+    others only once it has beaten promptly for `dead_after` since; and one declared dead all
+    the same says its runs still going on run again at its next beat."""
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        a, b = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+        traces = {name: f"{name}-run" for name in (a, b)}
+        for instance, trace_id in traces.items():
+            assert await store.heartbeat(instance, late=1, first=True)
+            await store.start(LogRow(trace_id=trace_id, req_id="r", idempotency_key=f"k-{trace_id}", route="direct",
+                                     dialect="openai", model="m", backend="b", upstream_model="m", stream=True,
+                                     request={}, owner=instance))
+            assert (await store.claim(f"k-{trace_id}", "r", trace_id, stale_after=1800, owner=instance)).outcome == "owner"
+
+        async def statuses() -> list[tuple[str, str]]:
+            found = await db.fetch("SELECT status FROM chat_log WHERE trace_id = ANY(%s) ORDER BY trace_id",
+                                   (list(traces.values()),))
+            keys = await db.fetch("SELECT status FROM idempotency_keys WHERE trace_id = ANY(%s) ORDER BY trace_id",
+                                  (list(traces.values()),))
+            return [*found, *keys]
+
+        # The stall: nobody beat for 40 s; `a` beats first once it is over.
+        await db.execute("UPDATE gateway_instances SET seen_at = seen_at - interval '40 seconds' WHERE id = ANY(%s)",
+                         ([a, b],))
+        assert await store.heartbeat(a, late=1)
+        assert await store.sweep_dead_instances(3, judge=a, late=1) == 0
+        retry = await store.claim(f"k-{traces[b]}", "r", "retry", stale_after=1800, owner=a, owner_silence=3,
+                                  judge=a, late=1)
+        assert retry == Claim("running", traces[b])  # followed, not run again
+        assert await statuses() == [("running",)] * 4
+
+        # `b` stays silent while `a` beats promptly for `dead_after` (aged): now `b` is dead.
+        await db.execute("UPDATE gateway_instances SET steady_since = now() - interval '5 seconds' WHERE id = %s", (a,))
+        assert await store.sweep_dead_instances(3, judge=a, late=1) == 1
+        assert (await statuses())[1::2] == [("failed",), ("failed",)]
+
+        # `b` was alive after all (its heartbeat stuck behind a busy pool): its next beat learns
+        # it was declared dead, and its run still going on says running again.
+        assert not await store.heartbeat(b, late=1)
+        assert await store.reassert(b, [traces[b]]) == 1
+        assert await statuses() == [("running",)] * 4
+        # Back after a stall of its own, it does not judge others for `dead_after` either.
+        await db.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds' WHERE id = %s", (a,))
+        assert await store.sweep_dead_instances(3, judge=b, late=1) == 0
+
+
+async def test_a_gateway_out_of_a_postgres_stall_declares_no_live_instance_dead(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stall of PostgreSQL past `dead_after` (aged here in the database: every instance's
+    last beat 40 s old) ends with a gateway beating a moment before another live instance
+    (whose heartbeat waits for a busy pool). The gateway declared it dead: it failed its
+    live run, and a retry with the run's key took it over and called the backend again. Now
+    the run stays `running` and the retry attaches to it."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
+    db = pg_database_url
+    other = f"other-{uuid.uuid4().hex}"
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": MESSAGES, "stream": False}
+    fake = OpenAIBackend(default=Script(tokens=["Hi"]))
+    beating = True
+
+    async def beat() -> None:  # the other instance's heartbeat
+        while True:
+            if beating:
+                await trio.to_thread.run_sync(rows, db, "INSERT INTO gateway_instances (id) VALUES (%s)"
+                                              " ON CONFLICT (id) DO UPDATE SET seen_at = now() RETURNING 1", other)
+            await trio.sleep(0.5)
+
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=db, nats_url=nats_url
+    ) as url, httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        first = await client.post(f"{url}/v1/chat/completions", json=body, headers=key)
+        trace = first.headers["x-trace-id"]
+        await eventually(lambda: trio.to_thread.run_sync(
+            rows, db, "SELECT 1 FROM chat_log WHERE trace_id = %s AND status = 'completed'", trace))
+        # The run, made the other instance's and still going on (its events say it ended, so
+        # a retry attached to it has its answer at once).
+        nursery.start_soon(beat)
+        rows(db, "UPDATE chat_log SET status = 'running', owner = %s WHERE trace_id = %s RETURNING 1", other, trace)
+        rows(db, "UPDATE idempotency_keys SET status = 'running', owner = %s WHERE trace_id = %s RETURNING 1", other, trace)
+        await trio.sleep(3.5)  # the key is older than `dead_after`; the gateway has beaten steadily
+        # The stall ends: every instance silent for 40 s; the other beats again 2 s later.
+        beating = False
+        rows(db, "UPDATE gateway_instances SET seen_at = seen_at - interval '40 seconds' RETURNING 1")
+        retried = await client.post(f"{url}/v1/chat/completions", json=body, headers=key)
+        await trio.sleep(2.0)
+        beating = True
+        await trio.sleep(2.0)
+        assert rows(db, "SELECT status FROM chat_log WHERE trace_id = %s", trace) == [("running",)]
+        assert rows(db, "SELECT status, trace_id FROM idempotency_keys WHERE trace_id = %s", trace) == [("running", trace)]
+        nursery.cancel_scope.cancel()
+    assert retried.status_code == 200, retried.text
+    assert retried.headers.get("x-attached-to") == trace
+    assert len(fake.requests) == 1
+
+
+async def test_a_live_gateway_declared_dead_says_its_runs_are_running_again(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another instance declared this gateway dead (its heartbeat late past `dead_after`,
+    stuck behind a busy pool) and failed its live keyed run: the row said `failed` (and
+    followers ended with that error) while its client was still served, until its outcome
+    was written. Now the gateway's next beat learns it, and the run's row and key say
+    `running` again: a retry attaches to it."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
+    db = pg_database_url
+    fake = OpenAIBackend(default=Script(n_tokens=120, pace=0.05))
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=db, nats_url=nats_url
+    ) as url, httpx.AsyncClient(timeout=30) as client, open_database(db) as judge_db:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=key) as answer:
+            trace = answer.headers["x-trace-id"]
+            lines = answer.aiter_lines()
+            await eventually(lambda: trio.to_thread.run_sync(
+                rows, db, "SELECT 1 FROM chat_log WHERE trace_id = %s AND status = 'running'", trace))
+            # A steady instance finds the gateway's last beat 40 s old, and sweeps it.
+            async with judge_db.transaction() as tx:
+                judge = ChatStore(tx)  # type: ignore[arg-type]
+                await judge.heartbeat("judge", first=True)
+                await tx.execute("UPDATE gateway_instances SET seen_at = now() - interval '40 seconds'"
+                                 " WHERE id = (SELECT owner FROM chat_log WHERE trace_id = %s)", (trace,))
+                assert await judge.sweep_dead_instances(3, judge="judge") == 1
+            assert rows(db, "SELECT status FROM chat_log WHERE trace_id = %s", trace) == [("failed",)]
+
+            def running_again() -> bool:
+                found = rows(db, "SELECT c.status, k.status FROM chat_log c JOIN idempotency_keys k USING (trace_id)"
+                                 " WHERE trace_id = %s", trace)
+                return found == [("running", "running")]
+
+            await eventually(lambda: trio.to_thread.run_sync(running_again), within=3)
+            retried = await client.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, headers=key)
+            text = "".join([line async for line in lines])
+    assert retried.status_code == 200 and retried.headers.get("x-attached-to") == trace
+    assert "[DONE]" in text and '"error"' not in text
+    assert rows(db, "SELECT status FROM chat_log WHERE trace_id = %s", trace) == [("completed",)]
+    assert len(fake.requests) == 1
 
 
 async def test_an_upgrade_fails_what_the_previous_version_left_running(

@@ -211,30 +211,66 @@ _PUT_CACHE = (
 )
 
 
+# The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
+# beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
+_STEADY = (
+    "EXISTS (SELECT 1 FROM gateway_instances me WHERE me.id = %(judge)s"
+    " AND me.seen_at > now() - make_interval(secs => %(late)s)"
+    " AND me.steady_since <= now() - make_interval(secs => %(silent)s))"
+)
+
 # Who holds a key: its request, trace, status and age, whether the exact-cache entry lives,
-# how its trace's row ended (NULL: no row, or running) and whether its owner is silent.
-_HOLDER = """
+# how its trace's row ended (NULL: no row, or running) and whether its owner is silent (while
+# this instance can tell).
+_HOLDER = f"""
 SELECT k.req_id, k.trace_id, k.status, extract(epoch FROM now() - k.updated_at),
-    EXISTS (SELECT 1 FROM completions_cache WHERE req_id = %s AND expires_at > now()),
+    EXISTS (SELECT 1 FROM completions_cache WHERE req_id = %(cache_id)s AND expires_at > now()),
     (SELECT c.status FROM chat_log c WHERE c.trace_id = k.trace_id AND c.status <> 'running'),
     k.owner IS NOT NULL AND NOT EXISTS (
-        SELECT 1 FROM gateway_instances g WHERE g.id = k.owner AND g.seen_at > now() - make_interval(secs => %s)
-    )
-FROM idempotency_keys k WHERE k.key = %s
+        SELECT 1 FROM gateway_instances g WHERE g.id = k.owner AND g.seen_at > now() - make_interval(secs => %(silent)s)
+    ) AND {_STEADY}
+FROM idempotency_keys k WHERE k.key = %(key)s
 """
 
 
 INTERRUPTED_MESSAGE = "The gateway process running it stopped (killed or crashed) before it completed."
 _INTERRUPTED = json_text({"kind": "UNAVAILABLE", "message": INTERRUPTED_MESSAGE})
-_SWEEP_DEAD = """
+_SWEEP_DEAD = f"""
 WITH dead AS (
-    DELETE FROM gateway_instances WHERE seen_at < now() - make_interval(secs => %s) RETURNING id
+    DELETE FROM gateway_instances WHERE seen_at < now() - make_interval(secs => %(silent)s) AND {_STEADY}
+    RETURNING id
 ), keys AS (
     UPDATE idempotency_keys SET status = 'failed', updated_at = now()
     WHERE status = 'running' AND owner IN (SELECT id FROM dead)
 ), rows AS (
-    UPDATE chat_log SET status = 'failed', error = %s::jsonb, updated_at = now()
+    UPDATE chat_log SET status = 'failed', error = %(error)s::jsonb, updated_at = now()
     WHERE status = 'running' AND owner IN (SELECT id FROM dead) RETURNING 1
+)
+SELECT count(*) FROM rows
+"""
+# A beat: late (its previous one more than `late` seconds ago) it starts the steady period again.
+_BEAT = (
+    "UPDATE gateway_instances SET seen_at = now(), steady_since = CASE"
+    " WHEN seen_at < now() - make_interval(secs => %(late)s) THEN now() ELSE steady_since END"
+    " WHERE id = %(id)s"
+)
+# The first beat of an instance whose row is gone: a new process has seen no stall (steady at
+# once: it sweeps what a killed predecessor left without waiting); one declared dead has.
+_FIRST_BEAT = (
+    "INSERT INTO gateway_instances (id, steady_since)"
+    " VALUES (%(id)s, CASE WHEN %(new)s THEN '-infinity'::timestamptz ELSE now() END)"
+    " ON CONFLICT (id) DO UPDATE SET seen_at = now()"
+)
+# What a sweep of a live instance failed of its runs still going on, running again: their rows
+# (unless their outcome was written since) and the keys they still hold.
+_REASSERT = """
+WITH rows AS (
+    UPDATE chat_log SET status = 'running', error = NULL, updated_at = now()
+    WHERE owner = %(id)s AND status = 'failed' AND error = %(error)s::jsonb AND trace_id = ANY(%(live)s)
+    RETURNING trace_id
+), keys AS (
+    UPDATE idempotency_keys SET status = 'running', updated_at = now()
+    WHERE owner = %(id)s AND status = 'failed' AND trace_id = ANY(%(live)s)
 )
 SELECT count(*) FROM rows
 """
@@ -278,12 +314,13 @@ class ChatStore:
 
     async def claim(
         self, key: str, req_id: str, trace_id: str, *, stale_after: float, cache_id: str | None = None,
-        owner: str | None = None, owner_silence: float = 30.0,
+        owner: str | None = None, owner_silence: float = 30.0, judge: str | None = None, late: float = 10.0,
     ) -> Claim:
         """Claim `key` for `trace_id` (run by gateway instance `owner`) unless another trace
         holds it; a failed, cancelled or stale holder is taken over. Stale: running for longer
         than `stale_after` seconds, or for longer than `owner_silence` with its owner silent
-        as long (no heartbeat: gone, whether or not any instance swept it).
+        as long (no heartbeat: gone, whether or not any instance swept it) — as judged by
+        instance `judge`, only while its own heartbeats are steady (see `sweep_dead_instances`).
 
         A holder whose row has ended although its key still says running (its outcome's write
         landed before a claim or take-over PostgreSQL applied late, after its request stopped
@@ -299,7 +336,9 @@ class ChatStore:
             )
             if won is not None:
                 return Claim("owner", trace_id)
-            row = await self._db.fetchrow(_HOLDER, (cache_id, owner_silence, key))
+            row = await self._db.fetchrow(
+                _HOLDER, {"cache_id": cache_id, "silent": owner_silence, "key": key, "judge": judge, "late": late}
+            )
             if row is None:
                 continue  # deleted between the two statements
             held_req, held_trace, status, age, cached, ended, owner_gone = row
@@ -336,17 +375,30 @@ class ChatStore:
         status = await self._db.fetchval("SELECT status FROM idempotency_keys WHERE trace_id = %s LIMIT 1", (trace_id,))
         return bool(status == "running")
 
-    async def heartbeat(self, instance: str) -> None:
-        await self._db.execute(
-            "INSERT INTO gateway_instances (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET seen_at = now()",
-            (instance,),
-        )
+    async def heartbeat(self, instance: str, *, late: float = 10.0, first: bool = False) -> bool:
+        """Beat `instance`'s heartbeat (a beat more than `late` seconds after its previous one
+        restarts its steady period); False when its row was gone though this is not its
+        `first` beat: another instance declared it dead and failed its running chats."""
+        if await self._db.execute(_BEAT, {"late": late, "id": instance}):
+            return True
+        await self._db.execute(_FIRST_BEAT, {"id": instance, "new": first})
+        return first
 
-    async def sweep_dead_instances(self, silent_for: float) -> int:
+    async def sweep_dead_instances(self, silent_for: float, *, judge: str, late: float = 10.0) -> int:
         """Fail the running rows and keys of every instance silent for `silent_for` seconds
-        (and forget it); how many rows that was."""
-        swept = await self._db.fetchval(_SWEEP_DEAD, (silent_for, _INTERRUPTED))
+        (and forget it); how many rows that was. Only while `judge` (the sweeping instance)
+        beats steadily (see `_STEADY`): just after a stall every instance looks silent."""
+        swept = await self._db.fetchval(
+            _SWEEP_DEAD, {"silent": silent_for, "error": _INTERRUPTED, "judge": judge, "late": late}
+        )
         return int(swept or 0)
+
+    async def reassert(self, instance: str, live: list[str]) -> int:
+        """Say running again what a sweep failed of live `instance`'s runs `live` (those it
+        still runs): their rows failed as interrupted, and the keys they still hold; how many
+        rows that was."""
+        found = await self._db.fetchval(_REASSERT, {"id": instance, "error": _INTERRUPTED, "live": live})
+        return int(found or 0)
 
     async def release(self, key: str, trace_id: str, status: Status) -> None:
         await _set_key_status(self._db, key, trace_id, status)

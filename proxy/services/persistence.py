@@ -88,6 +88,11 @@ class PersistenceSettings:
     # Where log rows wait while PostgreSQL and NATS are both down (see `Outbox`); None: memory.
     spool: Path | None = None
 
+    @property
+    def late(self) -> float:
+        """A beat this long after the previous one means a stall (well under `dead_after`)."""
+        return 2 * self.heartbeat
+
 
 class Runs:
     """Runs that outlive their request (durable runs), in one app-lifetime nursery.
@@ -193,6 +198,8 @@ class Persistence:
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
         self.instance_id = secrets.token_hex(8)
+        self._beaten = False  # whether this instance's row was written once (a row gone since: swept)
+        self._swept = False  # declared dead by another, its runs not yet said running again
         self._overdue = 0  # lookups whose request stopped waiting and that have not returned
 
     async def _bounded(self, call: Callable[[], Awaitable[_T]]) -> _T:
@@ -231,14 +238,26 @@ class Persistence:
         return result[0].unwrap()
 
     async def keep_alive(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Beat this instance's heartbeat, and sweep instances whose heartbeat stopped."""
+        """Beat this instance's heartbeat, and sweep instances whose heartbeat stopped.
+
+        A stall of PostgreSQL (or of this process) silences every instance alike: a beat late
+        by two periods waits a whole `dead_after` of prompt beats before judging any other
+        instance dead, so live ones have beaten again by then. One declared dead all the same
+        (its heartbeat stuck behind a busy pool) says its runs still going on run again."""
         task_status.started()
+        late = self.settings.late
         while True:
             store = self.store()
             if store is not None:
                 try:
-                    await store.heartbeat(self.instance_id)
-                    swept = await store.sweep_dead_instances(self.settings.dead_after)
+                    self._swept |= not await store.heartbeat(self.instance_id, late=late, first=not self._beaten)
+                    self._beaten = True
+                    if self._swept:
+                        back = await store.reassert(self.instance_id, list(self.runs.live))
+                        self._swept = False
+                        log.warning("this gateway process was presumed dead by another (its heartbeat was late): "
+                                    "%d of its running chats failed meanwhile now say running again", back)
+                    swept = await store.sweep_dead_instances(self.settings.dead_after, judge=self.instance_id, late=late)
                 except DatabaseError as error:
                     log.debug("heartbeat failed: %s", error)
                 else:
@@ -350,7 +369,7 @@ class Persistence:
         try:
             claim = await self._bounded(lambda: store.claim(
                 key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner,
-                owner_silence=self.settings.dead_after,
+                owner_silence=self.settings.dead_after, judge=self.instance_id, late=self.settings.late,
             ))
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
