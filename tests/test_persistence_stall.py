@@ -4,7 +4,6 @@ deduplicated, after the lookup timeout, as it does with PostgreSQL down, instead
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,9 +14,8 @@ import httpx
 import pytest
 import trio
 
-import proxy.gateway
 from proxy.infra.embedded import EmbeddedPostgres
-from proxy.services.persistence import _LOOKUP_TIMEOUT, PersistenceSettings
+from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
@@ -171,61 +169,3 @@ async def test_reading_a_trace_back_while_postgres_stalls_is_a_prompt_503(
                 return again.status_code == 200 and again.json()["status"] == "completed"
 
             await eventually(back, within=40, every=0.5)
-
-
-async def test_a_postgres_stall_longer_than_dead_after_fails_no_live_run(
-    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two gateways share PostgreSQL; it stalls for longer than `dead_after` while each runs a
-    keyed stream. When it answers again every instance looks silent that long, yet neither is
-    declared dead: both runs stay `running` and complete, and a retry with a key attaches to
-    its run. (Which beat lands first after a real stall is up to the pool; the tests in
-    `test_persistence.py` age the database to make the unlucky order certain.)"""
-    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
-                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
-    assert postgres.url is not None
-    db = postgres.url
-    fake = OpenAIBackend(default=Script(n_tokens=160, pace=0.08))
-    body = {"model": "qwen3-8b", "messages": MESSAGES, "stream": True}
-    async with fake.serve() as server:
-        config = backend("vllm", server.url, default=True)
-        async with gateway(db, nats_url, config) as first, gateway(db, nats_url, config) as second, \
-                httpx.AsyncClient(timeout=60) as client:
-            await trio.sleep(1.5)  # both have beaten
-            traces: dict[str, str] = {}
-            texts: dict[str, str] = {}
-
-            async def run(url: str, key: str, started: trio.Event) -> None:
-                async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                                         headers={"Idempotency-Key": key}) as answer:
-                    assert answer.status_code == 200
-                    traces[key] = answer.headers["x-trace-id"]
-                    started.set()
-                    texts[key] = "".join([line async for line in answer.aiter_lines()])
-
-            keys = {first: str(uuid.uuid4()), second: str(uuid.uuid4())}
-            async with trio.open_nursery() as nursery:
-                for url, key in keys.items():
-                    started = trio.Event()
-                    nursery.start_soon(run, url, key, started)
-                    await started.wait()
-
-                async def both_running() -> bool:
-                    found = await sql(db, "SELECT status FROM chat_log WHERE trace_id = ANY(%s)", list(traces.values()))
-                    return found == [("running",), ("running",)]
-
-                await eventually(both_running, within=5, every=0.1)
-                with stalled(postgres):
-                    await trio.sleep(5.0)
-                # Well past `dead_after` of beats again, while both runs go on.
-                await trio.sleep(4.0)
-                found = await sql(db, "SELECT status FROM chat_log WHERE trace_id = ANY(%s)", list(traces.values()))
-                assert found == [("running",), ("running",)]
-                # A retry (on the other gateway) attaches rather than calling the backend again.
-                with trio.fail_after(40):
-                    retried = await client.post(f"{second}/v1/chat/completions", json={**body, "stream": False},
-                                                headers={"Idempotency-Key": keys[first]})
-                assert retried.status_code == 200, retried.text
-                assert retried.headers.get("x-attached-to") == traces[keys[first]]
-    assert all("[DONE]" in text and '"error"' not in text for text in texts.values()), texts
-    assert len(fake.requests) == 2
