@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from proxy.infra.keys_store import UsageDelta
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ class UsageBatch:
 
 def spool_directory(data_dir: Path, database_url: str, kind: str = "usage") -> Path:
     return data_dir / "spool" / kind / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+
+
+async def open_spool(spool: Spool, what: str) -> list[tuple[list[dict[str, Any]], Path]] | None:
+    """Open `spool` and take what processes gone left in its directory (see `Spool.adopt`);
+    None, logged, when the directory cannot be used (the caller then keeps no spool)."""
+    try:
+        await trio.to_thread.run_sync(spool.open)
+        return await trio.to_thread.run_sync(spool.adopt)
+    except OSError as error:
+        log.error("%s spool %s unavailable: %s", what, spool.directory, error)
+        return None
 
 
 class Spool:

@@ -33,7 +33,7 @@ from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
 from proxy.infra.nats import Bus, BusError, JobMessage
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
-from proxy.infra.spool import Spool
+from proxy.infra.spool import Spool, open_spool
 
 log = logging.getLogger("llm_proxy.journal")
 
@@ -456,11 +456,8 @@ class Outbox:
         spool = self._spool
         if spool is None:
             return
-        try:
-            await trio.to_thread.run_sync(spool.open)
-            adopted = await trio.to_thread.run_sync(spool.adopt)
-        except OSError as error:
-            log.error("outbox spool %s unavailable: %s", spool.directory, error)
+        adopted = await open_spool(spool, "outbox")
+        if adopted is None:
             self._spool = None
             return
         taken: list[Path] = []

@@ -43,7 +43,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
-from proxy.infra.spool import Spool, UsageBatch
+from proxy.infra.spool import Spool, UsageBatch, open_spool
 from proxy.services.auth import KeyRing, Principal
 from proxy.services.chat import ExchangeRecord
 
@@ -505,11 +505,8 @@ class RateLimiter:
         spool = self._spool
         if spool is None:
             return
-        try:
-            await trio.to_thread.run_sync(spool.open)
-            adopted = await trio.to_thread.run_sync(spool.adopt)
-        except OSError as error:
-            log.error("usage spool %s unavailable: %s", spool.directory, error)
+        adopted = await open_spool(spool, "usage")
+        if adopted is None:
             self._spool = None
             return
         if not adopted:
