@@ -92,13 +92,16 @@ class PersistenceSettings:
 class Runs:
     """Runs that outlive their request (durable runs), in one app-lifetime nursery.
 
-    Stopping the gateway cancels them; their journals still record them (as cancelled)."""
+    Stopping the gateway lets them finish within its graceful stop (`wind_down`), then
+    cancels those still going; their journals still record them (as failed, to retry)."""
 
     def __init__(self) -> None:
         self.live: dict[str, EventLog] = {}
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._winding_down = False
+        self._one_ended = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -113,9 +116,20 @@ class Runs:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def wind_down(self, deadline: float) -> None:
+        """The gateway stops: no run starts any more, those going on may finish until
+        `deadline` (the end of the graceful stop that requests in flight have too), and
+        those still going then are cancelled. Returns once every run has ended."""
+        self._winding_down = True
+        with trio.move_on_at(deadline):
+            while self._scopes:
+                self._one_ended = trio.Event()
+                await self._one_ended.wait()
+        self.stop()
+
     @property
     def available(self) -> bool:
-        return self._nursery is not None and not self._nursery.cancel_scope.cancel_called
+        return self._nursery is not None and not self._winding_down and not self._nursery.cancel_scope.cancel_called
 
     def spawn(self, body: Callable[[], Awaitable[None]]) -> bool:
         """Run `body` in this nursery (a task the gateway's stop cancels); False when stopped."""
@@ -139,6 +153,7 @@ class Runs:
                 self.live.pop(trace_id, None)
                 self._scopes.pop(trace_id, None)
                 ended.set()
+                self._one_ended.set()
 
         self._nursery.start_soon(supervised)
 
