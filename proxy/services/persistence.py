@@ -532,14 +532,17 @@ class Persistence:
         return None if found is None else _row_failure(found)
 
     async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
-        """Wait for a run of another instance to store its answer (NATS cannot tell it) and
-        replay it; a 503 when the database cannot be read."""
+        """Wait for a run of another instance to store its outcome (NATS cannot tell it):
+        replay its answer, or raise its error; a 503 when the database cannot be read."""
         deadline = trio.current_time() + self.settings.follow_silence
         while trio.current_time() < deadline:
             found = await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
             if found is not None and found.status == "completed" and found.completion is not None:
                 await replayer(found.completion)(send)
                 return
+            failure = _row_failure(found) if found is not None else None
+            if failure is not None:
+                raise failure
             await trio.sleep(0.5)
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
 
