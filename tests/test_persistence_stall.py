@@ -247,3 +247,38 @@ async def test_listing_a_running_background_responses_input_while_postgres_stall
 
         await eventually(listed_again, within=40, every=0.5)
         await client.post(f"/v1/responses/{response}/cancel")
+
+
+async def test_a_follower_on_nats_relays_the_run_while_postgres_stalls(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """A duplicate following a run of another instance over NATS looks at the run's row when
+    the run is silent for a heartbeat (5 s): while PostgreSQL stalled, that look hung, and the
+    run's events, arriving meanwhile, waited with it."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(10)], usage=Usage(5, 10), header_delay=7.0))
+    body = {**_chat("followed on nats"), "stream": True}
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    relayed = trio.Event()
+    async with fake.serve() as server, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True)
+    ) as first, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True)
+    ) as second, httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
+
+        async def ask(url: str, follower: bool) -> None:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as answer:
+                async for line in answer.aiter_lines():
+                    if follower and '"content":" w0"' in line:
+                        relayed.set()
+
+        nursery.start_soon(ask, first, False)
+        await fake.wait_requests(1, 10)
+        nursery.start_soon(ask, second, True)
+        await trio.sleep(0.5)
+        with stalled(postgres):
+            # The backend answers 7 s after it was called; the follower's look at the row
+            # (at 5 s of silence) gives up within 3 s.
+            with trio.move_on_after(7.0 + _LOOKUP_TIMEOUT + SLACK):
+                await relayed.wait()
+            assert relayed.is_set()
