@@ -4,6 +4,7 @@ NATS, each call of the official `openai` SDK landing on either of them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from proxy.config import Settings
 from proxy.serve import serve
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_cli import free_port
 from tests.test_persistence import rows, wait_for_row
 
@@ -338,13 +339,16 @@ async def test_a_background_response_longer_than_the_grace_is_failed_at_its_end_
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
     fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))  # 4 s
+    key = await new_key(pg_database_url, "cut-by-the-stop")
     async with fake.serve() as server, gateway(
         pg_database_url, nats_url, backend("vllm", server.url, default=True)
     ) as survivor, stoppable_gateway(pg_database_url, nats_url, server.url, grace=2.0) as stopping:
-        client = openai.AsyncOpenAI(base_url=f"{stopping.url}/v1", api_key="x", max_retries=0)
+        await wait_for_key(stopping.url, key)
+        await wait_for_key(survivor, key)
+        client = openai.AsyncOpenAI(base_url=f"{stopping.url}/v1", api_key=key, max_retries=0)
         created = await client.responses.create(model="m", input="Count", background=True)
         await client.close()
-        other = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key="x", max_retries=0)
+        other = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key=key, max_retries=0)
 
         async def said() -> str | None:
             text = (await other.responses.retrieve(created.id)).output_text
@@ -364,3 +368,8 @@ async def test_a_background_response_longer_than_the_grace_is_failed_at_its_end_
     assert "".join(TOKENS).startswith(after) and after != "".join(TOKENS)
     assert len(after.split()) >= len(before.split()) + 8  # it went on during the grace
     assert polled.output[-1].status == "incomplete"
+    # What it had used is charged to its key before the gateway stopped.
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
+    assert code == 0, err
+    entry = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "cut-by-the-stop")
+    assert (entry["requests"], entry["errors"]) == (1, 1) and entry["completion_tokens"] > 0, entry

@@ -119,13 +119,18 @@ class Runs:
     async def wind_down(self, deadline: float) -> None:
         """The gateway stops: no run starts any more, those going on may finish until
         `deadline` (the end of the graceful stop that requests in flight have too), and
-        those still going then are cancelled. Returns once every run has ended."""
+        those still going then are cancelled. Returns once every run has ended (a cut run
+        only writes its row and its record: bounded), so that the limiter takes their usage."""
         self._winding_down = True
+        await self._all_ended(deadline)
+        self.stop()
+        await self._all_ended(trio.current_time() + 10)
+
+    async def _all_ended(self, deadline: float) -> None:
         with trio.move_on_at(deadline):
             while self._scopes:
                 self._one_ended = trio.Event()
                 await self._one_ended.wait()
-        self.stop()
 
     @property
     def available(self) -> bool:
