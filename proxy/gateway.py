@@ -57,6 +57,12 @@ class Gateway:
     _readiness: tuple[float, dict[str, str]] | None = None  # the last probe's end and answer
     _probing: trio.Event | None = None  # set when the probe in flight ends
 
+    async def wind_down(self, deadline: float) -> None:
+        """The gateway stops: its durable runs (background responses, keyed chats whose
+        client left) go on until `deadline`, the graceful stop's end, as requests in flight do."""
+        if self.persistence is not None:
+            await self.persistence.runs.wind_down(deadline)
+
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not.
 

@@ -46,6 +46,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.shutdown_grace_seconds
+    # The app's stop waits for its durable runs until the grace's end, then writes their rows.
+    config.shutdown_timeout = settings.shutdown_grace_seconds + 60.0
     config.keep_alive_timeout = 75.0
     config.keep_alive_max_requests = 100_000
     config.backlog = 1024
@@ -197,6 +199,7 @@ async def serve(
 
         async def triggered() -> None:
             await trigger()
+            app.stopping_by = trio.current_time() + config.graceful_timeout
             nursery.start_soon(_cut_stragglers, config, stopped)
 
         watchdog = trio.CancelScope()

@@ -382,6 +382,35 @@ async def test_a_keyed_run_that_failed_before_it_started_fails_its_followers_on_
         assert len(fake.requests) == 2
 
 
+async def test_a_duplicate_on_an_instance_without_nats_gets_the_failed_runs_error_at_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """Without NATS, the duplicate waits for the run's row: one that said `failed` was waited
+    past, for minutes, as if the run were still going."""
+    fake = OpenAIBackend(default=Script(status=500, header_delay=1.0))
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": MESSAGES}
+    answers: dict[str, httpx.Response] = {}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as without_nats, httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+        async def ask(name: str, url: str) -> None:
+            answers[name] = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+
+        nursery.start_soon(ask, "owner", first)
+        await fake.wait_requests(1, 10)
+        with trio.fail_after(10):
+            await ask("follower", without_nats)
+    assert answers["owner"].status_code == 502
+    follower = answers["follower"]
+    assert follower.headers["x-attached-to"] == answers["owner"].headers["x-trace-id"]
+    assert follower.status_code == 502 and "500" in follower.json()["error"]["message"], follower.text
+    assert len(fake.requests) == 1
+
+
 async def test_a_keyed_run_that_failed_may_be_retried_at_once(stack: Stack) -> None:
     stack.fake.push(Script(status=500))
     headers = {"Idempotency-Key": str(uuid.uuid4())}

@@ -17,7 +17,7 @@ import trio
 from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
-from tests.harness import backend
+from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import (
     MESSAGES,
     bearer,
@@ -169,3 +169,116 @@ async def test_reading_a_trace_back_while_postgres_stalls_is_a_prompt_503(
                 return again.status_code == 200 and again.json()["status"] == "completed"
 
             await eventually(back, within=40, every=0.5)
+
+
+async def test_a_follower_waiting_in_postgres_for_another_instances_run_is_a_prompt_503_when_it_stalls(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """A keyed request repeated on an instance without NATS waits for the run's stored
+    answer in PostgreSQL; when PostgreSQL stalled, it hung until it answered again."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(60)], usage=Usage(5, 60), pace=0.2))
+    body = {**_chat("followed"), "stream": False}
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    answers: dict[str, httpx.Response] = {}
+    followed = trio.Event()
+    async with fake.serve() as server, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True)
+    ) as running, running_gateway(
+        backend("vllm", server.url, default=True), database_url=postgres.url
+    ) as without_nats, httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
+
+        async def ask(name: str, url: str) -> None:
+            answers[name] = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+            if name == "follower":
+                followed.set()
+
+        nursery.start_soon(ask, "owner", running)
+        await fake.wait_requests(1, 10)
+        with trio.fail_after(_LOOKUP_TIMEOUT + 10):
+            nursery.start_soon(ask, "follower", without_nats)
+            await trio.sleep(1.0)  # it follows: the key is held by the run on the other instance
+            assert "follower" not in answers
+            with stalled(postgres):
+                started = trio.current_time()
+                await followed.wait()
+                took = trio.current_time() - started
+        follower = answers["follower"]
+        assert follower.status_code == 503, follower.text
+        assert follower.json()["error"]["code"] == "journal_unavailable"
+        assert follower.headers["retry-after"] == "2"
+        assert took < _LOOKUP_TIMEOUT + 0.5 + SLACK
+    assert answers["owner"].status_code == 200
+    assert len(fake.requests) == 1
+
+
+async def test_listing_a_running_background_responses_input_while_postgres_stalls_is_a_prompt_503(
+    stack: tuple[str, OpenAIBackend], postgres: EmbeddedPostgres
+) -> None:
+    """Its run is here, so the response is found; its input is only in its row: the listing
+    waited for the stalled database, then said 404 for a response that exists."""
+    url, fake = stack
+    assert postgres.url is not None
+    fake.push(Script(tokens=[f" w{i}" for i in range(60)], usage=Usage(5, 60), pace=0.2))
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        created = await client.post("/v1/responses", json={"model": "qwen3-8b", "input": "Count", "background": True})
+        assert created.status_code == 200, created.text
+        response = created.json()["id"]
+
+        async def row_written() -> bool:
+            found = await sql(postgres.url or "", "SELECT status FROM chat_log WHERE trace_id = %s",
+                              response.removeprefix("resp_"))
+            return found == [("running",)]
+
+        await eventually(row_written, within=10)
+        with stalled(postgres):
+            started = trio.current_time()
+            with trio.fail_after(_LOOKUP_TIMEOUT + 10):
+                listed = await client.get(f"/v1/responses/{response}/input_items")
+            took = trio.current_time() - started
+        assert listed.status_code == 503, listed.text
+        assert listed.json()["error"]["code"] == "journal_unavailable"
+        assert listed.headers["retry-after"] == "2"
+        assert took < _LOOKUP_TIMEOUT + SLACK
+        # The database answers again: so does the listing.
+        async def listed_again() -> bool:
+            again = await client.get(f"/v1/responses/{response}/input_items")
+            return again.status_code == 200 and again.json()["data"][0]["content"][0]["text"] == "Count"
+
+        await eventually(listed_again, within=40, every=0.5)
+        await client.post(f"/v1/responses/{response}/cancel")
+
+
+async def test_a_follower_on_nats_relays_the_run_while_postgres_stalls(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """A duplicate following a run of another instance over NATS looks at the run's row when
+    the run is silent for a heartbeat (5 s): while PostgreSQL stalled, that look hung, and the
+    run's events, arriving meanwhile, waited with it."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(10)], usage=Usage(5, 10), header_delay=7.0))
+    body = {**_chat("followed on nats"), "stream": True}
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    relayed = trio.Event()
+    async with fake.serve() as server, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True)
+    ) as first, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True)
+    ) as second, httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
+
+        async def ask(url: str, follower: bool) -> None:
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as answer:
+                async for line in answer.aiter_lines():
+                    if follower and '"content":" w0"' in line:
+                        relayed.set()
+
+        nursery.start_soon(ask, first, False)
+        await fake.wait_requests(1, 10)
+        nursery.start_soon(ask, second, True)
+        await trio.sleep(0.5)
+        with stalled(postgres):
+            # The backend answers 7 s after it was called; the follower's look at the row
+            # (at 5 s of silence) gives up within 3 s.
+            with trio.move_on_after(7.0 + _LOOKUP_TIMEOUT + SLACK):
+                await relayed.wait()
+            assert relayed.is_set()

@@ -4,11 +4,13 @@ NATS, each call of the official `openai` SDK landing on either of them."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -16,9 +18,11 @@ import openai
 import pytest
 import trio
 
+from proxy.config import Settings
+from proxy.serve import serve
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_cli import free_port
 from tests.test_persistence import rows, wait_for_row
 
@@ -274,3 +278,98 @@ async def test_a_streaming_response_is_found_on_the_other_instance_from_its_resp
     polled = await pair.second.responses.retrieve(created.response.id)
     assert (polled.id, polled.status) == (created.response.id, "in_progress")
     assert [event.type async for event in stream][-1] == "response.completed"
+
+
+@dataclass
+class Stoppable:
+    url: str
+    stop: trio.Event  # the signal
+    stopped: trio.Event  # the process would exit
+
+
+@asynccontextmanager
+async def stoppable_gateway(db: str, nats: str, backend_url: str, grace: float) -> AsyncIterator[Stoppable]:
+    """A gateway the test stops as SIGTERM would, and sees stop."""
+    settings = replace(
+        Settings(), backends=(backend("vllm", backend_url, default=True),), host="127.0.0.1", port=0,
+        access_log=False, database_url=db, nats_url=nats, shutdown_grace_seconds=grace,
+    )
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(serving)
+        try:
+            yield Stoppable(url, stop, stopped)
+        finally:
+            stop.set()
+
+
+async def test_a_background_response_goes_on_through_its_gateways_graceful_stop(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A rolling deploy: the instance running a background response is told to stop. The
+    response is finished within the grace its requests in flight get, and polled (on the
+    other instance) completed, not failed."""
+    fake = OpenAIBackend(default=Script(tokens=TOKENS[:20], usage=Usage(6, 20), pace=0.1))  # 2 s
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as survivor, stoppable_gateway(pg_database_url, nats_url, server.url, grace=5.0) as stopping:
+        client = openai.AsyncOpenAI(base_url=f"{stopping.url}/v1", api_key="x", max_retries=0)
+        created = await client.responses.create(model="m", input="Count", background=True)
+        await client.close()
+        await fake.wait_requests(1, 10)
+        stopping.stop.set()
+        with trio.fail_after(10):
+            await stopping.stopped.wait()
+        other = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key="x", max_retries=0)
+        polled = await other.responses.retrieve(created.id)
+        await other.close()
+    assert polled.status == "completed", polled.error
+    assert polled.output_text == "".join(TOKENS[:20])
+    assert [g.outcome for g in fake.recorder.generations] == ["completed"]
+
+
+async def test_a_background_response_longer_than_the_grace_is_failed_at_its_end_with_what_it_had_said(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))  # 4 s
+    key = await new_key(pg_database_url, "cut-by-the-stop")
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as survivor, stoppable_gateway(pg_database_url, nats_url, server.url, grace=2.0) as stopping:
+        await wait_for_key(stopping.url, key)
+        await wait_for_key(survivor, key)
+        client = openai.AsyncOpenAI(base_url=f"{stopping.url}/v1", api_key=key, max_retries=0)
+        created = await client.responses.create(model="m", input="Count", background=True)
+        await client.close()
+        other = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key=key, max_retries=0)
+
+        async def said() -> str | None:
+            text = (await other.responses.retrieve(created.id)).output_text
+            return text if len(text) > len(TOKENS[0]) else None
+
+        before = await eventually(said, within=10)
+        stopping.stop.set()
+        asked = trio.current_time()
+        with trio.fail_after(10):
+            await stopping.stopped.wait()
+        took = trio.current_time() - asked
+        polled = await other.responses.retrieve(created.id)
+        await other.close()
+    assert 1.8 <= took < 6.0  # the grace, not the whole answer
+    assert polled.status == "failed" and polled.error is not None and "shutting down" in polled.error.message
+    after = polled.output_text
+    assert "".join(TOKENS).startswith(after) and after != "".join(TOKENS)
+    assert len(after.split()) >= len(before.split()) + 8  # it went on during the grace
+    assert polled.output[-1].status == "incomplete"
+    # What it had used is charged to its key before the gateway stopped.
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
+    assert code == 0, err
+    entry = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "cut-by-the-stop")
+    assert (entry["requests"], entry["errors"]) == (1, 1) and entry["completion_tokens"] > 0, entry

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 class GatewayApp(QuartTrio):
     gateway: Gateway
     front: FrontDoor  # the routes served before Quart (see `_front`)
+    # When the graceful stop ends (trio's clock), set when the server is told to stop: the
+    # durable runs get the same grace as the requests in flight.
+    stopping_by: float | None = None
 
 
 def gateway() -> Gateway:

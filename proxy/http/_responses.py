@@ -39,7 +39,6 @@ from proxy.http._head import current_tenant, request_meta
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.chat_store import StoredRun
-from proxy.infra.postgres import DatabaseError
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
@@ -317,10 +316,8 @@ async def _row_coming(persistence: Persistence, trace_id: str) -> StoredRun | No
     store = persistence.store()
     if store is None:
         return None
-    try:
-        known = await store.trace_claimed(trace_id) or await persistence.has_events(trace_id)
-    except DatabaseError:
-        return None
+    claimed = await persistence.journal_read(lambda store: store.trace_claimed(trace_id), f"the key of {trace_id}")
+    known = claimed or await persistence.has_events(trace_id)
     with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
         while True:
             stored = await _stored(persistence, trace_id)
@@ -546,10 +543,8 @@ async def _continued_length(persistence: Persistence, settings: dict[str, Any] |
     if not isinstance(previous, str) or store is None:
         return 0
     trace_id = previous.removeprefix("resp_")
-    try:
-        stored, messages = await store.stored_run(trace_id), await store.stored_messages(trace_id)
-    except DatabaseError:
-        return 0
+    stored = await persistence.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+    messages = await persistence.journal_read(lambda store: store.stored_messages(trace_id), f"the request of {trace_id}")
     if stored is None or messages is None or stored.completion is None:
         return 0
     instructions = (stored.settings or {}).get("instructions")
@@ -566,10 +561,9 @@ async def _stored_messages(persistence: Persistence, trace_id: str) -> list[dict
         return None
     with trio.move_on_after(_ROW_WAIT_SECONDS):
         while True:
-            try:
-                messages = await store.stored_messages(trace_id)
-            except DatabaseError:
-                return None
+            messages = await persistence.journal_read(
+                lambda store: store.stored_messages(trace_id), f"the request of {trace_id}"
+            )
             if messages is not None or trace_id not in persistence.runs.live:
                 return messages
             await trio.sleep(0.05)

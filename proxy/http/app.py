@@ -6,6 +6,7 @@ import re
 from contextlib import AsyncExitStack
 from typing import Any, cast
 
+import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from proxy.config import Settings
@@ -102,6 +103,12 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.after_serving
     async def shutdown() -> None:
-        await resources.aclose()
+        deadline = app.stopping_by
+        if deadline is None:  # served by another server than `proxy.serve`: the grace starts now
+            deadline = trio.current_time() + settings.shutdown_grace_seconds
+        try:
+            await app.gateway.wind_down(deadline)
+        finally:
+            await resources.aclose()
 
     return app

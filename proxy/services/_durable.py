@@ -127,7 +127,7 @@ class DurableRun(Recording):
                     event_log.close(_outcome(result, complete=True))
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
-            # A durable run is cancelled by the server's shutdown (its row: failed, retry) or
+            # A durable run is cancelled by the server's shutdown at its grace's end (its row: failed, retry) or
             # by its client's explicit cancel (its row: cancelled).
             if is_cancellation(exc) and result.error is None and not self._cancelled_by_client():
                 result.error = SHUTTING_DOWN

@@ -97,13 +97,16 @@ class PersistenceSettings:
 class Runs:
     """Runs that outlive their request (durable runs), in one app-lifetime nursery.
 
-    Stopping the gateway cancels them; their journals still record them (as cancelled)."""
+    Stopping the gateway lets them finish within its graceful stop (`wind_down`), then
+    cancels those still going; their journals still record them (as failed, to retry)."""
 
     def __init__(self) -> None:
         self.live: dict[str, EventLog] = {}
         self.stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._winding_down = False
+        self._one_ended = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -118,9 +121,25 @@ class Runs:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def wind_down(self, deadline: float) -> None:
+        """The gateway stops: no run starts any more, those going on may finish until
+        `deadline` (the end of the graceful stop that requests in flight have too), and
+        those still going then are cancelled. Returns once every run has ended (a cut run
+        only writes its row and its record: bounded), so that the limiter takes their usage."""
+        self._winding_down = True
+        await self._all_ended(deadline)
+        self.stop()
+        await self._all_ended(trio.current_time() + 10)
+
+    async def _all_ended(self, deadline: float) -> None:
+        with trio.move_on_at(deadline):
+            while self._scopes:
+                self._one_ended = trio.Event()
+                await self._one_ended.wait()
+
     @property
     def available(self) -> bool:
-        return self._nursery is not None and not self._nursery.cancel_scope.cancel_called
+        return self._nursery is not None and not self._winding_down and not self._nursery.cancel_scope.cancel_called
 
     def spawn(self, body: Callable[[], Awaitable[None]]) -> bool:
         """Run `body` in this nursery (a task the gateway's stop cancels); False when stopped."""
@@ -144,6 +163,7 @@ class Runs:
                 self.live.pop(trace_id, None)
                 self._scopes.pop(trace_id, None)
                 ended.set()
+                self._one_ended.set()
 
         self._nursery.start_soon(supervised)
 
@@ -413,10 +433,6 @@ class Persistence:
         except DatabaseError:
             return False
 
-    async def _stored(self, store: ChatStore, trace_id: str) -> ChatCompletion | None:
-        run = await self._completed_run(store, trace_id)
-        return None if run is None else run.completion
-
     @staticmethod
     async def _completed_run(store: ChatStore, trace_id: str) -> StoredRun | None:
         """The trace's stored run if it completed (its answer, and which model gave it)."""
@@ -432,13 +448,18 @@ class Persistence:
         a trace not found then may well exist."""
         if self.resources.database_url is None:
             return None
+        return await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+
+    async def journal_read(self, call: Callable[[ChatStore], Awaitable[_T]], what: str) -> _T:
+        """A read of the journal a client waits on, within `_LOOKUP_TIMEOUT`; a 503 to retry
+        when its database cannot be read (not connected, down, stalled or failing)."""
         store = self.store()
         try:
             if store is None:
                 raise DatabaseUnavailable("not connected")
-            return await self._bounded(lambda: store.stored_run(trace_id))
+            return await self._bounded(lambda: call(store))
         except DatabaseError as error:
-            log.warning("reading the row of %s failed: %s", trace_id, error)
+            log.warning("reading %s failed: %s", what, error)
             raise GatewayError(
                 ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be read now; try again shortly.",
                 code="journal_unavailable", retry_after=2,
@@ -521,33 +542,42 @@ class Persistence:
 
     async def _stored_failure(self, trace_id: str) -> GatewayError | None:
         """The error of a run whose row (or, with no row yet, whose key) says it failed or
-        was cancelled; None otherwise."""
+        was cancelled; None otherwise, or when the database does not say within
+        `_LOOKUP_TIMEOUT` (a follower keeps following the run's events)."""
         store = self.store()
         if store is None:
             return None
         try:
-            stored = await store.stored(trace_id)
-            if stored is None and await store.trace_failed(trace_id):
+            found = await self._bounded(lambda: store.stored_run(trace_id))
+            if found is None and await self._bounded(lambda: store.trace_failed(trace_id)):
                 return GatewayError(ErrorKind.UNAVAILABLE, INTERRUPTED_MESSAGE)
         except DatabaseError:
             return None
-        if stored is None or stored[0] not in ("failed", "cancelled"):
-            return None
-        error = stored[2] or {}
-        kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
-        return GatewayError(kind, str(error.get("message") or "The run was interrupted."))
+        return None if found is None else _row_failure(found)
 
     async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
+        """Wait for a run of another instance to store its outcome (NATS cannot tell it):
+        replay its answer, or raise its error; a 503 when the database cannot be read."""
         deadline = trio.current_time() + self.settings.follow_silence
         while trio.current_time() < deadline:
-            store = self.store()
-            if store is not None:
-                stored = await self._stored(store, trace_id)
-                if stored is not None:
-                    await replayer(stored)(send)
-                    return
+            found = await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+            if found is not None and found.status == "completed" and found.completion is not None:
+                await replayer(found.completion)(send)
+                return
+            failure = _row_failure(found) if found is not None else None
+            if failure is not None:
+                raise failure
             await trio.sleep(0.5)
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
+
+
+def _row_failure(found: StoredRun) -> GatewayError | None:
+    """The error a row that ended failed or cancelled stored; None for any other row."""
+    if found.status not in ("failed", "cancelled"):
+        return None
+    error = found.error or {}
+    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
+    return GatewayError(kind, str(error.get("message") or "The run was interrupted."))
 
 
 def _ends_failed(events: list[StreamEvent]) -> bool:
