@@ -141,7 +141,7 @@ DEFAULT_RAG_TEMPLATE = (
 @dataclass(slots=True, frozen=True)
 class RagSettings:
     """`[rag]`: chunking at ingest, retrieval and context injection (workspaces may override
-    `top_k`, `score_threshold` and `candidates`)."""
+    `top_k`, `score_threshold`, `candidates` and `rerank`)."""
 
     top_k: int = 4  # passages injected
     score_threshold: float = 0.3  # minimum MaxSim rerank score of an injected passage

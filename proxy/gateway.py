@@ -207,7 +207,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     embeddings = EmbeddingService(
         settings.embeddings, router, backends, local_model, record=record_to(request_log, limits.record, metrics.sink())
     )
-    rag = RagService(settings.rag, lambda: resources.database, local_model)
+    rag = RagService(settings.rag, lambda: resources.database, local_model, configured=settings.database_url is not None)
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
     # The catalogue teaches the router the names backends list (see `_front.serve`).
     catalog = CatalogWithLocalModels(embeddings, backends, router, settings.models_cache_seconds)

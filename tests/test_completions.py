@@ -149,6 +149,16 @@ async def test_model_on_an_anthropic_backend_is_a_400(setup: Setup) -> None:
     assert info.value.param == "model"
 
 
+async def test_a_refused_completion_is_counted_as_a_completion_not_a_chat(setup: Setup) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await setup.client.completions.create(model="claude-sonnet-4", prompt="x")
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        text = (await http.get("/metrics")).text
+    refused = {"source": "refused", "status": "400", "outcome": "error"}
+    assert total(text, "llm_proxy_requests_total", kind="completion", **refused) == 1
+    assert total(text, "llm_proxy_requests_total", kind="chat") == 0
+
+
 async def test_unreachable_backend_is_a_503() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))

@@ -316,3 +316,20 @@ async def test_workspace_routes_answer_503_when_postgresql_goes_away(
                 answer = await client.get(path)
                 assert answer.status_code == 503, (path, answer.text)
                 assert answer.json()["error"]["code"].startswith("database_"), path
+
+
+async def test_workspaces_without_a_database_configured_are_a_503_not_worth_retrying() -> None:
+    # `embedded = false` and no DATABASE_URL: no wait will bring PostgreSQL, so the SDKs must
+    # not be invited to retry (Retry-After) as they are during an outage.
+    async with running_gateway(backend("vllm", "http://127.0.0.1:9", default=True), embedded=False) as url, \
+            httpx.AsyncClient(base_url=url, timeout=10) as client:
+        answers = [
+            await client.get("/v1/workspaces/docs"),
+            await client.post("/v1/workspaces/docs/documents", json={"content": "# Title\n\nSome text."}),
+            await client.post("/v1/chat/completions", headers={"x-workspace": "docs"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ]
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_not_configured"
+        assert "retry-after" not in answer.headers and answer.headers["x-should-retry"] == "false"

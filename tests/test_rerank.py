@@ -138,6 +138,13 @@ async def test_a_model_whose_backend_has_no_rerank_is_a_400(setup: Setup, model:
     assert not [r for r in setup.ollama.requests if "rerank" in r.path]
 
 
+async def test_a_refused_rerank_is_counted_as_a_rerank_not_a_chat(setup: Setup) -> None:
+    assert (await setup.client.post("/v1/rerank", json={**RERANK, "top_n": -1})).status_code == 400
+    text = (await setup.client.get("/metrics")).text
+    assert total(text, "llm_proxy_requests_total", kind="rerank", source="refused", status="400") == 1
+    assert total(text, "llm_proxy_requests_total", kind="chat") == 0
+
+
 async def test_an_unknown_model_is_a_404() -> None:
     fake = OpenAIBackend(models=("bge-reranker",))
     async with (

@@ -20,7 +20,7 @@ from proxy.http._relay import relay
 exchanges = FrontDoor()
 
 
-@exchanges.route("/v1/completions")
+@exchanges.route("/v1/completions", kind="completion")
 async def completions(incoming: Incoming) -> DirectBody:
     data = loads_object(incoming.body)
     fields = Fields(data)

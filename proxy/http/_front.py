@@ -77,6 +77,9 @@ Handler = Callable[[Incoming], Awaitable[DirectBody | Reply]]
 class FrontRoute:
     rule: str  # Quart's syntax (`/v1/streams/<trace_id>`), for the OpenAPI document
     handlers: dict[str, Handler]  # by method
+    # What a refusal on this route is logged and counted as (`ExchangeRecord.kind`), so that a
+    # refused rerank is not counted among the chats.
+    kind: str = "chat"
 
     @property
     def allow(self) -> bytes:
@@ -92,13 +95,13 @@ class FrontDoor:
         self._exact: dict[str, FrontRoute] = {}
         self._with_param: list[tuple[str, str, str, FrontRoute]] = []  # prefix, name, suffix
 
-    def route(self, rule: str, *, method: str = "POST") -> Callable[[Handler], Handler]:
+    def route(self, rule: str, *, method: str = "POST", kind: str = "chat") -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             known = self._routes_by_rule().get(rule)
             if known is not None:
                 known.handlers[method] = handler
                 return handler
-            route = FrontRoute(rule, {method: handler})
+            route = FrontRoute(rule, {method: handler}, kind)
             if "<" in rule:
                 prefix, _, rest = rule.partition("<")
                 name, _, suffix = rest.partition(">")
@@ -161,7 +164,7 @@ async def _serve(
     # The rate limits wait for the body: a request reserves the tokens it asks for.
     refusal = await admit(gateway, head, limits=False)
     if refusal is not None:
-        await _refuse(out, gateway, head, refusal, body, started)
+        await _refuse(out, gateway, route.kind, head, refusal, body, started)
         return
     try:
         handler = route.handlers.get(head.method)
@@ -176,7 +179,7 @@ async def _serve(
         body = inflate_body(body, head.header("content-encoding"), max_body)
         refusal = await limit(gateway, head, body)
         if refusal is not None:
-            await _refuse(out, gateway, head, refusal, body, started)
+            await _refuse(out, gateway, route.kind, head, refusal, body, started)
             return
         answer = await _answer(handler, Incoming(gateway, head, body, params))
     except GatewayError as error:
@@ -185,12 +188,12 @@ async def _serve(
         reply = error_reply(error, dialect_of_path(head.path))
         if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
             reply.headers.append((b"allow", route.allow))
-        await _refuse(out, gateway, head, reply, body, started, error.message)
+        await _refuse(out, gateway, route.kind, head, reply, body, started, error.message)
         return
     except Exception:
         log.exception("unhandled error on %s %s", head.method, head.path)
         internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-        await _refuse(out, gateway, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+        await _refuse(out, gateway, route.kind, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
         return
     if isinstance(answer, Reply):
         answer.headers.extend(granted_headers())
@@ -202,7 +205,7 @@ async def _serve(
 
 
 async def _refuse(
-    out: ResponseSend, gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float,
+    out: ResponseSend, gateway: Gateway, kind: str, head: RequestHead, reply: Reply, body: bytes | None, started: float,
     message: str | None = None,
 ) -> None:
     """Answer a request that got no exchange with `reply`, and log it.
@@ -213,12 +216,12 @@ async def _refuse(
         length = head.header("content-length")
         if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
             reply.headers.append((b"connection", b"close"))
-    _log_refusal(gateway, head, reply, body, started, message)
+    _log_refusal(gateway, kind, head, reply, body, started, message)
     await send_reply(out, reply)
 
 
 def _log_refusal(
-    gateway: Gateway, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None
+    gateway: Gateway, kind: str, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None
 ) -> None:
     """A request that got no exchange still gets its line in the request log (and counts
     as a failed request of its key). Only refusals pay for reading the body's model."""
@@ -234,7 +237,7 @@ def _log_refusal(
     gateway.chat.refused(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
-        api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(),
+        api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(), kind=kind,
     )
 
 

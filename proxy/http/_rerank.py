@@ -22,9 +22,9 @@ from proxy.http._relay import relay
 exchanges = FrontDoor()
 
 
-@exchanges.route("/v1/rerank")
-@exchanges.route("/v2/rerank")
-@exchanges.route("/rerank")
+@exchanges.route("/v1/rerank", kind="rerank")
+@exchanges.route("/v2/rerank", kind="rerank")
+@exchanges.route("/rerank", kind="rerank")
 async def rerank(incoming: Incoming) -> DirectBody:
     data = loads_object(incoming.body)
     fields = Fields(data)

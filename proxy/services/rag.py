@@ -209,9 +209,13 @@ Progress = Callable[[int], None]
 
 
 class RagService:
-    def __init__(self, settings: RagSettings, database: DatabaseSource, encoder: TextEncoder) -> None:
+    def __init__(
+        self, settings: RagSettings, database: DatabaseSource, encoder: TextEncoder, *, configured: bool = True,
+    ) -> None:
         self.settings = settings
         self._database = database
+        # False: no database at all (`embedded = false`, no DATABASE_URL), not one that is down.
+        self._configured = configured
         self._encoder = encoder
         self.chunker = ChunkerSettings(target=settings.chunk_tokens, overlap=settings.chunk_overlap,
                                        maximum=max(settings.chunk_tokens, 250))
@@ -222,6 +226,13 @@ class RagService:
 
     def store(self) -> RagStore:
         db = self._database()
+        if db is None and not self._configured:
+            # A retry can never help: the SDKs must not retry it for ever on a 503.
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE,
+                "This gateway runs without a database (`embedded = false` and no DATABASE_URL): RAG workspaces "
+                "need PostgreSQL.", code="database_not_configured", hopeless=True,
+            )
         if db is None:
             raise GatewayError(ErrorKind.UNAVAILABLE, "The RAG store (PostgreSQL) is unavailable; try again shortly.",
                                code="database_unavailable", retry_after=2)
