@@ -402,3 +402,22 @@ async def test_a_large_body_over_a_slow_link_is_read_while_it_keeps_coming(monke
         trickled = await client.post("/v1/chat/completions", content=steadily(50, 0.1),
                                      headers={"content-length": str(len(body))})
         assert trickled.status_code == 400 and trickled.json()["error"]["code"] == "body_timeout"
+
+
+async def test_the_stalled_reader_watch_survives_connections_closed_while_their_requests_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients that leave mid-stream: hypercorn closes the socket at once but keeps the
+    connection until its request winds down. The watch for stalled readers asked the closed
+    socket's send queue (fd -1), a ValueError that stopped the whole gateway within
+    `CLIENT_STALL_SECONDS / 4` of such a client (30 s into a real load with drops)."""
+    monkeypatch.setattr(proxy.serve, "CLIENT_STALL_SECONDS", 0.02)
+    fake = OpenAIBackend(default=Script(n_tokens=400, pace=0.01))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway:
+        for _ in range(40):
+            stream = await _open_stream(gateway, {**CHATS["/v1/chat/completions"], "stream": True})
+            await stream.receive_some(65536)
+            await stream.aclose()
+        async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+            answer = await client.post("/v1/chat/completions", json=CHATS["/v1/chat/completions"])
+        assert answer.status_code == 200, answer.text
