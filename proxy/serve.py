@@ -96,6 +96,12 @@ class _KnownTCPServer(TCPServer):
             connection.ended()  # however the connection ended, its requests are over
             open_here.discard(self)
 
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client closed (or broke) the connection. hypercorn's keep-alive timer, running
+        # if it was idle, would hold the socket (CLOSE-WAIT) and this task for its 75 s.
+        await self.idle_task.stop()
+
 
 class _EndTellingStream:
     """A connection's stream whose reads end its `ClientConnection` at end-of-file. Every
