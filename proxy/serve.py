@@ -98,6 +98,12 @@ class _KnownTCPServer(TCPServer):
             connection.ended()  # however the connection ended, its requests are over
             open_here.discard(self)
 
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client closed (or broke) the connection. hypercorn's keep-alive timer, running
+        # if it was idle, would hold the socket (CLOSE-WAIT) and this task for its 75 s.
+        await self.idle_task.stop()
+
 
 class _EndTellingStream:
     """A connection's stream whose reads end its `ClientConnection` at end-of-file. Every
@@ -146,13 +152,17 @@ async def _cut_stalled_readers(config: Config) -> None:
         await trio.sleep(CLIENT_STALL_SECONDS / 4)
         for connection in list(_connections.get(config, ())):
             sock = getattr(connection.raw_stream, "socket", None)
-            acked = _bytes_acked(sock) if sock is not None and _unacknowledged(sock) else None
+            if sock is None or sock.fileno() < 0:
+                # Closed (its client left) while its request winds down: nothing to cut, and
+                # asking a closed socket is a ValueError, which ended the whole server.
+                continue
+            acked = _bytes_acked(sock) if _unacknowledged(sock) else None
             if acked is None or acked != connection.acked:
                 connection.acked = -1 if acked is None else acked
                 connection.stalled_looks = 0
                 continue
             connection.stalled_looks += 1
-            if connection.stalled_looks >= 4 and sock is not None:
+            if connection.stalled_looks >= 4:
                 log.warning("closing a connection whose client has read nothing for %gs", CLIENT_STALL_SECONDS)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -402,3 +402,41 @@ async def test_a_large_body_over_a_slow_link_is_read_while_it_keeps_coming(monke
         trickled = await client.post("/v1/chat/completions", content=steadily(50, 0.1),
                                      headers={"content-length": str(len(body))})
         assert trickled.status_code == 400 and trickled.json()["error"]["code"] == "body_timeout"
+
+
+async def test_the_stalled_reader_watch_survives_connections_closed_while_their_requests_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients that leave mid-stream: hypercorn closes the socket at once but keeps the
+    connection until its request winds down. The watch for stalled readers asked the closed
+    socket's send queue (fd -1), a ValueError that stopped the whole gateway within
+    `CLIENT_STALL_SECONDS / 4` of such a client (30 s into a real load with drops)."""
+    monkeypatch.setattr(proxy.serve, "CLIENT_STALL_SECONDS", 0.02)
+    fake = OpenAIBackend(default=Script(n_tokens=400, pace=0.01))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway:
+        for _ in range(40):
+            stream = await _open_stream(gateway, {**CHATS["/v1/chat/completions"], "stream": True})
+            await stream.receive_some(65536)
+            await stream.aclose()
+        async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+            answer = await client.post("/v1/chat/completions", json=CHATS["/v1/chat/completions"])
+        assert answer.status_code == 200, answer.text
+
+
+async def test_a_keep_alive_connection_its_client_closed_is_closed_at_once() -> None:
+    """A client that closes its idle keep-alive connection: hypercorn read the end-of-file
+    but kept the socket (CLOSE-WAIT, one fd) and its task until the keep-alive timeout, 75 s
+    later. A busy gateway whose clients open a connection per request held one fd per
+    request of the last 75 s: at a few hundred req/s, the process's fd limit."""
+    fake = OpenAIBackend(default=Script())
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway:
+        for path, body in (("/v1/chat/completions", CHATS["/v1/chat/completions"]),
+                           ("/v1/embeddings", {"model": "gpt-x", "input": "hello"})):
+            for _ in range(5):
+                async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+                    answer = await client.post(path, json=body)
+                    assert answer.status_code == 200, answer.text
+                    await trio.sleep(0.1)  # the connection is idle, waiting for the next request
+        with trio.fail_after(5):
+            while any(proxy.serve._connections.values()):  # noqa: ASYNC110 (no event for a socket's close)
+                await trio.sleep(0.05)
