@@ -228,15 +228,22 @@ def _no_sink(send: ASGISendCallable) -> ExchangeSink:
 # -- reading a response back ------------------------------------------------------------------------
 
 
-@exchanges.route("/v1/responses/<response_id>", method="GET")
-async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
-    """A response read back from the journal while it keeps it: whole (its row), or with
-    `stream=true` its stream again, from the event after `starting_after` (OpenAI's resume)."""
+def _addressed(incoming: Incoming) -> tuple[str, str, Persistence]:
+    """The response a route's path names, its run's trace id and the journal that keeps it;
+    404 for an id this gateway never makes, or without a journal."""
     response = incoming.params["response_id"]
     trace_id = response.removeprefix("resp_")
     persistence = incoming.gateway.persistence
     if persistence is None or trace_id == response or not trace_id:
         raise _not_found(response)
+    return response, trace_id, persistence
+
+
+@exchanges.route("/v1/responses/<response_id>", method="GET")
+async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
+    """A response read back from the journal while it keeps it: whole (its row), or with
+    `stream=true` its stream again, from the event after `starting_after` (OpenAI's resume)."""
+    response, trace_id, persistence = _addressed(incoming)
     query = parse_qs(incoming.head.query.decode("latin-1"))
     if (query.get("stream") or ["false"])[0].lower() != "true":
         return await _whole(persistence, trace_id, response)
@@ -484,11 +491,7 @@ def _not_found(response_id: str) -> GatewayError:
 async def cancel_response(incoming: Incoming) -> Reply:
     """Stop a background response, on this instance or (over NATS) the one running it: the
     Response as it then stands (`cancelled`). One that has ended already is answered as it is."""
-    response = incoming.params["response_id"]
-    trace_id = response.removeprefix("resp_")
-    persistence = incoming.gateway.persistence
-    if persistence is None or trace_id == response or not trace_id:
-        raise _not_found(response)
+    response, trace_id, persistence = _addressed(incoming)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
         if not (stored.settings or {}).get("background"):
@@ -517,11 +520,7 @@ async def cancel_response(incoming: Incoming) -> Reply:
 async def response_input_items(incoming: Incoming) -> Reply:
     """The items its request gave as `input` (OpenAI's list page), read from its journal row
     on any instance."""
-    response = incoming.params["response_id"]
-    trace_id = response.removeprefix("resp_")
-    persistence = incoming.gateway.persistence
-    if persistence is None or trace_id == response or not trace_id:
-        raise _not_found(response)
+    response, trace_id, persistence = _addressed(incoming)
     query = parse_qs(incoming.head.query.decode("latin-1"))
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     messages = await _stored_messages(persistence, trace_id)
