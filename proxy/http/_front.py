@@ -142,66 +142,56 @@ async def serve(
     receive: ASGIReceiveCallable,
     send: ASGISendCallable,
 ) -> None:
-    """One request on a front-door route, from the guard to the last byte."""
+    """One request on a front-door route, from the guard to the last byte; what its
+    admission reserved is settled however it ends."""
     try:
-        await _serve(gateway, route, params, scope, receive, send)
-    finally:
-        settle_reservation(gateway)
-
-
-async def _serve(
-    gateway: Gateway,
-    route: FrontRoute,
-    params: dict[str, str],
-    scope: Mapping[str, Any],
-    receive: ASGIReceiveCallable,
-    send: ASGISendCallable,
-) -> None:
-    head = RequestHead(scope)
-    out = ResponseSend(send, scope, head)
-    started = time.perf_counter()
-    body: bytes | None = None
-    # The rate limits wait for the body: a request reserves the tokens it asks for.
-    refusal = await admit(gateway, head, limits=False)
-    if refusal is not None:
-        await _refuse(out, gateway, route.kind, head, refusal, body, started)
-        return
-    try:
-        handler = route.handlers.get(head.method)
-        if handler is None:
-            raise GatewayError(
-                ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
-            )
-        max_body = gateway.settings.max_body_bytes
-        body = await _read_body(receive, head, max_body)
-        if body is None:
-            return  # the client left before its request was whole
-        body = inflate_body(body, head.header("content-encoding"), max_body)
-        refusal = await limit(gateway, head, body)
+        head = RequestHead(scope)
+        out = ResponseSend(send, scope, head)
+        started = time.perf_counter()
+        body: bytes | None = None
+        # The rate limits wait for the body: a request reserves the tokens it asks for.
+        refusal = await admit(gateway, head, limits=False)
         if refusal is not None:
             await _refuse(out, gateway, route.kind, head, refusal, body, started)
             return
-        answer = await _answer(handler, Incoming(gateway, head, body, params))
-    except GatewayError as error:
-        if error.kind is ErrorKind.PERMISSION:
-            give_back_admission(gateway)
-        reply = error_reply(error, dialect_of_path(head.path))
-        if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
-            reply.headers.append((b"allow", route.allow))
-        await _refuse(out, gateway, route.kind, head, reply, body, started, error.message)
-        return
-    except Exception:
-        log.exception("unhandled error on %s %s", head.method, head.path)
-        internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-        await _refuse(out, gateway, route.kind, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
-        return
-    if isinstance(answer, Reply):
-        answer.headers.extend(granted_headers())
-        await send_reply(out, answer)
-        return
-    if isinstance(answer, ExchangeBody):
-        stamp_exchange(answer.exchange)
-    await _respond(answer, receive, out)
+        try:
+            handler = route.handlers.get(head.method)
+            if handler is None:
+                raise GatewayError(
+                    ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
+                )
+            max_body = gateway.settings.max_body_bytes
+            body = await _read_body(receive, head, max_body)
+            if body is None:
+                return  # the client left before its request was whole
+            body = inflate_body(body, head.header("content-encoding"), max_body)
+            refusal = await limit(gateway, head, body)
+            if refusal is not None:
+                await _refuse(out, gateway, route.kind, head, refusal, body, started)
+                return
+            answer = await _answer(handler, Incoming(gateway, head, body, params))
+        except GatewayError as error:
+            if error.kind is ErrorKind.PERMISSION:
+                give_back_admission(gateway)
+            reply = error_reply(error, dialect_of_path(head.path))
+            if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
+                reply.headers.append((b"allow", route.allow))
+            await _refuse(out, gateway, route.kind, head, reply, body, started, error.message)
+            return
+        except Exception:
+            log.exception("unhandled error on %s %s", head.method, head.path)
+            internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
+            await _refuse(out, gateway, route.kind, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+            return
+        if isinstance(answer, Reply):
+            answer.headers.extend(granted_headers())
+            await send_reply(out, answer)
+            return
+        if isinstance(answer, ExchangeBody):
+            stamp_exchange(answer.exchange)
+        await _respond(answer, receive, out)
+    finally:
+        settle_reservation(gateway)
 
 
 async def _refuse(
