@@ -250,7 +250,10 @@ async def test_tokens_are_reserved_from_the_gateways_own_bucket_in_an_outage(sta
     async def charged() -> bool:
         ahead = await sql(stack.db, "SELECT l.tokens_at - extract(epoch FROM clock_timestamp()) FROM api_key_limits l"
                                     " JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'tokens-outage'")
-        return bool(ahead) and float(ahead[0][0]) > -3600  # written (the row starts at epoch 0)
+        # Written (the row starts at epoch 0) and settled: batches are written in turn, and an
+        # admission call that outlived the outage may have reserved there too, given back in a
+        # later write, so a read between two writes may see reservations not yet given back.
+        return bool(ahead) and -3600 < float(ahead[0][0]) < 1
 
     await eventually(charged, within=30, every=0.5)
     [(ahead,)] = await sql(stack.db, "SELECT l.tokens_at - extract(epoch FROM clock_timestamp()) FROM api_key_limits l"
