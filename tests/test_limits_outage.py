@@ -6,9 +6,8 @@ holds per process, and once the database answers again the limit is shared again
 from __future__ import annotations
 
 import logging
-import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from proxy.infra.embedded import EmbeddedPostgres
 from proxy.services.limits import _ADMIT_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
+from tests.pausing import paused
 from tests.test_auth_helpers import (
     MESSAGES,
     bearer,
@@ -50,17 +50,9 @@ def stalled(server: EmbeddedPostgres) -> Iterator[None]:
     """Every process of `server` paused: connections stay open, nothing answers."""
     assert server.pid is not None
     postmaster = psutil.Process(server.pid)
-    processes = [postmaster, *postmaster.children(recursive=True)]
-    stopped: list[psutil.Process] = []
-    try:
-        for process in processes:
-            process.send_signal(signal.SIGSTOP)
-            stopped.append(process)
+    children = [child.pid for child in postmaster.children(recursive=True)]
+    with paused(postmaster.pid, *children):
         yield
-    finally:
-        for process in stopped:
-            with suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGCONT)
 
 
 @dataclass

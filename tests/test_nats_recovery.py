@@ -4,11 +4,9 @@ anyway is repaired without restarting the gateway. Real nats-server, paused with
 
 from __future__ import annotations
 
-import os
-import signal
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import nats.errors
@@ -20,6 +18,7 @@ from trio_asyncio import aio_as_trio
 from proxy.infra.embedded import EmbeddedNats
 from proxy.infra.nats import Bus, BusUnavailable, open_bus
 from proxy.infra.resources import Resources
+from tests import pausing
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -31,14 +30,9 @@ def server(tmp_path: Path) -> Iterator[EmbeddedNats]:
         yield started
 
 
-@contextmanager
-def paused(server: EmbeddedNats) -> Iterator[None]:
+def paused(server: EmbeddedNats) -> AbstractContextManager[None]:
     assert server.pid is not None
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
+    return pausing.paused(server.pid)
 
 
 async def _ready_within(resources: Resources, seconds: float) -> None:
