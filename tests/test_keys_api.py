@@ -86,6 +86,7 @@ async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(stack
         })
         assert created.status_code == 201, created.text
         assert created.headers["cache-control"] == "no-store"
+        assert created.headers["location"] == f"/v1/keys/{created.json()['id']}"
         record = created.json()
         secret = record.pop("key")
         assert secret.startswith("sk-llmp-") and record["prefix"] == secret[:16]
@@ -216,12 +217,20 @@ async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
                 "message": "Managing API keys needs an admin key (`llm-proxy keys create --admin`).",
                 "type": "permission_error", "param": None, "code": "admin_key_required",
             }}
+    # An admin key limited to some workspaces or models could grant more than it may use.
+    scoped = await new_key(stack.db, "team-a admin", "--admin", "--workspaces", "team-a*")
+    await wait_for_key(stack.url, scoped)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(scoped), timeout=10) as team_admin:
+        refused = await team_admin.post("/v1/keys", json={"name": "everything"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        assert "not limited to some models or workspaces" in refused.json()["error"]["message"]
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as anonymous:
         missing = await anonymous.get("/v1/keys")
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
         assert missing.headers["www-authenticate"].startswith("Bearer")
     records = await cli_records(stack.db)
-    assert [r["name"] for r in records.values()] == ["root", "plain"] and records[1]["status"] == "active"
+    assert [r["name"] for r in records.values()] == ["root", "plain", "team-a admin"]
+    assert records[1]["status"] == "active"
 
 
 async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:

@@ -46,9 +46,13 @@ _CREATE_ONLY: Final = ("admin",)
 @blueprint.before_request
 async def admins_only() -> None:
     principal = current_principal.get()
-    if principal is not None and principal.admin:
+    if principal is not None and principal.admin and principal.models is None and principal.workspaces is None:
         return
-    if principal is not None:
+    if principal is not None and principal.admin:
+        # It could grant keys models or workspaces it may not use itself (as a key limited to
+        # some workspaces may not list or create workspaces).
+        message = "Managing API keys needs an admin key not limited to some models or workspaces."
+    elif principal is not None:
         message = "Managing API keys needs an admin key (`llm-proxy keys create --admin`)."
     else:
         auth = gateway().auth
@@ -185,7 +189,8 @@ async def create() -> Response:
         raise invalid_request(str(error)) from None
     await _applied()
     # The one answer that holds the key: no cache may keep it.
-    return _reply({**_record(key, KeyUsage()), "key": secret}, 201, **{"cache-control": "no-store"})
+    return _reply({**_record(key, KeyUsage()), "key": secret}, 201,
+                  **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
 
 
 @blueprint.get("/v1/keys")
@@ -256,7 +261,8 @@ _RECORD: dict[str, Any] = {
     },
 }
 _ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
-_ADMIN = "Admin keys only: 403 `admin_key_required` otherwise, and while the gateway asks for no key at all."
+_ADMIN = ("Admin keys not limited to some models or workspaces only: 403 `admin_key_required` otherwise, "
+          "and while the gateway asks for no key at all.")
 
 
 def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
