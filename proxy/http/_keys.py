@@ -81,10 +81,6 @@ def _record(key: StoredKey, usage: KeyUsage) -> dict[str, Any]:
     return {"object": "api_key", **_key_json(key, usage, datetime.now(UTC))}
 
 
-async def _usage_of(db: Database, key_id: int) -> KeyUsage:
-    return (await KeysStore(db).usage()).get(key_id, KeyUsage())
-
-
 async def _applied() -> None:
     """This process's key ring reloads now (the others are notified by the database)."""
     auth = gateway().auth
@@ -200,38 +196,39 @@ async def list_keys() -> Response:
     return _reply({"object": "list", "data": [_record(key, usage.get(key.id, KeyUsage())) for key in keys]})
 
 
-async def _found(db: Database, key_id: str, **changes: Any) -> StoredKey:
-    key = await update_key(db, _key_id(key_id), **changes)
+def _found(key: StoredKey | None, key_id: str) -> StoredKey:
     if key is None:
         raise _not_found(key_id)
     return key
 
 
+async def _answer(db: Database, key: StoredKey) -> Response:
+    return _reply(_record(key, (await KeysStore(db).usage()).get(key.id, KeyUsage())))
+
+
 @blueprint.get("/v1/keys/<key_id>")
 async def get_key(key_id: str) -> Response:
     db = _database()
-    key = await _found(db, key_id)
-    return _reply(_record(key, await _usage_of(db, key.id)))
+    found = await KeysStore(db).find(str(_key_id(key_id)))  # by id: one key or none
+    return await _answer(db, _found(found[0] if found else None, key_id))
 
 
 @blueprint.patch("/v1/keys/<key_id>")
 async def patch_key(key_id: str) -> Response:
     changes = _changes(loads_object(await request_body()), creating=False)
     db = _database()
-    key = await _found(db, key_id, **changes)
+    key = _found(await update_key(db, _key_id(key_id), **changes), key_id)
     if changes:
         await _applied()
-    return _reply(_record(key, await _usage_of(db, key.id)))
+    return await _answer(db, key)
 
 
 @blueprint.delete("/v1/keys/<key_id>")
 async def revoke_key(key_id: str) -> Response:
     db = _database()
-    key = await KeysStore(db).revoke(_key_id(key_id))
-    if key is None:
-        raise _not_found(key_id)
+    key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
     await _applied()
-    return _reply(_record(key, await _usage_of(db, key.id)))
+    return await _answer(db, key)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------
