@@ -4,6 +4,7 @@ made over HTTP used by the openai SDK, changes applied by another gateway on the
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,10 @@ async def test_the_first_key_comes_from_the_cli_not_from_an_open_gateway(stack: 
     assert len(await sql(stack.db, "SELECT id FROM api_keys")) == 1
 
 
-async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(stack: Stack) -> None:
+async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin:
         created = await admin.post("/v1/keys", json={
             "name": "ci-bot", "models": ["qwen3-*"], "workspaces": ["docs"], "rpm": 100, "tpm": 50000, "expires": "30d",
@@ -104,6 +108,12 @@ async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(stack
             with pytest.raises(openai.PermissionDeniedError) as outside:
                 await client.chat.completions.create(model="llama3", messages=MESSAGES)  # type: ignore[arg-type]
             assert outside.value.code == "model_not_allowed"
+
+        # The log says who made it (an audit trail), never the key.
+        made = [r.getMessage() for r in caplog.records if " created by key " in r.getMessage()]
+        assert len(made) == 1 and made[0].endswith("'root'")
+        assert made[0].startswith(f"API key {record['id']} ({record['prefix']}...) 'ci-bot' created by key 1 (sk-llmp-")
+        assert all(secret not in r.getMessage() for r in caplog.records)
 
         admin_made = await admin.post("/v1/keys", json={"name": "ops", "admin": True})
         assert admin_made.status_code == 201 and admin_made.json()["admin"] is True

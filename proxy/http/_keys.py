@@ -18,6 +18,7 @@ as loopback, so "loopback may bootstrap" would be an open door there.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -33,6 +34,7 @@ from proxy.keys_command import _key_json
 from proxy.services.auth import create_key, current_principal, parse_expiry
 
 blueprint = Blueprint("keys", __name__)
+log = logging.getLogger("llm_proxy.auth")
 
 _JSON: Final = "application/json"
 _MAX_INT4: Final = 2**31 - 1
@@ -81,8 +83,13 @@ def _record(key: StoredKey, usage: KeyUsage) -> dict[str, Any]:
     return {"object": "api_key", **_key_json(key, usage, datetime.now(UTC))}
 
 
-async def _applied() -> None:
-    """This process's key ring reloads now (the others are notified by the database)."""
+async def _applied(key: StoredKey, what: str) -> None:
+    """Log who changed the key (an audit trail an operator can search; never the key), and
+    reload this process's key ring now (the others are notified by the database)."""
+    by = current_principal.get()
+    assert by is not None  # the blueprint's guard let only an admin key through
+    log.info("API key %d (%s...) %r %s by key %d (%s...) %r",
+             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name)
     auth = gateway().auth
     if auth is not None:
         await auth.ring.refresh()
@@ -183,7 +190,7 @@ async def create() -> Response:
         key, secret = await create_key(KeysStore(db), **changes)
     except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
         raise invalid_request(str(error)) from None
-    await _applied()
+    await _applied(key, "created")
     # The one answer that holds the key: no cache may keep it.
     return _reply({**_record(key, KeyUsage()), "key": secret}, 201,
                   **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
@@ -219,7 +226,7 @@ async def patch_key(key_id: str) -> Response:
     db = _database()
     key = _found(await update_key(db, _key_id(key_id), **changes), key_id)
     if changes:
-        await _applied()
+        await _applied(key, "changed (" + ", ".join(changes) + ")")
     return await _answer(db, key)
 
 
@@ -227,7 +234,7 @@ async def patch_key(key_id: str) -> Response:
 async def revoke_key(key_id: str) -> Response:
     db = _database()
     key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
-    await _applied()
+    await _applied(key, "revoked")
     return await _answer(db, key)
 
 
