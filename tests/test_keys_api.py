@@ -142,7 +142,7 @@ async def test_listings_and_records_never_show_a_key(stack: Stack) -> None:
         assert secret not in json.dumps(one) and one["name"] == "shown"
         assert (one["prompt_tokens"], one["completion_tokens"]) == (5, 1)
 
-        for missing in ("999", "abc", "1" * 40):
+        for missing in ("999", "abc", "1" * 40, "\u00b2", "\u0661"):  # `²` and Arabic-Indic 1 are no ids
             answer = await admin.get(f"/v1/keys/{missing}")
             assert answer.status_code == 404 and answer.json()["error"]["code"] == "key_not_found"
 

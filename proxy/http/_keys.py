@@ -100,7 +100,8 @@ def _not_found(key_id: str) -> GatewayError:
 
 
 def _key_id(text: str) -> int:
-    if not text.isdigit() or len(text) > 18:  # bigint ids: anything longer names no key
+    # ASCII only: `isdigit` is true of `²`, which `int` refuses. Bigint ids: 19 digits name no key.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise _not_found(text)
     return int(text)
 
