@@ -18,6 +18,7 @@ from proxy.http import (
     _embeddings,
     _front,
     _health,
+    _keys,
     _ollama,
     _openai,
     _rerank,
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_anthropic.blueprint)
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
+    app.register_blueprint(_keys.blueprint)
     app.register_blueprint(openapi_blueprint)
     for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)

@@ -280,6 +280,30 @@ class KeysStore:
         )
 
 
+# -- changing a key (the admin API) ---------------------------------------------------------------
+
+# The columns `update_key` may set; everything else (the digest, the prefix, revocation) has
+# its own way or none.
+_UPDATABLE = frozenset({"name", "models", "workspaces", "rpm", "tpm", "admin", "expires_at"})
+
+
+async def update_key(db: Database, key_id: int, **fields: Any) -> StoredKey | None:
+    """Set some of a key's columns (plain values; None clears a limit, a scope or the
+    expiry); the trigger notifies every gateway. None: no such key. Without fields, the key."""
+    unknown = set(fields) - _UPDATABLE
+    if unknown:
+        raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
+    if not fields:
+        row = await db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = %s", (key_id,))
+    else:
+        values = [list(v) if k in ("models", "workspaces") and v is not None else v for k, v in fields.items()]
+        assignments = ", ".join(f"{column} = %s" for column in fields)  # names from _UPDATABLE only
+        row = await db.fetchrow(
+            f"UPDATE api_keys SET {assignments} WHERE id = %s RETURNING {_COLUMNS}", (*values, key_id)
+        )
+    return _key(row) if row is not None else None
+
+
 # -- change notifications -----------------------------------------------------------------------
 
 

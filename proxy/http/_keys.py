@@ -1,0 +1,303 @@
+"""API keys over HTTP, for admin keys only (errors in OpenAI's shape).
+
+    POST   /v1/keys         create a key: its record and, this once, the key itself (`key`)
+    GET    /v1/keys         list keys with their usage (never the keys themselves)
+    GET    /v1/keys/{id}    one key
+    PATCH  /v1/keys/{id}    change its name, scopes, limits or expiry
+    DELETE /v1/keys/{id}    revoke it (idempotent)
+
+A record is what `llm-proxy keys list --json` prints for the key, plus `"object": "api_key"`.
+Every gateway sharing the database applies a change at once (the table's trigger notifies
+their key rings); this one reloads before answering, so its next request sees the change.
+
+No key asked (auth off, or `auto` before any key exists) means no admin to recognise: the API
+then refuses everything, and the first admin key comes from `llm-proxy keys create --admin`
+on the database host. A gateway reached only through a local reverse proxy sees every client
+as loopback, so "loopback may bootstrap" would be an open door there.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from quart import Blueprint, Response
+
+from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.http._context import gateway, request_body
+from proxy.http._openapi import _INT, _STR, _op, document
+from proxy.infra.keys_store import KeysStore, KeyUsage, StoredKey, update_key
+from proxy.infra.postgres import Database
+from proxy.keys_command import _key_json
+from proxy.services.auth import create_key, current_principal, parse_expiry
+
+blueprint = Blueprint("keys", __name__)
+log = logging.getLogger("llm_proxy.auth")
+
+_JSON: Final = "application/json"
+_MAX_INT4: Final = 2**31 - 1
+_PATTERN_CHARS: Final = 200
+_LAST_YEAR: Final = 9999
+# What a request may set; `admin` only when creating (a key's powers are fixed at birth).
+_SETTABLE: Final = ("name", "models", "workspaces", "rpm", "tpm", "expires", "expires_at")
+_CREATE_ONLY: Final = ("admin",)
+
+
+@blueprint.before_request
+async def admins_only() -> None:
+    principal = current_principal.get()
+    if principal is not None and principal.admin and principal.models is None and principal.workspaces is None:
+        return
+    if principal is not None and principal.admin:
+        # It could grant keys models or workspaces it may not use itself (as a key limited to
+        # some workspaces may not list or create workspaces).
+        message = "Managing API keys needs an admin key not limited to some models or workspaces."
+    elif principal is not None:
+        message = "Managing API keys needs an admin key (`llm-proxy keys create --admin`)."
+    else:
+        auth = gateway().auth
+        off = auth is None or auth.mode == "off"
+        message = (
+            "Managing API keys needs an admin key, and this gateway asks for none"
+            + (" (`auth = \"off\"`)." if off else " yet: no key exists.")
+            + " Create the first admin key on the database host: `llm-proxy keys create --name NAME --admin`."
+        )
+    raise GatewayError(ErrorKind.PERMISSION, message, code="admin_key_required")
+
+
+def _database() -> Database:
+    db = gateway().resources.database
+    if db is None:
+        raise GatewayError(ErrorKind.UNAVAILABLE, "API keys are kept in the database, which is not available.",
+                           code="database_unavailable", retry_after=5)
+    return db
+
+
+def _reply(body: Any, status: int = 200, **headers: str) -> Response:
+    return Response(dumps(body), status=status, content_type=_JSON, headers=headers)
+
+
+def _record(key: StoredKey, usage: KeyUsage) -> dict[str, Any]:
+    return {"object": "api_key", **_key_json(key, usage, datetime.now(UTC))}
+
+
+async def _applied(key: StoredKey, what: str) -> None:
+    """Log who changed the key (an audit trail an operator can search; never the key), and
+    reload this process's key ring now (the others are notified by the database)."""
+    by = current_principal.get()
+    assert by is not None  # the blueprint's guard let only an admin key through
+    log.info("API key %d (%s...) %r %s by key %d (%s...) %r",
+             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name)
+    auth = gateway().auth
+    if auth is not None:
+        await auth.ring.refresh()
+
+
+def _not_found(key_id: str) -> GatewayError:
+    return GatewayError(ErrorKind.NOT_FOUND, f"No API key with id `{key_id}`.", param="id", code="key_not_found")
+
+
+def _key_id(text: str) -> int:
+    # ASCII only: `isdigit` is true of `²`, which `int` refuses. Bigint ids: 19 digits name no key.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise _not_found(text)
+    return int(text)
+
+
+# -- request fields ------------------------------------------------------------------------------
+
+
+def _patterns(fields: Fields, name: str) -> tuple[str, ...] | None:
+    items = fields.array(name)
+    if items is None:
+        return None
+    if not items:
+        raise invalid_request(
+            f"Invalid `{name}`: expected a non-empty array of patterns (null: every one).", param=name
+        )
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or "\x00" in item:
+            raise invalid_request(
+                f"Invalid `{name}[{i}]`: expected a pattern of 1 to {_PATTERN_CHARS} characters (`*` matches anything).",
+                param=f"{name}[{i}]",
+            )
+    return tuple(item.strip() for item in items)
+
+
+def _expiry(fields: Fields) -> tuple[bool, datetime | None]:
+    """(given, when): `expires` (as the CLI's `--expires`) or `expires_at` (as records show it)."""
+    given = [name for name in ("expires", "expires_at") if name in fields.data]
+    if len(given) > 1:
+        raise invalid_request("Give `expires` or `expires_at`, not both.", param="expires_at")
+    if not given:
+        return False, None
+    name = given[0]
+    text = fields.text(name)
+    if text is None:
+        return True, None
+    try:
+        when = parse_expiry(text)
+        # Stored as is, a date past year 9999 in UTC could not be read back into Python: every
+        # gateway's key ring would fail to load.
+        if when.astimezone(UTC).year >= _LAST_YEAR:
+            raise ValueError(f"{text!r} is too far in the future")
+    except (ValueError, OverflowError) as error:
+        raise invalid_request(f"Invalid `{name}`: {error}.", param=name) from None
+    return True, when
+
+
+def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    """The request's fields as `update_key` / `create_key` take them: only those given (a
+    null clears a scope, a limit or the expiry); a 400 naming the first bad one."""
+    allowed = _SETTABLE + _CREATE_ONLY if creating else _SETTABLE
+    for field in data:
+        if field not in allowed:
+            hint = " (a key's admin right is fixed when it is created)" if field in _CREATE_ONLY else ""
+            raise invalid_request(
+                f"Unknown or read-only field `{field}`{hint}: a request may set {', '.join(f'`{a}`' for a in allowed)}.",
+                param=field, code="unknown_parameter",
+            )
+    fields = Fields(data)
+    changes: dict[str, Any] = {}
+    if "name" in data or creating:
+        name = fields.text("name", required=creating)
+        if name is None or not 1 <= len(name.strip()) <= 200 or "\x00" in name:  # PostgreSQL text holds no NUL
+            raise invalid_request("Invalid `name`: expected 1 to 200 characters (no NUL).", param="name")
+        changes["name"] = name.strip()
+    for scope in ("models", "workspaces"):
+        if scope in data:
+            changes[scope] = _patterns(fields, scope)
+    for limit in ("rpm", "tpm"):
+        if limit in data:
+            changes[limit] = fields.integer(limit, minimum=1, maximum=_MAX_INT4)
+    given, when = _expiry(fields)
+    if given:
+        changes["expires_at"] = when
+    if "admin" in data:
+        changes["admin"] = bool(fields.boolean("admin"))
+    return changes
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@blueprint.post("/v1/keys")
+async def create() -> Response:
+    changes = _changes(loads_object(await request_body()), creating=True)
+    db = _database()
+    try:
+        key, secret = await create_key(KeysStore(db), **changes)
+    except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
+        raise invalid_request(str(error)) from None
+    await _applied(key, "created")
+    # The one answer that holds the key: no cache may keep it.
+    return _reply({**_record(key, KeyUsage()), "key": secret}, 201,
+                  **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
+
+
+@blueprint.get("/v1/keys")
+async def list_keys() -> Response:
+    store = KeysStore(_database())
+    keys, usage = await store.find_all(), await store.usage()
+    return _reply({"object": "list", "data": [_record(key, usage.get(key.id, KeyUsage())) for key in keys]})
+
+
+def _found(key: StoredKey | None, key_id: str) -> StoredKey:
+    if key is None:
+        raise _not_found(key_id)
+    return key
+
+
+async def _answer(db: Database, key: StoredKey) -> Response:
+    return _reply(_record(key, (await KeysStore(db).usage()).get(key.id, KeyUsage())))
+
+
+@blueprint.get("/v1/keys/<key_id>")
+async def get_key(key_id: str) -> Response:
+    db = _database()
+    found = await KeysStore(db).find(str(_key_id(key_id)))  # by id: one key or none
+    return await _answer(db, _found(found[0] if found else None, key_id))
+
+
+@blueprint.patch("/v1/keys/<key_id>")
+async def patch_key(key_id: str) -> Response:
+    changes = _changes(loads_object(await request_body()), creating=False)
+    db = _database()
+    key = _found(await update_key(db, _key_id(key_id), **changes), key_id)
+    if changes:
+        await _applied(key, "changed (" + ", ".join(changes) + ")")
+    return await _answer(db, key)
+
+
+@blueprint.delete("/v1/keys/<key_id>")
+async def revoke_key(key_id: str) -> Response:
+    db = _database()
+    key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
+    await _applied(key, "revoked")
+    return await _answer(db, key)
+
+
+# -- OpenAPI -------------------------------------------------------------------------------------
+
+_NULLABLE_PATTERNS = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS},
+                      "minItems": 1, "description": "Glob patterns (`*` matches anything); null: every one."}
+_LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT4}
+_EXPIRES = {"type": ["string", "null"],
+            "description": "`2026-12-31` (00:00 UTC), an ISO date-time, or `90d` / `12h` / `30m` from now; null: never."}
+_SETTABLE_SCHEMA: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+    "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
+    "expires": _EXPIRES, "expires_at": _EXPIRES,
+}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_RECORD: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "id", "prefix", "name", "status"],
+    "properties": {
+        "object": {"const": "api_key"}, "id": _INT, "prefix": _STR, "name": _STR,
+        "status": {"enum": ["active", "expired", "revoked"]},
+        "models": {"type": ["array", "null"], "items": _STR}, "workspaces": {"type": ["array", "null"], "items": _STR},
+        "rpm": {"type": ["integer", "null"]}, "tpm": {"type": ["integer", "null"]}, "admin": {"type": "boolean"},
+        "created_at": _STR, "expires_at": _NULLABLE_STR, "revoked_at": _NULLABLE_STR,
+        "requests": _INT, "errors": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
+        "last_used_at": _NULLABLE_STR,
+    },
+}
+_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+_ADMIN = ("Admin keys not limited to some models or workspaces only: 403 `admin_key_required` otherwise, "
+          "and while the gateway asks for no key at all.")
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
+
+
+_created = _op(
+    "Create an API key (admin keys)", "Keys", _ok({}), description=_ADMIN + " The answer holds the key, once.",
+    body={"type": "object", "required": ["name"], "additionalProperties": False,
+          "properties": {**_SETTABLE_SCHEMA, "admin": {"type": "boolean"}}},
+)
+_created["responses"] = {
+    "201": _ok({**_RECORD, "required": [*_RECORD["required"], "key"],
+                "properties": {**_RECORD["properties"], "key": {"type": "string", "description": "The key; never shown again."}}},
+               "Created"),
+    **{status: answer for status, answer in _created["responses"].items() if status != "200"},
+}
+document("/v1/keys", "post", _created)
+document("/v1/keys", "get", _op(
+    "List API keys with their usage (admin keys)", "Keys", description=_ADMIN,
+    ok=_ok({"type": "object", "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _RECORD}}}),
+))
+document("/v1/keys/{key_id}", "get", _op("An API key (admin keys)", "Keys", _ok(_RECORD), parameters=[_ID], description=_ADMIN))
+document("/v1/keys/{key_id}", "patch", _op(
+    "Change an API key's name, scopes, limits or expiry (admin keys)", "Keys", _ok(_RECORD), parameters=[_ID],
+    description=_ADMIN + " Fields left out are unchanged; null clears a scope, a limit or the expiry.",
+    body={"type": "object", "additionalProperties": False, "properties": _SETTABLE_SCHEMA},
+))
+document("/v1/keys/{key_id}", "delete", _op(
+    "Revoke an API key (admin keys; idempotent)", "Keys", _ok(_RECORD), parameters=[_ID],
+    description=_ADMIN + " Every gateway refuses the key (401 `revoked_api_key`) from its next request.",
+))

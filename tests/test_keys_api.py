@@ -1,0 +1,290 @@
+"""The admin API for keys (`/v1/keys`) end to end: real PostgreSQL, the gateway as served, keys
+made over HTTP used by the openai SDK, changes applied by another gateway on the database."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    keys_cli,
+    new_key,
+    sql,
+    wait_for_key,
+)
+
+pytest_plugins = ["tests.infra_servers"]
+
+CHAT = {"model": "qwen3-8b", "messages": MESSAGES}
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    nats: str
+    backend_url: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        yield Stack(url, pg_database_url, nats_url, server.url)
+
+
+async def admin_client(stack: Stack) -> httpx.AsyncClient:
+    key = await new_key(stack.db, "root", "--admin")
+    await wait_for_key(stack.url, key)
+    return httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10)
+
+
+async def cli_records(db: str) -> dict[int, dict[str, Any]]:
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(db, "list", "--json"))
+    assert code == 0, err
+    return {entry["id"]: entry for entry in map(json.loads, out.splitlines())}
+
+
+async def test_the_first_key_comes_from_the_cli_not_from_an_open_gateway(stack: Stack) -> None:
+    # No key exists: the gateway asks none, so it cannot tell an admin from anyone who reaches
+    # it (loopback included: a local reverse proxy makes every client loopback).
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as anyone:
+        refused = await anyone.post("/v1/keys", json={"name": "mine", "admin": True})
+        assert refused.status_code == 403
+        error = refused.json()["error"]
+        assert error["code"] == "admin_key_required" and error["type"] == "permission_error"
+        assert "llm-proxy keys create" in error["message"]
+        assert (await anyone.get("/v1/keys")).status_code == 403
+        assert await sql(stack.db, "SELECT id FROM api_keys") == []
+    # With `auth = "off"` no key is ever asked: the API stays shut even once keys exist.
+    await new_key(stack.db, "root", "--admin")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.backend_url, default=True), auth="off") as url, \
+            httpx.AsyncClient(base_url=url, timeout=10) as anyone:
+        refused = await anyone.post("/v1/keys", json={"name": "mine"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        assert '"off"' in refused.json()["error"]["message"]
+    assert len(await sql(stack.db, "SELECT id FROM api_keys")) == 1
+
+
+async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with await admin_client(stack) as admin:
+        created = await admin.post("/v1/keys", json={
+            "name": "ci-bot", "models": ["qwen3-*"], "workspaces": ["docs"], "rpm": 100, "tpm": 50000, "expires": "30d",
+        })
+        assert created.status_code == 201, created.text
+        assert created.headers["cache-control"] == "no-store"
+        assert created.headers["location"] == f"/v1/keys/{created.json()['id']}"
+        record = created.json()
+        secret = record.pop("key")
+        assert secret.startswith("sk-llmp-") and record["prefix"] == secret[:16]
+        assert record["object"] == "api_key" and record["status"] == "active" and record["admin"] is False
+        assert (record["models"], record["workspaces"], record["rpm"], record["tpm"]) == (["qwen3-*"], ["docs"], 100, 50000)
+
+        # Both surfaces say the same, field for field.
+        record.pop("object")
+        assert (await cli_records(stack.db))[record["id"]] == record
+
+        # No waiting: the gateway that created it knows it before answering.
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=secret, max_retries=0) as client:
+            reply = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+            assert reply.choices[0].message.content == "Hello"
+            with pytest.raises(openai.PermissionDeniedError) as outside:
+                await client.chat.completions.create(model="llama3", messages=MESSAGES)  # type: ignore[arg-type]
+            assert outside.value.code == "model_not_allowed"
+
+        # The log says who made it (an audit trail), never the key.
+        made = [r.getMessage() for r in caplog.records if " created by key " in r.getMessage()]
+        assert len(made) == 1 and made[0].endswith("'root'")
+        assert made[0].startswith(f"API key {record['id']} ({record['prefix']}...) 'ci-bot' created by key 1 (sk-llmp-")
+        assert all(secret not in r.getMessage() for r in caplog.records)
+
+        admin_made = await admin.post("/v1/keys", json={"name": "ops", "admin": True})
+        assert admin_made.status_code == 201 and admin_made.json()["admin"] is True
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(admin_made.json()["key"])) as ops:
+            assert (await ops.get("/v1/keys")).status_code == 200
+
+
+async def test_listings_and_records_never_show_a_key(stack: Stack) -> None:
+    async with await admin_client(stack) as admin:
+        secret = (await admin.post("/v1/keys", json={"name": "shown"})).json()["key"]
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(secret)) as user:
+            assert (await user.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+        listing = await admin.get("/v1/keys")
+        assert listing.status_code == 200
+        body = listing.json()
+        assert body["object"] == "list" and [k["name"] for k in body["data"]] == ["root", "shown"]
+        shown = body["data"][1]
+        assert secret not in listing.text and "key" not in shown and "digest" not in shown
+
+        async def counted() -> dict[str, Any] | None:
+            record: dict[str, Any] = (await admin.get(f"/v1/keys/{shown['id']}")).json()
+            return record if record["requests"] == 1 else None
+
+        one = await eventually(counted)  # usage is written in batches
+        assert secret not in json.dumps(one) and one["name"] == "shown"
+        assert (one["prompt_tokens"], one["completion_tokens"]) == (5, 1)
+
+        for missing in ("999", "abc", "1" * 40, "\u00b2", "\u0661"):  # `²` and Arabic-Indic 1 are no ids
+            answer = await admin.get(f"/v1/keys/{missing}")
+            assert answer.status_code == 404 and answer.json()["error"]["code"] == "key_not_found"
+
+
+async def test_patched_limits_are_enforced_at_once_by_another_gateway(stack: Stack) -> None:
+    async with await admin_client(stack) as admin, gateway(
+        stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
+    ) as other_url:
+        made = (await admin.post("/v1/keys", json={"name": "limited"})).json()
+        await wait_for_key(other_url, made["key"])
+        async with httpx.AsyncClient(base_url=other_url, headers=bearer(made["key"]), timeout=10) as user:
+            for _ in range(3):
+                assert (await user.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+            patched = await admin.patch(f"/v1/keys/{made['id']}", json={"rpm": 2, "name": "throttled"})
+            assert patched.status_code == 200, patched.text
+            assert (patched.json()["rpm"], patched.json()["name"]) == (2, "throttled")
+
+            async def throttled() -> httpx.Response | None:
+                answer = await user.post("/v1/chat/completions", json=CHAT)
+                return answer if answer.status_code == 429 else None
+
+            refused = await eventually(throttled, within=3.0)
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert refused.headers["x-ratelimit-limit-requests"] == "2"
+
+            # null lifts the limit again; fields left out are unchanged.
+            lifted = await admin.patch(f"/v1/keys/{made['id']}", json={"rpm": None})
+            assert (lifted.json()["rpm"], lifted.json()["name"]) == (None, "throttled")
+
+            async def free() -> bool:
+                return (await user.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+            await eventually(free, within=3.0)
+        assert (await cli_records(stack.db))[made["id"]]["name"] == "throttled"
+
+
+async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(stack: Stack) -> None:
+    async with await admin_client(stack) as admin, gateway(
+        stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
+    ) as other_url:
+        made = (await admin.post("/v1/keys", json={"name": "doomed"})).json()
+        await wait_for_key(other_url, made["key"])
+        here = httpx.AsyncClient(base_url=stack.url, headers=bearer(made["key"]), timeout=10)
+        there = httpx.AsyncClient(base_url=other_url, headers=bearer(made["key"]), timeout=10)
+        async with here, there:
+            assert (await there.get("/v1/models")).status_code == 200
+
+            revoked = await admin.delete(f"/v1/keys/{made['id']}")
+            assert revoked.status_code == 200
+            assert revoked.json()["status"] == "revoked" and revoked.json()["revoked_at"] is not None
+            again = await admin.delete(f"/v1/keys/{made['id']}")  # idempotent: the same record
+            assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+
+            refused = await here.get("/v1/models")  # the gateway that revoked it: at once
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "revoked_api_key"
+
+            async def refused_there() -> bool:
+                return (await there.get("/v1/models")).status_code == 401
+
+            await eventually(refused_there, within=2.0, every=0.01)
+            assert (await there.get("/v1/models")).json()["error"]["code"] == "revoked_api_key"
+
+        assert (await admin.delete("/v1/keys/999")).status_code == 404
+        assert (await cli_records(stack.db))[made["id"]]["status"] == "revoked"
+
+
+async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "plain"})).json()
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made["key"]), timeout=10) as plain:
+        for method, path, body in (
+            ("POST", "/v1/keys", {"name": "escalate", "admin": True}),
+            ("GET", "/v1/keys", None),
+            ("GET", f"/v1/keys/{made['id']}", None),
+            ("PATCH", f"/v1/keys/{made['id']}", {"models": None}),
+            ("DELETE", "/v1/keys/1", None),
+        ):
+            refused = await plain.request(method, path, json=body)
+            assert refused.status_code == 403, (method, path)
+            assert refused.json() == {"error": {
+                "message": "Managing API keys needs an admin key (`llm-proxy keys create --admin`).",
+                "type": "permission_error", "param": None, "code": "admin_key_required",
+            }}
+    # An admin key limited to some workspaces or models could grant more than it may use.
+    scoped = await new_key(stack.db, "team-a admin", "--admin", "--workspaces", "team-a*")
+    await wait_for_key(stack.url, scoped)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(scoped), timeout=10) as team_admin:
+        refused = await team_admin.post("/v1/keys", json={"name": "everything"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
+        assert "not limited to some models or workspaces" in refused.json()["error"]["message"]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as anonymous:
+        missing = await anonymous.get("/v1/keys")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+    records = await cli_records(stack.db)
+    assert [r["name"] for r in records.values()] == ["root", "plain", "team-a admin"]
+    assert records[1]["status"] == "active"
+
+
+async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
+    creations: list[tuple[dict[str, Any], str]] = [
+        ({}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "x\u0000"}, "name"),
+        ({"name": "x", "rpm": 0}, "rpm"),
+        ({"name": "x", "rpm": "10"}, "rpm"),
+        ({"name": "x", "tpm": 2**40}, "tpm"),
+        ({"name": "x", "models": "gpt-4o"}, "models"),
+        ({"name": "x", "models": []}, "models"),
+        ({"name": "x", "workspaces": ["docs", 3]}, "workspaces[1]"),
+        ({"name": "x", "expires": "soon"}, "expires"),
+        ({"name": "x", "expires": "2001-01-01"}, "expires"),
+        ({"name": "x", "expires": "99999999999d"}, "expires"),
+        ({"name": "x", "expires_at": "9999-12-31T23:00:00-05:00"}, "expires_at"),
+        ({"name": "x", "admin": "yes"}, "admin"),
+        ({"name": "x", "colour": "red"}, "colour"),
+    ]
+    async with await admin_client(stack) as admin:
+        for body, param in creations:
+            answer = await admin.post("/v1/keys", json=body)
+            assert answer.status_code == 400, (body, answer.text)
+            error = answer.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error", (body, error)
+            assert param.split("[")[0] in error["message"]
+        root = (await admin.get("/v1/keys")).json()["data"][0]
+        for body, param in (({"admin": False}, "admin"), ({"id": 7}, "id"), ({"name": None}, "name"),
+                            ({"tpm": -1}, "tpm"), ({"expires": "1h", "expires_at": "2h"}, "expires_at")):
+            answer = await admin.patch(f"/v1/keys/{root['id']}", json=body)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
+        not_json = await admin.post("/v1/keys", content=b"{name", headers={"content-type": "application/json"})
+        assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
+        assert (await admin.get(f"/v1/keys/{root['id']}")).json() == root  # nothing changed
+    assert len(await sql(stack.db, "SELECT id FROM api_keys")) == 1
+
+
+async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert set(paths["/v1/keys"]) == {"get", "post"}
+    assert set(paths["/v1/keys/{key_id}"]) == {"get", "patch", "delete"}
+    created = paths["/v1/keys"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
+    assert "key" in created["required"]
+    assert "key" not in paths["/v1/keys"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "properties"]["data"]["items"]["properties"]
