@@ -122,6 +122,29 @@ async def test_a_key_answers_until_its_budget_is_spent_then_insufficient_quota_a
     assert MONTH - 120 <= int(error.response.headers["retry-after"]) <= MONTH
 
 
+async def test_streams_in_flight_when_the_budget_runs_out_finish_whole(stack: Stack) -> None:
+    stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
+    key = await new_key(stack.db, "streams", "--budget", "100")
+    await wait_for_key(stack.url, key)
+    texts: list[str] = []
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+
+        async def read() -> None:
+            stream = await client.chat.completions.create(
+                model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+            )
+            texts.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
+
+        async with trio.open_nursery() as nursery:  # both admitted with nothing counted yet
+            nursery.start_soon(read)
+            nursery.start_soon(read)
+        # The first to end took 70 of 100; the other went on past the budget, to its end.
+        assert texts == ["tick " * 10] * 2
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+    assert "(140 used)" in refused.value.message
+
+
 async def test_a_spent_budget_is_refused_in_the_anthropic_and_ollama_shapes(stack: Stack) -> None:
     key = await new_key(stack.db, "small", "--budget", "50")
     await wait_for_key(stack.url, key)
