@@ -307,7 +307,7 @@ def _key_json(key: StoredKey, used: KeyUsage, budget: BudgetState | None, now: d
         "rpm": key.rpm,
         "tpm": key.tpm,
         "budget": key.budget,
-        "budget_period": period_text(key.budget_period),
+        "budget_period": period_text(key.budget_period) if key.budget else None,
         "budget_used": budget.used if budget else None,
         "budget_resets_at": budget.resets_at.isoformat() if budget else None,
         "admin": key.admin,
