@@ -1,4 +1,4 @@
-"""`llm-proxy keys create|list|revoke`: API keys, managed in the database directly.
+"""`llm-proxy keys create|list|update|revoke`: API keys, managed in the database directly.
 
 A running gateway picks the change up at once (PostgreSQL notifies it), so there is nothing
 to restart. `create` prints the key alone on stdout (so `KEY=$(llm-proxy keys create ...)`
@@ -11,20 +11,28 @@ import argparse
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import trio
 
 from proxy.infra.aio import asyncio_bridge
-from proxy.infra.keys_store import KeysStore, KeyUsage, StoredKey
+from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
-from proxy.services.auth import _DISPLAY_CHARS, create_key, key_digest, parse_expiry
+from proxy.services.auth import (
+    _DISPLAY_CHARS,
+    create_key,
+    key_digest,
+    parse_expiry,
+    parse_period,
+    period_text,
+    update_key,
+)
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    keys = commands.add_parser("keys", help="create, list, update and revoke API keys")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     create = actions.add_parser("create", help="create a key and print it (once)")
@@ -38,7 +46,27 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
     create.add_argument("--tpm", type=int, help="tokens (prompt + completion) per minute")
     create.add_argument("--expires", metavar="DATE",
                         help="when the key stops working: 2026-12-31 (00:00 UTC), an ISO date-time, or 90d / 12h / 30m")
+    create.add_argument("--budget", type=int, metavar="TOKENS",
+                        help="tokens (prompt + completion) the key may use per budget period (default: unlimited)")
+    create.add_argument("--budget-period", default="30d", metavar="PERIOD",
+                        help="the budget's period, from now: 30m, 12h, 1d, 7d, 30d, 4w (default: 30d)")
     create.add_argument("--admin", action="store_true", help="may change workspaces' documents")
+
+    update = actions.add_parser("update", help="change a key's limits, scopes or expiry in place")
+    common(update)
+    update.add_argument("key", metavar="ID|PREFIX|KEY",
+                        help="the key's id, the start of its prefix (at least 6 characters), or the whole key")
+    update.add_argument("--name", help="what the key is for")
+    update.add_argument("--models", nargs="+", metavar="PATTERN", help="models the key may use; * alone: all")
+    update.add_argument("--workspaces", nargs="+", metavar="WS", help="RAG workspaces the key may use; * alone: all")
+    update.add_argument("--rpm", type=_limit, metavar="N|none", help="requests per minute (none: unlimited)")
+    update.add_argument("--tpm", type=_limit, metavar="N|none", help="tokens per minute (none: unlimited)")
+    update.add_argument("--budget", type=_limit, metavar="TOKENS|none",
+                        help="tokens per budget period (none: unlimited); the current period's count is kept")
+    update.add_argument("--budget-period", metavar="PERIOD",
+                        help="the budget's period: 30m, 12h, 1d, 7d, 30d, 4w (the current period's end moves with it)")
+    update.add_argument("--expires", metavar="DATE|never",
+                        help="2026-12-31, an ISO date-time, 90d / 12h / 30m from now, or never")
 
     listing = actions.add_parser("list", help="list keys (never the keys themselves) with their usage")
     common(listing)
@@ -50,6 +78,21 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
                         help="the key's id, the start of its prefix (at least 6 characters), or the whole key")
 
 
+_NONE = -1  # `none` on the command line: the limit is lifted
+
+
+def _limit(text: str) -> int:
+    if text.strip().lower() in ("none", "unlimited"):
+        return _NONE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or none") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer or none")
+    return value
+
+
 def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     if not database_url:
         print("llm-proxy: no database: set DATABASE_URL or enable the embedded one", file=err)
@@ -58,12 +101,22 @@ def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.st
     if args.keys_command == "create":
         try:
             expires = parse_expiry(args.expires) if args.expires else None
+            period = parse_period(args.budget_period)
         except ValueError as error:
-            print(f"llm-proxy: --expires: {error}", file=err)
+            print(f"llm-proxy: {error}", file=err)
             return 2
 
         async def action(store: KeysStore) -> int:
-            return await _create(store, args, expires, out, err)
+            return await _create(store, args, expires, period, out, err)
+    elif args.keys_command == "update":
+        try:
+            changes = _changes(args)
+        except ValueError as error:
+            print(f"llm-proxy: {error}", file=err)
+            return 2
+
+        async def action(store: KeysStore) -> int:
+            return await _update(store, args.key, changes, out, err)
     elif args.keys_command == "list":
         async def action(store: KeysStore) -> int:
             return await _list(store, args.json, out)
@@ -83,11 +136,14 @@ def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.st
         return 1
 
 
-async def _create(store: KeysStore, args: argparse.Namespace, expires: datetime | None, out: TextIO, err: TextIO) -> int:
+async def _create(
+    store: KeysStore, args: argparse.Namespace, expires: datetime | None, period: timedelta, out: TextIO, err: TextIO
+) -> int:
     try:
         key, secret = await create_key(
             store, name=args.name, models=args.models, workspaces=args.workspaces,
             rpm=args.rpm, tpm=args.tpm, admin=args.admin, expires_at=expires,
+            budget=args.budget, budget_period=period,
         )
     except ValueError as error:
         print(f"llm-proxy: {error}", file=err)
@@ -101,20 +157,28 @@ async def _create(store: KeysStore, args: argparse.Namespace, expires: datetime 
 async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
     keys = await store.find_all()
     usage = await store.usage()
+    budgets = await store.budgets()
     now = datetime.now(UTC)
     if as_json:
         for key in keys:
-            print(json.dumps(_key_json(key, usage.get(key.id, KeyUsage()), now)), file=out)
+            print(json.dumps(_key_json(key, usage.get(key.id, KeyUsage()), budgets.get(key.id), now)), file=out)
         return 0
-    header = ("ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "ADMIN", "EXPIRES", "REQUESTS", "TOKENS", "LAST USED")
+    header = (
+        "ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "BUDGET", "BUDGET USED", "RESETS",
+        "ADMIN", "EXPIRES", "REQUESTS", "TOKENS", "LAST USED",
+    )
     rows = [header]
     for key in keys:
         used = usage.get(key.id, KeyUsage())
+        budget = budgets.get(key.id)
         rows.append((
             str(key.id), key.prefix, key.name, _status(key, now),
             ",".join(key.models) if key.models is not None else "*",
             ",".join(key.workspaces) if key.workspaces is not None else "*",
-            str(key.rpm or "-"), str(key.tpm or "-"), "yes" if key.admin else "no",
+            str(key.rpm or "-"), str(key.tpm or "-"),
+            f"{key.budget}/{period_text(key.budget_period)}" if key.budget else "-",
+            str(budget.used) if budget else "-", _when(budget.resets_at if budget else None),
+            "yes" if key.admin else "no",
             _when(key.expires_at), str(used.requests), str(used.prompt_tokens + used.completion_tokens),
             _when(used.last_used_at),
         ))
@@ -124,7 +188,33 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
     return 0
 
 
-async def _revoke(store: KeysStore, ref: str, out: TextIO, err: TextIO) -> int:
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """What `keys update` was asked to change, as `KeysStore.update` takes it."""
+    changes: dict[str, Any] = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    for column in ("models", "workspaces"):
+        patterns = getattr(args, column)
+        if patterns is not None:
+            changes[column] = None if [p.strip() for p in patterns] == ["*"] else patterns
+    for column in ("rpm", "tpm", "budget"):
+        value = getattr(args, column)
+        if value is not None:
+            changes[column] = None if value == _NONE else value
+    if args.budget_period is not None:
+        changes["budget_period"] = parse_period(args.budget_period)
+    if args.expires is not None:
+        never = args.expires.strip().lower() in ("never", "none")
+        changes["expires_at"] = None if never else parse_expiry(args.expires)
+    if not changes:
+        raise ValueError("nothing to change: give --rpm, --tpm, --budget, --budget-period, --models, --workspaces, "
+                         "--expires or --name")
+    return changes
+
+
+async def _find_one(store: KeysStore, ref: str, err: TextIO) -> StoredKey | None:
+    """The one key `ref` names (id, prefix, or the key itself); None, said on `err`, if none
+    or several."""
     ref = ref.strip()
     if len(ref) > _DISPLAY_CHARS:
         # Longer than any prefix: the key itself (a leaked one, say), found by its digest.
@@ -137,14 +227,37 @@ async def _revoke(store: KeysStore, ref: str, out: TextIO, err: TextIO) -> int:
             f"llm-proxy: no key with id, prefix or value {_shown(ref)!r} (a prefix needs at least 6 characters)",
             file=err,
         )
-        return 1
+        return None
     if len(matches) > 1:
         ids = ", ".join(f"{k.id} ({k.prefix})" for k in matches)
         print(f"llm-proxy: {_shown(ref)!r} matches several keys: {ids}; use the id", file=err)
+        return None
+    return matches[0]
+
+
+async def _revoke(store: KeysStore, ref: str, out: TextIO, err: TextIO) -> int:
+    found = await _find_one(store, ref, err)
+    if found is None:
         return 1
-    key = await store.revoke(matches[0].id)
+    key = await store.revoke(found.id)
     assert key is not None
     print(f"revoked key {key.id} ({key.prefix}...) {key.name!r}", file=out)
+    return 0
+
+
+async def _update(store: KeysStore, ref: str, changes: dict[str, Any], out: TextIO, err: TextIO) -> int:
+    found = await _find_one(store, ref, err)
+    if found is None:
+        return 1
+    try:
+        key = await update_key(store, found.id, changes)
+    except ValueError as error:
+        print(f"llm-proxy: {error}", file=err)
+        return 2
+    if key is None:  # deleted meanwhile
+        print(f"llm-proxy: key {found.id} no longer exists", file=err)
+        return 1
+    print(f"updated key {key.id} ({key.prefix}...) {key.name!r}: {_scope_text(key)}", file=out)
     return 0
 
 
@@ -174,6 +287,8 @@ def _scope_text(key: StoredKey) -> str:
         parts.append(f"{key.rpm} requests/min")
     if key.tpm:
         parts.append(f"{key.tpm} tokens/min")
+    if key.budget:
+        parts.append(f"budget {key.budget} tokens/{period_text(key.budget_period)}")
     if key.admin:
         parts.append("admin")
     if key.expires_at:
@@ -181,7 +296,7 @@ def _scope_text(key: StoredKey) -> str:
     return "; ".join(parts)
 
 
-def _key_json(key: StoredKey, used: KeyUsage, now: datetime) -> dict[str, Any]:
+def _key_json(key: StoredKey, used: KeyUsage, budget: BudgetState | None, now: datetime) -> dict[str, Any]:
     return {
         "id": key.id,
         "prefix": key.prefix,
@@ -191,6 +306,10 @@ def _key_json(key: StoredKey, used: KeyUsage, now: datetime) -> dict[str, Any]:
         "workspaces": list(key.workspaces) if key.workspaces is not None else None,
         "rpm": key.rpm,
         "tpm": key.tpm,
+        "budget": key.budget,
+        "budget_period": period_text(key.budget_period) if key.budget else None,
+        "budget_used": budget.used if budget else None,
+        "budget_resets_at": budget.resets_at.isoformat() if budget else None,
         "admin": key.admin,
         "created_at": key.created_at.isoformat(),
         "expires_at": key.expires_at.isoformat() if key.expires_at else None,

@@ -180,6 +180,34 @@ async def test_patched_limits_are_enforced_at_once_by_another_gateway(stack: Sta
         assert (await cli_records(stack.db))[made["id"]]["name"] == "throttled"
 
 
+async def test_a_budget_given_over_http_is_enforced_and_lifted(stack: Stack) -> None:
+    """Each chat uses 6 tokens (5 + 1): a budget of 10 admits two, then OpenAI's 429
+    `insufficient_quota`; the record shows the period's count; null lifts the budget."""
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "team", "budget": 10, "budget_period": "7d"})).json()
+        assert (made["budget"], made["budget_period"], made["budget_used"]) == (10, "7d", 0)
+        assert made == {**(await cli_records(stack.db))[made["id"]], "object": "api_key", "key": made["key"]}
+        await wait_for_key(stack.url, made["key"])
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made["key"]), timeout=10) as user:
+
+            async def spent() -> httpx.Response | None:
+                answer = await user.post("/v1/chat/completions", json=CHAT)
+                return answer if answer.status_code == 429 else None
+
+            refused = await eventually(spent, within=5.0)
+            assert refused.json()["error"]["code"] == "insufficient_quota"
+            record = (await admin.get(f"/v1/keys/{made['id']}")).json()
+            assert record["budget_used"] >= 10 and record["budget_resets_at"] is not None
+
+            lifted = await admin.patch(f"/v1/keys/{made['id']}", json={"budget": None})
+            assert lifted.status_code == 200 and lifted.json()["budget"] is None, lifted.text
+
+            async def free() -> bool:
+                return (await user.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+            await eventually(free, within=3.0)
+
+
 async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(stack: Stack) -> None:
     async with await admin_client(stack) as admin, gateway(
         stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
@@ -259,6 +287,9 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         ({"name": "x", "expires": "99999999999d"}, "expires"),
         ({"name": "x", "expires_at": "9999-12-31T23:00:00-05:00"}, "expires_at"),
         ({"name": "x", "admin": "yes"}, "admin"),
+        ({"name": "x", "budget": 0}, "budget"),
+        ({"name": "x", "budget": 2**63}, "budget"),
+        ({"name": "x", "budget": 100, "budget_period": "monthly"}, "budget_period"),
         ({"name": "x", "colour": "red"}, "colour"),
     ]
     async with await admin_client(stack) as admin:
@@ -270,7 +301,8 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
             assert param.split("[")[0] in error["message"]
         root = (await admin.get("/v1/keys")).json()["data"][0]
         for body, param in (({"admin": False}, "admin"), ({"id": 7}, "id"), ({"name": None}, "name"),
-                            ({"tpm": -1}, "tpm"), ({"expires": "1h", "expires_at": "2h"}, "expires_at")):
+                            ({"tpm": -1}, "tpm"), ({"expires": "1h", "expires_at": "2h"}, "expires_at"),
+                            ({"budget_period": None}, "budget_period")):
             answer = await admin.patch(f"/v1/keys/{root['id']}", json=body)
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
         not_json = await admin.post("/v1/keys", content=b"{name", headers={"content-type": "application/json"})

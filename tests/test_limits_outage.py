@@ -251,3 +251,49 @@ async def test_tokens_are_reserved_from_the_gateways_own_bucket_in_an_outage(sta
     [(ahead,)] = await sql(stack.db, "SELECT l.tokens_at - extract(epoch FROM clock_timestamp()) FROM api_key_limits l"
                                      " JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'tokens-outage'")
     assert float(ahead) < 1  # 6 tokens used: 0.36 s, not the 606 reserved (36 s)
+
+
+async def test_a_budget_is_counted_per_process_in_an_outage_and_shared_again_after(stack: Stack) -> None:
+    """PostgreSQL down: a key's budget is enforced from what the gateway last learnt plus its
+    own usage since (a request is answered, never hung on the database); once it is back, that
+    usage is in the shared count, so the other gateway refuses the key too."""
+    key = await new_key(stack.db, "budgeted", "--budget", "10")  # 6 tokens an exchange
+    for url in (stack.url, stack.second):
+        await wait_for_key(url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id"
+                                               " WHERE k.name = 'budgeted'"))
+        await trio.to_thread.run_sync(stack.postgres.stop)
+        try:
+            answered, _ = await _timed_post(client)
+            assert answered.status_code == 200  # 6 of 10 counted
+            refused, took = await _timed_post(client)
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "insufficient_quota"
+            assert "(12 used)" in refused.json()["error"]["message"]
+            assert took < _ADMIT_TIMEOUT + SLACK
+        finally:
+            await trio.to_thread.run_sync(stack.postgres.start)
+
+    async def shared() -> bool:
+        found = await sql(stack.db, "SELECT l.budget_used FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                                    " WHERE k.name = 'budgeted'")
+        return bool(found) and int(found[0][0]) == 12
+
+    await eventually(shared, within=30, every=0.5)
+    async with httpx.AsyncClient(base_url=stack.second, timeout=30) as client:
+
+        async def ready() -> bool:  # reconnected: its admissions ask the database again
+            return (await client.get("/ready")).status_code == 200
+
+        await eventually(ready, within=30, every=0.5)
+    async with httpx.AsyncClient(base_url=stack.second, headers=bearer(key), timeout=30) as client:
+
+        async def refused_there() -> httpx.Response | None:
+            answer = await client.post("/v1/chat/completions", json=CHAT)
+            return answer if answer.status_code == 429 else None
+
+        answer = await eventually(refused_there, within=30, every=0.5)
+        assert "(12 used)" in answer.json()["error"]["message"]
+    assert sum(r.path == "/v1/chat/completions" for r in stack.fake.requests) == 2

@@ -3,7 +3,7 @@
     POST   /v1/keys         create a key: its record and, this once, the key itself (`key`)
     GET    /v1/keys         list keys with their usage (never the keys themselves)
     GET    /v1/keys/{id}    one key
-    PATCH  /v1/keys/{id}    change its name, scopes, limits or expiry
+    PATCH  /v1/keys/{id}    change its name, scopes, limits, budget or expiry
     DELETE /v1/keys/{id}    revoke it (idempotent)
 
 A record is what `llm-proxy keys list --json` prints for the key, plus `"object": "api_key"`.
@@ -28,20 +28,27 @@ from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body
 from proxy.http._openapi import _INT, _STR, _op, document
-from proxy.infra.keys_store import KeysStore, KeyUsage, StoredKey, update_key
+from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
 from proxy.infra.postgres import Database
 from proxy.keys_command import _key_json
-from proxy.services.auth import create_key, current_principal, parse_expiry
+from proxy.services.auth import (
+    create_key,
+    current_principal,
+    parse_expiry,
+    parse_period,
+    update_key,
+)
 
 blueprint = Blueprint("keys", __name__)
 log = logging.getLogger("llm_proxy.auth")
 
 _JSON: Final = "application/json"
 _MAX_INT4: Final = 2**31 - 1
+_MAX_INT8: Final = 2**63 - 1
 _PATTERN_CHARS: Final = 200
 _LAST_YEAR: Final = 9999
 # What a request may set; `admin` only when creating (a key's powers are fixed at birth).
-_SETTABLE: Final = ("name", "models", "workspaces", "rpm", "tpm", "expires", "expires_at")
+_SETTABLE: Final = ("name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "expires", "expires_at")
 _CREATE_ONLY: Final = ("admin",)
 
 
@@ -79,8 +86,8 @@ def _reply(body: Any, status: int = 200, **headers: str) -> Response:
     return Response(dumps(body), status=status, content_type=_JSON, headers=headers)
 
 
-def _record(key: StoredKey, usage: KeyUsage) -> dict[str, Any]:
-    return {"object": "api_key", **_key_json(key, usage, datetime.now(UTC))}
+def _record(key: StoredKey, usage: KeyUsage, budget: BudgetState | None) -> dict[str, Any]:
+    return {"object": "api_key", **_key_json(key, usage, budget, datetime.now(UTC))}
 
 
 async def _applied(key: StoredKey, what: str) -> None:
@@ -172,6 +179,14 @@ def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     for limit in ("rpm", "tpm"):
         if limit in data:
             changes[limit] = fields.integer(limit, minimum=1, maximum=_MAX_INT4)
+    if "budget" in data:
+        changes["budget"] = fields.integer("budget", minimum=1, maximum=_MAX_INT8)
+    if "budget_period" in data:
+        period = fields.text("budget_period", required=True)
+        try:
+            changes["budget_period"] = parse_period(period or "")
+        except ValueError as error:
+            raise invalid_request(f"Invalid `budget_period`: {error}.", param="budget_period") from None
     given, when = _expiry(fields)
     if given:
         changes["expires_at"] = when
@@ -193,15 +208,17 @@ async def create() -> Response:
         raise invalid_request(str(error)) from None
     await _applied(key, "created")
     # The one answer that holds the key: no cache may keep it.
-    return _reply({**_record(key, KeyUsage()), "key": secret}, 201,
+    return _reply({**await _record_of(db, key), "key": secret}, 201,
                   **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
 
 
 @blueprint.get("/v1/keys")
 async def list_keys() -> Response:
     store = KeysStore(_database())
-    keys, usage = await store.find_all(), await store.usage()
-    return _reply({"object": "list", "data": [_record(key, usage.get(key.id, KeyUsage())) for key in keys]})
+    keys, usage, budgets = await store.find_all(), await store.usage(), await store.budgets()
+    return _reply({"object": "list", "data": [
+        _record(key, usage.get(key.id, KeyUsage()), budgets.get(key.id)) for key in keys
+    ]})
 
 
 def _found(key: StoredKey | None, key_id: str) -> StoredKey:
@@ -210,8 +227,13 @@ def _found(key: StoredKey | None, key_id: str) -> StoredKey:
     return key
 
 
+async def _record_of(db: Database, key: StoredKey) -> dict[str, Any]:
+    store = KeysStore(db)
+    return _record(key, (await store.usage()).get(key.id, KeyUsage()), (await store.budgets()).get(key.id))
+
+
 async def _answer(db: Database, key: StoredKey) -> Response:
-    return _reply(_record(key, (await KeysStore(db).usage()).get(key.id, KeyUsage())))
+    return _reply(await _record_of(db, key))
 
 
 @blueprint.get("/v1/keys/<key_id>")
@@ -225,7 +247,11 @@ async def get_key(key_id: str) -> Response:
 async def patch_key(key_id: str) -> Response:
     changes = _changes(loads_object(await request_body()), creating=False)
     db = _database()
-    key = _found(await update_key(db, _key_id(key_id), **changes), key_id)
+    try:
+        changed = await update_key(KeysStore(db), _key_id(key_id), changes)
+    except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
+        raise invalid_request(str(error)) from None
+    key = _found(changed, key_id)
     if changes:
         await _applied(key, "changed (" + ", ".join(changes) + ")")
     return await _answer(db, key)
@@ -249,6 +275,10 @@ _EXPIRES = {"type": ["string", "null"],
 _SETTABLE_SCHEMA: dict[str, Any] = {
     "name": {"type": "string", "minLength": 1, "maxLength": 200},
     "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
+    "budget": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT8,
+               "description": "Tokens (prompt + completion) per `budget_period`; null: unlimited."},
+    "budget_period": {"type": "string", "pattern": "^[0-9]+ *[mhdwMHDW]$",
+                      "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default) or `4w`."},
     "expires": _EXPIRES, "expires_at": _EXPIRES,
 }
 _NULLABLE_STR = {"type": ["string", "null"]}
@@ -263,6 +293,8 @@ _RECORD: dict[str, Any] = {
         "created_at": _STR, "expires_at": _NULLABLE_STR, "revoked_at": _NULLABLE_STR,
         "requests": _INT, "errors": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
         "last_used_at": _NULLABLE_STR,
+        "budget": {"type": ["integer", "null"]}, "budget_period": _NULLABLE_STR,
+        "budget_used": {"type": ["integer", "null"]}, "budget_resets_at": _NULLABLE_STR,
     },
 }
 _ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}

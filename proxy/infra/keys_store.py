@@ -1,4 +1,4 @@
-"""API keys, their rate-limit state and their usage in PostgreSQL (migration 0004).
+"""API keys, their rate-limit state, budgets and usage in PostgreSQL (migrations 0004, 0014).
 
 The store never sees a key in the clear: callers pass its sha256 digest. Everything a
 gateway needs per request is held in memory by `proxy.services.auth.KeyRing`; the store is
@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -31,8 +31,12 @@ _CLOSE_TIMEOUT = 5.0
 _READ_TIMEOUT = 0.1
 
 _COLUMNS = (
-    "id, name, prefix, digest, models, workspaces, rpm, tpm, admin, created_at, expires_at, revoked_at"
+    "id, name, prefix, digest, models, workspaces, rpm, tpm, admin, created_at, expires_at, revoked_at,"
+    " budget, budget_period"
 )
+# What `update` may change, by column name.
+UPDATABLE = frozenset({"name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "admin", "expires_at"})
+DEFAULT_BUDGET_PERIOD = timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,17 @@ class StoredKey:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    # Tokens (prompt + completion) per `budget_period`; None: unlimited.
+    budget: int | None = None
+    budget_period: timedelta = DEFAULT_BUDGET_PERIOD
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """A budgeted key's current period: tokens counted in it, and when it ends."""
+
+    used: int
+    resets_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +86,9 @@ class Admission:
     now: float
     requests_at: float
     tokens_at: float
+    # The key's budget: tokens counted in the current period, and its end (epoch seconds).
+    budget_used: int = 0
+    budget_reset: float | None = None
 
 
 @dataclass(slots=True)
@@ -86,6 +104,8 @@ class UsageDelta:
     # they reserved at admission (so negative: given back), plus what was reserved while the
     # database could not be asked.
     tokens: int = 0
+    # Tokens the shared budget count has not counted (keys with a budget: their usage).
+    budget: int = 0
 
     def add(self, other: UsageDelta) -> None:
         self.requests += other.requests
@@ -94,10 +114,11 @@ class UsageDelta:
         self.completion_tokens += other.completion_tokens
         self.admissions += other.admissions
         self.tokens += other.tokens
+        self.budget += other.budget
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
-    (id_, name, prefix, digest, models, workspaces, rpm, tpm, admin, created, expires, revoked) = row
+    (id_, name, prefix, digest, models, workspaces, rpm, tpm, admin, created, expires, revoked, budget, period) = row
     return StoredKey(
         id=int(id_),
         name=str(name),
@@ -111,6 +132,8 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
         created_at=created,
         expires_at=expires,
         revoked_at=revoked,
+        budget=budget,
+        budget_period=period,
     )
 
 
@@ -132,23 +155,62 @@ class KeysStore:
         tpm: int | None,
         admin: bool,
         expires_at: datetime | None,
+        budget: int | None = None,
+        budget_period: timedelta = DEFAULT_BUDGET_PERIOD,
     ) -> StoredKey:
-        """Insert a key (and its rate-limit row); ConstraintViolation if the prefix or digest
-        is taken (the caller draws a new key)."""
+        """Insert a key (and its rate-limit row; a budget's first period starts now);
+        ConstraintViolation if the prefix or digest is taken (the caller draws a new key)."""
         async with self._db.transaction() as tx:
             row = await tx.fetchrow(
-                f"INSERT INTO api_keys (name, prefix, digest, models, workspaces, rpm, tpm, admin, expires_at)"
-                f" VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                "INSERT INTO api_keys (name, prefix, digest, models, workspaces, rpm, tpm, admin, expires_at,"
+                f" budget, budget_period) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
                 (
                     name, prefix, digest,
                     list(models) if models is not None else None,
                     list(workspaces) if workspaces is not None else None,
-                    rpm, tpm, admin, expires_at,
+                    rpm, tpm, admin, expires_at, budget, budget_period,
                 ),
             )
             assert row is not None
             key = _key(row)
-            await tx.execute("INSERT INTO api_key_limits (key_id) VALUES (%s)", (key.id,))
+            await tx.execute(
+                "INSERT INTO api_key_limits (key_id, budget_start) VALUES (%s, CASE WHEN %s THEN now() END)",
+                (key.id, budget is not None),
+            )
+        return key
+
+    async def update(self, key_id: int, changes: Mapping[str, Any]) -> StoredKey | None:
+        """Set the columns `changes` names (see `UPDATABLE`; values as `create` takes them,
+        None clears a limit) on key `key_id`; None: no such key. A budget given to a key
+        that had none starts its first period now; a changed budget or period keeps the
+        current period's count (its end moves with the period). Running gateways reload
+        the key at once (the table's trigger notifies them)."""
+        unknown = set(changes) - UPDATABLE
+        if unknown:
+            raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
+        if not changes:
+            found = await self.find(str(key_id))
+            return found[0] if found else None
+        values = {
+            column: list(value) if column in ("models", "workspaces") and value is not None else value
+            for column, value in changes.items()
+        }
+        assignments = ", ".join(f"{column} = %s" for column in values)
+        async with self._db.transaction() as tx:
+            before = await tx.fetchrow("SELECT budget FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+            if before is None:
+                return None
+            row = await tx.fetchrow(
+                f"UPDATE api_keys SET {assignments} WHERE id = %s RETURNING {_COLUMNS}", (*values.values(), key_id)
+            )
+            assert row is not None
+            key = _key(row)
+            if before[0] is None and key.budget is not None:
+                await tx.execute(
+                    "INSERT INTO api_key_limits AS l (key_id, budget_start) VALUES (%s, now())"
+                    " ON CONFLICT (key_id) DO UPDATE SET budget_start = now(), budget_used = 0",
+                    (key_id,),
+                )
         return key
 
     async def find_all(self) -> list[StoredKey]:
@@ -190,6 +252,19 @@ class KeysStore:
             for r in rows
         }
 
+    async def budgets(self) -> dict[int, BudgetState]:
+        """The current period of every key with a budget (as admissions will roll it)."""
+        rows = await self._db.fetch(
+            """
+            SELECT k.id, CASE WHEN s.start IS NOT DISTINCT FROM l.budget_start THEN coalesce(l.budget_used, 0) ELSE 0 END,
+                   s.start + k.budget_period
+            FROM api_keys k LEFT JOIN api_key_limits l ON l.key_id = k.id,
+                 LATERAL (SELECT api_key_budget_start(l.budget_start, k.budget_period, now()) AS start) s
+            WHERE k.budget IS NOT NULL
+            """
+        )
+        return {int(r[0]): BudgetState(int(r[1]), r[2]) for r in rows}
+
     # -- the gateway's copy -----------------------------------------------------------------
 
     async def fingerprint(self) -> tuple[int, int]:
@@ -211,21 +286,28 @@ class KeysStore:
     # -- limits and usage -------------------------------------------------------------------
 
     async def admit(
-        self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0
+        self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0,
+        *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD, settle_budget: int = 0,
     ) -> Admission:
         """Take one request from the key's request bucket and reserve `reserve` tokens in its
         token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
-        have not counted (negative: given back), in one round trip."""
+        have not counted (negative: given back), in one round trip. With a `budget`, refused
+        once the period's count (after `settle_budget` more) has reached it."""
         row = await self._db.fetchrow(
-            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s)", (key_id, rpm, tpm, settle, settle_tokens, reserve)
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget),
         )
         assert row is not None
-        return Admission(bool(row[0]), float(row[1]), float(row[2]), float(row[3]))
+        return Admission(
+            bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
+            float(row[5]) if row[5] is not None else None,
+        )
 
     async def record_usage(self, deltas: Mapping[int, UsageDelta], writer: str, seq: int) -> None:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
-        `tokens`, negative: given back) and settle admissions the request bucket has not
-        counted (keys with an `rpm`), in one statement: batch `seq` of `writer`, applied unless
+        `tokens`, negative: given back), settle admissions the request bucket has not
+        counted (keys with an `rpm`) and count `budget` tokens in the key's budget period
+        (keys with a budget), in one statement: batch `seq` of `writer`, applied unless
         that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
@@ -238,8 +320,8 @@ class KeysStore:
                 RETURNING 1
             ), d AS (
                 SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
-                              %s::bigint[])
-                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens)
+                              %s::bigint[], %s::bigint[])
+                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget)
                 WHERE EXISTS (SELECT 1 FROM fresh)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
@@ -261,10 +343,19 @@ class KeysStore:
                     WHEN k.rpm IS NULL OR d.admissions = 0 THEN l.requests_at
                     WHEN d.admissions > 0 THEN greatest(l.requests_at, extract(epoch FROM clock_timestamp()))
                         + d.admissions * 60.0 / k.rpm
-                    ELSE l.requests_at + d.admissions * 60.0 / k.rpm END
+                    ELSE l.requests_at + d.admissions * 60.0 / k.rpm END,
+                budget_start = CASE
+                    WHEN k.budget IS NULL OR d.budget = 0 THEN l.budget_start
+                    ELSE api_key_budget_start(l.budget_start, k.budget_period, now()) END,
+                budget_used = CASE
+                    WHEN k.budget IS NULL OR d.budget = 0 THEN l.budget_used
+                    WHEN api_key_budget_start(l.budget_start, k.budget_period, now()) IS DISTINCT FROM l.budget_start
+                        THEN d.budget
+                    ELSE l.budget_used + d.budget END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
-                AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0))
+                AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0)
+                     OR (k.budget IS NOT NULL AND d.budget <> 0))
             """,
             (
                 writer,
@@ -276,32 +367,9 @@ class KeysStore:
                 [deltas[i].completion_tokens for i in ids],
                 [deltas[i].admissions for i in ids],
                 [deltas[i].tokens for i in ids],
+                [deltas[i].budget for i in ids],
             ),
         )
-
-
-# -- changing a key (the admin API) ---------------------------------------------------------------
-
-# The columns `update_key` may set; everything else (the digest, the prefix, revocation) has
-# its own way or none.
-_UPDATABLE = frozenset({"name", "models", "workspaces", "rpm", "tpm", "admin", "expires_at"})
-
-
-async def update_key(db: Database, key_id: int, **fields: Any) -> StoredKey | None:
-    """Set some of a key's columns (plain values; None clears a limit, a scope or the
-    expiry); the trigger notifies every gateway. None: no such key. Without fields, the key."""
-    unknown = set(fields) - _UPDATABLE
-    if unknown:
-        raise ValueError(f"not updatable: {', '.join(sorted(unknown))}")
-    if not fields:
-        row = await db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = %s", (key_id,))
-    else:
-        values = [list(v) if k in ("models", "workspaces") and v is not None else v for k, v in fields.items()]
-        assignments = ", ".join(f"{column} = %s" for column in fields)  # names from _UPDATABLE only
-        row = await db.fetchrow(
-            f"UPDATE api_keys SET {assignments} WHERE id = %s RETURNING {_COLUMNS}", (*values, key_id)
-        )
-    return _key(row) if row is not None else None
 
 
 # -- change notifications -----------------------------------------------------------------------

@@ -45,7 +45,7 @@ class UsageBatch:
             "writer": self.writer,
             "seq": self.seq,
             "deltas": {
-                str(key): [d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens]
+                str(key): [d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens, d.budget]
                 for key, d in self.deltas.items()
             },
         }

@@ -25,16 +25,17 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.routing import Route, Router
 from proxy.infra.backends import ModelInfo
-from proxy.infra.keys_store import KeysStore, StoredKey, key_changes
+from proxy.infra.keys_store import DEFAULT_BUDGET_PERIOD, KeysStore, StoredKey, key_changes
 from proxy.infra.postgres import ConstraintViolation, DatabaseError
 from proxy.infra.resources import Resources
 from proxy.services.models import ModelCatalog
@@ -87,6 +88,8 @@ class Principal:
     admin: bool = False
     expires_at: float | None = None
     revoked: bool = False
+    budget: int | None = None  # tokens per `budget_period` (seconds)
+    budget_period: float = DEFAULT_BUDGET_PERIOD.total_seconds()
     _models_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
     _workspaces_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
 
@@ -103,13 +106,15 @@ class Principal:
             admin=key.admin,
             expires_at=key.expires_at.timestamp() if key.expires_at else None,
             revoked=key.revoked_at is not None,
+            budget=key.budget,
+            budget_period=key.budget_period.total_seconds(),
             _models_re=glob_pattern(key.models) if key.models is not None else None,
             _workspaces_re=glob_pattern(key.workspaces) if key.workspaces is not None else None,
         )
 
     @property
     def limited(self) -> bool:
-        return self.rpm is not None or self.tpm is not None
+        return self.rpm is not None or self.tpm is not None or self.budget is not None
 
     def may_use_model(self, model: str) -> bool:
         """The name as the client sent it (an alias is checked as the alias). As in Ollama's
@@ -437,6 +442,32 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
     return cleaned
 
 
+_PERIOD_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_period(text: str) -> timedelta:
+    """A budget period: `30m`, `12h`, `30d`, `4w` (at least a minute). ValueError otherwise."""
+    match = re.fullmatch(r"(\d+)\s*([mhdw])", text.strip().lower())
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"cannot read {text!r} as a period: use 30m, 12h, 30d or 4w")
+    return timedelta(seconds=int(match.group(1)) * _PERIOD_UNITS[match.group(2)])
+
+
+def period_text(period: timedelta | float) -> str:
+    """A period as `parse_period` reads it, in its largest whole unit (`30d`, `90m`)."""
+    seconds = round(period.total_seconds() if isinstance(period, timedelta) else period)
+    for unit in ("d", "h", "m"):  # 7d, not 1w: as budgets are usually spoken of
+        size = _PERIOD_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _positive(value: int | None, what: str) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"--{what} must be a positive integer")
+
+
 async def create_key(
     store: KeysStore,
     *,
@@ -447,14 +478,13 @@ async def create_key(
     tpm: int | None = None,
     admin: bool = False,
     expires_at: datetime | None = None,
+    budget: int | None = None,
+    budget_period: timedelta = DEFAULT_BUDGET_PERIOD,
 ) -> tuple[StoredKey, str]:
     """Create a key; returns its row and the key itself (the only time it is known)."""
-    name = name.strip()
-    if not 1 <= len(name) <= 200:
-        raise ValueError("the name must be 1 to 200 characters")
-    for limit, what in ((rpm, "rpm"), (tpm, "tpm")):
-        if limit is not None and limit <= 0:
-            raise ValueError(f"--{what} must be a positive integer")
+    name = _name(name)
+    for limit, what in ((rpm, "rpm"), (tpm, "tpm"), (budget, "budget")):
+        _positive(limit, what)
     model_patterns = _patterns(models, "model")
     workspace_patterns = _patterns(workspaces, "workspace")
     for _ in range(3):
@@ -463,8 +493,30 @@ async def create_key(
             stored = await store.create(
                 name=name, prefix=fresh.prefix, digest=fresh.digest, models=model_patterns,
                 workspaces=workspace_patterns, rpm=rpm, tpm=tpm, admin=admin, expires_at=expires_at,
+                budget=budget, budget_period=budget_period,
             )
         except ConstraintViolation:
             continue  # a prefix collision (1 in 2^48): draw again
         return stored, fresh.secret
     raise RuntimeError("could not draw a unique key prefix")
+
+
+def _name(name: str) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= 200:
+        raise ValueError("the name must be 1 to 200 characters")
+    return name
+
+
+async def update_key(store: KeysStore, key_id: int, changes: Mapping[str, Any]) -> StoredKey | None:
+    """Change key `key_id` in place (the columns `KeysStore.update` takes; None clears a
+    limit, scope or expiry), after the checks `create_key` makes. None: no such key."""
+    checked = dict(changes)
+    for what in ("rpm", "tpm", "budget"):
+        _positive(checked.get(what), what)
+    if "name" in checked:
+        checked["name"] = _name(checked["name"])
+    for column in ("models", "workspaces"):
+        if column in checked:
+            checked[column] = _patterns(checked[column], column.removesuffix("s"))
+    return await store.update(key_id, checked)

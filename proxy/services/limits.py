@@ -1,4 +1,4 @@
-"""Per-key rate limits (requests and tokens per minute) and per-key usage.
+"""Per-key rate limits (requests and tokens per minute), token budgets and per-key usage.
 
 Each limit is a bucket refilled continuously over a minute (GCRA, as OpenAI's own limits
 behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s. The state
@@ -15,6 +15,14 @@ exchange ends, its real usage is charged and its reservation given back (`record
 or settled by the key's next admission). A reservation never settled (its process was
 killed) is a charge like any other: it refills with the bucket, within a minute. The answer
 carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429 with `Retry-After`.
+
+A key's budget (tokens per period, `keys create --budget`) is counted beside its buckets: the
+usage of ended exchanges (prompt + completion, as recorded) is added to the period's count by
+the usage writer, or by the key's next admission, which settles what this process holds
+first. An admission is refused while the count has reached the budget (OpenAI's 429
+`insufficient_quota`, not to be retried before the period ends); a request admitted under it
+finishes, whatever it uses. Periods are fixed windows from the budget's start, rolled by
+whichever call comes first after one ends.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -33,6 +41,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +53,7 @@ from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
 from proxy.infra.spool import Spool, UsageBatch, open_spool
-from proxy.services.auth import KeyRing, Principal
+from proxy.services.auth import KeyRing, Principal, period_text
 from proxy.services.chat import ExchangeRecord
 
 log = logging.getLogger("llm_proxy.limits")
@@ -73,10 +82,14 @@ class Decision:
     allowed: bool
     headers: list[tuple[str, str]]
     retry_after: float | None = None
-    exhausted: str | None = None  # "requests", "tokens", or "too_large": more than the whole bucket
+    exhausted: str | None = None  # "requests", "tokens", "budget", or "too_large": more than the whole bucket
     reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
+    budget_used: int = 0  # tokens the key's budget period has counted
+    budget_reset: float | None = None  # when that period ends (epoch seconds)
 
     def error(self, principal: Principal) -> GatewayError:
+        if self.exhausted == "budget":
+            return budget_spent(principal, self.budget_used, self.budget_reset, self.retry_after or 0)
         if self.exhausted == "too_large":
             # OpenAI's words for it, and no Retry-After: waiting does not help.
             return GatewayError(
@@ -102,6 +115,32 @@ class Decision:
         )
 
 
+def _span(seconds: float) -> str:
+    """A wait of days as people read it: `29d23h59m`, `5h2m`, `40s`."""
+    if seconds < 60:
+        return f"{max(0, math.ceil(seconds))}s"
+    minutes = math.ceil(seconds / 60)
+    days, rest = divmod(minutes, 1440)
+    hours, minutes = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n) or "0m"
+
+
+def budget_spent(principal: Principal, used: int, reset: float | None, wait: float) -> GatewayError:
+    """OpenAI's answer to an exhausted quota (429 `insufficient_quota`), which its SDKs would
+    retry as a rate limit unless told not to: waiting seconds does not help, the period's end
+    does (`Retry-After`)."""
+    when = datetime.fromtimestamp(reset, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if reset is not None else "the period's end"
+    return GatewayError(
+        ErrorKind.RATE_LIMITED,
+        f"You exceeded your current quota: this API key's budget of {principal.budget} tokens per "
+        f"{period_text(principal.budget_period)} is spent ({used} used). It resets at {when} "
+        f"(in {_span(wait)}).",
+        code="insufficient_quota",
+        retry_after=math.ceil(max(wait, 1)),
+        hopeless=True,
+    )
+
+
 def reservation(principal: Principal, tokens: int) -> int:
     """What a request estimated at `tokens` reserves: never more than the whole bucket, so
     that a request given the default max output tokens fits a full one."""
@@ -114,6 +153,13 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
     """The answer and its headers for a key's buckets after an admission attempt that
     reserved (or, refused, asked for) `reserved` tokens."""
     now, headers = state.now, []
+    if not state.allowed and principal.budget is not None and state.budget_used >= principal.budget:
+        # Refused for its budget, before any bucket was asked: their headers would say "go on".
+        wait = max(0.0, (state.budget_reset or now) - now)
+        return Decision(
+            False, [], retry_after=wait, exhausted="budget",
+            budget_used=state.budget_used, budget_reset=state.budget_reset,
+        )
     retry = 0.0
     exhausted: str | None = None
     if principal.rpm is not None:
@@ -151,22 +197,39 @@ class _LocalBuckets:
 
     def __init__(self) -> None:
         self._state: dict[int, list[float]] = {}
+        # Budgets: key -> [tokens counted in the period, its end] (a key not yet seen in the
+        # database's answers starts a period of its own: an outage must not lock it out).
+        self._budgets: dict[int, list[float]] = {}
 
     def sync(self, key_id: int, state: Admission) -> None:
         offset = time.time() - state.now
         self._state[key_id] = [state.requests_at + offset, state.tokens_at + offset]
+        if state.budget_reset is not None:
+            self._budgets[key_id] = [float(state.budget_used), state.budget_reset + offset]
+
+    def _budget(self, principal: Principal, now: float) -> list[float]:
+        budget = self._budgets.setdefault(principal.id, [0.0, now + principal.budget_period])
+        if now >= budget[1]:
+            periods = math.floor((now - budget[1]) / principal.budget_period) + 1
+            budget[0], budget[1] = 0.0, budget[1] + periods * principal.budget_period
+        return budget
 
     def admit(self, principal: Principal, reserve: int) -> Admission:
-        """As `api_key_admit` does (see its migration, 0012)."""
+        """As `api_key_admit` does (see its migrations, 0012 and 0014)."""
         now = time.time()
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
         allowed, reserved_at = True, tokens_at
+        used, reset = 0, None
+        if principal.budget is not None:
+            budget = self._budget(principal, now)
+            used, reset = int(budget[0]), budget[1]
+            allowed = used < principal.budget
         if principal.tpm is not None:
             if reserve > 0:
                 reserved_at = tokens_at + reserve * WINDOW / principal.tpm
-                allowed = reserved_at - now <= WINDOW + _EPSILON
+                allowed = allowed and reserved_at - now <= WINDOW + _EPSILON
             else:
-                allowed = tokens_at - now < WINDOW
+                allowed = allowed and tokens_at - now < WINDOW
         if principal.rpm is not None:
             later = requests_at + WINDOW / principal.rpm
             if later - now > WINDOW + _EPSILON:
@@ -176,7 +239,12 @@ class _LocalBuckets:
         if allowed:
             tokens_at = reserved_at
         self._state[principal.id] = [requests_at, tokens_at]
-        return Admission(allowed, now, requests_at, tokens_at)
+        return Admission(allowed, now, requests_at, tokens_at, used, reset)
+
+    def count(self, principal: Principal, tokens: int) -> None:
+        """Count an ended exchange's usage in the key's budget period."""
+        if principal.budget is not None and tokens:
+            self._budget(principal, time.time())[0] += tokens
 
     def give_back(self, principal: Principal) -> None:
         if principal.rpm is None:
@@ -296,13 +364,15 @@ class RateLimiter:
         the buckets with them.
         Its errors go to the request (a bug surfaces there, not as the end of the limiter).
         """
-        settle = settle_tokens = 0
+        settle = settle_tokens = settle_budget = 0
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
-                settle, settle_tokens = self._take_settlements(principal)
+                settle, settle_tokens, settle_budget = self._take_settlements(principal)
                 state = await KeysStore(db).admit(
-                    principal.id, principal.rpm, principal.tpm, settle, settle_tokens, reserve
+                    principal.id, principal.rpm, principal.tpm, settle, settle_tokens, reserve,
+                    budget=principal.budget, budget_period=timedelta(seconds=principal.budget_period),
+                    settle_budget=settle_budget,
                 )
             call.result = outcome.Value(state)
         except trio.TooSlowError:
@@ -310,10 +380,11 @@ class RateLimiter:
         except Exception as error:
             call.result = outcome.Error(error)
         finally:
-            if (settle or settle_tokens) and not isinstance(call.result, outcome.Value):
+            if (settle or settle_tokens or settle_budget) and not isinstance(call.result, outcome.Value):
                 pending = self._pending.setdefault(principal.id, UsageDelta())  # for the writer
                 pending.admissions += settle
                 pending.tokens += settle_tokens
+                pending.budget += settle_budget
                 self._kick.set()
             call.done.set()
             if call.abandoned:
@@ -326,13 +397,14 @@ class RateLimiter:
         few milliseconds, unless the database stalls): this admission must see them."""
         while (writing := self._flushing.get(principal.id)) is not None and (
             (principal.rpm is not None and writing.admissions) or (principal.tpm is not None and writing.tokens)
+            or (principal.budget is not None and writing.budget)
         ):
             await self._flushed.wait()
 
-    def _take_settlements(self, principal: Principal) -> tuple[int, int]:
-        """The admissions and tokens this process holds for the key's buckets, for its
-        admission to settle (the usage writer settles only those of keys without the limit)."""
-        settle = settle_tokens = 0
+    def _take_settlements(self, principal: Principal) -> tuple[int, int, int]:
+        """The admissions and tokens this process holds for the key's buckets and budget, for
+        its admission to settle (the usage writer settles only those of keys without the limit)."""
+        settle = settle_tokens = settle_budget = 0
         # A batch never sent may give its settlements up; a sent one may have been applied.
         held = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
         for deltas in held:
@@ -343,7 +415,9 @@ class RateLimiter:
                 settle, pending.admissions = settle + pending.admissions, 0
             if principal.tpm is not None:
                 settle_tokens, pending.tokens = settle_tokens + pending.tokens, 0
-        return settle, settle_tokens
+            if principal.budget is not None:
+                settle_budget, pending.budget = settle_budget + pending.budget, 0
+        return settle, settle_tokens, settle_budget
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal, reserve: int) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
@@ -381,7 +455,8 @@ class RateLimiter:
         # Its reservation is given back as its real usage is charged: one settlement.
         spent = prompt + completion - record.reserved_tokens
         delta = UsageDelta(
-            requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent
+            requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
+            budget=prompt + completion,
         )
         pending = self._pending.get(key_id)
         if pending is None:
@@ -391,6 +466,7 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, spent)
+            self._local.count(principal, prompt + completion)
         self._kick.set()
 
     def settle(self, principal: Principal, reserved: int) -> None:

@@ -80,12 +80,16 @@ def finish_reason_from_wire(value: str) -> FinishReason:
     return _FINISH_REASONS.get(value, FinishReason.STOP)
 
 
+# OpenAI's exhausted quota is its own type (and code), which clients tell from a rate limit.
+INSUFFICIENT_QUOTA = "insufficient_quota"
+
+
 def error_body(error: GatewayError) -> dict[str, Any]:
     code = error.code
     return {
         "error": {
             "message": error.message,
-            "type": _ERROR_TYPES.get(error.kind, "server_error"),
+            "type": INSUFFICIENT_QUOTA if code == INSUFFICIENT_QUOTA else _ERROR_TYPES.get(error.kind, "server_error"),
             "param": error.param,
             "code": code,
         }

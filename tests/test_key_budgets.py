@@ -1,0 +1,285 @@
+"""Per-key token budgets on real PostgreSQL: a key answers until its budget is spent, then
+OpenAI's 429 `insufficient_quota` (not retried by the SDKs) in every dialect, shared by
+gateways, reset with its period; `keys update` changes a running gateway's key in place."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import (
+    MESSAGES,
+    bearer,
+    eventually,
+    gateway,
+    keys_cli,
+    new_key,
+    sql,
+    wait_for_key,
+)
+
+pytest_plugins = ["tests.infra_servers"]
+
+# Each exchange costs 70 tokens (60 prompt + 10 completion): a budget of 150 answers three
+# requests (0, 70 and 140 counted before each: under 150) and refuses the fourth.
+USAGE = Usage(60, 10)
+MONTH = 30 * 86400
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    nats: str
+    fake: OpenAIBackend
+    server_url: str
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=USAGE))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        yield Stack(url, pg_database_url, nats_url, fake, server.url)
+
+
+async def key_id(db: str, name: str) -> int:
+    [(found,)] = await sql(db, "SELECT id FROM api_keys WHERE name = %s", name)
+    return int(found)
+
+
+async def counted(db: str, key: int, requests: int) -> None:
+    """Until the key's usage rows say `requests` (usage is written in batches)."""
+
+    async def done() -> bool:
+        rows = await sql(db, "SELECT coalesce(sum(requests), 0) FROM api_key_usage WHERE key_id = %s", key)
+        return int(rows[0][0]) >= requests
+
+    await eventually(done)
+
+
+async def chat(url: str, key: str, **extra: object) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=10) as client:
+        return await client.post("/v1/chat/completions", json={"model": "qwen3-8b", "messages": MESSAGES, **extra})
+
+
+def chats(fake: OpenAIBackend) -> int:
+    """The chats that reached the backend (it is also asked for its models)."""
+    return sum(r.path == "/v1/chat/completions" for r in fake.requests)
+
+
+async def keys(db: str, *argv: str) -> tuple[int, str, str]:
+    return await trio.to_thread.run_sync(lambda: keys_cli(db, *argv))
+
+
+async def test_a_key_answers_until_its_budget_is_spent_then_insufficient_quota_and_the_sdk_does_not_retry(
+    stack: Stack,
+) -> None:
+    key = await new_key(stack.db, "monthly", "--budget", "150")
+    await wait_for_key(stack.url, key)
+    sent: list[httpx.Request] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request)
+
+    async with httpx.AsyncClient(event_hooks={"request": [count]}, timeout=10) as http, openai.AsyncOpenAI(
+        base_url=f"{stack.url}/v1", api_key=key, max_retries=2, http_client=http,
+    ) as client:
+        for streamed in (False, True, False):  # the third crosses the budget, and finishes whole
+            if streamed:
+                stream = await client.chat.completions.create(
+                    model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+                )
+                text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            else:
+                answer = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+                text = answer.choices[0].message.content or ""
+            assert text == "Hello"
+        sent.clear()
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+    assert len(sent) == 1  # the SDK obeyed `x-should-retry: false`
+    assert chats(stack.fake) == 3  # the refused request never reached the backend
+    error = refused.value
+    assert error.status_code == 429
+    assert error.code == "insufficient_quota"
+    assert error.type == "insufficient_quota"
+    assert "You exceeded your current quota" in error.message
+    assert "budget of 150 tokens per 30d" in error.message and "(210 used)" in error.message
+    resets = datetime.now(UTC) + timedelta(days=30)
+    assert f"resets at {resets:%Y-%m-%d}" in error.message
+    assert error.response.headers["x-should-retry"] == "false"
+    assert MONTH - 120 <= int(error.response.headers["retry-after"]) <= MONTH
+
+
+async def test_streams_in_flight_when_the_budget_runs_out_finish_whole(stack: Stack) -> None:
+    stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
+    key = await new_key(stack.db, "streams", "--budget", "100")
+    await wait_for_key(stack.url, key)
+    texts: list[str] = []
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+
+        async def read() -> None:
+            stream = await client.chat.completions.create(
+                model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+            )
+            texts.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
+
+        async with trio.open_nursery() as nursery:  # both admitted with nothing counted yet
+            nursery.start_soon(read)
+            nursery.start_soon(read)
+        # The first to end took 70 of 100; the other went on past the budget, to its end.
+        assert texts == ["tick " * 10] * 2
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+    assert "(140 used)" in refused.value.message
+
+
+async def test_a_spent_budget_is_refused_in_the_anthropic_and_ollama_shapes(stack: Stack) -> None:
+    key = await new_key(stack.db, "small", "--budget", "50")
+    await wait_for_key(stack.url, key)
+    assert (await chat(stack.url, key)).status_code == 200  # 0 of 50 counted before it
+    await counted(stack.db, await key_id(stack.db, "small"), 1)
+    async with anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=2) as claude:
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            await claude.messages.create(model="qwen3-8b", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+    body = refused.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert "budget of 50 tokens per 30d is spent (70 used)" in body["error"]["message"]
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert int(refused.value.response.headers["retry-after"]) > MONTH - 120
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as llama:
+        with pytest.raises(ollama.ResponseError) as declined:
+            await llama.chat(model="qwen3-8b", messages=MESSAGES)
+    assert declined.value.status_code == 429
+    assert "You exceeded your current quota" in declined.value.error
+    assert chats(stack.fake) == 1
+
+
+async def test_two_gateways_share_a_budget(stack: Stack) -> None:
+    key = await new_key(stack.db, "shared", "--budget", "150")
+    number = await key_id(stack.db, "shared")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        assert (await chat(stack.url, key)).status_code == 200
+        assert (await chat(stack.url, key)).status_code == 200
+        await counted(stack.db, number, 2)
+        assert (await chat(second, key)).status_code == 200  # 140 counted: under 150
+        refused = await chat(second, key)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        assert (await chat(stack.url, key)).status_code == 429
+    assert chats(stack.fake) == 3
+
+
+async def test_the_budget_comes_back_when_its_period_resets(stack: Stack) -> None:
+    key = await new_key(stack.db, "daily", "--budget", "60", "--budget-period", "1d")
+    number = await key_id(stack.db, "daily")
+    await wait_for_key(stack.url, key)
+    assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 1)
+    refused = await chat(stack.url, key)
+    assert refused.status_code == 429
+    assert "60 tokens per 1d" in refused.json()["error"]["message"]
+    assert 86400 - 120 <= int(refused.headers["retry-after"]) <= 86400
+    # A day and an hour later (the period's start set back rather than waiting): a new period.
+    await sql(stack.db, "UPDATE api_key_limits SET budget_start = budget_start - interval '25 hours'"
+                        " WHERE key_id = %s", number)
+    assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 2)
+    code, out, _ = await keys(stack.db, "list", "--json")
+    assert code == 0
+    [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "daily"]
+    assert listed["budget"] == 60 and listed["budget_period"] == "1d"
+    assert listed["budget_used"] == 70  # only the new period's request
+    assert listed["prompt_tokens"] + listed["completion_tokens"] == 140  # all-time usage is kept
+    # The second period began a day after the first: it ends 23 hours from now.
+    ends = datetime.fromisoformat(listed["budget_resets_at"]) - datetime.now(UTC)
+    assert timedelta(hours=22, minutes=58) <= ends <= timedelta(hours=23)
+    assert (await chat(stack.url, key)).status_code == 429
+
+
+async def test_keys_update_changes_a_running_gateways_key_at_once(stack: Stack) -> None:
+    key = await new_key(stack.db, "team", "--budget", "50")
+    number = await key_id(stack.db, "team")
+    await wait_for_key(stack.url, key)
+    assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 1)
+    assert (await chat(stack.url, key)).status_code == 429
+
+    code, out, err = await keys(stack.db, "update", str(number), "--budget", "1000", "--rpm", "2")
+    assert code == 0, err
+    assert "budget 1000 tokens/30d" in out and "2 requests/min" in out
+
+    async def answered() -> httpx.Response | None:
+        answer = await chat(stack.url, key)
+        return answer if answer.status_code == 200 else None
+
+    raised = await eventually(answered)  # the period's count (70) is kept, now under 1000
+    assert raised.headers["x-ratelimit-limit-requests"] == "2"
+    assert (await chat(stack.url, key)).status_code == 200
+    limited = await chat(stack.url, key)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+    prefix = key[:12]
+    code, _, err = await keys(stack.db, "update", prefix, "--rpm", "none", "--budget", "none")
+    assert code == 0, err
+    await eventually(answered)
+    code, out, _ = await keys(stack.db, "list", "--json")
+    [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "team"]
+    assert listed["budget"] is listed["budget_period"] is listed["budget_used"] is listed["rpm"] is None
+
+
+async def test_a_budget_given_by_keys_update_starts_its_period_then(stack: Stack) -> None:
+    key = await new_key(stack.db, "late")
+    number = await key_id(stack.db, "late")
+    await wait_for_key(stack.url, key)
+    for _ in range(2):
+        assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 2)
+    code, _, err = await keys(stack.db, "update", str(number), "--budget", "100", "--budget-period", "7d")
+    assert code == 0, err
+
+    async def refused() -> httpx.Response | None:
+        answer = await chat(stack.url, key)
+        return answer if answer.status_code == 429 else None
+
+    # The 140 tokens used before the budget are not in its period: two requests fit (and any
+    # answered before the gateway had reloaded the key count in the new period too).
+    answer = await eventually(refused)
+    since = chats(stack.fake) - 2
+    assert since >= 2
+    assert f"budget of 100 tokens per 7d is spent ({70 * since} used)" in answer.json()["error"]["message"]
+    code, out, _ = await keys(stack.db, "list")
+    header, *rows = out.splitlines()
+    assert "BUDGET" in header and "BUDGET USED" in header and "RESETS" in header
+    [row] = [line for line in rows if " late " in line]
+    assert "100/7d" in row and f" {70 * since} " in row
+    assert f"{datetime.now(UTC) + timedelta(days=7):%Y-%m-%d}" in row
+
+
+async def test_keys_update_of_an_unknown_key_is_a_clear_error(stack: Stack) -> None:
+    code, out, err = await keys(stack.db, "update", "987654", "--budget", "10")
+    assert code == 1 and out == ""
+    assert "no key with id, prefix or value '987654'" in err
+    key = await new_key(stack.db, "unchanged")
+    with pytest.raises(SystemExit) as refused:  # argparse's own refusal, with the usage
+        await keys(stack.db, "update", key, "--budget", "0")
+    assert refused.value.code == 2
+    code, _, err = await keys(stack.db, "update", key)
+    assert code == 2 and "nothing to change" in err
+    code, _, err = await keys(stack.db, "update", key, "--budget-period", "monthly")
+    assert code == 2 and "cannot read 'monthly' as a period" in err
