@@ -283,3 +283,20 @@ async def test_keys_update_of_an_unknown_key_is_a_clear_error(stack: Stack) -> N
     assert code == 2 and "nothing to change" in err
     code, _, err = await keys(stack.db, "update", key, "--budget-period", "monthly")
     assert code == 2 and "cannot read 'monthly' as a period" in err
+
+
+async def test_out_of_range_values_are_clear_errors_not_tracebacks(stack: Stack) -> None:
+    """Numbers past what the columns hold, dates past year 9999 and non-ASCII digits were a
+    database error, an OverflowError or a ValueError traceback from the CLI."""
+    for argv, words in (
+        (("--rpm", "99999999999"), "--rpm must be a positive integer up to 2,147,483,647"),
+        (("--budget", str(2**63)), "--budget must be a positive integer up to"),
+        (("--expires", "99999999999d"), "too far in the future"),
+        (("--expires", "9999-12-31T23:00:00-05:00"), "too far in the future"),
+        (("--budget", "10", "--budget-period", "999999999999999w"), "longer than ten years"),
+    ):
+        code, out, err = await keys(stack.db, "create", "--name", "x", *argv)
+        assert code == 2 and out == "" and words in err and "Traceback" not in err, (argv, err)
+    code, _, err = await keys(stack.db, "revoke", "²")
+    assert code == 1 and "no key with id, prefix or value '²'" in err
+    assert await sql(stack.db, "SELECT id FROM api_keys") == []

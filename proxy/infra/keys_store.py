@@ -218,7 +218,7 @@ class KeysStore:
 
     async def find(self, ref: str) -> list[StoredKey]:
         """Keys whose id is `ref`, or whose prefix starts with `ref` (at least 6 characters)."""
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # not `²`, which int() refuses
             rows = await self._db.fetch(f"SELECT {_COLUMNS} FROM api_keys WHERE id = %s", (int(ref),))
         elif len(ref) >= 6:
             pattern = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -414,7 +414,10 @@ def parse_expiry(text: str, now: datetime | None = None) -> datetime:
     match = re.fullmatch(r"(\d+)\s*([dhm])", value)
     if match:
         amount, unit = int(match.group(1)), match.group(2)
-        when = now + {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+        try:
+            when = now + {"d": timedelta(days=amount), "h": timedelta(hours=amount), "m": timedelta(minutes=amount)}[unit]
+        except OverflowError:
+            raise ValueError(f"{text!r} is too far in the future") from None
     else:
         try:
             if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
@@ -430,6 +433,14 @@ def parse_expiry(text: str, now: datetime | None = None) -> datetime:
             ) from None
     if when <= now:
         raise ValueError(f"{text!r} is not in the future")
+    try:
+        # Stored as is, a date past year 9999 in UTC could not be read back into Python: every
+        # gateway's key ring would fail to load.
+        too_far = when.astimezone(UTC).year >= _LAST_YEAR
+    except OverflowError:
+        too_far = True
+    if too_far:
+        raise ValueError(f"{text!r} is too far in the future")
     return when
 
 
@@ -442,7 +453,9 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
     return cleaned
 
 
+_LAST_YEAR = 9999
 _PERIOD_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LONGEST_PERIOD = 3660 * 86400  # ten years: a budget is for a month or a year, not for ever
 
 
 def parse_period(text: str) -> timedelta:
@@ -450,7 +463,10 @@ def parse_period(text: str) -> timedelta:
     match = re.fullmatch(r"(\d+)\s*([mhdw])", text.strip().lower())
     if match is None or int(match.group(1)) == 0:
         raise ValueError(f"cannot read {text!r} as a period: use 30m, 12h, 30d or 4w")
-    return timedelta(seconds=int(match.group(1)) * _PERIOD_UNITS[match.group(2)])
+    seconds = int(match.group(1)) * _PERIOD_UNITS[match.group(2)]
+    if seconds > _LONGEST_PERIOD:
+        raise ValueError(f"{text!r} is longer than ten years")
+    return timedelta(seconds=seconds)
 
 
 def period_text(period: timedelta | float) -> str:
@@ -463,9 +479,13 @@ def period_text(period: timedelta | float) -> str:
     return f"{seconds}s"
 
 
+# As the columns hold them: rpm and tpm are integers, a budget a bigint.
+_LARGEST = {"rpm": 2**31 - 1, "tpm": 2**31 - 1, "budget": 2**63 - 1}
+
+
 def _positive(value: int | None, what: str) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"--{what} must be a positive integer")
+    if value is not None and not 0 < value <= _LARGEST[what]:
+        raise ValueError(f"--{what} must be a positive integer up to {_LARGEST[what]:,}")
 
 
 async def create_key(
