@@ -401,7 +401,36 @@ async def test_a_large_body_over_a_slow_link_is_read_while_it_keeps_coming(monke
         # A few bytes at a time is no upload: refused once the base limit is over.
         trickled = await client.post("/v1/chat/completions", content=steadily(50, 0.1),
                                      headers={"content-length": str(len(body))})
-        assert trickled.status_code == 400 and trickled.json()["error"]["code"] == "body_timeout"
+        assert trickled.status_code == 408 and trickled.json()["error"]["code"] == "body_timeout"
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_in_the_callers_dialect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a 400, which says the request was wrong; HTTP's (and nginx's) answer is 408
+    Request Timeout. The SDKs retry a 408, which is safe: without its body nothing ran."""
+    monkeypatch.setattr(_front, "BODY_TIMEOUT", 0.3)
+    fake = OpenAIBackend(default=Script())
+    paths = {**CHATS, "/v1/embeddings": {"model": "m", "input": "hi there"}}
+
+    async def trickle(body: bytes) -> AsyncIterator[bytes]:
+        for start in range(len(body)):
+            await trio.sleep(0.05)
+            yield body[start : start + 1]
+
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        for path, data in paths.items():
+            body = json.dumps(data).encode()
+            answer = await client.post(path, content=trickle(body), headers={
+                "content-length": str(len(body)), "content-type": "application/json"})
+            assert answer.status_code == 408, (path, answer.text)
+            error = answer.json()["error"]
+            if path == "/api/chat":
+                assert "did not arrive within 0.3 s" in error
+            elif path == "/v1/messages":
+                assert answer.json()["type"] == "error" and error["type"] == "invalid_request_error"
+            else:
+                assert error["code"] == "body_timeout" and error["type"] == "invalid_request_error"
+        assert fake.recorder.requests_total == 0
 
 
 async def test_the_stalled_reader_watch_survives_connections_closed_while_their_requests_run(
