@@ -156,6 +156,12 @@ class _LocalBuckets:
         offset = time.time() - state.now
         self._state[key_id] = [state.requests_at + offset, state.tokens_at + offset]
 
+    def peek(self, principal: Principal) -> Admission:
+        """The key's buckets now, nothing taken."""
+        now = time.time()
+        requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
+        return Admission(True, now, requests_at, tokens_at)
+
     def admit(self, principal: Principal, reserve: int) -> Admission:
         """As `api_key_admit` does (see its migration, 0012)."""
         now = time.time()
@@ -244,7 +250,10 @@ class RateLimiter:
         A request that asks for `least` tokens, more than the whole bucket, takes nothing and
         is refused."""
         if principal.tpm is not None and least > principal.tpm:
-            return Decision(False, [], exhausted="too_large", reserved=least)
+            # Nothing taken, so nothing asked of the database: the buckets' headers, as every
+            # other limit answer has them, are as this process last saw them.
+            headers = decide(principal, self._local.peek(principal)).headers
+            return Decision(False, headers, exhausted="too_large", reserved=least)
         reserve = reservation(principal, tokens)
         state = await self._shared_admission(principal, reserve)
         if state is None:
