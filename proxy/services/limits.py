@@ -232,6 +232,11 @@ class RateLimiter:
         self._batches: list[UsageBatch] = []
         self._spool = Spool(spool, self._writer) if spool is not None else None
         self._failing = False  # the last write failed: spool before writing, not after
+        # Writers that will number no more batches (processes gone, whose spools this one
+        # took; this one, stopping): each one's row of `api_key_usage_writes` is needed only
+        # while a batch of it that may have been applied can be sent again, so it is deleted
+        # once none is held here or in the spool file.
+        self._retired: set[str] = set()
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
         self._flushed = trio.Event()
@@ -441,6 +446,8 @@ class RateLimiter:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _FLUSH_TIMEOUT
                 self._failing = True  # stopping: spooled first, whatever the write does
+                if self._seq:
+                    self._retired.add(self._writer)  # it numbers no more batches
                 await self._flush()
             if self._batches:
                 where = "spooled for the next start" if self._spool is not None and self._spool.saved else "not recorded"
@@ -465,7 +472,7 @@ class RateLimiter:
 
     async def _flush(self) -> None:
         self._cut()
-        if not self._batches:
+        if not self._batches and not self._retired:
             return
         if self._failing:
             await self._save_spool()
@@ -495,18 +502,37 @@ class RateLimiter:
                 self._flushed = trio.Event()
             self._batches.pop(0)
         self._failing = False
-        await self._save_spool()
+        if await self._save_spool() and self._retired:
+            await self._forget_retired(db)
 
-    async def _save_spool(self) -> None:
+    async def _forget_retired(self, db: Database) -> None:
+        """Delete the rows of retired writers none of whose batches is held any more (the
+        spool file says so too: a process killed now leaves none to send again)."""
+        held = {batch.writer for batch in self._batches}
+        done = sorted(self._retired - held)
+        if not done:
+            return
+        try:
+            with trio.fail_after(_FLUSH_TIMEOUT):
+                await KeysStore(db).forget_writers(done)
+        except (DatabaseError, trio.TooSlowError) as error:
+            log.warning("forgetting finished usage writers failed (%s); will retry", error)
+            return
+        self._retired.difference_update(done)
+
+    async def _save_spool(self) -> bool:
+        """Make the spool file hold the batches; False if it could not."""
         spool = self._spool
         if spool is None or (not self._batches and not spool.saved):
-            return
+            return True
         self._cut()
         batches = [batch.to_json() for batch in self._batches]
         try:
             await trio.to_thread.run_sync(spool.save, batches)
         except OSError as error:
             log.error("usage spool %s not written: %s", spool.directory, error)
+            return False
+        return True
 
     async def _adopt_spools(self) -> None:
         """Open this process's spool, and take over those of processes gone (their batches
@@ -518,6 +544,7 @@ class RateLimiter:
         if adopted is None:
             self._spool = None
             return
+        self._retired.update(spool.vacated)
         if not adopted:
             return
         taken: list[tuple[list[dict[str, Any]], Path]] = []
@@ -532,7 +559,9 @@ class RateLimiter:
         if not spool.saved:
             return  # not in this process's file: the others stay where they are
         for items, path in taken:
-            await trio.to_thread.run_sync(spool.release, path)
+            if await trio.to_thread.run_sync(spool.release, path):
+                # Its process (`path`'s writer) and those whose batches it held number no more.
+                self._retired.update({path.stem, *(str(item["writer"]) for item in items)})
             log.info("usage spooled by a stopped gateway process (%d batch(es)) taken over from %s", len(items), path)
         self._kick.set()
 
