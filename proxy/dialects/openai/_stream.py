@@ -101,7 +101,9 @@ class StreamRelay:
         self._tools: dict[int, _ToolIndexes] = {}
         self._usage: Usage | None = None
         self._usage_forwarded = False
-        self._split = SplitText()  # characters a backend split across events (llama.cpp)
+        # Characters a backend split across events (llama.cpp): made at the first bytes that
+        # are not UTF-8, dropped once none is held, so a valid stream tests only `is None`.
+        self._split: SplitText | None = None
         # The body until its first event: a backend answering a stream request with plain
         # JSON (an error object, mostly) sends no event at all, and that JSON says why.
         self._head: bytearray | None = bytearray()
@@ -181,7 +183,7 @@ class StreamRelay:
             self._fail(GatewayError(ErrorKind.BACKEND, message), out, events)
             return
         rewrite = False
-        if mended or self._split:
+        if mended or self._split is not None:
             chunk = self._mend(chunk)
             rewrite = True
 
@@ -248,6 +250,7 @@ class StreamRelay:
         """`chunk` (parsed by `loads_escaped`, or the next after one) with its text pieces
         joined to the bytes the last one left unfinished, and U+FFFD for any other invalid
         byte."""
+        split = self._split = self._split or SplitText()
         choices = chunk.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict):
@@ -259,10 +262,12 @@ class StreamRelay:
             final = choice.get("finish_reason") is not None
             for name in _TEXT_FIELDS:
                 text = delta.get(name)
-                joined = self._split.join((index if isinstance(index, int) else 0, name),
-                                          text if isinstance(text, str) else None, final=final)
+                joined = split.join((index if isinstance(index, int) else 0, name),
+                                    text if isinstance(text, str) else None, final=final)
                 if joined is not None:
                     delta[name] = joined
+        if not split:
+            self._split = None
         return cast(dict[str, Any], replace_invalid(chunk))
 
     def _choice(self, choice: dict[str, Any], events: list[StreamEvent]) -> bool:
