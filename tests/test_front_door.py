@@ -77,7 +77,7 @@ async def test_a_body_that_never_completes_times_out(monkeypatch: pytest.MonkeyP
                     if not data:
                         break
                     answer += data
-    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.startswith(b"HTTP/1.1 408")
     assert b"did not arrive within" in answer
     assert fake.requests == []
 

@@ -3,11 +3,16 @@ or a clear error in its dialect, never a misleading one."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import zlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -401,7 +406,36 @@ async def test_a_large_body_over_a_slow_link_is_read_while_it_keeps_coming(monke
         # A few bytes at a time is no upload: refused once the base limit is over.
         trickled = await client.post("/v1/chat/completions", content=steadily(50, 0.1),
                                      headers={"content-length": str(len(body))})
-        assert trickled.status_code == 400 and trickled.json()["error"]["code"] == "body_timeout"
+        assert trickled.status_code == 408 and trickled.json()["error"]["code"] == "body_timeout"
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_in_the_callers_dialect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was a 400, which says the request was wrong; HTTP's (and nginx's) answer is 408
+    Request Timeout. The SDKs retry a 408, which is safe: without its body nothing ran."""
+    monkeypatch.setattr(_front, "BODY_TIMEOUT", 0.3)
+    fake = OpenAIBackend(default=Script())
+    paths = {**CHATS, "/v1/embeddings": {"model": "m", "input": "hi there"}}
+
+    async def trickle(body: bytes) -> AsyncIterator[bytes]:
+        for start in range(len(body)):
+            await trio.sleep(0.05)
+            yield body[start : start + 1]
+
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+        for path, data in paths.items():
+            body = json.dumps(data).encode()
+            answer = await client.post(path, content=trickle(body), headers={
+                "content-length": str(len(body)), "content-type": "application/json"})
+            assert answer.status_code == 408, (path, answer.text)
+            error = answer.json()["error"]
+            if path == "/api/chat":
+                assert "did not arrive within 0.3 s" in error
+            elif path == "/v1/messages":
+                assert answer.json()["type"] == "error" and error["type"] == "invalid_request_error"
+            else:
+                assert error["code"] == "body_timeout" and error["type"] == "invalid_request_error"
+        assert fake.recorder.requests_total == 0
 
 
 async def test_the_stalled_reader_watch_survives_connections_closed_while_their_requests_run(
@@ -440,3 +474,58 @@ async def test_a_keep_alive_connection_its_client_closed_is_closed_at_once() -> 
         with trio.fail_after(5):
             while any(proxy.serve._connections.values()):  # noqa: ASYNC110 (no event for a socket's close)
                 await trio.sleep(0.05)
+
+
+# -- a base URL whose scheme the backend does not speak ---------------------------------------
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_a_base_url_whose_scheme_the_backend_does_not_speak_is_named_as_the_likely_cause(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`http://host:443` for a server speaking TLS, `https://` for a plain one: the client was
+    told only "connection failed" or "unreachable", and the log said no more."""
+    context = _self_signed(tmp_path)
+
+    async def speaks_tls(stream: trio.SocketStream, n: int) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # OpenSSL closes on a plain HTTP request
+            await trio.SSLStream(stream, context, server_side=True).do_handshake()
+
+    async def alerts(stream: trio.SocketStream, n: int) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"\x15\x03\x01\x00\x02\x02\x46")  # a TLS alert: protocol_version
+
+    async def plain(stream: trio.SocketStream, n: int) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+
+    async with raw_server(speaks_tls) as (tls_url, _), raw_server(alerts) as (alert_url, _), \
+            raw_server(plain) as (plain_url, _), running_gateway(
+                backend("tls", tls_url, prefixes=("tls/",)), backend("alert", alert_url, prefixes=("alert/",)),
+                backend("plain", plain_url.replace("http://", "https://"), prefixes=("plain/",)),
+            ) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        said: dict[str, str] = {}
+        for model, status in (("tls/m", 502), ("alert/m", 502), ("plain/m", 503)):
+            with pytest.raises(openai.APIStatusError) as raised:
+                await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+            assert raised.value.status_code == status, raised.value.message
+            said[model] = raised.value.message
+            assert "127.0.0.1" not in said[model]  # the client is not told where the backend is
+        await client.close()
+    assert "as a server speaking TLS does to plain HTTP (if it does, its base URL must say https://)" in said["tls/m"]
+    assert "it answered in TLS, but its base URL says http://" in said["alert/m"]
+    assert "it does not speak TLS, but its base URL says https://" in said["plain/m"]
+    logged = caplog.text
+    assert "it answered in TLS" in logged and "does not speak TLS" in logged and "127.0.0.1" in logged

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil  # type: ignore[import-untyped]
@@ -17,6 +18,7 @@ import pytest
 import trio
 
 from proxy.infra.embedded import EmbeddedPostgres
+from proxy.infra.spool import Spool
 from proxy.services.limits import _ADMIT_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
@@ -172,11 +174,13 @@ async def test_what_a_gateway_admitted_alone_in_an_outage_is_charged_to_the_shar
 
 
 async def test_usage_recorded_while_postgres_is_down_survives_a_stop_and_counts_once(
-    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A key's usage made while PostgreSQL is down, by a gateway stopped before it comes back,
     is in the key's usage once the gateway runs again (it was lost), and only once, even when
-    its spool is replayed again (a gateway killed right after writing it)."""
+    its spool is replayed again (a gateway killed right after writing it). Once no spool
+    holds its batches, the numbers that kept them from counting twice are deleted (they
+    were kept forever: a row per process start)."""
     assert postgres.url is not None
     data_dir = tmp_path / "data"
     key = await new_key(postgres.url, "spooled")
@@ -196,24 +200,59 @@ async def test_usage_recorded_while_postgres_is_down_survives_a_stop_and_counts_
                 assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 200]
         spooled = list(data_dir.glob("spool/usage/*/*.json"))
         assert len(spooled) == 1
-        left = spooled[0].read_bytes()
         await trio.to_thread.run_sync(postgres.start)
 
         async def counted() -> bool:
             return await usage() == [(2, 10, 2)]
 
-        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
-            await eventually(counted, within=30, every=0.5)
-        assert not list(data_dir.glob("spool/usage/*/*.json"))
-        # As if that gateway had been killed before it removed the spool it replayed.
-        spooled[0].write_bytes(left)
-        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+        real_save = Spool.save
 
-            async def replayed() -> bool:
-                return not spooled[0].exists()
+        def killed_before_emptying(spool: Spool, items: list[dict[str, Any]]) -> None:
+            if not items and spool.directory.parent.name == "usage":
+                raise OSError("as if killed first")
+            real_save(spool, items)
 
-            await eventually(replayed, within=30, every=0.2)
-        assert await usage() == [(2, 10, 2)]
+        # The gateway that writes it is killed before its own spool file (which took the
+        # batches over) is emptied: the batches written are there to be sent again.
+        with monkeypatch.context() as patch:
+            patch.setattr(Spool, "save", killed_before_emptying)
+            async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+                await eventually(counted, within=30, every=0.5)
+        assert not spooled[0].exists()
+        assert len(list(data_dir.glob("spool/usage/*/*.json"))) == 1
+        assert await sql(postgres.url, "SELECT count(*) FROM api_key_usage_writes") == [(1,)]
+
+        async def pruned() -> bool:
+            return not list(data_dir.glob("spool/usage/*/*.json")) and not await sql(
+                postgres.url or "", "SELECT writer FROM api_key_usage_writes")
+
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+            await eventually(pruned, within=30, every=0.2)
+        assert await usage() == [(2, 10, 2)]  # sent again, counted once
+
+
+async def test_a_gateway_that_stops_leaves_no_batch_number_behind(
+    aio_loop: object, pg_database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """Each process numbers its usage batches under a writer id of its own; its row was
+    kept forever, one per start. A gateway that stops with its usage written deletes it."""
+    key = await new_key(pg_database_url, "stops")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+
+    async def writers() -> int:
+        return int((await sql(pg_database_url, "SELECT count(*) FROM api_key_usage_writes"))[0][0])
+
+    async def written() -> bool:
+        return await writers() == 1
+
+    async with fake.serve() as server:
+        async with gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True),
+                           data_dir=tmp_path / "data") as url:
+            await wait_for_key(url, key)
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+            await eventually(written, within=30, every=0.2)
+    assert await writers() == 0
 
 
 async def test_tokens_are_reserved_from_the_gateways_own_bucket_in_an_outage(stack: Stack) -> None:

@@ -1,6 +1,6 @@
 """The routes Quart serves (embeddings, workspace document uploads) give a request body the
 chat routes' time: 120 s plus a second per 16 KiB received. A large upload over a slow link
-is read while it keeps coming; a trickle is still cut off, with the chat routes' 400."""
+is read while it keeps coming; a trickle is still cut off, with the chat routes' 408."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ async def test_a_large_embeddings_request_over_a_slow_link_is_read_while_it_keep
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["data"]) == 10
         trickled = await client.post("/v1/embeddings", content=steadily(body, 50, 0.1), headers=headers)
-        assert trickled.status_code == 400
+        assert trickled.status_code == 408
         assert trickled.json()["error"]["code"] == "body_timeout"
         assert "a second more per 4 KiB received" in trickled.json()["error"]["message"]
 
@@ -59,5 +59,5 @@ async def test_a_document_upload_over_a_slow_link_is_read_while_it_keeps_coming(
                                      headers=headers)
         assert uploaded.status_code == 201, uploaded.text
         trickled = await client.post("/v1/workspaces/slow/documents", content=steadily(body, 20, 0.1), headers=headers)
-        assert trickled.status_code == 400
+        assert trickled.status_code == 408
         assert trickled.json()["error"]["code"] == "body_timeout"

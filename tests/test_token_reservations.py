@@ -148,6 +148,12 @@ async def test_a_request_larger_than_the_whole_bucket_is_refused_at_once_and_not
     assert "Request too large" in error.message and "Limit 1000, Requested 50" in error.message
     assert "retry-after" not in error.response.headers
     assert error.response.headers["x-should-retry"] == "false"
+    # Like every other limit answer, it says where the key's buckets stand (they were missing).
+    assert error.response.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert error.response.headers["x-ratelimit-remaining-tokens"] == "1000"
+    assert error.response.headers["x-ratelimit-limit-requests"] == "100"
+    assert error.response.headers["x-ratelimit-remaining-requests"] == "100"
+    assert error.response.headers["x-ratelimit-reset-tokens"] == "0ms"
     async with anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=2) as claude:
         with pytest.raises(anthropic.RateLimitError) as too_large:
             await claude.messages.create(model="qwen3-8b", max_tokens=1200, messages=[{"role": "user", "content": "hi"}])

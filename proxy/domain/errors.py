@@ -18,6 +18,7 @@ class ErrorKind(enum.Enum):
     PERMISSION = 403
     NOT_FOUND = 404
     METHOD_NOT_ALLOWED = 405
+    REQUEST_TIMEOUT = 408  # the client's body did not arrive in time (nginx's `client_body_timeout`)
     CONFLICT = 409
     REQUEST_TOO_LARGE = 413
     UNSUPPORTED_MEDIA_TYPE = 415

@@ -53,8 +53,10 @@ def body_deadline(started: float, received: int) -> float:
 
 
 def body_timeout() -> GatewayError:
+    """A 408, as nginx's `client_body_timeout` answers: SDKs retry it, which is safe, since
+    nothing ran without the body."""
     return GatewayError(
-        ErrorKind.INVALID_REQUEST,
+        ErrorKind.REQUEST_TIMEOUT,
         f"The request body did not arrive within {BODY_TIMEOUT:g} s (and a second more per "
         f"{BODY_MIN_RATE >> 10} KiB received).", code="body_timeout",
     )

@@ -18,6 +18,7 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
+from proxy.dialects._utf8 import ValidBytes
 from proxy.domain.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     ErrorKind,
@@ -249,7 +250,12 @@ class RelayBody(DirectBody):
         except GatewayError as error:
             await self._fail(error)
             return
-        self._note_usage(_usage_of(body))
+        try:
+            self._note_usage(_usage_of(body))
+        except UnicodeDecodeError:
+            # Bytes that are not UTF-8 (llama.cpp's): the answer with U+FFFD for them.
+            body = body.decode("utf-8", "replace").encode()
+            self._note_usage(_usage_of(body))
         record = self.record
         if record.prompt_tokens is None and record.completion_tokens is None:
             # An answer without usage (servers differ, rerank most): charged its input.
@@ -269,11 +275,15 @@ class RelayBody(DirectBody):
         chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
         tail: deque[bytes] = deque()
         kept = 0
+        # llama.cpp has sent bytes that are not UTF-8, which every SDK fails on.
+        utf8 = ValidBytes()
         try:
             # One scope for every read: its deadline moves, and is lifted while the client
             # takes a chunk, so a slow client is never mistaken for a silent backend.
             with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(name):
                 async for data in chunks:
+                    if utf8.held or not data.isascii():
+                        data = utf8.mend(data)
                     if not data:
                         continue
                     if record.ttft_ms is None:
@@ -298,7 +308,7 @@ class RelayBody(DirectBody):
         if record.ttft_ms is None:  # an empty stream
             await self._writer().head(response.status_code, list(SSE_HEADERS))
         self._note_usage(_stream_usage(b"".join(tail)))
-        await self._writer().end()
+        await self._writer().end(utf8.close())
 
     def _note_usage(self, found: tuple[dict[str, Any] | None, str | None]) -> None:
         usage, finish = found
@@ -373,9 +383,12 @@ def _is_openai_error(body: bytes) -> bool:
 
 
 def _usage_of(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
-    """A whole answer's `usage` and first choice's `finish_reason`, if it has them."""
+    """A whole answer's `usage` and first choice's `finish_reason`, if it has them; raises
+    UnicodeDecodeError for an answer that is not UTF-8."""
     try:
         data = json.loads(body)
+    except UnicodeDecodeError:
+        raise
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(data, dict):

@@ -34,7 +34,7 @@ class PacedBody(TrioBody):
 
     @contextmanager
     def paced(self) -> Iterator[None]:
-        """Reading the body within its time limit; the chat routes' 400 `body_timeout` past it."""
+        """Reading the body within its time limit; the chat routes' 408 `body_timeout` past it."""
         with trio.CancelScope(deadline=_front.body_deadline(self._started, self._received)) as scope:
             self._readers.add(scope)
             try:

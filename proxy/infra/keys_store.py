@@ -303,6 +303,10 @@ class KeysStore:
             float(row[5]) if row[5] is not None else None,
         )
 
+    async def forget_writers(self, writers: list[str]) -> None:
+        """Drop the batch numbers of `writers`, none of whose batches can be sent again."""
+        await self._db.execute("DELETE FROM api_key_usage_writes WHERE writer = ANY(%s)", (writers,))
+
     async def record_usage(self, deltas: Mapping[int, UsageDelta], writer: str, seq: int) -> None:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
         `tokens`, negative: given back), settle admissions the request bucket has not

@@ -81,6 +81,8 @@ class Spool:
         self._lock: int | None = None
         self.saved = False  # the file holds items
         self._text = ""  # what it holds
+        # Writers of processes gone that spooled nothing, whose files `adopt` removed.
+        self.vacated: list[str] = []
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -120,8 +122,9 @@ class Spool:
         `release` once they are in this process's own file)."""
         found: list[tuple[list[dict[str, Any]], Path]] = []
         for lock_path in self.directory.glob("*.lock"):
-            if lock_path.stem != self.writer and not lock_path.with_suffix(".json").exists():
-                self.release(lock_path.with_suffix(".json"))  # a killed process's, with nothing spooled
+            gone = lock_path.stem != self.writer and not lock_path.with_suffix(".json").exists()
+            if gone and self.release(lock_path.with_suffix(".json")):  # a killed process's, with nothing spooled
+                self.vacated.append(lock_path.stem)
         for path in sorted(self.directory.glob("*.json")):
             writer = path.stem
             if writer == self.writer:
@@ -143,17 +146,19 @@ class Spool:
             found.append((items, path))
         return found
 
-    def release(self, path: Path) -> None:
-        """Remove an adopted spool (its batches are in this process's file now)."""
+    def release(self, path: Path) -> bool:
+        """Remove an adopted spool (its batches are in this process's file now); False if
+        its process is alive after all."""
         lock_path = path.with_suffix(".lock")
         lock = _locked(lock_path)
         if lock is None:
-            return
+            return False
         try:
             path.unlink(missing_ok=True)
             lock_path.unlink(missing_ok=True)
         finally:
             os.close(lock)
+        return True
 
 
 def _locked(path: Path) -> int | None:

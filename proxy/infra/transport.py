@@ -37,6 +37,33 @@ _EARLY_ANSWER_SECONDS = 1.0
 Origin = tuple[bytes, bytes, int]
 
 
+class SchemeMismatch:
+    """A transport error that most likely means the backend and its base URL's scheme
+    disagree on TLS; `hint` says so without the URL (it may carry credentials)."""
+
+    hint: str
+
+
+class NotTls(SchemeMismatch, httpx.ConnectError):
+    hint = "it does not speak TLS, but its base URL says https://"
+
+
+class SpeaksTls(SchemeMismatch, httpx.RemoteProtocolError):
+    hint = "it answered in TLS, but its base URL says http://"
+
+
+class ClosedUnanswered(SchemeMismatch, httpx.RemoteProtocolError):
+    hint = (
+        "it closed the connection without answering, as a server speaking TLS does to plain HTTP "
+        "(if it does, its base URL must say https://)"
+    )
+
+
+# OpenSSL's reasons for a handshake answered by something that is not TLS (a plain HTTP
+# server's `400 Bad Request`): 3.0 says the first, later versions the others.
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"})
+
+
 @dataclass(slots=True, eq=False)
 class _Connection:
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -203,7 +230,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
         except trio.TooSlowError:
             raise httpx.ConnectTimeout(f"connecting to {host.decode()}:{port} timed out") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise httpx.ConnectError(f"cannot connect to {host.decode()}:{port}: {exc}") from None
+            cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__  # trio wraps a handshake's
+            where = f"cannot connect to {host.decode()}:{port}"
+            if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS:
+                raise NotTls(f"{where}: {NotTls.hint} ({cause})") from None
+            raise httpx.ConnectError(f"{where}: {exc or cause or type(exc).__name__}") from None
 
     # -- requests -------------------------------------------------------------------------
 
@@ -289,6 +320,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     async def _read_head(self, conn: _Connection) -> h11.Response:
         received_any = False
+        first = b""  # the answer's first bytes: a TLS record's, when http:// meets TLS
         try:
             while True:
                 event = conn.h11.next_event()
@@ -303,14 +335,22 @@ class PooledTransport(httpx.AsyncBaseTransport):
                         raise
                     if not chunk and conn.reused and not received_any:
                         raise _StaleConnection
+                    if not received_any:
+                        first = chunk[:2]
                     received_any = True
                     conn.h11.receive_data(chunk)
                     continue
                 if isinstance(event, h11.Response):
                     return event
                 if isinstance(event, h11.ConnectionClosed):
-                    raise httpx.RemoteProtocolError("the backend closed the connection without answering")
+                    raise _unanswered(conn)
         except h11.RemoteProtocolError as exc:
+            if isinstance(conn.stream, trio.SSLStream):
+                raise httpx.RemoteProtocolError(str(exc)) from None
+            if first[:1] in (b"\x15", b"\x16") and first[1:2] == b"\x03":  # a TLS alert or handshake
+                raise SpeaksTls(f"{_peer(conn)}: {SpeaksTls.hint}") from None
+            if not first:
+                raise _unanswered(conn) from None
             raise httpx.RemoteProtocolError(str(exc)) from None
 
     async def aclose(self) -> None:
@@ -377,6 +417,22 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         # Unread body left: the connection cannot be reused; closing it tells the backend.
         self._finish(reuse=False)
+
+
+def _unanswered(conn: _Connection) -> httpx.RemoteProtocolError:
+    """A fresh connection closed before a byte of answer."""
+    if isinstance(conn.stream, trio.SSLStream):
+        return httpx.RemoteProtocolError("the backend closed the connection without answering")
+    return ClosedUnanswered(f"{_peer(conn)}: {ClosedUnanswered.hint}")
+
+
+def _peer(conn: _Connection) -> str:
+    """The backend's address, for the log."""
+    try:
+        host, port, *_ = conn.socket.getpeername()
+    except OSError:
+        return "the backend"
+    return f"{host}:{port}"
 
 
 def _let_go(hangup: Hangup | None, conn: _Connection) -> None:

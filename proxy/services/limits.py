@@ -214,6 +214,12 @@ class _LocalBuckets:
             budget[0], budget[1] = 0.0, budget[1] + periods * principal.budget_period
         return budget
 
+    def peek(self, principal: Principal) -> Admission:
+        """The key's buckets now, nothing taken."""
+        now = time.time()
+        requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
+        return Admission(True, now, requests_at, tokens_at)
+
     def admit(self, principal: Principal, reserve: int) -> Admission:
         """As `api_key_admit` does (see its migrations, 0012 and 0014)."""
         now = time.time()
@@ -294,6 +300,11 @@ class RateLimiter:
         self._batches: list[UsageBatch] = []
         self._spool = Spool(spool, self._writer) if spool is not None else None
         self._failing = False  # the last write failed: spool before writing, not after
+        # Writers that will number no more batches (processes gone, whose spools this one
+        # took; this one, stopping): each one's row of `api_key_usage_writes` is needed only
+        # while a batch of it that may have been applied can be sent again, so it is deleted
+        # once none is held here or in the spool file.
+        self._retired: set[str] = set()
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
         self._flushed = trio.Event()
@@ -312,7 +323,10 @@ class RateLimiter:
         A request that asks for `least` tokens, more than the whole bucket, takes nothing and
         is refused."""
         if principal.tpm is not None and least > principal.tpm:
-            return Decision(False, [], exhausted="too_large", reserved=least)
+            # Nothing taken, so nothing asked of the database: the buckets' headers, as every
+            # other limit answer has them, are as this process last saw them.
+            headers = decide(principal, self._local.peek(principal)).headers
+            return Decision(False, headers, exhausted="too_large", reserved=least)
         reserve = reservation(principal, tokens)
         state = await self._shared_admission(principal, reserve)
         if state is None:
@@ -508,6 +522,8 @@ class RateLimiter:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _FLUSH_TIMEOUT
                 self._failing = True  # stopping: spooled first, whatever the write does
+                if self._seq:
+                    self._retired.add(self._writer)  # it numbers no more batches
                 await self._flush()
             if self._batches:
                 where = "spooled for the next start" if self._spool is not None and self._spool.saved else "not recorded"
@@ -532,7 +548,7 @@ class RateLimiter:
 
     async def _flush(self) -> None:
         self._cut()
-        if not self._batches:
+        if not self._batches and not self._retired:
             return
         if self._failing:
             await self._save_spool()
@@ -562,18 +578,37 @@ class RateLimiter:
                 self._flushed = trio.Event()
             self._batches.pop(0)
         self._failing = False
-        await self._save_spool()
+        if await self._save_spool() and self._retired:
+            await self._forget_retired(db)
 
-    async def _save_spool(self) -> None:
+    async def _forget_retired(self, db: Database) -> None:
+        """Delete the rows of retired writers none of whose batches is held any more (the
+        spool file says so too: a process killed now leaves none to send again)."""
+        held = {batch.writer for batch in self._batches}
+        done = sorted(self._retired - held)
+        if not done:
+            return
+        try:
+            with trio.fail_after(_FLUSH_TIMEOUT):
+                await KeysStore(db).forget_writers(done)
+        except (DatabaseError, trio.TooSlowError) as error:
+            log.warning("forgetting finished usage writers failed (%s); will retry", error)
+            return
+        self._retired.difference_update(done)
+
+    async def _save_spool(self) -> bool:
+        """Make the spool file hold the batches; False if it could not."""
         spool = self._spool
         if spool is None or (not self._batches and not spool.saved):
-            return
+            return True
         self._cut()
         batches = [batch.to_json() for batch in self._batches]
         try:
             await trio.to_thread.run_sync(spool.save, batches)
         except OSError as error:
             log.error("usage spool %s not written: %s", spool.directory, error)
+            return False
+        return True
 
     async def _adopt_spools(self) -> None:
         """Open this process's spool, and take over those of processes gone (their batches
@@ -585,6 +620,7 @@ class RateLimiter:
         if adopted is None:
             self._spool = None
             return
+        self._retired.update(spool.vacated)
         if not adopted:
             return
         taken: list[tuple[list[dict[str, Any]], Path]] = []
@@ -599,7 +635,9 @@ class RateLimiter:
         if not spool.saved:
             return  # not in this process's file: the others stay where they are
         for items, path in taken:
-            await trio.to_thread.run_sync(spool.release, path)
+            if await trio.to_thread.run_sync(spool.release, path):
+                # Its process (`path`'s writer) and those whose batches it held number no more.
+                self._retired.update({path.stem, *(str(item["writer"]) for item in items)})
             log.info("usage spooled by a stopped gateway process (%d batch(es)) taken over from %s", len(items), path)
         self._kick.set()
 

@@ -233,6 +233,7 @@ _ERROR_TYPES: dict[ErrorKind, str] = {
     ErrorKind.PERMISSION: "permission_error",
     ErrorKind.NOT_FOUND: "not_found_error",
     ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.REQUEST_TIMEOUT: "invalid_request_error",
     ErrorKind.CONFLICT: "invalid_request_error",
     ErrorKind.REQUEST_TOO_LARGE: "request_too_large",
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",

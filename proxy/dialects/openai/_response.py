@@ -17,6 +17,7 @@ _ERROR_TYPES = {
     ErrorKind.PERMISSION: "permission_error",
     ErrorKind.NOT_FOUND: "invalid_request_error",
     ErrorKind.METHOD_NOT_ALLOWED: "invalid_request_error",
+    ErrorKind.REQUEST_TIMEOUT: "invalid_request_error",
     ErrorKind.CONFLICT: "conflict_error",
     ErrorKind.REQUEST_TOO_LARGE: "invalid_request_error",
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: "invalid_request_error",

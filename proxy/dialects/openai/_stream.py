@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from proxy.dialects._json import dumps
+from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.openai._response import (
     FAILED_FINISH_REASONS,
     error_body,
@@ -45,6 +46,8 @@ KEEPALIVE = b": keep-alive\n\n"
 # Enough of a body that is not a stream to read an error object's message from.
 _HEAD_LIMIT = 65536
 _ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
+# Where a backend's stream carries text a character of which may come split in two.
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
 
 def error_frame(error: GatewayError) -> bytes:
@@ -98,6 +101,9 @@ class StreamRelay:
         self._tools: dict[int, _ToolIndexes] = {}
         self._usage: Usage | None = None
         self._usage_forwarded = False
+        # Characters a backend split across events (llama.cpp): made at the first bytes that
+        # are not UTF-8, dropped once none is held, so a valid stream tests only `is None`.
+        self._split: SplitText | None = None
         # The body until its first event: a backend answering a stream request with plain
         # JSON (an error object, mostly) sends no event at all, and that JSON says why.
         self._head: bytearray | None = bytearray()
@@ -157,11 +163,18 @@ class StreamRelay:
         if data == b"[DONE]":
             self._end(out)
             return
+        mended = False
         try:
             chunk = json.loads(data)
-        except ValueError:
-            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
-            return
+        except ValueError as error:
+            # Bytes that are not UTF-8: mended, at this cost only when they come.
+            chunk = None
+            if isinstance(error, UnicodeDecodeError):
+                try:
+                    chunk = loads_escaped(data)
+                    mended = True
+                except ValueError:
+                    pass
         if not isinstance(chunk, dict):
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
             return
@@ -169,8 +182,11 @@ class StreamRelay:
             message = error_message_from_body(data) or "The backend reported an error."
             self._fail(GatewayError(ErrorKind.BACKEND, message), out, events)
             return
-
         rewrite = False
+        if mended or self._split is not None:
+            chunk = self._mend(chunk)
+            rewrite = True
+
         start = self._start
         if start is None:
             start = self._start = StreamStart(
@@ -180,7 +196,7 @@ class StreamRelay:
                 system_fingerprint=fingerprint if isinstance(fingerprint := chunk.get("system_fingerprint"), str) else None,
             )
             events.append(start)
-            rewrite = "id" not in chunk or "created" not in chunk
+            rewrite = rewrite or "id" not in chunk or "created" not in chunk
         elif chunk.get("id") != start.id or chunk.get("created") != start.created:
             rewrite = True
         if rewrite:
@@ -229,6 +245,30 @@ class StreamRelay:
             else:
                 raw = raw[:-3] + b',"usage":null}\n\n' if raw.endswith(b"}\n\n") else raw
         out.append(encode_event(dumps(chunk)) if rewrite else raw)
+
+    def _mend(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """`chunk` (parsed by `loads_escaped`, or the next after one) with its text pieces
+        joined to the bytes the last one left unfinished, and U+FFFD for any other invalid
+        byte."""
+        split = self._split = self._split or SplitText()
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            final = choice.get("finish_reason") is not None
+            for name in _TEXT_FIELDS:
+                text = delta.get(name)
+                joined = split.join((index if isinstance(index, int) else 0, name),
+                                    text if isinstance(text, str) else None, final=final)
+                if joined is not None:
+                    delta[name] = joined
+        if not split:
+            self._split = None
+        return cast(dict[str, Any], replace_invalid(chunk))
 
     def _choice(self, choice: dict[str, Any], events: list[StreamEvent]) -> bool:
         """Emit one choice's events; True when the frame needs re-encoding."""

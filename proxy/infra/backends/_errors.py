@@ -20,7 +20,7 @@ from proxy.domain.errors import (
     GatewayError,
     is_context_overflow,
 )
-from proxy.infra.transport import current_hangup
+from proxy.infra.transport import SchemeMismatch, current_hangup
 
 
 def status_error(
@@ -80,14 +80,16 @@ def transport_errors(backend: str) -> Iterator[None]:
         # The detail names the backend's host and port: for the log, never for the client.
         if not _cancelled():
             _log.warning("backend %s unreachable: %s", backend, exc)
+        why = f": {exc.hint}" if isinstance(exc, SchemeMismatch) else ""
         raise GatewayError(
-            ErrorKind.UNAVAILABLE, f"Backend `{backend}` is unreachable.", code="backend_unreachable"
+            ErrorKind.UNAVAILABLE, f"Backend `{backend}` is unreachable{why}.", code="backend_unreachable"
         ) from None
     except httpx.TransportError as exc:
         if not _cancelled():
             _log.warning("backend %s connection failed: %s", backend, exc or type(exc).__name__)
+        why = exc.hint if isinstance(exc, SchemeMismatch) else type(exc).__name__
         raise GatewayError(
-            ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({type(exc).__name__}).",
+            ErrorKind.BACKEND, f"Backend `{backend}` connection failed ({why}).",
             code="backend_connection_error",
         ) from None
 

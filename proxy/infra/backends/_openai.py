@@ -122,13 +122,21 @@ class OpenAIBackend:
             )
         if response.status_code >= 400:
             raise self._error(response, response.content)
+        content = response.content
         try:
-            data = json.loads(response.content)
+            data = json.loads(content)
+        except UnicodeDecodeError:
+            # Bytes that are not UTF-8 (llama.cpp's): the answer with U+FFFD for them.
+            content = content.decode("utf-8", "replace").encode()
+            try:
+                data = json.loads(content)
+            except ValueError:
+                raise not_json(name, response.content) from None
         except ValueError:
             raise not_json(name, response.content) from None
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             # Some servers report a failure as an error object under a 200.
-            message = openai.error_message_from_body(response.content)
+            message = openai.error_message_from_body(content)
             if message:
                 raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` reported an error: {message}")
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no choices.")
@@ -138,7 +146,7 @@ class OpenAIBackend:
         completion = openai.parse_completion(data)
         raw = None
         if call.relay_openai:
-            raw = openai.relay_completion(data, response.content)
+            raw = openai.relay_completion(data, content)
         return Batch(openai.completion_events_of(data, completion), raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
