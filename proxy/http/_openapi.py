@@ -595,9 +595,16 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
         "it echoes are the defaults, not the request's.",
     ),
-    ("/v1/responses/{response_id}", "delete"): _refused(_op(
-        "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
-    )),
+    ("/v1/responses/{response_id}", "delete"): _op(
+        "Delete a response (OpenAI's delete)", "OpenAI",
+        _ok({"type": "object", "required": ["id", "object", "deleted"], "properties": {
+            "id": _STR, "object": {"enum": ["response.deleted"]}, "deleted": _BOOL,
+        }}),
+        parameters=[_RESPONSE_ID],
+        description="Its answer, request and events leave the journal, on every instance: read back, continued, "
+        "listed or referenced it is then a 404. A background response still running is cancelled first; one "
+        "still streaming to its client is a 400.",
+    ),
     ("/v1/responses/{response_id}/input_items", "get"): _op(
         "A response's input items (OpenAI's list), from the journal", "OpenAI", _ok(_LIST),
         parameters=[

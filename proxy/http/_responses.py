@@ -309,7 +309,7 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         if said is not None:
             stored = replace(stored, completion=said)
     tenant = current_tenant()
-    if stored is None or (tenant is not None and stored.tenant != tenant):
+    if stored is None or (tenant is not None and stored.tenant != tenant) or stored.deleted:
         raise _not_found(response)
     return stored
 
@@ -473,9 +473,20 @@ def _number(frame: bytes) -> int:
 
 @exchanges.route("/v1/responses/<response_id>", method="DELETE")
 async def delete_response(incoming: Incoming) -> Reply:
-    raise invalid_request(
-        "Responses cannot be deleted here: the journal keeps them for its retention time.", param="response_id",
-    )
+    """Delete a response, on any instance (the tenant's own): read back, continued, listed,
+    streamed again or referenced, it is then a 404. A background response still running is
+    cancelled first (else its answer would go on being written); one whose client is still
+    streaming it is a 400 until that stream ends."""
+    response, trace_id, persistence = _addressed(incoming)
+    stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    if stored.status == "running":
+        await _stopped(persistence, trace_id, response, stored, (
+            f"Response '{response}' is still in progress and was not created with `background: true`: delete it "
+            "once its stream has ended (its client stops it by closing the stream)."
+        ))
+    if not await persistence.delete(trace_id):
+        raise _not_found(response)  # deleted meanwhile, by another request
+    return Reply(dumps({"id": response, "object": "response.deleted", "deleted": True}))
 
 
 def _not_found(response_id: str) -> GatewayError:
@@ -494,26 +505,30 @@ async def cancel_response(incoming: Incoming) -> Reply:
     response, trace_id, persistence = _addressed(incoming)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
-        if not (stored.settings or {}).get("background"):
-            # Its client's connection is its run: closing it is how that one stops.
-            raise invalid_request(
-                f"Response '{response}' was not created with `background: true`: only background responses can be "
-                "cancelled (a streaming response stops when its client closes the stream).",
-                param="response_id",
-            )
-        if await persistence.runs.cancel(trace_id):
-            stored = await _found(persistence, trace_id, response)
-        else:
-            ended = await persistence.cancel_elsewhere(trace_id)
-            if ended is None:
-                raise GatewayError(
-                    ErrorKind.CONFLICT,
-                    f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
-                    "instance is gone, the response is failed within a minute).",
-                    param="response_id", code="response_elsewhere",
-                )
-            stored = ended
+        stored = await _stopped(persistence, trace_id, response, stored, (
+            f"Response '{response}' was not created with `background: true`: only background responses can be "
+            "cancelled (a streaming response stops when its client closes the stream)."
+        ))
     return _rendered(stored, response)
+
+
+async def _stopped(persistence: Persistence, trace_id: str, response: str, stored: StoredRun, refusal: str) -> StoredRun:
+    """A running background response stopped, here or on the instance running it: its row
+    once it has ended (`cancelled`). Any other running response is refused (`refusal`): its
+    client's connection is its run, and closing it is how that one stops."""
+    if not (stored.settings or {}).get("background"):
+        raise invalid_request(refusal, param="response_id")
+    if await persistence.runs.cancel(trace_id):
+        return await _found(persistence, trace_id, response)
+    ended = await persistence.cancel_elsewhere(trace_id)
+    if ended is None:
+        raise GatewayError(
+            ErrorKind.CONFLICT,
+            f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
+            "instance is gone, the response is failed within a minute).",
+            param="response_id", code="response_elsewhere",
+        )
+    return ended
 
 
 @exchanges.route("/v1/responses/<response_id>/input_items", method="GET")

@@ -1,0 +1,139 @@
+"""What the Responses API keeps, with the official `openai` SDK: deleting a response
+(`client.responses.delete`) and referring to the items of kept ones (`item_reference`), on a
+gateway with its journal (PostgreSQL, NATS)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import gateway, new_key, sql, wait_for_key
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+TOKENS = [f" w{i}" for i in range(20)]
+QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    fake: OpenAIBackend
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=QUICK)
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Stack(url, pg_database_url, fake, client)
+        await client.close()
+
+
+def trace(response_id: str) -> str:
+    return response_id.removeprefix("resp_")
+
+
+def backend_saw(fake: OpenAIBackend) -> list[Any]:
+    """The messages of the backend's last request, as (role, content)."""
+    body = fake.requests[-1].json
+    assert isinstance(body, dict)
+    return [(m["role"], m.get("content")) for m in body["messages"]]
+
+
+# -- delete --------------------------------------------------------------------------------------
+
+
+async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
+    answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.")
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        deleted = await http.delete(f"/v1/responses/{answered.id}")
+        assert deleted.status_code == 200
+        assert deleted.json() == {"id": answered.id, "object": "response.deleted", "deleted": True}
+        # Its stream, read again by the Responses route or the gateway's own: gone too.
+        again = await http.get(f"/v1/responses/{answered.id}", params={"stream": "true"})
+        assert again.status_code == 404
+        assert (await http.get(f"/v1/streams/{trace(answered.id)}")).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.input_items.list(answered.id)
+    with pytest.raises(openai.NotFoundError) as continued:
+        await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=answered.id)
+    assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.delete(answered.id)  # deleted already
+    # What it said and was asked is no longer in the journal.
+    assert await sql(stack.db, "SELECT result, request, settings FROM chat_log WHERE trace_id = %s", trace(answered.id)) == [
+        (None, {}, None)
+    ]
+    assert len(stack.fake.requests) == 1
+
+
+async def test_a_request_repeated_with_the_key_of_a_deleted_response_runs_again(stack: Stack) -> None:
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = await stack.client.responses.create(model="m", input="A story", extra_headers=key)
+    await wait_for_row(stack.db, trace(first.id), "completed")
+    await stack.client.responses.delete(first.id)
+    # Its answer is gone: not replayed, the request is answered anew, as a response of its own.
+    again = await stack.client.responses.create(model="m", input="A story", extra_headers=key)
+    assert again.id != first.id and again.output_text == "The secret is 42."
+    assert (await stack.client.responses.retrieve(again.id)).output_text == "The secret is 42."
+    assert len(stack.fake.requests) == 2
+
+
+async def test_deleting_a_running_background_response_cancels_it(stack: Stack) -> None:
+    stack.fake.default = Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1)
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    await stack.fake.wait_requests(1, 10)
+    with trio.fail_after(10):
+        await stack.client.responses.delete(created.id)
+    # Its backend was stopped well before its 2 s answer, and nothing of it is read back.
+    assert [g.outcome for g in stack.fake.recorder.generations] == ["cancelled"]
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(created.id)
+    await trio.sleep(0.5)  # a late write of its outcome would bring nothing back
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(created.id)
+
+
+async def test_a_response_still_streaming_to_its_client_is_not_deleted(stack: Stack) -> None:
+    stack.fake.default = Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1)
+    stream = await stack.client.responses.create(model="m", input="Count", stream=True)
+    created = await stream.__anext__()
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.client.responses.delete(created.response.id)
+    assert "still in progress" in info.value.message
+    events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    await stack.client.responses.delete(created.response.id)  # once it has ended
+
+
+async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    await wait_for_key(stack.url, other)
+    answered = await mine.responses.create(model="m", input="My secret")
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.delete(answered.id)
+    assert (await mine.responses.retrieve(answered.id)).output_text == "The secret is 42."
+    await mine.responses.delete(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await mine.responses.retrieve(answered.id)
+    await mine.close()
+    await theirs.close()
