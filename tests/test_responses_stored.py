@@ -137,3 +137,80 @@ async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
         await mine.responses.retrieve(answered.id)
     await mine.close()
     await theirs.close()
+
+
+# -- item_reference ------------------------------------------------------------------------------
+
+
+async def test_an_item_reference_brings_the_kept_item_to_the_backend(stack: Stack) -> None:
+    asked = await stack.client.responses.create(model="m", input="Remember: the secret is 42.")
+    said = asked.output[0].id
+    inputs = await stack.client.responses.input_items.list(asked.id)
+    question = inputs.data[0].id
+    follow = await stack.client.responses.create(model="m", input=[
+        {"type": "item_reference", "id": question},
+        {"type": "item_reference", "id": said},
+        {"role": "user", "content": "What is the secret?"},
+    ])
+    assert follow.status == "completed"
+    assert backend_saw(stack.fake) == [
+        ("user", "Remember: the secret is 42."),
+        ("assistant", "The secret is 42."),
+        ("user", "What is the secret?"),
+    ]
+    # Its own input items list what the references stood for.
+    listed = await stack.client.responses.input_items.list(follow.id, order="asc")
+    assert [item.type for item in listed.data] == ["message", "message", "message"]
+
+
+async def test_an_unknown_item_reference_is_a_404_naming_its_path(stack: Stack) -> None:
+    """OpenAI's answer to an item it does not keep: 404, "Item with id '…' not found."."""
+    answered = await stack.client.responses.create(model="m", input="Hi")
+    for missing in ("msg_unknown", f"msg_{trace(answered.id)}_7", "fc_00000000000000000000000000000000_0"):
+        with pytest.raises(openai.NotFoundError) as info:
+            await stack.client.responses.create(model="m", input=[
+                {"role": "user", "content": "x"}, {"type": "item_reference", "id": missing},
+            ])
+        body = info.value.body
+        assert isinstance(body, dict) and body["param"] == "input[1]"
+        assert body["message"] == f"Item with id '{missing}' not found."
+    assert len(stack.fake.requests) == 1
+
+
+async def test_a_deleted_or_another_keys_item_is_not_referenced(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    await wait_for_key(stack.url, other)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    answered = await mine.responses.create(model="m", input="My secret")
+    reference: Any = [{"type": "item_reference", "id": answered.output[0].id}]
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.create(model="m", input=reference)
+    assert (await mine.responses.create(model="m", input=reference)).status == "completed"
+    await mine.responses.delete(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await mine.responses.create(model="m", input=reference)
+    await mine.close()
+    await theirs.close()
+
+
+
+async def test_a_referenced_function_call_is_answered_by_its_output(stack: Stack) -> None:
+    """The agent loop with stored items: the call is referred to, its output sent inline."""
+    stack.fake.default = Script(tool_calls=[("get_weather", {"city": "Paris"})])
+    tool: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    called = await stack.client.responses.create(model="m", input="Weather in Paris?", tools=[tool])
+    call = next(item for item in called.output if item.type == "function_call")
+    stack.fake.default = QUICK
+    await stack.client.responses.create(model="m", tools=[tool], input=[
+        {"type": "item_reference", "id": (await stack.client.responses.input_items.list(called.id)).data[0].id},
+        {"type": "item_reference", "id": call.id},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"},
+    ])
+    body = stack.fake.requests[-1].json
+    assert isinstance(body, dict)
+    user, assistant, result = body["messages"]
+    assert (user["role"], user["content"]) == ("user", "Weather in Paris?")
+    assert [(c["id"], c["function"]["name"]) for c in assistant["tool_calls"]] == [(call.call_id, "get_weather")]
+    assert (result["role"], result["tool_call_id"], result["content"]) == ("tool", call.call_id, "Sunny")

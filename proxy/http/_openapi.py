@@ -579,7 +579,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
-        "server-sent events. `previous_response_id` continues a response the journal keeps; `conversation` and "
+        "server-sent events. `previous_response_id` continues a response the journal keeps, and an `item_reference` "
+        "input stands for one of its items (404 for one it does not keep); `conversation` and "
         "`prompt` are 400s (send the whole conversation); `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),

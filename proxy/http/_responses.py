@@ -113,7 +113,10 @@ def _answering(headers: Headers, own: str) -> str:
 
 @exchanges.route("/v1/responses")
 async def create_response(incoming: Incoming) -> ExchangeBody:
-    parsed = responses.parse_responses_request(incoming.body)
+    persistence = incoming.gateway.persistence
+    # Looked for only in a body that can hold one: no second parse for every other request.
+    referenced = await _referenced(persistence, incoming.body) if b'"item_reference"' in incoming.body else None
+    parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(incoming.gateway.persistence, parsed, parsed.previous)
     request = parsed.chat
@@ -538,15 +541,64 @@ async def response_input_items(incoming: Incoming) -> Reply:
     response, trace_id, persistence = _addressed(incoming)
     query = parse_qs(incoming.head.query.decode("latin-1"))
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    items = await _inputs_of(persistence, stored, trace_id, response)
+    if items is None:
+        raise _not_found(response)
+    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _inputs_of(
+    persistence: Persistence, stored: StoredRun, trace_id: str, response: str
+) -> list[dict[str, Any]] | None:
+    """A response's input items, from its row (None: the journal has not its request)."""
     messages = await _stored_messages(persistence, trace_id)
     if messages is None:
-        raise _not_found(response)
+        return None
     instructions = (stored.settings or {}).get("instructions")
-    items = responses.input_items(
+    return responses.input_items(
         messages, response, instructions=instructions if isinstance(instructions, str) else None,
         prior=await _continued_length(persistence, stored.settings),
     )
-    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _referenced(persistence: Persistence | None, body: bytes) -> dict[str, dict[str, Any]]:
+    """The items a request's `item_reference`s name, by id: input or output items of the
+    responses the journal keeps (the tenant's own, ended; on any instance). One it does not
+    keep is a 404 naming the reference's path, in OpenAI's words."""
+    found: dict[str, dict[str, Any]] = {}
+    kept: dict[str, list[dict[str, Any]]] = {}  # by trace id: one read per response referred to
+    for path, item in responses.item_references(body):
+        if item in found:
+            continue
+        # An item's id is its kind, its response's trace id and its place (`responses.item_id`).
+        trace_id = item.partition("_")[2].rpartition("_")[0]
+        if trace_id not in kept:
+            kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
+        match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
+        if match is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
+        found[item] = match
+    return found
+
+
+async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, Any]]:
+    """An ended response's input and output items, as it lists them ([]: none it keeps)."""
+    response = responses.response_id(trace_id)
+    try:
+        stored = await _found(persistence, trace_id, response)
+    except GatewayError as error:
+        if error.kind is ErrorKind.NOT_FOUND:
+            return []
+        raise
+    if stored.status == "running" or stored.completion is None:
+        return []
+    completion = stored.completion
+    if stored.status == "completed":
+        choice = completion.choices[0] if completion.choices else None
+        output = responses.output_of(completion, response, responses.status_of(choice.finish_reason if choice else None)[0])
+    else:
+        output = _said(completion, response, "failed")
+    return [*(await _inputs_of(persistence, stored, trace_id, response) or []), *output]
 
 
 async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:

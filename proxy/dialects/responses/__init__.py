@@ -6,6 +6,7 @@ from proxy.dialects.responses._request import (
     ResponsesRequest,
     continued,
     default_settings,
+    item_references,
     parse_responses_request,
 )
 from proxy.dialects.responses._response import (
@@ -31,6 +32,7 @@ __all__ = [
     "input_items",
     "item_id",
     "item_page",
+    "item_references",
     "output_of",
     "parse_responses_request",
     "render_error",
