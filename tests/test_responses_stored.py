@@ -214,3 +214,28 @@ async def test_a_referenced_function_call_is_answered_by_its_output(stack: Stack
     assert (user["role"], user["content"]) == ("user", "Weather in Paris?")
     assert [(c["id"], c["function"]["name"]) for c in assistant["tool_calls"]] == [(call.call_id, "get_weather")]
     assert (result["role"], result["tool_call_id"], result["content"]) == ("tool", call.call_id, "Sunny")
+
+
+# -- store: false --------------------------------------------------------------------------------
+
+
+async def test_a_response_made_with_store_false_is_not_read_back(stack: Stack) -> None:
+    """OpenAI keeps it for nobody: by its id it is a 404 everywhere, as one it never had."""
+    answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", store=False)
+    assert answered.output_text == "The secret is 42." and (answered.model_extra or {}).get("store") is False
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.input_items.list(answered.id)
+    with pytest.raises(openai.NotFoundError) as continued:
+        await stack.client.responses.create(model="m", input="What is it?", previous_response_id=answered.id)
+    assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.create(model="m", input=[{"type": "item_reference", "id": answered.output[0].id}])
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        assert (await http.get(f"/v1/responses/{answered.id}", params={"stream": "true"})).status_code == 404
+    # A stored one (the default) says so, and is read back.
+    kept = await stack.client.responses.create(model="m", input="Hi")
+    assert (kept.model_extra or {}).get("store") is True
+    assert (await stack.client.responses.retrieve(kept.id)).output_text == "The secret is 42."

@@ -257,6 +257,8 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     live = persistence.runs.live.get(trace_id)
     # A run of this instance whose row is not written yet has its settings with its events.
     settings = stored.settings if stored is not None else live.settings if live is not None else None
+    if not responses.readable(settings) or (stored is not None and stored.deleted):
+        raise _not_found(response)
     after = int(raw_after)
     # Its own times, as read whole: not the resume's.
     created_at = stored.completion.created if stored is not None and stored.completion is not None else None
@@ -312,7 +314,10 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         if said is not None:
             stored = replace(stored, completion=said)
     tenant = current_tenant()
-    if stored is None or (tenant is not None and stored.tenant != tenant) or stored.deleted:
+    if (
+        stored is None or (tenant is not None and stored.tenant != tenant) or stored.deleted
+        or not responses.readable(stored.settings)
+    ):
         raise _not_found(response)
     return stored
 

@@ -8,6 +8,7 @@ from proxy.dialects.responses._request import (
     default_settings,
     item_references,
     parse_responses_request,
+    readable,
 )
 from proxy.dialects.responses._response import (
     error_to_wire,
@@ -35,6 +36,7 @@ __all__ = [
     "item_references",
     "output_of",
     "parse_responses_request",
+    "readable",
     "render_error",
     "render_response",
     "response_id",

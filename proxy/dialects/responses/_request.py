@@ -121,7 +121,7 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
     if include is not None and not all(isinstance(item, str) for item in include):
         raise fields.fail("include", "an array of strings")
     service_tier = fields.text("service_tier")
-    fields.boolean("store")
+    store = fields.boolean("store")
     stream = bool(fields.boolean("stream"))
     options = fields.object("stream_options")
     if options is not None:
@@ -164,8 +164,16 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
         "service_tier": service_tier or "default",
         "background": background,
         "previous_response_id": previous,
+        # OpenAI's default; `false`: not read back by its id (see `readable`).
+        "store": store is not False,
     }
     return ResponsesRequest(chat, settings, stream=stream, previous=previous)
+
+
+def readable(settings: dict[str, Any] | None) -> bool:
+    """Whether a response is read back by its id (retrieved, continued, listed, referred to,
+    deleted): not one its request made with `store: false`, which OpenAI keeps for nobody."""
+    return settings is None or settings.get("store") is not False
 
 
 def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatCompletion) -> None:
