@@ -76,11 +76,24 @@ async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
     assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
         await stack.client.responses.delete(answered.id)  # deleted already
-    # What it said and was asked is no longer in the journal.
+    # What it said and was asked is no longer in the journal (but how many messages a response
+    # continuing it carried over: its question and its answer).
     assert await sql(stack.db, "SELECT result, request, settings FROM chat_log WHERE trace_id = %s", trace(answered.id)) == [
-        (None, {}, None)
+        (None, {"carried": 2}, None)
     ]
     assert len(stack.fake.requests) == 1
+
+
+async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
+    first = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", instructions="Be brief.")
+    second = await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=first.id)
+    await wait_for_row(stack.db, trace(second.id), "completed")
+    before = await stack.client.responses.input_items.list(second.id)
+    await stack.client.responses.delete(first.id)
+    after = await stack.client.responses.input_items.list(second.id)
+    assert [item.model_dump() for item in after.data] == [item.model_dump() for item in before.data]
+    assert [(item.type, item.content[0].text) for item in after.data] == [("message", "What is the secret?")]  # type: ignore[union-attr]
+    assert (await stack.client.responses.retrieve(second.id)).output_text == "The secret is 42."
 
 
 async def test_a_request_repeated_with_the_key_of_a_deleted_response_runs_again(stack: Stack) -> None:

@@ -492,7 +492,8 @@ async def delete_response(incoming: Incoming) -> Reply:
             f"Response '{response}' is still in progress and was not created with `background: true`: delete it "
             "once its stream has ended (its client stops it by closing the stream)."
         ))
-    if not await persistence.delete(trace_id):
+    carried = _carried(stored, await _stored_messages(persistence, trace_id))
+    if not await persistence.delete(trace_id, carried):
         raise _not_found(response)  # deleted meanwhile, by another request
     return Reply(dumps({"id": response, "object": "response.deleted", "deleted": True}))
 
@@ -615,7 +616,16 @@ async def _continued_length(persistence: Persistence, settings: dict[str, Any] |
         return 0
     trace_id = previous.removeprefix("resp_")
     stored = await persistence.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+    if stored is not None and stored.deleted:
+        # Deleted since: its row kept the number for this.
+        return await persistence.journal_read(lambda store: store.carried(trace_id), f"the row of {trace_id}")
     messages = await persistence.journal_read(lambda store: store.stored_messages(trace_id), f"the request of {trace_id}")
+    return _carried(stored, messages)
+
+
+def _carried(stored: StoredRun | None, messages: list[dict[str, Any]] | None) -> int:
+    """How many messages a response continuing this one carries over: its conversation
+    (after its instructions, which are not carried over) and its answer."""
     if stored is None or messages is None or stored.completion is None:
         return 0
     instructions = (stored.settings or {}).get("instructions")

@@ -280,12 +280,14 @@ SELECT count(*) FROM rows
 
 
 # What a run said and was asked goes; its row stays (see `0014_chat_log_deleted.sql`), with
-# its tokens and times for the accounts. Its exact-cache entry would answer the same request
+# its tokens and times for the accounts, and how many messages a response continuing it
+# carried over (`carried`: that one's input items are still told from them). Its exact-cache entry would answer the same request
 # again with its content, under its id: it goes too (a scan of the short-lived cache table:
 # deletes are rare, and an index would cost every cached answer's write).
 _DELETE = """
 WITH gone AS (
-    UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = NULL, request = '{}'::jsonb
+    UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = NULL,
+        request = jsonb_build_object('carried', %s::integer)
     WHERE trace_id = %s AND deleted_at IS NULL RETURNING trace_id
 ), cache AS (
     DELETE FROM completions_cache WHERE trace_id IN (SELECT trace_id FROM gone)
@@ -445,10 +447,16 @@ class ChatStore:
             settings, float(updated_at or 0.0), attempt or 0, bool(deleted),
         )
 
-    async def delete(self, trace_id: str) -> bool:
-        """Delete a run's answer, request and settings (its row stays, marked deleted), and
-        the exact-cache entry it answers; False when it has no row or was deleted already."""
-        return bool(await self._db.fetchval(_DELETE, (trace_id,)))
+    async def delete(self, trace_id: str, carried: int) -> bool:
+        """Delete a run's answer, request and settings (its row stays, marked deleted, with
+        `carried`), and the exact-cache entry it answers; False when it has no row or was
+        deleted already."""
+        return bool(await self._db.fetchval(_DELETE, (carried, trace_id)))
+
+    async def carried(self, trace_id: str) -> int:
+        """How many messages a response continuing this deleted one carried over (0: unknown)."""
+        found = await self._db.fetchval("SELECT (request->>'carried')::integer FROM chat_log WHERE trace_id = %s", (trace_id,))
+        return int(found or 0)
 
     async def stored_messages(self, trace_id: str) -> list[dict[str, Any]] | None:
         """The messages of the trace's request, as its row keeps them (canonical form)."""

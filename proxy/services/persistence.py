@@ -365,11 +365,12 @@ class Persistence:
                             return stored
         return None
 
-    async def delete(self, trace_id: str) -> bool:
+    async def delete(self, trace_id: str, carried: int = 0) -> bool:
         """Delete an ended run's answer and request from the journal, and its events from
         JetStream (by which its stream is read again); False when it has no row. A 503 when
-        the journal cannot be written: a client deleting its data must know it is not gone."""
-        deleted = await self.journal_read(lambda store: store.delete(trace_id), f"the deletion of {trace_id}")
+        the journal cannot be written: a client deleting its data must know it is not gone.
+        `carried`: see `ChatStore.delete`."""
+        deleted = await self.journal_read(lambda store: store.delete(trace_id, carried), f"the deletion of {trace_id}")
         bus = self.bus()
         if bus is not None:
             try:
