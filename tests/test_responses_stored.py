@@ -4,6 +4,7 @@ gateway with its journal (PostgreSQL, NATS)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import trio
 
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import gateway, new_key, sql, wait_for_key
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
@@ -150,6 +151,16 @@ async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
         await mine.responses.retrieve(answered.id)
     await mine.close()
     await theirs.close()
+    # What it cost stays charged to its key.
+    entry = await eventually(lambda: _usage(stack.db, "owner"), within=10)
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 2)
+
+
+async def _usage(db: str, name: str) -> dict[str, Any] | None:
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(db, "list", "--json"))
+    assert code == 0, err
+    entry: dict[str, Any] = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == name)
+    return entry if entry["completion_tokens"] else None
 
 
 # -- item_reference ------------------------------------------------------------------------------
