@@ -3,9 +3,9 @@
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
-background one runs durably, polled for, and can be cancelled on any instance. The
-gateway keeps no conversations, but continues a response it journalled (`previous_response_id`)
-and lists its input items.
+background one runs durably, polled for, and can be cancelled or deleted on any instance. The
+gateway keeps no conversations, but continues a response it journalled (`previous_response_id`),
+lists its input items, and takes its items by reference (`item_reference`).
 """
 
 from __future__ import annotations
@@ -118,12 +118,12 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     referenced = await _referenced(persistence, incoming.body) if b'"item_reference"' in incoming.body else None
     parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
-        await _continue(incoming.gateway.persistence, parsed, parsed.previous)
+        await _continue(persistence, parsed, parsed.previous)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
     if parsed.background:
-        if incoming.gateway.persistence is None:
+        if persistence is None:
             raise invalid_request(
                 "`background: true` needs the gateway's journal (PostgreSQL and NATS), and this gateway runs without.",
                 param="background", code="unsupported_parameter",
@@ -138,7 +138,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     if parsed.background and not parsed.stream:
         return _Background(
             exchange, headers, response=response, model=model, settings=settings,
-            persistence=incoming.gateway.persistence,
+            persistence=persistence,
         )
     if parsed.stream:
         return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
@@ -488,7 +488,7 @@ async def delete_response(incoming: Incoming) -> Reply:
     response, trace_id, persistence = _addressed(incoming)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
-        await _stopped(persistence, trace_id, response, stored, (
+        stored = await _stopped(persistence, trace_id, response, stored, (
             f"Response '{response}' is still in progress and was not created with `background: true`: delete it "
             "once its stream has ended (its client stops it by closing the stream)."
         ))
