@@ -15,6 +15,7 @@ import openai
 import pytest
 import trio
 
+from proxy.infra.nats import open_bus
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
@@ -30,6 +31,7 @@ QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
 class Stack:
     url: str
     db: str
+    nats: str
     fake: OpenAIBackend
     client: openai.AsyncOpenAI
 
@@ -39,7 +41,7 @@ async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncI
     fake = OpenAIBackend(default=QUICK)
     async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Stack(url, pg_database_url, fake, client)
+        yield Stack(url, pg_database_url, nats_url, fake, client)
         await client.close()
 
 
@@ -60,6 +62,9 @@ def backend_saw(fake: OpenAIBackend) -> list[Any]:
 async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
     answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.")
     await wait_for_row(stack.db, trace(answered.id), "completed")
+    events = f"evt.chat.{trace(answered.id)}"
+    async with open_bus(stack.nats) as bus:
+        assert await bus.last_message("EVENTS", events) is not None
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
         deleted = await http.delete(f"/v1/responses/{answered.id}")
         assert deleted.status_code == 200
@@ -83,6 +88,8 @@ async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
         (None, {"carried": 2}, None)
     ]
     assert len(stack.fake.requests) == 1
+    async with open_bus(stack.nats) as bus:  # nor are its events on NATS
+        assert await bus.last_message("EVENTS", events) is None
 
 
 async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
