@@ -15,7 +15,10 @@ import openai
 import pytest
 import trio
 
+from proxy.infra.chat_store import ChatStore, LogRow
+from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
+from proxy.infra.postgres import open_database
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
@@ -270,3 +273,24 @@ async def test_a_response_made_with_store_false_is_not_read_back(stack: Stack) -
     kept = await stack.client.responses.create(model="m", input="Hi")
     assert (kept.model_extra or {}).get("store") is True
     assert (await stack.client.responses.retrieve(kept.id)).output_text == "The secret is 42."
+
+
+async def test_a_late_outcome_does_not_bring_a_deleted_response_back(aio_loop: object, pg_database_url: str) -> None:
+    """An outcome written after the delete (the outbox replaying one queued while PostgreSQL
+    was down, say) leaves the row deleted: a client was told its data is gone."""
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        trace_id = uuid.uuid4().hex
+        row = LogRow(
+            trace_id=trace_id, req_id="r", idempotency_key=None, route="direct", dialect="responses", model="m",
+            backend="b", upstream_model="m", stream=False, request={"messages": [{"role": "user", "content": ["hi"]}]},
+            status="completed", result={"id": "x", "model": "m", "created": 1, "choices": []},
+        )
+        await store.finish(row)
+        assert await store.delete(trace_id, 0)
+        await store.finish(row)
+        await store.write_batch([row], [row])
+        found = await store.stored_run(trace_id)
+        assert found is not None and found.deleted and found.completion is None
+        assert await store.stored_messages(trace_id) is None
