@@ -349,8 +349,11 @@ def _parse_tool(item: Any, path: str) -> Tool:
     fields = Fields(item, path)
     kind = fields.text("type", required=True)
     if kind != "function":
+        # A `custom` tool is the client's own, but takes free text (or a grammar's), which a
+        # chat backend's tool calls cannot carry.
+        what = "a custom tool, whose input is free text" if kind == "custom" else "one of OpenAI's built-in tools"
         raise invalid_request(
-            f"Invalid `{path}.type`: {kind!r} is one of OpenAI's built-in tools; {_BUILT_IN_TOOLS}.",
+            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}.",
             param=f"{path}.type", code="unsupported_tool",
         )
     name = fields.text("name", required=True, nonempty=True)
