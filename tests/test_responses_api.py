@@ -348,9 +348,10 @@ async def test_responses_outside_the_journal_are_404s(setup: Setup) -> None:
         with pytest.raises(openai.NotFoundError) as info:
             await setup.client.responses.retrieve(missing)
         assert "keeps responses only in its journal" in info.value.message
-    with pytest.raises(openai.BadRequestError):
-        await setup.client.responses.delete("resp_123")
-    for call in (setup.client.responses.cancel("resp_123"), setup.client.responses.input_items.list("resp_123")):
+    for call in (
+        setup.client.responses.cancel("resp_123"), setup.client.responses.input_items.list("resp_123"),
+        setup.client.responses.delete("resp_123"),
+    ):
         with pytest.raises(openai.NotFoundError):
             await call
 

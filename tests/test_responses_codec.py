@@ -641,3 +641,11 @@ def test_near_valid_bodies_are_a_request_every_encoder_takes_or_a_4xx(value: dic
 @given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_any_body_is_a_request_or_a_4xx(body: bytes) -> None:
     check(body)
+
+
+def test_a_custom_tool_is_refused_as_the_clients_own_not_a_built_in_one() -> None:
+    custom = refused(tools=[{"type": "custom", "name": "apply_patch", "format": {"type": "text"}}])
+    assert custom.param == "tools[0].type" and "custom tool, whose input is free text" in custom.message
+    assert "built-in" not in custom.message
+    built_in = refused(tools=[{"type": "web_search"}])
+    assert "built-in tools" in built_in.message and "function tools only" in built_in.message

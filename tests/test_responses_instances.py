@@ -74,6 +74,23 @@ async def test_a_background_response_is_cancelled_through_the_instance_not_runni
     assert (await pair.second.responses.cancel(created.id)).status == "cancelled"
 
 
+async def test_a_background_response_deleted_through_the_instance_not_running_it_is_gone_on_both(pair: Pair) -> None:
+    created = await pair.first.responses.create(model="m", input="Count", background=True)
+    await pair.fake.wait_requests(1, 10)
+    with trio.fail_after(15):
+        await pair.second.responses.delete(created.id)
+    # Stopped on the instance running it (over NATS) before it was deleted.
+    await eventually(lambda: _backend_done(pair.fake), within=5)
+    assert [g.outcome for g in pair.fake.recorder.generations] == ["cancelled"]
+    for client in (pair.first, pair.second):
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(created.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.input_items.list(created.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.delete(created.id)
+
+
 async def test_a_background_stream_is_found_and_cancelled_on_the_other_instance_right_after_its_creation(
     pair: Pair,
 ) -> None:

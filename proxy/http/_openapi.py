@@ -579,7 +579,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
-        "server-sent events. `previous_response_id` continues a response the journal keeps; `conversation` and "
+        "server-sent events. `previous_response_id` continues a response the journal keeps, and an `item_reference` "
+        "input stands for one of its items (404 for one it does not keep); `conversation` and "
         "`prompt` are 400s (send the whole conversation); `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
@@ -595,9 +596,16 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
         "it echoes are the defaults, not the request's.",
     ),
-    ("/v1/responses/{response_id}", "delete"): _refused(_op(
-        "Not served: responses are not stored beyond the journal", "OpenAI", _ok(_OBJ), parameters=[_RESPONSE_ID],
-    )),
+    ("/v1/responses/{response_id}", "delete"): _op(
+        "Delete a response (OpenAI's delete)", "OpenAI",
+        _ok({"type": "object", "required": ["id", "object", "deleted"], "properties": {
+            "id": _STR, "object": {"enum": ["response.deleted"]}, "deleted": _BOOL,
+        }}),
+        parameters=[_RESPONSE_ID],
+        description="Its answer, request and events leave the journal, on every instance: read back, continued, "
+        "listed or referenced it is then a 404. A background response still running is cancelled first; one "
+        "still streaming to its client is a 400.",
+    ),
     ("/v1/responses/{response_id}/input_items", "get"): _op(
         "A response's input items (OpenAI's list), from the journal", "OpenAI", _ok(_LIST),
         parameters=[

@@ -3,9 +3,9 @@
 Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workflow routes),
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
-background one runs durably, polled for, and can be cancelled on any instance. The
-gateway keeps no conversations, but continues a response it journalled (`previous_response_id`)
-and lists its input items.
+background one runs durably, polled for, and can be cancelled or deleted on any instance. The
+gateway keeps no conversations, but continues a response it journalled (`previous_response_id`),
+lists its input items, and takes its items by reference (`item_reference`).
 """
 
 from __future__ import annotations
@@ -113,14 +113,17 @@ def _answering(headers: Headers, own: str) -> str:
 
 @exchanges.route("/v1/responses")
 async def create_response(incoming: Incoming) -> ExchangeBody:
-    parsed = responses.parse_responses_request(incoming.body)
+    persistence = incoming.gateway.persistence
+    # Looked for only in a body that can hold one: no second parse for every other request.
+    referenced = await _referenced(persistence, incoming.body) if b'"item_reference"' in incoming.body else None
+    parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
-        await _continue(incoming.gateway.persistence, parsed, parsed.previous)
+        await _continue(persistence, parsed, parsed.previous)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
     if parsed.background:
-        if incoming.gateway.persistence is None:
+        if persistence is None:
             raise invalid_request(
                 "`background: true` needs the gateway's journal (PostgreSQL and NATS), and this gateway runs without.",
                 param="background", code="unsupported_parameter",
@@ -135,7 +138,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     if parsed.background and not parsed.stream:
         return _Background(
             exchange, headers, response=response, model=model, settings=settings,
-            persistence=incoming.gateway.persistence,
+            persistence=persistence,
         )
     if parsed.stream:
         return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
@@ -254,6 +257,8 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     live = persistence.runs.live.get(trace_id)
     # A run of this instance whose row is not written yet has its settings with its events.
     settings = stored.settings if stored is not None else live.settings if live is not None else None
+    if not responses.readable(settings) or (stored is not None and stored.deleted):
+        raise _not_found(response)
     after = int(raw_after)
     # Its own times, as read whole: not the resume's.
     created_at = stored.completion.created if stored is not None and stored.completion is not None else None
@@ -309,7 +314,10 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         if said is not None:
             stored = replace(stored, completion=said)
     tenant = current_tenant()
-    if stored is None or (tenant is not None and stored.tenant != tenant):
+    if (
+        stored is None or (tenant is not None and stored.tenant != tenant) or stored.deleted
+        or not responses.readable(stored.settings)
+    ):
         raise _not_found(response)
     return stored
 
@@ -473,9 +481,21 @@ def _number(frame: bytes) -> int:
 
 @exchanges.route("/v1/responses/<response_id>", method="DELETE")
 async def delete_response(incoming: Incoming) -> Reply:
-    raise invalid_request(
-        "Responses cannot be deleted here: the journal keeps them for its retention time.", param="response_id",
-    )
+    """Delete a response, on any instance (the tenant's own): read back, continued, listed,
+    streamed again or referenced, it is then a 404. A background response still running is
+    cancelled first (else its answer would go on being written); one whose client is still
+    streaming it is a 400 until that stream ends."""
+    response, trace_id, persistence = _addressed(incoming)
+    stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    if stored.status == "running":
+        stored = await _stopped(persistence, trace_id, response, stored, (
+            f"Response '{response}' is still in progress and was not created with `background: true`: delete it "
+            "once its stream has ended (its client stops it by closing the stream)."
+        ))
+    carried = _carried(stored, await _stored_messages(persistence, trace_id))
+    if not await persistence.delete(trace_id, carried):
+        raise _not_found(response)  # deleted meanwhile, by another request
+    return Reply(dumps({"id": response, "object": "response.deleted", "deleted": True}))
 
 
 def _not_found(response_id: str) -> GatewayError:
@@ -494,26 +514,30 @@ async def cancel_response(incoming: Incoming) -> Reply:
     response, trace_id, persistence = _addressed(incoming)
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     if stored.status == "running":
-        if not (stored.settings or {}).get("background"):
-            # Its client's connection is its run: closing it is how that one stops.
-            raise invalid_request(
-                f"Response '{response}' was not created with `background: true`: only background responses can be "
-                "cancelled (a streaming response stops when its client closes the stream).",
-                param="response_id",
-            )
-        if await persistence.runs.cancel(trace_id):
-            stored = await _found(persistence, trace_id, response)
-        else:
-            ended = await persistence.cancel_elsewhere(trace_id)
-            if ended is None:
-                raise GatewayError(
-                    ErrorKind.CONFLICT,
-                    f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
-                    "instance is gone, the response is failed within a minute).",
-                    param="response_id", code="response_elsewhere",
-                )
-            stored = ended
+        stored = await _stopped(persistence, trace_id, response, stored, (
+            f"Response '{response}' was not created with `background: true`: only background responses can be "
+            "cancelled (a streaming response stops when its client closes the stream)."
+        ))
     return _rendered(stored, response)
+
+
+async def _stopped(persistence: Persistence, trace_id: str, response: str, stored: StoredRun, refusal: str) -> StoredRun:
+    """A running background response stopped, here or on the instance running it: its row
+    once it has ended (`cancelled`). Any other running response is refused (`refusal`): its
+    client's connection is its run, and closing it is how that one stops."""
+    if not (stored.settings or {}).get("background"):
+        raise invalid_request(refusal, param="response_id")
+    if await persistence.runs.cancel(trace_id):
+        return await _found(persistence, trace_id, response)
+    ended = await persistence.cancel_elsewhere(trace_id)
+    if ended is None:
+        raise GatewayError(
+            ErrorKind.CONFLICT,
+            f"Response '{response}' runs on another gateway instance, which did not stop it in time (if that "
+            "instance is gone, the response is failed within a minute).",
+            param="response_id", code="response_elsewhere",
+        )
+    return ended
 
 
 @exchanges.route("/v1/responses/<response_id>/input_items", method="GET")
@@ -523,15 +547,64 @@ async def response_input_items(incoming: Incoming) -> Reply:
     response, trace_id, persistence = _addressed(incoming)
     query = parse_qs(incoming.head.query.decode("latin-1"))
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
+    items = await _inputs_of(persistence, stored, trace_id, response)
+    if items is None:
+        raise _not_found(response)
+    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _inputs_of(
+    persistence: Persistence, stored: StoredRun, trace_id: str, response: str
+) -> list[dict[str, Any]] | None:
+    """A response's input items, from its row (None: the journal has not its request)."""
     messages = await _stored_messages(persistence, trace_id)
     if messages is None:
-        raise _not_found(response)
+        return None
     instructions = (stored.settings or {}).get("instructions")
-    items = responses.input_items(
+    return responses.input_items(
         messages, response, instructions=instructions if isinstance(instructions, str) else None,
         prior=await _continued_length(persistence, stored.settings),
     )
-    return Reply(dumps(responses.item_page(items, query)))
+
+
+async def _referenced(persistence: Persistence | None, body: bytes) -> dict[str, dict[str, Any]]:
+    """The items a request's `item_reference`s name, by id: input or output items of the
+    responses the journal keeps (the tenant's own, ended; on any instance). One it does not
+    keep is a 404 naming the reference's path, in OpenAI's words."""
+    found: dict[str, dict[str, Any]] = {}
+    kept: dict[str, list[dict[str, Any]]] = {}  # by trace id: one read per response referred to
+    for path, item in responses.item_references(body):
+        if item in found:
+            continue
+        # An item's id is its kind, its response's trace id and its place (`responses.item_id`).
+        trace_id = item.partition("_")[2].rpartition("_")[0]
+        if trace_id not in kept:
+            kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
+        match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
+        if match is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
+        found[item] = match
+    return found
+
+
+async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, Any]]:
+    """An ended response's input and output items, as it lists them ([]: none it keeps)."""
+    response = responses.response_id(trace_id)
+    try:
+        stored = await _found(persistence, trace_id, response)
+    except GatewayError as error:
+        if error.kind is ErrorKind.NOT_FOUND:
+            return []
+        raise
+    if stored.status == "running" or stored.completion is None:
+        return []
+    completion = stored.completion
+    if stored.status == "completed":
+        choice = completion.choices[0] if completion.choices else None
+        output = responses.output_of(completion, response, responses.status_of(choice.finish_reason if choice else None)[0])
+    else:
+        output = _said(completion, response, "failed")
+    return [*(await _inputs_of(persistence, stored, trace_id, response) or []), *output]
 
 
 async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:
@@ -543,7 +616,16 @@ async def _continued_length(persistence: Persistence, settings: dict[str, Any] |
         return 0
     trace_id = previous.removeprefix("resp_")
     stored = await persistence.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+    if stored is not None and stored.deleted:
+        # Deleted since: its row kept the number for this.
+        return await persistence.journal_read(lambda store: store.carried(trace_id), f"the row of {trace_id}")
     messages = await persistence.journal_read(lambda store: store.stored_messages(trace_id), f"the request of {trace_id}")
+    return _carried(stored, messages)
+
+
+def _carried(stored: StoredRun | None, messages: list[dict[str, Any]] | None) -> int:
+    """How many messages a response continuing this one carries over: its conversation
+    (after its instructions, which are not carried over) and its answer."""
     if stored is None or messages is None or stored.completion is None:
         return 0
     instructions = (stored.settings or {}).get("instructions")

@@ -134,6 +134,7 @@ class StoredRun:
     # A workflow whose client waited for the whole answer: the job's attempt whose events are
     # that answer (a retry after a dead worker replaces the attempts before it). 0: from the first.
     answer_attempt: int = 0
+    deleted: bool = False  # its client deleted it (`DELETE /v1/responses/{id}`): nothing to read back
 
 
 @dataclass(slots=True, frozen=True)
@@ -178,7 +179,9 @@ _OUTCOME_UPDATE = (
     "status = EXCLUDED.status, result = EXCLUDED.result, error = EXCLUDED.error, "
     "finish_reason = EXCLUDED.finish_reason, prompt_tokens = EXCLUDED.prompt_tokens, "
     "completion_tokens = EXCLUDED.completion_tokens, ttft_ms = EXCLUDED.ttft_ms, "
-    "total_ms = EXCLUDED.total_ms, last_seq = EXCLUDED.last_seq, updated_at = now()"
+    "total_ms = EXCLUDED.total_ms, last_seq = EXCLUDED.last_seq, updated_at = now() "
+    # A deleted response stays deleted, whatever outcome of its run is written late.
+    "WHERE chat_log.deleted_at IS NULL"
 )
 _UPSERT_OUTCOME = f"INSERT INTO chat_log ({_COLUMNS}) VALUES ({_VALUES}){_OUTCOME_UPDATE}"
 
@@ -273,6 +276,23 @@ WITH rows AS (
     WHERE owner = %(id)s AND status = 'failed' AND trace_id = ANY(%(live)s)
 )
 SELECT count(*) FROM rows
+"""
+
+
+# What a run said and was asked goes; its row stays (see `0014_chat_log_deleted.sql`), with
+# its tokens and times for the accounts, and how many messages a response continuing it
+# carried over (`carried`: that one's input items are still told from them). Its exact-cache entry would answer the same request
+# again with its content, under its id: it goes too (a scan of the short-lived cache table:
+# deletes are rare, and an index would cost every cached answer's write).
+_DELETE = """
+WITH gone AS (
+    UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = NULL,
+        request = jsonb_build_object('carried', %s::integer)
+    WHERE trace_id = %s AND deleted_at IS NULL RETURNING trace_id
+), cache AS (
+    DELETE FROM completions_cache WHERE trace_id IN (SELECT trace_id FROM gone)
+)
+SELECT count(*) FROM gone
 """
 
 
@@ -412,7 +432,7 @@ class ChatStore:
         row = await self._db.fetchrow(
             "SELECT c.status, c.result, c.error, c.tenant, c.route, c.upstream_model, c.last_seq, c.model, "
             "extract(epoch FROM c.created_at)::float8, c.settings, extract(epoch FROM c.updated_at)::float8, "
-            "CASE WHEN c.stream THEN 0 ELSE w.attempts END "
+            "CASE WHEN c.stream THEN 0 ELSE w.attempts END, c.deleted_at IS NOT NULL "
             "FROM chat_log c LEFT JOIN workflow_runs w ON c.route = 'workflow' AND w.trace_id = c.trace_id "
             "WHERE c.trace_id = %s",
             (trace_id,),
@@ -420,12 +440,23 @@ class ChatStore:
         if row is None:
             return None
         (status, result, error, tenant, route, upstream_model, last_seq, model, created_at, settings, updated_at,
-         attempt) = row
+         attempt, deleted) = row
         completion = completion_from_json(result) if result else None
         return StoredRun(
             status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
-            settings, float(updated_at or 0.0), attempt or 0,
+            settings, float(updated_at or 0.0), attempt or 0, bool(deleted),
         )
+
+    async def delete(self, trace_id: str, carried: int) -> bool:
+        """Delete a run's answer, request and settings (its row stays, marked deleted, with
+        `carried`), and the exact-cache entry it answers; False when it has no row or was
+        deleted already."""
+        return bool(await self._db.fetchval(_DELETE, (carried, trace_id)))
+
+    async def carried(self, trace_id: str) -> int:
+        """How many messages a response continuing this deleted one carried over (0: unknown)."""
+        found = await self._db.fetchval("SELECT (request->>'carried')::integer FROM chat_log WHERE trace_id = %s", (trace_id,))
+        return int(found or 0)
 
     async def stored_messages(self, trace_id: str) -> list[dict[str, Any]] | None:
         """The messages of the trace's request, as its row keeps them (canonical form)."""

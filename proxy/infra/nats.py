@@ -361,6 +361,10 @@ class Bus:
         for subject, data, msg_id in items:
             await self._nc.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
 
+    async def purge(self, stream: str, subject: str) -> None:
+        """Remove every message `stream` holds on `subject`."""
+        await _hop(self._js.purge_stream, stream, subject=subject)
+
     async def last_message(self, stream: str, subject: str) -> bytes | None:
         """The last message `stream` holds on `subject` (None: it holds none)."""
         return await _hop(self._aio_last_message, stream, subject)

@@ -365,6 +365,22 @@ class Persistence:
                             return stored
         return None
 
+    async def delete(self, trace_id: str, carried: int = 0) -> bool:
+        """Delete an ended run's answer and request from the journal, and its events from
+        JetStream (by which its stream is read again); False when it has no row. A 503 when
+        the journal cannot be written: a client deleting its data must know it is not gone.
+        `carried`: see `ChatStore.delete`."""
+        deleted = await self.journal_read(lambda store: store.delete(trace_id, carried), f"the deletion of {trace_id}")
+        bus = self.bus()
+        if bus is not None:
+            try:
+                await bus.purge(EVENTS_STREAM, events_subject(trace_id))
+            except BusError as error:
+                # Its row says it is deleted, which every reader of its events checks first;
+                # the events themselves go with the stream's retention.
+                log.warning("purging %s's events failed: %s", trace_id, error)
+        return deleted
+
     def store(self) -> ChatStore | None:
         db = self.resources.database
         return ChatStore(db) if db is not None else None
@@ -668,7 +684,7 @@ async def trace_events(
         if tenant is not None:
             raise  # whose trace it is cannot be told: not "not found"
         readable = False
-    if tenant is not None and (stored is None or stored.tenant != tenant):
+    if (tenant is not None and (stored is None or stored.tenant != tenant)) or (stored is not None and stored.deleted):
         raise unknown
     running = stored is not None and stored.status == "running"
     bus = persistence.bus()

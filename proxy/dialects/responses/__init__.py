@@ -6,7 +6,9 @@ from proxy.dialects.responses._request import (
     ResponsesRequest,
     continued,
     default_settings,
+    item_references,
     parse_responses_request,
+    readable,
 )
 from proxy.dialects.responses._response import (
     error_to_wire,
@@ -31,8 +33,10 @@ __all__ = [
     "input_items",
     "item_id",
     "item_page",
+    "item_references",
     "output_of",
     "parse_responses_request",
+    "readable",
     "render_error",
     "render_response",
     "response_id",

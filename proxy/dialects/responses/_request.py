@@ -1,7 +1,8 @@
 """OpenAI Responses requests (`POST /v1/responses`): a client's body as a domain chat request.
 
 The gateway keeps no conversations or prompts (`conversation`, `prompt` are 400s saying so);
-`previous_response_id` continues a response its journal keeps (see `continued`).
+`previous_response_id` continues a response its journal keeps (see `continued`), and an
+`item_reference` stands for an item of one (looked up by the caller: `item_references`).
 `background: true` makes a run that outlives its connection, read back (polled, or streamed
 again) from the journal. Only function tools are served; OpenAI's built-in tools run on
 OpenAI's servers and have nothing to become here.
@@ -10,6 +11,7 @@ OpenAI's servers and have nothing to become here.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ DIALECT = "responses"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
-_NOT_STORED = "this gateway stores no conversations, prompts or items: send the whole conversation in `input` (or continue a response with `previous_response_id`)"
+_NOT_STORED = "this gateway stores no conversations or prompts: send the whole conversation in `input` (or continue a response with `previous_response_id`, or refer to its items with `item_reference`)"
 # Field -> what it would need, for the 400 that refuses it.
 _STATEFUL = {
     "conversation": "continues a stored conversation",
@@ -63,8 +65,9 @@ class ResponsesRequest:
         return bool(self.settings.get("background"))
 
 
-def parse_responses_request(body: bytes) -> ResponsesRequest:
-    """Validate a `/v1/responses` body; every bad input is a 400 naming its field."""
+def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None) -> ResponsesRequest:
+    """Validate a `/v1/responses` body; every bad input is a 400 naming its field.
+    `referenced`: the items its `item_reference`s name (see `item_references`), by id."""
     fields = Fields(loads_object(body))
     data = fields.data
     model = fields.text("model", required=True, nonempty=True)
@@ -89,7 +92,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     if isinstance(raw_input, str):
         messages.append(Message(role="user", content=(TextPart(raw_input),)))
     elif isinstance(raw_input, list) and raw_input:
-        _parse_items(raw_input, messages)
+        _parse_items(raw_input, messages, referenced or {})
     else:
         raise fields.fail("input", "a string or a non-empty array of input items")
     if not messages:
@@ -118,7 +121,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
     if include is not None and not all(isinstance(item, str) for item in include):
         raise fields.fail("include", "an array of strings")
     service_tier = fields.text("service_tier")
-    fields.boolean("store")
+    store = fields.boolean("store")
     stream = bool(fields.boolean("stream"))
     options = fields.object("stream_options")
     if options is not None:
@@ -161,8 +164,16 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         "service_tier": service_tier or "default",
         "background": background,
         "previous_response_id": previous,
+        # OpenAI's default; `false`: not read back by its id (see `readable`).
+        "store": store is not False,
     }
     return ResponsesRequest(chat, settings, stream=stream, previous=previous)
+
+
+def readable(settings: dict[str, Any] | None) -> bool:
+    """Whether a response is read back by its id (retrieved, continued, listed, referred to,
+    deleted): not one its request made with `store: false`, which OpenAI keeps for nobody."""
+    return settings is None or settings.get("store") is not False
 
 
 def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatCompletion) -> None:
@@ -188,34 +199,53 @@ def default_settings() -> dict[str, Any]:
 # -- input items ---------------------------------------------------------------------------------------
 
 
-def _parse_items(items: list[Any], messages: list[Message]) -> None:
+def item_references(body: bytes) -> list[tuple[str, str]]:
+    """The `item_reference` inputs of a request, as (path, item id), for its caller to look
+    up before it parses the request (a 400 naming the path of a reference without an id)."""
+    raw_input = loads_object(body).get("input")
+    found: list[tuple[str, str]] = []
+    for i, item in enumerate(raw_input if isinstance(raw_input, list) else []):
+        if isinstance(item, dict) and item.get("type") == "item_reference":
+            path = f"input[{i}]"
+            reference = Fields(item, path).text("id", required=True, nonempty=True)
+            found.append((path, reference or ""))
+    return found
+
+
+def _parse_items(items: list[Any], messages: list[Message], referenced: Mapping[str, dict[str, Any]]) -> None:
     for i, item in enumerate(items):
         path = f"input[{i}]"
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
-        kind = item.get("type", "message")
-        if kind == "message":
-            messages.append(_parse_message(item, path))
-        elif kind == "function_call":
-            _add_call(messages, _parse_call(item, path))
-        elif kind == "function_call_output":
-            messages.append(_parse_call_output(item, path))
-        elif kind == "reasoning":
-            # The model's own reasoning handed back: chat backends do not take it as input.
-            continue
-        elif kind == "item_reference":
-            raise invalid_request(
-                f"`{path}` is an `item_reference`, a stored item: {_NOT_STORED}.", param=path,
-                code="unsupported_parameter",
-            )
-        elif isinstance(kind, str):
-            raise invalid_request(
-                f"Invalid `{path}.type`: {kind!r} is not an input item this gateway takes (message, function_call, "
-                f"function_call_output, reasoning); {_BUILT_IN_TOOLS}.",
-                param=f"{path}.type",
-            )
-        else:
-            raise invalid_request(f"Invalid `{path}.type`: expected a string.", param=f"{path}.type")
+        if item.get("type") == "item_reference":
+            # The item it names, as the response keeping it lists it: parsed as if sent here.
+            found = referenced.get(str(item.get("id")))
+            if found is None:
+                # Not looked up (see `item_references`): a gateway without its journal.
+                raise invalid_request(f"Item with id {item.get('id')!r} (`{path}`) not found.", param=path)
+            item = found
+        _parse_item(item, path, messages)
+
+
+def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> None:
+    kind = item.get("type", "message")
+    if kind == "message":
+        messages.append(_parse_message(item, path))
+    elif kind == "function_call":
+        _add_call(messages, _parse_call(item, path))
+    elif kind == "function_call_output":
+        messages.append(_parse_call_output(item, path))
+    elif kind == "reasoning":
+        # The model's own reasoning handed back: chat backends do not take it as input.
+        return
+    elif isinstance(kind, str):
+        raise invalid_request(
+            f"Invalid `{path}.type`: {kind!r} is not an input item this gateway takes (message, function_call, "
+            f"function_call_output, reasoning, item_reference); {_BUILT_IN_TOOLS}.",
+            param=f"{path}.type",
+        )
+    else:
+        raise invalid_request(f"Invalid `{path}.type`: expected a string.", param=f"{path}.type")
 
 
 def _parse_message(item: dict[str, Any], path: str) -> Message:
@@ -319,8 +349,11 @@ def _parse_tool(item: Any, path: str) -> Tool:
     fields = Fields(item, path)
     kind = fields.text("type", required=True)
     if kind != "function":
+        # A `custom` tool is the client's own, but takes free text (or a grammar's), which a
+        # chat backend's tool calls cannot carry.
+        what = "a custom tool, whose input is free text" if kind == "custom" else "one of OpenAI's built-in tools"
         raise invalid_request(
-            f"Invalid `{path}.type`: {kind!r} is one of OpenAI's built-in tools; {_BUILT_IN_TOOLS}.",
+            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}.",
             param=f"{path}.type", code="unsupported_tool",
         )
     name = fields.text("name", required=True, nonempty=True)

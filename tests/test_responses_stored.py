@@ -1,0 +1,296 @@
+"""What the Responses API keeps, with the official `openai` SDK: deleting a response
+(`client.responses.delete`) and referring to the items of kept ones (`item_reference`), on a
+gateway with its journal (PostgreSQL, NATS)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from proxy.infra.chat_store import ChatStore, LogRow
+from proxy.infra.migrations import migrate
+from proxy.infra.nats import open_bus
+from proxy.infra.postgres import open_database
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+TOKENS = [f" w{i}" for i in range(20)]
+QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    nats: str
+    fake: OpenAIBackend
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=QUICK)
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Stack(url, pg_database_url, nats_url, fake, client)
+        await client.close()
+
+
+def trace(response_id: str) -> str:
+    return response_id.removeprefix("resp_")
+
+
+def backend_saw(fake: OpenAIBackend) -> list[Any]:
+    """The messages of the backend's last request, as (role, content)."""
+    body = fake.requests[-1].json
+    assert isinstance(body, dict)
+    return [(m["role"], m.get("content")) for m in body["messages"]]
+
+
+# -- delete --------------------------------------------------------------------------------------
+
+
+async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
+    answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.")
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    events = f"evt.chat.{trace(answered.id)}"
+    async with open_bus(stack.nats) as bus:
+        assert await bus.last_message("EVENTS", events) is not None
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        deleted = await http.delete(f"/v1/responses/{answered.id}")
+        assert deleted.status_code == 200
+        assert deleted.json() == {"id": answered.id, "object": "response.deleted", "deleted": True}
+        # Its stream, read again by the Responses route or the gateway's own: gone too.
+        again = await http.get(f"/v1/responses/{answered.id}", params={"stream": "true"})
+        assert again.status_code == 404
+        assert (await http.get(f"/v1/streams/{trace(answered.id)}")).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.input_items.list(answered.id)
+    with pytest.raises(openai.NotFoundError) as continued:
+        await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=answered.id)
+    assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.delete(answered.id)  # deleted already
+    # What it said and was asked is no longer in the journal (but how many messages a response
+    # continuing it carried over: its question and its answer).
+    assert await sql(stack.db, "SELECT result, request, settings FROM chat_log WHERE trace_id = %s", trace(answered.id)) == [
+        (None, {"carried": 2}, None)
+    ]
+    assert len(stack.fake.requests) == 1
+    async with open_bus(stack.nats) as bus:  # nor are its events on NATS
+        assert await bus.last_message("EVENTS", events) is None
+
+
+async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
+    first = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", instructions="Be brief.")
+    second = await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=first.id)
+    await wait_for_row(stack.db, trace(second.id), "completed")
+    before = await stack.client.responses.input_items.list(second.id)
+    await stack.client.responses.delete(first.id)
+    after = await stack.client.responses.input_items.list(second.id)
+    assert [item.model_dump() for item in after.data] == [item.model_dump() for item in before.data]
+    assert [(item.type, item.content[0].text) for item in after.data] == [("message", "What is the secret?")]  # type: ignore[union-attr]
+    assert (await stack.client.responses.retrieve(second.id)).output_text == "The secret is 42."
+
+
+async def test_a_request_repeated_with_the_key_of_a_deleted_response_runs_again(stack: Stack) -> None:
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    first = await stack.client.responses.create(model="m", input="A story", extra_headers=key)
+    await wait_for_row(stack.db, trace(first.id), "completed")
+    await stack.client.responses.delete(first.id)
+    # Its answer is gone: not replayed, the request is answered anew, as a response of its own.
+    again = await stack.client.responses.create(model="m", input="A story", extra_headers=key)
+    assert again.id != first.id and again.output_text == "The secret is 42."
+    assert (await stack.client.responses.retrieve(again.id)).output_text == "The secret is 42."
+    assert len(stack.fake.requests) == 2
+
+
+async def test_deleting_a_running_background_response_cancels_it(stack: Stack) -> None:
+    stack.fake.default = Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1)
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    await stack.fake.wait_requests(1, 10)
+    with trio.fail_after(10):
+        await stack.client.responses.delete(created.id)
+    # Its backend was stopped well before its 2 s answer, and nothing of it is read back.
+    assert [g.outcome for g in stack.fake.recorder.generations] == ["cancelled"]
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(created.id)
+    await trio.sleep(0.5)  # a late write of its outcome would bring nothing back
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(created.id)
+
+
+async def test_a_response_still_streaming_to_its_client_is_not_deleted(stack: Stack) -> None:
+    stack.fake.default = Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1)
+    stream = await stack.client.responses.create(model="m", input="Count", stream=True)
+    created = await stream.__anext__()
+    with pytest.raises(openai.BadRequestError) as info:
+        await stack.client.responses.delete(created.response.id)
+    assert "still in progress" in info.value.message
+    events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    await stack.client.responses.delete(created.response.id)  # once it has ended
+
+
+async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    await wait_for_key(stack.url, other)
+    answered = await mine.responses.create(model="m", input="My secret")
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.delete(answered.id)
+    assert (await mine.responses.retrieve(answered.id)).output_text == "The secret is 42."
+    await mine.responses.delete(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await mine.responses.retrieve(answered.id)
+    await mine.close()
+    await theirs.close()
+    # What it cost stays charged to its key.
+    entry = await eventually(lambda: _usage(stack.db, "owner"), within=10)
+    assert (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 2)
+
+
+async def _usage(db: str, name: str) -> dict[str, Any] | None:
+    code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(db, "list", "--json"))
+    assert code == 0, err
+    entry: dict[str, Any] = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == name)
+    return entry if entry["completion_tokens"] else None
+
+
+# -- item_reference ------------------------------------------------------------------------------
+
+
+async def test_an_item_reference_brings_the_kept_item_to_the_backend(stack: Stack) -> None:
+    asked = await stack.client.responses.create(model="m", input="Remember: the secret is 42.")
+    said = asked.output[0].id
+    inputs = await stack.client.responses.input_items.list(asked.id)
+    question = inputs.data[0].id
+    follow = await stack.client.responses.create(model="m", input=[
+        {"type": "item_reference", "id": question},
+        {"type": "item_reference", "id": said},
+        {"role": "user", "content": "What is the secret?"},
+    ])
+    assert follow.status == "completed"
+    assert backend_saw(stack.fake) == [
+        ("user", "Remember: the secret is 42."),
+        ("assistant", "The secret is 42."),
+        ("user", "What is the secret?"),
+    ]
+    # Its own input items list what the references stood for.
+    listed = await stack.client.responses.input_items.list(follow.id, order="asc")
+    assert [item.type for item in listed.data] == ["message", "message", "message"]
+
+
+async def test_an_unknown_item_reference_is_a_404_naming_its_path(stack: Stack) -> None:
+    """OpenAI's answer to an item it does not keep: 404, "Item with id '…' not found."."""
+    answered = await stack.client.responses.create(model="m", input="Hi")
+    for missing in ("msg_unknown", f"msg_{trace(answered.id)}_7", "fc_00000000000000000000000000000000_0"):
+        with pytest.raises(openai.NotFoundError) as info:
+            await stack.client.responses.create(model="m", input=[
+                {"role": "user", "content": "x"}, {"type": "item_reference", "id": missing},
+            ])
+        body = info.value.body
+        assert isinstance(body, dict) and body["param"] == "input[1]"
+        assert body["message"] == f"Item with id '{missing}' not found."
+    assert len(stack.fake.requests) == 1
+
+
+async def test_a_deleted_or_another_keys_item_is_not_referenced(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    await wait_for_key(stack.url, other)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    answered = await mine.responses.create(model="m", input="My secret")
+    reference: Any = [{"type": "item_reference", "id": answered.output[0].id}]
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.create(model="m", input=reference)
+    assert (await mine.responses.create(model="m", input=reference)).status == "completed"
+    await mine.responses.delete(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await mine.responses.create(model="m", input=reference)
+    await mine.close()
+    await theirs.close()
+
+
+
+async def test_a_referenced_function_call_is_answered_by_its_output(stack: Stack) -> None:
+    """The agent loop with stored items: the call is referred to, its output sent inline."""
+    stack.fake.default = Script(tool_calls=[("get_weather", {"city": "Paris"})])
+    tool: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    called = await stack.client.responses.create(model="m", input="Weather in Paris?", tools=[tool])
+    call = next(item for item in called.output if item.type == "function_call")
+    stack.fake.default = QUICK
+    await stack.client.responses.create(model="m", tools=[tool], input=[
+        {"type": "item_reference", "id": (await stack.client.responses.input_items.list(called.id)).data[0].id},
+        {"type": "item_reference", "id": call.id},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"},
+    ])
+    body = stack.fake.requests[-1].json
+    assert isinstance(body, dict)
+    user, assistant, result = body["messages"]
+    assert (user["role"], user["content"]) == ("user", "Weather in Paris?")
+    assert [(c["id"], c["function"]["name"]) for c in assistant["tool_calls"]] == [(call.call_id, "get_weather")]
+    assert (result["role"], result["tool_call_id"], result["content"]) == ("tool", call.call_id, "Sunny")
+
+
+# -- store: false --------------------------------------------------------------------------------
+
+
+async def test_a_response_made_with_store_false_is_not_read_back(stack: Stack) -> None:
+    """OpenAI keeps it for nobody: by its id it is a 404 everywhere, as one it never had."""
+    answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", store=False)
+    assert answered.output_text == "The secret is 42." and (answered.model_extra or {}).get("store") is False
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.retrieve(answered.id)
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.input_items.list(answered.id)
+    with pytest.raises(openai.NotFoundError) as continued:
+        await stack.client.responses.create(model="m", input="What is it?", previous_response_id=answered.id)
+    assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.responses.create(model="m", input=[{"type": "item_reference", "id": answered.output[0].id}])
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        assert (await http.get(f"/v1/responses/{answered.id}", params={"stream": "true"})).status_code == 404
+    # A stored one (the default) says so, and is read back.
+    kept = await stack.client.responses.create(model="m", input="Hi")
+    assert (kept.model_extra or {}).get("store") is True
+    assert (await stack.client.responses.retrieve(kept.id)).output_text == "The secret is 42."
+
+
+async def test_a_late_outcome_does_not_bring_a_deleted_response_back(aio_loop: object, pg_database_url: str) -> None:
+    """An outcome written after the delete (the outbox replaying one queued while PostgreSQL
+    was down, say) leaves the row deleted: a client was told its data is gone."""
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        trace_id = uuid.uuid4().hex
+        row = LogRow(
+            trace_id=trace_id, req_id="r", idempotency_key=None, route="direct", dialect="responses", model="m",
+            backend="b", upstream_model="m", stream=False, request={"messages": [{"role": "user", "content": ["hi"]}]},
+            status="completed", result={"id": "x", "model": "m", "created": 1, "choices": []},
+        )
+        await store.finish(row)
+        assert await store.delete(trace_id, 0)
+        await store.finish(row)
+        await store.write_batch([row], [row])
+        found = await store.stored_run(trace_id)
+        assert found is not None and found.deleted and found.completion is None
+        assert await store.stored_messages(trace_id) is None
