@@ -279,7 +279,7 @@ SELECT count(*) FROM rows
 """
 
 
-# What a run said and was asked goes; its row stays (see `0014_chat_log_deleted.sql`), with
+# What a run said and was asked goes; its row stays (see `0015_chat_log_deleted.sql`), with
 # its tokens and times for the accounts, and how many messages a response continuing it
 # carried over (`carried`: that one's input items are still told from them). Its exact-cache entry would answer the same request
 # again with its content, under its id: it goes too (a scan of the short-lived cache table:
