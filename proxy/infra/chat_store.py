@@ -290,14 +290,19 @@ UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = 
     request = jsonb_build_object('carried', %s::integer)
 WHERE trace_id = %s AND deleted_at IS NULL RETURNING 1
 """
-# Its entries in either cache would answer a request like it again with its content: they go
-# too. Separate statements after `_DELETE`, in its transaction: a cache write that held the
-# row's lock before it committed its entry before this statement's snapshot, and one after
-# finds the row deleted (`_PUT_CACHE`, `SemanticCache.store`). The exact cache is scanned
-# (deletes are rare; an index would cost every cached answer's write), the semantic one not.
+# Where else its content is kept goes too: its entries in either cache (they would answer a
+# request like it again with its content), and a workflow-routed run's job record (its
+# request and answer, its pipeline's data; the record stays, as the row does, for the
+# accounts). Separate statements after `_DELETE`, in its transaction: a cache write that held
+# the row's lock before it committed its entry before these statements' snapshot, and one
+# after finds the row deleted (`_PUT_CACHE`, `SemanticCache.store`). The exact cache is
+# scanned (deletes are rare; an index would cost every cached answer's write), the semantic
+# one not.
 _DELETE_CACHED = (
     "DELETE FROM completions_cache WHERE trace_id = %s",
     "DELETE FROM semantic_cache WHERE trace_id = %s",
+    "UPDATE workflow_runs SET request = '{}'::jsonb, content = NULL, result = NULL, data = NULL, error = NULL"
+    " WHERE trace_id = %s",
 )
 
 
@@ -454,8 +459,8 @@ class ChatStore:
 
     async def delete(self, trace_id: str, carried: int) -> bool:
         """Delete a run's answer, request and settings (its row stays, marked deleted, with
-        `carried`), and the entries of both caches holding its answer; False when it has no row or was
-        deleted already."""
+        `carried`), the entries of both caches holding its answer, and its workflow job's
+        content; False when it has no row or was deleted already."""
         async with self._db.transaction() as tx:
             if await tx.fetchval(_DELETE, (carried, trace_id)) is None:
                 return False
