@@ -205,6 +205,31 @@ async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 2)
 
 
+async def test_reading_or_deleting_responses_is_not_counted_in_the_keys_usage(stack: Stack) -> None:
+    """`requests` and `errors` count a key's model calls (`keys list`); reading the journal back
+    is none, answered (as it always was) or not: a poll of a missing response is no failed call."""
+    reader = await new_key(stack.db, "reader")
+    await wait_for_key(stack.url, reader)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=reader, max_retries=0)
+    missing = f"resp_{uuid.uuid4().hex}"
+    for read in (
+        lambda: client.responses.retrieve(missing),
+        lambda: client.responses.input_items.list(missing),
+        lambda: client.responses.cancel(missing),
+        lambda: client.responses.delete(missing),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await read()
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"authorization": f"Bearer {reader}"}) as http:
+        assert (await http.get(f"/v1/streams/{trace(missing)}")).status_code == 404
+    answered = await client.responses.create(model="m", input="Hi")  # the one model call
+    assert (await client.responses.retrieve(answered.id)).output_text == "The secret is 42."
+    await client.responses.delete(answered.id)
+    await client.close()
+    entry = await eventually(lambda: _usage(stack.db, "reader"), within=10)
+    assert (entry["requests"], entry["errors"]) == (1, 0)
+
+
 async def _usage(db: str, name: str) -> dict[str, Any] | None:
     code, out, err = await trio.to_thread.run_sync(lambda: keys_cli(db, "list", "--json"))
     assert code == 0, err
