@@ -15,16 +15,21 @@ import openai
 import pytest
 import trio
 
-from proxy.infra.chat_store import ChatStore, LogRow
+from proxy.config import SemanticCacheSettings
+from proxy.dialects import openai as openai_dialect
+from proxy.infra.chat_store import ChatStore, LogRow, completion_from_json
+from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.nats import open_bus
 from proxy.infra.postgres import open_database
+from proxy.services.chat import RequestMeta
+from proxy.services.semantic_cache import SemanticCache
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
 
-pytest_plugins = ["tests.infra_servers"]
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
 TOKENS = [f" w{i}" for i in range(20)]
 QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
@@ -93,6 +98,40 @@ async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
     assert len(stack.fake.requests) == 1
     async with open_bus(stack.nats) as bus:  # nor are its events on NATS
         assert await bus.last_message("EVENTS", events) is None
+
+
+async def test_a_deleted_responses_answer_is_not_served_from_either_cache(stack: Stack) -> None:
+    """Asked again, alike (the semantic cache) or exactly (the exact cache), after its delete:
+    the backend answers anew, not with the deleted text."""
+    for cache, question, again in (
+        ("semantic", "How do I reset my password?", "How can I reset my password?"),
+        ("exact", "What is the secret?", "What is the secret?"),
+    ):
+        headers = {"x-cache": cache}
+        stack.fake.set_script(Script(tokens=[f"Deleted {cache} answer."]))
+        table = "semantic_cache" if cache == "semantic" else "completions_cache"
+        before = (await sql(stack.db, f"SELECT count(*) FROM {table}"))[0][0]
+        answered = await stack.client.responses.create(model="m", input=question, temperature=0, extra_headers=headers)
+        await wait_for_row(stack.db, trace(answered.id), "completed")
+
+        async def cached(table: str = table, before: int = before) -> bool:
+            return bool((await sql(stack.db, f"SELECT count(*) FROM {table}"))[0][0] > before)
+
+        await eventually(cached, within=10)  # the semantic one: stored once the client has its answer
+        hit = await stack.client.responses.with_raw_response.create(
+            model="m", input=again, temperature=0, extra_headers=headers
+        )
+        assert hit.headers["x-cache"] in ("semantic", "hit")  # cached, before the delete
+        await stack.client.responses.delete(answered.id)
+
+        stack.fake.set_script(Script(tokens=["A fresh answer."]))
+        asked = len(stack.fake.requests)
+        fresh = await stack.client.responses.with_raw_response.create(
+            model="m", input=again, temperature=0, extra_headers=headers
+        )
+        assert fresh.headers.get("x-cache") not in ("semantic", "hit")
+        assert fresh.parse().output_text == "A fresh answer."
+        assert len(stack.fake.requests) == asked + 1
 
 
 async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
@@ -164,6 +203,31 @@ async def test_a_key_cannot_delete_another_keys_response(stack: Stack) -> None:
     # What it cost stays charged to its key.
     entry = await eventually(lambda: _usage(stack.db, "owner"), within=10)
     assert (entry["prompt_tokens"], entry["completion_tokens"]) == (5, 2)
+
+
+async def test_reading_or_deleting_responses_is_not_counted_in_the_keys_usage(stack: Stack) -> None:
+    """`requests` and `errors` count a key's model calls (`keys list`); reading the journal back
+    is none, answered (as it always was) or not: a poll of a missing response is no failed call."""
+    reader = await new_key(stack.db, "reader")
+    await wait_for_key(stack.url, reader)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=reader, max_retries=0)
+    missing = f"resp_{uuid.uuid4().hex}"
+    for read in (
+        lambda: client.responses.retrieve(missing),
+        lambda: client.responses.input_items.list(missing),
+        lambda: client.responses.cancel(missing),
+        lambda: client.responses.delete(missing),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await read()
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"authorization": f"Bearer {reader}"}) as http:
+        assert (await http.get(f"/v1/streams/{trace(missing)}")).status_code == 404
+    answered = await client.responses.create(model="m", input="Hi")  # the one model call
+    assert (await client.responses.retrieve(answered.id)).output_text == "The secret is 42."
+    await client.responses.delete(answered.id)
+    await client.close()
+    entry = await eventually(lambda: _usage(stack.db, "reader"), within=10)
+    assert (entry["requests"], entry["errors"]) == (1, 0)
 
 
 async def _usage(db: str, name: str) -> dict[str, Any] | None:
@@ -294,3 +358,39 @@ async def test_a_late_outcome_does_not_bring_a_deleted_response_back(aio_loop: o
         found = await store.stored_run(trace_id)
         assert found is not None and found.deleted and found.completion is None
         assert await store.stored_messages(trace_id) is None
+
+
+async def test_a_late_outcome_or_cache_store_does_not_cache_a_deleted_response(
+    aio_loop: object, pg_database_url: str, embedder: LocalEmbedder
+) -> None:
+    """The outbox replaying a cached outcome, or the semantic cache storing an answer whose
+    client deleted it the moment it had it, after the delete: neither cache holds it again."""
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = ChatStore(db)
+        trace_id = uuid.uuid4().hex
+        result = {"id": "x", "model": "m", "created": 1, "choices": [
+            {"index": 0, "content": "The secret is 42.", "finish_reason": "stop"}]}
+        row = LogRow(
+            trace_id=trace_id, req_id=f"r-{trace_id}", idempotency_key=None, route="direct", dialect="responses",
+            model="m", backend="b", upstream_model="m", stream=False,
+            request={"messages": [{"role": "user", "content": ["hi"]}]}, status="completed", result=result,
+            cache_ttl=60.0,
+        )
+        await store.finish(row)
+        assert await store.cached(row.req_id) is not None
+        semantic = SemanticCache(SemanticCacheSettings(enabled=True), lambda: db, embedder)
+        question = openai_dialect.parse_chat_request(
+            json.dumps({"model": "m", "messages": [{"role": "user", "content": f"What is secret {trace_id}?"}]}).encode()
+        )
+        meta = RequestMeta(trace_id=trace_id, request_id="r")
+        await semantic.store(question, meta, completion_from_json(result))
+        assert await semantic.lookup(question, meta) is not None
+
+        assert await store.delete(trace_id, 0)
+        assert await store.cached(row.req_id) is None
+        assert await semantic.lookup(question, meta) is None
+        await store.finish(row)  # late
+        await semantic.store(question, meta, completion_from_json(result))
+        assert await store.cached(row.req_id) is None
+        assert await semantic.lookup(question, meta) is None

@@ -447,6 +447,23 @@ async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack
     assert len(stack.alpha.requests) == 1  # one job, one model call
 
 
+async def test_a_deleted_workflow_response_leaves_nothing_of_what_it_said_in_its_job_record(stack: Stack) -> None:
+    with trio.fail_after(20):
+        answered = await stack.client.responses.create(model="colours", input="Name a colour")
+        assert answered.output_text == "Red is warm."
+        trace_id = answered.id.removeprefix("resp_")
+        await wait_for_row(stack.db, trace_id, "completed")
+        before = await run_row(stack.db, trace_id, status="completed")
+        assert before["content"] == "Red is warm."
+        await stack.client.responses.delete(answered.id)
+        found = rows(stack.db, "SELECT status, request, content, result, data, error, completion_tokens"
+                     " FROM workflow_runs WHERE trace_id = %s", trace_id)
+    # The job's record stays, for the accounts, without the request and the answer.
+    assert found[0][:6] == ("completed", {}, None, None, None, None) and found[0][6]
+    assert "Name a colour" not in json.dumps(rows(stack.db, "SELECT * FROM workflow_runs WHERE trace_id = %s", trace_id),
+                                             default=str)
+
+
 async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
     """The same key and body sent to the direct route is another request: a 409, never the
     pipeline's answer replayed; nor does the exact cache serve one route's answer to another."""

@@ -80,8 +80,9 @@ class FrontRoute:
     rule: str  # Quart's syntax (`/v1/streams/<trace_id>`), for the OpenAPI document
     handlers: dict[str, Handler]  # by method
     # What a refusal on this route is logged and counted as (`ExchangeRecord.kind`), so that a
-    # refused rerank is not counted among the chats.
-    kind: str = "chat"
+    # refused rerank is not counted among the chats. None: not a model call, so neither
+    # logged nor counted, refused or answered (reading back, cancelling or deleting a run).
+    kind: str | None = "chat"
 
     @property
     def allow(self) -> bytes:
@@ -97,10 +98,11 @@ class FrontDoor:
         self._exact: dict[str, FrontRoute] = {}
         self._with_param: list[tuple[str, str, str, FrontRoute]] = []  # prefix, name, suffix
 
-    def route(self, rule: str, *, method: str = "POST", kind: str = "chat") -> Callable[[Handler], Handler]:
+    def route(self, rule: str, *, method: str = "POST", kind: str | None = "chat") -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             known = self._routes_by_rule().get(rule)
             if known is not None:
+                assert known.kind == kind, f"{rule}: every method of a route is counted alike"
                 known.handlers[method] = handler
                 return handler
             route = FrontRoute(rule, {method: handler}, kind)
@@ -197,8 +199,8 @@ async def serve(
 
 
 async def _refuse(
-    out: ResponseSend, gateway: Gateway, kind: str, head: RequestHead, reply: Reply, body: bytes | None, started: float,
-    message: str | None = None,
+    out: ResponseSend, gateway: Gateway, kind: str | None, head: RequestHead, reply: Reply, body: bytes | None,
+    started: float, message: str | None = None,
 ) -> None:
     """Answer a request that got no exchange with `reply`, and log it.
 
@@ -208,7 +210,8 @@ async def _refuse(
         length = head.header("content-length")
         if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
             reply.headers.append((b"connection", b"close"))
-    _log_refusal(gateway, kind, head, reply, body, started, message)
+    if kind is not None:
+        _log_refusal(gateway, kind, head, reply, body, started, message)
     await send_reply(out, reply)
 
 

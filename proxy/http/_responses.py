@@ -242,7 +242,7 @@ def _addressed(incoming: Incoming) -> tuple[str, str, Persistence]:
     return response, trace_id, persistence
 
 
-@exchanges.route("/v1/responses/<response_id>", method="GET")
+@exchanges.route("/v1/responses/<response_id>", method="GET", kind=None)
 async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     """A response read back from the journal while it keeps it: whole (its row), or with
     `stream=true` its stream again, from the event after `starting_after` (OpenAI's resume)."""
@@ -479,7 +479,7 @@ def _number(frame: bytes) -> int:
     return int(tail.rstrip(b"}"))
 
 
-@exchanges.route("/v1/responses/<response_id>", method="DELETE")
+@exchanges.route("/v1/responses/<response_id>", method="DELETE", kind=None)
 async def delete_response(incoming: Incoming) -> Reply:
     """Delete a response, on any instance (the tenant's own): read back, continued, listed,
     streamed again or referenced, it is then a 404. A background response still running is
@@ -507,7 +507,7 @@ def _not_found(response_id: str) -> GatewayError:
     )
 
 
-@exchanges.route("/v1/responses/<response_id>/cancel")
+@exchanges.route("/v1/responses/<response_id>/cancel", kind=None)
 async def cancel_response(incoming: Incoming) -> Reply:
     """Stop a background response, on this instance or (over NATS) the one running it: the
     Response as it then stands (`cancelled`). One that has ended already is answered as it is."""
@@ -540,7 +540,7 @@ async def _stopped(persistence: Persistence, trace_id: str, response: str, store
     return ended
 
 
-@exchanges.route("/v1/responses/<response_id>/input_items", method="GET")
+@exchanges.route("/v1/responses/<response_id>/input_items", method="GET", kind=None)
 async def response_input_items(incoming: Incoming) -> Reply:
     """The items its request gave as `input` (OpenAI's list page), read from its journal row
     on any instance."""

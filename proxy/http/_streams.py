@@ -116,7 +116,7 @@ async def _head(
     })
 
 
-@exchanges.route("/v1/streams/<trace_id>", method="GET")
+@exchanges.route("/v1/streams/<trace_id>", method="GET", kind=None)
 async def stream_events(incoming: Incoming) -> DirectBody:
     persistence = incoming.gateway.persistence
     if persistence is None:

@@ -206,9 +206,12 @@ _PUT_KEY_STATUS = (
     "ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, updated_at = now() "
     "WHERE idempotency_keys.trace_id = EXCLUDED.trace_id"
 )
+# Not for a deleted response (an outcome replayed late, from the outbox): its row, locked by
+# the outcome's upsert just before in the same transaction, says so (see `_DELETE_CACHED`).
 _PUT_CACHE = (
     "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
-    "VALUES (%s, %s, %s, %s::jsonb, now() + make_interval(secs => %s)) "
+    "SELECT %s, %s, %s, %s::jsonb, now() + make_interval(secs => %s) "
+    "WHERE NOT EXISTS (SELECT 1 FROM chat_log WHERE trace_id = %s AND deleted_at IS NOT NULL) "
     "ON CONFLICT (req_id) DO UPDATE SET trace_id = EXCLUDED.trace_id, result = EXCLUDED.result, "
     "created_at = now(), expires_at = EXCLUDED.expires_at"
 )
@@ -281,19 +284,26 @@ SELECT count(*) FROM rows
 
 # What a run said and was asked goes; its row stays (see `0015_chat_log_deleted.sql`), with
 # its tokens and times for the accounts, and how many messages a response continuing it
-# carried over (`carried`: that one's input items are still told from them). Its exact-cache entry would answer the same request
-# again with its content, under its id: it goes too (a scan of the short-lived cache table:
-# deletes are rare, and an index would cost every cached answer's write).
+# carried over (`carried`: that one's input items are still told from them).
 _DELETE = """
-WITH gone AS (
-    UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = NULL,
-        request = jsonb_build_object('carried', %s::integer)
-    WHERE trace_id = %s AND deleted_at IS NULL RETURNING trace_id
-), cache AS (
-    DELETE FROM completions_cache WHERE trace_id IN (SELECT trace_id FROM gone)
-)
-SELECT count(*) FROM gone
+UPDATE chat_log SET deleted_at = now(), result = NULL, error = NULL, settings = NULL,
+    request = jsonb_build_object('carried', %s::integer)
+WHERE trace_id = %s AND deleted_at IS NULL RETURNING 1
 """
+# Where else its content is kept goes too: its entries in either cache (they would answer a
+# request like it again with its content), and a workflow-routed run's job record (its
+# request and answer, its pipeline's data; the record stays, as the row does, for the
+# accounts). Separate statements after `_DELETE`, in its transaction: a cache write that held
+# the row's lock before it committed its entry before these statements' snapshot, and one
+# after finds the row deleted (`_PUT_CACHE`, `SemanticCache.store`). The exact cache is
+# scanned (deletes are rare; an index would cost every cached answer's write), the semantic
+# one not.
+_DELETE_CACHED = (
+    "DELETE FROM completions_cache WHERE trace_id = %s",
+    "DELETE FROM semantic_cache WHERE trace_id = %s",
+    "UPDATE workflow_runs SET request = '{}'::jsonb, content = NULL, result = NULL, data = NULL, error = NULL"
+    " WHERE trace_id = %s",
+)
 
 
 class ChatStore:
@@ -312,7 +322,7 @@ class ChatStore:
             (f"cache:{r.cache_id or r.req_id}", r.req_id, r.trace_id, r.status) for r in outcomes if r.cache_ttl is not None
         ]
         cached = [
-            (r.cache_id or r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl)
+            (r.cache_id or r.req_id, r.model, r.trace_id, _json(r.result), r.cache_ttl, r.trace_id)
             for r in outcomes
             if r.cache_ttl is not None and r.status == "completed" and r.result is not None and r.replayable
         ]
@@ -449,9 +459,14 @@ class ChatStore:
 
     async def delete(self, trace_id: str, carried: int) -> bool:
         """Delete a run's answer, request and settings (its row stays, marked deleted, with
-        `carried`), and the exact-cache entry it answers; False when it has no row or was
-        deleted already."""
-        return bool(await self._db.fetchval(_DELETE, (carried, trace_id)))
+        `carried`), the entries of both caches holding its answer, and its workflow job's
+        content; False when it has no row or was deleted already."""
+        async with self._db.transaction() as tx:
+            if await tx.fetchval(_DELETE, (carried, trace_id)) is None:
+                return False
+            for statement in _DELETE_CACHED:
+                await tx.execute(statement, (trace_id,))
+        return True
 
     async def carried(self, trace_id: str) -> int:
         """How many messages a response continuing this deleted one carried over (0: unknown)."""

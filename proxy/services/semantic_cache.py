@@ -23,7 +23,8 @@ What has to match, and how:
 
 The mean of the segment vectors is indexed (HNSW) to find candidates within a scope; the
 per-segment check decides. Entries expire after `ttl_seconds`; expired ones are purged as
-new ones are stored. The cache is best effort: a database or model failure is a miss.
+new ones are stored. Deleting a response (`DELETE /v1/responses/{id}`) deletes the entry
+holding its answer, on every instance. The cache is best effort: a database or model failure is a miss.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ _CANDIDATES: Final = 5
 _SEGMENT_CACHE: Final = 4096
 _PURGE_BATCH: Final = 200
 _CACHEABLE_FINISH: Final = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS})
+# An entry names its run (`trace_id`), whose deletion deletes it (`ChatStore.delete`). Not
+# stored for a run deleted already (its client may delete it as soon as it has the answer,
+# before this store): the run's row is locked (FOR SHARE), so a delete committing meanwhile
+# is seen, and a delete after this commits sees the entry.
+_STORE: Final = (
+    "WITH run AS (SELECT deleted_at FROM chat_log WHERE trace_id = %s FOR SHARE)"
+    " INSERT INTO semantic_cache (scope, model, workspace, embedding, segments, conversation, completion,"
+    " expires_at, trace_id) SELECT %s, %s, %s, %s, %s, %s, %s::jsonb, now() + make_interval(secs => %s), %s"
+    " WHERE NOT EXISTS (SELECT 1 FROM run WHERE deleted_at IS NOT NULL)"
+    " ON CONFLICT (scope, conversation) DO UPDATE SET embedding = EXCLUDED.embedding,"
+    " segments = EXCLUDED.segments, completion = EXCLUDED.completion, expires_at = EXCLUDED.expires_at,"
+    " created_at = now(), trace_id = EXCLUDED.trace_id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,15 +273,10 @@ class SemanticCache:
                 revision = await self._revision(db, meta)
             key = await self._key(request, meta, revision)
             vectors = await self._embed(key.segments)
-            await db.execute(
-                "INSERT INTO semantic_cache (scope, model, workspace, embedding, segments, conversation, completion,"
-                " expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))"
-                " ON CONFLICT (scope, conversation) DO UPDATE SET embedding = EXCLUDED.embedding,"
-                " segments = EXCLUDED.segments, completion = EXCLUDED.completion, expires_at = EXCLUDED.expires_at,"
-                " created_at = now()",
-                (key.scope, key.model, key.workspace, _mean_vector(vectors), pack_segments(vectors), key.digest,
-                 json_text(_answer_json(completion, headers)), self.settings.ttl_seconds),
-            )
+            await db.execute(_STORE, (
+                meta.trace_id, key.scope, key.model, key.workspace, _mean_vector(vectors), pack_segments(vectors),
+                key.digest, json_text(_answer_json(completion, headers)), self.settings.ttl_seconds, meta.trace_id,
+            ))
             await db.execute(
                 "DELETE FROM semantic_cache WHERE id IN"
                 " (SELECT id FROM semantic_cache WHERE expires_at <= now() LIMIT %s)",
