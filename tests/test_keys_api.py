@@ -321,3 +321,20 @@ async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None
     assert "key" in created["required"]
     assert "key" not in paths["/v1/keys"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
         "properties"]["data"]["items"]["properties"]
+
+
+async def test_an_admin_page_on_an_allowed_origin_may_change_a_key(stack: Stack) -> None:
+    # A browser sends PATCH only once the preflight's Access-Control-Allow-Methods names it
+    # (PATCH is not a "simple" method, and the match is case-sensitive).
+    page = "http://localhost:5173"  # among the default cors_origins
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "ci"})).json()
+        preflight = await admin.options(f"/v1/keys/{made['id']}", headers={
+            "origin": page, "access-control-request-method": "PATCH",
+            "access-control-request-headers": "authorization, content-type",
+        })
+        assert preflight.status_code == 204
+        assert "PATCH" in [m.strip() for m in preflight.headers["access-control-allow-methods"].split(",")]
+        changed = await admin.patch(f"/v1/keys/{made['id']}", json={"rpm": 10}, headers={"origin": page})
+        assert changed.status_code == 200 and changed.json()["rpm"] == 10
+        assert changed.headers["access-control-allow-origin"] == page
