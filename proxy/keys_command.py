@@ -22,6 +22,7 @@ from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
 from proxy.services.auth import (
     _DISPLAY_CHARS,
+    CONTROL_CHARS,
     create_key,
     key_digest,
     parse_expiry,
@@ -172,9 +173,9 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
         used = usage.get(key.id, KeyUsage())
         budget = budgets.get(key.id)
         rows.append((
-            str(key.id), key.prefix, key.name, _status(key, now),
-            ",".join(key.models) if key.models is not None else "*",
-            ",".join(key.workspaces) if key.workspaces is not None else "*",
+            str(key.id), key.prefix, _cell(key.name), _status(key, now),
+            _cell(",".join(key.models)) if key.models is not None else "*",
+            _cell(",".join(key.workspaces)) if key.workspaces is not None else "*",
             str(key.rpm or "-"), str(key.tpm or "-"),
             f"{key.budget}/{period_text(key.budget_period)}" if key.budget else "-",
             str(budget.used) if budget else "-", _when(budget.resets_at if budget else None),
@@ -272,6 +273,16 @@ def _status(key: StoredKey, now: datetime) -> str:
     if key.expires_at is not None and key.expires_at <= now:
         return "expired"
     return "active"
+
+
+_CELL_CHARS = 32  # the table stays readable with 200-character names: `--json` has them whole
+
+
+def _cell(text: str) -> str:
+    """A name or patterns as a table cell: on one line, control characters shown escaped (keys
+    made before they were refused, or by SQL), cut short past `_CELL_CHARS`."""
+    text = CONTROL_CHARS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
 
 def _when(value: datetime | None) -> str:

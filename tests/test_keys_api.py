@@ -276,6 +276,10 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         ({}, "name"),
         ({"name": ""}, "name"),
         ({"name": "x\u0000"}, "name"),
+        ({"name": "ops\u001b[2J\u001b[H"}, "name"),  # would clear the operator's terminal in `keys list`
+        ({"name": "team-a\nteam-b"}, "name"),
+        ({"name": "\u202eevil"}, "name"),  # a right-to-left override disguises one name as another
+        ({"name": "x", "models": ["gpt-4o\u001b[8m"]}, "models[0]"),
         ({"name": "x", "rpm": 0}, "rpm"),
         ({"name": "x", "rpm": "10"}, "rpm"),
         ({"name": "x", "tpm": 2**40}, "tpm"),
@@ -338,3 +342,23 @@ async def test_an_admin_page_on_an_allowed_origin_may_change_a_key(stack: Stack)
         changed = await admin.patch(f"/v1/keys/{made['id']}", json={"rpm": 10}, headers={"origin": page})
         assert changed.status_code == 200 and changed.json()["rpm"] == 10
         assert changed.headers["access-control-allow-origin"] == page
+
+
+async def test_keys_list_stays_one_line_per_key_whatever_the_names(stack: Stack) -> None:
+    async with await admin_client(stack) as admin:
+        assert (await admin.post("/v1/keys", json={"name": "  ci-bot \n"})).json()["name"] == "ci-bot"  # trimmed
+        long = (await admin.post("/v1/keys", json={"name": "n" * 200, "models": ["m" * 200]})).json()
+    code, _, err = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "create", "--name", "red\x1b[31m"))
+    assert code == 2 and "control character" in err
+    # Rows written before names were checked (or by SQL) are shown escaped, never interpreted.
+    await sql(stack.db, "UPDATE api_keys SET name = %s WHERE name = 'ci-bot'", "ops\x1b[2J\nroot\u202e")
+    code, table, _ = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "list"))
+    assert code == 0
+    lines = table.splitlines()
+    assert len(lines) == 1 + 3  # the header, root, the two keys
+    assert "\x1b" not in table and "\u202e" not in table
+    assert "ops\\x1b[2J\\nroot\\u202e" in table
+    assert max(map(len, lines)) < 250  # a 200-character name and pattern are cut short (--json has them)
+    row = next(line for line in lines if line.startswith(f"{long['id']} "))
+    assert "n" * 29 + "..." in row and "n" * 33 not in row
+    assert (await cli_records(stack.db))[long["id"]]["name"] == "n" * 200

@@ -32,6 +32,7 @@ from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
 from proxy.infra.postgres import Database
 from proxy.keys_command import _key_json
 from proxy.services.auth import (
+    CONTROL_CHARS,
     create_key,
     current_principal,
     parse_expiry,
@@ -124,9 +125,10 @@ def _patterns(fields: Fields, name: str) -> tuple[str, ...] | None:
             f"Invalid `{name}`: expected a non-empty array of patterns (null: every one).", param=name
         )
     for i, item in enumerate(items):
-        if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or "\x00" in item:
+        if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or CONTROL_CHARS.search(item.strip()):
             raise invalid_request(
-                f"Invalid `{name}[{i}]`: expected a pattern of 1 to {_PATTERN_CHARS} characters (`*` matches anything).",
+                f"Invalid `{name}[{i}]`: expected a pattern of 1 to {_PATTERN_CHARS} characters, no control"
+                " characters (`*` matches anything).",
                 param=f"{name}[{i}]",
             )
     return tuple(item.strip() for item in items)
@@ -165,8 +167,8 @@ def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if "name" in data or creating:
         name = fields.text("name", required=creating)
-        if name is None or not 1 <= len(name.strip()) <= 200 or "\x00" in name:  # PostgreSQL text holds no NUL
-            raise invalid_request("Invalid `name`: expected 1 to 200 characters (no NUL).", param="name")
+        if name is None or not 1 <= len(name.strip()) <= 200 or CONTROL_CHARS.search(name.strip()):
+            raise invalid_request("Invalid `name`: expected 1 to 200 characters, no control characters.", param="name")
         changes["name"] = name.strip()
     for scope in ("models", "workspaces"):
         if scope in data:

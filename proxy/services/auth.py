@@ -46,6 +46,9 @@ KEY_PREFIX = "sk-llmp-"
 # The prefix plus eight random characters: shown in listings, never enough to use the key.
 _DISPLAY_CHARS = len(KEY_PREFIX) + 8
 _MAX_KEY_CHARS = 256
+# Control characters and bidirectional overrides: in a name or pattern they would rewrite the
+# operator's terminal (`keys list`) or disguise one name as another; no name needs them.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 
@@ -448,8 +451,8 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
     if values is None:
         return None
     cleaned = tuple(v.strip() for v in values)
-    if not cleaned or any(not v or len(v) > 200 for v in cleaned):
-        raise ValueError(f"each {what} pattern must be 1 to 200 characters")
+    if not cleaned or any(not v or len(v) > 200 or CONTROL_CHARS.search(v) for v in cleaned):
+        raise ValueError(f"each {what} pattern must be 1 to 200 characters, none of them a control character")
     return cleaned
 
 
@@ -523,8 +526,8 @@ async def create_key(
 
 def _name(name: str) -> str:
     name = name.strip()
-    if not 1 <= len(name) <= 200:
-        raise ValueError("the name must be 1 to 200 characters")
+    if not 1 <= len(name) <= 200 or CONTROL_CHARS.search(name):
+        raise ValueError("the name must be 1 to 200 characters, none of them a control character")
     return name
 
 
