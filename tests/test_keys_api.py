@@ -285,6 +285,7 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         ({"name": "x", "tpm": 2**40}, "tpm"),
         ({"name": "x", "models": "gpt-4o"}, "models"),
         ({"name": "x", "models": []}, "models"),
+        ({"name": "x", "models": [f"m{i}-*" for i in range(1001)]}, "models"),  # every gateway compiles them
         ({"name": "x", "workspaces": ["docs", 3]}, "workspaces[1]"),
         ({"name": "x", "expires": "soon"}, "expires"),
         ({"name": "x", "expires": "2001-01-01"}, "expires"),
@@ -314,6 +315,9 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
         assert (await admin.get(f"/v1/keys/{root['id']}")).json() == root  # nothing changed
     assert len(await sql(stack.db, "SELECT id FROM api_keys")) == 1
+    many = [f"m{i}-*" for i in range(1001)]
+    code, _, err = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "create", "--name", "x", "--models", *many))
+    assert code == 2 and "at most 1000 model patterns" in err
 
 
 async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None:

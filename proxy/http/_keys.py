@@ -33,6 +33,7 @@ from proxy.infra.postgres import Database
 from proxy.keys_command import _key_json
 from proxy.services.auth import (
     CONTROL_CHARS,
+    MAX_PATTERNS,
     create_key,
     current_principal,
     parse_expiry,
@@ -120,9 +121,9 @@ def _patterns(fields: Fields, name: str) -> tuple[str, ...] | None:
     items = fields.array(name)
     if items is None:
         return None
-    if not items:
+    if not 1 <= len(items) <= MAX_PATTERNS:
         raise invalid_request(
-            f"Invalid `{name}`: expected a non-empty array of patterns (null: every one).", param=name
+            f"Invalid `{name}`: expected an array of 1 to {MAX_PATTERNS} patterns (null: every one).", param=name
         )
     for i, item in enumerate(items):
         if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or CONTROL_CHARS.search(item.strip()):
@@ -265,7 +266,7 @@ async def revoke_key(key_id: str) -> Response:
 # -- OpenAPI -------------------------------------------------------------------------------------
 
 _NULLABLE_PATTERNS = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS},
-                      "minItems": 1, "description": "Glob patterns (`*` matches anything); null: every one."}
+                      "minItems": 1, "maxItems": MAX_PATTERNS, "description": "Glob patterns (`*` matches anything); null: every one."}
 _LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT4}
 _EXPIRES = {"type": ["string", "null"],
             "description": "`2026-12-31` (00:00 UTC), an ISO date-time, or `90d` / `12h` / `30m` from now; null: never."}

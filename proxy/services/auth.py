@@ -48,6 +48,9 @@ _DISPLAY_CHARS = len(KEY_PREFIX) + 8
 _MAX_KEY_CHARS = 256
 # Control characters and bidirectional overrides: in a name or pattern they would rewrite the
 # operator's terminal (`keys list`) or disguise one name as another; no name needs them.
+# Patterns per scope: every gateway compiles a key's patterns into one regex, on the event loop,
+# at each reload of its key ring (a thousand take milliseconds; 300,000 took seconds).
+MAX_PATTERNS = 1000
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -451,6 +454,8 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
     if values is None:
         return None
     cleaned = tuple(v.strip() for v in values)
+    if len(cleaned) > MAX_PATTERNS:
+        raise ValueError(f"at most {MAX_PATTERNS} {what} patterns")
     if not cleaned or any(not v or len(v) > 200 or CONTROL_CHARS.search(v) for v in cleaned):
         raise ValueError(f"each {what} pattern must be 1 to 200 characters, none of them a control character")
     return cleaned
