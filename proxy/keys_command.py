@@ -275,13 +275,18 @@ def _status(key: StoredKey, now: datetime) -> str:
     return "active"
 
 
+def escaped(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n`, `\\x1b`): for a terminal or a log."""
+    return CONTROL_CHARS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
 _CELL_CHARS = 32  # the table stays readable with 200-character names: `--json` has them whole
 
 
 def _cell(text: str) -> str:
     """A name or patterns as a table cell: on one line, control characters shown escaped (keys
     made before they were refused, or by SQL), cut short past `_CELL_CHARS`."""
-    text = CONTROL_CHARS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+    text = escaped(text)
     return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
 

@@ -111,14 +111,23 @@ async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(
 
         # The log says who made it (an audit trail), never the key.
         made = [r.getMessage() for r in caplog.records if " created by key " in r.getMessage()]
-        assert len(made) == 1 and made[0].endswith("'root'")
+        assert len(made) == 1
         assert made[0].startswith(f"API key {record['id']} ({record['prefix']}...) 'ci-bot' created by key 1 (sk-llmp-")
+        # ... and what the key may do: an auditor sees every grant without the database.
+        assert made[0].split(" 'root': ")[1].startswith(
+            "models qwen3-*; workspaces docs; 100 requests/min; 50000 tokens/min; expires 20")
         assert all(secret not in r.getMessage() for r in caplog.records)
 
         admin_made = await admin.post("/v1/keys", json={"name": "ops", "admin": True})
         assert admin_made.status_code == 201 and admin_made.json()["admin"] is True
         async with httpx.AsyncClient(base_url=stack.url, headers=bearer(admin_made.json()["key"])) as ops:
             assert (await ops.get("/v1/keys")).status_code == 200
+            assert (await ops.patch(f"/v1/keys/{record['id']}", json={"models": None, "rpm": None})).status_code == 200
+        logged = [r.getMessage() for r in caplog.records if r.name == "llm_proxy.auth" and "by key" in r.getMessage()]
+        assert " 'ops' created by key 1 " in logged[-2]
+        assert logged[-2].endswith(" 'root': models *; workspaces *; admin")
+        assert " 'ci-bot' changed (models, rpm) by key " in logged[-1]
+        assert logged[-1].split("'ops': ")[1].startswith("models *; workspaces docs; 50000 tokens/min; expires 20")
 
 
 async def test_listings_and_records_never_show_a_key(stack: Stack) -> None:

@@ -30,7 +30,7 @@ from proxy.http._context import gateway, request_body
 from proxy.http._openapi import _INT, _STR, _op, document
 from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
 from proxy.infra.postgres import Database
-from proxy.keys_command import _key_json
+from proxy.keys_command import _key_json, _scope_text, escaped
 from proxy.services.auth import (
     CONTROL_CHARS,
     MAX_PATTERNS,
@@ -91,13 +91,15 @@ def _record(key: StoredKey, usage: KeyUsage, budget: BudgetState | None) -> dict
     return {"object": "api_key", **_key_json(key, usage, budget, datetime.now(UTC))}
 
 
-async def _applied(key: StoredKey, what: str) -> None:
-    """Log who changed the key (an audit trail an operator can search; never the key), and
+async def _applied(key: StoredKey, what: str, *, granted: bool = True) -> None:
+    """Log who changed the key and, `granted`, what the key may now do (an audit trail an
+    operator can search: an admin key made or a scope lifted is there; never the key), and
     reload this process's key ring now (the others are notified by the database)."""
     by = current_principal.get()
     assert by is not None  # the blueprint's guard let only an admin key through
-    log.info("API key %d (%s...) %r %s by key %d (%s...) %r",
-             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name)
+    powers = ": " + escaped(_scope_text(key)) if granted else ""
+    log.info("API key %d (%s...) %r %s by key %d (%s...) %r%s",
+             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name, powers)
     auth = gateway().auth
     if auth is not None:
         await auth.ring.refresh()
@@ -259,7 +261,7 @@ async def patch_key(key_id: str) -> Response:
 async def revoke_key(key_id: str) -> Response:
     db = _database()
     key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
-    await _applied(key, "revoked")
+    await _applied(key, "revoked", granted=False)
     return await _answer(db, key)
 
 
