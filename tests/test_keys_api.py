@@ -375,3 +375,30 @@ async def test_keys_list_stays_one_line_per_key_whatever_the_names(stack: Stack)
     row = next(line for line in lines if line.startswith(f"{long['id']} "))
     assert "n" * 29 + "..." in row and "n" * 33 not in row
     assert (await cli_records(stack.db))[long["id"]]["name"] == "n" * 200
+
+
+async def test_a_scope_of_star_is_no_scope(stack: Stack) -> None:
+    # `*` matches every model and workspace: a key given it is a key without a scope, one that
+    # may list workspaces or, an admin key, manage keys (as `keys update --models '*'` has it).
+    async with await admin_client(stack) as admin:
+        made = await admin.post("/v1/keys", json={"name": "ops", "admin": True, "models": ["*"], "workspaces": [" * "]})
+        assert made.status_code == 201
+        assert (made.json()["models"], made.json()["workspaces"]) == (None, None)
+        changed = await admin.patch(f"/v1/keys/{made.json()['id']}", json={"workspaces": ["docs", "*"]})
+        assert changed.json()["workspaces"] is None
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made.json()["key"]), timeout=10) as ops:
+        assert (await ops.get("/v1/keys")).status_code == 200
+        assert (await ops.get("/v1/workspaces")).status_code == 200
+    await new_key(stack.db, "cli-ops", "--admin", "--models", "*", "--workspaces", "*")
+    assert next(r for r in (await cli_records(stack.db)).values() if r["name"] == "cli-ops")["models"] is None
+    # A key stored with `*` before (or by SQL) is unscoped too.
+    old = await new_key(stack.db, "old-ops", "--admin", "--models", "qwen3-*")
+    await wait_for_key(stack.url, old)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(old), timeout=10) as ops:
+        assert (await ops.get("/v1/keys")).status_code == 403
+        await sql(stack.db, "UPDATE api_keys SET models = '{*}' WHERE name = 'old-ops'")
+
+        async def manages() -> bool:
+            return (await ops.get("/v1/keys")).status_code == 200
+
+        assert await eventually(manages, within=8.0)

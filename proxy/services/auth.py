@@ -101,12 +101,13 @@ class Principal:
 
     @classmethod
     def of(cls, key: StoredKey) -> Principal:
+        models, workspaces = _scope(key.models), _scope(key.workspaces)
         return cls(
             id=key.id,
             name=key.name,
             prefix=key.prefix,
-            models=key.models,
-            workspaces=key.workspaces,
+            models=models,
+            workspaces=workspaces,
             rpm=key.rpm,
             tpm=key.tpm,
             admin=key.admin,
@@ -114,8 +115,8 @@ class Principal:
             revoked=key.revoked_at is not None,
             budget=key.budget,
             budget_period=key.budget_period.total_seconds(),
-            _models_re=glob_pattern(key.models) if key.models is not None else None,
-            _workspaces_re=glob_pattern(key.workspaces) if key.workspaces is not None else None,
+            _models_re=glob_pattern(models) if models is not None else None,
+            _workspaces_re=glob_pattern(workspaces) if workspaces is not None else None,
         )
 
     @property
@@ -137,6 +138,12 @@ class Principal:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+def _scope(patterns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """None for patterns that match everything: a `*` scope is none (it may list workspaces
+    and, on an admin key, manage keys), however it was stored."""
+    return None if patterns is None or "*" in patterns else patterns
 
 
 def _latest_twins(model: str) -> tuple[str, ...]:
@@ -458,7 +465,7 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
         raise ValueError(f"at most {MAX_PATTERNS} {what} patterns")
     if not cleaned or any(not v or len(v) > 200 or CONTROL_CHARS.search(v) for v in cleaned):
         raise ValueError(f"each {what} pattern must be 1 to 200 characters, none of them a control character")
-    return cleaned
+    return _scope(cleaned)  # stored as no scope: `keys list` and records say so
 
 
 _LAST_YEAR = 9999
