@@ -317,7 +317,7 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         root = (await admin.get("/v1/keys")).json()["data"][0]
         for body, param in (({"admin": False}, "admin"), ({"id": 7}, "id"), ({"name": None}, "name"),
                             ({"tpm": -1}, "tpm"), ({"expires": "1h", "expires_at": "2h"}, "expires_at"),
-                            ({"budget_period": None}, "budget_period")):
+                            ({"budget_period": 30}, "budget_period")):
             answer = await admin.patch(f"/v1/keys/{root['id']}", json=body)
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
         not_json = await admin.post("/v1/keys", content=b"{name", headers={"content-type": "application/json"})
@@ -402,3 +402,19 @@ async def test_a_scope_of_star_is_no_scope(stack: Stack) -> None:
             return (await ops.get("/v1/keys")).status_code == 200
 
         assert await eventually(manages, within=8.0)
+
+
+async def test_a_record_read_can_be_sent_back_changed(stack: Stack) -> None:
+    # Read, modify, write: a tool PATCHes the settable fields of the record it read. A key
+    # without a budget shows `budget_period: null`; sent back, that is the default period.
+    settable = ("name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "expires_at")
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "ci", "rpm": 10, "expires": "30d"})).json()
+        record = (await admin.get(f"/v1/keys/{made['id']}")).json()
+        assert record["budget_period"] is None
+        sent = {field: record[field] for field in settable} | {"rpm": 20}
+        changed = await admin.patch(f"/v1/keys/{made['id']}", json=sent)
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["rpm"] == 20 and changed.json()["budget"] is None
+        budgeted = await admin.patch(f"/v1/keys/{made['id']}", json={"budget": 1000})
+        assert budgeted.json()["budget_period"] == "30d"

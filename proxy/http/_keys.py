@@ -28,7 +28,13 @@ from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body
 from proxy.http._openapi import _INT, _STR, _op, document
-from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
+from proxy.infra.keys_store import (
+    DEFAULT_BUDGET_PERIOD,
+    BudgetState,
+    KeysStore,
+    KeyUsage,
+    StoredKey,
+)
 from proxy.infra.postgres import Database
 from proxy.keys_command import _key_json, _scope_text, escaped
 from proxy.services.auth import (
@@ -181,7 +187,10 @@ def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             changes[limit] = fields.integer(limit, minimum=1, maximum=_MAX_INT4)
     if "budget" in data:
         changes["budget"] = fields.integer("budget", minimum=1, maximum=_MAX_INT8)
-    if "budget_period" in data:
+    if data.get("budget_period", "") is None:
+        # As a record shows it for a key without a budget: sent back, it means the default.
+        changes["budget_period"] = DEFAULT_BUDGET_PERIOD
+    elif "budget_period" in data:
         period = fields.text("budget_period", required=True)
         try:
             changes["budget_period"] = parse_period(period or "")
@@ -277,8 +286,8 @@ _SETTABLE_SCHEMA: dict[str, Any] = {
     "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
     "budget": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT8,
                "description": "Tokens (prompt + completion) per `budget_period`; null: unlimited."},
-    "budget_period": {"type": "string", "pattern": "^[0-9]+ *[mhdwMHDW]$",
-                      "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default) or `4w`."},
+    "budget_period": {"type": ["string", "null"], "pattern": "^[0-9]+ *[mhdwMHDW]$",
+                      "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default; null: it) or `4w`."},
     "expires": _EXPIRES, "expires_at": _EXPIRES,
 }
 _NULLABLE_STR = {"type": ["string", "null"]}
