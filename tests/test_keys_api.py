@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +339,12 @@ async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None
     assert "key" in created["required"]
     assert "key" not in paths["/v1/keys"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
         "properties"]["data"]["items"]["properties"]
+    # What the routes refuse, the document says: names and patterns without control characters,
+    # at most 1000 patterns, a null period.
+    body = paths["/v1/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    for schema in (body["name"], body["models"]["items"]):
+        assert re.search(schema["pattern"], "team-a é") and not re.search(schema["pattern"], "ops\u001b[2J")
+    assert body["models"]["maxItems"] == 1000 and "null" in body["budget_period"]["type"]
 
 
 async def test_an_admin_page_on_an_allowed_origin_may_change_a_key(stack: Stack) -> None:

@@ -276,13 +276,16 @@ async def revoke_key(key_id: str) -> Response:
 
 # -- OpenAPI -------------------------------------------------------------------------------------
 
-_NULLABLE_PATTERNS = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS},
+# ECMA-262, as JSON Schema's patterns are: CONTROL_CHARS refused.
+_PRINTABLE = "^[^\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]*$"
+_NULLABLE_PATTERNS = {"type": ["array", "null"],
+                      "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS, "pattern": _PRINTABLE},
                       "minItems": 1, "maxItems": MAX_PATTERNS, "description": "Glob patterns (`*` matches anything); null: every one."}
 _LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT4}
 _EXPIRES = {"type": ["string", "null"],
             "description": "`2026-12-31` (00:00 UTC), an ISO date-time, or `90d` / `12h` / `30m` from now; null: never."}
 _SETTABLE_SCHEMA: dict[str, Any] = {
-    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+    "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _PRINTABLE},
     "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
     "budget": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT8,
                "description": "Tokens (prompt + completion) per `budget_period`; null: unlimited."},
