@@ -425,3 +425,24 @@ async def test_a_record_read_can_be_sent_back_changed(stack: Stack) -> None:
         assert changed.json()["rpm"] == 20 and changed.json()["budget"] is None
         budgeted = await admin.patch(f"/v1/keys/{made['id']}", json={"budget": 1000})
         assert budgeted.json()["budget_period"] == "30d"
+
+
+async def test_an_admin_key_past_its_budget_or_rate_may_still_revoke_a_key(stack: Stack) -> None:
+    # Its limits meter model calls; an operator revoking a leaked key must not wait for a reset.
+    admin_key = await new_key(stack.db, "root", "--admin", "--budget", "5", "--rpm", "1")
+    leaked = await new_key(stack.db, "leaked")
+    await wait_for_key(stack.url, admin_key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(admin_key), timeout=10) as admin:
+        assert (await admin.post("/v1/chat/completions", json=CHAT)).status_code == 200  # 6 tokens of 5; rpm spent
+
+        async def spent() -> bool:
+            return (await admin.post("/v1/chat/completions", json=CHAT)).status_code == 429
+
+        assert await eventually(spent)
+        leaked_id = (await sql(stack.db, "SELECT id FROM api_keys WHERE name = 'leaked'"))[0][0]
+        revoked = await admin.delete(f"/v1/keys/{leaked_id}")
+        assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+        assert (await admin.patch(f"/v1/keys/{leaked_id}", json={"name": "leaked (revoked)"})).status_code == 200
+        assert (await admin.post("/v1/keys", json={"name": "replacement"})).status_code == 201
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(leaked), timeout=10) as thief:
+        assert (await thief.get("/v1/models")).json()["error"]["code"] == "revoked_api_key"
