@@ -248,7 +248,8 @@ async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere
         assert (await cli_records(stack.db))[made["id"]]["status"] == "revoked"
 
 
-async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
+async def test_only_admin_keys_may_manage_keys(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin:
         made = (await admin.post("/v1/keys", json={"name": "plain"})).json()
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made["key"]), timeout=10) as plain:
@@ -265,6 +266,12 @@ async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
                 "message": "Managing API keys needs an admin key (`llm-proxy keys create --admin`).",
                 "type": "permission_error", "param": None, "code": "admin_key_required",
             }}
+    # The operator hears of it (once: a caller may loop), never the key.
+    tried = [r for r in caplog.records if r.name == "llm_proxy.auth" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in tried] == [
+        f"API key {made['id']} ({made['prefix']}...) 'plain' refused POST /v1/keys: not an admin key allowed to manage keys"
+    ]
+    assert all(made["key"] not in r.getMessage() for r in caplog.records)
     # An admin key limited to some workspaces or models could grant more than it may use.
     scoped = await new_key(stack.db, "team-a admin", "--admin", "--workspaces", "team-a*")
     await wait_for_key(stack.url, scoped)

@@ -22,7 +22,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
@@ -64,6 +64,8 @@ async def admins_only() -> None:
     principal = current_principal.get()
     if principal is not None and principal.admin and principal.models is None and principal.workspaces is None:
         return
+    if principal is not None:
+        _refused(principal.id, principal.prefix, principal.name)
     if principal is not None and principal.admin:
         # It could grant keys models or workspaces it may not use itself (as a key limited to
         # some workspaces may not list or create workspaces).
@@ -79,6 +81,18 @@ async def admins_only() -> None:
             + " Create the first admin key on the database host: `llm-proxy keys create --name NAME --admin`."
         )
     raise GatewayError(ErrorKind.PERMISSION, message, code="admin_key_required")
+
+
+_warned_keys: set[str] = set()  # prefixes: unique, unlike ids across databases
+
+
+def _refused(key_id: int, prefix: str, name: str) -> None:
+    # A key that is not an admin's trying the keys API is worth an operator's look (a stolen
+    # key probing, say): said once per key and process, as a caller may loop.
+    if len(_warned_keys) < 1024 and prefix not in _warned_keys:
+        _warned_keys.add(prefix)
+        log.warning("API key %d (%s...) %r refused %s %s: not an admin key allowed to manage keys",
+                    key_id, prefix, name, request.method, request.path)
 
 
 def _database() -> Database:
