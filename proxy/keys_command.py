@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.st
             return await _update(store, args.key, changes, out, err)
     elif args.keys_command == "list":
         async def action(store: KeysStore) -> int:
-            return await _list(store, args.json, out)
+            return await _list(store, args.json, out, err)
     else:
         async def action(store: KeysStore) -> int:
             return await _revoke(store, args.key, out, err)
@@ -155,7 +156,7 @@ async def _create(
     return 0
 
 
-async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
+async def _list(store: KeysStore, as_json: bool, out: TextIO, err: TextIO) -> int:
     keys = await store.find_all()
     usage = await store.usage()
     budgets = await store.budgets()
@@ -168,7 +169,7 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
         "ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "BUDGET", "BUDGET USED", "RESETS",
         "ADMIN", "EXPIRES", "REQUESTS", "TOKENS", "LAST USED",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for key in keys:
         used = usage.get(key.id, KeyUsage())
         budget = budgets.get(key.id)
@@ -183,10 +184,47 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
             _when(key.expires_at), str(used.requests), str(used.prompt_tokens + used.completion_tokens),
             _when(used.last_used_at),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
+    shown = _fitting(rows, out, err)
+    table = [tuple(row[i] for i in shown) for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(shown))]
+    for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     return 0
+
+
+# Left out first when a terminal is too narrow for the whole table: activity, then limits;
+# who a key is, whether it works and what its budget has left stay.
+_SPARED_LAST = ("LAST USED", "TOKENS", "REQUESTS", "TPM", "RPM", "WORKSPACES", "MODELS", "EXPIRES", "ADMIN", "PREFIX")
+
+
+def _fitting(rows: Sequence[tuple[str, ...]], out: TextIO, err: TextIO) -> list[int]:
+    """The columns to print: all of them, unless `out` is a terminal too narrow for them (rows
+    wrapped over two or three lines are unreadable); then, said on `err`, fewer."""
+    header = rows[0]
+    shown = list(range(len(header)))
+    if not out.isatty():  # a pipe or a file takes the whole table
+        return shown
+    columns = shutil.get_terminal_size().columns
+    widths = [max(len(row[i]) for row in rows) for i in shown]
+
+    def width() -> int:
+        return sum(widths[i] for i in shown) + 2 * (len(shown) - 1)
+
+    left_out = []
+    for name in _SPARED_LAST:
+        if width() <= columns:
+            break
+        shown.remove(header.index(name))
+        left_out.append(name)
+    for name in reversed([*left_out]):  # a narrow one left out before a wide one may fit again
+        index = header.index(name)
+        if width() + widths[index] + 2 <= columns:
+            shown = sorted([*shown, index])
+            left_out.remove(name)
+    if left_out:
+        print(f"llm-proxy: {columns} columns are too few for {', '.join(left_out)}: `keys list --json` shows"
+              " every field (or widen the terminal)", file=err)
+    return shown
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:

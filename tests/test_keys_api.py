@@ -3,6 +3,7 @@ made over HTTP used by the openai SDK, changes applied by another gateway on the
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -15,6 +16,8 @@ import openai
 import pytest
 import trio
 
+from proxy.cli import build_parser
+from proxy.keys_command import run as run_keys
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
@@ -453,3 +456,34 @@ async def test_an_admin_key_past_its_budget_or_rate_may_still_revoke_a_key(stack
         assert (await admin.post("/v1/keys", json={"name": "replacement"})).status_code == 201
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(leaked), timeout=10) as thief:
         assert (await thief.get("/v1/models")).json()["error"]["code"] == "revoked_api_key"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_keys_list_on_a_narrow_terminal_keeps_one_line_per_key(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await new_key(stack.db, "team-a", "--budget", "5000000", "--models", "qwen3-*", "--expires", "30d")
+    await new_key(stack.db, "ops", "--admin")
+
+    def listed(columns: int, out: io.StringIO) -> tuple[int, str, str]:
+        monkeypatch.setenv("COLUMNS", str(columns))  # as shutil.get_terminal_size reads it first
+        err = io.StringIO()
+        code = run_keys(build_parser().parse_args(["keys", "list"]), stack.db, out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, table, said = await trio.to_thread.run_sync(lambda: listed(100, _Terminal()))
+    assert code == 0
+    lines = table.splitlines()
+    assert len(lines) == 3 and all(len(line) <= 100 for line in lines), table
+    header = lines[0].split()
+    for kept in ("ID", "NAME", "STATUS", "BUDGET", "RESETS", "MODELS"):  # MODELS, narrow, fits again
+        assert kept in header
+    assert "5000000/30d" in lines[1] and "team-a" in lines[1] and "active" in lines[1]
+    assert "LAST USED" in said and "--json" in said
+    # A pipe (a script, `grep`) still gets every column, and nothing on stderr.
+    code, table, said = await trio.to_thread.run_sync(lambda: listed(100, io.StringIO()))
+    assert code == 0 and "LAST USED" in table.splitlines()[0] and said == ""
