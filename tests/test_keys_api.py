@@ -221,7 +221,10 @@ async def test_a_budget_given_over_http_is_enforced_and_lifted(stack: Stack) -> 
             await eventually(free, within=3.0)
 
 
-async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(stack: Stack) -> None:
+async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin, gateway(
         stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
     ) as other_url:
@@ -237,6 +240,10 @@ async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere
             assert revoked.json()["status"] == "revoked" and revoked.json()["revoked_at"] is not None
             again = await admin.delete(f"/v1/keys/{made['id']}")  # idempotent: the same record
             assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+            # The audit trail names who revoked it, once; a repeat says it changed nothing.
+            said = [r.getMessage() for r in caplog.records if "'doomed' revoked" in r.getMessage()]
+            assert len(said) == 2 and " 'doomed' revoked by key 1 " in said[0]
+            assert f" 'doomed' revoked again (revoked since {revoked.json()['revoked_at']}) by key 1 " in said[1]
 
             refused = await here.get("/v1/models")  # the gateway that revoked it: at once
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "revoked_api_key"

@@ -283,8 +283,12 @@ async def patch_key(key_id: str) -> Response:
 @blueprint.delete("/v1/keys/<key_id>")
 async def revoke_key(key_id: str) -> Response:
     db = _database()
-    key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
-    await _applied(key, "revoked", granted=False)
+    store, number = KeysStore(db), _key_id(key_id)
+    before = await store.find(str(number))
+    key = _found(await store.revoke(number), key_id)
+    # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
+    was = before[0].revoked_at if before else None
+    await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})", granted=False)
     return await _answer(db, key)
 
 
