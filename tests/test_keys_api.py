@@ -362,6 +362,8 @@ async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None
     for schema in (body["name"], body["models"]["items"]):
         assert re.search(schema["pattern"], "team-a é") and not re.search(schema["pattern"], "ops\u001b[2J")
     assert body["models"]["maxItems"] == 1000 and "null" in body["budget_period"]["type"]
+    period = body["budget_period"]["pattern"]
+    assert re.search(period, "30d") and re.search(period, " 4W ") and not re.search(period, "0d")  # a 400
 
 
 async def test_an_admin_page_on_an_allowed_origin_may_change_a_key(stack: Stack) -> None:

@@ -307,7 +307,7 @@ _SETTABLE_SCHEMA: dict[str, Any] = {
     "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
     "budget": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT8,
                "description": "Tokens (prompt + completion) per `budget_period`; null: unlimited."},
-    "budget_period": {"type": ["string", "null"], "pattern": "^[0-9]+ *[mhdwMHDW]$",
+    "budget_period": {"type": ["string", "null"], "pattern": "^\\s*0*[1-9][0-9]*\\s*[mhdwMHDW]\\s*$",
                       "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default; null: it) or `4w`."},
     "expires": _EXPIRES, "expires_at": _EXPIRES,
 }
