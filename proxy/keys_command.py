@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
@@ -22,6 +23,7 @@ from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
 from proxy.services.auth import (
     _DISPLAY_CHARS,
+    CONTROL_CHARS,
     create_key,
     key_digest,
     parse_expiry,
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.st
             return await _update(store, args.key, changes, out, err)
     elif args.keys_command == "list":
         async def action(store: KeysStore) -> int:
-            return await _list(store, args.json, out)
+            return await _list(store, args.json, out, err)
     else:
         async def action(store: KeysStore) -> int:
             return await _revoke(store, args.key, out, err)
@@ -154,7 +156,7 @@ async def _create(
     return 0
 
 
-async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
+async def _list(store: KeysStore, as_json: bool, out: TextIO, err: TextIO) -> int:
     keys = await store.find_all()
     usage = await store.usage()
     budgets = await store.budgets()
@@ -167,14 +169,14 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
         "ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "BUDGET", "BUDGET USED", "RESETS",
         "ADMIN", "EXPIRES", "REQUESTS", "TOKENS", "LAST USED",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for key in keys:
         used = usage.get(key.id, KeyUsage())
         budget = budgets.get(key.id)
         rows.append((
-            str(key.id), key.prefix, key.name, _status(key, now),
-            ",".join(key.models) if key.models is not None else "*",
-            ",".join(key.workspaces) if key.workspaces is not None else "*",
+            str(key.id), key.prefix, _cell(key.name), _status(key, now),
+            _cell(",".join(key.models)) if key.models is not None else "*",
+            _cell(",".join(key.workspaces)) if key.workspaces is not None else "*",
             str(key.rpm or "-"), str(key.tpm or "-"),
             f"{key.budget}/{period_text(key.budget_period)}" if key.budget else "-",
             str(budget.used) if budget else "-", _when(budget.resets_at if budget else None),
@@ -182,10 +184,47 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO) -> int:
             _when(key.expires_at), str(used.requests), str(used.prompt_tokens + used.completion_tokens),
             _when(used.last_used_at),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
+    shown = _fitting(rows, out, err)
+    table = [tuple(row[i] for i in shown) for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(shown))]
+    for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     return 0
+
+
+# Left out first when a terminal is too narrow for the whole table: activity, then limits;
+# who a key is, whether it works and what its budget has left stay.
+_SPARED_LAST = ("LAST USED", "TOKENS", "REQUESTS", "TPM", "RPM", "WORKSPACES", "MODELS", "EXPIRES", "ADMIN", "PREFIX")
+
+
+def _fitting(rows: Sequence[tuple[str, ...]], out: TextIO, err: TextIO) -> list[int]:
+    """The columns to print: all of them, unless `out` is a terminal too narrow for them (rows
+    wrapped over two or three lines are unreadable); then, said on `err`, fewer."""
+    header = rows[0]
+    shown = list(range(len(header)))
+    if not out.isatty():  # a pipe or a file takes the whole table
+        return shown
+    columns = shutil.get_terminal_size().columns
+    widths = [max(len(row[i]) for row in rows) for i in shown]
+
+    def width() -> int:
+        return sum(widths[i] for i in shown) + 2 * (len(shown) - 1)
+
+    left_out = []
+    for name in _SPARED_LAST:
+        if width() <= columns:
+            break
+        shown.remove(header.index(name))
+        left_out.append(name)
+    for name in reversed([*left_out]):  # a narrow one left out before a wide one may fit again
+        index = header.index(name)
+        if width() + widths[index] + 2 <= columns:
+            shown = sorted([*shown, index])
+            left_out.remove(name)
+    if left_out:
+        print(f"llm-proxy: {columns} columns are too few for {', '.join(left_out)}: `keys list --json` shows"
+              " every field (or widen the terminal)", file=err)
+    return shown
 
 
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,6 +311,21 @@ def _status(key: StoredKey, now: datetime) -> str:
     if key.expires_at is not None and key.expires_at <= now:
         return "expired"
     return "active"
+
+
+def escaped(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n`, `\\x1b`): for a terminal or a log."""
+    return CONTROL_CHARS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
+
+
+_CELL_CHARS = 32  # the table stays readable with 200-character names: `--json` has them whole
+
+
+def _cell(text: str) -> str:
+    """A name or patterns as a table cell: on one line, control characters shown escaped (keys
+    made before they were refused, or by SQL), cut short past `_CELL_CHARS`."""
+    text = escaped(text)
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
 
 def _when(value: datetime | None) -> str:

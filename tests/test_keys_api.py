@@ -3,8 +3,10 @@ made over HTTP used by the openai SDK, changes applied by another gateway on the
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,8 @@ import openai
 import pytest
 import trio
 
+from proxy.cli import build_parser
+from proxy.keys_command import run as run_keys
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
@@ -111,14 +115,23 @@ async def test_a_key_created_over_http_works_at_once_and_matches_keys_list(
 
         # The log says who made it (an audit trail), never the key.
         made = [r.getMessage() for r in caplog.records if " created by key " in r.getMessage()]
-        assert len(made) == 1 and made[0].endswith("'root'")
+        assert len(made) == 1
         assert made[0].startswith(f"API key {record['id']} ({record['prefix']}...) 'ci-bot' created by key 1 (sk-llmp-")
+        # ... and what the key may do: an auditor sees every grant without the database.
+        assert made[0].split(" 'root': ")[1].startswith(
+            "models qwen3-*; workspaces docs; 100 requests/min; 50000 tokens/min; expires 20")
         assert all(secret not in r.getMessage() for r in caplog.records)
 
         admin_made = await admin.post("/v1/keys", json={"name": "ops", "admin": True})
         assert admin_made.status_code == 201 and admin_made.json()["admin"] is True
         async with httpx.AsyncClient(base_url=stack.url, headers=bearer(admin_made.json()["key"])) as ops:
             assert (await ops.get("/v1/keys")).status_code == 200
+            assert (await ops.patch(f"/v1/keys/{record['id']}", json={"models": None, "rpm": None})).status_code == 200
+        logged = [r.getMessage() for r in caplog.records if r.name == "llm_proxy.auth" and "by key" in r.getMessage()]
+        assert " 'ops' created by key 1 " in logged[-2]
+        assert logged[-2].endswith(" 'root': models *; workspaces *; admin")
+        assert " 'ci-bot' changed (models, rpm) by key " in logged[-1]
+        assert logged[-1].split("'ops': ")[1].startswith("models *; workspaces docs; 50000 tokens/min; expires 20")
 
 
 async def test_listings_and_records_never_show_a_key(stack: Stack) -> None:
@@ -208,7 +221,10 @@ async def test_a_budget_given_over_http_is_enforced_and_lifted(stack: Stack) -> 
             await eventually(free, within=3.0)
 
 
-async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(stack: Stack) -> None:
+async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin, gateway(
         stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
     ) as other_url:
@@ -224,6 +240,10 @@ async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere
             assert revoked.json()["status"] == "revoked" and revoked.json()["revoked_at"] is not None
             again = await admin.delete(f"/v1/keys/{made['id']}")  # idempotent: the same record
             assert again.status_code == 200 and again.json()["revoked_at"] == revoked.json()["revoked_at"]
+            # The audit trail names who revoked it, once; a repeat says it changed nothing.
+            said = [r.getMessage() for r in caplog.records if "'doomed' revoked" in r.getMessage()]
+            assert len(said) == 2 and " 'doomed' revoked by key 1 " in said[0]
+            assert f" 'doomed' revoked again (revoked since {revoked.json()['revoked_at']}) by key 1 " in said[1]
 
             refused = await here.get("/v1/models")  # the gateway that revoked it: at once
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "revoked_api_key"
@@ -238,7 +258,8 @@ async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere
         assert (await cli_records(stack.db))[made["id"]]["status"] == "revoked"
 
 
-async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
+async def test_only_admin_keys_may_manage_keys(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin:
         made = (await admin.post("/v1/keys", json={"name": "plain"})).json()
     async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made["key"]), timeout=10) as plain:
@@ -255,6 +276,12 @@ async def test_only_admin_keys_may_manage_keys(stack: Stack) -> None:
                 "message": "Managing API keys needs an admin key (`llm-proxy keys create --admin`).",
                 "type": "permission_error", "param": None, "code": "admin_key_required",
             }}
+    # The operator hears of it (once: a caller may loop), never the key.
+    tried = [r for r in caplog.records if r.name == "llm_proxy.auth" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in tried] == [
+        f"API key {made['id']} ({made['prefix']}...) 'plain' refused POST /v1/keys: not an admin key allowed to manage keys"
+    ]
+    assert all(made["key"] not in r.getMessage() for r in caplog.records)
     # An admin key limited to some workspaces or models could grant more than it may use.
     scoped = await new_key(stack.db, "team-a admin", "--admin", "--workspaces", "team-a*")
     await wait_for_key(stack.url, scoped)
@@ -276,11 +303,16 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         ({}, "name"),
         ({"name": ""}, "name"),
         ({"name": "x\u0000"}, "name"),
+        ({"name": "ops\u001b[2J\u001b[H"}, "name"),  # would clear the operator's terminal in `keys list`
+        ({"name": "team-a\nteam-b"}, "name"),
+        ({"name": "\u202eevil"}, "name"),  # a right-to-left override disguises one name as another
+        ({"name": "x", "models": ["gpt-4o\u001b[8m"]}, "models[0]"),
         ({"name": "x", "rpm": 0}, "rpm"),
         ({"name": "x", "rpm": "10"}, "rpm"),
         ({"name": "x", "tpm": 2**40}, "tpm"),
         ({"name": "x", "models": "gpt-4o"}, "models"),
         ({"name": "x", "models": []}, "models"),
+        ({"name": "x", "models": [f"m{i}-*" for i in range(1001)]}, "models"),  # every gateway compiles them
         ({"name": "x", "workspaces": ["docs", 3]}, "workspaces[1]"),
         ({"name": "x", "expires": "soon"}, "expires"),
         ({"name": "x", "expires": "2001-01-01"}, "expires"),
@@ -303,13 +335,16 @@ async def test_bad_input_is_a_400_naming_the_field(stack: Stack) -> None:
         root = (await admin.get("/v1/keys")).json()["data"][0]
         for body, param in (({"admin": False}, "admin"), ({"id": 7}, "id"), ({"name": None}, "name"),
                             ({"tpm": -1}, "tpm"), ({"expires": "1h", "expires_at": "2h"}, "expires_at"),
-                            ({"budget_period": None}, "budget_period")):
+                            ({"budget_period": 30}, "budget_period")):
             answer = await admin.patch(f"/v1/keys/{root['id']}", json=body)
             assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
         not_json = await admin.post("/v1/keys", content=b"{name", headers={"content-type": "application/json"})
         assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "invalid_json"
         assert (await admin.get(f"/v1/keys/{root['id']}")).json() == root  # nothing changed
     assert len(await sql(stack.db, "SELECT id FROM api_keys")) == 1
+    many = [f"m{i}-*" for i in range(1001)]
+    code, _, err = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "create", "--name", "x", "--models", *many))
+    assert code == 2 and "at most 1000 model patterns" in err
 
 
 async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None:
@@ -321,3 +356,143 @@ async def test_the_openapi_document_describes_the_keys_api(stack: Stack) -> None
     assert "key" in created["required"]
     assert "key" not in paths["/v1/keys"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
         "properties"]["data"]["items"]["properties"]
+    # What the routes refuse, the document says: names and patterns without control characters,
+    # at most 1000 patterns, a null period.
+    body = paths["/v1/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    for schema in (body["name"], body["models"]["items"]):
+        assert re.search(schema["pattern"], "team-a é") and not re.search(schema["pattern"], "ops\u001b[2J")
+    assert body["models"]["maxItems"] == 1000 and "null" in body["budget_period"]["type"]
+    period = body["budget_period"]["pattern"]
+    assert re.search(period, "30d") and re.search(period, " 4W ") and not re.search(period, "0d")  # a 400
+
+
+async def test_an_admin_page_on_an_allowed_origin_may_change_a_key(stack: Stack) -> None:
+    # A browser sends PATCH only once the preflight's Access-Control-Allow-Methods names it
+    # (PATCH is not a "simple" method, and the match is case-sensitive).
+    page = "http://localhost:5173"  # among the default cors_origins
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "ci"})).json()
+        preflight = await admin.options(f"/v1/keys/{made['id']}", headers={
+            "origin": page, "access-control-request-method": "PATCH",
+            "access-control-request-headers": "authorization, content-type",
+        })
+        assert preflight.status_code == 204
+        assert "PATCH" in [m.strip() for m in preflight.headers["access-control-allow-methods"].split(",")]
+        changed = await admin.patch(f"/v1/keys/{made['id']}", json={"rpm": 10}, headers={"origin": page})
+        assert changed.status_code == 200 and changed.json()["rpm"] == 10
+        assert changed.headers["access-control-allow-origin"] == page
+
+
+async def test_keys_list_stays_one_line_per_key_whatever_the_names(stack: Stack) -> None:
+    async with await admin_client(stack) as admin:
+        assert (await admin.post("/v1/keys", json={"name": "  ci-bot \n"})).json()["name"] == "ci-bot"  # trimmed
+        long = (await admin.post("/v1/keys", json={"name": "n" * 200, "models": ["m" * 200]})).json()
+    code, _, err = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "create", "--name", "red\x1b[31m"))
+    assert code == 2 and "control character" in err
+    # Rows written before names were checked (or by SQL) are shown escaped, never interpreted.
+    await sql(stack.db, "UPDATE api_keys SET name = %s WHERE name = 'ci-bot'", "ops\x1b[2J\nroot\u202e")
+    code, table, _ = await trio.to_thread.run_sync(lambda: keys_cli(stack.db, "list"))
+    assert code == 0
+    lines = table.splitlines()
+    assert len(lines) == 1 + 3  # the header, root, the two keys
+    assert "\x1b" not in table and "\u202e" not in table
+    assert "ops\\x1b[2J\\nroot\\u202e" in table
+    assert max(map(len, lines)) < 250  # a 200-character name and pattern are cut short (--json has them)
+    row = next(line for line in lines if line.startswith(f"{long['id']} "))
+    assert "n" * 29 + "..." in row and "n" * 33 not in row
+    assert (await cli_records(stack.db))[long["id"]]["name"] == "n" * 200
+
+
+async def test_a_scope_of_star_is_no_scope(stack: Stack) -> None:
+    # `*` matches every model and workspace: a key given it is a key without a scope, one that
+    # may list workspaces or, an admin key, manage keys (as `keys update --models '*'` has it).
+    async with await admin_client(stack) as admin:
+        made = await admin.post("/v1/keys", json={"name": "ops", "admin": True, "models": ["*"], "workspaces": [" * "]})
+        assert made.status_code == 201
+        assert (made.json()["models"], made.json()["workspaces"]) == (None, None)
+        changed = await admin.patch(f"/v1/keys/{made.json()['id']}", json={"workspaces": ["docs", "*"]})
+        assert changed.json()["workspaces"] is None
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(made.json()["key"]), timeout=10) as ops:
+        assert (await ops.get("/v1/keys")).status_code == 200
+        assert (await ops.get("/v1/workspaces")).status_code == 200
+    await new_key(stack.db, "cli-ops", "--admin", "--models", "*", "--workspaces", "*")
+    assert next(r for r in (await cli_records(stack.db)).values() if r["name"] == "cli-ops")["models"] is None
+    # A key stored with `*` before (or by SQL) is unscoped too.
+    old = await new_key(stack.db, "old-ops", "--admin", "--models", "qwen3-*")
+    await wait_for_key(stack.url, old)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(old), timeout=10) as ops:
+        assert (await ops.get("/v1/keys")).status_code == 403
+        await sql(stack.db, "UPDATE api_keys SET models = '{*}' WHERE name = 'old-ops'")
+
+        async def manages() -> bool:
+            return (await ops.get("/v1/keys")).status_code == 200
+
+        assert await eventually(manages, within=8.0)
+
+
+async def test_a_record_read_can_be_sent_back_changed(stack: Stack) -> None:
+    # Read, modify, write: a tool PATCHes the settable fields of the record it read. A key
+    # without a budget shows `budget_period: null`; sent back, that is the default period.
+    settable = ("name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "expires_at")
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "ci", "rpm": 10, "expires": "30d"})).json()
+        record = (await admin.get(f"/v1/keys/{made['id']}")).json()
+        assert record["budget_period"] is None
+        sent = {field: record[field] for field in settable} | {"rpm": 20}
+        changed = await admin.patch(f"/v1/keys/{made['id']}", json=sent)
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["rpm"] == 20 and changed.json()["budget"] is None
+        budgeted = await admin.patch(f"/v1/keys/{made['id']}", json={"budget": 1000})
+        assert budgeted.json()["budget_period"] == "30d"
+
+
+async def test_an_admin_key_past_its_budget_or_rate_may_still_revoke_a_key(stack: Stack) -> None:
+    # Its limits meter model calls; an operator revoking a leaked key must not wait for a reset.
+    admin_key = await new_key(stack.db, "root", "--admin", "--budget", "5", "--rpm", "1")
+    leaked = await new_key(stack.db, "leaked")
+    await wait_for_key(stack.url, admin_key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(admin_key), timeout=10) as admin:
+        assert (await admin.post("/v1/chat/completions", json=CHAT)).status_code == 200  # 6 tokens of 5; rpm spent
+
+        async def spent() -> bool:
+            return (await admin.post("/v1/chat/completions", json=CHAT)).status_code == 429
+
+        assert await eventually(spent)
+        leaked_id = (await sql(stack.db, "SELECT id FROM api_keys WHERE name = 'leaked'"))[0][0]
+        revoked = await admin.delete(f"/v1/keys/{leaked_id}")
+        assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+        assert (await admin.patch(f"/v1/keys/{leaked_id}", json={"name": "leaked (revoked)"})).status_code == 200
+        assert (await admin.post("/v1/keys", json={"name": "replacement"})).status_code == 201
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(leaked), timeout=10) as thief:
+        assert (await thief.get("/v1/models")).json()["error"]["code"] == "revoked_api_key"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_keys_list_on_a_narrow_terminal_keeps_one_line_per_key(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await new_key(stack.db, "team-a", "--budget", "5000000", "--models", "qwen3-*", "--expires", "30d")
+    await new_key(stack.db, "ops", "--admin")
+
+    def listed(columns: int, out: io.StringIO) -> tuple[int, str, str]:
+        monkeypatch.setenv("COLUMNS", str(columns))  # as shutil.get_terminal_size reads it first
+        err = io.StringIO()
+        code = run_keys(build_parser().parse_args(["keys", "list"]), stack.db, out, err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, table, said = await trio.to_thread.run_sync(lambda: listed(100, _Terminal()))
+    assert code == 0
+    lines = table.splitlines()
+    assert len(lines) == 3 and all(len(line) <= 100 for line in lines), table
+    header = lines[0].split()
+    for kept in ("ID", "NAME", "STATUS", "BUDGET", "RESETS", "MODELS"):  # MODELS, narrow, fits again
+        assert kept in header
+    assert "5000000/30d" in lines[1] and "team-a" in lines[1] and "active" in lines[1]
+    assert "LAST USED" in said and "--json" in said
+    # A pipe (a script, `grep`) still gets every column, and nothing on stderr.
+    code, table, said = await trio.to_thread.run_sync(lambda: listed(100, io.StringIO()))
+    assert code == 0 and "LAST USED" in table.splitlines()[0] and said == ""

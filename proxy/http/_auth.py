@@ -33,6 +33,7 @@ from proxy.services.limits import Decision
 log = logging.getLogger("llm_proxy.http")
 
 _WORKSPACES = "/v1/workspaces"
+_KEYS = "/v1/keys"
 _READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _READ_POSTS = ("/search",)  # POSTs under a workspace that only read it
 _decision: contextvars.ContextVar[Decision | None] = contextvars.ContextVar("llm_proxy_rate_decision", default=None)
@@ -271,6 +272,12 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     exchange.response_headers.extend(granted_headers())
 
 
+def _managing_keys(path: str) -> bool:
+    """The keys API: not metered by the admin key's rate limits or budget (they meter model
+    calls), so that revoking a leaked key never waits for the admin key's next period."""
+    return path == _KEYS or path.startswith(_KEYS + "/")
+
+
 def install_auth(app: GatewayApp) -> None:
     """The guard for the Quart-served routes (the exchange front door calls `admit` itself)."""
 
@@ -278,7 +285,7 @@ def install_auth(app: GatewayApp) -> None:
     async def guard() -> Response | None:
         gw, head = gateway(), request_head()
         refusal = await admit(gw, head, limits=False)
-        if refusal is None:
+        if refusal is None and not _managing_keys(head.path):
             # Kept for the route, which reads it again (embeddings: their input is reserved).
             body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
             refusal = await limit(gw, head, body)

@@ -25,7 +25,7 @@ log = logging.getLogger("llm_proxy.http")
 
 Headers = list[tuple[bytes, bytes]]
 
-ALLOWED_METHODS = b"GET, HEAD, POST, PUT, DELETE"
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE"  # PATCH: /v1/keys/{id} from an admin page
 MAX_AGE = b"7200"  # Chromium's ceiling; Firefox would keep a day
 # What browser code may read of a response beyond the CORS-safelisted headers: every header
 # the gateway sets itself (ids, rate limits, cache and replay, RAG, workflow, embeddings).

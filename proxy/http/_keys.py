@@ -22,16 +22,24 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body
 from proxy.http._openapi import _INT, _STR, _op, document
-from proxy.infra.keys_store import BudgetState, KeysStore, KeyUsage, StoredKey
+from proxy.infra.keys_store import (
+    DEFAULT_BUDGET_PERIOD,
+    BudgetState,
+    KeysStore,
+    KeyUsage,
+    StoredKey,
+)
 from proxy.infra.postgres import Database
-from proxy.keys_command import _key_json
+from proxy.keys_command import _key_json, _scope_text, escaped
 from proxy.services.auth import (
+    CONTROL_CHARS,
+    MAX_PATTERNS,
     create_key,
     current_principal,
     parse_expiry,
@@ -56,6 +64,8 @@ async def admins_only() -> None:
     principal = current_principal.get()
     if principal is not None and principal.admin and principal.models is None and principal.workspaces is None:
         return
+    if principal is not None:
+        _refused(principal.id, principal.prefix, principal.name)
     if principal is not None and principal.admin:
         # It could grant keys models or workspaces it may not use itself (as a key limited to
         # some workspaces may not list or create workspaces).
@@ -71,6 +81,18 @@ async def admins_only() -> None:
             + " Create the first admin key on the database host: `llm-proxy keys create --name NAME --admin`."
         )
     raise GatewayError(ErrorKind.PERMISSION, message, code="admin_key_required")
+
+
+_warned_keys: set[str] = set()  # prefixes: unique, unlike ids across databases
+
+
+def _refused(key_id: int, prefix: str, name: str) -> None:
+    # A key that is not an admin's trying the keys API is worth an operator's look (a stolen
+    # key probing, say): said once per key and process, as a caller may loop.
+    if len(_warned_keys) < 1024 and prefix not in _warned_keys:
+        _warned_keys.add(prefix)
+        log.warning("API key %d (%s...) %r refused %s %s: not an admin key allowed to manage keys",
+                    key_id, prefix, name, request.method, request.path)
 
 
 def _database() -> Database:
@@ -89,13 +111,15 @@ def _record(key: StoredKey, usage: KeyUsage, budget: BudgetState | None) -> dict
     return {"object": "api_key", **_key_json(key, usage, budget, datetime.now(UTC))}
 
 
-async def _applied(key: StoredKey, what: str) -> None:
-    """Log who changed the key (an audit trail an operator can search; never the key), and
+async def _applied(key: StoredKey, what: str, *, granted: bool = True) -> None:
+    """Log who changed the key and, `granted`, what the key may now do (an audit trail an
+    operator can search: an admin key made or a scope lifted is there; never the key), and
     reload this process's key ring now (the others are notified by the database)."""
     by = current_principal.get()
     assert by is not None  # the blueprint's guard let only an admin key through
-    log.info("API key %d (%s...) %r %s by key %d (%s...) %r",
-             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name)
+    powers = ": " + escaped(_scope_text(key)) if granted else ""
+    log.info("API key %d (%s...) %r %s by key %d (%s...) %r%s",
+             key.id, key.prefix, key.name, what, by.id, by.prefix, by.name, powers)
     auth = gateway().auth
     if auth is not None:
         await auth.ring.refresh()
@@ -119,14 +143,15 @@ def _patterns(fields: Fields, name: str) -> tuple[str, ...] | None:
     items = fields.array(name)
     if items is None:
         return None
-    if not items:
+    if not 1 <= len(items) <= MAX_PATTERNS:
         raise invalid_request(
-            f"Invalid `{name}`: expected a non-empty array of patterns (null: every one).", param=name
+            f"Invalid `{name}`: expected an array of 1 to {MAX_PATTERNS} patterns (null: every one).", param=name
         )
     for i, item in enumerate(items):
-        if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or "\x00" in item:
+        if not isinstance(item, str) or not 1 <= len(item.strip()) <= _PATTERN_CHARS or CONTROL_CHARS.search(item.strip()):
             raise invalid_request(
-                f"Invalid `{name}[{i}]`: expected a pattern of 1 to {_PATTERN_CHARS} characters (`*` matches anything).",
+                f"Invalid `{name}[{i}]`: expected a pattern of 1 to {_PATTERN_CHARS} characters, no control"
+                " characters (`*` matches anything).",
                 param=f"{name}[{i}]",
             )
     return tuple(item.strip() for item in items)
@@ -165,8 +190,8 @@ def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if "name" in data or creating:
         name = fields.text("name", required=creating)
-        if name is None or not 1 <= len(name.strip()) <= 200 or "\x00" in name:  # PostgreSQL text holds no NUL
-            raise invalid_request("Invalid `name`: expected 1 to 200 characters (no NUL).", param="name")
+        if name is None or not 1 <= len(name.strip()) <= 200 or CONTROL_CHARS.search(name.strip()):
+            raise invalid_request("Invalid `name`: expected 1 to 200 characters, no control characters.", param="name")
         changes["name"] = name.strip()
     for scope in ("models", "workspaces"):
         if scope in data:
@@ -176,7 +201,10 @@ def _changes(data: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             changes[limit] = fields.integer(limit, minimum=1, maximum=_MAX_INT4)
     if "budget" in data:
         changes["budget"] = fields.integer("budget", minimum=1, maximum=_MAX_INT8)
-    if "budget_period" in data:
+    if data.get("budget_period", "") is None:
+        # As a record shows it for a key without a budget: sent back, it means the default.
+        changes["budget_period"] = DEFAULT_BUDGET_PERIOD
+    elif "budget_period" in data:
         period = fields.text("budget_period", required=True)
         try:
             changes["budget_period"] = parse_period(period or "")
@@ -255,25 +283,32 @@ async def patch_key(key_id: str) -> Response:
 @blueprint.delete("/v1/keys/<key_id>")
 async def revoke_key(key_id: str) -> Response:
     db = _database()
-    key = _found(await KeysStore(db).revoke(_key_id(key_id)), key_id)
-    await _applied(key, "revoked")
+    store, number = KeysStore(db), _key_id(key_id)
+    before = await store.find(str(number))
+    key = _found(await store.revoke(number), key_id)
+    # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
+    was = before[0].revoked_at if before else None
+    await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})", granted=False)
     return await _answer(db, key)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------
 
-_NULLABLE_PATTERNS = {"type": ["array", "null"], "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS},
-                      "minItems": 1, "description": "Glob patterns (`*` matches anything); null: every one."}
+# ECMA-262, as JSON Schema's patterns are: CONTROL_CHARS refused.
+_PRINTABLE = "^[^\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]*$"
+_NULLABLE_PATTERNS = {"type": ["array", "null"],
+                      "items": {"type": "string", "minLength": 1, "maxLength": _PATTERN_CHARS, "pattern": _PRINTABLE},
+                      "minItems": 1, "maxItems": MAX_PATTERNS, "description": "Glob patterns (`*` matches anything); null: every one."}
 _LIMIT = {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT4}
 _EXPIRES = {"type": ["string", "null"],
             "description": "`2026-12-31` (00:00 UTC), an ISO date-time, or `90d` / `12h` / `30m` from now; null: never."}
 _SETTABLE_SCHEMA: dict[str, Any] = {
-    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+    "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": _PRINTABLE},
     "models": _NULLABLE_PATTERNS, "workspaces": _NULLABLE_PATTERNS, "rpm": _LIMIT, "tpm": _LIMIT,
     "budget": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_INT8,
                "description": "Tokens (prompt + completion) per `budget_period`; null: unlimited."},
-    "budget_period": {"type": "string", "pattern": "^[0-9]+ *[mhdwMHDW]$",
-                      "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default) or `4w`."},
+    "budget_period": {"type": ["string", "null"], "pattern": "^\\s*0*[1-9][0-9]*\\s*[mhdwMHDW]\\s*$",
+                      "description": "`30m`, `12h`, `1d`, `7d`, `30d` (the default; null: it) or `4w`."},
     "expires": _EXPIRES, "expires_at": _EXPIRES,
 }
 _NULLABLE_STR = {"type": ["string", "null"]}

@@ -46,6 +46,12 @@ KEY_PREFIX = "sk-llmp-"
 # The prefix plus eight random characters: shown in listings, never enough to use the key.
 _DISPLAY_CHARS = len(KEY_PREFIX) + 8
 _MAX_KEY_CHARS = 256
+# Control characters and bidirectional overrides: in a name or pattern they would rewrite the
+# operator's terminal (`keys list`) or disguise one name as another; no name needs them.
+# Patterns per scope: every gateway compiles a key's patterns into one regex, on the event loop,
+# at each reload of its key ring (a thousand take milliseconds; 300,000 took seconds).
+MAX_PATTERNS = 1000
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 
@@ -95,12 +101,13 @@ class Principal:
 
     @classmethod
     def of(cls, key: StoredKey) -> Principal:
+        models, workspaces = _scope(key.models), _scope(key.workspaces)
         return cls(
             id=key.id,
             name=key.name,
             prefix=key.prefix,
-            models=key.models,
-            workspaces=key.workspaces,
+            models=models,
+            workspaces=workspaces,
             rpm=key.rpm,
             tpm=key.tpm,
             admin=key.admin,
@@ -108,8 +115,8 @@ class Principal:
             revoked=key.revoked_at is not None,
             budget=key.budget,
             budget_period=key.budget_period.total_seconds(),
-            _models_re=glob_pattern(key.models) if key.models is not None else None,
-            _workspaces_re=glob_pattern(key.workspaces) if key.workspaces is not None else None,
+            _models_re=glob_pattern(models) if models is not None else None,
+            _workspaces_re=glob_pattern(workspaces) if workspaces is not None else None,
         )
 
     @property
@@ -131,6 +138,12 @@ class Principal:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+def _scope(patterns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """None for patterns that match everything: a `*` scope is none (it may list workspaces
+    and, on an admin key, manage keys), however it was stored."""
+    return None if patterns is None or "*" in patterns else patterns
 
 
 def _latest_twins(model: str) -> tuple[str, ...]:
@@ -448,9 +461,11 @@ def _patterns(values: Sequence[str] | None, what: str) -> tuple[str, ...] | None
     if values is None:
         return None
     cleaned = tuple(v.strip() for v in values)
-    if not cleaned or any(not v or len(v) > 200 for v in cleaned):
-        raise ValueError(f"each {what} pattern must be 1 to 200 characters")
-    return cleaned
+    if len(cleaned) > MAX_PATTERNS:
+        raise ValueError(f"at most {MAX_PATTERNS} {what} patterns")
+    if not cleaned or any(not v or len(v) > 200 or CONTROL_CHARS.search(v) for v in cleaned):
+        raise ValueError(f"each {what} pattern must be 1 to 200 characters, none of them a control character")
+    return _scope(cleaned)  # stored as no scope: `keys list` and records say so
 
 
 _LAST_YEAR = 9999
@@ -523,8 +538,8 @@ async def create_key(
 
 def _name(name: str) -> str:
     name = name.strip()
-    if not 1 <= len(name) <= 200:
-        raise ValueError("the name must be 1 to 200 characters")
+    if not 1 <= len(name) <= 200 or CONTROL_CHARS.search(name):
+        raise ValueError("the name must be 1 to 200 characters, none of them a control character")
     return name
 
 
