@@ -89,6 +89,9 @@ class Admission:
     # The key's budget: tokens counted in the current period, and its end (epoch seconds).
     budget_used: int = 0
     budget_reset: float | None = None
+    # What the admission reserved in that count (the request's estimate, or the rest of the
+    # budget if less), given back as its real usage is counted.
+    budget_reserved: int = 0
 
 
 @dataclass(slots=True)
@@ -104,7 +107,8 @@ class UsageDelta:
     # they reserved at admission (so negative: given back), plus what was reserved while the
     # database could not be asked.
     tokens: int = 0
-    # Tokens the shared budget count has not counted (keys with a budget: their usage).
+    # Tokens the shared budget count has not counted (keys with a budget): the usage of ended
+    # exchanges minus what they reserved at admission, plus what was reserved in an outage.
     budget: int = 0
 
     def add(self, other: UsageDelta) -> None:
@@ -288,19 +292,21 @@ class KeysStore:
     async def admit(
         self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0,
         *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD, settle_budget: int = 0,
+        budget_reserve: int = 0,
     ) -> Admission:
         """Take one request from the key's request bucket and reserve `reserve` tokens in its
         token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
         have not counted (negative: given back), in one round trip. With a `budget`, refused
-        once the period's count (after `settle_budget` more) has reached it."""
+        once the period's count (after `settle_budget` more) has reached it; admitted, it
+        reserves `budget_reserve` tokens there, or what is left of the budget if less."""
         row = await self._db.fetchrow(
-            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget),
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget, budget_reserve),
         )
         assert row is not None
         return Admission(
             bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
-            float(row[5]) if row[5] is not None else None,
+            float(row[5]) if row[5] is not None else None, int(row[6] or 0),
         )
 
     async def forget_writers(self, writers: list[str]) -> None:
@@ -311,7 +317,7 @@ class KeysStore:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
         `tokens`, negative: given back), settle admissions the request bucket has not
         counted (keys with an `rpm`) and count `budget` tokens in the key's budget period
-        (keys with a budget), in one statement: batch `seq` of `writer`, applied unless
+        (keys with a budget; negative: reservations given back, never below 0), in one statement: batch `seq` of `writer`, applied unless
         that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
@@ -354,8 +360,8 @@ class KeysStore:
                 budget_used = CASE
                     WHEN k.budget IS NULL OR d.budget = 0 THEN l.budget_used
                     WHEN api_key_budget_start(l.budget_start, k.budget_period, now()) IS DISTINCT FROM l.budget_start
-                        THEN d.budget
-                    ELSE l.budget_used + d.budget END
+                        THEN greatest(d.budget, 0)
+                    ELSE greatest(l.budget_used + d.budget, 0) END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
                 AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0)
