@@ -150,6 +150,34 @@ async def test_a_stream_in_flight_holds_the_budget_it_may_use_then_gives_back_wh
     assert chats(stack.fake) == 2
 
 
+async def test_a_reservation_of_a_period_that_ended_frees_nothing_in_the_next(stack: Stack) -> None:
+    """A stream reserves the whole budget (1,000) and the period ends while it runs; a request
+    of the new period reserves all of it in turn. The stream's reservation went with the old
+    period's count: its end must not give it back to the new period, which counts both
+    requests' usage (140), not 0 (which would let the key spend its budget again)."""
+    stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
+    key = await new_key(stack.db, "boundary", "--budget", "1000", "--budget-period", "1d")
+    number = await key_id(stack.db, "boundary")
+    await wait_for_key(stack.url, key)
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        )
+        # A day and an hour later (the period's start set back rather than waiting).
+        await sql(stack.db, "UPDATE api_key_limits SET budget_start = budget_start - interval '25 hours'"
+                            " WHERE key_id = %s", number)
+        answer = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+        assert answer.choices[0].message.content == "tick " * 10
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "tick " * 10
+    await counted(stack.db, number, 2)
+
+    async def settled() -> bool:
+        [(used,)] = await sql(stack.db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", number)
+        return int(used) == 140
+
+    await eventually(settled)
+
+
 async def test_concurrent_requests_on_two_gateways_spend_no_more_than_the_budget(stack: Stack) -> None:
     """30 requests at once, half on each of two gateways, against a budget that fits four of
     them: each reserves its estimate (a 240-character prompt, ~60 tokens, and `max_tokens`

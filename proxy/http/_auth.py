@@ -224,7 +224,7 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
         reply.headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
         return reply
     if decision.reserved or decision.budget_reserved:
-        _reservation.set(_Reservation(Reserved(decision.reserved, decision.budget_reserved)))
+        _reservation.set(_Reservation(Reserved(decision.reserved, decision.budget_reserved, decision.budget_from)))
     return None
 
 

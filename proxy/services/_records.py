@@ -26,6 +26,9 @@ class Reserved(NamedTuple):
 
     tokens: int = 0
     budget: int = 0
+    # The start of the budget period it was reserved in (epoch seconds, the database's): it is
+    # given back only while that period lasts. None: reserved by this process alone (an outage).
+    period: float | None = None
 
 
 NOTHING_RESERVED = Reserved()

@@ -88,6 +88,7 @@ class Decision:
     exhausted: str | None = None  # "requests", "tokens", "budget", or "too_large": more than the whole bucket
     reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
     budget_reserved: int = 0  # tokens it reserved in its budget period's count
+    budget_from: float | None = None  # the start of that period (the database's; None: local)
     budget_used: int = 0  # tokens the key's budget period has counted
     budget_reset: float | None = None  # when that period ends (epoch seconds)
 
@@ -190,7 +191,9 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
             if (needed > WINDOW + _EPSILON if reserved else ahead >= WINDOW) and needed - WINDOW >= retry:
                 retry, exhausted = needed - WINDOW, "tokens"
     if state.allowed:
-        return Decision(True, headers, reserved=reserved, budget_reserved=state.budget_reserved)
+        return Decision(
+            True, headers, reserved=reserved, budget_reserved=state.budget_reserved, budget_from=state.budget_start
+        )
     return Decision(
         False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests", reserved=reserved
     )
@@ -342,13 +345,13 @@ class RateLimiter:
         state = await self._shared_admission(principal, reserve, budget_reserve)
         if state is None:
             state = self._local.admit(principal, reserve, budget_reserve)
-            if state.allowed and (principal.rpm is not None or reserve or state.budget_reserved):
+            if state.allowed and (principal.rpm is not None or reserve):
                 # Counted by this process only: the shared buckets are charged once they answer
-                # again, so keys do not exceed their limit across processes after an outage.
+                # again, so keys do not exceed their limit across processes after an outage. (A
+                # budget reservation stays local: the request's usage is counted when it ends.)
                 pending = self._pending.setdefault(principal.id, UsageDelta())
                 pending.admissions += principal.rpm is not None
                 pending.tokens += reserve
-                pending.budget += state.budget_reserved
                 self._kick.set()
         else:
             self._local.sync(principal.id, state)
@@ -392,15 +395,16 @@ class RateLimiter:
         the buckets with them.
         Its errors go to the request (a bug surfaces there, not as the end of the limiter).
         """
-        settle = settle_tokens = settle_budget = 0
+        held = UsageDelta()
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
-                settle, settle_tokens, settle_budget = self._take_settlements(principal)
+                held = self._take_settlements(principal)
                 state = await KeysStore(db).admit(
-                    principal.id, principal.rpm, principal.tpm, settle, settle_tokens, reserve,
+                    principal.id, principal.rpm, principal.tpm, held.admissions, held.tokens, reserve,
                     budget=principal.budget, budget_period=timedelta(seconds=principal.budget_period),
-                    settle_budget=settle_budget, budget_reserve=budget_reserve,
+                    settle_budget=held.budget, budget_reserve=budget_reserve,
+                    release_budget=held.released, released_from=held.released_from,
                 )
             call.result = outcome.Value(state)
         except trio.TooSlowError:
@@ -408,11 +412,10 @@ class RateLimiter:
         except Exception as error:
             call.result = outcome.Error(error)
         finally:
-            if (settle or settle_tokens or settle_budget) and not isinstance(call.result, outcome.Value):
-                pending = self._pending.setdefault(principal.id, UsageDelta())  # for the writer
-                pending.admissions += settle
-                pending.tokens += settle_tokens
-                pending.budget += settle_budget
+            if (held.admissions or held.tokens or held.budget or held.released) and not isinstance(
+                call.result, outcome.Value
+            ):
+                self._pending.setdefault(principal.id, UsageDelta()).add(held)  # for the writer
                 self._kick.set()
             call.done.set()
             if call.abandoned:
@@ -425,27 +428,29 @@ class RateLimiter:
         few milliseconds, unless the database stalls): this admission must see them."""
         while (writing := self._flushing.get(principal.id)) is not None and (
             (principal.rpm is not None and writing.admissions) or (principal.tpm is not None and writing.tokens)
-            or (principal.budget is not None and writing.budget)
+            or (principal.budget is not None and (writing.budget or writing.released))
         ):
             await self._flushed.wait()
 
-    def _take_settlements(self, principal: Principal) -> tuple[int, int, int]:
+    def _take_settlements(self, principal: Principal) -> UsageDelta:
         """The admissions and tokens this process holds for the key's buckets and budget, for
         its admission to settle (the usage writer settles only those of keys without the limit)."""
-        settle = settle_tokens = settle_budget = 0
+        held = UsageDelta()
         # A batch never sent may give its settlements up; a sent one may have been applied.
-        held = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
-        for deltas in held:
+        sources = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
+        for deltas in sources:
             pending = deltas.get(principal.id)
             if pending is None:
                 continue
             if principal.rpm is not None:
-                settle, pending.admissions = settle + pending.admissions, 0
+                held.admissions, pending.admissions = held.admissions + pending.admissions, 0
             if principal.tpm is not None:
-                settle_tokens, pending.tokens = settle_tokens + pending.tokens, 0
+                held.tokens, pending.tokens = held.tokens + pending.tokens, 0
             if principal.budget is not None:
-                settle_budget, pending.budget = settle_budget + pending.budget, 0
-        return settle, settle_tokens, settle_budget
+                held.budget, pending.budget = held.budget + pending.budget, 0
+                held.release(pending.released, pending.released_from)
+                pending.released, pending.released_from = 0, None
+        return held
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal, reserve: int) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
@@ -456,7 +461,7 @@ class RateLimiter:
                 pending = self._pending.setdefault(principal.id, UsageDelta())
                 pending.admissions -= principal.rpm is not None
                 pending.tokens -= reserve
-                pending.budget -= result.value.budget_reserved
+                pending.release(result.value.budget_reserved, result.value.budget_start)
                 self._kick.set()  # written now, not whenever the key's next request comes
             if not self._overdue:  # admissions stay local while another call still hangs
                 self._recover()
@@ -483,11 +488,11 @@ class RateLimiter:
         failed = record.error is not None or record.status >= 400
         # Its reservations are given back as its real usage is charged: one settlement.
         spent = prompt + completion - record.reserved.tokens
-        counted = prompt + completion - record.reserved.budget
         delta = UsageDelta(
             requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
-            budget=counted,
+            budget=prompt + completion,
         )
+        delta.release(record.reserved.budget, record.reserved.period)
         pending = self._pending.get(key_id)
         if pending is None:
             self._pending[key_id] = delta
@@ -496,7 +501,7 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, spent)
-            self._local.count(principal, counted)
+            self._local.count(principal, prompt + completion - record.reserved.budget)
         self._kick.set()
 
     def settle(self, principal: Principal, reserved: Reserved) -> None:
@@ -508,7 +513,7 @@ class RateLimiter:
         self._local.count(principal, -reserved.budget)
         pending = self._pending.setdefault(principal.id, UsageDelta())
         pending.tokens -= reserved.tokens
-        pending.budget -= reserved.budget
+        pending.release(reserved.budget, reserved.period)
         self._kick.set()
 
     def give_back(self, principal: Principal) -> None:
