@@ -122,27 +122,103 @@ async def test_a_key_answers_until_its_budget_is_spent_then_insufficient_quota_a
     assert MONTH - 120 <= int(error.response.headers["retry-after"]) <= MONTH
 
 
-async def test_streams_in_flight_when_the_budget_runs_out_finish_whole(stack: Stack) -> None:
+async def test_a_stream_in_flight_holds_the_budget_it_may_use_then_gives_back_what_it_did_not(
+    stack: Stack,
+) -> None:
+    """The first stream reserves its estimate (its prompt and 4,096 max output tokens, named
+    by no one), more than the budget: it holds the rest of it, so a request sent meanwhile is
+    refused instead of passing the budget too. The stream finishes whole, uses 70, and the 30
+    it did not use come back: the key goes on."""
     stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
     key = await new_key(stack.db, "streams", "--budget", "100")
     await wait_for_key(stack.url, key)
-    texts: list[str] = []
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
-
-        async def read() -> None:
-            stream = await client.chat.completions.create(
-                model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
-            )
-            texts.append("".join([c.choices[0].delta.content or "" async for c in stream if c.choices]))
-
-        async with trio.open_nursery() as nursery:  # both admitted with nothing counted yet
-            nursery.start_soon(read)
-            nursery.start_soon(read)
-        # The first to end took 70 of 100; the other went on past the budget, to its end.
-        assert texts == ["tick " * 10] * 2
+        stream = await client.chat.completions.create(
+            model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        )
         with pytest.raises(openai.RateLimitError) as refused:
             await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
-    assert "(140 used)" in refused.value.message
+        assert refused.value.code == "insufficient_quota"
+        assert "(100 used)" in refused.value.message  # reserved by the stream in flight
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == "tick " * 10
+        again = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # 70 of 100 counted
+        assert again.choices[0].message.content == "tick " * 10
+        with pytest.raises(openai.RateLimitError) as spent:
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+    assert "(140 used)" in spent.value.message  # only the one that took the last 30 passed it
+    assert chats(stack.fake) == 2
+
+
+async def test_a_reservation_of_a_period_that_ended_frees_nothing_in_the_next(stack: Stack) -> None:
+    """A stream reserves the whole budget (1,000) and the period ends while it runs; a request
+    of the new period reserves all of it in turn. The stream's reservation went with the old
+    period's count: its end must not give it back to the new period, which counts both
+    requests' usage (140), not 0 (which would let the key spend its budget again)."""
+    stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
+    key = await new_key(stack.db, "boundary", "--budget", "1000", "--budget-period", "1d")
+    number = await key_id(stack.db, "boundary")
+    await wait_for_key(stack.url, key)
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="qwen3-8b", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        )
+        # A day and an hour later (the period's start set back rather than waiting).
+        await sql(stack.db, "UPDATE api_key_limits SET budget_start = budget_start - interval '25 hours'"
+                            " WHERE key_id = %s", number)
+        answer = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
+        assert answer.choices[0].message.content == "tick " * 10
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "tick " * 10
+    await counted(stack.db, number, 2)
+
+    async def settled() -> bool:
+        [(used,)] = await sql(stack.db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", number)
+        return int(used) == 140
+
+    await eventually(settled)
+
+
+async def test_concurrent_requests_on_two_gateways_spend_no_more_than_the_budget(stack: Stack) -> None:
+    """30 requests at once, half on each of two gateways, against a budget that fits four of
+    them: each reserves its estimate (a 240-character prompt, ~60 tokens, and `max_tokens`
+    10); four fit, a fifth takes the last tokens left, and the rest are refused
+    `insufficient_quota`, not retried by the SDK. Before, all 30 were admitted (each saw
+    nothing counted yet) and used 2,100 tokens of a 300-token budget."""
+    stack.fake.set_script(Script(tokens=["Hello"], pace=0.2, usage=USAGE))
+    key = await new_key(stack.db, "crowd", "--budget", "300")
+    number = await key_id(stack.db, "crowd")
+    messages = [{"role": "user", "content": "word " * 48}]
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        answered: list[str] = []
+        refused: list[openai.RateLimitError] = []
+
+        async def ask(url: str) -> None:
+            async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=2) as client:
+                try:
+                    answer = await client.chat.completions.create(model="qwen3-8b", messages=messages, max_tokens=10)
+                except openai.RateLimitError as error:
+                    refused.append(error)
+                else:
+                    answered.append(answer.choices[0].message.content or "")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(ask, stack.url if i % 2 else second)
+    assert answered == ["Hello"] * len(answered)
+    assert 4 <= len(answered) <= 5, len(answered)
+    assert len(refused) == 30 - len(answered)
+    assert {error.code for error in refused} == {"insufficient_quota"}
+    assert chats(stack.fake) == len(answered)  # no refused request reached the backend, nor was retried
+    await counted(stack.db, number, 30)
+
+    async def settled() -> bool:
+        [(used,)] = await sql(stack.db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", number)
+        return int(used) == 70 * len(answered)
+
+    await eventually(settled)  # the reservations given back: only real usage stays counted
+    assert 70 * len(answered) <= 300 + 70
 
 
 async def test_a_spent_budget_is_refused_in_the_anthropic_and_ollama_shapes(stack: Stack) -> None:

@@ -336,3 +336,29 @@ async def test_a_budget_is_counted_per_process_in_an_outage_and_shared_again_aft
         answer = await eventually(refused_there, within=30, every=0.5)
         assert "(12 used)" in answer.json()["error"]["message"]
     assert sum(r.path == "/v1/chat/completions" for r in stack.fake.requests) == 2
+
+
+async def test_in_an_outage_concurrent_requests_reserve_the_budget_in_the_process(stack: Stack) -> None:
+    """PostgreSQL down before a budgeted key's first request: the process counts alone, with
+    the same reservations (11 tokens each: a 6-token prompt and `max_tokens` 5; each uses 6),
+    so of ten requests at once against a budget of 30, only those that fit are answered (at
+    most five, 30 tokens, however their admissions and ends interleave) and the others refused
+    `insufficient_quota`; before, all ten were (each saw nothing counted yet)."""
+    stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(5, 1), pace=0.5))
+    key = await new_key(stack.db, "crowd-outage", "--budget", "30")
+    await wait_for_key(stack.url, key)
+    await trio.to_thread.run_sync(stack.postgres.stop)
+    try:
+        answers: list[tuple[httpx.Response, float]] = []
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as client:
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(_collect, client, answers)
+    finally:
+        await trio.to_thread.run_sync(stack.postgres.start)
+    answered = [answer for answer, _ in answers if answer.status_code == 200]
+    refused = [answer for answer, _ in answers if answer.status_code != 200]
+    assert 3 <= len(answered) <= 5, [answer.status_code for answer, _ in answers]
+    assert {answer.status_code for answer in refused} == {429}
+    assert {answer.json()["error"]["code"] for answer in refused} == {"insufficient_quota"}
+    assert max(took for _, took in answers) < _ADMIT_TIMEOUT + SLACK + 0.5  # none hung on the database

@@ -26,6 +26,7 @@ from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
 from proxy.http._errors import Reply, dialect_of, error_reply, response_of
 from proxy.http._head import RequestHead
+from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import Principal, check_workspace, current_principal
 from proxy.services.chat import ChatExchange
 from proxy.services.limits import Decision
@@ -47,14 +48,14 @@ class _Reservation:
     """The tokens an admitted request reserved, until a record (or the request's end) takes
     them: shared by the request's tasks, so that they are settled once."""
 
-    __slots__ = ("tokens",)
+    __slots__ = ("reserved",)
 
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
+    def __init__(self, reserved: Reserved) -> None:
+        self.reserved = reserved
 
-    def take(self) -> int:
-        tokens, self.tokens = self.tokens, 0
-        return tokens
+    def take(self) -> Reserved:
+        reserved, self.reserved = self.reserved, NOTHING_RESERVED
+        return reserved
 
 
 _reservation: contextvars.ContextVar[_Reservation | None] = contextvars.ContextVar(
@@ -197,7 +198,8 @@ def reserves_tokens(head: RequestHead) -> bool:
     """Whether the admitted request's rate limits need its body (`limit`): it reserves tokens."""
     principal = current_principal.get()
     return (
-        principal is not None and principal.tpm is not None and head.method not in _READS
+        principal is not None and (principal.tpm is not None or principal.budget is not None)
+        and head.method not in _READS
         and (head.path in _GENERATING or head.path in _READING)
     )
 
@@ -222,22 +224,22 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
         reply = _refusal(decision.error(principal), head)
         reply.headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
         return reply
-    if decision.reserved:
-        _reservation.set(_Reservation(decision.reserved))
+    if decision.reserved or decision.budget_reserved:
+        _reservation.set(_Reservation(Reserved(decision.reserved, decision.budget_reserved, decision.budget_from)))
     return None
 
 
-def take_reservation() -> int:
+def take_reservation() -> Reserved:
     """The tokens the current request reserved, for the record that settles them (once)."""
     reservation = _reservation.get()
-    return reservation.take() if reservation is not None else 0
+    return reservation.take() if reservation is not None else NOTHING_RESERVED
 
 
 def settle_reservation(gw: Gateway) -> None:
     """The request ended: a reservation no record took is given back."""
-    principal, limiter, tokens = current_principal.get(), gw.limits, take_reservation()
-    if tokens and principal is not None and limiter is not None:
-        limiter.settle(principal, tokens)
+    principal, limiter, reserved = current_principal.get(), gw.limits, take_reservation()
+    if reserved != NOTHING_RESERVED and principal is not None and limiter is not None:
+        limiter.settle(principal, reserved)
 
 
 def give_back_admission(gw: Gateway) -> None:
@@ -264,7 +266,7 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     if principal is None:
         return
     exchange.record.api_key_id = principal.id
-    exchange.record.reserved_tokens = take_reservation()
+    exchange.record.reserved = take_reservation()
     if exchange.meta.idempotency_key is not None:
         # A client names its own requests: another key's same name must not replay
         # (or, with another body, reveal) this key's answer.

@@ -67,7 +67,7 @@ async def _account(response: Response) -> Response:
         model=attempt.model, status=status, error=await _error_message(response) if status >= 400 else None,
         total_ms=(time.perf_counter() - attempt.started) * 1000,
         api_key_id=principal.id if principal is not None else None,
-        response=attempt.result if status < 400 else None, reserved_tokens=take_reservation(),
+        response=attempt.result if status < 400 else None, reserved=take_reservation(),
     )
     return response
 
@@ -221,7 +221,7 @@ async def _embed(request: EmbeddingRequest) -> EmbeddingResponse:
             service.record_hangup(
                 request_id=head.request_id(), dialect=request.dialect, request=request,
                 total_ms=(time.perf_counter() - attempt.started) * 1000,
-                api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(),
+                api_key_id=principal.id if principal is not None else None, reserved=take_reservation(),
             )
         raise
     if attempt is not None:

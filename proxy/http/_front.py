@@ -232,7 +232,7 @@ def _log_refusal(
     gateway.chat.refused(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
-        api_key_id=principal.id if principal is not None else None, reserved_tokens=take_reservation(), kind=kind,
+        api_key_id=principal.id if principal is not None else None, reserved=take_reservation(), kind=kind,
     )
 
 

@@ -90,7 +90,7 @@ def relay(
     record = ExchangeRecord(
         trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
-        api_key_id=principal.id if principal is not None else None, kind=kind, reserved_tokens=take_reservation(),
+        api_key_id=principal.id if principal is not None else None, kind=kind, reserved=take_reservation(),
     )
     body = dumps({**data, "model": route.upstream_model})
     return RelayBody(

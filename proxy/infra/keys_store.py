@@ -89,6 +89,11 @@ class Admission:
     # The key's budget: tokens counted in the current period, and its end (epoch seconds).
     budget_used: int = 0
     budget_reset: float | None = None
+    # What the admission reserved in that count (the request's estimate, or the rest of the
+    # budget if less), given back as its real usage is counted, and the start of the period
+    # it was reserved in (epoch seconds).
+    budget_reserved: int = 0
+    budget_start: float | None = None
 
 
 @dataclass(slots=True)
@@ -106,6 +111,21 @@ class UsageDelta:
     tokens: int = 0
     # Tokens the shared budget count has not counted (keys with a budget: their usage).
     budget: int = 0
+    # Budget reservations to give back, and the start of the period they were made in (epoch
+    # seconds): given back only while that period lasts, since its end dropped them with its
+    # count (a reservation of the period before must not free the new period's budget).
+    released: int = 0
+    released_from: float | None = None
+
+    def release(self, tokens: int, period: float | None) -> None:
+        """Give back `tokens` reserved in the budget period that started at `period`."""
+        if tokens <= 0 or period is None:
+            return
+        if self.released and self.released_from is not None and period != self.released_from:
+            if period < self.released_from:
+                return  # of a period that has ended: nothing to give back
+            self.released = 0  # those were
+        self.released, self.released_from = self.released + tokens, period
 
     def add(self, other: UsageDelta) -> None:
         self.requests += other.requests
@@ -115,6 +135,7 @@ class UsageDelta:
         self.admissions += other.admissions
         self.tokens += other.tokens
         self.budget += other.budget
+        self.release(other.released, other.released_from)
 
 
 def _key(row: tuple[Any, ...]) -> StoredKey:
@@ -288,19 +309,26 @@ class KeysStore:
     async def admit(
         self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0,
         *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD, settle_budget: int = 0,
+        budget_reserve: int = 0, release_budget: int = 0, released_from: float | None = None,
     ) -> Admission:
         """Take one request from the key's request bucket and reserve `reserve` tokens in its
         token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
         have not counted (negative: given back), in one round trip. With a `budget`, refused
-        once the period's count (after `settle_budget` more) has reached it."""
+        once the period's count (after `settle_budget` more, and `release_budget` reserved in
+        the period that started at `released_from` given back) has reached it; admitted, it
+        reserves `budget_reserve` tokens there, or what is left of the budget if less."""
         row = await self._db.fetchrow(
-            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget),
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget,
+                budget_reserve, release_budget, released_from,
+            ),
         )
         assert row is not None
         return Admission(
             bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
-            float(row[5]) if row[5] is not None else None,
+            float(row[5]) if row[5] is not None else None, int(row[6] or 0),
+            float(row[7]) if row[7] is not None else None,
         )
 
     async def forget_writers(self, writers: list[str]) -> None:
@@ -311,7 +339,7 @@ class KeysStore:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
         `tokens`, negative: given back), settle admissions the request bucket has not
         counted (keys with an `rpm`) and count `budget` tokens in the key's budget period
-        (keys with a budget), in one statement: batch `seq` of `writer`, applied unless
+        (keys with a budget; negative: reservations given back, never below 0), in one statement: batch `seq` of `writer`, applied unless
         that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
@@ -324,8 +352,8 @@ class KeysStore:
                 RETURNING 1
             ), d AS (
                 SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
-                              %s::bigint[], %s::bigint[])
-                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget)
+                              %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])
+                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget, released, released_from)
                 WHERE EXISTS (SELECT 1 FROM fresh)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
@@ -349,17 +377,16 @@ class KeysStore:
                         + d.admissions * 60.0 / k.rpm
                     ELSE l.requests_at + d.admissions * 60.0 / k.rpm END,
                 budget_start = CASE
-                    WHEN k.budget IS NULL OR d.budget = 0 THEN l.budget_start
+                    WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_start
                     ELSE api_key_budget_start(l.budget_start, k.budget_period, now()) END,
                 budget_used = CASE
-                    WHEN k.budget IS NULL OR d.budget = 0 THEN l.budget_used
-                    WHEN api_key_budget_start(l.budget_start, k.budget_period, now()) IS DISTINCT FROM l.budget_start
-                        THEN d.budget
-                    ELSE l.budget_used + d.budget END
+                    WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_used
+                    ELSE greatest(api_key_budget_used(l.budget_start, l.budget_used, k.budget_period, now(),
+                                                      d.budget, d.released, d.released_from), 0) END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
                 AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0)
-                     OR (k.budget IS NOT NULL AND d.budget <> 0))
+                     OR (k.budget IS NOT NULL AND (d.budget <> 0 OR d.released <> 0)))
             """,
             (
                 writer,
@@ -372,6 +399,8 @@ class KeysStore:
                 [deltas[i].admissions for i in ids],
                 [deltas[i].tokens for i in ids],
                 [deltas[i].budget for i in ids],
+                [deltas[i].released for i in ids],
+                [deltas[i].released_from for i in ids],
             ),
         )
 

@@ -45,15 +45,27 @@ class UsageBatch:
             "writer": self.writer,
             "seq": self.seq,
             "deltas": {
-                str(key): [d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens, d.budget]
+                str(key): [
+                    d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens, d.budget,
+                    d.released, d.released_from,
+                ]
                 for key, d in self.deltas.items()
             },
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UsageBatch:
-        deltas = {int(key): UsageDelta(*(int(n) for n in values)) for key, values in data["deltas"].items()}
+        deltas = {int(key): _delta(values) for key, values in data["deltas"].items()}
         return cls(str(data["writer"]), int(data["seq"]), deltas, sent=True)
+
+
+def _delta(values: list[Any]) -> UsageDelta:
+    """A delta as `to_json` wrote it (or a gateway before budget reservations, without the
+    last two)."""
+    delta = UsageDelta(*(int(n) for n in values[:8]))
+    if len(values) > 8 and values[8] is not None:
+        delta.released_from = float(values[8])
+    return delta
 
 
 def spool_directory(data_dir: Path, database_url: str, kind: str = "usage") -> Path:

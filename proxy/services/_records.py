@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.domain.chat import ChatRequest
 from proxy.domain.events import CompletionBuilder
@@ -18,6 +18,20 @@ from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.services._contracts import RequestMeta
 from proxy.services.journal import Outcome
 from proxy.services.persistence import Persistence, Plan
+
+
+class Reserved(NamedTuple):
+    """What a request's admission reserved: tokens in its key's token bucket (`--tpm`) and in
+    its budget period's count (`--budget`), given back as its real usage is charged."""
+
+    tokens: int = 0
+    budget: int = 0
+    # The start of the budget period it was reserved in (epoch seconds, the database's): it is
+    # given back only while that period lasts. None: reserved by this process alone (an outage).
+    period: float | None = None
+
+
+NOTHING_RESERVED = Reserved()
 
 
 @dataclass(slots=True)
@@ -46,9 +60,9 @@ class ExchangeRecord:
     # The caller's API key (its id, never the key): set by the HTTP guard, read by the rate
     # limiter's usage hook and logged instead of any credential.
     api_key_id: int | None = None
-    # The tokens its admission reserved in the key's token bucket (the rate limiter gives
-    # them back as it charges the real usage).
-    reserved_tokens: int = 0
+    # The tokens its admission reserved in the key's token bucket and budget (the rate
+    # limiter gives them back as it charges the real usage).
+    reserved: Reserved = NOTHING_RESERVED
     # The base URL of the replica that answered, for a backend with several.
     replica: str | None = None
     # The replicas the request left for another on the way there (down, full or silent).

@@ -47,7 +47,7 @@ from proxy.services._contracts import (
 )
 from proxy.services._durable import DurableRun
 from proxy.services._fallback import Adapter, Fallback, FallbackWalk
-from proxy.services._records import ExchangeRecord, RecordSink, _outcome
+from proxy.services._records import NOTHING_RESERVED, ExchangeRecord, RecordSink, Reserved, _outcome
 from proxy.services.journal import EventLog, Journal
 from proxy.services.persistence import Persistence, Plan, Producer, replayer
 
@@ -82,7 +82,7 @@ class ChatService:
 
     def refused(
         self, *, request_id: str, dialect: str, model: str, stream: bool, status: int, error: str, total_ms: float,
-        api_key_id: int | None, reserved_tokens: int = 0, kind: str = "chat",
+        api_key_id: int | None, reserved: Reserved = NOTHING_RESERVED, kind: str = "chat",
     ) -> None:
         """A request refused before it became an exchange (bad input, unknown model, the
         guard): its log line all the same, and a failed request in its key's usage (its
@@ -90,7 +90,7 @@ class ChatService:
         self._record(ExchangeRecord(
             trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
             dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
-            reserved_tokens=reserved_tokens, kind=kind,
+            reserved=reserved, kind=kind,
         ))
 
     def record_relayed(self, record: ExchangeRecord) -> None:

@@ -38,6 +38,7 @@ from proxy.infra.embedder import (
     LocalEmbedder,
     Vectors,
 )
+from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import check_model
 from proxy.services.chat import ExchangeRecord, RecordSink
 from proxy.services.models import ModelCatalog
@@ -221,7 +222,7 @@ class EmbeddingService:
 
     def record(
         self, *, request_id: str, dialect: str, model: str, status: int, error: str | None, total_ms: float,
-        api_key_id: int | None, response: EmbeddingResponse | None, reserved_tokens: int = 0,
+        api_key_id: int | None, response: EmbeddingResponse | None, reserved: Reserved = NOTHING_RESERVED,
     ) -> None:
         """One embeddings request, answered or refused, as the chat service records an
         exchange: its key's usage counts one request (an error at status >= 400), and the
@@ -236,12 +237,12 @@ class EmbeddingService:
             prompt_tokens=_charged(response) if response is not None else None,
             completion_tokens=0 if response is not None else None,
             error=error, source="backend" if response is not None else "refused", api_key_id=api_key_id,
-            kind="embeddings", reserved_tokens=reserved_tokens,
+            kind="embeddings", reserved=reserved,
         ))
 
     def record_hangup(
         self, *, request_id: str, dialect: str, request: EmbeddingRequest, total_ms: float, api_key_id: int | None,
-        reserved_tokens: int = 0,
+        reserved: Reserved = NOTHING_RESERVED,
     ) -> None:
         """A request its client left (or the server's shutdown cut) while it was being
         embedded: one request, an error, and its input's estimated tokens, since the work
@@ -255,7 +256,7 @@ class EmbeddingService:
             trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
             stream=False, dialect=dialect, status=499, total_ms=total_ms, prompt_tokens=tokens, completion_tokens=0,
             cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",
-            reserved_tokens=reserved_tokens,
+            reserved=reserved,
         ))
 
     def is_local(self, model: str) -> bool:

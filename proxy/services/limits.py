@@ -16,13 +16,15 @@ or settled by the key's next admission). A reservation never settled (its proces
 killed) is a charge like any other: it refills with the bucket, within a minute. The answer
 carries OpenAI's `x-ratelimit-*` headers; a refusal is a 429 with `Retry-After`.
 
-A key's budget (tokens per period, `keys create --budget`) is counted beside its buckets: the
-usage of ended exchanges (prompt + completion, as recorded) is added to the period's count by
-the usage writer, or by the key's next admission, which settles what this process holds
-first. An admission is refused while the count has reached the budget (OpenAI's 429
-`insufficient_quota`, not to be retried before the period ends); a request admitted under it
-finishes, whatever it uses. Periods are fixed windows from the budget's start, rolled by
-whichever call comes first after one ends.
+A key's budget (tokens per period, `keys create --budget`) is counted beside its buckets. An
+admission is refused while the period's count has reached the budget (OpenAI's 429
+`insufficient_quota`, not to be retried before the period ends); admitted, a request reserves
+its estimated tokens in the count as in the token bucket, or what is left of the budget if that
+is less, so that concurrent requests cannot all spend the budget they saw not yet spent: only
+the one that took its last tokens may pass it (a request admitted finishes, whatever it uses).
+When the exchange ends, its usage (prompt + completion, as recorded) is counted and its
+reservation given back, by the usage writer or the key's next admission. Periods are fixed
+windows from the budget's start, rolled by whichever call comes first after one ends.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -53,6 +55,7 @@ from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
 from proxy.infra.spool import Spool, UsageBatch, open_spool
+from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import KeyRing, Principal, period_text
 from proxy.services.chat import ExchangeRecord
 
@@ -84,6 +87,8 @@ class Decision:
     retry_after: float | None = None
     exhausted: str | None = None  # "requests", "tokens", "budget", or "too_large": more than the whole bucket
     reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
+    budget_reserved: int = 0  # tokens it reserved in its budget period's count
+    budget_from: float | None = None  # the start of that period (the database's; None: local)
     budget_used: int = 0  # tokens the key's budget period has counted
     budget_reset: float | None = None  # when that period ends (epoch seconds)
 
@@ -186,7 +191,9 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
             if (needed > WINDOW + _EPSILON if reserved else ahead >= WINDOW) and needed - WINDOW >= retry:
                 retry, exhausted = needed - WINDOW, "tokens"
     if state.allowed:
-        return Decision(True, headers, reserved=reserved)
+        return Decision(
+            True, headers, reserved=reserved, budget_reserved=state.budget_reserved, budget_from=state.budget_start
+        )
     return Decision(
         False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests", reserved=reserved
     )
@@ -220,12 +227,12 @@ class _LocalBuckets:
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
         return Admission(True, now, requests_at, tokens_at)
 
-    def admit(self, principal: Principal, reserve: int) -> Admission:
-        """As `api_key_admit` does (see its migrations, 0012 and 0014)."""
+    def admit(self, principal: Principal, reserve: int, budget_reserve: int) -> Admission:
+        """As `api_key_admit` does (see its migrations, 0012, 0014 and 0016)."""
         now = time.time()
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
         allowed, reserved_at = True, tokens_at
-        used, reset = 0, None
+        used, reset, budget = 0, None, None
         if principal.budget is not None:
             budget = self._budget(principal, now)
             used, reset = int(budget[0]), budget[1]
@@ -242,15 +249,21 @@ class _LocalBuckets:
                 allowed = False
             elif allowed:
                 requests_at = later
+        held = 0
         if allowed:
             tokens_at = reserved_at
+            if budget is not None and principal.budget is not None:
+                held = max(0, min(budget_reserve, principal.budget - used))
+                budget[0] += held
+                used += held
         self._state[principal.id] = [requests_at, tokens_at]
-        return Admission(allowed, now, requests_at, tokens_at, used, reset)
+        return Admission(allowed, now, requests_at, tokens_at, used, reset, held)
 
     def count(self, principal: Principal, tokens: int) -> None:
-        """Count an ended exchange's usage in the key's budget period."""
+        """Count tokens in the key's budget period (negative: a reservation's unused rest)."""
         if principal.budget is not None and tokens:
-            self._budget(principal, time.time())[0] += tokens
+            budget = self._budget(principal, time.time())
+            budget[0] = max(0.0, budget[0] + tokens)
 
     def give_back(self, principal: Principal) -> None:
         if principal.rpm is None:
@@ -328,12 +341,14 @@ class RateLimiter:
             headers = decide(principal, self._local.peek(principal)).headers
             return Decision(False, headers, exhausted="too_large", reserved=least)
         reserve = reservation(principal, tokens)
-        state = await self._shared_admission(principal, reserve)
+        budget_reserve = tokens if principal.budget is not None else 0
+        state = await self._shared_admission(principal, reserve, budget_reserve)
         if state is None:
-            state = self._local.admit(principal, reserve)
+            state = self._local.admit(principal, reserve, budget_reserve)
             if state.allowed and (principal.rpm is not None or reserve):
                 # Counted by this process only: the shared buckets are charged once they answer
-                # again, so keys do not exceed their limit across processes after an outage.
+                # again, so keys do not exceed their limit across processes after an outage. (A
+                # budget reservation stays local: the request's usage is counted when it ends.)
                 pending = self._pending.setdefault(principal.id, UsageDelta())
                 pending.admissions += principal.rpm is not None
                 pending.tokens += reserve
@@ -342,7 +357,7 @@ class RateLimiter:
             self._local.sync(principal.id, state)
         return decide(principal, state, reserve)
 
-    async def _shared_admission(self, principal: Principal, reserve: int) -> Admission | None:
+    async def _shared_admission(self, principal: Principal, reserve: int, budget_reserve: int) -> Admission | None:
         """The database's answer, or None when it has none within `_ADMIT_TIMEOUT`."""
         db = self._resources.database
         calls = self._calls
@@ -352,7 +367,7 @@ class RateLimiter:
         if self._overdue:
             return None  # a call already waits on the database: another would only hang too
         call = _Call()
-        calls.start_soon(self._call, call, db, principal, reserve)
+        calls.start_soon(self._call, call, db, principal, reserve, budget_reserve)
         with trio.move_on_after(_ADMIT_TIMEOUT):
             await call.done.wait()
         if not call.done.is_set():
@@ -370,7 +385,9 @@ class RateLimiter:
         self._recover()
         return state
 
-    async def _call(self, call: _Call, db: Database, principal: Principal, reserve: int) -> None:
+    async def _call(
+        self, call: _Call, db: Database, principal: Principal, reserve: int, budget_reserve: int
+    ) -> None:
         """One admission in the database, for a request that waits at most `_ADMIT_TIMEOUT`.
 
         The admissions and tokens this process holds for the key (given back, made alone in an
@@ -378,15 +395,16 @@ class RateLimiter:
         the buckets with them.
         Its errors go to the request (a bug surfaces there, not as the end of the limiter).
         """
-        settle = settle_tokens = settle_budget = 0
+        held = UsageDelta()
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
-                settle, settle_tokens, settle_budget = self._take_settlements(principal)
+                held = self._take_settlements(principal)
                 state = await KeysStore(db).admit(
-                    principal.id, principal.rpm, principal.tpm, settle, settle_tokens, reserve,
+                    principal.id, principal.rpm, principal.tpm, held.admissions, held.tokens, reserve,
                     budget=principal.budget, budget_period=timedelta(seconds=principal.budget_period),
-                    settle_budget=settle_budget,
+                    settle_budget=held.budget, budget_reserve=budget_reserve,
+                    release_budget=held.released, released_from=held.released_from,
                 )
             call.result = outcome.Value(state)
         except trio.TooSlowError:
@@ -394,11 +412,10 @@ class RateLimiter:
         except Exception as error:
             call.result = outcome.Error(error)
         finally:
-            if (settle or settle_tokens or settle_budget) and not isinstance(call.result, outcome.Value):
-                pending = self._pending.setdefault(principal.id, UsageDelta())  # for the writer
-                pending.admissions += settle
-                pending.tokens += settle_tokens
-                pending.budget += settle_budget
+            if (held.admissions or held.tokens or held.budget or held.released) and not isinstance(
+                call.result, outcome.Value
+            ):
+                self._pending.setdefault(principal.id, UsageDelta()).add(held)  # for the writer
                 self._kick.set()
             call.done.set()
             if call.abandoned:
@@ -411,37 +428,40 @@ class RateLimiter:
         few milliseconds, unless the database stalls): this admission must see them."""
         while (writing := self._flushing.get(principal.id)) is not None and (
             (principal.rpm is not None and writing.admissions) or (principal.tpm is not None and writing.tokens)
-            or (principal.budget is not None and writing.budget)
+            or (principal.budget is not None and (writing.budget or writing.released))
         ):
             await self._flushed.wait()
 
-    def _take_settlements(self, principal: Principal) -> tuple[int, int, int]:
+    def _take_settlements(self, principal: Principal) -> UsageDelta:
         """The admissions and tokens this process holds for the key's buckets and budget, for
         its admission to settle (the usage writer settles only those of keys without the limit)."""
-        settle = settle_tokens = settle_budget = 0
+        held = UsageDelta()
         # A batch never sent may give its settlements up; a sent one may have been applied.
-        held = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
-        for deltas in held:
+        sources = [self._pending, *(batch.deltas for batch in self._batches if not batch.sent)]
+        for deltas in sources:
             pending = deltas.get(principal.id)
             if pending is None:
                 continue
             if principal.rpm is not None:
-                settle, pending.admissions = settle + pending.admissions, 0
+                held.admissions, pending.admissions = held.admissions + pending.admissions, 0
             if principal.tpm is not None:
-                settle_tokens, pending.tokens = settle_tokens + pending.tokens, 0
+                held.tokens, pending.tokens = held.tokens + pending.tokens, 0
             if principal.budget is not None:
-                settle_budget, pending.budget = settle_budget + pending.budget, 0
-        return settle, settle_tokens, settle_budget
+                held.budget, pending.budget = held.budget + pending.budget, 0
+                held.release(pending.released, pending.released_from)
+                pending.released, pending.released_from = 0, None
+        return held
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal, reserve: int) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local
         buckets have counted this process's requests since: what matters now is the database's
         coming back, and that, if the call took its admission there, it is not charged twice."""
         if isinstance(result, outcome.Value):
-            if result.value.allowed and (principal.rpm is not None or reserve):
+            if result.value.allowed and (principal.rpm is not None or reserve or result.value.budget_reserved):
                 pending = self._pending.setdefault(principal.id, UsageDelta())
                 pending.admissions -= principal.rpm is not None
                 pending.tokens -= reserve
+                pending.release(result.value.budget_reserved, result.value.budget_start)
                 self._kick.set()  # written now, not whenever the key's next request comes
             if not self._overdue:  # admissions stay local while another call still hangs
                 self._recover()
@@ -466,12 +486,13 @@ class RateLimiter:
             return
         prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
         failed = record.error is not None or record.status >= 400
-        # Its reservation is given back as its real usage is charged: one settlement.
-        spent = prompt + completion - record.reserved_tokens
+        # Its reservations are given back as its real usage is charged: one settlement.
+        spent = prompt + completion - record.reserved.tokens
         delta = UsageDelta(
             requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
             budget=prompt + completion,
         )
+        delta.release(record.reserved.budget, record.reserved.period)
         pending = self._pending.get(key_id)
         if pending is None:
             self._pending[key_id] = delta
@@ -480,16 +501,19 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, spent)
-            self._local.count(principal, prompt + completion)
+            self._local.count(principal, prompt + completion - record.reserved.budget)
         self._kick.set()
 
-    def settle(self, principal: Principal, reserved: int) -> None:
+    def settle(self, principal: Principal, reserved: Reserved) -> None:
         """Give back the tokens an admitted request reserved that no record settled (it
         ended without any usage to charge)."""
-        if not reserved:
+        if reserved == NOTHING_RESERVED:
             return
-        self._local.spend(principal, -reserved)
-        self._pending.setdefault(principal.id, UsageDelta()).tokens -= reserved
+        self._local.spend(principal, -reserved.tokens)
+        self._local.count(principal, -reserved.budget)
+        pending = self._pending.setdefault(principal.id, UsageDelta())
+        pending.tokens -= reserved.tokens
+        pending.release(reserved.budget, reserved.period)
         self._kick.set()
 
     def give_back(self, principal: Principal) -> None:
