@@ -228,7 +228,7 @@ class _LocalBuckets:
         return Admission(True, now, requests_at, tokens_at)
 
     def admit(self, principal: Principal, reserve: int, budget_reserve: int) -> Admission:
-        """As `api_key_admit` does (see its migrations, 0012, 0014 and 0016)."""
+        """As `api_key_admit` does (see its migrations, 0012, 0014 and 0017)."""
         now = time.time()
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
         allowed, reserved_at = True, tokens_at
