@@ -6,19 +6,17 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import zlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 import trio
+import trustme
 
 import proxy.serve
 from proxy.http import _front
@@ -479,24 +477,18 @@ async def test_a_keep_alive_connection_its_client_closed_is_closed_at_once() -> 
 # -- a base URL whose scheme the backend does not speak ---------------------------------------
 
 
-def _self_signed(directory: Path) -> ssl.SSLContext:
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem")],
-        check=True, capture_output=True,
-    )
+def _tls_server_context() -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    trustme.CA().issue_cert("127.0.0.1", "localhost").configure_cert(context)
     return context
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 async def test_a_base_url_whose_scheme_the_backend_does_not_speak_is_named_as_the_likely_cause(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`http://host:443` for a server speaking TLS, `https://` for a plain one: the client was
     told only "connection failed" or "unreachable", and the log said no more."""
-    context = _self_signed(tmp_path)
+    context = _tls_server_context()
 
     async def speaks_tls(stream: trio.SocketStream, n: int) -> None:
         with contextlib.suppress(trio.BrokenResourceError):  # OpenSSL closes on a plain HTTP request
