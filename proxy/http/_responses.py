@@ -133,6 +133,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     model, settings = request.model, parsed.settings
+    if settings["truncation"] == "auto":
+        route = exchange.route
+        exchange.truncate(incoming.gateway.catalog.window(route.backend, route.upstream_model))
     exchange.settings = settings  # journalled: the Response read back echoes them too
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if parsed.background and not parsed.stream:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, replace
 import trio
 
 from proxy.config import BackendConfig
+from proxy.domain import truncation
 from proxy.domain.chat import ChatRequest
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.events import (
     ReasoningDelta,
     StreamFailed,
@@ -56,7 +57,7 @@ class _Watched:
 
     __slots__ = ("_send", "sent")
 
-    def __init__(self, send: trio.MemorySendChannel[Batch]) -> None:
+    def __init__(self, send: BatchSink) -> None:
         self._send = send
         self.sent = False
 
@@ -90,6 +91,20 @@ class FallbackWalk:
     _live_log: EventLog | None
     _call: BackendCall
     _backend: Backend | None
+    # `truncation: "auto"` (see `truncate`): the model's window, where its listing says it.
+    _truncates: bool
+    _window: truncation.Window | None
+
+    def truncate(self, window: truncation.Window | None) -> None:
+        """Send the backend the conversation without its oldest items, as many as it takes to
+        fit `window` (None: unknown), and should the backend still find it too long, fewer
+        once more. `self.request` stays the client's (its journal row, the caches)."""
+        self._truncates = True
+        self._window = window
+        if window is not None:
+            fitted = truncation.fitted(self._call.request, window)
+            if fitted is not self._call.request:
+                self._call = replace(self._call, request=fitted)
 
     def adapt_with(self, adapter: Adapter) -> None:
         """Fit the request with `adapter` to each backend it goes to: the model's (now: its
@@ -113,8 +128,10 @@ class FallbackWalk:
         if request is self.request:
             request = None  # fitted already
         call = self._call if request is None else replace(self._call, request=self._fitted(request, self._backend))
+        if request is not None and self._window is not None:
+            call = replace(call, request=truncation.fitted(call.request, self._window))
         if not self.fallbacks:
-            await self._call_routed(send, call)
+            await self._call_trimming(send, call)
             return
         watched = _Watched(send)
         stand_ins = iter(self.fallbacks)
@@ -124,7 +141,7 @@ class FallbackWalk:
         deadline = trio.current_time() + total if total is not None else math.inf
         while True:
             try:
-                await self._call_routed(watched, call, deadline)
+                await self._call_trimming(watched, call, deadline)
                 return
             except GatewayError as error:
                 if watched.sent or error.kind not in _FALLBACK_KINDS:
@@ -174,6 +191,27 @@ class FallbackWalk:
             *((name, value) for name, value in self.response_headers if name != b"x-fallback-model"),
             (b"x-fallback-model", stand_in.model.encode()),
         ]
+
+    async def _call_trimming(self, send: BatchSink, call: BackendCall, deadline: float = math.inf) -> None:
+        """One backend call; with `truncation: "auto"`, once more with fewer items should the
+        backend refuse the conversation as too long before it said anything."""
+        if not self._truncates:
+            await self._call_routed(send, call, deadline)
+            return
+        watched = send if isinstance(send, _Watched) else _Watched(send)
+        try:
+            await self._call_routed(watched, call, deadline)
+        except GatewayError as error:
+            if watched.sent or error.code != CONTEXT_LENGTH_EXCEEDED:
+                raise
+            shorter = truncation.shortened(call.request, error.message)
+            if shorter is None:
+                raise
+            log.info(
+                "%s: %s; retrying with %d of %d messages", self.meta.trace_id, error.message,
+                len(shorter.messages), len(call.request.messages),
+            )
+            await self._call_routed(watched, replace(call, request=shorter), deadline)
 
     async def _call_routed(self, send: BatchSink, call: BackendCall, deadline: float = math.inf) -> None:
         """One backend call, under its backend's `total` and the exchange's `deadline`."""

@@ -34,6 +34,7 @@ import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.routing import Route, Router
+from proxy.domain.truncation import Window
 from proxy.infra.backends import ModelInfo
 from proxy.infra.keys_store import DEFAULT_BUDGET_PERIOD, KeysStore, StoredKey, key_changes
 from proxy.infra.postgres import ConstraintViolation, DatabaseError
@@ -229,6 +230,9 @@ class ScopedCatalog(ModelCatalog):
     @property
     def expired(self) -> bool:
         return self._inner.expired
+
+    def window(self, backend: str, model: str) -> Window | None:
+        return self._inner.window(backend, model)
 
     async def models(self) -> list[ModelInfo]:
         models = await self._inner.models()

@@ -32,6 +32,7 @@ from proxy.domain.events import (
 )
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Route, Router
+from proxy.domain.truncation import Window
 from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_served
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services._contracts import (
@@ -193,6 +194,8 @@ class ChatExchange(FallbackWalk, DurableRun):
         self.result = CompletionBuilder()
         self.fallbacks: list[Fallback] = []
         self._adapter: Adapter | None = None
+        self._truncates = False
+        self._window: Window | None = None
         # What the client's dialect echoes of the request when its run is read back later (a
         # Response's settings, in wire form): kept in the run's journal row.
         self.settings: dict[str, Any] | None = None

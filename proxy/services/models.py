@@ -11,6 +11,7 @@ import trio
 from proxy.dialects.ollama import name_variants
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import Router
+from proxy.domain.truncation import Window
 from proxy.infra.backends import Backend, ModelInfo
 
 log = logging.getLogger("llm_proxy.models")
@@ -40,6 +41,9 @@ class ModelCatalog:
         # The backends whose latest listing failed: the list shows what they listed before, if
         # anything; the listings name them to clients (`x-unavailable-backends`).
         self._unavailable: tuple[str, ...] = ()
+        # Each listed model's context window, by (backend, the name it lists): where the
+        # Responses API's `truncation: "auto"` learns it, with no call of its own.
+        self._windows: dict[tuple[str, str], Window] = {}
 
     @property
     def unavailable(self) -> tuple[str, ...]:
@@ -54,6 +58,10 @@ class ModelCatalog:
     def expired(self) -> bool:
         """Whether the backends were listed, longer ago than the list is kept."""
         return self._cached is not None and trio.current_time() >= self._expires
+
+    def window(self, backend: str, model: str) -> Window | None:
+        """`model`'s context window as `backend` last listed it (None: not said, or not listed yet)."""
+        return self._windows.get((backend, model))
 
     async def models(self) -> list[ModelInfo]:
         if self._cached is not None and trio.current_time() < self._expires:
@@ -80,6 +88,10 @@ class ModelCatalog:
             for name, backend in self._backends.items():
                 nursery.start_soon(one, name, backend)
         self._last.update(found)
+        self._windows = {
+            (name, info.id): window for name, infos in self._last.items() for info in infos
+            if (window := _window(info.details)) is not None
+        }
         self._unavailable = tuple(name for name in self._backends if name not in found)
         return self._assemble(fresh=found.keys())
 
@@ -129,3 +141,13 @@ class ModelCatalog:
 
     def _route_of(self, model: str) -> str:
         return self._router.backend_of(model) or ""
+
+
+def _window(details: Mapping[str, object]) -> Window | None:
+    """The window a listing says: vLLM's `max_model_len` (prompt and answer), Anthropic's
+    Models API `max_input_tokens` (the prompt)."""
+    for key, counts_output in (("max_model_len", True), ("max_input_tokens", False)):
+        value = details.get(key)
+        if type(value) is int and value > 0:
+            return Window(value, counts_output)
+    return None

@@ -1,0 +1,166 @@
+"""The Responses API's `truncation: "auto"` through the official `openai` SDK: a conversation
+longer than the model's window (vLLM's `max_model_len`, as its `/v1/models` lists it) loses
+its oldest items and is answered; `disabled` is OpenAI's 400 `context_length_exceeded`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakes import OpenAIBackend, Script
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
+from tests.harness import backend, running_gateway
+
+WINDOW = 2000
+
+
+class WindowedVLLM(OpenAIBackend):
+    """vLLM with a small window: its `/v1/models` says `max_model_len` (unless `listed` is
+    off), and it refuses, in vLLM's words, a chat whose prompt and `max_tokens` exceed it.
+    Its tokenizer counts `chars_per_token` characters a token."""
+
+    def __init__(self, *, listed: bool = True, chars_per_token: int = 4) -> None:
+        super().__init__(models=["qwen3-8b"])
+        self.listed = listed
+        self.chars_per_token = chars_per_token
+
+    def chats(self) -> list[dict[str, Any]]:
+        return [r.json for r in self.requests if r.path == "/v1/chat/completions"]
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "vllm",
+                     **({"max_model_len": WINDOW} if self.listed else {})} for m in self.listed_models()]
+            await exchange.respond_json(200, {"object": "list", "data": data})
+            return
+        if request.path == "/v1/chat/completions":
+            body = request.json()
+            chars = sum(len(m.get("content") or "") for m in body["messages"])
+            chars += sum(len(c["function"]["arguments"]) for m in body["messages"] for c in m.get("tool_calls") or [])
+            prompt, answer = chars // self.chars_per_token, body.get("max_tokens") or 0
+            if prompt + answer > WINDOW:
+                message = (f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+                           f"{prompt + answer} tokens ({prompt} in the messages, {answer} in the completion). "
+                           "Please reduce the length of the messages or completion.")
+                await exchange.respond_json(400, {"object": "error", "message": message, "type": "BadRequestError",
+                                                  "param": None, "code": 400})
+                return
+        await super().route(request, exchange, call)
+
+
+def conversation(turns: int) -> list[dict[str, Any]]:
+    """An agent's history: each turn a user message, a function call and its output, and the
+    model's reply, ~250 tokens a turn; then the question to answer now."""
+    items: list[dict[str, Any]] = []
+    for turn in range(turns):
+        items += [
+            {"role": "user", "content": f"question {turn} " + "x" * 400},
+            {"type": "function_call", "call_id": f"call_{turn}", "name": "lookup", "arguments": json.dumps({"q": turn})},
+            {"type": "function_call_output", "call_id": f"call_{turn}", "output": f"result {turn} " + "y" * 400},
+            {"role": "assistant", "content": f"answer {turn} " + "z" * 150},
+        ]
+    return [*items, {"role": "user", "content": "and now the last question"}]
+
+
+@asynccontextmanager
+async def gateway(fake: WindowedVLLM) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",))) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield client
+        await client.close()
+
+
+@pytest.fixture
+async def vllm() -> AsyncIterator[tuple[WindowedVLLM, openai.AsyncOpenAI]]:
+    fake = WindowedVLLM()
+    async with gateway(fake) as client:
+        await client.models.list()  # the gateway has listed the backend: it knows the window
+        yield fake, client
+
+
+def assert_trimmed(sent: dict[str, Any]) -> None:
+    """What the backend saw of `conversation(20)`: the instructions first, then the newest
+    turns whole (from a user message, every call with its output), the last question last."""
+    messages = sent["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[-1] == {"role": "user", "content": "and now the last question"}
+    assert messages[1]["role"] == "user" and messages[1]["content"].startswith("question ")
+    first = int(messages[1]["content"].split()[1])
+    assert first > 0  # the oldest turns went
+    calls = [c["id"] for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+    outputs = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
+    assert calls == outputs == [f"call_{turn}" for turn in range(first, 20)]
+    assert len(messages) == 2 + 4 * (20 - first)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_auto_drops_the_oldest_items_to_fit_the_models_window(
+    vllm: tuple[WindowedVLLM, openai.AsyncOpenAI], stream: bool
+) -> None:
+    fake, client = vllm
+    fake.set_script(Script(tokens=["fits"]))
+    items: Any = conversation(20)  # ~5000 tokens, for a window of 2000
+    if stream:
+        async with client.responses.stream(
+            model="qwen3-8b", instructions="Be brief.", input=items, truncation="auto", max_output_tokens=300,
+        ) as events:
+            response = await events.get_final_response()
+    else:
+        response = await client.responses.create(
+            model="qwen3-8b", instructions="Be brief.", input=items, truncation="auto", max_output_tokens=300,
+        )
+    assert response.status == "completed" and response.output_text == "fits" and response.truncation == "auto"
+    assert len(fake.chats()) == 1  # fitted before it was sent: no refusal to learn from
+    assert_trimmed(fake.chats()[0])
+    assert fake.chats()[0]["max_tokens"] == 300
+
+
+async def test_disabled_is_openais_context_length_exceeded(vllm: tuple[WindowedVLLM, openai.AsyncOpenAI]) -> None:
+    fake, client = vllm
+    for truncation in ("disabled", None):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.create(
+                model="qwen3-8b", instructions="Be brief.", input=conversation(20),
+                **({"truncation": truncation} if truncation else {}),
+            )
+        assert info.value.status_code == 400
+        assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
+        assert "maximum context length is 2000 tokens" in info.value.message
+    assert len(fake.chats()[-1]["messages"]) == 2 + 4 * 20  # sent whole
+
+
+@pytest.mark.parametrize("listed", [True, False])
+async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_long(listed: bool) -> None:
+    """The gateway's estimate is four characters a token; this model's tokenizer makes more
+    of the same text (or the gateway does not know its window): the backend's refusal says
+    by how much, and the conversation is trimmed by that much more, once."""
+    fake = WindowedVLLM(listed=listed, chars_per_token=3)
+    fake.set_script(Script(tokens=["fits now"]))
+    async with gateway(fake) as client:
+        await client.models.list()
+        response = await client.responses.create(
+            model="qwen3-8b", instructions="Be brief.", input=conversation(20), truncation="auto",
+        )
+        assert response.output_text == "fits now"
+        refused, answered = fake.chats()
+        assert len(answered["messages"]) < len(refused["messages"])
+        assert_trimmed(answered)
+
+
+async def test_a_conversation_that_cannot_be_trimmed_enough_is_still_the_400() -> None:
+    """Only the instructions and the last question, longer than the window: nothing may go."""
+    fake = WindowedVLLM()
+    async with gateway(fake) as client:
+        await client.models.list()
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.create(
+                model="qwen3-8b", instructions="Be brief.", input="q" * 10_000, truncation="auto",
+            )
+        assert info.value.code == "context_length_exceeded"
+        assert len(fake.chats()) == 1  # nothing to drop: not sent again
