@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
@@ -54,15 +54,45 @@ class WindowedVLLM(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
+class WindowedClaude(AnthropicBackend):
+    """Claude with a small window: the Models API says `max_input_tokens`, which bounds the
+    prompt alone (not `max_tokens`); a longer one is Anthropic's "prompt is too long"."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/v1/models" and request.method == "GET":
+            data = [{"type": "model", "id": "claude-small", "display_name": "Claude", "max_input_tokens": WINDOW,
+                     "max_tokens": 8192, "created_at": "2026-01-01T00:00:00Z"}]
+            await exchange.respond_json(200, {"data": data, "has_more": False, "first_id": "claude-small",
+                                              "last_id": "claude-small"})
+            return
+        if request.path == "/v1/messages":
+            body = request.json()
+            chars = len(body.get("system") or "") if isinstance(body.get("system"), str) else 0
+            for message in body["messages"]:
+                blocks = message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]
+                for block in blocks:
+                    inner = block.get("content")
+                    parts = inner if isinstance(inner, list) else [{"text": inner or ""}]
+                    chars += len(block.get("text") or "") + sum(len(part.get("text") or "") for part in parts)
+                    chars += len(json.dumps(block["input"])) if "input" in block else 0
+            if chars // 4 > WINDOW:
+                await self.send_error(exchange, 400, f"prompt is too long: {chars // 4} tokens > {WINDOW} maximum")
+                return
+        await super().route(request, exchange, call)
+
+
 def conversation(turns: int) -> list[dict[str, Any]]:
-    """An agent's history: each turn a user message, a function call and its output, and the
+    """An agent's history: each turn a user message, function calls and their outputs, and the
     model's reply, ~250 tokens a turn; then the question to answer now."""
     items: list[dict[str, Any]] = []
     for turn in range(turns):
+        calls = [f"call_{turn}", *([f"call_{turn}b"] if turn % 2 else [])]  # odd turns: two calls at once
         items += [
             {"role": "user", "content": f"question {turn} " + "x" * 400},
-            {"type": "function_call", "call_id": f"call_{turn}", "name": "lookup", "arguments": json.dumps({"q": turn})},
-            {"type": "function_call_output", "call_id": f"call_{turn}", "output": f"result {turn} " + "y" * 400},
+            *({"type": "function_call", "call_id": call, "name": "lookup", "arguments": json.dumps({"q": turn})}
+              for call in calls),
+            *({"type": "function_call_output", "call_id": call, "output": f"result {turn} " + "y" * (400 // len(calls))}
+              for call in calls),
             {"role": "assistant", "content": f"answer {turn} " + "z" * 150},
         ]
     return [*items, {"role": "user", "content": "and now the last question"}]
@@ -95,8 +125,9 @@ def assert_trimmed(sent: dict[str, Any]) -> None:
     assert first > 0  # the oldest turns went
     calls = [c["id"] for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or []]
     outputs = [m["tool_call_id"] for m in messages if m["role"] == "tool"]
-    assert calls == outputs == [f"call_{turn}" for turn in range(first, 20)]
-    assert len(messages) == 2 + 4 * (20 - first)
+    kept = [call for turn in range(first, 20) for call in (f"call_{turn}", *([f"call_{turn}b"] if turn % 2 else []))]
+    assert calls == outputs == kept
+    assert len(messages) == 2 + 3 * (20 - first) + len(kept)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -132,11 +163,11 @@ async def test_disabled_is_openais_context_length_exceeded(vllm: tuple[WindowedV
         assert info.value.status_code == 400
         assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
         assert "maximum context length is 2000 tokens" in info.value.message
-    assert len(fake.chats()[-1]["messages"]) == 2 + 4 * 20  # sent whole
+    assert len(fake.chats()[-1]["messages"]) == 2 + 3 * 20 + 30  # sent whole
 
 
-@pytest.mark.parametrize("listed", [True, False])
-async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_long(listed: bool) -> None:
+@pytest.mark.parametrize(("listed", "stream"), [(True, False), (False, False), (False, True)])
+async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_long(listed: bool, stream: bool) -> None:
     """The gateway's estimate is four characters a token; this model's tokenizer makes more
     of the same text (or the gateway does not know its window): the backend's refusal says
     by how much, and the conversation is trimmed by that much more, once."""
@@ -144,9 +175,15 @@ async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_
     fake.set_script(Script(tokens=["fits now"]))
     async with gateway(fake) as client:
         await client.models.list()
-        response = await client.responses.create(
-            model="qwen3-8b", instructions="Be brief.", input=conversation(20), truncation="auto",
-        )
+        if stream:
+            async with client.responses.stream(
+                model="qwen3-8b", instructions="Be brief.", input=conversation(20), truncation="auto",
+            ) as events:
+                response = await events.get_final_response()
+        else:
+            response = await client.responses.create(
+                model="qwen3-8b", instructions="Be brief.", input=conversation(20), truncation="auto",
+            )
         assert response.output_text == "fits now"
         refused, answered = fake.chats()
         assert len(answered["messages"]) < len(refused["messages"])
@@ -164,3 +201,27 @@ async def test_a_conversation_that_cannot_be_trimmed_enough_is_still_the_400() -
             )
         assert info.value.code == "context_length_exceeded"
         assert len(fake.chats()) == 1  # nothing to drop: not sent again
+
+
+async def test_auto_fits_a_claude_models_listed_input_window() -> None:
+    """Anthropic's `max_input_tokens` is the prompt's: a large `max_output_tokens` takes
+    nothing from it, and the trimmed conversation still opens with a user turn."""
+    fake = WindowedClaude()
+    fake.set_script(Script(tokens=["fits"]))
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", prefixes=("claude",))
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.models.list()
+        response = await client.responses.create(
+            model="claude-small", instructions="Be brief.", input=conversation(20), truncation="auto",
+            max_output_tokens=4000,
+        )
+        await client.close()
+    assert response.output_text == "fits"
+    chats = [r.json for r in fake.requests if r.path == "/v1/messages"]
+    assert len(chats) == 1
+    sent = chats[0]
+    assert sent["system"] == "Be brief." and sent["max_tokens"] == 4000
+    assert sent["messages"][0]["role"] == "user" and sent["messages"][-1]["content"] == "and now the last question"
+    assert 4 < len(sent["messages"]) < 4 * 20

@@ -15,14 +15,14 @@ import json
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
-from proxy.domain.chat import ChatRequest, Usage
+from proxy.domain.chat import ChatRequest, Message, Usage
 from proxy.domain.events import CompletionBuilder
 
-_CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN = 4
 
 
 def estimate_tokens(chars: int) -> int:
-    return -(-chars // _CHARS_PER_TOKEN)
+    return -(-chars // CHARS_PER_TOKEN)
 
 
 def estimated_usage(request: ChatRequest, answer: CompletionBuilder) -> Usage | None:
@@ -35,11 +35,15 @@ def estimated_usage(request: ChatRequest, answer: CompletionBuilder) -> Usage | 
 
 def estimated_prompt_tokens(request: ChatRequest) -> int:
     """The request's input: its messages' text, reasoning and tool calls, and its tools."""
-    prompt = sum(len(message.text) + len(message.reasoning or "") for message in request.messages)
-    prompt += sum(len(call.arguments) for message in request.messages for call in message.tool_calls)
+    prompt = sum(message_chars(message) for message in request.messages)
     if request.tools:
         prompt += len(json.dumps([asdict(tool) for tool in request.tools]))
     return estimate_tokens(prompt)
+
+
+def message_chars(message: Message) -> int:
+    """The characters of a message that `estimated_prompt_tokens` counts."""
+    return len(message.text) + len(message.reasoning or "") + sum(len(call.arguments) for call in message.tool_calls)
 
 
 def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usage | None, bool]:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, replace
 
 from proxy.domain.chat import ChatRequest, Message
-from proxy.domain.tokens import estimate_tokens, estimated_prompt_tokens
+from proxy.domain.tokens import CHARS_PER_TOKEN, estimated_prompt_tokens, message_chars
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +65,15 @@ def _trimmed(request: ChatRequest, budget: int) -> ChatRequest:
     estimate = estimated_prompt_tokens(request)
     if estimate <= budget:
         return request
+    over = (estimate - budget) * CHARS_PER_TOKEN  # characters to drop
     kept = [True] * len(messages)
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
     for group in _droppable(messages, last_user):
-        if estimate <= budget:
+        if over <= 0:
             break
         for i in group:
             kept[i] = False
-            estimate -= _tokens(messages[i])
+            over -= message_chars(messages[i])
     if all(kept):
         return request
     # A conversation whose first turn is the model's is one no chat template expects: what
@@ -102,7 +103,3 @@ def _droppable(messages: list[Message], last_user: int) -> list[list[int]]:
         groups.append(group)
     return groups
 
-
-def _tokens(message: Message) -> int:
-    chars = len(message.text) + len(message.reasoning or "") + sum(len(call.arguments) for call in message.tool_calls)
-    return estimate_tokens(chars)
