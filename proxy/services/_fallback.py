@@ -102,8 +102,13 @@ class FallbackWalk:
         self._truncates = True
         self._window = window
         if window is not None:
-            fitted = truncation.fitted(self._call.request, window)
-            if fitted is not self._call.request:
+            sent = self._call.request
+            fitted = truncation.fitted(sent, window)
+            if fitted is not sent:
+                log.info(
+                    "%s: truncation auto: %d of %d messages fit %d tokens", self.meta.trace_id, len(fitted.messages),
+                    len(sent.messages), window.tokens,
+                )
                 self._call = replace(self._call, request=fitted)
 
     def adapt_with(self, adapter: Adapter) -> None:
