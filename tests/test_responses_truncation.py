@@ -16,6 +16,10 @@ from tests.fakes import AnthropicBackend, OpenAIBackend, Script
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import gateway as journalled_gateway
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
 
 WINDOW = 2000
 
@@ -225,3 +229,34 @@ async def test_auto_fits_a_claude_models_listed_input_window() -> None:
     assert sent["system"] == "Be brief." and sent["max_tokens"] == 4000
     assert sent["messages"][0]["role"] == "user" and sent["messages"][-1]["content"] == "and now the last question"
     assert 4 < len(sent["messages"]) < 4 * 20
+
+
+async def test_auto_trims_a_continued_conversation_and_the_journal_keeps_it_whole(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`previous_response_id` is how a conversation outgrows the window: what the earlier
+    response was answered with goes first, so it is what goes; the new input reaches the
+    model whole, and the response's own input is listed as it was sent."""
+    fake = WindowedVLLM()
+    fake.set_script(Script(tokens=["fits"]))
+    async with fake.serve() as server, journalled_gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, prefixes=("qwen",))
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.models.list()
+        first = await client.responses.create(model="qwen3-8b", input=conversation(5), truncation="auto")
+        await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+        later: Any = [{"role": "user", "content": f"later {i} " + "w" * 600} for i in range(5)]
+        second = await client.responses.create(
+            model="qwen3-8b", instructions="Be brief.", input=later, truncation="auto", previous_response_id=first.id,
+        )
+        await wait_for_row(pg_database_url, second.id.removeprefix("resp_"), "completed")
+        listed = await client.responses.input_items.list(second.id, order="asc")
+        await client.close()
+    assert second.output_text == "fits"
+    sent = fake.chats()[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert [m["content"] for m in sent[-5:]] == [item["content"] for item in later]
+    assert sent[1]["role"] == "user" and sent[1]["content"].startswith("question ")
+    assert not sent[1]["content"].startswith("question 0 ")  # the first response's oldest went
+    assert [item.content[0].text for item in listed.data] == [item["content"] for item in later]  # type: ignore[union-attr]
