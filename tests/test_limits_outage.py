@@ -362,3 +362,41 @@ async def test_in_an_outage_concurrent_requests_reserve_the_budget_in_the_proces
     assert {answer.status_code for answer in refused} == {429}
     assert {answer.json()["error"]["code"] for answer in refused} == {"insufficient_quota"}
     assert max(took for _, took in answers) < _ADMIT_TIMEOUT + SLACK + 0.5  # none hung on the database
+
+
+async def test_usage_spooled_in_a_period_that_ended_is_not_charged_to_the_next(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path
+) -> None:
+    """A budgeted key's usage made while PostgreSQL is down, spooled by a gateway stopped
+    before it comes back, is written by the next gateway after the key's period ended: it is
+    usage of the period it was made in, and the new period starts at 0 (it was charged 12 of
+    the new period's tokens: a month's usage replayed could spend the next month's budget)."""
+    assert postgres.url is not None
+    data_dir = tmp_path / "data"
+    key = await new_key(postgres.url, "late", "--budget", "1000", "--budget-period", "1d")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir) as url:
+            await wait_for_key(url, key)
+            await trio.to_thread.run_sync(postgres.stop)
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 200]
+        assert len(list(data_dir.glob("spool/usage/*/*.json"))) == 1
+        await trio.to_thread.run_sync(postgres.start)
+        # The day ended after the usage (the period's start set back rather than waiting).
+        await sql(postgres.url, "UPDATE api_key_limits l SET budget_start = now() - interval '1 day'"
+                                " FROM api_keys k WHERE k.id = l.key_id AND k.name = 'late'")
+
+        async def written() -> bool:
+            found = await sql(postgres.url or "", "SELECT sum(u.requests) FROM api_key_usage u"
+                                                  " JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'late'")
+            return found[0][0] == 2
+
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+            await eventually(written, within=30, every=0.2)
+    [(used, start)] = await sql(postgres.url, "SELECT l.budget_used, l.budget_start > now() - interval '1 day'"
+                                              " FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                                              " WHERE k.name = 'late'")
+    assert start  # the new period was rolled
+    assert used == 0
