@@ -386,3 +386,35 @@ async def test_out_of_range_values_are_clear_errors_not_tracebacks(stack: Stack)
     code, _, err = await keys(stack.db, "revoke", "²")
     assert code == 1 and "no key with id, prefix or value '²'" in err
     assert await sql(stack.db, "SELECT id FROM api_keys") == []
+
+
+async def test_a_changed_budget_period_starts_a_new_period_now_carrying_the_count(stack: Stack) -> None:
+    """Twenty days into a 30-day period with 70 used, the key is switched to a daily budget of
+    100: its new period starts now and carries the 70 (it was counted from the old start,
+    which put now in the twentieth daily period: the count went to 0 and the key could spend
+    a whole new budget at once), so one more request passes and the next is refused."""
+    key = await new_key(stack.db, "switched", "--budget", "100")
+    number = await key_id(stack.db, "switched")
+    await wait_for_key(stack.url, key)
+    assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 1)
+    await sql(stack.db, "UPDATE api_key_limits SET budget_start = budget_start - interval '20 days'"
+              " WHERE key_id = %s", number)
+    code, _, err = await keys(stack.db, "update", str(number), "--budget-period", "1d")
+    assert code == 0, err
+    code, out, _ = await keys(stack.db, "list", "--json")
+    assert code == 0
+    [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["id"] == number]
+    assert (listed["budget_used"], listed["budget_period"]) == (70, "1d")
+    ends = datetime.fromisoformat(listed["budget_resets_at"]) - datetime.now(UTC)
+    assert timedelta(hours=23, minutes=58) <= ends <= timedelta(days=1)
+
+    async def refused() -> bool:  # the gateway reloads the key: 140 of 100 used after one more
+        answer = await chat(stack.url, key)
+        if answer.status_code == 200:
+            await counted(stack.db, number, 2)
+            return False
+        return answer.status_code == 429 and "per 1d" in answer.json()["error"]["message"]
+
+    await eventually(refused)
+    assert chats(stack.fake) == 2

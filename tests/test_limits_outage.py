@@ -6,6 +6,7 @@ holds per process, and once the database answers again the limit is shared again
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import pytest
 import trio
 
 from proxy.infra.embedded import EmbeddedPostgres
+from proxy.infra.keys_store import Admission
 from proxy.infra.spool import Spool
-from proxy.services.limits import _ADMIT_TIMEOUT
+from proxy.services.auth import Principal
+from proxy.services.limits import _ADMIT_TIMEOUT, _LocalBuckets
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.pausing import paused
@@ -400,3 +403,22 @@ async def test_usage_spooled_in_a_period_that_ended_is_not_charged_to_the_next(
                                               " WHERE k.name = 'late'")
     assert start  # the new period was rolled
     assert used == 0
+
+
+def test_in_an_outage_a_changed_budget_period_starts_over_as_keys_update_does() -> None:
+    """The process last heard of a key under its 30-day period (40 used, 20 held); the key is
+    then switched to a daily budget (`keys update` starts a new day-long period now, carrying
+    the usage) and the database goes down before the key is admitted there again. The
+    process's own count follows the same rule: a period of a day from now, the count kept
+    (it kept the 30-day reset: a daily budget that reset only a month later)."""
+    month, day = 30 * 86400.0, 86400.0
+    local = _LocalBuckets()
+    now = time.time()
+    local.sync(7, Admission(True, now, now, now, budget_used=40, budget_reset=now + month - 3600,
+                            budget_start=now - 3600, budget_held=20))
+    daily = Principal(id=7, name="switched", prefix="sk-llmp-x", budget=100, budget_period=day)
+    admitted = local.admit(daily, 0, 30)
+    assert admitted.allowed and admitted.budget_used == 60 + 30
+    assert admitted.budget_reset is not None and day - 60 <= admitted.budget_reset - time.time() <= day
+    assert local.admit(daily, 0, 30).budget_reserved == 10  # the rest of 100
+    assert not local.admit(daily, 0, 30).allowed
