@@ -24,7 +24,10 @@ is less, so that concurrent requests cannot all spend the budget they saw not ye
 the one that took its last tokens may pass it (a request admitted finishes, whatever it uses).
 When the exchange ends, its usage (prompt + completion, as recorded) is counted and its
 reservation given back, by the usage writer or the key's next admission. Periods are fixed
-windows from the budget's start, rolled by whichever call comes first after one ends.
+windows from the budget's start, rolled by whichever call comes first after one ends. Usage
+and reservations are counted apart (0018): a key refused while only reservations fill its
+budget is told to retry in a moment (429 `rate_limit_exceeded`), not that it is spent; usage
+carries the time it was made, and is not charged to a period that began after it.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
