@@ -422,3 +422,28 @@ def test_in_an_outage_a_changed_budget_period_starts_over_as_keys_update_does() 
     assert admitted.budget_reset is not None and day - 60 <= admitted.budget_reset - time.time() <= day
     assert local.admit(daily, 0, 30).budget_reserved == 10  # the rest of 100
     assert not local.admit(daily, 0, 30).allowed
+
+
+async def test_in_an_outage_a_key_this_gateway_never_admitted_keeps_its_spent_budget(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """Another process spent the key's budget; this gateway loaded the key but never admitted
+    it, then PostgreSQL goes down: the key stays refused for its period (each process gave it
+    a fresh full budget of its own)."""
+    assert postgres.url is not None
+    key = await new_key(postgres.url, "spent-elsewhere", "--budget", "100")
+    await sql(postgres.url, "UPDATE api_key_limits l SET budget_used = 100 FROM api_keys k"
+                            " WHERE k.id = l.key_id AND k.name = 'spent-elsewhere'")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        await wait_for_key(url, key)
+        await trio.to_thread.run_sync(postgres.stop)
+        try:
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                refused, _ = await _timed_post(client)
+        finally:
+            await trio.to_thread.run_sync(postgres.start)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert "(100 used)" in refused.json()["error"]["message"]
+    assert not [r for r in fake.requests if r.path == "/v1/chat/completions"]

@@ -230,11 +230,13 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
 class _LocalBuckets:
     """The same buckets in process memory, on this process's clock: the fallback."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: KeyRing | None = None) -> None:
+        self._ring = ring
         self._state: dict[int, list[float]] = {}
         # Budgets: key -> [tokens counted in the period (used and held), its end, its length]
-        # (a key not yet seen in the database's answers starts a period of its own: an outage
-        # must not lock it out; a changed length starts a new period now, as `keys update` does).
+        # (a key not yet seen in the database's answers starts from its period as loaded with
+        # the keys, or, if none was, a period of its own: an outage must not lock it out; a
+        # changed length starts a new period now, as `keys update` does).
         self._budgets: dict[int, list[float]] = {}
 
     def sync(self, key_id: int, state: Admission) -> None:
@@ -245,7 +247,12 @@ class _LocalBuckets:
             self._budgets[key_id] = [float(state.budget_used + state.budget_held), state.budget_reset + offset, length]
 
     def _budget(self, principal: Principal, now: float) -> list[float]:
-        budget = self._budgets.setdefault(principal.id, [0.0, now + principal.budget_period, principal.budget_period])
+        budget = self._budgets.get(principal.id)
+        if budget is None:
+            # Never admitted here: from its period as loaded with the keys, if it was.
+            loaded = self._ring.budgets.get(principal.id) if self._ring is not None else None
+            counted, end = loaded or (0, now + principal.budget_period)
+            budget = self._budgets[principal.id] = [float(counted), end, principal.budget_period]
         if abs(budget[2] - principal.budget_period) > 0.5:
             budget[1], budget[2] = now + principal.budget_period, principal.budget_period
         if now >= budget[1]:
@@ -335,7 +342,7 @@ class RateLimiter:
     def __init__(self, resources: Resources, ring: KeyRing, *, spool: Path | None = None) -> None:
         self._resources = resources
         self._ring = ring
-        self._local = _LocalBuckets()
+        self._local = _LocalBuckets(ring)
         self._pending: dict[int, UsageDelta] = {}
         # Usage cut into numbered batches, oldest first, until the database confirms them
         # (see `KeysStore.record_usage`); kept in the spool file (`spool`: its directory)
