@@ -166,7 +166,7 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO, err: TextIO) -> in
             print(json.dumps(_key_json(key, usage.get(key.id, KeyUsage()), budgets.get(key.id), now)), file=out)
         return 0
     header = (
-        "ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "BUDGET", "BUDGET USED", "RESETS",
+        "ID", "PREFIX", "NAME", "STATUS", "MODELS", "WORKSPACES", "RPM", "TPM", "BUDGET", "BUDGET USED", "RESERVED", "RESETS",
         "ADMIN", "EXPIRES", "REQUESTS", "TOKENS", "LAST USED",
     )
     rows: list[tuple[str, ...]] = [header]
@@ -179,7 +179,7 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO, err: TextIO) -> in
             _cell(",".join(key.workspaces)) if key.workspaces is not None else "*",
             str(key.rpm or "-"), str(key.tpm or "-"),
             f"{key.budget}/{period_text(key.budget_period)}" if key.budget else "-",
-            str(budget.used) if budget else "-", _when(budget.resets_at if budget else None),
+            str(budget.used) if budget else "-", str(budget.reserved) if budget else "-", _when(budget.resets_at if budget else None),
             "yes" if key.admin else "no",
             _when(key.expires_at), str(used.requests), str(used.prompt_tokens + used.completion_tokens),
             _when(used.last_used_at),
@@ -194,7 +194,7 @@ async def _list(store: KeysStore, as_json: bool, out: TextIO, err: TextIO) -> in
 
 # Left out first when a terminal is too narrow for the whole table: activity, then limits;
 # who a key is, whether it works and what its budget has left stay.
-_SPARED_LAST = ("LAST USED", "TOKENS", "REQUESTS", "TPM", "RPM", "WORKSPACES", "MODELS", "EXPIRES", "ADMIN", "PREFIX")
+_SPARED_LAST = ("LAST USED", "TOKENS", "REQUESTS", "RESERVED", "TPM", "RPM", "WORKSPACES", "MODELS", "EXPIRES", "ADMIN", "PREFIX")
 
 
 def _fitting(rows: Sequence[tuple[str, ...]], out: TextIO, err: TextIO) -> list[int]:
@@ -363,6 +363,7 @@ def _key_json(key: StoredKey, used: KeyUsage, budget: BudgetState | None, now: d
         "budget": key.budget,
         "budget_period": period_text(key.budget_period) if key.budget else None,
         "budget_used": budget.used if budget else None,
+        "budget_reserved": budget.reserved if budget else None,
         "budget_resets_at": budget.resets_at.isoformat() if budget else None,
         "admin": key.admin,
         "created_at": key.created_at.isoformat(),

@@ -127,10 +127,12 @@ async def test_a_stream_in_flight_holds_the_budget_it_may_use_then_gives_back_wh
 ) -> None:
     """The first stream reserves its estimate (its prompt and 4,096 max output tokens, named
     by no one), more than the budget: it holds the rest of it, so a request sent meanwhile is
-    refused instead of passing the budget too. The stream finishes whole, uses 70, and the 30
-    it did not use come back: the key goes on."""
+    refused instead of passing the budget too, but told to retry in a moment (the budget is
+    not spent: the stream may give most of it back), not that it is spent for the month. The
+    stream finishes whole, uses 70, and the 30 it did not use come back: the key goes on."""
     stack.fake.set_script(Script(tokens=["tick "] * 10, pace=0.05, usage=USAGE))
     key = await new_key(stack.db, "streams", "--budget", "100")
+    number = await key_id(stack.db, "streams")
     await wait_for_key(stack.url, key)
     async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
         stream = await client.chat.completions.create(
@@ -138,8 +140,15 @@ async def test_a_stream_in_flight_holds_the_budget_it_may_use_then_gives_back_wh
         )
         with pytest.raises(openai.RateLimitError) as refused:
             await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)
-        assert refused.value.code == "insufficient_quota"
-        assert "(100 used)" in refused.value.message  # reserved by the stream in flight
+        held = refused.value
+        assert held.code == "rate_limit_exceeded"
+        assert "budget of 100 tokens per 30d: 0 used, 100 held by requests in flight" in held.message
+        assert "x-should-retry" not in held.response.headers  # a 429 the SDKs retry
+        assert held.response.headers["retry-after"] == "2"
+        code, out, _ = await keys(stack.db, "list", "--json")
+        assert code == 0
+        [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["id"] == number]
+        assert (listed["budget_used"], listed["budget_reserved"]) == (0, 100)
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == "tick " * 10
         again = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # 70 of 100 counted
@@ -181,8 +190,9 @@ async def test_a_reservation_of_a_period_that_ended_frees_nothing_in_the_next(st
 async def test_concurrent_requests_on_two_gateways_spend_no_more_than_the_budget(stack: Stack) -> None:
     """30 requests at once, half on each of two gateways, against a budget that fits four of
     them: each reserves its estimate (a 240-character prompt, ~60 tokens, and `max_tokens`
-    10); four fit, a fifth takes the last tokens left, and the rest are refused
-    `insufficient_quota`, not retried by the SDK. Before, all 30 were admitted (each saw
+    10); four fit, a fifth takes the last tokens left, and the rest are refused (told to retry
+    in 2 s while the budget is held by those in flight, then `insufficient_quota`, which the
+    SDK does not retry). Before, all 30 were admitted (each saw
     nothing counted yet) and used 2,100 tokens of a 300-token budget."""
     stack.fake.set_script(Script(tokens=["Hello"], pace=0.2, usage=USAGE))
     key = await new_key(stack.db, "crowd", "--budget", "300")
@@ -376,3 +386,35 @@ async def test_out_of_range_values_are_clear_errors_not_tracebacks(stack: Stack)
     code, _, err = await keys(stack.db, "revoke", "²")
     assert code == 1 and "no key with id, prefix or value '²'" in err
     assert await sql(stack.db, "SELECT id FROM api_keys") == []
+
+
+async def test_a_changed_budget_period_starts_a_new_period_now_carrying_the_count(stack: Stack) -> None:
+    """Twenty days into a 30-day period with 70 used, the key is switched to a daily budget of
+    100: its new period starts now and carries the 70 (it was counted from the old start,
+    which put now in the twentieth daily period: the count went to 0 and the key could spend
+    a whole new budget at once), so one more request passes and the next is refused."""
+    key = await new_key(stack.db, "switched", "--budget", "100")
+    number = await key_id(stack.db, "switched")
+    await wait_for_key(stack.url, key)
+    assert (await chat(stack.url, key)).status_code == 200
+    await counted(stack.db, number, 1)
+    await sql(stack.db, "UPDATE api_key_limits SET budget_start = budget_start - interval '20 days'"
+              " WHERE key_id = %s", number)
+    code, _, err = await keys(stack.db, "update", str(number), "--budget-period", "1d")
+    assert code == 0, err
+    code, out, _ = await keys(stack.db, "list", "--json")
+    assert code == 0
+    [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["id"] == number]
+    assert (listed["budget_used"], listed["budget_period"]) == (70, "1d")
+    ends = datetime.fromisoformat(listed["budget_resets_at"]) - datetime.now(UTC)
+    assert timedelta(hours=23, minutes=58) <= ends <= timedelta(days=1)
+
+    async def refused() -> bool:  # the gateway reloads the key: 140 of 100 used after one more
+        answer = await chat(stack.url, key)
+        if answer.status_code == 200:
+            await counted(stack.db, number, 2)
+            return False
+        return answer.status_code == 429 and "per 1d" in answer.json()["error"]["message"]
+
+    await eventually(refused)
+    assert chats(stack.fake) == 2

@@ -496,3 +496,31 @@ async def test_keys_list_on_a_narrow_terminal_keeps_one_line_per_key(
     # A pipe (a script, `grep`) still gets every column, and nothing on stderr.
     code, table, said = await trio.to_thread.run_sync(lambda: listed(100, io.StringIO()))
     assert code == 0 and "LAST USED" in table.splitlines()[0] and said == ""
+
+
+async def test_the_key_list_comes_a_page_at_a_time(stack: Stack) -> None:
+    """OpenAI's list pagination: 20 keys a page unless `limit` says otherwise, the next page
+    `after` the last id while `has_more` (the whole table, with every key's usage, came in
+    one answer whatever its size); bad values are a 400 naming the parameter."""
+    async with await admin_client(stack) as admin:
+        for i in range(24):
+            assert (await admin.post("/v1/keys", json={"name": f"team-{i:02}", "budget": 100})).status_code == 201
+        first = (await admin.get("/v1/keys")).json()
+        assert first["object"] == "list" and len(first["data"]) == 20 and first["has_more"] is True
+        ids = [record["id"] for record in first["data"]]
+        assert ids == sorted(ids) and (first["first_id"], first["last_id"]) == (ids[0], ids[-1])
+        assert first["data"][1]["budget_used"] == 0 and first["data"][1]["budget_reserved"] == 0
+        rest = (await admin.get("/v1/keys", params={"after": first["last_id"]})).json()
+        assert [record["name"] for record in rest["data"]] == [f"team-{i:02}" for i in range(19, 24)]
+        assert rest["has_more"] is False and rest["last_id"] == rest["data"][-1]["id"]
+        small = (await admin.get("/v1/keys", params={"limit": 2, "after": ids[0]})).json()
+        assert [record["id"] for record in small["data"]] == ids[1:3] and small["has_more"] is True
+        empty = (await admin.get("/v1/keys", params={"after": rest["last_id"]})).json()
+        assert (empty["data"], empty["has_more"], empty["first_id"], empty["last_id"]) == ([], False, None, None)
+        for name, value in (("limit", "0"), ("limit", "101"), ("limit", "x"), ("after", "-1")):
+            answer = await admin.get("/v1/keys", params={name: value})
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == name
+    async with httpx.AsyncClient(base_url=stack.url) as client:
+        listed = (await client.get("/openapi.json")).json()["paths"]["/v1/keys"]["get"]
+    assert {parameter["name"] for parameter in listed["parameters"]} == {"limit", "after"}
+    assert {"has_more", "first_id", "last_id"} <= set(listed["responses"]["200"]["content"]["application/json"]["schema"]["required"])

@@ -6,6 +6,7 @@ holds per process, and once the database answers again the limit is shared again
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import pytest
 import trio
 
 from proxy.infra.embedded import EmbeddedPostgres
+from proxy.infra.keys_store import Admission
 from proxy.infra.spool import Spool
-from proxy.services.limits import _ADMIT_TIMEOUT
+from proxy.services.auth import Principal
+from proxy.services.limits import _ADMIT_TIMEOUT, _LocalBuckets
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.pausing import paused
@@ -362,3 +365,85 @@ async def test_in_an_outage_concurrent_requests_reserve_the_budget_in_the_proces
     assert {answer.status_code for answer in refused} == {429}
     assert {answer.json()["error"]["code"] for answer in refused} == {"insufficient_quota"}
     assert max(took for _, took in answers) < _ADMIT_TIMEOUT + SLACK + 0.5  # none hung on the database
+
+
+async def test_usage_spooled_in_a_period_that_ended_is_not_charged_to_the_next(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path
+) -> None:
+    """A budgeted key's usage made while PostgreSQL is down, spooled by a gateway stopped
+    before it comes back, is written by the next gateway after the key's period ended: it is
+    usage of the period it was made in, and the new period starts at 0 (it was charged 12 of
+    the new period's tokens: a month's usage replayed could spend the next month's budget)."""
+    assert postgres.url is not None
+    data_dir = tmp_path / "data"
+    key = await new_key(postgres.url, "late", "--budget", "1000", "--budget-period", "1d")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir) as url:
+            await wait_for_key(url, key)
+            await trio.to_thread.run_sync(postgres.stop)
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                assert [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(2)] == [200, 200]
+        assert len(list(data_dir.glob("spool/usage/*/*.json"))) == 1
+        await trio.to_thread.run_sync(postgres.start)
+        # The day ended after the usage (the period's start set back rather than waiting).
+        await sql(postgres.url, "UPDATE api_key_limits l SET budget_start = now() - interval '1 day'"
+                                " FROM api_keys k WHERE k.id = l.key_id AND k.name = 'late'")
+
+        async def written() -> bool:
+            found = await sql(postgres.url or "", "SELECT sum(u.requests) FROM api_key_usage u"
+                                                  " JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'late'")
+            return found[0][0] == 2
+
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+            await eventually(written, within=30, every=0.2)
+    [(used, start)] = await sql(postgres.url, "SELECT l.budget_used, l.budget_start > now() - interval '1 day'"
+                                              " FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                                              " WHERE k.name = 'late'")
+    assert start  # the new period was rolled
+    assert used == 0
+
+
+def test_in_an_outage_a_changed_budget_period_starts_over_as_keys_update_does() -> None:
+    """The process last heard of a key under its 30-day period (40 used, 20 held); the key is
+    then switched to a daily budget (`keys update` starts a new day-long period now, carrying
+    the usage) and the database goes down before the key is admitted there again. The
+    process's own count follows the same rule: a period of a day from now, the count kept
+    (it kept the 30-day reset: a daily budget that reset only a month later)."""
+    month, day = 30 * 86400.0, 86400.0
+    local = _LocalBuckets()
+    now = time.time()
+    local.sync(7, Admission(True, now, now, now, budget_used=40, budget_reset=now + month - 3600,
+                            budget_start=now - 3600, budget_held=20))
+    daily = Principal(id=7, name="switched", prefix="sk-llmp-x", budget=100, budget_period=day)
+    admitted = local.admit(daily, 0, 30)
+    assert admitted.allowed and admitted.budget_used == 60 + 30
+    assert admitted.budget_reset is not None and day - 60 <= admitted.budget_reset - time.time() <= day
+    assert local.admit(daily, 0, 30).budget_reserved == 10  # the rest of 100
+    assert not local.admit(daily, 0, 30).allowed
+
+
+async def test_in_an_outage_a_key_this_gateway_never_admitted_keeps_its_spent_budget(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
+) -> None:
+    """Another process spent the key's budget; this gateway loaded the key but never admitted
+    it, then PostgreSQL goes down: the key stays refused for its period (each process gave it
+    a fresh full budget of its own)."""
+    assert postgres.url is not None
+    key = await new_key(postgres.url, "spent-elsewhere", "--budget", "100")
+    await sql(postgres.url, "UPDATE api_key_limits l SET budget_used = 100 FROM api_keys k"
+                            " WHERE k.id = l.key_id AND k.name = 'spent-elsewhere'")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        await wait_for_key(url, key)
+        await trio.to_thread.run_sync(postgres.stop)
+        try:
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
+                refused, _ = await _timed_post(client)
+        finally:
+            await trio.to_thread.run_sync(postgres.start)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert "(100 used)" in refused.json()["error"]["message"]
+    assert not [r for r in fake.requests if r.path == "/v1/chat/completions"]

@@ -1,7 +1,7 @@
 """API keys over HTTP, for admin keys only (errors in OpenAI's shape).
 
     POST   /v1/keys         create a key: its record and, this once, the key itself (`key`)
-    GET    /v1/keys         list keys with their usage (never the keys themselves)
+    GET    /v1/keys         list keys with their usage, a page at a time (never the keys themselves)
     GET    /v1/keys/{id}    one key
     PATCH  /v1/keys/{id}    change its name, scopes, limits, budget or expiry
     DELETE /v1/keys/{id}    revoke it (idempotent)
@@ -235,13 +235,34 @@ async def create() -> Response:
                   **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
 
 
+_PAGE, _MOST = 20, 100  # as OpenAI's own lists of keys
+
+
+def _query_int(name: str, default: int | None, most: int) -> int | None:
+    value = request.args.get(name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or len(value) > 18 or (name == "limit" and not 1 <= int(value) <= most):
+        raise invalid_request(f"Invalid `{name}`: expected " + (
+            f"an integer between 1 and {most}." if name == "limit" else "a key's id."), param=name)
+    return int(value)
+
+
 @blueprint.get("/v1/keys")
 async def list_keys() -> Response:
+    """A page of keys by id (OpenAI's list pagination: `limit`, `after`, `has_more`)."""
+    limit = _query_int("limit", _PAGE, _MOST) or _PAGE
+    after = _query_int("after", None, 0)
     store = KeysStore(_database())
-    keys, usage, budgets = await store.find_all(), await store.usage(), await store.budgets()
-    return _reply({"object": "list", "data": [
-        _record(key, usage.get(key.id, KeyUsage()), budgets.get(key.id)) for key in keys
-    ]})
+    keys = await store.page(after, limit + 1)
+    more, keys = len(keys) > limit, keys[:limit]
+    ids = [key.id for key in keys]
+    usage, budgets = await store.usage(ids), await store.budgets(ids)
+    return _reply({
+        "object": "list",
+        "data": [_record(key, usage.get(key.id, KeyUsage()), budgets.get(key.id)) for key in keys],
+        "first_id": ids[0] if ids else None, "last_id": ids[-1] if ids else None, "has_more": more,
+    })
 
 
 def _found(key: StoredKey | None, key_id: str) -> StoredKey:
@@ -252,7 +273,7 @@ def _found(key: StoredKey | None, key_id: str) -> StoredKey:
 
 async def _record_of(db: Database, key: StoredKey) -> dict[str, Any]:
     store = KeysStore(db)
-    return _record(key, (await store.usage()).get(key.id, KeyUsage()), (await store.budgets()).get(key.id))
+    return _record(key, (await store.usage([key.id])).get(key.id, KeyUsage()), (await store.budgets([key.id])).get(key.id))
 
 
 async def _answer(db: Database, key: StoredKey) -> Response:
@@ -324,7 +345,10 @@ _RECORD: dict[str, Any] = {
         "requests": _INT, "errors": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
         "last_used_at": _NULLABLE_STR,
         "budget": {"type": ["integer", "null"]}, "budget_period": _NULLABLE_STR,
-        "budget_used": {"type": ["integer", "null"]}, "budget_resets_at": _NULLABLE_STR,
+        "budget_used": {"type": ["integer", "null"], "description": "Tokens used (settled) in the current period."},
+        "budget_reserved": {"type": ["integer", "null"],
+                            "description": "Tokens held by requests in flight in the current period."},
+        "budget_resets_at": _NULLABLE_STR,
     },
 }
 _ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
@@ -349,9 +373,19 @@ _created["responses"] = {
 }
 document("/v1/keys", "post", _created)
 document("/v1/keys", "get", _op(
-    "List API keys with their usage (admin keys)", "Keys", description=_ADMIN,
-    ok=_ok({"type": "object", "required": ["object", "data"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _RECORD}}}),
+    "List API keys with their usage (admin keys)", "Keys",
+    description=_ADMIN + f" By id, {_PAGE} a page unless `limit` says otherwise; the next page is `after` the"
+    " last id while `has_more`.",
+    parameters=[
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": _MOST, "default": _PAGE}},
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]+$"},
+         "description": "A key's id: the page starts after it."},
+    ],
+    ok=_ok({"type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _RECORD},
+                           "first_id": {"type": ["integer", "null"]}, "last_id": {"type": ["integer", "null"]},
+                           "has_more": {"type": "boolean"}}}),
 ))
 document("/v1/keys/{key_id}", "get", _op("An API key (admin keys)", "Keys", _ok(_RECORD), parameters=[_ID], description=_ADMIN))
 document("/v1/keys/{key_id}", "patch", _op(

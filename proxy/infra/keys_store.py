@@ -1,4 +1,4 @@
-"""API keys, their rate-limit state, budgets and usage in PostgreSQL (migrations 0004, 0014, 0017).
+"""API keys, their rate-limit state, budgets and usage in PostgreSQL (migrations 0004, 0014, 0017, 0018).
 
 The store never sees a key in the clear: callers pass its sha256 digest. Everything a
 gateway needs per request is held in memory by `proxy.services.auth.KeyRing`; the store is
@@ -62,10 +62,12 @@ class StoredKey:
 
 @dataclass(frozen=True, slots=True)
 class BudgetState:
-    """A budgeted key's current period: tokens counted in it, and when it ends."""
+    """A budgeted key's current period: tokens used in it (settled), tokens reserved by
+    requests in flight, and when it ends."""
 
     used: int
     resets_at: datetime
+    reserved: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,7 @@ class Admission:
     now: float
     requests_at: float
     tokens_at: float
-    # The key's budget: tokens counted in the current period, and its end (epoch seconds).
+    # The key's budget: tokens used (settled) in the current period, and its end (epoch seconds).
     budget_used: int = 0
     budget_reset: float | None = None
     # What the admission reserved in that count (the request's estimate, or the rest of the
@@ -94,6 +96,8 @@ class Admission:
     # it was reserved in (epoch seconds).
     budget_reserved: int = 0
     budget_start: float | None = None
+    # Tokens the period's requests in flight hold (this admission's included).
+    budget_held: int = 0
 
 
 @dataclass(slots=True)
@@ -109,13 +113,21 @@ class UsageDelta:
     # they reserved at admission (so negative: given back), plus what was reserved while the
     # database could not be asked.
     tokens: int = 0
-    # Tokens the shared budget count has not counted (keys with a budget: their usage).
+    # Tokens the shared budget count has not counted (keys with a budget: their usage), and
+    # when the last of them was used (epoch seconds): usage counts only in the period it was
+    # used in, however late it is written. None: unknown (counted in the current period).
     budget: int = 0
     # Budget reservations to give back, and the start of the period they were made in (epoch
     # seconds): given back only while that period lasts, since its end dropped them with its
     # count (a reservation of the period before must not free the new period's budget).
     released: int = 0
     released_from: float | None = None
+    budget_at: float | None = None
+
+    def use(self, tokens: int, at: float) -> None:
+        """Count `tokens` used at `at` in the key's budget."""
+        self.budget += tokens
+        self.budget_at = at if self.budget_at is None else max(self.budget_at, at)
 
     def release(self, tokens: int, period: float | None) -> None:
         """Give back `tokens` reserved in the budget period that started at `period`."""
@@ -134,7 +146,10 @@ class UsageDelta:
         self.completion_tokens += other.completion_tokens
         self.admissions += other.admissions
         self.tokens += other.tokens
-        self.budget += other.budget
+        if other.budget_at is not None:
+            self.use(other.budget, other.budget_at)
+        else:
+            self.budget += other.budget
         self.release(other.released, other.released_from)
 
 
@@ -203,8 +218,9 @@ class KeysStore:
     async def update(self, key_id: int, changes: Mapping[str, Any]) -> StoredKey | None:
         """Set the columns `changes` names (see `UPDATABLE`; values as `create` takes them,
         None clears a limit) on key `key_id`; None: no such key. A budget given to a key
-        that had none starts its first period now; a changed budget or period keeps the
-        current period's count (its end moves with the period). Running gateways reload
+        that had none starts its first period now; a changed budget keeps the current
+        period's count; a changed period starts a new period now, of the new length, carrying the
+        current period's usage (reservations in flight go, as at a period's end). Running gateways reload
         the key at once (the table's trigger notifies them)."""
         unknown = set(changes) - UPDATABLE
         if unknown:
@@ -218,7 +234,7 @@ class KeysStore:
         }
         assignments = ", ".join(f"{column} = %s" for column in values)
         async with self._db.transaction() as tx:
-            before = await tx.fetchrow("SELECT budget FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+            before = await tx.fetchrow("SELECT budget, budget_period FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
             if before is None:
                 return None
             row = await tx.fetchrow(
@@ -229,13 +245,32 @@ class KeysStore:
             if before[0] is None and key.budget is not None:
                 await tx.execute(
                     "INSERT INTO api_key_limits AS l (key_id, budget_start) VALUES (%s, now())"
-                    " ON CONFLICT (key_id) DO UPDATE SET budget_start = now(), budget_used = 0",
+                    " ON CONFLICT (key_id) DO UPDATE SET budget_start = now(), budget_used = 0, budget_reserved = 0",
                     (key_id,),
+                )
+            elif key.budget is not None and key.budget_period != before[1]:
+                # A new length starts a new period now, carrying the current period's count (as
+                # the old length rolls it): counted from the old start, a shorter period would
+                # land in a later window and drop the count; a longer one could reach back. The
+                # reservations of requests in flight go, as at any period's end (they are given
+                # back to the period they were made in); their usage is counted when they end.
+                await tx.execute(
+                    "UPDATE api_key_limits l SET budget_start = now(), budget_reserved = 0,"
+                    " budget_used = api_key_budget_settled(l.budget_start, l.budget_used, %s, now(), 0, NULL)"
+                    " WHERE l.key_id = %s",
+                    (before[1], key_id),
                 )
         return key
 
     async def find_all(self) -> list[StoredKey]:
         return [_key(row) for row in await self._db.fetch(f"SELECT {_COLUMNS} FROM api_keys ORDER BY id")]
+
+    async def page(self, after: int | None, limit: int) -> list[StoredKey]:
+        """At most `limit` keys by id, after key `after` (None: from the first)."""
+        rows = await self._db.fetch(
+            f"SELECT {_COLUMNS} FROM api_keys WHERE id > %s ORDER BY id LIMIT %s", (after or 0, limit)
+        )
+        return [_key(row) for row in rows]
 
     async def find(self, ref: str) -> list[StoredKey]:
         """Keys whose id is `ref`, or whose prefix starts with `ref` (at least 6 characters)."""
@@ -263,28 +298,33 @@ class KeysStore:
         )
         return _key(row) if row is not None else None
 
-    async def usage(self) -> dict[int, KeyUsage]:
-        rows = await self._db.fetch(
-            "SELECT key_id, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens),"
-            " max(last_used_at) FROM api_key_usage GROUP BY key_id"
+    async def usage(self, ids: Sequence[int] | None = None) -> dict[int, KeyUsage]:
+        """Every key's usage, or only that of keys `ids`."""
+        # Two statements, not one with an optional filter: a plan made for both reads every row.
+        columns = "key_id, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens), max(last_used_at)"
+        rows = await (
+            self._db.fetch(f"SELECT {columns} FROM api_key_usage GROUP BY key_id") if ids is None
+            else self._db.fetch(f"SELECT {columns} FROM api_key_usage WHERE key_id = ANY(%s) GROUP BY key_id", (list(ids),))
         )
         return {
             int(r[0]): KeyUsage(int(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5])
             for r in rows
         }
 
-    async def budgets(self) -> dict[int, BudgetState]:
-        """The current period of every key with a budget (as admissions will roll it)."""
-        rows = await self._db.fetch(
-            """
+    async def budgets(self, ids: Sequence[int] | None = None) -> dict[int, BudgetState]:
+        """The current period of every key with a budget, or of keys `ids` (as admissions
+        will roll it)."""
+        query = """
             SELECT k.id, CASE WHEN s.start IS NOT DISTINCT FROM l.budget_start THEN coalesce(l.budget_used, 0) ELSE 0 END,
-                   s.start + k.budget_period
+                   s.start + k.budget_period,
+                   CASE WHEN s.start IS NOT DISTINCT FROM l.budget_start THEN coalesce(l.budget_reserved, 0) ELSE 0 END
             FROM api_keys k LEFT JOIN api_key_limits l ON l.key_id = k.id,
                  LATERAL (SELECT api_key_budget_start(l.budget_start, k.budget_period, now()) AS start) s
-            WHERE k.budget IS NOT NULL
-            """
+            WHERE k.budget IS NOT NULL"""
+        rows = await (
+            self._db.fetch(query) if ids is None else self._db.fetch(query + " AND k.id = ANY(%s)", (list(ids),))
         )
-        return {int(r[0]): BudgetState(int(r[1]), r[2]) for r in rows}
+        return {int(r[0]): BudgetState(int(r[1]), r[2], int(r[3])) for r in rows}
 
     # -- the gateway's copy -----------------------------------------------------------------
 
@@ -309,18 +349,19 @@ class KeysStore:
     async def admit(
         self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0,
         *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD, settle_budget: int = 0,
-        budget_reserve: int = 0, release_budget: int = 0, released_from: float | None = None,
+        settled_at: float | None = None, budget_reserve: int = 0, release_budget: int = 0, released_from: float | None = None,
     ) -> Admission:
         """Take one request from the key's request bucket and reserve `reserve` tokens in its
         token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
         have not counted (negative: given back), in one round trip. With a `budget`, refused
-        once the period's count (after `settle_budget` more, and `release_budget` reserved in
+        once the period's count (its usage, after `settle_budget` more used at `settled_at`, plus
+        its reservations, after `release_budget` reserved in
         the period that started at `released_from` given back) has reached it; admitted, it
         reserves `budget_reserve` tokens there, or what is left of the budget if less."""
         row = await self._db.fetchrow(
-            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
-                key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget,
+                key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget, settled_at,
                 budget_reserve, release_budget, released_from,
             ),
         )
@@ -328,7 +369,7 @@ class KeysStore:
         return Admission(
             bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
             float(row[5]) if row[5] is not None else None, int(row[6] or 0),
-            float(row[7]) if row[7] is not None else None,
+            float(row[7]) if row[7] is not None else None, int(row[8] or 0),
         )
 
     async def forget_writers(self, writers: list[str]) -> None:
@@ -339,7 +380,8 @@ class KeysStore:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;
         `tokens`, negative: given back), settle admissions the request bucket has not
         counted (keys with an `rpm`) and count `budget` tokens in the key's budget period
-        (keys with a budget; negative: reservations given back, never below 0), in one statement: batch `seq` of `writer`, applied unless
+        (keys with a budget, only if used in its current period) and give back `released`
+        reservations, in one statement: batch `seq` of `writer`, applied unless
         that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
@@ -352,8 +394,9 @@ class KeysStore:
                 RETURNING 1
             ), d AS (
                 SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
-                              %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[])
-                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget, released, released_from)
+                              %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[])
+                    AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget, released, released_from,
+                         budget_at)
                 WHERE EXISTS (SELECT 1 FROM fresh)
             ), usage AS (
                 INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
@@ -381,8 +424,12 @@ class KeysStore:
                     ELSE api_key_budget_start(l.budget_start, k.budget_period, now()) END,
                 budget_used = CASE
                     WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_used
-                    ELSE greatest(api_key_budget_used(l.budget_start, l.budget_used, k.budget_period, now(),
-                                                      d.budget, d.released, d.released_from), 0) END
+                    ELSE api_key_budget_settled(l.budget_start, l.budget_used, k.budget_period, now(),
+                                                d.budget, d.budget_at) END,
+                budget_reserved = CASE
+                    WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_reserved
+                    ELSE api_key_budget_held(l.budget_start, l.budget_reserved, k.budget_period, now(),
+                                             d.released, d.released_from) END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
                 AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0)
@@ -401,6 +448,7 @@ class KeysStore:
                 [deltas[i].budget for i in ids],
                 [deltas[i].released for i in ids],
                 [deltas[i].released_from for i in ids],
+                [deltas[i].budget_at for i in ids],
             ),
         )
 

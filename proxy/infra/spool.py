@@ -47,7 +47,7 @@ class UsageBatch:
             "deltas": {
                 str(key): [
                     d.requests, d.errors, d.prompt_tokens, d.completion_tokens, d.admissions, d.tokens, d.budget,
-                    d.released, d.released_from,
+                    d.released, d.released_from, d.budget_at,
                 ]
                 for key, d in self.deltas.items()
             },
@@ -61,10 +61,12 @@ class UsageBatch:
 
 def _delta(values: list[Any]) -> UsageDelta:
     """A delta as `to_json` wrote it (or a gateway before budget reservations, without the
-    last two)."""
+    last three; or before 0018, without the time of its budget usage: counted when written)."""
     delta = UsageDelta(*(int(n) for n in values[:8]))
     if len(values) > 8 and values[8] is not None:
         delta.released_from = float(values[8])
+    if len(values) > 9 and values[9] is not None:
+        delta.budget_at = float(values[9])
     return delta
 
 

@@ -261,6 +261,10 @@ class KeyRing:
         # Sticky: once any key was ever created (revoked ones count), auth stays on in
         # "auto" mode, so revoking the last key never opens the gateway.
         self.any_keys = False
+        # Budgeted keys' periods as last loaded with the keys (key -> tokens counted, used and
+        # held, and the period's end, epoch seconds): where a process that has not admitted a
+        # key yet starts counting it if the database goes down.
+        self.budgets: dict[int, tuple[int, float]] = {}
 
     def lookup(self, secret: str) -> Principal | None:
         digest = key_digest(secret)
@@ -292,6 +296,7 @@ class KeyRing:
                 if self._fingerprint is not None and await store.fingerprint() == self._fingerprint:
                     return True
                 fingerprint, keys = await store.all_keys()
+                budgets = await store.budgets() if any(key.budget is not None for key in keys) else {}
         except (DatabaseError, trio.TooSlowError) as error:
             if not self._unavailable_logged:
                 log.warning("cannot load API keys (%s); keeping the %d known", error, len(self._by_id))
@@ -299,6 +304,7 @@ class KeyRing:
             return False
         self._unavailable_logged = False
         self._install(fingerprint, keys)
+        self.budgets = {key: (state.used + state.reserved, state.resets_at.timestamp()) for key, state in budgets.items()}
         return True
 
     def _install(self, fingerprint: tuple[int, int], keys: list[StoredKey]) -> None:

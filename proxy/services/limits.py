@@ -24,7 +24,10 @@ is less, so that concurrent requests cannot all spend the budget they saw not ye
 the one that took its last tokens may pass it (a request admitted finishes, whatever it uses).
 When the exchange ends, its usage (prompt + completion, as recorded) is counted and its
 reservation given back, by the usage writer or the key's next admission. Periods are fixed
-windows from the budget's start, rolled by whichever call comes first after one ends.
+windows from the budget's start, rolled by whichever call comes first after one ends. Usage
+and reservations are counted apart (0018): a key refused while only reservations fill its
+budget is told to retry in a moment (429 `rate_limit_exceeded`), not that it is spent; usage
+carries the time it was made, and is not charged to a period that began after it.
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -69,6 +72,8 @@ _ADMIT_TIMEOUT = 3.0
 _CALL_TIMEOUT = 30.0
 _FLUSH_TIMEOUT = 10.0
 _RETRY_SECONDS = 2.0
+# When a budget held by requests in flight is retried: most exchanges end within seconds.
+_HELD_RETRY = 2.0
 
 
 def duration(seconds: float) -> str:
@@ -85,16 +90,21 @@ class Decision:
     allowed: bool
     headers: list[tuple[str, str]]
     retry_after: float | None = None
-    exhausted: str | None = None  # "requests", "tokens", "budget", or "too_large": more than the whole bucket
+    # "requests", "tokens", "budget" (spent), "held" (the budget's rest is held by requests in
+    # flight), or "too_large": more than the whole bucket
+    exhausted: str | None = None
     reserved: int = 0  # tokens the request reserved (or asked to) in the token bucket
     budget_reserved: int = 0  # tokens it reserved in its budget period's count
     budget_from: float | None = None  # the start of that period (the database's; None: local)
-    budget_used: int = 0  # tokens the key's budget period has counted
+    budget_used: int = 0  # tokens the key's budget period has counted as used
     budget_reset: float | None = None  # when that period ends (epoch seconds)
+    budget_held: int = 0  # tokens its requests in flight hold
 
     def error(self, principal: Principal) -> GatewayError:
         if self.exhausted == "budget":
             return budget_spent(principal, self.budget_used, self.budget_reset, self.retry_after or 0)
+        if self.exhausted == "held":
+            return budget_held(principal, self.budget_used, self.budget_held)
         if self.exhausted == "too_large":
             # OpenAI's words for it, and no Retry-After: waiting does not help.
             return GatewayError(
@@ -146,6 +156,19 @@ def budget_spent(principal: Principal, used: int, reset: float | None, wait: flo
     )
 
 
+def budget_held(principal: Principal, used: int, held: int) -> GatewayError:
+    """The budget is not spent, but requests in flight hold its rest until they end (seconds,
+    usually): a rate limit to retry shortly, not a spent quota (OpenAI's SDKs retry it)."""
+    return GatewayError(
+        ErrorKind.RATE_LIMITED,
+        f"Rate limit reached for this API key's budget of {principal.budget} tokens per "
+        f"{period_text(principal.budget_period)}: {used} used, {held} held by requests in flight until "
+        f"they end. Try again in {_HELD_RETRY:g}s.",
+        code="rate_limit_exceeded",
+        retry_after=_HELD_RETRY,
+    )
+
+
 def reservation(principal: Principal, tokens: int) -> int:
     """What a request estimated at `tokens` reserves: never more than the whole bucket, so
     that a request given the default max output tokens fits a full one."""
@@ -164,6 +187,11 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
         return Decision(
             False, [], retry_after=wait, exhausted="budget",
             budget_used=state.budget_used, budget_reset=state.budget_reset,
+        )
+    if not state.allowed and principal.budget is not None and state.budget_used + state.budget_held >= principal.budget:
+        return Decision(
+            False, [], retry_after=_HELD_RETRY, exhausted="held",
+            budget_used=state.budget_used, budget_reset=state.budget_reset, budget_held=state.budget_held,
         )
     retry = 0.0
     exhausted: str | None = None
@@ -202,20 +230,31 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
 class _LocalBuckets:
     """The same buckets in process memory, on this process's clock: the fallback."""
 
-    def __init__(self) -> None:
+    def __init__(self, ring: KeyRing | None = None) -> None:
+        self._ring = ring
         self._state: dict[int, list[float]] = {}
-        # Budgets: key -> [tokens counted in the period, its end] (a key not yet seen in the
-        # database's answers starts a period of its own: an outage must not lock it out).
+        # Budgets: key -> [tokens counted in the period (used and held), its end, its length]
+        # (a key not yet seen in the database's answers starts from its period as loaded with
+        # the keys, or, if none was, a period of its own: an outage must not lock it out; a
+        # changed length starts a new period now, as `keys update` does).
         self._budgets: dict[int, list[float]] = {}
 
     def sync(self, key_id: int, state: Admission) -> None:
         offset = time.time() - state.now
         self._state[key_id] = [state.requests_at + offset, state.tokens_at + offset]
         if state.budget_reset is not None:
-            self._budgets[key_id] = [float(state.budget_used), state.budget_reset + offset]
+            length = state.budget_reset - state.budget_start if state.budget_start is not None else 0.0
+            self._budgets[key_id] = [float(state.budget_used + state.budget_held), state.budget_reset + offset, length]
 
     def _budget(self, principal: Principal, now: float) -> list[float]:
-        budget = self._budgets.setdefault(principal.id, [0.0, now + principal.budget_period])
+        budget = self._budgets.get(principal.id)
+        if budget is None:
+            # Never admitted here: from its period as loaded with the keys, if it was.
+            loaded = self._ring.budgets.get(principal.id) if self._ring is not None else None
+            counted, end = loaded or (0, now + principal.budget_period)
+            budget = self._budgets[principal.id] = [float(counted), end, principal.budget_period]
+        if abs(budget[2] - principal.budget_period) > 0.5:
+            budget[1], budget[2] = now + principal.budget_period, principal.budget_period
         if now >= budget[1]:
             periods = math.floor((now - budget[1]) / principal.budget_period) + 1
             budget[0], budget[1] = 0.0, budget[1] + periods * principal.budget_period
@@ -303,7 +342,7 @@ class RateLimiter:
     def __init__(self, resources: Resources, ring: KeyRing, *, spool: Path | None = None) -> None:
         self._resources = resources
         self._ring = ring
-        self._local = _LocalBuckets()
+        self._local = _LocalBuckets(ring)
         self._pending: dict[int, UsageDelta] = {}
         # Usage cut into numbered batches, oldest first, until the database confirms them
         # (see `KeysStore.record_usage`); kept in the spool file (`spool`: its directory)
@@ -403,7 +442,7 @@ class RateLimiter:
                 state = await KeysStore(db).admit(
                     principal.id, principal.rpm, principal.tpm, held.admissions, held.tokens, reserve,
                     budget=principal.budget, budget_period=timedelta(seconds=principal.budget_period),
-                    settle_budget=held.budget, budget_reserve=budget_reserve,
+                    settle_budget=held.budget, settled_at=held.budget_at, budget_reserve=budget_reserve,
                     release_budget=held.released, released_from=held.released_from,
                 )
             call.result = outcome.Value(state)
@@ -447,7 +486,8 @@ class RateLimiter:
             if principal.tpm is not None:
                 held.tokens, pending.tokens = held.tokens + pending.tokens, 0
             if principal.budget is not None:
-                held.budget, pending.budget = held.budget + pending.budget, 0
+                held.add(UsageDelta(budget=pending.budget, budget_at=pending.budget_at))
+                pending.budget, pending.budget_at = 0, None
                 held.release(pending.released, pending.released_from)
                 pending.released, pending.released_from = 0, None
         return held
@@ -490,8 +530,8 @@ class RateLimiter:
         spent = prompt + completion - record.reserved.tokens
         delta = UsageDelta(
             requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
-            budget=prompt + completion,
         )
+        delta.use(prompt + completion, time.time())
         delta.release(record.reserved.budget, record.reserved.period)
         pending = self._pending.get(key_id)
         if pending is None:
