@@ -1,7 +1,7 @@
 """`llm-proxy ingest WS PATH...`: documents into a RAG workspace, straight into the database.
 
 Files are taken as given; directories are walked (hidden entries skipped) for the formats
-the gateway reads: Markdown, plain text and HTML. A document's source is its path relative
+the gateway reads: Markdown, plain text, HTML and PDF. A document's source is its path relative
 to the directory named on the command line, prefixed with that directory's name
 (`docs/guide/install.md`), or the file's name for a file named directly, so running the
 command again from anywhere finds the same documents: unchanged ones are skipped, changed
@@ -43,7 +43,7 @@ from proxy.services.rag import WORKSPACE_NAME, DocumentInput, RagService
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    ingest = commands.add_parser("ingest", help="add documents (Markdown, text, HTML) to a RAG workspace")
+    ingest = commands.add_parser("ingest", help="add documents (Markdown, text, HTML, PDF) to a RAG workspace")
     common(ingest)
     ingest.add_argument("workspace", metavar="WS", help="the workspace (created if missing)")
     ingest.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files and directories")
@@ -72,8 +72,6 @@ def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
                 source = f"{root.name}/{relative.as_posix()}"
                 if entry.suffix.lower() in INGESTIBLE_EXTENSIONS:
                     files.append(_File(entry, source))
-                elif entry.suffix.lower() == ".pdf":
-                    skipped.append((source, "PDF is not supported"))
         elif path.is_file():
             files.append(_File(path, path.name))
         else:
@@ -166,7 +164,10 @@ async def _ingest(
                 try:
                     data = await trio.Path(item.path).read_bytes()
                     fmt = detect_format(item.path.name, None, data)
-                    document = DocumentInput(decode_text(data, item.source), fmt, item.source)
+                    if fmt == "pdf":
+                        document = DocumentInput("", fmt, item.source, data=data)
+                    else:
+                        document = DocumentInput(decode_text(data, item.source), fmt, item.source)
                     _, chunks = await rag.prepare(document)
                 except (UnsupportedDocument, OSError) as error:
                     statuses["failed"] += 1

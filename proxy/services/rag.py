@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,10 +42,13 @@ from proxy.infra.chunking import (
     Chunk,
     ChunkerSettings,
     Format,
+    UnsupportedDocument,
     chunk,
+    chunk_sections,
     to_text,
 )
 from proxy.infra.embedder import Vectors, maxsim
+from proxy.infra.pdf import PdfLimits, extract_pdf
 from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
 from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
 from proxy.services.chat import ChatExchange
@@ -87,13 +91,14 @@ def workspace_not_found(name: str, param: str | None = "x-workspace") -> Gateway
 
 @dataclass(frozen=True, slots=True)
 class DocumentInput:
-    """A document to ingest: `content` in `format`; `source` names it within the workspace
-    (default: its content hash)."""
+    """A document to ingest: `content` in `format` (a PDF's bytes in `data`); `source` names
+    it within the workspace (default: its content hash)."""
 
     content: str
     format: Format = "markdown"
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +228,8 @@ class RagService:
         self.signature = f"{self.chunker.signature}/pool{TOKEN_POOL_FACTOR}"
         # Hot chunks' token vectors stay in memory: the rerank reads them on every query.
         self.token_cache = TokenVectorCache(TOKEN_CACHE_BYTES)
+        self.pdf_limits = PdfLimits(max_bytes=settings.pdf_max_bytes, max_pages=settings.pdf_max_pages,
+                                    timeout_seconds=settings.pdf_timeout_seconds)
 
     def store(self) -> RagStore:
         db = self._database()
@@ -255,7 +262,7 @@ class RagService:
         prepared = []
         for index, document in enumerate(documents):
             _check_storable(document, index)
-            text, chunks = await self.prepare(document)
+            document, text, chunks = await self.prepared(document, index)
             if not chunks:
                 what = f"Document {document.source!r}" if document.source else "The document"
                 raise invalid_request(f"{what} has no text to index.", param="content")
@@ -266,12 +273,44 @@ class RagService:
         return [await self._ingest_one(store, workspace, *item, progress) for item in prepared]
 
     async def prepare(self, document: DocumentInput) -> tuple[str, list[Chunk]]:
-        """The document's extracted text and chunks (off the event loop)."""
+        """The document's extracted text and chunks (off the event loop); raises
+        `UnsupportedDocument` for a PDF that cannot be read."""
+        _, text, chunks = await self._prepare(document)
+        return text, chunks
+
+    async def prepared(self, document: DocumentInput, index: int = 0) -> tuple[DocumentInput, str, list[Chunk]]:
+        """`prepare`, with the document's own metadata (a PDF's title, author, pages) under the
+        caller's, and an unreadable PDF as a 400 `unsupported_document`."""
+        try:
+            return await self._prepare(document)
+        except UnsupportedDocument as exc:
+            raise invalid_request(str(exc), param=f"documents[{index}]", code="unsupported_document") from None
+
+    async def _prepare(self, document: DocumentInput) -> tuple[DocumentInput, str, list[Chunk]]:
+        if document.format == "pdf":
+            return await self._prepare_pdf(document)
+
         def work() -> tuple[str, list[Chunk]]:
             text = to_text(document.content, document.format)
             return text, chunk(text, "text" if document.format == "text" else "markdown", self.chunker)
 
-        return await trio.to_thread.run_sync(work)
+        return (document, *await trio.to_thread.run_sync(work))
+
+    async def _prepare_pdf(self, document: DocumentInput) -> tuple[DocumentInput, str, list[Chunk]]:
+        stop = threading.Event()
+        name = document.source or "The PDF"
+
+        def work() -> tuple[dict[str, Any], str, list[Chunk]]:
+            pdf = extract_pdf(document.data, name, self.pdf_limits, stop)
+            chunks = chunk_sections([(page.heading, page.text) for page in pdf.pages], self.chunker)
+            return pdf.metadata, pdf.text(), chunks
+
+        try:
+            # A caller that goes away is not kept waiting; `stop` ends the thread at its next page.
+            metadata, text, chunks = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        finally:
+            stop.set()
+        return replace(document, metadata={**metadata, **document.metadata}), text, chunks
 
     async def _ingest_one(
         self, store: RagStore, workspace: Workspace, document: DocumentInput, text: str, chunks: list[Chunk],
