@@ -1,0 +1,169 @@
+"""PDF documents in RAG workspaces: uploaded (multipart or base64 JSON) and ingested from the
+command line, answered from with the page in `x-rag-sources`, and refused with the reason
+when they cannot be read (encrypted, scanned, corrupt, over the limits). Real PostgreSQL,
+the real ONNX embedder, the gateway as the suite runs it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import psycopg
+import pytest
+from pypdf import PdfReader, PdfWriter
+
+from proxy.cli import main
+from proxy.config import RagSettings
+from proxy.infra.chunking import UnsupportedDocument
+from proxy.infra.pdf import PdfLimits, extract_pdf
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+from tests.pdf_files import make_pdf
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+GUIDE_PAGES = [
+    ["Welcome to the Acme Widget guide.", "This guide explains the product for new owners."],
+    ["Unpacking: remove the widget from its box and keep the foam inserts for transport."],
+    ["Calibration: hold the blue button for seven seconds until the lamp blinks green.",
+     "The widget then measures the room temperature and stores the offset."],
+    ["Cleaning: wipe the housing with a dry cloth; never use solvents on the display."],
+    ["Warranty: the widget is covered for two years from the date of purchase."],
+]
+
+
+def guide_pdf(**options: object) -> bytes:
+    return make_pdf(GUIDE_PAGES, title="Acme Widget Guide", author="Acme Docs Team", **options)  # type: ignore[arg-type]
+
+
+def encrypted(data: bytes, user_password: str) -> bytes:
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(data)))
+    writer.encrypt(user_password=user_password, owner_password="owner", algorithm="AES-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+async def test_a_question_is_answered_from_page_3_with_the_page_in_the_sources(pg_database_url: str) -> None:
+    fake = OpenAIBackend()
+    fake.set_script(Script(tokens=["Hold the blue button [1]."]))
+    async with fake.serve() as served, running_gateway(
+        backend("oa", served.url, default=True), database_url=pg_database_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=120) as http:
+        upload = await http.post("/v1/workspaces/manuals/documents",
+                                 files={"file": ("guide.pdf", guide_pdf(), "application/pdf")},
+                                 data={"metadata": '{"team": "support"}'})
+        assert upload.status_code == 201, upload.text
+        assert upload.json()["data"][0]["chunks"] == 5  # a chunk per page: none spans two
+        again = await http.post("/v1/workspaces/manuals/documents",
+                                files={"file": ("guide.pdf", guide_pdf(), "application/pdf")},
+                                data={"metadata": '{"team": "support"}'})
+        assert again.status_code == 200 and again.json()["data"][0]["status"] == "unchanged"
+        listed = (await http.get("/v1/workspaces/manuals/documents")).json()["data"]
+        assert [(d["source"], d["media_type"]) for d in listed] == [("guide.pdf", "application/pdf")]
+        assert listed[0]["metadata"] == {"team": "support", "title": "Acme Widget Guide",
+                                         "author": "Acme Docs Team", "pages": 5}
+
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(
+            model="qwen3-8b", extra_headers={"x-workspace": "manuals"},
+            messages=[{"role": "user", "content": "How do I calibrate the widget?"}],
+        )
+        sources = json.loads(raw.headers["x-rag-sources"])
+        assert sources[0]["source"] == "guide.pdf" and sources[0]["heading"] == "p. 3", sources
+        system = fake.requests[-1].json["messages"][0]["content"]
+        assert "hold the blue button for seven seconds" in system
+
+        # JSON with the bytes in base64; the outline (bookmarks) names the pages' sections.
+        bookmarked = guide_pdf(outline=[("Getting started", 0), ("Calibration", 2), ("Care", 3)])
+        sent = await http.post("/v1/workspaces/manuals/documents", json={
+            "source": "guide-v2.pdf", "format": "pdf", "content_base64": base64.b64encode(bookmarked).decode()})
+        assert sent.status_code == 201, sent.text
+        found = (await http.post("/v1/workspaces/manuals/search",
+                                 json={"query": "Is there a warranty?", "top_k": 4})).json()["data"]
+        headings = {(p["source"], p["heading"]) for p in found}
+        assert ("guide-v2.pdf", "Care > p. 5") in headings and ("guide.pdf", "p. 5") in headings
+
+
+async def test_unreadable_pdfs_are_refused_with_the_reason(pg_database_url: str) -> None:
+    too_long = make_pdf([[f"Page {n} of a long report."] for n in range(1, 13)])
+    cases = [
+        ("locked.pdf", encrypted(guide_pdf(), "secret"), "encrypted"),
+        ("scan.pdf", make_pdf([[], []]), "needs OCR"),
+        ("broken.pdf", guide_pdf()[:400], "corrupt"),
+        ("garbage.pdf", b"%PDF-1.7\nthis is no PDF at all", "corrupt"),
+        ("report.pdf", too_long, "12 pages; PDFs are limited to 10"),
+    ]
+    settings = RagSettings(pdf_max_pages=10)
+    async with running_gateway(database_url=pg_database_url, rag=settings) as url, \
+            httpx.AsyncClient(base_url=url, timeout=120) as http:
+        for name, data, reason in cases:
+            refused = await http.post("/v1/workspaces/w/documents", files={"file": (name, data, "application/pdf")})
+            assert refused.status_code == 400, (name, refused.text)
+            error = refused.json()["error"]
+            assert error["code"] == "unsupported_document" and reason in error["message"] and name in error["message"]
+        # The same over JSON; a PDF sent as text is pointed at `content_base64`.
+        refused = await http.post("/v1/workspaces/w/documents", json={
+            "source": "scan.pdf", "content_base64": base64.b64encode(make_pdf([[]])).decode()})
+        assert refused.status_code == 400 and "needs OCR" in refused.json()["error"]["message"]
+        as_text = await http.post("/v1/workspaces/w/documents", json={"content": "%PDF-1.4 ...", "format": "pdf"})
+        assert as_text.status_code == 400 and "content_base64" in as_text.json()["error"]["message"]
+        assert (await http.get("/v1/workspaces/w/documents")).status_code == 404  # nothing was written
+
+        # Encrypted only against changes (an empty user password) opens like any PDF.
+        opened = await http.post("/v1/workspaces/w/documents",
+                                 files={"file": ("open.pdf", encrypted(guide_pdf(), ""), "application/pdf")})
+        assert opened.status_code == 201, opened.text
+
+    bytes_limit = RagSettings(pdf_max_bytes=1000)
+    async with running_gateway(database_url=pg_database_url, rag=bytes_limit) as url, \
+            httpx.AsyncClient(base_url=url, timeout=120) as http:
+        refused = await http.post("/v1/workspaces/w/documents", files={"file": ("big.pdf", guide_pdf(), "application/pdf")})
+        assert refused.status_code == 400 and "limited to 1,000 bytes" in refused.json()["error"]["message"]
+
+
+def test_an_abandoned_or_slow_extraction_stops_between_pages() -> None:
+    """The worker thread checks the caller's stop event and its deadline before every page."""
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(UnsupportedDocument, match="abandoned"):
+        extract_pdf(guide_pdf(), "guide.pdf", PdfLimits(), stop)
+    with pytest.raises(UnsupportedDocument, match="took more than"):
+        extract_pdf(guide_pdf(), "guide.pdf", PdfLimits(timeout_seconds=-1))
+
+
+def test_a_sentence_over_a_page_break_stays_on_the_page_where_it_starts() -> None:
+    pdf = extract_pdf(make_pdf([["The installer needs the licence key which"], ["comes with the box. Then reboot."]]),
+                      "x.pdf", PdfLimits())
+    assert [(p.number, p.text) for p in pdf.pages] == [
+        (1, "The installer needs the licence key which comes with the box."), (2, "Then reboot.")]
+
+
+def test_cli_ingests_a_directory_with_a_pdf(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manuals = tmp_path / "manuals"
+    manuals.mkdir()
+    (manuals / "guide.pdf").write_bytes(guide_pdf())
+    (manuals / "notes.md").write_text("# Notes\n\nThe widget ships in spring.")
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+
+    assert main(["ingest", "manuals", str(manuals)]) == 0
+    err = capsys.readouterr().err
+    assert "manuals/guide.pdf  (5 chunks)" in err and "2 created" in err
+    with psycopg.connect(pg_database_url) as conn:
+        rows = conn.execute("SELECT d.source, d.media_type, c.heading FROM rag_documents d "
+                            "JOIN rag_chunks c ON c.document_id = d.id ORDER BY d.source, c.ordinal").fetchall()
+    assert [r for r in rows if r[0] == "manuals/guide.pdf"] == [
+        ("manuals/guide.pdf", "application/pdf", f"p. {n}") for n in range(1, 6)]
+    assert main(["ingest", "manuals", str(manuals)]) == 0
+    assert "2 unchanged" in capsys.readouterr().err
+
+    (manuals / "scan.pdf").write_bytes(make_pdf([[]]))
+    assert main(["ingest", "manuals", str(manuals / "scan.pdf")]) == 1
+    assert "needs OCR" in capsys.readouterr().err
