@@ -88,6 +88,12 @@ async def test_a_question_is_answered_from_page_3_with_the_page_in_the_sources(p
                                  json={"query": "Is there a warranty?", "top_k": 4})).json()["data"]
         headings = {(p["source"], p["heading"]) for p in found}
         assert ("guide-v2.pdf", "Care > p. 5") in headings and ("guide.pdf", "p. 5") in headings
+        # Any file's bytes may come that way: text is decoded as an upload's would be.
+        notes = await http.post("/v1/workspaces/manuals/documents", json={
+            "source": "notes.md", "content_base64": base64.b64encode("# Notes\n\nShips in spring.".encode("utf-16")).decode()})
+        assert notes.status_code == 201 and notes.json()["data"][0]["chunks"] == 1
+        not_base64 = await http.post("/v1/workspaces/manuals/documents", json={"content_base64": "%%%", "format": "pdf"})
+        assert not_base64.status_code == 400 and not_base64.json()["error"]["param"] == "body.content_base64"
 
 
 async def test_unreadable_pdfs_are_refused_with_the_reason(pg_database_url: str) -> None:

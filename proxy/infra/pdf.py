@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pypdf import PdfReader
-from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
+from pypdf.errors import DependencyError, FileNotDecryptedError
 from pypdf.generic import Destination
 
 from proxy.infra.chunking import UnsupportedDocument
@@ -78,7 +78,7 @@ def extract_pdf(data: bytes, name: str, limits: PdfLimits, stop: threading.Event
         count = len(reader.pages)
     except UnsupportedDocument:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OSError) as exc:
+    except Exception as exc:  # a damaged file makes pypdf raise almost anything
         raise UnsupportedDocument(f"{name} could not be read as a PDF (corrupt or not a PDF): {_reason(exc)}") from None
     if count == 0:
         raise UnsupportedDocument(f"{name} has no pages (a corrupt or empty PDF).")
@@ -103,8 +103,7 @@ def extract_pdf(data: bytes, name: str, limits: PdfLimits, stop: threading.Event
             current = entries[-1]
         try:
             texts.append(_clean(reader.pages[index].extract_text() or ""))
-        except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError,
-                OSError, ZeroDivisionError) as exc:
+        except Exception as exc:  # as above: the page is damaged, whatever pypdf raises
             raise UnsupportedDocument(f"{name}: page {index + 1} could not be read (corrupt PDF): {_reason(exc)}") from None
     if not any(texts):
         raise UnsupportedDocument(
@@ -172,7 +171,7 @@ def _outline_starts(reader: PdfReader) -> dict[int, list[tuple[str, ...]]]:
     starts: dict[int, list[tuple[str, ...]]] = {}
     try:
         outline = reader.outline
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
+    except Exception:  # a damaged outline only loses the section titles
         return starts
 
     def walk(items: list[Any], path: tuple[str, ...]) -> None:
@@ -187,7 +186,7 @@ def _outline_starts(reader: PdfReader) -> dict[int, list[tuple[str, ...]]]:
             title = " ".join(str(item.title or "").split())[:120]
             try:
                 page = reader.get_destination_page_number(item)
-            except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            except Exception:  # a dangling bookmark is skipped
                 page = -1
             last = (*path, title) if title else path
             if page is not None and page >= 0 and title:
@@ -201,11 +200,15 @@ def _metadata(reader: PdfReader) -> dict[str, Any]:
     out: dict[str, Any] = {"pages": len(reader.pages)}
     try:
         info = reader.metadata
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError):
+    except Exception:  # damaged document info: no title or author
         return out
     if info is None:
         return out
-    for key, value in (("title", info.title), ("author", info.author)):
+    try:
+        fields = (("title", info.title), ("author", info.author))
+    except Exception:  # as above
+        return out
+    for key, value in fields:
         if isinstance(value, str) and (clean := " ".join(_CONTROL.sub(" ", value).split())[:500]):
             out[key] = clean
     return out
