@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import httpx
 import openai
 import psycopg
 import pytest
+import trio
 from pypdf import PdfReader, PdfWriter
 
 from proxy.cli import main
@@ -141,6 +143,51 @@ def test_an_abandoned_or_slow_extraction_stops_between_pages() -> None:
         extract_pdf(guide_pdf(), "guide.pdf", PdfLimits(), stop)
     with pytest.raises(UnsupportedDocument, match="took more than"):
         extract_pdf(guide_pdf(), "guide.pdf", PdfLimits(timeout_seconds=-1))
+
+
+def pages_being_read() -> list[int]:
+    """The page index each thread running `extract_pdf` (in this process) is at."""
+    seen = []
+    for frame in sys._current_frames().values():
+        current: object = frame
+        while current is not None:
+            code = current.f_code  # type: ignore[attr-defined]
+            if code.co_name == "extract_pdf" and code.co_filename.endswith("pdf.py"):
+                seen.append(int(current.f_locals.get("index", -1)))  # type: ignore[attr-defined]
+                break
+            current = current.f_back  # type: ignore[attr-defined]
+    return seen
+
+
+async def test_a_client_that_leaves_stops_the_extraction(pg_database_url: str) -> None:
+    """The worker thread reading a long PDF stops at its next page once the client has gone:
+    it never gets near the end (watched through its frame, not timed)."""
+    pages = 1200
+    pdf = make_pdf([[f"Line {i} of page {p}, with enough words to take a moment to read." for i in range(40)]
+                    for p in range(pages)])
+    async with running_gateway(database_url=pg_database_url, rag=RagSettings(pdf_max_pages=pages)) as url, \
+            httpx.AsyncClient(base_url=url, timeout=120) as http:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: http.post("/v1/workspaces/w/documents",
+                                                 files={"file": ("long.pdf", pdf, "application/pdf")}))
+            left_at = max(await watch_extraction(until_started=True))
+            nursery.cancel_scope.cancel()  # the client hangs up
+        highest = max(await watch_extraction(until_started=False), default=left_at)
+        assert left_at < pages // 4 and highest < pages // 2, (left_at, highest)
+        assert (await http.get("/v1/workspaces/w")).status_code == 404  # nothing was stored
+
+
+async def watch_extraction(*, until_started: bool) -> list[int]:
+    """Polls the extraction threads' page indexes until one runs (`until_started`) or none
+    does; returns every index seen."""
+    seen: list[int] = []
+    with trio.fail_after(60):
+        while True:
+            reading = pages_being_read()
+            seen.extend(reading)
+            if bool(reading) == until_started:
+                return seen
+            await trio.sleep(0.002)
 
 
 def test_a_sentence_over_a_page_break_stays_on_the_page_where_it_starts() -> None:
