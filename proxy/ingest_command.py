@@ -39,7 +39,7 @@ from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
 from proxy.infra.rag_store import RagStore
-from proxy.services.rag import WORKSPACE_NAME, DocumentInput, RagService
+from proxy.services.rag import WORKSPACE_NAME, DocumentInput, Prepared, RagService
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -159,7 +159,7 @@ async def _ingest(
             return 2
         async with LocalEmbedder.open(intra_op_threads=args.threads) as opened:
             rag = RagService(settings.rag, lambda: db, opened)
-            documents: list[tuple[_File, DocumentInput, int]] = []
+            documents: list[tuple[_File, Prepared]] = []
             for item in files:
                 try:
                     data = await trio.Path(item.path).read_bytes()
@@ -168,19 +168,20 @@ async def _ingest(
                         document = DocumentInput("", fmt, item.source, data=data)
                     else:
                         document = DocumentInput(decode_text(data, item.source), fmt, item.source)
-                    _, chunks = await rag.prepare(document)
+                    prepared = await rag.prepare(document)
                 except (UnsupportedDocument, OSError) as error:
                     statuses["failed"] += 1
                     print(f"{'failed':>9}  {item.source}  {error}", file=err)
                     continue
-                documents.append((item, document, len(chunks)))
-            progress = _Progress(err, sum(count for _, _, count in documents), len(documents))
+                documents.append((item, prepared))
+            progress = _Progress(err, sum(len(chunks) for _, (_, _, chunks) in documents), len(documents))
             try:
-                for item, document, count in documents:
+                for item, prepared in documents:
+                    count = len(prepared[2])
                     progress.file(item.source)
                     try:
-                        (result,) = await rag.ingest(args.workspace, [document], progress=progress.chunks,
-                                                     language=args.language)
+                        (result,) = await rag.ingest_prepared(args.workspace, [prepared], progress=progress.chunks,
+                                                              language=args.language)
                     except GatewayError as error:
                         if error.code in ("database_error", "database_unavailable"):
                             raise

@@ -210,6 +210,8 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) ->
 # -- the service -----------------------------------------------------------------------------------
 
 DatabaseSource = Callable[[], Database | None]
+# A document ready to store: itself, its extracted text, its chunks.
+Prepared = tuple[DocumentInput, str, list[Chunk]]
 Progress = Callable[[int], None]
 
 
@@ -261,32 +263,40 @@ class RagService:
         check_workspace_name(workspace_name)
         prepared = []
         for index, document in enumerate(documents):
+            _check_storable(document, index)  # before any work
+            try:
+                prepared.append(await self.prepare(document))
+            except UnsupportedDocument as exc:
+                raise invalid_request(str(exc), param=f"documents[{index}]", code="unsupported_document") from None
+        return await self.ingest_prepared(workspace_name, prepared, progress=progress, language=language)
+
+    async def ingest_prepared(
+        self,
+        workspace_name: str,
+        prepared: Sequence[Prepared],
+        *,
+        progress: Progress | None = None,
+        language: str | None = None,
+    ) -> list[IngestResult]:
+        """`ingest` of documents already through `prepare` (not extracted again)."""
+        check_workspace_name(workspace_name)
+        for index, (document, _, chunks) in enumerate(prepared):
             _check_storable(document, index)
-            document, text, chunks = await self.prepared(document, index)
             if not chunks:
                 what = f"Document {document.source!r}" if document.source else "The document"
                 raise invalid_request(f"{what} has no text to index.", param="content")
-            prepared.append((document, text, chunks))
         store = self.store()
         with _database_errors():
             workspace = await store.ensure_workspace(workspace_name, language=language)
         return [await self._ingest_one(store, workspace, *item, progress) for item in prepared]
 
-    async def prepare(self, document: DocumentInput) -> tuple[str, list[Chunk]]:
-        """The document's extracted text and chunks (off the event loop); raises
-        `UnsupportedDocument` for a PDF that cannot be read."""
-        _, text, chunks = await self._prepare(document)
-        return text, chunks
+    async def prepare(self, document: DocumentInput) -> Prepared:
+        """The document (with a PDF's own metadata, its title, author and pages, under the
+        caller's, and its bytes let go), its extracted text and chunks, worked out off the event
+        loop; raises `UnsupportedDocument` for a PDF that cannot be read."""
+        return await self._prepare(document)
 
-    async def prepared(self, document: DocumentInput, index: int = 0) -> tuple[DocumentInput, str, list[Chunk]]:
-        """`prepare`, with the document's own metadata (a PDF's title, author, pages) under the
-        caller's, and an unreadable PDF as a 400 `unsupported_document`."""
-        try:
-            return await self._prepare(document)
-        except UnsupportedDocument as exc:
-            raise invalid_request(str(exc), param=f"documents[{index}]", code="unsupported_document") from None
-
-    async def _prepare(self, document: DocumentInput) -> tuple[DocumentInput, str, list[Chunk]]:
+    async def _prepare(self, document: DocumentInput) -> Prepared:
         if document.format == "pdf":
             return await self._prepare_pdf(document)
 
@@ -296,7 +306,7 @@ class RagService:
 
         return (document, *await trio.to_thread.run_sync(work))
 
-    async def _prepare_pdf(self, document: DocumentInput) -> tuple[DocumentInput, str, list[Chunk]]:
+    async def _prepare_pdf(self, document: DocumentInput) -> Prepared:
         stop = threading.Event()
         name = document.source or "The PDF"
 
@@ -310,7 +320,7 @@ class RagService:
             metadata, text, chunks = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         finally:
             stop.set()
-        return replace(document, metadata={**metadata, **document.metadata}), text, chunks
+        return replace(document, metadata={**metadata, **document.metadata}, data=b""), text, chunks
 
     async def _ingest_one(
         self, store: RagStore, workspace: Workspace, document: DocumentInput, text: str, chunks: list[Chunk],
