@@ -20,7 +20,7 @@ import trio
 from pypdf import PdfReader, PdfWriter
 
 from proxy.cli import main
-from proxy.config import RagSettings
+from proxy.config import ConfigError, RagSettings, load_settings
 from proxy.infra.chunking import UnsupportedDocument
 from proxy.infra.pdf import PdfLimits, extract_pdf
 from tests.fakes import OpenAIBackend, Script
@@ -220,3 +220,13 @@ def test_cli_ingests_a_directory_with_a_pdf(
     (manuals / "scan.pdf").write_bytes(make_pdf([[]]))
     assert main(["ingest", "manuals", str(manuals / "scan.pdf")]) == 1
     assert "needs OCR" in capsys.readouterr().err
+
+
+def test_the_pdf_limits_are_configured_in_the_rag_section(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[rag]\npdf_max_pages = 50\npdf_max_bytes = 1048576\npdf_timeout_seconds = 2.5\n")
+    rag = load_settings(config, {}).rag
+    assert (rag.pdf_max_pages, rag.pdf_max_bytes, rag.pdf_timeout_seconds) == (50, 1048576, 2.5)
+    config.write_text("[rag]\npdf_max_pages = 0\n")
+    with pytest.raises(ConfigError, match="pdf_max_pages"):
+        load_settings(config, {})
