@@ -16,9 +16,11 @@ def make_pdf(
     outline: Sequence[tuple[str, int]] = (),
     title: str | None = None,
     author: str | None = None,
+    busywork: int = 0,
 ) -> bytes:
     """A PDF whose page i shows the lines `pages[i]` (an empty page draws only a rectangle,
-    like a scan without a text layer); `outline`: (title, page index) bookmarks."""
+    like a scan without a text layer, and `busywork` text objects that show nothing: work for
+    an extractor that finds no text); `outline`: (title, page index) bookmarks."""
     objects: list[bytes] = []
 
     def add(body: bytes) -> int:
@@ -33,7 +35,7 @@ def make_pdf(
         if lines:
             ops = "BT /F1 11 Tf 14 TL 72 740 Td " + " ".join(f"({_escape(line)}) Tj T*" for line in lines) + " ET"
         else:
-            ops = "0.5 g 72 72 400 600 re f"
+            ops = "0.5 g 72 72 400 600 re f" + " BT /F1 11 Tf () Tj ET" * busywork
         stream = ops.encode("latin-1")
         content = add(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
         page_ids.append(add(

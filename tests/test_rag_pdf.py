@@ -177,6 +177,30 @@ async def test_a_client_that_leaves_stops_the_extraction(pg_database_url: str) -
         assert (await http.get("/v1/workspaces/w")).status_code == 404  # nothing was stored
 
 
+async def test_pdfs_are_read_two_at_a_time(pg_database_url: str) -> None:
+    """Extraction holds the GIL: four uploads at once get two reading threads, not four, so
+    the event loop (every other stream) keeps its share. (Scans that take a while to find
+    without text: refused once read, nothing to embed.)"""
+    pdf = make_pdf([[]] * 200, busywork=300)
+    most = 0
+    async with running_gateway(database_url=pg_database_url) as url, \
+            httpx.AsyncClient(base_url=url, timeout=120) as http, trio.open_nursery() as nursery:
+        statuses: list[int] = []
+
+        async def upload(n: int) -> None:
+            response = await http.post("/v1/workspaces/w/documents",
+                                       files={"file": (f"r{n}.pdf", pdf, "application/pdf")})
+            statuses.append(response.status_code)
+
+        for n in range(4):
+            nursery.start_soon(upload, n)
+        with trio.fail_after(120):
+            while len(statuses) < 4:
+                most = max(most, len(pages_being_read()))
+                await trio.sleep(0.002)
+    assert statuses == [400] * 4 and most == 2
+
+
 async def watch_extraction(*, until_started: bool) -> list[int]:
     """Polls the extraction threads' page indexes until one runs (`until_started`) or none
     does; returns every index seen."""

@@ -69,6 +69,9 @@ ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", SOURCES_HEADER, b"x-rag-c
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
 _MAX_SOURCE: Final = 1024
+# PDFs read at once: text extraction is pure Python and holds the GIL, so more threads would
+# only take turns with the event loop (and slow every stream) without finishing sooner.
+PDF_THREADS: Final = 2
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -232,6 +235,7 @@ class RagService:
         self.token_cache = TokenVectorCache(TOKEN_CACHE_BYTES)
         self.pdf_limits = PdfLimits(max_bytes=settings.pdf_max_bytes, max_pages=settings.pdf_max_pages,
                                     timeout_seconds=settings.pdf_timeout_seconds)
+        self._pdf_threads: trio.CapacityLimiter | None = None  # made in the first run that needs it
 
     def store(self) -> RagStore:
         db = self._database()
@@ -315,9 +319,13 @@ class RagService:
             chunks = chunk_sections([(page.heading, page.text) for page in pdf.pages], self.chunker)
             return pdf.metadata, pdf.text(), chunks
 
+        if self._pdf_threads is None:
+            self._pdf_threads = trio.CapacityLimiter(PDF_THREADS)
         try:
-            # A caller that goes away is not kept waiting; `stop` ends the thread at its next page.
-            metadata, text, chunks = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+            # A caller that goes away is not kept waiting; `stop` ends the thread at its next page
+            # (and only then frees its place in the limiter).
+            metadata, text, chunks = await trio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=self._pdf_threads)
         finally:
             stop.set()
         return replace(document, metadata={**metadata, **document.metadata}, data=b""), text, chunks
