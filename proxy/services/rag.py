@@ -298,9 +298,6 @@ class RagService:
         """The document (with a PDF's own metadata, its title, author and pages, under the
         caller's, and its bytes let go), its extracted text and chunks, worked out off the event
         loop; raises `UnsupportedDocument` for a PDF that cannot be read."""
-        return await self._prepare(document)
-
-    async def _prepare(self, document: DocumentInput) -> Prepared:
         if document.format == "pdf":
             return await self._prepare_pdf(document)
 
