@@ -150,6 +150,9 @@ class RagSettings:
     chunk_tokens: int = 200  # target chunk size, in the embedding model's tokens
     chunk_overlap: int = 40  # tokens repeated between consecutive chunks of a section
     template: str = DEFAULT_RAG_TEMPLATE  # the injected system text: {workspace}, {passages}
+    pdf_max_pages: int = 1000  # a longer PDF is refused (split it)
+    pdf_max_bytes: int = 64 * 1024 * 1024  # a bigger PDF is refused (over HTTP `max_body_bytes` comes first)
+    pdf_timeout_seconds: float = 120.0  # reading one PDF's text takes at most this long
 
 
 @dataclass(slots=True, frozen=True)
@@ -520,7 +523,8 @@ def _parse_embeddings(raw: Mapping[str, Any]) -> EmbeddingSettings:
 
 def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
     reader = _Reader(
-        raw, "rag", {"top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template"}
+        raw, "rag", {"top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template",
+                     "pdf_max_pages", "pdf_max_bytes", "pdf_timeout_seconds"}
     )
     top_k = reader.positive("top_k", int, 4)
     threshold = float(reader.get("score_threshold", (int, float), 0.3))
@@ -547,6 +551,9 @@ def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
         chunk_tokens=chunk_tokens,
         chunk_overlap=overlap,
         template=template,
+        pdf_max_pages=reader.positive("pdf_max_pages", int, 1000),
+        pdf_max_bytes=reader.positive("pdf_max_bytes", int, 64 * 1024 * 1024),
+        pdf_timeout_seconds=float(reader.positive("pdf_timeout_seconds", (int, float), 120.0)),
     )
 
 

@@ -1,7 +1,7 @@
 """`llm-proxy ingest WS PATH...`: documents into a RAG workspace, straight into the database.
 
 Files are taken as given; directories are walked (hidden entries skipped) for the formats
-the gateway reads: Markdown, plain text and HTML. A document's source is its path relative
+the gateway reads: Markdown, plain text, HTML and PDF. A document's source is its path relative
 to the directory named on the command line, prefixed with that directory's name
 (`docs/guide/install.md`), or the file's name for a file named directly, so running the
 command again from anywhere finds the same documents: unchanged ones are skipped, changed
@@ -39,11 +39,11 @@ from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import DatabaseError, open_database
 from proxy.infra.rag_store import RagStore
-from proxy.services.rag import WORKSPACE_NAME, DocumentInput, RagService
+from proxy.services.rag import WORKSPACE_NAME, DocumentInput, Prepared, RagService
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    ingest = commands.add_parser("ingest", help="add documents (Markdown, text, HTML) to a RAG workspace")
+    ingest = commands.add_parser("ingest", help="add documents (Markdown, text, HTML, PDF) to a RAG workspace")
     common(ingest)
     ingest.add_argument("workspace", metavar="WS", help="the workspace (created if missing)")
     ingest.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files and directories")
@@ -72,8 +72,6 @@ def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
                 source = f"{root.name}/{relative.as_posix()}"
                 if entry.suffix.lower() in INGESTIBLE_EXTENSIONS:
                     files.append(_File(entry, source))
-                elif entry.suffix.lower() == ".pdf":
-                    skipped.append((source, "PDF is not supported"))
         elif path.is_file():
             files.append(_File(path, path.name))
         else:
@@ -161,25 +159,29 @@ async def _ingest(
             return 2
         async with LocalEmbedder.open(intra_op_threads=args.threads) as opened:
             rag = RagService(settings.rag, lambda: db, opened)
-            documents: list[tuple[_File, DocumentInput, int]] = []
+            documents: list[tuple[_File, Prepared]] = []
             for item in files:
                 try:
                     data = await trio.Path(item.path).read_bytes()
                     fmt = detect_format(item.path.name, None, data)
-                    document = DocumentInput(decode_text(data, item.source), fmt, item.source)
-                    _, chunks = await rag.prepare(document)
+                    if fmt == "pdf":
+                        document = DocumentInput("", fmt, item.source, data=data)
+                    else:
+                        document = DocumentInput(decode_text(data, item.source), fmt, item.source)
+                    prepared = await rag.prepare(document)
                 except (UnsupportedDocument, OSError) as error:
                     statuses["failed"] += 1
                     print(f"{'failed':>9}  {item.source}  {error}", file=err)
                     continue
-                documents.append((item, document, len(chunks)))
-            progress = _Progress(err, sum(count for _, _, count in documents), len(documents))
+                documents.append((item, prepared))
+            progress = _Progress(err, sum(len(chunks) for _, (_, _, chunks) in documents), len(documents))
             try:
-                for item, document, count in documents:
+                for item, prepared in documents:
+                    count = len(prepared[2])
                     progress.file(item.source)
                     try:
-                        (result,) = await rag.ingest(args.workspace, [document], progress=progress.chunks,
-                                                     language=args.language)
+                        (result,) = await rag.ingest_prepared(args.workspace, [prepared], progress=progress.chunks,
+                                                              language=args.language)
                     except GatewayError as error:
                         if error.code in ("database_error", "database_unavailable"):
                             raise

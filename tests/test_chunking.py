@@ -111,15 +111,14 @@ def test_html_becomes_markdown_like_text() -> None:
     assert [c.heading for c in chunks] == ["Title", "Title > Sub"]
 
 
-def test_formats_are_detected_and_pdf_is_refused_clearly() -> None:
+def test_formats_are_detected() -> None:
     assert detect_format("a.md") == "markdown"
     assert detect_format("notes.TXT") == "text"
     assert detect_format("page.html") == "html"
     assert detect_format(None, "text/html; charset=utf-8") == "html"
     assert detect_format("upload", None, b"<!DOCTYPE html><html>") == "html"
     for name, media, data in (("x.pdf", None, None), ("x", "application/pdf", None), ("x.bin", None, b"%PDF-1.7\n")):
-        with pytest.raises(UnsupportedDocument, match="PDF documents are not supported"):
-            detect_format(name, media, data)
+        assert detect_format(name, media, data) == "pdf"
 
 
 def test_decoding_accepts_utf8_and_utf16_and_refuses_binary() -> None:

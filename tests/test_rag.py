@@ -321,7 +321,7 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
 
         pdf = await http.post("/v1/workspaces/docs/documents", files={"file": ("report.pdf", b"%PDF-1.7\n...", "application/pdf")})
         assert pdf.status_code == 400 and pdf.json()["error"]["code"] == "unsupported_document"
-        bad_format = await http.post("/v1/workspaces/docs/documents", json={"content": "x", "format": "pdf"})
+        bad_format = await http.post("/v1/workspaces/docs/documents", json={"content": "x", "format": "docx"})
         assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "body.format"
         empty = await http.post("/v1/workspaces/docs/documents", json={"content": "   "})
         assert empty.status_code == 400
@@ -372,7 +372,6 @@ def test_cli_ingest_walks_files_and_directories(
     (docs / "api.md").write_text(API)
     (docs / "sub" / "bread.html").write_text(BREAD)
     (docs / ".hidden.md").write_text("# Secret\n\nnot ingested")
-    (docs / "report.pdf").write_bytes(b"%PDF-1.7\n")
     (docs / "image.png").write_bytes(b"\x89PNG\r\n")
     single = tmp_path / "handbook.txt"
     single.write_text(HANDBOOK)
@@ -381,7 +380,6 @@ def test_cli_ingest_walks_files_and_directories(
     assert main(["ingest", "team", str(docs), str(single)]) == 0
     err = capsys.readouterr().err
     assert "3 documents" in err and "created" in err
-    assert "report.pdf" in err  # skipped, and said so
 
     with psycopg.connect(pg_database_url) as conn:
         rows = conn.execute("SELECT source, media_type FROM rag_documents ORDER BY source").fetchall()
@@ -390,7 +388,8 @@ def test_cli_ingest_walks_files_and_directories(
     assert main(["ingest", "team", str(docs)]) == 0
     assert "2 unchanged" in capsys.readouterr().err
 
-    assert main(["ingest", "team", str(docs / "report.pdf")]) == 1
-    assert "PDF documents are not supported" in capsys.readouterr().err
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.7\n")
+    assert main(["ingest", "team", str(tmp_path / "report.pdf")]) == 1
+    assert "corrupt" in capsys.readouterr().err
     assert main(["ingest", "bad name", str(docs)]) == 2
 

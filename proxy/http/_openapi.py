@@ -461,8 +461,11 @@ _RETRIEVAL: Schema = {
 _WORKSPACE_SETTINGS: Schema = {"type": "object", "properties": {"language": _STR, "settings": {"type": "object", "properties": _RETRIEVAL}}}
 _DOCUMENT: Schema = {
     "type": "object",
-    "required": ["content"],
-    "properties": {"content": _STR, "format": _STR, "source": {"type": "string", "minLength": 1}, "metadata": _OBJ},
+    # Text as `content`, or a file's bytes (a PDF) as `content_base64`.
+    "oneOf": [{"required": ["content"]}, {"required": ["content_base64"]}],
+    "properties": {"content": _STR, "content_base64": _STR,
+                   "format": {"enum": ["markdown", "text", "html", "pdf"]},
+                   "source": {"type": "string", "minLength": 1}, "metadata": _OBJ},
 }
 _DOCUMENTS: Schema = {
     "oneOf": [

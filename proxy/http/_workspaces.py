@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import uuid
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ from werkzeug.datastructures import FileStorage
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, request_body
-from proxy.infra.chunking import FORMATS, UnsupportedDocument, decode_text, detect_format
+from proxy.infra.chunking import FORMATS, Format, UnsupportedDocument, decode_text, detect_format
 from proxy.infra.rag_store import DocumentRow, LanguageLocked, WorkspaceSummary
 from proxy.services.rag import (
     DocumentInput,
@@ -136,24 +138,42 @@ def _metadata(value: Any, param: str) -> dict[str, Any]:
 
 
 def _json_document(item: Any, where: str) -> DocumentInput:
+    """`content` (text), or `content_base64` (a file's bytes: a PDF, or text in UTF-8/16)."""
     if not isinstance(item, dict):
         raise invalid_request(f"Invalid `{where}`: expected an object.", param=where)
     fields = Fields(item, where)
-    content = fields.text("content", required=True)
-    assert content is not None
+    encoded = fields.text("content_base64")
+    content = fields.text("content", required=encoded is None)
+    if content is not None and encoded is not None:
+        raise invalid_request(f"`{where}` has both `content` and `content_base64`: send one.", param=f"{where}.content")
     source = fields.text("source", nonempty=True)
     fmt = fields.text("format")
     if fmt is not None and fmt not in FORMATS:
-        raise invalid_request(
-            f"Invalid `{where}.format` {fmt!r}: expected one of {', '.join(FORMATS)} (PDF is not supported).",
-            param=f"{where}.format",
-        )
-    try:
+        raise invalid_request(f"Invalid `{where}.format` {fmt!r}: expected one of {', '.join(FORMATS)}.",
+                              param=f"{where}.format")
+    metadata = _metadata(item.get("metadata"), f"{where}.metadata")
+    if encoded is None:
+        assert content is not None
         detected = fmt or detect_format(source, None, content[:1024].encode())
+        if detected == "pdf":
+            raise invalid_request(f"A PDF is sent as `{where}.content_base64` (its bytes, base64), not as text.",
+                                  param=f"{where}.content", code="unsupported_document")
+        return DocumentInput(content=content, format=detected, source=source, metadata=metadata)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_request(f"Invalid `{where}.content_base64`: not base64.", param=f"{where}.content_base64") from None
+    return _file_document(data, fmt or detect_format(source, None, data), source, metadata, f"{where}.content_base64")
+
+
+def _file_document(data: bytes, fmt: Format, source: str | None, metadata: dict[str, Any], param: str) -> DocumentInput:
+    if fmt == "pdf":  # read (and refused if need be) off the event loop, by `RagService.ingest`
+        return DocumentInput(content="", format="pdf", source=source, metadata=metadata, data=data)
+    try:
+        text = decode_text(data, source or "The document")
     except UnsupportedDocument as exc:
-        raise invalid_request(str(exc), param=f"{where}.format", code="unsupported_document") from None
-    return DocumentInput(content=content, format=detected, source=source,
-                         metadata=_metadata(item.get("metadata"), f"{where}.metadata"))
+        raise invalid_request(str(exc), param=param, code="unsupported_document") from None
+    return DocumentInput(content=text, format=fmt, source=source, metadata=metadata)
 
 
 async def _uploaded(files: Sequence[tuple[str, FileStorage]], metadata: dict[str, Any]) -> list[DocumentInput]:
@@ -161,19 +181,14 @@ async def _uploaded(files: Sequence[tuple[str, FileStorage]], metadata: dict[str
     for field_name, upload in files:
         name = upload.filename or field_name
         data = upload.read()
-        try:
-            fmt = detect_format(name, upload.content_type, data)
-            text = decode_text(data, name)
-        except UnsupportedDocument as exc:
-            raise invalid_request(str(exc), param=field_name, code="unsupported_document") from None
-        documents.append(DocumentInput(content=text, format=fmt, source=name, metadata=metadata))
+        documents.append(_file_document(data, detect_format(name, upload.content_type, data), name, metadata, field_name))
     return documents
 
 
 @blueprint.post("/v1/workspaces/<ws>/documents")
 async def add_documents(ws: str) -> Response:
-    """JSON: `{"documents": [{"content", "format"?, "source"?, "metadata"?}]}` or one such
-    document as the body; multipart: one or more files (any field name), optional `metadata`
+    """JSON: `{"documents": [{"content" | "content_base64", "format"?, "source"?, "metadata"?}]}`
+    or one such document as the body; multipart: one or more files (any field name), optional `metadata`
     (a JSON object for all of them) and `language` fields."""
     check_workspace_name(ws)
     language: str | None = None

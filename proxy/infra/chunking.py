@@ -14,9 +14,9 @@ Chunking follows the document's structure:
 - Consecutive chunks of a section overlap by up to `overlap` tokens of whole sentences.
 
 HTML is turned into Markdown-ish text first (headings become `#` lines, `<pre>` becomes a
-code fence, scripts, styles and navigation are dropped). PDF is not supported: there is no
-PDF library among the gateway's dependencies, and a wrong extraction is worse than a clear
-refusal.
+code fence, scripts, styles and navigation are dropped). PDF is read page by page
+(`proxy.infra.pdf`); each page is a section (`chunk_sections`) headed by its outline path and
+page number.
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ from typing import Final, Literal
 from tokenizers import Regex, pre_tokenizers
 from tokenizers.implementations.bert_wordpiece import BertWordPieceTokenizer
 
-Format = Literal["markdown", "text", "html"]
-FORMATS: Final[tuple[Format, ...]] = ("markdown", "text", "html")
+Format = Literal["markdown", "text", "html", "pdf"]
+FORMATS: Final[tuple[Format, ...]] = ("markdown", "text", "html", "pdf")
 
 MEDIA_TYPES: Final[dict[Format, str]] = {
     "markdown": "text/markdown",
     "text": "text/plain",
     "html": "text/html",
+    "pdf": "application/pdf",
 }
 _EXTENSIONS: Final[dict[str, Format]] = {
     ".md": "markdown", ".markdown": "markdown", ".mdx": "markdown", ".mkd": "markdown",
     ".txt": "text", ".text": "text", ".rst": "text", ".log": "text", ".adoc": "text",
     ".html": "html", ".htm": "html", ".xhtml": "html",
+    ".pdf": "pdf",
 }
-_PDF_EXTENSIONS: Final = (".pdf",)
 # Extensions `ingest` picks up when it walks a directory.
 INGESTIBLE_EXTENSIONS: Final = frozenset(_EXTENSIONS)
 
@@ -56,7 +57,8 @@ _HEADING_TOKENS_MAX: Final = 48
 
 
 class UnsupportedDocument(Exception):
-    """The document cannot be ingested (PDF, binary, undecodable); the message says why."""
+    """The document cannot be ingested (binary, undecodable, a PDF that cannot be read); the
+    message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,16 +98,12 @@ class Chunk:
 
 
 def detect_format(name: str | None, content_type: str | None = None, data: bytes | None = None) -> Format:
-    """The document's format from its file name, media type or first bytes; raises
-    `UnsupportedDocument` for PDF."""
+    """The document's format from its file name, media type or first bytes."""
     media = (content_type or "").split(";")[0].strip().lower()
     suffix = PurePath(name).suffix.lower() if name else ""
     head = (data or b"")[:1024].lstrip().lower()
-    if suffix in _PDF_EXTENSIONS or media == "application/pdf" or head.startswith(b"%pdf-"):
-        raise UnsupportedDocument(
-            "PDF documents are not supported: convert them to text, Markdown or HTML first "
-            "(e.g. `pdftotext file.pdf`)."
-        )
+    if media in ("application/pdf", "application/x-pdf") or head.startswith(b"%pdf-"):
+        return "pdf"
     if suffix in _EXTENSIONS:
         return _EXTENSIONS[suffix]
     if media in ("text/markdown", "text/x-markdown"):
@@ -386,6 +384,22 @@ def chunk(text: str, fmt: Format = "markdown", settings: ChunkerSettings | None 
     return chunks
 
 
+def chunk_sections(
+    sections: Sequence[tuple[Sequence[str], str]], settings: ChunkerSettings | None = None,
+    counter: TokenCounter | None = None,
+) -> list[Chunk]:
+    """Chunks of plain-text sections given with their heading paths (a PDF's pages): each is
+    chunked as plain text under its own heading, never spanning two."""
+    settings = settings or ChunkerSettings()
+    counter = counter or token_counter()
+    chunks: list[Chunk] = []
+    for path, text in sections:
+        heading = _heading_text(list(path), counter)
+        for section in _sections(text, markdown=False):
+            chunks.extend(_pack(section, heading, settings, counter))
+    return chunks
+
+
 def _heading_text(path: list[str], counter: TokenCounter) -> str:
     # Deep or long heading paths keep their innermost levels.
     while path:
@@ -476,6 +490,7 @@ __all__ = [
     "TokenCounter",
     "UnsupportedDocument",
     "chunk",
+    "chunk_sections",
     "decode_text",
     "detect_format",
     "html_to_text",

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,10 +42,13 @@ from proxy.infra.chunking import (
     Chunk,
     ChunkerSettings,
     Format,
+    UnsupportedDocument,
     chunk,
+    chunk_sections,
     to_text,
 )
 from proxy.infra.embedder import Vectors, maxsim
+from proxy.infra.pdf import PdfLimits, extract_pdf
 from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
 from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
 from proxy.services.chat import ChatExchange
@@ -65,6 +69,9 @@ ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", SOURCES_HEADER, b"x-rag-c
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
 _MAX_SOURCE: Final = 1024
+# PDFs read at once: text extraction is pure Python and holds the GIL, so more threads would
+# only take turns with the event loop (and slow every stream) without finishing sooner.
+PDF_THREADS: Final = 2
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -87,13 +94,14 @@ def workspace_not_found(name: str, param: str | None = "x-workspace") -> Gateway
 
 @dataclass(frozen=True, slots=True)
 class DocumentInput:
-    """A document to ingest: `content` in `format`; `source` names it within the workspace
-    (default: its content hash)."""
+    """A document to ingest: `content` in `format` (a PDF's bytes in `data`); `source` names
+    it within the workspace (default: its content hash)."""
 
     content: str
     format: Format = "markdown"
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,8 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) ->
 # -- the service -----------------------------------------------------------------------------------
 
 DatabaseSource = Callable[[], Database | None]
+# A document ready to store: itself, its extracted text, its chunks.
+Prepared = tuple[DocumentInput, str, list[Chunk]]
 Progress = Callable[[int], None]
 
 
@@ -223,6 +233,9 @@ class RagService:
         self.signature = f"{self.chunker.signature}/pool{TOKEN_POOL_FACTOR}"
         # Hot chunks' token vectors stay in memory: the rerank reads them on every query.
         self.token_cache = TokenVectorCache(TOKEN_CACHE_BYTES)
+        self.pdf_limits = PdfLimits(max_bytes=settings.pdf_max_bytes, max_pages=settings.pdf_max_pages,
+                                    timeout_seconds=settings.pdf_timeout_seconds)
+        self._pdf_threads: trio.CapacityLimiter | None = None  # made in the first run that needs it
 
     def store(self) -> RagStore:
         db = self._database()
@@ -254,24 +267,65 @@ class RagService:
         check_workspace_name(workspace_name)
         prepared = []
         for index, document in enumerate(documents):
+            _check_storable(document, index)  # before any work
+            try:
+                prepared.append(await self.prepare(document))
+            except UnsupportedDocument as exc:
+                raise invalid_request(str(exc), param=f"documents[{index}]", code="unsupported_document") from None
+        return await self.ingest_prepared(workspace_name, prepared, progress=progress, language=language)
+
+    async def ingest_prepared(
+        self,
+        workspace_name: str,
+        prepared: Sequence[Prepared],
+        *,
+        progress: Progress | None = None,
+        language: str | None = None,
+    ) -> list[IngestResult]:
+        """`ingest` of documents already through `prepare` (not extracted again)."""
+        check_workspace_name(workspace_name)
+        for index, (document, _, chunks) in enumerate(prepared):
             _check_storable(document, index)
-            text, chunks = await self.prepare(document)
             if not chunks:
                 what = f"Document {document.source!r}" if document.source else "The document"
                 raise invalid_request(f"{what} has no text to index.", param="content")
-            prepared.append((document, text, chunks))
         store = self.store()
         with _database_errors():
             workspace = await store.ensure_workspace(workspace_name, language=language)
         return [await self._ingest_one(store, workspace, *item, progress) for item in prepared]
 
-    async def prepare(self, document: DocumentInput) -> tuple[str, list[Chunk]]:
-        """The document's extracted text and chunks (off the event loop)."""
+    async def prepare(self, document: DocumentInput) -> Prepared:
+        """The document (with a PDF's own metadata, its title, author and pages, under the
+        caller's, and its bytes let go), its extracted text and chunks, worked out off the event
+        loop; raises `UnsupportedDocument` for a PDF that cannot be read."""
+        if document.format == "pdf":
+            return await self._prepare_pdf(document)
+
         def work() -> tuple[str, list[Chunk]]:
             text = to_text(document.content, document.format)
             return text, chunk(text, "text" if document.format == "text" else "markdown", self.chunker)
 
-        return await trio.to_thread.run_sync(work)
+        return (document, *await trio.to_thread.run_sync(work))
+
+    async def _prepare_pdf(self, document: DocumentInput) -> Prepared:
+        stop = threading.Event()
+        name = document.source or "The PDF"
+
+        def work() -> tuple[dict[str, Any], str, list[Chunk]]:
+            pdf = extract_pdf(document.data, name, self.pdf_limits, stop)
+            chunks = chunk_sections([(page.heading, page.text) for page in pdf.pages], self.chunker)
+            return pdf.metadata, pdf.text(), chunks
+
+        if self._pdf_threads is None:
+            self._pdf_threads = trio.CapacityLimiter(PDF_THREADS)
+        try:
+            # A caller that goes away is not kept waiting; `stop` ends the thread at its next page
+            # (and only then frees its place in the limiter).
+            metadata, text, chunks = await trio.to_thread.run_sync(
+                work, abandon_on_cancel=True, limiter=self._pdf_threads)
+        finally:
+            stop.set()
+        return replace(document, metadata={**metadata, **document.metadata}, data=b""), text, chunks
 
     async def _ingest_one(
         self, store: RagStore, workspace: Workspace, document: DocumentInput, text: str, chunks: list[Chunk],
