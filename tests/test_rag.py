@@ -300,6 +300,9 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         again = await http.post("/v1/workspaces/docs/documents", json={"content": API, "source": "api.md",
                                                                        "metadata": {"team": "platform"}})
         assert again.status_code == 200 and again.json()["data"][0]["status"] == "unchanged"
+        # Both are in the OpenAPI document, so a client generated from it takes either.
+        ingest = (await http.get("/openapi.json")).json()["paths"]["/v1/workspaces/{ws}/documents"]["post"]
+        assert {"200", "201"} <= set(ingest["responses"])
 
         upload = await http.post(
             "/v1/workspaces/docs/documents",

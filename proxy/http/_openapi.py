@@ -527,6 +527,18 @@ def _refused(operation: Operation) -> Operation:
     return {**operation, "responses": responses}
 
 
+def _ingest_operation() -> Operation:
+    """201 when anything was created or changed, 200 when every document was unchanged."""
+    operation = _op(
+        "Ingest documents (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS],
+        description="JSON (one document, or `documents`: [...]) or multipart/form-data files. 201 when anything "
+        "was created or changed, 200 when every document was unchanged.",
+        body=_DOCUMENTS,
+    )
+    operation["responses"] = {"201": _ok(_OBJ, description="Created or changed"), **operation["responses"]}
+    return operation
+
+
 _RERANK_OPERATION = _op(
     "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
     description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
@@ -688,11 +700,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/v1/workspaces/{ws}", "delete"): _op(
         "Delete a workspace and its documents (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS]
     ),
-    ("/v1/workspaces/{ws}/documents", "post"): _op(
-        "Ingest documents (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS],
-        description="JSON (one document, or `documents`: [...]) or multipart/form-data files.",
-        body=_DOCUMENTS,
-    ),
+    ("/v1/workspaces/{ws}/documents", "post"): _ingest_operation(),
     ("/v1/workspaces/{ws}/documents", "get"): _op(
         "List a workspace's documents", "Workspaces", _ok(_LIST),
         parameters=[_WS, {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
