@@ -66,7 +66,7 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
     update.add_argument("--budget", type=_limit, metavar="TOKENS|none",
                         help="tokens per budget period (none: unlimited); the current period's count is kept")
     update.add_argument("--budget-period", metavar="PERIOD",
-                        help="the budget's period: 30m, 12h, 1d, 7d, 30d, 4w (the current period's end moves with it)")
+                        help="the budget's period: 30m, 12h, 1d, 7d, 30d, 4w (a change starts a new period now, carrying its usage)")
     update.add_argument("--expires", metavar="DATE|never",
                         help="2026-12-31, an ISO date-time, 90d / 12h / 30m from now, or never")
 

@@ -516,7 +516,7 @@ async def test_a_base_url_whose_scheme_the_backend_does_not_speak_is_named_as_th
             said[model] = raised.value.message
             assert "127.0.0.1" not in said[model]  # the client is not told where the backend is
         await client.close()
-    assert "as a server speaking TLS does to plain HTTP (if it does, its base URL must say https://)" in said["tls/m"]
+    assert "as a server speaking TLS does to plain HTTP; if it speaks TLS, its base URL must say https://" in said["tls/m"]
     assert "it answered in TLS, but its base URL says http://" in said["alert/m"]
     assert "it does not speak TLS, but its base URL says https://" in said["plain/m"]
     logged = caplog.text

@@ -54,8 +54,8 @@ class SpeaksTls(SchemeMismatch, httpx.RemoteProtocolError):
 
 class ClosedUnanswered(SchemeMismatch, httpx.RemoteProtocolError):
     hint = (
-        "it closed the connection without answering, as a server speaking TLS does to plain HTTP "
-        "(if it does, its base URL must say https://)"
+        "it closed the connection without answering, as a server speaking TLS does to plain HTTP; "
+        "if it speaks TLS, its base URL must say https://"
     )
 
 
