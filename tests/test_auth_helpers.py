@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -15,7 +16,8 @@ import trio
 from proxy.cli import build_parser
 from proxy.config import BackendConfig
 from proxy.keys_command import run as run_keys
-from tests.harness import running_gateway
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend, running_gateway
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -77,3 +79,22 @@ async def wait_for_key(url: str, key: str, within: float = 15.0) -> None:
             return anonymous.status_code == 401 and keyed.status_code == 200
 
     await eventually(known, within=within)
+
+
+@dataclass
+class Stack:
+    """A gateway on the session's PostgreSQL and NATS in front of one fake OpenAI backend."""
+
+    url: str
+    db: str
+    nats: str
+    fake: OpenAIBackend
+    server_url: str
+
+
+@asynccontextmanager
+async def keyed_stack(db: str, nats: str, usage: Usage) -> AsyncIterator[Stack]:
+    """`Stack` whose backend answers "Hello" with `usage` (the keys' token counts follow it)."""
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=usage))
+    async with fake.serve() as server, gateway(db, nats, backend("vllm", server.url, default=True)) as url:
+        yield Stack(url, db, nats, fake, server.url)

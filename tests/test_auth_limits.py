@@ -4,7 +4,6 @@ tokens charged after the exchange, OpenAI's headers, 429s in every dialect, usag
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -12,13 +11,15 @@ import psycopg
 import pytest
 import trio
 
-from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
+    Stack,
     bearer,
     eventually,
     gateway,
+    keyed_stack,
     new_key,
     sql,
     wait_for_key,
@@ -29,20 +30,10 @@ pytest_plugins = ["tests.infra_servers"]
 CHAT = {"model": "qwen3-8b", "messages": MESSAGES}
 
 
-@dataclass
-class Stack:
-    url: str
-    db: str
-    nats: str
-    fake: OpenAIBackend
-    server_url: str
-
-
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(60, 10)))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        yield Stack(url, pg_database_url, nats_url, fake, server.url)
+    async with keyed_stack(pg_database_url, nats_url, Usage(60, 10)) as started:
+        yield started
 
 
 async def burst(url: str, key: str, count: int, path: str = "/v1/chat/completions") -> list[httpx.Response]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import anthropic
@@ -20,9 +19,11 @@ from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
+    Stack,
     bearer,
     eventually,
     gateway,
+    keyed_stack,
     keys_cli,
     new_key,
     sql,
@@ -37,20 +38,10 @@ USAGE = Usage(60, 10)
 MONTH = 30 * 86400
 
 
-@dataclass
-class Stack:
-    url: str
-    db: str
-    nats: str
-    fake: OpenAIBackend
-    server_url: str
-
-
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=USAGE))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        yield Stack(url, pg_database_url, nats_url, fake, server.url)
+    async with keyed_stack(pg_database_url, nats_url, USAGE) as started:
+        yield started
 
 
 async def key_id(db: str, name: str) -> int:

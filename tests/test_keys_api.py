@@ -8,7 +8,6 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,13 +17,15 @@ import trio
 
 from proxy.cli import build_parser
 from proxy.keys_command import run as run_keys
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
+    Stack,
     bearer,
     eventually,
     gateway,
+    keyed_stack,
     keys_cli,
     new_key,
     sql,
@@ -36,19 +37,10 @@ pytest_plugins = ["tests.infra_servers"]
 CHAT = {"model": "qwen3-8b", "messages": MESSAGES}
 
 
-@dataclass
-class Stack:
-    url: str
-    db: str
-    nats: str
-    backend_url: str
-
-
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        yield Stack(url, pg_database_url, nats_url, server.url)
+    async with keyed_stack(pg_database_url, nats_url, Usage(5, 1)) as started:
+        yield started
 
 
 async def admin_client(stack: Stack) -> httpx.AsyncClient:
@@ -76,7 +68,7 @@ async def test_the_first_key_comes_from_the_cli_not_from_an_open_gateway(stack: 
         assert await sql(stack.db, "SELECT id FROM api_keys") == []
     # With `auth = "off"` no key is ever asked: the API stays shut even once keys exist.
     await new_key(stack.db, "root", "--admin")
-    async with gateway(stack.db, stack.nats, backend("vllm", stack.backend_url, default=True), auth="off") as url, \
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True), auth="off") as url, \
             httpx.AsyncClient(base_url=url, timeout=10) as anyone:
         refused = await anyone.post("/v1/keys", json={"name": "mine"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_key_required"
@@ -162,7 +154,7 @@ async def test_listings_and_records_never_show_a_key(stack: Stack) -> None:
 
 async def test_patched_limits_are_enforced_at_once_by_another_gateway(stack: Stack) -> None:
     async with await admin_client(stack) as admin, gateway(
-        stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
+        stack.db, stack.nats, backend("vllm", stack.server_url, default=True)
     ) as other_url:
         made = (await admin.post("/v1/keys", json={"name": "limited"})).json()
         await wait_for_key(other_url, made["key"])
@@ -226,7 +218,7 @@ async def test_a_key_revoked_over_http_is_refused_on_its_next_request_everywhere
 ) -> None:
     caplog.set_level(logging.INFO)
     async with await admin_client(stack) as admin, gateway(
-        stack.db, stack.nats, backend("vllm", stack.backend_url, default=True)
+        stack.db, stack.nats, backend("vllm", stack.server_url, default=True)
     ) as other_url:
         made = (await admin.post("/v1/keys", json={"name": "doomed"})).json()
         await wait_for_key(other_url, made["key"])
