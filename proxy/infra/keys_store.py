@@ -1,4 +1,4 @@
-"""API keys, their rate-limit state, budgets and usage in PostgreSQL (migrations 0004, 0014, 0017, 0018).
+"""API keys, their rate-limit state, budgets and usage in PostgreSQL (migrations 0004, 0014).
 
 The store never sees a key in the clear: callers pass its sha256 digest. Everything a
 gateway needs per request is held in memory by `proxy.services.auth.KeyRing`; the store is

@@ -60,8 +60,8 @@ class UsageBatch:
 
 
 def _delta(values: list[Any]) -> UsageDelta:
-    """A delta as `to_json` wrote it (or a gateway before budget reservations, without the
-    last three; or before 0018, without the time of its budget usage: counted when written)."""
+    """A delta as `to_json` wrote it (or an earlier gateway: without the budget reservations'
+    last three fields, or without the time of its budget usage, then counted when written)."""
     delta = UsageDelta(*(int(n) for n in values[:8]))
     if len(values) > 8 and values[8] is not None:
         delta.released_from = float(values[8])

@@ -25,7 +25,7 @@ the one that took its last tokens may pass it (a request admitted finishes, what
 When the exchange ends, its usage (prompt + completion, as recorded) is counted and its
 reservation given back, by the usage writer or the key's next admission. Periods are fixed
 windows from the budget's start, rolled by whichever call comes first after one ends. Usage
-and reservations are counted apart (0018): a key refused while only reservations fill its
+and reservations are counted apart (migration 0014): a key refused while only reservations fill its
 budget is told to retry in a moment (429 `rate_limit_exceeded`), not that it is spent; usage
 carries the time it was made, and is not charged to a period that began after it.
 
@@ -267,7 +267,7 @@ class _LocalBuckets:
         return Admission(True, now, requests_at, tokens_at)
 
     def admit(self, principal: Principal, reserve: int, budget_reserve: int) -> Admission:
-        """As `api_key_admit` does (see its migrations, 0012, 0014 and 0017)."""
+        """As `api_key_admit` does (see its migrations, 0012 and 0014)."""
         now = time.time()
         requests_at, tokens_at = (max(t, now) for t in self._state.get(principal.id, [now, now]))
         allowed, reserved_at = True, tokens_at
