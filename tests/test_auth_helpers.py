@@ -93,8 +93,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def keyed_stack(db: str, nats: str, usage: Usage) -> AsyncIterator[Stack]:
-    """`Stack` whose backend answers "Hello" with `usage` (the keys' token counts follow it)."""
-    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=usage))
+async def keyed_stack(db: str, nats: str, usage: Usage, *, pace: float = 0.0) -> AsyncIterator[Stack]:
+    """`Stack` whose backend answers "Hello" with `usage` (the keys' token counts follow it),
+    `pace` seconds per chunk."""
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=usage, pace=pace))
     async with fake.serve() as server, gateway(db, nats, backend("vllm", server.url, default=True)) as url:
         yield Stack(url, db, nats, fake, server.url)

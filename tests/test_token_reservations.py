@@ -5,7 +5,6 @@ charges its real usage and gives back the rest, as OpenAI's limits do."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import anthropic
 import httpx
@@ -13,28 +12,27 @@ import openai
 import pytest
 import trio
 
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import MESSAGES, bearer, gateway, new_key, sql, wait_for_key
+from tests.test_auth_helpers import (
+    MESSAGES,
+    Stack,
+    bearer,
+    gateway,
+    keyed_stack,
+    new_key,
+    sql,
+    wait_for_key,
+)
 
 pytest_plugins = ["tests.infra_servers"]
-
-
-@dataclass
-class Stack:
-    url: str
-    db: str
-    nats: str
-    fake: OpenAIBackend
-    server_url: str
 
 
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
     # Each answer uses 500 tokens; the backend is slow enough that requests overlap.
-    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(10, 490), pace=0.2))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        yield Stack(url, pg_database_url, nats_url, fake, server.url)
+    async with keyed_stack(pg_database_url, nats_url, Usage(10, 490), pace=0.2) as started:
+        yield started
 
 
 async def burst(url: str, key: str, count: int, max_tokens: int) -> list[int | openai.RateLimitError]:
