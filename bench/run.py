@@ -412,7 +412,7 @@ _KEYS_NOTE = {
     "none": "",
     "plain": "; requests carry an API key with no limits (`--keys plain`)",
     "limited": "; requests carry an API key with rpm, tpm and a budget never reached (`--keys limited`): "
-    "one admission call to PostgreSQL per request",
+    "each request admitted by PostgreSQL",
 }
 
 
