@@ -45,6 +45,8 @@ class Endpoint:
     host: str
     port: int
     path: str = "/v1/chat/completions"
+    key: str | None = None
+    """An API key to send as `Authorization: Bearer` (the gateway run with `--keys`)."""
 
     def chat_request(self, model: str, *, stream: bool, request_id: str | None = None) -> bytes:
         body = json.dumps(
@@ -56,6 +58,8 @@ class Endpoint:
             separators=(",", ":"),
         ).encode()
         extra = f"x-request-id: {request_id}\r\n" if request_id else ""
+        if self.key:
+            extra += f"authorization: Bearer {self.key}\r\n"
         head = (
             f"POST {self.path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}\r\n"

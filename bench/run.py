@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import trio
@@ -80,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
         "off: `embedded = false`, no database or bus (the bare relay)",
     )
     parser.add_argument(
+        "--keys",
+        choices=["none", "plain", "limited"],
+        default="none",
+        help="none: no API key (the default); plain: one key with no limits, created with "
+        "`llm-proxy keys create` in each gateway's database and sent as `Authorization: Bearer`; "
+        "limited: the same with rpm, tpm and a budget too high ever to refuse (every request "
+        "then makes its admission call to PostgreSQL). Needs persistence",
+    )
+    parser.add_argument(
         "--commit",
         default=None,
         help="run the gateway as committed at this revision (a `git archive` export), not "
@@ -99,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.keys != "none" and args.persistence == "off":
+        raise SystemExit("--keys needs the gateway's database: drop --persistence off")
     if args.report is not None:
         print(markdown(*load(args.report.read_text())))
         return 0
@@ -204,7 +217,8 @@ def _start(
             cwd=source,
         )
         procs.wait_http(proc, f"http://{HOST}:{port}/health", timeout=120)
-        targets.append(_target(name, port, Family(proc.pid, f"{data_dir}/")))
+        key = _create_key(python, source, config, port, args.keys) if args.keys != "none" else None
+        targets.append(_target(name, port, Family(proc.pid, f"{data_dir}/"), key))
 
     if args.peer == "litellm":
         litellm = PEER_VENV / "bin" / "litellm"
@@ -265,8 +279,39 @@ def _pick(only: str | None) -> list[Scenario]:
     return [s for s in SCENARIOS if s.key in keys]
 
 
-def _target(name: str, port: int, family: Family) -> Target:
-    return Target(name, Endpoint(HOST, port), family)
+def _target(name: str, port: int, family: Family, key: str | None = None) -> Target:
+    return Target(name, Endpoint(HOST, port, key=key), family)
+
+
+# Limits no run can reach (rpm and tpm are 32-bit in the database): every request is admitted,
+# but each one makes its admission call and reserves its tokens, as under real limits.
+_NEVER_REFUSING = ["--rpm", "1000000000", "--tpm", "2000000000", "--budget", str(10**15)]
+
+
+def _create_key(python: str, source: Path, config: Path, port: int, kind: str) -> str:
+    """A key made with the CLI in the running gateway's own database; returned once the
+    gateway asks for it (it loads keys on PostgreSQL's notification)."""
+    limits = _NEVER_REFUSING if kind == "limited" else []
+    created = subprocess.run(
+        [python, "-m", "proxy", "keys", "create", "--config", str(config), "--name", f"bench-{kind}", *limits],
+        env={**os.environ, "PYTHONPATH": str(source), "LLM_PROXY_LOG_LEVEL": "warning"},
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if created.returncode != 0:
+        raise SystemExit(f"keys create failed: {created.stderr.strip()}")
+    key = created.stdout.strip()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{port}/v1/models", timeout=5).close()
+        except urllib.error.HTTPError as error:
+            if error.code == 401:  # keys are asked for: the gateway has loaded ours
+                return key
+        time.sleep(0.1)
+    raise SystemExit("the gateway did not start asking for its key within 30 s")
 
 
 async def _until_signal(
@@ -363,6 +408,14 @@ def _litellm_config(fake_url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+_KEYS_NOTE = {
+    "none": "",
+    "plain": "; requests carry an API key with no limits (`--keys plain`)",
+    "limited": "; requests carry an API key with rpm, tpm and a budget never reached (`--keys limited`): "
+    "each request admitted by PostgreSQL",
+}
+
+
 def _header(
     argv: list[str] | None,
     pinned: bool,
@@ -413,7 +466,8 @@ def _header(
         f"{platform.python_version()}. {pinning}. Load average before / after: "
         f"{load_before[0]:.2f} / {load_after[0]:.2f}. Gateway: upstream pool of "
         f"{args.max_connections} connections, access log off, persistence "
-        f"{'on (embedded PostgreSQL + NATS, started by the gateway on its core)' if args.persistence == 'embedded' else 'off'}.",
+        f"{'on (embedded PostgreSQL + NATS, started by the gateway on its core)' if args.persistence == 'embedded' else 'off'}"
+        f"{_KEYS_NOTE[args.keys]}.",
     ]
 
 

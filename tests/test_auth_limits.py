@@ -306,3 +306,43 @@ async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(s
             await eventually(given_back)
         answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [200, 200, 429]
+
+
+async def test_a_burst_of_one_keys_requests_waits_on_the_database_with_one_query_and_each_gets_its_own_answer(
+    stack: Stack,
+) -> None:
+    # While another gateway holds the key's bucket row, a burst of its requests must not take
+    # one database connection each (the pool, which every other key and the usage log share):
+    # those that arrive while the key's admission waits go together in its next call, and
+    # each still gets its own verdict.
+    key = await new_key(stack.db, "burst-one-query", "--rpm", "100", "--tpm", "1000000")
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await sql(stack.db, "SELECT id FROM api_keys WHERE name = 'burst-one-query'")
+    await sql(stack.db, "INSERT INTO api_key_limits (key_id) VALUES (%s) ON CONFLICT DO NOTHING", key_id)
+    other = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+
+    async def waiting() -> int:
+        found = await sql(stack.db, "SELECT count(*) FROM pg_stat_activity"
+                          " WHERE wait_event_type = 'Lock' AND query LIKE '%%api_key_admit%%'")
+        return int(found[0][0])
+
+    answers: list[httpx.Response] = []
+    try:
+        await trio.to_thread.run_sync(
+            lambda: other.execute("SELECT 1 FROM api_key_limits WHERE key_id = %s FOR UPDATE", (key_id,))
+        )
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                answers.extend(await burst(stack.url, key, 20))
+
+            nursery.start_soon(ask)
+            await eventually(waiting)
+            await trio.sleep(0.5)  # the rest of the burst arrives meanwhile (well within the 3 s wait)
+            assert await waiting() == 1
+            await trio.to_thread.run_sync(other.rollback)
+    finally:
+        await trio.to_thread.run_sync(other.close)
+    assert [a.status_code for a in answers] == [200] * 20
+    remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers)
+    assert remaining == list(range(80, 100))  # one after the other, each its own admission

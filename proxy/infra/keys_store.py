@@ -20,7 +20,7 @@ import psycopg
 import trio
 from trio_asyncio import aio_as_trio
 
-from proxy.infra.postgres import Database, DatabaseUnavailable
+from proxy.infra.postgres import Database, DatabaseUnavailable, Row
 
 log = logging.getLogger(__name__)
 
@@ -366,11 +366,44 @@ class KeysStore:
             ),
         )
         assert row is not None
-        return Admission(
-            bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
-            float(row[5]) if row[5] is not None else None, int(row[6] or 0),
-            float(row[7]) if row[7] is not None else None, int(row[8] or 0),
+        return _admission(row)
+
+    async def admit_many(
+        self, key_id: int, rpm: int | None, tpm: int | None, reserves: Sequence[tuple[int, int]], settle: int = 0,
+        settle_tokens: int = 0, *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD,
+        settle_budget: int = 0, settled_at: float | None = None, release_budget: int = 0,
+        released_from: float | None = None,
+    ) -> list[Admission]:
+        """`admit` for several requests of one key in one round trip, one after the other in
+        `reserves`' order (each a request's `reserve` and `budget_reserve`), each with its own
+        answer: the first settles what `admit` would, the others see the buckets it left."""
+        if len(reserves) == 1:
+            reserve, budget_reserve = reserves[0]
+            return [await self.admit(
+                key_id, rpm, tpm, settle, settle_tokens, reserve, budget=budget, budget_period=budget_period,
+                settle_budget=settle_budget, settled_at=settled_at, budget_reserve=budget_reserve,
+                release_budget=release_budget, released_from=released_from,
+            )]
+        # A volatile function called once per row of a lateral join runs row after row, each
+        # call seeing the key's row as the one before left it (its lock is already held).
+        rows = await self._db.fetch(
+            """
+            SELECT a.* FROM unnest(%s::integer[], %s::bigint[]) WITH ORDINALITY AS q(reserve, budget_reserve, n)
+            CROSS JOIN LATERAL api_key_admit(
+                %s::bigint, %s::integer, %s::integer,
+                CASE WHEN q.n = 1 THEN %s::integer ELSE 0 END, CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END,
+                q.reserve, %s::bigint, %s::interval,
+                CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END, %s::double precision, q.budget_reserve,
+                CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END, %s::double precision
+            ) AS a
+            ORDER BY q.n
+            """,
+            (
+                [r for r, _ in reserves], [b for _, b in reserves], key_id, rpm, tpm, settle, settle_tokens,
+                budget, budget_period, settle_budget, settled_at, release_budget, released_from,
+            ),
         )
+        return [_admission(row) for row in rows]
 
     async def forget_writers(self, writers: list[str]) -> None:
         """Drop the batch numbers of `writers`, none of whose batches can be sent again."""
@@ -515,3 +548,11 @@ async def key_changes(url: str, *, connect_timeout: float = 10.0) -> AsyncIterat
             scope.deadline = trio.current_time() + _CLOSE_TIMEOUT
             with contextlib.suppress(psycopg.Error, OSError):
                 await aio_as_trio(conn.close)()
+
+
+def _admission(row: Row) -> Admission:
+    return Admission(
+        bool(row[0]), float(row[1]), float(row[2]), float(row[3]), int(row[4] or 0),
+        float(row[5]) if row[5] is not None else None, int(row[6] or 0),
+        float(row[7]) if row[7] is not None else None, int(row[8] or 0),
+    )

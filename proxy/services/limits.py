@@ -5,7 +5,10 @@ behave): a key with `rpm = 10` may send 10 requests at once, then one every 6 s.
 lives in PostgreSQL, so every process and host sharing the database counts together: a
 request is admitted by one atomic call (`api_key_admit`, one round trip, made only for keys
 that have a limit, which also settles what this process holds for the key: admissions given
-back after a 403 or made alone in an outage, tokens of ended exchanges). As OpenAI's limits
+back after a 403 or made alone in an outage, tokens of ended exchanges). A key's admissions
+that arrive while its call runs go together in its next call (`KeysStore.admit_many`), one
+after the other, each with its own answer: a burst costs one round trip and one connection
+of the pool, not one per request. As OpenAI's limits
 do, an admission reserves the request's estimated tokens (its prompt's estimate and its max
 output tokens, at most the key's `tpm`) in the token bucket, and is refused if they do not
 fit: concurrent requests cannot overspend the bucket they all saw not yet empty. A request
@@ -324,12 +327,13 @@ class _LocalBuckets:
 
 
 class _Call:
-    """One admission call in the database and its outcome, handed from the limiter's task
+    """One request's admission in the database and its outcome, handed from the limiter's task
     to the request waiting for it."""
 
-    __slots__ = ("abandoned", "done", "result")
+    __slots__ = ("abandoned", "budget_reserve", "done", "principal", "reserve", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, principal: Principal, reserve: int, budget_reserve: int) -> None:
+        self.principal, self.reserve, self.budget_reserve = principal, reserve, budget_reserve
         self.done = trio.Event()
         self.result: outcome.Outcome[Admission] | None = None
         self.abandoned = False  # its request stopped waiting and was answered locally
@@ -367,6 +371,9 @@ class RateLimiter:
         # Admission calls run here, not in the requests' tasks (see `_shared_admission`).
         self._calls: trio.Nursery | None = None
         self._overdue = 0  # calls whose request stopped waiting and that have not returned
+        # Keys with a database call running: the admissions of the key that arrive meanwhile,
+        # which go together in its next call (one round trip for all of them).
+        self._queued: dict[int, list[_Call]] = {}
 
     async def admit(self, principal: Principal, tokens: int = 0, least: int = 0) -> Decision:
         """Take one request from the key's request bucket and reserve the request's estimated
@@ -405,8 +412,13 @@ class RateLimiter:
             return None
         if self._overdue:
             return None  # a call already waits on the database: another would only hang too
-        call = _Call()
-        calls.start_soon(self._call, call, db, principal, reserve, budget_reserve)
+        call = _Call(principal, reserve, budget_reserve)
+        queued = self._queued.get(principal.id)
+        if queued is not None:
+            queued.append(call)  # in the key's next call, once the one running returns
+        else:
+            self._queued[principal.id] = []
+            calls.start_soon(self._calls_of, db, principal.id, [call])
         with trio.move_on_after(_ADMIT_TIMEOUT):
             await call.done.wait()
         if not call.done.is_set():
@@ -424,43 +436,67 @@ class RateLimiter:
         self._recover()
         return state
 
-    async def _call(
-        self, call: _Call, db: Database, principal: Principal, reserve: int, budget_reserve: int
-    ) -> None:
-        """One admission in the database, for a request that waits at most `_ADMIT_TIMEOUT`.
+    async def _calls_of(self, db: Database, key_id: int, batch: list[_Call]) -> None:
+        """The key's admission calls, one at a time: each takes every admission of the key that
+        arrived while the one before ran (those of one `Principal`, its limits as loaded)."""
+        try:
+            while True:
+                # Sent even if its request was answered locally meanwhile (overdue): as any
+                # late call, it tells when the database answers again (`_late`).
+                await self._call(batch, db, batch[0].principal)
+                queued = self._queued[key_id]
+                if not queued:
+                    return
+                first = queued[0].principal
+                size = next((i for i, call in enumerate(queued) if call.principal is not first), len(queued))
+                batch, queued[:] = queued[:size], queued[size:]
+        finally:
+            for call in self._queued.pop(key_id, []):
+                call.done.set()  # the limiter is stopping: no result, the request is answered locally
+
+    async def _call(self, calls: list[_Call], db: Database, principal: Principal) -> None:
+        """One round trip admitting `calls` (requests of `principal` that each wait at most
+        `_ADMIT_TIMEOUT`), in order, each with its own answer and reservation.
 
         The admissions and tokens this process holds for the key (given back, made alone in an
-        outage, used by ended exchanges) are settled by the same call, so that the request sees
+        outage, used by ended exchanges) are settled by the same call, so that the requests see
         the buckets with them.
-        Its errors go to the request (a bug surfaces there, not as the end of the limiter).
+        Its errors go to the requests (a bug surfaces there, not as the end of the limiter).
         """
         held = UsageDelta()
+        result: outcome.Outcome[list[Admission]] | None = None
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
                 held = self._take_settlements(principal)
-                state = await KeysStore(db).admit(
-                    principal.id, principal.rpm, principal.tpm, held.admissions, held.tokens, reserve,
-                    budget=principal.budget, budget_period=timedelta(seconds=principal.budget_period),
-                    settle_budget=held.budget, settled_at=held.budget_at, budget_reserve=budget_reserve,
-                    release_budget=held.released, released_from=held.released_from,
+                states = await KeysStore(db).admit_many(
+                    principal.id, principal.rpm, principal.tpm, [(c.reserve, c.budget_reserve) for c in calls],
+                    held.admissions, held.tokens, budget=principal.budget,
+                    budget_period=timedelta(seconds=principal.budget_period), settle_budget=held.budget,
+                    settled_at=held.budget_at, release_budget=held.released, released_from=held.released_from,
                 )
-            call.result = outcome.Value(state)
+            result = outcome.Value(states)
         except trio.TooSlowError:
-            call.result = outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
+            result = outcome.Error(DatabaseUnavailable(f"no answer within {_CALL_TIMEOUT:g} s"))
         except Exception as error:
-            call.result = outcome.Error(error)
+            result = outcome.Error(error)
         finally:
             if (held.admissions or held.tokens or held.budget or held.released) and not isinstance(
-                call.result, outcome.Value
+                result, outcome.Value
             ):
                 self._pending.setdefault(principal.id, UsageDelta()).add(held)  # for the writer
                 self._kick.set()
-            call.done.set()
-            if call.abandoned:
-                self._overdue -= 1
-        if call.abandoned:
-            self._late(call.result, principal, reserve)
+            for index, call in enumerate(calls):
+                if isinstance(result, outcome.Value):
+                    call.result = outcome.Value(result.value[index])
+                elif isinstance(result, outcome.Error):
+                    call.result = outcome.Error(result.error)
+                call.done.set()
+                if call.abandoned:
+                    self._overdue -= 1
+        for call in calls:
+            if call.abandoned and call.result is not None:
+                self._late(call.result, principal, call.reserve)
 
     async def _settled_elsewhere(self, principal: Principal) -> None:
         """Until the usage writer has written the key's admissions and tokens it is writing (a
