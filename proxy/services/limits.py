@@ -74,6 +74,7 @@ _ADMIT_TIMEOUT = 3.0
 # and the next request tries again (the database answering ends it sooner).
 _CALL_TIMEOUT = 30.0
 _FLUSH_TIMEOUT = 10.0
+_LINGER_SECONDS = 0.02
 _RETRY_SECONDS = 2.0
 # When a budget held by requests in flight is retried: most exchanges end within seconds.
 _HELD_RETRY = 2.0
@@ -615,7 +616,9 @@ class RateLimiter:
                         with trio.move_on_after(_RETRY_SECONDS if waiting else math.inf):
                             await self._kick.wait()
                         self._kick = trio.Event()
-                        # No waiting to batch: what ends while one write runs goes in the next.
+                        # Requests ending together share one write (one round trip through the
+                        # bridge, not one each), as the completion log's writer lingers too.
+                        await trio.sleep(_LINGER_SECONDS)
                         await self._flush()
         finally:
             self._calls = None
