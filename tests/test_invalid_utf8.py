@@ -8,7 +8,9 @@ import json
 
 import anthropic
 import httpx
+import ollama
 import openai
+import pytest
 import trio
 
 from tests.harness import backend, running_gateway
@@ -95,3 +97,96 @@ async def test_translated_streams_get_the_characters_rejoined() -> None:
             answer = await http.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
             lines = [json.loads(line) for line in answer.content.decode("utf-8").splitlines()]
         assert "".join(line["message"]["content"] for line in lines) == CHAT_TEXT and lines[-1]["done"]
+
+
+async def _respond(stream: trio.SocketStream, request: bytes, frames: list[bytes], whole: bytes, stream_type: bytes) -> None:
+    """`whole` for a request that does not stream, else `frames`; a GET (a model lookup) is a 404."""
+    if request.startswith(b"GET"):
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        return
+    if not json.loads(request.partition(b"\r\n\r\n")[2]).get("stream"):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                              % (len(whole), whole))
+        return
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: " + stream_type + b"\r\ntransfer-encoding: chunked\r\n\r\n")
+    for frame in frames:
+        await stream.send_all(_chunked(frame))
+        await trio.sleep(0.005)
+    await stream.send_all(b"0\r\n\r\n")
+
+
+def _claude_delta(text: bytes) -> bytes:
+    return (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"' + text + b'"}}\n\n')
+
+
+# The same pieces as CHAT_FRAMES, from a server speaking Anthropic's Messages API: the
+# character cut off by the end of the block is U+FFFD when the block stops.
+CLAUDE_FRAMES = [
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message","role":'
+    b'"assistant","model":"m","content":[],"stop_reason":null,"usage":{"input_tokens":3,"output_tokens":0}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+    _claude_delta(NI[:2]), _claude_delta(NI[2:] + HAO), _claude_delta(b"a\xffb"), _claude_delta(NI[:1]),
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":4}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+]
+CLAUDE_WHOLE = (b'{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"'
+                + NI + b'a\xffb"}],"stop_reason":"end_turn","stop_sequence":null,'
+                b'"usage":{"input_tokens":3,"output_tokens":3}}')
+
+
+def _ollama_line(text: bytes, done: bool = False) -> bytes:
+    end = b',"done":true,"done_reason":"stop","prompt_eval_count":3,"eval_count":4}\n' if done else b',"done":false}\n'
+    return (b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant","content":"' + text
+            + b'"}' + end)
+
+
+# The character cut off by the end of the answer is U+FFFD on the `done` line.
+OLLAMA_LINES = [_ollama_line(NI[:2]), _ollama_line(NI[2:] + HAO), _ollama_line(b"a\xffb"), _ollama_line(NI[:1]),
+                _ollama_line(b"", done=True)]
+OLLAMA_WHOLE = _ollama_line(NI + b"a\xffb", done=True)
+
+
+async def _claude_server(stream: trio.SocketStream, n: int) -> None:
+    buffer = bytearray()
+    while True:
+        await _respond(stream, await read_request(stream, buffer), CLAUDE_FRAMES, CLAUDE_WHOLE, b"text/event-stream")
+
+
+async def _ollama_server(stream: trio.SocketStream, n: int) -> None:
+    buffer = bytearray()
+    while True:
+        await _respond(stream, await read_request(stream, buffer), OLLAMA_LINES, OLLAMA_WHOLE, b"application/x-ndjson")
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "ollama"])
+async def test_anthropic_and_ollama_backends_bytes_reach_clients_mended(kind: str) -> None:
+    # Before, the Anthropic and Ollama parsers failed the stream ("malformed stream event")
+    # and a whole answer was a 502 "returned invalid JSON".
+    server = _claude_server if kind == "anthropic" else _ollama_server
+    async with raw_server(server) as (url, _), running_gateway(backend("b", url, kind=kind, default=True)) as gateway:
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0) as client:
+            chat = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            chunks = [chunk async for chunk in chat]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CHAT_TEXT
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+            whole = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert whole.choices[0].message.content == "你a\ufffdb"
+        if kind == "anthropic":
+            async with anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0) as claude:
+                async with claude.messages.stream(
+                    model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+                ) as events:
+                    message = await events.get_final_message()
+            assert message.content[0].text == CHAT_TEXT  # type: ignore[union-attr]
+            assert message.stop_reason == "end_turn"
+        else:
+            async with ollama.AsyncClient(host=gateway) as llama:
+                parts = [part async for part in await llama.chat(
+                    model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+                )]
+            assert "".join(part.message.content or "" for part in parts) == CHAT_TEXT and parts[-1].done

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.anthropic._vocabulary import (
     MESSAGE_DELTA_FIELDS,
     BlockDelta,
@@ -53,6 +54,8 @@ _DELTA_TAIL = b"}}\n\n"
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 # Decoding str skips json.loads's per-call encoding detection (a third of its cost here).
 _decode = json.JSONDecoder().decode
+# A delta's text field, a character of which may come split in two, and its delta's type.
+_TEXT_FIELDS = (("text", "text_delta"), ("thinking", "thinking_delta"), ("partial_json", "input_json_delta"))
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:
@@ -376,6 +379,9 @@ class StreamParser:
         self._held: str | None = None
         self._usage = WireUsage()
         self._finished = False
+        # Characters a backend split across events (bytes that are not UTF-8): made at the
+        # first such bytes, dropped once none is held, so a valid stream tests only `is None`.
+        self._split: SplitText | None = None
         self.done = False
         self.failed = False
 
@@ -415,14 +421,23 @@ class StreamParser:
     def _frame(self, name: str | None, data: bytes, events: list[StreamEvent]) -> None:
         if name == "ping":
             return
+        mended = False
         try:
             payload = _decode(data.decode())
-        except ValueError:  # UnicodeDecodeError included
-            self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), events)
-            return
+        except UnicodeDecodeError:
+            # Bytes that are not UTF-8: mended, at this cost only when they come.
+            try:
+                payload = loads_escaped(data)
+                mended = True
+            except ValueError:
+                payload = None
+        except ValueError:
+            payload = None
         if not isinstance(payload, dict):
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), events)
             return
+        if mended or self._split is not None:
+            payload = self._mend(payload, events)
         kind = payload.get("type") or name
         if kind == "content_block_delta":
             self._block_delta(payload, events)
@@ -441,6 +456,32 @@ class StreamParser:
             self._release_held(events)
             self._fail(error_from_wire(payload), events)
         # `ping` and event types added after this was written are ignored, as Anthropic asks.
+
+    def _mend(self, payload: dict[str, Any], events: list[StreamEvent]) -> dict[str, Any]:
+        """`payload` (parsed by `loads_escaped`, or one after it) with a delta's text joined to
+        the bytes the block's last delta left unfinished, and U+FFFD for any other invalid
+        byte. A block that stops with bytes held gets them as U+FFFD first."""
+        split = self._split = self._split or SplitText()
+        kind = payload.get("type")
+        index = payload.get("index")
+        if isinstance(index, int) and kind in ("content_block_delta", "content_block_stop"):
+            delta = payload.get("delta") if kind == "content_block_delta" else None
+            for name, delta_type in _TEXT_FIELDS:
+                if isinstance(delta, dict):
+                    if name not in delta:
+                        continue
+                    text = delta[name]
+                    joined = split.join((index, name), text if isinstance(text, str) else None, final=False)
+                    if joined is not None:
+                        delta[name] = joined
+                else:
+                    rest = split.join((index, name), None, final=True)
+                    if rest:
+                        self._block_delta({"index": index, "delta": {"type": delta_type, name: rest}}, events)
+        if not split:
+            self._split = None
+        mended: dict[str, Any] = replace_invalid(payload)
+        return mended
 
     def _message_start(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
         if self._started:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.ollama._common import json_string
 from proxy.dialects.ollama._response import (
     OllamaFinish,
@@ -83,6 +84,9 @@ class NdjsonDecoder:
 
 
 _PIECES = (TextDelta, ReasoningDelta)
+# Where a line carries text a character of which may come split in two (`/api/chat` in
+# `message`, `/api/generate` at the top).
+_TEXT_FIELDS = ("content", "thinking", "response")
 
 
 def _malformed() -> GatewayError:
@@ -111,6 +115,9 @@ class StreamParser:
         self._started = False
         self._tool_count = 0
         self._tool_ids: set[str] = set()
+        # Characters a backend split across lines (bytes that are not UTF-8): made at the
+        # first such bytes, dropped once none is held, so a valid stream tests only `is None`.
+        self._split: SplitText | None = None
         self.usage: Usage | None = None
         self.done = False
         self.failed = False
@@ -130,7 +137,7 @@ class StreamParser:
         if not self.done:
             for line in self._decoder.close():
                 try:
-                    json.loads(line)
+                    loads_escaped(line)
                 except ValueError:
                     break  # cut off mid-line: reported as the early end it is
                 self._line(line, events)
@@ -144,14 +151,23 @@ class StreamParser:
         self.done = True
 
     def _line(self, line: bytes, events: list[StreamEvent]) -> None:
+        mended = False
         try:
             data = json.loads(line)
+        except UnicodeDecodeError:
+            # Bytes that are not UTF-8: mended, at this cost only when they come.
+            try:
+                data = loads_escaped(line)
+                mended = True
+            except ValueError:
+                data = None
         except ValueError:
-            self._fail(_malformed(), events)
-            return
+            data = None
         if not isinstance(data, dict):
             self._fail(_malformed(), events)
             return
+        if mended or self._split is not None:
+            data = self._mend(data)
         if "error" in data:
             text = error_message(data["error"]) or "The backend reported an error."
             self._fail(GatewayError(ErrorKind.BACKEND, text), events)
@@ -191,6 +207,25 @@ class StreamParser:
             reason = finish_reason(data.get("done_reason"), called_tools=self._tool_count > 0)
             events.append(closing_finish(reason, data))
             self.done = True
+
+
+    def _mend(self, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` (parsed by `loads_escaped`, or a line after one) with its text joined to the
+        bytes the last line left unfinished (U+FFFD on the `done` line), and U+FFFD for any
+        other invalid byte."""
+        split = self._split = self._split or SplitText()
+        message = data.get("message")
+        holder: dict[str, Any] = message if isinstance(message, dict) else data
+        final = data.get("done") is True
+        for name in _TEXT_FIELDS:
+            text = holder.get(name)
+            joined = split.join((0, name), text if isinstance(text, str) else None, final=final)
+            if joined is not None:
+                holder[name] = joined
+        if not split:
+            self._split = None
+        mended: dict[str, Any] = replace_invalid(data)
+        return mended
 
 
 class StreamRenderer:

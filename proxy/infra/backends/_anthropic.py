@@ -36,6 +36,7 @@ from proxy.infra.backends._base import (
     ReplicaState,
     body_text,
     create_client,
+    json_mended,
     not_json,
     status_error,
     timeout_error,
@@ -318,8 +319,10 @@ class _EarlyErrors:
 def _json_object(response: httpx.Response, name: str) -> dict[str, Any]:
     try:
         data = json.loads(response.content)
+    except UnicodeDecodeError:
+        data = json_mended(response.content)
     except ValueError:
-        raise not_json(name, response.content) from None
+        data = None
     if not isinstance(data, dict):
         raise not_json(name, response.content)
     return data

@@ -5,6 +5,7 @@ import from, gathered from the private modules that hold each piece (`_types`, `
 from proxy.infra.backends._errors import (
     body_text,
     is_html,
+    json_mended,
     not_json,
     page_not_stream,
     read_limited,
@@ -42,6 +43,6 @@ __all__ = [
     "DRAIN_SECONDS", "KEEPALIVE_SECONDS", "SET_ASIDE_MAX_SECONDS", "SET_ASIDE_SECONDS", "Backend", "BackendCall",
     "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput", "ModelInfo",
     "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
-    "current_served", "embedding_vectors", "is_html", "not_json", "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error",
+    "current_served", "embedding_vectors", "is_html", "json_mended", "not_json", "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error",
     "timeout_error", "transport_errors",
 ]

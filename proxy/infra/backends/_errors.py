@@ -4,12 +4,13 @@ failures mapped onto gateway errors, and the bounded read of an error body."""
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import trio
@@ -186,6 +187,15 @@ def _text_of(markup: bytes) -> str:
 def body_text(body: bytes) -> str:
     """What a backend's body that is no API answer says, readable in an error message."""
     return html_page(body) or body[:500].decode("utf-8", "replace").strip()
+
+
+def json_mended(body: bytes) -> Any:
+    """A whole answer whose bytes are not all UTF-8 (llama.cpp's), parsed with U+FFFD for
+    them; None if it is not JSON even so."""
+    try:
+        return json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        return None
 
 
 def not_json(backend: str, body: bytes) -> GatewayError:

@@ -29,6 +29,7 @@ from proxy.infra.backends._base import (
     body_text,
     create_client,
     embedding_vectors,
+    json_mended,
     not_json,
     status_error,
     timeout_error,
@@ -199,6 +200,8 @@ class OllamaBackend:
 def _json_object(content: bytes, backend: str) -> dict[str, Any]:
     try:
         data = json.loads(content)
+    except UnicodeDecodeError:
+        data = json_mended(content)
     except ValueError:
         data = None
     if not isinstance(data, dict):
