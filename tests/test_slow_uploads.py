@@ -46,6 +46,11 @@ async def test_a_large_embeddings_request_over_a_slow_link_is_read_while_it_keep
         assert trickled.status_code == 408
         assert trickled.json()["error"]["code"] == "body_timeout"
         assert "a second more per 4 KiB received" in trickled.json()["error"]["message"]
+        # Its body half-read, the connection closes: the client is told, so it sends its next
+        # request on a new one (before, it could reuse the closing one).
+        assert trickled.headers["connection"] == "close"
+        again = await client.post("/v1/embeddings", content=body, headers=headers)
+        assert again.status_code == 200, again.text
 
 
 async def test_a_document_upload_over_a_slow_link_is_read_while_it_keeps_coming(pg_database_url: str) -> None:
@@ -61,3 +66,4 @@ async def test_a_document_upload_over_a_slow_link_is_read_while_it_keeps_coming(
         trickled = await client.post("/v1/workspaces/slow/documents", content=steadily(body, 20, 0.1), headers=headers)
         assert trickled.status_code == 408
         assert trickled.json()["error"]["code"] == "body_timeout"
+        assert trickled.headers["connection"] == "close"

@@ -108,10 +108,21 @@ _HTTP_KINDS = {
 }
 
 
+def _closing(response: Response) -> None:
+    """A response to a request whose body was left unread (refused, or timed out half-way):
+    the connection cannot carry another request, and the client is told so, or it would
+    send its next one into a connection the server is closing (left open, hypercorn would
+    leave it unanswered)."""
+    response.headers["connection"] = "close"
+
+
 def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(GatewayError)
     async def gateway_error(error: GatewayError) -> Response:
-        return error_response(error)
+        response = error_response(error)
+        if error.status == 408:
+            _closing(response)
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
@@ -128,10 +139,8 @@ def install_error_handlers(app: Quart) -> None:
         response = error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))
         if isinstance(error, MethodNotAllowed) and error.valid_methods:
             response.headers["allow"] = ", ".join(sorted(error.valid_methods))  # RFC 9110 §15.5.6
-        if status == 413:
-            # The body was refused unread: the connection cannot carry another request (left
-            # open, hypercorn would leave the client's next request on it unanswered).
-            response.headers["connection"] = "close"
+        if status in (408, 413):
+            _closing(response)
         return response
 
     @app.errorhandler(DatabaseUnavailable)
