@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -65,8 +66,74 @@ async def test_an_anthropic_clients_url_image_is_refused_in_its_dialect() -> Non
                 ]}])
     body: Any = refused.value.body
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
-    assert "image_url.url" in body["error"]["message"] and "refuse_private_media_urls" in body["error"]["message"]
+    # The field as the client wrote it (before, OpenAI's `messages[0].content[0].image_url.url`).
+    assert "`messages[0].content[0].source.url`" in body["error"]["message"]
+    assert "refuse_private_media_urls" in body["error"]["message"]
     assert fake.requests == []
+
+
+async def test_the_field_is_named_where_the_client_put_it() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+            # A cached text part before the image (its cache mark is a part of its own inside).
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(model="qwen", messages=[{"role": "user", "content": [
+                    {"type": "text", "text": "Look", "cache_control": {"type": "ephemeral"}},  # type: ignore[typeddict-unknown-key]
+                    {"type": "image_url", "image_url": {"url": INSIDE[1]}},
+                ]}])
+            body: Any = refused.value.body
+            assert body["param"] == "messages[0].content[1].image_url.url"
+            # A Responses client's image: its `image_url` is the URL itself.
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="qwen", input=[{"role": "user", "content": [
+                    {"type": "input_text", "text": "Look"},
+                    {"type": "input_image", "image_url": INSIDE[0], "detail": "auto"},
+                ]}])
+            body = refused.value.body
+            assert body["param"] == "input[0].content[1].image_url" and body["code"] == "media_url_not_allowed"
+    assert fake.requests == []
+
+
+def rerank_with(url: str) -> dict[str, Any]:
+    # vLLM's multimodal rerank: a document (or the query) as `{"content": [parts]}`.
+    return {"model": "jina-reranker-m0", "query": "a cat", "documents": [
+        "A dog on a beach.",
+        {"content": [{"type": "text", "text": "A photo"}, {"type": "image_url", "image_url": {"url": url}}]},
+    ]}
+
+
+async def test_a_multimodal_rerank_is_checked_like_a_chat() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        for url in INSIDE[:2]:
+            refused = await client.post("/v1/rerank", json=rerank_with(url))
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "documents[1].content[1].image_url.url"
+            assert error["code"] == "media_url_not_allowed"
+        video = {"model": "qwen3-vl-reranker", "query": {"content": [{"type": "video_url", "video_url": INSIDE[0]}]},
+                 "documents": ["A dog"]}
+        refused = await client.post("/v1/rerank", json=video)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "query.content[0].video_url"
+        assert [r for r in fake.requests if r.path == "/v1/rerank"] == []
+        for url in (PUBLIC, INLINE):
+            answer = await client.post("/v1/rerank", json=rerank_with(url))
+            assert answer.status_code == 200, answer.text
+    sent = [r.json["documents"][1]["content"][1]["image_url"]["url"] for r in fake.requests if r.path == "/v1/rerank"]
+    assert sent == [PUBLIC, INLINE]
+
+
+async def test_without_the_setting_a_reranks_urls_pass() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        answer = await client.post("/v1/rerank", json=rerank_with(INSIDE[0]))
+        assert answer.status_code == 200, answer.text
 
 
 async def test_public_and_inline_images_reach_the_backend() -> None:

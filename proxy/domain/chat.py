@@ -35,6 +35,9 @@ class ImagePart:
 
     url: str
     detail: str | None = None
+    # Where the URL is in the client's request (`messages[0].content[1].image_url.url`,
+    # Anthropic's `…source.url`), for an error about it; not part of the image.
+    at: str | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,6 +46,8 @@ class OpaquePart:
 
     dialect: str
     data: dict[str, Any]
+    # Where the part is in the client's request, for an error about it; not part of the part.
+    at: str | None = field(default=None, compare=False)
 
 
 ContentPart = TextPart | ImagePart | OpaquePart

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
@@ -27,18 +28,40 @@ _SCHEMES = ("http", "https")
 
 
 def _media_urls(request: ChatRequest) -> Iterator[tuple[str, str]]:
-    """(field, URL) of each media URL in `request`, `data:` URLs left out (nothing to fetch)."""
+    """(field, URL) of each media URL in `request`, `data:` URLs left out (nothing to fetch).
+    The field is named where the client put it, in its dialect (a part made by the gateway,
+    or read back from the journal, by its place in the chat)."""
     for i, message in enumerate(request.messages):
         for j, part in enumerate(message.content):
-            url: object = None
             if isinstance(part, ImagePart):
-                url, field = part.url, "image_url.url"
-            elif isinstance(part, OpaquePart) and (kind := part.data.get("type")) in _MEDIA_PARTS:
-                inner = part.data.get(kind)
-                url = inner.get("url") if isinstance(inner, dict) else inner
-                field = f"{kind}.url" if isinstance(inner, dict) else str(kind)
-            if isinstance(url, str) and url[:5].lower() != "data:":
-                yield f"messages[{i}].content[{j}].{field}", url
+                if part.url[:5].lower() != "data:":
+                    yield part.at or f"messages[{i}].content[{j}].image_url.url", part.url
+            elif isinstance(part, OpaquePart) and part.data.get("type") in _MEDIA_PARTS:
+                yield from _part_url(part.data, part.at or f"messages[{i}].content[{j}]")
+
+
+def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
+    """(field, URL) of a vLLM media part (`{"type": "video_url", "video_url": {"url": …}}`,
+    the URL alone also taken) at `at`, unless its URL is inline."""
+    kind = part["type"]
+    inner = part.get(kind)
+    url = inner.get("url") if isinstance(inner, dict) else inner
+    if isinstance(url, str) and url[:5].lower() != "data:":
+        yield (f"{at}.{kind}.url" if isinstance(inner, dict) else f"{at}.{kind}"), url
+
+
+def _parts_urls(value: Any, at: str) -> Iterator[tuple[str, str]]:
+    """(field, URL) of every media part anywhere in `value` (JSON a client sent), walked
+    without recursion: a client's nesting is as deep as it likes."""
+    stack: list[tuple[Any, str]] = [(value, at)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, dict):
+            if item.get("type") in _MEDIA_PARTS:
+                yield from _part_url(item, where)
+            stack.extend((inner, f"{where}.{key}") for key, inner in reversed(item.items()) if isinstance(inner, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((inner, f"{where}[{k}]") for k, inner in reversed(list(enumerate(item))) if isinstance(inner, (dict, list)))
 
 
 def _refusal(field: str, why: str) -> GatewayError:
@@ -61,26 +84,40 @@ def _global(address: str) -> bool:
 async def check_media_urls(request: ChatRequest) -> None:
     """GatewayError 400 naming the first media URL of `request` that points inside the network."""
     for field, url in _media_urls(request):
-        try:
-            parts = urlsplit(url.strip())
-            host = parts.hostname
-        except ValueError:
-            raise _refusal(field, "is not a valid URL") from None
-        if parts.scheme.lower() not in _SCHEMES or not host:
-            raise _refusal(field, "is not an http(s) or data: URL")
-        if "\\" in parts.netloc:  # parsers disagree about where such a host ends
-            raise _refusal(field, "is not a valid URL")
-        try:
-            addresses = [_global(host)]
-        except ValueError:  # a name (or an address in a form only the resolver reads: 2130706433)
-            addresses = []
-            with trio.move_on_after(_RESOLVE_SECONDS):
-                try:
-                    found = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-                except (OSError, UnicodeError):
-                    found = []
-                addresses = [_global(str(info[4][0])) for info in found]
-            if not addresses:
-                raise _refusal(field, f"names host `{host}`, which cannot be resolved") from None
-        if not all(addresses):
-            raise _refusal(field, f"points at a private, loopback or link-local address (host `{host}`)")
+        await _check(field, url)
+
+
+async def check_relayed_media_urls(data: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """The same for a call relayed as sent (rerank): the media parts anywhere in its `fields`
+    (vLLM's multimodal rerank takes `query` and `documents` as parts, or `{"content": [parts]}`)."""
+    for name in fields:
+        if isinstance(data.get(name), (dict, list)):
+            for field, url in _parts_urls(data[name], name):
+                await _check(field, url)
+
+
+async def _check(field: str, url: str) -> None:
+    """GatewayError 400 naming `field` if `url` points inside the network."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        raise _refusal(field, "is not a valid URL") from None
+    if parts.scheme.lower() not in _SCHEMES or not host:
+        raise _refusal(field, "is not an http(s) or data: URL")
+    if "\\" in parts.netloc:  # parsers disagree about where such a host ends
+        raise _refusal(field, "is not a valid URL")
+    try:
+        addresses = [_global(host)]
+    except ValueError:  # a name (or an address in a form only the resolver reads: 2130706433)
+        addresses = []
+        with trio.move_on_after(_RESOLVE_SECONDS):
+            try:
+                found = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                found = []
+            addresses = [_global(str(info[4][0])) for info in found]
+        if not addresses:
+            raise _refusal(field, f"names host `{host}`, which cannot be resolved") from None
+    if not all(addresses):
+        raise _refusal(field, f"points at a private, loopback or link-local address (host `{host}`)")

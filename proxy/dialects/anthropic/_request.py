@@ -378,7 +378,7 @@ def _content_part(block: dict[str, Any], path: str) -> ContentPart:
             return ImagePart(url=f"data:{media};base64,{data}")
         if source_type == "url":
             url = source.text("url", required=True, nonempty=True)
-            return ImagePart(url=url or "")
+            return ImagePart(url=url or "", at=f"{path}.source.url")
         # Files API references and the like only mean something to Anthropic.
         return OpaquePart(DIALECT, block)
     if kind in ("tool_use", "tool_result", "thinking"):

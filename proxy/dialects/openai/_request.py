@@ -179,9 +179,10 @@ def _parse_content(value: Any, path: str) -> tuple[ContentPart, ...]:
                     f"Invalid `{part_path}.image_url.url`: expected a string.", param=f"{part_path}.image_url"
                 )
             detail = image.get("detail") if isinstance(image, dict) else None
-            parts.append(ImagePart(url=url, detail=detail if isinstance(detail, str) else None))
+            at = f"{part_path}.image_url.url" if isinstance(image, dict) else f"{part_path}.image_url"
+            parts.append(ImagePart(url=url, detail=detail if isinstance(detail, str) else None, at=at))
         elif isinstance(kind, str):
-            parts.append(OpaquePart(DIALECT, part))
+            parts.append(OpaquePart(DIALECT, part, at=part_path))
         else:
             raise invalid_request(f"Invalid `{part_path}.type`: expected a string.", param=f"{part_path}.type")
         control = part.get("cache_control")

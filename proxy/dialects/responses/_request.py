@@ -290,7 +290,7 @@ def _parse_part(part: Any, path: str) -> ContentPart:
                 param=f"{path}.file_id", code="unsupported_parameter",
             )
         url = fields.text("image_url", required=True, nonempty=True)
-        return ImagePart(url=url or "", detail=fields.text("detail"))
+        return ImagePart(url=url or "", detail=fields.text("detail"), at=f"{path}.image_url")
     if isinstance(kind, str):
         raise invalid_request(
             f"Invalid `{path}.type`: {kind!r} is not a content part this gateway takes "

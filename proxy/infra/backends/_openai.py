@@ -30,9 +30,11 @@ from proxy.infra.backends._base import (
     timeout_error,
     transport_errors,
 )
-from proxy.infra.media_urls import check_media_urls
+from proxy.infra.media_urls import check_media_urls, check_relayed_media_urls
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
+# The fields of a rerank that may hold media parts (vLLM's multimodal rerankers).
+_RERANK_MEDIA = ("query", "documents")
 
 
 def _model_details(item: dict[str, object]) -> dict[str, object]:
@@ -188,7 +190,12 @@ class OpenAIBackend:
     relays = frozenset({"/completions", "/rerank"})
 
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open."""
+        """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open.
+
+        A multimodal rerank's media URLs are fetched by vLLM as a chat's are: checked alike.
+        (vLLM's text completions take no media: `prompt_embeds` are inline tensors.)"""
+        if self._check_media and path == "/rerank":
+            await check_relayed_media_urls(json.loads(body), _RERANK_MEDIA)
         accept = "text/event-stream" if stream else "application/json"
         return await self._client.open_heard(
             "POST", path, content=body,
