@@ -1153,6 +1153,35 @@ async def test_how_hard_to_think_reaches_every_backend_in_its_own_words(setup: S
         assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 1024}
 
 
+async def test_an_effort_a_backend_cannot_say_is_a_400_naming_the_field(setup: Setup) -> None:
+    # Before, an Anthropic or Ollama backend got the request without any thinking setting.
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)
+    for kind in ("anthropic", "ollama"):
+        before = len(setup.fake(kind).requests)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(
+                    model=MODELS[kind], messages=MESSAGES, reasoning_effort="extreme", stream=stream,  # type: ignore[arg-type]
+                )
+            body: Any = refused.value.body
+            assert (body["param"], body["code"]) == ("reasoning_effort", "invalid_value")
+            assert "'extreme'" in body["message"] and "'xhigh'" in body["message"]
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model=MODELS[kind], input="hi", reasoning={"effort": "extreme"})  # type: ignore[typeddict-item]
+        body = refused.value.body
+        assert body["param"] == "reasoning.effort"
+        assert len(setup.fake(kind).requests) == before
+    # Every value OpenAI takes reaches them; an OpenAI-compatible backend judges any value itself.
+    for effort in ("none", "minimal", "low", "medium", "high", "xhigh"):
+        for kind in ("anthropic", "ollama"):
+            await client.chat.completions.create(
+                model=MODELS[kind], messages=MESSAGES, reasoning_effort=effort, max_tokens=3000,  # type: ignore[arg-type]
+            )
+    await client.chat.completions.create(model=MODELS["openai"], messages=MESSAGES, reasoning_effort="extreme")  # type: ignore[arg-type]
+    assert setup.fake("openai").requests[-1].json["reasoning_effort"] == "extreme"
+    await client.close()
+
+
 async def test_a_json_schema_response_format_is_anthropics_structured_output(setup: Setup) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
               "additionalProperties": False}

@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from proxy.dialects._effort import EFFORTS, effort_param, unknown_effort
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.dialects.anthropic._vocabulary import DIALECT
 from proxy.domain.chat import (
@@ -150,20 +151,22 @@ def _effort_of(thinking: Fields | None) -> str | None:
     return "low" if budget <= 1024 else "medium" if budget <= 2048 else "high"
 
 
-def _thinking_for(effort: str | None, max_tokens: int | None) -> dict[str, Any] | None:
+def _thinking_for(request: ChatRequest) -> dict[str, Any] | None:
     """`thinking` for another dialect's `reasoning_effort`: a budget within the client's
     `max_tokens`, which Anthropic counts the thinking in (at least 1024 tokens, or none).
     Without a client limit the budget is whole (the limit is then made to fit it)."""
+    effort, max_tokens = request.params.reasoning_effort, request.params.max_tokens
     budget = _BUDGET_FOR_EFFORT.get(effort or "")
     if budget is None:
         return None
     if max_tokens is not None:
         budget = min(budget, max_tokens - 1)
     if budget < _MIN_BUDGET:
+        param = effort_param(request)
         raise invalid_request(
             f"An Anthropic backend thinks with at least {_MIN_BUDGET} tokens, counted in the answer's limit: "
-            f"`reasoning_effort` {effort!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
-            param="reasoning_effort",
+            f"`{param}` {effort!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
+            param=param,
         )
     return {"type": "enabled", "budget_tokens": budget}
 
@@ -523,10 +526,9 @@ def encode_messages_request(
             # be specified for this model"), and Anthropic asks for one or the other on every
             # model; OpenAI and Ollama clients often send both (LangChain4j, ragas, presets).
             del body["top_p"]
-        thinking = (
-            _thinking_for(params.reasoning_effort, params.max_tokens) or _litellm_thinking(request)
-            if _may_think(request) else None
-        )
+        if params.reasoning_effort is not None and params.reasoning_effort not in EFFORTS:
+            raise unknown_effort(request)
+        thinking = _thinking_for(request) or _litellm_thinking(request) if _may_think(request) else None
         if thinking is not None:
             body["thinking"] = thinking
             if params.max_tokens is None:

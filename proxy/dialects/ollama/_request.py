@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.dialects._effort import unknown_effort
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.dialects.ollama._common import (
     DIALECT,
@@ -342,10 +343,12 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
     options = _render_options(request)
     if options:
         body["options"] = options
-    if "think" not in body:
-        think = _THINK_FOR_EFFORT.get(request.params.reasoning_effort or "")
-        if think is not None:
-            body["think"] = think
+    effort = request.params.reasoning_effort
+    if effort is not None and "think" not in body:
+        think = _THINK_FOR_EFFORT.get(effort)
+        if think is None:
+            raise unknown_effort(request)
+        body["think"] = think
     body["stream"] = stream
     return path, dumps(body)
 
