@@ -426,6 +426,9 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_in_the_callers_diale
             answer = await client.post(path, content=trickle(body), headers={
                 "content-length": str(len(body)), "content-type": "application/json"})
             assert answer.status_code == 408, (path, answer.text)
+            # Its body half-read, the connection cannot carry another request: the client is told
+            # (before, not by the routes Quart serves: `/v1/embeddings`).
+            assert answer.headers.get("connection") == "close", path
             error = answer.json()["error"]
             if path == "/api/chat":
                 assert "did not arrive within 0.3 s" in error
