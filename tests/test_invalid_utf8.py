@@ -147,6 +147,9 @@ def _ollama_line(text: bytes, done: bool = False) -> bytes:
 OLLAMA_LINES = [_ollama_line(NI[:2]), _ollama_line(NI[2:] + HAO), _ollama_line(b"a\xffb"), _ollama_line(NI[:1]),
                 _ollama_line(b"", done=True)]
 OLLAMA_WHOLE = _ollama_line(NI + b"a\xffb", done=True)
+# `/api/generate` says it at the top, as `response`.
+GENERATE_LINES = [line.replace(b'"message":{"role":"assistant","content":', b'"response":').replace(b'"}', b'"', 1)
+                  for line in OLLAMA_LINES]
 
 
 async def _claude_server(stream: trio.SocketStream, n: int) -> None:
@@ -158,7 +161,9 @@ async def _claude_server(stream: trio.SocketStream, n: int) -> None:
 async def _ollama_server(stream: trio.SocketStream, n: int) -> None:
     buffer = bytearray()
     while True:
-        await _respond(stream, await read_request(stream, buffer), OLLAMA_LINES, OLLAMA_WHOLE, b"application/x-ndjson")
+        request = await read_request(stream, buffer)
+        lines = GENERATE_LINES if request.startswith(b"POST /api/generate") else OLLAMA_LINES
+        await _respond(stream, request, lines, OLLAMA_WHOLE, b"application/x-ndjson")
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "ollama"])
@@ -189,4 +194,6 @@ async def test_anthropic_and_ollama_backends_bytes_reach_clients_mended(kind: st
                 parts = [part async for part in await llama.chat(
                     model="m", messages=[{"role": "user", "content": "hi"}], stream=True
                 )]
+                pieces = [piece async for piece in await llama.generate(model="m", prompt="hi", stream=True)]
             assert "".join(part.message.content or "" for part in parts) == CHAT_TEXT and parts[-1].done
+            assert "".join(piece.response for piece in pieces) == CHAT_TEXT and pieces[-1].done
