@@ -993,3 +993,40 @@ def test_an_assistant_turns_blocks_are_kept_as_sent_only_when_their_order_needs_
 
     assert not kept([thinking, text, call]) and not kept([text]) and not kept([thinking, call])
     assert kept([thinking, text, thinking, text]) and kept([text, call, text])
+
+
+def test_backend_bytes_that_are_not_utf8_are_mended_in_every_kind_of_block() -> None:
+    """A character split across two deltas (llama.cpp's Anthropic API writes a token's bytes
+    as they are) is rejoined in thinking, text and tool input alike; a lone byte, and one
+    left unfinished when its block stops, is U+FFFD. Before, the stream failed."""
+    ni = "你".encode()
+
+    def frame(name: str, data: bytes) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+    def delta(index: int, kind: bytes, field: bytes, value: bytes) -> bytes:
+        return frame("content_block_delta", b'{"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":"%s"}}'
+                     % (index, kind, field, value))
+
+    wire = b"".join([
+        frame("message_start", b'{"type":"message_start","message":{"id":"m","usage":{"input_tokens":1,"output_tokens":0}}}'),
+        frame("content_block_start", b'{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}'),
+        delta(0, b"thinking_delta", b"thinking", ni[:1]), delta(0, b"thinking_delta", b"thinking", ni[1:] + b"!"),
+        delta(0, b"signature_delta", b"signature", b"sig"),
+        frame("content_block_stop", b'{"type":"content_block_stop","index":0}'),
+        frame("content_block_start", b'{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t1","name":"f","input":{}}}'),
+        delta(1, b"input_json_delta", b"partial_json", b'{\\"q\\": \\"' + ni[:2]),
+        delta(1, b"input_json_delta", b"partial_json", ni[2:] + b'\\"}'),
+        frame("content_block_stop", b'{"type":"content_block_stop","index":1}'),
+        frame("content_block_start", b'{"type":"content_block_start","index":2,"content_block":{"type":"text","text":""}}'),
+        delta(2, b"text_delta", b"text", b"a\xffb" + ni[:2]),
+        frame("content_block_stop", b'{"type":"content_block_stop","index":2}'),
+        frame("message_delta", b'{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":3}}'),
+        frame("message_stop", b'{"type":"message_stop"}'),
+    ])
+    parser = anthropic.StreamParser()
+    events = parser.feed(wire).events + parser.close().events
+    assert not parser.failed
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == "你!"
+    assert json.loads("".join(e.arguments for e in events if isinstance(e, ToolCallDelta))) == {"q": "你"}
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a\ufffdb\ufffd"

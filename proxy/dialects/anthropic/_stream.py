@@ -464,20 +464,19 @@ class StreamParser:
         split = self._split = self._split or SplitText()
         kind = payload.get("type")
         index = payload.get("index")
-        if isinstance(index, int) and kind in ("content_block_delta", "content_block_stop"):
-            delta = payload.get("delta") if kind == "content_block_delta" else None
-            for name, delta_type in _TEXT_FIELDS:
-                if isinstance(delta, dict):
-                    if name not in delta:
-                        continue
+        delta = payload.get("delta")
+        if isinstance(index, int) and kind == "content_block_delta" and isinstance(delta, dict):
+            for name, _ in _TEXT_FIELDS:
+                if name in delta:
                     text = delta[name]
                     joined = split.join((index, name), text if isinstance(text, str) else None, final=False)
                     if joined is not None:
                         delta[name] = joined
-                else:
-                    rest = split.join((index, name), None, final=True)
-                    if rest:
-                        self._block_delta({"index": index, "delta": {"type": delta_type, name: rest}}, events)
+        elif isinstance(index, int) and kind == "content_block_stop":
+            for name, delta_type in _TEXT_FIELDS:
+                rest = split.join((index, name), None, final=True)
+                if rest:
+                    self._block_delta({"index": index, "delta": {"type": delta_type, name: rest}}, events)
         if not split:
             self._split = None
         mended: dict[str, Any] = replace_invalid(payload)

@@ -208,7 +208,6 @@ class StreamParser:
             events.append(closing_finish(reason, data))
             self.done = True
 
-
     def _mend(self, data: dict[str, Any]) -> dict[str, Any]:
         """`data` (parsed by `loads_escaped`, or a line after one) with its text joined to the
         bytes the last line left unfinished (U+FFFD on the `done` line), and U+FFFD for any
