@@ -4,8 +4,9 @@ Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workfl
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
 background one runs durably, polled for, and can be cancelled or deleted on any instance. The
-gateway keeps no conversations, but continues a response it journalled (`previous_response_id`),
-lists its input items, and takes its items by reference (`item_reference`).
+gateway continues a response it journalled (`previous_response_id`) or a stored conversation
+(`conversation`, see `_conversations`), lists its input items, and takes its items by
+reference (`item_reference`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical
+from proxy.http._conversations import conversation_appender, join_conversation
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -119,6 +121,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
+    if parsed.conversation is not None:
+        await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
@@ -132,6 +136,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if parsed.conversation is not None and persistence is not None:
+        exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
     model, settings = request.model, parsed.settings
     if settings["truncation"] == "auto":
         route = exchange.route
@@ -612,7 +618,11 @@ async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, A
 
 async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:
     """How many of a response's messages (after its instructions) are those of the response
-    it continued, and its answer (0: it continued none, or the journal no longer has it)."""
+    it continued, and its answer, or its conversation's items (0: it continued none, or the
+    journal no longer has it)."""
+    prefix = (settings or {}).get(responses.CONVERSATION_PREFIX)
+    if isinstance(prefix, int):
+        return prefix
     previous = (settings or {}).get("previous_response_id")
     store = persistence.store()
     if not isinstance(previous, str) or store is None:

@@ -1,0 +1,265 @@
+"""OpenAI's Conversations API with the official `openai` SDK (`client.conversations`), on a
+gateway with its journal (PostgreSQL, NATS) and a loopback backend: a conversation's items go
+before a response's input, and a completed response's input and output are appended to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import gateway, new_key, wait_for_key
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
+
+
+@dataclass
+class Stack:
+    url: str
+    db: str
+    fake: OpenAIBackend
+    client: openai.AsyncOpenAI
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=QUICK)
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Stack(url, pg_database_url, fake, client)
+        await client.close()
+
+
+def backend_saw(fake: OpenAIBackend) -> list[Any]:
+    """The messages of the backend's last request, as (role, content)."""
+    body = fake.requests[-1].json
+    assert isinstance(body, dict)
+    return [(m["role"], m.get("content")) for m in body["messages"]]
+
+
+async def listed(client: openai.AsyncOpenAI, conversation: str) -> list[tuple[str, str, str]]:
+    """Every item, oldest first, as (type, role or name, text)."""
+    page = await client.conversations.items.list(conversation, order="asc", limit=100)
+    out: list[tuple[str, str, str]] = []
+    for item in page.data:
+        data = item.model_dump()
+        if data["type"] == "message":
+            out.append(("message", data["role"], "".join(part.get("text") or "" for part in data["content"])))
+        elif data["type"] == "function_call":
+            out.append(("function_call", data["name"], data["arguments"]))
+        else:
+            out.append((data["type"], data.get("call_id") or "", str(data.get("output") or "")))
+    return out
+
+
+async def test_a_response_in_a_conversation_sees_its_items_and_adds_its_own(stack: Stack) -> None:
+    client = stack.client
+    conversation = await client.conversations.create(
+        items=[
+            {"type": "message", "role": "user", "content": "Remember: the secret is 42."},
+            {"type": "message", "role": "assistant", "content": "Noted."},
+        ],
+        metadata={"topic": "secrets"},
+    )
+    assert conversation.id.startswith("conv_") and conversation.object == "conversation"
+    assert conversation.metadata == {"topic": "secrets"}
+    assert (await client.conversations.retrieve(conversation.id)).metadata == {"topic": "secrets"}
+
+    first = await client.responses.create(
+        model="m", input="What is the secret?", instructions="Be brief.", conversation=conversation.id
+    )
+    assert first.output_text == "The secret is 42."
+    assert first.conversation is not None and first.conversation.id == conversation.id
+    assert backend_saw(stack.fake) == [
+        ("system", "Be brief."),
+        ("user", "Remember: the secret is 42."),
+        ("assistant", "Noted."),
+        ("user", "What is the secret?"),
+    ]
+    # Its input and its answer, after the items the conversation had, with the ids its own
+    # listing and output give them (the instructions are not an item).
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Remember: the secret is 42."),
+        ("message", "assistant", "Noted."),
+        ("message", "user", "What is the secret?"),
+        ("message", "assistant", "The secret is 42."),
+    ]
+    page = await client.conversations.items.list(conversation.id, order="asc")
+    own_inputs = await client.responses.input_items.list(first.id)
+    assert [item.id for item in own_inputs.data] == [page.data[2].id]  # its input: not the conversation's
+    assert page.data[3].id == first.output[0].id
+
+    # The next turn sees the previous one, by the object form too.
+    stack.fake.set_script(Script(tokens=["Still 42."]))
+    second = await client.responses.create(model="m", input="And now?", conversation={"id": conversation.id})
+    assert second.output_text == "Still 42."
+    assert backend_saw(stack.fake)[-3:] == [
+        ("user", "What is the secret?"), ("assistant", "The secret is 42."), ("user", "And now?"),
+    ]
+    # Read back, it still says which conversation it belongs to.
+    await wait_for_row(stack.db, second.id.removeprefix("resp_"), "completed")
+    again = await client.responses.retrieve(second.id)
+    assert again.conversation is not None and again.conversation.id == conversation.id
+    assert "_conversation_prefix" not in again.model_dump()
+
+    updated = await client.conversations.update(conversation.id, metadata={"topic": "done"})
+    assert updated.metadata == {"topic": "done"}
+
+
+async def test_a_streamed_response_is_appended_too(stack: Stack) -> None:
+    conversation = await stack.client.conversations.create()
+    stream = await stack.client.responses.create(
+        model="m", input="Tell me.", conversation=conversation.id, stream=True
+    )
+    kinds = [event.type async for event in stream]
+    assert kinds[-1] == "response.completed"
+    assert await listed(stack.client, conversation.id) == [
+        ("message", "user", "Tell me."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_a_background_response_is_appended_when_it_completes(stack: Stack) -> None:
+    conversation = await stack.client.conversations.create()
+    queued = await stack.client.responses.create(
+        model="m", input="Tell me later.", conversation=conversation.id, background=True
+    )
+    assert queued.status == "queued"
+    await wait_for_row(stack.db, queued.id.removeprefix("resp_"), "completed")
+    assert await listed(stack.client, conversation.id) == [
+        ("message", "user", "Tell me later."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_a_failed_response_adds_nothing(stack: Stack) -> None:
+    conversation = await stack.client.conversations.create(items=[{"role": "user", "content": "Hello"}])
+    stack.fake.set_script(Script(status=500))
+    with pytest.raises(openai.InternalServerError):
+        await stack.client.responses.create(model="m", input="Fail now.", conversation=conversation.id)
+    stack.fake.set_script(Script(tokens=["Half"], fail_after=2))
+    stream = await stack.client.responses.create(model="m", input="Fail later.", conversation=conversation.id, stream=True)
+    assert [event.type async for event in stream][-1] == "response.failed"
+    assert await listed(stack.client, conversation.id) == [("message", "user", "Hello")]
+
+
+async def test_items_are_paged_in_either_order(stack: Stack) -> None:
+    client = stack.client
+    texts = [f"item {i}" for i in range(7)]
+    conversation = await client.conversations.create(items=[{"role": "user", "content": t} for t in texts[:3]])
+    added = await client.conversations.items.create(
+        conversation.id, items=[{"type": "message", "role": "user", "content": t} for t in texts[3:]]
+    )
+    assert len(added.data) == 4 and added.first_id == added.data[0].id and not added.has_more
+
+    for order, expected in (("asc", texts), ("desc", texts[::-1])):
+        seen: list[str] = []
+        after: str | None = None
+        pages = 0
+        while True:
+            page = await client.conversations.items.list(
+                conversation.id, order=order, limit=3, **({"after": after} if after else {})  # type: ignore[arg-type]
+            )
+            pages += 1
+            seen += [item.model_dump()["content"][0]["text"] for item in page.data]
+            if not page.has_more:
+                break
+            after = page.last_id
+        assert seen == expected and pages == 3
+    # Newest first by default; the SDK's own paging goes through every page.
+    newest = await client.conversations.items.list(conversation.id, limit=2)
+    assert newest.data[0].model_dump()["content"][0]["text"] == "item 6"
+    assert len([item async for item in client.conversations.items.list(conversation.id, limit=2)]) == 7
+
+    one = await client.conversations.items.retrieve(added.data[0].id, conversation_id=conversation.id)
+    assert one.model_dump(exclude_none=True)["content"] == [{"type": "input_text", "text": "item 3"}]
+
+
+async def test_deleting_an_item_or_the_conversation(stack: Stack) -> None:
+    client = stack.client
+    conversation = await client.conversations.create(items=[
+        {"role": "user", "content": "Forget this."}, {"role": "user", "content": "Keep this."},
+    ])
+    forgotten = (await client.conversations.items.list(conversation.id, order="asc")).data[0].id
+    answered = await client.conversations.items.delete(forgotten, conversation_id=conversation.id)
+    assert answered.id == conversation.id and answered.object == "conversation"
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.items.retrieve(forgotten, conversation_id=conversation.id)
+    await client.responses.create(model="m", input="Go.", conversation=conversation.id)
+    assert backend_saw(stack.fake) == [("user", "Keep this."), ("user", "Go.")]
+
+    deleted = await client.conversations.delete(conversation.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (conversation.id, "conversation.deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.retrieve(conversation.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.items.list(conversation.id)
+    asked = len(stack.fake.requests)
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.responses.create(model="m", input="Again.", conversation=conversation.id)
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "conversation" and conversation.id in body["message"]
+    assert len(stack.fake.requests) == asked
+
+
+async def test_a_keys_conversations_are_its_own(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    await wait_for_key(stack.url, other)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    conversation = await mine.conversations.create(items=[{"role": "user", "content": "My secret is 42."}])
+    item = (await mine.conversations.items.list(conversation.id)).data[0].id
+    for attempt in (
+        lambda: theirs.conversations.retrieve(conversation.id),
+        lambda: theirs.conversations.update(conversation.id, metadata={"x": "y"}),
+        lambda: theirs.conversations.items.list(conversation.id),
+        lambda: theirs.conversations.items.retrieve(item, conversation_id=conversation.id),
+        lambda: theirs.conversations.items.delete(item, conversation_id=conversation.id),
+        lambda: theirs.conversations.items.create(conversation.id, items=[{"role": "user", "content": "Mine now."}]),
+        lambda: theirs.responses.create(model="m", input="What is the secret?", conversation=conversation.id),
+        lambda: theirs.conversations.delete(conversation.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            await attempt()
+    assert await listed(mine, conversation.id) == [("message", "user", "My secret is 42.")]
+    assert (await mine.conversations.retrieve(conversation.id)).metadata == {}
+    await mine.close()
+    await theirs.close()
+
+
+async def test_refusals_name_their_field(stack: Stack) -> None:
+    client = stack.client
+    conversation = await client.conversations.create()
+    earlier = await client.responses.create(model="m", input="Hi")
+    refusals: list[tuple[Any, str]] = [
+        (lambda: client.responses.create(
+            model="m", input="x", conversation=conversation.id, previous_response_id=earlier.id
+        ), "conversation"),
+        (lambda: client.conversations.create(items=[{"role": "user", "content": "x"}] * 21), "items"),
+        (lambda: client.conversations.create(items=[{"role": "robot", "content": "x"}]), "items[0].role"),
+        (lambda: client.conversations.items.create(conversation.id, items=[]), "items"),
+        (lambda: client.conversations.items.create(
+            conversation.id, items=[{"role": "user", "content": "x"}, {"type": "function_call", "name": "f"}]
+        ), "items[1].call_id"),
+        (lambda: client.conversations.create(metadata={str(i): "v" for i in range(17)}), "metadata"),
+        (lambda: client.conversations.items.list(conversation.id, order="sideways"), "order"),  # type: ignore[arg-type]
+        (lambda: client.conversations.items.list(conversation.id, limit=101), "limit"),
+        (lambda: client.conversations.items.list(conversation.id, after="msg_nope"), "after"),
+    ]
+    for call, param in refusals:
+        with pytest.raises(openai.BadRequestError) as info:
+            await call()
+        body = info.value.body
+        assert isinstance(body, dict) and body["param"] == param, (param, body)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        missing = await http.get("/v1/conversations/conv_nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"] == "Conversation with id 'conv_nope' not found."
