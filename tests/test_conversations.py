@@ -16,6 +16,8 @@ from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import gateway, new_key, wait_for_key
 from tests.test_persistence import wait_for_row
+from tests.test_responses_truncation import WindowedVLLM, assert_trimmed
+from tests.test_responses_truncation import conversation as agent_history
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -48,9 +50,8 @@ def backend_saw(fake: OpenAIBackend) -> list[Any]:
 
 async def listed(client: openai.AsyncOpenAI, conversation: str) -> list[tuple[str, str, str]]:
     """Every item, oldest first, as (type, role or name, text)."""
-    page = await client.conversations.items.list(conversation, order="asc", limit=100)
     out: list[tuple[str, str, str]] = []
-    for item in page.data:
+    async for item in client.conversations.items.list(conversation, order="asc", limit=100):
         data = item.model_dump()
         if data["type"] == "message":
             out.append(("message", data["role"], "".join(part.get("text") or "" for part in data["content"])))
@@ -124,6 +125,20 @@ async def test_a_streamed_response_is_appended_too(stack: Stack) -> None:
     assert kinds[-1] == "response.completed"
     assert await listed(stack.client, conversation.id) == [
         ("message", "user", "Tell me."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_a_response_repeated_with_its_idempotency_key_is_its_first_answer_added_once(stack: Stack) -> None:
+    """Asked again with its key (a retry whose first answer was lost), the request is the same
+    although the conversation now holds that answer: the first response answers it again."""
+    conversation = await stack.client.conversations.create(items=[{"role": "user", "content": "Hello"}])
+    key = {"Idempotency-Key": "once-1"}
+    first = await stack.client.responses.create(model="m", input="Once.", conversation=conversation.id, extra_headers=key)
+    again = await stack.client.responses.create(model="m", input="Once.", conversation=conversation.id, extra_headers=key)
+    assert again.id == first.id and again.output_text == first.output_text
+    assert len(stack.fake.requests) == 1
+    assert await listed(stack.client, conversation.id) == [
+        ("message", "user", "Hello"), ("message", "user", "Once."), ("message", "assistant", "The secret is 42."),
     ]
 
 
@@ -263,3 +278,32 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
         missing = await http.get("/v1/conversations/conv_nope")
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "Conversation with id 'conv_nope' not found."
+
+
+async def test_auto_truncation_trims_the_conversation_sent_not_the_conversation_kept(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`truncation: "auto"` applies to the conversation's items and the input together: the
+    oldest turns are not sent, but the conversation keeps them."""
+    fake = WindowedVLLM()
+    fake.set_script(Script(tokens=["fits"]))
+    history = agent_history(20)[:-1]  # ~5000 tokens, for a window of 2000
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, prefixes=("qwen",))
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.models.list()  # the gateway knows the window
+        conversation = await client.conversations.create(items=history[:20])
+        for start in range(20, len(history), 20):
+            await client.conversations.items.create(conversation.id, items=history[start : start + 20])
+        response = await client.responses.create(
+            model="qwen3-8b", instructions="Be brief.", input="and now the last question", truncation="auto",
+            max_output_tokens=300, conversation=conversation.id,
+        )
+        assert response.output_text == "fits"
+        kept = await listed(client, conversation.id)
+        await client.close()
+    assert_trimmed(fake.chats()[-1])
+    assert len(kept) == len(history) + 2
+    assert kept[0] == ("message", "user", history[0]["content"])
+    assert kept[-2:] == [("message", "user", "and now the last question"), ("message", "assistant", "fits")]

@@ -121,7 +121,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
+    own = None
     if parsed.conversation is not None:
+        own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
         await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
@@ -138,6 +140,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     if parsed.conversation is not None and persistence is not None:
         exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
+        exchange.identity = own  # without the conversation's items, which its answer adds to
     model, settings = request.model, parsed.settings
     if settings["truncation"] == "auto":
         route = exchange.route

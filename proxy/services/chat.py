@@ -203,6 +203,11 @@ class ChatExchange(FallbackWalk, DurableRun):
         # Told of the answer once the run has completed (see `AnswerHook`): by the relay for
         # a run here or a replay, by the durable run for one in the Runs nursery.
         self.on_answer: AnswerHook | None = None
+        # What an Idempotency-Key's request is (`req_id`) when not the request as sent: a
+        # response in a conversation, asked again with its key once its first answer was
+        # appended to the conversation, is the same request (not the exact cache's: an
+        # answer to the conversation as it stood). None: the request itself.
+        self.identity: ChatRequest | None = None
         self._relay_answers = True
         # A stand-in's answer is not the model's: neither cache gives it to later requests.
         self.fell_back = False
@@ -303,10 +308,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         if persistence is None:
             return Plan("here")
         key = self.meta.idempotency_key
-        cache = _cacheable(self.request, self.meta, self._backend)
+        cache = self.identity is None and _cacheable(self.request, self.meta, self._backend)
         if key is None and not cache:
             return Plan("here")
-        req_id = request_fingerprint(self.request, self.route.upstream_model, self._route_identity())
+        req_id = request_fingerprint(self.identity or self.request, self.route.upstream_model, self._route_identity())
         cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
         if cache:
             cached = await persistence.cached(cache_id)
