@@ -278,6 +278,12 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
         missing = await http.get("/v1/conversations/conv_nope")
         assert missing.status_code == 404
         assert missing.json()["error"]["message"] == "Conversation with id 'conv_nope' not found."
+        # An id PostgreSQL could not even hold (a NUL) is one that does not exist, not an outage.
+        assert (await http.get("/v1/conversations/conv_%00")).status_code == 404
+        assert (await http.get(f"/v1/conversations/{conversation.id}/items/msg_%00")).status_code == 404
+        assert (await http.delete(f"/v1/conversations/{conversation.id}/items/msg_%00")).status_code == 404
+        nul_after = await http.get(f"/v1/conversations/{conversation.id}/items", params={"after": "msg_\x00"})
+        assert nul_after.status_code == 400 and nul_after.json()["error"]["param"] == "after"
 
 
 async def test_auto_truncation_trims_the_conversation_sent_not_the_conversation_kept(

@@ -144,6 +144,8 @@ async def list_items(conversation_id: str) -> Response:
 @blueprint.get("/v1/conversations/<conversation_id>/items/<item_id>")
 async def retrieve_item(conversation_id: str, item_id: str) -> Response:
     await _own(conversation_id)
+    if not conversations.storable(item_id):
+        raise conversations.item_not_found(item_id, param="item_id")
     item = await _stored(lambda store: store.item(conversation_id, item_id), f"the items of {conversation_id}")
     if item is None:
         raise conversations.item_not_found(item_id, param="item_id")
@@ -153,7 +155,7 @@ async def retrieve_item(conversation_id: str, item_id: str) -> Response:
 @blueprint.delete("/v1/conversations/<conversation_id>/items/<item_id>")
 async def delete_item(conversation_id: str, item_id: str) -> Response:
     row = await _own(conversation_id)
-    if not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
+    if not conversations.storable(item_id) or not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
         raise conversations.item_not_found(item_id, param="item_id")
     return _reply(_object(row))
 

@@ -47,7 +47,12 @@ def item_not_found(item: str, param: str | None = None) -> GatewayError:
 
 
 def is_conversation_id(value: str) -> bool:
-    return value.startswith(_PREFIX) and len(value) > len(_PREFIX)
+    return value.startswith(_PREFIX) and len(value) > len(_PREFIX) and storable(value)
+
+
+def storable(value: str) -> bool:
+    """Whether an id can be looked up at all (PostgreSQL's text holds no NUL: no id has one)."""
+    return "\x00" not in value
 
 
 def parse_create(body: bytes, mint: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
@@ -112,4 +117,6 @@ def page_query(query: dict[str, list[str]], max_limit: int = 100) -> tuple[str |
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= max_limit:
         raise invalid_request(f"`limit` must be an integer from 1 to {max_limit}.", param="limit")
     after = (query.get("after") or [""])[0]
+    if not storable(after):
+        raise invalid_request("`after` must be an item's id.", param="after")
     return after or None, int(raw_limit), order
