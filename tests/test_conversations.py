@@ -313,3 +313,53 @@ async def test_auto_truncation_trims_the_conversation_sent_not_the_conversation_
     assert len(kept) == len(history) + 2
     assert kept[0] == ("message", "user", history[0]["content"])
     assert kept[-2:] == [("message", "user", "and now the last question"), ("message", "assistant", "fits")]
+
+
+async def test_items_read_back_by_the_sdk_are_input_again(stack: Stack) -> None:
+    """What the Agents SDK's `OpenAIConversationsSession` does: items listed (`model_dump()`,
+    every field the SDK knows, null or not) are sent back as a response's input and as new
+    conversation items."""
+    client = stack.client
+    conversation = await client.conversations.create(items=[
+        {"role": "developer", "content": "Use the tools."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny.", "annotations": []}]},
+    ])
+    dumped: Any = [item.model_dump() async for item in client.conversations.items.list(conversation.id, order="asc")]
+    answered = await client.responses.create(model="m", input=[*dumped, {"role": "user", "content": "Tomorrow?"}])
+    assert answered.status == "completed"
+    body = stack.fake.requests[-1].json
+    assert isinstance(body, dict)
+    assert [(m["role"], m.get("content") or m.get("tool_calls")[0]["function"]["name"]) for m in body["messages"]] == [
+        ("system", "Use the tools."), ("user", "Weather in Paris?"), ("assistant", "weather"), ("tool", "sunny"),
+        ("assistant", "Sunny."), ("user", "Tomorrow?"),
+    ]
+    copy = await client.conversations.create(items=dumped)
+    assert await listed(client, copy.id) == await listed(client, conversation.id)
+
+
+async def test_an_agent_loop_in_a_conversation_sends_only_the_tools_output(stack: Stack) -> None:
+    """The model calls a function; the client sends just its output, in the conversation: the
+    backend sees the call (kept by the conversation) answered by it."""
+    client = stack.client
+    tool: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    conversation = await client.conversations.create()
+    stack.fake.set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    called = await client.responses.create(model="m", input="Weather?", tools=[tool], conversation=conversation.id)
+    assert [item.type for item in called.output] == ["function_call"]
+    call = called.output[-1]
+    assert call.type == "function_call"
+    stack.fake.set_script(Script(tokens=["Sunny in Paris."]))
+    answered = await client.responses.create(
+        model="m", tools=[tool], conversation=conversation.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    assert answered.output_text == "Sunny in Paris."
+    messages = stack.fake.requests[-1].json["messages"]  # type: ignore[index]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["tool_calls"][0]["id"] == call.call_id and messages[2]["tool_call_id"] == call.call_id
+    assert [kind for kind, *_ in await listed(client, conversation.id)] == [
+        "message", "function_call", "function_call_output", "message",
+    ]
