@@ -265,6 +265,8 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
             conversation.id, items=[{"role": "user", "content": "x"}, {"type": "function_call", "name": "f"}]
         ), "items[1].call_id"),
         (lambda: client.conversations.create(metadata={str(i): "v" for i in range(17)}), "metadata"),
+        (lambda: client.conversations.update(conversation.id, metadata={"k": "v" * 513}), "metadata"),
+        (lambda: client.conversations.create(metadata={"k" * 65: "v"}), "metadata"),
         (lambda: client.conversations.items.list(conversation.id, order="sideways"), "order"),  # type: ignore[arg-type]
         (lambda: client.conversations.items.list(conversation.id, limit=101), "limit"),
         (lambda: client.conversations.items.list(conversation.id, after="msg_nope"), "after"),
@@ -363,3 +365,24 @@ async def test_an_agent_loop_in_a_conversation_sends_only_the_tools_output(stack
     assert [kind for kind, *_ in await listed(client, conversation.id)] == [
         "message", "function_call", "function_call_output", "message",
     ]
+
+
+async def test_an_item_reference_finds_a_conversations_item(stack: Stack) -> None:
+    owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
+    await wait_for_key(stack.url, owner)
+    await wait_for_key(stack.url, other)
+    mine = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=owner, max_retries=0)
+    theirs = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other, max_retries=0)
+    conversation = await mine.conversations.create(items=[{"role": "user", "content": "The code is 7."}])
+    item = (await mine.conversations.items.list(conversation.id)).data[0].id
+    reference: Any = [{"type": "item_reference", "id": item}, {"role": "user", "content": "What is the code?"}]
+    assert (await mine.responses.create(model="m", input=reference)).status == "completed"
+    assert backend_saw(stack.fake) == [("user", "The code is 7."), ("user", "What is the code?")]
+    with pytest.raises(openai.NotFoundError) as info:
+        await theirs.responses.create(model="m", input=reference)  # another key's
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "input[0]"
+    await mine.conversations.items.delete(item, conversation_id=conversation.id)
+    with pytest.raises(openai.NotFoundError):
+        await mine.responses.create(model="m", input=reference)
+    await mine.close()
+    await theirs.close()

@@ -177,6 +177,14 @@ async def join_conversation(persistence: Persistence | None, parsed: responses.R
     responses.in_conversation(parsed, conversations.prefix_messages(items))
 
 
+async def conversation_item(persistence: Persistence, item: str) -> dict[str, Any] | None:
+    """An item of one of the caller's conversations, by its id (an `item_reference`)."""
+    if persistence.resources.database_url is None or not conversations.storable(item):
+        return None
+    tenant = current_tenant()
+    return await persistence.conversations(lambda store: store.find_item(item, tenant), f"item {item}")
+
+
 def conversation_appender(persistence: Persistence, parsed: responses.ResponsesRequest, tenant: str | None) -> AnswerHook:
     """What appends a completed response's input items and output items to its conversation,
     named as its `input_items` and `output` name them (appended again, by a replay of its

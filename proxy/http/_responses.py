@@ -26,7 +26,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical
-from proxy.http._conversations import conversation_appender, join_conversation
+from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -580,19 +580,24 @@ async def _inputs_of(
 
 
 async def _referenced(persistence: Persistence | None, body: bytes) -> dict[str, dict[str, Any]]:
-    """The items a request's `item_reference`s name, by id: input or output items of the
-    responses the journal keeps (the tenant's own, ended; on any instance). One it does not
-    keep is a 404 naming the reference's path, in OpenAI's words."""
+    """The items a request's `item_reference`s name, by id: items of the tenant's
+    conversations, or input or output items of the responses the journal keeps (the
+    tenant's own, ended; on any instance). One neither keeps is a 404 naming the
+    reference's path, in OpenAI's words."""
     found: dict[str, dict[str, Any]] = {}
     kept: dict[str, list[dict[str, Any]]] = {}  # by trace id: one read per response referred to
     for path, item in responses.item_references(body):
         if item in found:
             continue
-        # An item's id is its kind, its response's trace id and its place (`responses.item_id`).
-        trace_id = item.partition("_")[2].rpartition("_")[0]
-        if trace_id not in kept:
-            kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
-        match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
+        # First its conversations (one indexed read): an item made by `items.create` names no
+        # response, whose row would be waited for.
+        match = await conversation_item(persistence, item) if persistence is not None else None
+        if match is None:
+            # A response's item id is its kind, its trace id and its place (`responses.item_id`).
+            trace_id = item.partition("_")[2].rpartition("_")[0]
+            if trace_id not in kept:
+                kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
+            match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
         if match is None:
             raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
         found[item] = match

@@ -111,6 +111,16 @@ class ConversationStore:
         )
         return found if isinstance(found, dict) else None
 
+    async def find_item(self, item_id: str, tenant: str | None) -> dict[str, Any] | None:
+        """An item of any of the tenant's conversations, by its id (the newest, should two
+        conversations hold it: a response's items appended to each)."""
+        found = await self._db.fetchval(
+            "SELECT i.item FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id "
+            "WHERE i.id = %(item)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq DESC LIMIT 1",
+            {"item": item_id, "tenant": tenant},
+        )
+        return found if isinstance(found, dict) else None
+
     async def delete_item(self, conversation_id: str, item_id: str) -> bool:
         return bool(await self._db.execute(
             "DELETE FROM conversation_items WHERE conversation_id = %s AND id = %s", (conversation_id, item_id)

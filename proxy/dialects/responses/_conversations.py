@@ -55,10 +55,20 @@ def storable(value: str) -> bool:
     return "\x00" not in value
 
 
+def _metadata(fields: Fields) -> dict[str, str]:
+    """OpenAI's metadata: at most 16 keys of up to 64 characters, values of up to 512."""
+    metadata = _parse_metadata(fields.object("metadata")) or {}
+    if any(len(key) > 64 or len(value) > 512 for key, value in metadata.items()):
+        raise invalid_request(
+            "Invalid `metadata`: keys are at most 64 characters long, values at most 512.", param="metadata"
+        )
+    return metadata
+
+
 def parse_create(body: bytes, mint: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """`POST /v1/conversations`: its metadata and its first items (ids minted from `mint`)."""
     fields = Fields(loads_object(body) if body.strip() else {})
-    metadata = _parse_metadata(fields.object("metadata")) or {}
+    metadata = _metadata(fields)
     raw = fields.array("items")
     return metadata, kept_items(raw, "items", mint) if raw else []
 
@@ -68,7 +78,7 @@ def parse_update(body: bytes) -> dict[str, str]:
     fields = Fields(loads_object(body))
     if "metadata" not in fields.data:
         raise invalid_request("Missing required parameter: 'metadata'.", param="metadata")
-    return _parse_metadata(fields.object("metadata")) or {}
+    return _metadata(fields)
 
 
 def parse_items(body: bytes, mint: str) -> list[dict[str, Any]]:

@@ -19,3 +19,5 @@ CREATE TABLE IF NOT EXISTS conversation_items (
     UNIQUE (conversation_id, id)
 );
 CREATE INDEX IF NOT EXISTS conversation_items_by_conversation ON conversation_items (conversation_id, seq);
+-- An `item_reference` names an item by its id alone.
+CREATE INDEX IF NOT EXISTS conversation_items_by_id ON conversation_items (id);
