@@ -316,7 +316,8 @@ async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(set
     ({"input": 5}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"conversation": "conv_1"}, "conversation"),
+    ({"conversation": 5}, "conversation"),
+    ({"conversation": {"id": ""}}, "conversation.id"),
     ({"background": True, "store": False}, "store"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -330,10 +331,16 @@ async def test_bad_input_is_a_400_in_openais_shape(setup: Setup, fields: dict[st
     assert setup.fake("openai").requests == []  # refused before any backend heard of it
 
 
-async def test_stateful_requests_say_to_send_the_whole_conversation(setup: Setup) -> None:
+async def test_stateful_requests_say_what_to_do_instead(setup: Setup) -> None:
     with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="more", prompt={"id": "pmpt_1"})
+    assert "send the prompt's text in `instructions` and `input`" in info.value.message
+    # Conversations are kept in PostgreSQL, which this gateway runs without: no retry helps.
+    with pytest.raises(openai.InternalServerError) as stored:
         await setup.client.responses.create(model=MODELS["openai"], input="more", conversation="conv_1")
-    assert "send the whole conversation in `input`" in info.value.message
+    assert stored.value.status_code == 503
+    assert isinstance(stored.value.body, dict) and stored.value.body["code"] == "database_not_configured"
+    assert stored.value.response.headers.get("x-should-retry") == "false"
     # A response the journal does not keep cannot be continued.
     with pytest.raises(openai.NotFoundError) as unknown:
         await setup.client.responses.create(model=MODELS["openai"], input="more", previous_response_id="resp_1")

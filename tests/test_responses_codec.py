@@ -229,15 +229,40 @@ def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
         assert info.value.kind is ErrorKind.INVALID_REQUEST
 
 
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"conversation": "conv_1"}, "conversation"),
-    ({"conversation": {"id": "conv_1"}}, "conversation"),
-    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
-])
-def test_stateful_features_are_refused_with_what_to_do_instead(fields: dict[str, Any], param: str) -> None:
-    error = refused(**fields)
-    assert error.param == param
-    assert "send the whole conversation in `input`" in error.message
+def test_a_stored_prompt_is_refused_with_what_to_do_instead() -> None:
+    error = refused(prompt={"id": "pmpt_1"})
+    assert error.param == "prompt"
+    assert "send the prompt's text in `instructions` and `input`" in error.message
+
+
+def test_a_conversation_is_named_by_its_id_or_an_object_holding_it() -> None:
+    for value in ("conv_1", {"id": "conv_1"}):
+        parsed = parse(conversation=value, input="Hi")
+        assert parsed.conversation == "conv_1" and parsed.settings["conversation"] == {"id": "conv_1"}
+    assert "conversation" not in parse(input="Hi").settings
+    for value, param in ((5, "conversation"), ({"id": 5}, "conversation.id"), ("", "conversation")):
+        assert refused(conversation=value).param == param
+    # Either continues a conversation: not both, as on OpenAI.
+    assert refused(conversation="conv_1", previous_response_id="resp_1").param == "conversation"
+
+
+def test_a_conversations_items_go_after_the_instructions_and_before_the_input() -> None:
+    parsed = parse(conversation="conv_1", instructions="Be brief.", input="And?")
+    items = responses.conversations.kept_items(
+        [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": []}, {"role": "assistant", "content": "Hello"}],
+        "items", "abc",
+    )
+    assert [item["id"] for item in items] == ["msg_abc_in0", "msg_abc_in1"]
+    responses.in_conversation(parsed, responses.conversations.prefix_messages(items))
+    assert [(m.role, m.content[0].text) for m in parsed.chat.messages] == [  # type: ignore[union-attr]
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "And?"),
+    ]
+    # How many came from the conversation is kept, and never echoed.
+    assert parsed.settings[responses.CONVERSATION_PREFIX] == 2
+    body = responses.response_object(
+        response="resp_1", created_at=0, model="m", settings=parsed.settings, status="completed", output=[],
+    )
+    assert responses.CONVERSATION_PREFIX not in body and body["conversation"] == {"id": "conv_1"}
 
 
 def test_background_needs_store() -> None:

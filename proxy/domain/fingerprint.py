@@ -44,6 +44,11 @@ def _message(message: Message) -> dict[str, Any]:
     return out
 
 
+def message_to_canonical(message: Message) -> dict[str, Any]:
+    """A message as a journalled request keeps it (see `message_from_canonical`)."""
+    return _message(message)
+
+
 def message_from_canonical(data: dict[str, Any]) -> Message:
     """A message as `_message` wrote it (a journalled request's, continued by a later one)."""
     parts: list[TextPart | ImagePart | OpaquePart] = []

@@ -363,6 +363,7 @@ _RESPONSES_REQUEST: Schema = {
         "metadata": {"type": "object", "additionalProperties": _STR},
         "store": _BOOL, "user": _STR, "truncation": {"enum": ["auto", "disabled"]},
         "include": {"type": "array", "items": _STR}, "service_tier": _STR,
+        "conversation": {"oneOf": [_STR, {"type": "object", "required": ["id"], "properties": {"id": _STR}}]},
     },
 }
 _RESPONSE: Schema = {
@@ -595,8 +596,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
         "server-sent events. `previous_response_id` continues a response the journal keeps, and an `item_reference` "
-        "input stands for one of its items (404 for one it does not keep); `conversation` and "
-        "`prompt` are 400s (send the whole conversation); `background: true` runs on when the connection drops (without `stream`, answered "
+        "input stands for one of its items (404 for one it does not keep); `conversation` puts a stored "
+        "conversation's items first and appends the response's input and output to it once completed (see "
+        "`/v1/conversations`); `prompt` is a 400; `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
     ("/v1/responses/{response_id}", "get"): _op(

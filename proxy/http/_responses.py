@@ -4,8 +4,9 @@ Any backend answers it (OpenAI-compatible, Ollama, Anthropic, the RAG and workfl
 with everything an exchange brings (idempotency, caches, the journal, limits, metrics). A
 response is read back from the journal while it keeps it (whole, or its stream resumed); a
 background one runs durably, polled for, and can be cancelled or deleted on any instance. The
-gateway keeps no conversations, but continues a response it journalled (`previous_response_id`),
-lists its input items, and takes its items by reference (`item_reference`).
+gateway continues a response it journalled (`previous_response_id`) or a stored conversation
+(`conversation`, see `_conversations`), lists its input items, and takes its items by
+reference (`item_reference`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical
+from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -119,6 +121,10 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
+    own = None
+    if parsed.conversation is not None:
+        own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
+        await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
     response = responses.response_id(meta.trace_id)
@@ -132,6 +138,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if parsed.conversation is not None and persistence is not None:
+        exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
+        exchange.identity = own  # without the conversation's items, which its answer adds to
     model, settings = request.model, parsed.settings
     if settings["truncation"] == "auto":
         route = exchange.route
@@ -571,19 +580,24 @@ async def _inputs_of(
 
 
 async def _referenced(persistence: Persistence | None, body: bytes) -> dict[str, dict[str, Any]]:
-    """The items a request's `item_reference`s name, by id: input or output items of the
-    responses the journal keeps (the tenant's own, ended; on any instance). One it does not
-    keep is a 404 naming the reference's path, in OpenAI's words."""
+    """The items a request's `item_reference`s name, by id: items of the tenant's
+    conversations, or input or output items of the responses the journal keeps (the
+    tenant's own, ended; on any instance). One neither keeps is a 404 naming the
+    reference's path, in OpenAI's words."""
     found: dict[str, dict[str, Any]] = {}
     kept: dict[str, list[dict[str, Any]]] = {}  # by trace id: one read per response referred to
     for path, item in responses.item_references(body):
         if item in found:
             continue
-        # An item's id is its kind, its response's trace id and its place (`responses.item_id`).
-        trace_id = item.partition("_")[2].rpartition("_")[0]
-        if trace_id not in kept:
-            kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
-        match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
+        # First its conversations (one indexed read): an item made by `items.create` names no
+        # response, whose row would be waited for.
+        match = await conversation_item(persistence, item) if persistence is not None else None
+        if match is None:
+            # A response's item id is its kind, its trace id and its place (`responses.item_id`).
+            trace_id = item.partition("_")[2].rpartition("_")[0]
+            if trace_id not in kept:
+                kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
+            match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
         if match is None:
             raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
         found[item] = match
@@ -612,7 +626,11 @@ async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, A
 
 async def _continued_length(persistence: Persistence, settings: dict[str, Any] | None) -> int:
     """How many of a response's messages (after its instructions) are those of the response
-    it continued, and its answer (0: it continued none, or the journal no longer has it)."""
+    it continued, and its answer, or its conversation's items (0: it continued none, or the
+    journal no longer has it)."""
+    prefix = (settings or {}).get(responses.CONVERSATION_PREFIX)
+    if isinstance(prefix, int):
+        return prefix
     previous = (settings or {}).get("previous_response_id")
     store = persistence.store()
     if not isinstance(previous, str) or store is None:

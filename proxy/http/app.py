@@ -14,6 +14,7 @@ from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
     _completions,
+    _conversations,
     _cors,
     _embeddings,
     _front,
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_embeddings.blueprint)
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(_keys.blueprint)
+    app.register_blueprint(_conversations.blueprint)
     app.register_blueprint(openapi_blueprint)
     for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)

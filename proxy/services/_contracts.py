@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -19,6 +19,12 @@ from proxy.services.persistence import Producer
 
 if TYPE_CHECKING:
     from proxy.services.chat import ChatExchange
+
+
+# Called with the answering trace and the whole answer of a run that completed, before its
+# client has the answer's end (a Responses conversation's items appended); its own failures
+# are its to handle. Never a closure over its exchange (a reference cycle).
+AnswerHook = Callable[[str, ChatCompletion], Awaitable[None]]
 
 
 class ExchangeSink(Protocol):

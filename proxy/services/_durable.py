@@ -12,7 +12,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.infra.backends import BackendCall, Batch
 from proxy.infra.transport import Hangup
-from proxy.services._contracts import SHUTTING_DOWN, is_cancellation
+from proxy.services._contracts import SHUTTING_DOWN, AnswerHook, is_cancellation
 from proxy.services._records import Recording, _outcome
 from proxy.services.journal import EventLog, Journal
 from proxy.services.persistence import Plan, Producer, log_reader
@@ -27,6 +27,7 @@ class DurableRun(Recording):
     _call: BackendCall
     _live_log: EventLog | None
     _detached: bool
+    on_answer: AnswerHook | None
 
     if TYPE_CHECKING:  # the exchange's own
         async def _plan(self) -> Plan: ...
@@ -124,6 +125,8 @@ class DurableRun(Recording):
                             complete = True
                             break
                 if complete:
+                    if self.on_answer is not None and result.error is None:
+                        await self.on_answer(self.meta.trace_id, result.build())
                     event_log.close(_outcome(result, complete=True))
                 nursery.cancel_scope.cancel()
         except BaseException as exc:

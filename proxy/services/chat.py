@@ -37,6 +37,7 @@ from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_se
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services._contracts import (
     SHUTTING_DOWN,
+    AnswerHook,
     CachedAnswer,
     CompletionCache,
     ExchangeSink,
@@ -56,7 +57,7 @@ log = logging.getLogger("llm_proxy.chat")
 
 # Its parts' public names are imported from here: the exchange's face is this module.
 __all__ = [
-    "SHUTTING_DOWN", "Adapter", "CachedAnswer", "ChatExchange", "ChatService", "CompletionCache", "ExchangeRecord",
+    "SHUTTING_DOWN", "Adapter", "AnswerHook", "CachedAnswer", "ChatExchange", "ChatService", "CompletionCache", "ExchangeRecord",
     "ExchangeSink", "Fallback", "Headers", "RecordSink", "RequestMeta", "RouteHandler", "is_cancellation",
     "new_trace_id",
 ]
@@ -199,6 +200,15 @@ class ChatExchange(FallbackWalk, DurableRun):
         # What the client's dialect echoes of the request when its run is read back later (a
         # Response's settings, in wire form): kept in the run's journal row.
         self.settings: dict[str, Any] | None = None
+        # Told of the answer once the run has completed (see `AnswerHook`): by the relay for
+        # a run here or a replay, by the durable run for one in the Runs nursery.
+        self.on_answer: AnswerHook | None = None
+        # What an Idempotency-Key's request is (`req_id`) when not the request as sent: a
+        # response in a conversation, asked again with its key once its first answer was
+        # appended to the conversation, is the same request (not the exact cache's: an
+        # answer to the conversation as it stood). None: the request itself.
+        self.identity: ChatRequest | None = None
+        self._relay_answers = True
         # A stand-in's answer is not the model's: neither cache gives it to later requests.
         self.fell_back = False
         self._hangup = Hangup()
@@ -243,6 +253,7 @@ class ChatExchange(FallbackWalk, DurableRun):
             if plan.kind == "durable":
                 producer = self._start_durable(plan)
             self.response_headers.extend(plan.headers)
+            self._relay_answers = plan.kind in ("here", "replay")
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
                 nursery.start_soon(self._feed, producer, send, self._hangup)
@@ -297,10 +308,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         if persistence is None:
             return Plan("here")
         key = self.meta.idempotency_key
-        cache = _cacheable(self.request, self.meta, self._backend)
+        cache = self.identity is None and _cacheable(self.request, self.meta, self._backend)
         if key is None and not cache:
             return Plan("here")
-        req_id = request_fingerprint(self.request, self.route.upstream_model, self._route_identity())
+        req_id = request_fingerprint(self.identity or self.request, self.route.upstream_model, self._route_identity())
         cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
         if cache:
             cached = await persistence.cached(cache_id)
@@ -416,6 +427,8 @@ class ChatExchange(FallbackWalk, DurableRun):
                         return False
                     if item.completion is None and item.raw is None:
                         item = Batch(events, done=True, completion=self.result.build())
+                    if self.on_answer is not None and self._relay_answers and self.result.error is None:
+                        await self.on_answer(self._answering_trace(), item.whole())
                     await sink.start()
                     await sink.write(item)
             if item.done:
@@ -425,6 +438,8 @@ class ChatExchange(FallbackWalk, DurableRun):
             self._failed_before_start(error)
             await sink.fail(error)
             return False
+        if stream and self.on_answer is not None and self._relay_answers and self.result.error is None:
+            await self.on_answer(self._answering_trace(), self.result.build())
         await sink.finish()
         return self.result.error is None
 

@@ -33,6 +33,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
+from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
@@ -50,6 +51,7 @@ log = logging.getLogger("llm_proxy.persistence")
 
 Producer = Callable[[trio.MemorySendChannel[Batch]], Awaitable[None]]
 _T = TypeVar("_T")
+_S = TypeVar("_S")
 
 # A request waits this long for the database to claim its key or look up its cache entry; a
 # stalled server (not down: its connections stay open, nothing answers) then counts as down.
@@ -469,7 +471,14 @@ class Persistence:
     async def journal_read(self, call: Callable[[ChatStore], Awaitable[_T]], what: str) -> _T:
         """A read of the journal a client waits on, within `_LOOKUP_TIMEOUT`; a 503 to retry
         when its database cannot be read (not connected, down, stalled or failing)."""
-        store = self.store()
+        return await self._waited_on(self.store(), call, what)
+
+    async def conversations(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
+        """A statement on the stored conversations a client waits on, as `journal_read`."""
+        db = self.resources.database
+        return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
+
+    async def _waited_on(self, store: _S | None, call: Callable[[_S], Awaitable[_T]], what: str) -> _T:
         try:
             if store is None:
                 raise DatabaseUnavailable("not connected")

@@ -1,11 +1,14 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
+from proxy.dialects.responses import _conversations as conversations
 from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
+    CONVERSATION_PREFIX,
     DIALECT,
     ResponsesRequest,
     continued,
     default_settings,
+    in_conversation,
     item_references,
     parse_responses_request,
     readable,
@@ -24,12 +27,15 @@ from proxy.dialects.responses._response import (
 from proxy.dialects.responses._stream import StreamRenderer
 
 __all__ = [
+    "CONVERSATION_PREFIX",
     "DIALECT",
     "ResponsesRequest",
     "StreamRenderer",
     "continued",
+    "conversations",
     "default_settings",
     "error_to_wire",
+    "in_conversation",
     "input_items",
     "item_id",
     "item_page",

@@ -1,8 +1,10 @@
 """OpenAI Responses requests (`POST /v1/responses`): a client's body as a domain chat request.
 
-The gateway keeps no conversations or prompts (`conversation`, `prompt` are 400s saying so);
-`previous_response_id` continues a response its journal keeps (see `continued`), and an
-`item_reference` stands for an item of one (looked up by the caller: `item_references`).
+The gateway keeps no prompts (`prompt` is a 400 saying so); `previous_response_id` continues
+a response its journal keeps (see `continued`), `conversation` one of its stored
+conversations (its items, looked up by the caller, go first: `in_conversation`), and an
+`item_reference` stands for an item of a kept response (looked up by the caller:
+`item_references`).
 `background: true` makes a run that outlives its connection, read back (polled, or streamed
 again) from the journal. Only function tools are served; OpenAI's built-in tools run on
 OpenAI's servers and have nothing to become here.
@@ -36,12 +38,14 @@ DIALECT = "responses"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
-_NOT_STORED = "this gateway stores no conversations or prompts: send the whole conversation in `input` (or continue a response with `previous_response_id`, or refer to its items with `item_reference`)"
+_NOT_STORED = "this gateway stores no prompts: send the prompt's text in `instructions` and `input`"
 # Field -> what it would need, for the 400 that refuses it.
 _STATEFUL = {
-    "conversation": "continues a stored conversation",
     "prompt": "names a stored prompt template",
 }
+# A response's settings key (never echoed: see `response_object`) for how many of its
+# messages, after its instructions, are its conversation's items: its own input comes after.
+CONVERSATION_PREFIX = "_conversation_prefix"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
 
 
@@ -58,6 +62,9 @@ class ResponsesRequest:
     # The response this one continues (`previous_response_id`): its conversation and answer
     # go before this request's input (see `continued`).
     previous: str | None = None
+    # The stored conversation (`conversation`) whose items go before this request's input
+    # (see `in_conversation`), and to which its input and output are appended.
+    conversation: str | None = None
 
     @property
     def background(self) -> bool:
@@ -76,6 +83,12 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
         if data.get(name) is not None:
             raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
     previous = fields.text("previous_response_id", nonempty=True)
+    conversation = _parse_conversation(data.get("conversation"))
+    if conversation is not None and previous is not None:
+        raise invalid_request(
+            "Mutually exclusive parameters: Ensure you are only providing one of: 'previous_response_id' or "
+            "'conversation'.", param="conversation",
+        )
     background = bool(fields.boolean("background"))
     if background and fields.data.get("store") is False:
         raise invalid_request(
@@ -167,7 +180,25 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
         # OpenAI's default; `false`: not read back by its id (see `readable`).
         "store": store is not False,
     }
-    return ResponsesRequest(chat, settings, stream=stream, previous=previous)
+    if conversation is not None:
+        settings["conversation"] = {"id": conversation}
+    return ResponsesRequest(chat, settings, stream=stream, previous=previous, conversation=conversation)
+
+
+def _parse_conversation(value: Any) -> str | None:
+    """`conversation`: its id, or `{"id": ...}`."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("id")
+        param = "conversation.id"
+    else:
+        param = "conversation"
+    if not isinstance(value, str) or not value:
+        raise invalid_request(
+            f"Invalid `{param}`: expected a conversation id (`conv_...`), or an object with it as `id`.", param=param
+        )
+    return value
 
 
 def readable(settings: dict[str, Any] | None) -> bool:
@@ -188,6 +219,15 @@ def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatComple
         if said is not None and (said.content or said.tool_calls) else []
     )
     chat.messages = [*chat.messages[:own], *prior, *reply, *chat.messages[own:]]
+
+
+def in_conversation(parsed: ResponsesRequest, prior: list[Message]) -> None:
+    """Put a conversation's items (`prior`, as messages) before this request's input, after
+    its instructions."""
+    chat = parsed.chat
+    own = 1 if parsed.settings.get("instructions") else 0
+    chat.messages = [*chat.messages[:own], *prior, *chat.messages[own:]]
+    parsed.settings[CONVERSATION_PREFIX] = len(prior)
 
 
 def default_settings() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
+from proxy.dialects.responses._request import CONVERSATION_PREFIX
 from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 
@@ -87,7 +88,7 @@ def response_object(
     incomplete_details: dict[str, str] | None = None,
     error: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    body = {
         "id": response,
         "object": "response",
         "created_at": created_at,
@@ -100,6 +101,8 @@ def response_object(
         "usage": usage,
         **settings,
     }
+    body.pop(CONVERSATION_PREFIX, None)  # the gateway's own note, not the request's
+    return body
 
 
 def reasoning_item(item: str, text: str, status: str) -> dict[str, Any]:

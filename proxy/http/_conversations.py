@@ -1,0 +1,279 @@
+"""OpenAI's Conversations API, stored in PostgreSQL, each conversation its API key's own:
+
+    POST   /v1/conversations                              create (`items`: up to 20, `metadata`)
+    GET    /v1/conversations/{id}                         the conversation
+    POST   /v1/conversations/{id}                         replace its metadata
+    DELETE /v1/conversations/{id}                         delete it with its items
+    POST   /v1/conversations/{id}/items                   add up to 20 items
+    GET    /v1/conversations/{id}/items                   list (`after`, `limit`, `order`)
+    GET    /v1/conversations/{id}/items/{item_id}         one item
+    DELETE /v1/conversations/{id}/items/{item_id}         delete one (answers the conversation)
+
+`responses.create(conversation=...)` puts a conversation's items before its input
+(`join_conversation`) and, once the response has completed, appends its input and output
+items (`conversation_appender`, told by the exchange before its client has the answer's end).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from quart import Blueprint, Response, request
+
+from proxy.dialects import responses
+from proxy.dialects._json import dumps
+from proxy.dialects.responses import conversations
+from proxy.domain.chat import ChatCompletion
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.fingerprint import message_to_canonical
+from proxy.http._context import gateway, request_body
+from proxy.http._head import current_tenant
+from proxy.http._openapi import _BOOL, _INT, _OBJ, _STR, _ok, _op, document
+from proxy.infra.conversation_store import ConversationRow, ConversationStore
+from proxy.services.chat import AnswerHook, new_trace_id
+from proxy.services.persistence import Persistence
+
+log = logging.getLogger("llm_proxy.conversations")
+
+blueprint = Blueprint("conversations", __name__)
+
+_T = TypeVar("_T")
+
+
+def _no_database() -> GatewayError:
+    # A retry can never help: the SDKs must not retry it for ever on a 503.
+    return GatewayError(
+        ErrorKind.UNAVAILABLE,
+        "This gateway runs without a database (`embedded = false` and no DATABASE_URL): conversations need "
+        "PostgreSQL.", code="database_not_configured", hopeless=True,
+    )
+
+
+def _persistence(persistence: Persistence | None) -> Persistence:
+    if persistence is None or persistence.resources.database_url is None:
+        raise _no_database()
+    return persistence
+
+
+async def _stored(call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
+    return await _persistence(gateway().persistence).conversations(call, what)
+
+
+def _reply(body: dict[str, Any]) -> Response:
+    return Response(dumps(body), content_type="application/json")
+
+
+def _object(row: ConversationRow) -> dict[str, Any]:
+    return conversations.conversation_object(row.id, row.created_at, row.metadata)
+
+
+async def _own(conversation: str) -> ConversationRow:
+    """The caller's conversation, or a 404 naming it."""
+    tenant = current_tenant()
+    found = None
+    if conversations.is_conversation_id(conversation):
+        found = await _stored(lambda store: store.get(conversation, tenant), f"conversation {conversation}")
+    if found is None:
+        raise conversations.conversation_not_found(conversation, param="conversation_id")
+    return found
+
+
+@blueprint.post("/v1/conversations")
+async def create_conversation() -> Response:
+    mint = new_trace_id()
+    metadata, items = conversations.parse_create(await request_body(), mint)
+    tenant = current_tenant()
+    created = await _stored(
+        lambda store: store.create(f"conv_{mint}", tenant, metadata, items), "a new conversation"
+    )
+    return _reply(_object(created))
+
+
+@blueprint.get("/v1/conversations/<conversation_id>")
+async def retrieve_conversation(conversation_id: str) -> Response:
+    return _reply(_object(await _own(conversation_id)))
+
+
+@blueprint.post("/v1/conversations/<conversation_id>")
+async def update_conversation(conversation_id: str) -> Response:
+    await _own(conversation_id)
+    metadata = conversations.parse_update(await request_body())
+    tenant = current_tenant()
+    updated = await _stored(
+        lambda store: store.update(conversation_id, tenant, metadata), f"conversation {conversation_id}"
+    )
+    if updated is None:  # deleted meanwhile
+        raise conversations.conversation_not_found(conversation_id, param="conversation_id")
+    return _reply(_object(updated))
+
+
+@blueprint.delete("/v1/conversations/<conversation_id>")
+async def delete_conversation(conversation_id: str) -> Response:
+    await _own(conversation_id)
+    tenant = current_tenant()
+    if not await _stored(lambda store: store.delete(conversation_id, tenant), f"conversation {conversation_id}"):
+        raise conversations.conversation_not_found(conversation_id, param="conversation_id")
+    return _reply(conversations.deleted_object(conversation_id))
+
+
+@blueprint.post("/v1/conversations/<conversation_id>/items")
+async def create_items(conversation_id: str) -> Response:
+    await _own(conversation_id)
+    items = conversations.parse_items(await request_body(), new_trace_id())
+    tenant = current_tenant()
+    if not await _stored(lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"):
+        raise conversations.conversation_not_found(conversation_id, param="conversation_id")
+    return _reply(conversations.item_list(items))
+
+
+@blueprint.get("/v1/conversations/<conversation_id>/items")
+async def list_items(conversation_id: str) -> Response:
+    after, limit, order = conversations.page_query(request.args.to_dict(flat=False))
+    await _own(conversation_id)
+    page = await _stored(
+        lambda store: store.page(conversation_id, after=after, limit=limit + 1, order=order),
+        f"the items of {conversation_id}",
+    )
+    if page is None:
+        raise invalid_request(f"No item `{after}` in conversation '{conversation_id}'.", param="after")
+    return _reply(conversations.item_list(page[:limit], has_more=len(page) > limit))
+
+
+@blueprint.get("/v1/conversations/<conversation_id>/items/<item_id>")
+async def retrieve_item(conversation_id: str, item_id: str) -> Response:
+    await _own(conversation_id)
+    if not conversations.storable(item_id):
+        raise conversations.item_not_found(item_id, param="item_id")
+    item = await _stored(lambda store: store.item(conversation_id, item_id), f"the items of {conversation_id}")
+    if item is None:
+        raise conversations.item_not_found(item_id, param="item_id")
+    return _reply(item)
+
+
+@blueprint.delete("/v1/conversations/<conversation_id>/items/<item_id>")
+async def delete_item(conversation_id: str, item_id: str) -> Response:
+    row = await _own(conversation_id)
+    if not conversations.storable(item_id) or not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
+        raise conversations.item_not_found(item_id, param="item_id")
+    return _reply(_object(row))
+
+
+# -- responses in a conversation ---------------------------------------------------------------------
+
+
+async def join_conversation(persistence: Persistence | None, parsed: responses.ResponsesRequest, conversation: str) -> None:
+    """`conversation` on `POST /v1/responses`: the conversation's items (the caller's own) go
+    before the request's input; one it does not have is a 404 naming it."""
+    tenant = current_tenant()
+    items = None
+    if conversations.is_conversation_id(conversation):
+        items = await _persistence(persistence).conversations(
+            lambda store: store.all_items(conversation, tenant), f"conversation {conversation}"
+        )
+    if items is None:
+        raise conversations.conversation_not_found(conversation, param="conversation")
+    responses.in_conversation(parsed, conversations.prefix_messages(items))
+
+
+async def conversation_item(persistence: Persistence, item: str) -> dict[str, Any] | None:
+    """An item of one of the caller's conversations, by its id (an `item_reference`)."""
+    if persistence.resources.database_url is None or not conversations.storable(item):
+        return None
+    tenant = current_tenant()
+    return await persistence.conversations(lambda store: store.find_item(item, tenant), f"item {item}")
+
+
+def conversation_appender(persistence: Persistence, parsed: responses.ResponsesRequest, tenant: str | None) -> AnswerHook:
+    """What appends a completed response's input items and output items to its conversation,
+    named as its `input_items` and `output` name them (appended again, by a replay of its
+    answer, they are kept once)."""
+    conversation = parsed.conversation
+    assert conversation is not None
+    messages = parsed.chat.messages
+    instructions = parsed.settings.get("instructions")
+    prior = int(parsed.settings.get(responses.CONVERSATION_PREFIX) or 0)
+
+    async def append(trace_id: str, completion: ChatCompletion) -> None:
+        response = responses.response_id(trace_id)
+        choice = completion.choices[0] if completion.choices else None
+        status = responses.status_of(choice.finish_reason if choice else None)[0]
+        items = [
+            *responses.input_items(
+                [message_to_canonical(message) for message in messages], response,
+                instructions=instructions if isinstance(instructions, str) else None, prior=prior,
+            ),
+            *responses.output_of(completion, response, status),
+        ]
+        try:
+            kept = await persistence.conversations(
+                lambda store: store.append(conversation, tenant, items), f"conversation {conversation}"
+            )
+        except GatewayError as error:
+            # The answer stands; the conversation misses this turn (the journal keeps it).
+            log.warning("the items of %s were not added to %s: %s", response, conversation, error.message)
+            return
+        if not kept:
+            log.info("the items of %s were not added to %s: it was deleted meanwhile", response, conversation)
+
+    return append
+
+
+# -- OpenAPI -------------------------------------------------------------------------------------------
+
+_CONVERSATION_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": _STR}
+_ITEM_ID = {"name": "item_id", "in": "path", "required": True, "schema": _STR}
+_CONVERSATION = {
+    "type": "object", "required": ["id", "object", "created_at", "metadata"],
+    "properties": {"id": _STR, "object": {"const": "conversation"}, "created_at": _INT, "metadata": _OBJ},
+}
+_METADATA = {"type": "object", "maxProperties": 16, "additionalProperties": _STR}
+_ITEMS = {"type": "array", "maxItems": conversations.MAX_ITEMS, "items": _OBJ}
+_ITEM_LIST = {
+    "type": "object", "required": ["object", "data", "has_more"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _OBJ}, "has_more": _BOOL},
+}
+_OWN = " A conversation is its API key's own: another key's is a 404."
+
+document("/v1/conversations", "post", _op(
+    "Create a conversation (OpenAI's Conversations API)", "OpenAI", _ok(_CONVERSATION),
+    body={"type": "object", "properties": {"items": _ITEMS, "metadata": _METADATA}},
+    description="Its first items (up to 20: messages, function calls and their outputs) and metadata. "
+    "`POST /v1/responses` with `conversation` puts its items before its input and appends its input and output "
+    "once it has completed." + _OWN,
+))
+document("/v1/conversations/{conversation_id}", "get", _op(
+    "A conversation", "OpenAI", _ok(_CONVERSATION), parameters=[_CONVERSATION_ID], description=_OWN.strip(),
+))
+document("/v1/conversations/{conversation_id}", "post", _op(
+    "Replace a conversation's metadata", "OpenAI", _ok(_CONVERSATION), parameters=[_CONVERSATION_ID],
+    body={"type": "object", "required": ["metadata"], "properties": {"metadata": _METADATA}},
+))
+document("/v1/conversations/{conversation_id}", "delete", _op(
+    "Delete a conversation and its items", "OpenAI",
+    _ok({"type": "object", "required": ["id", "object", "deleted"],
+         "properties": {"id": _STR, "object": {"const": "conversation.deleted"}, "deleted": _BOOL}}),
+    parameters=[_CONVERSATION_ID], description="The responses made in it stay.",
+))
+document("/v1/conversations/{conversation_id}/items", "post", _op(
+    "Add items to a conversation (up to 20)", "OpenAI", _ok(_ITEM_LIST), parameters=[_CONVERSATION_ID],
+    body={"type": "object", "required": ["items"], "properties": {"items": {**_ITEMS, "minItems": 1}}},
+))
+document("/v1/conversations/{conversation_id}/items", "get", _op(
+    "A conversation's items, a page", "OpenAI", _ok(_ITEM_LIST),
+    parameters=[
+        _CONVERSATION_ID,
+        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}, "description": "Default `desc`."},
+        {"name": "after", "in": "query", "schema": _STR, "description": "An item's id: the items after it."},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "include", "in": "query", "schema": {"type": "array", "items": _STR}, "description": "Accepted; no effect."},
+    ],
+))
+document("/v1/conversations/{conversation_id}/items/{item_id}", "get", _op(
+    "One item of a conversation", "OpenAI", _ok(_OBJ), parameters=[_CONVERSATION_ID, _ITEM_ID],
+))
+document("/v1/conversations/{conversation_id}/items/{item_id}", "delete", _op(
+    "Delete an item of a conversation", "OpenAI", _ok(_CONVERSATION), parameters=[_CONVERSATION_ID, _ITEM_ID],
+    description="Answers the conversation.",
+))

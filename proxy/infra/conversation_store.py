@@ -1,0 +1,135 @@
+"""OpenAI's conversations in PostgreSQL (`0018_conversations.sql`): a conversation's row and
+its items, one row each, in the order they were added.
+
+A conversation is its tenant's (`key-<id>`): another's is not found. With auth off (no
+tenant asked), every conversation is found, as every stored response is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.infra.postgres import Database, Tx, json_text
+
+# The caller's own conversation, or any without a tenant asked.
+_MINE = "id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
+_ROW = f"SELECT id, extract(epoch FROM created_at)::bigint, metadata FROM conversations WHERE {_MINE}"
+# Locked, so that two appends to one conversation are numbered one after the other.
+_LOCKED = f"SELECT 1 FROM conversations WHERE {_MINE} FOR UPDATE"
+_APPEND = (
+    "INSERT INTO conversation_items (conversation_id, id, item) "
+    "SELECT %(id)s, v.item->>'id', v.item FROM jsonb_array_elements(%(items)s::jsonb) WITH ORDINALITY AS v(item, n) "
+    "ORDER BY v.n ON CONFLICT (conversation_id, id) DO NOTHING"
+)
+_ALL_ITEMS = (
+    "SELECT i.item FROM conversations c LEFT JOIN conversation_items i ON i.conversation_id = c.id "
+    "WHERE c.id = %(id)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq"
+)
+_SEQ_OF = "SELECT seq FROM conversation_items WHERE conversation_id = %s AND id = %s"
+_PAGE = {
+    "asc": "SELECT item FROM conversation_items WHERE conversation_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+    "desc": "SELECT item FROM conversation_items WHERE conversation_id = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+}
+_NO_CURSOR = {"asc": 0, "desc": 2**63 - 1}
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRow:
+    id: str
+    created_at: int  # Unix seconds
+    metadata: dict[str, Any]
+
+
+def _row(found: Any) -> ConversationRow | None:
+    return None if found is None else ConversationRow(str(found[0]), int(found[1]), dict(found[2] or {}))
+
+
+class ConversationStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def create(
+        self, conversation_id: str, tenant: str | None, metadata: dict[str, str], items: list[dict[str, Any]]
+    ) -> ConversationRow:
+        async with self._db.transaction() as tx:
+            found = await tx.fetchrow(
+                "INSERT INTO conversations (id, tenant, metadata) VALUES (%s, %s, %s::jsonb) "
+                "RETURNING id, extract(epoch FROM created_at)::bigint, metadata",
+                (conversation_id, tenant, json_text(metadata)),
+            )
+            if items:
+                await tx.execute(_APPEND, {"id": conversation_id, "items": json_text(items)})
+        row = _row(found)
+        assert row is not None
+        return row
+
+    async def get(self, conversation_id: str, tenant: str | None) -> ConversationRow | None:
+        return _row(await self._db.fetchrow(_ROW, {"id": conversation_id, "tenant": tenant}))
+
+    async def update(self, conversation_id: str, tenant: str | None, metadata: dict[str, str]) -> ConversationRow | None:
+        return _row(await self._db.fetchrow(
+            f"UPDATE conversations SET metadata = %(metadata)s::jsonb WHERE {_MINE} "
+            "RETURNING id, extract(epoch FROM created_at)::bigint, metadata",
+            {"id": conversation_id, "tenant": tenant, "metadata": json_text(metadata)},
+        ))
+
+    async def delete(self, conversation_id: str, tenant: str | None) -> bool:
+        """The conversation and its items (the responses made in it stay, as on OpenAI)."""
+        return bool(await self._db.execute(f"DELETE FROM conversations WHERE {_MINE}", {"id": conversation_id, "tenant": tenant}))
+
+    async def append(self, conversation_id: str, tenant: str | None, items: list[dict[str, Any]]) -> bool:
+        """Add `items` (each with its `id`) after the conversation's last; an item whose id it
+        holds already is left as it is. False: no such conversation (deleted meanwhile)."""
+        async with self._db.transaction() as tx:
+            return await _append(tx, conversation_id, tenant, items)
+
+    async def all_items(self, conversation_id: str, tenant: str | None) -> list[dict[str, Any]] | None:
+        """Every item, oldest first; None: no such conversation."""
+        rows = await self._db.fetch(_ALL_ITEMS, {"id": conversation_id, "tenant": tenant})
+        if not rows:
+            return None
+        return [row[0] for row in rows if row[0] is not None]
+
+    async def page(
+        self, conversation_id: str, *, after: str | None, limit: int, order: str
+    ) -> list[dict[str, Any]] | None:
+        """Up to `limit` items after the item `after` (None: from the first) in `order`
+        (`asc`: oldest first); None: `after` is no item of the conversation."""
+        cursor: int = _NO_CURSOR[order]
+        if after is not None:
+            seq = await self._db.fetchval(_SEQ_OF, (conversation_id, after))
+            if seq is None:
+                return None
+            cursor = int(seq)
+        rows = await self._db.fetch(_PAGE[order], (conversation_id, cursor, limit))
+        return [row[0] for row in rows]
+
+    async def item(self, conversation_id: str, item_id: str) -> dict[str, Any] | None:
+        found = await self._db.fetchval(
+            "SELECT item FROM conversation_items WHERE conversation_id = %s AND id = %s", (conversation_id, item_id)
+        )
+        return found if isinstance(found, dict) else None
+
+    async def find_item(self, item_id: str, tenant: str | None) -> dict[str, Any] | None:
+        """An item of any of the tenant's conversations, by its id (the newest, should two
+        conversations hold it: a response's items appended to each)."""
+        found = await self._db.fetchval(
+            "SELECT i.item FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id "
+            "WHERE i.id = %(item)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq DESC LIMIT 1",
+            {"item": item_id, "tenant": tenant},
+        )
+        return found if isinstance(found, dict) else None
+
+    async def delete_item(self, conversation_id: str, item_id: str) -> bool:
+        return bool(await self._db.execute(
+            "DELETE FROM conversation_items WHERE conversation_id = %s AND id = %s", (conversation_id, item_id)
+        ))
+
+
+async def _append(tx: Tx, conversation_id: str, tenant: str | None, items: list[dict[str, Any]]) -> bool:
+    if await tx.fetchval(_LOCKED, {"id": conversation_id, "tenant": tenant}) is None:
+        return False
+    if items:
+        await tx.execute(_APPEND, {"id": conversation_id, "items": json_text(items)})
+    return True
