@@ -30,7 +30,10 @@ reservation given back, by the usage writer or the key's next admission. Periods
 windows from the budget's start, rolled by whichever call comes first after one ends. Usage
 and reservations are counted apart (migration 0014): a key refused while only reservations fill its
 budget is told to retry in a moment (429 `rate_limit_exceeded`), not that it is spent; usage
-carries the time it was made, and is not charged to a period that began after it.
+carries the time it was made, and is not charged to a period that began after it. Budget
+reservations are held in the name of this process (its instance id, also its usage writer's
+name: migration 0017), so that the sweep of a killed process gives its reservations back, and a
+stopping one gives back what no record did (`_release_holds`).
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -344,15 +347,20 @@ class RateLimiter:
     """Admits requests of limited keys and records every key's usage (see the module
     docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
 
-    def __init__(self, resources: Resources, ring: KeyRing, *, spool: Path | None = None) -> None:
+    def __init__(
+        self, resources: Resources, ring: KeyRing, *, spool: Path | None = None, owner: str | None = None
+    ) -> None:
         self._resources = resources
         self._ring = ring
         self._local = _LocalBuckets(ring)
         self._pending: dict[int, UsageDelta] = {}
         # Usage cut into numbered batches, oldest first, until the database confirms them
         # (see `KeysStore.record_usage`); kept in the spool file (`spool`: its directory)
-        # while it cannot, so a stop or a crash during an outage loses none.
-        self._writer = secrets.token_hex(8)
+        # while it cannot, so a stop or a crash during an outage loses none. The writer is
+        # `owner`, the gateway instance that heartbeats (`Persistence.instance_id`): budget
+        # reservations are held in its name, so that the sweep of a dead instance gives them
+        # back, and its batches (replayed from its spool, too) give back only what it holds.
+        self._writer = owner or secrets.token_hex(8)
         self._seq = 0
         self._batches: list[UsageBatch] = []
         self._spool = Spool(spool, self._writer) if spool is not None else None
@@ -475,6 +483,7 @@ class RateLimiter:
                     held.admissions, held.tokens, budget=principal.budget,
                     budget_period=timedelta(seconds=principal.budget_period), settle_budget=held.budget,
                     settled_at=held.budget_at, release_budget=held.released, released_from=held.released_from,
+                    owner=self._writer,
                 )
             result = outcome.Value(states)
         except trio.TooSlowError:
@@ -628,6 +637,7 @@ class RateLimiter:
                 if self._seq:
                     self._retired.add(self._writer)  # it numbers no more batches
                 await self._flush()
+                await self._release_holds()
             if self._batches:
                 where = "spooled for the next start" if self._spool is not None and self._spool.saved else "not recorded"
                 log.warning("usage of %d API key batch(es) %s: the database is unreachable", len(self._batches), where)
@@ -683,6 +693,19 @@ class RateLimiter:
         self._failing = False
         if await self._save_spool() and self._retired:
             await self._forget_retired(db)
+
+    async def _release_holds(self) -> None:
+        """Stopping, with every usage written: give back the budget reservations this process
+        still holds (a request cut without a record), rather than leave them to the sweep of
+        its instance once its heartbeat has been silent for a while."""
+        db = self._resources.database
+        if db is None or self._batches:
+            return  # the spooled batches give theirs back when replayed; the sweep, the rest
+        try:
+            with trio.fail_after(_FLUSH_TIMEOUT):
+                await KeysStore(db).release_holds(self._writer)
+        except (DatabaseError, trio.TooSlowError) as error:
+            log.warning("giving back this process's budget reservations failed (%s): its sweep will", error)
 
     async def _forget_retired(self, db: Database) -> None:
         """Delete the rows of retired writers none of whose batches is held any more (the
