@@ -261,6 +261,25 @@ async def test_two_gateways_share_a_budget(stack: Stack) -> None:
     assert chats(stack.fake) == 3
 
 
+async def test_requests_one_after_the_other_on_two_gateways_are_not_refused_for_what_nothing_holds(
+    stack: Stack,
+) -> None:
+    """A client sends its requests one after the other, each once the previous one was
+    answered, alternately to two gateway processes (workers, replicas) sharing a budget of
+    1,000: each reserves the rest of the budget while it runs (it names no max output tokens)
+    and gives back what it did not use as it ends. Before, the next request, on the other
+    gateway, came before the first one's usage writer had written that, and was refused 429
+    "held by requests in flight" though none was."""
+    key = await new_key(stack.db, "alternating", "--budget", "1000")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        for url in (stack.url, second) * 3:
+            answer = await chat(url, key)
+            assert answer.status_code == 200, answer.text
+    assert chats(stack.fake) == 6
+
+
 async def test_the_budget_comes_back_when_its_period_resets(stack: Stack) -> None:
     key = await new_key(stack.db, "daily", "--budget", "60", "--budget-period", "1d")
     number = await key_id(stack.db, "daily")

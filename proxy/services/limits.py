@@ -81,6 +81,12 @@ _LINGER_SECONDS = 0.02
 _RETRY_SECONDS = 2.0
 # When a budget held by requests in flight is retried: most exchanges end within seconds.
 _HELD_RETRY = 2.0
+# How long an admission refused for a budget held by requests in flight waits to ask once more:
+# what holds it may be requests already answered by another gateway process (a worker, a
+# replica), whose usage writer gives their reservations back a few milliseconds later (it
+# lingers `_LINGER_SECONDS`). A client sending its requests one after the other, each once the
+# previous one was answered, is refused for nothing held then.
+_HELD_RECHECK = 0.15
 
 
 def duration(seconds: float) -> str:
@@ -176,6 +182,15 @@ def budget_held(principal: Principal, used: int, held: int) -> GatewayError:
     )
 
 
+def _held(principal: Principal, state: Admission) -> bool:
+    """Whether the admission was refused for a budget that is not spent but held by requests
+    in flight."""
+    return (
+        not state.allowed and principal.budget is not None
+        and state.budget_used < principal.budget <= state.budget_used + state.budget_held
+    )
+
+
 def reservation(principal: Principal, tokens: int) -> int:
     """What a request estimated at `tokens` reserves: never more than the whole bucket, so
     that a request given the default max output tokens fits a full one."""
@@ -195,7 +210,7 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
             False, [], retry_after=wait, exhausted="budget",
             budget_used=state.budget_used, budget_reset=state.budget_reset,
         )
-    if not state.allowed and principal.budget is not None and state.budget_used + state.budget_held >= principal.budget:
+    if _held(principal, state):
         return Decision(
             False, [], retry_after=_HELD_RETRY, exhausted="held",
             budget_used=state.budget_used, budget_reset=state.budget_reset, budget_held=state.budget_held,
@@ -398,6 +413,10 @@ class RateLimiter:
         reserve = reservation(principal, tokens)
         budget_reserve = tokens if principal.budget is not None else 0
         state = await self._shared_admission(principal, reserve, budget_reserve)
+        if state is not None and _held(principal, state):
+            # A refused admission takes nothing (but this process's settlements): asked again.
+            await trio.sleep(_HELD_RECHECK)
+            state = await self._shared_admission(principal, reserve, budget_reserve) or state
         if state is None:
             state = self._local.admit(principal, reserve, budget_reserve)
             if state.allowed and (principal.rpm is not None or reserve):
