@@ -591,12 +591,17 @@ class RateLimiter:
             return
         prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
         failed = record.error is not None or record.status >= 400
+        # The key's usage says what it was served; its `--tpm` and budget are charged only what a
+        # backend generated for it (as the token metrics): a replay (an `Idempotency-Key` retry),
+        # a cache hit or a request attached to another's run cost no backend anything, and an
+        # idempotent retry must not pay twice for one answer.
+        charged = prompt + completion if record.source == "backend" else 0
         # Its reservations are given back as its real usage is charged: one settlement.
-        spent = prompt + completion - record.reserved.tokens
+        spent = charged - record.reserved.tokens
         delta = UsageDelta(
             requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
         )
-        delta.use(prompt + completion, time.time())
+        delta.use(charged, time.time())
         delta.release(record.reserved.budget, record.reserved.period)
         pending = self._pending.get(key_id)
         if pending is None:
@@ -606,7 +611,7 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, spent)
-            self._local.count(principal, prompt + completion - record.reserved.budget)
+            self._local.count(principal, charged - record.reserved.budget)
         self._kick.set()
 
     def settle(self, principal: Principal, reserved: Reserved) -> None:
