@@ -81,12 +81,13 @@ _LINGER_SECONDS = 0.02
 _RETRY_SECONDS = 2.0
 # When a budget held by requests in flight is retried: most exchanges end within seconds.
 _HELD_RETRY = 2.0
-# How long an admission refused for a budget held by requests in flight waits to ask once more:
-# what holds it may be requests already answered by another gateway process (a worker, a
-# replica), whose usage writer gives their reservations back a few milliseconds later (it
-# lingers `_LINGER_SECONDS`). A client sending its requests one after the other, each once the
-# previous one was answered, is refused for nothing held then.
-_HELD_RECHECK = 0.15
+# How long an admission refused for reservations (a budget held by requests in flight, a token
+# bucket without room for this request's) waits to ask once more: they may be those of requests
+# already answered by another gateway process (a worker, a replica), whose usage writer gives
+# them back a few milliseconds later (it lingers `_LINGER_SECONDS`). A client sending its
+# requests one after the other, each once the previous one was answered, was refused for what
+# nothing held any more (told to wait up to a minute, for a token bucket).
+_RECHECK = 0.15
 
 
 def duration(seconds: float) -> str:
@@ -180,6 +181,10 @@ def budget_held(principal: Principal, used: int, held: int) -> GatewayError:
         code="rate_limit_exceeded",
         retry_after=_HELD_RETRY,
     )
+
+
+# Refusals for reservations, which requests ending give back.
+_RESERVED = frozenset({"held", "tokens"})
 
 
 def _held(principal: Principal, state: Admission) -> bool:
@@ -413,9 +418,9 @@ class RateLimiter:
         reserve = reservation(principal, tokens)
         budget_reserve = tokens if principal.budget is not None else 0
         state = await self._shared_admission(principal, reserve, budget_reserve)
-        if state is not None and _held(principal, state):
+        if state is not None and not state.allowed and decide(principal, state, reserve).exhausted in _RESERVED:
             # A refused admission takes nothing (but this process's settlements): asked again.
-            await trio.sleep(_HELD_RECHECK)
+            await trio.sleep(_RECHECK)
             state = await self._shared_admission(principal, reserve, budget_reserve) or state
         if state is None:
             state = self._local.admit(principal, reserve, budget_reserve)
