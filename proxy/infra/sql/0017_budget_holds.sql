@@ -44,7 +44,7 @@ $$;
 
 -- What `owners` hold of the key's current period (`start`): given back when they are gone.
 CREATE OR REPLACE FUNCTION api_key_holds_of(holds jsonb, owners text[], start timestamptz)
-RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+RETURNS bigint LANGUAGE sql STABLE AS $$
     SELECT coalesce(sum((e.value ->> 1)::bigint), 0)::bigint
     FROM jsonb_each(holds) AS e
     WHERE e.key = ANY(owners) AND start IS NOT NULL
