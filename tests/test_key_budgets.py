@@ -4,6 +4,7 @@ gateways, reset with its period; `keys update` changes a running gateway's key i
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -259,6 +260,61 @@ async def test_two_gateways_share_a_budget(stack: Stack) -> None:
         assert refused.json()["error"]["code"] == "insufficient_quota"
         assert (await chat(stack.url, key)).status_code == 429
     assert chats(stack.fake) == 3
+
+
+async def test_requests_one_after_the_other_on_two_gateways_are_not_refused_for_what_nothing_holds(
+    stack: Stack,
+) -> None:
+    """A client sends its requests one after the other, each once the previous one was
+    answered, alternately to two gateway processes (workers, replicas) sharing a budget of
+    1,000: each reserves the rest of the budget while it runs (it names no max output tokens)
+    and gives back what it did not use as it ends. Before, the next request, on the other
+    gateway, came before the first one's usage writer had written that, and was refused 429
+    "held by requests in flight" though none was."""
+    key = await new_key(stack.db, "alternating", "--budget", "1000")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        for url in (stack.url, second) * 3:
+            answer = await chat(url, key)
+            assert answer.status_code == 200, answer.text
+    assert chats(stack.fake) == 6
+
+
+async def test_an_idempotent_retry_and_a_cache_hit_do_not_spend_the_budget_again(stack: Stack) -> None:
+    """A retry with the same `Idempotency-Key` replays the answer, and a cache hit replays a
+    cached one: no backend generated anything, so neither spends the key's budget (nor its
+    `--tpm`), as LiteLLM charges nothing for a cache hit. Before, each replay was charged as
+    if generated again: an idempotent retry paid twice for one answer. They still count in the
+    key's usage (requests and tokens served)."""
+    key = await new_key(stack.db, "replays", "--budget", "150")
+    number = await key_id(stack.db, "replays")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        chat = {"model": "qwen3-8b", "messages": MESSAGES}
+        for headers in ({"Idempotency-Key": "order-1"}, {"Idempotency-Key": "order-1"}, {"x-cache": "exact"},
+                        {"x-cache": "exact"}):
+            answer = await client.post("/v1/chat/completions", json=chat, headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["total_tokens"] == 70  # the answer says what it cost once
+            # The answer is kept (journalled, cached) once its client has it: replayed after that.
+            trace = answer.headers["x-trace-id"]
+            await eventually(functools.partial(
+                sql, stack.db, "SELECT 1 FROM chat_log WHERE status = 'completed' AND trace_id = %s", trace))
+            if "x-cache" in headers:
+                await eventually(lambda: sql(stack.db, "SELECT 1 FROM completions_cache"))
+        assert answer.headers["x-cache"] == "hit"
+        await counted(stack.db, number, 4)
+        [(used,)] = await sql(stack.db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", number)
+        assert used == 140
+        assert chats(stack.fake) == 2
+        assert (await client.post("/v1/chat/completions", json={**chat, "temperature": 0.5})).status_code == 200
+        refused = await client.post("/v1/chat/completions", json={**chat, "temperature": 0.7})
+        assert refused.status_code == 429 and "(210 used)" in refused.json()["error"]["message"]
+    await counted(stack.db, number, 6)  # the refused request counts as one too
+    _, out, _ = await keys(stack.db, "list", "--json")
+    [listed] = [json.loads(line) for line in out.splitlines() if json.loads(line)["id"] == number]
+    assert listed["prompt_tokens"] + listed["completion_tokens"] == 350  # five answers served
 
 
 async def test_the_budget_comes_back_when_its_period_resets(stack: Stack) -> None:

@@ -102,6 +102,27 @@ async def test_an_exchange_gives_back_what_it_reserved_but_did_not_use(stack: St
         assert 20 <= int(second.headers["x-ratelimit-remaining-tokens"]) <= 40
 
 
+async def test_requests_one_after_the_other_on_two_gateways_find_what_the_previous_one_gave_back(
+    stack: Stack,
+) -> None:
+    """A client sends its requests one after the other, alternately to two gateway processes
+    (workers, replicas): each reserves about 806 of 1000 tokens and uses 70 (three use 210:
+    the third's 806 still fit). Before, the next request, on the other gateway, came before the
+    previous one's usage writer had given its rest back, and was refused with `Retry-After` of
+    about 40 s (the SDKs wait that long)."""
+    stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(60, 10)))
+    key = await new_key(stack.db, "alternating", "--tpm", "1000")
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:
+        await wait_for_key(stack.url, key)
+        await wait_for_key(second, key)
+        for url in (stack.url, second, stack.url):
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=10) as client:
+                answer = await client.post(
+                    "/v1/chat/completions", json={"model": "qwen3-8b", "messages": MESSAGES, "max_tokens": 800}
+                )
+            assert answer.status_code == 200, answer.text
+
+
 async def test_token_refusals_come_in_the_callers_dialect_with_what_the_request_needs(stack: Stack) -> None:
     stack.fake.set_script(Script(tokens=["Hello"], usage=Usage(60, 10)))
     key = await new_key(stack.db, "dialects", "--tpm", "1000")

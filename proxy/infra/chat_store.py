@@ -251,6 +251,14 @@ WITH dead AS (
 ), rows AS (
     UPDATE chat_log SET status = 'failed', error = %(error)s::jsonb, updated_at = now()
     WHERE status = 'running' AND owner IN (SELECT id FROM dead) RETURNING 1
+), gone AS (
+    SELECT array_agg(id) AS ids FROM dead
+), holds AS (
+    -- The budget reservations of their requests, which will never end (migration 0017).
+    UPDATE api_key_limits l
+    SET budget_reserved = greatest(0, l.budget_reserved - api_key_holds_of(l.budget_holds, gone.ids, l.budget_start)),
+        budget_holds = nullif(l.budget_holds - gone.ids, '{{}}'::jsonb)
+    FROM gone WHERE gone.ids IS NOT NULL AND l.budget_holds ?| gone.ids
 )
 SELECT count(*) FROM rows
 """
@@ -415,9 +423,10 @@ class ChatStore:
         return first
 
     async def sweep_dead_instances(self, silent_for: float, *, judge: str, late: float = 10.0) -> int:
-        """Fail the running rows and keys of every instance silent for `silent_for` seconds
-        (and forget it); how many rows that was. Only while `judge` (the sweeping instance)
-        beats steadily (see `_STEADY`): just after a stall every instance looks silent."""
+        """Fail the running rows and keys of every instance silent for `silent_for` seconds and
+        give back the budget reservations it holds (and forget it); how many rows that was.
+        Only while `judge` (the sweeping instance) beats steadily (see `_STEADY`): just after
+        a stall every instance looks silent."""
         swept = await self._db.fetchval(
             _SWEEP_DEAD, {"silent": silent_for, "error": _INTERRUPTED, "judge": judge, "late": late}
         )

@@ -245,7 +245,8 @@ class KeysStore:
             if before[0] is None and key.budget is not None:
                 await tx.execute(
                     "INSERT INTO api_key_limits AS l (key_id, budget_start) VALUES (%s, now())"
-                    " ON CONFLICT (key_id) DO UPDATE SET budget_start = now(), budget_used = 0, budget_reserved = 0",
+                    " ON CONFLICT (key_id) DO UPDATE SET budget_start = now(), budget_used = 0, budget_reserved = 0,"
+                    " budget_holds = NULL",
                     (key_id,),
                 )
             elif key.budget is not None and key.budget_period != before[1]:
@@ -255,7 +256,7 @@ class KeysStore:
                 # reservations of requests in flight go, as at any period's end (they are given
                 # back to the period they were made in); their usage is counted when they end.
                 await tx.execute(
-                    "UPDATE api_key_limits l SET budget_start = now(), budget_reserved = 0,"
+                    "UPDATE api_key_limits l SET budget_start = now(), budget_reserved = 0, budget_holds = NULL,"
                     " budget_used = api_key_budget_settled(l.budget_start, l.budget_used, %s, now(), 0, NULL)"
                     " WHERE l.key_id = %s",
                     (before[1], key_id),
@@ -350,6 +351,7 @@ class KeysStore:
         self, key_id: int, rpm: int | None, tpm: int | None, settle: int = 0, settle_tokens: int = 0, reserve: int = 0,
         *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD, settle_budget: int = 0,
         settled_at: float | None = None, budget_reserve: int = 0, release_budget: int = 0, released_from: float | None = None,
+        owner: str | None = None,
     ) -> Admission:
         """Take one request from the key's request bucket and reserve `reserve` tokens in its
         token bucket, after settling `settle` admissions and `settle_tokens` tokens the buckets
@@ -357,12 +359,14 @@ class KeysStore:
         once the period's count (its usage, after `settle_budget` more used at `settled_at`, plus
         its reservations, after `release_budget` reserved in
         the period that started at `released_from` given back) has reached it; admitted, it
-        reserves `budget_reserve` tokens there, or what is left of the budget if less."""
+        reserves `budget_reserve` tokens there, or what is left of the budget if less. Budget
+        reservations are made and given back in the name of `owner` (the calling gateway
+        process: see `release_holds`), which gives back no more than it holds."""
         row = await self._db.fetchrow(
-            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT * FROM api_key_admit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 key_id, rpm, tpm, settle, settle_tokens, reserve, budget, budget_period, settle_budget, settled_at,
-                budget_reserve, release_budget, released_from,
+                budget_reserve, release_budget, released_from, owner,
             ),
         )
         assert row is not None
@@ -372,7 +376,7 @@ class KeysStore:
         self, key_id: int, rpm: int | None, tpm: int | None, reserves: Sequence[tuple[int, int]], settle: int = 0,
         settle_tokens: int = 0, *, budget: int | None = None, budget_period: timedelta = DEFAULT_BUDGET_PERIOD,
         settle_budget: int = 0, settled_at: float | None = None, release_budget: int = 0,
-        released_from: float | None = None,
+        released_from: float | None = None, owner: str | None = None,
     ) -> list[Admission]:
         """`admit` for several requests of one key in one round trip, one after the other in
         `reserves`' order (each a request's `reserve` and `budget_reserve`), each with its own
@@ -382,7 +386,7 @@ class KeysStore:
             return [await self.admit(
                 key_id, rpm, tpm, settle, settle_tokens, reserve, budget=budget, budget_period=budget_period,
                 settle_budget=settle_budget, settled_at=settled_at, budget_reserve=budget_reserve,
-                release_budget=release_budget, released_from=released_from,
+                release_budget=release_budget, released_from=released_from, owner=owner,
             )]
         # A volatile function called once per row of a lateral join runs row after row, each
         # call seeing the key's row as the one before left it (its lock is already held).
@@ -394,16 +398,31 @@ class KeysStore:
                 CASE WHEN q.n = 1 THEN %s::integer ELSE 0 END, CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END,
                 q.reserve, %s::bigint, %s::interval,
                 CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END, %s::double precision, q.budget_reserve,
-                CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END, %s::double precision
+                CASE WHEN q.n = 1 THEN %s::bigint ELSE 0 END, %s::double precision, %s::text
             ) AS a
             ORDER BY q.n
             """,
             (
                 [r for r, _ in reserves], [b for _, b in reserves], key_id, rpm, tpm, settle, settle_tokens,
-                budget, budget_period, settle_budget, settled_at, release_budget, released_from,
+                budget, budget_period, settle_budget, settled_at, release_budget, released_from, owner,
             ),
         )
         return [_admission(row) for row in rows]
+
+    async def release_holds(self, owner: str) -> int:
+        """Give back every budget reservation gateway process `owner` still holds (it stops:
+        its requests have ended); how many keys held some. The sweep of a dead process does the
+        same (`ChatStore.sweep_dead_instances`)."""
+        released = await self._db.execute(
+            """
+            UPDATE api_key_limits l
+            SET budget_reserved = greatest(0, l.budget_reserved - api_key_holds_of(l.budget_holds, ARRAY[%(owner)s::text], l.budget_start)),
+                budget_holds = nullif(l.budget_holds - %(owner)s::text, '{}'::jsonb)
+            WHERE l.budget_holds ? %(owner)s::text
+            """,
+            {"owner": owner},
+        )
+        return int(released or 0)
 
     async def forget_writers(self, writers: list[str]) -> None:
         """Drop the batch numbers of `writers`, none of whose batches can be sent again."""
@@ -414,8 +433,9 @@ class KeysStore:
         `tokens`, negative: given back), settle admissions the request bucket has not
         counted (keys with an `rpm`) and count `budget` tokens in the key's budget period
         (keys with a budget, only if used in its current period) and give back `released`
-        reservations, in one statement: batch `seq` of `writer`, applied unless
-        that writer's batches up to `seq` were applied already (a retry, a replayed spool)."""
+        reservations (of those `writer`, the gateway process that made them, still holds), in
+        one statement: batch `seq` of `writer`, applied unless that writer's batches up to
+        `seq` were applied already (a retry, a replayed spool)."""
         if not deltas:
             return
         ids = list(deltas)
@@ -426,7 +446,7 @@ class KeysStore:
                 ON CONFLICT (writer) DO UPDATE SET seq = EXCLUDED.seq, written_at = now() WHERE w.seq < EXCLUDED.seq
                 RETURNING 1
             ), d AS (
-                SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
+                SELECT d.*, %s::text AS owner FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],
                               %s::bigint[], %s::bigint[], %s::bigint[], %s::float8[], %s::float8[])
                     AS d(key_id, requests, errors, prompt, completion, admissions, tokens, budget, released, released_from,
                          budget_at)
@@ -462,7 +482,14 @@ class KeysStore:
                 budget_reserved = CASE
                     WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_reserved
                     ELSE api_key_budget_held(l.budget_start, l.budget_reserved, k.budget_period, now(),
-                                             d.released, d.released_from) END
+                                             api_key_hold_released(l.budget_holds, d.owner, d.released, d.released_from),
+                                             d.released_from) END,
+                budget_holds = CASE
+                    WHEN k.budget IS NULL OR (d.budget = 0 AND d.released = 0) THEN l.budget_holds
+                    WHEN api_key_budget_start(l.budget_start, k.budget_period, now()) IS DISTINCT FROM l.budget_start
+                        THEN NULL
+                    ELSE api_key_holds_after(l.budget_holds, d.owner, d.released_from,
+                        -api_key_hold_released(l.budget_holds, d.owner, d.released, d.released_from)) END
             FROM d JOIN api_keys k ON k.id = d.key_id
             WHERE l.key_id = d.key_id
                 AND ((k.tpm IS NOT NULL AND d.tokens <> 0) OR (k.rpm IS NOT NULL AND d.admissions <> 0)
@@ -471,6 +498,7 @@ class KeysStore:
             (
                 writer,
                 seq,
+                writer,
                 ids,
                 [deltas[i].requests for i in ids],
                 [deltas[i].errors for i in ids],

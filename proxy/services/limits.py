@@ -30,7 +30,10 @@ reservation given back, by the usage writer or the key's next admission. Periods
 windows from the budget's start, rolled by whichever call comes first after one ends. Usage
 and reservations are counted apart (migration 0014): a key refused while only reservations fill its
 budget is told to retry in a moment (429 `rate_limit_exceeded`), not that it is spent; usage
-carries the time it was made, and is not charged to a period that began after it.
+carries the time it was made, and is not charged to a period that began after it. Budget
+reservations are held in the name of this process (its instance id, also its usage writer's
+name: migration 0017), so that the sweep of a killed process gives its reservations back, and a
+stopping one gives back what no record did (`_release_holds`).
 
 If the database cannot answer, the limits are enforced per process from an in-memory copy
 of the same buckets (kept in step with the database's answers), so an outage loosens them
@@ -78,6 +81,13 @@ _LINGER_SECONDS = 0.02
 _RETRY_SECONDS = 2.0
 # When a budget held by requests in flight is retried: most exchanges end within seconds.
 _HELD_RETRY = 2.0
+# How long an admission refused for reservations (a budget held by requests in flight, a token
+# bucket without room for this request's) waits to ask once more: they may be those of requests
+# already answered by another gateway process (a worker, a replica), whose usage writer gives
+# them back a few milliseconds later (it lingers `_LINGER_SECONDS`). A client sending its
+# requests one after the other, each once the previous one was answered, was refused for what
+# nothing held any more (told to wait up to a minute, for a token bucket).
+_RECHECK = 0.15
 
 
 def duration(seconds: float) -> str:
@@ -173,6 +183,19 @@ def budget_held(principal: Principal, used: int, held: int) -> GatewayError:
     )
 
 
+# Refusals for reservations, which requests ending give back.
+_RESERVED = frozenset({"held", "tokens"})
+
+
+def _held(principal: Principal, state: Admission) -> bool:
+    """Whether the admission was refused for a budget that is not spent but held by requests
+    in flight."""
+    return (
+        not state.allowed and principal.budget is not None
+        and state.budget_used < principal.budget <= state.budget_used + state.budget_held
+    )
+
+
 def reservation(principal: Principal, tokens: int) -> int:
     """What a request estimated at `tokens` reserves: never more than the whole bucket, so
     that a request given the default max output tokens fits a full one."""
@@ -192,7 +215,7 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
             False, [], retry_after=wait, exhausted="budget",
             budget_used=state.budget_used, budget_reset=state.budget_reset,
         )
-    if not state.allowed and principal.budget is not None and state.budget_used + state.budget_held >= principal.budget:
+    if _held(principal, state):
         return Decision(
             False, [], retry_after=_HELD_RETRY, exhausted="held",
             budget_used=state.budget_used, budget_reset=state.budget_reset, budget_held=state.budget_held,
@@ -344,15 +367,20 @@ class RateLimiter:
     """Admits requests of limited keys and records every key's usage (see the module
     docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
 
-    def __init__(self, resources: Resources, ring: KeyRing, *, spool: Path | None = None) -> None:
+    def __init__(
+        self, resources: Resources, ring: KeyRing, *, spool: Path | None = None, owner: str | None = None
+    ) -> None:
         self._resources = resources
         self._ring = ring
         self._local = _LocalBuckets(ring)
         self._pending: dict[int, UsageDelta] = {}
         # Usage cut into numbered batches, oldest first, until the database confirms them
         # (see `KeysStore.record_usage`); kept in the spool file (`spool`: its directory)
-        # while it cannot, so a stop or a crash during an outage loses none.
-        self._writer = secrets.token_hex(8)
+        # while it cannot, so a stop or a crash during an outage loses none. The writer is
+        # `owner`, the gateway instance that heartbeats (`Persistence.instance_id`): budget
+        # reservations are held in its name, so that the sweep of a dead instance gives them
+        # back, and its batches (replayed from its spool, too) give back only what it holds.
+        self._writer = owner or secrets.token_hex(8)
         self._seq = 0
         self._batches: list[UsageBatch] = []
         self._spool = Spool(spool, self._writer) if spool is not None else None
@@ -390,6 +418,10 @@ class RateLimiter:
         reserve = reservation(principal, tokens)
         budget_reserve = tokens if principal.budget is not None else 0
         state = await self._shared_admission(principal, reserve, budget_reserve)
+        if state is not None and not state.allowed and decide(principal, state, reserve).exhausted in _RESERVED:
+            # A refused admission takes nothing (but this process's settlements): asked again.
+            await trio.sleep(_RECHECK)
+            state = await self._shared_admission(principal, reserve, budget_reserve) or state
         if state is None:
             state = self._local.admit(principal, reserve, budget_reserve)
             if state.allowed and (principal.rpm is not None or reserve):
@@ -475,6 +507,7 @@ class RateLimiter:
                     held.admissions, held.tokens, budget=principal.budget,
                     budget_period=timedelta(seconds=principal.budget_period), settle_budget=held.budget,
                     settled_at=held.budget_at, release_budget=held.released, released_from=held.released_from,
+                    owner=self._writer,
                 )
             result = outcome.Value(states)
         except trio.TooSlowError:
@@ -563,12 +596,17 @@ class RateLimiter:
             return
         prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
         failed = record.error is not None or record.status >= 400
+        # The key's usage says what it was served; its `--tpm` and budget are charged only what a
+        # backend generated for it (as the token metrics): a replay (an `Idempotency-Key` retry),
+        # a cache hit or a request attached to another's run cost no backend anything, and an
+        # idempotent retry must not pay twice for one answer.
+        charged = prompt + completion if record.source == "backend" else 0
         # Its reservations are given back as its real usage is charged: one settlement.
-        spent = prompt + completion - record.reserved.tokens
+        spent = charged - record.reserved.tokens
         delta = UsageDelta(
             requests=1, errors=int(failed), prompt_tokens=prompt, completion_tokens=completion, tokens=spent,
         )
-        delta.use(prompt + completion, time.time())
+        delta.use(charged, time.time())
         delta.release(record.reserved.budget, record.reserved.period)
         pending = self._pending.get(key_id)
         if pending is None:
@@ -578,7 +616,7 @@ class RateLimiter:
         principal = self._ring.by_id(key_id)
         if principal is not None:
             self._local.spend(principal, spent)
-            self._local.count(principal, prompt + completion - record.reserved.budget)
+            self._local.count(principal, charged - record.reserved.budget)
         self._kick.set()
 
     def settle(self, principal: Principal, reserved: Reserved) -> None:
@@ -628,6 +666,7 @@ class RateLimiter:
                 if self._seq:
                     self._retired.add(self._writer)  # it numbers no more batches
                 await self._flush()
+                await self._release_holds()
             if self._batches:
                 where = "spooled for the next start" if self._spool is not None and self._spool.saved else "not recorded"
                 log.warning("usage of %d API key batch(es) %s: the database is unreachable", len(self._batches), where)
@@ -683,6 +722,19 @@ class RateLimiter:
         self._failing = False
         if await self._save_spool() and self._retired:
             await self._forget_retired(db)
+
+    async def _release_holds(self) -> None:
+        """Stopping, with every usage written: give back the budget reservations this process
+        still holds (a request cut without a record), rather than leave them to the sweep of
+        its instance once its heartbeat has been silent for a while."""
+        db = self._resources.database
+        if db is None or self._batches:
+            return  # the spooled batches give theirs back when replayed; the sweep, the rest
+        try:
+            with trio.fail_after(_FLUSH_TIMEOUT):
+                await KeysStore(db).release_holds(self._writer)
+        except (DatabaseError, trio.TooSlowError) as error:
+            log.warning("giving back this process's budget reservations failed (%s): its sweep will", error)
 
     async def _forget_retired(self, db: Database) -> None:
         """Delete the rows of retired writers none of whose batches is held any more (the
