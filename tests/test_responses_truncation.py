@@ -29,10 +29,23 @@ class WindowedVLLM(OpenAIBackend):
     off), and it refuses, in vLLM's words, a chat whose prompt and `max_tokens` exceed it.
     Its tokenizer counts `chars_per_token` characters a token."""
 
-    def __init__(self, *, listed: bool = True, chars_per_token: int = 4) -> None:
+    def __init__(self, *, listed: bool = True, chars_per_token: int = 4, current: bool = False) -> None:
         super().__init__(models=["qwen3-8b"])
         self.listed = listed
         self.chars_per_token = chars_per_token
+        self.current = current  # today's vLLM wording, else its older one
+
+    @staticmethod
+    def refusal(prompt: int, answer: int, current: bool) -> str:
+        if current:
+            # It reads the prompt only up to the room left: the figure it gives is a floor.
+            return (f"This model's maximum context length is {WINDOW} tokens. However, you requested {answer} output "
+                    f"tokens and your prompt contains at least {WINDOW - answer + 1} input tokens, for a total of at "
+                    f"least {WINDOW + 1} tokens. Please reduce the length of the input prompt or the number of "
+                    "requested output tokens.")
+        return (f"This model's maximum context length is {WINDOW} tokens. However, you requested "
+                f"{prompt + answer} tokens ({prompt} in the messages, {answer} in the completion). "
+                "Please reduce the length of the messages or completion.")
 
     def chats(self) -> list[dict[str, Any]]:
         return [r.json for r in self.requests if r.path == "/v1/chat/completions"]
@@ -49,9 +62,7 @@ class WindowedVLLM(OpenAIBackend):
             chars += sum(len(c["function"]["arguments"]) for m in body["messages"] for c in m.get("tool_calls") or [])
             prompt, answer = chars // self.chars_per_token, body.get("max_tokens") or 0
             if prompt + answer > WINDOW:
-                message = (f"This model's maximum context length is {WINDOW} tokens. However, you requested "
-                           f"{prompt + answer} tokens ({prompt} in the messages, {answer} in the completion). "
-                           "Please reduce the length of the messages or completion.")
+                message = self.refusal(prompt, answer, self.current)
                 await exchange.respond_json(400, {"object": "error", "message": message, "type": "BadRequestError",
                                                   "param": None, "code": 400})
                 return
@@ -192,6 +203,25 @@ async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_
         refused, answered = fake.chats()
         assert len(answered["messages"]) < len(refused["messages"])
         assert_trimmed(answered)
+
+
+@pytest.mark.parametrize("current", [False, True])
+async def test_a_refusal_is_read_as_room_for_the_prompt_beside_the_answers_tokens(current: bool) -> None:
+    """With `max_output_tokens`, vLLM's refusal counts the answer's tokens too: what the
+    prompt may take is the window less them, and it is trimmed to that in one retry. Today's
+    vLLM says `requested 300 output tokens` and only a floor of the prompt ("at least")."""
+    fake = WindowedVLLM(listed=False, chars_per_token=3, current=current)
+    fake.set_script(Script(tokens=["fits now"]))
+    async with gateway(fake) as client:
+        await client.models.list()
+        response = await client.responses.create(
+            model="qwen3-8b", instructions="Be brief.", input=conversation(20), truncation="auto",
+            max_output_tokens=300,
+        )
+    assert response.output_text == "fits now"
+    refused, answered = fake.chats()
+    assert len(answered["messages"]) < len(refused["messages"])
+    assert_trimmed(answered)
 
 
 async def test_a_conversation_that_cannot_be_trimmed_enough_is_still_the_400() -> None:

@@ -34,29 +34,59 @@ def fitted(request: ChatRequest, window: Window) -> ChatRequest:
     return _trimmed(request, window.tokens - reserved)
 
 
-# The numbers a backend's refusal gives: what the prompt (or prompt and answer) came to, and
-# the most it may be. vLLM: "maximum context length is 4096 tokens. However, you requested
-# 5120 tokens"; Anthropic: "prompt is too long: 210345 tokens > 200000 maximum"; Ollama:
-# "exceeded max context length by 17 tokens".
-_VLLM = re.compile(r"context length is (\d+) tokens.*?(?:requested|resulted in|has) (\d+)", re.IGNORECASE | re.DOTALL)
-_ANTHROPIC = re.compile(r"(\d+) tokens > (\d+)")
+# What a backend's refusal says: the window, the output it reserves and what the prompt came
+# to (or only a floor of it: "at least"). vLLM, current: "maximum context
+# length is 4096 tokens. However, you requested 1024 output tokens and your prompt contains at
+# least 3073 input tokens" (the prompt is read only up to the room left, so the figure is a floor);
+# older: "... you requested 5120 tokens (4096 in the messages, 1024 in the completion)", "... your
+# request has 5000 input tokens"; its engine: "The decoder prompt (length 5000) is longer than the
+# maximum model length of 4096"; OpenAI: "... your messages resulted in 5000 tokens"; Anthropic:
+# "prompt is too long: 210345 tokens > 200000 maximum", "input length and `max_tokens` exceed
+# context limit: 188240 + 21333 > 200000"; Ollama: "exceeded max context length by 17 tokens".
+_WINDOW = r"context length is (?P<window>\d+) tokens"
+_VLLM_NOW = re.compile(
+    _WINDOW + r".*?requested (?P<output>\d+) output tokens.*?prompt contains (?P<floor>at least )?(?P<prompt>\d+)",
+    re.IGNORECASE | re.DOTALL,
+)
+_VLLM_SPLIT = re.compile(
+    _WINDOW + r".*?\((?P<prompt>\d+) in the messages, (?P<output>\d+) in the completion\)", re.IGNORECASE | re.DOTALL
+)
+_VLLM = re.compile(_WINDOW + r".*?(?:requested|resulted in|has) (?P<prompt>\d+)", re.IGNORECASE | re.DOTALL)
+_ENGINE = re.compile(r"\(length (?P<prompt>\d+)\) is longer than the maximum model length of (?P<window>\d+)", re.IGNORECASE)
+_ANTHROPIC = re.compile(r"(?P<prompt>\d+) tokens > (?P<window>\d+)")
+_ANTHROPIC_WITH_OUTPUT = re.compile(r"(?P<prompt>\d+) \+ (?P<output>\d+) > (?P<window>\d+)")
 _OVER_BY = re.compile(r"exceeded max context length by (\d+)", re.IGNORECASE)
+# The share of the prompt kept when the refusal says no number (or only a floor): a quarter goes.
+_UNKNOWN_SHARE = 0.75
 
 
 def shortened(request: ChatRequest, refusal: str) -> ChatRequest | None:
     """`request` (as sent) trimmed further after its backend refused it as too long, by the
-    share the refusal says was too much (a quarter when it says no numbers), or None when
-    nothing more can be dropped."""
+    share the refusal says was too much (a quarter when it cannot say), or None when nothing
+    more can be dropped (or nothing dropped could make it fit)."""
     estimate = estimated_prompt_tokens(request)
-    share = 0.75
-    if (found := _VLLM.search(refusal)) is not None:
-        share = int(found.group(1)) / max(int(found.group(2)), 1)
-    elif (found := _ANTHROPIC.search(refusal)) is not None:
-        share = int(found.group(2)) / max(int(found.group(1)), 1)
-    elif (found := _OVER_BY.search(refusal)) is not None:
-        share = 1 - int(found.group(1)) / max(estimate, 1)
+    budget = estimate * _UNKNOWN_SHARE
+    for pattern in (_VLLM_NOW, _VLLM_SPLIT, _ANTHROPIC_WITH_OUTPUT, _VLLM, _ENGINE, _ANTHROPIC):
+        if (found := pattern.search(refusal)) is None:
+            continue
+        figures = found.groupdict()
+        # The answer's room is not the prompt's: what fits is the window less the output asked for.
+        room = int(figures["window"]) - int(figures.get("output") or 0)
+        if room <= 0:
+            return None  # `max_output_tokens` alone fills the window
+        if figures.get("floor"):
+            # The prompt is at least that long, and may be far longer (the gateway's estimate
+            # evidently counts less than its tokenizer): a quarter less than the smaller of
+            # what was sent and the room.
+            budget = min(estimate, room) * _UNKNOWN_SHARE
+        else:
+            budget = estimate * min(room / max(int(figures["prompt"]), 1), 1.0)
+        break
+    else:
+        if (over := _OVER_BY.search(refusal)) is not None:
+            budget = estimate - int(over.group(1))
     # Estimates are rough: aim a tenth below what the backend said fits.
-    trimmed = _trimmed(request, int(estimate * min(share, 1.0) * 0.9))
+    trimmed = _trimmed(request, int(budget * 0.9))
     return None if trimmed is request else trimmed
 
 
