@@ -98,6 +98,24 @@ async def test_a_question_is_answered_from_page_3_with_the_page_in_the_sources(p
         assert not_base64.status_code == 400 and not_base64.json()["error"]["param"] == "body.content_base64"
 
 
+async def test_base64_in_lines_or_as_a_data_url_is_a_files_bytes(pg_database_url: str) -> None:
+    """What `base64 manual.pdf` prints (76-character lines) and OpenAI's `file_data` (a `data:`
+    URL, whose media type says PDF without a file name) are ingested like plain base64."""
+    wrapped = base64.encodebytes(guide_pdf()).decode()
+    assert "\n" in wrapped
+    data_url = "data:application/pdf;base64," + base64.b64encode(make_pdf(GUIDE_PAGES)).decode()
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=120) as http:
+        sent = await http.post("/v1/workspaces/lines/documents", json={"documents": [
+            {"source": "wrapped.pdf", "content_base64": wrapped}, {"source": "manual", "content_base64": data_url},
+        ]})
+        assert sent.status_code == 201, sent.text
+        assert [(d["source"], d["chunks"]) for d in sent.json()["data"]] == [("wrapped.pdf", 5), ("manual", 5)]
+        listed = (await http.get("/v1/workspaces/lines/documents")).json()["data"]
+        assert {d["source"]: d["media_type"] for d in listed} == {"wrapped.pdf": "application/pdf", "manual": "application/pdf"}
+        not_base64 = await http.post("/v1/workspaces/lines/documents", json={"content_base64": "data:application/pdf,%PDF"})
+        assert not_base64.status_code == 400 and not_base64.json()["error"]["param"] == "body.content_base64"
+
+
 async def test_unreadable_pdfs_are_refused_with_the_reason(pg_database_url: str) -> None:
     too_long = make_pdf([[f"Page {n} of a long report."] for n in range(1, 13)])
     cases = [

@@ -159,11 +159,24 @@ def _json_document(item: Any, where: str) -> DocumentInput:
             raise invalid_request(f"A PDF is sent as `{where}.content_base64` (its bytes, base64), not as text.",
                                   param=f"{where}.content", code="unsupported_document")
         return DocumentInput(content=content, format=detected, source=source, metadata=metadata)
+    data, media = _file_bytes(encoded, f"{where}.content_base64")
+    return _file_document(data, fmt or detect_format(source, media, data), source, metadata, f"{where}.content_base64")
+
+
+def _file_bytes(encoded: str, param: str) -> tuple[bytes, str | None]:
+    """A file's bytes sent as base64, and the media type it was sent with: plain, in lines
+    (what `base64` and MIME write), or a `data:` URL (`data:application/pdf;base64,…`, as
+    OpenAI's `file_data` carries a file)."""
+    media: str | None = None
+    if encoded.startswith("data:"):
+        head, comma, encoded = encoded.partition(",")
+        if not comma or not head.endswith(";base64"):
+            raise invalid_request(f"Invalid `{param}`: a `data:` URL here is base64 (`data:<type>;base64,…`).", param=param)
+        media = head.removeprefix("data:").split(";", 1)[0] or None
     try:
-        data = base64.b64decode(encoded, validate=True)
+        return base64.b64decode("".join(encoded.split()), validate=True), media
     except (binascii.Error, ValueError):
-        raise invalid_request(f"Invalid `{where}.content_base64`: not base64.", param=f"{where}.content_base64") from None
-    return _file_document(data, fmt or detect_format(source, None, data), source, metadata, f"{where}.content_base64")
+        raise invalid_request(f"Invalid `{param}`: not base64.", param=param) from None
 
 
 def _file_document(data: bytes, fmt: Format, source: str | None, metadata: dict[str, Any], param: str) -> DocumentInput:
