@@ -3,7 +3,7 @@ extracts what a text-layer PDF would give; optional outline (bookmarks) and docu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def _escape(text: str) -> str:
@@ -17,10 +17,12 @@ def make_pdf(
     title: str | None = None,
     author: str | None = None,
     busywork: int = 0,
+    to_unicode: Mapping[str, str] | None = None,
 ) -> bytes:
     """A PDF whose page i shows the lines `pages[i]` (an empty page draws only a rectangle,
     like a scan without a text layer, and `busywork` text objects that show nothing: work for
-    an extractor that finds no text); `outline`: (title, page index) bookmarks."""
+    an extractor that finds no text); `outline`: (title, page index) bookmarks; `to_unicode`:
+    the font's ToUnicode map, a character drawn -> the UTF-16BE code units (hex) it stands for."""
     objects: list[bytes] = []
 
     def add(body: bytes) -> int:
@@ -29,7 +31,14 @@ def make_pdf(
 
     catalog = add(b"")  # filled in below
     pages_id = add(b"")
-    font = add(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    cmap = b""
+    if to_unicode:
+        pairs = b"\n".join(b"<%02X> <%s>" % (ord(char), units.encode()) for char, units in to_unicode.items())
+        body = (b"/CIDInit /ProcSet findresource begin 12 dict begin begincmap /CMapName /Test def\n"
+                b"1 begincodespacerange <00> <FF> endcodespacerange\n%d beginbfchar\n%s\nendbfchar\n"
+                b"endcmap CMapName currentdict /CMap defineresource pop end end" % (len(to_unicode), pairs))
+        cmap = b" /ToUnicode %d 0 R" % add(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(body), body))
+    font = add(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica%s >>" % cmap)
     page_ids: list[int] = []
     for lines in pages:
         if lines:

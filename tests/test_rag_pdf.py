@@ -116,6 +116,21 @@ async def test_base64_in_lines_or_as_a_data_url_is_a_files_bytes(pg_database_url
         assert not_base64.status_code == 400 and not_base64.json()["error"]["param"] == "body.content_base64"
 
 
+async def test_a_fonts_broken_unicode_map_does_not_fail_the_upload(pg_database_url: str) -> None:
+    """Math fonts often map a glyph to half of a UTF-16 pair (pypdf then gives surrogates, which
+    UTF-8 cannot hold): a pair split over two glyphs is the character it makes, a lone half goes,
+    and the PDF is ingested rather than a 500."""
+    math = make_pdf([["Let XY be the sum, and Z the rest of the widget budget."]], title="Proof Q",
+                    to_unicode={"X": "D835", "Y": "DC00", "Z": "D835", "Q": "DC01"})
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=120) as http:
+        sent = await http.post("/v1/workspaces/maths/documents", files={"file": ("math.pdf", math, "application/pdf")})
+        assert sent.status_code == 201, sent.text
+        found = (await http.post("/v1/workspaces/maths/search", json={"query": "widget budget"})).json()["data"]
+        assert "Let \U0001d400 be the sum" in found[0]["content"]
+    (page,) = extract_pdf(math, "math.pdf", PdfLimits()).pages
+    assert page.text == "Let \U0001d400 be the sum, and  the rest of the widget budget."
+
+
 async def test_unreadable_pdfs_are_refused_with_the_reason(pg_database_url: str) -> None:
     too_long = make_pdf([[f"Page {n} of a long report."] for n in range(1, 13)])
     cases = [

@@ -35,6 +35,7 @@ _RUNS_ON: Final = re.compile(r"[\w,\-\u2013]\s*$")
 _FIRST_SENTENCE: Final = re.compile(r"^[^\n]{0,600}?[.!?](?=\s|$)")
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BULLET: Final = re.compile(r"^\s*(?:[•●▪◦\-*\u2013]|\d{1,3}[.)])\s")
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +137,18 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _unicode(text: str) -> str:
+    """`text` as UTF-8 can hold it: a font's broken ToUnicode map (math alphabets, emoji) makes
+    pypdf give UTF-16 surrogates, which no encoder (the hash, the tokenizer, PostgreSQL) takes.
+    A pair split in two is joined again; a lone one stands for no character and goes."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "ignore")
+
+
 def _clean(text: str) -> str:
     """Visual lines joined into paragraphs (hyphenation undone; list items and blank lines kept)."""
-    text = _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _CONTROL.sub(" ", _unicode(text).replace("\r\n", "\n").replace("\r", "\n"))
     out: list[str] = []
     for line in (raw.strip() for raw in text.split("\n")):
         if not line:
@@ -183,7 +193,7 @@ def _outline_starts(reader: PdfReader) -> dict[int, list[tuple[str, ...]]]:
                 continue
             if not isinstance(item, Destination):
                 continue
-            title = " ".join(str(item.title or "").split())[:120]
+            title = " ".join(_unicode(str(item.title or "")).split())[:120]
             try:
                 page = reader.get_destination_page_number(item)
             except Exception:  # a dangling bookmark is skipped
@@ -209,7 +219,7 @@ def _metadata(reader: PdfReader) -> dict[str, Any]:
     except Exception:  # as above
         return out
     for key, value in fields:
-        if isinstance(value, str) and (clean := " ".join(_CONTROL.sub(" ", value).split())[:500]):
+        if isinstance(value, str) and (clean := " ".join(_CONTROL.sub(" ", _unicode(value)).split())[:500]):
             out[key] = clean
     return out
 
