@@ -29,15 +29,17 @@ class WindowedVLLM(OpenAIBackend):
     off), and it refuses, in vLLM's words, a chat whose prompt and `max_tokens` exceed it.
     Its tokenizer counts `chars_per_token` characters a token."""
 
-    def __init__(self, *, listed: bool = True, chars_per_token: int = 4, current: bool = False) -> None:
+    def __init__(self, *, listed: bool = True, chars_per_token: int = 4, wording: str = "vllm-0.6") -> None:
         super().__init__(models=["qwen3-8b"])
         self.listed = listed
         self.chars_per_token = chars_per_token
-        self.current = current  # today's vLLM wording, else its older one
+        self.wording = wording  # whose refusal: vLLM's older or current one, or llama.cpp's
 
     @staticmethod
-    def refusal(prompt: int, answer: int, current: bool) -> str:
-        if current:
+    def refusal(prompt: int, answer: int, wording: str) -> str:
+        if wording == "llama.cpp":
+            return f"request ({prompt} tokens) exceeds the available context size ({WINDOW} tokens), try increasing it"
+        if wording == "vllm":
             # It reads the prompt only up to the room left: the figure it gives is a floor.
             return (f"This model's maximum context length is {WINDOW} tokens. However, you requested {answer} output "
                     f"tokens and your prompt contains at least {WINDOW - answer + 1} input tokens, for a total of at "
@@ -61,8 +63,10 @@ class WindowedVLLM(OpenAIBackend):
             chars = sum(len(m.get("content") or "") for m in body["messages"])
             chars += sum(len(c["function"]["arguments"]) for m in body["messages"] for c in m.get("tool_calls") or [])
             prompt, answer = chars // self.chars_per_token, body.get("max_tokens") or 0
+            if self.wording == "llama.cpp":
+                answer = 0  # its context holds the prompt; the answer stops where the context ends
             if prompt + answer > WINDOW:
-                message = self.refusal(prompt, answer, self.current)
+                message = self.refusal(prompt, answer, self.wording)
                 await exchange.respond_json(400, {"object": "error", "message": message, "type": "BadRequestError",
                                                   "param": None, "code": 400})
                 return
@@ -205,12 +209,13 @@ async def test_auto_retries_once_with_fewer_items_when_the_backend_finds_it_too_
         assert_trimmed(answered)
 
 
-@pytest.mark.parametrize("current", [False, True])
-async def test_a_refusal_is_read_as_room_for_the_prompt_beside_the_answers_tokens(current: bool) -> None:
+@pytest.mark.parametrize("wording", ["vllm-0.6", "vllm", "llama.cpp"])
+async def test_a_refusal_is_read_as_room_for_the_prompt_beside_the_answers_tokens(wording: str) -> None:
     """With `max_output_tokens`, vLLM's refusal counts the answer's tokens too: what the
     prompt may take is the window less them, and it is trimmed to that in one retry. Today's
-    vLLM says `requested 300 output tokens` and only a floor of the prompt ("at least")."""
-    fake = WindowedVLLM(listed=False, chars_per_token=3, current=current)
+    vLLM says `requested 300 output tokens` and only a floor of the prompt ("at least");
+    llama.cpp says the request's size and its context's."""
+    fake = WindowedVLLM(listed=False, chars_per_token=3, wording=wording)
     fake.set_script(Script(tokens=["fits now"]))
     async with gateway(fake) as client:
         await client.models.list()

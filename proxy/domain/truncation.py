@@ -42,7 +42,8 @@ def fitted(request: ChatRequest, window: Window) -> ChatRequest:
 # request has 5000 input tokens"; its engine: "The decoder prompt (length 5000) is longer than the
 # maximum model length of 4096"; OpenAI: "... your messages resulted in 5000 tokens"; Anthropic:
 # "prompt is too long: 210345 tokens > 200000 maximum", "input length and `max_tokens` exceed
-# context limit: 188240 + 21333 > 200000"; Ollama: "exceeded max context length by 17 tokens".
+# context limit: 188240 + 21333 > 200000"; llama.cpp: "request (5000 tokens) exceeds the available
+# context size (4096 tokens)"; Ollama: "exceeded max context length by 17 tokens".
 _WINDOW = r"context length is (?P<window>\d+) tokens"
 _VLLM_NOW = re.compile(
     _WINDOW + r".*?requested (?P<output>\d+) output tokens.*?prompt contains (?P<floor>at least )?(?P<prompt>\d+)",
@@ -55,6 +56,7 @@ _VLLM = re.compile(_WINDOW + r".*?(?:requested|resulted in|has) (?P<prompt>\d+)"
 _ENGINE = re.compile(r"\(length (?P<prompt>\d+)\) is longer than the maximum model length of (?P<window>\d+)", re.IGNORECASE)
 _ANTHROPIC = re.compile(r"(?P<prompt>\d+) tokens > (?P<window>\d+)")
 _ANTHROPIC_WITH_OUTPUT = re.compile(r"(?P<prompt>\d+) \+ (?P<output>\d+) > (?P<window>\d+)")
+_LLAMA_CPP = re.compile(r"request \((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<window>\d+) tokens")
 _OVER_BY = re.compile(r"exceeded max context length by (\d+)", re.IGNORECASE)
 # The share of the prompt kept when the refusal says no number (or only a floor): a quarter goes.
 _UNKNOWN_SHARE = 0.75
@@ -66,7 +68,7 @@ def shortened(request: ChatRequest, refusal: str) -> ChatRequest | None:
     more can be dropped (or nothing dropped could make it fit)."""
     estimate = estimated_prompt_tokens(request)
     budget = estimate * _UNKNOWN_SHARE
-    for pattern in (_VLLM_NOW, _VLLM_SPLIT, _ANTHROPIC_WITH_OUTPUT, _VLLM, _ENGINE, _ANTHROPIC):
+    for pattern in (_VLLM_NOW, _VLLM_SPLIT, _ANTHROPIC_WITH_OUTPUT, _VLLM, _ENGINE, _ANTHROPIC, _LLAMA_CPP):
         if (found := pattern.search(refusal)) is None:
             continue
         figures = found.groupdict()
