@@ -186,7 +186,8 @@ def test_the_settings_the_response_echoes() -> None:
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": 1}]}, "input[0].arguments"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+    ({"input": [{"type": "item_reference"}]}, "input[0].id"),
+    ({"input": [{"type": "item_reference", "id": ""}]}, "input[0].id"),
     ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"instructions": 7}, "instructions"),
@@ -220,6 +221,24 @@ def test_bad_input_is_a_400_naming_the_field(fields: dict[str, Any], param: str)
     error = refused(**fields)
     assert error.param == param, error.message
     assert f"`{param}" in error.message or param.split(".")[0] in error.message
+
+
+def test_item_references_typed_or_not_are_looked_up_then_parsed_as_the_items_they_name() -> None:
+    """`type` is optional on an item reference (OpenAI's `ItemReference`): an item with an id
+    and neither a type nor a role is one."""
+    body = json.dumps({"model": "m", "input": [
+        {"type": "item_reference", "id": "msg_a_in0"}, {"id": "msg_a_0"}, {"role": "user", "content": "and?", "id": "x"},
+    ]}).encode()
+    with pytest.raises(responses.UnresolvedReferences) as info:
+        responses.parse_responses_request(body)
+    assert info.value.references == [("input[0]", "msg_a_in0"), ("input[1]", "msg_a_0")]
+    parsed = responses.parse_responses_request(body, {
+        "msg_a_in0": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+        "msg_a_0": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]},
+    })
+    assert [(m.role, m.content) for m in parsed.chat.messages] == [
+        ("user", (TextPart("Hi"),)), ("assistant", (TextPart("Hello"),)), ("user", (TextPart("and?"),)),
+    ]
 
 
 def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
@@ -639,6 +658,8 @@ def check(body: bytes) -> None:
     except GatewayError as error:
         assert 400 <= error.status < 500 and error.message, error
         return
+    except responses.UnresolvedReferences:
+        return  # its caller looks the items up, and parses it again with them
     json.dumps(parsed.settings)  # what the Response echoes is JSON
     request = parsed.chat
     request_fingerprint(request, "upstream")

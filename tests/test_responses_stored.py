@@ -245,9 +245,10 @@ async def test_an_item_reference_brings_the_kept_item_to_the_backend(stack: Stac
     said = asked.output[0].id
     inputs = await stack.client.responses.input_items.list(asked.id)
     question = inputs.data[0].id
+    # `type` is optional on a reference (OpenAI's `ItemReference`): the second has none.
     follow = await stack.client.responses.create(model="m", input=[
         {"type": "item_reference", "id": question},
-        {"type": "item_reference", "id": said},
+        {"id": said},
         {"role": "user", "content": "What is the secret?"},
     ])
     assert follow.status == "completed"

@@ -116,9 +116,12 @@ def _answering(headers: Headers, own: str) -> str:
 @exchanges.route("/v1/responses")
 async def create_response(incoming: Incoming) -> ExchangeBody:
     persistence = incoming.gateway.persistence
-    # Looked for only in a body that can hold one: no second parse for every other request.
-    referenced = await _referenced(persistence, incoming.body) if b'"item_reference"' in incoming.body else None
-    parsed = responses.parse_responses_request(incoming.body, referenced)
+    try:
+        parsed = responses.parse_responses_request(incoming.body)
+    except responses.UnresolvedReferences as unresolved:
+        # Parsed again, with the items its references name: only a request that has any.
+        referenced = await _referenced(persistence, unresolved.references)
+        parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
     own = None
@@ -579,14 +582,14 @@ async def _inputs_of(
     )
 
 
-async def _referenced(persistence: Persistence | None, body: bytes) -> dict[str, dict[str, Any]]:
+async def _referenced(persistence: Persistence | None, references: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """The items a request's `item_reference`s name, by id: items of the tenant's
     conversations, or input or output items of the responses the journal keeps (the
     tenant's own, ended; on any instance). One neither keeps is a 404 naming the
     reference's path, in OpenAI's words."""
     found: dict[str, dict[str, Any]] = {}
     kept: dict[str, list[dict[str, Any]]] = {}  # by trace id: one read per response referred to
-    for path, item in responses.item_references(body):
+    for path, item in references:
         if item in found:
             continue
         # First its conversations (one indexed read): an item made by `items.create` names no

@@ -3,8 +3,8 @@
 The gateway keeps no prompts (`prompt` is a 400 saying so); `previous_response_id` continues
 a response its journal keeps (see `continued`), `conversation` one of its stored
 conversations (its items, looked up by the caller, go first: `in_conversation`), and an
-`item_reference` stands for an item of a kept response (looked up by the caller:
-`item_references`).
+`item_reference` stands for an item of a kept response (looked up by the caller, told of
+them by `UnresolvedReferences`).
 `background: true` makes a run that outlives its connection, read back (polled, or streamed
 again) from the journal. Only function tools are served; OpenAI's built-in tools run on
 OpenAI's servers and have nothing to become here.
@@ -72,9 +72,19 @@ class ResponsesRequest:
         return bool(self.settings.get("background"))
 
 
+class UnresolvedReferences(Exception):
+    """A request with `item_reference` inputs parsed without the items they name: its
+    references, as (path, item id), for the caller to look up and parse it again with them."""
+
+    def __init__(self, references: list[tuple[str, str]]) -> None:
+        super().__init__(references)
+        self.references = references
+
+
 def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None) -> ResponsesRequest:
     """Validate a `/v1/responses` body; every bad input is a 400 naming its field.
-    `referenced`: the items its `item_reference`s name (see `item_references`), by id."""
+    `referenced`: the items its `item_reference`s name, by id; None: raises
+    `UnresolvedReferences` for a request that has any (most have none: one parse)."""
     fields = Fields(loads_object(body))
     data = fields.data
     model = fields.text("model", required=True, nonempty=True)
@@ -105,7 +115,7 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
     if isinstance(raw_input, str):
         messages.append(Message(role="user", content=(TextPart(raw_input),)))
     elif isinstance(raw_input, list) and raw_input:
-        _parse_items(raw_input, messages, referenced or {})
+        _parse_items(raw_input, messages, referenced)
     else:
         raise fields.fail("input", "a string or a non-empty array of input items")
     if not messages:
@@ -239,32 +249,34 @@ def default_settings() -> dict[str, Any]:
 # -- input items ---------------------------------------------------------------------------------------
 
 
-def item_references(body: bytes) -> list[tuple[str, str]]:
-    """The `item_reference` inputs of a request, as (path, item id), for its caller to look
-    up before it parses the request (a 400 naming the path of a reference without an id)."""
-    raw_input = loads_object(body).get("input")
-    found: list[tuple[str, str]] = []
-    for i, item in enumerate(raw_input if isinstance(raw_input, list) else []):
-        if isinstance(item, dict) and item.get("type") == "item_reference":
-            path = f"input[{i}]"
-            reference = Fields(item, path).text("id", required=True, nonempty=True)
-            found.append((path, reference or ""))
-    return found
+def _is_reference(item: dict[str, Any]) -> bool:
+    """An `item_reference`: so typed, or (its `type` being optional) an item with an `id` and
+    neither a `type` nor a `role`."""
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
 
 
-def _parse_items(items: list[Any], messages: list[Message], referenced: Mapping[str, dict[str, Any]]) -> None:
+def _parse_items(
+    items: list[Any], messages: list[Message], referenced: Mapping[str, dict[str, Any]] | None
+) -> None:
+    unresolved: list[tuple[str, str]] = []
     for i, item in enumerate(items):
         path = f"input[{i}]"
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
-        if item.get("type") == "item_reference":
+        if _is_reference(item):
+            reference = Fields(item, path).text("id", required=True, nonempty=True) or ""
+            if referenced is None:
+                unresolved.append((path, reference))
+                continue
             # The item it names, as the response keeping it lists it: parsed as if sent here.
-            found = referenced.get(str(item.get("id")))
+            found = referenced.get(reference)
             if found is None:
-                # Not looked up (see `item_references`): a gateway without its journal.
-                raise invalid_request(f"Item with id {item.get('id')!r} (`{path}`) not found.", param=path)
+                raise invalid_request(f"Item with id {reference!r} (`{path}`) not found.", param=path)
             item = found
         _parse_item(item, path, messages)
+    if unresolved:
+        raise UnresolvedReferences(unresolved)
 
 
 def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> None:
