@@ -5,7 +5,8 @@ the gateway reads: Markdown, plain text, HTML and PDF. A document's source is it
 to the directory named on the command line, prefixed with that directory's name
 (`docs/guide/install.md`), or the file's name for a file named directly, so running the
 command again from anywhere finds the same documents: unchanged ones are skipped, changed
-ones replaced.
+ones replaced. Two files that would be the same document (`a/guide.pdf` and `b/guide.pdf`
+named directly) are not: the first is ingested, the other fails, rather than replace it.
 
 Progress goes to stderr: a bar redrawn in place on a terminal, one line per document
 otherwise. Exit status: 0 when every document was ingested (or unchanged), 1 when some
@@ -58,10 +59,21 @@ class _File:
     source: str
 
 
-def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
-    """The files to ingest, and (path, reason) for what was left out."""
+def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]], list[tuple[str, str]]]:
+    """The files to ingest, (path, reason) for what was left out, and (path, reason) for files
+    that would be the same document as one before them (a file named twice is taken once)."""
     files: list[_File] = []
     skipped: list[tuple[str, str]] = []
+    clashes: list[tuple[str, str]] = []
+    taken: dict[str, Path] = {}
+
+    def take(path: Path, source: str) -> None:
+        first = taken.setdefault(source, path)
+        if first is path:
+            files.append(_File(path, source))
+        elif first.resolve() != path.resolve():
+            clashes.append((str(path), f"would replace {first}, the same document `{source}`: ingest their directories"))
+
     for path in paths:
         if path.is_dir():
             root = path.resolve()
@@ -69,14 +81,13 @@ def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
                 relative = entry.relative_to(root)
                 if any(part.startswith(".") for part in relative.parts) or not entry.is_file():
                     continue
-                source = f"{root.name}/{relative.as_posix()}"
                 if entry.suffix.lower() in INGESTIBLE_EXTENSIONS:
-                    files.append(_File(entry, source))
+                    take(entry, f"{root.name}/{relative.as_posix()}")
         elif path.is_file():
-            files.append(_File(path, path.name))
+            take(path, path.name)
         else:
             skipped.append((str(path), "no such file or directory"))
-    return files, skipped
+    return files, skipped, clashes
 
 
 class _Progress:
@@ -134,11 +145,14 @@ def run(args: argparse.Namespace, settings: Settings, err: TextIO | None = None)
     if args.threads < 1:
         print("llm-proxy: --threads must be at least 1", file=err)
         return 2
-    files, skipped = collect(args.paths)
+    files, skipped, clashes = collect(args.paths)
     for source, reason in skipped:
         print(f"{'skipped':>9}  {source}  ({reason})", file=err)
+    for source, reason in clashes:
+        print(f"{'failed':>9}  {source}  ({reason})", file=err)
     try:
-        return trio.run(_ingest, args, settings, settings.database_url, files, bool(skipped), err)
+        status = trio.run(_ingest, args, settings, settings.database_url, files, bool(skipped), err)
+        return max(status, 1) if clashes and status != 2 else status
     except DatabaseError as error:
         print(f"llm-proxy: database error: {error}", file=err)
         return 1

@@ -279,6 +279,28 @@ def test_cli_ingests_a_directory_with_a_pdf(
     assert "needs OCR" in capsys.readouterr().err
 
 
+def test_cli_does_not_let_two_files_of_one_name_replace_each_other(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llm-proxy ingest ws $(find . -name '*.pdf')`: files named directly are documents by their
+    name, so `a/guide.pdf` and `b/guide.pdf` would be one document, the second replacing the
+    first. The second fails, saying so; a file named twice is ingested once."""
+    for folder, pages in (("a", GUIDE_PAGES), ("b", [["A different guide altogether."]])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "guide.pdf").write_bytes(make_pdf(pages))
+    first, second = tmp_path / "a" / "guide.pdf", tmp_path / "b" / "guide.pdf"
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+
+    assert main(["ingest", "clash", str(first), str(second), str(first)]) == 1
+    err = capsys.readouterr().err
+    assert f"failed  {second}  (would replace {first}, the same document `guide.pdf`" in err
+    assert "1 document: 1 created" in err and "updated" not in err
+    with psycopg.connect(pg_database_url) as conn:
+        rows = conn.execute("SELECT d.source, count(*) FROM rag_documents d JOIN rag_workspaces w ON w.id = d.workspace_id "
+                            "JOIN rag_chunks c ON c.document_id = d.id WHERE w.name = 'clash' GROUP BY d.source").fetchall()
+    assert rows == [("guide.pdf", 5)]  # the first one's five pages
+
+
 def test_the_pdf_limits_are_configured_in_the_rag_section(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("[rag]\npdf_max_pages = 50\npdf_max_bytes = 1048576\npdf_timeout_seconds = 2.5\n")
