@@ -134,6 +134,42 @@ async def test_a_deleted_responses_answer_is_not_served_from_either_cache(stack:
         assert len(stack.fake.requests) == asked + 1
 
 
+async def test_a_response_answered_from_a_cache_is_read_back_and_continued_by_its_id(stack: Stack) -> None:
+    """A cache hit is answered under the id of the response the cache kept (as an idempotent
+    replay is), which reads back and continues; a `store: false` response, kept for nobody,
+    is not cached, so no later response is given an id that cannot be read."""
+    for cache, question, again in (
+        ("semantic", "How do I renew my library card?", "How can I renew my library card?"),
+        ("exact", "What is the launch code?", "What is the launch code?"),
+    ):
+        headers = {"x-cache": cache}
+        stack.fake.set_script(Script(tokens=[f"The {cache} answer."]))
+        table = "semantic_cache" if cache == "semantic" else "completions_cache"
+        before = (await sql(stack.db, f"SELECT count(*) FROM {table}"))[0][0]
+        unstored = await stack.client.responses.create(
+            model="m", input=question, temperature=0, store=False, extra_headers=headers
+        )
+        answered = await stack.client.responses.create(model="m", input=question, temperature=0, extra_headers=headers)
+        assert answered.id != unstored.id  # not a hit of the unstored one: answered anew
+        await wait_for_row(stack.db, trace(answered.id), "completed")
+
+        async def cached(table: str = table, before: int = before) -> bool:
+            return bool((await sql(stack.db, f"SELECT count(*) FROM {table}"))[0][0] > before)
+
+        await eventually(cached, within=10)  # the semantic one: stored once the client has its answer
+        asked = len(stack.fake.requests)
+        hit = await stack.client.responses.with_raw_response.create(
+            model="m", input=again, temperature=0, extra_headers=headers
+        )
+        assert hit.headers["x-cache"] in ("semantic", "hit") and len(stack.fake.requests) == asked
+        given = hit.parse()
+        assert (await stack.client.responses.retrieve(given.id)).output_text == f"The {cache} answer."
+        stack.fake.set_script(Script(tokens=["You are welcome."]))
+        follow = await stack.client.responses.create(model="m", input="Thanks!", previous_response_id=given.id)
+        assert follow.output_text == "You are welcome."
+        assert backend_saw(stack.fake) == [("user", question), ("assistant", f"The {cache} answer."), ("user", "Thanks!")]
+
+
 async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
     first = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", instructions="Be brief.")
     second = await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=first.id)

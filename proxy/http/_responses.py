@@ -130,6 +130,10 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
+    if not parsed.settings["store"]:
+        # Kept for nobody, as on OpenAI: not in the caches either, whose hits are answered with
+        # the id of the response they keep (one that must then be read back, and continued).
+        meta.cache = "off"
     response = responses.response_id(meta.trace_id)
     if parsed.background:
         if persistence is None:

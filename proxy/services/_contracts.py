@@ -108,6 +108,8 @@ class CachedAnswer:
     completion: ChatCompletion
     headers: Headers
     """Response headers that belong to the answer (the RAG route's sources)."""
+    trace_id: str | None = None
+    """The run that gave the answer (None: an entry that does not say)."""
 
 
 class CompletionCache(Protocol):

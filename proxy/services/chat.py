@@ -303,6 +303,11 @@ class ChatExchange(FallbackWalk, DurableRun):
             if hit is not None:
                 self.record.source = "semantic-cache"
                 self.semantic_cache = None  # nothing new to remember
+                if hit.trace_id is not None and self.request.dialect == "responses":
+                    # A Response's id must read back (and continue): as an exact hit's, it
+                    # names the run that answered, whose row is found. Other dialects' hits
+                    # keep their own trace (no row): theirs are not read back by id.
+                    self._answered_by(hit.trace_id)
                 return Plan("replay", producer=replayer(hit.completion), headers=[(b"x-cache", b"semantic"), *hit.headers])
         persistence = self._persistence
         if persistence is None:

@@ -230,26 +230,26 @@ class SemanticCache:
             async with db.transaction() as tx:
                 await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 rows = await tx.fetch(
-                    "SELECT id, segments, completion FROM semantic_cache"
+                    "SELECT id, segments, completion, trace_id FROM semantic_cache"
                     " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
                     (key.scope, _mean_vector(vectors), _CANDIDATES),
                 )
             best: tuple[float, Any] | None = None
-            for row_id, segments, completion in rows:
+            for row_id, segments, completion, trace_id in rows:
                 stored = unpack_segments(bytes(segments))
                 if stored.shape != vectors.shape:
                     continue
                 similarity = float(np.min(np.sum(stored * vectors, axis=1)))
                 if similarity >= self.settings.threshold and (best is None or similarity > best[0]):
-                    best = (similarity, (row_id, completion))
+                    best = (similarity, (row_id, completion, trace_id))
             if best is None:
                 return None
-            row_id, completion = best[1]
+            row_id, completion, trace_id = best[1]
             self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
             await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
             headers = [(name.encode(), value.encode()) for name, value in (answer.get("headers") or {}).items()]
-            return CachedAnswer(completion_from_json(answer), headers)
+            return CachedAnswer(completion_from_json(answer), headers, trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
             return None
