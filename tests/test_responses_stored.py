@@ -168,6 +168,11 @@ async def test_a_response_answered_from_a_cache_is_read_back_and_continued_by_it
         follow = await stack.client.responses.create(model="m", input="Thanks!", previous_response_id=given.id)
         assert follow.output_text == "You are welcome."
         assert backend_saw(stack.fake) == [("user", question), ("assistant", f"The {cache} answer."), ("user", "Thanks!")]
+        # In the background too: the cached response as it stands (not a 503 for the journal).
+        queued = await stack.client.responses.create(
+            model="m", input=again, temperature=0, background=True, extra_headers=headers
+        )
+        assert (queued.id, queued.status, queued.output_text) == (given.id, "completed", f"The {cache} answer.")
 
 
 async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
