@@ -242,6 +242,27 @@ async def test_a_conversation_that_cannot_be_trimmed_enough_is_still_the_400() -
         assert len(fake.chats()) == 1  # nothing to drop: not sent again
 
 
+async def test_a_stand_in_is_sent_the_conversation_fitted_to_its_own_window() -> None:
+    """The model's backend is down and its stand-in's window is smaller than the conversation:
+    the stand-in is sent it trimmed to its own window, at once (not whole, to be refused first)."""
+    down = OpenAIBackend(default=Script(status=503), models=["qwen3-32b"])
+    stand_in = WindowedVLLM()
+    stand_in.set_script(Script(tokens=["from the stand-in"]))
+    async with down.serve() as big, stand_in.serve() as small, running_gateway(
+        backend("big", big.url, prefixes=("qwen3-32b",)), backend("small", small.url, prefixes=("qwen3-8b",)),
+        fallbacks={"qwen3-32b": ("qwen3-8b",)},
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.models.list()  # the gateway knows the stand-in's window
+        response = await client.responses.create(
+            model="qwen3-32b", instructions="Be brief.", input=conversation(20), truncation="auto", max_output_tokens=300,
+        )
+        await client.close()
+    assert response.output_text == "from the stand-in"
+    (sent,) = stand_in.chats()  # fitted before it was sent: no refusal to learn from
+    assert_trimmed(sent)
+
+
 async def test_auto_fits_a_claude_models_listed_input_window() -> None:
     """Anthropic's `max_input_tokens` is the prompt's: a large `max_output_tokens` takes
     nothing from it, and the trimmed conversation still opens with a user turn."""

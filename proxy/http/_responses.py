@@ -150,8 +150,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         exchange.identity = own  # without the conversation's items, which its answer adds to
     model, settings = request.model, parsed.settings
     if settings["truncation"] == "auto":
-        route = exchange.route
-        exchange.truncate(incoming.gateway.catalog.window(route.backend, route.upstream_model))
+        catalog = incoming.gateway.catalog
+        exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     exchange.settings = settings  # journalled: the Response read back echoes them too
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if parsed.background and not parsed.stream:

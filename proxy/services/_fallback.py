@@ -91,16 +91,20 @@ class FallbackWalk:
     _live_log: EventLog | None
     _call: BackendCall
     _backend: Backend | None
-    # `truncation: "auto"` (see `truncate`): the model's window, where its listing says it.
+    # `truncation: "auto"` (see `truncate`): the answering model's window, where its listing
+    # says it, and how a stand-in's is found.
     _truncates: bool
     _window: truncation.Window | None
+    _window_of: Callable[[Route], truncation.Window | None] | None
 
-    def truncate(self, window: truncation.Window | None) -> None:
+    def truncate(self, window_of: Callable[[Route], truncation.Window | None]) -> None:
         """Send the backend the conversation without its oldest items, as many as it takes to
-        fit `window` (None: unknown), and should the backend still find it too long, fewer
-        once more. `self.request` stays the client's (its journal row, the caches)."""
+        fit its model's window (`window_of` a route: None, unknown), and should the backend
+        still find it too long, fewer once more; a stand-in, to its own model's window.
+        `self.request` stays the client's (its journal row, the caches)."""
         self._truncates = True
-        self._window = window
+        self._window_of = window_of
+        self._window = window = window_of(self.route)
         if window is not None:
             sent = self._call.request
             fitted = truncation.fitted(sent, window)
@@ -165,6 +169,11 @@ class FallbackWalk:
                 )
                 self._switch_to(stand_in, own)
                 call = self._call if given is None else replace(self._call, request=given)
+                if self._window_of is not None:
+                    # Fitted to the stand-in's own window, not the first model's.
+                    self._window = self._window_of(stand_in.route)
+                    if self._window is not None:
+                        call = replace(call, request=truncation.fitted(call.request, self._window))
 
     def _next_stand_in(
         self, stand_ins: Iterator[Fallback], request: ChatRequest | None

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -197,6 +197,7 @@ class ChatExchange(FallbackWalk, DurableRun):
         self._adapter: Adapter | None = None
         self._truncates = False
         self._window: Window | None = None
+        self._window_of: Callable[[Route], Window | None] | None = None
         # What the client's dialect echoes of the request when its run is read back later (a
         # Response's settings, in wire form): kept in the run's journal row.
         self.settings: dict[str, Any] | None = None
