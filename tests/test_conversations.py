@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import gateway, new_key, wait_for_key
+from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
 from tests.test_responses_truncation import WindowedVLLM, assert_trimmed
 from tests.test_responses_truncation import conversation as agent_history
@@ -386,3 +386,30 @@ async def test_an_item_reference_finds_a_conversations_item(stack: Stack) -> Non
         await mine.responses.create(model="m", input=reference)
     await mine.close()
     await theirs.close()
+
+
+async def test_a_response_in_a_conversation_is_not_answered_from_the_semantic_cache(stack: Stack) -> None:
+    """A conversation's turn alike an answer the semantic cache keeps is answered by the model,
+    under its own id (a hit would name the response that made the cached answer, and the
+    conversation would get this turn's items under that response's ids)."""
+    headers = {"x-cache": "semantic"}
+    before = (await sql(stack.db, "SELECT count(*) FROM semantic_cache"))[0][0]
+    stack.fake.set_script(Script(tokens=["Water it monthly."]))
+    one = await stack.client.responses.create(model="m", input="How often do I water a cactus?", extra_headers=headers)
+    await wait_for_row(stack.db, one.id.removeprefix("resp_"), "completed")
+
+    async def cached() -> bool:
+        return bool((await sql(stack.db, "SELECT count(*) FROM semantic_cache"))[0][0] > before)
+
+    await eventually(cached, within=10)
+    asked = len(stack.fake.requests)
+    stack.fake.set_script(Script(tokens=["Every few weeks."]))
+    conversation = await stack.client.conversations.create()
+    two = await stack.client.responses.with_raw_response.create(
+        model="m", input="How often should I water a cactus?", conversation=conversation.id, extra_headers=headers
+    )
+    answered = two.parse()
+    assert two.headers.get("x-cache") != "semantic" and len(stack.fake.requests) == asked + 1
+    assert answered.id != one.id and answered.output_text == "Every few weeks."
+    items = [item.id async for item in stack.client.conversations.items.list(conversation.id)]
+    assert items and all(answered.id.removeprefix("resp_") in item for item in items)

@@ -148,6 +148,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     if parsed.conversation is not None and persistence is not None:
         exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
         exchange.identity = own  # without the conversation's items, which its answer adds to
+        # Nor the semantic cache: a hit names the response that made its answer, and this
+        # turn's items would go into the conversation under that response's ids.
+        exchange.semantic_cache = None
     model, settings = request.model, parsed.settings
     if settings["truncation"] == "auto":
         catalog = incoming.gateway.catalog
