@@ -413,3 +413,44 @@ async def test_a_response_in_a_conversation_is_not_answered_from_the_semantic_ca
     assert answered.id != one.id and answered.output_text == "Every few weeks."
     items = [item.id async for item in stack.client.conversations.items.list(conversation.id)]
     assert items and all(answered.id.removeprefix("resp_") in item for item in items)
+
+
+async def test_item_references_add_the_items_they_name(stack: Stack) -> None:
+    """`item_reference`s among the items given to `conversations.create` and `items.create`
+    (OpenAI resolves them): a kept response's input and output items, another conversation's
+    items, each added as a copy under its own new id."""
+    client = stack.client
+    answered = await client.responses.create(model="m", input="What is the secret?")
+    question = (await client.responses.input_items.list(answered.id)).data[0].id
+    answer = answered.output[0].id
+    assert answer is not None
+    conversation = await client.conversations.create(items=[
+        {"type": "item_reference", "id": question}, {"type": "item_reference", "id": answer},
+    ])
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "What is the secret?"), ("message", "assistant", "The secret is 42."),
+    ]
+    other = await client.conversations.create(items=[{"role": "user", "content": "Earlier."}])
+    earlier = (await client.conversations.items.list(other.id)).data[0].id
+    added = await client.conversations.items.create(conversation.id, items=[
+        {"type": "item_reference", "id": earlier}, {"role": "user", "content": "Now."},
+    ])
+    assert [item.type for item in added.data] == ["message", "message"]
+    assert earlier not in {item.id for item in added.data} and answer not in {
+        item.id async for item in client.conversations.items.list(conversation.id)
+    }
+    await client.responses.create(model="m", input="And?", conversation=conversation.id)
+    assert backend_saw(stack.fake) == [
+        ("user", "What is the secret?"), ("assistant", "The secret is 42."), ("user", "Earlier."),
+        ("user", "Now."), ("user", "And?"),
+    ]
+    # One that names nothing kept is OpenAI's 404, naming the reference; nothing is added.
+    before = await listed(client, conversation.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.conversations.items.create(conversation.id, items=[
+            {"role": "user", "content": "x"}, {"type": "item_reference", "id": "msg_nope"},
+        ])
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "items[1]"
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.create(items=[{"type": "item_reference", "id": "msg_nope"}])
+    assert await listed(client, conversation.id) == before

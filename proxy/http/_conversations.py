@@ -80,10 +80,25 @@ async def _own(conversation: str) -> ConversationRow:
     return found
 
 
+async def _with_references(parse: Callable[[conversations.Referenced | None], _T]) -> _T:
+    """`parse` applied to a request's body, its `item_reference`s looked up as on
+    `/v1/responses` (the caller's conversations' items, then its kept responses' items; one
+    not found is a 404 naming its path) when it has any: most have none, one parse."""
+    try:
+        return parse(None)
+    except responses.UnresolvedReferences as unresolved:
+        # Imported here: the Responses routes import this module.
+        from proxy.http._responses import referenced_items
+
+        persistence = _persistence(gateway().persistence)
+        return parse(await referenced_items(persistence, unresolved.references))
+
+
 @blueprint.post("/v1/conversations")
 async def create_conversation() -> Response:
     mint = new_trace_id()
-    metadata, items = conversations.parse_create(await request_body(), mint)
+    body = await request_body()
+    metadata, items = await _with_references(lambda referenced: conversations.parse_create(body, mint, referenced))
     tenant = current_tenant()
     created = await _stored(
         lambda store: store.create(f"conv_{mint}", tenant, metadata, items), "a new conversation"
@@ -121,7 +136,8 @@ async def delete_conversation(conversation_id: str) -> Response:
 @blueprint.post("/v1/conversations/<conversation_id>/items")
 async def create_items(conversation_id: str) -> Response:
     await _own(conversation_id)
-    items = conversations.parse_items(await request_body(), new_trace_id())
+    body, mint = await request_body(), new_trace_id()
+    items = await _with_references(lambda referenced: conversations.parse_items(body, mint, referenced))
     tenant = current_tenant()
     if not await _stored(lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"):
         raise conversations.conversation_not_found(conversation_id, param="conversation_id")
@@ -239,7 +255,8 @@ _OWN = " A conversation is its API key's own: another key's is a 404."
 document("/v1/conversations", "post", _op(
     "Create a conversation (OpenAI's Conversations API)", "OpenAI", _ok(_CONVERSATION),
     body={"type": "object", "properties": {"items": _ITEMS, "metadata": _METADATA}},
-    description="Its first items (up to 20: messages, function calls and their outputs) and metadata. "
+    description="Its first items (up to 20: messages, function calls and their outputs, `item_reference`s to "
+    "items of the key's conversations or kept responses) and metadata. "
     "`POST /v1/responses` with `conversation` puts its items before its input and appends its input and output "
     "once it has completed." + _OWN,
 ))

@@ -120,7 +120,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         parsed = responses.parse_responses_request(incoming.body)
     except responses.UnresolvedReferences as unresolved:
         # Parsed again, with the items its references name: only a request that has any.
-        referenced = await _referenced(persistence, unresolved.references)
+        referenced = await referenced_items(persistence, unresolved.references)
         parsed = responses.parse_responses_request(incoming.body, referenced)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
@@ -589,7 +589,7 @@ async def _inputs_of(
     )
 
 
-async def _referenced(persistence: Persistence | None, references: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
+async def referenced_items(persistence: Persistence | None, references: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """The items a request's `item_reference`s name, by id: items of the tenant's
     conversations, or input or output items of the responses the journal keeps (the
     tenant's own, ended; on any instance). One neither keeps is a 404 naming the

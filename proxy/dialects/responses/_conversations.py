@@ -10,11 +10,18 @@ its `input_items` and `output` give them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.responses._items import input_items
-from proxy.dialects.responses._request import _parse_item, _parse_items, _parse_metadata
+from proxy.dialects.responses._request import (
+    UnresolvedReferences,
+    _is_reference,
+    _parse_item,
+    _parse_items,
+    _parse_metadata,
+)
 from proxy.domain.chat import Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.fingerprint import message_to_canonical
@@ -65,12 +72,18 @@ def _metadata(fields: Fields) -> dict[str, str]:
     return metadata
 
 
-def parse_create(body: bytes, mint: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """`POST /v1/conversations`: its metadata and its first items (ids minted from `mint`)."""
+Referenced = Mapping[str, dict[str, Any]]
+
+
+def parse_create(
+    body: bytes, mint: str, referenced: Referenced | None = None
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """`POST /v1/conversations`: its metadata and its first items (ids minted from `mint`).
+    `referenced`: the items its `item_reference`s name, as for `parse_responses_request`."""
     fields = Fields(loads_object(body) if body.strip() else {})
     metadata = _metadata(fields)
     raw = fields.array("items")
-    return metadata, kept_items(raw, "items", mint) if raw else []
+    return metadata, kept_items(raw, "items", mint, referenced) if raw else []
 
 
 def parse_update(body: bytes) -> dict[str, str]:
@@ -81,33 +94,45 @@ def parse_update(body: bytes) -> dict[str, str]:
     return _metadata(fields)
 
 
-def parse_items(body: bytes, mint: str) -> list[dict[str, Any]]:
+def parse_items(body: bytes, mint: str, referenced: Referenced | None = None) -> list[dict[str, Any]]:
     """`POST /v1/conversations/{id}/items`: 1 to 20 items to add."""
     fields = Fields(loads_object(body))
     raw = fields.array("items", required=True, nonempty=True)
     assert raw is not None
-    return kept_items(raw, "items", mint)
+    return kept_items(raw, "items", mint, referenced)
 
 
-def kept_items(raw: list[Any], param: str, mint: str) -> list[dict[str, Any]]:
+def kept_items(
+    raw: list[Any], param: str, mint: str, referenced: Referenced | None = None
+) -> list[dict[str, Any]]:
     """Input items as a conversation keeps them (a 400 naming the path of a bad one); a
-    reasoning item is dropped, as from a request's input (no backend takes it back)."""
+    reasoning item is dropped, as from a request's input (no backend takes it back). An
+    `item_reference` is a copy of the item it names, under a new id as every item added is:
+    with `referenced` None, a list that has any raises `UnresolvedReferences` for the caller
+    to look them up."""
     if len(raw) > MAX_ITEMS:
         raise invalid_request(
             f"Invalid '{param}': array too long. Expected an array with maximum length {MAX_ITEMS}, but got an array "
             f"with length {len(raw)} instead.", param=param,
         )
     messages: list[Message] = []
+    unresolved: list[tuple[str, str]] = []
     for i, item in enumerate(raw):
         path = f"{param}[{i}]"
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
-        if item.get("type") == "item_reference":
-            raise invalid_request(
-                f"Invalid `{path}.type`: a conversation takes items themselves, not references to them.",
-                param=f"{path}.type",
-            )
+        if _is_reference(item):
+            reference = Fields(item, path).text("id", required=True, nonempty=True) or ""
+            if referenced is None:
+                unresolved.append((path, reference))
+                continue
+            found = referenced.get(reference)
+            if found is None:
+                raise item_not_found(reference, param=path)
+            item = found
         _parse_item(item, path, messages)
+    if unresolved:
+        raise UnresolvedReferences(unresolved)
     return input_items([message_to_canonical(m) for m in messages], mint, instructions=None)
 
 
