@@ -40,7 +40,10 @@ _READ_POSTS = ("/search",)  # POSTs under a workspace that only read it
 _decision: contextvars.ContextVar[Decision | None] = contextvars.ContextVar("llm_proxy_rate_decision", default=None)
 # Paths whose requests reserve tokens at admission: those that generate (prompt and max
 # output), those that only read a prompt.
-_GENERATING = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions", "/api/chat", "/api/generate"})
+_GENERATING = frozenset({
+    "/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/responses/compact", "/v1/completions", "/api/chat",
+    "/api/generate",
+})
 _READING = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings"})
 
 

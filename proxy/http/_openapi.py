@@ -601,6 +601,19 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "`/v1/conversations`); `prompt` is a 400; `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
+    ("/v1/responses/compact", "post"): _op(
+        "Compact a conversation (OpenAI's compact)", "OpenAI",
+        _ok({"type": "object", "required": ["id", "object", "created_at", "output", "usage"], "properties": {
+            "id": _STR, "object": {"const": "response.compaction"}, "created_at": _INT,
+            "output": {"type": "array", "items": _OBJ}, "usage": _OBJ,
+        }}),
+        body={"type": "object", "required": ["model"], "properties": {
+            "model": _STR, "input": {}, "instructions": _STR, "previous_response_id": _STR,
+        }},
+        description="The model summarizes the conversation (`input`, or that of `previous_response_id`), fitted to "
+        "its window; the answer is the conversation's user messages and a `compaction` item holding the summary "
+        "(encoded, not encrypted), which a later request's `input` takes in place of what it summarized.",
+    ),
     ("/v1/responses/{response_id}", "get"): _op(
         "A response read back from the journal (OpenAI's retrieve; with `stream=true`, its resume)", "OpenAI",
         _ok(_RESPONSE, stream="text/event-stream"),

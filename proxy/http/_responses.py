@@ -22,10 +22,10 @@ from hypercorn.typing import ASGISendCallable
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
-from proxy.domain.chat import ChatCompletion
+from proxy.domain.chat import ChatCompletion, Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
-from proxy.domain.fingerprint import message_from_canonical
+from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
 from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
@@ -113,17 +113,25 @@ def _answering(headers: Headers, own: str) -> str:
     return responses.response_id(trace.decode("latin-1")) if trace else own
 
 
-@exchanges.route("/v1/responses")
-async def create_response(incoming: Incoming) -> ExchangeBody:
+async def _parsed(incoming: Incoming, *, compaction: bool = False) -> responses.ResponsesRequest:
+    """A Responses body parsed, its `item_reference`s looked up and the response it
+    continues (`previous_response_id`) put before its input."""
     persistence = incoming.gateway.persistence
     try:
-        parsed = responses.parse_responses_request(incoming.body)
+        parsed = responses.parse_responses_request(incoming.body, compaction=compaction)
     except responses.UnresolvedReferences as unresolved:
         # Parsed again, with the items its references name: only a request that has any.
         referenced = await referenced_items(persistence, unresolved.references)
-        parsed = responses.parse_responses_request(incoming.body, referenced)
+        parsed = responses.parse_responses_request(incoming.body, referenced, compaction=compaction)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
+    return parsed
+
+
+@exchanges.route("/v1/responses")
+async def create_response(incoming: Incoming) -> ExchangeBody:
+    persistence = incoming.gateway.persistence
+    parsed = await _parsed(incoming)
     own = None
     if parsed.conversation is not None:
         own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
@@ -170,6 +178,51 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
     ))
+
+
+class CompactionJsonSink(JsonSink):
+    dialect = responses.DIALECT
+
+    def __init__(self, send: ASGISendCallable, headers: Headers, *, response: str, kept: list[Message]) -> None:
+        super().__init__(send, headers)
+        self._response = response
+        self._kept = kept
+        self._created_at = int(time.time())
+
+    async def write(self, batch: Batch) -> None:
+        completion = batch.whole()
+        kept = responses.input_items(
+            [message_to_canonical(message) for message in self._kept], self._response, instructions=None
+        )
+        await self._json(responses.compacted_object(
+            completion, response=self._response, kept=kept, usage=responses.usage_to_wire(completion.usage),
+            created_at=self._created_at,
+        ))
+
+
+@exchanges.route("/v1/responses/compact")
+async def compact_response(incoming: Incoming) -> ExchangeBody:
+    """OpenAI's compaction (`client.responses.compact`, the Agents SDK's
+    `OpenAIResponsesCompactionSession`): the model summarizes the conversation (`input`, or
+    that of `previous_response_id`), fitted to its window as `truncation: "auto"` would; the
+    answer is the conversation's user messages and a `compaction` item holding the summary,
+    which later requests take as input."""
+    parsed = await _parsed(incoming, compaction=True)
+    for name, given in (("conversation", parsed.conversation is not None), ("stream", parsed.stream), ("background", parsed.background)):
+        if given:
+            raise invalid_request(f"`{name}` is not a parameter of `/v1/responses/compact`.", param=name)
+    if len(parsed.chat.messages) == (1 if parsed.settings.get("instructions") else 0):
+        raise invalid_request("Nothing to compact: the conversation has no items.", param="input")
+    request, kept = responses.compaction_request(parsed.chat)
+    meta = request_meta(incoming.head)
+    # A summary holds for its conversation alone: the semantic cache would give another's.
+    meta.cache = "off"
+    response = responses.response_id(meta.trace_id)
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    catalog = incoming.gateway.catalog
+    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
+    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    return ExchangeBody(exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept))
 
 
 async def _continue(persistence: Persistence | None, parsed: responses.ResponsesRequest, previous: str) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
 from proxy.dialects.responses import _conversations as conversations
+from proxy.dialects.responses._compaction import compacted_object, compaction_request
 from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     CONVERSATION_PREFIX,
@@ -32,6 +33,8 @@ __all__ = [
     "ResponsesRequest",
     "StreamRenderer",
     "UnresolvedReferences",
+    "compacted_object",
+    "compaction_request",
     "continued",
     "conversations",
     "default_settings",

@@ -4,7 +4,8 @@ The gateway keeps no prompts (`prompt` is a 400 saying so); `previous_response_i
 a response its journal keeps (see `continued`), `conversation` one of its stored
 conversations (its items, looked up by the caller, go first: `in_conversation`), and an
 `item_reference` stands for an item of a kept response (looked up by the caller, told of
-them by `UnresolvedReferences`).
+them by `UnresolvedReferences`), and a `compaction` item for the summary it holds (see
+`_compaction`).
 `background: true` makes a run that outlives its connection, read back (polled, or streamed
 again) from the journal. Only function tools are served; OpenAI's built-in tools run on
 OpenAI's servers and have nothing to become here.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
+from proxy.dialects.responses._compaction import compaction_message
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -81,10 +83,14 @@ class UnresolvedReferences(Exception):
         self.references = references
 
 
-def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None) -> ResponsesRequest:
+def parse_responses_request(
+    body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None, *, compaction: bool = False
+) -> ResponsesRequest:
     """Validate a `/v1/responses` body; every bad input is a 400 naming its field.
     `referenced`: the items its `item_reference`s name, by id; None: raises
-    `UnresolvedReferences` for a request that has any (most have none: one parse)."""
+    `UnresolvedReferences` for a request that has any (most have none: one parse).
+    `compaction`: a `/v1/responses/compact` body, whose `input` may be left out when it
+    names a `previous_response_id` (that response's conversation is compacted)."""
     fields = Fields(loads_object(body))
     data = fields.data
     model = fields.text("model", required=True, nonempty=True)
@@ -110,15 +116,17 @@ def parse_responses_request(body: bytes, referenced: Mapping[str, dict[str, Any]
     if instructions:
         messages.append(Message(role="system", content=(TextPart(instructions),)))
     raw_input = data.get("input")
-    if raw_input is None:
+    if raw_input is None and not (compaction and previous is not None):
         raise invalid_request("Missing required parameter `input`.", param="input")
-    if isinstance(raw_input, str):
+    if raw_input is None:
+        pass
+    elif isinstance(raw_input, str):
         messages.append(Message(role="user", content=(TextPart(raw_input),)))
     elif isinstance(raw_input, list) and raw_input:
         _parse_items(raw_input, messages, referenced)
     else:
         raise fields.fail("input", "a string or a non-empty array of input items")
-    if not messages:
+    if not messages and raw_input is not None:
         raise invalid_request(
             "`input` holds no message (only reasoning items): nothing to answer.", param="input"
         )
@@ -290,10 +298,12 @@ def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> Non
     elif kind == "reasoning":
         # The model's own reasoning handed back: chat backends do not take it as input.
         return
+    elif kind == "compaction":
+        messages.append(compaction_message(item, path))
     elif isinstance(kind, str):
         raise invalid_request(
             f"Invalid `{path}.type`: {kind!r} is not an input item this gateway takes (message, function_call, "
-            f"function_call_output, reasoning, item_reference); {_BUILT_IN_TOOLS}.",
+            f"function_call_output, reasoning, compaction, item_reference); {_BUILT_IN_TOOLS}.",
             param=f"{path}.type",
         )
     else:

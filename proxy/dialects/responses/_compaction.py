@@ -1,0 +1,78 @@
+"""OpenAI's `POST /v1/responses/compact` (what the Agents SDK's
+`OpenAIResponsesCompactionSession` calls), sans-IO.
+
+OpenAI answers with the conversation's user messages followed by one `compaction` item, whose
+`encrypted_content` stands for the rest in later requests' input. The gateway has the model
+write a summary of the conversation; the `compaction` item carries it (encoded, not
+encrypted: the gateway holds no key of OpenAI's), and given back as input it is a user
+message that opens with `SUMMARY_LEAD`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import replace
+from typing import Any
+
+from proxy.dialects._json import dumps
+from proxy.domain.chat import ChatCompletion, ChatRequest, Message, TextPart
+from proxy.domain.errors import invalid_request
+
+SUMMARY_LEAD = "Summary of the conversation so far (compacted):\n"
+_MARK = "llm-proxy.compaction.v1:"
+_PROMPT = (
+    "Summarize the conversation above for your own later use: it will be replaced by your summary. Keep the "
+    "user's goals and requests, facts and decisions, the tool calls made and what they returned that still "
+    "matters, and what is left to do. Write only the summary."
+)
+
+
+def compaction_message(item: dict[str, Any], path: str) -> Message:
+    """A `compaction` input item (one this gateway made) as the message it stands for."""
+    content = item.get("encrypted_content")
+    summary = None
+    if isinstance(content, str) and content.startswith(_MARK):
+        try:
+            summary = base64.urlsafe_b64decode(content[len(_MARK):].encode("ascii")).decode("utf-8")
+        except (binascii.Error, UnicodeError, ValueError):
+            summary = None
+    if summary is None:
+        raise invalid_request(
+            f"Invalid `{path}.encrypted_content`: not a compaction made by this gateway "
+            "(`POST /v1/responses/compact`).", param=f"{path}.encrypted_content",
+        )
+    return Message(role="user", content=(TextPart(SUMMARY_LEAD + summary),))
+
+
+def compaction_request(chat: ChatRequest) -> tuple[ChatRequest, list[Message]]:
+    """The request asking the model for the summary (no tools: it is to write, not act), and
+    the user messages the compaction keeps (not those that are earlier compactions: the
+    summary has them)."""
+    kept = [
+        message for message in chat.messages
+        if message.role == "user" and not message.text.startswith(SUMMARY_LEAD)
+    ]
+    asked = replace(
+        chat, messages=[*chat.messages, Message(role="user", content=(TextPart(_PROMPT),))],
+        tools=[], tool_choice=None, parallel_tool_calls=None,
+    )
+    return asked, kept
+
+
+def compaction_item(response: str, summary: str) -> dict[str, Any]:
+    encoded = base64.urlsafe_b64encode(summary.encode("utf-8")).decode("ascii")
+    return {"id": "cmp_" + response.removeprefix("resp_"), "type": "compaction", "encrypted_content": _MARK + encoded}
+
+
+def compacted_object(
+    completion: ChatCompletion, *, response: str, kept: list[dict[str, Any]], usage: dict[str, Any] | None,
+    created_at: int,
+) -> bytes:
+    """The `response.compaction` object: the kept user messages' items, then the compaction."""
+    choice = completion.choices[0] if completion.choices else None
+    summary = (choice.content or "") if choice is not None else ""
+    return dumps({
+        "id": response, "object": "response.compaction", "created_at": created_at,
+        "output": [*kept, compaction_item(response, summary)], "usage": usage,
+    })

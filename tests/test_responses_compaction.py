@@ -1,0 +1,109 @@
+"""OpenAI's `POST /v1/responses/compact` (`client.responses.compact`, what the Agents SDK's
+`OpenAIResponsesCompactionSession` calls) with the official `openai` SDK: the model writes a
+summary of the conversation; the answer is its user messages and a `compaction` item that
+later requests take as input in place of what it summarized."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakes import OpenAIBackend, Script, ToolCall, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import gateway
+from tests.test_conversations import Stack, backend_saw
+from tests.test_persistence import wait_for_row
+
+pytest_plugins = ["tests.infra_servers"]
+
+TOOL: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    fake = OpenAIBackend(default=Script(tokens=["The user asked", " about Paris: sunny."], usage=Usage(40, 6)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        yield Stack(url, pg_database_url, fake, client)
+        await client.close()
+
+
+HISTORY: Any = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+]
+
+
+async def test_a_conversation_compacted_is_its_user_messages_and_a_summary_taken_back_as_input(stack: Stack) -> None:
+    client = stack.client
+    compacted = await client.responses.compact(model="m", input=HISTORY, instructions="Be brief.")
+    assert compacted.object == "response.compaction" and compacted.id.startswith("resp_")
+    assert compacted.usage.input_tokens == 40 and compacted.usage.output_tokens == 6
+    # The model was asked for a summary of the whole conversation, with no tool to call.
+    asked = stack.fake.requests[-1].json
+    assert isinstance(asked, dict) and "tools" not in asked
+    seen = backend_saw(stack.fake)
+    assert seen[:-1] == [
+        ("system", "Be brief."), ("user", "Weather in Paris?"), ("assistant", None), ("tool", "sunny"),
+        ("assistant", "Sunny."),
+    ]
+    assert seen[-1][0] == "user" and "Summarize the conversation" in seen[-1][1]
+    output = [item.model_dump(exclude_none=True, warnings=False) for item in compacted.output]
+    assert [(item["type"], item.get("role")) for item in output] == [("message", "user"), ("compaction", None)]
+    assert output[0]["content"] == [{"type": "input_text", "text": "Weather in Paris?"}]
+    assert output[1]["id"].startswith("cmp_") and output[1]["encrypted_content"]
+
+    # Given back (as the SDK keeps it), the compaction stands for what it summarized.
+    stack.fake.set_script(Script(tokens=["Still sunny."]))
+    answered = await client.responses.create(model="m", input=[*output, {"role": "user", "content": "And now?"}])
+    assert answered.output_text == "Still sunny."
+    assert backend_saw(stack.fake) == [
+        ("user", "Weather in Paris?"),
+        ("user", "Summary of the conversation so far (compacted):\nThe user asked about Paris: sunny."),
+        ("user", "And now?"),
+    ]
+    # Compacted again, the earlier summary is summarized, not kept as a user message.
+    again = await client.responses.compact(model="m", input=[*output, {"role": "user", "content": "And now?"}])
+    assert [item.type for item in again.output] == ["message", "message", "compaction"]
+
+
+async def test_a_response_is_compacted_by_its_id(stack: Stack) -> None:
+    """The SDK's default: `previous_response_id` alone, the conversation that response had."""
+    client = stack.client
+    stack.fake.set_script(Script(tokens=[], tool_calls=[ToolCall("get_weather", "{}")]))
+    called = await client.responses.create(model="m", input="Weather in Paris?", tools=[TOOL])
+    call = called.output[-1]
+    assert call.type == "function_call"
+    stack.fake.set_script(Script(tokens=["Sunny."]))
+    answered = await client.responses.create(
+        model="m", previous_response_id=called.id, tools=[TOOL],
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    await wait_for_row(stack.db, answered.id.removeprefix("resp_"), "completed")
+    stack.fake.set_script(Script(tokens=["Paris: sunny."]))
+    compacted = await client.responses.compact(model="m", previous_response_id=answered.id)
+    assert backend_saw(stack.fake)[:-1] == [
+        ("user", "Weather in Paris?"), ("assistant", None), ("tool", "sunny"), ("assistant", "Sunny."),
+    ]
+    assert [item.type for item in compacted.output] == ["message", "compaction"]
+
+
+async def test_refusals_name_their_field(stack: Stack) -> None:
+    client = stack.client
+    forged: Any = [{"type": "compaction", "encrypted_content": "gAAAAAB-openai-encrypted"}, {"role": "user", "content": "x"}]
+    for call, param in [
+        (lambda: client.responses.create(model="m", input=forged), "input[0].encrypted_content"),
+        (lambda: client.responses.compact(model="m"), "input"),
+        (lambda: client.responses.compact(model="m", input=HISTORY, extra_body={"stream": True}), "stream"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            await call()
+        body = info.value.body
+        assert isinstance(body, dict) and body["param"] == param, (param, body)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.compact(model="m", previous_response_id="resp_0123456789abcdef0123456789abcdef")
