@@ -614,6 +614,20 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "its window; the answer is the conversation's user messages and a `compaction` item holding the summary "
         "(encoded, not encrypted), which a later request's `input` takes in place of what it summarized.",
     ),
+    ("/v1/responses/input_tokens", "post"): _op(
+        "Count a response's input tokens (OpenAI's input_tokens.count)", "OpenAI",
+        _ok({"type": "object", "required": ["object", "input_tokens"], "properties": {
+            "object": {"const": "response.input_tokens"}, "input_tokens": _INT,
+        }}),
+        body={"type": "object", "required": ["model"], "properties": {
+            "model": _STR, "input": {}, "instructions": _STR, "tools": {"type": "array", "items": _OBJ},
+            "previous_response_id": _STR, "conversation": {},
+        }},
+        description="The request `POST /v1/responses` would send for this body (with the response or conversation "
+        "it continues and the items it references) counted by the backend's tokenizer (Anthropic's count_tokens, "
+        "vLLM's `/tokenize`), else estimated at about four characters a token (`x-token-count: estimate`); a model "
+        "the backend says it lacks is a 404. Nothing is generated or charged as usage.",
+    ),
     ("/v1/responses/{response_id}", "get"): _op(
         "A response read back from the journal (OpenAI's retrieve; with `stream=true`, its resume)", "OpenAI",
         _ok(_RESPONSE, stream="text/event-stream"),

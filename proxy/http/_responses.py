@@ -40,6 +40,7 @@ from proxy.http._front import FrontDoor, Incoming, send_reply
 from proxy.http._head import current_tenant, request_meta
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
+from proxy.infra.backends._anthropic import count_tokens
 from proxy.infra.chat_store import StoredRun
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
@@ -113,16 +114,18 @@ def _answering(headers: Headers, own: str) -> str:
     return responses.response_id(trace.decode("latin-1")) if trace else own
 
 
-async def _parsed(incoming: Incoming, *, compaction: bool = False) -> responses.ResponsesRequest:
+async def _parsed(
+    incoming: Incoming, *, compaction: bool = False, counting: bool = False
+) -> responses.ResponsesRequest:
     """A Responses body parsed, its `item_reference`s looked up and the response it
     continues (`previous_response_id`) put before its input."""
     persistence = incoming.gateway.persistence
     try:
-        parsed = responses.parse_responses_request(incoming.body, compaction=compaction)
+        parsed = responses.parse_responses_request(incoming.body, compaction=compaction, counting=counting)
     except responses.UnresolvedReferences as unresolved:
         # Parsed again, with the items its references name: only a request that has any.
         referenced = await referenced_items(persistence, unresolved.references)
-        parsed = responses.parse_responses_request(incoming.body, referenced, compaction=compaction)
+        parsed = responses.parse_responses_request(incoming.body, referenced, compaction=compaction, counting=counting)
     if parsed.previous is not None:
         await _continue(persistence, parsed, parsed.previous)
     return parsed
@@ -223,6 +226,28 @@ async def compact_response(incoming: Incoming) -> ExchangeBody:
     exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     return ExchangeBody(exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept))
+
+
+@exchanges.route("/v1/responses/input_tokens", kind=None)
+async def count_input_tokens(incoming: Incoming) -> Reply:
+    """OpenAI's `client.responses.input_tokens.count`: the input tokens of the request
+    `responses.create` would send for this body (its instructions, tools, `item_reference`s,
+    and the response or conversation it continues), counted as `/v1/messages/count_tokens`
+    counts them: by the backend's own tokenizer where it has one, else the gateway's
+    estimate (said by `x-token-count: estimate`). Nothing is generated: no usage is charged."""
+    parsed = await _parsed(incoming, counting=True)
+    for name, given in (("stream", parsed.stream), ("background", parsed.background)):
+        if given:
+            raise invalid_request(f"`{name}` is not a parameter of `/v1/responses/input_tokens`.", param=name)
+    if parsed.conversation is not None:
+        await join_conversation(incoming.gateway.persistence, parsed, parsed.conversation)
+    request = parsed.chat
+    route = incoming.gateway.router.resolve(request.model)
+    count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
+    headers: Headers = [(b"x-request-id", request_meta(incoming.head).request_id.encode())]
+    if count.estimated:
+        headers.append((b"x-token-count", b"estimate"))
+    return Reply(dumps({"object": "response.input_tokens", "input_tokens": count.input_tokens}), headers=headers)
 
 
 async def _continue(persistence: Persistence | None, parsed: responses.ResponsesRequest, previous: str) -> None:

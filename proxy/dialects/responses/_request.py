@@ -84,13 +84,16 @@ class UnresolvedReferences(Exception):
 
 
 def parse_responses_request(
-    body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None, *, compaction: bool = False
+    body: bytes, referenced: Mapping[str, dict[str, Any]] | None = None, *, compaction: bool = False,
+    counting: bool = False,
 ) -> ResponsesRequest:
     """Validate a `/v1/responses` body; every bad input is a 400 naming its field.
     `referenced`: the items its `item_reference`s name, by id; None: raises
     `UnresolvedReferences` for a request that has any (most have none: one parse).
     `compaction`: a `/v1/responses/compact` body, whose `input` may be left out when it
-    names a `previous_response_id` (that response's conversation is compacted)."""
+    names a `previous_response_id` (that response's conversation is compacted).
+    `counting`: a `/v1/responses/input_tokens` body, whose `input` is optional (the
+    instructions, or the response or conversation it continues, are counted alone)."""
     fields = Fields(loads_object(body))
     data = fields.data
     model = fields.text("model", required=True, nonempty=True)
@@ -116,7 +119,7 @@ def parse_responses_request(
     if instructions:
         messages.append(Message(role="system", content=(TextPart(instructions),)))
     raw_input = data.get("input")
-    if raw_input is None and not (compaction and previous is not None):
+    if raw_input is None and not (counting or (compaction and previous is not None)):
         raise invalid_request("Missing required parameter `input`.", param="input")
     if raw_input is None:
         pass
