@@ -286,3 +286,33 @@ async def test_a_background_response_that_ends_while_it_is_read_back_is_found(
     created = await stack.client.responses.create(model="m", input="Count", background=True)
     polled = await stack.client.responses.retrieve(created.id)
     assert polled.status == "failed" and polled.error is not None and polled.error.code == "rate_limit_exceeded"
+
+
+async def test_a_background_stream_opens_queued_as_openais_does_and_is_resumed_numbered_alike(stack: Stack) -> None:
+    """OpenAI's background stream: `response.created` and `response.queued` (both `queued`),
+    then `response.in_progress`; its sequence numbers run on without a gap, and its stream read
+    again (whole, or after an event) numbers every event as its client saw it."""
+    stream = await stack.client.responses.create(model="m", input="Count", background=True, stream=True)
+    seen: list[Any] = []
+    polled = None
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta" and polled is None:
+            # Polled while it streams: in progress, as its stream has said.
+            polled = await stack.client.responses.retrieve(seen[0].response.id)
+            assert polled.status == "in_progress" and polled.background is True
+    assert polled is not None
+    assert [event.type for event in seen[:3]] == ["response.created", "response.queued", "response.in_progress"]
+    assert isinstance(seen[1], openai.types.responses.ResponseQueuedEvent)
+    assert [event.response.status for event in seen[:3]] == ["queued", "queued", "in_progress"]
+    assert seen[-1].type == "response.completed" and seen[-1].response.output_text == "".join(TOKENS)
+    assert [event.sequence_number for event in seen] == list(range(len(seen)))
+    response_id = seen[0].response.id
+    again = [event async for event in await stack.client.responses.retrieve(response_id, stream=True)]
+    assert [(e.type, e.sequence_number) for e in again] == [(e.type, e.sequence_number) for e in seen]
+    after = [event async for event in await stack.client.responses.retrieve(response_id, stream=True, starting_after=1)]
+    assert [(e.type, e.sequence_number) for e in after] == [(e.type, e.sequence_number) for e in seen[2:]]
+    # Not a background stream: no `response.queued`.
+    plain = [event async for event in await stack.client.responses.create(model="m", input="Count", stream=True)]
+    assert [event.type for event in plain[:2]] == ["response.created", "response.in_progress"]
+    assert plain[0].response.status == "in_progress"

@@ -390,3 +390,17 @@ async def test_a_background_response_longer_than_the_grace_is_failed_at_its_end_
     assert code == 0, err
     entry = next(json.loads(line) for line in out.splitlines() if json.loads(line)["name"] == "cut-by-the-stop")
     assert (entry["requests"], entry["errors"]) == (1, 1) and entry["completion_tokens"] > 0, entry
+
+
+async def test_a_background_stream_read_again_at_once_on_the_other_instance_is_numbered_as_its_client_saw_it(
+    pair: Pair,
+) -> None:
+    """A background stream opens with one event more (`response.queued`): read again on the
+    other instance right after its first event, it is numbered from the run's own settings (its
+    row, written at once), as its client saw it."""
+    stream = await pair.first.responses.create(model="m", input="Count", background=True, stream=True)
+    created = await stream.__anext__()
+    again = [event async for event in await pair.second.responses.retrieve(created.response.id, stream=True)]
+    seen = [created, *[event async for event in stream]]
+    assert seen[1].type == "response.queued" and seen[-1].type == "response.completed"
+    assert [(e.type, e.sequence_number) for e in again] == [(e.type, e.sequence_number) for e in seen]

@@ -1,6 +1,7 @@
 """Responses API streams, sans-IO: domain events in, `event: <type>` SSE frames out.
 
-The stream opens with `response.created` and `response.in_progress`; each output item is
+The stream opens with `response.created` and `response.in_progress` (a background one's with
+`response.created` and `response.queued`, both `queued`, first); each output item is
 announced (`response.output_item.added`), filled (its part and deltas) and closed
 (`response.output_item.done`); it ends with `response.completed` (or `response.incomplete`)
 carrying the whole Response. A failure after the head is `response.failed` with the
@@ -283,14 +284,21 @@ class StreamRenderer:
 
     def _announce(self, out: list[bytes]) -> None:
         self._announced = True
-        out.append(self._event_frame("response.created", {"response": self._object("in_progress")}))
+        if self._settings.get("background"):
+            # OpenAI's background stream: created and `response.queued` (both `queued`), then
+            # `in_progress`. Its own settings say so, so a resume numbers its events alike.
+            queued = self._object("queued")
+            out.append(self._event_frame("response.created", {"response": queued}))
+            out.append(self._event_frame("response.queued", {"response": queued}))
+        else:
+            out.append(self._event_frame("response.created", {"response": self._object("in_progress")}))
         out.append(self._event_frame("response.in_progress", {"response": self._object("in_progress")}))
 
     def _object(
         self, status: str, *, incomplete_details: dict[str, str] | None = None, error: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        output = [self._wire(item) for item in self._items] if status != "in_progress" else []
-        usage = usage_to_wire(self._usage) if status != "in_progress" else None
+        output = [self._wire(item) for item in self._items] if status not in ("in_progress", "queued") else []
+        usage = usage_to_wire(self._usage) if status not in ("in_progress", "queued") else None
         return response_object(
             response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
             status=status, output=output, usage=usage, incomplete_details=incomplete_details, error=error,
