@@ -136,6 +136,14 @@ async def test_what_a_request_continues_or_references_is_counted(stack: Stack) -
     )
     assert tokenized(stack.fake) == [("system", "New."), *earlier, ("user", "What is the secret?")]
 
+    # Without `model`: that of the response it continues (OpenAI's `model` is optional).
+    await stack.client.responses.input_tokens.count(input="What is the secret?", previous_response_id=asked.id)
+    assert tokenized(stack.fake) == [*earlier, ("user", "What is the secret?")]
+    assert stack.fake.requests[-1].json["model"] == "m"
+    with pytest.raises(openai.BadRequestError) as unnamed:
+        await stack.client.responses.input_tokens.count(input="What is the secret?")
+    assert isinstance(unnamed.value.body, dict) and unnamed.value.body["param"] == "model"
+
     # `item_reference`s: the items they name.
     await stack.client.responses.input_tokens.count(model="m", input=[
         {"type": "item_reference", "id": asked.output[0].id}, {"role": "user", "content": "And?"},

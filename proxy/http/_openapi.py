@@ -619,14 +619,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         _ok({"type": "object", "required": ["object", "input_tokens"], "properties": {
             "object": {"const": "response.input_tokens"}, "input_tokens": _INT,
         }}),
-        body={"type": "object", "required": ["model"], "properties": {
+        body={"type": "object", "properties": {
             "model": _STR, "input": {}, "instructions": _STR, "tools": {"type": "array", "items": _OBJ},
             "previous_response_id": _STR, "conversation": {},
         }},
         description="The request `POST /v1/responses` would send for this body (with the response or conversation "
         "it continues and the items it references) counted by the backend's tokenizer (Anthropic's count_tokens, "
         "vLLM's `/tokenize`), else estimated at about four characters a token (`x-token-count: estimate`); a model "
-        "the backend says it lacks is a 404. Nothing is generated or charged as usage.",
+        "the backend says it lacks is a 404. `model` may be left out with `previous_response_id` (that response's). "
+        "Nothing is generated or charged as usage.",
     ),
     ("/v1/responses/{response_id}", "get"): _op(
         "A response read back from the journal (OpenAI's retrieve; with `stream=true`, its resume)", "OpenAI",

@@ -277,6 +277,8 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
             f"Previous response '{previous}' has no answer to continue (it ended {stored.status}).",
             param="previous_response_id",
         )
+    if not parsed.chat.model:  # a count that named none: the model of the response it continues
+        parsed.chat.model = stored.model or stored.completion.model
     prior = [message_from_canonical(message) for message in messages]
     if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
         prior = prior[1:]  # its instructions: not carried over

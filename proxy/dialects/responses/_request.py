@@ -93,15 +93,21 @@ def parse_responses_request(
     `compaction`: a `/v1/responses/compact` body, whose `input` may be left out when it
     names a `previous_response_id` (that response's conversation is compacted).
     `counting`: a `/v1/responses/input_tokens` body, whose `input` is optional (the
-    instructions, or the response or conversation it continues, are counted alone)."""
+    instructions, or the response or conversation it continues, are counted alone), and
+    so is `model` with a `previous_response_id` (the caller gives it that response's)."""
     fields = Fields(loads_object(body))
     data = fields.data
-    model = fields.text("model", required=True, nonempty=True)
-    assert model is not None
+    model = fields.text("model", required=not counting, nonempty=True)
     for name, what in _STATEFUL.items():
         if data.get(name) is not None:
             raise invalid_request(f"`{name}` {what}: {_NOT_STORED}.", param=name, code="unsupported_parameter")
     previous = fields.text("previous_response_id", nonempty=True)
+    if model is None and previous is None:
+        # A count may leave it out for the model of the response it continues (set by the caller).
+        raise invalid_request(
+            "Missing required parameter `model` (a count may leave it out with `previous_response_id`, for the model "
+            "of that response).", param="model",
+        )
     conversation = _parse_conversation(data.get("conversation"))
     if conversation is not None and previous is not None:
         raise invalid_request(
@@ -162,7 +168,7 @@ def parse_responses_request(
         options.boolean("include_obfuscation")
 
     chat = ChatRequest(
-        model=model,
+        model=model or "",
         messages=messages,
         params=GenerationParams(
             max_tokens=max_output_tokens,
