@@ -65,6 +65,7 @@ def render_error(error: GatewayError) -> bytes:
         if field in _CHAT_FIELDS:
             error = GatewayError(
                 error.kind, error.message, param=_CHAT_FIELDS[field], code=error.code, retry_after=error.retry_after,
+                hopeless=error.hopeless, exhausted=error.exhausted,
             )
     return openai.render_error(error)
 
