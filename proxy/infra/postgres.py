@@ -25,8 +25,9 @@ extension if it is missing, because the adapter can only be registered once the 
 
 Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`);
 `DatabaseUnavailable` when the server cannot be reached or the connection broke (retryable),
-`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null); a value
-psycopg refuses to send (a NUL in text) has SQLSTATE 22000, like the server's data exceptions.
+`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null); `InvalidValue`
+for a value psycopg refuses to send (a NUL in text: SQLSTATE 22000, like the server's data
+exceptions) or the server cannot take as text (22021, 22P05).
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ class ConstraintViolation(DatabaseError):
     """An integrity constraint rejected the statement (SQLSTATE class 23)."""
 
 
+class InvalidValue(DatabaseError):
+    """A value of the statement cannot be text at all (a NUL, which psycopg refuses to send;
+    bytes not in the database's encoding): the value's fault, never an outage."""
+
+
+# Data exceptions (class 22) a value the caller passed causes whatever the statement.
+_INVALID_VALUE_STATES = {"22021", "22P05"}
+
+
 # SQLSTATEs that mean "the server is not there for us right now", not "your SQL is wrong".
 _UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "53000"}
 
@@ -112,7 +122,9 @@ def _translate(exc: Exception) -> DatabaseError:
         if sqlstate is None and isinstance(exc, psycopg.DataError):
             # Refused before it was sent (a NUL in text): a data exception as the server's own
             # would be, class 22, so callers treat it as the value's fault, not an outage.
-            return DatabaseError(message, sqlstate="22000")
+            return InvalidValue(message, sqlstate="22000")
+        if sqlstate in _INVALID_VALUE_STATES:
+            return InvalidValue(message, sqlstate=sqlstate)
     return DatabaseError(message, sqlstate=sqlstate)
 
 
