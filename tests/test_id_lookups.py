@@ -1,6 +1,6 @@
 """Ids a client sends that no store could hold (a NUL: PostgreSQL's text has none; a NATS
-wildcard) are "not found" in the resource's own words, never a 503 that tells the client to
-retry an outage that is not there. On a gateway with its journal (PostgreSQL, NATS)."""
+wildcard) are "not found" in the resource's own words, and such a field a 400, never a 5xx
+(a 503 tells the client to retry an outage that is not there). On a gateway with its journal (PostgreSQL, NATS)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ CASES: list[tuple[str, str, Any, int, str, str]] = [
      "Item with id 'msg_a\x00b_0' not found.", "input[0]"),
     ("GET", "/v1/keys/%00", None, 404, "No API key with id `\x00`.", "id"),
     ("GET", "/v1/conversations/conv_%00", None, 404, "Conversation with id 'conv_\x00' not found.", "conversation_id"),
+    # A body field: before, a 500 (PostgreSQL was asked whether such a text search language exists).
+    ("PUT", "/v1/workspaces/ws1", {"language": "\x00"}, 400, "Invalid `language` '\\x00'", "language"),
 ]
 
 

@@ -55,6 +55,8 @@ from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from trio_asyncio import aio_as_trio
 
+from proxy.domain.errors import ErrorKind, GatewayError
+
 log = logging.getLogger(__name__)
 
 # psycopg.waiting binds `asyncio.get_running_loop` at import time. Imported before trio_asyncio
@@ -97,6 +99,15 @@ class ConstraintViolation(DatabaseError):
 class InvalidValue(DatabaseError):
     """A value of the statement cannot be text at all (a NUL, which psycopg refuses to send;
     bytes not in the database's encoding): the value's fault, never an outage."""
+
+    def refusal(self) -> GatewayError:
+        """What the client that sent the value is told: a 400 no retry helps. Ids and fields
+        are checked before they reach a store; this is what one left unchecked gets."""
+        return GatewayError(
+            ErrorKind.INVALID_REQUEST,
+            "A value in this request cannot be stored or looked up: it holds a character PostgreSQL cannot "
+            "take as text (NUL).", code="invalid_value",
+        )
 
 
 # Data exceptions (class 22) a value the caller passed causes whatever the statement.

@@ -485,13 +485,7 @@ class Persistence:
                 raise DatabaseUnavailable("not connected")
             return await self._bounded(lambda: call(store))
         except InvalidValue as error:
-            # The request's value (a NUL in an id, say) is at fault, not the journal: no retry
-            # would help. Ids are checked before they reach a store; this is what one missed gets.
-            raise GatewayError(
-                ErrorKind.INVALID_REQUEST,
-                "A value in this request cannot be looked up: it holds a character the gateway's journal "
-                "(PostgreSQL) cannot store (NUL).", code="invalid_value",
-            ) from error
+            raise error.refusal() from error  # the request's value is at fault, not the journal
         except DatabaseError as error:
             log.warning("reading %s failed: %s", what, error)
             raise GatewayError(
