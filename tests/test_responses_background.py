@@ -66,6 +66,18 @@ async def test_a_background_response_is_answered_queued_at_once_and_polled_to_it
     assert [g.outcome for g in stack.fake.recorder.generations] == ["completed"]
 
 
+@pytest.mark.parametrize(("header", "code"), [("x-workspace", "workspace_not_found"), ("x-pipeline", "pipeline_not_found")])
+async def test_a_background_response_naming_what_does_not_exist_is_refused_at_its_creation(
+    stack: Stack, header: str, code: str
+) -> None:
+    # As the same request without `background` is. Before, it was answered `queued`, then
+    # polled as `failed` with `server_error`: the client's mistake as the gateway's failure.
+    with pytest.raises(openai.NotFoundError) as refused:
+        await stack.client.responses.create(model="m", input="Hi", background=True, extra_headers={header: "nope"})
+    assert (refused.value.code, refused.value.param) == (code, header)
+    assert not stack.fake.recorder.generations
+
+
 async def test_a_background_response_is_polled_at_once_after_its_creation(stack: Stack) -> None:
     created = await stack.client.responses.create(model="m", input="Count", background=True)
     # Before its `running` row can have been written: the live run answers for it.
