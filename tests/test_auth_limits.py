@@ -3,6 +3,7 @@ tokens charged after the exchange, OpenAI's headers, 429s in every dialect, usag
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,8 +59,16 @@ async def test_thirty_concurrent_requests_with_rpm_10_admit_exactly_10(stack: St
     assert statuses == [200] * 10 + [429] * 20
     refused = next(a for a in answers if a.status_code == 429)
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    assert refused.json()["error"]["type"] == "rate_limit_error"
+    # OpenAI's type and words, which LangChain and retry helpers parse for the wait.
+    assert refused.json()["error"]["type"] == "requests"
+    said = re.fullmatch(
+        r"Rate limit reached for qwen3-8b with this API key on requests per min \(RPM\): Limit 10, Used 10, "
+        r"Requested 1\. Please try again in (\d+(?:\.\d+)?)(ms|s)\.",
+        refused.json()["error"]["message"],
+    )
+    assert said is not None, refused.json()["error"]["message"]
     assert 1 <= int(refused.headers["retry-after"]) <= 6  # one request refills every 6 s
+    assert float(said[1]) / (1000 if said[2] == "ms" else 1) <= int(refused.headers["retry-after"])
     assert refused.headers["x-ratelimit-limit-requests"] == "10"
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     remaining = sorted(int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200)
@@ -158,7 +167,12 @@ async def test_tokens_are_charged_when_the_exchange_ends(stack: Stack) -> None:
         await eventually(lambda: sql(stack.db, "SELECT 1 FROM api_key_usage WHERE requests = 2"))
         answer = await client.post("/v1/chat/completions", json=chat)
         assert answer.status_code == 429
-        assert "tokens" in answer.json()["error"]["message"]
+        assert answer.json()["error"]["type"] == "tokens"
+        assert re.search(
+            r"^Rate limit reached for qwen3-8b with this API key on tokens per min \(TPM\): Limit 100, Used 1[234]\d, "
+            r"Requested 11\. Please try again in (2[89]|3[01])(\.\d+)?s\.$",
+            answer.json()["error"]["message"],
+        ), answer.json()["error"]["message"]
         assert answer.headers["x-ratelimit-remaining-tokens"] == "0"
         # 140 tokens spent of 100: the bucket is 40 tokens in debt, and 11 more must fit (31 s).
         assert 28 <= int(answer.headers["retry-after"]) <= 31
@@ -175,7 +189,11 @@ async def test_429s_come_in_the_callers_dialect(stack: Stack) -> None:
         assert int(anthropic_429.headers["retry-after"]) >= 1
         ollama_429 = await client.post("/api/generate", json={"model": "qwen3-8b", "prompt": "hi"})
         assert ollama_429.status_code == 429
-        assert "Rate limit reached for requests" in ollama_429.json()["error"]
+        assert ollama_429.json()["error"].startswith("Rate limit reached for qwen3-8b with this API key on requests per min")
+        responses_429 = await client.post("/v1/responses", json={"model": "qwen3-8b", "input": "hi"})
+        assert responses_429.status_code == 429
+        assert responses_429.json()["error"]["type"] == "requests"
+        assert responses_429.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 async def test_usage_is_recorded_per_key(stack: Stack) -> None:

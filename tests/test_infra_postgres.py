@@ -20,6 +20,7 @@ from proxy.infra.postgres import (
     Database,
     DatabaseError,
     DatabaseUnavailable,
+    InvalidValue,
     open_database,
 )
 
@@ -132,9 +133,13 @@ async def test_errors_are_ours(db: Database, table: str) -> None:
         await db.execute(f"INSERT INTO {table} VALUES (1, 'b')")
     assert dup.value.sqlstate == "23505"
     # psycopg refuses a NUL before sending it: a data exception (the value's fault), not an outage.
-    with pytest.raises(DatabaseError) as nul:
+    with pytest.raises(InvalidValue) as nul:
         await db.fetchval("SELECT %s::text", ("a\x00b",))
     assert nul.value.sqlstate == "22000" and not isinstance(nul.value, DatabaseUnavailable)
+    # The server's own refusal of a NUL (in jsonb) is the value's fault too.
+    with pytest.raises(InvalidValue) as escaped:
+        await db.fetchval("SELECT %s::jsonb ->> 0", ('["a\\u0000b"]',))
+    assert escaped.value.sqlstate == "22P05"
 
 
 async def test_wrong_url_is_database_unavailable(aio_loop: trio_asyncio.TrioEventLoop) -> None:

@@ -199,6 +199,8 @@ async def test_backend_rate_limit_passes_retry_after(setup: Setup) -> None:
     with pytest.raises(openai.RateLimitError) as info:
         await setup.client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
     assert info.value.response.headers["retry-after"] == "7"
+    # OpenAI's backend said which limit ran out (its `type`): so does the gateway.
+    assert info.value.type == "requests" and info.value.code == "rate_limit_exceeded"
 
 
 async def test_unreachable_backend_is_a_503() -> None:

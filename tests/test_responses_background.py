@@ -66,6 +66,31 @@ async def test_a_background_response_is_answered_queued_at_once_and_polled_to_it
     assert [g.outcome for g in stack.fake.recorder.generations] == ["completed"]
 
 
+@pytest.mark.parametrize(("header", "code"), [("x-workspace", "workspace_not_found"), ("x-pipeline", "pipeline_not_found")])
+async def test_a_background_response_naming_what_does_not_exist_is_refused_at_its_creation(
+    stack: Stack, header: str, code: str
+) -> None:
+    # As the same request without `background` is. Before, it was answered `queued`, then
+    # polled as `failed` with `server_error`: the client's mistake as the gateway's failure.
+    with pytest.raises(openai.NotFoundError) as refused:
+        await stack.client.responses.create(model="m", input="Hi", background=True, extra_headers={header: "nope"})
+    assert (refused.value.code, refused.value.param) == (code, header)
+    assert not stack.fake.recorder.generations
+
+
+async def test_a_background_response_its_backend_refuses_as_the_clients_mistake_fails_as_invalid_prompt(
+    stack: Stack,
+) -> None:
+    # Its run learns of the mistake once the client was answered `queued`: the failure says
+    # whose it is (OpenAI's `invalid_prompt`), not `server_error`, which invites a retry.
+    stack.fake.set_script(Script(status=400, error_message="This model's maximum context length is 8192 tokens."))
+    created = await stack.client.responses.create(model="m", input="Hi", background=True)
+    assert (await poll_until_ended(stack.client, created.id))[-1] == "failed"
+    failed = await stack.client.responses.retrieve(created.id)
+    assert failed.error is not None and failed.error.code == "invalid_prompt"
+    assert "maximum context length" in failed.error.message
+
+
 async def test_a_background_response_is_polled_at_once_after_its_creation(stack: Stack) -> None:
     created = await stack.client.responses.create(model="m", input="Count", background=True)
     # Before its `running` row can have been written: the live run answers for it.

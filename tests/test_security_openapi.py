@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -50,6 +51,17 @@ class SturdyOpenAIBackend(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
+_STORES_DOWN = frozenset({"journal_unavailable", "database_unavailable", "nats_unavailable", "auth_unavailable"})
+
+
+def _code(body: bytes) -> object:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
+
+
 def fuzz(document: dict[str, Any], url: str, key: str) -> list[str]:
     """Run schemathesis (blocking: call it from a thread); the failures, as curl commands."""
     config = schemathesis.Config.from_dict({"headers": bearer(key), "base-url": url, "request-timeout": 30})
@@ -69,8 +81,11 @@ def fuzz(document: dict[str, Any], url: str, key: str) -> list[str]:
                 nonlocal calls
                 calls += 1
                 response = case.call()
-                # The gateway's own failures are 500s; 502-504 report the backend's state.
-                if response.status_code == 500 or response.status_code > 504:
+                # The gateway's own failures are 500s; 502-504 report the backend's state, but
+                # PostgreSQL and NATS are up: a 503 blaming them is a request misread as an outage.
+                if response.status_code == 500 or response.status_code > 504 or (
+                    response.status_code == 503 and _code(response.content) in _STORES_DOWN
+                ):
                     failures.append(f"{response.status_code} {response.text[:300]!r}: {case.as_curl_command()}")
 
             try:

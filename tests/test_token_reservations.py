@@ -4,6 +4,7 @@ charges its real usage and gives back the rest, as OpenAI's limits do."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -74,7 +75,8 @@ async def test_thirty_concurrent_requests_of_500_tokens_against_tpm_1000_admit_t
     refused = [a for a in answers if isinstance(a, openai.RateLimitError)]
     assert len(refused) == 28
     error = refused[0]
-    assert "tokens: 1000 per minute" in error.message
+    assert error.type == "tokens"
+    assert re.search(r"on tokens per min \(TPM\): Limit 1000, Used \d+, Requested 49\d\. Please try again in \d", error.message)
     assert error.response.headers["x-ratelimit-limit-tokens"] == "1000"
     assert int(error.response.headers["x-ratelimit-remaining-tokens"]) < 496
     # About 496 tokens must refill: 30 s at 1000 a minute, less what refilled meanwhile.
@@ -140,7 +142,7 @@ async def test_token_refusals_come_in_the_callers_dialect_with_what_the_request_
             "model": "qwen3-8b", "messages": MESSAGES, "stream": False, "options": {"num_predict": 950},
         })
         assert ollama.status_code == 429
-        assert "Rate limit reached for tokens" in ollama.json()["error"]
+        assert ollama.json()["error"].startswith("Rate limit reached for qwen3-8b with this API key on tokens per min (TPM)")
         assert ollama.headers["x-ratelimit-remaining-tokens"] != "0"  # tokens are left, not enough
 
 
@@ -163,8 +165,9 @@ async def test_a_request_larger_than_the_whole_bucket_is_refused_at_once_and_not
             await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=5000)
     assert len(sent) == 1  # the SDK obeyed `x-should-retry: false`
     error = refused.value
-    assert error.code == "rate_limit_exceeded"
-    assert "Request too large" in error.message and "Limit 1000, Requested 50" in error.message
+    assert error.code == "rate_limit_exceeded" and error.type == "tokens"
+    assert "Request too large for qwen3-8b with this API key on tokens per min (TPM)" in error.message
+    assert "Limit 1000, Requested 50" in error.message
     assert "retry-after" not in error.response.headers
     assert error.response.headers["x-should-retry"] == "false"
     # Like every other limit answer, it says where the key's buckets stand (they were missing).
@@ -194,7 +197,8 @@ async def test_a_request_larger_than_the_whole_bucket_is_refused_at_once_and_not
         # bucket): it fits a full bucket, so it is only told to wait for one.
         later = await http.post("/v1/chat/completions", json={"model": "qwen3-8b", "messages": MESSAGES})
         assert later.status_code == 429
-        assert "Rate limit reached for tokens" in later.json()["error"]["message"]
+        assert later.json()["error"]["type"] == "tokens"
+        assert "Please try again in " in later.json()["error"]["message"]
         assert int(later.headers["retry-after"]) >= 1
         assert "x-should-retry" not in later.headers
 

@@ -33,6 +33,14 @@ class ErrorKind(enum.Enum):
         return self.value
 
 
+class Exhausted(enum.Enum):
+    """Which per-minute limit a `RATE_LIMITED` refusal ran out of (dialects that tell them
+    apart name it; OpenAI's error `type` does)."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+
+
 # The gateway's own credentials (its backends' API keys). A backend may quote the key it was
 # sent in its error message ("Incorrect API key provided: sk-..."), and its messages reach
 # clients, the journal, NATS events and logs: every error's message is cleaned when made, so
@@ -66,7 +74,8 @@ class GatewayError(Exception):
     `param` names the offending request field (OpenAI's `param`), `code` is a short
     machine-readable string, and `retry_after` (seconds) becomes a `Retry-After` header.
     `hopeless`: sending the same request again can never succeed, and clients are told not to
-    (`x-should-retry: false`, which the OpenAI and Anthropic SDKs obey).
+    (`x-should-retry: false`, which the OpenAI and Anthropic SDKs obey). `exhausted`: the
+    limit a rate-limit refusal ran out of, when it is known.
     """
 
     def __init__(
@@ -78,6 +87,7 @@ class GatewayError(Exception):
         code: str | None = None,
         retry_after: float | None = None,
         hopeless: bool = False,
+        exhausted: Exhausted | None = None,
     ) -> None:
         if _concealed:
             message = conceal(message)
@@ -88,6 +98,7 @@ class GatewayError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.hopeless = hopeless
+        self.exhausted = exhausted
 
     @property
     def status(self) -> int:

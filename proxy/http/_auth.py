@@ -214,22 +214,32 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
     if limiter is None or principal is None or not principal.limited or head.method in _READS:
         return None
     tokens = least = 0
+    data: object = None
     if body and reserves_tokens(head):
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):  # its codec refuses it (400): nothing to reserve
-            data = None
+        data = _parsed(body)
         if data is not None:
             tokens, least = requested_tokens(data, generates=head.path in _GENERATING)
     decision = await limiter.admit(principal, tokens, least)
     _decision.set(decision)
     if not decision.allowed:
-        reply = _refusal(decision.error(principal), head)
+        # The refusal names the model, as OpenAI's does (a key limited per request only
+        # parses its body here, refused).
+        if data is None and body:
+            data = _parsed(body)
+        model = data.get("model") if isinstance(data, dict) else None
+        reply = _refusal(decision.error(principal, model if isinstance(model, str) and model else None), head)
         reply.headers.extend((k.encode(), v.encode()) for k, v in decision.headers)
         return reply
     if decision.reserved or decision.budget_reserved:
         _reservation.set(_Reservation(Reserved(decision.reserved, decision.budget_reserved, decision.budget_from)))
     return None
+
+
+def _parsed(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # its codec refuses it (400): nothing to reserve
+        return None
 
 
 def take_reservation() -> Reserved:

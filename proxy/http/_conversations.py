@@ -28,6 +28,7 @@ from proxy.dialects.responses import conversations
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.fingerprint import message_to_canonical
+from proxy.domain.ids import storable
 from proxy.http._context import gateway, request_body
 from proxy.http._head import current_tenant
 from proxy.http._openapi import _BOOL, _INT, _OBJ, _STR, _ok, _op, document
@@ -160,7 +161,7 @@ async def list_items(conversation_id: str) -> Response:
 @blueprint.get("/v1/conversations/<conversation_id>/items/<item_id>")
 async def retrieve_item(conversation_id: str, item_id: str) -> Response:
     await _own(conversation_id)
-    if not conversations.storable(item_id):
+    if not storable(item_id):
         raise conversations.item_not_found(item_id, param="item_id")
     item = await _stored(lambda store: store.item(conversation_id, item_id), f"the items of {conversation_id}")
     if item is None:
@@ -171,7 +172,7 @@ async def retrieve_item(conversation_id: str, item_id: str) -> Response:
 @blueprint.delete("/v1/conversations/<conversation_id>/items/<item_id>")
 async def delete_item(conversation_id: str, item_id: str) -> Response:
     row = await _own(conversation_id)
-    if not conversations.storable(item_id) or not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
+    if not storable(item_id) or not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
         raise conversations.item_not_found(item_id, param="item_id")
     return _reply(_object(row))
 
@@ -195,7 +196,7 @@ async def join_conversation(persistence: Persistence | None, parsed: responses.R
 
 async def conversation_item(persistence: Persistence, item: str) -> dict[str, Any] | None:
     """An item of one of the caller's conversations, by its id (an `item_reference`)."""
-    if persistence.resources.database_url is None or not conversations.storable(item):
+    if persistence.resources.database_url is None or not storable(item):
         return None
     tenant = current_tenant()
     return await persistence.conversations(lambda store: store.find_item(item, tenant), f"item {item}")

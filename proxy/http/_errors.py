@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._body_coding import too_large
-from proxy.infra.postgres import DatabaseUnavailable
+from proxy.infra.postgres import DatabaseUnavailable, InvalidValue
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -152,6 +152,10 @@ def install_error_handlers(app: Quart) -> None:
             ErrorKind.UNAVAILABLE, "The database (PostgreSQL) is unavailable; try again shortly.",
             code="database_unavailable", retry_after=2,
         ))
+
+    @app.errorhandler(InvalidValue)
+    async def invalid_value(error: InvalidValue) -> Response:
+        return error_response(error.refusal())
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> Response:

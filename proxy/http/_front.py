@@ -36,6 +36,7 @@ from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
 from proxy.http._hangup import on_client_gone
 from proxy.http._head import RequestHead
+from proxy.infra.postgres import InvalidValue
 from proxy.services.auth import current_principal
 
 log = logging.getLogger("llm_proxy.http")
@@ -173,7 +174,10 @@ async def serve(
             if refusal is not None:
                 await _refuse(out, gateway, route.kind, head, refusal, body, started)
                 return
-            answer = await _answer(handler, Incoming(gateway, head, body, params))
+            try:
+                answer = await _answer(handler, Incoming(gateway, head, body, params))
+            except InvalidValue as invalid:
+                raise invalid.refusal() from invalid
         except GatewayError as error:
             if error.kind is ErrorKind.PERMISSION:
                 give_back_admission(gateway)

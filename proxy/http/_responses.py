@@ -26,6 +26,7 @@ from proxy.domain.chat import ChatCompletion, Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
+from proxy.domain.ids import is_trace_id
 from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
@@ -339,7 +340,7 @@ def _addressed(incoming: Incoming) -> tuple[str, str, Persistence]:
     response = incoming.params["response_id"]
     trace_id = response.removeprefix("resp_")
     persistence = incoming.gateway.persistence
-    if persistence is None or trace_id == response or not trace_id:
+    if persistence is None or trace_id == response or not is_trace_id(trace_id):
         raise _not_found(response)
     return response, trace_id, persistence
 
@@ -394,6 +395,8 @@ async def _whole(persistence: Persistence, trace_id: str, response: str) -> Repl
 async def _found(persistence: Persistence, trace_id: str, response: str) -> StoredRun:
     """The response's row, if it is the tenant's; for a run of this instance whose row is
     not written yet, the run as it stands."""
+    if not is_trace_id(trace_id):
+        raise _not_found(response)  # no store is asked (a NUL in it is no outage)
     live = persistence.runs.live.get(trace_id)
     await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)

@@ -24,6 +24,7 @@ from werkzeug.datastructures import FileStorage
 
 from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.ids import storable
 from proxy.http._context import gateway, request_body
 from proxy.infra.chunking import FORMATS, Format, UnsupportedDocument, decode_text, detect_format
 from proxy.infra.rag_store import DocumentRow, LanguageLocked, WorkspaceSummary
@@ -96,7 +97,9 @@ async def put_workspace(ws: str) -> Response:
     language = data.pop("language", None)
     rag = _rag()
     store = rag.store()
-    if language is not None and (not isinstance(language, str) or not await store.language_exists(language)):
+    if language is not None and (
+        not isinstance(language, str) or not storable(language) or not await store.language_exists(language)
+    ):
         raise invalid_request(
             f"Invalid `language` {language!r}: a PostgreSQL text search configuration (english, simple, german, ...).",
             param="language",

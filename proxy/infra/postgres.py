@@ -25,8 +25,9 @@ extension if it is missing, because the adapter can only be registered once the 
 
 Errors: every psycopg/pool failure surfaces as `DatabaseError` (with `.sqlstate`);
 `DatabaseUnavailable` when the server cannot be reached or the connection broke (retryable),
-`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null); a value
-psycopg refuses to send (a NUL in text) has SQLSTATE 22000, like the server's data exceptions.
+`ConstraintViolation` for SQLSTATE class 23 (unique, foreign key, check, not null); `InvalidValue`
+for a value psycopg refuses to send (a NUL in text: SQLSTATE 22000, like the server's data
+exceptions) or the server cannot take as text (22021, 22P05).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from trio_asyncio import aio_as_trio
+
+from proxy.domain.errors import ErrorKind, GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,24 @@ class ConstraintViolation(DatabaseError):
     """An integrity constraint rejected the statement (SQLSTATE class 23)."""
 
 
+class InvalidValue(DatabaseError):
+    """A value of the statement cannot be text at all (a NUL, which psycopg refuses to send;
+    bytes not in the database's encoding): the value's fault, never an outage."""
+
+    def refusal(self) -> GatewayError:
+        """What the client that sent the value is told: a 400 no retry helps. Ids and fields
+        are checked before they reach a store; this is what one left unchecked gets."""
+        return GatewayError(
+            ErrorKind.INVALID_REQUEST,
+            "A value in this request cannot be stored or looked up: it holds a character PostgreSQL cannot "
+            "take as text (NUL).", code="invalid_value",
+        )
+
+
+# Data exceptions (class 22) a value the caller passed causes whatever the statement.
+_INVALID_VALUE_STATES = {"22021", "22P05"}
+
+
 # SQLSTATEs that mean "the server is not there for us right now", not "your SQL is wrong".
 _UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300", "53000"}
 
@@ -112,7 +133,9 @@ def _translate(exc: Exception) -> DatabaseError:
         if sqlstate is None and isinstance(exc, psycopg.DataError):
             # Refused before it was sent (a NUL in text): a data exception as the server's own
             # would be, class 22, so callers treat it as the value's fault, not an outage.
-            return DatabaseError(message, sqlstate="22000")
+            return InvalidValue(message, sqlstate="22000")
+        if sqlstate in _INVALID_VALUE_STATES:
+            return InvalidValue(message, sqlstate=sqlstate)
     return DatabaseError(message, sqlstate=sqlstate)
 
 

@@ -77,6 +77,13 @@ class RouteHandler(Protocol):
 
     def producer(self, exchange: ChatExchange) -> Producer: ...
 
+    async def admit(self, exchange: ChatExchange) -> None:
+        """Refuse now what the producer would refuse as it starts (a workspace or pipeline
+        that does not exist): a run started with nobody reading it (a background response)
+        has answered `queued` by then, and its client would learn of its own mistake as the
+        run's failure (`server_error`)."""
+        ...
+
 
 # What a client still connected hears when the server stops before its answer is complete
 # (hypercorn cancels what is still running once its graceful timeout is over).

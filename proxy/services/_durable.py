@@ -32,6 +32,8 @@ class DurableRun(Recording):
     if TYPE_CHECKING:  # the exchange's own
         async def _plan(self) -> Plan: ...
 
+        async def _admit(self) -> None: ...
+
         def _producer(self) -> Producer: ...
 
         async def _feed(
@@ -53,6 +55,7 @@ class DurableRun(Recording):
         Refused (the record written, the error raised) when the request cannot run durably:
         no journal, or the gateway is stopping."""
         try:
+            await self._admit()
             plan = await self._plan()
             if plan.kind in ("follow", "replay") and self._answering_trace() != self.meta.trace_id:
                 self.response_headers.extend(plan.headers)

@@ -359,6 +359,10 @@ class ChatExchange(FallbackWalk, DurableRun):
     def _producer(self) -> Producer:
         return self.call_backend if self.handler is None else self.handler.producer(self)
 
+    async def _admit(self) -> None:
+        if self.handler is not None:
+            await self.handler.admit(self)
+
     async def _feed(
         self, producer: Producer, send: trio.MemorySendChannel[Batch | GatewayError], hangup: Hangup | None
     ) -> None:

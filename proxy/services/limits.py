@@ -59,7 +59,7 @@ from typing import Any
 import outcome
 import trio
 
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, Exhausted, GatewayError
 from proxy.infra.keys_store import Admission, KeysStore, UsageDelta
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
@@ -113,34 +113,38 @@ class Decision:
     budget_used: int = 0  # tokens the key's budget period has counted as used
     budget_reset: float | None = None  # when that period ends (epoch seconds)
     budget_held: int = 0  # tokens its requests in flight hold
+    used: int = 0  # refused for a bucket: what the bucket counts as taken in the last minute
 
-    def error(self, principal: Principal) -> GatewayError:
+    def error(self, principal: Principal, model: str | None = None) -> GatewayError:
+        """The refusal, in OpenAI's words (with the key for its organization): clients and
+        retry helpers read the wait from "Please try again in 3.89s"."""
         if self.exhausted == "budget":
             return budget_spent(principal, self.budget_used, self.budget_reset, self.retry_after or 0)
         if self.exhausted == "held":
             return budget_held(principal, self.budget_used, self.budget_held)
+        subject = f"{model} with this API key" if model else "this API key"
         if self.exhausted == "too_large":
-            # OpenAI's words for it, and no Retry-After: waiting does not help.
+            # No Retry-After: waiting does not help.
             return GatewayError(
                 ErrorKind.RATE_LIMITED,
-                f"Request too large for this API key on tokens per min (TPM): Limit {principal.tpm}, "
+                f"Request too large for {subject} on tokens per min (TPM): Limit {principal.tpm}, "
                 f"Requested {self.reserved}. The input or output tokens must be reduced in order to run "
                 "successfully.",
                 code="rate_limit_exceeded",
                 hopeless=True,
+                exhausted=Exhausted.TOKENS,
             )
         if self.exhausted == "tokens":
-            what = f"tokens: {principal.tpm} per minute"
-            if self.reserved:
-                what += f" (this request needs {self.reserved}: its prompt and its max output tokens)"
+            limit, exhausted, requested = f"tokens per min (TPM): Limit {principal.tpm}", Exhausted.TOKENS, self.reserved
         else:
-            what = f"requests: {principal.rpm} per minute"
-        wait = duration(self.retry_after or 0)
+            limit, exhausted, requested = f"requests per min (RPM): Limit {principal.rpm}", Exhausted.REQUESTS, 1
         return GatewayError(
             ErrorKind.RATE_LIMITED,
-            f"Rate limit reached for {what} for this API key. Try again in {wait}.",
+            f"Rate limit reached for {subject} on {limit}, Used {self.used}, Requested {requested}. "
+            f"Please try again in {duration(self.retry_after or 0)}.",
             code="rate_limit_exceeded",
             retry_after=math.ceil(self.retry_after or 1),
+            exhausted=exhausted,
         )
 
 
@@ -177,9 +181,10 @@ def budget_held(principal: Principal, used: int, held: int) -> GatewayError:
         ErrorKind.RATE_LIMITED,
         f"Rate limit reached for this API key's budget of {principal.budget} tokens per "
         f"{period_text(principal.budget_period)}: {used} used, {held} held by requests in flight until "
-        f"they end. Try again in {_HELD_RETRY:g}s.",
+        f"they end. Please try again in {_HELD_RETRY:g}s.",
         code="rate_limit_exceeded",
         retry_after=_HELD_RETRY,
+        exhausted=Exhausted.TOKENS,
     )
 
 
@@ -222,6 +227,7 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
         )
     retry = 0.0
     exhausted: str | None = None
+    used = 0
     if principal.rpm is not None:
         rpm = principal.rpm
         interval = WINDOW / rpm
@@ -233,6 +239,7 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
         ]
         if not state.allowed and ahead + interval > WINDOW + _EPSILON:
             retry, exhausted = ahead + interval - WINDOW, "requests"
+            used = math.ceil(ahead / interval - _EPSILON)
     if principal.tpm is not None:
         tpm = principal.tpm
         ahead = max(0.0, state.tokens_at - now)
@@ -245,12 +252,14 @@ def decide(principal: Principal, state: Admission, reserved: int = 0) -> Decisio
             needed = ahead + reserved * WINDOW / tpm  # refused: the state is without the reservation
             if (needed > WINDOW + _EPSILON if reserved else ahead >= WINDOW) and needed - WINDOW >= retry:
                 retry, exhausted = needed - WINDOW, "tokens"
+                used = math.ceil(tpm * ahead / WINDOW - _EPSILON)
     if state.allowed:
         return Decision(
             True, headers, reserved=reserved, budget_reserved=state.budget_reserved, budget_from=state.budget_start
         )
     return Decision(
-        False, headers, retry_after=max(retry, 0.001), exhausted=exhausted or "requests", reserved=reserved
+        False, headers, retry_after=max(retry, 0.001), reserved=reserved, used=used,
+        exhausted=exhausted or ("requests" if principal.rpm is not None else "tokens"),
     )
 
 

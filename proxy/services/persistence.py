@@ -31,11 +31,12 @@ from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_eve
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
+from proxy.domain.ids import is_trace_id
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
-from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
+from proxy.infra.postgres import DatabaseError, DatabaseUnavailable, InvalidValue
 from proxy.infra.resources import Resources
 from proxy.services.journal import (
     EVENTS_STREAM,
@@ -483,6 +484,8 @@ class Persistence:
             if store is None:
                 raise DatabaseUnavailable("not connected")
             return await self._bounded(lambda: call(store))
+        except InvalidValue as error:
+            raise error.refusal() from error  # the request's value is at fault, not the journal
         except DatabaseError as error:
             log.warning("reading %s failed: %s", what, error)
             raise GatewayError(
@@ -679,6 +682,8 @@ async def trace_events(
     whole instead): the caller resumes a stream by its own numbering of these events, which
     events rebuilt otherwise than they streamed cannot serve (a 409 then)."""
     unknown = GatewayError(ErrorKind.NOT_FOUND, f"No stream `{trace_id}` is known here.", param="trace_id")
+    if not is_trace_id(trace_id):
+        raise unknown  # no store is asked: a NUL is no outage, nor `*` every trace's subject
     local = persistence.runs.live.get(trace_id)
     if local is not None:
         if tenant is not None and local.tenant != tenant:

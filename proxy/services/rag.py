@@ -525,12 +525,20 @@ class RagRoute:
     def __init__(self, rag: RagService) -> None:
         self._rag = rag
 
+    @staticmethod
+    def _workspace(exchange: ChatExchange) -> str:
+        name = exchange.meta.workspace
+        if not name:
+            raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
+                                  param="x-workspace")
+        return name
+
+    async def admit(self, exchange: ChatExchange) -> None:
+        await self._rag.workspace(self._workspace(exchange))
+
     def producer(self, exchange: ChatExchange) -> Producer:
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
-            name = exchange.meta.workspace
-            if not name:
-                raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
-                                      param="x-workspace")
+            name = self._workspace(exchange)
             retrieval = await self._rag.retrieve(name, query_text(exchange.request.messages))
             headers = exchange.response_headers
             headers.append((b"x-rag-workspace", name.encode("ascii")))

@@ -76,7 +76,7 @@ class WorkflowRoute:
         self.registry = PipelineRegistry(settings.workflow)
         self.launcher: Launcher = create_launcher(settings.workflow, self.registry)
 
-    def producer(self, exchange: ChatExchange) -> Producer:
+    def _pipeline(self, exchange: ChatExchange) -> str:
         pipeline = exchange.meta.pipeline or self._settings.default_pipeline
         if pipeline is None:
             raise invalid_request(
@@ -86,6 +86,17 @@ class WorkflowRoute:
             raise invalid_request(
                 f"`x-pipeline` must be 1-64 of A-Z a-z 0-9 _ -, got {pipeline!r}.", param="x-pipeline"
             )
+        return pipeline
+
+    async def admit(self, exchange: ChatExchange) -> None:
+        pipeline = self._pipeline(exchange)
+        await self._check_models(exchange, pipeline)
+        bus = self._resources.bus
+        if bus is not None:  # without NATS the run reports it, as a run that lost it would
+            await self.launcher.check(bus, pipeline)
+
+    def producer(self, exchange: ChatExchange) -> Producer:
+        pipeline = self._pipeline(exchange)
 
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
             await self._check_models(exchange, pipeline)

@@ -8,7 +8,7 @@ from typing import Any
 
 from proxy.dialects._json import dumps
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, Exhausted, GatewayError
 from proxy.domain.events import Finish, StopSequenceFinish, StreamEvent, completion_events
 
 _ERROR_TYPES = {
@@ -85,14 +85,37 @@ def finish_reason_from_wire(value: str) -> FinishReason:
 INSUFFICIENT_QUOTA = "insufficient_quota"
 
 
+# OpenAI's 429 for a rate limit is typed by the limit it hit.
+_EXHAUSTED_TYPES = {Exhausted.REQUESTS: "requests", Exhausted.TOKENS: "tokens"}
+_TYPES_EXHAUSTED = {value: key for key, value in _EXHAUSTED_TYPES.items()}
+
+
+def _error_type(error: GatewayError) -> str:
+    if error.code == INSUFFICIENT_QUOTA:
+        return INSUFFICIENT_QUOTA
+    if error.exhausted is not None and error.kind is ErrorKind.RATE_LIMITED:
+        return _EXHAUSTED_TYPES[error.exhausted]
+    return _ERROR_TYPES.get(error.kind, "server_error")
+
+
+def exhausted_of_body(body: bytes) -> Exhausted | None:
+    """The limit an OpenAI 429 body says ran out (its `type`), if it says one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    return _TYPES_EXHAUSTED.get(kind) if isinstance(kind, str) else None
+
+
 def error_body(error: GatewayError) -> dict[str, Any]:
-    code = error.code
     return {
         "error": {
             "message": error.message,
-            "type": INSUFFICIENT_QUOTA if code == INSUFFICIENT_QUOTA else _ERROR_TYPES.get(error.kind, "server_error"),
+            "type": _error_type(error),
             "param": error.param,
-            "code": code,
+            "code": error.code,
         }
     }
 

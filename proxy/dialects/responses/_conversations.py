@@ -25,6 +25,7 @@ from proxy.dialects.responses._request import (
 from proxy.domain.chat import Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.fingerprint import message_to_canonical
+from proxy.domain.ids import storable
 
 MAX_ITEMS = 20  # per create, as on OpenAI
 _PREFIX = "conv_"
@@ -55,11 +56,6 @@ def item_not_found(item: str, param: str | None = None) -> GatewayError:
 
 def is_conversation_id(value: str) -> bool:
     return value.startswith(_PREFIX) and len(value) > len(_PREFIX) and storable(value)
-
-
-def storable(value: str) -> bool:
-    """Whether an id can be looked up at all (PostgreSQL's text holds no NUL: no id has one)."""
-    return "\x00" not in value
 
 
 def _metadata(fields: Fields) -> dict[str, str]:

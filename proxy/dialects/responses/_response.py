@@ -65,15 +65,24 @@ def render_error(error: GatewayError) -> bytes:
         if field in _CHAT_FIELDS:
             error = GatewayError(
                 error.kind, error.message, param=_CHAT_FIELDS[field], code=error.code, retry_after=error.retry_after,
+                hopeless=error.hopeless, exhausted=error.exhausted,
             )
     return openai.render_error(error)
 
 
+# The SDK's codes name no gateway condition but a rate limit and a request at fault (a prompt
+# too long for the model, a field its backend refuses: what a background run learns once its
+# client was answered); every other failure is OpenAI's `server_error`.
+_FAILURE_CODES = {
+    ErrorKind.RATE_LIMITED: "rate_limit_exceeded",
+    ErrorKind.INVALID_REQUEST: "invalid_prompt",
+    ErrorKind.REQUEST_TOO_LARGE: "invalid_prompt",
+}
+
+
 def error_to_wire(error: GatewayError) -> dict[str, Any]:
-    """A failed Response's `error`: the SDK's codes name no gateway condition but a rate
-    limit, so every other failure is OpenAI's `server_error`, its message kept."""
-    code = "rate_limit_exceeded" if error.kind is ErrorKind.RATE_LIMITED else "server_error"
-    return {"code": code, "message": error.message}
+    """A failed Response's `error`, its message kept."""
+    return {"code": _FAILURE_CODES.get(error.kind, "server_error"), "message": error.message}
 
 
 def response_object(

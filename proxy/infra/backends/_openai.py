@@ -110,6 +110,7 @@ class OpenAIBackend:
             # it from a passing limit by its code.
             code, _ = openai.error_code_and_param_from_body(body)
             error.code = code or error.code
+            error.exhausted = openai.exhausted_of_body(body)
         return error
 
     async def complete(self, call: BackendCall) -> Batch:
