@@ -15,13 +15,8 @@ from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.responses._items import input_items
-from proxy.dialects.responses._request import (
-    UnresolvedReferences,
-    _is_reference,
-    _parse_item,
-    _parse_items,
-    _parse_metadata,
-)
+from proxy.dialects.responses._request import _parse_items, _parse_metadata
+from proxy.dialects.responses._request import item_not_found as item_not_found  # for the routes
 from proxy.domain.chat import Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.fingerprint import message_to_canonical
@@ -48,10 +43,6 @@ def item_list(items: list[dict[str, Any]], *, has_more: bool = False) -> dict[st
 
 def conversation_not_found(conversation: str, param: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.NOT_FOUND, f"Conversation with id '{conversation}' not found.", param=param)
-
-
-def item_not_found(item: str, param: str | None = None) -> GatewayError:
-    return GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=param)
 
 
 def is_conversation_id(value: str) -> bool:
@@ -112,23 +103,7 @@ def kept_items(
             f"with length {len(raw)} instead.", param=param,
         )
     messages: list[Message] = []
-    unresolved: list[tuple[str, str]] = []
-    for i, item in enumerate(raw):
-        path = f"{param}[{i}]"
-        if not isinstance(item, dict):
-            raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
-        if _is_reference(item):
-            reference = Fields(item, path).text("id", required=True, nonempty=True) or ""
-            if referenced is None:
-                unresolved.append((path, reference))
-                continue
-            found = referenced.get(reference)
-            if found is None:
-                raise item_not_found(reference, param=path)
-            item = found
-        _parse_item(item, path, messages)
-    if unresolved:
-        raise UnresolvedReferences(unresolved)
+    _parse_items(raw, messages, referenced, param=param)
     return input_items([message_to_canonical(m) for m in messages], mint, instructions=None)
 
 

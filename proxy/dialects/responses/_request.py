@@ -34,7 +34,7 @@ from proxy.domain.chat import (
     ToolCall,
     ToolChoice,
 )
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 
 DIALECT = "responses"
 
@@ -273,12 +273,20 @@ def _is_reference(item: dict[str, Any]) -> bool:
     return kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
 
 
+def item_not_found(item: str, param: str | None = None) -> GatewayError:
+    return GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=param)
+
+
 def _parse_items(
-    items: list[Any], messages: list[Message], referenced: Mapping[str, dict[str, Any]] | None
+    items: list[Any], messages: list[Message], referenced: Mapping[str, dict[str, Any]] | None,
+    param: str = "input",
 ) -> None:
+    """`items` (a request's `input`, or what a conversation is given) parsed into `messages`;
+    with `referenced` None, a list with item references raises `UnresolvedReferences` for the
+    caller to look them up and call again."""
     unresolved: list[tuple[str, str]] = []
     for i, item in enumerate(items):
-        path = f"input[{i}]"
+        path = f"{param}[{i}]"
         if not isinstance(item, dict):
             raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
         if _is_reference(item):
@@ -289,7 +297,7 @@ def _parse_items(
             # The item it names, as the response keeping it lists it: parsed as if sent here.
             found = referenced.get(reference)
             if found is None:
-                raise invalid_request(f"Item with id {reference!r} (`{path}`) not found.", param=path)
+                raise item_not_found(reference, param=path)
             item = found
         _parse_item(item, path, messages)
     if unresolved:
