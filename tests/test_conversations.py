@@ -197,6 +197,32 @@ async def test_items_are_paged_in_either_order(stack: Stack) -> None:
     assert one.model_dump(exclude_none=True)["content"] == [{"type": "input_text", "text": "item 3"}]
 
 
+async def test_paging_goes_on_after_the_last_item_seen_is_deleted(stack: Stack) -> None:
+    """A client pages through a conversation while another (the Agents SDK's `pop_item`)
+    deletes items: the next page starts after the deleted item's place, as it would have."""
+    client = stack.client
+    texts = [f"item {i}" for i in range(5)]
+    conversation = await client.conversations.create(items=[{"role": "user", "content": t} for t in texts])
+    first = await client.conversations.items.list(conversation.id, order="asc", limit=2)
+    assert first.has_more and first.last_id is not None
+    await client.conversations.items.delete(first.last_id, conversation_id=conversation.id)
+    for order, expected in (("asc", ["item 2", "item 3", "item 4"]), ("desc", ["item 0"])):
+        rest = await client.conversations.items.list(conversation.id, order=order, after=first.last_id)
+        assert [item.model_dump()["content"][0]["text"] for item in rest.data] == expected
+    # Deleted, it is gone from every other view.
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.items.retrieve(first.last_id, conversation_id=conversation.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.conversations.items.delete(first.last_id, conversation_id=conversation.id)
+    assert [text for _, _, text in await listed(client, conversation.id)] == ["item 0", "item 2", "item 3", "item 4"]
+    await client.responses.create(model="m", input="Go.", conversation=conversation.id)
+    assert [content for _, content in backend_saw(stack.fake)] == ["item 0", "item 2", "item 3", "item 4", "Go."]
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(
+            model="m", input=[{"type": "item_reference", "id": first.last_id}], conversation=conversation.id
+        )
+
+
 async def test_deleting_an_item_or_the_conversation(stack: Stack) -> None:
     client = stack.client
     conversation = await client.conversations.create(items=[

@@ -3,6 +3,10 @@ its items, one row each, in the order they were added.
 
 A conversation is its tenant's (`key-<id>`): another's is not found. With auth off (no
 tenant asked), every conversation is found, as every stored response is.
+
+A deleted item keeps its row, its `item` a JSON null (`_GONE`): a listing page whose last
+item was deleted since is still the cursor of the next (`after` finds its place), and a
+response's items appended again (its answer replayed) do not bring it back.
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ _ALL_ITEMS = (
     "SELECT i.item FROM conversations c LEFT JOIN conversation_items i ON i.conversation_id = c.id "
     "WHERE c.id = %(id)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq"
 )
+_GONE = "'null'::jsonb"
+_KEPT = f"item <> {_GONE}"
 _SEQ_OF = "SELECT seq FROM conversation_items WHERE conversation_id = %s AND id = %s"
 _PAGE = {
-    "asc": "SELECT item FROM conversation_items WHERE conversation_id = %s AND seq > %s ORDER BY seq LIMIT %s",
-    "desc": "SELECT item FROM conversation_items WHERE conversation_id = %s AND seq < %s ORDER BY seq DESC LIMIT %s",
+    "asc": f"SELECT item FROM conversation_items WHERE conversation_id = %s AND seq > %s AND {_KEPT} ORDER BY seq LIMIT %s",
+    "desc": f"SELECT item FROM conversation_items WHERE conversation_id = %s AND seq < %s AND {_KEPT} "
+    "ORDER BY seq DESC LIMIT %s",
 }
 _NO_CURSOR = {"asc": 0, "desc": 2**63 - 1}
 
@@ -89,7 +96,7 @@ class ConversationStore:
         rows = await self._db.fetch(_ALL_ITEMS, {"id": conversation_id, "tenant": tenant})
         if not rows:
             return None
-        return [row[0] for row in rows if row[0] is not None]
+        return [row[0] for row in rows if row[0] is not None]  # None: no items, or a deleted one
 
     async def page(
         self, conversation_id: str, *, after: str | None, limit: int, order: str
@@ -116,14 +123,17 @@ class ConversationStore:
         conversations hold it: a response's items appended to each)."""
         found = await self._db.fetchval(
             "SELECT i.item FROM conversation_items i JOIN conversations c ON c.id = i.conversation_id "
-            "WHERE i.id = %(item)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq DESC LIMIT 1",
+            f"WHERE i.id = %(item)s AND i.{_KEPT} AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) "
+            "ORDER BY i.seq DESC LIMIT 1",
             {"item": item_id, "tenant": tenant},
         )
         return found if isinstance(found, dict) else None
 
     async def delete_item(self, conversation_id: str, item_id: str) -> bool:
+        """Whether the item was there to delete (its row stays: see `_GONE`)."""
         return bool(await self._db.execute(
-            "DELETE FROM conversation_items WHERE conversation_id = %s AND id = %s", (conversation_id, item_id)
+            f"UPDATE conversation_items SET item = {_GONE} WHERE conversation_id = %s AND id = %s AND {_KEPT}",
+            (conversation_id, item_id),
         ))
 
 
