@@ -93,6 +93,38 @@ async def test_a_response_is_compacted_by_its_id(stack: Stack) -> None:
     assert [item.type for item in compacted.output] == ["message", "compaction"]
 
 
+async def test_a_compaction_kept_in_a_conversation_is_listed_back_as_one(stack: Stack) -> None:
+    """The Agents SDK's compaction session over a conversation session replaces the
+    conversation's items with the compacted output and reads them back: the compaction is a
+    `compaction` item there (and in a response's `input_items`), not a user message."""
+    client = stack.client
+    compacted = await client.responses.compact(model="m", input=HISTORY)
+    given = [item.model_dump(exclude_none=True, warnings=False) for item in compacted.output]
+    conversation = await client.conversations.create(items=given)
+    listed = [item.model_dump(exclude_none=True, warnings=False) async for item in client.conversations.items.list(
+        conversation.id, order="asc"
+    )]
+    assert [(item["type"], item.get("role")) for item in listed] == [("message", "user"), ("compaction", None)]
+    assert listed[1]["id"].startswith("cmp_") and listed[1]["encrypted_content"] == given[1]["encrypted_content"]
+    one = await client.conversations.items.retrieve(listed[1]["id"], conversation_id=conversation.id)
+    assert one.type == "compaction"
+
+    stack.fake.set_script(Script(tokens=["Still sunny."]))
+    answered = await client.responses.create(model="m", input=[*given[1:], {"role": "user", "content": "And now?"}])
+    assert backend_saw(stack.fake)[0] == (
+        "user", "Summary of the conversation so far (compacted):\nThe user asked about Paris: sunny."
+    )
+    await wait_for_row(stack.db, answered.id.removeprefix("resp_"), "completed")
+    inputs = (await client.responses.input_items.list(answered.id, order="asc")).data
+    assert [item.type for item in inputs] == ["compaction", "message"]
+    # Read back and given again, it still stands for its summary.
+    await client.responses.create(model="m", input="Go on.", conversation=conversation.id)
+    assert backend_saw(stack.fake)[:2] == [
+        ("user", "Weather in Paris?"),
+        ("user", "Summary of the conversation so far (compacted):\nThe user asked about Paris: sunny."),
+    ]
+
+
 async def test_refusals_name_their_field(stack: Stack) -> None:
     client = stack.client
     forged: Any = [{"type": "compaction", "encrypted_content": "gAAAAAB-openai-encrypted"}, {"role": "user", "content": "x"}]

@@ -61,8 +61,22 @@ def compaction_request(chat: ChatRequest) -> tuple[ChatRequest, list[Message]]:
 
 
 def compaction_item(response: str, summary: str) -> dict[str, Any]:
-    encoded = base64.urlsafe_b64encode(summary.encode("utf-8")).decode("ascii")
-    return {"id": "cmp_" + response.removeprefix("resp_"), "type": "compaction", "encrypted_content": _MARK + encoded}
+    return {"id": "cmp_" + response.removeprefix("resp_"), "type": "compaction", "encrypted_content": _encoded(summary)}
+
+
+def given_compaction(role: str, parts: list[Any], item_id: str) -> dict[str, Any] | None:
+    """The `compaction` item a message stands for, when it is one (`compaction_message`), for
+    it to be listed back as the item it was given as (in a conversation, a response's input)."""
+    if role != "user" or not parts or not all(isinstance(part, str) for part in parts):
+        return None
+    text = "".join(parts)
+    if not text.startswith(SUMMARY_LEAD):
+        return None
+    return {"id": item_id, "type": "compaction", "encrypted_content": _encoded(text[len(SUMMARY_LEAD):])}
+
+
+def _encoded(summary: str) -> str:
+    return _MARK + base64.urlsafe_b64encode(summary.encode("utf-8")).decode("ascii")
 
 
 def compacted_object(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.dialects.responses._compaction import given_compaction
 from proxy.dialects.responses._response import call_item
 from proxy.domain.errors import invalid_request
 
@@ -34,6 +35,10 @@ def input_items(
                 "id": named("fco"), "type": "function_call_output", "call_id": str(message.get("tool_call_id") or ""),
                 "output": _text(parts), "status": "completed",
             })
+            continue
+        compaction = given_compaction(role, parts, f"cmp_{trace}_in{len(items)}")
+        if compaction is not None:
+            items.append(compaction)
             continue
         content = [part for part in (_part(p, role) for p in parts) if part is not None]
         if content or not message.get("tool_calls"):
