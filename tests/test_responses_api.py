@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +46,13 @@ class Setup:
         return self.fakes[kind]
 
 
-@pytest.fixture
-async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+@asynccontextmanager
+async def three_backends(monkeypatch: pytest.MonkeyPatch, openai_fake: OpenAIBackend) -> AsyncIterator[Setup]:
+    """The gateway in front of `openai_fake` (a vLLM), an Ollama and an Anthropic fake, each
+    routed by the prefix of its model in MODELS, and an SDK client for it."""
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
     fakes: dict[str, Any] = {
-        "openai": OpenAIBackend(),
+        "openai": openai_fake,
         "ollama": OllamaBackend(),
         "anthropic": AnthropicBackend(api_key=ANTHROPIC_KEY, require_version=True),
     }
@@ -66,6 +69,12 @@ async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="client-key", max_retries=0)
         yield Setup(url, client, fakes)
         await client.close()
+
+
+@pytest.fixture
+async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+    async with three_backends(monkeypatch, OpenAIBackend()) as stack:
+        yield stack
 
 
 async def raw_post(setup: Setup, body: dict[str, Any]) -> httpx.Response:

@@ -12,16 +12,15 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fakes import AnthropicBackend, OllamaBackend, Script, Usage
-from tests.harness import backend, running_gateway
+from tests.fakes import Script, Usage
+from tests.harness import backend
 from tests.test_anthropic_api import TokenizingOpenAIBackend
 from tests.test_auth_helpers import eventually, gateway, new_key, wait_for_key
+from tests.test_responses_api import MODELS, Setup, three_backends
 from tests.test_responses_stored import _usage
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
-MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-fake-1"}
-ANTHROPIC_KEY = "sk-ant-test-key"
 TOOLS: Any = [
     {"type": "function", "name": "get_weather", "description": "Weather in a city",
      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
@@ -29,33 +28,10 @@ TOOLS: Any = [
 GENERATING = {"/v1/chat/completions", "/v1/messages", "/api/chat", "/api/generate"}
 
 
-@dataclass
-class Setup:
-    client: openai.AsyncOpenAI
-    fakes: dict[str, Any]
-
-
 @pytest.fixture
 async def setup(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
-    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
-    fakes: dict[str, Any] = {
-        "openai": TokenizingOpenAIBackend(),
-        "ollama": OllamaBackend(),
-        "anthropic": AnthropicBackend(api_key=ANTHROPIC_KEY, require_version=True),
-    }
-    async with (
-        fakes["openai"].serve() as s_openai,
-        fakes["ollama"].serve() as s_ollama,
-        fakes["anthropic"].serve() as s_anthropic,
-        running_gateway(
-            backend("vllm", s_openai.url, prefixes=("qwen",)),
-            backend("ollama", s_ollama.url, kind="ollama", prefixes=("llama",)),
-            backend("claude", s_anthropic.url, kind="anthropic", prefixes=("claude",), api_key_env="TEST_ANTHROPIC_KEY"),
-        ) as url,
-    ):
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="client-key", max_retries=0)
-        yield Setup(client, fakes)
-        await client.close()
+    async with three_backends(monkeypatch, TokenizingOpenAIBackend()) as stack:
+        yield stack
 
 
 async def test_input_tokens_are_counted_by_the_backends_tokenizer_where_it_has_one(setup: Setup) -> None:
