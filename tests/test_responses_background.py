@@ -89,6 +89,8 @@ async def test_a_background_response_its_backend_refuses_as_the_clients_mistake_
     failed = await stack.client.responses.retrieve(created.id)
     assert failed.error is not None and failed.error.code == "invalid_prompt"
     assert "maximum context length" in failed.error.message
+    # It failed before its backend said anything: it was created when it was asked for.
+    assert abs(failed.created_at - created.created_at) <= 2
 
 
 async def test_a_background_response_is_polled_at_once_after_its_creation(stack: Stack) -> None:

@@ -364,7 +364,7 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
         raise _not_found(response)
     after = int(raw_after)
     # Its own times, as read whole: not the resume's.
-    created_at = stored.completion.created if stored is not None and stored.completion is not None else None
+    created_at = _created_at(stored) if stored is not None and stored.completion is not None else None
     completed_at = _completed_at(stored) if stored is not None and stored.status != "running" else None
     framer = _ResumeFramer(
         response, stored.model if stored else "", after, _echoed(settings), created_at=created_at,
@@ -460,7 +460,7 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     if stored.status == "completed" and completion is not None:
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
-            created_at=completion.created, completed_at=_completed_at(stored),
+            created_at=_created_at(stored), completed_at=_completed_at(stored),
         ))
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     error = None
@@ -471,16 +471,22 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         kind = ErrorKind.__members__.get(str(stored_error.get("kind")), ErrorKind.BACKEND)
         error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
-        response=response, created_at=completion.created if completion else int(stored.created_at), model=stored.model,
+        response=response, created_at=_created_at(stored), model=stored.model,
         settings=settings, status=status, output=_said(completion, response, status), error=error,
     )))
+
+
+def _created_at(stored: StoredRun) -> int:
+    """When the backend says it started the answer, else when the run's row was made (a run
+    that failed before its backend said anything has a completion with no `created`)."""
+    return (stored.completion.created if stored.completion is not None else 0) or int(stored.created_at)
 
 
 def _completed_at(stored: StoredRun) -> int:
     """When an ended run's outcome was written (its row's last write), else its start."""
     if stored.finished_at:
         return int(stored.finished_at)
-    return stored.completion.created if stored.completion is not None else int(stored.created_at)
+    return _created_at(stored)
 
 
 def _said(completion: ChatCompletion | None, response: str, status: str) -> list[dict[str, Any]]:
