@@ -5,40 +5,26 @@ before a response's input, and a completed response's input and output are appen
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
+from tests.test_responses_stored import QUICK, Stack, journaled_stack
 from tests.test_responses_truncation import WindowedVLLM, assert_trimmed
 from tests.test_responses_truncation import conversation as agent_history
 
 pytest_plugins = ["tests.infra_servers"]
 
-QUICK = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2))
-
-
-@dataclass
-class Stack:
-    url: str
-    db: str
-    fake: OpenAIBackend
-    client: openai.AsyncOpenAI
-
-
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    fake = OpenAIBackend(default=QUICK)
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Stack(url, pg_database_url, fake, client)
-        await client.close()
+    async with journaled_stack(pg_database_url, nats_url, OpenAIBackend(default=QUICK)) as built:
+        yield built
 
 
 def backend_saw(fake: OpenAIBackend) -> list[Any]:

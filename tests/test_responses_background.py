@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -15,21 +14,13 @@ import trio
 
 from proxy.infra.chat_store import ChatStore
 from tests.fakes import OpenAIBackend, Script, Usage
-from tests.harness import backend
-from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
+from tests.test_auth_helpers import bearer, eventually, keys_cli, new_key, wait_for_key
 from tests.test_persistence import wait_for_row
+from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers"]
 
 TOKENS = [f" w{i}" for i in range(20)]
-
-
-@dataclass
-class Stack:
-    url: str
-    db: str
-    fake: OpenAIBackend
-    client: openai.AsyncOpenAI
 
 
 @pytest.fixture
@@ -37,10 +28,8 @@ async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncI
     # An answer that takes the backend 2 s (a background run streams it from the backend, for
     # its journal): long enough to poll and to cancel.
     fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Stack(url, pg_database_url, fake, client)
-        await client.close()
+    async with journaled_stack(pg_database_url, nats_url, fake) as built:
+        yield built
 
 
 async def poll_until_ended(client: openai.AsyncOpenAI, response_id: str, within: float = 15.0) -> list[str]:

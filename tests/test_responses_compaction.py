@@ -12,10 +12,9 @@ import openai
 import pytest
 
 from tests.fakes import OpenAIBackend, Script, ToolCall, Usage
-from tests.harness import backend
-from tests.test_auth_helpers import gateway
-from tests.test_conversations import Stack, backend_saw
+from tests.test_conversations import backend_saw
 from tests.test_persistence import wait_for_row
+from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -25,10 +24,8 @@ TOOL: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
     fake = OpenAIBackend(default=Script(tokens=["The user asked", " about Paris: sunny."], usage=Usage(40, 6)))
-    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        yield Stack(url, pg_database_url, fake, client)
-        await client.close()
+    async with journaled_stack(pg_database_url, nats_url, fake) as built:
+        yield built
 
 
 HISTORY: Any = [

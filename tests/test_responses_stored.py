@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,13 +45,20 @@ class Stack:
     client: openai.AsyncOpenAI
 
 
-@pytest.fixture
-async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
-    fake = OpenAIBackend(default=QUICK)
+@asynccontextmanager
+async def journaled_stack(pg_database_url: str, nats_url: str, fake: OpenAIBackend) -> AsyncIterator[Stack]:
+    """A gateway with its journal (PostgreSQL and NATS) in front of `fake`, the default
+    backend, and an SDK client for it: the stack of every stored-Responses test file."""
     async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         yield Stack(url, pg_database_url, nats_url, fake, client)
         await client.close()
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    async with journaled_stack(pg_database_url, nats_url, OpenAIBackend(default=QUICK)) as built:
+        yield built
 
 
 def trace(response_id: str) -> str:
