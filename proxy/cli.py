@@ -25,6 +25,7 @@ from proxy.infra.embedded import (
 )
 from proxy.infra.logging import configure_logging
 from proxy.ingest_command import add_parser as add_ingest_parser
+from proxy.ingest_command import check_arguments as check_ingest_arguments
 from proxy.ingest_command import run as run_ingest
 from proxy.keys_command import add_parser as add_keys_parser
 from proxy.keys_command import run as run_keys
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return run_keys(args, settings.database_url)
         if args.command == "ingest":  # a running gateway's embedded PostgreSQL is left running
+            if status := check_ingest_arguments(args):  # before a database is started for nothing
+                return status
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return run_ingest(args, settings)
         if args.command == "migrate":  # like keys: a running gateway's PostgreSQL stays up

@@ -8,9 +8,13 @@ command again from anywhere finds the same documents: unchanged ones are skipped
 ones replaced. Two files that would be the same document (`a/guide.pdf` and `b/guide.pdf`
 named directly) are not: the first is ingested, the other fails, rather than replace it.
 
+A path that does not exist (or is neither a file nor a directory) is a bad argument: each
+one is named and nothing is ingested, before the database is started, so that a script with a
+mistyped path fails at once rather than ingesting the rest and looking done.
+
 Progress goes to stderr: a bar redrawn in place on a terminal, one line per document
 otherwise. Exit status: 0 when every document was ingested (or unchanged), 1 when some
-failed, 2 for bad arguments.
+failed, 2 for bad arguments (a missing path included).
 """
 
 from __future__ import annotations
@@ -59,11 +63,31 @@ class _File:
     source: str
 
 
-def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]], list[tuple[str, str]]]:
-    """The files to ingest, (path, reason) for what was left out, and (path, reason) for files
+def check_arguments(args: argparse.Namespace, err: TextIO | None = None) -> int:
+    """2 (each reason said on `err`) when the arguments are wrong, 0 otherwise: run before the
+    database is started, and again by `run`."""
+    err = err or sys.stderr
+    if not WORKSPACE_NAME.match(args.workspace):
+        print(f"llm-proxy: invalid workspace name {args.workspace!r} (1-64 of A-Z a-z 0-9 . _ -)", file=err)
+        return 2
+    if args.threads < 1:
+        print("llm-proxy: --threads must be at least 1", file=err)
+        return 2
+    missing = [path for path in args.paths if not (path.is_dir() or path.is_file())]
+    for path in missing:
+        why = "not a file or directory" if os.path.lexists(path) else "no such file or directory"
+        print(f"llm-proxy: {path}: {why}", file=err)
+    if missing:
+        print(f"llm-proxy: nothing ingested: {len(missing)} of {len(args.paths)} path"
+              f"{'' if len(args.paths) == 1 else 's'} not found", file=err)
+        return 2
+    return 0
+
+
+def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
+    """The files to ingest (every path exists: `check_arguments`) and (path, reason) for files
     that would be the same document as one before them (a file named twice is taken once)."""
     files: list[_File] = []
-    skipped: list[tuple[str, str]] = []
     clashes: list[tuple[str, str]] = []
     taken: dict[str, Path] = {}
 
@@ -85,9 +109,7 @@ def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]], list
                     take(entry, f"{root.name}/{relative.as_posix()}")
         elif path.is_file():
             take(path, path.name)
-        else:
-            skipped.append((str(path), "no such file or directory"))
-    return files, skipped, clashes
+    return files, clashes
 
 
 class _Progress:
@@ -136,22 +158,16 @@ class _Progress:
 
 def run(args: argparse.Namespace, settings: Settings, err: TextIO | None = None) -> int:
     err = err or sys.stderr
-    if not WORKSPACE_NAME.match(args.workspace):
-        print(f"llm-proxy: invalid workspace name {args.workspace!r} (1-64 of A-Z a-z 0-9 . _ -)", file=err)
-        return 2
+    if status := check_arguments(args, err):
+        return status
     if not settings.database_url:
         print("llm-proxy: no database: set DATABASE_URL or enable the embedded one", file=err)
         return 2
-    if args.threads < 1:
-        print("llm-proxy: --threads must be at least 1", file=err)
-        return 2
-    files, skipped, clashes = collect(args.paths)
-    for source, reason in skipped:
-        print(f"{'skipped':>9}  {source}  ({reason})", file=err)
+    files, clashes = collect(args.paths)
     for source, reason in clashes:
         print(f"{'failed':>9}  {source}  ({reason})", file=err)
     try:
-        status = trio.run(_ingest, args, settings, settings.database_url, files, bool(skipped), err)
+        status = trio.run(_ingest, args, settings, settings.database_url, files, err)
         return max(status, 1) if clashes and status != 2 else status
     except DatabaseError as error:
         print(f"llm-proxy: database error: {error}", file=err)
@@ -162,7 +178,7 @@ def run(args: argparse.Namespace, settings: Settings, err: TextIO | None = None)
 
 
 async def _ingest(
-    args: argparse.Namespace, settings: Settings, url: str, files: list[_File], missing: bool, err: TextIO
+    args: argparse.Namespace, settings: Settings, url: str, files: list[_File], err: TextIO
 ) -> int:
     started = time.perf_counter()
     statuses: Counter[str] = Counter()
@@ -210,4 +226,4 @@ async def _ingest(
     total = sum(statuses.values())
     print(f"{args.workspace}: {total} document{'' if total == 1 else 's'}: {summary or 'nothing to do'} "
           f"({time.perf_counter() - started:.1f} s)", file=err)
-    return 1 if statuses["failed"] or (missing and not files) else 0
+    return 1 if statuses["failed"] else 0

@@ -396,3 +396,29 @@ def test_cli_ingest_walks_files_and_directories(
     assert "corrupt" in capsys.readouterr().err
     assert main(["ingest", "bad name", str(docs)]) == 2
 
+
+def test_cli_ingest_of_a_missing_path_fails_naming_it_and_ingests_nothing(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped path is a bad argument (exit 2) naming it, alone or beside paths that exist
+    (whose documents are not ingested either): before, the mix exited 0 having ingested the
+    rest, and a script took it for done."""
+    present = tmp_path / "handbook.txt"
+    present.write_text(HANDBOOK)
+    missing = tmp_path / "missing" / "path.pdf"
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+
+    for paths in ([missing], [present, missing]):
+        assert main(["ingest", "typo", *map(str, paths)]) == 2
+        err = capsys.readouterr().err
+        assert f"{missing}: no such file or directory" in err and "nothing ingested" in err
+    with psycopg.connect(pg_database_url) as conn:
+        (table,) = conn.execute("SELECT to_regclass('rag_workspaces')").fetchone() or (None,)
+        assert table is None or conn.execute("SELECT count(*) FROM rag_workspaces WHERE name = 'typo'").fetchone() == (0,)
+
+    # Refused before an embedded PostgreSQL is started for nothing.
+    monkeypatch.delenv("DATABASE_URL")
+    data = tmp_path / "data"
+    assert main(["ingest", "typo", str(missing), "--data-dir", str(data)]) == 2
+    assert not data.exists()
+
