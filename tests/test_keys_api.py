@@ -516,3 +516,44 @@ async def test_the_key_list_comes_a_page_at_a_time(stack: Stack) -> None:
         listed = (await client.get("/openapi.json")).json()["paths"]["/v1/keys"]["get"]
     assert {parameter["name"] for parameter in listed["parameters"]} == {"limit", "after"}
     assert {"has_more", "first_id", "last_id"} <= set(listed["responses"]["200"]["content"]["application/json"]["schema"]["required"])
+
+
+async def test_the_last_key_able_to_manage_keys_cannot_be_revoked_or_limited(stack: Stack) -> None:
+    """Revoking or scoping (models, workspaces) the last unrestricted admin key over HTTP left no key able
+    to use the API (only the CLI on the database host could recover): it is a 400 naming the
+    key, and nothing changes. With another such key, an admin may revoke its own; two admins
+    revoking each other at once cannot both succeed."""
+    await new_key(stack.db, "scoped admin", "--admin", "--models", "qwen*")  # no manager: scoped
+    async with await admin_client(stack) as root:
+        [(root_id,)] = await sql(stack.db, "SELECT id FROM api_keys WHERE name = 'root'")
+        for method, body, field in (
+            ("DELETE", None, "id"),
+            ("PATCH", {"models": ["qwen*"]}, "models"),
+            ("PATCH", {"workspaces": ["docs"]}, "workspaces"),
+        ):
+            refused = await root.request(method, f"/v1/keys/{root_id}", json=body)
+            assert refused.status_code == 400, (body, refused.text)
+            error = refused.json()["error"]
+            assert error["code"] == "last_admin_key" and error["param"] == field, error
+            assert f"API key {root_id} (" in error["message"] and "'root'" in error["message"]
+        record = (await root.get(f"/v1/keys/{root_id}")).json()  # unchanged, and still in charge
+        assert (record["status"], record["models"], record["workspaces"], record["expires_at"]) == ("active", None, None, None)
+        assert (await root.patch(f"/v1/keys/{root_id}", json={"name": "root (renamed)", "rpm": 100})).status_code == 200
+
+        deputy = (await root.post("/v1/keys", json={"name": "deputy", "admin": True})).json()
+        assert (await root.delete(f"/v1/keys/{root_id}")).status_code == 200  # itself: the deputy remains
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(deputy["key"]), timeout=10) as second:
+        assert (await second.delete(f"/v1/keys/{deputy['id']}")).json()["error"]["code"] == "last_admin_key"
+        third = (await second.post("/v1/keys", json={"name": "third", "admin": True})).json()
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(third["key"]), timeout=10) as other:
+            answers: dict[str, int] = {}
+
+            async def revoke(client: httpx.AsyncClient, key_id: int, who: str) -> None:
+                answers[who] = (await client.delete(f"/v1/keys/{key_id}")).status_code
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(revoke, second, third["id"], "deputy")
+                nursery.start_soon(revoke, other, deputy["id"], "third")
+    assert sorted(answers.values()) == [200, 400], answers
+    [(left,)] = await sql(stack.db, "SELECT count(*) FROM api_keys WHERE admin AND models IS NULL AND revoked_at IS NULL")
+    assert left == 1

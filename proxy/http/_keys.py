@@ -13,7 +13,11 @@ their key rings); this one reloads before answering, so its next request sees th
 No key asked (auth off, or `auto` before any key exists) means no admin to recognise: the API
 then refuses everything, and the first admin key comes from `llm-proxy keys create --admin`
 on the database host. A gateway reached only through a local reverse proxy sees every client
-as loopback, so "loopback may bootstrap" would be an open door there.
+as loopback, so "loopback may bootstrap" would be an open door there. For the same reason the
+API refuses (400 `last_admin_key`, naming the key) to revoke, or limit to some models or
+workspaces, the last key that can manage keys: that would leave only the CLI able to. An admin
+may revoke its own key while another such key remains. (An expiry is always in the future: the
+key keeps its power until then.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from proxy.infra.keys_store import (
     BudgetState,
     KeysStore,
     KeyUsage,
+    LastManager,
     StoredKey,
 )
 from proxy.infra.postgres import Database
@@ -127,6 +132,15 @@ async def _applied(key: StoredKey, what: str, *, granted: bool = True) -> None:
 
 def _not_found(key_id: str) -> GatewayError:
     return GatewayError(ErrorKind.NOT_FOUND, f"No API key with id `{key_id}`.", param="id", code="key_not_found")
+
+
+def _last_manager(key: StoredKey, doing: str, field: str) -> GatewayError:
+    return invalid_request(
+        f"API key {key.id} ({key.prefix}...) {escaped(repr(key.name))} is the last admin key not limited to some models"
+        f" or workspaces: {doing} would leave no key able to manage keys over this API (only `llm-proxy keys` on the"
+        " database host could). Create another admin key first (`POST /v1/keys` with `\"admin\": true`).",
+        param=field, code="last_admin_key",
+    )
 
 
 def _key_id(text: str) -> int:
@@ -289,12 +303,17 @@ async def get_key(key_id: str) -> Response:
 
 @blueprint.patch("/v1/keys/<key_id>")
 async def patch_key(key_id: str) -> Response:
-    changes = _changes(loads_object(await request_body()), creating=False)
+    data = loads_object(await request_body())
+    changes = _changes(data, creating=False)
     db = _database()
     try:
-        changed = await update_key(KeysStore(db), _key_id(key_id), changes)
+        changed = await update_key(KeysStore(db), _key_id(key_id), changes, keep_manager=True)
     except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
         raise invalid_request(str(error)) from None
+    except LastManager as last:
+        # The scope that took the key's power (an expiry is in the future: it keeps it till then).
+        field = next((name for name in ("models", "workspaces") if data.get(name) is not None), "models")
+        raise _last_manager(last.key, "limiting it to some models or workspaces", field) from None
     key = _found(changed, key_id)
     if changes:
         await _applied(key, "changed (" + ", ".join(changes) + ")")
@@ -306,7 +325,10 @@ async def revoke_key(key_id: str) -> Response:
     db = _database()
     store, number = KeysStore(db), _key_id(key_id)
     before = await store.find(str(number))
-    key = _found(await store.revoke(number), key_id)
+    try:
+        key = _found(await store.revoke(number, keep_manager=True), key_id)
+    except LastManager as last:
+        raise _last_manager(last.key, "revoking it", "id") from None
     # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
     was = before[0].revoked_at if before else None
     await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})", granted=False)

@@ -20,7 +20,7 @@ import psycopg
 import trio
 from trio_asyncio import aio_as_trio
 
-from proxy.infra.postgres import Database, DatabaseUnavailable, Row
+from proxy.infra.postgres import Database, DatabaseUnavailable, Row, Tx
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,22 @@ _COLUMNS = (
 # What `update` may change, by column name.
 UPDATABLE = frozenset({"name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "admin", "expires_at"})
 DEFAULT_BUDGET_PERIOD = timedelta(days=30)
+# A key that may manage keys over HTTP (`/v1/keys`): an admin key limited to no models or
+# workspaces, neither revoked nor expired.
+_MANAGER = (
+    "admin AND models IS NULL AND workspaces IS NULL AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+)
+# Changes that keep a manager serialize on this lock (any 64-bit number no other lock uses),
+# so that two admins revoking each other at once cannot both see the other remain.
+_MANAGERS_LOCK = 0x6C6C6D2D6B657973  # "llm-keys"
+
+
+class LastManager(Exception):
+    """The change would leave no key able to manage keys over HTTP: `key`, as it is (unchanged)."""
+
+    def __init__(self, key: StoredKey) -> None:
+        super().__init__(f"API key {key.id} is the last admin key that can manage keys")
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +189,12 @@ def _key(row: tuple[Any, ...]) -> StoredKey:
     )
 
 
+async def _keep_a_manager(tx: Tx, before: StoredKey) -> None:
+    """LastManager (the transaction then rolls back) if no key can manage keys any more."""
+    if await tx.fetchval(f"SELECT count(*) FROM api_keys WHERE {_MANAGER}") == 0:
+        raise LastManager(before)
+
+
 class KeysStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -215,13 +237,16 @@ class KeysStore:
             )
         return key
 
-    async def update(self, key_id: int, changes: Mapping[str, Any]) -> StoredKey | None:
+    async def update(
+        self, key_id: int, changes: Mapping[str, Any], *, keep_manager: bool = False
+    ) -> StoredKey | None:
         """Set the columns `changes` names (see `UPDATABLE`; values as `create` takes them,
         None clears a limit) on key `key_id`; None: no such key. A budget given to a key
         that had none starts its first period now; a changed budget keeps the current
         period's count; a changed period starts a new period now, of the new length, carrying the
         current period's usage (reservations in flight go, as at a period's end). Running gateways reload
-        the key at once (the table's trigger notifies them)."""
+        the key at once (the table's trigger notifies them). `keep_manager`: LastManager,
+        nothing changed, when the change would leave no key able to manage keys."""
         unknown = set(changes) - UPDATABLE
         if unknown:
             raise ValueError(f"cannot change {', '.join(sorted(unknown))}")
@@ -234,7 +259,11 @@ class KeysStore:
         }
         assignments = ", ".join(f"{column} = %s" for column in values)
         async with self._db.transaction() as tx:
-            before = await tx.fetchrow("SELECT budget, budget_period FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+            if keep_manager:
+                await tx.execute("SELECT pg_advisory_xact_lock(%s)", (_MANAGERS_LOCK,))
+            before = await tx.fetchrow(
+                f"SELECT budget, budget_period, {_MANAGER}, {_COLUMNS} FROM api_keys WHERE id = %s FOR UPDATE", (key_id,)
+            )
             if before is None:
                 return None
             row = await tx.fetchrow(
@@ -242,6 +271,8 @@ class KeysStore:
             )
             assert row is not None
             key = _key(row)
+            if keep_manager and before[2]:
+                await _keep_a_manager(tx, _key(before[3:]))
             if before[0] is None and key.budget is not None:
                 await tx.execute(
                     "INSERT INTO api_key_limits AS l (key_id, budget_start) VALUES (%s, now())"
@@ -291,13 +322,28 @@ class KeysStore:
         row = await self._db.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE digest = %s", (digest,))
         return _key(row) if row is not None else None
 
-    async def revoke(self, key_id: int) -> StoredKey | None:
-        """Revoke (idempotent: an already revoked key keeps its time). None: no such key."""
-        row = await self._db.fetchrow(
-            f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s RETURNING {_COLUMNS}",
-            (key_id,),
-        )
-        return _key(row) if row is not None else None
+    async def revoke(self, key_id: int, *, keep_manager: bool = False) -> StoredKey | None:
+        """Revoke (idempotent: an already revoked key keeps its time). None: no such key.
+        `keep_manager`: LastManager, nothing revoked, when no other key could manage keys."""
+        if not keep_manager:
+            row = await self._db.fetchrow(
+                f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s RETURNING {_COLUMNS}",
+                (key_id,),
+            )
+            return _key(row) if row is not None else None
+        async with self._db.transaction() as tx:
+            await tx.execute("SELECT pg_advisory_xact_lock(%s)", (_MANAGERS_LOCK,))
+            before = await tx.fetchrow(f"SELECT {_MANAGER}, {_COLUMNS} FROM api_keys WHERE id = %s FOR UPDATE", (key_id,))
+            if before is None:
+                return None
+            row = await tx.fetchrow(
+                f"UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = %s RETURNING {_COLUMNS}",
+                (key_id,),
+            )
+            assert row is not None
+            if before[0]:
+                await _keep_a_manager(tx, _key(before[1:]))
+            return _key(row)
 
     async def usage(self, ids: Sequence[int] | None = None) -> dict[int, KeyUsage]:
         """Every key's usage, or only that of keys `ids`."""

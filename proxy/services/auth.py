@@ -553,9 +553,12 @@ def _name(name: str) -> str:
     return name
 
 
-async def update_key(store: KeysStore, key_id: int, changes: Mapping[str, Any]) -> StoredKey | None:
+async def update_key(
+    store: KeysStore, key_id: int, changes: Mapping[str, Any], *, keep_manager: bool = False
+) -> StoredKey | None:
     """Change key `key_id` in place (the columns `KeysStore.update` takes; None clears a
-    limit, scope or expiry), after the checks `create_key` makes. None: no such key."""
+    limit, scope or expiry), after the checks `create_key` makes. None: no such key.
+    `keep_manager`: see `KeysStore.update`."""
     checked = dict(changes)
     for what in ("rpm", "tpm", "budget"):
         _positive(checked.get(what), what)
@@ -564,4 +567,4 @@ async def update_key(store: KeysStore, key_id: int, changes: Mapping[str, Any]) 
     for column in ("models", "workspaces"):
         if column in checked:
             checked[column] = _patterns(checked[column], column.removesuffix("s"))
-    return await store.update(key_id, checked)
+    return await store.update(key_id, checked, keep_manager=keep_manager)
