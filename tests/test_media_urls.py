@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from proxy.config import load_settings
-from tests.fakes import OpenAIBackend
+from tests.fakes import AnthropicBackend, OpenAIBackend
 from tests.harness import backend, running_gateway
 
 INSIDE = [
@@ -126,6 +126,69 @@ async def test_a_multimodal_rerank_is_checked_like_a_chat() -> None:
             assert answer.status_code == 200, answer.text
     sent = [r.json["documents"][1]["content"][1]["image_url"]["url"] for r in fake.requests if r.path == "/v1/rerank"]
     assert sent == [PUBLIC, INLINE]
+
+
+async def test_an_anthropic_kind_backend_is_checked_like_an_openai_one() -> None:
+    """A `kind = "anthropic"` backend (vLLM's `/v1/messages`, inside the network) fetches an
+    image's `source.url` (and a document's) as vLLM's OpenAI API fetches `image_url`: before,
+    such URLs reached it unchecked, whichever dialect the client spoke, chats and token
+    counts alike."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude-in-house", server.url, kind="anthropic", default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.chat.completions.create(model="qwen", messages=chat_with_image(INSIDE[0]), stream=stream)
+                body: Any = refused.value.body
+                assert body["param"] == "messages[0].content[1].image_url.url"
+                assert body["code"] == "media_url_not_allowed"
+        async with anthropic.AsyncAnthropic(base_url=gateway, api_key="unused", max_retries=0) as claude:
+            image = {"type": "image", "source": {"type": "url", "url": INSIDE[1]}}
+            document = {"type": "document", "source": {"type": "url", "url": INSIDE[0]}}
+            for content, field in (([image], "messages[0].content[0].source.url"),
+                                   ([{"type": "text", "text": "Read"}, document], "messages[0].content[1].source.url")):
+                messages: Any = [{"role": "user", "content": content}]
+                with pytest.raises(anthropic.BadRequestError) as denied:
+                    await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
+                assert f"`{field}`" in denied.value.body["error"]["message"]  # type: ignore[index]
+                with pytest.raises(anthropic.BadRequestError) as denied:
+                    await claude.messages.count_tokens(model="qwen", messages=messages)
+                assert f"`{field}`" in denied.value.body["error"]["message"]  # type: ignore[index]
+            assert fake.requests == []
+            await claude.messages.create(model="qwen", max_tokens=20, messages=[{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": PUBLIC}}, {"type": "text", "text": "Describe it"},
+            ]}])
+    assert [r.json["messages"][0]["content"][0]["source"]["url"] for r in fake.requests] == [PUBLIC]
+
+
+async def test_a_multimodal_embedding_and_a_token_count_are_checked_like_a_chat() -> None:
+    """vLLM's multimodal embeddings take chat `messages` (VLM2Vec, DSE), and its `/tokenize`
+    (counting an Anthropic or Responses client's input) loads a chat's images: both fetch
+    their URLs as a chat does, and both passed them unchecked."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        def embedding(url: str) -> dict[str, Any]:
+            return {"model": "vlm2vec", "input": "Represent the given image.", "messages": chat_with_image(url),
+                    "encoding_format": "float"}
+
+        refused = await client.post("/v1/embeddings", json=embedding(INSIDE[0]))
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("messages[0].content[1].image_url.url", "media_url_not_allowed")
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as sdk:
+            with pytest.raises(openai.BadRequestError) as denied:
+                await sdk.responses.input_tokens.count(model="qwen", input=[{"role": "user", "content": [
+                    {"type": "input_image", "image_url": INSIDE[1], "detail": "auto"},
+                ]}])
+            assert denied.value.body["param"] == "input[0].content[0].image_url"  # type: ignore[index]
+        assert fake.requests == []
+        assert (await client.post("/v1/embeddings", json=embedding(PUBLIC))).status_code == 200
+    sent = [r.json["messages"][0]["content"][1]["image_url"]["url"] for r in fake.requests if r.path == "/v1/embeddings"]
+    assert sent == [PUBLIC]
 
 
 async def test_without_the_setting_a_reranks_urls_pass() -> None:

@@ -1,7 +1,8 @@
-"""`refuse_private_media_urls`: media URLs an OpenAI-compatible backend would fetch itself.
+"""`refuse_private_media_urls`: media URLs a backend would fetch itself.
 
 vLLM downloads a chat's `image_url` (and `video_url`, `audio_url`) from inside the network it
-runs in: a client's `http://169.254.169.254/...` or `http://10.0.0.5:9200/...` is a request
+runs in (for a chat, a token count, a multimodal embedding or rerank; and as an Anthropic
+`kind` backend, its `/v1/messages` image's `source.url`): a client's `http://169.254.169.254/...` or `http://10.0.0.5:9200/...` is a request
 from the GPU host to a place the client cannot reach. With the setting on, a URL whose host is
 an address that is not global (private, loopback, link-local, shared, reserved), or a name
 resolving to one, is a 400 before the backend is called. The name is resolved here, not
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,17 +28,31 @@ _MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # vLLM's URL parts
 _SCHEMES = ("http", "https")
 
 
-def _media_urls(request: ChatRequest) -> Iterator[tuple[str, str]]:
-    """(field, URL) of each media URL in `request`, `data:` URLs left out (nothing to fetch).
-    The field is named where the client put it, in its dialect (a part made by the gateway,
-    or read back from the journal, by its place in the chat)."""
+def _media_urls(request: ChatRequest, backend: str) -> Iterator[tuple[str, str]]:
+    """(field, URL) of each media URL in `request` that a `backend` ("openai", "anthropic")
+    kind of backend is sent, `data:` URLs left out (nothing to fetch). The field is named where
+    the client put it, in its dialect (a part made by the gateway, or read back from the
+    journal, by its place in the chat). A part of another dialect is not sent to the backend."""
     for i, message in enumerate(request.messages):
         for j, part in enumerate(message.content):
             if isinstance(part, ImagePart):
                 if part.url[:5].lower() != "data:":
                     yield part.at or f"messages[{i}].content[{j}].image_url.url", part.url
-            elif isinstance(part, OpaquePart) and part.data.get("type") in _MEDIA_PARTS:
+            elif not isinstance(part, OpaquePart) or part.dialect != backend:
+                continue
+            elif backend == "openai" and part.data.get("type") in _MEDIA_PARTS:
                 yield from _part_url(part.data, part.at or f"messages[{i}].content[{j}]")
+            elif backend == "anthropic":
+                yield from _source_url(part.data, part.at or f"messages[{i}].content[{j}]")
+
+
+def _source_url(block: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
+    """(field, URL) of an Anthropic block given by URL (a `document`'s PDF:
+    `{"source": {"type": "url", "url": …}}`)."""
+    source = block.get("source")
+    url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None
+    if isinstance(url, str) and url[:5].lower() != "data:":
+        yield f"{at}.source.url", url
 
 
 def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
@@ -81,15 +96,17 @@ def _global(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def check_media_urls(request: ChatRequest) -> None:
-    """GatewayError 400 naming the first media URL of `request` that points inside the network."""
-    for field, url in _media_urls(request):
+async def check_media_urls(request: ChatRequest, backend: str = "openai") -> None:
+    """GatewayError 400 naming the first media URL of `request` sent to a `backend` kind of
+    backend that points inside the network."""
+    for field, url in _media_urls(request, backend):
         await _check(field, url)
 
 
-async def check_relayed_media_urls(data: dict[str, Any], fields: tuple[str, ...]) -> None:
-    """The same for a call relayed as sent (rerank): the media parts anywhere in its `fields`
-    (vLLM's multimodal rerank takes `query` and `documents` as parts, or `{"content": [parts]}`)."""
+async def check_relayed_media_urls(data: dict[str, Any], fields: Iterable[str]) -> None:
+    """The same for a call relayed as sent (rerank, an embedding's fields besides `input`): the
+    media parts anywhere in its `fields` (vLLM's multimodal rerank takes `query` and `documents`
+    as parts, or `{"content": [parts]}`; its multimodal embeddings, chat `messages`)."""
     for name in fields:
         if isinstance(data.get(name), (dict, list)):
             for field, url in _parts_urls(data[name], name):

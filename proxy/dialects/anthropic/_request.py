@@ -383,10 +383,10 @@ def _content_part(block: dict[str, Any], path: str) -> ContentPart:
             url = source.text("url", required=True, nonempty=True)
             return ImagePart(url=url or "", at=f"{path}.source.url")
         # Files API references and the like only mean something to Anthropic.
-        return OpaquePart(DIALECT, block)
+        return OpaquePart(DIALECT, block, at=path)
     if kind in ("tool_use", "tool_result", "thinking"):
         raise invalid_request(f"Invalid `{path}`: a `{kind}` block is not allowed here.", param=path)
-    return OpaquePart(DIALECT, block)
+    return OpaquePart(DIALECT, block, at=path)  # `at`: a document's `source.url` is named by it
 
 
 def _text(block: dict[str, Any], path: str) -> str:

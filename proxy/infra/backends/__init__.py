@@ -22,7 +22,7 @@ def create_backend(config: BackendConfig, *, refuse_private_media_urls: bool = F
     if config.kind == "ollama":
         return OllamaBackend(config)
     if config.kind == "anthropic":
-        return AnthropicBackend(config)
+        return AnthropicBackend(config, refuse_private_media_urls=refuse_private_media_urls)
     raise NotImplementedError(f"backend kind {config.kind!r} is not supported yet")
 
 

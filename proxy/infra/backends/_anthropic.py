@@ -44,6 +44,7 @@ from proxy.infra.backends._base import (
 )
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend, says_unknown
+from proxy.infra.media_urls import check_media_urls
 from proxy.infra.transport import heads_heard
 
 DEFAULT_MAX_TOKENS = 4096
@@ -135,9 +136,12 @@ def _trimmed_turn(message: Message, *, as_sent: bool) -> Message | None:
 
 
 class AnthropicBackend:
-    def __init__(self, config: BackendConfig, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+    def __init__(
+        self, config: BackendConfig, *, default_max_tokens: int = DEFAULT_MAX_TOKENS, refuse_private_media_urls: bool = False
+    ) -> None:
         self.config = config
         self.default_max_tokens = default_max_tokens
+        self._check_media = refuse_private_media_urls
         key = config.api_key
         auth = {"x-api-key": key} if key else {}
         self._client = create_client(config, auth_header={**auth, "anthropic-version": anthropic.API_VERSION})
@@ -151,6 +155,13 @@ class AnthropicBackend:
     def watch_failovers(self, hook: Callable[[str], None]) -> None:
         self._client.watch_failovers(hook)
 
+    async def check_media_urls(self, request: ChatRequest) -> None:
+        """With `refuse_private_media_urls`: a 400 for an image's or document's `source.url`
+        the backend would fetch, for an Anthropic-compatible server inside the network (vLLM's
+        `/v1/messages`) fetches it from there as it does an OpenAI client's `image_url`."""
+        if self._check_media:
+            await check_media_urls(request, "anthropic")
+
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         return anthropic.encode_messages_request(
             prefill_trimmed(call.request), call.upstream_model, stream=stream,
@@ -159,6 +170,7 @@ class AnthropicBackend:
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         name = self.config.name
+        await self.check_media_urls(call.request)
         with heads_heard():
             await self._client.stream_into(
                 "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,
@@ -171,6 +183,7 @@ class AnthropicBackend:
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
+        await self.check_media_urls(call.request)
         with transport_errors(name), heads_heard():
             response = await self._client.post(
                 "/v1/messages",
@@ -352,6 +365,8 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     `/v1`). For any other backend, or one without that endpoint, the gateway's estimate:
     clients call this to budget their context (Claude Code), and an error would stop them.
     A model the backend says it does not serve is a 404, as `/v1/messages` would be."""
+    if isinstance(backend, AnthropicBackend | OpenAIBackend):
+        await backend.check_media_urls(request)  # counting, the backend fetches them too
     if isinstance(backend, AnthropicBackend):
         return TokenCount(await backend.count_tokens(request, upstream_model), estimated=False)
     estimate = TokenCount(estimated_prompt_tokens(request), estimated=True)

@@ -12,6 +12,7 @@ import trio
 
 from proxy.config import BackendConfig
 from proxy.dialects import openai
+from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.tokens import estimated_prompt_tokens
 from proxy.infra.backends._base import (
@@ -73,6 +74,12 @@ class OpenAIBackend:
     def watch_failovers(self, hook: Callable[[str], None]) -> None:
         self._client.watch_failovers(hook)
 
+    async def check_media_urls(self, request: ChatRequest) -> None:
+        """With `refuse_private_media_urls`: a 400 for a media URL of `request` that vLLM
+        would fetch from inside the network (a chat's, a token count's)."""
+        if self._check_media:
+            await check_media_urls(request)
+
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
         include_usage = self.config.request_usage or bool(call.request.include_usage)
         return openai.encode_chat_request(
@@ -81,8 +88,7 @@ class OpenAIBackend:
         )
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
-        if self._check_media:
-            await check_media_urls(call.request)
+        await self.check_media_urls(call.request)
         await self._client.stream_into(
             "/chat/completions", self._body(call, stream=True),
             openai.StreamRelay(
@@ -115,8 +121,7 @@ class OpenAIBackend:
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
-        if self._check_media:
-            await check_media_urls(call.request)
+        await self.check_media_urls(call.request)
         with transport_errors(name):
             response = await self._client.post(
                 "/chat/completions",
@@ -153,8 +158,12 @@ class OpenAIBackend:
         return Batch(openai.completion_events_of(data, completion), raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
-        """`POST /embeddings`, floats requested (every OpenAI-compatible server has them)."""
+        """`POST /embeddings`, floats requested (every OpenAI-compatible server has them).
+        The client's other fields go as sent: vLLM's multimodal embeddings take chat
+        `messages`, whose media URLs it fetches as a chat's (checked alike)."""
         name = self.config.name
+        if self._check_media and call.extra:
+            await check_relayed_media_urls(call.extra, list(call.extra))
         body: dict[str, object] = {
             **call.extra, "model": call.upstream_model, "input": call.inputs, "encoding_format": "float",
         }
