@@ -177,7 +177,10 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         spool_directory(settings.data_dir, settings.database_url)
         if settings.data_dir is not None and settings.database_url else None
     )
-    limits = RateLimiter(resources, keys, spool=spool, owner=persistence.instance_id if persistence is not None else None)
+    limits = RateLimiter(
+        resources, keys, spool=spool, owner=persistence.instance_id if persistence is not None else None,
+        register=persistence.register if persistence is not None and settings.database_url else None,
+    )
     if settings.database_url and settings.auth != "off":
         await nursery.start(keys.run)
         await nursery.start(limits.run)

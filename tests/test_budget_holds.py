@@ -50,13 +50,17 @@ async def reserved(db: str, name: str) -> int:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(server_url: str, db: str, nats: str) -> AsyncIterator[tuple[str, trio.Process]]:
-    """A gateway in a process of its own (to be killed), its base URL once it is healthy."""
+async def gateway_process(
+    server_url: str, db: str, nats: str, *, preamble: str = ""
+) -> AsyncIterator[tuple[str, trio.Process]]:
+    """A gateway in a process of its own (to be killed), its base URL once it is healthy;
+    `preamble`: Python run in that process before the gateway starts."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
     env |= {"LLM_BASE_URL": f"{server_url}/v1", "DATABASE_URL": db, "NATS_URL": nats}
+    start = ["-c", f"{preamble}\nimport sys\nfrom proxy.cli import main\nsys.exit(main(sys.argv[1:]))"]
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy", "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+        [sys.executable, *(start if preamble else ["-m", "proxy"]), "serve", "--bind", f"127.0.0.1:{port}"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -114,6 +118,59 @@ async def test_a_budget_held_by_a_killed_gateway_comes_back_when_its_process_is_
                     return answer if answer.status_code == 200 else None
 
                 # `dead_after` (3 s) and a heartbeat or two, not 30 days.
+                await eventually(answered, within=10, every=0.25)
+
+
+# The process's heartbeat never comes: as when its database came up just after the heartbeat's
+# first look (the next one is a heartbeat period later), and the process was killed meanwhile.
+_NO_HEARTBEAT = """
+import trio
+from proxy.services.persistence import Persistence
+
+async def keep_alive(self, *, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    await trio.sleep_forever()
+
+Persistence.keep_alive = keep_alive
+"""
+
+
+async def test_a_budget_held_by_a_gateway_killed_before_its_first_heartbeat_comes_back(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway process that reserved a budget before it ever beat its heartbeat, then was
+    killed (-9): it had no row in `gateway_instances`, so no sweep ever took it for dead and
+    its reservation stayed until the period's end (30 days of 429). It is registered before
+    it holds anything now (and a sweep gives back what an owner with no row holds), so
+    another gateway gives the budget back once its silence is long enough."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=3.0))
+    db = pg_database_url
+    fake = OpenAIBackend(default=Script(tokens=["tick "] * 200, pace=0.05, usage=USAGE))
+    async with fake.serve() as server:
+        key = await new_key(db, "unregistered", "--budget", "100")
+        async with gateway_process(server.url, db, nats_url, preamble=_NO_HEARTBEAT) as (doomed, process):
+            await wait_for_key(doomed, key)
+            async with httpx.AsyncClient(timeout=30, headers=bearer(key)) as client, client.stream(
+                "POST", f"{doomed}/v1/chat/completions",
+                json={"model": "qwen3-8b", "messages": MESSAGES, "stream": True},
+            ) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                for _ in range(3):
+                    await lines.__anext__()
+                assert await reserved(db, "unregistered") == 100
+                process.kill()
+                await process.wait()
+        async with gateway(db, nats_url, backend("vllm", server.url, default=True)) as url:
+            await wait_for_key(url, key)
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=10) as client:
+                chat = {"model": "qwen3-8b", "messages": MESSAGES, "max_tokens": 10}
+
+                async def answered() -> httpx.Response | None:
+                    answer = await client.post("/v1/chat/completions", json=chat)
+                    return answer if answer.status_code == 200 else None
+
                 await eventually(answered, within=10, every=0.25)
 
 
@@ -197,3 +254,21 @@ async def test_a_release_after_its_process_was_swept_frees_nothing_twice(aio_loo
         assert await held() == (0, None)
         [(counted,)] = await db.fetch("SELECT budget_used FROM api_key_limits WHERE key_id = %s", (key.id,))
         assert counted == 70
+
+
+async def test_a_sweep_gives_back_what_an_owner_with_no_instance_row_holds(aio_loop: object, pg_database_url: str) -> None:
+    """Holds in the name of a process that never wrote its `gateway_instances` row (one killed
+    before its first heartbeat, by a gateway older than registration before the first hold)
+    were found by no sweep: held until the period's end. A sweep gives them back now, and
+    leaves alone what a registered live process holds."""
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        keys, chats = KeysStore(db), ChatStore(db)
+        key = await keys.create(name="k", prefix="sk-llmp-ghost", digest=b"g" * 32, models=None, workspaces=None,
+                                rpm=None, tpm=None, admin=False, expires_at=None, budget=300)
+        await chats.heartbeat("alive", first=True)
+        for owner in ("alive", "never-beat"):
+            await keys.admit(key.id, None, None, budget=300, budget_reserve=100, owner=owner)
+        await chats.sweep_dead_instances(30, judge="alive")
+        row = await db.fetchrow("SELECT budget_reserved, budget_holds FROM api_key_limits WHERE key_id = %s", (key.id,))
+        assert row is not None and row[0] == 100 and set(row[1]) == {"alive"}

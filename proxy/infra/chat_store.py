@@ -252,7 +252,17 @@ WITH dead AS (
     UPDATE chat_log SET status = 'failed', error = %(error)s::jsonb, updated_at = now()
     WHERE status = 'running' AND owner IN (SELECT id FROM dead) RETURNING 1
 ), gone AS (
-    SELECT array_agg(id) AS ids FROM dead
+    -- With the owners of budget holds that have no row at all: processes that died before
+    -- their first heartbeat, held in the name of no instance a sweep could find (a gateway
+    -- registers before its first hold now; these are older ones'). The subquery reads the
+    -- table as it was before `dead`, whose ids it may list again.
+    SELECT array_agg(DISTINCT id) AS ids FROM (
+        SELECT id FROM dead
+        UNION ALL
+        SELECT h.owner FROM api_key_limits l, jsonb_object_keys(l.budget_holds) AS h(owner)
+        WHERE l.budget_holds IS NOT NULL AND {_STEADY}
+            AND NOT EXISTS (SELECT 1 FROM gateway_instances g WHERE g.id = h.owner)
+    ) AS owners
 ), holds AS (
     -- The budget reservations of their requests, which will never end (migration 0017).
     UPDATE api_key_limits l

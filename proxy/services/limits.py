@@ -51,6 +51,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -377,7 +378,8 @@ class RateLimiter:
     docstring). `record` is a `RecordSink`: compose it into the chat service's sink."""
 
     def __init__(
-        self, resources: Resources, ring: KeyRing, *, spool: Path | None = None, owner: str | None = None
+        self, resources: Resources, ring: KeyRing, *, spool: Path | None = None, owner: str | None = None,
+        register: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._resources = resources
         self._ring = ring
@@ -390,6 +392,10 @@ class RateLimiter:
         # reservations are held in its name, so that the sweep of a dead instance gives them
         # back, and its batches (replayed from its spool, too) give back only what it holds.
         self._writer = owner or secrets.token_hex(8)
+        # Writes the owner's `gateway_instances` row, awaited before its first budget hold: a
+        # process killed before its first heartbeat would have held its reservations with no
+        # row for a sweep to find (until the period's end). None: nothing to wait for.
+        self._register = register
         self._seq = 0
         self._batches: list[UsageBatch] = []
         self._spool = Spool(spool, self._writer) if spool is not None else None
@@ -510,6 +516,9 @@ class RateLimiter:
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
+                if self._register is not None and any(call.budget_reserve for call in calls):
+                    await self._register()
+                    self._register = None  # registered: a later sweep finds the row
                 held = self._take_settlements(principal)
                 states = await KeysStore(db).admit_many(
                     principal.id, principal.rpm, principal.tpm, [(c.reserve, c.budget_reserve) for c in calls],

@@ -288,6 +288,16 @@ class Persistence:
                         log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
             await trio.sleep(self.settings.heartbeat)
 
+    async def register(self) -> None:
+        """This instance's row in `gateway_instances` now, unless a heartbeat wrote it: its
+        budget holds are made in its name only once a sweep could find it dead (the first
+        heartbeat comes when the database is first seen, up to a period after it is up)."""
+        store = self.store()
+        if self._beaten or store is None:
+            return
+        await store.heartbeat(self.instance_id, late=self.settings.late, first=True)
+        self._beaten = True
+
     async def take_cancels(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stop this instance's runs whose cancel a client sent to another instance (which
         then reads the run's row, written `cancelled` as for a cancel sent here)."""
