@@ -379,7 +379,7 @@ class RateLimiter:
 
     def __init__(
         self, resources: Resources, ring: KeyRing, *, spool: Path | None = None, owner: str | None = None,
-        register: Callable[[], Awaitable[None]] | None = None,
+        register: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._resources = resources
         self._ring = ring
@@ -394,7 +394,7 @@ class RateLimiter:
         self._writer = owner or secrets.token_hex(8)
         # Writes the owner's `gateway_instances` row, awaited before its first budget hold: a
         # process killed before its first heartbeat would have held its reservations with no
-        # row for a sweep to find (until the period's end). None: nothing to wait for.
+        # row for a sweep to find (until the period's end). None: nothing (more) to wait for.
         self._register = register
         self._seq = 0
         self._batches: list[UsageBatch] = []
@@ -516,8 +516,7 @@ class RateLimiter:
         try:
             with trio.fail_after(_CALL_TIMEOUT):
                 await self._settled_elsewhere(principal)
-                if self._register is not None and any(call.budget_reserve for call in calls):
-                    await self._register()
+                if self._register is not None and any(call.budget_reserve for call in calls) and await self._register():
                     self._register = None  # registered: a later sweep finds the row
                 held = self._take_settlements(principal)
                 states = await KeysStore(db).admit_many(

@@ -288,15 +288,19 @@ class Persistence:
                         log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
             await trio.sleep(self.settings.heartbeat)
 
-    async def register(self) -> None:
+    async def register(self) -> bool:
         """This instance's row in `gateway_instances` now, unless a heartbeat wrote it: its
         budget holds are made in its name only once a sweep could find it dead (the first
-        heartbeat comes when the database is first seen, up to a period after it is up)."""
+        heartbeat comes when the database is first seen, up to a period after it is up).
+        False: no database to write it to."""
+        if self._beaten:
+            return True
         store = self.store()
-        if self._beaten or store is None:
-            return
+        if store is None:
+            return False
         await store.heartbeat(self.instance_id, late=self.settings.late, first=True)
         self._beaten = True
+        return True
 
     async def take_cancels(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stop this instance's runs whose cancel a client sent to another instance (which
