@@ -165,6 +165,16 @@ class SemanticCacheSettings:
     ttl_seconds: float = 3600.0
 
 
+@dataclass(slots=True, frozen=True)
+class BatchSettings:
+    """`[batches]`: OpenAI's Files and Batch APIs (`/v1/files`, `/v1/batches`)."""
+
+    concurrency: int = 4  # lines of batches one gateway process runs at once (all its batches together)
+    file_max_bytes: int = 100 * 1024 * 1024  # an uploaded file's size limit (OpenAI's: 200 MB)
+    max_lines: int = 50_000  # requests in one batch (OpenAI's limit)
+    poll_seconds: float = 5.0  # how often a gateway looks for batches nobody runs
+
+
 # Ollama's default (`OLLAMA_ORIGINS`), plus IPv6's loopback: pages served from this machine
 # and desktop-app webviews. Not Ollama's `file://*`: browsers send a file:// page's requests
 # as `Origin: null`, which any site's sandboxed frame can send too, so it cannot be allowed.
@@ -204,6 +214,7 @@ class Settings:
     embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     rag: RagSettings = field(default_factory=RagSettings)
     semantic_cache: SemanticCacheSettings = field(default_factory=SemanticCacheSettings)
+    batches: BatchSettings = field(default_factory=BatchSettings)
     # API keys (proxy.services.auth): "auto" asks for a key once any exists, "required"
     # always, "off" never. /health is always open; these paths too.
     auth: str = "auto"
@@ -288,6 +299,7 @@ _TOP_KEYS = {
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
+    "batches",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
@@ -388,6 +400,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         embeddings=_parse_embeddings(top.get("embeddings", dict, {})),
         rag=_parse_rag(top.get("rag", dict, {})),
         semantic_cache=_parse_semantic_cache(top.get("semantic_cache", dict, {})),
+        batches=_parse_batches(top.get("batches", dict, {})),
         auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
         auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
@@ -567,6 +580,16 @@ def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
         models=reader.strings("models"),
         threshold=threshold,
         ttl_seconds=float(reader.positive("ttl_seconds", (int, float), 3600.0)),
+    )
+
+
+def _parse_batches(raw: Mapping[str, Any]) -> BatchSettings:
+    reader = _Reader(raw, "batches", {"concurrency", "file_max_bytes", "max_lines", "poll_seconds"})
+    return BatchSettings(
+        concurrency=reader.positive("concurrency", int, 4),
+        file_max_bytes=reader.positive("file_max_bytes", int, 100 * 1024 * 1024),
+        max_lines=reader.positive("max_lines", int, 50_000),
+        poll_seconds=float(reader.positive("poll_seconds", (int, float), 5.0)),
     )
 
 

@@ -21,6 +21,7 @@ from proxy.infra.nats import Bus
 from proxy.infra.resources import Resources
 from proxy.infra.spool import spool_directory
 from proxy.services.auth import Authenticator, KeyRing, ScopedCatalog, ScopedRouter
+from proxy.services.batches import BatchRunner
 from proxy.services.chat import ChatService, ExchangeRecord, RecordSink
 from proxy.services.embeddings import CatalogWithLocalModels, EmbeddingService, LocalModel
 from proxy.services.journal import ensure_streams
@@ -54,14 +55,18 @@ class Gateway:
     limits: RateLimiter | None = None
     metrics: Metrics | None = None
     hosts: HostPolicy | None = None  # the Host names answered while no key is asked
+    batches: BatchRunner | None = None  # with a database: OpenAI's Batch API runs here
     _readiness: tuple[float, dict[str, str]] | None = None  # the last probe's end and answer
     _probing: trio.Event | None = None  # set when the probe in flight ends
 
     async def wind_down(self, deadline: float) -> None:
         """The gateway stops: its durable runs (background responses, keyed chats whose
         client left) go on until `deadline`, the graceful stop's end, as requests in flight do."""
-        if self.persistence is not None:
-            await self.persistence.runs.wind_down(deadline)
+        async with trio.open_nursery() as nursery:
+            if self.batches is not None:
+                nursery.start_soon(self.batches.wind_down, deadline)
+            if self.persistence is not None:
+                nursery.start_soon(self.persistence.runs.wind_down, deadline)
 
     async def readiness(self) -> dict[str, str]:
         """Each dependency's state: "ok" or why not.
@@ -214,6 +219,15 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     semantic_cache = SemanticCache(settings.semantic_cache, lambda: resources.database, local_model, router)
     # The catalogue teaches the router the names backends list (see `_front.serve`).
     catalog = CatalogWithLocalModels(embeddings, backends, router, settings.models_cache_seconds)
+    batches: BatchRunner | None = None
+    if persistence is not None and settings.database_url:
+        # It takes batches once the HTTP layer gives it the front door to send their lines to.
+        batches = BatchRunner(
+            resources, persistence.instance_id, concurrency=settings.batches.concurrency,
+            max_lines=settings.batches.max_lines, poll=settings.batches.poll_seconds,
+            silent=persistence.settings.dead_after, late=persistence.settings.late,
+        )
+        await nursery.start(batches.run)
     try:
         yield Gateway(
             settings=settings,
@@ -231,8 +245,13 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             limits=limits,
             metrics=metrics,
             hosts=HostPolicy(settings.allowed_hosts, settings.host),
+            batches=batches,
         )
     finally:
+        if batches is not None:  # its lines still need the limiter, the writer, the database
+            batches.stop()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 12):
+                await batches.stopped.wait()
         await limits.aclose()  # writes pending usage while the database is still open
         keys.stop()
         if persistence is not None:

@@ -133,7 +133,8 @@ def install_error_handlers(app: Quart) -> None:
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.path}"
         elif status == 413:
-            message = too_large(int(current_app.config["MAX_CONTENT_LENGTH"])).message
+            limit = request.max_content_length  # a file upload's own, or `max_body_bytes`
+            message = too_large(int(limit if limit is not None else current_app.config["MAX_CONTENT_LENGTH"])).message
         else:
             message = error.description or error.name
         response = error_response(GatewayError(kind, message, code="request_too_large" if status == 413 else None))

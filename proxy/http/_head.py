@@ -13,6 +13,9 @@ from proxy.services.chat import RequestMeta, new_trace_id
 # Where a request's id lives once chosen: in its ASGI scope, which every layer that serves
 # the request (the front door, Quart, the hooks, the response's stamp) sees the same.
 _REQUEST_ID = "llm_proxy.request_id"
+# A request the gateway sends itself on a key's behalf (a batch's line): the key's id (None:
+# no key). In the ASGI scope, which only the process itself can set: no header can claim it.
+ON_BEHALF_OF = "llm_proxy.on_behalf_of"
 
 
 class RequestHead:
@@ -31,6 +34,15 @@ class RequestHead:
             headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
         self._headers = headers
         self._size = size
+
+    @property
+    def internal(self) -> bool:
+        """Whether the gateway sent this request itself (a batch's line): see `on_behalf_of`."""
+        return ON_BEHALF_OF in self._scope
+
+    @property
+    def on_behalf_of(self) -> int | None:
+        return cast(int | None, self._scope.get(ON_BEHALF_OF))
 
     def header(self, name: str) -> str | None:
         """The header `name` (lower case), or None."""

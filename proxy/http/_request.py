@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal, overload
+from typing import Any, ClassVar, Literal, overload
 
 import trio
 from quart_trio.wrappers.request import TrioBody, TrioRequest
@@ -48,6 +48,14 @@ class PacedBody(TrioBody):
 class PacedRequest(TrioRequest):
     body_class = PacedBody
     body: PacedBody
+    # Paths whose POST body has its own size limit instead of `max_body_bytes` (file uploads).
+    limits: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
+        limit = self.limits.get(path) if method == "POST" else None
+        if limit is not None:
+            kwargs["max_content_length"] = limit
+        super().__init__(method, scheme, path, *args, **kwargs)
 
     @overload
     async def get_data(self, cache: bool, as_text: Literal[False], parse_form_data: bool) -> bytes: ...

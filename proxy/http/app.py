@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from contextlib import AsyncExitStack
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
@@ -13,6 +13,7 @@ from proxy.config import Settings
 from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
+    _batches,
     _completions,
     _conversations,
     _cors,
@@ -36,7 +37,7 @@ from proxy.http._request import PacedRequest
 
 class _App(GatewayApp):
     cors: _cors.Cors
-    request_class = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
+    request_class: type[PacedRequest] = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -80,6 +81,11 @@ def _normalised(scope: HTTPScope) -> HTTPScope:
 
 def create_app(settings: Settings) -> GatewayApp:
     app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
+
+    class _Request(PacedRequest):
+        limits: ClassVar[dict[str, int]] = {_batches.FILES: settings.batches.file_max_bytes}  # an upload's own
+
+    app.request_class = _Request
     app.front = _front.FrontDoor()
     app.cors = _cors.Cors(settings.cors_origins)
     # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
@@ -94,6 +100,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_workspaces.blueprint)
     app.register_blueprint(_keys.blueprint)
     app.register_blueprint(_conversations.blueprint)
+    app.register_blueprint(_batches.blueprint)
     app.register_blueprint(openapi_blueprint)
     for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
@@ -104,6 +111,8 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.before_serving
     async def startup() -> None:
         app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))
+        if app.gateway.batches is not None:
+            app.gateway.batches.serve(_batches.dispatcher(app))
 
     @app.after_serving
     async def shutdown() -> None:

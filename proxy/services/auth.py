@@ -426,6 +426,24 @@ class Authenticator:
         raise refusal or _unauthorized("Invalid API key.", "invalid_api_key")
 
 
+    def authenticate_id(self, key_id: int | None) -> Principal | None:
+        """The key of a request the gateway sends on its behalf (a batch's line), as it is now:
+        a key revoked or expired since is refused as its own requests would be."""
+        if self.enabled() is False:
+            return None
+        principal = self.ring.by_id(key_id) if key_id is not None else None
+        if principal is None:
+            raise _unauthorized(
+                "The API key this batch was created with no longer exists (or, created while no key was "
+                "asked, the gateway now asks for one).", "invalid_api_key",
+            )
+        if principal.revoked:
+            raise _unauthorized("This API key has been revoked.", "revoked_api_key")
+        if principal.expired(time.time()):
+            raise _unauthorized("This API key has expired.", "expired_api_key")
+        return principal
+
+
 # -- management (the CLI) ---------------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.domain.ids import is_trace_id
 from proxy.infra.backends import Batch, _pump
+from proxy.infra.batch_store import BatchStore
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
@@ -492,6 +493,11 @@ class Persistence:
         """A statement on the stored conversations a client waits on, as `journal_read`."""
         db = self.resources.database
         return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
+
+    async def batches(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+        """A statement on the stored files and batches a client waits on, as `journal_read`."""
+        db = self.resources.database
+        return await self._waited_on(BatchStore(db) if db is not None else None, call, what)
 
     async def _waited_on(self, store: _S | None, call: Callable[[_S], Awaitable[_T]], what: str) -> _T:
         try:

@@ -1,0 +1,306 @@
+"""OpenAI's Files and Batch APIs, stored in PostgreSQL, each file and batch its API key's own:
+
+    POST   /v1/files                     upload (multipart: `file`, `purpose` = batch)
+    GET    /v1/files                     list (`purpose`, `after`, `limit`, `order`)
+    GET    /v1/files/{id}                the file's object
+    GET    /v1/files/{id}/content        its bytes
+    DELETE /v1/files/{id}                delete it
+    POST   /v1/batches                   create (`input_file_id`, `endpoint`, `completion_window`)
+    GET    /v1/batches                   list (`after`, `limit`), newest first
+    GET    /v1/batches/{id}              the batch
+    POST   /v1/batches/{id}/cancel       cancel it
+
+The batches run in `services.batches.BatchRunner`; their lines are sent to this gateway's own
+front door by `dispatcher`, on the batch's key's behalf.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, HTTPScope
+from quart import Blueprint, Response, request
+
+from proxy.dialects._json import dumps
+from proxy.dialects.openai import batches as wire
+from proxy.dialects.responses import conversations
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.ids import storable
+from proxy.http._context import GatewayApp, gateway, request_body
+from proxy.http._head import ON_BEHALF_OF, current_tenant
+from proxy.http._openapi import _INT, _OBJ, _STR, _ok, _op, document
+from proxy.infra.batch_store import BatchStore
+from proxy.infra.postgres import DatabaseError
+from proxy.services.auth import current_principal
+from proxy.services.batches import Answer, Dispatch
+from proxy.services.persistence import Persistence
+
+log = logging.getLogger("llm_proxy.batches")
+
+blueprint = Blueprint("batches", __name__)
+
+FILES = "/v1/files"
+_T = TypeVar("_T")
+
+
+def _no_database() -> GatewayError:
+    return GatewayError(
+        ErrorKind.UNAVAILABLE,
+        "This gateway runs without a database (`embedded = false` and no DATABASE_URL): files and batches need "
+        "PostgreSQL.", code="database_not_configured", hopeless=True,
+    )
+
+
+def _persistence() -> Persistence:
+    persistence = gateway().persistence
+    if persistence is None or persistence.resources.database_url is None or gateway().batches is None:
+        raise _no_database()
+    return persistence
+
+
+async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+    return await _persistence().batches(call, what)
+
+
+async def _stored_slowly(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+    """A statement moving a file's bytes: as long as they take, not a lookup's few seconds."""
+    db = _persistence().resources.database
+    try:
+        if db is None:
+            raise DatabaseError("not connected")
+        return await call(BatchStore(db))
+    except DatabaseError as error:
+        log.warning("%s failed: %s", what, error)
+        raise GatewayError(
+            ErrorKind.UNAVAILABLE, "The database (PostgreSQL) is unavailable; try again shortly.",
+            code="database_unavailable", retry_after=2,
+        ) from error
+
+
+def _reply(body: dict[str, Any]) -> Response:
+    return Response(dumps(body), content_type="application/json")
+
+
+def _page_query(max_limit: int, default: int) -> tuple[str | None, int, str]:
+    query = request.args.to_dict(flat=False)
+    query.setdefault("limit", [str(default)])
+    return conversations.page_query(query, max_limit)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        ErrorKind.REQUEST_TOO_LARGE,
+        f"The file is too large: the limit is {limit} bytes (`[batches] file_max_bytes`).", param="file",
+        code="file_too_large",
+    )
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+@blueprint.post(FILES)
+async def upload_file() -> Response:
+    _persistence()
+    if request.mimetype != "multipart/form-data":
+        raise invalid_request("Upload a file as multipart/form-data with the fields `file` and `purpose`.", param="file")
+    form, files = await request.form, await request.files
+    purpose = wire.check_purpose(form.get("purpose"))
+    upload = files.get("file")
+    if upload is None:
+        raise invalid_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    limit = gateway().settings.batches.file_max_bytes
+    content = upload.read(limit + 1)
+    if len(content) > limit:
+        raise _too_large(limit)
+    filename = upload.filename or "upload.jsonl"
+    if not storable(filename) or len(filename) > 512:
+        raise invalid_request("Invalid file name.", param="file")
+    tenant = current_tenant()
+    created = await _stored_slowly(
+        lambda store: store.add_file(wire.new_file_id(), tenant, purpose, filename, content), "storing a file"
+    )
+    return _reply(wire.file_object(created))
+
+
+@blueprint.get(FILES)
+async def list_files() -> Response:
+    after, limit, order = _page_query(10_000, 10_000)
+    purpose = request.args.get("purpose") or None
+    tenant = current_tenant()
+    found = await _stored(
+        lambda store: store.files(tenant, purpose=purpose, after=after, limit=limit, order=order), "the files"
+    )
+    if found is None:
+        raise invalid_request(f"`after` names no file of yours: {after}", param="after")
+    rows, more = found
+    return _reply(wire.page([wire.file_object(row) for row in rows], more))
+
+
+async def _own_file(file_id: str) -> dict[str, Any]:
+    tenant = current_tenant()
+    found = None
+    if wire.is_file_id(file_id):
+        found = await _stored(lambda store: store.file(file_id, tenant), f"file {file_id}")
+    if found is None:
+        raise wire.file_not_found(file_id)
+    return found
+
+
+@blueprint.get(f"{FILES}/<file_id>")
+async def retrieve_file(file_id: str) -> Response:
+    return _reply(wire.file_object(await _own_file(file_id)))
+
+
+@blueprint.get(f"{FILES}/<file_id>/content")
+async def file_content(file_id: str) -> Response:
+    tenant = current_tenant()
+    content = None
+    if wire.is_file_id(file_id):
+        content = await _stored_slowly(lambda store: store.content(file_id, tenant), f"reading file {file_id}")
+    if content is None:
+        raise wire.file_not_found(file_id)
+    return Response(content, content_type="application/octet-stream")
+
+
+@blueprint.delete(f"{FILES}/<file_id>")
+async def delete_file(file_id: str) -> Response:
+    tenant = current_tenant()
+    if not wire.is_file_id(file_id) or not await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}"):
+        raise wire.file_not_found(file_id)
+    return _reply({"id": file_id, "object": "file", "deleted": True})
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+@blueprint.post("/v1/batches")
+async def create_batch() -> Response:
+    _persistence()
+    new = wire.parse_create(await request_body())
+    tenant = current_tenant()
+    found = await _stored(lambda store: store.file(new.input_file_id, tenant), f"file {new.input_file_id}")
+    if found is None:
+        raise wire.file_not_found(new.input_file_id, "input_file_id")
+    if found["purpose"] != "batch":
+        raise invalid_request(
+            f"The file {new.input_file_id} was uploaded with purpose {found['purpose']!r}; a batch's input needs "
+            "purpose 'batch'.", param="input_file_id", code="invalid_value",
+        )
+    principal = current_principal.get()
+    key_id = principal.id if principal is not None else None
+    created = await _stored(
+        lambda store: store.add_batch(
+            wire.new_batch_id(), tenant, key_id, new.endpoint, new.input_file_id, new.completion_window, new.metadata
+        ), "a new batch",
+    )
+    runner = gateway().batches
+    assert runner is not None
+    runner.wake()
+    return _reply(wire.batch_object(created))
+
+
+@blueprint.get("/v1/batches")
+async def list_batches() -> Response:
+    after, limit, _ = _page_query(100, 20)
+    tenant = current_tenant()
+    found = await _stored(lambda store: store.batches(tenant, after=after, limit=limit), "the batches")
+    if found is None:
+        raise invalid_request(f"`after` names no batch of yours: {after}", param="after")
+    rows, more = found
+    return _reply(wire.page([wire.batch_object(row) for row in rows], more))
+
+
+async def _own_batch(batch_id: str) -> dict[str, Any]:
+    tenant = current_tenant()
+    found = None
+    if wire.is_batch_id(batch_id):
+        found = await _stored(lambda store: store.batch(batch_id, tenant), f"batch {batch_id}")
+    if found is None:
+        raise wire.batch_not_found(batch_id)
+    return found
+
+
+@blueprint.get("/v1/batches/<batch_id>")
+async def retrieve_batch(batch_id: str) -> Response:
+    return _reply(wire.batch_object(await _own_batch(batch_id)))
+
+
+@blueprint.post("/v1/batches/<batch_id>/cancel")
+async def cancel_batch(batch_id: str) -> Response:
+    found = await _own_batch(batch_id)
+    tenant = current_tenant()
+    if not await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}"):
+        found = await _own_batch(batch_id)
+        if found["status"] not in ("cancelling", "cancelled"):
+            raise GatewayError(
+                ErrorKind.CONFLICT, f"Cannot cancel a batch with status '{found['status']}'.", param="batch_id",
+                code="invalid_state",
+            )
+    return _reply(wire.batch_object(await _own_batch(batch_id)))
+
+
+# -- a batch's lines, sent to the gateway's own front door ----------------------------------------
+
+
+def dispatcher(app: GatewayApp) -> Dispatch:
+    """Send a batch's line through `app` as a request of the batch's key (`ON_BEHALF_OF`): the
+    guard, the routes, limits and accounting all see it as the key's own request."""
+
+    async def dispatch(key_id: int | None, path: str, body: bytes, request_id: str) -> Answer:
+        scope: dict[str, Any] = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "extensions": {},
+            "headers": [
+                (b"host", b"localhost"), (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)), (b"x-request-id", request_id.encode()),
+            ],
+            ON_BEHALF_OF: key_id,
+        }
+        given = False
+        status = 500
+        headers: dict[str, str] = {}
+        chunks: list[bytes] = []
+
+        async def receive() -> ASGIReceiveEvent:
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await trio.sleep_forever()  # nobody hangs up: the answer is waited for whole
+            raise AssertionError("unreachable")
+
+        async def send(message: ASGISendEvent) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers.update((name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in message["headers"])
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await app.asgi_app(scope_of(scope), receive, send)
+        return Answer(status, b"".join(chunks), headers)
+
+    return dispatch
+
+
+def scope_of(scope: dict[str, Any]) -> HTTPScope:
+    return scope  # type: ignore[return-value]
+
+
+_FILE = {"type": "object", "properties": {"id": _STR, "object": _STR, "bytes": _INT, "created_at": _INT, "filename": _STR, "purpose": _STR}}
+_BATCH = {"type": "object", "properties": {"id": _STR, "object": _STR, "status": _STR, "endpoint": _STR, "request_counts": _OBJ}}
+_LIST = {"type": "object", "properties": {"object": _STR, "data": {"type": "array"}, "has_more": {"type": "boolean"}}}
+_MULTIPART = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": _STR}}
+document(FILES, "post", _op("Upload a file (purpose `batch`)", "Batches", _ok(_FILE), body=_MULTIPART))
+document(FILES, "get", _op("List your files", "Batches", _ok(_LIST)))
+document(FILES + "/{file_id}", "get", _op("A file", "Batches", _ok(_FILE)))
+document(FILES + "/{file_id}", "delete", _op("Delete a file", "Batches", _ok(_OBJ)))
+document(FILES + "/{file_id}/content", "get", _op("A file's content", "Batches", _ok(media="application/octet-stream")))
+document("/v1/batches", "post", _op("Create a batch", "Batches", _ok(_BATCH), body=_OBJ))
+document("/v1/batches", "get", _op("List your batches", "Batches", _ok(_LIST)))
+document("/v1/batches/{batch_id}", "get", _op("A batch", "Batches", _ok(_BATCH)))
+document("/v1/batches/{batch_id}/cancel", "post", _op("Cancel a batch", "Batches", _ok(_BATCH)))

@@ -1,0 +1,271 @@
+"""OpenAI's files and batches in PostgreSQL (`0019_batches.sql`).
+
+Files and batches are their tenant's (`key-<id>`): another's is not found; with auth off (no
+tenant asked) every one is. A batch is run by one gateway instance at a time (`owner`): any
+instance takes one without an owner, or whose owner has stopped beating its heartbeat (see
+`ChatStore.sweep_dead_instances`). Each line's answer is a row of its own, written once
+(`ON CONFLICT DO NOTHING`): a batch resumed elsewhere runs only the lines without one, and
+its output holds each line once even should two instances have run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.infra.chat_store import _STEADY
+from proxy.infra.postgres import Database, json_text
+
+_MINE = "(%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
+_FILE_COLUMNS = (
+    "id, purpose, filename, bytes, extract(epoch FROM created_at)::bigint, extract(epoch FROM expires_at)::bigint"
+)
+_FILE_NAMES = ("id", "purpose", "filename", "bytes", "created_at", "expires_at")
+_EPOCHS = (
+    "created_at", "expires_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at",
+    "cancelled_at", "expired_at",
+)
+_BATCH_NAMES = (
+    "id", "endpoint", "input_file_id", "completion_window", "status", "errors", "total", "output_file_id",
+    "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens",
+)
+_BATCH_COLUMNS = (
+    "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
+    "b.error_file_id, b.metadata, "
+    + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
+    + ", c.completed, c.failed, c.input_tokens, c.output_tokens"
+)
+_BATCH_FROM = (
+    "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
+    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens "
+    "FROM batch_lines l WHERE l.batch_id = b.id) c"
+)
+_ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+# A batch nobody runs: no owner (created, or let go by a process that stopped), or an owner
+# silent for `silent` seconds, as judged by a steadily beating instance.
+_CLAIM = f"""
+UPDATE batches SET owner = %(judge)s WHERE id = (
+    SELECT b.id FROM batches b WHERE {_ACTIVE} AND (
+        b.owner IS NULL OR (b.owner <> %(judge)s AND NOT EXISTS (
+            SELECT 1 FROM gateway_instances g WHERE g.id = b.owner AND g.seen_at > now() - make_interval(secs => %(silent)s)
+        ) AND {_STEADY})
+    ) ORDER BY b.seq LIMIT 1 FOR UPDATE SKIP LOCKED
+) RETURNING id, tenant, key_id, endpoint, input_file_id, status, extract(epoch FROM expires_at - now())::float8
+"""
+_PAGE = {
+    "asc": "AND seq > %(cursor)s ORDER BY seq LIMIT %(limit)s",
+    "desc": "AND seq < %(cursor)s ORDER BY seq DESC LIMIT %(limit)s",
+}
+_NO_CURSOR = {"asc": 0, "desc": 2**63 - 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A batch this instance now runs."""
+
+    id: str
+    tenant: str | None
+    key_id: int | None
+    endpoint: str
+    input_file_id: str
+    status: str
+    expires_in: float  # seconds
+
+
+def _file(row: Any) -> dict[str, Any] | None:
+    return None if row is None else dict(zip(_FILE_NAMES, row, strict=True))
+
+
+def _batch(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    found = dict(zip(_BATCH_NAMES, row, strict=True))
+    for name in ("completed", "failed", "input_tokens", "output_tokens"):
+        found[name] = int(found[name])
+    return found
+
+
+class BatchStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def add_file(
+        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes
+    ) -> dict[str, Any]:
+        row = await self._db.fetchrow(
+            f"INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, %s, %s, %s, %s) "
+            f"RETURNING {_FILE_COLUMNS}",
+            (file_id, tenant, purpose, filename, len(content), content),
+        )
+        found = _file(row)
+        assert found is not None
+        return found
+
+    async def file(self, file_id: str, tenant: str | None) -> dict[str, Any] | None:
+        return _file(await self._db.fetchrow(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}
+        ))
+
+    async def content(self, file_id: str, tenant: str | None) -> bytes | None:
+        found = await self._db.fetchval(
+            f"SELECT content FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}
+        )
+        return None if found is None else bytes(found)
+
+    async def delete_file(self, file_id: str, tenant: str | None) -> bool:
+        return bool(await self._db.execute(f"DELETE FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}))
+
+    async def files(
+        self, tenant: str | None, *, purpose: str | None, after: str | None, limit: int, order: str
+    ) -> tuple[list[dict[str, Any]], bool] | None:
+        """A page of the tenant's files (and whether more follow); None: `after` is none of them."""
+        params: dict[str, Any] = {"tenant": tenant, "purpose": purpose, "limit": limit + 1, "cursor": _NO_CURSOR[order]}
+        if after is not None:
+            seq = await self._db.fetchval(f"SELECT seq FROM files WHERE id = %(id)s AND {_MINE}", {"id": after, "tenant": tenant})
+            if seq is None:
+                return None
+            params["cursor"] = int(seq)
+        rows = await self._db.fetch(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {_MINE} AND (%(purpose)s::text IS NULL OR purpose = %(purpose)s) "
+            + _PAGE[order], params,
+        )
+        found = [_file(row) for row in rows[:limit]]
+        return [row for row in found if row is not None], len(rows) > limit
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def add_batch(
+        self, batch_id: str, tenant: str | None, key_id: int | None, endpoint: str, input_file_id: str,
+        window: str, metadata: dict[str, str] | None,
+    ) -> dict[str, Any]:
+        await self._db.execute(
+            "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, metadata, status, "
+            "expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', now() + interval '24 hours')",
+            (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None),
+        )
+        found = await self.batch(batch_id, tenant)
+        assert found is not None
+        return found
+
+    async def batch(self, batch_id: str, tenant: str | None) -> dict[str, Any] | None:
+        return _batch(await self._db.fetchrow(
+            f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE b.id = %(id)s AND (%(tenant)s::text IS NULL OR b.tenant = %(tenant)s)",
+            {"id": batch_id, "tenant": tenant},
+        ))
+
+    async def batches(self, tenant: str | None, *, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
+        """A page of the tenant's batches, newest first (and whether more follow)."""
+        cursor = _NO_CURSOR["desc"]
+        if after is not None:
+            seq = await self._db.fetchval(f"SELECT seq FROM batches WHERE id = %(id)s AND {_MINE}", {"id": after, "tenant": tenant})
+            if seq is None:
+                return None
+            cursor = int(seq)
+        rows = await self._db.fetch(
+            f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE (%(tenant)s::text IS NULL OR b.tenant = %(tenant)s) "
+            "AND b.seq < %(cursor)s ORDER BY b.seq DESC LIMIT %(limit)s",
+            {"tenant": tenant, "cursor": cursor, "limit": limit + 1},
+        )
+        found = [_batch(row) for row in rows[:limit]]
+        return [row for row in found if row is not None], len(rows) > limit
+
+    async def cancel(self, batch_id: str, tenant: str | None) -> bool:
+        """Ask the batch to stop (its runner, on any instance, sees `cancelling`); False when
+        it is not found or has ended already."""
+        return bool(await self._db.execute(
+            "UPDATE batches SET status = 'cancelling', cancelling_at = now() WHERE id = %(id)s AND "
+            f"{_MINE} AND status IN ('validating', 'in_progress')", {"id": batch_id, "tenant": tenant},
+        ))
+
+    # -- the runner ------------------------------------------------------------------------
+
+    async def claim(self, instance: str, *, silent: float, late: float) -> Claimed | None:
+        row = await self._db.fetchrow(_CLAIM, {"judge": instance, "silent": silent, "late": late})
+        if row is None:
+            return None
+        batch_id, tenant, key_id, endpoint, input_file_id, status, expires_in = row
+        return Claimed(batch_id, tenant, key_id, endpoint, input_file_id, status, float(expires_in))
+
+    async def input_content(self, file_id: str) -> bytes | None:
+        found = await self._db.fetchval("SELECT content FROM files WHERE id = %s", (file_id,))
+        return None if found is None else bytes(found)
+
+    async def state(self, batch_id: str) -> tuple[str, str | None] | None:
+        """The batch's status and owner."""
+        row = await self._db.fetchrow("SELECT status, owner FROM batches WHERE id = %s", (batch_id,))
+        return None if row is None else (str(row[0]), row[1])
+
+    async def fail(self, batch_id: str, owner: str, errors: list[dict[str, Any]]) -> None:
+        await self._db.execute(
+            "UPDATE batches SET status = 'failed', failed_at = now(), errors = %s::jsonb, owner = NULL "
+            "WHERE id = %s AND owner = %s",
+            (json_text(errors), batch_id, owner),
+        )
+
+    async def start(self, batch_id: str, owner: str, total: int) -> None:
+        await self._db.execute(
+            "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s "
+            "WHERE id = %s AND owner = %s AND status = 'validating'",
+            (total, batch_id, owner),
+        )
+
+    async def answered(self, batch_id: str) -> set[int]:
+        rows = await self._db.fetch("SELECT line FROM batch_lines WHERE batch_id = %s", (batch_id,))
+        return {int(row[0]) for row in rows}
+
+    async def record(
+        self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int]
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING",
+            (batch_id, line, ok, json_text(output), tokens[0], tokens[1]),
+        )
+
+    async def let_go(self, batch_id: str, owner: str) -> None:
+        """This instance stops running the batch (the gateway stops): any may take it on."""
+        await self._db.execute("UPDATE batches SET owner = NULL WHERE id = %s AND owner = %s", (batch_id, owner))
+
+    async def finalize(
+        self, batch_id: str, owner: str, outcome: str, unrun: list[tuple[int, dict[str, Any]]], files: tuple[str, str]
+    ) -> bool:
+        """End the batch as `outcome` (completed, cancelled or expired): `unrun` lines recorded
+        as failed, its output and error files written from its lines, in one transaction (a
+        process dying in between leaves it `finalizing`, finalized again by whoever takes it).
+        False: it is no longer this instance's."""
+        async with self._db.transaction() as tx:
+            row = await tx.fetchrow(
+                "UPDATE batches SET status = 'finalizing', finalizing_at = coalesce(finalizing_at, now()) "
+                "WHERE id = %s AND owner = %s RETURNING tenant", (batch_id, owner),
+            )
+            if row is None:
+                return False
+            tenant = row[0]
+            for line, output in unrun:
+                await tx.execute(
+                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::jsonb) "
+                    "ON CONFLICT DO NOTHING", (batch_id, line, json_text(output)),
+                )
+            lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))
+            made: list[str | None] = []
+            for kind, file_id in zip((True, False), files, strict=True):
+                texts = [text for ok, text in lines if ok is kind]
+                if not texts:
+                    made.append(None)
+                    continue
+                content = ("\n".join(texts) + "\n").encode()
+                await tx.execute(
+                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, 'batch_output', %s, %s, %s)",
+                    (file_id, tenant, f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
+                     len(content), content),
+                )
+                made.append(file_id)
+            stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]
+            await tx.execute(
+                f"UPDATE batches SET status = %s, {stamp} = now(), output_file_id = %s, error_file_id = %s, owner = NULL "
+                "WHERE id = %s",
+                (outcome, made[0], made[1], batch_id),
+            )
+        return True

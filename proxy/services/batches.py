@@ -1,0 +1,282 @@
+"""OpenAI's Batch API run by the gateway itself: each line of a batch is a request through the
+gateway's own front door (`Dispatch`, given by the HTTP layer: the same routing, fallbacks,
+key scope, limits, budget and usage accounting as the key's own requests), a few at a time.
+
+An accepted batch is never lost: it lives in PostgreSQL (`BatchStore`), any instance runs one
+that nobody runs (created, let go by a gateway that stopped, or whose instance went silent),
+each line's answer is recorded as it ends, and a batch resumed runs only the lines without
+one. A line cut short (the gateway stopping past its grace, the batch taken over) records
+nothing and runs again where the batch resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from proxy.dialects.openai import batches as wire
+from proxy.infra.batch_store import BatchStore, Claimed
+from proxy.infra.postgres import DatabaseError
+from proxy.infra.resources import Resources
+
+log = logging.getLogger("llm_proxy.batches")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str]  # lower-case names
+
+
+# (the batch's key id or None, the endpoint's path, the line's body, its request id) → answer
+Dispatch = Callable[[int | None, str, bytes, str], Awaitable[Answer]]
+
+# A line refused by a per-minute limit (the key's, or the backend's) waits and is sent again,
+# at most this long at a time; one refused for a spent budget is answered with that refusal.
+_LONGEST_WAIT = 60.0
+# How often a batch's runner looks for a cancel (asked of any instance) and that it still owns it.
+_WATCH_SECONDS = 1.0
+# A recorded line, a let-go batch: bounded even once the gateway is stopping.
+_WRITE_SECONDS = 10.0
+
+
+class _Lost(Exception):
+    """Another instance took the batch over (this one was presumed dead)."""
+
+
+class BatchRunner:
+    """Runs this instance's share of the batches, in the gateway's nursery."""
+
+    def __init__(
+        self, resources: Resources, instance_id: str, *, concurrency: int, max_lines: int,
+        poll: float, silent: float, late: float,
+    ) -> None:
+        self._resources = resources
+        self._me = instance_id
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._max_batches = concurrency  # a batch holds at least one line's slot
+        self._max_lines = max_lines
+        self._poll, self._silent, self._late = poll, silent, late
+        self.dispatch: Dispatch | None = None
+        self.stopped = trio.Event()
+        self._wake = trio.Event()
+        self._running: set[str] = set()
+        self._ended = trio.Event()
+        self._stopping = False
+        self._halts: set[trio.Event] = set()  # of the batches running here
+        self._nursery: trio.Nursery | None = None
+
+    def _store(self) -> BatchStore | None:
+        db = self._resources.database
+        return None if db is None else BatchStore(db)
+
+    def serve(self, dispatch: Dispatch) -> None:
+        """Start taking batches, their lines sent to `dispatch`."""
+        self.dispatch = dispatch
+        self.wake()
+
+    def wake(self) -> None:
+        """A batch was created here: look for work now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                while True:
+                    if self.dispatch is not None and not self._stopping:
+                        await self._take(nursery)
+                    with trio.move_on_after(self._poll):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+        finally:
+            self.stopped.set()
+
+    async def _take(self, nursery: trio.Nursery) -> None:
+        store = self._store()
+        while store is not None and len(self._running) < self._max_batches and not self._stopping:
+            try:
+                claimed = await store.claim(self._me, silent=self._silent, late=self._late)
+            except DatabaseError as error:
+                log.debug("looking for batches failed: %s", error)
+                return
+            if claimed is None:
+                return
+            self._running.add(claimed.id)
+            nursery.start_soon(self._run_batch, store, claimed)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def wind_down(self, deadline: float) -> None:
+        """The gateway stops: no line starts any more; those in flight may finish until
+        `deadline` (the graceful stop's end), then they are cut. Every batch it ran is let go,
+        for the next gateway (or another one) to resume."""
+        self._stopping = True
+        for halt in self._halts:
+            halt.set()
+        with trio.move_on_at(deadline):
+            while self._running:
+                self._ended = trio.Event()
+                await self._ended.wait()
+        self.stop()
+        with trio.move_on_after(_WRITE_SECONDS + 1):
+            await self.stopped.wait()
+
+    async def _run_batch(self, store: BatchStore, claimed: Claimed) -> None:
+        try:
+            await self._drive(store, claimed)
+        except _Lost:
+            log.warning("batch %s was taken over by another gateway process", claimed.id)
+        except DatabaseError as error:
+            # Its lines recorded so far stay; it is let go for a later look (here or elsewhere).
+            log.warning("batch %s stopped: the database failed (%s); it resumes later", claimed.id, error)
+            await self._let_go(store, claimed.id)
+        except Exception:
+            log.exception("batch %s stopped on an unexpected error; it resumes later", claimed.id)
+            await self._let_go(store, claimed.id)
+        finally:
+            if self._stopping:
+                await self._let_go(store, claimed.id)
+            self._running.discard(claimed.id)
+            self._ended.set()
+
+    async def _let_go(self, store: BatchStore, batch_id: str) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
+            try:
+                await store.let_go(batch_id, self._me)
+            except DatabaseError as error:  # it is taken once this instance's heartbeat stops
+                log.debug("letting batch %s go failed: %s", batch_id, error)
+
+    async def _drive(self, store: BatchStore, claimed: Claimed) -> None:
+        content = await store.input_content(claimed.input_file_id)
+        lines, faults = wire.parse_lines(content or b"", claimed.endpoint, self._max_lines)
+        status = claimed.status
+        if status == "validating":
+            if content is None:
+                faults = [{"code": "file_not_found", "line": None, "param": "input_file_id",
+                           "message": f"The input file {claimed.input_file_id} was deleted before the batch started."}]
+            if faults:
+                await store.fail(claimed.id, self._me, faults)
+                return
+            await store.start(claimed.id, self._me, len(lines))
+            status = "in_progress"
+        done = await store.answered(claimed.id)
+        pending = [line for line in lines if line.number not in done]
+        outcome = "cancelled" if status == "cancelling" else "completed"
+        if status == "in_progress":
+            outcome = await self._run_lines(store, claimed, pending)
+            if outcome == "stopped":
+                return
+            done = await store.answered(claimed.id)
+        unrun: list[tuple[int, dict[str, Any]]] = []
+        if outcome == "expired":
+            unrun = [
+                (line.number, wire.unrun_line(line.custom_id, "batch_expired",
+                                              "This request could not be executed before the completion window expired."))
+                for line in lines if line.number not in done
+            ]
+        if not await store.finalize(claimed.id, self._me, outcome, unrun, (wire.new_file_id(), wire.new_file_id())):
+            raise _Lost()
+
+    async def _run_lines(self, store: BatchStore, claimed: Claimed, pending: list[wire.Line]) -> str:
+        """Run `pending` a few at a time; how the batch ends: completed, cancelled (asked on
+        any instance: the lines in flight finish, those waiting for a rate limit and the rest
+        do not start), expired (its window's end: the lines in flight are cut), or stopped (the
+        gateway stops: let go, to be resumed)."""
+        halt = trio.Event()  # cancelled, or the gateway stops
+        self._halts.add(halt)
+        try:
+            async with trio.open_nursery() as watching:
+                watching.start_soon(self._watch, store, claimed.id, halt)
+                with trio.move_on_after(max(claimed.expires_in, 0.0)) as window:
+                    async with trio.open_nursery() as running:
+                        for line in pending:
+                            slot = object()  # the line's hold on one of the runner's slots
+                            await self._limiter.acquire_on_behalf_of(slot)
+                            if halt.is_set() or self._stopping:
+                                self._limiter.release_on_behalf_of(slot)
+                                break
+                            running.start_soon(self._line, store, claimed, line, halt, slot)
+                watching.cancel_scope.cancel()
+        finally:
+            self._halts.discard(halt)
+        if window.cancelled_caught:
+            return "expired"
+        if self._stopping:
+            # Every line answered (none was left to start, none halted): it can end here.
+            answered = await store.answered(claimed.id)
+            return "completed" if all(line.number in answered for line in pending) else "stopped"
+        return "cancelled" if halt.is_set() else "completed"
+
+    async def _watch(self, store: BatchStore, batch_id: str, halt: trio.Event) -> None:
+        while True:
+            await trio.sleep(_WATCH_SECONDS)
+            try:
+                state = await store.state(batch_id)
+            except DatabaseError as error:
+                log.debug("batch %s: its state could not be read: %s", batch_id, error)
+                continue
+            if state is None or state[1] != self._me:
+                raise _Lost()
+            if state[0] == "cancelling":
+                halt.set()
+
+    async def _line(
+        self, store: BatchStore, claimed: Claimed, line: wire.Line, halt: trio.Event, slot: object
+    ) -> None:
+        try:
+            dispatch = self.dispatch
+            assert dispatch is not None
+            body = {key: value for key, value in line.body.items() if key not in ("stream", "stream_options")}
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            request_id = "req_" + secrets.token_hex(16)
+            while True:
+                answer = await dispatch(claimed.key_id, claimed.endpoint, payload, request_id)
+                wait = _wait_for(answer)
+                if wait is None:
+                    break
+                with trio.move_on_after(wait):
+                    await halt.wait()
+                if halt.is_set():  # it has not run: a resumed batch runs it, a cancelled one does not
+                    return
+            try:
+                parsed: Any = json.loads(answer.body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                parsed = answer.body.decode("utf-8", "replace")
+            ok = 200 <= answer.status < 300
+            output = wire.output_line(line.custom_id, answer.status, answer.headers.get("x-request-id", request_id), parsed)
+            tokens = wire.usage_of(parsed) if ok else (0, 0)
+            # Once the answer is in, its record is written whole even if the gateway is stopping.
+            with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
+                await store.record(claimed.id, line.number, ok, output, tokens)
+        finally:
+            self._limiter.release_on_behalf_of(slot)
+
+
+def _wait_for(answer: Answer) -> float | None:
+    """How long to wait before sending a line again: a 429 of a per-minute limit (not a spent
+    budget, which no wait within the batch's window is sure to mend)."""
+    if answer.status != 429:
+        return None
+    try:
+        error = json.loads(answer.body).get("error") or {}
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
+        error = {}
+    if isinstance(error, dict) and error.get("code") == "insufficient_quota":
+        return None
+    try:
+        after = float(answer.headers.get("retry-after", "1"))
+    except ValueError:
+        after = 1.0
+    return min(max(after, 0.1), _LONGEST_WAIT)

@@ -1,0 +1,209 @@
+"""OpenAI's Files and Batch APIs with the official `openai` SDK (`client.files`,
+`client.batches`), on a gateway with PostgreSQL and NATS in front of a fake backend: a batch
+runs its lines through the gateway's own routing and limits, fails naming a malformed file's
+lines, cancels, survives its gateway's stop (another one finishes it, each line once), and is
+its key's alone."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+import trio
+from openai.types import Batch
+
+from tests.fakes import OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import gateway, new_key, sql, wait_for_key
+from tests.test_responses_stored import Stack, journaled_stack
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+ECHO = Script(echo=True, usage=Usage(7, 3))
+
+
+def jsonl(*lines: dict[str, Any] | str) -> bytes:
+    return b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in lines)
+
+
+def chat_line(custom_id: str, text: str | None = None, url: str = "/v1/chat/completions") -> dict[str, Any]:
+    return {
+        "custom_id": custom_id, "method": "POST", "url": url,
+        "body": {"model": "m", "messages": [{"role": "user", "content": text or f"answer {custom_id}"}]},
+    }
+
+
+async def submit(client: openai.AsyncOpenAI, content: bytes, endpoint: str = "/v1/chat/completions") -> Batch:
+    uploaded = await client.files.create(file=("input.jsonl", content), purpose="batch")
+    return await client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")  # type: ignore[arg-type]
+
+
+async def until_status(client: openai.AsyncOpenAI, batch_id: str, *statuses: str, within: float = 20.0) -> Batch:
+    with trio.fail_after(within):
+        while True:
+            batch = await client.batches.retrieve(batch_id)
+            if batch.status in statuses:
+                return batch
+            await trio.sleep(0.05)
+
+
+async def output_lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = await client.files.content(file_id)
+    return [json.loads(line) for line in content.text.splitlines()]
+
+
+@pytest.fixture
+async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    async with journaled_stack(pg_database_url, nats_url, OpenAIBackend(default=ECHO)) as built:
+        yield built
+
+
+async def test_a_batch_runs_every_line_through_the_gateway_and_writes_openais_output(stack: Stack) -> None:
+    content = jsonl(chat_line("first"), chat_line("second"), chat_line("third"))
+    uploaded = await stack.client.files.create(file=("requests.jsonl", content), purpose="batch")
+    assert uploaded.id.startswith("file-") and uploaded.bytes == len(content) and uploaded.purpose == "batch"
+    assert (await stack.client.files.content(uploaded.id)).content == content
+    created = await stack.client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "nightly"}
+    )
+    assert created.status == "validating" and created.metadata == {"job": "nightly"} and created.id.startswith("batch_")
+    done = await until_status(stack.client, created.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert done.request_counts is not None and (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 3, 0)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
+    assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (21, 9)
+    lines = await output_lines(stack.client, done.output_file_id)
+    assert [line["custom_id"] for line in lines] == ["first", "second", "third"]
+    for line in lines:
+        assert line["error"] is None and line["id"].startswith("batch_req_")
+        response = line["response"]
+        assert response["status_code"] == 200 and response["request_id"]
+        assert response["body"]["object"] == "chat.completion"
+        assert response["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
+    output = await stack.client.files.retrieve(done.output_file_id or "")
+    assert output.purpose == "batch_output"
+    # Each line was one request of the gateway's own: the backend saw three.
+    assert len(stack.fake.requests) == 3
+    listed = await stack.client.batches.list(limit=1)
+    assert [batch.id for batch in listed.data] == [created.id]
+    files = [file.id for file in (await stack.client.files.list(purpose="batch")).data]
+    assert uploaded.id in files and done.output_file_id not in files
+
+
+async def test_a_malformed_input_file_fails_the_batch_naming_its_lines(stack: Stack) -> None:
+    content = jsonl(
+        chat_line("a"), "{not json", chat_line("a"), {**chat_line("b"), "method": "GET"},
+        chat_line("c", url="/v1/embeddings"),
+    )
+    batch = await submit(stack.client, content)
+    failed = await until_status(stack.client, batch.id, "failed", "completed")
+    assert failed.status == "failed" and failed.failed_at
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [(error.line, error.code) for error in failed.errors.data] == [
+        (2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "invalid_value"), (5, "url_mismatch"),
+    ]
+    assert failed.output_file_id is None and stack.fake.requests == []
+
+
+async def test_the_apis_refuse_in_openais_shape(stack: Stack) -> None:
+    with pytest.raises(openai.BadRequestError) as purpose:
+        await stack.client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+    assert isinstance(purpose.value.body, dict) and purpose.value.body["param"] == "purpose"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await stack.client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    assert isinstance(missing.value.body, dict) and missing.value.body["param"] == "input_file_id"
+    with pytest.raises(openai.BadRequestError) as endpoint:
+        await stack.client.batches.create(input_file_id="file-nope", endpoint="/v1/moderations", completion_window="24h")
+    assert isinstance(endpoint.value.body, dict) and endpoint.value.body["param"] == "endpoint"
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.batches.retrieve("batch_nope")
+    uploaded = await stack.client.files.create(file=("x.jsonl", b"{}\n"), purpose="batch")
+    assert (await stack.client.files.delete(uploaded.id)).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.files.retrieve(uploaded.id)
+
+
+async def test_cancelling_a_batch_stops_its_lines_and_keeps_what_finished(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    slow = OpenAIBackend(default=Script(tokens=["slow"], usage=Usage(2, 1), header_delay=0.4))
+    async with journaled_stack(pg_database_url, nats_url, slow) as stack:
+        batch = await submit(stack.client, jsonl(*(chat_line(f"line-{i}") for i in range(12))))
+        await until_status(stack.client, batch.id, "in_progress")
+        await stack.fake.wait_requests(1, 10)
+        cancelling = await stack.client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+        cancelled = await until_status(stack.client, batch.id, "cancelled")
+        assert cancelled.cancelled_at and cancelled.request_counts is not None
+        finished = cancelled.request_counts.completed
+        assert 1 <= finished < 12 and cancelled.request_counts.failed == 0
+        lines = await output_lines(stack.client, cancelled.output_file_id)
+        assert len(lines) == finished == len(stack.fake.requests)
+        await trio.sleep(0.6)  # nothing more starts
+        assert len(stack.fake.requests) == finished
+        with pytest.raises(openai.ConflictError):
+            await stack.client.batches.cancel(batch.id)
+
+
+async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(1, 1), header_delay=0.3))
+    custom_ids = [f"line-{i}" for i in range(10)]
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config, shutdown_grace_seconds=0.2) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            batch = await submit(client, jsonl(*(chat_line(custom_id) for custom_id in custom_ids)))
+            await until_status(client, batch.id, "in_progress")
+            await fake.wait_requests(2, 10)
+            await client.close()
+        # Stopped mid-batch: let go, with some lines answered.
+        rows = await sql(pg_database_url, "SELECT status, owner FROM batches WHERE id = %s", batch.id)
+        assert rows == [("in_progress", None)]
+        answered = (await sql(pg_database_url, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", batch.id))[0][0]
+        assert answered < len(custom_ids)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            done = await until_status(client, batch.id, "completed", within=30)
+            lines = await output_lines(client, done.output_file_id)
+            await client.close()
+    assert sorted(line["custom_id"] for line in lines) == sorted(custom_ids)
+    assert done.request_counts is not None and done.request_counts.completed == len(custom_ids)
+    for line in lines:
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
+
+
+async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["ok"], usage=Usage(5, 5)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        owner, other = await new_key(pg_database_url, "batch-owner", "--rpm", "2"), await new_key(pg_database_url, "other")
+        await wait_for_key(url, owner)
+        mine = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=owner, max_retries=0)
+        theirs = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=other, max_retries=0)
+        batch = await submit(mine, jsonl(*(chat_line(f"line-{i}") for i in range(4))))
+        with pytest.raises(openai.NotFoundError):
+            await theirs.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            await theirs.files.content(batch.input_file_id)
+        assert (await theirs.batches.list()).data == []
+        # Its key may make 2 requests a minute: the batch makes two, then waits for the next
+        # minute rather than failing its lines, and the key's own requests are refused meanwhile.
+        await fake.wait_requests(2, 15)
+        with pytest.raises(openai.RateLimitError):
+            await mine.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        waiting = await mine.batches.retrieve(batch.id)
+        assert waiting.status == "in_progress" and waiting.request_counts is not None
+        assert (waiting.request_counts.completed, waiting.request_counts.failed) == (2, 0)
+        assert len(fake.requests) == 2
+        await mine.batches.cancel(batch.id)
+        cancelled = await until_status(mine, batch.id, "cancelled", within=70)
+        assert cancelled.request_counts is not None and cancelled.request_counts.completed == 2
+        # The key's usage counts the batch's lines.
+        used = await sql(pg_database_url, "SELECT sum(requests) FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'batch-owner'")
+        assert used and used[0][0] is not None and used[0][0] >= 2
+        await mine.close()
+        await theirs.close()
