@@ -17,7 +17,7 @@ from openai.types import Batch
 
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import gateway, new_key, sql, wait_for_key
+from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -57,6 +57,15 @@ async def output_lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[
     return [json.loads(line) for line in content.text.splitlines()]
 
 
+def chats(fake: OpenAIBackend) -> int:
+    """How many chats the backend was asked for (model listings aside)."""
+    return sum(request.path.endswith("/chat/completions") for request in fake.requests)
+
+
+async def trio_value(value: bool) -> bool:
+    return value
+
+
 @pytest.fixture
 async def stack(aio_loop: object, pg_database_url: str, nats_url: str) -> AsyncIterator[Stack]:
     async with journaled_stack(pg_database_url, nats_url, OpenAIBackend(default=ECHO)) as built:
@@ -88,7 +97,9 @@ async def test_a_batch_runs_every_line_through_the_gateway_and_writes_openais_ou
     output = await stack.client.files.retrieve(done.output_file_id or "")
     assert output.purpose == "batch_output"
     # Each line was one request of the gateway's own: the backend saw three.
-    assert len(stack.fake.requests) == 3
+    assert chats(stack.fake) == 3
+    with pytest.raises(openai.ConflictError):
+        await stack.client.batches.cancel(created.id)
     listed = await stack.client.batches.list(limit=1)
     assert [batch.id for batch in listed.data] == [created.id]
     files = [file.id for file in (await stack.client.files.list(purpose="batch")).data]
@@ -107,7 +118,7 @@ async def test_a_malformed_input_file_fails_the_batch_naming_its_lines(stack: St
     assert [(error.line, error.code) for error in failed.errors.data] == [
         (2, "invalid_json_line"), (3, "duplicate_custom_id"), (4, "invalid_value"), (5, "url_mismatch"),
     ]
-    assert failed.output_file_id is None and stack.fake.requests == []
+    assert failed.output_file_id is None and chats(stack.fake) == 0
 
 
 async def test_the_apis_refuse_in_openais_shape(stack: Stack) -> None:
@@ -129,23 +140,22 @@ async def test_the_apis_refuse_in_openais_shape(stack: Stack) -> None:
 
 
 async def test_cancelling_a_batch_stops_its_lines_and_keeps_what_finished(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
-    slow = OpenAIBackend(default=Script(tokens=["slow"], usage=Usage(2, 1), header_delay=0.4))
+    slow = OpenAIBackend(default=Script(tokens=["slow"], usage=Usage(2, 1), header_delay=0.5))
     async with journaled_stack(pg_database_url, nats_url, slow) as stack:
-        batch = await submit(stack.client, jsonl(*(chat_line(f"line-{i}") for i in range(12))))
+        batch = await submit(stack.client, jsonl(*(chat_line(f"line-{i}") for i in range(20))))
         await until_status(stack.client, batch.id, "in_progress")
-        await stack.fake.wait_requests(1, 10)
+        await eventually(lambda: trio_value(chats(stack.fake) >= 1), within=10)
         cancelling = await stack.client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
         cancelled = await until_status(stack.client, batch.id, "cancelled")
         assert cancelled.cancelled_at and cancelled.request_counts is not None
         finished = cancelled.request_counts.completed
-        assert 1 <= finished < 12 and cancelled.request_counts.failed == 0
+        assert 1 <= finished < 20 and cancelled.request_counts.failed == 0
         lines = await output_lines(stack.client, cancelled.output_file_id)
-        assert len(lines) == finished == len(stack.fake.requests)
+        assert len(lines) == finished == chats(stack.fake)
         await trio.sleep(0.6)  # nothing more starts
-        assert len(stack.fake.requests) == finished
-        with pytest.raises(openai.ConflictError):
-            await stack.client.batches.cancel(batch.id)
+        assert chats(stack.fake) == finished
+        assert (await stack.client.batches.cancel(batch.id)).status == "cancelled"  # again: nothing to do
 
 
 async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_once(
@@ -159,7 +169,7 @@ async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_onc
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
             batch = await submit(client, jsonl(*(chat_line(custom_id) for custom_id in custom_ids)))
             await until_status(client, batch.id, "in_progress")
-            await fake.wait_requests(2, 10)
+            await eventually(lambda: trio_value(chats(fake) >= 2), within=10)
             await client.close()
         # Stopped mid-batch: let go, with some lines answered.
         rows = await sql(pg_database_url, "SELECT status, owner FROM batches WHERE id = %s", batch.id)
@@ -192,13 +202,17 @@ async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: obje
         assert (await theirs.batches.list()).data == []
         # Its key may make 2 requests a minute: the batch makes two, then waits for the next
         # minute rather than failing its lines, and the key's own requests are refused meanwhile.
-        await fake.wait_requests(2, 15)
+        await eventually(lambda: trio_value(chats(fake) >= 2), within=15)
         with pytest.raises(openai.RateLimitError):
             await mine.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        waiting = await mine.batches.retrieve(batch.id)
+        async def two_answered() -> Batch | None:
+            found = await mine.batches.retrieve(batch.id)
+            return found if found.request_counts is not None and found.request_counts.completed >= 2 else None
+
+        waiting = await eventually(two_answered, within=10)
         assert waiting.status == "in_progress" and waiting.request_counts is not None
         assert (waiting.request_counts.completed, waiting.request_counts.failed) == (2, 0)
-        assert len(fake.requests) == 2
+        assert chats(fake) == 2
         await mine.batches.cancel(batch.id)
         cancelled = await until_status(mine, batch.id, "cancelled", within=70)
         assert cancelled.request_counts is not None and cancelled.request_counts.completed == 2

@@ -290,10 +290,15 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     exchange.response_headers.extend(granted_headers())
 
 
-def _managing_keys(path: str) -> bool:
-    """The keys API: not metered by the admin key's rate limits or budget (they meter model
-    calls), so that revoking a leaked key never waits for the admin key's next period."""
-    return path == _KEYS or path.startswith(_KEYS + "/")
+_UNMETERED = (_KEYS, "/v1/files", "/v1/batches")
+
+
+def _unmetered(path: str) -> bool:
+    """The keys API, files and batches: not metered by the key's rate limits or budget (they
+    meter model calls), so that revoking a leaked key never waits for the admin key's next
+    period, and a batch's upload and creation do not take what its lines will need (each
+    line is metered as the key's request)."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in _UNMETERED)
 
 
 def install_auth(app: GatewayApp) -> None:
@@ -303,7 +308,7 @@ def install_auth(app: GatewayApp) -> None:
     async def guard() -> Response | None:
         gw, head = gateway(), request_head()
         refusal = await admit(gw, head, limits=False)
-        if refusal is None and not _managing_keys(head.path):
+        if refusal is None and not _unmetered(head.path):
             # Kept for the route, which reads it again (embeddings: their input is reserved).
             body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
             refusal = await limit(gw, head, body)

@@ -232,7 +232,11 @@ async def retrieve_batch(batch_id: str) -> Response:
 async def cancel_batch(batch_id: str) -> Response:
     found = await _own_batch(batch_id)
     tenant = current_tenant()
-    if not await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}"):
+    if await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}"):
+        runner = gateway().batches
+        assert runner is not None
+        runner.cancelled(batch_id)
+    else:
         found = await _own_batch(batch_id)
         if found["status"] not in ("cancelling", "cancelled"):
             raise GatewayError(

@@ -70,7 +70,7 @@ class BatchRunner:
         self._running: set[str] = set()
         self._ended = trio.Event()
         self._stopping = False
-        self._halts: set[trio.Event] = set()  # of the batches running here
+        self._halts: dict[str, trio.Event] = {}  # of the batches running here
         self._nursery: trio.Nursery | None = None
 
     def _store(self) -> BatchStore | None:
@@ -113,6 +113,13 @@ class BatchRunner:
             self._running.add(claimed.id)
             nursery.start_soon(self._run_batch, store, claimed)
 
+    def cancelled(self, batch_id: str) -> None:
+        """The batch was cancelled through this instance: if it runs here, it stops starting
+        lines now (elsewhere, its runner sees it within `_WATCH_SECONDS`)."""
+        halt = self._halts.get(batch_id)
+        if halt is not None:
+            halt.set()
+
     def stop(self) -> None:
         self._stopping = True
         if self._nursery is not None:
@@ -123,7 +130,7 @@ class BatchRunner:
         `deadline` (the graceful stop's end), then they are cut. Every batch it ran is let go,
         for the next gateway (or another one) to resume."""
         self._stopping = True
-        for halt in self._halts:
+        for halt in self._halts.values():
             halt.set()
         with trio.move_on_at(deadline):
             while self._running:
@@ -195,7 +202,7 @@ class BatchRunner:
         do not start), expired (its window's end: the lines in flight are cut), or stopped (the
         gateway stops: let go, to be resumed)."""
         halt = trio.Event()  # cancelled, or the gateway stops
-        self._halts.add(halt)
+        self._halts[claimed.id] = halt
         try:
             async with trio.open_nursery() as watching:
                 watching.start_soon(self._watch, store, claimed.id, halt)
@@ -210,7 +217,7 @@ class BatchRunner:
                             running.start_soon(self._line, store, claimed, line, halt, slot)
                 watching.cancel_scope.cancel()
         finally:
-            self._halts.discard(halt)
+            self._halts.pop(claimed.id, None)
         if window.cancelled_caught:
             return "expired"
         if self._stopping:
