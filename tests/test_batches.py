@@ -15,6 +15,7 @@ import pytest
 import trio
 from openai.types import Batch
 
+from proxy.config import BatchSettings
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
@@ -121,6 +122,23 @@ async def test_a_malformed_input_file_fails_the_batch_naming_its_lines(stack: St
     assert failed.output_file_id is None and chats(stack.fake) == 0
 
 
+async def test_responses_and_embeddings_batches_run_too(stack: Stack) -> None:
+    responses = await submit(stack.client, jsonl({
+        "custom_id": "r", "method": "POST", "url": "/v1/responses", "body": {"model": "m", "input": "answer r"},
+    }), "/v1/responses")
+    embeddings = await submit(stack.client, jsonl({
+        "custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": ["one", "two"]},
+    }), "/v1/embeddings")
+    done = await until_status(stack.client, responses.id, "completed", "failed")
+    [line] = await output_lines(stack.client, done.output_file_id)
+    assert line["custom_id"] == "r" and line["response"]["body"]["object"] == "response"
+    assert line["response"]["body"]["output"][-1]["content"][0]["text"] == "answer r"
+    done = await until_status(stack.client, embeddings.id, "completed", "failed")
+    [line] = await output_lines(stack.client, done.output_file_id)
+    assert line["custom_id"] == "e" and line["response"]["status_code"] == 200
+    assert [item["index"] for item in line["response"]["body"]["data"]] == [0, 1]
+
+
 async def test_the_apis_refuse_in_openais_shape(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as purpose:
         await stack.client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
@@ -176,8 +194,15 @@ async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_onc
         assert rows == [("in_progress", None)]
         answered = (await sql(pg_database_url, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", batch.id))[0][0]
         assert answered < len(custom_ids)
-        async with gateway(pg_database_url, nats_url, config) as url:
+        # As if its process had been killed instead: owned by an instance that beat just now.
+        await sql(pg_database_url, "INSERT INTO gateway_instances (id) VALUES ('killed') ON CONFLICT (id) DO UPDATE SET seen_at = now()")
+        await sql(pg_database_url, "UPDATE batches SET owner = 'killed' WHERE id = %s", batch.id)
+        async with gateway(pg_database_url, nats_url, config, batches=BatchSettings(poll_seconds=0.1)) as url:
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            asked = chats(fake)
+            await trio.sleep(1.0)  # while its owner may be alive, nobody else runs it
+            assert chats(fake) == asked
+            await sql(pg_database_url, "UPDATE gateway_instances SET seen_at = now() - interval '1 hour' WHERE id = 'killed'")
             done = await until_status(client, batch.id, "completed", within=30)
             lines = await output_lines(client, done.output_file_id)
             await client.close()

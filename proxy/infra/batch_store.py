@@ -204,12 +204,13 @@ class BatchStore:
             (json_text(errors), batch_id, owner),
         )
 
-    async def start(self, batch_id: str, owner: str, total: int) -> None:
-        await self._db.execute(
+    async def start(self, batch_id: str, owner: str, total: int) -> bool:
+        """False: it was cancelled while it was validated."""
+        return bool(await self._db.execute(
             "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s "
             "WHERE id = %s AND owner = %s AND status = 'validating'",
             (total, batch_id, owner),
-        )
+        ))
 
     async def answered(self, batch_id: str) -> set[int]:
         rows = await self._db.fetch("SELECT line FROM batch_lines WHERE batch_id = %s", (batch_id,))

@@ -143,15 +143,16 @@ class BatchRunner:
     async def _run_batch(self, store: BatchStore, claimed: Claimed) -> None:
         try:
             await self._drive(store, claimed)
-        except _Lost:
-            log.warning("batch %s was taken over by another gateway process", claimed.id)
-        except DatabaseError as error:
-            # Its lines recorded so far stay; it is let go for a later look (here or elsewhere).
-            log.warning("batch %s stopped: the database failed (%s); it resumes later", claimed.id, error)
-            await self._let_go(store, claimed.id)
-        except Exception:
-            log.exception("batch %s stopped on an unexpected error; it resumes later", claimed.id)
-            await self._let_go(store, claimed.id)
+        except Exception as error:  # raised by a line or the watcher: in an exception group
+            if _holds(error, _Lost):
+                log.warning("batch %s was taken over by another gateway process", claimed.id)
+            elif _holds(error, DatabaseError):
+                # Its lines recorded so far stay; it is let go for a later look (here or elsewhere).
+                log.warning("batch %s stopped: the database failed (%s); it resumes later", claimed.id, error)
+                await self._let_go(store, claimed.id)
+            else:
+                log.exception("batch %s stopped on an unexpected error; it resumes later", claimed.id)
+                await self._let_go(store, claimed.id)
         finally:
             if self._stopping:
                 await self._let_go(store, claimed.id)
@@ -176,8 +177,8 @@ class BatchRunner:
             if faults:
                 await store.fail(claimed.id, self._me, faults)
                 return
-            await store.start(claimed.id, self._me, len(lines))
-            status = "in_progress"
+            # Not started: cancelled meanwhile.
+            status = "in_progress" if await store.start(claimed.id, self._me, len(lines)) else "cancelling"
         done = await store.answered(claimed.id)
         pending = [line for line in lines if line.number not in done]
         outcome = "cancelled" if status == "cancelling" else "completed"
@@ -269,6 +270,12 @@ class BatchRunner:
                 await store.record(claimed.id, line.number, ok, output, tokens)
         finally:
             self._limiter.release_on_behalf_of(slot)
+
+
+def _holds(error: BaseException, kind: type[Exception]) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return any(_holds(inner, kind) for inner in error.exceptions)
+    return isinstance(error, kind)
 
 
 def _wait_for(answer: Answer) -> float | None:
