@@ -246,3 +246,26 @@ async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: obje
         assert used and used[0][0] is not None and used[0][0] >= 2
         await mine.close()
         await theirs.close()
+
+
+async def test_a_batch_spends_its_keys_budget_and_the_lines_past_it_are_refused(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["ok"], usage=Usage(5, 5)))  # 10 tokens a line
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(concurrency=1)
+    ) as url:
+        key = await new_key(pg_database_url, "batch-budget", "--budget", "25")
+        await wait_for_key(url, key)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        batch = await submit(client, jsonl(*(chat_line(f"line-{i}") for i in range(5))))
+        done = await until_status(client, batch.id, "completed", within=30)
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (3, 2)  # the third crossed it
+        refused = await output_lines(client, done.error_file_id)
+        assert [line["custom_id"] for line in refused] == ["line-3", "line-4"]
+        for line in refused:
+            assert line["response"]["status_code"] == 429
+            assert line["response"]["body"]["error"]["code"] == "insufficient_quota"
+        assert chats(fake) == 3
+        await client.close()
