@@ -269,3 +269,25 @@ async def test_a_batch_spends_its_keys_budget_and_the_lines_past_it_are_refused(
             assert line["response"]["body"]["error"]["code"] == "insufficient_quota"
         assert chats(fake) == 3
         await client.close()
+
+
+async def test_an_upload_has_its_own_size_limit(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    """Files may be larger than a chat's body (`max_body_bytes`), up to `file_max_bytes`, which a
+    larger one's 413 names."""
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True),
+        max_body_bytes=4000, batches=BatchSettings(file_max_bytes=20_000),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        content = jsonl(*(chat_line(f"line-{i}", "x" * 50) for i in range(60)))
+        assert 4000 < len(content) < 20_000
+        uploaded = await client.files.create(file=("big.jsonl", content), purpose="batch")
+        assert (await client.files.content(uploaded.id)).content == content
+        with pytest.raises(openai.APIStatusError) as too_large:
+            await client.files.create(file=("bigger.jsonl", content * 2), purpose="batch")
+        assert too_large.value.status_code == 413 and "20000 bytes" in too_large.value.message
+        with pytest.raises(openai.APIStatusError) as chat:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
+        assert chat.value.status_code == 413 and "4000 bytes" in chat.value.message
+        await client.close()

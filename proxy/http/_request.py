@@ -54,8 +54,10 @@ class PacedRequest(TrioRequest):
     def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
         limit = self.limits.get(path) if method == "POST" else None
         if limit is not None:
-            kwargs["max_content_length"] = limit
+            kwargs["max_content_length"] = limit  # the body's
         super().__init__(method, scheme, path, *args, **kwargs)
+        if limit is not None:
+            self.max_content_length = limit  # the form parser's, and the 413's message
 
     @overload
     async def get_data(self, cache: bool, as_text: Literal[False], parse_form_data: bool) -> bytes: ...

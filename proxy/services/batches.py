@@ -92,11 +92,11 @@ class BatchRunner:
                 self._nursery = nursery
                 task_status.started()
                 while True:
+                    self._wake = trio.Event()  # before looking: a wake meanwhile looks again
                     if self.dispatch is not None and not self._stopping:
                         await self._take(nursery)
                     with trio.move_on_after(self._poll):
                         await self._wake.wait()
-                    self._wake = trio.Event()
         finally:
             self.stopped.set()
 
@@ -158,6 +158,7 @@ class BatchRunner:
                 await self._let_go(store, claimed.id)
             self._running.discard(claimed.id)
             self._ended.set()
+            self.wake()  # a slot is free: another batch may be waiting
 
     async def _let_go(self, store: BatchStore, batch_id: str) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
