@@ -163,6 +163,8 @@ async def test_cancelling_a_batch_stops_its_lines_and_keeps_what_finished(aio_lo
         batch = await submit(stack.client, jsonl(*(chat_line(f"line-{i}") for i in range(20))))
         await until_status(stack.client, batch.id, "in_progress")
         await eventually(lambda: trio_value(chats(stack.fake) >= 1), within=10)
+        with pytest.raises(openai.ConflictError):  # a running batch's input stays
+            await stack.client.files.delete(batch.input_file_id)
         cancelling = await stack.client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
         cancelled = await until_status(stack.client, batch.id, "cancelled")
@@ -174,6 +176,7 @@ async def test_cancelling_a_batch_stops_its_lines_and_keeps_what_finished(aio_lo
         await trio.sleep(0.6)  # nothing more starts
         assert chats(stack.fake) == finished
         assert (await stack.client.batches.cancel(batch.id)).status == "cancelled"  # again: nothing to do
+        assert (await stack.client.files.delete(batch.input_file_id)).deleted
 
 
 async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_once(

@@ -167,8 +167,15 @@ async def file_content(file_id: str) -> Response:
 
 @blueprint.delete(f"{FILES}/<file_id>")
 async def delete_file(file_id: str) -> Response:
+    await _own_file(file_id)
     tenant = current_tenant()
-    if not wire.is_file_id(file_id) or not await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}"):
+    deleted = await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}")
+    if isinstance(deleted, str):
+        raise GatewayError(
+            ErrorKind.CONFLICT, f"The file {file_id} is the input of batch {deleted}, which has not ended: cancel "
+            "it, or wait for it to end, before deleting the file.", param="file_id", code="file_in_use",
+        )
+    if not deleted:
         raise wire.file_not_found(file_id)
     return _reply({"id": file_id, "object": "file", "deleted": True})
 

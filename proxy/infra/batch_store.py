@@ -114,8 +114,19 @@ class BatchStore:
         )
         return None if found is None else bytes(found)
 
-    async def delete_file(self, file_id: str, tenant: str | None) -> bool:
-        return bool(await self._db.execute(f"DELETE FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}))
+    async def delete_file(self, file_id: str, tenant: str | None) -> str | bool:
+        """Whether the file was there to delete; the id of a batch still running on it (it is
+        kept: a batch resumed elsewhere reads its input again)."""
+        row = await self._db.fetchrow(
+            "WITH running AS (SELECT b.id FROM batches b WHERE b.input_file_id = %(id)s AND "
+            f"{_ACTIVE} LIMIT 1), gone AS (DELETE FROM files WHERE id = %(id)s AND {_MINE} "
+            "AND NOT EXISTS (SELECT 1 FROM running) RETURNING 1) "
+            "SELECT (SELECT id FROM running), EXISTS (SELECT 1 FROM gone)",
+            {"id": file_id, "tenant": tenant},
+        )
+        assert row is not None
+        running, deleted = row
+        return bool(deleted) if running is None else str(running)
 
     async def files(
         self, tenant: str | None, *, purpose: str | None, after: str | None, limit: int, order: str
