@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,7 +16,7 @@ import pytest
 import trio
 from openai.types import Batch
 
-from proxy.config import BatchSettings
+from proxy.config import BatchSettings, ConfigError, load_settings
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
@@ -179,6 +180,28 @@ async def test_cancelling_a_batch_stops_its_lines_and_keeps_what_finished(aio_lo
         assert (await stack.client.files.delete(batch.input_file_id)).deleted
 
 
+async def test_a_cancel_sent_to_another_gateway_stops_the_batch_where_it_runs(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["slow"], usage=Usage(2, 1), header_delay=0.5))
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        # The second gateway looks for batches only at its start: the first one runs this one.
+        async with gateway(pg_database_url, nats_url, config) as runs, gateway(
+            pg_database_url, nats_url, config, batches=BatchSettings(poll_seconds=600)
+        ) as other:
+            here = openai.AsyncOpenAI(base_url=f"{runs}/v1", api_key="x", max_retries=0)
+            there = openai.AsyncOpenAI(base_url=f"{other}/v1", api_key="x", max_retries=0)
+            batch = await submit(here, jsonl(*(chat_line(f"line-{i}") for i in range(20))))
+            await eventually(lambda: trio_value(chats(fake) >= 1), within=10)
+            await there.batches.cancel(batch.id)
+            cancelled = await until_status(there, batch.id, "cancelled")
+            assert cancelled.request_counts is not None and 1 <= cancelled.request_counts.completed < 20
+            assert len(await output_lines(there, cancelled.output_file_id)) == cancelled.request_counts.completed
+            await here.close()
+            await there.close()
+
+
 async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_once(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
@@ -294,3 +317,14 @@ async def test_an_upload_has_its_own_size_limit(aio_loop: object, pg_database_ur
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
         assert chat.value.status_code == 413 and "4000 bytes" in chat.value.message
         await client.close()
+
+
+def test_the_batches_settings_are_read_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[batches]\nconcurrency = 2\nfile_max_bytes = 1000\n")
+    settings = load_settings(config, {})
+    assert (settings.batches.concurrency, settings.batches.file_max_bytes, settings.batches.max_lines) == (2, 1000, 50_000)
+    for text, key in (("[batches]\nconcurrency = 0\n", "batches.concurrency"), ("[batches]\nthreads = 2\n", "batches.threads")):
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_settings(config, {})
