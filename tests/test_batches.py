@@ -19,7 +19,7 @@ from openai.types import Batch
 from proxy.config import BatchSettings, ConfigError, load_settings
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
 from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -328,3 +328,43 @@ def test_the_batches_settings_are_read_and_checked(tmp_path: Path) -> None:
         config.write_text(text)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_settings(config, {})
+
+
+async def test_a_batchs_lines_keep_to_its_keys_scope_and_stop_once_it_is_revoked(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["ok"], usage=Usage(1, 1), header_delay=0.3))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(concurrency=1)
+    ) as url:
+        key = await new_key(pg_database_url, "scoped", "--models", "m")
+        await wait_for_key(url, key)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        forbidden = chat_line("forbidden")
+        forbidden["body"]["model"] = "other"
+        batch = await submit(client, jsonl(chat_line("first"), forbidden, *(chat_line(f"line-{i}") for i in range(6))))
+
+        async def two_answered() -> bool:
+            rows = await sql(pg_database_url, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", batch.id)
+            return bool(rows[0][0] >= 2)
+
+        await eventually(two_answered, within=10)
+        code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "revoke", key[:14]))
+        assert code == 0 and "revoked key" in out
+        await eventually(lambda: status_of(pg_database_url, batch.id, "completed"), within=15)
+        await client.close()
+    lines = {
+        output["custom_id"]: output["response"]
+        for (output,) in await sql(pg_database_url, "SELECT output FROM batch_lines WHERE batch_id = %s", batch.id)
+    }
+    assert lines["first"]["status_code"] == 200
+    assert lines["forbidden"]["status_code"] == 403
+    assert lines["forbidden"]["body"]["error"]["code"] == "model_not_allowed"
+    refused = [response for custom_id, response in lines.items() if response["status_code"] == 401]
+    assert refused and all(response["body"]["error"]["code"] == "revoked_api_key" for response in refused)
+    # Only what the key could still ask reached the backend (the line in flight at the revocation, at most).
+    assert chats(fake) <= 8 - len(refused) - 1
+
+
+async def status_of(db: str, batch_id: str, status: str) -> bool:
+    return await sql(db, "SELECT status FROM batches WHERE id = %s", batch_id) == [(status,)]
