@@ -236,6 +236,14 @@ class BatchStore:
             (batch_id, line, ok, json_text(output), tokens[0], tokens[1]),
         )
 
+    async def finalizing(self, batch_id: str, owner: str) -> bool:
+        """Its lines have ended: it is `finalizing` while its files are written. False: it
+        was cancelled meanwhile."""
+        return bool(await self._db.execute(
+            "UPDATE batches SET status = 'finalizing', finalizing_at = now() WHERE id = %s AND owner = %s "
+            "AND status = 'in_progress'", (batch_id, owner),
+        ))
+
     async def let_go(self, batch_id: str, owner: str) -> None:
         """This instance stops running the batch (the gateway stops): any may take it on."""
         await self._db.execute("UPDATE batches SET owner = NULL WHERE id = %s AND owner = %s", (batch_id, owner))
@@ -245,13 +253,10 @@ class BatchStore:
     ) -> bool:
         """End the batch as `outcome` (completed, cancelled or expired): `unrun` lines recorded
         as failed, its output and error files written from its lines, in one transaction (a
-        process dying in between leaves it `finalizing`, finalized again by whoever takes it).
-        False: it is no longer this instance's."""
+        process dying before it commits leaves the batch as it was, finalized again by whoever
+        takes it). False: it is no longer this instance's."""
         async with self._db.transaction() as tx:
-            row = await tx.fetchrow(
-                "UPDATE batches SET status = 'finalizing', finalizing_at = coalesce(finalizing_at, now()) "
-                "WHERE id = %s AND owner = %s RETURNING tenant", (batch_id, owner),
-            )
+            row = await tx.fetchrow("SELECT tenant FROM batches WHERE id = %s AND owner = %s FOR UPDATE", (batch_id, owner))
             if row is None:
                 return False
             tenant = row[0]

@@ -47,6 +47,11 @@ _WATCH_SECONDS = 1.0
 _WRITE_SECONDS = 10.0
 
 
+_INTERNAL = json.dumps({"error": {
+    "message": "Internal gateway error; see the gateway's log.", "type": "server_error", "param": None, "code": None,
+}}).encode()
+
+
 class _Lost(Exception):
     """Another instance took the batch over (this one was presumed dead)."""
 
@@ -182,12 +187,15 @@ class BatchRunner:
             status = "in_progress" if await store.start(claimed.id, self._me, len(lines)) else "cancelling"
         done = await store.answered(claimed.id)
         pending = [line for line in lines if line.number not in done]
-        outcome = "cancelled" if status == "cancelling" else "completed"
+        # Taken while finalizing: its lines had ended, all answered unless its window had.
+        outcome = {"cancelling": "cancelled", "finalizing": "expired" if pending else "completed"}.get(status, "")
         if status == "in_progress":
             outcome = await self._run_lines(store, claimed, pending)
             if outcome == "stopped":
                 return
             done = await store.answered(claimed.id)
+            if outcome != "cancelled" and not await store.finalizing(claimed.id, self._me):
+                outcome = "cancelled"  # asked as its last lines ended
         unrun: list[tuple[int, dict[str, Any]]] = []
         if outcome == "expired":
             unrun = [
@@ -251,7 +259,11 @@ class BatchRunner:
             payload = json.dumps(body, ensure_ascii=False).encode()
             request_id = "req_" + secrets.token_hex(16)
             while True:
-                answer = await dispatch(claimed.key_id, claimed.endpoint, payload, request_id)
+                try:
+                    answer = await dispatch(claimed.key_id, claimed.endpoint, payload, request_id)
+                except Exception:  # a bug answering this line: its answer, not the batch's end
+                    log.exception("batch %s: line %d failed", claimed.id, line.number)
+                    answer = Answer(500, _INTERNAL, {})
                 wait = _wait_for(answer)
                 if wait is None:
                     break
