@@ -368,3 +368,29 @@ async def test_a_batchs_lines_keep_to_its_keys_scope_and_stop_once_it_is_revoked
 
 async def status_of(db: str, batch_id: str, status: str) -> bool:
     return await sql(db, "SELECT status FROM batches WHERE id = %s", batch_id) == [(status,)]
+
+
+async def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error_file(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(1, 1), header_delay=0.3))
+    custom_ids = [f"line-{i}" for i in range(12)]
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config, shutdown_grace_seconds=0.1) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            batch = await submit(client, jsonl(*(chat_line(custom_id) for custom_id in custom_ids)))
+            await until_status(client, batch.id, "in_progress")
+            await client.close()
+        # Resumed with less than a second of its 24 h left.
+        await sql(pg_database_url, "UPDATE batches SET expires_at = now() + interval '800 milliseconds' WHERE id = %s", batch.id)
+        async with gateway(pg_database_url, nats_url, config, batches=BatchSettings(concurrency=1)) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            expired = await until_status(client, batch.id, "expired")
+            answered = await output_lines(client, expired.output_file_id)
+            unrun = await output_lines(client, expired.error_file_id)
+            await client.close()
+    assert expired.expired_at and expired.request_counts is not None
+    assert sorted(line["custom_id"] for line in answered + unrun) == sorted(custom_ids)
+    assert unrun and all(line["response"] is None and line["error"]["code"] == "batch_expired" for line in unrun)
+    assert (expired.request_counts.completed, expired.request_counts.failed) == (len(answered), len(unrun))
