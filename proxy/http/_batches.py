@@ -306,7 +306,9 @@ _FILE = {"type": "object", "properties": {"id": _STR, "object": _STR, "bytes": _
 _BATCH = {"type": "object", "properties": {"id": _STR, "object": _STR, "status": _STR, "endpoint": _STR, "request_counts": _OBJ}}
 _LIST = {"type": "object", "properties": {"object": _STR, "data": {"type": "array"}, "has_more": {"type": "boolean"}}}
 _MULTIPART = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": _STR}}
-document(FILES, "post", _op("Upload a file (purpose `batch`)", "Batches", _ok(_FILE), body=_MULTIPART))
+_UPLOAD = _op("Upload a file (purpose `batch`)", "Batches", _ok(_FILE))
+_UPLOAD["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _MULTIPART}}}
+document(FILES, "post", _UPLOAD)
 document(FILES, "get", _op("List your files", "Batches", _ok(_LIST)))
 document(FILES + "/{file_id}", "get", _op("A file", "Batches", _ok(_FILE)))
 document(FILES + "/{file_id}", "delete", _op("Delete a file", "Batches", _ok(_OBJ)))
