@@ -8,13 +8,14 @@ command again from anywhere finds the same documents: unchanged ones are skipped
 ones replaced. Two files that would be the same document (`a/guide.pdf` and `b/guide.pdf`
 named directly) are not: the first is ingested, the other fails, rather than replace it.
 
-A path that does not exist (or is neither a file nor a directory) is a bad argument: each
-one is named and nothing is ingested, before the database is started, so that a script with a
-mistyped path fails at once rather than ingesting the rest and looking done.
+A path that does not exist (or is neither a file nor a directory), and a directory holding no
+file of those formats, is a bad argument: each one is named and nothing is ingested, before the
+database is started, so that a script with a mistyped path (or the wrong directory, or one of
+`.docx` files) fails at once rather than ingesting the rest, or nothing, and looking done.
 
 Progress goes to stderr: a bar redrawn in place on a terminal, one line per document
 otherwise. Exit status: 0 when every document was ingested (or unchanged), 1 when some
-failed, 2 for bad arguments (a missing path included).
+failed, 2 for bad arguments (a missing path, or a directory with nothing to ingest, included).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -77,11 +78,31 @@ def check_arguments(args: argparse.Namespace, err: TextIO | None = None) -> int:
     for path in missing:
         why = "not a file or directory" if os.path.lexists(path) else "no such file or directory"
         print(f"llm-proxy: {path}: {why}", file=err)
-    if missing:
-        print(f"llm-proxy: nothing ingested: {len(missing)} of {len(args.paths)} path"
-              f"{'' if len(args.paths) == 1 else 's'} not found", file=err)
+    # A directory with nothing to ingest is as wrong as a missing one: walked until its first
+    # document, which one that holds any finds at once.
+    empty = [path for path in args.paths if path.is_dir() and next(_documents_under(path), None) is None]
+    for path in empty:
+        print(f"llm-proxy: {path}: no document to ingest in this directory (looked for "
+              f"{' '.join(sorted(INGESTIBLE_EXTENSIONS))}; hidden entries skipped)", file=err)
+    if missing or empty:
+        reasons = [f"{len(missing)} not found"] if missing else []
+        reasons += [f"{len(empty)} with nothing to ingest"] if empty else []
+        print(f"llm-proxy: nothing ingested: of {len(args.paths)} path{'' if len(args.paths) == 1 else 's'}, "
+              f"{' and '.join(reasons)}", file=err)
         return 2
     return 0
+
+
+def _documents_under(root: Path) -> Iterator[tuple[Path, Path]]:
+    """(file, its path relative to `root`) of each file `ingest` takes from directory `root`,
+    in no particular order."""
+    for entry in root.rglob("*"):
+        relative = entry.relative_to(root)
+        if (
+            entry.suffix.lower() in INGESTIBLE_EXTENSIONS and entry.is_file()
+            and not any(part.startswith(".") for part in relative.parts)
+        ):
+            yield entry, relative
 
 
 def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
@@ -101,12 +122,8 @@ def collect(paths: list[Path]) -> tuple[list[_File], list[tuple[str, str]]]:
     for path in paths:
         if path.is_dir():
             root = path.resolve()
-            for entry in sorted(root.rglob("*")):
-                relative = entry.relative_to(root)
-                if any(part.startswith(".") for part in relative.parts) or not entry.is_file():
-                    continue
-                if entry.suffix.lower() in INGESTIBLE_EXTENSIONS:
-                    take(entry, f"{root.name}/{relative.as_posix()}")
+            for entry, relative in sorted(_documents_under(root)):
+                take(entry, f"{root.name}/{relative.as_posix()}")
         elif path.is_file():
             take(path, path.name)
     return files, clashes

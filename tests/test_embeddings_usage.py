@@ -116,8 +116,16 @@ class SlowEmbeddings(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        ({"input": ["x" * 400]}, 100),
+        # vLLM's chat form: its text (the role's four characters too), its media not counted.
+        ({"messages": [{"role": "user", "content": "x" * 400}]}, 101),
+    ],
+)
 async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
-    aio_loop: object, pg_database_url: str, nats_url: str
+    aio_loop: object, pg_database_url: str, nats_url: str, body: dict[str, object], tokens: int
 ) -> None:
     """Hanging up while the backend embeds is no way around the key's usage and `--tpm`."""
     slow = SlowEmbeddings()
@@ -127,7 +135,7 @@ async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
         async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=30) as client:
 
             async def ask() -> None:
-                await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", "input": ["x" * 400]})
+                await client.post("/v1/embeddings", json={"model": "text-embedding-3-small", **body})
 
             async def embedding() -> bool:
                 return any(r.path == "/v1/embeddings" for r in slow.requests)
@@ -139,7 +147,7 @@ async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
 
         async def recorded() -> bool:
             return await listed(pg_database_url, "leaver") == {
-                "requests": 1, "errors": 1, "prompt_tokens": 100, "completion_tokens": 0
+                "requests": 1, "errors": 1, "prompt_tokens": tokens, "completion_tokens": 0
             }
 
         await eventually(recorded)
@@ -174,3 +182,26 @@ async def test_concurrent_embeddings_reserve_their_input_against_the_token_limit
                 for _ in range(6):
                     nursery.start_soon(one)
     assert sorted(statuses) == [200, 200, 429, 429, 429, 429]
+
+
+async def test_a_chat_embedding_is_charged_the_backends_usage(stack: Stack) -> None:
+    """vLLM's chat form (`messages`, no `input`): one request, and the tokens vLLM counted
+    (its image's included, which no estimate of the body knows) charged to the key."""
+    key = await new_key(stack.db, "vlm-user")
+    await wait_for_key(stack.url, key)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "text", "text": "Represent the given image."},
+    ]}]
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        answer = await client.post(
+            "/embeddings", cast_to=openai.types.CreateEmbeddingResponse,
+            body={"model": "text-embedding-vlm2vec", "messages": messages, "encoding_format": "float"},
+        )
+    assert len(answer.data) == 1 and answer.usage.prompt_tokens > 0
+    expected = {"requests": 1, "errors": 0, "prompt_tokens": answer.usage.prompt_tokens, "completion_tokens": 0}
+
+    async def recorded() -> bool:
+        return await listed(stack.db, "vlm-user") == expected
+
+    await eventually(recorded)

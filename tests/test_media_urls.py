@@ -172,8 +172,8 @@ async def test_a_multimodal_embedding_and_a_token_count_are_checked_like_a_chat(
         backend("vllm", server.url, default=True), refuse_private_media_urls=True
     ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
         def embedding(url: str) -> dict[str, Any]:
-            return {"model": "vlm2vec", "input": "Represent the given image.", "messages": chat_with_image(url),
-                    "encoding_format": "float"}
+            # vLLM's chat form: `messages` instead of `input` (beside an `input`, vLLM embeds that).
+            return {"model": "vlm2vec", "messages": chat_with_image(url), "encoding_format": "float"}
 
         refused = await client.post("/v1/embeddings", json=embedding(INSIDE[0]))
         assert refused.status_code == 400, refused.text

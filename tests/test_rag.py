@@ -422,3 +422,28 @@ def test_cli_ingest_of_a_missing_path_fails_naming_it_and_ingests_nothing(
     assert main(["ingest", "typo", str(missing), "--data-dir", str(data)]) == 2
     assert not data.exists()
 
+
+
+def test_cli_ingest_of_a_directory_with_nothing_to_ingest_fails_naming_it(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The wrong directory (empty, hidden files only, or files in formats it does not read) is
+    a bad argument naming it, as a missing path is: before, it exited 0 ("nothing to do"), and
+    a script took it for done."""
+    present = tmp_path / "handbook.txt"
+    present.write_text(HANDBOOK)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "word"
+    (other / ".git").mkdir(parents=True)
+    (other / ".git" / "notes.md").write_text("# Hidden\n\nnot ingested")
+    (other / "report.docx").write_bytes(b"PK\x03\x04")
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+
+    for paths in ([empty], [other], [present, other]):
+        assert main(["ingest", "wrongdir", *map(str, paths)]) == 2
+        err = capsys.readouterr().err
+        assert f"{paths[-1]}: no document to ingest" in err and ".md" in err and "nothing ingested" in err
+    with psycopg.connect(pg_database_url) as conn:
+        (table,) = conn.execute("SELECT to_regclass('rag_workspaces')").fetchone() or (None,)
+        assert table is None or conn.execute("SELECT count(*) FROM rag_workspaces WHERE name = 'wrongdir'").fetchone() == (0,)

@@ -134,9 +134,26 @@ def _token_ids(value: Any) -> bool:
     )
 
 
-# The rest of an OpenAI client's fields (`user`, vLLM's `truncate_prompt_tokens`, …) go to
-# an OpenAI-compatible backend as sent.
-_OPENAI_MODELLED = frozenset({"model", "input", "encoding_format", "dimensions"})
+# The rest of an OpenAI client's fields (`user`, vLLM's `truncate_prompt_tokens`, its chat
+# embeddings' `chat_template`, …) go to an OpenAI-compatible backend as sent.
+_OPENAI_MODELLED = frozenset({"model", "input", "messages", "encoding_format", "dimensions"})
+# The fields only vLLM's chat form of an embeddings request has. Given both `input` and
+# `messages`, vLLM's request union takes the form with more of its own fields set, the text
+# form on a tie: `messages` are embedded only beside one of these.
+_CHAT_ONLY = frozenset({
+    "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message", "media_io_kwargs",
+})
+
+
+def _chat_messages(value: Any) -> list[dict[str, Any]]:
+    """vLLM's chat-style embeddings request (VLM2Vec, gme-Qwen2-VL): its `messages`, one
+    embedding for the whole chat; the backend reads the messages themselves."""
+    if not isinstance(value, list) or not value:
+        raise invalid_request("Invalid `messages`: expected a non-empty array of messages.", param="messages")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise invalid_request(f"Invalid `messages[{index}]`: expected an object.", param=f"messages[{index}]")
+    return value
 
 
 @blueprint.post("/v1/embeddings")
@@ -145,7 +162,13 @@ async def openai_embeddings() -> Response:
     model = fields.text("model", required=True, nonempty=True)
     assert model is not None
     _note_model(model)
-    inputs = _openai_inputs(fields.data.get("input"))
+    sent = fields.data
+    messages: list[dict[str, Any]] | None = None
+    if sent.get("messages") is not None and (sent.get("input") is None or not _CHAT_ONLY.isdisjoint(sent)):
+        messages = _chat_messages(sent["messages"])
+        inputs: list[str] | list[list[int]] = []
+    else:
+        inputs = _openai_inputs(sent.get("input"))
     encoding = fields.text("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise invalid_request(
@@ -153,11 +176,11 @@ async def openai_embeddings() -> Response:
         )
     dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
     fields.text("user")
-    extra = {k: v for k, v in fields.data.items() if k not in _OPENAI_MODELLED}
+    extra = {k: v for k, v in sent.items() if k not in _OPENAI_MODELLED}
     headers, request_id = _backend_headers()
-    result = await _embed(
-        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra)
-    )
+    result = await _embed(EmbeddingRequest(
+        model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra, messages=messages
+    ))
     data = [
         {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
         for index, vector in enumerate(result.vectors)

@@ -237,7 +237,9 @@ _MODEL_LIST: Schema = {
 }
 _EMBEDDINGS_REQUEST: Schema = {
     "type": "object",
-    "required": ["model", "input"],
+    "required": ["model"],
+    # `messages`: vLLM's chat form, for its multimodal embedding models (one embedding).
+    "anyOf": [{"required": ["input"]}, {"required": ["messages"]}],
     "properties": {
         "model": {"type": "string", "minLength": 1},
         "input": {
@@ -247,6 +249,7 @@ _EMBEDDINGS_REQUEST: Schema = {
                 {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
             ]
         },
+        "messages": {"type": "array", "items": _OBJ, "minItems": 1},
         "encoding_format": {"enum": ["float", "base64"]},
         "dimensions": {"type": "integer", "minimum": 1},
         "user": _STR,

@@ -27,7 +27,7 @@ import trio
 from proxy.config import EmbeddingSettings
 from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError, invalid_request
 from proxy.domain.routing import Router
-from proxy.domain.tokens import estimate_tokens
+from proxy.domain.tokens import estimate_tokens, requested_tokens
 from proxy.infra.backends import Backend, ModelInfo
 from proxy.infra.backends._base import EmbeddingBackend, EmbeddingCall
 from proxy.infra.embedder import (
@@ -178,7 +178,9 @@ class EmbeddingRequest:
     are cut (True) or refused (False). `extra`: the client's other fields, in its `dialect`
     ("openai" or "ollama"): passed on as sent to a backend of that kind only (an OpenAI
     server refuses Ollama's `options`; the local model has no use for either). `legacy`:
-    Ollama's `/api/embeddings`, whose vector an Ollama backend computes on that endpoint too."""
+    Ollama's `/api/embeddings`, whose vector an Ollama backend computes on that endpoint too.
+    `messages`: vLLM's chat form (multimodal embedding models), instead of `inputs`: one
+    embedding of the whole chat, which only an OpenAI-compatible backend is sent."""
 
     model: str
     inputs: list[str] | list[list[int]]
@@ -188,6 +190,15 @@ class EmbeddingRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     dialect: str = "openai"
     legacy: bool = False
+    messages: list[dict[str, Any]] | None = None
+
+    def estimated_tokens(self) -> int:
+        """Its input's tokens as a rate limit reserves them (a token array's exactly; a chat's
+        text, its media not counted)."""
+        if self.messages is not None:
+            return requested_tokens(self.messages, generates=False).tokens
+        ids = sum(len(item) for item in self.inputs if isinstance(item, list))
+        return ids + estimate_tokens(sum(len(item) for item in self.inputs if isinstance(item, str)))
 
 
 @dataclass(slots=True)
@@ -249,12 +260,10 @@ class EmbeddingService:
         was asked for and may well have been done (leaving must not be a way around `--tpm`)."""
         if self._record is None:
             return
-        inputs = request.inputs
-        tokens = sum(len(ids) for ids in inputs if isinstance(ids, list))
-        tokens += estimate_tokens(sum(len(text) for text in inputs if isinstance(text, str)))
         self._record(ExchangeRecord(
             trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
-            stream=False, dialect=dialect, status=499, total_ms=total_ms, prompt_tokens=tokens, completion_tokens=0,
+            stream=False, dialect=dialect, status=499, total_ms=total_ms,
+            prompt_tokens=request.estimated_tokens(), completion_tokens=0,
             cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",
             reserved=reserved,
         ))
@@ -306,6 +315,12 @@ class EmbeddingService:
                 f"`dimensions` = {request.dimensions} is not supported (omit it or pass {EMBEDDING_DIMENSIONS}).",
                 param="dimensions",
             )
+        if request.messages is not None:
+            raise invalid_request(
+                f"Model `{request.model}` embeds text; chat `messages` (a multimodal embedding) are only "
+                "passed to OpenAI-compatible backends such as vLLM.",
+                param="messages",
+            )
         texts: list[str] = []
         for item in request.inputs:
             if not isinstance(item, str):
@@ -343,7 +358,13 @@ class EmbeddingService:
                 "which has no embeddings API.",
                 param="model",
             )
-        if not request.inputs:
+        if request.messages is not None and backend.config.kind != "openai":
+            raise invalid_request(
+                f"Model `{request.model}` is served by backend `{route.backend}` ({backend.config.kind}), whose "
+                "embeddings API takes text only: chat `messages` need an OpenAI-compatible backend such as vLLM.",
+                param="messages",
+            )
+        if not request.inputs and request.messages is None:
             return EmbeddingResponse(
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
@@ -351,6 +372,7 @@ class EmbeddingService:
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
             truncate=None if request.truncate else False, headers=request.headers,
             extra=request.extra if backend.config.kind == request.dialect else {}, legacy=request.legacy,
+            messages=request.messages,
         )
         try:
             output = await backend.embed(call)
@@ -366,11 +388,13 @@ class EmbeddingService:
             ) from None
         return EmbeddingResponse(
             model=request.model,
-            vectors=vectors.reshape(len(request.inputs), -1),
+            vectors=vectors.reshape(call.expected, -1),
             prompt_tokens=output.prompt_tokens or 0,
             backend=route.backend,
             upstream_model=route.upstream_model,
-            estimated_tokens=_estimate(request.inputs) if output.prompt_tokens is None else None,
+            estimated_tokens=None if output.prompt_tokens is not None else (
+                _estimate(request.inputs) if request.messages is None else request.estimated_tokens()
+            ),
         )
 
 

@@ -515,7 +515,11 @@ class OpenAIBackend(FakeBackend):
         if not self.model_known(model):
             await self.send_error(exchange, 404, f"The model `{model}` does not exist.")
             return
-        texts = _embedding_inputs(body.get("input"))
+        if "input" not in body and isinstance(body.get("messages"), list):
+            # vLLM's chat form (multimodal embedding models): one embedding of the whole chat.
+            texts: list[str] | None = [_chat_text(body["messages"])]
+        else:
+            texts = _embedding_inputs(body.get("input"))
         if texts is None:
             await self.send_error(exchange, 400, "'input' must be a string or an array")
             return
@@ -540,6 +544,20 @@ class OpenAIBackend(FakeBackend):
             },
             headers=self.common_headers(),
         )
+
+
+def _chat_text(messages: list[Any]) -> str:
+    """What the fake embeds of a chat: its roles, texts and media URLs, in order (so a test can
+    tell which chat, and which image, was embedded)."""
+    words: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        words.append(str(message.get("role")) if isinstance(message, dict) else "?")
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content or []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            inner = part.get(kind) if isinstance(kind, str) else None
+            words.append(str(inner.get("url") if isinstance(inner, dict) else inner))
+    return " ".join(words)
 
 
 def _embedding_inputs(value: Any) -> list[str] | None:

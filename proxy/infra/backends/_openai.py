@@ -159,14 +159,18 @@ class OpenAIBackend:
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /embeddings`, floats requested (every OpenAI-compatible server has them).
-        The client's other fields go as sent: vLLM's multimodal embeddings take chat
-        `messages`, whose media URLs it fetches as a chat's (checked alike)."""
+        The client's other fields go as sent. vLLM's multimodal embeddings take chat `messages`
+        instead of `input` (its `EmbeddingChatRequest`), whose media URLs it fetches as a
+        chat's (checked alike)."""
         name = self.config.name
-        if self._check_media and call.extra:
-            await check_relayed_media_urls(call.extra, list(call.extra))
-        body: dict[str, object] = {
-            **call.extra, "model": call.upstream_model, "input": call.inputs, "encoding_format": "float",
-        }
+        body: dict[str, object] = {**call.extra, "model": call.upstream_model}
+        if call.messages is not None:
+            body["messages"] = call.messages
+        else:
+            body["input"] = call.inputs
+        if self._check_media:
+            await check_relayed_media_urls(body, [key for key in body if key != "input"])
+        body["encoding_format"] = "float"
         if call.dimensions is not None:
             body["dimensions"] = call.dimensions
         timeout = self.config.timeouts.total
@@ -193,7 +197,7 @@ class OpenAIBackend:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         tokens = usage.get("prompt_tokens")
         return EmbeddingOutput(
-            embedding_vectors(vectors, name, len(call.inputs)),
+            embedding_vectors(vectors, name, call.expected),
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 

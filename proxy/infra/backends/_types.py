@@ -127,6 +127,13 @@ class EmbeddingCall:
     # Ollama's legacy `/api/embeddings` (one prompt, the model's raw vector): an Ollama backend
     # is asked there too; other backends have one embeddings API.
     legacy: bool = False
+    # vLLM's chat form instead of `inputs` (an OpenAI-compatible backend only): one embedding.
+    messages: list[dict[str, Any]] | None = None
+
+    @property
+    def expected(self) -> int:
+        """How many embeddings the backend answers with."""
+        return 1 if self.messages is not None else len(self.inputs)
 
 
 @dataclass(slots=True)
