@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import trio
 
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
@@ -466,3 +467,121 @@ async def test_item_references_add_the_items_they_name(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         await client.conversations.create(items=[{"type": "item_reference", "id": "msg_nope"}])
     assert await listed(client, conversation.id) == before
+
+
+# -- one response at a time (OpenAI's `conversation_locked`) ------------------------------------------
+
+SLOW = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2), header_delay=1.0)
+
+
+def assert_locked(error: openai.BadRequestError) -> None:
+    body = error.body
+    assert error.status_code == 400 and isinstance(body, dict), body
+    assert body["code"] == "conversation_locked" and body["param"] == "conversation", body
+    assert body["message"] == "Another process is currently operating on this conversation. Please retry in a few seconds."
+
+
+async def test_a_second_response_while_one_answers_in_the_conversation_is_refused(stack: Stack) -> None:
+    """OpenAI answers one response at a time in a conversation: a second one meanwhile is a
+    400 `conversation_locked` (not a second answer to the conversation as it stood, both
+    appended); the client's next request, once it has its answer, is not."""
+    client = stack.client
+    conversation = await client.conversations.create(items=[{"role": "user", "content": "Hello"}])
+    stack.fake.push(SLOW)
+    async with trio.open_nursery() as nursery:
+        first: list[Any] = []
+
+        async def answer() -> None:
+            first.append(await client.responses.create(model="m", input="First.", conversation=conversation.id))
+
+        nursery.start_soon(answer)
+        await stack.fake.wait_requests(1)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="m", input="Second.", conversation=conversation.id, stream=stream)
+            assert_locked(refused.value)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model="m", input="Later.", conversation=conversation.id, background=True)
+        assert_locked(refused.value)
+    assert first[0].output_text == "The secret is 42."
+    # At once: its lock was given back before its client had the answer.
+    third = await client.responses.create(model="m", input="Third.", conversation=conversation.id, stream=True)
+    assert [event.type async for event in third][-1] == "response.completed"
+    assert len(stack.fake.requests) == 2
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Hello"),
+        ("message", "user", "First."), ("message", "assistant", "The secret is 42."),
+        ("message", "user", "Third."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_a_retry_with_its_idempotency_key_attaches_to_the_run_holding_the_lock(stack: Stack) -> None:
+    client = stack.client
+    conversation = await client.conversations.create()
+    key = {"Idempotency-Key": "locked-retry-1"}
+    stack.fake.push(SLOW)
+    async with trio.open_nursery() as nursery:
+        answers: list[Any] = []
+
+        async def answer() -> None:
+            answers.append(await client.responses.create(
+                model="m", input="Once.", conversation=conversation.id, extra_headers=key
+            ))
+
+        nursery.start_soon(answer)
+        await stack.fake.wait_requests(1)
+        retried = await client.responses.create(model="m", input="Once.", conversation=conversation.id, extra_headers=key)
+    assert retried.id == answers[0].id and retried.output_text == "The secret is 42."
+    assert len(stack.fake.requests) == 1
+    # A background response's repeat (its key) reads the run as it stands: not refused either.
+    stack.fake.push(SLOW)
+    queued = await client.responses.create(
+        model="m", input="Later.", conversation=conversation.id, background=True, extra_headers={"Idempotency-Key": "bg-1"}
+    )
+    again = await client.responses.create(
+        model="m", input="Later.", conversation=conversation.id, background=True, extra_headers={"Idempotency-Key": "bg-1"}
+    )
+    assert again.id == queued.id
+    await wait_for_row(stack.db, queued.id.removeprefix("resp_"), "completed")
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Once."), ("message", "assistant", "The secret is 42."),
+        ("message", "user", "Later."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_the_lock_is_given_back_however_the_run_ends(stack: Stack) -> None:
+    """Failed, cancelled, or its client gone: the next response in the conversation runs."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    stack.fake.push(Script(status=500))
+    with pytest.raises(openai.InternalServerError):
+        await client.responses.create(model="m", input="Fail.", conversation=conversation.id)
+    stack.fake.push(Script(tokens=["Half"], fail_after=2))
+    stream = await client.responses.create(model="m", input="Fail later.", conversation=conversation.id, stream=True)
+    assert [event.type async for event in stream][-1] == "response.failed"
+    # A background response cancelled while its backend is silent.
+    stack.fake.push(Script(tokens=["Never"], header_delay=30))
+    queued = await client.responses.create(model="m", input="Cancel me.", conversation=conversation.id, background=True)
+    await stack.fake.wait_requests(3)
+    assert (await client.responses.cancel(queued.id)).status == "cancelled"
+    # A streaming client that leaves.
+    stack.fake.push(Script(tokens=["Slow"] * 50, pace=0.2))
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        async with http.stream(
+            "POST", "/v1/responses", json={"model": "m", "input": "Leave.", "conversation": conversation.id, "stream": True}
+        ) as left:
+            async for line in left.aiter_lines():
+                if "output_text.delta" in line:
+                    break
+
+    async def runs() -> bool:
+        try:
+            await client.responses.create(model="m", input="After.", conversation=conversation.id)
+        except openai.BadRequestError as error:
+            assert_locked(error)
+            return False
+        return True
+
+    await eventually(runs, within=5)
+    assert await listed(client, conversation.id) == [("message", "user", "After."), ("message", "assistant", "The secret is 42.")]
+    assert await sql(stack.db, "SELECT lock_trace FROM conversations WHERE id = %s", conversation.id) == [(None,)]

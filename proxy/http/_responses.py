@@ -27,7 +27,12 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
 from proxy.domain.ids import is_trace_id
-from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
+from proxy.http._conversations import (
+    ConversationLock,
+    conversation_appender,
+    conversation_item,
+    join_conversation,
+)
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -136,10 +141,10 @@ async def _parsed(
 async def create_response(incoming: Incoming) -> ExchangeBody:
     persistence = incoming.gateway.persistence
     parsed = await _parsed(incoming)
-    own = None
+    own, seen = None, 0
     if parsed.conversation is not None:
         own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
-        await join_conversation(persistence, parsed, parsed.conversation)
+        seen = await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
     if not parsed.settings["store"]:
@@ -158,7 +163,10 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     if parsed.conversation is not None and persistence is not None:
-        exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
+        tenant = current_tenant()
+        exchange.on_answer = conversation_appender(persistence, parsed, tenant)
+        # One response at a time answers in a conversation (OpenAI's `conversation_locked`).
+        exchange.run_lock = ConversationLock(persistence, parsed.conversation, tenant, seen)
         exchange.identity = own  # without the conversation's items, which its answer adds to
         # Nor the semantic cache: a hit names the response that made its answer, and this
         # turn's items would go into the conversation under that response's ids.
