@@ -233,7 +233,7 @@ async def test_deleting_an_item_or_the_conversation(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         await client.responses.create(model="m", input="Again.", conversation=conversation.id)
     body = info.value.body
-    assert isinstance(body, dict) and body["param"] == "conversation" and conversation.id in body["message"]
+    assert isinstance(body, dict) and body["param"] is None and conversation.id in body["message"]
     assert len(stack.fake.requests) == asked
 
 
@@ -585,3 +585,24 @@ async def test_the_lock_is_given_back_however_the_run_ends(stack: Stack) -> None
     await eventually(runs, within=5)
     assert await listed(client, conversation.id) == [("message", "user", "After."), ("message", "assistant", "The secret is 42.")]
     assert await sql(stack.db, "SELECT lock_trace FROM conversations WHERE id = %s", conversation.id) == [(None,)]
+
+
+async def test_a_response_with_store_false_still_joins_its_conversation(stack: Stack) -> None:
+    """As on OpenAI (`store: false` with `conversation` is answered, `store: false` echoed):
+    `store` is about the response, read back by its id, which stays a 404; the conversation
+    still gains its turn, as `conversation` says ("input items and output items from this
+    response are automatically added to this conversation")."""
+    client = stack.client
+    conversation = await client.conversations.create(items=[{"role": "user", "content": "Remember: 42."}])
+    answered = await client.responses.create(model="m", input="Noted?", conversation=conversation.id, store=False)
+    assert (answered.model_extra or {}).get("store") is False
+    assert answered.conversation is not None and answered.conversation.id == conversation.id
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(answered.id)
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Remember: 42."), ("message", "user", "Noted?"), ("message", "assistant", "The secret is 42."),
+    ]
+    await client.responses.create(model="m", input="And now?", conversation=conversation.id)
+    assert backend_saw(stack.fake)[-3:] == [
+        ("user", "Noted?"), ("assistant", "The secret is 42."), ("user", "And now?"),
+    ]

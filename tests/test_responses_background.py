@@ -162,7 +162,7 @@ async def test_a_key_cannot_poll_or_cancel_another_keys_response(stack: Stack) -
         await theirs.responses.input_items.list(created.id)
     stack.fake.default = Script(tokens=["Done."], usage=Usage(3, 1))
     answered = await mine.responses.create(model="m", input="My secret is 42.")
-    with pytest.raises(openai.NotFoundError) as info:
+    with pytest.raises(openai.BadRequestError) as info:
         await theirs.responses.create(model="m", input="What is my secret?", previous_response_id=answered.id)
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "previous_response_not_found"
     assert [m.id for m in (await mine.responses.input_items.list(answered.id)).data]

@@ -182,7 +182,7 @@ async def delete_item(conversation_id: str, item_id: str) -> Response:
 
 async def join_conversation(persistence: Persistence | None, parsed: responses.ResponsesRequest, conversation: str) -> int:
     """`conversation` on `POST /v1/responses`: the conversation's items (the caller's own) go
-    before the request's input; one it does not have is a 404 naming it.
+    before the request's input; one it does not have is a 404 (as OpenAI's, naming no field).
     Returns its last item's `seq`, which its lock checks (`ConversationLock`)."""
     tenant = current_tenant()
     found = None
@@ -191,7 +191,7 @@ async def join_conversation(persistence: Persistence | None, parsed: responses.R
             lambda store: store.all_items(conversation, tenant), f"conversation {conversation}"
         )
     if found is None:
-        raise conversations.conversation_not_found(conversation, param="conversation")
+        raise conversations.conversation_not_found(conversation)
     items, seen = found
     responses.in_conversation(parsed, conversations.prefix_messages(items))
     return seen
@@ -217,7 +217,7 @@ class ConversationLock:
             silent=settings.dead_after, late=settings.late,
         ), f"conversation {conversation}")
         if not there:  # deleted since its items were read
-            raise conversations.conversation_not_found(conversation, param="conversation")
+            raise conversations.conversation_not_found(conversation)
         if not taken:
             raise conversations.conversation_locked()
 

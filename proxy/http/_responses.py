@@ -263,8 +263,8 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     """`previous_response_id`: the conversation and answer of a response the journal keeps
     (on any instance, the tenant's own) go before this request's input."""
     trace_id = previous.removeprefix("resp_")
-    missing = GatewayError(
-        ErrorKind.NOT_FOUND,
+    # OpenAI's 400 (not a 404: the request is at fault, not its path).
+    missing = invalid_request(
         f"Previous response with id '{previous}' not found: this gateway keeps responses only in its journal, for "
         "its retention time.",
         param="previous_response_id", code="previous_response_not_found",
