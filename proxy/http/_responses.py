@@ -471,6 +471,11 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
             created_at=_created_at(stored), completed_at=_completed_at(stored),
         ))
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
+    if status == "in_progress" and completion is None and settings.get("background") and stored.route != "workflow":
+        # Its run has not started answering (its backend has said nothing yet): `queued`, as
+        # on OpenAI until a worker takes it, and as its own stream says until its first event.
+        # (A workflow's events are its workers': its row alone cannot tell.)
+        status = "queued"
     error = None
     if status == "failed":
         stored_error = stored.error or {}
