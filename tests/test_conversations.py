@@ -606,3 +606,57 @@ async def test_a_response_with_store_false_still_joins_its_conversation(stack: S
     assert backend_saw(stack.fake)[-3:] == [
         ("user", "Noted?"), ("assistant", "The secret is 42."), ("user", "And now?"),
     ]
+
+
+async def test_a_lock_whose_run_is_gone_is_free(stack: Stack) -> None:
+    """A lock outlives its run only if its release was lost: its instance killed (gone from
+    the heartbeats, as once swept), or the release failing (its run's row says it ended).
+    Either is free to the next response; a lock of a live instance's run still going is not."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    answered = await client.responses.create(model="m", input="Done.", conversation=conversation.id)
+    ended = answered.id.removeprefix("resp_")
+    await wait_for_row(stack.db, ended, "completed")
+    await sql(stack.db, "INSERT INTO gateway_instances (id) VALUES ('alive-elsewhere') ON CONFLICT (id) DO UPDATE SET seen_at = now()")
+    left = "UPDATE conversations SET lock_trace = %s, lock_owner = %s WHERE id = %s"
+    await sql(stack.db, left, "0123456789abcdef0123456789abcdef", "alive-elsewhere", conversation.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model="m", input="Held.", conversation=conversation.id)
+    assert_locked(refused.value)
+    for trace_id, owner in ((ended, "alive-elsewhere"), ("0123456789abcdef0123456789abcdef", "killed")):
+        await sql(stack.db, left, trace_id, owner, conversation.id)
+        assert (await client.responses.create(model="m", input="Free.", conversation=conversation.id)).status == "completed"
+
+
+async def test_of_responses_sent_at_once_in_a_conversation_one_answers(stack: Stack) -> None:
+    """Sent together (no one first), one runs and the rest are refused; a refused request's
+    `Idempotency-Key` is not spent: retried once the conversation is free, it runs."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    stack.fake.set_script(SLOW)
+    outcomes: list[str] = []
+
+    async def send(n: int) -> None:
+        try:
+            await client.responses.create(
+                model="m", input=f"Turn {n}.", conversation=conversation.id, extra_headers={"Idempotency-Key": f"at-once-{n}"}
+            )
+        except openai.BadRequestError as error:
+            assert_locked(error)
+            outcomes.append(f"refused {n}")
+        else:
+            outcomes.append(f"answered {n}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(send, n)
+    answered = [outcome for outcome in outcomes if outcome.startswith("answered")]
+    assert len(answered) == 1 and len(outcomes) == 5, outcomes
+    assert len(stack.fake.requests) == 1
+    stack.fake.set_script(QUICK)
+    retried = next(int(outcome.split()[1]) for outcome in outcomes if outcome.startswith("refused"))
+    await send(retried)
+    assert outcomes[-1] == f"answered {retried}"
+    assert [text for _, _, text in await listed(client, conversation.id)] == [
+        answered[0].replace("answered ", "Turn ") + ".", "The secret is 42.", f"Turn {retried}.", "The secret is 42.",
+    ]
