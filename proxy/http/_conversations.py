@@ -200,7 +200,7 @@ async def join_conversation(persistence: Persistence | None, parsed: responses.R
 class ConversationLock:
     """The lock of the conversation a response answers in (OpenAI's `conversation_locked`),
     held in PostgreSQL by its run, on any instance, from its start until its answer is
-    appended (see `0019_conversation_locks.sql`): a second response in it meanwhile is a 400,
+    appended (see `0020_conversation_locks.sql`): a second response in it meanwhile is a 400,
     as is one whose conversation gained items since it read them (`seen`)."""
 
     def __init__(self, persistence: Persistence, conversation: str, tenant: str | None, seen: int) -> None:

@@ -31,7 +31,7 @@ _ALL_ITEMS = (
     "WHERE c.id = %(id)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq"
 )
 _GONE = "'null'::jsonb"
-# The conversation's lock taken for run `trace` of instance `owner` (0019), if it is free: nobody
+# The conversation's lock taken for run `trace` of instance `owner` (0020), if it is free: nobody
 # holds it, this run does, its holder's instance is gone (judged as a key's owner is, by an
 # instance beating steadily: see `chat_store._HOLDER`) or its holder's row says it ended. And
 # only while the conversation is as `seen` (its last item's `seq`): a run appended since the
