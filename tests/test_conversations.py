@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import trio
 
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_persistence import wait_for_row
@@ -232,7 +233,7 @@ async def test_deleting_an_item_or_the_conversation(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         await client.responses.create(model="m", input="Again.", conversation=conversation.id)
     body = info.value.body
-    assert isinstance(body, dict) and body["param"] == "conversation" and conversation.id in body["message"]
+    assert isinstance(body, dict) and body["param"] is None and conversation.id in body["message"]
     assert len(stack.fake.requests) == asked
 
 
@@ -466,3 +467,196 @@ async def test_item_references_add_the_items_they_name(stack: Stack) -> None:
     with pytest.raises(openai.NotFoundError):
         await client.conversations.create(items=[{"type": "item_reference", "id": "msg_nope"}])
     assert await listed(client, conversation.id) == before
+
+
+# -- one response at a time (OpenAI's `conversation_locked`) ------------------------------------------
+
+SLOW = Script(tokens=["The secret", " is 42."], usage=Usage(5, 2), header_delay=1.0)
+
+
+def assert_locked(error: openai.BadRequestError) -> None:
+    body = error.body
+    assert error.status_code == 400 and isinstance(body, dict), body
+    assert body["code"] == "conversation_locked" and body["param"] == "conversation", body
+    assert body["message"] == "Another process is currently operating on this conversation. Please retry in a few seconds."
+
+
+async def test_a_second_response_while_one_answers_in_the_conversation_is_refused(stack: Stack) -> None:
+    """OpenAI answers one response at a time in a conversation: a second one meanwhile is a
+    400 `conversation_locked` (not a second answer to the conversation as it stood, both
+    appended); the client's next request, once it has its answer, is not."""
+    client = stack.client
+    conversation = await client.conversations.create(items=[{"role": "user", "content": "Hello"}])
+    stack.fake.push(SLOW)
+    async with trio.open_nursery() as nursery:
+        first: list[Any] = []
+
+        async def answer() -> None:
+            first.append(await client.responses.create(model="m", input="First.", conversation=conversation.id))
+
+        nursery.start_soon(answer)
+        await stack.fake.wait_requests(1)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="m", input="Second.", conversation=conversation.id, stream=stream)
+            assert_locked(refused.value)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model="m", input="Later.", conversation=conversation.id, background=True)
+        assert_locked(refused.value)
+    assert first[0].output_text == "The secret is 42."
+    # At once: its lock was given back before its client had the answer.
+    third = await client.responses.create(model="m", input="Third.", conversation=conversation.id, stream=True)
+    assert [event.type async for event in third][-1] == "response.completed"
+    assert len(stack.fake.requests) == 2
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Hello"),
+        ("message", "user", "First."), ("message", "assistant", "The secret is 42."),
+        ("message", "user", "Third."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_a_retry_with_its_idempotency_key_attaches_to_the_run_holding_the_lock(stack: Stack) -> None:
+    client = stack.client
+    conversation = await client.conversations.create()
+    key = {"Idempotency-Key": "locked-retry-1"}
+    stack.fake.push(SLOW)
+    async with trio.open_nursery() as nursery:
+        answers: list[Any] = []
+
+        async def answer() -> None:
+            answers.append(await client.responses.create(
+                model="m", input="Once.", conversation=conversation.id, extra_headers=key
+            ))
+
+        nursery.start_soon(answer)
+        await stack.fake.wait_requests(1)
+        retried = await client.responses.create(model="m", input="Once.", conversation=conversation.id, extra_headers=key)
+    assert retried.id == answers[0].id and retried.output_text == "The secret is 42."
+    assert len(stack.fake.requests) == 1
+    # A background response's repeat (its key) reads the run as it stands: not refused either.
+    stack.fake.push(SLOW)
+    queued = await client.responses.create(
+        model="m", input="Later.", conversation=conversation.id, background=True, extra_headers={"Idempotency-Key": "bg-1"}
+    )
+    again = await client.responses.create(
+        model="m", input="Later.", conversation=conversation.id, background=True, extra_headers={"Idempotency-Key": "bg-1"}
+    )
+    assert again.id == queued.id
+    await wait_for_row(stack.db, queued.id.removeprefix("resp_"), "completed")
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Once."), ("message", "assistant", "The secret is 42."),
+        ("message", "user", "Later."), ("message", "assistant", "The secret is 42."),
+    ]
+
+
+async def test_the_lock_is_given_back_however_the_run_ends(stack: Stack) -> None:
+    """Failed, cancelled, or its client gone: the next response in the conversation runs."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    stack.fake.push(Script(status=500))
+    with pytest.raises(openai.InternalServerError):
+        await client.responses.create(model="m", input="Fail.", conversation=conversation.id)
+    stack.fake.push(Script(tokens=["Half"], fail_after=2))
+    stream = await client.responses.create(model="m", input="Fail later.", conversation=conversation.id, stream=True)
+    assert [event.type async for event in stream][-1] == "response.failed"
+    # A background response cancelled while its backend is silent.
+    stack.fake.push(Script(tokens=["Never"], header_delay=30))
+    queued = await client.responses.create(model="m", input="Cancel me.", conversation=conversation.id, background=True)
+    await stack.fake.wait_requests(3)
+    assert (await client.responses.cancel(queued.id)).status == "cancelled"
+    # A streaming client that leaves.
+    stack.fake.push(Script(tokens=["Slow"] * 50, pace=0.2))
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        async with http.stream(
+            "POST", "/v1/responses", json={"model": "m", "input": "Leave.", "conversation": conversation.id, "stream": True}
+        ) as left:
+            async for line in left.aiter_lines():
+                if "output_text.delta" in line:
+                    break
+
+    async def runs() -> bool:
+        try:
+            await client.responses.create(model="m", input="After.", conversation=conversation.id)
+        except openai.BadRequestError as error:
+            assert_locked(error)
+            return False
+        return True
+
+    await eventually(runs, within=5)
+    assert await listed(client, conversation.id) == [("message", "user", "After."), ("message", "assistant", "The secret is 42.")]
+    assert await sql(stack.db, "SELECT lock_trace FROM conversations WHERE id = %s", conversation.id) == [(None,)]
+
+
+async def test_a_response_with_store_false_still_joins_its_conversation(stack: Stack) -> None:
+    """As on OpenAI (`store: false` with `conversation` is answered, `store: false` echoed):
+    `store` is about the response, read back by its id, which stays a 404; the conversation
+    still gains its turn, as `conversation` says ("input items and output items from this
+    response are automatically added to this conversation")."""
+    client = stack.client
+    conversation = await client.conversations.create(items=[{"role": "user", "content": "Remember: 42."}])
+    answered = await client.responses.create(model="m", input="Noted?", conversation=conversation.id, store=False)
+    assert (answered.model_extra or {}).get("store") is False
+    assert answered.conversation is not None and answered.conversation.id == conversation.id
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(answered.id)
+    assert await listed(client, conversation.id) == [
+        ("message", "user", "Remember: 42."), ("message", "user", "Noted?"), ("message", "assistant", "The secret is 42."),
+    ]
+    await client.responses.create(model="m", input="And now?", conversation=conversation.id)
+    assert backend_saw(stack.fake)[-3:] == [
+        ("user", "Noted?"), ("assistant", "The secret is 42."), ("user", "And now?"),
+    ]
+
+
+async def test_a_lock_whose_run_is_gone_is_free(stack: Stack) -> None:
+    """A lock outlives its run only if its release was lost: its instance killed (gone from
+    the heartbeats, as once swept), or the release failing (its run's row says it ended).
+    Either is free to the next response; a lock of a live instance's run still going is not."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    answered = await client.responses.create(model="m", input="Done.", conversation=conversation.id)
+    ended = answered.id.removeprefix("resp_")
+    await wait_for_row(stack.db, ended, "completed")
+    await sql(stack.db, "INSERT INTO gateway_instances (id) VALUES ('alive-elsewhere') ON CONFLICT (id) DO UPDATE SET seen_at = now()")
+    left = "UPDATE conversations SET lock_trace = %s, lock_owner = %s WHERE id = %s"
+    await sql(stack.db, left, "0123456789abcdef0123456789abcdef", "alive-elsewhere", conversation.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model="m", input="Held.", conversation=conversation.id)
+    assert_locked(refused.value)
+    for trace_id, owner in ((ended, "alive-elsewhere"), ("0123456789abcdef0123456789abcdef", "killed")):
+        await sql(stack.db, left, trace_id, owner, conversation.id)
+        assert (await client.responses.create(model="m", input="Free.", conversation=conversation.id)).status == "completed"
+
+
+async def test_of_responses_sent_at_once_in_a_conversation_one_answers(stack: Stack) -> None:
+    """Sent together (no one first), one runs and the rest are refused; a refused request's
+    `Idempotency-Key` is not spent: retried once the conversation is free, it runs."""
+    client = stack.client
+    conversation = await client.conversations.create()
+    stack.fake.set_script(SLOW)
+    outcomes: list[str] = []
+
+    async def send(n: int) -> None:
+        try:
+            await client.responses.create(
+                model="m", input=f"Turn {n}.", conversation=conversation.id, extra_headers={"Idempotency-Key": f"at-once-{n}"}
+            )
+        except openai.BadRequestError as error:
+            assert_locked(error)
+            outcomes.append(f"refused {n}")
+        else:
+            outcomes.append(f"answered {n}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(send, n)
+    answered = [outcome for outcome in outcomes if outcome.startswith("answered")]
+    assert len(answered) == 1 and len(outcomes) == 5, outcomes
+    assert len(stack.fake.requests) == 1
+    stack.fake.set_script(QUICK)
+    retried = next(int(outcome.split()[1]) for outcome in outcomes if outcome.startswith("refused"))
+    await send(retried)
+    assert outcomes[-1] == f"answered {retried}"
+    assert [text for _, _, text in await listed(client, conversation.id)] == [
+        answered[0].replace("answered ", "Turn ") + ".", "The secret is 42.", f"Turn {retried}.", "The secret is 42.",
+    ]

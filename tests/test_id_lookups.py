@@ -38,7 +38,7 @@ CASES: list[tuple[str, str, Any, int, str, str]] = [
     ("DELETE", "/v1/responses/resp_%00", None, 404, NOT_FOUND.format("resp_\x00"), "response_id"),
     ("POST", "/v1/responses/resp_%00/cancel", None, 404, NOT_FOUND.format("resp_\x00"), "response_id"),
     ("GET", "/v1/streams/abc%00", None, 404, "No stream `abc\x00` is known here.", "trace_id"),
-    ("POST", "/v1/responses", {"model": "m", "input": "hi", "previous_response_id": "resp_\x00"}, 404,
+    ("POST", "/v1/responses", {"model": "m", "input": "hi", "previous_response_id": "resp_\x00"}, 400,
      "Previous response with id 'resp_\x00' not found", "previous_response_id"),
     ("POST", "/v1/responses", {"model": "m", "input": [{"type": "item_reference", "id": "msg_a\x00b_0"}]}, 404,
      "Item with id 'msg_a\x00b_0' not found.", "input[0]"),

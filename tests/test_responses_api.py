@@ -351,7 +351,7 @@ async def test_stateful_requests_say_what_to_do_instead(setup: Setup) -> None:
     assert isinstance(stored.value.body, dict) and stored.value.body["code"] == "database_not_configured"
     assert stored.value.response.headers.get("x-should-retry") == "false"
     # A response the journal does not keep cannot be continued.
-    with pytest.raises(openai.NotFoundError) as unknown:
+    with pytest.raises(openai.BadRequestError) as unknown:
         await setup.client.responses.create(model=MODELS["openai"], input="more", previous_response_id="resp_1")
     assert isinstance(unknown.value.body, dict) and unknown.value.body["code"] == "previous_response_not_found"
     with pytest.raises(openai.BadRequestError) as tools:

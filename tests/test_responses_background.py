@@ -48,7 +48,7 @@ async def test_a_background_response_is_answered_queued_at_once_and_polled_to_it
     assert created.status == "queued" and created.background is True
     assert [g.outcome for g in stack.fake.recorder.generations] in ([], ["running"])
     statuses = await poll_until_ended(stack.client, created.id)
-    assert statuses[0] == "in_progress" and statuses[-1] == "completed"
+    assert statuses[0] in ("queued", "in_progress") and statuses[-1] == "completed"
     done = await stack.client.responses.retrieve(created.id)
     assert done.output_text == "".join(TOKENS)
     assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (6, 20)
@@ -85,7 +85,21 @@ async def test_a_background_response_its_backend_refuses_as_the_clients_mistake_
 async def test_a_background_response_is_polled_at_once_after_its_creation(stack: Stack) -> None:
     created = await stack.client.responses.create(model="m", input="Count", background=True)
     # Before its `running` row can have been written: the live run answers for it.
-    assert (await stack.client.responses.retrieve(created.id)).status == "in_progress"
+    assert (await stack.client.responses.retrieve(created.id)).status in ("queued", "in_progress")
+
+
+async def test_a_background_response_reads_queued_until_its_backend_starts_answering(stack: Stack) -> None:
+    """OpenAI's `queued` until a worker takes it: here until its backend says its first word
+    (as its own stream announces `response.queued`, then `response.in_progress`), then
+    `in_progress`, never `queued` again."""
+    stack.fake.push(Script(tokens=TOKENS, usage=Usage(6, 20), pace=0.1, header_delay=1.5))
+    created = await stack.client.responses.create(model="m", input="Count", background=True)
+    assert created.status == "queued"
+    await stack.fake.wait_requests(1)
+    assert (await stack.client.responses.retrieve(created.id)).status == "queued"
+    statuses = await poll_until_ended(stack.client, created.id)
+    assert statuses[0] == "queued" and statuses[-1] == "completed" and "in_progress" in statuses
+    assert "queued" not in statuses[statuses.index("in_progress"):]
 
 
 async def test_cancelling_a_background_response_stops_its_backend_and_records_it_cancelled(stack: Stack) -> None:
@@ -162,7 +176,7 @@ async def test_a_key_cannot_poll_or_cancel_another_keys_response(stack: Stack) -
         await theirs.responses.input_items.list(created.id)
     stack.fake.default = Script(tokens=["Done."], usage=Usage(3, 1))
     answered = await mine.responses.create(model="m", input="My secret is 42.")
-    with pytest.raises(openai.NotFoundError) as info:
+    with pytest.raises(openai.BadRequestError) as info:
         await theirs.responses.create(model="m", input="What is my secret?", previous_response_id=answered.id)
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "previous_response_not_found"
     assert [m.id for m in (await mine.responses.input_items.list(answered.id)).data]

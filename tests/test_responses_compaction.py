@@ -134,5 +134,5 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
             await call()
         body = info.value.body
         assert isinstance(body, dict) and body["param"] == param, (param, body)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError):
         await client.responses.compact(model="m", previous_response_id="resp_0123456789abcdef0123456789abcdef")

@@ -133,7 +133,7 @@ async def test_what_a_request_continues_or_references_is_counted(stack: Stack) -
     # ... and counting adds nothing to it.
     assert len((await stack.client.conversations.items.list(conversation.id)).data) == 1
 
-    with pytest.raises(openai.NotFoundError) as missing:
+    with pytest.raises(openai.BadRequestError) as missing:
         await stack.client.responses.input_tokens.count(model="m", input="Hi", previous_response_id="resp_nope")
     assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "previous_response_not_found"
 

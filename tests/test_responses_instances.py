@@ -235,7 +235,7 @@ async def test_previous_response_id_continues_a_response_made_on_the_other_insta
     listed = await pair.first.responses.input_items.list(second.id)
     assert [(item.type, item.content[0].text) for item in listed.data if item.type == "message"] == [
         ("message", "What is my name?")]
-    with pytest.raises(openai.NotFoundError) as missing:
+    with pytest.raises(openai.BadRequestError) as missing:
         await pair.second.responses.create(model="m", input="x", previous_response_id="resp_0123456789abcdef")
     assert isinstance(missing.value.body, dict) and missing.value.body["code"] == "previous_response_not_found"
     assert missing.value.body["param"] == "previous_response_id"

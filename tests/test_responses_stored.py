@@ -93,7 +93,7 @@ async def test_a_deleted_response_is_gone_for_every_read(stack: Stack) -> None:
         await stack.client.responses.retrieve(answered.id)
     with pytest.raises(openai.NotFoundError):
         await stack.client.responses.input_items.list(answered.id)
-    with pytest.raises(openai.NotFoundError) as continued:
+    with pytest.raises(openai.BadRequestError) as continued:
         await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=answered.id)
     assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
@@ -368,7 +368,8 @@ async def test_a_referenced_function_call_is_answered_by_its_output(stack: Stack
 
 
 async def test_a_response_made_with_store_false_is_not_read_back(stack: Stack) -> None:
-    """OpenAI keeps it for nobody: by its id it is a 404 everywhere, as one it never had."""
+    """OpenAI keeps it for nobody: by its id it is a 404 everywhere (continued, its 400
+    `previous_response_not_found`), as one it never had."""
     answered = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", store=False)
     assert answered.output_text == "The secret is 42." and (answered.model_extra or {}).get("store") is False
     await wait_for_row(stack.db, trace(answered.id), "completed")
@@ -376,7 +377,7 @@ async def test_a_response_made_with_store_false_is_not_read_back(stack: Stack) -
         await stack.client.responses.retrieve(answered.id)
     with pytest.raises(openai.NotFoundError):
         await stack.client.responses.input_items.list(answered.id)
-    with pytest.raises(openai.NotFoundError) as continued:
+    with pytest.raises(openai.BadRequestError) as continued:
         await stack.client.responses.create(model="m", input="What is it?", previous_response_id=answered.id)
     assert isinstance(continued.value.body, dict) and continued.value.body["code"] == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):

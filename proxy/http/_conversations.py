@@ -180,18 +180,56 @@ async def delete_item(conversation_id: str, item_id: str) -> Response:
 # -- responses in a conversation ---------------------------------------------------------------------
 
 
-async def join_conversation(persistence: Persistence | None, parsed: responses.ResponsesRequest, conversation: str) -> None:
+async def join_conversation(persistence: Persistence | None, parsed: responses.ResponsesRequest, conversation: str) -> int:
     """`conversation` on `POST /v1/responses`: the conversation's items (the caller's own) go
-    before the request's input; one it does not have is a 404 naming it."""
+    before the request's input; one it does not have is a 404 (as OpenAI's, naming no field).
+    Returns its last item's `seq`, which its lock checks (`ConversationLock`)."""
     tenant = current_tenant()
-    items = None
+    found = None
     if conversations.is_conversation_id(conversation):
-        items = await _persistence(persistence).conversations(
+        found = await _persistence(persistence).conversations(
             lambda store: store.all_items(conversation, tenant), f"conversation {conversation}"
         )
-    if items is None:
-        raise conversations.conversation_not_found(conversation, param="conversation")
+    if found is None:
+        raise conversations.conversation_not_found(conversation)
+    items, seen = found
     responses.in_conversation(parsed, conversations.prefix_messages(items))
+    return seen
+
+
+class ConversationLock:
+    """The lock of the conversation a response answers in (OpenAI's `conversation_locked`),
+    held in PostgreSQL by its run, on any instance, from its start until its answer is
+    appended (see `0020_conversation_locks.sql`): a second response in it meanwhile is a 400,
+    as is one whose conversation gained items since it read them (`seen`)."""
+
+    def __init__(self, persistence: Persistence, conversation: str, tenant: str | None, seen: int) -> None:
+        self._persistence = persistence
+        self._conversation = conversation
+        self._tenant = tenant
+        self._seen = seen
+
+    async def acquire(self, trace_id: str) -> None:
+        persistence, conversation = self._persistence, self._conversation
+        settings = persistence.settings
+        there, taken = await persistence.conversations(lambda store: store.lock(
+            conversation, self._tenant, trace=trace_id, owner=persistence.instance_id, seen=self._seen,
+            silent=settings.dead_after, late=settings.late,
+        ), f"conversation {conversation}")
+        if not there:  # deleted since its items were read
+            raise conversations.conversation_not_found(conversation)
+        if not taken:
+            raise conversations.conversation_locked()
+
+    async def release(self, trace_id: str) -> None:
+        conversation = self._conversation
+        try:
+            await self._persistence.conversations(
+                lambda store: store.unlock(conversation, trace_id), f"conversation {conversation}"
+            )
+        except GatewayError as error:
+            # Free all the same once its run's row says it ended (see `_LOCK`).
+            log.warning("the lock of %s was not given back by %s: %s", conversation, trace_id, error.message)
 
 
 async def conversation_item(persistence: Persistence, item: str) -> dict[str, Any] | None:

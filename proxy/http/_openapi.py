@@ -598,10 +598,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Response (OpenAI's Responses API)", "OpenAI", _ok(_RESPONSE, stream="text/event-stream"),
         body=_RESPONSES_REQUEST, parameters=_CHAT_HEADERS,
         description="Translated to a chat for any backend; `stream: true` answers with `event: response.*` "
-        "server-sent events. `previous_response_id` continues a response the journal keeps, and an `item_reference` "
+        "server-sent events. `previous_response_id` continues a response the journal keeps (400 "
+        "`previous_response_not_found` for one it does not), and an `item_reference` "
         "input stands for one of its items (404 for one it does not keep); `conversation` puts a stored "
         "conversation's items first and appends the response's input and output to it once completed (see "
-        "`/v1/conversations`); `prompt` is a 400; `background: true` runs on when the connection drops (without `stream`, answered "
+        "`/v1/conversations`; one response at a time: another meanwhile is a 400 `conversation_locked`); "
+        "`prompt` is a 400; `background: true` runs on when the connection drops (without `stream`, answered "
         "`queued` at once: poll `GET /v1/responses/{response_id}`).",
     ),
     ("/v1/responses/compact", "post"): _op(

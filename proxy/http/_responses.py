@@ -27,7 +27,12 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
 from proxy.domain.ids import is_trace_id
-from proxy.http._conversations import conversation_appender, conversation_item, join_conversation
+from proxy.http._conversations import (
+    ConversationLock,
+    conversation_appender,
+    conversation_item,
+    join_conversation,
+)
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -136,10 +141,10 @@ async def _parsed(
 async def create_response(incoming: Incoming) -> ExchangeBody:
     persistence = incoming.gateway.persistence
     parsed = await _parsed(incoming)
-    own = None
+    own, seen = None, 0
     if parsed.conversation is not None:
         own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
-        await join_conversation(persistence, parsed, parsed.conversation)
+        seen = await join_conversation(persistence, parsed, parsed.conversation)
     request = parsed.chat
     meta = request_meta(incoming.head)
     if not parsed.settings["store"]:
@@ -158,7 +163,10 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
     if parsed.conversation is not None and persistence is not None:
-        exchange.on_answer = conversation_appender(persistence, parsed, current_tenant())
+        tenant = current_tenant()
+        exchange.on_answer = conversation_appender(persistence, parsed, tenant)
+        # One response at a time answers in a conversation (OpenAI's `conversation_locked`).
+        exchange.run_lock = ConversationLock(persistence, parsed.conversation, tenant, seen)
         exchange.identity = own  # without the conversation's items, which its answer adds to
         # Nor the semantic cache: a hit names the response that made its answer, and this
         # turn's items would go into the conversation under that response's ids.
@@ -255,8 +263,8 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     """`previous_response_id`: the conversation and answer of a response the journal keeps
     (on any instance, the tenant's own) go before this request's input."""
     trace_id = previous.removeprefix("resp_")
-    missing = GatewayError(
-        ErrorKind.NOT_FOUND,
+    # OpenAI's 400 (not a 404: the request is at fault, not its path).
+    missing = invalid_request(
         f"Previous response with id '{previous}' not found: this gateway keeps responses only in its journal, for "
         "its retention time.",
         param="previous_response_id", code="previous_response_not_found",
@@ -463,6 +471,11 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
             created_at=_created_at(stored), completed_at=_completed_at(stored),
         ))
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
+    if status == "in_progress" and completion is None and settings.get("background") and stored.route != "workflow":
+        # Its run has not started answering (its backend has said nothing yet): `queued`, as
+        # on OpenAI until a worker takes it, and as its own stream says until its first event.
+        # (A workflow's events are its workers': its row alone cannot tell.)
+        status = "queued"
     error = None
     if status == "failed":
         stored_error = stored.error or {}

@@ -27,10 +27,36 @@ _APPEND = (
     "ORDER BY v.n ON CONFLICT (conversation_id, id) DO NOTHING"
 )
 _ALL_ITEMS = (
-    "SELECT i.item FROM conversations c LEFT JOIN conversation_items i ON i.conversation_id = c.id "
+    "SELECT i.item, i.seq FROM conversations c LEFT JOIN conversation_items i ON i.conversation_id = c.id "
     "WHERE c.id = %(id)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s) ORDER BY i.seq"
 )
 _GONE = "'null'::jsonb"
+# The conversation's lock taken for run `trace` of instance `owner` (0020), if it is free: nobody
+# holds it, this run does, its holder's instance is gone (judged as a key's owner is, by an
+# instance beating steadily: see `chat_store._HOLDER`) or its holder's row says it ended. And
+# only while the conversation is as `seen` (its last item's `seq`): a run appended since the
+# items were read would be answered from a conversation that no longer is. Says whether the
+# conversation is there, and whether the lock was taken.
+_LOCK = """
+WITH target AS (
+    SELECT id, lock_trace, lock_owner FROM conversations WHERE id = %(id)s
+        AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s) FOR UPDATE
+), taken AS (
+    UPDATE conversations c SET lock_trace = %(trace)s, lock_owner = %(owner)s FROM target t
+    WHERE c.id = t.id
+    AND (t.lock_trace IS NULL OR t.lock_trace = %(trace)s
+        OR EXISTS (SELECT 1 FROM chat_log l WHERE l.trace_id = t.lock_trace AND l.status <> 'running')
+        OR (NOT EXISTS (SELECT 1 FROM gateway_instances g WHERE g.id = t.lock_owner
+                AND g.seen_at > now() - make_interval(secs => %(silent)s))
+            AND EXISTS (SELECT 1 FROM gateway_instances me WHERE me.id = %(owner)s
+                AND me.seen_at > now() - make_interval(secs => %(late)s)
+                AND me.steady_since <= now() - make_interval(secs => %(silent)s))))
+    AND coalesce((SELECT max(seq) FROM conversation_items WHERE conversation_id = t.id), 0) = %(seen)s
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM taken)
+"""
+_UNLOCK = "UPDATE conversations SET lock_trace = NULL, lock_owner = NULL WHERE id = %s AND lock_trace = %s"
 _KEPT = f"item <> {_GONE}"
 _SEQ_OF = "SELECT seq FROM conversation_items WHERE conversation_id = %s AND id = %s"
 _PAGE = {
@@ -91,12 +117,30 @@ class ConversationStore:
         async with self._db.transaction() as tx:
             return await _append(tx, conversation_id, tenant, items)
 
-    async def all_items(self, conversation_id: str, tenant: str | None) -> list[dict[str, Any]] | None:
-        """Every item, oldest first; None: no such conversation."""
+    async def all_items(self, conversation_id: str, tenant: str | None) -> tuple[list[dict[str, Any]], int] | None:
+        """Every item, oldest first, and the last one's `seq` (0: none ever); None: no such
+        conversation."""
         rows = await self._db.fetch(_ALL_ITEMS, {"id": conversation_id, "tenant": tenant})
         if not rows:
             return None
-        return [row[0] for row in rows if row[0] is not None]  # None: no items, or a deleted one
+        # An item None: no items (the join found none), or a deleted one.
+        return [row[0] for row in rows if row[0] is not None], int(rows[-1][1] or 0)
+
+    async def lock(
+        self, conversation_id: str, tenant: str | None, *, trace: str, owner: str, seen: int, silent: float, late: float
+    ) -> tuple[bool, bool]:
+        """Take the conversation's lock for run `trace` (see `_LOCK`): whether the conversation
+        is there, and whether the lock was taken."""
+        found = await self._db.fetchrow(_LOCK, {
+            "id": conversation_id, "tenant": tenant, "trace": trace, "owner": owner, "seen": seen,
+            "silent": silent, "late": late,
+        })
+        assert found is not None
+        return bool(found[0]), bool(found[1])
+
+    async def unlock(self, conversation_id: str, trace: str) -> None:
+        """Give the conversation's lock back, if run `trace` holds it."""
+        await self._db.execute(_UNLOCK, (conversation_id, trace))
 
     async def page(
         self, conversation_id: str, *, after: str | None, limit: int, order: str

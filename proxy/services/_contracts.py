@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 AnswerHook = Callable[[str, ChatCompletion], Awaitable[None]]
 
 
+class RunLock(Protocol):
+    """What only one run at a time may answer (a Responses conversation): taken when the
+    exchange's own run is to start (not by a repeat that replays or attaches to its key's run),
+    given back once the run has ended and its `AnswerHook` was told, before its client has the
+    end. Never a closure over its exchange (a reference cycle)."""
+
+    async def acquire(self, trace_id: str) -> None:
+        """Take it for run `trace_id`, or raise the refusal its client gets."""
+
+    async def release(self, trace_id: str) -> None:
+        """Give it back (its own failures are its to handle)."""
+
+
 class ExchangeSink(Protocol):
     """The client side of an exchange, in the client's dialect."""
 

@@ -12,10 +12,13 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed
 from proxy.infra.backends import BackendCall, Batch
 from proxy.infra.transport import Hangup
-from proxy.services._contracts import SHUTTING_DOWN, AnswerHook, is_cancellation
+from proxy.services._contracts import SHUTTING_DOWN, AnswerHook, RunLock, is_cancellation
 from proxy.services._records import Recording, _outcome
 from proxy.services.journal import EventLog, Journal
 from proxy.services.persistence import Plan, Producer, log_reader
+
+# Longest wait for a run lock's release (one UPDATE) when its run is cancelled.
+_UNLOCK_SECONDS = 5.0
 
 
 class DurableRun(Recording):
@@ -28,6 +31,8 @@ class DurableRun(Recording):
     _live_log: EventLog | None
     _detached: bool
     on_answer: AnswerHook | None
+    run_lock: RunLock | None
+    _locked: bool
 
     if TYPE_CHECKING:  # the exchange's own
         async def _plan(self) -> Plan: ...
@@ -67,6 +72,7 @@ class DurableRun(Recording):
                     ErrorKind.UNAVAILABLE, "A background run needs the gateway's journal (PostgreSQL), which is "
                     "not available now.", code="journal_unavailable", retry_after=2,
                 )
+            await self._lock(plan)  # refused: its creation is, at once
         except GatewayError as error:
             self._failed_before_start(error)
             self._finish_record()
@@ -75,6 +81,30 @@ class DurableRun(Recording):
         self._detached = True
         self._start_durable(plan)
         return True
+
+    async def _lock(self, plan: Plan) -> None:
+        """Take the run lock (`run_lock`) for this exchange's own run, about to start (`here`,
+        `durable`); a repeat that replays or attaches to its key's run takes none. Refused, the
+        key this request claimed is given up, so that a retry with it runs again."""
+        if self.run_lock is None or plan.kind not in ("here", "durable"):
+            return
+        try:
+            await self.run_lock.acquire(self.meta.trace_id)
+        except GatewayError:
+            if plan.key is not None and self._persistence is not None:
+                await self._persistence.give_up(plan.key, self.meta.trace_id)
+            raise
+        self._locked = True
+
+    async def _unlock(self) -> None:
+        """Give the run lock back: once the run has ended (its answer appended), before its
+        client has the end, so that the client's next request finds it free."""
+        if not self._locked:
+            return
+        self._locked = False
+        assert self.run_lock is not None
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + _UNLOCK_SECONDS):
+            await self.run_lock.release(self.meta.trace_id)
 
     def _answering_trace(self) -> str:
         trace = next((value for name, value in self.response_headers if name == b"x-trace-id"), None)
@@ -118,11 +148,14 @@ class DurableRun(Recording):
                         if isinstance(item, GatewayError):
                             if not event_log.events:
                                 result.error = item
+                                await self._unlock()  # before its readers learn it failed
                                 event_log.fail_before_start(item)
                                 break
                             item = Batch([StreamFailed(item)], done=True)
                         for event in item.events:
                             result.add(event)
+                        if item.done and result.error is not None:
+                            await self._unlock()
                         event_log.extend(item.events)
                         if item.done:
                             complete = True
@@ -130,6 +163,7 @@ class DurableRun(Recording):
                 if complete:
                     if self.on_answer is not None and result.error is None:
                         await self.on_answer(self.meta.trace_id, result.build())
+                    await self._unlock()
                     event_log.close(_outcome(result, complete=True))
                 nursery.cancel_scope.cancel()
         except BaseException as exc:
@@ -139,6 +173,7 @@ class DurableRun(Recording):
                 result.error = SHUTTING_DOWN
             raise
         finally:
+            await self._unlock()  # cancelled, or the server stopping
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
             if self._detached:  # no client relay folded the run into this exchange's result
                 self.result = result

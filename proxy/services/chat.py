@@ -44,6 +44,7 @@ from proxy.services._contracts import (
     Headers,
     RequestMeta,
     RouteHandler,
+    RunLock,
     is_cancellation,
     new_trace_id,
 )
@@ -58,7 +59,7 @@ log = logging.getLogger("llm_proxy.chat")
 # Its parts' public names are imported from here: the exchange's face is this module.
 __all__ = [
     "SHUTTING_DOWN", "Adapter", "AnswerHook", "CachedAnswer", "ChatExchange", "ChatService", "CompletionCache", "ExchangeRecord",
-    "ExchangeSink", "Fallback", "Headers", "RecordSink", "RequestMeta", "RouteHandler", "is_cancellation",
+    "ExchangeSink", "Fallback", "Headers", "RecordSink", "RequestMeta", "RouteHandler", "RunLock", "is_cancellation",
     "new_trace_id",
 ]
 
@@ -204,6 +205,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         # Told of the answer once the run has completed (see `AnswerHook`): by the relay for
         # a run here or a replay, by the durable run for one in the Runs nursery.
         self.on_answer: AnswerHook | None = None
+        # Held by this exchange's own run while it runs (see `RunLock`): a Responses
+        # conversation's, which one response at a time answers.
+        self.run_lock: RunLock | None = None
+        self._locked = False
         # What an Idempotency-Key's request is (`req_id`) when not the request as sent: a
         # response in a conversation, asked again with its key once its first answer was
         # appended to the conversation, is the same request (not the exact cache's: an
@@ -249,6 +254,7 @@ class ChatExchange(FallbackWalk, DurableRun):
         complete = False
         try:
             plan = await self._plan()
+            await self._lock(plan)
             producer = plan.producer or self._producer()
             journal = self._journal(plan) if plan.kind == "here" else None
             if plan.kind == "durable":
@@ -282,6 +288,8 @@ class ChatExchange(FallbackWalk, DurableRun):
                     self.result.error = self.result.error or SHUTTING_DOWN  # the row: failed, not cancelled
             raise
         finally:
+            if self._relay_answers:  # a run here (a durable run gives its lock back itself)
+                await self._unlock()
             self._finish_record()
             if journal is not None:
                 assert self._persistence is not None
@@ -399,6 +407,7 @@ class ChatExchange(FallbackWalk, DurableRun):
             if isinstance(item, GatewayError):
                 if not started:
                     self._failed_before_start(item)
+                    await self._settle()
                     await sink.fail(item)
                     return False
                 item = Batch([StreamFailed(item)], done=True)
@@ -415,6 +424,7 @@ class ChatExchange(FallbackWalk, DurableRun):
                 failure = _failure_without_content(item.events)
                 if failure is not None:
                     self._failed_before_start(failure)
+                    await self._settle()
                     await sink.fail(failure)
                     return False
                 started = True
@@ -427,18 +437,22 @@ class ChatExchange(FallbackWalk, DurableRun):
             if event_log is not None:
                 event_log.extend(item.events)
             if stream:
+                if item.done and self.result.error is not None:
+                    await self._settle()  # before its client reads that it failed
                 await sink.write(item)
             else:
                 events.extend(item.events)
                 if item.done:
                     if self.result.error is not None and item.completion is None:
                         self._failed_before_start(self.result.error)
+                        await self._settle()
                         await sink.fail(self.result.error)
                         return False
                     if item.completion is None and item.raw is None:
                         item = Batch(events, done=True, completion=self.result.build())
                     if self.on_answer is not None and self._relay_answers and self.result.error is None:
                         await self.on_answer(self._answering_trace(), item.whole())
+                    await self._settle()
                     await sink.start()
                     await sink.write(item)
             if item.done:
@@ -446,12 +460,20 @@ class ChatExchange(FallbackWalk, DurableRun):
         if not started:
             error = GatewayError(ErrorKind.BACKEND, f"Backend `{self.route.backend}` returned nothing.")
             self._failed_before_start(error)
+            await self._settle()
             await sink.fail(error)
             return False
         if stream and self.on_answer is not None and self._relay_answers and self.result.error is None:
             await self.on_answer(self._answering_trace(), self.result.build())
+        await self._settle()
         await sink.finish()
         return self.result.error is None
+
+    async def _settle(self) -> None:
+        """A run here has ended: its lock given back before its client has the end (a
+        durable run's reader leaves it to the run)."""
+        if self._relay_answers:
+            await self._unlock()
 
     def _failed_before_start(self, error: GatewayError) -> None:
         self.record.status = error.status

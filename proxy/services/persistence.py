@@ -461,6 +461,17 @@ class Persistence:
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
                     headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
 
+    async def give_up(self, key: str, trace_id: str) -> None:
+        """A key `trace_id` claimed and will not run (refused before it started): failed, so
+        that a retry with it runs again rather than waiting on a run that never comes."""
+        store = self.store()
+        if store is None:
+            return
+        try:
+            await self._bounded(lambda: store.release(key, trace_id, "failed"))
+        except DatabaseError as error:
+            log.warning("giving up key %s failed (%s): a retry with it waits for the instance sweep", key, error)
+
     async def _took_over(self, store: ChatStore, key: str, previous_trace: str, trace_id: str, owner: str | None) -> bool:
         try:
             return await self._bounded(lambda: _take_over(store, key, previous_trace, trace_id, owner))

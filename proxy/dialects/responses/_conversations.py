@@ -45,6 +45,14 @@ def conversation_not_found(conversation: str, param: str | None = None) -> Gatew
     return GatewayError(ErrorKind.NOT_FOUND, f"Conversation with id '{conversation}' not found.", param=param)
 
 
+def conversation_locked() -> GatewayError:
+    """OpenAI's words for a response in a conversation another response is answering in."""
+    return invalid_request(
+        "Another process is currently operating on this conversation. Please retry in a few seconds.",
+        param="conversation", code="conversation_locked",
+    )
+
+
 def is_conversation_id(value: str) -> bool:
     return value.startswith(_PREFIX) and len(value) > len(_PREFIX) and storable(value)
 
