@@ -16,6 +16,10 @@ import pytest
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.script import token_logprob
 from tests.harness import backend, running_gateway
+from tests.test_persistence import wait_for_row
+from tests.test_responses_stored import journaled_stack
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
 TOKENS = ["Hel", "lo", " wörld"]
@@ -217,3 +221,18 @@ async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None
         })
     assert reply.status_code == 400 and "top_logprobs" in reply.json()["error"]
     assert setup.fakes["ollama"].requests == []
+
+
+# -- kept ------------------------------------------------------------------------------------------
+
+
+async def test_a_kept_response_read_back_has_its_logprobs(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=TOKENS))
+    async with journaled_stack(pg_database_url, nats_url, fake) as stack:
+        answered = await stack.client.responses.create(
+            model="m", input="Say hello", include=["message.output_text.logprobs"], top_logprobs=2,
+        )
+        await wait_for_row(stack.db, answered.id.removeprefix("resp_"), "completed")
+        again = await stack.client.responses.retrieve(answered.id)
+    part = again.output[-1].content[0]  # type: ignore[union-attr]
+    assert [_brief(e) for e in part.logprobs or []] == expected(2)  # type: ignore[union-attr]
