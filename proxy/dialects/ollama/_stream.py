@@ -110,8 +110,10 @@ class StreamParser:
     of appearance, and `done_reason: "stop"` after tool calls becomes `tool_calls`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, logprobs: bool = False) -> None:
+        """`logprobs`: they were asked for, so lines carrying text are looked at for them."""
         self._decoder = NdjsonDecoder()
+        self._logprobs = logprobs
         self._started = False
         self._tool_count = 0
         self._tool_ids: set[str] = set()
@@ -190,7 +192,7 @@ class StreamParser:
             events.append(ReasoningDelta(thinking))
         content = holder.get("content" if chat else "response")
         if content and isinstance(content, str):
-            events.append(TextDelta(content, 0, logprobs_of(data)))
+            events.append(TextDelta(content, 0, logprobs_of(data)) if self._logprobs else TextDelta(content))
         calls = holder.get("tool_calls") if chat else None
         if calls and isinstance(calls, list):
             for raw in calls:
