@@ -4,6 +4,7 @@ log probabilities in its own shape, a backend without them is a 400 naming the c
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.script import token_logprob
 from tests.harness import backend, running_gateway
-from tests.test_persistence import wait_for_row
+from tests.test_auth_helpers import eventually
+from tests.test_persistence import rows, wait_for_row
 from tests.test_responses_stored import journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -236,3 +238,36 @@ async def test_a_kept_response_read_back_has_its_logprobs(aio_loop: object, pg_d
         again = await stack.client.responses.retrieve(answered.id)
     part = again.output[-1].content[0]  # type: ignore[union-attr]
     assert [_brief(e) for e in part.logprobs or []] == expected(2)  # type: ignore[union-attr]
+
+
+async def test_an_ollama_clients_keyed_answer_replays_with_its_logprobs(
+    aio_loop: object, pg_database_url: str, nats_url: str,
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=TOKENS))
+    key = str(uuid.uuid4())
+
+    async def stored() -> bool:
+        return bool(rows(stack.db, "SELECT 1 FROM chat_log WHERE idempotency_key = %s AND status = 'completed'", key))
+
+    async with journaled_stack(pg_database_url, nats_url, fake) as stack:
+        async with ollama.AsyncClient(host=stack.url, headers={"Idempotency-Key": key}) as client:
+            first = await client.chat("m", messages=MESSAGES, logprobs=True, top_logprobs=1)
+            await eventually(stored)
+            replayed = [c async for c in await client.chat("m", messages=MESSAGES, logprobs=True, top_logprobs=1, stream=True)]
+    assert len(fake.requests) == 1
+    assert [_brief(e) for e in first.logprobs or []] == expected(1)
+    assert [_brief(e) for c in replayed for e in c.logprobs or []] == expected(1)
+
+
+async def test_a_response_streamed_again_has_its_logprobs(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    # Streamed again from the run's journalled events (NATS), not from the answer kept whole.
+    fake = OpenAIBackend(default=Script(tokens=TOKENS))
+    async with journaled_stack(pg_database_url, nats_url, fake) as stack:
+        live = [e async for e in await stack.client.responses.create(
+            model="m", input="Say hello", include=["message.output_text.logprobs"], stream=True,
+        )]
+        response_id = live[-1].response.id  # type: ignore[union-attr]
+        await wait_for_row(stack.db, response_id.removeprefix("resp_"), "completed")
+        again = [e async for e in await stack.client.responses.retrieve(response_id, stream=True)]
+    deltas = [e for e in again if e.type == "response.output_text.delta"]
+    assert [_brief(entry) for e in deltas for entry in e.logprobs] == expected(0)
