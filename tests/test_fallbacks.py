@@ -353,15 +353,15 @@ async def test_a_stand_in_that_cannot_be_given_the_request_is_passed_over() -> N
 
 
 async def test_openai_and_ollama_clients_requests_are_checked_for_each_stand_in() -> None:
-    local, vllm = OllamaBackend(default=Script(tokens=["local"])), OpenAIBackend(default=Script(tokens=["vllm"]))
-    async with local.serve() as local_server, vllm.serve() as vllm_server, running_gateway(
+    claude, vllm = AnthropicBackend(default=Script(tokens=["claude"])), OpenAIBackend(default=Script(tokens=["vllm"]))
+    async with claude.serve() as claude_server, vllm.serve() as vllm_server, running_gateway(
         backend("big", _down(), models=("qwen3-32b",)),
         backend("ollama-big", _down(), kind="ollama", models=("codellama",)),
-        backend("local", local_server.url, kind="ollama", models=("llama3.2",)),
+        backend("claude", claude_server.url, kind="anthropic", models=("claude-haiku-4-5",)),
         backend("vllm", vllm_server.url, models=("qwen3-8b",)),
-        fallbacks={"qwen3-32b": ("llama3.2", "qwen3-8b"), "codellama": ("qwen3-8b",)},
+        fallbacks={"qwen3-32b": ("claude-haiku-4-5", "qwen3-8b"), "codellama": ("qwen3-8b",)},
     ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
-        # Log probabilities only an OpenAI-compatible backend gives: the Ollama stand-in is passed over.
+        # Log probabilities, which Anthropic does not give: the Claude stand-in is passed over.
         logprobs = await http.post("/v1/chat/completions", json={"model": "qwen3-32b", "messages": ASK, "logprobs": True})
         # Fill-in-the-middle only Ollama does: a vLLM stand-in would complete the wrong text.
         suffix = await http.post(
@@ -369,7 +369,7 @@ async def test_openai_and_ollama_clients_requests_are_checked_for_each_stand_in(
         )
     assert logprobs.status_code == 200, logprobs.text
     assert logprobs.headers["x-fallback-model"] == "qwen3-8b"
-    assert local.requests == []
+    assert claude.requests == []
     assert suffix.status_code >= 500 and "suffix" not in suffix.text, suffix.text
     assert [r.json["model"] for r in vllm.requests if r.path.endswith("/chat/completions")] == ["qwen3-8b"]
 

@@ -78,7 +78,11 @@ _json_string = json.JSONEncoder(ensure_ascii=False).encode
 def encode_event(seq: int, event: WireEvent) -> bytes:
     if type(event) is TextDelta:  # nearly every event: formatted directly, no dict
         text, task = _json_string(event.text), task_name(event.choice)
-        return f'{{"seq":{seq},"type":"token","text":{text},"task":"{task}"}}'.encode()
+        if event.logprobs is None:
+            return f'{{"seq":{seq},"type":"token","text":{text},"task":"{task}"}}'.encode()
+        # Log probabilities asked for (OpenAI's shape): a resumed or read-back stream has them too.
+        head = f'{{"seq":{seq},"type":"token","text":{text},"task":"{task}","logprobs":'.encode()
+        return head + dumps(event.logprobs) + b"}"
     body: dict[str, Any] = {"seq": seq}
     match event:
         case TextDelta(text, choice):
@@ -121,7 +125,8 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
     kind = body.get("type")
     event: WireEvent | None = None
     if kind == "token" and isinstance(body.get("text"), str):
-        event = TextDelta(body["text"], choice)
+        logprobs = body.get("logprobs")
+        event = TextDelta(body["text"], choice, logprobs if isinstance(logprobs, dict) else None)
     elif kind == "tool_call":
         index = body.get("index", 0) if isinstance(body.get("index"), int) else 0
         if isinstance(body.get("name"), str) and "id" in body:

@@ -125,6 +125,11 @@ class GenerationParams:
     # more): OpenAI's `reasoning_effort`, Ollama's `think`, Anthropic's `thinking` budget, each
     # read and rendered in its own words.
     reasoning_effort: str | None = None
+    # Token log probabilities (OpenAI's `logprobs`/`top_logprobs`, Ollama's same-named fields,
+    # a Responses client's `include` of `message.output_text.logprobs`): only OpenAI-compatible
+    # and Ollama backends have them to give. `top_logprobs`: alternatives per token.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 @dataclass(slots=True)
@@ -172,7 +177,7 @@ class Choice:
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    logprobs: dict[str, Any] | None = None  # an OpenAI backend's, opaque (see `TextDelta`)
+    logprobs: dict[str, Any] | None = None  # OpenAI's shape (see `TextDelta`)
 
 
 @dataclass(slots=True)

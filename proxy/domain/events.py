@@ -33,7 +33,9 @@ class StreamStart:
 class TextDelta:
     text: str
     choice: int = 0
-    # An OpenAI backend's `logprobs` for this text (`{"content": [...]}`), opaque to the gateway.
+    # The backend's log probabilities for this text in OpenAI's shape (`{"content": [{token,
+    # logprob, bytes, top_logprobs}, ...]}`; an Ollama backend's list is wrapped so), otherwise
+    # opaque to the gateway. None (the common case) when none were asked for.
     logprobs: dict[str, Any] | None = None
 
 

@@ -28,6 +28,7 @@ from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
+from proxy.http._logprobs import refuse_logprobs_without_backend
 from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo, OpenAIBackend
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.services.auth import check_model, current_principal
@@ -132,7 +133,9 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     """An /api/generate request as is for each backend it goes to (the model's, a stand-in's),
     or a 400 for a field only Ollama honours: chat backends have no fill-in-the-middle and
     apply their own chat template, so answering as if these fields were not there would be a
-    confidently wrong completion. (A route without a backend, a workflow, gets it as is.)"""
+    confidently wrong completion. (A route without a backend, a workflow, gets it as is.)
+    Log probabilities asked of a backend without them are a 400 too (`refuse_logprobs_without_backend`)."""
+    refuse_logprobs_without_backend(request, backend, field="logprobs")
     if backend is None or backend.kind == "ollama":
         return request
     used = ollama.generate_only_fields(request)
@@ -151,7 +154,7 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     if not request.messages:
         return await _load(incoming, request, generate=generate)
     exchange, headers = _exchange(incoming, request)
-    if generate:
+    if generate or request.params.logprobs or request.params.top_logprobs:
         exchange.adapt_with(_for_backend)
     started = exchange.meta.received
     thinking = ollama.wants_thinking(request)

@@ -17,6 +17,7 @@ from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
+from proxy.http._logprobs import refuse_logprobs_without_backend
 from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo
 from proxy.services.embeddings import LOCAL_BACKEND
 
@@ -115,8 +116,6 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
 # wrong (LiteLLM refuses them too, unless told to drop them).
 _OPENAI_ONLY = {
     "functions": "Send the functions as `tools` instead.",
-    "logprobs": "Ask without `logprobs`.",
-    "top_logprobs": "Ask without `top_logprobs`.",
 }
 
 
@@ -125,6 +124,7 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     for what only an OpenAI-compatible backend can be given."""
     if backend is not None and backend.kind == "openai":
         return request
+    refuse_logprobs_without_backend(request, backend, field="logprobs")
     served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
     asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
     if asked is not None:
@@ -175,9 +175,8 @@ def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
 
 
 def _refuse_openai_only(model: str, served: str, name: str) -> None:
-    what = "legacy function calling" if name == "functions" else "token log probabilities"
     raise invalid_request(
-        f"`{name}` ({what}) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
+        f"`{name}` (legacy function calling) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
         param=name,
     )
 

@@ -125,6 +125,8 @@ _CHAT_REQUEST: Schema = {
         "tools": {"type": "array", "items": _TOOL},
         "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, _OBJ]},
         "response_format": {"type": "object", "required": ["type"], "properties": {"type": _STR}},
+        "logprobs": _BOOL,
+        "top_logprobs": {"type": "integer", "minimum": -1},
         "user": _STR,
     },
 }
@@ -366,6 +368,7 @@ _RESPONSES_REQUEST: Schema = {
         "metadata": {"type": "object", "additionalProperties": _STR},
         "store": _BOOL, "user": _STR, "truncation": {"enum": ["auto", "disabled"]},
         "include": {"type": "array", "items": _STR}, "service_tier": _STR,
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "conversation": {"oneOf": [_STR, {"type": "object", "required": ["id"], "properties": {"id": _STR}}]},
     },
 }
@@ -403,6 +406,8 @@ _OLLAMA_COMMON: Schema = {
     "options": _OBJ,
     "keep_alive": {"oneOf": [_STR, _NUM]},
     "think": _BOOL,
+    "logprobs": _BOOL,
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
 }
 _OLLAMA_CHAT: Schema = {
     "type": "object",

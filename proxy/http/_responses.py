@@ -19,10 +19,11 @@ from urllib.parse import parse_qs
 import trio
 from hypercorn.typing import ASGISendCallable
 
+from proxy.config import BackendConfig
 from proxy.dialects import responses
 from proxy.dialects._json import dumps
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
-from proxy.domain.chat import ChatCompletion, Message
+from proxy.domain.chat import ChatCompletion, ChatRequest, Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
@@ -44,6 +45,7 @@ from proxy.http._exchange import (
 )
 from proxy.http._front import FrontDoor, Incoming, send_reply
 from proxy.http._head import current_tenant, request_meta
+from proxy.http._logprobs import refuse_logprobs_without_backend
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
@@ -162,6 +164,8 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if request.params.logprobs:
+        exchange.adapt_with(_for_backend)
     if parsed.conversation is not None and persistence is not None:
         tenant = current_tenant()
         exchange.on_answer = conversation_appender(persistence, parsed, tenant)
@@ -190,6 +194,12 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
     ))
+
+
+def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
+    """The request as is for each backend it goes to, or a 400 for log probabilities one has none of."""
+    refuse_logprobs_without_backend(request, backend, field="include")
+    return request
 
 
 class CompactionJsonSink(JsonSink):

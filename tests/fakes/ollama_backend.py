@@ -32,7 +32,9 @@ from .script import (
     estimate_tokens,
     flatten_text,
     last_user_text,
+    logprobs_asked,
     make_plan,
+    token_logprob,
 )
 from .server import Exchange, Request
 
@@ -74,7 +76,10 @@ class _OllamaRendering:
 
     content_type = "application/x-ndjson"
 
-    def __init__(self, plan: Plan, script: Script, *, generate: bool, started_at: float) -> None:
+    def __init__(
+        self, plan: Plan, script: Script, *, generate: bool, started_at: float, logprobs: int | None = None
+    ) -> None:
+        self.logprobs = logprobs  # alternatives per token, when `logprobs: true` was asked
         self.plan = plan
         self.script = script
         self.generate = generate
@@ -95,7 +100,7 @@ class _OllamaRendering:
             + b"}\n"
         )
 
-    def _piece(self, *, content: str = "", thinking: str | None = None) -> bytes:
+    def _piece(self, *, content: str = "", thinking: str | None = None, logprobs: bytes = b"") -> bytes:
         if self.generate:
             body = b'"response":' + _js(content)
             if thinking is not None:
@@ -105,7 +110,7 @@ class _OllamaRendering:
             if thinking is not None:
                 body += b',"thinking":' + _js(thinking)
             body += b"}"
-        return self._line(body + b',"done":false')
+        return self._line(body + logprobs + b',"done":false')
 
     def _tool_calls(self) -> list[dict[str, Any]]:
         return [
@@ -135,8 +140,13 @@ class _OllamaRendering:
         self.first_frame_at = time.monotonic()
         for piece in self.plan.reasoning:
             yield self._piece(thinking=piece)
-        for piece in self.plan.content:
-            yield self._piece(content=piece)
+        for i, piece in enumerate(self.plan.content):
+            if self.logprobs is None:
+                yield self._piece(content=piece)
+            else:
+                # Ollama's are a list at the top level of each line.
+                entries = json_bytes([token_logprob(piece, i, self.logprobs)])
+                yield self._piece(content=piece, logprobs=b',"logprobs":' + entries)
         if self.plan.tool_calls and not self.generate:
             calls = json_bytes(self._tool_calls())
             yield self._line(
@@ -173,6 +183,8 @@ class _OllamaRendering:
             if self.plan.tool_calls:
                 message["tool_calls"] = self._tool_calls()
             body["message"] = message
+        if self.logprobs is not None:
+            body["logprobs"] = [token_logprob(p, i, self.logprobs) for i, p in enumerate(self.plan.content)]
         body.update(self._stats())
         return json_bytes(body)
 
@@ -315,7 +327,7 @@ class OllamaBackend(FakeBackend):
             max_tokens=num_predict if isinstance(num_predict, int) and num_predict >= 0 else None,
         )
         rendering = _OllamaRendering(
-            plan, script, generate=generate, started_at=request.received_at
+            plan, script, generate=generate, started_at=request.received_at, logprobs=logprobs_asked(body)
         )
         await self.run_generation(
             exchange,

@@ -30,8 +30,10 @@ from .script import (
     estimate_tokens,
     flatten_text,
     last_user_text,
+    logprobs_asked,
     make_plan,
     split_fragments,
+    token_logprob,
 )
 from .server import Exchange, Request
 
@@ -88,10 +90,13 @@ class _ChatRendering:
 
     content_type = "text/event-stream; charset=utf-8"
 
-    def __init__(self, plan: Plan, script: Script, *, include_usage: bool, request_id: str) -> None:
+    def __init__(
+        self, plan: Plan, script: Script, *, include_usage: bool, request_id: str, logprobs: int | None = None
+    ) -> None:
         self.plan = plan
         self.script = script
         self.include_usage = include_usage
+        self.logprobs = logprobs  # alternatives per token, when `logprobs: true` was asked
         self.completion_id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.headers = [("x-request-id", request_id), *_STREAM_HEADERS, *script.headers]
@@ -137,7 +142,13 @@ class _ChatRendering:
         last = len(plan.content) - 1
         for i, piece in enumerate(plan.content):
             delta = b'{"content":' + _js(piece) + b"}"
-            yield self._final_chunk(delta) if finish_inline and i == last else self._chunk(delta)
+            if finish_inline and i == last:
+                yield self._final_chunk(delta)
+            elif self.logprobs is not None:
+                entry = json_bytes({"content": [token_logprob(piece, i, self.logprobs)]})
+                yield self._prefix + delta + self._open_tail.replace(b'"logprobs":null', b'"logprobs":' + entry, 1)
+            else:
+                yield self._chunk(delta)
         for delta in self._tool_call_deltas():
             yield self._chunk(delta)
         if not finish_inline:
@@ -216,7 +227,12 @@ class _ChatRendering:
         }
         if self.script.system_fingerprint is not None:
             body["system_fingerprint"] = self.script.system_fingerprint
-        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = {"content": [token_logprob(p, i, self.logprobs) for i, p in enumerate(plan.content)]}
+        choice: dict[str, Any] = {
+            "index": 0, "message": message, "logprobs": logprobs, "finish_reason": plan.finish_reason,
+        }
         if self.script.stop_sequence:
             choice["stop_reason"] = self.script.stop_sequence  # vLLM's: the stop string that matched
         body["choices"] = [choice]
@@ -230,10 +246,13 @@ class TextRendering:
 
     content_type = "text/event-stream; charset=utf-8"
 
-    def __init__(self, plan: Plan, script: Script, *, include_usage: bool, request_id: str) -> None:
+    def __init__(
+        self, plan: Plan, script: Script, *, include_usage: bool, request_id: str, logprobs: int | None = None
+    ) -> None:
         self.plan = plan
         self.script = script
         self.include_usage = include_usage
+        self.logprobs = logprobs  # the legacy `logprobs: N`: alternatives per token
         self.completion_id = "cmpl-" + secrets.token_hex(12)
         self.created = int(time.time())
         self.headers = [("x-request-id", request_id), *_STREAM_HEADERS, *script.headers]
@@ -242,17 +261,32 @@ class TextRendering:
             + str(self.created).encode() + b',"model":' + _js(plan.model)
         )
 
-    def _chunk(self, text: str, finish: str | None) -> bytes:
+    def _chunk(self, text: str, finish: str | None, logprobs: bytes = b"null") -> bytes:
         reason = b"null" if finish is None else _js(finish)
         usage = b',"usage":null' if self.include_usage else b""
         return (
             b"data: " + self._envelope + b',"choices":[{"index":0,"text":' + _js(text)
-            + b',"logprobs":null,"finish_reason":' + reason + b"}]" + usage + b"}\n\n"
+            + b',"logprobs":' + logprobs + b',"finish_reason":' + reason + b"}]" + usage + b"}\n\n"
         )
 
+    def _legacy_logprobs(self, start: int, pieces: list[str], offset: int) -> dict[str, Any]:
+        """vLLM's legacy shape: parallel lists, the alternatives as `{token: logprob}` maps."""
+        entries = [token_logprob(p, start + i, max(self.logprobs or 0, 1)) for i, p in enumerate(pieces)]
+        offsets = [offset + sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+        return {
+            "tokens": pieces, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"][: self.logprobs]} for e in entries],
+            "text_offset": offsets,
+        }
+
     def frames(self) -> Iterator[bytes]:
-        for piece in self.plan.content:
-            yield self._chunk(piece, None)
+        offset = 0
+        for i, piece in enumerate(self.plan.content):
+            if self.logprobs is None:
+                yield self._chunk(piece, None)
+            else:
+                yield self._chunk(piece, None, json_bytes(self._legacy_logprobs(i, [piece], offset)))
+            offset += len(piece)
         yield self._chunk("", self.plan.finish_reason)
         if self.include_usage:
             usage = json_bytes(_usage_object(self.plan.usage))
@@ -270,7 +304,10 @@ class TextRendering:
         plan = self.plan
         return json_bytes({
             "id": self.completion_id, "object": "text_completion", "created": self.created, "model": plan.model,
-            "choices": [{"index": 0, "text": plan.text, "logprobs": None, "finish_reason": plan.finish_reason}],
+            "choices": [{
+                "index": 0, "text": plan.text, "finish_reason": plan.finish_reason,
+                "logprobs": None if self.logprobs is None else self._legacy_logprobs(0, plan.content, 0),
+            }],
             "usage": _usage_object(plan.usage),
         })
 
@@ -327,7 +364,9 @@ async def run_text_completion(backend: FakeBackend, request: Request, exchange: 
         max_tokens=max_tokens if isinstance(max_tokens, int) else None,
     )
     request_id = request.header("x-request-id") or "req_" + secrets.token_hex(16)
-    rendering = TextRendering(plan, script, include_usage=include_usage, request_id=request_id)
+    asked = body.get("logprobs")
+    logprobs = asked if isinstance(asked, int) and not isinstance(asked, bool) else None
+    rendering = TextRendering(plan, script, include_usage=include_usage, request_id=request_id, logprobs=logprobs)
     await backend.run_generation(exchange, call, script=script, plan=plan, stream=stream, rendering=rendering)
 
 
@@ -499,7 +538,9 @@ class OpenAIBackend(FakeBackend):
             max_tokens=max_tokens if isinstance(max_tokens, int) else None,
         )
         request_id = request.header("x-request-id") or "req_" + secrets.token_hex(16)
-        rendering = _ChatRendering(plan, script, include_usage=include_usage, request_id=request_id)
+        rendering = _ChatRendering(
+            plan, script, include_usage=include_usage, request_id=request_id, logprobs=logprobs_asked(body)
+        )
         await self.run_generation(
             exchange, call, script=script, plan=plan, stream=stream, rendering=rendering
         )

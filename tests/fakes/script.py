@@ -327,3 +327,24 @@ def embed_text(text: str, dim: int) -> list[float]:
             total[i] += x
     norm = math.sqrt(sum(x * x for x in total)) or 1.0
     return [x / norm for x in total]
+
+
+def token_logprob(token: str, position: int, top: int) -> dict[str, Any]:
+    """A content piece's log probability as vLLM's chat API and Ollama give it (the same entry:
+    `token`, `logprob`, `bytes`, `top_logprobs`), deterministic: the piece at `position` has
+    -0.1 per position, and `top` alternatives, the piece itself first, then `alt1`… each 1 lower."""
+    logprob = -round(0.1 * (position + 1), 4)
+    alternatives = [(token, logprob)] + [(f"alt{k}", logprob - k) for k in range(1, top)]
+    return {
+        "token": token, "logprob": logprob, "bytes": list(token.encode()),
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives[:top]],
+    }
+
+
+def logprobs_asked(body: Mapping[str, Any]) -> int | None:
+    """A chat body's `logprobs: true` as how many alternatives per token (`top_logprobs`, 0
+    by default); None: not asked."""
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    return top if isinstance(top, int) and top > 0 else 0

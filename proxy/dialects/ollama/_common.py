@@ -97,3 +97,20 @@ def image_base64(part: ImagePart) -> str:
         param="messages",
         code="unsupported_image",
     )
+
+
+# Log probabilities: Ollama's entries (`{token, logprob, bytes, top_logprobs: [{token,
+# logprob, bytes}]}`) are OpenAI's `logprobs.content` entries, field for field, so each way
+# only the list's holder changes: a list on Ollama's reply, `{"content": [...]}` in the domain.
+
+
+def logprobs_of(data: dict[str, Any]) -> dict[str, Any] | None:
+    """An Ollama reply's (or line's) `logprobs` in the domain's (OpenAI's) shape."""
+    entries = data.get("logprobs")
+    return {"content": entries} if entries and isinstance(entries, list) else None
+
+
+def logprobs_list(logprobs: dict[str, Any] | None) -> list[Any] | None:
+    """The domain's logprobs as Ollama's list (None: there are none to send)."""
+    entries = logprobs.get("content") if logprobs is not None else None
+    return entries if isinstance(entries, list) else None

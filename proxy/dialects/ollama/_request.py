@@ -40,9 +40,11 @@ _ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "ass
 # asked on /api/generate too (suffix, raw and template only mean something there).
 ENDPOINT_KEY = "@endpoint"
 
-_CHAT_MODELLED = frozenset({"model", "messages", "stream", "options", "format", "tools", ENDPOINT_KEY})
+_CHAT_MODELLED = frozenset(
+    {"model", "messages", "stream", "options", "format", "tools", "logprobs", "top_logprobs", ENDPOINT_KEY}
+)
 _GENERATE_MODELLED = frozenset(
-    {"model", "prompt", "system", "images", "stream", "options", "format", ENDPOINT_KEY}
+    {"model", "prompt", "system", "images", "stream", "options", "format", "logprobs", "top_logprobs", ENDPOINT_KEY}
 )
 _MODELLED_OPTIONS = frozenset(
     {"temperature", "top_p", "top_k", "num_predict", "stop", "seed", "presence_penalty", "frequency_penalty"}
@@ -276,6 +278,8 @@ def _parse_options(fields: Fields, think: Any) -> GenerationParams:
         frequency_penalty=options.number("frequency_penalty"),
         response_format=_parse_format(fields.data.get("format")),
         reasoning_effort=think if think in _THINK_LEVELS else "none" if think is False else None,
+        logprobs=fields.boolean("logprobs"),
+        top_logprobs=fields.integer("top_logprobs", minimum=0, maximum=20),  # Ollama's bounds
     )
 
 
@@ -349,6 +353,10 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
         if think is None:
             raise unknown_effort(request)
         body["think"] = think
+    if request.params.logprobs is not None:
+        body["logprobs"] = request.params.logprobs
+    if request.params.top_logprobs is not None:
+        body["top_logprobs"] = request.params.top_logprobs
     body["stream"] = stream
     return path, dumps(body)
 

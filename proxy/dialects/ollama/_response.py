@@ -17,7 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.dialects._json import dumps
-from proxy.dialects.ollama._common import arguments_object, arguments_text
+from proxy.dialects.ollama._common import (
+    arguments_object,
+    arguments_text,
+    logprobs_list,
+    logprobs_of,
+)
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import Finish, StreamEvent
@@ -271,6 +276,9 @@ def render_completion(
         body["message"] = message
         body["done_reason"] = reason
         body["done"] = True
+    entries = logprobs_list(choice.logprobs)
+    if entries is not None:
+        body["logprobs"] = entries
     pieces = int(bool(choice.content)) + int(bool(choice.reasoning)) + len(choice.tool_calls)
     body.update(statistics(completion.usage, timing, eval_count=pieces, backend=backend_timings))
     return dumps(body)
@@ -320,6 +328,7 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
         reasoning=reasoning if isinstance(reasoning, str) else "",
         tool_calls=calls,
         finish_reason=finish_reason(data.get("done_reason"), called_tools=bool(calls)),
+        logprobs=logprobs_of(data),
     )
     model = data.get("model")
     return ChatCompletion(

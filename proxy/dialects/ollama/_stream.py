@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
-from proxy.dialects.ollama._common import json_string
+from proxy.dialects.ollama._common import json_string, logprobs_list, logprobs_of
 from proxy.dialects.ollama._response import (
     OllamaFinish,
     Timing,
@@ -110,8 +110,10 @@ class StreamParser:
     of appearance, and `done_reason: "stop"` after tool calls becomes `tool_calls`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, logprobs: bool = False) -> None:
+        """`logprobs`: they were asked for, so lines carrying text are looked at for them."""
         self._decoder = NdjsonDecoder()
+        self._logprobs = logprobs
         self._started = False
         self._tool_count = 0
         self._tool_ids: set[str] = set()
@@ -190,7 +192,7 @@ class StreamParser:
             events.append(ReasoningDelta(thinking))
         content = holder.get("content" if chat else "response")
         if content and isinstance(content, str):
-            events.append(TextDelta(content))
+            events.append(TextDelta(content, 0, logprobs_of(data)) if self._logprobs else TextDelta(content))
         calls = holder.get("tool_calls") if chat else None
         if calls and isinstance(calls, list):
             for raw in calls:
@@ -285,8 +287,12 @@ class StreamRenderer:
                 if self._first is None:
                     self._first = self._clock()
                 self._pieces += 1
-                head = self._text_open if isinstance(event, TextDelta) else self._thinking_open
-                out.append(self._prefix + stamp + head + json_string(event.text) + self._close)
+                if isinstance(event, TextDelta):
+                    head = self._text_open
+                    close = self._close if event.logprobs is None else self._close_with(event.logprobs)
+                else:
+                    head, close = self._thinking_open, self._close
+                out.append(self._prefix + stamp + head + json_string(event.text) + close)
             elif isinstance(event, ToolCallStart):
                 if event.choice == 0:
                     self._call_heads[event.index] = (event.id, event.name)
@@ -313,6 +319,14 @@ class StreamRenderer:
                 out.append(dumps({"error": event.error.message}) + b"\n")
                 self.done = True
         return b"".join(out)
+
+    def _close_with(self, logprobs: dict[str, Any]) -> bytes:
+        """A text line's end carrying its log probabilities (Ollama's list, at the top level)."""
+        entries = logprobs_list(logprobs)
+        if entries is None:
+            return self._close
+        end = b'},"logprobs":' if not self._generate else b',"logprobs":'
+        return end + dumps(entries) + b',"done":false}\n'
 
     def close(self) -> bytes:
         """The closing `done: true` line (unless the stream already ended with an error)."""

@@ -38,7 +38,7 @@ _MODELLED = frozenset(
     {
         "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
         "temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
-        "n", "response_format", "tools", "tool_choice", "reasoning_effort",
+        "n", "response_format", "tools", "tool_choice", "reasoning_effort", "logprobs", "top_logprobs",
     }
 )
 
@@ -83,6 +83,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         n=fields.integer("n", minimum=1, maximum=128),
         response_format=_parse_response_format(fields.object("response_format")),
         reasoning_effort=fields.text("reasoning_effort", nonempty=True),
+        logprobs=fields.boolean("logprobs"),
+        # vLLM's -1 is the whole vocabulary; the backend checks its own bounds.
+        top_logprobs=fields.integer("top_logprobs", minimum=-1),
     )
     raw_tools = fields.array("tools") or []
     tools = [
@@ -334,6 +337,8 @@ def encode_chat_request(
         ("frequency_penalty", params.frequency_penalty),
         ("n", params.n),
         ("reasoning_effort", effort),
+        ("logprobs", params.logprobs),
+        ("top_logprobs", params.top_logprobs),
     ):
         if value is not None:
             body[key] = value

@@ -48,6 +48,8 @@ _STATEFUL = {
 # A response's settings key (never echoed: see `response_object`) for how many of its
 # messages, after its instructions, are its conversation's items: its own input comes after.
 CONVERSATION_PREFIX = "_conversation_prefix"
+# The `include` that asks for the output text's token log probabilities.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
 
 
@@ -160,6 +162,7 @@ def parse_responses_request(
     include = fields.array("include")
     if include is not None and not all(isinstance(item, str) for item in include):
         raise fields.fail("include", "an array of strings")
+    top_logprobs = fields.integer("top_logprobs", minimum=0, maximum=20)
     service_tier = fields.text("service_tier")
     store = fields.boolean("store")
     stream = bool(fields.boolean("stream"))
@@ -176,6 +179,9 @@ def parse_responses_request(
             top_p=top_p,
             response_format=response_format,
             reasoning_effort=effort,
+            # Asked by `include`; `top_logprobs` alone only says how many alternatives.
+            logprobs=True if include and LOGPROBS_INCLUDE in include else None,
+            top_logprobs=top_logprobs if include and LOGPROBS_INCLUDE in include else None,
         ),
         tools=tools,
         tool_choice=tool_choice,
@@ -202,6 +208,7 @@ def parse_responses_request(
         "truncation": truncation or "disabled",
         "user": user,
         "service_tier": service_tier or "default",
+        "top_logprobs": top_logprobs if top_logprobs is not None else 0,
         "background": background,
         "previous_response_id": previous,
         # OpenAI's default; `false`: not read back by its id (see `readable`).

@@ -119,10 +119,15 @@ def reasoning_item(item: str, text: str, status: str) -> dict[str, Any]:
     return {"id": item, "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
-def message_item(item: str, text: str | None, status: str) -> dict[str, Any]:
-    """`text` None: the message as just opened, before its first part."""
-    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+def message_item(item: str, text: str | None, status: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """`text` None: the message as just opened, before its first part. `logprobs`: its
+    tokens' (OpenAI's entries), when they were asked for."""
+    content = [] if text is None else [output_text(text, logprobs)]
     return {"id": item, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def output_text(text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def call_item(item: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -141,7 +146,9 @@ def output_of(completion: ChatCompletion, response: str, status: str) -> list[di
     if choice.reasoning:
         output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed"))
     if choice.content or not choice.tool_calls:
-        output.append(message_item(item_id(response, "msg", len(output)), choice.content, status))
+        entries = choice.logprobs.get("content") if choice.logprobs is not None else None
+        logprobs = entries if isinstance(entries, list) else None
+        output.append(message_item(item_id(response, "msg", len(output)), choice.content, status, logprobs))
     for call in choice.tool_calls:
         output.append(_call(response, len(output), call))
     return output

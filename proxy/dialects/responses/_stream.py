@@ -27,6 +27,7 @@ from proxy.dialects.responses._response import (
     error_to_wire,
     item_id,
     message_item,
+    output_text,
     reasoning_item,
     response_object,
     status_of,
@@ -70,6 +71,7 @@ class _Item:
     call_id: str = ""
     name: str = ""
     done: bool = False
+    logprobs: list[Any] | None = None  # a message's tokens', when they were asked for
 
     @property
     def text(self) -> str:
@@ -140,11 +142,14 @@ class StreamRenderer:
 
     def _event(self, event: StreamEvent, out: list[bytes]) -> None:
         match event:
-            case TextDelta(text, 0):
+            case TextDelta(text, 0, logprobs):
                 if text:
                     item = self._message or self._open_message(out)
                     item.pieces.append(text)
-                    out.append(self._delta(item, text))
+                    if logprobs is None:
+                        out.append(self._delta(item, text))
+                    else:
+                        out.append(self._delta_with(item, text, logprobs))
             case ReasoningDelta(text, 0):
                 if text:
                     item = self._reasoning or self._open_reasoning(out)
@@ -226,7 +231,7 @@ class StreamRenderer:
         self._message = None
         text = item.text
         ids = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
-        out.append(self._event_frame("response.output_text.done", {**ids, "text": text, "logprobs": []}))
+        out.append(self._event_frame("response.output_text.done", {**ids, "text": text, "logprobs": item.logprobs or []}))
         out.append(self._part_event("response.content_part.done", item, text))
         self._item_done(item, out)
 
@@ -275,7 +280,7 @@ class StreamRenderer:
         else:
             status = "completed"
         if item.kind == "message":
-            return message_item(item.id, item.text, status)
+            return message_item(item.id, item.text, status, item.logprobs)
         if item.kind == "reasoning":
             return reasoning_item(item.id, item.text, status)
         return call_item(item.id, item.call_id, item.name, item.text, status)
@@ -306,7 +311,7 @@ class StreamRenderer:
 
     def _part_event(self, kind: str, item: _Item, text: str) -> bytes:
         part: dict[str, Any] = (
-            {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            output_text(text, item.logprobs)
             if item.kind == "message"
             else {"type": "reasoning_text", "text": text}
         )
@@ -318,6 +323,18 @@ class StreamRenderer:
         seq = self._seq
         self._seq += 1
         return _frame(kind, seq, payload)
+
+    def _delta_with(self, item: _Item, text: str, logprobs: dict[str, Any]) -> bytes:
+        """A text delta carrying its tokens' log probabilities (kept for the finished part)."""
+        entries = logprobs.get("content")
+        if not isinstance(entries, list):
+            return self._delta(item, text)
+        if item.logprobs is None:
+            item.logprobs = []
+        item.logprobs.extend(entries)
+        seq = self._seq
+        self._seq += 1
+        return item.prefix + dumps(text) + b',"logprobs":' + dumps(entries) + _SEQ + str(seq).encode() + _TAIL
 
     def _delta(self, item: _Item, text: str) -> bytes:
         seq = self._seq

@@ -59,8 +59,9 @@ class OllamaBackend:
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         # Ollama answers only once the model is loaded: the first-token clock covers that.
         path, body = ollama.encode_request(call.request, call.upstream_model, stream=True)
+        parser = ollama.StreamParser(logprobs=bool(call.request.params.logprobs))
         await self._client.stream_into(
-            path, body, ollama.StreamParser(), send, backend=self.config.name, timeouts=self.config.timeouts,
+            path, body, parser, send, backend=self.config.name, timeouts=self.config.timeouts,
             headers={"content-type": "application/json", "accept": "application/x-ndjson", **call.headers},
             error=self._error,
         )
