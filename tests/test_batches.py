@@ -274,6 +274,34 @@ async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: obje
         await theirs.close()
 
 
+async def test_a_batch_waiting_for_its_keys_rate_limit_does_not_hold_up_another_keys_batch(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """One slot, taken by a batch whose key may send a request a minute: while its lines wait
+    for the next minute, another key's batch runs in the slot and ends."""
+    fake = OpenAIBackend(default=Script(tokens=["ok"], usage=Usage(1, 1)))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(concurrency=1)
+    ) as url:
+        slow, other = await new_key(pg_database_url, "one-a-minute", "--rpm", "1"), await new_key(pg_database_url, "unlimited")
+        await wait_for_key(url, slow)
+        waiting = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=slow, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=other, max_retries=0)
+        held = await submit(waiting, jsonl(*(chat_line(f"slow-{i}") for i in range(4))))
+        await eventually(lambda: trio_value(chats(fake) >= 1), within=10)
+        await trio.sleep(0.5)  # its second line is refused: it waits a minute
+        batch = await submit(client, jsonl(chat_line("first"), chat_line("second")))
+        done = await until_status(client, batch.id, "completed", within=15)
+        assert done.request_counts is not None and done.request_counts.completed == 2
+        assert [line["custom_id"] for line in await output_lines(client, done.output_file_id)] == ["first", "second"]
+        still = await waiting.batches.retrieve(held.id)
+        assert still.status == "in_progress" and still.request_counts is not None and still.request_counts.completed == 1
+        await waiting.batches.cancel(held.id)
+        await until_status(waiting, held.id, "cancelled", within=15)
+        await waiting.close()
+        await client.close()
+
+
 async def test_a_batch_spends_its_keys_budget_and_the_lines_past_it_are_refused(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

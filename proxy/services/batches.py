@@ -40,6 +40,7 @@ Dispatch = Callable[[int | None, str, bytes, str], Awaitable[Answer]]
 
 # A line refused by a per-minute limit (the key's, or the backend's) waits and is sent again,
 # at most this long at a time; one refused for a spent budget is answered with that refusal.
+# Meanwhile its batch starts no line and holds no slot: other batches run in the slots.
 _LONGEST_WAIT = 60.0
 # How often a batch's runner looks for a cancel (asked of any instance) and that it still owns it.
 _WATCH_SECONDS = 1.0
@@ -56,6 +57,21 @@ class _Lost(Exception):
     """Another instance took the batch over (this one was presumed dead)."""
 
 
+class _Pace:
+    """When a batch may start lines again, once a line of it was refused by a per-minute limit."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def hold(self, seconds: float) -> None:
+        self.until = max(self.until, trio.current_time() + seconds)
+
+    def left(self) -> float:
+        return self.until - trio.current_time()
+
+
 class BatchRunner:
     """Runs this instance's share of the batches, in the gateway's nursery."""
 
@@ -66,7 +82,8 @@ class BatchRunner:
         self._resources = resources
         self._me = instance_id
         self._limiter = trio.CapacityLimiter(concurrency)
-        self._max_batches = concurrency  # a batch holds at least one line's slot
+        self._max_batches = concurrency  # a batch running holds at least one line's slot...
+        self._paused: set[str] = set()  # ...but not while it waits for its rate limit
         self._max_lines = max_lines
         self._poll, self._silent, self._late = poll, silent, late
         self.dispatch: Dispatch | None = None
@@ -107,7 +124,7 @@ class BatchRunner:
 
     async def _take(self, nursery: trio.Nursery) -> None:
         store = self._store()
-        while store is not None and len(self._running) < self._max_batches and not self._stopping:
+        while store is not None and len(self._running) - len(self._paused) < self._max_batches and not self._stopping:
             try:
                 claimed = await store.claim(self._me, silent=self._silent, late=self._late)
             except DatabaseError as error:
@@ -213,6 +230,7 @@ class BatchRunner:
         gateway stops: let go, to be resumed)."""
         halt = trio.Event()  # cancelled, or the gateway stops
         self._halts[claimed.id] = halt
+        pace = _Pace()
         try:
             async with trio.open_nursery() as watching:
                 watching.start_soon(self._watch, store, claimed.id, halt)
@@ -220,14 +238,20 @@ class BatchRunner:
                     async with trio.open_nursery() as running:
                         for line in pending:
                             slot = object()  # the line's hold on one of the runner's slots
-                            await self._limiter.acquire_on_behalf_of(slot)
+                            while True:
+                                await self._limiter.acquire_on_behalf_of(slot)
+                                if halt.is_set() or self._stopping or pace.left() <= 0:
+                                    break
+                                self._limiter.release_on_behalf_of(slot)
+                                await self._pause(claimed.id, pace, halt)
                             if halt.is_set() or self._stopping:
                                 self._limiter.release_on_behalf_of(slot)
                                 break
-                            running.start_soon(self._line, store, claimed, line, halt, slot)
+                            running.start_soon(self._line, store, claimed, line, halt, slot, pace)
                 watching.cancel_scope.cancel()
         finally:
             self._halts.pop(claimed.id, None)
+            self._paused.discard(claimed.id)
         if window.cancelled_caught:
             return "expired"
         if self._stopping:
@@ -235,6 +259,17 @@ class BatchRunner:
             answered = await store.answered(claimed.id)
             return "completed" if all(line.number in answered for line in pending) else "stopped"
         return "cancelled" if halt.is_set() else "completed"
+
+    async def _pause(self, batch_id: str, pace: _Pace, halt: trio.Event) -> None:
+        """The batch waits for its rate limit: another batch may be taken meanwhile."""
+        self._paused.add(batch_id)
+        self.wake()
+        try:
+            while pace.left() > 0 and not halt.is_set():
+                with trio.move_on_after(pace.left()):
+                    await halt.wait()
+        finally:
+            self._paused.discard(batch_id)
 
     async def _watch(self, store: BatchStore, batch_id: str, halt: trio.Event) -> None:
         while True:
@@ -250,8 +285,9 @@ class BatchRunner:
                 halt.set()
 
     async def _line(
-        self, store: BatchStore, claimed: Claimed, line: wire.Line, halt: trio.Event, slot: object
+        self, store: BatchStore, claimed: Claimed, line: wire.Line, halt: trio.Event, slot: object, pace: _Pace
     ) -> None:
+        held = True
         try:
             dispatch = self.dispatch
             assert dispatch is not None
@@ -267,10 +303,14 @@ class BatchRunner:
                 wait = _wait_for(answer)
                 if wait is None:
                     break
-                with trio.move_on_after(wait):
-                    await halt.wait()
+                pace.hold(wait)
+                self._limiter.release_on_behalf_of(slot)
+                held = False
+                await self._pause(claimed.id, pace, halt)
                 if halt.is_set():  # it has not run: a resumed batch runs it, a cancelled one does not
                     return
+                await self._limiter.acquire_on_behalf_of(slot)
+                held = True
             try:
                 parsed: Any = json.loads(answer.body)
             except (ValueError, UnicodeDecodeError, RecursionError):
@@ -282,7 +322,8 @@ class BatchRunner:
             with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
                 await store.record(claimed.id, line.number, ok, output, tokens)
         finally:
-            self._limiter.release_on_behalf_of(slot)
+            if held:
+                self._limiter.release_on_behalf_of(slot)
 
 
 def _holds(error: BaseException, kind: type[Exception]) -> bool:
