@@ -27,13 +27,13 @@ _EPOCHS = (
 )
 _BATCH_NAMES = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "errors", "total", "output_file_id",
-    "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens",
+    "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens", "model",
 )
 _BATCH_COLUMNS = (
     "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
     "b.error_file_id, b.metadata, "
     + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
-    + ", c.completed, c.failed, c.input_tokens, c.output_tokens"
+    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model"
 )
 _BATCH_FROM = (
     "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
@@ -215,12 +215,12 @@ class BatchStore:
             (json_text(errors), batch_id, owner),
         )
 
-    async def start(self, batch_id: str, owner: str, total: int) -> bool:
+    async def start(self, batch_id: str, owner: str, total: int, model: str | None = None) -> bool:
         """False: it was cancelled while it was validated."""
         return bool(await self._db.execute(
-            "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s "
+            "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s, model = %s "
             "WHERE id = %s AND owner = %s AND status = 'validating'",
-            (total, batch_id, owner),
+            (total, model, batch_id, owner),
         ))
 
     async def answered(self, batch_id: str) -> set[int]:

@@ -201,7 +201,8 @@ class BatchRunner:
                 await store.fail(claimed.id, self._me, faults)
                 return
             # Not started: cancelled meanwhile.
-            status = "in_progress" if await store.start(claimed.id, self._me, len(lines)) else "cancelling"
+            started = await store.start(claimed.id, self._me, len(lines), wire.model_of(lines, claimed.endpoint))
+            status = "in_progress" if started else "cancelling"
         done = await store.answered(claimed.id)
         pending = [line for line in lines if line.number not in done]
         # Taken while finalizing: its lines had ended, all answered unless its window had.

@@ -137,7 +137,9 @@ def _checked(number: int, text: bytes, endpoint: str) -> Line | dict[str, Any]:
 
 def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], list[dict[str, Any]]]:
     """A batch input file's requests, and what is wrong with it (each fault naming its line,
-    OpenAI's `errors.data[]`): with any fault, the batch fails and runs nothing."""
+    OpenAI's `errors.data[]`): with any fault, the batch fails and runs nothing. An OpenAI
+    batch's lines all name one model, the first line's (OpenAI's `model_mismatch`)."""
+    one_model = endpoint in ENDPOINTS
     lines: list[Line] = []
     faults: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -151,6 +153,11 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
         if isinstance(checked, Line):
             if checked.custom_id in seen:
                 checked = _fault(index, "duplicate_custom_id", f"The custom_id {checked.custom_id!r} is used more than once.", "custom_id")
+            elif one_model and lines and checked.body["model"] != lines[0].body["model"]:
+                checked = _fault(
+                    index, "model_mismatch", f"The model {checked.body['model']!r} of this request is not the batch's "
+                    f"({lines[0].body['model']!r}): every request of a batch names the same model.", "body.model",
+                )
             else:
                 seen.add(checked.custom_id)
                 lines.append(checked)
@@ -161,6 +168,11 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
     if not lines and not faults:
         faults.append({"code": "empty_file", "line": None, "message": "The input file holds no requests.", "param": None})
     return lines, faults
+
+
+def model_of(lines: list[Line], endpoint: str) -> str | None:
+    """The model of an OpenAI batch (`Batch.model`): the one its lines name."""
+    return str(lines[0].body["model"]) if lines and endpoint in ENDPOINTS else None
 
 
 def file_object(row: Mapping[str, Any]) -> dict[str, Any]:
