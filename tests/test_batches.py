@@ -352,6 +352,53 @@ async def test_an_upload_has_its_own_size_limit(aio_loop: object, pg_database_ur
         await client.close()
 
 
+async def test_files_and_outputs_expire_as_asked_with_openais_expires_after(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(poll_seconds=0.2)
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        content = jsonl(chat_line("only"))
+        kept = await client.files.create(
+            file=("in.jsonl", content), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
+        )
+        assert kept.expires_at == kept.created_at + 3600
+        assert (await client.files.retrieve(kept.id)).expires_at == kept.expires_at
+        for policy, param in (({"anchor": "created_at", "seconds": 60}, "expires_after.seconds"),
+                              ({"anchor": "last_active_at", "seconds": 3600}, "expires_after.anchor")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.files.create(file=("in.jsonl", content), purpose="batch", expires_after=policy)  # type: ignore[arg-type]
+            assert isinstance(refused.value.body, dict) and refused.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.batches.create(
+                input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h",
+                output_expires_after={"anchor": "created_at", "seconds": 31 * 86400},
+            )
+        assert isinstance(refused.value.body, dict) and refused.value.body["param"] == "output_expires_after.seconds"
+        batch = await client.batches.create(
+            input_file_id=kept.id, endpoint="/v1/chat/completions", completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 7200},
+        )
+        done = await until_status(client, batch.id, "completed")
+        output = await client.files.retrieve(done.output_file_id or "")
+        assert output.expires_at == output.created_at + 7200
+        # Past its time, a file is gone.
+        await sql(pg_database_url, "UPDATE files SET expires_at = now() - interval '1 second' WHERE id = %s", kept.id)
+
+        async def gone() -> bool:
+            try:
+                await client.files.retrieve(kept.id)
+            except openai.NotFoundError:
+                return True
+            return False
+
+        await eventually(gone, within=10)
+        assert (await client.files.content(output.id)).text.count("\n") == 1  # the others stay
+        await client.close()
+
+
 def test_the_batches_settings_are_read_and_checked(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("[batches]\nconcurrency = 2\nfile_max_bytes = 1000\n")

@@ -92,12 +92,13 @@ class BatchStore:
     # -- files -----------------------------------------------------------------------------
 
     async def add_file(
-        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes
+        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes,
+        expires_seconds: int | None = None,
     ) -> dict[str, Any]:
         row = await self._db.fetchrow(
-            f"INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, %s, %s, %s, %s) "
-            f"RETURNING {_FILE_COLUMNS}",
-            (file_id, tenant, purpose, filename, len(content), content),
+            "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
+            f"now() + make_interval(secs => %s)) RETURNING {_FILE_COLUMNS}",
+            (file_id, tenant, purpose, filename, len(content), content, expires_seconds),
         )
         found = _file(row)
         assert found is not None
@@ -149,12 +150,14 @@ class BatchStore:
 
     async def add_batch(
         self, batch_id: str, tenant: str | None, key_id: int | None, endpoint: str, input_file_id: str,
-        window: str, metadata: dict[str, str] | None,
+        window: str, metadata: dict[str, str] | None, output_expires_seconds: int | None = None,
     ) -> dict[str, Any]:
         await self._db.execute(
             "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, metadata, status, "
-            "expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', now() + interval '24 hours')",
-            (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None),
+            "expires_at, output_expires_seconds) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', "
+            "now() + interval '24 hours', %s)",
+            (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None,
+             output_expires_seconds),
         )
         found = await self.batch(batch_id, tenant)
         assert found is not None
@@ -244,6 +247,13 @@ class BatchStore:
             "AND status = 'in_progress'", (batch_id, owner),
         ))
 
+    async def drop_expired_files(self) -> int:
+        """Delete the files past their `expires_at` (a running batch's input stays until it ends)."""
+        return await self._db.execute(
+            "DELETE FROM files f WHERE f.expires_at < now() AND NOT EXISTS "
+            f"(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND {_ACTIVE})"
+        )
+
     async def let_go(self, batch_id: str, owner: str) -> None:
         """This instance stops running the batch (the gateway stops): any may take it on."""
         await self._db.execute("UPDATE batches SET owner = NULL WHERE id = %s AND owner = %s", (batch_id, owner))
@@ -274,9 +284,11 @@ class BatchStore:
                     continue
                 content = ("\n".join(texts) + "\n").encode()
                 await tx.execute(
-                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, 'batch_output', %s, %s, %s)",
+                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, "
+                    "'batch_output', %s, %s, %s, now() + make_interval(secs => "
+                    "(SELECT output_expires_seconds FROM batches WHERE id = %s)))",
                     (file_id, tenant, f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
-                     len(content), content),
+                     len(content), content, batch_id),
                 )
                 made.append(file_id)
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]

@@ -94,6 +94,7 @@ class BatchRunner:
         self._stopping = False
         self._halts: dict[str, trio.Event] = {}  # of the batches running here
         self._nursery: trio.Nursery | None = None
+        self._next_sweep = 0.0
 
     def _store(self) -> BatchStore | None:
         db = self._resources.database
@@ -117,6 +118,7 @@ class BatchRunner:
                     self._wake = trio.Event()  # before looking: a wake meanwhile looks again
                     if self.dispatch is not None and not self._stopping:
                         await self._take(nursery)
+                        await self._drop_expired()
                     with trio.move_on_after(self._poll):
                         await self._wake.wait()
         finally:
@@ -134,6 +136,17 @@ class BatchRunner:
                 return
             self._running.add(claimed.id)
             nursery.start_soon(self._run_batch, store, claimed)
+
+    async def _drop_expired(self) -> None:
+        """Files past their `expires_after` go, within a poll of their time."""
+        store = self._store()
+        if store is None or trio.current_time() < self._next_sweep:
+            return
+        self._next_sweep = trio.current_time() + self._poll
+        try:
+            await store.drop_expired_files()
+        except DatabaseError as error:
+            log.debug("deleting expired files failed: %s", error)
 
     def cancelled(self, batch_id: str) -> None:
         """The batch was cancelled through this instance: if it runs here, it stops starting

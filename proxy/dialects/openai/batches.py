@@ -27,6 +27,8 @@ _TIMESTAMPS = (
 )
 # Errors named per line stop at this many (OpenAI lists a handful, not one per line of a bad file).
 _MAX_ERRORS = 100
+# OpenAI's bounds of a file's `expires_after.seconds` (and a batch's `output_expires_after`).
+_EXPIRY_SECONDS = (3600, 2_592_000)
 
 
 def new_file_id() -> str:
@@ -68,12 +70,32 @@ def check_purpose(purpose: str | None) -> str:
     return purpose
 
 
+def expires_after(anchor: Any, seconds: Any, param: str) -> int | None:
+    """OpenAI's `expires_after` (`anchor: "created_at"`, `seconds` from an hour to 30 days):
+    the seconds a file is kept after it is written; None: not asked, kept until deleted."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise invalid_request(
+            f"Invalid value for '{param}.anchor': {anchor!r}. Supported: 'created_at'.", param=f"{param}.anchor",
+            code="invalid_value" if anchor is not None else "missing_required_parameter",
+        )
+    low, high = _EXPIRY_SECONDS
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= high:
+        raise invalid_request(
+            f"Invalid value for '{param}.seconds': {seconds!r}. It must be an integer between {low} (1 hour) and "
+            f"{high} (30 days).", param=f"{param}.seconds", code="invalid_value",
+        )
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class NewBatch:
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None
+    output_expires_seconds: int | None = None
 
 
 def parse_create(body: bytes) -> NewBatch:
@@ -94,9 +116,12 @@ def parse_create(body: bytes) -> NewBatch:
             param="completion_window", code="invalid_value",
         )
     metadata = _metadata(fields) if fields.data.get("metadata") is not None else None
+    policy = fields.object("output_expires_after")
+    given: dict[str, Any] = policy.data if policy is not None else {}
+    output_expires = expires_after(given.get("anchor"), given.get("seconds"), "output_expires_after")
     if not is_file_id(input_file_id):
         raise file_not_found(input_file_id, "input_file_id")
-    return NewBatch(input_file_id, endpoint, window, metadata)
+    return NewBatch(input_file_id, endpoint, window, metadata, output_expires)
 
 
 @dataclass(frozen=True, slots=True)
