@@ -91,6 +91,10 @@ async def test_a_batch_runs_every_line_through_the_gateway_and_writes_openais_ou
     assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (21, 9)
     lines = await output_lines(stack.client, done.output_file_id)
     assert [line["custom_id"] for line in lines] == ["first", "second", "third"]
+    # Each line's keys in OpenAI's order, its answer's as the endpoint gave them.
+    assert list(lines[0]) == ["id", "custom_id", "response", "error"]
+    assert list(lines[0]["response"]) == ["status_code", "request_id", "body"]
+    assert list(lines[0]["response"]["body"])[:2] == ["id", "object"]
     for line in lines:
         assert line["error"] is None and line["id"].startswith("batch_req_")
         response = line["response"]

@@ -235,7 +235,7 @@ class BatchStore:
     ) -> None:
         await self._db.execute(
             "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens) "
-            "VALUES (%s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING",
+            "VALUES (%s, %s, %s, %s::json, %s, %s) ON CONFLICT DO NOTHING",
             (batch_id, line, ok, json_text(output), tokens[0], tokens[1]),
         )
 
@@ -272,7 +272,7 @@ class BatchStore:
             tenant = row[0]
             for line, output in unrun:
                 await tx.execute(
-                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::jsonb) "
+                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::json) "
                     "ON CONFLICT DO NOTHING", (batch_id, line, json_text(output)),
                 )
             lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))

@@ -5,3 +5,5 @@ ALTER TABLE batches ADD COLUMN IF NOT EXISTS model text;
 -- `output_expires_after`; NULL: until deleted). An expired file is deleted by the batch runner.
 ALTER TABLE batches ADD COLUMN IF NOT EXISTS output_expires_seconds integer;
 CREATE INDEX IF NOT EXISTS files_expiring ON files (expires_at) WHERE expires_at IS NOT NULL;
+-- A line of an output file as it was answered, its keys in their order (jsonb sorts them).
+ALTER TABLE batch_lines ALTER COLUMN output TYPE json USING output::json;
