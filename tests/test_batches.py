@@ -20,6 +20,7 @@ from proxy.config import BatchSettings, ConfigError, load_settings
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
+from tests.test_budget_holds import gateway_process
 from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -245,6 +246,39 @@ async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_onc
     assert done.request_counts is not None and done.request_counts.completed == len(custom_ids)
     for line in lines:
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
+
+
+async def test_a_batch_whose_gateway_process_is_killed_is_finished_by_another_each_line_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """SIGKILL mid-batch: nothing is let go, and the lines in flight had no row written. Once the
+    killed process's heartbeat is silent (aged here), another gateway takes the batch over."""
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(1, 1), header_delay=0.3))
+    custom_ids = [f"line-{i}" for i in range(16)]
+    async with fake.serve() as server:
+        async with gateway_process(server.url, pg_database_url, nats_url) as (url, process):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            batch = await submit(client, jsonl(*(chat_line(custom_id) for custom_id in custom_ids)))
+            await eventually(lambda: trio_value(chats(fake) >= 5), within=20)
+            process.kill()
+            await client.close()
+        [(status, owner)] = await sql(pg_database_url, "SELECT status, owner FROM batches WHERE id = %s", batch.id)
+        assert status == "in_progress" and owner is not None
+        async with gateway(
+            pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(poll_seconds=0.2)
+        ) as url:
+            await sql(pg_database_url, "UPDATE gateway_instances SET seen_at = now() - interval '1 hour' WHERE id = %s", owner)
+            # The survivor has beaten steadily long enough to judge another instance dead.
+            await sql(pg_database_url, "UPDATE gateway_instances SET steady_since = now() - interval '1 hour' WHERE id <> %s", owner)
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            done = await until_status(client, batch.id, "completed", within=30)
+            lines = await output_lines(client, done.output_file_id)
+            await client.close()
+    assert sorted(line["custom_id"] for line in lines) == sorted(custom_ids)
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.total) == (16, 16)
+    for line in lines:
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
+    assert chats(fake) >= len(custom_ids)  # the lines cut in flight were sent again
 
 
 async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
