@@ -21,6 +21,7 @@ from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
 from tests.test_budget_holds import gateway_process
+from tests.test_cli import free_port
 from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -343,6 +344,28 @@ async def test_a_batch_waiting_for_its_keys_rate_limit_does_not_hold_up_another_
         await until_status(waiting, held.id, "cancelled", within=15)
         await waiting.close()
         await client.close()
+
+
+async def test_a_batch_waits_out_its_backends_outage_instead_of_failing_its_lines(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """The backend is down when the batch starts (a restart): its lines, answered 503, are sent
+    again with a backoff, and answered once it is back."""
+    port = free_port()
+    fake = OpenAIBackend(default=ECHO)
+    async with gateway(pg_database_url, nats_url, backend("vllm", f"http://127.0.0.1:{port}", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        batch = await submit(client, jsonl(*(chat_line(f"line-{i}") for i in range(6))))
+        await until_status(client, batch.id, "in_progress")
+        await trio.sleep(1.5)
+        waiting = await client.batches.retrieve(batch.id)
+        assert waiting.status == "in_progress" and waiting.request_counts is not None
+        assert (waiting.request_counts.completed, waiting.request_counts.failed) == (0, 0)
+        async with fake.serve(port=port):
+            done = await until_status(client, batch.id, "completed", "failed", within=40)
+        await client.close()
+    assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (6, 0)
+    assert done.error_file_id is None and chats(fake) == 6
 
 
 async def test_a_batch_spends_its_keys_budget_and_the_lines_past_it_are_refused(

@@ -42,6 +42,11 @@ Dispatch = Callable[[int | None, str, bytes, str], Awaitable[Answer]]
 # at most this long at a time; one refused for a spent budget is answered with that refusal.
 # Meanwhile its batch starts no line and holds no slot: other batches run in the slots.
 _LONGEST_WAIT = 60.0
+# A line answered 502, 503 or 504 (its backend unreachable, failing or timing out: a restart,
+# an outage) is sent again the same way, after 1, 2, 4… s (or its Retry-After), until it has
+# waited this long in all; then that answer is its own. A blip does not fail a whole batch.
+_OUTAGE_SECONDS = 600.0
+_TRANSIENT = (502, 503, 504)
 # How often a batch's runner looks for a cancel (asked of any instance) and that it still owns it.
 _WATCH_SECONDS = 1.0
 # A recorded line, a let-go batch: bounded even once the gateway is stopping.
@@ -308,15 +313,17 @@ class BatchRunner:
             body = {key: value for key, value in line.body.items() if key not in ("stream", "stream_options")}
             payload = json.dumps(body, ensure_ascii=False).encode()
             request_id = "req_" + secrets.token_hex(16)
+            attempts, waited = 0, 0.0
             while True:
                 try:
                     answer = await dispatch(claimed.key_id, claimed.endpoint, payload, request_id)
                 except Exception:  # a bug answering this line: its answer, not the batch's end
                     log.exception("batch %s: line %d failed", claimed.id, line.number)
                     answer = Answer(500, _INTERNAL, {})
-                wait = _wait_for(answer)
+                wait = _wait_for(answer, attempts, waited)
                 if wait is None:
                     break
+                attempts, waited = attempts + 1, waited + wait
                 pace.hold(wait)
                 self._limiter.release_on_behalf_of(slot)
                 held = False
@@ -346,9 +353,13 @@ def _holds(error: BaseException, kind: type[Exception]) -> bool:
     return isinstance(error, kind)
 
 
-def _wait_for(answer: Answer) -> float | None:
-    """How long to wait before sending a line again: a 429 of a per-minute limit (not a spent
-    budget, which no wait within the batch's window is sure to mend)."""
+def _wait_for(answer: Answer, attempts: int, waited: float) -> float | None:
+    """How long to wait before sending a line again (None: its answer is final): a 429 of a
+    per-minute limit (not a spent budget, which no wait within the batch's window is sure to
+    mend), or its backend out of reach for less than `_OUTAGE_SECONDS` so far."""
+    if answer.status in _TRANSIENT:
+        backoff = _retry_after(answer, min(2.0**attempts, _LONGEST_WAIT))
+        return backoff if waited + backoff <= _OUTAGE_SECONDS else None
     if answer.status != 429:
         return None
     try:
@@ -357,8 +368,12 @@ def _wait_for(answer: Answer) -> float | None:
         error = {}
     if isinstance(error, dict) and error.get("code") == "insufficient_quota":
         return None
+    return _retry_after(answer, 1.0)
+
+
+def _retry_after(answer: Answer, default: float) -> float:
     try:
-        after = float(answer.headers.get("retry-after", "1"))
+        after = float(answer.headers.get("retry-after", default))
     except ValueError:
-        after = 1.0
+        after = default
     return min(max(after, 0.1), _LONGEST_WAIT)
