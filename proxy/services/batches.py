@@ -42,11 +42,12 @@ Dispatch = Callable[[int | None, str, bytes, str], Awaitable[Answer]]
 # at most this long at a time; one refused for a spent budget is answered with that refusal.
 # Meanwhile its batch starts no line and holds no slot: other batches run in the slots.
 _LONGEST_WAIT = 60.0
-# A line answered 502, 503 or 504 (its backend unreachable, failing or timing out: a restart,
-# an outage) is sent again the same way, after 1, 2, 4… s (or its Retry-After), until it has
-# waited this long in all; then that answer is its own. A blip does not fail a whole batch.
+# A line answered 503 (its backend unreachable or overloaded: a restart, an outage; or the
+# gateway's database) is sent again the same way, after 1, 2, 4… s (or its Retry-After), until
+# it has waited this long in all; then that answer is its own. A blip does not fail a whole
+# batch. Not a 502 or 504: those may be the line's own (a crash, a generation too long), and
+# waiting on them would stall its batch.
 _OUTAGE_SECONDS = 600.0
-_TRANSIENT = (502, 503, 504)
 # How often a batch's runner looks for a cancel (asked of any instance) and that it still owns it.
 _WATCH_SECONDS = 1.0
 # A recorded line, a let-go batch: bounded even once the gateway is stopping.
@@ -63,7 +64,8 @@ class _Lost(Exception):
 
 
 class _Pace:
-    """When a batch may start lines again, once a line of it was refused by a per-minute limit."""
+    """When a batch may start lines again, once a line of it was refused by a per-minute limit
+    or its backend was out of reach."""
 
     __slots__ = ("until",)
 
@@ -88,7 +90,7 @@ class BatchRunner:
         self._me = instance_id
         self._limiter = trio.CapacityLimiter(concurrency)
         self._max_batches = concurrency  # a batch running holds at least one line's slot...
-        self._paused: set[str] = set()  # ...but not while it waits for its rate limit
+        self._paused: set[str] = set()  # ...but not while it waits (a rate limit, an outage)
         self._max_lines = max_lines
         self._poll, self._silent, self._late = poll, silent, late
         self.dispatch: Dispatch | None = None
@@ -280,7 +282,7 @@ class BatchRunner:
         return "cancelled" if halt.is_set() else "completed"
 
     async def _pause(self, batch_id: str, pace: _Pace, halt: trio.Event) -> None:
-        """The batch waits for its rate limit: another batch may be taken meanwhile."""
+        """The batch waits (its rate limit, its backend's outage): another batch may be taken meanwhile."""
         self._paused.add(batch_id)
         self.wake()
         try:
@@ -357,7 +359,7 @@ def _wait_for(answer: Answer, attempts: int, waited: float) -> float | None:
     """How long to wait before sending a line again (None: its answer is final): a 429 of a
     per-minute limit (not a spent budget, which no wait within the batch's window is sure to
     mend), or its backend out of reach for less than `_OUTAGE_SECONDS` so far."""
-    if answer.status in _TRANSIENT:
+    if answer.status == 503:
         backoff = _retry_after(answer, min(2.0**attempts, _LONGEST_WAIT))
         return backoff if waited + backoff <= _OUTAGE_SECONDS else None
     if answer.status != 429:
