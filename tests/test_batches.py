@@ -26,7 +26,7 @@ from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
-ECHO = Script(echo=True, usage=Usage(7, 3))
+ECHO = Script(echo=True, usage=Usage(7, 3, cached_tokens=2, reasoning_tokens=1))
 
 
 def jsonl(*lines: dict[str, Any] | str) -> bytes:
@@ -85,12 +85,14 @@ async def test_a_batch_runs_every_line_through_the_gateway_and_writes_openais_ou
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"job": "nightly"}
     )
     assert created.status == "validating" and created.metadata == {"job": "nightly"} and created.id.startswith("batch_")
+    assert created.usage is not None and created.usage.total_tokens == 0  # zeros, not null, until lines answer
     done = await until_status(stack.client, created.id, "completed", "failed")
     assert done.status == "completed", done
     assert done.model == "m"  # the one model its lines name
     assert done.request_counts is not None and (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 3, 0)
     assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
     assert done.usage is not None and (done.usage.input_tokens, done.usage.output_tokens) == (21, 9)
+    assert (done.usage.input_tokens_details.cached_tokens, done.usage.output_tokens_details.reasoning_tokens) == (6, 3)
     lines = await output_lines(stack.client, done.output_file_id)
     assert [line["custom_id"] for line in lines] == ["first", "second", "third"]
     # Each line's keys in OpenAI's order, its answer's as the endpoint gave them.

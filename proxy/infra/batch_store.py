@@ -28,16 +28,18 @@ _EPOCHS = (
 _BATCH_NAMES = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "errors", "total", "output_file_id",
     "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens", "model",
+    "cached_tokens", "reasoning_tokens",
 )
 _BATCH_COLUMNS = (
     "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
     "b.error_file_id, b.metadata, "
     + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
-    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model"
+    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model, c.cached_tokens, c.reasoning_tokens"
 )
 _BATCH_FROM = (
     "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
-    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens "
+    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens, "
+    "coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens, coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens "
     "FROM batch_lines l WHERE l.batch_id = b.id) c"
 )
 _ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
@@ -80,7 +82,7 @@ def _batch(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
     found = dict(zip(_BATCH_NAMES, row, strict=True))
-    for name in ("completed", "failed", "input_tokens", "output_tokens"):
+    for name in ("completed", "failed", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens"):
         found[name] = int(found[name])
     return found
 
@@ -231,12 +233,13 @@ class BatchStore:
         return {int(row[0]) for row in rows}
 
     async def record(
-        self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int]
+        self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
     ) -> None:
+        """`tokens`: input, output, cached input and reasoning output tokens."""
         await self._db.execute(
-            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens) "
-            "VALUES (%s, %s, %s, %s::json, %s, %s) ON CONFLICT DO NOTHING",
-            (batch_id, line, ok, json_text(output), tokens[0], tokens[1]),
+            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
+            "reasoning_tokens) VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (batch_id, line, ok, json_text(output), *tokens),
         )
 
     async def finalizing(self, batch_id: str, owner: str) -> bool:

@@ -340,7 +340,7 @@ class BatchRunner:
                 parsed = answer.body.decode("utf-8", "replace")
             ok = 200 <= answer.status < 300
             output = wire.output_line(line.custom_id, answer.status, answer.headers.get("x-request-id", request_id), parsed)
-            tokens = wire.usage_of(parsed) if ok else (0, 0)
+            tokens = wire.usage_of(parsed) if ok else (0, 0, 0, 0)
             # Once the answer is in, its record is written whole even if the gateway is stopping.
             with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
                 await store.record(claimed.id, line.number, ok, output, tokens)

@@ -212,14 +212,11 @@ def batch_object(row: Mapping[str, Any]) -> dict[str, Any]:
     """A batch as OpenAI renders it, from its row (timestamps in Unix seconds, its lines'
     counts and token sums)."""
     errors = row.get("errors")
-    answered = row["completed"] + row["failed"]
-    usage = None
-    if answered:
-        usage = {
-            "input_tokens": row["input_tokens"], "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": row["output_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": row["input_tokens"] + row["output_tokens"],
-        }
+    usage = {  # zeros before any line is answered, as OpenAI's
+        "input_tokens": row["input_tokens"], "input_tokens_details": {"cached_tokens": row.get("cached_tokens", 0)},
+        "output_tokens": row["output_tokens"], "output_tokens_details": {"reasoning_tokens": row.get("reasoning_tokens", 0)},
+        "total_tokens": row["input_tokens"] + row["output_tokens"],
+    }
     rendered: dict[str, Any] = {
         "id": row["id"], "object": "batch", "endpoint": row["endpoint"], "model": row.get("model"),
         "errors": {"object": "list", "data": errors} if errors else None,
@@ -253,18 +250,31 @@ def unrun_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
     return {"id": new_line_id(), "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
 
 
-def usage_of(body: Any) -> tuple[int, int]:
-    """Input and output tokens of an answer of any batch endpoint (chat and completions,
-    Responses, embeddings)."""
+def usage_of(body: Any) -> tuple[int, int, int, int]:
+    """Input, output, cached input and reasoning tokens of an answer of any batch endpoint
+    (chat and completions, Responses, embeddings; Anthropic's messages)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
-        return 0, 0
+        return 0, 0, 0, 0
 
-    def count(*names: str) -> int:
+    def count(within: dict[str, Any], *names: str) -> int:
         for name in names:
-            value = usage.get(name)
+            value = within.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
         return 0
 
-    return count("prompt_tokens", "input_tokens"), count("completion_tokens", "output_tokens")
+    def details(*names: str) -> dict[str, Any]:
+        for name in names:
+            found = usage.get(name)
+            if isinstance(found, dict):
+                return found
+        return {}
+
+    cached = count(details("prompt_tokens_details", "input_tokens_details"), "cached_tokens") or count(
+        usage, "cache_read_input_tokens"
+    )
+    reasoning = count(details("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
+    return (
+        count(usage, "prompt_tokens", "input_tokens"), count(usage, "completion_tokens", "output_tokens"), cached, reasoning
+    )
