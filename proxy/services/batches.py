@@ -91,6 +91,7 @@ class BatchRunner:
         self._limiter = trio.CapacityLimiter(concurrency)
         self._max_batches = concurrency  # a batch running holds at least one line's slot...
         self._paused: set[str] = set()  # ...but not while it waits (a rate limit, an outage)
+        self._max_held = 2 * concurrency  # paused ones too: each holds its lines in memory
         self._max_lines = max_lines
         self._poll, self._silent, self._late = poll, silent, late
         self.dispatch: Dispatch | None = None
@@ -133,7 +134,10 @@ class BatchRunner:
 
     async def _take(self, nursery: trio.Nursery) -> None:
         store = self._store()
-        while store is not None and len(self._running) - len(self._paused) < self._max_batches and not self._stopping:
+        while (
+            store is not None and len(self._running) - len(self._paused) < self._max_batches
+            and len(self._running) < self._max_held and not self._stopping
+        ):
             try:
                 claimed = await store.claim(self._me, silent=self._silent, late=self._late)
             except DatabaseError as error:
