@@ -108,6 +108,11 @@ async def upload_file() -> Response:
         raise invalid_request("Upload a file as multipart/form-data with the fields `file` and `purpose`.", param="file")
     form, files = await request.form, await request.files
     purpose = wire.check_purpose(form.get("purpose"))
+    # The SDK sends `expires_after={...}` as the form's fields `expires_after[anchor]` and `[seconds]`.
+    seconds: str | int | None = form.get("expires_after[seconds]")
+    if isinstance(seconds, str) and seconds.isdigit():
+        seconds = int(seconds)
+    expires = wire.expires_after(form.get("expires_after[anchor]"), seconds, "expires_after")
     upload = files.get("file")
     if upload is None:
         raise invalid_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
@@ -120,7 +125,7 @@ async def upload_file() -> Response:
         raise invalid_request("Invalid file name.", param="file")
     tenant = current_tenant()
     created = await _stored_slowly(
-        lambda store: store.add_file(wire.new_file_id(), tenant, purpose, filename, content), "storing a file"
+        lambda store: store.add_file(wire.new_file_id(), tenant, purpose, filename, content, expires), "storing a file"
     )
     return _reply(wire.file_object(created))
 
@@ -200,7 +205,8 @@ async def create_batch() -> Response:
     key_id = principal.id if principal is not None else None
     created = await _stored(
         lambda store: store.add_batch(
-            wire.new_batch_id(), tenant, key_id, new.endpoint, new.input_file_id, new.completion_window, new.metadata
+            wire.new_batch_id(), tenant, key_id, new.endpoint, new.input_file_id, new.completion_window, new.metadata,
+            new.output_expires_seconds,
         ), "a new batch",
     )
     runner = gateway().batches

@@ -27,17 +27,19 @@ _EPOCHS = (
 )
 _BATCH_NAMES = (
     "id", "endpoint", "input_file_id", "completion_window", "status", "errors", "total", "output_file_id",
-    "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens",
+    "error_file_id", "metadata", *_EPOCHS, "completed", "failed", "input_tokens", "output_tokens", "model",
+    "cached_tokens", "reasoning_tokens",
 )
 _BATCH_COLUMNS = (
     "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
     "b.error_file_id, b.metadata, "
     + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
-    + ", c.completed, c.failed, c.input_tokens, c.output_tokens"
+    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model, c.cached_tokens, c.reasoning_tokens"
 )
 _BATCH_FROM = (
     "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
-    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens "
+    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens, "
+    "coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens, coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens "
     "FROM batch_lines l WHERE l.batch_id = b.id) c"
 )
 _ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
@@ -80,7 +82,7 @@ def _batch(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
     found = dict(zip(_BATCH_NAMES, row, strict=True))
-    for name in ("completed", "failed", "input_tokens", "output_tokens"):
+    for name in ("completed", "failed", "input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens"):
         found[name] = int(found[name])
     return found
 
@@ -92,12 +94,13 @@ class BatchStore:
     # -- files -----------------------------------------------------------------------------
 
     async def add_file(
-        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes
+        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes,
+        expires_seconds: int | None = None,
     ) -> dict[str, Any]:
         row = await self._db.fetchrow(
-            f"INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, %s, %s, %s, %s) "
-            f"RETURNING {_FILE_COLUMNS}",
-            (file_id, tenant, purpose, filename, len(content), content),
+            "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
+            f"now() + make_interval(secs => %s)) RETURNING {_FILE_COLUMNS}",
+            (file_id, tenant, purpose, filename, len(content), content, expires_seconds),
         )
         found = _file(row)
         assert found is not None
@@ -149,12 +152,14 @@ class BatchStore:
 
     async def add_batch(
         self, batch_id: str, tenant: str | None, key_id: int | None, endpoint: str, input_file_id: str,
-        window: str, metadata: dict[str, str] | None,
+        window: str, metadata: dict[str, str] | None, output_expires_seconds: int | None = None,
     ) -> dict[str, Any]:
         await self._db.execute(
             "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, metadata, status, "
-            "expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', now() + interval '24 hours')",
-            (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None),
+            "expires_at, output_expires_seconds) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', "
+            "now() + interval '24 hours', %s)",
+            (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None,
+             output_expires_seconds),
         )
         found = await self.batch(batch_id, tenant)
         assert found is not None
@@ -215,12 +220,12 @@ class BatchStore:
             (json_text(errors), batch_id, owner),
         )
 
-    async def start(self, batch_id: str, owner: str, total: int) -> bool:
+    async def start(self, batch_id: str, owner: str, total: int, model: str | None = None) -> bool:
         """False: it was cancelled while it was validated."""
         return bool(await self._db.execute(
-            "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s "
+            "UPDATE batches SET status = 'in_progress', in_progress_at = now(), total = %s, model = %s "
             "WHERE id = %s AND owner = %s AND status = 'validating'",
-            (total, batch_id, owner),
+            (total, model, batch_id, owner),
         ))
 
     async def answered(self, batch_id: str) -> set[int]:
@@ -228,12 +233,13 @@ class BatchStore:
         return {int(row[0]) for row in rows}
 
     async def record(
-        self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int]
+        self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
     ) -> None:
+        """`tokens`: input, output, cached input and reasoning output tokens."""
         await self._db.execute(
-            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens) "
-            "VALUES (%s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING",
-            (batch_id, line, ok, json_text(output), tokens[0], tokens[1]),
+            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
+            "reasoning_tokens) VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (batch_id, line, ok, json_text(output), *tokens),
         )
 
     async def finalizing(self, batch_id: str, owner: str) -> bool:
@@ -243,6 +249,13 @@ class BatchStore:
             "UPDATE batches SET status = 'finalizing', finalizing_at = now() WHERE id = %s AND owner = %s "
             "AND status = 'in_progress'", (batch_id, owner),
         ))
+
+    async def drop_expired_files(self) -> int:
+        """Delete the files past their `expires_at` (a running batch's input stays until it ends)."""
+        return await self._db.execute(
+            "DELETE FROM files f WHERE f.expires_at < now() AND NOT EXISTS "
+            f"(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND {_ACTIVE})"
+        )
 
     async def let_go(self, batch_id: str, owner: str) -> None:
         """This instance stops running the batch (the gateway stops): any may take it on."""
@@ -262,7 +275,7 @@ class BatchStore:
             tenant = row[0]
             for line, output in unrun:
                 await tx.execute(
-                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::jsonb) "
+                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::json) "
                     "ON CONFLICT DO NOTHING", (batch_id, line, json_text(output)),
                 )
             lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))
@@ -274,9 +287,11 @@ class BatchStore:
                     continue
                 content = ("\n".join(texts) + "\n").encode()
                 await tx.execute(
-                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, 'batch_output', %s, %s, %s)",
+                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, "
+                    "'batch_output', %s, %s, %s, now() + make_interval(secs => "
+                    "(SELECT output_expires_seconds FROM batches WHERE id = %s)))",
                     (file_id, tenant, f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
-                     len(content), content),
+                     len(content), content, batch_id),
                 )
                 made.append(file_id)
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]

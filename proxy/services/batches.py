@@ -40,7 +40,14 @@ Dispatch = Callable[[int | None, str, bytes, str], Awaitable[Answer]]
 
 # A line refused by a per-minute limit (the key's, or the backend's) waits and is sent again,
 # at most this long at a time; one refused for a spent budget is answered with that refusal.
+# Meanwhile its batch starts no line and holds no slot: other batches run in the slots.
 _LONGEST_WAIT = 60.0
+# A line answered 503 (its backend unreachable or overloaded: a restart, an outage; or the
+# gateway's database) is sent again the same way, after 1, 2, 4… s (or its Retry-After), until
+# it has waited this long in all; then that answer is its own. A blip does not fail a whole
+# batch. Not a 502 or 504: those may be the line's own (a crash, a generation too long), and
+# waiting on them would stall its batch.
+_OUTAGE_SECONDS = 600.0
 # How often a batch's runner looks for a cancel (asked of any instance) and that it still owns it.
 _WATCH_SECONDS = 1.0
 # A recorded line, a let-go batch: bounded even once the gateway is stopping.
@@ -56,6 +63,22 @@ class _Lost(Exception):
     """Another instance took the batch over (this one was presumed dead)."""
 
 
+class _Pace:
+    """When a batch may start lines again, once a line of it was refused by a per-minute limit
+    or its backend was out of reach."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def hold(self, seconds: float) -> None:
+        self.until = max(self.until, trio.current_time() + seconds)
+
+    def left(self) -> float:
+        return self.until - trio.current_time()
+
+
 class BatchRunner:
     """Runs this instance's share of the batches, in the gateway's nursery."""
 
@@ -66,7 +89,9 @@ class BatchRunner:
         self._resources = resources
         self._me = instance_id
         self._limiter = trio.CapacityLimiter(concurrency)
-        self._max_batches = concurrency  # a batch holds at least one line's slot
+        self._max_batches = concurrency  # a batch running holds at least one line's slot...
+        self._paused: set[str] = set()  # ...but not while it waits (a rate limit, an outage)
+        self._max_held = 2 * concurrency  # paused ones too: each holds its lines in memory
         self._max_lines = max_lines
         self._poll, self._silent, self._late = poll, silent, late
         self.dispatch: Dispatch | None = None
@@ -77,6 +102,7 @@ class BatchRunner:
         self._stopping = False
         self._halts: dict[str, trio.Event] = {}  # of the batches running here
         self._nursery: trio.Nursery | None = None
+        self._next_sweep = 0.0
 
     def _store(self) -> BatchStore | None:
         db = self._resources.database
@@ -100,6 +126,7 @@ class BatchRunner:
                     self._wake = trio.Event()  # before looking: a wake meanwhile looks again
                     if self.dispatch is not None and not self._stopping:
                         await self._take(nursery)
+                        await self._drop_expired()
                     with trio.move_on_after(self._poll):
                         await self._wake.wait()
         finally:
@@ -107,7 +134,10 @@ class BatchRunner:
 
     async def _take(self, nursery: trio.Nursery) -> None:
         store = self._store()
-        while store is not None and len(self._running) < self._max_batches and not self._stopping:
+        while (
+            store is not None and len(self._running) - len(self._paused) < self._max_batches
+            and len(self._running) < self._max_held and not self._stopping
+        ):
             try:
                 claimed = await store.claim(self._me, silent=self._silent, late=self._late)
             except DatabaseError as error:
@@ -117,6 +147,17 @@ class BatchRunner:
                 return
             self._running.add(claimed.id)
             nursery.start_soon(self._run_batch, store, claimed)
+
+    async def _drop_expired(self) -> None:
+        """Files past their `expires_after` go, within a poll of their time."""
+        store = self._store()
+        if store is None or trio.current_time() < self._next_sweep:
+            return
+        self._next_sweep = trio.current_time() + self._poll
+        try:
+            await store.drop_expired_files()
+        except DatabaseError as error:
+            log.debug("deleting expired files failed: %s", error)
 
     def cancelled(self, batch_id: str) -> None:
         """The batch was cancelled through this instance: if it runs here, it stops starting
@@ -184,7 +225,8 @@ class BatchRunner:
                 await store.fail(claimed.id, self._me, faults)
                 return
             # Not started: cancelled meanwhile.
-            status = "in_progress" if await store.start(claimed.id, self._me, len(lines)) else "cancelling"
+            started = await store.start(claimed.id, self._me, len(lines), wire.model_of(lines, claimed.endpoint))
+            status = "in_progress" if started else "cancelling"
         done = await store.answered(claimed.id)
         pending = [line for line in lines if line.number not in done]
         # Taken while finalizing: its lines had ended, all answered unless its window had.
@@ -213,6 +255,7 @@ class BatchRunner:
         gateway stops: let go, to be resumed)."""
         halt = trio.Event()  # cancelled, or the gateway stops
         self._halts[claimed.id] = halt
+        pace = _Pace()
         try:
             async with trio.open_nursery() as watching:
                 watching.start_soon(self._watch, store, claimed.id, halt)
@@ -220,14 +263,20 @@ class BatchRunner:
                     async with trio.open_nursery() as running:
                         for line in pending:
                             slot = object()  # the line's hold on one of the runner's slots
-                            await self._limiter.acquire_on_behalf_of(slot)
+                            while True:
+                                await self._limiter.acquire_on_behalf_of(slot)
+                                if halt.is_set() or self._stopping or pace.left() <= 0:
+                                    break
+                                self._limiter.release_on_behalf_of(slot)
+                                await self._pause(claimed.id, pace, halt)
                             if halt.is_set() or self._stopping:
                                 self._limiter.release_on_behalf_of(slot)
                                 break
-                            running.start_soon(self._line, store, claimed, line, halt, slot)
+                            running.start_soon(self._line, store, claimed, line, halt, slot, pace)
                 watching.cancel_scope.cancel()
         finally:
             self._halts.pop(claimed.id, None)
+            self._paused.discard(claimed.id)
         if window.cancelled_caught:
             return "expired"
         if self._stopping:
@@ -235,6 +284,17 @@ class BatchRunner:
             answered = await store.answered(claimed.id)
             return "completed" if all(line.number in answered for line in pending) else "stopped"
         return "cancelled" if halt.is_set() else "completed"
+
+    async def _pause(self, batch_id: str, pace: _Pace, halt: trio.Event) -> None:
+        """The batch waits (its rate limit, its backend's outage): another batch may be taken meanwhile."""
+        self._paused.add(batch_id)
+        self.wake()
+        try:
+            while pace.left() > 0 and not halt.is_set():
+                with trio.move_on_after(pace.left()):
+                    await halt.wait()
+        finally:
+            self._paused.discard(batch_id)
 
     async def _watch(self, store: BatchStore, batch_id: str, halt: trio.Event) -> None:
         while True:
@@ -250,39 +310,47 @@ class BatchRunner:
                 halt.set()
 
     async def _line(
-        self, store: BatchStore, claimed: Claimed, line: wire.Line, halt: trio.Event, slot: object
+        self, store: BatchStore, claimed: Claimed, line: wire.Line, halt: trio.Event, slot: object, pace: _Pace
     ) -> None:
+        held = True
         try:
             dispatch = self.dispatch
             assert dispatch is not None
             body = {key: value for key, value in line.body.items() if key not in ("stream", "stream_options")}
             payload = json.dumps(body, ensure_ascii=False).encode()
             request_id = "req_" + secrets.token_hex(16)
+            attempts, waited = 0, 0.0
             while True:
                 try:
                     answer = await dispatch(claimed.key_id, claimed.endpoint, payload, request_id)
                 except Exception:  # a bug answering this line: its answer, not the batch's end
                     log.exception("batch %s: line %d failed", claimed.id, line.number)
                     answer = Answer(500, _INTERNAL, {})
-                wait = _wait_for(answer)
+                wait = _wait_for(answer, attempts, waited)
                 if wait is None:
                     break
-                with trio.move_on_after(wait):
-                    await halt.wait()
+                attempts, waited = attempts + 1, waited + wait
+                pace.hold(wait)
+                self._limiter.release_on_behalf_of(slot)
+                held = False
+                await self._pause(claimed.id, pace, halt)
                 if halt.is_set():  # it has not run: a resumed batch runs it, a cancelled one does not
                     return
+                await self._limiter.acquire_on_behalf_of(slot)
+                held = True
             try:
                 parsed: Any = json.loads(answer.body)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 parsed = answer.body.decode("utf-8", "replace")
             ok = 200 <= answer.status < 300
             output = wire.output_line(line.custom_id, answer.status, answer.headers.get("x-request-id", request_id), parsed)
-            tokens = wire.usage_of(parsed) if ok else (0, 0)
+            tokens = wire.usage_of(parsed) if ok else (0, 0, 0, 0)
             # Once the answer is in, its record is written whole even if the gateway is stopping.
             with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
                 await store.record(claimed.id, line.number, ok, output, tokens)
         finally:
-            self._limiter.release_on_behalf_of(slot)
+            if held:
+                self._limiter.release_on_behalf_of(slot)
 
 
 def _holds(error: BaseException, kind: type[Exception]) -> bool:
@@ -291,9 +359,13 @@ def _holds(error: BaseException, kind: type[Exception]) -> bool:
     return isinstance(error, kind)
 
 
-def _wait_for(answer: Answer) -> float | None:
-    """How long to wait before sending a line again: a 429 of a per-minute limit (not a spent
-    budget, which no wait within the batch's window is sure to mend)."""
+def _wait_for(answer: Answer, attempts: int, waited: float) -> float | None:
+    """How long to wait before sending a line again (None: its answer is final): a 429 of a
+    per-minute limit (not a spent budget, which no wait within the batch's window is sure to
+    mend), or its backend out of reach for less than `_OUTAGE_SECONDS` so far."""
+    if answer.status == 503:
+        backoff = _retry_after(answer, min(2.0**attempts, _LONGEST_WAIT))
+        return backoff if waited + backoff <= _OUTAGE_SECONDS else None
     if answer.status != 429:
         return None
     try:
@@ -302,8 +374,12 @@ def _wait_for(answer: Answer) -> float | None:
         error = {}
     if isinstance(error, dict) and error.get("code") == "insufficient_quota":
         return None
+    return _retry_after(answer, 1.0)
+
+
+def _retry_after(answer: Answer, default: float) -> float:
     try:
-        after = float(answer.headers.get("retry-after", "1"))
+        after = float(answer.headers.get("retry-after", default))
     except ValueError:
-        after = 1.0
+        after = default
     return min(max(after, 0.1), _LONGEST_WAIT)

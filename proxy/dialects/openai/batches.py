@@ -27,6 +27,8 @@ _TIMESTAMPS = (
 )
 # Errors named per line stop at this many (OpenAI lists a handful, not one per line of a bad file).
 _MAX_ERRORS = 100
+# OpenAI's bounds of a file's `expires_after.seconds` (and a batch's `output_expires_after`).
+_EXPIRY_SECONDS = (3600, 2_592_000)
 
 
 def new_file_id() -> str:
@@ -68,12 +70,32 @@ def check_purpose(purpose: str | None) -> str:
     return purpose
 
 
+def expires_after(anchor: Any, seconds: Any, param: str) -> int | None:
+    """OpenAI's `expires_after` (`anchor: "created_at"`, `seconds` from an hour to 30 days):
+    the seconds a file is kept after it is written; None: not asked, kept until deleted."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise invalid_request(
+            f"Invalid value for '{param}.anchor': {anchor!r}. Supported: 'created_at'.", param=f"{param}.anchor",
+            code="invalid_value" if anchor is not None else "missing_required_parameter",
+        )
+    low, high = _EXPIRY_SECONDS
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= high:
+        raise invalid_request(
+            f"Invalid value for '{param}.seconds': {seconds!r}. It must be an integer between {low} (1 hour) and "
+            f"{high} (30 days).", param=f"{param}.seconds", code="invalid_value",
+        )
+    return seconds
+
+
 @dataclass(frozen=True, slots=True)
 class NewBatch:
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None
+    output_expires_seconds: int | None = None
 
 
 def parse_create(body: bytes) -> NewBatch:
@@ -94,9 +116,12 @@ def parse_create(body: bytes) -> NewBatch:
             param="completion_window", code="invalid_value",
         )
     metadata = _metadata(fields) if fields.data.get("metadata") is not None else None
+    policy = fields.object("output_expires_after")
+    given: dict[str, Any] = policy.data if policy is not None else {}
+    output_expires = expires_after(given.get("anchor"), given.get("seconds"), "output_expires_after")
     if not is_file_id(input_file_id):
         raise file_not_found(input_file_id, "input_file_id")
-    return NewBatch(input_file_id, endpoint, window, metadata)
+    return NewBatch(input_file_id, endpoint, window, metadata, output_expires)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +162,9 @@ def _checked(number: int, text: bytes, endpoint: str) -> Line | dict[str, Any]:
 
 def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], list[dict[str, Any]]]:
     """A batch input file's requests, and what is wrong with it (each fault naming its line,
-    OpenAI's `errors.data[]`): with any fault, the batch fails and runs nothing."""
+    OpenAI's `errors.data[]`): with any fault, the batch fails and runs nothing. An OpenAI
+    batch's lines all name one model, the first line's (OpenAI's `model_mismatch`)."""
+    one_model = endpoint in ENDPOINTS
     lines: list[Line] = []
     faults: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -151,6 +178,11 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
         if isinstance(checked, Line):
             if checked.custom_id in seen:
                 checked = _fault(index, "duplicate_custom_id", f"The custom_id {checked.custom_id!r} is used more than once.", "custom_id")
+            elif one_model and lines and checked.body["model"] != lines[0].body["model"]:
+                checked = _fault(
+                    index, "model_mismatch", f"The model {checked.body['model']!r} of this request is not the batch's "
+                    f"({lines[0].body['model']!r}): every request of a batch names the same model.", "body.model",
+                )
             else:
                 seen.add(checked.custom_id)
                 lines.append(checked)
@@ -161,6 +193,11 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
     if not lines and not faults:
         faults.append({"code": "empty_file", "line": None, "message": "The input file holds no requests.", "param": None})
     return lines, faults
+
+
+def model_of(lines: list[Line], endpoint: str) -> str | None:
+    """The model of an OpenAI batch (`Batch.model`): the one its lines name."""
+    return str(lines[0].body["model"]) if lines and endpoint in ENDPOINTS else None
 
 
 def file_object(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,14 +212,11 @@ def batch_object(row: Mapping[str, Any]) -> dict[str, Any]:
     """A batch as OpenAI renders it, from its row (timestamps in Unix seconds, its lines'
     counts and token sums)."""
     errors = row.get("errors")
-    answered = row["completed"] + row["failed"]
-    usage = None
-    if answered:
-        usage = {
-            "input_tokens": row["input_tokens"], "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": row["output_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": row["input_tokens"] + row["output_tokens"],
-        }
+    usage = {  # zeros before any line is answered, as OpenAI's
+        "input_tokens": row["input_tokens"], "input_tokens_details": {"cached_tokens": row.get("cached_tokens", 0)},
+        "output_tokens": row["output_tokens"], "output_tokens_details": {"reasoning_tokens": row.get("reasoning_tokens", 0)},
+        "total_tokens": row["input_tokens"] + row["output_tokens"],
+    }
     rendered: dict[str, Any] = {
         "id": row["id"], "object": "batch", "endpoint": row["endpoint"], "model": row.get("model"),
         "errors": {"object": "list", "data": errors} if errors else None,
@@ -216,18 +250,31 @@ def unrun_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
     return {"id": new_line_id(), "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
 
 
-def usage_of(body: Any) -> tuple[int, int]:
-    """Input and output tokens of an answer of any batch endpoint (chat and completions,
-    Responses, embeddings)."""
+def usage_of(body: Any) -> tuple[int, int, int, int]:
+    """Input, output, cached input and reasoning tokens of an answer of any batch endpoint
+    (chat and completions, Responses, embeddings; Anthropic's messages)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
-        return 0, 0
+        return 0, 0, 0, 0
 
-    def count(*names: str) -> int:
+    def count(within: dict[str, Any], *names: str) -> int:
         for name in names:
-            value = usage.get(name)
+            value = within.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                 return value
         return 0
 
-    return count("prompt_tokens", "input_tokens"), count("completion_tokens", "output_tokens")
+    def details(*names: str) -> dict[str, Any]:
+        for name in names:
+            found = usage.get(name)
+            if isinstance(found, dict):
+                return found
+        return {}
+
+    cached = count(details("prompt_tokens_details", "input_tokens_details"), "cached_tokens") or count(
+        usage, "cache_read_input_tokens"
+    )
+    reasoning = count(details("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
+    return (
+        count(usage, "prompt_tokens", "input_tokens"), count(usage, "completion_tokens", "output_tokens"), cached, reasoning
+    )
