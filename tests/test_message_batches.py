@@ -16,9 +16,10 @@ import pytest
 import trio
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
+from proxy.config import BatchSettings
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway, new_key, wait_for_key
+from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_batches import ECHO, chats, trio_value
 from tests.test_responses_stored import Stack, journaled_stack
 
@@ -198,3 +199,47 @@ async def test_message_batches_page_newest_first_both_ways(stack: Stack) -> None
     with pytest.raises(anthropic.BadRequestError):
         await client.messages.batches.list(limit=1001)
     await client.close()
+
+
+async def test_a_message_batch_past_its_window_ends_with_its_unrun_requests_expired(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(1, 1), header_delay=0.3))
+    custom_ids = [f"r-{i}" for i in range(12)]
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config, shutdown_grace_seconds=0.1) as url:
+            client = sdk(url)
+            batch = await client.messages.batches.create(requests=[request(custom_id) for custom_id in custom_ids])
+            await client.close()
+        # Resumed with less than a second of its 24 h left.
+        await sql(pg_database_url, "UPDATE batches SET expires_at = now() + interval '800 milliseconds' WHERE id = %s", batch.id)
+        async with gateway(pg_database_url, nats_url, config, batches=BatchSettings(concurrency=1)) as url:
+            client = sdk(url)
+            ended = await until_ended(client, batch.id)
+            results = await results_of(client, batch.id)
+            await client.close()
+    counts = ended.request_counts
+    assert counts.expired >= 1 and counts.errored == 0 and counts.canceled == 0
+    assert counts.succeeded + counts.expired == len(custom_ids) and ended.ended_at is not None
+    assert set(results) == set(custom_ids)
+    kinds = [line.result.type for line in results.values()]
+    assert (kinds.count("succeeded"), kinds.count("expired")) == (counts.succeeded, counts.expired)
+
+
+async def test_a_message_batch_keeps_to_the_gateways_batch_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    async with OpenAIBackend(default=ECHO).serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True),
+        batches=BatchSettings(file_max_bytes=4000, max_lines=3),
+    ) as url:
+        client = sdk(url)
+        with pytest.raises(anthropic.BadRequestError) as many:
+            await client.messages.batches.create(requests=[request(f"r{i}") for i in range(4)])
+        assert isinstance(many.value.body, dict) and "at most 3 requests" in many.value.body["error"]["message"]
+        with pytest.raises(anthropic.APIStatusError) as large:
+            await client.messages.batches.create(requests=[request("big", "x" * 5000)])
+        assert large.value.status_code == 413
+        assert isinstance(large.value.body, dict) and large.value.body["error"]["type"] == "request_too_large"
+        fits = await client.messages.batches.create(requests=[request(f"r{i}") for i in range(3)])
+        assert (await until_ended(client, fits.id)).request_counts.succeeded == 3
+        await client.close()

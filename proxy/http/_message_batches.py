@@ -161,8 +161,8 @@ _BATCH = {"type": "object", "properties": {"id": _STR, "type": _STR, "processing
 _LIST = {"type": "object", "properties": {"data": {"type": "array"}, "has_more": {"type": "boolean"}}}
 document(BATCHES, "post", _op("Create a message batch (Anthropic)", "Batches", _ok(_BATCH), body=_OBJ))
 document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST)))
-document(BATCHES + "/{message_batch_id}", "get", _op("A message batch (Anthropic)", "Batches", _ok(_BATCH)))
-document(BATCHES + "/{message_batch_id}", "delete", _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ)))
-document(BATCHES + "/{message_batch_id}/cancel", "post", _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH)))
-document(BATCHES + "/{message_batch_id}/results", "get",
+document(BATCHES + "/{batch_id}", "get", _op("A message batch (Anthropic)", "Batches", _ok(_BATCH)))
+document(BATCHES + "/{batch_id}", "delete", _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ)))
+document(BATCHES + "/{batch_id}/cancel", "post", _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH)))
+document(BATCHES + "/{batch_id}/results", "get",
          _op("A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl")))

@@ -49,8 +49,9 @@ def parse_create(body: bytes, max_requests: int) -> list[tuple[str, dict[str, An
     if not isinstance(requests, list) or not requests:
         raise invalid_request("requests: expected a non-empty array of requests.", param="requests")
     if len(requests) > max_requests:
+        whose = "Anthropic's limit" if max_requests >= MAX_REQUESTS else "this gateway's `[batches] max_lines`"
         raise invalid_request(
-            f"requests: a message batch holds at most {max_requests} requests; this one has {len(requests)}.",
+            f"requests: a message batch holds at most {max_requests} requests ({whose}); this one has {len(requests)}.",
             param="requests",
         )
     for name in data:
