@@ -6,6 +6,7 @@ rest, and each batch is its key's alone."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import trio
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
 from proxy.config import BatchSettings
+from proxy.dialects.anthropic import batches as wire
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
@@ -243,3 +245,23 @@ async def test_a_message_batch_keeps_to_the_gateways_batch_limits(aio_loop: obje
         fits = await client.messages.batches.create(requests=[request(f"r{i}") for i in range(3)])
         assert (await until_ended(client, fits.id)).request_counts.succeeded == 3
         await client.close()
+
+
+def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
+    content = wire.input_lines([(name, request(name)["params"]) for name in ("ok", "refused", "bug", "late", "never")])
+    recorded = {
+        1: {"custom_id": "ok", "response": {"status_code": 200, "request_id": "r1", "body": {"type": "message"}}},
+        2: {"custom_id": "refused", "response": {"status_code": 403, "request_id": "r2", "body": {
+            "type": "error", "error": {"type": "permission_error", "message": "not yours"}}}},
+        # The engine's own 500 for a line it could not answer: OpenAI-shaped, not Anthropic's.
+        3: {"custom_id": "bug", "response": {"status_code": 500, "request_id": "r3", "body": {
+            "error": {"message": "Internal gateway error", "type": "server_error"}}}},
+        4: {"custom_id": "late", "response": None, "error": {"code": "batch_expired", "message": "too late"}},
+    }
+    lines = [json.loads(line) for line in wire.results(content, recorded).splitlines()]
+    assert [line["custom_id"] for line in lines] == ["ok", "refused", "bug", "late", "never"]
+    results = [line["result"] for line in lines]
+    assert results[0] == {"type": "succeeded", "message": {"type": "message"}}
+    assert results[1]["error"] == {"type": "error", "error": {"type": "permission_error", "message": "not yours"}, "request_id": "r2"}
+    assert results[2]["error"]["error"] == {"type": "api_error", "message": "Internal gateway error"}
+    assert (results[3], results[4]) == ({"type": "expired"}, {"type": "canceled"})

@@ -160,6 +160,8 @@ def _result(line: Any) -> dict[str, Any]:
     if isinstance(status, int) and 200 <= status < 300:
         return {"type": "succeeded", "message": body}
     error = body.get("error") if isinstance(body, dict) else None
-    if not (isinstance(error, dict) and isinstance(error.get("type"), str) and isinstance(error.get("message"), str)):
-        error = {"type": "api_error", "message": body if isinstance(body, str) else json.dumps(body)}
+    if not (isinstance(body, dict) and body.get("type") == "error" and isinstance(error, dict) and isinstance(error.get("type"), str)):
+        # Not an Anthropic error body (the engine's own 500, a body that is not JSON).
+        message = error.get("message") if isinstance(error, dict) else None
+        error = {"type": "api_error", "message": message if isinstance(message, str) else str(body)}
     return {"type": "errored", "error": {"type": "error", "error": error, "request_id": response.get("request_id")}}
