@@ -79,7 +79,12 @@ async def test_a_message_batch_runs_each_request_and_its_results_match_the_custo
         assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
     async with httpx.AsyncClient(base_url=stack.url) as http:
         raw = await http.get(f"/v1/messages/batches/{done.id}/results", headers={"x-api-key": "x"})
+        proxied = await http.get(f"/v1/messages/batches/{done.id}", headers={
+            "x-api-key": "x", "x-forwarded-proto": "https", "x-forwarded-host": "llm.example.com", "x-forwarded-prefix": "/gw",
+        })
     assert raw.headers["content-type"] == "application/x-jsonl" and len(raw.text.splitlines()) == 3
+    # Behind a proxy, the URL the client reached the gateway by.
+    assert proxied.json()["results_url"] == f"https://llm.example.com/gw/v1/messages/batches/{done.id}/results"
     assert chats(stack.fake) == 3  # one backend call each, through the gateway's own routing
     # Anthropic's batches are not OpenAI's: neither their batch nor their requests show there.
     assert [batch.id for batch in (await stack.client.batches.list()).data] == []

@@ -14,6 +14,7 @@ Errors are Anthropic's (`/v1/messages` paths answer in its shape).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import trio
@@ -32,10 +33,24 @@ blueprint = Blueprint("message_batches", __name__)
 
 BATCHES = "/v1/messages/batches"
 _MAX_LIMIT = 1000
+_SAFE = re.compile(r"[A-Za-z0-9._~:/\[\]-]{1,255}")
+
+
+def _forwarded(name: str) -> str | None:
+    value = (request.headers.get(name) or "").split(",")[0].strip()
+    return value if value and _SAFE.fullmatch(value) else None
 
 
 def _results_url(batch_id: str) -> str:
-    return f"{request.host_url.rstrip('/')}{BATCHES}/{batch_id}/results"
+    """Absolute, as Anthropic's, and where the client reached the gateway: behind a proxy
+    that terminates TLS or rewrites `Host`, the one it names (`X-Forwarded-Proto`, `-Host`,
+    `-Prefix`). Only the caller sees it."""
+    scheme = _forwarded("x-forwarded-proto") or request.scheme
+    host = _forwarded("x-forwarded-host") or request.host
+    prefix = (_forwarded("x-forwarded-prefix") or "").rstrip("/")
+    if scheme not in ("http", "https") or "/" in host or (prefix and not prefix.startswith("/")):
+        scheme, host, prefix = request.scheme, request.host, ""
+    return f"{scheme}://{host}{prefix}{BATCHES}/{batch_id}/results"
 
 
 def _rendered(row: dict[str, Any]) -> dict[str, Any]:
