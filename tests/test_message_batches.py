@@ -22,7 +22,7 @@ from proxy.dialects.anthropic import batches as wire
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
-from tests.test_batches import ECHO, chats, trio_value
+from tests.test_batches import ECHO, chats, status_of, trio_value
 from tests.test_responses_stored import Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
@@ -218,6 +218,7 @@ async def test_a_message_batch_past_its_window_ends_with_its_unrun_requests_expi
         async with gateway(pg_database_url, nats_url, config, shutdown_grace_seconds=0.1) as url:
             client = sdk(url)
             batch = await client.messages.batches.create(requests=[request(custom_id) for custom_id in custom_ids])
+            await eventually(lambda: status_of(pg_database_url, batch.id, "in_progress"), within=10)
             await client.close()
         # Resumed with less than a second of its 24 h left.
         await sql(pg_database_url, "UPDATE batches SET expires_at = now() + interval '800 milliseconds' WHERE id = %s", batch.id)
