@@ -19,7 +19,7 @@ from anthropic.types.messages import MessageBatch, MessageBatchIndividualRespons
 
 from proxy.config import BatchSettings
 from proxy.dialects.anthropic import batches as wire
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
 from tests.test_batches import ECHO, chats, status_of, trio_value
@@ -271,3 +271,24 @@ def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
     assert results[1]["error"] == {"type": "error", "error": {"type": "permission_error", "message": "not yours"}, "request_id": "r2"}
     assert results[2]["error"]["error"] == {"type": "api_error", "message": "Internal gateway error"}
     assert (results[3], results[4]) == ({"type": "expired"}, {"type": "canceled"})
+
+
+async def test_a_beta_message_batch_passes_its_betas_to_an_anthropic_backend(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = AnthropicBackend(default=Script(tokens=["ok"], usage=Usage(3, 1)))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("claude", server.url, kind="anthropic", default=True)
+    ) as url:
+        client = sdk(url)
+        batch = await client.beta.messages.batches.create(
+            requests=[request("beta", model="claude-x")], betas=["context-1m-2025-08-07", "message-batches-2024-09-24"],
+        )
+        ended = await until_ended(client, batch.id)
+        assert ended.request_counts.succeeded == 1
+        [line] = [line async for line in await client.beta.messages.batches.results(batch.id)]
+        assert line.custom_id == "beta" and line.result.type == "succeeded"
+        await client.close()
+    [sent] = [r for r in fake.requests if r.path.startswith("/v1/messages")]
+    assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
+    assert isinstance(sent.json, dict) and "_anthropic_beta" not in sent.json

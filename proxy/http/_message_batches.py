@@ -24,7 +24,7 @@ from proxy.dialects.anthropic import batches as wire
 from proxy.dialects.openai.batches import new_file_id
 from proxy.domain.errors import invalid_request
 from proxy.http._batches import _persistence, _reply, _stored, _stored_slowly
-from proxy.http._context import gateway, request_body
+from proxy.http._context import gateway, request_body, request_head
 from proxy.http._head import current_tenant
 from proxy.http._openapi import _OBJ, _STR, _ok, _op, document
 from proxy.services.auth import current_principal
@@ -75,7 +75,7 @@ async def create() -> Response:
     limit = min(wire.MAX_REQUESTS, settings.max_lines)
     # Tens of thousands of requests each validated: not on the event loop.
     requests = await trio.to_thread.run_sync(wire.parse_create, body, limit)
-    content = wire.input_lines(requests)
+    content = wire.input_lines(requests, request_head().header_list("anthropic-beta"))
     tenant = current_tenant()
     principal = current_principal.get()
     key_id = principal.id if principal is not None else None

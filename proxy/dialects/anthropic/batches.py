@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from proxy.dialects._json import loads_object
-from proxy.dialects.anthropic._request import parse_messages_request
+from proxy.dialects.anthropic._request import BETA_EXTRA, parse_messages_request
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 
 MESSAGES = "/v1/messages"
@@ -21,6 +21,8 @@ MAX_REQUESTS = 100_000  # Anthropic's, per batch
 _CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ENDED = ("completed", "cancelled", "expired", "failed")
+# The Message Batches API's own beta (older SDKs send it): not a feature of its requests.
+_BATCHES_BETA = "message-batches-2024-09-24"
 
 
 def ended(status: str) -> bool:
@@ -89,13 +91,20 @@ def parse_create(body: bytes, max_requests: int) -> list[tuple[str, dict[str, An
     return parsed
 
 
-def input_lines(requests: list[tuple[str, dict[str, Any]]]) -> bytes:
-    """The requests as the batch engine's input (one line each, numbered from 1 in order)."""
+def input_lines(requests: list[tuple[str, dict[str, Any]]], beta: str | None = None) -> bytes:
+    """The requests as the batch engine's input (one line each, numbered from 1 in order),
+    each carrying the create request's `anthropic-beta` (its features are its requests')."""
+    beta = ", ".join(name for name in _names(beta) if name != _BATCHES_BETA) or None
     return b"".join(
-        json.dumps({"custom_id": custom_id, "method": "POST", "url": MESSAGES, "body": params},
+        json.dumps({"custom_id": custom_id, "method": "POST", "url": MESSAGES,
+                    "body": params if beta is None else {**params, BETA_EXTRA: beta}},
                    ensure_ascii=False).encode() + b"\n"
         for custom_id, params in requests
     )
+
+
+def _names(header: str | None) -> list[str]:
+    return [name.strip() for name in (header or "").split(",") if name.strip()]
 
 
 def _when(epoch: int | None) -> str | None:
