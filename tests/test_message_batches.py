@@ -292,3 +292,29 @@ async def test_a_beta_message_batch_passes_its_betas_to_an_anthropic_backend(
     [sent] = [r for r in fake.requests if r.path.startswith("/v1/messages")]
     assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
     assert isinstance(sent.json, dict) and "_anthropic_beta" not in sent.json
+
+
+async def test_a_message_batch_whose_gateway_stops_is_finished_by_the_next_each_request_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(1, 1), header_delay=0.3))
+    custom_ids = [f"r-{i}" for i in range(10)]
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config, shutdown_grace_seconds=0.2) as url:
+            client = sdk(url)
+            batch = await client.messages.batches.create(requests=[request(custom_id) for custom_id in custom_ids])
+            await eventually(lambda: trio_value(chats(fake) >= 2), within=10)
+            await client.close()
+        answered = (await sql(pg_database_url, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", batch.id))[0][0]
+        assert answered < len(custom_ids)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = sdk(url)
+            ended = await until_ended(client, batch.id, within=30)
+            results = await results_of(client, batch.id)
+            await client.close()
+    assert ended.request_counts.succeeded == len(custom_ids) == len(results)
+    for custom_id, line in results.items():
+        assert line.result.type == "succeeded"
+        assert line.result.message.content[0].type == "text"
+        assert line.result.message.content[0].text == f"answer {custom_id}"
