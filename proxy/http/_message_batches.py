@@ -146,7 +146,8 @@ async def cancel(batch_id: str) -> Response:
 async def delete(batch_id: str) -> Response:
     await _own(batch_id)
     tenant = current_tenant()
-    status = await _stored(lambda store: store.delete_message_batch(batch_id, tenant), f"message batch {batch_id}")
+    # Its requests' bytes and every answer go: as long as that takes, not a lookup's few seconds.
+    status = await _stored_slowly(lambda store: store.delete_message_batch(batch_id, tenant), f"deleting message batch {batch_id}")
     if status is None:
         raise wire.batch_not_found(batch_id)
     if not wire.ended(status):

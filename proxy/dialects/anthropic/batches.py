@@ -45,7 +45,7 @@ def batch_not_found(batch_id: str) -> GatewayError:
 def parse_create(body: bytes, max_requests: int) -> list[tuple[str, dict[str, Any]]]:
     """`POST /v1/messages/batches`: each request's `custom_id` and `params` (a Messages
     request, validated as `/v1/messages` validates it). A fault is a 400 naming the request's
-    index (`requests.3.params.max_tokens: ...`); nothing is created."""
+    index (`requests.3.params: Missing required parameter ...`); nothing is created."""
     data = loads_object(body)
     requests = data.get("requests")
     if not isinstance(requests, list) or not requests:
