@@ -318,3 +318,22 @@ async def test_a_message_batch_whose_gateway_stops_is_finished_by_the_next_each_
         assert line.result.type == "succeeded"
         assert line.result.message.content[0].type == "text"
         assert line.result.message.content[0].text == f"answer {custom_id}"
+
+
+async def test_creating_and_polling_a_message_batch_spend_none_of_its_keys_rate_limit(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    async with OpenAIBackend(default=ECHO).serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as url:
+        key = await new_key(pg_database_url, "msgbatch-rpm", "--rpm", "2")
+        await wait_for_key(url, key)
+        client = sdk(url, key)
+        # Its two requests are the key's two requests of the minute; the API calls around them are not metered.
+        batch = await client.messages.batches.create(requests=[request("a"), request("b")])
+        ended = await until_ended(client, batch.id)
+        assert ended.request_counts.succeeded == 2
+        assert {line.result.type for line in (await results_of(client, batch.id)).values()} == {"succeeded"}
+        with pytest.raises(anthropic.RateLimitError):  # the minute's requests are spent
+            await client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        await client.close()
