@@ -519,9 +519,13 @@ async def test_invalid_requests_are_anthropic_shaped_400s(setup: Setup) -> None:
 
 async def test_unknown_paths_and_methods_answer_in_anthropic_shape(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
-        unknown = await http.post("/v1/messages/batches", json={})
+        unknown = await http.post("/v1/messages/drafts", json={})
         wrong_method = await http.get("/v1/messages")
+        # Message batches need the gateway's database, which this one runs without.
+        batches = await http.post("/v1/messages/batches", json={"requests": []})
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"
+    assert batches.status_code == 503 and batches.json()["type"] == "error"
+    assert "database" in batches.json()["error"]["message"] and batches.headers["x-should-retry"] == "false"
     assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
 
 

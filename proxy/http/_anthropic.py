@@ -101,7 +101,7 @@ def _headers(request_id: str) -> Headers:
 
 
 def _parse(body: bytes, head: RequestHead, *, count_only: bool = False) -> ChatRequest:
-    parsed = anthropic.parse_messages_request(body, count_only=count_only)
+    parsed = anthropic.parse_messages_request(body, count_only=count_only, internal=head.internal)
     beta = head.header_list("anthropic-beta")
     if beta:
         parsed.extra[anthropic.BETA_EXTRA] = beta

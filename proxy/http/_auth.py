@@ -290,7 +290,7 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     exchange.response_headers.extend(granted_headers())
 
 
-_UNMETERED = (_KEYS, "/v1/files", "/v1/batches")
+_UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches")
 
 
 def _unmetered(path: str) -> bool:

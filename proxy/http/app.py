@@ -21,6 +21,7 @@ from proxy.http import (
     _front,
     _health,
     _keys,
+    _message_batches,
     _ollama,
     _openai,
     _rerank,
@@ -83,7 +84,9 @@ def create_app(settings: Settings) -> GatewayApp:
     app = _App("llm_proxy", static_folder=None)  # no static files: no route to probe
 
     class _Request(PacedRequest):
-        limits: ClassVar[dict[str, int]] = {_batches.FILES: settings.batches.file_max_bytes}  # an upload's own
+        limits: ClassVar[dict[str, int]] = {  # an upload's own
+            _batches.FILES: settings.batches.file_max_bytes, _message_batches.BATCHES: settings.batches.file_max_bytes,
+        }
 
     app.request_class = _Request
     app.front = _front.FrontDoor()
@@ -101,6 +104,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_keys.blueprint)
     app.register_blueprint(_conversations.blueprint)
     app.register_blueprint(_batches.blueprint)
+    app.register_blueprint(_message_batches.blueprint)
     app.register_blueprint(openapi_blueprint)
     for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)

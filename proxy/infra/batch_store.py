@@ -17,6 +17,10 @@ from proxy.infra.chat_store import _STEADY
 from proxy.infra.postgres import Database, json_text
 
 _MINE = "(%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
+# An Anthropic message batch's requests, kept as its input file: not a file of the Files API.
+MESSAGE_INPUT = "message_batch"
+MESSAGES = "/v1/messages"
+_FILES_MINE = f"{_MINE} AND purpose <> '{MESSAGE_INPUT}'"
 _FILE_COLUMNS = (
     "id, purpose, filename, bytes, extract(epoch FROM created_at)::bigint, extract(epoch FROM expires_at)::bigint"
 )
@@ -108,12 +112,12 @@ class BatchStore:
 
     async def file(self, file_id: str, tenant: str | None) -> dict[str, Any] | None:
         return _file(await self._db.fetchrow(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE id = %(id)s AND {_FILES_MINE}", {"id": file_id, "tenant": tenant}
         ))
 
     async def content(self, file_id: str, tenant: str | None) -> bytes | None:
         found = await self._db.fetchval(
-            f"SELECT content FROM files WHERE id = %(id)s AND {_MINE}", {"id": file_id, "tenant": tenant}
+            f"SELECT content FROM files WHERE id = %(id)s AND {_FILES_MINE}", {"id": file_id, "tenant": tenant}
         )
         return None if found is None else bytes(found)
 
@@ -122,7 +126,7 @@ class BatchStore:
         kept: a batch resumed elsewhere reads its input again)."""
         row = await self._db.fetchrow(
             "WITH running AS (SELECT b.id FROM batches b WHERE b.input_file_id = %(id)s AND "
-            f"{_ACTIVE} LIMIT 1), gone AS (DELETE FROM files WHERE id = %(id)s AND {_MINE} "
+            f"{_ACTIVE} LIMIT 1), gone AS (DELETE FROM files WHERE id = %(id)s AND {_FILES_MINE} "
             "AND NOT EXISTS (SELECT 1 FROM running) RETURNING 1) "
             "SELECT (SELECT id FROM running), EXISTS (SELECT 1 FROM gone)",
             {"id": file_id, "tenant": tenant},
@@ -142,7 +146,7 @@ class BatchStore:
                 return None
             params["cursor"] = int(seq)
         rows = await self._db.fetch(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE {_MINE} AND (%(purpose)s::text IS NULL OR purpose = %(purpose)s) "
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE {_FILES_MINE} AND (%(purpose)s::text IS NULL OR purpose = %(purpose)s) "
             + _PAGE[order], params,
         )
         found = [_file(row) for row in rows[:limit]]
@@ -181,8 +185,8 @@ class BatchStore:
             cursor = int(seq)
         rows = await self._db.fetch(
             f"SELECT {_BATCH_COLUMNS} {_BATCH_FROM} WHERE (%(tenant)s::text IS NULL OR b.tenant = %(tenant)s) "
-            "AND b.seq < %(cursor)s ORDER BY b.seq DESC LIMIT %(limit)s",
-            {"tenant": tenant, "cursor": cursor, "limit": limit + 1},
+            "AND b.seq < %(cursor)s AND b.endpoint <> %(messages)s ORDER BY b.seq DESC LIMIT %(limit)s",
+            {"tenant": tenant, "cursor": cursor, "limit": limit + 1, "messages": MESSAGES},
         )
         found = [_batch(row) for row in rows[:limit]]
         return [row for row in found if row is not None], len(rows) > limit
@@ -269,10 +273,10 @@ class BatchStore:
         process dying before it commits leaves the batch as it was, finalized again by whoever
         takes it). False: it is no longer this instance's."""
         async with self._db.transaction() as tx:
-            row = await tx.fetchrow("SELECT tenant FROM batches WHERE id = %s AND owner = %s FOR UPDATE", (batch_id, owner))
+            row = await tx.fetchrow("SELECT tenant, endpoint FROM batches WHERE id = %s AND owner = %s FOR UPDATE", (batch_id, owner))
             if row is None:
                 return False
-            tenant = row[0]
+            tenant, endpoint = row
             for line, output in unrun:
                 await tx.execute(
                     "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::json) "
@@ -282,7 +286,7 @@ class BatchStore:
             made: list[str | None] = []
             for kind, file_id in zip((True, False), files, strict=True):
                 texts = [text for ok, text in lines if ok is kind]
-                if not texts:
+                if not texts or endpoint == MESSAGES:  # a message batch's results are read from its lines
                     made.append(None)
                     continue
                 content = ("\n".join(texts) + "\n").encode()
@@ -301,3 +305,100 @@ class BatchStore:
                 (outcome, made[0], made[1], batch_id),
             )
         return True
+
+    # -- Anthropic's message batches (`/v1/messages/batches`): batches of endpoint /v1/messages --
+
+    async def add_message_batch(
+        self, batch_id: str, file_id: str, tenant: str | None, key_id: int | None, content: bytes, total: int
+    ) -> dict[str, Any]:
+        """The batch and its requests (an input file the Files API does not show), in one go."""
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, %s, %s, %s, %s)",
+                (file_id, tenant, MESSAGE_INPUT, f"{batch_id}.jsonl", len(content), content),
+            )
+            await tx.execute(
+                "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, status, total, "
+                "expires_at) VALUES (%s, %s, %s, %s, %s, '24h', 'validating', %s, now() + interval '24 hours')",
+                (batch_id, tenant, key_id, MESSAGES, file_id, total),
+            )
+        found = await self.message_batch(batch_id, tenant)
+        assert found is not None
+        return found
+
+    async def message_batch(self, batch_id: str, tenant: str | None) -> dict[str, Any] | None:
+        return _message_batch(await self._db.fetchrow(
+            f"SELECT {_MESSAGE_COLUMNS} {_MESSAGE_FROM} WHERE b.id = %(id)s AND b.endpoint = %(messages)s "
+            "AND (%(tenant)s::text IS NULL OR b.tenant = %(tenant)s)",
+            {"id": batch_id, "tenant": tenant, "messages": MESSAGES},
+        ))
+
+    async def message_batches(
+        self, tenant: str | None, *, before: str | None, after: str | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool] | None:
+        """A page of the tenant's message batches, newest first: those just older than `after`,
+        or just newer than `before` (and whether more follow that way); None: the cursor is
+        none of them."""
+        cursor_id = before or after
+        order = "asc" if before is not None else "desc"
+        params: dict[str, Any] = {"tenant": tenant, "messages": MESSAGES, "limit": limit + 1, "cursor": _NO_CURSOR[order]}
+        if cursor_id is not None:
+            seq = await self._db.fetchval(
+                f"SELECT seq FROM batches WHERE id = %(id)s AND endpoint = %(messages)s AND {_MINE}",
+                {"id": cursor_id, "tenant": tenant, "messages": MESSAGES},
+            )
+            if seq is None:
+                return None
+            params["cursor"] = int(seq)
+        rows = await self._db.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} {_MESSAGE_FROM} WHERE (%(tenant)s::text IS NULL OR b.tenant = %(tenant)s) "
+            "AND b.endpoint = %(messages)s " + _PAGE[order].replace("seq", "b.seq"), params,
+        )
+        found = [row for row in (_message_batch(row) for row in rows[:limit]) if row is not None]
+        if order == "asc":
+            found.reverse()
+        return found, len(rows) > limit
+
+    async def message_results(self, batch_id: str) -> tuple[bytes, dict[int, Any]] | None:
+        """The batch's requests (its input) and each answered one's recorded line, by number."""
+        content = await self._db.fetchval(
+            "SELECT f.content FROM batches b JOIN files f ON f.id = b.input_file_id WHERE b.id = %s", (batch_id,)
+        )
+        if content is None:
+            return None
+        rows = await self._db.fetch("SELECT line, output FROM batch_lines WHERE batch_id = %s", (batch_id,))
+        return bytes(content), {int(line): output for line, output in rows}
+
+    async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
+        """Delete an ended batch, its requests and results: its status before (an active one
+        stays); None: not found."""
+        async with self._db.transaction() as tx:
+            row = await tx.fetchrow(
+                f"SELECT status, input_file_id FROM batches b WHERE id = %(id)s AND endpoint = %(messages)s AND {_MINE} "
+                "FOR UPDATE", {"id": batch_id, "tenant": tenant, "messages": MESSAGES},
+            )
+            if row is None:
+                return None
+            status, file_id = row
+            if status not in _ACTIVE_STATUSES:
+                await tx.execute("DELETE FROM batches WHERE id = %s", (batch_id,))
+                await tx.execute("DELETE FROM files WHERE id = %s AND purpose = %s", (file_id, MESSAGE_INPUT))
+            return str(status)
+
+
+_ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+# A message batch's counts: an expired request is one its runner recorded unrun (`batch_expired`).
+_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", e.expired"
+_MESSAGE_FROM = (
+    _BATCH_FROM + ", LATERAL (SELECT count(*) AS expired FROM batch_lines l WHERE l.batch_id = b.id AND NOT l.ok "
+    "AND l.output->'error'->>'code' = 'batch_expired') e"
+)
+
+
+def _message_batch(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    found = _batch(row[:-1])
+    assert found is not None
+    found["expired"] = int(row[-1])
+    return found

@@ -66,9 +66,10 @@ _DATA_URL = re.compile(r"(?i:data):(?P<media>[^;,]*)(?P<params>[^,]*),(?P<data>.
 _TOOL_ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequest:
+def parse_messages_request(body: bytes, *, count_only: bool = False, internal: bool = False) -> ChatRequest:
     """Validate a `/v1/messages` body (or a `/v1/messages/count_tokens` one, which has no
-    `max_tokens`); errors are 400s naming the field."""
+    `max_tokens`); errors are 400s naming the field. `internal`: the gateway sent it itself (a
+    message batch's request), its `anthropic-beta` kept in the body as `BETA_EXTRA`."""
     fields = Fields(loads_object(body))
     model = fields.text("model", required=True, nonempty=True)
     assert model is not None
@@ -84,6 +85,8 @@ def parse_messages_request(body: bytes, *, count_only: bool = False) -> ChatRequ
 
     # Keys starting with `_` are reserved for the gateway's own notes (Anthropic has none).
     extra = {k: v for k, v in fields.data.items() if k not in _MODELLED and not k.startswith("_")}
+    if internal and isinstance(fields.data.get(BETA_EXTRA), str):
+        extra[BETA_EXTRA] = fields.data[BETA_EXTRA]
     metadata = fields.object("metadata")
     if metadata is not None:
         metadata.text("user_id")

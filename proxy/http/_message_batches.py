@@ -1,0 +1,184 @@
+"""Anthropic's Message Batches API (`client.messages.batches`), each batch its API key's own
+and run by the same engine as OpenAI's batches (`services.batches.BatchRunner`): each request
+is a `/v1/messages` call of the batch's key through the gateway's front door.
+
+    POST   /v1/messages/batches                 create (`requests: [{custom_id, params}]`)
+    GET    /v1/messages/batches                 list (`before_id`, `after_id`, `limit`), newest first
+    GET    /v1/messages/batches/{id}            the batch
+    POST   /v1/messages/batches/{id}/cancel     cancel it
+    DELETE /v1/messages/batches/{id}            delete an ended one
+    GET    /v1/messages/batches/{id}/results    its results (JSONL), once it has ended
+
+Errors are Anthropic's (`/v1/messages` paths answer in its shape).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, request
+
+from proxy.dialects.anthropic import batches as wire
+from proxy.dialects.openai.batches import new_file_id
+from proxy.domain.errors import invalid_request
+from proxy.http._batches import _persistence, _reply, _stored, _stored_slowly
+from proxy.http._context import gateway, request_body, request_head
+from proxy.http._head import current_tenant
+from proxy.http._openapi import _OBJ, _STR, _ok, _op, document
+from proxy.services.auth import current_principal
+
+blueprint = Blueprint("message_batches", __name__)
+
+BATCHES = "/v1/messages/batches"
+_MAX_LIMIT = 1000
+_SAFE = re.compile(r"[A-Za-z0-9._~:/\[\]-]{1,255}")
+
+
+def _forwarded(name: str) -> str | None:
+    value = (request.headers.get(name) or "").split(",")[0].strip()
+    return value if value and _SAFE.fullmatch(value) else None
+
+
+def _results_url(batch_id: str) -> str:
+    """Absolute, as Anthropic's, and where the client reached the gateway: behind a proxy
+    that terminates TLS or rewrites `Host`, the one it names (`X-Forwarded-Proto`, `-Host`,
+    `-Prefix`). Only the caller sees it."""
+    scheme = _forwarded("x-forwarded-proto") or request.scheme
+    host = _forwarded("x-forwarded-host") or request.host
+    prefix = (_forwarded("x-forwarded-prefix") or "").rstrip("/")
+    if scheme not in ("http", "https") or "/" in host or (prefix and not prefix.startswith("/")):
+        scheme, host, prefix = request.scheme, request.host, ""
+    return f"{scheme}://{host}{prefix}{BATCHES}/{batch_id}/results"
+
+
+def _rendered(row: dict[str, Any]) -> dict[str, Any]:
+    return wire.batch_object(row, _results_url(row["id"]))
+
+
+async def _own(batch_id: str) -> dict[str, Any]:
+    tenant = current_tenant()
+    found = None
+    if wire.is_batch_id(batch_id):
+        found = await _stored(lambda store: store.message_batch(batch_id, tenant), f"message batch {batch_id}")
+    if found is None:
+        raise wire.batch_not_found(batch_id)
+    return found
+
+
+@blueprint.post(BATCHES)
+async def create() -> Response:
+    _persistence()
+    body = await request_body()
+    settings = gateway().settings.batches
+    limit = min(wire.MAX_REQUESTS, settings.max_lines)
+    # Tens of thousands of requests each validated: not on the event loop.
+    requests = await trio.to_thread.run_sync(wire.parse_create, body, limit)
+    content = wire.input_lines(requests, request_head().header_list("anthropic-beta"))
+    tenant = current_tenant()
+    principal = current_principal.get()
+    key_id = principal.id if principal is not None else None
+    batch_id = wire.new_batch_id()
+    created = await _stored_slowly(
+        lambda store: store.add_message_batch(batch_id, new_file_id(), tenant, key_id, content, len(requests)),
+        "storing a message batch",
+    )
+    runner = gateway().batches
+    assert runner is not None
+    runner.wake()
+    return _reply(_rendered(created))
+
+
+def _limit() -> int:
+    raw = request.args.get("limit")
+    if raw is None:
+        return 20
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= _MAX_LIMIT:
+        raise invalid_request(f"limit: must be an integer from 1 to {_MAX_LIMIT}.", param="limit")
+    return limit
+
+
+@blueprint.get(BATCHES)
+async def list_batches() -> Response:
+    limit = _limit()
+    before, after = request.args.get("before_id") or None, request.args.get("after_id") or None
+    if before is not None and after is not None:
+        raise invalid_request("Give `before_id` or `after_id`, not both.", param="before_id")
+    tenant = current_tenant()
+    found = await _stored(
+        lambda store: store.message_batches(tenant, before=before, after=after, limit=limit), "the message batches"
+    )
+    if found is None:
+        cursor = "before_id" if before is not None else "after_id"
+        raise invalid_request(f"{cursor}: no message batch of yours has the id {before or after}.", param=cursor)
+    rows, more = found
+    return _reply(wire.page([_rendered(row) for row in rows], more))
+
+
+@blueprint.get(f"{BATCHES}/<batch_id>")
+async def retrieve(batch_id: str) -> Response:
+    return _reply(_rendered(await _own(batch_id)))
+
+
+@blueprint.post(f"{BATCHES}/<batch_id>/cancel")
+async def cancel(batch_id: str) -> Response:
+    await _own(batch_id)
+    tenant = current_tenant()
+    asked = await _stored(lambda store: store.cancel(batch_id, tenant), f"message batch {batch_id}")
+    if asked:
+        runner = gateway().batches
+        assert runner is not None
+        runner.cancelled(batch_id)
+    found = await _own(batch_id)
+    # Not asked here: canceling already, or its requests have all ended (its results being
+    # written: nothing is left to cancel), or it has ended.
+    if not asked and wire.ended(found["status"]):
+        raise invalid_request(f"Message batch {batch_id} has already ended; it cannot be canceled.", param="message_batch_id")
+    return _reply(_rendered(found))
+
+
+@blueprint.delete(f"{BATCHES}/<batch_id>")
+async def delete(batch_id: str) -> Response:
+    await _own(batch_id)
+    tenant = current_tenant()
+    # Its requests' bytes and every answer go: as long as that takes, not a lookup's few seconds.
+    status = await _stored_slowly(lambda store: store.delete_message_batch(batch_id, tenant), f"deleting message batch {batch_id}")
+    if status is None:
+        raise wire.batch_not_found(batch_id)
+    if not wire.ended(status):
+        raise invalid_request(
+            f"Message batch {batch_id} is still processing: cancel it, or wait for it to end, before deleting it.",
+            param="message_batch_id",
+        )
+    return _reply(wire.deleted(batch_id))
+
+
+@blueprint.get(f"{BATCHES}/<batch_id>/results")
+async def results(batch_id: str) -> Response:
+    found = await _own(batch_id)
+    if not wire.ended(found["status"]):
+        raise invalid_request(
+            f"Message batch {batch_id} is still processing: its results are ready once `processing_status` is "
+            "'ended'.", param="message_batch_id",
+        )
+    recorded = await _stored_slowly(lambda store: store.message_results(batch_id), f"message batch {batch_id}'s results")
+    if recorded is None:  # deleted meanwhile
+        raise wire.batch_not_found(batch_id)
+    content = await trio.to_thread.run_sync(wire.results, *recorded)
+    return Response(content, content_type="application/x-jsonl")
+
+
+_BATCH = {"type": "object", "properties": {"id": _STR, "type": _STR, "processing_status": _STR, "request_counts": _OBJ}}
+_LIST = {"type": "object", "properties": {"data": {"type": "array"}, "has_more": {"type": "boolean"}}}
+document(BATCHES, "post", _op("Create a message batch (Anthropic)", "Batches", _ok(_BATCH), body=_OBJ))
+document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST)))
+document(BATCHES + "/{batch_id}", "get", _op("A message batch (Anthropic)", "Batches", _ok(_BATCH)))
+document(BATCHES + "/{batch_id}", "delete", _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ)))
+document(BATCHES + "/{batch_id}/cancel", "post", _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH)))
+document(BATCHES + "/{batch_id}/results", "get",
+         _op("A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl")))
