@@ -21,6 +21,7 @@ import trio
 
 from proxy.config import WorkflowSettings
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.backends import current_trace
 from proxy.infra.nats import Bus, BusError
 from proxy.workflow.bus import ensure_jobs_stream, jobs_kv, workers_kv
 from proxy.workflow.job import Job, job_key, jobs_subject, running_key
@@ -112,7 +113,10 @@ class PullLauncher:
 
     async def launch(self, bus: Bus, job: Job) -> None:
         await ensure_jobs_stream(bus, retention=self._settings.job_retention_seconds)
-        await bus.publish(jobs_subject(job.pipeline), job.encode(), msg_id=job.trace_id)
+        # The client's trace goes with the job: its worker's backend calls carry it on.
+        trace = current_trace.get()
+        headers = trace.outgoing() if trace is not None else None
+        await bus.publish(jobs_subject(job.pipeline), job.encode(), headers=headers, msg_id=job.trace_id)
 
 
 class SystemdLauncher:
