@@ -4,6 +4,7 @@ and a parent id per attempt, so vLLM's spans join the client's trace — on real
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -20,6 +21,10 @@ from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.recorder import RecordedRequest
 from tests.harness import backend, running_gateway
 from tests.test_replicas import _replicated
+from tests.test_workflow import workflow_stack
+from tests.workflow_support import bus_events, fanout, pipeline_name
+
+pytest_plugins = ["tests.infra_servers"]
 
 ASK = [{"role": "user", "content": "hi"}]
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -197,3 +202,23 @@ def test_tracestate_that_cannot_be_passed_on_is_dropped_not_the_trace() -> None:
     for state in ("a=1\x7f", ",".join(f"k{i}=v" for i in range(33))):  # a control character; 33 members
         trace = received_trace(TRACEPARENT, state)
         assert trace is not None and trace.trace_id == TRACE and trace.state == ""
+
+
+async def test_a_workflow_job_carries_the_trace_to_its_workers_backend_calls(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    name = pipeline_name()
+    async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1", "beta-1"])}) as (
+        url, alpha, beta, _,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = await client.chat.completions.with_raw_response.create(
+            model="m", messages=ASK, extra_headers={**SENT, "x-pipeline": name}  # type: ignore[arg-type]
+        )
+        assert reply.headers["x-workflow-winner"] in ("alpha-1", "beta-1")
+        # The events the worker published are relayed as they were: the job's trace is not theirs.
+        events = await bus_events(nats_url, reply.headers["x-trace-id"])
+    calls = [r for fake in (alpha, beta) for r in fake.requests if r.method == "POST"]
+    parents = [continues_the_clients_trace(r) for r in calls]
+    assert len(calls) == 2 and len(set(parents)) == 2
+    assert events and all("traceparent" not in json.dumps(event) for event in events)
