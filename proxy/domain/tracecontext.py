@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # version-trace_id-parent_id-flags, then (a later version only) more after a dash.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
@@ -24,8 +24,7 @@ _TRACESTATE_MAX_MEMBERS = 32
 _LONG_MEMBER = 128
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(NamedTuple):  # a tuple: made per request, ~1 µs less than a frozen dataclass
     """The trace a request belongs to: its id, its flags (two hex digits: `01` sampled), and
     the tracestate to pass on ("" for none)."""
 
