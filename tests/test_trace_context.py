@@ -20,6 +20,7 @@ from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.recorder import RecordedRequest
 from tests.harness import backend, running_gateway
+from tests.test_persistence import wait_for_row
 from tests.test_replicas import _replicated
 from tests.test_workflow import workflow_stack
 from tests.workflow_support import bus_events, fanout, pipeline_name
@@ -222,3 +223,22 @@ async def test_a_workflow_job_carries_the_trace_to_its_workers_backend_calls(
     parents = [continues_the_clients_trace(r) for r in calls]
     assert len(calls) == 2 and len(set(parents)) == 2
     assert events and all("traceparent" not in json.dumps(event) for event in events)
+
+
+async def test_durable_runs_keep_the_trace_of_the_request_that_started_them(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A keyed request runs in the gateway's own nursery, not the request's task.
+        keyed = {**SENT, "idempotency-key": f"trace-{TRACE}-{id(fake)}"}
+        await client.chat.completions.create(model="m", messages=ASK, extra_headers=keyed)  # type: ignore[arg-type]
+        # So does a background response, which runs on after its creation was answered.
+        queued = await client.responses.create(model="m", input="hi", background=True, extra_headers=SENT)
+        await wait_for_row(pg_database_url, queued.id.removeprefix("resp_"), "completed")
+    calls = [r for r in fake.requests if r.method == "POST"]
+    assert len(calls) == 2
+    assert len({continues_the_clients_trace(r) for r in calls}) == 2
