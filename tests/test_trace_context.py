@@ -20,8 +20,10 @@ from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.recorder import RecordedRequest
 from tests.harness import backend, running_gateway
+from tests.test_batches import chat_line, jsonl, submit, until_status
 from tests.test_persistence import wait_for_row
 from tests.test_replicas import _replicated
+from tests.test_responses_stored import journaled_stack
 from tests.test_workflow import workflow_stack
 from tests.workflow_support import bus_events, fanout, pipeline_name
 
@@ -242,3 +244,14 @@ async def test_durable_runs_keep_the_trace_of_the_request_that_started_them(
     calls = [r for r in fake.requests if r.method == "POST"]
     assert len(calls) == 2
     assert len({continues_the_clients_trace(r) for r in calls}) == 2
+
+
+async def test_each_batch_line_reaches_the_backend_as_a_trace_of_its_own(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    async with journaled_stack(pg_database_url, nats_url, OpenAIBackend()) as stack:
+        batch = await submit(stack.client, jsonl(chat_line("first"), chat_line("second")))
+        done = await until_status(stack.client, batch.id, "completed", "failed")
+        assert done.status == "completed", done
+    lines = [r for r in stack.fake.requests if r.path.endswith("/chat/completions")]
+    assert len(lines) == 2 and len({parts(r)[0] for r in lines}) == 2
