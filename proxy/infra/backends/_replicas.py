@@ -129,8 +129,8 @@ class _Prefixed(httpx.AsyncByteStream):
 # Set by whoever runs a request's backend calls (in the task that makes them).
 current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
 # The W3C trace of the client request whose backend calls run in this context (set per
-# request by the app; None: tracing off, or a call of the gateway's own, such as a listing):
-# each attempt carries it with a parent id of its own.
+# request by the app; None: tracing off, or a task of the gateway's own, such as the
+# background listing): each attempt carries it with a parent id of its own.
 current_trace: ContextVar[TraceContext | None] = ContextVar("current_trace", default=None)
 
 
