@@ -255,3 +255,11 @@ async def test_each_batch_line_reaches_the_backend_as_a_trace_of_its_own(
         assert done.status == "completed", done
     lines = [r for r in stack.fake.requests if r.path.endswith("/chat/completions")]
     assert len(lines) == 2 and len({parts(r)[0] for r in lines}) == 2
+
+
+async def test_openapi_names_the_trace_headers_where_they_are_read() -> None:
+    async with running_gateway() as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        paths = (await http.get("/openapi.json")).json()["paths"]
+    for path in ("/v1/chat/completions", "/v1/messages", "/api/chat", "/v1/completions", "/v1/embeddings", "/v1/rerank"):
+        names = {parameter["name"] for parameter in paths[path]["post"].get("parameters", [])}
+        assert {"traceparent", "tracestate"} <= names, path
