@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 from typing import Protocol
 
 import trio
@@ -133,6 +134,9 @@ class SystemdLauncher:
 
     async def launch(self, bus: Bus, job: Job) -> None:
         kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
+        if (trace := current_trace.get()) is not None:  # a KV entry has no headers: the job holds it
+            headers = trace.outgoing()
+            job = replace(job, traceparent=headers["traceparent"], tracestate=headers.get("tracestate"))
         await kv.put(job_key(job.trace_id), job.encode())
         unit = self._settings.unit.format(trace_id=job.trace_id)
         command = [self._settings.systemctl, "start", "--no-block", unit]

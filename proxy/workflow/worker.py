@@ -356,6 +356,7 @@ async def run_one_job(settings: Settings, trace_id: str, *, handle_signals: bool
             await _announce_failure(env, trace_id, 1, str(error))
             return EXIT_NO_JOB
         env.options = {job.pipeline: registry.options(job.pipeline)}
+        current_trace.set(received_trace(job.traceparent, job.tracestate))  # the job's model calls continue it
         job.attempt += 1
         try:
             await kv.update(job_key(trace_id), job.encode(), revision=entry.revision)
