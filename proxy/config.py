@@ -175,6 +175,14 @@ class BatchSettings:
     poll_seconds: float = 5.0  # how often a gateway looks for batches nobody runs
 
 
+@dataclass(slots=True, frozen=True)
+class TracingSettings:
+    """`[tracing]`: W3C Trace Context (`traceparent`, `tracestate`) on backend requests."""
+
+    # Each backend request carries the client's trace (or one started for its request).
+    propagate: bool = True
+
+
 # Ollama's default (`OLLAMA_ORIGINS`), plus IPv6's loopback: pages served from this machine
 # and desktop-app webviews. Not Ollama's `file://*`: browsers send a file:// page's requests
 # as `Origin: null`, which any site's sandboxed frame can send too, so it cannot be allowed.
@@ -215,6 +223,7 @@ class Settings:
     rag: RagSettings = field(default_factory=RagSettings)
     semantic_cache: SemanticCacheSettings = field(default_factory=SemanticCacheSettings)
     batches: BatchSettings = field(default_factory=BatchSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     # API keys (proxy.services.auth): "auto" asks for a key once any exists, "required"
     # always, "off" never. /health is always open; these paths too.
     auth: str = "auto"
@@ -299,7 +308,7 @@ _TOP_KEYS = {
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
-    "batches",
+    "batches", "tracing",
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
@@ -401,6 +410,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         rag=_parse_rag(top.get("rag", dict, {})),
         semantic_cache=_parse_semantic_cache(top.get("semantic_cache", dict, {})),
         batches=_parse_batches(top.get("batches", dict, {})),
+        tracing=_parse_tracing(top.get("tracing", dict, {})),
         auth=_auth_mode(top.get("auth", str, "auto"), "auth"),
         auth_public_paths=_public_paths(top.strings("auth_public_paths") if "auth_public_paths" in raw else None),
         max_header_bytes=top.positive("max_header_bytes", int, 16 * 1024),
@@ -591,6 +601,10 @@ def _parse_batches(raw: Mapping[str, Any]) -> BatchSettings:
         max_lines=reader.positive("max_lines", int, 50_000),
         poll_seconds=float(reader.positive("poll_seconds", (int, float), 5.0)),
     )
+
+
+def _parse_tracing(raw: Mapping[str, Any]) -> TracingSettings:
+    return TracingSettings(propagate=_Reader(raw, "tracing", {"propagate"}).get("propagate", bool, True))
 
 
 def _base_urls(value: str | list[Any] | None, key: str) -> tuple[str, ...]:

@@ -311,6 +311,9 @@ async def test_sigterm_hands_a_running_job_to_another_worker_at_once(
 
 # -- systemd ----------------------------------------------------------------------------------
 
+TRACED_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACED = {"traceparent": f"00-{TRACED_ID}-00f067aa0ba902b7-01"}
+
 STANDIN = r'''#!{python}
 """A stand-in `systemctl`: records its arguments, then runs what the unit would run."""
 import json, os, shlex, subprocess, sys
@@ -345,7 +348,7 @@ async def test_systemd_launch_mode_runs_each_job_as_the_shipped_oneshot_unit(
     standin.write_text(STANDIN.format(python=sys.executable))
     standin.chmod(0o755)
     record = tmp_path / "systemctl.jsonl"
-    async with two_fakes() as (_alpha, _beta, backends):
+    async with two_fakes() as (alpha, beta, backends):
         config = tmp_path / "llm-proxy.toml"
         config.write_text(config_toml(backends, settings))
         for key, value in worker_env(pg_database_url, nats_url).items():
@@ -358,7 +361,9 @@ async def test_systemd_launch_mode_runs_each_job_as_the_shipped_oneshot_unit(
             async with running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings) as url:
                 openai_client = client(url, name)
                 with trio.fail_after(20):
-                    reply = await openai_client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+                    reply = await openai_client.chat.completions.with_raw_response.create(
+                        model="m", messages=MESSAGES, extra_headers=TRACED
+                    )
                 trace_id = reply.headers["x-trace-id"]
                 assert reply.parse().choices[0].message.content == "".join(SHORT)  # first to finish
                 calls = [json.loads(line) for line in record.read_text().splitlines()]
@@ -367,6 +372,9 @@ async def test_systemd_launch_mode_runs_each_job_as_the_shipped_oneshot_unit(
                 assert (row["attempts"], row["winner"]) == (1, "beta-1")
                 with trio.fail_after(10):
                     await _exited(record)
+                # The unit's process continued the client's trace (its job entry held it).
+                sent = [r.headers.get("traceparent", "") for fake in (alpha, beta) for r in fake.requests if r.method == "POST"]
+                assert len(sent) == 2 and all(header.startswith(f"00-{TRACED_ID}-") for header in sent), sent
                 async with open_bus(nats_url) as bus:
                     assert await (await jobs_kv(bus, retention=3600)).get(job_key(trace_id)) is None
 

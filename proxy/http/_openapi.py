@@ -485,6 +485,15 @@ _DOCUMENTS: Schema = {
 
 # -- operations ---------------------------------------------------------------------------------
 
+# W3C Trace Context: read on every route that calls a backend (README "Tracing").
+_TRACE_HEADERS = [
+    {"name": "traceparent", "in": "header", "schema": {"type": "string", "maxLength": 200},
+     "description": "W3C Trace Context: each backend request made for this one continues the trace (a parent id "
+     "per attempt); an invalid one is ignored and a new trace started."},
+    {"name": "tracestate", "in": "header", "schema": {"type": "string"},
+     "description": "Passed on with a valid `traceparent` (at most 512 characters: whole entries dropped past it)."},
+]
+
 _CHAT_HEADERS = [
     {"name": "x-route", "in": "header", "schema": {"enum": ["direct", "rag", "workflow"]},
      "description": "Route: a backend LLM (default), RAG over `x-workspace`, or a workflow pipeline."},
@@ -494,6 +503,7 @@ _CHAT_HEADERS = [
      "description": "A repeated request with the same key gets the first one's answer."},
     {"name": "x-request-id", "in": "header", "schema": {"type": "string", "maxLength": 200}},
     {"name": "x-cache", "in": "header", "schema": {"enum": ["exact", "off"]}},
+    *_TRACE_HEADERS,
 ]
 
 
@@ -550,6 +560,7 @@ def _ingest_operation() -> Operation:
 
 _RERANK_OPERATION = _op(
     "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
+    parameters=_TRACE_HEADERS,
     description="Relayed as is to the model's OpenAI-compatible backend's `/rerank` (vLLM, llama.cpp, Infinity); "
     "a model on an Ollama or Anthropic backend is a 400.",
 )
@@ -563,7 +574,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Text completion (OpenAI's legacy API; fill-in-the-middle with `suffix`)", "OpenAI",
         _ok(_TEXT_COMPLETION, stream="text/event-stream"), body=_COMPLETIONS_REQUEST,
         parameters=[{"name": name, "in": "header", "schema": {"type": "string", "maxLength": 200},
-                     "description": "Passed on to the backend."} for name in ("x-request-id", "x-correlation-id")],
+                     "description": "Passed on to the backend."} for name in ("x-request-id", "x-correlation-id")]
+        + _TRACE_HEADERS,
         description="Relayed as is to the model's OpenAI-compatible or Ollama backend (the body with `model` "
         "replaced by the backend's name for it; the answer, `stream: true` SSE included, byte for byte). "
         "A model on an Anthropic backend is a 400. No completion log, idempotency, caches or fallbacks.",
@@ -589,7 +601,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="An id not listed by `GET /v1/models` is a 404: `model_not_found` (OpenAI), "
         "`not_found_error` (Anthropic).",
     ),
-    ("/v1/embeddings", "post"): _op("Embeddings (OpenAI)", "OpenAI", _ok(_EMBEDDINGS), body=_EMBEDDINGS_REQUEST),
+    ("/v1/embeddings", "post"): _op(
+        "Embeddings (OpenAI)", "OpenAI", _ok(_EMBEDDINGS), body=_EMBEDDINGS_REQUEST, parameters=_TRACE_HEADERS
+    ),
     ("/v1/messages", "post"): _op(
         "Message (Anthropic)", "Anthropic", _ok(_MESSAGE, stream="text/event-stream"),
         body=_MESSAGES_REQUEST, dialect="anthropic", parameters=_CHAT_HEADERS,

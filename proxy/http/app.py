@@ -34,13 +34,28 @@ from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._openapi import blueprint as openapi_blueprint
 from proxy.http._request import PacedRequest
+from proxy.http._trace import request_trace
+from proxy.infra.backends import current_trace
 
 
 class _App(GatewayApp):
     cors: _cors.Cors
+    propagate_traces = True  # `[tracing] propagate`
     request_class: type[PacedRequest] = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http" and self.propagate_traces:
+            # Every backend call made for the request, in this task or one it starts (an
+            # exchange's producer, a durable run), carries its trace.
+            token = current_trace.set(request_trace(scope))
+            try:
+                await self._serve(scope, receive, send)
+            finally:
+                current_trace.reset(token)
+            return
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             if not path.startswith("/") or "//" in path:
@@ -91,6 +106,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.request_class = _Request
     app.front = _front.FrontDoor()
     app.cors = _cors.Cors(settings.cors_origins)
+    app.propagate_traces = settings.tracing.propagate
     # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

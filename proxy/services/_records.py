@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from proxy.domain.chat import ChatRequest
@@ -13,7 +13,7 @@ from proxy.domain.events import CompletionBuilder
 from proxy.domain.fingerprint import canonical_request, fingerprint_of
 from proxy.domain.routing import Route
 from proxy.domain.tokens import charged_usage
-from proxy.infra.backends import Served
+from proxy.infra.backends import Served, current_trace
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.services._contracts import RequestMeta
 from proxy.services.journal import Outcome
@@ -32,6 +32,11 @@ class Reserved(NamedTuple):
 
 
 NOTHING_RESERVED = Reserved()
+
+
+def _current_trace_id() -> str | None:
+    trace = current_trace.get()
+    return None if trace is None else trace.trace_id
 
 
 @dataclass(slots=True)
@@ -69,6 +74,9 @@ class ExchangeRecord:
     passed_over: list[str] | None = None
     # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
     kind: str = "chat"
+    # The W3C trace its backend requests carry (the client's `traceparent`'s, or one started
+    # for it), to find the request from a tracing UI; None with `[tracing] propagate` off.
+    w3c_trace_id: str | None = field(default_factory=_current_trace_id)
 
     def as_log(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self.__slots__}

@@ -118,6 +118,10 @@ class Job:
     correlation_id: str | None = None
     attempt: int = 0  # attempts so far, counted by systemd launches (pull: num_delivered)
     version: int = JOB_VERSION
+    # The W3C trace of the request, for a job whose store has no headers (systemd's entry;
+    # a pulled job's message carries them in its NATS headers instead).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -143,6 +147,10 @@ class Job:
             "silence": self.silence,
             "attempt": self.attempt,
         }
+        if self.traceparent is not None:
+            body["traceparent"] = self.traceparent
+            if self.tracestate:
+                body["tracestate"] = self.tracestate
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
@@ -166,6 +174,7 @@ class Job:
         if not isinstance(request, dict):
             raise JobError("job has no request object")
         correlation = body.get("correlation_id")
+        traceparent, tracestate = body.get("traceparent"), body.get("tracestate")
         return cls(
             trace_id=trace_id,
             req_id=_str(body, "req_id"),
@@ -177,6 +186,8 @@ class Job:
             silence=_number(body, "silence"),
             correlation_id=correlation if isinstance(correlation, str) else None,
             attempt=_count(body.get("attempt", 0)),
+            traceparent=traceparent if isinstance(traceparent, str) else None,
+            tracestate=tracestate if isinstance(tracestate, str) else None,
         )
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import replace
 from typing import Protocol
 
 import trio
 
 from proxy.config import WorkflowSettings
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.backends import current_trace
 from proxy.infra.nats import Bus, BusError
 from proxy.workflow.bus import ensure_jobs_stream, jobs_kv, workers_kv
 from proxy.workflow.job import Job, job_key, jobs_subject, running_key
@@ -112,7 +114,10 @@ class PullLauncher:
 
     async def launch(self, bus: Bus, job: Job) -> None:
         await ensure_jobs_stream(bus, retention=self._settings.job_retention_seconds)
-        await bus.publish(jobs_subject(job.pipeline), job.encode(), msg_id=job.trace_id)
+        # The client's trace goes with the job: its worker's backend calls carry it on.
+        trace = current_trace.get()
+        headers = trace.outgoing() if trace is not None else None
+        await bus.publish(jobs_subject(job.pipeline), job.encode(), headers=headers, msg_id=job.trace_id)
 
 
 class SystemdLauncher:
@@ -129,6 +134,9 @@ class SystemdLauncher:
 
     async def launch(self, bus: Bus, job: Job) -> None:
         kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
+        if (trace := current_trace.get()) is not None:  # a KV entry has no headers: the job holds it
+            headers = trace.outgoing()
+            job = replace(job, traceparent=headers["traceparent"], tracestate=headers.get("tracestate"))
         await kv.put(job_key(job.trace_id), job.encode())
         unit = self._settings.unit.format(trace_id=job.trace_id)
         command = [self._settings.systemctl, "start", "--no-block", unit]

@@ -47,8 +47,9 @@ import trio
 from proxy.config import Settings
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed
+from proxy.domain.tracecontext import received_trace
 from proxy.gateway import build_router
-from proxy.infra.backends import Backend, create_backend
+from proxy.infra.backends import Backend, create_backend, current_trace
 from proxy.infra.nats import Bus, BusError, JobMessage, KeyConflict
 from proxy.infra.resources import Resources
 from proxy.infra.urls import without_credentials
@@ -244,6 +245,9 @@ class Worker:
                 await _settle(message, Disposition.RETRY)
 
     async def _job(self, message: JobMessage, env: WorkerEnv) -> None:
+        # The trace of the request that sent the job (this task's own context): the
+        # pipeline's backend calls carry it on.
+        current_trace.set(received_trace(message.headers.get("traceparent"), message.headers.get("tracestate")))
         run: JobRun | None = None
         try:
             try:
@@ -352,6 +356,7 @@ async def run_one_job(settings: Settings, trace_id: str, *, handle_signals: bool
             await _announce_failure(env, trace_id, 1, str(error))
             return EXIT_NO_JOB
         env.options = {job.pipeline: registry.options(job.pipeline)}
+        current_trace.set(received_trace(job.traceparent, job.tracestate))  # the job's model calls continue it
         job.attempt += 1
         try:
             await kv.update(job_key(trace_id), job.encode(), revision=entry.revision)

@@ -11,6 +11,7 @@ from proxy.infra.backends._base import (
     ReplicaState,
     Served,
     current_served,
+    current_trace,
 )
 from proxy.infra.backends._ollama import OllamaBackend
 from proxy.infra.backends._openai import OpenAIBackend
@@ -28,5 +29,5 @@ def create_backend(config: BackendConfig, *, refuse_private_media_urls: bool = F
 
 __all__ = [
     "AnthropicBackend", "Backend", "BackendCall", "Batch", "BatchSink", "ModelInfo", "OpenAIBackend", "ReplicaState", "Served",
-    "create_backend", "current_served",
+    "create_backend", "current_served", "current_trace",
 ]

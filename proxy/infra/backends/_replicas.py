@@ -15,6 +15,7 @@ import trio
 
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
+from proxy.domain.tracecontext import TraceContext
 from proxy.infra.backends._errors import (
     _client_gone,
     is_html,
@@ -127,6 +128,10 @@ class _Prefixed(httpx.AsyncByteStream):
 
 # Set by whoever runs a request's backend calls (in the task that makes them).
 current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
+# The W3C trace of the client request whose backend calls run in this context (set per
+# request by the app; None: tracing off, or a task of the gateway's own, such as the
+# background listing): each attempt carries it with a parent id of its own.
+current_trace: ContextVar[TraceContext | None] = ContextVar("current_trace", default=None)
 
 
 class BackendClient:
@@ -341,10 +346,10 @@ class BackendClient:
             url = replica.url(path)
             if params:
                 url = url.copy_merge_params(params)
-            request = httpx.Request(
-                method, url, headers={**replica.headers, **headers} if headers else replica.headers,
-                content=content, extensions={"timeout": self._timeout},
-            )
+            sent = {**replica.headers, **headers} if headers else replica.headers
+            if (trace := current_trace.get()) is not None:
+                sent = {**sent, **trace.outgoing()}
+            request = httpx.Request(method, url, headers=sent, content=content, extensions={"timeout": self._timeout})
             # Only while another replica could take the request is a silent one given up on.
             quiet_until = math.inf
             if patience < math.inf and self._standby_exists(tried):
