@@ -2,9 +2,11 @@
 `tracestate` a client's tracing sends, read as the spec says, and what each backend request
 the gateway makes for it carries on.
 
-The gateway exports no spans of its own: each backend attempt gets a fresh parent id under
-the client's trace id, so a backend's spans (vLLM's `--otlp-traces-endpoint`) join the
-client's trace, and two attempts (a replica moved off, a stand-in) are told apart.
+The gateway exports no spans of its own, so it passes the client's parent id on unchanged (the
+spec lets a vendor that records nothing do so): a backend's spans (vLLM's
+`--otlp-traces-endpoint`) then nest under the client's span, where a parent id of the
+gateway's own would name a span no collector has and leave them loose in the trace. Two
+attempts (a replica moved off, a stand-in) are told apart by the backends' own spans.
 """
 
 from __future__ import annotations
@@ -25,28 +27,28 @@ _LONG_MEMBER = 128
 
 
 class TraceContext(NamedTuple):  # a tuple: made per request, ~1 µs less than a frozen dataclass
-    """The trace a request belongs to: its id, its flags (two hex digits: `01` sampled), and
-    the tracestate to pass on ("" for none)."""
+    """The trace a request belongs to: its id, the `traceparent` (version 00) its backend
+    requests carry, and the tracestate to pass on ("" for none)."""
 
     trace_id: str
-    flags: str = "01"
+    traceparent: str
     state: str = ""
 
     def outgoing(self) -> dict[str, str]:
-        """The headers of one backend attempt: the same trace, a parent id of its own."""
-        headers = {"traceparent": f"00-{self.trace_id}-{_span_id()}-{self.flags}"}
+        """The headers of a backend request made for this trace."""
         if self.state:
-            headers["tracestate"] = self.state
-        return headers
+            return {"traceparent": self.traceparent, "tracestate": self.state}
+        return {"traceparent": self.traceparent}
 
 
 def start_trace() -> TraceContext:
     """A new trace, sampled (a backend's tracer samples by its parent's flag: vLLM's, with the
-    SDK's default sampler, records the gateway's calls as it did without a parent)."""
+    SDK's default sampler, records the gateway's calls as it did without a parent), under one
+    parent id for the request: its backend calls (a retry on a replica, a stand-in) are siblings."""
     trace_id = os.urandom(16).hex()
     while trace_id == _ZERO_TRACE:  # pragma: no cover - one chance in 2**128
         trace_id = os.urandom(16).hex()
-    return TraceContext(trace_id)
+    return TraceContext(trace_id, f"00-{trace_id}-{_span_id()}-01")
 
 
 def received_trace(traceparent: str | None, tracestate: str | None) -> TraceContext | None:
@@ -67,7 +69,8 @@ def received_trace(traceparent: str | None, tracestate: str | None) -> TraceCont
         # A later version: what version 00 knows is read from its place, the rest left
         # out, and only the sampled flag (the one flag 00 defines) passed on, as version 00.
         flags = "01" if int(flags, 16) & 1 else "00"
-    return TraceContext(trace_id, flags, _bounded_state(tracestate) if tracestate else "")
+    state = _bounded_state(tracestate) if tracestate else ""
+    return TraceContext(trace_id, f"00-{trace_id}-{parent_id}-{flags}", state)
 
 
 def _bounded_state(value: str) -> str:

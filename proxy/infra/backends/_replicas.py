@@ -130,7 +130,7 @@ class _Prefixed(httpx.AsyncByteStream):
 current_served: ContextVar[Served | None] = ContextVar("current_served", default=None)
 # The W3C trace of the client request whose backend calls run in this context (set per
 # request by the app; None: tracing off, or a task of the gateway's own, such as the
-# background listing): each attempt carries it with a parent id of its own.
+# background listing): each attempt carries it.
 current_trace: ContextVar[TraceContext | None] = ContextVar("current_trace", default=None)
 
 
