@@ -225,6 +225,28 @@ async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None
     assert setup.fakes["ollama"].requests == []
 
 
+async def test_top_logprobs_an_openai_client_cannot_have_is_a_400_naming_it(setup: Setup) -> None:
+    """Alternatives without `logprobs: true` (OpenAI and vLLM refuse them), or beyond what an
+    Ollama backend gives (vLLM's -1, more than 20): a 400 naming `top_logprobs`, not an answer
+    without the log probabilities asked for, nor Ollama's own refusal."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("openai", {"top_logprobs": 2}), ("ollama", {"top_logprobs": 2}), ("ollama", {"logprobs": False, "top_logprobs": 1}),
+        ("ollama", {"logprobs": True, "top_logprobs": -1}), ("ollama", {"logprobs": True, "top_logprobs": 21}),
+    ]
+    for kind, asked in cases:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await setup.openai.chat.completions.create(
+                    model=MODELS[kind], messages=MESSAGES, stream=stream, **asked,
+                )
+            assert refused.value.param == "top_logprobs", (kind, asked, refused.value.message)
+    assert setup.fakes["ollama"].requests == [] and setup.fakes["openai"].requests == []
+    # `top_logprobs: 0` alone asks for nothing, as on OpenAI; vLLM's -1 still reaches vLLM.
+    await setup.openai.chat.completions.create(model=MODELS["ollama"], messages=MESSAGES, top_logprobs=0)
+    await setup.openai.chat.completions.create(model=MODELS["openai"], messages=MESSAGES, logprobs=True, top_logprobs=-1)
+    assert setup.sent("openai")["top_logprobs"] == -1
+
+
 # -- kept ------------------------------------------------------------------------------------------
 
 
