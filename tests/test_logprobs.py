@@ -225,6 +225,22 @@ async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None
     assert setup.fakes["ollama"].requests == []
 
 
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_ollama_clients_top_logprobs_alone_is_answered_without_logprobs(setup: Setup, kind: str, stream: bool) -> None:
+    """As Ollama does (alternatives only say how many, once `logprobs` is on), whatever the
+    backend: vLLM refuses `top_logprobs` sent without `logprobs: true`."""
+    if stream:
+        chunks = [c async for c in await setup.ollama.chat(MODELS[kind], messages=MESSAGES, top_logprobs=2, stream=True)]
+        assert "".join(c.message.content or "" for c in chunks) == "".join(TOKENS)
+        assert all(not c.logprobs for c in chunks)
+    else:
+        reply = await setup.ollama.chat(MODELS[kind], messages=MESSAGES, top_logprobs=2)
+        assert reply.message.content == "".join(TOKENS) and not reply.logprobs
+    generated = await setup.ollama.generate(MODELS[kind], "Say hello", top_logprobs=3)
+    assert generated.response == "".join(TOKENS) and not generated.logprobs
+
+
 async def test_top_logprobs_an_openai_client_cannot_have_is_a_400_naming_it(setup: Setup) -> None:
     """Alternatives without `logprobs: true` (OpenAI and vLLM refuse them), or beyond what an
     Ollama backend gives (vLLM's -1, more than 20): a 400 naming `top_logprobs`, not an answer

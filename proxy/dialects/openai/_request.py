@@ -344,7 +344,8 @@ def encode_chat_request(
         ("n", params.n),
         ("reasoning_effort", effort),
         ("logprobs", params.logprobs),
-        ("top_logprobs", params.top_logprobs),
+        # Alternatives only with the logprobs themselves (vLLM refuses them alone; 0 asks nothing).
+        ("top_logprobs", params.top_logprobs if params.logprobs else None),
     ):
         if value is not None:
             body[key] = value
