@@ -225,11 +225,12 @@ async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None
     assert setup.fakes["ollama"].requests == []
 
 
-@pytest.mark.parametrize("kind", ["openai", "ollama"])
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_ollama_clients_top_logprobs_alone_is_answered_without_logprobs(setup: Setup, kind: str, stream: bool) -> None:
     """As Ollama does (alternatives only say how many, once `logprobs` is on), whatever the
-    backend: vLLM refuses `top_logprobs` sent without `logprobs: true`."""
+    backend: vLLM refuses `top_logprobs` sent without `logprobs: true`, and an Anthropic
+    backend is asked for no log probabilities."""
     if stream:
         chunks = [c async for c in await setup.ollama.chat(MODELS[kind], messages=MESSAGES, top_logprobs=2, stream=True)]
         assert "".join(c.message.content or "" for c in chunks) == "".join(TOKENS)

@@ -16,9 +16,10 @@ def refuse_logprobs_without_backend(
     request: ChatRequest, backend: BackendConfig | None, *, field: str, top_field: str = "top_logprobs"
 ) -> None:
     """`field`: what the client asked them with (`logprobs`, a Responses client's `include`);
-    `top_field`: its alternatives per token, asked alone."""
+    `top_field`: its alternatives per token. Alternatives alone ask for nothing (an Ollama
+    client's; OpenAI's codec refuses them), so they are no reason to refuse a backend."""
     params = request.params
-    if not (params.logprobs or params.top_logprobs):
+    if not params.logprobs:
         return
     if backend is not None and backend.kind in _WITH_LOGPROBS:
         top = params.top_logprobs
@@ -30,10 +31,9 @@ def refuse_logprobs_without_backend(
                 param=top_field,
             )
         return
-    asked = field if params.logprobs else top_field
     served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
     raise invalid_request(
-        f"`{asked}` (token log probabilities) needs an OpenAI-compatible or Ollama backend; model "
-        f"`{request.model}` {served}. Ask without `{asked}`.",
-        param=asked,
+        f"`{field}` (token log probabilities) needs an OpenAI-compatible or Ollama backend; model "
+        f"`{request.model}` {served}. Ask without `{field}`.",
+        param=field,
     )
