@@ -225,6 +225,45 @@ async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None
     assert setup.fakes["ollama"].requests == []
 
 
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_ollama_clients_top_logprobs_alone_is_answered_without_logprobs(setup: Setup, kind: str, stream: bool) -> None:
+    """As Ollama does (alternatives only say how many, once `logprobs` is on), whatever the
+    backend: vLLM refuses `top_logprobs` sent without `logprobs: true`, and an Anthropic
+    backend is asked for no log probabilities."""
+    if stream:
+        chunks = [c async for c in await setup.ollama.chat(MODELS[kind], messages=MESSAGES, top_logprobs=2, stream=True)]
+        assert "".join(c.message.content or "" for c in chunks) == "".join(TOKENS)
+        assert all(not c.logprobs for c in chunks)
+    else:
+        reply = await setup.ollama.chat(MODELS[kind], messages=MESSAGES, top_logprobs=2)
+        assert reply.message.content == "".join(TOKENS) and not reply.logprobs
+    generated = await setup.ollama.generate(MODELS[kind], "Say hello", top_logprobs=3)
+    assert generated.response == "".join(TOKENS) and not generated.logprobs
+
+
+async def test_top_logprobs_an_openai_client_cannot_have_is_a_400_naming_it(setup: Setup) -> None:
+    """Alternatives without `logprobs: true` (OpenAI and vLLM refuse them), or beyond what an
+    Ollama backend gives (vLLM's -1, more than 20): a 400 naming `top_logprobs`, not an answer
+    without the log probabilities asked for, nor Ollama's own refusal."""
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("openai", {"top_logprobs": 2}), ("ollama", {"top_logprobs": 2}), ("ollama", {"logprobs": False, "top_logprobs": 1}),
+        ("ollama", {"logprobs": True, "top_logprobs": -1}), ("ollama", {"logprobs": True, "top_logprobs": 21}),
+    ]
+    for kind, asked in cases:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await setup.openai.chat.completions.create(
+                    model=MODELS[kind], messages=MESSAGES, stream=stream, **asked,
+                )
+            assert refused.value.param == "top_logprobs", (kind, asked, refused.value.message)
+    assert setup.fakes["ollama"].requests == [] and setup.fakes["openai"].requests == []
+    # `top_logprobs: 0` alone asks for nothing, as on OpenAI; vLLM's -1 still reaches vLLM.
+    await setup.openai.chat.completions.create(model=MODELS["ollama"], messages=MESSAGES, top_logprobs=0)
+    await setup.openai.chat.completions.create(model=MODELS["openai"], messages=MESSAGES, logprobs=True, top_logprobs=-1)
+    assert setup.sent("openai")["top_logprobs"] == -1
+
+
 # -- kept ------------------------------------------------------------------------------------------
 
 

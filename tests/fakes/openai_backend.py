@@ -523,6 +523,11 @@ class OpenAIBackend(FakeBackend):
         if not self.model_known(model):
             await self.send_error(exchange, 404, f"The model `{model}` does not exist.")
             return
+        top = body.get("top_logprobs")
+        if isinstance(top, int) and (top > 0 or top == -1) and body.get("logprobs") is not True:
+            # vLLM's ChatCompletionRequest refuses alternatives asked without the logprobs.
+            await self.send_error(exchange, 400, "when using `top_logprobs`, `logprobs` must be set to true.")
+            return
         stream = body.get("stream") is True
         options = body.get("stream_options")
         include_usage = (

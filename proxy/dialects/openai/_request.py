@@ -87,6 +87,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         # vLLM's -1 is the whole vocabulary; the backend checks its own bounds.
         top_logprobs=fields.integer("top_logprobs", minimum=-1),
     )
+    if params.top_logprobs not in (None, 0) and not params.logprobs:
+        # As OpenAI and vLLM refuse it: alternatives alone would come back as no logprobs at all.
+        raise invalid_request(
+            "`top_logprobs` needs `logprobs: true`: set `logprobs` to true to get the top log probabilities.",
+            param="top_logprobs",
+        )
     raw_tools = fields.array("tools") or []
     tools = [
         _parse_tool(item, f"tools[{i}]") for i, item in enumerate(raw_tools) if not _is_custom_tool(item, f"tools[{i}]")
@@ -338,7 +344,8 @@ def encode_chat_request(
         ("n", params.n),
         ("reasoning_effort", effort),
         ("logprobs", params.logprobs),
-        ("top_logprobs", params.top_logprobs),
+        # Alternatives only with the logprobs themselves (vLLM refuses them alone; 0 asks nothing).
+        ("top_logprobs", params.top_logprobs if params.logprobs else None),
     ):
         if value is not None:
             body[key] = value
