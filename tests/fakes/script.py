@@ -334,6 +334,7 @@ def token_logprob(token: str, position: int, top: int) -> dict[str, Any]:
     `token`, `logprob`, `bytes`, `top_logprobs`), deterministic: the piece at `position` has
     -0.1 per position, and `top` alternatives, the piece itself first, then `alt1`… each 1 lower."""
     logprob = -round(0.1 * (position + 1), 4)
+    top = min(top, 20)  # vLLM's and Ollama's bound: a fuzzed huge count must not exhaust memory
     alternatives = [(token, logprob)] + [(f"alt{k}", logprob - k) for k in range(1, top)]
     return {
         "token": token, "logprob": logprob, "bytes": list(token.encode()),
