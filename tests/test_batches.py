@@ -251,6 +251,36 @@ async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_onc
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
 
 
+async def test_a_clean_stop_lets_go_every_batch_its_instance_owns_for_the_next_to_take_at_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A claim committed in PostgreSQL just as the gateway stops (its answer cut short) owns
+    a batch the runner never ran: the stop lets it go all the same, so the next gateway runs
+    it at once instead of waiting for the stopped one to be judged silent."""
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            uploaded = await client.files.create(file=("input.jsonl", jsonl(chat_line("only"))), purpose="batch")
+            await client.close()
+            [(me,)] = await sql(pg_database_url, "SELECT id FROM gateway_instances")
+            # As that claim left it: owned here, not running here.
+            await sql(
+                pg_database_url, "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, owner, "
+                "expires_at) VALUES ('batch_stranded', '/v1/chat/completions', %s, '24h', 'validating', %s, "
+                "now() + interval '24 hours')", uploaded.id, me,
+            )
+        assert await sql(pg_database_url, "SELECT status, owner FROM batches WHERE id = 'batch_stranded'") == [("validating", None)]
+        # The stopped instance's heartbeat looks fresh: only a batch let go is taken now.
+        await sql(pg_database_url, "UPDATE gateway_instances SET seen_at = now() WHERE id = %s", me)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            done = await until_status(client, "batch_stranded", "completed", "failed", within=10)
+            await client.close()
+    assert done.status == "completed" and chats(fake) == 1
+
+
 async def test_a_batch_whose_gateway_process_is_killed_is_finished_by_another_each_line_once(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

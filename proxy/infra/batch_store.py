@@ -265,6 +265,10 @@ class BatchStore:
         """This instance stops running the batch (the gateway stops): any may take it on."""
         await self._db.execute("UPDATE batches SET owner = NULL WHERE id = %s AND owner = %s", (batch_id, owner))
 
+    async def let_go_all(self, owner: str) -> int:
+        """The instance stops: every batch it owns may be taken at once by any other."""
+        return await self._db.execute(f"UPDATE batches b SET owner = NULL WHERE b.owner = %s AND {_ACTIVE}", (owner,))
+
     async def finalize(
         self, batch_id: str, owner: str, outcome: str, unrun: list[tuple[int, dict[str, Any]]], files: tuple[str, str]
     ) -> bool:

@@ -130,6 +130,9 @@ class BatchRunner:
                     with trio.move_on_after(self._poll):
                         await self._wake.wait()
         finally:
+            # Every batch this instance owns goes, not only those it runs: a claim cut short by
+            # `stop()` after PostgreSQL committed it owns a batch no task here knows of.
+            await self._let_go_all()
             self.stopped.set()
 
     async def _take(self, nursery: trio.Nursery) -> None:
@@ -199,9 +202,7 @@ class BatchRunner:
             else:
                 log.exception("batch %s stopped on an unexpected error; it resumes later", claimed.id)
                 await self._let_go(store, claimed.id)
-        finally:
-            if self._stopping:
-                await self._let_go(store, claimed.id)
+        finally:  # stopping: let go with the others once every batch has stopped (`run`)
             self._running.discard(claimed.id)
             self._ended.set()
             self.wake()  # a slot is free: another batch may be waiting
@@ -212,6 +213,16 @@ class BatchRunner:
                 await store.let_go(batch_id, self._me)
             except DatabaseError as error:  # it is taken once this instance's heartbeat stops
                 log.debug("letting batch %s go failed: %s", batch_id, error)
+
+    async def _let_go_all(self) -> None:
+        store = self._store()
+        if store is None or self.dispatch is None:  # never served: it took none
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
+            try:
+                await store.let_go_all(self._me)
+            except DatabaseError as error:  # they are taken once this instance's heartbeat stops
+                log.warning("letting this instance's batches go failed: %s", error)
 
     async def _drive(self, store: BatchStore, claimed: Claimed) -> None:
         content = await store.input_content(claimed.input_file_id)
