@@ -17,6 +17,9 @@ import trio
 from openai.types import Batch
 
 from proxy.config import BatchSettings, ConfigError, load_settings
+from proxy.infra.batch_store import BatchStore
+from proxy.infra.migrations import migrate
+from proxy.infra.postgres import open_database
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
@@ -312,6 +315,33 @@ async def test_a_batch_whose_gateway_process_is_killed_is_finished_by_another_ea
     for line in lines:
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
     assert chats(fake) >= len(custom_ids)  # the lines cut in flight were sent again
+
+
+async def test_a_batchs_counts_are_kept_on_its_row_each_line_counted_once_even_recorded_by_two_processes(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """Reading a batch reads its row, not a sum over its (tens of thousands of) lines: each
+    line adds its counts and tokens as it is recorded, once, though two processes record it."""
+    async with open_database(pg_database_url) as one, open_database(pg_database_url) as two:
+        await migrate(one)
+        here, there = BatchStore(one), BatchStore(two)
+        file = await here.add_file("file-in", None, "batch", "in.jsonl", b"{}\n")
+        await here.add_batch("batch_counted", None, None, "/v1/chat/completions", file["id"], "24h", None)
+        answer = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+        async with trio.open_nursery() as nursery:  # the same line, both at once
+            for store in (here, there, here, there):
+                nursery.start_soon(store.record, "batch_counted", 1, True, answer, (7, 3, 2, 1))
+        await there.record("batch_counted", 2, False, {"custom_id": "b", "error": {"code": "x"}}, (0, 0, 0, 0))
+        found = await here.batch("batch_counted", None)
+        assert found is not None
+        assert (found["completed"], found["failed"], found["input_tokens"], found["output_tokens"]) == (1, 1, 7, 3)
+        assert (found["cached_tokens"], found["reasoning_tokens"]) == (2, 1)
+        # What was read: the row's own counts.
+        row = await one.fetchrow(
+            "SELECT completed, failed, input_tokens, output_tokens, cached_tokens, reasoning_tokens FROM batches "
+            "WHERE id = 'batch_counted'"
+        )
+        assert tuple(row or ()) == (1, 1, 7, 3, 2, 1)
 
 
 async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:

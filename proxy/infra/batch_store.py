@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.infra.chat_store import _STEADY
-from proxy.infra.postgres import Database, json_text
+from proxy.infra.postgres import Database, Tx, json_text
 
 _MINE = "(%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
 # An Anthropic message batch's requests, kept as its input file: not a file of the Files API.
@@ -38,14 +38,24 @@ _BATCH_COLUMNS = (
     "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
     "b.error_file_id, b.metadata, "
     + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
-    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model, c.cached_tokens, c.reasoning_tokens"
+    + ", b.completed, b.failed, b.input_tokens, b.output_tokens, b.model, b.cached_tokens, b.reasoning_tokens"
 )
-_BATCH_FROM = (
-    "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
-    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens, "
-    "coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens, coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens "
-    "FROM batch_lines l WHERE l.batch_id = b.id) c"
+_BATCH_FROM = "FROM batches b"
+# A line's answer, and its counts and tokens added to its batch's in the same statement: only
+# when the line was not recorded already (by another process that ran it too).
+_RECORD = """
+WITH added AS (
+    INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
+    VALUES (%(batch)s, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s)
+    ON CONFLICT DO NOTHING
+    RETURNING ok, coalesce(NOT ok AND output->'error'->>'code' = 'batch_expired', false) AS expired
 )
+UPDATE batches b SET completed = b.completed + a.ok::int, failed = b.failed + (NOT a.ok)::int,
+    expired = b.expired + a.expired::int, input_tokens = b.input_tokens + %(input)s,
+    output_tokens = b.output_tokens + %(output_tokens)s, cached_tokens = b.cached_tokens + %(cached)s,
+    reasoning_tokens = b.reasoning_tokens + %(reasoning)s
+FROM added a WHERE b.id = %(batch)s
+"""
 _ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A batch nobody runs: no owner (created, or let go by a process that stopped), or an owner
 # silent for `silent` seconds, as judged by a steadily beating instance.
@@ -240,11 +250,7 @@ class BatchStore:
         self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
     ) -> None:
         """`tokens`: input, output, cached input and reasoning output tokens."""
-        await self._db.execute(
-            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
-            "reasoning_tokens) VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (batch_id, line, ok, json_text(output), *tokens),
-        )
+        await _record(self._db, batch_id, line, ok, output, tokens)
 
     async def finalizing(self, batch_id: str, owner: str) -> bool:
         """Its lines have ended: it is `finalizing` while its files are written. False: it
@@ -282,10 +288,7 @@ class BatchStore:
                 return False
             tenant, endpoint = row
             for line, output in unrun:
-                await tx.execute(
-                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::json) "
-                    "ON CONFLICT DO NOTHING", (batch_id, line, json_text(output)),
-                )
+                await _record(tx, batch_id, line, False, output, (0, 0, 0, 0))
             lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))
             made: list[str | None] = []
             for kind, file_id in zip((True, False), files, strict=True):
@@ -391,12 +394,17 @@ class BatchStore:
 
 
 _ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-# A message batch's counts: an expired request is one its runner recorded unrun (`batch_expired`).
-_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", e.expired"
-_MESSAGE_FROM = (
-    _BATCH_FROM + ", LATERAL (SELECT count(*) AS expired FROM batch_lines l WHERE l.batch_id = b.id AND NOT l.ok "
-    "AND l.output->'error'->>'code' = 'batch_expired') e"
-)
+_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired"
+_MESSAGE_FROM = _BATCH_FROM
+
+
+async def _record(
+    db: Database | Tx, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
+) -> None:
+    await db.execute(_RECORD, {
+        "batch": batch_id, "line": line, "ok": ok, "output": json_text(output), "input": tokens[0],
+        "output_tokens": tokens[1], "cached": tokens[2], "reasoning": tokens[3],
+    })
 
 
 def _message_batch(row: Any) -> dict[str, Any] | None:
