@@ -17,6 +17,7 @@ import trio
 from openai.types import Batch
 
 from proxy.config import BatchSettings, ConfigError, load_settings
+from proxy.dialects.openai.batches import parse_lines
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.migrations import migrate
 from proxy.infra.postgres import open_database
@@ -600,3 +601,13 @@ async def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error
     assert sorted(line["custom_id"] for line in answered + unrun) == sorted(custom_ids)
     assert unrun and all(line["response"] is None and line["error"]["code"] == "batch_expired" for line in unrun)
     assert (expired.request_counts.completed, expired.request_counts.failed) == (len(answered), len(unrun))
+
+
+def test_an_input_files_lines_are_read_one_at_a_time_numbered_and_sent_without_stream() -> None:
+    streamed = chat_line("b")
+    streamed["body"] |= {"stream": True, "stream_options": {"include_usage": True}, "model": "m"}
+    content = jsonl(chat_line("a")) + b"\n  \n" + jsonl(streamed).rstrip(b"\n")  # no last newline
+    lines, faults = parse_lines(content, "/v1/chat/completions", 10)
+    assert faults == [] and [(line.number, line.custom_id, line.model) for line in lines] == [(1, "a", "m"), (4, "b", "m")]
+    # Its answer is waited for whole: a batch line is sent without `stream`.
+    assert json.loads(lines[1].payload) == {"model": "m", "messages": [{"role": "user", "content": "answer b"}]}
