@@ -366,15 +366,19 @@ class BatchStore:
             found.reverse()
         return found, len(rows) > limit
 
-    async def message_results(self, batch_id: str) -> tuple[bytes, dict[int, Any]] | None:
-        """The batch's requests (its input) and each answered one's recorded line, by number."""
+    async def message_input(self, batch_id: str) -> bytes | None:
+        """The batch's requests (its input file)."""
         content = await self._db.fetchval(
             "SELECT f.content FROM batches b JOIN files f ON f.id = b.input_file_id WHERE b.id = %s", (batch_id,)
         )
-        if content is None:
-            return None
-        rows = await self._db.fetch("SELECT line, output FROM batch_lines WHERE batch_id = %s", (batch_id,))
-        return bytes(content), {int(line): output for line, output in rows}
+        return None if content is None else bytes(content)
+
+    async def recorded(self, batch_id: str, first: int, last: int) -> dict[int, Any]:
+        """The recorded answers of the batch's lines `first` to `last`, by number."""
+        rows = await self._db.fetch(
+            "SELECT line, output FROM batch_lines WHERE batch_id = %s AND line BETWEEN %s AND %s", (batch_id, first, last)
+        )
+        return {int(line): output for line, output in rows}
 
     async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
         """Delete an ended batch, its requests and results: its status before (an active one
