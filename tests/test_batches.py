@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
@@ -474,6 +475,27 @@ async def test_an_upload_has_its_own_size_limit(aio_loop: object, pg_database_ur
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
         assert chat.value.status_code == 413 and "4000 bytes" in chat.value.message
         await client.close()
+
+
+async def test_a_big_file_is_downloaded_a_slice_at_a_time_byte_for_byte(stack: Stack) -> None:
+    """A file of megabytes (a batch's output) is read from the database a slice at a time, not
+    whole: stored as it is (a slice of a compressed value costs decompressing all before it),
+    its download exact across the slices; one stored compressed (before 0022) is read whole."""
+    content = jsonl(*(chat_line(f"line-{n}", "x" * (n % 300)) for n in range(12_000)))
+    assert len(content) > 2.5 * 2**20
+    big = await stack.client.files.create(file=("big.jsonl", content), purpose="batch")
+    await sql(stack.db, "ALTER TABLE files ALTER COLUMN content SET STORAGE EXTENDED")
+    try:
+        old = await stack.client.files.create(file=("old.jsonl", content), purpose="batch")
+    finally:
+        await sql(stack.db, "ALTER TABLE files ALTER COLUMN content SET STORAGE EXTERNAL")
+    stored = dict(await sql(stack.db, "SELECT id, pg_column_compression(content) FROM files"))
+    assert stored[big.id] is None and stored[old.id] is not None
+    for file in (big, old):
+        assert (await stack.client.files.content(file.id)).content == content
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        downloaded = await http.get(f"/v1/files/{big.id}/content")
+    assert downloaded.headers["content-length"] == str(len(content)) and downloaded.content == content
 
 
 async def test_files_and_outputs_expire_as_asked_with_openais_expires_after(

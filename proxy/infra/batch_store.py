@@ -131,6 +131,22 @@ class BatchStore:
         )
         return None if found is None else bytes(found)
 
+    async def content_size(self, file_id: str, tenant: str | None) -> tuple[int, bool] | None:
+        """The file's size, and whether it is stored compressed (a file stored before 0022:
+        read whole, as a slice of it costs decompressing all before it)."""
+        row = await self._db.fetchrow(
+            f"SELECT octet_length(content), pg_column_compression(content) IS NOT NULL FROM files WHERE id = %(id)s "
+            f"AND {_FILES_MINE}", {"id": file_id, "tenant": tenant},
+        )
+        return None if row is None else (int(row[0]), bool(row[1]))
+
+    async def content_slice(self, file_id: str, start: int, size: int) -> bytes | None:
+        """`size` bytes of the file from `start` (0-based); None: it was deleted."""
+        found = await self._db.fetchval(
+            "SELECT substring(content FROM %s FOR %s) FROM files WHERE id = %s", (start + 1, size, file_id)
+        )
+        return None if found is None else bytes(found)
+
     async def delete_file(self, file_id: str, tenant: str | None) -> str | bool:
         """Whether the file was there to delete; the id of a batch still running on it (it is
         kept: a batch resumed elsewhere reads its input again)."""

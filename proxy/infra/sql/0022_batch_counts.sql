@@ -20,3 +20,6 @@ FROM (
     FROM batch_lines GROUP BY batch_id
 ) c
 WHERE c.batch_id = b.id;
+-- A file's bytes stored as they are, not compressed: its download reads a slice at a time,
+-- and a slice of a compressed value costs decompressing all that comes before it.
+ALTER TABLE files ALTER COLUMN content SET STORAGE EXTERNAL;
