@@ -68,6 +68,16 @@ UPDATE batches SET owner = %(judge)s WHERE id = (
     ) ORDER BY b.seq LIMIT 1 FOR UPDATE SKIP LOCKED
 ) RETURNING id, tenant, key_id, endpoint, input_file_id, status, extract(epoch FROM expires_at - now())::float8
 """
+# A batch's output (or error) file, its lines joined by PostgreSQL: tens of thousands of
+# answers never pass through the gateway's memory. None written when it has no such line.
+_OUTPUT_FILE = """
+INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at)
+SELECT %(id)s, %(tenant)s, 'batch_output', %(name)s, octet_length(t.content), t.content,
+    now() + make_interval(secs => (SELECT output_expires_seconds FROM batches WHERE id = %(batch)s))
+FROM (SELECT convert_to(string_agg(output::text, E'\\n' ORDER BY line) || E'\\n', 'UTF8') AS content
+      FROM batch_lines WHERE batch_id = %(batch)s AND ok = %(ok)s) t
+WHERE t.content IS NOT NULL
+"""
 _PAGE = {
     "asc": "AND seq > %(cursor)s ORDER BY seq LIMIT %(limit)s",
     "desc": "AND seq < %(cursor)s ORDER BY seq DESC LIMIT %(limit)s",
@@ -305,22 +315,13 @@ class BatchStore:
             tenant, endpoint = row
             for line, output in unrun:
                 await _record(tx, batch_id, line, False, output, (0, 0, 0, 0))
-            lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))
             made: list[str | None] = []
             for kind, file_id in zip((True, False), files, strict=True):
-                texts = [text for ok, text in lines if ok is kind]
-                if not texts or endpoint == MESSAGES:  # a message batch's results are read from its lines
-                    made.append(None)
-                    continue
-                content = ("\n".join(texts) + "\n").encode()
-                await tx.execute(
-                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, "
-                    "'batch_output', %s, %s, %s, now() + make_interval(secs => "
-                    "(SELECT output_expires_seconds FROM batches WHERE id = %s)))",
-                    (file_id, tenant, f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
-                     len(content), content, batch_id),
-                )
-                made.append(file_id)
+                written = endpoint != MESSAGES and await tx.execute(_OUTPUT_FILE, {  # a message batch's results are its lines
+                    "id": file_id, "tenant": tenant, "batch": batch_id, "ok": kind,
+                    "name": f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
+                })
+                made.append(file_id if written else None)
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]
             await tx.execute(
                 f"UPDATE batches SET status = %s, {stamp} = now(), output_file_id = %s, error_file_id = %s, owner = NULL "
