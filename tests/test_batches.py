@@ -20,7 +20,7 @@ from openai.types import Batch
 from proxy.config import BatchSettings, ConfigError, load_settings
 from proxy.dialects.openai.batches import parse_lines
 from proxy.infra.batch_store import BatchStore
-from proxy.infra.migrations import migrate
+from proxy.infra.migrations import load_migrations, migrate
 from proxy.infra.postgres import open_database
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
@@ -344,6 +344,32 @@ async def test_a_batchs_counts_are_kept_on_its_row_each_line_counted_once_even_r
             "WHERE id = 'batch_counted'"
         )
         assert tuple(row or ()) == (1, 1, 7, 3, 2, 1)
+
+
+async def test_a_batch_recorded_before_its_counts_were_kept_on_its_row_keeps_them_after_the_upgrade(
+    aio_loop: object, pg_database_url: str, tmp_path: Path
+) -> None:
+    """A gateway upgraded mid-batch: 0022 sums the lines recorded before it onto the row."""
+    before = tmp_path / "sql"
+    before.mkdir()
+    for migration in load_migrations():
+        if migration.version < 22:
+            (before / f"{migration.name}.sql").write_text(migration.sql)
+    async with open_database(pg_database_url) as db:
+        await migrate(db, directory=before)
+        await db.execute(
+            "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, expires_at) "
+            "VALUES ('batch_old', '/v1/messages', 'file-x', '24h', 'in_progress', now() + interval '1 day')"
+        )
+        await db.execute(
+            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
+            "reasoning_tokens) VALUES ('batch_old', 1, true, '{}', 5, 2, 1, 0), ('batch_old', 2, false, '{}', 0, 0, 0, 0), "
+            "('batch_old', 3, false, '{\"error\": {\"code\": \"batch_expired\"}}', 0, 0, 0, 0)"
+        )
+        assert await migrate(db) == ["0022_batch_counts"]
+        found = await BatchStore(db).message_batch("batch_old", None)
+    assert found is not None
+    assert (found["completed"], found["failed"], found["expired"], found["input_tokens"], found["cached_tokens"]) == (1, 2, 1, 5, 1)
 
 
 async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
