@@ -20,6 +20,7 @@ from openai.types import Batch
 from proxy.config import BatchSettings, ConfigError, load_settings
 from proxy.dialects.openai.batches import parse_lines
 from proxy.infra.batch_store import BatchStore
+from proxy.infra.batch_store import _record as record_line
 from proxy.infra.migrations import load_migrations, migrate
 from proxy.infra.postgres import open_database
 from tests.fakes import OpenAIBackend, Script, Usage
@@ -344,6 +345,34 @@ async def test_a_batchs_counts_are_kept_on_its_row_each_line_counted_once_even_r
             "WHERE id = 'batch_counted'"
         )
         assert tuple(row or ()) == (1, 1, 7, 3, 2, 1)
+
+
+async def test_a_line_recorded_by_a_process_presumed_dead_while_another_finalizes_the_batch_waits_not_deadlocks(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """The batch's finalizer (its row locked) records a line unrun while the presumed-dead
+    process records the same line's answer: that one waits for the finalizer, then adds nothing."""
+    async with open_database(pg_database_url) as one, open_database(pg_database_url) as two:
+        await migrate(one)
+        store = BatchStore(one)
+        file = await store.add_file("file-in", None, "batch", "in.jsonl", b"{}\n")
+        await store.add_batch("batch_ending", None, None, "/v1/chat/completions", file["id"], "24h", None)
+        answer = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+        unrun = {"custom_id": "a", "response": None, "error": {"code": "batch_expired"}}
+
+        async def waiting_for_a_lock() -> bool:
+            rows = await sql(pg_database_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND datname = current_database()")
+            return bool(rows[0][0])
+
+        async with trio.open_nursery() as nursery:
+            async with one.transaction() as tx:  # as `finalize` does
+                await tx.fetchrow("SELECT id FROM batches WHERE id = 'batch_ending' FOR UPDATE")
+                nursery.start_soon(BatchStore(two).record, "batch_ending", 1, True, answer, (7, 3, 0, 0))
+                await eventually(waiting_for_a_lock, within=10)
+                await record_line(tx, "batch_ending", 1, False, unrun, (0, 0, 0, 0))
+        found = await store.batch("batch_ending", None)
+    assert found is not None and (found["completed"], found["failed"], found["input_tokens"]) == (0, 1, 0)
 
 
 async def test_a_batch_recorded_before_its_counts_were_kept_on_its_row_keeps_them_after_the_upgrade(

@@ -42,11 +42,13 @@ _BATCH_COLUMNS = (
 )
 _BATCH_FROM = "FROM batches b"
 # A line's answer, and its counts and tokens added to its batch's in the same statement: only
-# when the line was not recorded already (by another process that ran it too).
+# when the line was not recorded already (by another process that ran it too). The batch's row
+# is locked before the line's is written, as `finalize` does: a line recorded by a process
+# presumed dead while another finalizes the batch waits, rather than deadlocks.
 _RECORD = """
-WITH added AS (
+WITH locked AS (SELECT id FROM batches WHERE id = %(batch)s FOR UPDATE), added AS (
     INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
-    VALUES (%(batch)s, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s)
+    SELECT id, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s FROM locked
     ON CONFLICT DO NOTHING
     RETURNING ok, coalesce(NOT ok AND output->'error'->>'code' = 'batch_expired', false) AS expired
 )
