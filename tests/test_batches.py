@@ -11,12 +11,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
 from openai.types import Batch
 
 from proxy.config import BatchSettings, ConfigError, load_settings
+from proxy.dialects.openai.batches import parse_lines
+from proxy.infra.batch_store import BatchStore
+from proxy.infra.batch_store import _record as record_line
+from proxy.infra.migrations import load_migrations, migrate
+from proxy.infra.postgres import open_database
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
@@ -251,6 +257,36 @@ async def test_a_batch_whose_gateway_stops_is_finished_by_the_next_each_line_onc
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
 
 
+async def test_a_clean_stop_lets_go_every_batch_its_instance_owns_for_the_next_to_take_at_once(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A claim committed in PostgreSQL just as the gateway stops (its answer cut short) owns
+    a batch the runner never ran: the stop lets it go all the same, so the next gateway runs
+    it at once instead of waiting for the stopped one to be judged silent."""
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            uploaded = await client.files.create(file=("input.jsonl", jsonl(chat_line("only"))), purpose="batch")
+            await client.close()
+            [(me,)] = await sql(pg_database_url, "SELECT id FROM gateway_instances")
+            # As that claim left it: owned here, not running here.
+            await sql(
+                pg_database_url, "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, owner, "
+                "expires_at) VALUES ('batch_stranded', '/v1/chat/completions', %s, '24h', 'validating', %s, "
+                "now() + interval '24 hours')", uploaded.id, me,
+            )
+        assert await sql(pg_database_url, "SELECT status, owner FROM batches WHERE id = 'batch_stranded'") == [("validating", None)]
+        # The stopped instance's heartbeat looks fresh: only a batch let go is taken now.
+        await sql(pg_database_url, "UPDATE gateway_instances SET seen_at = now() WHERE id = %s", me)
+        async with gateway(pg_database_url, nats_url, config) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            done = await until_status(client, "batch_stranded", "completed", "failed", within=10)
+            await client.close()
+    assert done.status == "completed" and chats(fake) == 1
+
+
 async def test_a_batch_whose_gateway_process_is_killed_is_finished_by_another_each_line_once(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
@@ -282,6 +318,87 @@ async def test_a_batch_whose_gateway_process_is_killed_is_finished_by_another_ea
     for line in lines:
         assert line["response"]["body"]["choices"][0]["message"]["content"] == f"answer {line['custom_id']}"
     assert chats(fake) >= len(custom_ids)  # the lines cut in flight were sent again
+
+
+async def test_a_batchs_counts_are_kept_on_its_row_each_line_counted_once_even_recorded_by_two_processes(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """Reading a batch reads its row, not a sum over its (tens of thousands of) lines: each
+    line adds its counts and tokens as it is recorded, once, though two processes record it."""
+    async with open_database(pg_database_url) as one, open_database(pg_database_url) as two:
+        await migrate(one)
+        here, there = BatchStore(one), BatchStore(two)
+        file = await here.add_file("file-in", None, "batch", "in.jsonl", b"{}\n")
+        await here.add_batch("batch_counted", None, None, "/v1/chat/completions", file["id"], "24h", None)
+        answer = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+        async with trio.open_nursery() as nursery:  # the same line, both at once
+            for store in (here, there, here, there):
+                nursery.start_soon(store.record, "batch_counted", 1, True, answer, (7, 3, 2, 1))
+        await there.record("batch_counted", 2, False, {"custom_id": "b", "error": {"code": "x"}}, (0, 0, 0, 0))
+        found = await here.batch("batch_counted", None)
+        assert found is not None
+        assert (found["completed"], found["failed"], found["input_tokens"], found["output_tokens"]) == (1, 1, 7, 3)
+        assert (found["cached_tokens"], found["reasoning_tokens"]) == (2, 1)
+        # What was read: the row's own counts.
+        row = await one.fetchrow(
+            "SELECT completed, failed, input_tokens, output_tokens, cached_tokens, reasoning_tokens FROM batches "
+            "WHERE id = 'batch_counted'"
+        )
+        assert tuple(row or ()) == (1, 1, 7, 3, 2, 1)
+
+
+async def test_a_line_recorded_by_a_process_presumed_dead_while_another_finalizes_the_batch_waits_not_deadlocks(
+    aio_loop: object, pg_database_url: str
+) -> None:
+    """The batch's finalizer (its row locked) records a line unrun while the presumed-dead
+    process records the same line's answer: that one waits for the finalizer, then adds nothing."""
+    async with open_database(pg_database_url) as one, open_database(pg_database_url) as two:
+        await migrate(one)
+        store = BatchStore(one)
+        file = await store.add_file("file-in", None, "batch", "in.jsonl", b"{}\n")
+        await store.add_batch("batch_ending", None, None, "/v1/chat/completions", file["id"], "24h", None)
+        answer = {"custom_id": "a", "response": {"status_code": 200}, "error": None}
+        unrun = {"custom_id": "a", "response": None, "error": {"code": "batch_expired"}}
+
+        async def waiting_for_a_lock() -> bool:
+            rows = await sql(pg_database_url, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND datname = current_database()")
+            return bool(rows[0][0])
+
+        async with trio.open_nursery() as nursery:
+            async with one.transaction() as tx:  # as `finalize` does
+                await tx.fetchrow("SELECT id FROM batches WHERE id = 'batch_ending' FOR UPDATE")
+                nursery.start_soon(BatchStore(two).record, "batch_ending", 1, True, answer, (7, 3, 0, 0))
+                await eventually(waiting_for_a_lock, within=10)
+                await record_line(tx, "batch_ending", 1, False, unrun, (0, 0, 0, 0))
+        found = await store.batch("batch_ending", None)
+    assert found is not None and (found["completed"], found["failed"], found["input_tokens"]) == (0, 1, 0)
+
+
+async def test_a_batch_recorded_before_its_counts_were_kept_on_its_row_keeps_them_after_the_upgrade(
+    aio_loop: object, pg_database_url: str, tmp_path: Path
+) -> None:
+    """A gateway upgraded mid-batch: 0022 sums the lines recorded before it onto the row."""
+    before = tmp_path / "sql"
+    before.mkdir()
+    for migration in load_migrations():
+        if migration.version < 22:
+            (before / f"{migration.name}.sql").write_text(migration.sql)
+    async with open_database(pg_database_url) as db:
+        await migrate(db, directory=before)
+        await db.execute(
+            "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, expires_at) "
+            "VALUES ('batch_old', '/v1/messages', 'file-x', '24h', 'in_progress', now() + interval '1 day')"
+        )
+        await db.execute(
+            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
+            "reasoning_tokens) VALUES ('batch_old', 1, true, '{}', 5, 2, 1, 0), ('batch_old', 2, false, '{}', 0, 0, 0, 0), "
+            "('batch_old', 3, false, '{\"error\": {\"code\": \"batch_expired\"}}', 0, 0, 0, 0)"
+        )
+        assert await migrate(db) == ["0022_batch_counts"]
+        found = await BatchStore(db).message_batch("batch_old", None)
+    assert found is not None
+    assert (found["completed"], found["failed"], found["expired"], found["input_tokens"], found["cached_tokens"]) == (1, 2, 1, 5, 1)
 
 
 async def test_a_batch_is_its_keys_own_and_spends_its_keys_limits(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
@@ -415,6 +532,27 @@ async def test_an_upload_has_its_own_size_limit(aio_loop: object, pg_database_ur
         await client.close()
 
 
+async def test_a_big_file_is_downloaded_a_slice_at_a_time_byte_for_byte(stack: Stack) -> None:
+    """A file of megabytes (a batch's output) is read from the database a slice at a time, not
+    whole: stored as it is (a slice of a compressed value costs decompressing all before it),
+    its download exact across the slices; one stored compressed (before 0022) is read whole."""
+    content = jsonl(*(chat_line(f"line-{n}", "x" * (n % 300)) for n in range(12_000)))
+    assert len(content) > 2.5 * 2**20
+    big = await stack.client.files.create(file=("big.jsonl", content), purpose="batch")
+    await sql(stack.db, "ALTER TABLE files ALTER COLUMN content SET STORAGE EXTENDED")
+    try:
+        old = await stack.client.files.create(file=("old.jsonl", content), purpose="batch")
+    finally:
+        await sql(stack.db, "ALTER TABLE files ALTER COLUMN content SET STORAGE EXTERNAL")
+    stored = dict(await sql(stack.db, "SELECT id, pg_column_compression(content) FROM files"))
+    assert stored[big.id] is None and stored[old.id] is not None
+    for file in (big, old):
+        assert (await stack.client.files.content(file.id)).content == content
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        downloaded = await http.get(f"/v1/files/{big.id}/content")
+    assert downloaded.headers["content-length"] == str(len(content)) and downloaded.content == content
+
+
 async def test_files_and_outputs_expire_as_asked_with_openais_expires_after(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
@@ -540,3 +678,13 @@ async def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error
     assert sorted(line["custom_id"] for line in answered + unrun) == sorted(custom_ids)
     assert unrun and all(line["response"] is None and line["error"]["code"] == "batch_expired" for line in unrun)
     assert (expired.request_counts.completed, expired.request_counts.failed) == (len(answered), len(unrun))
+
+
+def test_an_input_files_lines_are_read_one_at_a_time_numbered_and_sent_without_stream() -> None:
+    streamed = chat_line("b")
+    streamed["body"] |= {"stream": True, "stream_options": {"include_usage": True}, "model": "m"}
+    content = jsonl(chat_line("a")) + b"\n  \n" + jsonl(streamed).rstrip(b"\n")  # no last newline
+    lines, faults = parse_lines(content, "/v1/chat/completions", 10)
+    assert faults == [] and [(line.number, line.custom_id, line.model) for line in lines] == [(1, "a", "m"), (4, "b", "m")]
+    # Its answer is waited for whole: a batch line is sent without `stream`.
+    assert json.loads(lines[1].payload) == {"model": "m", "messages": [{"role": "user", "content": "answer b"}]}

@@ -19,6 +19,10 @@ from anthropic.types.messages import MessageBatch, MessageBatchIndividualRespons
 
 from proxy.config import BatchSettings
 from proxy.dialects.anthropic import batches as wire
+from proxy.dialects.openai.batches import new_file_id
+from proxy.infra.batch_store import BatchStore
+from proxy.infra.migrations import migrate
+from proxy.infra.postgres import open_database
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import eventually, gateway, new_key, sql, wait_for_key
@@ -255,6 +259,45 @@ async def test_a_message_batch_keeps_to_the_gateways_batch_limits(aio_loop: obje
         await client.close()
 
 
+async def test_a_big_batchs_results_are_streamed_a_page_at_a_time_each_request_in_its_order(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """Tens of thousands of answers are not built whole in memory: the results come as a
+    stream (no Content-Length), read a page of requests at a time, every request once and in
+    order across the pages, those its cancel stopped `canceled`."""
+    total = 2345  # pages of 1000: the last one short
+    names = [f"req-{n}" for n in range(1, total + 1)]
+    batch_id = wire.new_batch_id()
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        content = wire.input_lines([(name, request(name)["params"]) for name in names])
+        await BatchStore(db).add_message_batch(batch_id, new_file_id(), None, None, content, total)
+        # Ended before any gateway looks: each request answered but every seventh.
+        await db.execute("UPDATE batches SET status = 'cancelled', cancelled_at = now() WHERE id = %s", (batch_id,))
+        await db.execute(
+            "INSERT INTO batch_lines (batch_id, line, ok, output) SELECT %s, n, true, json_build_object('custom_id', "
+            "'req-' || n, 'response', json_build_object('status_code', 200, 'request_id', 'r', 'body', "
+            "json_build_object('type', 'message', 'id', 'msg_' || n)), 'error', null) "
+            "FROM generate_series(1, %s) n WHERE n %% 7 <> 0", (batch_id, total),
+        )
+    async with gateway(pg_database_url, nats_url, backend("vllm", "http://127.0.0.1:9", default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http, http.stream(
+            "GET", f"/v1/messages/batches/{batch_id}/results", headers={"x-api-key": "x"}
+        ) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["content-type"] == "application/x-jsonl"
+            assert "content-length" not in streamed.headers
+            await streamed.aread()
+        client = sdk(url)
+        lines = [line async for line in await client.messages.batches.results(batch_id)]
+        await client.close()
+    assert [line.custom_id for line in lines] == names
+    for number, line in enumerate(lines, start=1):
+        if number % 7 == 0:
+            assert line.result.type == "canceled"
+        else:
+            assert line.result.type == "succeeded" and line.result.message.id == f"msg_{number}"
+
+
 def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
     content = wire.input_lines([(name, request(name)["params"]) for name in ("ok", "refused", "bug", "late", "never")])
     recorded = {
@@ -266,7 +309,7 @@ def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
             "error": {"message": "Internal gateway error", "type": "server_error"}}}},
         4: {"custom_id": "late", "response": None, "error": {"code": "batch_expired", "message": "too late"}},
     }
-    lines = [json.loads(line) for line in wire.results(content, recorded).splitlines()]
+    lines = [json.loads(line) for line in wire.results(wire.numbered(content), recorded).splitlines()]
     assert [line["custom_id"] for line in lines] == ["ok", "refused", "bug", "late", "never"]
     results = [line["result"] for line in lines]
     assert results[0] == {"type": "succeeded", "message": {"type": "message"}}

@@ -17,7 +17,7 @@ front door by `dispatcher`, on the batch's key's behalf.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -43,6 +43,8 @@ log = logging.getLogger("llm_proxy.batches")
 blueprint = Blueprint("batches", __name__)
 
 FILES = "/v1/files"
+# A file's bytes read and sent at a time.
+_SLICE = 1 << 20
 _T = TypeVar("_T")
 
 
@@ -162,12 +164,38 @@ async def retrieve_file(file_id: str) -> Response:
 @blueprint.get(f"{FILES}/<file_id>/content")
 async def file_content(file_id: str) -> Response:
     tenant = current_tenant()
-    content = None
+    found = None
     if wire.is_file_id(file_id):
-        content = await _stored_slowly(lambda store: store.content(file_id, tenant), f"reading file {file_id}")
-    if content is None:
+        found = await _stored(lambda store: store.content_size(file_id, tenant), f"file {file_id}")
+    if found is None:
         raise wire.file_not_found(file_id)
-    return Response(content, content_type="application/octet-stream")
+    size, compressed = found
+    if compressed or size <= _SLICE:
+        content = await _stored_slowly(lambda store: store.content(file_id, tenant), f"reading file {file_id}")
+        if content is None:  # deleted meanwhile
+            raise wire.file_not_found(file_id)
+        return Response(content, content_type="application/octet-stream")
+    db = _persistence().resources.database
+    assert db is not None
+    return Response(
+        _slices(BatchStore(db), file_id, size), content_type="application/octet-stream",
+        headers={"content-length": str(size)},
+    )
+
+
+async def _slices(store: BatchStore, file_id: str, size: int) -> AsyncIterator[bytes]:
+    """A file's bytes a slice at a time: a batch's output of hundreds of megabytes is never
+    whole in memory. Deleted or unreadable midway, the download is cut short (its status was
+    sent): the client sees a broken download, not a short file."""
+    for start in range(0, size, _SLICE):
+        try:
+            piece = await store.content_slice(file_id, start, _SLICE)
+        except DatabaseError as error:
+            log.warning("reading file %s failed: %s", file_id, error)
+            raise
+        if piece is None:
+            raise DatabaseError(f"file {file_id} was deleted while it was read")
+        yield piece
 
 
 @blueprint.delete(f"{FILES}/<file_id>")

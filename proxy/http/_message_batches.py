@@ -14,7 +14,10 @@ Errors are Anthropic's (`/v1/messages` paths answer in its shape).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -27,11 +30,17 @@ from proxy.http._batches import _persistence, _reply, _stored, _stored_slowly
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._head import current_tenant
 from proxy.http._openapi import _OBJ, _STR, _ok, _op, document
+from proxy.infra.batch_store import BatchStore
+from proxy.infra.postgres import DatabaseError
 from proxy.services.auth import current_principal
 
 blueprint = Blueprint("message_batches", __name__)
 
+log = logging.getLogger("llm_proxy.batches")
+
 BATCHES = "/v1/messages/batches"
+# Requests whose results are read and sent at a time.
+_RESULTS_PAGE = 1000
 _MAX_LIMIT = 1000
 _SAFE = re.compile(r"[A-Za-z0-9._~:/\[\]-]{1,255}")
 
@@ -166,11 +175,26 @@ async def results(batch_id: str) -> Response:
             f"Message batch {batch_id} is still processing: its results are ready once `processing_status` is "
             "'ended'.", param="message_batch_id",
         )
-    recorded = await _stored_slowly(lambda store: store.message_results(batch_id), f"message batch {batch_id}'s results")
-    if recorded is None:  # deleted meanwhile
+    content = await _stored_slowly(lambda store: store.message_input(batch_id), f"message batch {batch_id}'s requests")
+    if content is None:  # deleted meanwhile
         raise wire.batch_not_found(batch_id)
-    content = await trio.to_thread.run_sync(wire.results, *recorded)
-    return Response(content, content_type="application/x-jsonl")
+    db = _persistence().resources.database
+    assert db is not None
+    return Response(_results(BatchStore(db), batch_id, content), content_type="application/x-jsonl")
+
+
+async def _results(store: BatchStore, batch_id: str, content: bytes) -> AsyncIterator[bytes]:
+    """A batch's results a page of requests at a time: its tens of thousands of answers are
+    never all in memory at once. A database failure midway cuts the response short (its
+    status was sent): the client sees a broken download, not a short file."""
+    requests = wire.numbered(content)
+    while page := list(itertools.islice(requests, _RESULTS_PAGE)):
+        try:
+            recorded = await store.recorded(batch_id, page[0][0], page[-1][0])
+        except DatabaseError as error:
+            log.warning("reading message batch %s's results failed: %s", batch_id, error)
+            raise
+        yield await trio.to_thread.run_sync(wire.results, page, recorded)
 
 
 _BATCH = {"type": "object", "properties": {"id": _STR, "type": _STR, "processing_status": _STR, "request_counts": _OBJ}}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.infra.chat_store import _STEADY
-from proxy.infra.postgres import Database, json_text
+from proxy.infra.postgres import Database, Tx, json_text
 
 _MINE = "(%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
 # An Anthropic message batch's requests, kept as its input file: not a file of the Files API.
@@ -38,14 +38,26 @@ _BATCH_COLUMNS = (
     "b.id, b.endpoint, b.input_file_id, b.completion_window, b.status, b.errors, b.total, b.output_file_id, "
     "b.error_file_id, b.metadata, "
     + ", ".join(f"extract(epoch FROM b.{name})::bigint" for name in _EPOCHS)
-    + ", c.completed, c.failed, c.input_tokens, c.output_tokens, b.model, c.cached_tokens, c.reasoning_tokens"
+    + ", b.completed, b.failed, b.input_tokens, b.output_tokens, b.model, b.cached_tokens, b.reasoning_tokens"
 )
-_BATCH_FROM = (
-    "FROM batches b, LATERAL (SELECT count(*) FILTER (WHERE ok) AS completed, count(*) FILTER (WHERE NOT ok) AS failed, "
-    "coalesce(sum(input_tokens), 0)::bigint AS input_tokens, coalesce(sum(output_tokens), 0)::bigint AS output_tokens, "
-    "coalesce(sum(cached_tokens), 0)::bigint AS cached_tokens, coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens "
-    "FROM batch_lines l WHERE l.batch_id = b.id) c"
+_BATCH_FROM = "FROM batches b"
+# A line's answer, and its counts and tokens added to its batch's in the same statement: only
+# when the line was not recorded already (by another process that ran it too). The batch's row
+# is locked before the line's is written, as `finalize` does: a line recorded by a process
+# presumed dead while another finalizes the batch waits, rather than deadlocks.
+_RECORD = """
+WITH locked AS (SELECT id FROM batches WHERE id = %(batch)s FOR UPDATE), added AS (
+    INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
+    SELECT id, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s FROM locked
+    ON CONFLICT DO NOTHING
+    RETURNING ok, coalesce(NOT ok AND output->'error'->>'code' = 'batch_expired', false) AS expired
 )
+UPDATE batches b SET completed = b.completed + a.ok::int, failed = b.failed + (NOT a.ok)::int,
+    expired = b.expired + a.expired::int, input_tokens = b.input_tokens + %(input)s,
+    output_tokens = b.output_tokens + %(output_tokens)s, cached_tokens = b.cached_tokens + %(cached)s,
+    reasoning_tokens = b.reasoning_tokens + %(reasoning)s
+FROM added a WHERE b.id = %(batch)s
+"""
 _ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A batch nobody runs: no owner (created, or let go by a process that stopped), or an owner
 # silent for `silent` seconds, as judged by a steadily beating instance.
@@ -57,6 +69,16 @@ UPDATE batches SET owner = %(judge)s WHERE id = (
         ) AND {_STEADY})
     ) ORDER BY b.seq LIMIT 1 FOR UPDATE SKIP LOCKED
 ) RETURNING id, tenant, key_id, endpoint, input_file_id, status, extract(epoch FROM expires_at - now())::float8
+"""
+# A batch's output (or error) file, its lines joined by PostgreSQL: tens of thousands of
+# answers never pass through the gateway's memory. None written when it has no such line.
+_OUTPUT_FILE = """
+INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at)
+SELECT %(id)s, %(tenant)s, 'batch_output', %(name)s, octet_length(t.content), t.content,
+    now() + make_interval(secs => (SELECT output_expires_seconds FROM batches WHERE id = %(batch)s))
+FROM (SELECT convert_to(string_agg(output::text, E'\\n' ORDER BY line) || E'\\n', 'UTF8') AS content
+      FROM batch_lines WHERE batch_id = %(batch)s AND ok = %(ok)s) t
+WHERE t.content IS NOT NULL
 """
 _PAGE = {
     "asc": "AND seq > %(cursor)s ORDER BY seq LIMIT %(limit)s",
@@ -118,6 +140,22 @@ class BatchStore:
     async def content(self, file_id: str, tenant: str | None) -> bytes | None:
         found = await self._db.fetchval(
             f"SELECT content FROM files WHERE id = %(id)s AND {_FILES_MINE}", {"id": file_id, "tenant": tenant}
+        )
+        return None if found is None else bytes(found)
+
+    async def content_size(self, file_id: str, tenant: str | None) -> tuple[int, bool] | None:
+        """The file's size, and whether it is stored compressed (a file stored before 0022:
+        read whole, as a slice of it costs decompressing all before it)."""
+        row = await self._db.fetchrow(
+            f"SELECT octet_length(content), pg_column_compression(content) IS NOT NULL FROM files WHERE id = %(id)s "
+            f"AND {_FILES_MINE}", {"id": file_id, "tenant": tenant},
+        )
+        return None if row is None else (int(row[0]), bool(row[1]))
+
+    async def content_slice(self, file_id: str, start: int, size: int) -> bytes | None:
+        """`size` bytes of the file from `start` (0-based); None: it was deleted."""
+        found = await self._db.fetchval(
+            "SELECT substring(content FROM %s FOR %s) FROM files WHERE id = %s", (start + 1, size, file_id)
         )
         return None if found is None else bytes(found)
 
@@ -240,11 +278,7 @@ class BatchStore:
         self, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
     ) -> None:
         """`tokens`: input, output, cached input and reasoning output tokens."""
-        await self._db.execute(
-            "INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, "
-            "reasoning_tokens) VALUES (%s, %s, %s, %s::json, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (batch_id, line, ok, json_text(output), *tokens),
-        )
+        await _record(self._db, batch_id, line, ok, output, tokens)
 
     async def finalizing(self, batch_id: str, owner: str) -> bool:
         """Its lines have ended: it is `finalizing` while its files are written. False: it
@@ -265,6 +299,10 @@ class BatchStore:
         """This instance stops running the batch (the gateway stops): any may take it on."""
         await self._db.execute("UPDATE batches SET owner = NULL WHERE id = %s AND owner = %s", (batch_id, owner))
 
+    async def let_go_all(self, owner: str) -> int:
+        """The instance stops: every batch it owns may be taken at once by any other."""
+        return await self._db.execute(f"UPDATE batches b SET owner = NULL WHERE b.owner = %s AND {_ACTIVE}", (owner,))
+
     async def finalize(
         self, batch_id: str, owner: str, outcome: str, unrun: list[tuple[int, dict[str, Any]]], files: tuple[str, str]
     ) -> bool:
@@ -278,26 +316,14 @@ class BatchStore:
                 return False
             tenant, endpoint = row
             for line, output in unrun:
-                await tx.execute(
-                    "INSERT INTO batch_lines (batch_id, line, ok, output) VALUES (%s, %s, false, %s::json) "
-                    "ON CONFLICT DO NOTHING", (batch_id, line, json_text(output)),
-                )
-            lines = await tx.fetch("SELECT ok, output::text FROM batch_lines WHERE batch_id = %s ORDER BY line", (batch_id,))
+                await _record(tx, batch_id, line, False, output, (0, 0, 0, 0))
             made: list[str | None] = []
             for kind, file_id in zip((True, False), files, strict=True):
-                texts = [text for ok, text in lines if ok is kind]
-                if not texts or endpoint == MESSAGES:  # a message batch's results are read from its lines
-                    made.append(None)
-                    continue
-                content = ("\n".join(texts) + "\n").encode()
-                await tx.execute(
-                    "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, "
-                    "'batch_output', %s, %s, %s, now() + make_interval(secs => "
-                    "(SELECT output_expires_seconds FROM batches WHERE id = %s)))",
-                    (file_id, tenant, f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
-                     len(content), content, batch_id),
-                )
-                made.append(file_id)
+                written = endpoint != MESSAGES and await tx.execute(_OUTPUT_FILE, {  # a message batch's results are its lines
+                    "id": file_id, "tenant": tenant, "batch": batch_id, "ok": kind,
+                    "name": f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
+                })
+                made.append(file_id if written else None)
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]
             await tx.execute(
                 f"UPDATE batches SET status = %s, {stamp} = now(), output_file_id = %s, error_file_id = %s, owner = NULL "
@@ -359,15 +385,19 @@ class BatchStore:
             found.reverse()
         return found, len(rows) > limit
 
-    async def message_results(self, batch_id: str) -> tuple[bytes, dict[int, Any]] | None:
-        """The batch's requests (its input) and each answered one's recorded line, by number."""
+    async def message_input(self, batch_id: str) -> bytes | None:
+        """The batch's requests (its input file)."""
         content = await self._db.fetchval(
             "SELECT f.content FROM batches b JOIN files f ON f.id = b.input_file_id WHERE b.id = %s", (batch_id,)
         )
-        if content is None:
-            return None
-        rows = await self._db.fetch("SELECT line, output FROM batch_lines WHERE batch_id = %s", (batch_id,))
-        return bytes(content), {int(line): output for line, output in rows}
+        return None if content is None else bytes(content)
+
+    async def recorded(self, batch_id: str, first: int, last: int) -> dict[int, Any]:
+        """The recorded answers of the batch's lines `first` to `last`, by number."""
+        rows = await self._db.fetch(
+            "SELECT line, output FROM batch_lines WHERE batch_id = %s AND line BETWEEN %s AND %s", (batch_id, first, last)
+        )
+        return {int(line): output for line, output in rows}
 
     async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
         """Delete an ended batch, its requests and results: its status before (an active one
@@ -387,12 +417,17 @@ class BatchStore:
 
 
 _ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-# A message batch's counts: an expired request is one its runner recorded unrun (`batch_expired`).
-_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", e.expired"
-_MESSAGE_FROM = (
-    _BATCH_FROM + ", LATERAL (SELECT count(*) AS expired FROM batch_lines l WHERE l.batch_id = b.id AND NOT l.ok "
-    "AND l.output->'error'->>'code' = 'batch_expired') e"
-)
+_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired"
+_MESSAGE_FROM = _BATCH_FROM
+
+
+async def _record(
+    db: Database | Tx, batch_id: str, line: int, ok: bool, output: dict[str, Any], tokens: tuple[int, int, int, int]
+) -> None:
+    await db.execute(_RECORD, {
+        "batch": batch_id, "line": line, "ok": ok, "output": json_text(output), "input": tokens[0],
+        "output_tokens": tokens[1], "cached": tokens[2], "reasoning": tokens[3],
+    })
 
 
 def _message_batch(row: Any) -> dict[str, Any] | None:

@@ -130,6 +130,9 @@ class BatchRunner:
                     with trio.move_on_after(self._poll):
                         await self._wake.wait()
         finally:
+            # Every batch this instance owns goes, not only those it runs: a claim cut short by
+            # `stop()` after PostgreSQL committed it owns a batch no task here knows of.
+            await self._let_go_all()
             self.stopped.set()
 
     async def _take(self, nursery: trio.Nursery) -> None:
@@ -199,9 +202,7 @@ class BatchRunner:
             else:
                 log.exception("batch %s stopped on an unexpected error; it resumes later", claimed.id)
                 await self._let_go(store, claimed.id)
-        finally:
-            if self._stopping:
-                await self._let_go(store, claimed.id)
+        finally:  # stopping: let go with the others once every batch has stopped (`run`)
             self._running.discard(claimed.id)
             self._ended.set()
             self.wake()  # a slot is free: another batch may be waiting
@@ -213,12 +214,26 @@ class BatchRunner:
             except DatabaseError as error:  # it is taken once this instance's heartbeat stops
                 log.debug("letting batch %s go failed: %s", batch_id, error)
 
+    async def _let_go_all(self) -> None:
+        store = self._store()
+        if store is None or self.dispatch is None:  # never served: it took none
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
+            try:
+                await store.let_go_all(self._me)
+            except DatabaseError as error:  # they are taken once this instance's heartbeat stops
+                log.warning("letting this instance's batches go failed: %s", error)
+
     async def _drive(self, store: BatchStore, claimed: Claimed) -> None:
         content = await store.input_content(claimed.input_file_id)
-        lines, faults = wire.parse_lines(content or b"", claimed.endpoint, self._max_lines)
+        missing = content is None
+        # Tens of thousands of lines parsed and checked: not on the event loop. Only the lines
+        # are kept: the file's bytes go once they are read.
+        lines, faults = await trio.to_thread.run_sync(wire.parse_lines, content or b"", claimed.endpoint, self._max_lines)
+        del content
         status = claimed.status
         if status == "validating":
-            if content is None:
+            if missing:
                 faults = [{"code": "file_not_found", "line": None, "param": "input_file_id",
                            "message": f"The input file {claimed.input_file_id} was deleted before the batch started."}]
             if faults:
@@ -316,8 +331,7 @@ class BatchRunner:
         try:
             dispatch = self.dispatch
             assert dispatch is not None
-            body = {key: value for key, value in line.body.items() if key not in ("stream", "stream_options")}
-            payload = json.dumps(body, ensure_ascii=False).encode()
+            payload = line.payload
             request_id = "req_" + secrets.token_hex(16)
             attempts, waited = 0, 0.0
             while True:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,11 +124,29 @@ def parse_create(body: bytes) -> NewBatch:
     return NewBatch(input_file_id, endpoint, window, metadata, output_expires)
 
 
+_STREAMING = ("stream", "stream_options")
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
     number: int  # 1-based, in the file
     custom_id: str
-    body: dict[str, Any]
+    model: str
+    # The request sent for it (its `body` without `stream`: a batch's answers are whole),
+    # kept as bytes: a batch's tens of thousands of lines held as parsed JSON take several
+    # times the file's size.
+    payload: bytes
+
+
+def raw_lines(content: bytes) -> Iterator[bytes]:
+    """The lines of a JSONL file, one at a time (not a list of them all: another copy of it)."""
+    start, size = 0, len(content)
+    while start < size:
+        end = content.find(b"\n", start)
+        if end < 0:
+            end = size
+        yield content[start:end]
+        start = end + 1
 
 
 def _fault(number: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -157,7 +175,8 @@ def _checked(number: int, text: bytes, endpoint: str) -> Line | dict[str, Any]:
         return _fault(number, "missing_required_parameter", "Each request needs a `body` (a JSON object).", "body")
     if not isinstance(body.get("model"), str) or not body["model"]:
         return _fault(number, "missing_required_parameter", "The `body` of each request needs a `model`.", "body.model")
-    return Line(number, custom_id, body)
+    payload = json.dumps({key: value for key, value in body.items() if key not in _STREAMING}, ensure_ascii=False)
+    return Line(number, custom_id, body["model"], payload.encode())
 
 
 def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Line], list[dict[str, Any]]]:
@@ -168,7 +187,7 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
     lines: list[Line] = []
     faults: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for index, raw in enumerate(content.split(b"\n"), start=1):
+    for index, raw in enumerate(raw_lines(content), start=1):
         if not raw.strip():
             continue
         if len(lines) + len(faults) >= max_lines:
@@ -178,10 +197,10 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
         if isinstance(checked, Line):
             if checked.custom_id in seen:
                 checked = _fault(index, "duplicate_custom_id", f"The custom_id {checked.custom_id!r} is used more than once.", "custom_id")
-            elif one_model and lines and checked.body["model"] != lines[0].body["model"]:
+            elif one_model and lines and checked.model != lines[0].model:
                 checked = _fault(
-                    index, "model_mismatch", f"The model {checked.body['model']!r} of this request is not the batch's "
-                    f"({lines[0].body['model']!r}): every request of a batch names the same model.", "body.model",
+                    index, "model_mismatch", f"The model {checked.model!r} of this request is not the batch's "
+                    f"({lines[0].model!r}): every request of a batch names the same model.", "body.model",
                 )
             else:
                 seen.add(checked.custom_id)
@@ -197,7 +216,7 @@ def parse_lines(content: bytes, endpoint: str, max_lines: int) -> tuple[list[Lin
 
 def model_of(lines: list[Line], endpoint: str) -> str | None:
     """The model of an OpenAI batch (`Batch.model`): the one its lines name."""
-    return str(lines[0].body["model"]) if lines and endpoint in ENDPOINTS else None
+    return lines[0].model if lines and endpoint in ENDPOINTS else None
 
 
 def file_object(row: Mapping[str, Any]) -> dict[str, Any]:
