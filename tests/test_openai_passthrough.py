@@ -187,10 +187,14 @@ async def test_logprobs_for_a_backend_without_them_are_a_400_naming_the_field() 
     fake = AnthropicBackend()
     async with fake.serve() as server, running_gateway(backend("local", server.url, kind="anthropic", default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        for asked in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 3}, {"top_logprobs": 2}):
+        for asked in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 3}):
             with pytest.raises(openai.BadRequestError) as info:
                 await client.chat.completions.create(model="m", messages=MESSAGES, **asked)  # type: ignore[call-overload]
-            assert info.value.param == next(iter(asked)) and "OpenAI-compatible or Ollama backend" in info.value.message
+            assert info.value.param == "logprobs" and "OpenAI-compatible or Ollama backend" in info.value.message
+        # Alternatives without `logprobs: true` are refused before any backend is chosen, as OpenAI does.
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, top_logprobs=2)  # type: ignore[call-overload]
+        assert info.value.param == "top_logprobs" and "needs `logprobs: true`" in info.value.message
         unasked = await client.chat.completions.create(model="m", messages=MESSAGES, logprobs=False)  # type: ignore[arg-type]
         assert unasked.choices[0].message.content
         await client.close()
