@@ -112,6 +112,16 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return GatewayError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)
 
 
+def database_not_configured(what: str) -> GatewayError:
+    """`what` (e.g. "files and batches need") asked of a gateway run without PostgreSQL: a 503
+    no retry can help, so the SDKs must not retry it for ever."""
+    return GatewayError(
+        ErrorKind.UNAVAILABLE,
+        f"This gateway runs without a database (`embedded = false` and no DATABASE_URL): {what} PostgreSQL.",
+        code="database_not_configured", hopeless=True,
+    )
+
+
 # A prompt longer than the model's window, in each server's words: OpenAI and vLLM ("maximum
 # context length is N tokens"), newer vLLM ("longer than the maximum model length", "exceeds
 # the max_model_len"), llama.cpp ("exceeds the available context size"), SGLang ("exceeds the

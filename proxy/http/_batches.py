@@ -27,7 +27,7 @@ from quart import Blueprint, Response, request
 from proxy.dialects._json import dumps
 from proxy.dialects.openai import batches as wire
 from proxy.dialects.responses import conversations
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured, invalid_request
 from proxy.domain.ids import storable
 from proxy.http._context import GatewayApp, gateway, request_body
 from proxy.http._head import ON_BEHALF_OF, current_tenant
@@ -48,18 +48,11 @@ _SLICE = 1 << 20
 _T = TypeVar("_T")
 
 
-def _no_database() -> GatewayError:
-    return GatewayError(
-        ErrorKind.UNAVAILABLE,
-        "This gateway runs without a database (`embedded = false` and no DATABASE_URL): files and batches need "
-        "PostgreSQL.", code="database_not_configured", hopeless=True,
-    )
-
 
 def _persistence() -> Persistence:
     persistence = gateway().persistence
     if persistence is None or persistence.resources.database_url is None or gateway().batches is None:
-        raise _no_database()
+        raise database_not_configured("files and batches need")
     return persistence
 
 

@@ -26,7 +26,7 @@ from proxy.dialects import responses
 from proxy.dialects._json import dumps
 from proxy.dialects.responses import conversations
 from proxy.domain.chat import ChatCompletion
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import GatewayError, database_not_configured, invalid_request
 from proxy.domain.fingerprint import message_to_canonical
 from proxy.domain.ids import storable
 from proxy.http._context import gateway, request_body
@@ -43,18 +43,10 @@ blueprint = Blueprint("conversations", __name__)
 _T = TypeVar("_T")
 
 
-def _no_database() -> GatewayError:
-    # A retry can never help: the SDKs must not retry it for ever on a 503.
-    return GatewayError(
-        ErrorKind.UNAVAILABLE,
-        "This gateway runs without a database (`embedded = false` and no DATABASE_URL): conversations need "
-        "PostgreSQL.", code="database_not_configured", hopeless=True,
-    )
-
 
 def _persistence(persistence: Persistence | None) -> Persistence:
     if persistence is None or persistence.resources.database_url is None:
-        raise _no_database()
+        raise database_not_configured("conversations need")
     return persistence
 
 

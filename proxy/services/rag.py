@@ -35,7 +35,7 @@ import trio
 
 from proxy.config import RagSettings
 from proxy.domain.chat import ChatRequest, Message, TextPart
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured, invalid_request
 from proxy.infra.backends import Batch
 from proxy.infra.chunking import (
     MEDIA_TYPES,
@@ -240,12 +240,7 @@ class RagService:
     def store(self) -> RagStore:
         db = self._database()
         if db is None and not self._configured:
-            # A retry can never help: the SDKs must not retry it for ever on a 503.
-            raise GatewayError(
-                ErrorKind.UNAVAILABLE,
-                "This gateway runs without a database (`embedded = false` and no DATABASE_URL): RAG workspaces "
-                "need PostgreSQL.", code="database_not_configured", hopeless=True,
-            )
+            raise database_not_configured("RAG workspaces need")
         if db is None:
             raise GatewayError(ErrorKind.UNAVAILABLE, "The RAG store (PostgreSQL) is unavailable; try again shortly.",
                                code="database_unavailable", retry_after=2)
