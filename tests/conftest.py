@@ -5,7 +5,7 @@ from __future__ import annotations
 import anthropic._base_client
 import openai._base_client
 
-pytest_plugins = ["tests.infra_servers"]
+pytest_plugins = ["tests.session_tmp", "tests.infra_servers"]
 
 
 def _no_asyncio_cleanup(self: object) -> None:

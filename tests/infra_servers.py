@@ -9,7 +9,8 @@ Register it once in tests/conftest.py, either way:
 report F811 on every test that takes them as parameters.)
 
 * `pg_url`, `nats_url` (sync, session scope): one embedded server each per test session, in
-  a pytest temp dir, stopped at the end of the session (no orphan processes). The PostgreSQL
+  a pytest temp dir (as root, one other pytest sessions leave alone: tests/session_tmp.py),
+  stopped at the end of the session (no orphan processes). The PostgreSQL
   runs without fsync: a commit is as durable as a killed postgres needs, not an OS crash.
 * `pg_database_url` (sync, function scope): a fresh, empty database on that server, dropped
   afterwards; use it for tests that change the schema (migrations) so they cannot leak.
