@@ -60,6 +60,18 @@ async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
     return await _persistence().batches(call, what)
 
 
+async def _owned(
+    well_formed: bool, lookup: Callable[[BatchStore], Awaitable[dict[str, Any] | None]], what: str,
+    missing: GatewayError,
+) -> dict[str, Any]:
+    """The caller's record `lookup` finds, or `missing` (an id of the wrong shape, another key's
+    record, none at all: the same 404, so ids of others are not confirmed)."""
+    found = await _stored(lookup, what) if well_formed else None
+    if found is None:
+        raise missing
+    return found
+
+
 async def _stored_slowly(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
     """A statement moving a file's bytes: as long as they take, not a lookup's few seconds."""
     db = _persistence().resources.database
@@ -141,12 +153,10 @@ async def list_files() -> Response:
 
 async def _own_file(file_id: str) -> dict[str, Any]:
     tenant = current_tenant()
-    found = None
-    if wire.is_file_id(file_id):
-        found = await _stored(lambda store: store.file(file_id, tenant), f"file {file_id}")
-    if found is None:
-        raise wire.file_not_found(file_id)
-    return found
+    return await _owned(
+        wire.is_file_id(file_id), lambda store: store.file(file_id, tenant), f"file {file_id}",
+        wire.file_not_found(file_id),
+    )
 
 
 @blueprint.get(f"{FILES}/<file_id>")
@@ -249,12 +259,10 @@ async def list_batches() -> Response:
 
 async def _own_batch(batch_id: str) -> dict[str, Any]:
     tenant = current_tenant()
-    found = None
-    if wire.is_batch_id(batch_id):
-        found = await _stored(lambda store: store.batch(batch_id, tenant), f"batch {batch_id}")
-    if found is None:
-        raise wire.batch_not_found(batch_id)
-    return found
+    return await _owned(
+        wire.is_batch_id(batch_id), lambda store: store.batch(batch_id, tenant), f"batch {batch_id}",
+        wire.batch_not_found(batch_id),
+    )
 
 
 @blueprint.get("/v1/batches/<batch_id>")

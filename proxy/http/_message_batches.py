@@ -26,7 +26,7 @@ from quart import Blueprint, Response, request
 from proxy.dialects.anthropic import batches as wire
 from proxy.dialects.openai.batches import new_file_id
 from proxy.domain.errors import invalid_request
-from proxy.http._batches import _persistence, _reply, _stored, _stored_slowly
+from proxy.http._batches import _owned, _persistence, _reply, _stored, _stored_slowly
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._head import current_tenant
 from proxy.http._openapi import _OBJ, _STR, _ok, _op, document
@@ -68,12 +68,10 @@ def _rendered(row: dict[str, Any]) -> dict[str, Any]:
 
 async def _own(batch_id: str) -> dict[str, Any]:
     tenant = current_tenant()
-    found = None
-    if wire.is_batch_id(batch_id):
-        found = await _stored(lambda store: store.message_batch(batch_id, tenant), f"message batch {batch_id}")
-    if found is None:
-        raise wire.batch_not_found(batch_id)
-    return found
+    return await _owned(
+        wire.is_batch_id(batch_id), lambda store: store.message_batch(batch_id, tenant), f"message batch {batch_id}",
+        wire.batch_not_found(batch_id),
+    )
 
 
 @blueprint.post(BATCHES)
