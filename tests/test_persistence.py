@@ -271,6 +271,7 @@ async def test_an_expired_cache_entry_is_a_miss_that_calls_the_backend_again(
         assert len(fake.requests) == 3
         ran, attached = sorted(answers, key=lambda r: "x-attached-to" in r.headers)
         assert ran.headers["x-cache"] == "miss" and attached.headers["x-attached-to"] == ran.headers["x-trace-id"]
+        assert attached.headers["x-cache"] == "hit"  # its answer cost no backend call of its own
 
 
 async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it(stack: Stack) -> None:

@@ -457,9 +457,12 @@ class Persistence:
             # again, as it would a moment later.
             return None
         producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
+        headers = [(b"x-attached-to", claim.trace_id.encode())]
+        if cache_id is not None:  # answered by its twin's call, not a call of its own: a hit
+            headers.append((b"x-cache", b"hit"))
         # A run here says which model answers once a stand-in took over (before its first byte).
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
-                    headers=[(b"x-attached-to", claim.trace_id.encode())], answered_by=claim.trace_id)
+                    headers=headers, answered_by=claim.trace_id)
 
     async def give_up(self, key: str, trace_id: str) -> None:
         """A key `trace_id` claimed and will not run (refused before it started): failed, so
