@@ -58,6 +58,9 @@ class BackendConfig:
     # An OpenAI-compatible backend's chat-template fields (vLLM's and SGLang's) for other
     # dialects' clients: None is on, except for hosted APIs that refuse unknown fields.
     chat_template_fields: bool | None = None
+    # Whether its requests carry the client's W3C trace context (`[tracing] propagate` on): off
+    # for a third party that should not learn the client's trace ids.
+    trace_context: bool = True
 
     @property
     def api_key(self) -> str | None:
@@ -312,7 +315,7 @@ _TOP_KEYS = {
 }
 _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
-    "max_connections", "request_usage", "cache", "chat_template_fields",
+    "max_connections", "request_usage", "cache", "chat_template_fields", "trace_context",
 }
 
 
@@ -477,6 +480,7 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
         request_usage=reader.get("request_usage", bool, True),
         cache=reader.get("cache", bool, False),
         chat_template_fields=reader.get("chat_template_fields", bool, None),
+        trace_context=reader.get("trace_context", bool, True),
     )
 
 

@@ -177,6 +177,21 @@ async def test_without_a_traceparent_each_request_is_its_own_trace_and_off_sends
     assert "traceparent" not in off.headers and "tracestate" not in off.headers
 
 
+async def test_a_backend_with_trace_context_off_gets_none_while_others_do() -> None:
+    ours, hosted = OpenAIBackend(), AnthropicBackend()
+    async with ours.serve() as o, hosted.serve() as h, running_gateway(
+        backend("vllm", o.url, default=True),
+        backend("claude", h.url, kind="anthropic", prefixes=("claude",), trace_context=False),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model in ("qwen3-8b", "claude-x"):
+            await client.chat.completions.create(model=model, messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    [local] = [r for r in ours.requests if r.method == "POST"]
+    [third_party] = [r for r in hosted.requests if r.method == "POST"]
+    continues_the_clients_trace(local)
+    assert "traceparent" not in third_party.headers and "tracestate" not in third_party.headers
+
+
 async def test_the_request_log_line_names_the_trace(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     fake = OpenAIBackend()
@@ -200,6 +215,9 @@ def test_tracing_is_configured_in_its_own_section(tmp_path: pytest.TempPathFacto
     config.write_text("[tracing]\npropagte = false\n")
     with pytest.raises(ConfigError, match=r"did you mean `tracing\.propagate`"):
         load_settings(config, environ={})
+    config.write_text('[[backends]]\nname = "claude"\nkind = "anthropic"\nbase_url = "https://api.anthropic.com"\n'
+                      'default = true\ntrace_context = false\n')
+    assert load_settings(config, environ={}).backends[0].trace_context is False
 
 
 def test_tracestate_that_cannot_be_passed_on_is_dropped_not_the_trace() -> None:

@@ -150,6 +150,7 @@ class BackendClient:
     def __init__(self, config: BackendConfig, *, auth_header: dict[str, str]) -> None:
         timeouts = config.timeouts
         self._name = config.name
+        self._traced = config.trace_context
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
         self._failover = timeouts.failover
@@ -347,7 +348,7 @@ class BackendClient:
             if params:
                 url = url.copy_merge_params(params)
             sent = {**replica.headers, **headers} if headers else replica.headers
-            if (trace := current_trace.get()) is not None:
+            if self._traced and (trace := current_trace.get()) is not None:
                 sent = {**sent, **trace.outgoing()}
             request = httpx.Request(method, url, headers=sent, content=content, extensions={"timeout": self._timeout})
             # Only while another replica could take the request is a silent one given up on.
