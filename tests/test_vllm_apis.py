@@ -289,6 +289,17 @@ async def test_the_guard_scope_limits_and_charge_apply(aio_loop: object, pg_data
             ]
             assert statuses == [200, 200, 429]
 
+            # A score's input is reserved at admission, as a rerank's: one larger than the key's
+            # whole bucket never reaches the backend. Tokenizing the same text reserves nothing.
+            small = await new_key(pg_database_url, "small", "--tpm", "100")
+            await wait_for_key(url, small)
+            text = "word " * 200
+            scored = await client.post("/score", json={"model": "m", "text_1": text, "text_2": "b"}, headers=bearer(small))
+            assert scored.status_code == 429 and "Request too large" in scored.json()["error"]["message"], scored.text
+            tokenized = await client.post("/tokenize", json={"model": "m", "prompt": text}, headers=bearer(small))
+            assert tokenized.status_code == 200, tokenized.text
+            assert [r.path for r in fake.requests if r.path in _ROOT] == ["/score", "/tokenize", "/tokenize", "/tokenize"]
+
         async def listed() -> dict[str, dict[str, object]] | None:
             code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
             assert code == 0
@@ -298,3 +309,22 @@ async def test_the_guard_scope_limits_and_charge_apply(aio_loop: object, pg_data
         entries = await eventually(listed, within=10.0)
     assert entries["scorer"]["completion_tokens"] == 0
     assert entries["tokenizer"]["prompt_tokens"] == 0
+
+
+async def test_a_multimodal_score_or_pooling_is_checked_like_a_chat() -> None:
+    fake = VllmBackend()
+    image = {"type": "image_url", "image_url": {"url": "http://10.0.0.5/cat.png"}}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        scored = await client.post("/score", json={"model": "m", "text_1": "a cat", "text_2": {"content": [image]}})
+        pooled = await client.post("/pooling", json={"model": "m", "messages": [{"role": "user", "content": [image]}]})
+        tokenized = await client.post("/tokenize", json={"messages": [{"role": "user", "content": [image]}]})
+    for response, param in (
+        (scored, "text_2.content[0].image_url.url"), (pooled, "messages[0].content[0].image_url.url"),
+        (tokenized, "messages[0].content[0].image_url.url"),
+    ):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "media_url_not_allowed"
+        assert response.json()["error"]["param"] == param
+    assert not [r for r in fake.requests if r.path in _ROOT]
