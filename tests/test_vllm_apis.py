@@ -328,3 +328,17 @@ async def test_a_multimodal_score_or_pooling_is_checked_like_a_chat() -> None:
         assert response.json()["error"]["code"] == "media_url_not_allowed"
         assert response.json()["error"]["param"] == param
     assert not [r for r in fake.requests if r.path in _ROOT]
+
+
+async def test_the_body_limit_applies_and_the_trace_reaches_the_backend() -> None:
+    fake = VllmBackend()
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), max_body_bytes=1024
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        too_large = await client.post("/classify", json={"model": "m", "input": "x" * 2000})
+        assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "invalid_request_error"
+        traced = await client.post("/tokenize", json={"model": "m", "prompt": "a"}, headers={"traceparent": traceparent})
+        assert traced.status_code == 200
+    [sent] = [r for r in fake.requests if r.path in _ROOT]
+    assert sent.path == "/tokenize" and sent.headers["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
