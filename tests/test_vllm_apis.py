@@ -318,10 +318,12 @@ async def test_a_multimodal_score_or_pooling_is_checked_like_a_chat() -> None:
         backend("vllm", server.url, default=True), refuse_private_media_urls=True
     ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         scored = await client.post("/score", json={"model": "m", "text_1": "a cat", "text_2": {"content": [image]}})
+        items = await client.post("/v1/score", json={"model": "m", "queries": "a cat", "items": [{"content": [image]}]})
         pooled = await client.post("/pooling", json={"model": "m", "messages": [{"role": "user", "content": [image]}]})
         tokenized = await client.post("/tokenize", json={"messages": [{"role": "user", "content": [image]}]})
     for response, param in (
-        (scored, "text_2.content[0].image_url.url"), (pooled, "messages[0].content[0].image_url.url"),
+        (scored, "text_2.content[0].image_url.url"), (items, "items[0].content[0].image_url.url"),
+        (pooled, "messages[0].content[0].image_url.url"),
         (tokenized, "messages[0].content[0].image_url.url"),
     ):
         assert response.status_code == 400, response.text

@@ -35,11 +35,11 @@ from proxy.infra.media_urls import check_media_urls, check_relayed_media_urls
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
 # The fields of a relayed call that may hold media parts vLLM fetches: a multimodal rerank's
-# or score's (`text_1`/`text_2`, `data_1`/`data_2` in newer versions), or the chat `messages`
-# a pooling model or the tokenizer reads.
+# or score's (`text_1`/`text_2`; newer versions also take `data_1`/`data_2`, `queries` with
+# `documents` or `items`), or the chat `messages` a pooling model or the tokenizer reads.
 _RELAYED_MEDIA: dict[str, tuple[str, ...]] = {
     "/rerank": ("query", "documents"),
-    "/../score": ("text_1", "text_2", "data_1", "data_2", "queries", "documents"),
+    "/../score": ("text_1", "text_2", "data_1", "data_2", "queries", "documents", "items"),
     "/../classify": ("messages",),
     "/../pooling": ("messages",),
     "/../tokenize": ("messages",),
