@@ -344,3 +344,17 @@ async def test_the_body_limit_applies_and_the_trace_reaches_the_backend() -> Non
         assert traced.status_code == 200
     [sent] = [r for r in fake.requests if r.path in _ROOT]
     assert sent.path == "/tokenize" and sent.headers["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+
+
+async def test_the_tokenizer_without_a_model_and_an_ollama_default_backend_is_a_400_saying_why() -> None:
+    ollama = OllamaBackend()
+    async with (
+        ollama.serve() as server,
+        running_gateway(backend("ollama", server.url, kind="ollama", default=True)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        response = await client.post("/tokenize", json={"prompt": "Hello"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "model" and "without `model` goes to the default backend `ollama` (ollama)" in error["message"]
+    assert not ollama.requests
