@@ -26,6 +26,7 @@ from proxy.domain.errors import (
     invalid_request,
     is_context_overflow,
 )
+from proxy.domain.routing import Route
 from proxy.http._auth import granted_headers, take_reservation
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
@@ -62,20 +63,23 @@ _LAST_WORDS_SECONDS = 1.0
 
 
 def relay(
-    incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
-    kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "", prompt_param: str | None = None,
+    incoming: Incoming, data: dict[str, Any], model: str | None, path: str, *,
+    kind: str, stream: bool, prompt_tokens: int | None, refusal: str, instead: str = "", prompt_param: str | None = None,
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
     to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
-    should the answer carry no usage; `prompt_param` is the field a prompt too long is.
-    A model whose backend does not serve `path` is refused with `refusal`."""
+    should the answer carry no usage; None: the call is not metered (tokenizing), its
+    tokens neither read nor estimated. `prompt_param` is the field a prompt too long is.
+    A model whose backend does not serve `path` is refused with `refusal`. Without `model`
+    (vLLM's tokenizer, which serves its one model) the call goes to the default backend,
+    its body as sent."""
     gateway = incoming.gateway
-    route = gateway.router.resolve(model)
+    route = gateway.router.resolve(model) if model is not None else _default_route(gateway.router.default_backend)
     backend = gateway.backends[route.backend]
     if not isinstance(backend, RelayBackend) or path not in backend.relays:
+        served = f"model `{model}` is served by" if model is not None else "a request without `model` goes to the default"
         raise invalid_request(
-            f"{refusal}; model `{model}` is served by backend `{route.backend}` ({backend.config.kind}).{instead}",
-            param="model",
+            f"{refusal}; {served} backend `{route.backend}` ({backend.config.kind}).{instead}", param="model",
         )
     meta = request_meta(incoming.head)
     if meta.route != "direct":
@@ -83,20 +87,36 @@ def relay(
         # would get the model's plain answer and take it for the route's.
         header = "x-pipeline" if meta.pipeline else "x-workspace" if meta.workspace else "x-route"
         raise invalid_request(
-            f"`{header}` routes chats (`/v1/chat/completions`, `/v1/messages`, `/api/chat`, ...); `{path}` "
+            f"`{header}` routes chats (`/v1/chat/completions`, `/v1/messages`, `/api/chat`, ...); `{incoming.head.path}` "
             "goes straight to the model's backend.", param=header,
         )
     principal = current_principal.get()
     record = ExchangeRecord(
-        trace_id=meta.trace_id, request_id=meta.request_id, model=model, backend=route.backend,
+        trace_id=meta.trace_id, request_id=meta.request_id, model=model or "", backend=route.backend,
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
         api_key_id=principal.id if principal is not None else None, kind=kind, reserved=take_reservation(),
     )
-    body = dumps({**data, "model": route.upstream_model})
+    body = dumps({**data, "model": route.upstream_model} if model is not None else data)
     return RelayBody(
         backend, path, body, meta, record, gateway.chat,
         stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens, prompt_param=prompt_param,
     )
+
+
+def _default_route(default: str | None) -> Route:
+    """Where a call that names no model goes: the default backend, for a key that may use
+    any model (a key limited to some cannot be told which one that backend serves)."""
+    if default is None:
+        raise invalid_request(
+            "Missing required parameter `model` (this gateway has no default backend for a request "
+            "without one).", param="model",
+        )
+    principal = current_principal.get()
+    if principal is not None and principal.models is not None:
+        raise invalid_request(
+            "Missing required parameter `model` (this API key is limited to some models: name one).", param="model",
+        )
+    return Route(backend=default, upstream_model="")
 
 
 class RelayBody(DirectBody):
@@ -113,7 +133,7 @@ class RelayBody(DirectBody):
         *,
         stream: bool,
         headers: Headers,
-        prompt_tokens: int,
+        prompt_tokens: int | None,
         prompt_param: str | None = None,
     ) -> None:
         self._backend = backend
@@ -124,7 +144,7 @@ class RelayBody(DirectBody):
         self._chat = chat
         self._stream = stream
         self._headers = headers
-        self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage
+        self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage; None: not metered
         self._prompt_param = prompt_param
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
@@ -162,7 +182,8 @@ class RelayBody(DirectBody):
             if self.hung_up:
                 record.cancelled = True
                 record.status = record.status or 499
-            if record.prompt_tokens is None and record.completion_tokens is None and (self._frames or self.hung_up):
+            metered = self._prompt_tokens is not None
+            if metered and record.prompt_tokens is None and record.completion_tokens is None and (self._frames or self.hung_up):
                 # A stream without its usage (the client left, or did not ask for it), or an
                 # answer its client did not wait for: charged an estimate, or leaving early
                 # would be a way around a key's token limit.
@@ -251,13 +272,15 @@ class RelayBody(DirectBody):
             await self._fail(error)
             return
         try:
-            self._note_usage(_usage_of(body))
+            found = _usage_of(body)
         except UnicodeDecodeError:
             # Bytes that are not UTF-8 (llama.cpp's): the answer with U+FFFD for them.
             body = body.decode("utf-8", "replace").encode()
-            self._note_usage(_usage_of(body))
+            found = _usage_of(body)
         record = self.record
-        if record.prompt_tokens is None and record.completion_tokens is None:
+        if self._prompt_tokens is not None:
+            self._note_usage(found)
+        if self._prompt_tokens is not None and record.prompt_tokens is None and record.completion_tokens is None:
             # An answer without usage (servers differ, rerank most): charged its input.
             record.prompt_tokens, record.completion_tokens = self._prompt_tokens, 0
             record.usage_estimated = True

@@ -27,6 +27,7 @@ from proxy.http import (
     _rerank,
     _responses,
     _streams,
+    _vllm,
     _workspaces,
 )
 from proxy.http._auth import install_auth
@@ -122,7 +123,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_batches.blueprint)
     app.register_blueprint(_message_batches.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _completions, _rerank, _responses, _ollama, _anthropic, _streams):
+    for surface in (_openai, _completions, _rerank, _vllm, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)

@@ -34,8 +34,16 @@ from proxy.infra.backends._base import (
 from proxy.infra.media_urls import check_media_urls, check_relayed_media_urls
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
-# The fields of a rerank that may hold media parts (vLLM's multimodal rerankers).
-_RERANK_MEDIA = ("query", "documents")
+# The fields of a relayed call that may hold media parts vLLM fetches: a multimodal rerank's
+# or score's (`text_1`/`text_2`; newer versions also take `data_1`/`data_2`, `queries` with
+# `documents` or `items`), or the chat `messages` a pooling model or the tokenizer reads.
+_RELAYED_MEDIA: dict[str, tuple[str, ...]] = {
+    "/rerank": ("query", "documents"),
+    "/../score": ("text_1", "text_2", "data_1", "data_2", "queries", "documents", "items"),
+    "/../classify": ("messages",),
+    "/../pooling": ("messages",),
+    "/../tokenize": ("messages",),
+}
 
 
 def _model_details(item: dict[str, object]) -> dict[str, object]:
@@ -201,15 +209,20 @@ class OpenAIBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
-    relays = frozenset({"/completions", "/rerank"})
+    # vLLM's tokenizer, score, classification and pooling APIs are at the server root.
+    relays = frozenset({
+        "/completions", "/rerank", "/../tokenize", "/../detokenize", "/../score", "/../classify", "/../pooling",
+    })
 
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open.
+        """`POST {path}` (legacy text completions, rerank, vLLM's extra APIs) under `base_url`
+        (`/../` paths under the server's root), the response left open.
 
-        A multimodal rerank's media URLs are fetched by vLLM as a chat's are: checked alike.
+        A multimodal call's media URLs are fetched by vLLM as a chat's are: checked alike.
         (vLLM's text completions take no media: `prompt_embeds` are inline tensors.)"""
-        if self._check_media and path == "/rerank":
-            await check_relayed_media_urls(json.loads(body), _RERANK_MEDIA)
+        media = _RELAYED_MEDIA.get(path) if self._check_media else None
+        if media is not None:
+            await check_relayed_media_urls(json.loads(body), media)
         accept = "text/event-stream" if stream else "application/json"
         return await self._client.open_heard(
             "POST", path, content=body,

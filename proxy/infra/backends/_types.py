@@ -154,7 +154,8 @@ class EmbeddingBackend(Protocol):
 @runtime_checkable
 class RelayBackend(Protocol):
     """A backend with OpenAI-compatible APIs the gateway relays as they are, without domain
-    translation: legacy text completions (`/completions`), rerank (`/rerank`).
+    translation: legacy text completions (`/completions`), rerank (`/rerank`), vLLM's tokenizer,
+    score, classification and pooling APIs (`/../tokenize`, ...: at the server's root).
 
     `relays` names the API paths it serves. `open_relay` sends `body` (the client's, its
     model already the upstream one) to `path` under the backend's OpenAI-compatible API root
