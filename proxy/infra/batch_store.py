@@ -10,8 +10,11 @@ its output holds each line once even should two instances have run it.
 
 from __future__ import annotations
 
+import io
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from proxy.infra.chat_store import _STEADY
 from proxy.infra.postgres import Database, Tx, json_text
@@ -87,6 +90,35 @@ _PAGE = {
 _NO_CURSOR = {"asc": 0, "desc": 2**63 - 1}
 
 
+# A file's row in COPY's binary format: its bytes written as they are read, no escaping.
+_COPY_FILE = "COPY files (id, tenant, purpose, filename, bytes, content) FROM STDIN (FORMAT binary)"
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_SLICE = 1 << 20
+
+
+def _file_row(
+    file_id: str, tenant: str | None, purpose: str, filename: str, content: IO[bytes], size: int
+) -> Iterator[bytes]:
+    """A file's row for `_COPY_FILE`: its fields, then its `size` bytes a slice at a time."""
+    head = bytearray(_COPY_SIGNATURE + struct.pack(">h", 6))
+    for text in (file_id, tenant, purpose, filename):
+        if text is None:
+            head += struct.pack(">i", -1)
+        else:
+            encoded = text.encode()
+            head += struct.pack(">i", len(encoded)) + encoded
+    head += struct.pack(">iq", 8, size) + struct.pack(">i", size)
+    yield bytes(head)
+    left = size
+    while left > 0:
+        piece = content.read(min(_COPY_SLICE, left))
+        if not piece:
+            raise OSError(f"the file ended {left} bytes short of its {size}")
+        left -= len(piece)
+        yield piece
+    yield struct.pack(">h", -1)
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A batch this instance now runs."""
@@ -120,14 +152,20 @@ class BatchStore:
     # -- files -----------------------------------------------------------------------------
 
     async def add_file(
-        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes,
-        expires_seconds: int | None = None,
+        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes | IO[bytes],
+        expires_seconds: int | None = None, *, size: int | None = None,
     ) -> dict[str, Any]:
-        row = await self._db.fetchrow(
-            "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
-            f"now() + make_interval(secs => %s)) RETURNING {_FILE_COLUMNS}",
-            (file_id, tenant, purpose, filename, len(content), content, expires_seconds),
-        )
+        """Store a file; `content` a file object is read a slice at a time from where it is
+        (`size` bytes of it) and streamed to PostgreSQL (`COPY`), never whole in memory."""
+        if isinstance(content, bytes):
+            size, content = len(content), io.BytesIO(content)
+        assert size is not None
+        async with self._db.transaction() as tx:
+            await tx.copy_in(_COPY_FILE, _file_row(file_id, tenant, purpose, filename, content, size))
+            row = await tx.fetchrow(
+                f"UPDATE files SET expires_at = now() + make_interval(secs => %s) WHERE id = %s RETURNING {_FILE_COLUMNS}",
+                (expires_seconds, file_id),
+            )
         found = _file(row)
         assert found is not None
         return found
