@@ -52,6 +52,11 @@ async def test_a_file_of_exactly_the_limit_is_stored_byte_for_byte_whatever_the_
             assert reply.status_code == 200, reply.text
             assert reply.json()["filename"] == "first.jsonl" and reply.json()["purpose"] == "batch"
             assert (await http.get(f"/v1/files/{reply.json()['id']}/content")).content == content[:5000]
+            cut = await http.post(
+                "/v1/files", content=part("purpose", b"batch") + part("file", b"{}", "cut.jsonl"),
+                headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+            )
+            assert cut.status_code == 400 and cut.json()["error"]["type"] == "invalid_request_error"
 
         with pytest.raises(openai.APIStatusError) as too_large:
             await client.files.create(file=("over.jsonl", content + b"x"), purpose="batch")

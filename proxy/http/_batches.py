@@ -31,6 +31,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured
 from proxy.domain.ids import storable
 from proxy.http import _upload
 from proxy.http._context import GatewayApp, gateway, request_body
+from proxy.http._errors import _closing, error_response
 from proxy.http._head import ON_BEHALF_OF, current_tenant
 from proxy.http._openapi import _INT, _OBJ, _STR, _ok, _op, document
 from proxy.http._request import PacedRequest
@@ -116,7 +117,13 @@ async def upload_file() -> Response:
     if request.mimetype != "multipart/form-data":
         raise invalid_request("Upload a file as multipart/form-data with the fields `file` and `purpose`.", param="file")
     limit = gateway().settings.batches.file_max_bytes
-    upload = await _upload.receive(cast(PacedRequest, request), "file", limit, lambda: _too_large(limit))
+    try:
+        upload = await _upload.receive(cast(PacedRequest, request), "file", limit, lambda: _too_large(limit))
+    except GatewayError as error:
+        # Refused before the body's end: the connection cannot carry another request.
+        response = error_response(error)
+        _closing(response)
+        return response
     try:
         return await _store_upload(upload)
     finally:

@@ -120,7 +120,7 @@ def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(GatewayError)
     async def gateway_error(error: GatewayError) -> Response:
         response = error_response(error)
-        if error.status in (408, 413):  # a 413 may refuse a body before its end (a file upload's)
+        if error.status == 408:
             _closing(response)
         return response
 
