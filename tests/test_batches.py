@@ -395,7 +395,7 @@ async def test_a_batch_recorded_before_its_counts_were_kept_on_its_row_keeps_the
             "reasoning_tokens) VALUES ('batch_old', 1, true, '{}', 5, 2, 1, 0), ('batch_old', 2, false, '{}', 0, 0, 0, 0), "
             "('batch_old', 3, false, '{\"error\": {\"code\": \"batch_expired\"}}', 0, 0, 0, 0)"
         )
-        assert await migrate(db) == ["0022_batch_counts"]
+        assert "0022_batch_counts" in await migrate(db)  # and any later one
         found = await BatchStore(db).message_batch("batch_old", None)
     assert found is not None
     assert (found["completed"], found["failed"], found["expired"], found["input_tokens"], found["cached_tokens"]) == (1, 2, 1, 5, 1)

@@ -21,7 +21,7 @@ from proxy.config import BatchSettings
 from proxy.dialects.anthropic import batches as wire
 from proxy.dialects.openai.batches import new_file_id
 from proxy.infra.batch_store import BatchStore
-from proxy.infra.migrations import migrate
+from proxy.infra.migrations import load_migrations, migrate
 from proxy.infra.postgres import open_database
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend
@@ -271,7 +271,7 @@ async def test_a_big_batchs_results_are_streamed_a_page_at_a_time_each_request_i
     async with open_database(pg_database_url) as db:
         await migrate(db)
         content = wire.input_lines([(name, request(name)["params"]) for name in names])
-        await BatchStore(db).add_message_batch(batch_id, new_file_id(), None, None, content, total)
+        await BatchStore(db).add_message_batch(batch_id, new_file_id(), None, None, content, names)
         # Ended before any gateway looks: each request answered but every seventh.
         await db.execute("UPDATE batches SET status = 'cancelled', cancelled_at = now() WHERE id = %s", (batch_id,))
         await db.execute(
@@ -298,8 +298,46 @@ async def test_a_big_batchs_results_are_streamed_a_page_at_a_time_each_request_i
             assert line.result.type == "succeeded" and line.result.message.id == f"msg_{number}"
 
 
+async def test_results_are_read_without_the_requests_again_and_of_a_batch_made_before_0023(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A read of the results reads each page's own `custom_id`s and answers, not the batch's
+    requests (megabytes of bodies, parsed again at every read); a batch made before migration
+    0023, or by an instance not yet upgraded, has its `custom_id`s taken from its requests."""
+    names = [f"id-{n}" for n in range(1, 1201)]
+    made, old = wire.new_batch_id(), wire.new_batch_id()
+    async with open_database(pg_database_url) as db:
+        await migrate(db)
+        store = BatchStore(db)
+        for batch_id in (made, old):
+            content = wire.input_lines([(name, request(name)["params"]) for name in names])
+            await store.add_message_batch(batch_id, new_file_id(), None, None, content, names)
+            await db.execute("UPDATE batches SET status = 'cancelled', cancelled_at = now() WHERE id = %s", (batch_id,))
+            await db.execute(
+                "INSERT INTO batch_lines (batch_id, line, ok, output) SELECT %s, n, true, json_build_object("
+                "'response', json_build_object('status_code', 200, 'body', json_build_object('type', 'message', "
+                "'id', 'msg_' || n))) FROM generate_series(2, %s, 2) n", (batch_id, len(names)),
+            )
+        await db.execute(
+            "UPDATE files f SET content = ''::bytea FROM batches b WHERE b.id = %s AND f.id = b.input_file_id", (made,)
+        )
+        await db.execute("DELETE FROM message_batch_requests WHERE batch_id = %s", (old,))
+        [filling] = [migration for migration in load_migrations() if migration.version == 23]
+        await db.execute(filling.sql)
+        assert await db.fetchval("SELECT count(*) FROM message_batch_requests WHERE batch_id = %s", (old,)) == len(names)
+        await db.execute("DELETE FROM message_batch_requests WHERE batch_id = %s", (old,))
+    async with gateway(pg_database_url, nats_url, backend("vllm", "http://127.0.0.1:9", default=True)) as url:
+        client = sdk(url)
+        for batch_id in (made, old, old):
+            lines = [line async for line in await client.messages.batches.results(batch_id)]
+            assert [line.custom_id for line in lines] == names
+            assert [line.result.type for line in lines] == ["canceled", "succeeded"] * (len(names) // 2)
+            assert lines[-1].result.type == "succeeded" and lines[-1].result.message.id == f"msg_{len(names)}"
+        await client.close()
+
+
 def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
-    content = wire.input_lines([(name, request(name)["params"]) for name in ("ok", "refused", "bug", "late", "never")])
+    names = ("ok", "refused", "bug", "late", "never")
     recorded = {
         1: {"custom_id": "ok", "response": {"status_code": 200, "request_id": "r1", "body": {"type": "message"}}},
         2: {"custom_id": "refused", "response": {"status_code": 403, "request_id": "r2", "body": {
@@ -309,7 +347,8 @@ def test_each_recorded_answer_is_rendered_as_anthropics_result() -> None:
             "error": {"message": "Internal gateway error", "type": "server_error"}}}},
         4: {"custom_id": "late", "response": None, "error": {"code": "batch_expired", "message": "too late"}},
     }
-    lines = [json.loads(line) for line in wire.results(wire.numbered(content), recorded).splitlines()]
+    requests = [(name, recorded.get(number)) for number, name in enumerate(names, start=1)]
+    lines = [json.loads(line) for line in wire.results(requests).splitlines()]
     assert [line["custom_id"] for line in lines] == ["ok", "refused", "bug", "late", "never"]
     results = [line["result"] for line in lines]
     assert results[0] == {"type": "succeeded", "message": {"type": "message"}}

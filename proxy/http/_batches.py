@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, HTTPScope
@@ -29,9 +29,12 @@ from proxy.dialects.openai import batches as wire
 from proxy.dialects.responses import conversations
 from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured, invalid_request
 from proxy.domain.ids import storable
+from proxy.http import _upload
 from proxy.http._context import GatewayApp, gateway, request_body
+from proxy.http._errors import _closing, error_response
 from proxy.http._head import ON_BEHALF_OF, current_tenant
 from proxy.http._openapi import _INT, _OBJ, _STR, _ok, _op, document
+from proxy.http._request import PacedRequest
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.postgres import DatabaseError
 from proxy.services.auth import current_principal
@@ -113,26 +116,39 @@ async def upload_file() -> Response:
     _persistence()
     if request.mimetype != "multipart/form-data":
         raise invalid_request("Upload a file as multipart/form-data with the fields `file` and `purpose`.", param="file")
-    form, files = await request.form, await request.files
+    limit = gateway().settings.batches.file_max_bytes
+    try:
+        upload = await _upload.receive(cast(PacedRequest, request), "file", limit, lambda: _too_large(limit))
+    except GatewayError as error:
+        # Refused before the body's end: the connection cannot carry another request.
+        response = error_response(error)
+        _closing(response)
+        return response
+    try:
+        return await _store_upload(upload)
+    finally:
+        upload.close()
+
+
+async def _store_upload(upload: _upload.Upload) -> Response:
+    form = upload.fields
     purpose = wire.check_purpose(form.get("purpose"))
     # The SDK sends `expires_after={...}` as the form's fields `expires_after[anchor]` and `[seconds]`.
     seconds: str | int | None = form.get("expires_after[seconds]")
     if isinstance(seconds, str) and seconds.isdigit():
         seconds = int(seconds)
     expires = wire.expires_after(form.get("expires_after[anchor]"), seconds, "expires_after")
-    upload = files.get("file")
-    if upload is None:
+    content = upload.content
+    if content is None:
         raise invalid_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
-    limit = gateway().settings.batches.file_max_bytes
-    content = upload.read(limit + 1)
-    if len(content) > limit:
-        raise _too_large(limit)
     filename = upload.filename or "upload.jsonl"
     if not storable(filename) or len(filename) > 512:
         raise invalid_request("Invalid file name.", param="file")
     tenant = current_tenant()
     created = await _stored_slowly(
-        lambda store: store.add_file(wire.new_file_id(), tenant, purpose, filename, content, expires), "storing a file"
+        lambda store: store.add_file(
+            wire.new_file_id(), tenant, purpose, filename, content, expires, size=upload.size
+        ), "storing a file",
     )
     return _reply(wire.file_object(created))
 

@@ -14,7 +14,6 @@ Errors are Anthropic's (`/v1/messages` paths answer in its shape).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -88,7 +87,9 @@ async def create() -> Response:
     key_id = principal.id if principal is not None else None
     batch_id = wire.new_batch_id()
     created = await _stored_slowly(
-        lambda store: store.add_message_batch(batch_id, new_file_id(), tenant, key_id, content, len(requests)),
+        lambda store: store.add_message_batch(
+            batch_id, new_file_id(), tenant, key_id, content, [custom_id for custom_id, _ in requests]
+        ),
         "storing a message batch",
     )
     runner = gateway().batches
@@ -173,26 +174,30 @@ async def results(batch_id: str) -> Response:
             f"Message batch {batch_id} is still processing: its results are ready once `processing_status` is "
             "'ended'.", param="message_batch_id",
         )
-    content = await _stored_slowly(lambda store: store.message_input(batch_id), f"message batch {batch_id}'s requests")
-    if content is None:  # deleted meanwhile
-        raise wire.batch_not_found(batch_id)
     db = _persistence().resources.database
     assert db is not None
-    return Response(_results(BatchStore(db), batch_id, content), content_type="application/x-jsonl")
+    return Response(_results(BatchStore(db), batch_id, found["total"]), content_type="application/x-jsonl")
 
 
-async def _results(store: BatchStore, batch_id: str, content: bytes) -> AsyncIterator[bytes]:
-    """A batch's results a page of requests at a time: its tens of thousands of answers are
-    never all in memory at once. A database failure midway cuts the response short (its
-    status was sent): the client sees a broken download, not a short file."""
-    requests = wire.numbered(content)
-    while page := list(itertools.islice(requests, _RESULTS_PAGE)):
+async def _results(store: BatchStore, batch_id: str, total: int) -> AsyncIterator[bytes]:
+    """A batch's results a page of requests at a time, each page only its own requests' rows
+    (their `custom_id`s and answers): its tens of thousands are never all in memory at once,
+    nor its requests' bodies read. Deleted or unreadable midway, the response is cut short
+    (its status was sent): the client sees a broken download, not a short file."""
+    sent = last = 0
+    while True:
         try:
-            recorded = await store.recorded(batch_id, page[0][0], page[-1][0])
+            page = await store.results(batch_id, last, _RESULTS_PAGE)
+            if len(page) < _RESULTS_PAGE and sent + len(page) < total:
+                raise DatabaseError(f"message batch {batch_id} was deleted while its results were read")
         except DatabaseError as error:
             log.warning("reading message batch %s's results failed: %s", batch_id, error)
             raise
-        yield await trio.to_thread.run_sync(wire.results, page, recorded)
+        if page:
+            yield await trio.to_thread.run_sync(wire.results, [(custom_id, output) for _, custom_id, output in page])
+        if len(page) < _RESULTS_PAGE:
+            return
+        sent, last = sent + len(page), page[-1][0]
 
 
 _BATCH = {"type": "object", "properties": {"id": _STR, "type": _STR, "processing_status": _STR, "request_counts": _OBJ}}

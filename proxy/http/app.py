@@ -27,6 +27,7 @@ from proxy.http import (
     _rerank,
     _responses,
     _streams,
+    _upload,
     _vllm,
     _workspaces,
 )
@@ -101,7 +102,7 @@ def create_app(settings: Settings) -> GatewayApp:
 
     class _Request(PacedRequest):
         limits: ClassVar[dict[str, int]] = {  # an upload's own
-            _batches.FILES: settings.batches.file_max_bytes, _message_batches.BATCHES: settings.batches.file_max_bytes,
+            _batches.FILES: settings.batches.file_max_bytes + _upload.OVERHEAD, _message_batches.BATCHES: settings.batches.file_max_bytes,
         }
 
     app.request_class = _Request

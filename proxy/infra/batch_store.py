@@ -10,8 +10,11 @@ its output holds each line once even should two instances have run it.
 
 from __future__ import annotations
 
+import io
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from proxy.infra.chat_store import _STEADY
 from proxy.infra.postgres import Database, Tx, json_text
@@ -87,6 +90,35 @@ _PAGE = {
 _NO_CURSOR = {"asc": 0, "desc": 2**63 - 1}
 
 
+# A file's row in COPY's binary format: its bytes written as they are read, no escaping.
+_COPY_FILE = "COPY files (id, tenant, purpose, filename, bytes, content) FROM STDIN (FORMAT binary)"
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_SLICE = 1 << 20
+
+
+def _file_row(
+    file_id: str, tenant: str | None, purpose: str, filename: str, content: IO[bytes], size: int
+) -> Iterator[bytes]:
+    """A file's row for `_COPY_FILE`: its fields, then its `size` bytes a slice at a time."""
+    head = bytearray(_COPY_SIGNATURE + struct.pack(">h", 6))
+    for text in (file_id, tenant, purpose, filename):
+        if text is None:
+            head += struct.pack(">i", -1)
+        else:
+            encoded = text.encode()
+            head += struct.pack(">i", len(encoded)) + encoded
+    head += struct.pack(">iq", 8, size) + struct.pack(">i", size)
+    yield bytes(head)
+    left = size
+    while left > 0:
+        piece = content.read(min(_COPY_SLICE, left))
+        if not piece:
+            raise OSError(f"the file ended {left} bytes short of its {size}")
+        left -= len(piece)
+        yield piece
+    yield struct.pack(">h", -1)
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A batch this instance now runs."""
@@ -120,14 +152,20 @@ class BatchStore:
     # -- files -----------------------------------------------------------------------------
 
     async def add_file(
-        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes,
-        expires_seconds: int | None = None,
+        self, file_id: str, tenant: str | None, purpose: str, filename: str, content: bytes | IO[bytes],
+        expires_seconds: int | None = None, *, size: int | None = None,
     ) -> dict[str, Any]:
-        row = await self._db.fetchrow(
-            "INSERT INTO files (id, tenant, purpose, filename, bytes, content, expires_at) VALUES (%s, %s, %s, %s, %s, %s, "
-            f"now() + make_interval(secs => %s)) RETURNING {_FILE_COLUMNS}",
-            (file_id, tenant, purpose, filename, len(content), content, expires_seconds),
-        )
+        """Store a file; `content` a file object is read a slice at a time from where it is
+        (`size` bytes of it) and streamed to PostgreSQL (`COPY`), never whole in memory."""
+        if isinstance(content, bytes):
+            size, content = len(content), io.BytesIO(content)
+        assert size is not None
+        async with self._db.transaction() as tx:
+            await tx.copy_in(_COPY_FILE, _file_row(file_id, tenant, purpose, filename, content, size))
+            row = await tx.fetchrow(
+                f"UPDATE files SET expires_at = now() + make_interval(secs => %s) WHERE id = %s RETURNING {_FILE_COLUMNS}",
+                (expires_seconds, file_id),
+            )
         found = _file(row)
         assert found is not None
         return found
@@ -335,9 +373,11 @@ class BatchStore:
     # -- Anthropic's message batches (`/v1/messages/batches`): batches of endpoint /v1/messages --
 
     async def add_message_batch(
-        self, batch_id: str, file_id: str, tenant: str | None, key_id: int | None, content: bytes, total: int
+        self, batch_id: str, file_id: str, tenant: str | None, key_id: int | None, content: bytes,
+        custom_ids: list[str],
     ) -> dict[str, Any]:
-        """The batch and its requests (an input file the Files API does not show), in one go."""
+        """The batch and its requests (an input file the Files API does not show; their
+        `custom_ids` in its order, for its results), in one go."""
         async with self._db.transaction() as tx:
             await tx.execute(
                 "INSERT INTO files (id, tenant, purpose, filename, bytes, content) VALUES (%s, %s, %s, %s, %s, %s)",
@@ -346,7 +386,12 @@ class BatchStore:
             await tx.execute(
                 "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, status, total, "
                 "expires_at) VALUES (%s, %s, %s, %s, %s, '24h', 'validating', %s, now() + interval '24 hours')",
-                (batch_id, tenant, key_id, MESSAGES, file_id, total),
+                (batch_id, tenant, key_id, MESSAGES, file_id, len(custom_ids)),
+            )
+            await tx.execute(
+                "INSERT INTO message_batch_requests (batch_id, line, custom_id) "
+                "SELECT %s, t.n, t.id FROM unnest(%s::text[]) WITH ORDINALITY AS t(id, n)",
+                (batch_id, custom_ids),
             )
         found = await self.message_batch(batch_id, tenant)
         assert found is not None
@@ -385,19 +430,13 @@ class BatchStore:
             found.reverse()
         return found, len(rows) > limit
 
-    async def message_input(self, batch_id: str) -> bytes | None:
-        """The batch's requests (its input file)."""
-        content = await self._db.fetchval(
-            "SELECT f.content FROM batches b JOIN files f ON f.id = b.input_file_id WHERE b.id = %s", (batch_id,)
-        )
-        return None if content is None else bytes(content)
-
-    async def recorded(self, batch_id: str, first: int, last: int) -> dict[int, Any]:
-        """The recorded answers of the batch's lines `first` to `last`, by number."""
-        rows = await self._db.fetch(
-            "SELECT line, output FROM batch_lines WHERE batch_id = %s AND line BETWEEN %s AND %s", (batch_id, first, last)
-        )
-        return {int(line): output for line, output in rows}
+    async def results(self, batch_id: str, after: int, limit: int) -> list[tuple[int, str, Any]]:
+        """The line, `custom_id` and recorded answer (None: none) of the batch's next `limit`
+        requests after line `after`, in order."""
+        rows = await self._db.fetch(_RESULTS, (batch_id, after, limit))
+        if not rows and after == 0 and await self._db.execute(_REQUESTS_OF_INPUT, (batch_id,)):
+            rows = await self._db.fetch(_RESULTS, (batch_id, after, limit))
+        return [(int(line), str(custom_id), output) for line, custom_id, output in rows]
 
     async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
         """Delete an ended batch, its requests and results: its status before (an active one
@@ -416,6 +455,20 @@ class BatchStore:
             return str(status)
 
 
+_RESULTS = (
+    "SELECT r.line, r.custom_id, l.output FROM message_batch_requests r LEFT JOIN batch_lines l "
+    "ON l.batch_id = r.batch_id AND l.line = r.line WHERE r.batch_id = %s AND r.line > %s ORDER BY r.line LIMIT %s"
+)
+# A batch's requests' rows from its input file, as migration 0023 filled in those of the
+# batches before it: one created since by an instance not yet upgraded has none.
+_REQUESTS_OF_INPUT = r"""
+INSERT INTO message_batch_requests (batch_id, line, custom_id)
+SELECT b.id, t.n, t.line::json->>'custom_id'
+FROM batches b JOIN files f ON f.id = b.input_file_id,
+    LATERAL regexp_split_to_table(convert_from(f.content, 'UTF8'), E'\n') WITH ORDINALITY AS t(line, n)
+WHERE b.id = %s AND b.endpoint = '/v1/messages' AND t.line ~ '\S'
+ON CONFLICT DO NOTHING
+"""
 _ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 _MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired"
 _MESSAGE_FROM = _BATCH_FROM

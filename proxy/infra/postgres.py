@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeVar
 
@@ -178,6 +178,12 @@ async def _run_on(conn: _Conn, sql: str, params: Params, mode: _Mode) -> Any:
     return None if row is None else row[0]
 
 
+async def _copy_on(conn: _Conn, sql: str, pieces: Iterable[Buffer]) -> None:
+    async with conn.cursor() as cur, cur.copy(sql) as copy:
+        for piece in pieces:
+            await copy.write(piece)
+
+
 class _Queries:
     """The query methods shared by `Database` (any pooled connection) and `Tx` (one)."""
 
@@ -214,6 +220,13 @@ class Tx(_Queries):
         if self._conn is None:
             raise DatabaseError("transaction already finished")
         return await _hop(_run_on, self._conn, sql, params, mode)
+
+    async def copy_in(self, sql: str, pieces: Iterable[Buffer]) -> None:
+        """`COPY ... FROM STDIN` fed `pieces` (the COPY's data as they are) one at a time, as
+        they are drawn: a value of hundreds of megabytes is never whole in memory here."""
+        if self._conn is None:
+            raise DatabaseError("transaction already finished")
+        await _hop(_copy_on, self._conn, sql, pieces)
 
 
 class Database(_Queries):

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from proxy.dialects._json import loads_object
 from proxy.dialects.anthropic._request import BETA_EXTRA, parse_messages_request
-from proxy.dialects.openai.batches import raw_lines
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 
 MESSAGES = "/v1/messages"
@@ -147,22 +146,14 @@ def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     }
 
 
-def numbered(content: bytes) -> Iterator[tuple[int, bytes]]:
-    """A batch's requests (the lines of its input), one at a time, each with its line's number."""
-    for number, raw in enumerate(raw_lines(content), start=1):
-        if raw.strip():
-            yield number, raw
-
-
-def results(requests: Iterable[tuple[int, bytes]], recorded: Mapping[int, Any]) -> bytes:
-    """The results' JSONL of `requests` (numbered, in their order): the answer the batch engine
-    recorded for each (the `/v1/messages` call's body and status), or canceled when it never
-    ran (an ended batch's unrecorded requests are those its cancel stopped)."""
-    out: list[bytes] = []
-    for number, raw in requests:
-        custom_id = json.loads(raw)["custom_id"]
-        out.append(json.dumps({"custom_id": custom_id, "result": _result(recorded.get(number))}, ensure_ascii=False).encode())
-    return b"".join(line + b"\n" for line in out)
+def results(requests: Iterable[tuple[str, Any]]) -> bytes:
+    """The results' JSONL of `requests` (each its `custom_id` and the answer the batch engine
+    recorded for it, the `/v1/messages` call's body and status; None: canceled, it never ran,
+    as an ended batch's unrecorded requests are those its cancel stopped)."""
+    return b"".join(
+        json.dumps({"custom_id": custom_id, "result": _result(recorded)}, ensure_ascii=False).encode() + b"\n"
+        for custom_id, recorded in requests
+    )
 
 
 def _result(line: Any) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""`POST /v1/files` read as its bytes arrive: a file up to exactly `[batches] file_max_bytes`
+is taken whatever the form's size around it, its bytes stored exactly (across the slices it
+is streamed to PostgreSQL in), and one past the limit refused as soon as its bytes pass it,
+its sender stopped (chunked too: not read to its end first)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from proxy.config import BatchSettings
+from tests.fakes import OpenAIBackend
+from tests.harness import backend
+from tests.test_auth_helpers import gateway
+
+pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
+
+BOUNDARY = "upload-boundary-7d1f"
+
+
+def part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+async def test_a_file_of_exactly_the_limit_is_stored_byte_for_byte_whatever_the_forms_order(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """The limit is the file's (the 413 says so), not the form's around it; bytes that look
+    like the form's own (near-boundaries, CRLFs, every byte value) are the file's, stored exactly
+    across the megabyte slices they are streamed in; `purpose` may follow the file (curl's
+    `-F` order)."""
+    limit = 3 * 2**20 + 12_345
+    tricky = b"".join(bytes(range(256)) + f"\r\n--{BOUNDARY}x\r\n--{BOUNDARY[:-1]}\r\n\r\n--{BOUNDARY}".encode() for _ in range(64))
+    content = (tricky + os.urandom(limit))[:limit]
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(file_max_bytes=limit),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        uploaded = await client.files.create(file=("exact.jsonl", content), purpose="batch")
+        assert uploaded.bytes == limit and uploaded.filename == "exact.jsonl"
+        assert (await client.files.content(uploaded.id)).content == content
+
+        body = part("file", content[:5000], "first.jsonl") + part("purpose", b"batch") + f"--{BOUNDARY}--\r\n".encode()
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            reply = await http.post("/v1/files", content=body, headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["filename"] == "first.jsonl" and reply.json()["purpose"] == "batch"
+            assert (await http.get(f"/v1/files/{reply.json()['id']}/content")).content == content[:5000]
+            cut = await http.post(
+                "/v1/files", content=part("purpose", b"batch") + part("file", b"{}", "cut.jsonl"),
+                headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"},
+            )
+            assert cut.status_code == 400 and cut.json()["error"]["type"] == "invalid_request_error"
+
+        with pytest.raises(openai.APIStatusError) as too_large:
+            await client.files.create(file=("over.jsonl", content + b"x"), purpose="batch")
+        assert too_large.value.status_code == 413 and f"{limit} bytes" in too_large.value.message
+        assert too_large.value.code == "file_too_large"
+        assert [file.id for file in (await client.files.list()).data] == [reply.json()["id"], uploaded.id]
+        await client.close()
+
+
+async def test_a_chunked_upload_past_the_limit_is_refused_before_its_end(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """No `content-length` to refuse it by: the file's bytes are counted as they arrive, and
+    past `file_max_bytes` the upload is a 413 in OpenAI's shape at once, its connection
+    closed: the sender is stopped long before the gigabytes it meant to send."""
+    limit, meant = 4 * 2**20, 128 * 2**20
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        head = part("purpose", b"batch") + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'.encode()
+        yield head
+        piece = b'{"custom_id": "x"}\n' * 3000
+        while sent < meant:
+            sent += len(piece)
+            yield piece
+
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(file_max_bytes=limit),
+    ) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        reply = await http.post(
+            "/v1/files", content=endless(), headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+        )
+        assert reply.status_code == 413
+        error = reply.json()["error"]
+        assert error["code"] == "file_too_large" and error["param"] == "file" and f"{limit} bytes" in error["message"]
+        assert reply.headers["connection"] == "close"
+        assert sent < meant / 4
+        assert (await http.get("/v1/files")).json()["data"] == []
