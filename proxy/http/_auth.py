@@ -44,7 +44,9 @@ _GENERATING = frozenset({
     "/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/responses/compact", "/v1/completions", "/api/chat",
     "/api/generate",
 })
-_READING = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings"})
+_READING = frozenset({
+    "/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings", "/v1/audio/speech",
+})
 
 
 class _Reservation:

@@ -10,6 +10,7 @@ import json
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import httpx
@@ -64,11 +65,16 @@ _LAST_WORDS_SECONDS = 1.0
 def relay(
     incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
     kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "", prompt_param: str | None = None,
+    encode: Callable[[str], bytes] | None = None, content_type: str = "application/json", passthrough: bool = False,
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
     to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
     should the answer carry no usage; `prompt_param` is the field a prompt too long is.
-    A model whose backend does not serve `path` is refused with `refusal`."""
+    A model whose backend does not serve `path` is refused with `refusal`.
+
+    `encode` makes the body sent (of `content_type`) for the upstream model name, when it
+    is not `data` in JSON (a multipart upload). `passthrough`: the answer is not SSE but
+    the backend's own bytes and content type (audio), relayed untouched as they come."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
     backend = gateway.backends[route.backend]
@@ -92,10 +98,11 @@ def relay(
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
         api_key_id=principal.id if principal is not None else None, kind=kind, reserved=take_reservation(),
     )
-    body = dumps({**data, "model": route.upstream_model})
+    body = encode(route.upstream_model) if encode is not None else dumps({**data, "model": route.upstream_model})
     return RelayBody(
         backend, path, body, meta, record, gateway.chat,
         stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens, prompt_param=prompt_param,
+        content_type=content_type, passthrough=passthrough,
     )
 
 
@@ -115,6 +122,8 @@ class RelayBody(DirectBody):
         headers: Headers,
         prompt_tokens: int,
         prompt_param: str | None = None,
+        content_type: str = "application/json",
+        passthrough: bool = False,
     ) -> None:
         self._backend = backend
         self._path = path
@@ -126,6 +135,8 @@ class RelayBody(DirectBody):
         self._headers = headers
         self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage
         self._prompt_param = prompt_param
+        self._content_type = content_type
+        self._passthrough = passthrough
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
         self._served = Served()
@@ -184,6 +195,10 @@ class RelayBody(DirectBody):
         config = self._backend.config
         name, timeouts = config.name, config.timeouts
         headers = {"x-request-id": self._meta.request_id, "x-correlation-id": self._meta.correlation_id or self._meta.request_id}
+        if self._content_type != "application/json":
+            headers["content-type"] = self._content_type
+        if self._passthrough:
+            headers["accept"] = "*/*"  # audio, in the format asked for
         # As for chats: a stream's first-token clock covers the wait for the response head. A
         # whole answer's head comes with its end: only the total timeout bounds it.
         deadline = trio.current_time() + (timeouts.first_token or math.inf) if self._stream else math.inf
@@ -198,6 +213,8 @@ class RelayBody(DirectBody):
         try:
             if response.status_code >= 400:
                 await self._relay_error(response, deadline)
+            elif self._passthrough:
+                await self._relay_passthrough(response, deadline)
             elif self._stream and is_html(response):
                 await self._fail(await page_not_stream(self._backend.config.name, response))
             elif self._stream:
@@ -310,11 +327,58 @@ class RelayBody(DirectBody):
         self._note_usage(_stream_usage(b"".join(tail)))
         await self._writer().end(utf8.close())
 
+    async def _relay_passthrough(self, response: httpx.Response, first_deadline: float) -> None:
+        """The backend's bytes (audio) as they arrive, with its content type, under the
+        first-byte then the idle clock; the head goes with the first bytes. An SSE answer
+        (OpenAI's `stream_format: "sse"`) keeps its end, for its usage."""
+        config = self._backend.config
+        name, idle = config.name, config.timeouts.idle or math.inf
+        record = self.record
+        content_type = response.headers.get("content-type", "application/octet-stream")
+        head: Headers = [(b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-cache")]
+        events = content_type.startswith("text/event-stream")
+        chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+        tail = b""
+        try:
+            with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(name):
+                async for data in chunks:
+                    if not data:
+                        continue
+                    if record.ttft_ms is None:
+                        record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
+                        scope.deadline = math.inf
+                        await self._writer().head(response.status_code, head)
+                    if events:
+                        tail = (tail + data)[-_USAGE_TAIL_BYTES:]
+                    scope.deadline = math.inf
+                    await self._writer().part(data)
+                    scope.deadline = trio.current_time() + idle
+            if scope.cancelled_caught:
+                if record.ttft_ms is None:
+                    raise timeout_error(name, "sent no first byte", config.timeouts.first_token)
+                raise timeout_error(name, "went silent for longer than the idle timeout", config.timeouts.idle)
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        if record.ttft_ms is None:  # an empty answer
+            await self._writer().head(response.status_code, head)
+        if events:
+            self._note_usage(_stream_usage(tail))
+        if record.prompt_tokens is None and record.completion_tokens is None:
+            # Audio carries no usage: charged what it read.
+            record.prompt_tokens, record.completion_tokens = self._prompt_tokens, 0
+            record.usage_estimated = True
+        await self._writer().end()
+
     def _note_usage(self, found: tuple[dict[str, Any] | None, str | None]) -> None:
         usage, finish = found
         record = self.record
         if usage is not None:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt is None and completion is None:
+                # OpenAI's audio usage (`{"type": "tokens", "input_tokens": ...}`), as its
+                # Responses API counts.
+                prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
             completion = completion if _is_token(completion) else None
             if not _is_token(prompt):
                 # Rerank and embedding servers may count only `total_tokens`: all input.
@@ -322,6 +386,9 @@ class RelayBody(DirectBody):
                 prompt = cast(int, total) - (completion or 0) if _is_token(total) else None
             record.prompt_tokens = prompt
             record.completion_tokens = completion
+            seconds = usage.get("seconds")
+            if usage.get("type") == "duration" and isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                record.audio_seconds = float(seconds)
         record.finish_reason = finish
 
     # -- to the client ---------------------------------------------------------------------

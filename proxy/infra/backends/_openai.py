@@ -201,10 +201,10 @@ class OpenAIBackend:
             tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
         )
 
-    relays = frozenset({"/completions", "/rerank"})
+    relays = frozenset({"/completions", "/rerank", "/audio/transcriptions", "/audio/translations", "/audio/speech"})
 
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST {path}` (legacy text completions, rerank) under `base_url`, the response left open.
+        """`POST {path}` (legacy text completions, rerank, audio) under `base_url`, the response left open.
 
         A multimodal rerank's media URLs are fetched by vLLM as a chat's are: checked alike.
         (vLLM's text completions take no media: `prompt_embeds` are inline tensors.)"""
