@@ -16,7 +16,16 @@ import pytest
 import trio
 
 from proxy.infra.logging import REQUEST_LOGGER
-from tests.fakes import OllamaBackend, OpenAIBackend, RecordedRequest, Script, Usage
+from tests.fakes import (
+    Exchange,
+    OllamaBackend,
+    OpenAIBackend,
+    RecordedRequest,
+    Request,
+    Script,
+    Usage,
+    serve_fake,
+)
 from tests.fakes.openai_audio import FormField, parse_form
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, new_key, wait_for_key
@@ -152,6 +161,24 @@ async def test_a_streamed_transcription_arrives_as_the_backend_sends_it(setup: S
     await setup.fake.wait_disconnect(2.0)  # and the client's leaving reached the backend
 
 
+async def test_a_stream_a_server_answers_whole_keeps_its_content_type() -> None:
+    # A server that cannot stream a format (or at all) answers `stream=true` whole: not SSE.
+    async def whole(request: Request, exchange: Exchange) -> None:
+        await exchange.respond_json(200, {"text": "hello", "usage": {"type": "duration", "seconds": 1}})
+
+    async with (
+        serve_fake(whole) as server,
+        running_gateway(backend("speaches", server.url, default=True)) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        response = await http.post(
+            "/v1/audio/transcriptions", data={"model": "whisper", "stream": "true"}, files={"file": ("a.wav", AUDIO)},
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"text": "hello", "usage": {"type": "duration", "seconds": 1}}
+
+
 async def test_a_streamed_transcriptions_usage_is_counted(setup: Setup) -> None:
     form = {"model": "whisper", "stream": "true", "stream_include_usage": "true"}
     response = await setup.http.post("/v1/audio/transcriptions", data=form, files={"file": ("speech.wav", AUDIO)})
@@ -205,6 +232,35 @@ async def test_speech_whole_with_its_content_type(setup: Setup) -> None:
     assert response.response.headers["content-type"] == "audio/wav"
 
 
+async def test_speech_as_events_is_relayed_and_its_usage_counted(setup: Setup) -> None:
+    setup.fake.set_script(Script(tokens=["aa", "bb"], usage=Usage(7, 30)))
+    response = await setup.http.post(
+        "/v1/audio/speech", json={"model": "gpt-4o-mini-tts", "voice": "alloy", "input": "Hi.", "stream_format": "sse"},
+    )
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert [e["type"] for e in events] == ["speech.audio.delta"] * 2 + ["speech.audio.done"]
+
+    async def counted() -> str | None:
+        text = (await setup.http.get("/metrics")).text
+        return text if total(text, "llm_proxy_requests_total", kind="speech") else None
+
+    text = await eventually(counted)
+    assert total(text, "llm_proxy_prompt_tokens_total", kind="speech") == 7
+    assert total(text, "llm_proxy_completion_tokens_total") == 30
+
+
+async def test_an_upload_over_the_body_limit_is_a_413() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), max_body_bytes=1024) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.audio.transcriptions.create(model="whisper", file=("speech.wav", AUDIO))
+        await client.close()
+    assert refused.value.status_code == 413 and "1024" in refused.value.message
+    assert not [r for r in fake.requests if r.path.startswith("/v1/audio")]
+
+
 async def test_a_client_that_leaves_during_speech_closes_the_backend_request(setup: Setup) -> None:
     setup.fake.set_script(Script(tokens=["chunk-1", "chunk-2"], stall_after=1))
     async with setup.http.stream("POST", "/v1/audio/speech", json={"model": "tts-1", "voice": "a", "input": "x" * 40}) as response:
@@ -233,6 +289,24 @@ async def test_the_request_log_line_says_what_was_heard(caplog: pytest.LogCaptur
     [line] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
     logged = {name: getattr(line, name, None) for name in ("kind", "model", "upstream_model", "status", "audio_seconds")}
     assert logged == {"kind": "transcription", "model": "whisper", "upstream_model": "whisper-v3", "status": 200, "audio_seconds": 3.0}
+
+
+async def test_a_refused_upload_is_logged_with_its_model(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    fake = OpenAIBackend()
+    async with (
+        fake.serve() as server,
+        running_gateway(
+            backend("vllm", server.url, default=True), backend("ollama", "http://127.0.0.1:9", kind="ollama", prefixes=("llama",)),
+            access_log=True,
+        ) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        refused = await http.post("/v1/audio/transcriptions", data={"model": "llama3.2"}, files={"file": ("a.wav", AUDIO)})
+        assert refused.status_code == 400
+    [line] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    logged = {name: getattr(line, name, None) for name in ("kind", "model", "status")}
+    assert logged == {"kind": "transcription", "model": "llama3.2", "status": 400}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from proxy.domain.errors import GatewayError, invalid_request
 
+# How FastAPI (vLLM, speaches) reads a form's boolean.
+FORM_TRUE = frozenset({"true", "1", "yes", "on"})
+
 _BOUNDARY = re.compile(r"""boundary=(?:"([^"]{1,200})"|([^\s;,"]{1,200}))""", re.IGNORECASE)
 _NAME = re.compile(rb"""(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^\s;]+))""", re.IGNORECASE)
 _FILENAME = re.compile(rb"""(?:^|;)\s*filename\*?\s*=""", re.IGNORECASE)

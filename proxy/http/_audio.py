@@ -13,7 +13,7 @@ Ollama and Anthropic have no audio API: their models are refused.
 from __future__ import annotations
 
 from proxy.dialects._json import Fields, loads_object
-from proxy.dialects.multipart import parse_form
+from proxy.dialects.multipart import FORM_TRUE, parse_form
 from proxy.domain.errors import invalid_request
 from proxy.domain.tokens import estimate_tokens
 from proxy.http._exchange import DirectBody
@@ -24,8 +24,6 @@ from proxy.http._relay import relay
 exchanges = FrontDoor()
 
 _REFUSAL = "The audio API (`{path}`) needs an OpenAI-compatible backend that serves it (vLLM, speaches, LocalAI)"
-# How FastAPI (vLLM, speaches) reads a form's boolean.
-_TRUE = frozenset({"true", "1", "yes", "on"})
 
 
 @exchanges.route("/v1/audio/transcriptions", kind="transcription")
@@ -46,7 +44,7 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
         raise invalid_request("Missing required parameter `model`.", param="model")
     if form.part("file") is None:
         raise invalid_request("Missing required parameter `file` (the audio to transcribe).", param="file")
-    stream = (form.text("stream") or "").strip().lower() in _TRUE
+    stream = (form.text("stream") or "").strip().lower() in FORM_TRUE
     assert content_type is not None  # a multipart form has one
     return relay(
         incoming, {}, model, path, kind=kind, stream=stream,
@@ -55,6 +53,10 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
         prompt_tokens=estimate_tokens(len(form.text("prompt") or "")),
         refusal=_REFUSAL.format(path="/v1" + path),
         encode=lambda upstream: form.with_value("model", upstream), content_type=content_type,
+        # A stream goes as it comes with the backend's content type: vLLM's is SSE, but a
+        # server that cannot stream a format answers it whole, and that must not be
+        # labelled SSE.
+        passthrough=stream,
     )
 
 

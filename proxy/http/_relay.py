@@ -73,8 +73,9 @@ def relay(
     A model whose backend does not serve `path` is refused with `refusal`.
 
     `encode` makes the body sent (of `content_type`) for the upstream model name, when it
-    is not `data` in JSON (a multipart upload). `passthrough`: the answer is not SSE but
-    the backend's own bytes and content type (audio), relayed untouched as they come."""
+    is not `data` in JSON (a multipart upload). `passthrough`: the answer is streamed with
+    the backend's own content type, its bytes untouched as they come (audio; SSE, or a
+    whole answer from a server that could not stream it)."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
     backend = gateway.backends[route.backend]
@@ -335,7 +336,9 @@ class RelayBody(DirectBody):
         name, idle = config.name, config.timeouts.idle or math.inf
         record = self.record
         content_type = response.headers.get("content-type", "application/octet-stream")
-        head: Headers = [(b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-cache")]
+        head: Headers = [
+            (b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+        ]
         events = content_type.startswith("text/event-stream")
         chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
         tail = b""
@@ -350,6 +353,7 @@ class RelayBody(DirectBody):
                         await self._writer().head(response.status_code, head)
                     if events:
                         tail = (tail + data)[-_USAGE_TAIL_BYTES:]
+                        self._frames += data.count(b"data:") - data.count(b"data: [DONE]")
                     scope.deadline = math.inf
                     await self._writer().part(data)
                     scope.deadline = trio.current_time() + idle
@@ -365,8 +369,8 @@ class RelayBody(DirectBody):
         if events:
             self._note_usage(_stream_usage(tail))
         if record.prompt_tokens is None and record.completion_tokens is None:
-            # Audio carries no usage: charged what it read.
-            record.prompt_tokens, record.completion_tokens = self._prompt_tokens, 0
+            # Audio carries no usage: charged what it read (and an event stream its events).
+            record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
             record.usage_estimated = True
         await self._writer().end()
 

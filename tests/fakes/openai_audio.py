@@ -12,6 +12,7 @@ chunk each, paced and stalled by the script.
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import secrets
@@ -156,17 +157,31 @@ async def run_speech_to_text(backend: OpenAIBackend, request: Request, exchange:
 
 
 class SpeechRendering:
-    """Audio bytes: the script's content pieces, one chunk each."""
+    """Audio bytes: the script's content pieces, one chunk each; with ``stream_format:
+    "sse"``, OpenAI's ``speech.audio.delta`` events (base64) and a ``speech.audio.done``
+    with the usage."""
 
-    def __init__(self, plan: Plan, script: Script, response_format: str) -> None:
+    def __init__(self, plan: Plan, script: Script, response_format: str, events: bool) -> None:
         self.plan = plan
         self.script = script
-        self.content_type = _AUDIO_TYPES.get(response_format, "application/octet-stream")
+        self.events = events
+        self.content_type = "text/event-stream" if events else _AUDIO_TYPES.get(response_format, "application/octet-stream")
         self.headers = list(script.headers)
 
     def frames(self) -> Iterator[bytes]:
+        if not self.events:
+            for piece in self.plan.content:
+                yield piece.encode()
+            return
         for piece in self.plan.content:
-            yield piece.encode()
+            delta = {"type": "speech.audio.delta", "audio": base64.b64encode(piece.encode()).decode()}
+            yield b"data: " + json_bytes(delta) + b"\n\n"
+        usage = self.plan.usage
+        done = {"type": "speech.audio.done", "usage": {
+            "input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        }}
+        yield b"data: " + json_bytes(done) + b"\n\n"
 
     def error_frame(self) -> bytes:
         return b""
@@ -193,5 +208,5 @@ async def run_speech(backend: OpenAIBackend, request: Request, exchange: Exchang
         return
     script = backend.script_for(model)
     plan = make_plan(script, model=model, prompt_text=body["input"], last_user_text=body["input"], max_tokens=None)
-    rendering = SpeechRendering(plan, script, str(body.get("response_format", "mp3")))
+    rendering = SpeechRendering(plan, script, str(body.get("response_format", "mp3")), body.get("stream_format") == "sse")
     await backend.run_generation(exchange, call, script=script, plan=plan, stream=True, rendering=rendering)
