@@ -27,6 +27,7 @@ from tests.fakes import (
     serve_fake,
 )
 from tests.fakes.openai_audio import FormField, parse_form
+from tests.fakes.script import DEFAULT_TOKENS
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, new_key, wait_for_key
 from tests.test_metrics import total
@@ -377,6 +378,37 @@ async def test_backend_failures_are_502_503(setup: Setup) -> None:
     with pytest.raises(openai.APIStatusError) as dropped:
         await setup.client.audio.speech.create(model="kokoro", voice="af", input="Hi.")
     assert dropped.value.status_code == 502
+
+
+async def test_a_backend_that_cannot_answer_hands_over_to_the_models_stand_in() -> None:
+    first, second = OpenAIBackend(models=("whisper-a", "tts-a")), OpenAIBackend(models=("whisper-b", "tts-b"))
+    first.set_script(Script(status=503, error_message="loading"))
+    async with (
+        first.serve() as first_server,
+        second.serve() as second_server,
+        running_gateway(
+            backend("a", first_server.url, models=("whisper-a", "tts-a")),
+            backend("b", second_server.url, models=("whisper-b", "tts-b")),
+            backend("ollama", "http://127.0.0.1:9", kind="ollama", models=("whisper-ollama",)),
+            aliases={"whisper": "whisper-a"},
+            fallbacks={"whisper-a": ("whisper-ollama", "whisper-b"), "tts-a": ("tts-b",)},
+        ) as url,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        raw = await client.audio.transcriptions.with_raw_response.create(model="whisper", file=("speech.wav", AUDIO))
+        assert raw.parse().text == TRANSCRIPT and raw.headers["x-fallback-model"] == "whisper-b"
+        _, form = sent_form(second, "/v1/audio/transcriptions")
+        assert form["model"].value == b"whisper-b" and form["file"].value == AUDIO
+        async with client.audio.speech.with_streaming_response.create(model="tts-a", voice="af", input="Hi.") as speech:
+            assert await speech.read() == "".join(DEFAULT_TOKENS).encode()
+            assert speech.headers["x-fallback-model"] == "tts-b"
+        # A refusal of the request itself is the client's answer, not a stand-in's.
+        first.set_script(Script(status=400, error_message="unsupported audio format"))
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.audio.transcriptions.create(model="whisper", file=("speech.wav", AUDIO))
+        assert "unsupported audio format" in refused.value.message
+        await client.close()
+    assert len([r for r in second.requests if r.path.startswith("/v1/audio")]) == 2
 
 
 async def test_a_key_scoped_to_other_models_is_refused(aio_loop: object, pg_database_url: str, nats_url: str) -> None:

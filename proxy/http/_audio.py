@@ -7,7 +7,9 @@
 - `POST /v1/audio/speech`: JSON in (speaches, Kokoro-FastAPI, vLLM-Omni), audio out,
   streamed to the client as the backend makes it, with its content type.
 
-Ollama and Anthropic have no audio API: their models are refused.
+Ollama and Anthropic have no audio API: their models are refused. A model's stand-ins
+(`[fallbacks]`) on backends with the same API answer when its backend cannot, before the
+client has had a byte.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
         # A stream goes as it comes with the backend's content type: vLLM's is SSE, but a
         # server that cannot stream a format answers it whole, and that must not be
         # labelled SSE.
-        passthrough=stream,
+        passthrough=stream, fallbacks=True,
     )
 
 
@@ -77,7 +79,7 @@ async def speech(incoming: Incoming) -> DirectBody:
     return relay(
         incoming, data, model, "/audio/speech", kind="speech", stream=True,
         prompt_tokens=estimate_tokens(len(text)), refusal=_REFUSAL.format(path="/v1/audio/speech"),
-        prompt_param="input", passthrough=True,
+        prompt_param="input", passthrough=True, fallbacks=True,
     )
 
 

@@ -7,6 +7,7 @@ chat, and a client that leaves closes the backend connection at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -47,6 +48,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.transport import Hangup, current_hangup
+from proxy.services._fallback import Fallback, stand_in_may_answer
 from proxy.services.auth import current_principal
 from proxy.services.chat import (
     SHUTTING_DOWN,
@@ -55,6 +57,8 @@ from proxy.services.chat import (
     RequestMeta,
     is_cancellation,
 )
+
+log = logging.getLogger("llm_proxy.chat")
 
 # The usage of a stream is in one of its last chunks: only this much of its end is kept.
 _USAGE_TAIL_BYTES = 16384
@@ -66,6 +70,7 @@ def relay(
     incoming: Incoming, data: dict[str, Any], model: str, path: str, *,
     kind: str, stream: bool, prompt_tokens: int, refusal: str, instead: str = "", prompt_param: str | None = None,
     encode: Callable[[str], bytes] | None = None, content_type: str = "application/json", passthrough: bool = False,
+    fallbacks: bool = False,
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
     to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
@@ -75,7 +80,8 @@ def relay(
     `encode` makes the body sent (of `content_type`) for the upstream model name, when it
     is not `data` in JSON (a multipart upload). `passthrough`: the answer is streamed with
     the backend's own content type, its bytes untouched as they come (audio; SSE, or a
-    whole answer from a server that could not stream it)."""
+    whole answer from a server that could not stream it). `fallbacks`: the model's stand-ins
+    whose backends serve `path` are tried in turn should its backend fail to answer."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model)
     backend = gateway.backends[route.backend]
@@ -99,11 +105,17 @@ def relay(
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
         api_key_id=principal.id if principal is not None else None, kind=kind, reserved=take_reservation(),
     )
-    body = encode(route.upstream_model) if encode is not None else dumps({**data, "model": route.upstream_model})
+    if encode is None:
+        def encode(upstream: str) -> bytes:
+            return dumps({**data, "model": upstream})
+    stand_ins = [
+        stand_in for stand_in in gateway.chat.stand_ins(model)
+        if isinstance(stand_in.backend, RelayBackend) and path in stand_in.backend.relays
+    ] if fallbacks else []
     return RelayBody(
-        backend, path, body, meta, record, gateway.chat,
+        backend, path, encode(route.upstream_model), meta, record, gateway.chat,
         stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens, prompt_param=prompt_param,
-        content_type=content_type, passthrough=passthrough,
+        content_type=content_type, passthrough=passthrough, encode=encode, stand_ins=stand_ins,
     )
 
 
@@ -125,6 +137,8 @@ class RelayBody(DirectBody):
         prompt_param: str | None = None,
         content_type: str = "application/json",
         passthrough: bool = False,
+        encode: Callable[[str], bytes] | None = None,
+        stand_ins: list[Fallback] | None = None,
     ) -> None:
         self._backend = backend
         self._path = path
@@ -138,6 +152,8 @@ class RelayBody(DirectBody):
         self._prompt_param = prompt_param
         self._content_type = content_type
         self._passthrough = passthrough
+        self._encode = encode  # the body for another upstream model (a stand-in's)
+        self._stand_ins = list(stand_ins or ())
         self._frames = 0  # SSE events relayed: about one token each
         self._hangup = Hangup()
         self._served = Served()
@@ -193,6 +209,32 @@ class RelayBody(DirectBody):
             await self._fail(timeout_error(config.name, "did not finish", total))
 
     async def _relay_answer(self) -> None:
+        """The call to the model's backend; should that fail to answer before the client has
+        had a byte, to its stand-ins in turn."""
+        while True:
+            error = await self._relay_attempt(may_fall_back=bool(self._stand_ins))
+            if error is None:
+                return
+            if self.hung_up or trio.current_effective_deadline() == -math.inf:
+                await self._fail(error)  # the client left, or the server stops: nobody to fall back for
+                return
+            self._switch_to(self._stand_ins.pop(0), error)
+
+    def _switch_to(self, stand_in: Fallback, error: GatewayError) -> None:
+        log.warning(
+            "%s: %s; falling back to %s (backend %s)", self._meta.trace_id, error.message, stand_in.model,
+            stand_in.route.backend,
+        )
+        assert self._encode is not None and isinstance(stand_in.backend, RelayBackend)  # as `relay` chose them
+        self._backend = stand_in.backend
+        self._body = self._encode(stand_in.route.upstream_model)
+        self.record.backend = stand_in.route.backend
+        self.record.upstream_model = stand_in.route.upstream_model
+        self._writer().extra_headers[:] = [(b"x-fallback-model", stand_in.model.encode())]
+
+    async def _relay_attempt(self, *, may_fall_back: bool) -> GatewayError | None:
+        """One backend call, relayed; or, when `may_fall_back`, its failure to answer (before
+        anything reached the client) returned for a stand-in to make good."""
         config = self._backend.config
         name, timeouts = config.name, config.timeouts
         headers = {"x-request-id": self._meta.request_id, "x-correlation-id": self._meta.correlation_id or self._meta.request_id}
@@ -209,9 +251,13 @@ class RelayBody(DirectBody):
             if head_scope.cancelled_caught:
                 raise timeout_error(name, "sent no first token", timeouts.first_token)
         except GatewayError as error:
+            if may_fall_back and stand_in_may_answer(error):
+                return error
             await self._fail(error)
-            return
+            return None
         try:
+            if response.status_code >= 400 and may_fall_back and (failure := await self._failure(response)) is not None:
+                return failure
             if response.status_code >= 400:
                 await self._relay_error(response, deadline)
             elif self._passthrough:
@@ -225,6 +271,22 @@ class RelayBody(DirectBody):
         finally:
             with trio.CancelScope(shield=True):
                 await BackendClient.close(response)
+        return None
+
+    async def _failure(self, response: httpx.Response) -> GatewayError | None:
+        """A backend's error status, when it says the backend could not answer (429, 5xx); None
+        for one about the request, which is relayed as for any call. Its body is read only
+        then."""
+        name = self._backend.config.name
+        status, retry_after = response.status_code, response.headers.get("retry-after")
+        if not stand_in_may_answer(status_error(name, status, None, retry_after)):
+            return None
+        try:
+            with transport_errors(name):
+                body = await read_limited(response)
+        except GatewayError as error:
+            return error
+        return status_error(name, status, openai.error_message_from_body(body) or body_text(body), retry_after)
 
     async def _relay_error(self, response: httpx.Response, deadline: float) -> None:
         name = self._backend.config.name
