@@ -107,7 +107,7 @@ def _speech_to_text_operation(summary: str, language: bool) -> Operation:
         description="Relayed to the model's OpenAI-compatible backend (vLLM serving Whisper, speaches, LocalAI): "
         "the form as sent, its `model` field set to the backend's name for the model; the answer (json, text, "
         "srt, vtt, verbose_json; with `stream=true` the backend's server-sent events) byte for byte. A model "
-        "on an Ollama or Anthropic backend is a 400.",
+        "on an Ollama or Anthropic backend is a 400; the model's `[fallbacks]` answer when its backend cannot.",
     )
     operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "model"], "properties": properties,
@@ -134,5 +134,5 @@ document("/v1/audio/speech", "post", _op(
     body=_SPEECH_REQUEST, parameters=_TRACE_HEADERS,
     description="Relayed to the model's OpenAI-compatible backend (speaches, Kokoro-FastAPI, vLLM-Omni): the "
     "body with `model` replaced by the backend's name for it; the audio passed on as it comes (chunked). "
-    "A model on an Ollama or Anthropic backend is a 400.",
+    "A model on an Ollama or Anthropic backend is a 400; the model's `[fallbacks]` answer when its backend cannot.",
 ))
