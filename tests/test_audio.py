@@ -328,6 +328,15 @@ async def test_a_form_missing_a_field_is_a_400_naming_it(
     assert not [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
 
 
+async def test_a_form_naming_two_models_is_refused(setup: Setup) -> None:
+    # Routed and scope-checked by the first, a Starlette server (vLLM, speaches) would run the last.
+    response = await setup.http.post(
+        "/v1/audio/transcriptions", data={"model": ["whisper", "secret-model"]}, files={"file": ("speech.wav", AUDIO)},
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+    assert not [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
+
+
 async def test_a_body_that_is_not_a_form_is_a_400(setup: Setup) -> None:
     response = await setup.http.post("/v1/audio/translations", json={"model": "whisper", "file": "speech.wav"})
     assert response.status_code == 400

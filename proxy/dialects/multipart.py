@@ -30,14 +30,18 @@ class Part:
 
 
 class Form:
-    """A multipart body's parts, by name (the first of each name: a field named twice is
-    the backend's to refuse, as FastAPI takes the first)."""
+    """A multipart body's parts, by name (the first of each; `repeated` names those given
+    more than once, which servers read differently: Starlette takes the last)."""
 
     def __init__(self, body: bytes, parts: list[Part]) -> None:
         self.body = body
         self._parts: dict[str, Part] = {}
+        self.repeated: set[str] = set()
         for part in parts:
-            self._parts.setdefault(part.name, part)
+            if part.name in self._parts:
+                self.repeated.add(part.name)
+            else:
+                self._parts[part.name] = part
 
     def part(self, name: str) -> Part | None:
         return self._parts.get(name)

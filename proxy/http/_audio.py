@@ -44,6 +44,9 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
     model = (form.text("model") or "").strip()
     if not model:
         raise invalid_request("Missing required parameter `model`.", param="model")
+    if "model" in form.repeated:
+        # Routed (and its key's scope checked) by one, the backend would read another.
+        raise invalid_request("`model` is given more than once.", param="model")
     if form.part("file") is None:
         raise invalid_request("Missing required parameter `file` (the audio to transcribe).", param="file")
     stream = (form.text("stream") or "").strip().lower() in FORM_TRUE
