@@ -420,6 +420,7 @@ async def test_a_backend_that_cannot_answer_hands_over_to_the_models_stand_in() 
     assert len([r for r in second.requests if r.path.startswith("/v1/audio")]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK's, on translations
 async def test_a_key_scoped_to_other_models_is_refused(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
     fake = OpenAIBackend()
     async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
@@ -433,7 +434,17 @@ async def test_a_key_scoped_to_other_models_is_refused(aio_loop: object, pg_data
         answer = await client.audio.transcriptions.create(model="whisper-large-v3", file=("speech.wav", AUDIO))
         assert answer.text == TRANSCRIPT
         await client.close()
+        # A key's request rate counts uploads as any request.
+        slow = await new_key(pg_database_url, "audio-rpm", "--rpm", "1")
+        await wait_for_key(url, slow)
+        limited = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=slow, max_retries=0)
+        await limited.audio.translations.create(model="whisper-large-v3", file=("speech.wav", AUDIO))
+        with pytest.raises(openai.RateLimitError):
+            await limited.audio.transcriptions.create(model="whisper-large-v3", file=("speech.wav", AUDIO))
+        await limited.close()
         async with httpx.AsyncClient(base_url=url) as http:
             unkeyed = await http.post("/v1/audio/speech", json={"model": "whisper-x", "input": "Hi."})
             assert unkeyed.status_code == 401 and bearer(key)
-    assert [r.path for r in fake.requests if r.path.startswith("/v1/audio")] == ["/v1/audio/transcriptions"]
+    assert [r.path for r in fake.requests if r.path.startswith("/v1/audio")] == [
+        "/v1/audio/transcriptions", "/v1/audio/translations",
+    ]
