@@ -181,9 +181,12 @@ async def test_a_stream_a_server_answers_whole_keeps_its_content_type() -> None:
 
 
 async def test_a_streamed_transcriptions_usage_is_counted(setup: Setup) -> None:
-    form = {"model": "whisper", "stream": "true", "stream_include_usage": "true"}
-    response = await setup.http.post("/v1/audio/transcriptions", data=form, files={"file": ("speech.wav", AUDIO)})
-    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    stream = await setup.client.audio.transcriptions.create(
+        model="whisper", file=("speech.wav", AUDIO), stream=True, extra_body={"stream_include_usage": True},
+    )
+    events = [event.model_dump() async for event in stream]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events if e["choices"]) == TRANSCRIPT
+    assert events[-1]["usage"] == {"prompt_tokens": 1500, "completion_tokens": 5, "total_tokens": 1505}
 
     async def counted() -> str | None:
         text = (await setup.http.get("/metrics")).text
