@@ -229,6 +229,19 @@ async def test_speech_streams_audio_as_it_is_made(setup: Setup) -> None:
     await setup.fake.wait_disconnect(2.0)
 
 
+async def test_speech_cut_short_by_its_backend_is_cut_short_for_the_client(setup: Setup) -> None:
+    # An error appended to the audio would be taken for audio: the break is the answer.
+    setup.fake.set_script(Script(tokens=["frame-1|", "frame-2|", "frame-3|"], fail_after=1, fail_mode="close"))
+    heard = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with setup.http.stream("POST", "/v1/audio/speech", json={"model": "tts-1", "input": "Hi."}) as response:
+            assert response.status_code == 200
+            async for data in response.aiter_bytes():
+                heard += data
+    assert heard == b"frame-1|"
+    assert (await setup.http.get("/health")).status_code == 200  # the gateway itself is fine
+
+
 async def test_speech_whole_with_its_content_type(setup: Setup) -> None:
     setup.fake.set_script(Script(tokens=["RIFF", "\x00WAVE"]))
     response = await setup.client.audio.speech.create(model="kokoro", voice="af", input="Hi.", response_format="wav")

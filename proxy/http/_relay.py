@@ -155,6 +155,9 @@ class RelayBody(DirectBody):
         self._encode = encode  # the body for another upstream model (a stand-in's)
         self._stand_ins = list(stand_ins or ())
         self._frames = 0  # SSE events relayed: about one token each
+        # Audio begun: a failure now cannot be told in-band (an error event would be taken
+        # for audio), so the response is left unended and the connection closes on it.
+        self._binary = False
         self._hangup = Hangup()
         self._served = Served()
         self.hung_up = False
@@ -412,6 +415,7 @@ class RelayBody(DirectBody):
                     if record.ttft_ms is None:
                         record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
                         scope.deadline = math.inf
+                        self._binary = not events
                         await self._writer().head(response.status_code, head)
                     if events:
                         tail = (tail + data)[-_USAGE_TAIL_BYTES:]
@@ -468,7 +472,8 @@ class RelayBody(DirectBody):
         if out.ended:
             return
         if out.started:
-            await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
+            if not self._binary:
+                await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
             return
         await out.fail(error)
 
