@@ -45,7 +45,7 @@ _GENERATING = frozenset({
     "/api/generate",
 })
 _READING = frozenset({
-    "/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings",
+    "/v1/rerank", "/v2/rerank", "/rerank", "/v1/embeddings", "/api/embed", "/api/embeddings", "/v1/audio/speech",
     "/score", "/v1/score", "/classify", "/v1/classify", "/pooling",  # vLLM's (`_vllm`)
 })
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
+from proxy.dialects.multipart import FORM_TRUE, parse_form
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
 from proxy.http._auth import (
@@ -232,12 +233,23 @@ def _log_refusal(
     if isinstance(data, dict):
         model = data["model"] if isinstance(data.get("model"), str) else ""
         stream = data.get("stream") is True
+    elif body and (head.header("content-type") or "").lower().startswith("multipart/form-data"):
+        model, stream = _form_model(head, body)
     principal = current_principal.get()
     gateway.chat.refused(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
         api_key_id=principal.id if principal is not None else None, reserved=take_reservation(), kind=kind,
     )
+
+
+def _form_model(head: RequestHead, body: bytes) -> tuple[str, bool]:
+    """A refused upload's (audio's) `model` and `stream` fields, if it has them."""
+    try:
+        form = parse_form(head.header("content-type"), body)
+    except GatewayError:
+        return "", False
+    return (form.text("model") or "").strip(), (form.text("stream") or "").strip().lower() in FORM_TRUE
 
 
 def _message_of(body: bytes) -> str:

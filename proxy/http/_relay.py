@@ -7,9 +7,11 @@ chat, and a client that leaves closes the backend connection at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import httpx
@@ -47,6 +49,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.transport import Hangup, current_hangup
+from proxy.services._fallback import Fallback, stand_in_may_answer
 from proxy.services.auth import current_principal
 from proxy.services.chat import (
     SHUTTING_DOWN,
@@ -55,6 +58,8 @@ from proxy.services.chat import (
     RequestMeta,
     is_cancellation,
 )
+
+log = logging.getLogger("llm_proxy.chat")
 
 # The usage of a stream is in one of its last chunks: only this much of its end is kept.
 _USAGE_TAIL_BYTES = 16384
@@ -65,6 +70,8 @@ _LAST_WORDS_SECONDS = 1.0
 def relay(
     incoming: Incoming, data: dict[str, Any], model: str | None, path: str, *,
     kind: str, stream: bool, prompt_tokens: int | None, refusal: str, instead: str = "", prompt_param: str | None = None,
+    encode: Callable[[str], bytes] | None = None, content_type: str = "application/json", passthrough: bool = False,
+    fallbacks: bool = False,
 ) -> RelayBody:
     """The client's call `data` for `model`, routed (aliases, key scope) and ready to relay
     to the backend's `path`, recorded as a request of `kind`. `prompt_tokens` is charged
@@ -72,7 +79,13 @@ def relay(
     tokens neither read nor estimated. `prompt_param` is the field a prompt too long is.
     A model whose backend does not serve `path` is refused with `refusal`. Without `model`
     (vLLM's tokenizer, which serves its one model) the call goes to the default backend,
-    its body as sent."""
+    its body as sent.
+
+    `encode` makes the body sent (of `content_type`) for the upstream model name, when it
+    is not `data` in JSON (a multipart upload). `passthrough`: the answer is streamed with
+    the backend's own content type, its bytes untouched as they come (audio; SSE, or a
+    whole answer from a server that could not stream it). `fallbacks`: the model's stand-ins
+    whose backends serve `path` are tried in turn should its backend fail to answer."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model) if model is not None else _default_route(gateway.router.default_backend)
     backend = gateway.backends[route.backend]
@@ -96,10 +109,17 @@ def relay(
         upstream_model=route.upstream_model, stream=stream, dialect="openai",
         api_key_id=principal.id if principal is not None else None, kind=kind, reserved=take_reservation(),
     )
-    body = dumps({**data, "model": route.upstream_model} if model is not None else data)
+    if encode is None:
+        def encode(upstream: str) -> bytes:
+            return dumps({**data, "model": upstream} if model is not None else data)
+    stand_ins = [
+        stand_in for stand_in in gateway.chat.stand_ins(model)
+        if isinstance(stand_in.backend, RelayBackend) and path in stand_in.backend.relays
+    ] if fallbacks and model is not None else []
     return RelayBody(
-        backend, path, body, meta, record, gateway.chat,
+        backend, path, encode(route.upstream_model), meta, record, gateway.chat,
         stream=stream, headers=granted_headers(), prompt_tokens=prompt_tokens, prompt_param=prompt_param,
+        content_type=content_type, passthrough=passthrough, encode=encode, stand_ins=stand_ins,
     )
 
 
@@ -135,6 +155,10 @@ class RelayBody(DirectBody):
         headers: Headers,
         prompt_tokens: int | None,
         prompt_param: str | None = None,
+        content_type: str = "application/json",
+        passthrough: bool = False,
+        encode: Callable[[str], bytes] | None = None,
+        stand_ins: list[Fallback] | None = None,
     ) -> None:
         self._backend = backend
         self._path = path
@@ -146,7 +170,14 @@ class RelayBody(DirectBody):
         self._headers = headers
         self._prompt_tokens = prompt_tokens  # estimated, for an answer without usage; None: not metered
         self._prompt_param = prompt_param
+        self._content_type = content_type
+        self._passthrough = passthrough
+        self._encode = encode  # the body for another upstream model (a stand-in's)
+        self._stand_ins = list(stand_ins or ())
         self._frames = 0  # SSE events relayed: about one token each
+        # Audio begun: a failure now cannot be told in-band (an error event would be taken
+        # for audio), so the response is left unended and the connection closes on it.
+        self._binary = False
         self._hangup = Hangup()
         self._served = Served()
         self.hung_up = False
@@ -202,9 +233,39 @@ class RelayBody(DirectBody):
             await self._fail(timeout_error(config.name, "did not finish", total))
 
     async def _relay_answer(self) -> None:
+        """The call to the model's backend; should that fail to answer before the client has
+        had a byte, to its stand-ins in turn."""
+        while True:
+            error = await self._relay_attempt(may_fall_back=bool(self._stand_ins))
+            if error is None:
+                return
+            if self.hung_up or trio.current_effective_deadline() == -math.inf:
+                await self._fail(error)  # the client left, or the server stops: nobody to fall back for
+                return
+            self._switch_to(self._stand_ins.pop(0), error)
+
+    def _switch_to(self, stand_in: Fallback, error: GatewayError) -> None:
+        log.warning(
+            "%s: %s; falling back to %s (backend %s)", self._meta.trace_id, error.message, stand_in.model,
+            stand_in.route.backend,
+        )
+        assert self._encode is not None and isinstance(stand_in.backend, RelayBackend)  # as `relay` chose them
+        self._backend = stand_in.backend
+        self._body = self._encode(stand_in.route.upstream_model)
+        self.record.backend = stand_in.route.backend
+        self.record.upstream_model = stand_in.route.upstream_model
+        self._writer().extra_headers[:] = [(b"x-fallback-model", stand_in.model.encode())]
+
+    async def _relay_attempt(self, *, may_fall_back: bool) -> GatewayError | None:
+        """One backend call, relayed; or, when `may_fall_back`, its failure to answer (before
+        anything reached the client) returned for a stand-in to make good."""
         config = self._backend.config
         name, timeouts = config.name, config.timeouts
         headers = {"x-request-id": self._meta.request_id, "x-correlation-id": self._meta.correlation_id or self._meta.request_id}
+        if self._content_type != "application/json":
+            headers["content-type"] = self._content_type
+        if self._passthrough:
+            headers["accept"] = "*/*"  # audio, in the format asked for
         # As for chats: a stream's first-token clock covers the wait for the response head. A
         # whole answer's head comes with its end: only the total timeout bounds it.
         deadline = trio.current_time() + (timeouts.first_token or math.inf) if self._stream else math.inf
@@ -214,11 +275,17 @@ class RelayBody(DirectBody):
             if head_scope.cancelled_caught:
                 raise timeout_error(name, "sent no first token", timeouts.first_token)
         except GatewayError as error:
+            if may_fall_back and stand_in_may_answer(error):
+                return error
             await self._fail(error)
-            return
+            return None
         try:
+            if response.status_code >= 400 and may_fall_back and (failure := await self._failure(response)) is not None:
+                return failure
             if response.status_code >= 400:
                 await self._relay_error(response, deadline)
+            elif self._passthrough:
+                await self._relay_passthrough(response, deadline)
             elif self._stream and is_html(response):
                 await self._fail(await page_not_stream(self._backend.config.name, response))
             elif self._stream:
@@ -228,6 +295,22 @@ class RelayBody(DirectBody):
         finally:
             with trio.CancelScope(shield=True):
                 await BackendClient.close(response)
+        return None
+
+    async def _failure(self, response: httpx.Response) -> GatewayError | None:
+        """A backend's error status, when it says the backend could not answer (429, 5xx); None
+        for one about the request, which is relayed as for any call. Its body is read only
+        then."""
+        name = self._backend.config.name
+        status, retry_after = response.status_code, response.headers.get("retry-after")
+        if not stand_in_may_answer(status_error(name, status, None, retry_after)):
+            return None
+        try:
+            with transport_errors(name):
+                body = await read_limited(response)
+        except GatewayError as error:
+            return error
+        return status_error(name, status, openai.error_message_from_body(body) or body_text(body), retry_after)
 
     async def _relay_error(self, response: httpx.Response, deadline: float) -> None:
         name = self._backend.config.name
@@ -333,11 +416,62 @@ class RelayBody(DirectBody):
         self._note_usage(_stream_usage(b"".join(tail)))
         await self._writer().end(utf8.close())
 
+    async def _relay_passthrough(self, response: httpx.Response, first_deadline: float) -> None:
+        """The backend's bytes (audio) as they arrive, with its content type, under the
+        first-byte then the idle clock; the head goes with the first bytes. An SSE answer
+        (OpenAI's `stream_format: "sse"`) keeps its end, for its usage."""
+        config = self._backend.config
+        name, idle = config.name, config.timeouts.idle or math.inf
+        record = self.record
+        content_type = response.headers.get("content-type", "application/octet-stream")
+        head: Headers = [
+            (b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+        ]
+        events = content_type.startswith("text/event-stream")
+        chunks = cast(httpx.AsyncByteStream, response.stream).__aiter__()
+        tail = b""
+        try:
+            with trio.CancelScope(deadline=first_deadline) as scope, transport_errors(name):
+                async for data in chunks:
+                    if not data:
+                        continue
+                    if record.ttft_ms is None:
+                        record.ttft_ms = (time.perf_counter() - self._meta.received) * 1000
+                        scope.deadline = math.inf
+                        self._binary = not events
+                        await self._writer().head(response.status_code, head)
+                    if events:
+                        tail = (tail + data)[-_USAGE_TAIL_BYTES:]
+                        self._frames += data.count(b"data:") - data.count(b"data: [DONE]")
+                    scope.deadline = math.inf
+                    await self._writer().part(data)
+                    scope.deadline = trio.current_time() + idle
+            if scope.cancelled_caught:
+                if record.ttft_ms is None:
+                    raise timeout_error(name, "sent no first byte", config.timeouts.first_token)
+                raise timeout_error(name, "went silent for longer than the idle timeout", config.timeouts.idle)
+        except GatewayError as error:
+            await self._fail(error)
+            return
+        if record.ttft_ms is None:  # an empty answer
+            await self._writer().head(response.status_code, head)
+        if events:
+            self._note_usage(_stream_usage(tail))
+        if record.prompt_tokens is None and record.completion_tokens is None:
+            # Audio carries no usage: charged what it read (and an event stream its events).
+            record.prompt_tokens, record.completion_tokens = self._prompt_tokens, self._frames
+            record.usage_estimated = True
+        await self._writer().end()
+
     def _note_usage(self, found: tuple[dict[str, Any] | None, str | None]) -> None:
         usage, finish = found
         record = self.record
         if usage is not None:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if prompt is None and completion is None:
+                # OpenAI's audio usage (`{"type": "tokens", "input_tokens": ...}`), as its
+                # Responses API counts.
+                prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
             completion = completion if _is_token(completion) else None
             if not _is_token(prompt):
                 # Rerank and embedding servers may count only `total_tokens`: all input.
@@ -345,6 +479,9 @@ class RelayBody(DirectBody):
                 prompt = cast(int, total) - (completion or 0) if _is_token(total) else None
             record.prompt_tokens = prompt
             record.completion_tokens = completion
+            seconds = usage.get("seconds")
+            if usage.get("type") == "duration" and isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                record.audio_seconds = float(seconds)
         record.finish_reason = finish
 
     # -- to the client ---------------------------------------------------------------------
@@ -358,7 +495,8 @@ class RelayBody(DirectBody):
         if out.ended:
             return
         if out.started:
-            await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
+            if not self._binary:
+                await out.end(b"data: " + error_reply(error, "openai").body + b"\n\n")
             return
         await out.fail(error)
 

@@ -13,6 +13,7 @@ from proxy.config import Settings
 from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
+    _audio,
     _batches,
     _completions,
     _conversations,
@@ -124,7 +125,7 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_batches.blueprint)
     app.register_blueprint(_message_batches.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _completions, _rerank, _vllm, _responses, _ollama, _anthropic, _streams):
+    for surface in (_openai, _completions, _rerank, _audio, _vllm, _responses, _ollama, _anthropic, _streams):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)

@@ -51,6 +51,11 @@ Adapter = Callable[[ChatRequest, BackendConfig | None], ChatRequest]
 _FALLBACK_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.BACKEND, ErrorKind.TIMEOUT, ErrorKind.RATE_LIMITED})
 
 
+def stand_in_may_answer(error: GatewayError) -> bool:
+    """Whether `error` is the backend's inability to answer, which a stand-in may make good."""
+    return error.kind in _FALLBACK_KINDS
+
+
 class _Watched:
     """The producer's channel, noting whether anything went through it: a stand-in may only
     answer a client that has received nothing yet."""

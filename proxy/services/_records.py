@@ -72,8 +72,12 @@ class ExchangeRecord:
     replica: str | None = None
     # The replicas the request left for another on the way there (down, full or silent).
     passed_over: list[str] | None = None
-    # What was asked: chat, embeddings, or an API relayed as is (completion, rerank).
+    # What was asked: chat, embeddings, or an API relayed as is (completion, rerank,
+    # transcription, translation, speech).
     kind: str = "chat"
+    # The seconds of audio a speech-to-text backend says it heard (`usage: {"type":
+    # "duration"}`, OpenAI's whisper-1 and vLLM's count), when it counts no tokens.
+    audio_seconds: float | None = None
     # The W3C trace its backend requests carry (the client's `traceparent`'s, or one started
     # for it), to find the request from a tracing UI; None with `[tracing] propagate` off.
     w3c_trace_id: str | None = field(default_factory=_current_trace_id)

@@ -140,6 +140,11 @@ class ChatService:
                     return found
         return None
 
+    def stand_ins(self, model: str) -> list[Fallback]:
+        """`model`'s stand-ins (`[fallbacks]`) this caller may use, routed now."""
+        found = self._stand_ins_for(model) if self._fallbacks else None
+        return self._resolve_fallbacks(found) if found else []
+
     def _resolve_fallbacks(self, models: Sequence[str]) -> list[Fallback]:
         """The stand-ins this caller may use, routed now (with its key's scope): one that no
         backend serves, or that the key may not use, is left out."""

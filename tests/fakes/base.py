@@ -274,9 +274,8 @@ class FakeBackend:
         if script.pace > 0:
             await trio.sleep(script.pace * plan.piece_count)
         body = rendering.full_body()
-        await exchange.respond(
-            200, body, content_type="application/json", headers=rendering.headers
-        )
+        content_type = getattr(rendering, "whole_content_type", "application/json")
+        await exchange.respond(200, body, content_type=content_type, headers=rendering.headers)
         generation.frames_sent = 1
         return True
 

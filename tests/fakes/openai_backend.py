@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions`` and the legacy ``POST /v1/completions`` (stream and
 non-stream), ``GET /v1/models``,
-``POST /v1/embeddings`` (float or base64), ``POST /v1/rerank``, ``GET /health``.
+``POST /v1/embeddings`` (float or base64), ``POST /v1/rerank``, ``GET /health``, and the
+audio API (``/v1/audio/transcriptions``, ``/translations``, ``/speech``: see ``openai_audio``).
 
 Stream chunks are assembled from pre-encoded byte templates (one id/created per response),
 so the fake can push many thousands of chunks per second from one core.
@@ -21,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from .base import Call, FakeBackend, json_bytes
+from .openai_audio import run_speech, run_speech_to_text
 from .script import (
     Plan,
     Script,
@@ -485,6 +487,10 @@ class OpenAIBackend(FakeBackend):
             await self._embeddings(request, exchange)
         elif path == "/v1/rerank" and method == "POST":
             await run_rerank(self, request, exchange, call)
+        elif path in ("/v1/audio/transcriptions", "/v1/audio/translations") and method == "POST":
+            await run_speech_to_text(self, request, exchange, call, "transcribe" if path.endswith("transcriptions") else "translate")
+        elif path == "/v1/audio/speech" and method == "POST":
+            await run_speech(self, request, exchange, call)
         elif path == "/v1/models" and method == "GET":
             await exchange.respond_json(
                 200,

@@ -211,11 +211,12 @@ class OpenAIBackend:
 
     # vLLM's tokenizer, score, classification and pooling APIs are at the server root.
     relays = frozenset({
-        "/completions", "/rerank", "/../tokenize", "/../detokenize", "/../score", "/../classify", "/../pooling",
+        "/completions", "/rerank", "/audio/transcriptions", "/audio/translations", "/audio/speech",
+        "/../tokenize", "/../detokenize", "/../score", "/../classify", "/../pooling",
     })
 
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response:
-        """`POST {path}` (legacy text completions, rerank, vLLM's extra APIs) under `base_url`
+        """`POST {path}` (legacy text completions, rerank, audio, vLLM's extra APIs) under `base_url`
         (`/../` paths under the server's root), the response left open.
 
         A multimodal call's media URLs are fetched by vLLM as a chat's are: checked alike.
