@@ -208,6 +208,8 @@ class Settings:
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 16 * 1024 * 1024
+    # An audio file to transcribe or translate (its form around it aside): OpenAI's 25 MB.
+    max_audio_bytes: int = 25 * 1024 * 1024
     models_cache_seconds: float = 10.0
     log_level: str = "info"
     access_log: bool = True
@@ -306,7 +308,7 @@ def parse_bind(value: str, key: str = "bind") -> tuple[str, int]:
 # -- parsing ---------------------------------------------------------------------------------
 
 _TOP_KEYS = {
-    "bind", "workers", "max_body_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
+    "bind", "workers", "max_body_bytes", "max_audio_bytes", "max_header_bytes", "auth", "auth_public_paths", "cors_origins",
     "allowed_hosts", "metrics_admin_only", "refuse_private_media_urls",
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
@@ -401,6 +403,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         port=port,
         workers=top.positive("workers", int, 1),
         max_body_bytes=top.positive("max_body_bytes", int, 16 * 1024 * 1024),
+        max_audio_bytes=top.positive("max_audio_bytes", int, 25 * 1024 * 1024),
         models_cache_seconds=float(top.non_negative("models_cache_seconds", (int, float), 10.0)),
         log_level=level,
         access_log=top.get("access_log", bool, True),

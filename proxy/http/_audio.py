@@ -14,6 +14,7 @@ client has had a byte.
 
 from __future__ import annotations
 
+from proxy.config import Settings
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.multipart import FORM_TRUE, parse_form
 from proxy.domain.errors import invalid_request
@@ -28,12 +29,20 @@ exchanges = FrontDoor()
 _REFUSAL = "The audio API (`{path}`) needs an OpenAI-compatible backend that serves it (vLLM, speaches, LocalAI)"
 
 
-@exchanges.route("/v1/audio/transcriptions", kind="transcription")
+# An upload's own limit: its file's (`max_audio_bytes`) and room for the form's other fields.
+_FORM_FIELDS_BYTES = 64 * 1024
+
+
+def _upload_limit(settings: Settings) -> int:
+    return settings.max_audio_bytes + _FORM_FIELDS_BYTES
+
+
+@exchanges.route("/v1/audio/transcriptions", kind="transcription", body_limit=_upload_limit)
 async def transcriptions(incoming: Incoming) -> DirectBody:
     return _speech_to_text(incoming, "/audio/transcriptions", "transcription")
 
 
-@exchanges.route("/v1/audio/translations", kind="translation")
+@exchanges.route("/v1/audio/translations", kind="translation", body_limit=_upload_limit)
 async def translations(incoming: Incoming) -> DirectBody:
     return _speech_to_text(incoming, "/audio/translations", "translation")
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 
+from proxy.config import Settings
 from proxy.dialects.multipart import FORM_TRUE, parse_form
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import Gateway
@@ -85,6 +86,8 @@ class FrontRoute:
     # refused rerank is not counted among the chats. None: not a model call, so neither
     # logged nor counted, refused or answered (reading back, cancelling or deleting a run).
     kind: str | None = "chat"
+    # A route taking an upload (audio) has a body limit of its own instead of `max_body_bytes`.
+    body_limit: Callable[[Settings], int] | None = None
 
     @property
     def allow(self) -> bytes:
@@ -100,14 +103,18 @@ class FrontDoor:
         self._exact: dict[str, FrontRoute] = {}
         self._with_param: list[tuple[str, str, str, FrontRoute]] = []  # prefix, name, suffix
 
-    def route(self, rule: str, *, method: str = "POST", kind: str | None = "chat") -> Callable[[Handler], Handler]:
+    def route(
+        self, rule: str, *, method: str = "POST", kind: str | None = "chat",
+        body_limit: Callable[[Settings], int] | None = None,
+    ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             known = self._routes_by_rule().get(rule)
             if known is not None:
                 assert known.kind == kind, f"{rule}: every method of a route is counted alike"
+                assert known.body_limit is body_limit, f"{rule}: every method of a route has one body limit"
                 known.handlers[method] = handler
                 return handler
-            route = FrontRoute(rule, {method: handler}, kind)
+            route = FrontRoute(rule, {method: handler}, kind, body_limit)
             if "<" in rule:
                 prefix, _, rest = rule.partition("<")
                 name, _, suffix = rest.partition(">")
@@ -166,7 +173,8 @@ async def serve(
                 raise GatewayError(
                     ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
                 )
-            max_body = gateway.settings.max_body_bytes
+            settings = gateway.settings
+            max_body = route.body_limit(settings) if route.body_limit is not None else settings.max_body_bytes
             body = await _read_body(receive, head, max_body)
             if body is None:
                 return  # the client left before its request was whole
