@@ -172,6 +172,33 @@ async def test_unreachable_backend_is_a_503() -> None:
         await client.close()
 
 
+async def test_a_model_whose_backend_cannot_answer_is_answered_by_its_stand_in() -> None:
+    """`[fallbacks]` holds for the relayed APIs as for chats: a completion (streamed or not)
+    and a rerank whose backend is down reach the stand-in, which the answer names."""
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    local = OllamaBackend(default=Script(tokens=["fim", " text"]))
+    spare = OpenAIBackend()
+    async with local.serve() as ollama_server, spare.serve() as spare_server, running_gateway(
+        backend("dead", f"http://127.0.0.1:{port}", models=("coder", "reranker")),
+        backend("ollama", ollama_server.url, kind="ollama", models=("qwen2.5-coder:7b",)),
+        backend("spare", spare_server.url, models=("bge-reranker",)),
+        fallbacks={"coder": ("qwen2.5-coder:7b",), "reranker": ("bge-reranker",)},
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        raw = await client.completions.with_raw_response.create(model="coder", prompt="def f(")
+        assert raw.parse().choices[0].text == "fim text" and raw.headers["x-fallback-model"] == "qwen2.5-coder:7b"
+        stream = await client.completions.create(model="coder", prompt="def f(", stream=True)
+        assert "".join([c.choices[0].text async for c in stream if c.choices]) == "fim text"
+        await client.close()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            reranked = await http.post("/v1/rerank", json={"model": "reranker", "query": "q", "documents": ["a", "b"]})
+        assert reranked.status_code == 200 and reranked.headers["x-fallback-model"] == "bge-reranker"
+    assert [r.json["model"] for r in local.requests if r.path == "/v1/completions"] == ["qwen2.5-coder:7b"] * 2
+    assert [r.json["model"] for r in spare.requests if r.path == "/v1/rerank"] == ["bge-reranker"]
+
+
 async def test_backend_error_is_relayed_with_its_status(setup: Setup) -> None:
     setup.fake.set_script(Script(status=500, error_message="engine crashed"))
     for stream in (False, True):

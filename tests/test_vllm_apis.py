@@ -358,3 +358,21 @@ async def test_the_tokenizer_without_a_model_and_an_ollama_default_backend_is_a_
     error = response.json()["error"]
     assert error["param"] == "model" and "without `model` goes to the default backend `ollama` (ollama)" in error["message"]
     assert not ollama.requests
+
+
+async def test_a_score_whose_backend_is_down_goes_to_a_stand_in_but_tokenizing_does_not() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spare = VllmBackend(models=("scorer-b",))
+    async with spare.serve() as server, running_gateway(
+        backend("dead", f"http://127.0.0.1:{port}", models=("scorer-a",)),
+        backend("spare", server.url, models=("scorer-b",)),
+        fallbacks={"scorer-a": ("scorer-b",)},
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        scored = await client.post("/score", json={"model": "scorer-a", "text_1": "q", "text_2": ["a", "b"]})
+        assert scored.status_code == 200 and scored.headers["x-fallback-model"] == "scorer-b"
+        # Another model's tokenizer would give other counts: the model's own backend or nothing.
+        tokenized = await client.post("/tokenize", json={"model": "scorer-a", "prompt": "hello"})
+        assert tokenized.status_code == 503 and "x-fallback-model" not in tokenized.headers
+    assert [(r.path, r.json["model"]) for r in spare.requests if r.method == "POST"] == [("/score", "scorer-b")]

@@ -33,7 +33,7 @@ async def completions(incoming: Incoming) -> DirectBody:
     return relay(
         incoming, data, model, "/completions", kind="completion", stream=stream, prompt_tokens=prompt_tokens,
         refusal="Text completions (`/v1/completions`) need an OpenAI-compatible or Ollama backend",
-        instead=" Use `/v1/chat/completions` instead.", prompt_param="prompt",
+        instead=" Use `/v1/chat/completions` instead.", prompt_param="prompt", fallbacks=True,
     )
 
 

@@ -43,6 +43,7 @@ async def rerank(incoming: Incoming) -> DirectBody:
     return relay(
         incoming, data, model, "/rerank", kind="rerank", stream=False, prompt_tokens=prompt_tokens,
         refusal="Rerank needs an OpenAI-compatible backend that serves `/rerank` (vLLM, llama.cpp, Infinity)",
+        fallbacks=True,
     )
 
 

@@ -55,6 +55,8 @@ async def _relayed(incoming: Incoming) -> DirectBody:
     return relay(
         incoming, data, model, api.backend_path, kind=api.kind, stream=False, prompt_tokens=prompt_tokens,
         refusal=f"`{path}` is vLLM's API and needs an OpenAI-compatible backend that serves it (vLLM)",
+        # Another model's tokenizer would count differently: no stand-in tokenizes for a model.
+        fallbacks=api.metered,
     )
 
 
