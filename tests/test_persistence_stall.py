@@ -225,7 +225,8 @@ async def test_a_follower_waiting_in_postgres_for_another_instances_run_is_a_pro
     """A keyed request repeated on an instance without NATS waits for the run's stored
     answer in PostgreSQL; when PostgreSQL stalled, it hung until it answered again."""
     assert postgres.url is not None
-    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(60)], usage=Usage(5, 60), pace=0.2))
+    # 6 s: still running when the follower asks (1 s in) and through the stall (3.5 s at most).
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(30)], usage=Usage(5, 30), pace=0.2))
     body = {**_chat("followed"), "stream": False}
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     answers: dict[str, httpx.Response] = {}
