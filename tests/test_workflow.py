@@ -758,7 +758,7 @@ async def test_a_worker_cut_off_from_nats_past_the_ack_wait_stops_the_job_anothe
     name = pipeline_name("echo")
     pipelines = {name: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"})}
     settings = workflow(pipelines, silence_seconds=15.0, ack_wait_seconds=1.5)
-    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s
+    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s: past the redelivery
     async with alpha.serve() as served:
         backends = [backend("alpha", served.url, prefixes=("alpha-",))]
         gateway = running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
@@ -786,6 +786,8 @@ async def _partitioned_worker(
         async with running_worker(cut_off, pipelines=[name]) as first:
             nursery.start_soon(ask)
             await alpha.wait_active_streams(1)
+            # Only the first run, cut off, must outlast the redelivery: the second answers at once.
+            alpha.set_script(Script(tokens=[f" w{i}" for i in range(100)]))
             link.sever()
             async with running_worker(direct, pipelines=[name]) as second:
                 with trio.fail_after(8):  # the redelivery reaches the second worker
@@ -795,7 +797,7 @@ async def _partitioned_worker(
                         await trio.sleep(0.05)
                 with trio.fail_after(4):  # and the first, still cut off, has stopped its run
                     while True:
-                        if not first.running and alpha.active_streams <= 1:
+                        if not first.running and alpha.active_streams == 0:  # the second's ends at once
                             break
                         await trio.sleep(0.05)
                 with trio.fail_after(20):
