@@ -17,7 +17,8 @@ mode; `transaction()` pins one connection between BEGIN and COMMIT/ROLLBACK.
 
 Cancelling a trio scope around a query cancels it on the server too: psycopg turns the
 asyncio cancellation into a PostgreSQL cancel request and waits for it, so the call returns
-only once the server has stopped and the connection is back in the pool, idle.
+only once the server has stopped and the connection is back in the pool, idle; a server that
+has not confirmed within `aio.CANCEL_GRACE` (stalled) has the connection closed instead.
 
 pgvector's adapter is registered on every connection: pass numpy float32 arrays as `vector`
 parameters; `vector` values come back as 1-D `numpy.float32` arrays. `open_database` creates the `vector`
