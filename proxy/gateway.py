@@ -248,6 +248,9 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             batches=batches,
         )
     finally:
+        # Runs and lines have had their graceful stop: what is written from now on has a
+        # fallback, and waits for a stalled database no longer.
+        resources.stopping()
         if batches is not None:  # its lines still need the limiter, the writer, the database
             batches.stop()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 12):

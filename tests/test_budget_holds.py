@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,16 +52,17 @@ async def reserved(db: str, name: str) -> int:
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    server_url: str, db: str, nats: str, *, preamble: str = ""
+    server_url: str, db: str, nats: str, *, preamble: str = "", config: Path | None = None
 ) -> AsyncIterator[tuple[str, trio.Process]]:
     """A gateway in a process of its own (to be killed), its base URL once it is healthy;
-    `preamble`: Python run in that process before the gateway starts."""
+    `preamble`: Python run in that process before the gateway starts; `config`: its TOML file."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
     env |= {"LLM_BASE_URL": f"{server_url}/v1", "DATABASE_URL": db, "NATS_URL": nats}
     start = ["-c", f"{preamble}\nimport sys\nfrom proxy.cli import main\nsys.exit(main(sys.argv[1:]))"]
     process = await trio.lowlevel.open_process(
-        [sys.executable, *(start if preamble else ["-m", "proxy"]), "serve", "--bind", f"127.0.0.1:{port}"], env=env,
+        [sys.executable, *(start if preamble else ["-m", "proxy"]), "serve", "--bind", f"127.0.0.1:{port}",
+         *(["--config", str(config)] if config is not None else [])], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -175,9 +177,9 @@ async def test_a_budget_held_by_a_gateway_killed_before_its_first_heartbeat_come
 
 
 async def test_a_gateway_stopped_with_a_stream_in_flight_leaves_no_budget_held(
-    aio_loop: object, pg_database_url: str, nats_url: str
+    aio_loop: object, pg_database_url: str, nats_url: str, tmp_path: Path
 ) -> None:
-    """SIGTERM while a stream holds part of the budget, longer than the graceful stop (5 s):
+    """SIGTERM while a stream holds part of the budget, longer than the graceful stop (1 s here):
     the stream is cut and its record gives its reservation back; and what the process holds
     with no request to give it back (an admission the database applied whose answer the
     stopping process never read: made here in SQL) is given back as it stops, not 30 s later
@@ -186,7 +188,9 @@ async def test_a_gateway_stopped_with_a_stream_in_flight_leaves_no_budget_held(
     fake = OpenAIBackend(default=Script(tokens=["tick "] * 400, pace=0.05, usage=USAGE))
     async with fake.serve() as server:
         key = await new_key(db, "stopped", "--budget", "1000")
-        async with gateway_process(server.url, db, nats_url) as (url, process):
+        config = tmp_path / "gateway.toml"
+        config.write_text("shutdown_grace_seconds = 1\n")
+        async with gateway_process(server.url, db, nats_url, config=config) as (url, process):
             await wait_for_key(url, key)
             async with httpx.AsyncClient(timeout=30, headers=bearer(key)) as client, client.stream(
                 "POST", f"{url}/v1/chat/completions",

@@ -269,7 +269,7 @@ async def test_stopping_the_gateway_tells_clients_still_waiting_instead_of_cutti
     async with slow.serve() as s, mute.serve() as m, trio.open_nursery() as nursery:
         settings = replace(
             Settings(), backends=(backend("slow", s.url, prefixes=("slow",)), backend("mute", m.url, prefixes=("mute",))),
-            host="127.0.0.1", port=0, access_log=False,
+            host="127.0.0.1", port=0, access_log=False, shutdown_grace_seconds=1.0,  # both outlast it
         )
         [url] = await nursery.start(lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status))
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -304,6 +304,7 @@ async def test_a_client_reading_slowly_does_not_keep_the_gateway_past_its_gracef
     async with big.serve() as b, trio.open_nursery() as nursery:
         settings = replace(
             Settings(), backends=(backend("big", b.url, default=True),), host="127.0.0.1", port=0, access_log=False,
+            shutdown_grace_seconds=1.0,
         )
         config = hypercorn_config(settings)
 

@@ -429,11 +429,12 @@ async def test_answers_the_shutdown_cut_are_stored_failed_with_its_error(
 ) -> None:
     """`cancelled` means the client left; a run the server stopped is `failed`, with why
     (and its key may be retried)."""
-    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(400)], pace=0.05))
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(400)], pace=0.05))  # 20 s: past any grace
     traces: dict[str, str] = {}
     async with fake.serve() as server, httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
         async with running_gateway(
-            backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+            backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+            shutdown_grace_seconds=1.0,
         ) as url:
             for name, headers in (("plain", {}), ("keyed", {"Idempotency-Key": str(uuid.uuid4())})):
                 started = trio.Event()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from proxy.infra.embedded import EmbeddedPostgres
+from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
@@ -132,6 +132,54 @@ async def test_a_keyed_answer_given_while_postgres_stalls_is_replayed_after_the_
     assert [r.path for r in fake.requests if r.path.endswith("/chat/completions")] == ["/v1/chat/completions"]
 
 
+async def test_a_gateway_stopped_while_postgres_stalls_stops_within_seconds_and_keeps_what_it_could_not_write(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, tmp_path: Path
+) -> None:
+    """`systemctl stop` during a PostgreSQL stall (and a NATS outage) took about 20 s: each
+    query in flight waited for psycopg to give up cancelling it (5 s, then 5 s more), the
+    usage flush and the batches let go for their own timeouts, the pool for its workers. It
+    stops within seconds, and nothing it could not write is lost: the chats' rows and the
+    key's usage are spooled in its data directory and written by the next gateway."""
+    assert postgres.url is not None
+    dead_nats = EmbeddedNats(tmp_path / "nats")
+    dead_nats_url = dead_nats.start()
+    dead_nats.stop()
+    data_dir = tmp_path / "data"
+    api_key = await new_key(postgres.url, "stopped-in-a-stall")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        config = backend("vllm", server.url, default=True)
+        with ExitStack() as paused:
+            async with gateway(postgres.url, dead_nats_url, config, data_dir=data_dir) as url:
+                await wait_for_key(url, api_key)
+                paused.enter_context(stalled(postgres))
+                async with httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(api_key)) as client:
+                    answers = [await client.post("/v1/chat/completions", json={**_chat("stalled"), "stream": False})
+                               for _ in range(2)]
+                assert [answer.status_code for answer in answers] == [200, 200]
+
+                async def rows_spooled() -> bool:  # the writer has given up on the database
+                    return bool(list(data_dir.glob("spool/outbox/*/*.json")))
+
+                await eventually(rows_spooled, within=30, every=0.1)
+                stopping = trio.current_time()
+            took = trio.current_time() - stopping
+            assert took < 5, f"the gateway took {took:.1f} s to stop"
+        # PostgreSQL answers again only now. Both spools are in the data directory...
+        assert len(list(data_dir.glob("spool/usage/*/*.json"))) == 1
+        traces = [answer.headers["x-trace-id"] for answer in answers]
+
+        async def written() -> bool:
+            statuses = await sql(postgres.url or "", "SELECT status FROM chat_log WHERE trace_id = ANY(%s)", traces)
+            usage = await sql(postgres.url or "", "SELECT requests, prompt_tokens, completion_tokens FROM api_key_usage u"
+                                                  " JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'stopped-in-a-stall'")
+            return statuses == [("completed",), ("completed",)] and usage == [(2, 10, 2)]
+
+        # ...and the next gateway started on it writes them.
+        async with gateway(postgres.url, nats_url, config, data_dir=data_dir):
+            await eventually(written, within=30, every=0.2)
+
+
 async def test_reading_a_trace_back_while_postgres_stalls_is_a_prompt_503(
     aio_loop: object, postgres: EmbeddedPostgres, nats_url: str
 ) -> None:
@@ -177,7 +225,8 @@ async def test_a_follower_waiting_in_postgres_for_another_instances_run_is_a_pro
     """A keyed request repeated on an instance without NATS waits for the run's stored
     answer in PostgreSQL; when PostgreSQL stalled, it hung until it answered again."""
     assert postgres.url is not None
-    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(60)], usage=Usage(5, 60), pace=0.2))
+    # 6 s: still running when the follower asks (1 s in) and through the stall (3.5 s at most).
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(30)], usage=Usage(5, 30), pace=0.2))
     body = {**_chat("followed"), "stream": False}
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     answers: dict[str, httpx.Response] = {}

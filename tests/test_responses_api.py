@@ -678,8 +678,11 @@ async def test_a_stream_whose_backend_is_alive_but_says_nothing_hears_keep_alive
     keep-alives all the same (every 0.4 s here) while the backend sends only comments."""
     monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.4)
     fake = OpenAIBackend(default=Script(tokens=["a", "b", "c", "d"], stall_after=3, keepalive_interval=0.1))
+    # The backend never ends: stopping, the gateway cuts the run (a background one goes on
+    # without its client) once its grace is over, which need not be long here.
     async with fake.serve() as server, running_gateway(
-        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+        shutdown_grace_seconds=0.2,
     ) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
         body = {"model": "m", "input": "x", "stream": True, "background": background}
         wire = b""

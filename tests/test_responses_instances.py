@@ -352,6 +352,31 @@ async def test_a_background_response_goes_on_through_its_gateways_graceful_stop(
     assert [g.outcome for g in fake.recorder.generations] == ["completed"]
 
 
+async def test_a_background_response_within_a_grace_longer_than_five_seconds_is_not_cut_at_five(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`shutdown_grace_seconds = 9`: a background response of 7 s is finished in the grace.
+    The framework cancelled the gateway's own tasks (durable runs among them, and the writer,
+    the database) 5 s into the stop, whatever the grace: the response was cut, failed."""
+    tokens = TOKENS[:35]
+    fake = OpenAIBackend(default=Script(tokens=tokens, usage=Usage(6, 35), pace=0.2))  # 7 s
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True)
+    ) as survivor, stoppable_gateway(pg_database_url, nats_url, server.url, grace=9.0) as stopping:
+        client = openai.AsyncOpenAI(base_url=f"{stopping.url}/v1", api_key="x", max_retries=0)
+        created = await client.responses.create(model="m", input="Count", background=True)
+        await client.close()
+        await fake.wait_requests(1, 10)
+        stopping.stop.set()
+        with trio.fail_after(20):
+            await stopping.stopped.wait()
+        other = openai.AsyncOpenAI(base_url=f"{survivor}/v1", api_key="x", max_retries=0)
+        polled = await other.responses.retrieve(created.id)
+        await other.close()
+    assert polled.status == "completed", polled.error
+    assert polled.output_text == "".join(tokens)
+
+
 async def test_a_background_response_longer_than_the_grace_is_failed_at_its_end_with_what_it_had_said(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

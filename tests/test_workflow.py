@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from proxy.dialects.events import Finished
 from proxy.domain.chat import FinishReason
 from proxy.domain.events import Finish, StreamStart, TextDelta
 from proxy.infra.backends import Batch
+from proxy.infra.embedded import EmbeddedNats
 from proxy.infra.nats import BusMessage, open_bus
 from proxy.services.journal import EVENTS_STREAM, ensure_streams
 from proxy.services.workflow import WorkflowRoute, _Follow
@@ -652,52 +654,58 @@ async def test_a_job_whose_last_worker_stopped_meanwhile_is_a_503_not_a_wait_for
 
 
 async def test_a_draining_sole_worker_finishes_a_job_that_has_said_nothing_yet(
-    aio_loop: object, pg_database_url: str, nats_url: str
+    aio_loop: object, pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The job publishes nothing for 15 s (its keep-alive is 20 s away): only the worker's
-    # liveness tells the gateway it is being run, and the pipeline's key lapses 10 s after
-    # the SIGTERM. The job must still finish; a new job must not wait for this worker.
+    # The job publishes nothing for 8 s (its keep-alive is 20 s away): only the worker's
+    # liveness tells the gateway it is being run, and the pipeline's key lapses after the
+    # SIGTERM (the bucket's TTL: 10 s, 3 s here, on a NATS of its own since a bucket keeps the
+    # TTL it was made with). The job must still finish; a new job must not wait for this worker.
+    monkeypatch.setattr("proxy.workflow.bus.WORKERS_TTL", 3.0)
+    for module in ("proxy.workflow.worker", "proxy.services.workflow"):
+        monkeypatch.setattr(f"{module}.WORKERS_REFRESH", 1.0)
     name = pipeline_name("ponder")
-    pipelines = {name: PipelineConfig("tests.workflow_pipelines:ponder", {"wait": 15})}
-    async with workflow_stack(pg_database_url, nats_url, pipelines, worker=False, silence_seconds=60.0) as (
-        url, _alpha, _beta, settings
-    ):
-        config = worker_settings([], database_url=pg_database_url, nats_url=nats_url, workflow=settings)
-        worker = Worker(config, WorkerOptions(pipelines=[name], drain_seconds=60.0))
-        shutdown = trio.Event()
-        result: dict[str, Any] = {}
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                                    default_headers={"x-pipeline": name})
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:ponder", {"wait": 8})}
+    with EmbeddedNats(tmp_path / "nats") as own_nats:
+        nats_url = own_nats.start()  # its URL: already started
+        async with workflow_stack(pg_database_url, nats_url, pipelines, worker=False, silence_seconds=60.0) as (
+            url, _alpha, _beta, settings
+        ):
+            config = worker_settings([], database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+            worker = Worker(config, WorkerOptions(pipelines=[name], drain_seconds=60.0))
+            shutdown = trio.Event()
+            result: dict[str, Any] = {}
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                        default_headers={"x-pipeline": name})
 
-        async def ask() -> None:
-            try:
-                reply = await client.chat.completions.create(model="m", messages=MESSAGES)
-                result["text"] = reply.choices[0].message.content
-            except openai.APIStatusError as error:
-                result["error"] = error
+            async def ask() -> None:
+                try:
+                    reply = await client.chat.completions.create(model="m", messages=MESSAGES)
+                    result["text"] = reply.choices[0].message.content
+                except openai.APIStatusError as error:
+                    result["error"] = error
 
-        async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=10) as http:
-            kv = await workers_kv(bus)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(lambda task_status: worker.run(shutdown=shutdown, task_status=task_status))
-                nursery.start_soon(ask)
-                with trio.fail_after(10):
-                    while True:
-                        if worker.running:
-                            break
-                        await trio.sleep(0.05)
-                shutdown.set()  # what SIGTERM does
-                with trio.fail_after(14):  # the pipeline's key lapses: no new job goes to this worker
-                    while True:
-                        if await kv.get(name) is None:
-                            break
-                        await trio.sleep(0.2)
-                started = time.monotonic()
-                refused = await http.post(
-                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
-                )
-                assert refused.status_code == 503 and time.monotonic() - started < 3.0
-        await client.close()
+            async with open_bus(nats_url) as bus, httpx.AsyncClient(base_url=url, timeout=10) as http:
+                kv = await workers_kv(bus)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(lambda task_status: worker.run(shutdown=shutdown, task_status=task_status))
+                    nursery.start_soon(ask)
+                    with trio.fail_after(10):
+                        while True:
+                            if worker.running:
+                                break
+                            await trio.sleep(0.05)
+                    shutdown.set()  # what SIGTERM does
+                    with trio.fail_after(7):  # the pipeline's key lapses: no new job goes to this worker
+                        while True:
+                            if await kv.get(name) is None:
+                                break
+                            await trio.sleep(0.2)
+                    started = time.monotonic()
+                    refused = await http.post(
+                        "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-pipeline": name}
+                    )
+                    assert refused.status_code == 503 and time.monotonic() - started < 3.0
+            await client.close()
     assert "error" not in result, result.get("error")
     assert result["text"] == "Pondered."
 
@@ -750,7 +758,7 @@ async def test_a_worker_cut_off_from_nats_past_the_ack_wait_stops_the_job_anothe
     name = pipeline_name("echo")
     pipelines = {name: PipelineConfig("tests.workflow_pipelines:echo", {"model": "alpha-1"})}
     settings = workflow(pipelines, silence_seconds=15.0, ack_wait_seconds=1.5)
-    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s
+    alpha = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))  # 10 s: past the redelivery
     async with alpha.serve() as served:
         backends = [backend("alpha", served.url, prefixes=("alpha-",))]
         gateway = running_gateway(*backends, database_url=pg_database_url, nats_url=nats_url, workflow=settings)
@@ -778,16 +786,20 @@ async def _partitioned_worker(
         async with running_worker(cut_off, pipelines=[name]) as first:
             nursery.start_soon(ask)
             await alpha.wait_active_streams(1)
+            # Only the first run, cut off, must outlast the redelivery: the second answers at once.
+            alpha.set_script(Script(tokens=[f" w{i}" for i in range(100)]))
             link.sever()
-            async with running_worker(direct, pipelines=[name]) as second:
-                with trio.fail_after(8):  # the redelivery reaches the second worker
+            async with running_worker(direct, pipelines=[name]):
+                # The redelivery reaches the second worker: its run calls the backend (and,
+                # answered at once, may be over before a look at the worker would see it).
+                with trio.fail_after(8):
                     while True:
-                        if second.running:
+                        if len(alpha.recorder.generations) >= 2:
                             break
                         await trio.sleep(0.05)
                 with trio.fail_after(4):  # and the first, still cut off, has stopped its run
                     while True:
-                        if not first.running and alpha.active_streams <= 1:
+                        if not first.running and alpha.active_streams == 0:  # the second's ends at once
                             break
                         await trio.sleep(0.05)
                 with trio.fail_after(20):

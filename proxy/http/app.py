@@ -40,6 +40,10 @@ from proxy.http._request import PacedRequest
 from proxy.http._trace import request_trace
 from proxy.infra.backends import current_trace
 
+# Past the grace, what the stop still does is bounded by its steps (runs cut, rows written
+# or spooled, connections closed): well within this.
+_STOP_BACKSTOP_SECONDS = 30.0
+
 
 class _App(GatewayApp):
     cors: _cors.Cors
@@ -112,6 +116,11 @@ def create_app(settings: Settings) -> GatewayApp:
     app.propagate_traces = settings.tracing.propagate
     # Ingesting a large document may take minutes; Quart's 60 s default would cut it silently.
     app.config["RESPONSE_TIMEOUT"] = None
+    # Quart cancels the app's nursery this long after the stop reaches the app (5 s by
+    # default): the gateway's own tasks (durable runs, the writer, the database) were cut
+    # then, whatever `shutdown_grace_seconds` said. They end in the order `open_gateway`
+    # gives them, each bounded; this only backs that up.
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = settings.shutdown_grace_seconds + _STOP_BACKSTOP_SECONDS
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.register_blueprint(_openai.blueprint)

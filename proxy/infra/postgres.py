@@ -17,7 +17,8 @@ mode; `transaction()` pins one connection between BEGIN and COMMIT/ROLLBACK.
 
 Cancelling a trio scope around a query cancels it on the server too: psycopg turns the
 asyncio cancellation into a PostgreSQL cancel request and waits for it, so the call returns
-only once the server has stopped and the connection is back in the pool, idle.
+only once the server has stopped and the connection is back in the pool, idle; a server that
+has not confirmed within `aio.CANCEL_GRACE` (stalled) has the connection closed instead.
 
 pgvector's adapter is registered on every connection: pass numpy float32 arrays as `vector`
 parameters; `vector` values come back as 1-D `numpy.float32` arrays. `open_database` creates the `vector`
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -56,6 +58,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from trio_asyncio import aio_as_trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.infra.aio import aio_call
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ SCHEMA_LOCK_KEY = 0x11_0F_C0DE
 # Bounds cleanup that runs shielded from cancellation (rollback, pool close).
 _CLEANUP_TIMEOUT = 5.0
 _PING_TIMEOUT = 2.0
+_POOL_CLOSE_TIMEOUT = 0.5
 
 
 class DatabaseError(Exception):
@@ -160,7 +164,7 @@ def plain_text(value: str) -> str:
 async def _hop(fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
     """Run one asyncio coroutine function from trio, translating psycopg errors."""
     try:
-        result: _T = await aio_as_trio(fn)(*args)
+        result: _T = await aio_call(fn, *args)
     except (psycopg.Error, PoolTimeout, OSError) as exc:
         raise _translate(exc) from exc
     return result
@@ -213,13 +217,14 @@ class _Queries:
 class Tx(_Queries):
     """One connection inside BEGIN ... COMMIT; only valid inside `Database.transaction()`."""
 
-    def __init__(self, conn: _Conn) -> None:
+    def __init__(self, conn: _Conn, db: Database) -> None:
         self._conn: _Conn | None = conn
+        self._db = db
 
     async def _run(self, sql: str, params: Params, mode: _Mode) -> Any:
         if self._conn is None:
             raise DatabaseError("transaction already finished")
-        return await _hop(_run_on, self._conn, sql, params, mode)
+        return await self._db._call(_run_on, self._conn, sql, params, mode)
 
     async def copy_in(self, sql: str, pieces: Iterable[Buffer]) -> None:
         """`COPY ... FROM STDIN` fed `pieces` (the COPY's data as they are) one at a time, as
@@ -234,9 +239,23 @@ class Database(_Queries):
 
     def __init__(self, pool: AsyncConnectionPool[_Conn]) -> None:
         self._pool = pool
+        self._answer_by = math.inf
+
+    def answer_by(self, deadline: float) -> None:
+        """Every call, from now on, fails with DatabaseUnavailable at `deadline` (trio's clock)
+        if the server has not answered by then: the gateway stops, and a stalled database is
+        not waited for (what it cannot take goes where it goes when the database is down)."""
+        self._answer_by = min(self._answer_by, deadline)
+
+    async def _call(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        if self._answer_by == math.inf:
+            return await _hop(fn, *args)
+        with trio.move_on_at(self._answer_by):
+            return await _hop(fn, *args)
+        raise DatabaseUnavailable("the gateway is stopping, and the database did not answer in time")
 
     async def _run(self, sql: str, params: Params, mode: _Mode) -> Any:
-        return await _hop(self._aio_run, sql, params, mode)
+        return await self._call(self._aio_run, sql, params, mode)
 
     async def _aio_run(self, sql: str, params: Params, mode: _Mode) -> Any:
         async with self._pool.connection() as conn:
@@ -245,7 +264,7 @@ class Database(_Queries):
     async def execute_batch(self, steps: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         """Run each statement once per parameter set, all in one transaction and one
         trio->asyncio hop (psycopg pipelines `executemany`): group commit for many rows."""
-        await _hop(self._aio_execute_batch, steps)
+        await self._call(self._aio_execute_batch, steps)
 
     async def _aio_execute_batch(self, steps: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
@@ -257,7 +276,7 @@ class Database(_Queries):
         """`sql`'s rows, run with `settings` (name -> value) in force for it alone: one
         transaction with the settings made local to it, in one trio->asyncio hop, pipelined
         (a round trip for BEGIN, the settings and the query, one for COMMIT)."""
-        rows: list[Row] = await _hop(self._aio_fetch_with_settings, settings, sql, params)
+        rows: list[Row] = await self._call(self._aio_fetch_with_settings, settings, sql, params)
         return rows
 
     async def _aio_fetch_with_settings(self, settings: Mapping[str, str], sql: str, params: Params) -> list[Row]:
@@ -279,8 +298,8 @@ class Database(_Queries):
     async def transaction(self) -> AsyncIterator[Tx]:
         """BEGIN on a dedicated connection; COMMIT on success, ROLLBACK on any exception
         (cancellation included)."""
-        conn = await _hop(self._aio_begin)
-        tx = Tx(conn)
+        conn = await self._call(self._aio_begin)
+        tx = Tx(conn, self)
         try:
             yield tx
         except BaseException:
@@ -288,14 +307,14 @@ class Database(_Queries):
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT
                 try:
-                    await _hop(self._aio_finish, conn, False)
+                    await self._call(self._aio_finish, conn, False)
                 except DatabaseError as exc:  # the original exception matters more
                     log.warning("rollback failed: %s", exc)
             if scope.cancelled_caught:
                 log.warning("rollback timed out; the pool will discard the connection")
             raise
         tx._conn = None
-        await _hop(self._aio_finish, conn, True)
+        await self._call(self._aio_finish, conn, True)
 
     async def _aio_begin(self) -> _Conn:
         conn = await self._pool.getconn()
@@ -403,4 +422,6 @@ async def open_database(
     finally:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + _CLEANUP_TIMEOUT + 1
-            await aio_as_trio(pool.close)(timeout=_CLEANUP_TIMEOUT)
+            # A pool worker still setting up a connection (to a stalled server) is cancelled
+            # when the asyncio loop closes, not waited for here; idle ones stop at once.
+            await aio_as_trio(pool.close)(timeout=_POOL_CLOSE_TIMEOUT)

@@ -9,6 +9,7 @@ unreachable. Callers read the handle at the moment they need it and treat None a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -22,6 +23,10 @@ log = logging.getLogger("llm_proxy.resources")
 _BACKOFF_START = 0.5
 _BACKOFF_MAX = 10.0
 _PROBE_SECONDS = 2.0
+# What a stopping gateway still writes (its usage, its last rows, its batches let go) waits
+# this long for PostgreSQL at most, all together: a stalled database must not hold the stop
+# (`systemctl stop`, Kubernetes' 30 s) when all of it has a place to go without it.
+STOP_WRITES_SECONDS = 1.5
 
 
 class Resources:
@@ -41,6 +46,7 @@ class Resources:
         self._pool_size = pool_size
         self._on_bus = on_bus
         self._scope: trio.CancelScope | None = None
+        self._answer_by = math.inf
 
     async def run(self, *, startup_wait: float = 5.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep both connections until cancelled. Reports started once both are up, or after
@@ -68,6 +74,13 @@ class Resources:
     def stop(self) -> None:
         if self._scope is not None:
             self._scope.cancel()
+
+    def stopping(self) -> None:
+        """The gateway stops: database calls from now on fail once `STOP_WRITES_SECONDS`
+        have passed without an answer (the callers' fallbacks: the spool, the outbox)."""
+        self._answer_by = min(self._answer_by, trio.current_time() + STOP_WRITES_SECONDS)
+        if self.database is not None:
+            self.database.answer_by(self._answer_by)
 
     async def _keep_database(self, url: str, on_ready: Callable[[], None]) -> None:
         delay = _BACKOFF_START
@@ -105,6 +118,8 @@ class Resources:
 
     def _set_database(self, db: Database | None) -> None:
         if db is not self.database:
+            if db is not None:
+                db.answer_by(self._answer_by)
             self.database = db
             self.database_changed.set()
             self.database_changed = trio.Event()

@@ -176,8 +176,8 @@ class BatchRunner:
 
     async def wind_down(self, deadline: float) -> None:
         """The gateway stops: no line starts any more; those in flight may finish until
-        `deadline` (the graceful stop's end), then they are cut. Every batch it ran is let go,
-        for the next gateway (or another one) to resume."""
+        `deadline` (the graceful stop's end). Then `stop()` cuts the rest and lets every batch
+        it ran go, for the next gateway (or another one) to resume."""
         self._stopping = True
         for halt in self._halts.values():
             halt.set()
@@ -185,9 +185,6 @@ class BatchRunner:
             while self._running:
                 self._ended = trio.Event()
                 await self._ended.wait()
-        self.stop()
-        with trio.move_on_after(_WRITE_SECONDS + 1):
-            await self.stopped.wait()
 
     async def _run_batch(self, store: BatchStore, claimed: Claimed) -> None:
         try:
