@@ -565,6 +565,40 @@ async def test_rows_waiting_in_memory_while_postgres_and_nats_are_down_survive_a
                 await eventually(spool_gone, within=10)
 
 
+async def test_with_nats_lost_mid_run_and_postgres_down_answers_are_not_held_for_the_bus(
+    aio_loop: object, tmp_path: Path, nats_url: str
+) -> None:
+    """A gateway whose NATS went away (nats-py reconnecting) and whose PostgreSQL is down
+    keeps each answer's row in memory and its spool at once. It waited for a JetStream
+    publish to time out (5 s) per row, one after another, and the stop cut off the rows still
+    waiting: they were in neither store, nor spooled, and never written."""
+    fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
+    lost_nats = EmbeddedNats(tmp_path / "nats")
+    lost_nats_url = lost_nats.start()
+    data_dir = tmp_path / "data"
+    with EmbeddedPostgres(tmp_path / "pg") as postgres:
+        assert postgres.url is not None
+        url = postgres.url
+        async with fake.serve() as server:
+            config = backend("vllm", server.url, default=True)
+            async with running_gateway(config, database_url=url, nats_url=lost_nats_url, data_dir=data_dir) as gateway:
+                await trio.to_thread.run_sync(lost_nats.stop)
+                await trio.to_thread.run_sync(postgres.stop)
+                async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
+                    during = []
+                    for _ in range(3):
+                        started = trio.current_time()
+                        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+                        assert response.status_code == 200
+                        # A stopped PostgreSQL refuses at once: nothing here waits seconds.
+                        assert trio.current_time() - started < 2.5, "the answer waited for the lost NATS"
+                        during.append(response.headers["x-trace-id"])
+            await trio.to_thread.run_sync(postgres.start)
+            async with running_gateway(config, database_url=url, nats_url=nats_url, data_dir=data_dir):
+                for trace_id in during:
+                    await wait_for_row(url, trace_id, "completed", within=20)
+
+
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(
     aio_loop: object, tmp_path: Path, nats_url: str
 ) -> None:

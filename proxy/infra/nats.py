@@ -500,10 +500,16 @@ class Bus:
                 KeyValueConfig(bucket=bucket, history=history, ttl=ttl)
             )
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (not nats-py reconnecting, its reader running):
+        a JetStream publish made otherwise waits out its timeout."""
+        return self._nc.is_connected and not self._reader_stopped()
+
     async def ping(self) -> None:
         """Round trip to the server and JetStream; BusUnavailable if that takes > 2 s or the
         connection is down (nats-py reconnecting, or its reader stopped)."""
-        if not self._nc.is_connected or self._reader_stopped():
+        if not self.connected:
             raise BusUnavailable("not connected to NATS")
         with trio.move_on_after(_PING_TIMEOUT) as scope:
             # A request, not `nc.flush()`: a flush given up on leaves its cancelled future in

@@ -397,7 +397,9 @@ class Outbox:
     async def put(self, row: LogRow) -> None:
         self._pending = True
         bus = self._bus()
-        if bus is not None:
+        # A bus reconnecting would hold each row for its publish timeout (5 s), one after
+        # another, and a stop could cut them off before memory had them.
+        if bus is not None and bus.connected:
             try:
                 await bus.publish(
                     OUTBOX_SUBJECT, json.dumps(row.to_json(), default=str).encode(), msg_id=f"{row.trace_id}:{row.status}"
@@ -406,6 +408,15 @@ class Outbox:
                 return
             except BusError as error:
                 log.warning("outbox on NATS unavailable (%s); keeping %s in memory", error, row.trace_id)
+            except trio.Cancelled:
+                # Stored on NATS or not: kept here too (rows are upserts, written twice alike).
+                self._keep(row)
+                raise
+        elif bus is not None:
+            log.warning("outbox on NATS unavailable (not connected); keeping %s in memory", row.trace_id)
+        self._keep(row)
+
+    def _keep(self, row: LogRow) -> None:
         if len(self._memory) >= _MEMORY_OUTBOX:
             lost = self._memory.popleft()
             log.error("in-memory outbox full: dropped the log row of %s", lost.trace_id)
