@@ -6,7 +6,8 @@ header `x-cache: semantic`; `x-cache: off`/`no-cache`/`no-store`/`exact` keep it
 What has to match, and how:
 
 - Exactly (the entry's `scope`): the routed model, every generation parameter, the tools and
-  tool choice, the dialect-specific extras, the RAG workspace and its revision (ingesting or
+  tool choice, the dialect-specific extras, the workflow pipeline that made the answer (one
+  pipeline's answer is neither another's nor the model's own), the RAG workspace and its revision (ingesting or
   deleting a document, or changing its settings, makes the workspace's entries stale; an
   answer is stored under the revision its lookup saw, from before its retrieval), and the
   conversation's *shape*: the roles in order, how many segments each message has, the names of the tools called,
@@ -122,7 +123,7 @@ def _opaque(message: Message) -> list[str]:
 
 def conversation_key(
     request: ChatRequest, *, model: str, workspace: str | None, revision: int | None,
-    tenant: str | None = None, counter: TokenCounter | None = None,
+    tenant: str | None = None, counter: TokenCounter | None = None, pipeline: str | None = None,
 ) -> Conversation:
     """Split `request` into what is compared exactly and what by meaning (module docstring)."""
     counter = counter or token_counter()
@@ -151,6 +152,8 @@ def conversation_key(
         "tenant": tenant,  # one key's answers are never another's (as with the exact cache)
         "shape": shape,
         "literal": literal,
+        # Only when set, so that the entries of the direct and RAG routes keep their scope.
+        **({"pipeline": pipeline} if pipeline is not None else {}),
     }
     scope = hashlib.sha256(
         json.dumps(exact, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
@@ -316,10 +319,13 @@ class SemanticCache:
 
     async def _key(self, request: ChatRequest, meta: RequestMeta, revision: int | None) -> Conversation:
         workspace = meta.workspace if meta.route == "rag" else None
+        # A workflow's answer is its pipeline's (fan-out, judge, ...), not the model's: as in
+        # the exact cache's `req_id`, the pipeline is part of the key ("" for one unnamed).
+        pipeline = (meta.pipeline or "") if meta.route == "workflow" else None
         counter = token_counter()
         return await trio.to_thread.run_sync(
             lambda: conversation_key(request, model=self._model(request), workspace=workspace,
-                                     revision=revision, tenant=meta.tenant, counter=counter)
+                                     revision=revision, tenant=meta.tenant, counter=counter, pipeline=pipeline)
         )
 
     async def _embed(self, segments: Sequence[str]) -> Vectors:
