@@ -6,7 +6,7 @@ header `x-cache: semantic`; `x-cache: off`/`no-cache`/`no-store`/`exact` keep it
 What has to match, and how:
 
 - Exactly (the entry's `scope`): the routed model, every generation parameter, the tools and
-  tool choice, the dialect-specific extras, the workflow pipeline that made the answer (one
+  tool choice (and whether parallel tool calls are allowed), the dialect-specific extras, the workflow pipeline that made the answer (one
   pipeline's answer is neither another's nor the model's own), the RAG workspace and its revision (ingesting or
   deleting a document, or changing its settings, makes the workspace's entries stale; an
   answer is stored under the revision its lookup saw, from before its retrieval), and the
@@ -147,6 +147,10 @@ def conversation_key(
         "tools": [asdict(tool) for tool in request.tools],
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
         "extra": {k: v for k, v in request.extra.items() if k not in _IGNORED_EXTRA},
+        # `false` asks for one call a turn: an answer making several is not its answer (a
+        # Responses request has no `extra` that would say so). Only when said, as for the
+        # pipeline below.
+        **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
         "workspace": workspace,
         "revision": revision,
         "tenant": tenant,  # one key's answers are never another's (as with the exact cache)
