@@ -169,6 +169,23 @@ async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedde
     assert await semantic.lookup(question, meta(workspace="docs")) is None
 
 
+async def test_an_answer_from_a_deleted_workspace_is_not_one_from_its_namesake(
+    db: Database, embedder: LocalEmbedder
+) -> None:
+    """A question asked as its workspace is deleted stores its answer after the deletion
+    cleared the workspace's entries; the workspace made again under that name (its revisions
+    counted from 0 again) must not be answered with the old documents' answer."""
+    semantic, store = cache(db, embedder), RagStore(db)
+    await store.ensure_workspace("docs")
+    question = ask("How many vacation days do I get?")
+    asking = RequestMeta(trace_id="asked-during-delete", request_id="r", workspace="docs", route="rag")
+    assert await semantic.lookup(question, asking) is None  # then retrieval, the backend...
+    assert await store.delete_workspace("docs")
+    await store.ensure_workspace("docs")
+    await semantic.store(question, asking, answer("30 days [1]"))  # from the deleted documents
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+
+
 async def test_changed_workspace_settings_make_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
     # A PUT of top_k or score_threshold changes which passages an answer would be given.
     semantic, store = cache(db, embedder), RagStore(db)

@@ -122,7 +122,7 @@ def _opaque(message: Message) -> list[str]:
 
 
 def conversation_key(
-    request: ChatRequest, *, model: str, workspace: str | None, revision: int | None,
+    request: ChatRequest, *, model: str, workspace: str | None, revision: str | None,
     tenant: str | None = None, counter: TokenCounter | None = None, pipeline: str | None = None,
 ) -> Conversation:
     """Split `request` into what is compared exactly and what by meaning (module docstring)."""
@@ -206,7 +206,7 @@ class SemanticCache:
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()
         # The workspace revision each RAG request's lookup saw, by trace id, for its store:
         # read again after the answer, it could be a revision the answer's passages predate.
-        self._revisions: OrderedDict[str, int | None] = OrderedDict()
+        self._revisions: OrderedDict[str, str | None] = OrderedDict()
 
     def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool:
         if meta.cache in _OFF:
@@ -314,14 +314,17 @@ class SemanticCache:
         routed = self._routed(model)
         return {_untagged(model)} if routed is None else {_untagged(model), routed}
 
-    async def _revision(self, db: Database, meta: RequestMeta) -> int | None:
-        """The RAG workspace's revision (None off the RAG route, or for no such workspace)."""
+    async def _revision(self, db: Database, meta: RequestMeta) -> str | None:
+        """The RAG workspace's revision (None off the RAG route, or for no such workspace),
+        as `<id>.<revision>`: a workspace deleted and made again under its name counts its
+        revisions from 0 again, and an answer stored for the old one (by a request that was
+        running as it was deleted) must not pass for the new one's when the counts meet."""
         if meta.route != "rag" or meta.workspace is None:
             return None
-        revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = %s", (meta.workspace,))
-        return None if revision is None else int(revision)
+        row = await db.fetchrow("SELECT id, revision FROM rag_workspaces WHERE name = %s", (meta.workspace,))
+        return None if row is None else f"{row[0]}.{row[1]}"
 
-    async def _key(self, request: ChatRequest, meta: RequestMeta, revision: int | None) -> Conversation:
+    async def _key(self, request: ChatRequest, meta: RequestMeta, revision: str | None) -> Conversation:
         workspace = meta.workspace if meta.route == "rag" else None
         # A workflow's answer is its pipeline's (fan-out, judge, ...), not the model's: as in
         # the exact cache's `req_id`, the pipeline is part of the key ("" for one unnamed).
