@@ -364,6 +364,37 @@ async def test_a_german_workspace_stems_german(pg_database_url: str) -> None:
         assert (await http.put("/v1/workspaces/x", json={"language": "klingon"})).status_code == 400
 
 
+async def test_an_ingests_language_is_the_workspaces_or_refused(pg_database_url: str) -> None:
+    """`language` on an ingest is not dropped without a word: a workspace without documents
+    takes it (as `PUT` would), one indexed in another language is a 409 and keeps its
+    documents as they were, and a `language` that is not a string is a 400."""
+    german = "# Kantine\n\nDie Kantine öffnet um zwölf Uhr."
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        assert (await http.put("/v1/workspaces/de", json={"top_k": 2})).json()["language"] == "english"
+        taken = await http.post("/v1/workspaces/de/documents", json={"content": german, "source": "kantine.md",
+                                                                     "language": "german"})
+        assert taken.status_code == 201, taken.text
+        assert (await http.get("/v1/workspaces/de")).json()["language"] == "german"
+        found = (await search(http, url, "de", "Wann öffnet die Kantine?", score_threshold=-1)).json()
+        assert found["full_text_terms"] == ["kantin", "offnet", "wann"]  # German stems
+
+        await http.post("/v1/workspaces/en/documents", json={"content": API, "source": "api.md"})
+        for attempt in (
+            http.post("/v1/workspaces/en/documents", json={"content": german, "source": "de.md", "language": "german"}),
+            http.post("/v1/workspaces/en/documents", files={"file": ("de.md", german.encode(), "text/markdown")},
+                      data={"language": "german"}),
+        ):
+            refused = await attempt
+            assert refused.status_code == 409, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "language_locked" and error["param"] == "language" and "'english'" in error["message"]
+        workspace = (await http.get("/v1/workspaces/en")).json()
+        assert (workspace["language"], workspace["documents"]) == ("english", 1)
+
+        wrong = await http.post("/v1/workspaces/en/documents", json={"content": german, "language": 5})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "language"
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 
 
@@ -395,6 +426,24 @@ def test_cli_ingest_walks_files_and_directories(
     assert main(["ingest", "team", str(tmp_path / "report.pdf")]) == 1
     assert "corrupt" in capsys.readouterr().err
     assert main(["ingest", "bad name", str(docs)]) == 2
+
+
+def test_cli_ingest_with_another_language_than_its_workspaces_fails_once(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "api.md").write_text(API)
+    (docs / "bread.html").write_text(BREAD)
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+    assert main(["ingest", "team", str(docs / "api.md")]) == 0
+    capsys.readouterr()
+
+    assert main(["ingest", "team", str(docs), "--language", "german"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("already has documents indexed in 'english'") == 1
+    with psycopg.connect(pg_database_url) as conn:
+        assert conn.execute("SELECT source FROM rag_documents").fetchall() == [("api.md",)]
 
 
 def test_cli_ingest_of_a_missing_path_fails_naming_it_and_ingests_nothing(

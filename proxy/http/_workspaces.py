@@ -32,6 +32,7 @@ from proxy.services.rag import (
     DocumentInput,
     RagService,
     check_workspace_name,
+    language_locked,
     passages_json,
     validate_overrides,
     workspace_not_found,
@@ -109,10 +110,7 @@ async def put_workspace(ws: str) -> Response:
     try:
         await store.configure_workspace(ws, settings, language=language)
     except LanguageLocked as locked:
-        raise GatewayError(
-            ErrorKind.CONFLICT, f"Workspace `{ws}` already has documents indexed in {locked.language!r}; "
-            "its language cannot change (delete and re-create it).", param="language",
-        ) from None
+        raise language_locked(ws, locked.language) from None
     return _reply(_workspace_json(await _summary(rag, ws)))
 
 
@@ -218,7 +216,7 @@ async def add_documents(ws: str) -> Response:
         language = form.get("language") or None
     else:
         data = loads_object(await request_body())
-        language = data.get("language") if isinstance(data.get("language"), str) else None
+        language = Fields(data).text("language", nonempty=True)
         items = data.get("documents")
         if items is None:
             documents = [_json_document(data, "body")]
@@ -229,7 +227,7 @@ async def add_documents(ws: str) -> Response:
     if len(documents) > _MAX_DOCUMENTS:
         raise invalid_request(f"Too many documents: at most {_MAX_DOCUMENTS} per request.", param="documents")
     rag = _rag()
-    if language is not None and not await rag.store().language_exists(language):
+    if language is not None and (not storable(language) or not await rag.store().language_exists(language)):
         raise invalid_request(f"Invalid `language` {language!r}: not a text search configuration.", param="language")
     results = await rag.ingest(ws, documents, language=language)
     changed = any(result.status in ("created", "updated") for result in results)

@@ -50,7 +50,14 @@ from proxy.infra.chunking import (
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
 from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
-from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
+from proxy.infra.rag_store import (
+    LanguageLocked,
+    NewChunk,
+    NewDocument,
+    RagStore,
+    TokenVectorCache,
+    Workspace,
+)
 from proxy.services.chat import ChatExchange
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
@@ -81,6 +88,13 @@ def check_workspace_name(name: str | None, param: str = "workspace") -> str:
             param=param,
         )
     return name
+
+
+def language_locked(name: str, language: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.CONFLICT, f"Workspace `{name}` already has documents indexed in {language!r}; "
+        "its language cannot change (delete and re-create it).", param="language", code="language_locked",
+    )
 
 
 def workspace_not_found(name: str, param: str | None = "x-workspace") -> GatewayError:
@@ -287,6 +301,14 @@ class RagService:
         store = self.store()
         with _database_errors():
             workspace = await store.ensure_workspace(workspace_name, language=language)
+            if language is not None and workspace.language != language:
+                # Asked of a workspace made before: as `PUT /v1/workspaces/{ws}` would, chosen
+                # while it is empty and refused once it has chunks, rather than its documents
+                # indexed in another language than the one asked without a word.
+                try:
+                    workspace = await store.configure_workspace(workspace_name, {}, language=language)
+                except LanguageLocked as locked:
+                    raise language_locked(workspace_name, locked.language) from None
         return [await self._ingest_one(store, workspace, *item, progress) for item in prepared]
 
     async def prepare(self, document: DocumentInput) -> Prepared:
@@ -568,6 +590,7 @@ __all__ = [
     "RetrievalOptions",
     "check_workspace_name",
     "inject",
+    "language_locked",
     "query_text",
     "reciprocal_rank_fusion",
     "validate_overrides",
