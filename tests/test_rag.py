@@ -341,6 +341,12 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert found.json()["full_text_terms"] == ["hot", "oven"]
         assert len(found.json()["data"]) == 1 and found.json()["data"][0]["source"] == "bread.html"
         assert (await http.put("/v1/workspaces/docs", json={"top_k": 0})).status_code == 400
+        # As the workspace reads back (`settings`), beside a top-level one: neither is dropped.
+        both = await http.put("/v1/workspaces/docs", json={"top_k": 2, "settings": {"rerank": 10}})
+        assert both.json()["settings"] == {"top_k": 2, "score_threshold": 0.2, "rerank": 10}
+        assert (await http.put("/v1/workspaces/docs", json={"settings": {"top_k": 0}})).status_code == 400
+        assert (await http.put("/v1/workspaces/docs", json={"settings": 3})).json()["error"]["param"] == "settings"
+        await http.put("/v1/workspaces/docs", json={"settings": {"top_k": 1}})
         assert (await http.put("/v1/workspaces/docs", json={"language": "german"})).status_code == 409
 
         workspaces = (await http.get("/v1/workspaces")).json()["data"]

@@ -105,8 +105,12 @@ async def put_workspace(ws: str) -> Response:
             f"Invalid `language` {language!r}: a PostgreSQL text search configuration (english, simple, german, ...).",
             param="language",
         )
-    nested = data.get("settings")
-    settings = validate_overrides(nested if isinstance(nested, dict) else data)
+    # Top-level (`{"top_k": 3}`, as the README shows) or under `settings` (as a workspace
+    # reads back), or both: no setting given is left out without a word.
+    nested = data.pop("settings", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise invalid_request("Invalid `settings`: expected an object.", param="settings")
+    settings = validate_overrides({**data, **(nested or {})})
     try:
         await store.configure_workspace(ws, settings, language=language)
     except LanguageLocked as locked:
