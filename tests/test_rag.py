@@ -301,8 +301,16 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
                                                                        "metadata": {"team": "platform"}})
         assert again.status_code == 200 and again.json()["data"][0]["status"] == "unchanged"
         # Both are in the OpenAPI document, so a client generated from it takes either.
-        ingest = (await http.get("/openapi.json")).json()["paths"]["/v1/workspaces/{ws}/documents"]["post"]
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        ingest = paths["/v1/workspaces/{ws}/documents"]["post"]
         assert {"200", "201"} <= set(ingest["responses"])
+        # What the endpoints take, as a client generated from the document would send it.
+        assert set(ingest["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+        put = paths["/v1/workspaces/{ws}"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+        assert {"top_k", "score_threshold", "candidates", "rerank", "settings", "language"} <= set(put["properties"])
+        query = paths["/v1/workspaces/{ws}/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "minLength" not in query["properties"]["query"]
+        assert (await search(http, url, "docs", "")).json()["data"] == []
 
         upload = await http.post(
             "/v1/workspaces/docs/documents",
