@@ -97,6 +97,13 @@ class RouteHandler(Protocol):
         run's failure (`server_error`)."""
         ...
 
+    async def cache_scope(self, exchange: ChatExchange) -> str | None:
+        """What the answer draws on besides the request that can change under the same
+        request (a RAG workspace's documents and settings), as a value that changes with it:
+        part of the exact cache's key, so that a change makes its entries misses. None:
+        nothing."""
+        ...
+
 
 # What a client still connected hears when the server stops before its answer is complete
 # (hypercorn cancels what is still running once its graceful timeout is over).

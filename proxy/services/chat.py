@@ -327,6 +327,10 @@ class ChatExchange(FallbackWalk, DurableRun):
             return Plan("here")
         req_id = request_fingerprint(self.identity or self.request, self.route.upstream_model, self._route_identity())
         cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
+        if cache and self.handler is not None and (scope := await self.handler.cache_scope(self)) is not None:
+            # In the cache's key, not in `req_id`: an idempotent retry is the same request
+            # however the workspace changed since, but a cached answer drew on what it held.
+            cache_id = hashlib.sha256(f"{cache_id}:{scope}".encode()).hexdigest()
         if cache:
             cached = await persistence.cached(cache_id)
             if cached is not None:

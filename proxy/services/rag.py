@@ -553,6 +553,11 @@ class RagRoute:
     async def admit(self, exchange: ChatExchange) -> None:
         await self._rag.workspace(self._workspace(exchange))
 
+    async def cache_scope(self, exchange: ChatExchange) -> str | None:
+        # Its id too: a workspace deleted and made again counts its revisions from 0 again.
+        workspace = await self._rag.workspace(self._workspace(exchange))
+        return f"rag:{workspace.id}.{workspace.revision}"
+
     def producer(self, exchange: ChatExchange) -> Producer:
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
             name = self._workspace(exchange)
