@@ -336,6 +336,10 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "body.format"
         empty = await http.post("/v1/workspaces/docs/documents", json={"content": "   "})
         assert empty.status_code == 400
+        # Sources the store would cut short, and so make one document, are refused.
+        for long in ("https://wiki.example/" + "a" * 1100, "https://wiki.example/" + "a" * 1100 + "b"):
+            refused = await http.post("/v1/workspaces/docs/documents", json={"content": "Some text.", "source": long})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "documents[0].source"
         # PostgreSQL stores no NUL: the client's mistake, named, not a 503 that invites retries.
         for document, field in (({"content": "x", "source": "a\x00.md"}, "source"),
                                 ({"content": "x", "metadata": {"team": ["a\x00b"]}}, "metadata")):

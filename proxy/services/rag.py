@@ -349,7 +349,7 @@ class RagService:
         progress: Progress | None,
     ) -> IngestResult:
         digest = hashlib.sha256(text.encode()).hexdigest()
-        source = (document.source or f"sha256:{digest[:16]}")[:_MAX_SOURCE]
+        source = document.source or f"sha256:{digest[:16]}"
         with _database_errors():
             state = await store.document_state(workspace.id, source)
         if state is not None and state[1] == digest and state[2] == self.signature:
@@ -439,7 +439,14 @@ class RagService:
 
 def _check_storable(document: DocumentInput, index: int) -> None:
     """PostgreSQL stores no NUL character, in text or in JSON: a 400 naming the field, not
-    a database failure."""
+    a database failure. A source longer than the store keeps is refused too: cut short, two
+    sources sharing their first 1024 characters would be one document, the second replacing
+    the first."""
+    if document.source is not None and len(document.source) > _MAX_SOURCE:
+        raise invalid_request(
+            f"Document {index}: `source` is {len(document.source)} characters long; at most {_MAX_SOURCE}.",
+            param=f"documents[{index}].source",
+        )
     fields: list[tuple[str, Any]] = [("source", document.source), ("content", document.content)]
     stack: list[tuple[str, Any]] = [("metadata", document.metadata)]
     while stack:
