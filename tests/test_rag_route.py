@@ -22,6 +22,7 @@ from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.rag_corpus import CORPUS, UNRELATED
+from tests.test_persistence import wait_for_row
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
@@ -350,6 +351,14 @@ async def test_an_exact_cache_hit_never_answers_from_documents_since_changed(pg_
 
         async def ask() -> str:
             raw = await client.chat.completions.with_raw_response.create(model="m", messages=question, temperature=0)
+            # A hit is the RAG answer it replays: its sources come with it, as the first time.
+            if raw.headers.get("x-rag-context") == "injected":
+                assert sources_of(raw.headers)[0]["source"] == "leave.md"
+                assert (raw.parse().model_extra or {})["rag_sources"] == sources_of(raw.headers)
+            else:
+                assert raw.headers["x-rag-context"] == "none" and sources_of(raw.headers) == []
+            if raw.headers["x-cache"] == "miss":  # a hit next (not attached to this run)
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
             return raw.headers["x-cache"]
 
         async def ingest(days: int) -> None:
@@ -368,3 +377,21 @@ async def test_an_exact_cache_hit_never_answers_from_documents_since_changed(pg_
         assert await ask() == "miss"
         assert fake.requests[-1].json["messages"][0] == question[0]  # nothing left to inject
         await client.close()
+
+
+async def test_an_idempotent_retry_of_a_rag_request_replays_its_sources(pg_database_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["25 days [1]."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await http.post("/v1/workspaces/hr/documents",
+                        json={"source": "leave.md", "content": "# Leave\n\nEmployees get 25 vacation days a year."})
+        headers = {"x-workspace": "hr", "idempotency-key": "leave-question-1"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "How many vacation days do I get?"}]}
+        first = await http.post("/v1/chat/completions", json=body, headers=headers)
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        again = await http.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.headers["idempotent-replayed"] == "true" and len(fake.requests) == 1
+    assert sources_of(again.headers) == sources_of(first.headers) != []
+    assert again.headers["x-rag-context"] == "injected" and again.headers["x-rag-workspace"] == "hr"
+    assert again.json()["rag_sources"] == first.json()["rag_sources"]

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -19,6 +19,11 @@ from proxy.services.persistence import Producer
 
 if TYPE_CHECKING:
     from proxy.services.chat import ChatExchange
+
+
+# The response headers that describe an answer (a RAG answer's workspace and sources): kept
+# with it, so that its replays (exact or semantic cache, an idempotent retry) carry them too.
+ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", b"x-rag-sources", b"x-rag-context"})
 
 
 # Called with the answering trace and the whole answer of a run that completed, before its

@@ -337,7 +337,7 @@ class ChatExchange(FallbackWalk, DurableRun):
                 self.record.source = "cache"
                 self._answered_by(cached[0])
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
-                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
+                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode()), *cached[2]])
         claim_key = key if key is not None else f"cache:{cache_id}"
         other = await persistence.claim(
             claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id, runs_here=self.meta.route != "workflow"

@@ -58,6 +58,7 @@ from proxy.infra.rag_store import (
     TokenVectorCache,
     Workspace,
 )
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import ChatExchange
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
@@ -71,8 +72,6 @@ TOKEN_POOL_FACTOR: Final = 3
 # Memory for cached token vectors (packed, ~26 KB a 200-token chunk: ~2,500 chunks).
 TOKEN_CACHE_BYTES: Final = 64 * 1024 * 1024
 SOURCES_HEADER: Final = b"x-rag-sources"
-# The response headers that describe a RAG answer: a cached replay of it carries them too.
-ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", SOURCES_HEADER, b"x-rag-context"})
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
 _MAX_SOURCE: Final = 1024

@@ -53,13 +53,13 @@ from proxy.domain.chat import (
 )
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import Router
-from proxy.infra.chat_store import completion_from_json, completion_to_json
+from proxy.infra.chat_store import completion_from_json, completion_to_json, stored_headers
 from proxy.infra.chunking import MODEL_TOKENS, TokenCounter, token_counter
 from proxy.infra.embedder import EMBEDDING_DIMENSIONS, Vectors
 from proxy.infra.postgres import Database, DatabaseError, json_text
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import CachedAnswer, RequestMeta
 from proxy.services.embeddings import TextEncoder
-from proxy.services.rag import ANSWER_HEADERS
 
 log = logging.getLogger("llm_proxy.semantic_cache")
 
@@ -167,11 +167,7 @@ def conversation_key(
 
 
 def _answer_json(completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, Any]:
-    stored = completion_to_json(completion)
-    kept = {name.decode(): value.decode() for name, value in headers if name in ANSWER_HEADERS}
-    if kept:
-        stored["headers"] = kept
-    return stored
+    return completion_to_json(completion, [header for header in headers if header[0] in ANSWER_HEADERS])
 
 
 def pack_segments(vectors: Vectors) -> bytes:
@@ -255,8 +251,7 @@ class SemanticCache:
             self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
             await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
-            headers = [(name.encode(), value.encode()) for name, value in (answer.get("headers") or {}).items()]
-            return CachedAnswer(completion_from_json(answer), headers, trace_id)
+            return CachedAnswer(completion_from_json(answer), stored_headers(answer), trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
             return None
