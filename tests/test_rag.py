@@ -323,6 +323,9 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         mixed = await http.post("/v1/workspaces/docs/documents", json={"documents": [
             {"content": "# New\n\nFresh text.", "source": "new.md"}, {"content": " ", "source": "blank.md"}]})
         assert mixed.status_code == 400 and "blank.md" in mixed.json()["error"]["message"]
+        for query in ("limit=0", "limit=%C2%B2", "offset=" + "9" * 5000, "offset=-1"):
+            refused = await http.get(f"/v1/workspaces/docs/documents?{query}")
+            assert refused.status_code == 400, (query, refused.text)
         listed = (await http.get("/v1/workspaces/docs/documents")).json()
         assert listed["total"] == 4
         by_source = {d["source"]: d for d in listed["data"]}

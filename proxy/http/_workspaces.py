@@ -254,7 +254,8 @@ def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
     value = request.args.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not minimum <= int(value) <= maximum:
+    # ASCII digits, and few: `str.isdigit` takes "²", and `int` refuses over 4,300 digits.
+    if not (value.isascii() and value.isdigit()) or len(value) > 12 or not minimum <= int(value) <= maximum:
         raise invalid_request(f"Invalid `{name}`: expected an integer between {minimum} and {maximum}.", param=name)
     return int(value)
 
