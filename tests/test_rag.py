@@ -385,6 +385,23 @@ async def test_a_german_workspace_stems_german(pg_database_url: str) -> None:
         assert (await http.put("/v1/workspaces/x", json={"language": "klingon"})).status_code == 400
 
 
+async def test_an_uploads_metadata_field_is_read_as_a_json_body_is(pg_database_url: str) -> None:
+    """The multipart `metadata` field is JSON text: nested past the bodies' limit, or holding
+    what PostgreSQL's jsonb refuses (NaN, infinity, a lone surrogate), it is a 400 naming the
+    field, not a crash or a store error without a name."""
+    upload = {"file": ("notes.txt", b"Plain notes about the office plants.", "text/plain")}
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for metadata in ("[" * 50000, '{"a":' * 2000 + "1" + "}" * 2000, '{"a": NaN}', '{"a": 1e999}',
+                         '{"a": "\\ud800"}', "[1]", "not json"):
+            refused = await http.post("/v1/workspaces/docs/documents", files=upload, data={"metadata": metadata})
+            assert refused.status_code == 400, (metadata[:20], refused.text)
+            assert refused.json()["error"]["param"] == "metadata", (metadata[:20], refused.text)
+        kept = await http.post("/v1/workspaces/docs/documents", files=upload, data={"metadata": '{"team": "facilities"}'})
+        assert kept.status_code == 201
+        (document,) = (await http.get("/v1/workspaces/docs/documents")).json()["data"]
+        assert document["metadata"] == {"team": "facilities"}
+
+
 async def test_an_ingests_language_is_the_workspaces_or_refused(pg_database_url: str) -> None:
     """`language` on an ingest is not dropped without a word: a workspace without documents
     takes it (as `PUT` would), one indexed in another language is a 409 and keeps its

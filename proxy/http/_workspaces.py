@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
@@ -133,10 +132,12 @@ def _metadata(value: Any, param: str) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, str):
+        # As a JSON body is read: nesting bounded (deeper is a 400, not a crash), no NaN, no
+        # lone surrogate, nothing PostgreSQL's jsonb would refuse later without a name.
         try:
-            value = json.loads(value)
-        except ValueError:
-            raise invalid_request(f"Invalid `{param}`: not JSON.", param=param) from None
+            value = loads_object(value, what=f"`{param}`")
+        except GatewayError as error:
+            raise invalid_request(f"Invalid `{param}`: {error.message}", param=param, code=error.code) from None
     if not isinstance(value, dict):
         raise invalid_request(f"Invalid `{param}`: expected a JSON object.", param=param)
     return value
