@@ -21,7 +21,7 @@ from typing import Any, Final
 from quart import Blueprint, Response, request
 from werkzeug.datastructures import FileStorage
 
-from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects._json import Fields, dumps, is_decimal, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.ids import storable
 from proxy.http._context import gateway, request_body
@@ -255,8 +255,7 @@ def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
     value = request.args.get(name)
     if value is None:
         return default
-    # ASCII digits, and few: `str.isdigit` takes "²", and `int` refuses over 4,300 digits.
-    if not (value.isascii() and value.isdigit()) or len(value) > 12 or not minimum <= int(value) <= maximum:
+    if not is_decimal(value) or not minimum <= int(value) <= maximum:
         raise invalid_request(f"Invalid `{name}`: expected an integer between {minimum} and {maximum}.", param=name)
     return int(value)
 
