@@ -53,7 +53,8 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
     common(ingest)
     ingest.add_argument("workspace", metavar="WS", help="the workspace (created if missing)")
     ingest.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="files and directories")
-    ingest.add_argument("--language", help="full-text search language of a new workspace (default english)")
+    ingest.add_argument("--language", help="full-text search language of a new or empty workspace (default english); "
+                        "one indexed in another language is refused")
     ingest.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
                         help="ONNX threads for embedding (default: up to 4 cores)")
 
@@ -230,8 +231,8 @@ async def _ingest(
                         (result,) = await rag.ingest_prepared(args.workspace, [prepared], progress=progress.chunks,
                                                               language=args.language)
                     except GatewayError as error:
-                        if error.code in ("database_error", "database_unavailable"):
-                            raise
+                        if error.code in ("database_error", "database_unavailable", "language_locked"):
+                            raise  # every other document would fail the same way
                         statuses["failed"] += 1
                         progress.done(item.source, "failed", error.message)
                         continue

@@ -22,6 +22,8 @@ from proxy.serve import hypercorn_config, serve
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 
+pytest_plugins = ["tests.infra_servers"]
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -196,6 +198,32 @@ def test_model_pages_follow_anthropics_cursors() -> None:
     for bad in ({"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"after_id": "a", "before_id": "b"}, {"after_id": "zz"}):
         with pytest.raises(GatewayError):
             page(**bad)
+
+
+async def test_a_number_in_a_query_that_int_cannot_read_is_a_400(pg_database_url: str, nats_url: str) -> None:
+    """`str.isdigit` takes "²" (and thousands of digits): where it let them through to `int`,
+    a list's `limit` or a stream's position was a 500 instead of the 400 naming it."""
+    async with gateway(database_url=pg_database_url, nats_url=nats_url) as url, httpx.AsyncClient(
+        base_url=url, timeout=30
+    ) as client:
+        response = (await client.post("/v1/responses", json={"model": "m", "input": "hi"})).json()["id"]
+        conversation = (await client.post("/v1/conversations", json={})).json()["id"]
+        await client.put("/v1/workspaces/docs", json={})
+        trace = response.removeprefix("resp_")
+        for number in ("%C2%B2", "%D9%A3", "9" * 5000):
+            for path, param in (
+                ("/v1/models?limit={}", "limit"),  # Anthropic's listing
+                (f"/v1/responses/{response}/input_items?limit={{}}", "limit"),
+                (f"/v1/conversations/{conversation}/items?limit={{}}", "limit"),
+                (f"/v1/responses/{response}?stream=true&starting_after={{}}", "starting_after"),
+                (f"/v1/streams/{trace}?after={{}}", "after"),
+                ("/v1/workspaces/docs/documents?offset={}", "offset"),
+            ):
+                headers = {"anthropic-version": "2023-06-01"} if path.startswith("/v1/models") else {}
+                answer = await client.get(path.format(number), headers=headers)
+                assert answer.status_code == 400, (path, number[:8], answer.text)
+                error = answer.json()["error"]
+                assert error.get("param", param) == param and param in error["message"], (path, answer.text)
 
 
 async def test_every_405_names_the_allowed_methods() -> None:

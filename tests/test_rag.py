@@ -301,8 +301,16 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
                                                                        "metadata": {"team": "platform"}})
         assert again.status_code == 200 and again.json()["data"][0]["status"] == "unchanged"
         # Both are in the OpenAPI document, so a client generated from it takes either.
-        ingest = (await http.get("/openapi.json")).json()["paths"]["/v1/workspaces/{ws}/documents"]["post"]
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        ingest = paths["/v1/workspaces/{ws}/documents"]["post"]
         assert {"200", "201"} <= set(ingest["responses"])
+        # What the endpoints take, as a client generated from the document would send it.
+        assert set(ingest["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+        put = paths["/v1/workspaces/{ws}"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+        assert {"top_k", "score_threshold", "candidates", "rerank", "settings", "language"} <= set(put["properties"])
+        query = paths["/v1/workspaces/{ws}/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert "minLength" not in query["properties"]["query"]
+        assert (await search(http, url, "docs", "")).json()["data"] == []
 
         upload = await http.post(
             "/v1/workspaces/docs/documents",
@@ -315,6 +323,9 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         mixed = await http.post("/v1/workspaces/docs/documents", json={"documents": [
             {"content": "# New\n\nFresh text.", "source": "new.md"}, {"content": " ", "source": "blank.md"}]})
         assert mixed.status_code == 400 and "blank.md" in mixed.json()["error"]["message"]
+        for query in ("limit=0", "limit=%C2%B2", "offset=" + "9" * 5000, "offset=-1"):
+            refused = await http.get(f"/v1/workspaces/docs/documents?{query}")
+            assert refused.status_code == 400, (query, refused.text)
         listed = (await http.get("/v1/workspaces/docs/documents")).json()
         assert listed["total"] == 4
         by_source = {d["source"]: d for d in listed["data"]}
@@ -328,6 +339,10 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert bad_format.status_code == 400 and bad_format.json()["error"]["param"] == "body.format"
         empty = await http.post("/v1/workspaces/docs/documents", json={"content": "   "})
         assert empty.status_code == 400
+        # Sources the store would cut short, and so make one document, are refused.
+        for long in ("https://wiki.example/" + "a" * 1100, "https://wiki.example/" + "a" * 1100 + "b"):
+            refused = await http.post("/v1/workspaces/docs/documents", json={"content": "Some text.", "source": long})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "documents[0].source"
         # PostgreSQL stores no NUL: the client's mistake, named, not a 503 that invites retries.
         for document, field in (({"content": "x", "source": "a\x00.md"}, "source"),
                                 ({"content": "x", "metadata": {"team": ["a\x00b"]}}, "metadata")):
@@ -341,6 +356,12 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert found.json()["full_text_terms"] == ["hot", "oven"]
         assert len(found.json()["data"]) == 1 and found.json()["data"][0]["source"] == "bread.html"
         assert (await http.put("/v1/workspaces/docs", json={"top_k": 0})).status_code == 400
+        # As the workspace reads back (`settings`), beside a top-level one: neither is dropped.
+        both = await http.put("/v1/workspaces/docs", json={"top_k": 2, "settings": {"rerank": 10}})
+        assert both.json()["settings"] == {"top_k": 2, "score_threshold": 0.2, "rerank": 10}
+        assert (await http.put("/v1/workspaces/docs", json={"settings": {"top_k": 0}})).status_code == 400
+        assert (await http.put("/v1/workspaces/docs", json={"settings": 3})).json()["error"]["param"] == "settings"
+        await http.put("/v1/workspaces/docs", json={"settings": {"top_k": 1}})
         assert (await http.put("/v1/workspaces/docs", json={"language": "german"})).status_code == 409
 
         workspaces = (await http.get("/v1/workspaces")).json()["data"]
@@ -362,6 +383,54 @@ async def test_a_german_workspace_stems_german(pg_database_url: str) -> None:
         found = (await search(http, url, "de", "Wann öffnet die Kantine?", score_threshold=-1)).json()["data"]
         assert found[0]["heading"] == "Kantine"
         assert (await http.put("/v1/workspaces/x", json={"language": "klingon"})).status_code == 400
+
+
+async def test_an_uploads_metadata_field_is_read_as_a_json_body_is(pg_database_url: str) -> None:
+    """The multipart `metadata` field is JSON text: nested past the bodies' limit, or holding
+    what PostgreSQL's jsonb refuses (NaN, infinity, a lone surrogate), it is a 400 naming the
+    field, not a crash or a store error without a name."""
+    upload = {"file": ("notes.txt", b"Plain notes about the office plants.", "text/plain")}
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for metadata in ("[" * 50000, '{"a":' * 2000 + "1" + "}" * 2000, '{"a": NaN}', '{"a": 1e999}',
+                         '{"a": "\\ud800"}', "[1]", "not json"):
+            refused = await http.post("/v1/workspaces/docs/documents", files=upload, data={"metadata": metadata})
+            assert refused.status_code == 400, (metadata[:20], refused.text)
+            assert refused.json()["error"]["param"] == "metadata", (metadata[:20], refused.text)
+        kept = await http.post("/v1/workspaces/docs/documents", files=upload, data={"metadata": '{"team": "facilities"}'})
+        assert kept.status_code == 201
+        (document,) = (await http.get("/v1/workspaces/docs/documents")).json()["data"]
+        assert document["metadata"] == {"team": "facilities"}
+
+
+async def test_an_ingests_language_is_the_workspaces_or_refused(pg_database_url: str) -> None:
+    """`language` on an ingest is not dropped without a word: a workspace without documents
+    takes it (as `PUT` would), one indexed in another language is a 409 and keeps its
+    documents as they were, and a `language` that is not a string is a 400."""
+    german = "# Kantine\n\nDie Kantine öffnet um zwölf Uhr."
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        assert (await http.put("/v1/workspaces/de", json={"top_k": 2})).json()["language"] == "english"
+        taken = await http.post("/v1/workspaces/de/documents", json={"content": german, "source": "kantine.md",
+                                                                     "language": "german"})
+        assert taken.status_code == 201, taken.text
+        assert (await http.get("/v1/workspaces/de")).json()["language"] == "german"
+        found = (await search(http, url, "de", "Wann öffnet die Kantine?", score_threshold=-1)).json()
+        assert found["full_text_terms"] == ["kantin", "offnet", "wann"]  # German stems
+
+        await http.post("/v1/workspaces/en/documents", json={"content": API, "source": "api.md"})
+        for attempt in (
+            http.post("/v1/workspaces/en/documents", json={"content": german, "source": "de.md", "language": "german"}),
+            http.post("/v1/workspaces/en/documents", files={"file": ("de.md", german.encode(), "text/markdown")},
+                      data={"language": "german"}),
+        ):
+            refused = await attempt
+            assert refused.status_code == 409, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "language_locked" and error["param"] == "language" and "'english'" in error["message"]
+        workspace = (await http.get("/v1/workspaces/en")).json()
+        assert (workspace["language"], workspace["documents"]) == ("english", 1)
+
+        wrong = await http.post("/v1/workspaces/en/documents", json={"content": german, "language": 5})
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "language"
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -395,6 +464,24 @@ def test_cli_ingest_walks_files_and_directories(
     assert main(["ingest", "team", str(tmp_path / "report.pdf")]) == 1
     assert "corrupt" in capsys.readouterr().err
     assert main(["ingest", "bad name", str(docs)]) == 2
+
+
+def test_cli_ingest_with_another_language_than_its_workspaces_fails_once(
+    pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "api.md").write_text(API)
+    (docs / "bread.html").write_text(BREAD)
+    monkeypatch.setenv("DATABASE_URL", pg_database_url)
+    assert main(["ingest", "team", str(docs / "api.md")]) == 0
+    capsys.readouterr()
+
+    assert main(["ingest", "team", str(docs), "--language", "german"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("already has documents indexed in 'english'") == 1
+    with psycopg.connect(pg_database_url) as conn:
+        assert conn.execute("SELECT source FROM rag_documents").fetchall() == [("api.md",)]
 
 
 def test_cli_ingest_of_a_missing_path_fails_naming_it_and_ingests_nothing(

@@ -22,6 +22,7 @@ from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
 from tests.rag_corpus import CORPUS, UNRELATED
+from tests.test_persistence import wait_for_row
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
@@ -333,3 +334,64 @@ async def test_workspaces_without_a_database_configured_are_a_503_not_worth_retr
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "database_not_configured"
         assert "retry-after" not in answer.headers and answer.headers["x-should-retry"] == "false"
+
+
+async def test_an_exact_cache_hit_never_answers_from_documents_since_changed(pg_database_url: str) -> None:
+    """The exact cache keys a RAG answer by what the workspace held: once a document is
+    re-ingested with other text (or deleted), the same request is a miss answered from the
+    workspace as it is now, not the answer drawn on the old text."""
+    fake = OpenAIBackend(default=Script(tokens=["You get them [1]."]))
+    leave = "# Leave\n\nEmployees get {} vacation days a year."
+    question = [{"role": "user", "content": "How many vacation days do I get?"}]
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-workspace": "hr", "x-cache": "exact"})
+
+        async def ask() -> str:
+            raw = await client.chat.completions.with_raw_response.create(model="m", messages=question, temperature=0)
+            # A hit is the RAG answer it replays: its sources come with it, as the first time.
+            if raw.headers.get("x-rag-context") == "injected":
+                assert sources_of(raw.headers)[0]["source"] == "leave.md"
+                assert (raw.parse().model_extra or {})["rag_sources"] == sources_of(raw.headers)
+            else:
+                assert raw.headers["x-rag-context"] == "none" and sources_of(raw.headers) == []
+            if raw.headers["x-cache"] == "miss":  # a hit next (not attached to this run)
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+            return raw.headers["x-cache"]
+
+        async def ingest(days: int) -> None:
+            answer = await http.post("/v1/workspaces/hr/documents", json={"source": "leave.md", "content": leave.format(days)})
+            assert answer.status_code == 201, answer.text
+
+        await ingest(25)
+        assert await ask() == "miss"
+        assert await ask() == "hit"
+        await ingest(30)
+        assert await ask() == "miss"
+        assert "30 vacation days" in fake.requests[-1].json["messages"][0]["content"]
+        assert await ask() == "hit"
+        (document,) = (await http.get("/v1/workspaces/hr/documents")).json()["data"]
+        assert (await http.delete(f"/v1/workspaces/hr/documents/{document['id']}")).status_code == 200
+        assert await ask() == "miss"
+        assert fake.requests[-1].json["messages"][0] == question[0]  # nothing left to inject
+        await client.close()
+
+
+async def test_an_idempotent_retry_of_a_rag_request_replays_its_sources(pg_database_url: str) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["25 days [1]."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await http.post("/v1/workspaces/hr/documents",
+                        json={"source": "leave.md", "content": "# Leave\n\nEmployees get 25 vacation days a year."})
+        headers = {"x-workspace": "hr", "idempotency-key": "leave-question-1"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "How many vacation days do I get?"}]}
+        first = await http.post("/v1/chat/completions", json=body, headers=headers)
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        again = await http.post("/v1/chat/completions", json=body, headers=headers)
+    assert again.headers["idempotent-replayed"] == "true" and len(fake.requests) == 1
+    assert sources_of(again.headers) == sources_of(first.headers) != []
+    assert again.headers["x-rag-context"] == "injected" and again.headers["x-rag-workspace"] == "hr"
+    assert again.json()["rag_sources"] == first.json()["rag_sources"]

@@ -12,7 +12,8 @@ import trio_asyncio
 
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
-from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, Usage
+from proxy.dialects.responses import parse_responses_request
+from proxy.domain.chat import ChatCompletion, ChatRequest, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.routing import BackendRoute, Router
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.migrations import migrate
@@ -138,6 +139,26 @@ def test_a_messages_own_fields_are_exact_keys() -> None:
     assert scope(prefix=True) != scope()
 
 
+async def test_an_answer_with_parallel_tool_calls_is_not_one_for_a_request_that_forbids_them(
+    db: Database, embedder: LocalEmbedder
+) -> None:
+    """A Responses client's `parallel_tool_calls: false` asks for one call a turn: an answer
+    that made two is not its answer (its request carries no dialect extras saying so)."""
+    semantic = cache(db, embedder)
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+
+    def responses(**fields: Any) -> ChatRequest:
+        body = {"model": MODEL, "input": "Look up the weather in Paris and in Rome", "tools": tools, **fields}
+        return parse_responses_request(json.dumps(body).encode()).chat
+
+    calls = [ToolCall("call_1", "lookup", '{"city": "Paris"}'), ToolCall("call_2", "lookup", '{"city": "Rome"}')]
+    both = ChatCompletion(id="chatcmpl-1", model=MODEL, created=1,
+                          choices=[Choice(tool_calls=calls, finish_reason=FinishReason.TOOL_CALLS)])
+    await semantic.store(responses(), meta(), both)
+    assert await semantic.lookup(responses(), meta()) is not None
+    assert await semantic.lookup(responses(parallel_tool_calls=False), meta()) is None
+
+
 async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedder: LocalEmbedder) -> None:
     semantic = cache(db, embedder)
     await db.execute("INSERT INTO rag_workspaces (name) VALUES ('docs')")
@@ -145,6 +166,23 @@ async def test_a_changed_workspace_makes_its_entries_stale(db: Database, embedde
     await semantic.store(question, meta(workspace="docs"), answer("25 days [1]"))
     assert await semantic.lookup(question, meta(workspace="docs")) is not None
     await db.execute("UPDATE rag_workspaces SET revision = revision + 1 WHERE name = 'docs'")
+    assert await semantic.lookup(question, meta(workspace="docs")) is None
+
+
+async def test_an_answer_from_a_deleted_workspace_is_not_one_from_its_namesake(
+    db: Database, embedder: LocalEmbedder
+) -> None:
+    """A question asked as its workspace is deleted stores its answer after the deletion
+    cleared the workspace's entries; the workspace made again under that name (its revisions
+    counted from 0 again) must not be answered with the old documents' answer."""
+    semantic, store = cache(db, embedder), RagStore(db)
+    await store.ensure_workspace("docs")
+    question = ask("How many vacation days do I get?")
+    asking = RequestMeta(trace_id="asked-during-delete", request_id="r", workspace="docs", route="rag")
+    assert await semantic.lookup(question, asking) is None  # then retrieval, the backend...
+    assert await store.delete_workspace("docs")
+    await store.ensure_workspace("docs")
+    await semantic.store(question, asking, answer("30 days [1]"))  # from the deleted documents
     assert await semantic.lookup(question, meta(workspace="docs")) is None
 
 

@@ -34,7 +34,7 @@ from proxy.workflow.view import ClientView, Continuity, encode
 from proxy.workflow.worker import Worker, WorkerOptions
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_auth_helpers import bearer, new_key, wait_for_key
+from tests.test_auth_helpers import bearer, eventually, new_key, wait_for_key
 from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
@@ -488,6 +488,39 @@ async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
             model="alpha-1", messages=MESSAGES, temperature=0, extra_headers={"x-cache": "exact", "x-route": "direct"}
         )
     assert cached.headers["x-cache"] == "miss" and plain.headers["x-cache"] == "miss"
+
+
+async def test_the_semantic_cache_never_gives_a_pipelines_answer_to_another_route(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A pipeline's answer (a fan-out's winner) is not the model's own, nor another
+    pipeline's: asked again on the direct route or through another pipeline, the same
+    conversation runs anew; through its own pipeline it is a semantic hit."""
+    one, two = pipeline_name(), pipeline_name()
+    pipelines = {one: fanout(models=["alpha-1", "beta-1"]), two: fanout(models=["alpha-1", "beta-1"])}
+    db = pg_database_url
+    body = {"model": "alpha-1", "messages": MESSAGES}
+    semantic = {"x-cache": "semantic"}
+
+    async def stored() -> bool:
+        return bool(await trio.to_thread.run_sync(rows, db, "SELECT FROM semantic_cache"))
+
+    async with workflow_stack(db, nats_url, pipelines) as (url, alpha, _, _), httpx.AsyncClient(
+        base_url=url, timeout=30
+    ) as client:
+        first = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": one})
+        assert first.status_code == 200 and "x-cache" not in first.headers
+        await eventually(stored, within=10)  # stored once its client has the answer
+        calls = len(alpha.requests)
+        direct = await client.post("/v1/chat/completions", json=body, headers=semantic)
+        assert direct.status_code == 200 and "x-cache" not in direct.headers
+        assert len(alpha.requests) == calls + 1  # the model itself answered
+        other = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": two})
+        assert other.status_code == 200 and "x-cache" not in other.headers
+        assert other.headers["x-pipeline"] == two
+        again = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": one})
+        assert again.headers.get("x-cache") == "semantic"
+        assert again.json()["choices"][0]["message"]["content"] == "Red is warm."
 
 
 async def test_a_pipeline_that_just_returns_gives_every_dialect_a_well_formed_answer(

@@ -20,6 +20,13 @@ def dumps(value: Any) -> bytes:
     return _encoder.encode(value).encode()
 
 
+def is_decimal(text: str, max_digits: int = 18) -> bool:
+    """`text` is a number `int` reads, as a query parameter gives one: ASCII digits only
+    (`str.isdigit` takes "²" and "٣", which `int` refuses or reads otherwise) and not
+    thousands of them (`int` refuses a string past 4,300 digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= max_digits
+
+
 def _reject_constant(name: str) -> Any:
     # NaN and Infinity are not JSON; accepting them would only fail later, on the way out.
     raise ValueError(f"{name} is not a valid JSON value")

@@ -467,7 +467,10 @@ _RETRIEVAL: Schema = {
     "rerank": {"type": "integer", "minimum": 1, "maximum": 200},
     "score_threshold": {"type": "number", "minimum": -1, "maximum": 1},
 }
-_WORKSPACE_SETTINGS: Schema = {"type": "object", "properties": {"language": _STR, "settings": {"type": "object", "properties": _RETRIEVAL}}}
+# The settings top-level (`{"top_k": 3}`) or under `settings`, as a workspace reads back.
+_WORKSPACE_SETTINGS: Schema = {
+    "type": "object", "properties": {"language": _STR, "settings": {"type": "object", "properties": _RETRIEVAL}, **_RETRIEVAL},
+}
 _DOCUMENT: Schema = {
     "type": "object",
     # Text as `content`, or a file's bytes (a PDF) as `content_base64`.
@@ -478,9 +481,16 @@ _DOCUMENT: Schema = {
 }
 _DOCUMENTS: Schema = {
     "oneOf": [
-        _DOCUMENT,
+        {**_DOCUMENT, "properties": {**_DOCUMENT["properties"], "language": _STR}},
         {"type": "object", "required": ["documents"], "properties": {"documents": {"type": "array", "items": _DOCUMENT, "minItems": 1}, "language": _STR}},
     ]
+}
+# Files in any field (each one a document, named by its file name), beside the two below.
+_UPLOADED_DOCUMENTS: Schema = {
+    "type": "object",
+    "properties": {"file": {"type": "string", "format": "binary"},
+                   "metadata": {"type": "string", "description": "a JSON object, for every file"}, "language": _STR},
+    "additionalProperties": {"type": "string", "format": "binary"},
 }
 
 # -- operations ---------------------------------------------------------------------------------
@@ -554,6 +564,7 @@ def _ingest_operation() -> Operation:
         "was created or changed, 200 when every document was unchanged.",
         body=_DOCUMENTS,
     )
+    operation["requestBody"]["content"]["multipart/form-data"] = {"schema": _UPLOADED_DOCUMENTS}
     operation["responses"] = {"201": _ok(_OBJ, description="Created or changed"), **operation["responses"]}
     return operation
 
@@ -757,8 +768,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/v1/workspaces/{ws}/documents", "post"): _ingest_operation(),
     ("/v1/workspaces/{ws}/documents", "get"): _op(
         "List a workspace's documents", "Workspaces", _ok(_LIST),
-        parameters=[_WS, {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+        parameters=[_WS, {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}],
     ),
     ("/v1/workspaces/{ws}/documents/{document_id}", "delete"): _op(
         "Delete a document (admin keys)", "Workspaces", _ok(_OBJ),
@@ -766,7 +777,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ),
     ("/v1/workspaces/{ws}/search", "post"): _op(
         "Retrieval only: the passages a query gets", "Workspaces", _ok(_OBJ), parameters=[_WS],
-        body={"type": "object", "required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}, **_RETRIEVAL}},
+        # An empty (or blank) query finds nothing: an empty list, not an error.
+        body={"type": "object", "required": ["query"], "properties": {"query": _STR, **_RETRIEVAL}, "additionalProperties": False},
     ),
     ("/health", "get"): _op("Liveness", "Operations", _ok(_health_body(["ok"]))),
     ("/ready", "get"): _op(

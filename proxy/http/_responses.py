@@ -21,7 +21,7 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.config import BackendConfig
 from proxy.dialects import responses
-from proxy.dialects._json import dumps
+from proxy.dialects._json import dumps, is_decimal
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.domain.chat import ChatCompletion, ChatRequest, Message
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
@@ -372,7 +372,7 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if (query.get("stream") or ["false"])[0].lower() != "true":
         return await _whole(persistence, trace_id, response)
     raw_after = (query.get("starting_after") or ["-1"])[0]
-    if not raw_after.lstrip("-").isdigit() or int(raw_after) < -1:
+    if not is_decimal(raw_after.removeprefix("-")) or int(raw_after) < -1:
         raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
     stored = await _stored(persistence, trace_id)
     live = persistence.runs.live.get(trace_id)

@@ -16,6 +16,7 @@ import trio
 from hypercorn.typing import ASGISendCallable
 
 from proxy.dialects import openai
+from proxy.dialects._json import is_decimal
 from proxy.dialects.events import WireEvent, encode_event
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._exchange import DirectBody
@@ -123,6 +124,6 @@ async def stream_events(incoming: Incoming) -> DirectBody:
         raise GatewayError(ErrorKind.NOT_FOUND, "Stream resume needs NATS or PostgreSQL; this gateway has neither.")
     query = parse_qs(incoming.head.query.decode("latin-1"))
     raw_after = (query.get("after") or [""])[0] or incoming.head.header("last-event-id") or "0"
-    if not raw_after.isdigit():
+    if not is_decimal(raw_after):
         raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
     return EventsBody(persistence, incoming.params["trace_id"], int(raw_after), current_tenant(), SeedFramer())

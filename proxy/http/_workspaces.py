@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any, Final
@@ -22,7 +21,7 @@ from typing import Any, Final
 from quart import Blueprint, Response, request
 from werkzeug.datastructures import FileStorage
 
-from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects._json import Fields, dumps, is_decimal, loads_object
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.ids import storable
 from proxy.http._context import gateway, request_body
@@ -32,6 +31,7 @@ from proxy.services.rag import (
     DocumentInput,
     RagService,
     check_workspace_name,
+    language_locked,
     passages_json,
     validate_overrides,
     workspace_not_found,
@@ -104,15 +104,16 @@ async def put_workspace(ws: str) -> Response:
             f"Invalid `language` {language!r}: a PostgreSQL text search configuration (english, simple, german, ...).",
             param="language",
         )
-    nested = data.get("settings")
-    settings = validate_overrides(nested if isinstance(nested, dict) else data)
+    # Top-level (`{"top_k": 3}`, as the README shows) or under `settings` (as a workspace
+    # reads back), or both: no setting given is left out without a word.
+    nested = data.pop("settings", None)
+    if nested is not None and not isinstance(nested, dict):
+        raise invalid_request("Invalid `settings`: expected an object.", param="settings")
+    settings = validate_overrides({**data, **(nested or {})})
     try:
         await store.configure_workspace(ws, settings, language=language)
     except LanguageLocked as locked:
-        raise GatewayError(
-            ErrorKind.CONFLICT, f"Workspace `{ws}` already has documents indexed in {locked.language!r}; "
-            "its language cannot change (delete and re-create it).", param="language",
-        ) from None
+        raise language_locked(ws, locked.language) from None
     return _reply(_workspace_json(await _summary(rag, ws)))
 
 
@@ -131,10 +132,12 @@ def _metadata(value: Any, param: str) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, str):
+        # As a JSON body is read: nesting bounded (deeper is a 400, not a crash), no NaN, no
+        # lone surrogate, nothing PostgreSQL's jsonb would refuse later without a name.
         try:
-            value = json.loads(value)
-        except ValueError:
-            raise invalid_request(f"Invalid `{param}`: not JSON.", param=param) from None
+            value = loads_object(value, what=f"`{param}`")
+        except GatewayError as error:
+            raise invalid_request(f"Invalid `{param}`: {error.message}", param=param, code=error.code) from None
     if not isinstance(value, dict):
         raise invalid_request(f"Invalid `{param}`: expected a JSON object.", param=param)
     return value
@@ -218,7 +221,7 @@ async def add_documents(ws: str) -> Response:
         language = form.get("language") or None
     else:
         data = loads_object(await request_body())
-        language = data.get("language") if isinstance(data.get("language"), str) else None
+        language = Fields(data).text("language", nonempty=True)
         items = data.get("documents")
         if items is None:
             documents = [_json_document(data, "body")]
@@ -229,7 +232,7 @@ async def add_documents(ws: str) -> Response:
     if len(documents) > _MAX_DOCUMENTS:
         raise invalid_request(f"Too many documents: at most {_MAX_DOCUMENTS} per request.", param="documents")
     rag = _rag()
-    if language is not None and not await rag.store().language_exists(language):
+    if language is not None and (not storable(language) or not await rag.store().language_exists(language)):
         raise invalid_request(f"Invalid `language` {language!r}: not a text search configuration.", param="language")
     results = await rag.ingest(ws, documents, language=language)
     changed = any(result.status in ("created", "updated") for result in results)
@@ -252,7 +255,7 @@ def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
     value = request.args.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not minimum <= int(value) <= maximum:
+    if not is_decimal(value) or not minimum <= int(value) <= maximum:
         raise invalid_request(f"Invalid `{name}`: expected an integer between {minimum} and {maximum}.", param=name)
     return int(value)
 

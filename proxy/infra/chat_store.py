@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
@@ -11,9 +12,12 @@ from proxy.infra.postgres import Database, Tx, json_text, plain_text
 Status = Literal["running", "completed", "failed", "cancelled"]
 
 
-def completion_to_json(completion: ChatCompletion) -> dict[str, Any]:
+def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+    """`headers`: response headers that belong to the answer (a RAG answer's sources), kept
+    with it for its replays (see `stored_headers`)."""
     usage = completion.usage
     return {
+        **({"headers": {name.decode(): value.decode() for name, value in headers}} if headers else {}),
         "id": completion.id,
         "model": completion.model,
         "created": completion.created,
@@ -39,6 +43,14 @@ def completion_to_json(completion: ChatCompletion) -> dict[str, Any]:
             "reasoning_tokens": usage.reasoning_tokens,
         },
     }
+
+
+def stored_headers(data: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
+    """The headers `completion_to_json` kept with an answer."""
+    kept = (data or {}).get("headers")
+    if not isinstance(kept, dict):
+        return []
+    return [(str(name).encode(), str(value).encode()) for name, value in kept.items()]
 
 
 def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
@@ -135,6 +147,7 @@ class StoredRun:
     # that answer (a retry after a dead worker replaces the attempts before it). 0: from the first.
     answer_attempt: int = 0
     deleted: bool = False  # its client deleted it (`DELETE /v1/responses/{id}`): nothing to read back
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # kept with its answer (`stored_headers`)
 
 
 @dataclass(slots=True, frozen=True)
@@ -473,7 +486,7 @@ class ChatStore:
         completion = completion_from_json(result) if result else None
         return StoredRun(
             status, completion, error, tenant, route, upstream_model, last_seq, model or "", float(created_at or 0.0),
-            settings, float(updated_at or 0.0), attempt or 0, bool(deleted),
+            settings, float(updated_at or 0.0), attempt or 0, bool(deleted), headers=stored_headers(result),
         )
 
     async def delete(self, trace_id: str, carried: int) -> bool:
@@ -500,11 +513,12 @@ class ChatStore:
         messages = request.get("messages")
         return messages if isinstance(messages, list) else None
 
-    async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
+    async def cached(self, req_id: str) -> tuple[str, ChatCompletion, list[tuple[bytes, bytes]]] | None:
+        """(trace id, answer, the headers kept with it) of a live exact-cache entry."""
         row = await self._db.fetchrow(
             "SELECT trace_id, result FROM completions_cache WHERE req_id = %s AND expires_at > now()", (req_id,)
         )
-        return (row[0], completion_from_json(row[1])) if row else None
+        return (row[0], completion_from_json(row[1]), stored_headers(row[1])) if row else None
 
 
 async def _set_key_status(db: Database | Tx, key: str, trace_id: str, status: Status) -> None:

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -19,6 +19,11 @@ from proxy.services.persistence import Producer
 
 if TYPE_CHECKING:
     from proxy.services.chat import ChatExchange
+
+
+# The response headers that describe an answer (a RAG answer's workspace and sources): kept
+# with it, so that its replays (exact or semantic cache, an idempotent retry) carry them too.
+ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", b"x-rag-sources", b"x-rag-context"})
 
 
 # Called with the answering trace and the whole answer of a run that completed, before its
@@ -95,6 +100,13 @@ class RouteHandler(Protocol):
         that does not exist): a run started with nobody reading it (a background response)
         has answered `queued` by then, and its client would learn of its own mistake as the
         run's failure (`server_error`)."""
+        ...
+
+    async def cache_scope(self, exchange: ChatExchange) -> str | None:
+        """What the answer draws on besides the request that can change under the same
+        request (a RAG workspace's documents and settings), as a value that changes with it:
+        part of the exact cache's key, so that a change makes its entries misses. None:
+        nothing."""
         ...
 
 

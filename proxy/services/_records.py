@@ -15,7 +15,7 @@ from proxy.domain.routing import Route
 from proxy.domain.tokens import charged_usage
 from proxy.infra.backends import Served, current_trace
 from proxy.infra.chat_store import LogRow, completion_to_json
-from proxy.services._contracts import RequestMeta
+from proxy.services._contracts import ANSWER_HEADERS, RequestMeta
 from proxy.services.journal import Outcome
 from proxy.services.persistence import Persistence, Plan
 
@@ -110,6 +110,7 @@ class Recording:
     result: CompletionBuilder
     settings: dict[str, Any] | None
     fell_back: bool
+    response_headers: list[tuple[bytes, bytes]]
     _served: Served
     _persistence: Persistence | None
     _record_sink: RecordSink
@@ -153,7 +154,7 @@ class Recording:
         row.backend = self.route.backend or None  # a stand-in's, when one answered
         row.upstream_model = self.route.upstream_model
         row.status = outcome.status
-        row.result = completion_to_json(result.build())
+        row.result = completion_to_json(result.build(), [h for h in self.response_headers if h[0] in ANSWER_HEADERS])
         row.replayable = result.replayable and not self.fell_back
         row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
         row.finish_reason = result.finish_reason.value if result.finish_reason else None

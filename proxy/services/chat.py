@@ -332,13 +332,17 @@ class ChatExchange(FallbackWalk, DurableRun):
             return Plan("here")
         req_id = request_fingerprint(self.identity or self.request, self.route.upstream_model, self._route_identity())
         cache_id = req_id if self.meta.tenant is None else hashlib.sha256(f"{self.meta.tenant}:{req_id}".encode()).hexdigest()
+        if cache and self.handler is not None and (scope := await self.handler.cache_scope(self)) is not None:
+            # In the cache's key, not in `req_id`: an idempotent retry is the same request
+            # however the workspace changed since, but a cached answer drew on what it held.
+            cache_id = hashlib.sha256(f"{cache_id}:{scope}".encode()).hexdigest()
         if cache:
             cached = await persistence.cached(cache_id)
             if cached is not None:
                 self.record.source = "cache"
                 self._answered_by(cached[0])
                 return Plan("replay", producer=replayer(cached[1]), req_id=req_id,
-                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode())])
+                            headers=[(b"x-cache", b"hit"), (b"x-replay-of", cached[0].encode()), *cached[2]])
         claim_key = key if key is not None else f"cache:{cache_id}"
         other = await persistence.claim(
             claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id, runs_here=self.meta.route != "workflow"

@@ -446,7 +446,8 @@ class Persistence:
                 # A cache entry that appeared since the lookup missed is a cache hit.
                 label = (b"x-cache", b"hit") if cache_id is not None else (b"idempotent-replayed", b"true")
                 return Plan("replay", producer=replayer(run.completion), req_id=req_id, key=key,
-                            headers=[label, (b"x-replay-of", claim.trace_id.encode())], answered_by=claim.trace_id,
+                            headers=[label, (b"x-replay-of", claim.trace_id.encode()), *run.headers],
+                            answered_by=claim.trace_id,
                             winner=run.upstream_model)
             # Completed but its result is gone (e.g. expired): run again.
             if await self._took_over(store, key, claim.trace_id, trace_id, owner):
@@ -527,7 +528,7 @@ class Persistence:
                 code="journal_unavailable", retry_after=2,
             ) from error
 
-    async def cached(self, req_id: str) -> tuple[str, ChatCompletion] | None:
+    async def cached(self, req_id: str) -> tuple[str, ChatCompletion, list[tuple[bytes, bytes]]] | None:
         store = self.store()
         if store is None:
             return None

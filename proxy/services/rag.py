@@ -50,7 +50,15 @@ from proxy.infra.chunking import (
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
 from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
-from proxy.infra.rag_store import NewChunk, NewDocument, RagStore, TokenVectorCache, Workspace
+from proxy.infra.rag_store import (
+    LanguageLocked,
+    NewChunk,
+    NewDocument,
+    RagStore,
+    TokenVectorCache,
+    Workspace,
+)
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import ChatExchange
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
@@ -64,8 +72,6 @@ TOKEN_POOL_FACTOR: Final = 3
 # Memory for cached token vectors (packed, ~26 KB a 200-token chunk: ~2,500 chunks).
 TOKEN_CACHE_BYTES: Final = 64 * 1024 * 1024
 SOURCES_HEADER: Final = b"x-rag-sources"
-# The response headers that describe a RAG answer: a cached replay of it carries them too.
-ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", SOURCES_HEADER, b"x-rag-context"})
 # Texts embedded per call while ingesting (progress is reported after each).
 _INGEST_BATCH: Final = 16
 _MAX_SOURCE: Final = 1024
@@ -81,6 +87,13 @@ def check_workspace_name(name: str | None, param: str = "workspace") -> str:
             param=param,
         )
     return name
+
+
+def language_locked(name: str, language: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.CONFLICT, f"Workspace `{name}` already has documents indexed in {language!r}; "
+        "its language cannot change (delete and re-create it).", param="language", code="language_locked",
+    )
 
 
 def workspace_not_found(name: str, param: str | None = "x-workspace") -> GatewayError:
@@ -287,6 +300,14 @@ class RagService:
         store = self.store()
         with _database_errors():
             workspace = await store.ensure_workspace(workspace_name, language=language)
+            if language is not None and workspace.language != language:
+                # Asked of a workspace made before: as `PUT /v1/workspaces/{ws}` would, chosen
+                # while it is empty and refused once it has chunks, rather than its documents
+                # indexed in another language than the one asked without a word.
+                try:
+                    workspace = await store.configure_workspace(workspace_name, {}, language=language)
+                except LanguageLocked as locked:
+                    raise language_locked(workspace_name, locked.language) from None
         return [await self._ingest_one(store, workspace, *item, progress) for item in prepared]
 
     async def prepare(self, document: DocumentInput) -> Prepared:
@@ -327,7 +348,7 @@ class RagService:
         progress: Progress | None,
     ) -> IngestResult:
         digest = hashlib.sha256(text.encode()).hexdigest()
-        source = (document.source or f"sha256:{digest[:16]}")[:_MAX_SOURCE]
+        source = document.source or f"sha256:{digest[:16]}"
         with _database_errors():
             state = await store.document_state(workspace.id, source)
         if state is not None and state[1] == digest and state[2] == self.signature:
@@ -417,7 +438,14 @@ class RagService:
 
 def _check_storable(document: DocumentInput, index: int) -> None:
     """PostgreSQL stores no NUL character, in text or in JSON: a 400 naming the field, not
-    a database failure."""
+    a database failure. A source longer than the store keeps is refused too: cut short, two
+    sources sharing their first 1024 characters would be one document, the second replacing
+    the first."""
+    if document.source is not None and len(document.source) > _MAX_SOURCE:
+        raise invalid_request(
+            f"Document {index}: `source` is {len(document.source)} characters long; at most {_MAX_SOURCE}.",
+            param=f"documents[{index}].source",
+        )
     fields: list[tuple[str, Any]] = [("source", document.source), ("content", document.content)]
     stack: list[tuple[str, Any]] = [("metadata", document.metadata)]
     while stack:
@@ -531,6 +559,11 @@ class RagRoute:
     async def admit(self, exchange: ChatExchange) -> None:
         await self._rag.workspace(self._workspace(exchange))
 
+    async def cache_scope(self, exchange: ChatExchange) -> str | None:
+        # Its id too: a workspace deleted and made again counts its revisions from 0 again.
+        workspace = await self._rag.workspace(self._workspace(exchange))
+        return f"rag:{workspace.id}.{workspace.revision}"
+
     def producer(self, exchange: ChatExchange) -> Producer:
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
             name = self._workspace(exchange)
@@ -568,6 +601,7 @@ __all__ = [
     "RetrievalOptions",
     "check_workspace_name",
     "inject",
+    "language_locked",
     "query_text",
     "reciprocal_rank_fusion",
     "validate_overrides",

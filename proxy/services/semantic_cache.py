@@ -6,7 +6,8 @@ header `x-cache: semantic`; `x-cache: off`/`no-cache`/`no-store`/`exact` keep it
 What has to match, and how:
 
 - Exactly (the entry's `scope`): the routed model, every generation parameter, the tools and
-  tool choice, the dialect-specific extras, the RAG workspace and its revision (ingesting or
+  tool choice (and whether parallel tool calls are allowed), the dialect-specific extras, the workflow pipeline that made the answer (one
+  pipeline's answer is neither another's nor the model's own), the RAG workspace and its revision (ingesting or
   deleting a document, or changing its settings, makes the workspace's entries stale; an
   answer is stored under the revision its lookup saw, from before its retrieval), and the
   conversation's *shape*: the roles in order, how many segments each message has, the names of the tools called,
@@ -52,13 +53,13 @@ from proxy.domain.chat import (
 )
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import Router
-from proxy.infra.chat_store import completion_from_json, completion_to_json
+from proxy.infra.chat_store import completion_from_json, completion_to_json, stored_headers
 from proxy.infra.chunking import MODEL_TOKENS, TokenCounter, token_counter
 from proxy.infra.embedder import EMBEDDING_DIMENSIONS, Vectors
 from proxy.infra.postgres import Database, DatabaseError, json_text
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import CachedAnswer, RequestMeta
 from proxy.services.embeddings import TextEncoder
-from proxy.services.rag import ANSWER_HEADERS
 
 log = logging.getLogger("llm_proxy.semantic_cache")
 
@@ -121,8 +122,8 @@ def _opaque(message: Message) -> list[str]:
 
 
 def conversation_key(
-    request: ChatRequest, *, model: str, workspace: str | None, revision: int | None,
-    tenant: str | None = None, counter: TokenCounter | None = None,
+    request: ChatRequest, *, model: str, workspace: str | None, revision: str | None,
+    tenant: str | None = None, counter: TokenCounter | None = None, pipeline: str | None = None,
 ) -> Conversation:
     """Split `request` into what is compared exactly and what by meaning (module docstring)."""
     counter = counter or token_counter()
@@ -146,11 +147,17 @@ def conversation_key(
         "tools": [asdict(tool) for tool in request.tools],
         "tool_choice": asdict(request.tool_choice) if request.tool_choice else None,
         "extra": {k: v for k, v in request.extra.items() if k not in _IGNORED_EXTRA},
+        # `false` asks for one call a turn: an answer making several is not its answer (a
+        # Responses request has no `extra` that would say so). Only when said, as for the
+        # pipeline below.
+        **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
         "workspace": workspace,
         "revision": revision,
         "tenant": tenant,  # one key's answers are never another's (as with the exact cache)
         "shape": shape,
         "literal": literal,
+        # Only when set, so that the entries of the direct and RAG routes keep their scope.
+        **({"pipeline": pipeline} if pipeline is not None else {}),
     }
     scope = hashlib.sha256(
         json.dumps(exact, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
@@ -160,11 +167,7 @@ def conversation_key(
 
 
 def _answer_json(completion: ChatCompletion, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, Any]:
-    stored = completion_to_json(completion)
-    kept = {name.decode(): value.decode() for name, value in headers if name in ANSWER_HEADERS}
-    if kept:
-        stored["headers"] = kept
-    return stored
+    return completion_to_json(completion, [header for header in headers if header[0] in ANSWER_HEADERS])
 
 
 def pack_segments(vectors: Vectors) -> bytes:
@@ -199,7 +202,7 @@ class SemanticCache:
         self._vectors: OrderedDict[str, Vectors] = OrderedDict()
         # The workspace revision each RAG request's lookup saw, by trace id, for its store:
         # read again after the answer, it could be a revision the answer's passages predate.
-        self._revisions: OrderedDict[str, int | None] = OrderedDict()
+        self._revisions: OrderedDict[str, str | None] = OrderedDict()
 
     def enabled_for(self, request: ChatRequest, meta: RequestMeta) -> bool:
         if meta.cache in _OFF:
@@ -248,8 +251,7 @@ class SemanticCache:
             self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
             await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
-            headers = [(name.encode(), value.encode()) for name, value in (answer.get("headers") or {}).items()]
-            return CachedAnswer(completion_from_json(answer), headers, trace_id)
+            return CachedAnswer(completion_from_json(answer), stored_headers(answer), trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
             return None
@@ -307,19 +309,25 @@ class SemanticCache:
         routed = self._routed(model)
         return {_untagged(model)} if routed is None else {_untagged(model), routed}
 
-    async def _revision(self, db: Database, meta: RequestMeta) -> int | None:
-        """The RAG workspace's revision (None off the RAG route, or for no such workspace)."""
+    async def _revision(self, db: Database, meta: RequestMeta) -> str | None:
+        """The RAG workspace's revision (None off the RAG route, or for no such workspace),
+        as `<id>.<revision>`: a workspace deleted and made again under its name counts its
+        revisions from 0 again, and an answer stored for the old one (by a request that was
+        running as it was deleted) must not pass for the new one's when the counts meet."""
         if meta.route != "rag" or meta.workspace is None:
             return None
-        revision = await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = %s", (meta.workspace,))
-        return None if revision is None else int(revision)
+        row = await db.fetchrow("SELECT id, revision FROM rag_workspaces WHERE name = %s", (meta.workspace,))
+        return None if row is None else f"{row[0]}.{row[1]}"
 
-    async def _key(self, request: ChatRequest, meta: RequestMeta, revision: int | None) -> Conversation:
+    async def _key(self, request: ChatRequest, meta: RequestMeta, revision: str | None) -> Conversation:
         workspace = meta.workspace if meta.route == "rag" else None
+        # A workflow's answer is its pipeline's (fan-out, judge, ...), not the model's: as in
+        # the exact cache's `req_id`, the pipeline is part of the key ("" for one unnamed).
+        pipeline = (meta.pipeline or "") if meta.route == "workflow" else None
         counter = token_counter()
         return await trio.to_thread.run_sync(
             lambda: conversation_key(request, model=self._model(request), workspace=workspace,
-                                     revision=revision, tenant=meta.tenant, counter=counter)
+                                     revision=revision, tenant=meta.tenant, counter=counter, pipeline=pipeline)
         )
 
     async def _embed(self, segments: Sequence[str]) -> Vectors:

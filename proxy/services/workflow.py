@@ -95,6 +95,9 @@ class WorkflowRoute:
         if bus is not None:  # without NATS the run reports it, as a run that lost it would
             await self.launcher.check(bus, pipeline)
 
+    async def cache_scope(self, exchange: ChatExchange) -> str | None:
+        return None  # the pipeline is in the request's `req_id` already
+
     def producer(self, exchange: ChatExchange) -> Producer:
         pipeline = self._pipeline(exchange)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.dialects._json import dumps
+from proxy.dialects._json import dumps, is_decimal
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 
 DEFAULT_LIMIT = 20
@@ -67,7 +67,7 @@ def parse_page_query(args: Mapping[str, str]) -> PageQuery:
     raw_limit = args.get("limit")
     limit = DEFAULT_LIMIT
     if raw_limit is not None:
-        if not raw_limit.strip().isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        if not is_decimal(raw_limit.strip()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
             raise invalid_request(f"limit: Input should be an integer between 1 and {MAX_LIMIT}.", param="limit")
         limit = int(raw_limit)
     after_id = args.get("after_id") or None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.dialects._json import Fields, loads_object
+from proxy.dialects._json import Fields, is_decimal, loads_object
 from proxy.dialects.responses._items import input_items
 from proxy.dialects.responses._request import _parse_items, _parse_metadata
 from proxy.dialects.responses._request import item_not_found as item_not_found  # for the routes
@@ -128,7 +128,7 @@ def page_query(query: dict[str, list[str]], max_limit: int = 100) -> tuple[str |
     if order not in ("asc", "desc"):
         raise invalid_request("`order` must be `asc` or `desc`.", param="order")
     raw_limit = (query.get("limit") or ["20"])[0]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= max_limit:
+    if not is_decimal(raw_limit) or not 1 <= int(raw_limit) <= max_limit:
         raise invalid_request(f"`limit` must be an integer from 1 to {max_limit}.", param="limit")
     after = (query.get("after") or [""])[0]
     if not storable(after):

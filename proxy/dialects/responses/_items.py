@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.dialects._json import is_decimal
 from proxy.dialects.responses._compaction import given_compaction
 from proxy.dialects.responses._response import call_item
 from proxy.domain.errors import invalid_request
@@ -69,7 +70,7 @@ def item_page(items: list[dict[str, Any]], query: dict[str, list[str]]) -> dict[
     if order not in ("asc", "desc"):
         raise invalid_request("`order` must be `asc` or `desc`.", param="order")
     raw_limit = (query.get("limit") or ["20"])[0]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
+    if not is_decimal(raw_limit) or not 1 <= int(raw_limit) <= _MAX_LIMIT:
         raise invalid_request(f"`limit` must be an integer from 1 to {_MAX_LIMIT}.", param="limit")
     ordered = items if order == "asc" else items[::-1]
     after = (query.get("after") or [""])[0]
