@@ -5,7 +5,9 @@ its sender stopped (chunked too: not read to its end first)."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -97,3 +99,34 @@ async def test_a_chunked_upload_past_the_limit_is_refused_before_its_end(
         assert reply.headers["connection"] == "close"
         assert sent < meant / 4
         assert (await http.get("/v1/files")).json()["data"] == []
+
+
+async def test_a_compressed_upload_is_stored_inflated_and_a_bomb_refused_at_the_limit(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A form sent with `Content-Encoding: gzip` (or deflate, as the other routes take it) is
+    the file it inflates to, stored byte for byte; the limit holds for what it inflates to, so
+    a few kilobytes that inflate to gigabytes are a 413, and a coding the gateway does not
+    speak a 415."""
+    limit = 2 * 2**20
+    content = b"".join(b'{"custom_id": "r%d", "method": "POST"}\n' % i for i in range(20_000))[: limit - 10]
+    form = part("purpose", b"batch") + part("file", content, "grüße.jsonl") + f"--{BOUNDARY}--\r\n".encode()
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(file_max_bytes=limit),
+    ) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for coding, packed in (("gzip", gzip.compress(form)), ("deflate", zlib.compress(form))):
+            reply = await http.post("/v1/files", content=packed, headers={**headers, "content-encoding": coding})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["bytes"] == len(content) and reply.json()["filename"] == "grüße.jsonl"
+            assert (await http.get(f"/v1/files/{reply.json()['id']}/content")).content == content
+
+        bomb = gzip.compress(part("purpose", b"batch") + part("file", b"\n" * (64 * limit), "bomb.jsonl"))
+        assert len(bomb) < limit // 4
+        refused = await http.post("/v1/files", content=bomb, headers={**headers, "content-encoding": "gzip"})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "file_too_large"
+
+        unknown = await http.post("/v1/files", content=form, headers={**headers, "content-encoding": "br"})
+        assert unknown.status_code == 415 and unknown.json()["error"]["code"] == "unsupported_content_encoding"
+        assert len((await http.get("/v1/files")).json()["data"]) == 2
