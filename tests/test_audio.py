@@ -268,21 +268,28 @@ async def test_speech_as_events_is_relayed_and_its_usage_counted(setup: Setup) -
 
 
 async def test_an_audio_upload_has_its_own_limit_not_a_chats() -> None:
-    """OpenAI takes audio files up to 25 MB, past a chat's 16 MiB `max_body_bytes`: an upload
-    is held to `max_audio_bytes` (and room for its form's fields) instead."""
+    """OpenAI takes audio files up to 25 MB, past a chat's 16 MiB `max_body_bytes`: an upload's
+    file is held to exactly `max_audio_bytes` instead (its form's other fields aside), and the
+    413 names that limit, whether the body was too large to read or only its file too large."""
     fake = OpenAIBackend()
-    big = AUDIO + bytes(200_000)
+    limit = 300_000
+    exact = (AUDIO + bytes(limit))[:limit]
     async with fake.serve() as server, running_gateway(
-        backend("vllm", server.url, default=True), max_body_bytes=1024, max_audio_bytes=300_000
+        backend("vllm", server.url, default=True), max_body_bytes=1024, max_audio_bytes=limit
     ) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        await client.audio.transcriptions.create(model="whisper", file=("speech.wav", big))
-        with pytest.raises(openai.APIStatusError) as refused:
-            await client.audio.transcriptions.create(model="whisper", file=("speech.wav", big + bytes(200_000)))
+        await client.audio.transcriptions.create(model="whisper", file=("speech.wav", exact), prompt="p" * 10_000)
+        refusals = []
+        for over in (exact + b"\0", exact + bytes(200_000)):
+            with pytest.raises(openai.APIStatusError) as refused:
+                await client.audio.transcriptions.create(model="whisper", file=("speech.wav", over))
+            refusals.append(refused.value)
         await client.close()
-    assert refused.value.status_code == 413
+    for refusal in refusals:
+        assert refusal.status_code == 413 and refusal.code == "file_too_large" and refusal.param == "file"
+        assert f"{limit} bytes (`max_audio_bytes`)" in refusal.message
     [relayed] = [r for r in fake.requests if r.path.startswith("/v1/audio")]
-    assert big in relayed.body
+    assert exact in relayed.body
 
 
 async def test_a_client_that_leaves_during_speech_closes_the_backend_request(setup: Setup) -> None:
