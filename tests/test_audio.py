@@ -367,6 +367,61 @@ async def test_a_form_naming_two_models_is_refused(setup: Setup) -> None:
     assert not [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
 
 
+def _form(boundary: str, *parts: tuple[str, bytes]) -> bytes:
+    """A multipart body of `parts`, each its Content-Disposition's parameters and its value."""
+    return b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + value + b"\r\n"
+        for disposition, value in parts
+    ) + f"--{boundary}--\r\n".encode()
+
+
+_FILE = ('name="file"; filename="a.wav"', b"RIFF")
+_SMUGGLED = {
+    # The gateway once read the first `boundary=` it saw, inside `xboundary=`: an inner form
+    # naming another model, hidden in a field of the one the backend reads.
+    "boundary inside another parameter": (
+        "multipart/form-data; xboundary=in; boundary=out",
+        _form("out", ('name="prompt"', _form("in", ('name="model"', b"tiny"), _FILE)), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a boundary given twice": (
+        "multipart/form-data; boundary=in; boundary=out",
+        _form("out", ('name="prompt"', _form("in", ('name="model"', b"tiny"), _FILE)), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a name inside a quoted parameter": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('x="; name=model; y"; name="prompt"', b"tiny"), ('y="; name=zzz; "; name="model"', b"whisper"), _FILE),
+    ),
+    "a part named twice": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="model"', b"tiny"), ('name="prompt"; name="model"', b"whisper"), _FILE),
+    ),
+    "a part with two dispositions": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="model"', b"tiny"), ('name="prompt"\r\nContent-Disposition: form-data; name="model"', b"whisper"), _FILE),
+    ),
+    "a delimiter padded (data to python-multipart, a delimiter to Go)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="prompt"', b"x\r\n--b \r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny"), ('name="model"', b"whisper"), _FILE),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_SMUGGLED))
+async def test_the_backend_runs_the_model_the_gateway_routed_or_nothing(setup: Setup, case: str) -> None:
+    """A key's scope and the routing hold for the model the gateway reads; a form that a
+    server (Starlette's python-multipart, Go's mime) could read another `model` from is refused,
+    never relayed for the backend to run the model it reads."""
+    content_type, body = _SMUGGLED[case]
+    response = await setup.http.post("/v1/audio/transcriptions", content=body, headers={"content-type": content_type})
+    relayed = [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
+    if response.status_code == 400:
+        assert response.json()["error"]["type"] == "invalid_request_error" and not relayed
+        return
+    assert response.status_code == 200, response.text
+    _, form = sent_form(setup.fake, "/v1/audio/transcriptions")
+    assert form["model"].value == b"openai/whisper-large-v3"  # "whisper", the alias the gateway routed, resolved
+
+
 async def test_a_body_that_is_not_a_form_is_a_400(setup: Setup) -> None:
     response = await setup.http.post("/v1/audio/translations", json={"model": "whisper", "file": "speech.wav"})
     assert response.status_code == 400
