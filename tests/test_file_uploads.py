@@ -130,3 +130,36 @@ async def test_a_compressed_upload_is_stored_inflated_and_a_bomb_refused_at_the_
         unknown = await http.post("/v1/files", content=form, headers={**headers, "content-encoding": "br"})
         assert unknown.status_code == 415 and unknown.json()["error"]["code"] == "unsupported_content_encoding"
         assert len((await http.get("/v1/files")).json()["data"]) == 2
+
+
+async def test_the_openapi_document_says_which_uploads_and_batches_are_accepted(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`/openapi.json` describes `POST /v1/files` and `POST /v1/batches` as they are checked:
+    the purposes kept, `expires_after`'s fields and bounds, the endpoints a batch may run."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True),
+    ) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        upload = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(upload["required"]) == {"file", "purpose"}
+        seconds = upload["properties"]["expires_after[seconds]"]
+        for purpose in ("batch", "user_data", "fine-tune", "assistants"):
+            reply = await http.post("/v1/files", data={"purpose": purpose}, files={"file": ("a.jsonl", b"{}\n")})
+            assert (reply.status_code == 200) == (purpose in upload["properties"]["purpose"]["enum"]), purpose
+        file_id = reply.json()["id"] if reply.status_code == 200 else None
+        for value in (seconds["minimum"] - 1, seconds["minimum"], seconds["maximum"], seconds["maximum"] + 1):
+            reply = await http.post(
+                "/v1/files", data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": str(value)},
+                files={"file": ("a.jsonl", b"{}\n")},
+            )
+            assert (reply.status_code == 200) == (seconds["minimum"] <= value <= seconds["maximum"]), value
+            file_id = file_id or (reply.json()["id"] if reply.status_code == 200 else None)
+
+        new_batch = paths["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(new_batch["required"]) == {"input_file_id", "endpoint", "completion_window"}
+        endpoints = new_batch["properties"]["endpoint"]["enum"]
+        for endpoint in [*endpoints, "/v1/moderations", "/v1/messages"]:
+            reply = await http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"})
+            assert (reply.json().get("error", {}).get("param") != "endpoint") == (endpoint in endpoints), endpoint
