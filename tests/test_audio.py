@@ -141,10 +141,11 @@ async def test_a_translation(setup: Setup) -> None:
     assert form["model"].value == b"openai/whisper-large-v3"
 
 
-async def test_a_streamed_transcription_arrives_as_the_backend_sends_it(setup: Setup) -> None:
+@pytest.mark.parametrize("flag", ["true", "t", "Y", "on", "1"])  # what vLLM's pydantic reads as true
+async def test_a_streamed_transcription_arrives_as_the_backend_sends_it(setup: Setup, flag: str) -> None:
     # Two chunks, then the backend goes quiet: a gateway that buffered would show nothing.
     setup.fake.set_script(Script(stall_after=2))
-    form = {"model": "whisper", "stream": "true"}
+    form = {"model": "whisper", "stream": flag}
     with trio.fail_after(5):
         async with setup.http.stream(
             "POST", "/v1/audio/transcriptions", data=form, files={"file": ("speech.wav", AUDIO)},

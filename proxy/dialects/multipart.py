@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from proxy.domain.errors import GatewayError, invalid_request
 
-# How FastAPI (vLLM, speaches) reads a form's boolean.
-FORM_TRUE = frozenset({"true", "1", "yes", "on"})
+# The strings FastAPI (pydantic: vLLM, speaches) reads as a form's boolean true, its case aside.
+FORM_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 
 # A header's `; key=value` parameters, a quoted value's `;` its own (`filename="a;b"`).
 _PARAM = re.compile(r"""\s*([^\s;=]+)\s*=\s*("(?:\\.|[^"\\])*"|[^;]*)\s*(?:;|$)""")
