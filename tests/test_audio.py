@@ -141,10 +141,11 @@ async def test_a_translation(setup: Setup) -> None:
     assert form["model"].value == b"openai/whisper-large-v3"
 
 
-async def test_a_streamed_transcription_arrives_as_the_backend_sends_it(setup: Setup) -> None:
+@pytest.mark.parametrize("flag", ["true", "t", "Y", "on", "1"])  # what vLLM's pydantic reads as true
+async def test_a_streamed_transcription_arrives_as_the_backend_sends_it(setup: Setup, flag: str) -> None:
     # Two chunks, then the backend goes quiet: a gateway that buffered would show nothing.
     setup.fake.set_script(Script(stall_after=2))
-    form = {"model": "whisper", "stream": "true"}
+    form = {"model": "whisper", "stream": flag}
     with trio.fail_after(5):
         async with setup.http.stream(
             "POST", "/v1/audio/transcriptions", data=form, files={"file": ("speech.wav", AUDIO)},
@@ -268,21 +269,28 @@ async def test_speech_as_events_is_relayed_and_its_usage_counted(setup: Setup) -
 
 
 async def test_an_audio_upload_has_its_own_limit_not_a_chats() -> None:
-    """OpenAI takes audio files up to 25 MB, past a chat's 16 MiB `max_body_bytes`: an upload
-    is held to `max_audio_bytes` (and room for its form's fields) instead."""
+    """OpenAI takes audio files up to 25 MB, past a chat's 16 MiB `max_body_bytes`: an upload's
+    file is held to exactly `max_audio_bytes` instead (its form's other fields aside), and the
+    413 names that limit, whether the body was too large to read or only its file too large."""
     fake = OpenAIBackend()
-    big = AUDIO + bytes(200_000)
+    limit = 300_000
+    exact = (AUDIO + bytes(limit))[:limit]
     async with fake.serve() as server, running_gateway(
-        backend("vllm", server.url, default=True), max_body_bytes=1024, max_audio_bytes=300_000
+        backend("vllm", server.url, default=True), max_body_bytes=1024, max_audio_bytes=limit
     ) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        await client.audio.transcriptions.create(model="whisper", file=("speech.wav", big))
-        with pytest.raises(openai.APIStatusError) as refused:
-            await client.audio.transcriptions.create(model="whisper", file=("speech.wav", big + bytes(200_000)))
+        await client.audio.transcriptions.create(model="whisper", file=("speech.wav", exact), prompt="p" * 10_000)
+        refusals = []
+        for over in (exact + b"\0", exact + bytes(200_000)):
+            with pytest.raises(openai.APIStatusError) as refused:
+                await client.audio.transcriptions.create(model="whisper", file=("speech.wav", over))
+            refusals.append(refused.value)
         await client.close()
-    assert refused.value.status_code == 413
+    for refusal in refusals:
+        assert refusal.status_code == 413 and refusal.code == "file_too_large" and refusal.param == "file"
+        assert f"{limit} bytes (`max_audio_bytes`)" in refusal.message
     [relayed] = [r for r in fake.requests if r.path.startswith("/v1/audio")]
-    assert big in relayed.body
+    assert exact in relayed.body
 
 
 async def test_a_client_that_leaves_during_speech_closes_the_backend_request(setup: Setup) -> None:
@@ -358,6 +366,61 @@ async def test_a_form_naming_two_models_is_refused(setup: Setup) -> None:
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
     assert not [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
+
+
+def _form(boundary: str, *parts: tuple[str, bytes]) -> bytes:
+    """A multipart body of `parts`, each its Content-Disposition's parameters and its value."""
+    return b"".join(
+        f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n\r\n".encode() + value + b"\r\n"
+        for disposition, value in parts
+    ) + f"--{boundary}--\r\n".encode()
+
+
+_FILE = ('name="file"; filename="a.wav"', b"RIFF")
+_SMUGGLED = {
+    # The gateway once read the first `boundary=` it saw, inside `xboundary=`: an inner form
+    # naming another model, hidden in a field of the one the backend reads.
+    "boundary inside another parameter": (
+        "multipart/form-data; xboundary=in; boundary=out",
+        _form("out", ('name="prompt"', _form("in", ('name="model"', b"tiny"), _FILE)), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a boundary given twice": (
+        "multipart/form-data; boundary=in; boundary=out",
+        _form("out", ('name="prompt"', _form("in", ('name="model"', b"tiny"), _FILE)), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a name inside a quoted parameter": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('x="; name=model; y"; name="prompt"', b"tiny"), ('y="; name=zzz; "; name="model"', b"whisper"), _FILE),
+    ),
+    "a part named twice": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="model"', b"tiny"), ('name="prompt"; name="model"', b"whisper"), _FILE),
+    ),
+    "a part with two dispositions": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="model"', b"tiny"), ('name="prompt"\r\nContent-Disposition: form-data; name="model"', b"whisper"), _FILE),
+    ),
+    "a delimiter padded (data to python-multipart, a delimiter to Go)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name="prompt"', b"x\r\n--b \r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny"), ('name="model"', b"whisper"), _FILE),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_SMUGGLED))
+async def test_the_backend_runs_the_model_the_gateway_routed_or_nothing(setup: Setup, case: str) -> None:
+    """A key's scope and the routing hold for the model the gateway reads; a form that a
+    server (Starlette's python-multipart, Go's mime) could read another `model` from is refused,
+    never relayed for the backend to run the model it reads."""
+    content_type, body = _SMUGGLED[case]
+    response = await setup.http.post("/v1/audio/transcriptions", content=body, headers={"content-type": content_type})
+    relayed = [r for r in setup.fake.requests if r.path.startswith("/v1/audio")]
+    if response.status_code == 400:
+        assert response.json()["error"]["type"] == "invalid_request_error" and not relayed
+        return
+    assert response.status_code == 200, response.text
+    _, form = sent_form(setup.fake, "/v1/audio/transcriptions")
+    assert form["model"].value == b"openai/whisper-large-v3"  # "whisper", the alias the gateway routed, resolved
 
 
 async def test_a_body_that_is_not_a_form_is_a_400(setup: Setup) -> None:

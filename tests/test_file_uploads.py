@@ -5,7 +5,9 @@ its sender stopped (chunked too: not read to its end first)."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import AsyncIterator
 
 import httpx
@@ -97,3 +99,67 @@ async def test_a_chunked_upload_past_the_limit_is_refused_before_its_end(
         assert reply.headers["connection"] == "close"
         assert sent < meant / 4
         assert (await http.get("/v1/files")).json()["data"] == []
+
+
+async def test_a_compressed_upload_is_stored_inflated_and_a_bomb_refused_at_the_limit(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A form sent with `Content-Encoding: gzip` (or deflate, as the other routes take it) is
+    the file it inflates to, stored byte for byte; the limit holds for what it inflates to, so
+    a few kilobytes that inflate to gigabytes are a 413, and a coding the gateway does not
+    speak a 415."""
+    limit = 2 * 2**20
+    content = b"".join(b'{"custom_id": "r%d", "method": "POST"}\n' % i for i in range(20_000))[: limit - 10]
+    form = part("purpose", b"batch") + part("file", content, "grüße.jsonl") + f"--{BOUNDARY}--\r\n".encode()
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(file_max_bytes=limit),
+    ) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        for coding, packed in (("gzip", gzip.compress(form)), ("deflate", zlib.compress(form))):
+            reply = await http.post("/v1/files", content=packed, headers={**headers, "content-encoding": coding})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["bytes"] == len(content) and reply.json()["filename"] == "grüße.jsonl"
+            assert (await http.get(f"/v1/files/{reply.json()['id']}/content")).content == content
+
+        bomb = gzip.compress(part("purpose", b"batch") + part("file", b"\n" * (64 * limit), "bomb.jsonl"))
+        assert len(bomb) < limit // 4
+        refused = await http.post("/v1/files", content=bomb, headers={**headers, "content-encoding": "gzip"})
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "file_too_large"
+
+        unknown = await http.post("/v1/files", content=form, headers={**headers, "content-encoding": "br"})
+        assert unknown.status_code == 415 and unknown.json()["error"]["code"] == "unsupported_content_encoding"
+        assert len((await http.get("/v1/files")).json()["data"]) == 2
+
+
+async def test_the_openapi_document_says_which_uploads_and_batches_are_accepted(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """`/openapi.json` describes `POST /v1/files` and `POST /v1/batches` as they are checked:
+    the purposes kept, `expires_after`'s fields and bounds, the endpoints a batch may run."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True),
+    ) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        paths = (await http.get("/openapi.json")).json()["paths"]
+        upload = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert set(upload["required"]) == {"file", "purpose"}
+        seconds = upload["properties"]["expires_after[seconds]"]
+        for purpose in ("batch", "user_data", "fine-tune", "assistants"):
+            reply = await http.post("/v1/files", data={"purpose": purpose}, files={"file": ("a.jsonl", b"{}\n")})
+            assert (reply.status_code == 200) == (purpose in upload["properties"]["purpose"]["enum"]), purpose
+        file_id = reply.json()["id"] if reply.status_code == 200 else None
+        for value in (seconds["minimum"] - 1, seconds["minimum"], seconds["maximum"], seconds["maximum"] + 1):
+            reply = await http.post(
+                "/v1/files", data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": str(value)},
+                files={"file": ("a.jsonl", b"{}\n")},
+            )
+            assert (reply.status_code == 200) == (seconds["minimum"] <= value <= seconds["maximum"]), value
+            file_id = file_id or (reply.json()["id"] if reply.status_code == 200 else None)
+
+        new_batch = paths["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(new_batch["required"]) == {"input_file_id", "endpoint", "completion_window"}
+        endpoints = new_batch["properties"]["endpoint"]["enum"]
+        for endpoint in [*endpoints, "/v1/moderations", "/v1/messages"]:
+            reply = await http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"})
+            assert (reply.json().get("error", {}).get("param") != "endpoint") == (endpoint in endpoints), endpoint

@@ -71,3 +71,9 @@ def test_what_is_not_a_form_with_a_boundary_is_a_400_naming_the_file(content_typ
     with pytest.raises(GatewayError) as refused:
         parse_form(content_type, b"--b\r\n\r\n--b--\r\n")
     assert refused.value.status == 400 and refused.value.param == "file"
+
+
+def test_a_windows_path_as_file_name_is_a_file() -> None:
+    body = b'--b\r\nContent-Disposition: form-data; name="file"; filename="C:\\\\x\\\\a;b.wav"\r\n\r\nRIFF\r\n--b--\r\n'
+    part = parse_form("multipart/form-data; boundary=b", body).part("file")
+    assert part is not None and part.is_file and body[part.start : part.end] == b"RIFF"

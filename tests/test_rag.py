@@ -4,6 +4,7 @@ the HTTP API and `llm-proxy ingest`."""
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -534,3 +535,23 @@ def test_cli_ingest_of_a_directory_with_nothing_to_ingest_fails_naming_it(
     with psycopg.connect(pg_database_url) as conn:
         (table,) = conn.execute("SELECT to_regclass('rag_workspaces')").fetchone() or (None,)
         assert table is None or conn.execute("SELECT count(*) FROM rag_workspaces WHERE name = 'wrongdir'").fetchone() == (0,)
+
+
+async def test_a_compressed_document_upload_is_ingested_and_held_to_the_body_limit(pg_database_url: str) -> None:
+    """A multipart upload sent with `Content-Encoding: gzip` is read as the form it inflates
+    to, as a JSON body is; inflated past `max_body_bytes` it is a 413, however small it was."""
+    form = httpx.Request("POST", "http://x/", files={"file": ("handbook.md", HANDBOOK.encode(), "text/markdown")})
+    body, content_type = form.read(), form.headers["content-type"]
+    limit = 256 * 1024
+    async with running_gateway(database_url=pg_database_url, max_body_bytes=limit) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        headers = {"content-type": content_type, "content-encoding": "gzip"}
+        upload = await http.post("/v1/workspaces/zipped/documents", content=gzip.compress(body), headers=headers)
+        assert upload.status_code == 201, upload.text
+        assert [(d["source"], d["status"]) for d in upload.json()["data"]] == [("handbook.md", "created")]
+        bomb = httpx.Request("POST", "http://x/", files={"file": ("big.md", b"# Big\n\n" + b"a " * limit, "text/markdown")})
+        refused = await http.post(
+            "/v1/workspaces/zipped/documents", content=gzip.compress(bomb.read()),
+            headers={"content-type": bomb.headers["content-type"], "content-encoding": "gzip"},
+        )
+        assert refused.status_code == 413, refused.text
+        assert (await http.get("/v1/workspaces/zipped/documents")).json()["total"] == 1

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 from proxy.domain.errors import GatewayError, invalid_request
 
-# How FastAPI (vLLM, speaches) reads a form's boolean.
-FORM_TRUE = frozenset({"true", "1", "yes", "on"})
+# The strings FastAPI (pydantic: vLLM, speaches) reads as a form's boolean true, its case aside.
+FORM_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 
-_BOUNDARY = re.compile(r"""boundary=(?:"([^"]{1,200})"|([^\s;,"]{1,200}))""", re.IGNORECASE)
-_NAME = re.compile(rb"""(?:^|;)\s*name\s*=\s*(?:"([^"]*)"|([^\s;]+))""", re.IGNORECASE)
-_FILENAME = re.compile(rb"""(?:^|;)\s*filename\*?\s*=""", re.IGNORECASE)
+# A header's `; key=value` parameters, a quoted value's `;` its own (`filename="a;b"`).
+_PARAM = re.compile(r"""\s*([^\s;=]+)\s*=\s*("(?:\\.|[^"\\])*"|[^;]*)\s*(?:;|$)""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +71,15 @@ def parse_form(content_type: str | None, body: bytes) -> Form:
             f"`{(content_type or 'none').split(';', 1)[0].strip()}`.",
             param="file",
         )
-    found = _BOUNDARY.search(content_type)
-    if found is None:
+    # The gateway routes by the `model` it reads and the backend runs the one it reads: a
+    # form two readers could split differently (two boundaries, a part with two names or two
+    # dispositions) is refused rather than guessed at.
+    boundaries = _param(content_type.split(";", 1)[1] if ";" in content_type else "", "boundary")
+    if not boundaries or not 0 < len(boundaries[0]) <= 200:
         raise invalid_request("The multipart/form-data body's content type names no boundary.", param="file")
-    delimiter = b"--" + (found.group(1) or found.group(2)).encode("latin-1")
+    if len(boundaries) > 1:
+        raise invalid_request("The multipart/form-data body's content type names more than one boundary.", param="file")
+    delimiter = b"--" + boundaries[0].encode("latin-1")
     at = body.find(delimiter)
     if at < 0 or (at > 0 and body[at - 2 : at] != b"\r\n"):
         raise _malformed()
@@ -85,31 +89,80 @@ def parse_form(content_type: str | None, body: bytes) -> Form:
     while True:
         if body.startswith(b"--", position):
             return Form(body, parts)  # the closing delimiter
-        line_end = body.find(b"\r\n", position)
-        if line_end < 0:
+        if not body.startswith(b"\r\n", position):
             raise _malformed()
-        head_end = body.find(b"\r\n\r\n", line_end)
+        head_end = body.find(b"\r\n\r\n", position)
         if head_end < 0:
             raise _malformed()
         start = head_end + 4
-        end = body.find(separator, start)
-        if end < 0:
-            raise _malformed()
-        parts.append(_part(body[line_end + 2 : head_end], start, end))
+        end = _part_end(body, separator, start)
+        parts.append(_part(body[position + 2 : head_end], start, end))
         position = end + len(separator)
 
 
+def _part_end(body: bytes, separator: bytes, start: int) -> int:
+    """Where the part starting at `start` ends: the first CRLF and delimiter followed by CRLF
+    or `--`. Followed by anything else, those bytes are the part's data, but by padding
+    before its CRLF (RFC 2046's, which python-multipart reads as data and Go's mime as a
+    delimiter) the form is refused: the backend might read it otherwise."""
+    at = start
+    while (end := body.find(separator, at)) >= 0:
+        after = end + len(separator)
+        if body.startswith((b"\r\n", b"--"), after):
+            return end
+        padded = re.match(rb"[ \t]+(\r\n|--|$)", body[after : after + 256])
+        if padded is not None:
+            raise _malformed()
+        at = end + 1
+    raise _malformed()
+
+
 def _part(head: bytes, start: int, end: int) -> Part:
-    name, is_file = "", False
-    for line in head.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() != b"content-disposition":
-            continue
-        found = _NAME.search(value)
-        if found is not None:
-            name = (found.group(1) if found.group(1) is not None else found.group(2)).decode("utf-8", "replace")
-        is_file = _FILENAME.search(value) is not None
-    return Part(name, is_file, start, end)
+    dispositions = [
+        value for key, _, value in (line.partition(b":") for line in head.split(b"\r\n"))
+        if key.strip().lower() == b"content-disposition"
+    ]
+    if len(dispositions) > 1:
+        raise invalid_request("A part of the multipart/form-data body has more than one Content-Disposition.", param="file")
+    if not dispositions:
+        return Part("", False, start, end)
+    params = dispositions[0].decode("utf-8", "replace").split(";", 1)
+    text = params[1] if len(params) > 1 else ""
+    names = _param(text, "name")
+    if len(names) > 1:
+        raise invalid_request("A part of the multipart/form-data body names itself more than once.", param="file")
+    is_file = any(key in ("filename", "filename*") for key, _ in _params(text))
+    return Part(names[0] if names else "", is_file, start, end)
+
+
+def _param(text: str, key: str) -> list[str]:
+    """Every value of parameter `key` (its case aside) in `text`, a header's `k=v; k=v` list
+    (after its first `;`), quoted values unquoted; 400 for a list that is not one, which
+    another reader could split otherwise."""
+    found: list[str] = []
+    for name, value in _params(text):
+        if name == key:
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+                if "\\" in value:
+                    # Servers unescape a quoted string differently (python-multipart only
+                    # `\\` and `\"`, Go's mime any character): no name is read two ways.
+                    raise invalid_request(f"A multipart/form-data `{key}` may not hold a backslash.", param="file")
+            found.append(value)
+    return found
+
+
+def _params(text: str) -> list[tuple[str, str]]:
+    """The `k=v; k=v` parameters of `text`, keys in lower case, values as written."""
+    found: list[tuple[str, str]] = []
+    position = 0
+    while text[position:].strip():
+        match = _PARAM.match(text, position)
+        if match is None:
+            raise invalid_request("A multipart/form-data header's parameters are malformed.", param="file")
+        found.append((match.group(1).lower(), match.group(2).strip()))
+        position = match.end()
+    return found
 
 
 def _malformed() -> GatewayError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from proxy.config import Settings
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.multipart import FORM_TRUE, parse_form
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.tokens import estimate_tokens
 from proxy.http._exchange import DirectBody
 from proxy.http._front import FrontDoor, Incoming
@@ -37,12 +37,20 @@ def _upload_limit(settings: Settings) -> int:
     return settings.max_audio_bytes + _FORM_FIELDS_BYTES
 
 
-@exchanges.route("/v1/audio/transcriptions", kind="transcription", body_limit=_upload_limit)
+def _too_large(settings: Settings) -> GatewayError:
+    return GatewayError(
+        ErrorKind.REQUEST_TOO_LARGE,
+        f"The audio file is too large: the limit is {settings.max_audio_bytes} bytes (`max_audio_bytes`).",
+        param="file", code="file_too_large",
+    )
+
+
+@exchanges.route("/v1/audio/transcriptions", kind="transcription", body_limit=_upload_limit, too_large=_too_large)
 async def transcriptions(incoming: Incoming) -> DirectBody:
     return _speech_to_text(incoming, "/audio/transcriptions", "transcription")
 
 
-@exchanges.route("/v1/audio/translations", kind="translation", body_limit=_upload_limit)
+@exchanges.route("/v1/audio/translations", kind="translation", body_limit=_upload_limit, too_large=_too_large)
 async def translations(incoming: Incoming) -> DirectBody:
     return _speech_to_text(incoming, "/audio/translations", "translation")
 
@@ -56,8 +64,12 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
     if "model" in form.repeated:
         # Routed (and its key's scope checked) by one, the backend would read another.
         raise invalid_request("`model` is given more than once.", param="model")
-    if form.part("file") is None:
+    audio = form.part("file")
+    if audio is None:
         raise invalid_request("Missing required parameter `file` (the audio to transcribe).", param="file")
+    if audio.end - audio.start > incoming.gateway.settings.max_audio_bytes:
+        # The body's limit leaves room for the other fields; the file's own is exact.
+        raise _too_large(incoming.gateway.settings)
     stream = (form.text("stream") or "").strip().lower() in FORM_TRUE
     assert content_type is not None  # a multipart form has one
     return relay(

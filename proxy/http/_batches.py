@@ -356,15 +356,26 @@ def scope_of(scope: dict[str, Any]) -> HTTPScope:
 _FILE = {"type": "object", "properties": {"id": _STR, "object": _STR, "bytes": _INT, "created_at": _INT, "filename": _STR, "purpose": _STR}}
 _BATCH = {"type": "object", "properties": {"id": _STR, "object": _STR, "status": _STR, "endpoint": _STR, "request_counts": _OBJ}}
 _LIST = {"type": "object", "properties": {"object": _STR, "data": {"type": "array"}, "has_more": {"type": "boolean"}}}
-_MULTIPART = {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "purpose": _STR}}
+_SECONDS = {"type": "integer", "minimum": wire.EXPIRY_SECONDS[0], "maximum": wire.EXPIRY_SECONDS[1]}
+_ANCHOR = {"enum": ["created_at"]}
+# As accepted: only `batch` is kept; the SDK sends `expires_after` as two bracketed fields.
+_MULTIPART = {"type": "object", "required": ["file", "purpose"], "properties": {
+    "file": {"type": "string", "format": "binary"}, "purpose": {"enum": list(wire.PURPOSES)},
+    "expires_after[anchor]": _ANCHOR, "expires_after[seconds]": _SECONDS,
+}}
 _UPLOAD = _op("Upload a file (purpose `batch`)", "Batches", _ok(_FILE))
 _UPLOAD["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": _MULTIPART}}}
+_NEW_BATCH = {"type": "object", "required": ["input_file_id", "endpoint", "completion_window"], "properties": {
+    "input_file_id": {"type": "string", "minLength": 1}, "endpoint": {"enum": list(wire.ENDPOINTS)},
+    "completion_window": {"enum": ["24h"]}, "metadata": {"type": ["object", "null"], "additionalProperties": _STR},
+    "output_expires_after": {"type": "object", "required": ["anchor", "seconds"], "properties": {"anchor": _ANCHOR, "seconds": _SECONDS}},
+}}
 document(FILES, "post", _UPLOAD)
 document(FILES, "get", _op("List your files", "Batches", _ok(_LIST)))
 document(FILES + "/{file_id}", "get", _op("A file", "Batches", _ok(_FILE)))
 document(FILES + "/{file_id}", "delete", _op("Delete a file", "Batches", _ok(_OBJ)))
 document(FILES + "/{file_id}/content", "get", _op("A file's content", "Batches", _ok(media="application/octet-stream")))
-document("/v1/batches", "post", _op("Create a batch", "Batches", _ok(_BATCH), body=_OBJ))
+document("/v1/batches", "post", _op("Create a batch", "Batches", _ok(_BATCH), body=_NEW_BATCH))
 document("/v1/batches", "get", _op("List your batches", "Batches", _ok(_LIST)))
 document("/v1/batches/{batch_id}", "get", _op("A batch", "Batches", _ok(_BATCH)))
 document("/v1/batches/{batch_id}/cancel", "post", _op("Cancel a batch", "Batches", _ok(_BATCH)))

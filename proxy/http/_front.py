@@ -86,8 +86,10 @@ class FrontRoute:
     # refused rerank is not counted among the chats. None: not a model call, so neither
     # logged nor counted, refused or answered (reading back, cancelling or deleting a run).
     kind: str | None = "chat"
-    # A route taking an upload (audio) has a body limit of its own instead of `max_body_bytes`.
+    # A route taking an upload (audio) has a body limit of its own instead of `max_body_bytes`,
+    # and says what is too large in its own words (the file's limit, not the form's).
     body_limit: Callable[[Settings], int] | None = None
+    too_large: Callable[[Settings], GatewayError] | None = None
 
     @property
     def allow(self) -> bytes:
@@ -105,7 +107,7 @@ class FrontDoor:
 
     def route(
         self, rule: str, *, method: str = "POST", kind: str | None = "chat",
-        body_limit: Callable[[Settings], int] | None = None,
+        body_limit: Callable[[Settings], int] | None = None, too_large: Callable[[Settings], GatewayError] | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             known = self._routes_by_rule().get(rule)
@@ -114,7 +116,7 @@ class FrontDoor:
                 assert known.body_limit is body_limit, f"{rule}: every method of a route has one body limit"
                 known.handlers[method] = handler
                 return handler
-            route = FrontRoute(rule, {method: handler}, kind, body_limit)
+            route = FrontRoute(rule, {method: handler}, kind, body_limit, too_large)
             if "<" in rule:
                 prefix, _, rest = rule.partition("<")
                 name, _, suffix = rest.partition(">")
@@ -175,10 +177,15 @@ async def serve(
                 )
             settings = gateway.settings
             max_body = route.body_limit(settings) if route.body_limit is not None else settings.max_body_bytes
-            body = await _read_body(receive, head, max_body)
-            if body is None:
-                return  # the client left before its request was whole
-            body = inflate_body(body, head.header("content-encoding"), max_body)
+            try:
+                body = await _read_body(receive, head, max_body)
+                if body is None:
+                    return  # the client left before its request was whole
+                body = inflate_body(body, head.header("content-encoding"), max_body)
+            except GatewayError as error:
+                if error.kind is ErrorKind.REQUEST_TOO_LARGE and route.too_large is not None:
+                    raise route.too_large(settings) from None
+                raise
             refusal = await limit(gateway, head, body)
             if refusal is not None:
                 await _refuse(out, gateway, route.kind, head, refusal, body, started)

@@ -5,14 +5,17 @@ keeps coming, and a trickle is cut off as on the chat routes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, ClassVar, Literal, cast, overload
 
 import trio
+from quart.wrappers.request import Body
 from quart_trio.wrappers.request import TrioBody, TrioRequest
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from proxy.http import _front
+from proxy.http._body_coding import Inflater, inflater
 
 
 class PacedBody(TrioBody):
@@ -81,7 +84,22 @@ class PacedRequest(TrioRequest):
         async with self._parsing_lock:
             if self._form is None:
                 parser = self.make_form_data_parser()
+                inflate = inflater(self.headers.get("content-encoding"))
+                body = self.body if inflate is None else _inflated(self.body, inflate, self.max_content_length)
                 with self.body.paced():
                     self._form, self._files = await parser.parse(
-                        self.body, self.mimetype, self.content_length, self.mimetype_params,
+                        cast(Body, body), self.mimetype, self.content_length, self.mimetype_params,
                     )
+
+
+async def _inflated(body: PacedBody, inflate: Inflater, limit: int | None) -> AsyncIterator[bytes]:
+    """A compressed form as it inflates, held to `limit` once inflated (the form parser
+    counts only what it buffers)."""
+    size = 0
+    async for chunk in body:
+        for piece in inflate.pieces(chunk, 1 << 18):
+            size += len(piece)
+            if limit is not None and size > limit:
+                raise RequestEntityTooLarge()
+            yield piece
+    inflate.finish()

@@ -19,6 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from proxy.domain.errors import GatewayError, invalid_request
+from proxy.http._body_coding import inflater
 from proxy.http._request import PacedRequest
 
 # Bytes of a file kept in memory before it goes to disk; also the pieces the parser is fed.
@@ -66,14 +67,20 @@ async def receive(request: PacedRequest, name: str, limit: int, too_large: Calla
 
 async def _read(request: PacedRequest, parts: _Parts) -> None:
     received = 0
+    # A compressed body (`Content-Encoding: gzip`) is inflated as it comes; the limits hold
+    # for what it inflates to.
+    inflate = inflater(request.headers.get("content-encoding"))
     try:
         with request.body.paced():
             async for chunk in request.body:
-                received += len(chunk)
-                if received > parts.limit + OVERHEAD:
-                    raise parts.too_large()
-                for start in range(0, len(chunk), _FEED):
-                    parts.feed(chunk[start:start + _FEED])
+                pieces = (chunk[at:at + _FEED] for at in range(0, len(chunk), _FEED)) if inflate is None else inflate.pieces(chunk, _FEED)
+                for piece in pieces:
+                    received += len(piece)
+                    if received > parts.limit + OVERHEAD:
+                        raise parts.too_large()
+                    parts.feed(piece)
+        if inflate is not None:
+            inflate.finish()
         parts.feed(None)
     except RequestEntityTooLarge:  # a part's headers past the decoder's buffer, too many parts
         raise parts.too_large() from None

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["FormField", "parse_form", "run_speech", "run_speech_to_text"]
 
 _FORMATS = {"json", "text", "srt", "vtt", "verbose_json"}
+# The strings pydantic reads as true in a form's boolean field (vLLM's, speaches' requests).
+_PYDANTIC_TRUE = {b"1", b"on", b"t", b"true", b"y", b"yes"}
 _AUDIO_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "opus": "audio/ogg", "flac": "audio/flac", "pcm": "audio/pcm"}
 
 
@@ -145,8 +147,8 @@ async def run_speech_to_text(backend: OpenAIBackend, request: Request, exchange:
     if response_format not in _FORMATS:
         await backend.send_error(exchange, 400, f"Unsupported response_format: {response_format}")
         return
-    stream = "stream" in form and form["stream"].value.lower() in (b"true", b"1")
-    include_usage = "stream_include_usage" in form and form["stream_include_usage"].value.lower() == b"true"
+    stream = "stream" in form and form["stream"].value.strip().lower() in _PYDANTIC_TRUE
+    include_usage = "stream_include_usage" in form and form["stream_include_usage"].value.strip().lower() in _PYDANTIC_TRUE
     file = form["file"]
     verb = "Transcribed" if task == "transcribe" else "Translated"
     text = f"{verb} {len(file.value)} bytes of {file.filename}"

@@ -28,7 +28,7 @@ _TIMESTAMPS = (
 # Errors named per line stop at this many (OpenAI lists a handful, not one per line of a bad file).
 _MAX_ERRORS = 100
 # OpenAI's bounds of a file's `expires_after.seconds` (and a batch's `output_expires_after`).
-_EXPIRY_SECONDS = (3600, 2_592_000)
+EXPIRY_SECONDS = (3600, 2_592_000)
 
 
 def new_file_id() -> str:
@@ -80,7 +80,7 @@ def expires_after(anchor: Any, seconds: Any, param: str) -> int | None:
             f"Invalid value for '{param}.anchor': {anchor!r}. Supported: 'created_at'.", param=f"{param}.anchor",
             code="invalid_value" if anchor is not None else "missing_required_parameter",
         )
-    low, high = _EXPIRY_SECONDS
+    low, high = EXPIRY_SECONDS
     if isinstance(seconds, bool) or not isinstance(seconds, int) or not low <= seconds <= high:
         raise invalid_request(
             f"Invalid value for '{param}.seconds': {seconds!r}. It must be an integer between {low} (1 hour) and "
