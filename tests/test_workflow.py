@@ -523,6 +523,32 @@ async def test_the_semantic_cache_never_gives_a_pipelines_answer_to_another_rout
         assert again.json()["choices"][0]["message"]["content"] == "Red is warm."
 
 
+async def test_a_default_pipelines_answer_is_cached_under_its_name(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A workflow request naming no pipeline runs `default_pipeline`, and its answer is that
+    pipeline's: cached under its name (it was cached under "", so that once the default
+    changed, the old pipeline's answers came back for the new one's requests)."""
+    one, two = pipeline_name(), pipeline_name()
+    pipelines = {one: fanout(models=["alpha-1", "beta-1"]), two: fanout(models=["alpha-1", "beta-1"])}
+    body = {"model": "alpha-1", "messages": MESSAGES}
+    semantic = {"x-cache": "semantic"}
+
+    async def stored() -> bool:
+        return bool(await trio.to_thread.run_sync(rows, pg_database_url, "SELECT FROM semantic_cache"))
+
+    async with workflow_stack(pg_database_url, nats_url, pipelines, default_pipeline=one) as (url, *_), httpx.AsyncClient(
+        base_url=url, timeout=30
+    ) as client:
+        first = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-route": "workflow"})
+        assert first.status_code == 200 and first.headers["x-pipeline"] == one and "x-cache" not in first.headers
+        await eventually(stored, within=10)
+        named = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": one})
+        assert named.headers.get("x-cache") == "semantic"
+        other = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": two})
+        assert other.status_code == 200 and "x-cache" not in other.headers
+
+
 async def test_a_pipeline_that_just_returns_gives_every_dialect_a_well_formed_answer(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

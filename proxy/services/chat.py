@@ -74,8 +74,10 @@ class ChatService:
         persistence: Persistence | None = None,
         semantic_cache: CompletionCache | None = None,
         fallbacks: Mapping[str, Sequence[str]] | None = None,
+        default_pipeline: str | None = None,
     ) -> None:
         self._router = router
+        self._default_pipeline = default_pipeline
         self._backends = backends
         self._record = record
         self._fallbacks = fallbacks or {}
@@ -112,6 +114,10 @@ class ChatService:
                     ErrorKind.INVALID_REQUEST, f"Unknown route `{meta.route}`; this gateway serves: {known}.",
                     param="x-route",
                 )
+            if meta.route == "workflow" and meta.pipeline is None:
+                # Named from here on: the answer is that pipeline's, in the caches' keys too (as
+                # "" an entry made under one default would answer for the next).
+                meta.pipeline = self._default_pipeline
         backend: Backend | None = None
         route = Route(backend="", upstream_model=request.model)
         if handler is None or handler.needs_backend:

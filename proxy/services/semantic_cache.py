@@ -322,7 +322,7 @@ class SemanticCache:
     async def _key(self, request: ChatRequest, meta: RequestMeta, revision: str | None) -> Conversation:
         workspace = meta.workspace if meta.route == "rag" else None
         # A workflow's answer is its pipeline's (fan-out, judge, ...), not the model's: as in
-        # the exact cache's `req_id`, the pipeline is part of the key ("" for one unnamed).
+        # the exact cache's `req_id`, the pipeline (named, the default's too) is part of the key.
         pipeline = (meta.pipeline or "") if meta.route == "workflow" else None
         counter = token_counter()
         return await trio.to_thread.run_sync(

@@ -77,7 +77,7 @@ class WorkflowRoute:
         self.launcher: Launcher = create_launcher(settings.workflow, self.registry)
 
     def _pipeline(self, exchange: ChatExchange) -> str:
-        pipeline = exchange.meta.pipeline or self._settings.default_pipeline
+        pipeline = exchange.meta.pipeline  # the default's name when the request gave none
         if pipeline is None:
             raise invalid_request(
                 "A workflow request names its pipeline in the `x-pipeline` header.", param="x-pipeline"
