@@ -11,7 +11,7 @@ import trio
 
 from proxy.config import BackendConfig, Settings, Timeouts
 from proxy.serve import serve
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, OllamaBackend
 
 
 def backend(name: str, url: str, *, kind: str = "openai", default: bool = False,
@@ -50,3 +50,22 @@ async def hang_up_once_received(fake: FakeBackend, request: Callable[[], Awaitab
         nursery.start_soon(request)
         await fake.wait_requests(seen + 1, within)
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def relay_gateway(fake: FakeBackend, aliases: Mapping[str, str]) -> AsyncIterator[tuple[str, OllamaBackend]]:
+    """The relayed APIs' topology: `fake` the default (OpenAI-compatible) backend, an Ollama
+    one for `llama*` models and an unreachable Anthropic one for `claude*` (neither serves
+    those APIs). Yields the gateway's URL and the Ollama fake."""
+    ollama = OllamaBackend()
+    async with (
+        fake.serve() as server,
+        ollama.serve() as ollama_server,
+        running_gateway(
+            backend("vllm", server.url, default=True),
+            backend("ollama", ollama_server.url, kind="ollama", prefixes=("llama",)),
+            backend("claude", "http://127.0.0.1:9", kind="anthropic", prefixes=("claude",)),
+            aliases=aliases,
+        ) as url,
+    ):
+        yield url, ollama

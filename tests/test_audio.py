@@ -18,7 +18,6 @@ import trio
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import (
     Exchange,
-    OllamaBackend,
     OpenAIBackend,
     RecordedRequest,
     Request,
@@ -28,7 +27,7 @@ from tests.fakes import (
 )
 from tests.fakes.openai_audio import FormField, parse_form
 from tests.fakes.script import DEFAULT_TOKENS
-from tests.harness import backend, running_gateway
+from tests.harness import backend, relay_gateway, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -49,16 +48,9 @@ class Setup:
 
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
-    fake, ollama = OpenAIBackend(), OllamaBackend()
+    fake = OpenAIBackend()
     async with (
-        fake.serve() as server,
-        ollama.serve() as ollama_server,
-        running_gateway(
-            backend("vllm", server.url, default=True),
-            backend("ollama", ollama_server.url, kind="ollama", prefixes=("llama",)),
-            backend("claude", "http://127.0.0.1:9", kind="anthropic", prefixes=("claude",)),
-            aliases={"whisper": "openai/whisper-large-v3"},
-        ) as url,
+        relay_gateway(fake, {"whisper": "openai/whisper-large-v3"}) as (url, _),
         httpx.AsyncClient(base_url=url, timeout=10) as http,
     ):
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

@@ -529,25 +529,31 @@ async def test_postgres_outage_loses_no_row(
                     await wait_for_row(url, trace_id, "completed", within=20)
 
 
+@pytest.mark.parametrize("nats_lost", ["before", "mid-run"])
 async def test_rows_waiting_in_memory_while_postgres_and_nats_are_down_survive_a_stop(
-    aio_loop: object, tmp_path: Path, nats_url: str
+    aio_loop: object, tmp_path: Path, nats_url: str, nats_lost: str
 ) -> None:
     """With both stores down the outbox holds rows in memory: a gateway stopped then lost
     them. They are kept in a spool file of its data directory, and the next gateway started
-    on it writes them."""
+    on it writes them. A NATS lost while the gateway ran (nats-py reconnecting) made each row
+    wait for its JetStream publish to time out (5 s), one after another, and the stop cut off
+    the rows still waiting: in neither store nor the spool, never written."""
     fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
-    dead_nats = EmbeddedNats(tmp_path / "nats")
-    dead_nats_url = dead_nats.start()
-    dead_nats.stop()
+    lost_nats = EmbeddedNats(tmp_path / "nats")
+    lost_nats_url = lost_nats.start()
+    if nats_lost == "before":
+        lost_nats.stop()
     data_dir = tmp_path / "data"
     with EmbeddedPostgres(tmp_path / "pg") as postgres:
         assert postgres.url is not None
         url = postgres.url
         async with fake.serve() as server:
             config = backend("vllm", server.url, default=True)
-            async with running_gateway(config, database_url=url, nats_url=dead_nats_url, data_dir=data_dir) as gateway:
+            async with running_gateway(config, database_url=url, nats_url=lost_nats_url, data_dir=data_dir) as gateway:
+                if nats_lost == "mid-run":
+                    await trio.to_thread.run_sync(lost_nats.stop)
                 await trio.to_thread.run_sync(postgres.stop)
-                async with httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+                async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
                     during = []
                     for _ in range(3):
                         response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
@@ -563,37 +569,6 @@ async def test_rows_waiting_in_memory_while_postgres_and_nats_are_down_survive_a
                     return not list(data_dir.glob("spool/outbox/*/*.json"))
 
                 await eventually(spool_gone, within=10)
-
-
-async def test_with_nats_lost_mid_run_and_postgres_down_no_row_is_lost(
-    aio_loop: object, tmp_path: Path, nats_url: str
-) -> None:
-    """A gateway whose NATS went away (nats-py reconnecting) and whose PostgreSQL is down
-    keeps each answer's row in memory and its spool at once. It waited for a JetStream
-    publish to time out (5 s) per row, one after another, and the stop cut off the rows still
-    waiting: they were in neither store, nor spooled, and never written."""
-    fake = OpenAIBackend(default=Script(tokens=["x", "y"]))
-    lost_nats = EmbeddedNats(tmp_path / "nats")
-    lost_nats_url = lost_nats.start()
-    data_dir = tmp_path / "data"
-    with EmbeddedPostgres(tmp_path / "pg") as postgres:
-        assert postgres.url is not None
-        url = postgres.url
-        async with fake.serve() as server:
-            config = backend("vllm", server.url, default=True)
-            async with running_gateway(config, database_url=url, nats_url=lost_nats_url, data_dir=data_dir) as gateway:
-                await trio.to_thread.run_sync(lost_nats.stop)
-                await trio.to_thread.run_sync(postgres.stop)
-                async with httpx.AsyncClient(base_url=gateway, timeout=30) as client:
-                    during = []
-                    for _ in range(3):
-                        response = await client.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
-                        assert response.status_code == 200
-                        during.append(response.headers["x-trace-id"])
-            await trio.to_thread.run_sync(postgres.start)
-            async with running_gateway(config, database_url=url, nats_url=nats_url, data_dir=data_dir):
-                for trace_id in during:
-                    await wait_for_row(url, trace_id, "completed", within=20)
 
 
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(

@@ -16,7 +16,7 @@ import trio
 from proxy.config import Timeouts
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
-from tests.harness import backend, running_gateway
+from tests.harness import backend, relay_gateway, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -39,16 +39,9 @@ class Setup:
 
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
-    fake, ollama = OpenAIBackend(), OllamaBackend()
+    fake = OpenAIBackend()
     async with (
-        fake.serve() as server,
-        ollama.serve() as ollama_server,
-        running_gateway(
-            backend("vllm", server.url, default=True),
-            backend("ollama", ollama_server.url, kind="ollama", prefixes=("llama",)),
-            backend("claude", "http://127.0.0.1:9", kind="anthropic", prefixes=("claude",)),
-            aliases={"reranker": "bge-reranker-v2-m3"},
-        ) as url,
+        relay_gateway(fake, {"reranker": "bge-reranker-v2-m3"}) as (url, ollama),
         httpx.AsyncClient(base_url=url, timeout=10) as client,
     ):
         yield Setup(fake, ollama, client)

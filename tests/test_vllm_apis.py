@@ -18,7 +18,7 @@ from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.fakes.base import Call, json_bytes
 from tests.fakes.server import Exchange, Request
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, relay_gateway, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -76,16 +76,9 @@ class Setup:
 
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
-    fake, ollama = VllmBackend(), OllamaBackend()
+    fake = VllmBackend()
     async with (
-        fake.serve() as server,
-        ollama.serve() as ollama_server,
-        running_gateway(
-            backend("vllm", server.url, default=True),
-            backend("ollama", ollama_server.url, kind="ollama", prefixes=("llama",)),
-            backend("claude", "http://127.0.0.1:9", kind="anthropic", prefixes=("claude",)),
-            aliases={"scorer": "bge-reranker-v2-m3"},
-        ) as url,
+        relay_gateway(fake, {"scorer": "bge-reranker-v2-m3"}) as (url, ollama),
         httpx.AsyncClient(base_url=url, timeout=10) as client,
     ):
         yield Setup(fake, ollama, client)
