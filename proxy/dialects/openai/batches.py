@@ -15,8 +15,9 @@ from proxy.dialects.responses._conversations import _metadata
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.ids import storable
 
-# What the gateway serves of OpenAI's batch endpoints (its moderations, images and videos: no).
-ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions")
+# What the gateway serves of OpenAI's batch endpoints (its moderations, images and videos: no),
+# and the rerank and score lines of vLLM's own batch runner (`vllm run-batch`).
+ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/completions", "/v1/rerank", "/v1/score")
 # Of OpenAI's purposes, the ones whose files the gateway has a use for.
 PURPOSES = ("batch",)
 OUTPUT_PURPOSE = "batch_output"
@@ -271,7 +272,7 @@ def unrun_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
 
 def usage_of(body: Any) -> tuple[int, int, int, int]:
     """Input, output, cached input and reasoning tokens of an answer of any batch endpoint
-    (chat and completions, Responses, embeddings; Anthropic's messages)."""
+    (chat and completions, Responses, embeddings, rerank and score; Anthropic's messages)."""
     usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return 0, 0, 0, 0
@@ -294,6 +295,7 @@ def usage_of(body: Any) -> tuple[int, int, int, int]:
         usage, "cache_read_input_tokens"
     )
     reasoning = count(details("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
-    return (
-        count(usage, "prompt_tokens", "input_tokens"), count(usage, "completion_tokens", "output_tokens"), cached, reasoning
-    )
+    output = count(usage, "completion_tokens", "output_tokens")
+    # A rerank server may count only `total_tokens` (vLLM's, Jina's): all of it input.
+    read = count(usage, "prompt_tokens", "input_tokens") or max(count(usage, "total_tokens") - output, 0)
+    return read, output, cached, reasoning
