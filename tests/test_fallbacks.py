@@ -206,6 +206,36 @@ async def test_a_live_run_a_stand_in_answers_is_named_to_those_who_follow_it(
     assert _chats(small) == ["qwen3-8b"]
 
 
+async def test_a_run_a_stand_in_answers_is_named_to_a_retry_waiting_on_another_instance(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A retry that reaches another instance while its key's run goes on reads that run's
+    events through NATS: the stand-in that answered is named to it too."""
+    small = OpenAIBackend(default=Script(n_tokens=20, pace=0.05))
+    gateway = {
+        "fallbacks": {"qwen3-32b": ("qwen3-8b",)}, "database_url": pg_database_url, "nats_url": nats_url,
+    }
+    down = f"http://127.0.0.1:{free_port()}"
+    async with small.serve() as server, running_gateway(
+        backend("big", down, default=True), backend("small", server.url, models=("qwen3-8b",)), **gateway
+    ) as first_url, running_gateway(
+        backend("big", down, default=True), backend("small", server.url, models=("qwen3-8b",)), **gateway
+    ) as second_url, httpx.AsyncClient(timeout=20) as http:
+        body = {"model": "qwen3-32b", "messages": ASK}
+        keyed = {"idempotency-key": f"stand-in-elsewhere-{pg_database_url[-12:]}"}
+        async with http.stream("POST", f"{first_url}/v1/chat/completions", json=body | {"stream": True},
+                               headers=keyed) as first:
+            chunks = first.aiter_bytes()
+            await chunks.__anext__()  # the stand-in has begun
+            retry = await http.post(f"{second_url}/v1/chat/completions", json=body, headers=keyed)
+            async for _ in chunks:
+                pass
+    assert first.headers["x-fallback-model"] == "qwen3-8b"
+    assert retry.status_code == 200 and retry.headers["x-attached-to"] == first.headers["x-trace-id"]
+    assert retry.headers.get("x-fallback-model") == "qwen3-8b"
+    assert _chats(small) == ["qwen3-8b"]
+
+
 @pytest.mark.parametrize("kind", ["openai", "ollama"])
 async def test_a_backend_that_fails_before_its_first_token_with_a_200_falls_back(kind: str) -> None:
     # Ollama answers 200 and then `{"error": ...}` when a model cannot load.

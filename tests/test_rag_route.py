@@ -395,3 +395,64 @@ async def test_an_idempotent_retry_of_a_rag_request_replays_its_sources(pg_datab
     assert sources_of(again.headers) == sources_of(first.headers) != []
     assert again.headers["x-rag-context"] == "injected" and again.headers["x-rag-workspace"] == "hr"
     assert again.json()["rag_sources"] == first.json()["rag_sources"]
+
+
+@pytest.mark.parametrize("dialect", ["chat", "responses", "anthropic"])
+async def test_a_request_attached_to_a_running_rag_twin_gets_its_sources(
+    aio_loop: object, pg_database_url: str, nats_url: str, dialect: str
+) -> None:
+    """A retry that arrives while its key's RAG run is still answering (on this instance, or
+    on another through NATS) reads that run's answer: its head says what sources it drew on,
+    as the run's own client heard and as a replay of it would."""
+    fake = OpenAIBackend(default=Script(tokens=["25 ", "days ", "a ", "year [1]."], pace=0.5))
+    headers = {"x-workspace": "hr", "idempotency-key": f"leave-{dialect}-{pg_database_url[-12:]}"}
+    question: Any = [{"role": "user", "content": "How many vacation days do I get?"}]
+    answers: dict[str, Any] = {}
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second, httpx.AsyncClient(base_url=first, timeout=30) as http:
+        await http.post("/v1/workspaces/hr/documents",
+                        json={"source": "leave.md", "content": "# Leave\n\nEmployees get 25 vacation days a year."})
+
+        async def ask(name: str, url: str, stream: bool) -> None:
+            raw: Any
+            client: Any
+            if dialect == "anthropic":
+                client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0, default_headers=headers)
+                raw = await client.messages.with_raw_response.create(
+                    model="m", max_tokens=64, messages=question, stream=stream
+                )
+            else:
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, default_headers=headers)
+                if dialect == "responses":
+                    raw = await client.responses.with_raw_response.create(model="m", input=question, stream=stream)
+                else:
+                    raw = await client.chat.completions.with_raw_response.create(model="m", messages=question, stream=stream)
+            if stream:
+                chunks = raw.parse()
+                async for _ in await chunks if dialect == "anthropic" else chunks:  # anthropic's is async
+                    pass
+            elif dialect == "chat":
+                answers[f"{name}-body"] = raw.parse().model_extra
+            answers[name] = raw.headers
+            await client.close()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "run", first, True)
+                await fake.wait_requests(1)  # the run is at its backend: the others attach to it
+                nursery.start_soon(ask, "here", first, False)
+                nursery.start_soon(ask, "here-streamed", first, True)
+                nursery.start_soon(ask, "there", second, False)
+    run = answers["run"]
+    assert len(fake.requests) == 1 and sources_of(run)[0]["source"] == "leave.md"
+    for name in ("here", "here-streamed", "there"):
+        attached = answers[name]
+        assert attached["x-attached-to"] == run["x-trace-id"], name
+        assert sources_of(attached) == sources_of(run), name
+        assert attached["x-rag-context"] == "injected" and attached["x-rag-workspace"] == "hr", name
+    for name in ("here", "there"):
+        if dialect == "chat":  # OpenAI's chat clients have them in the body too
+            assert answers[f"{name}-body"]["rag_sources"] == sources_of(run), name

@@ -447,6 +447,9 @@ async def test_an_idempotent_workflow_request_runs_once_and_replays(stack: Stack
     assert again.headers["idempotent-replayed"] == "true"
     assert again.headers["x-replay-of"] == first.headers["x-trace-id"]
     assert len(stack.alpha.requests) == 1  # one job, one model call
+    # The replay says which pipeline and which of its models answered, as the first did.
+    assert first.headers["x-workflow-winner"] == again.headers["x-workflow-winner"] == "alpha-1"
+    assert again.headers["x-pipeline"] == first.headers["x-pipeline"] == stack.pipeline
 
 
 async def test_a_deleted_workflow_response_leaves_nothing_of_what_it_said_in_its_job_record(stack: Stack) -> None:
@@ -488,6 +491,15 @@ async def test_a_pipelines_answer_is_never_another_routes(stack: Stack) -> None:
             model="alpha-1", messages=MESSAGES, temperature=0, extra_headers={"x-cache": "exact", "x-route": "direct"}
         )
     assert cached.headers["x-cache"] == "miss" and plain.headers["x-cache"] == "miss"
+    await wait_for_row(stack.db, cached.headers["x-trace-id"], "completed")
+    with trio.fail_after(10):
+        hit = await stack.client.chat.completions.with_raw_response.create(
+            model="alpha-1", messages=MESSAGES, temperature=0, extra_headers={"x-cache": "exact"}
+        )
+    # The pipeline's answer again, saying so as it did the first time.
+    assert hit.headers["x-cache"] == "hit" and hit.headers["x-replay-of"] == cached.headers["x-trace-id"]
+    assert hit.headers["x-pipeline"] == stack.pipeline
+    assert hit.headers["x-workflow-winner"] == cached.headers["x-workflow-winner"] == "alpha-1"
 
 
 async def test_the_semantic_cache_never_gives_a_pipelines_answer_to_another_route(
@@ -521,6 +533,8 @@ async def test_the_semantic_cache_never_gives_a_pipelines_answer_to_another_rout
         again = await client.post("/v1/chat/completions", json=body, headers={**semantic, "x-pipeline": one})
         assert again.headers.get("x-cache") == "semantic"
         assert again.json()["choices"][0]["message"]["content"] == "Red is warm."
+        assert again.headers["x-pipeline"] == one  # whose answer it is, as the first said
+        assert again.headers["x-workflow-winner"] == first.headers["x-workflow-winner"] == "alpha-1"
 
 
 async def test_a_default_pipelines_answer_is_cached_under_its_name(

@@ -21,9 +21,14 @@ if TYPE_CHECKING:
     from proxy.services.chat import ChatExchange
 
 
-# The response headers that describe an answer (a RAG answer's workspace and sources): kept
-# with it, so that its replays (exact or semantic cache, an idempotent retry) carry them too.
-ANSWER_HEADERS: Final = frozenset({b"x-rag-workspace", b"x-rag-sources", b"x-rag-context"})
+# The response headers that describe an answer rather than the call that made it (a RAG
+# answer's workspace and sources, the pipeline and fan-out winner of a workflow's, the
+# stand-in that gave it): kept with it, so that whatever gives it again (exact or semantic
+# cache, an idempotent retry, a request attached to its run) says what its first client heard.
+# Not what only a fresh call has (`x-ratelimit-*`, `x-cache`, `x-trace-id`).
+ANSWER_HEADERS: Final = frozenset({
+    b"x-rag-workspace", b"x-rag-sources", b"x-rag-context", b"x-pipeline", b"x-workflow-winner", b"x-fallback-model",
+})
 
 
 # Called with the answering trace and the whole answer of a run that completed, before its

@@ -117,6 +117,10 @@ class DurableRun(Recording):
         row = self._new_row(plan)
         self._live_log = EventLog(self.meta.trace_id, self.meta.tenant)
         self._live_log.settings = self.settings
+        # The very list its client is told (changed in place only): readers attached to the run
+        # learn from it what the route said of the answer (a RAG answer's sources) before its
+        # first event, and what it says once the answer is whole (a workflow's winner).
+        self._live_log.headers = self.response_headers
         return Journal(
             row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
             publish_events=self.publishes_events,

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -36,6 +36,7 @@ from proxy.domain.truncation import Window
 from proxy.infra.backends import Backend, BackendCall, Batch, Served, current_served
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services._contracts import (
+    ANSWER_HEADERS,
     SHUTTING_DOWN,
     AnswerHook,
     CachedAnswer,
@@ -234,6 +235,9 @@ class ChatExchange(FallbackWalk, DurableRun):
         self._detached = False  # run by `detach`: its run writes the record
         # The journalled run's event log: readers of the live run learn from it which model answers.
         self._live_log: EventLog | None = None
+        # An attached request's: what its run told its own client of the answer, read as its
+        # head goes out (`_adopt_answer_headers`). None: nothing to learn (any other plan).
+        self._told_by_run: Callable[[], Awaitable[Headers]] | None = None
         self.record = ExchangeRecord(
             trace_id=meta.trace_id,
             request_id=meta.request_id,
@@ -271,6 +275,7 @@ class ChatExchange(FallbackWalk, DurableRun):
             if plan.kind == "durable":
                 producer = self._start_durable(plan)
             self.response_headers.extend(plan.headers)
+            self._told_by_run = self._told_by(plan) if plan.kind == "follow" else None
             self._relay_answers = plan.kind in ("here", "replay")
             async with trio.open_nursery() as nursery:
                 send, receive = trio.open_memory_channel[Batch | GatewayError](0)
@@ -358,12 +363,45 @@ class ChatExchange(FallbackWalk, DurableRun):
             self.record.source = replayed if other.kind == "replay" else "attached"
             if other.answered_by is not None:
                 self._answered_by(other.answered_by)
-            if (stand_in := self._stand_in_named(other.winner)) is not None:
+            said = any(name == b"x-fallback-model" for name, _ in other.headers)  # kept with its answer
+            if not said and (stand_in := self._stand_in_named(other.winner)) is not None:
                 other.headers.append((b"x-fallback-model", stand_in.encode()))  # as the first answer said
             return other
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
                     headers=[(b"x-cache", b"miss")] if cache else [])
+
+    def _told_by(self, plan: Plan) -> Callable[[], Awaitable[Headers]] | None:
+        """Where an attached request learns what its run told its own client of the answer:
+        a run here, from its live headers; one on another instance, from its row once it has
+        ended (a client waiting for the whole answer). A stream from another instance has its
+        head before that run's row says anything: it goes without."""
+        live = plan.live
+        if live is not None:
+            async def told_here() -> Headers:
+                return live.headers
+
+            return told_here
+        persistence, trace_id = self._persistence, plan.answered_by
+        if self.request.stream or persistence is None or trace_id is None:
+            return None
+
+        async def told_there() -> Headers:
+            try:
+                run = await persistence.stored_run(trace_id)
+            except GatewayError:  # its journal unreadable now: the answer without them
+                return []
+            return run.headers if run is not None else []
+
+        return told_there
+
+    async def _adopt_answer_headers(self) -> None:
+        """An attached request's head says what its run's said of the answer (its twin's
+        sources, pipeline, winner, stand-in), as a replay of it would."""
+        told, self._told_by_run = self._told_by_run, None
+        assert told is not None
+        have = {name for name, _ in self.response_headers}
+        self.response_headers.extend(h for h in await told() if h[0] in ANSWER_HEADERS and h[0] not in have)
 
     def _stand_in_named(self, winner: str | None) -> str | None:
         """The stand-in whose answer a replay gives (its `[fallbacks]` name, found by the
@@ -446,6 +484,8 @@ class ChatExchange(FallbackWalk, DurableRun):
                 self.record.status = 200
                 self.record.ttft_ms = (time.perf_counter() - self.meta.received) * 1000
                 if stream:
+                    if self._told_by_run is not None:
+                        await self._adopt_answer_headers()
                     await sink.start()
             for event in item.events:
                 self.result.add(event)
@@ -468,6 +508,8 @@ class ChatExchange(FallbackWalk, DurableRun):
                     if self.on_answer is not None and self._relay_answers and self.result.error is None:
                         await self.on_answer(self._answering_trace(), item.whole())
                     await self._settle()
+                    if self._told_by_run is not None:
+                        await self._adopt_answer_headers()
                     await sink.start()
                     await sink.write(item)
             if item.done:

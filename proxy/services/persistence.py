@@ -210,6 +210,9 @@ class Plan:
     # The upstream model whose answer a replay (or a run here that is followed) gives: a
     # stand-in's, when one answered. None: not known (a run on another instance).
     winner: str | None = None
+    # The run here that a follower reads (None: a run on another instance, or no follow): its
+    # `headers` are what the run's client is told, of which the follower is told the answer's.
+    live: EventLog | None = None
 
 
 class Persistence:
@@ -463,7 +466,7 @@ class Persistence:
             headers.append((b"x-cache", b"hit"))
         # A run here says which model answers once a stand-in took over (before its first byte).
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
-                    headers=headers, answered_by=claim.trace_id)
+                    headers=headers, answered_by=claim.trace_id, live=local)
 
     async def give_up(self, key: str, trace_id: str) -> None:
         """A key `trace_id` claimed and will not run (refused before it started): failed, so
