@@ -318,6 +318,27 @@ async def test_disable_parallel_tool_use_reaches_openai_backends_as_parallel_too
     assert setup.fake("anthropic").requests[-1].json["tool_choice"] == choice
 
 
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_disable_parallel_tool_use_gives_one_tool_use_even_when_the_backend_makes_more(setup: Setup, kind: str) -> None:
+    """Anthropic promises at most one `tool_use`; Ollama has no such option and servers may
+    ignore `parallel_tool_calls`, so the calls after the first are left out."""
+    setup.fake(kind).set_script(PARALLEL)
+    request: Any = {"model": MODELS[kind], "max_tokens": 100, "messages": MESSAGES, "tools": TOOLS}
+    for choice in ({"type": "auto", "disable_parallel_tool_use": True}, {"type": "any", "disable_parallel_tool_use": True}):
+        message = await setup.client.messages.create(**request, tool_choice=choice)
+        async with setup.client.messages.stream(**request, tool_choice=choice) as stream:
+            streamed = await stream.get_final_message()
+        for answer in (message, streamed):
+            assert [(b.type, getattr(b, "input", None)) for b in answer.content if b.type != "text"] == [
+                ("tool_use", {"city": "Paris"})
+            ]
+            assert answer.stop_reason == "tool_use"
+    assert_valid_anthropic_stream((await raw_stream(setup, **request, tool_choice=choice)).content)
+    # Without it, both calls, as the backend made them.
+    message = await setup.client.messages.create(**request, tool_choice={"type": "auto"})
+    assert [b.type for b in message.content if b.type != "text"] == ["tool_use", "tool_use"]
+
+
 # -- usage -------------------------------------------------------------------------------------------------
 
 

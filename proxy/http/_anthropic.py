@@ -41,14 +41,19 @@ register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
 class AnthropicJsonSink(JsonSink):
     dialect = "anthropic"
 
-    def __init__(self, send: ASGISendCallable, headers: Headers, model: str, *, as_asked: bool = False) -> None:
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, model: str, *, as_asked: bool = False, single_tool: bool = False,
+    ) -> None:
         super().__init__(send, headers)
         self._model = model
         self._as_asked = as_asked
+        self._single_tool = single_tool
 
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
-        await self._json(anthropic.render_message(completion, batch.events, model=self._model, as_asked=self._as_asked))
+        await self._json(anthropic.render_message(
+            completion, batch.events, model=self._model, as_asked=self._as_asked, single_tool=self._single_tool,
+        ))
 
 
 class AnthropicExchangeBody(ExchangeBody):
@@ -125,13 +130,16 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     # A model asked for by an alias is answered in the client's name (as Ollama and Responses
     # clients are), not the backend's; otherwise the backend's stands (Anthropic's snapshot).
     aliased = exchange.route.upstream_model != model
+    # `disable_parallel_tool_use` promises one call at most, whichever backend answers.
+    single = request.parallel_tool_calls is False
     if request.stream:
         return AnthropicExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased), content_headers=SSE_HEADERS,
-            dialect="anthropic",
+            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased, single_tool=single),
+            content_headers=SSE_HEADERS, dialect="anthropic",
         ), incoming.gateway.backends)
     return AnthropicExchangeBody(
-        exchange, lambda send: AnthropicJsonSink(send, headers, model, as_asked=aliased), incoming.gateway.backends,
+        exchange, lambda send: AnthropicJsonSink(send, headers, model, as_asked=aliased, single_tool=single),
+        incoming.gateway.backends,
     )
 
 

@@ -35,17 +35,21 @@ from proxy.domain.events import (
 
 
 def render_message(
-    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False
+    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False,
+    single_tool: bool = False,
 ) -> bytes:
     """The `message` object for a finished completion. `events` (the exchange's, when at
     hand) supply what the completion cannot hold: the thinking signature and the matched
     stop sequence. Its `model` is the backend's, else `model`; with `as_asked`, `model`
-    whatever the backend says (the client asked by an alias, and is answered in its name)."""
-    return dumps(message_body(completion, events, model=model, as_asked=as_asked))
+    whatever the backend says (the client asked by an alias, and is answered in its name).
+    `single_tool`: the client set `disable_parallel_tool_use`, Anthropic's promise of at most
+    one `tool_use`, which backends of other kinds may not keep (Ollama has no such option)."""
+    return dumps(message_body(completion, events, model=model, as_asked=as_asked, single_tool=single_tool))
 
 
 def message_body(
-    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False
+    completion: ChatCompletion, events: Iterable[StreamEvent] = (), *, model: str = "", as_asked: bool = False,
+    single_tool: bool = False,
 ) -> dict[str, Any]:
     events = list(events)
     signature = ""
@@ -73,7 +77,7 @@ def message_body(
             content.append({"type": "thinking", "thinking": choice.reasoning, "signature": signature})
         if choice.content:
             content.append({"type": "text", "text": choice.content})
-        for call in choice.tool_calls:
+        for call in choice.tool_calls[:1] if single_tool else choice.tool_calls:
             content.append(
                 {"type": "tool_use", "id": call.id or new_tool_use_id(), "name": call.name, "input": input_object(call.arguments)}
             )

@@ -93,10 +93,13 @@ class StreamRenderer:
     # Said while the backend is alive but has nothing new (its own pings, a server tool running).
     keepalive: ClassVar[bytes] = PING
 
-    def __init__(self, *, model: str = "", as_asked: bool = False) -> None:
+    def __init__(self, *, model: str = "", as_asked: bool = False, single_tool: bool = False) -> None:
         """`model` names the message when the backend does not; with `as_asked`, whatever it
-        says (the client asked by an alias, and is answered in its name)."""
+        says (the client asked by an alias, and is answered in its name). `single_tool`: the
+        client set `disable_parallel_tool_use`, so calls after the first are left out (a
+        backend of another kind may make them anyway)."""
         self._model = model
+        self._single_tool = single_tool
         self._as_asked = as_asked and bool(model)
         self._start: StreamStart | None = None
         self._announced = False
@@ -228,6 +231,8 @@ class StreamRenderer:
                     self._reasoning(event, out)
             case ToolCallStart(index, _, _, choice):
                 if choice == 0 and index not in self._tools_seen:
+                    if self._single_tool and self._tools_seen:
+                        return  # its fragments find no block of theirs, and are left out too
                     self._tools_seen.add(index)
                     self._tool_start(event, out)
             case ToolCallDelta(index, arguments, choice):
