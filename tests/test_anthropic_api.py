@@ -20,6 +20,7 @@ import trio
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.fakes.base import Call
+from tests.fakes.script import ToolCall
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, hang_up_once_received, running_gateway
 from tests.test_anthropic_codec import assert_valid_anthropic_stream, sse_frames
@@ -187,6 +188,29 @@ async def test_parallel_tool_calls_stream_their_arguments(setup: Setup, kind: st
     assert message.stop_reason == "tool_use"
     if kind != "ollama":  # Ollama sends whole calls; the others stream fragments, all relayed
         assert sum(len(f) for f in fragments.values()) >= 4
+
+
+@pytest.mark.parametrize(("arguments", "received"), [
+    ("{'tz': 'UTC'}", {}),  # a Python dict, not JSON
+    ('{"tz": "UTC", oops, "more": 1}', {"tz": "UTC", "": None}),
+    ('{"tz": "UTC", "note": "a\x01b"}', {"tz": "UTC", "note": "a"}),  # a raw control character
+    ("ls -la", {}),
+])
+async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_sdks_stream(
+    setup: Setup, arguments: str, received: dict[str, Any]
+) -> None:
+    """Anthropic's SDK parses a tool's input after every `input_json_delta` and raises on
+    anything that cannot begin a JSON object, losing the whole response: the gateway streams
+    the input while it is JSON and ends it as a whole object where the model's stopped being."""
+    setup.fake("openai").set_script(Script(tokens=["Let me check."], tool_calls=[ToolCall("get_time", arguments)], tool_arg_fragment=3))
+    request: Any = {"model": MODELS["openai"], "max_tokens": 100, "messages": MESSAGES, "tools": TOOLS}
+    async with setup.client.messages.stream(**request) as stream:
+        final = await stream.get_final_message()
+    assert [(b.type, getattr(b, "text", None) or getattr(b, "input", None)) for b in final.content] == [
+        ("text", "Let me check."), ("tool_use", received),
+    ]
+    assert final.stop_reason == "tool_use"
+    assert_valid_anthropic_stream((await raw_stream(setup, **request)).content)
 
 
 async def test_interleaved_parallel_tool_calls_from_an_openai_backend(setup: Setup) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects._json_prefix import JsonObjectPrefix
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.anthropic._vocabulary import (
     MESSAGE_DELTA_FIELDS,
@@ -114,6 +115,7 @@ class StreamRenderer:
         self._open_index = -1
         self._open_tool = -1
         self._open_arguments: list[str] = []
+        self._tool_json = JsonObjectPrefix()
         self._tools_seen: set[int] = set()
         self._pending: dict[int, _PendingTool] = {}
         self._index_bytes = b"0"
@@ -277,7 +279,7 @@ class StreamRenderer:
 
     def _tool_delta(self, index: int, arguments: str, out: list[bytes]) -> None:
         if self._open == "tool" and index == self._open_tool:
-            out.append(self._delta(_JSON, arguments))
+            self._json_delta(arguments, out)
             self._open_arguments.append(arguments)
             if self._pending and _json_complete(self._open_arguments):
                 self._promote_pending(out)
@@ -294,7 +296,7 @@ class StreamRenderer:
             held = self._pending.pop(index)
             self._open_tool_block(held.start, out)
             for fragment in held.arguments:
-                out.append(self._delta(_JSON, fragment))
+                self._json_delta(fragment, out)
             self._open_arguments.extend(held.arguments)
             if not _json_complete(self._open_arguments):
                 return
@@ -306,7 +308,7 @@ class StreamRenderer:
             held = self._pending.pop(index)
             self._open_tool_block(held.start, out)
             for fragment in held.arguments:
-                out.append(self._delta(_JSON, fragment))
+                self._json_delta(fragment, out)
         self._close_block(out)
 
     # -- blocks ---------------------------------------------------------------------------
@@ -326,6 +328,19 @@ class StreamRenderer:
         self._open_block("tool", block, out)
         self._open_tool = start.index
         self._open_arguments = []
+        self._tool_json = JsonObjectPrefix()
+
+    def _json_delta(self, fragment: str, out: list[bytes]) -> None:
+        """The open tool block's input so far, as long as it is the start of a JSON object:
+        Anthropic's SDKs parse it after every delta, and anything else fails the whole
+        response there (a model's malformed arguments, from a backend of another kind).
+        What follows the first wrong character is left out; the block's end closes the rest."""
+        checker = self._tool_json
+        taken = checker.feed(fragment)
+        if taken == len(fragment):
+            out.append(self._delta(_JSON, fragment))
+        elif taken:
+            out.append(self._delta(_JSON, fragment[:taken]))
 
     def _open_block(self, kind: str, block: dict[str, Any], out: list[bytes]) -> None:
         index = self._next_index
@@ -339,6 +354,12 @@ class StreamRenderer:
     def _close_block(self, out: list[bytes]) -> None:
         if self._open is None:
             return
+        if self._open == "tool" and self._tool_json.broken:
+            # Still a valid prefix (a truncated input, as Anthropic's own at `max_tokens`) is
+            # left as it is; a broken one is made whole.
+            closing = self._tool_json.closing()
+            if closing:
+                out.append(self._delta(_JSON, closing))
         out.append(
             b'event: content_block_stop\ndata: {"type":"content_block_stop","index":'
             + self._index_bytes
