@@ -433,6 +433,19 @@ async def test_tool_calls_after_a_plain_stop_are_tool_use_whole_or_streamed(
         assert reply.stop_reason == "tool_use" and [b.type for b in reply.content] == ["text", "tool_use"]
 
 
+async def test_a_tool_calls_finish_without_a_call_is_end_turn(setup: Setup) -> None:
+    """A server may say `tool_calls` though no call came through (vLLM's, when its tool parser
+    gave up on the model's output, now text); `tool_use` promises a `tool_use` block, which an
+    agent loop then looks for and would not find."""
+    setup.fake("openai").set_script(Script(tokens=["<tool_call>oops"], finish_reason="tool_calls"))
+    request: Any = {"model": MODELS["openai"], "max_tokens": 30, "messages": MESSAGES, "tools": TOOLS}
+    message = await setup.client.messages.create(**request)
+    async with setup.client.messages.stream(**request) as stream:
+        streamed = await stream.get_final_message()
+    for reply in (message, streamed):
+        assert reply.stop_reason == "end_turn" and [b.type for b in reply.content] == ["text"]
+
+
 async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
     setup.fake("anthropic").set_script(Script(tokens=["x"], reasoning=["Let me", " think"], stop_sequence="###"))
     request: Any = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": MESSAGES, "stop_sequences": ["###"],

@@ -543,8 +543,15 @@ def test_cache_reads_and_writes_are_counted_apart_from_input_tokens() -> None:
 )
 def test_stop_reasons(finish: Finish, stop_reason: str, stop_sequence: str | None) -> None:
     renderer = anthropic.StreamRenderer()
-    wire = renderer.render([StreamStart("i", "m", 0), finish]) + renderer.close()
+    called: list[StreamEvent] = [ToolCallStart(0, "toolu_1", "f")] if stop_reason == "tool_use" else []
+    wire = renderer.render([StreamStart("i", "m", 0), *called, finish]) + renderer.close()
     assert dict(sse_frames(wire))["message_delta"]["delta"] == {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
+
+
+def test_tool_use_without_a_tool_call_is_end_turn() -> None:
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([StreamStart("i", "m", 0), TextDelta("x"), Finish(FinishReason.TOOL_CALLS)]) + renderer.close()
+    assert dict(sse_frames(wire))["message_delta"]["delta"]["stop_reason"] == "end_turn"
 
 
 def test_thinking_then_tools_with_signature_and_streamed_arguments() -> None:
@@ -862,7 +869,8 @@ def _expected(events: list[StreamEvent]) -> tuple[list[Any], Usage | None, bool]
 
     Anthropic messages have one choice (others are not rendered); ids gain `msg_`; empty
     deltas are not sent; the finish moves after usage-only events and a missing one reads
-    as `end_turn`; a failure before anything was said is the error alone."""
+    as `end_turn`, as does `tool_use` without a tool call; a failure before anything was
+    said is the error alone."""
     start = events[0]
     assert isinstance(start, StreamStart)
     body = [e for e in events[1:] if getattr(e, "choice", 0) == 0]
@@ -887,6 +895,8 @@ def _expected(events: list[StreamEvent]) -> tuple[list[Any], Usage | None, bool]
                 return out, None, True
             case _:
                 out.append(event)
+    if finish is not None and finish.reason is FinishReason.TOOL_CALLS and not any(isinstance(e, ToolCallStart) for e in out):
+        finish = None
     out.append(finish or Finish(FinishReason.STOP))
     return out, usage, False
 

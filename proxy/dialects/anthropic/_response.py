@@ -84,6 +84,8 @@ def message_body(
     if finish is None and choice is not None and choice.finish_reason is not None:
         finish = Finish(choice.finish_reason)
     stop_reason, stop_sequence = stop_reason_to_wire(finish)
+    if stop_reason == "tool_use" and not any(block.get("type") == "tool_use" for block in content):
+        stop_reason = "end_turn"  # a backend's `tool_calls` without a call: clients look for one
     usage = usage_to_wire(completion.usage, unmodelled_usage)
     return {
         "id": message_id(completion.id),

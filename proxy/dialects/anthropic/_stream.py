@@ -162,6 +162,8 @@ class StreamRenderer:
         self._close_block(out)
         self._flush_pending(out)
         stop_reason, stop_sequence = stop_reason_to_wire(self._finish)
+        if stop_reason == "tool_use" and not self._tools_seen:
+            stop_reason = "end_turn"  # a backend's `tool_calls` without a call: clients look for one
         usage = usage_to_wire(self._usage, self._unmodelled_usage)
         fields = self._message_fields
         delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
