@@ -112,6 +112,26 @@ async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None
         assert "think" not in setup.sent(kind)  # Ollama-only fields stay with Ollama backends
 
 
+@pytest.mark.parametrize("think", [True, "low", "high"])
+async def test_think_switches_thinking_on_for_claude(setup: Setup, think: bool | str) -> None:
+    # `ollama run claude-… --think`: Claude thinks only when asked to (a budget), so `true`
+    # must ask too, not only the levels.
+    setup.fake("anthropic").set_script(Script(tokens=["Hi"], reasoning=["hmm"]))
+    reply = await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=think)  # type: ignore[arg-type]
+    assert reply.message.thinking == "hmm"
+    thinking = setup.sent("anthropic")["thinking"]
+    assert thinking["type"] == "enabled" and thinking["budget_tokens"] >= 1024
+    await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=False)
+    assert "thinking" not in setup.sent("anthropic")
+
+
+async def test_think_with_too_small_a_limit_for_claude_names_think(setup: Setup) -> None:
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=True, options={"num_predict": 500})
+    assert info.value.status_code == 400
+    assert "`think` True needs a token limit above 1024" in info.value.error
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stream", [True, False])
 async def test_think_false_leaves_thinking_out(setup: Setup, kind: str, stream: bool) -> None:
