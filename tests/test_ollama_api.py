@@ -273,6 +273,27 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
         assert (sent["temperature"], "top_p" in sent, sent["max_tokens"], sent["stop_sequences"]) == (0.3, False, 64, ["END"])
 
 
+async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api() -> None:
+    # Open WebUI's "Min P" and "Repeat Penalty" on a model vLLM serves: its sampler has both.
+    options = {"min_p": 0.05, "repeat_penalty": 1.15, "num_ctx": 8192, "temperature": 0.2}
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h:
+        async with running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.chat(model="qwen3-8b", messages=MESSAGES, options=options)
+                await client.generate(model="qwen3-8b", prompt="p", options=options)
+                await client.chat(model="gpt-4o", messages=MESSAGES, options=options)
+    for request in vllm.requests:
+        sent = request.json
+        assert (sent["min_p"], sent["repetition_penalty"], sent["temperature"]) == (0.05, 1.15, 0.2)
+        assert "repeat_penalty" not in sent and "num_ctx" not in sent
+    sent = hosted.requests[-1].json
+    assert "min_p" not in sent and "repetition_penalty" not in sent and sent["temperature"] == 0.2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_num_predict_limit_ends_with_length(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=["a", "b", "c", "d", "e"]))
