@@ -363,6 +363,18 @@ async def test_generate_context_from_an_ollama_backend_continues_the_conversatio
         assert [item.get("context") for item in lines] == [None] * (len(lines) - 1) + [[1, 2, 3, 4]]
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_generate_context_is_refused_where_it_cannot_be_honoured(setup: Setup, kind: str) -> None:
+    # A `context` names an earlier conversation in an Ollama server's tokens; another backend
+    # answering without it would answer "and 3+3?" as if nothing came before.
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.generate(model=MODELS[kind], prompt="and 3+3?", context=[1, 2, 3, 4])
+    assert info.value.status_code == 400 and "`context`" in info.value.error
+    assert setup.fake(kind).requests == []
+    reply = await setup.client.generate(model=MODELS[kind], prompt="hi", context=[])  # nothing to honour
+    assert reply.done
+
+
 async def test_generate_suffix_is_native_on_ollama_and_refused_elsewhere(setup: Setup) -> None:
     reply = await setup.client.generate(model="llama3.2", prompt="def add(a, b):", suffix="\n", raw=True)
     assert reply.response

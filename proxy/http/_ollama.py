@@ -126,6 +126,9 @@ _OLLAMA_ONLY = {
     "suffix": "fill-in-the-middle",
     "raw": "a prompt sent without the model's template",
     "template": "a custom prompt template",
+    # An Ollama backend's tokens of the conversation so far: without them the model would
+    # answer as if nothing came before.
+    "context": "an earlier answer's conversation tokens",
 }
 
 
