@@ -273,6 +273,28 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
         assert (sent["temperature"], "top_p" in sent, sent["max_tokens"], sent["stop_sequences"]) == (0.3, False, 64, ["END"])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_ollamas_no_value_numbers_are_not_sent_as_values(setup: Setup, kind: str) -> None:
+    # `seed: -1` is Ollama's "random seed" (its default): as vLLM's seed -1 every retry would
+    # give the same answer. `top_k: 0` is "no top-k" (vLLM refuses 0); `num_predict: -1` no limit.
+    options = {"seed": -1, "top_k": 0, "num_predict": -1}
+    await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options=options)
+    sent = setup.sent(kind)
+    if kind == "ollama":
+        assert sent["options"] == options
+    else:
+        assert "seed" not in sent and "top_k" not in sent
+        assert sent.get("max_tokens") in (None, 4096)  # Anthropic's default limit, not -1
+    await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options={"seed": 0, "top_k": 40})
+    sent = setup.sent(kind)
+    if kind == "openai":
+        assert (sent["seed"], sent["top_k"]) == (0, 40)
+    elif kind == "ollama":
+        assert sent["options"] == {"seed": 0, "top_k": 40}
+    else:
+        assert sent["top_k"] == 40
+
+
 async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api() -> None:
     # Open WebUI's "Min P" and "Repeat Penalty" on a model vLLM serves: its sampler has both.
     options = {"min_p": 0.05, "repeat_penalty": 1.15, "num_ctx": 8192, "temperature": 0.2}
