@@ -341,6 +341,30 @@ async def test_images_become_the_backends_image_parts(setup: Setup, kind: str) -
         assert image["source"] == {"type": "base64", "media_type": "image/png", "data": encoded}
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_images_that_are_not_base64_are_ollamas_400_and_data_urls_are_read(setup: Setup, kind: str) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        chat = await http.post("/api/chat", json={
+            "model": MODELS[kind], "messages": [{"role": "user", "content": "x", "images": ["not base64!!"]}],
+        })
+        generate = await http.post("/api/generate", json={"model": MODELS[kind], "prompt": "x", "images": ["abc"]})
+    assert chat.status_code == 400 and "`messages[0].images[0]`" in chat.json()["error"]
+    assert generate.status_code == 400 and "`images[0]`" in generate.json()["error"]
+    assert setup.fake(kind).requests == []
+    encoded = base64.b64encode(PNG).decode()
+    for image in (f"data:image/png;base64,{encoded}", base64.encodebytes(PNG * 3).decode()):  # line-wrapped
+        async with httpx.AsyncClient(base_url=setup.url) as http:  # curl-like: the SDK refuses both
+            reply = await http.post("/api/chat", json={
+                "model": MODELS[kind], "messages": [{"role": "user", "content": "x", "images": [image]}], "stream": False,
+            })
+        assert reply.status_code == 200
+        user = setup.sent(kind)["messages"][-1]
+        sent = (user["images"][0] if kind == "ollama" else
+                user["content"][1]["image_url"]["url"].partition(",")[2] if kind == "openai" else
+                user["content"][1]["source"]["data"])
+        assert base64.b64decode(sent, validate=True) == base64.b64decode(image.rpartition(",")[2])
+
+
 async def test_alias_is_echoed_and_resolved(setup: Setup) -> None:
     reply = await setup.client.chat(model="my-alias", messages=MESSAGES)
     assert reply.model == "my-alias"

@@ -238,7 +238,13 @@ def _parse_images(fields: Fields, key: str) -> tuple[ImagePart, ...]:
         return ()
     if not all(isinstance(image, str) and image for image in images):
         raise fields.fail(key, "an array of base64-encoded images")
-    return tuple(image_part(image) for image in images)
+    parts = []
+    for index, image in enumerate(images):
+        try:
+            parts.append(image_part(image))
+        except ValueError as error:
+            raise fields.fail(f"{key}[{index}]", f"a base64-encoded image ({error})") from None
+    return tuple(parts)
 
 
 def _parse_tool_call(item: Any, path: str, default_id: str) -> ToolCall:
