@@ -892,3 +892,39 @@ async def test_readiness_probes_ollama_backends(setup: Setup) -> None:
         ready = await http.get("/ready")
     assert ready.status_code == 200 and ready.json()["checks"]["backend:ol"] == "ok"
     assert [r.path for r in setup.fake("ollama").requests] == ["/api/version"]
+
+
+# -- a chat longer than the model's window -------------------------------------------------
+
+
+def _long_chat(turns: int) -> list[dict[str, Any]]:
+    """Open WebUI's history after `turns` turns (~200 tokens each), then the new question."""
+    history: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."}]
+    for turn in range(turns):
+        history += [{"role": "user", "content": f"question {turn} " + "x" * 400},
+                    {"role": "assistant", "content": f"answer {turn} " + "z" * 400}]
+    return [*history, {"role": "user", "content": "and now the last question"}]
+
+
+@pytest.mark.parametrize("listed", [True, False])
+async def test_a_chat_longer_than_a_vllm_window_loses_its_oldest_turns_as_on_ollama(listed: bool) -> None:
+    # Ollama fits a chat to its context (oldest messages first); vLLM would refuse it (a 400).
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    fake = WindowedVLLM(listed=listed)
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",))) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            await client.list()  # the gateway has listed the backend (and its window, where it says it)
+            messages = _long_chat(30)
+            reply = await client.chat(model="qwen3-8b", messages=messages)
+            assert reply.message.content and reply.done_reason == "stop"
+            sent = fake.chats()[-1]["messages"]
+            assert sent[0] == {"role": "system", "content": "Be brief."}
+            assert sent[-1] == {"role": "user", "content": "and now the last question"}
+            assert 3 < len(sent) < len(messages)
+            assert sum(len(m["content"]) for m in sent) // fake.chars_per_token <= WINDOW
+            async with httpx.AsyncClient(base_url=url) as http:  # `truncate: false`: Ollama's error instead
+                refused = await http.post("/api/chat", json={
+                    "model": "qwen3-8b", "messages": messages, "stream": False, "truncate": False,
+                })
+            assert refused.status_code == 400 and "context length" in refused.json()["error"]
