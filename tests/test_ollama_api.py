@@ -928,3 +928,22 @@ async def test_a_chat_longer_than_a_vllm_window_loses_its_oldest_turns_as_on_oll
                     "model": "qwen3-8b", "messages": messages, "stream": False, "truncate": False,
                 })
             assert refused.status_code == 400 and "context length" in refused.json()["error"]
+
+
+async def test_embed_asks_vllm_to_cut_long_inputs_as_ollama_does() -> None:
+    # Ollama's `truncate` (on by default) cuts an input to the model's window; vLLM refuses a
+    # longer one unless told to cut it (`truncate_prompt_tokens`), which hosted APIs would refuse.
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    for strict in (False, True):
+        fake = WindowedVLLM()
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, prefixes=("qwen",), chat_template_fields=not strict),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.list()  # the gateway has listed vLLM's window
+                await client.embed(model="qwen3-8b", input="a long text")
+                sent = fake.requests[-1].json
+                assert sent.get("truncate_prompt_tokens") == (None if strict else WINDOW)
+                await client.embed(model="qwen3-8b", input="a long text", truncate=False)  # refused if too long
+                assert "truncate_prompt_tokens" not in fake.requests[-1].json
