@@ -169,10 +169,10 @@ def _thinking_for(request: ChatRequest) -> dict[str, Any] | None:
         budget = min(budget, max_tokens - 1)
     if budget < _MIN_BUDGET:
         param = effort_param(request)
+        asked = request.extra.get("think", effort) if request.dialect == "ollama" else effort  # as the client said it
         raise invalid_request(
             f"An Anthropic backend thinks with at least {_MIN_BUDGET} tokens, counted in the answer's limit: "
-            f"`{param}` {request.extra.get(param, effort)!r} needs a token limit above {_MIN_BUDGET} "
-            f"(it is {max_tokens}).",
+            f"`{param}` {asked!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
             param=param,
         )
     return {"type": "enabled", "budget_tokens": budget}
