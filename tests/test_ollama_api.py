@@ -112,6 +112,26 @@ async def test_non_streaming_chat_with_thinking(setup: Setup, kind: str) -> None
         assert "think" not in setup.sent(kind)  # Ollama-only fields stay with Ollama backends
 
 
+@pytest.mark.parametrize("think", [True, "low", "high"])
+async def test_think_switches_thinking_on_for_claude(setup: Setup, think: bool | str) -> None:
+    # `ollama run claude-… --think`: Claude thinks only when asked to (a budget), so `true`
+    # must ask too, not only the levels.
+    setup.fake("anthropic").set_script(Script(tokens=["Hi"], reasoning=["hmm"]))
+    reply = await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=think)  # type: ignore[arg-type]
+    assert reply.message.thinking == "hmm"
+    thinking = setup.sent("anthropic")["thinking"]
+    assert thinking["type"] == "enabled" and thinking["budget_tokens"] >= 1024
+    await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=False)
+    assert "thinking" not in setup.sent("anthropic")
+
+
+async def test_think_with_too_small_a_limit_for_claude_names_think(setup: Setup) -> None:
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.chat(model=MODELS["anthropic"], messages=MESSAGES, think=True, options={"num_predict": 500})
+    assert info.value.status_code == 400
+    assert "`think` True needs a token limit above 1024" in info.value.error
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("stream", [True, False])
 async def test_think_false_leaves_thinking_out(setup: Setup, kind: str, stream: bool) -> None:
@@ -254,6 +274,49 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_ollamas_no_value_numbers_are_not_sent_as_values(setup: Setup, kind: str) -> None:
+    # `seed: -1` is Ollama's "random seed" (its default): as vLLM's seed -1 every retry would
+    # give the same answer. `top_k: 0` is "no top-k" (vLLM refuses 0); `num_predict: -1` no limit.
+    options = {"seed": -1, "top_k": 0, "num_predict": -1}
+    await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options=options)
+    sent = setup.sent(kind)
+    if kind == "ollama":
+        assert sent["options"] == options
+    else:
+        assert "seed" not in sent and "top_k" not in sent
+        assert sent.get("max_tokens") in (None, 4096)  # Anthropic's default limit, not -1
+    await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options={"seed": 0, "top_k": 40})
+    sent = setup.sent(kind)
+    if kind == "openai":
+        assert (sent["seed"], sent["top_k"]) == (0, 40)
+    elif kind == "ollama":
+        assert sent["options"] == {"seed": 0, "top_k": 40}
+    else:
+        assert sent["top_k"] == 40
+
+
+async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api() -> None:
+    # Open WebUI's "Min P" and "Repeat Penalty" on a model vLLM serves: its sampler has both.
+    options = {"min_p": 0.05, "repeat_penalty": 1.15, "num_ctx": 8192, "temperature": 0.2}
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h:
+        async with running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.chat(model="qwen3-8b", messages=MESSAGES, options=options)
+                await client.generate(model="qwen3-8b", prompt="p", options=options)
+                await client.chat(model="gpt-4o", messages=MESSAGES, options=options)
+    for request in vllm.requests:
+        sent = request.json
+        assert (sent["min_p"], sent["repetition_penalty"], sent["temperature"]) == (0.05, 1.15, 0.2)
+        assert "repeat_penalty" not in sent and "num_ctx" not in sent
+    sent = hosted.requests[-1].json
+    assert "min_p" not in sent and "repetition_penalty" not in sent and sent["temperature"] == 0.2
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_num_predict_limit_ends_with_length(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=["a", "b", "c", "d", "e"]))
     parts = await collect(await setup.client.chat(model=MODELS[kind], messages=MESSAGES, options={"num_predict": 2}, stream=True))
@@ -276,6 +339,30 @@ async def test_images_become_the_backends_image_parts(setup: Setup, kind: str) -
     else:
         image = next(b for b in user["content"] if b["type"] == "image")
         assert image["source"] == {"type": "base64", "media_type": "image/png", "data": encoded}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_images_that_are_not_base64_are_ollamas_400_and_data_urls_are_read(setup: Setup, kind: str) -> None:
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        chat = await http.post("/api/chat", json={
+            "model": MODELS[kind], "messages": [{"role": "user", "content": "x", "images": ["not base64!!"]}],
+        })
+        generate = await http.post("/api/generate", json={"model": MODELS[kind], "prompt": "x", "images": ["abc"]})
+    assert chat.status_code == 400 and "`messages[0].images[0]`" in chat.json()["error"]
+    assert generate.status_code == 400 and "`images[0]`" in generate.json()["error"]
+    assert setup.fake(kind).requests == []
+    encoded = base64.b64encode(PNG).decode()
+    for image in (f"data:image/png;base64,{encoded}", base64.encodebytes(PNG * 3).decode()):  # line-wrapped
+        async with httpx.AsyncClient(base_url=setup.url) as http:  # curl-like: the SDK refuses both
+            reply = await http.post("/api/chat", json={
+                "model": MODELS[kind], "messages": [{"role": "user", "content": "x", "images": [image]}], "stream": False,
+            })
+        assert reply.status_code == 200
+        user = setup.sent(kind)["messages"][-1]
+        sent = (user["images"][0] if kind == "ollama" else
+                user["content"][1]["image_url"]["url"].partition(",")[2] if kind == "openai" else
+                user["content"][1]["source"]["data"])
+        assert base64.b64decode(sent, validate=True) == base64.b64decode(image.rpartition(",")[2])
 
 
 async def test_alias_is_echoed_and_resolved(setup: Setup) -> None:
@@ -320,6 +407,18 @@ async def test_generate_context_from_an_ollama_backend_continues_the_conversatio
         streamed = await http.post("/api/generate", json={"model": "llama3.2", "prompt": "hi"})
         lines = [json.loads(item) for item in streamed.text.splitlines()]
         assert [item.get("context") for item in lines] == [None] * (len(lines) - 1) + [[1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_generate_context_is_refused_where_it_cannot_be_honoured(setup: Setup, kind: str) -> None:
+    # A `context` names an earlier conversation in an Ollama server's tokens; another backend
+    # answering without it would answer "and 3+3?" as if nothing came before.
+    with pytest.raises(ollama.ResponseError) as info:
+        await setup.client.generate(model=MODELS[kind], prompt="and 3+3?", context=[1, 2, 3, 4])
+    assert info.value.status_code == 400 and "`context`" in info.value.error
+    assert setup.fake(kind).requests == []
+    reply = await setup.client.generate(model=MODELS[kind], prompt="hi", context=[])  # nothing to honour
+    assert reply.done
 
 
 async def test_generate_suffix_is_native_on_ollama_and_refused_elsewhere(setup: Setup) -> None:
@@ -793,3 +892,58 @@ async def test_readiness_probes_ollama_backends(setup: Setup) -> None:
         ready = await http.get("/ready")
     assert ready.status_code == 200 and ready.json()["checks"]["backend:ol"] == "ok"
     assert [r.path for r in setup.fake("ollama").requests] == ["/api/version"]
+
+
+# -- a chat longer than the model's window -------------------------------------------------
+
+
+def _long_chat(turns: int) -> list[dict[str, Any]]:
+    """Open WebUI's history after `turns` turns (~200 tokens each), then the new question."""
+    history: list[dict[str, Any]] = [{"role": "system", "content": "Be brief."}]
+    for turn in range(turns):
+        history += [{"role": "user", "content": f"question {turn} " + "x" * 400},
+                    {"role": "assistant", "content": f"answer {turn} " + "z" * 400}]
+    return [*history, {"role": "user", "content": "and now the last question"}]
+
+
+@pytest.mark.parametrize("listed", [True, False])
+async def test_a_chat_longer_than_a_vllm_window_loses_its_oldest_turns_as_on_ollama(listed: bool) -> None:
+    # Ollama fits a chat to its context (oldest messages first); vLLM would refuse it (a 400).
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    fake = WindowedVLLM(listed=listed)
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",))) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            await client.list()  # the gateway has listed the backend (and its window, where it says it)
+            messages = _long_chat(30)
+            reply = await client.chat(model="qwen3-8b", messages=messages)
+            assert reply.message.content and reply.done_reason == "stop"
+            sent = fake.chats()[-1]["messages"]
+            assert sent[0] == {"role": "system", "content": "Be brief."}
+            assert sent[-1] == {"role": "user", "content": "and now the last question"}
+            assert 3 < len(sent) < len(messages)
+            assert sum(len(m["content"]) for m in sent) // fake.chars_per_token <= WINDOW
+            async with httpx.AsyncClient(base_url=url) as http:  # `truncate: false`: Ollama's error instead
+                refused = await http.post("/api/chat", json={
+                    "model": "qwen3-8b", "messages": messages, "stream": False, "truncate": False,
+                })
+            assert refused.status_code == 400 and "context length" in refused.json()["error"]
+
+
+async def test_embed_asks_vllm_to_cut_long_inputs_as_ollama_does() -> None:
+    # Ollama's `truncate` (on by default) cuts an input to the model's window; vLLM refuses a
+    # longer one unless told to cut it (`truncate_prompt_tokens`), which hosted APIs would refuse.
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    for strict in (False, True):
+        fake = WindowedVLLM()
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, prefixes=("qwen",), chat_template_fields=not strict),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.list()  # the gateway has listed vLLM's window
+                await client.embed(model="qwen3-8b", input="a long text")
+                sent = fake.requests[-1].json
+                assert sent.get("truncate_prompt_tokens") == (None if strict else WINDOW)
+                await client.embed(model="qwen3-8b", input="a long text", truncate=False)  # refused if too long
+                assert "truncate_prompt_tokens" not in fake.requests[-1].json

@@ -712,7 +712,7 @@ def ollama_requests(draw: st.DrawFn) -> ChatRequest:
         max_tokens=draw(st.none() | st.integers(1, 10**5)),
         temperature=draw(st.none() | st.floats(0, 2)),
         top_p=draw(st.none() | st.floats(0, 1)),
-        top_k=draw(st.none() | st.integers(0, 100)),
+        top_k=draw(st.none() | st.integers(1, 100)),  # Ollama's 0 is "no top-k", no domain value
         stop=tuple(draw(st.lists(st.text(min_size=1, max_size=4), max_size=2))),
         seed=draw(st.none() | st.integers(0, 2**31)),
         presence_penalty=draw(st.none() | st.floats(-2, 2)),

@@ -12,7 +12,10 @@ EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 def effort_param(request: ChatRequest) -> str:
-    """The field the client set the effort in: a Responses client's `reasoning.effort`."""
+    """The field the client set the effort in: a Responses client's `reasoning.effort`, an
+    Ollama client's `think`."""
+    if request.dialect == "ollama":
+        return "think"
     return "reasoning.effort" if request.dialect == "responses" else "reasoning_effort"
 
 

@@ -296,7 +296,8 @@ async def ollama_embed() -> Response:
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
-                         headers=headers, dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED))
+                         headers=headers, dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED),
+                         window=_listed_window(model))
     )
     body = {
         "model": model,
@@ -306,6 +307,19 @@ async def ollama_embed() -> Response:
         "prompt_eval_count": result.prompt_tokens,
     }
     return _json(body, result, request_id, _OLLAMA_JSON)
+
+
+def _listed_window(model: str) -> int | None:
+    """The model's window where its backend's listing said it (vLLM's `max_model_len`)."""
+    gw = gateway()
+    if gw.embeddings is None or gw.embeddings.is_local(model):
+        return None
+    try:
+        route = gw.router.resolve(model)
+    except GatewayError:
+        return None  # the service says why
+    window = gw.catalog.window(route.backend, route.upstream_model)
+    return window.tokens if window is not None else None
 
 
 @blueprint.post("/api/embeddings")

@@ -22,6 +22,7 @@ from proxy.dialects._json import Fields, dumps, loads_object
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.routing import Route
+from proxy.domain.truncation import Window
 from proxy.gateway import Gateway
 from proxy.http._context import gateway, listing_headers, request_body
 from proxy.http._errors import Reply, register_dialect_errors
@@ -126,6 +127,9 @@ _OLLAMA_ONLY = {
     "suffix": "fill-in-the-middle",
     "raw": "a prompt sent without the model's template",
     "template": "a custom prompt template",
+    # An Ollama backend's tokens of the conversation so far: without them the model would
+    # answer as if nothing came before.
+    "context": "an earlier answer's conversation tokens",
 }
 
 
@@ -156,6 +160,8 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     exchange, headers = _exchange(incoming, request)
     if generate or request.params.logprobs or request.params.top_logprobs:
         exchange.adapt_with(_for_backend)
+    if not generate and request.extra.get("truncate") is not False:
+        _truncate_as_ollama(incoming.gateway, exchange)
     started = exchange.meta.received
     thinking = ollama.wants_thinking(request)
     if request.stream:
@@ -164,6 +170,17 @@ async def _answer(incoming: Incoming, request: ChatRequest, *, generate: bool) -
     return ExchangeBody(exchange, lambda send: OllamaJsonSink(
         send, headers, model=request.model, generate=generate, started=started, thinking=thinking,
     ))
+
+
+def _truncate_as_ollama(gw: Gateway, exchange: ChatExchange) -> None:
+    """A chat longer than the model's window loses its oldest messages (system messages and
+    the last one stay) rather than failing, as Ollama fits a chat to its context (unless the
+    client says `truncate: false`). An Ollama backend fits the chat to its own `num_ctx`."""
+    def window(route: Route) -> Window | None:
+        backend = gw.backends.get(route.backend)
+        return None if isinstance(backend, OllamaBackend) else gw.catalog.window(route.backend, route.upstream_model)
+
+    exchange.truncate(window)
 
 
 async def _load(incoming: Incoming, request: ChatRequest, *, generate: bool) -> Reply:

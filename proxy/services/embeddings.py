@@ -191,6 +191,9 @@ class EmbeddingRequest:
     dialect: str = "openai"
     legacy: bool = False
     messages: list[dict[str, Any]] | None = None
+    # An Ollama client's model window (as its backend lists it): with `truncate`, what vLLM is
+    # asked to cut inputs to (`truncate_prompt_tokens`), as Ollama cuts them, not refuse them.
+    window: int | None = None
 
     def estimated_tokens(self) -> int:
         """Its input's tokens as a rate limit reserves them (a token array's exactly; a chat's
@@ -368,10 +371,14 @@ class EmbeddingService:
             return EmbeddingResponse(
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
+        extra = request.extra if backend.config.kind == request.dialect else {}
+        if request.truncate and request.window is not None and backend.config.kind == "openai" \
+                and backend.config.sends_template_fields:  # vLLM's field, which a hosted API would refuse
+            extra = {**extra, "truncate_prompt_tokens": request.window}
         call = EmbeddingCall(
             upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
             truncate=None if request.truncate else False, headers=request.headers,
-            extra=request.extra if backend.config.kind == request.dialect else {}, legacy=request.legacy,
+            extra=extra, legacy=request.legacy,
             messages=request.messages,
         )
         try:

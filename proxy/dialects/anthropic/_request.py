@@ -157,8 +157,11 @@ def _effort_of(thinking: Fields | None) -> str | None:
 def _thinking_for(request: ChatRequest) -> dict[str, Any] | None:
     """`thinking` for another dialect's `reasoning_effort`: a budget within the client's
     `max_tokens`, which Anthropic counts the thinking in (at least 1024 tokens, or none).
-    Without a client limit the budget is whole (the limit is then made to fit it)."""
+    Without a client limit the budget is whole (the limit is then made to fit it).
+    An Ollama client's `think: true` (thinking on, no level) is the middle budget."""
     effort, max_tokens = request.params.reasoning_effort, request.params.max_tokens
+    if effort is None and request.dialect == "ollama" and request.extra.get("think") is True:
+        effort = "medium"
     budget = _BUDGET_FOR_EFFORT.get(effort or "")
     if budget is None:
         return None
@@ -166,9 +169,10 @@ def _thinking_for(request: ChatRequest) -> dict[str, Any] | None:
         budget = min(budget, max_tokens - 1)
     if budget < _MIN_BUDGET:
         param = effort_param(request)
+        asked = request.extra.get("think", effort) if request.dialect == "ollama" else effort  # as the client said it
         raise invalid_request(
             f"An Anthropic backend thinks with at least {_MIN_BUDGET} tokens, counted in the answer's limit: "
-            f"`{param}` {effort!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
+            f"`{param}` {asked!r} needs a token limit above {_MIN_BUDGET} (it is {max_tokens}).",
             param=param,
         )
     return {"type": "enabled", "budget_tokens": budget}

@@ -6,6 +6,7 @@ carries arguments as JSON text and images as URLs. These helpers convert both wa
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 from functools import lru_cache
@@ -80,9 +81,28 @@ _IMAGE_SIGNATURES = (
 
 
 def image_part(data: str) -> ImagePart:
-    """An Ollama image (bare base64) as a data URL, media type sniffed from its first bytes."""
+    """An Ollama image (bare base64) as a data URL, media type sniffed from its first bytes.
+    A base64 data URL, which some clients send, is taken as it is. ValueError (saying why)
+    for anything else: Ollama answers a 400, and a backend sent it would fail the request
+    its own way (a 500 from vLLM, which the gateway would retry elsewhere)."""
+    if data.startswith("data:"):
+        header, sep, payload = data.partition(",")
+        if not (sep and header.endswith(";base64")):
+            raise ValueError("a data URL that is not base64")
+        _check_base64(payload)
+        return ImagePart(url=data)
+    if "\n" in data or "\r" in data:  # line-wrapped base64 (Python's `encodebytes`), which Ollama reads
+        data = data.replace("\n", "").replace("\r", "")
+    _check_base64(data)
     media = next((kind for prefix, kind in _IMAGE_SIGNATURES if data.startswith(prefix)), "image/png")
     return ImagePart(url=f"data:{media};base64,{data}")
+
+
+def _check_base64(text: str) -> None:
+    try:
+        binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(str(error)) from None
 
 
 def image_base64(part: ImagePart) -> str:

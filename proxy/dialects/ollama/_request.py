@@ -145,9 +145,21 @@ def _extra(fields: Fields, modelled: frozenset[str]) -> dict[str, Any]:
     return extra
 
 
+# Ollama's numbers for "no value": a num_predict or top_k below 1 is no limit (-1, -2: fill the
+# context), a negative seed a random one (Ollama's default, -1, which some clients send). As
+# domain values they would be a limit, a fixed seed (vLLM would answer every retry alike), or a
+# top_k of 0 that vLLM refuses: they go to Ollama backends only.
+_NO_VALUE_BELOW = {"num_predict": 1, "top_k": 1, "seed": 0}
+
+
 def _modelled_option(key: str, value: Any) -> bool:
-    """Whether the domain's fields hold this option (a non-positive num_predict they do not)."""
-    return key in _MODELLED_OPTIONS and not (key == "num_predict" and isinstance(value, int) and value <= 0)
+    """Whether the domain's fields hold this option (not one of Ollama's "no value" numbers)."""
+    return key in _MODELLED_OPTIONS and not _no_value(key, value)
+
+
+def _no_value(key: str, value: Any) -> bool:
+    below = _NO_VALUE_BELOW.get(key)
+    return below is not None and isinstance(value, int | float) and not isinstance(value, bool) and value < below
 
 
 def _check_extra(fields: Fields) -> None:
@@ -226,7 +238,13 @@ def _parse_images(fields: Fields, key: str) -> tuple[ImagePart, ...]:
         return ()
     if not all(isinstance(image, str) and image for image in images):
         raise fields.fail(key, "an array of base64-encoded images")
-    return tuple(image_part(image) for image in images)
+    parts = []
+    for index, image in enumerate(images):
+        try:
+            parts.append(image_part(image))
+        except ValueError as error:
+            raise fields.fail(f"{key}[{index}]", f"a base64-encoded image ({error})") from None
+    return tuple(parts)
 
 
 def _parse_tool_call(item: Any, path: str, default_id: str) -> ToolCall:
@@ -265,15 +283,18 @@ def _parse_options(fields: Fields, think: Any) -> GenerationParams:
     """Options and format; a `think` level (validated by `_check_extra`) is also the domain's
     `reasoning_effort`, for backends that are not Ollama, and `think: false` is "none"."""
     options = fields.object("options") or Fields({}, "options")
-    num_predict = options.integer("num_predict")
+
+    def value(key: str) -> int | None:
+        number = options.integer(key)
+        return None if _no_value(key, number) else number
+
     return GenerationParams(
-        # Ollama: -1 is "no limit", -2 "fill the context"; neither is a domain limit.
-        max_tokens=num_predict if num_predict is not None and num_predict > 0 else None,
+        max_tokens=value("num_predict"),
         temperature=options.number("temperature", minimum=0),
         top_p=options.number("top_p", minimum=0, maximum=1),
-        top_k=options.integer("top_k"),
+        top_k=value("top_k"),
         stop=options.stop("stop"),
-        seed=options.integer("seed"),
+        seed=value("seed"),
         presence_penalty=options.number("presence_penalty"),
         frequency_penalty=options.number("frequency_penalty"),
         response_format=_parse_format(fields.data.get("format")),
@@ -296,7 +317,7 @@ def _parse_format(value: Any) -> ResponseFormat | None:
 
 def unmodelled_options(request: ChatRequest) -> dict[str, Any]:
     """The client's Ollama options the domain does not model (num_ctx, repeat_penalty, …,
-    and a non-positive num_predict), for an Ollama backend."""
+    and the "no value" numbers of `_NO_VALUE_BELOW`), for an Ollama backend."""
     if request.dialect != DIALECT:
         return {}
     options = request.extra.get("options")

@@ -403,14 +403,30 @@ def _template_fields(request: ChatRequest) -> dict[str, Any]:
     vLLM's reasoning parser and llama.cpp read it too). Thinking switched on is left to the
     template's default, on for those models: llama.cpp refuses a prefill next to
     `enable_thinking: true`. An OpenAI client's request says what it means in these fields
-    itself."""
-    fields: dict[str, Any] = {}
+    itself. An Ollama client's `min_p` and `repeat_penalty` options are vLLM's (and SGLang's)
+    sampling fields of the same meaning, which hosted APIs would refuse like the others."""
+    fields: dict[str, Any] = _ollama_sampling(request) if request.dialect == "ollama" else {}
     if is_prefill(request):
         fields["continue_final_message"] = True
         fields["add_generation_prompt"] = False  # vLLM refuses it next to continue_final_message
     if request.params.reasoning_effort == "none" and request.dialect in _SWITCH_DIALECTS:
         fields["chat_template_kwargs"] = {"enable_thinking": False}
     return fields
+
+
+# Ollama options vLLM and SGLang sample with too, under their names there; the other options
+# (num_ctx, num_gpu, mirostat, …) are an Ollama server's own settings.
+_OLLAMA_SAMPLING = (("min_p", "min_p"), ("repeat_penalty", "repetition_penalty"))
+
+
+def _ollama_sampling(request: ChatRequest) -> dict[str, Any]:
+    options = request.extra.get("options")  # the options the domain does not model
+    if not isinstance(options, dict):
+        return {}
+    return {
+        name: options[key] for key, name in _OLLAMA_SAMPLING
+        if isinstance(options.get(key), int | float) and not isinstance(options.get(key), bool)
+    }
 
 
 def wants_chunk_usage(request: ChatRequest) -> bool:
