@@ -27,6 +27,8 @@ from tests.fakes import (
     ToolCall,
     Usage,
 )
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
 from tests.harness import backend, hang_up_once_received, running_gateway
 
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
@@ -947,3 +949,50 @@ async def test_embed_asks_vllm_to_cut_long_inputs_as_ollama_does() -> None:
                 assert sent.get("truncate_prompt_tokens") == (None if strict else WINDOW)
                 await client.embed(model="qwen3-8b", input="a long text", truncate=False)  # refused if too long
                 assert "truncate_prompt_tokens" not in fake.requests[-1].json
+
+
+class _ThinkingPickyOllama(OllamaBackend):
+    """Ollama's refusals of a `think` its model cannot take: levels for a model without them
+    (qwen3), thinking at all for a model without it (llama3.1)."""
+
+    def chats(self) -> list[dict[str, Any]]:
+        return [r.json for r in self.requests if r.path == "/api/chat"]
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/api/chat" and request.method == "POST":
+            body = request.json()
+            model, think = body.get("model"), body.get("think")
+            if model == "qwen3:8b" and isinstance(think, str):
+                await exchange.respond_json(400, {"error": f'think value "{think}" is not supported for this model'})
+                return
+            if model == "llama3.1:8b" and think is not None:
+                await exchange.respond_json(400, {"error": f'"{model}" does not support thinking'})
+                return
+        await super().route(request, exchange, call)
+
+
+async def test_thinking_asked_in_another_dialect_is_what_the_ollama_model_can_take() -> None:
+    """Claude Code's `thinking` (an OpenAI client's `reasoning_effort`) reaches Ollama as a
+    `think` level, which only some models take: the others refused the whole request
+    ("think value "high" is not supported for this model", "does not support thinking"), so
+    the client got a 400 for a model that answers. The gateway now asks again with what the
+    model takes (thinking on, or none) and remembers it for the model's next requests; an
+    Ollama client's own `think` still gets Ollama's answer."""
+    fake = _ThinkingPickyOllama(models=("qwen3:8b", "llama3.1:8b"))
+    async with fake.serve() as server, running_gateway(backend("ollama", server.url, kind="ollama", default=True)) as url:
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+        thinking = {"type": "enabled", "budget_tokens": 4096}
+        for model in ("qwen3:8b", "llama3.1:8b"):
+            reply = await claude.messages.create(model=model, max_tokens=8000, messages=MESSAGES, thinking=thinking)  # type: ignore[arg-type]
+            assert reply.stop_reason == "end_turn"
+        sent = [(c["model"], c.get("think", "absent")) for c in fake.chats()]
+        assert sent == [("qwen3:8b", "high"), ("qwen3:8b", True), ("llama3.1:8b", "high"), ("llama3.1:8b", "absent")]
+        stream = await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="qwen3:8b", messages=MESSAGES, reasoning_effort="high", stream=True,  # type: ignore[arg-type]
+        )
+        assert [chunk async for chunk in stream]
+        assert fake.chats()[-1].get("think") is True and len(fake.chats()) == 5  # asked once: remembered
+        await claude.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            own = await http.post("/api/chat", json={"model": "qwen3:8b", "messages": MESSAGES, "think": "high", "stream": False})
+        assert own.status_code == 400 and "not supported" in own.json()["error"]

@@ -28,8 +28,10 @@ from proxy.dialects.ollama._request import (
     parse_chat_request,
     parse_generate_request,
     render_messages,
+    think_refused,
     unmodelled_options,
     wants_thinking,
+    without_refused_think,
 )
 from proxy.dialects.ollama._response import (
     OllamaFinish,
@@ -90,10 +92,12 @@ __all__ = [
     "show_body",
     "statistics",
     "tag_entry",
+    "think_refused",
     "timestamp",
     "timings_of",
     "unmodelled_options",
     "version_body",
     "wants_thinking",
     "with_closing",
+    "without_refused_think",
 ]

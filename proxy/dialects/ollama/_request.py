@@ -9,6 +9,7 @@ name, so OpenAI and Anthropic backends receive a consistent `tool_call_id` threa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxy.dialects._effort import unknown_effort
@@ -388,6 +389,36 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
 _THINK_FOR_EFFORT: dict[str, bool | str] = {
     "none": False, "minimal": False, "low": "low", "medium": "medium", "high": "high", "xhigh": "high",
 }
+
+
+# Ollama's refusals of a `think` its model cannot take: a level (only models with levels take
+# one: gpt-oss), or thinking at all (llama3.1, qwen2.5, ...).
+_LEVEL_REFUSED = re.compile(r"think value \S+ is not supported")
+_NO_THINKING = "does not support thinking"
+
+
+def think_refused(refusal: str) -> bool:
+    """Whether an Ollama error says its model cannot take the request's `think`."""
+    return _NO_THINKING in refusal or _LEVEL_REFUSED.search(refusal) is not None
+
+
+def without_refused_think(request: ChatRequest, body: bytes, refusal: str) -> bytes | None:
+    """`body` again with the `think` its model refused made what it can take: a level as
+    thinking on, thinking as none. Only for a `think` the gateway made of another dialect's
+    effort (Claude Code's `thinking`, an OpenAI `reasoning_effort`), which asks for thinking
+    as well as the model can; an Ollama client's own `think` gets Ollama's answer. None: not
+    such a refusal, or nothing left to change."""
+    if request.dialect == DIALECT:
+        return None
+    data = loads_object(body)
+    think = data.get("think")
+    if isinstance(think, str) and _LEVEL_REFUSED.search(refusal):
+        data["think"] = True
+    elif think is not None and _NO_THINKING in refusal:
+        del data["think"]
+    else:
+        return None
+    return dumps(data)
 
 
 def _generate_prompt(request: ChatRequest) -> tuple[Message | None, Message] | None:

@@ -42,6 +42,9 @@ class OllamaBackend:
         self.config = config
         key = config.api_key
         self._client = create_client(config, auth_header={"authorization": f"Bearer {key}"} if key else {})
+        # By model: what it said of a `think` it could not take, so that later requests are
+        # sent what it takes at once rather than refused first.
+        self._think_refusals: dict[str, list[str]] = {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -56,25 +59,56 @@ class OllamaBackend:
         message = ollama.error_message_from_body(body) or body_text(body)
         return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
 
+    def _encoded(self, call: BackendCall, *, stream: bool) -> tuple[str, bytes]:
+        path, body = ollama.encode_request(call.request, call.upstream_model, stream=stream)
+        for refusal in self._think_refusals.get(call.upstream_model, ()):
+            body = ollama.without_refused_think(call.request, body, refusal) or body
+        return path, body
+
+    def _think_taken(self, call: BackendCall, body: bytes, error: GatewayError) -> bytes | None:
+        """The request again for a model that refused the `think` the gateway made of another
+        dialect's effort ("think value "high" is not supported", "does not support thinking"),
+        remembered for its next requests; None for any other error."""
+        if error.kind is not ErrorKind.INVALID_REQUEST or not ollama.think_refused(error.message):
+            return None
+        again = ollama.without_refused_think(call.request, body, error.message)
+        if again is not None:
+            self._think_refusals.setdefault(call.upstream_model, []).append(error.message)
+        return again
+
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         # Ollama answers only once the model is loaded: the first-token clock covers that.
-        path, body = ollama.encode_request(call.request, call.upstream_model, stream=True)
+        path, body = self._encoded(call, stream=True)
         parser = ollama.StreamParser(logprobs=bool(call.request.params.logprobs))
-        await self._client.stream_into(
-            path, body, parser, send, backend=self.config.name, timeouts=self.config.timeouts,
-            headers={"content-type": "application/json", "accept": "application/x-ndjson", **call.headers},
-            error=self._error,
-        )
+        while True:
+            try:
+                await self._client.stream_into(
+                    path, body, parser, send, backend=self.config.name, timeouts=self.config.timeouts,
+                    headers={"content-type": "application/json", "accept": "application/x-ndjson", **call.headers},
+                    error=self._error,
+                )
+                return
+            except GatewayError as error:  # an error status: raised before anything was sent
+                again = self._think_taken(call, body, error)
+                if again is None:
+                    raise
+                body = again
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
-        path, body = ollama.encode_request(call.request, call.upstream_model, stream=False)
-        with transport_errors(name):
-            response = await self._client.post(
-                path, content=body, headers={"content-type": "application/json", **call.headers}
-            )
-        if response.status_code >= 400:
-            raise self._error(response, response.content)
+        path, body = self._encoded(call, stream=False)
+        while True:
+            with transport_errors(name):
+                response = await self._client.post(
+                    path, content=body, headers={"content-type": "application/json", **call.headers}
+                )
+            if response.status_code < 400:
+                break
+            error = self._error(response, response.content)
+            again = self._think_taken(call, body, error)
+            if again is None:
+                raise error
+            body = again
         data = _json_object(response.content, name)
         if "error" in data:
             message = ollama.error_message_from_body(response.content) or "The backend reported an error."
