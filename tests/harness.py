@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -12,6 +13,19 @@ import trio
 from proxy.config import BackendConfig, Settings, Timeouts
 from proxy.serve import serve
 from tests.fakes import FakeBackend, OllamaBackend
+
+# Held for the whole session: see `refusing_port`.
+_REFUSING: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A loopback port that refuses every connection for the rest of the session: bound and
+    never listening. (A port found free and let go may be taken by the next server bound,
+    another xdist worker's too, which then answers for the "down" backend.)"""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return int(sock.getsockname()[1])
 
 
 def backend(name: str, url: str, *, kind: str = "openai", default: bool = False,

@@ -22,7 +22,7 @@ from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, 
 from tests.fakes.base import Call
 from tests.fakes.script import ToolCall
 from tests.fakes.server import Exchange, Request
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_anthropic_codec import assert_valid_anthropic_stream, sse_frames
 from tests.test_transport import raw_server, read_request
 
@@ -785,9 +785,7 @@ async def test_count_tokens_for_a_model_the_backend_lacks_is_a_404_as_messages_i
 async def test_count_tokens_goes_through_the_backends_pool_and_its_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENIZE_TEST_KEY", "sk-vllm")
     fake = TokenizingOpenAIBackend()
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"  # bound, never listening: refused
+    dead = f"http://127.0.0.1:{refusing_port()}/v1"
     async with fake.serve() as server:
         live = backend("vllm", server.url, default=True, api_key_env="TOKENIZE_TEST_KEY")
         config = replace(live, base_url=dead, replicas=(live.base_url,))

@@ -14,7 +14,7 @@ import trio
 
 from proxy.config import Timeouts
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -160,9 +160,7 @@ async def test_a_refused_completion_is_counted_as_a_completion_not_a_chat(setup:
 
 
 async def test_unreachable_backend_is_a_503() -> None:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()
     async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         for stream in (False, True):
@@ -175,9 +173,7 @@ async def test_unreachable_backend_is_a_503() -> None:
 async def test_a_model_whose_backend_cannot_answer_is_answered_by_its_stand_in() -> None:
     """`[fallbacks]` holds for the relayed APIs as for chats: a completion (streamed or not)
     and a rerank whose backend is down reach the stand-in, which the answer names."""
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()
     local = OllamaBackend(default=Script(tokens=["fim", " text"]))
     spare = OpenAIBackend()
     async with local.serve() as ollama_server, spare.serve() as spare_server, running_gateway(

@@ -13,9 +13,8 @@ import trio
 from proxy.config import ConfigError, Timeouts, load_settings
 from proxy.dialects.events import Finished
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
-from tests.test_cli import free_port
 from tests.test_persistence import rows, stream_frames, wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
@@ -29,7 +28,7 @@ def _chats(fake: OpenAIBackend) -> list[str]:
 
 async def test_a_model_whose_backend_is_down_is_answered_by_its_stand_in() -> None:
     small = OpenAIBackend(default=Script(tokens=["from", " small"]))
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{refusing_port()}"
     async with small.serve() as server, running_gateway(
         backend("big", down, models=("qwen3-32b",)),
         backend("small", server.url, models=("qwen3-8b",)),
@@ -82,7 +81,7 @@ async def test_a_stream_that_broke_after_its_first_byte_is_not_restarted_elsewhe
 
 async def test_stand_ins_are_tried_in_order_from_any_dialect() -> None:
     last = OllamaBackend(default=Script(tokens=["last", " resort"]))
-    downs = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    downs = [f"http://127.0.0.1:{refusing_port()}" for _ in range(2)]
     async with last.serve() as server, running_gateway(
         backend("big", downs[0], models=("big",)),
         backend("mid", downs[1], models=("mid",)),
@@ -115,7 +114,7 @@ async def test_the_completion_log_names_the_backend_that_answered(
 ) -> None:
     small = OpenAIBackend(default=Script(tokens=["logged"]))
     async with small.serve() as server, running_gateway(
-        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("big", f"http://127.0.0.1:{refusing_port()}", default=True),
         backend("small", server.url, models=("qwen3-8b",)),
         fallbacks={"qwen3-32b": ("qwen3-8b",)},
         database_url=pg_database_url, nats_url=nats_url,
@@ -146,7 +145,7 @@ async def test_an_idempotent_replay_of_a_stand_ins_answer_names_the_stand_in(
     small = OpenAIBackend(default=Script(tokens=["stood", " in"]))
     # The stand-in is an alias: the journal keeps the upstream model, the header the name.
     async with small.serve() as server, running_gateway(
-        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("big", f"http://127.0.0.1:{refusing_port()}", default=True),
         backend("small", server.url, models=("qwen3-8b",)),
         aliases={"small-model": "qwen3-8b"},
         fallbacks={"qwen3-32b": ("small-model",)},
@@ -174,7 +173,7 @@ async def test_a_live_run_a_stand_in_answers_is_named_to_those_who_follow_it(
 ) -> None:
     small = OpenAIBackend(default=Script(n_tokens=20, pace=0.05))
     async with small.serve() as server, running_gateway(
-        backend("big", f"http://127.0.0.1:{free_port()}", default=True),
+        backend("big", f"http://127.0.0.1:{refusing_port()}", default=True),
         backend("small", server.url, models=("qwen3-8b",)),
         fallbacks={"qwen3-32b": ("qwen3-8b",)},
         database_url=pg_database_url, nats_url=nats_url,
@@ -215,7 +214,7 @@ async def test_a_run_a_stand_in_answers_is_named_to_a_retry_waiting_on_another_i
     gateway = {
         "fallbacks": {"qwen3-32b": ("qwen3-8b",)}, "database_url": pg_database_url, "nats_url": nats_url,
     }
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{refusing_port()}"
     async with small.serve() as server, running_gateway(
         backend("big", down, default=True), backend("small", server.url, models=("qwen3-8b",)), **gateway
     ) as first_url, running_gateway(
@@ -254,7 +253,7 @@ async def test_a_backend_that_fails_before_its_first_token_with_a_200_falls_back
 
 async def test_an_alias_or_the_latest_tag_finds_the_models_stand_ins() -> None:
     small = OpenAIBackend(default=Script(tokens=["small"]))
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{refusing_port()}"
     async with small.serve() as server, running_gateway(
         backend("big", down, kind="ollama", models=("llama3.2", "qwen3-32b")),
         backend("small", server.url, models=("qwen3-8b",)),
@@ -321,7 +320,7 @@ _AGENT_TURN = {
 
 
 def _down() -> str:
-    return f"http://127.0.0.1:{free_port()}"
+    return f"http://127.0.0.1:{refusing_port()}"
 
 
 async def test_an_anthropic_clients_request_is_translated_for_a_stand_in_of_another_kind() -> None:

@@ -14,7 +14,6 @@ import httpx
 import ollama
 import openai
 import pytest
-import trio
 
 from proxy.config import Timeouts
 from proxy.dialects.ollama import OLLAMA_VERSION
@@ -29,7 +28,7 @@ from tests.fakes import (
 )
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 
 MODELS = {"openai": "qwen3-8b", "ollama": "llama3.2", "anthropic": "claude-test"}
 KINDS = ["openai", "ollama", "anthropic"]
@@ -637,9 +636,7 @@ async def test_backend_errors_before_the_stream(setup: Setup, kind: str, status:
 
 
 async def test_unreachable_backend_is_a_503() -> None:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()
     async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", kind="ollama", default=True)) as url:
         async with ollama.AsyncClient(host=url) as client:
             with pytest.raises(ollama.ResponseError) as info:

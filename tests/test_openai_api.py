@@ -13,7 +13,7 @@ import trio
 
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OpenAIBackend, Script, ToolCall, Usage
-from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -204,9 +204,7 @@ async def test_backend_rate_limit_passes_retry_after(setup: Setup) -> None:
 
 
 async def test_unreachable_backend_is_a_503() -> None:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()
     async with running_gateway(backend("dead", f"http://127.0.0.1:{port}", default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.APIStatusError) as info:

@@ -18,9 +18,8 @@ from proxy.config import ConfigError, Timeouts, load_settings
 from proxy.infra.backends._replicas import create_client
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
-from tests.harness import backend, running_gateway
+from tests.harness import backend, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
-from tests.test_cli import free_port
 from tests.test_transport import raw_server, read_request, reset
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -110,7 +109,7 @@ async def test_a_replica_busy_with_a_stream_gets_no_new_request_until_it_ends() 
 
 async def test_a_replica_that_is_down_is_stood_in_for_and_then_left_alone(caplog: pytest.LogCaptureFixture) -> None:
     up = OpenAIBackend(default=Script(tokens=["fine"]))
-    down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    down = f"http://127.0.0.1:{refusing_port()}/v1"  # nothing listens there
     async with _replicated(up, extra_urls=(down,)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for _ in range(3):
@@ -147,7 +146,7 @@ async def test_a_replica_that_answers_503_is_stood_in_for() -> None:
 
 
 async def test_every_replica_down_is_a_503_in_the_callers_dialect() -> None:
-    urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
+    urls = tuple(f"http://127.0.0.1:{refusing_port()}/v1" for _ in range(2))
     config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])
     async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         for _ in range(2):
@@ -659,7 +658,7 @@ async def test_a_whole_answer_cut_off_by_its_replica_comes_from_its_twin() -> No
 
 
 async def test_with_every_replica_down_each_one_is_shown_set_aside() -> None:
-    urls = tuple(f"http://127.0.0.1:{free_port()}/v1" for _ in range(2))
+    urls = tuple(f"http://127.0.0.1:{refusing_port()}/v1" for _ in range(2))
     config = replace(backend("vllm", "http://unused", default=True), base_url=urls[0], replicas=urls[1:])
     async with running_gateway(config) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         answer = await client.post("/v1/chat/completions", json=CHAT)

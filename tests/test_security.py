@@ -13,7 +13,7 @@ import trio
 
 from proxy.config import Timeouts
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
-from tests.harness import backend, running_gateway
+from tests.harness import backend, refusing_port, running_gateway
 from tests.test_auth_helpers import MESSAGES, bearer, eventually, gateway, new_key, wait_for_key
 
 pytest_plugins = ["tests.infra_servers"]
@@ -241,9 +241,7 @@ async def test_public_paths_are_configurable_and_health_is_always_open(
 
 
 async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
-    with trio.socket.socket() as sock:  # a port with nobody listening
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()  # a port with nobody listening
     down = backend("lab-gpu", f"http://127.0.0.1:{port}", default=True, timeouts=Timeouts(connect=1.0, total=5.0))
     async with running_gateway(down) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
         for path, body in (
@@ -264,9 +262,7 @@ async def test_no_error_tells_a_client_where_a_backend_lives() -> None:
 async def test_ready_tells_only_a_caller_with_a_key_where_replicas_live(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
-    with trio.socket.socket() as sock:  # a replica with nobody listening
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()  # a replica with nobody listening
     fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
     async with fake.serve() as server:
         down = f"http://scraper:pa55word@127.0.0.1:{port}/v1"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from proxy.config import ConfigError, Settings, load_settings
-from tests.harness import running_gateway
+from tests.harness import refusing_port, running_gateway
 from tests.test_cli import free_port
 
 OK = "embedded = false\n"
@@ -538,7 +538,7 @@ def test_replica_failovers_add_up_across_workers_and_never_go_down_between_scrap
     with running([sys.executable, "-m", "tests.fakes", "openai", "--tokens", "2"]) as fake:
         assert fake.stdout is not None
         live = fake.stdout.readline().split()[1]
-        dead = f"http://127.0.0.1:{free_port()}"  # refuses: each worker moves its first request off it
+        dead = f"http://127.0.0.1:{refusing_port()}"  # refuses: each worker moves its first request off it
         config = write(tmp_path / "g.toml", OK + f'[[backends]]\nname = "f"\nbase_url = ["{dead}/v1", "{live}/v1"]\n'
                                                  "default = true\n")
         port = free_port()

@@ -18,7 +18,13 @@ from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.fakes.base import Call, json_bytes
 from tests.fakes.server import Exchange, Request
-from tests.harness import backend, hang_up_once_received, relay_gateway, running_gateway
+from tests.harness import (
+    backend,
+    hang_up_once_received,
+    refusing_port,
+    relay_gateway,
+    running_gateway,
+)
 from tests.test_auth_helpers import bearer, eventually, gateway, keys_cli, new_key, wait_for_key
 from tests.test_metrics import total
 
@@ -354,9 +360,7 @@ async def test_the_tokenizer_without_a_model_and_an_ollama_default_backend_is_a_
 
 
 async def test_a_score_whose_backend_is_down_goes_to_a_stand_in_but_tokenizing_does_not() -> None:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = refusing_port()
     spare = VllmBackend(models=("scorer-b",))
     async with spare.serve() as server, running_gateway(
         backend("dead", f"http://127.0.0.1:{port}", models=("scorer-a",)),
