@@ -57,9 +57,9 @@ def _add_to_first_event(data: bytes, extras: bytes) -> bytes | None:
 class OpenAIStreamSink(AsgiSink):
     """SSE to an OpenAI client: the backend's own frames when it speaks OpenAI, else rendered."""
 
-    def __init__(self, send: object, headers: Headers, include_usage: bool | None) -> None:
+    def __init__(self, send: object, headers: Headers, include_usage: bool | None, *, single_tool: bool = False) -> None:
         super().__init__(send, headers)  # type: ignore[arg-type]
-        self._renderer = openai.StreamRenderer(include_usage=include_usage)
+        self._renderer = openai.StreamRenderer(include_usage=include_usage, single_tool=single_tool)
         self._ended = False
         self._extras: bytes | None = None
 
@@ -88,12 +88,16 @@ class OpenAIStreamSink(AsgiSink):
 
 
 class OpenAIJsonSink(JsonSink):
+    def __init__(self, send: object, headers: Headers, *, single_tool: bool = False) -> None:
+        super().__init__(send, headers)  # type: ignore[arg-type]
+        self._single_tool = single_tool
+
     async def write(self, batch: Batch) -> None:
         if batch.raw is not None:
             data = batch.raw
         else:
             assert batch.completion is not None  # the relay completes non-streaming batches
-            data = openai.render_completion(batch.completion)
+            data = openai.render_completion(batch.completion, single_tool=self._single_tool)
         extras = _body_extras(self.extra_headers)
         await self._json(data if extras is None else _add_to_object(data, extras))
 
@@ -105,10 +109,13 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
     exchange.adapt_with(_for_backend)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
+    # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).
+    single = request.parallel_tool_calls is False
     if request.stream:
         include_usage = request.include_usage
-        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage))
-    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
+        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single))
+    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single))
 
 
 # Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a

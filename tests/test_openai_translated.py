@@ -1,0 +1,52 @@
+"""The official `openai` SDK's chat requests answered by backends of other kinds (Ollama,
+Anthropic): the promises and refusals an OpenAI client expects whichever backend answers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+
+from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, Script, ToolCall
+from tests.harness import backend, running_gateway
+
+MESSAGES = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TWO_CALLS = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_weather", '{"city": "Rome"}')]
+
+
+@pytest.fixture(params=["ollama", "anthropic"])
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBackend, openai.AsyncOpenAI]]:
+    fake: FakeBackend = OllamaBackend() if request.param == "ollama" else AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind=request.param, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        yield fake, client
+        await client.close()
+
+
+async def test_parallel_tool_calls_false_gets_one_call_at_most(served: tuple[FakeBackend, openai.AsyncOpenAI]) -> None:
+    # The model makes two calls anyway (Ollama has no such option; servers may ignore it).
+    fake, client = served
+    fake.set_script(Script(tokens=[], tool_calls=TWO_CALLS, tool_arg_fragment=5))
+    answer = await client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False,  # type: ignore[arg-type]
+    )
+    calls = answer.choices[0].message.tool_calls or []
+    assert [json.loads(call.function.arguments) for call in calls] == [{"city": "Paris"}]  # type: ignore[union-attr]
+    assert answer.choices[0].finish_reason == "tool_calls"
+
+    stream = await client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=TOOLS, parallel_tool_calls=False, stream=True,  # type: ignore[arg-type]
+    )
+    arguments: dict[int, str] = {}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                arguments[call.index] = arguments.get(call.index, "") + ((call.function and call.function.arguments) or "")
+    assert {i: json.loads(a) for i, a in arguments.items()} == {0: {"city": "Paris"}}
+
+    # Unasked, both calls come back.
+    answer = await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)  # type: ignore[arg-type]
+    assert len(answer.choices[0].message.tool_calls or []) == 2
