@@ -50,3 +50,26 @@ async def test_parallel_tool_calls_false_gets_one_call_at_most(served: tuple[Fak
     # Unasked, both calls come back.
     answer = await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)  # type: ignore[arg-type]
     assert len(answer.choices[0].message.tool_calls or []) == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("logit_bias", {"50256": -100}),
+        ("web_search_options", {}),
+    ],
+)
+async def test_what_only_openai_backends_do_is_a_400_naming_the_field(
+    served: tuple[FakeBackend, openai.AsyncOpenAI], field: str, value: object
+) -> None:
+    # Dropped, the answer would be text without the audio, tokens not banned, no search.
+    fake, client = served
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="m", messages=MESSAGES, extra_body={field: value})  # type: ignore[arg-type]
+    assert info.value.param == field and "OpenAI-compatible backend" in info.value.message
+    assert fake.requests == []
+    # What asks nothing another backend would not do goes through.
+    for harmless in ({"modalities": ["text"]}, {"logit_bias": {}}):
+        await client.chat.completions.create(model="m", messages=MESSAGES, extra_body=harmless)  # type: ignore[arg-type]

@@ -122,8 +122,23 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
 # workflow) there is nothing they could become, and an answer without them would be silently
 # wrong (LiteLLM refuses them too, unless told to drop them).
 _OPENAI_ONLY = {
-    "functions": "Send the functions as `tools` instead.",
+    "functions": ("(legacy function calling)", "Send the functions as `tools` instead."),
+    "modalities": ("asking for audio output", "Leave out `audio` from `modalities` to get text."),
+    "audio": ("(audio output)", "Leave it out to get text."),
+    "logit_bias": ("", "Leave it out, or ask a model served by an OpenAI-compatible backend."),
+    "web_search_options": ("(web search)", "Leave it out, or ask a model served by an OpenAI-compatible backend."),
 }
+
+
+def _asks(name: str, value: Any) -> bool:
+    """Whether the client's `value` for `name` asks for something (a text-only `modalities`
+    and an empty `logit_bias` ask nothing another backend would not do; an empty
+    `web_search_options` is a search with the defaults)."""
+    if name == "modalities":
+        return isinstance(value, list) and "audio" in value
+    if name == "web_search_options":
+        return value is not None
+    return bool(value)
 
 
 def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
@@ -133,7 +148,7 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
         return request
     refuse_logprobs_without_backend(request, backend, field="logprobs")
     served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
-    asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
+    asked = next((name for name in _OPENAI_ONLY if _asks(name, request.extra.get(name))), None)
     if asked is not None:
         _refuse_openai_only(request.model, served, asked)
     _refuse_tools_without_equivalent(request, served)
@@ -182,8 +197,9 @@ def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
 
 
 def _refuse_openai_only(model: str, served: str, name: str) -> None:
+    what, instead = _OPENAI_ONLY[name]
     raise invalid_request(
-        f"`{name}` (legacy function calling) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
+        f"`{name}` {what + ' ' if what else ''}needs an OpenAI-compatible backend; model `{model}` {served}. {instead}",
         param=name,
     )
 
