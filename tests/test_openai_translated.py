@@ -73,3 +73,22 @@ async def test_what_only_openai_backends_do_is_a_400_naming_the_field(
     # What asks nothing another backend would not do goes through.
     for harmless in ({"modalities": ["text"]}, {"logit_bias": {}}):
         await client.chat.completions.create(model="m", messages=MESSAGES, extra_body=harmless)  # type: ignore[arg-type]
+
+
+async def test_a_forced_tool_the_request_does_not_give_is_a_400(served: tuple[FakeBackend, openai.AsyncOpenAI]) -> None:
+    # As OpenAI and vLLM answer it; an Ollama backend, which forces nothing, would answer in text.
+    fake, client = served
+    for tools, choice in (
+        (TOOLS, {"type": "function", "function": {"name": "get_time"}}),
+        ([], "required"),
+        (None, {"type": "function", "function": {"name": "get_weather"}}),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="m", messages=MESSAGES, tool_choice=choice, **({"tools": tools} if tools is not None else {}),  # type: ignore[arg-type, call-overload]
+            )
+        assert info.value.param == "tool_choice"
+    assert fake.requests == []
+    # Choices that force nothing need no tools.
+    for choice in ("auto", "none"):
+        await client.chat.completions.create(model="m", messages=MESSAGES, tool_choice=choice)  # type: ignore[arg-type, call-overload]
