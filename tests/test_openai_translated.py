@@ -92,3 +92,16 @@ async def test_a_forced_tool_the_request_does_not_give_is_a_400(served: tuple[Fa
     # Choices that force nothing need no tools.
     for choice in ("auto", "none"):
         await client.chat.completions.create(model="m", messages=MESSAGES, tool_choice=choice)  # type: ignore[arg-type, call-overload]
+
+
+async def test_an_image_url_an_ollama_backend_cannot_fetch_is_a_400_naming_the_part() -> None:
+    fake = OllamaBackend()
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}]
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind="ollama", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=messages)  # type: ignore[arg-type]
+        await client.close()
+    assert info.value.param == "messages[1].content[1].image_url.url" and info.value.code == "unsupported_image"
+    assert fake.requests == []
