@@ -105,3 +105,14 @@ async def test_an_image_url_an_ollama_backend_cannot_fetch_is_a_400_naming_the_p
         await client.close()
     assert info.value.param == "messages[1].content[1].image_url.url" and info.value.code == "unsupported_image"
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_ollama_model_without_tool_calling_is_a_400_naming_tools(stream: bool) -> None:
+    fake = OllamaBackend(default=Script(status=400, error_message="registry.ollama.ai/library/gemma3:latest does not support tools"))
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind="ollama", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, stream=stream)  # type: ignore[arg-type, call-overload]
+        await client.close()
+    assert info.value.param == "tools" and "does not support tools" in info.value.message
