@@ -1087,3 +1087,15 @@ def test_a_tool_input_that_stops_being_json_is_ended_where_it_did(arguments: str
     wire += renderer.render([ToolCallDelta(0, c) for c in arguments] + [Finish(FinishReason.TOOL_CALLS)]) + renderer.close()
     deltas = [p["delta"]["partial_json"] for _, p in sse_frames(wire) if p["type"] == "content_block_delta"]
     assert "".join(deltas) == streamed
+
+
+def test_an_openai_clients_safety_identifier_is_the_anthropic_user_id() -> None:
+    # The newest SDKs send `safety_identifier` in place of the deprecated `user`.
+    def sent_metadata(extra: dict[str, Any]) -> Any:
+        request = ChatRequest(model="m", messages=[Message("user", (TextPart("hi"),))], dialect="openai", extra=extra)
+        return encode(request).get("metadata")
+
+    assert sent_metadata({"safety_identifier": "hash-1"}) == {"user_id": "hash-1"}
+    assert sent_metadata({"safety_identifier": "hash-1", "user": "old"}) == {"user_id": "hash-1"}
+    assert sent_metadata({"safety_identifier": " ", "user": "old"}) == {"user_id": "old"}
+    assert sent_metadata({}) is None

@@ -57,9 +57,9 @@ def _add_to_first_event(data: bytes, extras: bytes) -> bytes | None:
 class OpenAIStreamSink(AsgiSink):
     """SSE to an OpenAI client: the backend's own frames when it speaks OpenAI, else rendered."""
 
-    def __init__(self, send: object, headers: Headers, include_usage: bool | None) -> None:
+    def __init__(self, send: object, headers: Headers, include_usage: bool | None, *, single_tool: bool = False) -> None:
         super().__init__(send, headers)  # type: ignore[arg-type]
-        self._renderer = openai.StreamRenderer(include_usage=include_usage)
+        self._renderer = openai.StreamRenderer(include_usage=include_usage, single_tool=single_tool)
         self._ended = False
         self._extras: bytes | None = None
 
@@ -88,12 +88,16 @@ class OpenAIStreamSink(AsgiSink):
 
 
 class OpenAIJsonSink(JsonSink):
+    def __init__(self, send: object, headers: Headers, *, single_tool: bool = False) -> None:
+        super().__init__(send, headers)  # type: ignore[arg-type]
+        self._single_tool = single_tool
+
     async def write(self, batch: Batch) -> None:
         if batch.raw is not None:
             data = batch.raw
         else:
             assert batch.completion is not None  # the relay completes non-streaming batches
-            data = openai.render_completion(batch.completion)
+            data = openai.render_completion(batch.completion, single_tool=self._single_tool)
         extras = _body_extras(self.extra_headers)
         await self._json(data if extras is None else _add_to_object(data, extras))
 
@@ -105,18 +109,36 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
     exchange.adapt_with(_for_backend)
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
+    # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).
+    single = request.parallel_tool_calls is False
     if request.stream:
         include_usage = request.include_usage
-        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage))
-    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers))
+        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single))
+    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single))
 
 
 # Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a
 # workflow) there is nothing they could become, and an answer without them would be silently
 # wrong (LiteLLM refuses them too, unless told to drop them).
 _OPENAI_ONLY = {
-    "functions": "Send the functions as `tools` instead.",
+    "functions": ("(legacy function calling)", "Send the functions as `tools` instead."),
+    "modalities": ("asking for audio output", "Leave out `audio` from `modalities` to get text."),
+    "audio": ("(audio output)", "Leave it out to get text."),
+    "logit_bias": ("", "Leave it out, or ask a model served by an OpenAI-compatible backend."),
+    "web_search_options": ("(web search)", "Leave it out, or ask a model served by an OpenAI-compatible backend."),
 }
+
+
+def _asks(name: str, value: Any) -> bool:
+    """Whether the client's `value` for `name` asks for something (a text-only `modalities`
+    and an empty `logit_bias` ask nothing another backend would not do; an empty
+    `web_search_options` is a search with the defaults)."""
+    if name == "modalities":
+        return isinstance(value, list) and "audio" in value
+    if name == "web_search_options":
+        return value is not None
+    return bool(value)
 
 
 def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
@@ -126,7 +148,7 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
         return request
     refuse_logprobs_without_backend(request, backend, field="logprobs")
     served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
-    asked = next((name for name in _OPENAI_ONLY if request.extra.get(name)), None)
+    asked = next((name for name in _OPENAI_ONLY if _asks(name, request.extra.get(name))), None)
     if asked is not None:
         _refuse_openai_only(request.model, served, asked)
     _refuse_tools_without_equivalent(request, served)
@@ -175,8 +197,9 @@ def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
 
 
 def _refuse_openai_only(model: str, served: str, name: str) -> None:
+    what, instead = _OPENAI_ONLY[name]
     raise invalid_request(
-        f"`{name}` (legacy function calling) needs an OpenAI-compatible backend; model `{model}` {served}. {_OPENAI_ONLY[name]}",
+        f"`{name}` {what + ' ' if what else ''}needs an OpenAI-compatible backend; model `{model}` {served}. {instead}",
         param=name,
     )
 

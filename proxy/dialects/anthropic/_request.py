@@ -551,10 +551,12 @@ def encode_messages_request(
         fmt = params.response_format
         if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
             body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
-        user = request.extra.get("user")
-        if isinstance(user, str) and user.strip():
-            # OpenAI's end-user id is Anthropic's `metadata.user_id` (as LiteLLM maps it): what
-            # Anthropic's abuse detection tells one end user from another by.
+        user = next((value for key in ("safety_identifier", "user")
+                     if isinstance(value := request.extra.get(key), str) and value.strip()), None)
+        if user is not None:
+            # OpenAI's end-user id (`safety_identifier`, which replaces the deprecated `user`)
+            # is Anthropic's `metadata.user_id` (as LiteLLM maps `user`): what Anthropic's
+            # abuse detection tells one end user from another by.
             body["metadata"] = {"user_id": user[:_USER_ID_LIMIT]}
     body["stream"] = stream
     return dumps(body)

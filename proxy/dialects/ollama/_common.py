@@ -112,9 +112,10 @@ def image_base64(part: ImagePart) -> str:
         header, sep, payload = url.partition(",")
         if sep and header.endswith(";base64"):
             return payload
+    at = part.at or "messages"  # the client's own path to the URL, which it can act on
     raise invalid_request(
-        "Ollama backends accept only inline images (base64 `data:` URLs), not image URLs.",
-        param="messages",
+        f"`{at}` is an image URL; Ollama backends accept only inline images (base64 `data:` URLs), not image URLs.",
+        param=at,
         code="unsupported_image",
     )
 

@@ -103,6 +103,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     tool_choice = _parse_tool_choice(fields.data.get("tool_choice"))
     if tool_choice is None and fields.data.get("tool_choice") is not None:
         extra["tool_choice"] = fields.data["tool_choice"]  # likewise: `allowed_tools`, a custom tool
+    _check_forced_tool(tool_choice, tools, custom_tools=len(tools) < len(raw_tools))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -282,6 +283,24 @@ def _parse_tool_choice(value: Any) -> ToolChoice | None:
         '"tools": [...]}}.',
         param="tool_choice",
     )
+
+
+def _check_forced_tool(choice: ToolChoice | None, tools: list[Tool], *, custom_tools: bool) -> None:
+    """A choice that forces a tool the request does not give is a 400, as OpenAI and vLLM
+    answer it: an Ollama backend, which forces nothing, would answer in text, and a backend
+    that gets no tools (the gateway sends no choice without them) would too."""
+    if choice is None or choice.mode != "required":
+        return
+    if choice.name is not None and choice.name not in {tool.name for tool in tools}:
+        raise invalid_request(
+            f"Invalid value for `tool_choice`: function `{choice.name}` is not one of the functions in `tools`.",
+            param="tool_choice",
+        )
+    if not tools and not custom_tools:
+        raise invalid_request(
+            "Invalid value for `tool_choice`: a required tool call needs `tools`; send the tools to choose from.",
+            param="tool_choice",
+        )
 
 
 def _parse_response_format(fields: Fields | None) -> ResponseFormat | None:

@@ -325,7 +325,9 @@ def _arguments_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def completion_body(completion: ChatCompletion) -> dict[str, Any]:
+def completion_body(completion: ChatCompletion, *, single_tool: bool = False) -> dict[str, Any]:
+    """`single_tool`: the client set `parallel_tool_calls: false`, a promise of one call at most
+    that a backend without the option (Ollama) or ignoring it may not keep."""
     choices = []
     for choice in completion.choices:
         message: dict[str, Any] = {"role": "assistant", "content": choice.content or None}
@@ -334,7 +336,7 @@ def completion_body(completion: ChatCompletion) -> dict[str, Any]:
         if choice.tool_calls:
             message["tool_calls"] = [
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-                for call in choice.tool_calls
+                for call in (choice.tool_calls[:1] if single_tool else choice.tool_calls)
             ]
         elif message["content"] is None:
             message["content"] = ""
@@ -356,8 +358,8 @@ def completion_body(completion: ChatCompletion) -> dict[str, Any]:
     return body
 
 
-def render_completion(completion: ChatCompletion) -> bytes:
-    return dumps(completion_body(completion))
+def render_completion(completion: ChatCompletion, *, single_tool: bool = False) -> bytes:
+    return dumps(completion_body(completion, single_tool=single_tool))
 
 
 def completion_is_conformant(data: dict[str, Any]) -> bool:

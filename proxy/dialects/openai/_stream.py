@@ -426,8 +426,11 @@ class StreamRenderer:
 
     keepalive: ClassVar[bytes] = KEEPALIVE
 
-    def __init__(self, *, include_usage: bool | None) -> None:
+    def __init__(self, *, include_usage: bool | None, single_tool: bool = False) -> None:
+        """`single_tool`: the client set `parallel_tool_calls: false`, so each choice's calls
+        after its first are left out (Ollama has no such option; servers may ignore it)."""
         self._include_usage = bool(include_usage)
+        self._single_tool = single_tool
         self._start: StreamStart | None = None
         self._prefix = b""
         self._suffix = b"}\n\n"
@@ -463,10 +466,16 @@ class StreamRenderer:
             case ReasoningDelta(text, choice):
                 out.append(self._delta(choice, {"reasoning_content": text}))
             case ToolCallStart(index, call_id, name, choice):
+                if self._single_tool and (choice, index) not in self._tool_calls and any(
+                    seen == choice for seen, _ in self._tool_calls
+                ):
+                    return  # its fragments find it unstarted, and are left out too
                 self._tool_calls.add((choice, index))
                 call = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
                 out.append(self._delta(choice, {"tool_calls": [call]}))
             case ToolCallDelta(index, arguments, choice):
+                if self._single_tool and (choice, index) not in self._tool_calls:
+                    return
                 out.append(self._delta(choice, {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}))
             case Finish(reason, choice):
                 out.append(self._delta(choice, {}, reason.value))

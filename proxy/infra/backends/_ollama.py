@@ -36,6 +36,8 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 
+_NO_TOOLS = "does not support tools"  # how Ollama refuses tools to a model without tool calling
+
 
 class OllamaBackend:
     def __init__(self, config: BackendConfig) -> None:
@@ -57,7 +59,12 @@ class OllamaBackend:
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = ollama.error_message_from_body(body) or body_text(body)
-        return status_error(self.config.name, response.status_code, message, response.headers.get("retry-after"))
+        # A model without tool calling ("… does not support tools") is refused for the field
+        # that asked it, which an OpenAI client's error then names.
+        param = "tools" if message and message.rstrip().endswith(_NO_TOOLS) else None
+        return status_error(
+            self.config.name, response.status_code, message, response.headers.get("retry-after"), param=param
+        )
 
     def _encoded(self, call: BackendCall, *, stream: bool) -> tuple[str, bytes]:
         path, body = ollama.encode_request(call.request, call.upstream_model, stream=stream)
