@@ -223,6 +223,29 @@ async def test_ollama_embed(setup: Setup, reference: LocalEmbedder) -> None:
     assert empty.embeddings == []
 
 
+async def test_ollama_dimensions_shorten_any_model_as_ollama_does(setup: Setup, reference: LocalEmbedder) -> None:
+    # Ollama's /api/embed keeps a vector's first `dimensions` values, made a unit vector again,
+    # for any model (a number past the model's width: the whole vector), where an OpenAI
+    # server refuses `dimensions` for a model not trained for it.
+    full = reference.embed_sync([PASSWORD]).vectors[0]
+    head = full[:128] / np.linalg.norm(full[:128])
+    local = await setup.ollama.embed(model="all-minilm", input=PASSWORD, dimensions=128)
+    np.testing.assert_allclose(local.embeddings[0], head, atol=1e-6)
+    wide = await setup.ollama.embed(model="all-minilm", input=PASSWORD, dimensions=1024)
+    np.testing.assert_allclose(wide.embeddings[0], full, atol=1e-6)
+
+    backend = await setup.ollama.embed(model="bge-m3", input=["one two", "three"], dimensions=8)
+    assert "dimensions" not in setup.openai_fake.requests[-1].json  # the full vectors, shortened here
+    for vector, text in zip(backend.embeddings, ["one two", "three"], strict=True):
+        expected = np.array(embed_text(text, 384)[:8])
+        np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), atol=1e-6)
+    # An Ollama backend shortens them itself; an OpenAI client keeps OpenAI's rules.
+    await setup.ollama.embed(model="nomic-embed-text", input="one", dimensions=8)
+    assert setup.ollama_fake.requests[-1].json["dimensions"] == 8
+    with pytest.raises(openai.BadRequestError):
+        await setup.client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=128)
+
+
 async def test_ollama_truncate_false_refuses_long_input(setup: Setup) -> None:
     assert len((await setup.ollama.embed(model="all-minilm", input="word " * 400)).embeddings[0]) == 384
     with pytest.raises(ollama.ResponseError) as caught:
