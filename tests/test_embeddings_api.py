@@ -144,6 +144,17 @@ async def test_an_empty_string_is_refused_as_openai_does(setup: Setup) -> None:
     assert (await setup.ollama.embed(model="all-minilm", input="")).embeddings == []
 
 
+@pytest.mark.parametrize("model", ["all-minilm-l6-v2", "nomic-embed-text"])  # local; an Ollama backend
+async def test_token_arrays_for_a_text_only_model_say_how_langchain_sends_text(setup: Setup, model: str) -> None:
+    # LangChain's OpenAIEmbeddings sends tiktoken ids (`check_embedding_ctx_length`, on by
+    # default): its user must learn which switch makes it send text.
+    with pytest.raises(openai.BadRequestError) as caught:
+        await setup.client.embeddings.create(model=model, input=[[9906, 1917], [15339]])
+    assert caught.value.status_code == 400
+    assert caught.value.body.get("param") == "input"  # type: ignore[union-attr]
+    assert "check_embedding_ctx_length=False" in caught.value.message
+
+
 async def test_long_input_is_truncated_and_says_so(setup: Setup) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(

@@ -29,7 +29,7 @@ from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.routing import Router
 from proxy.domain.tokens import estimate_tokens, requested_tokens
 from proxy.infra.backends import Backend, ModelInfo
-from proxy.infra.backends._base import EmbeddingBackend, EmbeddingCall
+from proxy.infra.backends._base import TOKEN_ARRAYS_HINT, EmbeddingBackend, EmbeddingCall
 from proxy.infra.embedder import (
     EMBEDDING_DIMENSIONS,
     LOCAL_EMBEDDING_MODEL,
@@ -329,7 +329,8 @@ class EmbeddingService:
         for item in request.inputs:
             if not isinstance(item, str):
                 raise invalid_request(
-                    f"Model `{request.model}` embeds text; token arrays are only passed to backends that take them.",
+                    f"Model `{request.model}` embeds text; token arrays are only passed to backends that take them. "
+                    + TOKEN_ARRAYS_HINT,
                     param="input",
                 )
             texts.append(item)

@@ -19,6 +19,7 @@ from proxy.dialects import ollama
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
+    TOKEN_ARRAYS_HINT,
     BackendCall,
     Batch,
     BatchSink,
@@ -127,7 +128,7 @@ class OllamaBackend:
         if len(texts) != len(call.inputs):
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
-                f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported.",
+                f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported. {TOKEN_ARRAYS_HINT}",
                 param="input",
             )
         body: dict[str, Any] = {**call.extra, "model": call.upstream_model}

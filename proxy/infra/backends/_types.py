@@ -171,6 +171,14 @@ class RelayBackend(Protocol):
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
 
 
+# Who sends token arrays to a text-only model without meaning to: LangChain's OpenAIEmbeddings
+# tokenises its input with tiktoken first (ids of OpenAI's vocabulary, no other model's).
+TOKEN_ARRAYS_HINT = (
+    "LangChain's OpenAIEmbeddings sends them unless created with `check_embedding_ctx_length=False`; "
+    "send the text instead."
+)
+
+
 # Response bytes past which a backend's embeddings are read in a worker thread: 2048 vectors
 # as JSON take a quarter of a second of CPU to parse and check, a stall of every stream if
 # done on the event loop.
