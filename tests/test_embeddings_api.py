@@ -244,6 +244,10 @@ async def test_ollama_dimensions_shorten_any_model_as_ollama_does(setup: Setup, 
     np.testing.assert_allclose(local.embeddings[0], head, atol=1e-6)
     wide = await setup.ollama.embed(model="all-minilm", input=PASSWORD, dimensions=1024)
     np.testing.assert_allclose(wide.embeddings[0], full, atol=1e-6)
+    async with httpx.AsyncClient() as http:  # 0: Go's unset value, as Ollama reads it
+        unset = await http.post(f"{setup.url}/api/embed", json={"model": "all-minilm", "input": PASSWORD, "dimensions": 0})
+    assert unset.status_code == 200
+    np.testing.assert_allclose(unset.json()["embeddings"][0], full, atol=1e-6)
 
     backend = await setup.ollama.embed(model="bge-m3", input=["one two", "three"], dimensions=8)
     assert "dimensions" not in setup.openai_fake.requests[-1].json  # the full vectors, shortened here

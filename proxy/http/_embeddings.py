@@ -309,7 +309,8 @@ async def ollama_embed() -> Response:
     else:
         raise invalid_request("invalid input type", param="input")
     truncate = fields.boolean("truncate")
-    dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
+    # 0 is Go's unset integer, which Ollama's clients may send: the whole vector.
+    dimensions = fields.integer("dimensions", minimum=0, maximum=MAX_DIMENSIONS) or None
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
