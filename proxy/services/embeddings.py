@@ -277,6 +277,18 @@ class EmbeddingService:
         target = self._router.aliases.get(model, model)
         return target.lower() in LOCAL_NAMES
 
+    def local_ceiling(self, body: object) -> int | None:
+        """The most tokens an embeddings request (its parsed body) can cost if the local model
+        serves it, which reads the first `MAX_INPUT_TOKENS` of each input; None: another
+        model's. A rate limit reserves no more than this, and refuses no long input by it."""
+        if not isinstance(body, dict):
+            return None
+        model = body.get("model") or body.get("name")
+        if not isinstance(model, str) or not self.is_local(model):
+            return None
+        texts = body.get("input", body.get("prompt"))
+        return (len(texts) if isinstance(texts, list) else 1) * MAX_INPUT_TOKENS
+
     def local_models(self) -> list[ModelInfo]:
         if self.local is None:
             return []
