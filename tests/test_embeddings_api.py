@@ -144,6 +144,17 @@ async def test_an_empty_string_is_refused_as_openai_does(setup: Setup) -> None:
     assert (await setup.ollama.embed(model="all-minilm", input="")).embeddings == []
 
 
+@pytest.mark.parametrize("model", ["all-minilm-l6-v2", "nomic-embed-text"])  # local; an Ollama backend
+async def test_token_arrays_for_a_text_only_model_say_how_langchain_sends_text(setup: Setup, model: str) -> None:
+    # LangChain's OpenAIEmbeddings sends tiktoken ids (`check_embedding_ctx_length`, on by
+    # default): its user must learn which switch makes it send text.
+    with pytest.raises(openai.BadRequestError) as caught:
+        await setup.client.embeddings.create(model=model, input=[[9906, 1917], [15339]])
+    assert caught.value.status_code == 400
+    assert caught.value.body.get("param") == "input"  # type: ignore[union-attr]
+    assert "check_embedding_ctx_length=False" in caught.value.message
+
+
 async def test_long_input_is_truncated_and_says_so(setup: Setup) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(
@@ -221,6 +232,33 @@ async def test_ollama_embed(setup: Setup, reference: LocalEmbedder) -> None:
     np.testing.assert_allclose(single.embeddings[0], vectors[1], atol=1e-6)
     empty = await setup.ollama.embed(model="all-minilm", input=[])
     assert empty.embeddings == []
+
+
+async def test_ollama_dimensions_shorten_any_model_as_ollama_does(setup: Setup, reference: LocalEmbedder) -> None:
+    # Ollama's /api/embed keeps a vector's first `dimensions` values, made a unit vector again,
+    # for any model (a number past the model's width: the whole vector), where an OpenAI
+    # server refuses `dimensions` for a model not trained for it.
+    full = reference.embed_sync([PASSWORD]).vectors[0]
+    head = full[:128] / np.linalg.norm(full[:128])
+    local = await setup.ollama.embed(model="all-minilm", input=PASSWORD, dimensions=128)
+    np.testing.assert_allclose(local.embeddings[0], head, atol=1e-6)
+    wide = await setup.ollama.embed(model="all-minilm", input=PASSWORD, dimensions=1024)
+    np.testing.assert_allclose(wide.embeddings[0], full, atol=1e-6)
+    async with httpx.AsyncClient() as http:  # 0: Go's unset value, as Ollama reads it
+        unset = await http.post(f"{setup.url}/api/embed", json={"model": "all-minilm", "input": PASSWORD, "dimensions": 0})
+    assert unset.status_code == 200
+    np.testing.assert_allclose(unset.json()["embeddings"][0], full, atol=1e-6)
+
+    backend = await setup.ollama.embed(model="bge-m3", input=["one two", "three"], dimensions=8)
+    assert "dimensions" not in setup.openai_fake.requests[-1].json  # the full vectors, shortened here
+    for vector, text in zip(backend.embeddings, ["one two", "three"], strict=True):
+        expected = np.array(embed_text(text, 384)[:8])
+        np.testing.assert_allclose(vector, expected / np.linalg.norm(expected), atol=1e-6)
+    # An Ollama backend shortens them itself; an OpenAI client keeps OpenAI's rules.
+    await setup.ollama.embed(model="nomic-embed-text", input="one", dimensions=8)
+    assert setup.ollama_fake.requests[-1].json["dimensions"] == 8
+    with pytest.raises(openai.BadRequestError):
+        await setup.client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=128)
 
 
 async def test_ollama_truncate_false_refuses_long_input(setup: Setup) -> None:

@@ -107,6 +107,29 @@ async def test_embeddings_tokens_are_charged_to_the_keys_token_limit(stack: Stac
     await client.close()
 
 
+async def test_a_long_input_to_the_local_model_is_limited_by_what_the_model_reads(stack: Stack) -> None:
+    # 20,000 characters (5,000 tokens estimated) are past a 1,000 a minute key, but the local
+    # model reads 256 tokens of an input: that is all it can cost, and all it is charged.
+    key = await new_key(stack.db, "long-docs", "--tpm", "1000")
+    await wait_for_key(stack.url, key)
+    document = "word " * 4000
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
+    response = await client.embeddings.with_raw_response.create(model="all-minilm-l6-v2", input=document)
+    assert response.headers["x-embeddings-truncated"] == "1"
+    assert response.parse().usage.prompt_tokens == 256
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as ollama_client:
+        assert len((await ollama_client.embed(model="all-minilm", input=[document])).embeddings) == 1
+    # A backend's model reads it all: refused at once, as OpenAI refuses a request past the limit.
+    with pytest.raises(openai.RateLimitError):
+        await client.embeddings.create(model="text-embedding-3-large", input=document)
+    await client.close()
+
+    async def charged() -> bool:
+        return (await listed(stack.db, "long-docs"))["prompt_tokens"] == 2 * 256
+
+    await eventually(charged, within=15)
+
+
 class SlowEmbeddings(OpenAIBackend):
     """Embeds nothing before the client gives up."""
 

@@ -49,6 +49,8 @@ _READING = frozenset({
     "/score", "/v1/score", "/classify", "/v1/classify", "/pooling",  # vLLM's (`_vllm`)
 })
 
+_EMBEDDINGS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
+
 
 class _Reservation:
     """The tokens an admitted request reserved, until a record (or the request's end) takes
@@ -225,6 +227,10 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
         data = _parsed(body)
         if data is not None:
             tokens, least = requested_tokens(data, generates=head.path in _GENERATING)
+            if head.path in _EMBEDDINGS and gw.embeddings is not None:
+                ceiling = gw.embeddings.local_ceiling(data)
+                if ceiling is not None:  # the local model cuts a long input: it costs no more
+                    tokens, least = min(tokens, ceiling), min(least, ceiling)
     decision = await limiter.admit(principal, tokens, least)
     _decision.set(decision)
     if not decision.allowed:

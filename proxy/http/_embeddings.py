@@ -11,10 +11,12 @@ import base64
 import contextvars
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import trio
 from quart import Blueprint, Response
 
 from proxy.dialects._json import Fields, dumps, loads_object
@@ -181,17 +183,21 @@ async def openai_embeddings() -> Response:
     result = await _embed(EmbeddingRequest(
         model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra, messages=messages
     ))
+    body = await _serialised(_openai_body, result, encoding)
+    return _json(body, result, request_id, "application/json")
+
+
+def _openai_body(result: EmbeddingResponse, encoding: str) -> bytes:
     data = [
         {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
         for index, vector in enumerate(result.vectors)
     ]
-    body = {
+    return dumps({
         "object": "list",
         "data": data,
         "model": result.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    }
-    return _json(body, result, request_id, "application/json")
+    })
 
 
 def _encode(vector: np.ndarray[Any, Any], encoding: str) -> Any:
@@ -200,8 +206,19 @@ def _encode(vector: np.ndarray[Any, Any], encoding: str) -> Any:
     return vector.tolist()
 
 
-def _json(body: dict[str, Any], result: EmbeddingResponse, request_id: str, content_type: str) -> Response:
-    response = Response(dumps(body), content_type=content_type)
+# Vector values past which a response is written in a worker thread: 2048 vectors as JSON
+# floats take a third of a second of CPU, which on the event loop would stall every stream.
+_OFF_LOOP_VALUES = 65_536
+
+
+async def _serialised(write: Callable[[EmbeddingResponse, str], bytes], result: EmbeddingResponse, arg: str) -> bytes:
+    if result.vectors.size <= _OFF_LOOP_VALUES:
+        return write(result, arg)  # a thread hop costs more than a few vectors take
+    return await trio.to_thread.run_sync(write, result, arg)
+
+
+def _json(body: bytes, result: EmbeddingResponse, request_id: str, content_type: str) -> Response:
+    response = Response(body, content_type=content_type)
     response.headers["x-request-id"] = request_id
     response.headers["x-embedding-backend"] = result.backend
     if result.truncated:
@@ -292,21 +309,26 @@ async def ollama_embed() -> Response:
     else:
         raise invalid_request("invalid input type", param="input")
     truncate = fields.boolean("truncate")
-    dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
+    # 0 is Go's unset integer, which Ollama's clients may send: the whole vector.
+    dimensions = fields.integer("dimensions", minimum=0, maximum=MAX_DIMENSIONS) or None
     headers, request_id = _backend_headers()
     result = await _ollama_embed(
         EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
                          headers=headers, dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED),
                          window=_listed_window(model))
     )
-    body = {
+    body = await _serialised(_ollama_body, result, model)
+    return _json(body, result, request_id, _OLLAMA_JSON)
+
+
+def _ollama_body(result: EmbeddingResponse, model: str) -> bytes:
+    return dumps({
         "model": model,
-        "embeddings": result.vectors.tolist() if inputs else [],
+        "embeddings": result.vectors.tolist() if len(result.vectors) else [],
         "total_duration": int(result.total_seconds * 1e9),
         "load_duration": int(result.load_seconds * 1e9),
         "prompt_eval_count": result.prompt_tokens,
-    }
-    return _json(body, result, request_id, _OLLAMA_JSON)
+    })
 
 
 def _listed_window(model: str) -> int | None:
@@ -333,4 +355,4 @@ async def ollama_embeddings_legacy() -> Response:
                          extra=_ollama_extra(fields, _OLLAMA_LEGACY_MODELLED), legacy=True)
     )
     embedding = result.vectors[0].tolist() if prompt else []
-    return _json({"embedding": embedding}, result, request_id, _OLLAMA_JSON)
+    return _json(dumps({"embedding": embedding}), result, request_id, _OLLAMA_JSON)

@@ -29,7 +29,7 @@ from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.routing import Router
 from proxy.domain.tokens import estimate_tokens, requested_tokens
 from proxy.infra.backends import Backend, ModelInfo
-from proxy.infra.backends._base import EmbeddingBackend, EmbeddingCall
+from proxy.infra.backends._base import TOKEN_ARRAYS_HINT, EmbeddingBackend, EmbeddingCall
 from proxy.infra.embedder import (
     EMBEDDING_DIMENSIONS,
     LOCAL_EMBEDDING_MODEL,
@@ -277,6 +277,18 @@ class EmbeddingService:
         target = self._router.aliases.get(model, model)
         return target.lower() in LOCAL_NAMES
 
+    def local_ceiling(self, body: object) -> int | None:
+        """The most tokens an embeddings request (its parsed body) can cost if the local model
+        serves it, which reads the first `MAX_INPUT_TOKENS` of each input; None: another
+        model's. A rate limit reserves no more than this, and refuses no long input by it."""
+        if not isinstance(body, dict):
+            return None
+        model = body.get("model") or body.get("name")
+        if not isinstance(model, str) or not self.is_local(model):
+            return None
+        texts = body.get("input", body.get("prompt"))
+        return (len(texts) if isinstance(texts, list) else 1) * MAX_INPUT_TOKENS
+
     def local_models(self) -> list[ModelInfo]:
         if self.local is None:
             return []
@@ -312,7 +324,8 @@ class EmbeddingService:
 
     async def _embed_locally(self, request: EmbeddingRequest) -> EmbeddingResponse:
         assert self.local is not None
-        if request.dimensions is not None and request.dimensions != EMBEDDING_DIMENSIONS:
+        if request.dimensions is not None and request.dimensions != EMBEDDING_DIMENSIONS \
+                and request.dialect != "ollama":  # Ollama shortens any model's vectors (`_shortened`)
             raise invalid_request(
                 f"Model `{request.model}` produces {EMBEDDING_DIMENSIONS}-dimensional embeddings; "
                 f"`dimensions` = {request.dimensions} is not supported (omit it or pass {EMBEDDING_DIMENSIONS}).",
@@ -328,7 +341,8 @@ class EmbeddingService:
         for item in request.inputs:
             if not isinstance(item, str):
                 raise invalid_request(
-                    f"Model `{request.model}` embeds text; token arrays are only passed to backends that take them.",
+                    f"Model `{request.model}` embeds text; token arrays are only passed to backends that take them. "
+                    + TOKEN_ARRAYS_HINT,
                     param="input",
                 )
             texts.append(item)
@@ -344,7 +358,7 @@ class EmbeddingService:
             )
         return EmbeddingResponse(
             model=request.model,
-            vectors=result.vectors,
+            vectors=_shortened(result.vectors, request.dimensions),
             prompt_tokens=result.total_tokens,
             backend=LOCAL_BACKEND,
             truncated=truncated,
@@ -372,11 +386,16 @@ class EmbeddingService:
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
         extra = request.extra if backend.config.kind == request.dialect else {}
+        # Ollama's `dimensions` shortens any model's vector; an OpenAI-compatible server refuses
+        # it for a model not trained for that (vLLM: "does not support matryoshka
+        # representation"): the gateway shortens the full vector as Ollama would.
+        shortens_here = request.dialect == "ollama" and backend.config.kind != "ollama"
         if request.truncate and request.window is not None and backend.config.kind == "openai" \
                 and backend.config.sends_template_fields:  # vLLM's field, which a hosted API would refuse
             extra = {**extra, "truncate_prompt_tokens": request.window}
         call = EmbeddingCall(
-            upstream_model=route.upstream_model, inputs=request.inputs, dimensions=request.dimensions,
+            upstream_model=route.upstream_model, inputs=request.inputs,
+            dimensions=None if shortens_here else request.dimensions,
             truncate=None if request.truncate else False, headers=request.headers,
             extra=extra, legacy=request.legacy,
             messages=request.messages,
@@ -393,9 +412,10 @@ class EmbeddingService:
             raise GatewayError(
                 ErrorKind.BACKEND, f"Backend `{route.backend}` returned embeddings of different lengths."
             ) from None
+        vectors = vectors.reshape(call.expected, -1)
         return EmbeddingResponse(
             model=request.model,
-            vectors=vectors.reshape(call.expected, -1),
+            vectors=_shortened(vectors, request.dimensions) if shortens_here else vectors,
             prompt_tokens=output.prompt_tokens or 0,
             backend=route.backend,
             upstream_model=route.upstream_model,
@@ -403,6 +423,17 @@ class EmbeddingService:
                 _estimate(request.inputs) if request.messages is None else request.estimated_tokens()
             ),
         )
+
+
+def _shortened(vectors: Vectors, dimensions: int | None) -> Vectors:
+    """Ollama's `dimensions` (the only dialect that gets here with one the model lacks): each
+    vector's first `dimensions` values made a unit vector again; the whole vector when it has
+    no more than that (Ollama's `/api/embed`, for any model)."""
+    if dimensions is None or dimensions >= vectors.shape[-1]:
+        return vectors
+    head = vectors[:, :dimensions]
+    norms = np.linalg.norm(head, axis=-1, keepdims=True)
+    return np.asarray(head / np.clip(norms, 1e-12, None), dtype=np.float32)
 
 
 # About four characters a token, as OpenAI-compatible tokenizers roughly count English text.

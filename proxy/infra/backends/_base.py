@@ -26,6 +26,7 @@ from proxy.infra.backends._replicas import (
     current_trace,
 )
 from proxy.infra.backends._types import (
+    TOKEN_ARRAYS_HINT,
     Backend,
     BackendCall,
     Batch,
@@ -38,12 +39,13 @@ from proxy.infra.backends._types import (
     RelayBackend,
     StreamParser,
     embedding_vectors,
+    off_loop_if_large,
 )
 
 __all__ = [
-    "DRAIN_SECONDS", "KEEPALIVE_SECONDS", "SET_ASIDE_MAX_SECONDS", "SET_ASIDE_SECONDS", "Backend", "BackendCall",
-    "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput", "ModelInfo",
-    "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
-    "current_served", "current_trace", "embedding_vectors", "is_html", "json_mended", "not_json", "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error",
-    "timeout_error", "transport_errors",
+    "DRAIN_SECONDS", "KEEPALIVE_SECONDS", "SET_ASIDE_MAX_SECONDS", "SET_ASIDE_SECONDS", "TOKEN_ARRAYS_HINT", "Backend",
+    "BackendCall", "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput",
+    "ModelInfo", "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
+    "current_served", "current_trace", "embedding_vectors", "is_html", "json_mended", "not_json", "off_loop_if_large",
+    "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error", "timeout_error", "transport_errors",
 ]

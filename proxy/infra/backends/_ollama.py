@@ -19,6 +19,7 @@ from proxy.dialects import ollama
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import completion_events
 from proxy.infra.backends._base import (
+    TOKEN_ARRAYS_HINT,
     BackendCall,
     Batch,
     BatchSink,
@@ -31,6 +32,7 @@ from proxy.infra.backends._base import (
     embedding_vectors,
     json_mended,
     not_json,
+    off_loop_if_large,
     status_error,
     timeout_error,
     transport_errors,
@@ -133,7 +135,7 @@ class OllamaBackend:
         if len(texts) != len(call.inputs):
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
-                f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported.",
+                f"Backend `{name}` (Ollama) embeds text only; token arrays are not supported. {TOKEN_ARRAYS_HINT}",
                 param="input",
             )
         body: dict[str, Any] = {**call.extra, "model": call.upstream_model}
@@ -156,14 +158,7 @@ class OllamaBackend:
             raise timeout_error(name, "did not answer", timeout)
         if response.status_code >= 400:
             raise self._error(response, response.content)
-        data = _json_object(response.content, name)
-        if path == "/api/embeddings":
-            return EmbeddingOutput(embedding_vectors([data.get("embedding")], name, 1))
-        tokens = data.get("prompt_eval_count")
-        return EmbeddingOutput(
-            embedding_vectors(data.get("embeddings"), name, len(texts)),
-            tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
-        )
+        return await off_loop_if_large(_embeddings_output, response.content, name, path, len(texts))
 
     # Ollama's OpenAI-compatible API has text completions (FIM with `suffix`), no rerank.
     relays = frozenset({"/completions"})
@@ -249,3 +244,14 @@ def _json_object(content: bytes, backend: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise not_json(backend, content)
     return data
+
+
+def _embeddings_output(content: bytes, name: str, path: str, expected: int) -> EmbeddingOutput:
+    data = _json_object(content, name)
+    if path == "/api/embeddings":
+        return EmbeddingOutput(embedding_vectors([data.get("embedding")], name, 1))
+    tokens = data.get("prompt_eval_count")
+    return EmbeddingOutput(
+        embedding_vectors(data.get("embeddings"), name, expected),
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+    )

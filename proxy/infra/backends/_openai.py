@@ -27,6 +27,7 @@ from proxy.infra.backends._base import (
     create_client,
     embedding_vectors,
     not_json,
+    off_loop_if_large,
     status_error,
     timeout_error,
     transport_errors,
@@ -196,18 +197,7 @@ class OpenAIBackend:
                 response.headers.get("retry-after"),
                 param=openai.error_code_and_param_from_body(response.content)[1],
             )
-        try:
-            data = json.loads(response.content)
-            items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
-            vectors = [item["embedding"] for item in items]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.") from None
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        tokens = usage.get("prompt_tokens")
-        return EmbeddingOutput(
-            embedding_vectors(vectors, name, call.expected),
-            tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
-        )
+        return await off_loop_if_large(_embeddings_output, response.content, name, call.expected)
 
     # vLLM's tokenizer, score, classification and pooling APIs are at the server root.
     relays = frozenset({
@@ -291,3 +281,18 @@ def says_unknown(response: httpx.Response, model: str) -> bool:
         return False
     message = openai.error_message_from_body(response.content)  # Anthropic's shape too
     return message is not None and model in message
+
+
+def _embeddings_output(content: bytes, name: str, expected: int) -> EmbeddingOutput:
+    try:
+        data = json.loads(content)
+        items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
+        vectors = [item["embedding"] for item in items]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.") from None
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    tokens = usage.get("prompt_tokens")
+    return EmbeddingOutput(
+        embedding_vectors(vectors, name, expected),
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+    )

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import httpx
+import trio
 
 from proxy.config import BackendConfig
 from proxy.domain.chat import ChatCompletion, ChatRequest
@@ -168,6 +169,28 @@ class RelayBackend(Protocol):
     relays: frozenset[str]
 
     async def open_relay(self, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> httpx.Response: ...
+
+
+# Who sends token arrays to a text-only model without meaning to: LangChain's OpenAIEmbeddings
+# tokenises its input with tiktoken first (ids of OpenAI's vocabulary, no other model's).
+TOKEN_ARRAYS_HINT = (
+    "LangChain's OpenAIEmbeddings sends them unless created with `check_embedding_ctx_length=False`; "
+    "send the text instead."
+)
+
+
+# Response bytes past which a backend's embeddings are read in a worker thread: 2048 vectors
+# as JSON take a quarter of a second of CPU to parse and check, a stall of every stream if
+# done on the event loop.
+_OFF_LOOP_BYTES = 512 * 1024
+_T = TypeVar("_T")
+
+
+async def off_loop_if_large(parse: Callable[..., _T], content: bytes, *args: Any) -> _T:
+    """`parse(content, *args)`, in a worker thread when `content` is large."""
+    if len(content) <= _OFF_LOOP_BYTES:
+        return parse(content, *args)
+    return await trio.to_thread.run_sync(parse, content, *args)
 
 
 def embedding_vectors(items: Any, backend: str, expected: int) -> list[list[float]]:
