@@ -13,6 +13,10 @@ import openai
 import pytest
 import trio
 
+from proxy.config import EmbeddingSettings
+from proxy.domain.routing import Router
+from proxy.services.chat import ExchangeRecord
+from proxy.services.embeddings import EmbeddingRequest, EmbeddingService, LocalModel
 from tests.fakes import OllamaBackend, OpenAIBackend
 from tests.fakes.base import Call
 from tests.fakes.server import Exchange, Request
@@ -128,6 +132,18 @@ async def test_a_long_input_to_the_local_model_is_limited_by_what_the_model_read
         return (await listed(stack.db, "long-docs"))["prompt_tokens"] == 2 * 256
 
     await eventually(charged, within=15)
+
+
+async def test_a_local_request_left_by_its_client_is_charged_what_the_model_reads_at_most() -> None:
+    """As its answer would have been (256 tokens an input): a client that left during a long
+    local request was charged the whole text's estimate, 5,000 tokens an input here."""
+    records: list[ExchangeRecord] = []
+    async with trio.open_nursery() as nursery:
+        service = EmbeddingService(EmbeddingSettings(), Router([]), {}, LocalModel(nursery), record=records.append)
+        for model in ("all-minilm", "text-embedding-3-large"):  # the local model; a backend's
+            service.record_hangup(request_id="r", dialect="openai", total_ms=1.0, api_key_id=1,
+                                  request=EmbeddingRequest(model=model, inputs=["word " * 4000] * 2))
+    assert [record.prompt_tokens for record in records] == [2 * 256, 2 * 5000]
 
 
 class SlowEmbeddings(OpenAIBackend):

@@ -260,13 +260,17 @@ class EmbeddingService:
     ) -> None:
         """A request its client left (or the server's shutdown cut) while it was being
         embedded: one request, an error, and its input's estimated tokens, since the work
-        was asked for and may well have been done (leaving must not be a way around `--tpm`)."""
+        was asked for and may well have been done (leaving must not be a way around `--tpm`);
+        the local model's, no more than it reads of each input, as its answer would be."""
         if self._record is None:
             return
+        tokens = request.estimated_tokens()
+        if self.is_local(request.model):
+            tokens = min(tokens, max(1, len(request.inputs)) * MAX_INPUT_TOKENS)
         self._record(ExchangeRecord(
             trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
             stream=False, dialect=dialect, status=499, total_ms=total_ms,
-            prompt_tokens=request.estimated_tokens(), completion_tokens=0,
+            prompt_tokens=tokens, completion_tokens=0,
             cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",
             reserved=reserved,
         ))
