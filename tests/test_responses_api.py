@@ -331,6 +331,10 @@ async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(set
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+    # A forced call the model cannot make (a chat backend, an Ollama one most of all, would
+    # answer in text): OpenAI's 400, as on `/v1/chat/completions`.
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_stock"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
 ])
 async def test_bad_input_is_a_400_in_openais_shape(setup: Setup, fields: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:

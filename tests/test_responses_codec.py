@@ -135,7 +135,8 @@ def test_settings_reach_the_domain() -> None:
     ("auto", ToolChoice("auto")), ("none", ToolChoice("none")), ("required", ToolChoice("required")),
 ])
 def test_tool_choice_modes(choice: str, expected: ToolChoice) -> None:
-    assert parse(tool_choice=choice).chat.tool_choice == expected
+    tools = [{"type": "function", "name": "get"}]
+    assert parse(tools=tools, tool_choice=choice).chat.tool_choice == expected
 
 
 @pytest.mark.parametrize(("fmt", "expected"), [

@@ -2,6 +2,7 @@
 
 from proxy.dialects.openai._request import (
     DIALECT,
+    check_forced_tool,
     encode_chat_request,
     parse_chat_request,
     render_message,
@@ -43,6 +44,7 @@ __all__ = [
     "RelayOutput",
     "StreamRelay",
     "StreamRenderer",
+    "check_forced_tool",
     "completion_body",
     "completion_events_of",
     "completion_is_conformant",

@@ -103,7 +103,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     tool_choice = _parse_tool_choice(fields.data.get("tool_choice"))
     if tool_choice is None and fields.data.get("tool_choice") is not None:
         extra["tool_choice"] = fields.data["tool_choice"]  # likewise: `allowed_tools`, a custom tool
-    _check_forced_tool(tool_choice, tools, custom_tools=len(tools) < len(raw_tools))
+    check_forced_tool(tool_choice, tools, custom_tools=len(tools) < len(raw_tools))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -285,7 +285,7 @@ def _parse_tool_choice(value: Any) -> ToolChoice | None:
     )
 
 
-def _check_forced_tool(choice: ToolChoice | None, tools: list[Tool], *, custom_tools: bool) -> None:
+def check_forced_tool(choice: ToolChoice | None, tools: list[Tool], *, custom_tools: bool) -> None:
     """A choice that forces a tool the request does not give is a 400, as OpenAI and vLLM
     answer it: an Ollama backend, which forces nothing, would answer in text, and a backend
     that gets no tools (the gateway sends no choice without them) would too."""

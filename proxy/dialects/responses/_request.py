@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
+from proxy.dialects.openai import check_forced_tool
 from proxy.dialects.responses._compaction import compaction_message
 from proxy.domain.chat import (
     ChatCompletion,
@@ -144,6 +145,7 @@ def parse_responses_request(
 
     tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
     tool_choice, tool_choice_wire = _parse_tool_choice(data.get("tool_choice"))
+    check_forced_tool(tool_choice, tools, custom_tools=False)
     text = fields.object("text")
     response_format, text_wire = _parse_text(text)
     reasoning = fields.object("reasoning")
