@@ -254,6 +254,52 @@ async def test_tool_choice_and_parallel_setting_reach_the_backend(setup: Setup) 
     assert body["parallel_tool_calls"] is False
 
 
+def offered_tools(body: dict[str, Any], kind: str) -> list[str]:
+    """The names of the tools a backend of `kind` was given."""
+    tools = body.get("tools") or []
+    return [tool["name"] if kind == "anthropic" else tool["function"]["name"] for tool in tools]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_allowed_tools_limit_the_tools_each_backend_may_call(setup: Setup, kind: str) -> None:
+    """OpenAI's `allowed_tools` choice (all tools sent, a few allowed): the backend is offered
+    those few, `required` forcing a call among them; the Response echoes the tools and the
+    choice as sent, and the SDK parses both."""
+    script_call = Script(tool_calls=[("get_time", {"tz": "UTC"})])
+    setup.fake(kind).push(script_call)
+    choice: Any = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]}
+    response = await setup.client.responses.create(model=MODELS[kind], input="x", tools=TOOLS, tool_choice=choice)
+    body = sent(setup, kind)
+    assert offered_tools(body, kind) == ["get_time"]
+    if kind != "ollama":  # Ollama forces nothing: offering the allowed tools alone is what it can do
+        assert body["tool_choice"] == ({"type": "any"} if kind == "anthropic" else "required")
+    assert [tool.name for tool in response.tools if tool.type == "function"] == ["get_weather", "get_time"]
+    assert response.tool_choice.type == "allowed_tools" and response.tool_choice.mode == "required"
+    assert [item.name for item in response.output if item.type == "function_call"] == ["get_time"]
+
+    await setup.client.responses.create(
+        model=MODELS[kind], input="x", tools=TOOLS, tool_choice={**choice, "mode": "auto"},
+    )
+    assert offered_tools(sent(setup, kind), kind) == ["get_time"]
+
+
+@pytest.mark.parametrize(("choice", "param"), [
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "get_stock"}]},
+     "tool_choice.tools[0]"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools[0].type"),
+    ({"type": "allowed_tools", "mode": "any", "tools": [{"type": "function", "name": "get_time"}]}, "tool_choice.mode"),
+    ({"type": "allowed_tools", "mode": "auto", "tools": []}, "tool_choice.tools"),
+])
+async def test_an_allowed_tools_choice_the_model_cannot_follow_is_a_400(
+    setup: Setup, choice: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="x", tools=TOOLS, tool_choice=choice)
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param
+    assert setup.fake("openai").requests == []
+
+
 # -- settings, reasoning, limits ---------------------------------------------------------------------------
 
 

@@ -145,7 +145,8 @@ def parse_responses_request(
 
     tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
     tool_choice, tool_choice_wire = _parse_tool_choice(data.get("tool_choice"))
-    check_forced_tool(tool_choice, tools, custom_tools=False)
+    offered = _allowed_tools(tool_choice_wire, tools)
+    check_forced_tool(tool_choice, offered, custom_tools=False)
     text = fields.object("text")
     response_format, text_wire = _parse_text(text)
     reasoning = fields.object("reasoning")
@@ -185,7 +186,7 @@ def parse_responses_request(
             logprobs=True if include and LOGPROBS_INCLUDE in include else None,
             top_logprobs=top_logprobs if include and LOGPROBS_INCLUDE in include else None,
         ),
-        tools=tools,
+        tools=offered,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
         # A background run's events are journalled as they come: polled, read back as a
@@ -471,11 +472,53 @@ def _parse_tool_choice(value: Any) -> tuple[ToolChoice | None, Any]:
         if isinstance(name, str) and name:
             return ToolChoice(mode="required", name=name), {"type": "function", "name": name}
         raise invalid_request("Invalid `tool_choice.name`: expected a non-empty string.", param="tool_choice.name")
+    if isinstance(value, dict) and value.get("type") == "allowed_tools":
+        return _parse_allowed_tools(Fields(value, "tool_choice"))
     raise invalid_request(
-        'Invalid `tool_choice`: expected "none", "auto", "required" or {"type": "function", "name": ...}; '
-        + _BUILT_IN_TOOLS + ".",
+        'Invalid `tool_choice`: expected "none", "auto", "required", {"type": "function", "name": ...} or '
+        '{"type": "allowed_tools", "mode": ..., "tools": [...]}; ' + _BUILT_IN_TOOLS + ".",
         param="tool_choice",
     )
+
+
+def _parse_allowed_tools(fields: Fields) -> tuple[ToolChoice, dict[str, Any]]:
+    """`{"type": "allowed_tools", "mode": "auto" | "required", "tools": [{"type": "function",
+    "name": ...}, ...]}`: the choice, and its wire form (the names, for `_allowed_tools`)."""
+    mode = fields.text("mode", required=True)
+    if mode not in ("auto", "required"):
+        raise fields.fail("mode", '"auto" or "required"')
+    entries = fields.array("tools", required=True, nonempty=True) or []
+    names: list[str] = []
+    for i, entry in enumerate(entries):
+        path = f"tool_choice.tools[{i}]"
+        if not isinstance(entry, dict):
+            raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
+        entry_fields = Fields(entry, path)
+        if entry_fields.text("type", required=True) != "function":
+            raise invalid_request(
+                f"Invalid `{path}.type`: {entry.get('type')!r} is one of OpenAI's built-in tools; {_BUILT_IN_TOOLS}.",
+                param=f"{path}.type", code="unsupported_tool",
+            )
+        names.append(entry_fields.text("name", required=True, nonempty=True) or "")
+    wire = {"type": "allowed_tools", "mode": mode, "tools": [{"type": "function", "name": name} for name in names]}
+    return ToolChoice(mode="required" if mode == "required" else "auto"), wire
+
+
+def _allowed_tools(choice: Any, tools: list[Tool]) -> list[Tool]:
+    """The tools an `allowed_tools` choice lets the model call: all a chat backend is given
+    (it has no such choice), each of them one of the request's `tools` (OpenAI's 400 if not).
+    Other choices leave the tools as they are."""
+    if not isinstance(choice, dict) or choice.get("type") != "allowed_tools":
+        return tools
+    names = {entry["name"] for entry in choice["tools"]}
+    known = {tool.name for tool in tools}
+    for i, entry in enumerate(choice["tools"]):
+        if entry["name"] not in known:
+            raise invalid_request(
+                f"Invalid value for `tool_choice.tools[{i}]`: function `{entry['name']}` is not one of the functions "
+                "in `tools`.", param=f"tool_choice.tools[{i}]",
+            )
+    return [tool for tool in tools if tool.name in names]
 
 
 def _parse_text(text: Fields | None) -> tuple[ResponseFormat | None, dict[str, Any]]:
