@@ -125,6 +125,16 @@ async def test_model_parameters_and_workspace_are_exact_keys(db: Database, embed
     assert in_workspace is not None and in_workspace.completion.choices[0].content == "Paris [1]"
 
 
+async def test_the_end_user_is_not_a_key(db: Database, embedder: LocalEmbedder) -> None:
+    """`user` and `safety_identifier` name who asks (for abuse detection), not what: another
+    end user's question is answered from the cache as theirs is."""
+    semantic = cache(db, embedder)
+    question = "How do I reset my password?"
+    await semantic.store(ask(question, user="u-1"), meta(), answer("Use the Forgot password link."))
+    assert await semantic.lookup(ask(question, user="u-2"), meta()) is not None
+    assert await semantic.lookup(ask(question, safety_identifier="u-2"), meta()) is not None
+
+
 def test_a_messages_own_fields_are_exact_keys() -> None:
     """DeepSeek's `prefix: true` makes the last assistant message a prefix to continue: not
     the same request as that message without it."""

@@ -64,7 +64,7 @@ from proxy.services.embeddings import TextEncoder
 log = logging.getLogger("llm_proxy.semantic_cache")
 
 _OFF: Final = frozenset({"off", "no-cache", "no-store", "exact", "none", "bypass"})
-_IGNORED_EXTRA: Final = frozenset({"user", "metadata", "store", "keep_alive", "service_tier"})
+_IGNORED_EXTRA: Final = frozenset({"user", "safety_identifier", "metadata", "store", "keep_alive", "service_tier"})
 _NUMBER: Final = re.compile(r"\d+(?:[.,]\d+)*")
 _NEGATION: Final = re.compile(
     r"\b(?:not|no|never|none|nor|neither|nothing|nobody|nowhere|without|cannot|can't|won't|don't|doesn't|"
