@@ -769,7 +769,8 @@ def echoed(response: Any) -> tuple[Any, ...]:
     """What a Response echoes of the request that made it."""
     return (
         response.instructions, [tool.name for tool in response.tools], response.metadata, response.temperature,
-        response.max_output_tokens, response.background,
+        response.max_output_tokens, response.background, response.safety_identifier, response.prompt_cache_key,
+        response.prompt_cache_retention, response.max_tool_calls, response.reasoning and response.reasoning.summary,
     )
 
 
@@ -782,7 +783,8 @@ async def test_a_response_read_back_echoes_the_settings_it_was_asked_with(
     fake = OpenAIBackend(default=Script(tokens=tokens, pace=0.05))
     asked: dict[str, Any] = {
         "instructions": "Count slowly.", "tools": TOOLS, "metadata": {"ticket": "T-1"}, "temperature": 0.3,
-        "max_output_tokens": 500,
+        "max_output_tokens": 500, "safety_identifier": "user-7f3a", "prompt_cache_key": "tenant-42",
+        "prompt_cache_retention": "24h", "max_tool_calls": 3, "reasoning": {"summary": "auto"},
     }
     async with fake.serve() as server, running_gateway(
         backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
@@ -803,12 +805,23 @@ async def test_a_response_read_back_echoes_the_settings_it_was_asked_with(
         replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
         await client.close()
     live = echoed(seen[0].response)
-    assert live == ("Count slowly.", ["get_weather", "get_time"], {"ticket": "T-1"}, 0.3, 500, True)
+    assert live == (
+        "Count slowly.", ["get_weather", "get_time"], {"ticket": "T-1"}, 0.3, 500, True, "user-7f3a", "tenant-42",
+        "24h", 3, "auto",
+    )
     assert polled.status == "in_progress" and echoed(polled) == live
     assert rest[-1].type == "response.completed" and echoed(rest[-1].response) == live
     assert whole.output_text == "".join(tokens) and echoed(whole) == live
     assert replayed[0].type == "response.created" and echoed(replayed[0].response) == live
     assert echoed(replayed[-1].response) == live
+
+
+async def test_the_end_user_reaches_an_anthropic_backend(setup: Setup) -> None:
+    """`safety_identifier` (or the older `user`) is Anthropic's `metadata.user_id`, as an OpenAI
+    chat client's is: what its abuse detection tells one end user from another by."""
+    for asked in ({"safety_identifier": "user-7f3a"}, {"user": "user-7f3a"}):
+        await setup.client.responses.create(model=MODELS["anthropic"], input="x", **asked)
+        assert sent(setup, "anthropic")["metadata"] == {"user_id": "user-7f3a"}
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -151,14 +151,19 @@ def parse_responses_request(
     response_format, text_wire = _parse_text(text)
     reasoning = fields.object("reasoning")
     effort = reasoning.text("effort", nonempty=True) if reasoning is not None else None
-    if reasoning is not None:
-        reasoning.text("summary")
+    summary = reasoning.text("summary") if reasoning is not None else None
     max_output_tokens = fields.integer("max_output_tokens", minimum=1)
     temperature = fields.number("temperature", minimum=0, maximum=2)
     top_p = fields.number("top_p", minimum=0, maximum=1)
     parallel = fields.boolean("parallel_tool_calls")
     metadata = _parse_metadata(fields.object("metadata"))
     user = fields.text("user")
+    safety_identifier = fields.text("safety_identifier")
+    prompt_cache_key = fields.text("prompt_cache_key")
+    retention = fields.text("prompt_cache_retention")
+    if retention is not None and retention not in ("in_memory", "24h"):
+        raise fields.fail("prompt_cache_retention", '"in_memory" or "24h"')
+    max_tool_calls = fields.integer("max_tool_calls", minimum=1)
     truncation = fields.text("truncation")
     if truncation is not None and truncation not in ("auto", "disabled"):
         raise fields.fail("truncation", '"auto" or "disabled"')
@@ -195,6 +200,8 @@ def parse_responses_request(
         # The gateway's accounting asks every backend for usage; the Response carries it.
         include_usage=True if stream or background else None,
         dialect=DIALECT,
+        # The end user, as an OpenAI chat client's: an Anthropic backend's `metadata.user_id`.
+        extra={key: value for key, value in (("safety_identifier", safety_identifier), ("user", user)) if value},
     )
     settings: dict[str, Any] = {
         "instructions": instructions,
@@ -207,9 +214,15 @@ def parse_responses_request(
         "tools": [_tool_to_wire(tool) for tool in tools],
         "max_output_tokens": max_output_tokens,
         "text": text_wire,
-        "reasoning": {"effort": effort, "summary": None} if reasoning is not None else None,
+        "reasoning": {"effort": effort, "summary": summary} if reasoning is not None else None,
         "truncation": truncation or "disabled",
         "user": user,
+        # Echoed as OpenAI does: a chat backend has no prompt cache to key, nor built-in tools to
+        # count the calls of (function calls are the client's to count).
+        "safety_identifier": safety_identifier,
+        "prompt_cache_key": prompt_cache_key,
+        "prompt_cache_retention": retention,
+        "max_tool_calls": max_tool_calls,
         "service_tier": service_tier or "default",
         "top_logprobs": top_logprobs if top_logprobs is not None else 0,
         "background": background,
