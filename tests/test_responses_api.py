@@ -300,6 +300,45 @@ async def test_an_allowed_tools_choice_the_model_cannot_follow_is_a_400(
     assert setup.fake("openai").requests == []
 
 
+PDF = "data:application/pdf;base64,JVBERi0xLjQgZmFrZQ=="
+
+
+def with_file(file_data: str = PDF, **part: Any) -> Any:
+    return [{"role": "user", "content": [
+        {"type": "input_file", "file_data": file_data, "filename": "report.pdf", **part},
+        {"type": "input_text", "text": "Summarize it."},
+    ]}]
+
+
+async def test_an_inline_file_reaches_the_backends_that_read_it(setup: Setup) -> None:
+    """`input_file` with `file_data`: an OpenAI-compatible backend gets the chat `file` part,
+    an Anthropic one the PDF as a `document`, as an OpenAI chat client's `file` part does."""
+    await setup.client.responses.create(model=MODELS["openai"], input=with_file())
+    part = sent(setup, "openai")["messages"][0]["content"][0]
+    assert part == {"type": "file", "file": {"file_data": PDF, "filename": "report.pdf"}}
+    await setup.client.responses.create(model=MODELS["anthropic"], input=with_file(), stream=True)
+    block = sent(setup, "anthropic")["messages"][0]["content"][0]
+    assert block == {
+        "type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQgZmFrZQ=="},
+        "title": "report.pdf",
+    }
+
+
+@pytest.mark.parametrize(("kind", "fields", "param"), [
+    ("ollama", {}, "input[0].content[0]"),  # Ollama reads no files
+    ("anthropic", {"file_data": "data:text/plain;base64,aGk="}, "input[0].content[0]"),  # Anthropic: PDFs only
+    ("openai", {"file_id": "file-abc"}, "input[0].content[0].file_id"),  # no Files API behind it
+])
+async def test_a_file_the_backend_cannot_read_is_a_400_not_an_answer_without_it(
+    setup: Setup, kind: str, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS[kind], input=with_file(**fields))
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param
+    assert setup.fake(kind).requests == []
+
+
 # -- settings, reasoning, limits ---------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
 
 from proxy.dialects import anthropic, ollama, openai, responses
 from proxy.domain.chat import (
@@ -43,7 +43,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
-from proxy.domain.fingerprint import request_fingerprint
+from proxy.domain.fingerprint import message_to_canonical, request_fingerprint
 from tests.test_fuzz_parsers import json_values
 from tests.test_openai_roundtrip import event_streams
 
@@ -73,6 +73,16 @@ def test_a_string_input_is_one_user_message_after_the_instructions() -> None:
     ]
     assert (chat.model, chat.dialect, chat.stream, chat.include_usage) == ("m", "responses", False, None)
     assert chat.extra == {}  # nothing the Response echoes reaches the fingerprint or a backend
+
+
+def test_an_inline_file_is_listed_back_as_it_was_given() -> None:
+    """A response's (or conversation's) `input_file` reads back from the journal's canonical
+    request as the item the client sent."""
+    part = {"type": "input_file", "file_data": "data:application/pdf;base64,JVBERi0=", "filename": "a.pdf"}
+    chat = parse(input=[{"role": "user", "content": [part]}]).chat
+    items = responses.input_items([message_to_canonical(m) for m in chat.messages], "resp_1", instructions=None)
+    assert items[0]["content"] == [part]
+    pydantic.TypeAdapter(ResponseItem).validate_python(items[0])
 
 
 def test_input_items_become_chat_messages() -> None:

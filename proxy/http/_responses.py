@@ -20,10 +20,10 @@ import trio
 from hypercorn.typing import ASGISendCallable
 
 from proxy.config import BackendConfig
-from proxy.dialects import responses
+from proxy.dialects import anthropic, responses
 from proxy.dialects._json import dumps, is_decimal
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
-from proxy.domain.chat import ChatCompletion, ChatRequest, Message
+from proxy.domain.chat import ChatCompletion, ChatRequest, Message, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
 from proxy.domain.fingerprint import message_from_canonical, message_to_canonical
@@ -164,7 +164,7 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         # the events a client reads back with `GET /v1/responses/{id}?stream=true`.
         meta.idempotency_key = meta.idempotency_key or response
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
-    if request.params.logprobs:
+    if request.params.logprobs or _has_files(request):
         exchange.adapt_with(_for_backend)
     if parsed.conversation is not None and persistence is not None:
         tenant = current_tenant()
@@ -197,9 +197,35 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
 
 
 def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
-    """The request as is for each backend it goes to, or a 400 for log probabilities one has none of."""
+    """The request as is for each backend it goes to, or a 400 for log probabilities or a
+    file one has none of."""
     refuse_logprobs_without_backend(request, backend, field="include")
+    if backend is None or backend.kind != "openai":
+        _refuse_files(request, backend)
     return request
+
+
+def _has_files(request: ChatRequest) -> bool:
+    return any(isinstance(part, OpaquePart) for message in request.messages for part in message.content)
+
+
+def _refuse_files(request: ChatRequest, backend: BackendConfig | None) -> None:
+    """An `input_file` a backend other than an OpenAI-compatible one cannot read (an
+    Anthropic backend reads a PDF, as a document): a 400 naming it, not an answer given
+    without the file."""
+    for message in request.messages:
+        for part in message.content:
+            if not isinstance(part, OpaquePart):
+                continue
+            if backend is not None and backend.kind == "anthropic" and anthropic.openai_file_document(part.data):
+                continue
+            served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
+            where = part.at or "input"
+            raise invalid_request(
+                f"`{where}` is an `input_file` that model `{request.model}` cannot read: it {served}. An "
+                "OpenAI-compatible backend takes any file, an Anthropic one a PDF (`data:application/pdf;base64,...`).",
+                param=where, code="unsupported_content_part",
+            )
 
 
 class CompactionJsonSink(JsonSink):
@@ -241,6 +267,8 @@ async def compact_response(incoming: Incoming) -> ExchangeBody:
     meta.cache = "off"
     response = responses.response_id(meta.trace_id)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if _has_files(request):
+        exchange.adapt_with(_for_backend)
     catalog = incoming.gateway.catalog
     exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]

@@ -60,6 +60,12 @@ def _part(part: Any, role: str) -> dict[str, Any] | None:
         return {"type": "input_text", "text": part}
     if isinstance(part, dict) and "image" in part:
         return {"type": "input_image", "image_url": part["image"], "detail": part.get("detail") or "auto"}
+    file = part.get("data", {}).get("file") if isinstance(part, dict) and part.get("opaque") == "openai" else None
+    if isinstance(file, dict) and isinstance(file.get("file_data"), str):
+        # An `input_file` (see `_request._parse_file`), or an OpenAI chat client's `file`.
+        return {"type": "input_file", "file_data": file["file_data"]} | (
+            {"filename": file["filename"]} if isinstance(file.get("filename"), str) else {}
+        )
     return None  # another dialect's part: not one a Responses request can have given
 
 

@@ -28,6 +28,7 @@ from proxy.domain.chat import (
     GenerationParams,
     ImagePart,
     Message,
+    OpaquePart,
     ResponseFormat,
     Role,
     TextPart,
@@ -38,6 +39,8 @@ from proxy.domain.chat import (
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 
 DIALECT = "responses"
+# The dialect of an `input_file`'s part: an OpenAI chat client's `file` (see `_parse_file`).
+CHAT_DIALECT = "openai"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -393,13 +396,34 @@ def _parse_part(part: Any, path: str) -> ContentPart:
             )
         url = fields.text("image_url", required=True, nonempty=True)
         return ImagePart(url=url or "", detail=fields.text("detail"), at=f"{path}.image_url")
+    if kind == "input_file":
+        return _parse_file(fields, path)
     if isinstance(kind, str):
         raise invalid_request(
             f"Invalid `{path}.type`: {kind!r} is not a content part this gateway takes "
-            "(input_text, input_image, output_text, refusal).",
+            "(input_text, input_image, input_file, output_text, refusal).",
             param=f"{path}.type",
         )
     raise invalid_request(f"Invalid `{path}.type`: expected a string.", param=f"{path}.type")
+
+
+def _parse_file(fields: Fields, path: str) -> OpaquePart:
+    """An `input_file` sent inline (`file_data`, a base64 `data:` URL) as the OpenAI chat
+    client's `file` part it is: the backend's encoders and refusals know that one (an
+    Anthropic backend takes a PDF as a document, an OpenAI-compatible one the part itself)."""
+    for name, what in (("file_id", "names an uploaded file"), ("file_url", "names a file by URL")):
+        if fields.data.get(name) is not None:
+            raise invalid_request(
+                f"`{path}.{name}` {what}: this gateway fetches no files; send its content as `file_data` (a base64 "
+                "`data:` URL, such as `data:application/pdf;base64,...`).",
+                param=f"{path}.{name}", code="unsupported_parameter",
+            )
+    data = fields.text("file_data", required=True, nonempty=True) or ""
+    file: dict[str, Any] = {"file_data": data}
+    filename = fields.text("filename")
+    if filename:
+        file["filename"] = filename
+    return OpaquePart(CHAT_DIALECT, {"type": "file", "file": file}, at=path)
 
 
 def _parse_call(item: dict[str, Any], path: str) -> ToolCall:
