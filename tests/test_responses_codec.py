@@ -141,6 +141,11 @@ def test_settings_reach_the_domain() -> None:
     assert chat.stream and chat.include_usage
 
 
+def test_no_built_in_tool_calls_is_a_limit_like_any_other() -> None:
+    """`max_tool_calls: 0` (no built-in tool calls: there are none here) is echoed, not refused."""
+    assert parse(max_tool_calls=0).settings["max_tool_calls"] == 0
+
+
 @pytest.mark.parametrize(("choice", "expected"), [
     ("auto", ToolChoice("auto")), ("none", ToolChoice("none")), ("required", ToolChoice("required")),
 ])
@@ -227,6 +232,10 @@ def test_the_settings_the_response_echoes() -> None:
     ({"stream": "yes"}, "stream"),
     ({"store": "no"}, "store"),
     ({"user": 5}, "user"),
+    ({"safety_identifier": 5}, "safety_identifier"),
+    ({"prompt_cache_key": 5}, "prompt_cache_key"),
+    ({"prompt_cache_retention": "1h"}, "prompt_cache_retention"),
+    ({"max_tool_calls": -1}, "max_tool_calls"),
 ])
 def test_bad_input_is_a_400_naming_the_field(fields: dict[str, Any], param: str) -> None:
     error = refused(**fields)

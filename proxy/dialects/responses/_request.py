@@ -166,7 +166,7 @@ def parse_responses_request(
     retention = fields.text("prompt_cache_retention")
     if retention is not None and retention not in ("in_memory", "24h"):
         raise fields.fail("prompt_cache_retention", '"in_memory" or "24h"')
-    max_tool_calls = fields.integer("max_tool_calls", minimum=1)
+    max_tool_calls = fields.integer("max_tool_calls", minimum=0)
     truncation = fields.text("truncation")
     if truncation is not None and truncation not in ("auto", "disabled"):
         raise fields.fail("truncation", '"auto" or "disabled"')
