@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import openai
 import psycopg
 import pytest
 import trio
@@ -324,6 +325,34 @@ async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(s
             await eventually(given_back)
         answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [200, 200, 429]
+
+
+async def test_a_key_whose_budget_is_spent_may_still_cancel_delete_and_tidy_what_it_stored(stack: Stack) -> None:
+    """A spent budget is refused for a month: stopping a run, deleting a stored response
+    and managing conversations are no model calls, and must not wait for the reset."""
+    key = await new_key(stack.db, "spent", "--budget", "50")
+    await wait_for_key(stack.url, key)
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        response = await client.responses.create(model="qwen3-8b", input="Say hello", background=True)
+
+        async def spent() -> bool:
+            try:
+                await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=5)  # type: ignore[arg-type]
+            except openai.RateLimitError as error:
+                return error.code == "insufficient_quota"
+            return False
+
+        await eventually(spent, within=15)
+        assert (await client.responses.cancel(response.id)).id == response.id
+        conversation = await client.conversations.create(items=[{"type": "message", "role": "user", "content": "Keep"}])
+        await client.conversations.items.create(
+            conversation.id, items=[{"type": "message", "role": "user", "content": "this too"}]
+        )
+        await client.conversations.update(conversation.id, metadata={"topic": "tidy"})
+        assert (await client.conversations.delete(conversation.id)).deleted
+        await client.responses.delete(response.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(response.id)
 
 
 async def test_a_burst_of_one_keys_requests_waits_on_the_database_with_one_query_and_each_gets_its_own_answer(
