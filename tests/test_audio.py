@@ -392,6 +392,14 @@ _SMUGGLED = {
         "multipart/form-data; boundary=b",
         _form("b", ('name="model"', b"tiny"), ('name="prompt"\r\nContent-Disposition: form-data; name="model"', b"whisper"), _FILE),
     ),
+    "an extended name (RFC 2231: no name to python-multipart, `model` to Go's mime)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ("name*=UTF-8''model", b"tiny"), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a name in continuations (RFC 2231: `model` to Go's mime)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name*0="mo"; name*1="del"', b"tiny"), ('name="model"', b"whisper"), _FILE),
+    ),
     "a delimiter padded (data to python-multipart, a delimiter to Go)": (
         "multipart/form-data; boundary=b",
         _form("b", ('name="prompt"', b"x\r\n--b \r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny"), ('name="model"', b"whisper"), _FILE),
