@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import ollama
 import openai
 import psycopg
 import pytest
@@ -353,6 +354,23 @@ async def test_a_key_whose_budget_is_spent_may_still_cancel_delete_and_tidy_what
         await client.responses.delete(response.id)
         with pytest.raises(openai.NotFoundError):
             await client.responses.retrieve(response.id)
+
+
+async def test_showing_models_as_ollama_clients_do_takes_nothing_from_the_keys_rpm(stack: Stack) -> None:
+    """Open WebUI and VS Code ask `/api/show` (a POST) of every model they list: those reads
+    must leave a key's requests per minute to its chats."""
+    key = await new_key(stack.db, "shows", "--rpm", "2")
+    await wait_for_key(stack.url, key)
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as llama:
+        for _ in range(4):
+            shown = await llama.show("qwen3-8b")
+            assert shown.capabilities is not None
+        for _ in range(2):
+            answer = await llama.chat(model="qwen3-8b", messages=MESSAGES)
+            assert answer.message.content == "Hello"
+        with pytest.raises(ollama.ResponseError) as refused:
+            await llama.chat(model="qwen3-8b", messages=MESSAGES)
+    assert refused.value.status_code == 429
 
 
 async def test_a_burst_of_one_keys_requests_waits_on_the_database_with_one_query_and_each_gets_its_own_answer(

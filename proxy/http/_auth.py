@@ -299,13 +299,15 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     exchange.response_headers.extend(granted_headers())
 
 
-_UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations")
+# `/api/show` is a read Ollama makes a POST: clients show every model they list (Open WebUI,
+# VS Code), which must not spend the requests a key has for its chats.
+_UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations", "/api/show")
 _RESPONSES = "/v1/responses/"
 
 
 def _unmetered(head: RequestHead) -> bool:
-    """The keys API, files, batches, conversations, and cancelling or deleting a stored
-    response: not metered by the key's rate limits or budget (they meter model calls), so
+    """The keys API, files, batches, conversations, a model's details, and cancelling or
+    deleting a stored response: not metered by the key's rate limits or budget (they meter model calls), so
     that revoking a leaked key never waits for the admin key's next period, a key whose
     limits are spent may still stop the run spending them and delete what it stored, and a
     batch's upload and creation do not take what its lines will need (each line is metered
