@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -371,6 +372,26 @@ async def test_showing_models_as_ollama_clients_do_takes_nothing_from_the_keys_r
         with pytest.raises(ollama.ResponseError) as refused:
             await llama.chat(model="qwen3-8b", messages=MESSAGES)
     assert refused.value.status_code == 429
+
+
+async def test_counting_tokens_takes_nothing_from_the_keys_rpm(stack: Stack) -> None:
+    """Counting is free at Anthropic and OpenAI, and Claude Code's VS Code extension counts
+    dozens of times as it starts: the counts must leave a key's requests to its messages."""
+    key = await new_key(stack.db, "counts", "--rpm", "2")
+    await wait_for_key(stack.url, key)
+    async with (
+        anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=0) as claude,
+        openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client,
+    ):
+        for _ in range(3):
+            counted = await claude.messages.count_tokens(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+            assert counted.input_tokens > 0
+            assert (await client.responses.input_tokens.count(model="qwen3-8b", input="Say hello")).input_tokens > 0
+        for _ in range(2):
+            answer = await claude.messages.create(model="qwen3-8b", max_tokens=5, messages=MESSAGES)  # type: ignore[arg-type]
+            assert answer.content[0].text == "Hello"  # type: ignore[union-attr]
+        with pytest.raises(anthropic.RateLimitError):
+            await claude.messages.create(model="qwen3-8b", max_tokens=5, messages=MESSAGES)  # type: ignore[arg-type]
 
 
 async def test_a_burst_of_one_keys_requests_waits_on_the_database_with_one_query_and_each_gets_its_own_answer(

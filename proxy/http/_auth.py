@@ -300,19 +300,23 @@ def stamp_exchange(exchange: ChatExchange) -> None:
 
 
 # `/api/show` is a read Ollama makes a POST: clients show every model they list (Open WebUI,
-# VS Code), which must not spend the requests a key has for its chats.
+# VS Code), which must not spend the requests a key has for its chats. Counting tokens is free
+# at Anthropic and OpenAI, and Claude Code's VS Code extension counts dozens of times at start.
 _UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations", "/api/show")
+_COUNTS = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens"})
 _RESPONSES = "/v1/responses/"
 
 
 def _unmetered(head: RequestHead) -> bool:
-    """The keys API, files, batches, conversations, a model's details, and cancelling or
-    deleting a stored response: not metered by the key's rate limits or budget (they meter model calls), so
-    that revoking a leaked key never waits for the admin key's next period, a key whose
-    limits are spent may still stop the run spending them and delete what it stored, and a
-    batch's upload and creation do not take what its lines will need (each line is metered
-    as the key's request)."""
+    """The keys API, files, batches, conversations, a model's details, token counts, and
+    cancelling or deleting a stored response: not metered by the key's rate limits or budget
+    (they meter model calls), so that revoking a leaked key never waits for the admin key's
+    next period, a key whose limits are spent may still stop the run spending them and delete
+    what it stored, and a batch's upload and creation do not take what its lines will need
+    (each line is metered as the key's request)."""
     path = head.path
+    if path in _COUNTS:
+        return True
     if path.startswith(_RESPONSES):
         return head.method == "DELETE" or path.endswith("/cancel")
     return any(path == prefix or path.startswith(prefix + "/") for prefix in _UNMETERED)
