@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import openai
@@ -28,7 +29,7 @@ from tests.fakes import (
 from tests.fakes.openai_audio import FormField, parse_form
 from tests.fakes.script import DEFAULT_TOKENS
 from tests.harness import backend, relay_gateway, running_gateway
-from tests.test_auth_helpers import bearer, eventually, gateway, new_key, wait_for_key
+from tests.test_auth_helpers import bearer, eventually, gateway, new_key, sql, wait_for_key
 from tests.test_metrics import total
 
 pytest_plugins = ["tests.infra_servers"]
@@ -392,6 +393,14 @@ _SMUGGLED = {
         "multipart/form-data; boundary=b",
         _form("b", ('name="model"', b"tiny"), ('name="prompt"\r\nContent-Disposition: form-data; name="model"', b"whisper"), _FILE),
     ),
+    "an extended name (RFC 2231: no name to python-multipart, `model` to Go's mime)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ("name*=UTF-8''model", b"tiny"), ('name="model"', b"whisper"), _FILE),
+    ),
+    "a name in continuations (RFC 2231: `model` to Go's mime)": (
+        "multipart/form-data; boundary=b",
+        _form("b", ('name*0="mo"; name*1="del"', b"tiny"), ('name="model"', b"whisper"), _FILE),
+    ),
     "a delimiter padded (data to python-multipart, a delimiter to Go)": (
         "multipart/form-data; boundary=b",
         _form("b", ('name="prompt"', b"x\r\n--b \r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntiny"), ('name="model"', b"whisper"), _FILE),
@@ -526,3 +535,35 @@ async def test_a_key_scoped_to_other_models_is_refused(aio_loop: object, pg_data
     assert [r.path for r in fake.requests if r.path.startswith("/v1/audio")] == [
         "/v1/audio/transcriptions", "/v1/audio/translations",
     ]
+
+
+async def test_a_transcription_whose_usage_counts_seconds_is_charged_the_text_it_returns(
+    aio_loop: object, pg_database_url: str, nats_url: str,
+) -> None:
+    """Whisper's and vLLM's usage is `{"type": "duration", "seconds": N}`: a key's budget
+    must still bound its transcriptions, by the text they return."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "transcribed-text", "--budget", "20")
+        await wait_for_key(url, key)
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client:
+            answer = await client.audio.transcriptions.create(model="whisper-large-v3", file=("speech.wav", AUDIO))
+            assert answer.text == TRANSCRIPT
+
+            async def charged() -> Any:
+                found = await sql(
+                    pg_database_url, "SELECT sum(u.completion_tokens) FROM api_key_usage u JOIN api_keys k ON k.id = u.key_id"
+                    " WHERE k.name = 'transcribed-text'",
+                )
+                return found[0][0]
+
+            assert await eventually(charged) == -(-len(TRANSCRIPT) // 4)  # about four characters a token
+
+            async def spent() -> bool:
+                try:
+                    await client.audio.transcriptions.create(model="whisper-large-v3", file=("speech.wav", AUDIO))
+                except openai.RateLimitError as error:
+                    return error.code == "insufficient_quota"
+                return False
+
+            await eventually(spent)

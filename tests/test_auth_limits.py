@@ -7,7 +7,10 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import httpx
+import ollama
+import openai
 import psycopg
 import pytest
 import trio
@@ -324,6 +327,71 @@ async def test_a_request_refused_for_its_keys_scope_takes_nothing_from_its_rpm(s
             await eventually(given_back)
         answers = [await client.post("/v1/chat/completions", json=CHAT) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [200, 200, 429]
+
+
+async def test_a_key_whose_budget_is_spent_may_still_cancel_delete_and_tidy_what_it_stored(stack: Stack) -> None:
+    """A spent budget is refused for a month: stopping a run, deleting a stored response
+    and managing conversations are no model calls, and must not wait for the reset."""
+    key = await new_key(stack.db, "spent", "--budget", "50")
+    await wait_for_key(stack.url, key)
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        response = await client.responses.create(model="qwen3-8b", input="Say hello", background=True)
+
+        async def spent() -> bool:
+            try:
+                await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=5)  # type: ignore[arg-type]
+            except openai.RateLimitError as error:
+                return error.code == "insufficient_quota"
+            return False
+
+        await eventually(spent, within=15)
+        assert (await client.responses.cancel(response.id)).id == response.id
+        conversation = await client.conversations.create(items=[{"type": "message", "role": "user", "content": "Keep"}])
+        await client.conversations.items.create(
+            conversation.id, items=[{"type": "message", "role": "user", "content": "this too"}]
+        )
+        await client.conversations.update(conversation.id, metadata={"topic": "tidy"})
+        assert (await client.conversations.delete(conversation.id)).deleted
+        await client.responses.delete(response.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(response.id)
+
+
+async def test_showing_models_as_ollama_clients_do_takes_nothing_from_the_keys_rpm(stack: Stack) -> None:
+    """Open WebUI and VS Code ask `/api/show` (a POST) of every model they list: those reads
+    must leave a key's requests per minute to its chats."""
+    key = await new_key(stack.db, "shows", "--rpm", "2")
+    await wait_for_key(stack.url, key)
+    async with ollama.AsyncClient(host=stack.url, headers=bearer(key)) as llama:
+        for _ in range(4):
+            shown = await llama.show("qwen3-8b")
+            assert shown.capabilities is not None
+        for _ in range(2):
+            answer = await llama.chat(model="qwen3-8b", messages=MESSAGES)
+            assert answer.message.content == "Hello"
+        with pytest.raises(ollama.ResponseError) as refused:
+            await llama.chat(model="qwen3-8b", messages=MESSAGES)
+    assert refused.value.status_code == 429
+
+
+async def test_counting_tokens_takes_nothing_from_the_keys_rpm(stack: Stack) -> None:
+    """Counting is free at Anthropic and OpenAI, and Claude Code's VS Code extension counts
+    dozens of times as it starts: the counts must leave a key's requests to its messages."""
+    key = await new_key(stack.db, "counts", "--rpm", "2")
+    await wait_for_key(stack.url, key)
+    async with (
+        anthropic.AsyncAnthropic(base_url=stack.url, api_key=key, max_retries=0) as claude,
+        openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client,
+    ):
+        for _ in range(3):
+            counted = await claude.messages.count_tokens(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+            assert counted.input_tokens > 0
+            assert (await client.responses.input_tokens.count(model="qwen3-8b", input="Say hello")).input_tokens > 0
+        for _ in range(2):
+            answer = await claude.messages.create(model="qwen3-8b", max_tokens=5, messages=MESSAGES)  # type: ignore[arg-type]
+            assert answer.content[0].text == "Hello"  # type: ignore[union-attr]
+        with pytest.raises(anthropic.RateLimitError):
+            await claude.messages.create(model="qwen3-8b", max_tokens=5, messages=MESSAGES)  # type: ignore[arg-type]
 
 
 async def test_a_burst_of_one_keys_requests_waits_on_the_database_with_one_query_and_each_gets_its_own_answer(

@@ -131,7 +131,15 @@ def _part(head: bytes, start: int, end: int) -> Part:
     names = _param(text, "name")
     if len(names) > 1:
         raise invalid_request("A part of the multipart/form-data body names itself more than once.", param="file")
-    is_file = any(key in ("filename", "filename*") for key, _ in _params(text))
+    keys = [key for key, _ in _params(text)]
+    if any(key.startswith("name*") for key in keys):
+        # RFC 7578 forbids RFC 2231's `name*=UTF-8''model` and `name*0=`: python-multipart
+        # reads no name there, Go's mime and Python's email read `model`.
+        raise invalid_request(
+            "A part of the multipart/form-data body is named with an extended parameter (`name*`), which a form "
+            "may not use: name it with `name=\"...\"`.", param="file",
+        )
+    is_file = any(key in ("filename", "filename*") for key in keys)
     return Part(names[0] if names else "", is_file, start, end)
 
 

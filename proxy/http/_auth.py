@@ -219,7 +219,7 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
     """Take the request of the admitted key (`admit`) from its rate limits, reserving the
     tokens `body` asks for; None: it may go on. Otherwise the 429 to send."""
     principal, limiter = current_principal.get(), gw.limits
-    if limiter is None or principal is None or not principal.limited or head.method in _READS:
+    if limiter is None or principal is None or not principal.limited or head.method in _READS or _unmetered(head):
         return None
     tokens = least = 0
     data: object = None
@@ -299,14 +299,26 @@ def stamp_exchange(exchange: ChatExchange) -> None:
     exchange.response_headers.extend(granted_headers())
 
 
-_UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches")
+# `/api/show` is a read Ollama makes a POST: clients show every model they list (Open WebUI,
+# VS Code), which must not spend the requests a key has for its chats. Counting tokens is free
+# at Anthropic and OpenAI, and Claude Code's VS Code extension counts dozens of times at start.
+_UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations", "/api/show")
+_COUNTS = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens"})
+_RESPONSES = "/v1/responses/"
 
 
-def _unmetered(path: str) -> bool:
-    """The keys API, files and batches: not metered by the key's rate limits or budget (they
-    meter model calls), so that revoking a leaked key never waits for the admin key's next
-    period, and a batch's upload and creation do not take what its lines will need (each
-    line is metered as the key's request)."""
+def _unmetered(head: RequestHead) -> bool:
+    """The keys API, files, batches, conversations, a model's details, token counts, and
+    cancelling or deleting a stored response: not metered by the key's rate limits or budget
+    (they meter model calls), so that revoking a leaked key never waits for the admin key's
+    next period, a key whose limits are spent may still stop the run spending them and delete
+    what it stored, and a batch's upload and creation do not take what its lines will need
+    (each line is metered as the key's request)."""
+    path = head.path
+    if path in _COUNTS:
+        return True
+    if path.startswith(_RESPONSES):
+        return head.method == "DELETE" or path.endswith("/cancel")
     return any(path == prefix or path.startswith(prefix + "/") for prefix in _UNMETERED)
 
 
@@ -317,7 +329,7 @@ def install_auth(app: GatewayApp) -> None:
     async def guard() -> Response | None:
         gw, head = gateway(), request_head()
         refusal = await admit(gw, head, limits=False)
-        if refusal is None and not _unmetered(head.path):
+        if refusal is None:
             # Kept for the route, which reads it again (embeddings: their input is reserved).
             body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
             refusal = await limit(gw, head, body)

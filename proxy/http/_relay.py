@@ -29,6 +29,7 @@ from proxy.domain.errors import (
     is_context_overflow,
 )
 from proxy.domain.routing import Route
+from proxy.domain.tokens import estimate_tokens
 from proxy.http._auth import granted_headers, take_reservation
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
@@ -61,6 +62,8 @@ from proxy.services.chat import (
 
 log = logging.getLogger("llm_proxy.chat")
 
+# Relayed calls whose answer is text the backend wrote, whatever its usage counts (seconds).
+_TRANSCRIBING = frozenset({"transcription", "translation"})
 # The usage of a stream is in one of its last chunks: only this much of its end is kept.
 _USAGE_TAIL_BYTES = 16384
 # A client still there when the server stops is told so, within this long.
@@ -363,6 +366,13 @@ class RelayBody(DirectBody):
         record = self.record
         if self._prompt_tokens is not None:
             self._note_usage(found)
+        if self._prompt_tokens is not None and record.completion_tokens is None and record.kind in _TRANSCRIBING:
+            # Whisper's usage counts seconds, not tokens: what the key is charged for is the
+            # text it was given (its prompt) and the text it got back.
+            if record.prompt_tokens is None:
+                record.prompt_tokens = self._prompt_tokens
+            record.completion_tokens = estimate_tokens(len(_transcript(body)))
+            record.usage_estimated = True
         if self._prompt_tokens is not None and record.prompt_tokens is None and record.completion_tokens is None:
             # An answer without usage (servers differ, rerank most): charged its input.
             record.prompt_tokens, record.completion_tokens = self._prompt_tokens, 0
@@ -559,6 +569,18 @@ def _usage_of(body: bytes) -> tuple[dict[str, Any] | None, str | None]:
     first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     finish = first.get("finish_reason")
     return (usage if isinstance(usage, dict) else None), (finish if isinstance(finish, str) else None)
+
+
+def _transcript(body: bytes) -> str:
+    """The text of a whole transcription or translation: its JSON's `text`, or the answer
+    itself in the text formats (`text`, `srt`, `vtt`)."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    found = data.get("text") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else text
 
 
 _decoder = json.JSONDecoder()
