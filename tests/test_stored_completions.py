@@ -291,3 +291,32 @@ async def test_a_stored_chat_read_as_a_response_echoes_the_defaults(stack: Stack
     assert read.status_code == 200, read.text
     body = read.json()
     assert body["tools"] == [] and "truncation" in body and "chat_completion_stored" not in body
+
+
+async def test_a_stored_completion_is_never_another_requests_cached_answer(stack: Stack) -> None:
+    """The semantic cache would answer a stored request with a similar request's answer under
+    that one's id, which was not stored: it asks the backend, and reads back by its own id."""
+    client, headers = stack.client, {"x-cache": "semantic"}
+    stack.fake.set_script(Script(tokens=["Click 'Forgot password'."]))
+    first = await client.chat.completions.create(
+        model="qwen3-8b", messages=[{"role": "user", "content": "How do I reset my password?"}], temperature=0,
+        extra_headers=headers,
+    )
+
+    async def cached() -> bool:
+        return bool((await sql(stack.db, "SELECT count(*) FROM semantic_cache"))[0][0])
+
+    await eventually(cached, within=10)
+    alike: Any = [{"role": "user", "content": "How can I reset my password?"}]
+    hit = await client.chat.completions.with_raw_response.create(
+        model="qwen3-8b", messages=alike, temperature=0, extra_headers=headers
+    )
+    assert hit.headers["x-cache"] == "semantic" and hit.parse().id == first.id  # the cache answers it
+    asked = len(stack.fake.requests)
+    kept = await client.chat.completions.with_raw_response.create(
+        model="qwen3-8b", messages=alike, temperature=0, extra_headers=headers, store=True
+    )
+    assert kept.headers.get("x-cache") != "semantic" and len(stack.fake.requests) == asked + 1
+    got = await client.chat.completions.retrieve(kept.parse().id)
+    assert got.id != first.id and got.choices[0].message.content == "Click 'Forgot password'."
+    assert await listed(client) == [got.id]

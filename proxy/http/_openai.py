@@ -114,8 +114,11 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
     exchange.adapt_with(_for_backend)
     if extra.get("store") is True:
-        # Journalled as stored: read back by its id (`_stored_completions`).
+        # Journalled as stored: read back by its id (`_stored_completions`). Not from the
+        # semantic cache, whose hit is another request's answer under that one's id (perhaps
+        # not stored); the exact cache's is a request the same, `store` included: one stored.
         exchange.settings = stored.stored_settings(request, time.time_ns() // 1000)
+        exchange.semantic_cache = None
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
     # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).

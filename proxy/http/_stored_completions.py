@@ -24,6 +24,7 @@ from proxy.domain.errors import database_not_configured, invalid_request
 from proxy.http._errors import Reply
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import current_tenant
+from proxy.http._openapi import _BOOL, _CHAT_COMPLETION, _OBJ, _STR, _ok, _op, document
 from proxy.infra.chat_store import completion_from_json
 from proxy.infra.stored_completions import StoredCompletion
 from proxy.services.auth import current_principal
@@ -159,3 +160,61 @@ async def completion_messages(incoming: Incoming) -> Reply:
     )
     listed = stored.stored_messages(messages or [], incoming.params["completion_id"])
     return Reply(dumps(stored.message_page(listed, paging)))
+
+
+# -- the OpenAPI document ------------------------------------------------------------------------------
+
+_ID = {"name": "completion_id", "in": "path", "required": True, "schema": _STR,
+       "description": "The id its client was given (the backend's, e.g. vLLM's `chatcmpl-…`)."}
+_METADATA = {"type": "object", "maxProperties": 16, "additionalProperties": {"type": "string", "maxLength": 512},
+             "propertyNames": {"maxLength": 64}}
+_STORED = {**_CHAT_COMPLETION, "properties": {**_CHAT_COMPLETION.get("properties", {}), "metadata": _METADATA}}
+
+
+def _list_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object", "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": item},
+                       "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]}, "has_more": _BOOL},
+    }
+
+
+_PAGING = [
+    {"name": "after", "in": "query", "schema": _STR, "description": "The id of the last one of the previous page."},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": stored.MAX_LIMIT},
+     "description": "Default 20."},
+    {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}, "description": "Default `asc`, oldest first."},
+]
+_OWN = (" Only completions made with `store: true`; each is its API key's own (a key limited to some models reads "
+        "those models' only): another's is a 404.")
+
+document("/v1/chat/completions", "get", _op(
+    "Stored chat completions, a page (OpenAI's `client.chat.completions.list`)", "OpenAI", _ok(_list_of(_STORED)),
+    parameters=[
+        {"name": "model", "in": "query", "schema": _STR, "description": "Only those of this model."},
+        {"name": "metadata", "in": "query", "style": "deepObject", "explode": True, "schema": _OBJ,
+         "description": "`metadata[key]=value`: only those whose metadata holds every pair."},
+        *_PAGING,
+    ],
+    description="In the order they were asked." + _OWN,
+))
+document("/v1/chat/completions/{completion_id}", "get", _op(
+    "A stored chat completion", "OpenAI", _ok(_STORED), parameters=[_ID],
+    description="The `chat.completion` its client was given (a stream's assembled), with its metadata." + _OWN,
+))
+document("/v1/chat/completions/{completion_id}", "post", _op(
+    "Replace a stored chat completion's metadata", "OpenAI", _ok(_STORED), parameters=[_ID],
+    body={"type": "object", "required": ["metadata"], "properties": {"metadata": {"oneOf": [_METADATA, {"type": "null"}]}}},
+    description="Nothing else of it changes." + _OWN,
+))
+document("/v1/chat/completions/{completion_id}", "delete", _op(
+    "Delete a stored chat completion", "OpenAI",
+    _ok({"type": "object", "required": ["id", "object", "deleted"],
+         "properties": {"id": _STR, "object": {"const": "chat.completion.deleted"}, "deleted": _BOOL}}),
+    parameters=[_ID],
+    description="Its answer and request leave the journal, and its answer the exact and semantic caches." + _OWN,
+))
+document("/v1/chat/completions/{completion_id}/messages", "get", _op(
+    "A stored chat completion's request messages, a page", "OpenAI", _ok(_list_of(_OBJ)), parameters=[_ID, *_PAGING],
+    description="Each with an id (`{completion_id}-{n}`), as sent." + _OWN,
+))
