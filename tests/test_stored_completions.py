@@ -13,8 +13,9 @@ import openai
 import pytest
 import trio
 
-from tests.fakes import OpenAIBackend, Script, Usage
-from tests.test_auth_helpers import eventually, keys_cli, new_key, sql, wait_for_key
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
+from tests.harness import backend
+from tests.test_auth_helpers import eventually, gateway, keys_cli, new_key, sql, wait_for_key
 from tests.test_responses_stored import QUICK, Stack, journaled_stack
 
 pytest_plugins = ["tests.infra_servers"]
@@ -76,8 +77,7 @@ async def test_a_streamed_completion_is_stored_assembled_with_its_tool_calls(sta
         model="qwen3-8b", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, stream=True,
         store=True,
     )
-    chunks = [chunk async for chunk in stream]
-    completion_id = chunks[0].id
+    [completion_id] = {chunk.id async for chunk in stream}
     got = await stack.client.chat.completions.retrieve(completion_id)
     message = got.choices[0].message
     assert got.id == completion_id and message.content == "Let me look."
@@ -320,3 +320,40 @@ async def test_a_stored_completion_is_never_another_requests_cached_answer(stack
     got = await client.chat.completions.retrieve(kept.parse().id)
     assert got.id != first.id and got.choices[0].message.content == "Click 'Forgot password'."
     assert await listed(client) == [got.id]
+
+
+@pytest.mark.parametrize("kind", ["ollama", "anthropic"])
+async def test_a_completion_another_kind_of_backend_answered_is_stored_by_the_id_its_client_had(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-test")
+    fake = OllamaBackend() if kind == "ollama" else AnthropicBackend(api_key="sk-ant-test")
+    fake.set_script(Script(tokens=["Stored", " here."], usage=Usage(6, 2)))
+    extra: Any = {"api_key_env": "TEST_ANTHROPIC_KEY"} if kind == "anthropic" else {}
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("b", server.url, kind=kind, default=True, **extra)
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        hi: Any = [{"role": "user", "content": "Hi"}]
+        whole = await client.chat.completions.create(model="some-model", messages=hi, store=True, metadata={"n": "1"})
+        stream = await client.chat.completions.create(model="some-model", messages=hi, store=True, stream=True)
+        [streamed_id] = {chunk.id async for chunk in stream}  # one id, every chunk's
+        for made, text in ((whole.id, whole.choices[0].message.content), (streamed_id, "Stored here.")):
+            got = await client.chat.completions.retrieve(made)
+            assert got.id == made and got.choices[0].message.content == text == "Stored here."
+            assert got.usage is not None and got.usage.total_tokens == 8
+        assert await listed(client) == [whole.id, streamed_id]
+        assert await listed(client, metadata={"n": "1"}) == [whole.id]
+        await client.close()
+
+
+async def test_a_keyed_request_repeated_is_one_stored_completion(stack: Stack) -> None:
+    """Asked again with its `Idempotency-Key` (a retry whose answer was lost), a stored chat is
+    answered by its first run: the same completion, kept once."""
+    client, key = stack.client, {"Idempotency-Key": "order-66"}
+    hi: Any = [{"role": "user", "content": "Hi"}]
+    first = await client.chat.completions.create(model="qwen3-8b", messages=hi, store=True, extra_headers=key)
+    again = await client.chat.completions.create(model="qwen3-8b", messages=hi, store=True, extra_headers=key)
+    assert again.id == first.id and len(stack.fake.requests) == 1
+    assert await listed(client) == [first.id]
+    assert (await client.chat.completions.retrieve(first.id)).choices[0].message.content == "The secret is 42."
