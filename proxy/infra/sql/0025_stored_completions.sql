@@ -2,7 +2,9 @@
 -- completion is its journal row, marked by its settings (NULL for every other chat row), and
 -- read back by the id its client was given, a backend's (`chatcmpl-…`), which only its answer
 -- holds. Partial indexes: rows of chats without `store` pay only the predicate's test of two
--- columns at hand, and a deleted completion (its settings emptied) leaves both.
+-- columns at hand, and a deleted completion (its settings emptied) leaves both. (An outcome's
+-- update of a `running` row was not a HOT update before either: `chat_log_running_owner`'s
+-- predicate reads the status it changes.)
 CREATE INDEX IF NOT EXISTS chat_log_stored_completion_id ON chat_log ((result->>'id'))
     WHERE dialect = 'openai' AND settings IS NOT NULL;
 -- A key's stored completions in the order they are listed: when each was asked (its
