@@ -185,6 +185,10 @@ async def test_a_deleted_completion_is_gone_for_every_reader(stack: Stack) -> No
         with pytest.raises(openai.NotFoundError):
             await attempt()
     assert await listed(client) == [] and await listed(client, metadata={"keep": "no"}) == []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        # Nor is it read by its trace: as a Response, or its events again.
+        assert (await http.get(f"/v1/responses/resp_{trace}")).status_code == 404
+        assert (await http.get(f"/v1/streams/{trace}")).status_code == 404
     # What it said and was asked is gone from the journal (its row stays for the accounts).
     [(request, result, settings)] = await sql(stack.db, "SELECT request::text, result, settings FROM chat_log WHERE trace_id = %s", trace)
     assert result is None and settings is None and "secret" not in request
