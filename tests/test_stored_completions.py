@@ -203,9 +203,10 @@ async def test_metadata_and_store_are_checked_as_openai_does(stack: Stack) -> No
         (lambda: client.chat.completions.create(
             model="m", messages=hi, store=True, metadata={str(i): "v" for i in range(17)}
         ), "metadata"),
-        (lambda: client.chat.completions.create(model="m", messages=hi, metadata={"k" * 65: "v"}), "metadata"),
+        (lambda: client.chat.completions.create(model="m", messages=hi, store=True, metadata={"k" * 65: "v"}), "metadata"),
         (lambda: client.chat.completions.create(model="m", messages=hi, store=True, metadata={"k": "v" * 513}), "metadata"),
-        (lambda: client.chat.completions.create(model="m", messages=hi, metadata={"k": 1}), "metadata"),  # type: ignore[dict-item]
+        (lambda: client.chat.completions.create(model="m", messages=hi, store=True, metadata={"k": 1}), "metadata"),  # type: ignore[dict-item]
+        (lambda: client.chat.completions.create(model="m", messages=hi, store=True, metadata=["k"]), "metadata"),  # type: ignore[arg-type]
         (lambda: client.chat.completions.create(model="m", messages=hi, store="yes"), "store"),  # type: ignore[arg-type]
         (lambda: client.chat.completions.update(made.id, metadata={"k" * 65: "v"}), "metadata"),
         (lambda: client.chat.completions.list(limit=101), "limit"),
@@ -219,6 +220,10 @@ async def test_metadata_and_store_are_checked_as_openai_does(stack: Stack) -> No
         body = info.value.body
         assert isinstance(body, dict) and body["param"] == param, (param, body)
     assert len(stack.fake.requests) == asked  # refused before any backend call
+    # A chat not stored keeps whatever metadata its client sends (LiteLLM's own, as before).
+    litellm: Any = {"tags": ["prod"], "trace_user_id": 7}
+    await client.chat.completions.create(model="m", messages=hi, extra_body={"metadata": litellm})
+    assert stack.fake.requests[-1].json["metadata"] == litellm
     assert (await client.chat.completions.retrieve(made.id)).model_dump()["metadata"] == {}
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
         # An id PostgreSQL could not even hold (a NUL) is one that does not exist, not an outage.

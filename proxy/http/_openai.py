@@ -108,7 +108,7 @@ class OpenAIJsonSink(JsonSink):
 async def chat_completions(incoming: Incoming) -> ExchangeBody:
     request = openai.parse_chat_request(incoming.body)
     extra = request.extra
-    if "store" in extra or "metadata" in extra:
+    if "store" in extra:
         stored.check_store_fields(Fields(extra))
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)

@@ -27,10 +27,11 @@ MAX_LIMIT = 100
 
 
 def check_store_fields(fields: Fields) -> None:
-    """`store` and `metadata` as OpenAI checks them: a boolean; at most 16 string values,
-    keys of up to 64 characters, values of up to 512 (400s naming the field)."""
-    fields.boolean("store")
-    if fields.data.get("metadata") is not None:
+    """`store` and, for a completion to store, `metadata` as OpenAI checks them: a boolean;
+    at most 16 string values, keys of up to 64 characters, values of up to 512 (400s naming
+    the field). Not a chat's metadata that is not stored: LiteLLM's clients send their own
+    there (`tags` lists, numbers), which the backend gets as before."""
+    if fields.boolean("store") and fields.data.get("metadata") is not None:
         _metadata(fields)
 
 
