@@ -44,7 +44,9 @@ RESPONSES: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/v1/chat/completions", {"content": b"{", "headers": {"content-type": "application/json"}}, 400),
     ("POST", "/v1/chat/completions", {"json": {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}}, 413),
     ("POST", "/v1/chat/completions", {"json": {"model": "zzz", "messages": MESSAGES}}, 404),
-    ("GET", "/v1/chat/completions", {}, 405),
+    # Stored chat completions are listed from the journal, which this gateway runs without.
+    ("GET", "/v1/chat/completions", {}, 503),
+    ("PUT", "/v1/chat/completions", {}, 405),
     ("GET", "/v1/models", {}, 200),
     ("POST", "/v1/models", {}, 405),
     ("GET", "/v1/embeddings", {}, 405),
@@ -234,8 +236,9 @@ async def test_every_405_names_the_allowed_methods() -> None:
             ("DELETE", "/v1/models/m", "GET, HEAD"),
             ("POST", "/v1/workspaces/ws1", "DELETE, GET, HEAD, PUT"),
             ("GET", "/api/chat", "POST"),
-            ("GET", "/v1/chat/completions", "POST"),
-            ("OPTIONS", "/v1/chat/completions", "POST"),
+            ("PUT", "/v1/chat/completions", "GET, POST"),
+            ("OPTIONS", "/v1/chat/completions", "GET, POST"),
+            ("PUT", "/v1/chat/completions/chatcmpl-1", "DELETE, GET, POST"),
         ):
             answer = await client.request(method, path)
             assert answer.status_code == 405, (method, path)

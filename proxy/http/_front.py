@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import trio
@@ -90,10 +90,25 @@ class FrontRoute:
     # and says what is too large in its own words (the file's limit, not the form's).
     body_limit: Callable[[Settings], int] | None = None
     too_large: Callable[[Settings], GatewayError] | None = None
+    # Methods counted otherwise than `kind` (listing stored chat completions is a read of the
+    # chat path, not a chat).
+    method_kinds: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def allow(self) -> bytes:
         return ", ".join(sorted(self.handlers)).encode()
+
+    def kind_of(self, method: str) -> str | None:
+        return self.method_kinds.get(method, self.kind)
+
+    def with_methods_of(self, other: FrontRoute) -> FrontRoute:
+        """This route and `other`'s methods (the same rule, declared by two surfaces)."""
+        assert self.body_limit is other.body_limit, f"{self.rule}: every method of a route has one body limit"
+        kinds = {**self.method_kinds, **{method: other.kind_of(method) for method in other.handlers}}
+        return replace(
+            self, handlers={**self.handlers, **other.handlers},
+            method_kinds={method: kind for method, kind in kinds.items() if kind != self.kind},
+        )
 
 
 class FrontDoor:
@@ -112,9 +127,10 @@ class FrontDoor:
         def register(handler: Handler) -> Handler:
             known = self._routes_by_rule().get(rule)
             if known is not None:
-                assert known.kind == kind, f"{rule}: every method of a route is counted alike"
                 assert known.body_limit is body_limit, f"{rule}: every method of a route has one body limit"
                 known.handlers[method] = handler
+                if kind != known.kind:
+                    known.method_kinds[method] = kind
                 return handler
             route = FrontRoute(rule, {method: handler}, kind, body_limit, too_large)
             if "<" in rule:
@@ -128,8 +144,16 @@ class FrontDoor:
         return register
 
     def include(self, other: FrontDoor) -> None:
-        self._exact.update(other._exact)
-        self._with_param.extend(other._with_param)
+        """`other`'s routes too; a rule both declare has the methods of both."""
+        for path, route in other._exact.items():
+            known = self._exact.get(path)
+            self._exact[path] = route if known is None else known.with_methods_of(route)
+        for prefix, name, suffix, route in other._with_param:
+            place = next((i for i, entry in enumerate(self._with_param) if entry[3].rule == route.rule), None)
+            if place is None:
+                self._with_param.append((prefix, name, suffix, route))
+            else:
+                self._with_param[place] = (prefix, name, suffix, self._with_param[place][3].with_methods_of(route))
 
     def match(self, path: str) -> tuple[FrontRoute, dict[str, str]] | None:
         route = self._exact.get(path)
@@ -167,7 +191,7 @@ async def serve(
         # The rate limits wait for the body: a request reserves the tokens it asks for.
         refusal = await admit(gateway, head, limits=False)
         if refusal is not None:
-            await _refuse(out, gateway, route.kind, head, refusal, body, started)
+            await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
             return
         try:
             handler = route.handlers.get(head.method)
@@ -188,7 +212,7 @@ async def serve(
                 raise
             refusal = await limit(gateway, head, body)
             if refusal is not None:
-                await _refuse(out, gateway, route.kind, head, refusal, body, started)
+                await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
                 return
             try:
                 answer = await _answer(handler, Incoming(gateway, head, body, params))
@@ -200,12 +224,12 @@ async def serve(
             reply = error_reply(error, dialect_of_path(head.path))
             if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
                 reply.headers.append((b"allow", route.allow))
-            await _refuse(out, gateway, route.kind, head, reply, body, started, error.message)
+            await _refuse(out, gateway, route.kind_of(head.method), head, reply, body, started, error.message)
             return
         except Exception:
             log.exception("unhandled error on %s %s", head.method, head.path)
             internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-            await _refuse(out, gateway, route.kind, head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+            await _refuse(out, gateway, route.kind_of(head.method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
             return
         if isinstance(answer, Reply):
             answer.headers.extend(granted_headers())

@@ -3,14 +3,16 @@ endpoints in Anthropic's shapes for Anthropic's clients, which share their paths
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from quart import Blueprint, Response, request
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
-from proxy.dialects._json import dumps
+from proxy.dialects._json import Fields, dumps
 from proxy.dialects.anthropic import _models as anthropic_models
+from proxy.dialects.openai import stored
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, listing_headers
@@ -105,9 +107,18 @@ class OpenAIJsonSink(JsonSink):
 @exchanges.route("/v1/chat/completions")
 async def chat_completions(incoming: Incoming) -> ExchangeBody:
     request = openai.parse_chat_request(incoming.body)
+    extra = request.extra
+    if "store" in extra:
+        stored.check_store_fields(Fields(extra))
     meta = request_meta(incoming.head)
     exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=True)
     exchange.adapt_with(_for_backend)
+    if extra.get("store") is True:
+        # Journalled as stored: read back by its id (`_stored_completions`). Not from the
+        # semantic cache, whose hit is another request's answer under that one's id (perhaps
+        # not stored); the exact cache's is a request the same, `store` included: one stored.
+        exchange.settings = stored.stored_settings(request, time.time_ns() // 1000)
+        exchange.semantic_cache = None
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
     # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).

@@ -23,6 +23,7 @@ from proxy.config import BackendConfig
 from proxy.dialects import anthropic, responses
 from proxy.dialects._json import dumps, is_decimal
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
+from proxy.dialects.openai import stored as openai_stored
 from proxy.domain.chat import ChatCompletion, ChatRequest, Message, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, StreamStart
@@ -497,7 +498,9 @@ def _echoed(settings: dict[str, Any] | None) -> dict[str, Any]:
     """What the Response echoes of its request: as the request set them (kept with its run),
     or the defaults for a run that does not have them (not a Responses request, or one
     journalled before they were kept; a run of another instance whose row is not written yet)."""
-    return settings if settings is not None else responses.default_settings()
+    if settings is None or openai_stored.is_stored(settings):  # a stored chat completion's are its own
+        return responses.default_settings()
+    return settings
 
 
 def _rendered(stored: StoredRun, response: str) -> Reply:

@@ -27,6 +27,7 @@ from proxy.http import (
     _openai,
     _rerank,
     _responses,
+    _stored_completions,
     _streams,
     _upload,
     _vllm,
@@ -134,7 +135,9 @@ def create_app(settings: Settings) -> GatewayApp:
     app.register_blueprint(_batches.blueprint)
     app.register_blueprint(_message_batches.blueprint)
     app.register_blueprint(openapi_blueprint)
-    for surface in (_openai, _completions, _rerank, _audio, _vllm, _responses, _ollama, _anthropic, _streams):
+    for surface in (
+        _openai, _stored_completions, _completions, _rerank, _audio, _vllm, _responses, _ollama, _anthropic, _streams,
+    ):
         app.front.include(surface.exchanges)
     install_error_handlers(app)
     install_auth(app)

@@ -39,6 +39,7 @@ from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable, InvalidValue
 from proxy.infra.resources import Resources
+from proxy.infra.stored_completions import StoredCompletions
 from proxy.services.journal import (
     EVENTS_STREAM,
     EventLog,
@@ -516,6 +517,11 @@ class Persistence:
         """A statement on the stored files and batches a client waits on, as `journal_read`."""
         db = self.resources.database
         return await self._waited_on(BatchStore(db) if db is not None else None, call, what)
+
+    async def stored_completions(self, call: Callable[[StoredCompletions], Awaitable[_T]], what: str) -> _T:
+        """A statement on OpenAI's stored chat completions a client waits on, as `journal_read`."""
+        db = self.resources.database
+        return await self._waited_on(StoredCompletions(db) if db is not None else None, call, what)
 
     async def _waited_on(self, store: _S | None, call: Callable[[_S], Awaitable[_T]], what: str) -> _T:
         try:
