@@ -38,3 +38,11 @@ def test_the_job_unit_may_start_once_more_than_a_job_may_run() -> None:
     [line] = [line for line in (DEPLOY / "llm-proxy-job@.service").read_text().splitlines()
               if line.startswith("StartLimitBurst=")]
     assert int(line.removeprefix("StartLimitBurst=")) == WorkflowSettings().max_deliver + 1
+
+
+@pytest.mark.parametrize("unit", sorted(DEPLOY.glob("*.service")), ids=lambda path: path.name)
+def test_every_unit_can_run_llm_proxy_from_a_virtualenv_under_home(unit: Path) -> None:
+    # deploy/README.md says to point ExecStart at a virtualenv's bin/llm-proxy; `ProtectHome=yes`
+    # (or `tmpfs`) hides /home from the unit, and a job unit so made failed with 203/EXEC.
+    settings = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    assert settings.get("ProtectHome", "no") in ("no", "read-only")
