@@ -46,3 +46,22 @@ def test_every_unit_can_run_llm_proxy_from_a_virtualenv_under_home(unit: Path) -
     # (or `tmpfs`) hides /home from the unit, and a job unit so made failed with 203/EXEC.
     settings = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and not line.startswith("#"))
     assert settings.get("ProtectHome", "no") in ("no", "read-only")
+
+
+def test_the_documented_keys_command_reads_the_database_the_gateway_unit_uses() -> None:
+    # It named the data directory alone: with DATABASE_URL in the unit's environment file (or
+    # `database_url` in its config), `keys create` started an embedded PostgreSQL of its own and
+    # printed a key the gateway never saw.
+    unit = (DEPLOY / "llm-proxy.service").read_text().splitlines()
+    [environment] = [line.removeprefix("EnvironmentFile=").lstrip("-") for line in unit if line.startswith("EnvironmentFile=")]
+    serve = exec_start(DEPLOY / "llm-proxy.service")
+    config = serve[serve.index("--config") + 1]
+    [data_dir] = [line.rsplit("=", 1)[1] for line in unit if line.startswith("Environment=LLM_PROXY_DATA_DIR=")]
+    readme = (DEPLOY / "README.md").read_text()
+    command = readme[readme.index("- Keys:"):].split("```sh", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    argv = shlex.split(shlex.split(command)[-1])  # the shell's script: `set -a; . FILE; exec llm-proxy keys ...`
+    assert f". {environment};" in " ".join(argv)
+    keys = argv[argv.index("llm-proxy") + 1:]
+    args = build_parser().parse_args(keys)
+    assert (args.command, args.keys_command) == ("keys", "create")
+    assert str(args.config) == config and str(args.data_dir) == data_dir
