@@ -135,3 +135,21 @@ async def test_the_document_is_served_without_a_key_and_lists_only_served_routes
             assert "security" not in document["paths"]["/v1/chat/completions"]["post"]
             assert document["security"] == [{"bearer": []}, {"apiKey": []}]
             schemathesis.openapi.from_dict(document)  # loads as OpenAPI 3.1
+
+
+def test_each_operation_documents_the_error_shape_its_path_answers_in() -> None:
+    # The document's own rule: `/v1/messages*` answers in Anthropic's shape, `/api/*` in Ollama's.
+    # Message Batches were documented with OpenAI's errors, and their create body as any object.
+    app = create_app(Settings())
+    for path, method in served_operations(app_rules(app)):
+        errors = OPERATIONS[(path, method)]["responses"].get("4XX")
+        if errors is None:
+            continue
+        ollama = path.startswith("/api/") or path == "/"  # Ollama's "Ollama is running"
+        expected = "AnthropicError" if path.startswith("/v1/messages") else "OllamaError" if ollama else "OpenAIError"
+        assert errors == {"$ref": f"#/components/responses/{expected}"}, (method, path)
+    body = OPERATIONS[("/v1/messages/batches", "post")]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["requests"]
+    assert body["properties"]["requests"]["items"]["required"] == ["custom_id", "params"]
+    assert body["properties"]["requests"]["items"]["properties"]["params"] == OPERATIONS[("/v1/messages", "post")][
+        "requestBody"]["content"]["application/json"]["schema"]
