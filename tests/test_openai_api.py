@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import AnthropicBackend, OpenAIBackend, Script, ToolCall, Usage
+from tests.fakes import AnthropicBackend, Exchange, OpenAIBackend, Request, Script, ToolCall, Usage
+from tests.fakes.base import Call
 from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
 
@@ -415,6 +416,27 @@ async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages
                 assert ready.status_code == 503
                 assert "gone" in ready.json()["reason"]
                 assert (await http.get("/health")).status_code == 200
+
+
+class NoListing(OpenAIBackend):
+    """A server answering its model listing as FastAPI answers a path it lacks (vLLM's root
+    without `/v1`; an audio server without a listing)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.method == "GET" and request.path.endswith("/models"):
+            await exchange.respond_json(404, {"detail": "Not Found"})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_ready_says_which_backend_refused_its_model_listing_and_where() -> None:
+    # `/ready` said `{"backend:vllm": "Not Found"}`: neither the backend nor what was asked.
+    async with NoListing().serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            ready = await http.get("/ready")
+    assert ready.status_code == 503
+    reason = ready.json()["checks"]["backend:vllm"]
+    assert "Backend `vllm`" in reason and "GET /v1/models" in reason and "404" in reason and "base_url" in reason
 
 
 async def test_backend_connections_are_reused_across_requests(setup: Setup) -> None:
