@@ -65,3 +65,13 @@ def test_the_documented_keys_command_reads_the_database_the_gateway_unit_uses() 
     args = build_parser().parse_args(keys)
     assert (args.command, args.keys_command) == ("keys", "create")
     assert str(args.config) == config and str(args.data_dir) == data_dir
+
+
+def test_the_gateway_unit_listens_where_its_environment_file_says() -> None:
+    # `--bind 127.0.0.1:8080` in ExecStart won over LLM_PROXY_BIND in gateway.env (which the unit
+    # invites LLM_PROXY_* settings into) and over the config's `bind`: both silently ignored.
+    unit = (DEPLOY / "llm-proxy.service").read_text().splitlines()
+    assert build_parser().parse_args(exec_start(DEPLOY / "llm-proxy.service")).bind is None
+    # systemd: what an EnvironmentFile= sets overrides Environment=, so this is only a default.
+    assert "Environment=LLM_PROXY_BIND=127.0.0.1:8080" in unit
+    assert any(line.startswith("EnvironmentFile=") for line in unit)
