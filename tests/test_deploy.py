@@ -75,3 +75,20 @@ def test_the_gateway_unit_listens_where_its_environment_file_says() -> None:
     # systemd: what an EnvironmentFile= sets overrides Environment=, so this is only a default.
     assert "Environment=LLM_PROXY_BIND=127.0.0.1:8080" in unit
     assert any(line.startswith("EnvironmentFile=") for line in unit)
+
+
+def test_the_install_steps_let_both_units_read_the_config_directory() -> None:
+    # The job section made /etc/llm-proxy again for group `llm-proxy` (mode 0750): the gateway's
+    # user, of `llm-proxy-gw`, could no longer read its config.toml, and the job's user could not
+    # read it either (0640, group llm-proxy-gw).
+    readme = (DEPLOY / "README.md").read_text()
+    steps = [shlex.split(line, comments=True) for block in readme.split("```sh")[1:]
+             for line in block.split("```")[0].splitlines() if line.startswith(("install ", "useradd "))]
+    groups = {step[step.index("-g") + 1] for step in steps if step[:2] == ["install", "-d"] and step[-1] == "/etc/llm-proxy"}
+    config = [step for step in steps if step[0] == "install" and step[-1] == "/etc/llm-proxy/config.toml"]
+    assert len(groups) == 1 and len(config) == 1 and config[0][config[0].index("-g") + 1] in groups
+    [group] = groups
+    for unit in ("llm-proxy.service", "llm-proxy-job@.service"):
+        [user] = [line.removeprefix("User=") for line in (DEPLOY / unit).read_text().splitlines() if line.startswith("User=")]
+        [made] = [step for step in steps if step[0] == "useradd" and step[-1] == user]
+        assert user == group or ("--groups" in made and group in made[made.index("--groups") + 1].split(","))
