@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import hypothesis
+import jsonschema_rs
 import pytest
 import schemathesis
 import trio
@@ -21,6 +22,7 @@ from tests.fakes import Exchange, OpenAIBackend, Request, Script, Usage
 from tests.fakes.base import Call
 from tests.harness import backend
 from tests.test_auth_helpers import bearer, gateway, new_key, wait_for_key
+from tests.test_responses_stored import journaled_stack
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -153,3 +155,24 @@ def test_each_operation_documents_the_error_shape_its_path_answers_in() -> None:
     assert body["properties"]["requests"]["items"]["required"] == ["custom_id", "params"]
     assert body["properties"]["requests"]["items"]["properties"]["params"] == OPERATIONS[("/v1/messages", "post")][
         "requestBody"]["content"]["application/json"]["schema"]
+
+
+async def test_background_responses_and_their_cancel_answer_as_documented(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The document allowed a Response only `completed` or `incomplete`: a client generated from it
+    # refused the `queued` of a background creation and the `cancelled` of its cancel, and it did
+    # not list `background` or `previous_response_id` among the fields a request may set.
+    documented = OPERATIONS[("/v1/responses", "post")]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"background", "previous_response_id"} <= set(documented["properties"])
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(50)], pace=0.1))
+    async with journaled_stack(pg_database_url, nats_url, fake) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+            created = await http.post("/v1/responses", json={"model": "m", "input": "Count", "background": True})
+            assert created.status_code == 200, created.text
+            cancelled = await http.post(f"/v1/responses/{created.json()['id']}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+    for (path, method), answer in [(("/v1/responses", "post"), created), (("/v1/responses/{response_id}/cancel", "post"), cancelled)]:
+        schema = OPERATIONS[(path, method)]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert jsonschema_rs.validator_for(schema).is_valid(answer.json()), (path, answer.json()["status"])
+    assert (created.json()["status"], cancelled.json()["status"]) == ("queued", "cancelled")
