@@ -468,6 +468,23 @@ async def test_request_log_line_per_request(caplog: pytest.LogCaptureFixture) ->
     assert dropped.cancelled is True and dropped.stream is True  # type: ignore[attr-defined]
 
 
+async def test_a_chat_left_before_its_answer_began_is_logged_499_as_it_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+    # Its line said `"status": 0` while `/metrics` (and a relayed call's line) said 499.
+    fake = OpenAIBackend(default=Script(tokens=["a"], header_delay=5.0))
+    caplog.set_level("INFO", logger="llm_proxy.request")
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), access_log=True) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await hang_up_once_received(fake, lambda: http.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-request-id": "gone"},
+            ))
+
+            async def logged() -> object:
+                return next((r for r in caplog.records if getattr(r, "request_id", None) == "gone"), None)
+
+            line = await eventually(logged)
+    assert (line.status, line.cancelled) == (499, True)  # type: ignore[attr-defined]
+
+
 async def test_refused_requests_get_their_log_line_too(caplog: pytest.LogCaptureFixture) -> None:
     """An operator sees the clients the gateway turned away, not only the answered ones."""
     fake = OpenAIBackend()
