@@ -170,6 +170,18 @@ def test_data_dir_option_that_is_a_file(tmp_path: Path) -> None:
     assert_one_line(serve(["--config", str(config), "--data-dir", str(config)]), "--data-dir")
 
 
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["migrate"]])
+def test_a_data_dir_that_cannot_be_created_is_named_in_one_line(command: list[str]) -> None:
+    # A PermissionError traceback from deep in the embedded servers' start, exit status 1.
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    extra = ["--bind", f"127.0.0.1:{free_port()}"] if command == ["serve"] else []
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", *command, *extra, "--data-dir", "/proc/llm-proxy-data"],
+        env=base, capture_output=True, text=True, timeout=30,
+    )
+    assert_one_line(result, "/proc/llm-proxy-data", "--data-dir", "cannot be used")
+
+
 @pytest.mark.parametrize("port", ["abc", "99999", "0"])
 def test_backend_url_with_a_bad_port(tmp_path: Path, port: str) -> None:
     config = write(
