@@ -215,11 +215,19 @@ document(BATCHES, "post", _op(
     "Create a message batch (Anthropic)", "Batches", _ok(_BATCH), body=_NEW_BATCH, dialect="anthropic",
     description="Each request's `custom_id` unique in the batch; at most 100,000 requests, or `[batches] max_lines`.",
 ))
-document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST), dialect="anthropic"))
-document(BATCHES + "/{batch_id}", "get", _op("A message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic"))
+_ID = [{"name": "batch_id", "in": "path", "required": True, "schema": _STR}]
+_PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": _MAX_LIMIT}, "description": "Default 20."},
+    {"name": "after_id", "in": "query", "schema": _STR, "description": "The batches older than this one."},
+    {"name": "before_id", "in": "query", "schema": _STR, "description": "The batches newer than this one (not with `after_id`)."},
+]
+document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST), dialect="anthropic", parameters=_PAGE))
+document(BATCHES + "/{batch_id}", "get",
+         _op("A message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic", parameters=_ID))
 document(BATCHES + "/{batch_id}", "delete",
-         _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ), dialect="anthropic"))
+         _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ), dialect="anthropic", parameters=_ID))
 document(BATCHES + "/{batch_id}/cancel", "post",
-         _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic"))
-document(BATCHES + "/{batch_id}/results", "get",
-         _op("A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl"), dialect="anthropic"))
+         _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic", parameters=_ID))
+document(BATCHES + "/{batch_id}/results", "get", _op(
+    "A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl"), dialect="anthropic", parameters=_ID,
+))
