@@ -88,6 +88,7 @@ def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted
         yield settings
         return
     data_dir = settings.data_dir or default_data_dir()
+    _make_data_dir(data_dir)
     with contextlib.ExitStack() as stack:
         changes: dict[str, object] = {}
         if stop_adopted:
@@ -113,6 +114,23 @@ def embedded_servers(settings: Settings, *, with_nats: bool = True, stop_adopted
                 changes["embedded_nats"] = nats.store_dir
             log.info("embedded NATS on %s", nats.url)
         yield replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def _make_data_dir(data_dir: Path) -> None:
+    """The embedded servers' directory, made now: one the process may not create or write to
+    (a system path, another user's) stops start-up naming it, not with a traceback."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(data_dir, os.W_OK | os.X_OK)
+    except OSError as error:
+        reason = error.strerror or str(error)
+    else:
+        if writable:
+            return
+        reason = "not writable by this user"
+    raise ConfigError(
+        f"the data directory {data_dir} (`data_dir`, --data-dir, LLM_PROXY_DATA_DIR) cannot be used: {reason}"
+    )
 
 
 # A gateway holds a shared flock on this file of its data directory while it runs; one-shot
@@ -187,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(settings)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as error:
+        print(f"llm-proxy: configuration error: {error}", file=sys.stderr)
+        return 2
     except EmbeddedServerError as error:
         print(f"llm-proxy: {error}", file=sys.stderr)
         return 1

@@ -319,14 +319,54 @@ _BACKEND_KEYS = {
     "name", "kind", "base_url", "api_key_env", "prefixes", "models", "default", "timeouts",
     "max_connections", "request_usage", "cache", "chat_template_fields", "trace_context",
 }
+_TIMEOUT_KEYS = {"connect", "first_token", "idle", "total", "failover"}
+_WORKFLOW_KEYS = {
+    "launch", "default_pipeline", "silence_seconds", "ack_wait_seconds", "max_deliver", "concurrency",
+    "job_retention_seconds", "job_timeout_seconds", "unit", "systemctl", "pipelines",
+}
+_EMBEDDINGS_KEYS = {"local_model", "preload", "threads", "max_inputs"}
+_RAG_KEYS = {
+    "top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template",
+    "pdf_max_pages", "pdf_max_bytes", "pdf_timeout_seconds",
+}
+_SEMANTIC_CACHE_KEYS = {"enabled", "models", "threshold", "ttl_seconds"}
+_BATCHES_KEYS = {"concurrency", "file_max_bytes", "max_lines", "poll_seconds"}
+_TRACING_KEYS = {"propagate"}
+
+# Where each key is at home, to name it for a key written in another table: TOML puts every
+# key below a `[table]` header into that table, so a top-level setting appended to the end of
+# a file lands in its last table, and a table's setting written at the top lands nowhere.
+_HOMES: tuple[tuple[str, set[str]], ...] = (
+    ("at the top of the file, above the first [table] header: in TOML, a key below a header belongs to that table", _TOP_KEYS),
+    ("in a `[[backends]]` entry", _BACKEND_KEYS),
+    ("in `[timeouts]` or a backend's `timeouts`", _TIMEOUT_KEYS),
+    ("in `[workflow]`", _WORKFLOW_KEYS),
+    ("in `[embeddings]`", _EMBEDDINGS_KEYS),
+    ("in `[rag]`", _RAG_KEYS),
+    ("in `[semantic_cache]`", _SEMANTIC_CACHE_KEYS),
+    ("in `[batches]`", _BATCHES_KEYS),
+    ("in `[tracing]`", _TRACING_KEYS),
+)
+
+# TOML's names for the values a key may hold.
+_TOML_TYPES = {str: "string", int: "integer", float: "float", bool: "boolean", list: "array", dict: "table"}
+
+
+def _unknown_key_hint(name: str, where: str, allowed: set[str]) -> str:
+    """What to say of an unknown key: the table(s) where it belongs, else the key of this table
+    it is probably a misspelling of."""
+    homes = [home for home, keys in _HOMES if name in keys and keys is not allowed]
+    if homes:
+        return f" (it belongs {' or '.join(homes)})"
+    close = difflib.get_close_matches(name, allowed, n=1)
+    return f" (did you mean `{_join(where, close[0])}`?)" if close else ""
 
 
 class _Reader:
     def __init__(self, data: Mapping[str, Any], where: str, allowed: set[str]) -> None:
         unknown = sorted(set(data) - allowed)
         if unknown:
-            close = difflib.get_close_matches(unknown[0], allowed, n=1)
-            hint = f" (did you mean `{_join(where, close[0])}`?)" if close else ""
+            hint = _unknown_key_hint(unknown[0], where, allowed)
             raise ConfigError(f"unknown key `{_join(where, unknown[0])}`{hint}")
         self.data = data
         self.where = where
@@ -341,7 +381,8 @@ class _Reader:
         if isinstance(value, bool) and kind in (int, float, (int, float)):
             raise ConfigError(f"`{self.key(name)}` must be a number, got {value!r}")
         if not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            expected = "number" if float in kinds and int in kinds else " or ".join(_TOML_TYPES.get(k, k.__name__) for k in kinds)
             raise ConfigError(f"`{self.key(name)}` must be of type {expected}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             # TOML has nan and inf; neither is a size, a count or a number of seconds (trio
@@ -449,7 +490,7 @@ def _parse_fallbacks(raw: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
 def _parse_timeouts(raw: Any, where: str, base: Timeouts) -> Timeouts:
     if not isinstance(raw, dict):
         raise ConfigError(f"`{where}` must be a table")
-    reader = _Reader(raw, where, {"connect", "first_token", "idle", "total", "failover"})
+    reader = _Reader(raw, where, _TIMEOUT_KEYS)
     values = {}
     for name in ("connect", "first_token", "idle", "total", "failover"):
         if name in raw:
@@ -487,10 +528,6 @@ def _parse_backend(raw: Any, where: str, default_timeouts: Timeouts) -> BackendC
     )
 
 
-_WORKFLOW_KEYS = {
-    "launch", "default_pipeline", "silence_seconds", "ack_wait_seconds", "max_deliver", "concurrency",
-    "job_retention_seconds", "job_timeout_seconds", "unit", "systemctl", "pipelines",
-}
 _FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -542,7 +579,7 @@ def _parse_workflow(raw: Mapping[str, Any]) -> WorkflowSettings:
 
 
 def _parse_embeddings(raw: Mapping[str, Any]) -> EmbeddingSettings:
-    reader = _Reader(raw, "embeddings", {"local_model", "preload", "threads", "max_inputs"})
+    reader = _Reader(raw, "embeddings", _EMBEDDINGS_KEYS)
     return EmbeddingSettings(
         local_model=reader.get("local_model", bool, True),
         preload=reader.get("preload", bool, False),
@@ -552,10 +589,7 @@ def _parse_embeddings(raw: Mapping[str, Any]) -> EmbeddingSettings:
 
 
 def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
-    reader = _Reader(
-        raw, "rag", {"top_k", "score_threshold", "candidates", "rerank", "chunk_tokens", "chunk_overlap", "template",
-                     "pdf_max_pages", "pdf_max_bytes", "pdf_timeout_seconds"}
-    )
+    reader = _Reader(raw, "rag", _RAG_KEYS)
     top_k = reader.positive("top_k", int, 4)
     threshold = float(reader.get("score_threshold", (int, float), 0.3))
     if not -1.0 <= threshold <= 1.0:
@@ -588,7 +622,7 @@ def _parse_rag(raw: Mapping[str, Any]) -> RagSettings:
 
 
 def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
-    reader = _Reader(raw, "semantic_cache", {"enabled", "models", "threshold", "ttl_seconds"})
+    reader = _Reader(raw, "semantic_cache", _SEMANTIC_CACHE_KEYS)
     threshold = float(reader.get("threshold", (int, float), 0.95))
     if not 0.0 < threshold <= 1.0:
         raise ConfigError(f"`semantic_cache.threshold` must be in (0, 1], got {threshold!r}")
@@ -601,7 +635,7 @@ def _parse_semantic_cache(raw: Mapping[str, Any]) -> SemanticCacheSettings:
 
 
 def _parse_batches(raw: Mapping[str, Any]) -> BatchSettings:
-    reader = _Reader(raw, "batches", {"concurrency", "file_max_bytes", "max_lines", "poll_seconds"})
+    reader = _Reader(raw, "batches", _BATCHES_KEYS)
     return BatchSettings(
         concurrency=reader.positive("concurrency", int, 4),
         file_max_bytes=reader.positive("file_max_bytes", int, 100 * 1024 * 1024),
@@ -611,7 +645,7 @@ def _parse_batches(raw: Mapping[str, Any]) -> BatchSettings:
 
 
 def _parse_tracing(raw: Mapping[str, Any]) -> TracingSettings:
-    return TracingSettings(propagate=_Reader(raw, "tracing", {"propagate"}).get("propagate", bool, True))
+    return TracingSettings(propagate=_Reader(raw, "tracing", _TRACING_KEYS).get("propagate", bool, True))
 
 
 def _base_urls(value: str | list[Any] | None, key: str) -> tuple[str, ...]:

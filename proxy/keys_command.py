@@ -52,7 +52,11 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
                         help="tokens (prompt + completion) the key may use per budget period (default: unlimited)")
     create.add_argument("--budget-period", default="30d", metavar="PERIOD",
                         help="the budget's period, from now: 30m, 12h, 1d, 7d, 30d, 4w (default: 30d)")
-    create.add_argument("--admin", action="store_true", help="may change workspaces' documents")
+    create.add_argument(
+        "--admin", action="store_true",
+        help="may change workspaces' documents, manage keys over HTTP (/v1/keys, if not limited by --models or "
+        "--workspaces) and read /metrics under metrics_admin_only",
+    )
 
     update = actions.add_parser("update", help="change a key's limits, scopes or expiry in place")
     common(update)

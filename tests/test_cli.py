@@ -273,3 +273,15 @@ def test_keys_leave_the_postgres_they_started_running_while_a_gateway_uses_the_d
     EmbeddedPostgres(tmp_path / "pgdata").stop()
     assert keys("list").returncode == 0  # no gateway: stopped again on the way out
     assert _postmaster_pid(tmp_path / "pgdata") is None
+
+
+def test_keys_create_help_says_what_an_admin_key_may_do() -> None:
+    # It said "may change workspaces' documents" alone: an operator making a key for a
+    # dashboard's scraper (metrics_admin_only) or for tooling on /v1/keys learnt neither.
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "create", "--help"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0
+    admin = " ".join(result.stdout.split("--admin ", 2)[-1].split())
+    assert "/v1/keys" in admin and "/metrics" in admin and "workspaces' documents" in admin

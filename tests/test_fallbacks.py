@@ -102,7 +102,7 @@ def test_fallbacks_are_validated_at_start_up(tmp_path: pytest.TempPathFactory) -
         ('"a" = ["a"]', "`fallbacks.a` lists the model itself"),
         ('"a" = ["b", "b"]', "`fallbacks.a` lists a model twice"),
         ('"a" = []', "`fallbacks.a` must list at least one model"),
-        ('"a" = "b"', "`fallbacks.a` must be of type list"),
+        ('"a" = "b"', "`fallbacks.a` must be of type array"),
     ):
         config.write_text(f"[fallbacks]\n{bad}\n")
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):

@@ -143,3 +143,21 @@ def test_with_two_workers_every_scrape_counts_both(tmp_path: Path) -> None:
     # The workers' count files go with the gateway.
     assert not list(tmp_path.glob("llm-proxy-metrics-*"))
 
+
+
+async def test_first_token_latency_is_told_apart_by_kind() -> None:
+    # A speech stream's first audio bytes and a chat's first token were one histogram series
+    # per model: under `model=""` (every name the gateway does not know) they were averaged.
+    fake = OpenAIBackend(default=Script(tokens=["a", "b"]))
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        async for _chunk in await client.chat.completions.create(model="m", messages=CHAT["messages"], stream=True):
+            pass
+        async with client.audio.speech.with_streaming_response.create(model="tts", voice="af", input="Hi.") as speech:
+            assert await speech.read()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            text = (await http.get("/metrics")).text
+        await client.close()
+    first_token = "llm_proxy_time_to_first_token_seconds_count"
+    assert total(text, first_token, kind="chat", backend="vllm") == 1
+    assert total(text, first_token, kind="speech", backend="vllm") == 1

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import AnthropicBackend, OpenAIBackend, Script, ToolCall, Usage
+from tests.fakes import AnthropicBackend, Exchange, OpenAIBackend, Request, Script, ToolCall, Usage
+from tests.fakes.base import Call
 from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
 
@@ -417,6 +418,27 @@ async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages
                 assert (await http.get("/health")).status_code == 200
 
 
+class NoListing(OpenAIBackend):
+    """A server answering its model listing as FastAPI answers a path it lacks (vLLM's root
+    without `/v1`; an audio server without a listing)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.method == "GET" and request.path.endswith("/models"):
+            await exchange.respond_json(404, {"detail": "Not Found"})
+            return
+        await super().route(request, exchange, call)
+
+
+async def test_ready_says_which_backend_refused_its_model_listing_and_where() -> None:
+    # `/ready` said `{"backend:vllm": "Not Found"}`: neither the backend nor what was asked.
+    async with NoListing().serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            ready = await http.get("/ready")
+    assert ready.status_code == 503
+    reason = ready.json()["checks"]["backend:vllm"]
+    assert "Backend `vllm`" in reason and "GET /v1/models" in reason and "404" in reason and "base_url" in reason
+
+
 async def test_backend_connections_are_reused_across_requests(setup: Setup) -> None:
     setup.fake.set_script(Script(tokens=["a", "b"]))
     for stream in (True, False, True, True, False):
@@ -444,6 +466,23 @@ async def test_request_log_line_per_request(caplog: pytest.LogCaptureFixture) ->
     assert (done.prompt_tokens, done.completion_tokens) == (3, 2)  # type: ignore[attr-defined]
     assert done.trace_id and done.total_ms > 0 and done.ttft_ms is not None  # type: ignore[attr-defined]
     assert dropped.cancelled is True and dropped.stream is True  # type: ignore[attr-defined]
+
+
+async def test_a_chat_left_before_its_answer_began_is_logged_499_as_it_is_counted(caplog: pytest.LogCaptureFixture) -> None:
+    # Its line said `"status": 0` while `/metrics` (and a relayed call's line) said 499.
+    fake = OpenAIBackend(default=Script(tokens=["a"], header_delay=5.0))
+    caplog.set_level("INFO", logger="llm_proxy.request")
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), access_log=True) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await hang_up_once_received(fake, lambda: http.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, headers={"x-request-id": "gone"},
+            ))
+
+            async def logged() -> object:
+                return next((r for r in caplog.records if getattr(r, "request_id", None) == "gone"), None)
+
+            line = await eventually(logged)
+    assert (line.status, line.cancelled) == (499, True)  # type: ignore[attr-defined]
 
 
 async def test_refused_requests_get_their_log_line_too(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import httpx
 import hypothesis
+import jsonschema_rs
 import pytest
 import schemathesis
 import trio
@@ -21,6 +23,7 @@ from tests.fakes import Exchange, OpenAIBackend, Request, Script, Usage
 from tests.fakes.base import Call
 from tests.harness import backend
 from tests.test_auth_helpers import bearer, gateway, new_key, wait_for_key
+from tests.test_responses_stored import journaled_stack
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -135,3 +138,56 @@ async def test_the_document_is_served_without_a_key_and_lists_only_served_routes
             assert "security" not in document["paths"]["/v1/chat/completions"]["post"]
             assert document["security"] == [{"bearer": []}, {"apiKey": []}]
             schemathesis.openapi.from_dict(document)  # loads as OpenAPI 3.1
+
+
+def test_each_operation_documents_the_error_shape_its_path_answers_in() -> None:
+    # The document's own rule: `/v1/messages*` answers in Anthropic's shape, `/api/*` in Ollama's.
+    # Message Batches were documented with OpenAI's errors, and their create body as any object.
+    app = create_app(Settings())
+    for path, method in served_operations(app_rules(app)):
+        errors = OPERATIONS[(path, method)]["responses"].get("4XX")
+        if errors is None:
+            continue
+        ollama = path.startswith("/api/") or path == "/"  # Ollama's "Ollama is running"
+        expected = "AnthropicError" if path.startswith("/v1/messages") else "OllamaError" if ollama else "OpenAIError"
+        assert errors == {"$ref": f"#/components/responses/{expected}"}, (method, path)
+    body = OPERATIONS[("/v1/messages/batches", "post")]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["requests"]
+    assert body["properties"]["requests"]["items"]["required"] == ["custom_id", "params"]
+    assert body["properties"]["requests"]["items"]["properties"]["params"] == OPERATIONS[("/v1/messages", "post")][
+        "requestBody"]["content"]["application/json"]["schema"]
+
+
+async def test_background_responses_and_their_cancel_answer_as_documented(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The document allowed a Response only `completed` or `incomplete`: a client generated from it
+    # refused the `queued` of a background creation and the `cancelled` of its cancel, and it did
+    # not list `background` or `previous_response_id` among the fields a request may set.
+    documented = OPERATIONS[("/v1/responses", "post")]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"background", "previous_response_id"} <= set(documented["properties"])
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(50)], pace=0.1))
+    async with journaled_stack(pg_database_url, nats_url, fake) as stack:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+            created = await http.post("/v1/responses", json={"model": "m", "input": "Count", "background": True})
+            assert created.status_code == 200, created.text
+            cancelled = await http.post(f"/v1/responses/{created.json()['id']}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+    for (path, method), answer in [(("/v1/responses", "post"), created), (("/v1/responses/{response_id}/cancel", "post"), cancelled)]:
+        schema = OPERATIONS[(path, method)]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert jsonschema_rs.validator_for(schema).is_valid(answer.json()), (path, answer.json()["status"])
+    assert (created.json()["status"], cancelled.json()["status"]) == ("queued", "cancelled")
+
+
+def test_every_path_variable_is_declared_and_lists_document_their_query() -> None:
+    # Nine Files, Batches and Message Batches operations left `{file_id}`/`{batch_id}` undeclared,
+    # which OpenAPI requires (client generators refuse such a document), and their lists did
+    # not say how to page.
+    app = create_app(Settings())
+    for path, method in served_operations(app_rules(app)):
+        declared = {p["name"] for p in OPERATIONS[(path, method)].get("parameters", []) if p.get("in") == "path"}
+        assert set(re.findall(r"{(\w+)}", path)) == declared, (method, path)
+    for path, names in [("/v1/files", {"purpose", "after", "limit", "order"}), ("/v1/batches", {"after", "limit"}),
+                        ("/v1/messages/batches", {"limit", "after_id", "before_id"})]:
+        query = {p["name"] for p in OPERATIONS[(path, "get")].get("parameters", []) if p.get("in") == "query"}
+        assert query == names, path

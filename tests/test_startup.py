@@ -170,6 +170,18 @@ def test_data_dir_option_that_is_a_file(tmp_path: Path) -> None:
     assert_one_line(serve(["--config", str(config), "--data-dir", str(config)]), "--data-dir")
 
 
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["migrate"]])
+def test_a_data_dir_that_cannot_be_created_is_named_in_one_line(command: list[str]) -> None:
+    # A PermissionError traceback from deep in the embedded servers' start, exit status 1.
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "DATABASE_URL", "NATS_URL"))}
+    extra = ["--bind", f"127.0.0.1:{free_port()}"] if command == ["serve"] else []
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", *command, *extra, "--data-dir", "/proc/llm-proxy-data"],
+        env=base, capture_output=True, text=True, timeout=30,
+    )
+    assert_one_line(result, "/proc/llm-proxy-data", "--data-dir", "cannot be used")
+
+
 @pytest.mark.parametrize("port", ["abc", "99999", "0"])
 def test_backend_url_with_a_bad_port(tmp_path: Path, port: str) -> None:
     config = write(
@@ -210,6 +222,35 @@ def test_a_bind_address_that_is_a_url_or_a_bare_ipv6_address_is_named(
 )
 def test_a_misspelt_key_is_named_with_the_key_it_probably_meant(tmp_path: Path, text: str, message: str) -> None:
     config = write(tmp_path / "typo.toml", OK + text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, {})
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # Once suggested `max_body_bytes`: a limit the operator did not mean to change.
+        ("file_max_bytes = 1048576\n", "unknown key `file_max_bytes` (it belongs in `[batches]`)"),
+        ("propagate = false\n", "unknown key `propagate` (it belongs in `[tracing]`)"),
+        ("trace_context = false\n", "unknown key `trace_context` (it belongs in a `[[backends]]` entry)"),
+        ("concurrency = 2\n", "unknown key `concurrency` (it belongs in `[workflow]` or in `[batches]`)"),
+        ("connect = 5\n", "unknown key `connect` (it belongs in `[timeouts]` or a backend's `timeouts`)"),
+        # A top-level setting appended below the last table is TOML's for that table.
+        ('[[backends]]\nname = "x"\nbase_url = "http://a/v1"\nmax_audio_bytes = 1024\n',
+         "unknown key `backends[0].max_audio_bytes` (it belongs at the top of the file, above the first [table] "
+         "header: in TOML, a key below a header belongs to that table)"),
+        ("[batches]\nshutdown_grace_seconds = 30\n",
+         "unknown key `batches.shutdown_grace_seconds` (it belongs at the top of the file, above the first [table] "
+         "header: in TOML, a key below a header belongs to that table)"),
+        # TOML's names for what a key holds, not Python's.
+        ("tracing = true\n", "`tracing` must be of type table, got True"),
+        ('max_audio_bytes = "25MB"\n', "`max_audio_bytes` must be of type integer, got '25MB'"),
+        ('shutdown_grace_seconds = "5s"\n', "`shutdown_grace_seconds` must be of type number, got '5s'"),
+    ],
+)
+def test_a_key_in_the_wrong_table_is_named_with_the_table_it_belongs_in(tmp_path: Path, text: str, message: str) -> None:
+    config = write(tmp_path / "misplaced.toml", OK + text)
     with pytest.raises(ConfigError) as raised:
         load_settings(config, {})
     assert str(raised.value) == message

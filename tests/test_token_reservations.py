@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from tests.fakes import Script, Usage
+from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
@@ -261,3 +261,24 @@ async def test_each_dialect_reserves_its_own_max_output_tokens(stack: Stack, pat
     # 900 and a few tokens of prompt reserved, not the 4,096 (the whole bucket) of a request
     # that names no limit.
     assert 85 <= int(answer.headers["x-ratelimit-remaining-tokens"]) <= 97
+
+
+async def test_the_request_log_names_what_the_admission_reserved(
+    aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The line had `"reserved": [906, 0, null]`, a bare array, where the README promises
+    # `reserved_tokens`: a log pipeline reading that field found nothing.
+    caplog.set_level("INFO", logger="llm_proxy.request")
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(60, 10)))
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), access_log=True
+    ) as url:
+        key = await new_key(pg_database_url, "logged", "--tpm", "1000")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=10) as client:
+            chat = {"model": "qwen3-8b", "messages": MESSAGES, "max_tokens": 900}
+            answer = await client.post("/v1/chat/completions", json=chat, headers={"x-request-id": "reserving"})
+            assert answer.status_code == 200, answer.text
+    [line] = [r for r in caplog.records if r.name == "llm_proxy.request" and r.request_id == "reserving"]  # type: ignore[attr-defined]
+    assert 900 < line.reserved_tokens < 1000 and line.reserved_budget == 0  # type: ignore[attr-defined]
+    assert not hasattr(line, "reserved")

@@ -370,12 +370,30 @@ _NEW_BATCH = {"type": "object", "required": ["input_file_id", "endpoint", "compl
     "completion_window": {"enum": ["24h"]}, "metadata": {"type": ["object", "null"], "additionalProperties": _STR},
     "output_expires_after": {"type": "object", "required": ["anchor", "seconds"], "properties": {"anchor": _ANCHOR, "seconds": _SECONDS}},
 }}
+_FILE_ID = [{"name": "file_id", "in": "path", "required": True, "schema": _STR}]
+_BATCH_ID = [{"name": "batch_id", "in": "path", "required": True, "schema": _STR}]
+
+
+def _page(max_limit: int, what: str, *, order: bool) -> list[dict[str, Any]]:
+    """The query of a list (`_page_query`): a cursor, a page size and, for files, an order."""
+    parameters: list[dict[str, Any]] = [
+        {"name": "after", "in": "query", "schema": _STR, "description": f"A {what}'s id: the {what}s after it."},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": max_limit}},
+    ]
+    if order:
+        parameters.append({"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}, "description": "Default `desc`."})
+    return parameters
+
+
 document(FILES, "post", _UPLOAD)
-document(FILES, "get", _op("List your files", "Batches", _ok(_LIST)))
-document(FILES + "/{file_id}", "get", _op("A file", "Batches", _ok(_FILE)))
-document(FILES + "/{file_id}", "delete", _op("Delete a file", "Batches", _ok(_OBJ)))
-document(FILES + "/{file_id}/content", "get", _op("A file's content", "Batches", _ok(media="application/octet-stream")))
+document(FILES, "get", _op("List your files", "Batches", _ok(_LIST), parameters=[
+    {"name": "purpose", "in": "query", "schema": _STR}, *_page(10_000, "file", order=True),
+]))
+document(FILES + "/{file_id}", "get", _op("A file", "Batches", _ok(_FILE), parameters=_FILE_ID))
+document(FILES + "/{file_id}", "delete", _op("Delete a file", "Batches", _ok(_OBJ), parameters=_FILE_ID))
+document(FILES + "/{file_id}/content", "get",
+         _op("A file's content", "Batches", _ok(media="application/octet-stream"), parameters=_FILE_ID))
 document("/v1/batches", "post", _op("Create a batch", "Batches", _ok(_BATCH), body=_NEW_BATCH))
-document("/v1/batches", "get", _op("List your batches", "Batches", _ok(_LIST)))
-document("/v1/batches/{batch_id}", "get", _op("A batch", "Batches", _ok(_BATCH)))
-document("/v1/batches/{batch_id}/cancel", "post", _op("Cancel a batch", "Batches", _ok(_BATCH)))
+document("/v1/batches", "get", _op("List your batches", "Batches", _ok(_LIST), parameters=_page(100, "batch", order=False)))
+document("/v1/batches/{batch_id}", "get", _op("A batch", "Batches", _ok(_BATCH), parameters=_BATCH_ID))
+document("/v1/batches/{batch_id}/cancel", "post", _op("Cancel a batch", "Batches", _ok(_BATCH), parameters=_BATCH_ID))

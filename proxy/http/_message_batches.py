@@ -28,7 +28,7 @@ from proxy.domain.errors import invalid_request
 from proxy.http._batches import _owned, _persistence, _reply, _stored, _stored_slowly
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._head import current_tenant
-from proxy.http._openapi import _OBJ, _STR, _ok, _op, document
+from proxy.http._openapi import _MESSAGES_REQUEST, _OBJ, _STR, _ok, _op, document
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.postgres import DatabaseError
 from proxy.services.auth import current_principal
@@ -202,10 +202,32 @@ async def _results(store: BatchStore, batch_id: str, total: int) -> AsyncIterato
 
 _BATCH = {"type": "object", "properties": {"id": _STR, "type": _STR, "processing_status": _STR, "request_counts": _OBJ}}
 _LIST = {"type": "object", "properties": {"data": {"type": "array"}, "has_more": {"type": "boolean"}}}
-document(BATCHES, "post", _op("Create a message batch (Anthropic)", "Batches", _ok(_BATCH), body=_OBJ))
-document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST)))
-document(BATCHES + "/{batch_id}", "get", _op("A message batch (Anthropic)", "Batches", _ok(_BATCH)))
-document(BATCHES + "/{batch_id}", "delete", _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ)))
-document(BATCHES + "/{batch_id}/cancel", "post", _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH)))
-document(BATCHES + "/{batch_id}/results", "get",
-         _op("A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl")))
+# As `wire.parse_create` takes it: each request's `params` a Messages request.
+_NEW_BATCH = {"type": "object", "required": ["requests"], "additionalProperties": False, "properties": {
+    "requests": {"type": "array", "minItems": 1, "maxItems": wire.MAX_REQUESTS, "items": {
+        "type": "object", "required": ["custom_id", "params"], "additionalProperties": False, "properties": {
+            "custom_id": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "params": _MESSAGES_REQUEST,
+        },
+    }},
+}}
+# Their errors are Anthropic's, as `/v1/messages`'s.
+document(BATCHES, "post", _op(
+    "Create a message batch (Anthropic)", "Batches", _ok(_BATCH), body=_NEW_BATCH, dialect="anthropic",
+    description="Each request's `custom_id` unique in the batch; at most 100,000 requests, or `[batches] max_lines`.",
+))
+_ID = [{"name": "batch_id", "in": "path", "required": True, "schema": _STR}]
+_PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": _MAX_LIMIT}, "description": "Default 20."},
+    {"name": "after_id", "in": "query", "schema": _STR, "description": "The batches older than this one."},
+    {"name": "before_id", "in": "query", "schema": _STR, "description": "The batches newer than this one (not with `after_id`)."},
+]
+document(BATCHES, "get", _op("List your message batches (Anthropic)", "Batches", _ok(_LIST), dialect="anthropic", parameters=_PAGE))
+document(BATCHES + "/{batch_id}", "get",
+         _op("A message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic", parameters=_ID))
+document(BATCHES + "/{batch_id}", "delete",
+         _op("Delete an ended message batch (Anthropic)", "Batches", _ok(_OBJ), dialect="anthropic", parameters=_ID))
+document(BATCHES + "/{batch_id}/cancel", "post",
+         _op("Cancel a message batch (Anthropic)", "Batches", _ok(_BATCH), dialect="anthropic", parameters=_ID))
+document(BATCHES + "/{batch_id}/results", "get", _op(
+    "A message batch's results (Anthropic)", "Batches", _ok(media="application/x-jsonl"), dialect="anthropic", parameters=_ID,
+))

@@ -370,6 +370,7 @@ _RESPONSES_REQUEST: Schema = {
         "include": {"type": "array", "items": _STR}, "service_tier": _STR,
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "conversation": {"oneOf": [_STR, {"type": "object", "required": ["id"], "properties": {"id": _STR}}]},
+        "previous_response_id": _STR, "background": _BOOL, "stream_options": _OBJ,
     },
 }
 _RESPONSE: Schema = {
@@ -379,7 +380,9 @@ _RESPONSE: Schema = {
         "id": _STR,
         "object": {"const": "response"},
         "created_at": _INT,
-        "status": {"enum": ["completed", "incomplete"]},
+        # OpenAI's: a background response is `queued` when created, `in_progress` when polled,
+        # `cancelled` once cancelled; one that failed is `failed`.
+        "status": {"enum": ["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]},
         "incomplete_details": {"type": ["object", "null"]},
         "model": _STR,
         "output": {"type": "array", "items": _OBJ},

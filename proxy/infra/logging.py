@@ -56,6 +56,11 @@ class RequestLog:
         if not self._enabled or not self._logger.isEnabledFor(logging.INFO):
             return
         fields = record.as_log()
+        # Named fields, as documented, not the `Reserved` tuple as a bare array.
+        reserved = fields.pop("reserved")
+        fields["reserved_tokens"], fields["reserved_budget"] = reserved.tokens, reserved.budget
+        # A client that left before the response began got no status: nginx's 499, as in the metrics.
+        fields["status"] = record.status or 499
         fields["total_ms"] = round(record.total_ms, 2)
         if record.ttft_ms is not None:
             fields["ttft_ms"] = round(record.ttft_ms, 2)

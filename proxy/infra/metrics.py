@@ -96,9 +96,11 @@ class Metrics:
             "llm_proxy_request_duration_seconds", "Time from the request's arrival to its last byte.",
             ["kind", "model", "backend", "stream"], buckets=_DURATION_BUCKETS, registry=registry,
         )
+        # By `kind`: a speech stream's first audio bytes, a text completion's first token and a
+        # chat's are not one latency, even under one model label (`""` for every unknown name).
         self._ttft = Histogram(
             "llm_proxy_time_to_first_token_seconds", "Time from a streamed request's arrival to its first token.",
-            ["model", "backend"], buckets=_TTFT_BUCKETS, registry=registry,
+            ["kind", "model", "backend"], buckets=_TTFT_BUCKETS, registry=registry,
         )
         self._prompt = Counter(
             "llm_proxy_prompt_tokens", "Prompt tokens (the backend's count, else the gateway's estimate).",
@@ -160,7 +162,7 @@ class Metrics:
         child(self._requests, kind, entry.dialect, model, backend, entry.source, status, outcome).inc()
         child(self._duration, kind, model, backend, "true" if entry.stream else "false").observe(entry.total_ms / 1000)
         if entry.ttft_ms is not None and entry.stream:
-            child(self._ttft, model, backend).observe(entry.ttft_ms / 1000)
+            child(self._ttft, kind, model, backend).observe(entry.ttft_ms / 1000)
         if entry.source != "backend":
             return  # a replay, a cache hit or a follower of another's run: no backend produced its tokens
         if entry.prompt_tokens:

@@ -37,6 +37,7 @@ from proxy.infra.backends._base import (
     body_text,
     create_client,
     json_mended,
+    listing_refused,
     not_json,
     status_error,
     timeout_error,
@@ -279,7 +280,10 @@ class AnthropicBackend:
         )
 
     async def check(self) -> None:
-        await self.list_models()
+        try:
+            await self.list_models()
+        except GatewayError as error:
+            raise listing_refused(self.config.name, self.config.base_url, "/v1/models", error) from None
 
 
 def _relays(call: BackendCall) -> bool:

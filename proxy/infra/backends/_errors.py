@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -61,6 +62,21 @@ def status_error(
 
 
 _log = logging.getLogger("llm_proxy.backends")
+
+
+def listing_refused(backend: str, base_url: str, path: str, error: GatewayError) -> GatewayError:
+    """A readiness probe's model listing the backend refused: a 404's message is the server's
+    alone ("Not Found"), which in `/ready` named neither the backend nor what was asked. Said
+    with both, a base URL missing its `/v1` (vLLM's) reads as one. Other failures pass as they are."""
+    shown = urlsplit(base_url).path.rstrip("/") + path
+    if error.kind is ErrorKind.NOT_FOUND:
+        return GatewayError(
+            ErrorKind.BACKEND, f"Backend `{backend}` answered GET {shown} (its model listing) with 404: {error.message} "
+            "(is its `base_url` right?)",
+        )
+    if error.kind is ErrorKind.INVALID_REQUEST:
+        return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` refused GET {shown} (its model listing): {error.message}")
+    return error
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from proxy.infra.backends._base import (
     body_text,
     create_client,
     embedding_vectors,
+    listing_refused,
     not_json,
     off_loop_if_large,
     status_error,
@@ -272,7 +273,10 @@ class OpenAIBackend:
         ]
 
     async def check(self) -> None:
-        await self.list_models()
+        try:
+            await self.list_models()
+        except GatewayError as error:
+            raise listing_refused(self.config.name, self.config.base_url, "/models", error) from None
 
 
 def says_unknown(response: httpx.Response, model: str) -> bool:
