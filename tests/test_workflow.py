@@ -286,6 +286,24 @@ async def test_the_all_view_asked_by_a_client_without_choices_shows_it_the_winne
     assert [block.text for block in message.content if block.type == "text"] == ["Blue"]
 
 
+async def test_a_responses_client_picks_the_pipelines_options_as_a_chat_client_does(stack: Stack) -> None:
+    # `workflow` in a `/v1/responses` body (the SDK's `extra_body`) was dropped: the pipeline
+    # ran with its configured options, whatever the client asked.
+    stack.alpha.set_script(Script(tokens=["The best is B."]), model="alpha-judge")
+    options: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(15):
+        reply = await stack.client.responses.with_raw_response.create(model="colours", input="Name a colour", extra_body=options)
+        streamed = [e async for e in await stack.client.responses.create(
+            model="colours", input="Name a colour", extra_body=options, stream=True
+        )]
+    assert reply.headers["x-workflow-winner"] == "beta-1"
+    assert reply.parse().output_text == "Blue"
+    completed = next(e for e in streamed if e.type == "response.completed")
+    assert completed.response.output_text == "Blue"
+    with pytest.raises(openai.BadRequestError, match="`workflow` must be an object"):
+        await stack.client.responses.create(model="colours", input="Name a colour", extra_body={"workflow": "judge"})
+
+
 async def test_a_streaming_client_waiting_for_the_winner_gets_its_head_and_keep_alives(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:

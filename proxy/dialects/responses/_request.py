@@ -50,6 +50,9 @@ _STATEFUL = {
 CONVERSATION_PREFIX = "_conversation_prefix"
 # The `include` that asks for the output text's token log probabilities.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# A workflow pipeline's options (`x-pipeline`), as in a chat request: the workflow route reads
+# them from `extra` (a Responses request's `extra` never reaches a backend).
+_PIPELINE_OPTIONS = "workflow"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
 
 
@@ -192,6 +195,7 @@ def parse_responses_request(
         # The gateway's accounting asks every backend for usage; the Response carries it.
         include_usage=True if stream or background else None,
         dialect=DIALECT,
+        extra={_PIPELINE_OPTIONS: data[_PIPELINE_OPTIONS]} if _PIPELINE_OPTIONS in data else {},
     )
     settings: dict[str, Any] = {
         "instructions": instructions,
