@@ -930,6 +930,35 @@ async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack)
     assert events[-1]["type"] == "finished" and events[-1]["status"] == "cancelled"
 
 
+async def test_a_client_that_leaves_before_the_winner_is_charged_what_every_model_generated(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The winner view shows nothing until the end: a client that hung up just before it was
+    # charged nothing (the gateway had relayed nothing), though both models had generated.
+    monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.3)
+    slow = Script(n_tokens=2000, pace=0.01)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        body = {"model": "m", "messages": MESSAGES, "stream": True, "workflow": {"rule": "longest"}}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"x-pipeline": stack.pipeline}
+        ) as response:
+            assert response.status_code == 200
+            trace_id = response.headers["x-trace-id"]
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            await trio.sleep(1.0)  # some 100 tokens each
+    await stack.alpha.wait_disconnect(3.0)
+    run = await run_row(stack.db, trace_id, status="cancelled")
+    [(spent,)] = await trio.to_thread.run_sync(
+        rows, stack.db, "SELECT completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    assert run["status"] == "cancelled" and spent >= 2 * 40
+    _status, _reason, _prompt, charged, *_ = await wait_for_row(stack.db, trace_id, "cancelled")
+    assert charged == spent  # the client's row, whose tokens its key is charged
+
+
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(
     aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
