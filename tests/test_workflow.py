@@ -959,6 +959,27 @@ async def test_a_client_that_leaves_before_the_winner_is_charged_what_every_mode
     assert charged == spent  # the client's row, whose tokens its key is charged
 
 
+async def test_a_pipeline_that_fails_after_its_model_calls_is_charged_what_they_spent(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The client gets the pipeline's error as a status; its key was charged nothing of what
+    # the pipeline's model calls had spent (the run's row had none either).
+    name = pipeline_name("check")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:spend_then_fail", {"model": "alpha-1"})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers={"x-pipeline": name}) as client:
+            for stream in (False, True):
+                response = await client.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": stream}
+                )
+                assert response.status_code == 502 and "pipeline's check" in response.json()["error"]["message"]
+                trace_id = response.headers["x-trace-id"]
+                row = await run_row(pg_database_url, trace_id, status="failed")
+                assert row["error"]["code"] == "check_failed"
+                _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed")
+                assert (prompt, completion) == (5, 4)  # the client's row: what its key is charged
+
+
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(
     aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -275,6 +275,10 @@ class WorkflowRoute:
                 follow.fresh = False
                 deadline = follow.quiet_until = trio.current_time() + self._settings.silence_seconds
             if view.error is not None and (not view.visible or not exchange.request.stream):
+                # Its status goes to the client; what the job's model calls spent, to its key.
+                spent = view.usage_unshown or _last_usage([*follow.held, *out])
+                if spent is not None:
+                    exchange.result.add(spent)
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
@@ -375,6 +379,10 @@ class _Follow:
                 self.held.clear()
             out.extend(shown)
         return True
+
+
+def _last_usage(events: list[StreamEvent]) -> UsageReport | None:
+    return next((e for e in reversed(events) if isinstance(e, UsageReport)), None)
 
 
 def _lost(error: BusError) -> GatewayError:

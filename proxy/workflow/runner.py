@@ -207,6 +207,8 @@ class JobRun:
                 outcome = RunOutcome("failed", "error", error=error)
             except Exception as exc:  # a pipeline bug fails its job, not the worker
                 outcome = RunOutcome("failed", "error", error=_grouped(exc) or _crash(job, exc))
+        if outcome is not None and outcome.status == "failed":
+            outcome.spent = ctx.llm.spent  # its calls' tokens were spent all the same
         if outcome is None or self.interrupted_by is not None:
             if self.interrupted_by in ("shutdown", "lost"):
                 return None
@@ -222,7 +224,8 @@ class JobRun:
             error = outcome.error
             if finished.status == "failed" and outcome.status != "failed":
                 error = _unstored()
-            if finished.status == "cancelled" and outcome.spent is not None:
+            if finished.status != "completed" and outcome.spent is not None:
+                # Before the error: what the client is charged, whether or not its answer began.
                 await publisher.put(UsageReport(outcome.spent))
             await self._announce(publisher, finished, error if finished.status != "completed" else None)
         return Disposition.ACK

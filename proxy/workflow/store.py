@@ -26,7 +26,7 @@ class RunOutcome:
     completion: ChatCompletion | None = None
     data: dict[str, Any] = field(default_factory=dict)
     error: GatewayError | None = None
-    spent: Usage | None = None  # a cancelled run's model calls until the cancel
+    spent: Usage | None = None  # a cancelled or failed run's model calls until its end
 
     @property
     def finished(self) -> Finished:
