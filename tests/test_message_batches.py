@@ -104,6 +104,28 @@ async def test_a_message_batch_runs_each_request_and_its_results_match_the_custo
     await client.close()
 
 
+async def test_a_batch_asked_of_a_pipeline_is_a_400_not_the_models_plain_answers(stack: Stack) -> None:
+    # A batch's lines carry no headers: `x-pipeline` on the request creating it was dropped,
+    # and its lines answered by the model alone, taken by the client for the pipeline's.
+    claude = anthropic.AsyncAnthropic(base_url=stack.url, api_key="x", max_retries=0,
+                                      default_headers={"x-pipeline": "fanout"})
+    with pytest.raises(anthropic.BadRequestError, match="`x-pipeline` routes chats") as refused:
+        await claude.messages.batches.create(requests=[request("a")])
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    await claude.close()
+    uploaded = await stack.client.files.create(file=("input.jsonl", b'{"custom_id": "a"}\n'), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="`x-workspace` routes chats") as rejected:
+        await stack.client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+            extra_headers={"x-workspace": "docs"},
+        )
+    assert rejected.value.param == "x-workspace"
+    assert (await stack.client.batches.list()).data == [] and chats(stack.fake) == 0
+    client = sdk(stack.url)
+    assert [batch async for batch in client.messages.batches.list()] == []
+    await client.close()
+
+
 async def test_a_malformed_batch_is_refused_naming_its_request(stack: Stack) -> None:
     client = sdk(stack.url)
     missing_tokens = request("b")

@@ -286,6 +286,24 @@ async def test_the_all_view_asked_by_a_client_without_choices_shows_it_the_winne
     assert [block.text for block in message.content if block.type == "text"] == ["Blue"]
 
 
+async def test_a_responses_client_picks_the_pipelines_options_as_a_chat_client_does(stack: Stack) -> None:
+    # `workflow` in a `/v1/responses` body (the SDK's `extra_body`) was dropped: the pipeline
+    # ran with its configured options, whatever the client asked.
+    stack.alpha.set_script(Script(tokens=["The best is B."]), model="alpha-judge")
+    options: Any = {"workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    with trio.fail_after(15):
+        reply = await stack.client.responses.with_raw_response.create(model="colours", input="Name a colour", extra_body=options)
+        streamed = [e async for e in await stack.client.responses.create(
+            model="colours", input="Name a colour", extra_body=options, stream=True
+        )]
+    assert reply.headers["x-workflow-winner"] == "beta-1"
+    assert reply.parse().output_text == "Blue"
+    completed = next(e for e in streamed if e.type == "response.completed")
+    assert completed.response.output_text == "Blue"
+    with pytest.raises(openai.BadRequestError, match="`workflow` must be an object"):
+        await stack.client.responses.create(model="colours", input="Name a colour", extra_body={"workflow": "judge"})
+
+
 async def test_a_streaming_client_waiting_for_the_winner_gets_its_head_and_keep_alives(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -910,6 +928,56 @@ async def test_client_disconnect_cancels_the_workers_backend_calls(stack: Stack)
     await run_row(stack.db, trace_id, status="cancelled")
     events = await bus_events(stack.nats, trace_id)
     assert events[-1]["type"] == "finished" and events[-1]["status"] == "cancelled"
+
+
+async def test_a_client_that_leaves_before_the_winner_is_charged_what_every_model_generated(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The winner view shows nothing until the end: a client that hung up just before it was
+    # charged nothing (the gateway had relayed nothing), though both models had generated.
+    monkeypatch.setattr("proxy.infra.backends._pump.KEEPALIVE_SECONDS", 0.3)
+    slow = Script(n_tokens=2000, pace=0.01)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+        body = {"model": "m", "messages": MESSAGES, "stream": True, "workflow": {"rule": "longest"}}
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"x-pipeline": stack.pipeline}
+        ) as response:
+            assert response.status_code == 200
+            trace_id = response.headers["x-trace-id"]
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            await trio.sleep(1.0)  # tokens generated, none shown
+    await stack.alpha.wait_disconnect(3.0)
+    run = await run_row(stack.db, trace_id, status="cancelled")
+    [(spent,)] = await trio.to_thread.run_sync(
+        rows, stack.db, "SELECT completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    assert run["status"] == "cancelled" and spent > 10
+    _status, _reason, _prompt, charged, *_ = await wait_for_row(stack.db, trace_id, "cancelled")
+    assert charged == spent  # the client's row, whose tokens its key is charged
+
+
+async def test_a_pipeline_that_fails_after_its_model_calls_is_charged_what_they_spent(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The client gets the pipeline's error as a status; its key was charged nothing of what
+    # the pipeline's model calls had spent (the run's row had none either).
+    name = pipeline_name("check")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:spend_then_fail", {"model": "alpha-1"})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers={"x-pipeline": name}) as client:
+            for stream in (False, True):
+                response = await client.post(
+                    "/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": stream}
+                )
+                assert response.status_code == 502 and "pipeline's check" in response.json()["error"]["message"]
+                trace_id = response.headers["x-trace-id"]
+                row = await run_row(pg_database_url, trace_id, status="failed")
+                assert row["error"]["code"] == "check_failed"
+                _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed")
+                assert (prompt, completion) == (5, 4)  # the client's row: what its key is charged
 
 
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(

@@ -3,6 +3,7 @@ job by a (stand-in) `systemctl` as the shipped oneshot unit would run them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,12 +19,16 @@ import openai
 import pytest
 import trio
 
+import proxy.gateway
 from proxy.config import BackendConfig, PipelineConfig, WorkflowSettings
 from proxy.infra.nats import open_bus
+from proxy.services.persistence import PersistenceSettings
 from proxy.workflow.bus import jobs_kv, workers_kv
 from proxy.workflow.job import ATTEMPT_SPAN, job_key
 from tests.fakes import OpenAIBackend, Script
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
+from tests.test_budget_holds import gateway_process
 from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
@@ -307,6 +312,47 @@ async def test_sigterm_hands_a_running_job_to_another_worker_at_once(
                     assert time.monotonic() - started < 8
             await openai_client.close()
     assert result["text"] == "".join(LONG)
+
+
+async def test_a_workflow_whose_gateway_was_killed_mid_job_is_read_back_with_its_workers_answer(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway relaying a job is killed (-9); its worker goes on and stores the answer.
+    The client polling its background response on another gateway got `in_progress` for
+    ever (a workflow's row has no owner to be swept by); it gets the worker's answer."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=2.0))
+    name = pipeline_name("ponder")
+    settings = workflow({name: PipelineConfig("tests.workflow_pipelines:ponder", {"wait": 4})}, silence_seconds=10.0)
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_toml([], settings))
+    fake = OpenAIBackend(default=Script(tokens=SHORT))
+    async with fake.serve() as server:
+        worker = worker_settings([], database_url=pg_database_url, nats_url=nats_url, workflow=settings)
+        async with running_worker(worker, pipelines=[name]):
+            async with gateway_process(server.url, pg_database_url, nats_url, config=config) as (doomed, process):
+                async with httpx.AsyncClient(base_url=doomed, timeout=10) as http:
+                    created = await http.post("/v1/responses", headers={"x-pipeline": name},
+                                              json={"model": "m", "input": "Think it over", "background": True})
+                assert created.status_code == 200, created.text
+                response_id = created.json()["id"]
+                trace_id = response_id.removeprefix("resp_")
+                await run_row(pg_database_url, trace_id, status="running")  # the worker has it
+                await wait_for_row(pg_database_url, trace_id, "running")  # and the gateway its row
+                process.kill()
+                await process.wait()
+            await run_row(pg_database_url, trace_id, status="completed", within=15)
+        async with running_gateway(backend("fake", server.url, default=True), database_url=pg_database_url,
+                                   nats_url=nats_url, workflow=settings) as url:
+            polled = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+            async def ended() -> Any:
+                response = await polled.responses.retrieve(response_id)
+                return response if response.status != "in_progress" else None
+
+            response = await eventually(ended, within=15, every=0.2)
+            await polled.close()
+    assert response.status == "completed" and response.output_text == "Pondered."
 
 
 # -- systemd ----------------------------------------------------------------------------------

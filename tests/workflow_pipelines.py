@@ -61,3 +61,10 @@ async def ponder(ctx: PipelineContext) -> None:
     answers."""
     await trio.sleep(float(ctx.options.get("wait", 15)))
     await ctx.emit.text("Pondered.")
+
+
+async def spend_then_fail(ctx: PipelineContext) -> None:
+    """Asks a model, then refuses its answer (a check of the pipeline's own): the call's
+    tokens were spent all the same."""
+    await ctx.llm.complete(replace(ctx.request, model=str(ctx.options.get("model", ctx.request.model))))
+    raise GatewayError(ErrorKind.BACKEND, "The answer did not pass the pipeline's check.", code="check_failed")

@@ -30,9 +30,9 @@ from proxy.dialects.responses import conversations
 from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured, invalid_request
 from proxy.domain.ids import storable
 from proxy.http import _upload
-from proxy.http._context import GatewayApp, gateway, request_body
+from proxy.http._context import GatewayApp, gateway, request_body, request_head
 from proxy.http._errors import _closing, error_response
-from proxy.http._head import ON_BEHALF_OF, current_tenant
+from proxy.http._head import ON_BEHALF_OF, current_tenant, refuse_routes, request_meta
 from proxy.http._openapi import _INT, _OBJ, _STR, _ok, _op, document
 from proxy.http._request import PacedRequest
 from proxy.infra.batch_store import BatchStore
@@ -234,10 +234,19 @@ async def delete_file(file_id: str) -> Response:
 
 # -- batches ---------------------------------------------------------------------------------------
 
+# A batch's lines carry no headers: `x-pipeline`, `x-workspace` or `x-route` on the request that
+# creates it would be dropped, its lines answered by the model alone (see `refuse_routes`).
+BATCH_GOES = (
+    "runs each line as a plain request of its model, whatever headers the request creating the batch has: "
+    "send the pipeline's or workspace's requests one by one"
+)
+
+
 
 @blueprint.post("/v1/batches")
 async def create_batch() -> Response:
     _persistence()
+    refuse_routes(request_meta(request_head()), "/v1/batches", BATCH_GOES)
     new = wire.parse_create(await request_body())
     tenant = current_tenant()
     found = await _stored(lambda store: store.file(new.input_file_id, tenant), f"file {new.input_file_id}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.services.auth import current_principal
 from proxy.services.chat import RequestMeta, new_trace_id
 
@@ -122,4 +122,17 @@ def request_meta(head: RequestHead) -> RequestMeta:
         idempotency_key=_idempotency_key(header("idempotency-key")),
         tenant=current_tenant(),
         cache=(header("x-cache") or "").strip().lower() or None,
+    )
+
+
+def refuse_routes(meta: RequestMeta, path: str, goes: str) -> None:
+    """A RAG workspace or a pipeline shapes a chat: asked of a call that does not go through
+    them (`goes`: where it does go), the client would get the model's plain answer and take
+    it for the route's. A 400 naming the header instead."""
+    if meta.route == "direct":
+        return
+    header = "x-pipeline" if meta.pipeline else "x-workspace" if meta.workspace else "x-route"
+    raise invalid_request(
+        f"`{header}` routes chats (`/v1/chat/completions`, `/v1/messages`, `/api/chat`, ...); `{path}` {goes}.",
+        param=header,
     )

@@ -25,9 +25,9 @@ from quart import Blueprint, Response, request
 from proxy.dialects.anthropic import batches as wire
 from proxy.dialects.openai.batches import new_file_id
 from proxy.domain.errors import invalid_request
-from proxy.http._batches import _owned, _persistence, _reply, _stored, _stored_slowly
+from proxy.http._batches import BATCH_GOES, _owned, _persistence, _reply, _stored, _stored_slowly
 from proxy.http._context import gateway, request_body, request_head
-from proxy.http._head import current_tenant
+from proxy.http._head import current_tenant, refuse_routes, request_meta
 from proxy.http._openapi import _MESSAGES_REQUEST, _OBJ, _STR, _ok, _op, document
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.postgres import DatabaseError
@@ -76,6 +76,7 @@ async def _own(batch_id: str) -> dict[str, Any]:
 @blueprint.post(BATCHES)
 async def create() -> Response:
     _persistence()
+    refuse_routes(request_meta(request_head()), "/v1/messages/batches", BATCH_GOES)
     body = await request_body()
     settings = gateway().settings.batches
     limit = min(wire.MAX_REQUESTS, settings.max_lines)

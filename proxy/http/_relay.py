@@ -34,7 +34,7 @@ from proxy.http._auth import granted_headers, take_reservation
 from proxy.http._errors import error_reply
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, DirectBody, Headers
 from proxy.http._front import Incoming
-from proxy.http._head import request_meta
+from proxy.http._head import refuse_routes, request_meta
 from proxy.infra.backends._base import (
     BackendClient,
     RelayBackend,
@@ -98,14 +98,7 @@ def relay(
             f"{refusal}; {served} backend `{route.backend}` ({backend.config.kind}).{instead}", param="model",
         )
     meta = request_meta(incoming.head)
-    if meta.route != "direct":
-        # A RAG workspace or a pipeline shapes a chat; asked of a relayed call, the client
-        # would get the model's plain answer and take it for the route's.
-        header = "x-pipeline" if meta.pipeline else "x-workspace" if meta.workspace else "x-route"
-        raise invalid_request(
-            f"`{header}` routes chats (`/v1/chat/completions`, `/v1/messages`, `/api/chat`, ...); `{incoming.head.path}` "
-            "goes straight to the model's backend.", param=header,
-        )
+    refuse_routes(meta, incoming.head.path, "goes straight to the model's backend")
     principal = current_principal.get()
     record = ExchangeRecord(
         trace_id=meta.trace_id, request_id=meta.request_id, model=model or "", backend=route.backend,

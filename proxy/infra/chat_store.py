@@ -298,6 +298,27 @@ _FIRST_BEAT = (
     " VALUES (%(id)s, CASE WHEN %(new)s THEN '-infinity'::timestamptz ELSE now() END)"
     " ON CONFLICT (id) DO UPDATE SET seen_at = now()"
 )
+# A workflow's row whose gateway died while it relayed the job (its rows have no owner to be
+# swept by: the job lives in its worker, which went on): once the worker's outcome has been in
+# `workflow_runs` for `grace` seconds (a live relay writes its own within moments), that
+# outcome is the row's, and its key's, so the answer is read back, replayed and continued
+# rather than `running` for ever. (The relay's own outcome, written later, still wins.)
+_SETTLE_ORPHANED_WORKFLOWS = """
+WITH settled AS (
+    UPDATE chat_log c SET status = w.status, error = w.error, finish_reason = w.finish_reason,
+        prompt_tokens = w.prompt_tokens, completion_tokens = w.completion_tokens, updated_at = now(),
+        result = w.result || jsonb_build_object('headers', jsonb_strip_nulls(jsonb_build_object(
+            'x-pipeline', w.pipeline, 'x-workflow-winner', CASE WHEN c.stream THEN NULL ELSE w.winner END)))
+    FROM workflow_runs w
+    WHERE c.status = 'running' AND c.route = 'workflow' AND c.deleted_at IS NULL AND w.trace_id = c.trace_id
+        AND w.status <> 'running' AND w.finished_at < now() - make_interval(secs => %(grace)s)
+    RETURNING c.trace_id, c.status
+), keys AS (
+    UPDATE idempotency_keys k SET status = settled.status, updated_at = now()
+    FROM settled WHERE k.trace_id = settled.trace_id AND k.status = 'running'
+)
+SELECT count(*) FROM settled
+"""
 # What a sweep of a live instance failed of its runs still going on, running again: their rows
 # (unless their outcome was written since) and the keys they still hold.
 _REASSERT = """
@@ -454,6 +475,12 @@ class ChatStore:
             _SWEEP_DEAD, {"silent": silent_for, "error": _INTERRUPTED, "judge": judge, "late": late}
         )
         return int(swept or 0)
+
+    async def settle_orphaned_workflows(self, grace: float) -> int:
+        """Give the workflow rows left running by a gateway that died while relaying them
+        their workers' outcomes (see `_SETTLE_ORPHANED_WORKFLOWS`); how many rows that was."""
+        settled = await self._db.fetchval(_SETTLE_ORPHANED_WORKFLOWS, {"grace": grace})
+        return int(settled or 0)
 
     async def reassert(self, instance: str, live: list[str]) -> int:
         """Say running again what a sweep failed of live `instance`'s runs `live` (those it

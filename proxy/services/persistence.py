@@ -286,11 +286,15 @@ class Persistence:
                         log.warning("this gateway process was presumed dead by another (its heartbeat was late): "
                                     "%d of its running chats failed meanwhile now say running again", back)
                     swept = await store.sweep_dead_instances(self.settings.dead_after, judge=self.instance_id, late=late)
+                    settled = await store.settle_orphaned_workflows(self.settings.dead_after)
                 except DatabaseError as error:
                     log.debug("heartbeat failed: %s", error)
                 else:
                     if swept:
                         log.warning("%d chats of gateway processes gone silent were still running: now failed", swept)
+                    if settled:
+                        log.warning("%d workflow chats whose gateway stopped relaying them: given their workers' outcomes",
+                                    settled)
             await trio.sleep(self.settings.heartbeat)
 
     async def register(self) -> bool:

@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from proxy.config import Settings
+from proxy.dialects.events import Finished
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
-from proxy.domain.events import StreamEvent, StreamFailed
+from proxy.domain.events import StreamEvent, StreamFailed, UsageReport
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
 from proxy.infra.backends import Batch, _pump
@@ -184,7 +185,7 @@ class WorkflowRoute:
             raise _lost(error) from None
         finally:
             if launched and not ended:
-                await self._cancel(job.trace_id)
+                await self._cancel(exchange, job.trace_id)
 
     async def _first_relay(
         self,
@@ -274,6 +275,10 @@ class WorkflowRoute:
                 follow.fresh = False
                 deadline = follow.quiet_until = trio.current_time() + self._settings.silence_seconds
             if view.error is not None and (not view.visible or not exchange.request.stream):
+                # Its status goes to the client; what the job's model calls spent, to its key.
+                spent = view.usage_unshown or _last_usage([*follow.held, *out])
+                if spent is not None:
+                    exchange.result.add(spent)
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
@@ -309,18 +314,34 @@ class WorkflowRoute:
             ErrorKind.TIMEOUT, f"The `{pipeline}` pipeline sent nothing for {silence:g}s.", code="workflow_silent"
         )
 
-    async def _cancel(self, trace_id: str) -> None:
-        """Tell the job's worker to stop (also a worker that has not picked it up yet)."""
+    async def _cancel(self, exchange: ChatExchange, trace_id: str) -> None:
+        """Tell the job's worker to stop (also a worker that has not picked it up yet), and
+        charge what its model calls spent until then: a client that leaves before a winner is
+        chosen has seen nothing of what every model generated. The worker says it (`usage`)
+        before the run's `finished`, waited for within the same bound; only once the client
+        is gone: an error on its way to a client still there is not held back for it."""
+        spent: UsageReport | None = None
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_SECONDS):
             bus: Bus | None = self._resources.bus
             if bus is None:
                 return
             try:
-                kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
-                await kv.put(cancel_key(trace_id), b"1")
-                await bus.publish_core(cancel_subject(trace_id), b"")
+                async with bus.subscribe(events_subject(trace_id)) as events:
+                    kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
+                    await kv.put(cancel_key(trace_id), b"1")
+                    await bus.publish_core(cancel_subject(trace_id), b"")
+                    if not exchange.hung_up:
+                        return
+                    async for message in events:
+                        _, event = decode(message.data)
+                        if isinstance(event, UsageReport):
+                            spent = event
+                        elif isinstance(event, Finished):
+                            break
             except BusError as error:
                 log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
+        if spent is not None:
+            exchange.result.add(spent)
 
 
 class _Follow:
@@ -358,6 +379,10 @@ class _Follow:
                 self.held.clear()
             out.extend(shown)
         return True
+
+
+def _last_usage(events: list[StreamEvent]) -> UsageReport | None:
+    return next((e for e in reversed(events) if isinstance(e, UsageReport)), None)
 
 
 def _lost(error: BusError) -> GatewayError:

@@ -207,10 +207,14 @@ class JobRun:
                 outcome = RunOutcome("failed", "error", error=error)
             except Exception as exc:  # a pipeline bug fails its job, not the worker
                 outcome = RunOutcome("failed", "error", error=_grouped(exc) or _crash(job, exc))
+        if outcome is not None and outcome.status == "failed":
+            outcome.spent = ctx.llm.spent  # its calls' tokens were spent all the same
         if outcome is None or self.interrupted_by is not None:
             if self.interrupted_by in ("shutdown", "lost"):
                 return None
-            return RunOutcome("cancelled", "cancelled", data={"partial": _partial(emitter)})
+            # What its calls spent until the cancel: its gateway waits a moment for it, to
+            # charge the client that left (who saw nothing of a winner not chosen yet).
+            return RunOutcome("cancelled", "cancelled", data={"partial": _partial(emitter)}, spent=ctx.llm.spent)
         return outcome
 
     async def _conclude(self, publisher: EventPublisher, outcome: RunOutcome) -> Disposition:
@@ -220,6 +224,9 @@ class JobRun:
             error = outcome.error
             if finished.status == "failed" and outcome.status != "failed":
                 error = _unstored()
+            if finished.status != "completed" and outcome.spent is not None:
+                # Before the error: what the client is charged, whether or not its answer began.
+                await publisher.put(UsageReport(outcome.spent))
             await self._announce(publisher, finished, error if finished.status != "completed" else None)
         return Disposition.ACK
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.dialects.events import Finished
-from proxy.domain.chat import ChatCompletion
+from proxy.domain.chat import ChatCompletion, Usage
 from proxy.domain.errors import GatewayError
 from proxy.infra.chat_store import completion_to_json
 from proxy.infra.postgres import Database, json_text, plain_text
@@ -26,6 +26,7 @@ class RunOutcome:
     completion: ChatCompletion | None = None
     data: dict[str, Any] = field(default_factory=dict)
     error: GatewayError | None = None
+    spent: Usage | None = None  # a cancelled or failed run's model calls until its end
 
     @property
     def finished(self) -> Finished:
@@ -80,7 +81,7 @@ class RunStore:
         """Store the outcome unless the run already ended; the run's final event either way."""
         completion = outcome.completion
         choice = completion.choices[0] if completion and completion.choices else None
-        usage = completion.usage if completion else None
+        usage = completion.usage if completion else outcome.spent
         error = None if outcome.error is None else {
             "kind": outcome.error.kind.name, "message": outcome.error.message, "code": outcome.error.code,
         }

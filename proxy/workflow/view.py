@@ -193,6 +193,9 @@ class ClientView:
         self._select = False
         self._winner_choice: int | None = None
         self._buffers: dict[int, list[ChoiceEvent]] = {}
+        # A usage report while nothing is shown yet: it opens no answer (a run that then fails
+        # is still the client's error status), and goes out with whatever is shown next.
+        self.usage_unshown: UsageReport | None = None
 
     @property
     def visible(self) -> bool:
@@ -227,7 +230,10 @@ class ClientView:
             case Progress():
                 pass
             case UsageReport():
-                self._show(out, [event])
+                if self._shown:
+                    self._show(out, [event])
+                else:
+                    self.usage_unshown = event
             case StreamFailed(error):
                 return self._fail(error, out)
             case Finished():
@@ -253,6 +259,7 @@ class ClientView:
             self._shown = False
             self._start = None
         self._attempt = attempt
+        self.usage_unshown = None
         self._open.clear()
         self._ended.clear()
         self._select = False
@@ -265,6 +272,9 @@ class ClientView:
             self._shown = True
             if self._start is not None:
                 out.append(self._start)
+            if self.usage_unshown is not None:
+                out.append(self.usage_unshown)
+                self.usage_unshown = None
         for event in events:
             if isinstance(event, Finish):
                 self._open.discard(event.choice)

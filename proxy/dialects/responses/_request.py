@@ -54,6 +54,9 @@ _STATEFUL = {
 CONVERSATION_PREFIX = "_conversation_prefix"
 # The `include` that asks for the output text's token log probabilities.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# A workflow pipeline's options (`x-pipeline`), as in a chat request: the workflow route reads
+# them from `extra` (a Responses request's `extra` never reaches a backend).
+_PIPELINE_OPTIONS = "workflow"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
 
 
@@ -203,8 +206,10 @@ def parse_responses_request(
         # The gateway's accounting asks every backend for usage; the Response carries it.
         include_usage=True if stream or background else None,
         dialect=DIALECT,
-        # The end user, as an OpenAI chat client's: an Anthropic backend's `metadata.user_id`.
-        extra={key: value for key, value in (("safety_identifier", safety_identifier), ("user", user)) if value},
+        # The end user, as an OpenAI chat client's: an Anthropic backend's `metadata.user_id`;
+        # a pipeline's options, as a chat client's.
+        extra={key: value for key, value in (("safety_identifier", safety_identifier), ("user", user)) if value}
+        | ({_PIPELINE_OPTIONS: data[_PIPELINE_OPTIONS]} if _PIPELINE_OPTIONS in data else {}),
     )
     settings: dict[str, Any] = {
         "instructions": instructions,
