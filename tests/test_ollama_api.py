@@ -14,9 +14,13 @@ import httpx
 import ollama
 import openai
 import pytest
+import trio
 
 from proxy.config import Timeouts
+from proxy.dialects.anthropic import parse_messages_request
 from proxy.dialects.ollama import OLLAMA_VERSION
+from proxy.infra.backends import BackendCall
+from proxy.infra.backends._ollama import OllamaBackend as OllamaClient
 from tests.fakes import (
     AnthropicBackend,
     FakeBackend,
@@ -966,6 +970,47 @@ class _ThinkingPickyOllama(OllamaBackend):
                 await exchange.respond_json(400, {"error": f'"{model}" does not support thinking'})
                 return
         await super().route(request, exchange, call)
+
+
+class _BurstRefusingOllama(_ThinkingPickyOllama):
+    """Refuses nothing until `burst` chats have arrived: all of them are in flight before the
+    gateway hears the first refusal."""
+
+    def __init__(self, burst: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._burst = burst
+        self._all_in = trio.Event()
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path == "/api/chat" and isinstance(request.json().get("think"), str):
+            if len(self.chats()) >= self._burst:
+                self._all_in.set()
+            await self._all_in.wait()
+        await super().route(request, exchange, call)
+
+
+async def test_a_think_refused_to_a_burst_is_remembered_once() -> None:
+    """Sixteen Claude Code requests at once to a model without think levels are all refused
+    before the gateway learns it: the model's memory keeps the refusal once, not sixteen
+    times (each kept refusal re-encodes every later request's body)."""
+    fake = _BurstRefusingOllama(16, models=("qwen3:8b",))
+    async with fake.serve() as server:
+        client = OllamaClient(backend("ollama", server.url, kind="ollama"))
+        request = parse_messages_request(json.dumps({
+            "model": "qwen3:8b", "max_tokens": 8000, "messages": MESSAGES,
+            "thinking": {"type": "enabled", "budget_tokens": 4096},
+        }).encode())
+        answers: list[Any] = []
+
+        async def ask() -> None:
+            answers.append(await client.complete(BackendCall(request, "qwen3:8b")))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(ask)
+        assert len(answers) == 16 and len(fake.chats()) == 32  # each refused once, then asked with think on
+        assert client._think_refusals == {"qwen3:8b": ['think value "high" is not supported for this model']}
+        await client.aclose()
 
 
 async def test_thinking_asked_in_another_dialect_is_what_the_ollama_model_can_take() -> None:

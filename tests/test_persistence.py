@@ -274,6 +274,44 @@ async def test_an_expired_cache_entry_is_a_miss_that_calls_the_backend_again(
         assert attached.headers["x-cache"] == "hit"  # its answer cost no backend call of its own
 
 
+async def test_expired_cache_entries_and_their_keys_do_not_pile_up(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A gateway running for weeks with the exact cache on: every distinct cached request
+    leaves an entry (its whole answer) and a `cache:` key; once expired they must go, not
+    stay in PostgreSQL for good."""
+    fake = OpenAIBackend(default=Script(tokens=["fresh"]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def cached_once() -> str:
+            body = {"model": "m", "messages": [{"role": "user", "content": uuid.uuid4().hex}]}
+            response = await client.post("/v1/chat/completions", json=body, headers={"x-cache": "exact"})
+            assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+            await wait_for_row(pg_database_url, response.headers["x-trace-id"], "completed")
+            return response.headers["x-trace-id"]
+
+        old = [await cached_once() for _ in range(30)]
+
+        def kept() -> tuple[int, int]:
+            [(entries,)] = rows(pg_database_url, "SELECT count(*) FROM completions_cache WHERE trace_id = ANY(%s)", old)
+            [(keys,)] = rows(pg_database_url, "SELECT count(*) FROM idempotency_keys WHERE trace_id = ANY(%s)", old)
+            return int(entries), int(keys)  # type: ignore[call-overload]
+
+        assert kept() == (30, 30)
+        with psycopg.connect(pg_database_url) as conn:  # their TTL has passed
+            conn.execute("UPDATE completions_cache SET expires_at = now() - interval '1 second'")
+        new = await cached_once()
+
+        async def purged() -> bool:
+            return await trio.to_thread.run_sync(kept) == (0, 0)
+
+        await eventually(purged)
+        # The live entry stays, and answers.
+        assert rows(pg_database_url, "SELECT count(*) FROM completions_cache WHERE trace_id = %s", new) == [(1,)]
+
+
 async def test_a_replayed_attached_or_cached_answer_names_the_trace_that_made_it(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
 

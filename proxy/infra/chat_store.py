@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
-from proxy.infra.postgres import Database, Tx, json_text, plain_text
+from proxy.infra.postgres import Database, DatabaseError, Tx, json_text, plain_text
 
 Status = Literal["running", "completed", "failed", "cancelled"]
 
@@ -229,6 +230,24 @@ _PUT_CACHE = (
     "created_at = now(), expires_at = EXCLUDED.expires_at"
 )
 
+# Expired exact-cache entries, a batch at a time, with the keys that guarded them (`cache:`,
+# unless a run holds one again): nothing reads them any more, and without this every distinct
+# cached request would stay in both tables for good. Rows another transaction holds are
+# skipped (a write re-caching one of them), never waited for: a later write takes them.
+_PURGE_EXPIRED_CACHE = """
+WITH gone AS (
+    DELETE FROM completions_cache WHERE req_id IN (
+        SELECT req_id FROM completions_cache WHERE expires_at <= now() LIMIT %s FOR UPDATE SKIP LOCKED
+    ) RETURNING req_id
+)
+DELETE FROM idempotency_keys WHERE key IN (
+    SELECT k.key FROM idempotency_keys k JOIN gone ON k.key = 'cache:' || gone.req_id
+    WHERE k.status <> 'running' FOR UPDATE OF k SKIP LOCKED
+)
+"""
+# More than a group commit adds: the table shrinks back to its live entries as it is written.
+_PURGE_BATCH = 200
+
 
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
 # beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
@@ -389,6 +408,10 @@ class ChatStore:
             (_PUT_KEY_STATUS, keys),
             (_PUT_CACHE, cached),
         ])
+        if cached:
+            # The rows are committed: a purge that fails is left to the next cached answer's write.
+            with contextlib.suppress(DatabaseError):
+                await self._db.execute(_PURGE_EXPIRED_CACHE, (_PURGE_BATCH,))
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

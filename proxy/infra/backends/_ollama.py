@@ -82,7 +82,11 @@ class OllamaBackend:
             return None
         again = ollama.without_refused_think(call.request, body, error.message)
         if again is not None:
-            self._think_refusals.setdefault(call.upstream_model, []).append(error.message)
+            # Once: a burst of requests all sent before the first refusal came back is refused
+            # as many times, and each refusal kept is applied to every later request's body.
+            refusals = self._think_refusals.setdefault(call.upstream_model, [])
+            if error.message not in refusals:
+                refusals.append(error.message)
         return again
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
