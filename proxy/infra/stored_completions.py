@@ -1,5 +1,5 @@
 """OpenAI's stored chat completions, read from the journal (`chat_log`): a chat asked with
-`store: true` is its row, its settings saying so (`0025_stored_completions.sql`), found by
+`store: true` is its row, its settings saying so (`0024_stored_completions.sql`), found by
 the id its client was given (its answer's). Ended and completed only; a deleted one's row
 has lost its settings, and with them its place here.
 
