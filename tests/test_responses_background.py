@@ -305,16 +305,25 @@ async def test_a_background_response_that_ends_while_it_is_read_back_is_found(
     # A read that looked for its row just before the run ended, and got its answer just after,
     # found neither the row nor the run: a 404 for a response the client had just created.
     read = ChatStore.stored_run
+    raced = False
 
-    async def slow_answer(self: ChatStore, trace_id: str) -> Any:
-        row = await read(self, trace_id)
-        await trio.sleep(0.5)  # the run fails and its row is written meanwhile
-        return row
+    async def answer_after_the_end(self: ChatStore, trace_id: str) -> Any:
+        nonlocal raced
+        if raced:
+            return await read(self, trace_id)
+        raced = True
+        # No row yet (the writer holds a young run's row back); the answer comes once the
+        # run has failed and its row says so.
+        with trio.fail_after(10):
+            while (row := await read(self, trace_id)) is None or row.status == "running":
+                await trio.sleep(0.02)
+        return None
 
-    monkeypatch.setattr(ChatStore, "stored_run", slow_answer)
     stack.fake.default = Script(status=429, header_delay=0.2)
     created = await stack.client.responses.create(model="m", input="Count", background=True)
+    monkeypatch.setattr(ChatStore, "stored_run", answer_after_the_end)
     polled = await stack.client.responses.retrieve(created.id)
+    assert raced
     assert polled.status == "failed" and polled.error is not None and polled.error.code == "rate_limit_exceeded"
 
 
