@@ -980,6 +980,87 @@ async def test_a_pipeline_that_fails_after_its_model_calls_is_charged_what_they_
                 assert (prompt, completion) == (5, 4)  # the client's row: what its key is charged
 
 
+async def key_charged(db: str, key: str) -> tuple[int, int]:
+    """The key's usage (prompt + completion) and its budget's count, once its usage is written."""
+    [(key_id,)] = await trio.to_thread.run_sync(rows, db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+
+    async def written() -> tuple[int, int] | None:
+        found = await trio.to_thread.run_sync(
+            rows, db, "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(requests), 0)"
+            " FROM api_key_usage WHERE key_id = %s", key_id,
+        )
+        [(budget,)] = await trio.to_thread.run_sync(
+            rows, db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", key_id
+        )
+        return (int(found[0][0]), int(budget)) if found[0][1] else None
+
+    return await eventually(written, within=10)
+
+
+async def test_a_keyed_or_background_pipeline_that_fails_is_charged_and_its_row_says_so(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # With an Idempotency-Key the key was charged, but the request's row (what `GET` and the
+    # operator's usage read) said no tokens; a background run was charged nothing at all.
+    name = pipeline_name("check")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:spend_then_fail", {"model": "alpha-1"})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        keyed, background = [await new_key(pg_database_url, n, "--budget", "100000") for n in ("keyed", "bg")]
+        await wait_for_key(url, keyed)
+        await wait_for_key(url, background)
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers={"x-pipeline": name}) as client:
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
+                headers={"idempotency-key": f"k-{name}", **bearer(keyed)},
+            )
+            assert response.status_code == 502, response.text
+            _status, _reason, prompt, completion, *_ = await wait_for_row(
+                pg_database_url, response.headers["x-trace-id"], "failed"
+            )
+            assert (prompt, completion) == (5, 4)
+            assert await key_charged(pg_database_url, keyed) == (9, 9)
+
+            created = await client.post(
+                "/v1/responses", json={"model": "m", "input": "Name a colour", "background": True},
+                headers=bearer(background),
+            )
+            assert created.status_code == 200, created.text
+            trace_id = created.json()["id"].removeprefix("resp_")
+            _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed", within=10)
+            assert (prompt, completion) == (5, 4)
+            assert await key_charged(pg_database_url, background) == (9, 9)
+
+
+async def test_a_cancelled_background_pipeline_is_charged_what_its_models_generated(stack: Stack) -> None:
+    # Its run was stored with what its model calls spent; its key was charged none of it.
+    slow = Script(n_tokens=2000, pace=0.01)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    key = await new_key(stack.db, "bg", "--budget", "100000")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"x-pipeline": stack.pipeline, **bearer(key)}) as client:
+        created = await client.post(
+            "/v1/responses", json={"model": "m", "input": "Name a colour", "background": True,
+                                   "workflow": {"rule": "longest"}},
+        )
+        assert created.status_code == 200, created.text
+        response_id = created.json()["id"]
+        await stack.alpha.wait_active_streams(1)
+        await stack.beta.wait_active_streams(1)
+        await trio.sleep(1.0)  # some 100 tokens each
+        cancelled = await client.post(f"/v1/responses/{response_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    trace_id = response_id.removeprefix("resp_")
+    await run_row(stack.db, trace_id, status="cancelled")
+    [(prompt, spent)] = await trio.to_thread.run_sync(
+        rows, stack.db, "SELECT prompt_tokens, completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    assert spent >= 2 * 40
+    _status, _reason, row_prompt, row_spent, *_ = await wait_for_row(stack.db, trace_id, "cancelled")
+    assert (row_prompt, row_spent) == (prompt, spent)
+    assert await key_charged(stack.db, key) == (prompt + spent,) * 2
+
+
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(
     aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

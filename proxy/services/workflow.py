@@ -278,7 +278,7 @@ class WorkflowRoute:
                 # Its status goes to the client; what the job's model calls spent, to its key.
                 spent = view.usage_unshown or _last_usage([*follow.held, *out])
                 if spent is not None:
-                    exchange.result.add(spent)
+                    exchange.charge_unshown(spent)
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
@@ -319,7 +319,8 @@ class WorkflowRoute:
         charge what its model calls spent until then: a client that leaves before a winner is
         chosen has seen nothing of what every model generated. The worker says it (`usage`)
         before the run's `finished`, waited for within the same bound; only once the client
-        is gone: an error on its way to a client still there is not held back for it."""
+        is gone (or cancelled its background run): an error on its way to a client still
+        there is not held back for it."""
         spent: UsageReport | None = None
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_SECONDS):
             bus: Bus | None = self._resources.bus
@@ -330,7 +331,7 @@ class WorkflowRoute:
                     kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
                     await kv.put(cancel_key(trace_id), b"1")
                     await bus.publish_core(cancel_subject(trace_id), b"")
-                    if not exchange.hung_up:
+                    if not exchange.stopped_by_client:
                         return
                     async for message in events:
                         _, event = decode(message.data)
@@ -341,7 +342,7 @@ class WorkflowRoute:
             except BusError as error:
                 log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
         if spent is not None:
-            exchange.result.add(spent)
+            exchange.charge_unshown(spent)
 
 
 class _Follow:
