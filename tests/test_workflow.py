@@ -39,6 +39,7 @@ from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
     fanout,
+    key_charged,
     pipeline_name,
     rows,
     run_row,
@@ -978,23 +979,6 @@ async def test_a_pipeline_that_fails_after_its_model_calls_is_charged_what_they_
                 assert row["error"]["code"] == "check_failed"
                 _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed")
                 assert (prompt, completion) == (5, 4)  # the client's row: what its key is charged
-
-
-async def key_charged(db: str, key: str) -> tuple[int, int]:
-    """The key's usage (prompt + completion) and its budget's count, once its usage is written."""
-    [(key_id,)] = await trio.to_thread.run_sync(rows, db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
-
-    async def written() -> tuple[int, int] | None:
-        found = await trio.to_thread.run_sync(
-            rows, db, "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(requests), 0)"
-            " FROM api_key_usage WHERE key_id = %s", key_id,
-        )
-        [(budget,)] = await trio.to_thread.run_sync(
-            rows, db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", key_id
-        )
-        return (int(found[0][0]), int(budget)) if found[0][1] else None
-
-    return await eventually(written, within=10)
 
 
 async def test_a_keyed_or_background_pipeline_that_fails_is_charged_and_its_row_says_so(
