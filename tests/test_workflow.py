@@ -24,6 +24,7 @@ from proxy.config import PipelineConfig, WorkflowSettings
 from proxy.dialects.events import Finished
 from proxy.domain.chat import FinishReason
 from proxy.domain.events import Finish, StreamStart, TextDelta
+from proxy.domain.tokens import requested_tokens
 from proxy.infra.backends import Batch
 from proxy.infra.embedded import EmbeddedNats
 from proxy.infra.nats import BusMessage, open_bus
@@ -1043,6 +1044,51 @@ async def test_a_cancelled_background_pipeline_is_charged_what_its_models_genera
     _status, _reason, row_prompt, row_spent, *_ = await wait_for_row(stack.db, trace_id, "cancelled")
     assert (row_prompt, row_spent) == (prompt, spent)
     assert await key_charged(stack.db, key) == (prompt + spent,) * 2
+
+
+async def test_a_fanout_reserves_what_all_its_models_may_spend_so_a_key_cannot_overshoot_its_budget(
+    stack: Stack,
+) -> None:
+    # The admission reserved one model's estimate while the pipeline asked two: a second
+    # request was admitted against a budget the first would spend twice over.
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+    one = requested_tokens(body, generates=True).tokens
+    slow = Script(n_tokens=40, pace=0.05, usage=Usage(5, 40))
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    key = await new_key(stack.db, "near", "--budget", str(2 * one))
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await trio.to_thread.run_sync(rows, stack.db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+    headers = {"x-pipeline": stack.pipeline, **bearer(key)}
+    answered: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers=headers) as client:
+
+        async def first() -> None:
+            answered.append(await client.post("/v1/chat/completions", json=body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            [(held,)] = await trio.to_thread.run_sync(
+                rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+            )
+            assert held == 2 * one  # both models' prompt and max_tokens
+            second = await client.post("/v1/chat/completions", json=body)
+            assert second.status_code == 429, second.text
+            assert "held by requests in flight" in second.json()["error"]["message"]
+    assert answered[0].status_code == 200
+    # Settled as usual: what both models spent (the loser's until the winner ended it).
+    spent, used = await key_charged(stack.db, key)
+    assert spent == used and 45 + 20 < spent <= 90
+
+    async def given_back() -> bool:
+        [(reserved,)] = await trio.to_thread.run_sync(
+            rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+        )
+        return reserved == 0
+
+    await eventually(given_back)
 
 
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(

@@ -88,7 +88,7 @@ async def bus_events(nats_url: str, trace_id: str, within: float = 5.0) -> list[
 
 
 async def key_charged(db: str, key: str, within: float = 10.0) -> tuple[int, int]:
-    """The key's usage (prompt + completion) and its budget's count, once it has a request."""
+    """The key's usage (prompt + completion) and its budget's count, once it has some."""
     [(key_id,)] = await trio.to_thread.run_sync(rows, db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
 
     async def written() -> tuple[int, int] | None:
@@ -99,7 +99,7 @@ async def key_charged(db: str, key: str, within: float = 10.0) -> tuple[int, int
         [(budget,)] = await trio.to_thread.run_sync(
             rows, db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", key_id
         )
-        return (int(found[0][0]), int(budget)) if found[0][1] else None
+        return (int(found[0][0]), int(budget)) if found[0][0] else None
 
     return await eventually(written, within=within)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +32,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, UsageReport
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
+from proxy.domain.tokens import fanned_out_tokens
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.nats import Bus, BusError, BusMessage, PayloadTooLarge
 from proxy.infra.resources import Resources
@@ -40,6 +41,7 @@ from proxy.services.journal import EVENTS_STREAM, events_subject
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
 from proxy.workflow.bus import jobs_kv
+from proxy.workflow.fanout import JUDGE_MAX_TOKENS
 from proxy.workflow.job import (
     OPTIONS_FIELD,
     WORKERS_REFRESH,
@@ -343,6 +345,21 @@ class WorkflowRoute:
                 log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
         if spent is not None:
             exchange.charge_unshown(spent)
+
+
+def pipeline_tokens(body: object, configured: Mapping[str, Any], tokens: int) -> int:
+    """What a workflow request reserves rather than one model's estimate (`tokens`): its
+    pipeline asks each model its options name (`models`: the request's `workflow` object's,
+    else the pipeline's configured ones) and, with `rule = "judge"`, a judge reads them all.
+    A pipeline that names no models is reckoned as one call."""
+    given = body.get(OPTIONS_FIELD) if isinstance(body, dict) else None
+    options = {**configured, **(given if isinstance(given, dict) else {})}
+    models = options.get("models")
+    calls = len(models) if isinstance(models, list | tuple) and models else 1
+    judged = options.get("rule") == "judge"
+    if calls == 1 and not judged:
+        return tokens
+    return max(tokens, fanned_out_tokens(body, calls, judged, judge_output=JUDGE_MAX_TOKENS))
 
 
 class _Follow:
