@@ -1091,6 +1091,35 @@ async def test_a_fanout_reserves_what_all_its_models_may_spend_so_a_key_cannot_o
     await eventually(given_back)
 
 
+async def test_a_judged_fanout_reserves_the_judges_reading_too(stack: Stack) -> None:
+    # The judge reads the prompt and every answer, and writes up to 2,048 tokens of its own.
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 50,
+            "workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    one, prompt = (requested_tokens(body, generates=generates).tokens for generates in (True, False))
+    slow = Script(n_tokens=40, pace=0.05)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    stack.alpha.set_script(Script(tokens=["Answer: B"]), model="alpha-judge")
+    key = await new_key(stack.db, "judged", "--budget", "1000000")
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await trio.to_thread.run_sync(rows, stack.db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+    answered: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"x-pipeline": stack.pipeline, **bearer(key)}) as client:
+
+        async def ask() -> None:
+            answered.append(await client.post("/v1/chat/completions", json=body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            [(held,)] = await trio.to_thread.run_sync(
+                rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+            )
+    assert held == 2 * one + prompt + 2 * (one - prompt) + 2048
+    assert answered[0].status_code == 200 and answered[0].headers["x-workflow-winner"] == "beta-1"
+
+
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(
     aio_loop: object, pg_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
