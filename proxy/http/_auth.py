@@ -258,9 +258,9 @@ def _pipeline_tokens(gw: Gateway, head: RequestHead, data: object, tokens: int) 
         return tokens
     if pipeline is None and route == "workflow":
         pipeline = gw.settings.workflow.default_pipeline
-    config = gw.settings.workflow.pipelines.get(pipeline) if pipeline is not None else None
     if pipeline is None:
         return tokens
+    config = gw.settings.workflow.pipelines.get(pipeline)
     return pipeline_tokens(data, config.options if config is not None else {}, tokens)
 
 
