@@ -24,6 +24,7 @@ from proxy.config import PipelineConfig, WorkflowSettings
 from proxy.dialects.events import Finished
 from proxy.domain.chat import FinishReason
 from proxy.domain.events import Finish, StreamStart, TextDelta
+from proxy.domain.tokens import requested_tokens
 from proxy.infra.backends import Batch
 from proxy.infra.embedded import EmbeddedNats
 from proxy.infra.nats import BusMessage, open_bus
@@ -39,6 +40,7 @@ from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
     fanout,
+    key_charged,
     pipeline_name,
     rows,
     run_row,
@@ -978,6 +980,144 @@ async def test_a_pipeline_that_fails_after_its_model_calls_is_charged_what_they_
                 assert row["error"]["code"] == "check_failed"
                 _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed")
                 assert (prompt, completion) == (5, 4)  # the client's row: what its key is charged
+
+
+async def test_a_keyed_or_background_pipeline_that_fails_is_charged_and_its_row_says_so(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # With an Idempotency-Key the key was charged, but the request's row (what `GET` and the
+    # operator's usage read) said no tokens; a background run was charged nothing at all.
+    name = pipeline_name("check")
+    pipelines = {name: PipelineConfig("tests.workflow_pipelines:spend_then_fail", {"model": "alpha-1"})}
+    async with workflow_stack(pg_database_url, nats_url, pipelines) as (url, *_):
+        keyed, background = [await new_key(pg_database_url, n, "--budget", "100000") for n in ("keyed", "bg")]
+        await wait_for_key(url, keyed)
+        await wait_for_key(url, background)
+        async with httpx.AsyncClient(base_url=url, timeout=10, headers={"x-pipeline": name}) as client:
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": MESSAGES},
+                headers={"idempotency-key": f"k-{name}", **bearer(keyed)},
+            )
+            assert response.status_code == 502, response.text
+            _status, _reason, prompt, completion, *_ = await wait_for_row(
+                pg_database_url, response.headers["x-trace-id"], "failed"
+            )
+            assert (prompt, completion) == (5, 4)
+            assert await key_charged(pg_database_url, keyed) == (9, 9)
+
+            created = await client.post(
+                "/v1/responses", json={"model": "m", "input": "Name a colour", "background": True},
+                headers=bearer(background),
+            )
+            assert created.status_code == 200, created.text
+            trace_id = created.json()["id"].removeprefix("resp_")
+            _status, _reason, prompt, completion, *_ = await wait_for_row(pg_database_url, trace_id, "failed", within=10)
+            assert (prompt, completion) == (5, 4)
+            assert await key_charged(pg_database_url, background) == (9, 9)
+
+
+async def test_a_cancelled_background_pipeline_is_charged_what_its_models_generated(stack: Stack) -> None:
+    # Its run was stored with what its model calls spent; its key was charged none of it.
+    slow = Script(n_tokens=2000, pace=0.01)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    key = await new_key(stack.db, "bg", "--budget", "100000")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"x-pipeline": stack.pipeline, **bearer(key)}) as client:
+        created = await client.post(
+            "/v1/responses", json={"model": "m", "input": "Name a colour", "background": True,
+                                   "workflow": {"rule": "longest"}},
+        )
+        assert created.status_code == 200, created.text
+        response_id = created.json()["id"]
+        await stack.alpha.wait_active_streams(1)
+        await stack.beta.wait_active_streams(1)
+        await trio.sleep(1.0)  # some 100 tokens each
+        cancelled = await client.post(f"/v1/responses/{response_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    trace_id = response_id.removeprefix("resp_")
+    await run_row(stack.db, trace_id, status="cancelled")
+    [(prompt, spent)] = await trio.to_thread.run_sync(
+        rows, stack.db, "SELECT prompt_tokens, completion_tokens FROM workflow_runs WHERE trace_id = %s", trace_id
+    )
+    assert spent >= 2 * 40
+    _status, _reason, row_prompt, row_spent, *_ = await wait_for_row(stack.db, trace_id, "cancelled")
+    assert (row_prompt, row_spent) == (prompt, spent)
+    assert await key_charged(stack.db, key) == (prompt + spent,) * 2
+
+
+async def test_a_fanout_reserves_what_all_its_models_may_spend_so_a_key_cannot_overshoot_its_budget(
+    stack: Stack,
+) -> None:
+    # The admission reserved one model's estimate while the pipeline asked two: a second
+    # request was admitted against a budget the first would spend twice over.
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+    one = requested_tokens(body, generates=True).tokens
+    slow = Script(n_tokens=40, pace=0.05, usage=Usage(5, 40))
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    key = await new_key(stack.db, "near", "--budget", str(2 * one))
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await trio.to_thread.run_sync(rows, stack.db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+    headers = {"x-pipeline": stack.pipeline, **bearer(key)}
+    answered: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers=headers) as client:
+
+        async def first() -> None:
+            answered.append(await client.post("/v1/chat/completions", json=body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            [(held,)] = await trio.to_thread.run_sync(
+                rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+            )
+            assert held == 2 * one  # both models' prompt and max_tokens
+            second = await client.post("/v1/chat/completions", json=body)
+            assert second.status_code == 429, second.text
+            assert "held by requests in flight" in second.json()["error"]["message"]
+    assert answered[0].status_code == 200
+    # Settled as usual: what both models spent (the loser's until the winner ended it).
+    spent, used = await key_charged(stack.db, key)
+    assert spent == used and 45 + 20 < spent <= 90
+
+    async def given_back() -> bool:
+        [(reserved,)] = await trio.to_thread.run_sync(
+            rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+        )
+        return reserved == 0
+
+    await eventually(given_back)
+
+
+async def test_a_judged_fanout_reserves_the_judges_reading_too(stack: Stack) -> None:
+    # The judge reads the prompt and every answer, and writes up to 2,048 tokens of its own.
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 50,
+            "workflow": {"rule": "judge", "judge_model": "alpha-judge"}}
+    one, prompt = (requested_tokens(body, generates=generates).tokens for generates in (True, False))
+    slow = Script(n_tokens=40, pace=0.05)
+    stack.alpha.set_script(slow)
+    stack.beta.set_script(slow)
+    stack.alpha.set_script(Script(tokens=["Answer: B"]), model="alpha-judge")
+    key = await new_key(stack.db, "judged", "--budget", "1000000")
+    await wait_for_key(stack.url, key)
+    [(key_id,)] = await trio.to_thread.run_sync(rows, stack.db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+    answered: list[httpx.Response] = []
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers={"x-pipeline": stack.pipeline, **bearer(key)}) as client:
+
+        async def ask() -> None:
+            answered.append(await client.post("/v1/chat/completions", json=body))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await stack.alpha.wait_active_streams(1)
+            await stack.beta.wait_active_streams(1)
+            [(held,)] = await trio.to_thread.run_sync(
+                rows, stack.db, "SELECT budget_reserved FROM api_key_limits WHERE key_id = %s", key_id
+            )
+    assert held == 2 * one + prompt + 2 * (one - prompt) + 2048
+    assert answered[0].status_code == 200 and answered[0].headers["x-workflow-winner"] == "beta-1"
 
 
 async def test_a_crashing_pipeline_is_a_500_that_hides_its_internals_and_the_worker_goes_on(

@@ -25,16 +25,18 @@ from proxy.infra.nats import open_bus
 from proxy.services.persistence import PersistenceSettings
 from proxy.workflow.bus import jobs_kv, workers_kv
 from proxy.workflow.job import ATTEMPT_SPAN, job_key
-from tests.fakes import OpenAIBackend, Script
+from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
-from tests.test_auth_helpers import eventually
+from tests.test_auth_helpers import bearer, eventually, new_key, wait_for_key
 from tests.test_budget_holds import gateway_process
 from tests.test_persistence import wait_for_row
 from tests.workflow_support import (
     bus_events,
     config_toml,
     fanout,
+    key_charged,
     pipeline_name,
+    rows,
     run_row,
     running_worker,
     worker_settings,
@@ -353,6 +355,50 @@ async def test_a_workflow_whose_gateway_was_killed_mid_job_is_read_back_with_its
             response = await eventually(ended, within=15, every=0.2)
             await polled.close()
     assert response.status == "completed" and response.output_text == "Pondered."
+
+
+async def test_a_workflow_whose_gateway_was_killed_mid_job_is_charged_to_its_key_once(
+    aio_loop: object, tmp_path: Path, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway relaying a job that has spent its model's tokens is killed (-9); its worker
+    stores the answer and the live gateways give the request's row its outcome. Its key was
+    charged none of it (usage, budget): its gateway, which would have, was dead. Two gateways
+    sweeping charge it once."""
+    monkeypatch.setattr(proxy.gateway, "PersistenceSettings",
+                        functools.partial(PersistenceSettings, heartbeat=0.5, dead_after=2.0))
+    db = pg_database_url
+    name = pipeline_name("ponder")
+    settings = workflow({name: PipelineConfig("tests.workflow_pipelines:spend_then_ponder", {"wait": 4})},
+                        silence_seconds=10.0)
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_toml([], settings))
+    key = await new_key(db, "bg", "--budget", "100000")
+    fake = OpenAIBackend(default=Script(tokens=SHORT, usage=Usage(5, 1)))
+    async with fake.serve() as server:
+        fake_backend = backend("fake", server.url, default=True)
+        worker = worker_settings([fake_backend], database_url=db, nats_url=nats_url, workflow=settings)
+        async with running_worker(worker, pipelines=[name]):
+            async with gateway_process(server.url, db, nats_url, config=config) as (doomed, process):
+                await wait_for_key(doomed, key)
+                async with httpx.AsyncClient(base_url=doomed, timeout=10, headers=bearer(key)) as http:
+                    created = await http.post("/v1/responses", headers={"x-pipeline": name},
+                                              json={"model": "m", "input": "Think it over", "background": True})
+                assert created.status_code == 200, created.text
+                trace_id = created.json()["id"].removeprefix("resp_")
+                await wait_for_row(db, trace_id, "running")
+                await fake.wait_requests(1, 10)  # its tokens are spent
+                process.kill()
+                await process.wait()
+            await run_row(db, trace_id, status="completed", within=15)
+        gateways = [running_gateway(fake_backend, database_url=db, nats_url=nats_url, workflow=settings) for _ in "ab"]
+        async with gateways[0], gateways[1]:
+            await wait_for_row(db, trace_id, "completed", within=15)
+            assert await key_charged(db, key) == (6, 6)
+            await trio.sleep(2.0)  # more sweeps, on both gateways
+    [(requests, tokens)] = await trio.to_thread.run_sync(
+        rows, db, "SELECT sum(requests), sum(prompt_tokens + completion_tokens) FROM api_key_usage"
+    )
+    assert (requests, tokens) == (1, 6)
 
 
 # -- systemd ----------------------------------------------------------------------------------

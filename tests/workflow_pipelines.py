@@ -68,3 +68,11 @@ async def spend_then_fail(ctx: PipelineContext) -> None:
     tokens were spent all the same."""
     await ctx.llm.complete(replace(ctx.request, model=str(ctx.options.get("model", ctx.request.model))))
     raise GatewayError(ErrorKind.BACKEND, "The answer did not pass the pipeline's check.", code="check_failed")
+
+
+async def spend_then_ponder(ctx: PipelineContext) -> None:
+    """Asks a model, then thinks a while before it answers (`wait` seconds): a job whose
+    tokens are spent long before its end."""
+    await ctx.llm.complete(replace(ctx.request, model=str(ctx.options.get("model", ctx.request.model))))
+    await trio.sleep(float(ctx.options.get("wait", 4)))
+    await ctx.emit.text("Pondered.")

@@ -15,6 +15,7 @@ import trio
 from proxy.config import BackendConfig, PipelineConfig, Settings, WorkflowSettings
 from proxy.infra.nats import open_bus
 from proxy.workflow.worker import Worker, WorkerOptions
+from tests.test_auth_helpers import eventually
 
 FANOUT = "proxy.workflow.fanout:fanout"
 
@@ -84,6 +85,23 @@ async def bus_events(nats_url: str, trace_id: str, within: float = 5.0) -> list[
                 if received[-1]["type"] == "finished":
                     break
     return received
+
+
+async def key_charged(db: str, key: str, within: float = 10.0) -> tuple[int, int]:
+    """The key's usage (prompt + completion) and its budget's count, once it has some."""
+    [(key_id,)] = await trio.to_thread.run_sync(rows, db, "SELECT id FROM api_keys WHERE prefix = %s", key[:16])
+
+    async def written() -> tuple[int, int] | None:
+        found = await trio.to_thread.run_sync(
+            rows, db, "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), coalesce(sum(requests), 0)"
+            " FROM api_key_usage WHERE key_id = %s", key_id,
+        )
+        [(budget,)] = await trio.to_thread.run_sync(
+            rows, db, "SELECT budget_used FROM api_key_limits WHERE key_id = %s", key_id
+        )
+        return (int(found[0][0]), int(budget)) if found[0][0] else None
+
+    return await eventually(written, within=within)
 
 
 def config_toml(backends: Iterable[BackendConfig], workflow: WorkflowSettings) -> str:

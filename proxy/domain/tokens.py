@@ -109,6 +109,19 @@ def requested_tokens(body: object, *, generates: bool) -> Requested:
     return Requested(prompt + named * n, prompt + named * n)
 
 
+def fanned_out_tokens(body: object, calls: int, judged: bool, *, judge_output: int) -> int:
+    """What a pipeline is estimated to spend on a request when `calls` models each answer it
+    once and, `judged`, a judge then reads the prompt and every answer and writes up to
+    `judge_output` tokens of its own."""
+    single = {**body, "n": 1} if isinstance(body, dict) else body  # each model answers once
+    prompt = requested_tokens(single, generates=False).tokens
+    one = requested_tokens(single, generates=True).tokens
+    total = calls * one
+    if judged:
+        total += prompt + calls * (one - prompt) + judge_output
+    return total
+
+
 def _max_output(body: object) -> tuple[int | None, int]:
     """The max output tokens the request names (None: none) and its number of answers `n`."""
     if not isinstance(body, dict):

@@ -30,6 +30,7 @@ from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import Principal, check_workspace, current_principal
 from proxy.services.chat import ChatExchange
 from proxy.services.limits import Decision
+from proxy.services.workflow import pipeline_tokens
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -227,6 +228,8 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
         data = _parsed(body)
         if data is not None:
             tokens, least = requested_tokens(data, generates=head.path in _GENERATING)
+            if head.path in _GENERATING:
+                tokens = _pipeline_tokens(gw, head, data, tokens)
             if head.path in _EMBEDDINGS and gw.embeddings is not None:
                 ceiling = gw.embeddings.local_ceiling(data)
                 if ceiling is not None:  # the local model cuts a long input: it costs no more
@@ -245,6 +248,20 @@ async def limit(gw: Gateway, head: RequestHead, body: bytes | None) -> Reply | N
     if decision.reserved or decision.budget_reserved:
         _reservation.set(_Reservation(Reserved(decision.reserved, decision.budget_reserved, decision.budget_from)))
     return None
+
+
+def _pipeline_tokens(gw: Gateway, head: RequestHead, data: object, tokens: int) -> int:
+    """A workflow request's reservation: what its pipeline's models spend together, not one's."""
+    pipeline = head.header("x-pipeline") or None
+    route = (head.header("x-route") or "").strip().lower()
+    if route not in ("", "workflow"):
+        return tokens
+    if pipeline is None and route == "workflow":
+        pipeline = gw.settings.workflow.default_pipeline
+    if pipeline is None:
+        return tokens
+    config = gw.settings.workflow.pipelines.get(pipeline)
+    return pipeline_tokens(data, config.options if config is not None else {}, tokens)
 
 
 def _parsed(body: bytes) -> object:

@@ -118,6 +118,7 @@ class LogRow:
     # What the answer echoes of the request when read back (a Response's settings, in wire
     # form); None for dialects that echo nothing. Not part of `request`, whose hash is `req_id`.
     settings: dict[str, Any] | None = None
+    api_key_id: int | None = None  # the key it was made with (see `settle_orphaned_workflows`)
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -171,10 +172,10 @@ def _text(value: str | None) -> str | None:
 _COLUMNS = (
     "trace_id, req_id, idempotency_key, route, dialect, model, backend, upstream_model, stream, status, "
     "request, result, error, finish_reason, prompt_tokens, completion_tokens, ttft_ms, total_ms, last_seq, tenant, owner, "
-    "settings"
+    "settings, api_key_id"
 )
 _VALUES = (
-    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb"
+    "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s"
 )
 
 
@@ -183,7 +184,7 @@ def _row_params(row: LogRow) -> tuple[Any, ...]:
         row.trace_id, row.req_id, _text(row.idempotency_key), _text(row.route), row.dialect, _text(row.model),
         row.backend, _text(row.upstream_model), row.stream, row.status, _json(row.request), _json(row.result),
         _json(row.error), row.finish_reason, row.prompt_tokens, row.completion_tokens, row.ttft_ms, row.total_ms,
-        row.last_seq, _text(row.tenant), row.owner, _json(row.settings),
+        row.last_seq, _text(row.tenant), row.owner, _json(row.settings), row.api_key_id,
     )
 
 
@@ -208,7 +209,7 @@ _UPSERT_OUTCOMES = (
     "trace_id text, req_id text, idempotency_key text, route text, dialect text, model text, backend text, "
     "upstream_model text, stream boolean, status text, request jsonb, result jsonb, error jsonb, "
     "finish_reason text, prompt_tokens integer, completion_tokens integer, ttft_ms real, total_ms real, "
-    f"last_seq integer, tenant text, owner text, settings jsonb){_OUTCOME_UPDATE}"
+    f"last_seq integer, tenant text, owner text, settings jsonb, api_key_id bigint){_OUTCOME_UPDATE}"
 )
 
 
@@ -331,10 +332,35 @@ WITH settled AS (
     FROM workflow_runs w
     WHERE c.status = 'running' AND c.route = 'workflow' AND c.deleted_at IS NULL AND w.trace_id = c.trace_id
         AND w.status <> 'running' AND w.finished_at < now() - make_interval(secs => %(grace)s)
-    RETURNING c.trace_id, c.status
+    RETURNING c.trace_id, c.status, c.api_key_id, c.prompt_tokens, c.completion_tokens, w.finished_at
 ), keys AS (
     UPDATE idempotency_keys k SET status = settled.status, updated_at = now()
     FROM settled WHERE k.trace_id = settled.trace_id AND k.status = 'running'
+), charged AS (
+    -- Its gateway, killed, never charged the key: this is the run's one charge (a row leaves
+    -- `running` once, whichever gateway's sweep settles it), in the key's usage and its budget
+    -- (its reservation, held by the dead gateway, is given back by that gateway's sweep).
+    SELECT api_key_id AS key_id, count(*) AS requests, count(*) FILTER (WHERE status = 'failed') AS errors,
+        sum(coalesce(prompt_tokens, 0)) AS prompt, sum(coalesce(completion_tokens, 0)) AS completion,
+        max(extract(epoch FROM finished_at)) AS used_at
+    FROM settled WHERE EXISTS (SELECT 1 FROM api_keys WHERE id = settled.api_key_id) GROUP BY api_key_id
+), usage AS (
+    INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens)
+    SELECT key_id, date_trunc('hour', now()), requests, errors, prompt, completion FROM charged
+    ON CONFLICT (key_id, hour) DO UPDATE SET
+        requests = u.requests + EXCLUDED.requests, errors = u.errors + EXCLUDED.errors,
+        prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens, last_used_at = now()
+), budget AS (
+    UPDATE api_key_limits l
+    SET budget_start = api_key_budget_start(l.budget_start, k.budget_period, now()),
+        budget_used = api_key_budget_settled(l.budget_start, l.budget_used, k.budget_period, now(),
+                                             ch.prompt + ch.completion, ch.used_at),
+        budget_reserved = api_key_budget_held(l.budget_start, l.budget_reserved, k.budget_period, now(), 0, NULL),
+        budget_holds = CASE WHEN api_key_budget_start(l.budget_start, k.budget_period, now())
+            IS DISTINCT FROM l.budget_start THEN NULL ELSE l.budget_holds END
+    FROM charged ch JOIN api_keys k ON k.id = ch.key_id
+    WHERE l.key_id = ch.key_id AND k.budget IS NOT NULL
 )
 SELECT count(*) FROM settled
 """

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import CompletionBuilder, StreamFailed
+from proxy.domain.events import CompletionBuilder, StreamFailed, UsageReport
 from proxy.infra.backends import BackendCall, Batch
 from proxy.infra.transport import Hangup
 from proxy.services._contracts import SHUTTING_DOWN, AnswerHook, RunLock, is_cancellation
@@ -33,6 +33,7 @@ class DurableRun(Recording):
     on_answer: AnswerHook | None
     run_lock: RunLock | None
     _locked: bool
+    spent_unshown: UsageReport | None
 
     if TYPE_CHECKING:  # the exchange's own
         async def _plan(self) -> Plan: ...
@@ -178,6 +179,8 @@ class DurableRun(Recording):
             raise
         finally:
             await self._unlock()  # cancelled, or the server stopping
+            if self.spent_unshown is not None:  # told this exchange's builder, not the run's
+                result.add(self.spent_unshown)
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
             if self._detached:  # no client relay folded the run into this exchange's result
                 self.result = result

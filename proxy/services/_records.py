@@ -134,6 +134,7 @@ class Recording:
             # A workflow's job lives on in its worker whatever becomes of this process.
             owner=self._persistence.instance_id if self._persistence and self.meta.route != "workflow" else None,
             settings=self.settings,
+            api_key_id=self.record.api_key_id,
         )
 
     def _route_identity(self) -> tuple[str, str | None] | None:

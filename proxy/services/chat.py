@@ -233,6 +233,9 @@ class ChatExchange(FallbackWalk, DurableRun):
         self._served = Served()
         self.hung_up = False
         self._detached = False  # run by `detach`: its run writes the record
+        # What the run's producer spent that none of its events shows (a workflow that failed,
+        # or was stopped, before its answer began): the run's row and its key's charge hold it.
+        self.spent_unshown: UsageReport | None = None
         # The journalled run's event log: readers of the live run learn from it which model answers.
         self._live_log: EventLog | None = None
         # An attached request's: what its run told its own client of the answer, read as its
@@ -249,6 +252,17 @@ class ChatExchange(FallbackWalk, DurableRun):
         )
 
     # -- running ---------------------------------------------------------------------------
+
+    def charge_unshown(self, spent: UsageReport) -> None:
+        """Count `spent` as the answer's usage though no event showed it (see `spent_unshown`):
+        the client's record takes it now; a durable run's own result, as the run ends."""
+        self.spent_unshown = spent
+        self.result.add(spent)
+
+    @property
+    def stopped_by_client(self) -> bool:
+        """Its client left, or cancelled its (background) run: nobody waits for what it says."""
+        return self.hung_up or self._cancelled_by_client()
 
     def hang_up(self) -> None:
         """The client has gone: close the backend connections this request holds, now.

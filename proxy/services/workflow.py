@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,6 +32,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import StreamEvent, StreamFailed, UsageReport
 from proxy.domain.fingerprint import request_fingerprint
 from proxy.domain.routing import Router
+from proxy.domain.tokens import fanned_out_tokens
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.nats import Bus, BusError, BusMessage, PayloadTooLarge
 from proxy.infra.resources import Resources
@@ -40,6 +41,7 @@ from proxy.services.journal import EVENTS_STREAM, events_subject
 from proxy.services.models import ModelCatalog
 from proxy.services.persistence import Producer
 from proxy.workflow.bus import jobs_kv
+from proxy.workflow.fanout import JUDGE_MAX_TOKENS
 from proxy.workflow.job import (
     OPTIONS_FIELD,
     WORKERS_REFRESH,
@@ -278,7 +280,7 @@ class WorkflowRoute:
                 # Its status goes to the client; what the job's model calls spent, to its key.
                 spent = view.usage_unshown or _last_usage([*follow.held, *out])
                 if spent is not None:
-                    exchange.result.add(spent)
+                    exchange.charge_unshown(spent)
                 raise view.error
             if view.done and view.winner and not exchange.request.stream:
                 exchange.response_headers.append((b"x-workflow-winner", view.winner.encode()))
@@ -319,7 +321,8 @@ class WorkflowRoute:
         charge what its model calls spent until then: a client that leaves before a winner is
         chosen has seen nothing of what every model generated. The worker says it (`usage`)
         before the run's `finished`, waited for within the same bound; only once the client
-        is gone: an error on its way to a client still there is not held back for it."""
+        is gone (or cancelled its background run): an error on its way to a client still
+        there is not held back for it."""
         spent: UsageReport | None = None
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _CANCEL_SECONDS):
             bus: Bus | None = self._resources.bus
@@ -330,7 +333,7 @@ class WorkflowRoute:
                     kv = await jobs_kv(bus, retention=self._settings.job_retention_seconds)
                     await kv.put(cancel_key(trace_id), b"1")
                     await bus.publish_core(cancel_subject(trace_id), b"")
-                    if not exchange.hung_up:
+                    if not exchange.stopped_by_client:
                         return
                     async for message in events:
                         _, event = decode(message.data)
@@ -341,7 +344,22 @@ class WorkflowRoute:
             except BusError as error:
                 log.warning("cancel for workflow job %s not sent: %s", trace_id, error)
         if spent is not None:
-            exchange.result.add(spent)
+            exchange.charge_unshown(spent)
+
+
+def pipeline_tokens(body: object, configured: Mapping[str, Any], tokens: int) -> int:
+    """What a workflow request reserves rather than one model's estimate (`tokens`): its
+    pipeline asks each model its options name (`models`: the request's `workflow` object's,
+    else the pipeline's configured ones) and, with `rule = "judge"`, a judge reads them all.
+    A pipeline that names no models is reckoned as one call."""
+    given = body.get(OPTIONS_FIELD) if isinstance(body, dict) else None
+    options = {**configured, **(given if isinstance(given, dict) else {})}
+    models = options.get("models")
+    calls = len(models) if isinstance(models, list | tuple) and models else 1
+    judged = options.get("rule") == "judge"
+    if calls == 1 and not judged:
+        return tokens
+    return max(tokens, fanned_out_tokens(body, calls, judged, judge_output=JUDGE_MAX_TOKENS))
 
 
 class _Follow:
