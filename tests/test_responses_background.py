@@ -315,9 +315,11 @@ async def test_a_background_response_that_ends_while_it_is_read_back_is_found(
         # No row yet (the writer holds a young run's row back); the answer comes once the
         # run has failed and its row says so.
         with trio.fail_after(10):
-            while (row := await read(self, trace_id)) is None or row.status == "running":
+            while True:
+                row = await read(self, trace_id)
+                if row is not None and row.status != "running":
+                    return None
                 await trio.sleep(0.02)
-        return None
 
     stack.fake.default = Script(status=429, header_delay=0.2)
     created = await stack.client.responses.create(model="m", input="Count", background=True)
