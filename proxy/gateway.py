@@ -166,7 +166,10 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             if settings.data_dir is not None and settings.database_url else None
         )
         persistence = Persistence(
-            resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool)
+            resources, PersistenceSettings(
+                cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool,
+                key_retention=settings.idempotency_retention_seconds,
+            )
         )
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)

@@ -92,6 +92,8 @@ class PersistenceSettings:
     dead_after: float = 30.0
     # Where log rows wait while PostgreSQL and NATS are both down (see `Outbox`); None: memory.
     spool: Path | None = None
+    # How long a key is kept once its run has ended (see `ChatStore`).
+    key_retention: float = 86400.0
 
     @property
     def late(self) -> float:
@@ -409,7 +411,7 @@ class Persistence:
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
-        return ChatStore(db) if db is not None else None
+        return ChatStore(db, key_retention=self.settings.key_retention) if db is not None else None
 
     def bus(self) -> Bus | None:
         return self.resources.bus
