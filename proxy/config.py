@@ -248,6 +248,12 @@ class Settings:
     max_header_bytes: int = 16 * 1024
     cache_ttl_seconds: float = 3600.0
     events_retention_seconds: float = 86400.0
+    # JetStream's chat events are bounded by size too (oldest discarded first): at a busy
+    # gateway's event rate, a day's worth would fill a small disk.
+    events_max_bytes: int = 4 * 1024**3
+    # How long an Idempotency-Key (and a background response's, a failed cached attempt's key)
+    # is remembered once its run has ended, as OpenAI and Stripe keep theirs.
+    idempotency_retention_seconds: float = 86400.0
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
 
     @property
@@ -312,6 +318,7 @@ _TOP_KEYS = {
     "allowed_hosts", "metrics_admin_only", "refuse_private_media_urls",
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
+    "events_max_bytes", "idempotency_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
     "batches", "tracing",
 }
@@ -467,6 +474,8 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         cors_origins=cors_origins(top.strings("cors_origins"), "cors_origins") if "cors_origins" in raw else DEFAULT_CORS_ORIGINS,
         cache_ttl_seconds=float(top.positive("cache_ttl_seconds", (int, float), 3600.0)),
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
+        events_max_bytes=top.positive("events_max_bytes", int, 4 * 1024**3),
+        idempotency_retention_seconds=float(top.positive("idempotency_retention_seconds", (int, float), 86400.0)),
         workflow=_parse_workflow(top.get("workflow", dict, {})),
     )
 

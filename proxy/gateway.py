@@ -140,7 +140,9 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     backends = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
 
     async def on_bus(bus: Bus) -> None:
-        await ensure_streams(bus, events_retention=settings.events_retention_seconds)
+        await ensure_streams(
+            bus, events_retention=settings.events_retention_seconds, events_max_bytes=settings.events_max_bytes
+        )
 
     watchdog = trio.CancelScope()
     embedded: list[tuple[Revivable, str]] = []
@@ -166,7 +168,10 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             if settings.data_dir is not None and settings.database_url else None
         )
         persistence = Persistence(
-            resources, PersistenceSettings(cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool)
+            resources, PersistenceSettings(
+                cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool,
+                key_retention=settings.idempotency_retention_seconds,
+            )
         )
         await nursery.start(persistence.runs.run)
         await nursery.start(persistence.outbox.run)

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
 import trio
 
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
 from tests.test_persistence import rows, wait_for_row
 
 pytest_plugins = ["tests.infra_servers"]
@@ -156,3 +158,60 @@ async def test_a_key_whose_owner_is_silent_is_taken_over(stack: Stack) -> None:
         assert retried.status_code == 200, retried.text
         assert "x-attached-to" not in retried.headers and retried.headers["x-trace-id"] != trace
     assert len(stack.fake.requests) == 2
+
+
+async def test_keys_older_than_their_retention_are_purged_but_running_and_cached_ones_stay(stack: Stack) -> None:
+    """A gateway running for weeks: every keyed request leaves its key. Once its run ended a
+    day ago (OpenAI's and Stripe's retention) the key goes, a retry that late runs again,
+    and a key whose run is still going, or whose cached answer still serves, stays."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+
+    async def keyed(key: str, messages: list[dict[str, str]]) -> str:
+        answer = await client.chat.completions.with_raw_response.create(
+            model="m", messages=messages, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+        )
+        await wait_for_row(stack.db, answer.headers["x-trace-id"], "completed")
+        return answer.headers.get("idempotent-replayed", "false")
+
+    old = {f"old-{uuid.uuid4()}": _messages() for _ in range(30)}
+    recent = {f"recent-{uuid.uuid4()}": _messages() for _ in range(5)}
+    for key, messages in {**old, **recent}.items():
+        await keyed(key, messages)
+    running, cached, failed = f"running-{uuid.uuid4()}", f"cache:{uuid.uuid4().hex}", f"cache:{uuid.uuid4().hex}"
+    with psycopg.connect(stack.db) as conn:
+        # Their runs ended 25 h ago, the recent ones' an hour ago; a run going on for 25 h
+        # (a long background response), a cached answer still live, a cached attempt that failed.
+        conn.execute("UPDATE idempotency_keys SET updated_at = now() - interval '25 hours' WHERE key = ANY(%s)", (list(old),))
+        conn.execute("UPDATE idempotency_keys SET updated_at = now() - interval '1 hour' WHERE key = ANY(%s)", (list(recent),))
+        conn.execute(
+            "INSERT INTO idempotency_keys (key, req_id, trace_id, status, updated_at) VALUES "
+            "(%s, 'r', 't-running', 'running', now() - interval '25 hours'), "
+            "(%s, 'r', 't-cached', 'completed', now() - interval '25 hours'), "
+            "(%s, 'r', 't-failed', 'failed', now() - interval '25 hours')",
+            (running, cached, failed),
+        )
+        conn.execute(
+            "INSERT INTO completions_cache (req_id, model, trace_id, result, expires_at) "
+            "VALUES (%s, 'm', 't-cached', '{}'::jsonb, now() + interval '1 hour')",
+            (cached.removeprefix("cache:"),),
+        )
+
+    def kept(keys: list[str]) -> int:
+        [(count,)] = rows(stack.db, "SELECT count(*) FROM idempotency_keys WHERE key = ANY(%s)", keys)
+        return int(count)  # type: ignore[call-overload]
+
+    assert await keyed(f"new-{uuid.uuid4()}", _messages()) == "false"  # its group commit purges
+
+    async def purged() -> bool:
+        return await trio.to_thread.run_sync(kept, [*old, failed]) == 0
+
+    await eventually(purged)
+    assert kept(list(recent)) == len(recent)
+    assert kept([running, cached]) == 2
+    calls = len(stack.fake.requests)
+    key, messages = next(iter(old.items()))
+    assert await keyed(key, messages) == "false"  # forgotten: it runs again
+    assert len(stack.fake.requests) == calls + 1
+    key, messages = next(iter(recent.items()))
+    assert await keyed(key, messages) == "true"  # within the retention: still replayed
+    await client.close()

@@ -249,6 +249,22 @@ DELETE FROM idempotency_keys WHERE key IN (
 # More than a group commit adds: the table shrinks back to its live entries as it is written.
 _PURGE_BATCH = 200
 
+# Keys whose run ended more than the retention ago (an Idempotency-Key, a background
+# response's, a cached attempt's that failed), a batch at a time: a retry that late runs
+# again, as it would at OpenAI or Stripe. Never a running key (its run still answers
+# whoever retries), nor a `cache:` key whose entry lives (it still answers identical
+# requests); held rows are skipped, as in `_PURGE_EXPIRED_CACHE`.
+_PURGE_EXPIRED_KEYS = """
+DELETE FROM idempotency_keys WHERE key IN (
+    SELECT k.key FROM idempotency_keys k
+    WHERE k.status <> 'running' AND k.updated_at < now() - make_interval(secs => %s)
+        AND NOT (left(k.key, 6) = 'cache:' AND EXISTS (
+            SELECT 1 FROM completions_cache c WHERE c.req_id = substr(k.key, 7) AND c.expires_at > now()
+        ))
+    LIMIT %s FOR UPDATE SKIP LOCKED
+)
+"""
+
 
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
 # beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
@@ -404,8 +420,9 @@ _DELETE_CACHED = (
 
 
 class ChatStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, key_retention: float = 86400.0) -> None:
         self._db = db
+        self._key_retention = key_retention  # seconds a settled key is kept
 
     async def start(self, row: LogRow) -> None:
         # DO NOTHING: if the outcome was written first (a fast failure), it must win.
@@ -438,6 +455,10 @@ class ChatStore:
             # The rows are committed: a purge that fails is left to the next cached answer's write.
             with contextlib.suppress(DatabaseError):
                 await self._db.execute(_PURGE_EXPIRED_CACHE, (_PURGE_BATCH,))
+        if keys:
+            # Likewise, left to the next batch that writes keys, which add no more than it takes.
+            with contextlib.suppress(DatabaseError):
+                await self._db.execute(_PURGE_EXPIRED_KEYS, (self._key_retention, _PURGE_BATCH))
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

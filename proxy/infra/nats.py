@@ -45,6 +45,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -64,6 +65,8 @@ _CLEANUP_TIMEOUT = 5.0
 _PING_TIMEOUT = 2.0
 # JetStream API error code: stream name in use with a different configuration.
 _STREAM_CONFIG_DIFFERS = 10058
+# JetStream API error code: the server has not the storage a stream's `max_bytes` asks for.
+_INSUFFICIENT_STORAGE = 10047
 
 
 class BusError(Exception):
@@ -76,6 +79,11 @@ class BusUnavailable(BusError):
 
 class KeyConflict(BusError):
     """A KV create found the key present, or an update found another revision."""
+
+
+class InsufficientStorage(BusError):
+    """The server cannot reserve the storage a stream's `max_bytes` asks for (its JetStream
+    `max_file_store`, by default 75% of the free disk, is smaller)."""
 
 
 class PayloadTooLarge(BusError):
@@ -294,18 +302,24 @@ class Bus:
         *,
         retention: Literal["limits", "workqueue", "interest"] = "limits",
         max_age: float | None = None,
+        max_bytes: int | None = None,
         storage: Literal["file", "memory"] = "file",
         duplicate_window: float | None = None,
     ) -> None:
-        """Create the stream, or update it to this configuration. `max_age` in seconds.
+        """Create the stream, or update it to this configuration (what it holds is kept, but
+        for what a new limit discards). `max_age` in seconds; past `max_bytes` the oldest
+        messages are discarded.
 
-        The retention policy of an existing stream cannot change (BusError).
+        The retention policy of an existing stream cannot change (BusError); a `max_bytes`
+        the server has no room for is InsufficientStorage.
         """
         config = StreamConfig(
             name=name,
             subjects=list(subjects),
             retention=RetentionPolicy(retention),
             max_age=max_age,
+            max_bytes=max_bytes if max_bytes is not None else -1,
+            discard=DiscardPolicy.OLD,
             storage=StorageType(storage),
         )
         if duplicate_window is not None:
@@ -314,11 +328,16 @@ class Bus:
 
     async def _aio_ensure_stream(self, config: StreamConfig) -> None:
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _STREAM_CONFIG_DIFFERS:
-                raise
-            await self._js.update_stream(config)
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_CONFIG_DIFFERS:
+                    raise
+                await self._js.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _INSUFFICIENT_STORAGE:
+                raise InsufficientStorage(str(exc)) from exc
+            raise
 
     async def publish(
         self,

@@ -31,7 +31,7 @@ from proxy.dialects.events import Finished, encode_event
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
-from proxy.infra.nats import Bus, BusError, JobMessage
+from proxy.infra.nats import Bus, BusError, InsufficientStorage, JobMessage
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.spool import Spool, open_spool
 
@@ -586,8 +586,26 @@ async def _write_or_refuse(store: ChatStore, row: LogRow, writes: BoundedWrites)
     return True
 
 
-async def ensure_streams(bus: Bus, *, events_retention: float) -> None:
-    await bus.ensure_stream(EVENTS_STREAM, EVENTS_SUBJECTS, max_age=events_retention)
+# The smallest size limit the events stream is given when the server has no room for the
+# configured one: still hours of a busy gateway's resume window.
+_EVENTS_MIN_BYTES = 64 * 1024**2
+
+
+async def ensure_streams(bus: Bus, *, events_retention: float, events_max_bytes: int | None = None) -> None:
+    """The events stream, bounded by age and size (an existing one is updated in place), and
+    the outbox. A size the server cannot reserve (a small disk) is halved until it can: the
+    events are a resume window, and without them no chat could be followed at all."""
+    max_bytes = events_max_bytes
+    while True:
+        try:
+            await bus.ensure_stream(EVENTS_STREAM, EVENTS_SUBJECTS, max_age=events_retention, max_bytes=max_bytes)
+            break
+        except InsufficientStorage:
+            if max_bytes is None or max_bytes <= _EVENTS_MIN_BYTES:
+                raise
+            smaller = max(max_bytes // 2, _EVENTS_MIN_BYTES)
+            log.warning("NATS has no room for %d bytes of chat events; keeping %d", max_bytes, smaller)
+            max_bytes = smaller
     await bus.ensure_stream(OUTBOX_STREAM, [OUTBOX_SUBJECT], retention="workqueue", max_age=None)
 
 

@@ -48,6 +48,7 @@ from proxy.services.journal import (
     Outbox,
     events_subject,
 )
+from proxy.workflow.job import ATTEMPT_SPAN
 from proxy.workflow.view import ClientView
 
 log = logging.getLogger("llm_proxy.persistence")
@@ -92,6 +93,8 @@ class PersistenceSettings:
     dead_after: float = 30.0
     # Where log rows wait while PostgreSQL and NATS are both down (see `Outbox`); None: memory.
     spool: Path | None = None
+    # How long a key is kept once its run has ended (see `ChatStore`).
+    key_retention: float = 86400.0
 
     @property
     def late(self) -> float:
@@ -409,7 +412,7 @@ class Persistence:
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
-        return ChatStore(db) if db is not None else None
+        return ChatStore(db, key_retention=self.settings.key_retention) if db is not None else None
 
     def bus(self) -> Bus | None:
         return self.resources.bus
@@ -573,7 +576,7 @@ class Persistence:
         While the run is silent, its row is looked at every heartbeat: a run whose process
         died never publishes `finished`, but its row is failed once that process is swept."""
         silence = self.settings.follow_silence
-        relayed = failed = False
+        relayed = failed = heard_any = False
         async with bus.subscribe(events_subject(trace_id), from_start=True) as messages:
             heard = trio.current_time()
             while True:
@@ -593,7 +596,14 @@ class Persistence:
                     await send.send(Batch([StreamFailed(error)], done=True))
                     return True
                 heard = trio.current_time()
-                _seq, event = decode_event(message.data)
+                seq, event = decode_event(message.data)
+                if not heard_any:
+                    heard_any = True
+                    if seq > 1:
+                        # Its first events were discarded (past the events stream's size or age
+                        # limit): relayed, they would be an answer without its beginning. Its
+                        # stored outcome is the whole answer.
+                        return False
                 if isinstance(event, Finished):
                     if not relayed and event.status != "completed":
                         raise await self._stored_error(trace_id)  # it failed before it started
@@ -781,6 +791,17 @@ async def trace_events(
                 return
         except BusError as error:
             log.warning("reading %s from NATS failed: %s", trace_id, error)
+        except _EventsDiscarded:
+            if stored is None or running:
+                # Nothing else holds what it said so far: an error saying so, not a stream
+                # that starts in the middle of its answer.
+                raise GatewayError(
+                    ErrorKind.CONFLICT,
+                    f"The first events of `{trace_id}` were discarded (the events stream keeps "
+                    "`events_max_bytes` and `events_retention_seconds` of them), so its stream cannot "
+                    "be read while it runs; read it again once it has finished.",
+                    param="starting_after" if resumed is not None else "after", code="resume_unavailable",
+                ) from None
     if stored is None or running:
         raise unknown
     await _rebuilt_events(trace_id, stored, after, send, resumed)
@@ -807,8 +828,8 @@ async def _rebuilt_events(
             return
         raise GatewayError(
             ErrorKind.CONFLICT,
-            f"The events of `{trace_id}` are not available (NATS is down, or they are older than its "
-            f"retention), so its stream cannot resume after event {after}; read it whole with `after=0`.",
+            f"The events of `{trace_id}` are not available (NATS is down, or they are past its retention "
+            f"limits), so its stream cannot resume after event {after}; read it whole with `after=0`.",
             param="after", code="resume_unavailable",
         )
     if resumed is not None and live_end and live_end != len(events):
@@ -838,6 +859,11 @@ async def _local_events(event_log: EventLog, after: int, send: trio.MemorySendCh
             if end > after:  # a client that saw the end already just gets the stream closed
                 await send.send((end, Finished(outcome.reason, outcome.status, event_log.winner)))
             return
+
+
+class _EventsDiscarded(Exception):
+    """A trace's events on the bus begin after what its reader needs: the stream's limits
+    discarded the oldest."""
 
 
 async def _bus_events(
@@ -894,6 +920,11 @@ async def _bus_events(
                 continue
             if not seen:
                 first_heard = trio.current_time()
+                first, _ = decode_event(message.data)
+                # A direct run numbers its events from 1; a workflow's attempts from a
+                # multiple of ATTEMPT_SPAN, and its client's numbering needs its beginning.
+                if (first > after + 1) if view is None else (first - 1) % ATTEMPT_SPAN:
+                    raise _EventsDiscarded
             seen = True
             heard = trio.current_time()
             if view is None:

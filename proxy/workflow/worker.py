@@ -410,7 +410,9 @@ async def _with_env(
     clients); close them afterwards, also on cancellation."""
 
     async def prepare(bus: Bus) -> None:
-        await ensure_streams(bus, events_retention=settings.events_retention_seconds)
+        await ensure_streams(
+            bus, events_retention=settings.events_retention_seconds, events_max_bytes=settings.events_max_bytes
+        )
 
     backends: dict[str, Backend] = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
     router = build_router(settings)
