@@ -254,12 +254,13 @@ def conversation_appender(persistence: Persistence, parsed: responses.ResponsesR
             *responses.output_of(completion, response, status),
         ]
         try:
-            kept = await persistence.conversations(
+            # Before its client has the end: a database blip delays it rather than losing the turn.
+            kept = await persistence.conversation_write(
                 lambda store: store.append(conversation, tenant, items), f"conversation {conversation}"
             )
         except GatewayError as error:
-            # The answer stands; the conversation misses this turn (the journal keeps it).
-            log.warning("the items of %s were not added to %s: %s", response, conversation, error.message)
+            # The answer stands; past a long outage the conversation misses this turn (the journal keeps it).
+            log.error("the items of %s were not added to %s: %s", response, conversation, error.message)
             return
         if not kept:
             log.info("the items of %s were not added to %s: it was deleted meanwhile", response, conversation)

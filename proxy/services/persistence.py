@@ -62,6 +62,10 @@ _S = TypeVar("_S")
 # do not start another.
 _LOOKUP_TIMEOUT = 3.0
 _CALL_TIMEOUT = 30.0
+# A write a completed answer stands on (its turn appended to its conversation) outlasts a
+# database outage of this long: its client waits for its end rather than the turn being lost.
+_WRITE_PATIENCE = 30.0
+_WRITE_RETRY_MAX = 2.0
 
 # A run's cancel asked of the instance running it, over core NATS: every instance listens, the
 # one with the run stops it; the asker learns it from the run's row.
@@ -511,6 +515,32 @@ class Persistence:
         """A statement on the stored conversations a client waits on, as `journal_read`."""
         db = self.resources.database
         return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
+
+    async def conversation_write(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
+        """A write to a conversation that an answer already given depends on: unlike a
+        lookup, it waits out a stalled database and is tried again while it is unreachable,
+        for up to `_WRITE_PATIENCE` (so `call` must be idempotent); then `GatewayError`."""
+        deadline = trio.current_time() + _WRITE_PATIENCE
+        delay = 0.25
+        while True:
+            db = self.resources.database
+            try:
+                if db is None:
+                    raise DatabaseUnavailable("not connected")
+                with trio.fail_after(max(deadline - trio.current_time(), 0.0)):
+                    return await call(ConversationStore(db))
+            except InvalidValue as error:
+                raise error.refusal() from error
+            except (DatabaseError, trio.TooSlowError) as error:
+                if trio.current_time() + delay >= deadline:
+                    log.error("writing %s failed for %g s: %s", what, _WRITE_PATIENCE, error)
+                    raise GatewayError(
+                        ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be written now; try again shortly.",
+                        code="journal_unavailable", retry_after=2,
+                    ) from error
+                log.info("writing %s failed (%s); trying again", what, error)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _WRITE_RETRY_MAX)
 
     async def batches(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
         """A statement on the stored files and batches a client waits on, as `journal_read`."""
