@@ -204,7 +204,9 @@ class ConversationLock:
     async def acquire(self, trace_id: str) -> None:
         persistence, conversation = self._persistence, self._conversation
         settings = persistence.settings
-        there, taken = await persistence.conversations(lambda store: store.lock(
+        # Not given up on while it may still commit: a lock taken for a run refused meanwhile
+        # (a 503) would be held as long as this instance lives.
+        there, taken = await persistence.conversation_write(lambda store: store.lock(
             conversation, self._tenant, trace=trace_id, owner=persistence.instance_id, seen=self._seen,
             silent=settings.dead_after, late=settings.late,
         ), f"conversation {conversation}")

@@ -37,7 +37,7 @@ from proxy.infra.batch_store import BatchStore
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
-from proxy.infra.postgres import DatabaseError, DatabaseUnavailable, InvalidValue
+from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, InvalidValue
 from proxy.infra.resources import Resources
 from proxy.services.journal import (
     EVENTS_STREAM,
@@ -517,9 +517,21 @@ class Persistence:
         return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
 
     async def conversation_write(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
-        """A write to a conversation that an answer already given depends on: unlike a
-        lookup, it waits out a stalled database and is tried again while it is unreachable,
-        for up to `_WRITE_PATIENCE` (so `call` must be idempotent); then `GatewayError`."""
+        """A write to a conversation that a run depends on (its lock, its answer's items),
+        `call` idempotent: see `_settled`."""
+        return await self._settled(ConversationStore, call, what, again=True)
+
+    async def batch_write(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+        """A write creating a batch, not to be repeated: see `_settled`."""
+        return await self._settled(BatchStore, call, what, again=False)
+
+    async def _settled(
+        self, make: Callable[[Database], _S], call: Callable[[_S], Awaitable[_T]], what: str, *, again: bool
+    ) -> _T:
+        """A write whose outcome its client is told: unlike a lookup's (`_bounded`), it is not
+        given up on while it may still commit (a 503 for a batch that then runs, a lock taken
+        for a run that never starts): it waits out a stalled database, and is tried `again`
+        while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`."""
         deadline = trio.current_time() + _WRITE_PATIENCE
         delay = 0.25
         while True:
@@ -528,12 +540,12 @@ class Persistence:
                 if db is None:
                     raise DatabaseUnavailable("not connected")
                 with trio.fail_after(max(deadline - trio.current_time(), 0.0)):
-                    return await call(ConversationStore(db))
+                    return await call(make(db))
             except InvalidValue as error:
                 raise error.refusal() from error
             except (DatabaseError, trio.TooSlowError) as error:
-                if trio.current_time() + delay >= deadline:
-                    log.error("writing %s failed for %g s: %s", what, _WRITE_PATIENCE, error)
+                if not again or trio.current_time() + delay >= deadline:
+                    log.error("writing %s failed: %s", what, error or "no answer")
                     raise GatewayError(
                         ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be written now; try again shortly.",
                         code="journal_unavailable", retry_after=2,
