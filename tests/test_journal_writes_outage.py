@@ -142,3 +142,22 @@ async def test_a_batch_created_while_the_database_stalls_is_created_once_and_its
         await client.close()
     assert done.request_counts is not None and done.request_counts.completed == 2
     assert await sql(postgres.url, "SELECT id FROM batches") == [(created.id,)]
+
+
+async def test_items_added_while_the_database_stalls_are_added_once_and_their_client_told(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, the client was answered 503 while its items went in once PostgreSQL resumed:
+    its retry (the SDK's own) added them again, so the conversation said everything twice."""
+    assert postgres.url is not None
+    async with gateway(postgres.url, nats_url, backend("vllm", "http://127.0.0.1:9", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        conversation = await client.conversations.create()
+        async with trio.open_nursery() as nursery:
+            stalled_before(monkeypatch, postgres, nursery, ConversationStore, "append")
+            added = await client.conversations.items.create(
+                conversation.id, items=[{"type": "message", "role": "user", "content": "Remember 42."}]
+            )
+        items = [item.id async for item in client.conversations.items.list(conversation.id, order="asc")]
+        await client.close()
+    assert [item.id for item in added.data] == items and len(items) == 1

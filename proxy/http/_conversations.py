@@ -132,7 +132,12 @@ async def create_items(conversation_id: str) -> Response:
     body, mint = await request_body(), new_trace_id()
     items = await _with_references(lambda referenced: conversations.parse_items(body, mint, referenced))
     tenant = current_tenant()
-    if not await _stored(lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"):
+    # Not given up on while it may still commit: a 503 for items added anyway would have its
+    # client's retry add them again, under new ids.
+    appended = await _persistence(gateway().persistence).conversation_write(
+        lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"
+    )
+    if not appended:
         raise conversations.conversation_not_found(conversation_id, param="conversation_id")
     return _reply(conversations.item_list(items))
 
