@@ -5,6 +5,8 @@ may still commit."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,18 +16,23 @@ import openai
 import pytest
 import trio
 
+import proxy.services.batches
+from proxy.config import BatchSettings
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import gateway, sql
+from tests.test_auth_helpers import eventually, gateway, sql
 from tests.test_batches import chat_line, jsonl, until_status
 from tests.test_limits_outage import stalled
 
 pytest_plugins = ["tests.infra_servers"]
 
 STALL_SECONDS = 4.0  # past a lookup's 3 s
+# Past three missed probes of the database (2 s apart, 2 s each), after which the gateway
+# closes its connection pool and opens a new one.
+RECONNECT_SECONDS = 14.0
 
 # Long enough for a lookup made as the stall starts to be given up (3 s) before the answer ends.
 SLOW = Script(tokens=[f"w{i} " for i in range(45)], pace=0.1, usage=Usage(5, 45))
@@ -161,3 +168,50 @@ async def test_items_added_while_the_database_stalls_are_added_once_and_their_cl
         items = [item.id async for item in client.conversations.items.list(conversation.id, order="asc")]
         await client.close()
     assert [item.id for item in added.data] == items and len(items) == 1
+
+
+@pytest.mark.parametrize("patience", ["rides it out", "stops"])
+async def test_a_batch_running_while_postgresql_restarts_is_finished_each_line_once(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch, patience: str
+) -> None:
+    """PostgreSQL is down long enough mid-batch for the gateway to open a new connection pool:
+    the batch rides it out, its lines answered meanwhile recorded once it is back, each line
+    sent once. Before, a line's record failed at once and stopped the batch, and the runner kept
+    a running batch on the closed pool of before: letting it go failed, so it stayed
+    `in_progress`, owned by a live gateway that no longer ran it, for as long as that ran.
+    An outage longer than a record's patience (made short here) stops the batch: it is let go
+    once the database is back, and taken up again."""
+    assert postgres.url is not None
+    if patience == "stops":
+        monkeypatch.setattr(proxy.services.batches, "_RECORD_PATIENCE", 1.0, raising=False)
+    fake = OpenAIBackend(default=Script(echo=True, usage=Usage(3, 1), header_delay=0.2))
+    custom_ids = [f"line-{i}" for i in range(30)]
+    async with fake.serve() as server, gateway(
+        postgres.url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(poll_seconds=0.5)
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=2, timeout=60)
+        uploaded = await client.files.create(file=("in.jsonl", jsonl(*(chat_line(c) for c in custom_ids))), purpose="batch")
+        created = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+        await until_status(client, created.id, "in_progress")
+
+        async def started() -> bool:
+            return sum(request.path.endswith("/chat/completions") for request in fake.requests) >= 5
+
+        await eventually(started, within=20)
+        await trio.to_thread.run_sync(postgres.stop)
+        await trio.sleep(RECONNECT_SECONDS)
+        await trio.to_thread.run_sync(postgres.start)
+        with trio.fail_after(60):
+            while True:
+                with contextlib.suppress(openai.APIStatusError, openai.APIConnectionError):
+                    done = await client.batches.retrieve(created.id)
+                    if done.status in ("completed", "failed", "expired", "cancelled"):
+                        break
+                await trio.sleep(0.2)
+        lines = [json.loads(line) for line in (await client.files.content(done.output_file_id or "")).text.splitlines()]
+        await client.close()
+    assert done.status == "completed" and done.request_counts is not None and done.request_counts.completed == 30
+    assert sorted(line["custom_id"] for line in lines) == sorted(custom_ids)
+    if patience == "rides it out":
+        # The lines answered during the outage were recorded once it ended, not run (billed) again.
+        assert sum(request.path.endswith("/chat/completions") for request in fake.requests) == 30
