@@ -215,3 +215,24 @@ async def test_a_batch_running_while_postgresql_restarts_is_finished_each_line_o
     if patience == "rides it out":
         # The lines answered during the outage were recorded once it ended, not run (billed) again.
         assert sum(request.path.endswith("/chat/completions") for request in fake.requests) == 30
+
+
+async def test_a_turn_whose_client_leaves_while_its_lock_waits_for_the_database_leaves_its_conversation_usable(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client gives up (its timeout) while its turn's lock waits for a paused PostgreSQL.
+    Before, the lock statement was cancelled mid-flight, and PostgreSQL, resumed, ran it
+    anyway: the conversation stayed locked for a run that never started."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=Script(tokens=["Fine."], usage=Usage(3, 1)))
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        conversation = await client.conversations.create()
+        async with trio.open_nursery() as nursery:
+            stalled_before(monkeypatch, postgres, nursery, ConversationStore, "lock")
+            with pytest.raises(openai.APITimeoutError):
+                await client.responses.create(model="m", input="One.", conversation=conversation.id, timeout=1.5)
+        await trio.sleep(1.0)  # the gateway has seen its client go, and PostgreSQL is back
+        second = await client.responses.create(model="m", input="Two.", conversation=conversation.id)
+        await client.close()
+    assert second.status == "completed"

@@ -531,7 +531,8 @@ class Persistence:
         """A write whose outcome its client is told: unlike a lookup's (`_bounded`), it is not
         given up on while it may still commit (a 503 for a batch that then runs, a lock taken
         for a run that never starts): it waits out a stalled database, and is tried `again`
-        while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`."""
+        while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`.
+        Its caller cancelled (a client gone), the write under way ends first all the same."""
         deadline = trio.current_time() + _WRITE_PATIENCE
         delay = 0.25
         while True:
@@ -539,7 +540,9 @@ class Persistence:
             try:
                 if db is None:
                     raise DatabaseUnavailable("not connected")
-                with trio.fail_after(max(deadline - trio.current_time(), 0.0)):
+                # Shielded: a statement cancelled mid-flight (its client gone) may still commit
+                # once a stalled server reads it, its caller none the wiser.
+                with trio.CancelScope(shield=True), trio.fail_after(max(deadline - trio.current_time(), 0.0)):
                     return await call(make(db))
             except InvalidValue as error:
                 raise error.refusal() from error
