@@ -82,9 +82,10 @@ async def test_a_turn_ending_while_the_database_stalls_is_kept_in_its_conversati
 
 
 def stalled_before(
-    monkeypatch: pytest.MonkeyPatch, postgres: EmbeddedPostgres, nursery: trio.Nursery, kind: type, name: str
+    monkeypatch: pytest.MonkeyPatch, postgres: EmbeddedPostgres, nursery: trio.Nursery, kind: type, name: str,
+    seconds: float = STALL_SECONDS,
 ) -> None:
-    """The first call of `kind.name` finds PostgreSQL paused, for `STALL_SECONDS`."""
+    """The first call of `kind.name` finds PostgreSQL paused, for `seconds`."""
     original: Callable[..., Awaitable[Any]] = getattr(kind, name)
     calls = 0
 
@@ -97,7 +98,7 @@ def stalled_before(
             async def pause() -> None:
                 with stalled(postgres):
                     paused.set()
-                    await trio.sleep(STALL_SECONDS)
+                    await trio.sleep(seconds)
 
             nursery.start_soon(pause)
             await paused.wait()
@@ -128,20 +129,23 @@ async def test_a_turn_whose_lock_is_taken_while_the_database_stalls_leaves_its_c
     assert len(items) == 4
 
 
+@pytest.mark.parametrize("stall", [STALL_SECONDS, RECONNECT_SECONDS])
 async def test_a_batch_created_while_the_database_stalls_is_created_once_and_its_client_told(
-    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch, stall: float
 ) -> None:
     """PostgreSQL pauses as a batch's row is inserted. Before, its client was answered 503
     after 3 s ("try again shortly"; the SDK retries it by itself) while the insert went on and
     committed: the batch ran, and so did the one its retry created, every line twice. Now the
-    client waits and is given the one batch created."""
+    client waits and is given the one batch created; so too when the pause is long enough for
+    the gateway to drop the connection the insert was sent on (which PostgreSQL, resumed, may
+    still have committed): the insert is sent again, and finds its batch if it was."""
     assert postgres.url is not None
     fake = OpenAIBackend(default=Script(echo=True, usage=Usage(3, 1)))
     async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         uploaded = await client.files.create(file=("in.jsonl", jsonl(chat_line("a"), chat_line("b"))), purpose="batch")
         async with trio.open_nursery() as nursery:
-            stalled_before(monkeypatch, postgres, nursery, BatchStore, "add_batch")
+            stalled_before(monkeypatch, postgres, nursery, BatchStore, "add_batch", stall)
             created = await client.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
             )

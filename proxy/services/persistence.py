@@ -519,19 +519,19 @@ class Persistence:
     async def conversation_write(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
         """A write to a conversation that a run depends on (its lock, its answer's items),
         `call` idempotent: see `_settled`."""
-        return await self._settled(ConversationStore, call, what, again=True)
+        return await self._settled(ConversationStore, call, what)
 
     async def batch_write(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
-        """A write creating a batch, not to be repeated: see `_settled`."""
-        return await self._settled(BatchStore, call, what, again=False)
+        """A write creating a batch, `call` idempotent (its id chosen once): see `_settled`."""
+        return await self._settled(BatchStore, call, what)
 
     async def _settled(
-        self, make: Callable[[Database], _S], call: Callable[[_S], Awaitable[_T]], what: str, *, again: bool
+        self, make: Callable[[Database], _S], call: Callable[[_S], Awaitable[_T]], what: str
     ) -> _T:
         """A write whose outcome its client is told: unlike a lookup's (`_bounded`), it is not
         given up on while it may still commit (a 503 for a batch that then runs, a lock taken
-        for a run that never starts): it waits out a stalled database, and is tried `again`
-        while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`.
+        for a run that never starts): it waits out a stalled database, and is tried again
+        (`call` must be idempotent) while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`.
         Its caller cancelled (a client gone), the write under way ends first all the same."""
         deadline = trio.current_time() + _WRITE_PATIENCE
         delay = 0.25
@@ -547,7 +547,7 @@ class Persistence:
             except InvalidValue as error:
                 raise error.refusal() from error
             except (DatabaseError, trio.TooSlowError) as error:
-                if not again or trio.current_time() + delay >= deadline:
+                if trio.current_time() + delay >= deadline:
                     log.error("writing %s failed: %s", what, error or "no answer")
                     raise GatewayError(
                         ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be written now; try again shortly.",
