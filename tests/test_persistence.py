@@ -609,6 +609,32 @@ async def test_rows_waiting_in_memory_while_postgres_and_nats_are_down_survive_a
                 await eventually(spool_gone, within=10)
 
 
+async def test_an_outbox_spool_that_could_not_be_written_is_written_once_it_can(aio_loop: object, tmp_path: Path) -> None:
+    """PostgreSQL and NATS down, and the spool's disk refusing the write (full): the row waits
+    in memory. Once the disk takes writes again, the next drain spools it. Before, a failed
+    write was not tried again until another row came, so a process killed meanwhile lost it."""
+    directory = tmp_path / "spool"
+    outbox = Outbox(store=lambda: None, bus=lambda: None, spool=directory)
+    row = LogRow(trace_id="spooled", req_id="r", idempotency_key=None, route="direct", dialect="openai",
+                 model="m", backend="b", upstream_model="m", stream=False, request={}, status="completed")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        [lock] = directory.glob("*.lock")
+        blocker = lock.with_suffix(".tmp")
+        blocker.mkdir()  # where the spool's new text is written first: every write fails
+        await outbox.put(row)
+        await trio.sleep(0.5)  # the drain woken by the row tried, and failed
+        assert not lock.with_suffix(".json").exists()
+        blocker.rmdir()
+
+        async def spooled() -> bool:
+            saved = lock.with_suffix(".json")
+            return saved.exists() and [item["trace_id"] for item in json.loads(saved.read_text())] == ["spooled"]
+
+        await eventually(spooled, within=3 * Outbox.RETRY_SECONDS)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_key_served_during_a_postgres_outage_is_replayed_after_it(
     aio_loop: object, tmp_path: Path, nats_url: str
 ) -> None:

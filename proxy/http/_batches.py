@@ -259,9 +259,12 @@ async def create_batch() -> Response:
         )
     principal = current_principal.get()
     key_id = principal.id if principal is not None else None
-    created = await _stored(
+    # Answered once its row is known written or not: a batch answered 503 that commits
+    # afterwards would run beside the one its client's retry creates, every line twice.
+    batch_id = wire.new_batch_id()
+    created = await _persistence().batch_write(
         lambda store: store.add_batch(
-            wire.new_batch_id(), tenant, key_id, new.endpoint, new.input_file_id, new.completion_window, new.metadata,
+            batch_id, tenant, key_id, new.endpoint, new.input_file_id, new.completion_window, new.metadata,
             new.output_expires_seconds,
         ), "a new batch",
     )

@@ -132,7 +132,12 @@ async def create_items(conversation_id: str) -> Response:
     body, mint = await request_body(), new_trace_id()
     items = await _with_references(lambda referenced: conversations.parse_items(body, mint, referenced))
     tenant = current_tenant()
-    if not await _stored(lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"):
+    # Not given up on while it may still commit: a 503 for items added anyway would have its
+    # client's retry add them again, under new ids.
+    appended = await _persistence(gateway().persistence).conversation_write(
+        lambda store: store.append(conversation_id, tenant, items), f"conversation {conversation_id}"
+    )
+    if not appended:
         raise conversations.conversation_not_found(conversation_id, param="conversation_id")
     return _reply(conversations.item_list(items))
 
@@ -204,7 +209,9 @@ class ConversationLock:
     async def acquire(self, trace_id: str) -> None:
         persistence, conversation = self._persistence, self._conversation
         settings = persistence.settings
-        there, taken = await persistence.conversations(lambda store: store.lock(
+        # Not given up on while it may still commit: a lock taken for a run refused meanwhile
+        # (a 503) would be held as long as this instance lives.
+        there, taken = await persistence.conversation_write(lambda store: store.lock(
             conversation, self._tenant, trace=trace_id, owner=persistence.instance_id, seen=self._seen,
             silent=settings.dead_after, late=settings.late,
         ), f"conversation {conversation}")
@@ -254,12 +261,13 @@ def conversation_appender(persistence: Persistence, parsed: responses.ResponsesR
             *responses.output_of(completion, response, status),
         ]
         try:
-            kept = await persistence.conversations(
+            # Before its client has the end: a database blip delays it rather than losing the turn.
+            kept = await persistence.conversation_write(
                 lambda store: store.append(conversation, tenant, items), f"conversation {conversation}"
             )
         except GatewayError as error:
-            # The answer stands; the conversation misses this turn (the journal keeps it).
-            log.warning("the items of %s were not added to %s: %s", response, conversation, error.message)
+            # The answer stands; past a long outage the conversation misses this turn (the journal keeps it).
+            log.error("the items of %s were not added to %s: %s", response, conversation, error.message)
             return
         if not kept:
             log.info("the items of %s were not added to %s: it was deleted meanwhile", response, conversation)

@@ -234,10 +234,12 @@ class BatchStore:
         self, batch_id: str, tenant: str | None, key_id: int | None, endpoint: str, input_file_id: str,
         window: str, metadata: dict[str, str] | None, output_expires_seconds: int | None = None,
     ) -> dict[str, Any]:
+        """Adding one again (its id) finds it as it is: a write that may have committed unseen
+        is tried again as it was."""
         await self._db.execute(
             "INSERT INTO batches (id, tenant, key_id, endpoint, input_file_id, completion_window, metadata, status, "
             "expires_at, output_expires_seconds) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, 'validating', "
-            "now() + interval '24 hours', %s)",
+            "now() + interval '24 hours', %s) ON CONFLICT (id) DO NOTHING",
             (batch_id, tenant, key_id, endpoint, input_file_id, window, json_text(metadata) if metadata is not None else None,
              output_expires_seconds),
         )

@@ -22,7 +22,7 @@ import trio
 
 from proxy.dialects.openai import batches as wire
 from proxy.infra.batch_store import BatchStore, Claimed
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable
 from proxy.infra.resources import Resources
 
 log = logging.getLogger("llm_proxy.batches")
@@ -52,6 +52,9 @@ _OUTAGE_SECONDS = 600.0
 _WATCH_SECONDS = 1.0
 # A recorded line, a let-go batch: bounded even once the gateway is stopping.
 _WRITE_SECONDS = 10.0
+# A line's answer, once in, is recorded through a database outage this long (tried again every
+# few seconds): past it the batch stops and the line runs again (billed again) when it resumes.
+_RECORD_PATIENCE = 60.0
 
 
 _INTERNAL = json.dumps({"error": {
@@ -61,6 +64,25 @@ _INTERNAL = json.dumps({"error": {
 
 class _Lost(Exception):
     """Another instance took the batch over (this one was presumed dead)."""
+
+
+class _CurrentStore(BatchStore):
+    """The store on the database the gateway holds at each call: after an outage the gateway
+    opens a new connection pool and closes the old one, which a running batch must not keep."""
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+
+    @property
+    def _db(self) -> Database:
+        db = self._resources.database
+        if db is None:
+            raise DatabaseUnavailable("not connected")
+        return db
+
+    @_db.setter
+    def _db(self, db: Database) -> None:
+        raise AttributeError("the current store follows the gateway's database")
 
 
 class _Pace:
@@ -105,8 +127,7 @@ class BatchRunner:
         self._next_sweep = 0.0
 
     def _store(self) -> BatchStore | None:
-        db = self._resources.database
-        return None if db is None else BatchStore(db)
+        return None if self._resources.database is None else _CurrentStore(self._resources)
 
     def serve(self, dispatch: Dispatch) -> None:
         """Start taking batches, their lines sent to `dispatch`."""
@@ -205,11 +226,20 @@ class BatchRunner:
             self.wake()  # a slot is free: another batch may be waiting
 
     async def _let_go(self, store: BatchStore, batch_id: str) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
-            try:
-                await store.let_go(batch_id, self._me)
-            except DatabaseError as error:  # it is taken once this instance's heartbeat stops
-                log.debug("letting batch %s go failed: %s", batch_id, error)
+        """Until it is let go: its owner alive, no instance would take it up again (stopping,
+        `run` lets every batch of this instance go once its tasks have ended)."""
+        delay = 1.0
+        while True:
+            with trio.CancelScope(shield=True), trio.move_on_after(_WRITE_SECONDS):
+                try:
+                    await store.let_go(batch_id, self._me)
+                    return
+                except DatabaseError as error:
+                    log.debug("letting batch %s go failed: %s", batch_id, error)
+            if self._stopping:
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._poll)
 
     async def _let_go_all(self) -> None:
         store = self._store()
@@ -356,12 +386,31 @@ class BatchRunner:
             ok = 200 <= answer.status < 300
             output = wire.output_line(line.custom_id, answer.status, answer.headers.get("x-request-id", request_id), parsed)
             tokens = wire.usage_of(parsed) if ok else (0, 0, 0, 0)
-            # Once the answer is in, its record is written whole even if the gateway is stopping.
-            with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
-                await store.record(claimed.id, line.number, ok, output, tokens)
+            await self._record(store, claimed.id, line.number, ok, output, tokens)
         finally:
             if held:
                 self._limiter.release_on_behalf_of(slot)
+
+
+    async def _record(
+        self, store: BatchStore, batch_id: str, number: int, ok: bool, output: dict[str, Any],
+        tokens: tuple[int, int, int, int],
+    ) -> None:
+        """Once the answer is in, its record is written whole even if the gateway is stopping,
+        and through an outage of up to `_RECORD_PATIENCE` (recording it twice counts it once)."""
+        deadline = trio.current_time() + _RECORD_PATIENCE
+        delay = 0.5
+        while True:
+            try:
+                with trio.CancelScope(shield=True), trio.fail_after(_WRITE_SECONDS):
+                    await store.record(batch_id, number, ok, output, tokens)
+                return
+            except (DatabaseError, trio.TooSlowError) as error:
+                if self._stopping or trio.current_time() + delay > deadline:
+                    raise
+                log.info("batch %s: recording line %d failed (%s); trying again", batch_id, number, error)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _holds(error: BaseException, kind: type[Exception]) -> bool:

@@ -446,7 +446,8 @@ class Outbox:
         with trio.CancelScope(shield=True):
             await self._save_spool()
             if self._memory:
-                where = "spooled for the next start" if self._spool is not None and self._spool.saved else "lost"
+                spooled = self._spool is not None and self._spool.saved and not self._spool_stale
+                where = "spooled for the next start" if spooled else "lost"
                 log.error("%d chat_log rows not written (PostgreSQL and NATS unavailable): %s", len(self._memory), where)
             if self._spool is not None:
                 await trio.to_thread.run_sync(self._spool.close)
@@ -459,7 +460,8 @@ class Outbox:
         rows = [row.to_json() for row in self._memory]
         try:
             await trio.to_thread.run_sync(spool.save, rows)
-        except OSError as error:
+        except OSError as error:  # a full disk: tried again at the next drain, not only on a new row
+            self._spool_stale = True
             log.error("outbox spool %s not written: %s", spool.directory, error)
 
     async def _adopt_spools(self) -> None:

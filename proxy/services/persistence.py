@@ -37,7 +37,7 @@ from proxy.infra.batch_store import BatchStore
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
-from proxy.infra.postgres import DatabaseError, DatabaseUnavailable, InvalidValue
+from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, InvalidValue
 from proxy.infra.resources import Resources
 from proxy.infra.stored_completions import StoredCompletions
 from proxy.services.journal import (
@@ -64,6 +64,10 @@ _S = TypeVar("_S")
 # do not start another.
 _LOOKUP_TIMEOUT = 3.0
 _CALL_TIMEOUT = 30.0
+# A write a completed answer stands on (its turn appended to its conversation) outlasts a
+# database outage of this long: its client waits for its end rather than the turn being lost.
+_WRITE_PATIENCE = 30.0
+_WRITE_RETRY_MAX = 2.0
 
 # A run's cancel asked of the instance running it, over core NATS: every instance listens, the
 # one with the run stops it; the asker learns it from the run's row.
@@ -519,6 +523,47 @@ class Persistence:
         """A statement on the stored conversations a client waits on, as `journal_read`."""
         db = self.resources.database
         return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
+
+    async def conversation_write(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
+        """A write to a conversation that a run depends on (its lock, its answer's items),
+        `call` idempotent: see `_settled`."""
+        return await self._settled(ConversationStore, call, what)
+
+    async def batch_write(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+        """A write creating a batch, `call` idempotent (its id chosen once): see `_settled`."""
+        return await self._settled(BatchStore, call, what)
+
+    async def _settled(
+        self, make: Callable[[Database], _S], call: Callable[[_S], Awaitable[_T]], what: str
+    ) -> _T:
+        """A write whose outcome its client is told: unlike a lookup's (`_bounded`), it is not
+        given up on while it may still commit (a 503 for a batch that then runs, a lock taken
+        for a run that never starts): it waits out a stalled database, and is tried again
+        (`call` must be idempotent) while the database is unreachable, for up to `_WRITE_PATIENCE`; then `GatewayError`.
+        Its caller cancelled (a client gone), the write under way ends first all the same."""
+        deadline = trio.current_time() + _WRITE_PATIENCE
+        delay = 0.25
+        while True:
+            db = self.resources.database
+            try:
+                if db is None:
+                    raise DatabaseUnavailable("not connected")
+                # Shielded: a statement cancelled mid-flight (its client gone) may still commit
+                # once a stalled server reads it, its caller none the wiser.
+                with trio.CancelScope(shield=True), trio.fail_after(max(deadline - trio.current_time(), 0.0)):
+                    return await call(make(db))
+            except InvalidValue as error:
+                raise error.refusal() from error
+            except (DatabaseError, trio.TooSlowError) as error:
+                if trio.current_time() + delay >= deadline:
+                    log.error("writing %s failed: %s", what, error or "no answer")
+                    raise GatewayError(
+                        ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be written now; try again shortly.",
+                        code="journal_unavailable", retry_after=2,
+                    ) from error
+                log.info("writing %s failed (%s); trying again", what, error)
+            await trio.sleep(delay)
+            delay = min(delay * 2, _WRITE_RETRY_MAX)
 
     async def batches(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
         """A statement on the stored files and batches a client waits on, as `journal_read`."""
