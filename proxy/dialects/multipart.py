@@ -9,6 +9,7 @@ never looked at beyond the one search for the boundary that ends them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from proxy.domain.errors import GatewayError, invalid_request
@@ -34,6 +35,7 @@ class Form:
 
     def __init__(self, body: bytes, parts: list[Part]) -> None:
         self.body = body
+        self._all = parts
         self._parts: dict[str, Part] = {}
         self.repeated: set[str] = set()
         for part in parts:
@@ -51,6 +53,13 @@ class Form:
         if part is None:
             return None
         return self.body[part.start : part.end].decode("utf-8", "replace")
+
+    def names(self) -> Iterable[str]:
+        return self._parts.keys()
+
+    def texts(self, name: str) -> list[str]:
+        """Every value of field `name`, as text."""
+        return [self.body[p.start : p.end].decode("utf-8", "replace") for p in self._all if p.name == name]
 
     def with_value(self, name: str, value: str) -> bytes:
         """The body with field `name` (which must be there) set to `value`, every other byte

@@ -14,15 +14,20 @@ client has had a byte.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from proxy.config import Settings
 from proxy.dialects._json import Fields, loads_object
-from proxy.dialects.multipart import FORM_TRUE, parse_form
+from proxy.dialects.multipart import FORM_TRUE, Form, parse_form
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.model_fields import MODEL_FIELDS
 from proxy.domain.tokens import estimate_tokens
 from proxy.http._exchange import DirectBody
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._openapi import _NUM, _OBJ, _STR, _TRACE_HEADERS, Operation, _op, document
 from proxy.http._relay import relay
+from proxy.services.auth import check_body_models, model_scoped
 
 exchanges = FrontDoor()
 
@@ -70,6 +75,8 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
     if audio.end - audio.start > incoming.gateway.settings.max_audio_bytes:
         # The body's limit leaves room for the other fields; the file's own is exact.
         raise _too_large(incoming.gateway.settings)
+    if model_scoped():
+        _check_form_models(form)
     stream = (form.text("stream") or "").strip().lower() in FORM_TRUE
     assert content_type is not None  # a multipart form has one
     return relay(
@@ -84,6 +91,30 @@ def _speech_to_text(incoming: Incoming, path: str, kind: str) -> DirectBody:
         # labelled SSE.
         passthrough=stream, fallbacks=True,
     )
+
+
+def _check_form_models(form: Form) -> None:
+    """The form's fields that may name other models (`domain.model_fields`), checked as a JSON
+    body's are: a field's text is JSON (how LiteLLM reads a list in a form) or else one name;
+    one given more than once (`models[]`), each of its values."""
+    found: dict[str, list[Any]] = {}
+    for name in form.names():
+        field = name.removesuffix("[]")
+        if field in MODEL_FIELDS:
+            found.setdefault(field, []).extend(_json_or_text(text) for text in form.texts(name))
+    if not found:
+        return
+    metadata = found.pop("metadata", [])
+    check_body_models({field: values[0] if len(values) == 1 else values for field, values in found.items()})
+    for value in metadata:
+        check_body_models({"metadata": value})
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 @exchanges.route("/v1/audio/speech", kind="speech")

@@ -51,7 +51,7 @@ from proxy.infra.backends._base import (
 )
 from proxy.infra.transport import Hangup, current_hangup
 from proxy.services._fallback import Fallback, stand_in_may_answer
-from proxy.services.auth import current_principal
+from proxy.services.auth import check_body_models, current_principal
 from proxy.services.chat import (
     SHUTTING_DOWN,
     ChatService,
@@ -91,6 +91,7 @@ def relay(
     whose backends serve `path` are tried in turn should its backend fail to answer."""
     gateway = incoming.gateway
     route = gateway.router.resolve(model) if model is not None else _default_route(gateway.router.default_backend)
+    check_body_models(data)  # relayed as sent: its fields may name other models for the backend
     backend = gateway.backends[route.backend]
     if not isinstance(backend, RelayBackend) or path not in backend.relays:
         served = f"model `{model}` is served by" if model is not None else "a request without `model` goes to the default"

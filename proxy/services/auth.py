@@ -11,7 +11,9 @@ away keeps accepting the keys it knew. The copy is reloaded when PostgreSQL noti
 and, should that notification be lost, by a poll every few seconds.
 
 Scopes are enforced in two choke points every route goes through: `ScopedRouter.resolve`
-(any model a request names) and the HTTP guard (`proxy.http._auth`: workspaces). The caller's
+(any model a request names) and the HTTP guard (`proxy.http._auth`: workspaces); the fields
+relayed to a backend that may name other models for it (`fallbacks`, …) are checked where each
+route hands them on (`check_body_models`: the chat exchange, the relay, embeddings). The caller's
 key travels in `current_principal`, a context variable the HTTP guard sets per request;
 code running outside a request (pipelines, the CLI) has none and is not restricted.
 """
@@ -33,6 +35,7 @@ from typing import Any
 import trio
 
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.model_fields import MODEL_FIELDS, named_models
 from proxy.domain.routing import Route, Router
 from proxy.domain.truncation import Window
 from proxy.infra.backends import ModelInfo
@@ -174,6 +177,36 @@ def check_model(model: str) -> None:
             param="model",
             code="model_not_allowed",
         )
+
+
+def model_scoped() -> bool:
+    """Whether the current request's key is limited to some models."""
+    principal = current_principal.get()
+    return principal is not None and principal.models is not None
+
+
+def check_body_models(body: Mapping[str, Any]) -> None:
+    """403 unless every model `body`'s fields name besides `model` (`models`, `fallbacks`, …:
+    `domain.model_fields`), which a backend would answer with, is in the key's scope. A key
+    without a model scope pays one context-variable read; a body without such fields, one set
+    operation more."""
+    principal = current_principal.get()
+    if principal is None or principal.models is None or MODEL_FIELDS.isdisjoint(body):
+        return
+    for param, model in named_models(body):
+        if model is None:
+            raise GatewayError(
+                ErrorKind.PERMISSION,
+                f"This API key is limited to some models, and `{param}` would let the backend choose "
+                "others: leave it out.",
+                param=param, code="model_not_allowed",
+            )
+        if not principal.may_use_model(model):
+            raise GatewayError(
+                ErrorKind.PERMISSION,
+                f"This API key may not use the model `{model}` (named in `{param}`).",
+                param=param, code="model_not_allowed",
+            )
 
 
 def check_workspace(workspace: str, *, manage: bool = False) -> None:

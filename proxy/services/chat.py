@@ -52,6 +52,7 @@ from proxy.services._contracts import (
 from proxy.services._durable import DurableRun
 from proxy.services._fallback import Adapter, Fallback, FallbackWalk
 from proxy.services._records import NOTHING_RESERVED, ExchangeRecord, RecordSink, Reserved, _outcome
+from proxy.services.auth import check_body_models
 from proxy.services.journal import EventLog, Journal
 from proxy.services.persistence import Persistence, Plan, Producer, replayer
 
@@ -124,6 +125,9 @@ class ChatService:
         if handler is None or handler.needs_backend:
             route = self._router.resolve(request.model)
             backend = self._backends[route.backend]
+        # The fields a backend of the client's dialect is sent as they came (and a pipeline
+        # is given) may name other models for it to answer with.
+        check_body_models(request.extra)
         exchange = ChatExchange(
             request, route, backend, meta, relay_openai=relay_openai, record=self._record, persistence=self.persistence
         )

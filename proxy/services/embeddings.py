@@ -39,7 +39,7 @@ from proxy.infra.embedder import (
     Vectors,
 )
 from proxy.services._records import NOTHING_RESERVED, Reserved
-from proxy.services.auth import check_model
+from proxy.services.auth import check_body_models, check_model
 from proxy.services.chat import ExchangeRecord, RecordSink
 from proxy.services.models import ModelCatalog
 
@@ -390,6 +390,7 @@ class EmbeddingService:
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
         extra = request.extra if backend.config.kind == request.dialect else {}
+        check_body_models(extra)  # sent as they came: they may name other models
         # Ollama's `dimensions` shortens any model's vector; an OpenAI-compatible server refuses
         # it for a model not trained for that (vLLM: "does not support matryoshka
         # representation"): the gateway shortens the full vector as Ollama would.
