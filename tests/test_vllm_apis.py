@@ -279,14 +279,18 @@ async def test_the_guard_scope_limits_and_charge_apply(aio_loop: object, pg_data
             assert answer.status_code == 200, answer.text
             assert [r.path for r in fake.requests if r.path in _ROOT] == ["/score"]
 
-            # Tokenizing charges no tokens, but each call is a request of the key's rate.
+            # Tokenizing is free, as counting tokens is: it leaves the key's requests to its scores.
             limited = await new_key(pg_database_url, "tokenizer", "--rpm", "2")
             await wait_for_key(url, limited)
             statuses = [
-                (await client.post("/tokenize", json={"model": "m", "prompt": "a"}, headers=bearer(limited))).status_code
+                (await client.post(path, json={"model": "m", **body}, headers=bearer(limited))).status_code
+                for path, body in [("/tokenize", {"prompt": "a"})] * 3 + [("/detokenize", {"tokens": [1]})] * 2
+            ]
+            statuses += [
+                (await client.post("/score", json={"model": "m", "text_1": "a", "text_2": "b"}, headers=bearer(limited))).status_code
                 for _ in range(3)
             ]
-            assert statuses == [200, 200, 429]
+            assert statuses == [200] * 7 + [429]
 
             # A score's input is reserved at admission, as a rerank's: one larger than the key's
             # whole bucket never reaches the backend. Tokenizing the same text reserves nothing.
@@ -297,17 +301,19 @@ async def test_the_guard_scope_limits_and_charge_apply(aio_loop: object, pg_data
             assert scored.status_code == 429 and "Request too large" in scored.json()["error"]["message"], scored.text
             tokenized = await client.post("/tokenize", json={"model": "m", "prompt": text}, headers=bearer(small))
             assert tokenized.status_code == 200, tokenized.text
-            assert [r.path for r in fake.requests if r.path in _ROOT] == ["/score", "/tokenize", "/tokenize", "/tokenize"]
+            assert [r.path for r in fake.requests if r.path in _ROOT] == (
+                ["/score"] + ["/tokenize"] * 3 + ["/detokenize"] * 2 + ["/score"] * 2 + ["/tokenize"]
+            )
 
         async def listed() -> dict[str, dict[str, object]] | None:
             code, out, _ = await trio.to_thread.run_sync(lambda: keys_cli(pg_database_url, "list", "--json"))
             assert code == 0
             entries = {entry["name"]: entry for entry in map(json.loads, out.splitlines())}
-            return entries if entries["scorer"]["prompt_tokens"] == 21 else None
+            return entries if entries["scorer"]["prompt_tokens"] == 21 and entries["tokenizer"]["requests"] == 8 else None
 
         entries = await eventually(listed, within=10.0)
     assert entries["scorer"]["completion_tokens"] == 0
-    assert entries["tokenizer"]["prompt_tokens"] == 0
+    assert entries["tokenizer"]["prompt_tokens"] == 42  # its two scores; tokenizing charged nothing
 
 
 async def test_a_multimodal_score_or_pooling_is_checked_like_a_chat() -> None:

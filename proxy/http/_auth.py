@@ -318,9 +318,10 @@ def stamp_exchange(exchange: ChatExchange) -> None:
 
 # `/api/show` is a read Ollama makes a POST: clients show every model they list (Open WebUI,
 # VS Code), which must not spend the requests a key has for its chats. Counting tokens is free
-# at Anthropic and OpenAI, and Claude Code's VS Code extension counts dozens of times at start.
+# at Anthropic and OpenAI, and Claude Code's VS Code extension counts dozens of times at start;
+# vLLM's tokenizer is the same count (and its inverse), free likewise.
 _UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations", "/api/show")
-_COUNTS = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens"})
+_COUNTS = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens", "/tokenize", "/detokenize"})
 _RESPONSES = "/v1/responses/"
 
 

@@ -7,8 +7,9 @@ The gateway reads only `model`; the shapes differ between vLLM versions (`text_1
 `data_1`/`data_2`; `input` or chat `messages`), so everything else is the backend's to check,
 its answer (its error too) relayed byte for byte (see `_relay`). Scores, classifications and
 pooling are metered as embeddings are (vLLM's `usage.prompt_tokens`, else an estimate of the
-input); tokenizing generates nothing and reads no model time, so it is counted and rate
-limited per request but charges no tokens. vLLM's tokenizer takes no `model` (a server has one
+input); tokenizing generates nothing and reads no model time: like counting tokens
+(`/v1/messages/count_tokens`), it is counted in the key's usage but neither rate limited nor
+charged. vLLM's tokenizer takes no `model` (a server has one
 model): such a call goes to the default backend. Ollama and Anthropic have none of these APIs.
 """
 
@@ -93,14 +94,14 @@ _OPERATIONS = {
         "Tokenize a prompt or chat messages (vLLM)", "vLLM", _ok(_TOKENIZED),
         body=_request([], prompt=_STR, messages={"type": "array", "items": _OBJ}, add_special_tokens={"type": "boolean"}),
         parameters=_TRACE_HEADERS,
-        description="Without `model`, to the default backend (not for a key limited to some models). Rate limited "
-        "per request, charges no tokens." + _NOTE,
+        description="Without `model`, to the default backend (not for a key limited to some models). Free, as "
+        "counting tokens is: neither rate limited nor charged." + _NOTE,
     ),
     "/detokenize": _op(
         "Detokenize token ids (vLLM)", "vLLM", _ok({"type": "object", "properties": {"prompt": _STR}}),
         body=_request(["tokens"], tokens={"type": "array", "items": _INT}), parameters=_TRACE_HEADERS,
-        description="Without `model`, to the default backend (not for a key limited to some models). Rate limited "
-        "per request, charges no tokens." + _NOTE,
+        description="Without `model`, to the default backend (not for a key limited to some models). Free, as "
+        "counting tokens is: neither rate limited nor charged." + _NOTE,
     ),
     "/score": _op(
         "Score text pairs with a cross-encoder or embedding model (vLLM)", "vLLM",
