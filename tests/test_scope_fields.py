@@ -161,3 +161,13 @@ async def test_every_relayed_api_checks_the_fields_it_passes_on(keys: Keys) -> N
     assert keys.sent("/v1/completions")[0]["models"] == ["qwen3-32b"]
     (upload,) = [r for r in keys.stack.fake.requests if r.path == "/v1/audio/transcriptions"]
     assert b'name="models[]"\r\n\r\nqwen3-asr-large' in upload.body
+
+
+async def test_the_responses_api_never_passes_them_on(keys: Keys) -> None:
+    """`/v1/responses` is translated into a chat, not relayed: what it does not model reaches
+    no backend, so there is nothing to refuse."""
+    async with openai.AsyncOpenAI(base_url=f"{keys.stack.url}/v1", api_key=keys.scoped, max_retries=0) as client:
+        answer = await client.responses.create(model="qwen3-8b", input="Say hello", extra_body={"models": ["gpt-4o"]})
+        assert answer.output_text == "Hello"
+    (sent,) = keys.sent("/v1/chat/completions")
+    assert "models" not in sent
