@@ -357,6 +357,24 @@ async def test_a_key_whose_budget_is_spent_may_still_cancel_delete_and_tidy_what
             await client.responses.retrieve(response.id)
 
 
+async def test_a_key_whose_limits_are_spent_may_still_change_and_delete_its_stored_chat_completions(
+    stack: Stack,
+) -> None:
+    """A stored chat completion is tidied as a stored response is: neither call runs a model,
+    so neither waits for the key's next minute or budget period."""
+    key = await new_key(stack.db, "tidy", "--budget", "50", "--rpm", "1")
+    await wait_for_key(stack.url, key)
+    async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0) as client:
+        stored = await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES, store=True)  # type: ignore[arg-type]
+        with pytest.raises(openai.RateLimitError):  # its minute's request and its budget (70 tokens) spent
+            await client.chat.completions.create(model="qwen3-8b", messages=MESSAGES)  # type: ignore[arg-type]
+        updated = await client.chat.completions.update(stored.id, metadata={"topic": "tidy"})
+        assert updated.metadata == {"topic": "tidy"}
+        assert (await client.chat.completions.delete(stored.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.retrieve(stored.id)
+
+
 async def test_showing_models_as_ollama_clients_do_takes_nothing_from_the_keys_rpm(stack: Stack) -> None:
     """Open WebUI and VS Code ask `/api/show` (a POST) of every model they list: those reads
     must leave a key's requests per minute to its chats."""

@@ -323,20 +323,25 @@ def stamp_exchange(exchange: ChatExchange) -> None:
 _UNMETERED = (_KEYS, "/v1/files", "/v1/batches", "/v1/messages/batches", "/v1/conversations", "/api/show")
 _COUNTS = frozenset({"/v1/messages/count_tokens", "/v1/responses/input_tokens", "/tokenize", "/detokenize"})
 _RESPONSES = "/v1/responses/"
+# A stored chat completion's own path (`POST` changes its metadata, `DELETE` removes it): the
+# chat itself is `/v1/chat/completions`, without the slash.
+_STORED_COMPLETION = "/v1/chat/completions/"
 
 
 def _unmetered(head: RequestHead) -> bool:
-    """The keys API, files, batches, conversations, a model's details, token counts, and
-    cancelling or deleting a stored response: not metered by the key's rate limits or budget
-    (they meter model calls), so that revoking a leaked key never waits for the admin key's
-    next period, a key whose limits are spent may still stop the run spending them and delete
-    what it stored, and a batch's upload and creation do not take what its lines will need
-    (each line is metered as the key's request)."""
+    """The keys API, files, batches, conversations, a model's details, token counts,
+    cancelling or deleting a stored response, changing or deleting a stored chat completion:
+    not metered by the key's rate limits or budget (they meter model calls), so that revoking
+    a leaked key never waits for the admin key's next period, a key whose limits are spent may
+    still stop the run spending them and delete what it stored, and a batch's upload and
+    creation do not take what its lines will need (each line is metered as the key's request)."""
     path = head.path
     if path in _COUNTS:
         return True
     if path.startswith(_RESPONSES):
         return head.method == "DELETE" or path.endswith("/cancel")
+    if path.startswith(_STORED_COMPLETION):
+        return True
     return any(path == prefix or path.startswith(prefix + "/") for prefix in _UNMETERED)
 
 
