@@ -93,7 +93,9 @@ async def create_conversation() -> Response:
     body = await request_body()
     metadata, items = await _with_references(lambda referenced: conversations.parse_create(body, mint, referenced))
     tenant = current_tenant()
-    created = await _stored(
+    # Answered once its row is known written or not: a 503 for a conversation that commits
+    # afterwards leaves an orphan, and its client's retry makes a second.
+    created = await _persistence(gateway().persistence).conversation_write(
         lambda store: store.create(f"conv_{mint}", tenant, metadata, items), "a new conversation"
     )
     return _reply(_object(created))

@@ -93,14 +93,16 @@ class ConversationStore:
     async def create(
         self, conversation_id: str, tenant: str | None, metadata: dict[str, str], items: list[dict[str, Any]]
     ) -> ConversationRow:
+        """Creating one again (its id) finds it as it is: a write that may have committed
+        unseen is tried again as it was."""
         async with self._db.transaction() as tx:
-            found = await tx.fetchrow(
-                "INSERT INTO conversations (id, tenant, metadata) VALUES (%s, %s, %s::jsonb) "
-                "RETURNING id, extract(epoch FROM created_at)::bigint, metadata",
+            await tx.execute(
+                "INSERT INTO conversations (id, tenant, metadata) VALUES (%s, %s, %s::jsonb) ON CONFLICT (id) DO NOTHING",
                 (conversation_id, tenant, json_text(metadata)),
             )
             if items:
                 await tx.execute(_APPEND, {"id": conversation_id, "items": json_text(items)})
+            found = await tx.fetchrow(_ROW, {"id": conversation_id, "tenant": tenant})
         row = _row(found)
         assert row is not None
         return row
