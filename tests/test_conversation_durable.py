@@ -1,25 +1,32 @@
 """Conversation writes through a PostgreSQL outage longer than a client waits, with the official
 `openai` SDK and a real embedded PostgreSQL (stopped, then started again) and NATS: a turn's
 items go through the outbox with its log row, and its conversation stays locked to it until
-they are in; a conversation is created once."""
+they are in; a conversation is created once; a download whose database goes away is a 503."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 import trio
 
+import proxy.http._batches
+import proxy.http._message_batches
 import proxy.services.persistence
+from proxy.http._context import gateway as current_gateway
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import gateway, sql
+from tests.test_batches import ECHO, chat_line, jsonl
 from tests.test_journal_writes_outage import stalled_before
+from tests.test_message_batches import request, until_ended
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -107,3 +114,66 @@ async def test_a_conversation_created_while_the_database_stalls_is_created_once(
         await client.close()
     assert await sql(postgres.url, "SELECT id FROM conversations") == [(created.id,)]
     assert len(items) == 1
+
+
+def lost_after(
+    monkeypatch: pytest.MonkeyPatch, postgres: EmbeddedPostgres, module: ModuleType, name: str, nth: int = 1
+) -> None:
+    """Once the `nth` call of a route's lookup `module.name` has answered, PostgreSQL stops
+    and the gateway drops its connection pool (its probes missed) before the route goes on."""
+    original: Callable[..., Awaitable[Any]] = getattr(module, name)
+    calls = 0
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        found = await original(*args, **kwargs)
+        calls += 1
+        if calls == nth:
+            await trio.to_thread.run_sync(postgres.stop)
+            resources = current_gateway().resources
+            with trio.fail_after(30):
+                while resources.database is not None:
+                    await resources.database_changed.wait()
+        return found
+
+    monkeypatch.setattr(module, name, call)
+
+
+async def test_a_download_whose_database_is_lost_after_its_lookup_is_a_503_in_the_callers_dialect(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's content (OpenAI) and a message batch's results (Anthropic) are found, then
+    PostgreSQL goes away before they are read. Before, an `assert` gave a 500 (an internal
+    error, not to retry); now it is a 503 to retry, in each caller's own error shape."""
+    assert postgres.url is not None
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server, gateway(postgres.url, nats_url, backend("vllm", server.url, default=True)) as url:
+        openai_client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        anthropic_client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+        # Past a slice (1 MiB): streamed from the database after its lookup.
+        big = jsonl(*(chat_line(f"line-{i}") for i in range(15_000)))
+        assert len(big) > 1 << 20
+        uploaded = await openai_client.files.create(file=("in.jsonl", big), purpose="batch")
+        batch = await anthropic_client.messages.batches.create(requests=[request("only")])
+        await until_ended(anthropic_client, batch.id)
+        # The SDK reads the batch (its `results_url`), then its results.
+        lost_after(monkeypatch, postgres, proxy.http._message_batches, "_owned", nth=2)
+        with pytest.raises(anthropic.APIStatusError) as anthropic_refusal:
+            await anthropic_client.messages.batches.results(batch.id)
+        await trio.to_thread.run_sync(postgres.start)
+        with trio.fail_after(60):  # until the gateway has its database again
+            while True:
+                try:
+                    await openai_client.files.retrieve(uploaded.id)
+                    break
+                except openai.APIStatusError:
+                    await trio.sleep(0.2)
+        lost_after(monkeypatch, postgres, proxy.http._batches, "_stored")
+        with pytest.raises(openai.APIStatusError) as openai_refusal:
+            await openai_client.files.content(uploaded.id)
+        await openai_client.close()
+        await anthropic_client.close()
+    assert anthropic_refusal.value.status_code == 503
+    assert anthropic_refusal.value.body["error"]["type"] == "overloaded_error", anthropic_refusal.value.body
+    assert openai_refusal.value.status_code == 503
+    assert openai_refusal.value.body["code"] == "journal_unavailable", openai_refusal.value.body
