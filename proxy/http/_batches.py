@@ -194,8 +194,7 @@ async def file_content(file_id: str) -> Response:
         if content is None:  # deleted meanwhile
             raise wire.file_not_found(file_id)
         return Response(content, content_type="application/octet-stream")
-    db = _persistence().resources.database
-    assert db is not None
+    db = _persistence().database_now(f"file {file_id}")
     return Response(
         _slices(BatchStore(db), file_id, size), content_type="application/octet-stream",
         headers={"content-length": str(size)},

@@ -93,7 +93,9 @@ async def create_conversation() -> Response:
     body = await request_body()
     metadata, items = await _with_references(lambda referenced: conversations.parse_create(body, mint, referenced))
     tenant = current_tenant()
-    created = await _stored(
+    # Answered once its row is known written or not: a 503 for a conversation that commits
+    # afterwards leaves an orphan, and its client's retry makes a second.
+    created = await _persistence(gateway().persistence).conversation_write(
         lambda store: store.create(f"conv_{mint}", tenant, metadata, items), "a new conversation"
     )
     return _reply(_object(created))
@@ -205,6 +207,11 @@ class ConversationLock:
         self._conversation = conversation
         self._tenant = tenant
         self._seen = seen
+        self._held: str | None = None  # the run it was taken for
+        # Its run's items the database could not take: its row writes them (`pending`), and
+        # gives the lock back then, not before: a next turn meanwhile is `conversation_locked`
+        # rather than answered without them, or its items put before them.
+        self._pending: dict[str, Any] | None = None
 
     async def acquire(self, trace_id: str) -> None:
         persistence, conversation = self._persistence, self._conversation
@@ -219,9 +226,23 @@ class ConversationLock:
             raise conversations.conversation_not_found(conversation)
         if not taken:
             raise conversations.conversation_locked()
+        self._held = trace_id
+
+    def defer(self, trace_id: str, items: list[dict[str, Any]]) -> bool:
+        """Leave run `trace_id`'s items to its log row (see `pending`); False when this lock
+        is not that run's (a replayed answer's), whose row has them to write."""
+        if self._held != trace_id:
+            return False
+        self._pending = {"id": self._conversation, "tenant": self._tenant, "items": items}
+        return True
+
+    def pending(self, trace_id: str) -> dict[str, Any] | None:
+        return self._pending if self._held == trace_id else None
 
     async def release(self, trace_id: str) -> None:
         conversation = self._conversation
+        if self._pending is not None and self._held == trace_id:
+            return  # its row gives it back, with its items
         try:
             await self._persistence.conversations(
                 lambda store: store.unlock(conversation, trace_id), f"conversation {conversation}"
@@ -239,10 +260,14 @@ async def conversation_item(persistence: Persistence, item: str) -> dict[str, An
     return await persistence.conversations(lambda store: store.find_item(item, tenant), f"item {item}")
 
 
-def conversation_appender(persistence: Persistence, parsed: responses.ResponsesRequest, tenant: str | None) -> AnswerHook:
+def conversation_appender(
+    persistence: Persistence, parsed: responses.ResponsesRequest, tenant: str | None, lock: ConversationLock
+) -> AnswerHook:
     """What appends a completed response's input items and output items to its conversation,
     named as its `input_items` and `output` name them (appended again, by a replay of its
-    answer, they are kept once)."""
+    answer, they are kept once). Past a long outage, they are written with the run's log row,
+    which the outbox keeps (NATS, else the spool) until PostgreSQL is back; the conversation
+    stays locked to its run until then (see `ConversationLock.defer`)."""
     conversation = parsed.conversation
     assert conversation is not None
     messages = parsed.chat.messages
@@ -266,8 +291,11 @@ def conversation_appender(persistence: Persistence, parsed: responses.ResponsesR
                 lambda store: store.append(conversation, tenant, items), f"conversation {conversation}"
             )
         except GatewayError as error:
-            # The answer stands; past a long outage the conversation misses this turn (the journal keeps it).
-            log.error("the items of %s were not added to %s: %s", response, conversation, error.message)
+            if lock.defer(trace_id, items):
+                log.warning("the items of %s wait for PostgreSQL to be added to %s, with its log row: %s",
+                            response, conversation, error.message)
+            else:
+                log.error("the items of %s were not added to %s: %s", response, conversation, error.message)
             return
         if not kept:
             log.info("the items of %s were not added to %s: it was deleted meanwhile", response, conversation)

@@ -175,8 +175,7 @@ async def results(batch_id: str) -> Response:
             f"Message batch {batch_id} is still processing: its results are ready once `processing_status` is "
             "'ended'.", param="message_batch_id",
         )
-    db = _persistence().resources.database
-    assert db is not None
+    db = _persistence().database_now(f"the results of {batch_id}")
     return Response(_results(BatchStore(db), batch_id, found["total"]), content_type="application/x-jsonl")
 
 

@@ -169,9 +169,9 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
         exchange.adapt_with(_for_backend)
     if parsed.conversation is not None and persistence is not None:
         tenant = current_tenant()
-        exchange.on_answer = conversation_appender(persistence, parsed, tenant)
         # One response at a time answers in a conversation (OpenAI's `conversation_locked`).
-        exchange.run_lock = ConversationLock(persistence, parsed.conversation, tenant, seen)
+        lock = exchange.run_lock = ConversationLock(persistence, parsed.conversation, tenant, seen)
+        exchange.on_answer = conversation_appender(persistence, parsed, tenant, lock)
         exchange.identity = own  # without the conversation's items, which its answer adds to
         # Nor the semantic cache: a hit names the response that made its answer, and this
         # turn's items would go into the conversation under that response's ids.

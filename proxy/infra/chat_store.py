@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
+from proxy.infra.conversation_store import pending_turns
 from proxy.infra.postgres import Database, DatabaseError, Tx, json_text, plain_text
 
 Status = Literal["running", "completed", "failed", "cancelled"]
@@ -119,6 +120,10 @@ class LogRow:
     # form); None for dialects that echo nothing. Not part of `request`, whose hash is `req_id`.
     settings: dict[str, Any] | None = None
     api_key_id: int | None = None  # the key it was made with (see `settle_orphaned_workflows`)
+    # A conversation turn's items its run could not append (PostgreSQL out for longer than its
+    # client waits): {"id", "tenant", "items"}, appended with this row, in its transaction,
+    # which gives the conversation's lock back (see `conversation_store.pending_turns`).
+    conversation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -440,7 +445,8 @@ class ChatStore:
             for r in outcomes
             if r.cache_ttl is not None and r.status == "completed" and r.result is not None and r.replayable
         ]
-        if outcomes and not starts and not keys and not cached:
+        turns = [(r.trace_id, r.conversation) for r in outcomes if r.conversation is not None]
+        if outcomes and not starts and not keys and not cached and not turns:
             # The common batch: plain outcomes. One statement, atomic on its own, costs one
             # round trip instead of a transaction's three.
             await self._db.execute(_UPSERT_OUTCOMES, (_json([row.to_json() for row in outcomes]),))
@@ -450,6 +456,7 @@ class ChatStore:
             (_UPSERT_OUTCOME, [_row_params(r) for r in outcomes]),
             (_PUT_KEY_STATUS, keys),
             (_PUT_CACHE, cached),
+            *pending_turns(turns),
         ])
         if cached:
             # The rows are committed: a purge that fails is left to the next cached answer's write.

@@ -57,6 +57,14 @@ WITH target AS (
 SELECT EXISTS (SELECT 1 FROM target), EXISTS (SELECT 1 FROM taken)
 """
 _UNLOCK = "UPDATE conversations SET lock_trace = NULL, lock_owner = NULL WHERE id = %s AND lock_trace = %s"
+# A turn's items written late, with its run's log row (`LogRow.conversation`): nothing when the
+# conversation was deleted meanwhile.
+_APPEND_PENDING = (
+    "WITH c AS (SELECT id FROM conversations WHERE id = %s AND (%s::text IS NULL OR tenant = %s) FOR UPDATE) "
+    "INSERT INTO conversation_items (conversation_id, id, item) "
+    "SELECT c.id, v.item->>'id', v.item FROM c, jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS v(item, n) "
+    "ORDER BY v.n ON CONFLICT (conversation_id, id) DO NOTHING"
+)
 _KEPT = f"item <> {_GONE}"
 _SEQ_OF = "SELECT seq FROM conversation_items WHERE conversation_id = %s AND id = %s"
 _PAGE = {
@@ -85,14 +93,16 @@ class ConversationStore:
     async def create(
         self, conversation_id: str, tenant: str | None, metadata: dict[str, str], items: list[dict[str, Any]]
     ) -> ConversationRow:
+        """Creating one again (its id) finds it as it is: a write that may have committed
+        unseen is tried again as it was."""
         async with self._db.transaction() as tx:
-            found = await tx.fetchrow(
-                "INSERT INTO conversations (id, tenant, metadata) VALUES (%s, %s, %s::jsonb) "
-                "RETURNING id, extract(epoch FROM created_at)::bigint, metadata",
+            await tx.execute(
+                "INSERT INTO conversations (id, tenant, metadata) VALUES (%s, %s, %s::jsonb) ON CONFLICT (id) DO NOTHING",
                 (conversation_id, tenant, json_text(metadata)),
             )
             if items:
                 await tx.execute(_APPEND, {"id": conversation_id, "items": json_text(items)})
+            found = await tx.fetchrow(_ROW, {"id": conversation_id, "tenant": tenant})
         row = _row(found)
         assert row is not None
         return row
@@ -179,6 +189,17 @@ class ConversationStore:
             f"UPDATE conversation_items SET item = {_GONE} WHERE conversation_id = %s AND id = %s AND {_KEPT}",
             (conversation_id, item_id),
         ))
+
+
+def pending_turns(turns: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The statements writing the turns that log rows carry (their trace, their
+    `LogRow.conversation`), for the rows' transaction: each turn's items appended, then its
+    conversation's lock, which its run kept until now, given back."""
+    if not turns:
+        return []
+    appends = [(turn["id"], turn["tenant"], turn["tenant"], json_text(turn["items"])) for _, turn in turns]
+    unlocks = [(turn["id"], trace) for trace, turn in turns]
+    return [(_APPEND_PENDING, appends), (_UNLOCK, unlocks)]
 
 
 async def _append(tx: Tx, conversation_id: str, tenant: str | None, items: list[dict[str, Any]]) -> bool:

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -48,6 +48,10 @@ class RunLock(Protocol):
 
     async def release(self, trace_id: str) -> None:
         """Give it back (its own failures are its to handle)."""
+
+    def pending(self, trace_id: str) -> dict[str, Any] | None:
+        """What run `trace_id`'s answer left unwritten (the database out), for its log row to
+        write and give the lock back with (`LogRow.conversation`); None: nothing."""
 
 
 class ExchangeSink(Protocol):

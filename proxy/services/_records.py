@@ -15,7 +15,7 @@ from proxy.domain.routing import Route
 from proxy.domain.tokens import charged_usage
 from proxy.infra.backends import Served, current_trace
 from proxy.infra.chat_store import LogRow, completion_to_json
-from proxy.services._contracts import ANSWER_HEADERS, RequestMeta
+from proxy.services._contracts import ANSWER_HEADERS, RequestMeta, RunLock
 from proxy.services.journal import Outcome
 from proxy.services.persistence import Persistence, Plan
 
@@ -114,6 +114,7 @@ class Recording:
     _served: Served
     _persistence: Persistence | None
     _record_sink: RecordSink
+    run_lock: RunLock | None
 
     def _new_row(self, plan: Plan) -> LogRow:
         canonical = canonical_request(self.request, self.route.upstream_model, self._route_identity())
@@ -163,6 +164,9 @@ class Recording:
         row.completion_tokens = usage.completion_tokens if usage else None
         row.ttft_ms = self.record.ttft_ms
         row.total_ms = (time.perf_counter() - self.meta.received) * 1000
+        # What its lock was held for and the database could not take (a conversation turn's
+        # items): written with the row, in its transaction, from the outbox if need be.
+        row.conversation = self.run_lock.pending(self.meta.trace_id) if self.run_lock is not None else None
         return row
 
     def _finish_record(self) -> None:

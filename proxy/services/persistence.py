@@ -584,10 +584,16 @@ class Persistence:
             raise error.refusal() from error  # the request's value is at fault, not the journal
         except DatabaseError as error:
             log.warning("reading %s failed: %s", what, error)
-            raise GatewayError(
-                ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be read now; try again shortly.",
-                code="journal_unavailable", retry_after=2,
-            ) from error
+            raise _unreadable() from error
+
+    def database_now(self, what: str) -> Database:
+        """The database a read streamed after its lookup goes on with (a download); a 503 to
+        retry when the gateway lost it since (its pool closed in an outage)."""
+        db = self.resources.database
+        if db is None:
+            log.warning("reading %s failed: the database was lost after its lookup", what)
+            raise _unreadable()
+        return db
 
     async def cached(self, req_id: str) -> tuple[str, ChatCompletion, list[tuple[bytes, bytes]]] | None:
         store = self.store()
@@ -718,6 +724,13 @@ def _ends_failed(events: list[StreamEvent]) -> bool:
 def _failed(event_log: EventLog) -> bool:
     outcome = event_log.outcome
     return event_log.head_error is not None or (outcome is not None and outcome.status != "completed")
+
+
+def _unreadable() -> GatewayError:
+    return GatewayError(
+        ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be read now; try again shortly.",
+        code="journal_unavailable", retry_after=2,
+    )
 
 
 async def _take_over(store: ChatStore, key: str, previous_trace: str, trace_id: str, owner: str | None) -> bool:
