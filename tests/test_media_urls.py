@@ -226,3 +226,38 @@ def test_the_setting_is_read_from_the_file_and_the_environment(tmp_path: Path) -
     assert load_settings(config, {}).refuse_private_media_urls is True
     assert load_settings(None, {"LLM_PROXY_REFUSE_PRIVATE_MEDIA_URLS": "1"}).refuse_private_media_urls is True
     assert load_settings(config, {"LLM_PROXY_REFUSE_PRIVATE_MEDIA_URLS": "no"}).refuse_private_media_urls is False
+
+
+async def test_a_url_vllm_reads_whatever_the_parts_type_is_refused() -> None:
+    """vLLM fetches more than `image_url`-typed parts: a chat's `input_image` part (Responses'
+    shape, its `image_url` the URL itself), and a part with a `uuid` or no `type` by which of
+    `image_url`/`video_url`/`audio_url` it holds (even a `text` part's). Such URLs reached vLLM
+    unchecked, in chats (whose unmodelled parts go as sent) and in the relayed APIs alike."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        parts: list[tuple[dict[str, Any], str]] = [
+            ({"type": "input_image", "image_url": INSIDE[1]}, "messages[0].content[1].image_url"),
+            ({"type": "text", "text": "hi", "uuid": "a", "image_url": INSIDE[0]}, "messages[0].content[1].image_url"),
+            ({"type": "image_embeds", "uuid": "b", "video_url": {"url": INSIDE[1]}}, "messages[0].content[1].video_url.url"),
+        ]
+        for part, field in parts:
+            chat = {"model": "qwen", "messages": [{"role": "user", "content": [{"type": "text", "text": "Look"}, part]}]}
+            refused = await client.post("/v1/chat/completions", json=chat)
+            assert refused.status_code == 400, (part, refused.text)
+            assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (field, "media_url_not_allowed")
+        untyped = [{"role": "user", "content": [{"audio_url": INSIDE[0]}]}]
+        for path in ("/tokenize", "/pooling"):
+            refused = await client.post(path, json={"model": "qwen", "messages": untyped})
+            assert refused.status_code == 400, (path, refused.text)
+            assert refused.json()["error"]["param"] == "messages[0].content[0].audio_url"
+        refused = await client.post("/v1/rerank", json={"model": "m0", "query": "a cat", "documents": [
+            {"content": [{"image_url": {"url": INSIDE[1]}}]}]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "documents[0].content[0].image_url.url"
+        assert fake.requests == []
+        # A part with a public URL still reaches vLLM as sent.
+        chat = {"model": "qwen", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "uuid": "a", "image_url": PUBLIC}]}]}
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert fake.requests[0].json["messages"][0]["content"][0]["image_url"] == PUBLIC

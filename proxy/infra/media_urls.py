@@ -24,7 +24,7 @@ from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError
 
 _RESOLVE_SECONDS = 5.0
-_MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # vLLM's URL parts
+_MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # the keys of vLLM's URL parts
 _SCHEMES = ("http", "https")
 
 
@@ -40,10 +40,15 @@ def _media_urls(request: ChatRequest, backend: str) -> Iterator[tuple[str, str]]
                     yield part.at or f"messages[{i}].content[{j}].image_url.url", part.url
             elif not isinstance(part, OpaquePart) or part.dialect != backend:
                 continue
-            elif backend == "openai" and part.data.get("type") in _MEDIA_PARTS:
+            elif backend == "openai":
                 yield from _part_url(part.data, part.at or f"messages[{i}].content[{j}]")
             elif backend == "anthropic":
                 yield from _source_url(part.data, part.at or f"messages[{i}].content[{j}]")
+        sent = message.extra.get("content") if backend == "openai" else None
+        if isinstance(sent, list):  # parts with fields the domain does not keep go as sent
+            for j, raw in enumerate(sent):
+                if isinstance(raw, dict):
+                    yield from _part_url(raw, f"messages[{i}].content[{j}]")
 
 
 def _source_url(block: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
@@ -56,13 +61,16 @@ def _source_url(block: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
 
 
 def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of a vLLM media part (`{"type": "video_url", "video_url": {"url": …}}`,
-    the URL alone also taken) at `at`, unless its URL is inline."""
-    kind = part["type"]
-    inner = part.get(kind)
-    url = inner.get("url") if isinstance(inner, dict) else inner
-    if isinstance(url, str) and url[:5].lower() != "data:":
-        yield (f"{at}.{kind}.url" if isinstance(inner, dict) else f"{at}.{kind}"), url
+    """(field, URL) of each media URL of a part at `at` (`{"type": "video_url", "video_url":
+    {"url": …}}`, the URL alone also taken), unless inline. Read by key, whatever the part's
+    `type`: vLLM reads a part with no `type` or with a `uuid` (even a `text` one) by which of
+    these keys it has, and a chat's `input_image` by its `image_url`."""
+    for kind in _MEDIA_PARTS:
+        if kind in part:
+            inner = part[kind]
+            url = inner.get("url") if isinstance(inner, dict) else inner
+            if isinstance(url, str) and url[:5].lower() != "data:":
+                yield (f"{at}.{kind}.url" if isinstance(inner, dict) else f"{at}.{kind}"), url
 
 
 def _parts_urls(value: Any, at: str) -> Iterator[tuple[str, str]]:
@@ -72,8 +80,7 @@ def _parts_urls(value: Any, at: str) -> Iterator[tuple[str, str]]:
     while stack:
         item, where = stack.pop()
         if isinstance(item, dict):
-            if item.get("type") in _MEDIA_PARTS:
-                yield from _part_url(item, where)
+            yield from _part_url(item, where)
             stack.extend((inner, f"{where}.{key}") for key, inner in reversed(item.items()) if isinstance(inner, (dict, list)))
         elif isinstance(item, list):
             stack.extend((inner, f"{where}[{k}]") for k, inner in reversed(list(enumerate(item))) if isinstance(inner, (dict, list)))
@@ -99,8 +106,11 @@ def _global(address: str) -> bool:
 async def check_media_urls(request: ChatRequest, backend: str = "openai") -> None:
     """GatewayError 400 naming the first media URL of `request` sent to a `backend` kind of
     backend that points inside the network."""
+    checked: set[str] = set()
     for field, url in _media_urls(request, backend):
-        await _check(field, url)
+        if url not in checked:  # a part sent as is is also the domain's part: resolved once
+            checked.add(url)
+            await _check(field, url)
 
 
 async def check_relayed_media_urls(data: dict[str, Any], fields: Iterable[str]) -> None:
