@@ -261,3 +261,31 @@ async def test_a_url_vllm_reads_whatever_the_parts_type_is_refused() -> None:
             {"type": "text", "text": "hi", "uuid": "a", "image_url": PUBLIC}]}]}
         assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
     assert fake.requests[0].json["messages"][0]["content"][0]["image_url"] == PUBLIC
+
+
+async def test_a_private_ipv4_address_inside_an_ipv6_one_is_refused() -> None:
+    """An IPv6 address that carries an IPv4 one is a way to it: NAT64 (`64:ff9b::/96`, which an
+    IPv6-only cluster's gateway translates, private destinations too; `64:ff9b:1::/48`, for
+    local use), 6to4, IPv4-compatible and IPv4-translated addresses. They passed as global
+    however private the address inside; a public one inside still reaches the backend."""
+    carried = [
+        "http://[64:ff9b::a00:5]:9200/_cat/indices",  # 10.0.0.5 through NAT64
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # 169.254.169.254 through NAT64
+        "http://[64:ff9b:1::a00:5]/",  # local-use translation prefix
+        "http://[2002:a00:5::1]/",  # 6to4 of 10.0.0.5
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible
+        "http://[::ffff:0:a00:5]/",  # IPv4-translated
+    ]
+    public = "https://[64:ff9b::5db8:d822]/cat.png"  # 93.184.216.34 through NAT64
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+            for url in carried:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.chat.completions.create(model="qwen", messages=chat_with_image(url))
+                assert refused.value.body["code"] == "media_url_not_allowed", url  # type: ignore[index]
+            assert fake.requests == []
+            await client.chat.completions.create(model="qwen", messages=chat_with_image(public))
+    assert [r.json["messages"][0]["content"][1]["image_url"]["url"] for r in fake.requests] == [public]

@@ -96,10 +96,24 @@ def _refusal(field: str, why: str) -> GatewayError:
     )
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address a packet may end up at: NAT64's
+# well-known prefix (an IPv6-only cluster's gateway translates it, private destinations too),
+# IPv4-compatible and IPv4-translated addresses.
+_CARRY_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+# NAT64 for local use only: its addresses lead inside, whatever they carry.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def _global(address: str) -> bool:
-    ip = ipaddress.ip_address(address.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        carried = ip.ipv4_mapped or ip.sixtofour
+        if carried is None and any(ip in network for network in _CARRY_IPV4):
+            carried = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if carried is not None:
+            ip = carried
     return ip.is_global and not ip.is_multicast
 
 
