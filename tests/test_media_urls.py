@@ -289,3 +289,26 @@ async def test_a_private_ipv4_address_inside_an_ipv6_one_is_refused() -> None:
             assert fake.requests == []
             await client.chat.completions.create(model="qwen", messages=chat_with_image(public))
     assert [r.json["messages"][0]["content"][1]["image_url"]["url"] for r in fake.requests] == [public]
+
+
+async def test_a_url_nested_in_an_anthropic_block_is_checked_for_an_anthropic_kind_backend() -> None:
+    """A `document` whose source is `content` holds blocks of its own, an image by URL among
+    them: only a block's own `source.url` was checked, so the nested one reached the backend
+    inside the network unchecked."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude-in-house", server.url, kind="anthropic", default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with anthropic.AsyncAnthropic(base_url=gateway, api_key="unused", max_retries=0) as claude:
+            image = {"type": "image", "source": {"type": "url", "url": INSIDE[0]}}
+            document = {"type": "document", "source": {"type": "content", "content": [
+                {"type": "text", "text": "Page one"}, image,
+            ]}}
+            messages: Any = [{"role": "user", "content": [{"type": "text", "text": "Read"}, document]}]
+            with pytest.raises(anthropic.BadRequestError) as denied:
+                await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
+            assert "`messages[0].content[1].source.content[1].source.url`" in denied.value.body["error"]["message"]  # type: ignore[index]
+            assert fake.requests == []
+            image["source"] = {"type": "url", "url": PUBLIC}
+            await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
+    assert len(fake.requests) == 1

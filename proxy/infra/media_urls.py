@@ -44,20 +44,25 @@ def _media_urls(request: ChatRequest, backend: str) -> Iterator[tuple[str, str]]
                 yield from _part_url(part.data, part.at or f"messages[{i}].content[{j}]")
             elif backend == "anthropic":
                 yield from _source_url(part.data, part.at or f"messages[{i}].content[{j}]")
-        sent = message.extra.get("content") if backend == "openai" else None
-        if isinstance(sent, list):  # parts with fields the domain does not keep go as sent
+        # A client's parts with fields the domain does not keep go to a backend of its
+        # dialect as sent.
+        sent = message.extra.get("content") if request.dialect == backend else None
+        if isinstance(sent, list):
+            urls = _part_url if backend == "openai" else _source_url
             for j, raw in enumerate(sent):
                 if isinstance(raw, dict):
-                    yield from _part_url(raw, f"messages[{i}].content[{j}]")
+                    yield from urls(raw, f"messages[{i}].content[{j}]")
 
 
 def _source_url(block: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of an Anthropic block given by URL (a `document`'s PDF:
-    `{"source": {"type": "url", "url": …}}`)."""
-    source = block.get("source")
-    url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None
-    if isinstance(url, str) and url[:5].lower() != "data:":
-        yield f"{at}.source.url", url
+    """(field, URL) of each Anthropic block given by URL (an image, a `document`'s PDF:
+    `{"source": {"type": "url", "url": …}}`) in `block`, itself or nested in it (a `document`
+    whose source is `content` holds blocks of its own)."""
+    for item, where in _dicts(block, at):
+        source = item.get("source")
+        url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None
+        if isinstance(url, str) and url[:5].lower() != "data:":
+            yield f"{where}.source.url", url
 
 
 def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
@@ -74,13 +79,19 @@ def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
 
 
 def _parts_urls(value: Any, at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of every media part anywhere in `value` (JSON a client sent), walked
-    without recursion: a client's nesting is as deep as it likes."""
+    """(field, URL) of every media part anywhere in `value` (JSON a client sent)."""
+    for item, where in _dicts(value, at):
+        yield from _part_url(item, where)
+
+
+def _dicts(value: Any, at: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every object in `value` (JSON a client sent) with its path, walked without recursion:
+    a client's nesting is as deep as it likes."""
     stack: list[tuple[Any, str]] = [(value, at)]
     while stack:
         item, where = stack.pop()
         if isinstance(item, dict):
-            yield from _part_url(item, where)
+            yield item, where
             stack.extend((inner, f"{where}.{key}") for key, inner in reversed(item.items()) if isinstance(inner, (dict, list)))
         elif isinstance(item, list):
             stack.extend((inner, f"{where}[{k}]") for k, inner in reversed(list(enumerate(item))) if isinstance(inner, (dict, list)))
