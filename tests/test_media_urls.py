@@ -5,6 +5,8 @@ naming the field, in the client's dialect, before the backend is called; public 
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+import trio
 
 from proxy.config import load_settings
 from tests.fakes import AnthropicBackend, OpenAIBackend
@@ -312,3 +315,51 @@ async def test_a_url_nested_in_an_anthropic_block_is_checked_for_an_anthropic_ki
             image["source"] = {"type": "url", "url": PUBLIC}
             await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
     assert len(fake.requests) == 1
+
+
+async def test_names_whose_dns_never_answers_leave_the_gateways_own_lookups_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A media URL's name is looked up in a thread, which a name whose DNS never answers holds
+    long after its check has given up (and refused it). Those lookups took the threads the
+    whole gateway shares: a client naming such hosts stalled every chat to a backend the gateway
+    reaches by name, until the lookups died."""
+    release = threading.Event()
+    entered: list[str] = []
+    looking_up = trio.Event()
+    real = socket.getaddrinfo
+
+    def resolver(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name.endswith(".unanswered.test") and not flags & socket.AI_NUMERICHOST:
+            entered.append(name)
+            if len(entered) == 4:
+                trio.from_thread.run_sync(looking_up.set)
+            release.wait(30)  # a DNS server that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, port, family, type, proto, flags)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    fake = OpenAIBackend()
+    try:
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url.replace("127.0.0.1", "localhost"), default=True), refuse_private_media_urls=True
+        ) as gateway:
+            async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+                async def stalled(n: int) -> None:
+                    with pytest.raises(openai.BadRequestError):
+                        await client.chat.completions.create(
+                            model="qwen", messages=chat_with_image(f"http://cat{n}.unanswered.test/cat.png"),
+                        )
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(48):
+                        nursery.start_soon(stalled, n)
+                    with trio.fail_after(10):
+                        await looking_up.wait()
+                    await trio.sleep(0.3)
+                    with trio.fail_after(4):  # before those checks give up
+                        answer = await client.chat.completions.create(
+                            model="qwen", messages=[{"role": "user", "content": "Hi"}],
+                        )
+                    assert answer.choices[0].message.content
+    finally:
+        release.set()

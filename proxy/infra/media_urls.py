@@ -15,10 +15,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import idna
 import trio
+from trio.lowlevel import RunVar
 
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -128,6 +131,28 @@ def _global(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+# A client's names are looked up in threads of their own: a name whose DNS never answers
+# holds its thread long after its check has given up on it, and must not hold those the rest
+# of the gateway shares (its backends' names, its spools, its large writes).
+_RESOLVER_THREADS = 8
+_RESOLVERS: RunVar[trio.CapacityLimiter] = RunVar("media_url_resolvers")
+
+
+async def _resolve(host: str) -> list[Any]:
+    """`getaddrinfo` for `host` (a name) in one of the media checks' own threads."""
+    try:
+        limiter = _RESOLVERS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(_RESOLVER_THREADS)
+        _RESOLVERS.set(limiter)
+    # What an HTTP client connects to (trio's, aiohttp's through yarl): IDNA 2008, where the
+    # stdlib's IDNA 2003 can name another host (`faß.de`).
+    name = host.encode("ascii") if host.isascii() else idna.encode(host, uts46=True)
+    return await trio.to_thread.run_sync(
+        partial(socket.getaddrinfo, name, None, type=socket.SOCK_STREAM), abandon_on_cancel=True, limiter=limiter,
+    )
+
+
 async def check_media_urls(request: ChatRequest, backend: str = "openai") -> None:
     """GatewayError 400 naming the first media URL of `request` sent to a `backend` kind of
     backend that points inside the network."""
@@ -165,8 +190,8 @@ async def _check(field: str, url: str) -> None:
         addresses = []
         with trio.move_on_after(_RESOLVE_SECONDS):
             try:
-                found = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError):
+                found = await _resolve(host)
+            except (OSError, UnicodeError):  # an IDNA error is a UnicodeError
                 found = []
             addresses = [_global(str(info[4][0])) for info in found]
         if not addresses:
