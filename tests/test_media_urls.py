@@ -5,6 +5,8 @@ naming the field, in the client's dialect, before the backend is called; public 
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import anthropic
 import httpx
 import openai
 import pytest
+import trio
 
 from proxy.config import load_settings
 from tests.fakes import AnthropicBackend, OpenAIBackend
@@ -226,3 +229,137 @@ def test_the_setting_is_read_from_the_file_and_the_environment(tmp_path: Path) -
     assert load_settings(config, {}).refuse_private_media_urls is True
     assert load_settings(None, {"LLM_PROXY_REFUSE_PRIVATE_MEDIA_URLS": "1"}).refuse_private_media_urls is True
     assert load_settings(config, {"LLM_PROXY_REFUSE_PRIVATE_MEDIA_URLS": "no"}).refuse_private_media_urls is False
+
+
+async def test_a_url_vllm_reads_whatever_the_parts_type_is_refused() -> None:
+    """vLLM fetches more than `image_url`-typed parts: a chat's `input_image` part (Responses'
+    shape, its `image_url` the URL itself), and a part with a `uuid` or no `type` by which of
+    `image_url`/`video_url`/`audio_url` it holds (even a `text` part's). Such URLs reached vLLM
+    unchecked, in chats (whose unmodelled parts go as sent) and in the relayed APIs alike."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway, httpx.AsyncClient(base_url=gateway, timeout=10) as client:
+        parts: list[tuple[dict[str, Any], str]] = [
+            ({"type": "input_image", "image_url": INSIDE[1]}, "messages[0].content[1].image_url"),
+            ({"type": "text", "text": "hi", "uuid": "a", "image_url": INSIDE[0]}, "messages[0].content[1].image_url"),
+            ({"type": "image_embeds", "uuid": "b", "video_url": {"url": INSIDE[1]}}, "messages[0].content[1].video_url.url"),
+        ]
+        for part, field in parts:
+            chat = {"model": "qwen", "messages": [{"role": "user", "content": [{"type": "text", "text": "Look"}, part]}]}
+            refused = await client.post("/v1/chat/completions", json=chat)
+            assert refused.status_code == 400, (part, refused.text)
+            assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (field, "media_url_not_allowed")
+        untyped = [{"role": "user", "content": [{"audio_url": INSIDE[0]}]}]
+        for path in ("/tokenize", "/pooling"):
+            refused = await client.post(path, json={"model": "qwen", "messages": untyped})
+            assert refused.status_code == 400, (path, refused.text)
+            assert refused.json()["error"]["param"] == "messages[0].content[0].audio_url"
+        refused = await client.post("/v1/rerank", json={"model": "m0", "query": "a cat", "documents": [
+            {"content": [{"image_url": {"url": INSIDE[1]}}]}]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "documents[0].content[0].image_url.url"
+        assert fake.requests == []
+        # A part with a public URL still reaches vLLM as sent.
+        chat = {"model": "qwen", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi", "uuid": "a", "image_url": PUBLIC}]}]}
+        assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert fake.requests[0].json["messages"][0]["content"][0]["image_url"] == PUBLIC
+
+
+async def test_a_private_ipv4_address_inside_an_ipv6_one_is_refused() -> None:
+    """An IPv6 address that carries an IPv4 one is a way to it: NAT64 (`64:ff9b::/96`, which an
+    IPv6-only cluster's gateway translates, private destinations too; `64:ff9b:1::/48`, for
+    local use), 6to4, IPv4-compatible and IPv4-translated addresses. They passed as global
+    however private the address inside; a public one inside still reaches the backend."""
+    carried = [
+        "http://[64:ff9b::a00:5]:9200/_cat/indices",  # 10.0.0.5 through NAT64
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # 169.254.169.254 through NAT64
+        "http://[64:ff9b:1::a00:5]/",  # local-use translation prefix
+        "http://[2002:a00:5::1]/",  # 6to4 of 10.0.0.5
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible
+        "http://[::ffff:0:a00:5]/",  # IPv4-translated
+    ]
+    public = "https://[64:ff9b::5db8:d822]/cat.png"  # 93.184.216.34 through NAT64
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+            for url in carried:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.chat.completions.create(model="qwen", messages=chat_with_image(url))
+                assert refused.value.body["code"] == "media_url_not_allowed", url  # type: ignore[index]
+            assert fake.requests == []
+            await client.chat.completions.create(model="qwen", messages=chat_with_image(public))
+    assert [r.json["messages"][0]["content"][1]["image_url"]["url"] for r in fake.requests] == [public]
+
+
+async def test_a_url_nested_in_an_anthropic_block_is_checked_for_an_anthropic_kind_backend() -> None:
+    """A `document` whose source is `content` holds blocks of its own, an image by URL among
+    them: only a block's own `source.url` was checked, so the nested one reached the backend
+    inside the network unchecked."""
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude-in-house", server.url, kind="anthropic", default=True), refuse_private_media_urls=True
+    ) as gateway:
+        async with anthropic.AsyncAnthropic(base_url=gateway, api_key="unused", max_retries=0) as claude:
+            image = {"type": "image", "source": {"type": "url", "url": INSIDE[0]}}
+            document = {"type": "document", "source": {"type": "content", "content": [
+                {"type": "text", "text": "Page one"}, image,
+            ]}}
+            messages: Any = [{"role": "user", "content": [{"type": "text", "text": "Read"}, document]}]
+            with pytest.raises(anthropic.BadRequestError) as denied:
+                await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
+            assert "`messages[0].content[1].source.content[1].source.url`" in denied.value.body["error"]["message"]  # type: ignore[index]
+            assert fake.requests == []
+            image["source"] = {"type": "url", "url": PUBLIC}
+            await claude.messages.create(model="qwen", max_tokens=20, messages=messages)
+    assert len(fake.requests) == 1
+
+
+async def test_names_whose_dns_never_answers_leave_the_gateways_own_lookups_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A media URL's name is looked up in a thread, which a name whose DNS never answers holds
+    long after its check has given up (and refused it). Those lookups took the threads the
+    whole gateway shares: a client naming such hosts stalled every chat to a backend the gateway
+    reaches by name, until the lookups died."""
+    release = threading.Event()
+    entered: list[str] = []
+    looking_up = trio.Event()
+    real = socket.getaddrinfo
+
+    def resolver(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name.endswith(".unanswered.test") and not flags & socket.AI_NUMERICHOST:
+            entered.append(name)
+            if len(entered) == 4:
+                trio.from_thread.run_sync(looking_up.set)
+            release.wait(30)  # a DNS server that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, port, family, type, proto, flags)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    fake = OpenAIBackend()
+    try:
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url.replace("127.0.0.1", "localhost"), default=True), refuse_private_media_urls=True
+        ) as gateway:
+            async with openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0) as client:
+                async def stalled(n: int) -> None:
+                    with pytest.raises(openai.BadRequestError):
+                        await client.chat.completions.create(
+                            model="qwen", messages=chat_with_image(f"http://cat{n}.unanswered.test/cat.png"),
+                        )
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(48):
+                        nursery.start_soon(stalled, n)
+                    with trio.fail_after(10):
+                        await looking_up.wait()
+                    await trio.sleep(0.3)
+                    with trio.fail_after(4):  # before those checks give up
+                        answer = await client.chat.completions.create(
+                            model="qwen", messages=[{"role": "user", "content": "Hi"}],
+                        )
+                    assert answer.choices[0].message.content
+    finally:
+        release.set()

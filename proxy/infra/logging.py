@@ -16,6 +16,9 @@ REQUEST_LOGGER = "llm_proxy.request"
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -29,7 +32,12 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        text = json.dumps(line, default=str, ensure_ascii=False)
+        if text.isascii():
+            return text
+        # JSON leaves these unescaped, but log shippers (and `str.splitlines`) end a line at
+        # them: a client's model name or id holding one would start a line of its choosing.
+        return text.translate(_LINE_BREAKS)
 
 
 def configure_logging(level: str = "info") -> None:

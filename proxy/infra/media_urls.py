@@ -15,16 +15,19 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import idna
 import trio
+from trio.lowlevel import RunVar
 
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
 from proxy.domain.errors import ErrorKind, GatewayError
 
 _RESOLVE_SECONDS = 5.0
-_MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # vLLM's URL parts
+_MEDIA_PARTS = ("image_url", "video_url", "audio_url")  # the keys of vLLM's URL parts
 _SCHEMES = ("http", "https")
 
 
@@ -40,40 +43,58 @@ def _media_urls(request: ChatRequest, backend: str) -> Iterator[tuple[str, str]]
                     yield part.at or f"messages[{i}].content[{j}].image_url.url", part.url
             elif not isinstance(part, OpaquePart) or part.dialect != backend:
                 continue
-            elif backend == "openai" and part.data.get("type") in _MEDIA_PARTS:
+            elif backend == "openai":
                 yield from _part_url(part.data, part.at or f"messages[{i}].content[{j}]")
             elif backend == "anthropic":
                 yield from _source_url(part.data, part.at or f"messages[{i}].content[{j}]")
+        # A client's parts with fields the domain does not keep go to a backend of its
+        # dialect as sent.
+        sent = message.extra.get("content") if request.dialect == backend else None
+        if isinstance(sent, list):
+            urls = _part_url if backend == "openai" else _source_url
+            for j, raw in enumerate(sent):
+                if isinstance(raw, dict):
+                    yield from urls(raw, f"messages[{i}].content[{j}]")
 
 
 def _source_url(block: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of an Anthropic block given by URL (a `document`'s PDF:
-    `{"source": {"type": "url", "url": …}}`)."""
-    source = block.get("source")
-    url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None
-    if isinstance(url, str) and url[:5].lower() != "data:":
-        yield f"{at}.source.url", url
+    """(field, URL) of each Anthropic block given by URL (an image, a `document`'s PDF:
+    `{"source": {"type": "url", "url": …}}`) in `block`, itself or nested in it (a `document`
+    whose source is `content` holds blocks of its own)."""
+    for item, where in _dicts(block, at):
+        source = item.get("source")
+        url = source.get("url") if isinstance(source, dict) and source.get("type") == "url" else None
+        if isinstance(url, str) and url[:5].lower() != "data:":
+            yield f"{where}.source.url", url
 
 
 def _part_url(part: dict[str, Any], at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of a vLLM media part (`{"type": "video_url", "video_url": {"url": …}}`,
-    the URL alone also taken) at `at`, unless its URL is inline."""
-    kind = part["type"]
-    inner = part.get(kind)
-    url = inner.get("url") if isinstance(inner, dict) else inner
-    if isinstance(url, str) and url[:5].lower() != "data:":
-        yield (f"{at}.{kind}.url" if isinstance(inner, dict) else f"{at}.{kind}"), url
+    """(field, URL) of each media URL of a part at `at` (`{"type": "video_url", "video_url":
+    {"url": …}}`, the URL alone also taken), unless inline. Read by key, whatever the part's
+    `type`: vLLM reads a part with no `type` or with a `uuid` (even a `text` one) by which of
+    these keys it has, and a chat's `input_image` by its `image_url`."""
+    for kind in _MEDIA_PARTS:
+        if kind in part:
+            inner = part[kind]
+            url = inner.get("url") if isinstance(inner, dict) else inner
+            if isinstance(url, str) and url[:5].lower() != "data:":
+                yield (f"{at}.{kind}.url" if isinstance(inner, dict) else f"{at}.{kind}"), url
 
 
 def _parts_urls(value: Any, at: str) -> Iterator[tuple[str, str]]:
-    """(field, URL) of every media part anywhere in `value` (JSON a client sent), walked
-    without recursion: a client's nesting is as deep as it likes."""
+    """(field, URL) of every media part anywhere in `value` (JSON a client sent)."""
+    for item, where in _dicts(value, at):
+        yield from _part_url(item, where)
+
+
+def _dicts(value: Any, at: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every object in `value` (JSON a client sent) with its path, walked without recursion:
+    a client's nesting is as deep as it likes."""
     stack: list[tuple[Any, str]] = [(value, at)]
     while stack:
         item, where = stack.pop()
         if isinstance(item, dict):
-            if item.get("type") in _MEDIA_PARTS:
-                yield from _part_url(item, where)
+            yield item, where
             stack.extend((inner, f"{where}.{key}") for key, inner in reversed(item.items()) if isinstance(inner, (dict, list)))
         elif isinstance(item, list):
             stack.extend((inner, f"{where}[{k}]") for k, inner in reversed(list(enumerate(item))) if isinstance(inner, (dict, list)))
@@ -89,18 +110,57 @@ def _refusal(field: str, why: str) -> GatewayError:
     )
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address a packet may end up at: NAT64's
+# well-known prefix (an IPv6-only cluster's gateway translates it, private destinations too),
+# IPv4-compatible and IPv4-translated addresses.
+_CARRY_IPV4 = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96"))
+# NAT64 for local use only: its addresses lead inside, whatever they carry.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def _global(address: str) -> bool:
-    ip = ipaddress.ip_address(address.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _LOCAL_NAT64:
+            return False
+        carried = ip.ipv4_mapped or ip.sixtofour
+        if carried is None and any(ip in network for network in _CARRY_IPV4):
+            carried = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if carried is not None:
+            ip = carried
     return ip.is_global and not ip.is_multicast
+
+
+# A client's names are looked up in threads of their own: a name whose DNS never answers
+# holds its thread long after its check has given up on it, and must not hold those the rest
+# of the gateway shares (its backends' names, its spools, its large writes).
+_RESOLVER_THREADS = 8
+_RESOLVERS: RunVar[trio.CapacityLimiter] = RunVar("media_url_resolvers")
+
+
+async def _resolve(host: str) -> list[Any]:
+    """`getaddrinfo` for `host` (a name) in one of the media checks' own threads."""
+    try:
+        limiter = _RESOLVERS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(_RESOLVER_THREADS)
+        _RESOLVERS.set(limiter)
+    # What an HTTP client connects to (trio's, aiohttp's through yarl): IDNA 2008, where the
+    # stdlib's IDNA 2003 can name another host (`faß.de`).
+    name = host.encode("ascii") if host.isascii() else idna.encode(host, uts46=True)
+    return await trio.to_thread.run_sync(
+        partial(socket.getaddrinfo, name, None, type=socket.SOCK_STREAM), abandon_on_cancel=True, limiter=limiter,
+    )
 
 
 async def check_media_urls(request: ChatRequest, backend: str = "openai") -> None:
     """GatewayError 400 naming the first media URL of `request` sent to a `backend` kind of
     backend that points inside the network."""
+    checked: set[str] = set()
     for field, url in _media_urls(request, backend):
-        await _check(field, url)
+        if url not in checked:  # a part sent as is is also the domain's part: resolved once
+            checked.add(url)
+            await _check(field, url)
 
 
 async def check_relayed_media_urls(data: dict[str, Any], fields: Iterable[str]) -> None:
@@ -130,8 +190,8 @@ async def _check(field: str, url: str) -> None:
         addresses = []
         with trio.move_on_after(_RESOLVE_SECONDS):
             try:
-                found = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError):
+                found = await _resolve(host)
+            except (OSError, UnicodeError):  # an IDNA error is a UnicodeError
                 found = []
             addresses = [_global(str(info[4][0])) for info in found]
         if not addresses:
