@@ -753,6 +753,18 @@ async def test_a_model_name_cannot_leave_the_path_it_is_looked_up_at() -> None:
     ]
 
 
+async def test_a_model_looked_up_at_an_anthropic_backend_stays_in_its_path_segment() -> None:
+    # Anthropic's Models API resolves the names a client looks up; `..` must not climb to the
+    # API's root on the way (one rule for every backend kind's model path).
+    fake = AnthropicBackend()
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for name in ("%2E%2E", "a%2Fb"):
+                await client.get(f"/v1/models/{name}")
+    asked = [r.path for r in fake.requests if r.path.startswith("/v1/") and r.path != "/v1/models"]
+    assert asked == ["/v1/models/%2E%2E", "/v1/models/a%2Fb"]
+
+
 async def test_count_tokens_for_a_model_the_backend_lacks_is_a_404_as_messages_is() -> None:
     """vLLM (its `/tokenize`), a server with OpenAI's model lookup and no `/tokenize`, and
     Ollama each say which models they lack; a server that takes any name keeps the estimate."""

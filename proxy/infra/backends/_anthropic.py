@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import trio
@@ -39,6 +38,7 @@ from proxy.infra.backends._base import (
     json_mended,
     listing_refused,
     not_json,
+    path_segment,
     status_error,
     timeout_error,
     transport_errors,
@@ -268,7 +268,7 @@ class AnthropicBackend:
 
     async def _get_model(self, model: str) -> httpx.Response:
         with transport_errors(self.config.name):
-            return await self._client.get("/v1/models/" + quote(model, safe=""))
+            return await self._client.get("/v1/models/" + path_segment(model))
 
     def _model_info(self, item: dict[str, Any]) -> ModelInfo:
         name = self.config.name

@@ -25,6 +25,7 @@ from proxy.infra.backends._replicas import (
     create_client,
     current_served,
     current_trace,
+    path_segment,
 )
 from proxy.infra.backends._types import (
     TOKEN_ARRAYS_HINT,
@@ -48,5 +49,5 @@ __all__ = [
     "BackendCall", "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput",
     "ModelInfo", "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
     "current_served", "current_trace", "embedding_vectors", "is_html", "json_mended", "listing_refused", "not_json", "off_loop_if_large",
-    "page_not_stream", "pump_stream", "read_limited", "read_whole", "status_error", "timeout_error", "transport_errors",
+    "page_not_stream", "path_segment", "pump_stream", "read_limited", "read_whole", "status_error", "timeout_error", "transport_errors",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from urllib.parse import quote
 
 import httpx
 import trio
@@ -29,6 +28,7 @@ from proxy.infra.backends._base import (
     listing_refused,
     not_json,
     off_loop_if_large,
+    path_segment,
     status_error,
     timeout_error,
     transport_errors,
@@ -59,13 +59,6 @@ def _model_details(item: dict[str, object]) -> dict[str, object]:
         if key in item and (item[key] is None or isinstance(item[key], str)):
             details[key] = item[key]
     return details
-
-
-def _segment(name: str) -> str:
-    """`name` as one path segment: `/`, `?`, `#` quoted, and a dot segment (`.`, `..`), which
-    URL resolution would remove (or climb with), spelled with quoted dots."""
-    quoted = quote(name, safe=":@")
-    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 class OpenAIBackend:
@@ -236,7 +229,7 @@ class OpenAIBackend:
     async def retrieve_model(self, model: str) -> httpx.Response:
         """OpenAI's `GET /v1/models/{model}` (OpenAI, Ollama, LiteLLM have it; vLLM does not)."""
         with transport_errors(self.config.name):
-            return await self._client.get("/models/" + _segment(model))
+            return await self._client.get("/models/" + path_segment(model))
 
     async def lacks(self, model: str) -> bool:
         """Whether the server says it does not serve `model`: vLLM's `/tokenize`, or OpenAI's

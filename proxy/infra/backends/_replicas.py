@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -601,6 +602,14 @@ def _seconds(retry_after: str | None) -> float:
 
 # The headers that carry a backend's API key (`Authorization: Bearer KEY`, `x-api-key: KEY`).
 _CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
+
+
+def path_segment(name: str) -> str:
+    """`name` (a model's) as one segment of a backend's path: `/`, `?`, `#` quoted, and a dot
+    segment (`.`, `..`), which URL resolution would remove (or climb with), spelled with
+    quoted dots."""
+    quoted = quote(name, safe=":@")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
 
 
 def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> BackendClient:
