@@ -28,6 +28,7 @@ from proxy.ingest_command import add_parser as add_ingest_parser
 from proxy.ingest_command import check_arguments as check_ingest_arguments
 from proxy.ingest_command import run as run_ingest
 from proxy.keys_command import add_parser as add_keys_parser
+from proxy.keys_command import check_arguments as check_keys_arguments
 from proxy.keys_command import run as run_keys
 from proxy.workflow import command as worker_command
 
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":  # connects to the gateway's servers, never starts its own
             return worker_command.run(args, settings)
         if args.command == "keys":
+            if status := check_keys_arguments(args):  # before a database is started for nothing
+                return status
             with embedded_servers(settings, with_nats=False, stop_adopted=False) as settings:
                 return run_keys(args, settings.database_url)
         if args.command == "ingest":  # a running gateway's embedded PostgreSQL is left running

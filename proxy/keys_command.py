@@ -13,7 +13,8 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from functools import partial
+from typing import Any, TextIO, TypeVar
 
 import trio
 
@@ -24,6 +25,9 @@ from proxy.infra.postgres import DatabaseError, open_database
 from proxy.services.auth import (
     _DISPLAY_CHARS,
     CONTROL_CHARS,
+    _name,
+    _patterns,
+    _positive,
     create_key,
     key_digest,
     parse_expiry,
@@ -31,6 +35,8 @@ from proxy.services.auth import (
     period_text,
     update_key,
 )
+
+_T = TypeVar("_T")
 
 
 def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -99,6 +105,42 @@ def _limit(text: str) -> int:
     return value
 
 
+def check_arguments(args: argparse.Namespace, err: TextIO = sys.stderr) -> int:
+    """0 if every flag of `keys create|update` holds a value the command takes; else 2, said on
+    `err` in one line naming the flag: before a database is started (or adopted) for nothing."""
+    try:
+        if args.keys_command == "create":
+            _create_values(args)
+        elif args.keys_command == "update":
+            _changes(args)
+    except ValueError as error:
+        print(f"llm-proxy: {error}", file=err)
+        return 2
+    return 0
+
+
+def _flag(flag: str, check: Callable[[], _T]) -> _T:
+    """`check()`, its ValueError naming `flag` (the checks are shared with `/v1/keys`, whose
+    messages name no flags)."""
+    try:
+        return check()
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith(flag) else f"{flag}: {message}") from None
+
+
+def _create_values(args: argparse.Namespace) -> tuple[datetime | None, timedelta]:
+    """`keys create`'s expiry and budget period, after the checks `create_key` makes on the
+    other flags. ValueError naming the first flag refused."""
+    _flag("--name", lambda: _name(args.name))
+    for what in ("rpm", "tpm", "budget"):
+        _positive(getattr(args, what), what)
+    _flag("--models", lambda: _patterns(args.models, "model"))
+    _flag("--workspaces", lambda: _patterns(args.workspaces, "workspace"))
+    expires = _flag("--expires", lambda: parse_expiry(args.expires)) if args.expires else None
+    return expires, _flag("--budget-period", lambda: parse_period(args.budget_period))
+
+
 def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     if not database_url:
         print("llm-proxy: no database: set DATABASE_URL or enable the embedded one", file=err)
@@ -106,8 +148,7 @@ def run(args: argparse.Namespace, database_url: str | None, out: TextIO = sys.st
     action: Callable[[KeysStore], Awaitable[int]]
     if args.keys_command == "create":
         try:
-            expires = parse_expiry(args.expires) if args.expires else None
-            period = parse_period(args.budget_period)
+            expires, period = _create_values(args)
         except ValueError as error:
             print(f"llm-proxy: {error}", file=err)
             return 2
@@ -235,20 +276,23 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
     """What `keys update` was asked to change, as `KeysStore.update` takes it."""
     changes: dict[str, Any] = {}
     if args.name is not None:
-        changes["name"] = args.name
+        changes["name"] = _flag("--name", lambda: _name(args.name))
     for column in ("models", "workspaces"):
         patterns = getattr(args, column)
         if patterns is not None:
-            changes[column] = None if [p.strip() for p in patterns] == ["*"] else patterns
+            everything = [p.strip() for p in patterns] == ["*"]
+            _flag(f"--{column}", partial(_patterns, patterns, column.removesuffix("s")))
+            changes[column] = None if everything else patterns
     for column in ("rpm", "tpm", "budget"):
         value = getattr(args, column)
         if value is not None:
             changes[column] = None if value == _NONE else value
+            _positive(changes[column], column)
     if args.budget_period is not None:
-        changes["budget_period"] = parse_period(args.budget_period)
+        changes["budget_period"] = _flag("--budget-period", lambda: parse_period(args.budget_period))
     if args.expires is not None:
         never = args.expires.strip().lower() in ("never", "none")
-        changes["expires_at"] = None if never else parse_expiry(args.expires)
+        changes["expires_at"] = None if never else _flag("--expires", lambda: parse_expiry(args.expires))
     if not changes:
         raise ValueError("nothing to change: give --rpm, --tpm, --budget, --budget-period, --models, --workspaces, "
                          "--expires or --name")

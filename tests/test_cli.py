@@ -285,3 +285,30 @@ def test_keys_create_help_says_what_an_admin_key_may_do() -> None:
     assert result.returncode == 0
     admin = " ".join(result.stdout.split("--admin ", 2)[-1].split())
     assert "/v1/keys" in admin and "/metrics" in admin and "workspaces' documents" in admin
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["create", "--name", "k", "--rpm", "-1"], "--rpm"),
+        (["create", "--name", "k", "--budget", "0"], "--budget"),
+        (["create", "--name", " "], "--name"),
+        (["create", "--name", "k", "--models", ""], "--models"),
+        (["create", "--name", "k", "--expires", "2000-01-01"], "--expires"),
+        (["create", "--name", "k", "--budget-period", "0d"], "--budget-period"),
+        (["update", "abcdef", "--tpm", "99999999999999"], "--tpm"),
+        (["update", "abcdef", "--workspaces", "a\tb"], "--workspaces"),
+        (["update", "abcdef", "--expires", "yesterday"], "--expires"),
+    ],
+)
+def test_keys_refuse_a_bad_flag_in_one_line_before_starting_a_database(
+    tmp_path: Path, argv: list[str], flag: str
+) -> None:
+    # They started (or adopted) the embedded PostgreSQL first, then refused: seconds of waiting
+    # and a database process for a typo.
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+    done = subprocess.run([sys.executable, "-m", "proxy", "keys", *argv, "--data-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(f"llm-proxy: {flag}"), done.stderr
+    assert not (tmp_path / "pgdata").exists() and processes_using(tmp_path) == []

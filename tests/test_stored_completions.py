@@ -233,6 +233,29 @@ async def test_metadata_and_store_are_checked_as_openai_does(stack: Stack) -> No
         assert (await http.put("/v1/chat/completions/x")).status_code == 405
 
 
+async def test_metadata_with_a_nul_is_refused_as_its_list_filter_is(stack: Stack) -> None:
+    # PostgreSQL keeps no NUL: an update answered 200 echoing it while U+FFFD was stored (and a
+    # chat stored so read back other than sent), though the same metadata as a filter is a 400.
+    client = stack.client
+    made = await client.chat.completions.create(
+        model="qwen3-8b", messages=[{"role": "user", "content": "Hi"}], store=True, metadata={"team": "blue"}
+    )
+    asked = len(stack.fake.requests)
+    hi: Any = [{"role": "user", "content": "Hi"}]
+    for metadata in ({"team": "bl\x00ue"}, {"te\x00am": "blue"}):
+        for call in (
+            lambda m=metadata: client.chat.completions.update(made.id, metadata=m),
+            lambda m=metadata: client.chat.completions.create(model="qwen3-8b", messages=hi, store=True, metadata=m),
+            lambda m=metadata: listed(client, metadata=m),
+        ):
+            with pytest.raises(openai.BadRequestError) as info:
+                await call()
+            body = info.value.body
+            assert isinstance(body, dict) and body["param"] == "metadata" and "NUL" in body["message"], body
+    assert len(stack.fake.requests) == asked  # no chat was asked to be stored with it
+    assert (await client.chat.completions.retrieve(made.id)).model_dump()["metadata"] == {"team": "blue"}
+
+
 async def test_a_keys_completions_are_its_own_and_its_models_only(stack: Stack) -> None:
     owner, other = await new_key(stack.db, "owner"), await new_key(stack.db, "other")
     await wait_for_key(stack.url, owner)
