@@ -280,6 +280,9 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
         (lambda: client.conversations.create(metadata={str(i): "v" for i in range(17)}), "metadata"),
         (lambda: client.conversations.update(conversation.id, metadata={"k": "v" * 513}), "metadata"),
         (lambda: client.conversations.create(metadata={"k" * 65: "v"}), "metadata"),
+        # PostgreSQL keeps a NUL as U+FFFD: it would be read back other than it was sent.
+        (lambda: client.conversations.create(metadata={"k": "a\x00b"}), "metadata"),
+        (lambda: client.conversations.update(conversation.id, metadata={"a\x00": "v"}), "metadata"),
         (lambda: client.conversations.items.list(conversation.id, order="sideways"), "order"),  # type: ignore[arg-type]
         (lambda: client.conversations.items.list(conversation.id, limit=101), "limit"),
         (lambda: client.conversations.items.list(conversation.id, after="msg_nope"), "after"),

@@ -227,6 +227,7 @@ def test_the_settings_the_response_echoes() -> None:
     ({"text": {"verbosity": "loud"}}, "text.verbosity"),
     ({"reasoning": {"effort": 1}}, "reasoning.effort"),
     ({"metadata": {"k": 1}}, "metadata"),
+    ({"metadata": {"k": "a\x00b"}}, "metadata"),
     ({"truncation": "middle"}, "truncation"),
     ({"include": [1]}, "include"),
     ({"stream": "yes"}, "stream"),

@@ -15,6 +15,7 @@ from typing import Any
 from proxy.dialects._json import Fields, is_decimal, loads_object
 from proxy.dialects.openai._response import completion_body
 from proxy.dialects.responses._conversations import _metadata
+from proxy.dialects.responses._request import storable_metadata
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.ids import storable
@@ -32,15 +33,7 @@ def check_store_fields(fields: Fields) -> None:
     the field). Not a chat's metadata that is not stored: LiteLLM's clients send their own
     there (`tags` lists, numbers), which the backend gets as before."""
     if fields.boolean("store") and fields.data.get("metadata") is not None:
-        _storable(_metadata(fields))
-
-
-def _storable(metadata: dict[str, str]) -> dict[str, str]:
-    """`metadata` if PostgreSQL can keep it as it is: one with a NUL would be kept with U+FFFD
-    in its place, read back and listed other than its client sent it (400 naming `metadata`)."""
-    if any(not storable(key) or not storable(value) for key, value in metadata.items()):
-        raise invalid_request("Invalid `metadata`: keys and values hold no NUL character.", param="metadata")
-    return metadata
+        _metadata(fields)
 
 
 def stored_settings(request: ChatRequest, made_at: int) -> dict[str, Any] | None:
@@ -63,7 +56,7 @@ def parse_update(body: bytes) -> dict[str, str]:
     fields = Fields(loads_object(body))
     if "metadata" not in fields.data:
         raise invalid_request("Missing required parameter: 'metadata'.", param="metadata")
-    return _storable(_metadata(fields)) if fields.data["metadata"] is not None else {}
+    return _metadata(fields) if fields.data["metadata"] is not None else {}
 
 
 def completion_object(completion: ChatCompletion, metadata: dict[str, Any], *, single_tool: bool = False) -> dict[str, Any]:
@@ -118,7 +111,7 @@ def metadata_filter(query: dict[str, list[str]]) -> dict[str, str]:
     for name, values in query.items():
         if name.startswith("metadata[") and name.endswith("]") and values:
             wanted[name[len("metadata[") : -1]] = values[0]
-    return _storable(wanted)
+    return storable_metadata(wanted)
 
 
 def page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:

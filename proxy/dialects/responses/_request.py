@@ -37,6 +37,7 @@ from proxy.domain.chat import (
     ToolChoice,
 )
 from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.ids import storable
 
 DIALECT = "responses"
 # The dialect of an `input_file`'s part: an OpenAI chat client's `file` (see `_parse_file`).
@@ -604,4 +605,12 @@ def _parse_metadata(fields: Fields | None) -> dict[str, str] | None:
         raise invalid_request(
             "Invalid `metadata`: expected at most 16 keys with string values.", param="metadata"
         )
-    return dict(fields.data)
+    return storable_metadata(dict(fields.data))
+
+
+def storable_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` if PostgreSQL can keep it as it is: one with a NUL would be kept with U+FFFD
+    in its place, read back and listed other than its client sent it (400 naming `metadata`)."""
+    if not all(storable(key) and storable(value) for key, value in metadata.items()):
+        raise invalid_request("Invalid `metadata`: keys and values hold no NUL character.", param="metadata")
+    return metadata
