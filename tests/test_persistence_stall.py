@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres
+from proxy.infra.postgres import DatabaseUnavailable, open_database
 from proxy.services.persistence import _LOOKUP_TIMEOUT
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
@@ -331,3 +332,20 @@ async def test_a_follower_on_nats_relays_the_run_while_postgres_stalls(
             with trio.move_on_after(7.0 + _LOOKUP_TIMEOUT + SLACK):
                 await relayed.wait()
             assert relayed.is_set()
+
+
+async def test_a_copy_into_a_stalled_database_gives_up_at_the_stops_deadline(
+    aio_loop: object, postgres: EmbeddedPostgres
+) -> None:
+    """A file upload's `COPY` is a database call like any other: once the gateway stops, a
+    stalled server is not waited for past the stop's deadline (it held the stop for good)."""
+    assert postgres.url is not None
+    async with open_database(postgres.url, min_size=1, max_size=2) as db:
+        await db.execute("CREATE TABLE copy_probe (b bytea)")
+        started = trio.current_time()
+        with trio.fail_after(10), pytest.raises(DatabaseUnavailable):
+            async with db.transaction() as tx:
+                with stalled(postgres):
+                    db.answer_by(trio.current_time() + 0.5)
+                    await tx.copy_in("COPY copy_probe (b) FROM STDIN", iter([b"\\x00\n"]))
+        assert trio.current_time() - started < 0.5 + _LOOKUP_TIMEOUT + SLACK

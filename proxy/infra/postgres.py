@@ -231,7 +231,7 @@ class Tx(_Queries):
         they are drawn: a value of hundreds of megabytes is never whole in memory here."""
         if self._conn is None:
             raise DatabaseError("transaction already finished")
-        await _hop(_copy_on, self._conn, sql, pieces)
+        await self._db._call(_copy_on, self._conn, sql, pieces)
 
 
 class Database(_Queries):
