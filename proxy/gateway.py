@@ -238,7 +238,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
             settings=settings,
             router=router,
             backends=backends,
-            chat=ChatService(router, backends, record_to(request_log, limits.record, metrics.sink()), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
+            chat=ChatService(router, backends, record_to(request_log, limits.record, metrics.sink()), observe=record_to(request_log, metrics.sink()), persistence=persistence, semantic_cache=semantic_cache, fallbacks=settings.fallbacks,
                              default_pipeline=settings.workflow.default_pipeline,
                              routes={"rag": RagRoute(rag), "workflow": WorkflowRoute(settings, resources, router, catalog)}),
             catalog=ScopedCatalog(catalog),

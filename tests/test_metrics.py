@@ -3,15 +3,20 @@ through `--workers 2`, where a scrape reaching either worker sees them both."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
+import anthropic
 import httpx
+import ollama
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes import OpenAIBackend, Script, Usage
+from proxy.infra.logging import REQUEST_LOGGER
+from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
@@ -161,3 +166,61 @@ async def test_first_token_latency_is_told_apart_by_kind() -> None:
     first_token = "llm_proxy_time_to_first_token_seconds_count"
     assert total(text, first_token, kind="chat", backend="vllm") == 1
     assert total(text, first_token, kind="speech", backend="vllm") == 1
+
+
+async def test_token_counts_and_model_loads_are_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """Claude Code counts tokens before nearly every turn and `ollama run` preloads its model:
+    the gateway answers these without a chat, and an operator must still see each one (its
+    own `kind`, its model, backend, status, time and key) in the log and in `/metrics`."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    vllm, local = OpenAIBackend(), OllamaBackend(models=["llama3.2"])
+    async with (
+        vllm.serve() as vllm_server, local.serve() as ollama_server,
+        running_gateway(
+            backend("vllm", vllm_server.url, models=("m",), default=True),
+            backend("ollama", ollama_server.url, kind="ollama", models=("llama3.2",)),
+            access_log=True,
+        ) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        claude = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+        counted = await claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "How many?"}])
+        assert counted.input_tokens > 0
+        gpt = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert (await gpt.responses.input_tokens.count(model="m", input="How many?")).input_tokens > 0
+        bad = await http.post("/v1/responses/input_tokens", json={"model": "m", "input": "x", "stream": True})
+        assert bad.status_code == 400
+        ollama_client = ollama.AsyncClient(host=url)
+        assert (await ollama_client.generate(model="llama3.2", prompt="")).done_reason == "load"
+        assert (await ollama_client.chat(model="m", messages=[])).done_reason == "load"
+        assert (await ollama_client.generate(model="llama3.2", keep_alive=0)).done_reason == "unload"
+
+        async def scraped() -> str | None:
+            text = (await http.get("/metrics")).text
+            return text if total(text, "llm_proxy_requests_total", kind="unload") else None
+
+        text = await eventually(scraped)
+
+    ok = {"status": "200", "outcome": "ok"}
+    assert total(text, "llm_proxy_requests_total", kind="count_tokens", dialect="anthropic", model="m", backend="vllm", **ok) == 1
+    assert total(text, "llm_proxy_requests_total", kind="count_tokens", dialect="responses", model="m", backend="vllm", **ok) == 1
+    assert total(text, "llm_proxy_requests_total", kind="count_tokens", status="400", outcome="error") == 1
+    assert total(text, "llm_proxy_requests_total", kind="preload", dialect="ollama", model="llama3.2", backend="ollama", **ok) == 1
+    assert total(text, "llm_proxy_requests_total", kind="preload", dialect="ollama", model="m", backend="vllm", **ok) == 1
+    assert total(text, "llm_proxy_requests_total", kind="unload", model="llama3.2", backend="ollama", **ok) == 1
+    assert total(text, "llm_proxy_requests_total", kind="chat") == 0
+    assert total(text, "llm_proxy_prompt_tokens_total") == 0  # nothing was generated
+
+    names = ("kind", "dialect", "model", "backend", "status", "api_key_id")
+    lines = [{name: getattr(r, name, None) for name in names} for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert lines == [
+        {"kind": "count_tokens", "dialect": "anthropic", "model": "m", "backend": "vllm", "status": 200, "api_key_id": None},
+        {"kind": "count_tokens", "dialect": "responses", "model": "m", "backend": "vllm", "status": 200, "api_key_id": None},
+        {"kind": "count_tokens", "dialect": "responses", "model": "m", "backend": "", "status": 400, "api_key_id": None},
+        {"kind": "preload", "dialect": "ollama", "model": "llama3.2", "backend": "ollama", "status": 200, "api_key_id": None},
+        {"kind": "preload", "dialect": "ollama", "model": "m", "backend": "vllm", "status": 200, "api_key_id": None},
+        {"kind": "unload", "dialect": "ollama", "model": "llama3.2", "backend": "ollama", "status": 200, "api_key_id": None},
+    ]
+    logged = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    assert all(isinstance(getattr(r, "total_ms", None), float) for r in logged)
+    assert not any("How many?" in r.getMessage() or "How many?" in str(r.__dict__) for r in logged)  # never the prompt

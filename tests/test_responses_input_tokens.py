@@ -144,6 +144,9 @@ async def test_counting_is_not_a_model_call_of_the_key(stack: Stack) -> None:
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=key, max_retries=0)
     for _ in range(3):
         assert (await client.responses.input_tokens.count(model="m", input="How many tokens?")).input_tokens > 0
+    # A refused count (logged and in the metrics) is no failed model call of the key either.
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.input_tokens.count(model="m", input="x", extra_body={"stream": True})
     await client.responses.create(model="m", input="Hi")  # the one model call
     await client.close()
     entry = await eventually(lambda: _usage(stack.db, "counter"), within=10)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
-from quart import Blueprint, Response
+from quart import Blueprint
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
-from proxy.http._context import gateway, request_body, request_head
-from proxy.http._errors import register_dialect_errors
+from proxy.http._counted import record_answered
+from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
     ExchangeBody,
@@ -143,18 +143,18 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     )
 
 
-@blueprint.post("/v1/messages/count_tokens")
-async def messages_count_tokens() -> Response:
-    head = request_head()
-    request = _parse(await request_body(), head, count_only=True)
-    meta = request_meta(head)
-    gw = gateway()
+# On the front door, as `/v1/messages`: its refusals (the guard's too) are logged and counted.
+@exchanges.route("/v1/messages/count_tokens", kind="count_tokens")
+async def messages_count_tokens(incoming: Incoming) -> Reply:
+    meta = request_meta(incoming.head)
+    request = _parse(incoming.body, incoming.head, count_only=True)
+    gw = incoming.gateway
     route = gw.router.resolve(request.model)
     backend = gw.backends[route.backend]
     anthropic.adapt_for_dialect(request, backend.config.kind)
     count = await count_tokens(backend, request, route.upstream_model)
-    response = Response(anthropic.render_token_count(count.input_tokens), content_type="application/json")
-    response.headers["request-id"] = meta.request_id
+    headers: Headers = [(b"request-id", meta.request_id.encode())]
     if count.estimated:
-        response.headers["x-token-count"] = "estimate"
-    return response
+        headers.append((b"x-token-count", b"estimate"))
+    record_answered(gw, meta, kind="count_tokens", dialect="anthropic", model=request.model, route=route)
+    return Reply(anthropic.render_token_count(count.input_tokens), headers=headers)

@@ -25,6 +25,7 @@ from proxy.domain.routing import Route
 from proxy.domain.truncation import Window
 from proxy.gateway import Gateway
 from proxy.http._context import gateway, listing_headers, request_body
+from proxy.http._counted import record_answered
 from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import ExchangeBody, Headers, JsonSink, RenderedStreamSink
 from proxy.http._front import FrontDoor, Incoming
@@ -205,10 +206,16 @@ async def _load(incoming: Incoming, request: ChatRequest, *, generate: bool) -> 
             )
         except GatewayError as error:
             raise _as_ollama(error, request.model) from None
+        record_answered(gw, meta, kind=_load_kind(request), dialect="ollama", model=request.model, route=route)
         return Reply(_with_model(content, request.model), content_type.encode())
-    keep_alive = request.extra.get("keep_alive")
-    unload = keep_alive in (0, 0.0, "0", "0s")
-    return Reply(ollama.load_reply(request.model, generate=generate, unload=unload), _JSON.encode())
+    kind = _load_kind(request)
+    record_answered(gw, request_meta(incoming.head), kind=kind, dialect="ollama", model=request.model, route=route)
+    return Reply(ollama.load_reply(request.model, generate=generate, unload=kind == "unload"), _JSON.encode())
+
+
+def _load_kind(request: ChatRequest) -> str:
+    """`unload` for `keep_alive: 0` (`ollama stop`), else `preload`."""
+    return "unload" if request.extra.get("keep_alive") in (0, 0.0, "0", "0s") else "preload"
 
 
 def _with_model(content: bytes, model: str) -> bytes:

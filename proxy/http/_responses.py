@@ -35,6 +35,7 @@ from proxy.http._conversations import (
     conversation_item,
     join_conversation,
 )
+from proxy.http._counted import record_answered
 from proxy.http._errors import Reply, error_reply, register_dialect_errors
 from proxy.http._exchange import (
     SSE_HEADERS,
@@ -276,7 +277,7 @@ async def compact_response(incoming: Incoming) -> ExchangeBody:
     return ExchangeBody(exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept))
 
 
-@exchanges.route("/v1/responses/input_tokens", kind=None)
+@exchanges.route("/v1/responses/input_tokens", kind="count_tokens")
 async def count_input_tokens(incoming: Incoming) -> Reply:
     """OpenAI's `client.responses.input_tokens.count`: the input tokens of the request
     `responses.create` would send for this body (its instructions, tools, `item_reference`s,
@@ -292,9 +293,11 @@ async def count_input_tokens(incoming: Incoming) -> Reply:
     request = parsed.chat
     route = incoming.gateway.router.resolve(request.model)
     count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
-    headers: Headers = [(b"x-request-id", request_meta(incoming.head).request_id.encode())]
+    meta = request_meta(incoming.head)
+    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
+    record_answered(incoming.gateway, meta, kind="count_tokens", dialect=responses.DIALECT, model=request.model, route=route)
     return Reply(dumps({"object": "response.input_tokens", "input_tokens": count.input_tokens}), headers=headers)
 
 

@@ -77,8 +77,11 @@ class ChatService:
         semantic_cache: CompletionCache | None = None,
         fallbacks: Mapping[str, Sequence[str]] | None = None,
         default_pipeline: str | None = None,
+        observe: RecordSink | None = None,
     ) -> None:
         self._router = router
+        # The log line and metrics without the key's usage (`record_unmetered`).
+        self._observe = observe or record
         self._default_pipeline = default_pipeline
         self._backends = backends
         self._record = record
@@ -93,8 +96,10 @@ class ChatService:
     ) -> None:
         """A request refused before it became an exchange (bad input, unknown model, the
         guard): its log line all the same, and a failed request in its key's usage (its
-        reservation of tokens, if admitted, given back)."""
-        self._record(ExchangeRecord(
+        reservation of tokens, if admitted, given back). A refused token count is no model
+        call of the key either: not in its usage."""
+        record = self._observe if kind == "count_tokens" else self._record
+        record(ExchangeRecord(
             trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
             dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
             reserved=reserved, kind=kind,
@@ -104,6 +109,11 @@ class ChatService:
         """A call relayed as is, without an exchange (text completion, rerank): its log
         line, its key's usage and its metrics, as a chat's."""
         self._record(record)
+
+    def record_unmetered(self, record: ExchangeRecord) -> None:
+        """A call the gateway answers that is no model call of its key (counting tokens,
+        loading a model): its log line and its metrics, not the key's usage."""
+        self._observe(record)
 
     def exchange(self, request: ChatRequest, meta: RequestMeta, *, relay_openai: bool) -> ChatExchange:
         """Resolve the route now (an unknown model or route fails before any response starts)."""
