@@ -215,3 +215,33 @@ async def test_keys_older_than_their_retention_are_purged_but_running_and_cached
     key, messages = next(iter(recent.items()))
     assert await keyed(key, messages) == "true"  # within the retention: still replayed
     await client.close()
+
+
+async def test_a_key_past_its_retention_runs_again_before_any_purge(stack: Stack) -> None:
+    """No keyed request has committed since the key expired, so no purge has run: a retry a
+    day late still runs again (not a replay of yesterday's answer), and the key may now be
+    used for a different request (not refused as a reuse)."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    key, messages = f"late-{uuid.uuid4()}", _messages()
+    first = await client.chat.completions.with_raw_response.create(
+        model="m", messages=messages, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
+    assert rows(stack.db, "UPDATE idempotency_keys SET updated_at = now() - interval '25 hours' "
+                          "WHERE key = %s RETURNING 1", key) == [(1,)]
+    calls = len(stack.fake.requests)
+    again = await client.chat.completions.with_raw_response.create(
+        model="m", messages=messages, extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    assert again.headers.get("idempotent-replayed") != "true"
+    assert again.headers["x-trace-id"] != first.headers["x-trace-id"]
+    assert len(stack.fake.requests) == calls + 1
+    await wait_for_row(stack.db, again.headers["x-trace-id"], "completed")
+    assert rows(stack.db, "UPDATE idempotency_keys SET updated_at = now() - interval '25 hours' "
+                          "WHERE key = %s RETURNING 1", key) == [(1,)]
+    other = await client.chat.completions.with_raw_response.create(
+        model="m", messages=_messages(), extra_headers={"Idempotency-Key": key}  # type: ignore[arg-type]
+    )
+    assert other.http_response.status_code == 200
+    assert len(stack.fake.requests) == calls + 2
+    await client.close()

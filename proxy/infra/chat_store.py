@@ -270,6 +270,10 @@ DELETE FROM idempotency_keys WHERE key IN (
 )
 """
 
+_FORGET_EXPIRED_KEY = (
+    "DELETE FROM idempotency_keys WHERE key = %s AND trace_id = %s AND status <> 'running'"
+    " AND updated_at < now() - make_interval(secs => %s)"
+)
 
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
 # beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
@@ -501,6 +505,11 @@ class ChatStore:
             if row is None:
                 continue  # deleted between the two statements
             held_req, held_trace, status, age, cached, ended, owner_gone = row
+            if status != "running" and float(age) >= self._key_retention and not cached:
+                # Past its retention but not purged yet (no group commit since): forgotten,
+                # as the docs promise, whatever the request now holding it asks.
+                await self._db.execute(_FORGET_EXPIRED_KEY, (key, held_trace, self._key_retention))
+                continue
             if held_req != req_id:
                 return Claim("conflict", held_trace)
             if status == "running" and ended is not None:
