@@ -420,6 +420,8 @@ async def test_max_output_tokens_cuts_the_answer_into_an_incomplete_response(set
     # answer in text): OpenAI's 400, as on `/v1/chat/completions`.
     ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_stock"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    # A misspelt `include` would otherwise quietly leave out what was asked for.
+    ({"include": ["reasoning.encrypted_content", "message.output_text.logprob"]}, "include[1]"),
 ])
 async def test_bad_input_is_a_400_in_openais_shape(setup: Setup, fields: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:

@@ -16,6 +16,7 @@ from typing import Any, cast
 from quart import Blueprint, Quart, Response, current_app
 
 from proxy import __version__
+from proxy.dialects.responses import INCLUDABLE
 from proxy.http._context import GatewayApp, gateway
 
 blueprint = Blueprint("openapi", __name__)
@@ -367,7 +368,7 @@ _RESPONSES_REQUEST: Schema = {
         "reasoning": {"type": "object", "properties": {"effort": _STR}},
         "metadata": {"type": "object", "additionalProperties": _STR},
         "store": _BOOL, "user": _STR, "truncation": {"enum": ["auto", "disabled"]},
-        "include": {"type": "array", "items": _STR}, "service_tier": _STR,
+        "include": {"type": "array", "items": {"enum": list(INCLUDABLE)}}, "service_tier": _STR,
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "conversation": {"oneOf": [_STR, {"type": "object", "required": ["id"], "properties": {"id": _STR}}]},
         "previous_response_id": _STR, "background": _BOOL, "stream_options": _OBJ,

@@ -6,6 +6,7 @@ from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     CONVERSATION_PREFIX,
     DIALECT,
+    INCLUDABLE,
     ResponsesRequest,
     UnresolvedReferences,
     continued,
@@ -30,6 +31,7 @@ from proxy.dialects.responses._stream import StreamRenderer
 __all__ = [
     "CONVERSATION_PREFIX",
     "DIALECT",
+    "INCLUDABLE",
     "ResponsesRequest",
     "StreamRenderer",
     "UnresolvedReferences",

@@ -55,6 +55,12 @@ _STATEFUL = {
 CONVERSATION_PREFIX = "_conversation_prefix"
 # The `include` that asks for the output text's token log probabilities.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# Every `include` OpenAI knows: a misspelt one is a 400 there, not silently nothing.
+INCLUDABLE = (
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs", "reasoning.encrypted_content", LOGPROBS_INCLUDE,
+)
 # A workflow pipeline's options (`x-pipeline`), as in a chat request: the workflow route reads
 # them from `extra` (a Responses request's `extra` never reaches a backend).
 _PIPELINE_OPTIONS = "workflow"
@@ -175,8 +181,8 @@ def parse_responses_request(
     if truncation is not None and truncation not in ("auto", "disabled"):
         raise fields.fail("truncation", '"auto" or "disabled"')
     include = fields.array("include")
-    if include is not None and not all(isinstance(item, str) for item in include):
-        raise fields.fail("include", "an array of strings")
+    if include is not None:
+        _check_include(fields, include)
     top_logprobs = fields.integer("top_logprobs", minimum=0, maximum=20)
     service_tier = fields.text("service_tier")
     store = fields.boolean("store")
@@ -596,6 +602,17 @@ def _parse_text(text: Fields | None) -> tuple[ResponseFormat | None, dict[str, A
             kind="json_schema", schema=schema.data, name=name, strict=strict, description=description
         ), wire
     raise fmt.fail("type", '"text", "json_object" or "json_schema"')
+
+
+def _check_include(fields: Fields, include: list[Any]) -> None:
+    for index, item in enumerate(include):
+        if not isinstance(item, str):
+            raise fields.fail("include", "an array of strings")
+        if item not in INCLUDABLE:
+            raise invalid_request(
+                f"Invalid value: {item!r}. Supported values are: " + ", ".join(f"{v!r}" for v in INCLUDABLE) + ".",
+                param=f"include[{index}]", code="invalid_value",
+            )
 
 
 def _parse_metadata(fields: Fields | None) -> dict[str, str] | None:
