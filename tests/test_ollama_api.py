@@ -321,6 +321,31 @@ async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api()
     assert "min_p" not in sent and "repetition_penalty" not in sent and sent["temperature"] == 0.2
 
 
+async def test_thinking_given_back_reaches_vllm_as_reasoning_content() -> None:
+    """An assistant turn's `thinking` (which Ollama renders into the model's template) used to
+    be dropped for an OpenAI-compatible backend: vLLM's gpt-oss lost the reasoning behind its
+    own tool calls, Qwen3's template the thinking of the tool loop it was in."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "thinking": "I should call get_weather.",
+         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
+    ]
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h:
+        async with running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.chat(model="qwen3-8b", messages=history, tools=TOOLS)
+                await client.chat(model="gpt-4o", messages=history, tools=TOOLS)
+    assistant = vllm.requests[-1].json["messages"][1]
+    assert assistant["reasoning_content"] == "I should call get_weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert all("reasoning_content" not in m for m in hosted.requests[-1].json["messages"])  # it would refuse the field
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_num_predict_limit_ends_with_length(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=["a", "b", "c", "d", "e"]))
