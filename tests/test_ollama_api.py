@@ -501,6 +501,17 @@ async def test_load_and_unload_reach_an_ollama_backend_and_are_answered_for_othe
     assert setup.fake("openai").requests == []
 
 
+@pytest.mark.parametrize("keep_alive", ["0m", "0h", "0.0s", "0ms", "0.0"])
+async def test_a_zero_keep_alive_in_any_unit_unloads(setup: Setup, keep_alive: str) -> None:
+    """Ollama reads `keep_alive` as a Go duration: "0m" unloads as "0s" does. The gateway
+    answered a model on another backend with `done_reason: "load"`, as if it were kept."""
+    chatted = await setup.client.chat(model="qwen3-8b", messages=[], keep_alive=keep_alive)
+    generated = await setup.client.generate(model="claude-test", keep_alive=keep_alive)
+    assert (chatted.done_reason, generated.done_reason) == ("unload", "unload")
+    kept = await setup.client.generate(model="qwen3-8b", keep_alive="5m")
+    assert kept.done_reason == "load"
+
+
 async def test_loading_a_model_the_ollama_backend_lacks_is_its_404() -> None:
     fake = OllamaBackend(models=["llama3.2"])
     async with fake.serve() as server, running_gateway(backend("ol", server.url, kind="ollama", default=True)) as url:

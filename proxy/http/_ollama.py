@@ -215,7 +215,7 @@ async def _load(incoming: Incoming, request: ChatRequest, *, generate: bool) -> 
 
 def _load_kind(request: ChatRequest) -> str:
     """`unload` for `keep_alive: 0` (`ollama stop`), else `preload`."""
-    return "unload" if request.extra.get("keep_alive") in (0, 0.0, "0", "0s") else "preload"
+    return "unload" if ollama.unloads(request) else "preload"
 
 
 def _with_model(content: bytes, model: str) -> bytes:

@@ -172,6 +172,38 @@ def _check_extra(fields: Fields) -> None:
         raise fields.fail("think", 'a boolean or "low", "medium", "high"')
 
 
+# A Go duration (`time.ParseDuration`), which is how Ollama reads a `keep_alive` string.
+_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A `keep_alive` in seconds as Ollama reads it: a number of seconds, or a Go duration
+    ("5m", "1h30m", "0s"); a number in a string is seconds too (as `OLLAMA_KEEP_ALIVE` reads
+    one). Negative is "keep it loaded". None: not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    if not _DURATION.fullmatch(text):
+        return None
+    seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text))
+    return -seconds if text.startswith("-") else seconds
+
+
+def unloads(request: ChatRequest) -> bool:
+    """Whether a request without a prompt asks to unload the model (`keep_alive` of zero:
+    `ollama stop`, which sends 0; "0s", "0m" too)."""
+    return keep_alive_seconds(request.extra.get("keep_alive")) == 0
+
+
 # -- messages ------------------------------------------------------------------------------
 
 
