@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -255,6 +256,28 @@ async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Set
         results = [b for m in sent[2:] for b in m["content"] if b["type"] == "tool_result"]
         assert [u["input"] for u in uses] == [{"city": "Paris"}, {"city": "Rome"}]
         assert [r["tool_use_id"] for r in results] == [u["id"] for u in uses]
+
+
+async def test_tool_call_ids_made_for_a_client_that_sends_none_are_ones_mistral_takes(setup: Setup) -> None:
+    """The SDK's messages carry no tool-call ids; the gateway made `call_1_0`, which Mistral's
+    models refuse (vLLM and Mistral's API: "must be a-z, A-Z, 0-9, with a length of 9"), so a
+    tool loop with one failed on its second turn."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+        ]},
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
+        {"role": "tool", "tool_name": "get_weather", "content": "rainy"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "tool_name": "get_time", "content": "noon"},
+    ]
+    await setup.client.chat(model="mistral-small", messages=history, tools=TOOLS)
+    sent = setup.sent("openai")["messages"]
+    ids = [call["id"] for message in sent for call in message.get("tool_calls") or ()]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,12 +3,14 @@ domain for an Ollama backend.
 
 Ollama has no tool-call ids: a `tool` message names its tool (`tool_name`) and answers the
 calls of the assistant message before it in order. Parsing gives every call a deterministic id
-(`call_<message>_<call>`) and pairs each tool message with the earliest unanswered call of that
-name, so OpenAI and Anthropic backends receive a consistent `tool_call_id` thread.
+(`call<message><call>`, see `synthetic_call_id`) and pairs each tool message with the earliest
+unanswered call of that name, so OpenAI and Anthropic backends receive a consistent
+`tool_call_id` thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -225,7 +227,7 @@ def _parse_messages(items: list[Any]) -> list[Message]:
         text = fields.text("content") or ""
         content: tuple[ContentPart, ...] = ((TextPart(text),) if text else ()) + _parse_images(fields, "images")
         tool_calls = tuple(
-            _parse_tool_call(call, f"{path}.tool_calls[{j}]", f"call_{i}_{j}")
+            _parse_tool_call(call, f"{path}.tool_calls[{j}]", synthetic_call_id(i, j))
             for j, call in enumerate(fields.array("tool_calls") or [])
         )
         name: str | None = None
@@ -249,6 +251,17 @@ def _parse_messages(items: list[Any]) -> list[Message]:
     return messages
 
 
+def synthetic_call_id(message: int, call: int) -> str:
+    """The id of the `call`-th tool call of the `message`-th message, which the client sent
+    without one: nine letters and digits, the only ids Mistral's models take (mistral-common's
+    check, in vLLM serving them and in Mistral's API: `call_1_0` was a 400 on the tool loop's
+    second turn); every other backend takes them too."""
+    if message < 1000 and call < 100:
+        return f"call{message:03d}{call:02d}"
+    # Hex has no "l": these never meet the ids above.
+    return hashlib.sha256(f"{message}.{call}".encode()).hexdigest()[:9]
+
+
 def _answer(unanswered: list[ToolCall], call_id: str | None, name: str | None, position: int) -> tuple[str, str | None]:
     """Pair a tool message with the call it answers; the call is then no longer open."""
     match: ToolCall | None = None
@@ -262,7 +275,7 @@ def _answer(unanswered: list[ToolCall], call_id: str | None, name: str | None, p
         unanswered.remove(match)
         return match.id, name or match.name
     # Nothing to answer: keep the message; an id-checking backend will say what is wrong.
-    return call_id or f"call_{position}", name
+    return call_id or synthetic_call_id(position, 0), name
 
 
 def _parse_images(fields: Fields, key: str) -> tuple[ImagePart, ...]:
