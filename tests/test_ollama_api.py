@@ -805,6 +805,16 @@ async def test_tags_show_version_and_root(setup: Setup) -> None:
         assert set(raw[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
 
 
+async def test_show_verbose_reaches_the_ollama_backend(setup: Setup) -> None:
+    """`ollama show --verbose` (`"verbose": true`) got the short answer: no tensors, no
+    tokenizer metadata, as the flag never reached the backend."""
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        verbose = (await http.post("/api/show", json={"model": "my-alias", "verbose": True})).json()
+        short = (await http.post("/api/show", json={"model": "llama3.2"})).json()
+    assert verbose["tensors"][0]["name"] == "token_embd.weight"
+    assert "tensors" not in short and short["template"] == verbose["template"]
+
+
 async def test_show_answers_for_every_model_chat_accepts(setup: Setup) -> None:
     # Clients (the CLI, Continue) call show before chatting: a model served by prefix or by
     # the default backend, unlisted, must be shown as well as chatted with.

@@ -275,7 +275,7 @@ async def show() -> Response:
     backend = gw.backends.get(route.backend)
     if isinstance(backend, OllamaBackend):
         try:
-            shown = await backend.show(route.upstream_model)
+            shown = await backend.show(route.upstream_model, verbose=data.get("verbose") is True)
         except GatewayError as error:
             if error.kind is ErrorKind.NOT_FOUND:
                 raise _show_not_found(name) from None
