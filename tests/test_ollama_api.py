@@ -301,6 +301,17 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
         assert (sent["temperature"], "top_p" in sent, sent["max_tokens"], sent["stop_sequences"]) == (0.3, False, 64, ["END"])
 
 
+@pytest.mark.parametrize(("title", "name"), [("Answer", "Answer"), ("Weather report", "Weather_report"),
+                                           ("Page[Item]", "Page_Item"), ("Ünïcode", "n_code"), ("!!", "response")])
+async def test_a_schema_title_is_a_name_openai_takes(setup: Setup, title: str, name: str) -> None:
+    """`format`'s `title` became `json_schema.name` as it was: OpenAI's API answers 400 to one
+    that is not letters, digits, `_` and `-` (a title with a space, pydantic's `Page[Item]`)."""
+    schema = {"title": title, "type": "object", "properties": {"n": {"type": "integer"}}}
+    await setup.client.chat(model="gpt-4o", messages=MESSAGES, format=schema)
+    sent = setup.sent("openai")["response_format"]["json_schema"]
+    assert (sent["name"], sent["schema"]) == (name, schema)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_ollamas_no_value_numbers_are_not_sent_as_values(setup: Setup, kind: str) -> None:
     # `seed: -1` is Ollama's "random seed" (its default): as vLLM's seed -1 every retry would

@@ -356,9 +356,20 @@ def _parse_format(value: Any) -> ResponseFormat | None:
     if value == "json":
         return ResponseFormat(kind="json_object")
     if isinstance(value, dict):
-        title = value.get("title")
-        return ResponseFormat(kind="json_schema", schema=value, name=title if isinstance(title, str) else None)
+        return ResponseFormat(kind="json_schema", schema=value, name=_schema_name(value.get("title")))
     raise invalid_request('Invalid `format`: expected "json" or a JSON schema object.', param="format")
+
+
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _schema_name(title: Any) -> str | None:
+    """A schema's `title` as the name OpenAI's `json_schema` requires: letters, digits, `_` and
+    `-`, at most 64 (OpenAI answers 400 to "Weather report", or pydantic's `Page[Item]`)."""
+    if not isinstance(title, str):
+        return None
+    name = _NOT_IN_A_NAME.sub("_", title).strip("_")[:64]
+    return name or None
 
 
 def unmodelled_options(request: ChatRequest) -> dict[str, Any]:
