@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -257,6 +258,28 @@ async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Set
         assert [r["tool_use_id"] for r in results] == [u["id"] for u in uses]
 
 
+async def test_tool_call_ids_made_for_a_client_that_sends_none_are_ones_mistral_takes(setup: Setup) -> None:
+    """The SDK's messages carry no tool-call ids; the gateway made `call_1_0`, which Mistral's
+    models refuse (vLLM and Mistral's API: "must be a-z, A-Z, 0-9, with a length of 9"), so a
+    tool loop with one failed on its second turn."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+        ]},
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
+        {"role": "tool", "tool_name": "get_weather", "content": "rainy"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "tool_name": "get_time", "content": "noon"},
+    ]
+    await setup.client.chat(model="mistral-small", messages=history, tools=TOOLS)
+    sent = setup.sent("openai")["messages"]
+    ids = [call["id"] for message in sent for call in message.get("tool_calls") or ()]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ids
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
@@ -276,6 +299,17 @@ async def test_options_and_format_reach_the_backend(setup: Setup, kind: str) -> 
     else:
         # Claude takes temperature or top_p, not both: the temperature is kept.
         assert (sent["temperature"], "top_p" in sent, sent["max_tokens"], sent["stop_sequences"]) == (0.3, False, 64, ["END"])
+
+
+@pytest.mark.parametrize(("title", "name"), [("Answer", "Answer"), ("Weather report", "Weather_report"),
+                                           ("Page[Item]", "Page_Item"), ("Ünïcode", "n_code"), ("!!", "response")])
+async def test_a_schema_title_is_a_name_openai_takes(setup: Setup, title: str, name: str) -> None:
+    """`format`'s `title` became `json_schema.name` as it was: OpenAI's API answers 400 to one
+    that is not letters, digits, `_` and `-` (a title with a space, pydantic's `Page[Item]`)."""
+    schema = {"title": title, "type": "object", "properties": {"n": {"type": "integer"}}}
+    await setup.client.chat(model="gpt-4o", messages=MESSAGES, format=schema)
+    sent = setup.sent("openai")["response_format"]["json_schema"]
+    assert (sent["name"], sent["schema"]) == (name, schema)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -319,6 +353,31 @@ async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api()
         assert "repeat_penalty" not in sent and "num_ctx" not in sent
     sent = hosted.requests[-1].json
     assert "min_p" not in sent and "repetition_penalty" not in sent and sent["temperature"] == 0.2
+
+
+async def test_thinking_given_back_reaches_vllm_as_reasoning_content() -> None:
+    """An assistant turn's `thinking` (which Ollama renders into the model's template) used to
+    be dropped for an OpenAI-compatible backend: vLLM's gpt-oss lost the reasoning behind its
+    own tool calls, Qwen3's template the thinking of the tool loop it was in."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "thinking": "I should call get_weather.",
+         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
+    ]
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h:
+        async with running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+        ) as url:
+            async with ollama.AsyncClient(host=url) as client:
+                await client.chat(model="qwen3-8b", messages=history, tools=TOOLS)
+                await client.chat(model="gpt-4o", messages=history, tools=TOOLS)
+    assistant = vllm.requests[-1].json["messages"][1]
+    assert assistant["reasoning_content"] == "I should call get_weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert all("reasoning_content" not in m for m in hosted.requests[-1].json["messages"])  # it would refuse the field
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -474,6 +533,17 @@ async def test_load_and_unload_reach_an_ollama_backend_and_are_answered_for_othe
     assert (chatted.done, chatted.done_reason) == (True, "load")
     assert (await setup.client.generate(model="qwen3-8b", keep_alive=0)).done_reason == "unload"
     assert setup.fake("openai").requests == []
+
+
+@pytest.mark.parametrize("keep_alive", ["0m", "0h", "0.0s", "0ms", "0.0"])
+async def test_a_zero_keep_alive_in_any_unit_unloads(setup: Setup, keep_alive: str) -> None:
+    """Ollama reads `keep_alive` as a Go duration: "0m" unloads as "0s" does. The gateway
+    answered a model on another backend with `done_reason: "load"`, as if it were kept."""
+    chatted = await setup.client.chat(model="qwen3-8b", messages=[], keep_alive=keep_alive)
+    generated = await setup.client.generate(model="claude-test", keep_alive=keep_alive)
+    assert (chatted.done_reason, generated.done_reason) == ("unload", "unload")
+    kept = await setup.client.generate(model="qwen3-8b", keep_alive="5m")
+    assert kept.done_reason == "load"
 
 
 async def test_loading_a_model_the_ollama_backend_lacks_is_its_404() -> None:
@@ -744,6 +814,16 @@ async def test_tags_show_version_and_root(setup: Setup) -> None:
         assert head.status_code == 200 and head.text == ""
         raw = (await http.get("/api/tags")).json()["models"]
         assert set(raw[0]) == {"name", "model", "modified_at", "size", "digest", "details"}
+
+
+async def test_show_verbose_reaches_the_ollama_backend(setup: Setup) -> None:
+    """`ollama show --verbose` (`"verbose": true`) got the short answer: no tensors, no
+    tokenizer metadata, as the flag never reached the backend."""
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        verbose = (await http.post("/api/show", json={"model": "my-alias", "verbose": True})).json()
+        short = (await http.post("/api/show", json={"model": "llama3.2"})).json()
+    assert verbose["tensors"][0]["name"] == "token_embd.weight"
+    assert "tensors" not in short and short["template"] == verbose["template"]
 
 
 async def test_show_answers_for_every_model_chat_accepts(setup: Setup) -> None:

@@ -215,7 +215,7 @@ async def _load(incoming: Incoming, request: ChatRequest, *, generate: bool) -> 
 
 def _load_kind(request: ChatRequest) -> str:
     """`unload` for `keep_alive: 0` (`ollama stop`), else `preload`."""
-    return "unload" if request.extra.get("keep_alive") in (0, 0.0, "0", "0s") else "preload"
+    return "unload" if ollama.unloads(request) else "preload"
 
 
 def _with_model(content: bytes, model: str) -> bytes:
@@ -275,7 +275,7 @@ async def show() -> Response:
     backend = gw.backends.get(route.backend)
     if isinstance(backend, OllamaBackend):
         try:
-            shown = await backend.show(route.upstream_model)
+            shown = await backend.show(route.upstream_model, verbose=data.get("verbose") is True)
         except GatewayError as error:
             if error.kind is ErrorKind.NOT_FOUND:
                 raise _show_not_found(name) from None

@@ -3,12 +3,14 @@ domain for an Ollama backend.
 
 Ollama has no tool-call ids: a `tool` message names its tool (`tool_name`) and answers the
 calls of the assistant message before it in order. Parsing gives every call a deterministic id
-(`call_<message>_<call>`) and pairs each tool message with the earliest unanswered call of that
-name, so OpenAI and Anthropic backends receive a consistent `tool_call_id` thread.
+(`call<message><call>`, see `synthetic_call_id`) and pairs each tool message with the earliest
+unanswered call of that name, so OpenAI and Anthropic backends receive a consistent
+`tool_call_id` thread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -172,6 +174,38 @@ def _check_extra(fields: Fields) -> None:
         raise fields.fail("think", 'a boolean or "low", "medium", "high"')
 
 
+# A Go duration (`time.ParseDuration`), which is how Ollama reads a `keep_alive` string.
+_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A `keep_alive` in seconds as Ollama reads it: a number of seconds, or a Go duration
+    ("5m", "1h30m", "0s"); a number in a string is seconds too (as `OLLAMA_KEEP_ALIVE` reads
+    one). Negative is "keep it loaded". None: not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    if not _DURATION.fullmatch(text):
+        return None
+    seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text))
+    return -seconds if text.startswith("-") else seconds
+
+
+def unloads(request: ChatRequest) -> bool:
+    """Whether a request without a prompt asks to unload the model (`keep_alive` of zero:
+    `ollama stop`, which sends 0; "0s", "0m" too)."""
+    return keep_alive_seconds(request.extra.get("keep_alive")) == 0
+
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -193,7 +227,7 @@ def _parse_messages(items: list[Any]) -> list[Message]:
         text = fields.text("content") or ""
         content: tuple[ContentPart, ...] = ((TextPart(text),) if text else ()) + _parse_images(fields, "images")
         tool_calls = tuple(
-            _parse_tool_call(call, f"{path}.tool_calls[{j}]", f"call_{i}_{j}")
+            _parse_tool_call(call, f"{path}.tool_calls[{j}]", synthetic_call_id(i, j))
             for j, call in enumerate(fields.array("tool_calls") or [])
         )
         name: str | None = None
@@ -217,6 +251,17 @@ def _parse_messages(items: list[Any]) -> list[Message]:
     return messages
 
 
+def synthetic_call_id(message: int, call: int) -> str:
+    """The id of the `call`-th tool call of the `message`-th message, which the client sent
+    without one: nine letters and digits, the only ids Mistral's models take (mistral-common's
+    check, in vLLM serving them and in Mistral's API: `call_1_0` was a 400 on the tool loop's
+    second turn); every other backend takes them too."""
+    if message < 1000 and call < 100:
+        return f"call{message:03d}{call:02d}"
+    # Hex has no "l": these never meet the ids above.
+    return hashlib.sha256(f"{message}.{call}".encode()).hexdigest()[:9]
+
+
 def _answer(unanswered: list[ToolCall], call_id: str | None, name: str | None, position: int) -> tuple[str, str | None]:
     """Pair a tool message with the call it answers; the call is then no longer open."""
     match: ToolCall | None = None
@@ -230,7 +275,7 @@ def _answer(unanswered: list[ToolCall], call_id: str | None, name: str | None, p
         unanswered.remove(match)
         return match.id, name or match.name
     # Nothing to answer: keep the message; an id-checking backend will say what is wrong.
-    return call_id or f"call_{position}", name
+    return call_id or synthetic_call_id(position, 0), name
 
 
 def _parse_images(fields: Fields, key: str) -> tuple[ImagePart, ...]:
@@ -311,9 +356,20 @@ def _parse_format(value: Any) -> ResponseFormat | None:
     if value == "json":
         return ResponseFormat(kind="json_object")
     if isinstance(value, dict):
-        title = value.get("title")
-        return ResponseFormat(kind="json_schema", schema=value, name=title if isinstance(title, str) else None)
+        return ResponseFormat(kind="json_schema", schema=value, name=_schema_name(value.get("title")))
     raise invalid_request('Invalid `format`: expected "json" or a JSON schema object.', param="format")
+
+
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _schema_name(title: Any) -> str | None:
+    """A schema's `title` as the name OpenAI's `json_schema` requires: letters, digits, `_` and
+    `-`, at most 64 (OpenAI answers 400 to "Weather report", or pydantic's `Page[Item]`)."""
+    if not isinstance(title, str):
+        return None
+    name = _NOT_IN_A_NAME.sub("_", title).strip("_")[:64]
+    return name or None
 
 
 def unmodelled_options(request: ChatRequest) -> dict[str, Any]:

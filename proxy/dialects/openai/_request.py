@@ -340,7 +340,10 @@ def encode_chat_request(
         body.update(request.extra)
     body["model"] = upstream_model
     same_dialect = request.dialect == DIALECT
-    body["messages"] = [render_message(message, as_sent=same_dialect) for message in request.messages]
+    reasoning = template_fields and request.dialect in _REASONING_DIALECTS
+    body["messages"] = [
+        render_message(message, as_sent=same_dialect, reasoning=reasoning) for message in request.messages
+    ]
     if template_fields:
         body.update(_template_fields(request))
     params = request.params
@@ -401,6 +404,11 @@ def encode_chat_request(
 # Dialects in which a conversation ending with an assistant message asks the model to go on
 # with that message (Anthropic's prefill; Ollama continues one too).
 _PREFILL_DIALECTS = frozenset({"anthropic", "ollama"})
+# Dialects whose clients give an assistant turn's reasoning back (Ollama's `thinking`, which
+# Ollama renders into the model's template), for a backend that takes vLLM's fields: thinking
+# models' templates read it as `reasoning_content` (Qwen3's inside a tool loop; vLLM's gpt-oss
+# as the analysis channel its tool calls need). Hosted APIs would refuse the field.
+_REASONING_DIALECTS = frozenset({"ollama"})
 # Dialects that switch thinking off (Anthropic's `thinking: {type: "disabled"}`, Ollama's
 # `think: false`), which their parsers say as the effort "none".
 _SWITCH_DIALECTS = frozenset({"anthropic", "ollama"})
@@ -454,9 +462,10 @@ def wants_chunk_usage(request: ChatRequest) -> bool:
     return isinstance(options, dict) and options.get("continuous_usage_stats") is True
 
 
-def render_message(message: Message, *, as_sent: bool = False) -> dict[str, Any]:
+def render_message(message: Message, *, as_sent: bool = False, reasoning: bool = False) -> dict[str, Any]:
     """`as_sent`: the message came from an OpenAI client, so its unmodelled fields (legacy
-    `function_call`, `prefix`, …) go with it."""
+    `function_call`, `prefix`, …) go with it. `reasoning`: an assistant turn's reasoning goes
+    as `reasoning_content` (see `_REASONING_DIALECTS`)."""
     role = message.role
     out: dict[str, Any] = {"role": role}
     legacy_call = as_sent and "function_call" in message.extra
@@ -476,6 +485,8 @@ def render_message(message: Message, *, as_sent: bool = False) -> dict[str, Any]
         out["tool_call_id"] = message.tool_call_id
     if message.name is not None:
         out["name"] = message.name
+    if reasoning and message.reasoning and role == "assistant":
+        out["reasoning_content"] = message.reasoning
     if as_sent:
         if message.reasoning is not None:
             out["reasoning_content"] = message.reasoning

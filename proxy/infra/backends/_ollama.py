@@ -196,13 +196,15 @@ class OllamaBackend:
                 models.append(ModelInfo(id=model, backend=name, created=created, owned_by=name, details=facts))
         return models
 
-    async def show(self, model: str) -> dict[str, Any]:
-        """The backend's `/api/show` for `model` (template, parameters, capabilities, …)."""
+    async def show(self, model: str, *, verbose: bool = False) -> dict[str, Any]:
+        """The backend's `/api/show` for `model` (template, parameters, capabilities, …);
+        `verbose` adds the tokenizer's arrays and the tensors (`ollama show --verbose`)."""
         name = self.config.name
         timeout = self.config.timeouts.total
+        body: dict[str, Any] = {"model": model, "verbose": True} if verbose else {"model": model}
         with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
-                "/api/show", content=json.dumps({"model": model}).encode(), headers={"content-type": "application/json"}
+                "/api/show", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
             )
         if scope.cancelled_caught:
             raise timeout_error(name, "did not answer", timeout)
