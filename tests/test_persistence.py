@@ -17,6 +17,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import ollama
 import openai
 import psycopg
 import pytest
@@ -49,7 +50,7 @@ from proxy.services.journal import (
     ensure_streams,
 )
 from proxy.services.persistence import PersistenceSettings, _rebuilt_events
-from tests.fakes import AnthropicBackend, OpenAIBackend, Script, Usage
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_cli import free_port
@@ -859,6 +860,33 @@ async def test_caches_never_replay_an_answer_without_what_it_carried(
             again, second = await ask(cache, temperature=0)
             assert again.headers["x-cache"] in ("hit", "semantic") and second["content"][0]["text"] == "plain"
         assert len(fake.requests) == 10
+
+
+async def test_caches_never_replay_a_generate_answer_without_its_context(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """An Ollama `/api/generate` answer carries `context`, the tokens a client sends back to
+    go on with the conversation; a cached answer has none, so it is not cached. An Ollama
+    chat (no `context`) from the same backend is."""
+    fake = OllamaBackend(default=Script(tokens=["4"], usage=Usage(3, 1)))
+    async with fake.serve() as server, running_gateway(
+        backend("ol", server.url, kind="ollama", default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        for cache in ("exact", "semantic"):
+            async with ollama.AsyncClient(host=url, headers={"x-cache": cache}) as client:
+                replies = []
+                for _ in range(2):
+                    replies.append(await client.generate(model="llama3.2", prompt=f"2+2? ({cache})", options={"temperature": 0}))
+                    await trio.sleep(0.5)  # the first answer's cache writes
+                assert [reply.context for reply in replies] == [[1, 2, 3, 4]] * 2
+                before = len(fake.requests)
+                for _ in range(2):
+                    chat = await client.chat(
+                        model="llama3.2", messages=[{"role": "user", "content": f"2+2? ({cache})"}], options={"temperature": 0}
+                    )
+                    assert chat.message.content == "4"
+                    await trio.sleep(0.5)
+                assert len(fake.requests) == before + 1  # the chat's second ask was a hit
 
 
 async def test_semantic_cache_replays_a_paraphrase_but_not_a_different_conversation(stack: Stack) -> None:

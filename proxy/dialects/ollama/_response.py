@@ -39,6 +39,11 @@ class OllamaFinish(Finish):
     context: tuple[int, ...] = ()
     timings: tuple[tuple[str, int], ...] = ()
 
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        # A cached answer keeps no `context`: a client going on from it would lose its history.
+        return not self.context
+
 
 def context_of(data: dict[str, Any]) -> tuple[int, ...] | None:
     """The `context` of a backend's closing line, if it sent one."""
