@@ -1519,6 +1519,45 @@ async def test_a_messages_own_fields_reach_an_anthropic_client(setup: Setup) -> 
         assert "container" not in json.dumps(other)
 
 
+async def test_a_refusals_stop_details_and_the_diagnostics_reach_a_streaming_sdk_client() -> None:
+    """A streamed refusal's `stop_details` (its category, in `message_delta.delta`) and the
+    message's `diagnostics` (in `message_start`) reach the SDK's accumulated message as from
+    Anthropic itself. Before, both rode on the `message_delta` event, where the SDK never
+    reads them: `get_final_message()` had neither."""
+    details = {"type": "refusal", "category": "cyber", "explanation": "Could enable malware."}
+    diagnostics = {"cache_miss_reason": None}
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream, bytearray())
+        body = (event("message_start", {"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+                    "stop_reason": None, "stop_sequence": None, "diagnostics": diagnostics,
+                    "usage": {"input_tokens": 3, "output_tokens": 1}}})
+                + event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}})
+                + event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": "I can't help"}})
+                + event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                + event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 4},
+                                          "delta": {"stop_reason": "refusal", "stop_sequence": None,
+                                                    "stop_details": details}})
+                + event("message_stop", {"type": "message_stop"}))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n" % len(body) + body)
+        await stream.aclose()
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("c", url, kind="anthropic", default=True)) as gateway, \
+            anthropic.AsyncAnthropic(base_url=gateway, api_key="k", max_retries=0) as client:
+        async with client.messages.stream(model="claude-x", max_tokens=30, messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+        assert final.stop_reason == "refusal" and final.content[0].type == "text"
+        assert final.stop_details is not None and final.stop_details.to_dict() == details
+        assert final.diagnostics is not None and final.diagnostics.to_dict() == diagnostics
+
+
 async def test_json_mode_without_a_schema_is_a_forced_tool_whose_input_is_the_answer(setup: Setup) -> None:
     """Anthropic has no schemaless JSON mode: OpenAI's `json_object` and Ollama's
     `format: "json"` ask for the answer as the input of one forced tool, read back as text."""

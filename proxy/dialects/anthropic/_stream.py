@@ -108,6 +108,7 @@ class StreamRenderer:
         self._usage: Usage | None = None
         self._unmodelled_usage: dict[str, Any] | None = None
         self._message_fields: dict[str, Any] = {}
+        self._announced_fields: dict[str, Any] = {}
         self._finish: Finish | None = None
         self._next_index = 0
         # "text", "thinking", "signed" (closed to more thinking), "tool", "relayed" (a BlockStart's)
@@ -169,6 +170,7 @@ class StreamRenderer:
         delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
         delta.update((k, v) for k, v in fields.items() if k in MESSAGE_DELTA_FIELDS)
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
+        said = self._announced_fields
         announced = self._announced_usage or {}
         # Counts message_start could not know yet; Anthropic's SDK merges them in.
         for key, value in usage.items():
@@ -181,7 +183,7 @@ class StreamRenderer:
                     "type": "message_delta",
                     "delta": delta,
                     "usage": delta_usage,
-                    **{k: v for k, v in fields.items() if k not in MESSAGE_DELTA_FIELDS},
+                    **{k: v for k, v in fields.items() if k not in MESSAGE_DELTA_FIELDS and said.get(k) != v},
                 },
             )
         )
@@ -213,6 +215,9 @@ class StreamRenderer:
             "stop_sequence": None,
             "usage": usage,
         }
+        # What the backend's `message_start` said of the message beyond these (`diagnostics`).
+        self._announced_fields = {k: v for k, v in self._message_fields.items() if k not in MESSAGE_DELTA_FIELDS}
+        message.update(self._announced_fields)
         out.append(_event("message_start", {"type": "message_start", "message": message}))
         out.append(PING)
 

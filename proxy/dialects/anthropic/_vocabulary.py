@@ -157,9 +157,11 @@ class WireUsageReport(UsageReport):
 MESSAGE_MODELLED = frozenset(
     {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
 )
-# Of those others, the ones a stream carries inside `message_delta.delta` (the rest ride on
-# the `message_delta` event itself).
-MESSAGE_DELTA_FIELDS = frozenset({"container"})
+# Of those others, the ones a stream carries inside `message_delta.delta` (a code execution's
+# `container`, a refusal's `stop_details`); the rest ride on `message_start`'s message when
+# the backend said them there (`diagnostics`), else on the `message_delta` event itself
+# (`context_management`): where the SDK's stream accumulator reads each.
+MESSAGE_DELTA_FIELDS = frozenset({"container", "stop_details"})
 
 
 _USAGE_MODELLED = frozenset(
