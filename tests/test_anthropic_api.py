@@ -1225,6 +1225,21 @@ async def test_how_hard_to_think_reaches_every_backend_in_its_own_words(setup: S
         assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 1024}
 
 
+@pytest.mark.parametrize(("effort", "said"), [("low", "low"), ("medium", "medium"), ("high", "high"),
+                                             ("xhigh", "high"), ("max", "high"), (None, "medium")])
+async def test_claude_codes_effort_setting_reaches_other_backends(setup: Setup, effort: str | None, said: str) -> None:
+    """Claude Code asks newer models to think as `thinking: {"type": "adaptive"}` with its
+    effort setting in `output_config.effort`: that setting is the depth another backend is
+    asked for (before, every adaptive request was "medium", whatever the user chose)."""
+    config = {} if effort is None else {"output_config": {"effort": effort}}
+    for kind in ("openai", "ollama"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=4000, messages=MESSAGES,
+                                           thinking={"type": "adaptive"}, **config)
+    assert setup.fake("openai").requests[-1].json["reasoning_effort"] == said
+    assert setup.fake("ollama").requests[-1].json["think"] == said
+    assert "output_config" not in setup.fake("openai").requests[-1].json
+
+
 async def test_an_effort_a_backend_cannot_say_is_a_400_naming_the_field(setup: Setup) -> None:
     # Before, an Anthropic or Ollama backend got the request without any thinking setting.
     client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)

@@ -115,7 +115,7 @@ def parse_messages_request(body: bytes, *, count_only: bool = False, internal: b
         top_p=fields.number("top_p", minimum=0, maximum=1),
         top_k=fields.integer("top_k", minimum=0),
         stop=_parse_stop_sequences(fields),
-        reasoning_effort=_effort_of(fields.object("thinking")),
+        reasoning_effort=_effort_of(fields.object("thinking"), fields.data.get("output_config")),
     )
     return ChatRequest(
         model=model,
@@ -137,13 +137,20 @@ _BUDGET_FOR_EFFORT = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096
 _MIN_BUDGET = 1024
 
 
-def _effort_of(thinking: Fields | None) -> str | None:
-    """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's."""
+# Anthropic's `output_config.effort` as OpenAI's word for it: `xhigh` and `max` are above
+# what vLLM (low, medium, high) and Ollama's levels know, so they are its highest.
+_EFFORT_OF_ANTHROPIC = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _effort_of(thinking: Fields | None, output_config: Any = None) -> str | None:
+    """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's. Adaptive
+    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one."""
     if thinking is None:
         return None
     kind = thinking.text("type")
     if kind == "adaptive":
-        return "medium"
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return _EFFORT_OF_ANTHROPIC.get(effort, "medium") if isinstance(effort, str) else "medium"
     if kind == "disabled":
         return "none"  # OpenAI's word for it: Ollama's `think: false`, vLLM's template switch
     if kind != "enabled":
