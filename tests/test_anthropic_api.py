@@ -1153,6 +1153,59 @@ async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropi
     assert fake.requests[-1].json["thinking"] == thinking and fake.requests[-1].json["max_tokens"] == 3000
 
 
+class Opus47Backend(AnthropicBackend):
+    """A Claude model of the Opus 4.7 generation, which refuses sampling settings and budgeted
+    thinking in Anthropic's words (its other answers are the fake's)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        deprecated = next((name for name in ("temperature", "top_p", "top_k") if name in body), None)
+        if deprecated is not None:
+            await self.send_error(exchange, 400, f"`{deprecated}` is deprecated for this model.")
+        elif body.get("thinking", {}).get("type") == "enabled":
+            await self.send_error(exchange, 400, '"thinking.type.enabled" is not supported for this model. Use '
+                                  '"thinking.type.adaptive" and "output_config.effort" to control thinking')
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them_in_its_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claude Opus 4.7 refuses `temperature`, `top_p`, `top_k` and `budget_tokens` thinking,
+    which OpenAI and Ollama clients send on every request (before: each of their requests was
+    that 400). The gateway chose those words for them: the request goes again without the
+    sampling setting, with adaptive thinking at the effort asked, and the model's refusals are
+    remembered, so its next requests go in its words at once. An Anthropic client's own
+    settings go as sent, and it gets Anthropic's answer."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = Opus47Backend(api_key=ANTHROPIC_KEY)
+    fake.set_script(Script(tokens=["Bonjour"], reasoning=["hm"]))
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        asked: Any = {"model": "claude-opus-4-7", "messages": MESSAGES, "temperature": 0.7, "top_p": 0.9,
+                      "reasoning_effort": "medium", "max_tokens": 8000}
+        answer = await client.chat.completions.create(**asked)
+        assert answer.choices[0].message.content == "Bonjour"
+        sent = fake.requests[-1].json
+        assert sent["thinking"] == {"type": "adaptive"} and sent["output_config"] == {"effort": "medium"}
+        assert not {"temperature", "top_p", "top_k"} & set(sent) and sent["max_tokens"] == 8000
+        refused = len(fake.requests) - 1
+        stream = await client.chat.completions.create(**asked, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Bonjour"
+        assert len(fake.requests) == refused + 2  # remembered: sent in the model's words at once
+        await client.chat.completions.create(model="claude-opus-4-7", messages=MESSAGES, temperature=0.2)
+        assert "temperature" not in fake.requests[-1].json
+        async with httpx.AsyncClient(base_url=url) as http:
+            ollama_chat = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
+                                                             "stream": False, "options": {"top_k": 20}})
+            assert ollama_chat.status_code == 200 and "top_k" not in fake.requests[-1].json
+            own = await http.post("/v1/messages", json={"model": "claude-opus-4-7", "max_tokens": 64,
+                                                       "messages": MESSAGES, "temperature": 0.5})
+        assert own.status_code == 400 and "`temperature` is deprecated" in own.json()["error"]["message"]
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

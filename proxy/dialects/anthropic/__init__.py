@@ -1,6 +1,7 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
 from proxy.dialects.anthropic._foreign import adapt_for_dialect, adapted_for_dialect
+from proxy.dialects.anthropic._refusals import refused, without_refused
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
     JSON_TOOL,
@@ -66,10 +67,12 @@ __all__ = [
     "message_id",
     "openai_file_document",
     "parse_messages_request",
+    "refused",
     "render_error",
     "render_message",
     "render_token_count",
     "stop_reason_to_wire",
     "tool_use_id",
     "usage_to_wire",
+    "without_refused",
 ]
