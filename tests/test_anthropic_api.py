@@ -830,7 +830,7 @@ SERVER_TOOL_CONTENT: Any = [
 ]
 
 
-def _server_tool_stream() -> bytes:
+def _server_tool_stream(content: Any = SERVER_TOOL_CONTENT) -> bytes:
     def event(payload: dict[str, Any]) -> bytes:
         return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
@@ -839,7 +839,7 @@ def _server_tool_stream() -> bytes:
         "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1", "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": usage,
     }})]
-    for index, block in enumerate(SERVER_TOOL_CONTENT):
+    for index, block in enumerate(content):
         def delta(body: dict[str, Any], index: int = index) -> bytes:
             return event({"type": "content_block_delta", "index": index, "delta": body})
 
@@ -867,18 +867,20 @@ def _server_tool_stream() -> bytes:
 
 
 class ServerToolAnthropicBackend(AnthropicBackend):
-    """Answers every message with web-search blocks, as Anthropic's API does."""
+    """Answers every message with web-search blocks (or `content`), as Anthropic's API does."""
+
+    content: Any = SERVER_TOOL_CONTENT
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.path != "/v1/messages":
             await super().route(request, exchange, call)
         elif request.json().get("stream"):
-            await exchange.start(200, content_type="text/event-stream", first_chunk=_server_tool_stream())
+            await exchange.start(200, content_type="text/event-stream", first_chunk=_server_tool_stream(self.content))
             await exchange.finish()
         else:
             await exchange.respond_json(200, {
                 "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1",
-                "content": SERVER_TOOL_CONTENT, "stop_reason": "tool_use", "stop_sequence": None,
+                "content": self.content, "stop_reason": "tool_use", "stop_sequence": None,
                 "usage": {"input_tokens": 10, "output_tokens": 42, "server_tool_use": {"web_search_requests": 1}},
             })
 
@@ -918,6 +920,44 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
             "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
         }
+
+
+PROGRAMMATIC_CONTENT: Any = [
+    {"type": "server_tool_use", "id": "srvtoolu_2", "name": "code_execution",
+     "input": {"code": "print(get_time(tz='CET'))"}},
+    {"type": "tool_use", "id": "toolu_7", "name": "get_time", "input": {"tz": "CET"},
+     "caller": {"type": "code_execution_20250825", "tool_id": "srvtoolu_2"}},
+]
+
+
+class ProgrammaticToolAnthropicBackend(ServerToolAnthropicBackend):
+    """Answers with a tool call made by code execution (programmatic tool calling)."""
+
+    content = PROGRAMMATIC_CONTENT
+
+
+async def test_a_tool_call_made_by_code_execution_keeps_its_caller_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `tool_use` that Anthropic's code execution made carries its `caller`, which tells the
+    client where the call came from and goes back with its result. Before, the gateway rebuilt
+    the block from the call's id, name and input: the client never saw the caller (streamed or
+    not), and the turn it gave back reached Anthropic without it."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = ProgrammaticToolAnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+        tools: Any = [{"type": "code_execution_20250825", "name": "code_execution"},
+                      {**TOOLS[1], "allowed_callers": ["code_execution_20250825"]}]
+        request: Any = {"model": "claude-fake-1", "max_tokens": 1024, "messages": MESSAGES, "tools": tools}
+        message = await client.messages.create(**request)
+        async with client.messages.stream(**request) as stream:
+            streamed = await stream.get_final_message()
+        for reply in (message, streamed):
+            assert [block.to_dict() for block in reply.content] == PROGRAMMATIC_CONTENT
+        history = [*MESSAGES, {"role": "assistant", "content": PROGRAMMATIC_CONTENT},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_7", "content": "12:00"}]}]
+        await client.messages.create(**{**request, "messages": history})
+        assert fake.requests[-1].json["messages"][1]["content"] == PROGRAMMATIC_CONTENT
 
 
 # -- the OpenAI SDK in front of an Anthropic backend -------------------------------------------------------

@@ -350,17 +350,23 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
 
 
 def _order_kept(blocks: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
-    """The blocks as sent, for an Anthropic backend, when their order is one the domain's
-    rendering (thinking, then the rest, then tool calls) would change: interleaved thinking
-    must come back exactly as it was. Kept only then: the canonical request (the log row,
-    the fingerprints) carries them a second time."""
+    """The blocks as sent, for an Anthropic backend, when the domain's rendering would change
+    them: their order (thinking, then the rest, then tool calls), which interleaved thinking
+    must come back in exactly, or a tool call's fields the domain does not keep (`caller`: a
+    call code execution made). Kept only then: the canonical request (the log row, the
+    fingerprints) carries them a second time."""
     ranks = [_RENDER_RANK.get(block["type"], 1) for block, _ in blocks]
-    if ranks == sorted(ranks):
+    if ranks == sorted(ranks) and not any(
+        block["type"] == "tool_use" and not {k for k, v in block.items() if v is not None} <= _TOOL_USE_RENDERED
+        for block, _ in blocks
+    ):
         return {}
     return {"content": [block for block, _ in blocks]}
 
 
 _RENDER_RANK = {"thinking": 0, "redacted_thinking": 0, "tool_use": 2}
+# What `_render_blocks` gives a tool call back with.
+_TOOL_USE_RENDERED = frozenset({"type", "id", "name", "input", "cache_control"})
 
 
 def _parts(block: dict[str, Any], path: str) -> list[ContentPart]:

@@ -20,6 +20,7 @@ from proxy.dialects.anthropic._vocabulary import (
     BlockDelta,
     BlockStart,
     SignedReasoningDelta,
+    WireToolCallStart,
     WireUsage,
     WireUsageReport,
     error_frame,
@@ -28,6 +29,7 @@ from proxy.dialects.anthropic._vocabulary import (
     message_id,
     new_tool_use_id,
     stop_reason_to_wire,
+    tool_call_start,
     usage_to_wire,
 )
 from proxy.dialects.sse import SSEDecoder
@@ -332,6 +334,8 @@ class StreamRenderer:
 
     def _open_tool_block(self, start: ToolCallStart, out: list[bytes]) -> None:
         block = {"type": "tool_use", "id": start.id or new_tool_use_id(), "name": start.name, "input": {}}
+        if isinstance(start, WireToolCallStart):
+            block.update(start.fields)
         self._open_block("tool", block, out)
         self._open_tool = start.index
         self._open_arguments = []
@@ -563,10 +567,7 @@ class StreamParser:
             tool = self._tools
             self._tools += 1
             self._blocks[index] = tool
-            call_id = block.get("id")
-            events.append(
-                ToolCallStart(tool, call_id if isinstance(call_id, str) and call_id else new_tool_use_id(), str(block.get("name") or ""))
-            )
+            events.append(tool_call_start(block, tool, relay=self._relay))
             initial = block.get("input")
             if isinstance(initial, dict) and initial:
                 events.append(ToolCallDelta(tool, json.dumps(initial, ensure_ascii=False)))
