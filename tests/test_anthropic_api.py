@@ -1374,6 +1374,74 @@ async def test_a_json_schema_response_format_is_anthropics_structured_output(set
     assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
 
 
+_UNSUPPORTED = ("minimum", "maximum", "minLength", "maxLength", "pattern", "oneOf", "maxItems")
+
+
+def _structured_output_refusal(schema: Any, at: str = "schema") -> str | None:
+    """What Anthropic's structured output says of a schema it refuses (None: it takes it)."""
+    if not isinstance(schema, dict):
+        return None
+    if (schema.get("type") == "object" or "properties" in schema) and schema.get("additionalProperties") is not False:
+        return f"output_config.format.{at}: For 'object' type, 'additionalProperties' must be explicitly set to false"
+    if found := next((key for key in _UNSUPPORTED if key in schema), None):
+        return f"output_config.format.{at}: property '{found}' is not supported"
+    inner = [*schema.get("properties", {}).values(), *schema.get("$defs", {}).values(), *schema.get("anyOf", []),
+             *([schema["items"]] if isinstance(schema.get("items"), dict) else [])]
+    return next((refusal for item in inner if (refusal := _structured_output_refusal(item, at + ".*"))), None)
+
+
+class StructuredOutputAnthropicBackend(AnthropicBackend):
+    """Refuses a structured output schema as Anthropic does (its other answers are the fake's)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        schema = body.get("output_config", {}).get("format", {}).get("schema")
+        if (refusal := _structured_output_refusal(schema)) is not None:
+            await self.send_error(exchange, 400, refusal)
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_other_clients_json_schemas_reach_anthropic_as_its_structured_output_takes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A JSON schema as OpenAI and Ollama clients send one (pydantic's: objects left open, `$defs`,
+    `oneOf`, numeric and length limits) was a 400 from Anthropic, which wants every object closed
+    and refuses those limits. It reaches Anthropic as its SDK would send it: closed, `anyOf`, the
+    limits said in the description, where the model still reads them."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = StructuredOutputAnthropicBackend(api_key=ANTHROPIC_KEY)
+    fake.set_script(Script(tokens=['{"name": "Ada", "age": 36}']))
+    schema: Any = {
+        "$defs": {"Pet": {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]}}}},
+        "type": "object", "title": "Person",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "description": "Full name"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}, "maxItems": 3},
+        },
+        "required": ["name", "age"],
+    }
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        answer = await client.chat.completions.create(
+            model="claude-x", messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        )
+        assert json.loads(answer.choices[0].message.content or "") == {"name": "Ada", "age": 36}
+        sent = fake.requests[-1].json["output_config"]["format"]["schema"]
+        assert sent["additionalProperties"] is False and sent["required"] == ["name", "age"]
+        assert sent["properties"]["name"] == {"type": "string", "description": "Full name\n\n{minLength: 1}"}
+        assert sent["properties"]["age"] == {"type": "integer", "description": "{minimum: 0, maximum: 150}"}
+        assert sent["$defs"]["Pet"]["properties"]["kind"] == {"anyOf": [{"const": "cat"}, {"const": "dog"}]}
+        async with httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/api/chat", json={"model": "claude-x", "messages": MESSAGES, "stream": False,
+                                                       "format": schema})
+        assert reply.status_code == 200, reply.text
+    assert schema["properties"]["age"] == {"type": "integer", "minimum": 0, "maximum": 150}  # the client's, as sent
+
+
 class Capital(pydantic.BaseModel):
     city: str
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from proxy.dialects._effort import EFFORTS, effort_param, unknown_effort
 from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects.anthropic._schema import structured_schema
 from proxy.dialects.anthropic._vocabulary import DIALECT
 from proxy.domain.chat import (
     ChatRequest,
@@ -563,7 +564,7 @@ def encode_messages_request(
                 del body["top_p"]
         fmt = params.response_format
         if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
-            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
+            body["output_config"] = {"format": {"type": "json_schema", "schema": structured_schema(fmt.schema)}}
         user = next((value for key in ("safety_identifier", "user")
                      if isinstance(value := request.extra.get(key), str) and value.strip()), None)
         if user is not None:
