@@ -704,6 +704,44 @@ async def test_unreachable_anthropic_backend_is_a_503() -> None:
 # -- count_tokens ------------------------------------------------------------------------------------------
 
 
+class SmallWindowOpenAIBackend(OpenAIBackend):
+    """vLLM serving a model of a 64-token window, whose prompts here are 20 tokens: a
+    `max_tokens` past the 44 left is refused in vLLM's words."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        asked = request.json().get("max_tokens", 0) if request.path == "/v1/chat/completions" else 0
+        if asked > 44:
+            await self.send_error(exchange, 400, f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. "
+                                  "This model's maximum context length is 64 tokens and your request has 20 input "
+                                  f"tokens ({asked} > 64 - 20). (parameter=max_tokens, value={asked})")
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_claude_codes_output_limit_past_a_small_window_is_what_the_window_leaves() -> None:
+    """Claude Code asks for 32000 tokens whatever the model; vLLM refuses a limit past what its
+    window leaves (before: every request to a model of a small window was that 400, said as
+    "prompt is too long", which Claude Code compacts on, for nothing). As Anthropic does, the
+    answer gets the room that is left, and one cut there ends `model_context_window_exceeded`."""
+    fake = SmallWindowOpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url, \
+            anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+        request: Any = {"model": "qwen3-8b", "max_tokens": 32000, "messages": MESSAGES}
+        fake.set_script(Script(n_tokens=100))
+        whole = await client.messages.create(**request, timeout=30)  # the SDK asks a stream of a limit this high
+        async with client.messages.stream(**request) as stream:
+            streamed = await stream.get_final_message()
+        for reply in (whole, streamed):
+            assert reply.stop_reason == "model_context_window_exceeded" and reply.usage.output_tokens == 44
+        assert [r.json["max_tokens"] for r in fake.requests] == [32000, 44, 32000, 44]
+        fake.set_script(Script(tokens=["Hi"]))
+        short = await client.messages.create(**request, timeout=30)
+        assert (short.stop_reason, short.content[0].type) == ("end_turn", "text")
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as other:
+            with pytest.raises(openai.BadRequestError):  # vLLM's answer to an OpenAI client, as OpenAI's
+                await other.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=32000)
+
+
 async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
     counted = await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, system="Be brief.")
     sent = setup.fake("anthropic").requests[-1]

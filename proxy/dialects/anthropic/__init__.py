@@ -37,6 +37,7 @@ from proxy.dialects.anthropic._vocabulary import (
     stop_reason_to_wire,
     usage_to_wire,
 )
+from proxy.dialects.anthropic._window import output_fitted, window_filled
 
 __all__ = [
     "API_VERSION",
@@ -66,6 +67,7 @@ __all__ = [
     "message_events",
     "message_id",
     "openai_file_document",
+    "output_fitted",
     "parse_messages_request",
     "refused",
     "render_error",
@@ -74,5 +76,6 @@ __all__ = [
     "stop_reason_to_wire",
     "tool_use_id",
     "usage_to_wire",
+    "window_filled",
     "without_refused",
 ]
