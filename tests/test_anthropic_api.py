@@ -704,6 +704,44 @@ async def test_unreachable_anthropic_backend_is_a_503() -> None:
 # -- count_tokens ------------------------------------------------------------------------------------------
 
 
+class SmallWindowOpenAIBackend(OpenAIBackend):
+    """vLLM serving a model of a 64-token window, whose prompts here are 20 tokens: a
+    `max_tokens` past the 44 left is refused in vLLM's words."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        asked = request.json().get("max_tokens", 0) if request.path == "/v1/chat/completions" else 0
+        if asked > 44:
+            await self.send_error(exchange, 400, f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. "
+                                  "This model's maximum context length is 64 tokens and your request has 20 input "
+                                  f"tokens ({asked} > 64 - 20). (parameter=max_tokens, value={asked})")
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_claude_codes_output_limit_past_a_small_window_is_what_the_window_leaves() -> None:
+    """Claude Code asks for 32000 tokens whatever the model; vLLM refuses a limit past what its
+    window leaves (before: every request to a model of a small window was that 400, said as
+    "prompt is too long", which Claude Code compacts on, for nothing). As Anthropic does, the
+    answer gets the room that is left, and one cut there ends `model_context_window_exceeded`."""
+    fake = SmallWindowOpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url, \
+            anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+        request: Any = {"model": "qwen3-8b", "max_tokens": 32000, "messages": MESSAGES}
+        fake.set_script(Script(n_tokens=100))
+        whole = await client.messages.create(**request, timeout=30)  # the SDK asks a stream of a limit this high
+        async with client.messages.stream(**request) as stream:
+            streamed = await stream.get_final_message()
+        for reply in (whole, streamed):
+            assert reply.stop_reason == "model_context_window_exceeded" and reply.usage.output_tokens == 44
+        assert [r.json["max_tokens"] for r in fake.requests] == [32000, 44, 32000, 44]
+        fake.set_script(Script(tokens=["Hi"]))
+        short = await client.messages.create(**request, timeout=30)
+        assert (short.stop_reason, short.content[0].type) == ("end_turn", "text")
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as other:
+            with pytest.raises(openai.BadRequestError):  # vLLM's answer to an OpenAI client, as OpenAI's
+                await other.chat.completions.create(model="qwen3-8b", messages=MESSAGES, max_tokens=32000)
+
+
 async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
     counted = await setup.client.messages.count_tokens(model=MODELS["anthropic"], messages=MESSAGES, system="Be brief.")
     sent = setup.fake("anthropic").requests[-1]
@@ -830,7 +868,7 @@ SERVER_TOOL_CONTENT: Any = [
 ]
 
 
-def _server_tool_stream() -> bytes:
+def _server_tool_stream(content: Any = SERVER_TOOL_CONTENT) -> bytes:
     def event(payload: dict[str, Any]) -> bytes:
         return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
@@ -839,7 +877,7 @@ def _server_tool_stream() -> bytes:
         "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1", "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": usage,
     }})]
-    for index, block in enumerate(SERVER_TOOL_CONTENT):
+    for index, block in enumerate(content):
         def delta(body: dict[str, Any], index: int = index) -> bytes:
             return event({"type": "content_block_delta", "index": index, "delta": body})
 
@@ -867,18 +905,20 @@ def _server_tool_stream() -> bytes:
 
 
 class ServerToolAnthropicBackend(AnthropicBackend):
-    """Answers every message with web-search blocks, as Anthropic's API does."""
+    """Answers every message with web-search blocks (or `content`), as Anthropic's API does."""
+
+    content: Any = SERVER_TOOL_CONTENT
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.path != "/v1/messages":
             await super().route(request, exchange, call)
         elif request.json().get("stream"):
-            await exchange.start(200, content_type="text/event-stream", first_chunk=_server_tool_stream())
+            await exchange.start(200, content_type="text/event-stream", first_chunk=_server_tool_stream(self.content))
             await exchange.finish()
         else:
             await exchange.respond_json(200, {
                 "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-fake-1",
-                "content": SERVER_TOOL_CONTENT, "stop_reason": "tool_use", "stop_sequence": None,
+                "content": self.content, "stop_reason": "tool_use", "stop_sequence": None,
                 "usage": {"input_tokens": 10, "output_tokens": 42, "server_tool_use": {"web_search_requests": 1}},
             })
 
@@ -918,6 +958,44 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
             "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
         }
+
+
+PROGRAMMATIC_CONTENT: Any = [
+    {"type": "server_tool_use", "id": "srvtoolu_2", "name": "code_execution",
+     "input": {"code": "print(get_time(tz='CET'))"}},
+    {"type": "tool_use", "id": "toolu_7", "name": "get_time", "input": {"tz": "CET"},
+     "caller": {"type": "code_execution_20250825", "tool_id": "srvtoolu_2"}},
+]
+
+
+class ProgrammaticToolAnthropicBackend(ServerToolAnthropicBackend):
+    """Answers with a tool call made by code execution (programmatic tool calling)."""
+
+    content = PROGRAMMATIC_CONTENT
+
+
+async def test_a_tool_call_made_by_code_execution_keeps_its_caller_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `tool_use` that Anthropic's code execution made carries its `caller`, which tells the
+    client where the call came from and goes back with its result. Before, the gateway rebuilt
+    the block from the call's id, name and input: the client never saw the caller (streamed or
+    not), and the turn it gave back reached Anthropic without it."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = ProgrammaticToolAnthropicBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+        tools: Any = [{"type": "code_execution_20250825", "name": "code_execution"},
+                      {**TOOLS[1], "allowed_callers": ["code_execution_20250825"]}]
+        request: Any = {"model": "claude-fake-1", "max_tokens": 1024, "messages": MESSAGES, "tools": tools}
+        message = await client.messages.create(**request)
+        async with client.messages.stream(**request) as stream:
+            streamed = await stream.get_final_message()
+        for reply in (message, streamed):
+            assert [block.to_dict() for block in reply.content] == PROGRAMMATIC_CONTENT
+        history = [*MESSAGES, {"role": "assistant", "content": PROGRAMMATIC_CONTENT},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_7", "content": "12:00"}]}]
+        await client.messages.create(**{**request, "messages": history})
+        assert fake.requests[-1].json["messages"][1]["content"] == PROGRAMMATIC_CONTENT
 
 
 # -- the OpenAI SDK in front of an Anthropic backend -------------------------------------------------------
@@ -1153,6 +1231,59 @@ async def test_litellms_thinking_field_from_an_openai_client_reaches_an_anthropi
     assert fake.requests[-1].json["thinking"] == thinking and fake.requests[-1].json["max_tokens"] == 3000
 
 
+class Opus47Backend(AnthropicBackend):
+    """A Claude model of the Opus 4.7 generation, which refuses sampling settings and budgeted
+    thinking in Anthropic's words (its other answers are the fake's)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        deprecated = next((name for name in ("temperature", "top_p", "top_k") if name in body), None)
+        if deprecated is not None:
+            await self.send_error(exchange, 400, f"`{deprecated}` is deprecated for this model.")
+        elif body.get("thinking", {}).get("type") == "enabled":
+            await self.send_error(exchange, 400, '"thinking.type.enabled" is not supported for this model. Use '
+                                  '"thinking.type.adaptive" and "output_config.effort" to control thinking')
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them_in_its_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claude Opus 4.7 refuses `temperature`, `top_p`, `top_k` and `budget_tokens` thinking,
+    which OpenAI and Ollama clients send on every request (before: each of their requests was
+    that 400). The gateway chose those words for them: the request goes again without the
+    sampling setting, with adaptive thinking at the effort asked, and the model's refusals are
+    remembered, so its next requests go in its words at once. An Anthropic client's own
+    settings go as sent, and it gets Anthropic's answer."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = Opus47Backend(api_key=ANTHROPIC_KEY)
+    fake.set_script(Script(tokens=["Bonjour"], reasoning=["hm"]))
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        asked: Any = {"model": "claude-opus-4-7", "messages": MESSAGES, "temperature": 0.7, "top_p": 0.9,
+                      "reasoning_effort": "medium", "max_tokens": 8000}
+        answer = await client.chat.completions.create(**asked)
+        assert answer.choices[0].message.content == "Bonjour"
+        sent = fake.requests[-1].json
+        assert sent["thinking"] == {"type": "adaptive"} and sent["output_config"] == {"effort": "medium"}
+        assert not {"temperature", "top_p", "top_k"} & set(sent) and sent["max_tokens"] == 8000
+        refused = len(fake.requests) - 1
+        stream = await client.chat.completions.create(**asked, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Bonjour"
+        assert len(fake.requests) == refused + 2  # remembered: sent in the model's words at once
+        await client.chat.completions.create(model="claude-opus-4-7", messages=MESSAGES, temperature=0.2)
+        assert "temperature" not in fake.requests[-1].json
+        async with httpx.AsyncClient(base_url=url) as http:
+            ollama_chat = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
+                                                             "stream": False, "options": {"top_k": 20}})
+            assert ollama_chat.status_code == 200 and "top_k" not in fake.requests[-1].json
+            own = await http.post("/v1/messages", json={"model": "claude-opus-4-7", "max_tokens": 64,
+                                                       "messages": MESSAGES, "temperature": 0.5})
+        assert own.status_code == 400 and "`temperature` is deprecated" in own.json()["error"]["message"]
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))
@@ -1225,6 +1356,21 @@ async def test_how_hard_to_think_reaches_every_backend_in_its_own_words(setup: S
         assert sent("anthropic")["thinking"] == {"type": "enabled", "budget_tokens": 1024}
 
 
+@pytest.mark.parametrize(("effort", "said"), [("low", "low"), ("medium", "medium"), ("high", "high"),
+                                             ("xhigh", "high"), ("max", "high"), (None, "medium")])
+async def test_claude_codes_effort_setting_reaches_other_backends(setup: Setup, effort: str | None, said: str) -> None:
+    """Claude Code asks newer models to think as `thinking: {"type": "adaptive"}` with its
+    effort setting in `output_config.effort`: that setting is the depth another backend is
+    asked for (before, every adaptive request was "medium", whatever the user chose)."""
+    config = {} if effort is None else {"output_config": {"effort": effort}}
+    for kind in ("openai", "ollama"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=4000, messages=MESSAGES,
+                                           thinking={"type": "adaptive"}, **config)
+    assert setup.fake("openai").requests[-1].json["reasoning_effort"] == said
+    assert setup.fake("ollama").requests[-1].json["think"] == said
+    assert "output_config" not in setup.fake("openai").requests[-1].json
+
+
 async def test_an_effort_a_backend_cannot_say_is_a_400_naming_the_field(setup: Setup) -> None:
     # Before, an Anthropic or Ollama backend got the request without any thinking setting.
     client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="x", max_retries=0)
@@ -1264,6 +1410,74 @@ async def test_a_json_schema_response_format_is_anthropics_structured_output(set
     )
     await client.close()
     assert setup.fake("anthropic").requests[-1].json["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+
+
+_UNSUPPORTED = ("minimum", "maximum", "minLength", "maxLength", "pattern", "oneOf", "maxItems")
+
+
+def _structured_output_refusal(schema: Any, at: str = "schema") -> str | None:
+    """What Anthropic's structured output says of a schema it refuses (None: it takes it)."""
+    if not isinstance(schema, dict):
+        return None
+    if (schema.get("type") == "object" or "properties" in schema) and schema.get("additionalProperties") is not False:
+        return f"output_config.format.{at}: For 'object' type, 'additionalProperties' must be explicitly set to false"
+    if found := next((key for key in _UNSUPPORTED if key in schema), None):
+        return f"output_config.format.{at}: property '{found}' is not supported"
+    inner = [*schema.get("properties", {}).values(), *schema.get("$defs", {}).values(), *schema.get("anyOf", []),
+             *([schema["items"]] if isinstance(schema.get("items"), dict) else [])]
+    return next((refusal for item in inner if (refusal := _structured_output_refusal(item, at + ".*"))), None)
+
+
+class StructuredOutputAnthropicBackend(AnthropicBackend):
+    """Refuses a structured output schema as Anthropic does (its other answers are the fake's)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        schema = body.get("output_config", {}).get("format", {}).get("schema")
+        if (refusal := _structured_output_refusal(schema)) is not None:
+            await self.send_error(exchange, 400, refusal)
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_other_clients_json_schemas_reach_anthropic_as_its_structured_output_takes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A JSON schema as OpenAI and Ollama clients send one (pydantic's: objects left open, `$defs`,
+    `oneOf`, numeric and length limits) was a 400 from Anthropic, which wants every object closed
+    and refuses those limits. It reaches Anthropic as its SDK would send it: closed, `anyOf`, the
+    limits said in the description, where the model still reads them."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake = StructuredOutputAnthropicBackend(api_key=ANTHROPIC_KEY)
+    fake.set_script(Script(tokens=['{"name": "Ada", "age": 36}']))
+    schema: Any = {
+        "$defs": {"Pet": {"type": "object", "properties": {"kind": {"oneOf": [{"const": "cat"}, {"const": "dog"}]}}}},
+        "type": "object", "title": "Person",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "description": "Full name"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}, "maxItems": 3},
+        },
+        "required": ["name", "age"],
+    }
+    async with fake.serve() as server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        answer = await client.chat.completions.create(
+            model="claude-x", messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+        )
+        assert json.loads(answer.choices[0].message.content or "") == {"name": "Ada", "age": 36}
+        sent = fake.requests[-1].json["output_config"]["format"]["schema"]
+        assert sent["additionalProperties"] is False and sent["required"] == ["name", "age"]
+        assert sent["properties"]["name"] == {"type": "string", "description": "Full name\n\n{minLength: 1}"}
+        assert sent["properties"]["age"] == {"type": "integer", "description": "{minimum: 0, maximum: 150}"}
+        assert sent["$defs"]["Pet"]["properties"]["kind"] == {"anyOf": [{"const": "cat"}, {"const": "dog"}]}
+        async with httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/api/chat", json={"model": "claude-x", "messages": MESSAGES, "stream": False,
+                                                       "format": schema})
+        assert reply.status_code == 200, reply.text
+    assert schema["properties"]["age"] == {"type": "integer", "minimum": 0, "maximum": 150}  # the client's, as sent
 
 
 class Capital(pydantic.BaseModel):
@@ -1517,6 +1731,45 @@ async def test_a_messages_own_fields_reach_an_anthropic_client(setup: Setup) -> 
         # Another dialect's client has no such fields.
         other = (await client.post("/v1/chat/completions", json={"model": "claude-x", "messages": MESSAGES})).json()
         assert "container" not in json.dumps(other)
+
+
+async def test_a_refusals_stop_details_and_the_diagnostics_reach_a_streaming_sdk_client() -> None:
+    """A streamed refusal's `stop_details` (its category, in `message_delta.delta`) and the
+    message's `diagnostics` (in `message_start`) reach the SDK's accumulated message as from
+    Anthropic itself. Before, both rode on the `message_delta` event, where the SDK never
+    reads them: `get_final_message()` had neither."""
+    details = {"type": "refusal", "category": "cyber", "explanation": "Could enable malware."}
+    diagnostics = {"cache_miss_reason": None}
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        await read_request(stream, bytearray())
+        body = (event("message_start", {"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+                    "stop_reason": None, "stop_sequence": None, "diagnostics": diagnostics,
+                    "usage": {"input_tokens": 3, "output_tokens": 1}}})
+                + event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                "content_block": {"type": "text", "text": ""}})
+                + event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": "I can't help"}})
+                + event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                + event("message_delta", {"type": "message_delta", "usage": {"output_tokens": 4},
+                                          "delta": {"stop_reason": "refusal", "stop_sequence": None,
+                                                    "stop_details": details}})
+                + event("message_stop", {"type": "message_stop"}))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                              b"content-length: %d\r\n\r\n" % len(body) + body)
+        await stream.aclose()
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("c", url, kind="anthropic", default=True)) as gateway, \
+            anthropic.AsyncAnthropic(base_url=gateway, api_key="k", max_retries=0) as client:
+        async with client.messages.stream(model="claude-x", max_tokens=30, messages=MESSAGES) as stream:
+            final = await stream.get_final_message()
+        assert final.stop_reason == "refusal" and final.content[0].type == "text"
+        assert final.stop_details is not None and final.stop_details.to_dict() == details
+        assert final.diagnostics is not None and final.diagnostics.to_dict() == diagnostics
 
 
 async def test_json_mode_without_a_schema_is_a_forced_tool_whose_input_is_the_answer(setup: Setup) -> None:

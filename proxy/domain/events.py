@@ -56,6 +56,8 @@ class ToolCallStart:
     name: str
     choice: int = 0
 
+    replayable: ClassVar[bool] = True  # as `ReasoningDelta.replayable`
+
 
 @dataclass(slots=True, frozen=True)
 class ToolCallDelta:
@@ -145,6 +147,8 @@ class CompletionBuilder:
                     self.replayable = False
             case ToolCallStart(index, call_id, name, choice):
                 self._choice(choice)
+                if not event.replayable:
+                    self.replayable = False
                 self._tool_ids[choice, index] = call_id
                 self._tool_names[choice, index] = name
                 self._tool_args.setdefault((choice, index), [])

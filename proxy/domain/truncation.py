@@ -92,6 +92,34 @@ def shortened(request: ChatRequest, refusal: str) -> ChatRequest | None:
     return None if trimmed is request else trimmed
 
 
+# A refusal of the answer's room, the prompt fitting, with exact figures: vLLM, current:
+# "'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context
+# length is 32768 tokens and your request has 17459 input tokens (32000 > 32768 - 17459)";
+# SGLang: "... maximum context length of 32768 tokens. You requested a total of 33000 tokens:
+# 1000 tokens from the input messages and 32000 tokens for the completion".
+_OUTPUT_TOO_LARGE = re.compile(
+    r"too large: (?P<output>\d+)\.\s*This model's maximum context length is (?P<window>\d+) tokens and your "
+    r"request has (?P<prompt>\d+) input tokens",
+    re.IGNORECASE,
+)
+_SGLANG = re.compile(
+    r"maximum context length of (?P<window>\d+) tokens\. You requested a total of \d+ tokens: (?P<prompt>\d+) "
+    r"tokens from the input messages and (?P<output>\d+) tokens for the completion",
+    re.IGNORECASE,
+)
+
+
+def output_room(refusal: str) -> int | None:
+    """The tokens the window leaves the answer, when a backend's refusal says the prompt fits
+    but not with the answer's limit (and says both exactly); None for any other refusal."""
+    for pattern in (_OUTPUT_TOO_LARGE, _SGLANG, _VLLM_SPLIT):
+        found = pattern.search(refusal)
+        if found is not None:
+            room = int(found["window"]) - int(found["prompt"])
+            return room if 0 < room < int(found["output"]) else None
+    return None
+
+
 def _trimmed(request: ChatRequest, budget: int) -> ChatRequest:
     messages = request.messages
     estimate = estimated_prompt_tokens(request)

@@ -1,6 +1,7 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
 from proxy.dialects.anthropic._foreign import adapt_for_dialect, adapted_for_dialect
+from proxy.dialects.anthropic._refusals import refused, without_refused
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
     JSON_TOOL,
@@ -36,6 +37,7 @@ from proxy.dialects.anthropic._vocabulary import (
     stop_reason_to_wire,
     usage_to_wire,
 )
+from proxy.dialects.anthropic._window import output_fitted, window_filled
 
 __all__ = [
     "API_VERSION",
@@ -65,11 +67,15 @@ __all__ = [
     "message_events",
     "message_id",
     "openai_file_document",
+    "output_fitted",
     "parse_messages_request",
+    "refused",
     "render_error",
     "render_message",
     "render_token_count",
     "stop_reason_to_wire",
     "tool_use_id",
     "usage_to_wire",
+    "window_filled",
+    "without_refused",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 
 from proxy.dialects._effort import EFFORTS, effort_param, unknown_effort
 from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects.anthropic._schema import structured_schema
 from proxy.dialects.anthropic._vocabulary import DIALECT
 from proxy.domain.chat import (
     ChatRequest,
@@ -115,7 +116,7 @@ def parse_messages_request(body: bytes, *, count_only: bool = False, internal: b
         top_p=fields.number("top_p", minimum=0, maximum=1),
         top_k=fields.integer("top_k", minimum=0),
         stop=_parse_stop_sequences(fields),
-        reasoning_effort=_effort_of(fields.object("thinking")),
+        reasoning_effort=_effort_of(fields.object("thinking"), fields.data.get("output_config")),
     )
     return ChatRequest(
         model=model,
@@ -137,13 +138,20 @@ _BUDGET_FOR_EFFORT = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096
 _MIN_BUDGET = 1024
 
 
-def _effort_of(thinking: Fields | None) -> str | None:
-    """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's."""
+# Anthropic's `output_config.effort` as OpenAI's word for it: `xhigh` and `max` are above
+# what vLLM (low, medium, high) and Ollama's levels know, so they are its highest.
+_EFFORT_OF_ANTHROPIC = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
+
+def _effort_of(thinking: Fields | None, output_config: Any = None) -> str | None:
+    """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's. Adaptive
+    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one."""
     if thinking is None:
         return None
     kind = thinking.text("type")
     if kind == "adaptive":
-        return "medium"
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return _EFFORT_OF_ANTHROPIC.get(effort, "medium") if isinstance(effort, str) else "medium"
     if kind == "disabled":
         return "none"  # OpenAI's word for it: Ollama's `think: false`, vLLM's template switch
     if kind != "enabled":
@@ -343,17 +351,23 @@ def _assistant_message(blocks: list[tuple[dict[str, Any], str]]) -> Message:
 
 
 def _order_kept(blocks: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
-    """The blocks as sent, for an Anthropic backend, when their order is one the domain's
-    rendering (thinking, then the rest, then tool calls) would change: interleaved thinking
-    must come back exactly as it was. Kept only then: the canonical request (the log row,
-    the fingerprints) carries them a second time."""
+    """The blocks as sent, for an Anthropic backend, when the domain's rendering would change
+    them: their order (thinking, then the rest, then tool calls), which interleaved thinking
+    must come back in exactly, or a tool call's fields the domain does not keep (`caller`: a
+    call code execution made). Kept only then: the canonical request (the log row, the
+    fingerprints) carries them a second time."""
     ranks = [_RENDER_RANK.get(block["type"], 1) for block, _ in blocks]
-    if ranks == sorted(ranks):
+    if ranks == sorted(ranks) and not any(
+        block["type"] == "tool_use" and not {k for k, v in block.items() if v is not None} <= _TOOL_USE_RENDERED
+        for block, _ in blocks
+    ):
         return {}
     return {"content": [block for block, _ in blocks]}
 
 
 _RENDER_RANK = {"thinking": 0, "redacted_thinking": 0, "tool_use": 2}
+# What `_render_blocks` gives a tool call back with.
+_TOOL_USE_RENDERED = frozenset({"type", "id", "name", "input", "cache_control"})
 
 
 def _parts(block: dict[str, Any], path: str) -> list[ContentPart]:
@@ -550,7 +564,7 @@ def encode_messages_request(
                 del body["top_p"]
         fmt = params.response_format
         if fmt is not None and fmt.kind == "json_schema" and fmt.schema is not None:
-            body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
+            body["output_config"] = {"format": {"type": "json_schema", "schema": structured_schema(fmt.schema)}}
         user = next((value for key in ("safety_identifier", "user")
                      if isinstance(value := request.extra.get(key), str) and value.strip()), None)
         if user is not None:

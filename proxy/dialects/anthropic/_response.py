@@ -14,12 +14,14 @@ from proxy.dialects.anthropic._vocabulary import (
     BlockDelta,
     BlockStart,
     SignedReasoningDelta,
+    WireToolCallStart,
     WireUsage,
     WireUsageReport,
     finish_from_wire,
     message_id,
     new_tool_use_id,
     stop_reason_to_wire,
+    tool_call_start,
     usage_to_wire,
 )
 from proxy.domain.chat import ChatCompletion
@@ -65,7 +67,7 @@ def message_body(
             signature = event.signature
         elif isinstance(event, Finish) and event.choice == 0:
             finish = event
-        elif isinstance(event, BlockStart):
+        elif isinstance(event, BlockStart | WireToolCallStart):
             relayed = True
     choice = completion.choices[0] if completion.choices else None
     content: list[dict[str, Any]] = []
@@ -129,7 +131,8 @@ def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
         elif isinstance(event, ToolCallStart):
             tools[event.index] = len(blocks)
             arguments[len(blocks)] = []
-            blocks.append({"type": "tool_use", "id": event.id or new_tool_use_id(), "name": event.name, "input": {}})
+            blocks.append({"type": "tool_use", "id": event.id or new_tool_use_id(), "name": event.name, "input": {},
+                           **(event.fields if isinstance(event, WireToolCallStart) else {})})
         elif isinstance(event, ToolCallDelta) and event.index in tools:
             arguments[tools[event.index]].append(event.arguments)
     for position, parts in arguments.items():
@@ -174,10 +177,7 @@ def message_events(
             answer = block.get("input")
             events.append(TextDelta(json.dumps(answer if isinstance(answer, dict) else {}, ensure_ascii=False)))
         elif kind == "tool_use":
-            call_id = block.get("id")
-            events.append(
-                ToolCallStart(tools, call_id if isinstance(call_id, str) and call_id else new_tool_use_id(), str(block.get("name") or ""))
-            )
+            events.append(tool_call_start(block, tools, relay=relay_blocks))
             arguments = block.get("input")
             events.append(ToolCallDelta(tools, json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)))
             tools += 1

@@ -20,6 +20,7 @@ from proxy.dialects.anthropic._vocabulary import (
     BlockDelta,
     BlockStart,
     SignedReasoningDelta,
+    WireToolCallStart,
     WireUsage,
     WireUsageReport,
     error_frame,
@@ -28,6 +29,7 @@ from proxy.dialects.anthropic._vocabulary import (
     message_id,
     new_tool_use_id,
     stop_reason_to_wire,
+    tool_call_start,
     usage_to_wire,
 )
 from proxy.dialects.sse import SSEDecoder
@@ -108,6 +110,7 @@ class StreamRenderer:
         self._usage: Usage | None = None
         self._unmodelled_usage: dict[str, Any] | None = None
         self._message_fields: dict[str, Any] = {}
+        self._announced_fields: dict[str, Any] = {}
         self._finish: Finish | None = None
         self._next_index = 0
         # "text", "thinking", "signed" (closed to more thinking), "tool", "relayed" (a BlockStart's)
@@ -169,6 +172,7 @@ class StreamRenderer:
         delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
         delta.update((k, v) for k, v in fields.items() if k in MESSAGE_DELTA_FIELDS)
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
+        said = self._announced_fields
         announced = self._announced_usage or {}
         # Counts message_start could not know yet; Anthropic's SDK merges them in.
         for key, value in usage.items():
@@ -181,7 +185,7 @@ class StreamRenderer:
                     "type": "message_delta",
                     "delta": delta,
                     "usage": delta_usage,
-                    **{k: v for k, v in fields.items() if k not in MESSAGE_DELTA_FIELDS},
+                    **{k: v for k, v in fields.items() if k not in MESSAGE_DELTA_FIELDS and said.get(k) != v},
                 },
             )
         )
@@ -213,6 +217,9 @@ class StreamRenderer:
             "stop_sequence": None,
             "usage": usage,
         }
+        # What the backend's `message_start` said of the message beyond these (`diagnostics`).
+        self._announced_fields = {k: v for k, v in self._message_fields.items() if k not in MESSAGE_DELTA_FIELDS}
+        message.update(self._announced_fields)
         out.append(_event("message_start", {"type": "message_start", "message": message}))
         out.append(PING)
 
@@ -327,6 +334,8 @@ class StreamRenderer:
 
     def _open_tool_block(self, start: ToolCallStart, out: list[bytes]) -> None:
         block = {"type": "tool_use", "id": start.id or new_tool_use_id(), "name": start.name, "input": {}}
+        if isinstance(start, WireToolCallStart):
+            block.update(start.fields)
         self._open_block("tool", block, out)
         self._open_tool = start.index
         self._open_arguments = []
@@ -558,10 +567,7 @@ class StreamParser:
             tool = self._tools
             self._tools += 1
             self._blocks[index] = tool
-            call_id = block.get("id")
-            events.append(
-                ToolCallStart(tool, call_id if isinstance(call_id, str) and call_id else new_tool_use_id(), str(block.get("name") or ""))
-            )
+            events.append(tool_call_start(block, tool, relay=self._relay))
             initial = block.get("input")
             if isinstance(initial, dict) and initial:
                 events.append(ToolCallDelta(tool, json.dumps(initial, ensure_ascii=False)))

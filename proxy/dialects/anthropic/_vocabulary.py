@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
-from proxy.domain.events import Finish, ReasoningDelta, StopSequenceFinish, UsageReport
+from proxy.domain.events import (
+    Finish,
+    ReasoningDelta,
+    StopSequenceFinish,
+    ToolCallStart,
+    UsageReport,
+)
 
 DIALECT = "anthropic"
 API_VERSION = "2023-06-01"
@@ -62,6 +68,31 @@ class BlockStart(ReasoningDelta):
     def replayable(self) -> bool:  # type: ignore[override]
         # A plain text block's start marks only a boundary; anything else is lost on replay.
         return self.block.get("type") == "text" and not self.block.get("citations")
+
+
+@dataclass(slots=True, frozen=True)
+class WireToolCallStart(ToolCallStart):
+    """A `tool_use` block's start with what an Anthropic backend said of it beyond its id,
+    name and input (`caller`: a call made by code execution, which the client answers and
+    gives back; `toolset_name`), for an Anthropic client only. Everyone else reads the call."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    replayable: ClassVar[bool] = False
+
+
+# A `tool_use` block's keys the domain carries; any other is the backend's to pass on.
+TOOL_USE_MODELLED = frozenset({"type", "id", "name", "input"})
+
+
+def tool_call_start(block: dict[str, Any], index: int, *, relay: bool) -> ToolCallStart:
+    """The start of a backend's `tool_use` block as the `index`th call; `relay` (an Anthropic
+    client) keeps what the domain does not (see `WireToolCallStart`)."""
+    call_id = block.get("id")
+    call_id = call_id if isinstance(call_id, str) and call_id else new_tool_use_id()
+    name = str(block.get("name") or "")
+    fields = {k: v for k, v in block.items() if k not in TOOL_USE_MODELLED and v is not None} if relay else None
+    return WireToolCallStart(index, call_id, name, 0, fields) if fields else ToolCallStart(index, call_id, name)
 
 
 @dataclass(slots=True, frozen=True)
@@ -157,9 +188,11 @@ class WireUsageReport(UsageReport):
 MESSAGE_MODELLED = frozenset(
     {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
 )
-# Of those others, the ones a stream carries inside `message_delta.delta` (the rest ride on
-# the `message_delta` event itself).
-MESSAGE_DELTA_FIELDS = frozenset({"container"})
+# Of those others, the ones a stream carries inside `message_delta.delta` (a code execution's
+# `container`, a refusal's `stop_details`); the rest ride on `message_start`'s message when
+# the backend said them there (`diagnostics`), else on the `message_delta` event itself
+# (`context_management`): where the SDK's stream accumulator reads each.
+MESSAGE_DELTA_FIELDS = frozenset({"container", "stop_details"})
 
 
 _USAGE_MODELLED = frozenset(

@@ -146,6 +146,9 @@ class AnthropicBackend:
         key = config.api_key
         auth = {"x-api-key": key} if key else {}
         self._client = create_client(config, auth_header={**auth, "anthropic-version": anthropic.API_VERSION})
+        # By model: what it said of a setting it refuses (Opus 4.7's sampling settings, budgeted
+        # thinking), so that later requests are sent what it takes at once rather than refused first.
+        self._refusals: dict[str, list[str]] = {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -164,35 +167,66 @@ class AnthropicBackend:
             await check_media_urls(request, "anthropic")
 
     def _body(self, call: BackendCall, *, stream: bool) -> bytes:
-        return anthropic.encode_messages_request(
+        body = anthropic.encode_messages_request(
             prefill_trimmed(call.request), call.upstream_model, stream=stream,
             default_max_tokens=self.default_max_tokens,
         )
+        for refusal in self._refusals.get(call.upstream_model, ()):
+            body = anthropic.without_refused(call.request, body, refusal) or body
+        return body
+
+    def _said_again(self, call: BackendCall, body: bytes, error: GatewayError) -> bytes | None:
+        """The request again for a model that refused a setting the gateway chose for another
+        dialect's client (see `anthropic.without_refused`), remembered for its next requests;
+        None for any other error."""
+        if error.kind is not ErrorKind.INVALID_REQUEST or not anthropic.refused(error.message):
+            return None
+        again = anthropic.without_refused(call.request, body, error.message)
+        if again is not None:
+            # Once: a burst sent before the first refusal came back is refused as many times.
+            refusals = self._refusals.setdefault(call.upstream_model, [])
+            if error.message not in refusals:
+                refusals.append(error.message)
+        return again
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         name = self.config.name
         await self.check_media_urls(call.request)
-        with heads_heard():
-            await self._client.stream_into(
-                "/v1/messages", self._body(call, stream=True), _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call))), send,
-                backend=name, timeouts=self.config.timeouts,
-                headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
-                error=lambda response, body: backend_error(
-                    name, response.status_code, body, response.headers.get("retry-after")
-                ),
-            )
+        body = self._body(call, stream=True)
+        while True:
+            parser = _EarlyErrors(anthropic.StreamParser(relay_blocks=_relays(call), json_tool=_json_tool(call)))
+            try:
+                with heads_heard():
+                    await self._client.stream_into(
+                        "/v1/messages", body, parser, send, backend=name, timeouts=self.config.timeouts,
+                        headers={"content-type": "application/json", "accept": "text/event-stream", **_headers(call)},
+                        error=lambda response, data: backend_error(
+                            name, response.status_code, data, response.headers.get("retry-after")
+                        ),
+                    )
+                return
+            except GatewayError as error:  # an error status: raised before anything was sent
+                again = self._said_again(call, body, error)
+                if again is None:
+                    raise
+                body = again
 
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
         await self.check_media_urls(call.request)
-        with transport_errors(name), heads_heard():
-            response = await self._client.post(
-                "/v1/messages",
-                content=self._body(call, stream=False),
-                headers={"content-type": "application/json", **_headers(call)},
-            )
-        if response.status_code >= 400:
-            raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
+        body = self._body(call, stream=False)
+        while True:
+            with transport_errors(name), heads_heard():
+                response = await self._client.post(
+                    "/v1/messages", content=body, headers={"content-type": "application/json", **_headers(call)},
+                )
+            if response.status_code < 400:
+                break
+            error = backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
+            again = self._said_again(call, body, error)
+            if again is None:
+                raise error
+            body = again
         data = _json_object(response, name)
         if data.get("type") == "error":
             raise anthropic.error_from_wire(data)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 import trio
 
 from proxy.config import BackendConfig
-from proxy.dialects import openai
+from proxy.dialects import anthropic, openai
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.tokens import estimated_prompt_tokens
@@ -92,17 +93,25 @@ class OpenAIBackend:
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
         await self.check_media_urls(call.request)
-        await self._client.stream_into(
-            "/chat/completions", self._body(call, stream=True),
-            openai.StreamRelay(
-                include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
-                prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
-            ),
-            send,
-            backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
-            headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
-            error=self._error,
-        )
+        while True:
+            try:
+                await self._client.stream_into(
+                    "/chat/completions", self._body(call, stream=True),
+                    openai.StreamRelay(
+                        include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
+                        prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
+                    ),
+                    send,
+                    backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
+                    headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+                    error=self._error,
+                )
+                return
+            except GatewayError as error:  # an error status: raised before anything was sent
+                fitted = anthropic.output_fitted(call.request, error)
+                if fitted is None:
+                    raise
+                call, send = replace(call, request=fitted), _WindowFilled(send)
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = openai.error_message_from_body(body) or body_text(body)
@@ -132,7 +141,12 @@ class OpenAIBackend:
                 headers={"content-type": "application/json", **call.headers},
             )
         if response.status_code >= 400:
-            raise self._error(response, response.content)
+            error = self._error(response, response.content)
+            fitted = anthropic.output_fitted(call.request, error)
+            if fitted is None:
+                raise error
+            batch = await self.complete(replace(call, request=fitted))
+            return replace(batch, events=anthropic.window_filled(batch.events))
         content = response.content
         try:
             data = json.loads(content)
@@ -270,6 +284,18 @@ class OpenAIBackend:
             await self.list_models()
         except GatewayError as error:
             raise listing_refused(self.config.name, self.config.base_url, "/models", error) from None
+
+
+class _WindowFilled:
+    """The stream of an Anthropic client's request sent again with the answer's limit the
+    model's window leaves: an answer cut there ends as Anthropic's own would (see
+    `anthropic.output_fitted`)."""
+
+    def __init__(self, send: BatchSink) -> None:
+        self._send = send
+
+    async def send(self, value: Batch, /) -> None:
+        await self._send.send(replace(value, events=anthropic.window_filled(value.events)))
 
 
 def says_unknown(response: httpx.Response, model: str) -> bool:

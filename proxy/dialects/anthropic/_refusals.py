@@ -1,0 +1,56 @@
+"""What a newer Claude model refuses of the words the gateway chose for another dialect's
+client, and that client's request said again in the model's words.
+
+Claude Opus 4.7 and later refuse sampling settings ("`temperature` is deprecated for this
+model.") and budgeted thinking ("\"thinking.type.enabled\" is not supported for this model.
+Use \"thinking.type.adaptive\" and \"output_config.effort\" to control thinking"). OpenAI and
+Ollama clients send both on every request (chat UIs and coding agents set a temperature;
+`reasoning_effort` and `think` become a budget), so every one of their requests to such a
+model was a 400. The gateway translated those settings itself: the request goes again without
+the refused sampling setting (as a `top_p` next to a `temperature` is already left out), or
+with adaptive thinking at the budget's effort. An Anthropic client's own request goes as sent
+and gets Anthropic's answer.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.dialects._json import dumps, loads_object
+from proxy.dialects.anthropic._vocabulary import DIALECT
+from proxy.domain.chat import ChatRequest
+
+_DEPRECATED = re.compile(r"`?(temperature|top_p|top_k)`? is deprecated for this model")
+_BUDGET_REFUSED = re.compile(r"thinking\.type\.enabled\W*is not supported")
+
+
+def refused(message: str) -> bool:
+    """Whether a backend's 400 says its model refuses a setting `without_refused` can leave out."""
+    return _DEPRECATED.search(message) is not None or _BUDGET_REFUSED.search(message) is not None
+
+
+def without_refused(request: ChatRequest, body: bytes, refusal: str) -> bytes | None:
+    """`body` (the Anthropic request made of another dialect's `request`) again without what
+    `refusal` says the model refuses; None when it is an Anthropic client's, or nothing changes."""
+    if request.dialect == DIALECT:
+        return None
+    data = loads_object(body)
+    changed = False
+    for match in _DEPRECATED.finditer(refusal):
+        changed = data.pop(match[1], None) is not None or changed
+    thinking = data.get("thinking")
+    if _BUDGET_REFUSED.search(refusal) and isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        config = data.get("output_config")
+        data["thinking"] = {"type": "adaptive"}
+        data["output_config"] = {**(config if isinstance(config, dict) else {}), "effort": _effort(budget)}
+        changed = True
+    return dumps(data) if changed else None
+
+
+def _effort(budget: object) -> str:
+    """The effort of a thinking budget, as the gateway makes budgets of efforts (1024 low,
+    2048 medium, more high)."""
+    if not isinstance(budget, int) or budget <= 1024:
+        return "low"
+    return "medium" if budget <= 2048 else "high"
