@@ -1118,3 +1118,23 @@ async def test_thinking_asked_in_another_dialect_is_what_the_ollama_model_can_ta
         async with httpx.AsyncClient(base_url=url) as http:
             own = await http.post("/api/chat", json={"model": "qwen3:8b", "messages": MESSAGES, "think": "high", "stream": False})
         assert own.status_code == 400 and "not supported" in own.json()["error"]
+
+
+async def test_num_predict_past_a_small_window_is_what_the_window_leaves() -> None:
+    """Ollama never refuses a `num_predict` past the window (the answer stops when the
+    window is full); vLLM does, so the request goes again with the room the refusal says is
+    left, and the answer ends `length` there."""
+    from tests.test_anthropic_api import SmallWindowOpenAIBackend
+
+    fake = SmallWindowOpenAIBackend()
+    fake.set_script(Script(n_tokens=100))
+    messages = [{"role": "user", "content": "Tell me a long story"}]
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url, \
+            ollama.AsyncClient(host=url) as client:
+        whole = await client.chat(model="qwen3-8b", messages=messages, options={"num_predict": 32000})
+        parts = await collect(await client.chat(
+            model="qwen3-8b", messages=messages, options={"num_predict": 32000}, stream=True,
+        ))
+        for last in (whole, parts[-1]):
+            assert (last.done_reason, last.eval_count) == ("length", 44)
+        assert [r.json["max_tokens"] for r in fake.requests] == [32000, 44, 32000, 44]

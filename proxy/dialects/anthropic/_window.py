@@ -22,10 +22,16 @@ from proxy.domain.truncation import output_room
 WINDOW_EXCEEDED = "model_context_window_exceeded"
 
 
+# Clients whose own servers take a limit past the window: Anthropic's (above) and Ollama's,
+# whose answer stops where the window is full (`done_reason: "length"`).
+_FITTED_DIALECTS = frozenset({DIALECT, "ollama"})
+
+
 def output_fitted(request: ChatRequest, refusal: GatewayError) -> ChatRequest | None:
-    """An Anthropic client's `request` with the answer's limit the backend's `refusal` says is
-    left; None for another client's (OpenAI and vLLM refuse it too), or any other refusal."""
-    if request.dialect != DIALECT or refusal.kind is not ErrorKind.INVALID_REQUEST:
+    """An Anthropic or Ollama client's `request` with the answer's limit the backend's
+    `refusal` says is left; None for another client's (OpenAI and vLLM refuse it too), or
+    any other refusal."""
+    if request.dialect not in _FITTED_DIALECTS or refusal.kind is not ErrorKind.INVALID_REQUEST:
         return None
     room = output_room(refusal.message)
     if room is None or (request.params.max_tokens or 0) <= room:
@@ -33,9 +39,10 @@ def output_fitted(request: ChatRequest, refusal: GatewayError) -> ChatRequest | 
     return replace(request, params=replace(request.params, max_tokens=room))
 
 
-def window_filled(events: list[StreamEvent]) -> list[StreamEvent]:
-    """`events` with an answer cut at its limit said as Anthropic says one cut by the window."""
-    if not any(type(event) is Finish and event.reason is FinishReason.LENGTH for event in events):
+def window_filled(request: ChatRequest, events: list[StreamEvent]) -> list[StreamEvent]:
+    """`events` with an answer cut at its limit said as Anthropic says one cut by the window
+    (for an Anthropic client's `request`; another's as they are)."""
+    if request.dialect != DIALECT or not any(type(event) is Finish and event.reason is FinishReason.LENGTH for event in events):
         return events
     return [
         StopReasonFinish(FinishReason.LENGTH, event.choice, WINDOW_EXCEEDED)

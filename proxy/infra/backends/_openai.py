@@ -111,7 +111,7 @@ class OpenAIBackend:
                 fitted = anthropic.output_fitted(call.request, error)
                 if fitted is None:
                     raise
-                call, send = replace(call, request=fitted), _WindowFilled(send)
+                call, send = replace(call, request=fitted), _WindowFilled(fitted, send)
 
     def _error(self, response: httpx.Response, body: bytes) -> GatewayError:
         message = openai.error_message_from_body(body) or body_text(body)
@@ -146,7 +146,7 @@ class OpenAIBackend:
             if fitted is None:
                 raise error
             batch = await self.complete(replace(call, request=fitted))
-            return replace(batch, events=anthropic.window_filled(batch.events))
+            return replace(batch, events=anthropic.window_filled(fitted, batch.events))
         content = response.content
         try:
             data = json.loads(content)
@@ -287,15 +287,16 @@ class OpenAIBackend:
 
 
 class _WindowFilled:
-    """The stream of an Anthropic client's request sent again with the answer's limit the
-    model's window leaves: an answer cut there ends as Anthropic's own would (see
+    """The stream of a request sent again with the answer's limit the model's window leaves:
+    an Anthropic client's answer cut there ends as Anthropic's own would (see
     `anthropic.output_fitted`)."""
 
-    def __init__(self, send: BatchSink) -> None:
+    def __init__(self, request: ChatRequest, send: BatchSink) -> None:
+        self._request = request
         self._send = send
 
     async def send(self, value: Batch, /) -> None:
-        await self._send.send(replace(value, events=anthropic.window_filled(value.events)))
+        await self._send.send(replace(value, events=anthropic.window_filled(self._request, value.events)))
 
 
 def says_unknown(response: httpx.Response, model: str) -> bool:
