@@ -12,6 +12,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import ollama
 import openai
 import pydantic
 import pytest
@@ -1794,3 +1795,19 @@ async def test_json_mode_without_a_schema_is_a_forced_tool_whose_input_is_the_an
         reply = await http.post("/api/chat", json={"model": MODELS["anthropic"], "messages": MESSAGES, "format": "json",
                                                   "stream": False})
     assert json.loads(reply.json()["message"]["content"]) == {"city": "Paris", "sunny": True}
+
+
+async def test_a_chat_of_instructions_alone_reaches_claude_as_its_one_turn(setup: Setup) -> None:
+    """OpenAI and Ollama answer a chat holding only a system message; Anthropic refuses a
+    request without messages, so the instructions go as the one user turn."""
+    async with openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="k", max_retries=0) as client:
+        reply = await client.chat.completions.create(
+            model=MODELS["anthropic"], messages=[{"role": "system", "content": "Write a haiku about rain."}],
+        )
+    assert reply.choices[0].message.content
+    sent = setup.fake("anthropic").requests[-1].json
+    assert "system" not in sent and sent["messages"] == [{"role": "user", "content": "Write a haiku about rain."}]
+    async with ollama.AsyncClient(host=setup.url) as local:
+        answer = await local.chat(model=MODELS["anthropic"], messages=[{"role": "system", "content": "Say hi."}])
+    assert answer.message.content
+    assert setup.fake("anthropic").requests[-1].json["messages"] == [{"role": "user", "content": "Say hi."}]

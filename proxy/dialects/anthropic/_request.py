@@ -507,9 +507,14 @@ def encode_messages_request(
         body.update({k: v for k, v in extra.items() if k not in ("tools", "tool_choice") and not k.startswith("_")})
     body["model"] = upstream_model
     system = _render_system(request)
+    messages = _render_messages(request.messages, as_sent=same_dialect)
+    if not messages and system is not None and not same_dialect:
+        # A chat of instructions alone, which OpenAI and Ollama answer: Anthropic refuses a
+        # request without messages, so the instructions are the one turn.
+        messages, system = [{"role": "user", "content": system}], None
     if system is not None:
         body["system"] = system
-    body["messages"] = _render_messages(request.messages, as_sent=same_dialect)
+    body["messages"] = messages
     tools = _render_tools(request, extra)
     if tools:
         body["tools"] = tools
