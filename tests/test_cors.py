@@ -141,6 +141,41 @@ async def test_a_request_from_a_disallowed_origin_is_refused_before_any_route_ru
     assert len(fake.requests) == 1
 
 
+async def test_a_page_served_under_the_gateways_own_address_is_not_refused() -> None:
+    """A web app and the gateway behind one reverse proxy (`https://llm.example.com/` the app,
+    `/v1` the gateway) are one origin; the browser still sends `Origin` on its POSTs. Ollama's
+    CORS layer lets such requests through whatever its origins say; so does the gateway."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, default=True), cors_origins=(), allowed_hosts=("llm.example.com",),
+    ) as url:
+        address = url.removeprefix("http://")
+        async with httpx.AsyncClient(base_url=url) as client:
+            for headers in (
+                {"origin": url},  # the gateway's own address: no page could be anything else
+                {"origin": "https://llm.example.com", "host": "llm.example.com"},  # nginx `proxy_set_header Host $host`
+                {"origin": "https://LLM.example.com", "host": "llm.example.com"},
+                # nginx's default Host (its upstream's address), the public name in X-Forwarded-Host.
+                {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com"},
+                {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
+            ):
+                answer = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert answer.status_code == 200, (headers, answer.text)
+                preflight = await client.options("/v1/chat/completions", headers={**preflight_headers(headers["origin"]), **headers})
+                assert preflight.status_code == 204, headers
+            # Any other page is still refused: another port, another name, a proxy's second entry.
+            for headers in (
+                {"origin": "http://127.0.0.1:1"},
+                {"origin": "https://evil.example", "host": "llm.example.com"},
+                {"origin": "https://llm.example.com.evil.example", "host": "llm.example.com"},
+                {"origin": "https://edge.internal", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
+                {"origin": "null", "host": address},
+            ):
+                refused = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert refused.status_code == 403 and error_code("openai", refused) == "origin_not_allowed", headers
+    assert len(fake.requests) == 5
+
+
 async def test_a_preflight_needs_no_key_when_keys_are_required() -> None:
     fake = OpenAIBackend()
     async with fake.serve() as server, running_gateway(backend("b", server.url, default=True), auth="required") as url:

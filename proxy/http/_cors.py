@@ -2,7 +2,9 @@
 
 A request without `Origin` (SDKs, curl, servers) passes untouched, at the cost of one header
 lookup. A browser's preflight is answered here, before the guard (it carries no key and must
-never get 401). Any other request from an origin outside `cors_origins` is refused 403 in the
+never get 401). A page served under the gateway's own address (behind a reverse proxy that
+serves the app and the gateway under one name) is not cross-origin, whatever `cors_origins`
+says. Any other request from an origin outside `cors_origins` is refused 403 in the
 path's dialect before a route runs: a page the user visits must not drive the gateway with a
 "simple" request (a text/plain POST needs no preflight), whatever auth says. An allowed
 origin's responses get their `Access-Control-*` headers once, on the response's head.
@@ -113,8 +115,8 @@ class Cors:
         """The `send` the request goes on with (adding the CORS headers), or None when this
         layer has answered it: a preflight, or a refused origin."""
         text = origin.decode("latin-1")
-        allowed = self.policy.allows(text)
         headers = _header_map(scope)
+        allowed = self.policy.allows(text) or _same_origin(text, headers)
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if not allowed:
             log.info("refused %s %s from origin %r (not in cors_origins)", scope["method"], scope["path"], text)
@@ -125,6 +127,23 @@ class Cors:
             return None
         return _WithCors(send, [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
                                 (b"access-control-expose-headers", EXPOSED_HEADERS)])
+
+
+def _same_origin(origin: str, headers: Mapping[bytes, bytes]) -> bool:
+    """Whether `origin` names the address the request was sent to (`Host`, or the
+    `X-Forwarded-Host` a reverse proxy passes): browsers send `Origin` on a same-origin POST
+    too, which must not be refused as a stranger's page. Either scheme, as Ollama's CORS
+    layer: one host and port serve one of them. (A DNS-rebinding page is same-origin too,
+    but so are its GETs, which carry no `Origin`: the guard's `Host` check covers both.)"""
+    _, sep, authority = origin.lower().partition("://")
+    if not sep or not authority:
+        return False
+    for name in (b"host", b"x-forwarded-host"):
+        value = headers.get(name)
+        # A proxy chain's first entry is the name the browser used.
+        if value is not None and value.decode("latin-1").partition(",")[0].strip().lower() == authority:
+            return True
+    return False
 
 
 def _header_map(scope: Mapping[str, Any]) -> dict[bytes, bytes]:
