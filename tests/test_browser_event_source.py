@@ -1,0 +1,62 @@
+"""A browser page reading a trace's events with `new EventSource("/v1/streams/<trace_id>")`:
+the requests below are the ones EventSource makes (a GET with `Accept: text/event-stream`,
+then, once the server closes the stream, the same URL again with `Last-Event-ID`, every few
+seconds, until it gets a status other than 200)."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from proxy.dialects.events import Finished, decode_event
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+
+pytest_plugins = ["tests.infra_servers"]
+
+PAGE = "http://localhost:5173"
+EVENT_SOURCE = {"origin": PAGE, "accept": "text/event-stream", "cache-control": "no-cache"}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story"}], "stream": True}
+
+
+def frames(text: str) -> list[tuple[int, object]]:
+    found = []
+    for block in text.split("\n\n"):
+        if block:
+            found.append(decode_event(block.split("data: ", 1)[1].encode()))
+    return found
+
+
+async def test_an_event_source_reads_a_trace_once_and_stops_reconnecting(
+    aio_loop: object, pg_database_url: str, nats_url: str,
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Once", " upon", " a", " time"]))
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as client:
+        chat = await client.post("/v1/chat/completions", json=CHAT, headers={"origin": PAGE})
+        trace_id = chat.headers["x-trace-id"]
+        with trio.fail_after(10):
+            opened = await client.get(f"/v1/streams/{trace_id}", headers=EVENT_SOURCE)
+        assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == PAGE
+        read = frames(opened.text)
+        end, finished = read[-1]
+        assert isinstance(finished, Finished)
+        # The stream ended: the EventSource comes back with the last id it saw. It must be told
+        # to stop (204), in a response the page may read (else it is a network error, retried).
+        with trio.fail_after(10):
+            again = await client.get(f"/v1/streams/{trace_id}", headers={**EVENT_SOURCE, "last-event-id": str(end)})
+        assert again.status_code == 204 and again.content == b""
+        assert again.headers["access-control-allow-origin"] == PAGE
+        # A page that opened it part-way (`?after=`) and lost its connection later resumes from
+        # where it got to, not from the URL's `after` again.
+        with trio.fail_after(10):
+            resumed = await client.get(
+                f"/v1/streams/{trace_id}", params={"after": 1}, headers={**EVENT_SOURCE, "last-event-id": str(end - 2)},
+            )
+        assert resumed.status_code == 200
+        assert [seq for seq, _ in frames(resumed.text)] == [end - 1, end]
+        # Without `Last-Event-ID`, `after` is where it starts.
+        with trio.fail_after(10):
+            from_after = await client.get(f"/v1/streams/{trace_id}", params={"after": end - 1}, headers=EVENT_SOURCE)
+        assert [seq for seq, _ in frames(from_after.text)] == [end]
