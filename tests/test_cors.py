@@ -135,6 +135,8 @@ async def test_a_request_from_a_disallowed_origin_is_refused_before_any_route_ru
             assert ingest.status_code == 403 and error_code("openai", ingest) == "origin_not_allowed"
             models = await client.get("/api/tags", headers={"origin": FOREIGN_PAGE})
             assert models.status_code == 403 and error_code("ollama", models) == "origin_not_allowed"
+            # A shared cache (nginx `proxy_cache`) must not give this 403 to an allowed page.
+            assert models.headers["vary"] == "Origin"
             # The same request without an Origin (curl, an SDK) is served.
             served = await client.post("/v1/chat/completions", json=CHAT)
             assert served.status_code == 200

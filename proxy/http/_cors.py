@@ -187,6 +187,8 @@ async def _refuse(origin: str, scope: Mapping[str, Any], headers: dict[bytes, by
     anthropic_version = headers.get(b"anthropic-version")
     dialect = dialect_of(scope["path"], None if anthropic_version is None else anthropic_version.decode("latin-1"))
     reply = error_reply(error, dialect)
+    # A cache in front must not give this refusal to the pages that are allowed.
+    reply.headers.append((b"vary", b"Origin"))
     if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
         # The body is left unread: the connection cannot carry another request.
         reply.headers.append((b"connection", b"close"))
