@@ -160,6 +160,8 @@ async def test_a_page_served_under_the_gateways_own_address_is_not_refused() -> 
                 # nginx's default Host (its upstream's address), the public name in X-Forwarded-Host.
                 {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com"},
                 {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
+                # A proxy that passes neither: the browser itself says the page is this origin.
+                {"origin": "https://chat.example.com", "host": address, "sec-fetch-site": "same-origin"},
             ):
                 answer = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
                 assert answer.status_code == 200, (headers, answer.text)
@@ -172,10 +174,12 @@ async def test_a_page_served_under_the_gateways_own_address_is_not_refused() -> 
                 {"origin": "https://llm.example.com.evil.example", "host": "llm.example.com"},
                 {"origin": "https://edge.internal", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
                 {"origin": "null", "host": address},
+                {"origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+                {"origin": "https://wiki.example.com", "host": address, "sec-fetch-site": "same-site"},  # a sibling site
             ):
                 refused = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
                 assert refused.status_code == 403 and error_code("openai", refused) == "origin_not_allowed", headers
-    assert len(fake.requests) == 5
+    assert len(fake.requests) == 6
 
 
 async def test_a_preflight_needs_no_key_when_keys_are_required() -> None:

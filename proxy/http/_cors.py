@@ -130,11 +130,15 @@ class Cors:
 
 
 def _same_origin(origin: str, headers: Mapping[bytes, bytes]) -> bool:
-    """Whether `origin` names the address the request was sent to (`Host`, or the
-    `X-Forwarded-Host` a reverse proxy passes): browsers send `Origin` on a same-origin POST
-    too, which must not be refused as a stranger's page. Either scheme, as Ollama's CORS
-    layer: one host and port serve one of them. (A DNS-rebinding page is same-origin too,
-    but so are its GETs, which carry no `Origin`: the guard's `Host` check covers both.)"""
+    """Whether the page is the gateway's own origin: browsers send `Origin` on a same-origin
+    POST too, which must not be refused as a stranger's page. The browser says so itself
+    (`Sec-Fetch-Site`, which no page can set: right behind any proxy), or `origin` names the
+    address the request was sent to (`Host`, or the `X-Forwarded-Host` a reverse proxy
+    passes), either scheme, as Ollama's CORS layer (Go's `CrossOriginProtection` does both).
+    (A DNS-rebinding page is same-origin too, but so are its GETs, which carry no `Origin`:
+    the guard's `Host` check covers both.)"""
+    if headers.get(b"sec-fetch-site") == b"same-origin":
+        return True
     _, sep, authority = origin.lower().partition("://")
     if not sep or not authority:
         return False
