@@ -62,6 +62,9 @@ async def test_a_preflight_from_an_allowed_origin_is_answered_on_every_dialect()
                 assert "Origin" in answer.headers["vary"] and "Access-Control-Request-Headers" in answer.headers["vary"]
                 assert "access-control-allow-credentials" not in answer.headers  # bearer keys, not cookies
                 assert "access-control-allow-private-network" not in answer.headers
+                # A 204 has no framing headers (RFC 9110 §8.6): Envoy turns one that has into a 502.
+                assert "content-length" not in answer.headers and "transfer-encoding" not in answer.headers
+                assert answer.content == b""
             # Chromium's Private Network Access: a public page asking to reach this address.
             private = await client.options(
                 "/v1/chat/completions",

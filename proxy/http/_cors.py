@@ -167,7 +167,8 @@ async def _preflight(origin: bytes, headers: dict[bytes, bytes], send: ASGISendC
         (b"access-control-allow-methods", ALLOWED_METHODS),
         (b"access-control-max-age", MAX_AGE),
         (b"vary", _PREFLIGHT_VARY),
-        (b"content-length", b"0"),
+        # No `Content-Length` on a 204 (RFC 9110 §8.6): Envoy (Istio, Contour, Envoy Gateway)
+        # answers such a response 502, and every preflight through it with it.
     ]
     requested = headers.get(b"access-control-request-headers")
     if requested:
