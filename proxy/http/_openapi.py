@@ -681,7 +681,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             _RESPONSE_ID,
             {"name": "stream", "in": "query", "schema": _BOOL, "description": "The response's events again, as SSE."},
             {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": 0},
-             "description": "With `stream=true`: the last `sequence_number` seen; the events after it."},
+             "description": "With `stream=true`: the last `sequence_number` seen; the events after it "
+             "(`Last-Event-ID`, the frames' `id`, wins, and is answered 204 when there are none)."},
         ],
         description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
         "it echoes are the defaults, not the request's.",

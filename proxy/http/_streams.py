@@ -56,7 +56,7 @@ class EventsBody(DirectBody):
 
     def __init__(
         self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer,
-        *, resumed: str | None = None, not_found: GatewayError | None = None,
+        *, resumed: str | None = None, not_found: GatewayError | None = None, hold_head: bool = False,
     ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
@@ -65,6 +65,9 @@ class EventsBody(DirectBody):
         self._framer = framer
         self._resumed = resumed  # see `trace_events`
         self._not_found = not_found  # a trace not known, in the words of the path that asked
+        # The head waits for the first frame the framer writes (not its first event): a
+        # client that has them all is answered 204 rather than an empty stream.
+        self._hold_head = hold_head
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
@@ -94,10 +97,10 @@ class EventsBody(DirectBody):
                             return
                         await send({"type": "http.response.body", "body": self._framer.error(item), "more_body": True})
                         break
-                    if not started:
+                    frame = self._framer.frame(*item)
+                    if not started and (frame or not self._hold_head):
                         started = True
                         await _head(send, 200, b"text/event-stream; charset=utf-8")
-                    frame = self._framer.frame(*item)
                     if frame:
                         await send({"type": "http.response.body", "body": frame, "more_body": True})
         if not started:
