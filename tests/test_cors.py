@@ -62,6 +62,9 @@ async def test_a_preflight_from_an_allowed_origin_is_answered_on_every_dialect()
                 assert "Origin" in answer.headers["vary"] and "Access-Control-Request-Headers" in answer.headers["vary"]
                 assert "access-control-allow-credentials" not in answer.headers  # bearer keys, not cookies
                 assert "access-control-allow-private-network" not in answer.headers
+                # A 204 has no framing headers (RFC 9110 §8.6): Envoy turns one that has into a 502.
+                assert "content-length" not in answer.headers and "transfer-encoding" not in answer.headers
+                assert answer.content == b""
             # Chromium's Private Network Access: a public page asking to reach this address.
             private = await client.options(
                 "/v1/chat/completions",
@@ -135,10 +138,51 @@ async def test_a_request_from_a_disallowed_origin_is_refused_before_any_route_ru
             assert ingest.status_code == 403 and error_code("openai", ingest) == "origin_not_allowed"
             models = await client.get("/api/tags", headers={"origin": FOREIGN_PAGE})
             assert models.status_code == 403 and error_code("ollama", models) == "origin_not_allowed"
+            # A shared cache (nginx `proxy_cache`) must not give this 403 to an allowed page.
+            assert models.headers["vary"] == "Origin"
             # The same request without an Origin (curl, an SDK) is served.
             served = await client.post("/v1/chat/completions", json=CHAT)
             assert served.status_code == 200
     assert len(fake.requests) == 1
+
+
+async def test_a_page_served_under_the_gateways_own_address_is_not_refused() -> None:
+    """A web app and the gateway behind one reverse proxy (`https://llm.example.com/` the app,
+    `/v1` the gateway) are one origin; the browser still sends `Origin` on its POSTs. Ollama's
+    CORS layer lets such requests through whatever its origins say; so does the gateway."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, default=True), cors_origins=(), allowed_hosts=("llm.example.com",),
+    ) as url:
+        address = url.removeprefix("http://")
+        async with httpx.AsyncClient(base_url=url) as client:
+            for headers in (
+                {"origin": url},  # the gateway's own address: no page could be anything else
+                {"origin": "https://llm.example.com", "host": "llm.example.com"},  # nginx `proxy_set_header Host $host`
+                {"origin": "https://LLM.example.com", "host": "llm.example.com"},
+                # nginx's default Host (its upstream's address), the public name in X-Forwarded-Host.
+                {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com"},
+                {"origin": "https://chat.example.com", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
+                # A proxy that passes neither: the browser itself says the page is this origin.
+                {"origin": "https://chat.example.com", "host": address, "sec-fetch-site": "same-origin"},
+            ):
+                answer = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert answer.status_code == 200, (headers, answer.text)
+                preflight = await client.options("/v1/chat/completions", headers={**preflight_headers(headers["origin"]), **headers})
+                assert preflight.status_code == 204, headers
+            # Any other page is still refused: another port, another name, a proxy's second entry.
+            for headers in (
+                {"origin": "http://127.0.0.1:1"},
+                {"origin": "https://evil.example", "host": "llm.example.com"},
+                {"origin": "https://llm.example.com.evil.example", "host": "llm.example.com"},
+                {"origin": "https://edge.internal", "host": address, "x-forwarded-host": "chat.example.com, edge.internal"},
+                {"origin": "null", "host": address},
+                {"origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+                {"origin": "https://wiki.example.com", "host": address, "sec-fetch-site": "same-site"},  # a sibling site
+            ):
+                refused = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                assert refused.status_code == 403 and error_code("openai", refused) == "origin_not_allowed", headers
+    assert len(fake.requests) == 6
 
 
 async def test_a_preflight_needs_no_key_when_keys_are_required() -> None:

@@ -522,14 +522,14 @@ async def test_a_client_that_saw_the_end_reconnects_and_the_stream_closes_at_onc
         live = stream_frames(results["live"].text)
         end_seq, finished = live[-1]
         assert isinstance(finished, Finished) and finished.winner == "m"
-        assert results["live-past-end"].status_code == 200 and results["live-past-end"].text == ""
+        assert results["live-past-end"].status_code == 204 and results["live-past-end"].text == ""
         await wait_for_row(stack.db, trace_id, "completed")
         with trio.fail_after(5):
             stored = stream_frames((await client.get(f"/v1/streams/{trace_id}")).text)
             assert stored[-1] == (end_seq, finished)  # the same end, live or stored
             for after in (end_seq, end_seq + 7):
                 again = await client.get(f"/v1/streams/{trace_id}", headers={"Last-Event-ID": str(after)})
-                assert again.status_code == 200 and again.text == ""
+                assert again.status_code == 204 and again.text == ""  # which ends an EventSource
             just_end = await client.get(f"/v1/streams/{trace_id}", params={"after": end_seq - 1})
             assert stream_frames(just_end.text) == [(end_seq, finished)]
 
@@ -789,7 +789,7 @@ async def test_resume_while_nats_is_down_never_skips_part_of_the_answer(
         assert [decode_event(p.encode())[0] for p in resumed_payloads(last.text)] == [live_end]
         assert isinstance(decode_event(resumed_payloads(last.text)[0].encode())[1], Finished)
         done = await client.get(f"/v1/streams/{trace_id}?after={live_end}")
-        assert done.status_code == 200 and resumed_payloads(done.text) == []
+        assert done.status_code == 204 and resumed_payloads(done.text) == []  # nothing left: no content
 
 
 async def test_a_keyed_anthropic_answer_keeps_its_signature_and_stop_sequence(

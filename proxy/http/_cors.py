@@ -2,7 +2,9 @@
 
 A request without `Origin` (SDKs, curl, servers) passes untouched, at the cost of one header
 lookup. A browser's preflight is answered here, before the guard (it carries no key and must
-never get 401). Any other request from an origin outside `cors_origins` is refused 403 in the
+never get 401). A page served under the gateway's own address (behind a reverse proxy that
+serves the app and the gateway under one name) is not cross-origin, whatever `cors_origins`
+says. Any other request from an origin outside `cors_origins` is refused 403 in the
 path's dialect before a route runs: a page the user visits must not drive the gateway with a
 "simple" request (a text/plain POST needs no preflight), whatever auth says. An allowed
 origin's responses get their `Access-Control-*` headers once, on the response's head.
@@ -113,8 +115,8 @@ class Cors:
         """The `send` the request goes on with (adding the CORS headers), or None when this
         layer has answered it: a preflight, or a refused origin."""
         text = origin.decode("latin-1")
-        allowed = self.policy.allows(text)
         headers = _header_map(scope)
+        allowed = self.policy.allows(text) or _same_origin(text, headers)
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if not allowed:
             log.info("refused %s %s from origin %r (not in cors_origins)", scope["method"], scope["path"], text)
@@ -125,6 +127,27 @@ class Cors:
             return None
         return _WithCors(send, [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
                                 (b"access-control-expose-headers", EXPOSED_HEADERS)])
+
+
+def _same_origin(origin: str, headers: Mapping[bytes, bytes]) -> bool:
+    """Whether the page is the gateway's own origin: browsers send `Origin` on a same-origin
+    POST too, which must not be refused as a stranger's page. The browser says so itself
+    (`Sec-Fetch-Site`, which no page can set: right behind any proxy), or `origin` names the
+    address the request was sent to (`Host`, or the `X-Forwarded-Host` a reverse proxy
+    passes), either scheme, as Ollama's CORS layer (Go's `CrossOriginProtection` does both).
+    (A DNS-rebinding page is same-origin too, but so are its GETs, which carry no `Origin`:
+    the guard's `Host` check covers both.)"""
+    if headers.get(b"sec-fetch-site") == b"same-origin":
+        return True
+    _, sep, authority = origin.lower().partition("://")
+    if not sep or not authority:
+        return False
+    for name in (b"host", b"x-forwarded-host"):
+        value = headers.get(name)
+        # A proxy chain's first entry is the name the browser used.
+        if value is not None and value.decode("latin-1").partition(",")[0].strip().lower() == authority:
+            return True
+    return False
 
 
 def _header_map(scope: Mapping[str, Any]) -> dict[bytes, bytes]:
@@ -144,7 +167,8 @@ async def _preflight(origin: bytes, headers: dict[bytes, bytes], send: ASGISendC
         (b"access-control-allow-methods", ALLOWED_METHODS),
         (b"access-control-max-age", MAX_AGE),
         (b"vary", _PREFLIGHT_VARY),
-        (b"content-length", b"0"),
+        # No `Content-Length` on a 204 (RFC 9110 §8.6): Envoy (Istio, Contour, Envoy Gateway)
+        # answers such a response 502, and every preflight through it with it.
     ]
     requested = headers.get(b"access-control-request-headers")
     if requested:
@@ -168,6 +192,8 @@ async def _refuse(origin: str, scope: Mapping[str, Any], headers: dict[bytes, by
     anthropic_version = headers.get(b"anthropic-version")
     dialect = dialect_of(scope["path"], None if anthropic_version is None else anthropic_version.decode("latin-1"))
     reply = error_reply(error, dialect)
+    # A cache in front must not give this refusal to the pages that are allowed.
+    reply.headers.append((b"vary", b"Origin"))
     if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
         # The body is left unread: the connection cannot carry another request.
         reply.headers.append((b"connection", b"close"))

@@ -573,6 +573,13 @@ def _ingest_operation() -> Operation:
     return operation
 
 
+def _streams_operation(*args: Any, **kwargs: Any) -> Operation:
+    """`/v1/streams`: 204 too, for a client past the end."""
+    operation = _op(*args, **kwargs)
+    operation["responses"] = {**operation["responses"], "204": {"description": "The client saw `finished` already"}}
+    return operation
+
+
 _RERANK_OPERATION = _op(
     "Rerank documents against a query (Jina's and Cohere's shape)", "OpenAI", _ok(_RERANK), body=_RERANK_REQUEST,
     parameters=_TRACE_HEADERS,
@@ -675,7 +682,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
             _RESPONSE_ID,
             {"name": "stream", "in": "query", "schema": _BOOL, "description": "The response's events again, as SSE."},
             {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": 0},
-             "description": "With `stream=true`: the last `sequence_number` seen; the events after it."},
+             "description": "With `stream=true`: the last `sequence_number` seen; the events after it "
+             "(`Last-Event-ID`, the frames' `id`, wins, and is answered 204 when there are none)."},
         ],
         description="Found while the journal keeps the response (its row, and its events on NATS); the settings "
         "it echoes are the defaults, not the request's.",
@@ -704,14 +712,15 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Stops a response on whichever instance runs it (passed on over NATS; 409 when that instance "
         "does not stop it within 10 s) and answers it `cancelled`; one that has ended is answered as it stands.",
     ),
-    ("/v1/streams/{trace_id}", "get"): _op(
+    ("/v1/streams/{trace_id}", "get"): _streams_operation(
         "Resume a trace's event stream", "Streams", _ok(media="text/event-stream"),
         parameters=[
             {"name": "trace_id", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
             {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0},
-             "description": "The last sequence number seen (also `Last-Event-ID`)."},
+             "description": "The last sequence number seen (`Last-Event-ID`, when sent, wins)."},
         ],
-        description="Server-sent events `id: SEQ`, `event: TYPE`, ending after `finished`.",
+        description="Server-sent events `id: SEQ`, `event: TYPE`, ending after `finished`; 204 (no content) for a "
+        "client that saw `finished` already, which ends a browser's EventSource.",
     ),
     ("/api/chat", "post"): _op(
         "Chat (Ollama)", "Ollama", _ok(_OBJ, stream="application/x-ndjson"), body=_OLLAMA_CHAT, dialect="ollama",

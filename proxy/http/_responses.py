@@ -403,7 +403,10 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     query = parse_qs(incoming.head.query.decode("latin-1"))
     if (query.get("stream") or ["false"])[0].lower() != "true":
         return await _whole(persistence, trace_id, response)
-    raw_after = (query.get("starting_after") or ["-1"])[0]
+    # A browser's EventSource reconnects to the URL it opened, saying in `Last-Event-ID` (the
+    # frames' `id`) how far it got.
+    last_event_id = incoming.head.header("last-event-id") or None
+    raw_after = last_event_id or (query.get("starting_after") or ["-1"])[0]
     if not is_decimal(raw_after.removeprefix("-")) or int(raw_after) < -1:
         raise invalid_request("`starting_after` must be a sequence number (an integer, 0 or more).", param="starting_after")
     stored = await _stored(persistence, trace_id)
@@ -425,6 +428,7 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
     return EventsBody(
         persistence, trace_id, 0, current_tenant(), framer, resumed=resumed, not_found=_not_found(response),
+        hold_head=last_event_id is not None,
     )
 
 
@@ -636,9 +640,11 @@ class _ResumeFramer:
         return self._renderer.close()
 
     def _written(self, frames: bytes) -> bytes:
-        if self._after < 0 or not frames:
-            return frames
-        return b"".join(frame + b"\n\n" for frame in frames.split(b"\n\n") if frame and _number(frame) > self._after)
+        # Each frame's `id:` is its sequence number: what a browser's EventSource resumes from.
+        return b"".join(
+            b"id: %d\n%s\n\n" % (number, frame)
+            for frame in frames.split(b"\n\n") if frame and (number := _number(frame)) > self._after
+        )
 
 
 def _number(frame: bytes) -> int:

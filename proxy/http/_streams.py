@@ -2,8 +2,9 @@
 
 Each frame is `id: SEQ`, `event: TYPE`, `data: {event JSON}` in the seed's schema
 (`proxy/dialects/events.py`); the stream ends after `finished`. A client that lost its
-connection reads the rest from its last seen `id` (also accepted as `Last-Event-ID`), from
-any gateway instance sharing the same NATS and PostgreSQL.
+connection reads the rest from its last seen `id` (`Last-Event-ID`, which a browser's
+EventSource sends, wins over `after`), from any gateway instance sharing the same NATS and
+PostgreSQL; one that saw `finished` already gets 204 (which ends an EventSource).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class EventsBody(DirectBody):
 
     def __init__(
         self, persistence: Persistence, trace_id: str, after: int, tenant: str | None, framer: Framer,
-        *, resumed: str | None = None, not_found: GatewayError | None = None,
+        *, resumed: str | None = None, not_found: GatewayError | None = None, hold_head: bool = False,
     ) -> None:
         self._persistence = persistence
         self._trace_id = trace_id
@@ -64,6 +65,9 @@ class EventsBody(DirectBody):
         self._framer = framer
         self._resumed = resumed  # see `trace_events`
         self._not_found = not_found  # a trace not known, in the words of the path that asked
+        # The head waits for the first frame the framer writes (not its first event): a
+        # client that has them all is answered 204 rather than an empty stream.
+        self._hold_head = hold_head
 
     async def _produce(self, send: trio.MemorySendChannel[tuple[int, WireEvent] | GatewayError]) -> None:
         async with send:
@@ -93,14 +97,17 @@ class EventsBody(DirectBody):
                             return
                         await send({"type": "http.response.body", "body": self._framer.error(item), "more_body": True})
                         break
-                    if not started:
+                    frame = self._framer.frame(*item)
+                    if not started and (frame or not self._hold_head):
                         started = True
                         await _head(send, 200, b"text/event-stream; charset=utf-8")
-                    frame = self._framer.frame(*item)
                     if frame:
                         await send({"type": "http.response.body", "body": frame, "more_body": True})
         if not started:
-            await _head(send, 200, b"text/event-stream; charset=utf-8")
+            # Nothing after where the client was: it saw the end already. 204 is what tells a
+            # browser's EventSource to stop (an empty 200 stream has it reconnect every few
+            # seconds, for as long as its page is open).
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"cache-control", b"no-cache")]})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -123,7 +130,9 @@ async def stream_events(incoming: Incoming) -> DirectBody:
     if persistence is None:
         raise GatewayError(ErrorKind.NOT_FOUND, "Stream resume needs NATS or PostgreSQL; this gateway has neither.")
     query = parse_qs(incoming.head.query.decode("latin-1"))
-    raw_after = (query.get("after") or [""])[0] or incoming.head.header("last-event-id") or "0"
+    # A browser's EventSource reconnects to the URL it was opened with (its `after`, if any),
+    # saying in `Last-Event-ID` how far it got: that wins, or it would get again what it had.
+    raw_after = incoming.head.header("last-event-id") or (query.get("after") or [""])[0] or "0"
     if not is_decimal(raw_after):
         raise invalid_request("`after` must be a non-negative integer (the last sequence number seen).", param="after")
     return EventsBody(persistence, incoming.params["trace_id"], int(raw_after), current_tenant(), SeedFramer())
