@@ -397,3 +397,59 @@ async def test_every_embeddings_request_has_its_request_log_line_without_its_inp
     assert len(refused) == 1 and refused[0]["kind"] == "embeddings" and refused[0]["error"]
     assert len(lines) == 3
     assert secret not in "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+class _BrokenVLLM(OpenAIBackend):
+    """A model whose output overflowed: NaN, and a value past float32's range."""
+
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        await exchange.respond(200, b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[NaN,0.5]},'
+                                    b'{"object":"embedding","index":1,"embedding":[1e39,0.5]}],'
+                                    b'"usage":{"prompt_tokens":2,"total_tokens":2}}')
+
+
+class _BrokenOllama(OllamaBackend):
+    async def _embed(self, request: Request, exchange: Exchange, *, legacy: bool) -> None:
+        await exchange.respond(200, b'{"model":"nomic-embed-text","embeddings":[[Infinity,0.5],[0.5,0.5]]}')
+
+
+async def test_a_backends_nan_or_infinity_is_a_502_never_a_vector() -> None:
+    """A broken model's NaN made the float answer a 500 ("see the gateway's log") and went
+    as is into a base64 answer, which the openai SDK decoded into the client's index."""
+    vllm, ol = _BrokenVLLM(), _BrokenOllama()
+    async with vllm.serve() as vllm_server, ol.serve() as ol_server, running_gateway(
+        backend("vllm", vllm_server.url, default=True),
+        backend("ol", ol_server.url, kind="ollama", prefixes=("nomic-",)),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model in ("bge-m3", "nomic-embed-text"):
+            for encoding in ("base64", "float"):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await client.embeddings.create(model=model, input=["a", "b"], encoding_format=encoding)
+                assert caught.value.status_code == 502, (model, encoding)
+                assert "not a finite number" in caught.value.message
+        await client.close()
+        async with ollama.AsyncClient(host=url) as native:
+            for model in ("bge-m3", "nomic-embed-text"):
+                with pytest.raises(ollama.ResponseError) as refused:
+                    await native.embed(model=model, input=["a", "b"])
+                assert refused.value.status_code == 502 and "not a finite number" in refused.value.error
+
+
+class _Misnumbered(OpenAIBackend):
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        vector = [0.6, 0.8]
+        await exchange.respond_json(200, {"object": "list", "data": [
+            {"object": "embedding", "index": 0, "embedding": vector},
+            {"object": "embedding", "index": 0, "embedding": vector[::-1]},
+        ], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+
+
+async def test_a_backends_repeated_index_is_a_502_not_vectors_paired_with_the_wrong_inputs() -> None:
+    fake = _Misnumbered()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.embeddings.create(model="bge-m3", input=["a", "b"])
+        await client.close()
+    assert caught.value.status_code == 502 and "invalid embeddings response" in caught.value.message

@@ -411,13 +411,7 @@ class EmbeddingService:
             if error.code == CONTEXT_LENGTH_EXCEEDED:
                 error.param = "input"  # the backends' mapping names a chat's `messages`
             raise
-        try:
-            vectors = np.asarray(output.vectors, dtype=np.float32)
-        except ValueError:
-            raise GatewayError(
-                ErrorKind.BACKEND, f"Backend `{route.backend}` returned embeddings of different lengths."
-            ) from None
-        vectors = vectors.reshape(call.expected, -1)
+        vectors = output.vectors.reshape(call.expected, -1)
         return EmbeddingResponse(
             model=request.model,
             vectors=_shortened(vectors, request.dimensions) if shortens_here else vectors,

@@ -281,12 +281,21 @@ def says_unknown(response: httpx.Response, model: str) -> bool:
 
 
 def _embeddings_output(content: bytes, name: str, expected: int) -> EmbeddingOutput:
+    invalid = GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.")
     try:
         data = json.loads(content)
-        items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
+        items = data["data"]
+        indexes = [item.get("index") for item in items]
+        if any(index is not None for index in indexes):
+            # Each input's vector at its index; a repeated or missing index would pair
+            # vectors with the wrong inputs without a word.
+            order = sorted(range(len(items)), key=lambda i: indexes[i])
+            if [indexes[i] for i in order] != list(range(len(items))):
+                raise invalid
+            items = [items[i] for i in order]
         vectors = [item["embedding"] for item in items]
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.") from None
+        raise invalid from None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     tokens = usage.get("prompt_tokens")
     return EmbeddingOutput(
