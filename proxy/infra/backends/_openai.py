@@ -26,6 +26,7 @@ from proxy.infra.backends._base import (
     create_client,
     embedding_vectors,
     listing_refused,
+    loads_yielding,
     not_json,
     off_loop_if_large,
     path_segment,
@@ -179,7 +180,7 @@ class OpenAIBackend:
         timeout = self.config.timeouts.total
         with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
-                "/embeddings", content=json.dumps(body).encode(),
+                "/embeddings", content=await call.encoded(body),
                 headers={"content-type": "application/json", **call.headers},
             )
         if scope.cancelled_caught:
@@ -283,7 +284,7 @@ def says_unknown(response: httpx.Response, model: str) -> bool:
 def _embeddings_output(content: bytes, name: str, expected: int) -> EmbeddingOutput:
     invalid = GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.")
     try:
-        data = json.loads(content)
+        data = loads_yielding(content)
         items = data["data"]
         indexes = [item.get("index") for item in items]
         if any(index is not None for index in indexes):
