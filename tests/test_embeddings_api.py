@@ -320,6 +320,31 @@ async def test_ollama_options_and_keep_alive_reach_an_ollama_backend_only(setup:
     assert setup.ollama_fake.requests[-1].json == {"model": "nomic-embed-text", "input": ["one"]}
 
 
+async def test_an_ollama_embed_without_input_loads_or_unloads_the_model_as_ollama_does(setup: Setup) -> None:
+    """How Ollama users keep an embedding model loaded (`/api/generate` refuses one): an embed
+    call with no input and `keep_alive: -1`. The gateway answered it itself, so the model
+    never loaded, and `keep_alive: 0` never unloaded it."""
+    preloaded = await setup.ollama.embed(model="nomic-embed-text", input=[], keep_alive=-1)
+    assert preloaded.embeddings == []
+    assert setup.ollama_fake.requests[-1].json == {"model": "nomic-embed-text", "input": [], "keep_alive": -1}
+    assert [m.model for m in (await setup.ollama.ps()).models] == ["nomic-embed-text:latest"]
+    await setup.ollama.embed(model="nomic-embed-text", keep_alive=0)
+    assert (await setup.ollama.ps()).models == []
+    legacy = await setup.ollama.embeddings(model="nomic-embed-text", keep_alive="10m")
+    assert legacy.embedding == []
+    assert setup.ollama_fake.requests[-1].path == "/api/embeddings"
+    assert [m.model for m in (await setup.ollama.ps()).models] == ["nomic-embed-text:latest"]
+    # A model no backend has is Ollama's 404, input or not.
+    setup.ollama_fake.models = ["nomic-embed-text"]
+    with pytest.raises(ollama.ResponseError) as missing:
+        await setup.ollama.embed(model="nomic-missing", input=[])
+    assert missing.value.status_code == 404 and "not found" in missing.value.error
+    # An OpenAI-compatible backend has no model to load: nothing is sent.
+    seen = len(setup.openai_fake.requests)
+    assert (await setup.ollama.embed(model="bge-m3", input=[])).embeddings == []
+    assert len(setup.openai_fake.requests) == seen
+
+
 async def test_ollama_errors_are_ollama_shaped(setup: Setup) -> None:
     async with httpx.AsyncClient() as http:
         bad = await http.post(f"{setup.url}/api/embed", json={"model": "all-minilm", "input": [1, 2]})

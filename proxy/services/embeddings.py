@@ -385,7 +385,11 @@ class EmbeddingService:
                 "embeddings API takes text only: chat `messages` need an OpenAI-compatible backend such as vLLM.",
                 param="messages",
             )
-        if not request.inputs and request.messages is None:
+        # Ollama loads the model for a request with no input (`keep_alive: 0` unloads it): how
+        # its clients preload an embedding model. Any other backend has nothing to do.
+        if not request.inputs and request.messages is None and not (
+            request.dialect == "ollama" and backend.config.kind == "ollama"
+        ):
             return EmbeddingResponse(
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
@@ -411,7 +415,7 @@ class EmbeddingService:
             if error.code == CONTEXT_LENGTH_EXCEEDED:
                 error.param = "input"  # the backends' mapping names a chat's `messages`
             raise
-        vectors = output.vectors.reshape(call.expected, -1)
+        vectors = output.vectors
         return EmbeddingResponse(
             model=request.model,
             vectors=_shortened(vectors, request.dimensions) if shortens_here else vectors,

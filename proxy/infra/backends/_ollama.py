@@ -144,9 +144,9 @@ class OllamaBackend:
                 param="input",
             )
         body: dict[str, Any] = {**call.extra, "model": call.upstream_model}
-        if call.legacy and len(texts) == 1:
+        if call.legacy and len(texts) <= 1:
             path = "/api/embeddings"
-            body["prompt"] = texts[0]
+            body["prompt"] = texts[0] if texts else ""
         else:
             path = "/api/embed"
             body["input"] = texts
@@ -253,8 +253,8 @@ def _json_object(content: bytes, backend: str, loads: Callable[[bytes], Any] = j
 
 def _embeddings_output(content: bytes, name: str, path: str, expected: int) -> EmbeddingOutput:
     data = _json_object(content, name, loads_yielding)
-    if path == "/api/embeddings":
-        return EmbeddingOutput(embedding_vectors([data.get("embedding")], name, 1))
+    if path == "/api/embeddings":  # an empty prompt (a preload) has an empty vector
+        return EmbeddingOutput(embedding_vectors([data.get("embedding")] if expected else [], name, expected))
     tokens = data.get("prompt_eval_count")
     return EmbeddingOutput(
         embedding_vectors(data.get("embeddings"), name, expected),
