@@ -192,6 +192,36 @@ async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
         await eventually(recorded)
 
 
+class NegativeUsage(OpenAIBackend):
+    """A server whose usage is not a count (a bug's negative number)."""
+
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        await exchange.respond_json(200, {"object": "list", "model": "m", "usage": {"prompt_tokens": -1000000},
+                                          "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}]})
+
+
+async def test_a_negative_token_count_from_a_backend_is_no_credit_to_the_key(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A backend's -1000000 tokens were charged as is: the key's usage went negative, and its
+    `--tpm` bucket was credited a million tokens. It is charged the input's estimate instead."""
+    fake = NegativeUsage()
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "credited")
+        await wait_for_key(url, key)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        answer = await client.embeddings.create(model="text-embedding-3-small", input="x" * 400)
+        await client.close()
+    assert answer.usage.prompt_tokens == 0  # not a count the gateway can pass on
+
+    async def recorded() -> bool:
+        return await listed(pg_database_url, "credited") == {
+            "requests": 1, "errors": 0, "prompt_tokens": 100, "completion_tokens": 0
+        }
+
+    await eventually(recorded)
+
+
 class PacedEmbeddings(OpenAIBackend):
     """Embeds after a second: concurrent requests overlap."""
 

@@ -258,5 +258,5 @@ def _embeddings_output(content: bytes, name: str, path: str, expected: int) -> E
     tokens = data.get("prompt_eval_count")
     return EmbeddingOutput(
         embedding_vectors(data.get("embeddings"), name, expected),
-        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None,
     )

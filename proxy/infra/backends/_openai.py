@@ -301,5 +301,5 @@ def _embeddings_output(content: bytes, name: str, expected: int) -> EmbeddingOut
     tokens = usage.get("prompt_tokens")
     return EmbeddingOutput(
         embedding_vectors(vectors, name, expected),
-        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None,
     )
