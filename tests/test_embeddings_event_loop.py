@@ -115,7 +115,7 @@ class _Unread:
         await super().__call__(request, exchange)  # type: ignore[misc]
 
 
-class _CannedVLLM(_Unread, OpenAIBackend):
+class CannedVLLM(_Unread, OpenAIBackend):
     """Answers every embeddings call with `ROWS` vectors written beforehand."""
 
     answer = json.dumps({
@@ -152,7 +152,7 @@ async def test_large_embeddings_never_hold_the_gil_the_event_loop_needs() -> Non
         ("/api/embed", {"model": "nomic-embed-text", "input": [f"passage {i}" for i in range(ROWS)]}),
     ]
     bodies = [(path, json.dumps(body).encode()) for path, body in requests]
-    vllm, ol = _CannedVLLM(), _CannedOllama()
+    vllm, ol = CannedVLLM(), _CannedOllama()
     async with (
         vllm.serve() as vllm_server, ol.serve() as ol_server,
         running_gateway(
