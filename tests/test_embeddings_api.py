@@ -17,6 +17,7 @@ import trio
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes.ollama_backend import _LOAD_DURATION_NS
 from tests.fakes.script import embed_text
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
@@ -277,6 +278,8 @@ async def test_ollama_legacy_embeddings(setup: Setup, reference: LocalEmbedder) 
 async def test_ollama_backend_embedding_model(setup: Setup) -> None:
     response = await setup.ollama.embed(model="nomic-embed-text", input=["one two", "three"])
     np.testing.assert_allclose(response.embeddings[0], embed_text("one two", 384), atol=1e-6)
+    # The time Ollama spent loading the model, as it said (it was 0, whatever Ollama said).
+    assert response.load_duration == _LOAD_DURATION_NS and response.total_duration >= _LOAD_DURATION_NS
     sent = setup.ollama_fake.requests[-1]
     assert sent.path == "/api/embed" and sent.json == {"model": "nomic-embed-text", "input": ["one two", "three"]}
     legacy = await setup.ollama.embeddings(model="nomic-embed-text", prompt="three")

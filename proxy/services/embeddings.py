@@ -323,7 +323,8 @@ class EmbeddingService:
             response = await self._embed_locally(request)
         else:
             response = await self._embed_on_backend(request)
-        response.total_seconds = time.perf_counter() - started
+        # Ollama counts the load within the total (a backend that says so is believed).
+        response.total_seconds = max(time.perf_counter() - started, response.load_seconds)
         return response
 
     async def _embed_locally(self, request: EmbeddingRequest) -> EmbeddingResponse:
@@ -422,6 +423,7 @@ class EmbeddingService:
             prompt_tokens=output.prompt_tokens or 0,
             backend=route.backend,
             upstream_model=route.upstream_model,
+            load_seconds=output.load_seconds,
             estimated_tokens=None if output.prompt_tokens is not None else (
                 _estimate(request.inputs) if request.messages is None else request.estimated_tokens()
             ),

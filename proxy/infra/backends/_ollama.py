@@ -255,8 +255,9 @@ def _embeddings_output(content: bytes, name: str, path: str, expected: int) -> E
     data = _json_object(content, name, loads_yielding)
     if path == "/api/embeddings":  # an empty prompt (a preload) has an empty vector
         return EmbeddingOutput(embedding_vectors([data.get("embedding")] if expected else [], name, expected))
-    tokens = data.get("prompt_eval_count")
+    tokens, load = data.get("prompt_eval_count"), data.get("load_duration")
     return EmbeddingOutput(
         embedding_vectors(data.get("embeddings"), name, expected),
         tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None,
+        load / 1e9 if isinstance(load, int) and not isinstance(load, bool) and load > 0 else 0.0,
     )

@@ -164,6 +164,7 @@ def _encoded_in_pieces(body: dict[str, Any]) -> bytes:
 class EmbeddingOutput:
     vectors: npt.NDArray[np.float32]  # (inputs, dimensions), every value finite
     prompt_tokens: int | None = None
+    load_seconds: float = 0.0  # the time the backend took to load the model for this call (Ollama's)
 
 
 @runtime_checkable
