@@ -401,6 +401,32 @@ async def test_an_input_too_long_for_the_model_is_context_length_exceeded_on_inp
         assert refused.value.status_code == 400 and refused.value.error == OLLAMA_EMBEDDING_TOO_LONG
 
 
+async def test_ollamas_truncate_holds_before_the_gateway_has_listed_vllms_window() -> None:
+    """The first embed of a long text after a restart was vLLM's 400 (the gateway did not know
+    the window to cut it to yet); the same call a moment later, once something had listed the
+    models, was cut and answered."""
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    class Refusing(WindowedVLLM):
+        async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+            body = request.json()
+            if "truncate_prompt_tokens" not in body and len(body["input"][0]) // self.chars_per_token > WINDOW:
+                await exchange.respond_json(400, {"object": "error", "message": VLLM_EMBEDDING_TOO_LONG,
+                                                  "type": "BadRequestError", "param": None, "code": 400})
+                return
+            await super()._embeddings(request, exchange)
+
+    fake = Refusing()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",))) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            first = await client.embed(model="qwen3-8b", input="word " * (WINDOW * 2))
+            assert len(first.embeddings) == 1
+            assert fake.requests[-1].json["truncate_prompt_tokens"] == WINDOW
+            with pytest.raises(ollama.ResponseError) as refused:  # as Ollama: an error, not a cut
+                await client.embed(model="qwen3-8b", input="word " * (WINDOW * 2), truncate=False)
+            assert refused.value.status_code == 400
+
+
 async def test_every_embeddings_request_has_its_request_log_line_without_its_input(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

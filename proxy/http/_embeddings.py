@@ -20,7 +20,7 @@ import trio
 from quart import Blueprint, Response
 
 from proxy.dialects._json import Fields, dumps, loads_object
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError, invalid_request
 from proxy.http._auth import take_reservation
 from proxy.http._context import gateway, request_body, request_head, request_meta
 from proxy.services.auth import current_principal
@@ -327,7 +327,18 @@ async def ollama_embed() -> Response:
     request = await _parsed(_ollama_embed_request)
     request.headers, request_id = _backend_headers()
     request.window = _listed_window(request.model)
-    result = await _ollama_embed(request)
+    try:
+        result = await _ollama_embed(request)
+    except GatewayError as error:
+        if error.code != CONTEXT_LENGTH_EXCEEDED or not request.truncate or request.window is not None:
+            raise
+        # Refused for its length before the gateway had listed the backend's models, where
+        # vLLM says its window: listed now, the input is cut to it as on any later call.
+        await gateway().catalog.models()
+        request.window = _listed_window(request.model)
+        if request.window is None:
+            raise
+        result = await _ollama_embed(request)
     body = await _serialised(_ollama_body, result, request.model)
     return _json(body, result, request_id, _OLLAMA_JSON)
 
