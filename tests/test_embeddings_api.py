@@ -17,6 +17,7 @@ import trio
 from proxy.infra.embedder import LocalEmbedder
 from proxy.infra.logging import REQUEST_LOGGER
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes.ollama_backend import _LOAD_DURATION_NS
 from tests.fakes.script import embed_text
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
@@ -277,6 +278,8 @@ async def test_ollama_legacy_embeddings(setup: Setup, reference: LocalEmbedder) 
 async def test_ollama_backend_embedding_model(setup: Setup) -> None:
     response = await setup.ollama.embed(model="nomic-embed-text", input=["one two", "three"])
     np.testing.assert_allclose(response.embeddings[0], embed_text("one two", 384), atol=1e-6)
+    # The time Ollama spent loading the model, as it said (it was 0, whatever Ollama said).
+    assert response.load_duration == _LOAD_DURATION_NS and response.total_duration >= _LOAD_DURATION_NS
     sent = setup.ollama_fake.requests[-1]
     assert sent.path == "/api/embed" and sent.json == {"model": "nomic-embed-text", "input": ["one two", "three"]}
     legacy = await setup.ollama.embeddings(model="nomic-embed-text", prompt="three")
@@ -318,6 +321,31 @@ async def test_ollama_options_and_keep_alive_reach_an_ollama_backend_only(setup:
     assert len(local.embeddings[0]) == 384
     await setup.client.embeddings.create(model="nomic-embed-text", input="one", user="user-7")
     assert setup.ollama_fake.requests[-1].json == {"model": "nomic-embed-text", "input": ["one"]}
+
+
+async def test_an_ollama_embed_without_input_loads_or_unloads_the_model_as_ollama_does(setup: Setup) -> None:
+    """How Ollama users keep an embedding model loaded (`/api/generate` refuses one): an embed
+    call with no input and `keep_alive: -1`. The gateway answered it itself, so the model
+    never loaded, and `keep_alive: 0` never unloaded it."""
+    preloaded = await setup.ollama.embed(model="nomic-embed-text", input=[], keep_alive=-1)
+    assert preloaded.embeddings == []
+    assert setup.ollama_fake.requests[-1].json == {"model": "nomic-embed-text", "input": [], "keep_alive": -1}
+    assert [m.model for m in (await setup.ollama.ps()).models] == ["nomic-embed-text:latest"]
+    await setup.ollama.embed(model="nomic-embed-text", keep_alive=0)
+    assert (await setup.ollama.ps()).models == []
+    legacy = await setup.ollama.embeddings(model="nomic-embed-text", keep_alive="10m")
+    assert legacy.embedding == []
+    assert setup.ollama_fake.requests[-1].path == "/api/embeddings"
+    assert [m.model for m in (await setup.ollama.ps()).models] == ["nomic-embed-text:latest"]
+    # A model no backend has is Ollama's 404, input or not.
+    setup.ollama_fake.models = ["nomic-embed-text"]
+    with pytest.raises(ollama.ResponseError) as missing:
+        await setup.ollama.embed(model="nomic-missing", input=[])
+    assert missing.value.status_code == 404 and "not found" in missing.value.error
+    # An OpenAI-compatible backend has no model to load: nothing is sent.
+    seen = len(setup.openai_fake.requests)
+    assert (await setup.ollama.embed(model="bge-m3", input=[])).embeddings == []
+    assert len(setup.openai_fake.requests) == seen
 
 
 async def test_ollama_errors_are_ollama_shaped(setup: Setup) -> None:
@@ -373,6 +401,32 @@ async def test_an_input_too_long_for_the_model_is_context_length_exceeded_on_inp
         assert refused.value.status_code == 400 and refused.value.error == OLLAMA_EMBEDDING_TOO_LONG
 
 
+async def test_ollamas_truncate_holds_before_the_gateway_has_listed_vllms_window() -> None:
+    """The first embed of a long text after a restart was vLLM's 400 (the gateway did not know
+    the window to cut it to yet); the same call a moment later, once something had listed the
+    models, was cut and answered."""
+    from tests.test_responses_truncation import WINDOW, WindowedVLLM
+
+    class Refusing(WindowedVLLM):
+        async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+            body = request.json()
+            if "truncate_prompt_tokens" not in body and len(body["input"][0]) // self.chars_per_token > WINDOW:
+                await exchange.respond_json(400, {"object": "error", "message": VLLM_EMBEDDING_TOO_LONG,
+                                                  "type": "BadRequestError", "param": None, "code": 400})
+                return
+            await super()._embeddings(request, exchange)
+
+    fake = Refusing()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, prefixes=("qwen",))) as url:
+        async with ollama.AsyncClient(host=url) as client:
+            first = await client.embed(model="qwen3-8b", input="word " * (WINDOW * 2))
+            assert len(first.embeddings) == 1
+            assert fake.requests[-1].json["truncate_prompt_tokens"] == WINDOW
+            with pytest.raises(ollama.ResponseError) as refused:  # as Ollama: an error, not a cut
+                await client.embed(model="qwen3-8b", input="word " * (WINDOW * 2), truncate=False)
+            assert refused.value.status_code == 400
+
+
 async def test_every_embeddings_request_has_its_request_log_line_without_its_input(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -397,3 +451,59 @@ async def test_every_embeddings_request_has_its_request_log_line_without_its_inp
     assert len(refused) == 1 and refused[0]["kind"] == "embeddings" and refused[0]["error"]
     assert len(lines) == 3
     assert secret not in "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+
+
+class _BrokenVLLM(OpenAIBackend):
+    """A model whose output overflowed: NaN, and a value past float32's range."""
+
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        await exchange.respond(200, b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[NaN,0.5]},'
+                                    b'{"object":"embedding","index":1,"embedding":[1e39,0.5]}],'
+                                    b'"usage":{"prompt_tokens":2,"total_tokens":2}}')
+
+
+class _BrokenOllama(OllamaBackend):
+    async def _embed(self, request: Request, exchange: Exchange, *, legacy: bool) -> None:
+        await exchange.respond(200, b'{"model":"nomic-embed-text","embeddings":[[Infinity,0.5],[0.5,0.5]]}')
+
+
+async def test_a_backends_nan_or_infinity_is_a_502_never_a_vector() -> None:
+    """A broken model's NaN made the float answer a 500 ("see the gateway's log") and went
+    as is into a base64 answer, which the openai SDK decoded into the client's index."""
+    vllm, ol = _BrokenVLLM(), _BrokenOllama()
+    async with vllm.serve() as vllm_server, ol.serve() as ol_server, running_gateway(
+        backend("vllm", vllm_server.url, default=True),
+        backend("ol", ol_server.url, kind="ollama", prefixes=("nomic-",)),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model in ("bge-m3", "nomic-embed-text"):
+            for encoding in ("base64", "float"):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await client.embeddings.create(model=model, input=["a", "b"], encoding_format=encoding)
+                assert caught.value.status_code == 502, (model, encoding)
+                assert "not a finite number" in caught.value.message
+        await client.close()
+        async with ollama.AsyncClient(host=url) as native:
+            for model in ("bge-m3", "nomic-embed-text"):
+                with pytest.raises(ollama.ResponseError) as refused:
+                    await native.embed(model=model, input=["a", "b"])
+                assert refused.value.status_code == 502 and "not a finite number" in refused.value.error
+
+
+class _Misnumbered(OpenAIBackend):
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        vector = [0.6, 0.8]
+        await exchange.respond_json(200, {"object": "list", "data": [
+            {"object": "embedding", "index": 0, "embedding": vector},
+            {"object": "embedding", "index": 0, "embedding": vector[::-1]},
+        ], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
+
+
+async def test_a_backends_repeated_index_is_a_502_not_vectors_paired_with_the_wrong_inputs() -> None:
+    fake = _Misnumbered()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.embeddings.create(model="bge-m3", input=["a", "b"])
+        await client.close()
+    assert caught.value.status_code == 502 and "invalid embeddings response" in caught.value.message

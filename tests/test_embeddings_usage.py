@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from tests.test_auth_helpers import (
     sql,
     wait_for_key,
 )
+from tests.test_embeddings_event_loop import MAX_WAIT_SECONDS, ROWS, CannedVLLM, longest_wait
 
 pytest_plugins = ["tests.infra_servers"]
 
@@ -190,6 +192,60 @@ async def test_an_embeddings_request_left_by_its_client_is_charged_its_estimate(
             }
 
         await eventually(recorded)
+
+
+class NegativeUsage(OpenAIBackend):
+    """A server whose usage is not a count (a bug's negative number)."""
+
+    async def _embeddings(self, request: Request, exchange: Exchange) -> None:
+        await exchange.respond_json(200, {"object": "list", "model": "m", "usage": {"prompt_tokens": -1000000},
+                                          "data": [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}]})
+
+
+async def test_a_negative_token_count_from_a_backend_is_no_credit_to_the_key(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A backend's -1000000 tokens were charged as is: the key's usage went negative, and its
+    `--tpm` bucket was credited a million tokens. It is charged the input's estimate instead."""
+    fake = NegativeUsage()
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "credited")
+        await wait_for_key(url, key)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        answer = await client.embeddings.create(model="text-embedding-3-small", input="x" * 400)
+        await client.close()
+    assert answer.usage.prompt_tokens == 0  # not a count the gateway can pass on
+
+    async def recorded() -> bool:
+        return await listed(pg_database_url, "credited") == {
+            "requests": 1, "errors": 0, "prompt_tokens": 100, "completion_tokens": 0
+        }
+
+    await eventually(recorded)
+
+
+async def test_a_keys_large_request_is_reserved_without_holding_the_event_loop(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A key with `--tpm` has its request's tokens counted before it runs: a LangChain batch of
+    token arrays (14 MB) was parsed and counted on the event loop, every stream stalled."""
+    arrays = random.Random(3)
+    body = json.dumps({"model": "bge-m3", "input": [[arrays.randrange(100_000) for _ in range(1000)] for _ in range(ROWS)]})
+    canned = CannedVLLM()
+    async with canned.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "langchain", "--tpm", "100000000")
+        await wait_for_key(url, key)
+        async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=60) as client:
+            waits = []
+            for _ in range(3):  # a busy machine can make the loop wait now and then; this never would
+                answer, wait = await longest_wait(
+                    lambda: client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+                )
+                assert answer.status_code == 200, answer.text
+                waits.append(wait)
+                if wait < MAX_WAIT_SECONDS:
+                    break
+    assert min(waits) < MAX_WAIT_SECONDS, waits
 
 
 class PacedEmbeddings(OpenAIBackend):

@@ -32,6 +32,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a valid JSON value")
 
 
+def _int(text: str) -> int:
+    return int(text)
+
+
 class _OutOfRange(ValueError):
     pass
 
@@ -48,10 +52,14 @@ def _finite_float(text: str) -> float:
 _TOO_DEEP = object()  # how a body too deep to parse reads; JSON's own `null` parses as None
 
 
-def loads_object(body: bytes | str, what: str = "request body") -> dict[str, Any]:
-    """Parse JSON that must be an object; a clear 400 otherwise."""
+def loads_object(body: bytes | str, what: str = "request body", *, yielding: bool = False) -> dict[str, Any]:
+    """Parse JSON that must be an object; a clear 400 otherwise. `yielding`: for a large body
+    parsed in a worker thread, its integers go through Python code too, where the thread lets
+    the event loop have the GIL (a megabyte of token ids would otherwise hold it throughout)."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(
+            body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int if yielding else None
+        )
     except RecursionError:
         value = _TOO_DEEP
     except _OutOfRange as exc:

@@ -11,16 +11,16 @@ import base64
 import contextvars
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import trio
 from quart import Blueprint, Response
 
 from proxy.dialects._json import Fields, dumps, loads_object
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError, invalid_request
 from proxy.http._auth import take_reservation
 from proxy.http._context import gateway, request_body, request_head, request_meta
 from proxy.services.auth import current_principal
@@ -33,6 +33,7 @@ MAX_DIMENSIONS = 16384
 blueprint = Blueprint("embeddings", __name__)
 
 _OLLAMA_JSON = "application/json; charset=utf-8"
+_Read = TypeVar("_Read")
 
 
 @dataclass(slots=True)
@@ -158,9 +159,31 @@ def _chat_messages(value: Any) -> list[dict[str, Any]]:
     return value
 
 
+# Bodies past which a request is parsed and checked in a worker thread: LangChain's default
+# batch, 1000 texts as token arrays, is 7 MB that took a quarter second of CPU on the event
+# loop, a stall of every stream it serves.
+_OFF_LOOP_BODY = 512 * 1024
+
+
+async def _parsed(read: Callable[[bytes], _Read]) -> _Read:
+    body = await request_body()
+    if len(body) <= _OFF_LOOP_BODY:
+        return read(body)
+    return await trio.to_thread.run_sync(read, body)
+
+
 @blueprint.post("/v1/embeddings")
 async def openai_embeddings() -> Response:
-    fields = Fields(loads_object(await request_body()))
+    request, encoding = await _parsed(_openai_request)
+    request.headers, request_id = _backend_headers()
+    result = await _embed(request)
+    body = await _serialised(_openai_body, result, encoding)
+    return _json(body, result, request_id, "application/json")
+
+
+def _openai_request(body: bytes) -> tuple[EmbeddingRequest, str]:
+    """An OpenAI client's request and its `encoding_format`."""
+    fields = Fields(loads_object(body, yielding=len(body) > _OFF_LOOP_BODY))
     model = fields.text("model", required=True, nonempty=True)
     assert model is not None
     _note_model(model)
@@ -179,25 +202,19 @@ async def openai_embeddings() -> Response:
     dimensions = fields.integer("dimensions", minimum=1, maximum=MAX_DIMENSIONS)
     fields.text("user")
     extra = {k: v for k, v in sent.items() if k not in _OPENAI_MODELLED}
-    headers, request_id = _backend_headers()
-    result = await _embed(EmbeddingRequest(
-        model=model, inputs=inputs, dimensions=dimensions, headers=headers, extra=extra, messages=messages
-    ))
-    body = await _serialised(_openai_body, result, encoding)
-    return _json(body, result, request_id, "application/json")
+    return EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, extra=extra, messages=messages), encoding
 
 
 def _openai_body(result: EmbeddingResponse, encoding: str) -> bytes:
-    data = [
-        {"object": "embedding", "index": index, "embedding": _encode(vector, encoding)}
-        for index, vector in enumerate(result.vectors)
-    ]
-    return dumps({
-        "object": "list",
-        "data": data,
-        "model": result.model,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    })
+    data = b",".join(
+        dumps([
+            {"object": "embedding", "index": start + offset, "embedding": _encode(vector, encoding)}
+            for offset, vector in enumerate(piece)
+        ])[1:-1]
+        for start, piece in _pieces(result.vectors)
+    )
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return b'{"object":"list","data":[%b],"model":%b,"usage":%b}' % (data, dumps(result.model), dumps(usage))
 
 
 def _encode(vector: np.ndarray[Any, Any], encoding: str) -> Any:
@@ -209,6 +226,16 @@ def _encode(vector: np.ndarray[Any, Any], encoding: str) -> Any:
 # Vector values past which a response is written in a worker thread: 2048 vectors as JSON
 # floats take a third of a second of CPU, which on the event loop would stall every stream.
 _OFF_LOOP_VALUES = 65_536
+# ... and written a piece of this many values at a time: one `json` call never lets go of the
+# GIL, so a thread writing the whole answer at once held the event loop just the same.
+_PIECE_VALUES = 16_384
+
+
+def _pieces(vectors: np.ndarray[Any, Any]) -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
+    """`vectors` in runs of rows of about `_PIECE_VALUES` values, each with its first row's index."""
+    rows = max(1, _PIECE_VALUES // max(1, vectors.shape[-1]))
+    for start in range(0, len(vectors), rows):
+        yield start, vectors[start : start + rows]
 
 
 async def _serialised(write: Callable[[EmbeddingResponse, str], bytes], result: EmbeddingResponse, arg: str) -> bytes:
@@ -297,7 +324,27 @@ async def _ollama_embed(request: EmbeddingRequest) -> EmbeddingResponse:
 
 @blueprint.post("/api/embed")
 async def ollama_embed() -> Response:
-    fields = Fields(loads_object(await request_body()))
+    request = await _parsed(_ollama_embed_request)
+    request.headers, request_id = _backend_headers()
+    request.window = _listed_window(request.model)
+    try:
+        result = await _ollama_embed(request)
+    except GatewayError as error:
+        if error.code != CONTEXT_LENGTH_EXCEEDED or not request.truncate or request.window is not None:
+            raise
+        # Refused for its length before the gateway had listed the backend's models, where
+        # vLLM says its window: listed now, the input is cut to it as on any later call.
+        await gateway().catalog.models()
+        request.window = _listed_window(request.model)
+        if request.window is None:
+            raise
+        result = await _ollama_embed(request)
+    body = await _serialised(_ollama_body, result, request.model)
+    return _json(body, result, request_id, _OLLAMA_JSON)
+
+
+def _ollama_embed_request(body: bytes) -> EmbeddingRequest:
+    fields = Fields(loads_object(body, yielding=len(body) > _OFF_LOOP_BODY))
     model = _ollama_model(fields)
     raw = fields.data.get("input")
     if raw is None or raw == "":
@@ -311,24 +358,18 @@ async def ollama_embed() -> Response:
     truncate = fields.boolean("truncate")
     # 0 is Go's unset integer, which Ollama's clients may send: the whole vector.
     dimensions = fields.integer("dimensions", minimum=0, maximum=MAX_DIMENSIONS) or None
-    headers, request_id = _backend_headers()
-    result = await _ollama_embed(
-        EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
-                         headers=headers, dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED),
-                         window=_listed_window(model))
-    )
-    body = await _serialised(_ollama_body, result, model)
-    return _json(body, result, request_id, _OLLAMA_JSON)
+    return EmbeddingRequest(model=model, inputs=inputs, dimensions=dimensions, truncate=truncate is not False,
+                            dialect="ollama", extra=_ollama_extra(fields, _OLLAMA_EMBED_MODELLED))
 
 
 def _ollama_body(result: EmbeddingResponse, model: str) -> bytes:
-    return dumps({
-        "model": model,
-        "embeddings": result.vectors.tolist() if len(result.vectors) else [],
+    embeddings = b",".join(dumps(piece.tolist())[1:-1] for _, piece in _pieces(result.vectors))
+    rest = dumps({
         "total_duration": int(result.total_seconds * 1e9),
         "load_duration": int(result.load_seconds * 1e9),
         "prompt_eval_count": result.prompt_tokens,
     })
+    return b'{"model":%b,"embeddings":[%b],%b' % (dumps(model), embeddings, rest[1:])
 
 
 def _listed_window(model: str) -> int | None:

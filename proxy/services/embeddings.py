@@ -323,7 +323,8 @@ class EmbeddingService:
             response = await self._embed_locally(request)
         else:
             response = await self._embed_on_backend(request)
-        response.total_seconds = time.perf_counter() - started
+        # Ollama counts the load within the total (a backend that says so is believed).
+        response.total_seconds = max(time.perf_counter() - started, response.load_seconds)
         return response
 
     async def _embed_locally(self, request: EmbeddingRequest) -> EmbeddingResponse:
@@ -385,7 +386,11 @@ class EmbeddingService:
                 "embeddings API takes text only: chat `messages` need an OpenAI-compatible backend such as vLLM.",
                 param="messages",
             )
-        if not request.inputs and request.messages is None:
+        # Ollama loads the model for a request with no input (`keep_alive: 0` unloads it): how
+        # its clients preload an embedding model. Any other backend has nothing to do.
+        if not request.inputs and request.messages is None and not (
+            request.dialect == "ollama" and backend.config.kind == "ollama"
+        ):
             return EmbeddingResponse(
                 request.model, np.empty((0, 0), np.float32), 0, route.backend, upstream_model=route.upstream_model
             )
@@ -411,19 +416,14 @@ class EmbeddingService:
             if error.code == CONTEXT_LENGTH_EXCEEDED:
                 error.param = "input"  # the backends' mapping names a chat's `messages`
             raise
-        try:
-            vectors = np.asarray(output.vectors, dtype=np.float32)
-        except ValueError:
-            raise GatewayError(
-                ErrorKind.BACKEND, f"Backend `{route.backend}` returned embeddings of different lengths."
-            ) from None
-        vectors = vectors.reshape(call.expected, -1)
+        vectors = output.vectors
         return EmbeddingResponse(
             model=request.model,
             vectors=_shortened(vectors, request.dimensions) if shortens_here else vectors,
             prompt_tokens=output.prompt_tokens or 0,
             backend=route.backend,
             upstream_model=route.upstream_model,
+            load_seconds=output.load_seconds,
             estimated_tokens=None if output.prompt_tokens is not None else (
                 _estimate(request.inputs) if request.messages is None else request.estimated_tokens()
             ),

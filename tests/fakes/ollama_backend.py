@@ -385,6 +385,12 @@ class OllamaBackend(FakeBackend):
         if parsed is None:
             return
         body, model = parsed
+        # As Ollama does: every embed call loads the model (keeps it `keep_alive`), even one
+        # with no input (how clients preload or, with `keep_alive: 0`, unload an embedding model).
+        if body.get("keep_alive") in (0, "0", "0s"):
+            self.loaded.pop(normalize_model(model), None)
+        else:
+            self.loaded[normalize_model(model)] = time.time()
         if legacy:
             prompt = body.get("prompt")
             text = prompt if isinstance(prompt, str) else ""

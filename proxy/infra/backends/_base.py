@@ -41,6 +41,7 @@ from proxy.infra.backends._types import (
     RelayBackend,
     StreamParser,
     embedding_vectors,
+    loads_yielding,
     off_loop_if_large,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "DRAIN_SECONDS", "KEEPALIVE_SECONDS", "SET_ASIDE_MAX_SECONDS", "SET_ASIDE_SECONDS", "TOKEN_ARRAYS_HINT", "Backend",
     "BackendCall", "BackendClient", "Batch", "BatchSink", "EmbeddingBackend", "EmbeddingCall", "EmbeddingOutput",
     "ModelInfo", "ParsedOutput", "RelayBackend", "ReplicaState", "Served", "StreamParser", "body_text", "create_client",
-    "current_served", "current_trace", "embedding_vectors", "is_html", "json_mended", "listing_refused", "not_json", "off_loop_if_large",
+    "current_served", "current_trace", "embedding_vectors", "is_html", "json_mended", "listing_refused", "loads_yielding",
+    "not_json", "off_loop_if_large",
     "page_not_stream", "path_segment", "pump_stream", "read_limited", "read_whole", "status_error", "timeout_error", "transport_errors",
 ]

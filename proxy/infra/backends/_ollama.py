@@ -31,6 +31,7 @@ from proxy.infra.backends._base import (
     create_client,
     embedding_vectors,
     json_mended,
+    loads_yielding,
     not_json,
     off_loop_if_large,
     status_error,
@@ -143,9 +144,9 @@ class OllamaBackend:
                 param="input",
             )
         body: dict[str, Any] = {**call.extra, "model": call.upstream_model}
-        if call.legacy and len(texts) == 1:
+        if call.legacy and len(texts) <= 1:
             path = "/api/embeddings"
-            body["prompt"] = texts[0]
+            body["prompt"] = texts[0] if texts else ""
         else:
             path = "/api/embed"
             body["input"] = texts
@@ -156,7 +157,7 @@ class OllamaBackend:
         timeout = self.config.timeouts.total
         with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
-                path, content=json.dumps(body).encode(), headers={"content-type": "application/json", **call.headers}
+                path, content=await call.encoded(body), headers={"content-type": "application/json", **call.headers}
             )
         if scope.cancelled_caught:
             raise timeout_error(name, "did not answer", timeout)
@@ -240,9 +241,9 @@ class OllamaBackend:
             raise self._error(response, response.content)
 
 
-def _json_object(content: bytes, backend: str) -> dict[str, Any]:
+def _json_object(content: bytes, backend: str, loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:
     try:
-        data = json.loads(content)
+        data = loads(content)
     except UnicodeDecodeError:
         data = json_mended(content)
     except ValueError:
@@ -253,11 +254,12 @@ def _json_object(content: bytes, backend: str) -> dict[str, Any]:
 
 
 def _embeddings_output(content: bytes, name: str, path: str, expected: int) -> EmbeddingOutput:
-    data = _json_object(content, name)
-    if path == "/api/embeddings":
-        return EmbeddingOutput(embedding_vectors([data.get("embedding")], name, 1))
-    tokens = data.get("prompt_eval_count")
+    data = _json_object(content, name, loads_yielding)
+    if path == "/api/embeddings":  # an empty prompt (a preload) has an empty vector
+        return EmbeddingOutput(embedding_vectors([data.get("embedding")] if expected else [], name, expected))
+    tokens, load = data.get("prompt_eval_count"), data.get("load_duration")
     return EmbeddingOutput(
         embedding_vectors(data.get("embeddings"), name, expected),
-        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None,
+        load / 1e9 if isinstance(load, int) and not isinstance(load, bool) and load > 0 else 0.0,
     )

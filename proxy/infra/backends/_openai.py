@@ -27,6 +27,7 @@ from proxy.infra.backends._base import (
     create_client,
     embedding_vectors,
     listing_refused,
+    loads_yielding,
     not_json,
     off_loop_if_large,
     path_segment,
@@ -193,7 +194,7 @@ class OpenAIBackend:
         timeout = self.config.timeouts.total
         with trio.move_on_after(timeout if timeout is not None else math.inf) as scope, transport_errors(name):
             response = await self._client.post(
-                "/embeddings", content=json.dumps(body).encode(),
+                "/embeddings", content=await call.encoded(body),
                 headers={"content-type": "application/json", **call.headers},
             )
         if scope.cancelled_caught:
@@ -308,15 +309,24 @@ def says_unknown(response: httpx.Response, model: str) -> bool:
 
 
 def _embeddings_output(content: bytes, name: str, expected: int) -> EmbeddingOutput:
+    invalid = GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.")
     try:
-        data = json.loads(content)
-        items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
+        data = loads_yielding(content)
+        items = data["data"]
+        indexes = [item.get("index") for item in items]
+        if any(index is not None for index in indexes):
+            # Each input's vector at its index; a repeated or missing index would pair
+            # vectors with the wrong inputs without a word.
+            order = sorted(range(len(items)), key=lambda i: indexes[i])
+            if [indexes[i] for i in order] != list(range(len(items))):
+                raise invalid
+            items = [items[i] for i in order]
         vectors = [item["embedding"] for item in items]
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned an invalid embeddings response.") from None
+        raise invalid from None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     tokens = usage.get("prompt_tokens")
     return EmbeddingOutput(
         embedding_vectors(vectors, name, expected),
-        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+        tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else None,
     )
