@@ -17,6 +17,8 @@ import pytest
 import trio
 
 from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes.base import Call
+from tests.fakes.server import Exchange, Request
 from tests.harness import backend
 from tests.test_auth_helpers import (
     MESSAGES,
@@ -465,3 +467,45 @@ async def test_a_changed_budget_period_starts_a_new_period_now_carrying_the_coun
 
     await eventually(refused)
     assert chats(stack.fake) == 2
+
+
+class _NegativeUsage(OpenAIBackend):
+    """A server whose usage is not a count (a bug's negative number, a string)."""
+
+    def __init__(self, usage: dict[str, object]) -> None:
+        super().__init__()
+        self.usage = usage
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if request.path != "/v1/chat/completions":
+            await super().route(request, exchange, call)
+            return
+        await exchange.respond_json(200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen3-8b",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+            "usage": self.usage,
+        })
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -1000000, "completion_tokens": 5, "total_tokens": -999995},
+    {"prompt_tokens": "many", "completion_tokens": 5, "total_tokens": 5},
+    {"prompt_tokens": 1e400, "completion_tokens": 5, "total_tokens": 5},
+])
+async def test_a_backends_usage_that_is_no_count_is_no_credit_to_the_key(
+    aio_loop: object, pg_database_url: str, nats_url: str, usage: dict[str, object]
+) -> None:
+    """A chat's backend reporting -1000000 prompt tokens credited the key's budget a million
+    tokens (a string was a 500); the key is charged the gateway's estimate instead."""
+    fake = _NegativeUsage(usage)
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("oa", server.url, default=True)) as url:
+        key = await new_key(pg_database_url, "credited", "--budget", "1000")
+        await wait_for_key(url, key)
+        answer = await chat(url, key)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "Hello"
+        owner = await key_id(pg_database_url, "credited")
+        await counted(pg_database_url, owner, 1)
+        [(prompt, completion)] = await sql(
+            pg_database_url, "SELECT sum(prompt_tokens), sum(completion_tokens) FROM api_key_usage WHERE key_id = %s", owner,
+        )
+    assert int(prompt) > 0 and int(completion) > 0

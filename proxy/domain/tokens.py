@@ -50,6 +50,8 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usag
     """What an answer costs, and whether that is (partly) an estimate: the backend's usage once
     the answer ended; before that, what it reported so far raised to the estimate."""
     reported = answer.usage
+    if reported is not None and (reported.prompt_tokens < 0 or reported.completion_tokens < 0):
+        reported = None  # no count a server can mean (a bug's): estimated, never a credit to the key
     if reported is not None and answer.finish_reason is not None:
         return reported, False
     estimate = estimated_usage(request, answer)

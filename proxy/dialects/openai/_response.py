@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -245,11 +246,17 @@ def _field_name(loc: list[Any]) -> str:
     return name
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 def parse_usage(data: Any) -> Usage | None:
     if not isinstance(data, dict):
         return None
     prompt = data.get("prompt_tokens") or 0
     completion = data.get("completion_tokens") or 0
+    if not (_is_count(prompt) and _is_count(completion)):
+        return None  # not counts (a string, an object, NaN): as if the server had sent none
     prompt_details = data.get("prompt_tokens_details")
     completion_details = data.get("completion_tokens_details")
     return Usage(
