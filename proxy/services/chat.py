@@ -92,17 +92,17 @@ class ChatService:
 
     def refused(
         self, *, request_id: str, dialect: str, model: str, stream: bool, status: int, error: str, total_ms: float,
-        api_key_id: int | None, reserved: Reserved = NOTHING_RESERVED, kind: str = "chat",
+        api_key_id: int | None, reserved: Reserved = NOTHING_RESERVED, kind: str = "chat", cancelled: bool = False,
     ) -> None:
         """A request refused before it became an exchange (bad input, unknown model, the
-        guard): its log line all the same, and a failed request in its key's usage (its
-        reservation of tokens, if admitted, given back). A refused token count is no model
-        call of the key either: not in its usage."""
+        guard), or whose client left before (`cancelled`): its log line all the same, and a
+        failed request in its key's usage (its reservation of tokens, if admitted, given
+        back). A refused token count is no model call of the key either: not in its usage."""
         record = self._observe if kind == "count_tokens" else self._record
         record(ExchangeRecord(
             trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
-            dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
-            reserved=reserved, kind=kind,
+            dialect=dialect, status=status, total_ms=total_ms, error=None if cancelled else error, source="refused",
+            api_key_id=api_key_id, reserved=reserved, kind=kind, cancelled=cancelled,
         ))
 
     def record_relayed(self, record: ExchangeRecord) -> None:
