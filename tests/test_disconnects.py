@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
+import httpx
 import ollama
 import openai
 import pytest
@@ -125,6 +126,47 @@ async def test_a_client_that_leaves_while_its_backend_is_called_before_the_respo
     [line] = await eventually(logged)
     assert (line.status, line.cancelled) == (499, True)  # type: ignore[attr-defined]
     assert logged_as is None or line.kind == logged_as  # type: ignore[attr-defined]
+
+    async def wound_down() -> bool:
+        return task_count() <= baseline
+
+    await eventually(wound_down)
+
+
+async def test_a_client_that_gives_up_its_upload_midway_is_logged_and_calls_no_backend(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A phone uploading a recording over a weak link, given up: before, no line said so.
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    boundary = "a1b2c3"
+    head = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="model"\r\n\r\nwhisper\r\n--{boundary}\r\n'
+        f'content-disposition: form-data; name="file"; filename="talk.wav"\r\ncontent-type: audio/wav\r\n\r\n'
+    ).encode()
+    halfway = trio.Event()
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield head
+        yield b"\x00" * 64_000
+        halfway.set()
+        await trio.sleep_forever()  # the rest never comes
+
+    baseline = task_count()
+    async with httpx.AsyncClient(base_url=setup.url, timeout=30) as http, trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: http.post(
+            "/v1/audio/transcriptions", content=upload(),
+            headers={"content-type": f"multipart/form-data; boundary={boundary}", "x-request-id": "gone"},
+        ))
+        await halfway.wait()
+        await trio.sleep(0.1)  # its bytes are read
+        nursery.cancel_scope.cancel()
+
+    async def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "request_id", None) == "gone"]
+
+    [line] = await eventually(logged)
+    assert (line.status, line.cancelled, line.kind) == (499, True, "transcription")  # type: ignore[attr-defined]
+    assert not [r for r in setup.fakes["openai"].requests if r.path.startswith("/v1/audio")]
 
     async def wound_down() -> bool:
         return task_count() <= baseline

@@ -203,8 +203,10 @@ async def serve(
             max_body = route.body_limit(settings) if route.body_limit is not None else settings.max_body_bytes
             try:
                 body = await _read_body(receive, head, max_body)
-                if body is None:
-                    return  # the client left before its request was whole
+                if body is None:  # the client left before its request was whole (an upload given up)
+                    if (kind := route.kind_of(head.method)) is not None:
+                        _log_refusal(gateway, kind, head, _GONE, None, started, "The client left.", cancelled=True)
+                    return
                 body = inflate_body(body, head.header("content-encoding"), max_body)
             except GatewayError as error:
                 if error.kind is ErrorKind.REQUEST_TOO_LARGE and route.too_large is not None:
