@@ -252,6 +252,43 @@ async def test_a_stream_the_client_leaves_early_is_still_charged(stack: Stack) -
     assert after.status_code == 200
 
 
+async def test_a_keyed_stream_left_early_is_charged_what_its_run_generated_once(stack: Stack) -> None:
+    """A request with an `Idempotency-Key` runs on when its client leaves, and a retry with
+    the key replays the whole answer without charge. The request was charged only what its
+    client had read (an estimate of a few pieces): a key could read whole answers for a few
+    tokens each, by leaving at once and retrying. Its run's usage is charged now, once."""
+    key = await new_key(stack.db, "keyed-leaver", "--budget", "100000")
+    await wait_for_key(stack.url, key)
+    stack.fake.set_script(Script(tokens=["Hello there "] * 40, usage=Usage(60, 40), pace=0.02))
+    headers = {**bearer(key), "Idempotency-Key": "left-early"}
+    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=10) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += "Hello" in line
+                if seen == 3:
+                    break  # and hang up
+
+        async def charged() -> list[tuple[object, ...]]:
+            found = await sql(
+                stack.db,
+                "SELECT u.requests, u.prompt_tokens, u.completion_tokens, l.budget_used FROM api_key_usage u"
+                " JOIN api_keys k ON k.id = u.key_id JOIN api_key_limits l ON l.key_id = k.id WHERE k.name = 'keyed-leaver'",
+            )
+            return found if found and found[0][0] == 1 else []
+
+        assert await eventually(charged) == [(1, 60, 40, 100)]
+        replayed = await client.post("/v1/chat/completions", json=CHAT)
+        assert replayed.headers.get("idempotent-replayed") == "true"
+        assert replayed.json()["choices"][0]["message"]["content"] == "Hello there " * 40
+    await trio.sleep(0.5)  # the replay's record: charged to no budget
+    [(budget_used,)] = await sql(
+        stack.db, "SELECT l.budget_used FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id WHERE k.name = 'keyed-leaver'"
+    )
+    assert budget_used == 100
+    assert [g.outcome for g in stack.fake.recorder.generations] == ["completed"]
+
+
 async def test_a_stream_from_an_anthropic_backend_left_early_is_charged_more_than_its_opening_usage(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

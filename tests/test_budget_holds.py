@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 
@@ -276,3 +277,51 @@ async def test_a_sweep_gives_back_what_an_owner_with_no_instance_row_holds(aio_l
         await chats.sweep_dead_instances(30, judge="alive")
         row = await db.fetchrow("SELECT budget_reserved, budget_holds FROM api_key_limits WHERE key_id = %s", (key.id,))
         assert row is not None and row[0] == 100 and set(row[1]) == {"alive"}
+
+
+async def test_an_embeddings_request_whose_client_leaves_while_it_is_admitted_holds_no_budget(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """A client that leaves an embeddings request (a route its disconnect cancels) while the
+    admission waits for PostgreSQL (a slow or locked database: when clients time out): the
+    admission lands a moment later, holding the request's tokens in the key's budget, and
+    nothing gave them back: held by this live gateway until the period ended (30 days by
+    default), they kept the key's next requests out ("held by requests in flight") as soon as
+    they no longer fitted beside them. They are given back as the admission lands."""
+    db = pg_database_url
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(db, nats_url, backend("vllm", server.url, default=True)) as url:
+        key = await new_key(db, "left-while-admitted", "--budget", "1000")
+        await wait_for_key(url, key)
+        body = {"model": "e5", "input": "word " * 480}  # 600 tokens
+        locker = await trio.to_thread.run_sync(lambda: psycopg.connect(db))
+        try:
+            # Every admission now waits (a real lock, as a long transaction or a stalled server makes).
+            await trio.to_thread.run_sync(lambda: locker.execute("LOCK TABLE api_key_limits IN EXCLUSIVE MODE"))
+            async with httpx.AsyncClient(base_url=url, headers=bearer(key), timeout=20) as client:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: client.post("/v1/embeddings", json=body))
+
+                    async def admission_waits() -> bool:
+                        waiting = await sql(db, "SELECT count(*) FROM pg_stat_activity"
+                                                " WHERE %s = ANY(pg_blocking_pids(pid))", locker.info.backend_pid)
+                        return waiting[0][0] > 0
+
+                    await eventually(admission_waits)
+                    nursery.cancel_scope.cancel()  # the client gives up
+            await trio.to_thread.run_sync(locker.commit)  # the admission lands now
+        finally:
+            await trio.to_thread.run_sync(locker.close)
+        assert not [r for r in fake.requests if r.path.endswith("/embeddings")]  # it never reached the backend
+
+        async def landed() -> bool:
+            [(at,)] = await sql(db, "SELECT l.requests_at FROM api_key_limits l JOIN api_keys k ON k.id = l.key_id"
+                                    " WHERE k.name = %s", "left-while-admitted")
+            return float(at) > 0
+
+        await eventually(landed)
+
+        async def given_back() -> bool:
+            return await reserved(db, "left-while-admitted") == 0
+
+        await eventually(given_back)

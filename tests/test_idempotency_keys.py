@@ -160,6 +160,46 @@ async def test_a_key_whose_owner_is_silent_is_taken_over(stack: Stack) -> None:
     assert len(stack.fake.requests) == 2
 
 
+async def test_a_key_claimed_after_its_client_left_is_let_go_so_that_a_retry_runs(stack: Stack) -> None:
+    """A client that times out while its key's claim waits for PostgreSQL (a slow or locked
+    database: when clients time out) leaves; the claim lands a moment later, for a run that
+    never starts. Its retry with the same key followed that run: 300 s of silence, then a
+    504, and the same again for every retry until the key went stale (30 min). The key is
+    let go now: the retry runs at once."""
+    key = {"Idempotency-Key": str(uuid.uuid4())}
+    body = {"model": "m", "messages": _messages()}
+    locker = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+    try:
+        # Every claim now waits (a real lock, as a long transaction or a stalled server makes).
+        await trio.to_thread.run_sync(lambda: locker.execute("LOCK TABLE idempotency_keys IN EXCLUSIVE MODE"))
+        async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: client.post("/v1/chat/completions", json=body, headers=key))
+
+                async def claim_waits() -> bool:
+                    waiting = rows(stack.db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                             " AND query LIKE 'INSERT INTO idempotency_keys %%'")
+                    return waiting[0][0] > 0
+
+                await eventually(claim_waits)
+                nursery.cancel_scope.cancel()  # the client gives up
+        await trio.to_thread.run_sync(locker.commit)  # the claim lands now
+    finally:
+        await trio.to_thread.run_sync(locker.close)
+
+    async def claimed() -> list[tuple[object, ...]]:
+        return rows(stack.db, "SELECT status FROM idempotency_keys WHERE key LIKE %s", f"%{key['Idempotency-Key']}")
+
+    assert await eventually(claimed) in ([("running",)], [("cancelled",)])
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        with trio.fail_after(10):
+            retried = await client.post("/v1/chat/completions", json=body, headers=key)
+    assert retried.status_code == 200, retried.text
+    assert "x-attached-to" not in retried.headers
+    assert retried.json()["choices"][0]["message"]["content"] == "Hi there"
+    assert len(stack.fake.requests) == 1  # the first never reached the backend
+
+
 async def test_keys_older_than_their_retention_are_purged_but_running_and_cached_ones_stay(stack: Stack) -> None:
     """A gateway running for weeks: every keyed request leaves its key. Once its run ended a
     day ago (OpenAI's and Stripe's retention) the key goes, a retry that late runs again,

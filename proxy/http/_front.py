@@ -36,7 +36,7 @@ from proxy.http._auth import (
 from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
-from proxy.http._hangup import on_client_gone
+from proxy.http._hangup import on_client_gone, until_client_gone
 from proxy.http._head import RequestHead
 from proxy.infra.postgres import InvalidValue
 from proxy.services.auth import current_principal
@@ -203,8 +203,10 @@ async def serve(
             max_body = route.body_limit(settings) if route.body_limit is not None else settings.max_body_bytes
             try:
                 body = await _read_body(receive, head, max_body)
-                if body is None:
-                    return  # the client left before its request was whole
+                if body is None:  # the client left before its request was whole (an upload given up)
+                    if (kind := route.kind_of(head.method)) is not None:
+                        _log_refusal(gateway, kind, head, _GONE, None, started, "The client left.", cancelled=True)
+                    return
                 body = inflate_body(body, head.header("content-encoding"), max_body)
             except GatewayError as error:
                 if error.kind is ErrorKind.REQUEST_TOO_LARGE and route.too_large is not None:
@@ -214,8 +216,25 @@ async def serve(
             if refusal is not None:
                 await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
                 return
+            kind = route.kind_of(head.method)
             try:
-                answer = await _answer(handler, Incoming(gateway, head, body, params))
+                if kind is None:  # reading, cancelling or deleting what is stored: done all the same
+                    answer = await _answer(handler, Incoming(gateway, head, body, params))
+                else:
+                    # A model call's handler may call its backend already (a token count, a
+                    # model's load): a client that leaves ends it, as it ends an exchange.
+                    gone = False
+                    with until_client_gone() as watched:
+                        try:
+                            answer = await _answer(handler, Incoming(gateway, head, body, params))
+                        except GatewayError:
+                            # A backend call its hang-up cut short may fail as the backend's fault.
+                            gone = watched.cancel_called
+                            if not gone:
+                                raise
+                    if gone or watched.cancelled_caught:
+                        _log_refusal(gateway, kind, head, _GONE, body, started, "The client left.", cancelled=True)
+                        return
             except InvalidValue as invalid:
                 raise invalid.refusal() from invalid
         except GatewayError as error:
@@ -259,8 +278,14 @@ async def _refuse(
     await send_reply(out, reply)
 
 
+# What a request whose client left before its response began is logged and counted as (nginx's
+# "client closed request"); nothing is sent.
+_GONE = Reply(b"", status=499)
+
+
 def _log_refusal(
-    gateway: Gateway, kind: str, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None
+    gateway: Gateway, kind: str, head: RequestHead, reply: Reply, body: bytes | None, started: float, message: str | None,
+    *, cancelled: bool = False,
 ) -> None:
     """A request that got no exchange still gets its line in the request log (and counts
     as a failed request of its key). Only refusals pay for reading the body's model."""
@@ -279,6 +304,7 @@ def _log_refusal(
         request_id=head.request_id(), dialect=dialect_of_path(head.path), model=model, stream=stream,
         status=reply.status, error=message or _message_of(reply.body), total_ms=(time.perf_counter() - started) * 1000,
         api_key_id=principal.id if principal is not None else None, reserved=take_reservation(), kind=kind,
+        cancelled=cancelled,
     )
 
 

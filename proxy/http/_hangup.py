@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+import trio
+
+from proxy.infra.transport import Hangup, current_hangup
+
 Hook = Callable[[], None]
 
 
@@ -62,3 +66,23 @@ def on_client_gone(hook: Hook) -> Iterator[None]:
         # HTTP/1.1 serves one request at a time per connection: the list holds one or two.
         if hook in hooks:
             hooks.remove(hook)
+
+
+@contextmanager
+def until_client_gone() -> Iterator[trio.CancelScope]:
+    """Run the block until the client's connection ends: then the backend connections it holds
+    (made in this task) close at once and the block is cancelled (`cancelled_caught`). For
+    the work a request does before its response has a body of its own to watch the client
+    (a token count's backend call, a model's load, a chat's lookups before its exchange)."""
+    hangup = Hangup()
+
+    def gone() -> None:
+        hangup.fire()
+        scope.cancel()
+
+    token = current_hangup.set(hangup)
+    try:
+        with trio.CancelScope() as scope, on_client_gone(gone):
+            yield scope
+    finally:
+        current_hangup.reset(token)

@@ -33,6 +33,8 @@ class DurableRun(Recording):
     on_answer: AnswerHook | None
     run_lock: RunLock | None
     _locked: bool
+    _recorded_by_run: bool
+    _run_ended: bool
     spent_unshown: UsageReport | None
 
     if TYPE_CHECKING:  # the exchange's own
@@ -182,6 +184,7 @@ class DurableRun(Recording):
             if self.spent_unshown is not None:  # told this exchange's builder, not the run's
                 result.add(self.spent_unshown)
             await journal.finish(_outcome(result, complete), self._log_row(journal.row, result))
+            self._run_ended = True
             if self._detached:  # no client relay folded the run into this exchange's result
                 self.result = result
                 if result.error is not None and not event_log.events:
@@ -189,6 +192,11 @@ class DurableRun(Recording):
                 else:
                     self.record.status = 200
                     self.record.cancelled = not complete and result.error is None
+                self._finish_record()
+            elif self._recorded_by_run:
+                # Its client left before the end: its record says what the client saw (its
+                # status, that it left) and is charged what the run spent, once.
+                self.result = result
                 self._finish_record()
 
     def _cancelled_by_client(self) -> bool:

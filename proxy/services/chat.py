@@ -92,17 +92,17 @@ class ChatService:
 
     def refused(
         self, *, request_id: str, dialect: str, model: str, stream: bool, status: int, error: str, total_ms: float,
-        api_key_id: int | None, reserved: Reserved = NOTHING_RESERVED, kind: str = "chat",
+        api_key_id: int | None, reserved: Reserved = NOTHING_RESERVED, kind: str = "chat", cancelled: bool = False,
     ) -> None:
         """A request refused before it became an exchange (bad input, unknown model, the
-        guard): its log line all the same, and a failed request in its key's usage (its
-        reservation of tokens, if admitted, given back). A refused token count is no model
-        call of the key either: not in its usage."""
+        guard), or whose client left before (`cancelled`): its log line all the same, and a
+        failed request in its key's usage (its reservation of tokens, if admitted, given
+        back). A refused token count is no model call of the key either: not in its usage."""
         record = self._observe if kind == "count_tokens" else self._record
         record(ExchangeRecord(
             trace_id="", request_id=request_id, model=model, backend="", upstream_model="", stream=stream,
-            dialect=dialect, status=status, total_ms=total_ms, error=error, source="refused", api_key_id=api_key_id,
-            reserved=reserved, kind=kind,
+            dialect=dialect, status=status, total_ms=total_ms, error=None if cancelled else error, source="refused",
+            api_key_id=api_key_id, reserved=reserved, kind=kind, cancelled=cancelled,
         ))
 
     def record_relayed(self, record: ExchangeRecord) -> None:
@@ -247,6 +247,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         self._served = Served()
         self.hung_up = False
         self._detached = False  # run by `detach`: its run writes the record
+        # Its client left its durable run before the run ended: the run's end writes the record,
+        # with what the run spent (which a retry with its key then replays for free).
+        self._recorded_by_run = False
+        self._run_ended = False
         # What the run's producer spent that none of its events shows (a workflow that failed,
         # or was stopped, before its answer began): the run's row and its key's charge hold it.
         self.spent_unshown: UsageReport | None = None
@@ -294,7 +298,7 @@ class ChatExchange(FallbackWalk, DurableRun):
         gateway journals, the log-row writer and the event publisher run beside the client
         writer, which runs here. The outcome is journalled after the nursery, shielded."""
         journal: Journal | None = None
-        complete = False
+        complete = durable = False
         try:
             plan = await self._plan()
             await self._lock(plan)
@@ -302,6 +306,7 @@ class ChatExchange(FallbackWalk, DurableRun):
             journal = self._journal(plan) if plan.kind == "here" else None
             if plan.kind == "durable":
                 producer = self._start_durable(plan)
+                durable = True
             self.response_headers.extend(plan.headers)
             self._told_by_run = self._told_by(plan) if plan.kind == "follow" else None
             self._relay_answers = plan.kind in ("here", "replay")
@@ -334,7 +339,10 @@ class ChatExchange(FallbackWalk, DurableRun):
         finally:
             if self._relay_answers:  # a run here (a durable run gives its lock back itself)
                 await self._unlock()
-            self._finish_record()
+            if durable and not complete and not self._run_ended:
+                self._recorded_by_run = True
+            else:
+                self._finish_record()
             if journal is not None:
                 assert self._persistence is not None
                 try:

@@ -364,13 +364,14 @@ class _Call:
     """One request's admission in the database and its outcome, handed from the limiter's task
     to the request waiting for it."""
 
-    __slots__ = ("abandoned", "budget_reserve", "done", "principal", "reserve", "result")
+    __slots__ = ("abandoned", "budget_reserve", "done", "forsaken", "principal", "reserve", "result")
 
     def __init__(self, principal: Principal, reserve: int, budget_reserve: int) -> None:
         self.principal, self.reserve, self.budget_reserve = principal, reserve, budget_reserve
         self.done = trio.Event()
         self.result: outcome.Outcome[Admission] | None = None
         self.abandoned = False  # its request stopped waiting and was answered locally
+        self.forsaken = False  # its request was cancelled while waiting (its client left)
 
 
 class RateLimiter:
@@ -467,8 +468,18 @@ class RateLimiter:
         else:
             self._queued[principal.id] = []
             calls.start_soon(self._calls_of, db, principal.id, [call])
-        with trio.move_on_after(_ADMIT_TIMEOUT):
-            await call.done.wait()
+        try:
+            with trio.move_on_after(_ADMIT_TIMEOUT):
+                await call.done.wait()
+        except trio.Cancelled:
+            # Its request is gone (a client that left a route its disconnect cancels, such as
+            # the embeddings'): nobody will settle what the call reserves for it, now or once
+            # the database answers, so it is given back here, or a budget stays held by it
+            # until its period ends.
+            call.forsaken = True
+            if call.done.is_set():
+                self._forsake(call)
+            raise
         if not call.done.is_set():
             call.abandoned = True
             self._overdue += 1
@@ -545,6 +556,8 @@ class RateLimiter:
                 call.done.set()
                 if call.abandoned:
                     self._overdue -= 1
+                if call.forsaken:
+                    self._forsake(call)
         for call in calls:
             if call.abandoned and call.result is not None:
                 self._late(call.result, principal, call.reserve)
@@ -578,6 +591,20 @@ class RateLimiter:
                 held.release(pending.released, pending.released_from)
                 pending.released, pending.released_from = 0, None
         return held
+
+    def _forsake(self, call: _Call) -> None:
+        """Give back what the admission of a request that stopped waiting (cancelled) reserved:
+        its tokens and its budget hold. (The admission itself counts: the request was made.)"""
+        result = call.result
+        if not isinstance(result, outcome.Value) or not result.value.allowed:
+            return
+        admission = result.value
+        if not call.reserve and not admission.budget_reserved:
+            return
+        pending = self._pending.setdefault(call.principal.id, UsageDelta())
+        pending.tokens -= call.reserve
+        pending.release(admission.budget_reserved, admission.budget_start)
+        self._kick.set()
 
     def _late(self, result: outcome.Outcome[Admission], principal: Principal, reserve: int) -> None:
         """An overdue call returned. Its request was admitted locally meanwhile, and the local

@@ -436,10 +436,10 @@ class Persistence:
             log.warning("PostgreSQL unavailable: key %s is not deduplicated", key)
             return None
         try:
-            claim = await self._bounded(lambda: store.claim(
+            claim = await self._claiming(key, trace_id, lambda: store.claim(
                 key, req_id, trace_id, stale_after=self.settings.stale_after, cache_id=cache_id, owner=owner,
                 owner_silence=self.settings.dead_after, judge=self.instance_id, late=self.settings.late,
-            ))
+            ), lambda claim: claim.outcome == "owner")
         except DatabaseError as error:
             log.warning("claiming %s failed (%s): not deduplicated", key, error)
             return None
@@ -480,6 +480,48 @@ class Persistence:
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
                     headers=headers, answered_by=claim.trace_id, live=local)
 
+    async def _claiming(
+        self, key: str, trace_id: str, call: Callable[[], Awaitable[_T]], won: Callable[[_T], bool]
+    ) -> _T:
+        """`call` (a claim of `key` for `trace_id`), bounded as a lookup. Its request cancelled
+        meanwhile (its client gone) never runs, yet the claim goes on in the background: a key
+        it wins, then or once the database answers, is let go, or a retry with the key would
+        follow a run that never comes (for `follow_silence`, and again until `stale_after`)."""
+        gone = held = False
+
+        async def claim() -> _T:
+            nonlocal held
+            result = await call()
+            held = won(result)
+            if held and gone:
+                self.let_go(key, trace_id)
+            return result
+
+        try:
+            return await self._bounded(claim)
+        except trio.Cancelled:
+            gone = True
+            if held:  # won as the cancellation came
+                self.let_go(key, trace_id)
+            raise
+
+    def let_go(self, key: str, trace_id: str) -> None:
+        """A key `trace_id` claimed for a request cancelled before its run started (its client
+        gone): said `cancelled`, so that a retry with it runs again. In the background: the
+        request's own task is being cancelled."""
+        store = self.store()
+        if store is None:
+            return
+
+        async def release() -> None:
+            try:
+                with trio.fail_after(_CALL_TIMEOUT):
+                    await store.release(key, trace_id, "cancelled")
+            except (DatabaseError, trio.TooSlowError) as error:
+                log.warning("letting key %s go failed (%s): a retry with it waits for the instance sweep", key, error)
+
+        self.runs.spawn(release)  # stopped: the instance's keys are failed by the sweep
+
     async def give_up(self, key: str, trace_id: str) -> None:
         """A key `trace_id` claimed and will not run (refused before it started): failed, so
         that a retry with it runs again rather than waiting on a run that never comes."""
@@ -493,7 +535,9 @@ class Persistence:
 
     async def _took_over(self, store: ChatStore, key: str, previous_trace: str, trace_id: str, owner: str | None) -> bool:
         try:
-            return await self._bounded(lambda: _take_over(store, key, previous_trace, trace_id, owner))
+            return await self._claiming(
+                key, trace_id, lambda: _take_over(store, key, previous_trace, trace_id, owner), lambda taken: taken
+            )
         except DatabaseError:
             return False
 
