@@ -6,10 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import openai as openai_sdk
+import psycopg
 import pytest
 import trio
 import trio_asyncio
 
+import proxy.services.semantic_cache
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
 from proxy.dialects.responses import parse_responses_request
@@ -21,6 +24,8 @@ from proxy.infra.postgres import Database, open_database
 from proxy.infra.rag_store import RagStore
 from proxy.services.chat import RequestMeta
 from proxy.services.semantic_cache import SemanticCache, conversation_key
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
@@ -296,3 +301,28 @@ async def test_one_keys_answers_are_never_anothers(db: Database, embedder: Local
     assert await semantic.lookup(question, meta(tenant="key-1")) is not None
     assert await semantic.lookup(question, meta(tenant="key-2")) is None
     assert await semantic.lookup(question, meta()) is None
+
+
+async def test_a_stalled_database_is_a_miss_not_a_wait(
+    pg_database_url: str, embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL that keeps its connections open and answers nothing (a lock, a stall): the
+    # chat asking the cache used to wait for it for as long as it lasted, never answered.
+    monkeypatch.setattr(proxy.services.semantic_cache, "LOOKUP_TIMEOUT", 1.0)
+    fake = OpenAIBackend(default=Script(tokens=["Paris."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url:
+        client = openai_sdk.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                        default_headers={"x-cache": "semantic"})
+        holder = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_database_url))
+        try:
+            await trio.to_thread.run_sync(holder.execute, "LOCK TABLE semantic_cache IN ACCESS EXCLUSIVE MODE")
+            with trio.fail_after(30):
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}])
+        finally:
+            await trio.to_thread.run_sync(holder.close)
+        await client.close()
+    assert raw.parse().choices[0].message.content == "Paris."
+    assert raw.headers.get("x-cache") != "semantic" and len(fake.requests) == 1

@@ -75,6 +75,9 @@ _CANDIDATES: Final = 5
 _SEGMENT_CACHE: Final = 4096
 _PURGE_BATCH: Final = 200
 _CACHEABLE_FINISH: Final = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS})
+# How long a request waits for the cache's database, per lookup: a stalled or locked PostgreSQL
+# answers nothing, and a cache is no reason for a chat to wait for it. Past it: a miss.
+LOOKUP_TIMEOUT: Final = 3.0
 # An entry names its run (`trace_id`), whose deletion deletes it (`ChatStore.delete`). Not
 # stored for a run deleted already (its client may delete it as soon as it has the answer,
 # before this store): the run's row is locked (FOR SHARE), so a delete committing meanwhile
@@ -223,20 +226,22 @@ class SemanticCache:
         if db is None:
             return None
         try:
-            revision = await self._revision(db, meta)
+            with trio.fail_after(LOOKUP_TIMEOUT):
+                revision = await self._revision(db, meta)
             if meta.route == "rag":
                 self._revisions[meta.trace_id] = revision
                 while len(self._revisions) > _SEGMENT_CACHE:
                     self._revisions.popitem(last=False)
             key = await self._key(request, meta, revision)
             vectors = await self._embed(key.segments)
-            async with db.transaction() as tx:
-                await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                rows = await tx.fetch(
-                    "SELECT id, segments, completion, trace_id FROM semantic_cache"
-                    " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
-                    (key.scope, _mean_vector(vectors), _CANDIDATES),
-                )
+            with trio.fail_after(LOOKUP_TIMEOUT):
+                async with db.transaction() as tx:
+                    await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                    rows = await tx.fetch(
+                        "SELECT id, segments, completion, trace_id FROM semantic_cache"
+                        " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
+                        (key.scope, _mean_vector(vectors), _CANDIDATES),
+                    )
             best: tuple[float, Any] | None = None
             for row_id, segments, completion, trace_id in rows:
                 stored = unpack_segments(bytes(segments))
@@ -249,11 +254,15 @@ class SemanticCache:
                 return None
             row_id, completion, trace_id = best[1]
             self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
-            await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
+            with trio.move_on_after(LOOKUP_TIMEOUT):  # only a counter: the hit stands without it
+                await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
             return CachedAnswer(completion_from_json(answer), stored_headers(answer), trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
+            return None
+        except trio.TooSlowError:
+            log.warning("semantic cache lookup: no answer from the database within %g s (a miss)", LOOKUP_TIMEOUT)
             return None
 
     async def store(
