@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import trio
 
+import proxy.services.rag
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -289,6 +290,37 @@ async def test_a_disconnect_during_retrieval_cancels_it(setup: Setup, corpus_url
         after = await http.post(f"{setup.url}/v1/chat/completions", headers=RAG, json={
             "model": MODELS["openai"], "messages": [{"role": "user", "content": QUESTION}]})
     assert after.status_code == 200 and after.headers["x-rag-context"] == "injected"
+
+
+async def test_a_stalled_rag_store_is_a_503_in_the_callers_dialect(
+    setup: Setup, corpus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL that keeps its connections open and answers nothing (a lock, a stall):
+    # the chat used to wait for it for as long as it lasted, its client with no answer at all.
+    monkeypatch.setattr(proxy.services.rag, "QUERY_TIMEOUT", 1.0)
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    holder = await trio.to_thread.run_sync(lambda: psycopg.connect(corpus_url))
+    try:
+        await trio.to_thread.run_sync(holder.execute, "LOCK TABLE rag_chunks IN ACCESS EXCLUSIVE MODE")
+        oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+        an = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+        with trio.fail_after(30):
+            with pytest.raises(openai.APIStatusError) as openai_error:
+                await oa.chat.completions.create(model=MODELS["openai"], messages=messages, extra_headers=RAG,
+                                                 stream=True)
+            with pytest.raises(anthropic.APIStatusError) as anthropic_error:
+                await an.messages.create(model=MODELS["anthropic"], max_tokens=10, messages=messages,
+                                         extra_headers=RAG)
+        await oa.close()
+        await an.close()
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    assert openai_error.value.status_code == 503
+    assert openai_error.value.code == "database_unavailable" and "did not answer" in openai_error.value.message
+    assert openai_error.value.response.headers["retry-after"] == "2"
+    assert anthropic_error.value.status_code == 503
+    assert anthropic_error.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert all(not fake.requests for fake in setup.fakes.values())
 
 
 @pytest.mark.parametrize("kind", ["openai", "ollama"])

@@ -78,6 +78,11 @@ _MAX_SOURCE: Final = 1024
 # PDFs read at once: text extraction is pure Python and holds the GIL, so more threads would
 # only take turns with the event loop (and slow every stream) without finishing sooner.
 PDF_THREADS: Final = 2
+# How long a question waits for the RAG store (a workspace's lookup; the search): a stalled or
+# locked PostgreSQL keeps its connections open and answers nothing, and a chat waiting on it
+# would never answer. Then a 503 its client may retry. A search is milliseconds on a healthy
+# server, seconds on a cold large one.
+QUERY_TIMEOUT: Final = 10.0
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -385,7 +390,7 @@ class RagService:
     async def workspace(self, name: str, param: str | None = "x-workspace") -> Workspace:
         """`param`: where the name came from, for errors (None: the URL path)."""
         check_workspace_name(name, param or "workspace")
-        with _database_errors():
+        with _bounded_query():
             workspace = await self.store().workspace(name)
         if workspace is None:
             raise workspace_not_found(name, param)
@@ -413,7 +418,7 @@ class RagService:
             nursery.start_soon(tokens)
         embedded = time.perf_counter()
         store = self.store()
-        with _database_errors():
+        with _bounded_query():
             dense, lexical = await store.candidates(workspace, query_vectors["dense"], query, options.candidates)
             fused = reciprocal_rank_fusion([dense, lexical])[: options.rerank]
             rows = await store.chunks(workspace.id, [item for item, _ in fused], self.token_cache)
@@ -464,6 +469,19 @@ def _check_storable(document: DocumentInput, index: int) -> None:
                 f"Document {index}: `{where}` contains a NUL character (\\u0000), which cannot be stored.",
                 param=f"documents[{index}].{where.split(' ')[0]}",
             )
+
+
+@contextmanager
+def _bounded_query() -> Iterator[None]:
+    """`_database_errors`, and a 503 when the store has not answered within `QUERY_TIMEOUT`
+    (the query is cancelled: psycopg closes a connection whose server does not confirm)."""
+    with _database_errors(), trio.move_on_after(QUERY_TIMEOUT) as waited:
+        yield
+    if waited.cancelled_caught:
+        log.warning("RAG store: no answer within %g s", QUERY_TIMEOUT)
+        raise GatewayError(ErrorKind.UNAVAILABLE,
+                           f"The RAG store (PostgreSQL) did not answer within {QUERY_TIMEOUT:g} s; try again shortly.",
+                           code="database_unavailable", retry_after=2)
 
 
 @contextmanager
