@@ -214,10 +214,13 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     assert relabelled[0].status == "updated" and relabelled[0].id == first[0].id
     assert await db.fetch("SELECT id FROM rag_chunks ORDER BY id") == chunk_ids
 
+    created = await db.fetchval("SELECT created_at FROM rag_documents")
     changed = API.replace("600 requests per minute", "900 requests per minute")
     updated = await rag.ingest("ws", [DocumentInput(changed, "markdown", "api.md")])
-    assert updated[0].status == "updated"
-    assert await db.fetchval("SELECT count(*) FROM rag_documents") == 1
+    # Changed text: still the same document, under the id its client was given (and deletes by).
+    assert updated[0].status == "updated" and updated[0].id == first[0].id
+    assert await db.fetchrow("SELECT id::text, created_at, updated_at > created_at FROM rag_documents") == (
+        first[0].id, created, True)
     contents = [row[0] for row in await db.fetch("SELECT content FROM rag_chunks")]
     assert any("900 requests" in c for c in contents) and not any("600 requests" in c for c in contents)
     assert await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = 'ws'") == revision + 1
