@@ -227,6 +227,23 @@ async def test_unknown_workspace_is_a_404_in_every_dialect(setup: Setup) -> None
     await an.close()
 
 
+async def test_a_workspace_and_a_pipeline_together_are_a_400_naming_the_one_left_out(setup: Setup) -> None:
+    # A workflow does not retrieve, nor the RAG route run a pipeline: one of the two headers
+    # used to be dropped without a word, its answer taken for one drawn on the workspace.
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as workflow:
+        await oa.chat.completions.create(model=MODELS["openai"], messages=messages,
+                                         extra_headers={**RAG, "x-pipeline": "fanout"})
+    assert workflow.value.param == "x-workspace" and "Send one of" in workflow.value.message
+    await oa.close()
+    async with ollama.AsyncClient(host=setup.url, headers={**RAG, "x-route": "rag", "x-pipeline": "fanout"}) as ol:
+        with pytest.raises(ollama.ResponseError) as rag:
+            await ol.chat(model=MODELS["ollama"], messages=messages)
+    assert rag.value.status_code == 400 and "`x-pipeline` has no effect on the rag route" in rag.value.error
+    assert all(not fake.requests for fake in setup.fakes.values())
+
+
 async def test_a_nul_in_the_question_does_not_fail_retrieval(setup: Setup) -> None:
     # PostgreSQL takes no NUL in text; a stray one in a question used to be a retryable 503.
     question = QUESTION.replace("nightly", "nightly\u0000")

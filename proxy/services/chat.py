@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from proxy.domain.chat import ChatRequest
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import (
     CompletionBuilder,
     StreamEvent,
@@ -125,6 +125,17 @@ class ChatService:
                 raise GatewayError(
                     ErrorKind.INVALID_REQUEST, f"Unknown route `{meta.route}`; this gateway serves: {known}.",
                     param="x-route",
+                )
+            # One route a chat: the other header would be dropped without a word, and the
+            # answer taken for one drawn on the workspace (or made by the pipeline).
+            unused = "x-workspace" if meta.route == "workflow" and meta.workspace else (
+                "x-pipeline" if meta.route == "rag" and meta.pipeline else None)
+            if unused is not None:
+                raise invalid_request(
+                    f"`{unused}` has no effect on the {meta.route} route: a workflow's pipeline does not retrieve"
+                    " from a RAG workspace, nor does the RAG route run a pipeline. Send one of `x-workspace`"
+                    " and `x-pipeline`.",
+                    param=unused,
                 )
             if meta.route == "workflow" and meta.pipeline is None:
                 # Named from here on: the answer is that pipeline's, in the caches' keys too (as
