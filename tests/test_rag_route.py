@@ -351,6 +351,21 @@ async def test_ollama_generate(setup: Setup, kind: str) -> None:
     assert_backups_context(system)
 
 
+async def test_a_raw_generate_prompt_is_refused_not_answered_without_its_passages(setup: Setup) -> None:
+    # Ollama drops `system` from a raw prompt: the passages went nowhere, while the answer
+    # said `x-rag-context: injected`.
+    async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
+        for stream in (False, True):
+            with pytest.raises(ollama.ResponseError) as caught:
+                reply = await client.generate(model=MODELS["ollama"], prompt=f"<|user|>{QUESTION}<|assistant|>",
+                                              raw=True, stream=stream)
+                if stream:
+                    async for _ in reply:  # type: ignore[union-attr]
+                        pass
+            assert caught.value.status_code == 400 and "`raw: true`" in caught.value.error
+    assert setup.fakes["ollama"].requests == []
+
+
 async def test_workspace_routes_answer_503_when_postgresql_goes_away(
     aio_loop: object, tmp_path: Path, nats_url: str
 ) -> None:

@@ -572,6 +572,13 @@ class RagRoute:
         if not name:
             raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
                                   param="x-workspace")
+        if exchange.request.dialect == "ollama" and exchange.request.extra.get("raw") is True:
+            # Ollama sends a raw prompt as it is and drops `system`: the passages would go
+            # nowhere while the answer said they were given.
+            raise invalid_request(
+                "`raw: true` sends the prompt without the model's template, and so without a system prompt for "
+                "the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
+            )
         return name
 
     async def admit(self, exchange: ChatExchange) -> None:
