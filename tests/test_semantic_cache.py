@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import openai as openai_sdk
 import psycopg
 import pytest
@@ -326,3 +327,51 @@ async def test_a_stalled_database_is_a_miss_not_a_wait(
         await client.close()
     assert raw.parse().choices[0].message.content == "Paris."
     assert raw.headers.get("x-cache") != "semantic" and len(fake.requests) == 1
+
+
+async def test_a_hit_is_an_answer_of_its_own_id_and_time(pg_database_url: str, embedder: LocalEmbedder) -> None:
+    # A hit answers a request of its own (its own trace id, log line, charge): it reused the
+    # first answer's id and `created`, so what counts answers by id (a gateway in front, the
+    # client's logs or tracing) took it for the first one again.
+    fake = OpenAIBackend(default=Script(tokens=["Paris."]))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), backend("claude", server.url, prefixes=("claude",)),
+        database_url=pg_database_url,
+    ) as url:
+        oa = openai_sdk.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-cache": "semantic"})
+        an = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0,
+                                      default_headers={"x-cache": "semantic"})
+
+        def entries() -> int:
+            with psycopg.connect(pg_database_url) as conn:
+                return conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0]  # type: ignore[index,no-any-return]
+
+        async def stored(count: int) -> None:
+            for _ in range(200):  # stored once its client has the answer
+                if await trio.to_thread.run_sync(entries) >= count:
+                    return
+                await trio.sleep(0.05)
+            raise AssertionError("the answer was not stored")
+
+        first = await oa.chat.completions.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        await stored(1)
+        await trio.sleep(1.1)  # a second later: `created` tells them apart too
+        raw = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        hit = raw.parse()
+        assert raw.headers["x-cache"] == "semantic" and hit.choices[0].message.content == "Paris."
+        assert hit.id.startswith("chatcmpl-") and hit.id != first.id and hit.created > first.created
+        chunks = [chunk async for chunk in await oa.chat.completions.create(
+            model=MODEL, messages=question, stream=True)]  # type: ignore[arg-type]
+        assert {chunk.id for chunk in chunks} not in ({first.id}, {hit.id}) and len({c.id for c in chunks}) == 1
+
+        message = await an.messages.create(model="claude-x", max_tokens=64, messages=question)  # type: ignore[arg-type]
+        await stored(2)
+        again = await an.messages.with_raw_response.create(model="claude-x", max_tokens=64, messages=question)  # type: ignore[arg-type]
+        assert again.headers["x-cache"] == "semantic"
+        replayed = await again.parse()
+        assert replayed.id.startswith("msg_") and replayed.id != message.id
+        await oa.close()
+        await an.close()
+    assert len(fake.requests) == 2

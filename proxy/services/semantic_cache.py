@@ -34,9 +34,11 @@ import hashlib
 import json
 import logging
 import re
+import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -72,6 +74,7 @@ _NEGATION: Final = re.compile(
     re.IGNORECASE,
 )
 _CANDIDATES: Final = 5
+_ID_PREFIX: Final = re.compile(r"^[A-Za-z]+[-_]")
 _SEGMENT_CACHE: Final = 4096
 _PURGE_BATCH: Final = 200
 _CACHEABLE_FINISH: Final = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS})
@@ -257,7 +260,7 @@ class SemanticCache:
             with trio.move_on_after(LOOKUP_TIMEOUT):  # only a counter: the hit stands without it
                 await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
-            return CachedAnswer(completion_from_json(answer), stored_headers(answer), trace_id)
+            return CachedAnswer(_as_new(completion_from_json(answer)), stored_headers(answer), trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
             return None
@@ -355,6 +358,16 @@ class SemanticCache:
         while len(self._vectors) > _SEGMENT_CACHE:
             self._vectors.popitem(last=False)
         return out
+
+
+def _as_new(completion: ChatCompletion) -> ChatCompletion:
+    """Another request's answer, given to one that is a request of its own (its own trace id and
+    log line): its own id (the backend's kind, `chatcmpl-`, `msg_`, …) and time, or whatever
+    counts answers by their id (a gateway in front, the client's logs or tracing) counts the
+    earlier one twice and this one never."""
+    prefix = _ID_PREFIX.match(completion.id)
+    fresh = (prefix.group(0) if prefix else "chatcmpl-") + secrets.token_hex(12)
+    return replace(completion, id=fresh, created=int(time.time()))
 
 
 def _untagged(model: str) -> str:
