@@ -351,6 +351,31 @@ async def test_ollama_generate(setup: Setup, kind: str) -> None:
     assert_backups_context(system)
 
 
+async def test_a_token_count_on_the_rag_route_counts_the_passages_its_chat_would_carry(setup: Setup) -> None:
+    # The count a client makes to see whether its chat fits left out the passages the chat
+    # carries (hundreds of tokens per passage), with no word that it had.
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    an = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+    alone = await an.messages.count_tokens(model=MODELS["anthropic"], messages=messages)
+    raw = await an.messages.with_raw_response.count_tokens(model=MODELS["anthropic"], messages=messages,
+                                                           extra_headers=RAG)
+    with_passages = await raw.parse()
+    assert raw.headers["x-rag-context"] == "injected" and sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
+    assert_backups_context(setup.system_text("anthropic"))  # what was counted: the chat as it would be sent
+    assert with_passages.input_tokens > alone.input_tokens + 20
+    oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    plain = await oa.responses.input_tokens.count(model=MODELS["openai"], input=QUESTION)
+    rag = await oa.responses.input_tokens.with_raw_response.count(model=MODELS["openai"], input=QUESTION,
+                                                                  extra_headers=RAG)
+    assert rag.headers["x-rag-context"] == "injected"
+    assert rag.parse().input_tokens > plain.input_tokens + 20
+    with pytest.raises(openai.NotFoundError):
+        await oa.responses.input_tokens.count(model=MODELS["openai"], input=QUESTION,
+                                              extra_headers={"x-workspace": "no-such-workspace"})
+    await an.close()
+    await oa.close()
+
+
 async def test_a_raw_generate_prompt_is_refused_not_answered_without_its_passages(setup: Setup) -> None:
     # Ollama drops `system` from a raw prompt: the passages went nowhere, while the answer
     # said `x-rag-context: injected`.

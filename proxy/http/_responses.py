@@ -55,6 +55,7 @@ from proxy.infra.chat_store import StoredRun
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
+from proxy.services.rag import counted_as_sent
 
 exchanges = FrontDoor()
 
@@ -290,11 +291,11 @@ async def count_input_tokens(incoming: Incoming) -> Reply:
             raise invalid_request(f"`{name}` is not a parameter of `/v1/responses/input_tokens`.", param=name)
     if parsed.conversation is not None:
         await join_conversation(incoming.gateway.persistence, parsed, parsed.conversation)
-    request = parsed.chat
-    route = incoming.gateway.router.resolve(request.model)
-    count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
     meta = request_meta(incoming.head)
-    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    route = incoming.gateway.router.resolve(parsed.chat.model)
+    request, rag_headers = await counted_as_sent(incoming.gateway.rag, meta, parsed.chat)
+    count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
+    headers: Headers = [(b"x-request-id", meta.request_id.encode()), *rag_headers]
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
     record_answered(incoming.gateway, meta, kind="count_tokens", dialect=responses.DIALECT, model=request.model, route=route)

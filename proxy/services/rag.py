@@ -58,8 +58,8 @@ from proxy.infra.rag_store import (
     TokenVectorCache,
     Workspace,
 )
-from proxy.services._contracts import ANSWER_HEADERS
-from proxy.services.chat import ChatExchange
+from proxy.services._contracts import ANSWER_HEADERS, Headers
+from proxy.services.chat import ChatExchange, RequestMeta
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
 
@@ -557,6 +557,43 @@ def sources_header(retrieval: Retrieval) -> bytes:
     return value.encode("ascii")
 
 
+def workspace_of(meta: RequestMeta, request: ChatRequest) -> str:
+    """The workspace a request on the RAG route names, or a 400."""
+    name = meta.workspace
+    if not name:
+        raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
+                              param="x-workspace")
+    if request.dialect == "ollama" and request.extra.get("raw") is True:
+        # Ollama sends a raw prompt as it is and drops `system`: the passages would go
+        # nowhere while the answer said they were given.
+        raise invalid_request(
+            "`raw: true` sends the prompt without the model's template, and so without a system prompt for "
+            "the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
+        )
+    return name
+
+
+async def as_sent(rag: RagService, name: str, request: ChatRequest) -> tuple[ChatRequest, Headers]:
+    """`request` as the RAG route sends it to the model (its question's passages, if any, in
+    its system message), and the headers that say so."""
+    retrieval = await rag.retrieve(name, query_text(request.messages))
+    headers: Headers = [(b"x-rag-workspace", name.encode("ascii")), (SOURCES_HEADER, sources_header(retrieval))]
+    if not retrieval.passages:
+        return request, [*headers, (b"x-rag-context", b"none")]
+    return inject(request, retrieval, rag.settings.template), [*headers, (b"x-rag-context", b"injected")]
+
+
+async def counted_as_sent(rag: RagService | None, meta: RequestMeta, request: ChatRequest) -> tuple[ChatRequest, Headers]:
+    """A token count's request as its chat would reach the model: on the RAG route with the
+    passages its question retrieves now, which a count of the client's messages alone leaves out."""
+    if meta.route != "rag":
+        return request, []
+    name = workspace_of(meta, request)
+    if rag is None:
+        raise GatewayError(ErrorKind.UNAVAILABLE, "RAG is not available on this gateway.")
+    return await as_sent(rag, name, request)
+
+
 class RagRoute:
     """`chat.routes["rag"]`: retrieval, injection, then the routed backend."""
 
@@ -566,42 +603,19 @@ class RagRoute:
     def __init__(self, rag: RagService) -> None:
         self._rag = rag
 
-    @staticmethod
-    def _workspace(exchange: ChatExchange) -> str:
-        name = exchange.meta.workspace
-        if not name:
-            raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
-                                  param="x-workspace")
-        if exchange.request.dialect == "ollama" and exchange.request.extra.get("raw") is True:
-            # Ollama sends a raw prompt as it is and drops `system`: the passages would go
-            # nowhere while the answer said they were given.
-            raise invalid_request(
-                "`raw: true` sends the prompt without the model's template, and so without a system prompt for "
-                "the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
-            )
-        return name
-
     async def admit(self, exchange: ChatExchange) -> None:
-        await self._rag.workspace(self._workspace(exchange))
+        await self._rag.workspace(workspace_of(exchange.meta, exchange.request))
 
     async def cache_scope(self, exchange: ChatExchange) -> str | None:
         # Its id too: a workspace deleted and made again counts its revisions from 0 again.
-        workspace = await self._rag.workspace(self._workspace(exchange))
+        workspace = await self._rag.workspace(workspace_of(exchange.meta, exchange.request))
         return f"rag:{workspace.id}.{workspace.revision}"
 
     def producer(self, exchange: ChatExchange) -> Producer:
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
-            name = self._workspace(exchange)
-            retrieval = await self._rag.retrieve(name, query_text(exchange.request.messages))
-            headers = exchange.response_headers
-            headers.append((b"x-rag-workspace", name.encode("ascii")))
-            headers.append((SOURCES_HEADER, sources_header(retrieval)))
-            request = exchange.request
-            if retrieval.passages:
-                headers.append((b"x-rag-context", b"injected"))
-                request = inject(request, retrieval, self._rag.settings.template)
-            else:
-                headers.append((b"x-rag-context", b"none"))
+            name = workspace_of(exchange.meta, exchange.request)
+            request, headers = await as_sent(self._rag, name, exchange.request)
+            exchange.response_headers.extend(headers)
             await exchange.call_backend(send, request=request)
 
         return produce
@@ -624,7 +638,9 @@ __all__ = [
     "RagService",
     "Retrieval",
     "RetrievalOptions",
+    "as_sent",
     "check_workspace_name",
+    "counted_as_sent",
     "inject",
     "language_locked",
     "query_text",
