@@ -243,6 +243,23 @@ async def test_numbers_and_negations_must_match_literally(db: Database, embedder
     assert await semantic.lookup(ask("what is 2+2?"), meta()) is not None
 
 
+async def test_text_the_model_cannot_read_must_match_literally(db: Database, embedder: LocalEmbedder) -> None:
+    # The model reads a Thai or Amharic word, or an emoji, as [UNK]: every such question
+    # embedded as every other, and a question about tom yum was answered about Bangkok.
+    semantic = cache(db, embedder)
+    bangkok = "กรุงเทพมหานครเป็นเมืองหลวงของประเทศอะไร"  # Bangkok is the capital of which country?
+    await semantic.store(ask(bangkok), meta(), answer("Thailand."))
+    await semantic.store(ask("I would like a 🍕"), meta(), answer("Here is a pizza place."))
+    await semantic.store(ask("ሰላም እንዴት ነህ"), meta(), answer("I am fine."))  # Amharic: hello, how are you?
+    assert await semantic.lookup(ask("วิธีทำต้มยำกุ้งให้อร่อยต้องใช้อะไรบ้าง"), meta()) is None  # how to make tom yum?
+    assert await semantic.lookup(ask("🐍🐍"), meta()) is None
+    assert await semantic.lookup(ask("I would like a 🐍"), meta()) is None
+    assert await semantic.lookup(ask("ቡና የት ነው ያለው"), meta()) is None  # Amharic: where is the coffee?
+    hit = await semantic.lookup(ask(bangkok), meta())
+    assert hit is not None and hit.completion.choices[0].content == "Thailand."
+    assert await semantic.lookup(ask("I'd like a 🍕"), meta()) is not None  # the rest is still by meaning
+
+
 async def test_long_conversations_that_differ_late_miss(db: Database, embedder: LocalEmbedder) -> None:
     # The model reads 256 tokens: one embedding of the whole text would not see the end.
     preamble = "Here is the background of the project. " * 60

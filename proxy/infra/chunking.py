@@ -253,12 +253,22 @@ class TokenCounter:
         self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Split(Regex(".{1,64}"), behavior="isolated")]
         )
+        self._unknown = vocab["[UNK]"]
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [len(e.ids) for e in encodings]
+
+    def measure(self, text: str) -> tuple[int, list[str]]:
+        """`text`'s tokens, and the runs of it the model cannot read (each an [UNK]: Thai,
+        Amharic, emoji, … words), which its vector says nothing about."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        unknown = self._unknown
+        return len(encoding.ids), [
+            text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True) if token == unknown
+        ]
 
     def split(self, text: str, size: int) -> list[str]:
         """`text` cut into consecutive pieces of at most `size` tokens (at token starts)."""

@@ -138,14 +138,19 @@ def conversation_key(
     literal: list[str] = []
     for message in request.messages:
         text = f"{message.role}: {_message_text(message)}"
-        pieces = counter.split(text, MODEL_TOKENS) if counter.count([text])[0] > MODEL_TOKENS else [text]
+        tokens, unknown = counter.measure(text)
+        pieces = counter.split(text, MODEL_TOKENS) if tokens > MODEL_TOKENS else [text]
         segments.extend(pieces)
         # A message's own extra fields (DeepSeek's `prefix`, a legacy `function` role, …) may
         # change the answer; its raw `content` is already compared as text and opaque parts.
         extra = {k: v for k, v in message.extra.items() if k != "content"}
         shape.append([message.role, len(pieces), [call.name for call in message.tool_calls], _opaque(message),
                       message.name, extra])
-        literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text)))
+        # What the model reads as [UNK] (a Thai or Amharic word, an emoji) embeds as every
+        # other such run does: two questions in Thai scored as one. Compared literally instead
+        # (only when there is some, so that other entries keep their scope).
+        literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text))
+                       + ("|" + "\x1f".join(unknown) if unknown else ""))
     params = {k: v for k, v in asdict(request.params).items() if v not in (None, (), [])}
     exact = {
         "model": model,
