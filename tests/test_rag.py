@@ -231,6 +231,21 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     assert nameless[0][0].source.startswith("sha256:")
 
 
+async def test_a_document_of_words_the_model_cannot_read_is_reindexed_once(db: Database, embedder: LocalEmbedder) -> None:
+    # Its chunks were sized as if each Thai word were one token (thousands of characters a
+    # chunk): indexed so, it is made again at its next ingest, though unchanged; others are not.
+    rag = service(db, embedder)
+    thai = "# ภาษาไทย\n\n" + "ภาษาไทยเป็นภาษาที่มีระดับเสียงของคำแน่นอนหรือวรรณยุกต์เช่นเดียวกับภาษาจีน " * 60
+    documents = [DocumentInput(thai, "markdown", "thai.md"), DocumentInput(API, "markdown", "api.md")]
+    await rag.ingest("ws", documents)
+    await db.execute("UPDATE rag_documents SET chunker = %s", (rag.signature,))  # as indexed before
+    assert [r.status for r in await rag.ingest("ws", documents)] == ["updated", "unchanged"]
+    assert [r.status for r in await rag.ingest("ws", documents)] == ["unchanged", "unchanged"]
+    longest = await db.fetchval("SELECT max(length(content)) FROM rag_chunks c JOIN rag_documents d"
+                                " ON d.id = c.document_id WHERE d.source = 'thai.md'")
+    assert longest <= 4 * 250 + 64
+
+
 async def test_concurrent_ingests_of_one_source_end_as_one_document(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder)
     await rag.ingest("ws", [DocumentInput(BREAD, "html", "other.html")])  # the workspace exists

@@ -39,6 +39,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured
 from proxy.infra.backends import Batch
 from proxy.infra.chunking import (
     MEDIA_TYPES,
+    UNKNOWN_CHARS,
     Chunk,
     ChunkerSettings,
     Format,
@@ -46,6 +47,7 @@ from proxy.infra.chunking import (
     chunk,
     chunk_sections,
     to_text,
+    token_counter,
 )
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
@@ -354,9 +356,10 @@ class RagService:
     ) -> IngestResult:
         digest = hashlib.sha256(text.encode()).hexdigest()
         source = document.source or f"sha256:{digest[:16]}"
+        signature = await trio.to_thread.run_sync(self._signature_of, chunks)
         with _database_errors():
             state = await store.document_state(workspace.id, source)
-        if state is not None and state[1] == digest and state[2] == self.signature:
+        if state is not None and state[1] == digest and state[2] == signature:
             if progress is not None:
                 progress(len(chunks))
             if state[3] != document.metadata:
@@ -366,7 +369,7 @@ class RagService:
             return IngestResult(state[0], source, "unchanged", len(chunks))
         embedded = await self._embed_chunks([c.text for c in chunks], progress)
         new = NewDocument(
-            source=source, content_hash=digest, chunker=self.signature,
+            source=source, content_hash=digest, chunker=signature,
             media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
@@ -374,6 +377,15 @@ class RagService:
             document_id, status = await store.put_document(workspace, new)
         return IngestResult(document_id, source, status, len(chunks),
                             sum(c.tokens for c in chunks) if status != "unchanged" else 0)
+
+    def _signature_of(self, chunks: Sequence[Chunk]) -> str:
+        """How a document's chunks were made. One holding words the model cannot read is
+        sized by their length since `UNKNOWN_CHARS` (its chunks were ten times too long before):
+        such a document is re-indexed once; every other one is chunked as it was."""
+        counter = token_counter()
+        if any(counter.measure(c.text)[1] for c in chunks):
+            return f"{self.signature}/unknown{UNKNOWN_CHARS}"
+        return self.signature
 
     async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Vectors, Vectors]]:
         out: list[tuple[Vectors, Vectors]] = []
