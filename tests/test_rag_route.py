@@ -486,6 +486,34 @@ async def test_an_idempotent_retry_of_a_rag_request_replays_its_sources(pg_datab
     assert again.json()["rag_sources"] == first.json()["rag_sources"]
 
 
+async def test_a_background_rag_response_read_back_says_what_it_drew_on(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # Answered `queued` before any retrieval, its client learnt nothing of its sources: not
+    # on the creation, nor on the response read back.
+    fake = OpenAIBackend(default=Script(tokens=["25 days [1]."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await http.post("/v1/workspaces/hr/documents",
+                        json={"source": "leave.md", "content": "# Leave\n\nEmployees get 25 vacation days a year."})
+        asking = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-workspace": "hr"})
+        created = await asking.responses.create(model="m", input="How many vacation days do I get?", background=True)
+        assert created.status == "queued"
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(150):
+            raw = await client.responses.with_raw_response.retrieve(created.id)
+            if raw.parse().status == "completed":
+                break
+            await trio.sleep(0.1)
+        await asking.close()
+        await client.close()
+    assert raw.parse().output_text == "25 days [1]."
+    assert raw.headers["x-rag-context"] == "injected" and raw.headers["x-rag-workspace"] == "hr"
+    assert sources_of(raw.headers)[0]["source"] == "leave.md"
+
+
 @pytest.mark.parametrize("dialect", ["chat", "responses", "anthropic"])
 async def test_a_request_attached_to_a_running_rag_twin_gets_its_sources(
     aio_loop: object, pg_database_url: str, nats_url: str, dialect: str

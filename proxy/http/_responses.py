@@ -52,6 +52,7 @@ from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
 from proxy.infra.chat_store import StoredRun
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
@@ -511,10 +512,13 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     completion = stored.completion
     settings = _echoed(stored.settings)
     if stored.status == "completed" and completion is not None:
+        # What its run told its client of the answer (`x-rag-*`, `x-pipeline`, …), as a replay
+        # says it: a background response's client, answered `queued`, learns it only here.
+        told = [header for header in stored.headers if header[0] in ANSWER_HEADERS]
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
             created_at=_created_at(stored), completed_at=_completed_at(stored),
-        ))
+        ), headers=told)
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     if status == "in_progress" and completion is None and settings.get("background") and stored.route != "workflow":
         # Its run has not started answering (its backend has said nothing yet): `queued`, as
