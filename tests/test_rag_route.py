@@ -227,6 +227,30 @@ async def test_unknown_workspace_is_a_404_in_every_dialect(setup: Setup) -> None
     await an.close()
 
 
+async def test_reading_workspaces_from_a_stalled_rag_store_is_a_503(
+    setup: Setup, corpus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An admin's listing or a search waited for a locked or stalled PostgreSQL for as long
+    # as it lasted.
+    monkeypatch.setattr(proxy.services.rag, "QUERY_TIMEOUT", 1.0)
+    holder = await trio.to_thread.run_sync(lambda: psycopg.connect(corpus_url))
+    try:
+        await trio.to_thread.run_sync(holder.execute, "LOCK TABLE rag_documents, rag_chunks IN ACCESS EXCLUSIVE MODE")
+        async with httpx.AsyncClient(base_url=setup.url, timeout=30) as http:
+            with trio.fail_after(30):
+                answers = [
+                    await http.get("/v1/workspaces"),
+                    await http.get(f"/v1/workspaces/{CORPUS}"),
+                    await http.get(f"/v1/workspaces/{CORPUS}/documents"),
+                    await http.post(f"/v1/workspaces/{CORPUS}/search", json={"query": QUESTION}),
+                ]
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["retry-after"] == "2"
+
+
 async def test_a_workspace_and_a_pipeline_together_are_a_400_naming_the_one_left_out(setup: Setup) -> None:
     # A workflow does not retrieve, nor the RAG route run a pipeline: one of the two headers
     # used to be dropped without a word, its answer taken for one drawn on the workspace.

@@ -402,7 +402,7 @@ class RagService:
     async def workspace(self, name: str, param: str | None = "x-workspace") -> Workspace:
         """`param`: where the name came from, for errors (None: the URL path)."""
         check_workspace_name(name, param or "workspace")
-        with _bounded_query():
+        with bounded_query():
             workspace = await self.store().workspace(name)
         if workspace is None:
             raise workspace_not_found(name, param)
@@ -430,7 +430,7 @@ class RagService:
             nursery.start_soon(tokens)
         embedded = time.perf_counter()
         store = self.store()
-        with _bounded_query():
+        with bounded_query():
             dense, lexical = await store.candidates(workspace, query_vectors["dense"], query, options.candidates)
             fused = reciprocal_rank_fusion([dense, lexical])[: options.rerank]
             rows = await store.chunks(workspace.id, [item for item, _ in fused], self.token_cache)
@@ -484,7 +484,7 @@ def _check_storable(document: DocumentInput, index: int) -> None:
 
 
 @contextmanager
-def _bounded_query() -> Iterator[None]:
+def bounded_query() -> Iterator[None]:
     """`_database_errors`, and a 503 when the store has not answered within `QUERY_TIMEOUT`
     (the query is cancelled: psycopg closes a connection whose server does not confirm)."""
     with _database_errors(), trio.move_on_after(QUERY_TIMEOUT) as waited:
@@ -651,6 +651,7 @@ __all__ = [
     "Retrieval",
     "RetrievalOptions",
     "as_sent",
+    "bounded_query",
     "check_workspace_name",
     "counted_as_sent",
     "inject",
