@@ -372,7 +372,9 @@ async def test_a_hit_is_an_answer_of_its_own_id_and_time(pg_database_url: str, e
                 await trio.sleep(0.05)
             raise AssertionError("the answer was not stored")
 
-        first = await oa.chat.completions.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        missed = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        assert missed.headers["x-cache"] == "miss"  # asked, looked up, not found
+        first = missed.parse()
         await stored(1)
         await trio.sleep(1.1)  # a second later: `created` tells them apart too
         raw = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=question)  # type: ignore[arg-type]

@@ -314,6 +314,12 @@ class ChatExchange(FallbackWalk, DurableRun):
             if plan.kind == "durable":
                 producer = self._start_durable(plan)
             self.response_headers.extend(plan.headers)
+            if self.semantic_cache is not None and plan.kind in ("here", "durable") and not any(
+                name == b"x-cache" for name, _ in plan.headers
+            ):
+                # Looked up and not found (a hit sets it to None): said as the exact cache says
+                # it, so a client asking `x-cache: semantic` can tell a miss from no cache at all.
+                self.response_headers.append((b"x-cache", b"miss"))
             self._told_by_run = self._told_by(plan) if plan.kind == "follow" else None
             self._relay_answers = plan.kind in ("here", "replay")
             async with trio.open_nursery() as nursery:
