@@ -174,6 +174,21 @@ async def test_workspaces_are_isolated(db: Database, embedder: LocalEmbedder) ->
     ]
 
 
+async def test_a_word_the_model_cannot_read_matches_nothing(db: Database, embedder: LocalEmbedder) -> None:
+    # An emoji, a Thai word, a base64 blob: each is [UNK] to the model, whose vector matched
+    # every other [UNK] perfectly. A question with an emoji was given a chunk of base64 as
+    # its best passage (score 1.0), and a question in Thai any chunk of it.
+    rag = service(db, embedder)
+    blob = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" * 300
+    await rag.ingest("ws", [DocumentInput("# Logo\n\nThe logo is below.\n\n" + blob, "markdown", "logo.md"),
+                            DocumentInput(API, "markdown", "docs/api.md")])
+    assert (await rag.retrieve("ws", "🚀🚀")).passages == []
+    assert (await rag.retrieve("ws", "ต้มยำกุ้งทำอย่างไร")).passages == []
+    mixed = await rag.retrieve("ws", "What does E1147 mean? 🚀")
+    assert mixed.passages and mixed.passages[0].source == "docs/api.md"
+    assert all(blob[-200:] not in p.content for p in mixed.passages)
+
+
 async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder, score_threshold=-1.0)
     await rag.ingest("ws", [DocumentInput(POSTGRES, "markdown", "postgres.md")])
