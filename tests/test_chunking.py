@@ -98,6 +98,21 @@ def test_a_word_longer_than_bert_reads_is_cut_too() -> None:
     assert "".join(c.content for c in chunks[1:]).replace(" ", "").endswith(blob[-500:])
 
 
+def test_words_the_model_cannot_read_are_sized_by_their_length() -> None:
+    """Thai, Amharic, emoji: each word (up to 64 characters) is one [UNK] to the model, and a
+    chunk of 200 of them held over ten thousand characters, each passage injected from it tens
+    of thousands of a chat model's tokens. Nothing is lost on the way."""
+    settings = ChunkerSettings(overlap=0)
+    thai = "ภาษาไทยเป็นภาษาที่มีระดับเสียงของคำแน่นอนหรือวรรณยุกต์เช่นเดียวกับภาษาจีนและออกเสียงแยกคำต่อคำ "
+    for text in (thai * 400, "ሰላም እንዴት ነህ። " * 2000, "🎉" * 50000, "We ate 🍕🍕🍕 and more 🍕. " * 800):
+        chunks = chunk(text, settings=settings)
+        assert max(len(c.content) for c in chunks) <= 4 * settings.maximum + 64
+        assert "".join(c.content for c in chunks).replace(" ", "") == text.replace(" ", "")
+    # Text the model reads counts as it did: an English chunk is no smaller for it.
+    counter = token_counter()
+    assert counter.count([FILLER * 3]) == [counter.measure(FILLER * 3)[0]] == [42]
+
+
 def test_html_becomes_markdown_like_text() -> None:
     html = (
         "<html><head><title>T</title><style>p { color: red }</style></head><body>"

@@ -174,6 +174,21 @@ async def test_workspaces_are_isolated(db: Database, embedder: LocalEmbedder) ->
     ]
 
 
+async def test_a_word_the_model_cannot_read_matches_nothing(db: Database, embedder: LocalEmbedder) -> None:
+    # An emoji, a Thai word, a base64 blob: each is [UNK] to the model, whose vector matched
+    # every other [UNK] perfectly. A question with an emoji was given a chunk of base64 as
+    # its best passage (score 1.0), and a question in Thai any chunk of it.
+    rag = service(db, embedder)
+    blob = "data:image/png;base64," + "iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB" * 300
+    await rag.ingest("ws", [DocumentInput("# Logo\n\nThe logo is below.\n\n" + blob, "markdown", "logo.md"),
+                            DocumentInput(API, "markdown", "docs/api.md")])
+    assert (await rag.retrieve("ws", "🚀🚀")).passages == []
+    assert (await rag.retrieve("ws", "ต้มยำกุ้งทำอย่างไร")).passages == []
+    mixed = await rag.retrieve("ws", "What does E1147 mean? 🚀")
+    assert mixed.passages and mixed.passages[0].source == "docs/api.md"
+    assert all(blob[-200:] not in p.content for p in mixed.passages)
+
+
 async def test_common_words_are_left_out_of_full_text_queries(db: Database, embedder: LocalEmbedder) -> None:
     rag = service(db, embedder, score_threshold=-1.0)
     await rag.ingest("ws", [DocumentInput(POSTGRES, "markdown", "postgres.md")])
@@ -214,10 +229,13 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     assert relabelled[0].status == "updated" and relabelled[0].id == first[0].id
     assert await db.fetch("SELECT id FROM rag_chunks ORDER BY id") == chunk_ids
 
+    created = await db.fetchval("SELECT created_at FROM rag_documents")
     changed = API.replace("600 requests per minute", "900 requests per minute")
     updated = await rag.ingest("ws", [DocumentInput(changed, "markdown", "api.md")])
-    assert updated[0].status == "updated"
-    assert await db.fetchval("SELECT count(*) FROM rag_documents") == 1
+    # Changed text: still the same document, under the id its client was given (and deletes by).
+    assert updated[0].status == "updated" and updated[0].id == first[0].id
+    assert await db.fetchrow("SELECT id::text, created_at, updated_at > created_at FROM rag_documents") == (
+        first[0].id, created, True)
     contents = [row[0] for row in await db.fetch("SELECT content FROM rag_chunks")]
     assert any("900 requests" in c for c in contents) and not any("600 requests" in c for c in contents)
     assert await db.fetchval("SELECT revision FROM rag_workspaces WHERE name = 'ws'") == revision + 1
@@ -226,6 +244,21 @@ async def test_reingest_is_idempotent_and_changes_replace(db: Database, embedder
     nameless = [await rag.ingest("ws", [DocumentInput(HANDBOOK)]) for _ in range(2)]
     assert [r[0].status for r in nameless] == ["created", "unchanged"]
     assert nameless[0][0].source.startswith("sha256:")
+
+
+async def test_a_document_of_words_the_model_cannot_read_is_reindexed_once(db: Database, embedder: LocalEmbedder) -> None:
+    # Its chunks were sized as if each Thai word were one token (thousands of characters a
+    # chunk): indexed so, it is made again at its next ingest, though unchanged; others are not.
+    rag = service(db, embedder)
+    thai = "# ภาษาไทย\n\n" + "ภาษาไทยเป็นภาษาที่มีระดับเสียงของคำแน่นอนหรือวรรณยุกต์เช่นเดียวกับภาษาจีน " * 60
+    documents = [DocumentInput(thai, "markdown", "thai.md"), DocumentInput(API, "markdown", "api.md")]
+    await rag.ingest("ws", documents)
+    await db.execute("UPDATE rag_documents SET chunker = %s", (rag.signature,))  # as indexed before
+    assert [r.status for r in await rag.ingest("ws", documents)] == ["updated", "unchanged"]
+    assert [r.status for r in await rag.ingest("ws", documents)] == ["unchanged", "unchanged"]
+    longest = await db.fetchval("SELECT max(length(content)) FROM rag_chunks c JOIN rag_documents d"
+                                " ON d.id = c.document_id WHERE d.source = 'thai.md'")
+    assert longest <= 4 * 250 + 64
 
 
 async def test_concurrent_ingests_of_one_source_end_as_one_document(db: Database, embedder: LocalEmbedder) -> None:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import trio
 
+import proxy.services.rag
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import AnthropicBackend, FakeBackend, OllamaBackend, OpenAIBackend, Script
 from tests.harness import backend, running_gateway
@@ -226,6 +227,47 @@ async def test_unknown_workspace_is_a_404_in_every_dialect(setup: Setup) -> None
     await an.close()
 
 
+async def test_reading_workspaces_from_a_stalled_rag_store_is_a_503(
+    setup: Setup, corpus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An admin's listing or a search waited for a locked or stalled PostgreSQL for as long
+    # as it lasted.
+    monkeypatch.setattr(proxy.services.rag, "QUERY_TIMEOUT", 1.0)
+    holder = await trio.to_thread.run_sync(lambda: psycopg.connect(corpus_url))
+    try:
+        await trio.to_thread.run_sync(holder.execute, "LOCK TABLE rag_documents, rag_chunks IN ACCESS EXCLUSIVE MODE")
+        async with httpx.AsyncClient(base_url=setup.url, timeout=30) as http:
+            with trio.fail_after(30):
+                answers = [
+                    await http.get("/v1/workspaces"),
+                    await http.get(f"/v1/workspaces/{CORPUS}"),
+                    await http.get(f"/v1/workspaces/{CORPUS}/documents"),
+                    await http.post(f"/v1/workspaces/{CORPUS}/search", json={"query": QUESTION}),
+                ]
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable" and answer.headers["retry-after"] == "2"
+
+
+async def test_a_workspace_and_a_pipeline_together_are_a_400_naming_the_one_left_out(setup: Setup) -> None:
+    # A workflow does not retrieve, nor the RAG route run a pipeline: one of the two headers
+    # used to be dropped without a word, its answer taken for one drawn on the workspace.
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as workflow:
+        await oa.chat.completions.create(model=MODELS["openai"], messages=messages,
+                                         extra_headers={**RAG, "x-pipeline": "fanout"})
+    assert workflow.value.param == "x-workspace" and "Send one of" in workflow.value.message
+    await oa.close()
+    async with ollama.AsyncClient(host=setup.url, headers={**RAG, "x-route": "rag", "x-pipeline": "fanout"}) as ol:
+        with pytest.raises(ollama.ResponseError) as rag:
+            await ol.chat(model=MODELS["ollama"], messages=messages)
+    assert rag.value.status_code == 400 and "`x-pipeline` has no effect on the rag route" in rag.value.error
+    assert all(not fake.requests for fake in setup.fakes.values())
+
+
 async def test_a_nul_in_the_question_does_not_fail_retrieval(setup: Setup) -> None:
     # PostgreSQL takes no NUL in text; a stray one in a question used to be a retryable 503.
     question = QUESTION.replace("nightly", "nightly\u0000")
@@ -291,6 +333,37 @@ async def test_a_disconnect_during_retrieval_cancels_it(setup: Setup, corpus_url
     assert after.status_code == 200 and after.headers["x-rag-context"] == "injected"
 
 
+async def test_a_stalled_rag_store_is_a_503_in_the_callers_dialect(
+    setup: Setup, corpus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL that keeps its connections open and answers nothing (a lock, a stall):
+    # the chat used to wait for it for as long as it lasted, its client with no answer at all.
+    monkeypatch.setattr(proxy.services.rag, "QUERY_TIMEOUT", 1.0)
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    holder = await trio.to_thread.run_sync(lambda: psycopg.connect(corpus_url))
+    try:
+        await trio.to_thread.run_sync(holder.execute, "LOCK TABLE rag_chunks IN ACCESS EXCLUSIVE MODE")
+        oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+        an = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+        with trio.fail_after(30):
+            with pytest.raises(openai.APIStatusError) as openai_error:
+                await oa.chat.completions.create(model=MODELS["openai"], messages=messages, extra_headers=RAG,
+                                                 stream=True)
+            with pytest.raises(anthropic.APIStatusError) as anthropic_error:
+                await an.messages.create(model=MODELS["anthropic"], max_tokens=10, messages=messages,
+                                         extra_headers=RAG)
+        await oa.close()
+        await an.close()
+    finally:
+        await trio.to_thread.run_sync(holder.close)
+    assert openai_error.value.status_code == 503
+    assert openai_error.value.code == "database_unavailable" and "did not answer" in openai_error.value.message
+    assert openai_error.value.response.headers["retry-after"] == "2"
+    assert anthropic_error.value.status_code == 503
+    assert anthropic_error.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert all(not fake.requests for fake in setup.fakes.values())
+
+
 @pytest.mark.parametrize("kind", ["openai", "ollama"])
 async def test_ollama_generate(setup: Setup, kind: str) -> None:
     async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
@@ -300,6 +373,46 @@ async def test_ollama_generate(setup: Setup, kind: str) -> None:
     system = body.get("system") if kind == "ollama" and "system" in body else setup.system_text(kind)
     assert system.startswith("Answer briefly.")
     assert_backups_context(system)
+
+
+async def test_a_token_count_on_the_rag_route_counts_the_passages_its_chat_would_carry(setup: Setup) -> None:
+    # The count a client makes to see whether its chat fits left out the passages the chat
+    # carries (hundreds of tokens per passage), with no word that it had.
+    messages: Any = [{"role": "user", "content": QUESTION}]
+    an = anthropic.AsyncAnthropic(base_url=setup.url, api_key="unused", max_retries=0)
+    alone = await an.messages.count_tokens(model=MODELS["anthropic"], messages=messages)
+    raw = await an.messages.with_raw_response.count_tokens(model=MODELS["anthropic"], messages=messages,
+                                                           extra_headers=RAG)
+    with_passages = await raw.parse()
+    assert raw.headers["x-rag-context"] == "injected" and sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
+    assert_backups_context(setup.system_text("anthropic"))  # what was counted: the chat as it would be sent
+    assert with_passages.input_tokens > alone.input_tokens + 20
+    oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
+    plain = await oa.responses.input_tokens.count(model=MODELS["openai"], input=QUESTION)
+    rag = await oa.responses.input_tokens.with_raw_response.count(model=MODELS["openai"], input=QUESTION,
+                                                                  extra_headers=RAG)
+    assert rag.headers["x-rag-context"] == "injected"
+    assert rag.parse().input_tokens > plain.input_tokens + 20
+    with pytest.raises(openai.NotFoundError):
+        await oa.responses.input_tokens.count(model=MODELS["openai"], input=QUESTION,
+                                              extra_headers={"x-workspace": "no-such-workspace"})
+    await an.close()
+    await oa.close()
+
+
+async def test_a_raw_generate_prompt_is_refused_not_answered_without_its_passages(setup: Setup) -> None:
+    # Ollama drops `system` from a raw prompt: the passages went nowhere, while the answer
+    # said `x-rag-context: injected`.
+    async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
+        for stream in (False, True):
+            with pytest.raises(ollama.ResponseError) as caught:
+                reply = await client.generate(model=MODELS["ollama"], prompt=f"<|user|>{QUESTION}<|assistant|>",
+                                              raw=True, stream=stream)
+                if stream:
+                    async for _ in reply:  # type: ignore[union-attr]
+                        pass
+            assert caught.value.status_code == 400 and "`raw: true`" in caught.value.error
+    assert setup.fakes["ollama"].requests == []
 
 
 async def test_workspace_routes_answer_503_when_postgresql_goes_away(
@@ -395,6 +508,34 @@ async def test_an_idempotent_retry_of_a_rag_request_replays_its_sources(pg_datab
     assert sources_of(again.headers) == sources_of(first.headers) != []
     assert again.headers["x-rag-context"] == "injected" and again.headers["x-rag-workspace"] == "hr"
     assert again.json()["rag_sources"] == first.json()["rag_sources"]
+
+
+async def test_a_background_rag_response_read_back_says_what_it_drew_on(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # Answered `queued` before any retrieval, its client learnt nothing of its sources: not
+    # on the creation, nor on the response read back.
+    fake = OpenAIBackend(default=Script(tokens=["25 days [1]."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await http.post("/v1/workspaces/hr/documents",
+                        json={"source": "leave.md", "content": "# Leave\n\nEmployees get 25 vacation days a year."})
+        asking = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-workspace": "hr"})
+        created = await asking.responses.create(model="m", input="How many vacation days do I get?", background=True)
+        assert created.status == "queued"
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(150):
+            raw = await client.responses.with_raw_response.retrieve(created.id)
+            if raw.parse().status == "completed":
+                break
+            await trio.sleep(0.1)
+        await asking.close()
+        await client.close()
+    assert raw.parse().output_text == "25 days [1]."
+    assert raw.headers["x-rag-context"] == "injected" and raw.headers["x-rag-workspace"] == "hr"
+    assert sources_of(raw.headers)[0]["source"] == "leave.md"
 
 
 @pytest.mark.parametrize("dialect", ["chat", "responses", "anthropic"])

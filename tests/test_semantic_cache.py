@@ -6,10 +6,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
+import openai as openai_sdk
+import psycopg
 import pytest
 import trio
 import trio_asyncio
 
+import proxy.services.semantic_cache
 from proxy.config import SemanticCacheSettings
 from proxy.dialects import openai
 from proxy.dialects.responses import parse_responses_request
@@ -21,6 +25,8 @@ from proxy.infra.postgres import Database, open_database
 from proxy.infra.rag_store import RagStore
 from proxy.services.chat import RequestMeta
 from proxy.services.semantic_cache import SemanticCache, conversation_key
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
 
 pytest_plugins = ["tests.infra_servers", "tests.rag_fixtures"]
 
@@ -237,6 +243,23 @@ async def test_numbers_and_negations_must_match_literally(db: Database, embedder
     assert await semantic.lookup(ask("what is 2+2?"), meta()) is not None
 
 
+async def test_text_the_model_cannot_read_must_match_literally(db: Database, embedder: LocalEmbedder) -> None:
+    # The model reads a Thai or Amharic word, or an emoji, as [UNK]: every such question
+    # embedded as every other, and a question about tom yum was answered about Bangkok.
+    semantic = cache(db, embedder)
+    bangkok = "กรุงเทพมหานครเป็นเมืองหลวงของประเทศอะไร"  # Bangkok is the capital of which country?
+    await semantic.store(ask(bangkok), meta(), answer("Thailand."))
+    await semantic.store(ask("I would like a 🍕"), meta(), answer("Here is a pizza place."))
+    await semantic.store(ask("ሰላም እንዴት ነህ"), meta(), answer("I am fine."))  # Amharic: hello, how are you?
+    assert await semantic.lookup(ask("วิธีทำต้มยำกุ้งให้อร่อยต้องใช้อะไรบ้าง"), meta()) is None  # how to make tom yum?
+    assert await semantic.lookup(ask("🐍🐍"), meta()) is None
+    assert await semantic.lookup(ask("I would like a 🐍"), meta()) is None
+    assert await semantic.lookup(ask("ቡና የት ነው ያለው"), meta()) is None  # Amharic: where is the coffee?
+    hit = await semantic.lookup(ask(bangkok), meta())
+    assert hit is not None and hit.completion.choices[0].content == "Thailand."
+    assert await semantic.lookup(ask("I'd like a 🍕"), meta()) is not None  # the rest is still by meaning
+
+
 async def test_long_conversations_that_differ_late_miss(db: Database, embedder: LocalEmbedder) -> None:
     # The model reads 256 tokens: one embedding of the whole text would not see the end.
     preamble = "Here is the background of the project. " * 60
@@ -296,3 +319,78 @@ async def test_one_keys_answers_are_never_anothers(db: Database, embedder: Local
     assert await semantic.lookup(question, meta(tenant="key-1")) is not None
     assert await semantic.lookup(question, meta(tenant="key-2")) is None
     assert await semantic.lookup(question, meta()) is None
+
+
+async def test_a_stalled_database_is_a_miss_not_a_wait(
+    pg_database_url: str, embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PostgreSQL that keeps its connections open and answers nothing (a lock, a stall): the
+    # chat asking the cache used to wait for it for as long as it lasted, never answered.
+    monkeypatch.setattr(proxy.services.semantic_cache, "LOOKUP_TIMEOUT", 1.0)
+    fake = OpenAIBackend(default=Script(tokens=["Paris."]))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url
+    ) as url:
+        client = openai_sdk.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                        default_headers={"x-cache": "semantic"})
+        holder = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_database_url))
+        try:
+            await trio.to_thread.run_sync(holder.execute, "LOCK TABLE semantic_cache IN ACCESS EXCLUSIVE MODE")
+            with trio.fail_after(30):
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}])
+        finally:
+            await trio.to_thread.run_sync(holder.close)
+        await client.close()
+    assert raw.parse().choices[0].message.content == "Paris."
+    assert raw.headers.get("x-cache") != "semantic" and len(fake.requests) == 1
+
+
+async def test_a_hit_is_an_answer_of_its_own_id_and_time(pg_database_url: str, embedder: LocalEmbedder) -> None:
+    # A hit answers a request of its own (its own trace id, log line, charge): it reused the
+    # first answer's id and `created`, so what counts answers by id (a gateway in front, the
+    # client's logs or tracing) took it for the first one again.
+    fake = OpenAIBackend(default=Script(tokens=["Paris."]))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), backend("claude", server.url, prefixes=("claude",)),
+        database_url=pg_database_url,
+    ) as url:
+        oa = openai_sdk.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-cache": "semantic"})
+        an = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0,
+                                      default_headers={"x-cache": "semantic"})
+
+        def entries() -> int:
+            with psycopg.connect(pg_database_url) as conn:
+                return conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0]  # type: ignore[index,no-any-return]
+
+        async def stored(count: int) -> None:
+            for _ in range(200):  # stored once its client has the answer
+                if await trio.to_thread.run_sync(entries) >= count:
+                    return
+                await trio.sleep(0.05)
+            raise AssertionError("the answer was not stored")
+
+        missed = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        assert missed.headers["x-cache"] == "miss"  # asked, looked up, not found
+        first = missed.parse()
+        await stored(1)
+        await trio.sleep(1.1)  # a second later: `created` tells them apart too
+        raw = await oa.chat.completions.with_raw_response.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        hit = raw.parse()
+        assert raw.headers["x-cache"] == "semantic" and hit.choices[0].message.content == "Paris."
+        assert hit.id.startswith("chatcmpl-") and hit.id != first.id and hit.created > first.created
+        chunks = [chunk async for chunk in await oa.chat.completions.create(
+            model=MODEL, messages=question, stream=True)]  # type: ignore[arg-type]
+        assert {chunk.id for chunk in chunks} not in ({first.id}, {hit.id}) and len({c.id for c in chunks}) == 1
+
+        message = await an.messages.create(model="claude-x", max_tokens=64, messages=question)  # type: ignore[arg-type]
+        await stored(2)
+        again = await an.messages.with_raw_response.create(model="claude-x", max_tokens=64, messages=question)  # type: ignore[arg-type]
+        assert again.headers["x-cache"] == "semantic"
+        replayed = await again.parse()
+        assert replayed.id.startswith("msg_") and replayed.id != message.id
+        await oa.close()
+        await an.close()
+    assert len(fake.requests) == 2

@@ -30,6 +30,7 @@ from proxy.infra.backends import Backend, Batch
 from proxy.infra.backends._anthropic import count_tokens
 from proxy.infra.transport import ResponseHeads, current_heads
 from proxy.services.chat import ChatExchange, ExchangeSink
+from proxy.services.rag import counted_as_sent
 
 exchanges = FrontDoor()
 blueprint = Blueprint("anthropic", __name__)
@@ -151,9 +152,10 @@ async def messages_count_tokens(incoming: Incoming) -> Reply:
     gw = incoming.gateway
     route = gw.router.resolve(request.model)
     backend = gw.backends[route.backend]
+    request, rag_headers = await counted_as_sent(gw.rag, meta, request)
     anthropic.adapt_for_dialect(request, backend.config.kind)
     count = await count_tokens(backend, request, route.upstream_model)
-    headers: Headers = [(b"request-id", meta.request_id.encode())]
+    headers: Headers = [(b"request-id", meta.request_id.encode()), *rag_headers]
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
     record_answered(gw, meta, kind="count_tokens", dialect="anthropic", model=request.model, route=route)

@@ -115,8 +115,8 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     exchange.adapt_with(_for_backend)
     if extra.get("store") is True:
         # Journalled as stored: read back by its id (`_stored_completions`). Not from the
-        # semantic cache, whose hit is another request's answer under that one's id (perhaps
-        # not stored); the exact cache's is a request the same, `store` included: one stored.
+        # semantic cache, whose hit is another request's answer under an id no row holds (a
+        # hit writes none); the exact cache's is a request the same, `store` included: one stored.
         exchange.settings = stored.stored_settings(request, time.time_ns() // 1000)
         exchange.semantic_cache = None
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]

@@ -52,9 +52,11 @@ from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
 from proxy.infra.chat_store import StoredRun
+from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
+from proxy.services.rag import counted_as_sent
 
 exchanges = FrontDoor()
 
@@ -290,11 +292,11 @@ async def count_input_tokens(incoming: Incoming) -> Reply:
             raise invalid_request(f"`{name}` is not a parameter of `/v1/responses/input_tokens`.", param=name)
     if parsed.conversation is not None:
         await join_conversation(incoming.gateway.persistence, parsed, parsed.conversation)
-    request = parsed.chat
-    route = incoming.gateway.router.resolve(request.model)
-    count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
     meta = request_meta(incoming.head)
-    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    route = incoming.gateway.router.resolve(parsed.chat.model)
+    request, rag_headers = await counted_as_sent(incoming.gateway.rag, meta, parsed.chat)
+    count = await count_tokens(incoming.gateway.backends[route.backend], request, route.upstream_model)
+    headers: Headers = [(b"x-request-id", meta.request_id.encode()), *rag_headers]
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
     record_answered(incoming.gateway, meta, kind="count_tokens", dialect=responses.DIALECT, model=request.model, route=route)
@@ -514,10 +516,13 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
     completion = stored.completion
     settings = _echoed(stored.settings)
     if stored.status == "completed" and completion is not None:
+        # What its run told its client of the answer (`x-rag-*`, `x-pipeline`, …), as a replay
+        # says it: a background response's client, answered `queued`, learns it only here.
+        told = [header for header in stored.headers if header[0] in ANSWER_HEADERS]
         return Reply(responses.render_response(
             completion, response=response, model=stored.model or completion.model, settings=settings,
             created_at=_created_at(stored), completed_at=_completed_at(stored),
-        ))
+        ), headers=told)
     status = {"running": "in_progress", "cancelled": "cancelled"}.get(stored.status, "failed")
     if status == "in_progress" and completion is None and settings.get("background") and stored.route != "workflow":
         # Its run has not started answering (its backend has said nothing yet): `queued`, as

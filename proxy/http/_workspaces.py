@@ -30,6 +30,7 @@ from proxy.infra.rag_store import DocumentRow, LanguageLocked, WorkspaceSummary
 from proxy.services.rag import (
     DocumentInput,
     RagService,
+    bounded_query,
     check_workspace_name,
     language_locked,
     passages_json,
@@ -70,8 +71,13 @@ def _document_json(row: DocumentRow) -> dict[str, Any]:
     }
 
 
+async def _summaries(rag: RagService) -> list[WorkspaceSummary]:
+    with bounded_query():  # a stalled database: a 503, not a request that never ends
+        return await rag.store().list_workspaces()
+
+
 async def _summary(rag: RagService, name: str) -> WorkspaceSummary:
-    for summary in await rag.store().list_workspaces():
+    for summary in await _summaries(rag):
         if summary.name == name:
             return summary
     raise workspace_not_found(name, param=None)
@@ -79,7 +85,7 @@ async def _summary(rag: RagService, name: str) -> WorkspaceSummary:
 
 @blueprint.get("/v1/workspaces")
 async def list_workspaces() -> Response:
-    summaries = await _rag().store().list_workspaces()
+    summaries = await _summaries(_rag())
     return _reply({"object": "list", "data": [_workspace_json(s) for s in summaries]})
 
 
@@ -246,8 +252,9 @@ async def list_documents(ws: str) -> Response:
     limit = _query_int("limit", 100, 1, 1000)
     offset = _query_int("offset", 0, 0, 10**9)
     store = rag.store()
-    rows = await store.list_documents(workspace.id, limit=limit, offset=offset)
-    total = await store.count_documents(workspace.id)
+    with bounded_query():
+        rows = await store.list_documents(workspace.id, limit=limit, offset=offset)
+        total = await store.count_documents(workspace.id)
     return _reply({"object": "list", "workspace": ws, "total": total, "data": [_document_json(r) for r in rows]})
 
 
@@ -284,7 +291,9 @@ async def search(ws: str) -> Response:
     overrides = validate_overrides({k: v for k, v in fields.data.items() if k != "query"})
     rag = _rag()
     retrieval = await rag.retrieve(ws, query, overrides, param=None)
-    terms = await rag.store().full_text_terms(await rag.workspace(ws, None), query)
+    workspace = await rag.workspace(ws, None)
+    with bounded_query():
+        terms = await rag.store().full_text_terms(workspace, query)
     return _reply({
         "object": "list", "workspace": ws, "query": query, "candidates": retrieval.candidates,
         "full_text_terms": terms,

@@ -53,6 +53,11 @@ INGESTIBLE_EXTENSIONS: Final = frozenset(_EXTENSIONS)
 
 # The model reads 256 tokens including [CLS] and [SEP].
 MODEL_TOKENS: Final = 254
+# A word the model cannot read (Thai, Amharic, emoji, …) is one [UNK] of up to 64 characters:
+# sized as one token, a chunk of them held ten thousand characters, and so did every passage
+# injected from it (tens of thousands of a chat model's tokens). Such a run counts a token
+# per this many characters, about what a chat model's tokenizer makes of these scripts.
+UNKNOWN_CHARS: Final = 4
 _HEADING_TOKENS_MAX: Final = 48
 
 
@@ -253,22 +258,40 @@ class TokenCounter:
         self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Split(Regex(".{1,64}"), behavior="isolated")]
         )
+        self._unknown = vocab["[UNK]"]
 
     def count(self, texts: Sequence[str]) -> list[int]:
+        """Tokens, a run the model reads as [UNK] counted by its length (`UNKNOWN_CHARS`)."""
         if not texts:
             return []
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [len(e.ids) for e in encodings]
+        return [sum(self._weights(e.ids, e.offsets)) if self._unknown in e.ids else len(e.ids) for e in encodings]
+
+    def _weights(self, ids: list[int], offsets: list[tuple[int, int]]) -> list[int]:
+        unknown = self._unknown
+        return [-(-(end - start) // UNKNOWN_CHARS) if token == unknown else 1
+                for token, (start, end) in zip(ids, offsets, strict=True)]
+
+    def measure(self, text: str) -> tuple[int, list[str]]:
+        """`text`'s tokens, and the runs of it the model cannot read (each an [UNK]: Thai,
+        Amharic, emoji, … words), which its vector says nothing about."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        unknown = self._unknown
+        return len(encoding.ids), [
+            text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True) if token == unknown
+        ]
 
     def split(self, text: str, size: int) -> list[str]:
-        """`text` cut into consecutive pieces of at most `size` tokens (at token starts)."""
+        """`text` cut into consecutive pieces of at most `size` tokens as `count` counts them
+        (at token starts)."""
         encoding = self._tokenizer.encode(text, add_special_tokens=False)
         offsets = encoding.offsets
-        if len(offsets) <= size:
+        weights = self._weights(encoding.ids, offsets)
+        if sum(weights) <= size:
             return [text]
         step = size
         while True:
-            pieces = self._cut(text, offsets, step)
+            pieces = self._cut(text, offsets, weights, step)
             # A piece cut inside a long word is pre-split afresh and may count a few more.
             excess = max(self.count(pieces)) - size
             if excess <= 0 or step <= 1:
@@ -276,13 +299,16 @@ class TokenCounter:
             step = max(1, step - excess)
 
     @staticmethod
-    def _cut(text: str, offsets: list[tuple[int, int]], size: int) -> list[str]:
+    def _cut(text: str, offsets: list[tuple[int, int]], weights: list[int], size: int) -> list[str]:
         pieces = []
         start = 0
-        for first in range(size, len(offsets), size):
-            cut = offsets[first][0]
-            pieces.append(text[start:cut])
-            start = cut
+        held = 0
+        for (first, _), weight in zip(offsets, weights, strict=True):
+            if held and held + weight > size:
+                pieces.append(text[start:first])
+                start = first
+                held = 0
+            held += weight
         pieces.append(text[start:])
         return [piece for piece in pieces if piece.strip()]
 
@@ -484,6 +510,7 @@ __all__ = [
     "FORMATS",
     "INGESTIBLE_EXTENSIONS",
     "MEDIA_TYPES",
+    "UNKNOWN_CHARS",
     "Chunk",
     "ChunkerSettings",
     "Format",

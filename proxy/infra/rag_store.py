@@ -242,15 +242,25 @@ class RagStore:
                 document.content_hash, document.chunker, document.metadata
             ):
                 return str(previous[0]), "unchanged"  # the same document, stored meanwhile
-            if previous is not None:
-                await tx.execute("DELETE FROM rag_documents WHERE id = %s", (previous[0],))
-            document_id = str(uuid.uuid4())
-            await tx.execute(
-                "INSERT INTO rag_documents (id, workspace_id, source, content_hash, chunker, media_type, metadata,"
-                " chars, chunk_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (document_id, workspace.id, document.source, document.content_hash, document.chunker,
-                 document.media_type, json.dumps(document.metadata), document.chars, len(document.chunks)),
-            )
+            if previous is None:
+                document_id = str(uuid.uuid4())
+                await tx.execute(
+                    "INSERT INTO rag_documents (id, workspace_id, source, content_hash, chunker, media_type, metadata,"
+                    " chars, chunk_count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (document_id, workspace.id, document.source, document.content_hash, document.chunker,
+                     document.media_type, json.dumps(document.metadata), document.chars, len(document.chunks)),
+                )
+            else:
+                # The same document (its source), changed: its id and creation stay what its
+                # client was told (and may delete it by), only its text and chunks are new.
+                document_id = str(previous[0])
+                await tx.execute("DELETE FROM rag_chunks WHERE document_id = %s", (document_id,))
+                await tx.execute(
+                    "UPDATE rag_documents SET content_hash = %s, chunker = %s, media_type = %s, metadata = %s,"
+                    " chars = %s, chunk_count = %s, updated_at = now() WHERE id = %s",
+                    (document.content_hash, document.chunker, document.media_type, json.dumps(document.metadata),
+                     document.chars, len(document.chunks), document_id),
+                )
             await _insert_chunks(tx, workspace, document_id, document.chunks)
             await tx.execute(
                 "UPDATE rag_workspaces SET revision = revision + 1, updated_at = now() WHERE id = %s", (workspace.id,)

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from proxy.domain.chat import ChatRequest
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.events import (
     CompletionBuilder,
     StreamEvent,
@@ -125,6 +125,17 @@ class ChatService:
                 raise GatewayError(
                     ErrorKind.INVALID_REQUEST, f"Unknown route `{meta.route}`; this gateway serves: {known}.",
                     param="x-route",
+                )
+            # One route a chat: the other header would be dropped without a word, and the
+            # answer taken for one drawn on the workspace (or made by the pipeline).
+            unused = "x-workspace" if meta.route == "workflow" and meta.workspace else (
+                "x-pipeline" if meta.route == "rag" and meta.pipeline else None)
+            if unused is not None:
+                raise invalid_request(
+                    f"`{unused}` has no effect on the {meta.route} route: a workflow's pipeline does not retrieve"
+                    " from a RAG workspace, nor does the RAG route run a pipeline. Send one of `x-workspace`"
+                    " and `x-pipeline`.",
+                    param=unused,
                 )
             if meta.route == "workflow" and meta.pipeline is None:
                 # Named from here on: the answer is that pipeline's, in the caches' keys too (as
@@ -308,6 +319,12 @@ class ChatExchange(FallbackWalk, DurableRun):
                 producer = self._start_durable(plan)
                 durable = True
             self.response_headers.extend(plan.headers)
+            if self.semantic_cache is not None and plan.kind in ("here", "durable") and not any(
+                name == b"x-cache" for name, _ in plan.headers
+            ):
+                # Looked up and not found (a hit sets it to None): said as the exact cache says
+                # it, so a client asking `x-cache: semantic` can tell a miss from no cache at all.
+                self.response_headers.append((b"x-cache", b"miss"))
             self._told_by_run = self._told_by(plan) if plan.kind == "follow" else None
             self._relay_answers = plan.kind in ("here", "replay")
             async with trio.open_nursery() as nursery:

@@ -39,6 +39,7 @@ from proxy.domain.errors import ErrorKind, GatewayError, database_not_configured
 from proxy.infra.backends import Batch
 from proxy.infra.chunking import (
     MEDIA_TYPES,
+    UNKNOWN_CHARS,
     Chunk,
     ChunkerSettings,
     Format,
@@ -46,6 +47,7 @@ from proxy.infra.chunking import (
     chunk,
     chunk_sections,
     to_text,
+    token_counter,
 )
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
@@ -58,8 +60,8 @@ from proxy.infra.rag_store import (
     TokenVectorCache,
     Workspace,
 )
-from proxy.services._contracts import ANSWER_HEADERS
-from proxy.services.chat import ChatExchange
+from proxy.services._contracts import ANSWER_HEADERS, Headers
+from proxy.services.chat import ChatExchange, RequestMeta
 from proxy.services.embeddings import TextEncoder
 from proxy.services.persistence import Producer
 
@@ -78,6 +80,11 @@ _MAX_SOURCE: Final = 1024
 # PDFs read at once: text extraction is pure Python and holds the GIL, so more threads would
 # only take turns with the event loop (and slow every stream) without finishing sooner.
 PDF_THREADS: Final = 2
+# How long a question waits for the RAG store (a workspace's lookup; the search): a stalled or
+# locked PostgreSQL keeps its connections open and answers nothing, and a chat waiting on it
+# would never answer. Then a 503 its client may retry. A search is milliseconds on a healthy
+# server, seconds on a cold large one.
+QUERY_TIMEOUT: Final = 10.0
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -349,9 +356,10 @@ class RagService:
     ) -> IngestResult:
         digest = hashlib.sha256(text.encode()).hexdigest()
         source = document.source or f"sha256:{digest[:16]}"
+        signature = await trio.to_thread.run_sync(self._signature_of, chunks)
         with _database_errors():
             state = await store.document_state(workspace.id, source)
-        if state is not None and state[1] == digest and state[2] == self.signature:
+        if state is not None and state[1] == digest and state[2] == signature:
             if progress is not None:
                 progress(len(chunks))
             if state[3] != document.metadata:
@@ -361,7 +369,7 @@ class RagService:
             return IngestResult(state[0], source, "unchanged", len(chunks))
         embedded = await self._embed_chunks([c.text for c in chunks], progress)
         new = NewDocument(
-            source=source, content_hash=digest, chunker=self.signature,
+            source=source, content_hash=digest, chunker=signature,
             media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
@@ -369,6 +377,15 @@ class RagService:
             document_id, status = await store.put_document(workspace, new)
         return IngestResult(document_id, source, status, len(chunks),
                             sum(c.tokens for c in chunks) if status != "unchanged" else 0)
+
+    def _signature_of(self, chunks: Sequence[Chunk]) -> str:
+        """How a document's chunks were made. One holding words the model cannot read is
+        sized by their length since `UNKNOWN_CHARS` (its chunks were ten times too long before):
+        such a document is re-indexed once; every other one is chunked as it was."""
+        counter = token_counter()
+        if any(counter.measure(c.text)[1] for c in chunks):
+            return f"{self.signature}/unknown{UNKNOWN_CHARS}"
+        return self.signature
 
     async def _embed_chunks(self, texts: list[str], progress: Progress | None) -> list[tuple[Vectors, Vectors]]:
         out: list[tuple[Vectors, Vectors]] = []
@@ -385,7 +402,7 @@ class RagService:
     async def workspace(self, name: str, param: str | None = "x-workspace") -> Workspace:
         """`param`: where the name came from, for errors (None: the URL path)."""
         check_workspace_name(name, param or "workspace")
-        with _database_errors():
+        with bounded_query():
             workspace = await self.store().workspace(name)
         if workspace is None:
             raise workspace_not_found(name, param)
@@ -413,7 +430,7 @@ class RagService:
             nursery.start_soon(tokens)
         embedded = time.perf_counter()
         store = self.store()
-        with _database_errors():
+        with bounded_query():
             dense, lexical = await store.candidates(workspace, query_vectors["dense"], query, options.candidates)
             fused = reciprocal_rank_fusion([dense, lexical])[: options.rerank]
             rows = await store.chunks(workspace.id, [item for item, _ in fused], self.token_cache)
@@ -464,6 +481,19 @@ def _check_storable(document: DocumentInput, index: int) -> None:
                 f"Document {index}: `{where}` contains a NUL character (\\u0000), which cannot be stored.",
                 param=f"documents[{index}].{where.split(' ')[0]}",
             )
+
+
+@contextmanager
+def bounded_query() -> Iterator[None]:
+    """`_database_errors`, and a 503 when the store has not answered within `QUERY_TIMEOUT`
+    (the query is cancelled: psycopg closes a connection whose server does not confirm)."""
+    with _database_errors(), trio.move_on_after(QUERY_TIMEOUT) as waited:
+        yield
+    if waited.cancelled_caught:
+        log.warning("RAG store: no answer within %g s", QUERY_TIMEOUT)
+        raise GatewayError(ErrorKind.UNAVAILABLE,
+                           f"The RAG store (PostgreSQL) did not answer within {QUERY_TIMEOUT:g} s; try again shortly.",
+                           code="database_unavailable", retry_after=2)
 
 
 @contextmanager
@@ -539,6 +569,43 @@ def sources_header(retrieval: Retrieval) -> bytes:
     return value.encode("ascii")
 
 
+def workspace_of(meta: RequestMeta, request: ChatRequest) -> str:
+    """The workspace a request on the RAG route names, or a 400."""
+    name = meta.workspace
+    if not name:
+        raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
+                              param="x-workspace")
+    if request.dialect == "ollama" and request.extra.get("raw") is True:
+        # Ollama sends a raw prompt as it is and drops `system`: the passages would go
+        # nowhere while the answer said they were given.
+        raise invalid_request(
+            "`raw: true` sends the prompt without the model's template, and so without a system prompt for "
+            "the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
+        )
+    return name
+
+
+async def as_sent(rag: RagService, name: str, request: ChatRequest) -> tuple[ChatRequest, Headers]:
+    """`request` as the RAG route sends it to the model (its question's passages, if any, in
+    its system message), and the headers that say so."""
+    retrieval = await rag.retrieve(name, query_text(request.messages))
+    headers: Headers = [(b"x-rag-workspace", name.encode("ascii")), (SOURCES_HEADER, sources_header(retrieval))]
+    if not retrieval.passages:
+        return request, [*headers, (b"x-rag-context", b"none")]
+    return inject(request, retrieval, rag.settings.template), [*headers, (b"x-rag-context", b"injected")]
+
+
+async def counted_as_sent(rag: RagService | None, meta: RequestMeta, request: ChatRequest) -> tuple[ChatRequest, Headers]:
+    """A token count's request as its chat would reach the model: on the RAG route with the
+    passages its question retrieves now, which a count of the client's messages alone leaves out."""
+    if meta.route != "rag":
+        return request, []
+    name = workspace_of(meta, request)
+    if rag is None:
+        raise GatewayError(ErrorKind.UNAVAILABLE, "RAG is not available on this gateway.")
+    return await as_sent(rag, name, request)
+
+
 class RagRoute:
     """`chat.routes["rag"]`: retrieval, injection, then the routed backend."""
 
@@ -548,35 +615,19 @@ class RagRoute:
     def __init__(self, rag: RagService) -> None:
         self._rag = rag
 
-    @staticmethod
-    def _workspace(exchange: ChatExchange) -> str:
-        name = exchange.meta.workspace
-        if not name:
-            raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
-                                  param="x-workspace")
-        return name
-
     async def admit(self, exchange: ChatExchange) -> None:
-        await self._rag.workspace(self._workspace(exchange))
+        await self._rag.workspace(workspace_of(exchange.meta, exchange.request))
 
     async def cache_scope(self, exchange: ChatExchange) -> str | None:
         # Its id too: a workspace deleted and made again counts its revisions from 0 again.
-        workspace = await self._rag.workspace(self._workspace(exchange))
+        workspace = await self._rag.workspace(workspace_of(exchange.meta, exchange.request))
         return f"rag:{workspace.id}.{workspace.revision}"
 
     def producer(self, exchange: ChatExchange) -> Producer:
         async def produce(send: trio.MemorySendChannel[Batch]) -> None:
-            name = self._workspace(exchange)
-            retrieval = await self._rag.retrieve(name, query_text(exchange.request.messages))
-            headers = exchange.response_headers
-            headers.append((b"x-rag-workspace", name.encode("ascii")))
-            headers.append((SOURCES_HEADER, sources_header(retrieval)))
-            request = exchange.request
-            if retrieval.passages:
-                headers.append((b"x-rag-context", b"injected"))
-                request = inject(request, retrieval, self._rag.settings.template)
-            else:
-                headers.append((b"x-rag-context", b"none"))
+            name = workspace_of(exchange.meta, exchange.request)
+            request, headers = await as_sent(self._rag, name, exchange.request)
+            exchange.response_headers.extend(headers)
             await exchange.call_backend(send, request=request)
 
         return produce
@@ -599,7 +650,10 @@ __all__ = [
     "RagService",
     "Retrieval",
     "RetrievalOptions",
+    "as_sent",
+    "bounded_query",
     "check_workspace_name",
+    "counted_as_sent",
     "inject",
     "language_locked",
     "query_text",

@@ -34,9 +34,11 @@ import hashlib
 import json
 import logging
 import re
+import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Final
 
 import numpy as np
@@ -72,9 +74,13 @@ _NEGATION: Final = re.compile(
     re.IGNORECASE,
 )
 _CANDIDATES: Final = 5
+_ID_PREFIX: Final = re.compile(r"^[A-Za-z]+[-_]")
 _SEGMENT_CACHE: Final = 4096
 _PURGE_BATCH: Final = 200
 _CACHEABLE_FINISH: Final = frozenset({FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS})
+# How long a request waits for the cache's database, per lookup: a stalled or locked PostgreSQL
+# answers nothing, and a cache is no reason for a chat to wait for it. Past it: a miss.
+LOOKUP_TIMEOUT: Final = 3.0
 # An entry names its run (`trace_id`), whose deletion deletes it (`ChatStore.delete`). Not
 # stored for a run deleted already (its client may delete it as soon as it has the answer,
 # before this store): the run's row is locked (FOR SHARE), so a delete committing meanwhile
@@ -132,14 +138,19 @@ def conversation_key(
     literal: list[str] = []
     for message in request.messages:
         text = f"{message.role}: {_message_text(message)}"
-        pieces = counter.split(text, MODEL_TOKENS) if counter.count([text])[0] > MODEL_TOKENS else [text]
+        tokens, unknown = counter.measure(text)
+        pieces = counter.split(text, MODEL_TOKENS) if tokens > MODEL_TOKENS else [text]
         segments.extend(pieces)
         # A message's own extra fields (DeepSeek's `prefix`, a legacy `function` role, …) may
         # change the answer; its raw `content` is already compared as text and opaque parts.
         extra = {k: v for k, v in message.extra.items() if k != "content"}
         shape.append([message.role, len(pieces), [call.name for call in message.tool_calls], _opaque(message),
                       message.name, extra])
-        literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text)))
+        # What the model reads as [UNK] (a Thai or Amharic word, an emoji) embeds as every
+        # other such run does: two questions in Thai scored as one. Compared literally instead
+        # (only when there is some, so that other entries keep their scope).
+        literal.append(" ".join(_NUMBER.findall(text)) + "|" + " ".join(m.lower() for m in _NEGATION.findall(text))
+                       + ("|" + "\x1f".join(unknown) if unknown else ""))
     params = {k: v for k, v in asdict(request.params).items() if v not in (None, (), [])}
     exact = {
         "model": model,
@@ -223,20 +234,22 @@ class SemanticCache:
         if db is None:
             return None
         try:
-            revision = await self._revision(db, meta)
+            with trio.fail_after(LOOKUP_TIMEOUT):
+                revision = await self._revision(db, meta)
             if meta.route == "rag":
                 self._revisions[meta.trace_id] = revision
                 while len(self._revisions) > _SEGMENT_CACHE:
                     self._revisions.popitem(last=False)
             key = await self._key(request, meta, revision)
             vectors = await self._embed(key.segments)
-            async with db.transaction() as tx:
-                await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                rows = await tx.fetch(
-                    "SELECT id, segments, completion, trace_id FROM semantic_cache"
-                    " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
-                    (key.scope, _mean_vector(vectors), _CANDIDATES),
-                )
+            with trio.fail_after(LOOKUP_TIMEOUT):
+                async with db.transaction() as tx:
+                    await tx.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                    rows = await tx.fetch(
+                        "SELECT id, segments, completion, trace_id FROM semantic_cache"
+                        " WHERE scope = %s AND expires_at > now() ORDER BY embedding <=> %s LIMIT %s",
+                        (key.scope, _mean_vector(vectors), _CANDIDATES),
+                    )
             best: tuple[float, Any] | None = None
             for row_id, segments, completion, trace_id in rows:
                 stored = unpack_segments(bytes(segments))
@@ -249,11 +262,15 @@ class SemanticCache:
                 return None
             row_id, completion, trace_id = best[1]
             self._revisions.pop(meta.trace_id, None)  # a hit stores nothing
-            await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
+            with trio.move_on_after(LOOKUP_TIMEOUT):  # only a counter: the hit stands without it
+                await db.execute("UPDATE semantic_cache SET hits = hits + 1 WHERE id = %s", (row_id,))
             answer = completion if isinstance(completion, dict) else json.loads(completion)
-            return CachedAnswer(completion_from_json(answer), stored_headers(answer), trace_id)
+            return CachedAnswer(_as_new(completion_from_json(answer)), stored_headers(answer), trace_id)
         except (DatabaseError, GatewayError) as exc:
             log.warning("semantic cache lookup failed (a miss): %s", exc)
+            return None
+        except trio.TooSlowError:
+            log.warning("semantic cache lookup: no answer from the database within %g s (a miss)", LOOKUP_TIMEOUT)
             return None
 
     async def store(
@@ -346,6 +363,16 @@ class SemanticCache:
         while len(self._vectors) > _SEGMENT_CACHE:
             self._vectors.popitem(last=False)
         return out
+
+
+def _as_new(completion: ChatCompletion) -> ChatCompletion:
+    """Another request's answer, given to one that is a request of its own (its own trace id and
+    log line): its own id (the backend's kind, `chatcmpl-`, `msg_`, …) and time, or whatever
+    counts answers by their id (a gateway in front, the client's logs or tracing) counts the
+    earlier one twice and this one never."""
+    prefix = _ID_PREFIX.match(completion.id)
+    fresh = (prefix.group(0) if prefix else "chatcmpl-") + secrets.token_hex(12)
+    return replace(completion, id=fresh, created=int(time.time()))
 
 
 def _untagged(model: str) -> str:
