@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -270,6 +271,41 @@ DELETE FROM idempotency_keys WHERE key IN (
 )
 """
 
+# Log rows made more than the retention ago whose run has ended, a batch at a time, oldest
+# first (`chat_log_created_at`), with their workflow job's record (its request and answer):
+# without this every request's prompt and answer would stay for good. A running row is kept
+# however old (its run still writes it); held rows are skipped, as in `_PURGE_EXPIRED_CACHE`.
+# What else names a run is left to its own bound: its key (`idempotency_retention_seconds`:
+# a key whose row is gone runs its request again), its cache entries (their TTL), its events
+# (JetStream's), a conversation's items (kept whole in the conversation, which outlives them).
+_PURGE_EXPIRED_LOG = """
+WITH gone AS (
+    DELETE FROM chat_log WHERE trace_id IN (
+        SELECT trace_id FROM chat_log
+        WHERE created_at < now() - make_interval(secs => %s) AND status <> 'running'
+        ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED
+    ) RETURNING trace_id, route
+), runs AS (
+    DELETE FROM workflow_runs WHERE trace_id IN (SELECT trace_id FROM gone WHERE route = 'workflow')
+)
+SELECT count(*) FROM gone
+"""
+# Between purges that found less than a full batch (nothing is waiting): an idle table costs a
+# round trip a second at most, however many group commits a busy gateway makes.
+_LOG_PURGE_PAUSE = 1.0
+# The most one purge deletes: a group commit after an outage (the outbox's rows) may be large,
+# and the purge must not hold the log's writer long.
+_LOG_PURGE_MOST = 1000
+
+
+@dataclass(slots=True)
+class LogRetention:
+    """How long an ended run's row is kept, from when it was made, and when the log is purged
+    next (monotonic time): one per process, shared by the `ChatStore`s made for each call."""
+
+    seconds: float = 30 * 86400.0
+    due: float = 0.0
+
 
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
 # beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
@@ -425,9 +461,10 @@ _DELETE_CACHED = (
 
 
 class ChatStore:
-    def __init__(self, db: Database, *, key_retention: float = 86400.0) -> None:
+    def __init__(self, db: Database, *, key_retention: float = 86400.0, log_retention: LogRetention | None = None) -> None:
         self._db = db
         self._key_retention = key_retention  # seconds a settled key is kept
+        self._log = log_retention if log_retention is not None else LogRetention()
 
     async def start(self, row: LogRow) -> None:
         # DO NOTHING: if the outcome was written first (a fast failure), it must win.
@@ -450,6 +487,7 @@ class ChatStore:
             # The common batch: plain outcomes. One statement, atomic on its own, costs one
             # round trip instead of a transaction's three.
             await self._db.execute(_UPSERT_OUTCOMES, (_json([row.to_json() for row in outcomes]),))
+            await self._purge_log(len(outcomes))
             return
         await self._db.execute_batch([
             (_INSERT_START, [_row_params(r) for r in starts]),
@@ -466,6 +504,23 @@ class ChatStore:
             # Likewise, left to the next batch that writes keys, which add no more than it takes.
             with contextlib.suppress(DatabaseError):
                 await self._db.execute(_PURGE_EXPIRED_KEYS, (self._key_retention, _PURGE_BATCH))
+        if outcomes:
+            await self._purge_log(len(outcomes))
+
+    async def _purge_log(self, written: int) -> None:
+        """Delete a batch of expired log rows (at least as many as were just written, so the
+        table shrinks back to the retention's worth as it is written), unless the last purge
+        found fewer than a batch less than `_LOG_PURGE_PAUSE` ago. The rows are committed: a
+        purge that fails is left to a later write."""
+        now = time.monotonic()
+        if now < self._log.due:
+            return
+        limit = min(max(_PURGE_BATCH, written), _LOG_PURGE_MOST)
+        try:
+            gone = await self._db.fetchval(_PURGE_EXPIRED_LOG, (self._log.seconds, limit))
+        except DatabaseError:
+            gone = 0
+        self._log.due = now if int(gone or 0) >= limit else now + _LOG_PURGE_PAUSE
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

@@ -32,9 +32,10 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.domain.ids import is_trace_id
+from proxy.domain.retention import duration
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.batch_store import BatchStore
-from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
+from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, LogRetention, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, InvalidValue
@@ -99,6 +100,8 @@ class PersistenceSettings:
     spool: Path | None = None
     # How long a key is kept once its run has ended (see `ChatStore`).
     key_retention: float = 86400.0
+    # How long a run's row is kept once it has ended, from when it was made (see `ChatStore`).
+    log_retention: float = 30 * 86400.0
 
     @property
     def late(self) -> float:
@@ -227,6 +230,7 @@ class Persistence:
     def __init__(self, resources: Resources, settings: PersistenceSettings) -> None:
         self.resources = resources
         self.settings = settings
+        self._log_retention = LogRetention(settings.log_retention)  # its purge's pace, this process's
         self.runs = Runs()
         self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
         self.writer = LogWriter(store=self.store, outbox=self.outbox)
@@ -414,9 +418,14 @@ class Persistence:
                 log.warning("purging %s's events failed: %s", trace_id, error)
         return deleted
 
+    @property
+    def kept(self) -> str:
+        """How long the journal keeps a run, as a client is told it (see `ChatStore`)."""
+        return f"for {duration(self.settings.log_retention)} after it was made"
+
     def store(self) -> ChatStore | None:
         db = self.resources.database
-        return ChatStore(db, key_retention=self.settings.key_retention) if db is not None else None
+        return ChatStore(db, key_retention=self.settings.key_retention, log_retention=self._log_retention) if db is not None else None
 
     def bus(self) -> Bus | None:
         return self.resources.bus
