@@ -45,11 +45,16 @@ _BATCH_COLUMNS = (
 )
 _BATCH_FROM = "FROM batches b"
 # A line's answer, and its counts and tokens added to its batch's in the same statement: only
-# when the line was not recorded already (by another process that ran it too). The batch's row
-# is locked before the line's is written, as `finalize` does: a line recorded by a process
-# presumed dead while another finalizes the batch waits, rather than deadlocks.
+# when the line was not recorded already (by another process that ran it too), and only while
+# the batch has not ended (its files written, an OpenAI batch's lines deleted: a line recorded
+# late would be counted twice). The batch's row is locked before the line's is written, as
+# `finalize` does: a line recorded by a process presumed dead while another finalizes the batch
+# waits, rather than deadlocks, then finds it ended.
 _RECORD = """
-WITH locked AS (SELECT id FROM batches WHERE id = %(batch)s FOR UPDATE), added AS (
+WITH locked AS (
+    SELECT id FROM batches WHERE id = %(batch)s AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+    FOR UPDATE
+), added AS (
     INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
     SELECT id, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s FROM locked
     ON CONFLICT DO NOTHING
@@ -364,6 +369,10 @@ class BatchStore:
                     "name": f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
                 })
                 made.append(file_id if written else None)
+            if endpoint != MESSAGES:
+                # Its lines are now those files' lines: kept twice, every batch's answers would
+                # stay in `batch_lines` for good (a batch is never deleted). Its counts are its row's.
+                await tx.execute("DELETE FROM batch_lines WHERE batch_id = %s", (batch_id,))
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]
             await tx.execute(
                 f"UPDATE batches SET status = %s, {stamp} = now(), output_file_id = %s, error_file_id = %s, owner = NULL "
