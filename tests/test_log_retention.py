@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from proxy.infra.nats import open_bus
+from proxy.infra.embedded import EmbeddedNats
+from proxy.infra.nats import _hop, open_bus
+from proxy.services.journal import EVENTS_STREAM
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
 from tests.test_auth_helpers import bearer, eventually, gateway, new_key, sql, wait_for_key
@@ -172,3 +175,15 @@ async def test_key_budgets_and_usage_do_not_change_when_a_keys_old_rows_go(
             return await accounts() == (280, 4, 240, 40)
 
         await eventually(charged)
+
+
+async def test_a_runs_events_are_kept_no_longer_than_its_row(aio_loop: object, pg_database_url: str, tmp_path: Path) -> None:
+    """`events_retention_seconds` longer than `log_retention_seconds` is lowered to it: a run's
+    stream read again after its row expired would give back what every other reader says is gone."""
+    fake = OpenAIBackend(default=QUICK)
+    with EmbeddedNats(tmp_path / "nats") as nats:  # its own: the session's stream must stay as it is
+        async with fake.serve() as server, gateway(
+            pg_database_url, nats.url, backend("vllm", server.url, default=True), log_retention_seconds=3600,
+        ), open_bus(nats.url) as bus:
+            info = await _hop(bus._js.stream_info, EVENTS_STREAM)
+            assert info.config.max_age == 3600
