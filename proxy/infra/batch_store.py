@@ -449,6 +449,14 @@ class BatchStore:
             rows = await self._db.fetch(_RESULTS, (batch_id, after, limit))
         return [(int(line), str(custom_id), output) for line, custom_id, output in rows]
 
+    async def archive_message_batches(self, limit: int = 100) -> int:
+        """Archive the message batches whose results are past their time (see `_ARCHIVE`);
+        how many were."""
+        found = await self._db.fetchval(
+            _ARCHIVE, {"messages": MESSAGES, "age": MESSAGE_RESULTS_SECONDS, "limit": limit, "input": MESSAGE_INPUT}
+        )
+        return int(found or 0)
+
     async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
         """Delete an ended batch, its requests and results: its status before (an active one
         stays); None: not found."""
@@ -481,7 +489,28 @@ WHERE b.id = %s AND b.endpoint = '/v1/messages' AND t.line ~ '\S'
 ON CONFLICT DO NOTHING
 """
 _ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired"
+_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired, extract(epoch FROM b.archived_at)::bigint"
+# How long a message batch's results are kept, from its creation (Anthropic's 29 days).
+MESSAGE_RESULTS_SECONDS = 29 * 86400
+# Message batches created longer ago than that, a few at a time (`batches_to_archive`, 0027):
+# archived, their requests and answers deleted (rows held by another process skipped).
+_ARCHIVE = f"""
+WITH due AS (
+    SELECT b.id, b.input_file_id FROM batches b
+    WHERE b.endpoint = %(messages)s AND b.archived_at IS NULL AND b.created_at < now() - make_interval(secs => %(age)s)
+        AND NOT {_ACTIVE}
+    ORDER BY b.created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE batches b SET archived_at = now() FROM due WHERE b.id = due.id
+), answers AS (
+    DELETE FROM batch_lines WHERE batch_id IN (SELECT id FROM due)
+), requests AS (
+    DELETE FROM message_batch_requests WHERE batch_id IN (SELECT id FROM due)
+), inputs AS (
+    DELETE FROM files WHERE id IN (SELECT input_file_id FROM due) AND purpose = %(input)s
+)
+SELECT count(*) FROM due
+"""
 _MESSAGE_FROM = _BATCH_FROM
 
 
@@ -497,7 +526,8 @@ async def _record(
 def _message_batch(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
-    found = _batch(row[:-1])
+    found = _batch(row[:-2])
     assert found is not None
-    found["expired"] = int(row[-1])
+    found["expired"] = int(row[-2])
+    found["archived_at"] = row[-1]
     return found
