@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from proxy.config import ConfigError, load_settings
 from proxy.infra.embedded import EmbeddedNats
 from proxy.infra.nats import _hop, open_bus
 from proxy.services.journal import EVENTS_STREAM
@@ -187,3 +188,15 @@ async def test_a_runs_events_are_kept_no_longer_than_its_row(aio_loop: object, p
         ), open_bus(nats.url) as bus:
             info = await _hop(bus._js.stream_info, EVENTS_STREAM)
             assert info.config.max_age == 3600
+
+
+def test_the_log_retention_is_read_and_checked(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    assert load_settings(config, {}).log_retention_seconds == 30 * 86400  # OpenAI's 30 days
+    config.write_text("log_retention_seconds = 604800\n")
+    assert load_settings(config, {}).log_retention_seconds == 604800
+    for value in ("0", "-1", "1e10", '"30d"'):
+        config.write_text(f"log_retention_seconds = {value}\n")
+        with pytest.raises(ConfigError, match="log_retention_seconds"):
+            load_settings(config, {})

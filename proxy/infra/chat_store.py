@@ -487,7 +487,6 @@ class ChatStore:
             # The common batch: plain outcomes. One statement, atomic on its own, costs one
             # round trip instead of a transaction's three.
             await self._db.execute(_UPSERT_OUTCOMES, (_json([row.to_json() for row in outcomes]),))
-            await self._purge_log(len(outcomes))
             return
         await self._db.execute_batch([
             (_INSERT_START, [_row_params(r) for r in starts]),
@@ -504,23 +503,21 @@ class ChatStore:
             # Likewise, left to the next batch that writes keys, which add no more than it takes.
             with contextlib.suppress(DatabaseError):
                 await self._db.execute(_PURGE_EXPIRED_KEYS, (self._key_retention, _PURGE_BATCH))
-        if outcomes:
-            await self._purge_log(len(outcomes))
 
-    async def _purge_log(self, written: int) -> None:
-        """Delete a batch of expired log rows (at least as many as were just written, so the
-        table shrinks back to the retention's worth as it is written), unless the last purge
-        found fewer than a batch less than `_LOG_PURGE_PAUSE` ago. The rows are committed: a
-        purge that fails is left to a later write."""
+    async def purge_log(self, written: int) -> int:
+        """After a group commit of `written` rows: delete a batch of expired log rows (at least
+        as many, so the table shrinks back to the retention's worth as it is written), unless
+        the last purge found fewer than a batch less than `_LOG_PURGE_PAUSE` ago; how many
+        went. A purge that fails is left to a later commit's."""
         now = time.monotonic()
         if now < self._log.due:
-            return
+            return 0
+        self._log.due = now + _LOG_PURGE_PAUSE
         limit = min(max(_PURGE_BATCH, written), _LOG_PURGE_MOST)
-        try:
-            gone = await self._db.fetchval(_PURGE_EXPIRED_LOG, (self._log.seconds, limit))
-        except DatabaseError:
-            gone = 0
-        self._log.due = now if int(gone or 0) >= limit else now + _LOG_PURGE_PAUSE
+        gone = int(await self._db.fetchval(_PURGE_EXPIRED_LOG, (self._log.seconds, limit)) or 0)
+        if gone >= limit:
+            self._log.due = now  # more are waiting: the next commit purges again
+        return gone
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

@@ -292,6 +292,10 @@ class LogWriter:
         self._scope: trio.CancelScope | None = None
         self._writes = BoundedWrites()
         self._done = trio.Event()
+        # Where the log's purge runs after a commit (one at a time): beside the writes, so a
+        # long one neither delays the next commit nor counts against its time limit.
+        self._purges: trio.Nursery | None = None
+        self._purging = False
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -309,7 +313,7 @@ class LogWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
             try:
-                async with self._writes.open():
+                async with self._writes.open(), trio.open_nursery() as self._purges:
                     task_status.started()
                     while True:
                         due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
@@ -321,9 +325,19 @@ class LogWriter:
                         self._wake = trio.Event()
                         await self._flush(trio.current_time())
             finally:
+                self._purges = None  # closed: stopping, nothing is purged
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
                 self._done.set()
+
+    async def _purge(self, store: ChatStore, written: int) -> None:
+        try:
+            with trio.move_on_after(_CALL_TIMEOUT):
+                await store.purge_log(written)
+        except DatabaseError as error:
+            log.debug("purging expired log rows failed: %s", error)
+        finally:
+            self._purging = False
 
     def stop(self) -> None:
         if self._scope is not None:
@@ -350,6 +364,9 @@ class LogWriter:
                 try:
                     rows = [row for row, _ in outcomes]
                     await self._writes.write(lambda: store.write_batch(starts, rows))
+                    if rows and self._purges is not None and not self._purging:
+                        self._purging = True
+                        self._purges.start_soon(self._purge, store, len(rows))
                     return
                 except DatabaseError as error:
                     if outcomes:  # a batch of `running` rows only is dropped: their outcomes follow
