@@ -200,3 +200,18 @@ def test_the_log_retention_is_read_and_checked(tmp_path: Path) -> None:
         config.write_text(f"log_retention_seconds = {value}\n")
         with pytest.raises(ConfigError, match="log_retention_seconds"):
             load_settings(config, {})
+
+
+async def test_a_key_kept_longer_than_its_runs_row_runs_its_request_again(stack: Stack) -> None:
+    """`idempotency_retention_seconds` set above `log_retention_seconds`: a retry with the key
+    of a run whose row expired is run again (its answer is gone), never an error."""
+    messages = [{"role": "user", "content": f"keyed {uuid.uuid4()}"}]
+    key = {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    first = await stack.client.chat.completions.with_raw_response.create(model="m", messages=messages, extra_headers=key)  # type: ignore[arg-type]
+    await wait_for_row(stack.db, first.headers["x-trace-id"], "completed")
+    await age(stack.db, [first.headers["x-trace-id"]], 31)  # its key, written then, is still kept
+    await purged(stack.url, stack.db, [first.headers["x-trace-id"]])
+    calls = len(stack.fake.requests)
+    again = await stack.client.chat.completions.with_raw_response.create(model="m", messages=messages, extra_headers=key)  # type: ignore[arg-type]
+    assert again.headers.get("idempotent-replayed") is None and again.parse().choices[0].message.content == "The secret is 42."
+    assert len(stack.fake.requests) == calls + 1
