@@ -44,17 +44,15 @@ _BATCH_COLUMNS = (
     + ", b.completed, b.failed, b.input_tokens, b.output_tokens, b.model, b.cached_tokens, b.reasoning_tokens"
 )
 _BATCH_FROM = "FROM batches b"
+_ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A line's answer, and its counts and tokens added to its batch's in the same statement: only
 # when the line was not recorded already (by another process that ran it too), and only while
 # the batch has not ended (its files written, an OpenAI batch's lines deleted: a line recorded
 # late would be counted twice). The batch's row is locked before the line's is written, as
 # `finalize` does: a line recorded by a process presumed dead while another finalizes the batch
 # waits, rather than deadlocks, then finds it ended.
-_RECORD = """
-WITH locked AS (
-    SELECT id FROM batches WHERE id = %(batch)s AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
-    FOR UPDATE
-), added AS (
+_RECORD = f"""
+WITH locked AS (SELECT b.id FROM batches b WHERE b.id = %(batch)s AND {_ACTIVE} FOR UPDATE), added AS (
     INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
     SELECT id, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s FROM locked
     ON CONFLICT DO NOTHING
@@ -66,7 +64,6 @@ UPDATE batches b SET completed = b.completed + a.ok::int, failed = b.failed + (N
     reasoning_tokens = b.reasoning_tokens + %(reasoning)s
 FROM added a WHERE b.id = %(batch)s
 """
-_ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A batch nobody runs: no owner (created, or let go by a process that stopped), or an owner
 # silent for `silent` seconds, as judged by a steadily beating instance.
 _CLAIM = f"""
@@ -453,7 +450,7 @@ class BatchStore:
         """Archive the message batches whose results are past their time (see `_ARCHIVE`);
         how many were."""
         found = await self._db.fetchval(
-            _ARCHIVE, {"messages": MESSAGES, "age": MESSAGE_RESULTS_SECONDS, "limit": limit, "input": MESSAGE_INPUT}
+            _ARCHIVE, {"age": MESSAGE_RESULTS_SECONDS, "limit": limit, "input": MESSAGE_INPUT}
         )
         return int(found or 0)
 
@@ -497,7 +494,7 @@ MESSAGE_RESULTS_SECONDS = 29 * 86400
 _ARCHIVE = f"""
 WITH due AS (
     SELECT b.id, b.input_file_id FROM batches b
-    WHERE b.endpoint = %(messages)s AND b.archived_at IS NULL AND b.created_at < now() - make_interval(secs => %(age)s)
+    WHERE b.endpoint = '{MESSAGES}' AND b.archived_at IS NULL AND b.created_at < now() - make_interval(secs => %(age)s)
         AND NOT {_ACTIVE}
     ORDER BY b.created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), marked AS (
