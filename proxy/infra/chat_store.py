@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -290,21 +289,6 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone
 """
-# Between purges that found less than a full batch (nothing is waiting): an idle table costs a
-# round trip a second at most, however many group commits a busy gateway makes.
-_LOG_PURGE_PAUSE = 1.0
-# The most one purge deletes: a group commit after an outage (the outbox's rows) may be large,
-# and the purge must not hold the log's writer long.
-_LOG_PURGE_MOST = 1000
-
-
-@dataclass(slots=True)
-class LogRetention:
-    """How long an ended run's row is kept, from when it was made, and when the log is purged
-    next (monotonic time): one per process, shared by the `ChatStore`s made for each call."""
-
-    seconds: float = 30 * 86400.0
-    due: float = 0.0
 
 
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
@@ -461,10 +445,9 @@ _DELETE_CACHED = (
 
 
 class ChatStore:
-    def __init__(self, db: Database, *, key_retention: float = 86400.0, log_retention: LogRetention | None = None) -> None:
+    def __init__(self, db: Database, *, key_retention: float = 86400.0) -> None:
         self._db = db
         self._key_retention = key_retention  # seconds a settled key is kept
-        self._log = log_retention if log_retention is not None else LogRetention()
 
     async def start(self, row: LogRow) -> None:
         # DO NOTHING: if the outcome was written first (a fast failure), it must win.
@@ -504,20 +487,10 @@ class ChatStore:
             with contextlib.suppress(DatabaseError):
                 await self._db.execute(_PURGE_EXPIRED_KEYS, (self._key_retention, _PURGE_BATCH))
 
-    async def purge_log(self, written: int) -> int:
-        """After a group commit of `written` rows: delete a batch of expired log rows (at least
-        as many, so the table shrinks back to the retention's worth as it is written), unless
-        the last purge found fewer than a batch less than `_LOG_PURGE_PAUSE` ago; how many
-        went. A purge that fails is left to a later commit's."""
-        now = time.monotonic()
-        if now < self._log.due:
-            return 0
-        self._log.due = now + _LOG_PURGE_PAUSE
-        limit = min(max(_PURGE_BATCH, written), _LOG_PURGE_MOST)
-        gone = int(await self._db.fetchval(_PURGE_EXPIRED_LOG, (self._log.seconds, limit)) or 0)
-        if gone >= limit:
-            self._log.due = now  # more are waiting: the next commit purges again
-        return gone
+    async def purge_log(self, retention: float, limit: int) -> int:
+        """Delete up to `limit` log rows of runs made more than `retention` seconds ago that
+        have ended (see `_PURGE_EXPIRED_LOG`); how many went."""
+        return int(await self._db.fetchval(_PURGE_EXPIRED_LOG, (retention, limit)) or 0)
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

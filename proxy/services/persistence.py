@@ -35,7 +35,7 @@ from proxy.domain.ids import is_trace_id
 from proxy.domain.retention import duration
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.batch_store import BatchStore
-from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, LogRetention, StoredRun
+from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.nats import Bus, BusError
 from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, InvalidValue
@@ -230,10 +230,9 @@ class Persistence:
     def __init__(self, resources: Resources, settings: PersistenceSettings) -> None:
         self.resources = resources
         self.settings = settings
-        self._log_retention = LogRetention(settings.log_retention)  # its purge's pace, this process's
         self.runs = Runs()
         self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
-        self.writer = LogWriter(store=self.store, outbox=self.outbox)
+        self.writer = LogWriter(store=self.store, outbox=self.outbox, retention=settings.log_retention)
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
         self.instance_id = secrets.token_hex(8)
@@ -425,7 +424,7 @@ class Persistence:
 
     def store(self) -> ChatStore | None:
         db = self.resources.database
-        return ChatStore(db, key_retention=self.settings.key_retention, log_retention=self._log_retention) if db is not None else None
+        return ChatStore(db, key_retention=self.settings.key_retention) if db is not None else None
 
     def bus(self) -> Bus | None:
         return self.resources.bus
