@@ -215,3 +215,16 @@ async def test_a_key_kept_longer_than_its_runs_row_runs_its_request_again(stack:
     again = await stack.client.chat.completions.with_raw_response.create(model="m", messages=messages, extra_headers=key)  # type: ignore[arg-type]
     assert again.headers.get("idempotent-replayed") is None and again.parse().choices[0].message.content == "The secret is 42."
     assert len(stack.fake.requests) == calls + 1
+
+
+async def test_a_backlog_of_expired_rows_is_drained_batch_after_batch(stack: Stack) -> None:
+    """A first start with a retention on months of rows: they go a batch after another as the
+    gateway is used, not a batch per second, and the young ones stay."""
+    await sql(
+        stack.db, "INSERT INTO chat_log (trace_id, req_id, dialect, model, stream, status, request, created_at) "
+        "SELECT 'backlog-' || g, 'r', 'openai', 'm', false, 'completed', '{}'::jsonb, now() - interval '40 days' "
+        "FROM generate_series(1, 2500) g",
+    )
+    await purged(stack.url, stack.db, [f"backlog-{n}" for n in range(1, 2501)])
+    [(young,)] = await sql(stack.db, "SELECT count(*) FROM chat_log WHERE created_at > now() - interval '1 day'")
+    assert young > 0
