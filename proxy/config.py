@@ -254,6 +254,11 @@ class Settings:
     # How long an Idempotency-Key (and a background response's, a failed cached attempt's key)
     # is remembered once its run has ended, as OpenAI and Stripe keep theirs.
     idempotency_retention_seconds: float = 86400.0
+    # How long the completion log keeps a request's row (prompt and answer) once it has
+    # ended, counted from when it was made: what OpenAI keeps stored Responses and stored
+    # chat completions for, so a client's `GET` and `previous_response_id` work as they would
+    # there, while a gateway running for months does not grow its database without bound.
+    log_retention_seconds: float = 30 * 86400.0
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
 
     @property
@@ -318,7 +323,7 @@ _TOP_KEYS = {
     "allowed_hosts", "metrics_admin_only", "refuse_private_media_urls",
     "models_cache_seconds", "log_level", "access_log", "shutdown_grace_seconds",
     "data_dir", "database_url", "nats_url", "embedded", "cache_ttl_seconds", "events_retention_seconds",
-    "events_max_bytes", "idempotency_retention_seconds",
+    "events_max_bytes", "idempotency_retention_seconds", "log_retention_seconds",
     "timeouts", "models", "fallbacks", "backends", "embeddings", "rag", "semantic_cache", "workflow",
     "batches", "tracing",
 }
@@ -476,6 +481,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         events_retention_seconds=float(top.positive("events_retention_seconds", (int, float), 86400.0)),
         events_max_bytes=top.positive("events_max_bytes", int, 4 * 1024**3),
         idempotency_retention_seconds=float(top.positive("idempotency_retention_seconds", (int, float), 86400.0)),
+        log_retention_seconds=float(top.positive("log_retention_seconds", (int, float), 30 * 86400.0)),
         workflow=_parse_workflow(top.get("workflow", dict, {})),
     )
 

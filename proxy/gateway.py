@@ -139,10 +139,15 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
     router = build_router(settings, ScopedRouter)
     backends = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
 
+    # A run's events are never kept past its row: a stream read again after its row expired
+    # would give back what every other reader says is gone.
+    events_retention = (
+        min(settings.events_retention_seconds, settings.log_retention_seconds)
+        if settings.database_url else settings.events_retention_seconds
+    )
+
     async def on_bus(bus: Bus) -> None:
-        await ensure_streams(
-            bus, events_retention=settings.events_retention_seconds, events_max_bytes=settings.events_max_bytes
-        )
+        await ensure_streams(bus, events_retention=events_retention, events_max_bytes=settings.events_max_bytes)
 
     watchdog = trio.CancelScope()
     embedded: list[tuple[Revivable, str]] = []
@@ -170,7 +175,7 @@ async def open_gateway(settings: Settings, nursery: trio.Nursery) -> AsyncIterat
         persistence = Persistence(
             resources, PersistenceSettings(
                 cache_ttl=settings.cache_ttl_seconds, spool=outbox_spool,
-                key_retention=settings.idempotency_retention_seconds,
+                key_retention=settings.idempotency_retention_seconds, log_retention=settings.log_retention_seconds,
             )
         )
         await nursery.start(persistence.runs.run)

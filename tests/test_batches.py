@@ -123,6 +123,26 @@ async def test_a_batch_runs_every_line_through_the_gateway_and_writes_openais_ou
     assert uploaded.id in files and done.output_file_id not in files
 
 
+async def test_an_ended_batchs_answers_are_kept_once_in_its_files_and_a_late_line_changes_nothing(stack: Stack) -> None:
+    """A gateway running batches for months: each ended batch's answers are its output and
+    error files' lines, not also rows of `batch_lines` for good; its counts and usage stay on
+    its row, and a line recorded after it ended (by a process presumed dead) adds nothing."""
+    created = await submit(stack.client, jsonl(chat_line("first"), chat_line("second"), {"custom_id": "bad", "method": "POST",
+                                                "url": "/v1/chat/completions", "body": {"model": "m", "messages": "no"}}))
+    done = await until_status(stack.client, created.id, "completed", "failed")
+    assert done.status == "completed", done
+    assert await sql(stack.db, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", created.id) == [(0,)]
+    assert [line["custom_id"] for line in await output_lines(stack.client, done.output_file_id)] == ["first", "second"]
+    assert [line["custom_id"] for line in await output_lines(stack.client, done.error_file_id)] == ["bad"]
+    async with open_database(stack.db) as db:
+        late = {"custom_id": "first", "response": {"status_code": 200}, "error": None}
+        await BatchStore(db).record(created.id, 1, True, late, (7, 3, 0, 0))
+    again = await stack.client.batches.retrieve(created.id)
+    assert again.request_counts is not None and (again.request_counts.completed, again.request_counts.failed) == (2, 1)
+    assert again.usage is not None and again.usage.input_tokens == done.usage.input_tokens  # type: ignore[union-attr]
+    assert await sql(stack.db, "SELECT count(*) FROM batch_lines WHERE batch_id = %s", created.id) == [(0,)]
+
+
 async def test_a_malformed_input_file_fails_the_batch_naming_its_lines(stack: Stack) -> None:
     other_model = chat_line("d")
     other_model["body"]["model"] = "another"
@@ -567,6 +587,9 @@ async def test_files_and_outputs_expire_as_asked_with_openais_expires_after(
         )
         assert kept.expires_at == kept.created_at + 3600
         assert (await client.files.retrieve(kept.id)).expires_at == kept.expires_at
+        # Without `expires_after`, OpenAI's default for a `batch` file: 30 days, not for good.
+        plain = await client.files.create(file=("in.jsonl", content), purpose="batch")
+        assert plain.expires_at == plain.created_at + 30 * 86400
         for policy, param in (({"anchor": "created_at", "seconds": 60}, "expires_after.seconds"),
                               ({"anchor": "last_active_at", "seconds": 3600}, "expires_after.anchor")):
             with pytest.raises(openai.BadRequestError) as refused:
@@ -639,9 +662,13 @@ async def test_a_batchs_lines_keep_to_its_keys_scope_and_stop_once_it_is_revoked
         assert code == 0 and "revoked key" in out
         await eventually(lambda: status_of(pg_database_url, batch.id, "completed"), within=15)
         await client.close()
+    files = await sql(
+        pg_database_url, "SELECT f.content FROM files f JOIN batches b ON f.id IN (b.output_file_id, b.error_file_id) "
+        "WHERE b.id = %s", batch.id,
+    )  # its key revoked, its output is read in the database
     lines = {
         output["custom_id"]: output["response"]
-        for (output,) in await sql(pg_database_url, "SELECT output FROM batch_lines WHERE batch_id = %s", batch.id)
+        for (content,) in files for output in map(json.loads, bytes(content).decode().splitlines())
     }
     assert lines["first"]["status_code"] == 200
     refused = [response for custom_id, response in lines.items() if response["status_code"] == 401]

@@ -443,3 +443,42 @@ async def test_creating_and_polling_a_message_batch_spend_none_of_its_keys_rate_
         with pytest.raises(anthropic.RateLimitError):  # the minute's requests are spent
             await client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         await client.close()
+
+
+async def test_a_message_batchs_results_are_archived_29_days_after_it_was_created(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """As Anthropic's: past 29 days a batch is archived (`archived_at`), its results a 404 and
+    its requests and answers deleted, while the batch and its counts stay until deleted; a
+    younger batch's results are read as before."""
+    fake = OpenAIBackend(default=ECHO)
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("vllm", server.url, default=True), batches=BatchSettings(poll_seconds=0.2)
+    ) as url:
+        client = sdk(url)
+        old = await until_ended(client, (await client.messages.batches.create(requests=[request("a"), request("b")])).id)
+        young = await until_ended(client, (await client.messages.batches.create(requests=[request("c")])).id)
+        await sql(pg_database_url, "UPDATE batches SET created_at = now() - interval '30 days' WHERE id = %s", old.id)
+        await sql(pg_database_url, "UPDATE batches SET created_at = now() - interval '28 days' WHERE id = %s", young.id)
+
+        async def archived() -> MessageBatch | None:
+            found = await client.messages.batches.retrieve(old.id)
+            return found if found.archived_at is not None else None
+
+        found = await eventually(archived, within=10)
+        assert found.request_counts.succeeded == 2 and found.processing_status == "ended"
+        with pytest.raises(anthropic.NotFoundError) as gone:
+            await client.messages.batches.results(old.id)
+        assert "29 days" in gone.value.message
+        [(input_file,)] = await sql(pg_database_url, "SELECT input_file_id FROM batches WHERE id = %s", old.id)
+        left = await sql(
+            pg_database_url, "SELECT (SELECT count(*) FROM batch_lines WHERE batch_id = %s), "
+            "(SELECT count(*) FROM message_batch_requests WHERE batch_id = %s), (SELECT count(*) FROM files WHERE id = %s)",
+            old.id, old.id, input_file,
+        )
+        assert left == [(0, 0, 0)]
+        assert (await client.messages.batches.retrieve(young.id)).archived_at is None
+        assert set(await results_of(client, young.id)) == {"c"}
+        assert [batch.id for batch in (await client.messages.batches.list()).data] == [young.id, old.id]
+        assert (await client.messages.batches.delete(old.id)).type == "message_batch_deleted"
+        await client.close()

@@ -138,6 +138,8 @@ async def _store_upload(upload: _upload.Upload) -> Response:
     if isinstance(seconds, str) and seconds.isdigit():
         seconds = int(seconds)
     expires = wire.expires_after(form.get("expires_after[anchor]"), seconds, "expires_after")
+    if expires is None:
+        expires = wire.BATCH_FILE_SECONDS  # the only purpose kept (`check_purpose`)
     content = upload.content
     if content is None:
         raise invalid_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")

@@ -24,7 +24,7 @@ from quart import Blueprint, Response, request
 
 from proxy.dialects.anthropic import batches as wire
 from proxy.dialects.openai.batches import new_file_id
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.http._batches import BATCH_GOES, _owned, _persistence, _reply, _stored, _stored_slowly
 from proxy.http._context import gateway, request_body, request_head
 from proxy.http._head import current_tenant, refuse_routes, request_meta
@@ -174,6 +174,12 @@ async def results(batch_id: str) -> Response:
         raise invalid_request(
             f"Message batch {batch_id} is still processing: its results are ready once `processing_status` is "
             "'ended'.", param="message_batch_id",
+        )
+    if found.get("archived_at") is not None:
+        raise GatewayError(
+            ErrorKind.NOT_FOUND,
+            f"The results of message batch {batch_id} are no longer available: a batch's results are kept for 29 days "
+            "after it was created.", param="message_batch_id",
         )
     db = _persistence().database_now(f"the results of {batch_id}")
     return Response(_results(BatchStore(db), batch_id, found["total"]), content_type="application/x-jsonl")

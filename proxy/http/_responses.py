@@ -309,8 +309,7 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     trace_id = previous.removeprefix("resp_")
     # OpenAI's 400 (not a 404: the request is at fault, not its path).
     missing = invalid_request(
-        f"Previous response with id '{previous}' not found: this gateway keeps responses only in its journal, for "
-        "its retention time.",
+        f"Previous response with id '{previous}' not found. {_kept(persistence)}",
         param="previous_response_id", code="previous_response_not_found",
     )
     if persistence is None or trace_id == previous or not trace_id:
@@ -336,6 +335,9 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
         prior = prior[1:]  # its instructions: not carried over
     responses.continued(parsed, prior, stored.completion)
+    # Its own row says how many of its messages were carried over: the response it continued
+    # may be deleted, or expire, before it.
+    parsed.settings[responses.CONVERSATION_PREFIX] = _carried(stored, messages)
 
 
 class _Background(ExchangeBody):
@@ -393,7 +395,7 @@ def _addressed(incoming: Incoming) -> tuple[str, str, Persistence]:
     trace_id = response.removeprefix("resp_")
     persistence = incoming.gateway.persistence
     if persistence is None or trace_id == response or not is_trace_id(trace_id):
-        raise _not_found(response)
+        raise _not_found(response, persistence)
     return response, trace_id, persistence
 
 
@@ -416,7 +418,7 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     # A run of this instance whose row is not written yet has its settings with its events.
     settings = stored.settings if stored is not None else live.settings if live is not None else None
     if not responses.readable(settings) or (stored is not None and stored.deleted):
-        raise _not_found(response)
+        raise _not_found(response, persistence)
     after = int(raw_after)
     # Its own times, as read whole: not the resume's.
     created_at = _created_at(stored) if stored is not None and stored.completion is not None else None
@@ -429,7 +431,7 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     # the events as they streamed are numbered as its client saw them.
     resumed = f"read it whole with `GET /v1/responses/{response}`" if after >= 0 else None
     return EventsBody(
-        persistence, trace_id, 0, current_tenant(), framer, resumed=resumed, not_found=_not_found(response),
+        persistence, trace_id, 0, current_tenant(), framer, resumed=resumed, not_found=_not_found(response, persistence),
         hold_head=last_event_id is not None,
     )
 
@@ -452,7 +454,7 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     """The response's row, if it is the tenant's; for a run of this instance whose row is
     not written yet, the run as it stands."""
     if not is_trace_id(trace_id):
-        raise _not_found(response)  # no store is asked (a NUL in it is no outage)
+        raise _not_found(response, persistence)  # no store is asked (a NUL in it is no outage)
     live = persistence.runs.live.get(trace_id)
     await _row_written(persistence, trace_id)
     stored = await _stored(persistence, trace_id)
@@ -479,7 +481,7 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         stored is None or (tenant is not None and stored.tenant != tenant) or stored.deleted
         or not responses.readable(stored.settings)
     ):
-        raise _not_found(response)
+        raise _not_found(response, persistence)
     return stored
 
 
@@ -673,16 +675,24 @@ async def delete_response(incoming: Incoming) -> Reply:
         ))
     carried = _carried(stored, await _stored_messages(persistence, trace_id))
     if not await persistence.delete(trace_id, carried):
-        raise _not_found(response)  # deleted meanwhile, by another request
+        raise _not_found(response, persistence)  # deleted meanwhile, by another request
     return Reply(dumps({"id": response, "object": "response.deleted", "deleted": True}))
 
 
-def _not_found(response_id: str) -> GatewayError:
+def _not_found(response_id: str, persistence: Persistence | None) -> GatewayError:
+    """OpenAI's 404 for a response it does not keep (never made, deleted, or expired)."""
     return GatewayError(
-        ErrorKind.NOT_FOUND,
-        f"Response with id '{response_id}' not found: this gateway keeps responses only in its journal, for its "
-        "retention time (send the whole conversation in `input` of each request).",
+        ErrorKind.NOT_FOUND, f"Response with id '{response_id}' not found. {_kept(persistence)}",
         param="response_id", code="response_not_found",
+    )
+
+
+def _kept(persistence: Persistence | None) -> str:
+    if persistence is None:
+        return "This gateway keeps no responses (it has no database): send the whole conversation in `input`."
+    return (
+        f"This gateway keeps a response {persistence.kept}, unless it is deleted; past that, send the whole "
+        "conversation in `input`."
     )
 
 
@@ -728,7 +738,7 @@ async def response_input_items(incoming: Incoming) -> Reply:
     stored = await _found(persistence, trace_id, response)  # the tenant's own, or not found
     items = await _inputs_of(persistence, stored, trace_id, response)
     if items is None:
-        raise _not_found(response)
+        raise _not_found(response, persistence)
     return Reply(dumps(responses.item_page(items, query)))
 
 

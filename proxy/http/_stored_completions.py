@@ -74,7 +74,7 @@ async def _found(incoming: Incoming) -> tuple[Persistence, StoredCompletion]:
     completion_id = incoming.params["completion_id"]
     found = await _readable(persistence, completion_id, current_tenant())
     if found is None:
-        raise stored.not_found(completion_id)
+        raise stored.not_found(completion_id, persistence.kept)
     return persistence, found
 
 
@@ -138,7 +138,7 @@ async def update_completion(incoming: Incoming) -> Reply:
         lambda store: store.set_metadata(found.trace_id, metadata), f"the stored chat completion {found.id}"
     )
     if not updated:  # deleted meanwhile
-        raise stored.not_found(incoming.params["completion_id"])
+        raise stored.not_found(incoming.params["completion_id"], persistence.kept)
     return Reply(dumps(_object(found, metadata)))
 
 
@@ -147,7 +147,7 @@ async def delete_completion(incoming: Incoming) -> Reply:
     """Gone for every reader: its row emptied, its cache entries and events deleted."""
     persistence, found = await _found(incoming)
     if not await persistence.delete(found.trace_id):
-        raise stored.not_found(incoming.params["completion_id"])
+        raise stored.not_found(incoming.params["completion_id"], persistence.kept)
     return Reply(dumps(stored.deleted_object(incoming.params["completion_id"])))
 
 

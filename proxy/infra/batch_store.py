@@ -44,12 +44,15 @@ _BATCH_COLUMNS = (
     + ", b.completed, b.failed, b.input_tokens, b.output_tokens, b.model, b.cached_tokens, b.reasoning_tokens"
 )
 _BATCH_FROM = "FROM batches b"
+_ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A line's answer, and its counts and tokens added to its batch's in the same statement: only
-# when the line was not recorded already (by another process that ran it too). The batch's row
-# is locked before the line's is written, as `finalize` does: a line recorded by a process
-# presumed dead while another finalizes the batch waits, rather than deadlocks.
-_RECORD = """
-WITH locked AS (SELECT id FROM batches WHERE id = %(batch)s FOR UPDATE), added AS (
+# when the line was not recorded already (by another process that ran it too), and only while
+# the batch has not ended (its files written, an OpenAI batch's lines deleted: a line recorded
+# late would be counted twice). The batch's row is locked before the line's is written, as
+# `finalize` does: a line recorded by a process presumed dead while another finalizes the batch
+# waits, rather than deadlocks, then finds it ended.
+_RECORD = f"""
+WITH locked AS (SELECT b.id FROM batches b WHERE b.id = %(batch)s AND {_ACTIVE} FOR UPDATE), added AS (
     INSERT INTO batch_lines (batch_id, line, ok, output, input_tokens, output_tokens, cached_tokens, reasoning_tokens)
     SELECT id, %(line)s, %(ok)s, %(output)s::json, %(input)s, %(output_tokens)s, %(cached)s, %(reasoning)s FROM locked
     ON CONFLICT DO NOTHING
@@ -61,7 +64,6 @@ UPDATE batches b SET completed = b.completed + a.ok::int, failed = b.failed + (N
     reasoning_tokens = b.reasoning_tokens + %(reasoning)s
 FROM added a WHERE b.id = %(batch)s
 """
-_ACTIVE = "b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
 # A batch nobody runs: no owner (created, or let go by a process that stopped), or an owner
 # silent for `silent` seconds, as judged by a steadily beating instance.
 _CLAIM = f"""
@@ -364,6 +366,10 @@ class BatchStore:
                     "name": f"batch_{batch_id.removeprefix('batch_')}_{'output' if kind else 'error'}.jsonl",
                 })
                 made.append(file_id if written else None)
+            if endpoint != MESSAGES:
+                # Its lines are now those files' lines: kept twice, every batch's answers would
+                # stay in `batch_lines` for good (a batch is never deleted). Its counts are its row's.
+                await tx.execute("DELETE FROM batch_lines WHERE batch_id = %s", (batch_id,))
             stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[outcome]
             await tx.execute(
                 f"UPDATE batches SET status = %s, {stamp} = now(), output_file_id = %s, error_file_id = %s, owner = NULL "
@@ -440,6 +446,14 @@ class BatchStore:
             rows = await self._db.fetch(_RESULTS, (batch_id, after, limit))
         return [(int(line), str(custom_id), output) for line, custom_id, output in rows]
 
+    async def archive_message_batches(self, limit: int = 100) -> int:
+        """Archive the message batches whose results are past their time (see `_ARCHIVE`);
+        how many were."""
+        found = await self._db.fetchval(
+            _ARCHIVE, {"age": MESSAGE_RESULTS_SECONDS, "limit": limit, "input": MESSAGE_INPUT}
+        )
+        return int(found or 0)
+
     async def delete_message_batch(self, batch_id: str, tenant: str | None) -> str | None:
         """Delete an ended batch, its requests and results: its status before (an active one
         stays); None: not found."""
@@ -472,7 +486,28 @@ WHERE b.id = %s AND b.endpoint = '/v1/messages' AND t.line ~ '\S'
 ON CONFLICT DO NOTHING
 """
 _ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired"
+_MESSAGE_COLUMNS = _BATCH_COLUMNS + ", b.expired, extract(epoch FROM b.archived_at)::bigint"
+# How long a message batch's results are kept, from its creation (Anthropic's 29 days).
+MESSAGE_RESULTS_SECONDS = 29 * 86400
+# Message batches created longer ago than that, a few at a time (`batches_to_archive`, 0027):
+# archived, their requests and answers deleted (rows held by another process skipped).
+_ARCHIVE = f"""
+WITH due AS (
+    SELECT b.id, b.input_file_id FROM batches b
+    WHERE b.endpoint = '{MESSAGES}' AND b.archived_at IS NULL AND b.created_at < now() - make_interval(secs => %(age)s)
+        AND NOT {_ACTIVE}
+    ORDER BY b.created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE batches b SET archived_at = now() FROM due WHERE b.id = due.id
+), answers AS (
+    DELETE FROM batch_lines WHERE batch_id IN (SELECT id FROM due)
+), requests AS (
+    DELETE FROM message_batch_requests WHERE batch_id IN (SELECT id FROM due)
+), inputs AS (
+    DELETE FROM files WHERE id IN (SELECT input_file_id FROM due) AND purpose = %(input)s
+)
+SELECT count(*) FROM due
+"""
 _MESSAGE_FROM = _BATCH_FROM
 
 
@@ -488,7 +523,8 @@ async def _record(
 def _message_batch(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
-    found = _batch(row[:-1])
+    found = _batch(row[:-2])
     assert found is not None
-    found["expired"] = int(row[-1])
+    found["expired"] = int(row[-2])
+    found["archived_at"] = row[-1]
     return found

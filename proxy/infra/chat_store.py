@@ -275,6 +275,27 @@ _FORGET_EXPIRED_KEY = (
     " AND updated_at < now() - make_interval(secs => %s)"
 )
 
+# Log rows made more than the retention ago whose run has ended, a batch at a time, oldest
+# first (`chat_log_created_at`), with their workflow job's record (its request and answer):
+# without this every request's prompt and answer would stay for good. A running row is kept
+# however old (its run still writes it); held rows are skipped, as in `_PURGE_EXPIRED_CACHE`.
+# What else names a run is left to its own bound: its key (`idempotency_retention_seconds`:
+# a key whose row is gone runs its request again), its cache entries (their TTL), its events
+# (JetStream's), a conversation's items (kept whole in the conversation, which outlives them).
+_PURGE_EXPIRED_LOG = """
+WITH gone AS (
+    DELETE FROM chat_log WHERE trace_id IN (
+        SELECT trace_id FROM chat_log
+        WHERE created_at < now() - make_interval(secs => %s) AND status <> 'running'
+        ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED
+    ) RETURNING trace_id, route
+), runs AS (
+    DELETE FROM workflow_runs WHERE trace_id IN (SELECT trace_id FROM gone WHERE route = 'workflow')
+)
+SELECT count(*) FROM gone
+"""
+
+
 # The judging instance (`me`) may declare another dead: it beat within `late` seconds and has
 # beaten promptly for `silent` seconds, so others' silence is theirs, not a stall's.
 _STEADY = (
@@ -470,6 +491,11 @@ class ChatStore:
             # Likewise, left to the next batch that writes keys, which add no more than it takes.
             with contextlib.suppress(DatabaseError):
                 await self._db.execute(_PURGE_EXPIRED_KEYS, (self._key_retention, _PURGE_BATCH))
+
+    async def purge_log(self, retention: float, limit: int) -> int:
+        """Delete up to `limit` log rows of runs made more than `retention` seconds ago that
+        have ended (see `_PURGE_EXPIRED_LOG`); how many went."""
+        return int(await self._db.fetchval(_PURGE_EXPIRED_LOG, (retention, limit)) or 0)
 
     async def finish(self, row: LogRow) -> None:
         """The outcome, the key's status and (when asked) the cache entry, in one transaction."""

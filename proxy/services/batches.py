@@ -173,13 +173,15 @@ class BatchRunner:
             nursery.start_soon(self._run_batch, store, claimed)
 
     async def _drop_expired(self) -> None:
-        """Files past their `expires_after` go, within a poll of their time."""
+        """Files past their `expires_after` go, within a poll of their time, and message
+        batches past their results' 29 days are archived."""
         store = self._store()
         if store is None or trio.current_time() < self._next_sweep:
             return
         self._next_sweep = trio.current_time() + self._poll
         try:
             await store.drop_expired_files()
+            await store.archive_message_batches()
         except DatabaseError as error:
             log.debug("deleting expired files failed: %s", error)
 

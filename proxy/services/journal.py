@@ -282,8 +282,17 @@ class LogWriter:
 
     START_DELAY = 0.25
     LINGER = 0.02
+    # The log's purge (see `_purge_after`): at least a batch of rows, at most this many at once.
+    PURGE_BATCH = 200
+    PURGE_MOST = 1000
+    # After a purge that found less than it could (nothing is waiting): an idle table costs a
+    # round trip a second at most, however many group commits a busy gateway makes. After a
+    # full one (a backlog, e.g. months of rows on the first start with a retention): a short
+    # breath, so a backlog drains at up to `PURGE_MOST` rows a `PURGE_GAP` beside the traffic.
+    PURGE_PAUSE = 1.0
+    PURGE_GAP = 0.1
 
-    def __init__(self, *, store: StoreGetter, outbox: Outbox) -> None:
+    def __init__(self, *, store: StoreGetter, outbox: Outbox, retention: float = 30 * 86400.0) -> None:
         self._store = store
         self._outbox = outbox
         self._starts: dict[str, tuple[LogRow, float]] = {}
@@ -292,6 +301,13 @@ class LogWriter:
         self._scope: trio.CancelScope | None = None
         self._writes = BoundedWrites()
         self._done = trio.Event()
+        # Where the log's purge runs after a commit (one at a time): beside the writes, so a
+        # long one neither delays the next commit nor counts against its time limit.
+        self._purges: trio.Nursery | None = None
+        self._purging = False
+        self._retention = retention  # seconds a run's row is kept, from when it was made
+        self._unpurged = 0  # rows committed since the last purge started
+        self._purge_due = 0.0  # trio time
 
     def start(self, row: LogRow, *, at_once: bool = False) -> None:
         self._starts[row.trace_id] = (row, trio.current_time() + (0.0 if at_once else self.START_DELAY))
@@ -309,7 +325,7 @@ class LogWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as self._scope:
             try:
-                async with self._writes.open():
+                async with self._writes.open(), trio.open_nursery() as self._purges:
                     task_status.started()
                     while True:
                         due = min((deadline for _, deadline in self._starts.values()), default=math.inf)
@@ -321,9 +337,34 @@ class LogWriter:
                         self._wake = trio.Event()
                         await self._flush(trio.current_time())
             finally:
+                self._purges = None  # closed: stopping, nothing is purged
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + _FINISH_SECONDS):
                     await self._flush(math.inf)  # what arrived before shutdown is written too
                 self._done.set()
+
+    def _purge_after(self, store: ChatStore, written: int) -> None:
+        """Start a purge of the log's expired rows after a commit of `written` outcomes, unless
+        one runs or it is not due: as many rows as were committed since the last one (the
+        table shrinks back to the retention's worth as it is written), within bounds."""
+        self._unpurged += written
+        now = trio.current_time()
+        if self._purges is None or self._purging or not self._unpurged or now < self._purge_due:
+            return
+        limit = min(max(self.PURGE_BATCH, self._unpurged), self.PURGE_MOST)
+        self._unpurged = 0
+        self._purging = True
+        self._purge_due = now + self.PURGE_PAUSE
+        self._purges.start_soon(self._purge, store, limit)
+
+    async def _purge(self, store: ChatStore, limit: int) -> None:
+        try:
+            with trio.move_on_after(_CALL_TIMEOUT):
+                if await store.purge_log(self._retention, limit) >= limit:
+                    self._purge_due = trio.current_time() + self.PURGE_GAP  # more are waiting
+        except DatabaseError as error:
+            log.debug("purging expired log rows failed: %s", error)  # a later commit's purge takes them
+        finally:
+            self._purging = False
 
     def stop(self) -> None:
         if self._scope is not None:
@@ -350,6 +391,7 @@ class LogWriter:
                 try:
                     rows = [row for row, _ in outcomes]
                     await self._writes.write(lambda: store.write_batch(starts, rows))
+                    self._purge_after(store, len(rows))
                     return
                 except DatabaseError as error:
                     if outcomes:  # a batch of `running` rows only is dropped: their outcomes follow

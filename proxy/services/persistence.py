@@ -32,6 +32,7 @@ from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
 from proxy.domain.ids import is_trace_id
+from proxy.domain.retention import duration
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.chat_store import INTERRUPTED_MESSAGE, ChatStore, StoredRun
@@ -99,6 +100,8 @@ class PersistenceSettings:
     spool: Path | None = None
     # How long a key is kept once its run has ended (see `ChatStore`).
     key_retention: float = 86400.0
+    # How long a run's row is kept once it has ended, from when it was made (see `ChatStore`).
+    log_retention: float = 30 * 86400.0
 
     @property
     def late(self) -> float:
@@ -229,7 +232,7 @@ class Persistence:
         self.settings = settings
         self.runs = Runs()
         self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
-        self.writer = LogWriter(store=self.store, outbox=self.outbox)
+        self.writer = LogWriter(store=self.store, outbox=self.outbox, retention=settings.log_retention)
         self.publisher = EventPublisher(bus=self.bus)
         # This process, as the owner of its running rows and keys.
         self.instance_id = secrets.token_hex(8)
@@ -413,6 +416,11 @@ class Persistence:
                 # the events themselves go with the stream's retention.
                 log.warning("purging %s's events failed: %s", trace_id, error)
         return deleted
+
+    @property
+    def kept(self) -> str:
+        """How long the journal keeps a run, as a client is told it (see `ChatStore`)."""
+        return f"for {duration(self.settings.log_retention)} after it was made"
 
     def store(self) -> ChatStore | None:
         db = self.resources.database

@@ -130,7 +130,7 @@ def batch_object(row: Mapping[str, Any], results_url: str) -> dict[str, Any]:
         "id": row["id"], "type": "message_batch",
         "processing_status": "ended" if done else "canceling" if status == "cancelling" else "in_progress",
         "request_counts": counts, "ended_at": _when(ended_at), "created_at": _when(row["created_at"]),
-        "expires_at": _when(row["expires_at"]), "archived_at": None,
+        "expires_at": _when(row["expires_at"]), "archived_at": _when(row.get("archived_at")),
         "cancel_initiated_at": _when(row.get("cancelling_at")), "results_url": results_url if done else None,
     }
 

@@ -30,6 +30,9 @@ _TIMESTAMPS = (
 _MAX_ERRORS = 100
 # OpenAI's bounds of a file's `expires_after.seconds` (and a batch's `output_expires_after`).
 EXPIRY_SECONDS = (3600, 2_592_000)
+# How long a file of purpose `batch` is kept without `expires_after`: OpenAI's default (30 days),
+# so that a gateway's uploads do not stay for good unless their clients delete them.
+BATCH_FILE_SECONDS = 2_592_000
 
 
 def new_file_id() -> str:

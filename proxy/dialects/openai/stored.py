@@ -69,11 +69,12 @@ def deleted_object(completion_id: str) -> dict[str, Any]:
     return {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
 
 
-def not_found(completion_id: str) -> GatewayError:
+def not_found(completion_id: str, kept: str) -> GatewayError:
+    """`kept`: how long the journal keeps a completion ("for 30 days after it was made")."""
     return GatewayError(
         ErrorKind.NOT_FOUND,
         f"Chat completion with id '{completion_id}' not found: only completions made with `store: true` are kept, "
-        "in this gateway's journal, for its retention time.",
+        f"each {kept}, unless it is deleted.",
         param="completion_id", code="not_found",
     )
 
