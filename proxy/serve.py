@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import hypercorn.protocol as hypercorn_protocol
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio import run as hypercorn_run
@@ -30,6 +31,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
+from proxy._h2 import MendedH2Protocol
 from proxy.config import Settings
 from proxy.http._hangup import ClientConnection, current_connection
 from proxy.http.app import create_app
@@ -94,6 +96,11 @@ class _KnownTCPServer(TCPServer):
         self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
         try:
             await super().run()
+        except Exception:
+            # A failure in hypercorn's handling of one connection (a protocol bug a client can
+            # set off, as `proxy._h2` mends one) ends that connection. Under the trio worker it
+            # left this task and ended the whole server.
+            log.exception("a client connection failed in the HTTP server; it is closed")
         finally:
             connection.ended()  # however the connection ended, its requests are over
             open_here.discard(self)
@@ -130,6 +137,7 @@ class _EndTellingStream:
 
 
 hypercorn_run.TCPServer = _KnownTCPServer  # type: ignore[attr-defined]  # worker_serve has no other hook
+hypercorn_protocol.H2Protocol = MendedH2Protocol  # type: ignore[attr-defined]  # what each connection's protocol is made from
 
 
 async def _cut_stragglers(config: Config, done: trio.CancelScope) -> None:

@@ -1,0 +1,118 @@
+"""Clients at the edges of HTTP itself (framing, HTTP/2, methods), on raw sockets as they
+send them: each is answered, and none can end another's request."""
+
+from __future__ import annotations
+
+import json
+
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import hypercorn.protocol
+import pytest
+import trio
+from hypercorn.protocol.h2 import H2Protocol
+
+from tests.fakes import OpenAIBackend, Script
+from tests.harness import backend, running_gateway
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class _H2Client:
+    """HTTP/2 with prior knowledge (h2c), frame by frame: what a client sends and when is
+    the test's to choose (an SDK's client sends a body as fast as the window allows)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.status: dict[int, int] = {}
+        self.body: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.h2.data_to_send())
+
+    async def request(self, path: str, headers: list[tuple[str, str]], body: bytes | None) -> int:
+        """Send a request's headers and `body` (None: the body is still to come)."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "gw"), *headers])
+        if body is not None:
+            self.h2.send_data(stream_id, body, end_stream=True)
+        await self.flush()
+        return stream_id
+
+    async def until(self, stream_id: int | None, *, ended: bool = True) -> None:
+        """Read frames until stream `stream_id` has ended (not `ended`: has sent some of its
+        body); None: until the gateway closes the connection."""
+        def done() -> bool:
+            return stream_id is not None and stream_id in (self.ended if ended else self.body)
+
+        while not done():
+            data = await self.stream.receive_some(65536)
+            assert data, "the gateway closed the connection"
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    self.status[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    self.body[event.stream_id] = self.body.get(event.stream_id, b"") + event.data
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    self.ended.add(event.stream_id)
+            await self.flush()
+
+
+async def test_an_http2_body_refused_before_it_was_read_ends_neither_the_gateway_nor_its_connection() -> None:
+    """A request refused before its body was read (here a 413 from its declared length; a 401
+    without a key is the same) while the client goes on sending that body over HTTP/2: each
+    late DATA frame was a KeyError in hypercorn, which ended the whole gateway (one
+    unauthenticated POST of a few hundred kB stopped every client's requests) or, while
+    another request was running on the connection, hung that connection for good."""
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(40)], pace=0.02))
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True), max_body_bytes=100_000) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for beside_a_stream in (False, True):
+            async with await trio.open_tcp_stream(host, int(port)) as connection:
+                client = _H2Client(connection)
+                with trio.fail_after(30):
+                    if beside_a_stream:
+                        streamed = await client.request("/v1/chat/completions", [], json.dumps({**CHAT, "stream": True}).encode())
+                        await client.until(streamed, ended=False)
+                    await _refused_then_sent(client)
+                    if beside_a_stream:
+                        await client.until(streamed)
+                        assert client.status[streamed] == 200 and client.body[streamed].rstrip().endswith(b"data: [DONE]")
+                    again = await client.request("/v1/chat/completions", [], json.dumps(CHAT).encode())
+                    await client.until(again)
+                    assert client.status[again] == 200, client.body[again]
+        async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
+            assert (await fresh.get("/v1/models")).status_code == 200
+
+
+async def _refused_then_sent(client: _H2Client) -> None:
+    """A request refused from its head, whose body the client sends on, as it may."""
+    refused = await client.request("/v1/chat/completions", [("content-length", "400000")], None)
+    await client.until(refused)
+    assert client.status[refused] == 413
+    assert json.loads(client.body[refused])["error"]["code"] == "request_too_large"
+    window, frame = client.h2.local_flow_control_window(refused), client.h2.max_outbound_frame_size
+    for _ in range(window // frame):
+        client.h2.send_data(refused, b"x" * frame)
+    await client.flush()
+
+
+async def test_a_connection_the_http_server_fails_on_ends_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever hypercorn fails on in one connection (here its own HTTP/2, unmended: the
+    failure above) ends that connection only; it ended the server."""
+    monkeypatch.setattr(hypercorn.protocol, "H2Protocol", H2Protocol)
+    async with running_gateway(max_body_bytes=100_000) as url:
+        host, port = url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as connection:
+            client = _H2Client(connection)
+            with trio.fail_after(30), pytest.raises(AssertionError, match="closed the connection"):
+                await _refused_then_sent(client)
+                await client.until(None)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
+            assert (await fresh.get("/health")).status_code == 200
