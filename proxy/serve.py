@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import h11
 import hypercorn.protocol as hypercorn_protocol
 import trio
 from hypercorn.config import Config, Sockets
@@ -33,7 +34,7 @@ from hypercorn.utils import wrap_app
 
 from proxy._h2 import MendedH2Protocol
 from proxy.config import Settings
-from proxy.http._hangup import ClientConnection, current_connection
+from proxy.http._hangup import ClientConnection, body_received, current_connection
 from proxy.http.app import create_app
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
@@ -91,7 +92,7 @@ class _KnownTCPServer(TCPServer):
         stream = self.raw_stream = self.stream
         open_here = _connections.setdefault(self.config, set())
         open_here.add(self)
-        connection = ClientConnection()
+        connection = ClientConnection(self._receiving_body)
         current_connection.set(connection)
         self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
         try:
@@ -103,7 +104,14 @@ class _KnownTCPServer(TCPServer):
             log.exception("a client connection failed in the HTTP server; it is closed")
         finally:
             connection.ended()  # however the connection ended, its requests are over
+            connection.receiving_body = body_received  # no reference cycle left through `self`
             open_here.discard(self)
+
+    def _receiving_body(self) -> bool:
+        """HTTP/1.1 (h11) has yet to receive the rest of the current request's body."""
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        state = getattr(protocol, "connection", None)
+        return isinstance(state, h11.Connection) and state.their_state is h11.SEND_BODY
 
     async def _read_data(self) -> None:
         await super()._read_data()

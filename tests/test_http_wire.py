@@ -116,3 +116,42 @@ async def test_a_connection_the_http_server_fails_on_ends_alone(monkeypatch: pyt
                 await client.until(None)
         async with httpx.AsyncClient(base_url=url, timeout=10) as fresh:
             assert (await fresh.get("/health")).status_code == 200
+
+
+async def _exchange(url: str, request: bytes) -> bytes:
+    """What the gateway answers `request` on a connection of its own, to the connection's end."""
+    host, port = url.removeprefix("http://").split(":")
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+    return received
+
+
+async def test_a_refusal_before_the_body_was_read_tells_the_client_the_connection_closes() -> None:
+    """Quart's routes refuse before reading the body (an unknown path, a wrong method, and,
+    with keys, a 401 or 429): the server then closes the connection, but the answer did not
+    say so, and a client sending its next request on it (httpx's pool) got no answer:
+    "Server disconnected without sending a response". The front door's refusals said so."""
+    async with running_gateway() as url:
+        for head in (
+            b"POST /v1/nothing HTTP/1.1\r\nhost: gw\r\ncontent-length: 1000000\r\n\r\n",
+            b"PUT /v1/embeddings HTTP/1.1\r\nhost: gw\r\ncontent-length: 1000000\r\n\r\n",
+            b"PUT /v1/embeddings HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"PUT /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 1000000\r\n\r\n",  # the front door
+        ):
+            answer = await _exchange(url, head + b"{\"input\": \"")
+            status, _, rest = answer.partition(b"\r\n")
+            assert status in (b"HTTP/1.1 404 ", b"HTTP/1.1 405 "), answer
+            assert b"\r\nconnection: close\r\n" in rest.split(b"\r\n\r\n")[0].lower() + b"\r\n", (head, answer)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            for _ in range(5):
+                refused = await client.post("/v1/nothing", content=b"x" * 2_000_000)
+                assert refused.status_code == 404
+                assert (await client.get("/v1/models")).status_code == 200  # on the client's pooled connection
+            # A request whose body was read keeps its connection, as does one without a body.
+            invalid = await client.post("/v1/embeddings", content=b"{")
+            assert invalid.status_code == 400 and "connection" not in invalid.headers
+            assert "connection" not in (await client.get("/v1/models")).headers

@@ -36,7 +36,7 @@ from proxy.http._auth import (
 from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
-from proxy.http._hangup import on_client_gone
+from proxy.http._hangup import on_client_gone, receiving_body
 from proxy.http._head import RequestHead
 from proxy.infra.postgres import InvalidValue
 from proxy.services.auth import current_principal
@@ -250,10 +250,8 @@ async def _refuse(
 
     A body left unread makes the server close the connection after the reply; the client is
     told (`Connection: close`), or it would send its next request into a closing connection."""
-    if body is None:
-        length = head.header("content-length")
-        if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
-            reply.headers.append((b"connection", b"close"))
+    if body is None and expects_body(head):
+        reply.headers.append((b"connection", b"close"))
     if kind is not None:
         _log_refusal(gateway, kind, head, reply, body, started, message)
     await send_reply(out, reply)
@@ -367,17 +365,32 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def expects_body(head: RequestHead) -> bool:
+    """Whether the request has a body to come (which a refusal may leave unread)."""
+    length = head.header("content-length")
+    return (length is not None and length != "0") or head.header("transfer-encoding") is not None
+
+
 class ResponseSend:
     """`send` for one request, whichever layer serves it: the response's head gets the
     request's id (`x-request-id`, and Anthropic's `request-id` for Anthropic clients) unless
-    the route set it, and `complete` notes when the last byte has gone out."""
+    the route set it, and `complete` notes when the last byte has gone out.
 
-    __slots__ = ("_head", "_scope", "_send", "complete")
+    For Quart's routes (`unread_body`), which may answer before the body has come (a hook's
+    401 or 429, werkzeug's 404 or 405), a response starting while the server still waits for
+    the body says `Connection: close`: the server closes such a connection after the response,
+    and a client not told so sent its next request into it and got no answer ("Server
+    disconnected without sending a response"). The front door's refusals say it themselves."""
 
-    def __init__(self, send: ASGISendCallable, scope: Mapping[str, Any], head: RequestHead | None = None) -> None:
+    __slots__ = ("_head", "_scope", "_send", "_unread_body", "complete")
+
+    def __init__(
+        self, send: ASGISendCallable, scope: Mapping[str, Any], head: RequestHead | None = None, *, unread_body: bool = False,
+    ) -> None:
         self._send = send
         self._scope = scope
         self._head = head  # made on demand for Quart's routes, which parse their own
+        self._unread_body = unread_body
         self.complete = False
 
     async def __call__(self, message: Any) -> None:
@@ -407,6 +420,8 @@ class ResponseSend:
             head.header("anthropic-version") is not None or dialect_of_path(head.path) == "anthropic"
         ):
             stamped.append((b"request-id", request_id))
+        if self._unread_body and b"connection" not in names and receiving_body():
+            stamped.append((b"connection", b"close"))
         return stamped
 
 

@@ -20,14 +20,21 @@ from contextvars import ContextVar
 Hook = Callable[[], None]
 
 
+def body_received() -> bool:
+    """`ClientConnection.receiving_body` of a connection that cannot tell (or has ended)."""
+    return False
+
+
 class ClientConnection:
-    """The hooks the requests of one client connection run when it ends."""
+    """The hooks the requests of one client connection run when it ends; and whether the
+    server is still receiving its current request's body (`receiving_body`)."""
 
-    __slots__ = ("_hooks", "gone")
+    __slots__ = ("_hooks", "gone", "receiving_body")
 
-    def __init__(self) -> None:
+    def __init__(self, receiving_body: Callable[[], bool] = body_received) -> None:
         self._hooks: list[Hook] = []
         self.gone = False
+        self.receiving_body = receiving_body
 
     def ended(self) -> None:
         """The client closed (or broke) the connection: run every hook, once."""
@@ -41,6 +48,13 @@ class ClientConnection:
 
 # Set by the task that reads the connection; the tasks it starts to serve requests inherit it.
 current_connection: ContextVar[ClientConnection | None] = ContextVar("current_connection", default=None)
+
+
+def receiving_body() -> bool:
+    """Whether the server has yet to receive the rest of the current request's body (its
+    HTTP/1.1 connection then closes once the response is out)."""
+    connection = current_connection.get()
+    return connection is not None and connection.receiving_body()
 
 
 @contextmanager
