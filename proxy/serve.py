@@ -32,7 +32,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
-from proxy._h2 import MendedH2Protocol
+from proxy._protocols import MendedH2Protocol, MendedH11Protocol
 from proxy.config import Settings
 from proxy.http._hangup import ClientConnection, body_received, current_connection
 from proxy.http.app import create_app
@@ -99,7 +99,7 @@ class _KnownTCPServer(TCPServer):
             await super().run()
         except Exception:
             # A failure in hypercorn's handling of one connection (a protocol bug a client can
-            # set off, as `proxy._h2` mends one) ends that connection. Under the trio worker it
+            # set off, as `proxy._protocols` mends two) ends that connection. Under the trio worker it
             # left this task and ended the whole server.
             log.exception("a client connection failed in the HTTP server; it is closed")
         finally:
@@ -145,7 +145,9 @@ class _EndTellingStream:
 
 
 hypercorn_run.TCPServer = _KnownTCPServer  # type: ignore[attr-defined]  # worker_serve has no other hook
-hypercorn_protocol.H2Protocol = MendedH2Protocol  # type: ignore[attr-defined]  # what each connection's protocol is made from
+# What each connection's protocol is made from.
+hypercorn_protocol.H2Protocol = MendedH2Protocol  # type: ignore[attr-defined]
+hypercorn_protocol.H11Protocol = MendedH11Protocol  # type: ignore[attr-defined]
 
 
 async def _cut_stragglers(config: Config, done: trio.CancelScope) -> None:

@@ -155,3 +155,25 @@ async def test_a_refusal_before_the_body_was_read_tells_the_client_the_connectio
             invalid = await client.post("/v1/embeddings", content=b"{")
             assert invalid.status_code == 400 and "connection" not in invalid.headers
             assert "connection" not in (await client.get("/v1/models")).headers
+
+
+async def test_a_refusal_that_closes_the_connection_is_whole_though_a_request_follows_it() -> None:
+    """A refusal that closes the connection (a body left unread, one too large); with the
+    client's next request already sent behind it (pipelined), h11 found "data when expecting
+    EOF" and hypercorn closed the connection under the answer going out: the client got
+    nothing, or a head without its body."""
+    body = json.dumps({"model": "m", "input": "x" * 100}).encode()
+    async with running_gateway(max_body_bytes=50) as url:
+        for request, status in (
+            (b"PUT /v1/chat/completions", b"405"),  # the front door leaves the body unread
+            (b"POST /v1/chat/completions", b"413"),
+            (b"POST /v1/embeddings", b"413"),  # Quart
+        ):
+            for _ in range(3):
+                answer = await _exchange(
+                    url, b"%s HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\n\r\n%sGET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n"
+                    % (request, len(body), body),
+                )
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 %s " % status) and b"\r\nconnection: close" in head.lower(), answer
+                assert json.loads(rest)["error"]["message"], answer

@@ -1,0 +1,68 @@
+"""hypercorn's protocols, mended where a client could break them.
+
+HTTP/2: a request refused before its body was read (a 401 without a key, a 413 from its declared
+length, a 405) has its stream closed once the response is out, while the client may well go
+on sending the body (it cannot know yet). hypercorn 0.18 looked each such DATA frame's stream
+up and raised `KeyError`; under the trio worker that exception left the connection's task
+and ended the server, every client's requests with it: one unauthenticated POST of a few
+hundred kilobytes over `h2c` stopped the gateway. Such frames are dropped here, their bytes
+acknowledged to the connection's flow-control window (or the connection's other streams
+would starve once the dropped bytes had used it up).
+
+HTTP/1.1: once the connection is to close after the response (the response says
+`Connection: close`: a refusal whose body is left unread or that was framed two ways; or the
+client said so), what the client sends on (a pipelined request, the rest of a body) can
+only be dropped. h11 calls it a protocol error, on which hypercorn's reader closed the
+connection at once, in the middle of the response going out (which was lost, or failed on a
+socket busy with the close). It is dropped here, and the connection closes once the response
+is out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.events
+import h11
+from hypercorn.events import Event, RawData
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
+
+
+class MendedH2Protocol(H2Protocol):
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        pending: list[h2.events.Event] = []
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                # The stream may be one whose request is in `pending`: those go first.
+                if pending:
+                    await super()._handle_events(pending)
+                    pending = []
+                if event.stream_id not in self.streams:
+                    self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    continue
+            pending.append(event)
+        await super()._handle_events(pending)  # sends the window updates too
+
+
+class _Connection(h11.Connection):
+    def next_event(self) -> Any:
+        # What follows a request after which the connection closes is not parsed: h11 would
+        # find "data when expecting EOF", while the response may still be going out.
+        if self.their_state is h11.MUST_CLOSE and self.our_state in _ANSWERING:
+            return h11.NEED_DATA
+        return super().next_event()
+
+
+_ANSWERING = frozenset({h11.SEND_BODY, h11.DONE, h11.MUST_CLOSE})
+
+
+class MendedH11Protocol(H11Protocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection = _Connection(h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size)
+
+    async def handle(self, event: Event) -> None:
+        if isinstance(event, RawData) and event.data and getattr(self.connection, "their_state", None) is h11.MUST_CLOSE:
+            return  # not read: the connection closes once the response is out
+        await super().handle(event)
