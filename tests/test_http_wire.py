@@ -157,6 +157,30 @@ async def test_a_refusal_before_the_body_was_read_tells_the_client_the_connectio
             assert "connection" not in (await client.get("/v1/models")).headers
 
 
+async def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_its_connection_closed() -> None:
+    """Framed two ways (request smuggling: a proxy in front reads the body by one header, the
+    gateway read it by the other), such a request was answered and its connection kept, so
+    what the gateway took for a next request on it was answered too. RFC 9112 §6.1: close."""
+    fake = OpenAIBackend(default=Script())
+    chat = json.dumps(CHAT).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat)
+    smuggled = b"GET /v1/models HTTP/1.1\r\nhost: gw\r\n\r\n"
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as url:
+        for path, error in (
+            ("/v1/chat/completions", b'"code":"ambiguous_request_length"'),  # the front door
+            ("/v1/embeddings", b'"code":"ambiguous_request_length"'),  # Quart
+            ("/v1/messages", b'"type":"invalid_request_error","message":"The request has both'),  # Anthropic's shape
+        ):
+            answer = await _exchange(
+                url,
+                b"POST %s HTTP/1.1\r\nhost: gw\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n%s%s"
+                % (path.encode(), chunked, smuggled),
+            )
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close" in head.lower(), answer
+            assert error in body and b"HTTP/1.1" not in body, answer  # one answer: nothing smuggled
+
+
 async def test_a_refusal_that_closes_the_connection_is_whole_though_a_request_follows_it() -> None:
     """A refusal that closes the connection (a body left unread, one too large); with the
     client's next request already sent behind it (pipelined), h11 found "data when expecting

@@ -20,7 +20,7 @@ import logging
 
 from quart import Response, request
 
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.tokens import requested_tokens
 from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
@@ -157,6 +157,8 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
         )
         reply.status = 431
         return reply
+    if head.header("transfer-encoding") is not None and head.header("content-length") is not None:
+        return _ambiguous_length(head)
     authenticator = gw.auth
     path = head.path
     hosts = gw.hosts
@@ -186,6 +188,22 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     except GatewayError as error:
         return _refusal(error, head, bool(presented))
     return await limit(gw, head, None) if limits else None
+
+
+def _ambiguous_length(head: RequestHead) -> Reply:
+    """A request with both `Content-Length` and `Transfer-Encoding`: a proxy in front that
+    framed it by the other header sent what follows as the next request (request smuggling).
+    RFC 9112 §6.1 asks the server to close the connection after its answer whatever it does;
+    it is refused (as an error, which the RFC says it ought to be), and closed."""
+    reply = _refusal(
+        invalid_request(
+            "The request has both `Content-Length` and `Transfer-Encoding`: its length is ambiguous. Send one of them.",
+            code="ambiguous_request_length",
+        ),
+        head,
+    )
+    reply.headers.append((b"connection", b"close"))
+    return reply
 
 
 _warned_hosts: set[str] = set()

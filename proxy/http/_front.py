@@ -250,7 +250,7 @@ async def _refuse(
 
     A body left unread makes the server close the connection after the reply; the client is
     told (`Connection: close`), or it would send its next request into a closing connection."""
-    if body is None and expects_body(head):
+    if body is None and expects_body(head) and all(name != b"connection" for name, _ in reply.headers):
         reply.headers.append((b"connection", b"close"))
     if kind is not None:
         _log_refusal(gateway, kind, head, reply, body, started, message)
