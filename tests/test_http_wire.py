@@ -201,3 +201,16 @@ async def test_a_refusal_that_closes_the_connection_is_whole_though_a_request_fo
                 head, _, rest = answer.partition(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 %s " % status) and b"\r\nconnection: close" in head.lower(), answer
                 assert json.loads(rest)["error"]["message"], answer
+
+
+async def test_head_is_answered_wherever_get_is() -> None:
+    """`curl -I`, uptime checks and caches ask HEAD: Quart's routes answered it as their GET,
+    the front door's (stored chat completions, responses, streams) with a 405."""
+    async with running_gateway() as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+        for path in ("/v1/chat/completions", "/v1/chat/completions/chatcmpl-1", "/v1/responses/resp_1", "/v1/models"):
+            got, head = await client.get(path), await client.head(path)
+            assert head.status_code == got.status_code != 405, (path, head.status_code, got.text)
+            assert head.content == b"" and head.headers["content-length"] == got.headers["content-length"], path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        wrong = await client.put("/v1/chat/completions/chatcmpl-1")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "DELETE, GET, HEAD, POST"

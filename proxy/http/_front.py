@@ -96,7 +96,12 @@ class FrontRoute:
 
     @property
     def allow(self) -> bytes:
-        return ", ".join(sorted(self.handlers)).encode()
+        return ", ".join(sorted({*self.handlers, "HEAD"} if "GET" in self.handlers else self.handlers)).encode()
+
+    def method_of(self, method: str) -> str:
+        """The method whose handler serves `method`: a HEAD is a GET without its body
+        (RFC 9110 §9.3.2; hypercorn leaves the body out), as on Quart's routes."""
+        return "GET" if method == "HEAD" and "GET" in self.handlers else method
 
     def kind_of(self, method: str) -> str | None:
         return self.method_kinds.get(method, self.kind)
@@ -188,13 +193,14 @@ async def serve(
         out = ResponseSend(send, scope, head)
         started = time.perf_counter()
         body: bytes | None = None
+        method = route.method_of(head.method)
         # The rate limits wait for the body: a request reserves the tokens it asks for.
         refusal = await admit(gateway, head, limits=False)
         if refusal is not None:
-            await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
+            await _refuse(out, gateway, route.kind_of(method), head, refusal, body, started)
             return
         try:
-            handler = route.handlers.get(head.method)
+            handler = route.handlers.get(method)
             if handler is None:
                 raise GatewayError(
                     ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
@@ -212,7 +218,7 @@ async def serve(
                 raise
             refusal = await limit(gateway, head, body)
             if refusal is not None:
-                await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
+                await _refuse(out, gateway, route.kind_of(method), head, refusal, body, started)
                 return
             try:
                 answer = await _answer(handler, Incoming(gateway, head, body, params))
@@ -224,12 +230,12 @@ async def serve(
             reply = error_reply(error, dialect_of_path(head.path))
             if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
                 reply.headers.append((b"allow", route.allow))
-            await _refuse(out, gateway, route.kind_of(head.method), head, reply, body, started, error.message)
+            await _refuse(out, gateway, route.kind_of(method), head, reply, body, started, error.message)
             return
         except Exception:
             log.exception("unhandled error on %s %s", head.method, head.path)
             internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-            await _refuse(out, gateway, route.kind_of(head.method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+            await _refuse(out, gateway, route.kind_of(method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
             return
         if isinstance(answer, Reply):
             answer.headers.extend(granted_headers())
