@@ -16,6 +16,12 @@ only be dropped. h11 calls it a protocol error, on which hypercorn's reader clos
 connection at once, in the middle of the response going out (which was lost, or failed on a
 socket busy with the close). It is dropped here, and the connection closes once the response
 is out.
+
+HTTP/1.1 `Expect: 100-continue` (curl's for a body past 1 MB): hypercorn answered `100
+Continue` the moment it read the request's head, so a client whose request the guard then
+refused (a 401 without a key, a 413 from the declared length) had sent its whole upload for
+nothing. The `100` goes once the request has passed its guard (`proxy.http._hangup.want_body`);
+a refusal then leaves the body unsent and the connection closes.
 """
 
 from __future__ import annotations
@@ -46,6 +52,16 @@ class MendedH2Protocol(H2Protocol):
 
 
 class _Connection(h11.Connection):
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        # hypercorn sends `100 Continue` as soon as it reads such a request's head; the
+        # gateway sends it once the request has passed its guard (`send_continue`).
+        return False
+
+    @property
+    def waiting_for_continue(self) -> bool:
+        return bool(h11.Connection.they_are_waiting_for_100_continue.fget(self))  # type: ignore[attr-defined]
+
     def next_event(self) -> Any:
         # What follows a request after which the connection closes is not parsed: h11 would
         # find "data when expecting EOF", while the response may still be going out.
@@ -66,3 +82,8 @@ class MendedH11Protocol(H11Protocol):
         if isinstance(event, RawData) and event.data and getattr(self.connection, "their_state", None) is h11.MUST_CLOSE:
             return  # not read: the connection closes once the response is out
         await super().handle(event)
+
+    async def send_continue(self) -> None:
+        """`100 Continue`, to a client waiting for it before it sends its body."""
+        if isinstance(self.connection, _Connection) and self.connection.waiting_for_continue:
+            await self._send_h11_event(h11.InformationalResponse(status_code=100, headers=self.config.response_headers("h11")))

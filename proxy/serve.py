@@ -34,7 +34,7 @@ from hypercorn.utils import wrap_app
 
 from proxy._protocols import MendedH2Protocol, MendedH11Protocol
 from proxy.config import Settings
-from proxy.http._hangup import ClientConnection, body_received, current_connection
+from proxy.http._hangup import ClientConnection, body_received, current_connection, nothing_to_ask
 from proxy.http.app import create_app
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
@@ -92,7 +92,7 @@ class _KnownTCPServer(TCPServer):
         stream = self.raw_stream = self.stream
         open_here = _connections.setdefault(self.config, set())
         open_here.add(self)
-        connection = ClientConnection(self._receiving_body)
+        connection = ClientConnection(self._receiving_body, self._want_body)
         current_connection.set(connection)
         self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
         try:
@@ -104,8 +104,13 @@ class _KnownTCPServer(TCPServer):
             log.exception("a client connection failed in the HTTP server; it is closed")
         finally:
             connection.ended()  # however the connection ended, its requests are over
-            connection.receiving_body = body_received  # no reference cycle left through `self`
+            connection.receiving_body, connection.want_body = body_received, nothing_to_ask  # no cycle left through `self`
             open_here.discard(self)
+
+    async def _want_body(self) -> None:
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if isinstance(protocol, MendedH11Protocol):
+            await protocol.send_continue()
 
     def _receiving_body(self) -> bool:
         """HTTP/1.1 (h11) has yet to receive the rest of the current request's body."""

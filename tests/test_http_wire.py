@@ -214,3 +214,34 @@ async def test_head_is_answered_wherever_get_is() -> None:
             assert head.headers["content-type"] == got.headers["content-type"], path
         wrong = await client.put("/v1/chat/completions/chatcmpl-1")
         assert wrong.status_code == 405 and wrong.headers["allow"] == "DELETE, GET, HEAD, POST"
+
+
+async def test_expect_100_continue_is_answered_once_the_request_has_passed_its_guard() -> None:
+    """curl sends `Expect: 100-continue` with a body past 1 MB and waits for `100 Continue`
+    before sending it. hypercorn sent it as it read the head, so a request refused anyway
+    (its declared length too large, a foreign Host, a key missing) had its whole upload sent
+    for nothing. A request that passes gets it, and its answer."""
+    fake = OpenAIBackend(default=Script())
+    chat = json.dumps(CHAT).encode()
+    embed = json.dumps({"model": "all-minilm-l6-v2", "input": "hi"}).encode()
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True), max_body_bytes=10_000) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for head, status in (
+            (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 20000\r\n", b"413"),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw.example.com\r\ncontent-length: 2\r\n", b"403"),
+            (b"POST /v1/embeddings HTTP/1.1\r\nhost: gw.example.com\r\ncontent-length: 2\r\n", b"403"),  # Quart
+        ):
+            answer = await _exchange(url, head + b"expect: 100-continue\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 %s " % status), answer
+            assert b"\r\nconnection: close" in answer.partition(b"\r\n\r\n")[0].lower(), answer
+        for path, body in ((b"/v1/chat/completions", chat), (b"/v1/embeddings", embed)):
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(
+                    b"POST %s HTTP/1.1\r\nhost: gw\r\ncontent-length: %d\r\nexpect: 100-continue\r\n\r\n" % (path, len(body))
+                )
+                with trio.fail_after(10):
+                    interim = await stream.receive_some(65536)
+                    assert interim.startswith(b"HTTP/1.1 100 "), interim
+                    await stream.send_all(body)
+                    answer = await stream.receive_some(65536)
+                assert answer.startswith(b"HTTP/1.1 200 "), answer

@@ -25,6 +25,7 @@ from proxy.domain.tokens import requested_tokens
 from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
 from proxy.http._errors import Reply, dialect_of, error_reply, response_of
+from proxy.http._hangup import want_body
 from proxy.http._head import RequestHead
 from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import Principal, check_workspace, current_principal
@@ -371,6 +372,7 @@ def install_auth(app: GatewayApp) -> None:
         gw, head = gateway(), request_head()
         refusal = await admit(gw, head, limits=False)
         if refusal is None:
+            await want_body()
             # Kept for the route, which reads it again (embeddings: their input is reserved).
             body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
             refusal = await limit(gw, head, body)

@@ -36,7 +36,7 @@ from proxy.http._auth import (
 from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
-from proxy.http._hangup import on_client_gone, receiving_body
+from proxy.http._hangup import on_client_gone, receiving_body, want_body
 from proxy.http._head import RequestHead
 from proxy.infra.postgres import InvalidValue
 from proxy.services.auth import current_principal
@@ -349,6 +349,7 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
     declared = head.header("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
+    await want_body()
     chunks: list[bytes] = []
     size = 0
     started = trio.current_time()
