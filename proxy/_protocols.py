@@ -22,6 +22,10 @@ Continue` the moment it read the request's head, so a client whose request the g
 refused (a 401 without a key, a 413 from the declared length) had sent its whole upload for
 nothing. The `100` goes once the request has passed its guard (`proxy.http._hangup.want_body`);
 a refusal then leaves the body unsent and the connection closes.
+
+HTTP/1.1 bytes that are not a request h11 can read (conflicting `Content-Length`s, no `Host`,
+an unknown `Transfer-Encoding`) get hypercorn's 400 (or 431, 501) with a body naming the
+trouble; it had none.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import h11
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H11Protocol
+
+from proxy.dialects import openai
+from proxy.domain.errors import ErrorKind, GatewayError
 
 
 class MendedH2Protocol(H2Protocol):
@@ -87,3 +94,26 @@ class MendedH11Protocol(H11Protocol):
         """`100 Continue`, to a client waiting for it before it sends its body."""
         if isinstance(self.connection, _Connection) and self.connection.waiting_for_continue:
             await self._send_h11_event(h11.InformationalResponse(status_code=100, headers=self.config.response_headers("h11")))
+
+    async def _send_error_response(self, status_code: int) -> None:
+        # hypercorn's answer to bytes h11 cannot read as a request had an empty body: the
+        # client learnt only "400". In OpenAI's error shape, the default one: the request's
+        # path, and so its dialect, may not have been read.
+        error = GatewayError(
+            ErrorKind.INVALID_REQUEST, _MALFORMED.get(status_code, _MALFORMED[400]), code="malformed_http_request",
+        )
+        body = openai.render_error(error)
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=[
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+_MALFORMED = {
+    400: "The request is not valid HTTP/1.1: a malformed request line or header, a Host header missing or "
+         "repeated, or Content-Length headers that disagree.",
+    431: "The request's headers are too large.",
+    501: "The request's Transfer-Encoding is not supported: send the body chunked or with a Content-Length.",
+}

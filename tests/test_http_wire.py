@@ -245,3 +245,18 @@ async def test_expect_100_continue_is_answered_once_the_request_has_passed_its_g
                     await stream.send_all(body)
                     answer = await stream.receive_some(65536)
                 assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+async def test_bytes_that_are_not_an_http_request_get_an_error_that_says_why() -> None:
+    """hypercorn's 400 and 501 for what h11 cannot read had an empty body: "400" and nothing
+    to go on. Now an error in OpenAI's shape (the path, and so the dialect, may be unread)."""
+    async with running_gateway() as url:
+        for request, status, says in (
+            (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}", 400, "Content-Length"),
+            (b"GET /v1/models HTTP/1.1\r\n\r\n", 400, "Host"),
+            (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501, "Transfer-Encoding"),
+        ):
+            head, _, body = (await _exchange(url, request)).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d " % status) and b"content-type: application/json" in head.lower(), head
+            error = json.loads(body)["error"]
+            assert error["code"] == "malformed_http_request" and says in error["message"], error
