@@ -23,6 +23,8 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import h11
+import hypercorn.protocol as hypercorn_protocol
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio import run as hypercorn_run
@@ -30,8 +32,9 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import wrap_app
 
+from proxy._protocols import MendedH2Protocol, MendedH11Protocol
 from proxy.config import Settings
-from proxy.http._hangup import ClientConnection, current_connection
+from proxy.http._hangup import ClientConnection, body_received, current_connection, nothing_to_ask
 from proxy.http.app import create_app
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.logging import configure_logging
@@ -89,14 +92,31 @@ class _KnownTCPServer(TCPServer):
         stream = self.raw_stream = self.stream
         open_here = _connections.setdefault(self.config, set())
         open_here.add(self)
-        connection = ClientConnection()
+        connection = ClientConnection(self._receiving_body, self._want_body)
         current_connection.set(connection)
         self.stream = _EndTellingStream(stream, connection)  # type: ignore[assignment]
         try:
             await super().run()
+        except Exception:
+            # A failure in hypercorn's handling of one connection (a protocol bug a client can
+            # set off, as `proxy._protocols` mends two) ends that connection. Under the trio worker it
+            # left this task and ended the whole server.
+            log.exception("a client connection failed in the HTTP server; it is closed")
         finally:
             connection.ended()  # however the connection ended, its requests are over
+            connection.receiving_body, connection.want_body = body_received, nothing_to_ask  # no cycle left through `self`
             open_here.discard(self)
+
+    async def _want_body(self) -> None:
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        if isinstance(protocol, MendedH11Protocol):
+            await protocol.send_continue()
+
+    def _receiving_body(self) -> bool:
+        """HTTP/1.1 (h11) has yet to receive the rest of the current request's body."""
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        state = getattr(protocol, "connection", None)
+        return isinstance(state, h11.Connection) and state.their_state is h11.SEND_BODY
 
     async def _read_data(self) -> None:
         await super()._read_data()
@@ -130,6 +150,9 @@ class _EndTellingStream:
 
 
 hypercorn_run.TCPServer = _KnownTCPServer  # type: ignore[attr-defined]  # worker_serve has no other hook
+# What each connection's protocol is made from.
+hypercorn_protocol.H2Protocol = MendedH2Protocol  # type: ignore[attr-defined]
+hypercorn_protocol.H11Protocol = MendedH11Protocol  # type: ignore[attr-defined]
 
 
 async def _cut_stragglers(config: Config, done: trio.CancelScope) -> None:

@@ -33,13 +33,13 @@ async def test_a_wrong_method_is_a_405_naming_the_allowed_one() -> None:
         async with httpx.AsyncClient(base_url=url) as client:
             for path, dialect in CHAT_PATHS.items():
                 # `GET /v1/chat/completions` lists stored chat completions.
-                method, allowed = ("PUT", "GET, POST") if path == "/v1/chat/completions" else ("GET", "POST")
+                method, allowed = ("PUT", "GET, HEAD, POST") if path == "/v1/chat/completions" else ("GET", "POST")
                 answer = await client.request(method, path)
                 assert answer.status_code == 405, path
                 assert answer.headers["allow"] == allowed
                 assert method in _error_message(dialect, answer)
             resume = await client.post("/v1/streams/abc")
-            assert resume.status_code == 405 and resume.headers["allow"] == "GET"
+            assert resume.status_code == 405 and resume.headers["allow"] == "GET, HEAD"
     assert fake.requests == []
 
 

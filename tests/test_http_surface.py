@@ -236,9 +236,9 @@ async def test_every_405_names_the_allowed_methods() -> None:
             ("DELETE", "/v1/models/m", "GET, HEAD"),
             ("POST", "/v1/workspaces/ws1", "DELETE, GET, HEAD, PUT"),
             ("GET", "/api/chat", "POST"),
-            ("PUT", "/v1/chat/completions", "GET, POST"),
-            ("OPTIONS", "/v1/chat/completions", "GET, POST"),
-            ("PUT", "/v1/chat/completions/chatcmpl-1", "DELETE, GET, POST"),
+            ("PUT", "/v1/chat/completions", "GET, HEAD, POST"),
+            ("OPTIONS", "/v1/chat/completions", "GET, HEAD, POST"),
+            ("PUT", "/v1/chat/completions/chatcmpl-1", "DELETE, GET, HEAD, POST"),
         ):
             answer = await client.request(method, path)
             assert answer.status_code == 405, (method, path)

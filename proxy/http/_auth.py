@@ -23,11 +23,12 @@ import trio
 from quart import Response, request
 
 from proxy.dialects._json import loads_object
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
 from proxy.domain.tokens import requested_tokens
 from proxy.gateway import Gateway
 from proxy.http._context import GatewayApp, gateway, request_head
 from proxy.http._errors import Reply, dialect_of, error_reply, response_of
+from proxy.http._hangup import want_body
 from proxy.http._head import RequestHead
 from proxy.services._records import NOTHING_RESERVED, Reserved
 from proxy.services.auth import Principal, check_workspace, current_principal
@@ -160,6 +161,8 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
         )
         reply.status = 431
         return reply
+    if head.header("transfer-encoding") is not None and head.header("content-length") is not None:
+        return _ambiguous_length(head)
     authenticator = gw.auth
     path = head.path
     hosts = gw.hosts
@@ -189,6 +192,22 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     except GatewayError as error:
         return _refusal(error, head, bool(presented))
     return await limit(gw, head, None) if limits else None
+
+
+def _ambiguous_length(head: RequestHead) -> Reply:
+    """A request with both `Content-Length` and `Transfer-Encoding`: a proxy in front that
+    framed it by the other header sent what follows as the next request (request smuggling).
+    RFC 9112 §6.1 asks the server to close the connection after its answer whatever it does;
+    it is refused (as an error, which the RFC says it ought to be), and closed."""
+    reply = _refusal(
+        invalid_request(
+            "The request has both `Content-Length` and `Transfer-Encoding`: its length is ambiguous. Send one of them.",
+            code="ambiguous_request_length",
+        ),
+        head,
+    )
+    reply.headers.append((b"connection", b"close"))
+    return reply
 
 
 _warned_hosts: set[str] = set()
@@ -381,6 +400,7 @@ def install_auth(app: GatewayApp) -> None:
         gw, head = gateway(), request_head()
         refusal = await admit(gw, head, limits=False)
         if refusal is None:
+            await want_body()
             # Kept for the route, which reads it again (embeddings: their input is reserved).
             body = await request.get_data(cache=True, as_text=False, parse_form_data=False) if reserves_tokens(head) else None
             refusal = await limit(gw, head, body)

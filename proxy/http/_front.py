@@ -36,7 +36,7 @@ from proxy.http._auth import (
 from proxy.http._body_coding import inflate_body, too_large
 from proxy.http._errors import Reply, dialect_of_path, error_reply
 from proxy.http._exchange import DirectBody, ExchangeBody
-from proxy.http._hangup import on_client_gone, until_client_gone
+from proxy.http._hangup import on_client_gone, receiving_body, until_client_gone, want_body
 from proxy.http._head import RequestHead
 from proxy.infra.postgres import InvalidValue
 from proxy.services.auth import current_principal
@@ -96,7 +96,12 @@ class FrontRoute:
 
     @property
     def allow(self) -> bytes:
-        return ", ".join(sorted(self.handlers)).encode()
+        return ", ".join(sorted({*self.handlers, "HEAD"} if "GET" in self.handlers else self.handlers)).encode()
+
+    def method_of(self, method: str) -> str:
+        """The method whose handler serves `method`: a HEAD is a GET without its body
+        (RFC 9110 §9.3.2; hypercorn leaves the body out), as on Quart's routes."""
+        return "GET" if method == "HEAD" and "GET" in self.handlers else method
 
     def kind_of(self, method: str) -> str | None:
         return self.method_kinds.get(method, self.kind)
@@ -188,13 +193,14 @@ async def serve(
         out = ResponseSend(send, scope, head)
         started = time.perf_counter()
         body: bytes | None = None
+        method = route.method_of(head.method)
         # The rate limits wait for the body: a request reserves the tokens it asks for.
         refusal = await admit(gateway, head, limits=False)
         if refusal is not None:
-            await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
+            await _refuse(out, gateway, route.kind_of(method), head, refusal, body, started)
             return
         try:
-            handler = route.handlers.get(head.method)
+            handler = route.handlers.get(method)
             if handler is None:
                 raise GatewayError(
                     ErrorKind.METHOD_NOT_ALLOWED, f"Method {head.method} is not allowed on {head.path}"
@@ -204,7 +210,7 @@ async def serve(
             try:
                 body = await _read_body(receive, head, max_body)
                 if body is None:  # the client left before its request was whole (an upload given up)
-                    if (kind := route.kind_of(head.method)) is not None:
+                    if (kind := route.kind_of(method)) is not None:
                         _log_refusal(gateway, kind, head, _GONE, None, started, "The client left.", cancelled=True)
                     return
                 body = inflate_body(body, head.header("content-encoding"), max_body)
@@ -214,9 +220,9 @@ async def serve(
                 raise
             refusal = await limit(gateway, head, body)
             if refusal is not None:
-                await _refuse(out, gateway, route.kind_of(head.method), head, refusal, body, started)
+                await _refuse(out, gateway, route.kind_of(method), head, refusal, body, started)
                 return
-            kind = route.kind_of(head.method)
+            kind = route.kind_of(method)
             try:
                 if kind is None:  # reading, cancelling or deleting what is stored: done all the same
                     answer = await _answer(handler, Incoming(gateway, head, body, params))
@@ -243,12 +249,12 @@ async def serve(
             reply = error_reply(error, dialect_of_path(head.path))
             if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
                 reply.headers.append((b"allow", route.allow))
-            await _refuse(out, gateway, route.kind_of(head.method), head, reply, body, started, error.message)
+            await _refuse(out, gateway, route.kind_of(method), head, reply, body, started, error.message)
             return
         except Exception:
             log.exception("unhandled error on %s %s", head.method, head.path)
             internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-            await _refuse(out, gateway, route.kind_of(head.method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+            await _refuse(out, gateway, route.kind_of(method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
             return
         if isinstance(answer, Reply):
             answer.headers.extend(granted_headers())
@@ -269,10 +275,8 @@ async def _refuse(
 
     A body left unread makes the server close the connection after the reply; the client is
     told (`Connection: close`), or it would send its next request into a closing connection."""
-    if body is None:
-        length = head.header("content-length")
-        if (length is not None and length != "0") or head.header("transfer-encoding") is not None:
-            reply.headers.append((b"connection", b"close"))
+    if body is None and expects_body(head) and all(name != b"connection" for name, _ in reply.headers):
+        reply.headers.append((b"connection", b"close"))
     if kind is not None:
         _log_refusal(gateway, kind, head, reply, body, started, message)
     await send_reply(out, reply)
@@ -371,6 +375,7 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
     declared = head.header("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
+    await want_body()
     chunks: list[bytes] = []
     size = 0
     started = trio.current_time()
@@ -393,17 +398,32 @@ async def _read_body(receive: ASGIReceiveCallable, head: RequestHead, limit: int
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def expects_body(head: RequestHead) -> bool:
+    """Whether the request has a body to come (which a refusal may leave unread)."""
+    length = head.header("content-length")
+    return (length is not None and length != "0") or head.header("transfer-encoding") is not None
+
+
 class ResponseSend:
     """`send` for one request, whichever layer serves it: the response's head gets the
     request's id (`x-request-id`, and Anthropic's `request-id` for Anthropic clients) unless
-    the route set it, and `complete` notes when the last byte has gone out."""
+    the route set it, and `complete` notes when the last byte has gone out.
 
-    __slots__ = ("_head", "_scope", "_send", "complete")
+    For Quart's routes (`unread_body`), which may answer before the body has come (a hook's
+    401 or 429, werkzeug's 404 or 405), a response starting while the server still waits for
+    the body says `Connection: close`: the server closes such a connection after the response,
+    and a client not told so sent its next request into it and got no answer ("Server
+    disconnected without sending a response"). The front door's refusals say it themselves."""
 
-    def __init__(self, send: ASGISendCallable, scope: Mapping[str, Any], head: RequestHead | None = None) -> None:
+    __slots__ = ("_head", "_scope", "_send", "_unread_body", "complete")
+
+    def __init__(
+        self, send: ASGISendCallable, scope: Mapping[str, Any], head: RequestHead | None = None, *, unread_body: bool = False,
+    ) -> None:
         self._send = send
         self._scope = scope
         self._head = head  # made on demand for Quart's routes, which parse their own
+        self._unread_body = unread_body
         self.complete = False
 
     async def __call__(self, message: Any) -> None:
@@ -433,6 +453,8 @@ class ResponseSend:
             head.header("anthropic-version") is not None or dialect_of_path(head.path) == "anthropic"
         ):
             stamped.append((b"request-id", request_id))
+        if self._unread_body and b"connection" not in names and receiving_body():
+            stamped.append((b"connection", b"close"))
         return stamped
 
 

@@ -13,7 +13,7 @@ without this hook (or a connection without a `ClientConnection`) loses only the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -24,14 +24,28 @@ from proxy.infra.transport import Hangup, current_hangup
 Hook = Callable[[], None]
 
 
+def body_received() -> bool:
+    """`ClientConnection.receiving_body` of a connection that cannot tell (or has ended)."""
+    return False
+
+
+async def nothing_to_ask() -> None:
+    """`ClientConnection.want_body` of a connection that has nothing to say for it."""
+
+
 class ClientConnection:
-    """The hooks the requests of one client connection run when it ends."""
+    """The hooks the requests of one client connection run when it ends; and whether the
+    server is still receiving its current request's body (`receiving_body`)."""
 
-    __slots__ = ("_hooks", "gone")
+    __slots__ = ("_hooks", "gone", "receiving_body", "want_body")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, receiving_body: Callable[[], bool] = body_received, want_body: Callable[[], Awaitable[None]] = nothing_to_ask,
+    ) -> None:
         self._hooks: list[Hook] = []
         self.gone = False
+        self.receiving_body = receiving_body
+        self.want_body = want_body
 
     def ended(self) -> None:
         """The client closed (or broke) the connection: run every hook, once."""
@@ -45,6 +59,21 @@ class ClientConnection:
 
 # Set by the task that reads the connection; the tasks it starts to serve requests inherit it.
 current_connection: ContextVar[ClientConnection | None] = ContextVar("current_connection", default=None)
+
+
+def receiving_body() -> bool:
+    """Whether the server has yet to receive the rest of the current request's body (its
+    HTTP/1.1 connection then closes once the response is out)."""
+    connection = current_connection.get()
+    return connection is not None and connection.receiving_body()
+
+
+async def want_body() -> None:
+    """The request has passed the guard and its body is wanted: a client that asked
+    (`Expect: 100-continue`) is told to send it."""
+    connection = current_connection.get()
+    if connection is not None:
+        await connection.want_body()
 
 
 @contextmanager

@@ -82,8 +82,8 @@ class _App(GatewayApp):
                 await _front.serve(self.gateway, route, params, scope, receive, send)
                 return
             # Every response carries the request's id, whatever made it: a route, a hook, an
-            # error handler, werkzeug's 404/405/413.
-            send = _front.ResponseSend(send, scope)
+            # error handler, werkzeug's 404/405/413; and says when it leaves a body unread.
+            send = _front.ResponseSend(send, scope, unread_body=True)
         await super().asgi_app(scope, receive, send)
 
 
