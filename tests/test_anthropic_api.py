@@ -1811,3 +1811,55 @@ async def test_a_chat_of_instructions_alone_reaches_claude_as_its_one_turn(setup
         answer = await local.chat(model=MODELS["anthropic"], messages=[{"role": "system", "content": "Say hi."}])
     assert answer.message.content
     assert setup.fake("anthropic").requests[-1].json["messages"] == [{"role": "user", "content": "Say hi."}]
+
+
+# -- request ids in error bodies ---------------------------------------------------------------------------
+
+
+def assert_names_its_request(response: httpx.Response) -> None:
+    """Anthropic's error shape: the id the head carries (`request-id`) is in the body too."""
+    body = response.json()
+    assert body["type"] == "error" and body["request_id"] == response.headers["request-id"], (response.status_code, body)
+
+
+async def test_every_anthropic_error_body_names_its_request_like_the_header(setup: Setup) -> None:
+    """A client that logs an error's body alone (Claude Code's transcripts, a proxy's log) can
+    still give the operator the request's id, as it can with Anthropic's own errors."""
+    version = {"anthropic-version": "2023-06-01"}
+    data = {"model": MODELS["anthropic"], "max_tokens": 30, "messages": MESSAGES}
+    async with httpx.AsyncClient(base_url=setup.url, headers=version) as http:
+        malformed = await http.post("/v1/messages", content=b"{", headers={"content-type": "application/json"})
+        unknown = await http.post("/v1/messages/drafts", json={})  # Quart's 404
+        wrong_method = await http.get("/v1/messages")  # the front door's 405
+        no_model = await http.get("/v1/models/claude-missing")  # a shared path, an Anthropic client
+        setup.fake("anthropic").push(Script(status=429, retry_after=3))
+        limited = await http.post("/v1/messages", json=data)  # the exchange failing before its first byte
+        chosen = await http.post("/v1/messages", content=b"{", headers={"x-request-id": "req_mine"})
+    for response in (malformed, unknown, wrong_method, no_model, limited):
+        assert response.status_code >= 400
+        assert_names_its_request(response)
+    assert chosen.json()["request_id"] == "req_mine"
+    # In the stream: the `error` event names it too, and the SDK's error carries it.
+    setup.fake("anthropic").set_script(Script(tokens=list("abcdefgh"), fail_after=4, error_message="engine died"))
+    streamed = await raw_stream(setup, model=MODELS["anthropic"])
+    name, payload = sse_frames(streamed.content)[-1]
+    assert name == "error" and payload["request_id"] == streamed.headers["request-id"]
+    setup.fake("anthropic").set_script(Script())
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await setup.client.messages.create(model="m", max_tokens=5, messages=MESSAGES, extra_body={"temperature": 1.5})
+    assert isinstance(info.value.body, dict) and info.value.body["request_id"] == info.value.request_id
+
+
+async def test_refusals_before_any_route_name_their_request_in_anthropic_bodies() -> None:
+    """The guard's 401 and a refused page's 403 are Anthropic-shaped with the id, head and body."""
+    async with running_gateway(backend("c", "http://127.0.0.1:9", kind="anthropic", default=True), auth="required") as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            unauthorised = await http.post("/v1/messages", json={})
+            foreign = await http.post(
+                "/v1/messages", content=b"{}", headers={"origin": "https://evil.example", "content-type": "text/plain"},
+            )
+            models = await http.get("/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert unauthorised.status_code == 401 and foreign.status_code == 403 and models.status_code == 401
+    for response in (unauthorised, foreign, models):
+        assert_names_its_request(response)
+        assert response.headers["x-request-id"] == response.headers["request-id"]

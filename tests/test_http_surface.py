@@ -173,8 +173,11 @@ async def test_the_anthropic_sdk_lists_and_retrieves_models(monkeypatch: pytest.
         for unknown in ("all-minilm-l6-v2", "claude-nope"):
             with pytest.raises(anthropic.NotFoundError) as missing:
                 await client.models.retrieve(unknown)
-            assert missing.value.body == {"type": "error", "error": {"type": "not_found_error", "message": f"model: {unknown}"}}
             assert missing.value.request_id
+            assert missing.value.body == {
+                "type": "error", "error": {"type": "not_found_error", "message": f"model: {unknown}"},
+                "request_id": missing.value.request_id,
+            }
         with pytest.raises(anthropic.BadRequestError) as bad:
             await client.models.list(limit=0)
         assert isinstance(bad.value.body, dict) and bad.value.body["error"]["type"] == "invalid_request_error"

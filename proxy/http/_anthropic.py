@@ -36,7 +36,7 @@ exchanges = FrontDoor()
 blueprint = Blueprint("anthropic", __name__)
 
 # Every error on these paths (ours, werkzeug's 404/405/413, unexpected 500s) in Anthropic's shape.
-register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error)
+register_dialect_errors("anthropic", ("/v1/messages",), anthropic.render_error, identified=anthropic.render_error)
 
 
 class AnthropicJsonSink(JsonSink):
@@ -135,7 +135,7 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     single = request.parallel_tool_calls is False
     if request.stream:
         return AnthropicExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased, single_tool=single),
+            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased, single_tool=single, request_id=meta.request_id),
             content_headers=SSE_HEADERS, dialect="anthropic",
         ), incoming.gateway.backends)
     return AnthropicExchangeBody(

@@ -90,7 +90,7 @@ def credentials(head: RequestHead) -> list[str]:
 
 
 def _refusal(error: GatewayError, head: RequestHead, presented: bool = False) -> Reply:
-    reply = error_reply(error, dialect_of(head.path, head.header("anthropic-version")))
+    reply = error_reply(error, dialect_of(head.path, head.header("anthropic-version")), head.request_id())
     if error.kind is ErrorKind.AUTHENTICATION:
         challenge = 'Bearer realm="llm-proxy"'
         if presented:

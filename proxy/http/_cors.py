@@ -22,6 +22,8 @@ from hypercorn.typing import ASGISendCallable
 from proxy.config import OriginParts, parse_origin_pattern
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._errors import dialect_of, error_reply
+from proxy.http._front import ResponseSend
+from proxy.http._head import RequestHead
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -191,7 +193,10 @@ async def _refuse(origin: str, scope: Mapping[str, Any], headers: dict[bytes, by
     )
     anthropic_version = headers.get(b"anthropic-version")
     dialect = dialect_of(scope["path"], None if anthropic_version is None else anthropic_version.decode("latin-1"))
-    reply = error_reply(error, dialect)
+    head = RequestHead(scope)
+    # Its id, in the head and (Anthropic's) body, as every other refusal has it.
+    send = ResponseSend(send, scope, head)
+    reply = error_reply(error, dialect, head.request_id())
     # A cache in front must not give this refusal to the pages that are allowed.
     reply.headers.append((b"vary", b"Origin"))
     if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:

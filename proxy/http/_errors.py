@@ -12,19 +12,28 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from proxy.dialects import openai
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._body_coding import too_large
+from proxy.http._head import RequestHead
 from proxy.infra.postgres import DatabaseUnavailable, InvalidValue
 
 log = logging.getLogger("llm_proxy.http")
 
 # dialect name -> (render error body, content type)
 ErrorRenderer = Callable[[GatewayError], bytes]
+IdentifiedErrorRenderer = Callable[[GatewayError, str | None], bytes]  # the body names the request's id
 _RENDERERS: dict[str, tuple[ErrorRenderer, str]] = {"openai": (openai.render_error, "application/json")}
+_IDENTIFIED: dict[str, IdentifiedErrorRenderer] = {}
 _PREFIXES: list[tuple[str, str]] = []
 
 
-def register_dialect_errors(dialect: str, path_prefixes: tuple[str, ...], render: ErrorRenderer, content_type: str = "application/json") -> None:
-    """Paths under `path_prefixes` answer errors in `dialect`'s shape (OpenAI's otherwise)."""
+def register_dialect_errors(
+    dialect: str, path_prefixes: tuple[str, ...], render: ErrorRenderer, content_type: str = "application/json",
+    *, identified: IdentifiedErrorRenderer | None = None,
+) -> None:
+    """Paths under `path_prefixes` answer errors in `dialect`'s shape (OpenAI's otherwise);
+    `identified` renders one whose body carries the request's id (Anthropic's `request_id`)."""
     _RENDERERS[dialect] = (render, content_type)
+    if identified is not None:
+        _IDENTIFIED[dialect] = identified
     _PREFIXES.extend((prefix, dialect) for prefix in path_prefixes)
     _PREFIXES.sort(key=lambda item: -len(item[0]))
 
@@ -60,9 +69,13 @@ class Reply:
 _HOPELESS = frozenset({"backend_401", "backend_403", "workflow_retries_exhausted"})
 
 
-def error_reply(error: GatewayError, dialect: str) -> Reply:
+def error_reply(error: GatewayError, dialect: str, request_id: str | None = None) -> Reply:
+    """`error` in `dialect`'s shape; `request_id` (the response's `request-id`) goes in the
+    body too where the dialect's errors carry it."""
     render, content_type = _RENDERERS[dialect]
-    reply = Reply(render(error), content_type.encode(), error.status)
+    identified = _IDENTIFIED.get(dialect) if request_id else None
+    body = identified(error, request_id) if identified is not None else render(error)
+    reply = Reply(body, content_type.encode(), error.status)
     if error.retry_after is not None:
         reply.headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
     if error.hopeless or error.code in _HOPELESS:
@@ -95,7 +108,8 @@ def _dialect_of_request() -> str:
 
 
 def error_response(error: GatewayError, dialect: str | None = None) -> Response:
-    return response_of(error_reply(error, dialect or _dialect_of_request()))
+    # The id is the one `ResponseSend` stamps on the head (chosen once, kept in the scope).
+    return response_of(error_reply(error, dialect or _dialect_of_request(), RequestHead(request.scope).request_id()))
 
 
 _HTTP_KINDS = {

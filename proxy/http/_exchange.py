@@ -115,7 +115,9 @@ class AsgiSink:
 
     async def fail(self, error: GatewayError) -> None:
         """The exchange failed before its first byte: the error in the sink's dialect."""
-        reply = error_reply(error, self.dialect)
+        # The id the response's head carries (a failure only pays for finding it).
+        request_id = next((value for name, value in self._headers if name == b"x-request-id"), None)
+        reply = error_reply(error, self.dialect, None if request_id is None else request_id.decode("latin-1"))
         await self._whole(reply.status, [(b"content-type", reply.content_type), *reply.headers], reply.body)
 
 

@@ -246,7 +246,7 @@ async def serve(
         except GatewayError as error:
             if error.kind is ErrorKind.PERMISSION:
                 give_back_admission(gateway)
-            reply = error_reply(error, dialect_of_path(head.path))
+            reply = error_reply(error, dialect_of_path(head.path), head.request_id())
             if error.kind is ErrorKind.METHOD_NOT_ALLOWED:
                 reply.headers.append((b"allow", route.allow))
             await _refuse(out, gateway, route.kind_of(method), head, reply, body, started, error.message)
@@ -254,7 +254,7 @@ async def serve(
         except Exception:
             log.exception("unhandled error on %s %s", head.method, head.path)
             internal = GatewayError(ErrorKind.INTERNAL, "Internal gateway error; see the gateway's log.")
-            await _refuse(out, gateway, route.kind_of(method), head, error_reply(internal, dialect_of_path(head.path)), body, started, internal.message)
+            await _refuse(out, gateway, route.kind_of(method), head, error_reply(internal, dialect_of_path(head.path), head.request_id()), body, started, internal.message)
             return
         if isinstance(answer, Reply):
             answer.headers.extend(granted_headers())

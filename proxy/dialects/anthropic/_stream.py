@@ -96,12 +96,15 @@ class StreamRenderer:
     # Said while the backend is alive but has nothing new (its own pings, a server tool running).
     keepalive: ClassVar[bytes] = PING
 
-    def __init__(self, *, model: str = "", as_asked: bool = False, single_tool: bool = False) -> None:
+    def __init__(
+        self, *, model: str = "", as_asked: bool = False, single_tool: bool = False, request_id: str | None = None,
+    ) -> None:
         """`model` names the message when the backend does not; with `as_asked`, whatever it
         says (the client asked by an alias, and is answered in its name). `single_tool`: the
         client set `disable_parallel_tool_use`, so calls after the first are left out (a
         backend of another kind may make them anyway)."""
         self._model = model
+        self._request_id = request_id  # what an `error` event names, as an error body does
         self._single_tool = single_tool
         self._as_asked = as_asked and bool(model)
         self._start: StreamStart | None = None
@@ -143,7 +146,7 @@ class StreamRenderer:
                 continue
             if isinstance(event, StreamFailed) and not self._announced:
                 # Nothing was said yet: the error alone is the clearest answer.
-                out.append(error_frame(event.error))
+                out.append(error_frame(event.error, self._request_id))
                 self.done = True
                 break
             if not self._announced:
@@ -255,7 +258,7 @@ class StreamRenderer:
                     self._close_block(out)
                     self._flush_pending(out)
             case StreamFailed(error):
-                out.append(error_frame(error))
+                out.append(error_frame(error, self._request_id))
                 self.done = True
 
     def _reasoning(self, event: ReasoningDelta, out: list[bytes]) -> None:

@@ -286,24 +286,29 @@ _KINDS_OF_TYPES: dict[str, ErrorKind] = {
 }
 
 
-def error_body(error: GatewayError) -> dict[str, Any]:
+def error_body(error: GatewayError, request_id: str | None = None) -> dict[str, Any]:
+    """Anthropic's error shape; `request_id` (the response's `request-id`) as Anthropic
+    writes it, so a client that logs the body alone can still name the request."""
     message = error.message
     if error.code == CONTEXT_LENGTH_EXCEEDED and not message.lower().startswith(_TOO_LONG):
         # Anthropic's words, which clients act on (Claude Code compacts the conversation).
         message = f"{_TOO_LONG}: {message}"
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"), "message": message}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": _ERROR_TYPES.get(error.kind, "api_error"), "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 _TOO_LONG = "prompt is too long"
 
 
-def render_error(error: GatewayError) -> bytes:
-    return dumps(error_body(error))
+def render_error(error: GatewayError, request_id: str | None = None) -> bytes:
+    return dumps(error_body(error, request_id))
 
 
-def error_frame(error: GatewayError) -> bytes:
+def error_frame(error: GatewayError, request_id: str | None = None) -> bytes:
     """The in-stream `error` event; the SDK raises it as an `APIStatusError`."""
-    return b"event: error\ndata: " + render_error(error) + b"\n\n"
+    return b"event: error\ndata: " + render_error(error, request_id) + b"\n\n"
 
 
 def error_from_wire(data: Any, fallback: str = "The backend reported an error.") -> GatewayError:
