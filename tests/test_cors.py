@@ -5,6 +5,7 @@ clients that send no `Origin` see nothing of it."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from proxy.config import DEFAULT_CORS_ORIGINS, ConfigError, load_settings
+from proxy.http import _cors
 from tests.fakes import OpenAIBackend
 from tests.fakes.script import Script
 from tests.harness import backend, running_gateway
@@ -285,3 +287,50 @@ async def test_a_browser_page_can_read_that_an_error_is_not_worth_retrying() -> 
     assert answer.status_code == 502 and answer.headers["x-should-retry"] == "false"
     exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
     assert "x-should-retry" in exposed
+
+
+async def test_a_page_can_read_a_created_keys_location_a_405s_methods_and_a_401s_scheme() -> None:
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True), auth="required") as url:
+        async with httpx.AsyncClient(base_url=url, headers={"origin": LOCAL_PAGE}) as client:
+            refused = await client.post("/v1/chat/completions", json=CHAT)
+            wrong_method = await client.delete("/v1/chat/completions")
+    for answer in (refused, wrong_method):
+        exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
+        assert {"location", "allow", "www-authenticate"} <= exposed
+    assert refused.status_code == 401 and refused.headers["www-authenticate"]
+
+
+async def test_a_page_refused_in_a_loop_is_logged_once_not_on_every_request(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.http")
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            for _ in range(20):
+                answer = await client.get("/v1/models", headers={"origin": FOREIGN_PAGE})
+                assert answer.status_code == 403
+            other = await client.get("/v1/models", headers={"origin": "https://other.example"})
+            assert other.status_code == 403
+    refusals = [record.getMessage() for record in caplog.records if "not in cors_origins" in record.getMessage()]
+    assert len(refusals) == 2, refusals
+    assert FOREIGN_PAGE in refusals[0] and "https://other.example" in refusals[1]
+
+
+def test_the_refusal_log_forgets_old_origins_and_logs_an_origin_again_after_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="llm_proxy.http")
+    now = [1000.0]
+    monkeypatch.setattr(_cors.time, "monotonic", lambda: now[0])
+    refusals = _cors.RefusalLog()
+    for i in range(_cors.REFUSAL_LOG_ORIGINS * 4):
+        refusals.refused(f"https://page{i}.example", "GET", "/v1/models")
+    assert len(refusals._seen) <= _cors.REFUSAL_LOG_ORIGINS
+    caplog.clear()
+    page = f"https://page{_cors.REFUSAL_LOG_ORIGINS * 4 - 1}.example"
+    for _ in range(5):
+        refusals.refused(page, "GET", "/v1/models")
+    assert caplog.records == []
+    now[0] += _cors.REFUSAL_LOG_INTERVAL
+    refusals.refused(page, "GET", "/v1/models")
+    assert len(caplog.records) == 1 and "5 more refused since" in caplog.records[0].getMessage()

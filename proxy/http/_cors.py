@@ -14,6 +14,7 @@ Credentials are bearer keys, never cookies: no `Access-Control-Allow-Credentials
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ MAX_AGE = b"7200"  # Chromium's ceiling; Firefox would keep a day
 EXPOSED_HEADERS = b", ".join(
     (
         b"x-request-id", b"request-id", b"x-trace-id", b"retry-after", b"x-should-retry",
+        # A created key's (201) address, a 405's methods, a 401's scheme.
+        b"location", b"allow", b"www-authenticate",
         b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests",
         b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens",
         b"x-cache", b"x-replay-of", b"x-attached-to", b"idempotent-replayed",
@@ -105,13 +108,45 @@ class OriginPolicy:
         return False
 
 
+# A refused origin's log line: its first refusal, then at most one a minute (a page that polls
+# the gateway in a loop must not flood the log), for this many origins at once.
+REFUSAL_LOG_INTERVAL = 60.0
+REFUSAL_LOG_ORIGINS = 256
+
+
+class RefusalLog:
+    """Logs refusals of an origin sparingly: what it remembers is bounded, whatever origins come."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, int]] = {}  # origin -> (last logged, refusals unlogged since)
+
+    def refused(self, origin: str, method: str, path: str) -> None:
+        now = time.monotonic()
+        last = self._seen.get(origin)
+        if last is not None and now - last[0] < REFUSAL_LOG_INTERVAL:
+            self._seen[origin] = (last[0], last[1] + 1)
+            return
+        if last is None and len(self._seen) >= REFUSAL_LOG_ORIGINS:
+            # The oldest entries first (insertion order); a forgotten origin is logged once more.
+            for stale in list(self._seen)[: REFUSAL_LOG_ORIGINS // 4]:
+                del self._seen[stale]
+        self._seen.pop(origin, None)
+        self._seen[origin] = (now, 0)
+        more = f" ({last[1]} more refused since)" if last is not None and last[1] else ""
+        log.info("refused %s %s from origin %r (not in cors_origins)%s; logged at most once a minute per origin",
+                 method, path, origin, more)
+
+
 class Cors:
     """The CORS layer of the ASGI app: `admit` for each request that carries an `Origin`."""
 
-    __slots__ = ("policy",)
+    __slots__ = ("policy", "refusals")
 
     def __init__(self, origins: Iterable[str]) -> None:
         self.policy = OriginPolicy(origins)
+        self.refusals = RefusalLog()
 
     async def admit(self, origin: bytes, scope: Mapping[str, Any], send: ASGISendCallable) -> ASGISendCallable | None:
         """The `send` the request goes on with (adding the CORS headers), or None when this
@@ -121,7 +156,7 @@ class Cors:
         allowed = self.policy.allows(text) or _same_origin(text, headers)
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if not allowed:
-            log.info("refused %s %s from origin %r (not in cors_origins)", scope["method"], scope["path"], text)
+            self.refusals.refused(text, scope["method"], scope["path"])
             await _refuse(text, scope, headers, send)
             return None
         if preflight:
