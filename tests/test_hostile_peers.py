@@ -337,6 +337,27 @@ async def test_a_path_with_doubled_slashes_or_in_absolute_form_reaches_its_route
         assert missing.status_code == 404 and missing.json()["error"]["message"] == "Unknown endpoint: POST /v1/nothing"
 
 
+async def test_a_path_with_a_trailing_slash_is_answered_as_without_it() -> None:
+    """`GET /v1/models/` (a base URL and path joined by hand, a browser's address bar) was a
+    404; vLLM's FastAPI redirects it. It is answered in place, for every method: a POST's body
+    is not lost, and a client that follows no redirect (curl without -L) gets its answer."""
+    fake = OpenAIBackend(default=Script())
+    chat = json.dumps(CHATS["/api/chat"]).encode()
+    async with fake.serve() as server, running_gateway(backend("oa", server.url, default=True)) as gateway, \
+            httpx.AsyncClient(base_url=gateway) as client:
+        plain = await client.get("/v1/models")
+        slashed = await client.get("/v1/models/")
+        assert slashed.status_code == 200 and slashed.json() == plain.json()
+        assert (await client.head("/v1/models//")).status_code == 200
+        assert (await client.get("/api/tags/")).status_code == 200
+        assert (await client.get("/health/")).status_code == 200
+        completed = await client.post("/v1/chat/completions/", content=chat, headers={"content-type": "application/json"})
+        assert completed.status_code == 200 and completed.json()["choices"][0]["message"]["content"]
+        missing = await client.get("/v1/nothing/")
+        assert missing.status_code == 404 and missing.json()["error"]["message"] == "Unknown endpoint: GET /v1/nothing"
+        assert (await client.get("/")).status_code == 200  # Ollama's liveness text, at the root itself
+
+
 # -- clients that stop reading ----------------------------------------------------------------
 
 

@@ -66,7 +66,7 @@ class _App(GatewayApp):
     async def _serve(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if not path.startswith("/") or "//" in path:
+            if not path.startswith("/") or "//" in path or (path.endswith("/") and path != "/"):
                 scope = _normalised(scope)
             # Before anything else, the guard included: a preflight carries no key, and a
             # page from an origin not allowed must not make any route run.
@@ -95,12 +95,18 @@ def _normalised(scope: HTTPScope) -> HTTPScope:
     """The path a client meant: `//v1/chat/completions` (a base URL ending in `/`, joined
     to a path by hand) is `/v1/chat/completions`, as behind nginx (`merge_slashes`), and an
     absolute-form target (`POST http://host/v1/...`, which HTTP/1.1 servers must accept)
-    is its path. Every layer then sees the same path: the guard, the front door, Quart, and
-    the 404 that names it."""
-    normalised: dict[str, Any] = {**scope, "path": _SLASHES.sub("/", _ORIGIN.sub("", scope["path"])) or "/"}
+    is its path. A trailing slash (`/v1/models/`) is answered as the path without it, whatever
+    the method: no route's path ends in one, and a redirect (FastAPI's 307) would fail clients
+    that follow none (curl without `-L`) and cost the others a round trip. Every layer then
+    sees the same path: the guard, the front door, Quart, and the 404 that names it."""
+    normalised: dict[str, Any] = {**scope, "path": _path_meant(scope["path"])}
     if (raw := cast(bytes | None, scope.get("raw_path"))) is not None:
-        normalised["raw_path"] = (_SLASHES.sub("/", _ORIGIN.sub("", raw.decode("latin-1"))) or "/").encode("latin-1")
+        normalised["raw_path"] = _path_meant(raw.decode("latin-1")).encode("latin-1")
     return cast(HTTPScope, normalised)
+
+
+def _path_meant(path: str) -> str:
+    return _SLASHES.sub("/", _ORIGIN.sub("", path)).rstrip("/") or "/"
 
 
 def create_app(settings: Settings) -> GatewayApp:
