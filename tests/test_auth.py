@@ -316,3 +316,17 @@ def test_keys_commands_leave_a_running_gateways_embedded_database_running(tmp_pa
         assert created.stdout.strip() not in listed.stdout
         with psycopg.connect(server.url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_a_workspace_a_key_may_not_use_is_refused_naming_where_it_was_named(stack: Stack) -> None:
+    """The 403 names `x-workspace` as the culprit only when that header named the workspace:
+    one named in the URL's path is not a header the client could fix."""
+    key = await new_key(stack.db, "docs-only", "--workspaces", "docs")
+    await wait_for_key(stack.url, key)
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        in_path = await client.get("/v1/workspaces/secrets/documents/8d0c5b8e-2f5a-4a38-9a8e-0e6a1c1b9f00")
+        in_header = await client.post("/v1/chat/completions", json=chat_body(), headers={"x-workspace": "secrets"})
+    assert in_path.status_code == 403 and in_header.status_code == 403
+    assert in_path.json()["error"]["code"] == in_header.json()["error"]["code"] == "workspace_not_allowed"
+    assert in_path.json()["error"]["param"] is None and "`secrets`" in in_path.json()["error"]["message"]
+    assert in_header.json()["error"]["param"] == "x-workspace"

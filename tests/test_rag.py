@@ -402,7 +402,18 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert [(w["name"], w["documents"]) for w in workspaces] == [("docs", 4)]
 
         doomed = by_source["bread.html"]["id"]
+        # One document reads back as the list shows it (a GET was a 405).
+        listed = {d["id"]: d for d in (await http.get("/v1/workspaces/docs/documents")).json()["data"]}
+        one = await http.get(f"/v1/workspaces/docs/documents/{doomed}")
+        assert one.status_code == 200 and one.json() == listed[doomed]
+        assert (await http.head(f"/v1/workspaces/docs/documents/{doomed}")).status_code == 200
         assert (await http.delete(f"/v1/workspaces/docs/documents/{doomed}")).status_code == 200
+        for gone in (doomed, "not-a-uuid"):
+            missing = await http.get(f"/v1/workspaces/docs/documents/{gone}")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "document_not_found"
+            assert missing.json()["error"]["param"] == "document_id"
+        elsewhere = await http.get(f"/v1/workspaces/nowhere/documents/{doomed}")
+        assert elsewhere.status_code == 404 and elsewhere.json()["error"]["param"] is None
         assert (await http.delete(f"/v1/workspaces/docs/documents/{doomed}")).status_code == 404
         assert (await http.delete("/v1/workspaces/docs/documents/not-a-uuid")).status_code == 404
         assert (await http.delete("/v1/workspaces/docs")).status_code == 200

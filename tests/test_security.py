@@ -51,6 +51,7 @@ ENDPOINTS = [
     Endpoint("DELETE", "/v1/workspaces/docs"),
     Endpoint("POST", "/v1/workspaces/docs/documents", {"content": "# Title\n\nSome text."}),
     Endpoint("GET", "/v1/workspaces/docs/documents"),
+    Endpoint("GET", "/v1/workspaces/docs/documents/8d0c5b8e-2f5a-4a38-9a8e-0e6a1c1b9f00"),
     Endpoint("DELETE", "/v1/workspaces/docs/documents/8d0c5b8e-2f5a-4a38-9a8e-0e6a1c1b9f00"),
     Endpoint("POST", "/v1/workspaces/docs/search", {"query": "text"}),
     Endpoint("GET", "/v1/no-such-endpoint", foreign=404),

@@ -99,18 +99,19 @@ def _refusal(error: GatewayError, head: RequestHead, presented: bool = False) ->
     return reply
 
 
-def request_workspaces(head: RequestHead) -> list[str]:
-    """Every workspace a request names: `x-workspace`, and the `{ws}` of a
-    `/v1/workspaces/{ws}/...` path (both are checked: one must not vouch for the other)."""
-    named: list[str] = []
+def request_workspaces(head: RequestHead) -> list[tuple[str, str | None]]:
+    """Every workspace a request names, with the header that names it (a refusal's `param`):
+    `x-workspace`, and the `{ws}` of a `/v1/workspaces/{ws}/...` path, which no header names
+    (both are checked: one must not vouch for the other)."""
+    named: list[tuple[str, str | None]] = []
     header = head.header("x-workspace")
     if header:
-        named.append(header)
+        named.append((header, "x-workspace"))
     path = head.path
     if path.startswith(_WORKSPACES + "/"):
         in_path = path[len(_WORKSPACES) + 1 :].split("/", 1)[0]
         if in_path:
-            named.append(in_path)
+            named.append((in_path, None))
     return named
 
 
@@ -122,8 +123,8 @@ def _check_scopes(principal: Principal, head: RequestHead) -> None:
     in_workspaces = path == _WORKSPACES or path.startswith(_WORKSPACES + "/")
     manage = in_workspaces and head.method not in _READS and not path.endswith(_READ_POSTS)
     workspaces = request_workspaces(head)
-    for workspace in workspaces:
-        check_workspace(workspace, manage=manage)
+    for workspace, param in workspaces:
+        check_workspace(workspace, manage=manage, param=param)
     if path == _WORKSPACES:
         if principal.workspaces is not None:
             raise GatewayError(

@@ -463,6 +463,7 @@ _OLLAMA_TAGS: Schema = {
 
 _WS: Schema = {"name": "ws", "in": "path", "required": True,
                "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}}
+_DOCUMENT_ID: Schema = {"name": "document_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 _LIST: Schema = {"type": "object", "required": ["object", "data"], "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
 _WORKSPACE: Schema = {"type": "object", "required": ["object", "name"], "properties": {"object": {"const": "workspace"}, "name": _STR}}
 _RETRIEVAL: Schema = {
@@ -784,9 +785,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         parameters=[_WS, {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
                     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}],
     ),
+    ("/v1/workspaces/{ws}/documents/{document_id}", "get"): _op(
+        "A document's metadata, as the list shows it", "Workspaces", _ok(_OBJ), parameters=[_WS, _DOCUMENT_ID],
+    ),
     ("/v1/workspaces/{ws}/documents/{document_id}", "delete"): _op(
-        "Delete a document (admin keys)", "Workspaces", _ok(_OBJ),
-        parameters=[_WS, {"name": "document_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+        "Delete a document (admin keys)", "Workspaces", _ok(_OBJ), parameters=[_WS, _DOCUMENT_ID],
     ),
     ("/v1/workspaces/{ws}/search", "post"): _op(
         "Retrieval only: the passages a query gets", "Workspaces", _ok(_OBJ), parameters=[_WS],

@@ -6,6 +6,7 @@
     DELETE /v1/workspaces/{ws}                     delete it with its documents
     POST   /v1/workspaces/{ws}/documents           ingest (JSON or multipart/form-data)
     GET    /v1/workspaces/{ws}/documents           list documents (?limit=&offset=)
+    GET    /v1/workspaces/{ws}/documents/{id}      one document, as the list shows it
     DELETE /v1/workspaces/{ws}/documents/{id}      delete one document
     POST   /v1/workspaces/{ws}/search              retrieval only: the passages a question gets
 """
@@ -267,19 +268,38 @@ def _query_int(name: str, default: int, minimum: int, maximum: int) -> int:
     return int(value)
 
 
+def _document_not_found(ws: str, document_id: str) -> GatewayError:
+    return GatewayError(ErrorKind.NOT_FOUND, f"Document `{document_id}` is not in workspace `{ws}`.",
+                        param="document_id", code="document_not_found")
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+@blueprint.get("/v1/workspaces/<ws>/documents/<document_id>")
+async def get_document(ws: str, document_id: str) -> Response:
+    rag = _rag()
+    workspace = await rag.workspace(ws, None)
+    row = None
+    if _is_uuid(document_id):
+        with bounded_query():
+            row = await rag.store().get_document(workspace.id, document_id)
+    if row is None:
+        raise _document_not_found(ws, document_id)
+    return _reply(_document_json(row))
+
+
 @blueprint.delete("/v1/workspaces/<ws>/documents/<document_id>")
 async def delete_document(ws: str, document_id: str) -> Response:
     rag = _rag()
     workspace = await rag.workspace(ws, None)
-    try:
-        uuid.UUID(document_id)
-    except ValueError:
-        deleted = False
-    else:
-        deleted = await rag.store().delete_document(workspace.id, document_id)
-    if not deleted:
-        raise GatewayError(ErrorKind.NOT_FOUND, f"Document `{document_id}` is not in workspace `{ws}`.",
-                           param="document_id", code="document_not_found")
+    if not (_is_uuid(document_id) and await rag.store().delete_document(workspace.id, document_id)):
+        raise _document_not_found(ws, document_id)
     return _reply({"object": "document.deleted", "id": document_id, "deleted": True})
 
 

@@ -269,17 +269,19 @@ class RagStore:
 
     async def list_documents(self, workspace_id: int, *, limit: int, offset: int) -> list[DocumentRow]:
         rows = await self._db.fetch(
-            "SELECT id::text, source, media_type, metadata, content_hash, chars, chunk_count, created_at, updated_at"
-            " FROM rag_documents WHERE workspace_id = %s ORDER BY source LIMIT %s OFFSET %s",
+            f"SELECT {_DOCUMENT_COLUMNS} FROM rag_documents WHERE workspace_id = %s ORDER BY source LIMIT %s OFFSET %s",
             (workspace_id, limit, offset),
         )
-        return [
-            DocumentRow(
-                id=r[0], source=r[1], media_type=r[2], metadata=dict(r[3] or {}), content_hash=r[4], chars=int(r[5]),
-                chunks=int(r[6]), created_at=_iso(r[7]), updated_at=_iso(r[8]),
-            )
-            for r in rows
-        ]
+        return [_document_row(r) for r in rows]
+
+    async def get_document(self, workspace_id: int, document_id: str) -> DocumentRow | None:
+        """One document as the list shows it; None unless it is in the workspace (`document_id`
+        a UUID)."""
+        rows = await self._db.fetch(
+            f"SELECT {_DOCUMENT_COLUMNS} FROM rag_documents WHERE workspace_id = %s AND id = %s",
+            (workspace_id, document_id),
+        )
+        return _document_row(rows[0]) if rows else None
 
     async def count_documents(self, workspace_id: int) -> int:
         return int(await self._db.fetchval("SELECT count(*) FROM rag_documents WHERE workspace_id = %s", (workspace_id,)))
@@ -474,3 +476,13 @@ __all__ = [
     "pack_token_vectors",
     "unpack_token_vectors",
 ]
+
+
+_DOCUMENT_COLUMNS = "id::text, source, media_type, metadata, content_hash, chars, chunk_count, created_at, updated_at"
+
+
+def _document_row(r: Sequence[Any]) -> DocumentRow:
+    return DocumentRow(
+        id=r[0], source=r[1], media_type=r[2], metadata=dict(r[3] or {}), content_hash=r[4], chars=int(r[5]),
+        chunks=int(r[6]), created_at=_iso(r[7]), updated_at=_iso(r[8]),
+    )

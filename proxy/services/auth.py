@@ -209,9 +209,9 @@ def check_body_models(body: Mapping[str, Any]) -> None:
             )
 
 
-def check_workspace(workspace: str, *, manage: bool = False) -> None:
+def check_workspace(workspace: str, *, manage: bool = False, param: str | None = "x-workspace") -> None:
     """403 unless the current request's key may use `workspace` (and, with `manage`, change
-    its contents: admin keys only)."""
+    its contents: admin keys only); `param` is where the request named it (None: its path)."""
     principal = current_principal.get()
     if principal is None:
         return
@@ -219,7 +219,7 @@ def check_workspace(workspace: str, *, manage: bool = False) -> None:
         raise GatewayError(
             ErrorKind.PERMISSION,
             f"This API key may not use the workspace `{workspace}`.",
-            param="x-workspace",
+            param=param,
             code="workspace_not_allowed",
         )
     if manage and not principal.admin:
