@@ -152,7 +152,7 @@ class RagSettings:
     rerank: int = 20  # fused candidates scored by MaxSim
     chunk_tokens: int = 200  # target chunk size, in the embedding model's tokens
     chunk_overlap: int = 40  # tokens repeated between consecutive chunks of a section
-    template: str = DEFAULT_RAG_TEMPLATE  # the injected system text: {workspace}, {passages}
+    template: str = DEFAULT_RAG_TEMPLATE  # the text put in front of the question: {workspace}, {passages}
     pdf_max_pages: int = 1000  # a longer PDF is refused (split it)
     pdf_max_bytes: int = 64 * 1024 * 1024  # a bigger PDF is refused (over HTTP `max_body_bytes` comes first)
     pdf_timeout_seconds: float = 120.0  # reading one PDF's text takes at most this long

@@ -46,6 +46,14 @@ class Setup:
         messages = body["messages"]
         return messages[0]["content"] if messages[0]["role"] == "system" else ""
 
+    def question_text(self, kind: str) -> str:
+        """The last user message the backend of `kind` received last (where the passages go)."""
+        body = self.fakes[kind].requests[-1].json
+        if "messages" not in body:  # Ollama's /api/generate
+            return str(body["prompt"])
+        content = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        return content if isinstance(content, str) else "\n".join(block["text"] for block in content if "text" in block)
+
 
 @pytest.fixture
 async def setup(corpus_url: str) -> AsyncIterator[Setup]:
@@ -84,8 +92,11 @@ async def test_openai_non_streaming(setup: Setup) -> None:
     )
     reply = raw.parse()
     assert reply.choices[0].message.content == "Backups are kept for 14 days [1]."
-    assert_backups_context(setup.system_text("openai"))
-    assert setup.fakes["openai"].requests[-1].json["messages"][-1] == {"role": "user", "content": QUESTION}
+    # In front of the question, which ends the message: the model reads the passages, then it.
+    received = setup.fakes["openai"].requests[-1].json["messages"]
+    assert [m["role"] for m in received] == ["user"]
+    assert_backups_context(received[-1]["content"])
+    assert received[-1]["content"].endswith(f"The user's message:\n\n{QUESTION}")
     sources = sources_of(raw.headers)
     assert sources[0]["n"] == 1 and sources[0]["source"] == "runbooks/postgres.md"
     assert sources[0]["heading"] == "PostgreSQL operations > Backups" and sources[0]["score"] > 0.5
@@ -106,10 +117,26 @@ async def test_openai_streaming_carries_sources_in_the_first_chunk(setup: Setup)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Backups are kept for 14 days [1]."
     assert chunks[0].model_extra is not None and chunks[0].model_extra["rag_sources"] == sources
     assert all("rag_sources" not in (c.model_extra or {}) for c in chunks[1:])
-    # The client's own system prompt comes first; the context is appended to it.
-    received = setup.system_text("openai")
-    assert received.startswith(system + "\n\n")
-    assert_backups_context(received)
+    # The client's own system prompt reaches the model as it was sent; the context goes with the question.
+    assert setup.system_text("openai") == system
+    assert_backups_context(setup.question_text("openai"))
+    await client.close()
+
+
+async def test_a_multi_turn_chat_reaches_the_backend_with_its_prefix_unchanged(setup: Setup) -> None:
+    """Each turn's passages go with its question, not into the system prompt: what comes before
+    (the system prompt, the turns so far) reaches the backend as the client sent it, so its
+    prefix cache (vLLM's) is reused turn after turn instead of missing from the first token."""
+    client = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0, default_headers=RAG)
+    history: Any = [{"role": "system", "content": "You are the ops team's assistant."}, {"role": "user", "content": QUESTION}]
+    first = await client.chat.completions.create(model=MODELS["openai"], messages=history)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And where are those backups stored, and who can restore them?"}]
+    await client.chat.completions.create(model=MODELS["openai"], messages=history)
+    received = setup.fakes["openai"].requests[-1].json["messages"]
+    assert received[:-1] == history[:-1]
+    assert received[-1]["role"] == "user" and received[-1]["content"].endswith(history[-1]["content"])
+    assert "Cite the passages you use" in received[-1]["content"]
     await client.close()
 
 
@@ -167,7 +194,7 @@ async def test_ollama_client(setup: Setup, kind: str) -> None:
         parts = [part async for part in await client.chat(
             model=MODELS[kind], messages=[{"role": "user", "content": QUESTION}], stream=True)]
         assert "".join(p.message.content for p in parts) == "Backups are kept for 14 days [1]."
-        assert_backups_context(setup.system_text(kind))
+        assert_backups_context(setup.question_text(kind))
         reply = await client.chat(model=MODELS[kind], messages=[{"role": "user", "content": QUESTION}])
         assert reply.message.content == "Backups are kept for 14 days [1]."
     async with httpx.AsyncClient(timeout=30) as http:
@@ -186,15 +213,14 @@ async def test_anthropic_client(setup: Setup, kind: str) -> None:
     )
     message = await raw.parse()
     assert "".join(block.text for block in message.content if block.type == "text") == "Backups are kept for 14 days [1]."
-    received = setup.system_text(kind)
-    assert received.startswith("Be brief.")
-    assert_backups_context(received)
+    assert setup.system_text(kind) == "Be brief."
+    assert_backups_context(setup.question_text(kind))
     assert sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
     async with client.messages.stream(
         model=MODELS[kind], max_tokens=100, extra_headers=RAG, messages=[{"role": "user", "content": QUESTION}]
     ) as stream:
         assert await stream.get_final_text() == "Backups are kept for 14 days [1]."
-    assert_backups_context(setup.system_text(kind))
+    assert_backups_context(setup.question_text(kind))
     await client.close()
 
 
@@ -371,8 +397,8 @@ async def test_ollama_generate(setup: Setup, kind: str) -> None:
     assert reply.response == "Backups are kept for 14 days [1]."
     body = setup.fakes[kind].requests[-1].json
     system = body.get("system") if kind == "ollama" and "system" in body else setup.system_text(kind)
-    assert system.startswith("Answer briefly.")
-    assert_backups_context(system)
+    assert system == "Answer briefly."
+    assert_backups_context(setup.question_text(kind))
 
 
 async def test_a_token_count_on_the_rag_route_counts_the_passages_its_chat_would_carry(setup: Setup) -> None:
@@ -385,7 +411,7 @@ async def test_a_token_count_on_the_rag_route_counts_the_passages_its_chat_would
                                                            extra_headers=RAG)
     with_passages = await raw.parse()
     assert raw.headers["x-rag-context"] == "injected" and sources_of(raw.headers)[0]["source"] == "runbooks/postgres.md"
-    assert_backups_context(setup.system_text("anthropic"))  # what was counted: the chat as it would be sent
+    assert_backups_context(setup.question_text("anthropic"))  # what was counted: the chat as it would be sent
     assert with_passages.input_tokens > alone.input_tokens + 20
     oa = openai.AsyncOpenAI(base_url=f"{setup.url}/v1", api_key="unused", max_retries=0)
     plain = await oa.responses.input_tokens.count(model=MODELS["openai"], input=QUESTION)
@@ -401,8 +427,8 @@ async def test_a_token_count_on_the_rag_route_counts_the_passages_its_chat_would
 
 
 async def test_a_raw_generate_prompt_is_refused_not_answered_without_its_passages(setup: Setup) -> None:
-    # Ollama drops `system` from a raw prompt: the passages went nowhere, while the answer
-    # said `x-rag-context: injected`.
+    # A raw prompt is the client's own template: passages put in it would break it, and
+    # left out, the answer said `x-rag-context: injected` for nothing.
     async with ollama.AsyncClient(host=setup.url, headers=RAG) as client:
         for stream in (False, True):
             with pytest.raises(ollama.ResponseError) as caught:
@@ -483,7 +509,7 @@ async def test_an_exact_cache_hit_never_answers_from_documents_since_changed(pg_
         assert await ask() == "hit"
         await ingest(30)
         assert await ask() == "miss"
-        assert "30 vacation days" in fake.requests[-1].json["messages"][0]["content"]
+        assert "30 vacation days" in fake.requests[-1].json["messages"][-1]["content"]
         assert await ask() == "hit"
         (document,) = (await http.get("/v1/workspaces/hr/documents")).json()["data"]
         assert (await http.delete(f"/v1/workspaces/hr/documents/{document['id']}")).status_code == 200

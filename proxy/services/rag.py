@@ -13,7 +13,7 @@ threshold kept, best `top_k` first.
 
 The RAG route (`x-workspace: WS`, or `x-route: rag`) retrieves inside the request's producer,
 so a client that goes away cancels the retrieval (and its queries) too, then injects the
-passages as a system message and calls the routed backend. The response carries
+passages in front of the question and calls the routed backend. The response carries
 `x-rag-sources` (compact JSON), and OpenAI clients also get `rag_sources` in the body.
 """
 
@@ -541,21 +541,29 @@ def render_passages(passages: Sequence[Passage]) -> str:
 
 
 def inject(request: ChatRequest, retrieval: Retrieval, template: str) -> ChatRequest:
-    """`request` with the passages in its system message (appended to the client's own, or a
-    new one in front of the conversation)."""
+    """`request` with the passages in front of its question: the last user message with text
+    (the one the search was made for). The system prompt and the turns before stay as the
+    client sent them, so a backend's prefix cache (vLLM's, SGLang's, llama.cpp's) keeps
+    serving them turn after turn, and Anthropic's prompt caching too; in the first system
+    message, each turn's new passages changed the prompt's first tokens and nothing was
+    reused. Open WebUI puts its RAG context there by default, for the same reason."""
     context = template.format(workspace=retrieval.workspace, passages=render_passages(retrieval.passages))
     messages = list(request.messages)
-    if messages and messages[0].role == "system":
-        first = messages[0]
-        if all(isinstance(part, TextPart) for part in first.content):
-            # One text, not parts: some backends' chat templates take only a string here.
-            text = f"{first.text}\n\n{context}" if first.text else context
-            messages[0] = replace(first, content=(TextPart(text),))
-        else:
-            messages[0] = replace(first, content=(*first.content, TextPart("\n\n" + context)))
-    else:
+    at = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].role == "user" and messages[i].text.strip()), None)
+    if at is None:  # no question to put them in front of (the search found nothing to search for)
         messages.insert(0, Message(role="system", content=(TextPart(context),)))
+        return replace(request, messages=messages)
+    question = messages[at]
+    lead = f"{context}\n\n{QUESTION_MARK}"
+    if len(question.content) == 1:  # a text alone stays one (a chat template may want a string)
+        messages[at] = replace(question, content=(TextPart(f"{lead}\n\n{question.text}"),))
+    else:
+        messages[at] = replace(question, content=(TextPart(lead), *question.content))
     return replace(request, messages=messages)
+
+
+# What tells the model where the passages end and the user's own words begin.
+QUESTION_MARK = "The user's message:"
 
 
 def sources_header(retrieval: Retrieval) -> bytes:
@@ -576,18 +584,18 @@ def workspace_of(meta: RequestMeta, request: ChatRequest) -> str:
         raise invalid_request("The RAG route needs an `x-workspace` header naming the workspace.",
                               param="x-workspace")
     if request.dialect == "ollama" and request.extra.get("raw") is True:
-        # Ollama sends a raw prompt as it is and drops `system`: the passages would go
-        # nowhere while the answer said they were given.
+        # Ollama sends a raw prompt as it is (a template the client wrote itself): passages
+        # put in it would break that template, and left out, the answer would say they were given.
         raise invalid_request(
-            "`raw: true` sends the prompt without the model's template, and so without a system prompt for "
-            "the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
+            "`raw: true` sends the prompt exactly as written, without the model's template, which leaves no "
+            "place for the passages retrieved from the workspace: leave `raw` out, or `x-workspace`.", param="raw",
         )
     return name
 
 
 async def as_sent(rag: RagService, name: str, request: ChatRequest) -> tuple[ChatRequest, Headers]:
     """`request` as the RAG route sends it to the model (its question's passages, if any, in
-    its system message), and the headers that say so."""
+    front of it), and the headers that say so."""
     retrieval = await rag.retrieve(name, query_text(request.messages))
     headers: Headers = [(b"x-rag-workspace", name.encode("ascii")), (SOURCES_HEADER, sources_header(retrieval))]
     if not retrieval.passages:
