@@ -225,9 +225,8 @@ async def test_tool_call_ids_and_indexes_on_the_wire(setup: Setup) -> None:
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Setup, kind: str) -> None:
-    history: list[dict[str, Any]] = [
+# A tool loop as the SDK sends it back: the calls without ids, the results named by tool.
+WEATHER_TOOL_LOOP: list[dict[str, Any]] = [
         {"role": "user", "content": "Weather in Paris and Rome?"},
         {"role": "assistant", "content": "", "tool_calls": [
             {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
@@ -235,8 +234,12 @@ async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Set
         ]},
         {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
         {"role": "tool", "tool_name": "get_weather", "content": "rainy"},
-    ]
-    reply = await setup.client.chat(model=MODELS[kind], messages=history, tools=TOOLS)
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tool_results_reach_the_backend_paired_with_their_calls(setup: Setup, kind: str) -> None:
+    reply = await setup.client.chat(model=MODELS[kind], messages=WEATHER_TOOL_LOOP, tools=TOOLS)
     assert reply.message.content
     sent = setup.sent(kind)["messages"]
     if kind == "openai":
@@ -263,13 +266,7 @@ async def test_tool_call_ids_made_for_a_client_that_sends_none_are_ones_mistral_
     models refuse (vLLM and Mistral's API: "must be a-z, A-Z, 0-9, with a length of 9"), so a
     tool loop with one failed on its second turn."""
     history: list[dict[str, Any]] = [
-        {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-            {"function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
-        ]},
-        {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
-        {"role": "tool", "tool_name": "get_weather", "content": "rainy"},
+        *WEATHER_TOOL_LOOP,
         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_time", "arguments": {}}}]},
         {"role": "tool", "tool_name": "get_time", "content": "noon"},
     ]
