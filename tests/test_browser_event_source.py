@@ -101,3 +101,22 @@ async def test_an_event_source_reads_a_stored_response_once_and_stops_reconnecti
                 path, params={"stream": "true", "starting_after": 0}, headers={**EVENT_SOURCE, "last-event-id": str(last - 2)},
             )
         assert resumed.status_code == 200 and response_frames(resumed.text) == [(last - 1, last - 1), (last, last)]
+
+
+async def test_a_head_on_a_live_stream_ends_with_its_head(aio_loop: object, pg_database_url: str, nats_url: str) -> None:
+    """An uptime check or `curl -I` asks HEAD of a run's stream while the run goes on: its answer
+    is the head alone, and the connection is free at once for the client's next request (it was
+    held, the body relayed to nobody, until the run ended)."""
+    fake = OpenAIBackend(default=Script(tokens=[f" w{i}" for i in range(100)], pace=0.1))
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+    ) as url, httpx.AsyncClient(base_url=url, timeout=20) as client, httpx.AsyncClient(
+        base_url=url, timeout=20, limits=httpx.Limits(max_connections=1),
+    ) as one_connection:
+        async with client.stream("POST", "/v1/chat/completions", json=CHAT) as chat:
+            trace_id = chat.headers["x-trace-id"]
+            with trio.fail_after(3):  # the run goes on for 10 s
+                head = await one_connection.head(f"/v1/streams/{trace_id}")
+                assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+                assert (await one_connection.get("/health")).status_code == 200
+            assert not chat.is_closed  # the run itself goes on

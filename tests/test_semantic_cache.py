@@ -394,3 +394,44 @@ async def test_a_hit_is_an_answer_of_its_own_id_and_time(pg_database_url: str, e
         await oa.close()
         await an.close()
     assert len(fake.requests) == 2
+
+
+async def test_a_retry_with_its_idempotency_key_replays_the_hit_it_was_given(
+    pg_database_url: str, embedder: LocalEmbedder,
+) -> None:
+    # A hit's id and `created` are fresh for each lookup: a retry with the key looked the cache
+    # up again and got another answer id (a client or gateway deduplicating by id kept both).
+    # A replay of the key's run no longer takes the cache's entry for its own either: a
+    # Response answered from it read back as a 404.
+    fake = OpenAIBackend(default=Script(tokens=["Paris."]))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url,
+    ) as url:
+        oa = openai_sdk.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                                    default_headers={"x-cache": "semantic"})
+        await oa.chat.completions.create(model=MODEL, messages=question)  # type: ignore[arg-type]
+        for _ in range(200):  # stored once its client has the answer
+            with psycopg.connect(pg_database_url) as conn:
+                if conn.execute("SELECT count(*) FROM semantic_cache").fetchone()[0]:  # type: ignore[index]
+                    break
+            await trio.sleep(0.05)
+        for stream in (False, True):
+            key = {"idempotency-key": f"retry-{stream}"}
+            ids = set()
+            for attempt in range(3):
+                if stream:
+                    chunks = [chunk async for chunk in await oa.chat.completions.create(
+                        model=MODEL, messages=question, stream=True, extra_headers=key)]  # type: ignore[arg-type]
+                    ids.add((chunks[0].id, chunks[0].created))
+                else:
+                    raw = await oa.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=question, extra_headers=key)  # type: ignore[arg-type]
+                    assert attempt or raw.headers["x-cache"] == "semantic"  # the first is the cache's
+                    ids.add((raw.parse().id, raw.parse().created))
+                await trio.sleep(0.6)  # its run's row written: a retry replays it
+            assert len(ids) == 1, ids
+        response = await oa.responses.create(model=MODEL, input="What is the capital of France?")
+        assert (await oa.responses.retrieve(response.id)).output_text == "Paris."
+        await oa.close()
+    assert len(fake.requests) == 1

@@ -262,7 +262,7 @@ async def serve(
             return
         if isinstance(answer, ExchangeBody):
             stamp_exchange(answer.exchange)
-        await _respond(answer, receive, out)
+        await _respond(answer, receive, out, head_only=head.method == "HEAD")
     finally:
         settle_reservation(gateway)
 
@@ -458,10 +458,15 @@ class ResponseSend:
         return stamped
 
 
-async def _respond(body: DirectBody, receive: ASGIReceiveCallable, tracked: ResponseSend) -> None:
+async def _respond(body: DirectBody, receive: ASGIReceiveCallable, tracked: ResponseSend, *, head_only: bool = False) -> None:
     """Run `body` as the response, until it ends or the client leaves: its connection's end
-    is heard from the server's reader when it can be (`_hangup`), else from `receive`."""
+    is heard from the server's reader when it can be (`_hangup`), else from `receive`.
+
+    `head_only` (a HEAD): the response ends with its head. hypercorn only drops a HEAD's body,
+    so a live stream's (`/v1/streams/<trace_id>`) kept the connection busy until the run ended,
+    and the client's next request on it waited as long."""
     async with trio.open_nursery() as nursery:
+        send: ASGISendCallable = _HeadOnly(tracked, nursery.cancel_scope) if head_only else tracked
 
         def client_gone() -> None:
             # Hypercorn reports every finished response as a disconnect: that one cancels
@@ -473,8 +478,25 @@ async def _respond(body: DirectBody, receive: ASGIReceiveCallable, tracked: Resp
 
         nursery.start_soon(_watch_disconnect, receive, client_gone)
         with on_client_gone(client_gone):
-            await body.run(tracked)
+            await body.run(send)
         nursery.cancel_scope.cancel()
+
+
+class _HeadOnly:
+    """`send` for a HEAD's response: its head, then the end, and the body's run is stopped."""
+
+    __slots__ = ("_scope", "_send")
+
+    def __init__(self, send: ResponseSend, scope: trio.CancelScope) -> None:
+        self._send = send
+        self._scope = scope
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] != "http.response.start":
+            return
+        await self._send(message)
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._scope.cancel()
 
 
 async def _watch_disconnect(receive: ASGIReceiveCallable, client_gone: Callable[[], None]) -> None:

@@ -376,21 +376,16 @@ class ChatExchange(FallbackWalk, DurableRun):
                     await self.semantic_cache.store(self.request, self.meta, self.result.build(), self.response_headers)
 
     async def _plan(self) -> Plan:
-        if self.semantic_cache is not None:
-            hit = await self.semantic_cache.lookup(self.request, self.meta)
-            if hit is not None:
-                self.record.source = "semantic-cache"
-                self.semantic_cache = None  # nothing new to remember
-                if hit.trace_id is not None and self.request.dialect == "responses":
-                    # A Response's id must read back (and continue): as an exact hit's, it
-                    # names the run that answered, whose row is found. Other dialects' hits
-                    # keep their own trace (no row): theirs are not read back by id.
-                    self._answered_by(hit.trace_id)
-                return Plan("replay", producer=replayer(hit.completion), headers=[(b"x-cache", b"semantic"), *hit.headers])
         persistence = self._persistence
+        key = self.meta.idempotency_key
+        # A chat with an `Idempotency-Key` asks the semantic cache once its key is claimed
+        # (below): a hit is then the key's run, journalled, and a retry with the key replays
+        # it (its id and `created`, fresh for each lookup) instead of asking the cache again.
+        keyed = key is not None and persistence is not None and self.request.dialect != "responses"
+        if not keyed and (hit := await self._semantic_hit()) is not None:
+            return hit
         if persistence is None:
             return Plan("here")
-        key = self.meta.idempotency_key
         cache = self.identity is None and _cacheable(self.request, self.meta, self._backend)
         if key is None and not cache:
             return Plan("here")
@@ -412,6 +407,9 @@ class ChatExchange(FallbackWalk, DurableRun):
             claim_key, req_id, self.meta.trace_id, cache_id=None if key else cache_id, runs_here=self.meta.route != "workflow"
         )
         if other is not None:
+            # Another run's answer: that run keeps it in the semantic cache, if anyone does (a
+            # replay's would name a trace with no row of its own).
+            self.semantic_cache = None
             replayed = "replay" if key is not None else "cache"
             self.record.source = replayed if other.kind == "replay" else "attached"
             if other.answered_by is not None:
@@ -420,9 +418,27 @@ class ChatExchange(FallbackWalk, DurableRun):
             if not said and (stand_in := self._stand_in_named(other.winner)) is not None:
                 other.headers.append((b"x-fallback-model", stand_in.encode()))  # as the first answer said
             return other
+        if keyed and (hit := await self._semantic_hit()) is not None:
+            return Plan("here", producer=hit.producer, req_id=req_id, key=key, headers=hit.headers)
         kind = "durable" if persistence.runs.available else "here"
         return Plan(kind, req_id=req_id, key=key, cache=cache, cache_id=cache_id,
                     headers=[(b"x-cache", b"miss")] if cache else [])
+
+    async def _semantic_hit(self) -> Plan | None:
+        """The semantic cache's answer to replay, if it has one."""
+        if self.semantic_cache is None:
+            return None
+        hit = await self.semantic_cache.lookup(self.request, self.meta)
+        if hit is None:
+            return None
+        self.record.source = "semantic-cache"
+        self.semantic_cache = None  # nothing new to remember
+        if hit.trace_id is not None and self.request.dialect == "responses":
+            # A Response's id must read back (and continue): as an exact hit's, it
+            # names the run that answered, whose row is found. Other dialects' hits
+            # keep their own trace (no row): theirs are not read back by id.
+            self._answered_by(hit.trace_id)
+        return Plan("replay", producer=replayer(hit.completion), headers=[(b"x-cache", b"semantic"), *hit.headers])
 
     def _told_by(self, plan: Plan) -> Callable[[], Awaitable[Headers]] | None:
         """Where an attached request learns what its run told its own client of the answer:
