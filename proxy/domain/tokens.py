@@ -62,6 +62,8 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder, *, left: bool
             return reported, False
         # Charged nothing, a client could send huge prompts and hang up before the first token.
         read = estimated_prompt_tokens(request)
+        if not read:  # nothing to read (a model's preload): nothing spent
+            return reported, False
         return (Usage(prompt_tokens=read) if reported is None else replace(reported, prompt_tokens=read)), True
     if reported is None:
         return estimate, True
