@@ -214,6 +214,28 @@ async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_
     assert_valid_anthropic_stream((await raw_stream(setup, **request)).content)
 
 
+@pytest.mark.parametrize(("arguments", "received"), [
+    ('{"city": "Paris", "unit": "cel', {"city": "Paris"}),  # cut at max_tokens inside a value
+    ('{"city": "Paris", "days": [1, 2', {"city": "Paris", "days": [1, 2]}),
+    ('{"city": "Paris", "unit": cel', {"city": "Paris", "unit": None}),  # broken: closed where it broke
+])
+async def test_a_tool_input_cut_at_max_tokens_is_the_same_object_whole_or_streamed(
+    setup: Setup, arguments: str, received: dict[str, Any]
+) -> None:
+    """A whole message's input was `{"arguments": "<the text>"}`, while the SDK's final
+    message of the same answer streamed had what of the object parsed."""
+    setup.fake("openai").set_script(
+        Script(tool_calls=[ToolCall("get_weather", arguments)], finish_reason="length", tool_arg_fragment=4)
+    )
+    request: Any = {"model": MODELS["openai"], "max_tokens": 100, "messages": MESSAGES, "tools": TOOLS}
+    whole = await setup.client.messages.create(**request)
+    async with setup.client.messages.stream(**request) as stream:
+        streamed = await stream.get_final_message()
+    assert (whole.stop_reason, streamed.stop_reason) == ("max_tokens", "max_tokens")
+    inputs = [[getattr(b, "input", None) for b in m.content if b.type == "tool_use"] for m in (whole, streamed)]
+    assert inputs == [[received], [received]]
+
+
 async def test_interleaved_parallel_tool_calls_from_an_openai_backend(setup: Setup) -> None:
     setup.fake("openai").set_script(
         Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)

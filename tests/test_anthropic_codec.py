@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jiter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.dialects import anthropic, openai
+from proxy.dialects._json_prefix import object_so_far
 from proxy.dialects.anthropic import SignedReasoningDelta, StopReasonFinish
 from proxy.domain.chat import (
     ChatCompletion,
@@ -850,6 +852,26 @@ def test_rendered_message_from_another_backend() -> None:
     assert rendered["id"] == "msg_chatcmpl-1" and rendered["stop_reason"] == "tool_use"
     # Malformed arguments are kept (as text) rather than dropped.
     assert rendered["content"] == [{"type": "tool_use", "id": "call_1", "name": "f", "input": {"arguments": "not json"}}]
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), _JSON_VALUES, max_size=4), st.booleans())
+def test_a_tool_input_cut_anywhere_reads_as_the_anthropic_sdk_reads_its_stream(value: dict[str, Any], spaced: bool) -> None:
+    # A whole message's input must be what the SDK's final message of the stream holds: its
+    # partial parser (jiter's) applied to the input's text so far.
+    text = json.dumps(value, ensure_ascii=False, indent=1 if spaced else None)
+    for end in range(len(text) + 1):
+        cut = text[:end]
+        expected = jiter.from_json(cut.encode(), partial_mode=True) if cut.strip() else {}
+        assert object_so_far(cut) == expected, cut
 
 
 # -- round trips (property) ---------------------------------------------------------------------------

@@ -252,6 +252,31 @@ async def test_a_stream_the_client_leaves_early_is_still_charged(stack: Stack) -
     assert after.status_code == 200
 
 
+async def test_a_chat_left_before_its_first_token_is_charged_its_prompt_once(stack: Stack) -> None:
+    """A chat whose client hung up before the first token was charged nothing, though its
+    backend had read the prompt by then: huge prompts were free to anyone hanging up early.
+    It is charged its prompt's estimate now (as an early-left relay is), in every dialect."""
+    key = await new_key(stack.db, "early-leaver", "--budget", "1000000")
+    await wait_for_key(stack.url, key)
+    stack.fake.set_script(Script(tokens=["Hi"], usage=Usage(60, 1), header_delay=3))
+    prompt = [{"role": "user", "content": "word " * 800}]  # 4,000 characters: 1,000 tokens
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=10) as client:
+        with trio.move_on_after(1):
+            await client.post("/v1/chat/completions", json={"model": "qwen3-8b", "messages": prompt, "stream": True})
+        with trio.move_on_after(1):
+            await client.post("/v1/messages", json={"model": "qwen3-8b", "messages": prompt, "max_tokens": 5})
+
+    async def charged() -> list[tuple[object, ...]]:
+        found = await sql(
+            stack.db,
+            "SELECT u.requests, u.prompt_tokens, u.completion_tokens, l.budget_used FROM api_key_usage u"
+            " JOIN api_keys k ON k.id = u.key_id JOIN api_key_limits l ON l.key_id = k.id WHERE k.name = 'early-leaver'",
+        )
+        return found if found and found[0][0] == 2 else []
+
+    assert await eventually(charged) == [(2, 2000, 0, 2000)]
+
+
 async def test_a_keyed_stream_left_early_is_charged_what_its_run_generated_once(stack: Stack) -> None:
     """A request with an `Idempotency-Key` runs on when its client leaves, and a retry with
     the key replays the whole answer without charge. The request was charged only what its

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from proxy.infra.logging import REQUEST_LOGGER
-from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
 from tests.fakes.base import Call, FakeBackend
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, hang_up_once_received, running_gateway
@@ -172,3 +172,42 @@ async def test_a_client_that_gives_up_its_upload_midway_is_logged_and_calls_no_b
         return task_count() <= baseline
 
     await eventually(wound_down)
+
+
+PROMPT = [{"role": "user", "content": "word " * 40}]  # 200 characters: 50 tokens
+
+
+async def _openai_stream(url: str) -> object:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, default_headers={"x-request-id": "gone"}) as client:
+        return await client.chat.completions.create(model="qwen3-8b", messages=PROMPT, stream=True)  # type: ignore[arg-type]
+
+
+async def _anthropic_message(url: str) -> object:
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0, default_headers={"x-request-id": "gone"}) as client:
+        return await client.messages.create(model="claude-fake-1", max_tokens=20, messages=PROMPT)  # type: ignore[arg-type]
+
+
+async def _ollama_chat(url: str) -> object:
+    client = ollama.AsyncClient(host=url, headers={"x-request-id": "gone"})
+    return await client.chat(model="llama3.2", messages=PROMPT)
+
+
+@pytest.mark.parametrize(("kind", "ask"), [
+    ("openai", _openai_stream), ("anthropic", _anthropic_message), ("ollama", _ollama_chat),
+])
+async def test_a_chat_left_before_its_first_token_is_logged_with_its_prompts_estimate(
+    setup: Setup, kind: str, ask: Callable[[str], Awaitable[object]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its line said no tokens and its key was charged none, though the backend had read the
+    # prompt: a client could send huge prompts and hang up before the first token for free.
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    fake = setup.fakes[kind]
+    fake.set_script(Script(tokens=["Hi"], header_delay=SLOW))
+    await hang_up_once_received(fake, lambda: ask(setup.url))
+
+    async def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "request_id", None) == "gone"]
+
+    [line] = await eventually(logged)
+    told = {name: getattr(line, name) for name in ("status", "cancelled", "prompt_tokens", "completion_tokens", "usage_estimated")}
+    assert told == {"status": 499, "cancelled": True, "prompt_tokens": 50, "completion_tokens": 0, "usage_estimated": True}

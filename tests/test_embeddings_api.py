@@ -21,6 +21,8 @@ from tests.fakes.ollama_backend import _LOAD_DURATION_NS
 from tests.fakes.script import embed_text
 from tests.fakes.server import Exchange, Request
 from tests.harness import backend, running_gateway
+from tests.test_auth_helpers import eventually
+from tests.test_embeddings_usage import SlowEmbeddings
 
 PASSWORD = "How do I reset my password?"
 FORGOT = "I forgot my password and need to recover my account"
@@ -425,6 +427,40 @@ async def test_ollamas_truncate_holds_before_the_gateway_has_listed_vllms_window
             with pytest.raises(ollama.ResponseError) as refused:  # as Ollama: an error, not a cut
                 await client.embed(model="qwen3-8b", input="word " * (WINDOW * 2), truncate=False)
             assert refused.value.status_code == 400
+
+
+async def test_an_embeddings_request_left_by_its_client_is_logged_with_the_backend_it_was_sent_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its line said `backend: ""`: an operator could not tell which server was embedding."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    slow = SlowEmbeddings()
+    async with slow.serve() as server, running_gateway(
+        backend("oa", server.url, default=True), aliases={"embedder": "bge-m3"}, access_log=True
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        async def embedding() -> bool:
+            return any(r.path == "/v1/embeddings" for r in slow.requests)
+
+        async def ask() -> None:
+            await client.embeddings.create(input="x", model="embedder")
+
+        with trio.move_on_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                await eventually(embedding)  # the backend has it: the client hangs up now
+                nursery.cancel_scope.cancel()
+        await client.close()
+
+        async def logged_line() -> bool:
+            return any(r.name == REQUEST_LOGGER for r in caplog.records)
+
+        await eventually(logged_line)
+    [line] = [r.__dict__ for r in caplog.records if r.name == REQUEST_LOGGER]
+    logged = {name: line[name] for name in ("kind", "model", "backend", "upstream_model", "status", "cancelled")}
+    assert logged == {"kind": "embeddings", "model": "embedder", "backend": "oa", "upstream_model": "bge-m3",
+                      "status": 499, "cancelled": True}
 
 
 async def test_every_embeddings_request_has_its_request_log_line_without_its_input(

@@ -216,6 +216,14 @@ async def test_a_legacy_completions_logprobs_count_reaches_vllm_and_comes_back(s
     assert setup.sent("openai")["logprobs"] == 2
 
 
+async def test_the_ollama_version_said_is_one_that_serves_logprobs(setup: Setup) -> None:
+    """`/api/version` said 0.12.6, a release without logprobs (0.12.11 brought them): a client
+    checking the version before asking for them would not ask the gateway."""
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        version = (await http.get("/api/version")).json()["version"]
+    assert tuple(int(part) for part in version.split(".")) >= (0, 12, 11)
+
+
 async def test_top_logprobs_out_of_ollamas_bounds_is_a_400(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as http:
         reply = await http.post("/api/chat", json={

@@ -9,7 +9,14 @@ are skipped by a regex), and gives the shortest text that completes what was val
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
+
+_STRING_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NUMBER_TOKEN = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_LITERAL_VALUES: dict[str, Any] = {"true": True, "false": False, "null": None}
+_CUT = object()  # a scalar value the text ends inside of
 
 # Characters a JSON string holds as they are (not a quote, a backslash or a control character).
 _PLAIN = re.compile(r'[^"\\\x00-\x1f]*')
@@ -186,3 +193,79 @@ class JsonObjectPrefix:
             parts.append('"":null')
         parts.extend("}" if c == "{" else "]" for c in reversed(self._stack))
         return "".join(parts)
+
+
+def object_so_far(arguments: str) -> dict[str, Any]:
+    """The tool input Anthropic's SDKs make of `arguments` streamed as `JsonObjectPrefix` lets
+    them through (a broken input closed where it broke; one cut short, at `max_tokens`, read
+    as their partial parser reads it: a value cut inside left out, its containers kept), so
+    that a whole message says what its stream's final message says."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        pass
+    else:
+        if isinstance(value, dict):
+            return value
+    checker = JsonObjectPrefix()
+    text = arguments[: checker.feed(arguments)]
+    if checker.broken:
+        try:
+            closed = json.loads(text + checker.closing())
+        except ValueError:  # a number no parser takes (`1-2`): nothing of it
+            return {}
+        return closed if isinstance(closed, dict) else {}
+    start = _skip_space(text, 0)
+    if start == len(text):
+        return {}
+    found, _ = _value_so_far(text, start)
+    return found if isinstance(found, dict) else {}
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _SPACE:
+        i += 1
+    return i
+
+
+def _value_so_far(text: str, i: int) -> tuple[Any, int]:
+    """The value at `text[i]` of a JSON prefix and where it ends; -1 when the text ends first
+    (the value then `_CUT` for a scalar, the part read for a container)."""
+    c = text[i]
+    if c == '"':
+        match = _STRING_TOKEN.match(text, i)
+        return (_CUT, -1) if match is None else (json.loads(match.group()), match.end())
+    if c in _LITERALS:
+        word = _LITERALS[c]
+        return (_LITERAL_VALUES[word], i + len(word)) if text.startswith(word, i) else (_CUT, -1)
+    if c not in "{[":
+        match = _NUMBER_TOKEN.match(text, i)
+        end = i if match is None else match.end()
+        if match is None or (end < len(text) and text[end] not in _SPACE + ",]}"):
+            return _CUT, -1  # `1.`, `-`, `1e`: not a number yet
+        return json.loads(match.group()), end
+    container: dict[str, Any] | list[Any] = {} if c == "{" else []
+    end_mark = "}" if c == "{" else "]"
+    i += 1
+    while True:
+        i = _skip_space(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip_space(text, i + 1)
+        if i == len(text):
+            return container, -1
+        if text[i] == end_mark:
+            return container, i + 1
+        if isinstance(container, dict):
+            key, i = _value_so_far(text, i)
+            i = -1 if i < 0 else _skip_space(text, _skip_space(text, i) + 1)  # past the colon
+            if i < 0 or i >= len(text):
+                return container, -1
+            value, i = _value_so_far(text, i)
+            if value is not _CUT:
+                container[key] = value
+        else:
+            value, i = _value_so_far(text, i)
+            if value is not _CUT:
+                container.append(value)
+        if i < 0:
+            return container, -1

@@ -46,9 +46,11 @@ def message_chars(message: Message) -> int:
     return len(message.text) + len(message.reasoning or "") + sum(len(call.arguments) for call in message.tool_calls)
 
 
-def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usage | None, bool]:
+def charged_usage(request: ChatRequest, answer: CompletionBuilder, *, left: bool = False) -> tuple[Usage | None, bool]:
     """What an answer costs, and whether that is (partly) an estimate: the backend's usage once
-    the answer ended; before that, what it reported so far raised to the estimate."""
+    the answer ended; before that, what it reported so far raised to the estimate. `left`: its
+    client left before the end, so an answer with nothing generated yet still costs its prompt
+    (the backend has read it by then: vLLM aborts a request only as its connection closes)."""
     reported = answer.usage
     if reported is not None and (reported.prompt_tokens < 0 or reported.completion_tokens < 0):
         reported = None  # no count a server can mean (a bug's): estimated, never a credit to the key
@@ -56,7 +58,13 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder) -> tuple[Usag
         return reported, False
     estimate = estimated_usage(request, answer)
     if estimate is None:
-        return reported, False
+        if not left or answer.error is not None or (reported is not None and reported.prompt_tokens):
+            return reported, False
+        # Charged nothing, a client could send huge prompts and hang up before the first token.
+        read = estimated_prompt_tokens(request)
+        if not read:  # nothing to read (a model's preload): nothing spent
+            return reported, False
+        return (Usage(prompt_tokens=read) if reported is None else replace(reported, prompt_tokens=read)), True
     if reported is None:
         return estimate, True
     prompt = reported.prompt_tokens or estimate.prompt_tokens

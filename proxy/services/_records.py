@@ -177,7 +177,7 @@ class Recording:
         result = self.result
         usage = result.usage
         if record.source == "backend":
-            usage, record.usage_estimated = charged_usage(self.request, result)
+            usage, record.usage_estimated = charged_usage(self.request, result, left=record.cancelled)
         if usage is not None:
             record.prompt_tokens = usage.prompt_tokens
             record.completion_tokens = usage.completion_tokens

@@ -265,10 +265,17 @@ class EmbeddingService:
         if self._record is None:
             return
         tokens = request.estimated_tokens()
+        backend, upstream = LOCAL_BACKEND, LOCAL_MODEL
         if self.is_local(request.model):
             tokens = min(tokens, max(1, len(request.inputs)) * MAX_INPUT_TOKENS)
+        else:
+            try:  # where it was sent, as a chat's line says
+                route = self._router.resolve(request.model)
+                backend, upstream = route.backend, route.upstream_model
+            except GatewayError:  # left while the backends' listings were read for its model
+                backend = upstream = ""
         self._record(ExchangeRecord(
-            trace_id="", request_id=request_id, model=request.model, backend="", upstream_model="",
+            trace_id="", request_id=request_id, model=request.model, backend=backend, upstream_model=upstream,
             stream=False, dialect=dialect, status=499, total_ms=total_ms,
             prompt_tokens=tokens, completion_tokens=0,
             cancelled=True, usage_estimated=True, source="backend", api_key_id=api_key_id, kind="embeddings",

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects._json import dumps
+from proxy.dialects._json_prefix import object_so_far
 from proxy.dialects.anthropic._request import input_object
 from proxy.dialects.anthropic._vocabulary import (
     BlockDelta,
@@ -81,7 +82,7 @@ def message_body(
             content.append({"type": "text", "text": choice.content})
         for call in choice.tool_calls[:1] if single_tool else choice.tool_calls:
             content.append(
-                {"type": "tool_use", "id": call.id or new_tool_use_id(), "name": call.name, "input": input_object(call.arguments)}
+                {"type": "tool_use", "id": call.id or new_tool_use_id(), "name": call.name, "input": _tool_input(call.arguments)}
             )
     if finish is None and choice is not None and choice.finish_reason is not None:
         finish = Finish(choice.finish_reason)
@@ -100,6 +101,15 @@ def message_body(
         "usage": usage,
         **fields,
     }
+
+
+def _tool_input(arguments: str) -> dict[str, Any]:
+    """A tool call's input as its stream's final message has it: an object cut short (at
+    `max_tokens`) or broken midway is what of it parses, as Anthropic's SDKs read the stream.
+    Arguments that are no object at all are kept as text, nothing of them being an input."""
+    if arguments.lstrip().startswith("{"):
+        return object_so_far(arguments)
+    return input_object(arguments)
 
 
 def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
@@ -136,7 +146,7 @@ def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
         elif isinstance(event, ToolCallDelta) and event.index in tools:
             arguments[tools[event.index]].append(event.arguments)
     for position, parts in arguments.items():
-        blocks[position]["input"] = input_object("".join(parts))
+        blocks[position]["input"] = _tool_input("".join(parts))
     return blocks
 
 

@@ -15,9 +15,13 @@ from typing import Any
 from proxy.dialects._json import dumps
 from proxy.dialects.ollama._response import parse_timestamp, timestamp
 
-# Clients gate features on the server version (tools, thinking, structured outputs…); this is a
-# recent release whose API the gateway's Ollama surface matches.
-OLLAMA_VERSION = "0.12.6"
+# What `/api/version` says. Clients gate on it (VS Code Copilot refuses a server below 0.6.4,
+# Open WebUI warns below 0.1.16, tool-calling clients ask for 0.3.0), so it must not be older
+# than what the gateway serves; nor newer, or a client would use an API it lacks. Choose the
+# Ollama release that brought the newest `/api/*` feature the gateway's Ollama surface serves:
+# 0.12.11, `logprobs`/`top_logprobs` on `/api/chat` and `/api/generate`. Raise it as features
+# of later releases are served, never past a release whose native API changes are missing.
+OLLAMA_VERSION = "0.12.11"
 ROOT_TEXT = b"Ollama is running"
 
 _TAG_FIELDS = ("modified_at", "size", "digest", "details")
