@@ -377,6 +377,19 @@ def completion_is_conformant(data: dict[str, Any]) -> bool:
     for choice in choices:
         if not isinstance(choice, dict) or choice.get("finish_reason") not in _ENUM_VALUES:
             return False
+        if not _arguments_are_text(choice.get("message")):
+            return False
+    return True
+
+
+def _arguments_are_text(message: Any) -> bool:
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return True
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and not isinstance(function.get("arguments"), str | None):
+            return False
     return True
 
 
@@ -398,6 +411,12 @@ def _conform(data: dict[str, Any]) -> dict[str, Any]:
         if reason not in _ENUM_VALUES:
             mapped = finish_reason_from_wire(reason) if isinstance(reason, str) else FinishReason.STOP
             choice["finish_reason"] = mapped.value
+        if not _arguments_are_text(choice.get("message")):
+            # TGI's (and some llama.cpp builds') arguments as a JSON object: OpenAI's are text.
+            for call in choice["message"]["tool_calls"]:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and not isinstance(function.get("arguments"), str | None):
+                    function["arguments"] = _arguments_text(function["arguments"])
     return data
 
 

@@ -288,11 +288,19 @@ class StreamRelay:
                 logprobs = choice.get("logprobs")
                 events.append(TextDelta(content, index, logprobs if isinstance(logprobs, dict) else None))
             calls = delta.get("tool_calls")
+            if isinstance(calls, dict):
+                # TGI 2.x streams each fragment as one object, not a list of them.
+                calls = delta["tool_calls"] = [calls]
+                rewrite = True
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
                     if isinstance(call, dict) and self._tool_call(call, position, index, events):
                         rewrite = True
         reason = choice.get("finish_reason")
+        if reason == "":
+            # LocalAI's Go structs say `""` on every chunk for "not finished yet".
+            choice["finish_reason"] = None
+            return True
         if isinstance(reason, str):
             if reason in FAILED_FINISH_REASONS:
                 self.failed = True
@@ -344,6 +352,10 @@ class StreamRelay:
             call["index"] = ours
             rewrite = True
         arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            # Arguments as a JSON object (TGI, llama.cpp builds): OpenAI's are its text.
+            arguments = function["arguments"] = dumps(arguments).decode()
+            rewrite = True
         if isinstance(arguments, str) and arguments:
             self._generated += len(arguments)
             events.append(ToolCallDelta(ours, arguments, choice))

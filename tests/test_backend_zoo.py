@@ -1,0 +1,138 @@
+"""Self-hosted OpenAI-compatible servers other than vLLM (LocalAI, TGI, llama.cpp, SGLang,
+LM Studio), emulated by the bytes they really send: each client gets a correct answer in
+its own dialect."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import openai
+import trio
+
+from tests.harness import backend, running_gateway
+from tests.test_transport import raw_server, read_request
+
+_HI = [{"role": "user", "content": "hi"}]
+_TOOLS: list[Any] = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def _chunk(delta: dict[str, Any], finish: Any = None, **extra: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-z", "object": "chat.completion.chunk", "created": 5, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+
+def _sse(*chunks: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+@contextlib.asynccontextmanager
+async def _server(stream_body: bytes, json_body: Any = None, status: int = 200) -> AsyncIterator[str]:
+    """A server answering every chat with `stream_body` (SSE) or `json_body`, as asked."""
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            request = await read_request(stream, buffer)
+            streamed = b'"stream":true' in request
+            body = stream_body if streamed or json_body is None else json.dumps(json_body).encode()
+            kind = b"text/event-stream" if streamed and status == 200 else b"application/json"
+            await stream.send_all(
+                b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (status, kind, len(body), body)
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("zoo", url, default=True)) as gateway:
+        yield gateway
+
+
+async def test_localai_empty_finish_reason_on_every_chunk_is_no_finish() -> None:
+    """LocalAI says `"finish_reason": ""` on every chunk until the last: an OpenAI client was
+    told `stop` on the first chunk (and `""`, off OpenAI's enum, on the rest)."""
+    body = _sse(_chunk({"role": "assistant", "content": ""}, ""), _chunk({"content": "Hel"}, ""),
+                _chunk({"content": "lo"}, ""), _chunk({}, "stop"))
+    async with _server(body) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(model="m", messages=_HI, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
+        assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+        await client.close()
+
+
+_TGI_TOOL = [  # TGI 2.x: each fragment one object (not a list), its id empty, its name null after the first
+    _chunk({"role": "assistant", "tool_calls": {"index": 0, "id": "", "type": "function",
+                                                "function": {"name": "get_weather", "arguments": '{"city":'}}}),
+    _chunk({"role": "assistant", "tool_calls": {"index": 0, "id": "", "type": "function",
+                                                "function": {"name": None, "arguments": ' "Paris"}'}}}),
+    _chunk({"role": "assistant", "content": ""}, "eos_token"),
+]
+
+
+async def test_tgi_streamed_tool_call_fragments_as_objects_reach_every_client() -> None:
+    """The OpenAI SDK got `tool_calls` as a dict (its accumulators iterate a list), and an
+    Anthropic client got no tool_use at all: the call was lost, the turn `end_turn`."""
+    async with _server(_sse(*_TGI_TOOL)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(model="m", messages=_HI, tools=_TOOLS, stream=True)
+        calls: dict[int, dict[str, str]] = {}
+        finish = None
+        async for chunk in stream:
+            for call in chunk.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += call.id or ""
+                entry["name"] += (call.function and call.function.name) or ""
+                entry["arguments"] += (call.function and call.function.arguments) or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+        assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+        assert finish == "tool_calls"
+        await client.close()
+
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        async with claude.messages.stream(
+            model="m", max_tokens=50, messages=_HI,
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+        ) as events:
+            message = await events.get_final_message()
+        assert message.stop_reason == "tool_use"
+        assert [(b.type, getattr(b, "input", None)) for b in message.content] == [("tool_use", {"city": "Paris"})]
+        await claude.close()
+
+
+async def test_tool_arguments_sent_as_a_json_object_reach_openai_clients_as_text() -> None:
+    """TGI's whole answers (and some llama.cpp builds' streams) give `arguments` as an object:
+    the OpenAI SDK's `json.loads(call.function.arguments)` raised TypeError, and an Anthropic
+    client's tool_use streamed had `input: {}`."""
+    whole = {"id": "chatcmpl-z", "object": "chat.completion", "created": 5, "model": "m",
+             "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                 "role": "assistant", "content": None, "tool_calls": [
+                     {"id": "0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}}],
+             "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}
+    streamed = _sse(
+        _chunk({"role": "assistant", "tool_calls": [
+            {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}),
+        _chunk({}, "tool_calls"),
+    )
+    async with _server(streamed, whole) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        answer = await client.chat.completions.create(model="m", messages=_HI, tools=_TOOLS)
+        tool_calls = answer.choices[0].message.tool_calls or []
+        assert json.loads(tool_calls[0].function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+        stream = await client.chat.completions.create(model="m", messages=_HI, tools=_TOOLS, stream=True)
+        arguments = "".join([
+            call.function.arguments or "" async for chunk in stream
+            for call in chunk.choices[0].delta.tool_calls or [] if call.function
+        ])
+        assert json.loads(arguments) == {"city": "Paris"}
+        await client.close()
+
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        async with claude.messages.stream(
+            model="m", max_tokens=50, messages=_HI,
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+        ) as events:
+            message = await events.get_final_message()
+        assert [getattr(b, "input", None) for b in message.content] == [{"city": "Paris"}]
+        await claude.close()
