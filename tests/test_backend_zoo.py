@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
+import ollama
 import openai
 import trio
 
@@ -136,3 +137,79 @@ async def test_tool_arguments_sent_as_a_json_object_reach_openai_clients_as_text
             message = await events.get_final_message()
         assert [getattr(b, "input", None) for b in message.content] == [{"city": "Paris"}]
         await claude.close()
+
+
+def _tgi_refusal(window: int, prompt: int, output: int) -> dict[str, Any]:
+    return {"error": f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {window}. "
+                     f"Given: {prompt} `inputs` tokens and {output} `max_new_tokens`", "error_type": "validation"}
+
+
+async def test_tgi_refusing_a_prompt_with_its_answer_too_long_is_said_as_each_dialect_says_it() -> None:
+    """TGI's 422 for a prompt and `max_tokens` past the window: OpenAI clients lacked
+    `code: context_length_exceeded` (what LangChain and Codex trim on), and Claude Code's
+    `max_tokens: 32000` was a 400 where Anthropic (and the gateway on vLLM) gives the answer
+    the room the window leaves."""
+    asked: list[Any] = []
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            request = await read_request(stream, buffer)
+            limit = json.loads(request.partition(b"\r\n\r\n")[2]).get("max_tokens")
+            asked.append(limit)
+            if limit is None or limit > 4096 - 1000:
+                status, kind, body = 422, b"application/json", json.dumps(_tgi_refusal(4096, 1000, limit or 4096)).encode()
+            else:
+                status, kind = 200, b"text/event-stream"
+                body = _sse(_chunk({"role": "assistant", "content": "Hi"}), _chunk({}, "length"))
+            await stream.send_all(
+                b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (status, kind, len(body), body)
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("tgi", url, default=True)) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        try:
+            await client.chat.completions.create(model="m", messages=_HI, max_tokens=32000)
+            raise AssertionError("no refusal")
+        except openai.BadRequestError as refusal:
+            assert refusal.code == "context_length_exceeded" and "must be <= 4096" in refusal.message
+        await client.close()
+
+        asked.clear()
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        async with claude.messages.stream(model="m", max_tokens=32000, messages=_HI) as events:
+            message = await events.get_final_message()
+        assert asked == [32000, 3096]
+        assert [getattr(b, "text", None) for b in message.content] == ["Hi"]
+        assert message.stop_reason == "model_context_window_exceeded"
+        await claude.close()
+
+
+async def test_an_ollama_chat_too_long_for_tgi_loses_its_oldest_messages_by_what_tgi_said() -> None:
+    """Ollama fits a chat to the model's context: TGI's "`inputs` must have less than N
+    tokens. Given: M" was a 400 to the Ollama client (not read as a window refusal at all),
+    and the one retry, trimmed by a guessed quarter, was refused again."""
+    seen: list[int] = []
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            request = await read_request(stream, buffer)
+            messages = json.loads(request.partition(b"\r\n\r\n")[2])["messages"]
+            seen.append(len(messages))
+            if len(messages) > 1:
+                status, body = 422, {"error": "Input validation error: `inputs` must have less than 1000 tokens. "
+                                              "Given: 5000", "error_type": "validation"}
+            else:
+                status, body = 200, {"id": "z", "object": "chat.completion", "created": 5, "model": "m", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "Fits"}, "finish_reason": "eos_token"}]}
+            data = json.dumps(body).encode()
+            await stream.send_all(
+                b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (status, len(data), data)
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("tgi", url, default=True)) as gateway:
+        history = [{"role": ("user", "assistant")[i % 2], "content": f"{i} " + "word " * 800} for i in range(5)]
+        answer = await ollama.AsyncClient(host=gateway).chat(model="m", messages=history)
+        assert answer.message.content == "Fits" and answer.done_reason == "stop"
+        assert seen == [5, 1]
