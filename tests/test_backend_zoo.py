@@ -213,3 +213,25 @@ async def test_an_ollama_chat_too_long_for_tgi_loses_its_oldest_messages_by_what
         answer = await ollama.AsyncClient(host=gateway).chat(model="m", messages=history)
         assert answer.message.content == "Fits" and answer.done_reason == "stop"
         assert seen == [5, 1]
+
+
+async def test_counting_tokens_on_tgi_whose_tokenize_takes_another_body_is_the_estimate() -> None:
+    """TGI has a `/tokenize` of its own (`{"inputs": ...}`), which refuses vLLM's body with
+    axum's plain-text 422: Claude Code's count_tokens got that as a 400, and stopped."""
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            request = await read_request(stream, buffer)
+            assert request.startswith(b"POST /tokenize ")
+            body = b"Failed to deserialize the JSON body into the target type: missing field `inputs` at line 1 column 60"
+            await stream.send_all(
+                b"HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("tgi", url, default=True)) as gateway:
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        counted = await claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "word " * 400}])
+        assert 300 < counted.input_tokens < 700
+        await claude.close()
