@@ -235,3 +235,21 @@ async def test_counting_tokens_on_tgi_whose_tokenize_takes_another_body_is_the_e
         counted = await claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "word " * 400}])
         assert 300 < counted.input_tokens < 700
         await claude.close()
+
+
+async def test_localai_usage_of_zeros_is_no_usage_the_estimate_stands() -> None:
+    """LocalAI sends `usage` of zeros on every chunk: an OpenAI client asking for usage was
+    told 0 tokens, and the gateway's log (and a key's budget) charged nothing."""
+    zeros = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    body = _sse(_chunk({"role": "assistant", "content": ""}, "", usage=zeros),
+                _chunk({"content": "Hello there, " * 10}, "", usage=zeros), _chunk({}, "stop", usage=zeros))
+    async with _server(body) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        chunks = [c async for c in await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "word " * 100}], stream=True,
+            stream_options={"include_usage": True},
+        )]
+        usages = [c.usage for c in chunks if c.usage is not None]
+        assert len(usages) == 1 and chunks[-1].usage is usages[0]
+        assert usages[0].prompt_tokens > 50 and usages[0].completion_tokens > 10
+        await client.close()

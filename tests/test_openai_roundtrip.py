@@ -44,7 +44,7 @@ _arguments = st.dictionaries(st.text(max_size=6), _json_values, max_size=3).map(
 )
 _usages = st.builds(
     Usage,
-    prompt_tokens=st.integers(0, 10_000),
+    prompt_tokens=st.integers(1, 10_000),  # no prompt is 0 tokens: zeros read as no usage (LocalAI's)
     completion_tokens=st.integers(0, 10_000),
     cached_tokens=st.none() | st.integers(0, 100),
     reasoning_tokens=st.none() | st.integers(0, 100),

@@ -257,6 +257,10 @@ def parse_usage(data: Any) -> Usage | None:
     completion = data.get("completion_tokens") or 0
     if not (_is_count(prompt) and _is_count(completion)):
         return None  # not counts (a string, an object, NaN): as if the server had sent none
+    if not prompt and not completion:
+        # No prompt is zero tokens: LocalAI's zeros on every chunk count nothing, and would
+        # have made its answers free to a key's budget.
+        return None
     prompt_details = data.get("prompt_tokens_details")
     completion_details = data.get("completion_tokens_details")
     return Usage(

@@ -209,16 +209,18 @@ class StreamRelay:
         if not isinstance(choices, list):
             choices = []
         if usage_value:
-            self._usage = parse_usage(usage_value)
-            if self._usage is not None:
-                events.append(UsageReport(self._usage))
+            usage = parse_usage(usage_value)
+            if usage is not None:
+                self._usage = usage
+                events.append(UsageReport(usage))
             if not choices:
-                # The usage chunk proper: only for clients that asked for it.
-                if self._include_usage and not self._usage_forwarded:
+                # The usage chunk proper: only for clients that asked for it (one that counts
+                # nothing gives way to the estimate at the end).
+                if usage is not None and self._include_usage and not self._usage_forwarded:
                     self._usage_forwarded = True
                     out.append(raw if not rewrite else encode_event(dumps(chunk)))
                 return
-            if not self._chunk_usage:
+            if not self._chunk_usage or usage is None:
                 # Usage riding on a content chunk: move it to its own chunk at the end.
                 chunk["usage"] = None
                 rewrite = True
