@@ -253,3 +253,48 @@ async def test_localai_usage_of_zeros_is_no_usage_the_estimate_stands() -> None:
         assert len(usages) == 1 and chunks[-1].usage is usages[0]
         assert usages[0].prompt_tokens > 50 and usages[0].completion_tokens > 10
         await client.close()
+
+
+_LLAMA_CPP_REFUSAL = (
+    b'error: {"code":400,"message":"the request exceeds the available context size, try increasing it",'
+    b'"type":"exceed_context_size_error","n_prompt_tokens":5000,"n_ctx":4096}\n\ndata: [DONE]\n\n'
+)
+
+
+async def test_llama_cpp_error_line_in_a_stream_is_an_error_not_an_empty_answer() -> None:
+    """llama.cpp's server says a streamed failure as an `error:` line, then `[DONE]`: every
+    client got an empty answer that ended normally (the refusal lost without a word)."""
+    async with _server(_LLAMA_CPP_REFUSAL) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        try:
+            async for _ in await client.chat.completions.create(model="m", messages=_HI, stream=True):
+                pass
+            raise AssertionError("no error")
+        except openai.BadRequestError as refusal:
+            assert refusal.code == "context_length_exceeded" and "available context size" in refusal.message
+        await client.close()
+
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        try:
+            async with claude.messages.stream(model="m", max_tokens=50, messages=_HI) as events:
+                await events.get_final_message()
+            raise AssertionError("no error")
+        except anthropic.BadRequestError as refusal:
+            assert refusal.message.startswith("prompt is too long") or "prompt is too long" in str(refusal)
+        await claude.close()
+
+
+async def test_llama_cpp_error_line_after_some_text_ends_the_stream_with_its_message() -> None:
+    body = _sse(_chunk({"role": "assistant", "content": "Hel"}))[: -len(b"data: [DONE]\n\n")] + (
+        b'error: {"code":500,"message":"slot 0: KV cache is full","type":"server_error"}\n\ndata: [DONE]\n\n'
+    )
+    async with _server(body) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        text = ""
+        try:
+            async for chunk in await client.chat.completions.create(model="m", messages=_HI, stream=True):
+                text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            raise AssertionError("no error")
+        except openai.APIError as failure:
+            assert "KV cache is full" in failure.message and text == "Hel"
+        await client.close()

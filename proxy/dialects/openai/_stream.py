@@ -26,7 +26,12 @@ from proxy.dialects.openai._response import (
 )
 from proxy.dialects.sse import SSEDecoder, encode_event
 from proxy.domain.chat import FinishReason, Usage
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    GatewayError,
+    is_context_overflow,
+)
 from proxy.domain.events import (
     Finish,
     ReasoningDelta,
@@ -53,6 +58,23 @@ _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 def error_frame(error: GatewayError) -> bytes:
     """The in-stream error event the OpenAI SDK raises as `APIError`."""
     return encode_event(dumps(error_body(error)))
+
+
+def stream_error(data: bytes) -> GatewayError:
+    """The failure an `error` event reports (llama.cpp's `{"code": 400, "message": ...,
+    "type": ...}`): a refusal of the request (its prompt past the context size) keeps its
+    meaning, so a client told nothing yet gets a 400 (`context_length_exceeded`)."""
+    message = error_message_from_body(data) or data.decode("utf-8", "replace")[:500] or "The backend reported an error."
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("code") == 400:
+        if is_context_overflow(message):
+            return GatewayError(ErrorKind.INVALID_REQUEST, message, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
+        return GatewayError(ErrorKind.INVALID_REQUEST, message)
+    return GatewayError(ErrorKind.BACKEND, message)
 
 
 def new_tool_call_id() -> str:
@@ -127,6 +149,9 @@ class StreamRelay:
             for frame in self._decoder.feed(data):
                 if frame.is_comment or not frame.data:
                     continue
+                if frame.event == "error":
+                    self._fail(stream_error(frame.data), out, events)
+                    break
                 self._frame(frame.data, frame.raw, out, events)
                 if self.done:
                     break
@@ -139,7 +164,10 @@ class StreamRelay:
         if not self.done:
             for frame in self._decoder.close():
                 if frame.data and not self.done:
-                    self._frame(frame.data, frame.raw, out, events)
+                    if frame.event == "error":
+                        self._fail(stream_error(frame.data), out, events)
+                    else:
+                        self._frame(frame.data, frame.raw, out, events)
         if not self.done:
             if self._finished:
                 self._end(out)
