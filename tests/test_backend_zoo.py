@@ -298,3 +298,14 @@ async def test_llama_cpp_error_line_after_some_text_ends_the_stream_with_its_mes
         except openai.APIError as failure:
             assert "KV cache is full" in failure.message and text == "Hel"
         await client.close()
+
+
+async def test_a_stream_that_ends_without_a_finish_reason_ends_its_choice() -> None:
+    """A server whose chunks all say `finish_reason: null` before `[DONE]`: the OpenAI SDK's
+    final completion had `finish_reason=None` (OpenAI's streams always say one)."""
+    async with _server(_sse(_chunk({"role": "assistant", "content": "Hello"}), _chunk({"content": " there"}))) as gateway:
+        client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+        async with client.chat.completions.stream(model="m", messages=_HI) as stream:
+            final = await stream.get_final_completion()
+        assert final.choices[0].message.content == "Hello there" and final.choices[0].finish_reason == "stop"
+        await client.close()

@@ -7,7 +7,9 @@ Normalised where OpenAI's wire format legitimately cannot carry something:
   and none after a failure (the stream ends at the error);
 - a choice that called tools and finished with `stop` reads back as `tool_calls` (the relay
   repairs backends that say `stop` there, §3d);
-- an in-stream error reads back as a backend error with the same message.
+- an in-stream error reads back as a backend error with the same message;
+- a stream that ends with no choice finished reads back with choice 0 finished (`stop`, or
+  `tool_calls` after calling tools), as OpenAI's streams always end theirs.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def _expected(events: list[StreamEvent]) -> list[Any]:
         out.append(comparable(event))
         if failed:
             return out
+    if not any(isinstance(event, Finish) for event in events):
+        out.append(Finish(FinishReason.TOOL_CALLS if 0 in with_tools else FinishReason.STOP, 0))
     if usage is not None:
         out.append(UsageReport(usage))
     return out

@@ -170,7 +170,7 @@ class StreamRelay:
                         self._frame(frame.data, frame.raw, out, events)
         if not self.done:
             if self._finished:
-                self._end(out)
+                self._end(out, events)
             else:
                 self._fail(GatewayError(ErrorKind.BACKEND, self._unfinished_reason()), out, events)
         return RelayOutput(b"".join(out), events, True)
@@ -189,7 +189,7 @@ class StreamRelay:
     def _frame(self, data: bytes, raw: bytes, out: list[bytes], events: list[StreamEvent]) -> None:
         self._head = None
         if data == b"[DONE]":
-            self._end(out)
+            self._end(out, events)
             return
         mended = False
         try:
@@ -237,6 +237,8 @@ class StreamRelay:
         if not isinstance(choices, list):
             choices = []
         if usage_value:
+            if not choices:
+                self._finish_open(out, events)  # the usage chunk follows the finish
             usage = parse_usage(usage_value)
             if usage is not None:
                 self._usage = usage
@@ -416,7 +418,8 @@ class StreamRelay:
 
     # -- endings --------------------------------------------------------------------------
 
-    def _end(self, out: list[bytes]) -> None:
+    def _end(self, out: list[bytes], events: list[StreamEvent]) -> None:
+        self._finish_open(out, events)
         if self._include_usage and not self._usage_forwarded and self._start:
             # A backend that reports no usage still owes the client the chunk it asked for:
             # the gateway's estimate, the one its accounting charges.
@@ -425,6 +428,21 @@ class StreamRelay:
             out.append(_usage_chunk(self._start, usage))
         out.append(DONE)
         self.done = True
+
+    def _finish_open(self, out: list[bytes], events: list[StreamEvent]) -> None:
+        """Choice 0's finish, for a server that ends its stream with none given (`null` to
+        the last): OpenAI's streams always end their choice, and a client's final answer
+        would have no `finish_reason`."""
+        if not self._finished and self._role_sent and self._start is not None:
+            tools = self._tools.get(0)
+            reason = FinishReason.TOOL_CALLS if tools is not None and tools.count else FinishReason.STOP
+            self._finished.add(0)
+            events.append(Finish(reason, 0))
+            chunk = _chunk_head(self._start)
+            chunk["choices"] = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason.value}]
+            if self._include_usage:
+                chunk["usage"] = None
+            out.append(encode_event(dumps(chunk)))
 
     def _fail(self, error: GatewayError, out: list[bytes], events: list[StreamEvent]) -> None:
         events.append(StreamFailed(error))
