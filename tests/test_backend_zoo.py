@@ -309,3 +309,21 @@ async def test_a_stream_that_ends_without_a_finish_reason_ends_its_choice() -> N
             final = await stream.get_final_completion()
         assert final.choices[0].message.content == "Hello there" and final.choices[0].finish_reason == "stop"
         await client.close()
+
+
+async def test_sglang_matched_stop_is_the_stop_sequence_an_anthropic_client_is_told() -> None:
+    """SGLang names the stop string that ended an answer `matched_stop` (vLLM: `stop_reason`):
+    an Anthropic client asking `stop_sequences` was told `end_turn`, with no `stop_sequence`."""
+    whole = {"id": "z", "object": "chat.completion", "created": 5, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "One, two"}, "finish_reason": "stop", "matched_stop": "three"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
+    streamed = _sse(_chunk({"role": "assistant", "content": "One, two"}),
+                    {**_chunk({}, "stop"), "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "matched_stop": "three"}]})
+    async with _server(streamed, whole) as gateway:
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        message = await claude.messages.create(model="m", max_tokens=50, messages=_HI, stop_sequences=["three"])
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "three")
+        async with claude.messages.stream(model="m", max_tokens=50, messages=_HI, stop_sequences=["three"]) as events:
+            message = await events.get_final_message()
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "three")
+        await claude.close()

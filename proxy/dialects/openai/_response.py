@@ -56,6 +56,13 @@ def failed_finish_reason(data: dict[str, Any]) -> str | None:
     return None
 
 
+def stop_string(choice: dict[str, Any]) -> Any:
+    """What ended a backend's choice, as it names it: vLLM's `stop_reason`, SGLang's
+    `matched_stop` (a stop string, or the id of the token that ended it)."""
+    said = choice.get("stop_reason")
+    return said if said is not None else choice.get("matched_stop")
+
+
 def finish_event(reason: FinishReason, choice: int, stop_reason: Any) -> Finish:
     """A choice's finish; vLLM's `stop_reason` names the stop string that ended it (an int
     is a stop token's id, no sequence the client sent)."""
@@ -68,9 +75,9 @@ def completion_events_of(data: dict[str, Any], completion: ChatCompletion) -> li
     """The events replaying a backend's `chat.completion`, its stop strings included."""
     events = completion_events(completion)
     stops = {
-        int(item.get("index", position)): item.get("stop_reason")
+        int(item.get("index", position)): stop_string(item)
         for position, item in enumerate(data.get("choices") or [])
-        if isinstance(item, dict) and isinstance(item.get("stop_reason"), str)
+        if isinstance(item, dict) and isinstance(stop_string(item), str)
     }
     if not stops:
         return events

@@ -23,6 +23,7 @@ from proxy.dialects.openai._response import (
     finish_reason_from_wire,
     parse_usage,
     render_usage,
+    stop_string,
 )
 from proxy.dialects.sse import SSEDecoder, encode_event
 from proxy.domain.chat import FinishReason, Usage
@@ -345,7 +346,7 @@ class StreamRelay:
                 mapped = finish_reason_from_wire(reason)
                 if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
                     mapped = FinishReason.TOOL_CALLS
-                events.append(finish_event(mapped, index, choice.get("stop_reason")))
+                events.append(finish_event(mapped, index, stop_string(choice)))
                 if reason != mapped.value:
                     choice["finish_reason"] = mapped.value
                     rewrite = True
