@@ -14,6 +14,16 @@ import ollama
 import openai
 import trio
 
+from proxy.domain.chat import ChatRequest, FinishReason, Message, TextPart, Usage
+from proxy.domain.events import (
+    CompletionBuilder,
+    EstimatedUsageReport,
+    Finish,
+    StreamStart,
+    TextDelta,
+    UsageReport,
+)
+from proxy.domain.tokens import charged_usage
 from tests.harness import backend, running_gateway
 from tests.test_transport import raw_server, read_request
 
@@ -327,3 +337,36 @@ async def test_sglang_matched_stop_is_the_stop_sequence_an_anthropic_client_is_t
             message = await events.get_final_message()
         assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "three")
         await claude.close()
+
+
+async def test_a_stream_without_usage_tells_anthropic_and_ollama_clients_the_estimate() -> None:
+    """A server that reports no usage (LocalAI, older TGI): an OpenAI client asking for usage
+    was given the gateway's estimate, but an Anthropic client was told 0 input and 0 output
+    tokens (Claude Code tracks its context window by them) and an Ollama client 0 counts."""
+    body = _sse(_chunk({"role": "assistant", "content": "Hello there, " * 20}), _chunk({}, "stop"))
+    prompt = [{"role": "user", "content": "word " * 200}]
+    async with _server(body) as gateway:
+        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+        async with claude.messages.stream(model="m", max_tokens=500, messages=prompt) as events:
+            message = await events.get_final_message()
+        assert message.usage.input_tokens > 150 and message.usage.output_tokens > 40
+        await claude.close()
+
+        last = None
+        async for part in await ollama.AsyncClient(host=gateway).chat(model="m", messages=prompt, stream=True):
+            last = part
+        assert last is not None and last.done
+        assert (last.prompt_eval_count or 0) > 150 and (last.eval_count or 0) > 40
+
+
+def test_the_estimate_told_for_a_backend_without_usage_is_charged_as_an_estimate() -> None:
+    """The estimate a client is told stands in for the backend's usage, and the request's log
+    still says its tokens were estimated (not counted by the backend)."""
+    request = ChatRequest("m", [Message("user", (TextPart("word " * 100),))])
+    builder = CompletionBuilder()
+    for event in (StreamStart("c", "m", 1), TextDelta("Hello there"), Finish(FinishReason.STOP),
+                  EstimatedUsageReport(Usage(120, 3))):
+        builder.add(event)
+    assert charged_usage(request, builder) == (Usage(120, 3), True)
+    builder.add(UsageReport(Usage(118, 3)))
+    assert charged_usage(request, builder) == (Usage(118, 3), False)

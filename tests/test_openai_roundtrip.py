@@ -8,6 +8,7 @@ Normalised where OpenAI's wire format legitimately cannot carry something:
 - a choice that called tools and finished with `stop` reads back as `tool_calls` (the relay
   repairs backends that say `stop` there, §3d);
 - an in-stream error reads back as a backend error with the same message;
+- a stream that reports no usage reads back with the gateway's estimate of what it generated;
 - a stream that ends with no choice finished reads back with choice 0 finished (`stop`, or
   `tool_calls` after calling tools), as OpenAI's streams always end theirs.
 """
@@ -25,6 +26,7 @@ from proxy.dialects import openai
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
+    EstimatedUsageReport,
     Finish,
     ReasoningDelta,
     StreamEvent,
@@ -35,6 +37,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from proxy.domain.tokens import estimate_tokens
 
 # -- strategies (also used by tests/test_anthropic_codec.py) ----------------------------------------
 
@@ -178,8 +181,14 @@ def _expected(events: list[StreamEvent]) -> list[Any]:
             return out
     if not any(isinstance(event, Finish) for event in events):
         out.append(Finish(FinishReason.TOOL_CALLS if 0 in with_tools else FinishReason.STOP, 0))
+    generated = sum(
+        len(event.text) if isinstance(event, TextDelta | ReasoningDelta) else len(event.arguments)
+        for event in events if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta)
+    )
     if usage is not None:
         out.append(UsageReport(usage))
+    elif generated:
+        out.append(EstimatedUsageReport(Usage(0, estimate_tokens(generated))))
     return out
 
 

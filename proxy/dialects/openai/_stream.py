@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -34,6 +35,7 @@ from proxy.domain.errors import (
     is_context_overflow,
 )
 from proxy.domain.events import (
+    EstimatedUsageReport,
     Finish,
     ReasoningDelta,
     StreamEvent,
@@ -108,11 +110,14 @@ class StreamRelay:
     regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
     `chunk_usage`: the client also asked for usage on every chunk (vLLM's
     `continuous_usage_stats`), so usage riding on content chunks stays there.
-    `prompt_tokens`: the gateway's estimate of the prompt, for the usage chunk a client asked
-    for when the backend sends none (its completion tokens are estimated from what it said).
+    `prompt_tokens`: the gateway's estimate of the prompt (made only if needed), for the usage
+    a backend that sends none is taken to have reported (an `EstimatedUsageReport`; its
+    completion tokens are estimated from what it said), and the usage chunk a client asked for.
     """
 
-    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: int = 0) -> None:
+    def __init__(
+        self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: Callable[[], int] | None = None
+    ) -> None:
         self._include_usage = bool(include_usage)
         self._chunk_usage = self._include_usage and chunk_usage
         self._prompt_tokens = prompt_tokens
@@ -421,10 +426,14 @@ class StreamRelay:
 
     def _end(self, out: list[bytes], events: list[StreamEvent]) -> None:
         self._finish_open(out, events)
+        if self._usage is None and self._start is not None and self._generated:
+            # A backend that reports no usage: every client is told the gateway's estimate,
+            # the one its accounting charges.
+            prompt = self._prompt_tokens() if self._prompt_tokens is not None else 0
+            self._usage = Usage(prompt, estimate_tokens(self._generated))
+            events.append(EstimatedUsageReport(self._usage))
         if self._include_usage and not self._usage_forwarded and self._start:
-            # A backend that reports no usage still owes the client the chunk it asked for:
-            # the gateway's estimate, the one its accounting charges.
-            usage = self._usage or Usage(self._prompt_tokens, estimate_tokens(self._generated))
+            usage = self._usage or Usage(self._prompt_tokens() if self._prompt_tokens is not None else 0, 0)
             self._usage_forwarded = True
             out.append(_usage_chunk(self._start, usage))
         out.append(DONE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -100,7 +101,7 @@ class OpenAIBackend:
                     "/chat/completions", self._body(call, stream=True),
                     openai.StreamRelay(
                         include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
-                        prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
+                        prompt_tokens=functools.partial(estimated_prompt_tokens, call.request),
                     ),
                     send,
                     backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
