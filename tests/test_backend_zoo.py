@@ -370,3 +370,19 @@ def test_the_estimate_told_for_a_backend_without_usage_is_charged_as_an_estimate
     assert charged_usage(request, builder) == (Usage(120, 3), True)
     builder.add(UsageReport(Usage(118, 3)))
     assert charged_usage(request, builder) == (Usage(118, 3), False)
+
+
+async def test_a_whole_answer_without_usage_tells_anthropic_and_ollama_clients_the_estimate() -> None:
+    """The same for a whole answer (no usage, or LocalAI's zeros): an Anthropic client was told
+    0 and 0 tokens, an Ollama client no prompt count and an eval count of 1."""
+    answer = {"id": "z", "object": "chat.completion", "created": 5, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello there, " * 20}, "finish_reason": "stop"}]}
+    prompt = [{"role": "user", "content": "word " * 200}]
+    for usage in (None, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}):
+        async with _server(b"", answer if usage is None else {**answer, "usage": usage}) as gateway:
+            claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
+            message = await claude.messages.create(model="m", max_tokens=500, messages=prompt)
+            assert message.usage.input_tokens > 150 and message.usage.output_tokens > 40
+            await claude.close()
+            said = await ollama.AsyncClient(host=gateway).chat(model="m", messages=prompt)
+            assert (said.prompt_eval_count or 0) > 150 and (said.eval_count or 0) > 40

@@ -15,7 +15,8 @@ from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.tokens import estimated_prompt_tokens
+from proxy.domain.events import CompletionBuilder, EstimatedUsageReport, StreamEvent
+from proxy.domain.tokens import estimated_prompt_tokens, estimated_usage
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
@@ -174,7 +175,12 @@ class OpenAIBackend:
         raw = None
         if call.relay_openai:
             raw = openai.relay_completion(data, content)
-        return Batch(openai.completion_events_of(data, completion), raw=raw, done=True, completion=completion)
+        events = openai.completion_events_of(data, completion)
+        if completion.usage is None:
+            events = with_estimated_usage(call.request, events)
+            if isinstance(events[-1], EstimatedUsageReport):
+                completion = replace(completion, usage=events[-1].usage)
+        return Batch(events, raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /embeddings`, floats requested (every OpenAI-compatible server has them).
@@ -299,6 +305,16 @@ class _WindowFilled:
 
     async def send(self, value: Batch, /) -> None:
         await self._send.send(replace(value, events=anthropic.window_filled(self._request, value.events)))
+
+
+def with_estimated_usage(request: ChatRequest, events: list[StreamEvent]) -> list[StreamEvent]:
+    """`events` of an answer whose backend reported no usage (or only zeros), with the
+    gateway's estimate told in its stead, as a stream's is."""
+    answer = CompletionBuilder()
+    for event in events:
+        answer.add(event)
+    estimate = estimated_usage(request, answer)
+    return events if estimate is None else [*events, EstimatedUsageReport(estimate)]
 
 
 def says_unknown(response: httpx.Response, model: str) -> bool:
