@@ -386,3 +386,21 @@ async def test_a_whole_answer_without_usage_tells_anthropic_and_ollama_clients_t
             await claude.close()
             said = await ollama.AsyncClient(host=gateway).chat(model="m", messages=prompt)
             assert (said.prompt_eval_count or 0) > 150 and (said.eval_count or 0) > 40
+
+
+async def test_a_refusal_said_as_an_error_event_in_a_stream_is_a_400_in_every_shape() -> None:
+    """vLLM and SGLang say a refusal met once the stream began as an error event, then
+    `[DONE]`: clients got a 502 (the refusal's meaning lost), or, for older vLLM's error
+    object without its `error` wrapper, an empty answer that ended normally."""
+    refusal = {"object": "error", "message": "This model's maximum context length is 4096 tokens. However, you "
+               "requested 5000 tokens (4000 in the messages, 1000 in the completion).", "type": "BadRequestError", "code": 400}
+    for event in ({"error": refusal}, refusal):
+        async with _server(b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n") as gateway:
+            client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+            try:
+                async for _ in await client.chat.completions.create(model="m", messages=_HI, stream=True):
+                    pass
+                raise AssertionError("no error")
+            except openai.BadRequestError as error:
+                assert error.code == "context_length_exceeded" and "maximum context length is 4096" in error.message
+            await client.close()

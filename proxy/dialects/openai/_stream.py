@@ -64,9 +64,10 @@ def error_frame(error: GatewayError) -> bytes:
 
 
 def stream_error(data: bytes) -> GatewayError:
-    """The failure an `error` event reports (llama.cpp's `{"code": 400, "message": ...,
-    "type": ...}`): a refusal of the request (its prompt past the context size) keeps its
-    meaning, so a client told nothing yet gets a 400 (`context_length_exceeded`)."""
+    """The failure an error event reports (llama.cpp's `{"code": 400, "message": ...,
+    "type": ...}`, vLLM's and SGLang's the same under `error`): a refusal of the request (its
+    prompt past the context size) keeps its meaning, so a client told nothing yet gets a 400
+    (`context_length_exceeded`)."""
     message = error_message_from_body(data) or data.decode("utf-8", "replace")[:500] or "The backend reported an error."
     try:
         body = json.loads(data)
@@ -212,9 +213,10 @@ class StreamRelay:
         if not isinstance(chunk, dict):
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
             return
-        if chunk.get("error"):
-            message = error_message_from_body(data) or "The backend reported an error."
-            self._fail(GatewayError(ErrorKind.BACKEND, message), out, events)
+        if chunk.get("error") or chunk.get("object") == "error":
+            # vLLM's and SGLang's error event (`{"error": {...}}`; older vLLM's the error
+            # object alone, which read as a chunk of nothing before `[DONE]`).
+            self._fail(stream_error(data), out, events)
             return
         rewrite = False
         if mended or self._split is not None:
