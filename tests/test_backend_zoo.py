@@ -374,7 +374,8 @@ def test_the_estimate_told_for_a_backend_without_usage_is_charged_as_an_estimate
 
 async def test_a_whole_answer_without_usage_tells_anthropic_and_ollama_clients_the_estimate() -> None:
     """The same for a whole answer (no usage, or LocalAI's zeros): an Anthropic client was told
-    0 and 0 tokens, an Ollama client no prompt count and an eval count of 1."""
+    0 and 0 tokens, an Ollama client no prompt count and an eval count of 1, an OpenAI client
+    no usage (or the zeros)."""
     answer = {"id": "z", "object": "chat.completion", "created": 5, "model": "m", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "Hello there, " * 20}, "finish_reason": "stop"}]}
     prompt = [{"role": "user", "content": "word " * 200}]
@@ -386,6 +387,12 @@ async def test_a_whole_answer_without_usage_tells_anthropic_and_ollama_clients_t
             await claude.close()
             said = await ollama.AsyncClient(host=gateway).chat(model="m", messages=prompt)
             assert (said.prompt_eval_count or 0) > 150 and (said.eval_count or 0) > 40
+            client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
+            completion = await client.chat.completions.create(model="m", messages=prompt)
+            assert completion.usage is not None
+            assert completion.usage.prompt_tokens > 150 and completion.usage.completion_tokens > 40
+            assert completion.choices[0].message.content == "Hello there, " * 20
+            await client.close()
 
 
 async def test_a_refusal_said_as_an_error_event_in_a_stream_is_a_400_in_every_shape() -> None:

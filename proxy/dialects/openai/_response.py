@@ -409,8 +409,8 @@ def relay_completion(data: dict[str, Any], raw: bytes) -> bytes:
     its own bytes when they conform, else its own JSON repaired where a client could not
     read it (`object`, finish reasons off OpenAI's enum, choices that are not objects).
     Everything else it said (logprobs, refusal, annotations, service_tier, usage details…)
-    is kept. `data` is changed in place."""
-    return raw if completion_is_conformant(data) else dumps(_conform(data))
+    is kept. `data` is changed in place; an empty `raw` has it encoded afresh."""
+    return raw if raw and completion_is_conformant(data) else dumps(_conform(data))
 
 
 def _conform(data: dict[str, Any]) -> dict[str, Any]:

@@ -172,14 +172,17 @@ class OpenAIBackend:
         if failed is not None:  # as in a stream: a failure, not an answer cut short
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` ended the answer with `{failed}`.")
         completion = openai.parse_completion(data)
-        raw = None
-        if call.relay_openai:
-            raw = openai.relay_completion(data, content)
         events = openai.completion_events_of(data, completion)
         if completion.usage is None:
             events = with_estimated_usage(call.request, events)
-            if isinstance(events[-1], EstimatedUsageReport):
-                completion = replace(completion, usage=events[-1].usage)
+            if isinstance(estimate := events[-1], EstimatedUsageReport):
+                completion = replace(completion, usage=estimate.usage)
+                # An OpenAI client is told it too, in the backend's own answer otherwise.
+                data["usage"] = openai.render_usage(estimate.usage)
+                content = b""
+        raw = None
+        if call.relay_openai:
+            raw = openai.relay_completion(data, content)
         return Batch(events, raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
