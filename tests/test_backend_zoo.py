@@ -411,3 +411,28 @@ async def test_a_refusal_said_as_an_error_event_in_a_stream_is_a_400_in_every_sh
             except openai.BadRequestError as error:
                 assert error.code == "context_length_exceeded" and "maximum context length is 4096" in error.message
             await client.close()
+
+
+async def test_an_ollama_chat_too_long_for_llama_cpp_refusing_in_its_stream_loses_its_oldest_messages() -> None:
+    """llama.cpp refusing a prompt past its context size as an `error:` line in a 200 stream:
+    an Ollama client's chat, which Ollama would fit to the context, got an empty answer."""
+    seen: list[int] = []
+    refusal = (b'error: {"code":400,"message":"request (5000 tokens) exceeds the available context size (4096 tokens), '
+               b'try increasing it","type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+
+    async def handler(stream: trio.SocketStream, n: int) -> None:
+        buffer = bytearray()
+        while True:
+            request = await read_request(stream, buffer)
+            messages = json.loads(request.partition(b"\r\n\r\n")[2])["messages"]
+            seen.append(len(messages))
+            body = refusal if len(messages) == 5 else _sse(_chunk({"role": "assistant", "content": "Fits"}), _chunk({}, "stop"))
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    async with raw_server(handler) as (url, _), running_gateway(backend("llama", url, default=True)) as gateway:
+        history = [{"role": ("user", "assistant")[i % 2], "content": f"{i} " + "word " * 800} for i in range(5)]
+        parts = [part async for part in await ollama.AsyncClient(host=gateway).chat(model="m", messages=history, stream=True)]
+        assert "".join(p.message.content or "" for p in parts) == "Fits" and parts[-1].done_reason == "stop"
+        assert seen[0] == 5 and 1 <= seen[1] < 5
