@@ -9,7 +9,8 @@ Rules every producer keeps, so that every renderer can rely on them:
 - a tool call's `ToolCallStart` precedes its `ToolCallDelta`s; `index` counts from 0 per
   choice, in order of first appearance;
 - `Finish` comes at most once per choice, after that choice's deltas;
-- `UsageReport` may come anywhere after `StreamStart`; the last one wins.
+- `UsageReport` may come anywhere after `StreamStart`; the last one wins (an
+  `EstimatedUsageReport` is the gateway's estimate, for a backend that reported none).
 """
 
 from __future__ import annotations
