@@ -7,7 +7,10 @@ Normalised where OpenAI's wire format legitimately cannot carry something:
   and none after a failure (the stream ends at the error);
 - a choice that called tools and finished with `stop` reads back as `tool_calls` (the relay
   repairs backends that say `stop` there, §3d);
-- an in-stream error reads back as a backend error with the same message.
+- an in-stream error reads back as a backend error with the same message;
+- a stream that reports no usage reads back with the gateway's estimate of what it generated;
+- a stream that ends with no choice finished reads back with choice 0 finished (`stop`, or
+  `tool_calls` after calling tools), as OpenAI's streams always end theirs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from proxy.dialects import openai
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
+    EstimatedUsageReport,
     Finish,
     ReasoningDelta,
     StreamEvent,
@@ -33,6 +37,7 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from proxy.domain.tokens import estimate_tokens
 
 # -- strategies (also used by tests/test_anthropic_codec.py) ----------------------------------------
 
@@ -44,7 +49,7 @@ _arguments = st.dictionaries(st.text(max_size=6), _json_values, max_size=3).map(
 )
 _usages = st.builds(
     Usage,
-    prompt_tokens=st.integers(0, 10_000),
+    prompt_tokens=st.integers(1, 10_000),  # no prompt is 0 tokens: zeros read as no usage (LocalAI's)
     completion_tokens=st.integers(0, 10_000),
     cached_tokens=st.none() | st.integers(0, 100),
     reasoning_tokens=st.none() | st.integers(0, 100),
@@ -174,8 +179,16 @@ def _expected(events: list[StreamEvent]) -> list[Any]:
         out.append(comparable(event))
         if failed:
             return out
+    if not any(isinstance(event, Finish) for event in events):
+        out.append(Finish(FinishReason.TOOL_CALLS if 0 in with_tools else FinishReason.STOP, 0))
+    generated = sum(
+        len(event.text) if isinstance(event, TextDelta | ReasoningDelta) else len(event.arguments)
+        for event in events if isinstance(event, TextDelta | ReasoningDelta | ToolCallDelta)
+    )
     if usage is not None:
         out.append(UsageReport(usage))
+    elif generated:
+        out.append(EstimatedUsageReport(Usage(0, estimate_tokens(generated))))
     return out
 
 

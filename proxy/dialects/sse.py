@@ -119,6 +119,11 @@ def _parse_block(block: bytes) -> SSEFrame:
             data.append(value)
         elif name == b"event":
             event = value.decode("utf-8", "replace")
+        elif name == b"error":
+            # llama.cpp's server reports a failure in a stream as an `error:` line (then says
+            # `[DONE]` all the same): read as an `error` event, not skipped as a field unknown.
+            data.append(value)
+            event = "error"
     return SSEFrame(data=b"\n".join(data), event=event, raw=raw)
 
 

@@ -127,11 +127,12 @@ def database_not_configured(what: str) -> GatewayError:
 # the max_model_len"), llama.cpp ("exceeds the available context size"), SGLang ("exceeds the
 # maximum allowed length"), Anthropic ("prompt is too long", "exceed context limit"), Ollama
 # ("prompt too long; exceeded max context length by N tokens"; its embed API's "the input
-# length exceeds the context length").
+# length exceeds the context length"), TGI ("`inputs` tokens + `max_new_tokens` must be <= N").
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 _CONTEXT_OVERFLOW = re.compile(
     r"max(?:imum)? context length|context (?:size|limit|window)|prompt is too long|maximum model length"
-    r"|max_model_len|exceeds the maximum allowed length|exceeds the context length",
+    r"|max_model_len|exceeds the maximum allowed length|exceeds the context length"
+    r"|`inputs` tokens \+ `max_new_tokens` must be|`inputs` must have less than",
     re.IGNORECASE,
 )
 

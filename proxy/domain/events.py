@@ -9,7 +9,8 @@ Rules every producer keeps, so that every renderer can rely on them:
 - a tool call's `ToolCallStart` precedes its `ToolCallDelta`s; `index` counts from 0 per
   choice, in order of first appearance;
 - `Finish` comes at most once per choice, after that choice's deltas;
-- `UsageReport` may come anywhere after `StreamStart`; the last one wins.
+- `UsageReport` may come anywhere after `StreamStart`; the last one wins (an
+  `EstimatedUsageReport` is the gateway's estimate, for a backend that reported none).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ class UsageReport:
 
 
 @dataclass(slots=True, frozen=True)
+class EstimatedUsageReport(UsageReport):
+    """The gateway's estimate, for a backend that reported no usage: clients are told it
+    (Claude Code tracks its context by it), and its charge is logged as an estimate."""
+
+
+@dataclass(slots=True, frozen=True)
 class Finish:
     reason: FinishReason
     choice: int = 0
@@ -114,6 +121,7 @@ class CompletionBuilder:
     def __init__(self) -> None:
         self.start: StreamStart | None = None
         self.usage: Usage | None = None
+        self.usage_estimated = False  # `usage` is the gateway's estimate (`EstimatedUsageReport`)
         self.error: GatewayError | None = None
         # Whether `build()` holds the whole answer, so that a cache may replay it for it.
         self.replayable = True
@@ -160,6 +168,7 @@ class CompletionBuilder:
                     self.replayable = False
             case UsageReport(usage):
                 self.usage = usage
+                self.usage_estimated = type(event) is EstimatedUsageReport
             case StreamStart():
                 self.start = event
             case StreamFailed(error):

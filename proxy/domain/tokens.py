@@ -55,7 +55,7 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder, *, left: bool
     if reported is not None and (reported.prompt_tokens < 0 or reported.completion_tokens < 0):
         reported = None  # no count a server can mean (a bug's): estimated, never a credit to the key
     if reported is not None and answer.finish_reason is not None:
-        return reported, False
+        return reported, answer.usage_estimated
     estimate = estimated_usage(request, answer)
     if estimate is None:
         if not left or answer.error is not None or (reported is not None and reported.prompt_tokens):
@@ -70,7 +70,7 @@ def charged_usage(request: ChatRequest, answer: CompletionBuilder, *, left: bool
     prompt = reported.prompt_tokens or estimate.prompt_tokens
     completion = max(reported.completion_tokens, estimate.completion_tokens)
     if (prompt, completion) == (reported.prompt_tokens, reported.completion_tokens):
-        return reported, False
+        return reported, answer.usage_estimated
     return replace(reported, prompt_tokens=prompt, completion_tokens=completion), True
 
 

@@ -57,6 +57,12 @@ _ENGINE = re.compile(r"\(length (?P<prompt>\d+)\) is longer than the maximum mod
 _ANTHROPIC = re.compile(r"(?P<prompt>\d+) tokens > (?P<window>\d+)")
 _ANTHROPIC_WITH_OUTPUT = re.compile(r"(?P<prompt>\d+) \+ (?P<output>\d+) > (?P<window>\d+)")
 _LLAMA_CPP = re.compile(r"request \((?P<prompt>\d+) tokens\) exceeds the available context size \((?P<window>\d+) tokens")
+# TGI (a 422): "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given:
+# 4000 `inputs` tokens and 200 `max_new_tokens`"; "`inputs` must have less than 4096 tokens. Given: 5000".
+_TGI = re.compile(
+    r"must be <= (?P<window>\d+)\. Given: (?P<prompt>\d+) `inputs` tokens and (?P<output>\d+) `max_new_tokens`"
+)
+_TGI_INPUT = re.compile(r"`inputs` must have less than (?P<window>\d+) tokens\. Given: (?P<prompt>\d+)")
 _OVER_BY = re.compile(r"exceeded max context length by (\d+)", re.IGNORECASE)
 # The share of the prompt kept when the refusal says no number (or only a floor): a quarter goes.
 _UNKNOWN_SHARE = 0.75
@@ -68,7 +74,8 @@ def shortened(request: ChatRequest, refusal: str) -> ChatRequest | None:
     more can be dropped (or nothing dropped could make it fit)."""
     estimate = estimated_prompt_tokens(request)
     budget = estimate * _UNKNOWN_SHARE
-    for pattern in (_VLLM_NOW, _VLLM_SPLIT, _ANTHROPIC_WITH_OUTPUT, _VLLM, _ENGINE, _ANTHROPIC, _LLAMA_CPP):
+    patterns = (_VLLM_NOW, _VLLM_SPLIT, _ANTHROPIC_WITH_OUTPUT, _TGI, _VLLM, _ENGINE, _ANTHROPIC, _LLAMA_CPP, _TGI_INPUT)
+    for pattern in patterns:
         if (found := pattern.search(refusal)) is None:
             continue
         figures = found.groupdict()
@@ -112,7 +119,7 @@ _SGLANG = re.compile(
 def output_room(refusal: str) -> int | None:
     """The tokens the window leaves the answer, when a backend's refusal says the prompt fits
     but not with the answer's limit (and says both exactly); None for any other refusal."""
-    for pattern in (_OUTPUT_TOO_LARGE, _SGLANG, _VLLM_SPLIT):
+    for pattern in (_OUTPUT_TOO_LARGE, _SGLANG, _VLLM_SPLIT, _TGI):
         found = pattern.search(refusal)
         if found is not None:
             room = int(found["window"]) - int(found["prompt"])

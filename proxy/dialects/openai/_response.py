@@ -56,6 +56,13 @@ def failed_finish_reason(data: dict[str, Any]) -> str | None:
     return None
 
 
+def stop_string(choice: dict[str, Any]) -> Any:
+    """What ended a backend's choice, as it names it: vLLM's `stop_reason`, SGLang's
+    `matched_stop` (a stop string, or the id of the token that ended it)."""
+    said = choice.get("stop_reason")
+    return said if said is not None else choice.get("matched_stop")
+
+
 def finish_event(reason: FinishReason, choice: int, stop_reason: Any) -> Finish:
     """A choice's finish; vLLM's `stop_reason` names the stop string that ended it (an int
     is a stop token's id, no sequence the client sent)."""
@@ -68,9 +75,9 @@ def completion_events_of(data: dict[str, Any], completion: ChatCompletion) -> li
     """The events replaying a backend's `chat.completion`, its stop strings included."""
     events = completion_events(completion)
     stops = {
-        int(item.get("index", position)): item.get("stop_reason")
+        int(item.get("index", position)): stop_string(item)
         for position, item in enumerate(data.get("choices") or [])
-        if isinstance(item, dict) and isinstance(item.get("stop_reason"), str)
+        if isinstance(item, dict) and isinstance(stop_string(item), str)
     }
     if not stops:
         return events
@@ -257,6 +264,10 @@ def parse_usage(data: Any) -> Usage | None:
     completion = data.get("completion_tokens") or 0
     if not (_is_count(prompt) and _is_count(completion)):
         return None  # not counts (a string, an object, NaN): as if the server had sent none
+    if not prompt and not completion:
+        # No prompt is zero tokens: LocalAI's zeros on every chunk count nothing, and would
+        # have made its answers free to a key's budget.
+        return None
     prompt_details = data.get("prompt_tokens_details")
     completion_details = data.get("completion_tokens_details")
     return Usage(
@@ -377,6 +388,19 @@ def completion_is_conformant(data: dict[str, Any]) -> bool:
     for choice in choices:
         if not isinstance(choice, dict) or choice.get("finish_reason") not in _ENUM_VALUES:
             return False
+        if not _arguments_are_text(choice.get("message")):
+            return False
+    return True
+
+
+def _arguments_are_text(message: Any) -> bool:
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return True
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and not isinstance(function.get("arguments"), str | None):
+            return False
     return True
 
 
@@ -385,8 +409,8 @@ def relay_completion(data: dict[str, Any], raw: bytes) -> bytes:
     its own bytes when they conform, else its own JSON repaired where a client could not
     read it (`object`, finish reasons off OpenAI's enum, choices that are not objects).
     Everything else it said (logprobs, refusal, annotations, service_tier, usage details…)
-    is kept. `data` is changed in place."""
-    return raw if completion_is_conformant(data) else dumps(_conform(data))
+    is kept. `data` is changed in place; an empty `raw` has it encoded afresh."""
+    return raw if raw and completion_is_conformant(data) else dumps(_conform(data))
 
 
 def _conform(data: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +422,12 @@ def _conform(data: dict[str, Any]) -> dict[str, Any]:
         if reason not in _ENUM_VALUES:
             mapped = finish_reason_from_wire(reason) if isinstance(reason, str) else FinishReason.STOP
             choice["finish_reason"] = mapped.value
+        if not _arguments_are_text(choice.get("message")):
+            # TGI's (and some llama.cpp builds') arguments as a JSON object: OpenAI's are text.
+            for call in choice["message"]["tool_calls"]:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and not isinstance(function.get("arguments"), str | None):
+                    function["arguments"] = _arguments_text(function["arguments"])
     return data
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
@@ -23,11 +24,18 @@ from proxy.dialects.openai._response import (
     finish_reason_from_wire,
     parse_usage,
     render_usage,
+    stop_string,
 )
 from proxy.dialects.sse import SSEDecoder, encode_event
 from proxy.domain.chat import FinishReason, Usage
-from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
+    ErrorKind,
+    GatewayError,
+    is_context_overflow,
+)
 from proxy.domain.events import (
+    EstimatedUsageReport,
     Finish,
     ReasoningDelta,
     StreamEvent,
@@ -53,6 +61,24 @@ _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 def error_frame(error: GatewayError) -> bytes:
     """The in-stream error event the OpenAI SDK raises as `APIError`."""
     return encode_event(dumps(error_body(error)))
+
+
+def stream_error(data: bytes) -> GatewayError:
+    """The failure an error event reports (llama.cpp's `{"code": 400, "message": ...,
+    "type": ...}`, vLLM's and SGLang's the same under `error`): a refusal of the request (its
+    prompt past the context size) keeps its meaning, so a client told nothing yet gets a 400
+    (`context_length_exceeded`)."""
+    message = error_message_from_body(data) or data.decode("utf-8", "replace")[:500] or "The backend reported an error."
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        body = None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("code") == 400:
+        if is_context_overflow(message):
+            return GatewayError(ErrorKind.INVALID_REQUEST, message, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
+        return GatewayError(ErrorKind.INVALID_REQUEST, message)
+    return GatewayError(ErrorKind.BACKEND, message)
 
 
 def new_tool_call_id() -> str:
@@ -85,11 +111,14 @@ class StreamRelay:
     regardless (for accounting), so its usage chunk is forwarded only when the client wants it.
     `chunk_usage`: the client also asked for usage on every chunk (vLLM's
     `continuous_usage_stats`), so usage riding on content chunks stays there.
-    `prompt_tokens`: the gateway's estimate of the prompt, for the usage chunk a client asked
-    for when the backend sends none (its completion tokens are estimated from what it said).
+    `prompt_tokens`: the gateway's estimate of the prompt (made only if needed), for the usage
+    a backend that sends none is taken to have reported (an `EstimatedUsageReport`; its
+    completion tokens are estimated from what it said), and the usage chunk a client asked for.
     """
 
-    def __init__(self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: int = 0) -> None:
+    def __init__(
+        self, *, include_usage: bool | None, chunk_usage: bool = False, prompt_tokens: Callable[[], int] | None = None
+    ) -> None:
         self._include_usage = bool(include_usage)
         self._chunk_usage = self._include_usage and chunk_usage
         self._prompt_tokens = prompt_tokens
@@ -127,6 +156,9 @@ class StreamRelay:
             for frame in self._decoder.feed(data):
                 if frame.is_comment or not frame.data:
                     continue
+                if frame.event == "error":
+                    self._fail(stream_error(frame.data), out, events)
+                    break
                 self._frame(frame.data, frame.raw, out, events)
                 if self.done:
                     break
@@ -139,10 +171,13 @@ class StreamRelay:
         if not self.done:
             for frame in self._decoder.close():
                 if frame.data and not self.done:
-                    self._frame(frame.data, frame.raw, out, events)
+                    if frame.event == "error":
+                        self._fail(stream_error(frame.data), out, events)
+                    else:
+                        self._frame(frame.data, frame.raw, out, events)
         if not self.done:
             if self._finished:
-                self._end(out)
+                self._end(out, events)
             else:
                 self._fail(GatewayError(ErrorKind.BACKEND, self._unfinished_reason()), out, events)
         return RelayOutput(b"".join(out), events, True)
@@ -161,7 +196,7 @@ class StreamRelay:
     def _frame(self, data: bytes, raw: bytes, out: list[bytes], events: list[StreamEvent]) -> None:
         self._head = None
         if data == b"[DONE]":
-            self._end(out)
+            self._end(out, events)
             return
         mended = False
         try:
@@ -178,9 +213,10 @@ class StreamRelay:
         if not isinstance(chunk, dict):
             self._fail(GatewayError(ErrorKind.BACKEND, "The backend sent a malformed stream event."), out, events)
             return
-        if chunk.get("error"):
-            message = error_message_from_body(data) or "The backend reported an error."
-            self._fail(GatewayError(ErrorKind.BACKEND, message), out, events)
+        if chunk.get("error") or chunk.get("object") == "error":
+            # vLLM's and SGLang's error event (`{"error": {...}}`; older vLLM's the error
+            # object alone, which read as a chunk of nothing before `[DONE]`).
+            self._fail(stream_error(data), out, events)
             return
         rewrite = False
         if mended or self._split is not None:
@@ -209,16 +245,20 @@ class StreamRelay:
         if not isinstance(choices, list):
             choices = []
         if usage_value:
-            self._usage = parse_usage(usage_value)
-            if self._usage is not None:
-                events.append(UsageReport(self._usage))
             if not choices:
-                # The usage chunk proper: only for clients that asked for it.
-                if self._include_usage and not self._usage_forwarded:
+                self._finish_open(out, events)  # the usage chunk follows the finish
+            usage = parse_usage(usage_value)
+            if usage is not None:
+                self._usage = usage
+                events.append(UsageReport(usage))
+            if not choices:
+                # The usage chunk proper: only for clients that asked for it (one that counts
+                # nothing gives way to the estimate at the end).
+                if usage is not None and self._include_usage and not self._usage_forwarded:
                     self._usage_forwarded = True
                     out.append(raw if not rewrite else encode_event(dumps(chunk)))
                 return
-            if not self._chunk_usage:
+            if not self._chunk_usage or usage is None:
                 # Usage riding on a content chunk: move it to its own chunk at the end.
                 chunk["usage"] = None
                 rewrite = True
@@ -288,11 +328,19 @@ class StreamRelay:
                 logprobs = choice.get("logprobs")
                 events.append(TextDelta(content, index, logprobs if isinstance(logprobs, dict) else None))
             calls = delta.get("tool_calls")
+            if isinstance(calls, dict):
+                # TGI 2.x streams each fragment as one object, not a list of them.
+                calls = delta["tool_calls"] = [calls]
+                rewrite = True
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
                     if isinstance(call, dict) and self._tool_call(call, position, index, events):
                         rewrite = True
         reason = choice.get("finish_reason")
+        if reason == "":
+            # LocalAI's Go structs say `""` on every chunk for "not finished yet".
+            choice["finish_reason"] = None
+            return True
         if isinstance(reason, str):
             if reason in FAILED_FINISH_REASONS:
                 self.failed = True
@@ -305,7 +353,7 @@ class StreamRelay:
                 mapped = finish_reason_from_wire(reason)
                 if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
                     mapped = FinishReason.TOOL_CALLS
-                events.append(finish_event(mapped, index, choice.get("stop_reason")))
+                events.append(finish_event(mapped, index, stop_string(choice)))
                 if reason != mapped.value:
                     choice["finish_reason"] = mapped.value
                     rewrite = True
@@ -344,6 +392,10 @@ class StreamRelay:
             call["index"] = ours
             rewrite = True
         arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            # Arguments as a JSON object (TGI, llama.cpp builds): OpenAI's are its text.
+            arguments = function["arguments"] = dumps(arguments).decode()
+            rewrite = True
         if isinstance(arguments, str) and arguments:
             self._generated += len(arguments)
             events.append(ToolCallDelta(ours, arguments, choice))
@@ -374,15 +426,35 @@ class StreamRelay:
 
     # -- endings --------------------------------------------------------------------------
 
-    def _end(self, out: list[bytes]) -> None:
+    def _end(self, out: list[bytes], events: list[StreamEvent]) -> None:
+        self._finish_open(out, events)
+        if self._usage is None and self._start is not None and self._generated:
+            # A backend that reports no usage: every client is told the gateway's estimate,
+            # the one its accounting charges.
+            prompt = self._prompt_tokens() if self._prompt_tokens is not None else 0
+            self._usage = Usage(prompt, estimate_tokens(self._generated))
+            events.append(EstimatedUsageReport(self._usage))
         if self._include_usage and not self._usage_forwarded and self._start:
-            # A backend that reports no usage still owes the client the chunk it asked for:
-            # the gateway's estimate, the one its accounting charges.
-            usage = self._usage or Usage(self._prompt_tokens, estimate_tokens(self._generated))
+            usage = self._usage or Usage(self._prompt_tokens() if self._prompt_tokens is not None else 0, 0)
             self._usage_forwarded = True
             out.append(_usage_chunk(self._start, usage))
         out.append(DONE)
         self.done = True
+
+    def _finish_open(self, out: list[bytes], events: list[StreamEvent]) -> None:
+        """Choice 0's finish, for a server that ends its stream with none given (`null` to
+        the last): OpenAI's streams always end their choice, and a client's final answer
+        would have no `finish_reason`."""
+        if not self._finished and self._role_sent and self._start is not None:
+            tools = self._tools.get(0)
+            reason = FinishReason.TOOL_CALLS if tools is not None and tools.count else FinishReason.STOP
+            self._finished.add(0)
+            events.append(Finish(reason, 0))
+            chunk = _chunk_head(self._start)
+            chunk["choices"] = [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason.value}]
+            if self._include_usage:
+                chunk["usage"] = None
+            out.append(encode_event(dumps(chunk)))
 
     def _fail(self, error: GatewayError, out: list[bytes], events: list[StreamEvent]) -> None:
         events.append(StreamFailed(error))

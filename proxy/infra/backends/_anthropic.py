@@ -426,6 +426,10 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     if response.status_code in (404, 405):  # not vLLM (no `/tokenize`), or a model vLLM lacks
         await _check_known(backend, upstream_model, response)
         return estimate
+    if response.status_code == 422:
+        # A `/tokenize` of another shape refusing vLLM's body (TGI's wants `inputs`); vLLM
+        # says its own refusals with a 400.
+        return estimate
     if response.status_code >= 400:
         raise status_error(
             config.name, response.status_code,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from proxy.config import BackendConfig
 from proxy.dialects import anthropic, openai
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.tokens import estimated_prompt_tokens
+from proxy.domain.events import CompletionBuilder, EstimatedUsageReport, StreamEvent
+from proxy.domain.tokens import estimated_prompt_tokens, estimated_usage
 from proxy.infra.backends._base import (
     BackendCall,
     Batch,
@@ -100,7 +102,7 @@ class OpenAIBackend:
                     "/chat/completions", self._body(call, stream=True),
                     openai.StreamRelay(
                         include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
-                        prompt_tokens=estimated_prompt_tokens(call.request) if call.request.include_usage else 0,
+                        prompt_tokens=functools.partial(estimated_prompt_tokens, call.request),
                     ),
                     send,
                     backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
@@ -170,10 +172,18 @@ class OpenAIBackend:
         if failed is not None:  # as in a stream: a failure, not an answer cut short
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` ended the answer with `{failed}`.")
         completion = openai.parse_completion(data)
+        events = openai.completion_events_of(data, completion)
+        if completion.usage is None:
+            events = with_estimated_usage(call.request, events)
+            if isinstance(estimate := events[-1], EstimatedUsageReport):
+                completion = replace(completion, usage=estimate.usage)
+                # An OpenAI client is told it too, in the backend's own answer otherwise.
+                data["usage"] = openai.render_usage(estimate.usage)
+                content = b""
         raw = None
         if call.relay_openai:
             raw = openai.relay_completion(data, content)
-        return Batch(openai.completion_events_of(data, completion), raw=raw, done=True, completion=completion)
+        return Batch(events, raw=raw, done=True, completion=completion)
 
     async def embed(self, call: EmbeddingCall) -> EmbeddingOutput:
         """`POST /embeddings`, floats requested (every OpenAI-compatible server has them).
@@ -298,6 +308,16 @@ class _WindowFilled:
 
     async def send(self, value: Batch, /) -> None:
         await self._send.send(replace(value, events=anthropic.window_filled(self._request, value.events)))
+
+
+def with_estimated_usage(request: ChatRequest, events: list[StreamEvent]) -> list[StreamEvent]:
+    """`events` of an answer whose backend reported no usage (or only zeros), with the
+    gateway's estimate told in its stead, as a stream's is."""
+    answer = CompletionBuilder()
+    for event in events:
+        answer.add(event)
+    estimate = estimated_usage(request, answer)
+    return events if estimate is None else [*events, EstimatedUsageReport(estimate)]
 
 
 def says_unknown(response: httpx.Response, model: str) -> bool:
