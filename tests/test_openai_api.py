@@ -130,6 +130,41 @@ async def test_headers_ids_and_correlation(setup: Setup) -> None:
     assert "authorization" not in forwarded  # the client's key is never passed to a backend
 
 
+UPSTREAM = [("x-request-id", "req_hosted"), ("openai-processing-ms", "321"), ("x-ratelimit-remaining-requests", "4999"),
+            ("x-ratelimit-reset-tokens", "6ms"), ("openai-organization", "the-operators-org")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_openai_backends_request_id_and_limits_reach_the_sdks_raw_response(setup: Setup, stream: bool) -> None:
+    """What an OpenAI client reads off `with_raw_response` (and support asks for) comes from the
+    backend that answered: its request id beside the gateway's, its processing time, its limits."""
+    setup.fake.push(Script(headers=UPSTREAM))
+    raw = await setup.client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, stream=stream,  # type: ignore[arg-type]
+    )
+    if stream:
+        async for _ in raw.parse():  # type: ignore[union-attr]
+            pass
+    assert raw.headers["x-upstream-request-id"] == "req_hosted" and raw.headers["x-request-id"] != "req_hosted"
+    assert raw.headers["openai-processing-ms"] == "321"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "4999"
+    assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+    assert "openai-organization" not in raw.headers  # the operator's account is not the client's business
+
+    # A backend's 429: how long to wait, to the millisecond, and its id for the error report.
+    setup.fake.push(Script(status=429, retry_after=2, headers=[("retry-after-ms", "1500"), *UPSTREAM]))
+    with pytest.raises(openai.RateLimitError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+    headers = info.value.response.headers
+    assert headers["retry-after-ms"] == "1500" and headers.get_list("retry-after") == ["2"]
+    assert headers["x-upstream-request-id"] == "req_hosted"
+    assert headers["x-ratelimit-remaining-requests"] == "4999"
+
+    # A backend that answers with the id it was sent (vLLM's) adds nothing.
+    plain = await setup.client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    assert "x-upstream-request-id" not in plain.headers and "openai-processing-ms" not in plain.headers
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ endpoints in Anthropic's shapes for Anthropic's clients, which share their paths
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
 
 from proxy.config import BackendConfig
@@ -20,7 +22,9 @@ from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, J
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.http._logprobs import refuse_logprobs_without_backend
-from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo
+from proxy.infra.backends import AnthropicBackend, Backend, Batch, ModelInfo
+from proxy.infra.transport import ResponseHeads, current_heads
+from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.embeddings import LOCAL_BACKEND
 
 exchanges = FrontDoor()
@@ -123,10 +127,66 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
     # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).
     single = request.parallel_tool_calls is False
+    backends = incoming.gateway.backends
     if request.stream:
         include_usage = request.include_usage
-        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single))
-    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single))
+        return OpenAIExchangeBody(
+            exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single), backends,
+        )
+    return OpenAIExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single), backends)
+
+
+class OpenAIExchangeBody(ExchangeBody):
+    """An exchange whose response head also carries, when an OpenAI-compatible backend
+    answered, what of that backend's head its clients read (as LiteLLM passes them on): its
+    own `x-request-id` as `x-upstream-request-id` (the id OpenAI's support asks for; the
+    gateway's `x-request-id` stays), `openai-processing-ms`, its `x-ratelimit-*` while the caller's key
+    has no limits of its own (whose headers the gateway sends instead), and how to retry
+    (`retry-after-ms`, `x-should-retry`, `retry-after`) unless the gateway said it already.
+    Read once, as the head goes out; a cached or replayed answer has no backend head."""
+
+    def __init__(
+        self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
+    ) -> None:
+        super().__init__(exchange, sink)
+        self._backends = backends
+        self._heads = ResponseHeads()
+
+    async def run(self, send: ASGISendCallable) -> None:
+        token = current_heads.set(self._heads)  # the exchange's backend calls inherit it
+        try:
+            await super().run(send)
+        finally:
+            current_heads.reset(token)
+
+    def sink(self, send: ASGISendCallable) -> ExchangeSink:
+        made = super().sink(send)
+        if isinstance(made, AsgiSink):
+            made.upstream = self._upstream
+        return made
+
+    def _upstream(self, own: Headers) -> Headers:
+        backend = self._backends.get(self.exchange.route.backend)
+        if backend is None or backend.config.kind != "openai":
+            return []  # another kind answered (a stand-in): its head means nothing to this client
+        taken = {name.lower() for name, _ in own}
+        limited = any(name.startswith(b"x-ratelimit-") for name in taken)
+        passed: Headers = []
+        upstream_id = None
+        for name, value in self._heads.headers:
+            if name == b"x-request-id":
+                upstream_id = value
+            elif name in taken:
+                continue
+            elif name in _PASSED_ON or (name.startswith(b"x-ratelimit-") and not limited):
+                passed.append((name, value))
+        # vLLM and others answer with the id they were sent (the gateway's): nothing to add.
+        if upstream_id is not None and (b"x-request-id", upstream_id) not in own:
+            passed.append((b"x-upstream-request-id", upstream_id))
+        return passed
+
+
+_PASSED_ON = frozenset({b"openai-processing-ms", b"retry-after", b"retry-after-ms", b"x-should-retry"})
 
 
 # Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a
