@@ -401,7 +401,10 @@ def _conform(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
+# OpenAI's own finish reasons, as its clients read them: the domain's, and legacy function
+# calling's `function_call` (the domain's tool call), which those clients branch on.
+LEGACY_FUNCTION_CALL = "function_call"
+_ENUM_VALUES = frozenset(reason.value for reason in FinishReason) | {LEGACY_FUNCTION_CALL}
 
 
 def render_model_list(models: list[dict[str, Any]]) -> bytes:

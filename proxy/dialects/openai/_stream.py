@@ -17,6 +17,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.openai._response import (
     FAILED_FINISH_REASONS,
+    LEGACY_FUNCTION_CALL,
     error_body,
     error_message_from_body,
     finish_event,
@@ -45,7 +46,6 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 # Enough of a body that is not a stream to read an error object's message from.
 _HEAD_LIMIT = 65536
-_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
 # Where a backend's stream carries text a character of which may come split in two.
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
@@ -306,7 +306,7 @@ class StreamRelay:
                 if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
                     mapped = FinishReason.TOOL_CALLS
                 events.append(finish_event(mapped, index, choice.get("stop_reason")))
-                if reason != mapped.value:
+                if reason != mapped.value and reason != LEGACY_FUNCTION_CALL:
                     choice["finish_reason"] = mapped.value
                     rewrite = True
         return rewrite
