@@ -116,3 +116,21 @@ async def test_an_ollama_model_without_tool_calling_is_a_400_naming_tools(stream
             await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, stream=stream)  # type: ignore[arg-type, call-overload]
         await client.close()
     assert info.value.param == "tools" and "does not support tools" in info.value.message
+
+
+async def test_an_anthropic_backends_request_id_reaches_an_openai_client(served: tuple[FakeBackend, openai.AsyncOpenAI]) -> None:
+    # The id Anthropic's support asks for, beside the gateway's own; Ollama gives none to pass on.
+    fake, client = served
+    anthropic_backend = isinstance(fake, AnthropicBackend)
+    for stream in (False, True):
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            async for _ in raw.parse():  # type: ignore[union-attr]
+                pass
+        upstream = raw.headers.get("x-upstream-request-id")
+        assert (upstream is not None and upstream.startswith("req_")) is anthropic_backend
+        assert raw.headers["x-request-id"] != upstream
+    fake.set_script(Script(status=429, retry_after=2))
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert ("x-upstream-request-id" in info.value.response.headers) is anthropic_backend

@@ -137,13 +137,14 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
 
 
 class OpenAIExchangeBody(ExchangeBody):
-    """An exchange whose response head also carries, when an OpenAI-compatible backend
-    answered, what of that backend's head its clients read (as LiteLLM passes them on): its
-    own `x-request-id` as `x-upstream-request-id` (the id OpenAI's support asks for; the
-    gateway's `x-request-id` stays), `openai-processing-ms`, its `x-ratelimit-*` while the caller's key
-    has no limits of its own (whose headers the gateway sends instead), and how to retry
-    (`retry-after-ms`, `x-should-retry`, `retry-after`) unless the gateway said it already.
-    Read once, as the head goes out; a cached or replayed answer has no backend head."""
+    """An exchange whose response head also carries what of the answering backend's head
+    OpenAI clients read (as LiteLLM passes them on): its own request id (an OpenAI-compatible
+    backend's `x-request-id`, Anthropic's `request-id`) as `x-upstream-request-id`, the id
+    their support asks for (the gateway's `x-request-id` stays); how to retry (`retry-after-ms`,
+    `x-should-retry`, `retry-after`) unless the gateway said it already; and from an
+    OpenAI-compatible backend `openai-processing-ms` and its `x-ratelimit-*` while the caller's
+    key has no limits of its own (whose headers the gateway sends instead). Read once, as the
+    head goes out; a cached or replayed answer has no backend head."""
 
     def __init__(
         self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
@@ -167,18 +168,20 @@ class OpenAIExchangeBody(ExchangeBody):
 
     def _upstream(self, own: Headers) -> Headers:
         backend = self._backends.get(self.exchange.route.backend)
-        if backend is None or backend.config.kind != "openai":
-            return []  # another kind answered (a stand-in): its head means nothing to this client
+        kind = backend.config.kind if backend is not None else None
+        if kind not in _ID_HEADERS:
+            return []  # an Ollama backend's head says nothing of the sort (nor does a workflow's)
+        id_header, passed_on = _ID_HEADERS[kind], _PASSED_ON[kind]
         taken = {name.lower() for name, _ in own}
-        limited = any(name.startswith(b"x-ratelimit-") for name in taken)
+        limits = kind == "openai" and not any(name.startswith(b"x-ratelimit-") for name in taken)
         passed: Headers = []
         upstream_id = None
         for name, value in self._heads.headers:
-            if name == b"x-request-id":
+            if name == id_header:
                 upstream_id = value
             elif name in taken:
                 continue
-            elif name in _PASSED_ON or (name.startswith(b"x-ratelimit-") and not limited):
+            elif name in passed_on or (limits and name.startswith(b"x-ratelimit-")):
                 passed.append((name, value))
         # vLLM and others answer with the id they were sent (the gateway's): nothing to add.
         if upstream_id is not None and (b"x-request-id", upstream_id) not in own:
@@ -186,7 +189,11 @@ class OpenAIExchangeBody(ExchangeBody):
         return passed
 
 
-_PASSED_ON = frozenset({b"openai-processing-ms", b"retry-after", b"retry-after-ms", b"x-should-retry"})
+# The backend's own id for the call, by backend kind (what its support asks for).
+_ID_HEADERS = {"openai": b"x-request-id", "anthropic": b"request-id"}
+# How to retry, which the OpenAI SDK reads whoever says it (`retry-after-ms` first).
+_RETRY = frozenset({b"retry-after", b"retry-after-ms", b"x-should-retry"})
+_PASSED_ON = {"openai": _RETRY | {b"openai-processing-ms"}, "anthropic": _RETRY}
 
 
 # Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a
