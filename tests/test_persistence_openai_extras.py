@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 
@@ -30,6 +31,8 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
     n = body.get("n") or 1
     logprobs = LOGPROBS if body.get("logprobs") else None
     base = {"id": "chatcmpl-x", "created": 1700000000, "model": body["model"], "system_fingerprint": FINGERPRINT}
+    if body["messages"][-1]["content"].startswith("refuse"):
+        return _refusal(base, stream=bool(body.get("stream")))
     if not body.get("stream"):
         return b"application/json", json.dumps({
             **base, "object": "chat.completion",
@@ -44,6 +47,23 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
             chunks.append({**base, "object": "chat.completion.chunk", "choices": [{
                 "index": i, "delta": delta, "logprobs": logprobs if part == "text" else None,
                 "finish_reason": "stop" if part == {} else None}]})
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+REFUSAL = ["I'm sorry,", " I can't help with that."]
+
+
+def _refusal(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """OpenAI's refusal (structured outputs, safety): `refusal` instead of `content`."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "refusal": "".join(REFUSAL)}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
+    deltas = [{"role": "assistant", "content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL), {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
     frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
     return b"text/event-stream", frames + b"data: [DONE]\n\n"
 
@@ -136,3 +156,45 @@ async def test_each_choice_of_a_keyed_or_cached_stream_opens_with_its_role(url: 
 async def _replayed(url: str, body: dict[str, Any], headers: dict[str, str]) -> bool:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         return "x-replay-of" in (await http.post("/v1/chat/completions", json=body, headers=headers)).headers
+
+
+class Verdict(pydantic.BaseModel):
+    allowed: bool
+
+
+async def test_a_refusal_survives_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    """`parse()` tells a refusal by `message.refusal` (and parses nothing); a keyed or cached
+    answer, live or replayed, whole or streamed, came back with neither content nor refusal."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    refusal = "".join(REFUSAL)
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"refuse {uuid.uuid4()}"}]
+        first = await client.chat.completions.with_raw_response.parse(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        )
+        assert first.parse().choices[0].message.refusal == refusal
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        replayed = await client.chat.completions.parse(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        )
+        message = replayed.choices[0].message
+        assert (message.refusal, message.content, message.parsed) == (refusal, None, None)
+        async with client.chat.completions.stream(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        ) as stream:
+            pieces = [event.delta async for event in stream if event.type == "refusal.delta"]
+            final = await stream.get_final_completion()
+        assert "".join(pieces) == refusal and final.choices[0].message.refusal == refusal
+        # A fresh stream, rendered from events as it is run.
+        fresh: Any = [{"role": "user", "content": f"refuse {uuid.uuid4()}"}]
+        fresh_headers = {k: (str(uuid.uuid4()) if k == "Idempotency-Key" else v) for k, v in headers.items()}
+        async with client.chat.completions.stream(model="m", messages=fresh, extra_headers=fresh_headers) as stream:
+            final = await stream.get_final_completion()
+        assert final.choices[0].message.refusal == refusal
+    # Stored (`store: true`) and read back.
+    made = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"refuse {uuid.uuid4()}"}], store=True,
+    )
+    got = await client.chat.completions.retrieve(made.id)
+    assert (got.choices[0].message.refusal, got.choices[0].message.content) == (refusal, None)
+    await client.close()

@@ -178,6 +178,7 @@ class Choice:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: dict[str, Any] | None = None  # OpenAI's shape (see `TextDelta`)
+    refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
 
 
 @dataclass(slots=True)

@@ -40,6 +40,16 @@ class TextDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class RefusalDelta:
+    """An OpenAI model's refusal (`refusal` instead of `content`: structured outputs, safety),
+    which OpenAI clients tell from an answer (`parse()` parses none). Other dialects have no
+    such field and leave it out."""
+
+    text: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class ReasoningDelta:
     text: str
     choice: int = 0
@@ -99,6 +109,7 @@ class StreamFailed:
 StreamEvent = (
     StreamStart
     | TextDelta
+    | RefusalDelta
     | ReasoningDelta
     | ToolCallStart
     | ToolCallDelta
@@ -120,6 +131,7 @@ class CompletionBuilder:
         self._choices: dict[int, Choice] = {}
         self._text: dict[int, list[str]] = {}
         self._reasoning: dict[int, list[str]] = {}
+        self._refusal: dict[int, list[str]] = {}
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
@@ -140,6 +152,9 @@ class CompletionBuilder:
                 self._text[choice].append(text)
                 if logprobs is not None:
                     _merge_logprobs(self._logprobs.setdefault(choice, {}), logprobs)
+            case RefusalDelta(text, choice):
+                self._choice(choice)
+                self._refusal.setdefault(choice, []).append(text)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -167,7 +182,7 @@ class CompletionBuilder:
 
     def generated_chars(self) -> int:
         """How much was generated so far (text, reasoning, tool-call arguments), in characters."""
-        parts = (*self._text.values(), *self._reasoning.values(), *self._tool_args.values())
+        parts = (*self._text.values(), *self._reasoning.values(), *self._refusal.values(), *self._tool_args.values())
         return sum(len(piece) for pieces in parts for piece in pieces)
 
     @property
@@ -182,6 +197,7 @@ class CompletionBuilder:
             choice = self._choices[index]
             choice.content = "".join(self._text[index])
             choice.reasoning = "".join(self._reasoning[index])
+            choice.refusal = "".join(self._refusal.get(index, ()))
             choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
@@ -223,6 +239,8 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
             events.append(ReasoningDelta(choice.reasoning, choice.index))
         if choice.content:
             events.append(TextDelta(choice.content, choice.index, choice.logprobs))
+        if choice.refusal:
+            events.append(RefusalDelta(choice.refusal, choice.index))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:

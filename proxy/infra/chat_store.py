@@ -31,6 +31,7 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 "tool_calls": [{"id": t.id, "name": t.name, "arguments": t.arguments} for t in c.tool_calls],
                 "finish_reason": c.finish_reason.value if c.finish_reason else None,
                 **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+                **({"refusal": c.refusal} if c.refusal else {}),
             }
             for c in completion.choices
         ],
@@ -69,6 +70,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 tool_calls=[ToolCall(t["id"], t["name"], t["arguments"]) for t in c.get("tool_calls") or []],
                 finish_reason=FinishReason(c["finish_reason"]) if c.get("finish_reason") else None,
                 logprobs=c.get("logprobs"),
+                refusal=c.get("refusal") or "",
             )
             for c in data.get("choices") or []
         ],

@@ -17,6 +17,7 @@ from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.events import (
     ReasoningDelta,
+    RefusalDelta,
     StreamFailed,
     TextDelta,
     ToolCallDelta,
@@ -77,7 +78,7 @@ class _Watched:
         await self._send.send(value)
 
 
-_CONTENT = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
+_CONTENT = (TextDelta, RefusalDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
 
 
 class FallbackWalk:

@@ -312,6 +312,7 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
                 tool_calls=calls,
                 finish_reason=finish,
                 logprobs=item["logprobs"] if isinstance(item.get("logprobs"), dict) else None,
+                refusal=refusal if isinstance(refusal := message.get("refusal"), str) else "",
             )
         )
     return ChatCompletion(
@@ -338,6 +339,8 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
     choices = []
     for choice in completion.choices:
         message: dict[str, Any] = {"role": "assistant", "content": choice.content or None}
+        if choice.refusal:
+            message["refusal"] = choice.refusal
         if choice.reasoning:
             message["reasoning_content"] = choice.reasoning
         if choice.tool_calls:
@@ -345,7 +348,7 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in (choice.tool_calls[:1] if single_tool else choice.tool_calls)
             ]
-        elif message["content"] is None:
+        elif message["content"] is None and not choice.refusal:
             message["content"] = ""
         reason = choice.finish_reason or FinishReason.STOP
         choices.append(

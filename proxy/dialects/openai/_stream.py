@@ -31,6 +31,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     Finish,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     StreamFailed,
     StreamStart,
@@ -287,6 +288,10 @@ class StreamRelay:
                 self._generated += len(content)
                 logprobs = choice.get("logprobs")
                 events.append(TextDelta(content, index, logprobs if isinstance(logprobs, dict) else None))
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._generated += len(refusal)
+                events.append(RefusalDelta(refusal, index))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
@@ -465,6 +470,8 @@ class StreamRenderer:
                 out.append(self._delta(choice, {"content": text}, logprobs=logprobs))
             case ReasoningDelta(text, choice):
                 out.append(self._delta(choice, {"reasoning_content": text}))
+            case RefusalDelta(text, choice):
+                out.append(self._delta(choice, {"refusal": text}))
             case ToolCallStart(index, call_id, name, choice):
                 if self._single_tool and (choice, index) not in self._tool_calls and any(
                     seen == choice for seen, _ in self._tool_calls
