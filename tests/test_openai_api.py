@@ -177,6 +177,32 @@ async def test_invalid_field_is_a_400_naming_it(setup: Setup) -> None:
     assert setup.fake.requests == []
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"messages": []}, "messages", "empty_array"),
+        ({"messages": None}, "messages", "missing_required_parameter"),
+        ({"temperature": 7}, "temperature", "decimal_above_max_value"),
+        ({"temperature": -1}, "temperature", "decimal_below_min_value"),
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"n": 0}, "n", "integer_below_min_value"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ],
+)
+async def test_a_refused_field_carries_openais_code(setup: Setup, fields: dict[str, object], param: str, code: str) -> None:
+    """OpenAI's 400s say what was wrong in `code` as well as which field (`param`): clients and
+    their tests branch on both; the gateway's said `code: null`."""
+    body = {"model": "m", "messages": MESSAGES, **fields}
+    body = {key: value for key, value in body.items() if value is not None}
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.post("/chat/completions", body=body, cast_to=httpx.Response)
+    assert (info.value.param, info.value.code) == (param, code)
+    assert setup.fake.requests == []
+
+
 async def test_malformed_json_is_a_400(setup: Setup) -> None:
     async with httpx.AsyncClient(base_url=setup.url) as client:
         response = await client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
