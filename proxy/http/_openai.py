@@ -16,7 +16,7 @@ from proxy.dialects._json import Fields, dumps
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.dialects.openai import stored
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import UNSUPPORTED_PARAMETER, ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
@@ -263,14 +263,14 @@ def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
             raise invalid_request(
                 f"`tools[{i}]` is a `custom` tool, which model `{request.model}` cannot be given: it {served}, "
                 "which has no equivalent. Only OpenAI-compatible backends accept it; send a `function` tool instead.",
-                param=f"tools[{i}]",
+                param=f"tools[{i}]", code=UNSUPPORTED_PARAMETER,
             )
     choice = request.extra.get("tool_choice")
     if isinstance(choice, dict):
         raise invalid_request(
             f"`tool_choice` of type `{choice.get('type')}` needs an OpenAI-compatible backend; model "
             f"`{request.model}` {served}. Send \"auto\", \"required\" or a `function` choice instead.",
-            param="tool_choice",
+            param="tool_choice", code=UNSUPPORTED_PARAMETER,
         )
 
 
@@ -278,7 +278,7 @@ def _refuse_openai_only(model: str, served: str, name: str) -> None:
     what, instead = _OPENAI_ONLY[name]
     raise invalid_request(
         f"`{name}` {what + ' ' if what else ''}needs an OpenAI-compatible backend; model `{model}` {served}. {instead}",
-        param=name,
+        param=name, code=UNSUPPORTED_PARAMETER,
     )
 
 
