@@ -33,6 +33,8 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
     base = {"id": "chatcmpl-x", "created": 1700000000, "model": body["model"], "system_fingerprint": FINGERPRINT}
     if body["messages"][-1]["content"].startswith("refuse"):
         return _refusal(base, stream=bool(body.get("stream")))
+    if body["messages"][-1]["content"].startswith("search"):
+        return _cited(base, stream=bool(body.get("stream")))
     if not body.get("stream"):
         return b"application/json", json.dumps({
             **base, "object": "chat.completion",
@@ -62,6 +64,24 @@ def _refusal(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
             {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
     deltas = [{"role": "assistant", "content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL), {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+CITATION = {"type": "url_citation", "url_citation": {
+    "url": "https://example.org/paris", "title": "Paris", "start_index": 0, "end_index": 6}}
+
+
+def _cited(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """A search model's answer (`web_search_options`): its text, and the citations under it."""
+    if not stream:
+        message = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": [CITATION]}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+    deltas = [{"role": "assistant", "content": ""}, {"content": "Paris."}, {"annotations": [CITATION]}, {}]
     chunks = [{**base, "object": "chat.completion.chunk", "choices": [
         {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
     frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
@@ -197,4 +217,32 @@ async def test_a_refusal_survives_a_key_and_the_cache(url: str, pg_database_url:
     )
     got = await client.chat.completions.retrieve(made.id)
     assert (got.choices[0].message.refusal, got.choices[0].message.content) == (refusal, None)
+    await client.close()
+
+
+async def test_a_search_answers_citations_survive_a_key_the_cache_and_the_store(url: str, pg_database_url: str) -> None:
+    """`message.annotations` (`delta.annotations`) hold a search model's sources: a keyed or
+    cached answer, live or replayed, and a stored one read back came without them."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    search: Any = {"web_search_options": {}}
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"search {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=messages, extra_headers=headers, extra_body=search,
+            )
+            answer = raw.parse()
+            assert [a.model_dump() for a in answer.choices[0].message.annotations or []] == [CITATION], attempt
+            if attempt == "live":
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+        async with client.chat.completions.stream(
+            model="m", messages=messages, extra_headers=headers, extra_body=search,
+        ) as stream:
+            final = await stream.get_final_completion()
+        assert [a.model_dump() for a in final.choices[0].message.annotations or []] == [CITATION]
+    made = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"search {uuid.uuid4()}"}], store=True, extra_body=search,
+    )
+    got = await client.chat.completions.retrieve(made.id)
+    assert [a.model_dump() for a in got.choices[0].message.annotations or []] == [CITATION]
     await client.close()

@@ -179,6 +179,7 @@ class Choice:
     finish_reason: FinishReason | None = None
     logprobs: dict[str, Any] | None = None  # OpenAI's shape (see `TextDelta`)
     refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
+    annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
 
 
 @dataclass(slots=True)

@@ -50,6 +50,15 @@ class RefusalDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class AnnotationsDelta:
+    """An OpenAI model's annotations of its answer (a web search's `url_citation`s), in OpenAI's
+    shape, opaque to the gateway; other dialects have no such field and leave them out."""
+
+    annotations: tuple[dict[str, Any], ...]
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class ReasoningDelta:
     text: str
     choice: int = 0
@@ -110,6 +119,7 @@ StreamEvent = (
     StreamStart
     | TextDelta
     | RefusalDelta
+    | AnnotationsDelta
     | ReasoningDelta
     | ToolCallStart
     | ToolCallDelta
@@ -132,6 +142,7 @@ class CompletionBuilder:
         self._text: dict[int, list[str]] = {}
         self._reasoning: dict[int, list[str]] = {}
         self._refusal: dict[int, list[str]] = {}
+        self._annotations: dict[int, list[dict[str, Any]]] = {}
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
@@ -155,6 +166,9 @@ class CompletionBuilder:
             case RefusalDelta(text, choice):
                 self._choice(choice)
                 self._refusal.setdefault(choice, []).append(text)
+            case AnnotationsDelta(annotations, choice):
+                self._choice(choice)
+                self._annotations.setdefault(choice, []).extend(annotations)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -198,6 +212,7 @@ class CompletionBuilder:
             choice.content = "".join(self._text[index])
             choice.reasoning = "".join(self._reasoning[index])
             choice.refusal = "".join(self._refusal.get(index, ()))
+            choice.annotations = self._annotations.get(index, [])
             choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
@@ -241,6 +256,8 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
             events.append(TextDelta(choice.content, choice.index, choice.logprobs))
         if choice.refusal:
             events.append(RefusalDelta(choice.refusal, choice.index))
+        if choice.annotations:
+            events.append(AnnotationsDelta(tuple(choice.annotations), choice.index))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:

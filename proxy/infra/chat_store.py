@@ -32,6 +32,7 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 "finish_reason": c.finish_reason.value if c.finish_reason else None,
                 **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
                 **({"refusal": c.refusal} if c.refusal else {}),
+                **({"annotations": c.annotations} if c.annotations else {}),
             }
             for c in completion.choices
         ],
@@ -71,6 +72,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 finish_reason=FinishReason(c["finish_reason"]) if c.get("finish_reason") else None,
                 logprobs=c.get("logprobs"),
                 refusal=c.get("refusal") or "",
+                annotations=list(c.get("annotations") or []),
             )
             for c in data.get("choices") or []
         ],

@@ -313,6 +313,8 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
                 finish_reason=finish,
                 logprobs=item["logprobs"] if isinstance(item.get("logprobs"), dict) else None,
                 refusal=refusal if isinstance(refusal := message.get("refusal"), str) else "",
+                annotations=[a for a in notes if isinstance(a, dict)]
+                if isinstance(notes := message.get("annotations"), list) else [],
             )
         )
     return ChatCompletion(
@@ -341,6 +343,8 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
         message: dict[str, Any] = {"role": "assistant", "content": choice.content or None}
         if choice.refusal:
             message["refusal"] = choice.refusal
+        if choice.annotations:
+            message["annotations"] = choice.annotations
         if choice.reasoning:
             message["reasoning_content"] = choice.reasoning
         if choice.tool_calls:

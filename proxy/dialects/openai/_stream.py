@@ -29,6 +29,7 @@ from proxy.dialects.sse import SSEDecoder, encode_event
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
+    AnnotationsDelta,
     Finish,
     ReasoningDelta,
     RefusalDelta,
@@ -292,6 +293,9 @@ class StreamRelay:
             if isinstance(refusal, str) and refusal:
                 self._generated += len(refusal)
                 events.append(RefusalDelta(refusal, index))
+            annotations = delta.get("annotations")
+            if isinstance(annotations, list) and annotations:
+                events.append(AnnotationsDelta(tuple(a for a in annotations if isinstance(a, dict)), index))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
@@ -472,6 +476,8 @@ class StreamRenderer:
                 out.append(self._delta(choice, {"reasoning_content": text}))
             case RefusalDelta(text, choice):
                 out.append(self._delta(choice, {"refusal": text}))
+            case AnnotationsDelta(annotations, choice):
+                out.append(self._delta(choice, {"annotations": list(annotations)}))
             case ToolCallStart(index, call_id, name, choice):
                 if self._single_tool and (choice, index) not in self._tool_calls and any(
                     seen == choice for seen, _ in self._tool_calls
