@@ -35,6 +35,8 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
         return _refusal(base, stream=bool(body.get("stream")))
     if body["messages"][-1]["content"].startswith("search"):
         return _cited(base, stream=bool(body.get("stream")))
+    if body["messages"][-1]["content"].startswith("call"):
+        return _legacy_call(base, stream=bool(body.get("stream")))
     if not body.get("stream"):
         return b"application/json", json.dumps({
             **base, "object": "chat.completion",
@@ -84,6 +86,25 @@ def _cited(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
     deltas = [{"role": "assistant", "content": ""}, {"content": "Paris."}, {"annotations": [CITATION]}, {}]
     chunks = [{**base, "object": "chat.completion.chunk", "choices": [
         {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+LEGACY_CALL = {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+
+
+def _legacy_call(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """OpenAI's answer to legacy function calling (`functions`): one `function_call`."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "function_call": LEGACY_CALL}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "function_call"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
+    deltas = [{"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}},
+              {"function_call": {"arguments": '{"city":'}}, {"function_call": {"arguments": '"Oslo"}'}}, {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "function_call"}]}
+        for delta in deltas]
     frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
     return b"text/event-stream", frames + b"data: [DONE]\n\n"
 
@@ -245,4 +266,34 @@ async def test_a_search_answers_citations_survive_a_key_the_cache_and_the_store(
     )
     got = await client.chat.completions.retrieve(made.id)
     assert [a.model_dump() for a in got.choices[0].message.annotations or []] == [CITATION]
+    await client.close()
+
+
+async def test_a_legacy_function_call_survives_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    """A keyed or cached answer to `functions` came back with no call at all (and `tool_calls`)."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    functions: Any = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"call {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=messages, functions=functions, extra_headers=headers,
+            )
+            choice = raw.parse().choices[0]
+            assert choice.finish_reason == "function_call", attempt
+            assert choice.message.function_call is not None, attempt
+            assert choice.message.function_call.model_dump() == LEGACY_CALL, attempt
+            if attempt == "live":
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+            stream = await client.chat.completions.create(
+                model="m", messages=messages, functions=functions, stream=True, extra_headers=headers,
+            )
+            names, arguments, reasons = [], "", []
+            async for chunk in stream:
+                for part in chunk.choices:
+                    if part.delta.function_call is not None:
+                        names += [part.delta.function_call.name] if part.delta.function_call.name else []
+                        arguments += part.delta.function_call.arguments or ""
+                    reasons += [part.finish_reason] if part.finish_reason else []
+            assert (names, arguments, reasons) == (["get_weather"], LEGACY_CALL["arguments"], ["function_call"]), attempt
     await client.close()

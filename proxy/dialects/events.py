@@ -7,6 +7,7 @@ One JSON object per NATS message, each with its sequence number `seq` (1, 2, …
     {"seq":3,"type":"reasoning","text":"…"}                    an extension: reasoning deltas
     {"seq":3,"type":"refusal","text":"…"}                      an extension: an OpenAI model's refusal
     {"seq":3,"type":"annotations","annotations":[…]}           an extension: its citations, OpenAI's shape
+    {"seq":4,"type":"function_call","name":"f","arguments":"{"}  an extension: legacy function calling
     {"seq":4,"type":"tool_call","index":0,"id":"call_1","name":"search","arguments":""}
     {"seq":5,"type":"tool_call","index":0,"arguments":"{\\"q\\":"}   later argument fragments
     {"seq":6,"type":"finish","reason":"tool_calls"}             one choice finished
@@ -29,6 +30,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     AnnotationsDelta,
     Finish,
+    FunctionCallDelta,
     ReasoningDelta,
     RefusalDelta,
     StreamEvent,
@@ -101,6 +103,8 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
             body |= {"type": "refusal", "text": text, "task": task_name(choice)}
         case AnnotationsDelta(annotations, choice):
             body |= {"type": "annotations", "annotations": list(annotations), "task": task_name(choice)}
+        case FunctionCallDelta(name, arguments, choice):
+            body |= {"type": "function_call", "name": name, "arguments": arguments, "task": task_name(choice)}
         case ToolCallStart(index, call_id, name, choice):
             body |= {"type": "tool_call", "index": index, "id": call_id, "name": name, "arguments": "",
                      "task": task_name(choice)}
@@ -147,6 +151,8 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
         event = ReasoningDelta(body["text"], choice)
     elif kind == "refusal" and isinstance(body.get("text"), str):
         event = RefusalDelta(body["text"], choice)
+    elif kind == "function_call":
+        event = FunctionCallDelta(str(body.get("name") or ""), str(body.get("arguments") or ""), choice)
     elif kind == "annotations" and isinstance(body.get("annotations"), list):
         event = AnnotationsDelta(tuple(item for item in body["annotations"] if isinstance(item, dict)), choice)
     elif kind == "finish":

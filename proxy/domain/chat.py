@@ -180,6 +180,7 @@ class Choice:
     logprobs: dict[str, Any] | None = None  # OpenAI's shape (see `TextDelta`)
     refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
     annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
+    function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
 
 
 @dataclass(slots=True)

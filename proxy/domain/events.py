@@ -59,6 +59,17 @@ class AnnotationsDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class FunctionCallDelta:
+    """A piece of legacy function calling's one call (OpenAI's `function_call`, asked with
+    `functions`): its name with the first piece, then its arguments. Only OpenAI clients ask for
+    one, and only OpenAI-compatible backends make one."""
+
+    name: str
+    arguments: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class ReasoningDelta:
     text: str
     choice: int = 0
@@ -120,6 +131,7 @@ StreamEvent = (
     | TextDelta
     | RefusalDelta
     | AnnotationsDelta
+    | FunctionCallDelta
     | ReasoningDelta
     | ToolCallStart
     | ToolCallDelta
@@ -143,6 +155,7 @@ class CompletionBuilder:
         self._reasoning: dict[int, list[str]] = {}
         self._refusal: dict[int, list[str]] = {}
         self._annotations: dict[int, list[dict[str, Any]]] = {}
+        self._function_calls: dict[int, tuple[str, list[str]]] = {}
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
@@ -169,6 +182,10 @@ class CompletionBuilder:
             case AnnotationsDelta(annotations, choice):
                 self._choice(choice)
                 self._annotations.setdefault(choice, []).extend(annotations)
+            case FunctionCallDelta(name, arguments, choice):
+                self._choice(choice)
+                held = self._function_calls.setdefault(choice, (name, []))
+                held[1].append(arguments)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -196,7 +213,8 @@ class CompletionBuilder:
 
     def generated_chars(self) -> int:
         """How much was generated so far (text, reasoning, tool-call arguments), in characters."""
-        parts = (*self._text.values(), *self._reasoning.values(), *self._refusal.values(), *self._tool_args.values())
+        parts = (*self._text.values(), *self._reasoning.values(), *self._refusal.values(), *self._tool_args.values(),
+                 *(pieces for _, pieces in self._function_calls.values()))
         return sum(len(piece) for pieces in parts for piece in pieces)
 
     @property
@@ -213,6 +231,8 @@ class CompletionBuilder:
             choice.reasoning = "".join(self._reasoning[index])
             choice.refusal = "".join(self._refusal.get(index, ()))
             choice.annotations = self._annotations.get(index, [])
+            if (legacy := self._function_calls.get(index)) is not None:
+                choice.function_call = ToolCall(id="", name=legacy[0], arguments="".join(legacy[1]))
             choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
@@ -258,6 +278,9 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
             events.append(RefusalDelta(choice.refusal, choice.index))
         if choice.annotations:
             events.append(AnnotationsDelta(tuple(choice.annotations), choice.index))
+        if choice.function_call is not None:
+            call = choice.function_call
+            events.append(FunctionCallDelta(call.name, call.arguments, choice.index))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:

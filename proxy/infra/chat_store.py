@@ -33,6 +33,8 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
                 **({"refusal": c.refusal} if c.refusal else {}),
                 **({"annotations": c.annotations} if c.annotations else {}),
+                **({"function_call": {"name": c.function_call.name, "arguments": c.function_call.arguments}}
+                   if c.function_call is not None else {}),
             }
             for c in completion.choices
         ],
@@ -73,6 +75,8 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 logprobs=c.get("logprobs"),
                 refusal=c.get("refusal") or "",
                 annotations=list(c.get("annotations") or []),
+                function_call=ToolCall("", str(legacy.get("name") or ""), str(legacy.get("arguments") or ""))
+                if isinstance(legacy := c.get("function_call"), dict) else None,
             )
             for c in data.get("choices") or []
         ],

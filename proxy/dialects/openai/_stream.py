@@ -31,6 +31,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     AnnotationsDelta,
     Finish,
+    FunctionCallDelta,
     ReasoningDelta,
     RefusalDelta,
     StreamEvent,
@@ -296,6 +297,12 @@ class StreamRelay:
             annotations = delta.get("annotations")
             if isinstance(annotations, list) and annotations:
                 events.append(AnnotationsDelta(tuple(a for a in annotations if isinstance(a, dict)), index))
+            legacy = delta.get("function_call")
+            if isinstance(legacy, dict):
+                name, arguments = legacy.get("name"), legacy.get("arguments")
+                arguments = arguments if isinstance(arguments, str) else ""
+                self._generated += len(arguments)
+                events.append(FunctionCallDelta(name if isinstance(name, str) else "", arguments, index))
             calls = delta.get("tool_calls")
             if isinstance(calls, list):
                 for position, call in enumerate(calls):
@@ -447,6 +454,8 @@ class StreamRenderer:
         self._tool_calls: set[tuple[int, int]] = set()
         # Choices past the first that had their role chunk (the first has it with the start).
         self._roles: set[int] = set()
+        # Choices that made a legacy function call, which end `function_call`, as OpenAI's do.
+        self._legacy_calls: set[int] = set()
         self.done = False
 
     def render(self, events: list[StreamEvent]) -> bytes:
@@ -478,6 +487,10 @@ class StreamRenderer:
                 out.append(self._delta(choice, {"refusal": text}))
             case AnnotationsDelta(annotations, choice):
                 out.append(self._delta(choice, {"annotations": list(annotations)}))
+            case FunctionCallDelta(name, arguments, choice):
+                piece = {"arguments": arguments} if choice in self._legacy_calls else {"name": name, "arguments": arguments}
+                self._legacy_calls.add(choice)
+                out.append(self._delta(choice, {"function_call": piece}))
             case ToolCallStart(index, call_id, name, choice):
                 if self._single_tool and (choice, index) not in self._tool_calls and any(
                     seen == choice for seen, _ in self._tool_calls
@@ -491,7 +504,8 @@ class StreamRenderer:
                     return
                 out.append(self._delta(choice, {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}))
             case Finish(reason, choice):
-                out.append(self._delta(choice, {}, reason.value))
+                legacy = reason is FinishReason.TOOL_CALLS and choice in self._legacy_calls
+                out.append(self._delta(choice, {}, LEGACY_FUNCTION_CALL if legacy else reason.value))
             case UsageReport(usage):
                 self._usage = usage
             case StreamStart():
