@@ -117,6 +117,20 @@ async def test_an_admission_queued_behind_another_gateways_sees_the_bucket_after
     assert answer.headers["x-ratelimit-remaining-requests"] == "8"
 
 
+async def test_a_keys_own_limits_are_the_headers_not_the_backends(stack: Stack) -> None:
+    # The backend's limits are the gateway's account's; a limited key's client backs off by its own.
+    key = await new_key(stack.db, "own", "--rpm", "10")
+    await wait_for_key(stack.url, key)
+    stack.fake.push(Script(tokens=["Hello"], headers=[("x-request-id", "req_hosted"), ("x-ratelimit-remaining-requests", "4999"),
+                                                      ("x-ratelimit-limit-tokens", "800000")]))
+    async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key)) as client:
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 200
+    assert answer.headers.get_list("x-ratelimit-remaining-requests") == ["9"]
+    assert "x-ratelimit-limit-tokens" not in answer.headers  # no token limit, and not the backend's either
+    assert answer.headers["x-upstream-request-id"] == "req_hosted"
+
+
 async def test_two_gateways_sharing_the_database_share_the_limit(stack: Stack) -> None:
     key = await new_key(stack.db, "shared", "--rpm", "10")
     async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:

@@ -130,6 +130,41 @@ async def test_headers_ids_and_correlation(setup: Setup) -> None:
     assert "authorization" not in forwarded  # the client's key is never passed to a backend
 
 
+UPSTREAM = [("x-request-id", "req_hosted"), ("openai-processing-ms", "321"), ("x-ratelimit-remaining-requests", "4999"),
+            ("x-ratelimit-reset-tokens", "6ms"), ("openai-organization", "the-operators-org")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_openai_backends_request_id_and_limits_reach_the_sdks_raw_response(setup: Setup, stream: bool) -> None:
+    """What an OpenAI client reads off `with_raw_response` (and support asks for) comes from the
+    backend that answered: its request id beside the gateway's, its processing time, its limits."""
+    setup.fake.push(Script(headers=UPSTREAM))
+    raw = await setup.client.chat.completions.with_raw_response.create(
+        model="m", messages=MESSAGES, stream=stream,  # type: ignore[arg-type]
+    )
+    if stream:
+        async for _ in raw.parse():  # type: ignore[union-attr]
+            pass
+    assert raw.headers["x-upstream-request-id"] == "req_hosted" and raw.headers["x-request-id"] != "req_hosted"
+    assert raw.headers["openai-processing-ms"] == "321"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "4999"
+    assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+    assert "openai-organization" not in raw.headers  # the operator's account is not the client's business
+
+    # A backend's 429: how long to wait, to the millisecond, and its id for the error report.
+    setup.fake.push(Script(status=429, retry_after=2, headers=[("retry-after-ms", "1500"), *UPSTREAM]))
+    with pytest.raises(openai.RateLimitError) as info:
+        await setup.client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+    headers = info.value.response.headers
+    assert headers["retry-after-ms"] == "1500" and headers.get_list("retry-after") == ["2"]
+    assert headers["x-upstream-request-id"] == "req_hosted"
+    assert headers["x-ratelimit-remaining-requests"] == "4999"
+
+    # A backend that answers with the id it was sent (vLLM's) adds nothing.
+    plain = await setup.client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    assert "x-upstream-request-id" not in plain.headers and "openai-processing-ms" not in plain.headers
+
+
 # -- errors -----------------------------------------------------------------------------------------
 
 
@@ -139,6 +174,32 @@ async def test_invalid_field_is_a_400_naming_it(setup: Setup) -> None:
     assert info.value.status_code == 400
     assert "temperature" in info.value.message
     assert info.value.body["param"] == "temperature"  # type: ignore[index]
+    assert setup.fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"messages": []}, "messages", "empty_array"),
+        ({"messages": None}, "messages", "missing_required_parameter"),
+        ({"temperature": 7}, "temperature", "decimal_above_max_value"),
+        ({"temperature": -1}, "temperature", "decimal_below_min_value"),
+        ({"temperature": "hot"}, "temperature", "invalid_type"),
+        ({"n": 0}, "n", "integer_below_min_value"),
+        ({"max_completion_tokens": 1.5}, "max_completion_tokens", "invalid_type"),
+        ({"stream": "yes"}, "stream", "invalid_type"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "missing_required_parameter"),
+    ],
+)
+async def test_a_refused_field_carries_openais_code(setup: Setup, fields: dict[str, object], param: str, code: str) -> None:
+    """OpenAI's 400s say what was wrong in `code` as well as which field (`param`): clients and
+    their tests branch on both; the gateway's said `code: null`."""
+    body = {"model": "m", "messages": MESSAGES, **fields}
+    body = {key: value for key, value in body.items() if value is not None}
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.post("/chat/completions", body=body, cast_to=httpx.Response)
+    assert (info.value.param, info.value.code) == (param, code)
     assert setup.fake.requests == []
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from proxy.dialects import anthropic, ollama
 from proxy.dialects import openai as openai_codec
-from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script
+from tests.fakes import AnthropicBackend, Exchange, OllamaBackend, OpenAIBackend, Request, Script
+from tests.fakes.base import Call
 from tests.harness import backend, running_gateway
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello"}]
@@ -165,6 +166,55 @@ async def test_legacy_function_calling_messages_arrive_as_sent(setup: Setup) -> 
     sent = setup.sent()
     assert sent["messages"][1:] == [call, result]
     assert sent["functions"] == functions and sent["function_call"] == "auto"
+
+
+class LegacyFunctionCaller(OpenAIBackend):
+    """OpenAI's answer to legacy function calling: a `function_call` message (or deltas) that
+    ends `finish_reason: "function_call"`."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        if not request.path.endswith("/chat/completions"):
+            await super().route(request, exchange, call)
+            return
+        head = {"id": "chatcmpl-legacy", "created": 1, "model": "gpt-4o"}
+        if not request.json().get("stream"):
+            message = {"role": "assistant", "content": None, "function_call": LEGACY_CALL}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "function_call"}
+            await exchange.respond_json(200, {**head, "object": "chat.completion", "choices": [choice]})
+            return
+        await exchange.start(200, content_type="text/event-stream")
+        deltas = [({"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}}, None),
+                  ({"function_call": {"arguments": LEGACY_CALL["arguments"]}}, None), ({}, "function_call")]
+        for delta, reason in deltas:
+            chunk = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            await exchange.send(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await exchange.finish(b"data: [DONE]\n\n")
+
+
+LEGACY_CALL = {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+
+
+async def test_a_legacy_function_call_ends_function_call_as_openai_says(setup: Setup) -> None:
+    """Legacy function-calling clients run the function when `finish_reason` is
+    `function_call`; it was rewritten to `tool_calls`, which their answer has none of."""
+    functions: Any = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    fake = LegacyFunctionCaller()
+    async with fake.serve() as server, running_gateway(backend("openai", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answer = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, functions=functions)
+        assert answer.choices[0].finish_reason == "function_call"
+        assert answer.choices[0].message.function_call is not None
+        assert answer.choices[0].message.function_call.arguments == LEGACY_CALL["arguments"]
+
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, functions=functions, stream=True)
+        reasons, arguments = [], ""
+        async for chunk in stream:
+            for choice in chunk.choices:
+                reasons += [choice.finish_reason] if choice.finish_reason else []
+                arguments += (choice.delta.function_call and choice.delta.function_call.arguments) or ""
+        assert reasons == ["function_call"] and json.loads(arguments) == {"city": "Oslo"}
+        await client.close()
 
 
 @pytest.mark.parametrize("kind", ["ollama", "anthropic"])
@@ -345,7 +395,7 @@ def test_continuous_usage_stays_on_every_chunk_when_asked() -> None:
 async def test_a_backend_without_usage_still_gives_the_client_its_usage_chunk() -> None:
     # Some servers never report usage in a stream; a client that asked for it (to count its
     # spending) gets the gateway's estimate, the same numbers its key is charged.
-    from tests.fakes import Exchange, Request, serve_fake
+    from tests.fakes import serve_fake
     from tests.test_auth_helpers import eventually
     from tests.test_metrics import total
 

@@ -69,6 +69,7 @@ async def test_what_only_openai_backends_do_is_a_400_naming_the_field(
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model="m", messages=MESSAGES, extra_body={field: value})  # type: ignore[arg-type]
     assert info.value.param == field and "OpenAI-compatible backend" in info.value.message
+    assert info.value.code == "unsupported_parameter"  # OpenAI's, which clients retry without the field on
     assert fake.requests == []
     # What asks nothing another backend would not do goes through.
     for harmless in ({"modalities": ["text"]}, {"logit_bias": {}}):
@@ -116,3 +117,44 @@ async def test_an_ollama_model_without_tool_calling_is_a_400_naming_tools(stream
             await client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, stream=stream)  # type: ignore[arg-type, call-overload]
         await client.close()
     assert info.value.param == "tools" and "does not support tools" in info.value.message
+
+
+async def test_an_anthropic_backends_request_id_reaches_an_openai_client(served: tuple[FakeBackend, openai.AsyncOpenAI]) -> None:
+    # The id Anthropic's support asks for, beside the gateway's own; Ollama gives none to pass on.
+    fake, client = served
+    anthropic_backend = isinstance(fake, AnthropicBackend)
+    for stream in (False, True):
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            async for _ in raw.parse():  # type: ignore[union-attr]
+                pass
+        upstream = raw.headers.get("x-upstream-request-id")
+        assert (upstream is not None and upstream.startswith("req_")) is anthropic_backend
+        assert raw.headers["x-request-id"] != upstream
+    fake.set_script(Script(status=429, retry_after=2))
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert ("x-upstream-request-id" in info.value.response.headers) is anthropic_backend
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"n": 2}, "n", "unsupported_value"),
+        ({"tools": [{"type": "custom", "custom": {"name": "grammar"}}]}, "tools[0]", "unsupported_parameter"),
+        ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+          "tools": TOOLS}, "tool_choice", "unsupported_parameter"),
+    ],
+)
+async def test_what_a_backend_cannot_take_is_openais_unsupported_code(
+    served: tuple[FakeBackend, openai.AsyncOpenAI], fields: dict[str, object], param: str, code: str
+) -> None:
+    fake, client = served
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.post("/chat/completions", body={"model": "m", "messages": MESSAGES, **fields}, cast_to=object)
+    assert (info.value.param, info.value.code) == (param, code)
+    assert fake.requests == []
+    if isinstance(fake, AnthropicBackend):  # Ollama gives logprobs
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, logprobs=True)  # type: ignore[arg-type]
+        assert (info.value.param, info.value.code) == ("logprobs", "unsupported_parameter")

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 
@@ -30,6 +31,12 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
     n = body.get("n") or 1
     logprobs = LOGPROBS if body.get("logprobs") else None
     base = {"id": "chatcmpl-x", "created": 1700000000, "model": body["model"], "system_fingerprint": FINGERPRINT}
+    if body["messages"][-1]["content"].startswith("refuse"):
+        return _refusal(base, stream=bool(body.get("stream")))
+    if body["messages"][-1]["content"].startswith("search"):
+        return _cited(base, stream=bool(body.get("stream")))
+    if body["messages"][-1]["content"].startswith("call"):
+        return _legacy_call(base, stream=bool(body.get("stream")))
     if not body.get("stream"):
         return b"application/json", json.dumps({
             **base, "object": "chat.completion",
@@ -44,6 +51,60 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
             chunks.append({**base, "object": "chat.completion.chunk", "choices": [{
                 "index": i, "delta": delta, "logprobs": logprobs if part == "text" else None,
                 "finish_reason": "stop" if part == {} else None}]})
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+REFUSAL = ["I'm sorry,", " I can't help with that."]
+
+
+def _refusal(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """OpenAI's refusal (structured outputs, safety): `refusal` instead of `content`."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "refusal": "".join(REFUSAL)}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
+    deltas = [{"role": "assistant", "content": None, "refusal": ""}, *({"refusal": piece} for piece in REFUSAL), {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+CITATION = {"type": "url_citation", "url_citation": {
+    "url": "https://example.org/paris", "title": "Paris", "start_index": 0, "end_index": 6}}
+
+
+def _cited(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """A search model's answer (`web_search_options`): its text, and the citations under it."""
+    if not stream:
+        message = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": [CITATION]}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+    deltas = [{"role": "assistant", "content": ""}, {"content": "Paris."}, {"annotations": [CITATION]}, {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]} for delta in deltas]
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+LEGACY_CALL = {"name": "get_weather", "arguments": '{"city":"Oslo"}'}
+
+
+def _legacy_call(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """OpenAI's answer to legacy function calling (`functions`): one `function_call`."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "function_call": LEGACY_CALL}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "function_call"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
+    deltas = [{"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}},
+              {"function_call": {"arguments": '{"city":'}}, {"function_call": {"arguments": '"Oslo"}'}}, {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "function_call"}]}
+        for delta in deltas]
     frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
     return b"text/event-stream", frames + b"data: [DONE]\n\n"
 
@@ -136,3 +197,103 @@ async def test_each_choice_of_a_keyed_or_cached_stream_opens_with_its_role(url: 
 async def _replayed(url: str, body: dict[str, Any], headers: dict[str, str]) -> bool:
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         return "x-replay-of" in (await http.post("/v1/chat/completions", json=body, headers=headers)).headers
+
+
+class Verdict(pydantic.BaseModel):
+    allowed: bool
+
+
+async def test_a_refusal_survives_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    """`parse()` tells a refusal by `message.refusal` (and parses nothing); a keyed or cached
+    answer, live or replayed, whole or streamed, came back with neither content nor refusal."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    refusal = "".join(REFUSAL)
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"refuse {uuid.uuid4()}"}]
+        first = await client.chat.completions.with_raw_response.parse(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        )
+        assert first.parse().choices[0].message.refusal == refusal
+        await wait_for_row(pg_database_url, first.headers["x-trace-id"], "completed")
+        replayed = await client.chat.completions.parse(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        )
+        message = replayed.choices[0].message
+        assert (message.refusal, message.content, message.parsed) == (refusal, None, None)
+        async with client.chat.completions.stream(
+            model="m", messages=messages, response_format=Verdict, extra_headers=headers,
+        ) as stream:
+            pieces = [event.delta async for event in stream if event.type == "refusal.delta"]
+            final = await stream.get_final_completion()
+        assert "".join(pieces) == refusal and final.choices[0].message.refusal == refusal
+        # A fresh stream, rendered from events as it is run.
+        fresh: Any = [{"role": "user", "content": f"refuse {uuid.uuid4()}"}]
+        fresh_headers = {k: (str(uuid.uuid4()) if k == "Idempotency-Key" else v) for k, v in headers.items()}
+        async with client.chat.completions.stream(model="m", messages=fresh, extra_headers=fresh_headers) as stream:
+            final = await stream.get_final_completion()
+        assert final.choices[0].message.refusal == refusal
+    # Stored (`store: true`) and read back.
+    made = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"refuse {uuid.uuid4()}"}], store=True,
+    )
+    got = await client.chat.completions.retrieve(made.id)
+    assert (got.choices[0].message.refusal, got.choices[0].message.content) == (refusal, None)
+    await client.close()
+
+
+async def test_a_search_answers_citations_survive_a_key_the_cache_and_the_store(url: str, pg_database_url: str) -> None:
+    """`message.annotations` (`delta.annotations`) hold a search model's sources: a keyed or
+    cached answer, live or replayed, and a stored one read back came without them."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    search: Any = {"web_search_options": {}}
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"search {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=messages, extra_headers=headers, extra_body=search,
+            )
+            answer = raw.parse()
+            assert [a.model_dump() for a in answer.choices[0].message.annotations or []] == [CITATION], attempt
+            if attempt == "live":
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+        async with client.chat.completions.stream(
+            model="m", messages=messages, extra_headers=headers, extra_body=search,
+        ) as stream:
+            final = await stream.get_final_completion()
+        assert [a.model_dump() for a in final.choices[0].message.annotations or []] == [CITATION]
+    made = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"search {uuid.uuid4()}"}], store=True, extra_body=search,
+    )
+    got = await client.chat.completions.retrieve(made.id)
+    assert [a.model_dump() for a in got.choices[0].message.annotations or []] == [CITATION]
+    await client.close()
+
+
+async def test_a_legacy_function_call_survives_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    """A keyed or cached answer to `functions` came back with no call at all (and `tool_calls`)."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    functions: Any = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"call {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=messages, functions=functions, extra_headers=headers,
+            )
+            choice = raw.parse().choices[0]
+            assert choice.finish_reason == "function_call", attempt
+            assert choice.message.function_call is not None, attempt
+            assert choice.message.function_call.model_dump() == LEGACY_CALL, attempt
+            if attempt == "live":
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+            stream = await client.chat.completions.create(
+                model="m", messages=messages, functions=functions, stream=True, extra_headers=headers,
+            )
+            names, arguments, reasons = [], "", []
+            async for chunk in stream:
+                for part in chunk.choices:
+                    if part.delta.function_call is not None:
+                        names += [part.delta.function_call.name] if part.delta.function_call.name else []
+                        arguments += part.delta.function_call.arguments or ""
+                    reasons += [part.finish_reason] if part.finish_reason else []
+            assert (names, arguments, reasons) == (["get_weather"], LEGACY_CALL["arguments"], ["function_call"]), attempt
+    await client.close()

@@ -147,8 +147,15 @@ def _deeper_than(raw: bytes | str, value: Any, limit: int) -> bool:
     return False
 
 
+# OpenAI's error codes for a field's mistakes (its own 400s carry them; clients and tests
+# branch on them): the rest say the bound crossed (`integer_below_min_value`, …).
+MISSING_PARAMETER = "missing_required_parameter"
+INVALID_TYPE = "invalid_type"
+
+
 class Fields:
-    """Typed reads from one JSON object, raising 400s that name the offending field."""
+    """Typed reads from one JSON object, raising 400s that name the offending field (and OpenAI's
+    code for the mistake)."""
 
     __slots__ = ("data", "path")
 
@@ -159,17 +166,25 @@ class Fields:
     def name(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def fail(self, key: str, expected: str) -> Exception:
-        return invalid_request(f"Invalid `{self.name(key)}`: expected {expected}.", param=self.name(key))
+    def fail(self, key: str, expected: str, code: str | None = None) -> Exception:
+        """`code`: OpenAI's for the mistake (`invalid_type`, `empty_array`, …; see `_code`)."""
+        return invalid_request(f"Invalid `{self.name(key)}`: expected {expected}.", param=self.name(key), code=code)
+
+    def missing(self, key: str) -> Exception:
+        return invalid_request(
+            f"Missing required parameter `{self.name(key)}`.", param=self.name(key), code=MISSING_PARAMETER,
+        )
 
     def text(self, key: str, *, required: bool = False, nonempty: bool = False) -> str | None:
         value = self.data.get(key)
         if value is None:
             if required:
-                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+                raise self.missing(key)
             return None
-        if not isinstance(value, str) or (nonempty and not value):
-            raise self.fail(key, "a non-empty string" if nonempty else "a string")
+        if not isinstance(value, str):
+            raise self.fail(key, "a non-empty string" if nonempty else "a string", INVALID_TYPE)
+        if nonempty and not value:
+            raise self.fail(key, "a non-empty string", "empty_string")
         return value
 
     def boolean(self, key: str) -> bool | None:
@@ -177,7 +192,7 @@ class Fields:
         if value is None:
             return None
         if not isinstance(value, bool):
-            raise self.fail(key, "a boolean")
+            raise self.fail(key, "a boolean", INVALID_TYPE)
         return value
 
     def integer(self, key: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
@@ -187,9 +202,11 @@ class Fields:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise self.fail(key, "an integer")
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise self.fail(key, _range_text(minimum, maximum, "an integer"))
+            raise self.fail(key, "an integer", INVALID_TYPE)
+        if minimum is not None and value < minimum:
+            raise self.fail(key, _range_text(minimum, maximum, "an integer"), "integer_below_min_value")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, _range_text(minimum, maximum, "an integer"), "integer_above_max_value")
         return value
 
     def number(self, key: str, *, minimum: float | None = None, maximum: float | None = None) -> float | None:
@@ -197,29 +214,33 @@ class Fields:
         if value is None:
             return None
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self.fail(key, "a number")
-        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise self.fail(key, _range_text(minimum, maximum, "a number"))
+            raise self.fail(key, "a number", INVALID_TYPE)
+        if minimum is not None and value < minimum:
+            raise self.fail(key, _range_text(minimum, maximum, "a number"), "decimal_below_min_value")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, _range_text(minimum, maximum, "a number"), "decimal_above_max_value")
         return float(value)
 
     def object(self, key: str, *, required: bool = False) -> Fields | None:
         value = self.data.get(key)
         if value is None:
             if required:
-                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+                raise self.missing(key)
             return None
         if not isinstance(value, dict):
-            raise self.fail(key, "an object")
+            raise self.fail(key, "an object", INVALID_TYPE)
         return Fields(value, self.name(key))
 
     def array(self, key: str, *, required: bool = False, nonempty: bool = False) -> list[Any] | None:
         value = self.data.get(key)
         if value is None:
             if required:
-                raise invalid_request(f"Missing required parameter `{self.name(key)}`.", param=self.name(key))
+                raise self.missing(key)
             return None
-        if not isinstance(value, list) or (nonempty and not value):
-            raise self.fail(key, "a non-empty array" if nonempty else "an array")
+        if not isinstance(value, list):
+            raise self.fail(key, "a non-empty array" if nonempty else "an array", INVALID_TYPE)
+        if nonempty and not value:
+            raise self.fail(key, "a non-empty array", "empty_array")
         return value
 
     def stop(self, key: str) -> tuple[str, ...]:
@@ -231,7 +252,7 @@ class Fields:
             return (value,)
         if isinstance(value, list) and all(isinstance(item, str) for item in value):
             return tuple(value)
-        raise self.fail(key, "a string or an array of strings")
+        raise self.fail(key, "a string or an array of strings", INVALID_TYPE)
 
 
 def _range_text(minimum: float | None, maximum: float | None, kind: str) -> str:

@@ -5,6 +5,9 @@ One JSON object per NATS message, each with its sequence number `seq` (1, 2, …
     {"seq":1,"type":"role","role":"assistant","id":"chatcmpl-…","model":"m","created":1700000000}
     {"seq":2,"type":"token","text":"Hel","task":"A"}          task: the choice or fan-out task
     {"seq":3,"type":"reasoning","text":"…"}                    an extension: reasoning deltas
+    {"seq":3,"type":"refusal","text":"…"}                      an extension: an OpenAI model's refusal
+    {"seq":3,"type":"annotations","annotations":[…]}           an extension: its citations, OpenAI's shape
+    {"seq":4,"type":"function_call","name":"f","arguments":"{"}  an extension: legacy function calling
     {"seq":4,"type":"tool_call","index":0,"id":"call_1","name":"search","arguments":""}
     {"seq":5,"type":"tool_call","index":0,"arguments":"{\\"q\\":"}   later argument fragments
     {"seq":6,"type":"finish","reason":"tool_calls"}             one choice finished
@@ -25,8 +28,11 @@ from proxy.dialects._json import dumps
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
+    AnnotationsDelta,
     Finish,
+    FunctionCallDelta,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     StreamFailed,
     StreamStart,
@@ -93,6 +99,12 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
             body |= {"type": "role", "role": "assistant", "id": id_, "model": model, "created": created}
         case ReasoningDelta(text, choice):
             body |= {"type": "reasoning", "text": text, "task": task_name(choice)}
+        case RefusalDelta(text, choice):
+            body |= {"type": "refusal", "text": text, "task": task_name(choice)}
+        case AnnotationsDelta(annotations, choice):
+            body |= {"type": "annotations", "annotations": list(annotations), "task": task_name(choice)}
+        case FunctionCallDelta(name, arguments, choice):
+            body |= {"type": "function_call", "name": name, "arguments": arguments, "task": task_name(choice)}
         case ToolCallStart(index, call_id, name, choice):
             body |= {"type": "tool_call", "index": index, "id": call_id, "name": name, "arguments": "",
                      "task": task_name(choice)}
@@ -137,6 +149,12 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
         event = StreamStart(str(body.get("id") or ""), str(body.get("model") or ""), int(body.get("created") or 0))
     elif kind == "reasoning" and isinstance(body.get("text"), str):
         event = ReasoningDelta(body["text"], choice)
+    elif kind == "refusal" and isinstance(body.get("text"), str):
+        event = RefusalDelta(body["text"], choice)
+    elif kind == "function_call":
+        event = FunctionCallDelta(str(body.get("name") or ""), str(body.get("arguments") or ""), choice)
+    elif kind == "annotations" and isinstance(body.get("annotations"), list):
+        event = AnnotationsDelta(tuple(item for item in body["annotations"] if isinstance(item, dict)), choice)
     elif kind == "finish":
         event = Finish(_reason(body.get("reason")), choice)
     elif kind == "usage" and isinstance(body.get("usage"), dict):

@@ -178,6 +178,9 @@ class Choice:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: dict[str, Any] | None = None  # OpenAI's shape (see `TextDelta`)
+    refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
+    annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
+    function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
 
 
 @dataclass(slots=True)

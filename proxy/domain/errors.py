@@ -108,6 +108,12 @@ class GatewayError(Exception):
         return f"GatewayError({self.kind.name}, {self.message!r}, param={self.param!r})"
 
 
+# OpenAI's code for a parameter the model cannot take ("Unsupported parameter: …"), which
+# clients act on (asking again without it); the gateway's for what a model's backend lacks.
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
+UNSUPPORTED_VALUE = "unsupported_value"  # and for a value of it the model cannot take
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)
 

@@ -41,6 +41,36 @@ class TextDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class RefusalDelta:
+    """An OpenAI model's refusal (`refusal` instead of `content`: structured outputs, safety),
+    which OpenAI clients tell from an answer (`parse()` parses none). Other dialects have no
+    such field and leave it out."""
+
+    text: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class AnnotationsDelta:
+    """An OpenAI model's annotations of its answer (a web search's `url_citation`s), in OpenAI's
+    shape, opaque to the gateway; other dialects have no such field and leave them out."""
+
+    annotations: tuple[dict[str, Any], ...]
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class FunctionCallDelta:
+    """A piece of legacy function calling's one call (OpenAI's `function_call`, asked with
+    `functions`): its name with the first piece, then its arguments. Only OpenAI clients ask for
+    one, and only OpenAI-compatible backends make one."""
+
+    name: str
+    arguments: str
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class ReasoningDelta:
     text: str
     choice: int = 0
@@ -106,6 +136,9 @@ class StreamFailed:
 StreamEvent = (
     StreamStart
     | TextDelta
+    | RefusalDelta
+    | AnnotationsDelta
+    | FunctionCallDelta
     | ReasoningDelta
     | ToolCallStart
     | ToolCallDelta
@@ -128,6 +161,9 @@ class CompletionBuilder:
         self._choices: dict[int, Choice] = {}
         self._text: dict[int, list[str]] = {}
         self._reasoning: dict[int, list[str]] = {}
+        self._refusal: dict[int, list[str]] = {}
+        self._annotations: dict[int, list[dict[str, Any]]] = {}
+        self._function_calls: dict[int, tuple[str, list[str]]] = {}
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
@@ -148,6 +184,16 @@ class CompletionBuilder:
                 self._text[choice].append(text)
                 if logprobs is not None:
                     _merge_logprobs(self._logprobs.setdefault(choice, {}), logprobs)
+            case RefusalDelta(text, choice):
+                self._choice(choice)
+                self._refusal.setdefault(choice, []).append(text)
+            case AnnotationsDelta(annotations, choice):
+                self._choice(choice)
+                self._annotations.setdefault(choice, []).extend(annotations)
+            case FunctionCallDelta(name, arguments, choice):
+                self._choice(choice)
+                held = self._function_calls.setdefault(choice, (name, []))
+                held[1].append(arguments)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -176,7 +222,8 @@ class CompletionBuilder:
 
     def generated_chars(self) -> int:
         """How much was generated so far (text, reasoning, tool-call arguments), in characters."""
-        parts = (*self._text.values(), *self._reasoning.values(), *self._tool_args.values())
+        parts = (*self._text.values(), *self._reasoning.values(), *self._refusal.values(), *self._tool_args.values(),
+                 *(pieces for _, pieces in self._function_calls.values()))
         return sum(len(piece) for pieces in parts for piece in pieces)
 
     @property
@@ -191,6 +238,10 @@ class CompletionBuilder:
             choice = self._choices[index]
             choice.content = "".join(self._text[index])
             choice.reasoning = "".join(self._reasoning[index])
+            choice.refusal = "".join(self._refusal.get(index, ()))
+            choice.annotations = self._annotations.get(index, [])
+            if (legacy := self._function_calls.get(index)) is not None:
+                choice.function_call = ToolCall(id="", name=legacy[0], arguments="".join(legacy[1]))
             choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
@@ -232,6 +283,13 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
             events.append(ReasoningDelta(choice.reasoning, choice.index))
         if choice.content:
             events.append(TextDelta(choice.content, choice.index, choice.logprobs))
+        if choice.refusal:
+            events.append(RefusalDelta(choice.refusal, choice.index))
+        if choice.annotations:
+            events.append(AnnotationsDelta(tuple(choice.annotations), choice.index))
+        if choice.function_call is not None:
+            call = choice.function_call
+            events.append(FunctionCallDelta(call.name, call.arguments, choice.index))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:

@@ -41,8 +41,11 @@ class ExchangeBody(DirectBody):
         self.exchange = exchange
         self._sink = sink
 
+    def sink(self, send: ASGISendCallable) -> ExchangeSink:
+        return self._sink(send)
+
     async def run(self, send: ASGISendCallable) -> None:
-        sink = self._sink(send)
+        sink = self.sink(send)
         if isinstance(sink, AsgiSink):
             sink.extra_headers = self.exchange.response_headers
         try:
@@ -87,12 +90,17 @@ class AsgiSink:
         self.ended = False
         # Headers the exchange adds (trace id, cache status, RAG sources); read at start.
         self.extra_headers: Headers = []
+        # What the surface passes on of the backend's response head, given the head so far;
+        # asked once, at start (by then the backend's head, if any, has been heard).
+        self.upstream: Callable[[Headers], Headers] | None = None
 
     async def _start(self, status: int, headers: Headers) -> None:
         self.started = True
+        head = headers + self._headers + self.extra_headers
+        if self.upstream is not None:
+            head += self.upstream(head)
         message: HTTPResponseStartEvent = {
-            "type": "http.response.start", "status": status, "headers": headers + self._headers + self.extra_headers,
-            "trailers": False,
+            "type": "http.response.start", "status": status, "headers": head, "trailers": False,
         }
         # Shielded: cancelled between hypercorn's h11 state change and its own bookkeeping,
         # hypercorn would later answer a 500 on a response already begun, and that error

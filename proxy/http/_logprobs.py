@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from proxy.config import BackendConfig
 from proxy.domain.chat import ChatRequest
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, invalid_request
 
 _WITH_LOGPROBS = frozenset({"openai", "ollama"})
 _OLLAMA_MOST = 20  # Ollama's bound on `top_logprobs`
@@ -28,12 +28,12 @@ def refuse_logprobs_without_backend(
             raise invalid_request(
                 f"Invalid `{top_field}`: {top}; model `{request.model}` is served by backend `{backend.name}` "
                 f"(ollama), which gives 0 to {_OLLAMA_MOST} alternatives per token.",
-                param=top_field,
+                param=top_field, code=UNSUPPORTED_VALUE,
             )
         return
     served = f"is served by backend `{backend.name}` ({backend.kind})" if backend else "is answered by a workflow"
     raise invalid_request(
         f"`{field}` (token log probabilities) needs an OpenAI-compatible or Ollama backend; model "
         f"`{request.model}` {served}. Ask without `{field}`.",
-        param=field,
+        param=field, code=UNSUPPORTED_PARAMETER,
     )

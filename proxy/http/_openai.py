@@ -4,8 +4,10 @@ endpoints in Anthropic's shapes for Anthropic's clients, which share their paths
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from hypercorn.typing import ASGISendCallable
 from quart import Blueprint, Response, request
 
 from proxy.config import BackendConfig
@@ -14,13 +16,15 @@ from proxy.dialects._json import Fields, dumps
 from proxy.dialects.anthropic import _models as anthropic_models
 from proxy.dialects.openai import stored
 from proxy.domain.chat import ChatRequest, ImagePart, OpaquePart
-from proxy.domain.errors import ErrorKind, GatewayError, invalid_request
+from proxy.domain.errors import UNSUPPORTED_PARAMETER, ErrorKind, GatewayError, invalid_request
 from proxy.http._context import gateway, listing_headers
 from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, JsonSink
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.http._logprobs import refuse_logprobs_without_backend
-from proxy.infra.backends import AnthropicBackend, Batch, ModelInfo
+from proxy.infra.backends import AnthropicBackend, Backend, Batch, ModelInfo
+from proxy.infra.transport import ResponseHeads, current_heads
+from proxy.services.chat import ChatExchange, ExchangeSink
 from proxy.services.embeddings import LOCAL_BACKEND
 
 exchanges = FrontDoor()
@@ -123,10 +127,73 @@ async def chat_completions(incoming: Incoming) -> ExchangeBody:
     # `parallel_tool_calls: false` promises one call at most, whichever backend answers (an
     # OpenAI-compatible one's own answer is relayed as it came: vLLM and OpenAI keep it).
     single = request.parallel_tool_calls is False
+    backends = incoming.gateway.backends
     if request.stream:
         include_usage = request.include_usage
-        return ExchangeBody(exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single))
-    return ExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single))
+        return OpenAIExchangeBody(
+            exchange, lambda send: OpenAIStreamSink(send, headers, include_usage, single_tool=single), backends,
+        )
+    return OpenAIExchangeBody(exchange, lambda send: OpenAIJsonSink(send, headers, single_tool=single), backends)
+
+
+class OpenAIExchangeBody(ExchangeBody):
+    """An exchange whose response head also carries what of the answering backend's head
+    OpenAI clients read (as LiteLLM passes them on): its own request id (an OpenAI-compatible
+    backend's `x-request-id`, Anthropic's `request-id`) as `x-upstream-request-id`, the id
+    their support asks for (the gateway's `x-request-id` stays); how to retry (`retry-after-ms`,
+    `x-should-retry`, `retry-after`) unless the gateway said it already; and from an
+    OpenAI-compatible backend `openai-processing-ms` and its `x-ratelimit-*` while the caller's
+    key has no limits of its own (whose headers the gateway sends instead). Read once, as the
+    head goes out; a cached or replayed answer has no backend head."""
+
+    def __init__(
+        self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
+    ) -> None:
+        super().__init__(exchange, sink)
+        self._backends = backends
+        self._heads = ResponseHeads()
+
+    async def run(self, send: ASGISendCallable) -> None:
+        token = current_heads.set(self._heads)  # the exchange's backend calls inherit it
+        try:
+            await super().run(send)
+        finally:
+            current_heads.reset(token)
+
+    def sink(self, send: ASGISendCallable) -> ExchangeSink:
+        made = super().sink(send)
+        if isinstance(made, AsgiSink):
+            made.upstream = self._upstream
+        return made
+
+    def _upstream(self, own: Headers) -> Headers:
+        backend = self._backends.get(self.exchange.route.backend)
+        kind = backend.config.kind if backend is not None else None
+        if kind not in _ID_HEADERS:
+            return []  # an Ollama backend's head says nothing of the sort (nor does a workflow's)
+        id_header, passed_on = _ID_HEADERS[kind], _PASSED_ON[kind]
+        taken = {name.lower() for name, _ in own}
+        limits = kind == "openai" and not any(name.startswith(b"x-ratelimit-") for name in taken)
+        passed: Headers = []
+        upstream_id = None
+        for name, value in self._heads.headers:
+            if name == id_header:
+                upstream_id = value
+            elif name in taken:
+                continue
+            elif name in passed_on or (limits and name.startswith(b"x-ratelimit-")):
+                passed.append((name, value))
+        # vLLM and others answer with the id they were sent (the gateway's): nothing to add.
+        if upstream_id is not None and (b"x-request-id", upstream_id) not in own:
+            passed.append((b"x-upstream-request-id", upstream_id))
+        return passed
+
+
+# The backend's own id for the call, by backend kind (what its support asks for).
+_ID_HEADERS = {"openai": b"x-request-id", "anthropic": b"request-id"}
+# How to retry, which the OpenAI SDK reads whoever says it (`retry-after-ms` first).
+_RETRY = frozenset({b"retry-after", b"retry-after-ms", b"x-should-retry"})
+_PASSED_ON = {"openai": _RETRY | {b"openai-processing-ms"}, "anthropic": _RETRY}
 
 
 # Fields only OpenAI-compatible backends honour, with what to do instead; elsewhere (nor in a
@@ -196,14 +263,14 @@ def _refuse_tools_without_equivalent(request: ChatRequest, served: str) -> None:
             raise invalid_request(
                 f"`tools[{i}]` is a `custom` tool, which model `{request.model}` cannot be given: it {served}, "
                 "which has no equivalent. Only OpenAI-compatible backends accept it; send a `function` tool instead.",
-                param=f"tools[{i}]",
+                param=f"tools[{i}]", code=UNSUPPORTED_PARAMETER,
             )
     choice = request.extra.get("tool_choice")
     if isinstance(choice, dict):
         raise invalid_request(
             f"`tool_choice` of type `{choice.get('type')}` needs an OpenAI-compatible backend; model "
             f"`{request.model}` {served}. Send \"auto\", \"required\" or a `function` choice instead.",
-            param="tool_choice",
+            param="tool_choice", code=UNSUPPORTED_PARAMETER,
         )
 
 
@@ -211,7 +278,7 @@ def _refuse_openai_only(model: str, served: str, name: str) -> None:
     what, instead = _OPENAI_ONLY[name]
     raise invalid_request(
         f"`{name}` {what + ' ' if what else ''}needs an OpenAI-compatible backend; model `{model}` {served}. {instead}",
-        param=name,
+        param=name, code=UNSUPPORTED_PARAMETER,
     )
 
 

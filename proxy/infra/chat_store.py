@@ -31,6 +31,10 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 "tool_calls": [{"id": t.id, "name": t.name, "arguments": t.arguments} for t in c.tool_calls],
                 "finish_reason": c.finish_reason.value if c.finish_reason else None,
                 **({"logprobs": c.logprobs} if c.logprobs is not None else {}),
+                **({"refusal": c.refusal} if c.refusal else {}),
+                **({"annotations": c.annotations} if c.annotations else {}),
+                **({"function_call": {"name": c.function_call.name, "arguments": c.function_call.arguments}}
+                   if c.function_call is not None else {}),
             }
             for c in completion.choices
         ],
@@ -69,6 +73,10 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 tool_calls=[ToolCall(t["id"], t["name"], t["arguments"]) for t in c.get("tool_calls") or []],
                 finish_reason=FinishReason(c["finish_reason"]) if c.get("finish_reason") else None,
                 logprobs=c.get("logprobs"),
+                refusal=c.get("refusal") or "",
+                annotations=list(c.get("annotations") or []),
+                function_call=ToolCall("", str(legacy.get("name") or ""), str(legacy.get("arguments") or ""))
+                if isinstance(legacy := c.get("function_call"), dict) else None,
             )
             for c in data.get("choices") or []
         ],

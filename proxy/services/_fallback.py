@@ -16,7 +16,9 @@ from proxy.domain import truncation
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.events import (
+    FunctionCallDelta,
     ReasoningDelta,
+    RefusalDelta,
     StreamFailed,
     TextDelta,
     ToolCallDelta,
@@ -77,7 +79,7 @@ class _Watched:
         await self._send.send(value)
 
 
-_CONTENT = (TextDelta, ReasoningDelta, ToolCallStart, ToolCallDelta)
+_CONTENT = (TextDelta, RefusalDelta, ReasoningDelta, ToolCallStart, ToolCallDelta, FunctionCallDelta)
 
 
 class FallbackWalk:

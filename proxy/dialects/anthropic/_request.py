@@ -44,7 +44,7 @@ from proxy.domain.chat import (
     ToolCall,
     ToolChoice,
 )
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import UNSUPPORTED_VALUE, invalid_request
 
 # The gateway's marker for `is_error: true` on a tool result (an Anthropic-only part).
 IS_ERROR_MARKER = OpaquePart(DIALECT, {"is_error": True})
@@ -496,7 +496,9 @@ def encode_messages_request(
     """
     params = request.params
     if params.n is not None and params.n > 1:
-        raise invalid_request("Anthropic backends return one choice per request; `n` must be 1.", param="n")
+        raise invalid_request(
+            "Anthropic backends return one choice per request; `n` must be 1.", param="n", code=UNSUPPORTED_VALUE,
+        )
     same_dialect = request.dialect == DIALECT
     extra = request.extra if same_dialect else {}
     body: dict[str, Any] = {}

@@ -35,7 +35,7 @@ from proxy.domain.chat import (
     Tool,
     ToolCall,
 )
-from proxy.domain.errors import invalid_request
+from proxy.domain.errors import UNSUPPORTED_VALUE, invalid_request
 
 _ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -391,7 +391,9 @@ def encode_request(request: ChatRequest, upstream_model: str, *, stream: bool) -
     """The path and body for an Ollama backend: /api/generate for a generate request that
     still has its shape (so suffix, raw and template keep their meaning), /api/chat otherwise."""
     if request.params.n is not None and request.params.n > 1:
-        raise invalid_request("Ollama backends generate one choice per request; `n` must be 1.", param="n")
+        raise invalid_request(
+            "Ollama backends generate one choice per request; `n` must be 1.", param="n", code=UNSUPPORTED_VALUE,
+        )
     body: dict[str, Any] = {}
     if request.dialect == DIALECT:
         body.update((k, v) for k, v in request.extra.items() if k != ENDPOINT_KEY and k != "options")

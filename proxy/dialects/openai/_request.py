@@ -131,7 +131,7 @@ def _parse_message(item: Any, path: str) -> Message:
     if role is None:
         raise invalid_request(
             f"Invalid `{path}.role`: {role_name!r} is not one of system, developer, user, assistant, tool.",
-            param=f"{path}.role",
+            param=f"{path}.role", code="invalid_value",
         )
     content = _parse_content(item.get("content"), f"{path}.content")
     tool_calls = tuple(
@@ -140,9 +140,9 @@ def _parse_message(item: Any, path: str) -> Message:
     )
     tool_call_id = fields.text("tool_call_id")
     if role_name == "tool" and not tool_call_id:
-        raise invalid_request(f"Missing required parameter `{path}.tool_call_id`.", param=f"{path}.tool_call_id")
+        raise fields.missing("tool_call_id")
     if role != "assistant" and not content and role_name != "function":
-        raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
+        raise fields.missing("content")
     extra = {k: v for k, v in item.items() if k not in _MESSAGE_MODELLED}
     raw_content = item.get("content")
     if isinstance(raw_content, list) and any(_has_unmodelled_fields(part) for part in raw_content):

@@ -323,6 +323,11 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
                 tool_calls=calls,
                 finish_reason=finish,
                 logprobs=item["logprobs"] if isinstance(item.get("logprobs"), dict) else None,
+                refusal=refusal if isinstance(refusal := message.get("refusal"), str) else "",
+                annotations=[a for a in notes if isinstance(a, dict)]
+                if isinstance(notes := message.get("annotations"), list) else [],
+                function_call=ToolCall("", str(legacy.get("name") or ""), _arguments_text(legacy.get("arguments")))
+                if isinstance(legacy := message.get("function_call"), dict) else None,
             )
         )
     return ChatCompletion(
@@ -349,6 +354,13 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
     choices = []
     for choice in completion.choices:
         message: dict[str, Any] = {"role": "assistant", "content": choice.content or None}
+        if choice.refusal:
+            message["refusal"] = choice.refusal
+        if choice.annotations:
+            message["annotations"] = choice.annotations
+        legacy = choice.function_call
+        if legacy is not None:
+            message["function_call"] = {"name": legacy.name, "arguments": legacy.arguments}
         if choice.reasoning:
             message["reasoning_content"] = choice.reasoning
         if choice.tool_calls:
@@ -356,12 +368,11 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in (choice.tool_calls[:1] if single_tool else choice.tool_calls)
             ]
-        elif message["content"] is None:
+        elif message["content"] is None and not choice.refusal and legacy is None:
             message["content"] = ""
         reason = choice.finish_reason or FinishReason.STOP
-        choices.append(
-            {"index": choice.index, "message": message, "logprobs": choice.logprobs, "finish_reason": reason.value}
-        )
+        said = LEGACY_FUNCTION_CALL if legacy is not None and reason is FinishReason.TOOL_CALLS else reason.value
+        choices.append({"index": choice.index, "message": message, "logprobs": choice.logprobs, "finish_reason": said})
     body: dict[str, Any] = {
         "id": completion.id,
         "object": "chat.completion",
@@ -431,7 +442,10 @@ def _conform(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
+# OpenAI's own finish reasons, as its clients read them: the domain's, and legacy function
+# calling's `function_call` (the domain's tool call), which those clients branch on.
+LEGACY_FUNCTION_CALL = "function_call"
+_ENUM_VALUES = frozenset(reason.value for reason in FinishReason) | {LEGACY_FUNCTION_CALL}
 
 
 def render_model_list(models: list[dict[str, Any]]) -> bytes:

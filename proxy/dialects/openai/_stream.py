@@ -18,6 +18,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.openai._response import (
     FAILED_FINISH_REASONS,
+    LEGACY_FUNCTION_CALL,
     error_body,
     error_message_from_body,
     finish_event,
@@ -35,9 +36,12 @@ from proxy.domain.errors import (
     is_context_overflow,
 )
 from proxy.domain.events import (
+    AnnotationsDelta,
     EstimatedUsageReport,
     Finish,
+    FunctionCallDelta,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     StreamFailed,
     StreamStart,
@@ -53,7 +57,6 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 # Enough of a body that is not a stream to read an error object's message from.
 _HEAD_LIMIT = 65536
-_ENUM_VALUES = frozenset(reason.value for reason in FinishReason)
 # Where a backend's stream carries text a character of which may come split in two.
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
 
@@ -327,6 +330,19 @@ class StreamRelay:
                 self._generated += len(content)
                 logprobs = choice.get("logprobs")
                 events.append(TextDelta(content, index, logprobs if isinstance(logprobs, dict) else None))
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._generated += len(refusal)
+                events.append(RefusalDelta(refusal, index))
+            annotations = delta.get("annotations")
+            if isinstance(annotations, list) and annotations:
+                events.append(AnnotationsDelta(tuple(a for a in annotations if isinstance(a, dict)), index))
+            legacy = delta.get("function_call")
+            if isinstance(legacy, dict):
+                name, arguments = legacy.get("name"), legacy.get("arguments")
+                arguments = arguments if isinstance(arguments, str) else ""
+                self._generated += len(arguments)
+                events.append(FunctionCallDelta(name if isinstance(name, str) else "", arguments, index))
             calls = delta.get("tool_calls")
             if isinstance(calls, dict):
                 # TGI 2.x streams each fragment as one object, not a list of them.
@@ -354,7 +370,7 @@ class StreamRelay:
                 if mapped is FinishReason.STOP and self._tools.get(index) and self._tools[index].count:
                     mapped = FinishReason.TOOL_CALLS
                 events.append(finish_event(mapped, index, stop_string(choice)))
-                if reason != mapped.value:
+                if reason != mapped.value and reason != LEGACY_FUNCTION_CALL:
                     choice["finish_reason"] = mapped.value
                     rewrite = True
         return rewrite
@@ -510,6 +526,8 @@ class StreamRenderer:
         self._tool_calls: set[tuple[int, int]] = set()
         # Choices past the first that had their role chunk (the first has it with the start).
         self._roles: set[int] = set()
+        # Choices that made a legacy function call, which end `function_call`, as OpenAI's do.
+        self._legacy_calls: set[int] = set()
         self.done = False
 
     def render(self, events: list[StreamEvent]) -> bytes:
@@ -537,6 +555,14 @@ class StreamRenderer:
                 out.append(self._delta(choice, {"content": text}, logprobs=logprobs))
             case ReasoningDelta(text, choice):
                 out.append(self._delta(choice, {"reasoning_content": text}))
+            case RefusalDelta(text, choice):
+                out.append(self._delta(choice, {"refusal": text}))
+            case AnnotationsDelta(annotations, choice):
+                out.append(self._delta(choice, {"annotations": list(annotations)}))
+            case FunctionCallDelta(name, arguments, choice):
+                piece = {"arguments": arguments} if choice in self._legacy_calls else {"name": name, "arguments": arguments}
+                self._legacy_calls.add(choice)
+                out.append(self._delta(choice, {"function_call": piece}))
             case ToolCallStart(index, call_id, name, choice):
                 if self._single_tool and (choice, index) not in self._tool_calls and any(
                     seen == choice for seen, _ in self._tool_calls
@@ -550,7 +576,8 @@ class StreamRenderer:
                     return
                 out.append(self._delta(choice, {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}))
             case Finish(reason, choice):
-                out.append(self._delta(choice, {}, reason.value))
+                legacy = reason is FinishReason.TOOL_CALLS and choice in self._legacy_calls
+                out.append(self._delta(choice, {}, LEGACY_FUNCTION_CALL if legacy else reason.value))
             case UsageReport(usage):
                 self._usage = usage
             case StreamStart():

@@ -38,6 +38,7 @@ from proxy.infra.backends._base import (
     transport_errors,
 )
 from proxy.infra.media_urls import check_media_urls, check_relayed_media_urls
+from proxy.infra.transport import heads_heard
 
 _CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
 # The fields of a relayed call that may hold media parts vLLM fetches: a multimodal rerank's
@@ -98,17 +99,18 @@ class OpenAIBackend:
         await self.check_media_urls(call.request)
         while True:
             try:
-                await self._client.stream_into(
-                    "/chat/completions", self._body(call, stream=True),
-                    openai.StreamRelay(
-                        include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
-                        prompt_tokens=functools.partial(estimated_prompt_tokens, call.request),
-                    ),
-                    send,
-                    backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
-                    headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
-                    error=self._error,
-                )
+                with heads_heard():
+                    await self._client.stream_into(
+                        "/chat/completions", self._body(call, stream=True),
+                        openai.StreamRelay(
+                            include_usage=call.request.include_usage, chunk_usage=openai.wants_chunk_usage(call.request),
+                            prompt_tokens=functools.partial(estimated_prompt_tokens, call.request),
+                        ),
+                        send,
+                        backend=self.config.name, timeouts=self.config.timeouts, relay_raw=call.relay_openai,
+                        headers={"content-type": "application/json", "accept": "text/event-stream", **call.headers},
+                        error=self._error,
+                    )
                 return
             except GatewayError as error:  # an error status: raised before anything was sent
                 fitted = anthropic.output_fitted(call.request, error)
@@ -137,7 +139,7 @@ class OpenAIBackend:
     async def complete(self, call: BackendCall) -> Batch:
         name = self.config.name
         await self.check_media_urls(call.request)
-        with transport_errors(name):
+        with transport_errors(name), heads_heard():
             response = await self._client.post(
                 "/chat/completions",
                 content=self._body(call, stream=False),
