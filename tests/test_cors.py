@@ -334,3 +334,31 @@ def test_the_refusal_log_forgets_old_origins_and_logs_an_origin_again_after_a_mi
     now[0] += _cors.REFUSAL_LOG_INTERVAL
     refusals.refused(page, "GET", "/v1/models")
     assert len(caplog.records) == 1 and "5 more refused since" in caplog.records[0].getMessage()
+
+
+# Headers a page reads without their being exposed, and the transport's own.
+_SAFELISTED = {
+    "cache-control", "content-language", "content-length", "content-type", "expires", "last-modified", "pragma",
+    "date", "server", "vary", "connection", "transfer-encoding", "x-accel-buffering",
+}
+
+
+async def test_every_header_a_backends_answer_is_given_is_one_a_page_can_read() -> None:
+    """The OpenAI SDK in a page reads `openai-processing-ms`, `retry-after-ms` and the backend's
+    request id off its answers as a server's would: each header the gateway sets or passes on,
+    on an answer or a backend's 429, streamed or not, is exposed."""
+    upstream = [("x-request-id", "req_hosted"), ("openai-processing-ms", "321"), ("x-ratelimit-remaining-requests", "9")]
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("b", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url, headers={"origin": LOCAL_PAGE}) as client:
+            answers = []
+            for stream in (False, True):
+                fake.push(Script(headers=upstream))
+                answers.append(await client.post("/v1/chat/completions", json={**CHAT, "stream": stream}))
+                fake.push(Script(status=429, retry_after=2, headers=[("retry-after-ms", "1500"), *upstream]))
+                answers.append(await client.post("/v1/chat/completions", json={**CHAT, "stream": stream}))
+    assert [answer.status_code for answer in answers] == [200, 429, 200, 429]
+    for answer in answers:
+        exposed = {name.strip() for name in answer.headers["access-control-expose-headers"].split(",")}
+        given = {name for name in answer.headers if not name.startswith("access-control-")} - _SAFELISTED
+        assert given <= exposed, given - exposed

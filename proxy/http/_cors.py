@@ -36,7 +36,8 @@ MAX_AGE = b"7200"  # Chromium's ceiling; Firefox would keep a day
 # the gateway sets itself (ids, rate limits, cache and replay, RAG, workflow, embeddings).
 EXPOSED_HEADERS = b", ".join(
     (
-        b"x-request-id", b"request-id", b"x-trace-id", b"retry-after", b"x-should-retry",
+        b"x-request-id", b"request-id", b"x-trace-id", b"retry-after", b"retry-after-ms", b"x-should-retry",
+        b"openai-processing-ms",  # an OpenAI-compatible backend's, passed on to OpenAI clients
         # A created key's (201) address, a 405's methods, a 401's scheme.
         b"location", b"allow", b"www-authenticate",
         b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests",
