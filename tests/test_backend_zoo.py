@@ -101,15 +101,9 @@ async def test_tgi_streamed_tool_call_fragments_as_objects_reach_every_client() 
         assert finish == "tool_calls"
         await client.close()
 
-        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
-        async with claude.messages.stream(
-            model="m", max_tokens=50, messages=_HI,
-            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
-        ) as events:
-            message = await events.get_final_message()
+        message = await _claude_weather_call(gateway)
         assert message.stop_reason == "tool_use"
         assert [(b.type, getattr(b, "input", None)) for b in message.content] == [("tool_use", {"city": "Paris"})]
-        await claude.close()
 
 
 async def test_tool_arguments_sent_as_a_json_object_reach_openai_clients_as_text() -> None:
@@ -139,14 +133,8 @@ async def test_tool_arguments_sent_as_a_json_object_reach_openai_clients_as_text
         assert json.loads(arguments) == {"city": "Paris"}
         await client.close()
 
-        claude = anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0)
-        async with claude.messages.stream(
-            model="m", max_tokens=50, messages=_HI,
-            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
-        ) as events:
-            message = await events.get_final_message()
+        message = await _claude_weather_call(gateway)
         assert [getattr(b, "input", None) for b in message.content] == [{"city": "Paris"}]
-        await claude.close()
 
 
 def _tgi_refusal(window: int, prompt: int, output: int) -> dict[str, Any]:
@@ -436,3 +424,13 @@ async def test_an_ollama_chat_too_long_for_llama_cpp_refusing_in_its_stream_lose
         parts = [part async for part in await ollama.AsyncClient(host=gateway).chat(model="m", messages=history, stream=True)]
         assert "".join(p.message.content or "" for p in parts) == "Fits" and parts[-1].done_reason == "stop"
         assert seen[0] == 5 and 1 <= seen[1] < 5
+
+
+async def _claude_weather_call(gateway: str) -> anthropic.types.Message:
+    """What an Anthropic client streaming a chat with a `get_weather` tool ends up holding."""
+    async with anthropic.AsyncAnthropic(base_url=gateway, api_key="x", max_retries=0) as claude:
+        async with claude.messages.stream(
+            model="m", max_tokens=50, messages=_HI,
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+        ) as events:
+            return await events.get_final_message()

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,19 +332,25 @@ async def test_ollamas_no_value_numbers_are_not_sent_as_values(setup: Setup, kin
         assert sent["top_k"] == 40
 
 
+@asynccontextmanager
+async def vllm_and_hosted(vllm: OpenAIBackend, hosted: OpenAIBackend) -> AsyncIterator[ollama.AsyncClient]:
+    """An Ollama client of a gateway with `qwen3-8b` on vLLM (which takes vLLM's own fields)
+    and `gpt-…` on a strict hosted OpenAI-compatible API (which refuses them)."""
+    async with vllm.serve() as v, hosted.serve() as h, running_gateway(
+        backend("vllm", v.url, default=True),
+        backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+    ) as url, ollama.AsyncClient(host=url) as client:
+        yield client
+
+
 async def test_min_p_and_repeat_penalty_reach_vllm_but_not_a_strict_hosted_api() -> None:
     # Open WebUI's "Min P" and "Repeat Penalty" on a model vLLM serves: its sampler has both.
     options = {"min_p": 0.05, "repeat_penalty": 1.15, "num_ctx": 8192, "temperature": 0.2}
     vllm, hosted = OpenAIBackend(), OpenAIBackend()
-    async with vllm.serve() as v, hosted.serve() as h:
-        async with running_gateway(
-            backend("vllm", v.url, default=True),
-            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
-        ) as url:
-            async with ollama.AsyncClient(host=url) as client:
-                await client.chat(model="qwen3-8b", messages=MESSAGES, options=options)
-                await client.generate(model="qwen3-8b", prompt="p", options=options)
-                await client.chat(model="gpt-4o", messages=MESSAGES, options=options)
+    async with vllm_and_hosted(vllm, hosted) as client:
+        await client.chat(model="qwen3-8b", messages=MESSAGES, options=options)
+        await client.generate(model="qwen3-8b", prompt="p", options=options)
+        await client.chat(model="gpt-4o", messages=MESSAGES, options=options)
     for request in vllm.requests:
         sent = request.json
         assert (sent["min_p"], sent["repetition_penalty"], sent["temperature"]) == (0.05, 1.15, 0.2)
@@ -363,14 +370,9 @@ async def test_thinking_given_back_reaches_vllm_as_reasoning_content() -> None:
         {"role": "tool", "tool_name": "get_weather", "content": "sunny"},
     ]
     vllm, hosted = OpenAIBackend(), OpenAIBackend()
-    async with vllm.serve() as v, hosted.serve() as h:
-        async with running_gateway(
-            backend("vllm", v.url, default=True),
-            backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
-        ) as url:
-            async with ollama.AsyncClient(host=url) as client:
-                await client.chat(model="qwen3-8b", messages=history, tools=TOOLS)
-                await client.chat(model="gpt-4o", messages=history, tools=TOOLS)
+    async with vllm_and_hosted(vllm, hosted) as client:
+        await client.chat(model="qwen3-8b", messages=history, tools=TOOLS)
+        await client.chat(model="gpt-4o", messages=history, tools=TOOLS)
     assistant = vllm.requests[-1].json["messages"][1]
     assert assistant["reasoning_content"] == "I should call get_weather."
     assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -129,9 +129,9 @@ class ResponseHeads:
         self.headers: list[tuple[bytes, bytes]] = []
         self._listening = False
 
-    def heard(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if self._listening:
-            self.headers = headers
+    def heard(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        if self._listening:  # copied only then: most backend calls are not listened to
+            self.headers = list(headers)
 
     @contextmanager
     def listening(self) -> Iterator[None]:
@@ -269,7 +269,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
                     conn.close()
                     raise
                 if (heads := current_heads.get()) is not None:
-                    heads.heard(list(answer.headers))  # names in lower case
+                    heads.heard(answer.headers)  # names in lower case
                 headers = answer.headers.raw_items()
                 stream: httpx.AsyncByteStream = _Body(self, origin, conn, hangup)
                 if (coding := decoding(headers)) is not None:
