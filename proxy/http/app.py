@@ -38,7 +38,8 @@ from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._openapi import blueprint as openapi_blueprint
 from proxy.http._request import PacedRequest
-from proxy.http._trace import request_trace
+from proxy.http._trace import received_from, request_trace
+from proxy.infra import otel
 from proxy.infra.backends import current_trace
 
 # Past the grace, what the stop still does is bounded by its steps (runs cut, rows written
@@ -48,11 +49,15 @@ _STOP_BACKSTOP_SECONDS = 30.0
 
 class _App(GatewayApp):
     cors: _cors.Cors
-    propagate_traces = True  # `[tracing] propagate`
+    propagate_traces = True  # `[tracing] propagate`, or spans exported (`tracing`)
+    tracing: otel.Tracing | None = None  # this process's span export, when on
     request_class: type[PacedRequest] = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http" and self.propagate_traces:
+            if self.tracing is not None:
+                await self._serve_traced(self.tracing, scope, receive, send)
+                return
             # Every backend call made for the request, in this task or one it starts (an
             # exchange's producer, a durable run), carries its trace.
             token = current_trace.set(request_trace(scope))
@@ -62,6 +67,24 @@ class _App(GatewayApp):
                 current_trace.reset(token)
             return
         await self._serve(scope, receive, send)
+
+    async def _serve_traced(
+        self, tracing: otel.Tracing, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """`_serve` within the request's server span, its backend calls' spans under it."""
+        trace = tracing.request_span(scope, received_from(scope))
+        token = current_trace.set(trace)
+        watched = _StatusSend(send)
+        failed = False
+        try:
+            await self._serve(scope, receive, watched)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            current_trace.reset(token)
+            # A response that never ended, with nothing raised: its client went away.
+            tracing.end_request(trace, watched.status, cancelled=not (watched.complete or failed))
 
     async def _serve(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -85,6 +108,25 @@ class _App(GatewayApp):
             # error handler, werkzeug's 404/405/413; and says when it leaves a body unread.
             send = _front.ResponseSend(send, scope, unread_body=True)
         await super().asgi_app(scope, receive, send)
+
+
+class _StatusSend:
+    """`send` noting the response's status and its end, for the request's span (only with
+    span export on: it costs a call per message)."""
+
+    __slots__ = ("_send", "complete", "status")
+
+    def __init__(self, send: ASGISendCallable) -> None:
+        self._send = send
+        self.status: int | None = None
+        self.complete = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
 
 
 _SLASHES = re.compile(r"/{2,}")
@@ -151,6 +193,10 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.before_serving
     async def startup() -> None:
+        # In each process (`--workers`): the exporter's thread does not survive a fork.
+        app.tracing = otel.start(settings.tracing)
+        if app.tracing is not None:
+            app.propagate_traces = True
         app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))
         if app.gateway.batches is not None:
             app.gateway.batches.serve(_batches.dispatcher(app))
@@ -163,6 +209,14 @@ def create_app(settings: Settings) -> GatewayApp:
         try:
             await app.gateway.wind_down(deadline)
         finally:
-            await resources.aclose()
+            try:
+                await resources.aclose()
+            finally:
+                if (tracing := app.tracing) is not None:
+                    app.tracing = None
+                    # The last spans' export blocks: off the trio loop, and not waited for past
+                    # its bound (a collector that is down is retried by the SDK for longer).
+                    with trio.move_on_after(otel.STOP_SECONDS):
+                        await trio.to_thread.run_sync(otel.stop, tracing, abandon_on_cancel=True)
 
     return app

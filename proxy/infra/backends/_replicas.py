@@ -17,6 +17,7 @@ import trio
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
 from proxy.domain.tracecontext import TraceContext
+from proxy.infra import otel
 from proxy.infra.backends._errors import (
     _client_gone,
     is_html,
@@ -28,7 +29,7 @@ from proxy.infra.backends._errors import (
 )
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
-from proxy.infra.transport import PooledTransport
+from proxy.infra.transport import PooledTransport, when_body_done
 from proxy.infra.urls import without_credentials
 
 _log = logging.getLogger("llm_proxy.backends")
@@ -349,8 +350,14 @@ class BackendClient:
             if params:
                 url = url.copy_merge_params(params)
             sent = {**replica.headers, **headers} if headers else replica.headers
-            if self._traced and (trace := current_trace.get()) is not None:
-                sent = {**sent, **trace.outgoing()}
+            span = None
+            if (trace := current_trace.get()) is not None:
+                if trace.span is not None and (tracing := otel.TRACING) is not None:
+                    # The attempt's own span: its context is the traceparent the backend gets.
+                    span, outgoing = tracing.attempt(trace, method, replica.shown + path, replica.headers["host"], self._traced)
+                    sent = {**sent, **outgoing}
+                elif self._traced:
+                    sent = {**sent, **trace.outgoing()}
             request = httpx.Request(method, url, headers=sent, content=content, extensions={"timeout": self._timeout})
             # Only while another replica could take the request is a silent one given up on.
             quiet_until = math.inf
@@ -361,7 +368,10 @@ class BackendClient:
             replica.probes += probing
             try:
                 with trio.move_on_at(quiet_until) as quiet:
-                    response = await replica.transport.handle_async_request(request)
+                    if span is None:
+                        response = await replica.transport.handle_async_request(request)
+                    else:
+                        response = await _traced_request(replica.transport, request, span)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 replica.in_flight -= 1
                 replica.probes -= probing
@@ -619,3 +629,19 @@ def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> Back
         if name.lower() in _CREDENTIAL_HEADERS:
             conceal_in_errors(value.removeprefix("Bearer "))
     return BackendClient(config, auth_header=auth_header)
+
+
+async def _traced_request(transport: PooledTransport, request: httpx.Request, span: Any) -> httpx.Response:
+    """`request`'s response head, its attempt's span ending with its body (read, closed or
+    broken off), or now if no head came."""
+    tracing = otel.TRACING
+    try:
+        response = await transport.handle_async_request(request)
+    except BaseException as error:
+        if tracing is not None:
+            tracing.failed(span, error)
+        raise
+    if tracing is not None:
+        tracing.answered(span, response.status_code)
+    when_body_done(response, span.end)
+    return response

@@ -1,0 +1,283 @@
+"""The gateway's own spans over OTLP/HTTP (the optional extra: `pip install 'llm-proxy[otel]'`).
+
+On when the standard environment names a collector (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) or `[tracing] otlp_endpoint` does; off otherwise, and
+then `TRACING` is None: every hook in the request path is one test of it (per request and per
+backend attempt, never per chunk), and the SDK is not even imported.
+
+On, each HTTP request is a server span (a child of the client's `traceparent` when it sent
+a valid one), named and attributed as the OpenTelemetry GenAI conventions say once its record
+says what it was; each backend attempt is a client span under it, whose context is the
+`traceparent` the backend receives (so vLLM's spans nest under the gateway's). Spans go to
+the SDK's `BatchSpanProcessor`: a bounded queue (full: the span is dropped) exported by its
+own thread, so a slow or absent collector never holds a request or the trio loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from proxy.domain.tracecontext import TraceContext
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+    from proxy.config import TracingSettings
+    from proxy.services._records import ExchangeRecord
+
+log = logging.getLogger(__name__)
+
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# `kind` in the request log → `gen_ai.operation.name` (the conventions' names where they have one).
+_OPERATIONS = {"chat": "chat", "completion": "text_completion", "embeddings": "embeddings"}
+# How long a stop waits for the last spans' export.
+STOP_SECONDS = 5.0
+
+
+class Tracing:
+    """One process's tracer provider and exporter (each `--workers` process has its own)."""
+
+    def __init__(self, provider: TracerProvider, propagate: bool) -> None:
+        from opentelemetry import trace as api
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        self._api = api  # imported once, not per request
+        self.provider = provider
+        self.tracer: Tracer = provider.get_tracer("llm_proxy")
+        # Backend requests carry the attempt's traceparent only with `[tracing] propagate`.
+        self.propagate = propagate
+        self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
+        self._status, self._error_code = Status, StatusCode.ERROR
+
+    def _error(self, description: str) -> Any:
+        return self._status(self._error_code, description)
+
+    def request_span(self, scope: Mapping[str, Any], received: TraceContext | None) -> TraceContext:
+        """The request's server span, under the client's span when it sent one, as the trace
+        its backend calls continue."""
+        api = self._api
+        parent = None
+        state = ""
+        if received is not None:
+            _, trace_id, parent_id, flags = received.traceparent.split("-")
+            state = received.state
+            parent = api.set_span_in_context(api.NonRecordingSpan(api.SpanContext(
+                int(trace_id, 16), int(parent_id, 16), is_remote=True, trace_flags=api.TraceFlags(int(flags, 16)),
+                trace_state=api.TraceState.from_header([state]) if state else None,
+            )))
+        method = scope.get("method", "GET")
+        span = self.tracer.start_span(method, context=parent, kind=self._server, attributes=_http_attributes(scope))
+        context = span.get_span_context()
+        trace_id = f"{context.trace_id:032x}"
+        return TraceContext(trace_id, f"00-{trace_id}-{context.span_id:016x}-{context.trace_flags:02x}", state, span)
+
+    def end_request(self, trace: TraceContext, status: int | None, cancelled: bool) -> None:
+        span: Span = trace.span
+        if not span.is_recording():
+            return
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(self._error(f"HTTP {status}"))
+                span.set_attribute("error.type", str(status))
+        if cancelled:
+            _mark_cancelled(span)
+        span.end()
+
+    def recorded(self, record: ExchangeRecord) -> None:
+        """What the request's record (its log line) says, on its server span: the GenAI
+        conventions' name and attributes. A record sink: called in the request's context."""
+        span = _request_span()
+        if span is None:
+            return
+        operation = _OPERATIONS.get(record.kind, record.kind)
+        span.update_name(f"{operation} {record.model}" if record.model else operation)
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.model": record.model,
+            "llm_proxy.trace_id": record.trace_id,
+            "llm_proxy.source": record.source,
+            "llm_proxy.stream": record.stream,
+            "llm_proxy.dialect": record.dialect,
+        }
+        if record.upstream_model and "gen_ai.response.model" not in (getattr(span, "attributes", None) or {}):
+            attributes["gen_ai.response.model"] = record.upstream_model  # the backend named none
+        if record.backend:
+            attributes["llm_proxy.backend"] = record.backend
+        if record.replica:
+            attributes["llm_proxy.replica"] = record.replica
+        if record.prompt_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = record.prompt_tokens
+        if record.completion_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = record.completion_tokens
+        if record.usage_estimated:
+            attributes["llm_proxy.usage_estimated"] = True
+        if record.finish_reason:
+            attributes["gen_ai.response.finish_reasons"] = (record.finish_reason,)
+        if record.api_key_id is not None:
+            attributes["llm_proxy.api_key_id"] = record.api_key_id
+        if record.ttft_ms is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = record.ttft_ms / 1000
+            # Also as an event at that moment, which a trace view draws on the span's bar.
+            start = getattr(span, "start_time", None)
+            if start is not None:
+                span.add_event("gen_ai.first_chunk", timestamp=start + int(record.ttft_ms * 1_000_000))
+        if record.status:
+            attributes["http.response.status_code"] = record.status
+        span.set_attributes(attributes)
+        if record.cancelled:
+            _mark_cancelled(span)
+        elif record.error is not None or record.status >= 500:
+            span.set_status(self._error(record.error or f"HTTP {record.status}"))
+            span.set_attribute("error.type", str(record.status) if record.status >= 400 else "stream_error")
+
+    def answered_as(self, response_id: str, model: str) -> None:
+        """The id and model the backend's answer gave, on the request's span."""
+        span = _request_span()
+        if span is not None:
+            if response_id:
+                span.set_attribute("gen_ai.response.id", response_id)
+            if model:
+                span.set_attribute("gen_ai.response.model", model)
+
+    def attempt(
+        self, trace: TraceContext, method: str, url: str, host: str, send_context: bool
+    ) -> tuple[Span, dict[str, str]]:
+        """A backend attempt's client span, under the request's, and the headers its
+        request carries: its own context, for the backend's spans to nest under (none for
+        a backend with `trace_context = false`)."""
+        host_name, _, port = host.rpartition(":") if host.rpartition(":")[2].isdigit() else (host, "", "")
+        attributes: dict[str, Any] = {"http.request.method": method, "url.full": url, "server.address": host_name or host}
+        if port:
+            attributes["server.port"] = int(port)
+        span = self.tracer.start_span(
+            method, context=self._api.set_span_in_context(trace.span), kind=self._client, attributes=attributes
+        )
+        if not (self.propagate and send_context):
+            return span, {}
+        context = span.get_span_context()
+        headers = {"traceparent": f"00-{trace.trace_id}-{context.span_id:016x}-{context.trace_flags:02x}"}
+        if trace.state:
+            headers["tracestate"] = trace.state
+        return span, headers
+
+    def answered(self, span: Span, status: int) -> None:
+        span.set_attribute("http.response.status_code", status)
+        if status >= 400:
+            span.set_status(self._error(f"HTTP {status}"))
+            span.set_attribute("error.type", str(status))
+
+    def failed(self, span: Span, error: BaseException) -> None:
+        """An attempt that got no response head (refused, dropped, timed out, or cancelled)."""
+        if span.is_recording():
+            span.set_status(self._error(str(error) or type(error).__name__))
+            span.set_attribute("error.type", type(error).__qualname__)
+            span.end()
+
+    def stop(self) -> None:
+        """Export what is queued, then stop the exporter's thread. Blocking, for as long as
+        the SDK retries a collector that is down: run it off the trio loop, bounded."""
+        self.provider.shutdown()
+
+
+def _request_span() -> Span | None:
+    """The server span of the request this task serves, while it is open (one ended already:
+    a durable run outliving its client's request)."""
+    from proxy.infra.backends import current_trace
+
+    trace = current_trace.get()
+    if trace is None or trace.span is None or not trace.span.is_recording():
+        return None
+    return trace.span  # type: ignore[no-any-return]
+
+
+def _mark_cancelled(span: Span) -> None:
+    # The client's choice, not the gateway's failure: no error status, but named as such
+    # (nginx's 499, as in the request log).
+    span.set_attribute("llm_proxy.cancelled", True)
+    span.set_attribute("http.response.status_code", 499)
+
+
+def _http_attributes(scope: Mapping[str, Any]) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": scope.get("method", "GET"),
+        "url.path": scope.get("path", "/"),
+        "url.scheme": scope.get("scheme", "http"),
+    }
+    server = scope.get("server")
+    if server:
+        attributes["server.address"], attributes["server.port"] = server[0], server[1]
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+    if version := scope.get("http_version"):
+        attributes["network.protocol.version"] = version
+    for name, value in scope.get("headers", ()):
+        if name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+        elif name == b"host":
+            host, _, port = value.decode("latin-1").rpartition(":")
+            if host and port.isdigit():
+                attributes["server.address"], attributes["server.port"] = host, int(port)
+            else:
+                attributes["server.address"] = value.decode("latin-1")
+    return attributes
+
+
+# This process's tracing; None: off (the default), and nothing in the request path runs.
+TRACING: Tracing | None = None
+
+
+def wanted(settings: TracingSettings) -> bool:
+    """Whether this configuration and environment ask for spans."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return bool(settings.otlp_endpoint) or any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES)
+
+
+def start(settings: TracingSettings) -> Tracing | None:
+    """Set up this process's tracing when asked for (see `wanted`), as `TRACING`."""
+    global TRACING
+    if not wanted(settings):
+        return None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        log.warning(
+            "an OTLP endpoint is configured but the OpenTelemetry SDK is not installed "
+            "(pip install 'llm-proxy[otel]'): the gateway records no spans"
+        )
+        return None
+    resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "llm-proxy"}))
+    # The sampler is the SDK's reading of OTEL_TRACES_SAMPLER (parent-based, always on by default).
+    provider = TracerProvider(resource=resource)
+    endpoint = None
+    if settings.otlp_endpoint and not any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES):
+        endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces"  # as OTEL_EXPORTER_OTLP_ENDPOINT is read
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    TRACING = Tracing(provider, settings.propagate)
+    return TRACING
+
+
+def stop(tracing: Tracing) -> None:
+    """Blocking (see `Tracing.stop`)."""
+    global TRACING
+    if TRACING is tracing:
+        TRACING = None
+    started = time.monotonic()
+    try:
+        tracing.stop()
+    except Exception as error:  # a collector that is down must not fail the stop
+        log.warning("exporting the last spans failed after %.1fs: %s", time.monotonic() - started, error)

@@ -1,0 +1,214 @@
+"""The gateway's own spans over OTLP/HTTP, received by a real loopback collector: a server span
+per request between the client's span and the backend's, named and attributed as the
+OpenTelemetry GenAI conventions say, each backend attempt a client span whose context is the
+`traceparent` the backend receives — through the official SDKs, on real servers."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+
+from proxy.config import ConfigError, TracingSettings, load_settings
+from proxy.infra import otel
+from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
+from tests.fakes.recorder import RecordedRequest
+from tests.harness import backend, hang_up_once_received, running_gateway
+from tests.otlp_collector import CLIENT, SERVER, Collector, Span, otlp_collector
+
+ASK = [{"role": "user", "content": "hi"}]
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+SENT = {"traceparent": f"00-{TRACE}-{PARENT}-01", "tracestate": "congo=t61rcWkgMzE"}
+
+
+def exporting(collector: Collector) -> TracingSettings:
+    return TracingSettings(otlp_endpoint=collector.url)
+
+
+def backend_parent(request: RecordedRequest) -> tuple[str, str]:
+    _, trace_id, parent_id, _ = request.headers["traceparent"].split("-")
+    return trace_id, parent_id
+
+
+def attempt_of(collector: Collector, request: RecordedRequest) -> Span:
+    """The client span whose context a backend request carried."""
+    trace_id, parent_id = backend_parent(request)
+    [span] = [s for s in collector.of_kind(CLIENT) if (s.trace_id, s.span_id) == (trace_id, parent_id)]
+    return span
+
+
+async def test_a_streamed_chat_is_a_genai_server_span_between_the_clients_and_the_backends() -> None:
+    fake = OpenAIBackend(default=Script(tokens=["Hel", "lo"], usage=Usage(prompt_tokens=7, completion_tokens=2), model_name="qwen3-8b-awq"))
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, default=True), aliases={"gpt-4o": "qwen3-8b"}, tracing=exporting(collector)
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="gpt-4o", messages=ASK, stream=True, extra_headers=SENT  # type: ignore[arg-type]
+            )
+            chunks = [chunk async for chunk in stream]
+        # The gateway's stop exported what its processor held.
+        [server_span] = collector.of_kind(SERVER)
+    assert server_span.name == "chat gpt-4o"
+    assert server_span.resource["service.name"] == "llm-proxy"
+    # The client's span is its parent, in the client's trace.
+    assert (server_span.trace_id, server_span.parent_id) == (TRACE, PARENT)
+    attributes = server_span.attributes
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == "gpt-4o"
+    assert attributes["gen_ai.response.model"] == "qwen3-8b-awq"
+    assert attributes["gen_ai.response.id"] == chunks[0].id
+    assert attributes["gen_ai.usage.input_tokens"] == 7
+    assert attributes["gen_ai.usage.output_tokens"] == 2
+    assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["http.request.method"] == "POST" and attributes["url.path"] == "/v1/chat/completions"
+    assert attributes["server.address"] == "127.0.0.1" and isinstance(attributes["server.port"], int)
+    assert attributes["llm_proxy.stream"] is True and attributes["llm_proxy.backend"] == "vllm"
+    assert attributes["llm_proxy.trace_id"]  # the gateway's x-trace-id: the request log's line
+    assert 0 < attributes["gen_ai.response.time_to_first_chunk"] < 10
+    assert server_span.start < server_span.events["gen_ai.first_chunk"] <= server_span.end
+    assert server_span.status == 0
+    # The backend call is a client span under it, and its context is what the backend got,
+    # so vLLM's spans nest under the gateway's.
+    [request] = [r for r in fake.requests if r.method == "POST"]
+    attempt = attempt_of(collector, request)
+    assert attempt.parent_id == server_span.span_id and attempt.trace_id == TRACE
+    assert attempt.attributes["http.response.status_code"] == 200
+    assert attempt.attributes["url.full"] == f"{server.url}/v1/chat/completions"
+    assert request.headers["tracestate"] == SENT["tracestate"]
+    # The attempt lasts until the backend's stream ended, inside the request's span.
+    assert server_span.start <= attempt.start and attempt.end <= server_span.end
+    assert attempt.end >= server_span.events["gen_ai.first_chunk"]
+
+
+async def test_each_dialects_sdk_request_gets_its_span_and_one_without_traceparent_starts_the_trace() -> None:
+    vllm, local, claude = OpenAIBackend(), OllamaBackend(), AnthropicBackend()
+    with otlp_collector() as collector:
+        async with vllm.serve() as v, local.serve() as o, claude.serve() as c, running_gateway(
+            backend("vllm", v.url, default=True),
+            backend("ollama", o.url, kind="ollama", prefixes=("llama",)),
+            backend("claude", c.url, kind="anthropic", prefixes=("claude",)),
+            tracing=exporting(collector),
+        ) as url:
+            claude_client = anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0)
+            await claude_client.messages.create(model="claude-x", max_tokens=20, messages=ASK)  # type: ignore[arg-type]
+            await ollama.AsyncClient(host=url).chat(model="llama3.2", messages=ASK)
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            await client.embeddings.create(model="e5-large", input="hi")
+            await client.completions.create(model="qwen3-8b", prompt="hi")
+    by_name = {span.name: span for span in collector.of_kind(SERVER)}
+    assert set(by_name) == {"chat claude-x", "chat llama3.2", "embeddings e5-large", "text_completion qwen3-8b"}
+    for fake in (vllm, local, claude):
+        for request in (r for r in fake.requests if r.method == "POST"):
+            attempt = attempt_of(collector, request)
+            [parent] = [s for s in collector.of_kind(SERVER) if s.span_id == attempt.parent_id]
+            # No traceparent sent: the server span is the trace's root.
+            assert parent.parent_id == "" and parent.trace_id == attempt.trace_id
+    assert by_name["chat claude-x"].attributes["gen_ai.usage.output_tokens"] > 0
+    assert by_name["embeddings e5-large"].attributes["gen_ai.usage.input_tokens"] > 0
+
+
+async def test_a_fallback_shows_the_failed_attempt_and_the_stand_in_under_one_request() -> None:
+    big, small = OpenAIBackend(default=Script(status=503)), OpenAIBackend(default=Script(tokens=["small"]))
+    with otlp_collector() as collector:
+        async with big.serve() as b, small.serve() as s, running_gateway(
+            backend("big", b.url, models=("qwen3-32b",)),
+            backend("small", s.url, models=("qwen3-8b",)),
+            fallbacks={"qwen3-32b": ("qwen3-8b",)},
+            tracing=exporting(collector),
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            await client.chat.completions.create(model="qwen3-32b", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    [server_span] = collector.of_kind(SERVER)
+    [failed] = [r for r in big.requests if r.method == "POST"]
+    [answered] = [r for r in small.requests if r.method == "POST"]
+    first, second = attempt_of(collector, failed), attempt_of(collector, answered)
+    assert first.parent_id == second.parent_id == server_span.span_id and first.span_id != second.span_id
+    assert first.status == 2 and first.attributes["http.response.status_code"] == 503
+    assert second.status == 0 and server_span.status == 0
+    assert server_span.attributes["llm_proxy.backend"] == "small"
+
+
+async def test_a_failed_request_is_an_error_span_and_a_client_that_left_is_marked_cancelled() -> None:
+    broken = OpenAIBackend(default=Script(status=500))
+    slow = OpenAIBackend(default=Script(n_tokens=50, pace=0.2))
+    with otlp_collector() as collector:
+        async with broken.serve() as b, slow.serve() as s, running_gateway(
+            backend("broken", b.url, models=("bad",)), backend("slow", s.url, default=True), tracing=exporting(collector)
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.InternalServerError):
+                await client.chat.completions.create(model="bad", messages=ASK)  # type: ignore[arg-type]
+
+            async def leave_mid_stream() -> None:
+                stream = await client.chat.completions.create(model="slow", messages=ASK, stream=True)  # type: ignore[arg-type]
+                async for _ in stream:
+                    pass
+
+            await hang_up_once_received(slow, leave_mid_stream)
+            await slow.wait_disconnect(5.0)
+    failed, left = collector.named("chat bad"), collector.named("chat slow")
+    assert len(failed) == 1 and failed[0].status == 2 and failed[0].attributes["error.type"] == "502"  # the gateway names the backend's 500 a 502
+    assert len(left) == 1 and left[0].attributes["llm_proxy.cancelled"] is True
+    assert left[0].attributes["http.response.status_code"] == 499 and left[0].status != 2
+
+
+async def test_a_collector_that_is_down_fails_no_request() -> None:
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        gone = collector.url  # closed once this block ends: nothing listens there
+    async with fake.serve() as server:
+        with trio.fail_after(30):  # the stop's last export is bounded, never a hang
+            async with running_gateway(
+                backend("vllm", server.url, default=True), tracing=TracingSettings(otlp_endpoint=gone)
+            ) as url:
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                for _ in range(3):
+                    answer = await client.chat.completions.create(model="m", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+                    assert answer.choices[0].message.content
+    assert all(backend_parent(r)[0] == TRACE for r in fake.requests if r.method == "POST")
+
+
+async def test_off_by_default_the_backend_gets_the_clients_parent_and_nothing_is_exported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+            assert otel.TRACING is None
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            await client.chat.completions.create(model="m", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    assert collector.exports == 0
+    [request] = [r for r in fake.requests if r.method == "POST"]
+    assert backend_parent(request) == (TRACE, PARENT)
+
+
+async def test_the_standard_environment_switches_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "gateway-eu")
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                assert (await http.get("/v1/models")).status_code == 200
+    [listing] = collector.of_kind(SERVER)
+    assert listing.name == "GET" and listing.attributes["url.path"] == "/v1/models"
+    assert listing.attributes["http.response.status_code"] == 200
+    assert listing.resource["service.name"] == "gateway-eu"
+
+
+def test_the_collector_is_configured_in_tracing(tmp_path: pytest.TempPathFactory) -> None:
+    path = tmp_path / "c.toml"  # type: ignore[operator]
+    path.write_text('[tracing]\notlp_endpoint = "http://collector:4318"\n')
+    assert load_settings(path, {}).tracing == TracingSettings(otlp_endpoint="http://collector:4318")
+    path.write_text('[tracing]\notlp_endpoint = "collector:4318"\n')
+    with pytest.raises(ConfigError, match=r"tracing\.otlp_endpoint"):
+        load_settings(path, {})
