@@ -49,15 +49,12 @@ _STOP_BACKSTOP_SECONDS = 30.0
 
 class _App(GatewayApp):
     cors: _cors.Cors
-    propagate_traces = True  # `[tracing] propagate`, or spans exported (`tracing`)
+    propagate_traces = True  # `[tracing] propagate`
     tracing: otel.Tracing | None = None  # this process's span export, when on
     request_class: type[PacedRequest] = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http" and self.propagate_traces:
-            if self.tracing is not None:
-                await self._serve_traced(self.tracing, scope, receive, send)
-                return
             # Every backend call made for the request, in this task or one it starts (an
             # exchange's producer, a durable run), carries its trace.
             token = current_trace.set(request_trace(scope))
@@ -68,10 +65,13 @@ class _App(GatewayApp):
             return
         await self._serve(scope, receive, send)
 
-    async def _serve_traced(
-        self, tracing: otel.Tracing, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        """`_serve` within the request's server span, its backend calls' spans under it."""
+    async def asgi_app_traced(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """`asgi_app` with span export on (set in its stead at startup: off, no request
+        tests for it): each HTTP request within its server span."""
+        tracing = self.tracing
+        if scope["type"] != "http" or tracing is None:
+            await type(self).asgi_app(self, scope, receive, send)
+            return
         trace = tracing.request_span(scope, received_from(scope))
         token = current_trace.set(trace)
         watched = _StatusSend(send)
@@ -196,7 +196,7 @@ def create_app(settings: Settings) -> GatewayApp:
         # In each process (`--workers`): the exporter's thread does not survive a fork.
         app.tracing = otel.start(settings.tracing)
         if app.tracing is not None:
-            app.propagate_traces = True
+            app.asgi_app = app.asgi_app_traced  # type: ignore[method-assign]
         app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))
         if app.gateway.batches is not None:
             app.gateway.batches.serve(_batches.dispatcher(app))
@@ -214,6 +214,7 @@ def create_app(settings: Settings) -> GatewayApp:
             finally:
                 if (tracing := app.tracing) is not None:
                     app.tracing = None
+                    del app.asgi_app
                     # The last spans' export blocks: off the trio loop, and not waited for past
                     # its bound (a collector that is down is retried by the SDK for longer).
                     with trio.move_on_after(otel.STOP_SECONDS):

@@ -153,6 +153,9 @@ class BackendClient:
         timeouts = config.timeouts
         self._name = config.name
         self._traced = config.trace_context
+        # A backend not told the trace still gets its attempts' spans, with span export on
+        # (set up before the gateway's backends are made).
+        self._spans_only = not self._traced and otel.TRACING is not None
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
         self._failover = timeouts.failover
@@ -351,13 +354,13 @@ class BackendClient:
                 url = url.copy_merge_params(params)
             sent = {**replica.headers, **headers} if headers else replica.headers
             span = None
-            if (trace := current_trace.get()) is not None:
-                if trace.span is not None and (tracing := otel.TRACING) is not None:
-                    # The attempt's own span: its context is the traceparent the backend gets.
-                    span, outgoing = tracing.attempt(trace, method, replica.shown + path, replica.headers["host"], self._traced)
-                    sent = {**sent, **outgoing}
-                elif self._traced:
+            if self._traced and (trace := current_trace.get()) is not None:
+                if trace.span is None:
                     sent = {**sent, **trace.outgoing()}
+                else:
+                    span, sent = self._attempt_span(trace, method, replica, path, sent)
+            elif self._spans_only and (trace := current_trace.get()) is not None and trace.span is not None:
+                span, sent = self._attempt_span(trace, method, replica, path, sent)
             request = httpx.Request(method, url, headers=sent, content=content, extensions={"timeout": self._timeout})
             # Only while another replica could take the request is a silent one given up on.
             quiet_until = math.inf
@@ -457,6 +460,17 @@ class BackendClient:
                     code=f"backend_{response.status_code}",
                 )
             return response, replica, quiet_until
+
+    def _attempt_span(
+        self, trace: TraceContext, method: str, replica: _Replica, path: str, sent: dict[str, str]
+    ) -> tuple[Any, dict[str, str]]:
+        """The attempt's own span, and the headers it is sent with: the span's context is the
+        traceparent the backend gets (none for a backend with `trace_context = false`)."""
+        tracing = otel.TRACING
+        if tracing is None:  # stopped meanwhile
+            return None, {**sent, **trace.outgoing()} if self._traced else sent
+        span, outgoing = tracing.attempt(trace, method, replica.shown + path, replica.headers["host"], self._traced)
+        return span, {**sent, **outgoing}
 
     def replicas(self) -> list[ReplicaState]:
         now = trio.current_time()
