@@ -212,3 +212,22 @@ def test_the_collector_is_configured_in_tracing(tmp_path: pytest.TempPathFactory
     path.write_text('[tracing]\notlp_endpoint = "collector:4318"\n')
     with pytest.raises(ConfigError, match=r"tracing\.otlp_endpoint"):
         load_settings(path, {})
+
+
+async def test_a_clients_unsampled_trace_stays_unsampled_and_a_whole_answer_has_no_first_chunk_time() -> None:
+    fake = OpenAIBackend()
+    unsampled = {"traceparent": f"00-{TRACE}-{PARENT}-00", "tracestate": "UPPER=not-w3c,congo=t61rcWkgMzE"}
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), tracing=exporting(collector)) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            await client.chat.completions.create(model="m", messages=ASK, extra_headers=unsampled)  # type: ignore[arg-type]
+            await client.chat.completions.create(model="m", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    dropped, kept = [r for r in fake.requests if r.method == "POST"]
+    # The client's sampling decision stands: nothing exported, the backend told not to sample.
+    _, trace_id, parent_id, flags = dropped.headers["traceparent"].split("-")
+    assert (trace_id, flags) == (TRACE, "00") and parent_id != PARENT
+    assert dropped.headers["tracestate"] == unsampled["tracestate"]  # passed on as received
+    [server_span] = collector.of_kind(SERVER)
+    assert server_span.parent_id == PARENT and attempt_of(collector, kept).parent_id == server_span.span_id
+    assert "gen_ai.response.time_to_first_chunk" not in server_span.attributes
+    assert "gen_ai.first_chunk" not in server_span.events

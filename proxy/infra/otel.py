@@ -66,9 +66,11 @@ class Tracing:
         if received is not None:
             _, trace_id, parent_id, flags = received.traceparent.split("-")
             state = received.state
+            # Its tracestate is not handed to the SDK, which logs a warning for each member it
+            # finds malformed (a line per request of a client's choosing); the backends get it
+            # as received all the same.
             parent = api.set_span_in_context(api.NonRecordingSpan(api.SpanContext(
                 int(trace_id, 16), int(parent_id, 16), is_remote=True, trace_flags=api.TraceFlags(int(flags, 16)),
-                trace_state=api.TraceState.from_header([state]) if state else None,
             )))
         method = scope.get("method", "GET")
         span = self.tracer.start_span(method, context=parent, kind=self._server, attributes=_http_attributes(scope))
@@ -121,7 +123,7 @@ class Tracing:
             attributes["gen_ai.response.finish_reasons"] = (record.finish_reason,)
         if record.api_key_id is not None:
             attributes["llm_proxy.api_key_id"] = record.api_key_id
-        if record.ttft_ms is not None:
+        if record.ttft_ms is not None and record.stream:  # the conventions': streams only
             attributes["gen_ai.response.time_to_first_chunk"] = record.ttft_ms / 1000
             # Also as an event at that moment, which a trace view draws on the span's bar.
             start = getattr(span, "start_time", None)
