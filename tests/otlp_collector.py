@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-SERVER, CLIENT = 2, 3  # the protocol's span kinds
+SERVER, CLIENT, CONSUMER = 2, 3, 5  # the protocol's span kinds
 
 
 def _value(value: AnyValue) -> Any:

@@ -19,7 +19,11 @@ from proxy.infra import otel
 from tests.fakes import AnthropicBackend, OllamaBackend, OpenAIBackend, Script, Usage
 from tests.fakes.recorder import RecordedRequest
 from tests.harness import backend, hang_up_once_received, running_gateway
-from tests.otlp_collector import CLIENT, SERVER, Collector, Span, otlp_collector
+from tests.otlp_collector import CLIENT, CONSUMER, SERVER, Collector, Span, otlp_collector
+from tests.test_workflow import workflow_stack
+from tests.workflow_support import fanout, pipeline_name
+
+pytest_plugins = ["tests.infra_servers"]
 
 ASK = [{"role": "user", "content": "hi"}]
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -238,3 +242,29 @@ async def test_a_clients_unsampled_trace_stays_unsampled_and_a_whole_answer_has_
     assert "gen_ai.first_chunk" not in server_span.events
     # A tracestate the SDK finds malformed is not a warning per request of the client's choosing.
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
+async def test_a_workflow_jobs_worker_span_nests_under_the_gateways_request_and_its_model_calls_under_it(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = pipeline_name()
+    with otlp_collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)  # the gateway's and its worker's
+        async with workflow_stack(pg_database_url, nats_url, {name: fanout(models=["alpha-1", "beta-1"])}) as (
+            url, alpha, beta, _,
+        ):
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            reply = await client.chat.completions.with_raw_response.create(
+                model="m", messages=ASK, extra_headers={**SENT, "x-pipeline": name}  # type: ignore[arg-type]
+            )
+    [request] = [s for s in collector.of_kind(SERVER) if s.attributes.get("url.path") == "/v1/chat/completions"]
+    assert request.parent_id == PARENT
+    # The job's NATS headers carried the gateway's span: the worker's is its child.
+    [job] = collector.named(f"invoke_workflow {name}")
+    assert job.kind == CONSUMER and (job.trace_id, job.parent_id) == (TRACE, request.span_id)
+    assert job.attributes["gen_ai.operation.name"] == "invoke_workflow"
+    assert job.attributes["messaging.system"] == "nats"
+    assert job.attributes["llm_proxy.trace_id"] == reply.headers["x-trace-id"]
+    assert job.attributes["llm_proxy.workflow.status"] == "completed" and job.status == 0
+    calls = [r for fake in (alpha, beta) for r in fake.requests if r.method == "POST"]
+    assert len(calls) == 2 and all(attempt_of(collector, r).parent_id == job.span_id for r in calls)

@@ -215,9 +215,6 @@ def create_app(settings: Settings) -> GatewayApp:
                 if (tracing := app.tracing) is not None:
                     app.tracing = None
                     del app.asgi_app
-                    # The last spans' export blocks: off the trio loop, and not waited for past
-                    # its bound (a collector that is down is retried by the SDK for longer).
-                    with trio.move_on_after(otel.STOP_SECONDS):
-                        await trio.to_thread.run_sync(otel.stop, tracing, abandon_on_cancel=True)
+                    await otel.stop_soon(tracing)
 
     return app

@@ -21,6 +21,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from proxy.domain.tracecontext import TraceContext
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
     from proxy.config import TracingSettings
     from proxy.services._records import ExchangeRecord
+    from proxy.workflow.runner import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class Tracing:
         self.tracer: Tracer = provider.get_tracer("llm_proxy")
         # Backend requests carry the attempt's traceparent only with `[tracing] propagate`.
         self.propagate = propagate
-        self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
+        self._server, self._client, self._consumer = SpanKind.SERVER, SpanKind.CLIENT, SpanKind.CONSUMER
         self._status, self._error_code = Status, StatusCode.ERROR
 
     def _error(self, description: str) -> Any:
@@ -60,6 +63,49 @@ class Tracing:
     def request_span(self, scope: Mapping[str, Any], received: TraceContext | None) -> TraceContext:
         """The request's server span, under the client's span when it sent one, as the trace
         its backend calls continue."""
+        return self._start(scope.get("method", "GET"), self._server, received, _http_attributes(scope))
+
+    def job_span(self, received: TraceContext | None, subject: str, attempt: int) -> TraceContext:
+        """A workflow worker's span for a job taken from NATS: under the span of the gateway
+        request that queued it (its message headers' `traceparent`), its model calls' spans
+        under it."""
+        attributes = {
+            "gen_ai.operation.name": "invoke_workflow", "messaging.system": "nats",
+            "messaging.operation.type": "process", "messaging.destination.name": subject,
+            "llm_proxy.attempt": attempt,
+        }
+        return self._start("invoke_workflow", self._consumer, received, attributes)
+
+    def end_job(self, trace: TraceContext, run: JobRun | None) -> None:
+        """The job's span, ended with what became of its attempt `run` (None: the job was
+        not run, as undecodable or claimed by another process)."""
+        span: Span = trace.span
+        if not span.is_recording():
+            return
+        if run is None:
+            span.end()
+            return
+        pipeline, outcome = run.job.pipeline, run.outcome
+        span.update_name(f"invoke_workflow {pipeline}")
+        span.set_attribute("gen_ai.workflow.name", pipeline)
+        span.set_attribute("llm_proxy.trace_id", run.job.trace_id)
+        if outcome is not None:
+            span.set_attribute("llm_proxy.workflow.status", outcome.status)
+            if outcome.winner:
+                span.set_attribute("llm_proxy.workflow.winner", outcome.winner)
+            if outcome.status == "completed":
+                span.set_attribute("gen_ai.response.finish_reasons", (outcome.reason,))
+            elif outcome.status == "cancelled":
+                span.set_attribute("llm_proxy.cancelled", True)
+            else:
+                error = outcome.error
+                span.set_status(self._error(error.message if error is not None else "failed"))
+                span.set_attribute("error.type", error.code if error is not None and error.code else "failed")
+        elif run.interrupted_by:
+            span.set_attribute("llm_proxy.interrupted_by", run.interrupted_by)  # handed back: another attempt follows
+        span.end()
+
+    def _start(self, name: str, kind: Any, received: TraceContext | None, attributes: dict[str, Any]) -> TraceContext:
         api = self._api
         parent = None
         state = ""
@@ -72,8 +118,7 @@ class Tracing:
             parent = api.set_span_in_context(api.NonRecordingSpan(api.SpanContext(
                 int(trace_id, 16), int(parent_id, 16), is_remote=True, trace_flags=api.TraceFlags(int(flags, 16)),
             )))
-        method = scope.get("method", "GET")
-        span = self.tracer.start_span(method, context=parent, kind=self._server, attributes=_http_attributes(scope))
+        span = self.tracer.start_span(name, context=parent, kind=kind, attributes=attributes)
         context = span.get_span_context()
         trace_id = f"{context.trace_id:032x}"
         return TraceContext(trace_id, f"00-{trace_id}-{context.span_id:016x}-{context.trace_flags:02x}", state, span)
@@ -244,10 +289,11 @@ def wanted(settings: TracingSettings) -> bool:
     return bool(settings.otlp_endpoint) or any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES)
 
 
-def start(settings: TracingSettings) -> Tracing | None:
-    """Set up this process's tracing when asked for (see `wanted`), as `TRACING`."""
+def start(settings: TracingSettings, service: str = "llm-proxy") -> Tracing | None:
+    """Set up this process's tracing when asked for (see `wanted`), as `TRACING`; None when
+    not asked for, or when this process has it set up already (a worker beside a gateway)."""
     global TRACING
-    if not wanted(settings):
+    if not wanted(settings) or TRACING is not None:
         return None
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -262,7 +308,7 @@ def start(settings: TracingSettings) -> Tracing | None:
         return None
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: "llm-proxy"}))
+        resource = resource.merge(Resource({SERVICE_NAME: service}))
     # The sampler is the SDK's reading of OTEL_TRACES_SAMPLER (parent-based, always on by default).
     provider = TracerProvider(resource=resource)
     endpoint = None
@@ -271,6 +317,13 @@ def start(settings: TracingSettings) -> Tracing | None:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     TRACING = Tracing(provider, settings.propagate)
     return TRACING
+
+
+async def stop_soon(tracing: Tracing) -> None:
+    """`stop`, off the trio loop, and not waited for past `STOP_SECONDS` (the SDK retries a
+    collector that is down for longer)."""
+    with trio.move_on_after(STOP_SECONDS):
+        await trio.to_thread.run_sync(stop, tracing, abandon_on_cancel=True)
 
 
 def stop(tracing: Tracing) -> None:
