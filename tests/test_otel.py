@@ -268,3 +268,24 @@ async def test_a_workflow_jobs_worker_span_nests_under_the_gateways_request_and_
     assert job.attributes["llm_proxy.workflow.status"] == "completed" and job.status == 0
     calls = [r for fake in (alpha, beta) for r in fake.requests if r.method == "POST"]
     assert len(calls) == 2 and all(attempt_of(collector, r).parent_id == job.span_id for r in calls)
+
+
+async def test_a_durable_keyed_run_is_attributed_on_its_requests_span(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    fake = OpenAIBackend(default=Script(tokens=["ok"], usage=Usage(prompt_tokens=3, completion_tokens=1)))
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url,
+            tracing=exporting(collector),
+        ) as url:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            # A keyed request runs in the gateway's own nursery, not the request's task.
+            keyed = {**SENT, "idempotency-key": f"otel-{id(fake)}"}
+            for _ in range(2):  # the second gets the first's answer: no backend call
+                await client.chat.completions.create(model="m", messages=ASK, extra_headers=keyed)  # type: ignore[arg-type]
+    first, again = sorted(collector.named("chat m"), key=lambda span: span.start)
+    assert first.attributes["gen_ai.usage.output_tokens"] == 1 and first.attributes["llm_proxy.source"] == "backend"
+    assert again.attributes["llm_proxy.source"] in ("replay", "attached") and not collector.children(again)
+    [request] = [r for r in fake.requests if r.method == "POST"]
+    assert attempt_of(collector, request).parent_id == first.span_id
