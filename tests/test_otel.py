@@ -55,7 +55,8 @@ async def test_a_streamed_chat_is_a_genai_server_span_between_the_clients_and_th
         ) as url:
             client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             stream = await client.chat.completions.create(
-                model="gpt-4o", messages=ASK, stream=True, extra_headers=SENT  # type: ignore[arg-type]
+                model="gpt-4o", messages=ASK, stream=True, max_tokens=20, temperature=0.3, stop=["END"],
+                extra_headers=SENT,  # type: ignore[arg-type]
             )
             chunks = [chunk async for chunk in stream]
         # The gateway's stop exported what its processor held.
@@ -72,6 +73,9 @@ async def test_a_streamed_chat_is_a_genai_server_span_between_the_clients_and_th
     assert attributes["gen_ai.usage.input_tokens"] == 7
     assert attributes["gen_ai.usage.output_tokens"] == 2
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attributes["gen_ai.provider.name"] == "openai"  # the backend's kind
+    assert attributes["gen_ai.request.max_tokens"] == 20 and attributes["gen_ai.request.temperature"] == 0.3
+    assert attributes["gen_ai.request.stop_sequences"] == ("END",)
     assert attributes["http.response.status_code"] == 200
     assert attributes["http.request.method"] == "POST" and attributes["url.path"] == "/v1/chat/completions"
     assert attributes["server.address"] == "127.0.0.1" and isinstance(attributes["server.port"], int)
@@ -117,6 +121,9 @@ async def test_each_dialects_sdk_request_gets_its_span_and_one_without_tracepare
             # No traceparent sent: the server span is the trace's root.
             assert parent.parent_id == "" and parent.trace_id == attempt.trace_id
     assert by_name["chat claude-x"].attributes["gen_ai.usage.output_tokens"] > 0
+    assert by_name["chat claude-x"].attributes["gen_ai.provider.name"] == "anthropic"
+    assert by_name["chat claude-x"].attributes["gen_ai.request.max_tokens"] == 20
+    assert by_name["chat llama3.2"].attributes["gen_ai.provider.name"] == "ollama"
     assert by_name["embeddings e5-large"].attributes["gen_ai.usage.input_tokens"] > 0
 
 

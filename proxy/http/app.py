@@ -194,7 +194,7 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.before_serving
     async def startup() -> None:
         # In each process (`--workers`): the exporter's thread does not survive a fork.
-        app.tracing = otel.start(settings.tracing)
+        app.tracing = otel.start(settings.tracing, kinds={backend.name: backend.kind for backend in settings.backends})
         if app.tracing is not None:
             app.asgi_app = app.asgi_app_traced  # type: ignore[method-assign]
         app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))

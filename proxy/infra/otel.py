@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from proxy.config import TracingSettings
+    from proxy.domain.chat import ChatRequest
+    from proxy.domain.events import CompletionBuilder
     from proxy.services._records import ExchangeRecord
     from proxy.workflow.runner import JobRun
 
@@ -45,7 +47,7 @@ STOP_SECONDS = 5.0
 class Tracing:
     """One process's tracer provider and exporter (each `--workers` process has its own)."""
 
-    def __init__(self, provider: TracerProvider, propagate: bool) -> None:
+    def __init__(self, provider: TracerProvider, propagate: bool, kinds: Mapping[str, str] | None = None) -> None:
         from opentelemetry import trace as api
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -54,6 +56,8 @@ class Tracing:
         self.tracer: Tracer = provider.get_tracer("llm_proxy")
         # Backend requests carry the attempt's traceparent only with `[tracing] propagate`.
         self.propagate = propagate
+        # A backend's name → its kind (openai, anthropic, ollama): `gen_ai.provider.name`.
+        self._kinds = dict(kinds or {})
         self._server, self._client, self._consumer = SpanKind.SERVER, SpanKind.CLIENT, SpanKind.CONSUMER
         self._status, self._error_code = Status, StatusCode.ERROR
 
@@ -156,6 +160,8 @@ class Tracing:
             attributes["gen_ai.response.model"] = record.upstream_model  # the backend named none
         if record.backend:
             attributes["llm_proxy.backend"] = record.backend
+            if kind := self._kinds.get(record.backend):
+                attributes["gen_ai.provider.name"] = kind
         if record.replica:
             attributes["llm_proxy.replica"] = record.replica
         if record.prompt_tokens is not None:
@@ -183,14 +189,37 @@ class Tracing:
             span.set_status(self._error(record.error or f"HTTP {record.status}"))
             span.set_attribute("error.type", str(record.status) if record.status >= 400 else "stream_error")
 
-    def answered_as(self, response_id: str, model: str) -> None:
-        """The id and model the backend's answer gave, on the request's span."""
+    def exchanged(self, request: ChatRequest, result: CompletionBuilder) -> None:
+        """What a chat asked for and its backend's answer said, on the request's span (the
+        conventions' request and response attributes the record does not hold)."""
         span = _request_span()
-        if span is not None:
-            if response_id:
-                span.set_attribute("gen_ai.response.id", response_id)
-            if model:
-                span.set_attribute("gen_ai.response.model", model)
+        if span is None:
+            return
+        params = request.params
+        attributes: dict[str, Any] = {}
+        for name, value in (
+            ("gen_ai.request.max_tokens", params.max_tokens), ("gen_ai.request.temperature", params.temperature),
+            ("gen_ai.request.top_p", params.top_p), ("gen_ai.request.top_k", params.top_k),
+            ("gen_ai.request.seed", params.seed), ("gen_ai.request.presence_penalty", params.presence_penalty),
+            ("gen_ai.request.frequency_penalty", params.frequency_penalty), ("gen_ai.request.choice.count", params.n),
+        ):
+            if value is not None:
+                attributes[name] = value
+        if params.stop:
+            attributes["gen_ai.request.stop_sequences"] = params.stop
+        if (start := result.start) is not None:
+            if start.id:
+                attributes["gen_ai.response.id"] = start.id
+            if start.model:
+                attributes["gen_ai.response.model"] = start.model
+        if (usage := result.usage) is not None:
+            if usage.cached_tokens:
+                attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+            if usage.cache_write_tokens:
+                attributes["gen_ai.usage.cache_creation.input_tokens"] = usage.cache_write_tokens
+            if usage.reasoning_tokens:
+                attributes["gen_ai.usage.reasoning.output_tokens"] = usage.reasoning_tokens
+        span.set_attributes(attributes)
 
     def attempt(
         self, trace: TraceContext, method: str, url: str, host: str, send_context: bool
@@ -289,7 +318,7 @@ def wanted(settings: TracingSettings) -> bool:
     return bool(settings.otlp_endpoint) or any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES)
 
 
-def start(settings: TracingSettings, service: str = "llm-proxy") -> Tracing | None:
+def start(settings: TracingSettings, service: str = "llm-proxy", kinds: Mapping[str, str] | None = None) -> Tracing | None:
     """Set up this process's tracing when asked for (see `wanted`), as `TRACING`; None when
     not asked for, or when this process has it set up already (a worker beside a gateway)."""
     global TRACING
@@ -315,7 +344,7 @@ def start(settings: TracingSettings, service: str = "llm-proxy") -> Tracing | No
     if settings.otlp_endpoint and not any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES):
         endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces"  # as OTEL_EXPORTER_OTLP_ENDPOINT is read
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    TRACING = Tracing(provider, settings.propagate)
+    TRACING = Tracing(provider, settings.propagate, kinds)
     return TRACING
 
 

@@ -186,6 +186,6 @@ class Recording:
             record.finish_reason = result.finish_reason.value
         if result.error is not None and record.error is None:
             record.error = result.error.message
-        if otel.TRACING is not None and (start := result.start) is not None:
-            otel.TRACING.answered_as(start.id, start.model)
+        if otel.TRACING is not None:
+            otel.TRACING.exchanged(self.request, result)
         self._record_sink(record)
