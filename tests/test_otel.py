@@ -6,6 +6,7 @@ OpenTelemetry GenAI conventions say, each backend attempt a client span whose co
 from __future__ import annotations
 
 import logging
+import sys
 
 import anthropic
 import httpx
@@ -296,3 +297,44 @@ async def test_a_durable_keyed_run_is_attributed_on_its_requests_span(
     assert again.attributes["llm_proxy.source"] in ("replay", "attached") and not collector.children(again)
     [request] = [r for r in fake.requests if r.method == "POST"]
     assert attempt_of(collector, request).parent_id == first.span_id
+
+
+async def test_grpc_asked_for_without_its_exporter_is_said_at_start_and_http_is_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="proxy.infra.otel")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", None)  # not installed
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), tracing=exporting(collector)) as url:
+            assert any("opentelemetry-exporter-otlp-proto-grpc" in r.getMessage() for r in caplog.records)
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            await client.chat.completions.create(model="m", messages=ASK)  # type: ignore[arg-type]
+    assert collector.named("chat m")
+
+
+async def test_without_the_sdk_installed_a_configured_collector_is_a_warning_not_a_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="proxy.infra.otel")
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # `pip install llm-proxy` without [otel]
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), tracing=TracingSettings(otlp_endpoint="http://127.0.0.1:9")
+    ) as url:
+        assert otel.TRACING is None
+        assert any("llm-proxy[otel]" in r.getMessage() for r in caplog.records)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        await client.chat.completions.create(model="m", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    [request] = [r for r in fake.requests if r.method == "POST"]
+    assert backend_parent(request) == (TRACE, PARENT)
+
+
+@pytest.mark.parametrize("variable", ["OTEL_SDK_DISABLED=true", "OTEL_TRACES_EXPORTER=none"])
+def test_the_standard_switches_turn_it_off(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    assert otel.wanted(TracingSettings())
+    name, _, value = variable.partition("=")
+    monkeypatch.setenv(name, value)
+    assert not otel.wanted(TracingSettings(otlp_endpoint="http://127.0.0.1:4318"))

@@ -15,6 +15,7 @@ own thread, so a slow or absent collector never holds a request or the trio loop
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -325,7 +326,6 @@ def start(settings: TracingSettings, service: str = "llm-proxy", kinds: Mapping[
     if not wanted(settings) or TRACING is not None:
         return None
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -340,12 +340,44 @@ def start(settings: TracingSettings, service: str = "llm-proxy", kinds: Mapping[
         resource = resource.merge(Resource({SERVICE_NAME: service}))
     # The sampler is the SDK's reading of OTEL_TRACES_SAMPLER (parent-based, always on by default).
     provider = TracerProvider(resource=resource)
-    endpoint = None
-    if settings.otlp_endpoint and not any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES):
-        endpoint = settings.otlp_endpoint.rstrip("/") + "/v1/traces"  # as OTEL_EXPORTER_OTLP_ENDPOINT is read
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    try:
+        exporter = _exporter(settings)
+    except ImportError:
+        log.warning(
+            "an OTLP endpoint is configured but the OTLP/HTTP exporter is not installed "
+            "(pip install 'llm-proxy[otel]'): the gateway records no spans"
+        )
+        return None
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     TRACING = Tracing(provider, settings.propagate, kinds)
     return TRACING
+
+
+def _exporter(settings: TracingSettings) -> Any:
+    """The OTLP exporter the environment asks for: HTTP/protobuf (bundled), or gRPC when
+    its exporter is installed. Its endpoint: the environment's, else `otlp_endpoint`."""
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    ).strip().lower()
+    configured = None if any(os.environ.get(name, "").strip() for name in _ENDPOINT_VARIABLES) else settings.otlp_endpoint
+    if protocol == "grpc":
+        try:
+            grpc = importlib.import_module("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")  # not bundled
+        except ImportError:
+            # Said at start-up: otherwise only the exports' failures would tell, one by one.
+            log.warning(
+                "OTLP over gRPC is asked for, but its exporter is not installed (pip install "
+                "opentelemetry-exporter-otlp-proto-grpc): exporting over HTTP/protobuf instead, which "
+                "a collector's gRPC port (4317) does not take; its HTTP port is 4318"
+            )
+        else:
+            return grpc.OTLPSpanExporter(endpoint=configured)
+    elif protocol != "http/protobuf":
+        log.warning("OTLP protocol %r is not supported: exporting over HTTP/protobuf", protocol)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    # `otlp_endpoint` means what OTEL_EXPORTER_OTLP_ENDPOINT does: the signal's path is added.
+    return OTLPSpanExporter(endpoint=configured.rstrip("/") + "/v1/traces" if configured else None)
 
 
 async def stop_soon(tracing: Tracing) -> None:
