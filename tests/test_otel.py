@@ -338,3 +338,32 @@ def test_the_standard_switches_turn_it_off(monkeypatch: pytest.MonkeyPatch, vari
     name, _, value = variable.partition("=")
     monkeypatch.setenv(name, value)
     assert not otel.wanted(TracingSettings(otlp_endpoint="http://127.0.0.1:4318"))
+
+
+async def test_spans_without_propagation_tell_no_backend_and_a_third_party_backend_nothing() -> None:
+    ours, hosted = OpenAIBackend(), AnthropicBackend()
+    with otlp_collector() as collector:
+        async with ours.serve() as o, hosted.serve() as h:
+            backends = (
+                backend("vllm", o.url, default=True),
+                backend("claude", h.url, kind="anthropic", prefixes=("claude",), trace_context=False),
+            )
+            async with running_gateway(*backends, tracing=exporting(collector)) as url:
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                for model in ("qwen3-8b", "claude-x"):
+                    await client.chat.completions.create(model=model, messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+            async with running_gateway(
+                *backends, tracing=TracingSettings(propagate=False, otlp_endpoint=collector.url)
+            ) as url:
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                await client.chat.completions.create(model="qwen3-8b", messages=ASK, extra_headers=SENT)  # type: ignore[arg-type]
+    told, untold = [r for r in ours.requests if r.method == "POST"]
+    [third_party] = [r for r in hosted.requests if r.method == "POST"]
+    assert attempt_of(collector, told).trace_id == TRACE
+    for request in (untold, third_party):
+        assert "traceparent" not in request.headers and "tracestate" not in request.headers
+    # Their attempts are recorded all the same, under their requests' spans.
+    servers = {span.span_id: span for span in collector.of_kind(SERVER)}
+    attempts = [span for span in collector.of_kind(CLIENT) if span.attributes.get("url.full", "").endswith("/messages")]
+    assert len(attempts) == 1 and servers[attempts[0].parent_id].name == "chat claude-x"
+    assert len(collector.of_kind(CLIENT)) == 3 and all(span.trace_id == TRACE for span in collector.spans)
