@@ -2,8 +2,9 @@
 
 On when the standard environment names a collector (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) or `[tracing] otlp_endpoint` does; off otherwise, and
-then `TRACING` is None: every hook in the request path is one test of it (per request and per
-backend attempt, never per chunk), and the SDK is not even imported.
+then `TRACING` is None, the SDK is not even imported, and the request path keeps its own route
+(the app's traced `asgi_app` is put in place only when on): what is left is a test of a value
+at hand per backend attempt (`TraceContext.span`) and per chat record, never per chunk.
 
 On, each HTTP request is a server span (a child of the client's `traceparent` when it sent
 a valid one), named and attributed as the OpenTelemetry GenAI conventions say once its record
