@@ -213,8 +213,16 @@ async def test_the_standard_environment_switches_it_on(monkeypatch: pytest.Monke
         async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
                 assert (await http.get("/v1/models")).status_code == 200
-    [listing] = collector.of_kind(SERVER)
-    assert listing.name == "GET" and listing.attributes["url.path"] == "/v1/models"
+                assert (await http.get("/v1/models/no-such-model")).status_code == 404
+                assert (await http.get("/v1/streams/no-such-run")).status_code in (404, 503)
+    spans = {span.attributes["url.path"]: span for span in collector.of_kind(SERVER)}
+    # Named as the HTTP conventions say: the method and the matched route (a template: one
+    # name for every model or run asked about).
+    listing, model, stream = spans["/v1/models"], spans["/v1/models/no-such-model"], spans["/v1/streams/no-such-run"]
+    assert listing.name == "GET /v1/models" and listing.attributes["http.route"] == "/v1/models"
+    assert model.name == "GET /v1/models/<path:model_id>" and model.attributes["http.response.status_code"] == 404
+    assert stream.name == "GET /v1/streams/<trace_id>"
+    assert model.status == 0  # a client's 4xx is no error of the server's
     assert listing.attributes["http.response.status_code"] == 200
     assert listing.resource["service.name"] == "gateway-eu"
 

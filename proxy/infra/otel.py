@@ -129,6 +129,15 @@ class Tracing:
         trace_id = f"{context.trace_id:032x}"
         return TraceContext(trace_id, f"00-{trace_id}-{context.span_id:016x}-{context.trace_flags:02x}", state, span)
 
+    def routed(self, trace: TraceContext, method: str, rule: str) -> None:
+        """The route a request matched (a template: `/v1/models/<path:model_id>`), for its
+        span's name as the HTTP conventions give it, `{method} {route}`, until its record
+        names it a GenAI operation."""
+        span: Span = trace.span
+        if span.is_recording():
+            span.set_attribute("http.route", rule)
+            span.update_name(f"{method} {rule}")
+
     def end_request(self, trace: TraceContext, status: int | None, cancelled: bool) -> None:
         span: Span = trace.span
         if not span.is_recording():
