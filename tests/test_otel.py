@@ -375,3 +375,18 @@ async def test_spans_without_propagation_tell_no_backend_and_a_third_party_backe
     attempts = [span for span in collector.of_kind(CLIENT) if span.attributes.get("url.full", "").endswith("/messages")]
     assert len(attempts) == 1 and servers[attempts[0].parent_id].name == "chat claude-x"
     assert len(collector.of_kind(CLIENT)) == 3 and all(span.trace_id == TRACE for span in collector.spans)
+
+
+async def test_probes_and_scrapes_make_no_spans_nor_what_otel_python_excluded_urls_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_EXCLUDED_URLS", "models/,^/openapi")
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), tracing=exporting(collector)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                for path in ("/health", "/ready", "/metrics", "/v1/models/m", "/openapi.json", "/v1/models"):
+                    await http.get(path)
+                client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+                await client.chat.completions.create(model="m", messages=ASK)  # type: ignore[arg-type]
+    assert sorted(span.name for span in collector.of_kind(SERVER)) == ["GET /v1/models", "chat m"]

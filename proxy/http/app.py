@@ -70,7 +70,7 @@ class _App(GatewayApp):
         """`asgi_app` with span export on (set in its stead at startup: off, no request
         tests for it): each HTTP request within its server span."""
         tracing = self.tracing
-        if scope["type"] != "http" or tracing is None:
+        if scope["type"] != "http" or tracing is None or not tracing.traces(scope["path"]):
             await type(self).asgi_app(self, scope, receive, send)
             return
         trace = tracing.request_span(scope, received_from(scope))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,14 @@ class Tracing:
         self._kinds = dict(kinds or {})
         self._server, self._client, self._consumer = SpanKind.SERVER, SpanKind.CLIENT, SpanKind.CONSUMER
         self._status, self._error_code = Status, StatusCode.ERROR
+        self._excluded = _excluded_urls()
+
+    def traces(self, path: str) -> bool:
+        """Whether a request for `path` gets a span: not the probes and the metrics scrape
+        (`/health`, `/ready`, `/metrics`: a span every few seconds per instance, for nobody),
+        nor a path `OTEL_PYTHON_EXCLUDED_URLS` names (the Python instrumentations' variable:
+        comma-separated regular expressions, searched for in the path)."""
+        return path not in _UNTRACED and (self._excluded is None or self._excluded.search(path) is None)
 
     def _error(self, description: str) -> Any:
         return self._status(self._error_code, description)
@@ -270,6 +279,20 @@ class Tracing:
         """Export what is queued, then stop the exporter's thread. Blocking, for as long as
         the SDK retries a collector that is down: run it off the trio loop, bounded."""
         self.provider.shutdown()
+
+
+_UNTRACED = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _excluded_urls() -> re.Pattern[str] | None:
+    patterns = [part.strip() for part in os.environ.get("OTEL_PYTHON_EXCLUDED_URLS", "").split(",") if part.strip()]
+    if not patterns:
+        return None
+    try:
+        return re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+    except re.error as error:
+        log.warning("OTEL_PYTHON_EXCLUDED_URLS is no list of regular expressions (%s): every path gets spans", error)
+        return None
 
 
 def _request_span() -> Span | None:
