@@ -184,6 +184,9 @@ class TracingSettings:
 
     # Each backend request carries the client's trace (or one started for its request).
     propagate: bool = True
+    # An OTLP/HTTP collector for the gateway's own spans (`OTEL_EXPORTER_OTLP_ENDPOINT`'s
+    # meaning: `/v1/traces` is added); the standard environment overrides it.
+    otlp_endpoint: str | None = None
 
 
 # Ollama's default (`OLLAMA_ORIGINS`), plus IPv6's loopback: pages served from this machine
@@ -343,7 +346,7 @@ _RAG_KEYS = {
 }
 _SEMANTIC_CACHE_KEYS = {"enabled", "models", "threshold", "ttl_seconds"}
 _BATCHES_KEYS = {"concurrency", "file_max_bytes", "max_lines", "poll_seconds"}
-_TRACING_KEYS = {"propagate"}
+_TRACING_KEYS = {"propagate", "otlp_endpoint"}
 
 # Where each key is at home, to name it for a key written in another table: TOML puts every
 # key below a `[table]` header into that table, so a top-level setting appended to the end of
@@ -660,7 +663,11 @@ def _parse_batches(raw: Mapping[str, Any]) -> BatchSettings:
 
 
 def _parse_tracing(raw: Mapping[str, Any]) -> TracingSettings:
-    return TracingSettings(propagate=_Reader(raw, "tracing", _TRACING_KEYS).get("propagate", bool, True))
+    reader = _Reader(raw, "tracing", _TRACING_KEYS)
+    endpoint = reader.get("otlp_endpoint", str, None)
+    if endpoint is not None and not re.match(r"https?://[^/]", endpoint):
+        raise ConfigError(f"`tracing.otlp_endpoint` must be an http:// or https:// URL, got {endpoint!r}")
+    return TracingSettings(propagate=reader.get("propagate", bool, True), otlp_endpoint=endpoint or None)
 
 
 def _base_urls(value: str | list[Any] | None, key: str) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from proxy.config import Settings
 from proxy.domain.errors import GatewayError
 from proxy.domain.hosts import HostPolicy
 from proxy.domain.routing import BackendRoute, Router
+from proxy.infra import otel
 from proxy.infra.backends import Backend, create_backend
 from proxy.infra.embedded import EmbeddedNats, EmbeddedPostgres, Revivable, keep_running
 from proxy.infra.logging import RequestLog
@@ -123,6 +124,9 @@ def build_router(settings: Settings, cls: type[Router] = Router) -> Router:
 
 
 def record_to(*sinks: RecordSink) -> RecordSink:
+    if otel.TRACING is not None:  # set up before the gateway (`create_app`'s startup)
+        sinks = (*sinks, otel.TRACING.recorded)
+
     def record(entry: ExchangeRecord) -> None:
         for sink in sinks:
             sink(entry)

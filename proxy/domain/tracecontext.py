@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 # version-trace_id-parent_id-flags, then (a later version only) more after a dash.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
@@ -33,6 +33,9 @@ class TraceContext(NamedTuple):  # a tuple: made per request, ~1 µs less than a
     trace_id: str
     traceparent: str
     state: str = ""
+    # The gateway's server span for the request, with OTLP export on (`infra/otel.py`);
+    # None otherwise. Typed loosely: the domain knows nothing of the SDK.
+    span: Any = None
 
     def outgoing(self) -> dict[str, str]:
         """The headers of a backend request made for this trace."""

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from quart import current_app, request
 
 from proxy.config import Settings
 from proxy.gateway import open_gateway
@@ -38,7 +39,8 @@ from proxy.http._context import GatewayApp
 from proxy.http._errors import install_error_handlers
 from proxy.http._openapi import blueprint as openapi_blueprint
 from proxy.http._request import PacedRequest
-from proxy.http._trace import request_trace
+from proxy.http._trace import received_from, request_trace
+from proxy.infra import otel
 from proxy.infra.backends import current_trace
 
 # Past the grace, what the stop still does is bounded by its steps (runs cut, rows written
@@ -49,6 +51,7 @@ _STOP_BACKSTOP_SECONDS = 30.0
 class _App(GatewayApp):
     cors: _cors.Cors
     propagate_traces = True  # `[tracing] propagate`
+    tracing: otel.Tracing | None = None  # this process's span export, when on
     request_class: type[PacedRequest] = PacedRequest  # its body's time limit is the chat routes' (not BODY_TIMEOUT)
 
     async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -62,6 +65,29 @@ class _App(GatewayApp):
                 current_trace.reset(token)
             return
         await self._serve(scope, receive, send)
+
+    async def asgi_app_traced(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """`asgi_app` with span export on (set in its stead at startup: off, no request
+        tests for it): each HTTP request within its server span."""
+        tracing = self.tracing
+        if scope["type"] != "http" or tracing is None or not tracing.traces(scope["path"]):
+            await type(self).asgi_app(self, scope, receive, send)
+            return
+        trace = tracing.request_span(scope, received_from(scope))
+        if (matched := self.front.match(scope["path"])) is not None:  # Quart's routes: `_note_route`
+            tracing.routed(trace, scope["method"], matched[0].rule)
+        token = current_trace.set(trace)
+        watched = _StatusSend(send)
+        failed = False
+        try:
+            await self._serve(scope, receive, watched)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            current_trace.reset(token)
+            # A response that never ended, with nothing raised: its client went away.
+            tracing.end_request(trace, watched.status, cancelled=not (watched.complete or failed))
 
     async def _serve(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
@@ -85,6 +111,33 @@ class _App(GatewayApp):
             # error handler, werkzeug's 404/405/413; and says when it leaves a body unread.
             send = _front.ResponseSend(send, scope, unread_body=True)
         await super().asgi_app(scope, receive, send)
+
+
+async def _note_route() -> None:
+    """A Quart route's rule on its request's span (only with span export on)."""
+    rule = request.url_rule
+    tracing = cast(_App, current_app).tracing
+    if rule is not None and tracing is not None and (trace := current_trace.get()) is not None and trace.span is not None:
+        tracing.routed(trace, request.method, rule.rule)
+
+
+class _StatusSend:
+    """`send` noting the response's status and its end, for the request's span (only with
+    span export on: it costs a call per message)."""
+
+    __slots__ = ("_send", "complete", "status")
+
+    def __init__(self, send: ASGISendCallable) -> None:
+        self._send = send
+        self.status: int | None = None
+        self.complete = False
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
 
 
 _SLASHES = re.compile(r"/{2,}")
@@ -151,6 +204,11 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.before_serving
     async def startup() -> None:
+        # In each process (`--workers`): the exporter's thread does not survive a fork.
+        app.tracing = otel.start(settings.tracing, kinds={backend.name: backend.kind for backend in settings.backends})
+        if app.tracing is not None:
+            app.asgi_app = app.asgi_app_traced  # type: ignore[method-assign]
+            app.before_request(_note_route)
         app.gateway = await resources.enter_async_context(open_gateway(settings, app.nursery))
         if app.gateway.batches is not None:
             app.gateway.batches.serve(_batches.dispatcher(app))
@@ -163,6 +221,12 @@ def create_app(settings: Settings) -> GatewayApp:
         try:
             await app.gateway.wind_down(deadline)
         finally:
-            await resources.aclose()
+            try:
+                await resources.aclose()
+            finally:
+                if (tracing := app.tracing) is not None:
+                    app.tracing = None
+                    del app.asgi_app
+                    await otel.stop_soon(tracing)
 
     return app

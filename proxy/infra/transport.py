@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -369,6 +369,8 @@ class _Body(httpx.AsyncByteStream):
         self._conn: _Connection | None = conn
         self._hangup = hangup
 
+    done: Callable[[], None] | None = None  # see `when_body_done`; a class default: no cost per response
+
     def __aiter__(self) -> _Body:
         return self
 
@@ -407,6 +409,8 @@ class _Body(httpx.AsyncByteStream):
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self.done is not None:
+            self.done()
         _let_go(self._hangup, conn)
         if reuse:
             self._transport._release(self._origin, conn)
@@ -417,6 +421,16 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         # Unread body left: the connection cannot be reused; closing it tells the backend.
         self._finish(reuse=False)
+
+
+def when_body_done(response: httpx.Response, done: Callable[[], None]) -> None:
+    """Call `done` once `response`'s body is over: read to its end, closed, or broken off
+    (at once if it is over already)."""
+    body = response.stream
+    if isinstance(body, _Body) and body._conn is not None:
+        body.done = done
+    else:
+        done()
 
 
 def _unanswered(conn: _Connection) -> httpx.RemoteProtocolError:

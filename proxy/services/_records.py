@@ -13,6 +13,7 @@ from proxy.domain.events import CompletionBuilder
 from proxy.domain.fingerprint import canonical_request, fingerprint_of
 from proxy.domain.routing import Route
 from proxy.domain.tokens import charged_usage
+from proxy.infra import otel
 from proxy.infra.backends import Served, current_trace
 from proxy.infra.chat_store import LogRow, completion_to_json
 from proxy.services._contracts import ANSWER_HEADERS, RequestMeta, RunLock
@@ -185,4 +186,6 @@ class Recording:
             record.finish_reason = result.finish_reason.value
         if result.error is not None and record.error is None:
             record.error = result.error.message
+        if otel.TRACING is not None:
+            otel.TRACING.exchanged(self.request, result)
         self._record_sink(record)

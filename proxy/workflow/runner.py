@@ -77,6 +77,7 @@ class JobRun:
         self.attempt = attempt
         self.scope = trio.CancelScope()
         self.interrupted_by: str | None = None
+        self.outcome: RunOutcome | None = None  # what this attempt concluded (for its span)
 
     def cancel(self, why: str) -> None:
         """`why`: "client" (store and announce a cancelled run), "shutdown" (retry later) or
@@ -219,6 +220,7 @@ class JobRun:
 
     async def _conclude(self, publisher: EventPublisher, outcome: RunOutcome) -> Disposition:
         """Commit, then announce. Shielded and bounded: a cancelled run is stored too."""
+        self.outcome = outcome
         with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMIT_SECONDS + _ANNOUNCE_SECONDS):
             finished = await self._commit(outcome)
             error = outcome.error

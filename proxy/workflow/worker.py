@@ -49,6 +49,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import StreamFailed
 from proxy.domain.tracecontext import received_trace
 from proxy.gateway import build_router
+from proxy.infra import otel
 from proxy.infra.backends import Backend, create_backend, current_trace
 from proxy.infra.nats import Bus, BusError, JobMessage, KeyConflict
 from proxy.infra.resources import Resources
@@ -247,7 +248,10 @@ class Worker:
     async def _job(self, message: JobMessage, env: WorkerEnv) -> None:
         # The trace of the request that sent the job (this task's own context): the
         # pipeline's backend calls carry it on.
-        current_trace.set(received_trace(message.headers.get("traceparent"), message.headers.get("tracestate")))
+        trace = received_trace(message.headers.get("traceparent"), message.headers.get("tracestate"))
+        if (tracing := otel.TRACING) is not None:
+            trace = tracing.job_span(trace, message.subject, message.num_delivered)
+        current_trace.set(trace)
         run: JobRun | None = None
         try:
             try:
@@ -272,6 +276,8 @@ class Worker:
                 else:
                     await _settle(message, disposition)
         finally:
+            if tracing is not None and trace is not None:
+                tracing.end_job(trace, run)
             if run is not None and self.running.get(run.job.trace_id) is run:
                 del self.running[run.job.trace_id]
                 if self.draining:  # handed back: its gateway learns at once if nobody serves it now
@@ -356,20 +362,28 @@ async def run_one_job(settings: Settings, trace_id: str, *, handle_signals: bool
             await _announce_failure(env, trace_id, 1, str(error))
             return EXIT_NO_JOB
         env.options = {job.pipeline: registry.options(job.pipeline)}
-        current_trace.set(received_trace(job.traceparent, job.tracestate))  # the job's model calls continue it
+        trace = received_trace(job.traceparent, job.tracestate)  # the job's model calls continue it
+        if (tracing := otel.TRACING) is not None:
+            trace = tracing.job_span(trace, job_key(trace_id), job.attempt + 1)
+        current_trace.set(trace)
         job.attempt += 1
+        run: JobRun | None = None
         try:
-            await kv.update(job_key(trace_id), job.encode(), revision=entry.revision)
-        except KeyConflict:
-            log.warning("job %s was claimed by another process", trace_id)
-            return EXIT_OK
-        run = JobRun(env, job, job.attempt)
-        async with trio.open_nursery() as nursery:
-            if handle_signals:
-                nursery.start_soon(_interrupt_on_signal, run)
-            nursery.start_soon(_cancel_on_message, bus, run)
-            disposition = await run.run()
-            nursery.cancel_scope.cancel()
+            try:
+                await kv.update(job_key(trace_id), job.encode(), revision=entry.revision)
+            except KeyConflict:
+                log.warning("job %s was claimed by another process", trace_id)
+                return EXIT_OK
+            run = JobRun(env, job, job.attempt)
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    nursery.start_soon(_interrupt_on_signal, run)
+                nursery.start_soon(_cancel_on_message, bus, run)
+                disposition = await run.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            if tracing is not None and trace is not None:
+                tracing.end_job(trace, run)
         if disposition is Disposition.RETRY:
             return EXIT_RETRY
         with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_SECONDS):
@@ -414,6 +428,8 @@ async def _with_env(
             bus, events_retention=settings.events_retention_seconds, events_max_bytes=settings.events_max_bytes
         )
 
+    # Its jobs' spans, with span export on (before the backends: they are made knowing it).
+    tracing = otel.start(settings.tracing, service="llm-proxy-worker")
     backends: dict[str, Backend] = {config.name: create_backend(config, refuse_private_media_urls=settings.refuse_private_media_urls) for config in settings.backends}
     router = build_router(settings)
     env = WorkerEnv(
@@ -437,6 +453,8 @@ async def _with_env(
         with trio.CancelScope(shield=True):
             for backend in backends.values():
                 await backend.aclose()
+            if tracing is not None:
+                await otel.stop_soon(tracing)
 
 
 async def _wait_for_bus(resources: Resources) -> Bus:

@@ -17,6 +17,7 @@ import trio
 from proxy.config import BackendConfig, Timeouts
 from proxy.domain.errors import ErrorKind, GatewayError, conceal_in_errors
 from proxy.domain.tracecontext import TraceContext
+from proxy.infra import otel
 from proxy.infra.backends._errors import (
     _client_gone,
     is_html,
@@ -28,7 +29,7 @@ from proxy.infra.backends._errors import (
 )
 from proxy.infra.backends._pump import _Dropped, _Silent, pump_stream
 from proxy.infra.backends._types import BatchSink, StreamParser
-from proxy.infra.transport import PooledTransport
+from proxy.infra.transport import PooledTransport, when_body_done
 from proxy.infra.urls import without_credentials
 
 _log = logging.getLogger("llm_proxy.backends")
@@ -152,6 +153,9 @@ class BackendClient:
         timeouts = config.timeouts
         self._name = config.name
         self._traced = config.trace_context
+        # A backend not told the trace still gets its attempts' spans, with span export on
+        # (set up before the gateway's backends are made).
+        self._spans_only = not self._traced and otel.TRACING is not None
         self._replicas = [self._replica(url, config, auth_header) for url in config.urls]
         self._timeout = {"connect": timeouts.connect, "read": None, "write": timeouts.connect, "pool": timeouts.connect}
         self._failover = timeouts.failover
@@ -349,8 +353,14 @@ class BackendClient:
             if params:
                 url = url.copy_merge_params(params)
             sent = {**replica.headers, **headers} if headers else replica.headers
+            span = None
             if self._traced and (trace := current_trace.get()) is not None:
-                sent = {**sent, **trace.outgoing()}
+                if trace.span is None:
+                    sent = {**sent, **trace.outgoing()}
+                else:
+                    span, sent = self._attempt_span(trace, method, replica, path, sent)
+            elif self._spans_only and (trace := current_trace.get()) is not None and trace.span is not None:
+                span, sent = self._attempt_span(trace, method, replica, path, sent)
             request = httpx.Request(method, url, headers=sent, content=content, extensions={"timeout": self._timeout})
             # Only while another replica could take the request is a silent one given up on.
             quiet_until = math.inf
@@ -361,7 +371,10 @@ class BackendClient:
             replica.probes += probing
             try:
                 with trio.move_on_at(quiet_until) as quiet:
-                    response = await replica.transport.handle_async_request(request)
+                    if span is None:
+                        response = await replica.transport.handle_async_request(request)
+                    else:
+                        response = await _traced_request(replica.transport, request, span)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 replica.in_flight -= 1
                 replica.probes -= probing
@@ -447,6 +460,17 @@ class BackendClient:
                     code=f"backend_{response.status_code}",
                 )
             return response, replica, quiet_until
+
+    def _attempt_span(
+        self, trace: TraceContext, method: str, replica: _Replica, path: str, sent: dict[str, str]
+    ) -> tuple[Any, dict[str, str]]:
+        """The attempt's own span, and the headers it is sent with: the span's context is the
+        traceparent the backend gets (none for a backend with `trace_context = false`)."""
+        tracing = otel.TRACING
+        if tracing is None:  # stopped meanwhile
+            return None, {**sent, **trace.outgoing()} if self._traced else sent
+        span, outgoing = tracing.attempt(trace, method, replica.shown + path, replica.headers["host"], self._traced)
+        return span, {**sent, **outgoing}
 
     def replicas(self) -> list[ReplicaState]:
         now = trio.current_time()
@@ -619,3 +643,19 @@ def create_client(config: BackendConfig, *, auth_header: dict[str, str]) -> Back
         if name.lower() in _CREDENTIAL_HEADERS:
             conceal_in_errors(value.removeprefix("Bearer "))
     return BackendClient(config, auth_header=auth_header)
+
+
+async def _traced_request(transport: PooledTransport, request: httpx.Request, span: Any) -> httpx.Response:
+    """`request`'s response head, its attempt's span ending with its body (read, closed or
+    broken off), or now if no head came."""
+    tracing = otel.TRACING
+    try:
+        response = await transport.handle_async_request(request)
+    except BaseException as error:
+        if tracing is not None:
+            tracing.failed(span, error)
+        raise
+    if tracing is not None:
+        tracing.answered(span, response.status_code)
+    when_body_done(response, span.end)
+    return response
