@@ -906,3 +906,19 @@ async def test_a_prompt_too_long_names_the_responses_field_input(setup: Setup, s
     with pytest.raises(openai.BadRequestError) as info:
         await setup.client.responses.create(model=MODELS["openai"], input="a very long history", stream=stream)
     assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
+
+
+async def test_without_a_database_a_reference_says_what_to_send_instead(setup: Setup) -> None:
+    """The Vercel AI SDK's `openai(...)` (`store` on by default) gives its earlier answers back
+    by their ids from its second turn; a gateway without a database keeps none, so the 404
+    says to send the items themselves, and how to tell that SDK so."""
+    first = await setup.client.responses.create(model=MODELS["openai"], input="Hi")
+    with pytest.raises(openai.NotFoundError) as info:
+        await setup.client.responses.create(
+            model=MODELS["openai"],
+            input=[{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": first.output[0].id},
+                   {"role": "user", "content": "Again"}],
+        )
+    error: Any = info.value.body
+    assert error["param"] == "input[1]" and error["message"].startswith(f"Item with id '{first.output[0].id}' not found.")
+    assert "store: false" in error["message"]

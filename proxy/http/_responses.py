@@ -757,6 +757,15 @@ async def _inputs_of(
     )
 
 
+# Without a database every reference is unknown: the client is told what to send instead, and
+# how the SDK that refers back unasked (the Vercel AI SDK's `openai(...)`, `store` on by
+# default: its earlier answers by their ids) is told not to.
+_NO_ITEMS = (
+    "This gateway keeps no responses (it has no database): send the items themselves in `input` (with the "
+    "Vercel AI SDK's `openai(...)`: `providerOptions: { openai: { store: false } }`)."
+)
+
+
 async def referenced_items(persistence: Persistence | None, references: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """The items a request's `item_reference`s name, by id: items of the tenant's
     conversations, or input or output items of the responses the journal keeps (the
@@ -777,7 +786,10 @@ async def referenced_items(persistence: Persistence | None, references: list[tup
                 kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
             match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
         if match is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
+            said = f"Item with id '{item}' not found."
+            if persistence is None:
+                said += f" {_NO_ITEMS}"
+            raise GatewayError(ErrorKind.NOT_FOUND, said, param=path)
         found[item] = match
     return found
 
