@@ -171,6 +171,18 @@ async def test_stream_wire_format(setup: Setup, kind: str) -> None:
         assert start["usage"]["input_tokens"] == 0 and final["input_tokens"] == 7
 
 
+async def test_a_stream_read_at_once_counts_its_answer_once_for_clients_that_add_up(setup: Setup) -> None:
+    """A short answer from an OpenAI-compatible backend arrives in one read, its usage with
+    it: message_start says its input tokens and no output yet, so that LangChain.js, which adds
+    message_start's `output_tokens` to message_delta's, counts 3, not 6."""
+    setup.fake("openai").set_script(Script(tokens=["a", "b", "c"], usage=Usage(7, 3), frames_per_write=64))
+    response = await raw_stream(setup, model=MODELS["openai"])
+    frames = [frame for frame in sse_frames(response.content) if frame[0] != "ping"]
+    start, final = frames[0][1]["message"]["usage"], frames[-2][1]["usage"]
+    assert start["output_tokens"] + final["output_tokens"] == 3
+    assert start["input_tokens"] + final.get("input_tokens", 0) == 7
+
+
 # -- tools -----------------------------------------------------------------------------------------------
 
 

@@ -520,6 +520,20 @@ def test_input_tokens_unknown_at_start_come_in_message_delta() -> None:
     assert delta["usage"] == {"output_tokens": 7, "input_tokens": 20, "cache_read_input_tokens": 100}
 
 
+def test_a_final_count_read_with_the_start_gives_message_start_no_output_yet() -> None:
+    """A whole answer in one batch (a short one read at once, a replay) has its final usage
+    after its content: message_start gets its input, and its output only in message_delta.
+    LangChain adds the two events' `output_tokens` up, so saying it in both counted it twice."""
+    renderer = anthropic.StreamRenderer()
+    wire = renderer.render([StreamStart("c", "m", 0), TextDelta("ab"), Finish(FinishReason.STOP), UsageReport(Usage(7, 3))])
+    wire += renderer.close()
+    frames = dict(sse_frames(wire))
+    assert frames["message_start"]["message"]["usage"] == {
+        "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0,
+    }
+    assert frames["message_delta"]["usage"] == {"output_tokens": 3}
+
+
 def test_cache_reads_and_writes_are_counted_apart_from_input_tokens() -> None:
     usage = Usage(160, 2, cached_tokens=50, cache_write_tokens=100)
     renderer = anthropic.StreamRenderer()

@@ -115,6 +115,20 @@ async def test_a_streamed_response_is_appended_too(stack: Stack) -> None:
     ]
 
 
+async def test_a_reasoning_summary_is_kept_as_the_response_gave_it(stack: Stack) -> None:
+    """The reasoning item a conversation keeps is the one its response gave: asked as a
+    summary, the summary (not another shape of the same item under the same id)."""
+    stack.fake.set_script(Script(reasoning=["Think", " twice."], tokens=["Done."]))
+    conversation = await stack.client.conversations.create()
+    answered = await stack.client.responses.create(
+        model="m", input="x", conversation=conversation.id, reasoning={"summary": "auto"}
+    )
+    kept = [item.model_dump() async for item in stack.client.conversations.items.list(conversation.id, order="asc")]
+    reasoning = [item for item in kept if item["type"] == "reasoning"]
+    assert [r["id"] for r in reasoning] == [answered.output[0].id]
+    assert reasoning[0]["summary"] == [{"type": "summary_text", "text": "Think twice."}] and not reasoning[0].get("content")
+
+
 async def test_a_response_repeated_with_its_idempotency_key_is_its_first_answer_added_once(stack: Stack) -> None:
     """Asked again with its key (a retry whose first answer was lost), the request is the same
     although the conversation now holds that answer: the first response answers it again."""

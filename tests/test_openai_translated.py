@@ -158,3 +158,21 @@ async def test_what_a_backend_cannot_take_is_openais_unsupported_code(
         with pytest.raises(openai.BadRequestError) as info:
             await client.chat.completions.create(model="m", messages=MESSAGES, logprobs=True)  # type: ignore[arg-type]
         assert (info.value.param, info.value.code) == ("logprobs", "unsupported_parameter")
+
+
+async def test_reasoning_comes_under_both_names_clients_read(served: tuple[FakeBackend, openai.AsyncOpenAI]) -> None:
+    """A Claude or Ollama model's thinking, given to an OpenAI client, is `reasoning` (vLLM's
+    name today, OpenRouter's: what the OpenAI Agents SDK for JS reads, which showed nothing) and
+    `reasoning_content` (DeepSeek's and older vLLM's: what LangChain reads), whole or streamed."""
+    fake, client = served
+    fake.set_script(Script(reasoning=["Think", " first."], tokens=["Done."]))
+    answer = await client.chat.completions.create(model="m", messages=MESSAGES, reasoning_effort="low")
+    extra = answer.choices[0].message.model_extra or {}
+    assert (extra.get("reasoning"), extra.get("reasoning_content")) == ("Think first.", "Think first.")
+    stream = await client.chat.completions.create(model="m", messages=MESSAGES, reasoning_effort="low", stream=True)
+    said: dict[str, str] = {"reasoning": "", "reasoning_content": ""}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            for name in said:
+                said[name] += (choice.delta.model_extra or {}).get(name) or ""
+    assert said == {"reasoning": "Think first.", "reasoning_content": "Think first."}

@@ -379,6 +379,36 @@ async def test_reasoning_is_a_reasoning_item(setup: Setup, kind: str) -> None:
         assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens == 3
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_reasoning_asked_with_a_summary_is_given_as_the_summary(setup: Setup, kind: str) -> None:
+    """The AI SDK's `openai(...)`, Codex CLI and LangChain.js show a model's reasoning only
+    from summaries, which they ask for (`reasoning.summary`). The gateway makes none: the
+    reasoning itself is the summary, as OpenAI gives one (`summary_text` parts, the
+    `response.reasoning_summary_*` events), so that they show it rather than nothing."""
+    setup.fake(kind).set_script(Script(reasoning=["Let me ", "think."], tokens=["42"]))
+    asked: Any = {"effort": "high", "summary": "auto"}
+    response = await setup.client.responses.create(model=MODELS[kind], input="Answer?", reasoning=asked)
+    reasoning = response.output[0]
+    assert reasoning.type == "reasoning" and not reasoning.content
+    assert [(part.type, part.text) for part in reasoning.summary] == [("summary_text", "Let me think.")]
+    events: list[Any] = []
+    async with setup.client.responses.stream(model=MODELS[kind], input="Answer?", reasoning=asked) as stream:
+        async for event in stream:
+            events.append(event)
+        streamed = await stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.reasoning_summary_text.delta"]
+    assert "".join(deltas) == "Let me think." and all(e.summary_index == 0 for e in events if "summary" in e.type)
+    kinds = [e.type for e in events if "reasoning" in e.type]
+    assert kinds == [
+        "response.reasoning_summary_part.added", *["response.reasoning_summary_text.delta"] * len(deltas),
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
+    ]
+    done = next(e.item for e in events if e.type == "response.output_item.done" and e.item.type == "reasoning")
+    assert [part.text for part in done.summary] == ["Let me think."] and not done.content
+    assert streamed.output[0].type == "reasoning" and streamed.output[0].summary[0].text == "Let me think."
+    assert streamed.output_text == "42"
+
+
 async def test_cached_and_reasoning_token_counts(setup: Setup) -> None:
     setup.fake("openai").set_script(Script(tokens=["x"], usage=Usage(100, 20, cached_tokens=64, reasoning_tokens=12)))
     response = await setup.client.responses.create(model=MODELS["openai"], input="x")
@@ -876,3 +906,19 @@ async def test_a_prompt_too_long_names_the_responses_field_input(setup: Setup, s
     with pytest.raises(openai.BadRequestError) as info:
         await setup.client.responses.create(model=MODELS["openai"], input="a very long history", stream=stream)
     assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
+
+
+async def test_without_a_database_a_reference_says_what_to_send_instead(setup: Setup) -> None:
+    """The Vercel AI SDK's `openai(...)` (`store` on by default) gives its earlier answers back
+    by their ids from its second turn; a gateway without a database keeps none, so the 404
+    says to send the items themselves, and how to tell that SDK so."""
+    first = await setup.client.responses.create(model=MODELS["openai"], input="Hi")
+    with pytest.raises(openai.NotFoundError) as info:
+        await setup.client.responses.create(
+            model=MODELS["openai"],
+            input=[{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": first.output[0].id},
+                   {"role": "user", "content": "Again"}],
+        )
+    error: Any = info.value.body
+    assert error["param"] == "input[1]" and error["message"].startswith(f"Item with id '{first.output[0].id}' not found.")
+    assert "store: false" in error["message"]

@@ -497,6 +497,23 @@ def test_reasoning_streams_as_its_own_item_before_the_message() -> None:
     assert final.usage is None  # the backend gave none
 
 
+def test_reasoning_asked_as_a_summary_streams_as_the_summary() -> None:
+    wire = stream(
+        [START, ReasoningDelta("Hm"), ReasoningDelta("m."), TextDelta("Yes"), Finish(FinishReason.STOP)], batches=3,
+        reasoning={"summary": "detailed"},
+    )
+    payloads, final = replay(wire)
+    assert_items_nest(payloads)
+    assert [p["type"] for p in payloads][2:9] == [
+        "response.output_item.added", "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done", "response.reasoning_summary_part.done", "response.output_item.done",
+    ]
+    assert payloads[3]["part"] == {"type": "summary_text", "text": ""} and payloads[6]["text"] == "Hmm."
+    assert final.output[0].type == "reasoning" and final.output[0].summary[0].text == "Hmm."
+    assert final.output_text == "Yes"
+
+
 def test_parallel_calls_with_interleaved_arguments() -> None:
     events: list[StreamEvent] = [
         START, TextDelta("Checking."),

@@ -72,6 +72,22 @@ def backend_saw(fake: OpenAIBackend) -> list[Any]:
     return [(m["role"], m.get("content")) for m in body["messages"]]
 
 
+async def test_a_response_read_back_gives_its_reasoning_as_it_was_asked_for(stack: Stack) -> None:
+    """A response asked with `reasoning.summary` read back (whole, or its stream again) has
+    its reasoning as the summary its client was given, not as another shape of item."""
+    stack.fake.set_script(Script(reasoning=["Think", " twice."], tokens=["Done."]))
+    asked = await stack.client.responses.create(model="m", input="x", reasoning={"summary": "concise"})
+    plain = await stack.client.responses.create(model="m", input="x")
+    for made in (asked, plain):
+        await wait_for_row(stack.db, trace(made.id), "completed")
+    whole = await stack.client.responses.retrieve(asked.id)
+    assert [part.text for part in whole.output[0].summary] == ["Think twice."] and not whole.output[0].content
+    again = [event async for event in await stack.client.responses.retrieve(asked.id, stream=True)]
+    assert "".join(e.delta for e in again if e.type == "response.reasoning_summary_text.delta") == "Think twice."
+    unasked = (await stack.client.responses.retrieve(plain.id)).output[0]
+    assert unasked.summary == [] and unasked.content and unasked.content[0].text == "Think twice."
+
+
 # -- delete --------------------------------------------------------------------------------------
 
 

@@ -283,7 +283,7 @@ def conversation_appender(
                 [message_to_canonical(message) for message in messages], response,
                 instructions=instructions if isinstance(instructions, str) else None, prior=prior,
             ),
-            *responses.output_of(completion, response, status),
+            *responses.output_of(completion, response, status, summary=responses.summarized(parsed.settings)),
         ]
         try:
             # Before its client has the end: a database blip delays it rather than losing the turn.

@@ -540,7 +540,8 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=_created_at(stored), model=stored.model,
-        settings=settings, status=status, output=_said(completion, response, status), error=error,
+        settings=settings, status=status, output=_said(completion, response, status, responses.summarized(settings)),
+        error=error,
     )))
 
 
@@ -557,7 +558,7 @@ def _completed_at(stored: StoredRun) -> int:
     return _created_at(stored)
 
 
-def _said(completion: ChatCompletion | None, response: str, status: str) -> list[dict[str, Any]]:
+def _said(completion: ChatCompletion | None, response: str, status: str, summary: bool = False) -> list[dict[str, Any]]:
     """What a run that has not given its answer has said: one that ended without it, as its
     stream's last event held it, its items cut short (`incomplete`, for the row cannot tell
     which were whole); one still running (here), so far (`in_progress`)."""
@@ -565,7 +566,7 @@ def _said(completion: ChatCompletion | None, response: str, status: str) -> list
     if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
         return []
     state = "in_progress" if status == "in_progress" else "incomplete"
-    return [item | {"status": state} for item in responses.output_of(completion, response, state)]
+    return [item | {"status": state} for item in responses.output_of(completion, response, state, summary=summary)]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
@@ -756,6 +757,15 @@ async def _inputs_of(
     )
 
 
+# Without a database every reference is unknown: the client is told what to send instead, and
+# how the SDK that refers back unasked (the Vercel AI SDK's `openai(...)`, `store` on by
+# default: its earlier answers by their ids) is told not to.
+_NO_ITEMS = (
+    "This gateway keeps no responses (it has no database): send the items themselves in `input` (with the "
+    "Vercel AI SDK's `openai(...)`: `providerOptions: { openai: { store: false } }`)."
+)
+
+
 async def referenced_items(persistence: Persistence | None, references: list[tuple[str, str]]) -> dict[str, dict[str, Any]]:
     """The items a request's `item_reference`s name, by id: items of the tenant's
     conversations, or input or output items of the responses the journal keeps (the
@@ -776,7 +786,10 @@ async def referenced_items(persistence: Persistence | None, references: list[tup
                 kept[trace_id] = await _items_of(persistence, trace_id) if persistence is not None and trace_id else []
             match = next((candidate for candidate in kept[trace_id] if candidate["id"] == item), None)
         if match is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, f"Item with id '{item}' not found.", param=path)
+            said = f"Item with id '{item}' not found."
+            if persistence is None:
+                said += f" {_NO_ITEMS}"
+            raise GatewayError(ErrorKind.NOT_FOUND, said, param=path)
         found[item] = match
     return found
 

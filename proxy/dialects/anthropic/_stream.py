@@ -110,6 +110,7 @@ class StreamRenderer:
         self._start: StreamStart | None = None
         self._announced = False
         self._announced_usage: dict[str, Any] | None = None
+        self._start_output_final = False
         self._usage: Usage | None = None
         self._unmodelled_usage: dict[str, Any] | None = None
         self._message_fields: dict[str, Any] = {}
@@ -136,9 +137,14 @@ class StreamRenderer:
                 self._start = event
                 # Usage that arrives with the start (Anthropic backends, replays) belongs in
                 # message_start; look ahead in this batch for it.
-                for later in events[position + 1 :]:
+                for offset, later in enumerate(events[position + 1 :]):
                     if isinstance(later, UsageReport):
                         self._take_usage(later)
+                        # Past the answer's content it is the final count (a replay, a short
+                        # answer read at once): message_start says its input but no output yet,
+                        # since clients that add message_delta's output to it (LangChain) would
+                        # count the answer twice.
+                        self._start_output_final = offset > 0
                         break
                 continue
             if isinstance(event, UsageReport):
@@ -209,6 +215,8 @@ class StreamRenderer:
         start = self._start
         usage = usage_to_wire(self._usage, self._unmodelled_usage)
         usage.pop("output_tokens_details", None)
+        if self._start_output_final:
+            usage["output_tokens"] = 0
         self._announced_usage = usage
         message: dict[str, Any] = {
             "id": message_id(start.id if start else ""),

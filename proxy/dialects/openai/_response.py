@@ -348,6 +348,13 @@ def _arguments_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def reasoning_fields(text: str) -> dict[str, str]:
+    """A model's reasoning under both names OpenAI-compatible servers give it: `reasoning`
+    (vLLM's today, OpenRouter's; what the OpenAI Agents SDK for JS reads) and `reasoning_content`
+    (DeepSeek's, older vLLM's; what LangChain reads). Clients read one, preferring either."""
+    return {"reasoning": text, "reasoning_content": text}
+
+
 def completion_body(completion: ChatCompletion, *, single_tool: bool = False) -> dict[str, Any]:
     """`single_tool`: the client set `parallel_tool_calls: false`, a promise of one call at most
     that a backend without the option (Ollama) or ignoring it may not keep."""
@@ -362,7 +369,7 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
         if legacy is not None:
             message["function_call"] = {"name": legacy.name, "arguments": legacy.arguments}
         if choice.reasoning:
-            message["reasoning_content"] = choice.reasoning
+            message.update(reasoning_fields(choice.reasoning))
         if choice.tool_calls:
             message["tool_calls"] = [
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

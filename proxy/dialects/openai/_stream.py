@@ -24,6 +24,7 @@ from proxy.dialects.openai._response import (
     finish_event,
     finish_reason_from_wire,
     parse_usage,
+    reasoning_fields,
     render_usage,
     stop_string,
 )
@@ -554,7 +555,7 @@ class StreamRenderer:
             case TextDelta(text, choice, logprobs):
                 out.append(self._delta(choice, {"content": text}, logprobs=logprobs))
             case ReasoningDelta(text, choice):
-                out.append(self._delta(choice, {"reasoning_content": text}))
+                out.append(self._delta(choice, reasoning_fields(text)))
             case RefusalDelta(text, choice):
                 out.append(self._delta(choice, {"refusal": text}))
             case AnnotationsDelta(annotations, choice):

@@ -24,6 +24,7 @@ from proxy.dialects.responses._response import (
     response_id,
     response_object,
     status_of,
+    summarized,
     usage_to_wire,
 )
 from proxy.dialects.responses._stream import StreamRenderer
@@ -53,5 +54,6 @@ __all__ = [
     "response_id",
     "response_object",
     "status_of",
+    "summarized",
     "usage_to_wire",
 ]

@@ -114,9 +114,21 @@ def response_object(
     return body
 
 
-def reasoning_item(item: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "reasoning_text", "text": text}] if text or status != "in_progress" else []
-    return {"id": item, "type": "reasoning", "summary": [], "content": content, "status": status}
+def summarized(settings: dict[str, Any] | None) -> bool:
+    """Whether the request asked for reasoning summaries (`reasoning.summary`). The gateway
+    makes none, so the model's reasoning itself is then the summary: clients that show only
+    summaries (the AI SDK's `openai(...)`, Codex CLI, LangChain) would otherwise show nothing."""
+    reasoning = settings.get("reasoning") if settings else None
+    return isinstance(reasoning, dict) and bool(reasoning.get("summary"))
+
+
+def reasoning_item(item: str, text: str, status: str, summary: bool = False) -> dict[str, Any]:
+    """`summary`: the text as the item's summary, as OpenAI gives a summary asked for (and no
+    `content`); else as its `reasoning_text` part, as vLLM gives a model's reasoning."""
+    parts = [{"type": "summary_text" if summary else "reasoning_text", "text": text}] if text or status != "in_progress" else []
+    if summary:
+        return {"id": item, "type": "reasoning", "summary": parts, "status": status}
+    return {"id": item, "type": "reasoning", "summary": [], "content": parts, "status": status}
 
 
 def message_item(item: str, text: str | None, status: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
@@ -137,14 +149,14 @@ def call_item(item: str, call_id: str, name: str, arguments: str, status: str) -
     }
 
 
-def output_of(completion: ChatCompletion, response: str, status: str) -> list[dict[str, Any]]:
-    """The first choice as output items (a Response has one answer)."""
+def output_of(completion: ChatCompletion, response: str, status: str, *, summary: bool = False) -> list[dict[str, Any]]:
+    """The first choice as output items (a Response has one answer); `summary`: see `summarized`."""
     choice = completion.choices[0] if completion.choices else None
     output: list[dict[str, Any]] = []
     if choice is None:
         return [message_item(item_id(response, "msg", 0), "", status)]
     if choice.reasoning:
-        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed"))
+        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed", summary))
     if choice.content or not choice.tool_calls:
         entries = choice.logprobs.get("content") if choice.logprobs is not None else None
         logprobs = entries if isinstance(entries, list) else None
@@ -167,7 +179,8 @@ def render_response(
     status, incomplete = status_of(choice.finish_reason if choice else None)
     body = response_object(
         response=response, created_at=created_at, model=model, settings=settings,
-        status=status, output=output_of(completion, response, status), usage=usage_to_wire(completion.usage),
+        status=status, output=output_of(completion, response, status, summary=summarized(settings)),
+        usage=usage_to_wire(completion.usage),
         incomplete_details=incomplete,
     )
     if status == "completed":

@@ -31,6 +31,7 @@ from proxy.dialects.responses._response import (
     reasoning_item,
     response_object,
     status_of,
+    summarized,
     usage_to_wire,
 )
 from proxy.domain.chat import FinishReason, Usage
@@ -55,8 +56,9 @@ def _frame(kind: str, seq: int, payload: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + body[:-1] + _SEQ + str(seq).encode() + _TAIL
 
 
-def _delta_prefix(kind: str, item: str, output_index: int, content: bool) -> bytes:
-    head = dumps({"type": kind, "item_id": item, "output_index": output_index} | ({"content_index": 0} if content else {}))
+def _delta_prefix(kind: str, item: str, output_index: int, index: str | None) -> bytes:
+    """`index`: the part's index field (`content_index`, a summary's `summary_index`), if any."""
+    head = dumps({"type": kind, "item_id": item, "output_index": output_index} | ({index: 0} if index else {}))
     return b"event: " + kind.encode() + b"\ndata: " + head[:-1] + b',"delta":'
 
 
@@ -95,6 +97,7 @@ class StreamRenderer:
         self._response = response
         self._model = model
         self._settings = settings
+        self._summary = summarized(settings)
         self._clock = clock
         self._created_at = int(clock()) if created_at is None else created_at
         self._completed_at = completed_at
@@ -188,13 +191,18 @@ class StreamRenderer:
     def _open(self, kind: str, prefix: str, out: list[bytes], added: Callable[[str], dict[str, Any]]) -> _Item:
         index = len(self._items)
         ident = item_id(self._response, prefix, index)
-        delta_kind = {
-            "message": "response.output_text.delta",
-            "reasoning": "response.reasoning_text.delta",
-            "function_call": "response.function_call_arguments.delta",
-        }[kind]
+        part_index: str | None
+        if kind == "reasoning" and self._summary:
+            delta_kind, part_index = "response.reasoning_summary_text.delta", "summary_index"
+        else:
+            delta_kind = {
+                "message": "response.output_text.delta",
+                "reasoning": "response.reasoning_text.delta",
+                "function_call": "response.function_call_arguments.delta",
+            }[kind]
+            part_index = None if kind == "function_call" else "content_index"
         item = _Item(
-            kind, ident, index, _delta_prefix(delta_kind, ident, index, kind != "function_call"),
+            kind, ident, index, _delta_prefix(delta_kind, ident, index, part_index),
             suffix=_TEXT_SUFFIX if kind == "message" else _SEQ,
         )
         self._items.append(item)
@@ -210,7 +218,7 @@ class StreamRenderer:
 
     def _open_reasoning(self, out: list[bytes]) -> _Item:
         self._close_message(out)
-        item = self._open("reasoning", "rs", out, lambda ident: reasoning_item(ident, "", "in_progress"))
+        item = self._open("reasoning", "rs", out, lambda ident: reasoning_item(ident, "", "in_progress", self._summary))
         out.append(self._part_event("response.content_part.added", item, ""))
         self._reasoning = item
         return item
@@ -241,8 +249,12 @@ class StreamRenderer:
             return
         self._reasoning = None
         text = item.text
-        ids = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
-        out.append(self._event_frame("response.reasoning_text.done", {**ids, "text": text}))
+        if self._summary:
+            ids = {"item_id": item.id, "output_index": item.output_index, "summary_index": 0}
+            out.append(self._event_frame("response.reasoning_summary_text.done", {**ids, "text": text}))
+        else:
+            ids = {"item_id": item.id, "output_index": item.output_index, "content_index": 0}
+            out.append(self._event_frame("response.reasoning_text.done", {**ids, "text": text}))
         out.append(self._part_event("response.content_part.done", item, text))
         self._item_done(item, out)
 
@@ -282,7 +294,7 @@ class StreamRenderer:
         if item.kind == "message":
             return message_item(item.id, item.text, status, item.logprobs)
         if item.kind == "reasoning":
-            return reasoning_item(item.id, item.text, status)
+            return reasoning_item(item.id, item.text, status, self._summary)
         return call_item(item.id, item.call_id, item.name, item.text, status)
 
     # -- frames ---------------------------------------------------------------------------
@@ -310,11 +322,14 @@ class StreamRenderer:
         )
 
     def _part_event(self, kind: str, item: _Item, text: str) -> bytes:
-        part: dict[str, Any] = (
-            output_text(text, item.logprobs)
-            if item.kind == "message"
-            else {"type": "reasoning_text", "text": text}
-        )
+        """`response.content_part.added`/`.done`; for a summary, its `reasoning_summary_part`'s."""
+        if item.kind == "reasoning" and self._summary:
+            kind = kind.replace("content_part", "reasoning_summary_part")
+            part: dict[str, Any] = {"type": "summary_text", "text": text}
+            return self._event_frame(
+                kind, {"item_id": item.id, "output_index": item.output_index, "summary_index": 0, "part": part}
+            )
+        part = output_text(text, item.logprobs) if item.kind == "message" else {"type": "reasoning_text", "text": text}
         return self._event_frame(
             kind, {"item_id": item.id, "output_index": item.output_index, "content_index": 0, "part": part}
         )
