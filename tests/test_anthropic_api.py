@@ -149,7 +149,7 @@ async def test_streaming_message(setup: Setup, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_stream_wire_format(setup: Setup, kind: str) -> None:
-    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2)))
+    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2, cached_tokens=3 if kind == "anthropic" else 0)))
     response = await raw_stream(setup, model=MODELS[kind])
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -164,11 +164,11 @@ async def test_stream_wire_format(setup: Setup, kind: str) -> None:
     final = frames[-2][1]["usage"]
     assert final["output_tokens"] == 2
     # Input tokens are known at message_start from Anthropic backends; from the others they
-    # arrive at the end, so message_start says 0 and message_delta carries them.
-    if kind == "anthropic":
-        assert start["usage"]["input_tokens"] == 7 and "input_tokens" not in final
-    else:
-        assert start["usage"]["input_tokens"] == 0 and final["input_tokens"] == 7
+    # arrive at the end, so message_start says 0. message_delta says them all, cumulative, as
+    # Anthropic's own does: LangChain's ChatAnthropic reads a stream's usage from it alone.
+    assert start["usage"]["input_tokens"] == (7 if kind == "anthropic" else 0)
+    assert {key: final.get(key) for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")} == {
+        "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3 if kind == "anthropic" else 0}
 
 
 # -- tools -----------------------------------------------------------------------------------------------
