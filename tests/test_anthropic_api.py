@@ -469,6 +469,24 @@ async def test_a_tool_calls_finish_without_a_call_is_end_turn(setup: Setup) -> N
         assert reply.stop_reason == "end_turn" and [b.type for b in reply.content] == ["text"]
 
 
+async def test_thinking_given_back_reaches_vllm_as_the_turns_reasoning_content(setup: Setup) -> None:
+    """Claude Code (or LangChain's ChatAnthropic) in front of gpt-oss or Qwen3 on vLLM gives each
+    tool-use turn's thinking back, as Anthropic asks: dropped, vLLM's gpt-oss lost the analysis
+    behind its own tool calls, Qwen3's template the thinking of the tool loop it was in."""
+    history: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should call get_weather.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=256, messages=history, tools=TOOLS)
+    assistant = setup.fake("openai").requests[-1].json["messages"][1]
+    assert assistant["reasoning_content"] == "I should call get_weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
 async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
     setup.fake("anthropic").set_script(Script(tokens=["x"], reasoning=["Let me", " think"], stop_sequence="###"))
     request: Any = {"model": MODELS["anthropic"], "max_tokens": 64, "messages": MESSAGES, "stop_sequences": ["###"],
@@ -980,6 +998,7 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             "role": "assistant",
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
             "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
+            "reasoning_content": "plan",  # its thinking, for a thinking model's template
         }
 
 

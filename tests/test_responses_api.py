@@ -160,6 +160,41 @@ async def test_the_stream_on_the_wire(setup: Setup) -> None:
 # -- tools -----------------------------------------------------------------------------------------------
 
 
+async def test_reasoning_items_given_back_reach_a_vllm_backend_as_the_turns_reasoning_content() -> None:
+    """The OpenAI Agents SDK's tool loop sends each turn's reasoning item back before its calls:
+    dropped, vLLM's gpt-oss lost the analysis behind its own tool calls (which vLLM's own
+    Responses API keeps), Qwen3's template the thinking of the tool loop it was in. A hosted
+    API, which refuses the field, is not sent it."""
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "I should call get_weather."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        # A summary is the text of one that has no content (OpenAI's own, when it gave one).
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Now the time."}]},
+        {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": '{"tz": "CET"}'},
+        {"type": "function_call_output", "call_id": "call_2", "output": "noon"},
+        {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "gAAAA"},  # nothing to read
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny at noon."}]},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h, running_gateway(
+        backend("vllm", v.url, default=True), backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        await client.responses.create(model="qwen3-8b", input=loop, tools=TOOLS)
+        await client.responses.create(model="gpt-4o", input=loop, tools=TOOLS)
+        await client.close()
+    turns = [(m["role"], m.get("reasoning_content")) for m in vllm.requests[-1].json["messages"]]
+    assert turns == [
+        ("user", None), ("assistant", "I should call get_weather."), ("tool", None), ("assistant", "Now the time."),
+        ("tool", None), ("assistant", None), ("user", None),
+    ]
+    assert vllm.requests[-1].json["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert all("reasoning_content" not in m for m in hosted.requests[-1].json["messages"])  # it would refuse the field
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_function_call_not_streamed(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))

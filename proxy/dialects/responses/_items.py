@@ -41,6 +41,14 @@ def input_items(
         if compaction is not None:
             items.append(compaction)
             continue
+        reasoning = message.get("reasoning")
+        if role == "assistant" and isinstance(reasoning, str) and reasoning:
+            # Given back as a reasoning item (see `_request._parse_items`): listed, and carried on in
+            # a conversation, as that item.
+            items.append({
+                "id": named("rs"), "type": "reasoning", "summary": [],
+                "content": [{"type": "reasoning_text", "text": reasoning}], "status": "completed",
+            })
         content = [part for part in (_part(p, role) for p in parts) if part is not None]
         if content or not message.get("tool_calls"):
             items.append({"id": named("msg"), "type": "message", "role": role, "status": "completed", "content": content})
