@@ -3,6 +3,7 @@ gateway, in front of fake OpenAI-compatible, Ollama and Anthropic backends."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -193,6 +194,40 @@ async def test_reasoning_items_given_back_reach_a_vllm_backend_as_the_turns_reas
     ]
     assert vllm.requests[-1].json["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert all("reasoning_content" not in m for m in hosted.requests[-1].json["messages"])  # it would refuse the field
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Setup, stream: bool) -> None:
+    """The Agents SDK in front of Claude, reasoning on: each turn's reasoning item, given back
+    before its call, brings Claude its signed thinking (in `encrypted_content`, opaque to the
+    client as OpenAI's is), so the loop goes on thinking; without it the gateway had to switch
+    thinking off after the first tool call (Claude wants the last turn's signed thinking back)."""
+    claude = setup.fake("anthropic")
+    claude.set_script(Script(reasoning=["Weather ", "first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    asked: Any = {"model": MODELS["anthropic"], "tools": TOOLS, "reasoning": {"effort": "medium"}}
+    if stream:
+        async with setup.client.responses.stream(input="Weather in Paris?", **asked) as events:
+            first = await events.get_final_response()
+    else:
+        first = await setup.client.responses.create(input="Weather in Paris?", **asked)
+    assert claude.requests[-1].json["thinking"]["type"] == "enabled"
+    reasoning = next(item for item in first.output if item.type == "reasoning")
+    call = next(item for item in first.output if item.type == "function_call")
+    assert reasoning.encrypted_content and [part.text for part in reasoning.content or []] == ["Weather first."]
+    claude.set_script(Script(tokens=["Sunny."]))
+    given = reasoning.model_dump(exclude_none=True)
+    if stream:  # LangChain gives back a streamed reasoning item as its `encrypted_content` alone, as OpenAI's suffices
+        given = {key: given[key] for key in ("type", "id", "summary", "encrypted_content")}
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"}, given,
+        call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    assert (await setup.client.responses.create(input=loop, **asked)).output_text == "Sunny."
+    sent = claude.requests[-1].json
+    assert sent["thinking"]["type"] == "enabled"
+    signature = "EqQBCkYIBxgCKkB" + hashlib.sha256(b"Weather first.").hexdigest()  # the fake's, for its thinking
+    assert sent["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Weather first.", "signature": signature}
+    assert sent["messages"][1]["content"][1]["type"] == "tool_use"
 
 
 @pytest.mark.parametrize("kind", KINDS)

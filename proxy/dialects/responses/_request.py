@@ -21,6 +21,7 @@ from typing import Any
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.openai import check_forced_tool
 from proxy.dialects.responses._compaction import compaction_message
+from proxy.dialects.responses._signed import signed_thinking
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -42,6 +43,8 @@ from proxy.domain.ids import storable
 DIALECT = "responses"
 # The dialect of an `input_file`'s part: an OpenAI chat client's `file` (see `_parse_file`).
 CHAT_DIALECT = "openai"
+# The dialect of a Claude backend's signed thinking given back (see `_signed`).
+_ANTHROPIC = "anthropic"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -327,6 +330,7 @@ def _parse_items(
     caller to look them up and call again."""
     unresolved: list[tuple[str, str]] = []
     reasoning: list[str] = []
+    signed: list[ContentPart] = []
     for i, item in enumerate(items):
         path = f"{param}[{i}]"
         if not isinstance(item, dict):
@@ -342,7 +346,14 @@ def _parse_items(
                 raise item_not_found(reference, param=path)
             item = found
         if item.get("type") == "reasoning":
-            reasoning.extend(_reasoning_text(item))
+            given = signed_thinking(item.get("encrypted_content"))
+            if given is not None:
+                # A Claude backend's thinking, given back signed: Claude's own block again.
+                thinking, signature = given
+                reasoning.append(thinking)
+                signed.append(OpaquePart(_ANTHROPIC, {"type": "thinking", "thinking": thinking, "signature": signature}))
+            else:
+                reasoning.extend(_reasoning_text(item))
             continue
         before = len(messages)
         _parse_item(item, path, messages)
@@ -352,8 +363,9 @@ def _parse_items(
             if last is not None and last.role == "assistant" and not last.reasoning and (
                 len(messages) > before or last.tool_calls
             ):
-                messages[-1] = replace(last, reasoning="\n".join(reasoning))
+                messages[-1] = replace(last, reasoning="\n".join(reasoning), content=(*signed, *last.content))
             reasoning.clear()
+            signed.clear()
     if unresolved:
         raise UnresolvedReferences(unresolved)
 
