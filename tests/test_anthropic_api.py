@@ -149,7 +149,7 @@ async def test_streaming_message(setup: Setup, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_stream_wire_format(setup: Setup, kind: str) -> None:
-    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2)))
+    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2, cached_tokens=3 if kind == "anthropic" else 0)))
     response = await raw_stream(setup, model=MODELS[kind])
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -164,11 +164,11 @@ async def test_stream_wire_format(setup: Setup, kind: str) -> None:
     final = frames[-2][1]["usage"]
     assert final["output_tokens"] == 2
     # Input tokens are known at message_start from Anthropic backends; from the others they
-    # arrive at the end, so message_start says 0 and message_delta carries them.
-    if kind == "anthropic":
-        assert start["usage"]["input_tokens"] == 7 and "input_tokens" not in final
-    else:
-        assert start["usage"]["input_tokens"] == 0 and final["input_tokens"] == 7
+    # arrive at the end, so message_start says 0. message_delta says them all, cumulative, as
+    # Anthropic's own does: LangChain's ChatAnthropic reads a stream's usage from it alone.
+    assert start["usage"]["input_tokens"] == (7 if kind == "anthropic" else 0)
+    assert {key: final.get(key) for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")} == {
+        "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3 if kind == "anthropic" else 0}
 
 
 async def test_a_stream_read_at_once_counts_its_answer_once_for_clients_that_add_up(setup: Setup) -> None:
@@ -180,7 +180,9 @@ async def test_a_stream_read_at_once_counts_its_answer_once_for_clients_that_add
     frames = [frame for frame in sse_frames(response.content) if frame[0] != "ping"]
     start, final = frames[0][1]["message"]["usage"], frames[-2][1]["usage"]
     assert start["output_tokens"] + final["output_tokens"] == 3
-    assert start["input_tokens"] + final.get("input_tokens", 0) == 7
+    # Input counts are cumulative in both events, as Anthropic's are (LangChain.js reads
+    # message_start's, LangChain's message_delta's): each says the whole 7.
+    assert start["input_tokens"] == final["input_tokens"] == 7
 
 
 # -- tools -----------------------------------------------------------------------------------------------
@@ -479,6 +481,24 @@ async def test_a_tool_calls_finish_without_a_call_is_end_turn(setup: Setup) -> N
         streamed = await stream.get_final_message()
     for reply in (message, streamed):
         assert reply.stop_reason == "end_turn" and [b.type for b in reply.content] == ["text"]
+
+
+async def test_thinking_given_back_reaches_vllm_as_the_turns_reasoning_content(setup: Setup) -> None:
+    """Claude Code (or LangChain's ChatAnthropic) in front of gpt-oss or Qwen3 on vLLM gives each
+    tool-use turn's thinking back, as Anthropic asks: dropped, vLLM's gpt-oss lost the analysis
+    behind its own tool calls, Qwen3's template the thinking of the tool loop it was in."""
+    history: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should call get_weather.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=256, messages=history, tools=TOOLS)
+    assistant = setup.fake("openai").requests[-1].json["messages"][1]
+    assert assistant["reasoning_content"] == "I should call get_weather."
+    assert assistant["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
 async def test_stop_sequence_and_thinking_signature_from_an_anthropic_backend(setup: Setup) -> None:
@@ -992,6 +1012,7 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             "role": "assistant",
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
             "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
+            "reasoning_content": "plan",  # its thinking, for a thinking model's template
         }
 
 

@@ -499,7 +499,7 @@ def test_text_stream_is_byte_exact() -> None:
         b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}\n\n'
         b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
         b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
-        b'"usage":{"output_tokens":2}}\n\n'
+        b'"usage":{"output_tokens":2,"input_tokens":10,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}\n\n'
         b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
     )
 
@@ -517,7 +517,7 @@ def test_input_tokens_unknown_at_start_come_in_message_delta() -> None:
     delta = frames["message_delta"]
     assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
     # Anthropic counts cache reads apart from input_tokens.
-    assert delta["usage"] == {"output_tokens": 7, "input_tokens": 20, "cache_read_input_tokens": 100}
+    assert delta["usage"] == {"output_tokens": 7, "input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 100}
 
 
 def test_a_final_count_read_with_the_start_gives_message_start_no_output_yet() -> None:
@@ -531,7 +531,9 @@ def test_a_final_count_read_with_the_start_gives_message_start_no_output_yet() -
     assert frames["message_start"]["message"]["usage"] == {
         "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0,
     }
-    assert frames["message_delta"]["usage"] == {"output_tokens": 3}
+    assert frames["message_delta"]["usage"] == {
+        "output_tokens": 3, "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+    }
 
 
 def test_cache_reads_and_writes_are_counted_apart_from_input_tokens() -> None:

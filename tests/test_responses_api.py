@@ -3,6 +3,7 @@ gateway, in front of fake OpenAI-compatible, Ollama and Anthropic backends."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -158,6 +159,75 @@ async def test_the_stream_on_the_wire(setup: Setup) -> None:
 
 
 # -- tools -----------------------------------------------------------------------------------------------
+
+
+async def test_reasoning_items_given_back_reach_a_vllm_backend_as_the_turns_reasoning_content() -> None:
+    """The OpenAI Agents SDK's tool loop sends each turn's reasoning item back before its calls:
+    dropped, vLLM's gpt-oss lost the analysis behind its own tool calls (which vLLM's own
+    Responses API keeps), Qwen3's template the thinking of the tool loop it was in. A hosted
+    API, which refuses the field, is not sent it."""
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "I should call get_weather."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        # A summary is the text of one that has no content (OpenAI's own, when it gave one).
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Now the time."}]},
+        {"type": "function_call", "call_id": "call_2", "name": "get_time", "arguments": '{"tz": "CET"}'},
+        {"type": "function_call_output", "call_id": "call_2", "output": "noon"},
+        {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "gAAAA"},  # nothing to read
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny at noon."}]},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    vllm, hosted = OpenAIBackend(), OpenAIBackend()
+    async with vllm.serve() as v, hosted.serve() as h, running_gateway(
+        backend("vllm", v.url, default=True), backend("hosted", h.url, prefixes=("gpt-",), chat_template_fields=False),
+    ) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
+        await client.responses.create(model="qwen3-8b", input=loop, tools=TOOLS)
+        await client.responses.create(model="gpt-4o", input=loop, tools=TOOLS)
+        await client.close()
+    turns = [(m["role"], m.get("reasoning_content")) for m in vllm.requests[-1].json["messages"]]
+    assert turns == [
+        ("user", None), ("assistant", "I should call get_weather."), ("tool", None), ("assistant", "Now the time."),
+        ("tool", None), ("assistant", None), ("user", None),
+    ]
+    assert vllm.requests[-1].json["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert all("reasoning_content" not in m for m in hosted.requests[-1].json["messages"])  # it would refuse the field
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Setup, stream: bool) -> None:
+    """The Agents SDK in front of Claude, reasoning on: each turn's reasoning item, given back
+    before its call, brings Claude its signed thinking (in `encrypted_content`, opaque to the
+    client as OpenAI's is), so the loop goes on thinking; without it the gateway had to switch
+    thinking off after the first tool call (Claude wants the last turn's signed thinking back)."""
+    claude = setup.fake("anthropic")
+    claude.set_script(Script(reasoning=["Weather ", "first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    asked: Any = {"model": MODELS["anthropic"], "tools": TOOLS, "reasoning": {"effort": "medium"}}
+    if stream:
+        async with setup.client.responses.stream(input="Weather in Paris?", **asked) as events:
+            first = await events.get_final_response()
+    else:
+        first = await setup.client.responses.create(input="Weather in Paris?", **asked)
+    assert claude.requests[-1].json["thinking"]["type"] == "enabled"
+    reasoning = next(item for item in first.output if item.type == "reasoning")
+    call = next(item for item in first.output if item.type == "function_call")
+    assert reasoning.encrypted_content and [part.text for part in reasoning.content or []] == ["Weather first."]
+    claude.set_script(Script(tokens=["Sunny."]))
+    given = reasoning.model_dump(exclude_none=True)
+    if stream:  # LangChain gives back a streamed reasoning item as its `encrypted_content` alone, as OpenAI's suffices
+        given = {key: given[key] for key in ("type", "id", "summary", "encrypted_content")}
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"}, given,
+        call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    assert (await setup.client.responses.create(input=loop, **asked)).output_text == "Sunny."
+    sent = claude.requests[-1].json
+    assert sent["thinking"]["type"] == "enabled"
+    signature = "EqQBCkYIBxgCKkB" + hashlib.sha256(b"Weather first.").hexdigest()  # the fake's, for its thinking
+    assert sent["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Weather first.", "signature": signature}
+    assert sent["messages"][1]["content"][1]["type"] == "tool_use"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -199,6 +199,35 @@ async def test_a_response_answered_from_a_cache_is_read_back_and_continued_by_it
         assert (queued.id, queued.status, queued.output_text) == (given.id, "completed", f"The {cache} answer.")
 
 
+async def test_a_tool_loops_reasoning_reaches_vllm_when_continued_by_id_and_is_listed_as_input(stack: Stack) -> None:
+    """A tool loop continued by `previous_response_id` (LangChain's `use_previous_response_id`,
+    the Agents SDK's `auto_previous_response_id`): the reasoning behind the calls of the
+    response it continues, and of the turns that response was given, reached vLLM's thinking
+    models' templates no more (`reasoning_content`); the reasoning items given are listed among
+    the response's input, as OpenAI lists them."""
+    tools: Any = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    stack.fake.set_script(Script(reasoning=["Paris first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    given: Any = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"type": "reasoning", "id": "rs_a", "summary": [], "content": [{"type": "reasoning_text", "text": "Rome first."}]},
+        {"type": "function_call", "call_id": "call_rome", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "call_rome", "output": "rainy"},
+    ]
+    first = await stack.client.responses.create(model="m", input=given, tools=tools)
+    call = next(item for item in first.output if item.type == "function_call")
+    stack.fake.set_script(QUICK)
+    await stack.client.responses.create(
+        model="m", previous_response_id=first.id, tools=tools,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    turns = [(m["role"], m.get("reasoning_content")) for m in stack.fake.requests[-1].json["messages"]]
+    assert turns == [("user", None), ("assistant", "Rome first."), ("tool", None), ("assistant", "Paris first."), ("tool", None)]
+    listed = await stack.client.responses.input_items.list(first.id, order="asc")
+    assert [item.type for item in listed.data] == ["message", "reasoning", "function_call", "function_call_output"]
+    reasoning = listed.data[1].model_dump()
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Rome first."}]
+
+
 async def test_a_response_that_continued_a_deleted_one_still_lists_only_its_own_input(stack: Stack) -> None:
     first = await stack.client.responses.create(model="m", input="Remember: the secret is 42.", instructions="Be brief.")
     second = await stack.client.responses.create(model="m", input="What is the secret?", previous_response_id=first.id)

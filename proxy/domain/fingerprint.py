@@ -41,6 +41,8 @@ def _message(message: Message) -> dict[str, Any]:
         out["name"] = message.name
     if message.extra:  # a legacy `function_call`, a `prefix` flag...: they change the answer
         out["extra"] = message.extra
+    if message.reasoning:  # a turn's reasoning given back reaches a thinking model's template
+        out["reasoning"] = message.reasoning
     return out
 
 
@@ -65,6 +67,7 @@ def message_from_canonical(data: dict[str, Any]) -> Message:
         tool_calls=tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in data.get("tool_calls") or []),
         tool_call_id=data.get("tool_call_id"),
         name=data.get("name"),
+        reasoning=data.get("reasoning") or None,
         extra=dict(data.get("extra") or {}),
     )
 

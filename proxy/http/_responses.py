@@ -91,7 +91,7 @@ class ResponsesJsonSink(JsonSink):
             responses.render_response(
                 completion, response=_answering(self.extra_headers, self._response), model=self._model,
                 settings=self._settings,
-                created_at=self._created_at, completed_at=int(time.time()),
+                created_at=self._created_at, completed_at=int(time.time()), events=batch.events,
             )
         )
 
@@ -209,8 +209,14 @@ def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatReq
     return request
 
 
+def _is_file(part: object) -> bool:
+    """An `input_file` (the other opaque part a Responses request has is a Claude backend's signed
+    thinking given back, which only an Anthropic backend is sent)."""
+    return isinstance(part, OpaquePart) and part.data.get("type") == "file"
+
+
 def _has_files(request: ChatRequest) -> bool:
-    return any(isinstance(part, OpaquePart) for message in request.messages for part in message.content)
+    return any(_is_file(part) for message in request.messages for part in message.content)
 
 
 def _refuse_files(request: ChatRequest, backend: BackendConfig | None) -> None:
@@ -219,7 +225,7 @@ def _refuse_files(request: ChatRequest, backend: BackendConfig | None) -> None:
     without the file."""
     for message in request.messages:
         for part in message.content:
-            if not isinstance(part, OpaquePart):
+            if not isinstance(part, OpaquePart) or not _is_file(part):
                 continue
             if backend is not None and backend.kind == "anthropic" and anthropic.openai_file_document(part.data):
                 continue

@@ -216,13 +216,16 @@ def json_mode(request: ChatRequest) -> bool:
 def _may_think(request: ChatRequest) -> bool:
     """Whether thinking can be switched on for another dialect's request: not with a forced
     tool, which Anthropic refuses with thinking, and not inside a tool loop, whose last
-    assistant turn would have to open with its signed thinking block (another dialect's
-    client never has one)."""
+    assistant turn would have to open with its signed thinking block — which only a Responses
+    client has, given back in a reasoning item's `encrypted_content`."""
     choice = request.tool_choice
     if (choice is not None and (choice.name or choice.mode == "required")) or json_mode(request):
         return False
     last = next((m for m in reversed(request.messages) if m.role == "assistant"), None)
-    return last is None or not last.tool_calls
+    return last is None or not last.tool_calls or any(
+        isinstance(part, OpaquePart) and part.dialect == DIALECT and part.data.get("type") in ("thinking", "redacted_thinking")
+        for part in last.content
+    )
 
 
 def _parse_stop_sequences(fields: Fields) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ _SIGNATURE = b',"delta":{"type":"signature_delta","signature":'
 _JSON = b',"delta":{"type":"input_json_delta","partial_json":'
 _DELTA_TAIL = b"}}\n\n"
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+_INPUT_COUNTS = frozenset({"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"})
 # Decoding str skips json.loads's per-call encoding detection (a third of its cost here).
 _decode = json.JSONDecoder().decode
 # A delta's text field, a character of which may come split in two, and its delta's type.
@@ -183,9 +184,11 @@ class StreamRenderer:
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
         said = self._announced_fields
         announced = self._announced_usage or {}
-        # Counts message_start could not know yet; Anthropic's SDK merges them in.
+        # The input counts are cumulative, as Anthropic's own `message_delta` says them: LangChain's
+        # ChatAnthropic reads a stream's usage from this event alone (0 input tokens without them).
+        # Other counts come only when message_start could not know them yet (the SDK merges them in).
         for key, value in usage.items():
-            if value != announced.get(key) or key == "output_tokens_details":
+            if key in _INPUT_COUNTS or value != announced.get(key) or key == "output_tokens_details":
                 delta_usage[key] = value
         out.append(
             _event(

@@ -7,7 +7,7 @@ from typing import Any
 
 from proxy.dialects._json import is_decimal
 from proxy.dialects.responses._compaction import given_compaction
-from proxy.dialects.responses._response import call_item
+from proxy.dialects.responses._response import call_item, reasoning_item
 from proxy.domain.errors import invalid_request
 
 _MAX_LIMIT = 100
@@ -41,6 +41,15 @@ def input_items(
         if compaction is not None:
             items.append(compaction)
             continue
+        reasoning = message.get("reasoning")
+        if role == "assistant" and isinstance(reasoning, str) and reasoning:
+            # Given back as a reasoning item (see `_request._parse_items`): listed, and carried on in
+            # a conversation, as that item.
+            signature = next(
+                (p["data"].get("signature") for p in parts if isinstance(p, dict) and p.get("opaque") == "anthropic"
+                 and isinstance(p.get("data"), dict) and p["data"].get("type") == "thinking"), None,
+            )
+            items.append(reasoning_item(named("rs"), reasoning, "completed", signature=signature if isinstance(signature, str) else ""))
         content = [part for part in (_part(p, role) for p in parts) if part is not None]
         if content or not message.get("tool_calls"):
             items.append({"id": named("msg"), "type": "message", "role": role, "status": "completed", "content": content})

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.openai import check_forced_tool
 from proxy.dialects.responses._compaction import compaction_message
+from proxy.dialects.responses._signed import signed_thinking
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -42,6 +43,8 @@ from proxy.domain.ids import storable
 DIALECT = "responses"
 # The dialect of an `input_file`'s part: an OpenAI chat client's `file` (see `_parse_file`).
 CHAT_DIALECT = "openai"
+# The dialect of a Claude backend's signed thinking given back (see `_signed`).
+_ANTHROPIC = "anthropic"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -280,7 +283,10 @@ def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatComple
     own = 1 if parsed.settings.get("instructions") else 0
     said = answer.choices[0] if answer.choices else None
     reply = (
-        [Message(role="assistant", content=(TextPart(said.content),) if said.content else (), tool_calls=tuple(said.tool_calls))]
+        [Message(
+            role="assistant", content=(TextPart(said.content),) if said.content else (), tool_calls=tuple(said.tool_calls),
+            reasoning=said.reasoning or None,
+        )]
         if said is not None and (said.content or said.tool_calls) else []
     )
     chat.messages = [*chat.messages[:own], *prior, *reply, *chat.messages[own:]]
@@ -323,6 +329,8 @@ def _parse_items(
     with `referenced` None, a list with item references raises `UnresolvedReferences` for the
     caller to look them up and call again."""
     unresolved: list[tuple[str, str]] = []
+    reasoning: list[str] = []
+    signed: list[ContentPart] = []
     for i, item in enumerate(items):
         path = f"{param}[{i}]"
         if not isinstance(item, dict):
@@ -337,9 +345,41 @@ def _parse_items(
             if found is None:
                 raise item_not_found(reference, param=path)
             item = found
+        if item.get("type") == "reasoning":
+            given = signed_thinking(item.get("encrypted_content"))
+            if given is not None:
+                # A Claude backend's thinking, given back signed: Claude's own block again.
+                thinking, signature = given
+                reasoning.append(thinking)
+                signed.append(OpaquePart(_ANTHROPIC, {"type": "thinking", "thinking": thinking, "signature": signature}))
+            else:
+                reasoning.extend(_reasoning_text(item))
+            continue
+        before = len(messages)
         _parse_item(item, path, messages)
+        if reasoning:
+            # The reasoning behind the assistant turn it comes before (its calls, its text).
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and not last.reasoning and (
+                len(messages) > before or last.tool_calls
+            ):
+                messages[-1] = replace(last, reasoning="\n".join(reasoning), content=(*signed, *last.content))
+            reasoning.clear()
+            signed.clear()
     if unresolved:
         raise UnresolvedReferences(unresolved)
+
+
+def _reasoning_text(item: dict[str, Any]) -> list[str]:
+    """A reasoning item's text: its `reasoning_text` content (the gateway's own items, vLLM's), else
+    its summary. OpenAI's own (encrypted, a summary at most) has little or none."""
+    for key, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == kind and isinstance(p.get("text"), str)]
+            if any(texts):
+                return ["".join(texts)] if kind == "reasoning_text" else ["\n\n".join(texts)]
+    return []
 
 
 def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> None:
@@ -351,8 +391,7 @@ def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> Non
     elif kind == "function_call_output":
         messages.append(_parse_call_output(item, path))
     elif kind == "reasoning":
-        # The model's own reasoning handed back: chat backends do not take it as input.
-        return
+        return  # `_parse_items` gives it to the assistant turn it comes before
     elif kind == "compaction":
         messages.append(compaction_message(item, path))
     elif isinstance(kind, str):

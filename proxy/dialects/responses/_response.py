@@ -7,13 +7,16 @@ position, so a streamed answer and its final Response name the same items.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.dialects.responses._request import CONVERSATION_PREFIX
+from proxy.dialects.responses._signed import last_signature, signed_content
 from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
+from proxy.domain.events import StreamEvent
 
 # FinishReason -> the `incomplete_details.reason` of an incomplete Response.
 _INCOMPLETE = {FinishReason.LENGTH: "max_output_tokens", FinishReason.CONTENT_FILTER: "content_filter"}
@@ -122,13 +125,18 @@ def summarized(settings: dict[str, Any] | None) -> bool:
     return isinstance(reasoning, dict) and bool(reasoning.get("summary"))
 
 
-def reasoning_item(item: str, text: str, status: str, summary: bool = False) -> dict[str, Any]:
+def reasoning_item(item: str, text: str, status: str, summary: bool = False, signature: str = "") -> dict[str, Any]:
     """`summary`: the text as the item's summary, as OpenAI gives a summary asked for (and no
-    `content`); else as its `reasoning_text` part, as vLLM gives a model's reasoning."""
+    `content`); else as its `reasoning_text` part, as vLLM gives a model's reasoning.
+    `signature`: Claude's for this thinking, carried in `encrypted_content`."""
     parts = [{"type": "summary_text" if summary else "reasoning_text", "text": text}] if text or status != "in_progress" else []
     if summary:
-        return {"id": item, "type": "reasoning", "summary": parts, "status": status}
-    return {"id": item, "type": "reasoning", "summary": [], "content": parts, "status": status}
+        out: dict[str, Any] = {"id": item, "type": "reasoning", "summary": parts, "status": status}
+    else:
+        out = {"id": item, "type": "reasoning", "summary": [], "content": parts, "status": status}
+    if signature:
+        out["encrypted_content"] = signed_content(text, signature)
+    return out
 
 
 def message_item(item: str, text: str | None, status: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
@@ -149,14 +157,17 @@ def call_item(item: str, call_id: str, name: str, arguments: str, status: str) -
     }
 
 
-def output_of(completion: ChatCompletion, response: str, status: str, *, summary: bool = False) -> list[dict[str, Any]]:
-    """The first choice as output items (a Response has one answer); `summary`: see `summarized`."""
+def output_of(
+    completion: ChatCompletion, response: str, status: str, *, summary: bool = False, signature: str = "",
+) -> list[dict[str, Any]]:
+    """The first choice as output items (a Response has one answer); `summary`: see
+    `summarized`; `signature`: its thinking's (see `last_signature`)."""
     choice = completion.choices[0] if completion.choices else None
     output: list[dict[str, Any]] = []
     if choice is None:
         return [message_item(item_id(response, "msg", 0), "", status)]
     if choice.reasoning:
-        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed", summary))
+        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed", summary, signature))
     if choice.content or not choice.tool_calls:
         entries = choice.logprobs.get("content") if choice.logprobs is not None else None
         logprobs = entries if isinstance(entries, list) else None
@@ -172,15 +183,16 @@ def _call(response: str, index: int, call: ToolCall) -> dict[str, Any]:
 
 def render_response(
     completion: ChatCompletion, *, response: str, model: str, settings: dict[str, Any], created_at: int,
-    completed_at: int,
+    completed_at: int, events: Iterable[StreamEvent] = (),
 ) -> bytes:
-    """The whole Response of a non-streaming request (`model` as the client named it)."""
+    """The whole Response of a non-streaming request (`model` as the client named it);
+    `events`, the exchange's when at hand, supply what the completion cannot hold."""
     choice = completion.choices[0] if completion.choices else None
     status, incomplete = status_of(choice.finish_reason if choice else None)
+    output = output_of(completion, response, status, summary=summarized(settings), signature=last_signature(events))
     body = response_object(
         response=response, created_at=created_at, model=model, settings=settings,
-        status=status, output=output_of(completion, response, status, summary=summarized(settings)),
-        usage=usage_to_wire(completion.usage),
+        status=status, output=output, usage=usage_to_wire(completion.usage),
         incomplete_details=incomplete,
     )
     if status == "completed":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from proxy.dialects._json import dumps
+from proxy.dialects.anthropic import SignedReasoningDelta
 from proxy.dialects.events import RUN_CANCELLED
 from proxy.dialects.openai import KEEPALIVE
 from proxy.dialects.responses._response import (
@@ -74,6 +75,7 @@ class _Item:
     name: str = ""
     done: bool = False
     logprobs: list[Any] | None = None  # a message's tokens', when they were asked for
+    signature: str = ""  # a Claude backend's, of the reasoning (see `_signed`)
 
     @property
     def text(self) -> str:
@@ -158,6 +160,10 @@ class StreamRenderer:
                     item = self._reasoning or self._open_reasoning(out)
                     item.pieces.append(text)
                     out.append(self._delta(item, text))
+                if isinstance(event, SignedReasoningDelta) and event.signature:
+                    item = self._reasoning or self._open_reasoning(out)
+                    item.signature = event.signature
+                    self._close_reasoning(out)  # signed whole: a later thinking block is an item of its own
             case ToolCallStart(index, call_id, name, 0):
                 if index not in self._calls:
                     self._open_call(index, call_id, name, out)
@@ -294,7 +300,7 @@ class StreamRenderer:
         if item.kind == "message":
             return message_item(item.id, item.text, status, item.logprobs)
         if item.kind == "reasoning":
-            return reasoning_item(item.id, item.text, status, self._summary)
+            return reasoning_item(item.id, item.text, status, self._summary, item.signature)
         return call_item(item.id, item.call_id, item.name, item.text, status)
 
     # -- frames ---------------------------------------------------------------------------

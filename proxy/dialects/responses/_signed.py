@@ -1,0 +1,52 @@
+"""A Claude backend's signature of its thinking, carried in a reasoning item's `encrypted_content`.
+
+The client gives the item back in its tool loop (as it does OpenAI's own, whose content is as
+opaque to it): Claude takes its thinking back signed only, and in a tool loop thinks only with
+the last turn's thinking given back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from proxy.dialects.anthropic import SignedReasoningDelta
+from proxy.domain.events import StreamEvent
+
+_SIGNED = "claude-thinking:"
+
+
+def signed_content(thinking: str, signature: str) -> str:
+    """The thinking with its signature, whole: a client may give back the item's
+    `encrypted_content` alone (LangChain's streamed reasoning), as OpenAI's holds the reasoning."""
+    packed = json.dumps({"thinking": thinking, "signature": signature}, ensure_ascii=False, separators=(",", ":"))
+    return _SIGNED + base64.urlsafe_b64encode(packed.encode()).decode()
+
+
+def signed_thinking(encrypted: Any) -> tuple[str, str] | None:
+    """The thinking and signature a reasoning item's `encrypted_content` carries (see
+    `signed_content`); None for another's (OpenAI's own) or a damaged one."""
+    if not isinstance(encrypted, str) or not encrypted.startswith(_SIGNED):
+        return None
+    try:
+        packed = json.loads(base64.urlsafe_b64decode(encrypted[len(_SIGNED):].encode()))
+    except (ValueError, binascii.Error):
+        return None
+    if not isinstance(packed, dict):
+        return None
+    thinking, signature = packed.get("thinking"), packed.get("signature")
+    if not isinstance(thinking, str) or not isinstance(signature, str) or not signature:
+        return None
+    return thinking, signature
+
+
+def last_signature(events: Iterable[StreamEvent]) -> str:
+    """The signature of the answer's thinking, as its events carry it (a completion cannot)."""
+    signature = ""
+    for event in events:
+        if isinstance(event, SignedReasoningDelta) and event.choice == 0:
+            signature = event.signature
+    return signature
