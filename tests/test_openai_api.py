@@ -90,6 +90,19 @@ async def test_include_usage_false_is_never_flipped(setup: Setup) -> None:
     assert all(c.usage is None for c in chunks)
 
 
+async def test_stream_options_without_stream_is_refused_as_openai_does(setup: Setup) -> None:
+    # A client that set stream_options but forgot `stream` meant to stream: OpenAI says so (400).
+    asked = len(setup.fake.requests)
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(
+            model="m", messages=MESSAGES, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        )
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "stream_options"
+    assert error["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    assert len(setup.fake.requests) == asked  # no backend call for it
+
+
 async def test_parallel_tool_calls_stream_with_their_indexes(setup: Setup) -> None:
     calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"tz": "Europe/Paris"}')]
     setup.fake.set_script(Script(tokens=[], tool_calls=calls, tool_arg_fragment=5, interleave_tool_calls=True))
