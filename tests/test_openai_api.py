@@ -12,7 +12,16 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import AnthropicBackend, Exchange, OpenAIBackend, Request, Script, ToolCall, Usage
+from tests.fakes import (
+    AnthropicBackend,
+    Exchange,
+    OllamaBackend,
+    OpenAIBackend,
+    Request,
+    Script,
+    ToolCall,
+    Usage,
+)
 from tests.fakes.base import Call
 from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
@@ -607,6 +616,31 @@ async def test_a_backend_validation_error_names_its_field_in_every_dialect(
         ollama = await http.post("/api/chat", json={"model": "m", "stream": False, "messages": MESSAGES})
     assert claude.status_code == 400 and claude.json()["error"]["message"] == said
     assert ollama.status_code == 400 and ollama.json() == {"error": said}
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+@pytest.mark.parametrize(("status", "expected"), [(409, 409), (415, 415), (451, 400), (402, 502), (405, 502)])
+async def test_a_backends_4xx_about_the_request_keeps_its_status_class_in_every_dialect(
+    kind: str, status: int, expected: int
+) -> None:
+    # As LiteLLM passes a backend's 4xx on: the client's mistake is no bad gateway (nor a
+    # stand-in's to make good); one about the gateway's own call (its account, its method) is.
+    fakes = {"openai": OpenAIBackend, "anthropic": AnthropicBackend, "ollama": OllamaBackend}
+    fake = fakes[kind](default=Script(status=status, error_message="the backend says no"))
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+            assert info.value.status_code == expected, stream
+            assert "the backend says no" in info.value.message
+        await client.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            claude = await http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES})
+            local = await http.post("/api/chat", json={"model": "m", "stream": False, "messages": MESSAGES})
+    assert claude.status_code == expected and claude.json()["type"] == "error"
+    assert claude.json()["error"]["type"] == ("api_error" if expected == 502 else "invalid_request_error")
+    assert local.status_code == expected and "the backend says no" in local.json()["error"]
 
 
 async def test_a_validation_error_of_vllms_messages_api_names_its_field() -> None:
