@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import openai
@@ -185,6 +186,31 @@ async def test_an_openai_backends_request_id_and_limits_reach_the_sdks_raw_respo
     # A backend that answers with the id it was sent (vLLM's) adds nothing.
     plain = await setup.client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
     assert "x-upstream-request-id" not in plain.headers and "openai-processing-ms" not in plain.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_backends_rate_limits_reach_openai_clients_in_openais_names(stream: bool) -> None:
+    # What OpenAI's SDK users and LiteLLM's router back off by, from Claude's own headers.
+    reset = (datetime.now(UTC) + timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    limits = [
+        ("anthropic-ratelimit-requests-limit", "50"), ("anthropic-ratelimit-requests-remaining", "49"),
+        ("anthropic-ratelimit-requests-reset", reset), ("anthropic-ratelimit-tokens-limit", "80000"),
+        ("anthropic-ratelimit-tokens-remaining", "79000"), ("anthropic-ratelimit-input-tokens-limit", "40000"),
+    ]
+    fake = AnthropicBackend(default=Script(tokens=["hi"], headers=limits))
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            async for _ in raw.parse():  # type: ignore[union-attr]
+                pass
+        await client.close()
+    headers = raw.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("50", "49")
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("80000", "79000")
+    waited = headers["x-ratelimit-reset-requests"]  # OpenAI's duration, "1m29.5s"
+    assert waited.startswith("1m") and 80 <= 60 + float(waited[2:].removesuffix("s")) <= 90
+    assert not any(name.startswith("anthropic-ratelimit-") for name in headers)
 
 
 # -- errors -----------------------------------------------------------------------------------------
