@@ -538,14 +538,32 @@ class NoListing(OpenAIBackend):
         await super().route(request, exchange, call)
 
 
-async def test_ready_says_which_backend_refused_its_model_listing_and_where() -> None:
-    # `/ready` said `{"backend:vllm": "Not Found"}`: neither the backend nor what was asked.
-    async with NoListing().serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+async def test_a_backend_without_a_model_listing_is_ready_and_says_where_it_looked() -> None:
+    # An audio- or embedding-only server has no listing, and serves: `/ready` answered 503,
+    # which takes the whole gateway out of its load balancer. Its note still reads as a base
+    # URL missing vLLM's `/v1`, where that is the cause.
+    fake = NoListing(default=Script(tokens=["served"]))
+    async with fake.serve() as server, running_gateway(backend("whisper", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            ready = await http.get("/ready")
+            chat = await http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+    note = ready.json()["checks"]["backend:whisper"]
+    assert note.startswith("ok (") and "GET /v1/models" in note and "404" in note and "base_url" in note
+    assert chat.status_code == 200
+
+
+async def test_a_backend_refusing_the_gateways_key_is_unready_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("READY_TEST_KEY", "sk-a-wrong-one")
+    fake = OpenAIBackend(api_key="sk-the-right-one")
+    async with fake.serve() as server, running_gateway(
+        backend("hosted", server.url, default=True, api_key_env="READY_TEST_KEY")
+    ) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             ready = await http.get("/ready")
     assert ready.status_code == 503
-    reason = ready.json()["checks"]["backend:vllm"]
-    assert "Backend `vllm`" in reason and "GET /v1/models" in reason and "404" in reason and "base_url" in reason
+    reason = ready.json()["checks"]["backend:hosted"]
+    assert "Backend `hosted` returned 401" in reason
 
 
 async def test_backend_connections_are_reused_across_requests(setup: Setup) -> None:

@@ -74,19 +74,23 @@ def status_error(
 _log = logging.getLogger("llm_proxy.backends")
 
 
-def listing_refused(backend: str, base_url: str, path: str, error: GatewayError) -> GatewayError:
-    """A readiness probe's model listing the backend refused: a 404's message is the server's
-    alone ("Not Found"), which in `/ready` named neither the backend nor what was asked. Said
-    with both, a base URL missing its `/v1` (vLLM's) reads as one. Other failures pass as they are."""
+def listing_refused(backend: str, base_url: str, path: str, error: GatewayError) -> str:
+    """A readiness probe's model listing the backend refused, said with the backend and what
+    was asked (a 404's message alone, "Not Found", named neither).
+
+    A server that answers HTTP serves: one with no listing (an audio- or embedding-only server
+    answers 404, or 405) or one whose listing is rate limited (Anthropic's counts against the
+    gateway's account) is ready, and this is its note, which also reads as a base URL missing
+    vLLM's `/v1`. Raised when the backend cannot serve: its key refused, its server failing."""
     shown = urlsplit(base_url).path.rstrip("/") + path
-    if error.kind is ErrorKind.NOT_FOUND:
-        return GatewayError(
-            ErrorKind.BACKEND, f"Backend `{backend}` answered GET {shown} (its model listing) with 404: {error.message} "
-            "(is its `base_url` right?)",
-        )
-    if error.status < 500 and error.kind is not ErrorKind.RATE_LIMITED:  # no request of the client's to blame
-        return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` refused GET {shown} (its model listing): {error.message}")
-    return error
+    if error.kind is ErrorKind.NOT_FOUND or error.code == "backend_405":
+        status = error.code.removeprefix("backend_") if error.code else "404"
+        return f"no model listing: GET {shown} answered {status}: {error.message} (is its `base_url` right?)"
+    if error.kind is ErrorKind.RATE_LIMITED:
+        return f"its model listing GET {shown} is rate limited: {error.message}"
+    if error.status < 500:  # no request of a client's to blame
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` refused GET {shown} (its model listing): {error.message}")
+    raise error
 
 
 @contextmanager

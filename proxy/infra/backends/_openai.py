@@ -294,11 +294,12 @@ class OpenAIBackend:
             if isinstance(item, dict) and item.get("id")
         ]
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         try:
             await self.list_models()
         except GatewayError as error:
-            raise listing_refused(self.config.name, self.config.base_url, "/models", error) from None
+            return listing_refused(self.config.name, self.config.base_url, "/models", error)
+        return None
 
 
 class _WindowFilled:
