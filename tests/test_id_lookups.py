@@ -93,3 +93,39 @@ async def test_a_journal_read_of_a_value_postgresql_cannot_hold_is_the_requests_
         assert refused.value.kind is ErrorKind.INVALID_REQUEST and refused.value.code == "invalid_value"
         assert refused.value.retry_after is None
         assert isinstance(refused.value.__cause__, InvalidValue)
+
+
+async def test_an_unknown_id_is_not_found_at_once_on_a_gateway_alone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each waited (1 s, 2 s) for a row another gateway process might be writing: with none
+    # alive, and the run not this one's, nothing is on its way.
+    monkeypatch.setattr("proxy.http._responses._YOUNG_ROW_SECONDS", 60.0)
+    monkeypatch.setattr("proxy.services.persistence._UNSEEN_WAIT", 60.0)
+    unknown = "0123456789abcdef0123456789abcdef"
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        with trio.fail_after(10):
+            for path in (f"/v1/responses/resp_{unknown}", f"/v1/responses/resp_{unknown}/input_items",
+                         f"/v1/streams/{unknown}"):
+                answer = await client.get(path)
+                assert answer.status_code == 404, (path, answer.text)
+        # Made here and stored: found as before.
+        chat = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
+        made = chat.json()["id"]
+        assert (await client.get(f"/v1/responses/{made}")).status_code == 200
+
+
+async def test_an_unknown_id_is_waited_for_while_another_gateway_process_is_alive(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its run's row may be on its way: the wait stays where it can help.
+    monkeypatch.setattr("proxy.http._responses._YOUNG_ROW_SECONDS", 0.5)
+    monkeypatch.setattr("proxy.services.persistence._UNSEEN_WAIT", 0.5)
+    async with open_database(stack.db) as db:
+        await db.execute("INSERT INTO gateway_instances (id) VALUES ('another-process')")
+    unknown = "fedcba9876543210fedcba9876543210"
+    async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
+        for path in (f"/v1/responses/resp_{unknown}", f"/v1/streams/{unknown}"):
+            started = trio.current_time()
+            answer = await client.get(path)
+            assert answer.status_code == 404 and trio.current_time() - started >= 0.5, path

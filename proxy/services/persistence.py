@@ -79,6 +79,9 @@ _CANCEL_WAIT = 10.0
 _CANCEL_REPEAT = 2.0
 # How often the listener checks that its connection is still the gateway's.
 _BUS_CHECK = 2.0
+# How long a resumed stream with neither row nor events waits for its first event, when
+# another gateway process may be running it (its row is held back a moment after its start).
+_UNSEEN_WAIT = 2.0
 
 
 def cancel_subject(trace_id: str) -> str:
@@ -340,6 +343,18 @@ class Persistence:
             except BusError as error:
                 log.warning("listening for cancels failed (%s); retrying", error)
                 await trio.sleep(_BUS_CHECK / 2)
+
+    async def others_alive(self) -> bool:
+        """Whether another gateway process (an instance, a `--workers` sibling) may be running a
+        run whose row is not written yet. Alone, a trace neither live here nor stored never
+        will be: its lookup need not wait. True when the database cannot say."""
+        store = self.store()
+        if store is None:
+            return False  # no rows anywhere: nothing to wait for
+        try:
+            return await self._bounded(lambda: store.others_alive(self.instance_id, self.settings.dead_after))
+        except DatabaseError:
+            return True
 
     async def has_events(self, trace_id: str) -> bool:
         """Whether the trace has published events (False without NATS)."""
@@ -868,11 +883,16 @@ async def trace_events(
         readable = False
     if (tenant is not None and (stored is None or stored.tenant != tenant)) or (stored is not None and stored.deleted):
         raise unknown
+    if (
+        stored is None and readable and not await persistence.others_alive()
+        and not await persistence.has_events(trace_id)
+    ):
+        raise unknown  # not live here, and no other process could be running it: nothing will come
     running = stored is not None and stored.status == "running"
     bus = persistence.bus()
     if bus is not None:
         # A running trace may be slow to its next event; anything else is stored already.
-        first_wait = persistence.settings.follow_silence if running or (stored is None and not readable) else 2.0
+        first_wait = persistence.settings.follow_silence if running or (stored is None and not readable) else _UNSEEN_WAIT
         # A workflow's bus events are its workers' (every task, every attempt): its client
         # reads them through the view the workflow route gave it. A client that waited for
         # the whole answer got the retry's after a dead worker: so does its reader.
