@@ -181,6 +181,7 @@ class Choice:
     refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
     annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
     function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
+    audio: dict[str, Any] | None = None  # an OpenAI model's spoken answer, OpenAI's shape (see `AudioDelta`)
 
 
 @dataclass(slots=True)

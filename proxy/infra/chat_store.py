@@ -35,6 +35,7 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 **({"annotations": c.annotations} if c.annotations else {}),
                 **({"function_call": {"name": c.function_call.name, "arguments": c.function_call.arguments}}
                    if c.function_call is not None else {}),
+                **({"audio": c.audio} if c.audio is not None else {}),
             }
             for c in completion.choices
         ],
@@ -77,6 +78,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 annotations=list(c.get("annotations") or []),
                 function_call=ToolCall("", str(legacy.get("name") or ""), str(legacy.get("arguments") or ""))
                 if isinstance(legacy := c.get("function_call"), dict) else None,
+                audio=spoken if isinstance(spoken := c.get("audio"), dict) else None,
             )
             for c in data.get("choices") or []
         ],
