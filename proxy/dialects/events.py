@@ -31,6 +31,7 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     AnnotationsDelta,
     AudioDelta,
+    ContinuedFinish,
     Finish,
     FunctionCallDelta,
     ReasoningDelta,
@@ -116,6 +117,8 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
                      "task": task_name(choice)}
         case Finish(reason, choice):
             body |= {"type": "finish", "reason": reason.value, "task": task_name(choice)}
+            if isinstance(event, ContinuedFinish) and event.context:
+                body["context"] = list(event.context)
         case UsageReport(usage):
             body |= {"type": "usage", "usage": {
                 "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -164,7 +167,11 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
     elif kind == "annotations" and isinstance(body.get("annotations"), list):
         event = AnnotationsDelta(tuple(item for item in body["annotations"] if isinstance(item, dict)), choice)
     elif kind == "finish":
-        event = Finish(_reason(body.get("reason")), choice)
+        context = body.get("context")
+        event = (
+            ContinuedFinish(_reason(body.get("reason")), choice, tuple(context)) if isinstance(context, list) and context
+            else Finish(_reason(body.get("reason")), choice)
+        )
     elif kind == "usage" and isinstance(body.get("usage"), dict):
         usage = body["usage"]
         event = UsageReport(Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))

@@ -182,6 +182,7 @@ class Choice:
     annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
     function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
     audio: dict[str, Any] | None = None  # an OpenAI model's spoken answer, OpenAI's shape (see `AudioDelta`)
+    context: tuple[int, ...] = ()  # an Ollama `/api/generate` answer's tokens to go on from (see `ContinuedFinish`)
 
 
 @dataclass(slots=True)

@@ -130,6 +130,19 @@ class Finish:
 
 
 @dataclass(slots=True, frozen=True)
+class ContinuedFinish(Finish):
+    """A finish that carries what its client sends back to go on from the answer: Ollama's
+    `/api/generate` `context` (the conversation's tokens). Kept with the answer for a replay
+    of its `Idempotency-Key`; not by a cache, whose hit another prompt's tokens would mislead."""
+
+    context: tuple[int, ...] = ()
+
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        return not self.context
+
+
+@dataclass(slots=True, frozen=True)
 class StopSequenceFinish(Finish):
     """A `stop` finish known to come from this stop sequence (Anthropic's `stop_sequence`,
     vLLM's `stop_reason`); an Anthropic client is told which."""
@@ -230,6 +243,8 @@ class CompletionBuilder:
                 self._choice(choice).finish_reason = reason
                 if not event.replayable:
                     self.replayable = False
+                if isinstance(event, ContinuedFinish) and event.context:
+                    self._choice(choice).context = event.context
             case UsageReport(usage):
                 self.usage = usage
                 self.usage_estimated = type(event) is EstimatedUsageReport
@@ -352,7 +367,10 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
             if call.arguments:
                 events.append(ToolCallDelta(position, call.arguments, choice.index))
         if choice.finish_reason is not None:
-            events.append(Finish(choice.finish_reason, choice.index))
+            events.append(
+                ContinuedFinish(choice.finish_reason, choice.index, choice.context) if choice.context
+                else Finish(choice.finish_reason, choice.index)
+            )
     if completion.usage is not None:
         events.append(UsageReport(completion.usage))
     return events

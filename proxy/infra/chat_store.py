@@ -36,6 +36,7 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 **({"function_call": {"name": c.function_call.name, "arguments": c.function_call.arguments}}
                    if c.function_call is not None else {}),
                 **({"audio": c.audio} if c.audio is not None else {}),
+                **({"context": list(c.context)} if c.context else {}),
             }
             for c in completion.choices
         ],
@@ -79,6 +80,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 function_call=ToolCall("", str(legacy.get("name") or ""), str(legacy.get("arguments") or ""))
                 if isinstance(legacy := c.get("function_call"), dict) else None,
                 audio=spoken if isinstance(spoken := c.get("audio"), dict) else None,
+                context=tuple(tokens) if isinstance(tokens := c.get("context"), list) else (),
             )
             for c in data.get("choices") or []
         ],
