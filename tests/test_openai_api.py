@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -529,27 +530,32 @@ async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages
 
 class NoListing(OpenAIBackend):
     """A server answering its model listing as FastAPI answers a path it lacks (vLLM's root
-    without `/v1`; an audio server without a listing)."""
+    without `/v1`; an audio server without a listing), or with another `status`."""
+
+    def __init__(self, *, status: int = 404, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.status = status
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.method == "GET" and request.path.endswith("/models"):
-            await exchange.respond_json(404, {"detail": "Not Found"})
+            await exchange.respond_json(self.status, {"detail": "Not Found" if self.status == 404 else "Slow down"})
             return
         await super().route(request, exchange, call)
 
 
-async def test_a_backend_without_a_model_listing_is_ready_and_says_where_it_looked() -> None:
+@pytest.mark.parametrize(("status", "said"), [(404, "no model listing"), (405, "no model listing"), (429, "rate limited")])
+async def test_a_backend_without_a_model_listing_is_ready_and_says_where_it_looked(status: int, said: str) -> None:
     # An audio- or embedding-only server has no listing, and serves: `/ready` answered 503,
-    # which takes the whole gateway out of its load balancer. Its note still reads as a base
-    # URL missing vLLM's `/v1`, where that is the cause.
-    fake = NoListing(default=Script(tokens=["served"]))
+    # which takes the whole gateway out of its load balancer (so did a hosted API's rate limit
+    # on its listing). Its note still reads as a base URL missing vLLM's `/v1`, where that is the cause.
+    fake = NoListing(status=status, default=Script(tokens=["served"]))
     async with fake.serve() as server, running_gateway(backend("whisper", server.url, default=True)) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             ready = await http.get("/ready")
             chat = await http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
     assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
     note = ready.json()["checks"]["backend:whisper"]
-    assert note.startswith("ok (") and "GET /v1/models" in note and "404" in note and "base_url" in note
+    assert note.startswith("ok (") and said in note and "GET /v1/models" in note, note
     assert chat.status_code == 200
 
 
