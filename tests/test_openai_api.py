@@ -205,6 +205,11 @@ async def test_an_anthropic_backends_rate_limits_reach_openai_clients_in_openais
         if stream:
             async for _ in raw.parse():  # type: ignore[union-attr]
                 pass
+        # Refused for its rate limit: the numbers to back off by come with the 429 too.
+        fake.push(Script(status=429, retry_after=3, headers=[*limits[:1], ("anthropic-ratelimit-requests-remaining", "0")]))
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        assert info.value.response.headers.get_list("x-ratelimit-remaining-requests") == ["0"]
         await client.close()
     headers = raw.headers
     assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("50", "49")
