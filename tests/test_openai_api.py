@@ -689,6 +689,8 @@ async def test_a_backends_4xx_about_the_request_keeps_its_status_class_in_every_
                 await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
             assert info.value.status_code == expected, stream
             assert "the backend says no" in info.value.message
+            # The gateway's own set-up must be mended first: the SDK is told not to retry it.
+            assert info.value.response.headers.get("x-should-retry") == ("false" if expected == 502 else None)
         await client.close()
         async with httpx.AsyncClient(base_url=url) as http:
             claude = await http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES})
