@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -298,13 +299,13 @@ async def test_an_ollama_generate_replayed_by_its_key_keeps_its_context(
     async with fake.serve() as server, running_gateway(
         backend("ollama", server.url, kind="ollama", default=True), database_url=pg_database_url, nats_url=nats_url
     ) as url:
-        for stream in (False, True):
+        for done, stream in enumerate((False, True), start=1):
             headers = {"Idempotency-Key": str(uuid.uuid4())}
             client = ollama.AsyncClient(host=url, headers=headers)
             first = await client.generate(model="llama3.2", prompt=f"2+2? {uuid.uuid4()}", stream=False)
             assert first.context == [1, 2, 3, 4]
             async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-                await eventually(lambda: _keyed_row_done(pg_database_url), within=10)
+                await eventually(functools.partial(_completed, pg_database_url, done), within=10)
                 body = {"model": "llama3.2", "prompt": (fake.requests[-1].json or {})["prompt"], "stream": stream}
                 again = await http.post("/api/generate", json=body, headers=headers)
             assert again.status_code == 200 and "x-replay-of" in again.headers, (stream, again.text)
@@ -313,7 +314,8 @@ async def test_an_ollama_generate_replayed_by_its_key_keeps_its_context(
             assert last["done"] and last["context"] == [1, 2, 3, 4], (stream, last)
 
 
-async def _keyed_row_done(db: str) -> bool:
+async def _completed(db: str, count: int) -> bool:
+    """Whether `count` chats are stored completed (a replay, not an attachment to a run)."""
     with psycopg.connect(db) as conn:
-        row = conn.execute("SELECT count(*) FROM chat_log WHERE status <> 'completed'").fetchone()
-    return row is not None and row[0] == 0
+        row = conn.execute("SELECT count(*) FROM chat_log WHERE status = 'completed'").fetchone()
+    return row is not None and row[0] == count
