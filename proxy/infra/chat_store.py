@@ -365,7 +365,7 @@ SELECT count(*) FROM rows
 """
 _OTHERS_ALIVE = (
     "SELECT EXISTS (SELECT 1 FROM gateway_instances"
-    " WHERE id <> %(id)s AND seen_at > now() - make_interval(secs => %(silent)s))"
+    " WHERE id <> %(id)s AND starts_with(id, %(tag)s) AND seen_at > now() - make_interval(secs => %(silent)s))"
 )
 # A beat: late (its previous one more than `late` seconds ago) it starts the steady period again.
 _BEAT = (
@@ -594,9 +594,10 @@ class ChatStore:
         await self._db.execute(_FIRST_BEAT, {"id": instance, "new": first})
         return first
 
-    async def others_alive(self, instance: str, silent_for: float) -> bool:
-        """Whether a gateway process other than `instance` has beaten within `silent_for` seconds."""
-        return bool(await self._db.fetchval(_OTHERS_ALIVE, {"id": instance, "silent": silent_for}))
+    async def others_alive(self, instance: str, tag: str, silent_for: float) -> bool:
+        """Whether a gateway instance other than `instance`, of the process tagged `tag`, has
+        beaten within `silent_for` seconds."""
+        return bool(await self._db.fetchval(_OTHERS_ALIVE, {"id": instance, "tag": tag, "silent": silent_for}))
 
     async def sweep_dead_instances(self, silent_for: float, *, judge: str, late: float = 10.0) -> int:
         """Fail the running rows and keys of every instance silent for `silent_for` seconds and
