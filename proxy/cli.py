@@ -16,7 +16,14 @@ from pathlib import Path
 from types import FrameType
 
 from proxy import __version__
-from proxy.config import ConfigError, Settings, check_data_dir, load_settings, parse_bind
+from proxy.config import (
+    ConfigError,
+    Settings,
+    check_data_dir,
+    check_workers,
+    load_settings,
+    parse_bind,
+)
 from proxy.infra.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -65,8 +72,7 @@ def load(args: argparse.Namespace) -> Settings:
     if getattr(args, "bind", None):
         changes["host"], changes["port"] = parse_bind(args.bind, "--bind")
     if getattr(args, "workers", None) is not None:
-        if args.workers < 1:
-            raise ConfigError("`--workers` must be at least 1")
+        check_workers(args.workers, "--workers")
         changes["workers"] = args.workers
     if getattr(args, "data_dir", None) is not None:
         changes["data_dir"] = check_data_dir(args.data_dir.expanduser(), "--data-dir")
@@ -178,8 +184,7 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "worker":
-        worker_command.default_config(args)
+    worker_command.default_config(args)  # every command reads the gateway's one config file
     try:
         settings = load(args)
     except ConfigError as error:

@@ -421,6 +421,17 @@ class _Reader:
             raise ConfigError(f"`{self.key(name)}` must be positive, got {value!r}")
         return value
 
+    def workers(self) -> int:
+        value: int = self.get("workers", int, 1)
+        check_workers(value, self.key("workers"))
+        return value
+
+    def count(self, name: str, default: int, maximum: int, why: str) -> int:
+        """A whole number from 1 to `maximum`; `why` says what the bound is for."""
+        value: int = self.get(name, int, default)
+        check_count(value, self.key(name), maximum, why)
+        return value
+
     def non_negative(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
         value = self.get(name, kind, default)
         if value is not None and value < 0:
@@ -429,6 +440,21 @@ class _Reader:
 
 
 _MAX_SECONDS = 1e9
+# Past these a number is a typo (10000 for 10): each worker is a process with its own pools,
+# each ONNX thread a thread of the model's runs, and a machine has not so many cores to give.
+MAX_WORKERS = 256
+MAX_THREADS = 256
+_PER_CORE = "more than one per CPU core only costs memory"
+
+
+def check_count(value: int, key: str, maximum: int, why: str) -> None:
+    if not 1 <= value <= maximum:
+        raise ConfigError(f"`{key}` must be from 1 to {maximum} ({why}), got {value!r}")
+
+
+def check_workers(value: int, key: str) -> None:
+    """`workers` however it is given (the file, LLM_PROXY_WORKERS, `--workers`)."""
+    check_count(value, key, MAX_WORKERS, f"worker processes: {_PER_CORE}")
 
 
 def _join(where: str, name: str) -> str:
@@ -457,7 +483,7 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
         fallbacks=fallbacks,
         host=host,
         port=port,
-        workers=top.positive("workers", int, 1),
+        workers=top.workers(),
         max_body_bytes=top.positive("max_body_bytes", int, 16 * 1024 * 1024),
         max_audio_bytes=top.positive("max_audio_bytes", int, 25 * 1024 * 1024),
         models_cache_seconds=float(top.non_negative("models_cache_seconds", (int, float), 10.0)),
@@ -601,7 +627,7 @@ def _parse_embeddings(raw: Mapping[str, Any]) -> EmbeddingSettings:
     return EmbeddingSettings(
         local_model=reader.get("local_model", bool, True),
         preload=reader.get("preload", bool, False),
-        threads=reader.positive("threads", int, 1),
+        threads=reader.count("threads", 1, MAX_THREADS, f"ONNX threads per run: {_PER_CORE}"),
         max_inputs=reader.positive("max_inputs", int, 2048),
     )
 
@@ -897,8 +923,9 @@ def _apply_environment(settings: Settings, env: Mapping[str, str]) -> Settings:
     if bind := env.get("LLM_PROXY_BIND"):
         changes["host"], changes["port"] = parse_bind(bind, "LLM_PROXY_BIND")
     if workers := env.get("LLM_PROXY_WORKERS"):
-        if not workers.isdigit() or int(workers) < 1:
+        if not workers.isdigit():
             raise ConfigError(f"`LLM_PROXY_WORKERS` must be a positive integer, got {workers!r}")
+        check_workers(int(workers), "LLM_PROXY_WORKERS")
         changes["workers"] = int(workers)
     if level := env.get("LLM_PROXY_LOG_LEVEL"):
         changes["log_level"] = _log_level(level, "LLM_PROXY_LOG_LEVEL")

@@ -70,7 +70,7 @@ class Gateway:
                 nursery.start_soon(self.persistence.runs.wind_down, deadline)
 
     async def readiness(self) -> dict[str, str]:
-        """Each dependency's state: "ok" or why not.
+        """Each dependency's state: "ok" (or "ok (a note)": serving, with something to say) or why not.
 
         `/ready` is public: however many ask, the dependencies are probed at most once per
         `_READY_REUSE_SECONDS` (one probe in flight, its answer shared), so callers without a
@@ -100,8 +100,8 @@ class Gateway:
             states[name] = "timed out"
             with trio.move_on_after(_PROBE_SECONDS):
                 try:
-                    await backend.check()
-                    states[name] = "ok"
+                    note = await backend.check()
+                    states[name] = "ok" if note is None else f"ok ({note})"
                 except GatewayError as error:
                     states[name] = error.message
 

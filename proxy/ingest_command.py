@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import trio
 
-from proxy.config import Settings
+from proxy.config import MAX_THREADS, Settings
 from proxy.domain.errors import GatewayError
 from proxy.infra.aio import asyncio_bridge
 from proxy.infra.chunking import (
@@ -72,8 +72,8 @@ def check_arguments(args: argparse.Namespace, err: TextIO | None = None) -> int:
     if not WORKSPACE_NAME.match(args.workspace):
         print(f"llm-proxy: invalid workspace name {args.workspace!r} (1-64 of A-Z a-z 0-9 . _ -)", file=err)
         return 2
-    if args.threads < 1:
-        print("llm-proxy: --threads must be at least 1", file=err)
+    if not 1 <= args.threads <= MAX_THREADS:
+        print(f"llm-proxy: --threads must be from 1 to {MAX_THREADS}, got {args.threads}", file=err)
         return 2
     missing = [path for path in args.paths if not (path.is_dir() or path.is_file())]
     for path in missing:

@@ -131,6 +131,27 @@ async def test_a_keys_own_limits_are_the_headers_not_the_backends(stack: Stack) 
     assert answer.headers["x-upstream-request-id"] == "req_hosted"
 
 
+async def test_a_keys_own_limits_are_the_headers_not_an_anthropic_backends(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # An Anthropic backend's limits, said to OpenAI clients in OpenAI's names, are the operator's
+    # account's: a limited key's client backs off by its own, unmixed with them.
+    claude = [("anthropic-ratelimit-requests-remaining", "4999"), ("anthropic-ratelimit-tokens-limit", "800000")]
+    fake = AnthropicBackend(default=Script(tokens=["Hello"], headers=claude))
+    limited, free = await new_key(pg_database_url, "own", "--rpm", "10"), await new_key(pg_database_url, "free")
+    async with fake.serve() as server, gateway(
+        pg_database_url, nats_url, backend("claude", server.url, kind="anthropic", default=True)
+    ) as url:
+        await wait_for_key(url, limited)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            own = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(limited))
+            theirs = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(free))
+    assert own.status_code == 200 and own.headers.get_list("x-ratelimit-remaining-requests") == ["9"]
+    assert "x-ratelimit-limit-tokens" not in own.headers
+    assert theirs.status_code == 200 and theirs.headers.get_list("x-ratelimit-remaining-requests") == ["4999"]
+    assert theirs.headers["x-ratelimit-limit-tokens"] == "800000"
+
+
 async def test_two_gateways_sharing_the_database_share_the_limit(stack: Stack) -> None:
     key = await new_key(stack.db, "shared", "--rpm", "10")
     async with gateway(stack.db, stack.nats, backend("vllm", stack.server_url, default=True)) as second:

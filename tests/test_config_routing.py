@@ -10,6 +10,7 @@ import ollama
 import openai
 import pytest
 
+from proxy import cli
 from proxy.config import ConfigError, load_settings
 from proxy.domain.errors import GatewayError
 from proxy.domain.routing import BackendRoute, Router
@@ -104,6 +105,10 @@ def test_readme_documents_every_command_and_environment_variable() -> None:
         ("[[backends]]\nname='a'\nkind='grpc'\nbase_url='http://x'\n", "backends[0].kind"),
         ("[timeouts]\nidle=-1\n", "timeouts.idle"),
         ("workers = 'many'\n", "workers"),
+        ("workers = 0\n", "workers"),
+        ("workers = 10000\n", "workers"),
+        ("[embeddings]\nthreads = 0\n", "embeddings.threads"),
+        ("[embeddings]\nthreads = 10000\n", "embeddings.threads"),
         ("bind = 'nope'\n", "bind"),
         ("colour = 'blue'\n", "colour"),
         ("[models]\nx = 3\n", "models.x"),
@@ -122,6 +127,32 @@ def test_readme_documents_every_command_and_environment_variable() -> None:
 def test_invalid_config_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_settings(write(tmp_path, text), {})
+
+
+def test_a_count_out_of_bounds_says_the_bounds(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"`workers` must be from 1 to 256 .*got 10000"):
+        load_settings(write(tmp_path, "workers = 10000\n"), {})
+    with pytest.raises(ConfigError, match=r"`LLM_PROXY_WORKERS` must be from 1 to 256"):
+        load_settings(None, {"LLM_PROXY_WORKERS": "5000"})
+
+
+def test_ingest_refuses_threads_past_the_bound_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["ingest", "team", str(tmp_path), "--threads", "10000"]) == 2
+    assert "--threads must be from 1 to 256, got 10000" in capsys.readouterr().err
+
+
+def test_serve_reads_its_config_from_llm_proxy_config_when_not_given_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The file's mistake is what is said; ignored, `serve` would have gone on to the (bad)
+    # data dir, or served with no backends at all.
+    monkeypatch.setenv("LLM_PROXY_CONFIG", str(write(tmp_path, "[[backends]]\nname='a'\nbase_url='http://x'\nprefixs=['a']\n")))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    assert cli.main(["serve", "--data-dir", str(not_a_dir)]) == 2
+    assert "backends[0].prefixs" in capsys.readouterr().err
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path: Path) -> None:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anthropic
 import httpx
+import ollama
 import openai
 import psycopg
 import pytest
 import trio
 
-from tests.fakes import OpenAIBackend, Script, Usage
+from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
 from tests.test_persistence import rows, wait_for_row
@@ -285,3 +288,34 @@ async def test_a_key_past_its_retention_runs_again_before_any_purge(stack: Stack
     assert other.http_response.status_code == 200
     assert len(stack.fake.requests) == calls + 2
     await client.close()
+
+
+async def test_an_ollama_generate_replayed_by_its_key_keeps_its_context(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    # The `context` is how an Ollama client goes on from the answer: a replay came without it,
+    # and the client's next turn lost the conversation.
+    fake = OllamaBackend(default=Script(tokens=["4"], usage=Usage(3, 1)))
+    async with fake.serve() as server, running_gateway(
+        backend("ollama", server.url, kind="ollama", default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as url:
+        for done, stream in enumerate((False, True), start=1):
+            headers = {"Idempotency-Key": str(uuid.uuid4())}
+            client = ollama.AsyncClient(host=url, headers=headers)
+            first = await client.generate(model="llama3.2", prompt=f"2+2? {uuid.uuid4()}", stream=False)
+            assert first.context == [1, 2, 3, 4]
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                await eventually(functools.partial(_completed, pg_database_url, done), within=10)
+                body = {"model": "llama3.2", "prompt": (fake.requests[-1].json or {})["prompt"], "stream": stream}
+                again = await http.post("/api/generate", json=body, headers=headers)
+            assert again.status_code == 200 and "x-replay-of" in again.headers, (stream, again.text)
+            assert len(fake.requests) == 1 + (1 if stream else 0), stream
+            last = json.loads(again.text.splitlines()[-1])
+            assert last["done"] and last["context"] == [1, 2, 3, 4], (stream, last)
+
+
+async def _completed(db: str, count: int) -> bool:
+    """Whether `count` chats are stored completed (a replay, not an attachment to a run)."""
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM chat_log WHERE status = 'completed'").fetchone()
+    return row is not None and row[0] == count

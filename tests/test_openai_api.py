@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -12,7 +14,16 @@ import pytest
 import trio
 
 from proxy.config import Timeouts
-from tests.fakes import AnthropicBackend, Exchange, OpenAIBackend, Request, Script, ToolCall, Usage
+from tests.fakes import (
+    AnthropicBackend,
+    Exchange,
+    OllamaBackend,
+    OpenAIBackend,
+    Request,
+    Script,
+    ToolCall,
+    Usage,
+)
 from tests.fakes.base import Call
 from tests.harness import backend, hang_up_once_received, refusing_port, running_gateway
 from tests.test_auth_helpers import eventually
@@ -90,6 +101,19 @@ async def test_include_usage_false_is_never_flipped(setup: Setup) -> None:
     assert all(c.usage is None for c in chunks)
 
 
+async def test_stream_options_without_stream_is_refused_as_openai_does(setup: Setup) -> None:
+    # A client that set stream_options but forgot `stream` meant to stream: OpenAI says so (400).
+    asked = len(setup.fake.requests)
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.chat.completions.create(
+            model="m", messages=MESSAGES, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        )
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "stream_options"
+    assert error["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    assert len(setup.fake.requests) == asked  # no backend call for it
+
+
 async def test_parallel_tool_calls_stream_with_their_indexes(setup: Setup) -> None:
     calls = [ToolCall("get_weather", '{"city": "Paris"}'), ToolCall("get_time", '{"tz": "Europe/Paris"}')]
     setup.fake.set_script(Script(tokens=[], tool_calls=calls, tool_arg_fragment=5, interleave_tool_calls=True))
@@ -163,6 +187,36 @@ async def test_an_openai_backends_request_id_and_limits_reach_the_sdks_raw_respo
     # A backend that answers with the id it was sent (vLLM's) adds nothing.
     plain = await setup.client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
     assert "x-upstream-request-id" not in plain.headers and "openai-processing-ms" not in plain.headers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_backends_rate_limits_reach_openai_clients_in_openais_names(stream: bool) -> None:
+    # What OpenAI's SDK users and LiteLLM's router back off by, from Claude's own headers.
+    reset = (datetime.now(UTC) + timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    limits = [
+        ("anthropic-ratelimit-requests-limit", "50"), ("anthropic-ratelimit-requests-remaining", "49"),
+        ("anthropic-ratelimit-requests-reset", reset), ("anthropic-ratelimit-tokens-limit", "80000"),
+        ("anthropic-ratelimit-tokens-remaining", "79000"), ("anthropic-ratelimit-input-tokens-limit", "40000"),
+    ]
+    fake = AnthropicBackend(default=Script(tokens=["hi"], headers=limits))
+    async with fake.serve() as server, running_gateway(backend("c", server.url, kind="anthropic", default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            async for _ in raw.parse():  # type: ignore[union-attr]
+                pass
+        # Refused for its rate limit: the numbers to back off by come with the 429 too.
+        fake.push(Script(status=429, retry_after=3, headers=[*limits[:1], ("anthropic-ratelimit-requests-remaining", "0")]))
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+        assert info.value.response.headers.get_list("x-ratelimit-remaining-requests") == ["0"]
+        await client.close()
+    headers = raw.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("50", "49")
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("80000", "79000")
+    waited = headers["x-ratelimit-reset-requests"]  # OpenAI's duration, "1m29.5s"
+    assert waited.startswith("1m") and 80 <= 60 + float(waited[2:].removesuffix("s")) <= 90
+    assert not any(name.startswith("anthropic-ratelimit-") for name in headers)
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -481,23 +535,46 @@ async def test_models_are_the_union_of_backends_tagged_and_ready_reports_outages
 
 class NoListing(OpenAIBackend):
     """A server answering its model listing as FastAPI answers a path it lacks (vLLM's root
-    without `/v1`; an audio server without a listing)."""
+    without `/v1`; an audio server without a listing), or with another `status`."""
+
+    def __init__(self, *, status: int = 404, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.status = status
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         if request.method == "GET" and request.path.endswith("/models"):
-            await exchange.respond_json(404, {"detail": "Not Found"})
+            await exchange.respond_json(self.status, {"detail": "Not Found" if self.status == 404 else "Slow down"})
             return
         await super().route(request, exchange, call)
 
 
-async def test_ready_says_which_backend_refused_its_model_listing_and_where() -> None:
-    # `/ready` said `{"backend:vllm": "Not Found"}`: neither the backend nor what was asked.
-    async with NoListing().serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+@pytest.mark.parametrize(("status", "said"), [(404, "no model listing"), (405, "no model listing"), (429, "rate limited")])
+async def test_a_backend_without_a_model_listing_is_ready_and_says_where_it_looked(status: int, said: str) -> None:
+    # An audio- or embedding-only server has no listing, and serves: `/ready` answered 503,
+    # which takes the whole gateway out of its load balancer (so did a hosted API's rate limit
+    # on its listing). Its note still reads as a base URL missing vLLM's `/v1`, where that is the cause.
+    fake = NoListing(status=status, default=Script(tokens=["served"]))
+    async with fake.serve() as server, running_gateway(backend("whisper", server.url, default=True)) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            ready = await http.get("/ready")
+            chat = await http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+    note = ready.json()["checks"]["backend:whisper"]
+    assert note.startswith("ok (") and said in note and "GET /v1/models" in note, note
+    assert chat.status_code == 200
+
+
+async def test_a_backend_refusing_the_gateways_key_is_unready_and_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("READY_TEST_KEY", "sk-a-wrong-one")
+    fake = OpenAIBackend(api_key="sk-the-right-one")
+    async with fake.serve() as server, running_gateway(
+        backend("hosted", server.url, default=True, api_key_env="READY_TEST_KEY")
+    ) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             ready = await http.get("/ready")
     assert ready.status_code == 503
-    reason = ready.json()["checks"]["backend:vllm"]
-    assert "Backend `vllm`" in reason and "GET /v1/models" in reason and "404" in reason and "base_url" in reason
+    reason = ready.json()["checks"]["backend:hosted"]
+    assert "Backend `hosted` returned 401" in reason
 
 
 async def test_backend_connections_are_reused_across_requests(setup: Setup) -> None:
@@ -594,6 +671,33 @@ async def test_a_backend_validation_error_names_its_field_in_every_dialect(
         ollama = await http.post("/api/chat", json={"model": "m", "stream": False, "messages": MESSAGES})
     assert claude.status_code == 400 and claude.json()["error"]["message"] == said
     assert ollama.status_code == 400 and ollama.json() == {"error": said}
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+@pytest.mark.parametrize(("status", "expected"), [(409, 409), (415, 415), (451, 400), (402, 502), (405, 502)])
+async def test_a_backends_4xx_about_the_request_keeps_its_status_class_in_every_dialect(
+    kind: str, status: int, expected: int
+) -> None:
+    # As LiteLLM passes a backend's 4xx on: the client's mistake is no bad gateway (nor a
+    # stand-in's to make good); one about the gateway's own call (its account, its method) is.
+    fakes = {"openai": OpenAIBackend, "anthropic": AnthropicBackend, "ollama": OllamaBackend}
+    fake = fakes[kind](default=Script(status=status, error_message="the backend says no"))
+    async with fake.serve() as server, running_gateway(backend("b", server.url, kind=kind, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)  # type: ignore[arg-type]
+            assert info.value.status_code == expected, stream
+            assert "the backend says no" in info.value.message
+            # The gateway's own set-up must be mended first: the SDK is told not to retry it.
+            assert info.value.response.headers.get("x-should-retry") == ("false" if expected == 502 else None)
+        await client.close()
+        async with httpx.AsyncClient(base_url=url) as http:
+            claude = await http.post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": MESSAGES})
+            local = await http.post("/api/chat", json={"model": "m", "stream": False, "messages": MESSAGES})
+    assert claude.status_code == expected and claude.json()["type"] == "error"
+    assert claude.json()["error"]["type"] == ("api_error" if expected == 502 else "invalid_request_error")
+    assert local.status_code == expected and "the backend says no" in local.json()["error"]
 
 
 async def test_a_validation_error_of_vllms_messages_api_names_its_field() -> None:

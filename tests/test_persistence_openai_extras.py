@@ -37,6 +37,8 @@ def _answer(body: dict[str, Any]) -> tuple[bytes, bytes]:
         return _cited(base, stream=bool(body.get("stream")))
     if body["messages"][-1]["content"].startswith("call"):
         return _legacy_call(base, stream=bool(body.get("stream")))
+    if body["messages"][-1]["content"].startswith("speak"):
+        return _spoken(base, stream=bool(body.get("stream")))
     if not body.get("stream"):
         return b"application/json", json.dumps({
             **base, "object": "chat.completion",
@@ -104,6 +106,26 @@ def _legacy_call(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
               {"function_call": {"arguments": '{"city":'}}, {"function_call": {"arguments": '"Oslo"}'}}, {}]
     chunks = [{**base, "object": "chat.completion.chunk", "choices": [
         {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "function_call"}]}
+        for delta in deltas]
+    frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
+    return b"text/event-stream", frames + b"data: [DONE]\n\n"
+
+
+SPOKEN = {"id": "audio_abc", "data": "UklGRiQAAABXQVZF", "expires_at": 1700003600, "transcript": "Hello there"}
+
+
+def _spoken(base: dict[str, Any], *, stream: bool) -> tuple[bytes, bytes]:
+    """OpenAI's answer asked with `modalities: ["text", "audio"]`: `message.audio`, no content."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "refusal": None, "audio": SPOKEN}
+        return b"application/json", json.dumps({**base, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}}).encode()
+    deltas = [{"role": "assistant", "content": None, "audio": {"id": "audio_abc", "transcript": "Hello"}},
+              {"audio": {"transcript": " there"}}, {"audio": {"data": "UklGRiQA"}}, {"audio": {"data": "AABXQVZF"}},
+              {"audio": {"id": "audio_abc", "expires_at": 1700003600}}, {}]
+    chunks = [{**base, "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None if delta else "stop"}]}
         for delta in deltas]
     frames = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks)
     return b"text/event-stream", frames + b"data: [DONE]\n\n"
@@ -296,4 +318,37 @@ async def test_a_legacy_function_call_survives_a_key_and_the_cache(url: str, pg_
                         arguments += part.delta.function_call.arguments or ""
                     reasons += [part.finish_reason] if part.finish_reason else []
             assert (names, arguments, reasons) == (["get_weather"], LEGACY_CALL["arguments"], ["function_call"]), attempt
+    await client.close()
+
+
+async def test_a_spoken_answer_survives_a_key_and_the_cache(url: str, pg_database_url: str) -> None:
+    """`message.audio` (asked with `modalities` and `audio`) came back lost from a keyed or
+    cached answer: no audio, and `content: ""`."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    asked: dict[str, Any] = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+    for headers in ({"Idempotency-Key": str(uuid.uuid4())}, {"x-cache": "exact"}):
+        messages: Any = [{"role": "user", "content": f"speak {uuid.uuid4()}"}]
+        for attempt in ("live", "replayed"):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="m", messages=messages, extra_headers=headers, **asked,
+            )
+            message = raw.parse().choices[0].message
+            assert message.audio is not None and message.audio.model_dump() == SPOKEN, attempt
+            assert message.content is None, attempt
+            if attempt == "live":
+                await wait_for_row(pg_database_url, raw.headers["x-trace-id"], "completed")
+            else:
+                assert "x-replay-of" in raw.headers
+            stream = await client.chat.completions.create(
+                model="m", messages=messages, stream=True, extra_headers=headers, **asked,
+            )
+            data, transcript, ids = "", "", set()
+            async for chunk in stream:
+                for part in chunk.choices:
+                    piece = part.delta.to_dict().get("audio")
+                    if piece:
+                        data += piece.get("data") or ""
+                        transcript += piece.get("transcript") or ""
+                        ids |= {piece["id"]} if piece.get("id") else set()
+            assert (data, transcript, ids) == (SPOKEN["data"], SPOKEN["transcript"], {SPOKEN["id"]}), attempt
     await client.close()

@@ -8,6 +8,7 @@ One JSON object per NATS message, each with its sequence number `seq` (1, 2, …
     {"seq":3,"type":"refusal","text":"…"}                      an extension: an OpenAI model's refusal
     {"seq":3,"type":"annotations","annotations":[…]}           an extension: its citations, OpenAI's shape
     {"seq":4,"type":"function_call","name":"f","arguments":"{"}  an extension: legacy function calling
+    {"seq":4,"type":"audio","audio":{"id":"audio_1","data":"UklG","transcript":"Hi"}}  an extension: spoken output
     {"seq":4,"type":"tool_call","index":0,"id":"call_1","name":"search","arguments":""}
     {"seq":5,"type":"tool_call","index":0,"arguments":"{\\"q\\":"}   later argument fragments
     {"seq":6,"type":"finish","reason":"tool_calls"}             one choice finished
@@ -29,6 +30,8 @@ from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
     AnnotationsDelta,
+    AudioDelta,
+    ContinuedFinish,
     Finish,
     FunctionCallDelta,
     ReasoningDelta,
@@ -40,6 +43,7 @@ from proxy.domain.events import (
     ToolCallDelta,
     ToolCallStart,
     UsageReport,
+    audio_delta,
 )
 
 TASKS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -105,11 +109,16 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
             body |= {"type": "annotations", "annotations": list(annotations), "task": task_name(choice)}
         case FunctionCallDelta(name, arguments, choice):
             body |= {"type": "function_call", "name": name, "arguments": arguments, "task": task_name(choice)}
+        case AudioDelta(audio_id, data, transcript, expires_at, choice):
+            spoken = {"id": audio_id, "data": data, "transcript": transcript, "expires_at": expires_at}
+            body |= {"type": "audio", "audio": spoken, "task": task_name(choice)}
         case ToolCallStart(index, call_id, name, choice):
             body |= {"type": "tool_call", "index": index, "id": call_id, "name": name, "arguments": "",
                      "task": task_name(choice)}
         case Finish(reason, choice):
             body |= {"type": "finish", "reason": reason.value, "task": task_name(choice)}
+            if isinstance(event, ContinuedFinish) and event.context:
+                body["context"] = list(event.context)
         case UsageReport(usage):
             body |= {"type": "usage", "usage": {
                 "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -153,10 +162,16 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
         event = RefusalDelta(body["text"], choice)
     elif kind == "function_call":
         event = FunctionCallDelta(str(body.get("name") or ""), str(body.get("arguments") or ""), choice)
+    elif kind == "audio" and isinstance(body.get("audio"), dict):
+        event = audio_delta(body["audio"], choice)
     elif kind == "annotations" and isinstance(body.get("annotations"), list):
         event = AnnotationsDelta(tuple(item for item in body["annotations"] if isinstance(item, dict)), choice)
     elif kind == "finish":
-        event = Finish(_reason(body.get("reason")), choice)
+        context = body.get("context")
+        event = (
+            ContinuedFinish(_reason(body.get("reason")), choice, tuple(context)) if isinstance(context, list) and context
+            else Finish(_reason(body.get("reason")), choice)
+        )
     elif kind == "usage" and isinstance(body.get("usage"), dict):
         usage = body["usage"]
         event = UsageReport(Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))

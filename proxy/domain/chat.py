@@ -181,6 +181,8 @@ class Choice:
     refusal: str = ""  # an OpenAI model's refusal, said instead of content (see `RefusalDelta`)
     annotations: list[dict[str, Any]] = field(default_factory=list)  # see `AnnotationsDelta`
     function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
+    audio: dict[str, Any] | None = None  # an OpenAI model's spoken answer, OpenAI's shape (see `AudioDelta`)
+    context: tuple[int, ...] = ()  # an Ollama `/api/generate` answer's tokens to go on from (see `ContinuedFinish`)
 
 
 @dataclass(slots=True)

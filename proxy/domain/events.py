@@ -71,6 +71,19 @@ class FunctionCallDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class AudioDelta:
+    """A piece of an OpenAI model's spoken answer (`message.audio`, asked with `modalities`
+    and `audio`): its id and expiry as said (the last one said holds), pieces of its base64
+    `data` and of its `transcript`. Only OpenAI-compatible backends speak, for OpenAI clients."""
+
+    id: str
+    data: str
+    transcript: str
+    expires_at: int | None
+    choice: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class ReasoningDelta:
     text: str
     choice: int = 0
@@ -117,6 +130,19 @@ class Finish:
 
 
 @dataclass(slots=True, frozen=True)
+class ContinuedFinish(Finish):
+    """A finish that carries what its client sends back to go on from the answer: Ollama's
+    `/api/generate` `context` (the conversation's tokens). Kept with the answer for a replay
+    of its `Idempotency-Key`; not by a cache, whose hit another prompt's tokens would mislead."""
+
+    context: tuple[int, ...] = ()
+
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        return not self.context
+
+
+@dataclass(slots=True, frozen=True)
 class StopSequenceFinish(Finish):
     """A `stop` finish known to come from this stop sequence (Anthropic's `stop_sequence`,
     vLLM's `stop_reason`); an Anthropic client is told which."""
@@ -139,6 +165,7 @@ StreamEvent = (
     | RefusalDelta
     | AnnotationsDelta
     | FunctionCallDelta
+    | AudioDelta
     | ReasoningDelta
     | ToolCallStart
     | ToolCallDelta
@@ -164,6 +191,7 @@ class CompletionBuilder:
         self._refusal: dict[int, list[str]] = {}
         self._annotations: dict[int, list[dict[str, Any]]] = {}
         self._function_calls: dict[int, tuple[str, list[str]]] = {}
+        self._audio: dict[int, _Audio] = {}
         self._tool_ids: dict[tuple[int, int], str] = {}
         self._tool_names: dict[tuple[int, int], str] = {}
         self._tool_args: dict[tuple[int, int], list[str]] = {}
@@ -194,6 +222,9 @@ class CompletionBuilder:
                 self._choice(choice)
                 held = self._function_calls.setdefault(choice, (name, []))
                 held[1].append(arguments)
+            case AudioDelta(audio_id, data, transcript, expires_at, choice):
+                self._choice(choice)
+                self._audio.setdefault(choice, _Audio()).add(audio_id, data, transcript, expires_at)
             case ReasoningDelta(text, choice):
                 self._choice(choice)
                 self._reasoning[choice].append(text)
@@ -212,6 +243,8 @@ class CompletionBuilder:
                 self._choice(choice).finish_reason = reason
                 if not event.replayable:
                     self.replayable = False
+                if isinstance(event, ContinuedFinish) and event.context:
+                    self._choice(choice).context = event.context
             case UsageReport(usage):
                 self.usage = usage
                 self.usage_estimated = type(event) is EstimatedUsageReport
@@ -242,6 +275,8 @@ class CompletionBuilder:
             choice.annotations = self._annotations.get(index, [])
             if (legacy := self._function_calls.get(index)) is not None:
                 choice.function_call = ToolCall(id="", name=legacy[0], arguments="".join(legacy[1]))
+            if (audio := self._audio.get(index)) is not None:
+                choice.audio = audio.said()
             choice.logprobs = self._logprobs.get(index)
             choice.tool_calls = [
                 ToolCall(
@@ -260,6 +295,41 @@ class CompletionBuilder:
             id=start.id, model=start.model, created=start.created, choices=choices, usage=self.usage,
             system_fingerprint=start.system_fingerprint,
         )
+
+
+class _Audio:
+    """A choice's spoken answer so far (see `AudioDelta`)."""
+
+    __slots__ = ("data", "expires_at", "id", "transcript")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.expires_at: int | None = None
+        self.data: list[str] = []
+        self.transcript: list[str] = []
+
+    def add(self, audio_id: str, data: str, transcript: str, expires_at: int | None) -> None:
+        self.id = audio_id or self.id
+        self.expires_at = expires_at if expires_at is not None else self.expires_at
+        if data:
+            self.data.append(data)
+        if transcript:
+            self.transcript.append(transcript)
+
+    def said(self) -> dict[str, Any]:
+        """OpenAI's `message.audio`."""
+        return {"id": self.id, "data": "".join(self.data), "expires_at": self.expires_at,
+                "transcript": "".join(self.transcript)}
+
+
+def audio_delta(piece: dict[str, Any], choice: int) -> AudioDelta:
+    """The event of an OpenAI `audio` object (a whole message's, or a stream delta's piece)."""
+    expires = piece.get("expires_at")
+    return AudioDelta(
+        str(piece.get("id") or ""), data if isinstance(data := piece.get("data"), str) else "",
+        text if isinstance(text := piece.get("transcript"), str) else "",
+        expires if isinstance(expires, int) and not isinstance(expires, bool) else None, choice,
+    )
 
 
 def _merge_logprobs(into: dict[str, Any], part: dict[str, Any]) -> None:
@@ -290,12 +360,17 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
         if choice.function_call is not None:
             call = choice.function_call
             events.append(FunctionCallDelta(call.name, call.arguments, choice.index))
+        if choice.audio is not None:
+            events.append(audio_delta(choice.audio, choice.index))
         for position, call in enumerate(choice.tool_calls):
             events.append(ToolCallStart(position, call.id, call.name, choice.index))
             if call.arguments:
                 events.append(ToolCallDelta(position, call.arguments, choice.index))
         if choice.finish_reason is not None:
-            events.append(Finish(choice.finish_reason, choice.index))
+            events.append(
+                ContinuedFinish(choice.finish_reason, choice.index, choice.context) if choice.context
+                else Finish(choice.finish_reason, choice.index)
+            )
     if completion.usage is not None:
         events.append(UsageReport(completion.usage))
     return events

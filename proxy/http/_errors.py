@@ -62,11 +62,15 @@ class Reply:
         return [(b"content-type", self.content_type), (b"content-length", b"%d" % len(self.body)), *self.headers]
 
 
-# A backend refusing the gateway's own credentials: no retry helps until its key is mended,
-# and the OpenAI and Anthropic SDKs would retry the 502 (they obey `x-should-retry`). A
-# workflow job whose every run ended with its worker's death: resent, it would most likely
-# kill as many workers again (and the other jobs they ran).
-_HOPELESS = frozenset({"backend_401", "backend_403", "workflow_retries_exhausted"})
+# A backend refusing the gateway's own credentials (or its account: 402, out of credit; or
+# how it is called: a method, a proxy's auth, a length, an upgrade it wants): no retry helps
+# until the gateway's set-up is mended, and the OpenAI and Anthropic SDKs would retry the 502
+# (they obey `x-should-retry`). A workflow job whose every run ended with its worker's death:
+# resent, it would most likely kill as many workers again (and the other jobs they ran).
+_HOPELESS = frozenset({
+    "backend_401", "backend_402", "backend_403", "backend_405", "backend_407", "backend_411", "backend_426",
+    "workflow_retries_exhausted",
+})
 
 
 def error_reply(error: GatewayError, dialect: str, request_id: str | None = None) -> Reply:

@@ -24,7 +24,7 @@ async def health() -> Response:
 @blueprint.get("/ready")
 async def ready() -> Response:
     states = await gateway().readiness()
-    failing = {name: state for name, state in states.items() if state != "ok"}
+    failing = {name: state for name, state in states.items() if state != "ok" and not state.startswith("ok (")}
     body: dict[str, object] = {"status": "ok" if not failing else "unavailable", "checks": states}
     if failing:
         body["reason"] = "; ".join(f"{name}: {state}" for name, state in failing.items())

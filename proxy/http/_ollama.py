@@ -68,7 +68,7 @@ class OllamaJsonSink(JsonSink):
         body = ollama.render_completion(
             completion, model=self._model, generate=self._generate, timing=timing, thinking=self._thinking,
             context=finish.context if finish is not None and self._generate else None,
-            backend_timings=finish.timings if finish is not None else (),
+            backend_timings=ollama.timings_in(finish),
         )
         await self._json(body, _JSON.encode())
 

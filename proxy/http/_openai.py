@@ -22,6 +22,7 @@ from proxy.http._exchange import SSE_HEADERS, AsgiSink, ExchangeBody, Headers, J
 from proxy.http._front import FrontDoor, Incoming
 from proxy.http._head import request_meta
 from proxy.http._logprobs import refuse_logprobs_without_backend
+from proxy.http._upstream_limits import openai_limits_of_anthropic
 from proxy.infra.backends import AnthropicBackend, Backend, Batch, ModelInfo
 from proxy.infra.transport import ResponseHeads, current_heads
 from proxy.services.chat import ChatExchange, ExchangeSink
@@ -142,9 +143,10 @@ class OpenAIExchangeBody(ExchangeBody):
     backend's `x-request-id`, Anthropic's `request-id`) as `x-upstream-request-id`, the id
     their support asks for (the gateway's `x-request-id` stays); how to retry (`retry-after-ms`,
     `x-should-retry`, `retry-after`) unless the gateway said it already; and from an
-    OpenAI-compatible backend `openai-processing-ms` and its `x-ratelimit-*` while the caller's
-    key has no limits of its own (whose headers the gateway sends instead). Read once, as the
-    head goes out; a cached or replayed answer has no backend head."""
+    OpenAI-compatible backend `openai-processing-ms` and its `x-ratelimit-*` (an Anthropic
+    backend's `anthropic-ratelimit-*` said as those) while the caller's key has no limits of
+    its own (whose headers the gateway sends instead). Read once, as the head goes out; a
+    cached or replayed answer has no backend head."""
 
     def __init__(
         self, exchange: ChatExchange, sink: Callable[[ASGISendCallable], ExchangeSink], backends: Mapping[str, Backend],
@@ -173,7 +175,8 @@ class OpenAIExchangeBody(ExchangeBody):
             return []  # an Ollama backend's head says nothing of the sort (nor does a workflow's)
         id_header, passed_on = _ID_HEADERS[kind], _PASSED_ON[kind]
         taken = {name.lower() for name, _ in own}
-        limits = kind == "openai" and not any(name.startswith(b"x-ratelimit-") for name in taken)
+        # The caller's key's own limits, when it has any, are what it backs off by.
+        limits = not any(name.startswith(b"x-ratelimit-") for name in taken)
         passed: Headers = []
         upstream_id = None
         for name, value in self._heads.headers:
@@ -181,8 +184,10 @@ class OpenAIExchangeBody(ExchangeBody):
                 upstream_id = value
             elif name in taken:
                 continue
-            elif name in passed_on or (limits and name.startswith(b"x-ratelimit-")):
+            elif name in passed_on or (limits and kind == "openai" and name.startswith(b"x-ratelimit-")):
                 passed.append((name, value))
+        if limits and kind == "anthropic":
+            passed += openai_limits_of_anthropic(self._heads.headers, time.time())
         # vLLM and others answer with the id they were sent (the gateway's): nothing to add.
         if upstream_id is not None and (b"x-request-id", upstream_id) not in own:
             passed.append((b"x-upstream-request-id", upstream_id))

@@ -496,12 +496,15 @@ async def _row_coming(persistence: Persistence, trace_id: str) -> StoredRun | No
     run is young, and written a moment after its client had the whole answer (a group
     commit), so a client may ask for its response (read it, continue it) before. Longest for
     a run known to be one: its key claimed (a background response, claimed before it starts)
-    or its events on NATS; an id nobody made is a 404 after `_YOUNG_ROW_SECONDS`."""
+    or its events on NATS; an id nobody made is a 404 after `_YOUNG_ROW_SECONDS` while the
+    process its id names is another one alive, else at once (see `Persistence.maker_alive`)."""
     store = persistence.store()
     if store is None:
         return None
     claimed = await persistence.journal_read(lambda store: store.trace_claimed(trace_id), f"the key of {trace_id}")
     known = claimed or await persistence.has_events(trace_id)
+    if not known and not await persistence.maker_alive(trace_id):
+        return None
     with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
         while True:
             stored = await _stored(persistence, trace_id)

@@ -35,6 +35,8 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                 **({"annotations": c.annotations} if c.annotations else {}),
                 **({"function_call": {"name": c.function_call.name, "arguments": c.function_call.arguments}}
                    if c.function_call is not None else {}),
+                **({"audio": c.audio} if c.audio is not None else {}),
+                **({"context": list(c.context)} if c.context else {}),
             }
             for c in completion.choices
         ],
@@ -77,6 +79,8 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 annotations=list(c.get("annotations") or []),
                 function_call=ToolCall("", str(legacy.get("name") or ""), str(legacy.get("arguments") or ""))
                 if isinstance(legacy := c.get("function_call"), dict) else None,
+                audio=spoken if isinstance(spoken := c.get("audio"), dict) else None,
+                context=tuple(tokens) if isinstance(tokens := c.get("context"), list) else (),
             )
             for c in data.get("choices") or []
         ],
@@ -359,6 +363,10 @@ WITH dead AS (
 )
 SELECT count(*) FROM rows
 """
+_OTHERS_ALIVE = (
+    "SELECT EXISTS (SELECT 1 FROM gateway_instances"
+    " WHERE id <> %(id)s AND starts_with(id, %(tag)s) AND seen_at > now() - make_interval(secs => %(silent)s))"
+)
 # A beat: late (its previous one more than `late` seconds ago) it starts the steady period again.
 _BEAT = (
     "UPDATE gateway_instances SET seen_at = now(), steady_since = CASE"
@@ -585,6 +593,11 @@ class ChatStore:
             return True
         await self._db.execute(_FIRST_BEAT, {"id": instance, "new": first})
         return first
+
+    async def others_alive(self, instance: str, tag: str, silent_for: float) -> bool:
+        """Whether a gateway instance other than `instance`, of the process tagged `tag`, has
+        beaten within `silent_for` seconds."""
+        return bool(await self._db.fetchval(_OTHERS_ALIVE, {"id": instance, "tag": tag, "silent": silent_for}))
 
     async def sweep_dead_instances(self, silent_for: float, *, judge: str, late: float = 10.0) -> int:
         """Fail the running rows and keys of every instance silent for `silent_for` seconds and

@@ -4,7 +4,6 @@ what the HTTP layer and the routes supply (`ExchangeSink`, `RouteHandler`), the 
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
+from proxy.domain import ids
 from proxy.domain.chat import ChatCompletion, ChatRequest
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.infra.backends import Batch
@@ -138,7 +138,7 @@ def is_cancellation(exc: BaseException) -> bool:
 
 
 def new_trace_id() -> str:
-    return secrets.token_hex(16)
+    return ids.new_trace_id()
 
 
 Headers = list[tuple[bytes, bytes]]

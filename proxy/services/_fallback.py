@@ -16,6 +16,7 @@ from proxy.domain import truncation
 from proxy.domain.chat import ChatRequest
 from proxy.domain.errors import CONTEXT_LENGTH_EXCEEDED, ErrorKind, GatewayError
 from proxy.domain.events import (
+    AudioDelta,
     FunctionCallDelta,
     ReasoningDelta,
     RefusalDelta,
@@ -79,7 +80,7 @@ class _Watched:
         await self._send.send(value)
 
 
-_CONTENT = (TextDelta, RefusalDelta, ReasoningDelta, ToolCallStart, ToolCallDelta, FunctionCallDelta)
+_CONTENT = (TextDelta, RefusalDelta, ReasoningDelta, ToolCallStart, ToolCallDelta, FunctionCallDelta, AudioDelta)
 
 
 class FallbackWalk:

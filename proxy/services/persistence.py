@@ -31,7 +31,7 @@ from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_eve
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
-from proxy.domain.ids import is_trace_id
+from proxy.domain.ids import is_trace_id, maker_tag, process_tag
 from proxy.domain.retention import duration
 from proxy.infra.backends import Batch, _pump
 from proxy.infra.batch_store import BatchStore
@@ -79,6 +79,9 @@ _CANCEL_WAIT = 10.0
 _CANCEL_REPEAT = 2.0
 # How often the listener checks that its connection is still the gateway's.
 _BUS_CHECK = 2.0
+# How long a resumed stream with neither row nor events waits for its first event, when
+# another gateway process may be running it (its row is held back a moment after its start).
+_UNSEEN_WAIT = 2.0
 
 
 def cancel_subject(trace_id: str) -> str:
@@ -234,8 +237,9 @@ class Persistence:
         self.outbox = Outbox(store=self.store, bus=self.bus, spool=settings.spool)
         self.writer = LogWriter(store=self.store, outbox=self.outbox, retention=settings.log_retention)
         self.publisher = EventPublisher(bus=self.bus)
-        # This process, as the owner of its running rows and keys.
-        self.instance_id = secrets.token_hex(8)
+        # This process, as the owner of its running rows and keys; it begins with the tag its
+        # trace ids begin with (see `maker_alive`).
+        self.instance_id = process_tag() + secrets.token_hex(4)
         self._beaten = False  # whether this instance's row was written once (a row gone since: swept)
         self._swept = False  # declared dead by another, its runs not yet said running again
         self._overdue = 0  # lookups whose request stopped waiting and that have not returned
@@ -340,6 +344,20 @@ class Persistence:
             except BusError as error:
                 log.warning("listening for cancels failed (%s); retrying", error)
                 await trio.sleep(_BUS_CHECK / 2)
+
+    async def maker_alive(self, trace_id: str) -> bool:
+        """Whether the gateway process that made `trace_id` is another one (an instance, a
+        `--workers` sibling) still alive, which may be running it with its row not written
+        yet. This process's own runs are known here; a process gone writes nothing more; an id
+        of a shape no gateway makes was made by none. True when the database cannot say."""
+        tag = maker_tag(trace_id)
+        store = self.store()
+        if tag is None or store is None:
+            return False
+        try:
+            return await self._bounded(lambda: store.others_alive(self.instance_id, tag, self.settings.dead_after))
+        except DatabaseError:
+            return True
 
     async def has_events(self, trace_id: str) -> bool:
         """Whether the trace has published events (False without NATS)."""
@@ -868,11 +886,16 @@ async def trace_events(
         readable = False
     if (tenant is not None and (stored is None or stored.tenant != tenant)) or (stored is not None and stored.deleted):
         raise unknown
+    if (
+        stored is None and readable and not await persistence.maker_alive(trace_id)
+        and not await persistence.has_events(trace_id)
+    ):
+        raise unknown  # not live here, and no other process could be running it: nothing will come
     running = stored is not None and stored.status == "running"
     bus = persistence.bus()
     if bus is not None:
         # A running trace may be slow to its next event; anything else is stored already.
-        first_wait = persistence.settings.follow_silence if running or (stored is None and not readable) else 2.0
+        first_wait = persistence.settings.follow_silence if running or (stored is None and not readable) else _UNSEEN_WAIT
         # A workflow's bus events are its workers' (every task, every attempt): its client
         # reads them through the view the workflow route gave it. A client that waited for
         # the whole answer got the retry's after a dead worker: so does its reader.

@@ -39,7 +39,8 @@ def add_parser(commands: Any, common: Callable[[argparse.ArgumentParser], None])
 
 
 def default_config(args: argparse.Namespace) -> None:
-    """`--config` falls back to $LLM_PROXY_CONFIG (what the systemd unit sets)."""
+    """`--config` falls back to $LLM_PROXY_CONFIG (what the systemd unit sets; `serve`, `migrate`,
+    `keys` and `ingest` read the same file, as they read the other `LLM_PROXY_*` settings)."""
     if getattr(args, "config", None) is None and os.environ.get(CONFIG_ENV):
         args.config = Path(os.environ[CONFIG_ENV])
 

@@ -49,6 +49,7 @@ from proxy.dialects.ollama._response import (
     render_error,
     statistics,
     timestamp,
+    timings_in,
     timings_of,
     with_closing,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "tag_entry",
     "think_refused",
     "timestamp",
+    "timings_in",
     "timings_of",
     "unloads",
     "unmodelled_options",

@@ -25,24 +25,18 @@ from proxy.dialects.ollama._common import (
 )
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import GatewayError
-from proxy.domain.events import Finish, StreamEvent
+from proxy.domain.events import ContinuedFinish, Finish, StreamEvent
 
 
 @dataclass(slots=True, frozen=True)
-class OllamaFinish(Finish):
+class OllamaFinish(ContinuedFinish):
     """An Ollama backend's finish with what only Ollama clients use from its closing line:
     the `context` of an `/api/generate` reply (the conversation's tokens, which a client sends
-    back to continue it) and the backend's own timing figures (`load_duration`, …, in
-    nanoseconds, as sent). Any renderer sees a `Finish`; the Ollama one relays these on the
-    closing line."""
+    back to continue it; a keyed replay has it too) and the backend's own timing figures
+    (`load_duration`, …, in nanoseconds, as sent: only live). Any renderer sees a `Finish`; the
+    Ollama one relays these on the closing line."""
 
-    context: tuple[int, ...] = ()
     timings: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def replayable(self) -> bool:  # type: ignore[override]
-        # A cached answer keeps no `context`: a client going on from it would lose its history.
-        return not self.context
 
 
 def context_of(data: dict[str, Any]) -> tuple[int, ...] | None:
@@ -80,8 +74,13 @@ def with_closing(events: list[StreamEvent], data: dict[str, Any]) -> list[Stream
     ]
 
 
-def backend_finish(events: list[StreamEvent]) -> OllamaFinish | None:
-    return next((event for event in events if isinstance(event, OllamaFinish)), None)
+def backend_finish(events: list[StreamEvent]) -> ContinuedFinish | None:
+    """The finish carrying an Ollama backend's context (and, live, its timings), if any."""
+    return next((event for event in events if isinstance(event, ContinuedFinish)), None)
+
+
+def timings_in(finish: ContinuedFinish | None) -> tuple[tuple[str, int], ...]:
+    return finish.timings if isinstance(finish, OllamaFinish) else ()
 
 
 def render_error(error: GatewayError) -> bytes:

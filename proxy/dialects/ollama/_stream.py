@@ -18,7 +18,6 @@ from proxy.dialects._json import dumps
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
 from proxy.dialects.ollama._common import json_string, logprobs_list, logprobs_of
 from proxy.dialects.ollama._response import (
-    OllamaFinish,
     Timing,
     closing_finish,
     done_reason,
@@ -28,6 +27,7 @@ from proxy.dialects.ollama._response import (
     parse_timestamp,
     statistics,
     timestamp_bytes,
+    timings_in,
     tool_call_of,
     tool_calls_body,
     usage_of,
@@ -37,6 +37,7 @@ from proxy.dialects.sse import MAX_FRAME_BYTES, frame_too_large
 from proxy.domain.chat import FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
+    ContinuedFinish,
     Finish,
     ReasoningDelta,
     StreamEvent,
@@ -307,9 +308,9 @@ class StreamRenderer:
             elif isinstance(event, Finish):
                 if event.choice == 0 and self._reason is None:
                     self._reason = event.reason
-                    if isinstance(event, OllamaFinish):
+                    if isinstance(event, ContinuedFinish):
                         self._context = event.context
-                        self._backend_timings = event.timings
+                        self._backend_timings = timings_in(event)
                     out.append(self._flush_calls())
             elif isinstance(event, StreamFailed):
                 # Calls not yet finished are cut short: sent whole, a client would run one

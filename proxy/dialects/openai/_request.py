@@ -56,7 +56,10 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     include_usage: bool | None = None
     extra = {k: v for k, v in fields.data.items() if k not in _MODELLED}
     options = fields.object("stream_options")
-    if options is not None and stream:
+    if options is not None and not stream:
+        # OpenAI's own words: a client that meant to stream should hear it, not get a whole answer.
+        raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
+    if options is not None:
         include_usage = options.boolean("include_usage")
         # The rest (vLLM's `continuous_usage_stats`, …) is for an OpenAI backend to read.
         other_options = {k: v for k, v in options.data.items() if k != "include_usage"}

@@ -328,6 +328,7 @@ def parse_completion(data: dict[str, Any]) -> ChatCompletion:
                 if isinstance(notes := message.get("annotations"), list) else [],
                 function_call=ToolCall("", str(legacy.get("name") or ""), _arguments_text(legacy.get("arguments")))
                 if isinstance(legacy := message.get("function_call"), dict) else None,
+                audio=dict(spoken) if isinstance(spoken := message.get("audio"), dict) else None,
             )
         )
     return ChatCompletion(
@@ -368,6 +369,8 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
         legacy = choice.function_call
         if legacy is not None:
             message["function_call"] = {"name": legacy.name, "arguments": legacy.arguments}
+        if choice.audio is not None:
+            message["audio"] = choice.audio
         if choice.reasoning:
             message.update(reasoning_fields(choice.reasoning))
         if choice.tool_calls:
@@ -375,7 +378,7 @@ def completion_body(completion: ChatCompletion, *, single_tool: bool = False) ->
                 {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in (choice.tool_calls[:1] if single_tool else choice.tool_calls)
             ]
-        elif message["content"] is None and not choice.refusal and legacy is None:
+        elif message["content"] is None and not choice.refusal and legacy is None and choice.audio is None:
             message["content"] = ""
         reason = choice.finish_reason or FinishReason.STOP
         said = LEGACY_FUNCTION_CALL if legacy is not None and reason is FinishReason.TOOL_CALLS else reason.value

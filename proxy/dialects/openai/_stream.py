@@ -38,6 +38,7 @@ from proxy.domain.errors import (
 )
 from proxy.domain.events import (
     AnnotationsDelta,
+    AudioDelta,
     EstimatedUsageReport,
     Finish,
     FunctionCallDelta,
@@ -50,6 +51,7 @@ from proxy.domain.events import (
     ToolCallDelta,
     ToolCallStart,
     UsageReport,
+    audio_delta,
 )
 from proxy.domain.tokens import estimate_tokens
 
@@ -344,6 +346,11 @@ class StreamRelay:
                 arguments = arguments if isinstance(arguments, str) else ""
                 self._generated += len(arguments)
                 events.append(FunctionCallDelta(name if isinstance(name, str) else "", arguments, index))
+            audio = delta.get("audio")
+            if isinstance(audio, dict):
+                spoken = audio_delta(audio, index)
+                self._generated += len(spoken.transcript)
+                events.append(spoken)
             calls = delta.get("tool_calls")
             if isinstance(calls, dict):
                 # TGI 2.x streams each fragment as one object, not a list of them.
@@ -564,6 +571,9 @@ class StreamRenderer:
                 piece = {"arguments": arguments} if choice in self._legacy_calls else {"name": name, "arguments": arguments}
                 self._legacy_calls.add(choice)
                 out.append(self._delta(choice, {"function_call": piece}))
+            case AudioDelta(audio_id, data, transcript, expires_at, choice):
+                spoken: dict[str, Any] = {"id": audio_id, "data": data, "transcript": transcript}
+                out.append(self._delta(choice, {"audio": spoken if expires_at is None else spoken | {"expires_at": expires_at}}))
             case ToolCallStart(index, call_id, name, choice):
                 if self._single_tool and (choice, index) not in self._tool_calls and any(
                     seen == choice for seen, _ in self._tool_calls

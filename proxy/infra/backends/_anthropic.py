@@ -313,11 +313,12 @@ class AnthropicBackend:
             id=str(item["id"]), backend=name, created=_epoch(item.get("created_at")), owned_by=name, details=details
         )
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         try:
             await self.list_models()
         except GatewayError as error:
-            raise listing_refused(self.config.name, self.config.base_url, "/v1/models", error) from None
+            return listing_refused(self.config.name, self.config.base_url, "/v1/models", error)
+        return None
 
 
 def _relays(call: BackendCall) -> bool:

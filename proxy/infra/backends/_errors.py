@@ -24,16 +24,27 @@ from proxy.domain.errors import (
 )
 from proxy.infra.transport import SchemeMismatch, current_hangup
 
+_KINDS = {
+    400: ErrorKind.INVALID_REQUEST, 422: ErrorKind.INVALID_REQUEST, 404: ErrorKind.NOT_FOUND, 410: ErrorKind.NOT_FOUND,
+    409: ErrorKind.CONFLICT, 413: ErrorKind.REQUEST_TOO_LARGE, 415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+    429: ErrorKind.RATE_LIMITED, 503: ErrorKind.UNAVAILABLE, 504: ErrorKind.TIMEOUT,
+}
+# A backend's 4xx that says how the gateway called it, not what the client asked: its key
+# (401, 403, a proxy's 407), its account (402: out of credit), its method, framing or headers.
+_GATEWAY_SIDE_4XX = frozenset({401, 402, 403, 405, 407, 408, 411, 421, 426, 428, 431})
+
 
 def status_error(
     backend: str, status: int, message: str | None, retry_after: str | None = None, *, param: str | None = None
 ) -> GatewayError:
     """Map a backend's HTTP error onto the client-facing one.
 
-    Client mistakes the backend caught (400, 404, 413, 422) keep their meaning, and the
-    field it named (`param`: a FastAPI 422's `loc`) reaches the client; a backend refusing
-    the gateway's own credentials is a gateway-side fault (502), never a 401/403 to the
-    client, whose auth is the gateway's business.
+    Client mistakes the backend caught keep their meaning: 400, 404, 409, 413, 415 their
+    status, a 422 (FastAPI's) and any other 4xx about the request a 400, and the field it named
+    (`param`: a FastAPI 422's `loc`) reaches the client, as LiteLLM passes a backend's 4xx on. A
+    4xx about the gateway's own call (its credentials, its account, its method or headers) is
+    a gateway-side fault (502), never a 401/403 to the client, whose auth is the gateway's
+    business.
 
     The `code`: none for a bad request (as OpenAI's own often have none; the caller sets the
     backend's own code when it said one), else `backend_<status>`, the backend's status where
@@ -41,10 +52,9 @@ def status_error(
     """
     text = message or f"HTTP {status}"
     detail = f"Backend `{backend}` returned {status}: {text}"
-    kinds = {400: ErrorKind.INVALID_REQUEST, 422: ErrorKind.INVALID_REQUEST, 404: ErrorKind.NOT_FOUND,
-             413: ErrorKind.REQUEST_TOO_LARGE, 429: ErrorKind.RATE_LIMITED, 503: ErrorKind.UNAVAILABLE,
-             504: ErrorKind.TIMEOUT}
-    kind = kinds.get(status, ErrorKind.BACKEND)
+    kind = _KINDS.get(status) or (
+        ErrorKind.INVALID_REQUEST if 400 <= status < 500 and status not in _GATEWAY_SIDE_4XX else ErrorKind.BACKEND
+    )
     retry: float | None = None
     if retry_after is not None:
         try:
@@ -54,7 +64,7 @@ def status_error(
     message_out = text if kind in (ErrorKind.INVALID_REQUEST, ErrorKind.NOT_FOUND) else detail
     if kind is ErrorKind.INVALID_REQUEST and is_context_overflow(text):
         return GatewayError(kind, message_out, code=CONTEXT_LENGTH_EXCEEDED, param="messages")
-    mistake = kind in (ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE)
+    mistake = status in (400, 413, 422)
     return GatewayError(
         kind, message_out, code=None if mistake else f"backend_{status}", retry_after=retry,
         param=param if kind is ErrorKind.INVALID_REQUEST else None,
@@ -64,19 +74,23 @@ def status_error(
 _log = logging.getLogger("llm_proxy.backends")
 
 
-def listing_refused(backend: str, base_url: str, path: str, error: GatewayError) -> GatewayError:
-    """A readiness probe's model listing the backend refused: a 404's message is the server's
-    alone ("Not Found"), which in `/ready` named neither the backend nor what was asked. Said
-    with both, a base URL missing its `/v1` (vLLM's) reads as one. Other failures pass as they are."""
+def listing_refused(backend: str, base_url: str, path: str, error: GatewayError) -> str:
+    """A readiness probe's model listing the backend refused, said with the backend and what
+    was asked (a 404's message alone, "Not Found", named neither).
+
+    A server that answers HTTP serves: one with no listing (an audio- or embedding-only server
+    answers 404, or 405) or one whose listing is rate limited (Anthropic's counts against the
+    gateway's account) is ready, and this is its note, which also reads as a base URL missing
+    vLLM's `/v1`. Raised when the backend cannot serve: its key refused, its server failing."""
     shown = urlsplit(base_url).path.rstrip("/") + path
-    if error.kind is ErrorKind.NOT_FOUND:
-        return GatewayError(
-            ErrorKind.BACKEND, f"Backend `{backend}` answered GET {shown} (its model listing) with 404: {error.message} "
-            "(is its `base_url` right?)",
-        )
-    if error.kind is ErrorKind.INVALID_REQUEST:
-        return GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` refused GET {shown} (its model listing): {error.message}")
-    return error
+    if error.kind is ErrorKind.NOT_FOUND or error.code == "backend_405":
+        status = error.code.removeprefix("backend_") if error.code else "404"
+        return f"no model listing: GET {shown} answered {status}: {error.message} (is its `base_url` right?)"
+    if error.kind is ErrorKind.RATE_LIMITED:
+        return f"its model listing GET {shown} is rate limited: {error.message}"
+    if error.status < 500:  # no request of a client's to blame
+        raise GatewayError(ErrorKind.BACKEND, f"Backend `{backend}` refused GET {shown} (its model listing): {error.message}")
+    raise error
 
 
 @contextmanager

@@ -233,12 +233,13 @@ class OllamaBackend:
         """The models the backend holds in memory (its `/api/ps`)."""
         return [item for item in await self._listing("/api/ps") if isinstance(item, dict)]
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         name = self.config.name
         with transport_errors(name):
             response = await self._client.get("/api/version")
         if response.status_code >= 400:
             raise self._error(response, response.content)
+        return None
 
 
 def _json_object(content: bytes, backend: str, loads: Callable[[bytes], Any] = json.loads) -> dict[str, Any]:

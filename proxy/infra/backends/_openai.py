@@ -40,7 +40,9 @@ from proxy.infra.backends._base import (
 from proxy.infra.media_urls import check_media_urls, check_relayed_media_urls
 from proxy.infra.transport import heads_heard
 
-_CLIENT_MISTAKES = frozenset({ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE})
+_CLIENT_MISTAKES = frozenset(
+    {ErrorKind.INVALID_REQUEST, ErrorKind.REQUEST_TOO_LARGE, ErrorKind.CONFLICT, ErrorKind.UNSUPPORTED_MEDIA_TYPE}
+)
 # The fields of a relayed call that may hold media parts vLLM fetches: a multimodal rerank's
 # or score's (`text_1`/`text_2`; newer versions also take `data_1`/`data_2`, `queries` with
 # `documents` or `items`), or the chat `messages` a pooling model or the tokenizer reads.
@@ -292,11 +294,12 @@ class OpenAIBackend:
             if isinstance(item, dict) and item.get("id")
         ]
 
-    async def check(self) -> None:
+    async def check(self) -> str | None:
         try:
             await self.list_models()
         except GatewayError as error:
-            raise listing_refused(self.config.name, self.config.base_url, "/models", error) from None
+            return listing_refused(self.config.name, self.config.base_url, "/models", error)
+        return None
 
 
 class _WindowFilled:
