@@ -207,7 +207,7 @@ async def test_parallel_tool_calls_stream_their_arguments(setup: Setup, kind: st
     ("{'tz': 'UTC'}", {}),  # a Python dict, not JSON
     ('{"tz": "UTC", oops, "more": 1}', {"tz": "UTC", "": None}),
     ('{"tz": "UTC", "note": "a\x01b"}', {"tz": "UTC", "note": "a"}),  # a raw control character
-    ("ls -la", {}),
+    ("ls -la", {"arguments": "ls -la"}),  # no object at all: the text, as the whole message has it
 ])
 async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_sdks_stream(
     setup: Setup, arguments: str, received: dict[str, Any]
@@ -230,12 +230,15 @@ async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_
     ('{"city": "Paris", "unit": "cel', {"city": "Paris"}),  # cut at max_tokens inside a value
     ('{"city": "Paris", "days": [1, 2', {"city": "Paris", "days": [1, 2]}),
     ('{"city": "Paris", "unit": cel', {"city": "Paris", "unit": None}),  # broken: closed where it broke
+    ('Paris, please', {"arguments": "Paris, please"}),  # no object at all: kept as text (streamed: was {})
+    ('["Paris", "Rome"]', {"arguments": ["Paris", "Rome"]}),
 ])
 async def test_a_tool_input_cut_at_max_tokens_is_the_same_object_whole_or_streamed(
     setup: Setup, arguments: str, received: dict[str, Any]
 ) -> None:
     """A whole message's input was `{"arguments": "<the text>"}`, while the SDK's final
-    message of the same answer streamed had what of the object parsed."""
+    message of the same answer streamed had what of the object parsed. An input that is no
+    object at all is the text in both (the stream's final message had `{}`)."""
     setup.fake("openai").set_script(
         Script(tool_calls=[ToolCall("get_weather", arguments)], finish_reason="length", tool_arg_fragment=4)
     )

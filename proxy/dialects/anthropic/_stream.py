@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from proxy.dialects._json import dumps
 from proxy.dialects._json_prefix import JsonObjectPrefix
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
+from proxy.dialects.anthropic._request import input_object
 from proxy.dialects.anthropic._vocabulary import (
     MESSAGE_DELTA_FIELDS,
     BlockDelta,
@@ -380,6 +381,9 @@ class StreamRenderer:
             # Still a valid prefix (a truncated input, as Anthropic's own at `max_tokens`) is
             # left as it is; a broken one is made whole.
             closing = self._tool_json.closing()
+            if closing == "{}":
+                # Nothing of it was an object: kept as text, as the whole message keeps it.
+                closing = json.dumps(input_object("".join(self._open_arguments)), ensure_ascii=False)
             if closing:
                 out.append(self._delta(_JSON, closing))
         out.append(
