@@ -1281,6 +1281,10 @@ class Opus47Backend(AnthropicBackend):
         elif body.get("thinking", {}).get("type") == "enabled":
             await self.send_error(exchange, 400, '"thinking.type.enabled" is not supported for this model. Use '
                                   '"thinking.type.adaptive" and "output_config.effort" to control thinking')
+        elif body.get("thinking", {}).get("display") != "summarized":
+            # Its thinking is omitted from the answer unless asked for.
+            self.push(replace(self.default, reasoning=()))
+            await super().route(request, exchange, call)
         else:
             await super().route(request, exchange, call)
 
@@ -1291,7 +1295,8 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
     """Claude Opus 4.7 refuses `temperature`, `top_p`, `top_k` and `budget_tokens` thinking,
     which OpenAI and Ollama clients send on every request (before: each of their requests was
     that 400). The gateway chose those words for them: the request goes again without the
-    sampling setting, with adaptive thinking at the effort asked, and the model's refusals are
+    sampling setting, with adaptive thinking at the effort asked (summarized: such a model
+    omits its thinking otherwise, and the client got none), and the model's refusals are
     remembered, so its next requests go in its words at once. An Anthropic client's own
     settings go as sent, and it gets Anthropic's answer."""
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
@@ -1304,8 +1309,10 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
                       "reasoning_effort": "medium", "max_tokens": 8000}
         answer = await client.chat.completions.create(**asked)
         assert answer.choices[0].message.content == "Bonjour"
+        assert (answer.choices[0].message.model_extra or {}).get("reasoning_content") == "hm"  # was none
         sent = fake.requests[-1].json
-        assert sent["thinking"] == {"type": "adaptive"} and sent["output_config"] == {"effort": "medium"}
+        assert sent["thinking"] == {"type": "adaptive", "display": "summarized"}
+        assert sent["output_config"] == {"effort": "medium"}
         assert not {"temperature", "top_p", "top_k"} & set(sent) and sent["max_tokens"] == 8000
         refused = len(fake.requests) - 1
         stream = await client.chat.completions.create(**asked, stream=True)
@@ -1317,6 +1324,9 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
             ollama_chat = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
                                                              "stream": False, "options": {"top_k": 20}})
             assert ollama_chat.status_code == 200 and "top_k" not in fake.requests[-1].json
+            thinking = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
+                                                          "stream": False, "think": True})
+            assert thinking.json()["message"].get("thinking") == "hm"  # was none
             own = await http.post("/v1/messages", json={"model": "claude-opus-4-7", "max_tokens": 64,
                                                        "messages": MESSAGES, "temperature": 0.5})
         assert own.status_code == 400 and "`temperature` is deprecated" in own.json()["error"]["message"]

@@ -8,7 +8,8 @@ Ollama clients send both on every request (chat UIs and coding agents set a temp
 `reasoning_effort` and `think` become a budget), so every one of their requests to such a
 model was a 400. The gateway translated those settings itself: the request goes again without
 the refused sampling setting (as a `top_p` next to a `temperature` is already left out), or
-with adaptive thinking at the budget's effort. An Anthropic client's own request goes as sent
+with adaptive thinking at the budget's effort, its thinking summarized (these models omit it
+by default, and the client asked to read it). An Anthropic client's own request goes as sent
 and gets Anthropic's answer.
 """
 
@@ -42,7 +43,9 @@ def without_refused(request: ChatRequest, body: bytes, refusal: str) -> bytes | 
     if _BUDGET_REFUSED.search(refusal) and isinstance(thinking, dict) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")
         config = data.get("output_config")
-        data["thinking"] = {"type": "adaptive"}
+        # These models leave thinking out of the answer unless asked to summarize it; the
+        # client asked for reasoning to read (`reasoning_effort`, `think`).
+        data["thinking"] = {"type": "adaptive", "display": "summarized"}
         data["output_config"] = {**(config if isinstance(config, dict) else {}), "effort": _effort(budget)}
         changed = True
     return dumps(data) if changed else None
