@@ -1332,6 +1332,52 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
         assert own.status_code == 400 and "`temperature` is deprecated" in own.json()["error"]["message"]
 
 
+class Sonnet4Backend(AnthropicBackend):
+    """A Claude model older than strict tool use, which refuses a strict tool in Anthropic's words."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        if any(tool.get("strict") for tool in body.get("tools", ())):
+            await self.send_error(exchange, 400, f"'{body['model']}' does not support strict tools.")
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenAI client's `strict: true` function was dropped on the way to Claude, so its
+    arguments were not held to the schema. It is Anthropic's strict tool use now, its schema
+    in the subset Anthropic takes; a model older than strict tools refuses it, and the request
+    goes again without it (remembered for that model), as for Opus 4.7's sampling settings."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake, older = AnthropicBackend(api_key=ANTHROPIC_KEY), Sonnet4Backend(api_key=ANTHROPIC_KEY)
+    for one in (fake, older):
+        one.set_script(Script(tool_calls=[("get_weather", {"city": "Paris"})]))
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+              "required": ["city"], "additionalProperties": False}
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": schema, "strict": True}}]
+    async with fake.serve() as server, older.serve() as old_server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514"],
+                api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        answer = await client.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, tools=tools)
+        assert answer.choices[0].message.tool_calls
+        sent = fake.requests[-1].json["tools"][0]
+        assert sent["strict"] is True
+        assert sent["input_schema"]["properties"]["city"] == {"type": "string", "description": "{maxLength: 40}"}
+
+        for _ in range(2):
+            answer = await client.chat.completions.create(model="claude-sonnet-4-20250514", messages=MESSAGES, tools=tools)
+            assert answer.choices[0].message.tool_calls and answer.choices[0].message.tool_calls[0].function.name == "get_weather"
+            assert "strict" not in older.requests[-1].json["tools"][0]
+        assert len(older.requests) == 3  # refused once; the next request went without it at once
+        async with httpx.AsyncClient(base_url=url) as http:
+            own = await http.post("/v1/messages", json={
+                "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,
+                "tools": [{"name": "get_weather", "input_schema": schema, "strict": True}]})
+        assert own.status_code == 400 and "does not support strict tools" in own.json()["error"]["message"]
+
+
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
     client, fake = openai_front
     fake.push(Script(status=529))

@@ -454,7 +454,7 @@ def _render_tools(request: ChatRequest, extra: dict[str, Any]) -> list[dict[str,
             domain = iter(request.tools)
             return [{**_render_tool(next(domain)), **tool} if is_custom_tool(tool) else tool for tool in kept]
         server = [tool for tool in kept if not is_custom_tool(tool)]
-    return [_render_tool(tool) for tool in request.tools] + server
+    return [_render_tool(tool, as_sent=request.dialect == DIALECT) for tool in request.tools] + server
 
 
 def _parse_tool_choice(fields: Fields | None) -> ToolChoice | None:
@@ -847,11 +847,19 @@ def input_object(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _render_tool(tool: Tool) -> dict[str, Any]:
+def _render_tool(tool: Tool, *, as_sent: bool = True) -> dict[str, Any]:
+    """`as_sent`: an Anthropic client's tool, its schema as it wrote it."""
     out: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         out["description"] = tool.description
-    out["input_schema"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    schema = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    if tool.strict:
+        # OpenAI's strict function is Anthropic's strict tool use (grammar-constrained input),
+        # whose schemas are structured output's subset.
+        out["strict"] = True
+        if not as_sent:
+            schema = structured_schema(schema)
+    out["input_schema"] = schema
     return out
 
 
