@@ -785,6 +785,12 @@ async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
     sent = setup.fake("anthropic").requests[-1]
     assert sent.path == "/v1/messages/count_tokens" and counted.input_tokens > 0
     assert "max_tokens" not in sent.json and sent.json["system"] == "Be brief."
+    # Claude Code counts with its context edits: the count before them reaches it (was left out).
+    edits: Any = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    edited = await setup.client.beta.messages.count_tokens(
+        model=MODELS["anthropic"], messages=MESSAGES, context_management=edits, betas=["context-management-2025-06-27"])
+    assert setup.fake("anthropic").requests[-1].json["context_management"] == edits
+    assert edited.context_management is not None and edited.context_management.original_input_tokens > 0
 
     vllm = await setup.client.messages.count_tokens(model=MODELS["openai"], messages=MESSAGES)
     tokenize = setup.fake("openai").requests[-1]

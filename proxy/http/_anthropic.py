@@ -159,4 +159,4 @@ async def messages_count_tokens(incoming: Incoming) -> Reply:
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
     record_answered(gw, meta, kind="count_tokens", dialect="anthropic", model=request.model, route=route)
-    return Reply(anthropic.render_token_count(count.input_tokens), headers=headers)
+    return Reply(anthropic.render_token_count(count.input_tokens, count.fields), headers=headers)
