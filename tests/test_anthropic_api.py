@@ -1469,6 +1469,12 @@ async def test_claude_codes_effort_setting_reaches_other_backends(setup: Setup, 
     assert setup.fake("openai").requests[-1].json["reasoning_effort"] == said
     assert setup.fake("ollama").requests[-1].json["think"] == said
     assert "output_config" not in setup.fake("openai").requests[-1].json
+    # The effort alone, without `thinking`, is the same setting (before: no effort at all).
+    for kind in ("openai", "ollama"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=4000, messages=MESSAGES, **config)
+    alone = {"openai": setup.fake("openai").requests[-1].json.get("reasoning_effort"),
+             "ollama": setup.fake("ollama").requests[-1].json.get("think")}
+    assert alone == ({"openai": None, "ollama": None} if effort is None else {"openai": said, "ollama": said})
 
 
 async def test_an_effort_a_backend_cannot_say_is_a_400_naming_the_field(setup: Setup) -> None:

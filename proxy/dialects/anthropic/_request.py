@@ -145,9 +145,12 @@ _EFFORT_OF_ANTHROPIC = {"low": "low", "medium": "medium", "high": "high", "xhigh
 
 def _effort_of(thinking: Fields | None, output_config: Any = None) -> str | None:
     """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's. Adaptive
-    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one."""
+    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one.
+    Without `thinking`, `output_config.effort` alone still says how hard to work (Anthropic
+    applies it to the whole answer), the closest another backend has being its reasoning effort."""
     if thinking is None:
-        return None
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return _EFFORT_OF_ANTHROPIC.get(effort) if isinstance(effort, str) else None
     kind = thinking.text("type")
     if kind == "adaptive":
         effort = output_config.get("effort") if isinstance(output_config, dict) else None
