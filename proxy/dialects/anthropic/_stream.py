@@ -99,12 +99,16 @@ class StreamRenderer:
 
     def __init__(
         self, *, model: str = "", as_asked: bool = False, single_tool: bool = False, request_id: str | None = None,
+        prompt_tokens: Callable[[], int] | None = None,
     ) -> None:
         """`model` names the message when the backend does not; with `as_asked`, whatever it
         says (the client asked by an alias, and is answered in its name). `single_tool`: the
         client set `disable_parallel_tool_use`, so calls after the first are left out (a
-        backend of another kind may make them anyway)."""
+        backend of another kind may make them anyway). `prompt_tokens`: the gateway's estimate
+        of the input, made only for a backend that counts it at the end (vLLM, Ollama)."""
         self._model = model
+        self._prompt_tokens = prompt_tokens
+        self._start_estimated = False
         self._request_id = request_id  # what an `error` event names, as an error body does
         self._single_tool = single_tool
         self._as_asked = as_asked and bool(model)
@@ -184,9 +188,13 @@ class StreamRenderer:
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
         said = self._announced_fields
         announced = self._announced_usage or {}
-        # Counts message_start could not know yet; Anthropic's SDK merges them in.
+        estimated = self._start_estimated
+        if estimated and self._usage is None:
+            usage = {}  # no count came: message_start's estimate stands
+        # Counts message_start could not know yet; Anthropic's SDK merges them in (it and the
+        # AI SDK replace its estimate with them; the newest LangChain reads them here only).
         for key, value in usage.items():
-            if value != announced.get(key) or key == "output_tokens_details":
+            if value != announced.get(key) or key == "output_tokens_details" or (estimated and key in _INPUT_COUNTS):
                 delta_usage[key] = value
         out.append(
             _event(
@@ -218,6 +226,11 @@ class StreamRenderer:
         usage.pop("output_tokens_details", None)
         if self._start_output_final:
             usage["output_tokens"] = 0
+        if self._usage is None and self._prompt_tokens is not None:
+            # Anthropic's message_start holds the input's count, which LangChain reads there
+            # only; a backend that counts at the end gets the estimate said until then.
+            usage["input_tokens"] = self._prompt_tokens()
+            self._start_estimated = True
         self._announced_usage = usage
         message: dict[str, Any] = {
             "id": message_id(start.id if start else ""),
@@ -396,6 +409,9 @@ class StreamRenderer:
 
     def _delta(self, kind: bytes, value: str) -> bytes:
         return _DELTA_HEAD + self._index_bytes + kind + dumps(value) + _DELTA_TAIL
+
+
+_INPUT_COUNTS = frozenset({"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"})
 
 
 @dataclass(slots=True)
