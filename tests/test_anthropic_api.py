@@ -333,10 +333,22 @@ async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent
     # An Anthropic backend gets the block itself (citations and all).
     assert setup.fake("anthropic").requests[-1].json["messages"] == question
     pdf: Any = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}}
+    # A PDF reaches vLLM as the chat `file` part a Responses client's `input_file` is (was a 400).
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=20, messages=[{"role": "user", "content": [
+        {**pdf, "title": "memo.pdf", "context": "From the archive"}, {"type": "text", "text": "q"}]}])
+    assert setup.fake("openai").requests[-1].json["messages"][0]["content"] == [
+        {"type": "text", "text": "Context: From the archive\n\n"},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQ=", "filename": "memo.pdf"}},
+        {"type": "text", "text": "q"},
+    ]
     search: Any = {"type": "search_result", "source": "https://x", "title": "t", "content": [{"type": "text", "text": "body"}]}
+    by_url: Any = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
     for kind in ("openai", "ollama"):
         sent = len(setup.fake(kind).requests)
-        for block, named in ((pdf, "`document` blocks with a `base64` source"), (search, "`search_result` blocks")):
+        refused = ((by_url, "`document` blocks with a `url` source"), (search, "`search_result` blocks"))
+        if kind == "ollama":
+            refused += ((pdf, "an OpenAI-compatible one a base64 PDF"),)
+        for block, named in refused:
             with pytest.raises(anthropic.BadRequestError) as caught:
                 await setup.client.messages.create(
                     model=MODELS[kind], max_tokens=20, messages=[{"role": "user", "content": [block, {"type": "text", "text": "q"}]}],
