@@ -1368,12 +1368,17 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
 
 
 class Sonnet4Backend(AnthropicBackend):
-    """A Claude model older than strict tool use, which refuses a strict tool in Anthropic's words."""
+    """A Claude model older than strict tool use, which refuses a strict tool in Anthropic's
+    words; `claude-sonnet-4-6` takes one, but compiles no more (Anthropic's grammar limits)."""
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         body = request.json() if request.path == "/v1/messages" else {}
-        if any(tool.get("strict") for tool in body.get("tools", ())):
+        strict = sum(1 for tool in body.get("tools", ()) if tool.get("strict"))
+        if strict and body["model"] != "claude-sonnet-4-6":
             await self.send_error(exchange, 400, f"'{body['model']}' does not support strict tools.")
+        elif strict > 1:
+            await self.send_error(exchange, 400, "The compiled grammar is too large, which would cause performance "
+                                  "issues. Simplify your tool schemas or reduce the number of strict tools.")
         else:
             await super().route(request, exchange, call)
 
@@ -1381,8 +1386,9 @@ class Sonnet4Backend(AnthropicBackend):
 async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monkeypatch: pytest.MonkeyPatch) -> None:
     """An OpenAI client's `strict: true` function was dropped on the way to Claude, so its
     arguments were not held to the schema. It is Anthropic's strict tool use now, its schema
-    in the subset Anthropic takes; a model older than strict tools refuses it, and the request
-    goes again without it (remembered for that model), as for Opus 4.7's sampling settings."""
+    in the subset Anthropic takes; a model older than strict tools refuses it, and a newer one
+    strict tools past what it compiles: the request goes again without it (remembered for that
+    model), as for Opus 4.7's sampling settings."""
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
     fake, older = AnthropicBackend(api_key=ANTHROPIC_KEY), Sonnet4Backend(api_key=ANTHROPIC_KEY)
     for one in (fake, older):
@@ -1392,7 +1398,7 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": schema, "strict": True}}]
     async with fake.serve() as server, older.serve() as old_server, running_gateway(
         backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
-        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514"],
+        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514", "claude-sonnet-4-6"],
                 api_key_env="TEST_ANTHROPIC_KEY"),
     ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
         answer = await client.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, tools=tools)
@@ -1406,6 +1412,11 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
             assert answer.choices[0].message.tool_calls and answer.choices[0].message.tool_calls[0].function.name == "get_weather"
             assert "strict" not in older.requests[-1].json["tools"][0]
         assert len(older.requests) == 3  # refused once; the next request went without it at once
+        # The OpenAI Agents SDK and Codex make every function strict: past what Claude compiles
+        # (a 400 for the whole request, which went through while `strict` was dropped), without.
+        many = [tools[0], {"type": "function", "function": {**tools[0]["function"], "name": "get_time"}}]
+        answer = await client.chat.completions.create(model="claude-sonnet-4-6", messages=MESSAGES, tools=many)
+        assert answer.choices[0].message.tool_calls and not any("strict" in t for t in older.requests[-1].json["tools"])
         async with httpx.AsyncClient(base_url=url) as http:
             own = await http.post("/v1/messages", json={
                 "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,

@@ -5,10 +5,11 @@ Claude Opus 4.7 and later refuse sampling settings ("`temperature` is deprecated
 model.") and budgeted thinking ("\"thinking.type.enabled\" is not supported for this model.
 Use \"thinking.type.adaptive\" and \"output_config.effort\" to control thinking"); models older
 than strict tool use (Claude Sonnet 4, Opus 4 and before) refuse a strict tool ("'claude-
-sonnet-4-20250514' does not support strict tools."). OpenAI and Ollama clients send all three
-(chat UIs and coding agents set a temperature; `reasoning_effort` and `think` become a budget;
-the OpenAI Agents SDK and pydantic-ai make functions strict), so every such request to such a
-model was a 400. The gateway translated those settings itself: the request goes again without
+sonnet-4-20250514' does not support strict tools."), and newer ones strict tools past what
+they compile (more than 20, more than 24 optional parameters: "The compiled grammar is too
+large"). OpenAI and Ollama clients send all three (chat UIs and coding agents set a
+temperature; `reasoning_effort` and `think` become a budget; the OpenAI Agents SDK and Codex
+make every function strict), so every such request to such a model was a 400. The gateway translated those settings itself: the request goes again without
 the refused sampling setting (as a `top_p` next to a `temperature` is already left out) or the
 tools' `strict`, or with adaptive thinking at the budget's effort, its thinking summarized
 (these models omit it by default, and the client asked to read it). An Anthropic client's own
@@ -25,7 +26,9 @@ from proxy.domain.chat import ChatRequest
 
 _DEPRECATED = re.compile(r"`?(temperature|top_p|top_k)`? is deprecated for this model")
 _BUDGET_REFUSED = re.compile(r"thinking\.type\.enabled\W*is not supported")
-_STRICT_REFUSED = re.compile(r"does not support strict tools")
+# A model older than strict tools, or a request past what Anthropic compiles strict tools into
+# ("The compiled grammar is too large…", "…too many optional parameters…grammar compilation").
+_STRICT_REFUSED = re.compile(r"strict tools|grammar|compil", re.IGNORECASE)
 
 
 def refused(message: str) -> bool:
