@@ -1369,16 +1369,19 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
 
 class Sonnet4Backend(AnthropicBackend):
     """A Claude model older than strict tool use, which refuses a strict tool in Anthropic's
-    words; `claude-sonnet-4-6` takes one, but compiles no more (Anthropic's grammar limits)."""
+    words; `claude-sonnet-4-6` and `claude-haiku-4-5` take one, but compile no more (Anthropic's
+    grammar limits), and no type arrays (as if outside strict's subset)."""
 
     async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
         body = request.json() if request.path == "/v1/messages" else {}
         strict = sum(1 for tool in body.get("tools", ()) if tool.get("strict"))
-        if strict and body["model"] != "claude-sonnet-4-6":
+        if strict and body["model"] not in ("claude-sonnet-4-6", "claude-haiku-4-5"):
             await self.send_error(exchange, 400, f"'{body['model']}' does not support strict tools.")
         elif strict > 1:
             await self.send_error(exchange, 400, "The compiled grammar is too large, which would cause performance "
                                   "issues. Simplify your tool schemas or reduce the number of strict tools.")
+        elif strict and '"type": [' in json.dumps(body["tools"]):
+            await self.send_error(exchange, 400, "tools.0.custom.input_schema: type arrays are not supported in strict mode")
         else:
             await super().route(request, exchange, call)
 
@@ -1398,7 +1401,7 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
     tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": schema, "strict": True}}]
     async with fake.serve() as server, older.serve() as old_server, running_gateway(
         backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
-        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514", "claude-sonnet-4-6"],
+        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514", "claude-sonnet-4-6", "claude-haiku-4-5"],
                 api_key_env="TEST_ANTHROPIC_KEY"),
     ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
         answer = await client.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, tools=tools)
@@ -1417,6 +1420,11 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
         many = [tools[0], {"type": "function", "function": {**tools[0]["function"], "name": "get_time"}}]
         answer = await client.chat.completions.create(model="claude-sonnet-4-6", messages=MESSAGES, tools=many)
         assert answer.choices[0].message.tool_calls and not any("strict" in t for t in older.requests[-1].json["tools"])
+        # A schema outside strict's subset is taken without it.
+        nullable: Any = {**schema, "properties": {"city": {"type": ["string", "null"]}}}  # OpenAI's optional field
+        one: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": nullable, "strict": True}}]
+        answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=one)
+        assert answer.choices[0].message.tool_calls and "strict" not in older.requests[-1].json["tools"][0]
         async with httpx.AsyncClient(base_url=url) as http:
             own = await http.post("/v1/messages", json={
                 "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,

@@ -9,11 +9,12 @@ sonnet-4-20250514' does not support strict tools."), and newer ones strict tools
 they compile (more than 20, more than 24 optional parameters: "The compiled grammar is too
 large"). OpenAI and Ollama clients send all three (chat UIs and coding agents set a
 temperature; `reasoning_effort` and `think` become a budget; the OpenAI Agents SDK and Codex
-make every function strict), so every such request to such a model was a 400. The gateway translated those settings itself: the request goes again without
-the refused sampling setting (as a `top_p` next to a `temperature` is already left out) or the
-tools' `strict`, or with adaptive thinking at the budget's effort, its thinking summarized
-(these models omit it by default, and the client asked to read it). An Anthropic client's own
-request goes as sent and gets Anthropic's answer.
+make every function strict), so every such request to such a model was a 400. The gateway
+translated those settings itself: the request goes again without the refused sampling setting
+(as a `top_p` next to a `temperature` is already left out) or the tools' `strict`, or with
+adaptive thinking at the budget's effort, its thinking summarized (these models omit it by
+default, and the client asked to read it). An Anthropic client's own request goes as sent and
+gets Anthropic's answer.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from proxy.domain.chat import ChatRequest
 
 _DEPRECATED = re.compile(r"`?(temperature|top_p|top_k)`? is deprecated for this model")
 _BUDGET_REFUSED = re.compile(r"thinking\.type\.enabled\W*is not supported")
-# A model older than strict tools, or a request past what Anthropic compiles strict tools into
-# ("The compiled grammar is too large…", "…too many optional parameters…grammar compilation").
-_STRICT_REFUSED = re.compile(r"strict tools|grammar|compil", re.IGNORECASE)
+# A model older than strict tools, a request past what Anthropic compiles strict tools into
+# ("The compiled grammar is too large…", "…too many optional parameters…grammar compilation"),
+# or a schema outside strict's subset (`tools.0.custom.input_schema: …`; without `strict`,
+# Anthropic takes any JSON schema).
+_STRICT_REFUSED = re.compile(r"strict tools|grammar|compil|input_schema", re.IGNORECASE)
 
 
 def refused(message: str) -> bool:
