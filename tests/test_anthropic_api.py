@@ -148,6 +148,23 @@ async def test_streaming_message(setup: Setup, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_message_start_says_an_input_count_whatever_the_backend(setup: Setup, kind: str) -> None:
+    """LangChain (JS, and Python before 1.0) reads a stream's input tokens from `message_start`
+    alone, which was 0 from vLLM and Ollama (they count at the end). It says the gateway's
+    estimate until the backend's count, which `message_delta` then gives: the SDK's final
+    message (and the AI SDK's) holds that count, replacing the estimate rather than adding to it."""
+    prompt = [{"role": "user", "content": "Tell me about the weather in Paris in the spring " * 20}]
+    setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(9, 2)))
+    frames = dict(frame for frame in sse_frames((await raw_stream(setup, model=MODELS[kind], messages=prompt)).content))
+    start, end = frames["message_start"]["message"]["usage"]["input_tokens"], frames["message_delta"]["usage"]
+    assert start > 200 if kind != "anthropic" else start == 9  # an estimate of ~1000 characters; Anthropic's own count
+    assert end["output_tokens"] == 2 and end.get("input_tokens", start) == 9
+    async with setup.client.messages.stream(model=MODELS[kind], max_tokens=256, messages=prompt) as stream:
+        message = await stream.get_final_message()
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (9, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_stream_wire_format(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=["a", "b"], usage=Usage(7, 2, cached_tokens=3 if kind == "anthropic" else 0)))
     response = await raw_stream(setup, model=MODELS[kind])
@@ -164,9 +181,9 @@ async def test_stream_wire_format(setup: Setup, kind: str) -> None:
     final = frames[-2][1]["usage"]
     assert final["output_tokens"] == 2
     # Input tokens are known at message_start from Anthropic backends; from the others they
-    # arrive at the end, so message_start says 0. message_delta says them all, cumulative, as
-    # Anthropic's own does: LangChain's ChatAnthropic reads a stream's usage from it alone.
-    assert start["usage"]["input_tokens"] == (7 if kind == "anthropic" else 0)
+    # arrive at the end, so message_start says an estimate. message_delta says them all, cumulative,
+    # as Anthropic's own does: LangChain's ChatAnthropic reads a stream's usage from it alone.
+    assert start["usage"]["input_tokens"] == 7 if kind == "anthropic" else start["usage"]["input_tokens"] > 0
     assert {key: final.get(key) for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")} == {
         "input_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3 if kind == "anthropic" else 0}
 
@@ -209,7 +226,7 @@ async def test_parallel_tool_calls_stream_their_arguments(setup: Setup, kind: st
     ("{'tz': 'UTC'}", {}),  # a Python dict, not JSON
     ('{"tz": "UTC", oops, "more": 1}', {"tz": "UTC", "": None}),
     ('{"tz": "UTC", "note": "a\x01b"}', {"tz": "UTC", "note": "a"}),  # a raw control character
-    ("ls -la", {}),
+    ("ls -la", {"arguments": "ls -la"}),  # no object at all: the text, as the whole message has it
 ])
 async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_sdks_stream(
     setup: Setup, arguments: str, received: dict[str, Any]
@@ -232,12 +249,15 @@ async def test_malformed_tool_arguments_from_an_openai_backend_do_not_break_the_
     ('{"city": "Paris", "unit": "cel', {"city": "Paris"}),  # cut at max_tokens inside a value
     ('{"city": "Paris", "days": [1, 2', {"city": "Paris", "days": [1, 2]}),
     ('{"city": "Paris", "unit": cel', {"city": "Paris", "unit": None}),  # broken: closed where it broke
+    ('Paris, please', {"arguments": "Paris, please"}),  # no object at all: kept as text (streamed: was {})
+    ('["Paris", "Rome"]', {"arguments": ["Paris", "Rome"]}),
 ])
 async def test_a_tool_input_cut_at_max_tokens_is_the_same_object_whole_or_streamed(
     setup: Setup, arguments: str, received: dict[str, Any]
 ) -> None:
     """A whole message's input was `{"arguments": "<the text>"}`, while the SDK's final
-    message of the same answer streamed had what of the object parsed."""
+    message of the same answer streamed had what of the object parsed. An input that is no
+    object at all is the text in both (the stream's final message had `{}`)."""
     setup.fake("openai").set_script(
         Script(tool_calls=[ToolCall("get_weather", arguments)], finish_reason="length", tool_arg_fragment=4)
     )
@@ -315,10 +335,22 @@ async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent
     # An Anthropic backend gets the block itself (citations and all).
     assert setup.fake("anthropic").requests[-1].json["messages"] == question
     pdf: Any = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}}
+    # A PDF reaches vLLM as the chat `file` part a Responses client's `input_file` is (was a 400).
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=20, messages=[{"role": "user", "content": [
+        {**pdf, "title": "memo.pdf", "context": "From the archive"}, {"type": "text", "text": "q"}]}])
+    assert setup.fake("openai").requests[-1].json["messages"][0]["content"] == [
+        {"type": "text", "text": "Context: From the archive\n\n"},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQ=", "filename": "memo.pdf"}},
+        {"type": "text", "text": "q"},
+    ]
     search: Any = {"type": "search_result", "source": "https://x", "title": "t", "content": [{"type": "text", "text": "body"}]}
+    by_url: Any = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
     for kind in ("openai", "ollama"):
         sent = len(setup.fake(kind).requests)
-        for block, named in ((pdf, "`document` blocks with a `base64` source"), (search, "`search_result` blocks")):
+        refused = ((by_url, "`document` blocks with a `url` source"), (search, "`search_result` blocks"))
+        if kind == "ollama":
+            refused += ((pdf, "an OpenAI-compatible one a base64 PDF"),)
+        for block, named in refused:
             with pytest.raises(anthropic.BadRequestError) as caught:
                 await setup.client.messages.create(
                     model=MODELS[kind], max_tokens=20, messages=[{"role": "user", "content": [block, {"type": "text", "text": "q"}]}],
@@ -802,6 +834,12 @@ async def test_count_tokens_where_the_backend_can(setup: Setup) -> None:
     sent = setup.fake("anthropic").requests[-1]
     assert sent.path == "/v1/messages/count_tokens" and counted.input_tokens > 0
     assert "max_tokens" not in sent.json and sent.json["system"] == "Be brief."
+    # Claude Code counts with its context edits: the count before them reaches it (was left out).
+    edits: Any = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    edited = await setup.client.beta.messages.count_tokens(
+        model=MODELS["anthropic"], messages=MESSAGES, context_management=edits, betas=["context-management-2025-06-27"])
+    assert setup.fake("anthropic").requests[-1].json["context_management"] == edits
+    assert edited.context_management is not None and edited.context_management.original_input_tokens > 0
 
     vllm = await setup.client.messages.count_tokens(model=MODELS["openai"], messages=MESSAGES)
     tokenize = setup.fake("openai").requests[-1]
@@ -1299,6 +1337,10 @@ class Opus47Backend(AnthropicBackend):
         elif body.get("thinking", {}).get("type") == "enabled":
             await self.send_error(exchange, 400, '"thinking.type.enabled" is not supported for this model. Use '
                                   '"thinking.type.adaptive" and "output_config.effort" to control thinking')
+        elif body.get("thinking", {}).get("display") != "summarized":
+            # Its thinking is omitted from the answer unless asked for.
+            self.push(replace(self.default, reasoning=()))
+            await super().route(request, exchange, call)
         else:
             await super().route(request, exchange, call)
 
@@ -1309,7 +1351,8 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
     """Claude Opus 4.7 refuses `temperature`, `top_p`, `top_k` and `budget_tokens` thinking,
     which OpenAI and Ollama clients send on every request (before: each of their requests was
     that 400). The gateway chose those words for them: the request goes again without the
-    sampling setting, with adaptive thinking at the effort asked, and the model's refusals are
+    sampling setting, with adaptive thinking at the effort asked (summarized: such a model
+    omits its thinking otherwise, and the client got none), and the model's refusals are
     remembered, so its next requests go in its words at once. An Anthropic client's own
     settings go as sent, and it gets Anthropic's answer."""
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
@@ -1322,8 +1365,10 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
                       "reasoning_effort": "medium", "max_tokens": 8000}
         answer = await client.chat.completions.create(**asked)
         assert answer.choices[0].message.content == "Bonjour"
+        assert (answer.choices[0].message.model_extra or {}).get("reasoning_content") == "hm"  # was none
         sent = fake.requests[-1].json
-        assert sent["thinking"] == {"type": "adaptive"} and sent["output_config"] == {"effort": "medium"}
+        assert sent["thinking"] == {"type": "adaptive", "display": "summarized"}
+        assert sent["output_config"] == {"effort": "medium"}
         assert not {"temperature", "top_p", "top_k"} & set(sent) and sent["max_tokens"] == 8000
         refused = len(fake.requests) - 1
         stream = await client.chat.completions.create(**asked, stream=True)
@@ -1335,9 +1380,77 @@ async def test_other_clients_sampling_and_effort_reach_a_model_that_refuses_them
             ollama_chat = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
                                                              "stream": False, "options": {"top_k": 20}})
             assert ollama_chat.status_code == 200 and "top_k" not in fake.requests[-1].json
+            thinking = await http.post("/api/chat", json={"model": "claude-opus-4-7", "messages": MESSAGES,
+                                                          "stream": False, "think": True})
+            assert thinking.json()["message"].get("thinking") == "hm"  # was none
             own = await http.post("/v1/messages", json={"model": "claude-opus-4-7", "max_tokens": 64,
                                                        "messages": MESSAGES, "temperature": 0.5})
         assert own.status_code == 400 and "`temperature` is deprecated" in own.json()["error"]["message"]
+
+
+class Sonnet4Backend(AnthropicBackend):
+    """A Claude model older than strict tool use, which refuses a strict tool in Anthropic's
+    words; `claude-sonnet-4-6` and `claude-haiku-4-5` take one, but compile no more (Anthropic's
+    grammar limits), and no type arrays (as if outside strict's subset)."""
+
+    async def route(self, request: Request, exchange: Exchange, call: Call) -> None:
+        body = request.json() if request.path == "/v1/messages" else {}
+        strict = sum(1 for tool in body.get("tools", ()) if tool.get("strict"))
+        if strict and body["model"] not in ("claude-sonnet-4-6", "claude-haiku-4-5"):
+            await self.send_error(exchange, 400, f"'{body['model']}' does not support strict tools.")
+        elif strict > 1:
+            await self.send_error(exchange, 400, "The compiled grammar is too large, which would cause performance "
+                                  "issues. Simplify your tool schemas or reduce the number of strict tools.")
+        elif strict and '"type": [' in json.dumps(body["tools"]):
+            await self.send_error(exchange, 400, "tools.0.custom.input_schema: type arrays are not supported in strict mode")
+        else:
+            await super().route(request, exchange, call)
+
+
+async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenAI client's `strict: true` function was dropped on the way to Claude, so its
+    arguments were not held to the schema. It is Anthropic's strict tool use now, its schema
+    in the subset Anthropic takes; a model older than strict tools refuses it, and a newer one
+    strict tools past what it compiles: the request goes again without it (remembered for that
+    model), as for Opus 4.7's sampling settings."""
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    fake, older = AnthropicBackend(api_key=ANTHROPIC_KEY), Sonnet4Backend(api_key=ANTHROPIC_KEY)
+    for one in (fake, older):
+        one.set_script(Script(tool_calls=[("get_weather", {"city": "Paris"})]))
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+              "required": ["city"], "additionalProperties": False}
+    tools: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": schema, "strict": True}}]
+    async with fake.serve() as server, older.serve() as old_server, running_gateway(
+        backend("claude", server.url, kind="anthropic", default=True, api_key_env="TEST_ANTHROPIC_KEY"),
+        backend("old", old_server.url, kind="anthropic", models=["claude-sonnet-4-20250514", "claude-sonnet-4-6", "claude-haiku-4-5"],
+                api_key_env="TEST_ANTHROPIC_KEY"),
+    ) as url, openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client:
+        answer = await client.chat.completions.create(model="claude-sonnet-4-5", messages=MESSAGES, tools=tools)
+        assert answer.choices[0].message.tool_calls
+        sent = fake.requests[-1].json["tools"][0]
+        assert sent["strict"] is True
+        assert sent["input_schema"]["properties"]["city"] == {"type": "string", "description": "{maxLength: 40}"}
+
+        for _ in range(2):
+            answer = await client.chat.completions.create(model="claude-sonnet-4-20250514", messages=MESSAGES, tools=tools)
+            assert answer.choices[0].message.tool_calls and answer.choices[0].message.tool_calls[0].function.name == "get_weather"
+            assert "strict" not in older.requests[-1].json["tools"][0]
+        assert len(older.requests) == 3  # refused once; the next request went without it at once
+        # The OpenAI Agents SDK and Codex make every function strict: past what Claude compiles
+        # (a 400 for the whole request, which went through while `strict` was dropped), without.
+        many = [tools[0], {"type": "function", "function": {**tools[0]["function"], "name": "get_time"}}]
+        answer = await client.chat.completions.create(model="claude-sonnet-4-6", messages=MESSAGES, tools=many)
+        assert answer.choices[0].message.tool_calls and not any("strict" in t for t in older.requests[-1].json["tools"])
+        # A schema outside strict's subset is taken without it.
+        nullable: Any = {**schema, "properties": {"city": {"type": ["string", "null"]}}}  # OpenAI's optional field
+        one: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": nullable, "strict": True}}]
+        answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=one)
+        assert answer.choices[0].message.tool_calls and "strict" not in older.requests[-1].json["tools"][0]
+        async with httpx.AsyncClient(base_url=url) as http:
+            own = await http.post("/v1/messages", json={
+                "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,
+                "tools": [{"name": "get_weather", "input_schema": schema, "strict": True}]})
+        assert own.status_code == 400 and "does not support strict tools" in own.json()["error"]["message"]
 
 
 async def test_openai_client_sees_anthropic_failures(openai_front: tuple[openai.AsyncOpenAI, AnthropicBackend]) -> None:
@@ -1425,6 +1538,12 @@ async def test_claude_codes_effort_setting_reaches_other_backends(setup: Setup, 
     assert setup.fake("openai").requests[-1].json["reasoning_effort"] == said
     assert setup.fake("ollama").requests[-1].json["think"] == said
     assert "output_config" not in setup.fake("openai").requests[-1].json
+    # The effort alone, without `thinking`, is the same setting (before: no effort at all).
+    for kind in ("openai", "ollama"):
+        await setup.client.messages.create(model=MODELS[kind], max_tokens=4000, messages=MESSAGES, **config)
+    alone = {"openai": setup.fake("openai").requests[-1].json.get("reasoning_effort"),
+             "ollama": setup.fake("ollama").requests[-1].json.get("think")}
+    assert alone == ({"openai": None, "ollama": None} if effort is None else {"openai": said, "ollama": said})
 
 
 async def test_an_effort_a_backend_cannot_say_is_a_400_naming_the_field(setup: Setup) -> None:

@@ -7,6 +7,7 @@ gateway's business elsewhere.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
@@ -15,6 +16,7 @@ from quart import Blueprint
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic
 from proxy.domain.chat import ChatRequest
+from proxy.domain.tokens import estimated_prompt_tokens
 from proxy.http._counted import record_answered
 from proxy.http._errors import Reply, register_dialect_errors
 from proxy.http._exchange import (
@@ -135,7 +137,10 @@ async def messages(incoming: Incoming) -> ExchangeBody:
     single = request.parallel_tool_calls is False
     if request.stream:
         return AnthropicExchangeBody(exchange, lambda send: RenderedStreamSink(
-            send, headers, anthropic.StreamRenderer(model=model, as_asked=aliased, single_tool=single, request_id=meta.request_id),
+            send, headers, anthropic.StreamRenderer(
+                model=model, as_asked=aliased, single_tool=single, request_id=meta.request_id,
+                prompt_tokens=functools.partial(estimated_prompt_tokens, request),
+            ),
             content_headers=SSE_HEADERS, dialect="anthropic",
         ), incoming.gateway.backends)
     return AnthropicExchangeBody(
@@ -159,4 +164,4 @@ async def messages_count_tokens(incoming: Incoming) -> Reply:
     if count.estimated:
         headers.append((b"x-token-count", b"estimate"))
     record_answered(gw, meta, kind="count_tokens", dialect="anthropic", model=request.model, route=route)
-    return Reply(anthropic.render_token_count(count.input_tokens), headers=headers)
+    return Reply(anthropic.render_token_count(count.input_tokens, count.fields), headers=headers)

@@ -344,11 +344,11 @@ class AnthropicBackend(FakeBackend):
         body = await self._body(request, exchange)
         if body is None:
             return
-        await exchange.respond_json(
-            200,
-            {"input_tokens": estimate_tokens(_prompt_text(body))},
-            headers=self.common_headers(),
-        )
+        count = estimate_tokens(_prompt_text(body))
+        answer: dict[str, Any] = {"input_tokens": count}
+        if "context_management" in body:  # the count before its edits (this fake makes none)
+            answer["context_management"] = {"original_input_tokens": count}
+        await exchange.respond_json(200, answer, headers=self.common_headers())
 
 
 def _prompt_text(body: dict[str, Any]) -> str:

@@ -4,9 +4,10 @@ Other dialects' encoders leave Anthropic-only parts out, which is right for what
 Anthropic needs back (signed thinking, cache and `is_error` markers) but would silently
 lose content the model is meant to read. So, before such a request leaves:
 - a `document` whose source is plain text (or text and image blocks) becomes that text,
-  headed by its title and context;
-- any other block the backend cannot take (PDF documents, `search_result`, Files API
-  references, …) is a 400 naming the block type, never dropped;
+  headed by its title and context; a base64 PDF is, for an OpenAI-compatible backend, the
+  chat `file` part (its title the filename), as a Responses client's `input_file` is;
+- any other block the backend cannot take (PDF documents for Ollama or by URL,
+  `search_result`, Files API references, …) is a 400 naming the block type, never dropped;
 - in the assistant's own turns, Anthropic-only blocks (server tool uses and their results,
   encrypted for Anthropic; redacted thinking) are left out like thinking: the text the
   model wrote from them is there, and a conversation that used web search on Claude can
@@ -80,7 +81,7 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     messages: list[Message] = []
     moved: list[ContentPart] = []
     for message in request.messages:
-        content = tuple(_translated(message, request.model, backend))
+        content = tuple(_translated(message, request.model, backend, target))
         if move_images and message.role == "tool" and any(isinstance(p, ImagePart) for p in content):
             images = [p for p in content if isinstance(p, ImagePart)]
             moved.append(TextPart(f"Image{'s' if len(images) > 1 else ''} returned by tool call {message.tool_call_id}:"))
@@ -119,11 +120,11 @@ def _failed(message: Message) -> bool:
     return message.role == "tool" and IS_ERROR_MARKER in message.content
 
 
-def _translated(message: Message, model: str, backend: str) -> list[ContentPart]:
+def _translated(message: Message, model: str, backend: str, target: str) -> list[ContentPart]:
     out: list[ContentPart] = []
     for part in message.content:
         if isinstance(part, OpaquePart) and _anthropic_content(part, message.role):
-            out.extend(_document(part.data, model, backend))
+            out.extend(_document(part, model, backend, target))
         else:
             out.append(part)
     return _said_failed(out) if _failed(message) else out
@@ -144,32 +145,52 @@ def _said_failed(parts: list[ContentPart]) -> list[ContentPart]:
     return [TextPart(ERROR_PREFIX + "the tool call failed."), *parts]
 
 
-def _document(block: dict[str, Any], model: str, backend: str) -> list[ContentPart]:
-    """A `document` block as text (and images), or the 400 for any block that cannot be one."""
+def _document(part: OpaquePart, model: str, backend: str, target: str) -> list[ContentPart]:
+    """A `document` block as text (and images), or as an OpenAI-compatible backend's `file`
+    part; the 400 for any block that cannot be one."""
+    block = part.data
     kind = block.get("type")
     source = block.get("source")
     source_type = source.get("type") if isinstance(source, dict) else None
     if kind == "document" and isinstance(source, dict):
         body: list[ContentPart] | None = None
+        title = block.get("title") if isinstance(block.get("title"), str) and block["title"] else None
         if source_type == "text" and isinstance(source.get("data"), str):
             body = [TextPart(source["data"])]
         elif source_type == "content":
             body = _content_source(source.get("content"))
+        elif target == "openai" and (file := _pdf_file(source, title)) is not None:
+            # vLLM's and OpenAI's chat `file` part, as a Responses client's `input_file`.
+            body = [OpaquePart("openai", {"type": "file", "file": file}, at=part.at)]
+            title = None  # said as its filename
         if body is not None:
             head = [
-                f"{label}: {block[key]}"
-                for key, label in (("title", "Document"), ("context", "Context"))
-                if isinstance(block.get(key), str) and block[key]
+                f"{label}: {value}"
+                for label, value in (("Document", title), ("Context", block.get("context")))
+                if isinstance(value, str) and value
             ]
             return ([TextPart("\n".join(head) + "\n\n")] if head else []) + body
     what = f"`{kind}` blocks"
     if kind in ("document", "image") and isinstance(source_type, str):
         what = f"`{kind}` blocks with a `{source_type}` source"
+    takers = "Only Anthropic backends accept them."
+    if kind == "document" and source_type == "base64" and target != "openai":
+        takers = "An Anthropic backend accepts them, and an OpenAI-compatible one a base64 PDF (as a chat `file` part)."
     raise invalid_request(
-        f"{what} cannot be sent to model `{model}`: it is served by {backend}, which has no "
-        f"equivalent. Only Anthropic backends accept them.",
+        f"{what} cannot be sent to model `{model}`: it is served by {backend}, which has no equivalent. {takers}",
         code="unsupported_content_block",
     )
+
+
+def _pdf_file(source: dict[str, Any], title: str | None) -> dict[str, Any] | None:
+    """A base64 PDF source as the chat `file` part's `file`; None for any other source."""
+    data = source.get("data")
+    if source.get("type") != "base64" or source.get("media_type") != "application/pdf" or not isinstance(data, str):
+        return None
+    file: dict[str, Any] = {"file_data": f"data:application/pdf;base64,{data}"}
+    if title is not None:
+        file["filename"] = title
+    return file
 
 
 def _content_source(content: Any) -> list[ContentPart] | None:

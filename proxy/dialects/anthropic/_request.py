@@ -145,9 +145,12 @@ _EFFORT_OF_ANTHROPIC = {"low": "low", "medium": "medium", "high": "high", "xhigh
 
 def _effort_of(thinking: Fields | None, output_config: Any = None) -> str | None:
     """The effort an Anthropic `thinking` asks of a backend that is not Anthropic's. Adaptive
-    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one."""
+    thinking's depth is `output_config.effort` (Claude Code's effort setting), medium without one.
+    Without `thinking`, `output_config.effort` alone still says how hard to work (Anthropic
+    applies it to the whole answer), the closest another backend has being its reasoning effort."""
     if thinking is None:
-        return None
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return _EFFORT_OF_ANTHROPIC.get(effort) if isinstance(effort, str) else None
     kind = thinking.text("type")
     if kind == "adaptive":
         effort = output_config.get("effort") if isinstance(output_config, dict) else None
@@ -457,7 +460,7 @@ def _render_tools(request: ChatRequest, extra: dict[str, Any]) -> list[dict[str,
             domain = iter(request.tools)
             return [{**_render_tool(next(domain)), **tool} if is_custom_tool(tool) else tool for tool in kept]
         server = [tool for tool in kept if not is_custom_tool(tool)]
-    return [_render_tool(tool) for tool in request.tools] + server
+    return [_render_tool(tool, as_sent=request.dialect == DIALECT) for tool in request.tools] + server
 
 
 def _parse_tool_choice(fields: Fields | None) -> ToolChoice | None:
@@ -850,11 +853,19 @@ def input_object(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": value}
 
 
-def _render_tool(tool: Tool) -> dict[str, Any]:
+def _render_tool(tool: Tool, *, as_sent: bool = True) -> dict[str, Any]:
+    """`as_sent`: an Anthropic client's tool, its schema as it wrote it."""
     out: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         out["description"] = tool.description
-    out["input_schema"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    schema = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    if tool.strict:
+        # OpenAI's strict function is Anthropic's strict tool use (grammar-constrained input),
+        # whose schemas are structured output's subset.
+        out["strict"] = True
+        if not as_sent:
+            schema = structured_schema(schema)
+    out["input_schema"] = schema
     return out
 
 

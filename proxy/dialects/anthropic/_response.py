@@ -207,5 +207,6 @@ def message_events(
     return events
 
 
-def render_token_count(count: int) -> bytes:
-    return dumps({"input_tokens": count})
+def render_token_count(count: int, fields: dict[str, Any] | None = None) -> bytes:
+    """`fields`: what an Anthropic backend's answer said beside the count, as it said it."""
+    return dumps({"input_tokens": count, **(fields or {})})

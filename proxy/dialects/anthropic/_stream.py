@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from proxy.dialects._json import dumps
 from proxy.dialects._json_prefix import JsonObjectPrefix
 from proxy.dialects._utf8 import SplitText, loads_escaped, replace_invalid
+from proxy.dialects.anthropic._request import input_object
 from proxy.dialects.anthropic._vocabulary import (
     MESSAGE_DELTA_FIELDS,
     BlockDelta,
@@ -99,12 +100,16 @@ class StreamRenderer:
 
     def __init__(
         self, *, model: str = "", as_asked: bool = False, single_tool: bool = False, request_id: str | None = None,
+        prompt_tokens: Callable[[], int] | None = None,
     ) -> None:
         """`model` names the message when the backend does not; with `as_asked`, whatever it
         says (the client asked by an alias, and is answered in its name). `single_tool`: the
         client set `disable_parallel_tool_use`, so calls after the first are left out (a
-        backend of another kind may make them anyway)."""
+        backend of another kind may make them anyway). `prompt_tokens`: the gateway's estimate
+        of the input, made only for a backend that counts it at the end (vLLM, Ollama)."""
         self._model = model
+        self._prompt_tokens = prompt_tokens
+        self._start_estimated = False
         self._request_id = request_id  # what an `error` event names, as an error body does
         self._single_tool = single_tool
         self._as_asked = as_asked and bool(model)
@@ -184,9 +189,12 @@ class StreamRenderer:
         delta_usage: dict[str, Any] = {"output_tokens": usage.pop("output_tokens")}
         said = self._announced_fields
         announced = self._announced_usage or {}
-        # The input counts are cumulative, as Anthropic's own `message_delta` says them: LangChain's
-        # ChatAnthropic reads a stream's usage from this event alone (0 input tokens without them).
-        # Other counts come only when message_start could not know them yet (the SDK merges them in).
+        if self._start_estimated and self._usage is None:
+            usage = {}  # no count came: message_start's estimate stands
+        # The input counts are cumulative, as Anthropic's own `message_delta` says them: its SDK and
+        # the AI SDK replace message_start's (an estimate from vLLM and Ollama) with them, and
+        # LangChain's ChatAnthropic reads a stream's usage from this event alone. Other counts come
+        # only when message_start could not know them yet (the SDK merges them in).
         for key, value in usage.items():
             if key in _INPUT_COUNTS or value != announced.get(key) or key == "output_tokens_details":
                 delta_usage[key] = value
@@ -220,6 +228,11 @@ class StreamRenderer:
         usage.pop("output_tokens_details", None)
         if self._start_output_final:
             usage["output_tokens"] = 0
+        if self._usage is None and self._prompt_tokens is not None:
+            # Anthropic's message_start holds the input's count, which LangChain reads there
+            # only; a backend that counts at the end gets the estimate said until then.
+            usage["input_tokens"] = self._prompt_tokens()
+            self._start_estimated = True
         self._announced_usage = usage
         message: dict[str, Any] = {
             "id": message_id(start.id if start else ""),
@@ -383,6 +396,9 @@ class StreamRenderer:
             # Still a valid prefix (a truncated input, as Anthropic's own at `max_tokens`) is
             # left as it is; a broken one is made whole.
             closing = self._tool_json.closing()
+            if closing == "{}":
+                # Nothing of it was an object: kept as text, as the whole message keeps it.
+                closing = json.dumps(input_object("".join(self._open_arguments)), ensure_ascii=False)
             if closing:
                 out.append(self._delta(_JSON, closing))
         out.append(
@@ -395,6 +411,9 @@ class StreamRenderer:
 
     def _delta(self, kind: bytes, value: str) -> bytes:
         return _DELTA_HEAD + self._index_bytes + kind + dumps(value) + _DELTA_TAIL
+
+
+_INPUT_COUNTS = frozenset({"input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"})
 
 
 @dataclass(slots=True)

@@ -236,7 +236,7 @@ class AnthropicBackend:
             builder.add(event)
         return Batch(events, done=True, completion=builder.build())
 
-    async def count_tokens(self, request: ChatRequest, upstream_model: str) -> int:
+    async def count_tokens(self, request: ChatRequest, upstream_model: str) -> TokenCount:
         name = self.config.name
         body = anthropic.encode_messages_request(
             prefill_trimmed(request), upstream_model, stream=False, default_max_tokens=self.default_max_tokens,
@@ -252,10 +252,11 @@ class AnthropicBackend:
             raise timeout_error(name, "did not answer", timeout)
         if response.status_code >= 400:
             raise backend_error(name, response.status_code, response.content, response.headers.get("retry-after"))
-        count = _json_object(response, name).get("input_tokens")
+        answer = _json_object(response, name)
+        count = answer.pop("input_tokens", None)
         if not isinstance(count, int):
             raise GatewayError(ErrorKind.BACKEND, f"Backend `{name}` returned no token count.")
-        return count
+        return TokenCount(count, estimated=False, fields=answer)
 
     async def list_models(self) -> list[ModelInfo]:
         name = self.config.name
@@ -396,6 +397,9 @@ def _epoch(value: Any) -> int:
 class TokenCount:
     input_tokens: int
     estimated: bool  # the backend cannot count: the gateway's estimate (about 4 characters a token)
+    # What an Anthropic backend said beside the count (`context_management`'s
+    # `original_input_tokens`, the count before the client's context edits).
+    fields: dict[str, Any] | None = None
 
 
 async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: str) -> TokenCount:
@@ -407,7 +411,7 @@ async def count_tokens(backend: Backend, request: ChatRequest, upstream_model: s
     if isinstance(backend, AnthropicBackend | OpenAIBackend):
         await backend.check_media_urls(request)  # counting, the backend fetches them too
     if isinstance(backend, AnthropicBackend):
-        return TokenCount(await backend.count_tokens(request, upstream_model), estimated=False)
+        return await backend.count_tokens(request, upstream_model)
     estimate = TokenCount(estimated_prompt_tokens(request), estimated=True)
     if isinstance(backend, OllamaBackend):
         await _check_served_by_ollama(backend, upstream_model)
