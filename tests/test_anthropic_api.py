@@ -284,6 +284,47 @@ async def test_tool_round_trip_reaches_each_backend_in_its_own_shape(setup: Setu
     assert [m["role"] for m in ollama_messages] == ["system", "user", "assistant", "tool", "user"]
 
 
+# Claude Code (2.1) sends its agent list as a system turn after the user's first message, with
+# these headers, on every request of a session.
+CLAUDE_CODE_HEADERS = {
+    "x-api-key": "sk-test", "anthropic-version": "2023-06-01", "x-app": "cli",
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,mid-conversation-system-2026-04-07",
+    "user-agent": "claude-cli/2.1.197 (external, sdk-cli)",
+}
+
+
+async def test_a_system_turn_inside_messages_is_kept_in_place_for_every_backend(setup: Setup) -> None:
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": "What does hello.py print?", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": "Available agent types: Explore."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"}]},
+        {"role": "system", "content": [{"type": "text", "text": "Auto mode is on."}]},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for kind in KINDS:
+            response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+                "model": MODELS[kind], "max_tokens": 64, "stream": True, "system": "You are Claude Code.",
+                "messages": messages, "tools": TOOLS,
+            })
+            assert response.status_code == 200, response.text
+            assert "message_stop" in response.text
+    openai_messages = setup.fake("openai").requests[-1].json["messages"]
+    assert [(m["role"], m["content"]) for m in openai_messages if m["role"] == "system"] == [
+        ("system", "You are Claude Code."), ("system", "Available agent types: Explore."), ("system", "Auto mode is on."),
+    ]
+    assert [m["role"] for m in openai_messages] == ["system", "user", "system", "assistant", "tool", "system"]
+    ollama_messages = setup.fake("ollama").requests[-1].json["messages"]
+    assert [m["role"] for m in ollama_messages] == ["system", "user", "system", "assistant", "tool", "system"]
+    # Claude itself gets the turns where they stood: the top-level `system` unchanged, so its
+    # prompt cache still holds.
+    claude = setup.fake("anthropic").requests[-1].json
+    assert claude["system"] == "You are Claude Code."
+    assert [m["role"] for m in claude["messages"]] == ["user", "system", "assistant", "user", "system"]
+    assert claude["messages"][1] == {"role": "system", "content": "Available agent types: Explore."}
+    assert claude["messages"][4] == {"role": "system", "content": "Auto mode is on."}
+
+
 async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent_is_a_400(setup: Setup) -> None:
     document: Any = {
         "type": "document", "title": "Memo", "context": "From the archive",
