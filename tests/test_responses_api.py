@@ -188,6 +188,55 @@ async def test_parallel_calls_streamed(setup: Setup, kind: str) -> None:
     assert len(set(ids)) == 2 and all(ids)
 
 
+# Codex CLI (0.171, `wire_api = "responses"`, its only wire API) sends its sub-agent tools as a
+# namespace on every request.
+CODEX_TOOLS: Any = [
+    {"type": "function", "name": "exec_command", "description": "Runs a command.", "strict": False,
+     "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [
+         {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": False,
+          "parameters": {"type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"]}},
+         {"type": "function", "name": "spawn_agent", "strict": False,
+          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}},
+     ]},
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_namespaces_tools_are_offered_and_their_calls_name_the_namespace(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("multi_agent_v1__close_agent", {"target": "a1"})]))
+    body = {"model": MODELS[kind], "input": "Close agent a1.", "tools": CODEX_TOOLS, "store": False,
+            "include": ["reasoning.encrypted_content"], "parallel_tool_calls": True, "tool_choice": "auto"}
+    whole = await raw_post(setup, body)
+    assert whole.status_code == 200, whole.text
+    backend_body = sent(setup, kind)
+    names = [t["name"] if kind == "anthropic" else t["function"]["name"] for t in backend_body["tools"]]
+    assert names == ["exec_command", "multi_agent_v1__close_agent", "multi_agent_v1__spawn_agent"]
+    [call] = [item for item in whole.json()["output"] if item["type"] == "function_call"]
+    assert (call["namespace"], call["name"], json.loads(call["arguments"])) == ("multi_agent_v1", "close_agent", {"target": "a1"})
+    assert [t["type"] for t in whole.json()["tools"]] == ["function", "namespace"]
+    assert [t["name"] for t in whole.json()["tools"][1]["tools"]] == ["close_agent", "spawn_agent"]
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        streamed = await http.post("/v1/responses", json={**body, "stream": True})
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in streamed.text.split("\n\n") if "data: " in frame]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"]
+    assert [(item["namespace"], item["name"]) for item in done] == [("multi_agent_v1", "close_agent")]
+    added = [e["item"] for e in events if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"]
+    assert [(item["namespace"], item["name"]) for item in added] == [("multi_agent_v1", "close_agent")]
+    # The call handed back, as Codex does, reaches the backend under the name it was offered.
+    setup.fake(kind).set_script(Script(tokens=["Closed."]))
+    follow_up = await raw_post(setup, {**body, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Close agent a1."}]},
+        {"type": "function_call", "call_id": call["call_id"], "namespace": "multi_agent_v1", "name": "close_agent",
+         "arguments": call["arguments"]},
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "closed"},
+    ]})
+    assert follow_up.status_code == 200, follow_up.text
+    history = json.dumps(sent(setup, kind)["messages"])
+    assert "multi_agent_v1__close_agent" in history
+
+
 async def test_interleaved_parallel_calls_from_an_openai_backend(setup: Setup) -> None:
     setup.fake("openai").set_script(
         Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)
