@@ -325,6 +325,32 @@ async def test_a_system_turn_inside_messages_is_kept_in_place_for_every_backend(
     assert claude["messages"][4] == {"role": "system", "content": "Auto mode is on."}
 
 
+async def test_claude_codes_attribution_line_is_not_sent_to_other_backends(setup: Setup) -> None:
+    """It changes from request to request at the very head of the prompt: sent to vLLM or
+    Ollama, no request would ever hit their prefix cache."""
+    system: Any = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.7a9; cc_entrypoint=cli; cch=36ee5;"},
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for kind in KINDS:
+            response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+                "model": MODELS[kind], "max_tokens": 64, "system": system, "messages": MESSAGES,
+            })
+            assert response.status_code == 200, response.text
+        # Written as one text with the prompt after it (Claude Code 2.1.3x), the line alone goes.
+        one_text = "x-anthropic-billing-header: cc_version=2.1.37.0d9; cch=fa690;\nYou are Claude Code."
+        response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+            "model": MODELS["openai"], "max_tokens": 64, "system": one_text, "messages": MESSAGES,
+        })
+        assert response.status_code == 200, response.text
+    assert setup.fake("openai").requests[-1].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    assert setup.fake("openai").requests[-2].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    assert setup.fake("ollama").requests[-1].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    # Anthropic reads it: Claude gets the system prompt as sent.
+    assert setup.fake("anthropic").requests[-1].json["system"] == system
+
+
 async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent_is_a_400(setup: Setup) -> None:
     document: Any = {
         "type": "document", "title": "Memo", "context": "From the archive",

@@ -22,6 +22,10 @@ lose content the model is meant to read. So, before such a request leaves:
   is the domain's `json_schema` response format, which the backend's encoder renders in its
   words (OpenAI's `response_format`, Ollama's `format`); `mcp_servers` and `container`
   (what Anthropic's servers run) are a 400 naming the field, as server tools are;
+- Claude Code's attribution line at the head of the system prompt
+  (`x-anthropic-billing-header: cc_version=…; cch=…;`, which Anthropic reads and which changes
+  from request to request) is left out: at the very start of the prompt it would make every
+  request miss the backend's prefix cache (vLLM, SGLang, llama.cpp and Ollama drop it too);
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -72,6 +76,7 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     if target == DIALECT or request.dialect != DIALECT:
         return
     backend = _BACKEND_NAMES.get(target, f"a `{target}` backend")
+    _drop_attribution(request)
     _adapt_tools(request, backend)
     _adapt_output(request, backend)
     move_images = target == "openai"
@@ -97,6 +102,30 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     if moved:
         messages.append(_images_message(moved, None))
     request.messages = messages
+
+
+_ATTRIBUTION = "x-anthropic-billing-header:"
+
+
+def _drop_attribution(request: ChatRequest) -> None:
+    first = request.messages[0] if request.messages else None
+    if first is None or first.role != "system" or not any(
+        isinstance(part, TextPart) and part.text.startswith(_ATTRIBUTION) for part in first.content
+    ):
+        return
+    kept: list[ContentPart] = []
+    for part in first.content:
+        if isinstance(part, TextPart) and part.text.startswith(_ATTRIBUTION):
+            rest = part.text.partition("\n")[2]  # the line alone, when the prompt goes on after it
+            if rest.strip():
+                kept.append(TextPart(rest))
+        else:
+            kept.append(part)
+    rest_of_chat = request.messages[1:]
+    if any(isinstance(part, TextPart) for part in kept):
+        request.messages = [_replace_content(first, tuple(kept)), *rest_of_chat]
+    else:
+        request.messages = rest_of_chat
 
 
 def _anthropic_content(part: ContentPart, role: str) -> bool:
