@@ -351,6 +351,27 @@ async def test_claude_codes_attribution_line_is_not_sent_to_other_backends(setup
     assert setup.fake("anthropic").requests[-1].json["system"] == system
 
 
+async def test_thinking_handed_back_reaches_vllm_as_reasoning_content(setup: Setup) -> None:
+    """Claude Code gives back each turn's thinking (unsigned, as a vLLM model's reasoning
+    reached it) with its tool calls: dropped, the model lost the thinking of its own tool loop."""
+    messages: Any = [
+        {"role": "user", "content": "What does hello.py print?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should read the file.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "print(1)"}]},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+            "model": MODELS["openai"], "max_tokens": 64, "messages": messages, "tools": TOOLS,
+            "thinking": {"type": "adaptive"},
+        })
+    assert response.status_code == 200, response.text
+    [assistant] = [m for m in setup.fake("openai").requests[-1].json["messages"] if m["role"] == "assistant"]
+    assert assistant["reasoning_content"] == "I should read the file." and assistant["tool_calls"]
+
+
 async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent_is_a_400(setup: Setup) -> None:
     document: Any = {
         "type": "document", "title": "Memo", "context": "From the archive",
@@ -1047,6 +1068,7 @@ async def test_server_tool_blocks_citations_and_usage_reach_anthropic_clients_as
             "role": "assistant",
             "content": [{"type": "text", "text": t} for t in ("Let me look.", "It is sunny.", " Anything else?")],
             "tool_calls": [{"id": "toolu_9", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}],
+            "reasoning_content": "plan",  # Claude's thinking, for the new model's tool loop
         }
 
 

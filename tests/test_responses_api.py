@@ -237,6 +237,34 @@ async def test_a_namespaces_tools_are_offered_and_their_calls_name_the_namespace
     assert "multi_agent_v1__close_agent" in history
 
 
+async def test_reasoning_items_handed_back_reach_vllm_with_their_turn(setup: Setup) -> None:
+    """Codex and opencode give each turn's reasoning item back (as this gateway gave it) ahead
+    of its calls: dropped, Qwen3's template lost the tool loop's thinking and vLLM's gpt-oss
+    the analysis behind its own calls."""
+    body = {"model": MODELS["openai"], "tools": CODEX_TOOLS, "store": False, "stream": True,
+            "include": ["reasoning.encrypted_content"], "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What does hello.py print?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": None,
+         "content": [{"type": "reasoning_text", "text": "I should list the files."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "exec_command", "arguments": '{"cmd": "ls"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "hello.py"},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Read it."}]},
+        {"type": "function_call", "call_id": "call_2", "name": "exec_command", "arguments": '{"cmd": "cat hello.py"}'},
+        {"type": "function_call", "call_id": "call_3", "name": "exec_command", "arguments": '{"cmd": "pwd"}'},
+        {"type": "function_call_output", "call_id": "call_2", "output": "print(1)"},
+        {"type": "function_call_output", "call_id": "call_3", "output": "/src"},
+        # OpenAI's own reasoning, encrypted: nothing a template could read.
+        {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "gAAAA..."},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "It prints 1."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Thanks"}]},
+    ]}
+    response = await raw_post(setup, body)
+    assert response.status_code == 200, response.text
+    assistants = [m for m in sent(setup, "openai")["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in assistants] == ["I should list the files.", "Read it.", None]
+    assert [len(m.get("tool_calls") or []) for m in assistants] == [1, 2, 0]
+
+
 async def test_interleaved_parallel_calls_from_an_openai_backend(setup: Setup) -> None:
     setup.fake("openai").set_script(
         Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)

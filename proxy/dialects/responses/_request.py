@@ -324,6 +324,7 @@ def _parse_items(
     with `referenced` None, a list with item references raises `UnresolvedReferences` for the
     caller to look them up and call again."""
     unresolved: list[tuple[str, str]] = []
+    reasoning = ""  # a reasoning item's, for the assistant turn right after it
     for i, item in enumerate(items):
         path = f"{param}[{i}]"
         if not isinstance(item, dict):
@@ -338,9 +339,35 @@ def _parse_items(
             if found is None:
                 raise item_not_found(reference, param=path)
             item = found
+        if item.get("type") == "reasoning":
+            reasoning = _reasoning_text(item)
+            continue
         _parse_item(item, path, messages)
+        if reasoning and messages and messages[-1].role == "assistant":
+            # The model's reasoning behind the turn right after it (its calls, its answer):
+            # what a thinking model's template reads back inside a tool loop (Qwen3's;
+            # vLLM's gpt-oss as the analysis behind its calls), given as `reasoning_content`.
+            last = messages[-1]
+            if not last.reasoning:
+                messages[-1] = replace(last, reasoning=reasoning)
+        reasoning = ""
     if unresolved:
         raise UnresolvedReferences(unresolved)
+
+
+def _reasoning_text(item: dict[str, Any]) -> str:
+    """A reasoning item's text as this gateway gave it (`content`'s `reasoning_text`), or its
+    summary's; none for OpenAI's encrypted reasoning alone."""
+    for key, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(key)
+        if isinstance(parts, list):
+            text = "".join(
+                part["text"] for part in parts
+                if isinstance(part, dict) and part.get("type") == kind and isinstance(part.get("text"), str)
+            )
+            if text:
+                return text
+    return ""
 
 
 def _parse_item(item: dict[str, Any], path: str, messages: list[Message]) -> None:
