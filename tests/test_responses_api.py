@@ -237,6 +237,17 @@ async def test_a_namespaces_tools_are_offered_and_their_calls_name_the_namespace
     assert "multi_agent_v1__close_agent" in history
 
 
+async def test_codexs_web_search_tool_is_a_400_that_says_how_to_switch_it_off(setup: Setup) -> None:
+    """Codex offers OpenAI's hosted web search on every request by default; no backend here can
+    run it, and the refusal alone left its users guessing."""
+    response = await raw_post(setup, {"model": MODELS["openai"], "input": "Hi", "stream": True,
+                                      "tools": [*CODEX_TOOLS, {"type": "web_search", "external_web_access": True}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "tools[2].type" and error["code"] == "unsupported_tool"
+    assert 'web_search = "disabled"' in error["message"]
+
+
 async def test_reasoning_items_handed_back_reach_vllm_with_their_turn(setup: Setup) -> None:
     """Codex and opencode give each turn's reasoning item back (as this gateway gave it) ahead
     of its calls: dropped, Qwen3's template lost the tool loop's thinking and vLLM's gpt-oss

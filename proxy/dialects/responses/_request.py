@@ -65,6 +65,7 @@ INCLUDABLE = (
 # them from `extra` (a Responses request's `extra` never reaches a backend).
 _PIPELINE_OPTIONS = "workflow"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
+_CODEX_WEB_SEARCH = ' (Codex CLI: `web_search = "disabled"` in its config.toml, or `-c web_search=disabled`)'
 
 
 @dataclass(slots=True)
@@ -576,8 +577,10 @@ def _parse_tool(item: Any, path: str) -> Tool:
         # A `custom` tool is the client's own, but takes free text (or a grammar's), which a
         # chat backend's tool calls cannot carry.
         what = "a custom tool, whose input is free text" if kind == "custom" else "one of OpenAI's built-in tools"
+        # Codex CLI offers web search on every request unless told not to: say how.
+        hint = _CODEX_WEB_SEARCH if isinstance(kind, str) and kind.startswith("web_search") else ""
         raise invalid_request(
-            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}.",
+            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}{hint}.",
             param=f"{path}.type", code="unsupported_tool",
         )
     name = fields.text("name", required=True, nonempty=True)
