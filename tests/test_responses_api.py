@@ -248,6 +248,25 @@ async def test_codexs_web_search_tool_is_a_400_that_says_how_to_switch_it_off(se
     assert 'web_search = "disabled"' in error["message"]
 
 
+async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
+    """Codex's `view_image` answers with the image in `function_call_output`; vLLM refuses an
+    image in a tool message ("tool message content only supports text"), as OpenAI does."""
+    image = "data:image/png;base64,iVBORw0KGgo="
+    response = await raw_post(setup, {"model": MODELS["openai"], "stream": True, "tools": CODEX_TOOLS, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What does shot.png show?"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "view_image", "arguments": '{"path": "shot.png"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_image", "image_url": image}]},
+    ]})
+    assert response.status_code == 200, response.text
+    assert sent(setup, "openai")["messages"][2:] == [
+        {"role": "tool", "content": "[1 image attached in the next user message]", "tool_call_id": "call_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Image returned by tool call call_1:"},
+            {"type": "image_url", "image_url": {"url": image}},
+        ]},
+    ]
+
+
 async def test_reasoning_items_handed_back_reach_vllm_with_their_turn(setup: Setup) -> None:
     """Codex and opencode give each turn's reasoning item back (as this gateway gave it) ahead
     of its calls: dropped, Qwen3's template lost the tool loop's thinking and vLLM's gpt-oss

@@ -51,6 +51,7 @@ from proxy.domain.chat import (
     Tool,
 )
 from proxy.domain.errors import invalid_request
+from proxy.domain.tool_images import has_tool_images, images_after_tool_results
 
 # Anthropic-only blocks other backends do without: the domain carries their meaning already
 # (reasoning) or they only steer Anthropic (markers have no `type`).
@@ -83,25 +84,10 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     if not any(_needs_work(message, move_images) for message in request.messages):
         return
     messages: list[Message] = []
-    moved: list[ContentPart] = []
     for message in request.messages:
         content = tuple(_translated(message, request.model, backend))
-        if move_images and message.role == "tool" and any(isinstance(p, ImagePart) for p in content):
-            images = [p for p in content if isinstance(p, ImagePart)]
-            moved.append(TextPart(f"Image{'s' if len(images) > 1 else ''} returned by tool call {message.tool_call_id}:"))
-            moved.extend(images)
-            kept = [p for p in content if not isinstance(p, ImagePart)]
-            kept.append(TextPart(f"[{len(images)} image{'s' if len(images) > 1 else ''} attached in the next user message]"))
-            content = tuple(kept)
-        elif moved and message.role != "tool":
-            messages.append(_images_message(moved, message))
-            moved = []
-            if message.role == "user":
-                continue  # merged into the images' message
         messages.append(message if content == message.content else _replace_content(message, content))
-    if moved:
-        messages.append(_images_message(moved, None))
-    request.messages = messages
+    request.messages = images_after_tool_results(messages) if move_images else messages
 
 
 _ATTRIBUTION = "x-anthropic-billing-header:"
@@ -138,9 +124,8 @@ def _anthropic_content(part: ContentPart, role: str) -> bool:
 
 
 def _needs_work(message: Message, move_images: bool) -> bool:
-    return _failed(message) or any(
-        _anthropic_content(part, message.role) or (move_images and message.role == "tool" and isinstance(part, ImagePart))
-        for part in message.content
+    return _failed(message) or (move_images and has_tool_images(message)) or any(
+        _anthropic_content(part, message.role) for part in message.content
     )
 
 
@@ -224,14 +209,6 @@ def _content_source(content: Any) -> list[ContentPart] | None:
         else:
             return None
     return parts
-
-
-def _images_message(moved: list[ContentPart], following: Message | None) -> Message:
-    """The user message that carries tool results' images, with the user's own next
-    message (when there is one) after them, so the turn keeps a single user message."""
-    if following is not None and following.role == "user":
-        return _replace_content(following, (*moved, *following.content))
-    return Message(role="user", content=tuple(moved))
 
 
 def _replace_content(message: Message, content: tuple[ContentPart, ...]) -> Message:

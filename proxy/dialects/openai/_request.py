@@ -21,6 +21,7 @@ from proxy.domain.chat import (
     ToolChoice,
 )
 from proxy.domain.errors import invalid_request
+from proxy.domain.tool_images import images_after_tool_results
 
 DIALECT = "openai"
 
@@ -341,9 +342,10 @@ def encode_chat_request(
     body["model"] = upstream_model
     same_dialect = request.dialect == DIALECT
     reasoning = template_fields and request.dialect in _REASONING_DIALECTS
-    body["messages"] = [
-        render_message(message, as_sent=same_dialect, reasoning=reasoning) for message in request.messages
-    ]
+    # Another dialect's tool results may hold images (a Responses client's `view_image`), which
+    # OpenAI and vLLM take in user messages only; an OpenAI client's request goes as it came.
+    messages = request.messages if same_dialect else images_after_tool_results(request.messages)
+    body["messages"] = [render_message(message, as_sent=same_dialect, reasoning=reasoning) for message in messages]
     if template_fields:
         body.update(_template_fields(request))
     params = request.params
