@@ -409,9 +409,9 @@ _PREFILL_DIALECTS = frozenset({"anthropic", "ollama"})
 # Dialects whose clients give an assistant turn's reasoning back (Ollama's `thinking`, which
 # Ollama renders into the model's template; a Responses client's reasoning items, Codex's and
 # opencode's; an Anthropic client's thinking blocks, Claude Code's), for a backend that takes
-# vLLM's fields: thinking
-# models' templates read it as `reasoning_content` (Qwen3's inside a tool loop; vLLM's gpt-oss
-# as the analysis channel its tool calls need). Hosted APIs would refuse the field.
+# vLLM's fields: thinking models' templates read it as `reasoning_content` (Qwen3's inside a
+# tool loop; vLLM's gpt-oss as the analysis channel its tool calls need). Hosted APIs would
+# refuse the field.
 _REASONING_DIALECTS = frozenset({"ollama", "responses", "anthropic"})
 # Dialects that switch thinking off (Anthropic's `thinking: {type: "disabled"}`, Ollama's
 # `think: false`), which their parsers say as the effort "none".
