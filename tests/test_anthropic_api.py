@@ -318,6 +318,94 @@ async def test_tool_round_trip_reaches_each_backend_in_its_own_shape(setup: Setu
     assert [m["role"] for m in ollama_messages] == ["system", "user", "assistant", "tool", "user"]
 
 
+# Claude Code (2.1) sends its agent list as a system turn after the user's first message, with
+# these headers, on every request of a session.
+CLAUDE_CODE_HEADERS = {
+    "x-api-key": "sk-test", "anthropic-version": "2023-06-01", "x-app": "cli",
+    "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,mid-conversation-system-2026-04-07",
+    "user-agent": "claude-cli/2.1.197 (external, sdk-cli)",
+}
+
+
+async def test_a_system_turn_inside_messages_is_kept_in_place_for_every_backend(setup: Setup) -> None:
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": "What does hello.py print?", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": "Available agent types: Explore."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "Sunny"}]},
+        {"role": "system", "content": [{"type": "text", "text": "Auto mode is on."}]},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for kind in KINDS:
+            response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+                "model": MODELS[kind], "max_tokens": 64, "stream": True, "system": "You are Claude Code.",
+                "messages": messages, "tools": TOOLS,
+            })
+            assert response.status_code == 200, response.text
+            assert "message_stop" in response.text
+    openai_messages = setup.fake("openai").requests[-1].json["messages"]
+    assert [(m["role"], m["content"]) for m in openai_messages if m["role"] == "system"] == [
+        ("system", "You are Claude Code."), ("system", "Available agent types: Explore."), ("system", "Auto mode is on."),
+    ]
+    assert [m["role"] for m in openai_messages] == ["system", "user", "system", "assistant", "tool", "system"]
+    ollama_messages = setup.fake("ollama").requests[-1].json["messages"]
+    assert [m["role"] for m in ollama_messages] == ["system", "user", "system", "assistant", "tool", "system"]
+    # Claude itself gets the turns where they stood: the top-level `system` unchanged, so its
+    # prompt cache still holds.
+    claude = setup.fake("anthropic").requests[-1].json
+    assert claude["system"] == "You are Claude Code."
+    assert [m["role"] for m in claude["messages"]] == ["user", "system", "assistant", "user", "system"]
+    assert claude["messages"][1] == {"role": "system", "content": "Available agent types: Explore."}
+    assert claude["messages"][4] == {"role": "system", "content": "Auto mode is on."}
+
+
+async def test_claude_codes_attribution_line_is_not_sent_to_other_backends(setup: Setup) -> None:
+    """It changes from request to request at the very head of the prompt: sent to vLLM or
+    Ollama, no request would ever hit their prefix cache."""
+    system: Any = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.7a9; cc_entrypoint=cli; cch=36ee5;"},
+        {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        for kind in KINDS:
+            response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+                "model": MODELS[kind], "max_tokens": 64, "system": system, "messages": MESSAGES,
+            })
+            assert response.status_code == 200, response.text
+        # Written as one text with the prompt after it (Claude Code 2.1.3x), the line alone goes.
+        one_text = "x-anthropic-billing-header: cc_version=2.1.37.0d9; cch=fa690;\nYou are Claude Code."
+        response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+            "model": MODELS["openai"], "max_tokens": 64, "system": one_text, "messages": MESSAGES,
+        })
+        assert response.status_code == 200, response.text
+    assert setup.fake("openai").requests[-1].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    assert setup.fake("openai").requests[-2].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    assert setup.fake("ollama").requests[-1].json["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    # Anthropic reads it: Claude gets the system prompt as sent.
+    assert setup.fake("anthropic").requests[-1].json["system"] == system
+
+
+async def test_thinking_handed_back_reaches_vllm_as_reasoning_content(setup: Setup) -> None:
+    """Claude Code gives back each turn's thinking (unsigned, as a vLLM model's reasoning
+    reached it) with its tool calls: dropped, the model lost the thinking of its own tool loop."""
+    messages: Any = [
+        {"role": "user", "content": "What does hello.py print?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should read the file.", "signature": ""},
+            {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}},
+        ]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "print(1)"}]},
+    ]
+    async with httpx.AsyncClient(base_url=setup.url) as http:
+        response = await http.post("/v1/messages", headers=CLAUDE_CODE_HEADERS, json={
+            "model": MODELS["openai"], "max_tokens": 64, "messages": messages, "tools": TOOLS,
+            "thinking": {"type": "adaptive"},
+        })
+    assert response.status_code == 200, response.text
+    [assistant] = [m for m in setup.fake("openai").requests[-1].json["messages"] if m["role"] == "assistant"]
+    assert assistant["reasoning_content"] == "I should read the file." and assistant["tool_calls"]
+
+
 async def test_documents_reach_other_backends_as_text_and_what_has_no_equivalent_is_a_400(setup: Setup) -> None:
     document: Any = {
         "type": "document", "title": "Memo", "context": "From the archive",

@@ -246,6 +246,29 @@ async def test_anthropic_clients_see_each_models_limits_and_lifecycle() -> None:
         assert (qwen.max_input_tokens, qwen.max_tokens, qwen.capabilities) == (32768, None, None)
 
 
+async def test_an_alias_named_like_a_backends_own_model_is_listed_as_the_alias() -> None:
+    """Claude Code users send its background calls (`claude-haiku-…`) to a local model by an
+    alias of that name, with Claude itself behind the gateway too: the listing said the name
+    was Claude's (its window, its backend), while every chat for it went to the alias's target."""
+    claude, vllm = ModelsAPIBackend(), VLLMBackend(models=["qwen3-32b"])
+    async with (
+        claude.serve() as an, vllm.serve() as oa,
+        running_gateway(
+            backend("claude", an.url, kind="anthropic", prefixes=("claude-",)), backend("vllm", oa.url),
+            aliases={"claude-old": "qwen3-32b"},
+        ) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
+    ):
+        listed = {m.id: m async for m in ac.models.list()}
+        assert listed["claude-old"].max_input_tokens == 32768  # the local model's window
+        assert (await ac.models.retrieve("claude-old")).max_input_tokens == 32768
+        entry = await oc.models.retrieve("claude-old")
+        assert (entry.model_extra["alias_of"], entry.model_extra["backend"]) == ("qwen3-32b", "vllm")
+        await ac.messages.create(model="claude-old", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+        assert vllm.requests[-1].path == "/v1/chat/completions"
+
+
 async def test_ollama_clients_see_the_size_a_models_name_states() -> None:
     """Ollama clients show (and pick by) each model's parameter count and quantization; for
     a vLLM model the gateway said `""` even where its name states them — and no more where

@@ -258,6 +258,113 @@ async def test_parallel_calls_streamed(setup: Setup, kind: str) -> None:
     assert len(set(ids)) == 2 and all(ids)
 
 
+# Codex CLI (0.171, `wire_api = "responses"`, its only wire API) sends its sub-agent tools as a
+# namespace on every request.
+CODEX_TOOLS: Any = [
+    {"type": "function", "name": "exec_command", "description": "Runs a command.", "strict": False,
+     "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
+    {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for spawning and managing sub-agents.",
+     "tools": [
+         {"type": "function", "name": "close_agent", "description": "Close an agent.", "strict": False,
+          "parameters": {"type": "object", "properties": {"target": {"type": "string"}}, "required": ["target"]}},
+         {"type": "function", "name": "spawn_agent", "strict": False,
+          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}},
+     ]},
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_namespaces_tools_are_offered_and_their_calls_name_the_namespace(setup: Setup, kind: str) -> None:
+    setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("multi_agent_v1__close_agent", {"target": "a1"})]))
+    body = {"model": MODELS[kind], "input": "Close agent a1.", "tools": CODEX_TOOLS, "store": False,
+            "include": ["reasoning.encrypted_content"], "parallel_tool_calls": True, "tool_choice": "auto"}
+    whole = await raw_post(setup, body)
+    assert whole.status_code == 200, whole.text
+    backend_body = sent(setup, kind)
+    names = [t["name"] if kind == "anthropic" else t["function"]["name"] for t in backend_body["tools"]]
+    assert names == ["exec_command", "multi_agent_v1__close_agent", "multi_agent_v1__spawn_agent"]
+    [call] = [item for item in whole.json()["output"] if item["type"] == "function_call"]
+    assert (call["namespace"], call["name"], json.loads(call["arguments"])) == ("multi_agent_v1", "close_agent", {"target": "a1"})
+    assert [t["type"] for t in whole.json()["tools"]] == ["function", "namespace"]
+    assert [t["name"] for t in whole.json()["tools"][1]["tools"]] == ["close_agent", "spawn_agent"]
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        streamed = await http.post("/v1/responses", json={**body, "stream": True})
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in streamed.text.split("\n\n") if "data: " in frame]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"]
+    assert [(item["namespace"], item["name"]) for item in done] == [("multi_agent_v1", "close_agent")]
+    added = [e["item"] for e in events if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"]
+    assert [(item["namespace"], item["name"]) for item in added] == [("multi_agent_v1", "close_agent")]
+    # The call handed back, as Codex does, reaches the backend under the name it was offered.
+    setup.fake(kind).set_script(Script(tokens=["Closed."]))
+    follow_up = await raw_post(setup, {**body, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Close agent a1."}]},
+        {"type": "function_call", "call_id": call["call_id"], "namespace": "multi_agent_v1", "name": "close_agent",
+         "arguments": call["arguments"]},
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "closed"},
+    ]})
+    assert follow_up.status_code == 200, follow_up.text
+    history = json.dumps(sent(setup, kind)["messages"])
+    assert "multi_agent_v1__close_agent" in history
+
+
+async def test_codexs_web_search_tool_is_a_400_that_says_how_to_switch_it_off(setup: Setup) -> None:
+    """Codex offers OpenAI's hosted web search on every request by default; no backend here can
+    run it, and the refusal alone left its users guessing."""
+    response = await raw_post(setup, {"model": MODELS["openai"], "input": "Hi", "stream": True,
+                                      "tools": [*CODEX_TOOLS, {"type": "web_search", "external_web_access": True}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "tools[2].type" and error["code"] == "unsupported_tool"
+    assert 'web_search = "disabled"' in error["message"]
+
+
+async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
+    """Codex's `view_image` answers with the image in `function_call_output`; vLLM refuses an
+    image in a tool message ("tool message content only supports text"), as OpenAI does."""
+    image = "data:image/png;base64,iVBORw0KGgo="
+    response = await raw_post(setup, {"model": MODELS["openai"], "stream": True, "tools": CODEX_TOOLS, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What does shot.png show?"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "view_image", "arguments": '{"path": "shot.png"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_image", "image_url": image}]},
+    ]})
+    assert response.status_code == 200, response.text
+    assert sent(setup, "openai")["messages"][2:] == [
+        {"role": "tool", "content": "[1 image attached in the next user message]", "tool_call_id": "call_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Image returned by tool call call_1:"},
+            {"type": "image_url", "image_url": {"url": image}},
+        ]},
+    ]
+
+
+async def test_reasoning_items_handed_back_reach_vllm_with_their_turn(setup: Setup) -> None:
+    """Codex and opencode give each turn's reasoning item back (as this gateway gave it) ahead
+    of its calls: dropped, Qwen3's template lost the tool loop's thinking and vLLM's gpt-oss
+    the analysis behind its own calls."""
+    body = {"model": MODELS["openai"], "tools": CODEX_TOOLS, "store": False, "stream": True,
+            "include": ["reasoning.encrypted_content"], "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What does hello.py print?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": None,
+         "content": [{"type": "reasoning_text", "text": "I should list the files."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "exec_command", "arguments": '{"cmd": "ls"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "hello.py"},
+        {"type": "reasoning", "id": "rs_2", "summary": [{"type": "summary_text", "text": "Read it."}]},
+        {"type": "function_call", "call_id": "call_2", "name": "exec_command", "arguments": '{"cmd": "cat hello.py"}'},
+        {"type": "function_call", "call_id": "call_3", "name": "exec_command", "arguments": '{"cmd": "pwd"}'},
+        {"type": "function_call_output", "call_id": "call_2", "output": "print(1)"},
+        {"type": "function_call_output", "call_id": "call_3", "output": "/src"},
+        # OpenAI's own reasoning, encrypted: nothing a template could read.
+        {"type": "reasoning", "id": "rs_3", "summary": [], "encrypted_content": "gAAAA..."},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "It prints 1."}]},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Thanks"}]},
+    ]}
+    response = await raw_post(setup, body)
+    assert response.status_code == 200, response.text
+    assistants = [m for m in sent(setup, "openai")["messages"] if m["role"] == "assistant"]
+    assert [m.get("reasoning_content") for m in assistants] == ["I should list the files.", "Read it.", None]
+    assert [len(m.get("tool_calls") or []) for m in assistants] == [1, 2, 0]
+
+
 async def test_interleaved_parallel_calls_from_an_openai_backend(setup: Setup) -> None:
     setup.fake("openai").set_script(
         Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)

@@ -490,3 +490,24 @@ async def test_a_late_outcome_or_cache_store_does_not_cache_a_deleted_response(
         await semantic.store(question, meta, completion_from_json(result))
         assert await store.cached(row.req_id) is None
         assert await semantic.lookup(question, meta) is None
+
+
+async def test_a_kept_responses_namespaced_call_is_read_back_and_continued_as_given(stack: Stack) -> None:
+    """A call of a namespace's tool (Codex's sub-agent tools) names its namespace read back by
+    id as it did when answered, and `previous_response_id` gives it to the backend again."""
+    from tests.test_responses_api import CODEX_TOOLS
+
+    stack.fake.set_script(Script(tokens=[], tool_calls=[("multi_agent_v1__close_agent", {"target": "a1"})]))
+    answered = await stack.client.responses.create(model="m", input="Close a1.", tools=CODEX_TOOLS)
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        read = (await http.get(f"/v1/responses/{answered.id}")).json()
+    [call] = [item for item in read["output"] if item["type"] == "function_call"]
+    assert (call["namespace"], call["name"]) == ("multi_agent_v1", "close_agent")
+    stack.fake.set_script(QUICK)
+    await stack.client.responses.create(
+        model="m", previous_response_id=answered.id, tools=CODEX_TOOLS,
+        input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "closed"}],
+    )
+    [assistant] = [m for m in stack.fake.requests[-1].json["messages"] if m["role"] == "assistant"]
+    assert assistant["tool_calls"][0]["function"]["name"] == "multi_agent_v1__close_agent"

@@ -136,7 +136,9 @@ class ModelCatalog:
             else:
                 backend_name = self._route_of(alias)
                 info = ModelInfo(id=alias, backend=backend_name, owned_by=backend_name, details={"alias_of": target})
-            models.setdefault(alias, info)
+            # A backend's own model of the alias's name is not what a chat for it reaches:
+            # the router applies aliases first, so the listing says the alias.
+            models[alias] = info
         return list(models.values())
 
     def _route_of(self, model: str) -> str:

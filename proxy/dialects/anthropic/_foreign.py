@@ -23,6 +23,10 @@ lose content the model is meant to read. So, before such a request leaves:
   is the domain's `json_schema` response format, which the backend's encoder renders in its
   words (OpenAI's `response_format`, Ollama's `format`); `mcp_servers` and `container`
   (what Anthropic's servers run) are a 400 naming the field, as server tools are;
+- Claude Code's attribution line at the head of the system prompt
+  (`x-anthropic-billing-header: cc_version=…; cch=…;`, which Anthropic reads and which changes
+  from request to request) is left out: at the very start of the prompt it would make every
+  request miss the backend's prefix cache (vLLM, SGLang, llama.cpp and Ollama drop it too);
 - for OpenAI-compatible backends, whose tool messages carry text only, the images of a
   tool result (Claude Code's Read tool reading an image) move into a user message right
   after the turn's tool results, each labelled with the call it answers, and the tool
@@ -48,6 +52,7 @@ from proxy.domain.chat import (
     Tool,
 )
 from proxy.domain.errors import invalid_request
+from proxy.domain.tool_images import has_tool_images, images_after_tool_results
 
 # Anthropic-only blocks other backends do without: the domain carries their meaning already
 # (reasoning) or they only steer Anthropic (markers have no `type`).
@@ -73,31 +78,41 @@ def adapt_for_dialect(request: ChatRequest, target: str) -> None:
     if target == DIALECT or request.dialect != DIALECT:
         return
     backend = _BACKEND_NAMES.get(target, f"a `{target}` backend")
+    _drop_attribution(request)
     _adapt_tools(request, backend)
     _adapt_output(request, backend)
     move_images = target == "openai"
     if not any(_needs_work(message, move_images) for message in request.messages):
         return
     messages: list[Message] = []
-    moved: list[ContentPart] = []
     for message in request.messages:
         content = tuple(_translated(message, request.model, backend, target))
-        if move_images and message.role == "tool" and any(isinstance(p, ImagePart) for p in content):
-            images = [p for p in content if isinstance(p, ImagePart)]
-            moved.append(TextPart(f"Image{'s' if len(images) > 1 else ''} returned by tool call {message.tool_call_id}:"))
-            moved.extend(images)
-            kept = [p for p in content if not isinstance(p, ImagePart)]
-            kept.append(TextPart(f"[{len(images)} image{'s' if len(images) > 1 else ''} attached in the next user message]"))
-            content = tuple(kept)
-        elif moved and message.role != "tool":
-            messages.append(_images_message(moved, message))
-            moved = []
-            if message.role == "user":
-                continue  # merged into the images' message
         messages.append(message if content == message.content else _replace_content(message, content))
-    if moved:
-        messages.append(_images_message(moved, None))
-    request.messages = messages
+    request.messages = images_after_tool_results(messages) if move_images else messages
+
+
+_ATTRIBUTION = "x-anthropic-billing-header:"
+
+
+def _drop_attribution(request: ChatRequest) -> None:
+    first = request.messages[0] if request.messages else None
+    if first is None or first.role != "system" or not any(
+        isinstance(part, TextPart) and part.text.startswith(_ATTRIBUTION) for part in first.content
+    ):
+        return
+    kept: list[ContentPart] = []
+    for part in first.content:
+        if isinstance(part, TextPart) and part.text.startswith(_ATTRIBUTION):
+            rest = part.text.partition("\n")[2]  # the line alone, when the prompt goes on after it
+            if rest.strip():
+                kept.append(TextPart(rest))
+        else:
+            kept.append(part)
+    rest_of_chat = request.messages[1:]
+    if any(isinstance(part, TextPart) for part in kept):
+        request.messages = [_replace_content(first, tuple(kept)), *rest_of_chat]
+    else:
+        request.messages = rest_of_chat
 
 
 def _anthropic_content(part: ContentPart, role: str) -> bool:
@@ -110,9 +125,8 @@ def _anthropic_content(part: ContentPart, role: str) -> bool:
 
 
 def _needs_work(message: Message, move_images: bool) -> bool:
-    return _failed(message) or any(
-        _anthropic_content(part, message.role) or (move_images and message.role == "tool" and isinstance(part, ImagePart))
-        for part in message.content
+    return _failed(message) or (move_images and has_tool_images(message)) or any(
+        _anthropic_content(part, message.role) for part in message.content
     )
 
 
@@ -216,14 +230,6 @@ def _content_source(content: Any) -> list[ContentPart] | None:
         else:
             return None
     return parts
-
-
-def _images_message(moved: list[ContentPart], following: Message | None) -> Message:
-    """The user message that carries tool results' images, with the user's own next
-    message (when there is one) after them, so the turn keeps a single user message."""
-    if following is not None and following.role == "user":
-        return _replace_content(following, (*moved, *following.content))
-    return Message(role="user", content=tuple(moved))
 
 
 def _replace_content(message: Message, content: tuple[ContentPart, ...]) -> Message:

@@ -240,21 +240,26 @@ def _parse_stop_sequences(fields: Fields) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_system(value: Any) -> list[Message]:
+def _parse_system(value: Any, path: str = "system", extra: dict[str, Any] | None = None) -> list[Message]:
     if value is None or value == "":
         return []
     if isinstance(value, str):
-        return [Message(role="system", content=(TextPart(value),))]
+        return [Message(role="system", content=(TextPart(value),), extra=extra or {})]
     if not isinstance(value, list):
-        raise invalid_request("Invalid `system`: expected a string or an array of text blocks.", param="system")
+        raise invalid_request(f"Invalid `{path}`: expected a string or an array of text blocks.", param=path)
     parts: list[ContentPart] = []
     for i, block in enumerate(value):
-        path = f"system[{i}]"
+        block_path = f"{path}[{i}]"
         if not isinstance(block, dict) or block.get("type") != "text":
-            raise invalid_request(f"Invalid `{path}`: expected a text block.", param=path)
-        parts.append(TextPart(_text(block, path)))
+            raise invalid_request(f"Invalid `{block_path}`: expected a text block.", param=block_path)
+        parts.append(TextPart(_text(block, block_path)))
         parts.extend(_cache_mark(block))
-    return [Message(role="system", content=tuple(parts))] if parts else []
+    return [Message(role="system", content=tuple(parts), extra=extra or {})] if parts else []
+
+
+# Marks a `role: "system"` turn of `messages` (Anthropic's mid-conversation system message,
+# which Claude Code sends), so that an Anthropic backend gets it where it stood.
+IN_MESSAGES = "in_messages"
 
 
 def _parse_message(item: Any, path: str) -> list[Message]:
@@ -262,15 +267,19 @@ def _parse_message(item: Any, path: str) -> list[Message]:
         raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
     fields = Fields(item, path)
     role = fields.text("role", required=True)
-    if role not in ("user", "assistant"):
+    if role not in ("user", "assistant", "system") or (role == "system" and path == "messages[0]"):
         raise invalid_request(
             f"Invalid `{path}.role`: {role!r} is not one of user, assistant "
-            "(put system prompts in the top-level `system`).",
+            "(a system message may follow a turn; the first goes in the top-level `system`).",
             param=f"{path}.role",
         )
     content = item.get("content")
     if content is None:
         raise invalid_request(f"Missing required parameter `{path}.content`.", param=f"{path}.content")
+    if role == "system":
+        # Instructions given partway through (Claude Code's reminders): the model's system
+        # turn where it stands, which keeps the cached prefix before it unchanged.
+        return _parse_system(content, f"{path}.content", {IN_MESSAGES: True})
     if isinstance(content, str):
         return [Message(role="user" if role == "user" else "assistant", content=(TextPart(content),) if content else ())]
     if not isinstance(content, list):
@@ -603,7 +612,7 @@ def beta_header(request: ChatRequest) -> str | None:
 def _render_system(request: ChatRequest) -> str | list[dict[str, Any]] | None:
     blocks: list[dict[str, Any]] = []
     for message in request.messages:
-        if message.role == "system":
+        if message.role == "system" and not (request.dialect == DIALECT and message.extra.get(IN_MESSAGES)):
             _append_blocks(blocks, (p for p in message.content if isinstance(p, TextPart | OpaquePart)))
     if request.dialect != DIALECT:
         blocks = _without_blank_text(blocks)
@@ -631,6 +640,10 @@ def _render_messages(messages: list[Message], *, as_sent: bool = False) -> list[
     out: list[dict[str, Any]] = []
     for position, message in enumerate(messages):
         if message.role == "system":
+            if as_sent and message.extra.get(IN_MESSAGES):
+                system_blocks: list[dict[str, Any]] = []
+                _append_blocks(system_blocks, message.content)
+                out.append({"role": "system", "content": system_blocks})
             continue
         role = "assistant" if message.role == "assistant" else "user"
         raw = message.extra.get("content") if as_sent and role == "assistant" else None

@@ -21,6 +21,7 @@ from proxy.domain.chat import (
     ToolChoice,
 )
 from proxy.domain.errors import invalid_request
+from proxy.domain.tool_images import images_after_tool_results
 
 DIALECT = "openai"
 
@@ -344,9 +345,10 @@ def encode_chat_request(
     body["model"] = upstream_model
     same_dialect = request.dialect == DIALECT
     reasoning = template_fields and request.dialect in _REASONING_DIALECTS
-    body["messages"] = [
-        render_message(message, as_sent=same_dialect, reasoning=reasoning) for message in request.messages
-    ]
+    # Another dialect's tool results may hold images (a Responses client's `view_image`), which
+    # OpenAI and vLLM take in user messages only; an OpenAI client's request goes as it came.
+    messages = request.messages if same_dialect else images_after_tool_results(request.messages)
+    body["messages"] = [render_message(message, as_sent=same_dialect, reasoning=reasoning) for message in messages]
     if template_fields:
         body.update(_template_fields(request))
     params = request.params
@@ -408,12 +410,12 @@ def encode_chat_request(
 # with that message (Anthropic's prefill; Ollama continues one too).
 _PREFILL_DIALECTS = frozenset({"anthropic", "ollama"})
 # Dialects whose clients give an assistant turn's reasoning back (Ollama's `thinking`, which
-# Ollama renders into the model's template; Anthropic's thinking blocks; a Responses client's
-# reasoning items, as the OpenAI Agents SDK sends them in its tool loop), for a backend that
-# takes vLLM's fields: thinking models' templates read it as `reasoning_content` (Qwen3's inside
-# a tool loop; vLLM's gpt-oss as the analysis channel its tool calls need). Hosted APIs would
+# Ollama renders into the model's template; a Responses client's reasoning items, Codex's and
+# opencode's; an Anthropic client's thinking blocks, Claude Code's), for a backend that takes
+# vLLM's fields: thinking models' templates read it as `reasoning_content` (Qwen3's inside a
+# tool loop; vLLM's gpt-oss as the analysis channel its tool calls need). Hosted APIs would
 # refuse the field.
-_REASONING_DIALECTS = frozenset({"ollama", "anthropic", "responses"})
+_REASONING_DIALECTS = frozenset({"ollama", "responses", "anthropic"})
 # Dialects that switch thinking off (Anthropic's `thinking: {type: "disabled"}`, Ollama's
 # `think: false`), which their parsers say as the effort "none".
 _SWITCH_DIALECTS = frozenset({"anthropic", "ollama"})

@@ -68,6 +68,7 @@ INCLUDABLE = (
 # them from `extra` (a Responses request's `extra` never reaches a backend).
 _PIPELINE_OPTIONS = "workflow"
 _BUILT_IN_TOOLS = "this gateway serves function tools only (`{\"type\": \"function\", \"name\": ...}`)"
+_CODEX_WEB_SEARCH = ' (Codex CLI: `web_search = "disabled"` in its config.toml, or `-c web_search=disabled`)'
 
 
 @dataclass(slots=True)
@@ -159,7 +160,8 @@ def parse_responses_request(
             "`input` holds no message (only reasoning items): nothing to answer.", param="input"
         )
 
-    tools = [_parse_tool(item, f"tools[{i}]") for i, item in enumerate(fields.array("tools") or [])]
+    raw_tools = fields.array("tools") or []
+    tools = [tool for i, item in enumerate(raw_tools) for tool in _parse_tools(item, f"tools[{i}]")]
     tool_choice, tool_choice_wire = _parse_tool_choice(data.get("tool_choice"))
     offered = _allowed_tools(tool_choice_wire, tools)
     check_forced_tool(tool_choice, offered, custom_tools=False)
@@ -229,7 +231,7 @@ def parse_responses_request(
         "temperature": 1.0 if temperature is None else temperature,
         "top_p": 1.0 if top_p is None else top_p,
         "tool_choice": tool_choice_wire,
-        "tools": [_tool_to_wire(tool) for tool in tools],
+        "tools": _tools_to_wire(raw_tools, tools),
         "max_output_tokens": max_output_tokens,
         "text": text_wire,
         "reasoning": {"effort": effort, "summary": summary} if reasoning is not None else None,
@@ -481,6 +483,9 @@ def _parse_call(item: dict[str, Any], path: str) -> ToolCall:
     fields = Fields(item, path)
     call_id = fields.text("call_id", required=True, nonempty=True)
     name = fields.text("name", required=True, nonempty=True)
+    namespace = fields.text("namespace")
+    if namespace:
+        name = flat_name(namespace, name or "")
     arguments = item.get("arguments")
     if isinstance(arguments, dict):
         arguments = json.dumps(arguments, ensure_ascii=False)
@@ -520,6 +525,61 @@ def _parse_call_output(item: dict[str, Any], path: str) -> Message:
 # -- tools and settings ----------------------------------------------------------------------------------
 
 
+# A namespace's tools (Codex groups its sub-agent and MCP tools so) reach a chat backend, which
+# has no namespaces, as function tools named `<namespace>__<name>`; the model's calls of them
+# are given back to the client with `namespace` and `name` apart, as OpenAI gives them.
+NAMESPACE_SEPARATOR = "__"
+
+
+def flat_name(namespace: str, name: str) -> str:
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}"
+
+
+def namespaces_of(settings: dict[str, Any]) -> frozenset[str]:
+    """The namespaces a request's tools (as its Response echoes them) declare."""
+    tools = settings.get("tools") or ()
+    return frozenset(
+        str(tool["name"]) for tool in tools if isinstance(tool, dict) and tool.get("type") == "namespace"
+    )
+
+
+def split_name(name: str, namespaces: frozenset[str]) -> tuple[str | None, str]:
+    """A called tool's namespace (None: a plain function) and name within it."""
+    if namespaces:
+        namespace, sep, rest = name.partition(NAMESPACE_SEPARATOR)
+        if sep and rest and namespace in namespaces:
+            return namespace, rest
+    return None, name
+
+
+def _parse_tools(item: Any, path: str) -> list[Tool]:
+    if isinstance(item, dict) and item.get("type") == "namespace":
+        fields = Fields(item, path)
+        namespace = fields.text("name", required=True, nonempty=True) or ""
+        inner = fields.array("tools", required=True, nonempty=True) or []
+        return [
+            replace(tool, name=flat_name(namespace, tool.name))
+            for j, entry in enumerate(inner) for tool in [_parse_tool(entry, f"{path}.tools[{j}]")]
+        ]
+    return [_parse_tool(item, path)]
+
+
+def _tools_to_wire(raw_tools: list[Any], tools: list[Tool]) -> list[dict[str, Any]]:
+    """The request's tools as its Response echoes them: namespaces as namespaces."""
+    flat = iter(tools)
+    out: list[dict[str, Any]] = []
+    for item in raw_tools:
+        if isinstance(item, dict) and item.get("type") == "namespace":
+            inner = [
+                {**_tool_to_wire(tool), "name": split_name(tool.name, frozenset({item["name"]}))[1]}
+                for tool in (next(flat) for _ in item["tools"])
+            ]
+            out.append({"type": "namespace", "name": item["name"], "description": item.get("description"), "tools": inner})
+        else:
+            out.append(_tool_to_wire(next(flat)))
+    return out
+
+
 def _parse_tool(item: Any, path: str) -> Tool:
     if not isinstance(item, dict):
         raise invalid_request(f"Invalid `{path}`: expected an object.", param=path)
@@ -529,8 +589,10 @@ def _parse_tool(item: Any, path: str) -> Tool:
         # A `custom` tool is the client's own, but takes free text (or a grammar's), which a
         # chat backend's tool calls cannot carry.
         what = "a custom tool, whose input is free text" if kind == "custom" else "one of OpenAI's built-in tools"
+        # Codex CLI offers web search on every request unless told not to: say how.
+        hint = _CODEX_WEB_SEARCH if isinstance(kind, str) and kind.startswith("web_search") else ""
         raise invalid_request(
-            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}.",
+            f"Invalid `{path}.type`: {kind!r} is {what}; {_BUILT_IN_TOOLS}{hint}.",
             param=f"{path}.type", code="unsupported_tool",
         )
     name = fields.text("name", required=True, nonempty=True)

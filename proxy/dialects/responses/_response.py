@@ -12,7 +12,7 @@ from typing import Any
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
-from proxy.dialects.responses._request import CONVERSATION_PREFIX
+from proxy.dialects.responses._request import CONVERSATION_PREFIX, namespaces_of, split_name
 from proxy.dialects.responses._signed import last_signature, signed_content
 from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
@@ -150,18 +150,24 @@ def output_text(text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def call_item(item: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+def call_item(
+    item: str, call_id: str, name: str, arguments: str, status: str, namespaces: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """`namespaces`: the request's tool namespaces, whose tools' calls name their namespace."""
+    namespace, name = split_name(name, namespaces)
     return {
-        "id": item, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
-        "status": status,
+        "id": item, "type": "function_call", "call_id": call_id, "name": name,
+        **({"namespace": namespace} if namespace is not None else {}), "arguments": arguments, "status": status,
     }
 
 
 def output_of(
     completion: ChatCompletion, response: str, status: str, *, summary: bool = False, signature: str = "",
+    namespaces: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The first choice as output items (a Response has one answer); `summary`: see
-    `summarized`; `signature`: its thinking's (see `last_signature`)."""
+    `summarized`; `signature`: its thinking's (see `last_signature`); `namespaces`: the
+    request's tool namespaces (see `namespaces_of`)."""
     choice = completion.choices[0] if completion.choices else None
     output: list[dict[str, Any]] = []
     if choice is None:
@@ -173,12 +179,12 @@ def output_of(
         logprobs = entries if isinstance(entries, list) else None
         output.append(message_item(item_id(response, "msg", len(output)), choice.content, status, logprobs))
     for call in choice.tool_calls:
-        output.append(_call(response, len(output), call))
+        output.append(_call(response, len(output), call, namespaces))
     return output
 
 
-def _call(response: str, index: int, call: ToolCall) -> dict[str, Any]:
-    return call_item(item_id(response, "fc", index), call.id, call.name, call.arguments, "completed")
+def _call(response: str, index: int, call: ToolCall, namespaces: frozenset[str]) -> dict[str, Any]:
+    return call_item(item_id(response, "fc", index), call.id, call.name, call.arguments, "completed", namespaces)
 
 
 def render_response(
@@ -189,7 +195,10 @@ def render_response(
     `events`, the exchange's when at hand, supply what the completion cannot hold."""
     choice = completion.choices[0] if completion.choices else None
     status, incomplete = status_of(choice.finish_reason if choice else None)
-    output = output_of(completion, response, status, summary=summarized(settings), signature=last_signature(events))
+    output = output_of(
+        completion, response, status, summary=summarized(settings), signature=last_signature(events),
+        namespaces=namespaces_of(settings),
+    )
     body = response_object(
         response=response, created_at=created_at, model=model, settings=settings,
         status=status, output=output, usage=usage_to_wire(completion.usage),

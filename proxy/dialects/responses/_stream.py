@@ -23,6 +23,7 @@ from proxy.dialects._json import dumps
 from proxy.dialects.anthropic import SignedReasoningDelta
 from proxy.dialects.events import RUN_CANCELLED
 from proxy.dialects.openai import KEEPALIVE
+from proxy.dialects.responses._request import namespaces_of, split_name
 from proxy.dialects.responses._response import (
     call_item,
     error_to_wire,
@@ -100,6 +101,7 @@ class StreamRenderer:
         self._model = model
         self._settings = settings
         self._summary = summarized(settings)
+        self._namespaces = namespaces_of(settings)
         self._clock = clock
         self._created_at = int(clock()) if created_at is None else created_at
         self._completed_at = completed_at
@@ -233,7 +235,7 @@ class StreamRenderer:
         self._close_message(out)
         self._close_reasoning(out)
         item = self._open(
-            "function_call", "fc", out, lambda ident: call_item(ident, call_id, name, "", "in_progress")
+            "function_call", "fc", out, lambda ident: call_item(ident, call_id, name, "", "in_progress", self._namespaces)
         )
         item.call_id, item.name = call_id, name
         self._calls[index] = item
@@ -268,7 +270,7 @@ class StreamRenderer:
         out.append(
             self._event_frame(
                 "response.function_call_arguments.done",
-                {"item_id": item.id, "output_index": item.output_index, "name": item.name, "arguments": item.text},
+                {"item_id": item.id, "output_index": item.output_index, "name": split_name(item.name, self._namespaces)[1], "arguments": item.text},
             )
         )
         self._item_done(item, out)
@@ -301,7 +303,7 @@ class StreamRenderer:
             return message_item(item.id, item.text, status, item.logprobs)
         if item.kind == "reasoning":
             return reasoning_item(item.id, item.text, status, self._summary, item.signature)
-        return call_item(item.id, item.call_id, item.name, item.text, status)
+        return call_item(item.id, item.call_id, item.name, item.text, status, self._namespaces)
 
     # -- frames ---------------------------------------------------------------------------
 
