@@ -85,6 +85,10 @@ PDF_THREADS: Final = 2
 # would never answer. Then a 503 its client may retry. A search is milliseconds on a healthy
 # server, seconds on a cold large one.
 QUERY_TIMEOUT: Final = 10.0
+# How long a write waits for it (a workspace's settings, a document stored or deleted): a
+# document's chunks are thousands of rows, which a busy server takes seconds to write. Its
+# transaction cancelled, nothing of it is kept: the 503's client sends it again.
+WRITE_TIMEOUT: Final = 30.0
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -305,7 +309,7 @@ class RagService:
                 what = f"Document {document.source!r}" if document.source else "The document"
                 raise invalid_request(f"{what} has no text to index.", param="content")
         store = self.store()
-        with _database_errors():
+        with bounded_write():
             workspace = await store.ensure_workspace(workspace_name, language=language)
             if language is not None and workspace.language != language:
                 # Asked of a workspace made before: as `PUT /v1/workspaces/{ws}` would, chosen
@@ -357,13 +361,13 @@ class RagService:
         digest = hashlib.sha256(text.encode()).hexdigest()
         source = document.source or f"sha256:{digest[:16]}"
         signature = await trio.to_thread.run_sync(self._signature_of, chunks)
-        with _database_errors():
+        with bounded_query():
             state = await store.document_state(workspace.id, source)
         if state is not None and state[1] == digest and state[2] == signature:
             if progress is not None:
                 progress(len(chunks))
             if state[3] != document.metadata:
-                with _database_errors():
+                with bounded_write():
                     await store.update_metadata(workspace.id, state[0], document.metadata)
                 return IngestResult(state[0], source, "updated", len(chunks))
             return IngestResult(state[0], source, "unchanged", len(chunks))
@@ -373,7 +377,7 @@ class RagService:
             media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
-        with _database_errors():
+        with bounded_write():
             document_id, status = await store.put_document(workspace, new)
         return IngestResult(document_id, source, status, len(chunks),
                             sum(c.tokens for c in chunks) if status != "unchanged" else 0)
@@ -487,12 +491,26 @@ def _check_storable(document: DocumentInput, index: int) -> None:
 def bounded_query() -> Iterator[None]:
     """`_database_errors`, and a 503 when the store has not answered within `QUERY_TIMEOUT`
     (the query is cancelled: psycopg closes a connection whose server does not confirm)."""
-    with _database_errors(), trio.move_on_after(QUERY_TIMEOUT) as waited:
+    with _bounded(QUERY_TIMEOUT):
+        yield
+
+
+@contextmanager
+def bounded_write() -> Iterator[None]:
+    """`bounded_query` for a write, within `WRITE_TIMEOUT`: its transaction cancelled, it
+    commits nothing."""
+    with _bounded(WRITE_TIMEOUT):
+        yield
+
+
+@contextmanager
+def _bounded(seconds: float) -> Iterator[None]:
+    with _database_errors(), trio.move_on_after(seconds) as waited:
         yield
     if waited.cancelled_caught:
-        log.warning("RAG store: no answer within %g s", QUERY_TIMEOUT)
+        log.warning("RAG store: no answer within %g s", seconds)
         raise GatewayError(ErrorKind.UNAVAILABLE,
-                           f"The RAG store (PostgreSQL) did not answer within {QUERY_TIMEOUT:g} s; try again shortly.",
+                           f"The RAG store (PostgreSQL) did not answer within {seconds:g} s; try again shortly.",
                            code="database_unavailable", retry_after=2)
 
 
@@ -660,6 +678,7 @@ __all__ = [
     "RetrievalOptions",
     "as_sent",
     "bounded_query",
+    "bounded_write",
     "check_workspace_name",
     "counted_as_sent",
     "inject",
