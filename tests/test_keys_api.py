@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 import trio
 
+import proxy.http._keys
 from proxy.cli import build_parser
 from proxy.keys_command import run as run_keys
 from tests.fakes import Usage
@@ -557,3 +559,45 @@ async def test_the_last_key_able_to_manage_keys_cannot_be_revoked_or_limited(sta
     assert sorted(answers.values()) == [200, 400], answers
     [(left,)] = await sql(stack.db, "SELECT count(*) FROM api_keys WHERE admin AND models IS NULL AND revoked_at IS NULL")
     assert left == 1
+
+
+async def test_a_stalled_or_locked_database_is_a_503_within_bounds_that_changes_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key's row locked by another writer (or PostgreSQL stalled): creating, changing,
+    # revoking or listing keys waited for it for as long as it lasted.
+    monkeypatch.setattr(proxy.http._keys, "DATABASE_WAIT", 1.0)
+    async with await admin_client(stack) as admin:
+        other = (await admin.post("/v1/keys", json={"name": "other", "rpm": 60})).json()
+
+        async def refused_while_locked(lock: str, *requests: tuple[str, str, dict[str, Any] | None]) -> None:
+            holder = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+            try:
+                await trio.to_thread.run_sync(holder.execute, lock)
+                for method, path, body in requests:
+                    with trio.fail_after(20):
+                        answer = await admin.request(method, path, json=body)
+                    assert answer.status_code == 503, (method, path, answer.text)
+                    assert answer.json()["error"]["code"] == "database_unavailable", answer.text
+                    assert answer.headers["retry-after"] == "2"
+            finally:
+                await trio.to_thread.run_sync(holder.close)
+
+        # Reads go on under EXCLUSIVE: the writes wait.
+        await refused_while_locked(
+            "LOCK TABLE api_keys IN EXCLUSIVE MODE",
+            ("POST", "/v1/keys", {"name": "late"}),
+            ("PATCH", f"/v1/keys/{other['id']}", {"rpm": 5}),
+            ("DELETE", f"/v1/keys/{other['id']}", None),
+        )
+        await refused_while_locked(
+            "LOCK TABLE api_key_usage IN ACCESS EXCLUSIVE MODE",
+            ("GET", "/v1/keys", None),
+            ("GET", f"/v1/keys/{other['id']}", None),
+        )
+        # Nothing refused was done; sent again, each is.
+        names = {record["name"]: record for record in (await admin.get("/v1/keys")).json()["data"]}
+        assert set(names) == {"root", "other"}
+        assert names["other"]["status"] == "active" and names["other"]["rpm"] == 60
+        assert (await admin.patch(f"/v1/keys/{other['id']}", json={"rpm": 5})).json()["rpm"] == 5
+        assert (await admin.delete(f"/v1/keys/{other['id']}")).json()["status"] == "revoked"

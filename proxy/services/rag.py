@@ -51,7 +51,7 @@ from proxy.infra.chunking import (
 )
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
-from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
+from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError, answered_within
 from proxy.infra.rag_store import (
     LanguageLocked,
     NewChunk,
@@ -505,13 +505,8 @@ def bounded_write() -> Iterator[None]:
 
 @contextmanager
 def _bounded(seconds: float) -> Iterator[None]:
-    with _database_errors(), trio.move_on_after(seconds) as waited:
+    with _database_errors(), answered_within(seconds, "The RAG store (PostgreSQL)"):
         yield
-    if waited.cancelled_caught:
-        log.warning("RAG store: no answer within %g s", seconds)
-        raise GatewayError(ErrorKind.UNAVAILABLE,
-                           f"The RAG store (PostgreSQL) did not answer within {seconds:g} s; try again shortly.",
-                           code="database_unavailable", retry_after=2)
 
 
 @contextmanager
