@@ -91,7 +91,7 @@ async def create() -> Response:
         lambda store: store.add_message_batch(
             batch_id, new_file_id(), tenant, key_id, content, [custom_id for custom_id, _ in requests]
         ),
-        "storing a message batch",
+        "storing a message batch", len(content),
     )
     runner = gateway().batches
     assert runner is not None
