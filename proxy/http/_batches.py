@@ -64,8 +64,8 @@ def _persistence() -> Persistence:
     return persistence
 
 
-async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
-    return await _persistence().batches(call, what)
+async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str, *, change: bool = False) -> _T:
+    return await _persistence().batches(call, what, change=change)
 
 
 async def _owned(
@@ -229,7 +229,7 @@ async def _slices(store: BatchStore, file_id: str, size: int) -> AsyncIterator[b
 async def delete_file(file_id: str) -> Response:
     await _own_file(file_id)
     tenant = current_tenant()
-    deleted = await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}")
+    deleted = await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}", change=True)
     if isinstance(deleted, str):
         raise GatewayError(
             ErrorKind.CONFLICT, f"The file {file_id} is the input of batch {deleted}, which has not ended: cancel "
@@ -310,7 +310,7 @@ async def retrieve_batch(batch_id: str) -> Response:
 async def cancel_batch(batch_id: str) -> Response:
     found = await _own_batch(batch_id)
     tenant = current_tenant()
-    if await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}"):
+    if await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}", change=True):
         runner = gateway().batches
         assert runner is not None
         runner.cancelled(batch_id)

@@ -138,7 +138,7 @@ async def retrieve(batch_id: str) -> Response:
 async def cancel(batch_id: str) -> Response:
     await _own(batch_id)
     tenant = current_tenant()
-    asked = await _stored(lambda store: store.cancel(batch_id, tenant), f"message batch {batch_id}")
+    asked = await _stored(lambda store: store.cancel(batch_id, tenant), f"message batch {batch_id}", change=True)
     if asked:
         runner = gateway().batches
         assert runner is not None
