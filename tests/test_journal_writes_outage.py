@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import trio
 
+import proxy.http._keys
 import proxy.services.batches
 import proxy.services.persistence
 from proxy.config import BatchSettings
@@ -25,7 +26,15 @@ from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway, sql
+from tests.test_auth_helpers import (
+    bearer,
+    eventually,
+    gateway,
+    keyed_stack,
+    new_key,
+    sql,
+    wait_for_key,
+)
 from tests.test_batches import chat_line, jsonl, until_status
 from tests.test_limits_outage import stalled
 
@@ -277,3 +286,31 @@ async def test_a_change_refused_on_a_locked_database_is_not_made_behind_its_clie
         await client.responses.delete(response.id)
         assert (await client.conversations.delete(conversation.id)).deleted
         await client.close()
+
+
+async def test_a_key_created_while_the_database_stalls_is_a_503_in_bounded_time_and_not_made(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's processes paused (no lock to cancel: its connections answer nothing): the
+    keys API waited for it for as long as it lasted."""
+    monkeypatch.setattr(proxy.http._keys, "DATABASE_WAIT", 1.0)
+    assert postgres.url is not None
+    async with keyed_stack(postgres.url, nats_url, Usage(5, 1)) as stack:
+        key = await new_key(stack.db, "root", "--admin")
+        await wait_for_key(stack.url, key)
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as admin:
+            with stalled(postgres):
+                started = trio.current_time()
+                with trio.fail_after(STALL_SECONDS * 2):
+                    refused = await admin.post("/v1/keys", json={"name": "late"})
+                waited = trio.current_time() - started
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+            assert refused.json()["error"]["code"] == "database_unavailable" and waited < STALL_SECONDS
+
+            async def listed() -> list[str]:
+                answer = await admin.get("/v1/keys")
+                return [record["name"] for record in answer.json()["data"]] if answer.status_code == 200 else []
+
+            # The cancelled creation committed nothing once the server went on.
+            assert await eventually(listed, within=RECONNECT_SECONDS + 10) == ["root"]
+            assert (await admin.post("/v1/keys", json={"name": "late"})).status_code == 201
