@@ -464,6 +464,24 @@ async def test_writes_to_a_stalled_rag_store_are_a_503_that_keeps_nothing(
         assert (await http.put("/v1/workspaces/docs", json={"top_k": 2})).json()["settings"] == {"top_k": 2}
 
 
+async def test_a_long_document_written_slowly_but_steadily_is_not_taken_for_a_stall(
+    pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its chunks go in batches, each of which makes progress: only a write with none for
+    # `WRITE_TIMEOUT` is a stall (a big PDF's thousands of chunks take a busy server minutes).
+    monkeypatch.setattr(proxy.services.rag, "WRITE_TIMEOUT", 1.5)
+    text = "\n\n".join(f"Paragraph {i} tells of harbour {i}, its lighthouse and the ships it guided home." for i in range(600))
+    async with running_gateway(database_url=pg_database_url, rag=RagSettings(chunk_tokens=32, chunk_overlap=0)) as url:
+        with psycopg.connect(pg_database_url, autocommit=True) as conn:  # every batch of chunks takes 0.5 s
+            conn.execute("CREATE FUNCTION slowly() RETURNS trigger LANGUAGE plpgsql AS"
+                         " $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$")
+            conn.execute("CREATE TRIGGER slowly AFTER INSERT ON rag_chunks FOR EACH STATEMENT EXECUTE FUNCTION slowly()")
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            stored = await http.post("/v1/workspaces/docs/documents", json={"content": text, "source": "harbours.md"})
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["data"][0]["chunks"] > 4 * 64  # five batches: 2.5 s in all
+
+
 async def test_a_german_workspace_stems_german(pg_database_url: str) -> None:
     async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
         assert (await http.put("/v1/workspaces/de", json={"language": "german"})).status_code == 200

@@ -123,13 +123,14 @@ class InvalidValue(DatabaseError):
 
 
 @contextmanager
-def answered_within(seconds: float, what: str = "The database (PostgreSQL)") -> Iterator[None]:
+def answered_within(seconds: float, what: str = "The database (PostgreSQL)") -> Iterator[trio.CancelScope]:
     """The statements inside, given up on (cancelled: a transaction left unfinished commits
     nothing; psycopg closes a connection whose server does not confirm) when `what` has not
     answered them within `seconds` (stalled, locked): then a 503 `database_unavailable` with
-    `Retry-After`, a client's answer rather than a request that never ends."""
+    `Retry-After`, a client's answer rather than a request that never ends. The scope it
+    yields may have its deadline moved (a long write that makes progress)."""
     with trio.move_on_after(seconds) as waited:
-        yield
+        yield waited
     if waited.cancelled_caught:
         log.warning("%s: no answer within %g s", what, seconds)
         raise GatewayError(ErrorKind.UNAVAILABLE, f"{what} did not answer within {seconds:g} s; try again shortly.",

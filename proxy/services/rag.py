@@ -85,9 +85,10 @@ PDF_THREADS: Final = 2
 # would never answer. Then a 503 its client may retry. A search is milliseconds on a healthy
 # server, seconds on a cold large one.
 QUERY_TIMEOUT: Final = 10.0
-# How long a write waits for it (a workspace's settings, a document stored or deleted): a
-# document's chunks are thousands of rows, which a busy server takes seconds to write. Its
-# transaction cancelled, nothing of it is kept: the 503's client sends it again.
+# How long a write waits for it (a workspace's settings, a document stored or deleted; a
+# document's chunks, thousands of rows a busy server takes minutes to index, from one batch of
+# them to the next). Its transaction cancelled, nothing of it is kept: the 503's client sends
+# it again.
 WRITE_TIMEOUT: Final = 30.0
 
 
@@ -377,8 +378,8 @@ class RagService:
             media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
-        with bounded_write():
-            document_id, status = await store.put_document(workspace, new)
+        with bounded_write() as progressed:
+            document_id, status = await store.put_document(workspace, new, progressed)
         return IngestResult(document_id, source, status, len(chunks),
                             sum(c.tokens for c in chunks) if status != "unchanged" else 0)
 
@@ -496,17 +497,21 @@ def bounded_query() -> Iterator[None]:
 
 
 @contextmanager
-def bounded_write() -> Iterator[None]:
-    """`bounded_query` for a write, within `WRITE_TIMEOUT`: its transaction cancelled, it
-    commits nothing."""
-    with _bounded(WRITE_TIMEOUT):
-        yield
+def bounded_write() -> Iterator[Callable[[], None]]:
+    """`bounded_query` for a write, within `WRITE_TIMEOUT` of its start or of its last progress
+    (the function it yields, called as a write goes on): its transaction cancelled, it commits
+    nothing."""
+    with _bounded(WRITE_TIMEOUT) as scope:
+        def progressed() -> None:
+            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+
+        yield progressed
 
 
 @contextmanager
-def _bounded(seconds: float) -> Iterator[None]:
-    with _database_errors(), answered_within(seconds, "The RAG store (PostgreSQL)"):
-        yield
+def _bounded(seconds: float) -> Iterator[trio.CancelScope]:
+    with _database_errors(), answered_within(seconds, "The RAG store (PostgreSQL)") as scope:
+        yield scope
 
 
 @contextmanager
