@@ -132,8 +132,9 @@ def answered_within(seconds: float, what: str = "The database (PostgreSQL)") -> 
     with trio.move_on_after(seconds) as waited:
         yield waited
     if waited.cancelled_caught:
-        log.warning("%s: no answer within %g s", what, seconds)
-        raise GatewayError(ErrorKind.UNAVAILABLE, f"{what} did not answer within {seconds:g} s; try again shortly.",
+        shown = f"{seconds:.2g}" if seconds < 10 else f"{seconds:.0f}"  # a deadline sized to a file: 130, not 130.0003
+        log.warning("%s: no answer within %s s", what, shown)
+        raise GatewayError(ErrorKind.UNAVAILABLE, f"{what} did not answer within {shown} s; try again shortly.",
                            code="database_unavailable", retry_after=2)
 
 
