@@ -410,7 +410,7 @@ class RateLimiter:
         # while a batch of it that may have been applied can be sent again, so it is deleted
         # once none is held here or in the spool file.
         self._retired: set[str] = set()
-        self._next_rollup = 0.0  # at the first write
+        self._next_rollup = -math.inf  # at the first write
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
         self._flushed = trio.Event()
