@@ -9,11 +9,16 @@ import gzip
 import os
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anthropic
 import httpx
 import openai
+import psycopg
 import pytest
+import trio
 
+import proxy.http._batches
 from proxy.config import BatchSettings
 from tests.fakes import OpenAIBackend
 from tests.harness import backend
@@ -163,3 +168,36 @@ async def test_the_openapi_document_says_which_uploads_and_batches_are_accepted(
         for endpoint in [*endpoints, "/v1/moderations", "/v1/messages"]:
             reply = await http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"})
             assert (reply.json().get("error", {}).get("param") != "endpoint") == (endpoint in endpoints), endpoint
+
+
+async def test_a_file_or_message_batch_stored_on_a_stalled_database_is_a_503_that_keeps_nothing(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The table locked by another writer (or PostgreSQL stalled): an upload, or a message
+    # batch's creation, waited for it for as long as it lasted, the client with no answer.
+    monkeypatch.setattr(proxy.http._batches, "SLOW_BASE_SECONDS", 1.0)
+    lines = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "messages": []}}\n'
+    requests: Any = [{"custom_id": "a", "params": {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}}]
+    fake = OpenAIBackend()
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        oa = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        an = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=30)
+        holder = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_database_url))
+        try:
+            await trio.to_thread.run_sync(holder.execute, "LOCK TABLE files IN EXCLUSIVE MODE")  # reads go on
+            with trio.fail_after(20), pytest.raises(openai.APIStatusError) as upload:
+                await oa.files.create(file=("in.jsonl", lines), purpose="batch")
+            with trio.fail_after(20), pytest.raises(anthropic.APIStatusError) as batch:
+                await an.messages.batches.create(requests=requests)
+        finally:
+            await trio.to_thread.run_sync(holder.close)
+        assert upload.value.status_code == 503 and upload.value.code == "database_unavailable"
+        assert upload.value.response.headers["retry-after"] == "2"
+        assert batch.value.status_code == 503 and batch.value.response.headers["retry-after"] == "2"
+        # Nothing of either was kept; sent again, each is.
+        assert (await oa.files.list()).data == []
+        assert [b async for b in an.messages.batches.list()] == []
+        assert (await oa.files.create(file=("in.jsonl", lines), purpose="batch")).bytes == len(lines)
+        assert (await an.messages.batches.create(requests=requests)).request_counts.processing == 1
+        await oa.close()
+        await an.close()

@@ -13,17 +13,28 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 import trio
 
+import proxy.http._keys
 import proxy.services.batches
+import proxy.services.persistence
 from proxy.config import BatchSettings
 from proxy.infra.batch_store import BatchStore
 from proxy.infra.conversation_store import ConversationStore
 from proxy.infra.embedded import EmbeddedPostgres
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
-from tests.test_auth_helpers import eventually, gateway, sql
+from tests.test_auth_helpers import (
+    bearer,
+    eventually,
+    gateway,
+    keyed_stack,
+    new_key,
+    sql,
+    wait_for_key,
+)
 from tests.test_batches import chat_line, jsonl, until_status
 from tests.test_limits_outage import stalled
 
@@ -240,3 +251,66 @@ async def test_a_turn_whose_client_leaves_while_its_lock_waits_for_the_database_
         second = await client.responses.create(model="m", input="Two.", conversation=conversation.id)
         await client.close()
     assert second.status == "completed"
+
+
+async def test_a_change_refused_on_a_locked_database_is_not_made_behind_its_clients_back(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete or an update whose table is locked (or PostgreSQL stalled) was answered 503
+    after 3 s, its statement left to run on: it was made once the lock went, and the client's
+    retry of a delete found nothing left, a 404. Now the change is cancelled with its 503."""
+    monkeypatch.setattr(proxy.services.persistence, "CHANGE_TIMEOUT", 1.0)
+    fake = OpenAIBackend(default=Script(tokens=["Hello"], usage=Usage(5, 1)))
+    async with fake.serve() as server, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        conversation = await client.conversations.create(metadata={"topic": "kept"})
+        response = await client.responses.create(model="qwen3-8b", input="Say hello")
+        await eventually(lambda: sql(pg_database_url, "SELECT 1 FROM chat_log WHERE status = 'completed'"))
+
+        async def refused_while_locked(table: str, change: Callable[[], Awaitable[object]]) -> None:
+            with contextlib.closing(await trio.to_thread.run_sync(lambda: psycopg.connect(pg_database_url))) as holder:
+                await trio.to_thread.run_sync(holder.execute, f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # reads go on
+                with trio.fail_after(20), pytest.raises(openai.APIStatusError) as refused:
+                    await change()
+            assert refused.value.status_code == 503 and refused.value.code == "journal_unavailable"
+            assert refused.value.response.headers["retry-after"] == "2"
+
+        await refused_while_locked("conversations", lambda: client.conversations.delete(conversation.id))
+        await refused_while_locked(
+            "conversations", lambda: client.conversations.update(conversation.id, metadata={"topic": "changed"}))
+        await refused_while_locked("chat_log", lambda: client.responses.delete(response.id))
+        await trio.sleep(3)  # what a statement left running would have done by now, once the lock went
+        assert (await client.conversations.retrieve(conversation.id)).metadata == {"topic": "kept"}
+        assert (await client.responses.retrieve(response.id)).output_text == "Hello"
+        # Sent again, each is made.
+        await client.responses.delete(response.id)
+        assert (await client.conversations.delete(conversation.id)).deleted
+        await client.close()
+
+
+async def test_a_key_created_while_the_database_stalls_is_a_503_in_bounded_time_and_not_made(
+    aio_loop: object, postgres: EmbeddedPostgres, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's processes paused (no lock to cancel: its connections answer nothing): the
+    keys API waited for it for as long as it lasted."""
+    monkeypatch.setattr(proxy.http._keys, "DATABASE_WAIT", 1.0)
+    assert postgres.url is not None
+    async with keyed_stack(postgres.url, nats_url, Usage(5, 1)) as stack:
+        key = await new_key(stack.db, "root", "--admin")
+        await wait_for_key(stack.url, key)
+        async with httpx.AsyncClient(base_url=stack.url, headers=bearer(key), timeout=30) as admin:
+            with stalled(postgres):
+                started = trio.current_time()
+                with trio.fail_after(STALL_SECONDS * 2):
+                    refused = await admin.post("/v1/keys", json={"name": "late"})
+                waited = trio.current_time() - started
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+            assert refused.json()["error"]["code"] == "database_unavailable" and waited < STALL_SECONDS
+
+            async def listed() -> list[str]:
+                answer = await admin.get("/v1/keys")
+                return [record["name"] for record in answer.json()["data"]] if answer.status_code == 200 else []
+
+            # The cancelled creation committed nothing once the server went on.
+            assert await eventually(listed, within=RECONNECT_SECONDS + 10) == ["root"]
+            assert (await admin.post("/v1/keys", json={"name": "late"})).status_code == 201

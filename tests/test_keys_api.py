@@ -3,6 +3,7 @@ made over HTTP used by the openai SDK, changes applied by another gateway on the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -12,9 +13,12 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 import trio
 
+import proxy.http._keys
+import proxy.services.limits
 from proxy.cli import build_parser
 from proxy.keys_command import run as run_keys
 from tests.fakes import Usage
@@ -557,3 +561,115 @@ async def test_the_last_key_able_to_manage_keys_cannot_be_revoked_or_limited(sta
     assert sorted(answers.values()) == [200, 400], answers
     [(left,)] = await sql(stack.db, "SELECT count(*) FROM api_keys WHERE admin AND models IS NULL AND revoked_at IS NULL")
     assert left == 1
+
+
+async def test_a_stalled_or_locked_database_is_a_503_within_bounds_that_changes_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key's row locked by another writer (or PostgreSQL stalled): creating, changing,
+    # revoking or listing keys waited for it for as long as it lasted.
+    monkeypatch.setattr(proxy.http._keys, "DATABASE_WAIT", 1.0)
+    async with await admin_client(stack) as admin:
+        other = (await admin.post("/v1/keys", json={"name": "other", "rpm": 60})).json()
+
+        async def refused_while_locked(lock: str, *requests: tuple[str, str, dict[str, Any] | None]) -> None:
+            holder = await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))
+            try:
+                await trio.to_thread.run_sync(holder.execute, lock)
+                for method, path, body in requests:
+                    with trio.fail_after(20):
+                        answer = await admin.request(method, path, json=body)
+                    assert answer.status_code == 503, (method, path, answer.text)
+                    assert answer.json()["error"]["code"] == "database_unavailable", answer.text
+                    assert answer.headers["retry-after"] == "2"
+            finally:
+                await trio.to_thread.run_sync(holder.close)
+
+        # Reads go on under EXCLUSIVE: the writes wait.
+        await refused_while_locked(
+            "LOCK TABLE api_keys IN EXCLUSIVE MODE",
+            ("POST", "/v1/keys", {"name": "late"}),
+            ("PATCH", f"/v1/keys/{other['id']}", {"rpm": 5}),
+            ("DELETE", f"/v1/keys/{other['id']}", None),
+        )
+        await refused_while_locked(
+            "LOCK TABLE api_key_usage IN ACCESS EXCLUSIVE MODE",
+            ("GET", "/v1/keys", None),
+            ("GET", f"/v1/keys/{other['id']}", None),
+        )
+        # A key made just before its record could be read is answered all the same: a 503
+        # would leave a key made that nobody holds.
+        with contextlib.closing(await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))) as holder:
+            await trio.to_thread.run_sync(holder.execute, "LOCK TABLE api_key_usage IN ACCESS EXCLUSIVE MODE")
+            with trio.fail_after(20):
+                made = await admin.post("/v1/keys", json={"name": "made", "budget": 1000})
+        assert made.status_code == 201, made.text
+        assert made.json()["key"].startswith("sk-llmp-") and made.json()["requests"] == 0
+        assert made.json()["budget_used"] == 0 and made.json()["budget_resets_at"] is not None
+        await wait_for_key(stack.url, made.json()["key"])
+        # Nothing refused was done; sent again, each is.
+        names = {record["name"]: record for record in (await admin.get("/v1/keys")).json()["data"]}
+        assert set(names) == {"root", "other", "made"}
+        assert names["other"]["status"] == "active" and names["other"]["rpm"] == 60
+        assert (await admin.patch(f"/v1/keys/{other['id']}", json={"rpm": 5})).json()["rpm"] == 5
+        assert (await admin.delete(f"/v1/keys/{other['id']}")).json()["status"] == "revoked"
+
+
+@pytest.fixture
+async def folding_stack(
+    aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Stack]:
+    """`stack` whose usage writer folds old hours into days at each write, not once an hour."""
+    monkeypatch.setattr(proxy.services.limits, "_ROLLUP_EVERY", 0.0)
+    async with keyed_stack(pg_database_url, nats_url, Usage(5, 1)) as started:
+        yield started
+
+
+async def test_a_keys_old_hours_of_usage_become_days_its_totals_unchanged(folding_stack: Stack) -> None:
+    # `api_key_usage` kept a row per key and hour it was used, for ever: a busy key's year was
+    # 8760 rows. Hours of the days before yesterday (UTC) are now one row per day.
+    stack = folding_stack
+    async with await admin_client(stack) as admin:
+        made = (await admin.post("/v1/keys", json={"name": "user", "budget": 100000})).json()
+        key_id, secret = made["id"], made["key"]
+        hours = [(5, 0), (5, 3), (5, 13), (5, 23), (3, 7), (1, 5)]  # (days ago, hour UTC)
+        for days, hour in hours:
+            await sql(
+                stack.db,
+                "INSERT INTO api_key_usage (key_id, hour, requests, errors, prompt_tokens, completion_tokens, last_used_at)"
+                " SELECT %s, at, 2, 1, 10, 3, at + interval '10 minutes' FROM (SELECT date_trunc('day', now() AT TIME ZONE"
+                " 'UTC') AT TIME ZONE 'UTC' - make_interval(days => %s, hours => -%s) AS at) t",
+                key_id, days, hour,
+            )
+        before = (await admin.get(f"/v1/keys/{key_id}")).json()
+        assert (before["requests"], before["errors"], before["prompt_tokens"]) == (12, 6, 60)
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=secret, max_retries=0) as client:
+            await client.chat.completions.create(**CHAT)
+
+        def day(days: int, hour: int = 0) -> str:
+            return f"date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' - make_interval(days => {days}, hours => -{hour})"
+
+        async def folded() -> list[tuple[Any, ...]]:
+            found = await sql(
+                stack.db,
+                f"SELECT CASE hour WHEN {day(5)} THEN 'day-5' WHEN {day(3)} THEN 'day-3' WHEN {day(1, 5)} THEN 'hour-1d5h'"
+                " WHEN date_trunc('hour', now()) THEN 'now' ELSE hour::text END, requests, errors, prompt_tokens,"
+                " completion_tokens, last_used_at = " + day(5, 23) + " + interval '10 minutes'"
+                " FROM api_key_usage u WHERE key_id = %s ORDER BY u.hour",
+                key_id,
+            )
+            return found if len(found) == 4 else []
+
+        rows = await eventually(folded, within=10)
+        assert rows == [
+            ("day-5", 8, 4, 40, 12, True),  # four hours in one row, their last use kept
+            ("day-3", 2, 1, 10, 3, False),
+            ("hour-1d5h", 2, 1, 10, 3, False),  # yesterday's hours stay hours
+            ("now", 1, 0, 5, 1, False),
+        ]
+        after = (await admin.get(f"/v1/keys/{key_id}")).json()
+        # The totals the key's record and `keys list` show, and its budget, are what they were.
+        assert (after["requests"], after["errors"], after["prompt_tokens"], after["completion_tokens"]) == (13, 6, 65, 19)
+        assert after["budget_used"] == 6
+        listed = {record["id"]: record for record in (await admin.get("/v1/keys")).json()["data"]}
+        assert listed[key_id]["requests"] == 13

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio_asyncio
 
+import proxy.services.rag
 from proxy.cli import main
 from proxy.config import RagSettings
 from proxy.domain.errors import GatewayError
@@ -418,6 +419,67 @@ async def test_http_document_lifecycle(pg_database_url: str) -> None:
         assert (await http.delete("/v1/workspaces/docs/documents/not-a-uuid")).status_code == 404
         assert (await http.delete("/v1/workspaces/docs")).status_code == 200
         assert (await http.get("/v1/workspaces/docs")).status_code == 404
+
+
+async def test_writes_to_a_stalled_rag_store_are_a_503_that_keeps_nothing(
+    pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A locked or stalled PostgreSQL: an ingest, a workspace's settings, a document's or a
+    # workspace's delete waited for it for as long as it lasted (reads were bounded already).
+    monkeypatch.setattr(proxy.services.rag, "WRITE_TIMEOUT", 1.0)
+    async with running_gateway(database_url=pg_database_url) as url, httpx.AsyncClient(base_url=url, timeout=60) as http:
+        made = await http.post("/v1/workspaces/docs/documents", json={"content": API, "source": "api.md"})
+        assert made.status_code == 201, made.text
+        document_id = made.json()["data"][0]["id"]
+
+        async def refused_while_locked(tables: str, *requests: tuple[str, str, dict[str, Any] | None]) -> None:
+            holder = await trio.to_thread.run_sync(lambda: psycopg.connect(pg_database_url))
+            try:
+                # Reads go on (EXCLUSIVE lets them), every write to these tables waits.
+                await trio.to_thread.run_sync(holder.execute, f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
+                for method, path, body in requests:
+                    with trio.fail_after(20):
+                        answer = await http.request(method, path, json=body)
+                    assert answer.status_code == 503, (path, answer.text)
+                    assert answer.json()["error"]["code"] == "database_unavailable", answer.text
+                    assert answer.headers["retry-after"] == "2"
+            finally:
+                await trio.to_thread.run_sync(holder.close)
+
+        await refused_while_locked("rag_chunks", ("POST", "/v1/workspaces/docs/documents",
+                                                  {"content": BREAD, "source": "bread.html"}))
+        await refused_while_locked(
+            "rag_workspaces, rag_documents, rag_chunks",
+            ("PUT", "/v1/workspaces/docs", {"top_k": 2}),
+            ("PUT", "/v1/workspaces/other", {}),
+            ("POST", "/v1/workspaces/other/documents", {"content": BREAD}),
+            ("DELETE", f"/v1/workspaces/docs/documents/{document_id}", None),
+            ("DELETE", "/v1/workspaces/docs", None),
+        )
+        # Nothing refused was written, nothing there was lost; sent again, each is done.
+        listed = (await http.get("/v1/workspaces")).json()["data"]
+        assert [(w["name"], w["settings"], w["documents"]) for w in listed] == [("docs", {}, 1)]
+        again = await http.post("/v1/workspaces/docs/documents", json={"content": BREAD, "source": "bread.html"})
+        assert again.status_code == 201 and again.json()["data"][0]["status"] == "created"
+        assert (await http.put("/v1/workspaces/docs", json={"top_k": 2})).json()["settings"] == {"top_k": 2}
+
+
+async def test_a_long_document_written_slowly_but_steadily_is_not_taken_for_a_stall(
+    pg_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its chunks go in batches, each of which makes progress: only a write with none for
+    # `WRITE_TIMEOUT` is a stall (a big PDF's thousands of chunks take a busy server minutes).
+    monkeypatch.setattr(proxy.services.rag, "WRITE_TIMEOUT", 1.5)
+    text = "\n\n".join(f"Paragraph {i} tells of harbour {i}, its lighthouse and the ships it guided home." for i in range(600))
+    async with running_gateway(database_url=pg_database_url, rag=RagSettings(chunk_tokens=32, chunk_overlap=0)) as url:
+        with psycopg.connect(pg_database_url, autocommit=True) as conn:  # every batch of chunks takes 0.5 s
+            conn.execute("CREATE FUNCTION slowly() RETURNS trigger LANGUAGE plpgsql AS"
+                         " $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$")
+            conn.execute("CREATE TRIGGER slowly AFTER INSERT ON rag_chunks FOR EACH STATEMENT EXECUTE FUNCTION slowly()")
+        async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+            stored = await http.post("/v1/workspaces/docs/documents", json={"content": text, "source": "harbours.md"})
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["data"][0]["chunks"] > 4 * 64  # five batches: 2.5 s in all
 
 
 async def test_a_german_workspace_stems_german(pg_database_url: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, HTTPScope
@@ -36,7 +36,7 @@ from proxy.http._head import ON_BEHALF_OF, current_tenant, refuse_routes, reques
 from proxy.http._openapi import _INT, _OBJ, _STR, _ok, _op, document
 from proxy.http._request import PacedRequest
 from proxy.infra.batch_store import BatchStore
-from proxy.infra.postgres import DatabaseError
+from proxy.infra.postgres import DatabaseError, answered_within
 from proxy.services.auth import current_principal
 from proxy.services.batches import Answer, Dispatch
 from proxy.services.persistence import Persistence
@@ -49,6 +49,11 @@ FILES = "/v1/files"
 # A file's bytes read and sent at a time.
 _SLICE = 1 << 20
 _T = TypeVar("_T")
+# How long a statement moving a file's bytes waits for PostgreSQL: some seconds, and a second
+# per MiB on top (a slow disk writes 100 MB in well under 100 s). Past that it is stalled or
+# locked: a 503, the statement cancelled with nothing of it kept.
+SLOW_BASE_SECONDS: Final = 30.0
+SLOW_BYTES_PER_SECOND: Final = float(1 << 20)
 
 
 
@@ -59,8 +64,8 @@ def _persistence() -> Persistence:
     return persistence
 
 
-async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
-    return await _persistence().batches(call, what)
+async def _stored(call: Callable[[BatchStore], Awaitable[_T]], what: str, *, change: bool = False) -> _T:
+    return await _persistence().batches(call, what, change=change)
 
 
 async def _owned(
@@ -75,13 +80,15 @@ async def _owned(
     return found
 
 
-async def _stored_slowly(call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
-    """A statement moving a file's bytes: as long as they take, not a lookup's few seconds."""
+async def _stored_slowly(call: Callable[[BatchStore], Awaitable[_T]], what: str, size: int = 0) -> _T:
+    """A statement moving a file's bytes (`size` of them, if known): as long as they take, not
+    a lookup's few seconds, but not for ever."""
     db = _persistence().resources.database
     try:
         if db is None:
             raise DatabaseError("not connected")
-        return await call(BatchStore(db))
+        with answered_within(SLOW_BASE_SECONDS + size / SLOW_BYTES_PER_SECOND):
+            return await call(BatchStore(db))
     except DatabaseError as error:
         log.warning("%s failed: %s", what, error)
         raise GatewayError(
@@ -150,7 +157,7 @@ async def _store_upload(upload: _upload.Upload) -> Response:
     created = await _stored_slowly(
         lambda store: store.add_file(
             wire.new_file_id(), tenant, purpose, filename, content, expires, size=upload.size
-        ), "storing a file",
+        ), "storing a file", upload.size,
     )
     return _reply(wire.file_object(created))
 
@@ -222,7 +229,7 @@ async def _slices(store: BatchStore, file_id: str, size: int) -> AsyncIterator[b
 async def delete_file(file_id: str) -> Response:
     await _own_file(file_id)
     tenant = current_tenant()
-    deleted = await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}")
+    deleted = await _stored(lambda store: store.delete_file(file_id, tenant), f"file {file_id}", change=True)
     if isinstance(deleted, str):
         raise GatewayError(
             ErrorKind.CONFLICT, f"The file {file_id} is the input of batch {deleted}, which has not ended: cancel "
@@ -303,7 +310,7 @@ async def retrieve_batch(batch_id: str) -> Response:
 async def cancel_batch(batch_id: str) -> Response:
     found = await _own_batch(batch_id)
     tenant = current_tenant()
-    if await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}"):
+    if await _stored(lambda store: store.cancel(batch_id, tenant), f"batch {batch_id}", change=True):
         runner = gateway().batches
         assert runner is not None
         runner.cancelled(batch_id)

@@ -50,8 +50,8 @@ def _persistence(persistence: Persistence | None) -> Persistence:
     return persistence
 
 
-async def _stored(call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
-    return await _persistence(gateway().persistence).conversations(call, what)
+async def _stored(call: Callable[[ConversationStore], Awaitable[_T]], what: str, *, change: bool = False) -> _T:
+    return await _persistence(gateway().persistence).conversations(call, what, change=change)
 
 
 def _reply(body: dict[str, Any]) -> Response:
@@ -112,7 +112,7 @@ async def update_conversation(conversation_id: str) -> Response:
     metadata = conversations.parse_update(await request_body())
     tenant = current_tenant()
     updated = await _stored(
-        lambda store: store.update(conversation_id, tenant, metadata), f"conversation {conversation_id}"
+        lambda store: store.update(conversation_id, tenant, metadata), f"conversation {conversation_id}", change=True
     )
     if updated is None:  # deleted meanwhile
         raise conversations.conversation_not_found(conversation_id, param="conversation_id")
@@ -123,7 +123,8 @@ async def update_conversation(conversation_id: str) -> Response:
 async def delete_conversation(conversation_id: str) -> Response:
     await _own(conversation_id)
     tenant = current_tenant()
-    if not await _stored(lambda store: store.delete(conversation_id, tenant), f"conversation {conversation_id}"):
+    if not await _stored(lambda store: store.delete(conversation_id, tenant), f"conversation {conversation_id}",
+                         change=True):
         raise conversations.conversation_not_found(conversation_id, param="conversation_id")
     return _reply(conversations.deleted_object(conversation_id))
 
@@ -171,7 +172,9 @@ async def retrieve_item(conversation_id: str, item_id: str) -> Response:
 @blueprint.delete("/v1/conversations/<conversation_id>/items/<item_id>")
 async def delete_item(conversation_id: str, item_id: str) -> Response:
     row = await _own(conversation_id)
-    if not storable(item_id) or not await _stored(lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}"):
+    if not storable(item_id) or not await _stored(
+        lambda store: store.delete_item(conversation_id, item_id), f"the items of {conversation_id}", change=True
+    ):
         raise conversations.item_not_found(item_id, param="item_id")
     return _reply(_object(row))
 

@@ -26,6 +26,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import trio
 from quart import Blueprint, Response, request
 
 from proxy.dialects._json import Fields, dumps, loads_object
@@ -40,7 +41,7 @@ from proxy.infra.keys_store import (
     LastManager,
     StoredKey,
 )
-from proxy.infra.postgres import Database
+from proxy.infra.postgres import Database, answered_within
 from proxy.keys_command import _key_json, _scope_text, escaped
 from proxy.services.auth import (
     CONTROL_CHARS,
@@ -62,6 +63,10 @@ _PATTERN_CHARS: Final = 200
 # What a request may set; `admin` only when creating (a key's powers are fixed at birth).
 _SETTABLE: Final = ("name", "models", "workspaces", "rpm", "tpm", "budget", "budget_period", "expires", "expires_at")
 _CREATE_ONLY: Final = ("admin",)
+# How long a call waits for PostgreSQL (stalled, or a key's row locked by another writer): a
+# few statements of milliseconds on a healthy server. Then a 503: a write cancelled commits
+# nothing, and a change (PATCH, DELETE) sent again is the same change.
+DATABASE_WAIT: Final = 10.0
 
 
 @blueprint.before_request
@@ -240,12 +245,18 @@ async def create() -> Response:
     changes = _changes(loads_object(await request_body()), creating=True)
     db = _database()
     try:
-        key, secret = await create_key(KeysStore(db), **changes)
+        with answered_within(DATABASE_WAIT):
+            key, secret = await create_key(KeysStore(db), **changes)
     except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
         raise invalid_request(str(error)) from None
-    await _applied(key, "created")
-    # The one answer that holds the key: no cache may keep it.
-    return _reply({**await _record_of(db, key), "key": secret}, 201,
+    # Made: its client must have the key, the one answer that holds it, even if PostgreSQL
+    # stalls now (a 503 would leave a key nobody has). A key just made has used nothing.
+    record = _record(key, KeyUsage(), BudgetState(0, key.created_at + key.budget_period) if key.budget else None)
+    with trio.move_on_after(DATABASE_WAIT):
+        await _applied(key, "created")
+        record = await _record_of(db, key)
+    # No cache may keep it.
+    return _reply({**record, "key": secret}, 201,
                   **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
 
 
@@ -268,10 +279,11 @@ async def list_keys() -> Response:
     limit = _query_int("limit", _PAGE, _MOST) or _PAGE
     after = _query_int("after", None, 0)
     store = KeysStore(_database())
-    keys = await store.page(after, limit + 1)
-    more, keys = len(keys) > limit, keys[:limit]
-    ids = [key.id for key in keys]
-    usage, budgets = await store.usage(ids), await store.budgets(ids)
+    with answered_within(DATABASE_WAIT):
+        keys = await store.page(after, limit + 1)
+        more, keys = len(keys) > limit, keys[:limit]
+        ids = [key.id for key in keys]
+        usage, budgets = await store.usage(ids), await store.budgets(ids)
     return _reply({
         "object": "list",
         "data": [_record(key, usage.get(key.id, KeyUsage()), budgets.get(key.id)) for key in keys],
@@ -297,8 +309,9 @@ async def _answer(db: Database, key: StoredKey) -> Response:
 @blueprint.get("/v1/keys/<key_id>")
 async def get_key(key_id: str) -> Response:
     db = _database()
-    found = await KeysStore(db).find(str(_key_id(key_id)))  # by id: one key or none
-    return await _answer(db, _found(found[0] if found else None, key_id))
+    with answered_within(DATABASE_WAIT):
+        found = await KeysStore(db).find(str(_key_id(key_id)))  # by id: one key or none
+        return await _answer(db, _found(found[0] if found else None, key_id))
 
 
 @blueprint.patch("/v1/keys/<key_id>")
@@ -307,7 +320,8 @@ async def patch_key(key_id: str) -> Response:
     changes = _changes(data, creating=False)
     db = _database()
     try:
-        changed = await update_key(KeysStore(db), _key_id(key_id), changes, keep_manager=True)
+        with answered_within(DATABASE_WAIT):
+            changed = await update_key(KeysStore(db), _key_id(key_id), changes, keep_manager=True)
     except ValueError as error:  # the checks above make this unreachable; the CLI's words if not
         raise invalid_request(str(error)) from None
     except LastManager as last:
@@ -315,24 +329,27 @@ async def patch_key(key_id: str) -> Response:
         field = next((name for name in ("models", "workspaces") if data.get(name) is not None), "models")
         raise _last_manager(last.key, "limiting it to some models or workspaces", field) from None
     key = _found(changed, key_id)
-    if changes:
-        await _applied(key, "changed (" + ", ".join(changes) + ")")
-    return await _answer(db, key)
+    with answered_within(DATABASE_WAIT):
+        if changes:
+            await _applied(key, "changed (" + ", ".join(changes) + ")")
+        return await _answer(db, key)
 
 
 @blueprint.delete("/v1/keys/<key_id>")
 async def revoke_key(key_id: str) -> Response:
     db = _database()
     store, number = KeysStore(db), _key_id(key_id)
-    before = await store.find(str(number))
-    try:
-        key = _found(await store.revoke(number, keep_manager=True), key_id)
-    except LastManager as last:
-        raise _last_manager(last.key, "revoking it", "id") from None
-    # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
-    was = before[0].revoked_at if before else None
-    await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})", granted=False)
-    return await _answer(db, key)
+    with answered_within(DATABASE_WAIT):
+        before = await store.find(str(number))
+        try:
+            key = _found(await store.revoke(number, keep_manager=True), key_id)
+        except LastManager as last:
+            raise _last_manager(last.key, "revoking it", "id") from None
+        # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
+        was = before[0].revoked_at if before else None
+        await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})",
+                       granted=False)
+        return await _answer(db, key)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ async def create() -> Response:
         lambda store: store.add_message_batch(
             batch_id, new_file_id(), tenant, key_id, content, [custom_id for custom_id, _ in requests]
         ),
-        "storing a message batch",
+        "storing a message batch", len(content),
     )
     runner = gateway().batches
     assert runner is not None
@@ -138,7 +138,7 @@ async def retrieve(batch_id: str) -> Response:
 async def cancel(batch_id: str) -> Response:
     await _own(batch_id)
     tenant = current_tenant()
-    asked = await _stored(lambda store: store.cancel(batch_id, tenant), f"message batch {batch_id}")
+    asked = await _stored(lambda store: store.cancel(batch_id, tenant), f"message batch {batch_id}", change=True)
     if asked:
         runner = gateway().batches
         assert runner is not None

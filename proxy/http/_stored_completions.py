@@ -135,7 +135,8 @@ async def update_completion(incoming: Incoming) -> Reply:
     metadata = stored.parse_update(incoming.body)
     persistence, found = await _found(incoming)
     updated = await persistence.stored_completions(
-        lambda store: store.set_metadata(found.trace_id, metadata), f"the stored chat completion {found.id}"
+        lambda store: store.set_metadata(found.trace_id, metadata), f"the stored chat completion {found.id}",
+        change=True,
     )
     if not updated:  # deleted meanwhile
         raise stored.not_found(incoming.params["completion_id"], persistence.kept)

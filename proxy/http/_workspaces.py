@@ -32,6 +32,7 @@ from proxy.services.rag import (
     DocumentInput,
     RagService,
     bounded_query,
+    bounded_write,
     check_workspace_name,
     language_locked,
     passages_json,
@@ -77,6 +78,11 @@ async def _summaries(rag: RagService) -> list[WorkspaceSummary]:
         return await rag.store().list_workspaces()
 
 
+async def _language_exists(rag: RagService, language: str) -> bool:
+    with bounded_query():
+        return await rag.store().language_exists(language)
+
+
 async def _summary(rag: RagService, name: str) -> WorkspaceSummary:
     for summary in await _summaries(rag):
         if summary.name == name:
@@ -105,7 +111,7 @@ async def put_workspace(ws: str) -> Response:
     rag = _rag()
     store = rag.store()
     if language is not None and (
-        not isinstance(language, str) or not storable(language) or not await store.language_exists(language)
+        not isinstance(language, str) or not storable(language) or not await _language_exists(rag, language)
     ):
         raise invalid_request(
             f"Invalid `language` {language!r}: a PostgreSQL text search configuration (english, simple, german, ...).",
@@ -118,7 +124,8 @@ async def put_workspace(ws: str) -> Response:
         raise invalid_request("Invalid `settings`: expected an object.", param="settings")
     settings = validate_overrides({**data, **(nested or {})})
     try:
-        await store.configure_workspace(ws, settings, language=language)
+        with bounded_write():
+            await store.configure_workspace(ws, settings, language=language)
     except LanguageLocked as locked:
         raise language_locked(ws, locked.language) from None
     return _reply(_workspace_json(await _summary(rag, ws)))
@@ -127,7 +134,9 @@ async def put_workspace(ws: str) -> Response:
 @blueprint.delete("/v1/workspaces/<ws>")
 async def delete_workspace(ws: str) -> Response:
     check_workspace_name(ws)
-    if not await _rag().store().delete_workspace(ws):
+    with bounded_write():
+        deleted = await _rag().store().delete_workspace(ws)
+    if not deleted:
         raise workspace_not_found(ws, param=None)
     return _reply({"object": "workspace.deleted", "name": ws, "deleted": True})
 
@@ -239,7 +248,7 @@ async def add_documents(ws: str) -> Response:
     if len(documents) > _MAX_DOCUMENTS:
         raise invalid_request(f"Too many documents: at most {_MAX_DOCUMENTS} per request.", param="documents")
     rag = _rag()
-    if language is not None and (not storable(language) or not await rag.store().language_exists(language)):
+    if language is not None and (not storable(language) or not await _language_exists(rag, language)):
         raise invalid_request(f"Invalid `language` {language!r}: not a text search configuration.", param="language")
     results = await rag.ingest(ws, documents, language=language)
     changed = any(result.status in ("created", "updated") for result in results)
@@ -298,7 +307,11 @@ async def get_document(ws: str, document_id: str) -> Response:
 async def delete_document(ws: str, document_id: str) -> Response:
     rag = _rag()
     workspace = await rag.workspace(ws, None)
-    if not (_is_uuid(document_id) and await rag.store().delete_document(workspace.id, document_id)):
+    deleted = False
+    if _is_uuid(document_id):
+        with bounded_write():
+            deleted = await rag.store().delete_document(workspace.id, document_id)
+    if not deleted:
         raise _document_not_found(ws, document_id)
     return _reply({"object": "document.deleted", "id": document_id, "deleted": True})
 

@@ -45,6 +45,10 @@ _MANAGER = (
 # Changes that keep a manager serialize on this lock (any 64-bit number no other lock uses),
 # so that two admins revoking each other at once cannot both see the other remain.
 _MANAGERS_LOCK = 0x6C6C6D2D6B657973  # "llm-keys"
+# Usage is folded by one process at a time (see `roll_up_usage`).
+_USAGE_ROLLUP_LOCK = 0x6C6C6D2D75736564  # "llm-used"
+# An hour row that is not a day's (00:00 UTC): the predicate of migration 0028's index.
+_NOT_A_DAY = "hour <> date_trunc('day', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
 
 
 class LastManager(Exception):
@@ -473,6 +477,41 @@ class KeysStore:
     async def forget_writers(self, writers: list[str]) -> None:
         """Drop the batch numbers of `writers`, none of whose batches can be sent again."""
         await self._db.execute("DELETE FROM api_key_usage_writes WHERE writer = ANY(%s)", (writers,))
+
+    async def roll_up_usage(self, limit: int) -> int | None:
+        """Fold up to `limit` hour rows of days before yesterday (UTC) into their day's row
+        (its 00:00 hour), every sum and the last use kept; how many were folded, or None when
+        another process is folding (one at a time: no two wait on each other's day rows)."""
+        async with self._db.transaction() as tx:
+            if not await tx.fetchval("SELECT pg_try_advisory_xact_lock(%s)", (_USAGE_ROLLUP_LOCK,)):
+                return None
+            folded = await tx.fetchval(
+                f"""
+                WITH gone AS (
+                    DELETE FROM api_key_usage u WHERE (u.key_id, u.hour) IN (
+                        SELECT key_id, hour FROM api_key_usage
+                        WHERE hour < date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' - interval '1 day'
+                            AND {_NOT_A_DAY}
+                        ORDER BY hour LIMIT %s)
+                    RETURNING u.*
+                ), folded AS (
+                    INSERT INTO api_key_usage AS u (key_id, hour, requests, errors, prompt_tokens, completion_tokens,
+                                                    last_used_at)
+                    SELECT key_id, date_trunc('day', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', sum(requests),
+                           sum(errors), sum(prompt_tokens), sum(completion_tokens), max(last_used_at)
+                    FROM gone GROUP BY 1, 2
+                    ON CONFLICT (key_id, hour) DO UPDATE SET
+                        requests = u.requests + EXCLUDED.requests,
+                        errors = u.errors + EXCLUDED.errors,
+                        prompt_tokens = u.prompt_tokens + EXCLUDED.prompt_tokens,
+                        completion_tokens = u.completion_tokens + EXCLUDED.completion_tokens,
+                        last_used_at = greatest(u.last_used_at, EXCLUDED.last_used_at)
+                )
+                SELECT count(*) FROM gone
+                """,
+                (limit,),
+            )
+        return int(folded)
 
     async def record_usage(self, deltas: Mapping[int, UsageDelta], writer: str, seq: int) -> None:
         """Add usage to the current hour, settle each key's token bucket (keys with a `tpm`;

@@ -38,8 +38,16 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -112,6 +120,22 @@ class InvalidValue(DatabaseError):
             "A value in this request cannot be stored or looked up: it holds a character PostgreSQL cannot "
             "take as text (NUL).", code="invalid_value",
         )
+
+
+@contextmanager
+def answered_within(seconds: float, what: str = "The database (PostgreSQL)") -> Iterator[trio.CancelScope]:
+    """The statements inside, given up on (cancelled: a transaction left unfinished commits
+    nothing; psycopg closes a connection whose server does not confirm) when `what` has not
+    answered them within `seconds` (stalled, locked): then a 503 `database_unavailable` with
+    `Retry-After`, a client's answer rather than a request that never ends. The scope it
+    yields may have its deadline moved (a long write that makes progress)."""
+    with trio.move_on_after(seconds) as waited:
+        yield waited
+    if waited.cancelled_caught:
+        shown = f"{seconds:.2g}" if seconds < 10 else f"{seconds:.0f}"  # a deadline sized to a file: 130, not 130.0003
+        log.warning("%s: no answer within %s s", what, shown)
+        raise GatewayError(ErrorKind.UNAVAILABLE, f"{what} did not answer within {shown} s; try again shortly.",
+                           code="database_unavailable", retry_after=2)
 
 
 # Data exceptions (class 22) a value the caller passed causes whatever the statement.

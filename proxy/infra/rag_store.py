@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -222,10 +222,13 @@ class RagStore:
             (json.dumps(metadata), document_id, workspace_id),
         )
 
-    async def put_document(self, workspace: Workspace, document: NewDocument) -> tuple[str, str]:
+    async def put_document(
+        self, workspace: Workspace, document: NewDocument, progressed: Callable[[], None] | None = None
+    ) -> tuple[str, str]:
         """Insert the document with its chunks, replacing an earlier one from the same source,
         in one transaction. Returns (document id, "created" | "updated" | "unchanged"):
-        unchanged when the stored one already has this text, chunker and metadata."""
+        unchanged when the stored one already has this text, chunker and metadata.
+        `progressed` is called as each batch of chunks is written."""
         async with self._db.transaction() as tx:
             # Ingests of one source queue here, so each sees the one before it committed: else
             # two would both find no row (or delete the same one) and the second insert would
@@ -261,7 +264,7 @@ class RagStore:
                     (document.content_hash, document.chunker, document.media_type, json.dumps(document.metadata),
                      document.chars, len(document.chunks), document_id),
                 )
-            await _insert_chunks(tx, workspace, document_id, document.chunks)
+            await _insert_chunks(tx, workspace, document_id, document.chunks, progressed)
             await tx.execute(
                 "UPDATE rag_workspaces SET revision = revision + 1, updated_at = now() WHERE id = %s", (workspace.id,)
             )
@@ -445,7 +448,9 @@ def _query(text: str) -> str:
     return plain_text(text[:4000])
 
 
-async def _insert_chunks(tx: Tx, workspace: Workspace, document_id: str, chunks: list[NewChunk]) -> None:
+async def _insert_chunks(
+    tx: Tx, workspace: Workspace, document_id: str, chunks: list[NewChunk], progressed: Callable[[], None] | None
+) -> None:
     for start in range(0, len(chunks), _INSERT_BATCH):
         batch = chunks[start : start + _INSERT_BATCH]
         values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s::regconfig, %s)"] * len(batch))
@@ -458,6 +463,8 @@ async def _insert_chunks(tx: Tx, workspace: Workspace, document_id: str, chunks:
             f" token_vectors) VALUES {values}",
             params,
         )
+        if progressed is not None:
+            progressed()
 
 
 _INSERT_BATCH = 64

@@ -80,6 +80,10 @@ _CALL_TIMEOUT = 30.0
 _FLUSH_TIMEOUT = 10.0
 _LINGER_SECONDS = 0.02
 _RETRY_SECONDS = 2.0
+# How often a usage writer folds old hours of usage into days (`KeysStore.roll_up_usage`), and
+# how many rows at a time (a first fold of years of hours takes many, a pause between each).
+_ROLLUP_EVERY = 3600.0
+_ROLLUP_ROWS = 5000
 # When a budget held by requests in flight is retried: most exchanges end within seconds.
 _HELD_RETRY = 2.0
 # How long an admission refused for reservations (a budget held by requests in flight, a token
@@ -406,6 +410,7 @@ class RateLimiter:
         # while a batch of it that may have been applied can be sent again, so it is deleted
         # once none is held here or in the spool file.
         self._retired: set[str] = set()
+        self._next_rollup = -math.inf  # at the first write
         # The batch the usage writer is writing, and the event that says it is written.
         self._flushing: dict[int, UsageDelta] = {}
         self._flushed = trio.Event()
@@ -766,6 +771,24 @@ class RateLimiter:
         self._failing = False
         if await self._save_spool() and self._retired:
             await self._forget_retired(db)
+        if trio.current_time() >= self._next_rollup and self._calls is not None:
+            # Beside the writes (its own task), as they take the database's attention anyway.
+            self._next_rollup = trio.current_time() + _ROLLUP_EVERY
+            self._calls.start_soon(self._roll_up, db)
+
+    async def _roll_up(self, db: Database) -> None:
+        """Fold old hours of usage into days until none is left (a batch at a time)."""
+        store = KeysStore(db)
+        while True:
+            try:
+                with trio.fail_after(_FLUSH_TIMEOUT):
+                    folded = await store.roll_up_usage(_ROLLUP_ROWS)
+            except (DatabaseError, trio.TooSlowError) as error:
+                log.warning("folding API key usage into days failed (%s); will retry", error)
+                return
+            if folded is None or folded < _ROLLUP_ROWS:
+                return
+            await trio.sleep(0.1)
 
     async def _release_holds(self) -> None:
         """Stopping, with every usage written: give back the budget reservations this process

@@ -69,6 +69,11 @@ _CALL_TIMEOUT = 30.0
 # database outage of this long: its client waits for its end rather than the turn being lost.
 _WRITE_PATIENCE = 30.0
 _WRITE_RETRY_MAX = 2.0
+# A change a client asks and waits on (a delete, a cancel, new metadata) waits this long for the
+# database, then is cancelled (its transaction commits nothing) and answered 503: not left to
+# commit in the background after its client was told to try again (a retried delete found
+# nothing left to delete, a 404).
+CHANGE_TIMEOUT = 10.0
 
 # A run's cancel asked of the instance running it, over core NATS: every instance listens, the
 # one with the run stops it; the asker learns it from the run's row.
@@ -424,7 +429,8 @@ class Persistence:
         JetStream (by which its stream is read again); False when it has no row. A 503 when
         the journal cannot be written: a client deleting its data must know it is not gone.
         `carried`: see `ChatStore.delete`."""
-        deleted = await self.journal_read(lambda store: store.delete(trace_id, carried), f"the deletion of {trace_id}")
+        deleted = await self.journal_read(lambda store: store.delete(trace_id, carried), f"the deletion of {trace_id}",
+                                          change=True)
         bus = self.bus()
         if bus is not None:
             try:
@@ -584,15 +590,20 @@ class Persistence:
             return None
         return await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
 
-    async def journal_read(self, call: Callable[[ChatStore], Awaitable[_T]], what: str) -> _T:
+    async def journal_read(
+        self, call: Callable[[ChatStore], Awaitable[_T]], what: str, *, change: bool = False
+    ) -> _T:
         """A read of the journal a client waits on, within `_LOOKUP_TIMEOUT`; a 503 to retry
-        when its database cannot be read (not connected, down, stalled or failing)."""
-        return await self._waited_on(self.store(), call, what)
+        when its database cannot be read (not connected, down, stalled or failing). A `change`
+        (a write) waits `CHANGE_TIMEOUT`, then is cancelled: a 503 says it was not made."""
+        return await self._waited_on(self.store(), call, what, change=change)
 
-    async def conversations(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
+    async def conversations(
+        self, call: Callable[[ConversationStore], Awaitable[_T]], what: str, *, change: bool = False
+    ) -> _T:
         """A statement on the stored conversations a client waits on, as `journal_read`."""
         db = self.resources.database
-        return await self._waited_on(ConversationStore(db) if db is not None else None, call, what)
+        return await self._waited_on(ConversationStore(db) if db is not None else None, call, what, change=change)
 
     async def conversation_write(self, call: Callable[[ConversationStore], Awaitable[_T]], what: str) -> _T:
         """A write to a conversation that a run depends on (its lock, its answer's items),
@@ -635,25 +646,38 @@ class Persistence:
             await trio.sleep(delay)
             delay = min(delay * 2, _WRITE_RETRY_MAX)
 
-    async def batches(self, call: Callable[[BatchStore], Awaitable[_T]], what: str) -> _T:
+    async def batches(self, call: Callable[[BatchStore], Awaitable[_T]], what: str, *, change: bool = False) -> _T:
         """A statement on the stored files and batches a client waits on, as `journal_read`."""
         db = self.resources.database
-        return await self._waited_on(BatchStore(db) if db is not None else None, call, what)
+        return await self._waited_on(BatchStore(db) if db is not None else None, call, what, change=change)
 
-    async def stored_completions(self, call: Callable[[StoredCompletions], Awaitable[_T]], what: str) -> _T:
+    async def stored_completions(
+        self, call: Callable[[StoredCompletions], Awaitable[_T]], what: str, *, change: bool = False
+    ) -> _T:
         """A statement on OpenAI's stored chat completions a client waits on, as `journal_read`."""
         db = self.resources.database
-        return await self._waited_on(StoredCompletions(db) if db is not None else None, call, what)
+        return await self._waited_on(StoredCompletions(db) if db is not None else None, call, what, change=change)
 
-    async def _waited_on(self, store: _S | None, call: Callable[[_S], Awaitable[_T]], what: str) -> _T:
+    async def _waited_on(
+        self, store: _S | None, call: Callable[[_S], Awaitable[_T]], what: str, *, change: bool = False
+    ) -> _T:
         try:
             if store is None:
                 raise DatabaseUnavailable("not connected")
-            return await self._bounded(lambda: call(store))
+            if not change:
+                return await self._bounded(lambda: call(store))
+            with trio.move_on_after(CHANGE_TIMEOUT):
+                return await call(store)
+            raise DatabaseUnavailable(f"no answer within {CHANGE_TIMEOUT:g} s")
         except InvalidValue as error:
             raise error.refusal() from error  # the request's value is at fault, not the journal
         except DatabaseError as error:
-            log.warning("reading %s failed: %s", what, error)
+            log.warning("%s %s failed: %s", "changing" if change else "reading", what, error)
+            if change:
+                raise GatewayError(
+                    ErrorKind.UNAVAILABLE, "The gateway's journal (PostgreSQL) cannot be written now; try again shortly.",
+                    code="journal_unavailable", retry_after=2,
+                ) from error
             raise _unreadable() from error
 
     def database_now(self, what: str) -> Database:

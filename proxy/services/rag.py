@@ -51,7 +51,7 @@ from proxy.infra.chunking import (
 )
 from proxy.infra.embedder import Vectors, maxsim
 from proxy.infra.pdf import PdfLimits, extract_pdf
-from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError
+from proxy.infra.postgres import ConstraintViolation, Database, DatabaseError, answered_within
 from proxy.infra.rag_store import (
     LanguageLocked,
     NewChunk,
@@ -85,6 +85,11 @@ PDF_THREADS: Final = 2
 # would never answer. Then a 503 its client may retry. A search is milliseconds on a healthy
 # server, seconds on a cold large one.
 QUERY_TIMEOUT: Final = 10.0
+# How long a write waits for it (a workspace's settings, a document stored or deleted; a
+# document's chunks, thousands of rows a busy server takes minutes to index, from one batch of
+# them to the next). Its transaction cancelled, nothing of it is kept: the 503's client sends
+# it again.
+WRITE_TIMEOUT: Final = 30.0
 
 
 def check_workspace_name(name: str | None, param: str = "workspace") -> str:
@@ -305,7 +310,7 @@ class RagService:
                 what = f"Document {document.source!r}" if document.source else "The document"
                 raise invalid_request(f"{what} has no text to index.", param="content")
         store = self.store()
-        with _database_errors():
+        with bounded_write():
             workspace = await store.ensure_workspace(workspace_name, language=language)
             if language is not None and workspace.language != language:
                 # Asked of a workspace made before: as `PUT /v1/workspaces/{ws}` would, chosen
@@ -357,13 +362,13 @@ class RagService:
         digest = hashlib.sha256(text.encode()).hexdigest()
         source = document.source or f"sha256:{digest[:16]}"
         signature = await trio.to_thread.run_sync(self._signature_of, chunks)
-        with _database_errors():
+        with bounded_query():
             state = await store.document_state(workspace.id, source)
         if state is not None and state[1] == digest and state[2] == signature:
             if progress is not None:
                 progress(len(chunks))
             if state[3] != document.metadata:
-                with _database_errors():
+                with bounded_write():
                     await store.update_metadata(workspace.id, state[0], document.metadata)
                 return IngestResult(state[0], source, "updated", len(chunks))
             return IngestResult(state[0], source, "unchanged", len(chunks))
@@ -373,8 +378,8 @@ class RagService:
             media_type=MEDIA_TYPES[document.format], metadata=document.metadata, chars=len(text),
             chunks=[NewChunk(c.heading, c.content, vector, tokens) for c, (vector, tokens) in zip(chunks, embedded, strict=True)],
         )
-        with _database_errors():
-            document_id, status = await store.put_document(workspace, new)
+        with bounded_write() as progressed:
+            document_id, status = await store.put_document(workspace, new, progressed)
         return IngestResult(document_id, source, status, len(chunks),
                             sum(c.tokens for c in chunks) if status != "unchanged" else 0)
 
@@ -487,13 +492,26 @@ def _check_storable(document: DocumentInput, index: int) -> None:
 def bounded_query() -> Iterator[None]:
     """`_database_errors`, and a 503 when the store has not answered within `QUERY_TIMEOUT`
     (the query is cancelled: psycopg closes a connection whose server does not confirm)."""
-    with _database_errors(), trio.move_on_after(QUERY_TIMEOUT) as waited:
+    with _bounded(QUERY_TIMEOUT):
         yield
-    if waited.cancelled_caught:
-        log.warning("RAG store: no answer within %g s", QUERY_TIMEOUT)
-        raise GatewayError(ErrorKind.UNAVAILABLE,
-                           f"The RAG store (PostgreSQL) did not answer within {QUERY_TIMEOUT:g} s; try again shortly.",
-                           code="database_unavailable", retry_after=2)
+
+
+@contextmanager
+def bounded_write() -> Iterator[Callable[[], None]]:
+    """`bounded_query` for a write, within `WRITE_TIMEOUT` of its start or of its last progress
+    (the function it yields, called as a write goes on): its transaction cancelled, it commits
+    nothing."""
+    with _bounded(WRITE_TIMEOUT) as scope:
+        def progressed() -> None:
+            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+
+        yield progressed
+
+
+@contextmanager
+def _bounded(seconds: float) -> Iterator[trio.CancelScope]:
+    with _database_errors(), answered_within(seconds, "The RAG store (PostgreSQL)") as scope:
+        yield scope
 
 
 @contextmanager
@@ -660,6 +678,7 @@ __all__ = [
     "RetrievalOptions",
     "as_sent",
     "bounded_query",
+    "bounded_write",
     "check_workspace_name",
     "counted_as_sent",
     "inject",
