@@ -287,6 +287,8 @@ class Bus:
         self._js = nc.jetstream()
         # Live subscriptions; unsubscribed before close (pull subs must go before a drain).
         self._subs: set[Subscription | JetStreamContext.PullSubscription] = set()
+        self._reconnected = trio.Event()
+        self.reconnects = 0  # by nats-py, in place
 
     @property
     def max_payload(self) -> int:
@@ -575,6 +577,19 @@ class Bus:
                 await self._force_reconnect()
                 failures = 0
 
+    async def reconnected(self, seen: int) -> int:
+        """Wait until nats-py has reconnected more than `seen` times; return how often. The
+        server may be another one (restarted without its store, a cluster's other node)
+        holding none of the streams."""
+        while self.reconnects == seen:
+            await self._reconnected.wait()
+        return self.reconnects
+
+    def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        self._reconnected.set()
+        self._reconnected = trio.Event()
+
     def _reader_stopped(self) -> bool:
         """Connected, but nothing reads the socket: no reply or message will ever arrive."""
         reader = self._nc._reading_task
@@ -596,7 +611,7 @@ class Bus:
         await self._nc.close()
 
 
-async def _connect(url: str, name: str, connect_timeout: float) -> Client:
+async def _connect(url: str, name: str, connect_timeout: float, reconnected: Callable[[], None]) -> Client:
     shown = without_credentials(url)
 
     async def on_error(exc: Exception) -> None:
@@ -607,6 +622,7 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Client:
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected to %s", shown)
+        reconnected()
 
     nc = await nats.connect(
         url.split(","),  # a cluster's servers, comma-separated as in NATS's own tools
@@ -631,8 +647,10 @@ async def open_bus(
 ) -> AsyncIterator[Bus]:
     """Connect (BusUnavailable at once if nothing answers at `url`); close on exit, also on
     cancellation. After a successful connect, lost connections are retried forever."""
-    nc = await _hop(_connect, url, name, connect_timeout)
+    buses: list[Bus] = []  # the Bus is made once connected; reconnects come later
+    nc = await _hop(_connect, url, name, connect_timeout, lambda: buses[0]._on_reconnected())
     bus = Bus(nc)
+    buses.append(bus)
     try:
         yield bus
     finally:
