@@ -27,7 +27,7 @@ from typing import TypeVar
 import outcome
 import trio
 
-from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
+from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event, error_from_row
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
@@ -764,9 +764,7 @@ def _row_failure(found: StoredRun) -> GatewayError | None:
     """The error a row that ended failed or cancelled stored; None for any other row."""
     if found.status not in ("failed", "cancelled"):
         return None
-    error = found.error or {}
-    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
-    return GatewayError(kind, str(error.get("message") or "The run was interrupted."))
+    return error_from_row(found.error or {}, kind=ErrorKind.UNAVAILABLE, message="The run was interrupted.")
 
 
 def _ends_failed(events: list[StreamEvent]) -> bool:
@@ -1081,6 +1079,4 @@ def _reason_of(stored: StoredRun) -> str:
 
 def _error_of(stored: StoredRun) -> GatewayError:
     """The error a failed run stored; its process's death when it could store none."""
-    error = stored.error or {}
-    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
-    return GatewayError(kind, str(error.get("message") or INTERRUPTED_MESSAGE))
+    return error_from_row(stored.error or {}, kind=ErrorKind.UNAVAILABLE, message=INTERRUPTED_MESSAGE)
