@@ -137,6 +137,10 @@ async def _unsubscribe_shielded(sub: Any) -> None:
 # messages
 
 
+# A message to publish: (subject, data, Nats-Msg-Id or None[, other headers]).
+Outgoing = tuple[str, bytes, str | None] | tuple[str, bytes, str | None, Mapping[str, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class BusMessage:
     """A delivered message. `seq` is the stream sequence (JetStream), None for core NATS."""
@@ -366,8 +370,8 @@ class Bus:
         """Core NATS publish: buffered, fire-and-forget, delivered only to live subscribers."""
         await _hop(self._nc.publish, subject, data, headers=dict(headers) if headers else None)
 
-    async def publish_batch(self, messages: Iterable[tuple[str, bytes, str | None]]) -> None:
-        """Core-publish several (subject, data, msg_id) in one trio->asyncio hop.
+    async def publish_batch(self, messages: Iterable[Outgoing]) -> None:
+        """Core-publish several (subject, data, msg_id[, headers]) in one trio->asyncio hop.
 
         Subjects captured by a JetStream stream are stored without waiting for acks (the
         stream's duplicate window still drops repeats by msg_id); follow with a JetStream
@@ -378,9 +382,13 @@ class Bus:
         if items:
             await _hop(self._aio_publish_batch, items)
 
-    async def _aio_publish_batch(self, items: list[tuple[str, bytes, str | None]]) -> None:
-        for subject, data, msg_id in items:
-            await self._nc.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+    async def _aio_publish_batch(self, items: list[Outgoing]) -> None:
+        for item in items:
+            subject, data, msg_id = item[0], item[1], item[2]
+            headers = dict(item[3]) if len(item) == 4 else {}
+            if msg_id:
+                headers["Nats-Msg-Id"] = msg_id
+            await self._nc.publish(subject, data, headers=headers or None)
 
     async def purge(self, stream: str, subject: str) -> None:
         """Remove every message `stream` holds on `subject`."""

@@ -16,10 +16,11 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -42,6 +43,7 @@ from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, I
 from proxy.infra.resources import Resources
 from proxy.infra.stored_completions import StoredCompletions
 from proxy.services.journal import (
+    ANSWER_HEADERS_NATS,
     EVENTS_STREAM,
     EventLog,
     EventPublisher,
@@ -224,6 +226,9 @@ class Plan:
     # The run here that a follower reads (None: a run on another instance, or no follow): its
     # `headers` are what the run's client is told, of which the follower is told the answer's.
     live: EventLog | None = None
+    # A run on another instance that a follower reads: what that run's client was told of the
+    # answer, filled in (from its first event, or its row) before the follower's first batch.
+    told: list[tuple[bytes, bytes]] | None = None
 
 
 class Persistence:
@@ -480,13 +485,14 @@ class Persistence:
             # Its outcome is not committed yet, but the run is over and failed: a retry runs
             # again, as it would a moment later.
             return None
-        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
+        told: list[tuple[bytes, bytes]] | None = None if local is not None else []
+        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id, told)
         headers = [(b"x-attached-to", claim.trace_id.encode())]
         if cache_id is not None:  # answered by its twin's call, not a call of its own: a hit
             headers.append((b"x-cache", b"hit"))
         # A run here says which model answers once a stand-in took over (before its first byte).
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
-                    headers=headers, answered_by=claim.trace_id, live=local)
+                    headers=headers, answered_by=claim.trace_id, live=local, told=told)
 
     async def _claiming(
         self, key: str, trace_id: str, call: Callable[[], Awaitable[_T]], won: Callable[[_T], bool]
@@ -657,23 +663,27 @@ class Persistence:
             log.warning("exact cache lookup failed (%s): skipped", error)
             return None
 
-    def remote_reader(self, trace_id: str) -> Producer:
+    def remote_reader(self, trace_id: str, told: list[tuple[bytes, bytes]] | None = None) -> Producer:
         """Follow a run on another instance through JetStream; with NATS down, wait for its
-        stored outcome in PostgreSQL instead."""
+        stored outcome in PostgreSQL instead. `told` gets what the run's client was told of
+        the answer (`ANSWER_HEADERS_NATS`, or the row's) before the first batch is sent."""
+        said = told if told is not None else []
 
         async def read(send: trio.MemorySendChannel[Batch]) -> None:
             bus = self.bus()
             if bus is not None:
                 try:
-                    if await self._follow_bus(bus, trace_id, send):
+                    if await self._follow_bus(bus, trace_id, send, said):
                         return
                 except BusError as error:
                     log.warning("following %s on NATS failed: %s", trace_id, error)
-            await self._wait_stored(trace_id, send)
+            await self._wait_stored(trace_id, send, said)
 
         return read
 
-    async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
+    async def _follow_bus(
+        self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch], told: list[tuple[bytes, bytes]]
+    ) -> bool:
         """Relay the trace's events; True once its `finished` was seen (False: nothing stored).
 
         While the run is silent, its row is looked at every heartbeat: a run whose process
@@ -707,6 +717,7 @@ class Persistence:
                         # limit): relayed, they would be an answer without its beginning. Its
                         # stored outcome is the whole answer.
                         return False
+                    told.extend(_answer_headers(message.headers))
                 if isinstance(event, Finished):
                     if not relayed and event.status != "completed":
                         raise await self._stored_error(trace_id)  # it failed before it started
@@ -744,13 +755,16 @@ class Persistence:
             return None
         return None if found is None else _row_failure(found)
 
-    async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
+    async def _wait_stored(
+        self, trace_id: str, send: trio.MemorySendChannel[Batch], told: list[tuple[bytes, bytes]]
+    ) -> None:
         """Wait for a run of another instance to store its outcome (NATS cannot tell it):
         replay its answer, or raise its error; a 503 when the database cannot be read."""
         deadline = trio.current_time() + self.settings.follow_silence
         while trio.current_time() < deadline:
             found = await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
             if found is not None and found.status == "completed" and found.completion is not None:
+                told[:] = found.headers
                 await replayer(found.completion)(send)
                 return
             failure = _row_failure(found) if found is not None else None
@@ -758,6 +772,21 @@ class Persistence:
                 raise failure
             await trio.sleep(0.5)
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
+
+
+def _answer_headers(nats_headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """What a run's first event says its client was told of the answer (`ANSWER_HEADERS_NATS`)."""
+    raw = nats_headers.get(ANSWER_HEADERS_NATS)
+    try:
+        said = json.loads(raw) if raw else {}
+    except ValueError:
+        return []
+    if not isinstance(said, dict):
+        return []
+    try:  # header bytes, as HTTP has them (latin-1 each way)
+        return [(str(name).encode("latin-1"), value.encode("latin-1")) for name, value in said.items() if isinstance(value, str)]
+    except UnicodeEncodeError:
+        return []
 
 
 def _row_failure(found: StoredRun) -> GatewayError | None:
