@@ -35,6 +35,10 @@ exchanges = FrontDoor()
 # Longest wait for the rows of this instance's stored chats that have ended but whose rows
 # are not written yet (a group commit, a few milliseconds after their client had the answer).
 _ROW_WAIT_SECONDS = 5.0
+# How long an id not found is looked for again before it is a 404: a chat answered by another
+# instance a moment ago has its row written by that instance's group commit (its client had
+# the answer first), and its id names no run that this instance could wait for.
+_ELSEWHERE_SECONDS = 1.0
 
 
 def _journal(incoming: Incoming) -> Persistence:
@@ -63,10 +67,15 @@ async def _readable(persistence: Persistence, completion_id: str, tenant: str | 
     if not stored.is_completion_id(completion_id):
         return None  # no store is asked (a NUL in it is no outage)
     await _settled(persistence, tenant)
-    found = await persistence.stored_completions(
-        lambda store: store.by_id(completion_id, tenant), f"the stored chat completion {completion_id}"
-    )
-    return next((row for row in found if _may_read(row)), None)
+    with trio.move_on_after(_ELSEWHERE_SECONDS):
+        while True:
+            found = await persistence.stored_completions(
+                lambda store: store.by_id(completion_id, tenant), f"the stored chat completion {completion_id}"
+            )
+            if found:
+                return next((row for row in found if _may_read(row)), None)
+            await trio.sleep(0.05)  # another instance's group commit: a few milliseconds
+    return None
 
 
 async def _found(incoming: Incoming) -> tuple[Persistence, StoredCompletion]:
