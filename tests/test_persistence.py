@@ -392,6 +392,38 @@ async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: st
         assert unknown.status_code == 404
 
 
+async def test_a_stream_read_on_another_instance_right_after_its_answer_is_found_with_keys(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """With API keys, whose trace it is is told by its row, written by the instance that ran
+    it a moment after its client had the answer: a client reconnecting to `/v1/streams` through
+    a load balancer got `No stream ... is known here` (404) every time in that moment."""
+    from tests.test_auth_helpers import bearer, new_key, wait_for_key
+
+    fake = OpenAIBackend(default=Script(n_tokens=5))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second:
+        key, stranger = await new_key(pg_database_url, "reader"), await new_key(pg_database_url, "stranger")
+        for url in (first, second):
+            await wait_for_key(url, key)
+            await wait_for_key(url, stranger)
+        async with httpx.AsyncClient(timeout=20, headers=bearer(key)) as client:
+            for stream in (False, True, False):
+                answer = await client.post(f"{first}/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": stream})
+                trace_id = answer.headers["x-trace-id"]
+                read = await client.get(f"{second}/v1/streams/{trace_id}")
+                assert read.status_code == 200, read.text
+                frames = [block for block in read.text.split("\n\n") if block]
+                last = decode_event(frames[-1].split("data: ", 1)[1].encode())[1]
+                assert isinstance(last, Finished) and last.status == "completed"
+            # Another key's reader is still told of no such stream.
+            refused = await client.get(f"{second}/v1/streams/{trace_id}", headers=bearer(stranger))
+            assert refused.status_code == 404
+
+
 async def test_a_keyed_run_that_failed_before_it_started_fails_its_followers_on_any_instance(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:

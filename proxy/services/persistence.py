@@ -66,6 +66,11 @@ _S = TypeVar("_S")
 # to give up on a stalled server) for at most `_CALL_TIMEOUT`; while one is overdue, requests
 # do not start another.
 _LOOKUP_TIMEOUT = 3.0
+# Longest wait for the row of a run known to exist (its key claimed, its events on NATS); for
+# any other trace, how long a run's row may be held back while it is young
+# (`LogWriter.START_DELAY`), with room for its group commit.
+_ROW_WAIT_SECONDS = 5.0
+_YOUNG_ROW_SECONDS = LogWriter.START_DELAY + 0.75
 _CALL_TIMEOUT = 30.0
 # A write a completed answer stands on (its turn appended to its conversation) outlasts a
 # database outage of this long: its client waits for its end rather than the turn being lost.
@@ -572,6 +577,30 @@ class Persistence:
             return None
         return await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
 
+    async def row_coming(self, trace_id: str) -> StoredRun | None:
+        """The row of a run that has not written it yet, waited for: a row is held back while a
+        run is young, and written a moment after its client had the whole answer (a group
+        commit, on whichever instance ran it), so a client may ask for it (read it, continue
+        it, resume its stream) before. Longest for a run known to be one: its key claimed (a
+        background response, claimed before it starts) or its events on NATS; a trace nobody
+        made is not found after `_YOUNG_ROW_SECONDS`. A 503 when the journal cannot be read."""
+        if self.store() is None:
+            return None
+        claimed = await self.journal_read(lambda store: store.trace_claimed(trace_id), f"the key of {trace_id}")
+        known = claimed or await self.has_events(trace_id)
+        with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
+            while True:
+                try:
+                    stored = await self.stored_run(trace_id)
+                except GatewayError:
+                    if trace_id in self.runs.live:
+                        return None  # the run itself answers
+                    raise
+                if stored is not None:
+                    return stored
+                await trio.sleep(0.05)  # its writer's group commit: a few milliseconds
+        return None
+
     async def journal_read(self, call: Callable[[ChatStore], Awaitable[_T]], what: str) -> _T:
         """A read of the journal a client waits on, within `_LOOKUP_TIMEOUT`; a 503 to retry
         when its database cannot be read (not connected, down, stalled or failing)."""
@@ -893,6 +922,10 @@ async def trace_events(
         if tenant is not None:
             raise  # whose trace it is cannot be told: not "not found"
         readable = False
+    if stored is None and tenant is not None:
+        # Whose trace it is needs its row: one that ran on another instance a moment ago
+        # (ended before its client reconnected here, or younger than its row) has it shortly.
+        stored = await persistence.row_coming(trace_id)
     if (tenant is not None and (stored is None or stored.tenant != tenant)) or (stored is not None and stored.deleted):
         raise unknown
     running = stored is not None and stored.status == "running"
