@@ -205,11 +205,14 @@ async def test_a_live_run_a_stand_in_answers_is_named_to_those_who_follow_it(
     assert _chats(small) == ["qwen3-8b"]
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
 async def test_a_run_a_stand_in_answers_is_named_to_a_retry_waiting_on_another_instance(
-    aio_loop: object, pg_database_url: str, nats_url: str
+    aio_loop: object, pg_database_url: str, nats_url: str, streamed: bool
 ) -> None:
     """A retry that reaches another instance while its key's run goes on reads that run's
-    events through NATS: the stand-in that answered is named to it too."""
+    events through NATS: the stand-in that answered is named to it too. A streamed retry's
+    head waits for the run's first event, which says it (it went without any of the answer's
+    headers)."""
     small = OpenAIBackend(default=Script(n_tokens=20, pace=0.05))
     gateway = {
         "fallbacks": {"qwen3-32b": ("qwen3-8b",)}, "database_url": pg_database_url, "nats_url": nats_url,
@@ -221,17 +224,18 @@ async def test_a_run_a_stand_in_answers_is_named_to_a_retry_waiting_on_another_i
         backend("big", down, default=True), backend("small", server.url, models=("qwen3-8b",)), **gateway
     ) as second_url, httpx.AsyncClient(timeout=20) as http:
         body = {"model": "qwen3-32b", "messages": ASK}
-        keyed = {"idempotency-key": f"stand-in-elsewhere-{pg_database_url[-12:]}"}
+        keyed = {"idempotency-key": f"stand-in-elsewhere-{streamed}-{pg_database_url[-12:]}"}
         async with http.stream("POST", f"{first_url}/v1/chat/completions", json=body | {"stream": True},
                                headers=keyed) as first:
             chunks = first.aiter_bytes()
             await chunks.__anext__()  # the stand-in has begun
-            retry = await http.post(f"{second_url}/v1/chat/completions", json=body, headers=keyed)
+            retry = await http.post(f"{second_url}/v1/chat/completions", json=body | {"stream": streamed}, headers=keyed)
             async for _ in chunks:
                 pass
     assert first.headers["x-fallback-model"] == "qwen3-8b"
     assert retry.status_code == 200 and retry.headers["x-attached-to"] == first.headers["x-trace-id"]
     assert retry.headers.get("x-fallback-model") == "qwen3-8b"
+    assert ("data: [DONE]" in retry.text) is streamed
     assert _chats(small) == ["qwen3-8b"]
 
 

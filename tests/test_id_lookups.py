@@ -100,13 +100,14 @@ async def test_an_unknown_id_is_not_found_at_once_on_a_gateway_alone(
 ) -> None:
     # Each waited (1 s, 2 s) for a row another gateway process might be writing: with none
     # alive, and the run not this one's, nothing is on its way.
-    monkeypatch.setattr("proxy.http._responses._YOUNG_ROW_SECONDS", 60.0)
+    monkeypatch.setattr("proxy.services.persistence._YOUNG_ROW_SECONDS", 60.0)
     monkeypatch.setattr("proxy.services.persistence._UNSEEN_WAIT", 60.0)
+    monkeypatch.setattr("proxy.http._stored_completions._ELSEWHERE_SECONDS", 60.0)
     unknown = "0123456789abcdef0123456789abcdef"
     async with httpx.AsyncClient(base_url=stack.url, timeout=20) as client:
         with trio.fail_after(10):
             for path in (f"/v1/responses/resp_{unknown}", f"/v1/responses/resp_{unknown}/input_items",
-                         f"/v1/streams/{unknown}"):
+                         f"/v1/streams/{unknown}", f"/v1/chat/completions/chatcmpl-{unknown}"):
                 answer = await client.get(path)
                 assert answer.status_code == 404, (path, answer.text)
         # Made here and stored: found as before.
@@ -120,7 +121,7 @@ async def test_an_unknown_id_is_waited_for_only_while_the_process_that_made_it_i
 ) -> None:
     # An id begins with the tag of the process that made it (as that process's instance id
     # does): while that process is alive, its run's row may be on its way, and is waited for.
-    monkeypatch.setattr("proxy.http._responses._YOUNG_ROW_SECONDS", 0.5)
+    monkeypatch.setattr("proxy.services.persistence._YOUNG_ROW_SECONDS", 0.5)
     monkeypatch.setattr("proxy.services.persistence._UNSEEN_WAIT", 0.5)
     async with open_database(stack.db) as db:
         await db.execute("INSERT INTO gateway_instances (id) VALUES ('fedcba98' || '00000000')")
@@ -130,7 +131,7 @@ async def test_an_unknown_id_is_waited_for_only_while_the_process_that_made_it_i
             started = trio.current_time()
             answer = await client.get(path)
             assert answer.status_code == 404 and trio.current_time() - started >= 0.5, path
-        monkeypatch.setattr("proxy.http._responses._YOUNG_ROW_SECONDS", 60.0)
+        monkeypatch.setattr("proxy.services.persistence._YOUNG_ROW_SECONDS", 60.0)
         monkeypatch.setattr("proxy.services.persistence._UNSEEN_WAIT", 60.0)
         with trio.fail_after(10):  # made by no process alive, or of a shape no gateway makes
             for path in (f"/v1/responses/resp_{nobodys}", f"/v1/streams/{nobodys}", "/v1/responses/resp_foo",

@@ -392,6 +392,38 @@ async def test_resume_on_a_second_instance(aio_loop: object, pg_database_url: st
         assert unknown.status_code == 404
 
 
+async def test_a_stream_read_on_another_instance_right_after_its_answer_is_found_with_keys(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """With API keys, whose trace it is is told by its row, written by the instance that ran
+    it a moment after its client had the answer: a client reconnecting to `/v1/streams` through
+    a load balancer got `No stream ... is known here` (404) every time in that moment."""
+    from tests.test_auth_helpers import bearer, new_key, wait_for_key
+
+    fake = OpenAIBackend(default=Script(n_tokens=5))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second:
+        key, stranger = await new_key(pg_database_url, "reader"), await new_key(pg_database_url, "stranger")
+        for url in (first, second):
+            await wait_for_key(url, key)
+            await wait_for_key(url, stranger)
+        async with httpx.AsyncClient(timeout=20, headers=bearer(key)) as client:
+            for stream in (False, True, False):
+                answer = await client.post(f"{first}/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": stream})
+                trace_id = answer.headers["x-trace-id"]
+                read = await client.get(f"{second}/v1/streams/{trace_id}")
+                assert read.status_code == 200, read.text
+                frames = [block for block in read.text.split("\n\n") if block]
+                last = decode_event(frames[-1].split("data: ", 1)[1].encode())[1]
+                assert isinstance(last, Finished) and last.status == "completed"
+            # Another key's reader is still told of no such stream.
+            refused = await client.get(f"{second}/v1/streams/{trace_id}", headers=bearer(stranger))
+            assert refused.status_code == 404
+
+
 async def test_a_keyed_run_that_failed_before_it_started_fails_its_followers_on_any_instance(
     aio_loop: object, pg_database_url: str, nats_url: str
 ) -> None:
@@ -420,6 +452,45 @@ async def test_a_keyed_run_that_failed_before_it_started_fails_its_followers_on_
             assert follower.headers["x-attached-to"] == answers["owner"].headers["x-trace-id"]
             assert follower.status_code == 502 and "500" in follower.json()["error"]["message"], follower.text
         assert len(fake.requests) == 2
+
+
+async def test_a_follower_on_another_instance_gets_the_runs_error_code_and_param(
+    aio_loop: object, pg_database_url: str, nats_url: str
+) -> None:
+    """The run's error as its row keeps it: a follower on another instance was told
+    `code: null, param: null` for the backend's `context_length_exceeded` on `messages`, which
+    its own client got (and LangChain and LiteLLM act on)."""
+    refusal = {"error": {"message": "This model's maximum context length is 10 tokens.", "type": "invalid_request_error",
+                         "param": "messages", "code": "context_length_exceeded"}}
+    fake = OpenAIBackend(default=Script(status=400, error_body=refusal, header_delay=1.0))
+    async with fake.serve() as server, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as first, running_gateway(
+        backend("vllm", server.url, default=True), database_url=pg_database_url, nats_url=nats_url
+    ) as second:
+        clients = [openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) for url in (first, second)]
+        for stream in (False, True):
+            key = str(uuid.uuid4())
+            errors: dict[int, openai.BadRequestError] = {}
+
+            async def ask(which: int) -> None:
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await clients[which].chat.completions.create(
+                        model="m", messages=MESSAGES, stream=stream, extra_headers={"Idempotency-Key": key},  # type: ignore[arg-type]  # noqa: B023
+                    )
+                errors[which] = refused.value  # noqa: B023
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, 0)
+                await fake.wait_requests(len(fake.requests) + 1, 10)
+                nursery.start_soon(ask, 1)
+            owner, follower = errors[0], errors[1]
+            assert follower.response.headers["x-attached-to"] == owner.response.headers["x-trace-id"]
+            assert (owner.code, owner.param) == ("context_length_exceeded", "messages")
+            assert (follower.code, follower.param, follower.message) == (owner.code, owner.param, owner.message)
+        for client in clients:
+            await client.close()
+    assert len(fake.requests) == 2
 
 
 async def test_a_duplicate_on_an_instance_without_nats_gets_the_failed_runs_error_at_once(

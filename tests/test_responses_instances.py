@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ import pytest
 import trio
 
 from proxy.config import Settings
+from proxy.infra.embedded import EmbeddedNats
 from proxy.serve import serve
 from tests.fakes import OpenAIBackend, Script, Usage
 from tests.harness import backend
@@ -429,3 +432,47 @@ async def test_a_background_stream_read_again_at_once_on_the_other_instance_is_n
     seen = [created, *[event async for event in stream]]
     assert seen[1].type == "response.queued" and seen[-1].type == "response.completed"
     assert [(e.type, e.sequence_number) for e in again] == [(e.type, e.sequence_number) for e in seen]
+
+
+async def _nats_ready(url: str) -> bool:
+    async with httpx.AsyncClient(base_url=url) as client:
+        return (await client.get("/ready")).json()["checks"].get("nats") == "ok"
+
+
+async def test_a_nats_back_without_its_streams_has_them_again_and_the_other_instance_follows_runs(
+    aio_loop: object, pg_database_url: str, tmp_path: Path
+) -> None:
+    """A NATS replaced by one that kept nothing (a container without a volume, a memory store):
+    the gateways, reconnected, make their streams again; until now every run's events went
+    nowhere, and a background response polled on the other instance stayed `queued`, empty."""
+    nats = EmbeddedNats(tmp_path / "nats")
+    nats_url = await trio.to_thread.run_sync(nats.start)
+    try:
+        fake = OpenAIBackend(default=Script(tokens=TOKENS, usage=Usage(6, 40), pace=0.1))
+        async with fake.serve() as server, gateway(
+            pg_database_url, nats_url, backend("vllm", server.url, default=True)
+        ) as first, gateway(pg_database_url, nats_url, backend("vllm", server.url, default=True)) as second:
+            await trio.to_thread.run_sync(nats.stop)
+            shutil.rmtree(tmp_path / "nats" / "jetstream")
+            assert await trio.to_thread.run_sync(nats.start) == nats_url
+            for url in (first, second):
+                await eventually(lambda url=url: _nats_ready(url), within=15, every=0.2)
+            async with openai.AsyncOpenAI(base_url=f"{first}/v1", api_key="x", max_retries=0) as a, \
+                    openai.AsyncOpenAI(base_url=f"{second}/v1", api_key="x", max_retries=0) as b:
+                created = await a.responses.create(model="m", input="Count", background=True)
+                await fake.wait_requests(1, 10)
+
+                async def said() -> str | None:
+                    polled = await b.responses.retrieve(created.id)
+                    return polled.output_text if polled.status == "in_progress" and polled.output_text else None
+
+                so_far = await eventually(said, within=3)
+                assert so_far.startswith(TOKENS[0])
+                # Its events are kept again: read back from the other instance, token by token.
+                await wait_for_row(pg_database_url, created.id.removeprefix("resp_"), "completed", within=10)
+                async with httpx.AsyncClient(base_url=second) as client:
+                    read = await client.get(f"/v1/streams/{created.id.removeprefix('resp_')}")
+                tokens = [line for line in read.text.splitlines() if line == "event: token"]
+                assert len(tokens) == len(TOKENS)
+    finally:
+        await trio.to_thread.run_sync(nats.stop)

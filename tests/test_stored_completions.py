@@ -71,6 +71,28 @@ async def test_a_stored_completion_reads_back_as_its_client_had_it(stack: Stack)
     assert [m.id for m in rest.data] == [f"{made.id}-0"] and not rest.has_more
 
 
+async def test_a_stored_completion_reads_back_at_once_on_another_instance(stack: Stack) -> None:
+    """Behind a load balancer the read right after the answer lands on the other instance:
+    it was a 404 (19 times in 20 by hand), the answering instance's group commit coming a few
+    milliseconds after its client had the answer. Each SDK call here goes to the other one."""
+    assert stack.fake.server is not None
+    async with gateway(stack.db, stack.nats, backend("vllm", stack.fake.server.url, default=True)) as url, \
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as other:
+        for turn in range(5):
+            made = await stack.client.chat.completions.create(
+                model="qwen3-8b", messages=MESSAGES, store=True, metadata={"turn": str(turn)}, stream=turn % 2 == 1,
+            )
+            chunks = [chunk async for chunk in made] if isinstance(made, openai.AsyncStream) else [made]
+            made_id = chunks[0].id
+            got = await other.chat.completions.retrieve(made_id)
+            assert (got.id, got.choices[0].message.content) == (made_id, "The secret is 42.")
+            made = await other.chat.completions.create(model="qwen3-8b", messages=MESSAGES, store=True)
+            assert (await stack.client.chat.completions.messages.list(made.id)).data[-1].role == "user"
+    # An id nobody made is still a 404, once the moment a group commit takes has passed.
+    with pytest.raises(openai.NotFoundError):
+        await stack.client.chat.completions.retrieve("chatcmpl-nobody-made-this")
+
+
 async def test_a_streamed_completion_is_stored_assembled_with_its_tool_calls(stack: Stack) -> None:
     stack.fake.set_script(Script(tokens=["Let me look."], tool_calls=[("get_weather", {"city": "Paris"})], usage=Usage(9, 4)))
     stream = await stack.client.chat.completions.create(

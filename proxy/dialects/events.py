@@ -22,6 +22,7 @@ One JSON object per NATS message, each with its sequence number `seq` (1, 2, …
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,27 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
     return dumps(body)
 
 
+def error_to_row(error: GatewayError) -> dict[str, Any]:
+    """A run's error as its journal row keeps it: what a client reading the row (attached on
+    another instance, a poll, a replay) is told, as the run's own client was (its `code` and
+    `param`: `context_length_exceeded`, what LangChain and LiteLLM act on)."""
+    row: dict[str, Any] = {"kind": error.kind.name, "message": error.message}
+    for name, value in (("code", error.code), ("param", error.param), ("retry_after", error.retry_after)):
+        if value is not None:
+            row[name] = value
+    return row
+
+
+def error_from_row(row: Mapping[str, Any], *, kind: ErrorKind, message: str) -> GatewayError:
+    """The error a row (or an error event) keeps; `kind` and `message` where it has none."""
+    code, param, retry_after = row.get("code"), row.get("param"), row.get("retry_after")
+    return GatewayError(
+        ErrorKind.__members__.get(str(row.get("kind")), kind), str(row.get("message") or message),
+        code=code if isinstance(code, str) else None, param=param if isinstance(param, str) else None,
+        retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
+    )
+
+
 def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
     """(seq, event); the event is None for types this version does not know (skip them)."""
     try:
@@ -176,14 +198,7 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
         usage = body["usage"]
         event = UsageReport(Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
     elif kind == "error" and isinstance(body.get("error"), dict):
-        error = body["error"]
-        kind_name = error.get("kind")
-        error_kind = ErrorKind[kind_name] if kind_name in ErrorKind.__members__ else ErrorKind.BACKEND
-        retry_after = error.get("retry_after")
-        event = StreamFailed(GatewayError(
-            error_kind, str(error.get("message") or "stream failed"), code=error.get("code"), param=error.get("param"),
-            retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
-        ))
+        event = StreamFailed(error_from_row(body["error"], kind=ErrorKind.BACKEND, message="stream failed"))
     elif kind == "finished":
         event = Finished(str(body.get("reason") or "stop"), str(body.get("status") or "completed"), body.get("winner"))
     return seq, event

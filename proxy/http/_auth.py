@@ -179,7 +179,7 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
         if head.internal:  # a batch's line: its key's, as when the batch was created
             principal = authenticator.authenticate_id(head.on_behalf_of)
         else:
-            principal = authenticator.authenticate(presented)
+            principal = await authenticator.authenticate_fresh(presented)
         if principal is None:
             return None
         current_principal.set(principal)

@@ -54,7 +54,6 @@ from proxy.infra.backends._anthropic import count_tokens
 from proxy.infra.chat_store import StoredRun
 from proxy.services._contracts import ANSWER_HEADERS
 from proxy.services.chat import ChatExchange, ExchangeSink
-from proxy.services.journal import LogWriter
 from proxy.services.persistence import Persistence
 from proxy.services.rag import counted_as_sent
 
@@ -62,9 +61,6 @@ exchanges = FrontDoor()
 
 # Longest wait for an ended run's row (its write is a group commit, a few milliseconds).
 _ROW_WAIT_SECONDS = 5.0
-# How long a run's row may be held back while it is young (`LogWriter.START_DELAY`), with room
-# for its group commit.
-_YOUNG_ROW_SECONDS = LogWriter.START_DELAY + 0.75
 
 # Errors in OpenAI's shape, as on every OpenAI path, naming the Responses request's fields; the
 # registration names the dialect, so a request refused before its exchange is logged and counted
@@ -471,7 +467,7 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
         stored = await _stored(persistence, trace_id)
     here = _running_here(persistence, trace_id)
     if stored is None and here is None:
-        stored = await _row_coming(persistence, trace_id)
+        stored = await persistence.row_coming(trace_id)
     if stored is None:
         stored = here
     elif stored.status == "running" and here is not None:
@@ -489,29 +485,6 @@ async def _found(persistence: Persistence, trace_id: str, response: str) -> Stor
     ):
         raise _not_found(response, persistence)
     return stored
-
-
-async def _row_coming(persistence: Persistence, trace_id: str) -> StoredRun | None:
-    """The row of a run that has not written it yet, waited for: a row is held back while a
-    run is young, and written a moment after its client had the whole answer (a group
-    commit), so a client may ask for its response (read it, continue it) before. Longest for
-    a run known to be one: its key claimed (a background response, claimed before it starts)
-    or its events on NATS; an id nobody made is a 404 after `_YOUNG_ROW_SECONDS` while the
-    process its id names is another one alive, else at once (see `Persistence.maker_alive`)."""
-    store = persistence.store()
-    if store is None:
-        return None
-    claimed = await persistence.journal_read(lambda store: store.trace_claimed(trace_id), f"the key of {trace_id}")
-    known = claimed or await persistence.has_events(trace_id)
-    if not known and not await persistence.maker_alive(trace_id):
-        return None
-    with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
-        while True:
-            stored = await _stored(persistence, trace_id)
-            if stored is not None:
-                return stored
-            await trio.sleep(0.05)  # its writer's group commit: a few milliseconds
-    return None
 
 
 def _echoed(settings: dict[str, Any] | None) -> dict[str, Any]:

@@ -35,6 +35,10 @@ exchanges = FrontDoor()
 # Longest wait for the rows of this instance's stored chats that have ended but whose rows
 # are not written yet (a group commit, a few milliseconds after their client had the answer).
 _ROW_WAIT_SECONDS = 5.0
+# How long an id not found is looked for again before it is a 404 while another instance is
+# alive: a chat it answered a moment ago has its row written by its group commit (its client
+# had the answer first), and the id (the backend's) names no process that this one could ask after.
+_ELSEWHERE_SECONDS = 1.0
 
 
 def _journal(incoming: Incoming) -> Persistence:
@@ -63,10 +67,20 @@ async def _readable(persistence: Persistence, completion_id: str, tenant: str | 
     if not stored.is_completion_id(completion_id):
         return None  # no store is asked (a NUL in it is no outage)
     await _settled(persistence, tenant)
-    found = await persistence.stored_completions(
-        lambda store: store.by_id(completion_id, tenant), f"the stored chat completion {completion_id}"
-    )
-    return next((row for row in found if _may_read(row)), None)
+    elsewhere = None  # whether another instance may have answered it: asked once, if need be
+    with trio.move_on_after(_ELSEWHERE_SECONDS):
+        while True:
+            found = await persistence.stored_completions(
+                lambda store: store.by_id(completion_id, tenant), f"the stored chat completion {completion_id}"
+            )
+            if found:
+                return next((row for row in found if _may_read(row)), None)
+            if elsewhere is None:
+                elsewhere = await persistence.others_alive()
+            if not elsewhere:
+                return None  # a gateway alone: its own chats' rows were settled above
+            await trio.sleep(0.05)  # another instance's group commit: a few milliseconds
+    return None
 
 
 async def _found(incoming: Incoming) -> tuple[Persistence, StoredCompletion]:

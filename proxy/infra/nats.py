@@ -137,6 +137,10 @@ async def _unsubscribe_shielded(sub: Any) -> None:
 # messages
 
 
+# A message to publish: (subject, data, Nats-Msg-Id or None[, other headers]).
+Outgoing = tuple[str, bytes, str | None] | tuple[str, bytes, str | None, Mapping[str, str]]
+
+
 @dataclass(frozen=True, slots=True)
 class BusMessage:
     """A delivered message. `seq` is the stream sequence (JetStream), None for core NATS."""
@@ -287,6 +291,11 @@ class Bus:
         self._js = nc.jetstream()
         # Live subscriptions; unsubscribed before close (pull subs must go before a drain).
         self._subs: set[Subscription | JetStreamContext.PullSubscription] = set()
+        self._reconnected = trio.Event()
+        self.reconnects = 0  # by nats-py, in place
+        # JetStream subscriptions' consumers to make again after a reconnect (`watch`), with
+        # the reconnect count each was made at.
+        self._renewals: dict[Callable[[], Awaitable[None]], int] = {}
 
     @property
     def max_payload(self) -> int:
@@ -364,8 +373,8 @@ class Bus:
         """Core NATS publish: buffered, fire-and-forget, delivered only to live subscribers."""
         await _hop(self._nc.publish, subject, data, headers=dict(headers) if headers else None)
 
-    async def publish_batch(self, messages: Iterable[tuple[str, bytes, str | None]]) -> None:
-        """Core-publish several (subject, data, msg_id) in one trio->asyncio hop.
+    async def publish_batch(self, messages: Iterable[Outgoing]) -> None:
+        """Core-publish several (subject, data, msg_id[, headers]) in one trio->asyncio hop.
 
         Subjects captured by a JetStream stream are stored without waiting for acks (the
         stream's duplicate window still drops repeats by msg_id); follow with a JetStream
@@ -376,9 +385,13 @@ class Bus:
         if items:
             await _hop(self._aio_publish_batch, items)
 
-    async def _aio_publish_batch(self, items: list[tuple[str, bytes, str | None]]) -> None:
-        for subject, data, msg_id in items:
-            await self._nc.publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+    async def _aio_publish_batch(self, items: list[Outgoing]) -> None:
+        for item in items:
+            subject, data, msg_id = item[0], item[1], item[2]
+            headers = dict(item[3]) if len(item) == 4 else {}
+            if msg_id:
+                headers["Nats-Msg-Id"] = msg_id
+            await self._nc.publish(subject, data, headers=headers or None)
 
     async def purge(self, stream: str, subject: str) -> None:
         """Remove every message `stream` holds on `subject`."""
@@ -425,9 +438,17 @@ class Bus:
         if replay and not use_js:
             raise ValueError("deliver_from_seq/from_start need JetStream")
         send, receive = trio.open_memory_channel[BusMessage](buffer)
+        # JetStream: the stream sequence delivered last. A consumer made again after a
+        # reconnect starts after it; a message of the one it replaced, delivered late, that
+        # is not past it is dropped (no message twice, none out of order).
+        last: list[int] = [0]
 
         async def deliver(msg: Msg) -> None:  # asyncio side, called in order per subscription
             item = _to_bus_message(msg, use_js)
+            if item.seq is not None:
+                if item.seq <= last[0]:
+                    return
+                last[0] = item.seq
             try:
                 send.send_nowait(item)
             except trio.WouldBlock:
@@ -437,32 +458,54 @@ class Bus:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
-        if use_js:
-            if deliver_from_seq is not None:
-                config = ConsumerConfig(
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=deliver_from_seq
-                )
-            else:
-                config = ConsumerConfig(
-                    deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
-                )
-            sub: Any = await _hop(
-                self._js.subscribe,
-                subject,
-                cb=deliver,
-                stream=stream,
-                config=config,
-                ordered_consumer=True,
-                manual_ack=True,
-            )
-        else:
+        if not use_js:
+            # nats-py subscribes again by itself on a reconnect.
             sub = await _hop(self._nc.subscribe, subject, cb=deliver)
-        self._subs.add(sub)
+            self._subs.add(sub)
+            try:
+                yield receive
+            finally:
+                self._subs.discard(sub)
+                await _unsubscribe_shielded(sub)
+                send.close()
+            return
+
+        def config() -> ConsumerConfig:
+            start = last[0] + 1 if last[0] else deliver_from_seq
+            if start is not None:
+                return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+            return ConsumerConfig(deliver_policy=DeliverPolicy.ALL if from_start else DeliverPolicy.NEW)
+
+        async def consume() -> Any:
+            return await _hop(
+                self._js.subscribe, subject, cb=deliver, stream=stream, config=config(),
+                ordered_consumer=True, manual_ack=True,
+            )
+
+        subs: list[Any] = [await consume()]
+        self._subs.add(subs[0])
+        closed = False
+
+        async def renew() -> None:
+            # A restarted server (or another node) has lost the ephemeral consumer, and
+            # nats-py does not notice: nothing would ever be delivered again.
+            renewed = await consume()
+            if closed:  # the block ended meanwhile
+                await _unsubscribe_shielded(renewed)
+                return
+            old, subs[0] = subs[0], renewed
+            self._subs.discard(old)
+            self._subs.add(renewed)
+            await _unsubscribe_shielded(old)
+
+        self._renewals[renew] = self.reconnects
         try:
             yield receive
         finally:
-            self._subs.discard(sub)
-            await _unsubscribe_shielded(sub)
+            closed = True
+            self._renewals.pop(renew, None)
+            self._subs.discard(subs[0])
+            await _unsubscribe_shielded(subs[0])
             send.close()
 
     @asynccontextmanager
@@ -557,6 +600,8 @@ class Bus:
             if not self._nc.is_connected:  # nats-py is reconnecting
                 failures = 0
                 continue
+            if any(seen != self.reconnects for seen in self._renewals.values()):
+                await self._renew_consumers()
             if self._reader_stopped():
                 log.warning("nats: the connection's reader stopped; reconnecting")
                 await self._force_reconnect()
@@ -574,6 +619,34 @@ class Bus:
                 log.warning("nats: no answer to %d probes in a row; reconnecting", failures)
                 await self._force_reconnect()
                 failures = 0
+
+    async def _renew_consumers(self) -> None:
+        """Make the consumers of live JetStream subscriptions again after a reconnect; one
+        that cannot be made now (its stream not made again yet) is tried at the next tick."""
+        for renew, seen in list(self._renewals.items()):
+            now = self.reconnects
+            if seen == now:
+                continue
+            try:
+                await renew()
+            except BusError as error:
+                log.debug("nats: a subscription's consumer not made again yet: %s", error)
+                continue
+            if renew in self._renewals:
+                self._renewals[renew] = now
+
+    async def reconnected(self, seen: int) -> int:
+        """Wait until nats-py has reconnected more than `seen` times; return how often. The
+        server may be another one (restarted without its store, a cluster's other node)
+        holding none of the streams."""
+        while self.reconnects == seen:
+            await self._reconnected.wait()
+        return self.reconnects
+
+    def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        self._reconnected.set()
+        self._reconnected = trio.Event()
 
     def _reader_stopped(self) -> bool:
         """Connected, but nothing reads the socket: no reply or message will ever arrive."""
@@ -596,7 +669,7 @@ class Bus:
         await self._nc.close()
 
 
-async def _connect(url: str, name: str, connect_timeout: float) -> Client:
+async def _connect(url: str, name: str, connect_timeout: float, reconnected: Callable[[], None]) -> Client:
     shown = without_credentials(url)
 
     async def on_error(exc: Exception) -> None:
@@ -607,6 +680,7 @@ async def _connect(url: str, name: str, connect_timeout: float) -> Client:
 
     async def on_reconnected() -> None:
         log.info("nats: reconnected to %s", shown)
+        reconnected()
 
     nc = await nats.connect(
         url.split(","),  # a cluster's servers, comma-separated as in NATS's own tools
@@ -631,8 +705,10 @@ async def open_bus(
 ) -> AsyncIterator[Bus]:
     """Connect (BusUnavailable at once if nothing answers at `url`); close on exit, also on
     cancellation. After a successful connect, lost connections are retried forever."""
-    nc = await _hop(_connect, url, name, connect_timeout)
+    buses: list[Bus] = []  # the Bus is made once connected; reconnects come later
+    nc = await _hop(_connect, url, name, connect_timeout, lambda: buses[0]._on_reconnected())
     bus = Bus(nc)
+    buses.append(bus)
     try:
         yield bus
     finally:

@@ -134,9 +134,12 @@ class Resources:
                     self.bus = bus
                     on_ready()
                     delay = _BACKOFF_START
-                    # Repairs a connected-but-stuck connection in place; returns only once
-                    # the connection is closed for good, so it is reopened below.
-                    await bus.watch()
+                    async with trio.open_nursery() as watching:
+                        watching.start_soon(self._prepare_on_reconnect, bus)
+                        # Repairs a connected-but-stuck connection in place; returns only once
+                        # the connection is closed for good, so it is reopened below.
+                        await bus.watch()
+                        watching.cancel_scope.cancel()
                     log.warning("NATS connection closed; reconnecting")
             except BusError as error:
                 log.warning("NATS unavailable (%s); retrying in %.1fs", error, delay)
@@ -144,6 +147,26 @@ class Resources:
                 self.bus = None
             await trio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _prepare_on_reconnect(self, bus: Bus) -> None:
+        """nats-py reconnects in place, perhaps to a server that kept nothing (restarted
+        without its store, a new pod): its streams are made again (kept as they are where
+        they exist), or every run's events would go nowhere, unnoticed, until the gateway
+        restarts."""
+        if self._on_bus is None:
+            return
+        seen = bus.reconnects
+        while True:
+            seen = await bus.reconnected(seen)
+            delay = _BACKOFF_START
+            while True:
+                try:
+                    await self._on_bus(bus)
+                    break
+                except BusError as error:
+                    log.warning("NATS streams not made again (%s); retrying in %.1fs", error, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     async def readiness(self) -> dict[str, str]:
         states: dict[str, str] = {}

@@ -12,7 +12,13 @@ from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamFailed, UsageReport
 from proxy.infra.backends import BackendCall, Batch
 from proxy.infra.transport import Hangup
-from proxy.services._contracts import SHUTTING_DOWN, AnswerHook, RunLock, is_cancellation
+from proxy.services._contracts import (
+    ANSWER_HEADERS,
+    SHUTTING_DOWN,
+    AnswerHook,
+    RunLock,
+    is_cancellation,
+)
 from proxy.services._records import Recording, _outcome
 from proxy.services.journal import EventLog, Journal
 from proxy.services.persistence import Plan, Producer, log_reader
@@ -126,7 +132,7 @@ class DurableRun(Recording):
         self._live_log.headers = self.response_headers
         return Journal(
             row, self._live_log, writer=persistence.writer, publisher=persistence.publisher,
-            publish_events=self.publishes_events,
+            publish_events=self.publishes_events, answer_headers=ANSWER_HEADERS,
         )
 
     def _start_durable(self, plan: Plan) -> Producer:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+from proxy.dialects.events import error_to_row
 from proxy.domain.chat import ChatRequest
 from proxy.domain.events import CompletionBuilder
 from proxy.domain.fingerprint import canonical_request, fingerprint_of
@@ -159,7 +160,7 @@ class Recording:
         row.status = outcome.status
         row.result = completion_to_json(result.build(), [h for h in self.response_headers if h[0] in ANSWER_HEADERS])
         row.replayable = result.replayable and not self.fell_back
-        row.error = None if outcome.error is None else {"kind": outcome.error.kind.name, "message": outcome.error.message}
+        row.error = None if outcome.error is None else error_to_row(outcome.error)
         row.finish_reason = result.finish_reason.value if result.finish_reason else None
         row.prompt_tokens = usage.prompt_tokens if usage else None
         row.completion_tokens = usage.completion_tokens if usage else None

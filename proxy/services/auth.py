@@ -50,6 +50,8 @@ KEY_PREFIX = "sk-llmp-"
 # The prefix plus eight random characters: shown in listings, never enough to use the key.
 _DISPLAY_CHARS = len(KEY_PREFIX) + 8
 _MAX_KEY_CHARS = 256
+# The longest a request with a key not known here waits for the database to be asked again.
+_CATCH_UP_SECONDS = 1.0
 # Control characters and bidirectional overrides: in a name or pattern they would rewrite the
 # operator's terminal (`keys list`) or disguise one name as another; no name needs them.
 # Patterns per scope: every gateway compiles a key's patterns into one regex, on the event loop,
@@ -294,6 +296,13 @@ class KeyRing:
         # Sticky: once any key was ever created (revoked ones count), auth stays on in
         # "auto" mode, so revoking the last key never opens the gateway.
         self.any_keys = False
+        # Reloads asked for by requests with a key not known here (`catch_up`): how many were
+        # started and finished (one at a time), and the one in flight.
+        self._catch_ups_started = 0
+        self._catch_ups_done = 0
+        self._catching: trio.Event | None = None
+        # One reload at a time: an older snapshot installed after a newer one would undo it.
+        self._reloading = trio.Lock()
         # Budgeted keys' periods as last loaded with the keys (key -> tokens counted, used and
         # held, and the period's end, epoch seconds): where a process that has not admitted a
         # key yet starts counting it if the database goes down.
@@ -318,12 +327,35 @@ class KeyRing:
         """Reload now (e.g. after this process changed a key)."""
         self._wake.set()
 
+    async def catch_up(self) -> None:
+        """Reload now if the table changed, with a reload begun after this call: a key created
+        (on another instance) a moment ago, whose notice has not come yet, is then known.
+        Callers share the reload in flight, so unknown keys, however many, ask the database
+        one query at a time; it is given up after `_CATCH_UP_SECONDS`."""
+        wanted = self._catch_ups_started + 1
+        with trio.move_on_after(_CATCH_UP_SECONDS):
+            while self._catch_ups_done < wanted:
+                if self._catching is not None:
+                    await self._catching.wait()
+                    continue
+                self._catch_ups_started += 1
+                number, self._catching = self._catch_ups_started, trio.Event()
+                try:
+                    await self.refresh()
+                finally:
+                    self._catch_ups_done, done, self._catching = number, self._catching, None
+                    done.set()
+
     async def refresh(self) -> bool:
         """Reload if the table changed; False if the database could not be asked."""
         db = self._resources.database
         if db is None:
             return False
         store = KeysStore(db)
+        async with self._reloading:
+            return await self._reload(store)
+
+    async def _reload(self, store: KeysStore) -> bool:
         try:
             with trio.fail_after(10):
                 if self._fingerprint is not None and await store.fingerprint() == self._fingerprint:
@@ -458,6 +490,20 @@ class Authenticator:
                 return principal
         raise refusal or _unauthorized("Invalid API key.", "invalid_api_key")
 
+
+    async def authenticate_fresh(self, credentials: Sequence[str]) -> Principal | None:
+        """`authenticate`, asking the database once more before refusing a key not known here:
+        with several instances, a client given a new key by one (`POST /v1/keys`) may use it
+        on another before that one's notice of it came (a 401 `invalid_api_key` until then)."""
+        try:
+            return self.authenticate(credentials)
+        except GatewayError as error:
+            # Only a key this gateway could have made (never a client's placeholder, `unused`).
+            ours = any(secret.startswith(KEY_PREFIX) for secret in credentials)
+            if error.code != "invalid_api_key" or not ours or not self.ring.loaded or not self._has_database:
+                raise
+        await self.ring.catch_up()
+        return self.authenticate(credentials)
 
     def authenticate_id(self, key_id: int | None) -> Principal | None:
         """The key of a request the gateway sends on its behalf (a batch's line), as it is now:

@@ -442,15 +442,20 @@ class ChatExchange(FallbackWalk, DurableRun):
 
     def _told_by(self, plan: Plan) -> Callable[[], Awaitable[Headers]] | None:
         """Where an attached request learns what its run told its own client of the answer:
-        a run here, from its live headers; one on another instance, from its row once it has
-        ended (a client waiting for the whole answer). A stream from another instance has its
-        head before that run's row says anything: it goes without."""
-        live = plan.live
+        a run here, from its live headers; a stream from one on another instance, from that
+        run's first event (or its row, read instead of its events), which its head waits for;
+        a whole answer from another instance, from its row once it has ended."""
+        live, told = plan.live, plan.told
         if live is not None:
             async def told_here() -> Headers:
                 return live.headers
 
             return told_here
+        if self.request.stream and told is not None:
+            async def told_first() -> Headers:
+                return told
+
+            return told_first
         persistence, trace_id = self._persistence, plan.answered_by
         if self.request.stream or persistence is None or trace_id is None:
             return None

@@ -31,7 +31,7 @@ from proxy.dialects.events import Finished, encode_event
 from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 from proxy.infra.chat_store import ChatStore, LogRow, Status
-from proxy.infra.nats import Bus, BusError, InsufficientStorage, JobMessage
+from proxy.infra.nats import Bus, BusError, InsufficientStorage, JobMessage, Outgoing
 from proxy.infra.postgres import DatabaseError, DatabaseUnavailable
 from proxy.infra.spool import Spool, open_spool
 
@@ -44,6 +44,12 @@ OUTBOX_SUBJECT = "outbox.chat_log"
 _FINISH_SECONDS = 5.0
 _MEMORY_OUTBOX = 10_000
 _CALL_TIMEOUT = 30.0  # the longest a write given up on may wait for a stalled database
+
+
+# The NATS header of a run's first event that says what the run's client was told of the
+# answer (`_contracts.ANSWER_HEADERS`: its sources, its stand-in), as JSON: a stream attached
+# on another instance sends its head once that event is in, and says the same.
+ANSWER_HEADERS_NATS = "Llm-Proxy-Answer-Headers"
 
 
 def events_subject(trace_id: str) -> str:
@@ -121,7 +127,8 @@ class Journal:
     the `EventPublisher`, enqueued as the run appends them — no task of its own)."""
 
     def __init__(
-        self, row: LogRow, log: EventLog, *, writer: LogWriter, publisher: EventPublisher, publish_events: bool
+        self, row: LogRow, log: EventLog, *, writer: LogWriter, publisher: EventPublisher, publish_events: bool,
+        answer_headers: frozenset[bytes] = frozenset(),
     ) -> None:
         self.row = row
         self.log = log
@@ -133,7 +140,9 @@ class Journal:
         if publish_events:
             # Not a bound method: log -> listener -> journal -> log would be a reference
             # cycle, leaving every request's objects to the cyclic GC instead of refcounting.
-            log.listeners.append(functools.partial(_enqueue, publisher, self._subject))
+            # The header list, not the log: what the run's client is told, changed in place
+            # until its head goes out (a stand-in's name), read as the first event goes.
+            log.listeners.append(functools.partial(_enqueue, publisher, self._subject, log.headers, answer_headers))
 
     def begin(self, *, at_once: bool = False) -> None:
         """Write the `running` row: `at_once` when readers may look for it right away (else it
@@ -158,9 +167,15 @@ class Journal:
                 self._publisher.publish([(self._subject, encode_event(seq, event), f"{row.trace_id}:{seq}")])
 
 
-def _enqueue(publisher: EventPublisher, subject: str, first: int, events: list[StreamEvent]) -> None:
+def _enqueue(
+    publisher: EventPublisher, subject: str, told: list[tuple[bytes, bytes]], answer_headers: frozenset[bytes],
+    first: int, events: list[StreamEvent],
+) -> None:
     # No Nats-Msg-Id on events: nothing retries them, and the header costs on every token.
-    publisher.publish([(subject, encode_event(seq, event), None) for seq, event in enumerate(events, start=first)])
+    messages: list[Outgoing] = [(subject, encode_event(seq, event), None) for seq, event in enumerate(events, start=first)]
+    if first == 1 and (said := {name.decode("latin-1"): value.decode("latin-1") for name, value in told if name in answer_headers}):
+        messages[0] = (subject, messages[0][1], None, {ANSWER_HEADERS_NATS: json.dumps(said)})
+    publisher.publish(messages)
 
 
 class EventPublisher:
@@ -173,11 +188,11 @@ class EventPublisher:
 
     def __init__(self, *, bus: BusGetter) -> None:
         self._bus = bus
-        self._pending: list[tuple[str, bytes, str | None]] = []
+        self._pending: list[Outgoing] = []
         self._wake = trio.Event()
         self._scope: trio.CancelScope | None = None
 
-    def publish(self, messages: list[tuple[str, bytes, str | None]]) -> None:
+    def publish(self, messages: list[Outgoing]) -> None:
         self._pending.extend(messages)
         self._wake.set()
 

@@ -16,10 +16,11 @@ Before an exchange produces anything, `Persistence.plan` decides where its answe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +28,7 @@ from typing import TypeVar
 import outcome
 import trio
 
-from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event
+from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent, decode_event, error_from_row
 from proxy.domain.chat import ChatCompletion
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import CompletionBuilder, StreamEvent, StreamFailed, completion_events
@@ -42,6 +43,7 @@ from proxy.infra.postgres import Database, DatabaseError, DatabaseUnavailable, I
 from proxy.infra.resources import Resources
 from proxy.infra.stored_completions import StoredCompletions
 from proxy.services.journal import (
+    ANSWER_HEADERS_NATS,
     EVENTS_STREAM,
     EventLog,
     EventPublisher,
@@ -64,6 +66,11 @@ _S = TypeVar("_S")
 # to give up on a stalled server) for at most `_CALL_TIMEOUT`; while one is overdue, requests
 # do not start another.
 _LOOKUP_TIMEOUT = 3.0
+# Longest wait for the row of a run known to exist (its key claimed, its events on NATS); for
+# any other trace, how long a run's row may be held back while it is young
+# (`LogWriter.START_DELAY`), with room for its group commit.
+_ROW_WAIT_SECONDS = 5.0
+_YOUNG_ROW_SECONDS = LogWriter.START_DELAY + 0.75
 _CALL_TIMEOUT = 30.0
 # A write a completed answer stands on (its turn appended to its conversation) outlasts a
 # database outage of this long: its client waits for its end rather than the turn being lost.
@@ -232,6 +239,9 @@ class Plan:
     # The run here that a follower reads (None: a run on another instance, or no follow): its
     # `headers` are what the run's client is told, of which the follower is told the answer's.
     live: EventLog | None = None
+    # A run on another instance that a follower reads: what that run's client was told of the
+    # answer, filled in (from its first event, or its row) before the follower's first batch.
+    told: list[tuple[bytes, bytes]] | None = None
 
 
 class Persistence:
@@ -356,8 +366,13 @@ class Persistence:
         yet. This process's own runs are known here; a process gone writes nothing more; an id
         of a shape no gateway makes was made by none. True when the database cannot say."""
         tag = maker_tag(trace_id)
+        return tag is not None and await self.others_alive(tag)
+
+    async def others_alive(self, tag: str = "") -> bool:
+        """Whether another gateway process (of those whose ids begin with `tag`) is alive,
+        which may have answered what this one cannot find yet. True when the database cannot say."""
         store = self.store()
-        if tag is None or store is None:
+        if store is None:
             return False
         try:
             return await self._bounded(lambda: store.others_alive(self.instance_id, tag, self.settings.dead_after))
@@ -504,13 +519,14 @@ class Persistence:
             # Its outcome is not committed yet, but the run is over and failed: a retry runs
             # again, as it would a moment later.
             return None
-        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id)
+        told: list[tuple[bytes, bytes]] | None = None if local is not None else []
+        producer = log_reader(local) if local is not None else self.remote_reader(claim.trace_id, told)
         headers = [(b"x-attached-to", claim.trace_id.encode())]
         if cache_id is not None:  # answered by its twin's call, not a call of its own: a hit
             headers.append((b"x-cache", b"hit"))
         # A run here says which model answers once a stand-in took over (before its first byte).
         return Plan("follow", producer=producer, req_id=req_id, key=key, winner=local.winner if local is not None else None,
-                    headers=headers, answered_by=claim.trace_id, live=local)
+                    headers=headers, answered_by=claim.trace_id, live=local, told=told)
 
     async def _claiming(
         self, key: str, trace_id: str, call: Callable[[], Awaitable[_T]], won: Callable[[_T], bool]
@@ -589,6 +605,33 @@ class Persistence:
         if self.resources.database_url is None:
             return None
         return await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
+
+    async def row_coming(self, trace_id: str) -> StoredRun | None:
+        """The row of a run that has not written it yet, waited for: a row is held back while a
+        run is young, and written a moment after its client had the whole answer (a group
+        commit, on whichever instance ran it), so a client may ask for it (read it, continue
+        it, resume its stream) before. Longest for a run known to be one: its key claimed (a
+        background response, claimed before it starts) or its events on NATS; a trace nobody
+        made is not found after `_YOUNG_ROW_SECONDS` while the process its id names is another one
+        alive, else at once (see `maker_alive`). A 503 when the journal cannot be read."""
+        if self.store() is None:
+            return None
+        claimed = await self.journal_read(lambda store: store.trace_claimed(trace_id), f"the key of {trace_id}")
+        known = claimed or await self.has_events(trace_id)
+        if not known and not await self.maker_alive(trace_id):
+            return None
+        with trio.move_on_after(_ROW_WAIT_SECONDS if known else _YOUNG_ROW_SECONDS):
+            while True:
+                try:
+                    stored = await self.stored_run(trace_id)
+                except GatewayError:
+                    if trace_id in self.runs.live:
+                        return None  # the run itself answers
+                    raise
+                if stored is not None:
+                    return stored
+                await trio.sleep(0.05)  # its writer's group commit: a few milliseconds
+        return None
 
     async def journal_read(
         self, call: Callable[[ChatStore], Awaitable[_T]], what: str, *, change: bool = False
@@ -699,23 +742,27 @@ class Persistence:
             log.warning("exact cache lookup failed (%s): skipped", error)
             return None
 
-    def remote_reader(self, trace_id: str) -> Producer:
+    def remote_reader(self, trace_id: str, told: list[tuple[bytes, bytes]] | None = None) -> Producer:
         """Follow a run on another instance through JetStream; with NATS down, wait for its
-        stored outcome in PostgreSQL instead."""
+        stored outcome in PostgreSQL instead. `told` gets what the run's client was told of
+        the answer (`ANSWER_HEADERS_NATS`, or the row's) before the first batch is sent."""
+        said = told if told is not None else []
 
         async def read(send: trio.MemorySendChannel[Batch]) -> None:
             bus = self.bus()
             if bus is not None:
                 try:
-                    if await self._follow_bus(bus, trace_id, send):
+                    if await self._follow_bus(bus, trace_id, send, said):
                         return
                 except BusError as error:
                     log.warning("following %s on NATS failed: %s", trace_id, error)
-            await self._wait_stored(trace_id, send)
+            await self._wait_stored(trace_id, send, said)
 
         return read
 
-    async def _follow_bus(self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch]) -> bool:
+    async def _follow_bus(
+        self, bus: Bus, trace_id: str, send: trio.MemorySendChannel[Batch], told: list[tuple[bytes, bytes]]
+    ) -> bool:
         """Relay the trace's events; True once its `finished` was seen (False: nothing stored).
 
         While the run is silent, its row is looked at every heartbeat: a run whose process
@@ -749,6 +796,7 @@ class Persistence:
                         # limit): relayed, they would be an answer without its beginning. Its
                         # stored outcome is the whole answer.
                         return False
+                    told.extend(_answer_headers(message.headers))
                 if isinstance(event, Finished):
                     if not relayed and event.status != "completed":
                         raise await self._stored_error(trace_id)  # it failed before it started
@@ -786,13 +834,16 @@ class Persistence:
             return None
         return None if found is None else _row_failure(found)
 
-    async def _wait_stored(self, trace_id: str, send: trio.MemorySendChannel[Batch]) -> None:
+    async def _wait_stored(
+        self, trace_id: str, send: trio.MemorySendChannel[Batch], told: list[tuple[bytes, bytes]]
+    ) -> None:
         """Wait for a run of another instance to store its outcome (NATS cannot tell it):
         replay its answer, or raise its error; a 503 when the database cannot be read."""
         deadline = trio.current_time() + self.settings.follow_silence
         while trio.current_time() < deadline:
             found = await self.journal_read(lambda store: store.stored_run(trace_id), f"the row of {trace_id}")
             if found is not None and found.status == "completed" and found.completion is not None:
+                told[:] = found.headers
                 await replayer(found.completion)(send)
                 return
             failure = _row_failure(found) if found is not None else None
@@ -802,13 +853,26 @@ class Persistence:
         raise GatewayError(ErrorKind.TIMEOUT, f"The run {trace_id} did not complete in time.", code="run_silent")
 
 
+def _answer_headers(nats_headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """What a run's first event says its client was told of the answer (`ANSWER_HEADERS_NATS`)."""
+    raw = nats_headers.get(ANSWER_HEADERS_NATS)
+    try:
+        said = json.loads(raw) if raw else {}
+    except ValueError:
+        return []
+    if not isinstance(said, dict):
+        return []
+    try:  # header bytes, as HTTP has them (latin-1 each way)
+        return [(str(name).encode("latin-1"), value.encode("latin-1")) for name, value in said.items() if isinstance(value, str)]
+    except UnicodeEncodeError:
+        return []
+
+
 def _row_failure(found: StoredRun) -> GatewayError | None:
     """The error a row that ended failed or cancelled stored; None for any other row."""
     if found.status not in ("failed", "cancelled"):
         return None
-    error = found.error or {}
-    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
-    return GatewayError(kind, str(error.get("message") or "The run was interrupted."))
+    return error_from_row(found.error or {}, kind=ErrorKind.UNAVAILABLE, message="The run was interrupted.")
 
 
 def _ends_failed(events: list[StreamEvent]) -> bool:
@@ -908,6 +972,10 @@ async def trace_events(
         if tenant is not None:
             raise  # whose trace it is cannot be told: not "not found"
         readable = False
+    if stored is None and tenant is not None:
+        # Whose trace it is needs its row: one that ran on another instance a moment ago
+        # (ended before its client reconnected here, or younger than its row) has it shortly.
+        stored = await persistence.row_coming(trace_id)
     if (tenant is not None and (stored is None or stored.tenant != tenant)) or (stored is not None and stored.deleted):
         raise unknown
     if (
@@ -1128,6 +1196,4 @@ def _reason_of(stored: StoredRun) -> str:
 
 def _error_of(stored: StoredRun) -> GatewayError:
     """The error a failed run stored; its process's death when it could store none."""
-    error = stored.error or {}
-    kind = ErrorKind.__members__.get(str(error.get("kind")), ErrorKind.UNAVAILABLE)
-    return GatewayError(kind, str(error.get("message") or INTERRUPTED_MESSAGE))
+    return error_from_row(stored.error or {}, kind=ErrorKind.UNAVAILABLE, message=INTERRUPTED_MESSAGE)
