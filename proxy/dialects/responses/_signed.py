@@ -33,8 +33,8 @@ def signed_thinking(encrypted: Any) -> tuple[str, str] | None:
         return None
     try:
         packed = json.loads(base64.urlsafe_b64decode(encrypted[len(_SIGNED):].encode()))
-    except (ValueError, binascii.Error):
-        return None
+    except (ValueError, binascii.Error, RecursionError):
+        return None  # a client's forgery nested past what Python decodes is as damaged as any
     if not isinstance(packed, dict):
         return None
     thinking, signature = packed.get("thinking"), packed.get("signature")
