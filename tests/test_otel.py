@@ -390,3 +390,18 @@ async def test_probes_and_scrapes_make_no_spans_nor_what_otel_python_excluded_ur
                 client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
                 await client.chat.completions.create(model="m", messages=ASK)  # type: ignore[arg-type]
     assert sorted(span.name for span in collector.of_kind(SERVER)) == ["GET /v1/models", "chat m"]
+
+
+async def test_a_host_whose_port_is_no_number_is_answered_with_tracing_on() -> None:
+    """`Host: x:²` (a port `str.isdigit` takes and `int` refuses) was a 500 with no body for
+    every request while spans were exported."""
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), tracing=exporting(collector)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                for host in (b"llm-proxy:\xb2", b"llm-proxy:" + b"9" * 5000):
+                    answer = await http.get("/v1/models", headers={"host": host})
+                    assert answer.status_code == 200, answer.text
+        assert {span.attributes["server.address"] for span in collector.of_kind(SERVER)} == {
+            "llm-proxy:\xb2", "llm-proxy:" + "9" * 5000,
+        }

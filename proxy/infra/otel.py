@@ -332,7 +332,8 @@ def _http_attributes(scope: Mapping[str, Any]) -> dict[str, Any]:
             attributes["user_agent.original"] = value.decode("latin-1")
         elif name == b"host":
             host, _, port = value.decode("latin-1").rpartition(":")
-            if host and port.isdigit():
+            # `int` refuses what `isdigit` takes ("²", past 4,300 digits): the request's 500.
+            if host and port.isascii() and port.isdigit() and len(port) <= 5:
                 attributes["server.address"], attributes["server.port"] = host, int(port)
             else:
                 attributes["server.address"] = value.decode("latin-1")
