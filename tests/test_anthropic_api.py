@@ -270,6 +270,25 @@ async def test_a_tool_input_cut_at_max_tokens_is_the_same_object_whole_or_stream
     assert inputs == [[received], [received]]
 
 
+
+@pytest.mark.parametrize(("arguments", "received"), [
+    ('{"city": "Paris", "days": NaN}', {"city": "Paris", "days": None}),  # as the stream's final message
+    ('{"city": "Paris", "days": 1e999}', {}),
+    ('{"city": "\\ud800"}', {}),
+    ('{"city": ' + "[" * 100_000, {}),
+])
+async def test_a_models_tool_input_no_json_can_carry_is_a_whole_message_not_a_500(
+    setup: Setup, arguments: str, received: dict[str, Any]
+) -> None:
+    """A model's tool arguments holding NaN, a number out of range, half a surrogate pair, or
+    nested past what Python reads (a prompt can ask for any of them): the whole message
+    was a 500 "Internal gateway error" (the object read could not be written as JSON)."""
+    setup.fake("openai").set_script(Script(tool_calls=[ToolCall("get_weather", arguments)], tool_arg_fragment=50_000))
+    request: Any = {"model": MODELS["openai"], "max_tokens": 100, "messages": MESSAGES, "tools": TOOLS}
+    whole = await setup.client.messages.create(**request)
+    assert [b.input for b in whole.content if b.type == "tool_use"] == [received]
+
+
 async def test_interleaved_parallel_tool_calls_from_an_openai_backend(setup: Setup) -> None:
     setup.fake("openai").set_script(
         Script(tool_calls=PARALLEL.tool_calls, tool_arg_fragment=3, interleave_tool_calls=True)

@@ -4,6 +4,7 @@ and the operator's `allowed_hosts` are served; a gateway that asks keys is unaff
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,36 @@ def test_the_bind_address_name_is_served() -> None:
     assert policy.allows("gpu-box.lan:8080") and policy.allows("gpu-box.lan.")
     assert not policy.allows("box.lan") and not policy.allows("evil.gpu-box.lan")
     assert policy.allows(None) and policy.allows("")  # HTTP/1.0: no Host, never a browser
+
+
+async def test_a_rebound_page_behind_a_proxy_that_rewrites_host_is_refused_while_no_key_is_asked() -> None:
+    """nginx's default (`proxy_pass http://127.0.0.1:8080`) sends the gateway its own address as
+    `Host`, whatever name the browser used: the `Host` check cannot see a rebound name there.
+    A rebound page's POSTs carry its name in `Origin`, and the browser says they are
+    same-origin (`Sec-Fetch-Site`), as they are to it; such a page may also set
+    `X-Forwarded-Host` itself. Either way its chat ran. The page's own name is held to the
+    rule `Host` is held to; a name of the operator's (`allowed_hosts`) is served as before."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(
+        backend("b", server.url, default=True), allowed_hosts=("llm.example.com",)
+    ) as url:
+        behind_nginx = {"host": f"127.0.0.1:{port_of(url)}", "content-type": "text/plain"}
+        async with httpx.AsyncClient(base_url=url) as client:
+            for page in (
+                {"origin": f"http://{REBOUND}", "sec-fetch-site": "same-origin"},
+                {"origin": f"http://{REBOUND}", "x-forwarded-host": REBOUND},  # set by the page itself
+            ):
+                chat = await client.post("/v1/chat/completions", content=json.dumps(CHAT), headers={**behind_nginx, **page})
+                assert chat.status_code == 403, page
+                assert chat.json()["error"]["code"] == "host_not_allowed" and REBOUND in chat.json()["error"]["message"]
+                # A route Quart serves (a workspace's ingestion) as well.
+                ingest = await client.post("/v1/workspaces/docs/documents", content='{"content": "x"}', headers={**behind_nginx, **page})
+                assert ingest.status_code == 403 and ingest.json()["error"]["code"] == "host_not_allowed", page
+            assert fake.requests == []
+            # The operator's app, under the gateway's address behind that proxy; a local page.
+            for page in (
+                {"origin": "https://llm.example.com", "sec-fetch-site": "same-origin"},
+                {"origin": "http://localhost:3000", "sec-fetch-site": "same-site"},  # allowed by `cors_origins`
+            ):
+                chat = await client.post("/v1/chat/completions", content=json.dumps(CHAT), headers={**behind_nginx, **page})
+                assert chat.status_code == 200, page

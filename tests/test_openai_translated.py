@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -176,3 +177,27 @@ async def test_reasoning_comes_under_both_names_clients_read(served: tuple[FakeB
             for name in said:
                 said[name] += (choice.delta.model_extra or {}).get(name) or ""
     assert said == {"reasoning": "Think first.", "reasoning_content": "Think first."}
+
+
+@pytest.mark.parametrize("arguments", ["[" * 100_000, '{"city": "\\ud800"}', '{"city": NaN}', '{"days": 1e999}'])
+async def test_tool_call_arguments_no_backend_request_could_carry_are_passed_as_text(
+    served: tuple[FakeBackend, openai.AsyncOpenAI], arguments: str
+) -> None:
+    """A tool call in a chat's history whose arguments are JSON nested past what Python reads,
+    or spell what JSON written out may not hold (half a surrogate pair, NaN, a number out of
+    range): its arguments reach Claude or Ollama as text, as arguments that are no JSON object
+    do. Each was a 502 "returned nothing" (the gateway could not write its own request) with a
+    traceback logged, at a client's will."""
+    fake, client = served
+    fake.set_script(Script(tokens=["Sunny."]))
+    history: Any = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    answer = await client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=10)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == "Sunny."
+    sent = fake.requests[-1].json
+    assert json.dumps(arguments)[1:-1] in json.dumps(sent)  # the text itself, whole

@@ -390,3 +390,40 @@ async def test_probes_and_scrapes_make_no_spans_nor_what_otel_python_excluded_ur
                 client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
                 await client.chat.completions.create(model="m", messages=ASK)  # type: ignore[arg-type]
     assert sorted(span.name for span in collector.of_kind(SERVER)) == ["GET /v1/models", "chat m"]
+
+
+async def test_what_a_client_chose_reaches_the_collector_bounded() -> None:
+    """A client's model name, stop sequences and user agent are as long as its body and head
+    allow (16 MiB): its span keeps a bounded part of each, not megabytes queued and exported
+    (a collector refuses a batch past its size, every request's spans in it lost)."""
+    fake = OpenAIBackend(default=Script(tokens=["Hi"], usage=Usage(prompt_tokens=7, completion_tokens=2)))
+    model = "qwen" + "m" * 300_000
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(
+            backend("vllm", server.url, prefixes=("qwen",)), tracing=exporting(collector)
+        ) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=30, headers={"user-agent": "agent/" + "u" * 10_000}) as http:
+                answer = await http.post("/v1/chat/completions", json={"model": model, "messages": ASK, "stop": ["s" * 100] * 30_000})
+                assert answer.status_code == 200
+        [span] = collector.of_kind(SERVER)
+    attributes = span.attributes
+    assert attributes["gen_ai.request.model"] == model[: otel.MAX_TEXT]
+    assert span.name == f"chat {model[: otel.MAX_TEXT]}"
+    assert attributes["gen_ai.request.stop_sequences"] == ("s" * 100,) * otel.MAX_STOP_SEQUENCES
+    assert attributes["user_agent.original"] == ("agent/" + "u" * 10_000)[: otel.MAX_TEXT]
+    assert fake.requests[-1].json["model"] == model  # the backend is sent what the client sent
+
+
+async def test_a_host_whose_port_is_no_number_is_answered_with_tracing_on() -> None:
+    """`Host: x:²` (a port `str.isdigit` takes and `int` refuses) was a 500 with no body for
+    every request while spans were exported."""
+    fake = OpenAIBackend()
+    with otlp_collector() as collector:
+        async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True), tracing=exporting(collector)) as url:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+                for host in (b"llm-proxy:\xb2", b"llm-proxy:" + b"9" * 5000):
+                    answer = await http.get("/v1/models", headers={"host": host})
+                    assert answer.status_code == 200, answer.text
+        assert {span.attributes["server.address"] for span in collector.of_kind(SERVER)} == {
+            "llm-proxy:\xb2", ("llm-proxy:" + "9" * 5000)[: otel.MAX_TEXT],
+        }

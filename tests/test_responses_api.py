@@ -1099,3 +1099,44 @@ async def test_without_a_database_a_reference_says_what_to_send_instead(setup: S
     error: Any = info.value.body
     assert error["param"] == "input[1]" and error["message"].startswith(f"Item with id '{first.output[0].id}' not found.")
     assert "store: false" in error["message"]
+
+
+@pytest.mark.parametrize("packed", [b"[" * 100_000, b'{"thinking": "x", "signature": ' + b"[" * 100_000])
+async def test_a_forged_signed_thinking_nested_too_deep_is_an_item_without_thinking(setup: Setup, packed: bytes) -> None:
+    """A client's `encrypted_content` made to look like Claude's signed thinking holds JSON nested
+    past what Python decodes: the item is one whose content the gateway cannot read (as a
+    damaged one), not a 500."""
+    import base64
+
+    setup.fake("anthropic").set_script(Script(tokens=["Sunny."]))
+    forged = "claude-thinking:" + base64.urlsafe_b64encode(packed).decode()
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": forged},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    answer = await setup.client.responses.create(model=MODELS["anthropic"], input=loop, tools=TOOLS)
+    assert answer.output_text == "Sunny."
+    assert all(part["type"] != "thinking" for m in sent(setup, "anthropic")["messages"] for part in m["content"]
+               if isinstance(m["content"], list))
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_a_forged_signed_thinking_with_a_lone_surrogate_is_an_item_without_thinking(setup: Setup, kind: str) -> None:
+    """A forged `encrypted_content` whose thinking spells half a surrogate pair (`\\ud800`,
+    which the request body itself may not): it was taken as Claude's thinking, which no
+    backend request could then be written with (a 502 "returned nothing", a traceback logged)."""
+    import base64
+
+    setup.fake(kind).set_script(Script(tokens=["Sunny."]))
+    forged = "claude-thinking:" + base64.urlsafe_b64encode(b'{"thinking": "a\\ud800b", "signature": "sig"}').decode()
+    loop: Any = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": forged},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    answer = await setup.client.responses.create(model=MODELS[kind], input=loop, tools=TOOLS)
+    assert answer.output_text == "Sunny."
+    assert "\\ud800" not in setup.fake(kind).requests[-1].body.decode()

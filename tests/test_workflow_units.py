@@ -363,3 +363,9 @@ def test_fanout_options_are_checked() -> None:
 )
 def test_a_judges_verdict_is_the_letter_it_means(reply: str, letter: str | None) -> None:
     assert parse_verdict(reply, ["A", "B", "C"]) == letter
+
+
+def test_a_judges_reply_nested_past_what_python_reads_is_read_as_text() -> None:
+    """2048 tokens of `[[[[` (a judged answer can ask for them) raised RecursionError out of
+    the judge step, failing the workflow; the reply is read as text instead."""
+    assert parse_verdict('{"best": ' + "[" * 5000 + "}\nAnswer: B", ["A", "B", "C"]) == "B"

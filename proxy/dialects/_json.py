@@ -52,6 +52,22 @@ def _finite_float(text: str) -> float:
 _TOO_DEEP = object()  # how a body too deep to parse reads; JSON's own `null` parses as None
 
 
+def loads_value(text: str) -> Any:
+    """JSON written inside a string (a tool call's arguments), read as a request body is:
+    ValueError for what no encoder could write on to a backend or client (nested past
+    `MAX_DEPTH`, NaN or Infinity, a number out of range, half a surrogate pair), which a
+    plain `json.loads` let through to fail the request later (a 502, a traceback logged)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep") from None
+    if _deeper_than(text, value, MAX_DEPTH):
+        raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+    if _SURROGATE_ESCAPE_TEXT.search(text) is not None and _has_lone_surrogate(value):
+        raise ValueError("a lone UTF-16 surrogate escape")
+    return value
+
+
 def loads_object(body: bytes | str, what: str = "request body", *, yielding: bool = False) -> dict[str, Any]:
     """Parse JSON that must be an object; a clear 400 otherwise. `yielding`: for a large body
     parsed in a worker thread, its integers go through Python code too, where the thread lets
@@ -134,7 +150,8 @@ def _has_lone_surrogate(value: Any) -> bool:
 def _deeper_than(raw: bytes | str, value: Any, limit: int) -> bool:
     """Whether `value` nests containers more than `limit` deep (iteratively, so any depth
     is safe to ask about)."""
-    if isinstance(raw, bytes) and raw.count(b"[") + raw.count(b"{") <= limit:
+    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if brackets <= limit:
         return False  # too few brackets to be that deep: the common case, at C speed
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:

@@ -13,6 +13,8 @@ import json
 import re
 from typing import Any
 
+from proxy.dialects._json import dumps, loads_value
+
 _STRING_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NUMBER_TOKEN = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERAL_VALUES: dict[str, Any] = {"true": True, "false": False, "null": None}
@@ -199,9 +201,11 @@ def object_so_far(arguments: str) -> dict[str, Any]:
     """The tool input Anthropic's SDKs make of `arguments` streamed as `JsonObjectPrefix` lets
     them through (a broken input closed where it broke; one cut short, at `max_tokens`, read
     as their partial parser reads it: a value cut inside left out, its containers kept), so
-    that a whole message says what its stream's final message says."""
+    that a whole message says what its stream's final message says. A model's arguments are
+    read as a request body is (`loads_value`): what no JSON may carry on to the client (NaN,
+    1e999, half a surrogate pair) or nests past what Python reads leaves nothing of itself."""
     try:
-        value = json.loads(arguments)
+        value = loads_value(arguments)
     except ValueError:
         pass
     else:
@@ -211,14 +215,18 @@ def object_so_far(arguments: str) -> dict[str, Any]:
     text = arguments[: checker.feed(arguments)]
     if checker.broken:
         try:
-            closed = json.loads(text + checker.closing())
+            closed = loads_value(text + checker.closing())
         except ValueError:  # a number no parser takes (`1-2`): nothing of it
             return {}
         return closed if isinstance(closed, dict) else {}
     start = _skip_space(text, 0)
     if start == len(text):
         return {}
-    found, _ = _value_so_far(text, start)
+    try:
+        found, _ = _value_so_far(text, start)
+        dumps(found)  # rare (a cut input): the client must be sent JSON
+    except (RecursionError, ValueError):  # (UnicodeEncodeError is a ValueError)
+        return {}
     return found if isinstance(found, dict) else {}
 
 

@@ -167,11 +167,15 @@ async def admit(gw: Gateway, head: RequestHead, *, limits: bool = True) -> Reply
     authenticator = gw.auth
     path = head.path
     hosts = gw.hosts
-    if (
-        hosts is not None and (authenticator is None or authenticator.enabled() is False)
-        and path != "/health" and not hosts.allows(host := head.header("host"))
-    ):
-        return _refusal(_foreign_host(host or ""), head)
+    if hosts is not None and (authenticator is None or authenticator.enabled() is False) and path != "/health":
+        host = head.header("host")
+        if not hosts.allows(host):
+            return _refusal(_foreign_host(host or ""), head)
+        # A page let in as the gateway's own: the name its browser used, which a proxy in
+        # front may have replaced in `Host` (nginx's default sends its upstream's address).
+        page = head.page_host
+        if page and not hosts.allows(page):
+            return _refusal(_foreign_host(page), head)
     if authenticator is None or path == "/health" or path in gw.settings.auth_public_paths:
         return None
     presented = credentials(head)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from hypercorn.typing import ASGISendCallable
 
@@ -24,7 +24,7 @@ from proxy.config import OriginParts, parse_origin_pattern
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.http._errors import dialect_of, error_reply
 from proxy.http._front import ResponseSend
-from proxy.http._head import RequestHead
+from proxy.http._head import PAGE_HOST, RequestHead
 
 log = logging.getLogger("llm_proxy.http")
 
@@ -154,7 +154,13 @@ class Cors:
         layer has answered it: a preflight, or a refused origin."""
         text = origin.decode("latin-1")
         headers = _header_map(scope)
-        allowed = self.policy.allows(text) or _same_origin(text, headers)
+        allowed = self.policy.allows(text)
+        if not allowed and (page := _same_origin(text, headers)) is not None:
+            allowed = True
+            # Whether that name may be served is the guard's `Host` rule (a rebound name's
+            # page is same-origin too, and behind a proxy that rewrites `Host` only its
+            # `Origin` says the name).
+            cast(dict[str, Any], scope)[PAGE_HOST] = page
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
         if not allowed:
             self.refusals.refused(text, scope["method"], scope["path"])
@@ -167,25 +173,25 @@ class Cors:
                                 (b"access-control-expose-headers", EXPOSED_HEADERS)])
 
 
-def _same_origin(origin: str, headers: Mapping[bytes, bytes]) -> bool:
-    """Whether the page is the gateway's own origin: browsers send `Origin` on a same-origin
-    POST too, which must not be refused as a stranger's page. The browser says so itself
-    (`Sec-Fetch-Site`, which no page can set: right behind any proxy), or `origin` names the
-    address the request was sent to (`Host`, or the `X-Forwarded-Host` a reverse proxy
-    passes), either scheme, as Ollama's CORS layer (Go's `CrossOriginProtection` does both).
-    (A DNS-rebinding page is same-origin too, but so are its GETs, which carry no `Origin`:
-    the guard's `Host` check covers both.)"""
-    if headers.get(b"sec-fetch-site") == b"same-origin":
-        return True
+def _same_origin(origin: str, headers: Mapping[bytes, bytes]) -> str | None:
+    """The page's host (and port) when it is the gateway's own origin, else None: browsers
+    send `Origin` on a same-origin POST too, which must not be refused as a stranger's page.
+    The browser says so itself (`Sec-Fetch-Site`, which no page can set: right behind any
+    proxy), or `origin` names the address the request was sent to (`Host`, or the
+    `X-Forwarded-Host` a reverse proxy passes), either scheme, as Ollama's CORS layer (Go's
+    `CrossOriginProtection` does both). A DNS-rebinding page is same-origin too, and may
+    set `X-Forwarded-Host` itself: the guard holds the host returned to its `Host` rule."""
     _, sep, authority = origin.lower().partition("://")
     if not sep or not authority:
-        return False
+        return None  # `null` (a sandboxed frame, a file:// page): only `*` allows it
+    if headers.get(b"sec-fetch-site") == b"same-origin":
+        return authority
     for name in (b"host", b"x-forwarded-host"):
         value = headers.get(name)
         # A proxy chain's first entry is the name the browser used.
         if value is not None and value.decode("latin-1").partition(",")[0].strip().lower() == authority:
-            return True
-    return False
+            return authority
+    return None
 
 
 def _header_map(scope: Mapping[str, Any]) -> dict[bytes, bytes]:

@@ -16,6 +16,9 @@ _REQUEST_ID = "llm_proxy.request_id"
 # A request the gateway sends itself on a key's behalf (a batch's line): the key's id (None:
 # no key). In the ASGI scope, which only the process itself can set: no header can claim it.
 ON_BEHALF_OF = "llm_proxy.on_behalf_of"
+# The name a browser page used for the gateway (its `Origin`'s host and port), when the CORS
+# layer let it in as the gateway's own page rather than by `cors_origins`.
+PAGE_HOST = "llm_proxy.page_host"
 
 
 class RequestHead:
@@ -43,6 +46,11 @@ class RequestHead:
     @property
     def on_behalf_of(self) -> int | None:
         return cast(int | None, self._scope.get(ON_BEHALF_OF))
+
+    @property
+    def page_host(self) -> str | None:
+        """See `PAGE_HOST`."""
+        return cast(str | None, self._scope.get(PAGE_HOST))
 
     def header(self, name: str) -> str | None:
         """The header `name` (lower case), or None."""

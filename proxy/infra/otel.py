@@ -45,6 +45,13 @@ _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP
 _OPERATIONS = {"chat": "chat", "completion": "text_completion", "embeddings": "embeddings"}
 # How long a stop waits for the last spans' export.
 STOP_SECONDS = 5.0
+# What a span keeps of a string a client chose (a model name, stop sequences, a user agent, an
+# error naming them): a request's body may hold 16 MiB of them, which its span would keep
+# queued and export whole (a collector refuses a batch past 4 MiB over gRPC, every request's
+# spans in it lost). The SDK's own limit (OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT) is off by default
+# and warns for each value it cuts, a log line per request of a client's choosing.
+MAX_TEXT = 1024
+MAX_STOP_SEQUENCES = 16  # OpenAI takes 4; each is cut as any text
 
 
 class Tracing:
@@ -167,17 +174,18 @@ class Tracing:
         if span is None:
             return
         operation = _OPERATIONS.get(record.kind, record.kind)
-        span.update_name(f"{operation} {record.model}" if record.model else operation)
+        model = _text(record.model) if record.model else record.model
+        span.update_name(f"{operation} {model}" if model else operation)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
-            "gen_ai.request.model": record.model,
+            "gen_ai.request.model": model,
             "llm_proxy.trace_id": record.trace_id,
             "llm_proxy.source": record.source,
             "llm_proxy.stream": record.stream,
             "llm_proxy.dialect": record.dialect,
         }
         if record.upstream_model and "gen_ai.response.model" not in (getattr(span, "attributes", None) or {}):
-            attributes["gen_ai.response.model"] = record.upstream_model  # the backend named none
+            attributes["gen_ai.response.model"] = _text(record.upstream_model)  # the backend named none
         if record.backend:
             attributes["llm_proxy.backend"] = record.backend
             if kind := self._kinds.get(record.backend):
@@ -206,7 +214,7 @@ class Tracing:
         if record.cancelled:
             _mark_cancelled(span)
         elif record.error is not None or record.status >= 500:
-            span.set_status(self._error(record.error or f"HTTP {record.status}"))
+            span.set_status(self._error(_text(record.error) if record.error else f"HTTP {record.status}"))
             span.set_attribute("error.type", str(record.status) if record.status >= 400 else "stream_error")
 
     def exchanged(self, request: ChatRequest, result: CompletionBuilder) -> None:
@@ -226,12 +234,12 @@ class Tracing:
             if value is not None:
                 attributes[name] = value
         if params.stop:
-            attributes["gen_ai.request.stop_sequences"] = params.stop
+            attributes["gen_ai.request.stop_sequences"] = tuple(_text(stop) for stop in params.stop[:MAX_STOP_SEQUENCES])
         if (start := result.start) is not None:
             if start.id:
-                attributes["gen_ai.response.id"] = start.id
+                attributes["gen_ai.response.id"] = _text(start.id)
             if start.model:
-                attributes["gen_ai.response.model"] = start.model
+                attributes["gen_ai.response.model"] = _text(start.model)
         if (usage := result.usage) is not None:
             if usage.cached_tokens:
                 attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
@@ -271,7 +279,7 @@ class Tracing:
     def failed(self, span: Span, error: BaseException) -> None:
         """An attempt that got no response head (refused, dropped, timed out, or cancelled)."""
         if span.is_recording():
-            span.set_status(self._error(str(error) or type(error).__name__))
+            span.set_status(self._error(_text(str(error)) or type(error).__name__))
             span.set_attribute("error.type", type(error).__qualname__)
             span.end()
 
@@ -306,6 +314,10 @@ def _request_span() -> Span | None:
     return trace.span  # type: ignore[no-any-return]
 
 
+def _text(value: str) -> str:
+    return value if len(value) <= MAX_TEXT else value[:MAX_TEXT]
+
+
 def _mark_cancelled(span: Span) -> None:
     # The client's choice, not the gateway's failure: no error status, but named as such
     # (nginx's 499, as in the request log).
@@ -316,7 +328,7 @@ def _mark_cancelled(span: Span) -> None:
 def _http_attributes(scope: Mapping[str, Any]) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "http.request.method": scope.get("method", "GET"),
-        "url.path": scope.get("path", "/"),
+        "url.path": _text(scope.get("path", "/")),
         "url.scheme": scope.get("scheme", "http"),
     }
     server = scope.get("server")
@@ -329,13 +341,14 @@ def _http_attributes(scope: Mapping[str, Any]) -> dict[str, Any]:
         attributes["network.protocol.version"] = version
     for name, value in scope.get("headers", ()):
         if name == b"user-agent":
-            attributes["user_agent.original"] = value.decode("latin-1")
+            attributes["user_agent.original"] = _text(value.decode("latin-1"))
         elif name == b"host":
             host, _, port = value.decode("latin-1").rpartition(":")
-            if host and port.isdigit():
-                attributes["server.address"], attributes["server.port"] = host, int(port)
+            # `int` refuses what `isdigit` takes ("²", past 4,300 digits): the request's 500.
+            if host and port.isascii() and port.isdigit() and len(port) <= 5:
+                attributes["server.address"], attributes["server.port"] = _text(host), int(port)
             else:
-                attributes["server.address"] = value.decode("latin-1")
+                attributes["server.address"] = _text(value.decode("latin-1"))
     return attributes
 
 

@@ -62,7 +62,7 @@ def _structured(text: str, letters: Sequence[str]) -> str | None:
         return None
     try:
         value = json.loads(text[start : end + 1])
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past what Python reads: no structured verdict
         return None
     best = value.get("best") if isinstance(value, dict) else None
     if isinstance(best, str) and best.strip().upper() in letters:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects._effort import EFFORTS, effort_param, unknown_effort
-from proxy.dialects._json import Fields, dumps, loads_object
+from proxy.dialects._json import Fields, dumps, loads_object, loads_value
 from proxy.dialects.anthropic._schema import structured_schema
 from proxy.dialects.anthropic._vocabulary import DIALECT
 from proxy.domain.chat import (
@@ -860,7 +860,7 @@ def input_object(arguments: str) -> dict[str, Any]:
     if not arguments.strip():
         return {}
     try:
-        value = json.loads(arguments)
+        value = loads_value(arguments)
     except ValueError:
         return {"arguments": arguments}
     return value if isinstance(value, dict) else {"arguments": value}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import binascii
 import json
-import math
 from functools import lru_cache
 from typing import Any
 
+from proxy.dialects._json import loads_value
 from proxy.domain.chat import ImagePart
 from proxy.domain.errors import invalid_request
 
@@ -28,22 +28,10 @@ def arguments_object(text: str) -> dict[str, Any]:
     if not text or text.isspace():
         return {}
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = loads_value(text)
     except ValueError:
         return {RAW_ARGUMENTS_KEY: text}
     return value if isinstance(value, dict) else {RAW_ARGUMENTS_KEY: text}
-
-
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON; Ollama (Go) would reject the request carrying them.
-    raise ValueError(name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # 1e999 parses as infinity, which no JSON encoder may write back
-        raise ValueError(text)
-    return value
 
 
 def arguments_text(value: Any) -> str:

@@ -8,12 +8,13 @@ the last turn's thinking given back.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Iterable
 from typing import Any
 
+from proxy.dialects._json import loads_object
 from proxy.dialects.anthropic import SignedReasoningDelta
+from proxy.domain.errors import GatewayError
 from proxy.domain.events import StreamEvent
 
 _SIGNED = "claude-thinking:"
@@ -32,10 +33,10 @@ def signed_thinking(encrypted: Any) -> tuple[str, str] | None:
     if not isinstance(encrypted, str) or not encrypted.startswith(_SIGNED):
         return None
     try:
-        packed = json.loads(base64.urlsafe_b64decode(encrypted[len(_SIGNED):].encode()))
-    except (ValueError, binascii.Error):
-        return None
-    if not isinstance(packed, dict):
+        # As a request body is read: a client's forgery nested past what Python decodes, or
+        # holding half a surrogate pair no backend request can be written with, is damaged.
+        packed = loads_object(base64.urlsafe_b64decode(encrypted[len(_SIGNED):].encode()), "signed thinking")
+    except (ValueError, GatewayError):  # binascii.Error is a ValueError
         return None
     thinking, signature = packed.get("thinking"), packed.get("signature")
     if not isinstance(thinking, str) or not isinstance(signature, str) or not signature:
