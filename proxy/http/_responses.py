@@ -91,7 +91,7 @@ class ResponsesJsonSink(JsonSink):
             responses.render_response(
                 completion, response=_answering(self.extra_headers, self._response), model=self._model,
                 settings=self._settings,
-                created_at=self._created_at, completed_at=int(time.time()), events=batch.events,
+                created_at=self._created_at, completed_at=int(time.time()),
             )
         )
 
