@@ -230,6 +230,38 @@ async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Set
     assert sent["messages"][1]["content"][1]["type"] == "tool_use"
 
 
+UPSTREAM = {
+    "openai": [("x-request-id", "req_hosted"), ("x-ratelimit-remaining-requests", "4999"), ("openai-processing-ms", "321")],
+    "anthropic": [("anthropic-ratelimit-requests-remaining", "4999")],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_the_backends_request_id_limits_and_retry_advice_reach_a_responses_client(
+    setup: Setup, kind: str, stream: bool,
+) -> None:
+    """What an OpenAI client reads off `with_raw_response` (and backs off by) comes from the
+    backend that answered, on `/v1/responses` as on `/v1/chat/completions`."""
+    fake = setup.fake(kind)
+    fake.push(Script(headers=UPSTREAM[kind]))
+    raw = await setup.client.responses.with_raw_response.create(model=MODELS[kind], input="hi", stream=stream)
+    if stream:
+        async for _ in raw.parse():  # type: ignore[union-attr]
+            pass
+    upstream = raw.headers["x-upstream-request-id"]
+    assert upstream == "req_hosted" if kind == "openai" else upstream.startswith("req_")
+    assert upstream != raw.headers["x-request-id"]
+    assert raw.headers["x-ratelimit-remaining-requests"] == "4999"
+
+    fake.push(Script(status=429, retry_after=2, headers=[("retry-after-ms", "1500"), *UPSTREAM[kind]]))
+    with pytest.raises(openai.RateLimitError) as info:
+        await setup.client.responses.create(model=MODELS[kind], input="hi", stream=stream)
+    headers = info.value.response.headers
+    assert headers["retry-after-ms"] == "1500" and headers.get_list("retry-after") == ["2"]
+    assert headers["x-upstream-request-id"] and headers["x-ratelimit-remaining-requests"] == "4999"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_function_call_not_streamed(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
