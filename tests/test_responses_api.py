@@ -262,6 +262,20 @@ async def test_the_backends_request_id_limits_and_retry_advice_reach_a_responses
     assert headers["x-upstream-request-id"] and headers["x-ratelimit-remaining-requests"] == "4999"
 
 
+async def test_stream_options_without_stream_is_refused_as_openai_does(setup: Setup) -> None:
+    """OpenAI's rule ("only set this when you set stream: true"): a client that set them but
+    forgot `stream` meant to stream, and hears so rather than getting a whole answer."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="hi", stream_options={"include_obfuscation": False})
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "stream_options"
+    assert error["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    async with setup.client.responses.stream(
+        model=MODELS["openai"], input="hi", stream_options={"include_obfuscation": False},
+    ) as events:
+        assert (await events.get_final_response()).status == "completed"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_function_call_not_streamed(setup: Setup, kind: str) -> None:
     setup.fake(kind).set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))

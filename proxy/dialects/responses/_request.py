@@ -189,6 +189,10 @@ def parse_responses_request(
     store = fields.boolean("store")
     stream = bool(fields.boolean("stream"))
     options = fields.object("stream_options")
+    if options is not None and not stream:
+        # OpenAI's documented rule (and its refusal on chat completions): a client that meant
+        # to stream should hear it, not get a whole answer.
+        raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
     if options is not None:
         options.boolean("include_obfuscation")
 
