@@ -80,6 +80,11 @@ async def test_claude_thinks_on_in_a_tool_loop_the_journal_continues(
     assert kept.encrypted_content == live.encrypted_content and "EqQB" not in kept.model_dump_json().replace(
         kept.encrypted_content or "", ""
     )
+    if stream:  # its stream read again (a client resuming it): the same opaque signature
+        replayed = [event async for event in await client.responses.retrieve(first.id, stream=True)]
+        done = next(event for event in replayed if event.type == "response.completed").response
+        again = next(item for item in done.output if item.type == "reasoning")
+        assert again.encrypted_content == live.encrypted_content
     if how == "conversation":
         items = [item async for item in client.conversations.items.list(where["conversation"], order="asc")]
         listed = next(item for item in items if item.type == "reasoning")
