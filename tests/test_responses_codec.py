@@ -759,3 +759,16 @@ def test_each_thinking_block_claude_signed_is_an_item_of_its_own_and_goes_back_s
         {"type": "thinking", "thinking": "Check the city.", "signature": "sig-1"},
         {"type": "thinking", "thinking": "Then call.", "signature": "sig-2"},
     ]
+
+
+def test_signatures_that_no_longer_fit_the_kept_reasoning_are_dropped() -> None:
+    """A stored answer whose reasoning was cut (or altered) after it was signed goes back to
+    Claude unsigned (thinking off) rather than signed wrongly (a 400 for the client)."""
+    from proxy.infra.chat_store import completion_from_json
+
+    stored = {"id": "x", "model": "m", "created": 1, "choices": [
+        {"index": 0, "content": "", "reasoning": "Check", "tool_calls": [], "finish_reason": "stop", "signed": [[15, "sig-1"]]},
+    ]}
+    assert completion_from_json(stored).choices[0].signed == ()
+    stored["choices"][0]["signed"] = [[5, "sig-1"]]  # type: ignore[index]
+    assert completion_from_json(stored).choices[0].signed == (("Check", "sig-1"),)

@@ -66,12 +66,17 @@ def _signed_to_json(signed: tuple[tuple[str, str], ...]) -> list[list[Any]]:
 
 
 def _signed_from_json(data: Any, reasoning: str) -> tuple[tuple[str, str], ...]:
+    """The signed blocks `_signed_to_json` kept; none if they no longer fit the reasoning (a
+    block given back altered would be refused with its signature: better unsigned)."""
     if not isinstance(data, list):
         return ()
     out: list[tuple[str, str]] = []
     start = 0
     for entry in data:
-        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str)):
+        if not (
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str)
+            and start <= entry[0] <= len(reasoning)
+        ):
             return ()
         out.append((reasoning[start:entry[0]], entry[1]))
         start = entry[0]
