@@ -203,6 +203,7 @@ async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Set
     client as OpenAI's is), so the loop goes on thinking; without it the gateway had to switch
     thinking off after the first tool call (Claude wants the last turn's signed thinking back)."""
     claude = setup.fake("anthropic")
+    claude.strict_thinking = True  # refuses, as Anthropic does, a loop's turn without its signed thinking
     claude.set_script(Script(reasoning=["Weather ", "first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
     asked: Any = {"model": MODELS["anthropic"], "tools": TOOLS, "reasoning": {"effort": "medium"}}
     if stream:

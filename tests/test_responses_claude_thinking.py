@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -89,3 +90,27 @@ async def test_claude_thinks_on_in_a_tool_loop_the_journal_continues(
         items = [item async for item in client.conversations.items.list(where["conversation"], order="asc")]
         listed = next(item for item in items if item.type == "reasoning")
         assert listed.encrypted_content == live.encrypted_content  # type: ignore[union-attr]
+
+
+async def test_the_strict_claude_fake_refuses_as_anthropic_does() -> None:
+    """The fake this file relies on: a tool loop's last turn without its signed thinking, or with
+    a signature not made for its text, is Anthropic's 400 while thinking is on."""
+    fake = AnthropicBackend()
+    fake.strict_thinking = True
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}
+
+    def body(*blocks: Any, thinking: bool = True) -> dict[str, Any]:
+        return {
+            "model": MODEL, "max_tokens": 2048, **({"thinking": {"type": "enabled", "budget_tokens": 1024}} if thinking else {}),
+            "messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": [*blocks, call]}, result],
+        }
+
+    signed = {"type": "thinking", "thinking": "Call it.", "signature": thinking_signature("Call it.")}
+    async with fake.serve() as server, httpx.AsyncClient(base_url=server.url) as http:
+        unsigned = await http.post("/v1/messages", json=body())
+        assert unsigned.status_code == 400 and "must start with a thinking block" in unsigned.json()["error"]["message"]
+        forged = await http.post("/v1/messages", json=body({**signed, "thinking": "Something else."}))
+        assert forged.status_code == 400 and "Invalid `signature`" in forged.json()["error"]["message"]
+        assert (await http.post("/v1/messages", json=body(signed))).status_code == 200
+        assert (await http.post("/v1/messages", json=body(thinking=False))).status_code == 200
