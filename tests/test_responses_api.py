@@ -203,6 +203,7 @@ async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Set
     client as OpenAI's is), so the loop goes on thinking; without it the gateway had to switch
     thinking off after the first tool call (Claude wants the last turn's signed thinking back)."""
     claude = setup.fake("anthropic")
+    claude.strict_thinking = True  # refuses, as Anthropic does, a loop's turn without its signed thinking
     claude.set_script(Script(reasoning=["Weather ", "first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
     asked: Any = {"model": MODELS["anthropic"], "tools": TOOLS, "reasoning": {"effort": "medium"}}
     if stream:
@@ -228,6 +229,52 @@ async def test_claudes_signed_thinking_goes_back_to_it_in_a_tool_loop(setup: Set
     signature = "EqQBCkYIBxgCKkB" + hashlib.sha256(b"Weather first.").hexdigest()  # the fake's, for its thinking
     assert sent["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Weather first.", "signature": signature}
     assert sent["messages"][1]["content"][1]["type"] == "tool_use"
+
+
+UPSTREAM = {
+    "openai": [("x-request-id", "req_hosted"), ("x-ratelimit-remaining-requests", "4999"), ("openai-processing-ms", "321")],
+    "anthropic": [("anthropic-ratelimit-requests-remaining", "4999")],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_the_backends_request_id_limits_and_retry_advice_reach_a_responses_client(
+    setup: Setup, kind: str, stream: bool,
+) -> None:
+    """What an OpenAI client reads off `with_raw_response` (and backs off by) comes from the
+    backend that answered, on `/v1/responses` as on `/v1/chat/completions`."""
+    fake = setup.fake(kind)
+    fake.push(Script(headers=UPSTREAM[kind]))
+    raw = await setup.client.responses.with_raw_response.create(model=MODELS[kind], input="hi", stream=stream)
+    if stream:
+        async for _ in raw.parse():  # type: ignore[union-attr]
+            pass
+    upstream = raw.headers["x-upstream-request-id"]
+    assert upstream == "req_hosted" if kind == "openai" else upstream.startswith("req_")
+    assert upstream != raw.headers["x-request-id"]
+    assert raw.headers["x-ratelimit-remaining-requests"] == "4999"
+
+    fake.push(Script(status=429, retry_after=2, headers=[("retry-after-ms", "1500"), *UPSTREAM[kind]]))
+    with pytest.raises(openai.RateLimitError) as info:
+        await setup.client.responses.create(model=MODELS[kind], input="hi", stream=stream)
+    headers = info.value.response.headers
+    assert headers["retry-after-ms"] == "1500" and headers.get_list("retry-after") == ["2"]
+    assert headers["x-upstream-request-id"] and headers["x-ratelimit-remaining-requests"] == "4999"
+
+
+async def test_stream_options_without_stream_is_refused_as_openai_does(setup: Setup) -> None:
+    """OpenAI's rule ("only set this when you set stream: true"): a client that set them but
+    forgot `stream` meant to stream, and hears so rather than getting a whole answer."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await setup.client.responses.create(model=MODELS["openai"], input="hi", stream_options={"include_obfuscation": False})
+    error = info.value.body
+    assert isinstance(error, dict) and error["param"] == "stream_options"
+    assert error["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    async with setup.client.responses.stream(
+        model=MODELS["openai"], input="hi", stream_options={"include_obfuscation": False},
+    ) as events:
+        assert (await events.get_final_response()).status == "completed"
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -733,3 +733,42 @@ def test_a_custom_tool_is_refused_as_the_clients_own_not_a_built_in_one() -> Non
     assert "built-in" not in custom.message
     built_in = refused(tools=[{"type": "web_search"}])
     assert "built-in tools" in built_in.message and "function tools only" in built_in.message
+
+
+def test_each_thinking_block_claude_signed_is_an_item_of_its_own_and_goes_back_signed() -> None:
+    """Interleaved thinking: two blocks, each signed for its own text. As one item (their text
+    joined, the last signature) Claude would refuse the turn given back; kept in the journal
+    (`completion_to_json`), each still goes back with its own signature."""
+    from proxy.infra.chat_store import completion_from_json, completion_to_json
+
+    builder = CompletionBuilder()
+    for event in (
+        StreamStart(id="msg_1", model="claude", created=1), ReasoningDelta("Check "),
+        anthropic.SignedReasoningDelta("the city.", 0, "sig-1"), anthropic.SignedReasoningDelta("Then call.", 0, "sig-2"),
+        ToolCallStart(0, "toolu_1", "get_weather"), ToolCallDelta(0, "{}"), Finish(FinishReason.TOOL_CALLS),
+    ):
+        builder.add(event)
+    completion = completion_from_json(completion_to_json(builder.build()))
+    items = responses.output_of(completion, "resp_1", "completed")
+    signed = [responses._signed.signed_thinking(item.get("encrypted_content")) for item in items if item["type"] == "reasoning"]
+    assert signed == [("Check the city.", "sig-1"), ("Then call.", "sig-2")]
+    parsed = responses.parse_responses_request(json.dumps({"model": "m", "input": "And?"}).encode())
+    responses.continued(parsed, [], completion)
+    turn = parsed.chat.messages[0]
+    assert [part.data for part in turn.content if hasattr(part, "data")] == [
+        {"type": "thinking", "thinking": "Check the city.", "signature": "sig-1"},
+        {"type": "thinking", "thinking": "Then call.", "signature": "sig-2"},
+    ]
+
+
+def test_signatures_that_no_longer_fit_the_kept_reasoning_are_dropped() -> None:
+    """A stored answer whose reasoning was cut (or altered) after it was signed goes back to
+    Claude unsigned (thinking off) rather than signed wrongly (a 400 for the client)."""
+    from proxy.infra.chat_store import completion_from_json
+
+    stored = {"id": "x", "model": "m", "created": 1, "choices": [
+        {"index": 0, "content": "", "reasoning": "Check", "tool_calls": [], "finish_reason": "stop", "signed": [[15, "sig-1"]]},
+    ]}
+    assert completion_from_json(stored).choices[0].signed == ()
+    stored["choices"][0]["signed"] = [[5, "sig-1"]]  # type: ignore[index]
+    assert completion_from_json(stored).choices[0].signed == (("Check", "sig-1"),)

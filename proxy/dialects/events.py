@@ -5,6 +5,7 @@ One JSON object per NATS message, each with its sequence number `seq` (1, 2, …
     {"seq":1,"type":"role","role":"assistant","id":"chatcmpl-…","model":"m","created":1700000000}
     {"seq":2,"type":"token","text":"Hel","task":"A"}          task: the choice or fan-out task
     {"seq":3,"type":"reasoning","text":"…"}                    an extension: reasoning deltas
+    {"seq":3,"type":"reasoning","text":"…","signature":"…"}    the last of a thinking block Claude signed
     {"seq":3,"type":"refusal","text":"…"}                      an extension: an OpenAI model's refusal
     {"seq":3,"type":"annotations","annotations":[…]}           an extension: its citations, OpenAI's shape
     {"seq":4,"type":"function_call","name":"f","arguments":"{"}  an extension: legacy function calling
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.dialects._json import dumps
+from proxy.dialects.anthropic import SignedReasoningDelta
 from proxy.domain.chat import FinishReason, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.domain.events import (
@@ -104,6 +106,8 @@ def encode_event(seq: int, event: WireEvent) -> bytes:
             body |= {"type": "role", "role": "assistant", "id": id_, "model": model, "created": created}
         case ReasoningDelta(text, choice):
             body |= {"type": "reasoning", "text": text, "task": task_name(choice)}
+            if isinstance(event, SignedReasoningDelta) and event.signature:
+                body["signature"] = event.signature  # Claude's: its stream read again keeps it
         case RefusalDelta(text, choice):
             body |= {"type": "refusal", "text": text, "task": task_name(choice)}
         case AnnotationsDelta(annotations, choice):
@@ -179,7 +183,11 @@ def decode_event(data: bytes) -> tuple[int, WireEvent | None]:
     elif kind == "role":
         event = StreamStart(str(body.get("id") or ""), str(body.get("model") or ""), int(body.get("created") or 0))
     elif kind == "reasoning" and isinstance(body.get("text"), str):
-        event = ReasoningDelta(body["text"], choice)
+        signature = body.get("signature")
+        event = (
+            SignedReasoningDelta(body["text"], choice, signature) if isinstance(signature, str) and signature
+            else ReasoningDelta(body["text"], choice)
+        )
     elif kind == "refusal" and isinstance(body.get("text"), str):
         event = RefusalDelta(body["text"], choice)
     elif kind == "function_call":

@@ -183,6 +183,9 @@ class Choice:
     function_call: ToolCall | None = None  # legacy function calling's one call (see `FunctionCallDelta`)
     audio: dict[str, Any] | None = None  # an OpenAI model's spoken answer, OpenAI's shape (see `AudioDelta`)
     context: tuple[int, ...] = ()  # an Ollama `/api/generate` answer's tokens to go on from (see `ContinuedFinish`)
+    # The reasoning's blocks as the backend signed them, (thinking, signature) each: Claude
+    # takes its thinking back only signed, and in a tool loop thinks on only with it back.
+    signed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)

@@ -188,6 +188,8 @@ class CompletionBuilder:
         self._choices: dict[int, Choice] = {}
         self._text: dict[int, list[str]] = {}
         self._reasoning: dict[int, list[str]] = {}
+        self._signed: dict[int, list[tuple[str, str]]] = {}
+        self._signed_from: dict[int, int] = {}  # where in `_reasoning` its next signed block begins
         self._refusal: dict[int, list[str]] = {}
         self._annotations: dict[int, list[dict[str, Any]]] = {}
         self._function_calls: dict[int, tuple[str, list[str]]] = {}
@@ -230,6 +232,11 @@ class CompletionBuilder:
                 self._reasoning[choice].append(text)
                 if not event.replayable:
                     self.replayable = False
+                    # A dialect's refinement ends its block with the backend's signature (Claude's):
+                    # once a block, never per piece.
+                    signature = getattr(event, "signature", "")
+                    if isinstance(signature, str) and signature:
+                        self._sign(choice, signature)
             case ToolCallStart(index, call_id, name, choice):
                 self._choice(choice)
                 if not event.replayable:
@@ -253,6 +260,12 @@ class CompletionBuilder:
             case StreamFailed(error):
                 self.error = error
 
+    def _sign(self, choice: int, signature: str) -> None:
+        pieces = self._reasoning[choice]
+        start = self._signed_from.get(choice, 0)
+        self._signed.setdefault(choice, []).append(("".join(pieces[start:]), signature))
+        self._signed_from[choice] = len(pieces)
+
     def generated_chars(self) -> int:
         """How much was generated so far (text, reasoning, tool-call arguments), in characters."""
         parts = (*self._text.values(), *self._reasoning.values(), *self._refusal.values(), *self._tool_args.values(),
@@ -271,6 +284,7 @@ class CompletionBuilder:
             choice = self._choices[index]
             choice.content = "".join(self._text[index])
             choice.reasoning = "".join(self._reasoning[index])
+            choice.signed = tuple(self._signed.get(index, ()))
             choice.refusal = "".join(self._refusal.get(index, ()))
             choice.annotations = self._annotations.get(index, [])
             if (legacy := self._function_calls.get(index)) is not None:

@@ -48,6 +48,7 @@ from proxy.http._exchange import (
 from proxy.http._front import FrontDoor, Incoming, send_reply
 from proxy.http._head import current_tenant, request_meta
 from proxy.http._logprobs import refuse_logprobs_without_backend
+from proxy.http._openai import OpenAIExchangeBody
 from proxy.http._streams import EventsBody
 from proxy.infra.backends import Batch
 from proxy.infra.backends._anthropic import count_tokens
@@ -87,7 +88,7 @@ class ResponsesJsonSink(JsonSink):
             responses.render_response(
                 completion, response=_answering(self.extra_headers, self._response), model=self._model,
                 settings=self._settings,
-                created_at=self._created_at, completed_at=int(time.time()), events=batch.events,
+                created_at=self._created_at, completed_at=int(time.time()),
             )
         )
 
@@ -186,14 +187,16 @@ async def create_response(incoming: Incoming) -> ExchangeBody:
             exchange, headers, response=response, model=model, settings=settings,
             persistence=persistence,
         )
+    # The answering backend's request id, limits and retry advice, as on `/v1/chat/completions`.
+    backends = incoming.gateway.backends
     if parsed.stream:
-        return ExchangeBody(exchange, lambda send: ResponsesStreamSink(
+        return OpenAIExchangeBody(exchange, lambda send: ResponsesStreamSink(
             send, headers, response=response, model=model, settings=settings,
-        ))
+        ), backends)
     created_at = int(time.time())
-    return ExchangeBody(exchange, lambda send: ResponsesJsonSink(
+    return OpenAIExchangeBody(exchange, lambda send: ResponsesJsonSink(
         send, headers, response=response, model=model, settings=settings, created_at=created_at,
-    ))
+    ), backends)
 
 
 def _for_backend(request: ChatRequest, backend: BackendConfig | None) -> ChatRequest:
@@ -278,7 +281,9 @@ async def compact_response(incoming: Incoming) -> ExchangeBody:
     catalog = incoming.gateway.catalog
     exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
-    return ExchangeBody(exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept))
+    return OpenAIExchangeBody(
+        exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept), incoming.gateway.backends,
+    )
 
 
 @exchanges.route("/v1/responses/input_tokens", kind="count_tokens")

@@ -37,6 +37,7 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
                    if c.function_call is not None else {}),
                 **({"audio": c.audio} if c.audio is not None else {}),
                 **({"context": list(c.context)} if c.context else {}),
+                **({"signed": _signed_to_json(c.signed)} if c.signed else {}),
             }
             for c in completion.choices
         ],
@@ -51,6 +52,35 @@ def completion_to_json(completion: ChatCompletion, headers: Sequence[tuple[bytes
             "reasoning_tokens": usage.reasoning_tokens,
         },
     }
+
+
+def _signed_to_json(signed: tuple[tuple[str, str], ...]) -> list[list[Any]]:
+    """Each signed block as where it ends in the reasoning, and its signature: its text is
+    the reasoning's already (kept once)."""
+    out: list[list[Any]] = []
+    end = 0
+    for thinking, signature in signed:
+        end += len(thinking)
+        out.append([end, signature])
+    return out
+
+
+def _signed_from_json(data: Any, reasoning: str) -> tuple[tuple[str, str], ...]:
+    """The signed blocks `_signed_to_json` kept; none if they no longer fit the reasoning (a
+    block given back altered would be refused with its signature: better unsigned)."""
+    if not isinstance(data, list):
+        return ()
+    out: list[tuple[str, str]] = []
+    start = 0
+    for entry in data:
+        if not (
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str)
+            and start <= entry[0] <= len(reasoning)
+        ):
+            return ()
+        out.append((reasoning[start:entry[0]], entry[1]))
+        start = entry[0]
+    return tuple(out)
 
 
 def stored_headers(data: dict[str, Any] | None) -> list[tuple[bytes, bytes]]:
@@ -81,6 +111,7 @@ def completion_from_json(data: dict[str, Any]) -> ChatCompletion:
                 if isinstance(legacy := c.get("function_call"), dict) else None,
                 audio=spoken if isinstance(spoken := c.get("audio"), dict) else None,
                 context=tuple(tokens) if isinstance(tokens := c.get("context"), list) else (),
+                signed=_signed_from_json(c.get("signed"), c.get("reasoning") or ""),
             )
             for c in data.get("choices") or []
         ],

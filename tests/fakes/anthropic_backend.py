@@ -89,8 +89,7 @@ class _MessageRendering:
         }
 
     def _signature(self) -> str:
-        digest = hashlib.sha256(self.plan.reasoning_text.encode()).hexdigest()
-        return "EqQBCkYIBxgCKkB" + digest
+        return thinking_signature(self.plan.reasoning_text)
 
     def _blocks_present(self) -> tuple[bool, bool]:
         thinking = bool(self.plan.reasoning)
@@ -224,6 +223,9 @@ class AnthropicBackend(FakeBackend):
 
     ``api_key``: require it in ``x-api-key`` (or ``Authorization: Bearer``), else 401.
     ``require_version``: reject requests without an ``anthropic-version`` header (400).
+    ``strict_thinking``: refuse (400), as Anthropic does, a thinking request whose tool loop's
+    last assistant turn does not open with a thinking block, or a thinking block whose
+    signature is not the one this fake gave its text.
     """
 
     dialect = "anthropic"
@@ -235,6 +237,7 @@ class AnthropicBackend(FakeBackend):
         super().__init__(**kwargs)
         self.api_key = api_key
         self.require_version = require_version
+        self.strict_thinking = False
 
     def error_payload(self, status: int, message: str) -> Any:
         return anthropic_error(status, message)
@@ -321,6 +324,10 @@ class AnthropicBackend(FakeBackend):
             return
         model: str = body["model"]
         messages = body["messages"]
+        refused = _thinking_refused(body) if self.strict_thinking else None
+        if refused is not None:
+            await self.send_error(exchange, 400, refused)
+            return
         script = self.script_for(model)
         plan = make_plan(
             script,
@@ -349,6 +356,34 @@ class AnthropicBackend(FakeBackend):
         if "context_management" in body:  # the count before its edits (this fake makes none)
             answer["context_management"] = {"original_input_tokens": count}
         await exchange.respond_json(200, answer, headers=self.common_headers())
+
+
+def thinking_signature(thinking: str) -> str:
+    """The signature this fake gives a thinking block's text."""
+    return "EqQBCkYIBxgCKkB" + hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def _thinking_refused(body: dict[str, Any]) -> str | None:
+    """Anthropic's refusal of a request's thinking blocks, if it has one."""
+    blocks = [
+        (i, block) for i, m in enumerate(body["messages"]) if isinstance(m, dict) and m.get("role") == "assistant"
+        for block in (m.get("content") if isinstance(m.get("content"), list) else [])
+    ]
+    for i, block in blocks:
+        if block.get("type") == "thinking" and block.get("signature") != thinking_signature(str(block.get("thinking"))):
+            return f"messages.{i}.content: Invalid `signature` in `thinking` block"
+    thinking = body.get("thinking")
+    if not (isinstance(thinking, dict) and thinking.get("type") == "enabled") or not blocks:
+        return None
+    last = max(i for i, _ in blocks)
+    content = body["messages"][last]["content"]
+    if any(b.get("type") == "tool_use" for b in content) and content[0].get("type") not in ("thinking", "redacted_thinking"):
+        return (
+            f"messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+            f"`{content[0].get('type')}`. When `thinking` is enabled, a final `assistant` message must start with a "
+            "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+        )
+    return None
 
 
 def _prompt_text(body: dict[str, Any]) -> str:

@@ -45,11 +45,15 @@ def input_items(
         if role == "assistant" and isinstance(reasoning, str) and reasoning:
             # Given back as a reasoning item (see `_request._parse_items`): listed, and carried on in
             # a conversation, as that item.
-            signature = next(
-                (p["data"].get("signature") for p in parts if isinstance(p, dict) and p.get("opaque") == "anthropic"
-                 and isinstance(p.get("data"), dict) and p["data"].get("type") == "thinking"), None,
-            )
-            items.append(reasoning_item(named("rs"), reasoning, "completed", signature=signature if isinstance(signature, str) else ""))
+            signed = [
+                (p["data"]["thinking"], p["data"]["signature"]) for p in parts
+                if isinstance(p, dict) and p.get("opaque") == "anthropic" and isinstance(p.get("data"), dict)
+                and p["data"].get("type") == "thinking" and isinstance(p["data"].get("thinking"), str)
+                and isinstance(p["data"].get("signature"), str) and p["data"]["signature"]
+            ]
+            # Each block Claude signed an item of its own, as its answer gave them.
+            for thinking, signature in signed or [(reasoning, "")]:
+                items.append(reasoning_item(named("rs"), thinking, "completed", signature=signature))
         content = [part for part in (_part(p, role) for p in parts) if part is not None]
         if content or not message.get("tool_calls"):
             items.append({"id": named("msg"), "type": "message", "role": role, "status": "completed", "content": content})

@@ -21,7 +21,7 @@ from typing import Any
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.openai import check_forced_tool
 from proxy.dialects.responses._compaction import compaction_message
-from proxy.dialects.responses._signed import signed_thinking
+from proxy.dialects.responses._signed import signed_thinking, thinking_block
 from proxy.domain.chat import (
     ChatCompletion,
     ChatRequest,
@@ -43,8 +43,6 @@ from proxy.domain.ids import storable
 DIALECT = "responses"
 # The dialect of an `input_file`'s part: an OpenAI chat client's `file` (see `_parse_file`).
 CHAT_DIALECT = "openai"
-# The dialect of a Claude backend's signed thinking given back (see `_signed`).
-_ANTHROPIC = "anthropic"
 
 _ROLES: dict[str, Role] = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -193,6 +191,10 @@ def parse_responses_request(
     store = fields.boolean("store")
     stream = bool(fields.boolean("stream"))
     options = fields.object("stream_options")
+    if options is not None and not stream:
+        # OpenAI's documented rule (and its refusal on chat completions): a client that meant
+        # to stream should hear it, not get a whole answer.
+        raise invalid_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
     if options is not None:
         options.boolean("include_obfuscation")
 
@@ -286,8 +288,10 @@ def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatComple
     said = answer.choices[0] if answer.choices else None
     reply = (
         [Message(
-            role="assistant", content=(TextPart(said.content),) if said.content else (), tool_calls=tuple(said.tool_calls),
-            reasoning=said.reasoning or None,
+            role="assistant",
+            # Claude's signed thinking first, as it gave it: it thinks on in a tool loop only so.
+            content=(*(thinking_block(*block) for block in said.signed), *((TextPart(said.content),) if said.content else ())),
+            tool_calls=tuple(said.tool_calls), reasoning=said.reasoning or None,
         )]
         if said is not None and (said.content or said.tool_calls) else []
     )
@@ -353,7 +357,7 @@ def _parse_items(
                 # A Claude backend's thinking, given back signed: Claude's own block again.
                 thinking, signature = given
                 reasoning.append(thinking)
-                signed.append(OpaquePart(_ANTHROPIC, {"type": "thinking", "thinking": thinking, "signature": signature}))
+                signed.append(thinking_block(thinking, signature))
             else:
                 reasoning.extend(_reasoning_text(item))
             continue

@@ -7,16 +7,14 @@ position, so a streamed answer and its final Response name the same items.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
 from proxy.dialects.responses._request import CONVERSATION_PREFIX, namespaces_of, split_name
-from proxy.dialects.responses._signed import last_signature, signed_content
-from proxy.domain.chat import ChatCompletion, FinishReason, ToolCall, Usage
+from proxy.dialects.responses._signed import signed_content
+from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
 from proxy.domain.errors import ErrorKind, GatewayError
-from proxy.domain.events import StreamEvent
 
 # FinishReason -> the `incomplete_details.reason` of an incomplete Response.
 _INCOMPLETE = {FinishReason.LENGTH: "max_output_tokens", FinishReason.CONTENT_FILTER: "content_filter"}
@@ -162,18 +160,17 @@ def call_item(
 
 
 def output_of(
-    completion: ChatCompletion, response: str, status: str, *, summary: bool = False, signature: str = "",
+    completion: ChatCompletion, response: str, status: str, *, summary: bool = False,
     namespaces: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The first choice as output items (a Response has one answer); `summary`: see
-    `summarized`; `signature`: its thinking's (see `last_signature`); `namespaces`: the
-    request's tool namespaces (see `namespaces_of`)."""
+    `summarized`; `namespaces`: the request's tool namespaces (see `namespaces_of`)."""
     choice = completion.choices[0] if completion.choices else None
     output: list[dict[str, Any]] = []
     if choice is None:
         return [message_item(item_id(response, "msg", 0), "", status)]
-    if choice.reasoning:
-        output.append(reasoning_item(item_id(response, "rs", len(output)), choice.reasoning, "completed", summary, signature))
+    for text, signature in _reasoning_blocks(choice):
+        output.append(reasoning_item(item_id(response, "rs", len(output)), text, "completed", summary, signature))
     if choice.content or not choice.tool_calls:
         entries = choice.logprobs.get("content") if choice.logprobs is not None else None
         logprobs = entries if isinstance(entries, list) else None
@@ -183,22 +180,28 @@ def output_of(
     return output
 
 
+def _reasoning_blocks(choice: Choice) -> list[tuple[str, str]]:
+    """The reasoning as items hold it, (text, signature) each: a block Claude signed is an
+    item of its own (as its stream gave it), its signature in `encrypted_content`."""
+    blocks = list(choice.signed)
+    rest = choice.reasoning[sum(len(text) for text, _ in blocks):]
+    if rest or (choice.reasoning and not blocks):
+        blocks.append((rest, ""))
+    return blocks
+
+
 def _call(response: str, index: int, call: ToolCall, namespaces: frozenset[str]) -> dict[str, Any]:
     return call_item(item_id(response, "fc", index), call.id, call.name, call.arguments, "completed", namespaces)
 
 
 def render_response(
     completion: ChatCompletion, *, response: str, model: str, settings: dict[str, Any], created_at: int,
-    completed_at: int, events: Iterable[StreamEvent] = (),
+    completed_at: int,
 ) -> bytes:
-    """The whole Response of a non-streaming request (`model` as the client named it);
-    `events`, the exchange's when at hand, supply what the completion cannot hold."""
+    """The whole Response of a non-streaming request (`model` as the client named it)."""
     choice = completion.choices[0] if completion.choices else None
     status, incomplete = status_of(choice.finish_reason if choice else None)
-    output = output_of(
-        completion, response, status, summary=summarized(settings), signature=last_signature(events),
-        namespaces=namespaces_of(settings),
-    )
+    output = output_of(completion, response, status, summary=summarized(settings), namespaces=namespaces_of(settings))
     body = response_object(
         response=response, created_at=created_at, model=model, settings=settings,
         status=status, output=output, usage=usage_to_wire(completion.usage),

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
 from typing import Any
 
 from proxy.dialects._json import loads_object
-from proxy.dialects.anthropic import SignedReasoningDelta
+from proxy.domain.chat import OpaquePart
 from proxy.domain.errors import GatewayError
-from proxy.domain.events import StreamEvent
 
 _SIGNED = "claude-thinking:"
+# The dialect of a Claude backend's signed thinking given back.
+_ANTHROPIC = "anthropic"
 
 
 def signed_content(thinking: str, signature: str) -> str:
@@ -44,10 +44,6 @@ def signed_thinking(encrypted: Any) -> tuple[str, str] | None:
     return thinking, signature
 
 
-def last_signature(events: Iterable[StreamEvent]) -> str:
-    """The signature of the answer's thinking, as its events carry it (a completion cannot)."""
-    signature = ""
-    for event in events:
-        if isinstance(event, SignedReasoningDelta) and event.choice == 0:
-            signature = event.signature
-    return signature
+def thinking_block(thinking: str, signature: str) -> OpaquePart:
+    """Claude's own block again, for an Anthropic backend (see `anthropic._may_think`)."""
+    return OpaquePart(_ANTHROPIC, {"type": "thinking", "thinking": thinking, "signature": signature})
