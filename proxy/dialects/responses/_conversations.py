@@ -112,7 +112,12 @@ def kept_items(
         )
     messages: list[Message] = []
     _parse_items(raw, messages, referenced, param=param)
-    return input_items([message_to_canonical(m) for m in messages], mint, instructions=None)
+    # Calls given with their namespace are kept as given (no tools say which names are whose).
+    namespaces = frozenset(
+        item["namespace"] for item in raw
+        if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("namespace"), str)
+    )
+    return input_items([message_to_canonical(m) for m in messages], mint, instructions=None, namespaces=namespaces)
 
 
 def prefix_messages(items: list[dict[str, Any]]) -> list[Message]:
