@@ -337,6 +337,33 @@ async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_mess
     ]
 
 
+async def test_a_file_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
+    """A `function_call_output` may hold an `input_file` (a PDF) beside its images: OpenAI's and
+    vLLM's tool messages take text only, so the file goes with the images (it stayed in the tool
+    message: OpenAI's 400 "tool messages only support text")."""
+    image, pdf = "data:image/png;base64,iVBORw0KGgo=", "data:application/pdf;base64,JVBERi0xLjQ="
+    response = await raw_post(setup, {"model": MODELS["openai"], "tools": CODEX_TOOLS, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize the memo."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "fetch", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "Fetched."}, {"type": "input_image", "image_url": image},
+            {"type": "input_file", "file_data": pdf, "filename": "memo.pdf"},
+        ]},
+    ]})
+    assert response.status_code == 200, response.text
+    assert sent(setup, "openai")["messages"][2:] == [
+        {"role": "tool", "content": [
+            {"type": "text", "text": "Fetched."},
+            {"type": "text", "text": "[1 image and 1 file attached in the next user message]"},
+        ], "tool_call_id": "call_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Image and file returned by tool call call_1:"},
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "file", "file": {"file_data": pdf, "filename": "memo.pdf"}},
+        ]},
+    ]
+
+
 async def test_reasoning_items_handed_back_reach_vllm_with_their_turn(setup: Setup) -> None:
     """Codex and opencode give each turn's reasoning item back (as this gateway gave it) ahead
     of its calls: dropped, Qwen3's template lost the tool loop's thinking and vLLM's gpt-oss
