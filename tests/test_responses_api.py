@@ -318,6 +318,27 @@ async def test_codexs_web_search_tool_is_a_400_that_says_how_to_switch_it_off(se
     assert 'web_search = "disabled"' in error["message"]
 
 
+async def test_an_mcp_servers_calls_name_its_namespace_whole(setup: Setup) -> None:
+    """Codex names an MCP server's namespace `mcp__<server>`: a call of `mcp__github__create_issue`
+    is that namespace's `create_issue`, whole and streamed. It came back as a plain function of
+    that flat name (the first `__` taken for the end of the namespace), which Codex does not offer."""
+    tools = [*CODEX_TOOLS, {"type": "namespace", "name": "mcp__github", "description": "GitHub.", "tools": [
+        {"type": "function", "name": "create_issue", "strict": False, "parameters": {"type": "object", "properties": {}}},
+    ]}]
+    setup.fake("openai").set_script(Script(tokens=[], tool_calls=[("mcp__github__create_issue", {})]))
+    body = {"model": MODELS["openai"], "input": "File it.", "tools": tools, "store": False}
+    whole = await raw_post(setup, body)
+    assert whole.status_code == 200, whole.text
+    assert [t["function"]["name"] for t in sent(setup, "openai")["tools"]][-1] == "mcp__github__create_issue"
+    [call] = [item for item in whole.json()["output"] if item["type"] == "function_call"]
+    assert (call.get("namespace"), call["name"]) == ("mcp__github", "create_issue")
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        streamed = await http.post("/v1/responses", json={**body, "stream": True})
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in streamed.text.split("\n\n") if "data: " in frame]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"]
+    assert [(item.get("namespace"), item["name"]) for item in done] == [("mcp__github", "create_issue")]
+
+
 async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
     """Codex's `view_image` answers with the image in `function_call_output`; vLLM refuses an
     image in a tool message ("tool message content only supports text"), as OpenAI does."""
