@@ -101,7 +101,8 @@ def kept_items(
     raw: list[Any], param: str, mint: str, referenced: Referenced | None = None
 ) -> list[dict[str, Any]]:
     """Input items as a conversation keeps them (a 400 naming the path of a bad one); a
-    reasoning item is dropped, as from a request's input (no backend takes it back). An
+    reasoning item is kept with the assistant turn it comes before, as a request's input
+    gives it to that turn (one before no assistant turn is dropped). An
     `item_reference` is a copy of the item it names, under a new id as every item added is:
     with `referenced` None, a list that has any raises `UnresolvedReferences` for the caller
     to look them up."""
