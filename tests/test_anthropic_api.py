@@ -1577,6 +1577,12 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
         one: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": nullable, "strict": True}}]
         answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=one)
         assert answer.choices[0].message.tool_calls and "strict" not in older.requests[-1].json["tools"][0]
+        # That was the schema's, not the model's: another client's schema that strict takes is
+        # held to it still (strict was dropped from every later request to that model).
+        asked = len(older.requests)
+        answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=tools)
+        assert answer.choices[0].message.tool_calls and older.requests[-1].json["tools"][0]["strict"] is True
+        assert len(older.requests) == asked + 1
         async with httpx.AsyncClient(base_url=url) as http:
             own = await http.post("/v1/messages", json={
                 "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,
