@@ -492,6 +492,30 @@ async def test_an_image_read_by_a_tool_reaches_an_openai_backend_in_the_next_use
     assert setup.fake("anthropic").requests[-1].json["messages"][2]["content"][0]["content"] == [image]
 
 
+async def test_a_pdf_read_by_a_tool_reaches_an_openai_backend_in_the_next_user_message(setup: Setup) -> None:
+    """Claude Code's Read of a PDF returns a `document` inside tool_result, which reaches an
+    OpenAI-compatible backend as the chat `file` part; OpenAI's and vLLM's tool messages take
+    text only, so it goes with the images a tool returned: in the next user message. It went
+    in the tool message (OpenAI's 400 "tool messages only support text", or a template that
+    reads the text alone: the model never saw the file)."""
+    pdf: Any = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}}
+    history: Any = [
+        {"role": "user", "content": "Summarize memo.pdf."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "memo.pdf"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [pdf]}]},
+    ]
+    tools: Any = [{"name": "Read", "input_schema": {"type": "object"}}]
+    await setup.client.messages.create(model=MODELS["openai"], max_tokens=20, messages=history, tools=tools)
+    sent = setup.fake("openai").requests[-1].json["messages"][2:]
+    assert sent == [
+        {"role": "tool", "content": "[1 file attached in the next user message]", "tool_call_id": "toolu_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "File returned by tool call toolu_1:"},
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0xLjQ="}},
+        ]},
+    ]
+
+
 @pytest.mark.parametrize(
     ("choice", "offered"),
     [({"type": "tool", "name": "get_time"}, ["get_time"]), ({"type": "any"}, ["get_weather", "get_time"]),
@@ -1553,6 +1577,12 @@ async def test_an_openai_clients_strict_function_is_claudes_strict_tool_use(monk
         one: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": nullable, "strict": True}}]
         answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=one)
         assert answer.choices[0].message.tool_calls and "strict" not in older.requests[-1].json["tools"][0]
+        # That was the schema's, not the model's: another client's schema that strict takes is
+        # held to it still (strict was dropped from every later request to that model).
+        asked = len(older.requests)
+        answer = await client.chat.completions.create(model="claude-haiku-4-5", messages=MESSAGES, tools=tools)
+        assert answer.choices[0].message.tool_calls and older.requests[-1].json["tools"][0]["strict"] is True
+        assert len(older.requests) == asked + 1
         async with httpx.AsyncClient(base_url=url) as http:
             own = await http.post("/v1/messages", json={
                 "model": "claude-sonnet-4-20250514", "max_tokens": 64, "messages": MESSAGES,

@@ -347,3 +347,39 @@ async def test_a_workspace_a_key_may_not_use_is_refused_naming_where_it_was_name
     assert in_path.json()["error"]["code"] == in_header.json()["error"]["code"] == "workspace_not_allowed"
     assert in_path.json()["error"]["param"] is None and "`secrets`" in in_path.json()["error"]["message"]
     assert in_header.json()["error"]["param"] == "x-workspace"
+
+
+async def test_guessed_keys_ask_the_database_a_bounded_number_of_times(stack: Stack) -> None:
+    """A key not known here makes the key ring ask the database again before its 401 (a key
+    made on another instance a moment ago); a client guessing keys as fast as it can had it
+    read the keys table back to back, one query after another for as long as it kept going.
+    Reloads for unknown keys are spaced out, so guessing costs the database a few reads a
+    second, however many guesses come."""
+    await wait_for_key(stack.url, await new_key(stack.db, "first"))
+
+    async def reads() -> int:
+        found = await sql(stack.db, "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables"
+                                    " WHERE relname = 'api_keys'")
+        return int(found[0][0])
+
+    await trio.sleep(2.5)  # PostgreSQL publishes a session's counts within a second of its last statement
+    before = await reads()
+    guesses = 0
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
+
+        async def guess(n: int) -> None:
+            nonlocal guesses
+            with trio.move_on_after(2.0):
+                while True:
+                    answer = await client.get("/v1/models", headers=bearer(f"sk-llmp-guess{n}-{guesses}"))
+                    assert answer.status_code == 401
+                    guesses += 1
+
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(guess, n)
+    await trio.sleep(2.5)
+    read = await reads() - before
+    assert guesses >= 8
+    # Two seconds of guessing: a handful of reloads (and the ring's own 5 s poll), not one per guess.
+    assert read <= 30, (read, guesses)

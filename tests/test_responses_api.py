@@ -365,6 +365,27 @@ async def test_codexs_web_search_tool_is_a_400_that_says_how_to_switch_it_off(se
     assert 'web_search = "disabled"' in error["message"]
 
 
+async def test_an_mcp_servers_calls_name_its_namespace_whole(setup: Setup) -> None:
+    """Codex names an MCP server's namespace `mcp__<server>`: a call of `mcp__github__create_issue`
+    is that namespace's `create_issue`, whole and streamed. It came back as a plain function of
+    that flat name (the first `__` taken for the end of the namespace), which Codex does not offer."""
+    tools = [*CODEX_TOOLS, {"type": "namespace", "name": "mcp__github", "description": "GitHub.", "tools": [
+        {"type": "function", "name": "create_issue", "strict": False, "parameters": {"type": "object", "properties": {}}},
+    ]}]
+    setup.fake("openai").set_script(Script(tokens=[], tool_calls=[("mcp__github__create_issue", {})]))
+    body = {"model": MODELS["openai"], "input": "File it.", "tools": tools, "store": False}
+    whole = await raw_post(setup, body)
+    assert whole.status_code == 200, whole.text
+    assert [t["function"]["name"] for t in sent(setup, "openai")["tools"]][-1] == "mcp__github__create_issue"
+    [call] = [item for item in whole.json()["output"] if item["type"] == "function_call"]
+    assert (call.get("namespace"), call["name"]) == ("mcp__github", "create_issue")
+    async with httpx.AsyncClient(base_url=setup.url, timeout=10) as http:
+        streamed = await http.post("/v1/responses", json={**body, "stream": True})
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in streamed.text.split("\n\n") if "data: " in frame]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"]
+    assert [(item.get("namespace"), item["name"]) for item in done] == [("mcp__github", "create_issue")]
+
+
 async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
     """Codex's `view_image` answers with the image in `function_call_output`; vLLM refuses an
     image in a tool message ("tool message content only supports text"), as OpenAI does."""
@@ -380,6 +401,33 @@ async def test_an_image_a_tool_returned_reaches_an_openai_backend_in_a_user_mess
         {"role": "user", "content": [
             {"type": "text", "text": "Image returned by tool call call_1:"},
             {"type": "image_url", "image_url": {"url": image}},
+        ]},
+    ]
+
+
+async def test_a_file_a_tool_returned_reaches_an_openai_backend_in_a_user_message(setup: Setup) -> None:
+    """A `function_call_output` may hold an `input_file` (a PDF) beside its images: OpenAI's and
+    vLLM's tool messages take text only, so the file goes with the images (it stayed in the tool
+    message: OpenAI's 400 "tool messages only support text")."""
+    image, pdf = "data:image/png;base64,iVBORw0KGgo=", "data:application/pdf;base64,JVBERi0xLjQ="
+    response = await raw_post(setup, {"model": MODELS["openai"], "tools": CODEX_TOOLS, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize the memo."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "fetch", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [
+            {"type": "input_text", "text": "Fetched."}, {"type": "input_image", "image_url": image},
+            {"type": "input_file", "file_data": pdf, "filename": "memo.pdf"},
+        ]},
+    ]})
+    assert response.status_code == 200, response.text
+    assert sent(setup, "openai")["messages"][2:] == [
+        {"role": "tool", "content": [
+            {"type": "text", "text": "Fetched."},
+            {"type": "text", "text": "[1 image and 1 file attached in the next user message]"},
+        ], "tool_call_id": "call_1"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Image and file returned by tool call call_1:"},
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "file", "file": {"file_data": pdf, "filename": "memo.pdf"}},
         ]},
     ]
 

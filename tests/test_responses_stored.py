@@ -511,3 +511,34 @@ async def test_a_kept_responses_namespaced_call_is_read_back_and_continued_as_gi
     )
     [assistant] = [m for m in stack.fake.requests[-1].json["messages"] if m["role"] == "assistant"]
     assert assistant["tool_calls"][0]["function"]["name"] == "multi_agent_v1__close_agent"
+
+
+async def test_a_namespaced_call_is_listed_with_its_namespace_in_input_items_and_conversations(stack: Stack) -> None:
+    """A call of a namespace's tool (Codex's sub-agent tools), given back as input or kept in a
+    conversation, is listed as it was given and answered: its `namespace` and `name` apart. The
+    input items and a conversation's items named it `multi_agent_v1__close_agent`, no namespace,
+    a tool the client never declared."""
+    from tests.test_responses_api import CODEX_TOOLS
+
+    given = {"type": "function_call", "call_id": "call_1", "namespace": "multi_agent_v1", "name": "close_agent",
+             "arguments": '{"target": "a1"}'}
+    answered = await stack.client.responses.create(
+        model="m", tools=CODEX_TOOLS,
+        input=[{"role": "user", "content": "Close a1."}, given,  # type: ignore[list-item]
+               {"type": "function_call_output", "call_id": "call_1", "output": "closed"}],
+    )
+    await wait_for_row(stack.db, trace(answered.id), "completed")
+    listed = [item async for item in stack.client.responses.input_items.list(answered.id, order="asc")]
+    [call] = [item.model_dump() for item in listed if item.type == "function_call"]
+    assert (call.get("namespace"), call["name"]) == ("multi_agent_v1", "close_agent")
+
+    conversation = await stack.client.conversations.create()
+    stack.fake.set_script(Script(tokens=[], tool_calls=[("multi_agent_v1__spawn_agent", {"task": "t"})]))
+    made = await stack.client.responses.create(
+        model="m", input="Spawn one.", tools=CODEX_TOOLS, conversation=conversation.id,
+    )
+    [output] = [item.model_dump() for item in made.output if item.type == "function_call"]
+    assert (output.get("namespace"), output["name"]) == ("multi_agent_v1", "spawn_agent")
+    kept = [item.model_dump() async for item in stack.client.conversations.items.list(conversation.id, order="asc")]
+    [kept_call] = [item for item in kept if item["type"] == "function_call"]
+    assert (kept_call.get("namespace"), kept_call["name"]) == ("multi_agent_v1", "spawn_agent")

@@ -24,6 +24,7 @@ import contextvars
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
@@ -52,6 +53,9 @@ _DISPLAY_CHARS = len(KEY_PREFIX) + 8
 _MAX_KEY_CHARS = 256
 # The longest a request with a key not known here waits for the database to be asked again.
 _CATCH_UP_SECONDS = 1.0
+# The least time between two of those reloads: a client guessing keys as fast as it can costs
+# the database a few reads a second, not one read after another.
+_CATCH_UP_EVERY = 0.25
 # Control characters and bidirectional overrides: in a name or pattern they would rewrite the
 # operator's terminal (`keys list`) or disguise one name as another; no name needs them.
 # Patterns per scope: every gateway compiles a key's patterns into one regex, on the event loop,
@@ -297,9 +301,12 @@ class KeyRing:
         # "auto" mode, so revoking the last key never opens the gateway.
         self.any_keys = False
         # Reloads asked for by requests with a key not known here (`catch_up`): how many were
-        # started and finished (one at a time), and the one in flight.
+        # started, begun reading and finished (one at a time), the one in flight, and when the
+        # next may begin.
         self._catch_ups_started = 0
+        self._catch_ups_begun = 0
         self._catch_ups_done = 0
+        self._next_catch_up = -math.inf
         self._catching: trio.Event | None = None
         # One reload at a time: an older snapshot installed after a newer one would undo it.
         self._reloading = trio.Lock()
@@ -331,8 +338,8 @@ class KeyRing:
         """Reload now if the table changed, with a reload begun after this call: a key created
         (on another instance) a moment ago, whose notice has not come yet, is then known.
         Callers share the reload in flight, so unknown keys, however many, ask the database
-        one query at a time; it is given up after `_CATCH_UP_SECONDS`."""
-        wanted = self._catch_ups_started + 1
+        one query at a time, `_CATCH_UP_EVERY` apart; it is given up after `_CATCH_UP_SECONDS`."""
+        wanted = self._catch_ups_begun + 1
         with trio.move_on_after(_CATCH_UP_SECONDS):
             while self._catch_ups_done < wanted:
                 if self._catching is not None:
@@ -341,9 +348,15 @@ class KeyRing:
                 self._catch_ups_started += 1
                 number, self._catching = self._catch_ups_started, trio.Event()
                 try:
+                    # Callers that come meanwhile are served by this one: it begins after them.
+                    await trio.sleep_until(self._next_catch_up)
+                    self._catch_ups_begun = number
+                    self._next_catch_up = trio.current_time() + _CATCH_UP_EVERY
                     await self.refresh()
                 finally:
-                    self._catch_ups_done, done, self._catching = number, self._catching, None
+                    if self._catch_ups_begun == number:  # given up before it began: it served nobody
+                        self._catch_ups_done = number
+                    done, self._catching = self._catching, None
                     done.set()
 
     async def refresh(self) -> bool:

@@ -1,7 +1,7 @@
 """The Anthropic Messages dialect: requests, messages, streams, errors (sans-IO)."""
 
 from proxy.dialects.anthropic._foreign import adapt_for_dialect, adapted_for_dialect
-from proxy.dialects.anthropic._refusals import refused, without_refused
+from proxy.dialects.anthropic._refusals import refused, remembered, without_refused
 from proxy.dialects.anthropic._request import (
     BETA_EXTRA,
     JSON_TOOL,
@@ -70,6 +70,7 @@ __all__ = [
     "output_fitted",
     "parse_messages_request",
     "refused",
+    "remembered",
     "render_error",
     "render_message",
     "render_token_count",

@@ -39,6 +39,23 @@ def refused(message: str) -> bool:
     return any(pattern.search(message) is not None for pattern in (_DEPRECATED, _BUDGET_REFUSED, _STRICT_REFUSED))
 
 
+# Of strict refusals, those about the model (older than strict tools) or its limits (how many
+# strict tools it compiles), not about one request's schema.
+_STRICT_MODEL = re.compile(r"strict tools|grammar|compil", re.IGNORECASE)
+
+
+def remembered(refusal: str) -> frozenset[str]:
+    """What `refusal` says of the model's later requests too, in words `without_refused` reads
+    (a few, whatever the backend's words: its messages name tools and fields); a schema outside
+    strict's subset is that request's alone, not another client's with a schema strict takes."""
+    said = {f"`{match[1]}` is deprecated for this model" for match in _DEPRECATED.finditer(refusal)}
+    if _BUDGET_REFUSED.search(refusal):
+        said.add("thinking.type.enabled is not supported")
+    if _STRICT_MODEL.search(refusal):
+        said.add("strict tools")
+    return frozenset(said)
+
+
 def without_refused(request: ChatRequest, body: bytes, refusal: str) -> bytes | None:
     """`body` (the Anthropic request made of another dialect's `request`) again without what
     `refusal` says the model refuses; None when it is an Anthropic client's, or nothing changes."""

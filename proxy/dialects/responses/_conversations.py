@@ -101,7 +101,8 @@ def kept_items(
     raw: list[Any], param: str, mint: str, referenced: Referenced | None = None
 ) -> list[dict[str, Any]]:
     """Input items as a conversation keeps them (a 400 naming the path of a bad one); a
-    reasoning item is dropped, as from a request's input (no backend takes it back). An
+    reasoning item is kept with the assistant turn it comes before, as a request's input
+    gives it to that turn (one before no assistant turn is dropped). An
     `item_reference` is a copy of the item it names, under a new id as every item added is:
     with `referenced` None, a list that has any raises `UnresolvedReferences` for the caller
     to look them up."""
@@ -112,7 +113,12 @@ def kept_items(
         )
     messages: list[Message] = []
     _parse_items(raw, messages, referenced, param=param)
-    return input_items([message_to_canonical(m) for m in messages], mint, instructions=None)
+    # Calls given with their namespace are kept as given (no tools say which names are whose).
+    namespaces = frozenset(
+        item["namespace"] for item in raw
+        if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("namespace"), str)
+    )
+    return input_items([message_to_canonical(m) for m in messages], mint, instructions=None, namespaces=namespaces)
 
 
 def prefix_messages(items: list[dict[str, Any]]) -> list[Message]:

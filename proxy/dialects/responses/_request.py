@@ -548,11 +548,17 @@ def namespaces_of(settings: dict[str, Any]) -> frozenset[str]:
 
 
 def split_name(name: str, namespaces: frozenset[str]) -> tuple[str | None, str]:
-    """A called tool's namespace (None: a plain function) and name within it."""
-    if namespaces:
-        namespace, sep, rest = name.partition(NAMESPACE_SEPARATOR)
-        if sep and rest and namespace in namespaces:
-            return namespace, rest
+    """A called tool's namespace (None: a plain function) and name within it. A namespace may
+    hold the separator itself (Codex's MCP servers' are `mcp__<server>`): the longest that
+    begins the name is the call's."""
+    if namespaces and NAMESPACE_SEPARATOR in name:
+        owner = max(
+            (ns for ns in namespaces if name.startswith(ns) and name.startswith(NAMESPACE_SEPARATOR, len(ns))
+             and len(name) > len(ns) + len(NAMESPACE_SEPARATOR)),
+            key=len, default=None,
+        )
+        if owner is not None:
+            return owner, name[len(owner) + len(NAMESPACE_SEPARATOR):]
     return None, name
 
 

@@ -148,7 +148,7 @@ class AnthropicBackend:
         self._client = create_client(config, auth_header={**auth, "anthropic-version": anthropic.API_VERSION})
         # By model: what it said of a setting it refuses (Opus 4.7's sampling settings, budgeted
         # thinking), so that later requests are sent what it takes at once rather than refused first.
-        self._refusals: dict[str, list[str]] = {}
+        self._refusals: dict[str, set[str]] = {}
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -171,8 +171,9 @@ class AnthropicBackend:
             prefill_trimmed(call.request), call.upstream_model, stream=stream,
             default_max_tokens=self.default_max_tokens,
         )
-        for refusal in self._refusals.get(call.upstream_model, ()):
-            body = anthropic.without_refused(call.request, body, refusal) or body
+        refused = self._refusals.get(call.upstream_model)
+        if refused:  # read once, whatever was refused: a request's body is parsed again for it
+            body = anthropic.without_refused(call.request, body, "\n".join(sorted(refused))) or body
         return body
 
     def _said_again(self, call: BackendCall, body: bytes, error: GatewayError) -> bytes | None:
@@ -183,10 +184,9 @@ class AnthropicBackend:
             return None
         again = anthropic.without_refused(call.request, body, error.message)
         if again is not None:
-            # Once: a burst sent before the first refusal came back is refused as many times.
-            refusals = self._refusals.setdefault(call.upstream_model, [])
-            if error.message not in refusals:
-                refusals.append(error.message)
+            # What holds for the model, in a few set words: never one entry per message (they
+            # name a request's tools and fields), each a parse of every later request's body.
+            self._refusals.setdefault(call.upstream_model, set()).update(anthropic.remembered(error.message))
         return again
 
     async def stream(self, call: BackendCall, send: BatchSink) -> None:
