@@ -276,6 +276,7 @@ def conversation_appender(
     messages = parsed.chat.messages
     instructions = parsed.settings.get("instructions")
     prior = int(parsed.settings.get(responses.CONVERSATION_PREFIX) or 0)
+    namespaces = responses.namespaces_of(parsed.settings)
 
     async def append(trace_id: str, completion: ChatCompletion) -> None:
         response = responses.response_id(trace_id)
@@ -285,8 +286,11 @@ def conversation_appender(
             *responses.input_items(
                 [message_to_canonical(message) for message in messages], response,
                 instructions=instructions if isinstance(instructions, str) else None, prior=prior,
+                namespaces=namespaces,
             ),
-            *responses.output_of(completion, response, status, summary=responses.summarized(parsed.settings)),
+            *responses.output_of(
+                completion, response, status, summary=responses.summarized(parsed.settings), namespaces=namespaces
+            ),
         ]
         try:
             # Before its client has the end: a database blip delays it rather than losing the turn.

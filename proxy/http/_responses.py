@@ -527,7 +527,9 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=_created_at(stored), model=stored.model,
-        settings=settings, status=status, output=_said(completion, response, status, responses.summarized(settings)),
+        settings=settings, status=status, output=_said(
+            completion, response, status, responses.summarized(settings), responses.namespaces_of(settings)
+        ),
         error=error,
     )))
 
@@ -545,7 +547,10 @@ def _completed_at(stored: StoredRun) -> int:
     return _created_at(stored)
 
 
-def _said(completion: ChatCompletion | None, response: str, status: str, summary: bool = False) -> list[dict[str, Any]]:
+def _said(
+    completion: ChatCompletion | None, response: str, status: str, summary: bool = False,
+    namespaces: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
     """What a run that has not given its answer has said: one that ended without it, as its
     stream's last event held it, its items cut short (`incomplete`, for the row cannot tell
     which were whole); one still running (here), so far (`in_progress`)."""
@@ -553,7 +558,10 @@ def _said(completion: ChatCompletion | None, response: str, status: str, summary
     if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
         return []
     state = "in_progress" if status == "in_progress" else "incomplete"
-    return [item | {"status": state} for item in responses.output_of(completion, response, state, summary=summary)]
+    return [
+        item | {"status": state}
+        for item in responses.output_of(completion, response, state, summary=summary, namespaces=namespaces)
+    ]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
@@ -741,6 +749,7 @@ async def _inputs_of(
     return responses.input_items(
         messages, response, instructions=instructions if isinstance(instructions, str) else None,
         prior=await _continued_length(persistence, stored.settings),
+        namespaces=responses.namespaces_of(stored.settings or {}),
     )
 
 
@@ -793,11 +802,16 @@ async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, A
     if stored.status == "running" or stored.completion is None:
         return []
     completion = stored.completion
+    settings = _echoed(stored.settings)
+    namespaces = responses.namespaces_of(settings)
     if stored.status == "completed":
         choice = completion.choices[0] if completion.choices else None
-        output = responses.output_of(completion, response, responses.status_of(choice.finish_reason if choice else None)[0])
+        output = responses.output_of(
+            completion, response, responses.status_of(choice.finish_reason if choice else None)[0],
+            summary=responses.summarized(settings), namespaces=namespaces,
+        )
     else:
-        output = _said(completion, response, "failed")
+        output = _said(completion, response, "failed", responses.summarized(settings), namespaces)
     return [*(await _inputs_of(persistence, stored, trace_id, response) or []), *output]
 
 

@@ -12,6 +12,7 @@ from proxy.dialects.responses._request import (
     continued,
     default_settings,
     in_conversation,
+    namespaces_of,
     parse_responses_request,
     readable,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "input_items",
     "item_id",
     "item_page",
+    "namespaces_of",
     "output_of",
     "parse_responses_request",
     "readable",

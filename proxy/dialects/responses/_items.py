@@ -14,12 +14,14 @@ _MAX_LIMIT = 100
 
 
 def input_items(
-    messages: list[dict[str, Any]], response: str, *, instructions: str | None, prior: int = 0
+    messages: list[dict[str, Any]], response: str, *, instructions: str | None, prior: int = 0,
+    namespaces: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The items the request gave as `input`, in its order: messages, the assistant's
     function calls, their outputs (`instructions`, which became its first system message,
     are not input, as OpenAI lists them; nor are the `prior` messages after them, the
-    conversation of the response it continued)."""
+    conversation of the response it continued). `namespaces`: the request's tool namespaces,
+    whose tools' calls name their namespace, as its answer named them (see `output_of`)."""
     trace = response.removeprefix("resp_")
     items: list[dict[str, Any]] = []
 
@@ -58,7 +60,7 @@ def input_items(
         if content or not message.get("tool_calls"):
             items.append({"id": named("msg"), "type": "message", "role": role, "status": "completed", "content": content})
         for call_id, name, arguments in message.get("tool_calls") or []:
-            items.append(call_item(named("fc"), str(call_id), str(name), str(arguments), "completed"))
+            items.append(call_item(named("fc"), str(call_id), str(name), str(arguments), "completed", namespaces))
     return items
 
 
