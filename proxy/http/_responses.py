@@ -144,6 +144,8 @@ async def _parsed(
 async def create_response(incoming: Incoming) -> ExchangeBody:
     persistence = incoming.gateway.persistence
     parsed = await _parsed(incoming)
+    if parsed.compaction_triggered:
+        return _triggered_compaction(incoming, parsed)
     own, seen = None, 0
     if parsed.conversation is not None:
         own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
@@ -255,6 +257,62 @@ class CompactionJsonSink(JsonSink):
             completion, response=self._response, kept=kept, usage=responses.usage_to_wire(completion.usage),
             created_at=self._created_at,
         ))
+
+
+class TriggeredCompactionSink(JsonSink):
+    """The answer to a `compaction_trigger`: a Response whose one output item is the
+    `compaction`, whole or as its stream (sent once the summary is written)."""
+
+    dialect = responses.DIALECT
+
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
+        stream: bool,
+    ) -> None:
+        super().__init__(send, headers)
+        self._response = response
+        self._model = model
+        self._settings = settings
+        self._stream = stream
+        self._created_at = int(time.time())
+
+    async def write(self, batch: Batch) -> None:
+        completion = batch.whole()
+        body = responses.response_object(
+            response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
+            status="completed", output=[responses.compaction_answer(completion, self._response)],
+            usage=responses.usage_to_wire(completion.usage),
+        )
+        body["completed_at"] = int(time.time())
+        if self._stream:
+            await self._json(responses.whole_stream(body), b"text/event-stream; charset=utf-8")
+        else:
+            await self._json(dumps(body))
+
+
+def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest) -> ExchangeBody:
+    """Codex CLI's compaction on OpenAI: its input, ended by `{"type": "compaction_trigger"}`,
+    summarized as `/v1/responses/compact` does; the answer's one item is the `compaction`."""
+    for name, given in (("conversation", parsed.conversation is not None), ("background", parsed.background)):
+        if given:
+            raise invalid_request(f"`{name}` does not go with a `compaction_trigger` input item.", param=name)
+    request, _kept = responses.compaction_request(parsed.chat)
+    request = replace(request, stream=False)  # the item is sent whole, once written
+    meta = request_meta(incoming.head)
+    meta.cache = "off"  # a summary holds for its conversation alone
+    response = responses.response_id(meta.trace_id)
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if _has_files(request):
+        exchange.adapt_with(_for_backend)
+    catalog = incoming.gateway.catalog
+    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
+    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    model, settings, stream = parsed.chat.model, parsed.settings, parsed.stream
+    return OpenAIExchangeBody(
+        exchange,
+        lambda send: TriggeredCompactionSink(send, headers, response=response, model=model, settings=settings, stream=stream),
+        incoming.gateway.backends,
+    )
 
 
 @exchanges.route("/v1/responses/compact")
