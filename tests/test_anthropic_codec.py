@@ -743,9 +743,12 @@ def test_blocks_the_domain_does_not_model_are_relayed_between_anthropic_ends_onl
     assert_valid_anthropic_stream(relayed)
     assert blocks(relayed) == [(n, b) for n, b in blocks(RELAYED_STREAM)]
     assert dict(sse_frames(relayed))["message_start"]["message"]["usage"]["service_tier"] == "standard"
-    # Without relaying (a client of another dialect), the same stream is plain text.
+    # Without relaying (a client of another dialect), the same stream is plain text, but for the
+    # redacted thinking, carried as an empty signed block (a Responses client gives it back).
     events = anthropic.StreamParser().feed(RELAYED_STREAM).events
-    assert [e for e in events if isinstance(e, TextDelta | ReasoningDelta | ToolCallStart)] == [TextDelta("Cited."), TextDelta(" Plain.")]
+    assert [e for e in events if isinstance(e, TextDelta | ReasoningDelta | ToolCallStart)] == [
+        anthropic.SignedReasoningDelta("", 0, anthropic.REDACTED_THINKING + "XX"), TextDelta("Cited."), TextDelta(" Plain."),
+    ]
     assert all(type(e) is UsageReport for e in events if isinstance(e, UsageReport))
 
 

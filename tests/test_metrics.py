@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.infra.logging import REQUEST_LOGGER
+from proxy.infra.metrics import _ANSWERED_MAX
 from tests.fakes import OllamaBackend, OpenAIBackend, Script, Usage
 from tests.harness import backend, running_gateway
 from tests.test_auth_helpers import eventually
@@ -90,18 +91,30 @@ async def test_embeddings_are_counted_as_their_own_kind() -> None:
     assert total(text, "llm_proxy_prompt_tokens_total", kind="embeddings", model="m") > 0
 
 
-async def test_only_model_names_the_gateway_knows_become_labels() -> None:
-    # A default backend that takes any name (as llama.cpp's server does) and lists one.
+async def test_a_name_a_backend_answers_without_listing_it_is_labelled_within_a_bound() -> None:
+    """A name the backend answered but does not list (Claude Code's `claude-sonnet-4-5`, which
+    Anthropic lists only dated) is labelled as asked (it was `model=""`); one the backend
+    refused is not, nor, past a bound, more names a backend that takes any (llama.cpp's) answered."""
     fake = OpenAIBackend(models=None, scripts={"qwen3-8b": Script(tokens=["hi"])})
     async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             await http.get("/metrics")  # a scrape reads the backends' lists: qwen3-8b is known from now on
-            for model in ["qwen3-8b", "typo-1", "typo-2", "gpt-made-up"]:
+            for model in ["qwen3-8b", "qwen3-8b-alias", "qwen3-8b-alias"]:
                 assert (await http.post("/v1/chat/completions", json={**CHAT, "model": model})).status_code == 200
+            fake.set_script(Script(status=404))
+            assert (await http.post("/v1/chat/completions", json={**CHAT, "model": "typo-1"})).status_code == 404
+            fake.set_script(Script(tokens=["hi"]))
+            for i in range(_ANSWERED_MAX + 4):
+                assert (await http.post("/v1/chat/completions", json={**CHAT, "model": f"made-up-{i}"})).status_code == 200
             text = (await http.get("/metrics")).text
     assert total(text, "llm_proxy_requests_total", model="qwen3-8b", backend="vllm") == 1
-    assert total(text, "llm_proxy_requests_total", model="", backend="vllm") == 3
-    assert "typo" not in text and "made-up" not in text
+    assert total(text, "llm_proxy_requests_total", model="qwen3-8b-alias", backend="vllm", status="200") == 2
+    assert total(text, "llm_proxy_prompt_tokens_total", model="qwen3-8b-alias", backend="vllm") > 0
+    assert total(text, "llm_proxy_requests_total", model="", backend="vllm", status="404") == 1
+    assert "typo" not in text
+    labelled = {found["model"] for found, _ in samples(text, "llm_proxy_requests_total") if found["model"].startswith("made-up-")}
+    assert len(labelled) == _ANSWERED_MAX - 1  # the alias took one place
+    assert total(text, "llm_proxy_requests_total", model="", backend="vllm", status="200") == 5
 
 
 async def test_a_model_the_default_backend_lists_is_labelled_from_the_first_request() -> None:
@@ -110,8 +123,10 @@ async def test_a_model_the_default_backend_lists_is_labelled_from_the_first_requ
     fake = OpenAIBackend(models=None, scripts={"qwen3-8b": Script(tokens=["hi"], usage=Usage(5, 1))})
     async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            for model in ["qwen3-8b", "typo-1", "qwen3-8b"]:
+            for model in ["qwen3-8b", "qwen3-8b"]:
                 assert (await http.post("/v1/chat/completions", json={**CHAT, "model": model})).status_code == 200
+            fake.set_script(Script(status=404))
+            assert (await http.post("/v1/chat/completions", json={**CHAT, "model": "typo-1"})).status_code == 404
             text = (await http.get("/metrics")).text
     assert total(text, "llm_proxy_requests_total", model="qwen3-8b", backend="vllm", status="200") == 2
     assert total(text, "llm_proxy_prompt_tokens_total", model="qwen3-8b", backend="vllm") == 10

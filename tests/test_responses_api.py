@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1235,3 +1236,35 @@ async def test_a_forged_signed_thinking_with_a_lone_surrogate_is_an_item_without
     answer = await setup.client.responses.create(model=MODELS[kind], input=loop, tools=TOOLS)
     assert answer.output_text == "Sunny."
     assert "\\ud800" not in setup.fake(kind).requests[-1].body.decode()
+
+
+async def test_codex_websocket_try_is_refused_in_openai_shape_and_logs_no_error(
+    aio_loop: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Codex CLI on its `openai` provider first opens a WebSocket to `/v1/responses` (five
+    tries a turn) before it falls back to HTTP: each is a 404 in OpenAI's error shape (it was
+    a 500 with two tracebacks logged per try)."""
+    fake = OpenAIBackend()
+    async with fake.serve() as server, running_gateway(backend("vllm", server.url, default=True)) as url:
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        assert port is not None
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(
+            f"GET /v1/responses HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        tried = b""
+        with trio.fail_after(10):
+            while (piece := await stream.receive_some()):
+                tried += piece
+                if b"}}" in tried:
+                    break
+        await stream.aclose()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            answered = await http.post("/v1/responses", json={"model": "m", "input": "hi"})
+    head, _, body = tried.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), tried
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "WebSocket" in error["message"]
+    assert answered.status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

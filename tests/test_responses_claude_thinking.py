@@ -114,3 +114,38 @@ async def test_the_strict_claude_fake_refuses_as_anthropic_does() -> None:
         assert forged.status_code == 400 and "Invalid `signature`" in forged.json()["error"]["message"]
         assert (await http.post("/v1/messages", json=body(signed))).status_code == 200
         assert (await http.post("/v1/messages", json=body(thinking=False))).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_claudes_redacted_thinking_goes_back_in_the_tool_loop(
+    claude: tuple[AnthropicBackend, openai.AsyncOpenAI], pg_database_url: str, stream: bool,
+) -> None:
+    """Claude's `redacted_thinking` (thinking encrypted whole) reaches a Responses client as a
+    reasoning item with `encrypted_content`, and goes back to Claude as that block, given back by
+    the client or continued from the journal (it was dropped: the loop's next turn went without
+    its thinking, so the gateway switched thinking off)."""
+    fake, client = claude
+    fake.redacted_thinking = "EmwKAhgBEgy3va3pzix"
+    fake.set_script(Script(tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    first = await _asked(client, stream, input="Weather in Paris?")
+    fake.redacted_thinking = None
+    [reasoning] = [item for item in first.output if item.type == "reasoning"]
+    assert reasoning.encrypted_content and "EmwK" not in reasoning.encrypted_content and not reasoning.content
+    call = next(item for item in first.output if item.type == "function_call")
+    await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+    redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}
+
+    fake.set_script(Script(tokens=["Sunny."]))
+    given = [{"role": "user", "content": "Weather in Paris?"}, *(i.model_dump(exclude_none=True) for i in first.output), output]
+    conversation = (await client.conversations.create()).id
+    for fields in ({"input": given, "conversation": conversation}, {"input": [output], "previous_response_id": first.id}):
+        answer = await _asked(client, stream, **fields)
+        assert answer.output_text == "Sunny."
+        sent = fake.requests[-1].json
+        assert sent["thinking"]["type"] == "enabled"
+        turn = sent["messages"][1]
+        assert turn["content"][0] == redacted and turn["content"][1]["type"] == "tool_use"
+    # The conversation keeps the item given back as it was given (it was left out).
+    items = [item async for item in client.conversations.items.list(conversation, order="asc")]
+    assert [item.encrypted_content for item in items if item.type == "reasoning"] == [reasoning.encrypted_content]  # type: ignore[union-attr]

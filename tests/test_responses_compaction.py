@@ -5,9 +5,11 @@ later requests take as input in place of what it summarized."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -136,3 +138,56 @@ async def test_refusals_name_their_field(stack: Stack) -> None:
         assert isinstance(body, dict) and body["param"] == param, (param, body)
     with pytest.raises(openai.BadRequestError):
         await client.responses.compact(model="m", previous_response_id="resp_0123456789abcdef0123456789abcdef")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_codex_compaction_trigger_is_answered_with_one_compaction_item(stack: Stack, stream: bool) -> None:
+    """Codex CLI (on OpenAI) compacts by an ordinary request whose input ends with
+    `{"type": "compaction_trigger"}`, streamed, `store: false`, its tools offered (it was a 400
+    naming `input[i].type`, which Codex retried five times as "high demand" and then failed the
+    turn): the answer is one `compaction` item, which its next request gives back as input."""
+    body = {
+        "model": "m", "instructions": "You are Codex.", "input": [*HISTORY, {"type": "compaction_trigger"}],
+        "tools": [TOOL], "tool_choice": "auto", "parallel_tool_calls": True, "reasoning": None, "store": False,
+        "stream": stream, "include": [], "prompt_cache_key": "01a2207d",
+    }
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        answer = await http.post("/v1/responses", json=body)
+    assert answer.status_code == 200, answer.text
+    if stream:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")]
+        assert [e["type"] for e in events] == [
+            "response.created", "response.in_progress", "response.output_item.added", "response.output_item.done",
+            "response.completed",
+        ]
+        assert [e["sequence_number"] for e in events] == [0, 1, 2, 3, 4]
+        assert events[2]["item"]["type"] == "compaction"
+        done = events[-1]["response"]
+        assert done["output"] == [events[3]["item"]]
+    else:
+        done = answer.json()
+    assert done["status"] == "completed" and done["usage"]["input_tokens"] == 40
+    [item] = done["output"]
+    assert item["type"] == "compaction" and item["encrypted_content"]
+    # The model was asked for the summary, with no tool to call.
+    asked = stack.fake.requests[-1].json
+    assert isinstance(asked, dict) and "tools" not in asked
+    assert "Summarize the conversation" in backend_saw(stack.fake)[-1][1]
+
+    stack.fake.set_script(Script(tokens=["Still sunny."]))
+    answered = await stack.client.responses.create(
+        model="m", input=[item, {"role": "user", "content": "And now?"}], tools=[TOOL], store=False,
+    )
+    assert answered.output_text == "Still sunny."
+    seen = backend_saw(stack.fake)
+    assert seen[0][0] == "user" and "Paris: sunny." in seen[0][1]
+
+
+async def test_a_compaction_trigger_elsewhere_than_last_is_refused(stack: Stack) -> None:
+    body = {"model": "m", "input": [{"type": "compaction_trigger"}, *HISTORY]}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        refused = await http.post("/v1/responses", json=body)
+        alone = await http.post("/v1/responses", json={"model": "m", "input": [{"type": "compaction_trigger"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[0].type"
+    assert alone.status_code == 400 and alone.json()["error"]["param"] == "input"

@@ -542,3 +542,44 @@ async def test_a_namespaced_call_is_listed_with_its_namespace_in_input_items_and
     kept = [item.model_dump() async for item in stack.client.conversations.items.list(conversation.id, order="asc")]
     [kept_call] = [item for item in kept if item["type"] == "function_call"]
     assert (kept_call.get("namespace"), kept_call["name"]) == ("multi_agent_v1", "spawn_agent")
+
+
+async def test_every_read_of_a_namespaced_call_names_its_namespace_as_the_answer_did(stack: Stack) -> None:
+    """Codex's sub-agent call read back as a conversation's item, as a later response's input
+    item (Codex gives it back with `namespace`), or in a failed response's partial output has
+    `namespace` and `name` apart, as the live answer gave it (each gave `multi_agent_v1__close_agent`)."""
+    from tests.test_responses_api import CODEX_TOOLS
+
+    call = ("multi_agent_v1__close_agent", {"target": "a1"})
+    stack.fake.set_script(Script(tokens=[], tool_calls=[call]))
+    conversation = await stack.client.conversations.create()
+    answered = await stack.client.responses.create(
+        model="m", input="Close a1.", tools=CODEX_TOOLS, conversation=conversation.id
+    )
+    [live] = [item for item in answered.output if item.type == "function_call"]
+    stack.fake.set_script(QUICK)
+    given = [
+        {"type": "function_call", "call_id": live.call_id, "namespace": "multi_agent_v1", "name": "close_agent",
+         "arguments": live.arguments},
+        {"type": "function_call_output", "call_id": live.call_id, "output": "closed"},
+    ]
+    followed = await stack.client.responses.create(model="m", input=given, tools=CODEX_TOOLS)
+    # Streamed: the call's name and its first argument fragment, then the backend dies.
+    stack.fake.set_script(Script(tokens=[], tool_calls=[call], fail_after=3))
+    events = [e async for e in await stack.client.responses.create(model="m", input="Again.", tools=CODEX_TOOLS, stream=True)]
+    assert events[-1].type == "response.failed"
+    failed = events[-1].response.id
+    await wait_for_row(stack.db, trace(followed.id), "completed")
+    await wait_for_row(stack.db, trace(failed), "failed")
+
+    def named(items: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+        return [(item.get("namespace"), item["name"]) for item in items if item["type"] == "function_call"]
+
+    expected = [("multi_agent_v1", "close_agent")]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        kept = (await http.get(f"/v1/conversations/{conversation.id}/items", params={"order": "asc"})).json()["data"]
+        assert named(kept) == expected
+        inputs = (await http.get(f"/v1/responses/{followed.id}/input_items")).json()["data"]
+        assert named(inputs) == expected
+        read = (await http.get(f"/v1/responses/{failed}")).json()
+        assert read["status"] == "failed" and named(read["output"]) == expected

@@ -285,10 +285,11 @@ def conversation_appender(
         items = [
             *responses.input_items(
                 [message_to_canonical(message) for message in messages], response,
-                instructions=instructions if isinstance(instructions, str) else None, prior=prior, namespaces=namespaces,
+                instructions=instructions if isinstance(instructions, str) else None, prior=prior,
+                namespaces=namespaces,
             ),
             *responses.output_of(
-                completion, response, status, summary=responses.summarized(parsed.settings), namespaces=namespaces,
+                completion, response, status, summary=responses.summarized(parsed.settings), namespaces=namespaces
             ),
         ]
         try:

@@ -144,6 +144,8 @@ async def _parsed(
 async def create_response(incoming: Incoming) -> ExchangeBody:
     persistence = incoming.gateway.persistence
     parsed = await _parsed(incoming)
+    if parsed.compaction_triggered:
+        return _triggered_compaction(incoming, parsed)
     own, seen = None, 0
     if parsed.conversation is not None:
         own = replace(parsed.chat, extra={**parsed.chat.extra, "conversation": parsed.conversation})
@@ -255,6 +257,62 @@ class CompactionJsonSink(JsonSink):
             completion, response=self._response, kept=kept, usage=responses.usage_to_wire(completion.usage),
             created_at=self._created_at,
         ))
+
+
+class TriggeredCompactionSink(JsonSink):
+    """The answer to a `compaction_trigger`: a Response whose one output item is the
+    `compaction`, whole or as its stream (sent once the summary is written)."""
+
+    dialect = responses.DIALECT
+
+    def __init__(
+        self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
+        stream: bool,
+    ) -> None:
+        super().__init__(send, headers)
+        self._response = response
+        self._model = model
+        self._settings = settings
+        self._stream = stream
+        self._created_at = int(time.time())
+
+    async def write(self, batch: Batch) -> None:
+        completion = batch.whole()
+        body = responses.response_object(
+            response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
+            status="completed", output=[responses.compaction_answer(completion, self._response)],
+            usage=responses.usage_to_wire(completion.usage),
+        )
+        body["completed_at"] = int(time.time())
+        if self._stream:
+            await self._json(responses.whole_stream(body), b"text/event-stream; charset=utf-8")
+        else:
+            await self._json(dumps(body))
+
+
+def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest) -> ExchangeBody:
+    """Codex CLI's compaction on OpenAI: its input, ended by `{"type": "compaction_trigger"}`,
+    summarized as `/v1/responses/compact` does; the answer's one item is the `compaction`."""
+    for name, given in (("conversation", parsed.conversation is not None), ("background", parsed.background)):
+        if given:
+            raise invalid_request(f"`{name}` does not go with a `compaction_trigger` input item.", param=name)
+    request, _kept = responses.compaction_request(parsed.chat)
+    request = replace(request, stream=False)  # the item is sent whole, once written
+    meta = request_meta(incoming.head)
+    meta.cache = "off"  # a summary holds for its conversation alone
+    response = responses.response_id(meta.trace_id)
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if _has_files(request):
+        exchange.adapt_with(_for_backend)
+    catalog = incoming.gateway.catalog
+    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
+    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    model, settings, stream = parsed.chat.model, parsed.settings, parsed.stream
+    return OpenAIExchangeBody(
+        exchange,
+        lambda send: TriggeredCompactionSink(send, headers, response=response, model=model, settings=settings, stream=stream),
+        incoming.gateway.backends,
+    )
 
 
 @exchanges.route("/v1/responses/compact")
@@ -527,7 +585,9 @@ def _rendered(stored: StoredRun, response: str) -> Reply:
         error = responses.error_to_wire(GatewayError(kind, str(message)))
     return Reply(dumps(responses.response_object(
         response=response, created_at=_created_at(stored), model=stored.model,
-        settings=settings, status=status, output=_said(completion, response, status, settings),
+        settings=settings, status=status, output=_said(
+            completion, response, status, responses.summarized(settings), responses.namespaces_of(settings)
+        ),
         error=error,
     )))
 
@@ -545,7 +605,10 @@ def _completed_at(stored: StoredRun) -> int:
     return _created_at(stored)
 
 
-def _said(completion: ChatCompletion | None, response: str, status: str, settings: dict[str, Any]) -> list[dict[str, Any]]:
+def _said(
+    completion: ChatCompletion | None, response: str, status: str, summary: bool = False,
+    namespaces: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
     """What a run that has not given its answer has said: one that ended without it, as its
     stream's last event held it, its items cut short (`incomplete`, for the row cannot tell
     which were whole); one still running (here), so far (`in_progress`)."""
@@ -553,10 +616,10 @@ def _said(completion: ChatCompletion | None, response: str, status: str, setting
     if completion is None or choice is None or not (choice.content or choice.tool_calls or choice.reasoning):
         return []
     state = "in_progress" if status == "in_progress" else "incomplete"
-    output = responses.output_of(
-        completion, response, state, summary=responses.summarized(settings), namespaces=responses.namespaces_of(settings),
-    )
-    return [item | {"status": state} for item in output]
+    return [
+        item | {"status": state}
+        for item in responses.output_of(completion, response, state, summary=summary, namespaces=namespaces)
+    ]
 
 
 async def _row_written(persistence: Persistence, trace_id: str) -> None:
@@ -797,15 +860,16 @@ async def _items_of(persistence: Persistence, trace_id: str) -> list[dict[str, A
     if stored.status == "running" or stored.completion is None:
         return []
     completion = stored.completion
+    settings = _echoed(stored.settings)
+    namespaces = responses.namespaces_of(settings)
     if stored.status == "completed":
         choice = completion.choices[0] if completion.choices else None
-        settings = stored.settings or {}
         output = responses.output_of(
             completion, response, responses.status_of(choice.finish_reason if choice else None)[0],
-            summary=responses.summarized(settings), namespaces=responses.namespaces_of(settings),
+            summary=responses.summarized(settings), namespaces=namespaces,
         )
     else:
-        output = _said(completion, response, "failed", stored.settings or {})
+        output = _said(completion, response, "failed", responses.summarized(settings), namespaces)
     return [*(await _inputs_of(persistence, stored, trace_id, response) or []), *output]
 
 

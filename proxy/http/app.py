@@ -7,10 +7,11 @@ from contextlib import AsyncExitStack
 from typing import Any, ClassVar, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope, WebsocketScope
 from quart import current_app, request
 
 from proxy.config import Settings
+from proxy.domain.errors import ErrorKind, GatewayError
 from proxy.gateway import open_gateway
 from proxy.http import (
     _anthropic,
@@ -36,7 +37,7 @@ from proxy.http import (
 )
 from proxy.http._auth import install_auth
 from proxy.http._context import GatewayApp
-from proxy.http._errors import install_error_handlers
+from proxy.http._errors import dialect_of, error_reply, install_error_handlers
 from proxy.http._openapi import blueprint as openapi_blueprint
 from proxy.http._request import PacedRequest
 from proxy.http._trace import received_from, request_trace
@@ -46,6 +47,22 @@ from proxy.infra.backends import current_trace
 # Past the grace, what the stop still does is bounded by its steps (runs cut, rows written
 # or spooled, connections closed): well within this.
 _STOP_BACKSTOP_SECONDS = 30.0
+
+
+async def _refuse_websocket(scope: WebsocketScope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    """The gateway serves no WebSockets: Codex CLI's first try at `/v1/responses` (on its
+    `openai` provider) is told so in the path's error shape, and falls back to HTTP (it was a
+    500 with two tracebacks logged per try, five tries a turn)."""
+    await receive()  # websocket.connect
+    path = scope["path"]
+    message = f"Unknown endpoint: WebSocket {path} (this gateway serves HTTP only: POST {path})"
+    reply = error_reply(GatewayError(ErrorKind.NOT_FOUND, message), dialect_of(path, None))
+    if "websocket.http.response" in (scope.get("extensions") or {}):  # hypercorn's, for a refusal
+        headers = [(b"content-type", reply.content_type), (b"content-length", b"%d" % len(reply.body))]
+        await send({"type": "websocket.http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": reply.body, "more_body": False})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
 
 
 class _App(GatewayApp):
@@ -90,6 +107,9 @@ class _App(GatewayApp):
             tracing.end_request(trace, watched.status, cancelled=not (watched.complete or failed))
 
     async def _serve(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "websocket":
+            await _refuse_websocket(scope, receive, send)
+            return
         if scope["type"] == "http":
             path = scope["path"]
             if not path.startswith("/") or "//" in path or (path.endswith("/") and path != "/"):

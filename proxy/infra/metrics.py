@@ -62,6 +62,10 @@ def _count_failover(children: Mapping[str, Counter], url: str) -> None:
 
 # Records held until the backends are first listed: past this many, counted at once (unlabelled).
 _HELD_MAX = 1000
+# Names a backend answered without listing them (Anthropic's `claude-sonnet-4-5`, which it lists
+# only dated; a name a prefix routes): labelled as asked, up to this many per process, since a
+# backend that answers any name (llama.cpp's server) would make a series of every typo.
+_ANSWERED_MAX = 64
 
 
 class Metrics:
@@ -112,6 +116,7 @@ class Metrics:
         )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._known = known
+        self._answered: set[str] = set()
         self._listed = listed or (lambda: True)
         self._learn = learn if os.environ.get(_MULTIPROCESS_ENV) else None
         self._held: list[ExchangeRecord] | None = [] if listed is not None else None
@@ -151,9 +156,7 @@ class Metrics:
             self._count(entry)
 
     def _count(self, entry: ExchangeRecord) -> None:
-        # A name the gateway does not know is the client's free text: as a label it would make
-        # one series per typo, without bound.
-        model = entry.model if self._known(entry.model) else ""
+        model = self._model_label(entry)
         backend = entry.backend
         outcome = "cancelled" if entry.cancelled else "error" if entry.error or entry.status >= 400 else "ok"
         # A client that left before the response began got no status: nginx's 499 says so.
@@ -169,6 +172,18 @@ class Metrics:
             child(self._prompt, kind, model, backend).inc(entry.prompt_tokens)
         if entry.completion_tokens:
             child(self._completion, model, backend).inc(entry.completion_tokens)
+
+    def _model_label(self, entry: ExchangeRecord) -> str:
+        """A name the gateway knows, or one a backend answered (see `_ANSWERED_MAX`); else "":
+        a client's free text that no backend took would make one series per typo, without bound."""
+        model = entry.model
+        if model in self._answered or self._known(model):
+            return model
+        answered = entry.source == "backend" and 200 <= entry.status < 400 and not entry.error
+        if answered and model and len(self._answered) < _ANSWERED_MAX:
+            self._answered.add(model)
+            return model
+        return ""
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
         key = (metric, *labels)

@@ -65,9 +65,10 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
 class _MessageRendering:
     content_type = "text/event-stream; charset=utf-8"
 
-    def __init__(self, plan: Plan, script: Script, *, request_id: str) -> None:
+    def __init__(self, plan: Plan, script: Script, *, request_id: str, redacted: str | None = None) -> None:
         self.plan = plan
         self.script = script
+        self.redacted = redacted
         self.message_id = "msg_" + secrets.token_hex(12)
         self.headers = [
             ("request-id", request_id),
@@ -138,6 +139,10 @@ class _MessageRendering:
             return _event("content_block_stop", {"type": "content_block_stop", "index": index})
 
         thinking, text = self._blocks_present()
+        if self.redacted is not None:
+            yield start({"type": "redacted_thinking", "data": self.redacted})
+            yield stop()
+            index += 1
         if thinking:
             yield start({"type": "thinking", "thinking": "", "signature": ""})
             for piece in plan.reasoning:
@@ -185,6 +190,8 @@ class _MessageRendering:
         plan = self.plan
         content: list[dict[str, Any]] = []
         thinking, text = self._blocks_present()
+        if self.redacted is not None:
+            content.append({"type": "redacted_thinking", "data": self.redacted})
         if thinking:
             content.append(
                 {
@@ -226,6 +233,8 @@ class AnthropicBackend(FakeBackend):
     ``strict_thinking``: refuse (400), as Anthropic does, a thinking request whose tool loop's
     last assistant turn does not open with a thinking block, or a thinking block whose
     signature is not the one this fake gave its text.
+    ``redacted_thinking``: the `data` of a `redacted_thinking` block each answer opens with
+    (Claude's thinking its safety systems encrypted whole).
     """
 
     dialect = "anthropic"
@@ -238,6 +247,7 @@ class AnthropicBackend(FakeBackend):
         self.api_key = api_key
         self.require_version = require_version
         self.strict_thinking = False
+        self.redacted_thinking: str | None = None
 
     def error_payload(self, status: int, message: str) -> Any:
         return anthropic_error(status, message)
@@ -337,7 +347,9 @@ class AnthropicBackend(FakeBackend):
             max_tokens=max_tokens,
             tool_id_prefix="toolu_",
         )
-        rendering = _MessageRendering(plan, script, request_id="req_" + secrets.token_hex(12))
+        rendering = _MessageRendering(
+            plan, script, request_id="req_" + secrets.token_hex(12), redacted=self.redacted_thinking
+        )
         await self.run_generation(
             exchange,
             call,

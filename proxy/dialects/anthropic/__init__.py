@@ -23,6 +23,7 @@ from proxy.dialects.anthropic._stream import PING, ParseOutput, StreamParser, St
 from proxy.dialects.anthropic._vocabulary import (
     API_VERSION,
     DIALECT,
+    REDACTED_THINKING,
     BlockDelta,
     BlockStart,
     SignedReasoningDelta,
@@ -45,6 +46,7 @@ __all__ = [
     "DIALECT",
     "JSON_TOOL",
     "PING",
+    "REDACTED_THINKING",
     "BlockDelta",
     "BlockStart",
     "ParseOutput",

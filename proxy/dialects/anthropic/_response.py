@@ -21,6 +21,7 @@ from proxy.dialects.anthropic._vocabulary import (
     finish_from_wire,
     message_id,
     new_tool_use_id,
+    redacted_thinking,
     stop_reason_to_wire,
     tool_call_start,
     usage_to_wire,
@@ -193,6 +194,8 @@ def message_events(
             tools += 1
         elif relay_blocks and kind not in ("text", "thinking"):
             events.append(BlockStart("", 0, block))
+        elif kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
+            events.append(redacted)
     reason = data.get("stop_reason")
     if isinstance(reason, str):
         if reason == "tool_use" and json_answer:

@@ -29,6 +29,7 @@ from proxy.dialects.anthropic._vocabulary import (
     finish_from_wire,
     message_id,
     new_tool_use_id,
+    redacted_thinking,
     stop_reason_to_wire,
     tool_call_start,
     usage_to_wire,
@@ -610,6 +611,9 @@ class StreamParser:
             self._blocks[index] = _OTHER_BLOCK
             if self._relay:
                 events.append(BlockStart("", 0, block))
+            elif kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
+                self._release_held(events)
+                events.append(redacted)
 
     def _block_delta(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
         index = payload.get("index")

@@ -41,6 +41,17 @@ class SignedReasoningDelta(ReasoningDelta):
     replayable: ClassVar[bool] = False
 
 
+# Claude's `redacted_thinking` (its thinking encrypted whole) for a client that is not Anthropic's:
+# an empty signed block whose "signature" is its data so marked, so it is carried (the journal, a
+# Responses reasoning item's `encrypted_content`) and goes back to Claude as that block again.
+REDACTED_THINKING = "redacted_thinking:"
+
+
+def redacted_thinking(block: dict[str, Any]) -> SignedReasoningDelta | None:
+    data = block.get("data")
+    return SignedReasoningDelta("", 0, REDACTED_THINKING + data) if isinstance(data, str) and data else None
+
+
 @dataclass(slots=True, frozen=True)
 class StopReasonFinish(Finish):
     """A finish whose Anthropic `stop_reason` its domain reason does not give back

@@ -561,7 +561,7 @@ class StreamRenderer:
         match event:
             case TextDelta(text, choice, logprobs):
                 out.append(self._delta(choice, {"content": text}, logprobs=logprobs))
-            case ReasoningDelta(text, choice):
+            case ReasoningDelta(text, choice) if text:  # Claude's redacted thinking has none to show
                 out.append(self._delta(choice, reasoning_fields(text)))
             case RefusalDelta(text, choice):
                 out.append(self._delta(choice, {"refusal": text}))

@@ -1,7 +1,11 @@
 """The OpenAI Responses dialect (`/v1/responses`): requests, Response objects, streams (sans-IO)."""
 
 from proxy.dialects.responses import _conversations as conversations
-from proxy.dialects.responses._compaction import compacted_object, compaction_request
+from proxy.dialects.responses._compaction import (
+    compacted_object,
+    compaction_answer,
+    compaction_request,
+)
 from proxy.dialects.responses._items import input_items, item_page
 from proxy.dialects.responses._request import (
     CONVERSATION_PREFIX,
@@ -28,7 +32,7 @@ from proxy.dialects.responses._response import (
     summarized,
     usage_to_wire,
 )
-from proxy.dialects.responses._stream import StreamRenderer
+from proxy.dialects.responses._stream import StreamRenderer, whole_stream
 
 __all__ = [
     "CONVERSATION_PREFIX",
@@ -38,6 +42,7 @@ __all__ = [
     "StreamRenderer",
     "UnresolvedReferences",
     "compacted_object",
+    "compaction_answer",
     "compaction_request",
     "continued",
     "conversations",
@@ -58,4 +63,5 @@ __all__ = [
     "status_of",
     "summarized",
     "usage_to_wire",
+    "whole_stream",
 ]

@@ -75,6 +75,12 @@ def given_compaction(role: str, parts: list[Any], item_id: str) -> dict[str, Any
     return {"id": item_id, "type": "compaction", "encrypted_content": _encoded(text[len(SUMMARY_LEAD):])}
 
 
+def compaction_answer(completion: ChatCompletion, response: str) -> dict[str, Any]:
+    """The `compaction` item of a summary the model wrote."""
+    choice = completion.choices[0] if completion.choices else None
+    return compaction_item(response, (choice.content or "") if choice is not None else "")
+
+
 def _encoded(summary: str) -> str:
     return _MARK + base64.urlsafe_b64encode(summary.encode("utf-8")).decode("ascii")
 
@@ -84,9 +90,7 @@ def compacted_object(
     created_at: int,
 ) -> bytes:
     """The `response.compaction` object: the kept user messages' items, then the compaction."""
-    choice = completion.choices[0] if completion.choices else None
-    summary = (choice.content or "") if choice is not None else ""
     return dumps({
         "id": response, "object": "response.compaction", "created_at": created_at,
-        "output": [*kept, compaction_item(response, summary)], "usage": usage,
+        "output": [*kept, compaction_answer(completion, response)], "usage": usage,
     })

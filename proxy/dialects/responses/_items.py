@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.dialects._json import is_decimal
+from proxy.dialects.anthropic import REDACTED_THINKING
 from proxy.dialects.responses._compaction import given_compaction
 from proxy.dialects.responses._response import call_item, reasoning_item
 from proxy.domain.errors import invalid_request
@@ -21,7 +22,7 @@ def input_items(
     function calls, their outputs (`instructions`, which became its first system message,
     are not input, as OpenAI lists them; nor are the `prior` messages after them, the
     conversation of the response it continued). `namespaces`: the request's tool namespaces,
-    whose calls are listed with their namespace, as they were given."""
+    whose tools' calls name their namespace, as its answer named them (see `output_of`)."""
     trace = response.removeprefix("resp_")
     items: list[dict[str, Any]] = []
 
@@ -44,17 +45,12 @@ def input_items(
             items.append(compaction)
             continue
         reasoning = message.get("reasoning")
-        if role == "assistant" and isinstance(reasoning, str) and reasoning:
+        signed = [block for block in (_signed(p) for p in parts) if block is not None] if role == "assistant" else []
+        if signed or (role == "assistant" and isinstance(reasoning, str) and reasoning):
             # Given back as a reasoning item (see `_request._parse_items`): listed, and carried on in
-            # a conversation, as that item.
-            signed = [
-                (p["data"]["thinking"], p["data"]["signature"]) for p in parts
-                if isinstance(p, dict) and p.get("opaque") == "anthropic" and isinstance(p.get("data"), dict)
-                and p["data"].get("type") == "thinking" and isinstance(p["data"].get("thinking"), str)
-                and isinstance(p["data"].get("signature"), str) and p["data"]["signature"]
-            ]
-            # Each block Claude signed an item of its own, as its answer gave them.
-            for thinking, signature in signed or [(reasoning, "")]:
+            # a conversation, as that item; each block Claude signed an item of its own, as its
+            # answer gave them.
+            for thinking, signature in signed or [(str(reasoning), "")]:
                 items.append(reasoning_item(named("rs"), thinking, "completed", signature=signature))
         content = [part for part in (_part(p, role) for p in parts) if part is not None]
         if content or not message.get("tool_calls"):
@@ -62,6 +58,19 @@ def input_items(
         for call_id, name, arguments in message.get("tool_calls") or []:
             items.append(call_item(named("fc"), str(call_id), str(name), str(arguments), "completed", namespaces))
     return items
+
+
+def _signed(part: Any) -> tuple[str, str] | None:
+    """A Claude block given back (see `_signed.thinking_block`), as its reasoning item holds it."""
+    data = part.get("data") if isinstance(part, dict) and part.get("opaque") == "anthropic" else None
+    if not isinstance(data, dict):
+        return None
+    if data.get("type") == "redacted_thinking" and isinstance(data.get("data"), str) and data["data"]:
+        return "", REDACTED_THINKING + data["data"]
+    thinking, signature = data.get("thinking"), data.get("signature")
+    if data.get("type") == "thinking" and isinstance(thinking, str) and isinstance(signature, str) and signature:
+        return thinking, signature
+    return None
 
 
 def _text(parts: list[Any]) -> str:

@@ -85,6 +85,9 @@ class ResponsesRequest:
     # The stored conversation (`conversation`) whose items go before this request's input
     # (see `in_conversation`), and to which its input and output are appended.
     conversation: str | None = None
+    # The input ended with `{"type": "compaction_trigger"}` (Codex CLI's compaction on OpenAI):
+    # the answer is one `compaction` item standing for the rest, as `/v1/responses/compact` makes.
+    compaction_triggered: bool = False
 
     @property
     def background(self) -> bool:
@@ -143,6 +146,14 @@ def parse_responses_request(
     if instructions:
         messages.append(Message(role="system", content=(TextPart(instructions),)))
     raw_input = data.get("input")
+    triggered = (
+        not (compaction or counting) and isinstance(raw_input, list) and bool(raw_input)
+        and raw_input[-1] == {"type": "compaction_trigger"}
+    )
+    if triggered and isinstance(raw_input, list):
+        raw_input = raw_input[:-1]
+        if not raw_input:
+            raise invalid_request("Nothing to compact: `input` holds only its `compaction_trigger`.", param="input")
     if raw_input is None and not (counting or (compaction and previous is not None)):
         raise invalid_request("Missing required parameter `input`.", param="input")
     if raw_input is None:
@@ -254,7 +265,9 @@ def parse_responses_request(
     }
     if conversation is not None:
         settings["conversation"] = {"id": conversation}
-    return ResponsesRequest(chat, settings, stream=stream, previous=previous, conversation=conversation)
+    return ResponsesRequest(
+        chat, settings, stream=stream, previous=previous, conversation=conversation, compaction_triggered=triggered
+    )
 
 
 def _parse_conversation(value: Any) -> str | None:

@@ -127,7 +127,9 @@ def reasoning_item(item: str, text: str, status: str, summary: bool = False, sig
     """`summary`: the text as the item's summary, as OpenAI gives a summary asked for (and no
     `content`); else as its `reasoning_text` part, as vLLM gives a model's reasoning.
     `signature`: Claude's for this thinking, carried in `encrypted_content`."""
-    parts = [{"type": "summary_text" if summary else "reasoning_text", "text": text}] if text or status != "in_progress" else []
+    # Claude's redacted thinking (signed, no text) has nothing to read, as OpenAI's encrypted own.
+    shown = text or (status != "in_progress" and not signature)
+    parts = [{"type": "summary_text" if summary else "reasoning_text", "text": text}] if shown else []
     if summary:
         out: dict[str, Any] = {"id": item, "type": "reasoning", "summary": parts, "status": status}
     else:

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from proxy.dialects._json import loads_object
+from proxy.dialects.anthropic import REDACTED_THINKING
 from proxy.domain.chat import OpaquePart
 from proxy.domain.errors import GatewayError
 
@@ -46,4 +47,6 @@ def signed_thinking(encrypted: Any) -> tuple[str, str] | None:
 
 def thinking_block(thinking: str, signature: str) -> OpaquePart:
     """Claude's own block again, for an Anthropic backend (see `anthropic._may_think`)."""
+    if signature.startswith(REDACTED_THINKING) and not thinking:
+        return OpaquePart(_ANTHROPIC, {"type": "redacted_thinking", "data": signature.removeprefix(REDACTED_THINKING)})
     return OpaquePart(_ANTHROPIC, {"type": "thinking", "thinking": thinking, "signature": signature})

@@ -363,3 +363,20 @@ class StreamRenderer:
         seq = self._seq
         self._seq += 1
         return item.prefix + dumps(text) + item.suffix + str(seq).encode() + _TAIL
+
+
+def whole_stream(body: dict[str, Any]) -> bytes:
+    """The stream of a Response known whole, its output items done (a `compaction_trigger`'s
+    answer: one `compaction` item), as OpenAI streams it."""
+    opened = {**body, "status": "in_progress", "output": [], "usage": None, "completed_at": None}
+    frames: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": opened}), ("response.in_progress", {"response": opened}),
+    ]
+    for index, item in enumerate(body["output"]):
+        added = {key: value for key, value in item.items() if key != "encrypted_content"}
+        frames += [
+            ("response.output_item.added", {"output_index": index, "item": added}),
+            ("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+    frames.append(("response.completed", {"response": body}))
+    return b"".join(_frame(kind, seq, payload) for seq, (kind, payload) in enumerate(frames))
