@@ -114,3 +114,37 @@ async def test_the_strict_claude_fake_refuses_as_anthropic_does() -> None:
         assert forged.status_code == 400 and "Invalid `signature`" in forged.json()["error"]["message"]
         assert (await http.post("/v1/messages", json=body(signed))).status_code == 200
         assert (await http.post("/v1/messages", json=body(thinking=False))).status_code == 200
+
+
+async def test_a_tool_loop_compacted_before_its_calls_were_answered_reaches_claude(
+    claude: tuple[AnthropicBackend, openai.AsyncOpenAI], pg_database_url: str,
+) -> None:
+    """`responses.compact(previous_response_id=...)` of a turn that ended calling tools (a run
+    interrupted for a tool's approval, or out of turns): the conversation went to Claude with
+    its calls unanswered and the summary's request after them, which Anthropic refuses (400
+    `tool_use` ids without `tool_result`). Each turn's signed thinking goes with it."""
+    fake, client = claude
+    fake.set_script(Script(reasoning=["Both ", "cities."], tokens=[],
+                           tool_calls=[("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]))
+    first = await client.responses.create(**ASKED, input="Weather in Paris and Rome?")
+    await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+    calls = [item for item in first.output if item.type == "function_call"]
+    fake.set_script(Script(reasoning=["Then ", "Oslo."], tokens=[],
+                           tool_calls=[("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Nice"})]))
+    second = await client.responses.create(**ASKED, previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"} for call in calls])
+    await wait_for_row(pg_database_url, second.id.removeprefix("resp_"), "completed")
+
+    fake.set_script(Script(tokens=["Paris and Rome sunny; Oslo and Nice asked."]))
+    compacted = await client.responses.compact(model=MODEL, previous_response_id=second.id)
+    assert compacted.output[-1].type == "compaction"
+    sent = fake.requests[-1].json["messages"]
+    turns = [message for message in sent if message["role"] == "assistant"]
+    assert [turn["content"][0] for turn in turns] == [
+        {"type": "thinking", "thinking": text, "signature": thinking_signature(text)} for text in ("Both cities.", "Then Oslo.")
+    ]
+    # Every call has its result next, the calls never run said to be so.
+    results = [block for message in sent if isinstance(message["content"], list) for block in message["content"]
+               if block["type"] == "tool_result"]
+    assert len(results) == 4 and all("sunny" in str(result["content"]) for result in results[:2])
+    assert all("not run" in str(result["content"]) for result in results[2:])
