@@ -615,6 +615,38 @@ async def test_a_stalled_or_locked_database_is_a_503_within_bounds_that_changes_
         assert (await admin.delete(f"/v1/keys/{other['id']}")).json()["status"] == "revoked"
 
 
+async def test_a_change_made_just_before_postgresql_stalls_is_answered_as_made(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PATCH and DELETE committed their change, then read the key's use under a second deadline:
+    # PostgreSQL stalling in between answered 503 "try again" for a change that was made.
+    monkeypatch.setattr(proxy.http._keys, "DATABASE_WAIT", 1.0)
+    async with await admin_client(stack) as admin:
+        other = (await admin.post("/v1/keys", json={"name": "other", "rpm": 60, "budget": 1000})).json()
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other["key"], max_retries=0) as client:
+            await client.chat.completions.create(**CHAT)
+        # The change touches only `api_keys`: the lock stalls what is read after it commits.
+        with contextlib.closing(await trio.to_thread.run_sync(lambda: psycopg.connect(stack.db))) as holder:
+            await trio.to_thread.run_sync(holder.execute, "LOCK TABLE api_key_usage IN ACCESS EXCLUSIVE MODE")
+            with trio.fail_after(20):
+                changed = await admin.patch(f"/v1/keys/{other['id']}", json={"name": "renamed", "rpm": 5})
+                revoked = await admin.delete(f"/v1/keys/{other['id']}")
+        assert changed.status_code == 200, changed.text
+        record = changed.json()
+        assert (record["id"], record["name"], record["rpm"], record["status"]) == (other["id"], "renamed", 5, "active")
+        assert record["requests"] is None and record["prompt_tokens"] is None  # not read: not said to be 0
+        assert record["budget"] == 1000 and record["budget_used"] is None
+        assert revoked.status_code == 200, revoked.text
+        assert revoked.json()["status"] == "revoked" and revoked.json()["revoked_at"] is not None
+        assert revoked.json()["name"] == "renamed" and revoked.json()["requests"] is None
+        # Both changes were made, and this gateway applied them: the key is refused at once.
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=other["key"], max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.chat.completions.create(**CHAT)
+        after = (await admin.get(f"/v1/keys/{other['id']}")).json()
+        assert (after["name"], after["rpm"], after["status"]) == ("renamed", 5, "revoked") and after["requests"] is not None
+
+
 @pytest.fixture
 async def folding_stack(
     aio_loop: object, pg_database_url: str, nats_url: str, monkeypatch: pytest.MonkeyPatch

@@ -149,3 +149,83 @@ async def test_claudes_redacted_thinking_goes_back_in_the_tool_loop(
     # The conversation keeps the item given back as it was given (it was left out).
     items = [item async for item in client.conversations.items.list(conversation, order="asc")]
     assert [item.encrypted_content for item in items if item.type == "reasoning"] == [reasoning.encrypted_content]  # type: ignore[union-attr]
+
+
+async def test_a_tool_loop_compacted_before_its_calls_were_answered_reaches_claude(
+    claude: tuple[AnthropicBackend, openai.AsyncOpenAI], pg_database_url: str,
+) -> None:
+    """`responses.compact(previous_response_id=...)` of a turn that ended calling tools (a run
+    interrupted for a tool's approval, or out of turns): the conversation went to Claude with
+    its calls unanswered and the summary's request after them, which Anthropic refuses (400
+    `tool_use` ids without `tool_result`). Each turn's signed thinking goes with it."""
+    fake, client = claude
+    fake.set_script(Script(reasoning=["Both ", "cities."], tokens=[],
+                           tool_calls=[("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]))
+    first = await client.responses.create(**ASKED, input="Weather in Paris and Rome?")
+    await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+    calls = [item for item in first.output if item.type == "function_call"]
+    fake.set_script(Script(reasoning=["Then ", "Oslo."], tokens=[],
+                           tool_calls=[("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Nice"})]))
+    second = await client.responses.create(**ASKED, previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"} for call in calls])
+    await wait_for_row(pg_database_url, second.id.removeprefix("resp_"), "completed")
+
+    fake.set_script(Script(tokens=["Paris and Rome sunny; Oslo and Nice asked."]))
+    compacted = await client.responses.compact(model=MODEL, previous_response_id=second.id)
+    assert compacted.output[-1].type == "compaction"
+    sent = fake.requests[-1].json["messages"]
+    turns = [message for message in sent if message["role"] == "assistant"]
+    assert [turn["content"][0] for turn in turns] == [
+        {"type": "thinking", "thinking": text, "signature": thinking_signature(text)} for text in ("Both cities.", "Then Oslo.")
+    ]
+    # Every call has its result next, the calls never run said to be so.
+    results = [block for message in sent if isinstance(message["content"], list) for block in message["content"]
+               if block["type"] == "tool_result"]
+    assert len(results) == 4 and all("sunny" in str(result["content"]) for result in results[:2])
+    assert all("not run" in str(result["content"]) for result in results[2:])
+
+
+def _opening_blocks(sent: dict[str, Any]) -> list[Any]:
+    """Each assistant turn's first block, as Claude was sent it."""
+    return [message["content"][0] for message in sent["messages"] if message["role"] == "assistant"]
+
+
+def _signed(*texts: str) -> list[Any]:
+    return [{"type": "thinking", "thinking": text, "signature": thinking_signature(text)} for text in texts]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_turn_of_a_long_tool_loop_reaches_claude_with_its_own_signed_thinking(
+    claude: tuple[AnthropicBackend, openai.AsyncOpenAI], pg_database_url: str, stream: bool,
+) -> None:
+    """Three turns of parallel calls continued by `previous_response_id`, then the first turn's
+    items given again by `item_reference`: each assistant turn opens with the thinking Claude
+    signed for it, never another turn's."""
+    fake, client = claude
+    answer: Any = None
+    thoughts = ["Both cities.", "Then Oslo.", "Last Nice."]
+    for turn, thought in enumerate(thoughts):
+        fake.set_script(Script(reasoning=[thought], tokens=[],
+                               tool_calls=[("get_weather", {"city": f"A{turn}"}), ("get_weather", {"city": f"B{turn}"})]))
+        where: dict[str, Any] = {"input": "Weather?"} if answer is None else {"previous_response_id": answer.id, "input": [
+            {"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}
+            for item in answer.output if item.type == "function_call"]}
+        answer = await _asked(client, stream, **where)
+        assert _opening_blocks(fake.requests[-1].json) == _signed(*thoughts[:turn])
+        await wait_for_row(pg_database_url, answer.id.removeprefix("resp_"), "completed")
+        if turn == 0:
+            first = answer
+    fake.set_script(Script(tokens=["Sunny everywhere."]))
+    done = await _asked(client, stream, previous_response_id=answer.id, input=[
+        {"type": "function_call_output", "call_id": item.call_id, "output": "rain"} for item in answer.output if item.type == "function_call"])
+    assert done.output_text == "Sunny everywhere." and _opening_blocks(fake.requests[-1].json) == _signed(*thoughts)
+
+    # The first turn's reasoning and calls by reference (an item kept with its response).
+    fake.set_script(Script(tokens=["Sunny."]))
+    referenced = await _asked(client, stream, input=[
+        {"role": "user", "content": "Weather?"},
+        *({"type": "item_reference", "id": item.id} for item in first.output),
+        *({"type": "function_call_output", "call_id": item.call_id, "output": "sunny"} for item in first.output if item.type == "function_call"),
+    ])
+    assert referenced.output_text == "Sunny." and _opening_blocks(fake.requests[-1].json) == _signed(thoughts[0])
+    assert fake.requests[-1].json["thinking"]["type"] == "enabled"

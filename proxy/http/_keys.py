@@ -65,7 +65,8 @@ _SETTABLE: Final = ("name", "models", "workspaces", "rpm", "tpm", "budget", "bud
 _CREATE_ONLY: Final = ("admin",)
 # How long a call waits for PostgreSQL (stalled, or a key's row locked by another writer): a
 # few statements of milliseconds on a healthy server. Then a 503: a write cancelled commits
-# nothing, and a change (PATCH, DELETE) sent again is the same change.
+# nothing, and a change (PATCH, DELETE) sent again is the same change. Once it committed, the
+# answer is the record it wrote, its use null when it could not be read in time.
 DATABASE_WAIT: Final = 10.0
 
 
@@ -251,10 +252,8 @@ async def create() -> Response:
         raise invalid_request(str(error)) from None
     # Made: its client must have the key, the one answer that holds it, even if PostgreSQL
     # stalls now (a 503 would leave a key nobody has). A key just made has used nothing.
-    record = _record(key, KeyUsage(), BudgetState(0, key.created_at + key.budget_period) if key.budget else None)
-    with trio.move_on_after(DATABASE_WAIT):
-        await _applied(key, "created")
-        record = await _record_of(db, key)
+    record = await _after_change(db, key, "created",
+                                 known=(KeyUsage(), BudgetState(0, key.created_at + key.budget_period) if key.budget else None))
     # No cache may keep it.
     return _reply({**record, "key": secret}, 201,
                   **{"cache-control": "no-store", "location": f"/v1/keys/{key.id}"})
@@ -297,6 +296,39 @@ def _found(key: StoredKey | None, key_id: str) -> StoredKey:
     return key
 
 
+# What a record shows of a key's use: null when it could not be read after a change was made.
+_USAGE_FIELDS: Final = ("requests", "errors", "prompt_tokens", "completion_tokens", "last_used_at")
+_BUDGET_FIELDS: Final = ("budget_used", "budget_reserved", "budget_resets_at")
+
+
+async def _after_change(
+    db: Database, key: StoredKey, what: str | None, *, granted: bool = True,
+    known: tuple[KeyUsage, BudgetState | None] | None = None,
+) -> dict[str, Any]:
+    """The record of `key` as the committed change (`what`; None: nothing changed) wrote it.
+    The change is made whatever happens now: PostgreSQL stalling before the key's use is read
+    leaves that use null (or as `known` says it is: a key just made) rather than a 503 telling
+    the client that a change it made was not."""
+    store = KeysStore(db)
+    usage: KeyUsage | None = known[0] if known else None
+    budget: BudgetState | None = known[1] if known else None
+    budget_read = known is not None
+    with trio.move_on_after(DATABASE_WAIT) as waited:
+        if what is not None:
+            await _applied(key, what, granted=granted)
+        usage = (await store.usage([key.id])).get(key.id, KeyUsage())
+        budget, budget_read = (await store.budgets([key.id])).get(key.id), True
+    if waited.cancelled_caught:
+        log.warning("API key %d: %s, but its use could not be read within %.0f s (PostgreSQL stalled); answered"
+                    " without it", key.id, what or "unchanged", DATABASE_WAIT)
+    record = _record(key, usage or KeyUsage(), budget)
+    if usage is None:
+        record.update(dict.fromkeys(_USAGE_FIELDS))
+    if not budget_read and key.budget is not None:
+        record.update(dict.fromkeys(_BUDGET_FIELDS))
+    return record
+
+
 async def _record_of(db: Database, key: StoredKey) -> dict[str, Any]:
     store = KeysStore(db)
     return _record(key, (await store.usage([key.id])).get(key.id, KeyUsage()), (await store.budgets([key.id])).get(key.id))
@@ -329,10 +361,7 @@ async def patch_key(key_id: str) -> Response:
         field = next((name for name in ("models", "workspaces") if data.get(name) is not None), "models")
         raise _last_manager(last.key, "limiting it to some models or workspaces", field) from None
     key = _found(changed, key_id)
-    with answered_within(DATABASE_WAIT):
-        if changes:
-            await _applied(key, "changed (" + ", ".join(changes) + ")")
-        return await _answer(db, key)
+    return _reply(await _after_change(db, key, "changed (" + ", ".join(changes) + ")" if changes else None))
 
 
 @blueprint.delete("/v1/keys/<key_id>")
@@ -345,11 +374,10 @@ async def revoke_key(key_id: str) -> Response:
             key = _found(await store.revoke(number, keep_manager=True), key_id)
         except LastManager as last:
             raise _last_manager(last.key, "revoking it", "id") from None
-        # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
-        was = before[0].revoked_at if before else None
-        await _applied(key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})",
-                       granted=False)
-        return await _answer(db, key)
+    # Idempotent, but the audit trail must not name a later admin as the one who revoked it.
+    was = before[0].revoked_at if before else None
+    return _reply(await _after_change(
+        db, key, "revoked" if was is None else f"revoked again (revoked since {was.isoformat()})", granted=False))
 
 
 # -- OpenAPI -------------------------------------------------------------------------------------
@@ -372,6 +400,8 @@ _SETTABLE_SCHEMA: dict[str, Any] = {
     "expires": _EXPIRES, "expires_at": _EXPIRES,
 }
 _NULLABLE_STR = {"type": ["string", "null"]}
+_UNREAD_INT = {"type": ["integer", "null"], "description": "Null only in the answer to a change made while PostgreSQL"
+               " stalled before the key's use could be read (as are `last_used_at` and the budget's figures)."}
 _RECORD: dict[str, Any] = {
     "type": "object",
     "required": ["object", "id", "prefix", "name", "status"],
@@ -381,7 +411,7 @@ _RECORD: dict[str, Any] = {
         "models": {"type": ["array", "null"], "items": _STR}, "workspaces": {"type": ["array", "null"], "items": _STR},
         "rpm": {"type": ["integer", "null"]}, "tpm": {"type": ["integer", "null"]}, "admin": {"type": "boolean"},
         "created_at": _STR, "expires_at": _NULLABLE_STR, "revoked_at": _NULLABLE_STR,
-        "requests": _INT, "errors": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
+        "requests": _UNREAD_INT, "errors": _UNREAD_INT, "prompt_tokens": _UNREAD_INT, "completion_tokens": _UNREAD_INT,
         "last_used_at": _NULLABLE_STR,
         "budget": {"type": ["integer", "null"]}, "budget_period": _NULLABLE_STR,
         "budget_used": {"type": ["integer", "null"], "description": "Tokens used (settled) in the current period."},

@@ -232,7 +232,8 @@ class AnthropicBackend(FakeBackend):
     ``require_version``: reject requests without an ``anthropic-version`` header (400).
     ``strict_thinking``: refuse (400), as Anthropic does, a thinking request whose tool loop's
     last assistant turn does not open with a thinking block, or a thinking block whose
-    signature is not the one this fake gave its text.
+    signature is not the one this fake gave its text; and any request with a tool call whose
+    result is not in the next message.
     ``redacted_thinking``: the `data` of a `redacted_thinking` block each answer opens with
     (Claude's thinking its safety systems encrypted whole).
     """
@@ -384,6 +385,15 @@ def _thinking_refused(body: dict[str, Any]) -> str | None:
     for i, block in blocks:
         if block.get("type") == "thinking" and block.get("signature") != thinking_signature(str(block.get("thinking"))):
             return f"messages.{i}.content: Invalid `signature` in `thinking` block"
+    messages = body["messages"]
+    for i, message in enumerate(messages[:-1]):
+        calls = {b.get("id") for b in message.get("content") or [] if isinstance(b, dict) and b.get("type") == "tool_use"}
+        after = messages[i + 1].get("content")
+        answered = {b.get("tool_use_id") for b in after if isinstance(b, dict)} if isinstance(after, list) else set()
+        if calls - answered:
+            return (f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: "
+                    f"{', '.join(sorted(calls - answered))}. Each `tool_use` block must have a corresponding "
+                    "`tool_result` block in the next message.")
     thinking = body.get("thinking")
     if not (isinstance(thinking, dict) and thinking.get("type") == "enabled") or not blocks:
         return None

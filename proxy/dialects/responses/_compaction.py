@@ -27,6 +27,8 @@ _PROMPT = (
     "matters, and what is left to do. Write only the summary."
 )
 
+_NOT_RUN = "(not run: the conversation was compacted before this call's result was given)"
+
 
 def compaction_message(item: dict[str, Any], path: str) -> Message:
     """A `compaction` input item (one this gateway made) as the message it stands for."""
@@ -54,10 +56,32 @@ def compaction_request(chat: ChatRequest) -> tuple[ChatRequest, list[Message]]:
         if message.role == "user" and not message.text.startswith(SUMMARY_LEAD)
     ]
     asked = replace(
-        chat, messages=[*chat.messages, Message(role="user", content=(TextPart(_PROMPT),))],
+        chat, messages=[*_answered(chat.messages), Message(role="user", content=(TextPart(_PROMPT),))],
         tools=[], tool_choice=None, parallel_tool_calls=None,
     )
     return asked, kept
+
+
+def _answered(messages: list[Message]) -> list[Message]:
+    """`messages` with a result for each tool call that has none (a turn compacted before its
+    calls ran: a run stopped for a tool's approval, or out of turns): backends refuse a call
+    whose result does not follow it (Anthropic's 400 "`tool_use` ids were found without
+    `tool_result` blocks"), and the summary is to say the call was made, not run."""
+    answered = {message.tool_call_id for message in messages if message.role == "tool"}
+    if all(call.id in answered for message in messages for call in message.tool_calls):
+        return messages
+    given: list[Message] = []
+    pending: list[Message] = []
+    for message in messages:
+        if pending and message.role != "tool":
+            given.extend(pending)
+            pending = []
+        given.append(message)
+        pending.extend(
+            Message(role="tool", tool_call_id=call.id, content=(TextPart(_NOT_RUN),))
+            for call in message.tool_calls if call.id not in answered
+        )
+    return [*given, *pending]
 
 
 def compaction_item(response: str, summary: str) -> dict[str, Any]:
