@@ -308,6 +308,8 @@ def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest
     exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     model, settings, stream = parsed.chat.model, parsed.settings, parsed.stream
+    # Journalled so: read back, its answer is the `compaction` item, continued its summary alone.
+    exchange.settings = {**settings, responses.COMPACTED: True}
     return OpenAIExchangeBody(
         exchange,
         lambda send: TriggeredCompactionSink(send, headers, response=response, model=model, settings=settings, stream=stream),
@@ -399,7 +401,7 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     prior = [message_from_canonical(message) for message in messages]
     if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
         prior = prior[1:]  # its instructions: not carried over
-    responses.continued(parsed, prior, stored.completion)
+    responses.continued(parsed, prior, stored.completion, compacted=_compacted(stored.settings))
     # Its own row says how many of its messages were carried over: the response it continued
     # may be deleted, or expire, before it.
     parsed.settings[responses.CONVERSATION_PREFIX] = _carried(stored, messages)
@@ -803,6 +805,8 @@ async def _inputs_of(
     messages = await _stored_messages(persistence, trace_id)
     if messages is None:
         return None
+    if _compacted(stored.settings):
+        messages = messages[:-1]  # the gateway's ask for the summary is none of its client's
     instructions = (stored.settings or {}).get("instructions")
     return responses.input_items(
         messages, response, instructions=instructions if isinstance(instructions, str) else None,
@@ -893,11 +897,18 @@ async def _continued_length(persistence: Persistence, settings: dict[str, Any] |
     return _carried(stored, messages)
 
 
+def _compacted(settings: dict[str, Any] | None) -> bool:
+    """The run answered a `compaction_trigger` (see `_triggered_compaction`)."""
+    return bool((settings or {}).get(responses.COMPACTED))
+
+
 def _carried(stored: StoredRun | None, messages: list[dict[str, Any]] | None) -> int:
     """How many messages a response continuing this one carries over: its conversation
     (after its instructions, which are not carried over) and its answer."""
     if stored is None or messages is None or stored.completion is None:
         return 0
+    if _compacted(stored.settings):
+        return 1  # its summary alone (see `responses.continued`)
     instructions = (stored.settings or {}).get("instructions")
     own = 1 if instructions and messages and messages[0].get("role") == "system" else 0
     said = stored.completion.choices[0] if stored.completion.choices else None
