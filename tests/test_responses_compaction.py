@@ -225,3 +225,18 @@ async def test_a_compaction_triggers_response_reads_back_and_continues_as_its_co
     # Its own input items: what it was given, not the summary it went on from.
     listed = [i.model_dump(exclude_none=True) async for i in stack.client.responses.input_items.list(answered.id)]
     assert [i["type"] for i in listed] == ["message"] and listed[0]["content"][0]["text"] == "And now?"
+
+
+async def test_a_compaction_trigger_repeated_with_its_key_is_the_same_response(stack: Stack) -> None:
+    """Replayed for its `Idempotency-Key`, a `compaction_trigger`'s answer is the response its
+    run made (its id, which reads it back), as any response's replay is (it named a new id that
+    no response has)."""
+    body = {"model": "m", "input": [*HISTORY, {"type": "compaction_trigger"}]}
+    headers = {"Idempotency-Key": "compact-once"}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        first = (await http.post("/v1/responses", json=body, headers=headers)).json()
+        await wait_for_row(stack.db, first["id"].removeprefix("resp_"), "completed")
+        again = await http.post("/v1/responses", json=body, headers=headers)
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["id"] == first["id"] and again.json()["output"] == first["output"]
+    assert len(stack.fake.requests) == 1

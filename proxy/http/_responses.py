@@ -278,9 +278,10 @@ class TriggeredCompactionSink(JsonSink):
 
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
+        response = _answering(self.extra_headers, self._response)  # a keyed replay's: its run's
         body = responses.response_object(
-            response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
-            status="completed", output=[responses.compaction_answer(completion, self._response)],
+            response=response, created_at=self._created_at, model=self._model, settings=self._settings,
+            status="completed", output=[responses.compaction_answer(completion, response)],
             usage=responses.usage_to_wire(completion.usage),
         )
         body["completed_at"] = int(time.time())
