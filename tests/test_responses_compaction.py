@@ -214,6 +214,9 @@ async def test_a_compaction_triggers_response_reads_back_and_continues_as_its_co
 
     back = await stack.client.responses.retrieve(done["id"])
     assert [i.model_dump(exclude_none=True) for i in back.output] == [item]
+    streamed = [event async for event in await stack.client.responses.retrieve(done["id"], stream=True)]
+    assert [e.type for e in streamed][-3:] == ["response.output_item.added", "response.output_item.done", "response.completed"]
+    assert [i.model_dump(exclude_none=True) for i in streamed[-1].response.output] == [item]  # type: ignore[union-attr]
     listed = [i.model_dump(exclude_none=True) async for i in stack.client.responses.input_items.list(done["id"], order="asc")]
     assert [i["type"] for i in listed] == ["message", "function_call", "function_call_output", "message"]
     assert "Summarize" not in json.dumps(listed)
@@ -240,3 +243,4 @@ async def test_a_compaction_trigger_repeated_with_its_key_is_the_same_response(s
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["id"] == first["id"] and again.json()["output"] == first["output"]
     assert len(stack.fake.requests) == 1
+

@@ -21,7 +21,7 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, responses
-from proxy.dialects._json import dumps, is_decimal
+from proxy.dialects._json import dumps, is_decimal, loads_object
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.dialects.openai import stored as openai_stored
 from proxy.domain.chat import ChatCompletion, ChatRequest, Message, OpaquePart
@@ -488,6 +488,10 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if not responses.readable(settings) or (stored is not None and stored.deleted):
         raise _not_found(response, persistence)
     after = int(raw_after)
+    if _compacted(settings) and stored is not None and stored.status == "completed" and stored.completion is not None:
+        # A `compaction_trigger`'s answer, streamed whole once written: so again, its one item.
+        whole = loads_object(_rendered(stored, response).body, "response")
+        return Reply(_numbered(responses.whole_stream(whole), after), content_type=b"text/event-stream; charset=utf-8")
     # Its own times, as read whole: not the resume's.
     created_at = _created_at(stored) if stored is not None and stored.completion is not None else None
     completed_at = _completed_at(stored) if stored is not None and stored.status != "running" else None
@@ -704,11 +708,16 @@ class _ResumeFramer:
         return self._renderer.close()
 
     def _written(self, frames: bytes) -> bytes:
-        # Each frame's `id:` is its sequence number: what a browser's EventSource resumes from.
-        return b"".join(
-            b"id: %d\n%s\n\n" % (number, frame)
-            for frame in frames.split(b"\n\n") if frame and (number := _number(frame)) > self._after
-        )
+        return _numbered(frames, self._after)
+
+
+def _numbered(frames: bytes, after: int) -> bytes:
+    """The frames past `after`, each with its `id:`, its sequence number: what a browser's
+    EventSource resumes from."""
+    return b"".join(
+        b"id: %d\n%s\n\n" % (number, frame)
+        for frame in frames.split(b"\n\n") if frame and (number := _number(frame)) > after
+    )
 
 
 def _number(frame: bytes) -> int:
