@@ -43,7 +43,9 @@ from proxy.domain.events import (
     ToolCallDelta,
     ToolCallStart,
     UsageReport,
+    completion_events,
 )
+from proxy.infra.chat_store import completion_from_json, completion_to_json
 from tests.test_openai_roundtrip import comparable, event_streams, splits
 
 
@@ -1140,3 +1142,51 @@ def test_an_openai_clients_safety_identifier_is_the_anthropic_user_id() -> None:
     assert sent_metadata({"safety_identifier": "hash-1", "user": "old"}) == {"user_id": "hash-1"}
     assert sent_metadata({"safety_identifier": " ", "user": "old"}) == {"user_id": "old"}
     assert sent_metadata({}) is None
+
+
+def _claude_event(name: str, payload: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def _block(index: int, block: dict[str, Any], *deltas: dict[str, Any]) -> list[bytes]:
+    return [
+        _claude_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block}),
+        *(_claude_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}) for d in deltas),
+        _claude_event("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+@pytest.mark.parametrize("relay", [False, True])
+def test_a_redacted_block_between_two_signed_ones_is_kept_and_replayed_as_claude_sent_it(relay: bool) -> None:
+    """Claude's thinking signed, redacted, signed again: the answer the journal keeps (its
+    offsets, the redacted block's empty) replays to an Anthropic client block for block,
+    whole and streamed (a replay gave one thinking block of all the text, signed "")."""
+    thinking: dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+    wire = b"".join([
+        _claude_event("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+        *_block(0, thinking, {"type": "thinking_delta", "thinking": "First "}, {"type": "thinking_delta", "thinking": "this."},
+                {"type": "signature_delta", "signature": "SIG_A"}),
+        *_block(1, {"type": "redacted_thinking", "data": "REDACTED"}),
+        *_block(2, thinking, {"type": "thinking_delta", "thinking": "Then that."}, {"type": "signature_delta", "signature": "SIG_B"}),
+        *_block(3, {"type": "text", "text": ""}, {"type": "text_delta", "text": "Done."}),
+        _claude_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}}),
+        _claude_event("message_stop", {"type": "message_stop"}),
+    ])
+    builder = CompletionBuilder()
+    for event in anthropic.StreamParser(relay_blocks=relay).feed(wire).events:
+        builder.add(event)
+    kept = completion_to_json(builder.build(), [])
+    assert kept["choices"][0]["signed"] == [[11, "SIG_A"], [11, "redacted_thinking:REDACTED"], [21, "SIG_B"]]
+    replayed = completion_from_json(json.loads(json.dumps(kept)))
+    blocks = [
+        {"type": "thinking", "thinking": "First this.", "signature": "SIG_A"}, {"type": "redacted_thinking", "data": "REDACTED"},
+        {"type": "thinking", "thinking": "Then that.", "signature": "SIG_B"}, {"type": "text", "text": "Done."},
+    ]
+    assert json.loads(anthropic.render_message(replayed, completion_events(replayed)))["content"] == blocks
+    renderer = anthropic.StreamRenderer(model="claude-x")
+    streamed = renderer.render(completion_events(replayed)) + renderer.close()
+    starts = [payload["content_block"] for name, payload in sse_frames(streamed) if name == "content_block_start"]
+    assert [block["type"] for block in starts] == ["thinking", "redacted_thinking", "thinking", "text"]
+    assert starts[1] == blocks[1]
+    signatures = [p["delta"]["signature"] for name, p in sse_frames(streamed) if name == "content_block_delta" and p["delta"]["type"] == "signature_delta"]
+    assert signatures == ["SIG_A", "SIG_B"]

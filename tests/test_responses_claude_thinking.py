@@ -229,3 +229,26 @@ async def test_every_turn_of_a_long_tool_loop_reaches_claude_with_its_own_signed
     ])
     assert referenced.output_text == "Sunny." and _opening_blocks(fake.requests[-1].json) == _signed(thoughts[0])
     assert fake.requests[-1].json["thinking"]["type"] == "enabled"
+
+
+async def test_a_keyed_replay_of_a_streamed_answer_keeps_claudes_signed_thinking(
+    claude: tuple[AnthropicBackend, openai.AsyncOpenAI], pg_database_url: str,
+) -> None:
+    """A streamed request repeated with its `Idempotency-Key` (replayed from the journal) has
+    each reasoning item its client had live, with its `encrypted_content` (the replay gave the
+    reasoning as one item without it, so the loop's next turn went without its thinking)."""
+    fake, client = claude
+    fake.redacted_thinking = "EmwKAhgBEgy3va3pzix"
+    fake.set_script(Script(reasoning=["Weather ", "first."], tokens=[], tool_calls=[("get_weather", {"city": "Paris"})]))
+    key = {"Idempotency-Key": "claude-replay"}
+    first = await _asked(client, True, input="Weather in Paris?", extra_headers=key)
+    await wait_for_row(pg_database_url, first.id.removeprefix("resp_"), "completed")
+    asked = len(fake.requests)
+    again = await _asked(client, True, input="Weather in Paris?", extra_headers=key)
+    assert len(fake.requests) == asked and again.id == first.id
+
+    def reasoning(response: Any) -> list[tuple[str | None, list[Any]]]:
+        return [(item.encrypted_content, item.content or []) for item in response.output if item.type == "reasoning"]
+
+    assert len(reasoning(first)) == 2 and all(encrypted for encrypted, _ in reasoning(first))
+    assert reasoning(again) == reasoning(first)

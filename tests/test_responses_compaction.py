@@ -191,3 +191,56 @@ async def test_a_compaction_trigger_elsewhere_than_last_is_refused(stack: Stack)
         alone = await http.post("/v1/responses", json={"model": "m", "input": [{"type": "compaction_trigger"}]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[0].type"
     assert alone.status_code == 400 and alone.json()["error"]["param"] == "input"
+
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_compaction_triggers_response_reads_back_and_continues_as_its_compaction(stack: Stack, stream: bool) -> None:
+    """A `compaction_trigger`'s response kept (`store` left on) reads back as the `compaction`
+    item its client had, lists its client's items as its input, and a response continuing it by
+    `previous_response_id` goes on from the summary. It read back as a message of the summary's
+    text, listed the gateway's ask for the summary as the client's input, and was continued with
+    the whole conversation it compacted, that ask and the summary as an assistant's answer."""
+    body = {"model": "m", "input": [*HISTORY, {"type": "compaction_trigger"}], "tools": [TOOL], "stream": stream}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        answer = await http.post("/v1/responses", json=body)
+    assert answer.status_code == 200, answer.text
+    if stream:
+        done = next(json.loads(line[6:]) for line in answer.text.splitlines() if '"response.completed"' in line)["response"]
+    else:
+        done = answer.json()
+    [item] = done["output"]
+    await wait_for_row(stack.db, done["id"].removeprefix("resp_"), "completed")
+
+    back = await stack.client.responses.retrieve(done["id"])
+    assert [i.model_dump(exclude_none=True) for i in back.output] == [item]
+    streamed = [event async for event in await stack.client.responses.retrieve(done["id"], stream=True)]
+    assert [e.type for e in streamed][-3:] == ["response.output_item.added", "response.output_item.done", "response.completed"]
+    assert [i.model_dump(exclude_none=True) for i in streamed[-1].response.output] == [item]  # type: ignore[union-attr]
+    listed = [i.model_dump(exclude_none=True) async for i in stack.client.responses.input_items.list(done["id"], order="asc")]
+    assert [i["type"] for i in listed] == ["message", "function_call", "function_call_output", "message"]
+    assert "Summarize" not in json.dumps(listed)
+
+    stack.fake.set_script(Script(tokens=["Still sunny."]))
+    answered = await stack.client.responses.create(model="m", input="And now?", previous_response_id=done["id"])
+    assert answered.output_text == "Still sunny."
+    assert backend_saw(stack.fake) == [("user", "Summary of the conversation so far (compacted):\nThe user asked about Paris: sunny."), ("user", "And now?")]
+    # Its own input items: what it was given, not the summary it went on from.
+    listed = [i.model_dump(exclude_none=True) async for i in stack.client.responses.input_items.list(answered.id)]
+    assert [i["type"] for i in listed] == ["message"] and listed[0]["content"][0]["text"] == "And now?"
+
+
+async def test_a_compaction_trigger_repeated_with_its_key_is_the_same_response(stack: Stack) -> None:
+    """Replayed for its `Idempotency-Key`, a `compaction_trigger`'s answer is the response its
+    run made (its id, which reads it back), as any response's replay is (it named a new id that
+    no response has)."""
+    body = {"model": "m", "input": [*HISTORY, {"type": "compaction_trigger"}]}
+    headers = {"Idempotency-Key": "compact-once"}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        first = (await http.post("/v1/responses", json=body, headers=headers)).json()
+        await wait_for_row(stack.db, first["id"].removeprefix("resp_"), "completed")
+        again = await http.post("/v1/responses", json=body, headers=headers)
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["id"] == first["id"] and again.json()["output"] == first["output"]
+    assert len(stack.fake.requests) == 1
+

@@ -94,6 +94,17 @@ class ReasoningDelta:
 
 
 @dataclass(slots=True, frozen=True)
+class SignedReasoningDelta(ReasoningDelta):
+    """The last piece of a thinking block, with the signature the backend gave it (Claude's:
+    it takes its thinking back only so). A completion keeps its blocks (`Choice.signed`), and
+    its replay gives them again as these."""
+
+    signature: str = ""
+
+    replayable: ClassVar[bool] = False
+
+
+@dataclass(slots=True, frozen=True)
 class ToolCallStart:
     index: int
     id: str
@@ -363,8 +374,12 @@ def completion_events(completion: ChatCompletion) -> list[StreamEvent]:
                     system_fingerprint=completion.system_fingerprint)
     ]
     for choice in completion.choices:
-        if choice.reasoning:
-            events.append(ReasoningDelta(choice.reasoning, choice.index))
+        signed_end = 0
+        for thinking, signature in choice.signed:  # each block as signed, so it goes back so
+            events.append(SignedReasoningDelta(thinking, choice.index, signature))
+            signed_end += len(thinking)
+        if choice.reasoning[signed_end:]:
+            events.append(ReasoningDelta(choice.reasoning[signed_end:], choice.index))
         if choice.content:
             events.append(TextDelta(choice.content, choice.index, choice.logprobs))
         if choice.refusal:

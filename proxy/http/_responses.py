@@ -21,7 +21,7 @@ from hypercorn.typing import ASGISendCallable
 
 from proxy.config import BackendConfig
 from proxy.dialects import anthropic, responses
-from proxy.dialects._json import dumps, is_decimal
+from proxy.dialects._json import dumps, is_decimal, loads_object
 from proxy.dialects.events import RUN_CANCELLED, Finished, WireEvent
 from proxy.dialects.openai import stored as openai_stored
 from proxy.domain.chat import ChatCompletion, ChatRequest, Message, OpaquePart
@@ -278,9 +278,10 @@ class TriggeredCompactionSink(JsonSink):
 
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
+        response = _answering(self.extra_headers, self._response)  # a keyed replay's: its run's
         body = responses.response_object(
-            response=self._response, created_at=self._created_at, model=self._model, settings=self._settings,
-            status="completed", output=[responses.compaction_answer(completion, self._response)],
+            response=response, created_at=self._created_at, model=self._model, settings=self._settings,
+            status="completed", output=[responses.compaction_answer(completion, response)],
             usage=responses.usage_to_wire(completion.usage),
         )
         body["completed_at"] = int(time.time())
@@ -308,6 +309,8 @@ def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest
     exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
     headers: Headers = [(b"x-request-id", meta.request_id.encode())]
     model, settings, stream = parsed.chat.model, parsed.settings, parsed.stream
+    # Journalled so: read back, its answer is the `compaction` item, continued its summary alone.
+    exchange.settings = {**settings, responses.COMPACTED: True}
     return OpenAIExchangeBody(
         exchange,
         lambda send: TriggeredCompactionSink(send, headers, response=response, model=model, settings=settings, stream=stream),
@@ -399,7 +402,7 @@ async def _continue(persistence: Persistence | None, parsed: responses.Responses
     prior = [message_from_canonical(message) for message in messages]
     if (stored.settings or {}).get("instructions") and prior and prior[0].role == "system":
         prior = prior[1:]  # its instructions: not carried over
-    responses.continued(parsed, prior, stored.completion)
+    responses.continued(parsed, prior, stored.completion, compacted=_compacted(stored.settings))
     # Its own row says how many of its messages were carried over: the response it continued
     # may be deleted, or expire, before it.
     parsed.settings[responses.CONVERSATION_PREFIX] = _carried(stored, messages)
@@ -485,6 +488,10 @@ async def retrieve_response(incoming: Incoming) -> DirectBody | Reply:
     if not responses.readable(settings) or (stored is not None and stored.deleted):
         raise _not_found(response, persistence)
     after = int(raw_after)
+    if _compacted(settings) and stored is not None and stored.status == "completed" and stored.completion is not None:
+        # A `compaction_trigger`'s answer, streamed whole once written: so again, its one item.
+        whole = loads_object(_rendered(stored, response).body, "response")
+        return Reply(_numbered(responses.whole_stream(whole), after), content_type=b"text/event-stream; charset=utf-8")
     # Its own times, as read whole: not the resume's.
     created_at = _created_at(stored) if stored is not None and stored.completion is not None else None
     completed_at = _completed_at(stored) if stored is not None and stored.status != "running" else None
@@ -701,11 +708,16 @@ class _ResumeFramer:
         return self._renderer.close()
 
     def _written(self, frames: bytes) -> bytes:
-        # Each frame's `id:` is its sequence number: what a browser's EventSource resumes from.
-        return b"".join(
-            b"id: %d\n%s\n\n" % (number, frame)
-            for frame in frames.split(b"\n\n") if frame and (number := _number(frame)) > self._after
-        )
+        return _numbered(frames, self._after)
+
+
+def _numbered(frames: bytes, after: int) -> bytes:
+    """The frames past `after`, each with its `id:`, its sequence number: what a browser's
+    EventSource resumes from."""
+    return b"".join(
+        b"id: %d\n%s\n\n" % (number, frame)
+        for frame in frames.split(b"\n\n") if frame and (number := _number(frame)) > after
+    )
 
 
 def _number(frame: bytes) -> int:
@@ -803,6 +815,8 @@ async def _inputs_of(
     messages = await _stored_messages(persistence, trace_id)
     if messages is None:
         return None
+    if _compacted(stored.settings):
+        messages = messages[:-1]  # the gateway's ask for the summary is none of its client's
     instructions = (stored.settings or {}).get("instructions")
     return responses.input_items(
         messages, response, instructions=instructions if isinstance(instructions, str) else None,
@@ -893,11 +907,18 @@ async def _continued_length(persistence: Persistence, settings: dict[str, Any] |
     return _carried(stored, messages)
 
 
+def _compacted(settings: dict[str, Any] | None) -> bool:
+    """The run answered a `compaction_trigger` (see `_triggered_compaction`)."""
+    return bool((settings or {}).get(responses.COMPACTED))
+
+
 def _carried(stored: StoredRun | None, messages: list[dict[str, Any]] | None) -> int:
     """How many messages a response continuing this one carries over: its conversation
     (after its instructions, which are not carried over) and its answer."""
     if stored is None or messages is None or stored.completion is None:
         return 0
+    if _compacted(stored.settings):
+        return 1  # its summary alone (see `responses.continued`)
     instructions = (stored.settings or {}).get("instructions")
     own = 1 if instructions and messages and messages[0].get("role") == "system" else 0
     said = stored.completion.choices[0] if stored.completion.choices else None

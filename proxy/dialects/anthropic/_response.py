@@ -21,12 +21,13 @@ from proxy.dialects.anthropic._vocabulary import (
     finish_from_wire,
     message_id,
     new_tool_use_id,
+    redacted_block,
     redacted_thinking,
     stop_reason_to_wire,
     tool_call_start,
     usage_to_wire,
 )
-from proxy.domain.chat import ChatCompletion
+from proxy.domain.chat import ChatCompletion, Choice
 from proxy.domain.events import (
     Finish,
     ReasoningDelta,
@@ -77,8 +78,7 @@ def message_body(
         # An Anthropic backend's message for an Anthropic client: its blocks as they came.
         content = _blocks_in_order(events)
     elif choice is not None:
-        if choice.reasoning:
-            content.append({"type": "thinking", "thinking": choice.reasoning, "signature": signature})
+        content.extend(_thinking_blocks(choice, signature))
         if choice.content:
             content.append({"type": "text", "text": choice.content})
         for call in choice.tool_calls[:1] if single_tool else choice.tool_calls:
@@ -102,6 +102,19 @@ def message_body(
         "usage": usage,
         **fields,
     }
+
+
+def _thinking_blocks(choice: Choice, signature: str) -> list[dict[str, Any]]:
+    """The choice's thinking as Claude's blocks: each it signed (a replayed answer keeps them)
+    as it sent it; the rest, or all of it unsigned, one block with `signature` (the events')."""
+    blocks: list[dict[str, Any]] = []
+    for thinking, signed in choice.signed:
+        redacted = redacted_block(SignedReasoningDelta(thinking, choice.index, signed))
+        blocks.append(redacted or {"type": "thinking", "thinking": thinking, "signature": signed})
+    rest = choice.reasoning[sum(len(thinking) for thinking, _ in choice.signed):]
+    if rest:
+        blocks.append({"type": "thinking", "thinking": rest, "signature": "" if choice.signed else signature})
+    return blocks
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -132,6 +145,8 @@ def _blocks_in_order(events: Iterable[StreamEvent]) -> list[dict[str, Any]]:
                 last["text"] += event.text
             elif event.text:
                 blocks.append({"type": "text", "text": event.text})
+        elif isinstance(event, ReasoningDelta) and (redacted := redacted_block(event)) is not None:
+            blocks.append(redacted)
         elif isinstance(event, ReasoningDelta):
             if last is None or last.get("type") != "thinking" or last["signature"]:
                 last = {"type": "thinking", "thinking": "", "signature": ""}
@@ -192,10 +207,10 @@ def message_events(
             arguments = block.get("input")
             events.append(ToolCallDelta(tools, json.dumps(arguments if isinstance(arguments, dict) else {}, ensure_ascii=False)))
             tools += 1
+        elif kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
+            events.append(redacted)  # as the stream gives it (see `StreamParser._block_start`)
         elif relay_blocks and kind not in ("text", "thinking"):
             events.append(BlockStart("", 0, block))
-        elif kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
-            events.append(redacted)
     reason = data.get("stop_reason")
     if isinstance(reason, str):
         if reason == "tool_use" and json_answer:

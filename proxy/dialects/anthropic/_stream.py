@@ -29,6 +29,7 @@ from proxy.dialects.anthropic._vocabulary import (
     finish_from_wire,
     message_id,
     new_tool_use_id,
+    redacted_block,
     redacted_thinking,
     stop_reason_to_wire,
     tool_call_start,
@@ -287,6 +288,11 @@ class StreamRenderer:
                 self.done = True
 
     def _reasoning(self, event: ReasoningDelta, out: list[bytes]) -> None:
+        if (redacted := redacted_block(event)) is not None:
+            self._close_block(out)
+            self._flush_pending(out)
+            self._open_block("relayed", redacted, out)  # Claude's block as it sent it
+            return
         signature = event.signature if isinstance(event, SignedReasoningDelta) else ""
         if not event.text and not signature:
             return
@@ -609,11 +615,13 @@ class StreamParser:
             # redacted_thinking, server tools and their results: nothing the domain carries,
             # so only an Anthropic client gets them.
             self._blocks[index] = _OTHER_BLOCK
-            if self._relay:
-                events.append(BlockStart("", 0, block))
-            elif kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
+            if kind == "redacted_thinking" and (redacted := redacted_thinking(block)) is not None:
+                # Signed reasoning for every client, so the answer keeps it (its journal, a keyed
+                # replay); an Anthropic client is given the block again (see `redacted_block`).
                 self._release_held(events)
                 events.append(redacted)
+            elif self._relay:
+                events.append(BlockStart("", 0, block))
 
     def _block_delta(self, payload: dict[str, Any], events: list[StreamEvent]) -> None:
         index = payload.get("index")

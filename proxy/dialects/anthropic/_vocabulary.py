@@ -1,9 +1,9 @@
 """What the Anthropic dialect shares between its parts: stop reasons, usage, errors, ids,
 and event refinements the domain does not model.
 
-`SignedReasoningDelta`, `StopReasonFinish`, `BlockStart` and `BlockDelta` subclass domain
-events, so every other consumer (OpenAI renderer, `CompletionBuilder`, …) treats them as the
-plain event; only the Anthropic renderer reads the extra fields. They exist because Anthropic
+`StopReasonFinish`, `BlockStart` and `BlockDelta` subclass domain events (as the domain's
+`SignedReasoningDelta` does), so every other consumer (OpenAI renderer, `CompletionBuilder`,
+…) treats them as the plain event; only the Anthropic renderer reads the extra fields. They exist because Anthropic
 clients need a thinking block's signature back to continue a tool-use turn, the backend's own
 `stop_reason` (`pause_turn`: continue the server tool loop), and the blocks of server tools
 and citations as the backend sent them. (Which stop sequence matched is the domain's
@@ -27,18 +27,12 @@ from proxy.domain.events import (
     ToolCallStart,
     UsageReport,
 )
+from proxy.domain.events import (
+    SignedReasoningDelta as SignedReasoningDelta,  # the domain's, named here still
+)
 
 DIALECT = "anthropic"
 API_VERSION = "2023-06-01"
-
-
-@dataclass(slots=True, frozen=True)
-class SignedReasoningDelta(ReasoningDelta):
-    """The last piece of a thinking block, with the signature the backend gave it."""
-
-    signature: str = ""
-
-    replayable: ClassVar[bool] = False
 
 
 # Claude's `redacted_thinking` (its thinking encrypted whole) for a client that is not Anthropic's:
@@ -50,6 +44,13 @@ REDACTED_THINKING = "redacted_thinking:"
 def redacted_thinking(block: dict[str, Any]) -> SignedReasoningDelta | None:
     data = block.get("data")
     return SignedReasoningDelta("", 0, REDACTED_THINKING + data) if isinstance(data, str) and data else None
+
+
+def redacted_block(event: ReasoningDelta) -> dict[str, Any] | None:
+    """The `redacted_thinking` block `event` carries (see `REDACTED_THINKING`), if it is one."""
+    if isinstance(event, SignedReasoningDelta) and not event.text and event.signature.startswith(REDACTED_THINKING):
+        return {"type": "redacted_thinking", "data": event.signature.removeprefix(REDACTED_THINKING)}
+    return None
 
 
 @dataclass(slots=True, frozen=True)

@@ -2,6 +2,7 @@
 
 from proxy.dialects.responses import _conversations as conversations
 from proxy.dialects.responses._compaction import (
+    COMPACTED,
     compacted_object,
     compaction_answer,
     compaction_request,
@@ -35,6 +36,7 @@ from proxy.dialects.responses._response import (
 from proxy.dialects.responses._stream import StreamRenderer, whole_stream
 
 __all__ = [
+    "COMPACTED",
     "CONVERSATION_PREFIX",
     "DIALECT",
     "INCLUDABLE",

@@ -20,6 +20,9 @@ from proxy.domain.chat import ChatCompletion, ChatRequest, Message, TextPart
 from proxy.domain.errors import invalid_request
 
 SUMMARY_LEAD = "Summary of the conversation so far (compacted):\n"
+# The gateway's note in a journalled run's settings: its answer is a `compaction_trigger`'s
+# (read back as that `compaction` item, continued from its summary alone).
+COMPACTED = "_compacted"
 _MARK = "llm-proxy.compaction.v1:"
 _PROMPT = (
     "Summarize the conversation above for your own later use: it will be replaced by your summary. Keep the "
@@ -44,7 +47,17 @@ def compaction_message(item: dict[str, Any], path: str) -> Message:
             f"Invalid `{path}.encrypted_content`: not a compaction made by this gateway "
             "(`POST /v1/responses/compact`).", param=f"{path}.encrypted_content",
         )
+    return summary_message(summary)
+
+
+def summary_message(summary: str) -> Message:
+    """The message a compaction's summary stands as in a later request."""
     return Message(role="user", content=(TextPart(SUMMARY_LEAD + summary),))
+
+
+def summary_of(completion: ChatCompletion) -> str:
+    choice = completion.choices[0] if completion.choices else None
+    return (choice.content or "") if choice is not None else ""
 
 
 def compaction_request(chat: ChatRequest) -> tuple[ChatRequest, list[Message]]:
@@ -101,8 +114,7 @@ def given_compaction(role: str, parts: list[Any], item_id: str) -> dict[str, Any
 
 def compaction_answer(completion: ChatCompletion, response: str) -> dict[str, Any]:
     """The `compaction` item of a summary the model wrote."""
-    choice = completion.choices[0] if completion.choices else None
-    return compaction_item(response, (choice.content or "") if choice is not None else "")
+    return compaction_item(response, summary_of(completion))
 
 
 def _encoded(summary: str) -> str:

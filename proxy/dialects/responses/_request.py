@@ -20,7 +20,7 @@ from typing import Any
 
 from proxy.dialects._json import Fields, loads_object
 from proxy.dialects.openai import check_forced_tool
-from proxy.dialects.responses._compaction import compaction_message
+from proxy.dialects.responses._compaction import compaction_message, summary_message, summary_of
 from proxy.dialects.responses._signed import signed_thinking, thinking_block
 from proxy.domain.chat import (
     ChatCompletion,
@@ -292,12 +292,16 @@ def readable(settings: dict[str, Any] | None) -> bool:
     return settings is None or settings.get("store") is not False
 
 
-def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatCompletion) -> None:
+def continued(parsed: ResponsesRequest, prior: list[Message], answer: ChatCompletion, *, compacted: bool = False) -> None:
     """Make `parsed` continue a response: the conversation that response was answered with
     (`prior`, without its own instructions, which OpenAI does not carry over), its answer,
-    then this request's input, after this request's instructions."""
+    then this request's input, after this request's instructions. `compacted`: the response
+    answered a `compaction_trigger`, whose `compaction` item stands for all before it."""
     chat = parsed.chat
     own = 1 if parsed.settings.get("instructions") else 0
+    if compacted:
+        chat.messages = [*chat.messages[:own], summary_message(summary_of(answer)), *chat.messages[own:]]
+        return
     said = answer.choices[0] if answer.choices else None
     reply = (
         [Message(

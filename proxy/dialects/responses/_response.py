@@ -11,6 +11,7 @@ from typing import Any
 
 from proxy.dialects import openai
 from proxy.dialects._json import dumps
+from proxy.dialects.responses._compaction import COMPACTED, compaction_answer
 from proxy.dialects.responses._request import CONVERSATION_PREFIX, namespaces_of, split_name
 from proxy.dialects.responses._signed import signed_content
 from proxy.domain.chat import ChatCompletion, Choice, FinishReason, ToolCall, Usage
@@ -111,7 +112,8 @@ def response_object(
         "usage": usage,
         **settings,
     }
-    body.pop(CONVERSATION_PREFIX, None)  # the gateway's own note, not the request's
+    body.pop(CONVERSATION_PREFIX, None)  # the gateway's own notes, not the request's
+    body.pop(COMPACTED, None)
     return body
 
 
@@ -203,7 +205,10 @@ def render_response(
     """The whole Response of a non-streaming request (`model` as the client named it)."""
     choice = completion.choices[0] if completion.choices else None
     status, incomplete = status_of(choice.finish_reason if choice else None)
-    output = output_of(completion, response, status, summary=summarized(settings), namespaces=namespaces_of(settings))
+    output = (
+        [compaction_answer(completion, response)] if settings.get(COMPACTED)
+        else output_of(completion, response, status, summary=summarized(settings), namespaces=namespaces_of(settings))
+    )
     body = response_object(
         response=response, created_at=created_at, model=model, settings=settings,
         status=status, output=output, usage=usage_to_wire(completion.usage),
