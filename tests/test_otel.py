@@ -256,8 +256,11 @@ async def test_a_clients_unsampled_trace_stays_unsampled_and_a_whole_answer_has_
     assert server_span.parent_id == PARENT and attempt_of(collector, kept).parent_id == server_span.span_id
     assert "gen_ai.response.time_to_first_chunk" not in server_span.attributes
     assert "gen_ai.first_chunk" not in server_span.events
-    # A tracestate the SDK finds malformed is not a warning per request of the client's choosing.
-    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    # A tracestate the SDK finds malformed is not a warning per request of the client's choosing
+    # (the exporter's own complaints, a slow collector on a loaded machine, are not about it).
+    assert not [
+        r for r in caplog.records if r.name.startswith("opentelemetry") and not r.name.startswith("opentelemetry.exporter")
+    ]
 
 
 async def test_a_workflow_jobs_worker_span_nests_under_the_gateways_request_and_its_model_calls_under_it(
