@@ -3,6 +3,9 @@ endpoints say of models the gateway does (not) serve."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anthropic
 import httpx
 import ollama
@@ -221,18 +224,26 @@ async def test_an_alias_is_listed_with_what_its_backend_says_of_its_target() -> 
         assert (await client.show("gpt-4o")).modelinfo == (await client.show("qwen3-32b")).modelinfo
 
 
+@asynccontextmanager
+async def _claude_and_vllm(aliases: dict[str, str]) -> AsyncIterator[tuple[str, VLLMBackend]]:
+    """A gateway in front of a Claude backend (its Models API) and a vLLM one serving `qwen3-32b`."""
+    claude, vllm = ModelsAPIBackend(), VLLMBackend(models=["qwen3-32b"])
+    async with (
+        claude.serve() as an, vllm.serve() as oa,
+        running_gateway(
+            backend("claude", an.url, kind="anthropic", prefixes=("claude-",)), backend("vllm", oa.url), aliases=aliases,
+        ) as url,
+    ):
+        yield url, vllm
+
+
 async def test_anthropic_clients_see_each_models_limits_and_lifecycle() -> None:
     """Anthropic's Models API gives each model's window (`max_input_tokens`), output limit
     (`max_tokens`), capabilities and retirement; clients budget and pick models by them. The
     gateway listed a Claude backend's models without them (and a deprecated one as active),
     and a vLLM model without the window its `max_model_len` gives."""
-    claude, vllm = ModelsAPIBackend(), VLLMBackend(models=["qwen3-32b"])
     async with (
-        claude.serve() as an, vllm.serve() as oa,
-        running_gateway(
-            backend("claude", an.url, kind="anthropic", prefixes=("claude-",)), backend("vllm", oa.url),
-            aliases={"old": "claude-old"},
-        ) as url,
+        _claude_and_vllm({"old": "claude-old"}) as (url, _),
         anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
     ):
         listed = {m.id: m async for m in ac.models.list()}
@@ -250,13 +261,8 @@ async def test_an_alias_named_like_a_backends_own_model_is_listed_as_the_alias()
     """Claude Code users send its background calls (`claude-haiku-…`) to a local model by an
     alias of that name, with Claude itself behind the gateway too: the listing said the name
     was Claude's (its window, its backend), while every chat for it went to the alias's target."""
-    claude, vllm = ModelsAPIBackend(), VLLMBackend(models=["qwen3-32b"])
     async with (
-        claude.serve() as an, vllm.serve() as oa,
-        running_gateway(
-            backend("claude", an.url, kind="anthropic", prefixes=("claude-",)), backend("vllm", oa.url),
-            aliases={"claude-old": "qwen3-32b"},
-        ) as url,
+        _claude_and_vllm({"claude-old": "qwen3-32b"}) as (url, vllm),
         anthropic.AsyncAnthropic(base_url=url, api_key="unused") as ac,
         openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused") as oc,
     ):

@@ -259,22 +259,16 @@ class CompactionJsonSink(JsonSink):
         ))
 
 
-class TriggeredCompactionSink(JsonSink):
+class TriggeredCompactionSink(ResponsesJsonSink):
     """The answer to a `compaction_trigger`: a Response whose one output item is the
     `compaction`, whole or as its stream (sent once the summary is written)."""
-
-    dialect = responses.DIALECT
 
     def __init__(
         self, send: ASGISendCallable, headers: Headers, *, response: str, model: str, settings: dict[str, Any],
         stream: bool,
     ) -> None:
-        super().__init__(send, headers)
-        self._response = response
-        self._model = model
-        self._settings = settings
+        super().__init__(send, headers, response=response, model=model, settings=settings, created_at=int(time.time()))
         self._stream = stream
-        self._created_at = int(time.time())
 
     async def write(self, batch: Batch) -> None:
         completion = batch.whole()
@@ -291,6 +285,19 @@ class TriggeredCompactionSink(JsonSink):
             await self._json(dumps(body))
 
 
+def _summarizing(incoming: Incoming, request: ChatRequest) -> tuple[ChatExchange, str, Headers]:
+    """The exchange of a compaction's summary request (`compaction_request`), fitted to the
+    model's window as `truncation: "auto"` would; its response id and answer headers."""
+    meta = request_meta(incoming.head)
+    meta.cache = "off"  # a summary holds for its conversation alone: the semantic cache would give another's
+    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
+    if _has_files(request):
+        exchange.adapt_with(_for_backend)
+    catalog = incoming.gateway.catalog
+    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
+    return exchange, responses.response_id(meta.trace_id), [(b"x-request-id", meta.request_id.encode())]
+
+
 def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest) -> ExchangeBody:
     """Codex CLI's compaction on OpenAI: its input, ended by `{"type": "compaction_trigger"}`,
     summarized as `/v1/responses/compact` does; the answer's one item is the `compaction`."""
@@ -298,16 +305,8 @@ def _triggered_compaction(incoming: Incoming, parsed: responses.ResponsesRequest
         if given:
             raise invalid_request(f"`{name}` does not go with a `compaction_trigger` input item.", param=name)
     request, _kept = responses.compaction_request(parsed.chat)
-    request = replace(request, stream=False)  # the item is sent whole, once written
-    meta = request_meta(incoming.head)
-    meta.cache = "off"  # a summary holds for its conversation alone
-    response = responses.response_id(meta.trace_id)
-    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
-    if _has_files(request):
-        exchange.adapt_with(_for_backend)
-    catalog = incoming.gateway.catalog
-    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
-    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    # The item is sent whole, once written.
+    exchange, response, headers = _summarizing(incoming, replace(request, stream=False))
     model, settings, stream = parsed.chat.model, parsed.settings, parsed.stream
     # Journalled so: read back, its answer is the `compaction` item, continued its summary alone.
     exchange.settings = {**settings, responses.COMPACTED: True}
@@ -332,16 +331,7 @@ async def compact_response(incoming: Incoming) -> ExchangeBody:
     if len(parsed.chat.messages) == (1 if parsed.settings.get("instructions") else 0):
         raise invalid_request("Nothing to compact: the conversation has no items.", param="input")
     request, kept = responses.compaction_request(parsed.chat)
-    meta = request_meta(incoming.head)
-    # A summary holds for its conversation alone: the semantic cache would give another's.
-    meta.cache = "off"
-    response = responses.response_id(meta.trace_id)
-    exchange = incoming.gateway.chat.exchange(request, meta, relay_openai=False)
-    if _has_files(request):
-        exchange.adapt_with(_for_backend)
-    catalog = incoming.gateway.catalog
-    exchange.truncate(lambda route: catalog.window(route.backend, route.upstream_model))
-    headers: Headers = [(b"x-request-id", meta.request_id.encode())]
+    exchange, response, headers = _summarizing(incoming, request)
     return OpenAIExchangeBody(
         exchange, lambda send: CompactionJsonSink(send, headers, response=response, kept=kept), incoming.gateway.backends,
     )
